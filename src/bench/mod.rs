@@ -1,0 +1,27 @@
+//! `runnel bench …`: measurements printed as JSON lines and a human summary.
+
+mod storage;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Target {
+    /// Log append throughput against a plain write loop on the same disk.
+    Storage(storage::Args),
+}
+
+pub fn run(target: Target) -> anyhow::Result<()> {
+    match target {
+        Target::Storage(args) => storage::run(args),
+    }
+}
+
+/// The median of some measurements (they are noisy on shared machines).
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}

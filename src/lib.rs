@@ -1,0 +1,11 @@
+//! Runnel: a replicated, partitioned log and a stream processor in one Rust
+//! system.
+//!
+//! This facade re-exports the crates a user needs:
+//! - [`storage`]: the segmented log and the record-batch codec.
+//!
+//! The cluster, broker and dataflow layers live in `runnel-cluster`,
+//! `runnel-actors` and `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and
+//! the README for what each holds and what is built so far.
+
+pub use runnel_storage as storage;

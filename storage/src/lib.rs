@@ -1,0 +1,25 @@
+//! Runnel's storage engine: everything that touches disk.
+//!
+//! - [`batch`]: the record-batch codec (CRC32C-checked), the unit producers
+//!   send, Raft replicates and the log stores. The byte format is documented
+//!   there.
+//! - [`Log`]: a partition's segmented log: append, read by offset or timestamp,
+//!   truncate, retention, fsync policy, and recovery of a torn tail on open.
+//! - [`DurableKv`]: a small atomically-replaced file for Raft hard state and
+//!   other metadata.
+//!
+//! Nothing here knows about the network, actors or Raft; the layers above use
+//! these types as plain values.
+
+pub mod batch;
+mod error;
+mod index;
+pub mod kv;
+mod log;
+mod segment;
+mod varint;
+
+pub use batch::{BatchBuilder, BatchHeader, Header, ProducerInfo, Record, RecordBatch, StoredRecord};
+pub use error::{Result, StorageError};
+pub use kv::DurableKv;
+pub use log::{FsyncPolicy, Log, LogConfig, RetentionOutcome};

@@ -1,0 +1,39 @@
+//! The `runnel` binary, run the way a user runs it.
+
+use std::process::Command;
+
+fn runnel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_runnel"))
+}
+
+#[test]
+fn demo_recovers_the_log_and_matches_the_reference() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let dir = scratch.path().join("demo-log");
+    let output = runnel()
+        .arg("demo")
+        .arg("--dir")
+        .arg(&dir)
+        .output()
+        .expect("run runnel demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("recovered log ends at offset 20000"), "{stdout}");
+    assert!(
+        stdout.contains("match the reference computed from the input: yes"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("truncating torn or corrupt tail"),
+        "recovery was not logged:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_wrong_flag_is_a_clear_error() {
+    let output = runnel().args(["demo", "--no-such-flag"]).output().expect("run runnel");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
