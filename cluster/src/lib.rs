@@ -1,7 +1,59 @@
-//! Runnel's cluster layer: node identity, the QUIC transport with mutual TLS,
-//! seed-list membership and failure detection, the per-node actor directory
-//! and remote send/call, and the `Transport` trait with its in-memory
-//! simulation.
+//! Runnel's cluster layer: the substrate every actor message crosses. It knows
+//! nothing of partitions or dataflows.
 //!
-//! Not built yet: this crate is the home of issue 3 ("Cluster layer"). It
-//! must never depend on `runnel-storage` or anything above it.
+//! - [`tls`]: the cluster CA, node and client certificates (a node's id is
+//!   bound to its certificate), and the mutual-TLS settings.
+//! - [`quic`]: the QUIC transport (quinn, rustls with ring): long-lived
+//!   per-peer streams for batched traffic, request/response streams for
+//!   clients, bounded queues at both ends; and [`quic::ClusterClient`].
+//! - [`membership`]: failure detection and gossip as a pure state machine
+//!   (alive / suspect / dead, incarnations for restarts).
+//! - [`node`]: a running node: the shell around membership and transport, the
+//!   per-node actor directory, remote `send` and `call`.
+//! - [`sim`]: the in-memory simulated network (drop, delay, duplicate,
+//!   reorder, partition) driven by a seed, for deterministic tests.
+//! - [`protocol`]: every wire message, versioned, postcard-encoded.
+
+mod error;
+pub mod membership;
+pub mod node;
+pub mod protocol;
+pub mod quic;
+pub mod sim;
+pub mod tls;
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::{ClusterError, Result};
+pub use membership::{MemberState, MembershipConfig, MembershipEvent};
+pub use node::{Mailbox, Message, Node, NodeConfig, NodeHandle, ReplyTo};
+pub use protocol::{Envelope, MemberStatus};
+
+/// A node's identity in the cluster, bound to its certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(pub u32);
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// An envelope as a transport hands it up, with the sender's identity as the
+/// transport established it (for QUIC: from the peer's certificate).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inbound {
+    pub from: NodeId,
+    pub envelope: Envelope,
+}
+
+/// How envelopes leave a node: QUIC for real nodes, [`sim::SimTransport`] in
+/// deterministic tests. Sending never blocks; a full queue is
+/// `ClusterError::Backpressure`. Delivery is best effort: heartbeats repeat
+/// and calls time out.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, to: SocketAddr, envelope: Envelope) -> Result<()>;
+}

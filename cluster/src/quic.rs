@@ -1,0 +1,490 @@
+//! The QUIC transport: one quinn endpoint per node, mutual TLS, and two kinds
+//! of traffic told apart by ALPN:
+//!
+//! - peers (`runnel-peer/1`): each node opens one long-lived unidirectional
+//!   stream to each peer it sends to and writes length-prefixed envelopes on
+//!   it, several frames per write when they queue up. The receiving side
+//!   learns the sender's node id from its certificate and drops any envelope
+//!   claiming another sender.
+//! - clients (`runnel-client/1`): one bidirectional stream per request.
+//!
+//! Queues are bounded at both ends: [`Transport::send`] fails with
+//! `Backpressure` when a peer's queue is full, and a reader waits for room in
+//! the node's inbound queue, which stalls the stream and, through QUIC flow
+//! control, the sender.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::mpsc;
+
+use crate::error::{ClusterError, Result};
+use crate::protocol::{
+    decode_body, decode_envelope, encode_frame, frame_body_len, ClientEnvelope, ClientRequest, ClientResponse,
+    Envelope, ALPN_CLIENT, ALPN_PEER, PROTOCOL_VERSION,
+};
+use crate::tls::{node_id_from_cert, TlsIdentity, CLUSTER_SERVER_NAME};
+use crate::{Inbound, NodeId, Transport};
+
+/// Limits and timeouts of the QUIC transport.
+#[derive(Clone, Debug)]
+pub struct QuicConfig {
+    /// Frames queued towards one peer before `send` reports backpressure.
+    pub peer_queue_frames: usize,
+    /// Bytes gathered into one stream write when frames queue up.
+    pub write_batch_bytes: usize,
+    pub keep_alive_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub socket_buffer_bytes: usize,
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
+    /// Connections served at once; more are refused.
+    pub connections_max: usize,
+    /// Reconnect back-off bounds towards an unreachable peer.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            peer_queue_frames: 4096,
+            write_batch_bytes: 1 << 20,
+            keep_alive_ms: 1000,
+            idle_timeout_ms: 5000,
+            socket_buffer_bytes: 8 << 20,
+            stream_window_bytes: 8 << 20,
+            connection_window_bytes: 32 << 20,
+            connections_max: 1024,
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 2000,
+        }
+    }
+}
+
+/// Answers client requests; the node layer implements it.
+pub trait ClientService: Send + Sync + 'static {
+    fn handle(&self, request: ClientRequest) -> ClientResponse;
+}
+
+pub struct QuicTransport {
+    me: NodeId,
+    endpoint: quinn::Endpoint,
+    config: QuicConfig,
+    peer_client: quinn::ClientConfig,
+    /// Writer queues by peer address.
+    peers: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+}
+
+impl QuicTransport {
+    /// Binds the endpoint and starts serving. Must run inside a tokio runtime.
+    pub fn bind(
+        me: NodeId,
+        listen: SocketAddr,
+        identity: &TlsIdentity,
+        config: QuicConfig,
+        inbound: mpsc::Sender<Inbound>,
+        clients: Arc<dyn ClientService>,
+    ) -> Result<Arc<QuicTransport>> {
+        let transport_config = Arc::new(transport_config(&config, listen.ip().is_loopback()));
+        let server_crypto = QuicServerConfig::try_from(identity.server_config()?)
+            .map_err(|e| ClusterError::Tls(format!("QUIC server crypto: {e}")))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport_config.clone());
+        server.max_incoming(config.connections_max);
+        let socket = bind_socket(listen, config.socket_buffer_bytes)?;
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(65527)
+            .map_err(|e| ClusterError::InvalidConfig(format!("UDP payload size: {e}")))?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+            .map_err(|source| ClusterError::Bind { addr: listen, source })?;
+        let peer_client = client_config(identity, ALPN_PEER, transport_config)?;
+        let transport = Arc::new(QuicTransport {
+            me,
+            endpoint: endpoint.clone(),
+            config,
+            peer_client,
+            peers: Mutex::new(HashMap::new()),
+        });
+        let acceptor = Acceptor {
+            inbound,
+            clients,
+            refusals_logged: Arc::new(Mutex::new(HashSet::new())),
+        };
+        tokio::spawn(acceptor.run(endpoint));
+        Ok(transport)
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.endpoint.local_addr().map_err(|source| ClusterError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })
+    }
+
+    /// Closes every connection; queued frames are dropped.
+    pub fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"node shutting down");
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.clear();
+        }
+    }
+
+    fn writer_for(&self, to: SocketAddr) -> mpsc::Sender<Vec<u8>> {
+        let mut peers = self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(queue) = peers.get(&to) {
+            if !queue.is_closed() {
+                return queue.clone();
+            }
+        }
+        let (tx, rx) = mpsc::channel(self.config.peer_queue_frames);
+        let writer = PeerWriter {
+            addr: to,
+            endpoint: self.endpoint.clone(),
+            client: self.peer_client.clone(),
+            config: self.config.clone(),
+        };
+        tokio::spawn(writer.run(rx));
+        peers.insert(to, tx.clone());
+        tx
+    }
+}
+
+impl Transport for QuicTransport {
+    fn send(&self, to: SocketAddr, envelope: Envelope) -> Result<()> {
+        debug_assert_eq!(envelope.from, self.me, "a node sends only as itself");
+        let frame = encode_frame(&envelope)?;
+        self.writer_for(to).try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ClusterError::Backpressure(to.to_string()),
+            mpsc::error::TrySendError::Closed(_) => ClusterError::ShuttingDown,
+        })
+    }
+}
+
+fn transport_config(config: &QuicConfig, loopback: bool) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(Duration::from_millis(config.keep_alive_ms)))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms)).ok())
+        .stream_receive_window(quinn::VarInt::from_u32(config.stream_window_bytes))
+        .receive_window(quinn::VarInt::from_u32(config.connection_window_bytes))
+        .send_window(u64::from(config.connection_window_bytes))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(256));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    // Loopback carries 64 KiB datagrams; 1,400-byte packets would cost many
+    // more system calls per megabyte.
+    mtu.upper_bound(if loopback { 65000 } else { 1452 });
+    transport.mtu_discovery_config(Some(mtu));
+    transport
+}
+
+fn client_config(
+    identity: &TlsIdentity,
+    alpn: &[u8],
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig> {
+    let crypto = QuicClientConfig::try_from(identity.client_config(alpn)?)
+        .map_err(|e| ClusterError::Tls(format!("QUIC client crypto: {e}")))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport);
+    Ok(client)
+}
+
+fn bind_socket(addr: SocketAddr, buffer_bytes: usize) -> Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind_err = |source| ClusterError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind_err)?;
+    // Buffers are a hint: the kernel caps them at net.core.[rw]mem_max.
+    let _ = socket.set_recv_buffer_size(buffer_bytes);
+    let _ = socket.set_send_buffer_size(buffer_bytes);
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// Serves incoming connections.
+#[derive(Clone)]
+struct Acceptor {
+    inbound: mpsc::Sender<Inbound>,
+    clients: Arc<dyn ClientService>,
+    /// Remote addresses whose refusal was already logged: log once, bounded.
+    refusals_logged: Arc<Mutex<HashSet<SocketAddr>>>,
+}
+
+const REFUSALS_LOGGED_MAX: usize = 1024;
+
+impl Acceptor {
+    async fn run(self, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let acceptor = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                if let Err(reason) = acceptor.serve(incoming).await {
+                    acceptor.log_refusal(remote, &reason);
+                }
+            });
+        }
+    }
+
+    fn log_refusal(&self, remote: SocketAddr, reason: &str) {
+        let mut logged = self.refusals_logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.len() < REFUSALS_LOGGED_MAX && logged.insert(remote) {
+            tracing::warn!(%remote, reason, "refused a connection");
+        } else {
+            tracing::debug!(%remote, reason, "refused a connection");
+        }
+    }
+
+    async fn serve(&self, incoming: quinn::Incoming) -> std::result::Result<(), String> {
+        let connection = incoming.await.map_err(|e| format!("handshake failed: {e}"))?;
+        let alpn = connection
+            .handshake_data()
+            .and_then(|data| data.downcast::<HandshakeData>().ok())
+            .and_then(|data| data.protocol)
+            .ok_or("no application protocol negotiated")?;
+        let certs = connection
+            .peer_identity()
+            .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .ok_or("no client certificate")?;
+        if alpn == ALPN_PEER {
+            let Some(node) = certs.first().and_then(node_id_from_cert) else {
+                connection.close(quinn::VarInt::from_u32(1), b"not a node certificate");
+                return Err("peer protocol without a node certificate".to_string());
+            };
+            self.serve_peer(connection, node).await;
+        } else if alpn == ALPN_CLIENT {
+            self.serve_clients(connection).await;
+        }
+        Ok(())
+    }
+
+    async fn serve_peer(&self, connection: quinn::Connection, node: NodeId) {
+        while let Ok(stream) = connection.accept_uni().await {
+            let inbound = self.inbound.clone();
+            let connection = connection.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = read_peer_stream(stream, node, inbound).await {
+                    tracing::warn!(%node, reason, "closing a peer connection after a bad stream");
+                    connection.close(quinn::VarInt::from_u32(2), b"bad frame");
+                }
+            });
+        }
+    }
+
+    async fn serve_clients(&self, connection: quinn::Connection) {
+        while let Ok((send, recv)) = connection.accept_bi().await {
+            let clients = self.clients.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = serve_client_request(send, recv, clients).await {
+                    tracing::debug!(reason, "client request failed");
+                }
+            });
+        }
+    }
+}
+
+/// Reads one frame body; `Ok(None)` when the stream ended cleanly between frames.
+async fn read_frame(stream: &mut quinn::RecvStream) -> std::result::Result<Option<Vec<u8>>, String> {
+    let mut prefix = [0u8; 4];
+    match stream.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(format!("reading a frame length: {e}")),
+    }
+    let len = frame_body_len(prefix).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| format!("reading a frame body: {e}"))?;
+    Ok(Some(body))
+}
+
+/// Delivers a peer's frames upward. A frame that does not decode is dropped
+/// with a log line; a broken length prefix or a forged sender ends the stream.
+async fn read_peer_stream(
+    mut stream: quinn::RecvStream,
+    node: NodeId,
+    inbound: mpsc::Sender<Inbound>,
+) -> std::result::Result<(), String> {
+    while let Some(body) = read_frame(&mut stream).await? {
+        let envelope = match decode_envelope(&body) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                tracing::warn!(%node, error = %e, "dropped an undecodable frame");
+                continue;
+            }
+        };
+        if envelope.from != node {
+            return Err(format!(
+                "node {node} sent a frame claiming to be from {}",
+                envelope.from
+            ));
+        }
+        if inbound.send(Inbound { from: node, envelope }).await.is_err() {
+            return Ok(()); // the node is shutting down
+        }
+    }
+    Ok(())
+}
+
+async fn serve_client_request(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    clients: Arc<dyn ClientService>,
+) -> std::result::Result<(), String> {
+    let response = match read_frame(&mut recv).await? {
+        None => return Err("empty request stream".to_string()),
+        Some(body) => match decode_body::<ClientEnvelope<ClientRequest>>(&body) {
+            Ok(request) if request.version == PROTOCOL_VERSION => clients.handle(request.body),
+            Ok(request) => ClientResponse::Error(format!(
+                "protocol version {} is not {PROTOCOL_VERSION}",
+                request.version
+            )),
+            Err(e) => ClientResponse::Error(format!("malformed request: {e}")),
+        },
+    };
+    let frame = encode_frame(&ClientEnvelope {
+        version: PROTOCOL_VERSION,
+        body: response,
+    })
+    .map_err(|e| e.to_string())?;
+    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Owns the connection towards one peer and writes queued frames to it.
+struct PeerWriter {
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    config: QuicConfig,
+}
+
+impl PeerWriter {
+    async fn run(self, mut queue: mpsc::Receiver<Vec<u8>>) {
+        let mut backoff_ms = self.config.reconnect_min_ms;
+        while let Some(first) = queue.recv().await {
+            let mut stream = match self.connect().await {
+                Ok(stream) => {
+                    backoff_ms = self.config.reconnect_min_ms;
+                    stream
+                }
+                Err(reason) => {
+                    tracing::debug!(peer = %self.addr, reason, backoff_ms, "peer unreachable; dropping a frame");
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(self.config.reconnect_max_ms);
+                    continue;
+                }
+            };
+            let mut batch = first;
+            loop {
+                while batch.len() < self.config.write_batch_bytes {
+                    match queue.try_recv() {
+                        Ok(frame) => batch.extend_from_slice(&frame),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = stream.write_all(&batch).await {
+                    tracing::debug!(peer = %self.addr, error = %e, "peer stream broke; reconnecting");
+                    break;
+                }
+                batch.clear();
+                match queue.recv().await {
+                    Some(frame) => batch = frame,
+                    None => return,
+                }
+            }
+        }
+    }
+
+    async fn connect(&self) -> std::result::Result<quinn::SendStream, String> {
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), self.addr, CLUSTER_SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let connection = connecting.await.map_err(|e| e.to_string())?;
+        connection.open_uni().await.map_err(|e| e.to_string())
+    }
+}
+
+/// A client of the cluster (the CLI, the client library): talks to nodes over
+/// the client ALPN with a client certificate.
+pub struct ClusterClient {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    seeds: Vec<SocketAddr>,
+}
+
+impl ClusterClient {
+    /// Must run inside a tokio runtime.
+    pub fn new(identity: &TlsIdentity, seeds: Vec<SocketAddr>) -> Result<ClusterClient> {
+        if seeds.is_empty() {
+            return Err(ClusterError::InvalidConfig("no seed addresses given".to_string()));
+        }
+        let bind: SocketAddr = if seeds[0].is_ipv6() {
+            "[::]:0".parse()
+        } else {
+            "0.0.0.0:0".parse()
+        }
+        .map_err(|e| ClusterError::InvalidConfig(format!("{e}")))?;
+        let loopback = seeds.iter().all(|s| s.ip().is_loopback());
+        let transport = Arc::new(transport_config(&QuicConfig::default(), loopback));
+        let client = client_config(identity, ALPN_CLIENT, transport)?;
+        let endpoint = quinn::Endpoint::client(bind).map_err(|source| ClusterError::Bind { addr: bind, source })?;
+        Ok(ClusterClient {
+            endpoint,
+            client,
+            seeds,
+        })
+    }
+
+    /// Sends a request to the first seed that answers within `timeout`.
+    pub async fn request(&self, request: ClientRequest, timeout: Duration) -> Result<ClientResponse> {
+        let mut last_error = String::from("no seed tried");
+        for &seed in &self.seeds {
+            match tokio::time::timeout(timeout, self.request_one(seed, &request)).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) => last_error = format!("{seed}: {e}"),
+                Err(_) => last_error = format!("{seed}: no answer within {} ms", timeout.as_millis()),
+            }
+        }
+        Err(ClusterError::Unreachable {
+            addrs: self.seeds.clone(),
+            last_error,
+        })
+    }
+
+    async fn request_one(
+        &self,
+        seed: SocketAddr,
+        request: &ClientRequest,
+    ) -> std::result::Result<ClientResponse, String> {
+        let connection = self
+            .endpoint
+            .connect_with(self.client.clone(), seed, CLUSTER_SERVER_NAME)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+        let frame = encode_frame(&ClientEnvelope {
+            version: PROTOCOL_VERSION,
+            body: request.clone(),
+        })
+        .map_err(|e| e.to_string())?;
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let body = read_frame(&mut recv)
+            .await?
+            .ok_or("the node closed the stream without answering")?;
+        let response: ClientEnvelope<ClientResponse> = decode_body(&body).map_err(|e| e.to_string())?;
+        connection.close(quinn::VarInt::from_u32(0), b"done");
+        Ok(response.body)
+    }
+}
