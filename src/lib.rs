@@ -3,9 +3,12 @@
 //!
 //! This facade re-exports the crates a user needs:
 //! - [`storage`]: the segmented log and the record-batch codec.
+//! - [`cluster`]: nodes, membership, the QUIC transport with mutual TLS, and
+//!   remote send/call between named actors.
 //!
-//! The cluster, broker and dataflow layers live in `runnel-cluster`,
-//! `runnel-actors` and `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and
-//! the README for what each holds and what is built so far.
+//! The broker and dataflow layers live in `runnel-actors` and
+//! `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and the README for what
+//! each holds and what is built so far.
 
+pub use runnel_cluster as cluster;
 pub use runnel_storage as storage;

@@ -1,6 +1,7 @@
 //! The `runnel` command line.
 
 mod bench;
+mod cluster_cli;
 mod demo;
 
 use std::path::PathBuf;
@@ -22,6 +23,15 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Create or extend the cluster's certificates.
+    Certs {
+        #[command(subcommand)]
+        command: cluster_cli::CertsCommand,
+    },
+    /// Run a cluster node.
+    Node(cluster_cli::NodeArgs),
+    /// Show the cluster's nodes and their state.
+    Status(cluster_cli::StatusArgs),
     /// Measure a part of Runnel and print figures (JSON lines, then a summary).
     Bench {
         #[command(subcommand)]
@@ -39,6 +49,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo { dir } => demo::run(dir),
+        Command::Certs { command } => cluster_cli::certs(command),
+        Command::Node(args) => cluster_cli::node(args),
+        Command::Status(args) => cluster_cli::status(args),
         Command::Bench { target } => bench::run(target),
     }
 }

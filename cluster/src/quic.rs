@@ -268,9 +268,13 @@ impl Acceptor {
             let inbound = self.inbound.clone();
             let connection = connection.clone();
             tokio::spawn(async move {
-                if let Err(reason) = read_peer_stream(stream, node, inbound).await {
-                    tracing::warn!(%node, reason, "closing a peer connection after a bad stream");
-                    connection.close(quinn::VarInt::from_u32(2), b"bad frame");
+                match read_peer_stream(stream, node, inbound).await {
+                    Ok(()) => {}
+                    Err(StreamError::Lost(reason)) => tracing::debug!(%node, reason, "peer stream ended"),
+                    Err(StreamError::Bad(reason)) => {
+                        tracing::warn!(%node, reason, "closing a peer connection after a bad stream");
+                        connection.close(quinn::VarInt::from_u32(2), b"bad frame");
+                    }
                 }
             });
         }
@@ -288,20 +292,41 @@ impl Acceptor {
     }
 }
 
+/// Why a stream stopped being read.
+enum StreamError {
+    /// The connection went away: normal when a peer stops or restarts.
+    Lost(String),
+    /// The peer broke the protocol.
+    Bad(String),
+}
+
+impl From<StreamError> for String {
+    fn from(error: StreamError) -> String {
+        match error {
+            StreamError::Lost(reason) | StreamError::Bad(reason) => reason,
+        }
+    }
+}
+
 /// Reads one frame body; `Ok(None)` when the stream ended cleanly between frames.
-async fn read_frame(stream: &mut quinn::RecvStream) -> std::result::Result<Option<Vec<u8>>, String> {
+async fn read_frame(stream: &mut quinn::RecvStream) -> std::result::Result<Option<Vec<u8>>, StreamError> {
     let mut prefix = [0u8; 4];
     match stream.read_exact(&mut prefix).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(format!("reading a frame length: {e}")),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            return Err(StreamError::Bad("stream ended inside a frame length".to_string()))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => {
+            return Err(StreamError::Lost(format!("reading a frame length: {e}")))
+        }
     }
-    let len = frame_body_len(prefix).map_err(|e| e.to_string())?;
+    let len = frame_body_len(prefix).map_err(|e| StreamError::Bad(e.to_string()))?;
     let mut body = vec![0u8; len];
-    stream
-        .read_exact(&mut body)
-        .await
-        .map_err(|e| format!("reading a frame body: {e}"))?;
+    stream.read_exact(&mut body).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => StreamError::Bad("stream ended inside a frame body".to_string()),
+        quinn::ReadExactError::ReadError(e) => StreamError::Lost(format!("reading a frame body: {e}")),
+    })?;
     Ok(Some(body))
 }
 
@@ -311,7 +336,7 @@ async fn read_peer_stream(
     mut stream: quinn::RecvStream,
     node: NodeId,
     inbound: mpsc::Sender<Inbound>,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), StreamError> {
     while let Some(body) = read_frame(&mut stream).await? {
         let envelope = match decode_envelope(&body) {
             Ok(envelope) => envelope,
@@ -321,10 +346,10 @@ async fn read_peer_stream(
             }
         };
         if envelope.from != node {
-            return Err(format!(
+            return Err(StreamError::Bad(format!(
                 "node {node} sent a frame claiming to be from {}",
                 envelope.from
-            ));
+            )));
         }
         if inbound.send(Inbound { from: node, envelope }).await.is_err() {
             return Ok(()); // the node is shutting down
@@ -338,7 +363,7 @@ async fn serve_client_request(
     mut recv: quinn::RecvStream,
     clients: Arc<dyn ClientService>,
 ) -> std::result::Result<(), String> {
-    let response = match read_frame(&mut recv).await? {
+    let response = match read_frame(&mut recv).await.map_err(String::from)? {
         None => return Err("empty request stream".to_string()),
         Some(body) => match decode_body::<ClientEnvelope<ClientRequest>>(&body) {
             Ok(request) if request.version == PROTOCOL_VERSION => clients.handle(request.body),

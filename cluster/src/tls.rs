@@ -215,7 +215,7 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 impl TlsIdentity {
     /// rustls server settings: client certificates from the cluster CA are
     /// mandatory; both ALPNs are offered.
-    pub(crate) fn server_config(&self) -> Result<rustls::ServerConfig> {
+    pub fn server_config(&self) -> Result<rustls::ServerConfig> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
             .build()
             .map_err(tls_err("client verifier"))?;
@@ -234,7 +234,7 @@ impl TlsIdentity {
 
     /// rustls client settings for one ALPN, verifying the server against the
     /// cluster CA.
-    pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig> {
+    pub fn client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig> {
         let verifier: Arc<dyn ServerCertVerifier> =
             rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
                 .build()

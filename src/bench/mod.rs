@@ -1,6 +1,7 @@
 //! `runnel bench …`: measurements printed as JSON lines and a human summary.
 
 mod storage;
+pub mod transport;
 
 use clap::Subcommand;
 
@@ -8,11 +9,14 @@ use clap::Subcommand;
 pub enum Target {
     /// Log append throughput against a plain write loop on the same disk.
     Storage(storage::Args),
+    /// Remote send throughput and call latency between two node processes.
+    Transport(transport::Args),
 }
 
 pub fn run(target: Target) -> anyhow::Result<()> {
     match target {
         Target::Storage(args) => storage::run(args),
+        Target::Transport(args) => transport::run(args),
     }
 }
 

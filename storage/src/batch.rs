@@ -346,7 +346,8 @@ impl RecordIter<'_> {
         if header_count > (body_len as u64) / 2 {
             return Err(format!("header count {header_count} does not fit the record"));
         }
-        let mut headers = Vec::with_capacity(header_count as usize);
+        // Grow as headers decode: the count is not trusted for allocation.
+        let mut headers = Vec::with_capacity((header_count as usize).min(16));
         for _ in 0..header_count {
             let key_len = usize::try_from(body.u64()?).map_err(|_| "header key length overflows")?;
             let key = std::str::from_utf8(body.take(key_len)?).map_err(|_| "header key is not UTF-8")?;

@@ -37,6 +37,12 @@ pub enum StorageError {
     #[error("record batch of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
     BatchTooLarge { size_bytes: usize, limit_bytes: usize },
 
+    /// An earlier write, fsync or truncation failed part-way; the in-memory
+    /// view can no longer be trusted, so the log refuses work until reopened
+    /// (which recovers from what is on disk).
+    #[error("log in {dir} failed earlier and must be reopened: {reason}")]
+    Failed { dir: PathBuf, reason: String },
+
     /// A configuration value is out of its allowed range.
     #[error("invalid log configuration: {0}")]
     InvalidConfig(String),

@@ -24,7 +24,7 @@
 
 use std::path::Path;
 
-use crate::error::{IoContext, Result};
+use crate::error::Result;
 
 const OFFSET_MAGIC: &[u8; 4] = b"RNIX";
 const TIME_MAGIC: &[u8; 4] = b"RNTI";
@@ -104,7 +104,7 @@ impl SegmentIndex {
             buf.extend_from_slice(&entry.position.to_le_bytes());
         }
         seal(&mut buf);
-        std::fs::write(index_path, &buf).at(index_path)?;
+        crate::kv::write_atomically(index_path, &buf)?;
 
         let mut buf = Vec::with_capacity(13 + self.times.len() * 12);
         buf.extend_from_slice(TIME_MAGIC);
@@ -115,7 +115,7 @@ impl SegmentIndex {
             buf.extend_from_slice(&entry.relative_offset.to_le_bytes());
         }
         seal(&mut buf);
-        std::fs::write(time_path, &buf).at(time_path)
+        crate::kv::write_atomically(time_path, &buf)
     }
 
     /// Loads saved indexes; `None` when either is missing or damaged, in which

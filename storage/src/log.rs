@@ -114,6 +114,10 @@ pub struct Log {
     last_sync: Instant,
     /// Appended bytes not yet synced.
     dirty: bool,
+    /// Set when a mutation failed part-way; every later call is refused.
+    failed: Option<String>,
+    /// The end offset when there is no segment (only after a failed reset).
+    empty_start: u64,
 }
 
 impl Log {
@@ -123,11 +127,9 @@ impl Log {
         config.validate()?;
         let dir = dir.into();
         std::fs::create_dir_all(&dir).at(&dir)?;
-        let mut meta = DurableKv::open(dir.join(META_FILE))?;
+        let meta = DurableKv::open(dir.join(META_FILE))?;
         let clean = meta.get_u64(KEY_CLEAN_SHUTDOWN)?;
         let recovery_point = meta.get_u64(KEY_RECOVERY_POINT)?.unwrap_or(0);
-        // From here on a crash must not be mistaken for a clean shutdown.
-        meta.remove(KEY_CLEAN_SHUTDOWN)?;
         let bases = list_segments(&dir)?;
         let segments = open_segments(&dir, &bases, &config, clean, recovery_point)?;
         let mut log = Log {
@@ -137,13 +139,42 @@ impl Log {
             meta,
             last_sync: Instant::now(),
             dirty: false,
+            failed: None,
+            empty_start: recovery_point,
         };
-        if log.segments.is_empty() {
-            log.start_segment(0)?;
-        }
         log.check_contiguous()?;
+        // Only now, with everything checked: from here on a crash must not be
+        // mistaken for a clean shutdown. (Removed earlier, a failed open would
+        // let the next one repair data that a clean close vouched for.)
+        log.meta.remove(KEY_CLEAN_SHUTDOWN)?;
+        if log.segments.is_empty() {
+            // A reset persists the new start as the recovery point before
+            // deleting segments, so an empty directory resumes there.
+            log.start_segment(recovery_point)?;
+        }
         tracing::debug!(dir = %log.dir.display(), start = log.start_offset(), end = log.end_offset(), clean = clean.is_some(), "log opened");
         Ok(log)
+    }
+
+    fn healthy(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(reason) => Err(StorageError::Failed {
+                dir: self.dir.clone(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// Runs a mutation; if it fails, the log is failed from then on.
+    fn guarded<T>(&mut self, op: impl FnOnce(&mut Log) -> Result<T>) -> Result<T> {
+        self.healthy()?;
+        let result = op(self);
+        if let Err(e) = &result {
+            tracing::error!(dir = %self.dir.display(), error = %e, "log failed; it must be reopened");
+            self.failed = Some(e.to_string());
+        }
+        result
     }
 
     fn check_contiguous(&self) -> Result<()> {
@@ -176,12 +207,18 @@ impl Log {
 
     /// The first offset the log holds.
     pub fn start_offset(&self) -> u64 {
-        self.segments.values().next().map_or(0, |s| s.base_offset)
+        self.segments
+            .values()
+            .next()
+            .map_or(self.empty_start, |s| s.base_offset)
     }
 
     /// The offset the next appended record gets.
     pub fn end_offset(&self) -> u64 {
-        self.active().next_offset()
+        self.segments
+            .values()
+            .next_back()
+            .map_or(self.empty_start, Segment::next_offset)
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -217,6 +254,7 @@ impl Log {
     /// Appends a batch whose base offset must already equal the end offset, as
     /// a follower does with a batch the leader placed.
     pub fn append_exact(&mut self, batch: &RecordBatch) -> Result<()> {
+        self.healthy()?;
         if batch.size_bytes() > self.config.batch_bytes_max {
             return Err(StorageError::BatchTooLarge {
                 size_bytes: batch.size_bytes(),
@@ -230,12 +268,24 @@ impl Log {
                 self.end_offset()
             )));
         }
-        if self.should_roll(batch.size_bytes() as u64) {
-            self.roll()?;
+        if batch
+            .base_offset()
+            .checked_add(u64::from(batch.record_count()))
+            .is_none()
+        {
+            return Err(StorageError::InvalidBatch("offsets would overflow 64 bits".to_string()));
         }
-        self.active_mut().append(batch)?;
-        self.dirty = true;
-        self.sync_by_policy()
+        // A failed write or fsync leaves the tail unknown: stop, and let a
+        // reopen recover from disk, rather than retry and maybe acknowledge
+        // data the kernel already dropped.
+        self.guarded(|log| {
+            if log.should_roll(batch.size_bytes() as u64) {
+                log.roll()?;
+            }
+            log.active_mut().append(batch)?;
+            log.dirty = true;
+            log.sync_by_policy()
+        })
     }
 
     fn should_roll(&self, incoming_bytes: u64) -> bool {
@@ -281,8 +331,9 @@ impl Log {
 
     /// fsyncs the active segment if anything was appended since the last sync.
     pub fn flush(&mut self) -> Result<()> {
+        self.healthy()?;
         if self.dirty {
-            self.active().sync()?;
+            self.guarded(|log| log.active().sync())?;
             self.dirty = false;
         }
         self.last_sync = Instant::now();
@@ -312,6 +363,7 @@ impl Log {
     /// As [`Log::read`], but only batches that start below `upper_offset` (a
     /// replica serves reads up to its commit point).
     pub fn read_until(&self, offset: u64, max_bytes: usize, upper_offset: u64) -> Result<Vec<RecordBatch>> {
+        self.healthy()?;
         let (start, end) = (self.start_offset(), self.end_offset());
         if offset < start || offset > end {
             return Err(StorageError::OffsetOutOfRange { offset, start, end });
@@ -327,7 +379,18 @@ impl Log {
             .range(self.segment_for(offset).base_offset..)
             .map(|(_, s)| s)
         {
-            segment.read_into(position.take().unwrap_or(0), upper_offset, &mut budget, &mut out)?;
+            let first_offset = if position.is_some() {
+                offset
+            } else {
+                segment.base_offset
+            };
+            segment.read_into(
+                position.take().unwrap_or(0),
+                first_offset,
+                upper_offset,
+                &mut budget,
+                &mut out,
+            )?;
             let stopped_early = out.last().is_some_and(|b| b.next_offset() < segment.next_offset());
             if budget == 0 || stopped_early || segment.next_offset() >= upper_offset {
                 break;
@@ -348,6 +411,7 @@ impl Log {
     /// The first offset whose record timestamp is at or after `timestamp_ms`,
     /// or `None` when every record is older.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
+        self.healthy()?;
         for segment in self.segments.values() {
             if let Some(offset) = segment.offset_for_timestamp(timestamp_ms)? {
                 return Ok(Some(offset));
@@ -359,6 +423,7 @@ impl Log {
     /// Discards every record at or after `offset`, which must start a batch (a
     /// Raft entry). A replica does this to drop a diverged tail.
     pub fn truncate(&mut self, offset: u64) -> Result<()> {
+        self.healthy()?;
         let (start, end) = (self.start_offset(), self.end_offset());
         if offset < start || offset > end {
             return Err(StorageError::OffsetOutOfRange { offset, start, end });
@@ -375,6 +440,12 @@ impl Log {
                 });
             }
         }
+        self.guarded(|log| log.truncate_checked(offset, start))?;
+        tracing::info!(dir = %self.dir.display(), offset, dropped_from = end, "log truncated");
+        Ok(())
+    }
+
+    fn truncate_checked(&mut self, offset: u64, start: u64) -> Result<()> {
         // Lower the recovery point first: data appended after this is unsynced.
         if self.meta.get_u64(KEY_RECOVERY_POINT)?.unwrap_or(0) > offset {
             self.meta.set_u64(KEY_RECOVERY_POINT, offset)?;
@@ -393,35 +464,40 @@ impl Log {
             }
         }
         self.active_mut().truncate_to(offset)?;
-        sync_parent_dir(&self.dir.join(META_FILE))?;
-        tracing::info!(dir = %self.dir.display(), offset, dropped_from = end, "log truncated");
-        Ok(())
+        sync_parent_dir(&self.dir.join(META_FILE))
     }
 
     /// Deletes every segment and starts empty at `start_offset`, as a replica
     /// does before installing a snapshot.
     pub fn reset(&mut self, start_offset: u64) -> Result<()> {
-        self.meta.set_u64(KEY_RECOVERY_POINT, start_offset)?;
-        let segments = std::mem::take(&mut self.segments);
-        for segment in segments.into_values().rev() {
-            segment.delete()?;
-        }
-        self.dirty = false;
-        self.start_segment(start_offset)
+        self.guarded(|log| {
+            // Persisted first: an empty directory after a crash resumes here.
+            log.meta.set_u64(KEY_RECOVERY_POINT, start_offset)?;
+            log.empty_start = start_offset;
+            while let Some((&base, _)) = log.segments.iter().next_back() {
+                if let Some(segment) = log.segments.remove(&base) {
+                    segment.delete()?;
+                }
+            }
+            log.dirty = false;
+            log.start_segment(start_offset)
+        })
     }
 
     /// Deletes closed segments past the retention age or size. The active
     /// segment is never deleted.
     pub fn apply_retention(&mut self, now: SystemTime) -> Result<RetentionOutcome> {
-        let now_ms = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        self.healthy()?;
+        let now_ms = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let mut outcome = RetentionOutcome::default();
         let mut total = self.size_bytes();
         while self.segments.len() > 1 {
             let oldest = self.segments.values().next().expect("more than one segment");
-            let expired = self
-                .config
-                .retention_age
-                .is_some_and(|age| oldest.max_timestamp_ms() < now_ms.saturating_sub(age.as_millis() as i64));
+            let expired = self.config.retention_age.is_some_and(|age| {
+                oldest.max_timestamp_ms() < now_ms.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+            });
             let oversized = self.config.retention_bytes.is_some_and(|limit| total > limit);
             if !expired && !oversized {
                 break;
@@ -444,6 +520,7 @@ impl Log {
     /// Syncs everything, saves the active segment's index and marks the log
     /// cleanly shut down, so the next open skips the checks.
     pub fn close(mut self) -> Result<()> {
+        self.healthy()?;
         self.dirty = true;
         self.flush()?;
         self.active().save_index()?;
@@ -502,9 +579,18 @@ fn open_segments(
             } else {
                 ScanMode::Strict
             };
-            Segment::open_checked(dir, base, interval, mode)?
+            Segment::open_checked(dir, base, interval, mode, recovery_point)?
         };
         segments.insert(base, segment);
+    }
+    if let (Some(clean_end), None) = (clean, segments.values().next_back()) {
+        if clean_end != recovery_point {
+            return Err(StorageError::Corrupt {
+                path: dir.to_path_buf(),
+                position: 0,
+                reason: format!("no segment files, but the log was cleanly closed at offset {clean_end}"),
+            });
+        }
     }
     if let (Some(clean_end), Some(last)) = (clean, segments.values().next_back()) {
         if last.next_offset() != clean_end {

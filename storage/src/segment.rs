@@ -50,8 +50,17 @@ pub(crate) enum ScanMode {
 pub(crate) struct Segment {
     pub base_offset: u64,
     pub paths: SegmentPaths,
-    /// Opened for reading and positional writing.
+    /// Opened for reading and positional writing; its cursor is never used.
     file: File,
+    state: SegmentState,
+    index_interval_bytes: u64,
+    /// When the segment was opened for appends, for rolling by age.
+    pub created_at: SystemTime,
+}
+
+/// Everything about a segment that a scan rebuilds from its batches.
+#[derive(Clone, Debug)]
+struct SegmentState {
     /// Bytes of batches in the file; appends go here.
     size_bytes: u64,
     /// The offset the next appended batch gets.
@@ -61,9 +70,50 @@ pub(crate) struct Segment {
     index: SegmentIndex,
     /// Bytes appended since the last index entry: the index is sparse.
     bytes_since_index_entry: u64,
-    index_interval_bytes: u64,
-    /// When the segment was opened for appends, for rolling by age.
-    pub created_at: SystemTime,
+}
+
+impl SegmentState {
+    fn empty(base_offset: u64) -> SegmentState {
+        SegmentState {
+            size_bytes: 0,
+            next_offset: base_offset,
+            max_timestamp_ms: i64::MIN,
+            index: SegmentIndex::default(),
+            bytes_since_index_entry: 0,
+        }
+    }
+
+    /// Updates sizes, offsets and the sparse index for a batch now at the end.
+    fn record_appended(&mut self, header: &BatchHeader, base_offset: u64, index_interval_bytes: u64) {
+        self.max_timestamp_ms = self.max_timestamp_ms.max(header.max_timestamp_ms);
+        if self.size_bytes == 0 || self.bytes_since_index_entry >= index_interval_bytes {
+            let entry = OffsetEntry {
+                relative_offset: (header.base_offset - base_offset) as u32,
+                position: self.size_bytes as u32,
+            };
+            self.index.push(entry, self.max_timestamp_ms);
+            self.bytes_since_index_entry = 0;
+        }
+        let size = header.size_bytes() as u64;
+        self.size_bytes += size;
+        self.bytes_since_index_entry += size;
+        self.next_offset = header.next_offset();
+    }
+}
+
+/// Reads a file from a position of its own. Handles made by `try_clone` share
+/// one cursor, so nothing here relies on a cursor.
+struct PositionalReader<'a> {
+    file: &'a File,
+    position: u64,
+}
+
+impl Read for PositionalReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let read = self.file.read_at(buf, self.position)?;
+        self.position += read as u64;
+        Ok(read)
+    }
 }
 
 impl Segment {
@@ -79,11 +129,7 @@ impl Segment {
             base_offset,
             paths,
             file,
-            size_bytes: 0,
-            next_offset: base_offset,
-            max_timestamp_ms: i64::MIN,
-            index: SegmentIndex::default(),
-            bytes_since_index_entry: 0,
+            state: SegmentState::empty(base_offset),
             index_interval_bytes,
             created_at: SystemTime::now(),
         })
@@ -93,27 +139,40 @@ impl Segment {
     /// for: its saved index is used when it matches the file, else it is
     /// rebuilt by a strict scan.
     pub fn open_trusted(dir: &Path, base_offset: u64, index_interval_bytes: u64) -> Result<Segment> {
-        let mut segment = Self::open_file(dir, base_offset, index_interval_bytes)?;
+        let (mut segment, file_len) = Self::open_file(dir, base_offset, index_interval_bytes)?;
         if let Some((index, summary)) = SegmentIndex::load(&segment.paths.index, &segment.paths.time_index) {
-            if summary.log_size_bytes == segment.size_bytes && summary.next_offset >= base_offset {
-                segment.index = index;
-                segment.next_offset = summary.next_offset;
-                segment.max_timestamp_ms = summary.max_timestamp_ms;
+            if summary.log_size_bytes == file_len && summary.next_offset >= base_offset {
+                segment.state = SegmentState {
+                    size_bytes: file_len,
+                    next_offset: summary.next_offset,
+                    max_timestamp_ms: summary.max_timestamp_ms,
+                    index,
+                    // Appends after a reopen start a fresh index interval.
+                    bytes_since_index_entry: index_interval_bytes,
+                };
                 return Ok(segment);
             }
         }
-        segment.scan(ScanMode::Strict)?;
+        segment.scan(file_len, ScanMode::Strict, 0)?;
         Ok(segment)
     }
 
-    /// Opens a segment and checks every batch in it.
-    pub fn open_checked(dir: &Path, base_offset: u64, index_interval_bytes: u64, mode: ScanMode) -> Result<Segment> {
-        let mut segment = Self::open_file(dir, base_offset, index_interval_bytes)?;
-        segment.scan(mode)?;
+    /// Opens a segment and checks every batch in it. In `RepairTail` mode a
+    /// bad batch that starts below `recovery_point` (data that was synced) is
+    /// still corruption.
+    pub fn open_checked(
+        dir: &Path,
+        base_offset: u64,
+        index_interval_bytes: u64,
+        mode: ScanMode,
+        recovery_point: u64,
+    ) -> Result<Segment> {
+        let (mut segment, file_len) = Self::open_file(dir, base_offset, index_interval_bytes)?;
+        segment.scan(file_len, mode, recovery_point)?;
         Ok(segment)
     }
 
-    fn open_file(dir: &Path, base_offset: u64, index_interval_bytes: u64) -> Result<Segment> {
+    fn open_file(dir: &Path, base_offset: u64, index_interval_bytes: u64) -> Result<(Segment, u64)> {
         let paths = SegmentPaths::new(dir, base_offset);
         let file = OpenOptions::new()
             .read(true)
@@ -121,53 +180,63 @@ impl Segment {
             .open(&paths.log)
             .at(&paths.log)?;
         let metadata = file.metadata().at(&paths.log)?;
-        Ok(Segment {
+        let segment = Segment {
             base_offset,
             created_at: metadata.modified().unwrap_or_else(|_| SystemTime::now()),
             paths,
             file,
-            size_bytes: metadata.len(),
-            next_offset: base_offset,
-            max_timestamp_ms: i64::MIN,
-            index: SegmentIndex::default(),
-            bytes_since_index_entry: 0,
+            state: SegmentState::empty(base_offset),
             index_interval_bytes,
-        })
+        };
+        Ok((segment, metadata.len()))
     }
 
-    /// Reads every batch from the start, checking structure, offsets and CRCs,
-    /// and rebuilds the in-memory index.
-    fn scan(&mut self, mode: ScanMode) -> Result<()> {
-        let file_len = self.size_bytes;
-        self.size_bytes = 0;
-        self.next_offset = self.base_offset;
-        self.max_timestamp_ms = i64::MIN;
-        self.index = SegmentIndex::default();
-        self.bytes_since_index_entry = 0;
-        let file = self.file.try_clone().at(&self.paths.log)?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
+    /// Reads every batch of the first `file_len` bytes, checking structure,
+    /// offsets and CRCs, and rebuilds the in-memory state. The state changes
+    /// only if the scan succeeds.
+    fn scan(&mut self, file_len: u64, mode: ScanMode, recovery_point: u64) -> Result<()> {
+        let mut state = SegmentState::empty(self.base_offset);
+        let source = PositionalReader {
+            file: &self.file,
+            position: 0,
+        };
+        let mut reader = BufReader::with_capacity(1 << 20, source);
         let mut buf = Vec::new();
-        while self.size_bytes < file_len {
-            match read_next_batch(&mut reader, &mut buf, file_len - self.size_bytes, self.next_offset) {
-                Ok(header) => self.record_appended(&header),
-                Err(reason) => return self.handle_bad_batch(mode, file_len, reason),
+        while state.size_bytes < file_len {
+            match read_next_batch(&mut reader, &mut buf, file_len - state.size_bytes, state.next_offset) {
+                Ok(header) => state.record_appended(&header, self.base_offset, self.index_interval_bytes),
+                Err(reason) => {
+                    self.handle_bad_batch(mode, &state, file_len, recovery_point, reason)?;
+                    break;
+                }
             }
         }
+        self.state = state;
         Ok(())
     }
 
-    fn handle_bad_batch(&mut self, mode: ScanMode, file_len: u64, reason: String) -> Result<()> {
-        let position = self.size_bytes;
-        let corrupt = |reason: String| StorageError::Corrupt {
-            path: self.paths.log.clone(),
-            position,
-            reason,
-        };
+    /// Cuts a torn tail off, or reports corruption.
+    fn handle_bad_batch(
+        &self,
+        mode: ScanMode,
+        good: &SegmentState,
+        file_len: u64,
+        recovery_point: u64,
+        reason: String,
+    ) -> Result<()> {
+        let position = good.size_bytes;
+        let corrupt = |reason: String| self.corrupt(position, reason);
         if mode == ScanMode::Strict {
             return Err(corrupt(reason));
         }
+        if good.next_offset < recovery_point {
+            return Err(corrupt(format!(
+                "{reason}; offset {} is below the recovery point {recovery_point}, so it was synced",
+                good.next_offset
+            )));
+        }
         if let Some(valid_at) =
-            find_valid_batch_after(&self.file, &self.paths.log, position, file_len, self.next_offset)?
+            find_valid_batch_after(&self.file, &self.paths.log, position, file_len, good.next_offset)?
         {
             return Err(corrupt(format!(
                 "{reason}; a valid batch follows at byte {valid_at}, so this is not a torn tail"
@@ -180,57 +249,58 @@ impl Segment {
             reason = %reason,
             "truncating torn or corrupt tail of the log"
         );
+        self.cut_at(position)
+    }
+
+    /// Shortens the file to `position`, dropping the saved indexes first so a
+    /// stale one can never describe the new contents.
+    fn cut_at(&self, position: u64) -> Result<()> {
+        self.delete_index_files()?;
         self.file.set_len(position).at(&self.paths.log)?;
-        self.file.sync_all().at(&self.paths.log)?;
+        self.file.sync_all().at(&self.paths.log)
+    }
+
+    fn delete_index_files(&self) -> Result<()> {
+        for path in [&self.paths.index, &self.paths.time_index] {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(path),
+                _ => {}
+            }
+        }
         Ok(())
     }
 
-    /// Updates sizes, offsets and the sparse index for a batch now at the end.
-    fn record_appended(&mut self, header: &BatchHeader) {
-        let position = self.size_bytes;
-        if self.size_bytes == 0 || self.bytes_since_index_entry >= self.index_interval_bytes {
-            self.max_timestamp_ms = self.max_timestamp_ms.max(header.max_timestamp_ms);
-            let entry = OffsetEntry {
-                relative_offset: (header.base_offset - self.base_offset) as u32,
-                position: position as u32,
-            };
-            self.index.push(entry, self.max_timestamp_ms);
-            self.bytes_since_index_entry = 0;
-        }
-        self.max_timestamp_ms = self.max_timestamp_ms.max(header.max_timestamp_ms);
-        let size = header.size_bytes() as u64;
-        self.size_bytes += size;
-        self.bytes_since_index_entry += size;
-        self.next_offset = header.next_offset();
-    }
-
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.state.size_bytes
     }
 
     pub fn next_offset(&self) -> u64 {
-        self.next_offset
+        self.state.next_offset
     }
 
     pub fn max_timestamp_ms(&self) -> i64 {
-        self.max_timestamp_ms
+        self.state.max_timestamp_ms
     }
 
     pub fn is_empty(&self) -> bool {
-        self.size_bytes == 0
+        self.state.size_bytes == 0
     }
 
     /// Writes a batch whose base offset is already this segment's next offset.
+    /// A failed write is cut back off, so the file never holds a partial batch
+    /// that the in-memory state does not know about.
     pub fn append(&mut self, batch: &RecordBatch) -> Result<()> {
         assert_eq!(
             batch.base_offset(),
-            self.next_offset,
+            self.state.next_offset,
             "batch offset must continue the segment"
         );
-        self.file
-            .write_all_at(batch.as_bytes(), self.size_bytes)
-            .at(&self.paths.log)?;
-        self.record_appended(batch.header());
+        if let Err(e) = self.file.write_all_at(batch.as_bytes(), self.state.size_bytes) {
+            let _ = self.file.set_len(self.state.size_bytes);
+            return Err(e).at(&self.paths.log);
+        }
+        self.state
+            .record_appended(batch.header(), self.base_offset, self.index_interval_bytes);
         Ok(())
     }
 
@@ -238,23 +308,22 @@ impl Segment {
         self.file.sync_data().at(&self.paths.log)
     }
 
+    /// Saves both indexes durably (a closed segment's indexes are trusted on
+    /// the next open).
     pub fn save_index(&self) -> Result<()> {
         let summary = SegmentSummary {
-            log_size_bytes: self.size_bytes,
-            next_offset: self.next_offset,
-            max_timestamp_ms: self.max_timestamp_ms,
+            log_size_bytes: self.state.size_bytes,
+            next_offset: self.state.next_offset,
+            max_timestamp_ms: self.state.max_timestamp_ms,
         };
-        self.index.save(&self.paths.index, &self.paths.time_index, &summary)
+        self.state
+            .index
+            .save(&self.paths.index, &self.paths.time_index, &summary)
     }
 
     pub fn delete(self) -> Result<()> {
+        self.delete_index_files()?;
         drop(self.file);
-        for path in [&self.paths.index, &self.paths.time_index] {
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(path),
-                _ => {}
-            }
-        }
         std::fs::remove_file(&self.paths.log).at(&self.paths.log)
     }
 
@@ -275,14 +344,22 @@ impl Segment {
     /// The position and header of the batch holding `offset`, which must lie in
     /// `[base_offset, next_offset)`.
     pub fn find_batch(&self, offset: u64) -> Result<(u64, BatchHeader)> {
-        debug_assert!(offset >= self.base_offset && offset < self.next_offset);
+        debug_assert!(offset >= self.base_offset && offset < self.state.next_offset);
         let relative = (offset - self.base_offset) as u32;
         let mut position = self
+            .state
             .index
             .position_at_or_before(relative)
             .map_or(0, |e| u64::from(e.position));
-        while position < self.size_bytes {
+        while position < self.state.size_bytes {
             let header = self.header_at(position)?;
+            if header.base_offset > offset {
+                let reason = format!(
+                    "batch at offset {} found while looking for offset {offset}",
+                    header.base_offset
+                );
+                return Err(self.corrupt(position, reason));
+            }
             if header.next_offset() > offset {
                 return Ok((position, header));
             }
@@ -294,25 +371,38 @@ impl Segment {
         ))
     }
 
-    /// Appends whole batches from `position` to `out` while they start below
-    /// `upper_offset` and fit `budget_bytes`; the first batch is taken even when
-    /// it is larger, so a reader always makes progress.
+    /// Appends whole batches, starting with the batch at `position` (which
+    /// holds `first_offset`), to `out` while they start below `upper_offset`
+    /// and fit `budget_bytes`; the first batch is taken even when it is larger,
+    /// so a reader always makes progress. Every batch is checked: its CRC, that
+    /// it lies inside the segment, and that offsets run on without a gap.
     pub fn read_into(
         &self,
         mut position: u64,
+        first_offset: u64,
         upper_offset: u64,
         budget_bytes: &mut usize,
         out: &mut Vec<RecordBatch>,
     ) -> Result<()> {
-        while position < self.size_bytes {
+        let mut expected: Option<u64> = None;
+        while position < self.state.size_bytes {
             let header = self.header_at(position)?;
             let size = header.size_bytes();
             if header.base_offset >= upper_offset || (!out.is_empty() && size > *budget_bytes) {
                 return Ok(());
             }
+            let in_place = match expected {
+                None => header.base_offset <= first_offset && first_offset < header.next_offset(),
+                Some(next) => header.base_offset == next,
+            };
+            if !in_place || position + size as u64 > self.state.size_bytes {
+                let reason = format!("batch with base offset {} is out of place", header.base_offset);
+                return Err(self.corrupt(position, reason));
+            }
             let mut bytes = vec![0u8; size];
             self.file.read_exact_at(&mut bytes, position).at(&self.paths.log)?;
             let batch = RecordBatch::from_bytes(bytes).map_err(|e| self.corrupt(position, e.to_string()))?;
+            expected = Some(batch.next_offset());
             out.push(batch);
             *budget_bytes = budget_bytes.saturating_sub(size);
             position += size as u64;
@@ -322,19 +412,24 @@ impl Segment {
 
     /// The first offset whose record timestamp is at least `timestamp_ms`.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
-        if self.max_timestamp_ms < timestamp_ms {
+        if self.state.max_timestamp_ms < timestamp_ms {
             return Ok(None);
         }
-        let start = self.index.last_below(timestamp_ms).map_or(0, |e| e.relative_offset);
+        let start = self
+            .state
+            .index
+            .last_below(timestamp_ms)
+            .map_or(0, |e| e.relative_offset);
         let mut position = self
+            .state
             .index
             .position_at_or_before(start)
             .map_or(0, |e| u64::from(e.position));
-        while position < self.size_bytes {
+        while position < self.state.size_bytes {
             let header = self.header_at(position)?;
             if header.max_timestamp_ms >= timestamp_ms {
                 let mut batches = Vec::with_capacity(1);
-                self.read_into(position, u64::MAX, &mut 0, &mut batches)?;
+                self.read_into(position, header.base_offset, u64::MAX, &mut 0, &mut batches)?;
                 for record in batches[0].records() {
                     let record = record.map_err(|e| self.corrupt(position, e.to_string()))?;
                     if record.record.timestamp_ms >= timestamp_ms {
@@ -350,7 +445,7 @@ impl Segment {
     /// Discards every batch at or after `offset`, which must start a batch (or be
     /// the segment's next offset).
     pub fn truncate_to(&mut self, offset: u64) -> Result<()> {
-        if offset >= self.next_offset {
+        if offset >= self.state.next_offset {
             return Ok(());
         }
         let (position, header) = self.find_batch(offset)?;
@@ -360,11 +455,9 @@ impl Segment {
                 batch_base: header.base_offset,
             });
         }
-        self.file.set_len(position).at(&self.paths.log)?;
-        self.file.sync_all().at(&self.paths.log)?;
+        self.cut_at(position)?;
         // Rebuild sizes, timestamps and index from what remains.
-        self.size_bytes = position;
-        self.scan(ScanMode::Strict)
+        self.scan(position, ScanMode::Strict, 0)
     }
 }
 
@@ -413,9 +506,14 @@ fn find_valid_batch_after(
     expected_offset: u64,
 ) -> Result<Option<u64>> {
     const CHUNK_BYTES: u64 = 1 << 20;
+    // Checking a candidate costs a read and a CRC of up to a whole batch;
+    // crafted bytes must not make recovery run for hours.
+    const CANDIDATES_CHECKED_MAX: usize = 4096;
     let header_bytes = BATCH_HEADER_BYTES as u64;
     let mut chunk_start = bad_at + 1;
     let mut chunk = Vec::new();
+    let mut candidate = Vec::new();
+    let mut checked = 0;
     while chunk_start + header_bytes <= file_len {
         let len = (CHUNK_BYTES + header_bytes).min(file_len - chunk_start);
         chunk.resize(len as usize, 0);
@@ -432,9 +530,17 @@ fn find_valid_batch_after(
             if !offset_plausible || position + header.size_bytes() as u64 > file_len {
                 continue;
             }
-            let mut bytes = vec![0u8; header.size_bytes()];
-            file.read_exact_at(&mut bytes, position).at(path)?;
-            if verify_batch(&bytes).is_ok() {
+            checked += 1;
+            if checked > CANDIDATES_CHECKED_MAX {
+                return Err(StorageError::Corrupt {
+                    path: path.to_path_buf(),
+                    position: bad_at,
+                    reason: format!("more than {CANDIDATES_CHECKED_MAX} plausible batch headers after damaged data"),
+                });
+            }
+            candidate.resize(header.size_bytes(), 0);
+            file.read_exact_at(&mut candidate, position).at(path)?;
+            if verify_batch(&candidate).is_ok() {
                 return Ok(Some(position));
             }
         }

@@ -390,3 +390,131 @@ fn fsync_every_batch_and_interval_policies_work() {
         assert_eq!(Log::open(dir.path(), config()).expect("open").end_offset(), 50);
     }
 }
+
+/// Review finding: a rescan after truncation must read from byte 0 of the
+/// segment, whatever happened to the file handle before.
+#[test]
+fn truncate_after_crash_recovery_keeps_the_prefix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one_segment = || LogConfig {
+        segment_bytes_max: 1 << 20,
+        ..config()
+    };
+    let mut log = Log::open(dir.path(), one_segment()).expect("open");
+    fill(&mut log, 10);
+    let before = values_from(&log, 0);
+    drop(log); // crash: the reopen scans the segment
+    let mut log = Log::open(dir.path(), one_segment()).expect("recover");
+    log.truncate(30).expect("truncate");
+    log.truncate(20).expect("truncate again in the same segment");
+    assert_eq!(log.end_offset(), 20);
+    assert_eq!(log.append(&mut batch(77, 2, 0)).expect("append"), 20);
+    let after = values_from(&log, 0);
+    assert_eq!(after[..20], before[..20]);
+    drop(log);
+    let log = Log::open(dir.path(), one_segment()).expect("recover again");
+    assert_eq!(values_from(&log, 0), after);
+}
+
+/// Review finding: a failed open must not consume the clean-shutdown marker,
+/// or a retry would "repair" data a clean close vouched for.
+#[test]
+fn a_cleanly_closed_log_missing_data_stays_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), config()).expect("open");
+    fill(&mut log, 5);
+    log.close().expect("close");
+    let segment = last_segment(dir.path());
+    let bytes = std::fs::read(&segment).expect("read");
+    std::fs::write(&segment, &bytes[..bytes.len() - 10]).expect("cut");
+    for attempt in 0..2 {
+        let err = Log::open(dir.path(), config()).err().expect("damaged log opened");
+        assert!(matches!(err, StorageError::Corrupt { .. }), "attempt {attempt}: {err}");
+    }
+}
+
+/// Review finding: synced data below the recovery point is never cut off as a
+/// torn tail.
+#[test]
+fn damage_below_the_recovery_point_is_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one_segment = || LogConfig {
+        segment_bytes_max: 1 << 20,
+        ..config()
+    };
+    let mut log = Log::open(dir.path(), one_segment()).expect("open");
+    let placed = fill(&mut log, 4);
+    log.close().expect("close"); // recovery point = 20
+    let mut log = Log::open(dir.path(), one_segment()).expect("reopen");
+    fill(&mut log, 2);
+    drop(log); // crash
+    let segment = last_segment(dir.path());
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let last_synced_batch = placed[..3].iter().map(|p| p.1).sum::<usize>();
+    bytes.truncate(last_synced_batch + 30); // tear inside batch 3, below the recovery point
+    std::fs::write(&segment, &bytes).expect("write");
+    let err = Log::open(dir.path(), one_segment())
+        .err()
+        .expect("synced data was cut silently");
+    assert!(err.to_string().contains("recovery point"), "{err}");
+}
+
+/// Review finding: a reset survives a crash that left no segment files.
+#[test]
+fn reset_start_survives_losing_every_segment_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), config()).expect("open");
+    fill(&mut log, 3);
+    log.reset(1000).expect("reset");
+    drop(log);
+    std::fs::remove_file(last_segment(dir.path())).expect("remove");
+    let log = Log::open(dir.path(), config()).expect("open");
+    assert_eq!((log.start_offset(), log.end_offset()), (1000, 1000));
+}
+
+/// Review finding: offsets a corrupt header claims are checked on read.
+#[test]
+fn a_flipped_base_offset_in_a_trusted_segment_is_caught_on_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one_segment = || LogConfig {
+        segment_bytes_max: 1 << 20,
+        ..config()
+    };
+    let mut log = Log::open(dir.path(), one_segment()).expect("open");
+    let placed = fill(&mut log, 6);
+    log.close().expect("close");
+    let segment = last_segment(dir.path());
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&segment)
+        .expect("open segment");
+    let position = placed[..2].iter().map(|p| p.1 as u64).sum::<u64>(); // batch at offset 10
+    file.write_all_at(&7u64.to_le_bytes(), position).expect("write");
+    let log = Log::open(dir.path(), one_segment()).expect("clean open skips checks");
+    let err = log.read(0, 1 << 20).expect_err("duplicated offsets accepted");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+    let err = log.read(12, 1 << 20).expect_err("wrong batch accepted");
+    assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+}
+
+/// Review findings: unbounded retention keeps everything; offsets cannot overflow.
+#[test]
+fn extreme_values_are_handled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = LogConfig {
+        retention_age: Some(Duration::MAX),
+        ..config()
+    };
+    let mut log = Log::open(dir.path(), cfg).expect("open");
+    fill(&mut log, 40);
+    assert_eq!(
+        log.apply_retention(SystemTime::now())
+            .expect("retention")
+            .segments_deleted,
+        0
+    );
+    log.reset(u64::MAX - 2).expect("reset");
+    let err = log.append(&mut batch(1, 5, 0)).expect_err("overflow accepted");
+    assert!(err.to_string().contains("overflow"), "{err}");
+}

@@ -1,0 +1,249 @@
+//! `runnel certs`, `runnel node` and `runnel status`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use runnel::cluster::protocol::{ClientRequest, ClientResponse};
+use runnel::cluster::quic::ClusterClient;
+use runnel::cluster::tls::CertDir;
+use runnel::cluster::{MembershipConfig, Node, NodeConfig, NodeHandle, NodeId};
+use runnel::storage::DurableKv;
+use serde::Deserialize;
+
+#[derive(clap::Subcommand)]
+pub enum CertsCommand {
+    /// Create a cluster CA, node certificates and a client certificate.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node certificates to issue, for ids 1..=N.
+        #[arg(long, default_value_t = 5)]
+        nodes: u32,
+    },
+    /// Issue a certificate for one more node with the existing CA.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: u32,
+    },
+}
+
+pub fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init { dir, nodes } => {
+            let ids: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
+            CertDir::new(&dir).init(&ids)?;
+            println!(
+                "created a cluster CA, {nodes} node certificates and a client certificate in {}",
+                dir.display()
+            );
+        }
+        CertsCommand::Issue { dir, node } => {
+            CertDir::new(&dir).issue_node(NodeId(node))?;
+            println!("issued a certificate for node {node} in {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// This node's id; its certificate must name it.
+    #[arg(long)]
+    id: Option<u32>,
+    /// UDP address to listen on, which peers also use to reach this node.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (remembers the id and counts restarts).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Certificate directory from `runnel certs init`.
+    #[arg(long, env = "RUNNEL_CERTS")]
+    certs: Option<PathBuf>,
+    /// Comma-separated seed addresses; any one reachable seed is enough to join.
+    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',')]
+    seeds: Option<Vec<SocketAddr>>,
+    /// TOML file with the same settings (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Silence after which a peer is suspect.
+    #[arg(long)]
+    suspect_ms: Option<u64>,
+    /// Silence after which a peer is dead.
+    #[arg(long)]
+    dead_ms: Option<u64>,
+    /// Register the actors `runnel bench transport` talks to.
+    #[arg(long, hide = true)]
+    bench_actors: bool,
+}
+
+/// The `--config` file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFile {
+    id: Option<u32>,
+    listen: Option<SocketAddr>,
+    data: Option<PathBuf>,
+    certs: Option<PathBuf>,
+    seeds: Option<Vec<SocketAddr>>,
+    heartbeat_ms: Option<u64>,
+    suspect_ms: Option<u64>,
+    dead_ms: Option<u64>,
+}
+
+fn read_config(path: &Path) -> anyhow::Result<NodeFile> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is not a valid node configuration", path.display()))
+}
+
+pub fn node(args: NodeArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => NodeFile::default(),
+    };
+    let id = NodeId(args.id.or(file.id).context("--id is required (or `id` in --config)")?);
+    let listen = args.listen.or(file.listen).context("--listen is required")?;
+    let data = args.data.or(file.data).context("--data is required")?;
+    let certs = args
+        .certs
+        .or(file.certs)
+        .context("--certs (or RUNNEL_CERTS) is required")?;
+    let seeds = args.seeds.or(file.seeds).unwrap_or_default();
+    let defaults = MembershipConfig::default();
+    let membership = MembershipConfig {
+        heartbeat_interval_ms: args
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .unwrap_or(defaults.heartbeat_interval_ms),
+        suspect_after_ms: args.suspect_ms.or(file.suspect_ms).unwrap_or(defaults.suspect_after_ms),
+        dead_after_ms: args.dead_ms.or(file.dead_ms).unwrap_or(defaults.dead_after_ms),
+    };
+    let identity = CertDir::new(&certs).node_identity(id)?;
+    let incarnation = next_incarnation(&data, id)?;
+    let mut config = NodeConfig::new(id, listen, seeds, incarnation);
+    config.membership = membership;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut node = Node::start(config, &identity).await?;
+        if args.bench_actors {
+            spawn_bench_actors(&node.handle())?;
+        }
+        wait_for_shutdown_signal().await?;
+        tracing::info!(node = %id, "shutting down");
+        node.shutdown();
+        Ok(())
+    })
+}
+
+/// Checks the data directory belongs to `id` and records one more start.
+fn next_incarnation(data: &Path, id: NodeId) -> anyhow::Result<u64> {
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let mut meta = DurableKv::open(data.join("node.meta"))?;
+    if let Some(owner) = meta.get_u64("node_id")? {
+        if owner != u64::from(id.0) {
+            bail!("{} belongs to node {owner}, not node {id}", data.display());
+        }
+    }
+    let incarnation = meta.get_u64("incarnation")?.unwrap_or(0) + 1;
+    meta.update(|entries| {
+        entries.insert("node_id".to_string(), u64::from(id.0).to_le_bytes().to_vec());
+        entries.insert("incarnation".to_string(), incarnation.to_le_bytes().to_vec());
+    })?;
+    Ok(incarnation)
+}
+
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+/// `bench.sink` counts messages and answers a call with the count so far;
+/// `bench.echo` answers a call with its payload.
+fn spawn_bench_actors(node: &NodeHandle) -> anyhow::Result<()> {
+    let mut sink = node.register(crate::bench::transport::SINK, 65536)?;
+    tokio::spawn(async move {
+        let mut count: u64 = 0;
+        while let Some(message) = sink.recv().await {
+            match message.reply {
+                Some(reply) => {
+                    let _ = reply.reply(count.to_le_bytes().to_vec());
+                }
+                None => count += 1,
+            }
+        }
+    });
+    let mut echo = node.register(crate::bench::transport::ECHO, 4096)?;
+    tokio::spawn(async move {
+        while let Some(message) = echo.recv().await {
+            if let Some(reply) = message.reply {
+                let _ = reply.reply(message.payload);
+            }
+        }
+    });
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// Comma-separated node addresses to ask; the first that answers is used.
+    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true)]
+    seeds: Vec<SocketAddr>,
+    #[arg(long, env = "RUNNEL_CERTS")]
+    certs: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 5000)]
+    timeout_ms: u64,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let identity = CertDir::new(&args.certs).client_identity()?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let response = runtime.block_on(async {
+        let client = ClusterClient::new(&identity, args.seeds.clone())?;
+        client
+            .request(ClientRequest::Status, Duration::from_millis(args.timeout_ms))
+            .await
+    })?;
+    let (node, members) = match response {
+        ClientResponse::Status { node, members } => (node, members),
+        ClientResponse::Error(e) => bail!("the node refused the request: {e}"),
+    };
+    if args.json {
+        let nodes: Vec<serde_json::Value> = members
+            .iter()
+            .map(|m| {
+                serde_json::json!({"id": m.node.0, "address": m.addr.to_string(), "state": m.state.to_string(),
+                    "incarnation": m.incarnation, "since_unix_ms": m.since_unix_ms})
+            })
+            .collect();
+        println!("{}", serde_json::json!({"answered_by": node.0, "nodes": nodes}));
+        return Ok(());
+    }
+    println!("cluster as seen by node {node}:");
+    println!(
+        "{:>6}  {:<22} {:<8} {:>12}  since (unix ms)",
+        "node", "address", "state", "incarnation"
+    );
+    for m in members {
+        println!(
+            "{:>6}  {:<22} {:<8} {:>12}  {}",
+            m.node.0,
+            m.addr.to_string(),
+            m.state.to_string(),
+            m.incarnation,
+            m.since_unix_ms
+        );
+    }
+    Ok(())
+}
