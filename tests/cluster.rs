@@ -1,0 +1,144 @@
+//! Real `runnel node` processes on 127.0.0.x forming a cluster over QUIC with
+//! mutual TLS, watched through `runnel status --json` as a user would.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use common::*;
+
+const FORM_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn all_alive(states: &Option<Vec<(u64, String, u64)>>, count: usize) -> bool {
+    states
+        .as_ref()
+        .is_some_and(|s| s.len() == count && s.iter().all(|(_, state, _)| state == "alive"))
+}
+
+#[test]
+fn five_node_processes_form_a_cluster_and_see_a_kill_and_a_restart() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 5);
+    let addrs: Vec<_> = (0..5).map(|i| free_addr(10 + i)).collect();
+    let seeds = &addrs[..3];
+
+    eprintln!("phase: start five nodes with the first three as seeds");
+    let mut nodes: Vec<NodeProcess> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| NodeProcess::start(i as u32 + 1, a, seeds, &certs, scratch.path()))
+        .collect();
+    for node in &nodes {
+        wait_for(
+            &format!("node {} to see five alive nodes", node.id),
+            FORM_TIMEOUT,
+            || all_alive(&states(node.addr, &certs), 5),
+        );
+    }
+
+    eprintln!("phase: SIGKILL node 5; the others mark it dead");
+    nodes[4].kill();
+    for node in &nodes[..4] {
+        let took = wait_for(
+            &format!("node {} to mark node 5 dead", node.id),
+            Duration::from_millis(DEAD_MS) * 10,
+            || states(node.addr, &certs).is_some_and(|s| s.iter().any(|(id, state, _)| *id == 5 && state == "dead")),
+        );
+        eprintln!(
+            "node {} saw node 5 dead {took:?} after the kill was noticed here",
+            node.id
+        );
+    }
+
+    eprintln!("phase: restart node 5 with the same data directory");
+    nodes[4] = NodeProcess::start(5, addrs[4], seeds, &certs, scratch.path());
+    for node in &nodes {
+        wait_for(&format!("node {} to see node 5 back", node.id), FORM_TIMEOUT, || {
+            let s = states(node.addr, &certs);
+            all_alive(&s, 5) && s.is_some_and(|s| s.iter().any(|(id, _, incarnation)| *id == 5 && *incarnation == 2))
+        });
+    }
+}
+
+#[test]
+fn a_node_from_another_ca_cannot_join_and_the_cluster_is_unaffected() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    let foreign = scratch.path().join("foreign-certs");
+    certs_init(&certs, 3);
+    certs_init(&foreign, 4);
+    let addrs: Vec<_> = (0..4).map(|i| free_addr(20 + i)).collect();
+    let seeds = &addrs[..3];
+    let nodes: Vec<NodeProcess> = (0..3)
+        .map(|i| NodeProcess::start(i as u32 + 1, addrs[i], seeds, &certs, scratch.path()))
+        .collect();
+    for node in &nodes {
+        wait_for(&format!("node {} to see three alive", node.id), FORM_TIMEOUT, || {
+            all_alive(&states(node.addr, &certs), 3)
+        });
+    }
+
+    eprintln!("phase: node 4 with a certificate from another CA tries to join");
+    let mut intruder = NodeProcess::start(4, addrs[3], seeds, &foreign, scratch.path());
+    wait_for("node 1 to refuse the intruder", FORM_TIMEOUT, || {
+        nodes[0].log_text().contains("refused a connection")
+    });
+    assert!(intruder.is_running(), "the intruder keeps trying; nothing crashes");
+    for node in &nodes {
+        let s = states(node.addr, &certs);
+        assert!(all_alive(&s, 3), "node {} sees {s:?}", node.id);
+    }
+
+    eprintln!("phase: a client with a foreign certificate gets a clear error");
+    let output = status(addrs[0], &foreign);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("could not reach the cluster"), "{stderr}");
+}
+
+#[test]
+fn a_garbage_datagram_flood_does_not_crash_a_node() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 2);
+    let addrs: Vec<_> = (0..2).map(|i| free_addr(30 + i)).collect();
+    let mut nodes: Vec<NodeProcess> = (0..2)
+        .map(|i| NodeProcess::start(i as u32 + 1, addrs[i], &addrs[..1], &certs, scratch.path()))
+        .collect();
+    for addr in &addrs {
+        wait_for("two nodes to form", FORM_TIMEOUT, || {
+            all_alive(&states(*addr, &certs), 2)
+        });
+    }
+
+    eprintln!("phase: 20,000 datagrams of garbage, some shaped like QUIC long headers");
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in 0..20_000u32 {
+        let len = 1 + (i as usize * 7919) % 1400;
+        let mut datagram: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        if i % 3 == 0 {
+            datagram[0] = 0xc0; // long header, initial packet
+            if len > 5 {
+                datagram[1..5].copy_from_slice(&1u32.to_be_bytes()); // QUIC v1
+            }
+        }
+        let _ = socket.send_to(&datagram, addrs[0]);
+    }
+
+    eprintln!("phase: the node is still running and serving");
+    assert!(nodes[0].is_running(), "node 1 died:\n{}", nodes[0].log_text());
+    wait_for("node 1 to answer status after the flood", FORM_TIMEOUT, || {
+        all_alive(&states(addrs[0], &certs), 2)
+    });
+    assert!(nodes[1].is_running());
+}
