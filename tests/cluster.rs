@@ -142,3 +142,100 @@ fn a_garbage_datagram_flood_does_not_crash_a_node() {
     });
     assert!(nodes[1].is_running());
 }
+
+#[test]
+fn config_file_and_environment_variables_work_and_bad_input_is_named() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 2);
+    let addr = free_addr(40);
+
+    eprintln!("phase: a node configured by a TOML file, watched through RUNNEL_SEEDS/RUNNEL_CERTS");
+    let config = scratch.path().join("node.toml");
+    let text = format!(
+        "id = 1\nlisten = \"{addr}\"\ndata = \"{}\"\ncerts = \"{}\"\nseeds = [\"{addr}\"]\n",
+        scratch.path().join("data-1").display(),
+        certs.display()
+    );
+    std::fs::write(&config, text).expect("write config");
+    let log = std::fs::File::create(scratch.path().join("node-1.log")).expect("log");
+    let mut child = runnel()
+        .arg("node")
+        .arg("--config")
+        .arg(&config)
+        .stderr(log)
+        .spawn()
+        .expect("spawn");
+    let guard = scopeguard(&mut child);
+    wait_for("the configured node to answer", FORM_TIMEOUT, || {
+        runnel()
+            .args(["status", "--json"])
+            .env("RUNNEL_SEEDS", addr.to_string())
+            .env("RUNNEL_CERTS", &certs)
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"alive\""))
+    });
+    drop(guard);
+
+    eprintln!("phase: bad input gets errors that name the problem");
+    let data = scratch.path().join("data-2");
+    let run = |args: &[&str]| {
+        let output = runnel().args(args).output().expect("run");
+        assert!(!output.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
+    let certs_arg = certs.to_str().expect("utf-8 path");
+    let data_arg = data.to_str().expect("utf-8 path");
+    let err = run(&[
+        "node",
+        "--id",
+        "7",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data_arg,
+        "--certs",
+        certs_arg,
+    ]);
+    assert!(err.contains("node-7.pem"), "{err}");
+    let err = run(&[
+        "node",
+        "--id",
+        "2",
+        "--listen",
+        "not-an-address",
+        "--data",
+        data_arg,
+        "--certs",
+        certs_arg,
+    ]);
+    assert!(err.contains("--listen"), "{err}");
+    let data_1 = scratch.path().join("data-1");
+    let err = run(&[
+        "node",
+        "--id",
+        "2",
+        "--listen",
+        "127.0.0.1:0",
+        "--certs",
+        certs_arg,
+        "--data",
+        data_1.to_str().expect("utf-8"),
+    ]);
+    assert!(err.contains("belongs to node 1"), "{err}");
+    std::fs::write(&config, "id = 1\nbogus = true\n").expect("write config");
+    let err = run(&["node", "--config", config.to_str().expect("utf-8")]);
+    assert!(err.contains("not a valid node configuration"), "{err}");
+}
+
+/// Kills the child when dropped, so a failing assertion cannot leak it.
+fn scopeguard(child: &mut std::process::Child) -> impl Drop + '_ {
+    struct Guard<'a>(&'a mut std::process::Child);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    Guard(child)
+}
