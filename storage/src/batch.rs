@@ -51,6 +51,10 @@ pub const MAGIC_V1: u8 = 1;
 pub const BATCH_HEADER_BYTES: usize = 61;
 /// Bytes before `batch_length`'s counted region: base offset and the length.
 pub const LOG_OVERHEAD_BYTES: usize = 12;
+/// Attribute bit of a control batch: it carries metadata of the replication
+/// layer (a Raft configuration change or an empty leader entry), takes an
+/// offset like any batch, and is skipped by consumers.
+pub const ATTRIBUTE_CONTROL: u16 = 1 << 5;
 /// No batch may exceed this, whatever a log is configured to accept; it bounds
 /// what a decoder will ever allocate.
 pub const BATCH_BYTES_HARD_LIMIT: usize = 64 * 1024 * 1024;
@@ -264,6 +268,11 @@ impl RecordBatch {
 
     pub fn max_timestamp_ms(&self) -> i64 {
         self.header.max_timestamp_ms
+    }
+
+    /// Whether the batch is replication metadata rather than user records.
+    pub fn is_control(&self) -> bool {
+        self.header.attributes & ATTRIBUTE_CONTROL != 0
     }
 
     pub fn size_bytes(&self) -> usize {

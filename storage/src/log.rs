@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::batch::RecordBatch;
+use crate::batch::{BatchHeader, RecordBatch};
 use crate::error::{IoContext, Result, StorageError};
 use crate::kv::{sync_parent_dir, DurableKv};
 use crate::segment::{parse_segment_name, ScanMode, Segment};
@@ -406,6 +406,16 @@ impl Log {
             .next_back()
             .map(|(_, s)| s)
             .expect("offset at or above the start offset has a segment")
+    }
+
+    /// Calls `visit` with the header of every batch from the start, reading
+    /// only headers (a replica rebuilds its entry index this way on open).
+    pub fn visit_headers(&self, mut visit: impl FnMut(&BatchHeader)) -> Result<()> {
+        self.healthy()?;
+        for segment in self.segments.values() {
+            segment.visit_headers(&mut visit)?;
+        }
+        Ok(())
     }
 
     /// The first offset whose record timestamp is at or after `timestamp_ms`,

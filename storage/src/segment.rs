@@ -410,6 +410,24 @@ impl Segment {
         Ok(())
     }
 
+    /// Calls `visit` with the header of every batch, in order, reading only
+    /// headers. Offsets must run on without a gap.
+    pub fn visit_headers(&self, visit: &mut dyn FnMut(&BatchHeader)) -> Result<()> {
+        let mut position = 0;
+        let mut expected = self.base_offset;
+        while position < self.state.size_bytes {
+            let header = self.header_at(position)?;
+            if header.base_offset != expected || position + header.size_bytes() as u64 > self.state.size_bytes {
+                let reason = format!("batch with base offset {} is out of place", header.base_offset);
+                return Err(self.corrupt(position, reason));
+            }
+            visit(&header);
+            expected = header.next_offset();
+            position += header.size_bytes() as u64;
+        }
+        Ok(())
+    }
+
     /// The first offset whose record timestamp is at least `timestamp_ms`.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>> {
         if self.state.max_timestamp_ms < timestamp_ms {

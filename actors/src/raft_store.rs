@@ -1,0 +1,479 @@
+//! The Raft log of a partition *is* its record log.
+//!
+//! Every Raft entry is exactly one record batch in the partition's [`Log`]:
+//! a normal entry's data is an encoded batch of user records; any other entry
+//! (the empty entry a new leader appends, a configuration change) becomes a
+//! *control batch* of one record that consumers skip. A batch's base offset is
+//! assigned when it is appended, as the log's end offset; since every replica
+//! appends the same entries in the same order, every replica assigns the same
+//! offsets, and one offset names one record everywhere.
+//!
+//! The Raft index of the log's first batch is kept in the replica's metadata
+//! file, so batch number *k* is entry `first_index + k`; the map from index to
+//! (base offset, term) is rebuilt on open from batch headers alone.
+//!
+//! Metadata (`raft.meta`, a [`DurableKv`]): hard state (term, vote, commit),
+//! configuration, and the snapshot point (index, term and the log offset where
+//! the log starts after a snapshot was installed).
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
+use runnel_storage::batch::ATTRIBUTE_CONTROL;
+use runnel_storage::{BatchBuilder, DurableKv, FsyncPolicy, Log, LogConfig, Record, RecordBatch};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ActorError, Result};
+
+const META_FILE: &str = "raft.meta";
+const KEY_HARD_STATE: &str = "hard_state";
+const KEY_CONF_STATE: &str = "conf_state";
+const KEY_SNAPSHOT: &str = "snapshot";
+
+/// Where one entry sits in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct EntrySlot {
+    base_offset: u64,
+    next_offset: u64,
+    term: u64,
+}
+
+/// The snapshot point: the log starts right after it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SnapshotPoint {
+    index: u64,
+    term: u64,
+    /// The offset of the first record after the snapshot point.
+    start_offset: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredHardState {
+    term: u64,
+    vote: u64,
+    commit: u64,
+}
+
+/// A control batch's single record: the Raft entry it stands for.
+#[derive(Debug, Serialize, Deserialize)]
+struct ControlEntry {
+    entry_type: i32,
+    data: Vec<u8>,
+    context: Vec<u8>,
+}
+
+/// Raft storage for one partition replica.
+pub struct PartitionStore {
+    dir: PathBuf,
+    log: Log,
+    meta: DurableKv,
+    /// When appended entries are forced to disk (the topic's policy).
+    fsync: FsyncPolicy,
+    snapshot: SnapshotPoint,
+    /// One slot per entry, from index `snapshot.index + 1`.
+    slots: VecDeque<EntrySlot>,
+    hard_state: HardState,
+    /// Term and vote as last written to disk; commit is written lazily.
+    persisted: StoredHardState,
+    conf_state: ConfState,
+    /// Entries appended but not yet synced.
+    unsynced: bool,
+}
+
+impl PartitionStore {
+    /// Opens the replica's storage in `dir`, creating it empty if needed.
+    pub fn open(dir: &Path, log_config: LogConfig) -> Result<PartitionStore> {
+        std::fs::create_dir_all(dir).map_err(|e| ActorError::io(dir, e))?;
+        let fsync = log_config.fsync;
+        // The store syncs once per Raft ready, not once per batch.
+        let log = Log::open(
+            dir.join("log"),
+            LogConfig {
+                fsync: FsyncPolicy::Never,
+                ..log_config
+            },
+        )?;
+        let meta = DurableKv::open(dir.join(META_FILE))?;
+        let snapshot: SnapshotPoint = read_meta(&meta, KEY_SNAPSHOT)?.unwrap_or_default();
+        let stored: StoredHardState = read_meta(&meta, KEY_HARD_STATE)?.unwrap_or_default();
+        let conf_state = match meta.get(KEY_CONF_STATE) {
+            Some(bytes) => {
+                ConfState::parse_from_bytes(bytes).map_err(|e| ActorError::corrupt(dir, format!("conf state: {e}")))?
+            }
+            None => ConfState::default(),
+        };
+        if log.start_offset() != snapshot.start_offset {
+            let reason = format!(
+                "log starts at {} but the snapshot point says {}",
+                log.start_offset(),
+                snapshot.start_offset
+            );
+            return Err(ActorError::corrupt(dir, reason));
+        }
+        let mut slots = VecDeque::new();
+        log.visit_headers(|header| {
+            slots.push_back(EntrySlot {
+                base_offset: header.base_offset,
+                next_offset: header.next_offset(),
+                term: header.raft_term,
+            })
+        })?;
+        let last_index = snapshot.index + slots.len() as u64;
+        let hard_state = HardState {
+            term: stored.term,
+            vote: stored.vote,
+            // A crash can lose an unsynced tail that a lazily written commit covered.
+            commit: stored.commit.min(last_index).max(snapshot.index),
+            ..HardState::default()
+        };
+        Ok(PartitionStore {
+            dir: dir.to_path_buf(),
+            log,
+            meta,
+            fsync,
+            snapshot,
+            slots,
+            hard_state,
+            persisted: stored,
+            conf_state,
+            unsynced: false,
+        })
+    }
+
+    /// Sets the initial voters of a new group (every founding replica must get
+    /// the same set). Refused once the replica has any state.
+    pub fn bootstrap(&mut self, voters: &[u64]) -> Result<()> {
+        if !self.conf_state.voters.is_empty() || !self.slots.is_empty() || self.hard_state.term != 0 {
+            return Err(ActorError::InvalidState(format!(
+                "{} already holds a replica",
+                self.dir.display()
+            )));
+        }
+        let conf_state = ConfState {
+            voters: voters.to_vec(),
+            ..ConfState::default()
+        };
+        self.set_conf_state(conf_state)
+    }
+
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    pub fn first_index_value(&self) -> u64 {
+        self.snapshot.index + 1
+    }
+
+    pub fn last_index_value(&self) -> u64 {
+        self.snapshot.index + self.slots.len() as u64
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    fn slot(&self, index: u64) -> Option<EntrySlot> {
+        let position = index.checked_sub(self.snapshot.index + 1)?;
+        self.slots.get(usize::try_from(position).ok()?).copied()
+    }
+
+    /// The offset range `[base, next)` that entry `index` occupies.
+    pub fn entry_offsets(&self, index: u64) -> Option<(u64, u64)> {
+        self.slot(index).map(|s| (s.base_offset, s.next_offset))
+    }
+
+    /// The offset after the last committed record: consumers read below it.
+    pub fn committed_offset(&self) -> u64 {
+        match self.slot(self.hard_state.commit) {
+            Some(slot) => slot.next_offset,
+            None => self.snapshot.start_offset,
+        }
+    }
+
+    /// Appends entries from a Raft ready, first cutting off any conflicting
+    /// tail from the first new index on.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<()> {
+        let Some(first) = entries.first() else { return Ok(()) };
+        if first.index <= self.snapshot.index {
+            return Err(ActorError::InvalidState(format!(
+                "entry {} is at or below the snapshot point {}",
+                first.index, self.snapshot.index
+            )));
+        }
+        if first.index > self.last_index_value() + 1 {
+            return Err(ActorError::InvalidState(format!(
+                "entry {} leaves a gap after {}",
+                first.index,
+                self.last_index_value()
+            )));
+        }
+        if let Some(slot) = self.slot(first.index) {
+            self.log.truncate(slot.base_offset)?;
+            self.slots.truncate((first.index - self.snapshot.index - 1) as usize);
+        }
+        for entry in entries {
+            debug_assert_eq!(entry.index, self.last_index_value() + 1);
+            let mut batch = entry_to_batch(entry)?;
+            let base_offset = self.log.append(&mut batch)?;
+            self.slots.push_back(EntrySlot {
+                base_offset,
+                next_offset: batch.next_offset(),
+                term: entry.term,
+            });
+        }
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes appended entries durable according to the fsync policy. Raft
+    /// requires this before votes and append acknowledgements are sent.
+    pub fn sync(&mut self) -> Result<()> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        match self.fsync {
+            FsyncPolicy::EveryBatch => self.log.flush()?,
+            FsyncPolicy::Interval(_) => {
+                self.log.flush_if_due()?;
+            }
+            FsyncPolicy::Never => {}
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Records a new hard state. Term and vote are written (atomically, with
+    /// fsync) before anything else happens; the commit index is written later
+    /// (it can be relearned, and a lower one after a crash is safe).
+    pub fn set_hard_state(&mut self, hard_state: &HardState) -> Result<()> {
+        self.hard_state = hard_state.clone();
+        if hard_state.term != self.persisted.term || hard_state.vote != self.persisted.vote {
+            self.persist_hard_state()?;
+        }
+        Ok(())
+    }
+
+    pub fn set_commit(&mut self, commit: u64) {
+        self.hard_state.commit = commit;
+    }
+
+    /// Writes the full hard state, commit included.
+    pub fn persist_hard_state(&mut self) -> Result<()> {
+        let stored = StoredHardState {
+            term: self.hard_state.term,
+            vote: self.hard_state.vote,
+            commit: self.hard_state.commit,
+        };
+        write_meta(&mut self.meta, KEY_HARD_STATE, &stored)?;
+        self.persisted = stored;
+        Ok(())
+    }
+
+    pub fn set_conf_state(&mut self, conf_state: ConfState) -> Result<()> {
+        let bytes = conf_state
+            .write_to_bytes()
+            .map_err(|e| ActorError::InvalidState(format!("encoding a conf state: {e}")))?;
+        self.meta.set(KEY_CONF_STATE, bytes)?;
+        self.conf_state = conf_state;
+        Ok(())
+    }
+
+    /// Installs a snapshot from the leader: the log restarts empty at the
+    /// snapshot's offset, and entries continue from its index.
+    pub fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<()> {
+        let metadata = snapshot.get_metadata();
+        let start_offset = decode_snapshot_data(&snapshot.data)?;
+        let point = SnapshotPoint {
+            index: metadata.index,
+            term: metadata.term,
+            start_offset,
+        };
+        // The point is written first: a crash after the reset finds the log
+        // start it describes.
+        write_meta(&mut self.meta, KEY_SNAPSHOT, &point)?;
+        self.log.reset(start_offset)?;
+        self.slots.clear();
+        self.snapshot = point;
+        self.hard_state.commit = self.hard_state.commit.max(metadata.index);
+        self.hard_state.term = self.hard_state.term.max(metadata.term);
+        self.set_conf_state(metadata.get_conf_state().clone())?;
+        self.persist_hard_state()
+    }
+
+    /// Reads entry `index` back from the log.
+    fn read_entry(&self, index: u64, slot: EntrySlot) -> Result<Entry> {
+        let batches = self.log.read(slot.base_offset, 1)?;
+        let batch = batches
+            .into_iter()
+            .next()
+            .filter(|b| b.base_offset() == slot.base_offset)
+            .ok_or_else(|| ActorError::corrupt(&self.dir, format!("entry {index} is missing from the log")))?;
+        batch_to_entry(index, batch)
+    }
+}
+
+fn read_meta<T: for<'de> Deserialize<'de>>(meta: &DurableKv, key: &str) -> Result<Option<T>> {
+    match meta.get(key) {
+        None => Ok(None),
+        Some(bytes) => postcard::from_bytes(bytes)
+            .map(Some)
+            .map_err(|e| ActorError::corrupt(meta.path(), format!("{key}: {e}"))),
+    }
+}
+
+fn write_meta<T: Serialize>(meta: &mut DurableKv, key: &str, value: &T) -> Result<()> {
+    let bytes = postcard::to_allocvec(value).map_err(|e| ActorError::InvalidState(format!("encoding {key}: {e}")))?;
+    meta.set(key, bytes)?;
+    Ok(())
+}
+
+/// The data of a partition snapshot: the offset where the log resumes.
+pub fn encode_snapshot_data(start_offset: u64) -> Vec<u8> {
+    start_offset.to_le_bytes().to_vec()
+}
+
+fn decode_snapshot_data(data: &[u8]) -> Result<u64> {
+    let word: [u8; 8] = data
+        .try_into()
+        .map_err(|_| ActorError::InvalidState(format!("snapshot data of {} bytes is not an offset", data.len())))?;
+    Ok(u64::from_le_bytes(word))
+}
+
+/// The batch that stores a Raft entry.
+fn entry_to_batch(entry: &Entry) -> Result<RecordBatch> {
+    let mut batch = if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
+        RecordBatch::from_bytes(entry.data.to_vec())
+            .map_err(|e| ActorError::InvalidState(format!("entry {} does not hold a valid batch: {e}", entry.index)))?
+    } else {
+        let control = ControlEntry {
+            entry_type: entry.get_entry_type() as i32,
+            data: entry.data.to_vec(),
+            context: entry.context.to_vec(),
+        };
+        let value =
+            postcard::to_allocvec(&control).map_err(|e| ActorError::InvalidState(format!("control entry: {e}")))?;
+        let mut builder = BatchBuilder::new().attributes(ATTRIBUTE_CONTROL);
+        builder.push(&Record {
+            value: Some(value.into()),
+            ..Record::default()
+        })?;
+        builder.build()?
+    };
+    batch.set_raft_term(entry.term);
+    Ok(batch)
+}
+
+/// The Raft entry a stored batch stands for.
+fn batch_to_entry(index: u64, batch: RecordBatch) -> Result<Entry> {
+    let mut entry = Entry {
+        index,
+        term: batch.raft_term(),
+        ..Entry::default()
+    };
+    if batch.is_control() {
+        let record = batch
+            .records()
+            .next()
+            .ok_or_else(|| ActorError::InvalidState("empty control batch".to_string()))??;
+        let value = record.record.value.unwrap_or_default();
+        let control: ControlEntry = postcard::from_bytes(&value)
+            .map_err(|e| ActorError::InvalidState(format!("control entry {index}: {e}")))?;
+        let entry_type = match control.entry_type {
+            0 => EntryType::EntryNormal,
+            1 => EntryType::EntryConfChange,
+            2 => EntryType::EntryConfChangeV2,
+            other => {
+                return Err(ActorError::InvalidState(format!(
+                    "control entry {index} has unknown type {other}"
+                )))
+            }
+        };
+        entry.set_entry_type(entry_type);
+        entry.data = control.data.into();
+        entry.context = control.context.into();
+    } else {
+        entry.set_entry_type(EntryType::EntryNormal);
+        entry.data = batch.into_bytes().into();
+    }
+    Ok(entry)
+}
+
+fn store_error(error: ActorError) -> raft::Error {
+    raft::Error::Store(RaftStorageError::Other(Box::new(error)))
+}
+
+impl raft::Storage for PartitionStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.hard_state.clone(),
+            conf_state: self.conf_state.clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.snapshot.index {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        if high > self.last_index_value() + 1 {
+            return Err(raft::Error::Store(RaftStorageError::Unavailable));
+        }
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let mut entries = Vec::new();
+        let mut size = 0u64;
+        for index in low..high {
+            let slot = self
+                .slot(index)
+                .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
+            let entry = self.read_entry(index, slot).map_err(store_error)?;
+            size += entry.compute_size() as u64;
+            if !entries.is_empty() && size > max_size {
+                break;
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        if index == self.snapshot.index {
+            return Ok(self.snapshot.term);
+        }
+        if index < self.snapshot.index {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        self.slot(index)
+            .map(|slot| slot.term)
+            .ok_or(raft::Error::Store(RaftStorageError::Unavailable))
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first_index_value())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index_value())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let mut snapshot = Snapshot::default();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = self.snapshot.index;
+        metadata.term = self.snapshot.term;
+        metadata.set_conf_state(self.conf_state.clone());
+        snapshot.data = encode_snapshot_data(self.snapshot.start_offset).into();
+        Ok(snapshot)
+    }
+}

@@ -1,0 +1,242 @@
+//! One partition replica as a pure state machine around raft-rs's `RawNode`:
+//! no sockets, no timers. Its owner calls [`ReplicaCore::tick`] on a clock,
+//! feeds it peers' messages with [`ReplicaCore::step`], and after either calls
+//! [`ReplicaCore::handle_ready`], which persists what Raft asks (entries, hard
+//! state, fsync) and returns the messages to send and the entries that
+//! committed. The actor and the network are a thin shell around this.
+
+use std::path::Path;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::{RawNode, StateRole};
+use runnel_storage::{LogConfig, RecordBatch};
+
+use crate::error::{ActorError, Result};
+use crate::raft_store::PartitionStore;
+
+/// Timing and limits of one replica.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// Raft id: the node id of the node holding the replica.
+    pub id: u64,
+    /// Ticks without a leader before an election (randomized up to twice this).
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Bytes of entries in one append message.
+    pub max_size_per_msg: u64,
+    /// Append messages in flight to one follower.
+    pub max_inflight_msgs: usize,
+    /// Bytes proposed but not yet committed before proposals are refused.
+    pub max_uncommitted_bytes: u64,
+}
+
+impl ReplicaConfig {
+    pub fn new(id: u64) -> ReplicaConfig {
+        ReplicaConfig {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 2,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            max_uncommitted_bytes: 64 << 20,
+        }
+    }
+}
+
+/// An entry of user records that committed, and where it sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub index: u64,
+    pub base_offset: u64,
+    pub next_offset: u64,
+}
+
+/// What one round of ready handling produced.
+#[derive(Debug, Default)]
+pub struct ReadyOutput {
+    /// To send to peers (`Message::to`), in order.
+    pub messages: Vec<Message>,
+    pub committed: Vec<Committed>,
+    /// The group's configuration changed.
+    pub conf_changed: bool,
+}
+
+pub struct ReplicaCore {
+    raw: RawNode<PartitionStore>,
+}
+
+impl ReplicaCore {
+    /// Opens the replica in `dir`. A new founding replica passes the group's
+    /// initial voters; a replica joining later (a learner) and a reopened one
+    /// pass `None`.
+    pub fn open(
+        dir: &Path,
+        log_config: LogConfig,
+        config: &ReplicaConfig,
+        bootstrap_voters: Option<&[u64]>,
+    ) -> Result<ReplicaCore> {
+        let mut store = PartitionStore::open(dir, log_config)?;
+        if let Some(voters) = bootstrap_voters {
+            if store.conf_state().voters.is_empty() && store.last_index_value() == 0 {
+                store.bootstrap(voters)?;
+            }
+        }
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_tick,
+            heartbeat_tick: config.heartbeat_tick,
+            // Committed entries are already in the log, which is the state.
+            applied: store.hard_state().commit,
+            max_size_per_msg: config.max_size_per_msg,
+            max_inflight_msgs: config.max_inflight_msgs,
+            max_uncommitted_size: config.max_uncommitted_bytes,
+            check_quorum: true,
+            pre_vote: true,
+            ..raft::Config::default()
+        };
+        raft_config.validate()?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_config, store, &logger)?;
+        Ok(ReplicaCore { raw })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.raw.raft.id
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The leader this replica knows of, if any.
+    pub fn leader_id(&self) -> Option<u64> {
+        let leader = self.raw.raft.leader_id;
+        (leader != raft::INVALID_ID).then_some(leader)
+    }
+
+    pub fn term(&self) -> u64 {
+        self.raw.raft.term
+    }
+
+    pub fn store(&self) -> &PartitionStore {
+        self.raw.store()
+    }
+
+    /// The offset after the last committed record.
+    pub fn committed_offset(&self) -> u64 {
+        self.raw.store().committed_offset()
+    }
+
+    /// Proposes a batch of records; returns the Raft index it will commit at.
+    /// Only the leader accepts proposals.
+    pub fn propose(&mut self, batch: RecordBatch) -> Result<u64> {
+        if !self.is_leader() {
+            return Err(ActorError::NotLeader {
+                leader: self.leader_id(),
+            });
+        }
+        match self.raw.propose(Vec::new(), batch.into_bytes()) {
+            Ok(()) => Ok(self.raw.raft.raft_log.last_index()),
+            Err(raft::Error::ProposalDropped) => {
+                Err(ActorError::Backpressure(self.raw.raft.raft_log.last_index() as usize))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Feeds a message from a peer. Messages from unknown peers are dropped.
+    pub fn step(&mut self, message: Message) -> Result<()> {
+        match self.raw.step(message) {
+            Ok(()) | Err(raft::Error::StepPeerNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Advances the logical clock; returns whether there may be work.
+    pub fn tick(&mut self) -> bool {
+        self.raw.tick()
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// Persists what Raft asks, in the order it requires, and returns the
+    /// messages to send and what committed.
+    pub fn handle_ready(&mut self) -> Result<ReadyOutput> {
+        let mut out = ReadyOutput::default();
+        if !self.raw.has_ready() {
+            return Ok(out);
+        }
+        let mut ready = self.raw.ready();
+        // A leader may send its appends while it persists them.
+        out.messages.extend(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.raw.mut_store().apply_snapshot(ready.snapshot())?;
+        }
+        let committed = ready.take_committed_entries();
+        self.apply(committed, &mut out)?;
+        self.raw.mut_store().append(ready.entries())?;
+        if let Some(hard_state) = ready.hs() {
+            self.raw.mut_store().set_hard_state(hard_state)?;
+        }
+        // Votes and append acknowledgements go out only after this.
+        self.raw.mut_store().sync()?;
+        out.messages.extend(ready.take_persisted_messages());
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
+        out.messages.extend(light.take_messages());
+        self.apply(light.take_committed_entries(), &mut out)?;
+        self.raw.advance_apply();
+        Ok(out)
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>, out: &mut ReadyOutput) -> Result<()> {
+        for entry in entries {
+            match entry.get_entry_type() {
+                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal => {
+                    let (base_offset, next_offset) = self.raw.store().entry_offsets(entry.index).ok_or_else(|| {
+                        ActorError::InvalidState(format!("committed entry {} is not in the log", entry.index))
+                    })?;
+                    out.committed.push(Committed {
+                        index: entry.index,
+                        base_offset,
+                        next_offset,
+                    });
+                }
+                EntryType::EntryConfChange => {
+                    let change = ConfChange::parse_from_bytes(&entry.data)
+                        .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
+                    let conf_state = self.raw.apply_conf_change(&change)?;
+                    self.raw.mut_store().set_conf_state(conf_state)?;
+                    out.conf_changed = true;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let change = ConfChangeV2::parse_from_bytes(&entry.data)
+                        .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
+                    let conf_state = self.raw.apply_conf_change(&change)?;
+                    self.raw.mut_store().set_conf_state(conf_state)?;
+                    out.conf_changed = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the commit index too (it is otherwise written lazily); call it
+    /// now and then and before a clean stop.
+    pub fn persist_commit(&mut self) -> Result<()> {
+        self.raw.mut_store().persist_hard_state()
+    }
+
+    /// Committed batches from `offset` (control batches included; a consumer
+    /// skips them), up to `max_bytes`.
+    pub fn read_committed(&self, offset: u64, max_bytes: usize) -> Result<Vec<RecordBatch>> {
+        let store = self.raw.store();
+        Ok(store.log().read_until(offset, max_bytes, store.committed_offset())?)
+    }
+}
