@@ -11,7 +11,7 @@ use runnel_cluster::protocol::{
     PROTOCOL_VERSION,
 };
 use runnel_cluster::tls::{CertDir, TlsIdentity, CLUSTER_SERVER_NAME};
-use runnel_cluster::{ClusterError, MemberState, Node, NodeConfig, NodeHandle, NodeId};
+use runnel_cluster::{ClusterError, MemberState, MembershipEvent, Node, NodeConfig, NodeHandle, NodeId};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -134,6 +134,23 @@ async fn remote_send_and_call_between_nodes() {
         .await
         .expect("local call");
     assert_eq!(local, b"from 3: self");
+
+    tracing::info!("phase: subscribers hear NodeDown when a node stops");
+    let mut events = one.subscribe();
+    let mut cluster = cluster;
+    cluster.nodes[2].shutdown();
+    let down = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match events.recv().await {
+                Ok(MembershipEvent::NodeDown { node, .. }) => return node,
+                Ok(_) => continue,
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("NodeDown in time");
+    assert_eq!(down, NodeId(3));
 }
 
 fn quic_client(identity: &TlsIdentity, alpn: &[u8]) -> (quinn::Endpoint, quinn::ClientConfig) {
