@@ -8,6 +8,7 @@
 //!   propose, step, tick, and ready handling that persists before it answers.
 
 mod error;
+pub mod metadata;
 pub mod raft_store;
 pub mod replica;
 

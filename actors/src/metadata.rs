@@ -1,0 +1,320 @@
+//! The cluster's metadata as a deterministic state machine: the controller
+//! (Raft group 0) commits [`MetadataCommand`]s, and every replica of the
+//! controller applies them in the same order to the same [`Metadata`].
+//!
+//! Placement is decided by the controller leader *before* proposing (it knows
+//! which nodes are alive), and the decision travels inside the command, so
+//! applying a command never depends on anything but the command and the
+//! state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Partitions of one topic at most.
+pub const PARTITIONS_MAX: u32 = 10_000;
+/// Replicas of one partition at most.
+pub const REPLICATION_MAX: u16 = 7;
+pub const TOPIC_NAME_BYTES_MAX: usize = 200;
+/// Raft group id of the controller; partition groups are never 0.
+pub const CONTROLLER_GROUP: u64 = 0;
+
+/// Why a metadata change was refused. The text names the problem.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MetadataError {
+    #[error("topic name {name:?} is invalid: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    #[error("topic {0:?} does not exist")]
+    UnknownTopic(String),
+    #[error("invalid topic settings: {0}")]
+    InvalidConfig(String),
+    #[error("replication factor {replication} is more than the {live} live nodes")]
+    NotEnoughNodes { replication: u16, live: usize },
+}
+
+/// Settings of a topic, fixed at creation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    pub partitions: u32,
+    pub replication: u16,
+    /// Replicas that must hold a record before `acks=all` answers; Raft's
+    /// majority is the floor.
+    pub min_insync: u16,
+    pub retention_ms: Option<u64>,
+}
+
+impl TopicConfig {
+    pub fn new(partitions: u32, replication: u16) -> TopicConfig {
+        TopicConfig {
+            partitions,
+            replication,
+            min_insync: replication / 2 + 1,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), MetadataError> {
+        let fail = |why: String| Err(MetadataError::InvalidConfig(why));
+        if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
+            return fail(format!(
+                "partitions must be in [1, {PARTITIONS_MAX}], not {}",
+                self.partitions
+            ));
+        }
+        if self.replication == 0 || self.replication > REPLICATION_MAX {
+            return fail(format!(
+                "replication must be in [1, {REPLICATION_MAX}], not {}",
+                self.replication
+            ));
+        }
+        if self.min_insync == 0 || self.min_insync > self.replication {
+            return fail(format!(
+                "min-insync must be in [1, {}], not {}",
+                self.replication, self.min_insync
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub fn validate_topic_name(name: &str) -> Result<(), MetadataError> {
+    let invalid = |reason: &str| {
+        Err(MetadataError::InvalidName {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() || name.len() > TOPIC_NAME_BYTES_MAX {
+        return invalid(&format!("it must be 1 to {TOPIC_NAME_BYTES_MAX} bytes long"));
+    }
+    if name == "." || name == ".." {
+        return invalid("it cannot be . or ..");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return invalid("only ASCII letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// A committed change to the metadata.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetadataCommand {
+    CreateTopic {
+        name: String,
+        config: TopicConfig,
+        /// Node ids holding each partition's replicas, decided by the leader.
+        assignment: Vec<Vec<u32>>,
+    },
+    DeleteTopic {
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMeta {
+    pub name: String,
+    /// Unique for the cluster's life: a re-created topic gets a new id, so its
+    /// partition groups never meet the old ones'.
+    pub id: u64,
+    pub config: TopicConfig,
+    pub assignment: Vec<Vec<u32>>,
+}
+
+impl TopicMeta {
+    /// The Raft group id of one partition.
+    pub fn group_id(&self, partition: u32) -> u64 {
+        group_id(self.id, partition)
+    }
+}
+
+/// Partition groups: topic id in the high bits, partition in the low 20.
+pub fn group_id(topic_id: u64, partition: u32) -> u64 {
+    (topic_id << 20) | u64::from(partition)
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub topics: BTreeMap<String, TopicMeta>,
+    /// Topic ids start at 1 (group 0 is the controller).
+    pub next_topic_id: u64,
+}
+
+impl Metadata {
+    /// Applies a committed command. Refusals leave the state unchanged and are
+    /// the same on every replica.
+    pub fn apply(&mut self, command: &MetadataCommand) -> Result<(), MetadataError> {
+        match command {
+            MetadataCommand::CreateTopic {
+                name,
+                config,
+                assignment,
+            } => {
+                validate_topic_name(name)?;
+                config.validate()?;
+                if self.topics.contains_key(name) {
+                    return Err(MetadataError::TopicExists(name.clone()));
+                }
+                check_assignment(config, assignment)?;
+                let id = self.next_topic_id.max(1);
+                self.next_topic_id = id + 1;
+                let topic = TopicMeta {
+                    name: name.clone(),
+                    id,
+                    config: config.clone(),
+                    assignment: assignment.clone(),
+                };
+                self.topics.insert(name.clone(), topic);
+                Ok(())
+            }
+            MetadataCommand::DeleteTopic { name } => match self.topics.remove(name) {
+                Some(_) => Ok(()),
+                None => Err(MetadataError::UnknownTopic(name.clone())),
+            },
+        }
+    }
+
+    /// Replicas each node holds now, for placement.
+    pub fn load(&self) -> BTreeMap<u32, usize> {
+        let mut load = BTreeMap::new();
+        for topic in self.topics.values() {
+            for replicas in &topic.assignment {
+                for &node in replicas {
+                    *load.entry(node).or_default() += 1;
+                }
+            }
+        }
+        load
+    }
+}
+
+fn check_assignment(config: &TopicConfig, assignment: &[Vec<u32>]) -> Result<(), MetadataError> {
+    if assignment.len() != config.partitions as usize {
+        return Err(MetadataError::InvalidConfig(format!(
+            "{} partitions assigned for {} partitions",
+            assignment.len(),
+            config.partitions
+        )));
+    }
+    for (partition, replicas) in assignment.iter().enumerate() {
+        let mut distinct = replicas.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if replicas.len() != config.replication as usize || distinct.len() != replicas.len() {
+            return Err(MetadataError::InvalidConfig(format!(
+                "partition {partition} needs {} replicas on distinct nodes, got {replicas:?}",
+                config.replication
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Places each partition's replicas on distinct live nodes, least loaded
+/// first, rotating the first replica (the preferred leader) across nodes.
+pub fn place(
+    config: &TopicConfig,
+    live_nodes: &[u32],
+    load: &BTreeMap<u32, usize>,
+) -> Result<Vec<Vec<u32>>, MetadataError> {
+    config.validate()?;
+    let mut nodes: Vec<u32> = live_nodes.to_vec();
+    nodes.sort_unstable();
+    nodes.dedup();
+    if usize::from(config.replication) > nodes.len() {
+        return Err(MetadataError::NotEnoughNodes {
+            replication: config.replication,
+            live: nodes.len(),
+        });
+    }
+    let mut load: BTreeMap<u32, usize> = nodes.iter().map(|&n| (n, load.get(&n).copied().unwrap_or(0))).collect();
+    let mut assignment = Vec::with_capacity(config.partitions as usize);
+    let mut leaders: BTreeMap<u32, usize> = BTreeMap::new();
+    for partition in 0..config.partitions as usize {
+        // Least loaded first; ties broken by a rotation so leaders spread.
+        let mut order: Vec<u32> = nodes.clone();
+        order.sort_by_key(|&n| {
+            let position = nodes.iter().position(|&x| x == n).unwrap_or(0);
+            (
+                load[&n],
+                (position + nodes.len() - partition % nodes.len()) % nodes.len(),
+            )
+        });
+        let mut replicas: Vec<u32> = order.into_iter().take(usize::from(config.replication)).collect();
+        for node in &replicas {
+            *load.entry(*node).or_default() += 1;
+        }
+        // The first replica is the preferred leader: the one leading least so far.
+        let leader_position = (0..replicas.len())
+            .min_by_key(|&i| leaders.get(&replicas[i]).copied().unwrap_or(0))
+            .unwrap_or(0);
+        replicas.swap(0, leader_position);
+        *leaders.entry(replicas[0]).or_default() += 1;
+        assignment.push(replicas);
+    }
+    Ok(assignment)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_is_distinct_even_and_leaders_rotate() {
+        let config = TopicConfig::new(6, 3);
+        let assignment = place(&config, &[1, 2, 3, 4], &BTreeMap::new()).expect("place");
+        let mut load: BTreeMap<u32, usize> = BTreeMap::new();
+        let mut leaders: BTreeMap<u32, usize> = BTreeMap::new();
+        for replicas in &assignment {
+            let mut distinct = replicas.clone();
+            distinct.dedup();
+            assert_eq!(replicas.len(), 3);
+            for &n in replicas {
+                *load.entry(n).or_default() += 1;
+            }
+            *leaders.entry(replicas[0]).or_default() += 1;
+        }
+        assert!(load.values().all(|&l| l == 18 / 4 || l == 18 / 4 + 1), "{load:?}");
+        assert!(leaders.len() >= 3, "preferred leaders spread: {leaders:?}");
+        let err = place(&TopicConfig::new(1, 3), &[1, 2], &BTreeMap::new()).expect_err("too few nodes");
+        assert_eq!(err.to_string(), "replication factor 3 is more than the 2 live nodes");
+    }
+
+    #[test]
+    fn apply_is_deterministic_and_refusals_change_nothing() {
+        let config = TopicConfig::new(2, 1);
+        let create = MetadataCommand::CreateTopic {
+            name: "payments".to_string(),
+            config: config.clone(),
+            assignment: vec![vec![1], vec![2]],
+        };
+        let mut a = Metadata::default();
+        let mut b = Metadata::default();
+        a.apply(&create).expect("create");
+        b.apply(&create).expect("create");
+        assert_eq!(a, b);
+        assert_eq!(a.topics["payments"].id, 1);
+        assert_eq!(
+            a.apply(&create),
+            Err(MetadataError::TopicExists("payments".to_string()))
+        );
+        let bad = MetadataCommand::CreateTopic {
+            name: "bad name!".to_string(),
+            config,
+            assignment: vec![vec![1], vec![2]],
+        };
+        assert!(matches!(a.apply(&bad), Err(MetadataError::InvalidName { .. })));
+        a.apply(&MetadataCommand::DeleteTopic {
+            name: "payments".to_string(),
+        })
+        .expect("delete");
+        a.apply(&create).expect("re-create");
+        assert_eq!(a.topics["payments"].id, 2, "a re-created topic gets a new id");
+        assert_ne!(group_id(1, 0), group_id(2, 0));
+        assert_ne!(group_id(1, 0), CONTROLLER_GROUP);
+    }
+}
