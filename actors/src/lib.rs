@@ -1,16 +1,27 @@
 //! Runnel's broker: partition replicas replicated by Raft (one raft-rs group
-//! per partition), and, as they are built, the controller, placement, the
-//! node supervisor and the client API.
+//! per partition), supervised per node.
 //!
 //! - [`raft_store`]: the Raft log of a partition *is* its record log; one
 //!   entry is one record batch, and offsets follow deterministically.
 //! - [`replica`]: a replica as a pure state machine around `RawNode`:
 //!   propose, step, tick, and ready handling that persists before it answers.
+//! - [`partition`]: `PartitionReplica`, the ractor actor around a replica.
+//! - [`supervisor`]: `NodeSupervisor`, which restarts crashed replicas.
+//! - [`broker`]: one node's broker: Raft routing over the cluster layer, one
+//!   ticker for all groups, produce/fetch entry points.
+//! - [`metadata`]: the controller's topic metadata and replica placement.
+//! - [`protocol`]: the broker's wire messages.
 
+pub mod broker;
 mod error;
 pub mod metadata;
+pub mod partition;
+pub mod protocol;
 pub mod raft_store;
 pub mod replica;
+pub mod supervisor;
 
+pub use broker::{Broker, BrokerConfig};
 pub use error::{ActorError, Result};
+pub use protocol::{Acks, BrokerError};
 pub use replica::{Committed, ReadyOutput, ReplicaConfig, ReplicaCore};

@@ -184,6 +184,11 @@ impl PartitionStore {
         self.slots.get(usize::try_from(position).ok()?).copied()
     }
 
+    /// The term of entry `index`, if the log holds it.
+    pub fn entry_term(&self, index: u64) -> Option<u64> {
+        self.slot(index).map(|s| s.term)
+    }
+
     /// The offset range `[base, next)` that entry `index` occupies.
     pub fn entry_offsets(&self, index: u64) -> Option<(u64, u64)> {
         self.slot(index).map(|s| (s.base_offset, s.next_offset))

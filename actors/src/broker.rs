@@ -1,0 +1,320 @@
+//! The broker of one node: its [`NodeSupervisor`] and replicas, the Raft
+//! inbox registered in the cluster directory, and one ticker that drives every
+//! local Raft group.
+//!
+//! Raft messages leaving a replica are grouped by destination node and sent as
+//! one [`RaftBatch`] per node; the QUIC transport further batches whatever
+//! queues up for the same peer into one stream write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use ractor::{Actor, ActorRef};
+use raft::eraftpb::Message;
+use runnel_cluster::{NodeHandle, NodeId};
+use runnel_storage::{LogConfig, RecordBatch};
+use tokio::task::JoinHandle;
+
+use crate::error::{ActorError, Result};
+use crate::partition::{Fetched, RaftRouter, ReplicaArgs, ReplicaMsg, ReplicaStatus};
+use crate::protocol::{Acks, BrokerError, GroupMessage, RaftBatch, RAFT_ACTOR};
+use crate::replica::ReplicaConfig;
+use crate::supervisor::{NodeSupervisor, Registry, ReplicaHealth, RestartPolicy, SupervisorArgs, SupervisorMsg};
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub data_dir: PathBuf,
+    /// Raft's logical clock: elections after 10-20 ticks, heartbeats every 2.
+    pub tick: Duration,
+    pub log_config: LogConfig,
+    pub restart_policy: RestartPolicy,
+    /// Raft batches waiting in the inbox before peers see backpressure.
+    pub inbox_capacity: usize,
+    /// How long a produce or fetch waits for the replica.
+    pub request_timeout: Duration,
+}
+
+impl BrokerConfig {
+    pub fn new(data_dir: PathBuf) -> BrokerConfig {
+        BrokerConfig {
+            data_dir,
+            tick: Duration::from_millis(100),
+            log_config: LogConfig::default(),
+            restart_policy: RestartPolicy::default(),
+            inbox_capacity: 4096,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Sends Raft messages through the cluster layer.
+struct ClusterRouter {
+    node: NodeHandle,
+}
+
+impl RaftRouter for ClusterRouter {
+    fn send(&self, group: u64, messages: Vec<Message>) {
+        let mut by_node: BTreeMap<u64, Vec<GroupMessage>> = BTreeMap::new();
+        for message in messages {
+            match message.write_to_bytes() {
+                Ok(bytes) => by_node
+                    .entry(message.to)
+                    .or_default()
+                    .push(GroupMessage { group, message: bytes }),
+                Err(e) => tracing::error!(group, error = %e, "could not encode a Raft message"),
+            }
+        }
+        for (to, messages) in by_node {
+            let Ok(to) = u32::try_from(to) else { continue };
+            let payload = match postcard::to_allocvec(&RaftBatch { messages }) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    tracing::error!(group, error = %e, "could not encode a Raft batch");
+                    continue;
+                }
+            };
+            // Raft retransmits: a message lost to a full queue or a dead peer is
+            // recovered by the protocol, so it is only logged.
+            if let Err(e) = self.node.send(NodeId(to), RAFT_ACTOR, payload) {
+                tracing::debug!(group, to, error = %e, "Raft message not sent");
+            }
+        }
+    }
+}
+
+pub struct Broker {
+    node: NodeHandle,
+    config: BrokerConfig,
+    supervisor: ActorRef<SupervisorMsg>,
+    registry: Registry,
+    router: Arc<dyn RaftRouter>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Starts the broker of a running node.
+    pub async fn start(node: NodeHandle, config: BrokerConfig) -> Result<Broker> {
+        let registry: Registry = Arc::new(RwLock::new(HashMap::new()));
+        let args = SupervisorArgs {
+            registry: registry.clone(),
+            policy: config.restart_policy.clone(),
+        };
+        let (supervisor, _) = Actor::spawn(None, NodeSupervisor, args)
+            .await
+            .map_err(|e| ActorError::InvalidState(format!("starting the node supervisor: {e}")))?;
+        let mut inbox = node.register(RAFT_ACTOR, config.inbox_capacity)?;
+        let inbox_registry = registry.clone();
+        let inbox_task = tokio::spawn(async move {
+            while let Some(message) = inbox.recv().await {
+                deliver_raft_batch(&inbox_registry, message.from, &message.payload);
+            }
+        });
+        let tick_registry = registry.clone();
+        let tick = config.tick;
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(tick);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                let replicas: Vec<ActorRef<ReplicaMsg>> = tick_registry
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned()
+                    .collect();
+                for replica in replicas {
+                    let _ = replica.cast(ReplicaMsg::Tick);
+                }
+            }
+        });
+        let router: Arc<dyn RaftRouter> = Arc::new(ClusterRouter { node: node.clone() });
+        Ok(Broker {
+            node,
+            config,
+            supervisor,
+            registry,
+            router,
+            tasks: vec![inbox_task, ticker],
+        })
+    }
+
+    pub fn node(&self) -> &NodeHandle {
+        &self.node
+    }
+
+    /// Runs a replica of `group` on this node. A founding replica of a new
+    /// group passes the group's voters; a reopened one passes `None`.
+    pub async fn host(&self, group: u64, bootstrap_voters: Option<Vec<u64>>) -> Result<()> {
+        let args = ReplicaArgs {
+            group,
+            dir: self.config.data_dir.join("partitions").join(group.to_string()),
+            log_config: self.config.log_config.clone(),
+            config: ReplicaConfig::new(u64::from(self.node.id().0)),
+            bootstrap_voters,
+            router: self.router.clone(),
+        };
+        let started = self
+            .supervisor
+            .call(
+                |reply| SupervisorMsg::Start(args, reply),
+                Some(self.config.request_timeout),
+            )
+            .await
+            .map_err(|e| ActorError::InvalidState(format!("node supervisor: {e}")))?;
+        match started {
+            ractor::rpc::CallResult::Success(Ok(())) => Ok(()),
+            ractor::rpc::CallResult::Success(Err(e)) => Err(ActorError::InvalidState(e)),
+            _ => Err(ActorError::InvalidState(
+                "the node supervisor did not answer".to_string(),
+            )),
+        }
+    }
+
+    /// The live replica of `group`, if this node runs one.
+    pub fn replica(&self, group: u64) -> Option<ActorRef<ReplicaMsg>> {
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+
+    fn replica_or_error(&self, group: u64) -> std::result::Result<ActorRef<ReplicaMsg>, BrokerError> {
+        self.replica(group).ok_or(BrokerError::UnknownGroup(group))
+    }
+
+    /// Appends a batch to `group` through its local replica, which must lead.
+    pub async fn produce(&self, group: u64, batch: RecordBatch, acks: Acks) -> std::result::Result<u64, BrokerError> {
+        let replica = self.replica_or_error(group)?;
+        let answer = replica
+            .call(
+                |reply| ReplicaMsg::Produce { batch, acks, reply },
+                Some(self.config.request_timeout),
+            )
+            .await;
+        flatten(group, answer)
+    }
+
+    /// Reads committed batches of `group` from `offset`.
+    pub async fn fetch(
+        &self,
+        group: u64,
+        offset: u64,
+        max_bytes: usize,
+        any_replica: bool,
+    ) -> std::result::Result<Fetched, BrokerError> {
+        let replica = self.replica_or_error(group)?;
+        let answer = replica
+            .call(
+                |reply| ReplicaMsg::Fetch {
+                    offset,
+                    max_bytes,
+                    any_replica,
+                    reply,
+                },
+                Some(self.config.request_timeout),
+            )
+            .await;
+        flatten(group, answer)
+    }
+
+    pub async fn status(&self, group: u64) -> Option<ReplicaStatus> {
+        let replica = self.replica(group)?;
+        match replica
+            .call(ReplicaMsg::Status, Some(self.config.request_timeout))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(status)) => Some(status),
+            _ => None,
+        }
+    }
+
+    pub async fn health(&self) -> Vec<ReplicaHealth> {
+        match self
+            .supervisor
+            .call(SupervisorMsg::Health, Some(self.config.request_timeout))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(health)) => health,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Stops every replica (cleanly: commit indexes are saved) and the tasks.
+    pub async fn shutdown(mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        let groups: Vec<u64> = self
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        for group in groups {
+            let _ = self
+                .supervisor
+                .call(
+                    |reply| SupervisorMsg::Stop(group, reply),
+                    Some(self.config.request_timeout),
+                )
+                .await;
+        }
+        self.supervisor.stop(None);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.supervisor.stop(None);
+    }
+}
+
+fn flatten<T, M>(
+    group: u64,
+    answer: std::result::Result<ractor::rpc::CallResult<std::result::Result<T, BrokerError>>, ractor::MessagingErr<M>>,
+) -> std::result::Result<T, BrokerError> {
+    match answer {
+        Ok(ractor::rpc::CallResult::Success(result)) => result,
+        Ok(ractor::rpc::CallResult::Timeout) => Err(BrokerError::Busy(group)),
+        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(BrokerError::ReplicaFailed {
+            group,
+            reason: "the replica stopped before answering".to_string(),
+        }),
+    }
+}
+
+/// Hands each message of a peer's batch to the local replica of its group.
+fn deliver_raft_batch(registry: &Registry, from: NodeId, payload: &[u8]) {
+    let batch: RaftBatch = match postcard::from_bytes(payload) {
+        Ok(batch) => batch,
+        Err(e) => {
+            tracing::warn!(%from, error = %e, "dropped an undecodable Raft batch");
+            return;
+        }
+    };
+    let registry = registry.read().unwrap_or_else(|p| p.into_inner());
+    for GroupMessage { group, message } in batch.messages {
+        let message = match Message::parse_from_bytes(&message) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(%from, group, error = %e, "dropped an undecodable Raft message");
+                continue;
+            }
+        };
+        if message.from != u64::from(from.0) {
+            tracing::warn!(%from, group, claimed = message.from, "dropped a Raft message from a forged sender");
+            continue;
+        }
+        if let Some(replica) = registry.get(&group) {
+            let _ = replica.cast(ReplicaMsg::Raft(Box::new(message)));
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! `NodeSupervisor`: spawns every local replica linked to itself and restarts
+//! a replica that fails (a panic or an error in its handler) from its on-disk
+//! state, after an exponential back-off. After `restart_limit` failures within
+//! `restart_window` it stops trying and reports the replica failed.
+//!
+//! The live replicas are published in a [`Registry`] that the Raft inbox,
+//! the ticker and request handlers read.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::partition::{PartitionReplica, ReplicaArgs, ReplicaMsg};
+
+/// Live replicas by Raft group.
+pub type Registry = Arc<RwLock<HashMap<u64, ActorRef<ReplicaMsg>>>>;
+
+#[derive(Clone, Debug)]
+pub struct RestartPolicy {
+    pub restart_limit: usize,
+    pub restart_window: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            restart_limit: 5,
+            restart_window: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How a replica has fared, for `runnel status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaHealth {
+    pub group: u64,
+    pub restarts: usize,
+    pub last_failure: Option<String>,
+    /// Set once the restart limit was reached: the replica is no longer run.
+    pub failed: bool,
+}
+
+pub enum SupervisorMsg {
+    Start(ReplicaArgs, RpcReplyPort<Result<(), String>>),
+    Stop(u64, RpcReplyPort<()>),
+    Restart(u64),
+    Health(RpcReplyPort<Vec<ReplicaHealth>>),
+}
+
+pub struct SupervisorArgs {
+    pub registry: Registry,
+    pub policy: RestartPolicy,
+}
+
+pub struct SupervisorState {
+    registry: Registry,
+    policy: RestartPolicy,
+    /// Which group each child actor runs.
+    children: HashMap<ActorId, u64>,
+    args: BTreeMap<u64, ReplicaArgs>,
+    failures: BTreeMap<u64, VecDeque<Instant>>,
+    health: BTreeMap<u64, ReplicaHealth>,
+}
+
+pub struct NodeSupervisor;
+
+impl Actor for NodeSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        Ok(SupervisorState {
+            registry: args.registry,
+            policy: args.policy,
+            children: HashMap::new(),
+            args: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            health: BTreeMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        message: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SupervisorMsg::Start(args, reply) => {
+                let group = args.group;
+                state.args.insert(group, args);
+                state.health.insert(
+                    group,
+                    ReplicaHealth {
+                        group,
+                        ..ReplicaHealth::default()
+                    },
+                );
+                let _ = reply.send(state.spawn(&myself, group).await);
+            }
+            SupervisorMsg::Stop(group, reply) => {
+                state.args.remove(&group);
+                let replica = state.registry.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+                if let Some(replica) = replica {
+                    let _ = replica
+                        .stop_and_wait(Some("stopped by the node".to_string()), Some(Duration::from_secs(10)))
+                        .await;
+                }
+                let _ = reply.send(());
+            }
+            SupervisorMsg::Restart(group) => {
+                if state.args.contains_key(&group) {
+                    if let Err(e) = state.spawn(&myself, group).await {
+                        state.record_failure(&myself, group, e);
+                    }
+                }
+            }
+            SupervisorMsg::Health(reply) => {
+                let _ = reply.send(state.health.values().cloned().collect());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match event {
+            SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".to_string()))
+            }
+            _ => return Ok(()),
+        };
+        let Some(group) = state.children.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        {
+            let mut registry = state.registry.write().unwrap_or_else(|p| p.into_inner());
+            if registry.get(&group).is_some_and(|r| r.get_id() == cell.get_id()) {
+                registry.remove(&group);
+            }
+        }
+        if state.args.contains_key(&group) {
+            state.record_failure(&myself, group, reason);
+        }
+        Ok(())
+    }
+}
+
+impl SupervisorState {
+    async fn spawn(&mut self, myself: &ActorRef<SupervisorMsg>, group: u64) -> Result<(), String> {
+        let args = self
+            .args
+            .get(&group)
+            .cloned()
+            .ok_or_else(|| format!("no replica of group {group} is configured"))?;
+        let (replica, _) = Actor::spawn_linked(None, PartitionReplica, args, myself.get_cell())
+            .await
+            .map_err(|e| format!("starting the replica of group {group}: {e}"))?;
+        self.children.insert(replica.get_id(), group);
+        self.registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group, replica);
+        Ok(())
+    }
+
+    /// Schedules a restart with back-off, or gives up past the limit.
+    fn record_failure(&mut self, myself: &ActorRef<SupervisorMsg>, group: u64, reason: String) {
+        let now = Instant::now();
+        let window = self.policy.restart_window;
+        let failures = self.failures.entry(group).or_default();
+        failures.push_back(now);
+        while failures.front().is_some_and(|t| now.duration_since(*t) > window) {
+            failures.pop_front();
+        }
+        let recent = failures.len();
+        let health = self.health.entry(group).or_insert_with(|| ReplicaHealth {
+            group,
+            ..ReplicaHealth::default()
+        });
+        health.last_failure = Some(reason.clone());
+        if recent > self.policy.restart_limit {
+            health.failed = true;
+            self.args.remove(&group);
+            tracing::error!(
+                group,
+                failures = recent,
+                reason,
+                "replica failed too often; no longer restarting it"
+            );
+            return;
+        }
+        health.restarts += 1;
+        let exponent = (recent.saturating_sub(1)).min(16) as u32;
+        let backoff = self
+            .policy
+            .backoff_min
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.policy.backoff_max);
+        tracing::warn!(
+            group,
+            reason,
+            backoff_ms = backoff.as_millis() as u64,
+            "replica crashed; restarting it from disk"
+        );
+        myself.send_after(backoff, move || SupervisorMsg::Restart(group));
+    }
+}
