@@ -218,6 +218,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (node, members) = match response {
         ClientResponse::Status { node, members } => (node, members),
         ClientResponse::Error(e) => bail!("the node refused the request: {e}"),
+        ClientResponse::Service(_) => bail!("the node answered a status request with a service response"),
     };
     if args.json {
         let nodes: Vec<serde_json::Value> = members

@@ -287,18 +287,42 @@ impl Shared {
     }
 }
 
-struct StatusService(Weak<Shared>);
+/// Serves clients: status directly, service requests by calling the named
+/// local actor.
+struct ClientGateway(Weak<Shared>);
 
-impl ClientService for StatusService {
-    fn handle(&self, request: ClientRequest) -> ClientResponse {
+/// Actors whose names start with this are reachable by clients; no other is.
+pub const CLIENT_SERVICE_PREFIX: &str = "client.";
+
+/// How long a client's service request may take on the node.
+const SERVICE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ClientService for ClientGateway {
+    fn handle(&self, request: ClientRequest) -> crate::quic::ClientFuture {
         let Some(node) = self.0.upgrade() else {
-            return ClientResponse::Error("node is shutting down".to_string());
+            return Box::pin(async { ClientResponse::Error("node is shutting down".to_string()) });
         };
         match request {
             ClientRequest::Status => {
                 let now = node.now_ms();
                 let members = node.membership().status(now, |ms| node.to_unix_ms(ms));
-                ClientResponse::Status { node: node.me, members }
+                let response = ClientResponse::Status { node: node.me, members };
+                Box::pin(async move { response })
+            }
+            ClientRequest::Service { name, payload } => {
+                // Only actors meant for clients: a client must never reach, say,
+                // a Raft inbox and speak as this node.
+                if !name.starts_with(CLIENT_SERVICE_PREFIX) {
+                    let response = ClientResponse::Error(format!("no client service named {name:?}"));
+                    return Box::pin(async move { response });
+                }
+                let handle = NodeHandle { shared: node };
+                Box::pin(async move {
+                    match handle.call(handle.id(), &name, payload, SERVICE_TIMEOUT).await {
+                        Ok(answer) => ClientResponse::Service(answer),
+                        Err(e) => ClientResponse::Error(e.to_string()),
+                    }
+                })
             }
         }
     }
@@ -469,7 +493,7 @@ impl Node {
             config: config.clone(),
         });
         let (inbound_tx, mut inbound_rx) = mpsc::channel(config.inbound_queue_frames.max(1));
-        let service = Arc::new(StatusService(Arc::downgrade(&shared)));
+        let service = Arc::new(ClientGateway(Arc::downgrade(&shared)));
         let transport = QuicTransport::bind(
             config.id,
             config.listen,

@@ -82,6 +82,12 @@ pub struct MemberStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientRequest {
     Status,
+    /// A request for the actor registered as `name` on the node (a layer
+    /// above defines `payload`); answered with `ClientResponse::Service`.
+    Service {
+        name: String,
+        payload: Vec<u8>,
+    },
 }
 
 /// Node-to-client responses.
@@ -89,6 +95,7 @@ pub enum ClientRequest {
 pub enum ClientResponse {
     Status { node: NodeId, members: Vec<MemberStatus> },
     Error(String),
+    Service(Vec<u8>),
 }
 
 /// The versioned wrapper around client traffic.

@@ -66,9 +66,12 @@ impl Default for QuicConfig {
     }
 }
 
+/// The answer to a client request, computed asynchronously.
+pub type ClientFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ClientResponse> + Send + 'static>>;
+
 /// Answers client requests; the node layer implements it.
 pub trait ClientService: Send + Sync + 'static {
-    fn handle(&self, request: ClientRequest) -> ClientResponse;
+    fn handle(&self, request: ClientRequest) -> ClientFuture;
 }
 
 pub struct QuicTransport {
@@ -366,7 +369,7 @@ async fn serve_client_request(
     let response = match read_frame(&mut recv).await.map_err(String::from)? {
         None => return Err("empty request stream".to_string()),
         Some(body) => match decode_body::<ClientEnvelope<ClientRequest>>(&body) {
-            Ok(request) if request.version == PROTOCOL_VERSION => clients.handle(request.body),
+            Ok(request) if request.version == PROTOCOL_VERSION => clients.handle(request.body).await,
             Ok(request) => ClientResponse::Error(format!(
                 "protocol version {} is not {PROTOCOL_VERSION}",
                 request.version
@@ -445,7 +448,12 @@ pub struct ClusterClient {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     seeds: Vec<SocketAddr>,
+    /// One connection per node, reused across requests.
+    connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
 }
+
+/// Connections a client keeps open at most.
+const CLIENT_CONNECTIONS_MAX: usize = 256;
 
 impl ClusterClient {
     /// Must run inside a tokio runtime.
@@ -467,17 +475,21 @@ impl ClusterClient {
             endpoint,
             client,
             seeds,
+            connections: tokio::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn seeds(&self) -> &[SocketAddr] {
+        &self.seeds
     }
 
     /// Sends a request to the first seed that answers within `timeout`.
     pub async fn request(&self, request: ClientRequest, timeout: Duration) -> Result<ClientResponse> {
         let mut last_error = String::from("no seed tried");
         for &seed in &self.seeds {
-            match tokio::time::timeout(timeout, self.request_one(seed, &request)).await {
-                Ok(Ok(response)) => return Ok(response),
-                Ok(Err(e)) => last_error = format!("{seed}: {e}"),
-                Err(_) => last_error = format!("{seed}: no answer within {} ms", timeout.as_millis()),
+            match self.request_to(seed, request.clone(), timeout).await {
+                Ok(response) => return Ok(response),
+                Err(e) => last_error = format!("{seed}: {e}"),
             }
         }
         Err(ClusterError::Unreachable {
@@ -486,17 +498,53 @@ impl ClusterClient {
         })
     }
 
-    async fn request_one(
+    /// Sends a request to one node.
+    pub async fn request_to(
         &self,
-        seed: SocketAddr,
-        request: &ClientRequest,
-    ) -> std::result::Result<ClientResponse, String> {
+        addr: SocketAddr,
+        request: ClientRequest,
+        timeout: Duration,
+    ) -> Result<ClientResponse> {
+        let unreachable = |last_error: String| ClusterError::Unreachable {
+            addrs: vec![addr],
+            last_error,
+        };
+        match tokio::time::timeout(timeout, self.request_one(addr, &request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => {
+                self.connections.lock().await.remove(&addr);
+                Err(unreachable(e))
+            }
+            Err(_) => Err(unreachable(format!("no answer within {} ms", timeout.as_millis()))),
+        }
+    }
+
+    async fn connection(&self, addr: SocketAddr) -> std::result::Result<quinn::Connection, String> {
+        let mut connections = self.connections.lock().await;
+        if let Some(connection) = connections.get(&addr) {
+            if connection.close_reason().is_none() {
+                return Ok(connection.clone());
+            }
+        }
         let connection = self
             .endpoint
-            .connect_with(self.client.clone(), seed, CLUSTER_SERVER_NAME)
+            .connect_with(self.client.clone(), addr, CLUSTER_SERVER_NAME)
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| e.to_string())?;
+        if connections.len() >= CLIENT_CONNECTIONS_MAX {
+            connections.clear();
+        }
+        connections.insert(addr, connection.clone());
+        Ok(connection)
+    }
+
+    async fn request_one(
+        &self,
+        addr: SocketAddr,
+        request: &ClientRequest,
+    ) -> std::result::Result<ClientResponse, String> {
+        let connection = self.connection(addr).await?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
         let frame = encode_frame(&ClientEnvelope {
             version: PROTOCOL_VERSION,
@@ -506,10 +554,10 @@ impl ClusterClient {
         send.write_all(&frame).await.map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
         let body = read_frame(&mut recv)
-            .await?
+            .await
+            .map_err(String::from)?
             .ok_or("the node closed the stream without answering")?;
         let response: ClientEnvelope<ClientResponse> = decode_body(&body).map_err(|e| e.to_string())?;
-        connection.close(quinn::VarInt::from_u32(0), b"done");
         Ok(response.body)
     }
 }

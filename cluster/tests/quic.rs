@@ -271,3 +271,44 @@ async fn peers_that_break_the_protocol_are_cut_off_and_the_node_keeps_serving() 
         .expect("message");
     assert_eq!(message.payload, b"still here");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reach_client_services_and_nothing_else() {
+    let cluster = start_cluster(1).await;
+    let one = cluster.nodes[0].handle();
+    let mut service = one.register("client.echo", 8).expect("register");
+    let _internal = one.register("internal", 8).expect("register");
+    tokio::spawn(async move {
+        while let Some(message) = service.recv().await {
+            if let Some(reply) = message.reply {
+                let _ = reply.reply(message.payload);
+            }
+        }
+    });
+    let client = runnel_cluster::quic::ClusterClient::new(
+        &cluster.certs.client_identity().expect("client"),
+        cluster.addrs.clone(),
+    )
+    .expect("client");
+    for i in 0..3u8 {
+        let request = ClientRequest::Service {
+            name: "client.echo".to_string(),
+            payload: vec![i],
+        };
+        let response = client.request(request, DEADLINE).await.expect("request");
+        assert_eq!(
+            response,
+            ClientResponse::Service(vec![i]),
+            "the connection is reused across requests"
+        );
+    }
+    let request = ClientRequest::Service {
+        name: "internal".to_string(),
+        payload: vec![],
+    };
+    let response = client.request(request, DEADLINE).await.expect("request");
+    assert_eq!(
+        response,
+        ClientResponse::Error("no client service named \"internal\"".to_string())
+    );
+}
