@@ -91,7 +91,7 @@ pub struct Broker {
     supervisor: ActorRef<SupervisorMsg>,
     registry: Registry,
     router: Arc<dyn RaftRouter>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Broker {
@@ -137,7 +137,7 @@ impl Broker {
             supervisor,
             registry,
             router,
-            tasks: vec![inbox_task, ticker],
+            tasks: std::sync::Mutex::new(vec![inbox_task, ticker]),
         })
     }
 
@@ -243,9 +243,20 @@ impl Broker {
         }
     }
 
+    /// Stops the replica of `group` cleanly; its files stay.
+    pub async fn unhost(&self, group: u64) {
+        let _ = self
+            .supervisor
+            .call(
+                |reply| SupervisorMsg::Stop(group, reply),
+                Some(self.config.request_timeout),
+            )
+            .await;
+    }
+
     /// Stops every replica (cleanly: commit indexes are saved) and the tasks.
-    pub async fn shutdown(mut self) {
-        for task in self.tasks.drain(..) {
+    pub async fn shutdown(&self) {
+        for task in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             task.abort();
         }
         let groups: Vec<u64> = self
@@ -256,13 +267,7 @@ impl Broker {
             .copied()
             .collect();
         for group in groups {
-            let _ = self
-                .supervisor
-                .call(
-                    |reply| SupervisorMsg::Stop(group, reply),
-                    Some(self.config.request_timeout),
-                )
-                .await;
+            self.unhost(group).await;
         }
         self.supervisor.stop(None);
     }
@@ -270,7 +275,7 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        for task in self.tasks.drain(..) {
+        for task in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             task.abort();
         }
         self.supervisor.stop(None);
@@ -283,7 +288,7 @@ fn flatten<T, M>(
 ) -> std::result::Result<T, BrokerError> {
     match answer {
         Ok(ractor::rpc::CallResult::Success(result)) => result,
-        Ok(ractor::rpc::CallResult::Timeout) => Err(BrokerError::Busy(group)),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(BrokerError::Timeout(group)),
         Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Err(BrokerError::ReplicaFailed {
             group,
             reason: "the replica stopped before answering".to_string(),

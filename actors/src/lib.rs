@@ -10,9 +10,13 @@
 //! - [`broker`]: one node's broker: Raft routing over the cluster layer, one
 //!   ticker for all groups, produce/fetch entry points.
 //! - [`metadata`]: the controller's topic metadata and replica placement.
+//! - [`controller`]: group 0, metadata following on every node, hosting of
+//!   assigned replicas, and the client and controller services.
 //! - [`protocol`]: the broker's wire messages.
 
 pub mod broker;
+pub mod client;
+pub mod controller;
 mod error;
 pub mod metadata;
 pub mod partition;
@@ -22,6 +26,7 @@ pub mod replica;
 pub mod supervisor;
 
 pub use broker::{Broker, BrokerConfig};
+pub use controller::{Controller, ControllerConfig};
 pub use error::{ActorError, Result};
 pub use protocol::{Acks, BrokerError};
 pub use replica::{Committed, ReadyOutput, ReplicaConfig, ReplicaCore};

@@ -49,4 +49,118 @@ pub enum BrokerError {
     OffsetOutOfRange { offset: u64, start: u64, end: u64 },
     #[error("replica of group {group} failed: {reason}")]
     ReplicaFailed { group: u64, reason: String },
+    /// The outcome is unknown: the batch may or may not be written.
+    #[error("no answer from the replica of group {0} in time; the outcome is unknown")]
+    Timeout(u64),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+/// The cluster-directory name of each node's controller service (node to node).
+pub const CONTROLLER_ACTOR: &str = "broker.controller";
+/// The cluster-directory name of each node's client service.
+pub const CLIENT_ACTOR: &str = "client.broker";
+
+/// What a node asks a controller node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerRequest {
+    /// Committed controller log from `offset` (batches as bytes).
+    FetchLog {
+        offset: u64,
+        max_bytes: u32,
+    },
+    /// Create a topic; only the controller leader does it.
+    CreateTopic {
+        name: String,
+        config: crate::metadata::TopicConfig,
+    },
+    DeleteTopic {
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerResponse {
+    Log { batches: Vec<Vec<u8>> },
+    Done,
+    Refused(crate::metadata::MetadataError),
+    Failed(BrokerError),
+}
+
+/// What a client asks any node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Metadata,
+    CreateTopic {
+        name: String,
+        config: crate::metadata::TopicConfig,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    Produce {
+        topic: String,
+        partition: u32,
+        acks: Acks,
+        batch: Vec<u8>,
+    },
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        any_replica: bool,
+    },
+    DescribeTopic {
+        name: String,
+    },
+}
+
+/// A partition as clients see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    pub replicas: Vec<u32>,
+    /// The leader, where the answering node knows it.
+    pub leader: Option<u32>,
+    pub committed_offset: Option<u64>,
+    pub end_offset: Option<u64>,
+    pub voters: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub config: crate::metadata::TopicConfig,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Metadata {
+        topics: Vec<TopicInfo>,
+        nodes: Vec<(u32, std::net::SocketAddr)>,
+    },
+    Done,
+    Produced {
+        base_offset: u64,
+    },
+    Fetched {
+        batches: Vec<Vec<u8>>,
+        start_offset: u64,
+        committed_offset: u64,
+    },
+    Topic(TopicInfo),
+    Refused(crate::metadata::MetadataError),
+    Failed(BrokerError),
+    UnknownTopic(String),
+    PartitionOutOfRange {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    /// The answering node has no replica of the partition; try these nodes.
+    NotHere {
+        replicas: Vec<u32>,
+    },
 }

@@ -1,0 +1,551 @@
+//! The Rust client: [`Client`] for admin, produce and fetch, with
+//! [`Producer`] (batching, key → partition by a stable hash) and [`Consumer`]
+//! (assigned partitions, offsets, polling) on top.
+//!
+//! Requests go to any node over the client protocol; the client follows
+//! leader hints (`NotLeader`) and replica lists (`NotHere`) to the node that
+//! leads the partition, and retries only failures that certainly did not
+//! write (a timeout's outcome is unknown and is returned as an error, since
+//! this producer is not yet idempotent).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use runnel_cluster::protocol::{ClientRequest as WireRequest, ClientResponse as WireResponse};
+use runnel_cluster::quic::ClusterClient;
+use runnel_cluster::tls::CertDir;
+use runnel_storage::{BatchBuilder, Record, RecordBatch, StoredRecord};
+
+use crate::metadata::{MetadataError, TopicConfig};
+use crate::protocol::{Acks, BrokerError, ClientRequest, ClientResponse, TopicInfo, CLIENT_ACTOR};
+
+/// Everything a client call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Cluster(#[from] runnel_cluster::ClusterError),
+    #[error(transparent)]
+    Storage(#[from] runnel_storage::StorageError),
+    #[error("{0}")]
+    Refused(#[from] MetadataError),
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+    #[error("topic {0:?} does not exist")]
+    UnknownTopic(String),
+    #[error("partition {partition} of topic {topic:?} does not exist (it has {partitions})")]
+    PartitionOutOfRange {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    #[error("record of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
+    RecordTooLarge { size_bytes: usize, limit_bytes: usize },
+    #[error("no node could serve partition {partition} of {topic:?} within {timeout_ms} ms: {last_error}")]
+    Unavailable {
+        topic: String,
+        partition: u32,
+        timeout_ms: u64,
+        last_error: String,
+    },
+    #[error("unexpected answer from the cluster: {0}")]
+    Protocol(String),
+}
+
+pub type ClientResult<T> = std::result::Result<T, ClientError>;
+
+/// Largest single record the client sends (the broker's batch limit is 8 MiB).
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
+
+/// Committed records of one partition read by [`Client::fetch`].
+#[derive(Debug)]
+pub struct FetchedRecords {
+    pub records: Vec<StoredRecord>,
+    /// Where the next fetch should start.
+    pub next_offset: u64,
+    pub committed_offset: u64,
+}
+
+pub struct Client {
+    cluster: ClusterClient,
+    /// Node addresses learned from metadata.
+    nodes: RwLock<HashMap<u32, SocketAddr>>,
+    /// Where each (topic, partition) was last served.
+    leaders: RwLock<HashMap<(String, u32), u32>>,
+    pub timeout: Duration,
+}
+
+impl Client {
+    /// Connects through any of `seeds` with the client certificate in `certs`.
+    pub async fn connect(seeds: Vec<SocketAddr>, certs: &Path) -> ClientResult<Client> {
+        let identity = CertDir::new(certs).client_identity()?;
+        let client = Client {
+            cluster: ClusterClient::new(&identity, seeds)?,
+            nodes: RwLock::new(HashMap::new()),
+            leaders: RwLock::new(HashMap::new()),
+            timeout: Duration::from_secs(15),
+        };
+        client.topics().await?;
+        Ok(client)
+    }
+
+    async fn call(&self, addr: Option<SocketAddr>, request: &ClientRequest) -> ClientResult<ClientResponse> {
+        let wire = WireRequest::Service {
+            name: CLIENT_ACTOR.to_string(),
+            payload: postcard::to_allocvec(request).map_err(|e| ClientError::Protocol(e.to_string()))?,
+        };
+        let answer = match addr {
+            Some(addr) => self.cluster.request_to(addr, wire, self.timeout).await?,
+            None => self.cluster.request(wire, self.timeout).await?,
+        };
+        match answer {
+            WireResponse::Service(bytes) => {
+                postcard::from_bytes(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+            }
+            WireResponse::Error(e) => Err(ClientError::Protocol(e)),
+            WireResponse::Status { .. } => Err(ClientError::Protocol("status answer to a broker request".to_string())),
+        }
+    }
+
+    /// All topics, refreshing what the client knows of nodes and leaders.
+    pub async fn topics(&self) -> ClientResult<Vec<TopicInfo>> {
+        match self.call(None, &ClientRequest::Metadata).await? {
+            ClientResponse::Metadata { topics, nodes } => {
+                self.nodes.write().unwrap_or_else(|p| p.into_inner()).extend(nodes);
+                Ok(topics)
+            }
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Creates a topic; returns once the node this client asks for metadata
+    /// knows it too, so the caller can use it at once.
+    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> ClientResult<()> {
+        let request = ClientRequest::CreateTopic {
+            name: name.to_string(),
+            config,
+        };
+        self.expect_done(self.call(None, &request).await?)?;
+        let deadline = Instant::now() + self.timeout;
+        while !self.topics().await?.iter().any(|t| t.name == name) {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Protocol(format!(
+                    "topic {name:?} was created but is not visible yet"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> ClientResult<()> {
+        self.expect_done(
+            self.call(None, &ClientRequest::DeleteTopic { name: name.to_string() })
+                .await?,
+        )
+    }
+
+    fn expect_done(&self, response: ClientResponse) -> ClientResult<()> {
+        match response {
+            ClientResponse::Done => Ok(()),
+            ClientResponse::Refused(e) => Err(e.into()),
+            ClientResponse::Failed(e) => Err(e.into()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// A topic with each partition's leader and offsets, as the replicas see them.
+    pub async fn describe_topic(&self, name: &str) -> ClientResult<TopicInfo> {
+        let topics = self.topics().await?;
+        let mut topic = topics
+            .into_iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| ClientError::UnknownTopic(name.to_string()))?;
+        // Ask a replica of each partition for what only replicas know.
+        for partition in &mut topic.partitions {
+            for node in partition.replicas.clone() {
+                let Some(addr) = self.node_addr(node) else { continue };
+                let Ok(ClientResponse::Topic(info)) = self
+                    .call(Some(addr), &ClientRequest::DescribeTopic { name: name.to_string() })
+                    .await
+                else {
+                    continue;
+                };
+                if let Some(seen) = info
+                    .partitions
+                    .into_iter()
+                    .find(|p| p.partition == partition.partition && p.committed_offset.is_some())
+                {
+                    *partition = seen;
+                    break;
+                }
+            }
+        }
+        Ok(topic)
+    }
+
+    fn node_addr(&self, node: u32) -> Option<SocketAddr> {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner()).get(&node).copied()
+    }
+
+    /// Nodes to try for a partition: the last known leader first, then replicas.
+    async fn candidates(&self, topic: &str, partition: u32) -> ClientResult<Vec<u32>> {
+        let topics = self.topics().await?;
+        let info = topics
+            .into_iter()
+            .find(|t| t.name == topic)
+            .ok_or_else(|| ClientError::UnknownTopic(topic.to_string()))?;
+        let partitions = info.config.partitions;
+        let info = info
+            .partitions
+            .into_iter()
+            .find(|p| p.partition == partition)
+            .ok_or_else(|| ClientError::PartitionOutOfRange {
+                topic: topic.to_string(),
+                partition,
+                partitions,
+            })?;
+        let known = self
+            .leaders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(topic.to_string(), partition))
+            .copied();
+        let mut nodes: Vec<u32> = known.into_iter().chain(info.leader).collect();
+        nodes.extend(info.replicas);
+        nodes.dedup();
+        Ok(nodes)
+    }
+
+    /// Sends one batch to a partition's leader; returns its base offset.
+    pub async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, acks: Acks) -> ClientResult<u64> {
+        let request = ClientRequest::Produce {
+            topic: topic.to_string(),
+            partition,
+            acks,
+            batch: batch.into_bytes(),
+        };
+        match self.route(topic, partition, &request).await? {
+            ClientResponse::Produced { base_offset } => Ok(base_offset),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Committed records of a partition from `offset`, up to `max_bytes`.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> ClientResult<FetchedRecords> {
+        self.fetch_from(topic, partition, offset, max_bytes, false).await
+    }
+
+    /// As [`Client::fetch`], from a given replica's node (to compare replicas).
+    pub async fn fetch_from_replica(
+        &self,
+        node: u32,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> ClientResult<FetchedRecords> {
+        let addr = self
+            .node_addr(node)
+            .ok_or_else(|| ClientError::Protocol(format!("node {node} is not known")))?;
+        let request = ClientRequest::Fetch {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            max_bytes,
+            any_replica: true,
+        };
+        decode_fetched(offset, self.call(Some(addr), &request).await?, topic, partition)
+    }
+
+    async fn fetch_from(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        any_replica: bool,
+    ) -> ClientResult<FetchedRecords> {
+        let request = ClientRequest::Fetch {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            max_bytes,
+            any_replica,
+        };
+        let response = self.route(topic, partition, &request).await?;
+        decode_fetched(offset, response, topic, partition)
+    }
+
+    /// Finds the node that serves the partition, following hints, retrying
+    /// only failures that certainly had no effect.
+    async fn route(&self, topic: &str, partition: u32, request: &ClientRequest) -> ClientResult<ClientResponse> {
+        let deadline = Instant::now() + self.timeout;
+        let mut last_error = String::from("no replica tried");
+        let mut hint: Option<u32> = None;
+        loop {
+            let mut nodes = self.candidates(topic, partition).await?;
+            if let Some(hint) = hint.take() {
+                nodes.insert(0, hint);
+            }
+            for node in nodes {
+                let Some(addr) = self.node_addr(node) else { continue };
+                let response = match self.call(Some(addr), request).await {
+                    Ok(response) => response,
+                    Err(e) => {
+                        last_error = format!("node {node}: {e}");
+                        continue;
+                    }
+                };
+                match response {
+                    ClientResponse::Failed(BrokerError::NotLeader { leader, .. }) => {
+                        last_error = format!("node {node} does not lead");
+                        if let Some(leader) = leader.and_then(|l| u32::try_from(l).ok()) {
+                            hint = Some(leader);
+                            break;
+                        }
+                    }
+                    ClientResponse::NotHere { .. } => last_error = format!("node {node} has no replica"),
+                    ClientResponse::Failed(
+                        BrokerError::LeadershipLost | BrokerError::Busy(_) | BrokerError::UnknownGroup(_),
+                    ) => {
+                        last_error = format!("node {node}: retryable failure");
+                    }
+                    ClientResponse::Failed(e) => return Err(e.into()),
+                    ClientResponse::UnknownTopic(name) => return Err(ClientError::UnknownTopic(name)),
+                    ClientResponse::PartitionOutOfRange {
+                        topic,
+                        partition,
+                        partitions,
+                    } => {
+                        return Err(ClientError::PartitionOutOfRange {
+                            topic,
+                            partition,
+                            partitions,
+                        })
+                    }
+                    other => {
+                        self.leaders
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((topic.to_string(), partition), node);
+                        return Ok(other);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Unavailable {
+                    topic: topic.to_string(),
+                    partition,
+                    timeout_ms: self.timeout.as_millis() as u64,
+                    last_error,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn decode_fetched(offset: u64, response: ClientResponse, topic: &str, partition: u32) -> ClientResult<FetchedRecords> {
+    let ClientResponse::Fetched {
+        batches,
+        committed_offset,
+        ..
+    } = response
+    else {
+        return match response {
+            ClientResponse::Failed(e) => Err(e.into()),
+            ClientResponse::UnknownTopic(name) => Err(ClientError::UnknownTopic(name)),
+            ClientResponse::PartitionOutOfRange { partitions, .. } => Err(ClientError::PartitionOutOfRange {
+                topic: topic.to_string(),
+                partition,
+                partitions,
+            }),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        };
+    };
+    let mut records = Vec::new();
+    let mut next_offset = offset;
+    for bytes in batches {
+        let batch = RecordBatch::from_bytes(bytes)?;
+        next_offset = next_offset.max(batch.next_offset());
+        if batch.is_control() {
+            continue;
+        }
+        for record in batch.records() {
+            let record = record?;
+            if record.offset >= offset {
+                records.push(record);
+            }
+        }
+    }
+    Ok(FetchedRecords {
+        records,
+        next_offset,
+        committed_offset,
+    })
+}
+
+/// A stable hash of a key (FNV-1a), so a key always maps to one partition.
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for &byte in key {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    hash % partitions.max(1)
+}
+
+/// Batches records per partition and sends them with the chosen acks.
+pub struct Producer {
+    client: Arc<Client>,
+    topic: String,
+    partitions: u32,
+    acks: Acks,
+    /// Records per batch before it is sent.
+    pub batch_records_max: usize,
+    pending: BTreeMap<u32, BatchBuilder>,
+    next_partition: u32,
+}
+
+impl Producer {
+    pub async fn new(client: Arc<Client>, topic: &str, acks: Acks) -> ClientResult<Producer> {
+        let topics = client.topics().await?;
+        let info = topics
+            .iter()
+            .find(|t| t.name == topic)
+            .ok_or_else(|| ClientError::UnknownTopic(topic.to_string()))?;
+        Ok(Producer {
+            partitions: info.config.partitions,
+            client,
+            topic: topic.to_string(),
+            acks,
+            batch_records_max: 1000,
+            pending: BTreeMap::new(),
+            next_partition: 0,
+        })
+    }
+
+    /// Queues a record: to `partition` if given, else by key hash, else
+    /// round-robin. Sends the partition's batch when it is full; returns the
+    /// acknowledged (partition, base offset, records) of what was sent.
+    pub async fn send(&mut self, partition: Option<u32>, record: Record) -> ClientResult<Vec<(u32, u64, u32)>> {
+        let size = record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len());
+        if size > RECORD_BYTES_MAX {
+            return Err(ClientError::RecordTooLarge {
+                size_bytes: size,
+                limit_bytes: RECORD_BYTES_MAX,
+            });
+        }
+        let partition = match (partition, &record.key) {
+            (Some(p), _) if p >= self.partitions => {
+                return Err(ClientError::PartitionOutOfRange {
+                    topic: self.topic.clone(),
+                    partition: p,
+                    partitions: self.partitions,
+                })
+            }
+            (Some(p), _) => p,
+            (None, Some(key)) => partition_for_key(key, self.partitions),
+            (None, None) => {
+                self.next_partition = (self.next_partition + 1) % self.partitions;
+                self.next_partition
+            }
+        };
+        let builder = self.pending.entry(partition).or_default();
+        builder.push(&record)?;
+        if builder.record_count() as usize >= self.batch_records_max {
+            let batch = self.pending.remove(&partition).map(BatchBuilder::build).transpose()?;
+            if let Some(batch) = batch {
+                let count = batch.record_count();
+                let base = self.client.produce(&self.topic, partition, batch, self.acks).await?;
+                return Ok(vec![(partition, base, count)]);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Sends every queued record.
+    pub async fn flush(&mut self) -> ClientResult<Vec<(u32, u64, u32)>> {
+        let mut sent = Vec::new();
+        for (partition, builder) in std::mem::take(&mut self.pending) {
+            if builder.is_empty() {
+                continue;
+            }
+            let batch = builder.build()?;
+            let count = batch.record_count();
+            let base = self.client.produce(&self.topic, partition, batch, self.acks).await?;
+            sent.push((partition, base, count));
+        }
+        Ok(sent)
+    }
+}
+
+/// Reads assigned partitions of a topic from chosen offsets.
+pub struct Consumer {
+    client: Arc<Client>,
+    topic: String,
+    /// Next offset per assigned partition.
+    positions: BTreeMap<u32, u64>,
+    pub fetch_bytes_max: u32,
+}
+
+impl Consumer {
+    pub fn new(client: Arc<Client>, topic: &str) -> Consumer {
+        Consumer {
+            client,
+            topic: topic.to_string(),
+            positions: BTreeMap::new(),
+            fetch_bytes_max: 1 << 20,
+        }
+    }
+
+    /// Reads `partition` from `offset` on.
+    pub fn assign(&mut self, partition: u32, offset: u64) {
+        self.positions.insert(partition, offset);
+    }
+
+    pub fn position(&self, partition: u32) -> Option<u64> {
+        self.positions.get(&partition).copied()
+    }
+
+    /// One round over the assigned partitions; returns (partition, record).
+    pub async fn poll(&mut self) -> ClientResult<Vec<(u32, StoredRecord)>> {
+        let mut out = Vec::new();
+        for (partition, position) in self.positions.clone() {
+            let fetched = match self
+                .client
+                .fetch(&self.topic, partition, position, self.fetch_bytes_max)
+                .await
+            {
+                Ok(fetched) => fetched,
+                // A new leader learns the commit point a moment after it is
+                // elected: nothing to read there yet.
+                Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, end, .. })) if offset > end => continue,
+                Err(e) => return Err(e),
+            };
+            self.positions.insert(partition, fetched.next_offset);
+            out.extend(fetched.records.into_iter().map(|r| (partition, r)));
+        }
+        Ok(out)
+    }
+
+    /// The committed offset (the end for readers) of each assigned partition.
+    pub async fn end_offsets(&self) -> ClientResult<BTreeMap<u32, u64>> {
+        let mut ends = BTreeMap::new();
+        for &partition in self.positions.keys() {
+            let position = self.positions[&partition];
+            let fetched = self.client.fetch(&self.topic, partition, position, 1).await?;
+            ends.insert(partition, fetched.committed_offset);
+        }
+        Ok(ends)
+    }
+}

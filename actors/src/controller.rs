@@ -1,0 +1,594 @@
+//! The controller and the services around it, on every node.
+//!
+//! - Controller voters host Raft group 0, whose log holds committed
+//!   [`MetadataCommand`]s (one per record).
+//! - Every node follows that log (from its own group-0 replica, or by asking
+//!   a controller node) and applies it to its [`Metadata`], then reconciles:
+//!   it hosts a replica of every partition assigned to it.
+//! - The controller leader creates and deletes topics: it validates, places
+//!   replicas on live nodes, proposes the command and waits until it applied.
+//! - `client.broker` answers clients on every node (metadata, admin,
+//!   produce, fetch); `broker.controller` answers other nodes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use runnel_cluster::{MemberState, NodeHandle, NodeId};
+use runnel_storage::{BatchBuilder, Record, RecordBatch};
+use tokio::task::JoinHandle;
+
+use crate::broker::Broker;
+use crate::error::Result;
+use crate::metadata::{
+    place, validate_topic_name, Metadata, MetadataCommand, MetadataError, TopicConfig, CONTROLLER_GROUP,
+};
+use crate::protocol::{
+    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo, TopicInfo,
+    CLIENT_ACTOR, CONTROLLER_ACTOR,
+};
+
+/// Apply results kept for commands proposed here (by record offset).
+const RESULTS_KEPT: usize = 1024;
+/// Controller log fetched per request.
+const LOG_FETCH_BYTES: u32 = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Node ids of the controller voters (group 0).
+    pub controllers: Vec<u64>,
+    /// How often a node looks for new metadata.
+    pub poll_interval: Duration,
+    pub request_timeout: Duration,
+    /// Queue of each service's inbox.
+    pub inbox_capacity: usize,
+}
+
+impl ControllerConfig {
+    pub fn new(controllers: Vec<u64>) -> ControllerConfig {
+        ControllerConfig {
+            controllers,
+            poll_interval: Duration::from_millis(20),
+            request_timeout: Duration::from_secs(10),
+            inbox_capacity: 1024,
+        }
+    }
+}
+
+#[derive(Default)]
+struct MetaState {
+    metadata: Metadata,
+    /// The controller-log offset up to which commands are applied.
+    applied_offset: u64,
+    results: BTreeMap<u64, std::result::Result<(), MetadataError>>,
+}
+
+struct Shared {
+    broker: Arc<Broker>,
+    node: NodeHandle,
+    config: ControllerConfig,
+    meta: RwLock<MetaState>,
+    /// Groups this node was asked to host by the metadata.
+    hosted: Mutex<BTreeSet<u64>>,
+}
+
+pub struct Controller {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Controller {
+    /// Starts the controller machinery on a node whose broker runs.
+    pub async fn start(broker: Arc<Broker>, config: ControllerConfig) -> Result<Controller> {
+        let node = broker.node().clone();
+        let me = u64::from(node.id().0);
+        if config.controllers.contains(&me) {
+            broker.host(CONTROLLER_GROUP, Some(config.controllers.clone())).await?;
+        }
+        let shared = Arc::new(Shared {
+            broker,
+            node: node.clone(),
+            config: config.clone(),
+            meta: RwLock::new(MetaState::default()),
+            hosted: Mutex::new(BTreeSet::new()),
+        });
+        let mut tasks = Vec::new();
+        let follower = shared.clone();
+        tasks.push(tokio::spawn(async move { follower.follow().await }));
+        let mut controller_inbox = node.register(CONTROLLER_ACTOR, config.inbox_capacity)?;
+        let served = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(message) = controller_inbox.recv().await {
+                let shared = served.clone();
+                tokio::spawn(async move {
+                    let Some(reply) = message.reply else { return };
+                    let response = match postcard::from_bytes::<ControllerRequest>(&message.payload) {
+                        Ok(request) => shared.serve_controller(request).await,
+                        Err(e) => ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
+                    };
+                    let _ = reply.reply(encode(&response));
+                });
+            }
+        }));
+        let mut client_inbox = node.register(CLIENT_ACTOR, config.inbox_capacity)?;
+        let served = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Some(message) = client_inbox.recv().await {
+                let shared = served.clone();
+                tokio::spawn(async move {
+                    let Some(reply) = message.reply else { return };
+                    let response = match postcard::from_bytes::<ClientRequest>(&message.payload) {
+                        Ok(request) => shared.serve_client(request).await,
+                        Err(e) => ClientResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
+                    };
+                    let _ = reply.reply(encode(&response));
+                });
+            }
+        }));
+        Ok(Controller { shared, tasks })
+    }
+
+    /// This node's copy of the metadata.
+    pub fn metadata(&self) -> Metadata {
+        self.shared
+            .meta
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .metadata
+            .clone()
+    }
+
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.shared.broker
+    }
+
+    /// Creates a topic through the controller leader, wherever it is.
+    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> std::result::Result<(), String> {
+        let request = ControllerRequest::CreateTopic {
+            name: name.to_string(),
+            config,
+        };
+        match self.shared.controller_call(request).await {
+            ControllerResponse::Done => Ok(()),
+            ControllerResponse::Refused(e) => Err(e.to_string()),
+            ControllerResponse::Failed(e) => Err(e.to_string()),
+            ControllerResponse::Log { .. } => Err("unexpected answer".to_string()),
+        }
+    }
+
+    pub async fn shutdown(mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.shared.broker.shutdown().await;
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+impl Shared {
+    fn me(&self) -> u64 {
+        u64::from(self.node.id().0)
+    }
+
+    fn meta(&self) -> std::sync::RwLockReadGuard<'_, MetaState> {
+        self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn follow(&self) {
+        let mut interval = tokio::time::interval(self.config.poll_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(reason) = self.pull_and_apply().await {
+                tracing::debug!(reason, "controller log not reachable yet");
+            }
+            self.reconcile().await;
+        }
+    }
+
+    /// Applies every newly committed metadata command, in log order.
+    async fn pull_and_apply(&self) -> std::result::Result<(), String> {
+        loop {
+            let offset = self.meta().applied_offset;
+            let batches = self.fetch_controller_log(offset).await?;
+            if batches.is_empty() {
+                return Ok(());
+            }
+            let mut meta = self.meta.write().unwrap_or_else(|p| p.into_inner());
+            for batch in batches {
+                if batch.next_offset() <= meta.applied_offset {
+                    continue;
+                }
+                if !batch.is_control() {
+                    for record in batch.records() {
+                        let record = record.map_err(|e| e.to_string())?;
+                        if record.offset < meta.applied_offset {
+                            continue;
+                        }
+                        let value = record.record.value.unwrap_or_default();
+                        let command: MetadataCommand = postcard::from_bytes(&value)
+                            .map_err(|e| format!("controller record {} is not a command: {e}", record.offset))?;
+                        let result = meta.metadata.apply(&command);
+                        match &result {
+                            Ok(()) => {
+                                tracing::info!(node = self.me(), offset = record.offset, ?command, "metadata applied")
+                            }
+                            Err(e) => tracing::debug!(offset = record.offset, error = %e, "metadata command refused"),
+                        }
+                        meta.results.insert(record.offset, result);
+                        while meta.results.len() > RESULTS_KEPT {
+                            meta.results.pop_first();
+                        }
+                    }
+                }
+                meta.applied_offset = batch.next_offset();
+            }
+        }
+    }
+
+    async fn fetch_controller_log(&self, offset: u64) -> std::result::Result<Vec<RecordBatch>, String> {
+        if self.broker.replica(CONTROLLER_GROUP).is_some() {
+            let fetched = self
+                .broker
+                .fetch(CONTROLLER_GROUP, offset, LOG_FETCH_BYTES as usize, true)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(fetched.batches);
+        }
+        let request = encode(&ControllerRequest::FetchLog {
+            offset,
+            max_bytes: LOG_FETCH_BYTES,
+        });
+        let mut last_error = "no controller configured".to_string();
+        for &controller in &self.config.controllers {
+            let Ok(id) = u32::try_from(controller) else { continue };
+            match self
+                .node
+                .call(
+                    NodeId(id),
+                    CONTROLLER_ACTOR,
+                    request.clone(),
+                    self.config.request_timeout,
+                )
+                .await
+            {
+                Ok(bytes) => match postcard::from_bytes::<ControllerResponse>(&bytes) {
+                    Ok(ControllerResponse::Log { batches }) => {
+                        return batches
+                            .into_iter()
+                            .map(|b| RecordBatch::from_bytes(b).map_err(|e| e.to_string()))
+                            .collect();
+                    }
+                    Ok(other) => last_error = format!("controller {controller} answered {other:?}"),
+                    Err(e) => last_error = e.to_string(),
+                },
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Hosts a replica of every partition assigned here.
+    async fn reconcile(&self) {
+        let me = self.me();
+        let wanted: BTreeMap<u64, Vec<u64>> = {
+            let meta = self.meta();
+            meta.metadata
+                .topics
+                .values()
+                .flat_map(|topic| {
+                    topic
+                        .assignment
+                        .iter()
+                        .enumerate()
+                        .filter_map(move |(partition, replicas)| {
+                            let voters: Vec<u64> = replicas.iter().map(|&n| u64::from(n)).collect();
+                            voters.contains(&me).then(|| (topic.group_id(partition as u32), voters))
+                        })
+                })
+                .collect()
+        };
+        let hosted: BTreeSet<u64> = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (group, voters) in &wanted {
+            if hosted.contains(group) {
+                continue;
+            }
+            match self.broker.host(*group, Some(voters.clone())).await {
+                Ok(()) => {
+                    self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(*group);
+                }
+                Err(e) => tracing::warn!(group, error = %e, "could not host an assigned replica"),
+            }
+        }
+        for group in hosted.difference(&wanted.keys().copied().collect()) {
+            self.broker.unhost(*group).await;
+            self.hosted.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
+        }
+    }
+
+    /// Sends a controller request to the leader of group 0, following hints.
+    async fn controller_call(&self, request: ControllerRequest) -> ControllerResponse {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let payload = encode(&request);
+        let mut hint: Option<u64> = None;
+        loop {
+            let local_leader = match self.broker.status(CONTROLLER_GROUP).await {
+                Some(status) => status.leader,
+                None => None,
+            };
+            let mut candidates: Vec<u64> = hint.into_iter().chain(local_leader).collect();
+            candidates.extend(self.config.controllers.iter().copied());
+            for candidate in candidates {
+                let response = if candidate == self.me() {
+                    self.serve_controller(request.clone()).await
+                } else {
+                    let Ok(id) = u32::try_from(candidate) else { continue };
+                    match self
+                        .node
+                        .call(
+                            NodeId(id),
+                            CONTROLLER_ACTOR,
+                            payload.clone(),
+                            self.config.request_timeout,
+                        )
+                        .await
+                    {
+                        Ok(bytes) => postcard::from_bytes(&bytes)
+                            .unwrap_or_else(|e| ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string()))),
+                        Err(_) => continue,
+                    }
+                };
+                match response {
+                    ControllerResponse::Failed(BrokerError::NotLeader { leader, .. }) => {
+                        if leader.is_some() && leader != hint {
+                            hint = leader;
+                            break;
+                        }
+                    }
+                    other => return other,
+                }
+            }
+            if Instant::now() >= deadline {
+                return ControllerResponse::Failed(BrokerError::NotLeader {
+                    group: CONTROLLER_GROUP,
+                    leader: None,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn serve_controller(&self, request: ControllerRequest) -> ControllerResponse {
+        match request {
+            ControllerRequest::FetchLog { offset, max_bytes } => {
+                match self
+                    .broker
+                    .fetch(CONTROLLER_GROUP, offset, max_bytes as usize, true)
+                    .await
+                {
+                    Ok(fetched) => ControllerResponse::Log {
+                        batches: fetched.batches.into_iter().map(RecordBatch::into_bytes).collect(),
+                    },
+                    Err(e) => ControllerResponse::Failed(e),
+                }
+            }
+            ControllerRequest::CreateTopic { name, config } => self.create_topic(name, config).await,
+            ControllerRequest::DeleteTopic { name } => {
+                if !self.meta().metadata.topics.contains_key(&name) {
+                    return ControllerResponse::Refused(MetadataError::UnknownTopic(name));
+                }
+                self.commit(MetadataCommand::DeleteTopic { name }).await
+            }
+        }
+    }
+
+    /// On the controller leader: validate, place, commit.
+    async fn create_topic(&self, name: String, config: TopicConfig) -> ControllerResponse {
+        if let Err(e) = validate_topic_name(&name).and_then(|()| config.validate()) {
+            return ControllerResponse::Refused(e);
+        }
+        if self.meta().metadata.topics.contains_key(&name) {
+            return ControllerResponse::Refused(MetadataError::TopicExists(name));
+        }
+        let live: Vec<u32> = self
+            .node
+            .members()
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.node.0)
+            .collect();
+        let load = self.meta().metadata.load();
+        let assignment = match place(&config, &live, &load) {
+            Ok(assignment) => assignment,
+            Err(e) => return ControllerResponse::Refused(e),
+        };
+        self.commit(MetadataCommand::CreateTopic {
+            name,
+            config,
+            assignment,
+        })
+        .await
+    }
+
+    /// Proposes a command to group 0 (this node must lead it) and waits until
+    /// it is applied here, returning how applying it went.
+    async fn commit(&self, command: MetadataCommand) -> ControllerResponse {
+        let mut builder = BatchBuilder::new();
+        let value = Bytes::from(encode(&command));
+        let record = Record {
+            timestamp_ms: unix_ms(),
+            value: Some(value),
+            ..Record::default()
+        };
+        let batch = match builder.push(&record).and_then(|()| builder.build()) {
+            Ok(batch) => batch,
+            Err(e) => return ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
+        };
+        let base_offset = match self.broker.produce(CONTROLLER_GROUP, batch, Acks::All).await {
+            Ok(offset) => offset,
+            Err(e) => return ControllerResponse::Failed(e),
+        };
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            if let Err(reason) = self.pull_and_apply().await {
+                tracing::debug!(reason, "applying the controller log");
+            }
+            if let Some(result) = self.meta().results.get(&base_offset) {
+                return match result {
+                    Ok(()) => ControllerResponse::Done,
+                    Err(e) => ControllerResponse::Refused(e.clone()),
+                };
+            }
+            if Instant::now() >= deadline {
+                return ControllerResponse::Failed(BrokerError::Timeout(CONTROLLER_GROUP));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn serve_client(&self, request: ClientRequest) -> ClientResponse {
+        match request {
+            ClientRequest::Metadata => {
+                let names: Vec<String> = self.meta().metadata.topics.keys().cloned().collect();
+                let mut topics = Vec::with_capacity(names.len());
+                for name in names {
+                    if let Some(info) = self.topic_info(&name).await {
+                        topics.push(info);
+                    }
+                }
+                let nodes = self
+                    .node
+                    .members()
+                    .iter()
+                    .filter(|m| m.state == MemberState::Alive)
+                    .map(|m| (m.node.0, m.addr))
+                    .collect();
+                ClientResponse::Metadata { topics, nodes }
+            }
+            ClientRequest::DescribeTopic { name } => match self.topic_info(&name).await {
+                Some(info) => ClientResponse::Topic(info),
+                None => ClientResponse::UnknownTopic(name),
+            },
+            ClientRequest::CreateTopic { name, config } => {
+                self.admin(ControllerRequest::CreateTopic { name, config }).await
+            }
+            ClientRequest::DeleteTopic { name } => self.admin(ControllerRequest::DeleteTopic { name }).await,
+            ClientRequest::Produce {
+                topic,
+                partition,
+                acks,
+                batch,
+            } => {
+                let group = match self.locate(&topic, partition) {
+                    Ok(group) => group,
+                    Err(response) => return response,
+                };
+                let batch = match RecordBatch::from_bytes(batch) {
+                    Ok(batch) => batch,
+                    Err(e) => return ClientResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
+                };
+                match self.broker.produce(group, batch, acks).await {
+                    Ok(base_offset) => ClientResponse::Produced { base_offset },
+                    Err(e) => ClientResponse::Failed(e),
+                }
+            }
+            ClientRequest::Fetch {
+                topic,
+                partition,
+                offset,
+                max_bytes,
+                any_replica,
+            } => {
+                let group = match self.locate(&topic, partition) {
+                    Ok(group) => group,
+                    Err(response) => return response,
+                };
+                match self.broker.fetch(group, offset, max_bytes as usize, any_replica).await {
+                    Ok(fetched) => ClientResponse::Fetched {
+                        batches: fetched.batches.into_iter().map(RecordBatch::into_bytes).collect(),
+                        start_offset: fetched.start_offset,
+                        committed_offset: fetched.committed_offset,
+                    },
+                    Err(e) => ClientResponse::Failed(e),
+                }
+            }
+        }
+    }
+
+    async fn admin(&self, request: ControllerRequest) -> ClientResponse {
+        match self.controller_call(request).await {
+            ControllerResponse::Done => ClientResponse::Done,
+            ControllerResponse::Refused(e) => ClientResponse::Refused(e),
+            ControllerResponse::Failed(e) => ClientResponse::Failed(e),
+            ControllerResponse::Log { .. } => {
+                ClientResponse::Failed(BrokerError::InvalidRequest("unexpected answer".to_string()))
+            }
+        }
+    }
+
+    /// The group of a topic partition hosted here, or the answer to give.
+    fn locate(&self, topic: &str, partition: u32) -> std::result::Result<u64, ClientResponse> {
+        let meta = self.meta();
+        let Some(meta_topic) = meta.metadata.topics.get(topic) else {
+            return Err(ClientResponse::UnknownTopic(topic.to_string()));
+        };
+        let Some(replicas) = meta_topic.assignment.get(partition as usize) else {
+            return Err(ClientResponse::PartitionOutOfRange {
+                topic: topic.to_string(),
+                partition,
+                partitions: meta_topic.config.partitions,
+            });
+        };
+        let group = meta_topic.group_id(partition);
+        if self.broker.replica(group).is_none() {
+            return Err(ClientResponse::NotHere {
+                replicas: replicas.clone(),
+            });
+        }
+        Ok(group)
+    }
+
+    async fn topic_info(&self, name: &str) -> Option<TopicInfo> {
+        let topic = self.meta().metadata.topics.get(name).cloned()?;
+        let mut partitions = Vec::with_capacity(topic.assignment.len());
+        for (partition, replicas) in topic.assignment.iter().enumerate() {
+            let status = self.broker.status(topic.group_id(partition as u32)).await;
+            partitions.push(PartitionInfo {
+                partition: partition as u32,
+                replicas: replicas.clone(),
+                leader: status
+                    .as_ref()
+                    .and_then(|s| s.leader)
+                    .and_then(|l| u32::try_from(l).ok()),
+                committed_offset: status.as_ref().map(|s| s.committed_offset),
+                end_offset: status.as_ref().map(|s| s.end_offset),
+                voters: status
+                    .map(|s| s.voters.iter().filter_map(|&v| u32::try_from(v).ok()).collect())
+                    .unwrap_or_default(),
+            });
+        }
+        Some(TopicInfo {
+            name: topic.name,
+            config: topic.config,
+            partitions,
+        })
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
