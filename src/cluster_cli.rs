@@ -2,9 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use runnel::broker::{Broker, BrokerConfig, Controller, ControllerConfig};
 use runnel::cluster::protocol::{ClientRequest, ClientResponse};
 use runnel::cluster::quic::ClusterClient;
 use runnel::cluster::tls::CertDir;
@@ -77,6 +79,9 @@ pub struct NodeArgs {
     /// Silence after which a peer is dead.
     #[arg(long)]
     dead_ms: Option<u64>,
+    /// Node ids of the controller voters (default: the seeds' ids).
+    #[arg(long, value_delimiter = ',')]
+    controllers: Option<Vec<u64>>,
     /// Register the actors `runnel bench transport` talks to.
     #[arg(long, hide = true)]
     bench_actors: bool,
@@ -113,7 +118,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         .certs
         .or(file.certs)
         .context("--certs (or RUNNEL_CERTS) is required")?;
-    let seeds = args.seeds.or(file.seeds).unwrap_or_default();
+    let seeds = args.seeds.clone().or(file.seeds).unwrap_or_default();
     let defaults = MembershipConfig::default();
     let membership = MembershipConfig {
         heartbeat_interval_ms: args
@@ -125,7 +130,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
     };
     let identity = CertDir::new(&certs).node_identity(id)?;
     let incarnation = next_incarnation(&data, id)?;
-    let mut config = NodeConfig::new(id, listen, seeds, incarnation);
+    let mut config = NodeConfig::new(id, listen, seeds.clone(), incarnation);
     config.membership = membership;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -133,11 +138,70 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         if args.bench_actors {
             spawn_bench_actors(&node.handle())?;
         }
+        let handle = node.handle();
+        let controllers = tokio::select! {
+            found = controller_voters(&handle, &data, &seeds, args.controllers.clone()) => found?,
+            signal = wait_for_shutdown_signal() => {
+                signal?;
+                node.shutdown();
+                return Ok(());
+            }
+        };
+        tracing::info!(node = %id, ?controllers, "controller voters");
+        let broker = Broker::start(node.handle(), BrokerConfig::new(data.join("broker"))).await?;
+        let controller = Controller::start(Arc::new(broker), ControllerConfig::new(controllers)).await?;
         wait_for_shutdown_signal().await?;
         tracing::info!(node = %id, "shutting down");
+        controller.shutdown().await;
         node.shutdown();
         Ok(())
     })
+}
+
+/// The controller voters: given, remembered from an earlier start, or the
+/// ids of the seed nodes (by default the seeds are the controllers), learned
+/// as their heartbeats arrive. Every node computes the same set.
+async fn controller_voters(
+    node: &NodeHandle,
+    data: &Path,
+    seeds: &[SocketAddr],
+    given: Option<Vec<u64>>,
+) -> anyhow::Result<Vec<u64>> {
+    let mut meta = DurableKv::open(data.join("node.meta"))?;
+    if let Some(bytes) = meta.get("controllers") {
+        let remembered: Vec<u64> = serde_json::from_slice(bytes).context("node.meta: controllers")?;
+        if given.as_ref().is_some_and(|g| *g != remembered) {
+            bail!("this node was started with controllers {remembered:?}; they cannot change to {given:?}");
+        }
+        return Ok(remembered);
+    }
+    let voters = match given {
+        Some(voters) => voters,
+        None if seeds.is_empty() => vec![u64::from(node.id().0)],
+        None => {
+            let mut last_report = std::time::Instant::now();
+            loop {
+                let members = node.members();
+                let found: Vec<u64> = seeds
+                    .iter()
+                    .filter_map(|seed| members.iter().find(|m| m.addr == *seed).map(|m| u64::from(m.node.0)))
+                    .collect();
+                if found.len() == seeds.len() {
+                    let mut found = found;
+                    found.sort_unstable();
+                    found.dedup();
+                    break found;
+                }
+                if last_report.elapsed() > Duration::from_secs(5) {
+                    tracing::info!(known = ?found, seeds = ?seeds, "waiting to hear from every seed to form the controller");
+                    last_report = std::time::Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    meta.set("controllers", serde_json::to_vec(&voters)?)?;
+    Ok(voters)
 }
 
 /// Checks the data directory belongs to `id` and records one more start.

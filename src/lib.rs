@@ -5,10 +5,13 @@
 //! - [`storage`]: the segmented log and the record-batch codec.
 //! - [`cluster`]: nodes, membership, the QUIC transport with mutual TLS, and
 //!   remote send/call between named actors.
+//! - [`broker`]: replicated partitions (Raft per partition), the controller,
+//!   and the client API (`broker::client::{Client, Producer, Consumer}`).
 //!
 //! The broker and dataflow layers live in `runnel-actors` and
 //! `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and the README for what
 //! each holds and what is built so far.
 
+pub use runnel_actors as broker;
 pub use runnel_cluster as cluster;
 pub use runnel_storage as storage;

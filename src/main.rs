@@ -1,6 +1,7 @@
 //! The `runnel` command line.
 
 mod bench;
+mod broker_cli;
 mod cluster_cli;
 mod demo;
 
@@ -32,6 +33,15 @@ enum Command {
     Node(cluster_cli::NodeArgs),
     /// Show the cluster's nodes and their state.
     Status(cluster_cli::StatusArgs),
+    /// Create, list, describe or delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: broker_cli::TopicCommand,
+    },
+    /// Send one record per line of standard input to a topic.
+    Produce(broker_cli::ProduceArgs),
+    /// Print a topic's records.
+    Consume(broker_cli::ConsumeArgs),
     /// Measure a part of Runnel and print figures (JSON lines, then a summary).
     Bench {
         #[command(subcommand)]
@@ -39,7 +49,18 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One line a person can act on: the error and its causes.
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -52,6 +73,9 @@ fn main() -> anyhow::Result<()> {
         Command::Certs { command } => cluster_cli::certs(command),
         Command::Node(args) => cluster_cli::node(args),
         Command::Status(args) => cluster_cli::status(args),
+        Command::Topic { command } => broker_cli::topic(command),
+        Command::Produce(args) => broker_cli::produce(args),
+        Command::Consume(args) => broker_cli::consume(args),
         Command::Bench { target } => bench::run(target),
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use runnel_cluster::protocol::{ClientRequest as WireRequest, ClientResponse as WireResponse};
 use runnel_cluster::quic::ClusterClient;
 use runnel_cluster::tls::CertDir;
+use runnel_cluster::ClusterError;
 use runnel_storage::{BatchBuilder, Record, RecordBatch, StoredRecord};
 
 use crate::metadata::{MetadataError, TopicConfig};
@@ -29,9 +30,9 @@ pub enum ClientError {
     Cluster(#[from] runnel_cluster::ClusterError),
     #[error(transparent)]
     Storage(#[from] runnel_storage::StorageError),
-    #[error("{0}")]
+    #[error(transparent)]
     Refused(#[from] MetadataError),
-    #[error("{0}")]
+    #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("topic {0:?} does not exist")]
     UnknownTopic(String),
@@ -56,6 +57,9 @@ pub enum ClientError {
 
 pub type ClientResult<T> = std::result::Result<T, ClientError>;
 
+/// How long routing trusts cached metadata before asking again.
+const METADATA_MAX_AGE: Duration = Duration::from_secs(2);
+
 /// Largest single record the client sends (the broker's batch limit is 8 MiB).
 pub const RECORD_BYTES_MAX: usize = 1 << 20;
 
@@ -72,6 +76,10 @@ pub struct Client {
     cluster: ClusterClient,
     /// Node addresses learned from metadata.
     nodes: RwLock<HashMap<u32, SocketAddr>>,
+    /// Nodes alive at the last metadata refresh.
+    alive: RwLock<Vec<u32>>,
+    /// Topics as of the last refresh, for routing.
+    cache: RwLock<Option<(Instant, Vec<TopicInfo>)>>,
     /// Where each (topic, partition) was last served.
     leaders: RwLock<HashMap<(String, u32), u32>>,
     pub timeout: Duration,
@@ -84,6 +92,8 @@ impl Client {
         let client = Client {
             cluster: ClusterClient::new(&identity, seeds)?,
             nodes: RwLock::new(HashMap::new()),
+            alive: RwLock::new(Vec::new()),
+            cache: RwLock::new(None),
             leaders: RwLock::new(HashMap::new()),
             timeout: Duration::from_secs(15),
         };
@@ -113,6 +123,7 @@ impl Client {
     pub async fn topics(&self) -> ClientResult<Vec<TopicInfo>> {
         match self.call(None, &ClientRequest::Metadata).await? {
             ClientResponse::Metadata { topics, nodes } => {
+                *self.alive.write().unwrap_or_else(|p| p.into_inner()) = nodes.iter().map(|(id, _)| *id).collect();
                 self.nodes.write().unwrap_or_else(|p| p.into_inner()).extend(nodes);
                 Ok(topics)
             }
@@ -186,13 +197,37 @@ impl Client {
         Ok(topic)
     }
 
+    /// Nodes alive at the last metadata refresh.
+    pub fn alive_nodes(&self) -> Vec<u32> {
+        self.alive.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     fn node_addr(&self, node: u32) -> Option<SocketAddr> {
         self.nodes.read().unwrap_or_else(|p| p.into_inner()).get(&node).copied()
     }
 
-    /// Nodes to try for a partition: the last known leader first, then replicas.
-    async fn candidates(&self, topic: &str, partition: u32) -> ClientResult<Vec<u32>> {
+    /// Topics from a recent refresh, or fresh ones.
+    async fn cached_topics(&self, refresh: bool) -> ClientResult<Vec<TopicInfo>> {
+        if !refresh {
+            let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, topics)) = cache.as_ref() {
+                if at.elapsed() < METADATA_MAX_AGE {
+                    return Ok(topics.clone());
+                }
+            }
+        }
         let topics = self.topics().await?;
+        *self.cache.write().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), topics.clone()));
+        Ok(topics)
+    }
+
+    /// Nodes to try for a partition: the last known leader first, then replicas.
+    async fn candidates(&self, topic: &str, partition: u32, refresh: bool) -> ClientResult<Vec<u32>> {
+        let mut topics = self.cached_topics(refresh).await?;
+        if !refresh && !topics.iter().any(|t| t.name == topic) {
+            // Perhaps created since the cache was filled.
+            topics = self.cached_topics(true).await?;
+        }
         let info = topics
             .into_iter()
             .find(|t| t.name == topic)
@@ -288,11 +323,14 @@ impl Client {
     /// Finds the node that serves the partition, following hints, retrying
     /// only failures that certainly had no effect.
     async fn route(&self, topic: &str, partition: u32, request: &ClientRequest) -> ClientResult<ClientResponse> {
+        let retry_safe = !matches!(request, ClientRequest::Produce { .. });
         let deadline = Instant::now() + self.timeout;
         let mut last_error = String::from("no replica tried");
         let mut hint: Option<u32> = None;
+        let mut refresh = false;
         loop {
-            let mut nodes = self.candidates(topic, partition).await?;
+            let mut nodes = self.candidates(topic, partition, refresh).await?;
+            refresh = true;
             if let Some(hint) = hint.take() {
                 nodes.insert(0, hint);
             }
@@ -300,6 +338,11 @@ impl Client {
                 let Some(addr) = self.node_addr(node) else { continue };
                 let response = match self.call(Some(addr), request).await {
                     Ok(response) => response,
+                    // A produce that may have been written is not retried: a
+                    // retry could write it twice.
+                    Err(ClientError::Cluster(e @ ClusterError::NoAnswer { .. })) if !retry_safe => {
+                        return Err(ClientError::Cluster(e));
+                    }
                     Err(e) => {
                         last_error = format!("node {node}: {e}");
                         continue;
@@ -320,7 +363,9 @@ impl Client {
                         last_error = format!("node {node}: retryable failure");
                     }
                     ClientResponse::Failed(e) => return Err(e.into()),
-                    ClientResponse::UnknownTopic(name) => return Err(ClientError::UnknownTopic(name)),
+                    // The node's metadata lags the client's, which has the
+                    // topic (or `candidates` would have said otherwise).
+                    ClientResponse::UnknownTopic(_) => last_error = format!("node {node} does not know the topic yet"),
                     ClientResponse::PartitionOutOfRange {
                         topic,
                         partition,

@@ -105,12 +105,19 @@ impl Actor for PartitionReplica {
         _myself: ActorRef<ReplicaMsg>,
         args: ReplicaArgs,
     ) -> Result<ReplicaState, ActorProcessingErr> {
-        let core = ReplicaCore::open(
+        let mut core = ReplicaCore::open(
             &args.dir,
             args.log_config.clone(),
             &args.config,
             args.bootstrap_voters.as_deref(),
         )?;
+        let preferred = args.bootstrap_voters.as_ref().and_then(|v| v.first()) == Some(&args.config.id);
+        if preferred && core.is_fresh() {
+            core.campaign()?;
+            // Its vote requests go out with the first ready.
+            let output = core.handle_ready()?;
+            args.router.send(args.group, output.messages);
+        }
         tracing::info!(
             group = args.group,
             id = args.config.id,

@@ -105,6 +105,18 @@ impl ReplicaCore {
         self.raw.raft.id
     }
 
+    /// Starts an election now (a new group's preferred leader does, so
+    /// leadership follows placement instead of whoever times out first).
+    pub fn campaign(&mut self) -> Result<()> {
+        Ok(self.raw.campaign()?)
+    }
+
+    /// Whether the replica has no entries and no vote yet: a group just founded.
+    pub fn is_fresh(&self) -> bool {
+        let store = self.raw.store();
+        store.last_index_value() == 0 && store.hard_state().term == 0
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raw.raft.state == StateRole::Leader
     }

@@ -55,6 +55,11 @@ pub enum ClusterError {
     #[error("could not reach the cluster through {addrs:?}: {last_error}")]
     Unreachable { addrs: Vec<SocketAddr>, last_error: String },
 
+    /// The request was sent but no answer came: it may or may not have
+    /// taken effect.
+    #[error("sent to {addr} but got no answer ({reason}); the request may or may not have taken effect")]
+    NoAnswer { addr: SocketAddr, reason: String },
+
     #[error("the node is shutting down")]
     ShuttingDown,
 

@@ -450,7 +450,13 @@ pub struct ClusterClient {
     seeds: Vec<SocketAddr>,
     /// One connection per node, reused across requests.
     connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// The seed that answered last, tried first next time.
+    last_answered: tokio::sync::Mutex<Option<SocketAddr>>,
 }
+
+/// How long establishing a connection may take: a dead node must not hold a
+/// request for the whole request timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connections a client keeps open at most.
 const CLIENT_CONNECTIONS_MAX: usize = 256;
@@ -476,6 +482,7 @@ impl ClusterClient {
             client,
             seeds,
             connections: tokio::sync::Mutex::new(HashMap::new()),
+            last_answered: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -483,12 +490,20 @@ impl ClusterClient {
         &self.seeds
     }
 
-    /// Sends a request to the first seed that answers within `timeout`.
+    /// Sends a request to the first seed that answers within `timeout`,
+    /// starting with the one that answered last.
     pub async fn request(&self, request: ClientRequest, timeout: Duration) -> Result<ClientResponse> {
         let mut last_error = String::from("no seed tried");
-        for &seed in &self.seeds {
+        let preferred = *self.last_answered.lock().await;
+        let seeds = preferred
+            .into_iter()
+            .chain(self.seeds.iter().copied().filter(|s| Some(*s) != preferred));
+        for seed in seeds {
             match self.request_to(seed, request.clone(), timeout).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => {
+                    *self.last_answered.lock().await = Some(seed);
+                    return Ok(response);
+                }
                 Err(e) => last_error = format!("{seed}: {e}"),
             }
         }
@@ -498,24 +513,30 @@ impl ClusterClient {
         })
     }
 
-    /// Sends a request to one node.
+    /// Sends a request to one node. `Unreachable` means the request was
+    /// certainly not delivered; `NoAnswer` means it may have been.
     pub async fn request_to(
         &self,
         addr: SocketAddr,
         request: ClientRequest,
         timeout: Duration,
     ) -> Result<ClientResponse> {
-        let unreachable = |last_error: String| ClusterError::Unreachable {
-            addrs: vec![addr],
-            last_error,
-        };
         match tokio::time::timeout(timeout, self.request_one(addr, &request)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => {
+            Ok(Err(failure)) => {
                 self.connections.lock().await.remove(&addr);
-                Err(unreachable(e))
+                Err(match failure {
+                    RequestFailure::NotSent(last_error) => ClusterError::Unreachable {
+                        addrs: vec![addr],
+                        last_error,
+                    },
+                    RequestFailure::Sent(reason) => ClusterError::NoAnswer { addr, reason },
+                })
             }
-            Err(_) => Err(unreachable(format!("no answer within {} ms", timeout.as_millis()))),
+            Err(_) => Err(ClusterError::NoAnswer {
+                addr,
+                reason: format!("no answer within {} ms", timeout.as_millis()),
+            }),
         }
     }
 
@@ -526,11 +547,13 @@ impl ClusterClient {
                 return Ok(connection.clone());
             }
         }
-        let connection = self
+        let connecting = self
             .endpoint
             .connect_with(self.client.clone(), addr, CLUSTER_SERVER_NAME)
-            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| format!("no connection within {} ms", CONNECT_TIMEOUT.as_millis()))?
             .map_err(|e| e.to_string())?;
         if connections.len() >= CLIENT_CONNECTIONS_MAX {
             connections.clear();
@@ -543,21 +566,36 @@ impl ClusterClient {
         &self,
         addr: SocketAddr,
         request: &ClientRequest,
-    ) -> std::result::Result<ClientResponse, String> {
-        let connection = self.connection(addr).await?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    ) -> std::result::Result<ClientResponse, RequestFailure> {
+        let connection = self.connection(addr).await.map_err(RequestFailure::NotSent)?;
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| RequestFailure::NotSent(e.to_string()))?;
         let frame = encode_frame(&ClientEnvelope {
             version: PROTOCOL_VERSION,
             body: request.clone(),
         })
-        .map_err(|e| e.to_string())?;
-        send.write_all(&frame).await.map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
+        .map_err(|e| RequestFailure::NotSent(e.to_string()))?;
+        // A frame cut short is never processed: the node reads whole frames.
+        send.write_all(&frame)
+            .await
+            .map_err(|e| RequestFailure::NotSent(e.to_string()))?;
+        let sent = |e: String| RequestFailure::Sent(e);
+        send.finish().map_err(|e| sent(e.to_string()))?;
         let body = read_frame(&mut recv)
             .await
-            .map_err(String::from)?
-            .ok_or("the node closed the stream without answering")?;
-        let response: ClientEnvelope<ClientResponse> = decode_body(&body).map_err(|e| e.to_string())?;
+            .map_err(|e| sent(String::from(e)))?
+            .ok_or_else(|| sent("the node closed the stream without answering".to_string()))?;
+        let response: ClientEnvelope<ClientResponse> = decode_body(&body).map_err(|e| sent(e.to_string()))?;
         Ok(response.body)
     }
+}
+
+/// How a request failed, as far as the client can tell.
+enum RequestFailure {
+    /// The request never reached the node.
+    NotSent(String),
+    /// The request may have reached the node and taken effect.
+    Sent(String),
 }

@@ -1,0 +1,339 @@
+//! `runnel topic …`, `runnel produce` and `runnel consume`.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use runnel::broker::client::{Client, Consumer, Producer};
+use runnel::broker::metadata::TopicConfig;
+use runnel::broker::protocol::TopicInfo;
+use runnel::broker::Acks;
+use runnel::storage::Record;
+
+/// Where the cluster is and how to prove who we are.
+#[derive(clap::Args, Clone)]
+pub struct ConnectArgs {
+    /// Comma-separated node addresses; any one reachable node is enough.
+    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true)]
+    seeds: Vec<SocketAddr>,
+    #[arg(long, env = "RUNNEL_CERTS")]
+    certs: PathBuf,
+}
+
+impl ConnectArgs {
+    async fn connect(&self) -> anyhow::Result<Arc<Client>> {
+        let client = Client::connect(self.seeds.clone(), &self.certs)
+            .await
+            .context("connecting to the cluster")?;
+        Ok(Arc::new(client))
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        #[arg(long)]
+        partitions: u32,
+        #[arg(long)]
+        replication: u16,
+        /// Replicas that must hold a record before it is acknowledged.
+        #[arg(long)]
+        min_insync: Option<u16>,
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List topics.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Show a topic's partitions: leader, replicas, offsets.
+    Describe {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Delete a topic.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the async runtime")
+}
+
+pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        match command {
+            TopicCommand::Create { name, partitions, replication, min_insync, retention_ms, connect } => {
+                let mut config = TopicConfig::new(partitions, replication);
+                if let Some(min_insync) = min_insync {
+                    config.min_insync = min_insync;
+                }
+                if retention_ms.is_some() {
+                    config.retention_ms = retention_ms;
+                }
+                connect.connect().await?.create_topic(&name, config).await?;
+                println!("created topic {name} with {partitions} partitions, replication {replication}");
+            }
+            TopicCommand::List { json, connect } => {
+                let topics = connect.connect().await?.topics().await?;
+                if json {
+                    let list: Vec<serde_json::Value> = topics
+                        .iter()
+                        .map(|t| serde_json::json!({"name": t.name, "partitions": t.config.partitions, "replication": t.config.replication}))
+                        .collect();
+                    println!("{}", serde_json::Value::Array(list));
+                } else {
+                    for t in topics {
+                        println!("{}\tpartitions={}\treplication={}", t.name, t.config.partitions, t.config.replication);
+                    }
+                }
+            }
+            TopicCommand::Describe { name, json, connect } => {
+                let client = connect.connect().await?;
+                let topic = client.describe_topic(&name).await?;
+                let alive: BTreeSet<u32> = client.alive_nodes().into_iter().collect();
+                print_topic(&topic, &alive, json);
+            }
+            TopicCommand::Delete { name, connect } => {
+                connect.connect().await?.delete_topic(&name).await?;
+                println!("deleted topic {name}");
+            }
+        }
+        Ok(())
+    })
+}
+
+fn print_topic(topic: &TopicInfo, alive: &BTreeSet<u32>, json: bool) {
+    let under_replicated = |p: &runnel::broker::protocol::PartitionInfo| {
+        p.leader.is_none() || p.replicas.iter().any(|r| !alive.contains(r))
+    };
+    if json {
+        let partitions: Vec<serde_json::Value> = topic
+            .partitions
+            .iter()
+            .map(|p| {
+                serde_json::json!({"partition": p.partition, "leader": p.leader, "replicas": p.replicas,
+                    "voters": p.voters, "committed_offset": p.committed_offset, "end_offset": p.end_offset,
+                    "under_replicated": under_replicated(p)})
+            })
+            .collect();
+        println!("{}", serde_json::json!({"name": topic.name, "partitions": partitions}));
+        return;
+    }
+    println!(
+        "topic {}: {} partitions, replication {}",
+        topic.name, topic.config.partitions, topic.config.replication
+    );
+    for p in &topic.partitions {
+        let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
+        let committed = p.committed_offset.map_or("?".to_string(), |c| c.to_string());
+        let mark = if under_replicated(p) { "  UNDER-REPLICATED" } else { "" };
+        println!(
+            "  partition {:>4}  leader {leader:>4}  replicas {:?}  committed {committed}{mark}",
+            p.partition, p.replicas
+        );
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ProduceArgs {
+    topic: String,
+    /// Use field N (0-based) of each line as the record key.
+    #[arg(long)]
+    key_field: Option<usize>,
+    /// Field separator for --key-field.
+    #[arg(long, default_value = ",")]
+    sep: String,
+    #[arg(long, value_enum, default_value = "all")]
+    acks: AcksArg,
+    /// Send every record to this partition (default: by key, else round-robin).
+    #[arg(long)]
+    partition: Option<u32>,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum AcksArg {
+    All,
+    Leader,
+    None,
+}
+
+/// Sends one record per line of standard input.
+pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        let acks = match args.acks {
+            AcksArg::All => Acks::All,
+            AcksArg::Leader => Acks::Leader,
+            AcksArg::None => Acks::None,
+        };
+        let client = args.connect.connect().await?;
+        let mut producer = Producer::new(client, &args.topic, acks).await?;
+        let mut sent = 0u64;
+        let timestamp_ms = now_ms();
+        for (number, line) in std::io::stdin().lock().lines().enumerate() {
+            let line = line.context("reading standard input")?;
+            let key = match args.key_field {
+                Some(field) => Some(Bytes::from(
+                    line.split(args.sep.as_str())
+                        .nth(field)
+                        .with_context(|| format!("line {} has no field {field}", number + 1))?
+                        .to_string(),
+                )),
+                None => None,
+            };
+            let record = Record {
+                timestamp_ms,
+                key,
+                value: Some(Bytes::from(line)),
+                headers: Vec::new(),
+            };
+            sent += producer
+                .send(args.partition, record)
+                .await?
+                .iter()
+                .map(|s| u64::from(s.2))
+                .sum::<u64>();
+        }
+        sent += producer.flush().await?.iter().map(|s| u64::from(s.2)).sum::<u64>();
+        eprintln!("produced {sent} records to {}", args.topic);
+        Ok(())
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[derive(clap::Args)]
+pub struct ConsumeArgs {
+    topic: String,
+    /// earliest, latest, or an offset.
+    #[arg(long, default_value = "earliest")]
+    from: String,
+    /// Read only this partition (default: all).
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Stop after this many records.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Keep waiting for new records instead of stopping at the end.
+    #[arg(long)]
+    follow: bool,
+    /// `text` prints values; `json` adds key, partition, offset and timestamp.
+    #[arg(long, default_value = "text")]
+    format: String,
+    #[command(flatten)]
+    connect: ConnectArgs,
+}
+
+pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    if args.format != "text" && args.format != "json" {
+        bail!("--format must be text or json, not {:?}", args.format);
+    }
+    runtime()?.block_on(async move {
+        let client = args.connect.connect().await?;
+        let topics = client.topics().await?;
+        let topic = topics
+            .iter()
+            .find(|t| t.name == args.topic)
+            .with_context(|| format!("topic {:?} does not exist", args.topic))?;
+        let partitions: Vec<u32> = match args.partition {
+            Some(p) if p >= topic.config.partitions => {
+                bail!(
+                    "partition {p} of topic {:?} does not exist (it has {})",
+                    args.topic,
+                    topic.config.partitions
+                )
+            }
+            Some(p) => vec![p],
+            None => (0..topic.config.partitions).collect(),
+        };
+        let mut consumer = Consumer::new(client.clone(), &args.topic);
+        let start = match args.from.as_str() {
+            "earliest" | "latest" => 0,
+            offset => offset
+                .parse()
+                .with_context(|| format!("--from must be earliest, latest or an offset, not {offset:?}"))?,
+        };
+        for &p in &partitions {
+            consumer.assign(p, start);
+        }
+        let ends = consumer.end_offsets().await?;
+        if args.from == "latest" {
+            for (&p, &end) in &ends {
+                consumer.assign(p, end);
+            }
+        }
+        let mut printed = 0u64;
+        let stdout = std::io::stdout();
+        loop {
+            let records = consumer.poll().await?;
+            let mut out = stdout.lock();
+            for (partition, record) in &records {
+                print_record(&mut out, &args.format, *partition, record)?;
+                printed += 1;
+                if args.max.is_some_and(|max| printed >= max) {
+                    return Ok(());
+                }
+            }
+            drop(out);
+            let at_end = partitions
+                .iter()
+                .all(|p| consumer.position(*p).unwrap_or(0) >= ends.get(p).copied().unwrap_or(0));
+            if !args.follow && at_end {
+                return Ok(());
+            }
+            if records.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    })
+}
+
+fn print_record(
+    out: &mut impl Write,
+    format: &str,
+    partition: u32,
+    record: &runnel::storage::StoredRecord,
+) -> anyhow::Result<()> {
+    let value = record
+        .record
+        .value
+        .as_deref()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    if format == "json" {
+        let key = record
+            .record
+            .key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).to_string());
+        let line = serde_json::json!({"partition": partition, "offset": record.offset, "timestamp_ms": record.record.timestamp_ms,
+            "key": key, "value": value});
+        writeln!(out, "{line}")?;
+    } else {
+        writeln!(out, "{value}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! Replicated partitions on real `runnel node` processes: a 100,000-record
+//! round trip, a leader killed with SIGKILL mid-produce, a restart that
+//! catches up, and clear errors for bad produce requests.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use runnel::broker::client::{Client, ClientError, Consumer, Producer};
+use runnel::broker::Acks;
+use runnel::storage::{BatchBuilder, Record, StoredRecord};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+struct ProcessCluster {
+    scratch: tempfile::TempDir,
+    certs: std::path::PathBuf,
+    addrs: Vec<SocketAddr>,
+    nodes: Vec<NodeProcess>,
+}
+
+fn start_cluster(first_host: u8) -> ProcessCluster {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 3);
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| free_addr(first_host + i)).collect();
+    let nodes = (0..3)
+        .map(|i| NodeProcess::start(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path()))
+        .collect();
+    ProcessCluster {
+        scratch,
+        certs,
+        addrs,
+        nodes,
+    }
+}
+
+fn create_topic(cluster: &ProcessCluster, name: &str, partitions: u32) {
+    let seeds: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
+    wait_for("the topic to be created", TIMEOUT, || {
+        runnel()
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+                "--replication",
+                "3",
+            ])
+            .args(["--seeds", &seeds.join(",")])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+}
+
+async fn connect(cluster: &ProcessCluster) -> Arc<Client> {
+    Arc::new(
+        Client::connect(cluster.addrs.clone(), &cluster.certs)
+            .await
+            .expect("connect"),
+    )
+}
+
+/// Every committed record of a partition on one replica (an error while the
+/// replica is still starting).
+async fn replica_records(
+    client: &Client,
+    node: u32,
+    topic: &str,
+    partition: u32,
+) -> Result<Vec<StoredRecord>, ClientError> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let fetched = client
+            .fetch_from_replica(node, topic, partition, offset, 4 << 20)
+            .await?;
+        if fetched.next_offset == offset {
+            return Ok(out);
+        }
+        offset = fetched.next_offset;
+        out.extend(fetched.records);
+    }
+}
+
+/// Waits until every replica of the partition holds the same records, and
+/// returns them.
+async fn identical_replicas(client: &Client, topic: &str, partition: u32, nodes: &[u32]) -> Vec<StoredRecord> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut last = String::new();
+    loop {
+        let mut copies = Vec::new();
+        for &node in nodes {
+            match replica_records(client, node, topic, partition).await {
+                Ok(records) => copies.push(records),
+                Err(e) => last = format!("node {node}: {e}"),
+            }
+        }
+        if copies.len() == nodes.len() && copies.windows(2).all(|w| w[0] == w[1]) {
+            return copies.swap_remove(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas of partition {partition} never converged ({last})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_records_round_trip_with_the_same_offsets_on_every_replica() {
+    let cluster = start_cluster(50);
+    create_topic(&cluster, "payments", 3);
+    let client = connect(&cluster).await;
+
+    eprintln!("phase: produce 100,000 keyed records with acks=all");
+    let mut producer = Producer::new(client.clone(), "payments", Acks::All)
+        .await
+        .expect("producer");
+    let count = 100_000u32;
+    let mut acknowledged = 0u64;
+    for i in 0..count {
+        let record = Record {
+            timestamp_ms: i64::from(i),
+            key: Some(Bytes::from(format!("card-{}", i % 997))),
+            value: Some(Bytes::from(format!("{i:06}"))),
+            headers: Vec::new(),
+        };
+        acknowledged += producer
+            .send(None, record)
+            .await
+            .expect("send")
+            .iter()
+            .map(|s| u64::from(s.2))
+            .sum::<u64>();
+    }
+    acknowledged += producer
+        .flush()
+        .await
+        .expect("flush")
+        .iter()
+        .map(|s| u64::from(s.2))
+        .sum::<u64>();
+    assert_eq!(acknowledged, u64::from(count));
+
+    eprintln!("phase: consume everything back");
+    let mut consumer = Consumer::new(client.clone(), "payments");
+    for partition in 0..3 {
+        consumer.assign(partition, 0);
+    }
+    let mut consumed: BTreeMap<u32, Vec<StoredRecord>> = BTreeMap::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while consumed.values().map(Vec::len).sum::<usize>() < count as usize {
+        assert!(Instant::now() < deadline, "consumed too little");
+        for (partition, record) in consumer.poll().await.expect("poll") {
+            consumed.entry(partition).or_default().push(record);
+        }
+    }
+    assert_eq!(consumed.values().map(Vec::len).sum::<usize>(), count as usize);
+
+    eprintln!("phase: every replica holds the same records at the same offsets, in production order per key");
+    for (partition, records) in &consumed {
+        let replicas = identical_replicas(&client, "payments", *partition, &[1, 2, 3]).await;
+        assert_eq!(
+            &replicas, records,
+            "partition {partition}: a replica differs from what was consumed"
+        );
+        let mut last_per_key: BTreeMap<Bytes, Bytes> = BTreeMap::new();
+        for record in records {
+            let key = record.record.key.clone().expect("key");
+            let value = record.record.value.clone().expect("value");
+            if let Some(previous) = last_per_key.insert(key, value.clone()) {
+                assert!(previous < value, "order broken in partition {partition}");
+            }
+        }
+    }
+    drop(cluster);
+}
+
+/// Finds the node leading partition 0.
+async fn leader_of(client: &Client, topic: &str) -> u32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(info) = client.describe_topic(topic).await {
+            if let Some(leader) = info.partitions[0].leader {
+                return leader;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader for {topic}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn tagged_batch(tag: u32) -> runnel::storage::RecordBatch {
+    let mut builder = BatchBuilder::new();
+    for i in 0..10 {
+        let value = Bytes::from(format!("{tag:06}-{i}"));
+        builder
+            .push(&Record {
+                timestamp_ms: 1,
+                value: Some(value),
+                ..Record::default()
+            })
+            .expect("push");
+    }
+    builder.build().expect("build")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_produce_loses_no_acknowledged_record_and_a_restart_catches_up() {
+    let mut cluster = start_cluster(60);
+    create_topic(&cluster, "orders", 1);
+    let client = connect(&cluster).await;
+    let leader = leader_of(&client, "orders").await;
+
+    eprintln!("phase: produce with acks=all; SIGKILL the leader (node {leader}) midway");
+    let mut acked: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    let mut tag = 0u32;
+    let deadline = Instant::now() + TIMEOUT;
+    while acked.len() < 400 {
+        assert!(Instant::now() < deadline, "produced only {} batches", acked.len());
+        if acked.len() == 150 && cluster.nodes[leader as usize - 1].is_running() {
+            cluster.nodes[leader as usize - 1].kill();
+        }
+        match client.produce("orders", 0, tagged_batch(tag), Acks::All).await {
+            Ok(base_offset) => {
+                acked.insert(tag, base_offset);
+            }
+            // The outcome of these is unknown: the batch may or may not be in.
+            Err(ClientError::Cluster(_) | ClientError::Broker(_) | ClientError::Unavailable { .. }) => {
+                unknown.push(tag)
+            }
+            Err(e) => panic!("produce: {e}"),
+        }
+        tag += 1;
+    }
+    eprintln!(
+        "acknowledged {} batches, {} with unknown outcome",
+        acked.len(),
+        unknown.len()
+    );
+
+    eprintln!("phase: every acknowledged record is readable exactly once, at its offset");
+    let survivors: Vec<u32> = [1, 2, 3].into_iter().filter(|&n| n != leader).collect();
+    let records = identical_replicas(&client, "orders", 0, &survivors).await;
+    check_acknowledged(&records, &acked);
+
+    eprintln!("phase: restart the killed node; its log catches up to the leader's");
+    let killed = leader as usize - 1;
+    cluster.nodes[killed] = NodeProcess::start(
+        leader,
+        cluster.addrs[killed],
+        &cluster.addrs,
+        &cluster.certs,
+        cluster.scratch.path(),
+    );
+    let all = identical_replicas(&client, "orders", 0, &[1, 2, 3]).await;
+    assert_eq!(all, records);
+}
+
+fn check_acknowledged(records: &[StoredRecord], acked: &BTreeMap<u32, u64>) {
+    let mut offsets: BTreeMap<Bytes, Vec<u64>> = BTreeMap::new();
+    for record in records {
+        offsets
+            .entry(record.record.value.clone().expect("value"))
+            .or_default()
+            .push(record.offset);
+    }
+    assert!(offsets.values().all(|o| o.len() == 1), "a record is stored twice");
+    for (tag, base_offset) in acked {
+        for i in 0..10u64 {
+            let value = Bytes::from(format!("{tag:06}-{i}"));
+            assert_eq!(
+                offsets.get(&value),
+                Some(&vec![base_offset + i]),
+                "acknowledged {value:?} lost or moved"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_produce_requests_get_clear_errors_and_the_cluster_keeps_serving() {
+    let cluster = start_cluster(70);
+    create_topic(&cluster, "events", 2);
+    let produce = |args: &[&str], input: &[u8]| {
+        use std::io::Write;
+        let mut child = runnel()
+            .arg("produce")
+            .args(args)
+            .args(["--seeds", &cluster.addrs[0].to_string()])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child.stdin.take().expect("stdin").write_all(input).expect("write");
+        child.wait_with_output().expect("wait")
+    };
+    let err = |output: std::process::Output| {
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
+    assert!(err(produce(&["nope"], b"x\n")).contains("topic \"nope\" does not exist"));
+    assert!(err(produce(&["events", "--partition", "5"], b"x\n"))
+        .contains("partition 5 of topic \"events\" does not exist (it has 2)"));
+    let huge = vec![b'x'; 2 << 20];
+    assert!(err(produce(&["events"], &huge)).contains("exceeds the limit"));
+    let output = produce(&["events"], b"still\nserving\n");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let consumed = runnel()
+        .args(["consume", "events", "--seeds", &cluster.addrs[1].to_string()])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .output()
+        .expect("consume");
+    let text = String::from_utf8_lossy(&consumed.stdout);
+    assert!(text.contains("still") && text.contains("serving"), "{text}");
+    let _ = Path::new("");
+}
