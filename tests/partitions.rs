@@ -14,7 +14,7 @@ use bytes::Bytes;
 use common::*;
 use runnel::broker::client::{Client, ClientError, Consumer, Producer};
 use runnel::broker::Acks;
-use runnel::storage::{BatchBuilder, Record, StoredRecord};
+use runnel::storage::{BatchBuilder, ProducerInfo, Record, StoredRecord};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -200,8 +200,14 @@ async fn leader_of(client: &Client, topic: &str) -> u32 {
     }
 }
 
+/// Ten records of batch `tag` from one idempotent producer.
 fn tagged_batch(tag: u32) -> runnel::storage::RecordBatch {
-    let mut builder = BatchBuilder::new();
+    let producer = ProducerInfo {
+        producer_id: 4242,
+        producer_epoch: 0,
+        base_sequence: (tag * 10) as i32,
+    };
+    let mut builder = BatchBuilder::new().producer(producer);
     for i in 0..10 {
         let value = Bytes::from(format!("{tag:06}-{i}"));
         builder
@@ -222,38 +228,42 @@ async fn killing_the_leader_mid_produce_loses_no_acknowledged_record_and_a_resta
     let client = connect(&cluster).await;
     let leader = leader_of(&client, "orders").await;
 
-    eprintln!("phase: produce with acks=all; SIGKILL the leader (node {leader}) midway");
+    eprintln!("phase: produce with acks=all from an idempotent producer; SIGKILL the leader (node {leader}) midway");
     let mut acked: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut unknown = Vec::new();
-    let mut tag = 0u32;
+    let mut retries = 0u32;
     let deadline = Instant::now() + TIMEOUT;
-    while acked.len() < 400 {
-        assert!(Instant::now() < deadline, "produced only {} batches", acked.len());
-        if acked.len() == 150 && cluster.nodes[leader as usize - 1].is_running() {
-            cluster.nodes[leader as usize - 1].kill();
+    for tag in 0..400u32 {
+        if tag == 150 {
+            // SIGKILL from another thread, so it lands while requests are in flight.
+            let pid = cluster.nodes[leader as usize - 1].pid().expect("leader runs");
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(15));
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            });
         }
-        match client.produce("orders", 0, tagged_batch(tag), Acks::All).await {
-            Ok(base_offset) => {
-                acked.insert(tag, base_offset);
+        // Every batch is retried until it is acknowledged: idempotence makes
+        // a retry of a batch that did get written a no-op.
+        loop {
+            assert!(Instant::now() < deadline, "produced only {} batches", acked.len());
+            match client.produce("orders", 0, tagged_batch(tag), Acks::All).await {
+                Ok(base_offset) => {
+                    acked.insert(tag, base_offset);
+                    break;
+                }
+                Err(ClientError::Cluster(_) | ClientError::Broker(_) | ClientError::Unavailable { .. }) => retries += 1,
+                Err(e) => panic!("produce: {e}"),
             }
-            // The outcome of these is unknown: the batch may or may not be in.
-            Err(ClientError::Cluster(_) | ClientError::Broker(_) | ClientError::Unavailable { .. }) => {
-                unknown.push(tag)
-            }
-            Err(e) => panic!("produce: {e}"),
         }
-        tag += 1;
     }
-    eprintln!(
-        "acknowledged {} batches, {} with unknown outcome",
-        acked.len(),
-        unknown.len()
-    );
+    eprintln!("acknowledged {} batches after {retries} retries", acked.len());
 
     eprintln!("phase: every acknowledged record is readable exactly once, at its offset");
     let survivors: Vec<u32> = [1, 2, 3].into_iter().filter(|&n| n != leader).collect();
     let records = identical_replicas(&client, "orders", 0, &survivors).await;
     check_acknowledged(&records, &acked);
+    assert_eq!(records.len(), 4000, "nothing but the acknowledged records, each once");
 
     eprintln!("phase: restart the killed node; its log catches up to the leader's");
     let killed = leader as usize - 1;

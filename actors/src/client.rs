@@ -4,9 +4,11 @@
 //!
 //! Requests go to any node over the client protocol; the client follows
 //! leader hints (`NotLeader`) and replica lists (`NotHere`) to the node that
-//! leads the partition, and retries only failures that certainly did not
-//! write (a timeout's outcome is unknown and is returned as an error, since
-//! this producer is not yet idempotent).
+//! leads the partition. Batches from a [`Producer`] carry a producer id and
+//! sequence numbers, so a produce whose outcome is unknown (no answer, a
+//! leader lost mid-request) is retried and the leader writes it once; a
+//! batch without a producer id is retried only when it certainly was not
+//! written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -18,7 +20,7 @@ use runnel_cluster::protocol::{ClientRequest as WireRequest, ClientResponse as W
 use runnel_cluster::quic::ClusterClient;
 use runnel_cluster::tls::CertDir;
 use runnel_cluster::ClusterError;
-use runnel_storage::{BatchBuilder, Record, RecordBatch, StoredRecord};
+use runnel_storage::{BatchBuilder, ProducerInfo, Record, RecordBatch, StoredRecord};
 
 use crate::metadata::{MetadataError, TopicConfig};
 use crate::protocol::{Acks, BrokerError, ClientRequest, ClientResponse, TopicInfo, CLIENT_ACTOR};
@@ -323,7 +325,14 @@ impl Client {
     /// Finds the node that serves the partition, following hints, retrying
     /// only failures that certainly had no effect.
     async fn route(&self, topic: &str, partition: u32, request: &ClientRequest) -> ClientResult<ClientResponse> {
-        let retry_safe = !matches!(request, ClientRequest::Produce { .. });
+        // A produce is retried after an unknown outcome only when it carries
+        // a producer id: the leader then recognises a batch it already has.
+        let retry_safe = match request {
+            ClientRequest::Produce { batch, .. } => {
+                runnel_storage::BatchHeader::parse(batch).is_ok_and(|h| h.producer.producer_id >= 0)
+            }
+            _ => true,
+        };
         let deadline = Instant::now() + self.timeout;
         let mut last_error = String::from("no replica tried");
         let mut hint: Option<u32> = None;
@@ -361,6 +370,11 @@ impl Client {
                         BrokerError::LeadershipLost | BrokerError::Busy(_) | BrokerError::UnknownGroup(_),
                     ) => {
                         last_error = format!("node {node}: retryable failure");
+                    }
+                    ClientResponse::Failed(BrokerError::Timeout(_) | BrokerError::ReplicaFailed { .. })
+                        if retry_safe =>
+                    {
+                        last_error = format!("node {node}: no answer from the replica");
                     }
                     ClientResponse::Failed(e) => return Err(e.into()),
                     // The node's metadata lags the client's, which has the
@@ -459,6 +473,23 @@ pub struct Producer {
     pub batch_records_max: usize,
     pending: BTreeMap<u32, BatchBuilder>,
     next_partition: u32,
+    /// Identifies this producer's batches so retries are written once.
+    producer_id: i64,
+    /// Sequence of the next record, per partition.
+    next_sequence: BTreeMap<u32, i32>,
+}
+
+/// A producer id unlikely to collide with any other: random bits from the
+/// standard library's hasher keys, the time and the process id.
+fn new_producer_id() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(now);
+    hasher.write_u32(std::process::id());
+    (hasher.finish() >> 1) as i64
 }
 
 impl Producer {
@@ -476,6 +507,8 @@ impl Producer {
             batch_records_max: 1000,
             pending: BTreeMap::new(),
             next_partition: 0,
+            producer_id: new_producer_id(),
+            next_sequence: BTreeMap::new(),
         })
     }
 
@@ -505,30 +538,41 @@ impl Producer {
                 self.next_partition
             }
         };
-        let builder = self.pending.entry(partition).or_default();
+        let sequence = self.next_sequence.get(&partition).copied().unwrap_or(0);
+        let producer = ProducerInfo {
+            producer_id: self.producer_id,
+            producer_epoch: 0,
+            base_sequence: sequence,
+        };
+        let builder = self
+            .pending
+            .entry(partition)
+            .or_insert_with(|| BatchBuilder::new().producer(producer));
         builder.push(&record)?;
         if builder.record_count() as usize >= self.batch_records_max {
-            let batch = self.pending.remove(&partition).map(BatchBuilder::build).transpose()?;
-            if let Some(batch) = batch {
-                let count = batch.record_count();
-                let base = self.client.produce(&self.topic, partition, batch, self.acks).await?;
-                return Ok(vec![(partition, base, count)]);
+            if let Some(builder) = self.pending.remove(&partition) {
+                return Ok(vec![self.send_batch(partition, builder).await?]);
             }
         }
         Ok(Vec::new())
+    }
+
+    /// Sends one partition's batch; its sequence advances once it is written.
+    async fn send_batch(&mut self, partition: u32, builder: BatchBuilder) -> ClientResult<(u32, u64, u32)> {
+        let batch = builder.build()?;
+        let count = batch.record_count();
+        let base = self.client.produce(&self.topic, partition, batch, self.acks).await?;
+        *self.next_sequence.entry(partition).or_insert(0) += count as i32;
+        Ok((partition, base, count))
     }
 
     /// Sends every queued record.
     pub async fn flush(&mut self) -> ClientResult<Vec<(u32, u64, u32)>> {
         let mut sent = Vec::new();
         for (partition, builder) in std::mem::take(&mut self.pending) {
-            if builder.is_empty() {
-                continue;
+            if !builder.is_empty() {
+                sent.push(self.send_batch(partition, builder).await?);
             }
-            let batch = builder.build()?;
-            let count = batch.record_count();
-            let base = self.client.produce(&self.topic, partition, batch, self.acks).await?;
-            sent.push((partition, base, count));
         }
         Ok(sent)
     }

@@ -6,6 +6,7 @@
 //! - [`replica`]: a replica as a pure state machine around `RawNode`:
 //!   propose, step, tick, and ready handling that persists before it answers.
 //! - [`partition`]: `PartitionReplica`, the ractor actor around a replica.
+//! - [`producers`]: idempotent producers' sequence table, rebuilt from the log.
 //! - [`supervisor`]: `NodeSupervisor`, which restarts crashed replicas.
 //! - [`broker`]: one node's broker: Raft routing over the cluster layer, one
 //!   ticker for all groups, produce/fetch entry points.
@@ -20,6 +21,7 @@ pub mod controller;
 mod error;
 pub mod metadata;
 pub mod partition;
+pub mod producers;
 pub mod protocol;
 pub mod raft_store;
 pub mod replica;

@@ -14,6 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use raft::eraftpb::Message;
 use runnel_storage::{LogConfig, RecordBatch};
 
+use crate::producers::SequenceCheck;
 use crate::protocol::{Acks, BrokerError};
 use crate::replica::{ReplicaConfig, ReplicaCore};
 
@@ -90,7 +91,7 @@ pub struct ReplicaState {
     core: ReplicaCore,
     args: ReplicaArgs,
     /// By Raft index.
-    waiters: BTreeMap<u64, Waiter>,
+    waiters: BTreeMap<u64, Vec<Waiter>>,
 }
 
 pub struct PartitionReplica;
@@ -181,14 +182,56 @@ impl ReplicaState {
             }));
             return;
         }
-        if self.waiters.len() >= WAITERS_MAX {
+        if self.waiters.values().map(Vec::len).sum::<usize>() >= WAITERS_MAX {
             let _ = reply.send(Err(BrokerError::Busy(group)));
             return;
+        }
+        let producer = batch.header().producer;
+        if producer.producer_id >= 0 && self.core.is_leader() {
+            match self.core.store().producers().check(&producer) {
+                SequenceCheck::New => {}
+                SequenceCheck::Duplicate(original) => {
+                    // A retry: answer with the original's fate, never write twice.
+                    let store = self.core.store();
+                    if original.index <= store.hard_state().commit {
+                        let _ = reply.send(Ok(original.base_offset));
+                    } else if let Some(term) = store.entry_term(original.index) {
+                        self.waiters
+                            .entry(original.index)
+                            .or_default()
+                            .push(Waiter { term, acks, reply });
+                    } else {
+                        let _ = reply.send(Err(BrokerError::LeadershipLost));
+                    }
+                    return;
+                }
+                SequenceCheck::Gap { expected, got } => {
+                    let producer_id = producer.producer_id;
+                    let _ = reply.send(Err(BrokerError::OutOfOrderSequence {
+                        producer_id,
+                        expected,
+                        got,
+                    }));
+                    return;
+                }
+                SequenceCheck::Stale { last_sequence } => {
+                    let (producer_id, got) = (producer.producer_id, producer.base_sequence);
+                    let _ = reply.send(Err(BrokerError::StaleSequence {
+                        producer_id,
+                        last_sequence,
+                        got,
+                    }));
+                    return;
+                }
+            }
         }
         match self.core.propose(batch) {
             Ok(index) => {
                 let term = self.core.term();
-                self.waiters.insert(index, Waiter { term, acks, reply });
+                self.waiters
+                    .entry(index)
+                    .or_default()
+                    .push(Waiter { term, acks, reply });
             }
             Err(crate::ActorError::NotLeader { leader }) => {
                 let _ = reply.send(Err(BrokerError::NotLeader { group, leader }));
@@ -258,23 +301,29 @@ impl ReplicaState {
         Ok(())
     }
 
-    /// Answers the waiter of a committed (or, for `acks=leader`, appended)
-    /// entry: with its offset if the entry is the one proposed, else with
-    /// `LeadershipLost`.
+    /// Answers the waiters of a committed (or, for `acks=leader|none`,
+    /// appended) entry: with its offset if the entry is the one proposed,
+    /// else with `LeadershipLost`.
     fn resolve(&mut self, index: u64, committed: bool) {
-        let Some(waiter) = self.waiters.remove(&index) else {
+        let Some(waiters) = self.waiters.remove(&index) else {
             return;
         };
-        if !committed && waiter.acks == Acks::All {
-            self.waiters.insert(index, waiter);
-            return;
-        }
         let store = self.core.store();
-        let result = match (store.entry_term(index), store.entry_offsets(index)) {
-            (Some(term), Some((base_offset, _))) if term == waiter.term => Ok(base_offset),
-            _ => Err(BrokerError::LeadershipLost),
-        };
-        let _ = waiter.reply.send(result);
+        let mut still_waiting = Vec::new();
+        for waiter in waiters {
+            if !committed && waiter.acks == Acks::All {
+                still_waiting.push(waiter);
+                continue;
+            }
+            let result = match (store.entry_term(index), store.entry_offsets(index)) {
+                (Some(term), Some((base_offset, _))) if term == waiter.term => Ok(base_offset),
+                _ => Err(BrokerError::LeadershipLost),
+            };
+            let _ = waiter.reply.send(result);
+        }
+        if !still_waiting.is_empty() {
+            self.waiters.insert(index, still_waiting);
+        }
     }
 
     /// Answers `acks=leader|none` waiters whose entries are persisted here, and
@@ -283,14 +332,18 @@ impl ReplicaState {
         let last_index = self.core.store().last_index_value();
         let indexes: Vec<u64> = self.waiters.keys().copied().collect();
         for index in indexes {
-            let store = self.core.store();
-            let replaced =
-                index > last_index || store.entry_term(index).is_some_and(|t| t != self.waiters[&index].term);
-            if replaced {
-                if let Some(waiter) = self.waiters.remove(&index) {
-                    let _ = waiter.reply.send(Err(BrokerError::LeadershipLost));
-                }
-            } else if self.waiters[&index].acks != Acks::All {
+            let Some(waiters) = self.waiters.remove(&index) else {
+                continue;
+            };
+            let term_here = self.core.store().entry_term(index);
+            let (replaced, kept): (Vec<Waiter>, Vec<Waiter>) = waiters
+                .into_iter()
+                .partition(|w| index > last_index || term_here.is_some_and(|t| t != w.term));
+            for waiter in replaced {
+                let _ = waiter.reply.send(Err(BrokerError::LeadershipLost));
+            }
+            if !kept.is_empty() {
+                self.waiters.insert(index, kept);
                 self.resolve(index, false);
             }
         }

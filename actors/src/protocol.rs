@@ -54,6 +54,16 @@ pub enum BrokerError {
     Timeout(u64),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// An idempotent producer skipped sequence numbers: records are missing.
+    #[error("out-of-order sequence from producer {producer_id}: expected {expected}, got {got}")]
+    OutOfOrderSequence { producer_id: i64, expected: i32, got: i32 },
+    /// A batch older than anything the partition remembers of its producer.
+    #[error("stale sequence {got} from producer {producer_id} (its last is {last_sequence})")]
+    StaleSequence {
+        producer_id: i64,
+        last_sequence: i32,
+        got: i32,
+    },
 }
 
 /// The cluster-directory name of each node's controller service (node to node).

@@ -27,6 +27,7 @@ use runnel_storage::{BatchBuilder, DurableKv, FsyncPolicy, Log, LogConfig, Recor
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ActorError, Result};
+use crate::producers::ProducerTable;
 
 const META_FILE: &str = "raft.meta";
 const KEY_HARD_STATE: &str = "hard_state";
@@ -81,6 +82,8 @@ pub struct PartitionStore {
     conf_state: ConfState,
     /// Entries appended but not yet synced.
     unsynced: bool,
+    /// Idempotent producers' recent batches in this log.
+    producers: ProducerTable,
 }
 
 impl PartitionStore {
@@ -114,12 +117,14 @@ impl PartitionStore {
             return Err(ActorError::corrupt(dir, reason));
         }
         let mut slots = VecDeque::new();
+        let mut producers = ProducerTable::default();
         log.visit_headers(|header| {
             slots.push_back(EntrySlot {
                 base_offset: header.base_offset,
                 next_offset: header.next_offset(),
                 term: header.raft_term,
-            })
+            });
+            producers.record(header, snapshot.index + slots.len() as u64);
         })?;
         let last_index = snapshot.index + slots.len() as u64;
         let hard_state = HardState {
@@ -140,6 +145,7 @@ impl PartitionStore {
             persisted: stored,
             conf_state,
             unsynced: false,
+            producers,
         })
     }
 
@@ -184,6 +190,23 @@ impl PartitionStore {
         self.slots.get(usize::try_from(position).ok()?).copied()
     }
 
+    pub fn producers(&self) -> &ProducerTable {
+        &self.producers
+    }
+
+    /// Rebuilds the producer table from the log (after its tail changed).
+    fn rebuild_producers(&mut self) -> Result<()> {
+        let mut producers = ProducerTable::default();
+        let first_index = self.snapshot.index + 1;
+        let mut index = first_index;
+        self.log.visit_headers(|header| {
+            producers.record(header, index);
+            index += 1;
+        })?;
+        self.producers = producers;
+        Ok(())
+    }
+
     /// The term of entry `index`, if the log holds it.
     pub fn entry_term(&self, index: u64) -> Option<u64> {
         self.slot(index).map(|s| s.term)
@@ -222,6 +245,7 @@ impl PartitionStore {
         if let Some(slot) = self.slot(first.index) {
             self.log.truncate(slot.base_offset)?;
             self.slots.truncate((first.index - self.snapshot.index - 1) as usize);
+            self.rebuild_producers()?;
         }
         for entry in entries {
             debug_assert_eq!(entry.index, self.last_index_value() + 1);
@@ -232,6 +256,7 @@ impl PartitionStore {
                 next_offset: batch.next_offset(),
                 term: entry.term,
             });
+            self.producers.record(batch.header(), entry.index);
         }
         self.unsynced = true;
         Ok(())
@@ -305,6 +330,7 @@ impl PartitionStore {
         write_meta(&mut self.meta, KEY_SNAPSHOT, &point)?;
         self.log.reset(start_offset)?;
         self.slots.clear();
+        self.producers.clear();
         self.snapshot = point;
         self.hard_state.commit = self.hard_state.commit.max(metadata.index);
         self.hard_state.term = self.hard_state.term.max(metadata.term);

@@ -283,3 +283,63 @@ async fn replicated_partition_survives_a_replica_crash_and_a_leader_kill() {
         "the restarted replica's log differs from the leader's"
     );
 }
+
+fn idempotent_batch(producer_id: i64, base_sequence: i32, tag: &str) -> RecordBatch {
+    let producer = runnel_storage::ProducerInfo {
+        producer_id,
+        producer_epoch: 0,
+        base_sequence,
+    };
+    let mut builder = BatchBuilder::new().producer(producer);
+    for i in 0..5 {
+        let value = Bytes::from(format!("{tag}/{i}"));
+        builder
+            .push(&Record {
+                timestamp_ms: 1,
+                value: Some(value),
+                ..Record::default()
+            })
+            .expect("push");
+    }
+    builder.build().expect("build")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_producers_retry_is_written_once_and_gaps_are_refused() {
+    let mut cluster = Cluster::start().await;
+    cluster.produce("warm-up").await;
+    let leader = cluster.leader().await;
+    let broker = &cluster.members[&leader].broker;
+    let first = broker
+        .produce(GROUP, idempotent_batch(42, 0, "a"), Acks::All)
+        .await
+        .expect("first");
+    let retry = broker
+        .produce(GROUP, idempotent_batch(42, 0, "a"), Acks::All)
+        .await
+        .expect("retry");
+    assert_eq!(retry, first, "a retry answers with the original's offset");
+    let err = broker
+        .produce(GROUP, idempotent_batch(42, 20, "gap"), Acks::All)
+        .await
+        .expect_err("gap accepted");
+    assert_eq!(
+        err,
+        BrokerError::OutOfOrderSequence {
+            producer_id: 42,
+            expected: 5,
+            got: 20
+        }
+    );
+    let next = broker
+        .produce(GROUP, idempotent_batch(42, 5, "b"), Acks::All)
+        .await
+        .expect("next");
+    assert!(next > first);
+    cluster.acked.insert("a".to_string(), first);
+    cluster.acked.insert("b".to_string(), next);
+    for id in VOTERS {
+        cluster.wait_committed(id, cluster.leader_committed().await).await;
+        cluster.check_acknowledged(id).await;
+    }
+}

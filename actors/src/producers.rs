@@ -1,0 +1,178 @@
+//! The idempotent-producer table of one partition replica.
+//!
+//! A producer stamps each batch with its producer id and the sequence number
+//! of its first record (sequences count records per partition from 0). The
+//! table remembers, per producer, the last few batches in this replica's log
+//! — committed or not — so a leader can tell a retry (same id and sequence)
+//! from a new batch, and a gap from a duplicate. It is rebuilt from batch
+//! headers when the replica opens and whenever its log tail is truncated, so
+//! it always describes exactly what the log holds.
+
+use std::collections::{HashMap, VecDeque};
+
+use runnel_storage::{BatchHeader, ProducerInfo};
+
+/// Batches remembered per producer (a producer may have this many in flight).
+pub const RECENT_BATCHES: usize = 5;
+/// Producers remembered per partition; the least recently written go first.
+pub const PRODUCERS_MAX: usize = 10_000;
+
+/// One batch of a producer, where the log holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProducedBatch {
+    pub base_sequence: i32,
+    pub last_sequence: i32,
+    pub index: u64,
+    pub base_offset: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ProducerEntry {
+    epoch: i16,
+    recent: VecDeque<ProducedBatch>,
+}
+
+/// What to do with a new batch from an idempotent producer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SequenceCheck {
+    /// Not seen: propose it.
+    New,
+    /// Already in the log: answer with where it is.
+    Duplicate(ProducedBatch),
+    /// A sequence beyond the next expected one: records are missing.
+    Gap { expected: i32, got: i32 },
+    /// Older than what is remembered, or from an older epoch.
+    Stale { last_sequence: i32 },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ProducerTable {
+    producers: HashMap<i64, ProducerEntry>,
+}
+
+impl ProducerTable {
+    /// Records a batch appended at Raft `index` (no-op for batches without a
+    /// producer).
+    pub fn record(&mut self, header: &BatchHeader, index: u64) {
+        let producer = header.producer;
+        if producer.producer_id < 0 || producer.base_sequence < 0 {
+            return;
+        }
+        if !self.producers.contains_key(&producer.producer_id) && self.producers.len() >= PRODUCERS_MAX {
+            self.evict_oldest();
+        }
+        let entry = self.producers.entry(producer.producer_id).or_default();
+        if producer.producer_epoch > entry.epoch {
+            entry.recent.clear();
+        }
+        entry.epoch = producer.producer_epoch.max(entry.epoch);
+        entry.recent.push_back(ProducedBatch {
+            base_sequence: producer.base_sequence,
+            last_sequence: producer.base_sequence.saturating_add(header.record_count as i32 - 1),
+            index,
+            base_offset: header.base_offset,
+        });
+        while entry.recent.len() > RECENT_BATCHES {
+            entry.recent.pop_front();
+        }
+    }
+
+    fn evict_oldest(&mut self) {
+        let oldest = self
+            .producers
+            .iter()
+            .min_by_key(|(_, e)| e.recent.back().map_or(0, |b| b.index))
+            .map(|(&id, _)| id);
+        if let Some(id) = oldest {
+            self.producers.remove(&id);
+        }
+    }
+
+    /// Classifies a batch about to be proposed.
+    pub fn check(&self, producer: &ProducerInfo) -> SequenceCheck {
+        let Some(entry) = self.producers.get(&producer.producer_id) else {
+            // A producer's first batch on this partition starts at 0; a later
+            // one means the table forgot it, and taking it is the safe side.
+            return SequenceCheck::New;
+        };
+        if producer.producer_epoch < entry.epoch {
+            let last_sequence = entry.recent.back().map_or(-1, |b| b.last_sequence);
+            return SequenceCheck::Stale { last_sequence };
+        }
+        if producer.producer_epoch > entry.epoch {
+            return SequenceCheck::New;
+        }
+        if let Some(batch) = entry.recent.iter().find(|b| b.base_sequence == producer.base_sequence) {
+            return SequenceCheck::Duplicate(*batch);
+        }
+        let last_sequence = entry.recent.back().map_or(-1, |b| b.last_sequence);
+        let expected = last_sequence.saturating_add(1);
+        match producer.base_sequence.cmp(&expected) {
+            std::cmp::Ordering::Equal => SequenceCheck::New,
+            std::cmp::Ordering::Greater => SequenceCheck::Gap {
+                expected,
+                got: producer.base_sequence,
+            },
+            std::cmp::Ordering::Less => SequenceCheck::Stale { last_sequence },
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.producers.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(producer_id: i64, base_sequence: i32, count: u32, base_offset: u64) -> BatchHeader {
+        BatchHeader {
+            base_offset,
+            batch_length: 0,
+            raft_term: 1,
+            magic: 1,
+            crc: 0,
+            attributes: 0,
+            record_count: count,
+            first_timestamp_ms: 0,
+            max_timestamp_ms: 0,
+            producer: ProducerInfo {
+                producer_id,
+                producer_epoch: 0,
+                base_sequence,
+            },
+        }
+    }
+
+    fn info(producer_id: i64, base_sequence: i32) -> ProducerInfo {
+        ProducerInfo {
+            producer_id,
+            producer_epoch: 0,
+            base_sequence,
+        }
+    }
+
+    #[test]
+    fn new_duplicate_gap_and_stale() {
+        let mut table = ProducerTable::default();
+        assert_eq!(table.check(&info(7, 0)), SequenceCheck::New);
+        table.record(&header(7, 0, 10, 100), 1);
+        table.record(&header(7, 10, 5, 110), 2);
+        assert_eq!(table.check(&info(7, 15)), SequenceCheck::New);
+        match table.check(&info(7, 10)) {
+            SequenceCheck::Duplicate(batch) => assert_eq!((batch.index, batch.base_offset), (2, 110)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(table.check(&info(7, 20)), SequenceCheck::Gap { expected: 15, got: 20 });
+        for i in 0..RECENT_BATCHES as i32 {
+            table.record(&header(7, 15 + i, 1, 200 + i as u64), 3 + i as u64);
+        }
+        assert_eq!(table.check(&info(7, 0)), SequenceCheck::Stale { last_sequence: 19 });
+        assert_eq!(
+            table.check(&info(8, 0)),
+            SequenceCheck::New,
+            "another producer is independent"
+        );
+    }
+}
