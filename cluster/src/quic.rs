@@ -474,7 +474,14 @@ impl ClusterClient {
         }
         .map_err(|e| ClusterError::InvalidConfig(format!("{e}")))?;
         let loopback = seeds.iter().all(|s| s.ip().is_loopback());
-        let transport = Arc::new(transport_config(&QuicConfig::default(), loopback));
+        // A client must notice a dead node quickly to fail over to the new
+        // leader: short keep-alive, short idle timeout.
+        let quick = QuicConfig {
+            keep_alive_ms: 200,
+            idle_timeout_ms: 800,
+            ..QuicConfig::default()
+        };
+        let transport = Arc::new(transport_config(&quick, loopback));
         let client = client_config(identity, ALPN_CLIENT, transport)?;
         let endpoint = quinn::Endpoint::client(bind).map_err(|source| ClusterError::Bind { addr: bind, source })?;
         Ok(ClusterClient {

@@ -1,5 +1,6 @@
 //! `runnel bench …`: measurements printed as JSON lines and a human summary.
 
+mod cluster;
 mod storage;
 pub mod transport;
 
@@ -11,12 +12,18 @@ pub enum Target {
     Storage(storage::Args),
     /// Remote send throughput and call latency between two node processes.
     Transport(transport::Args),
+    /// Produce throughput, ack latency and failover gap on 3 node processes.
+    Produce(cluster::ProduceArgs),
+    /// CPU and memory of 3 idle nodes holding many partitions.
+    Idle(cluster::IdleArgs),
 }
 
 pub fn run(target: Target) -> anyhow::Result<()> {
     match target {
         Target::Storage(args) => storage::run(args),
         Target::Transport(args) => transport::run(args),
+        Target::Produce(args) => cluster::produce(args),
+        Target::Idle(args) => cluster::idle(args),
     }
 }
 

@@ -1,0 +1,387 @@
+//! `runnel bench produce` and `runnel bench idle`: a 3-node cluster of
+//! `runnel node` processes on loopback, measured through the Rust client.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use runnel::broker::client::Client;
+use runnel::broker::metadata::TopicConfig;
+use runnel::broker::Acks;
+use runnel::cluster::tls::CertDir;
+use runnel::cluster::NodeId;
+use runnel::storage::{BatchBuilder, ProducerInfo, Record};
+use serde_json::json;
+
+use super::median;
+
+/// Kills the node processes however the benchmark ends.
+struct Nodes {
+    children: Vec<Option<Child>>,
+    addrs: Vec<SocketAddr>,
+    certs: PathBuf,
+    _scratch: tempfile::TempDir,
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Nodes {
+    fn start(count: usize, dir: Option<&Path>) -> anyhow::Result<Nodes> {
+        let parent = dir.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+        let scratch = tempfile::Builder::new()
+            .prefix("runnel-bench-cluster-")
+            .tempdir_in(&parent)?;
+        let certs = scratch.path().join("certs");
+        let ids: Vec<NodeId> = (1..=count as u32).map(NodeId).collect();
+        CertDir::new(&certs).init(&ids)?;
+        let addrs: Vec<SocketAddr> = (0..count)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()))
+            .collect::<Result<_, _>>()?;
+        let seeds: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
+        let mut children = Vec::new();
+        for (i, addr) in addrs.iter().enumerate() {
+            let child = Command::new(std::env::current_exe()?)
+                .args([
+                    "node",
+                    "--id",
+                    &(i + 1).to_string(),
+                    "--listen",
+                    &addr.to_string(),
+                    "--seeds",
+                    &seeds.join(","),
+                ])
+                .arg("--data")
+                .arg(scratch.path().join(format!("data-{}", i + 1)))
+                .arg("--certs")
+                .arg(&certs)
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting a node")?;
+            children.push(Some(child));
+        }
+        Ok(Nodes {
+            children,
+            addrs,
+            certs,
+            _scratch: scratch,
+        })
+    }
+
+    fn pid(&self, node: u32) -> Option<u32> {
+        self.children.get(node as usize - 1)?.as_ref().map(Child::id)
+    }
+
+    fn kill(&mut self, node: u32) {
+        if let Some(mut child) = self.children.get_mut(node as usize - 1).and_then(Option::take) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn create_topic(client: &Client, name: &str, config: TopicConfig) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client.create_topic(name, config.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "topic not created yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn connect(nodes: &Nodes) -> anyhow::Result<Arc<Client>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match Client::connect(nodes.addrs.clone(), &nodes.certs).await {
+            Ok(client) => return Ok(Arc::new(client)),
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ProduceArgs {
+    /// Seconds each case runs.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Bytes of records per batch.
+    #[arg(long, default_value_t = 256 << 10)]
+    batch_bytes: usize,
+    /// Directory for the nodes' data (a temporary one under it).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// One producer's results: acknowledged records and each batch's ack latency.
+struct ProducerRun {
+    records: u64,
+    latencies_ms: Vec<f64>,
+}
+
+async fn produce_for(
+    client: Arc<Client>,
+    partition: u32,
+    producer_id: i64,
+    record_bytes: usize,
+    batch_bytes: usize,
+    until: Instant,
+) -> anyhow::Result<ProducerRun> {
+    let value = Bytes::from(vec![b'r'; record_bytes]);
+    let per_batch = (batch_bytes / (record_bytes + 8)).max(1);
+    let mut run = ProducerRun {
+        records: 0,
+        latencies_ms: Vec::new(),
+    };
+    let mut sequence = 0i32;
+    while Instant::now() < until {
+        let producer = ProducerInfo {
+            producer_id,
+            producer_epoch: 0,
+            base_sequence: sequence,
+        };
+        let mut builder = BatchBuilder::with_capacity(batch_bytes + 1024).producer(producer);
+        for _ in 0..per_batch {
+            builder.push(&Record {
+                timestamp_ms: 1,
+                value: Some(value.clone()),
+                ..Record::default()
+            })?;
+        }
+        let batch = builder.build()?;
+        let count = batch.record_count();
+        let started = Instant::now();
+        client.produce("bench", partition, batch, Acks::All).await?;
+        run.latencies_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        run.records += u64::from(count);
+        sequence += count as i32;
+    }
+    Ok(run)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// MB/s of 1 MiB writes each followed by fdatasync, on the nodes' disk.
+fn fdatasync_ceiling(dir: &Path) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let path = dir.join("runnel-bench-fdatasync");
+    let mut file = std::fs::File::create(&path)?;
+    let chunk = vec![b'f'; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..128 {
+        file.write_all(&chunk)?;
+        file.sync_data()?;
+    }
+    let mb_per_s = 128.0 * (1 << 20) as f64 / 1e6 / started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(mb_per_s)
+}
+
+pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let mut nodes = Nodes::start(3, args.dir.as_deref())?;
+        let ceiling = fdatasync_ceiling(args.dir.as_deref().unwrap_or(&std::env::temp_dir()))?;
+        let client = connect(&nodes).await?;
+        create_topic(&client, "bench", TopicConfig::new(4, 3)).await?;
+        let mut summary = Vec::new();
+        let mut producer_id = 1_000i64;
+        for record_bytes in [100usize, 1024] {
+            for producers in [1u32, 4] {
+                let until = Instant::now() + Duration::from_secs(args.seconds);
+                let started = Instant::now();
+                let mut tasks = Vec::new();
+                for p in 0..producers {
+                    producer_id += 1;
+                    tasks.push(tokio::spawn(produce_for(client.clone(), p % 4, producer_id, record_bytes, args.batch_bytes, until)));
+                }
+                let (mut records, mut latencies) = (0u64, Vec::new());
+                for task in tasks {
+                    let run = task.await??;
+                    records += run.records;
+                    latencies.extend(run.latencies_ms);
+                }
+                let seconds = started.elapsed().as_secs_f64();
+                latencies.sort_by(f64::total_cmp);
+                let (p50, p99, max) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99), latencies.last().copied().unwrap_or(f64::NAN));
+                let mb_per_s = records as f64 * record_bytes as f64 / 1e6 / seconds;
+                let ratio = mb_per_s / (ceiling / 3.0);
+                println!(
+                    "{}",
+                    json!({"bench": "produce", "record_bytes": record_bytes, "producers": producers, "replication": 3,
+                        "acks": "all", "fsync": "every_batch", "records_per_s": records as f64 / seconds, "mb_per_s": mb_per_s,
+                        "ack_p50_ms": p50, "ack_p99_ms": p99, "ack_max_ms": max, "batches": latencies.len(),
+                        "ceiling_mb_per_s": ceiling / 3.0, "ratio_to_ceiling": ratio})
+                );
+                summary.push(format!(
+                    "  {record_bytes:>5} B records, {producers} producer(s): {:>10.0} records/s {:>7.1} MB/s = {:>5.1}% of ceiling | ack p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
+                    records as f64 / seconds,
+                    mb_per_s,
+                    ratio * 100.0
+                ));
+            }
+        }
+        let gap = failover_gap(&client, &mut nodes, args.batch_bytes).await?;
+        println!("{}", json!({"bench": "produce", "case": "failover", "longest_gap_without_ack_ms": gap}));
+        println!("\nproduce benchmark: 3 node processes on loopback, RF=3, acks=all, fsync every batch, {} s per case", args.seconds);
+        println!("  ceiling: 1 MiB write + fdatasync loop {ceiling:.1} MB/s / RF 3 = {:.1} MB/s", ceiling / 3.0);
+        for line in summary {
+            println!("{line}");
+        }
+        println!("  failover: longest time without a successful ack after killing the leader: {gap:.0} ms");
+        Ok(())
+    })
+}
+
+/// Produces continuously, kills partition 0's leader, and returns the longest
+/// time between two successful acks.
+async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usize) -> anyhow::Result<f64> {
+    let info = client.describe_topic("bench").await?;
+    let leader = info.partitions[0].leader.context("partition 0 has no leader")?;
+    let value = Bytes::from(vec![b'g'; 100]);
+    let mut last_ack = Instant::now();
+    let mut longest = 0f64;
+    let started = Instant::now();
+    let mut killed = false;
+    let mut sequence = 0i32;
+    while started.elapsed() < Duration::from_secs(8) {
+        if !killed && started.elapsed() > Duration::from_secs(2) {
+            nodes.kill(leader);
+            killed = true;
+        }
+        let producer = ProducerInfo {
+            producer_id: 77,
+            producer_epoch: 0,
+            base_sequence: sequence,
+        };
+        let mut builder = BatchBuilder::new().producer(producer);
+        for _ in 0..(batch_bytes / 1024).max(1) {
+            builder.push(&Record {
+                timestamp_ms: 1,
+                value: Some(value.clone()),
+                ..Record::default()
+            })?;
+        }
+        let batch = builder.build()?;
+        let count = batch.record_count() as i32;
+        if client.produce("bench", 0, batch, Acks::All).await.is_ok() {
+            longest = longest.max(last_ack.elapsed().as_secs_f64() * 1e3);
+            last_ack = Instant::now();
+            sequence += count;
+        }
+    }
+    if !killed {
+        bail!("the leader was never killed");
+    }
+    Ok(longest)
+}
+
+#[derive(clap::Args)]
+pub struct IdleArgs {
+    #[arg(long, default_value_t = 1000)]
+    partitions: u32,
+    /// Seconds of idleness measured.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// (CPU seconds used so far, resident bytes) of a process, from /proc.
+fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 =
+        fields.get(11).context("utime")?.parse::<u64>()? + fields.get(12).context("stime")?.parse::<u64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS")?
+        .parse()?;
+    // Linux reports CPU time in clock ticks of 1/100 s on every common build.
+    Ok((ticks as f64 / 100.0, rss_kib * 1024))
+}
+
+pub fn idle(args: IdleArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let nodes = Nodes::start(3, args.dir.as_deref())?;
+        let client = connect(&nodes).await?;
+        create_topic(&client, "idle", TopicConfig::new(args.partitions, 3)).await?;
+        // Let elections settle before measuring idleness.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let info = client.describe_topic("idle").await?;
+            if info.partitions.iter().all(|p| p.leader.is_some()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("not every partition elected a leader within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before: Vec<(f64, u64)> = (1..=3)
+            .map(|n| process_usage(nodes.pid(n).unwrap_or(0)))
+            .collect::<Result<_, _>>()?;
+        tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+        let after: Vec<(f64, u64)> = (1..=3)
+            .map(|n| process_usage(nodes.pid(n).unwrap_or(0)))
+            .collect::<Result<_, _>>()?;
+        let mut cores = Vec::new();
+        println!();
+        for (n, (b, a)) in before.iter().zip(&after).enumerate() {
+            let core_share = (a.0 - b.0) / args.seconds as f64;
+            cores.push(core_share);
+            println!(
+                "{}",
+                json!({"bench": "idle", "node": n + 1, "partitions": args.partitions, "replication": 3,
+                    "cpu_core_fraction": core_share, "rss_bytes": a.1})
+            );
+        }
+        println!(
+            "\nidle benchmark: {} partitions, RF=3, 3 node processes, {} s idle",
+            args.partitions, args.seconds
+        );
+        for (n, (share, (_, rss))) in cores.iter().zip(&after).enumerate() {
+            println!(
+                "  node {}: {:>5.1}% of a core, {:>6.1} MB resident",
+                n + 1,
+                share * 100.0,
+                *rss as f64 / 1e6
+            );
+        }
+        let _ = median(&mut cores.clone());
+        Ok(())
+    })
+}
