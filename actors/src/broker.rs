@@ -314,6 +314,10 @@ fn deliver_raft_batch(registry: &Registry, from: NodeId, payload: &[u8]) {
                 continue;
             }
         };
+        if raft::raw_node::is_local_msg(message.get_msg_type()) {
+            tracing::warn!(%from, group, "dropped a local-only Raft message type from a peer");
+            continue;
+        }
         if message.from != u64::from(from.0) {
             tracing::warn!(%from, group, claimed = message.from, "dropped a Raft message from a forged sender");
             continue;

@@ -538,16 +538,7 @@ impl Producer {
                 self.next_partition
             }
         };
-        let sequence = self.next_sequence.get(&partition).copied().unwrap_or(0);
-        let producer = ProducerInfo {
-            producer_id: self.producer_id,
-            producer_epoch: 0,
-            base_sequence: sequence,
-        };
-        let builder = self
-            .pending
-            .entry(partition)
-            .or_insert_with(|| BatchBuilder::new().producer(producer));
+        let builder = self.pending.entry(partition).or_default();
         builder.push(&record)?;
         if builder.record_count() as usize >= self.batch_records_max {
             if let Some(builder) = self.pending.remove(&partition) {
@@ -557,25 +548,59 @@ impl Producer {
         Ok(Vec::new())
     }
 
-    /// Sends one partition's batch; its sequence advances once it is written.
-    async fn send_batch(&mut self, partition: u32, builder: BatchBuilder) -> ClientResult<(u32, u64, u32)> {
+    /// Stamps a partition's batch with this producer's id and next sequence
+    /// and sends it. The sequence advances once the batch is written. After an
+    /// outcome the cluster could not tell, the producer takes a fresh id, so a
+    /// sequence that may already be stored is never used for other records.
+    async fn send_batch(&mut self, partition: u32, mut builder: BatchBuilder) -> ClientResult<(u32, u64, u32)> {
+        let base_sequence = self.next_sequence.get(&partition).copied().unwrap_or(0);
+        builder.set_producer(ProducerInfo {
+            producer_id: self.producer_id,
+            producer_epoch: 0,
+            base_sequence,
+        });
         let batch = builder.build()?;
         let count = batch.record_count();
-        let base = self.client.produce(&self.topic, partition, batch, self.acks).await?;
-        *self.next_sequence.entry(partition).or_insert(0) += count as i32;
-        Ok((partition, base, count))
+        match self.client.produce(&self.topic, partition, batch, self.acks).await {
+            Ok(base) => {
+                *self.next_sequence.entry(partition).or_insert(0) += count as i32;
+                Ok((partition, base, count))
+            }
+            Err(e) => {
+                if is_unknown_outcome(&e) {
+                    self.producer_id = new_producer_id();
+                    self.next_sequence.clear();
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Sends every queued record.
+    /// Sends every queued record. On an error, partitions not yet tried stay
+    /// queued; the failed partition's batch is reported by the error.
     pub async fn flush(&mut self) -> ClientResult<Vec<(u32, u64, u32)>> {
         let mut sent = Vec::new();
-        for (partition, builder) in std::mem::take(&mut self.pending) {
+        let partitions: Vec<u32> = self.pending.keys().copied().collect();
+        for partition in partitions {
+            let Some(builder) = self.pending.remove(&partition) else {
+                continue;
+            };
             if !builder.is_empty() {
                 sent.push(self.send_batch(partition, builder).await?);
             }
         }
         Ok(sent)
     }
+}
+
+/// Whether a produce error leaves it open if the batch was written.
+fn is_unknown_outcome(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::Unavailable { .. }
+            | ClientError::Cluster(ClusterError::NoAnswer { .. })
+            | ClientError::Broker(BrokerError::Timeout(_) | BrokerError::ReplicaFailed { .. })
+    )
 }
 
 /// Reads assigned partitions of a topic from chosen offsets.

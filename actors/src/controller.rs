@@ -218,8 +218,16 @@ impl Shared {
                             continue;
                         }
                         let value = record.record.value.unwrap_or_default();
-                        let command: MetadataCommand = postcard::from_bytes(&value)
-                            .map_err(|e| format!("controller record {} is not a command: {e}", record.offset))?;
+                        let command: MetadataCommand = match postcard::from_bytes(&value) {
+                            Ok(command) => command,
+                            Err(e) => {
+                                // Skipped, not retried forever: every node skips it alike.
+                                tracing::error!(offset = record.offset, error = %e, "controller record is not a command");
+                                let refusal = MetadataError::InvalidConfig(format!("undecodable command: {e}"));
+                                meta.results.insert(record.offset, Err(refusal));
+                                continue;
+                            }
+                        };
                         let result = meta.metadata.apply(&command);
                         match &result {
                             Ok(()) => {

@@ -186,9 +186,16 @@ impl ReplicaState {
             let _ = reply.send(Err(BrokerError::Busy(group)));
             return;
         }
+        // Attributes belong to the broker (a client-made control batch would
+        // be read back as a Raft configuration change).
+        if batch.header().attributes != 0 {
+            let reason = format!("batch attributes must be 0, not {:#06x}", batch.header().attributes);
+            let _ = reply.send(Err(BrokerError::InvalidRequest(reason)));
+            return;
+        }
         let producer = batch.header().producer;
         if producer.producer_id >= 0 && self.core.is_leader() {
-            match self.core.store().producers().check(&producer) {
+            match self.core.store().producers().check(&producer, batch.record_count()) {
                 SequenceCheck::New => {}
                 SequenceCheck::Duplicate(original) => {
                     // A retry: answer with the original's fate, never write twice.
@@ -212,6 +219,22 @@ impl ReplicaState {
                         expected,
                         got,
                     }));
+                    return;
+                }
+                SequenceCheck::Mismatch { last_sequence } => {
+                    let reason = format!(
+                        "producer {} reused sequence {} for different records (the stored batch ends at {last_sequence})",
+                        producer.producer_id, producer.base_sequence
+                    );
+                    let _ = reply.send(Err(BrokerError::InvalidRequest(reason)));
+                    return;
+                }
+                SequenceCheck::UnknownProducer => {
+                    let reason = format!(
+                        "producer {} is not known here and its sequence {} is not 0; start a new producer",
+                        producer.producer_id, producer.base_sequence
+                    );
+                    let _ = reply.send(Err(BrokerError::InvalidRequest(reason)));
                     return;
                 }
                 SequenceCheck::Stale { last_sequence } => {

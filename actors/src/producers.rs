@@ -43,6 +43,12 @@ pub enum SequenceCheck {
     Gap { expected: i32, got: i32 },
     /// Older than what is remembered, or from an older epoch.
     Stale { last_sequence: i32 },
+    /// The same first sequence as a stored batch but a different length:
+    /// the producer reused sequence numbers for other records.
+    Mismatch { last_sequence: i32 },
+    /// A producer this replica does not remember (never seen, or evicted)
+    /// sending a batch that does not start its sequence: dedupe is impossible.
+    UnknownProducer,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -89,11 +95,16 @@ impl ProducerTable {
     }
 
     /// Classifies a batch about to be proposed.
-    pub fn check(&self, producer: &ProducerInfo) -> SequenceCheck {
+    pub fn check(&self, producer: &ProducerInfo, record_count: u32) -> SequenceCheck {
         let Some(entry) = self.producers.get(&producer.producer_id) else {
             // A producer's first batch on this partition starts at 0; a later
-            // one means the table forgot it, and taking it is the safe side.
-            return SequenceCheck::New;
+            // one means the table forgot it, and accepting it could write a
+            // retry twice.
+            return if producer.base_sequence == 0 {
+                SequenceCheck::New
+            } else {
+                SequenceCheck::UnknownProducer
+            };
         };
         if producer.producer_epoch < entry.epoch {
             let last_sequence = entry.recent.back().map_or(-1, |b| b.last_sequence);
@@ -103,6 +114,12 @@ impl ProducerTable {
             return SequenceCheck::New;
         }
         if let Some(batch) = entry.recent.iter().find(|b| b.base_sequence == producer.base_sequence) {
+            let last_sequence = producer.base_sequence.saturating_add(record_count as i32 - 1);
+            if batch.last_sequence != last_sequence {
+                return SequenceCheck::Mismatch {
+                    last_sequence: batch.last_sequence,
+                };
+            }
             return SequenceCheck::Duplicate(*batch);
         }
         let last_sequence = entry.recent.back().map_or(-1, |b| b.last_sequence);
@@ -156,23 +173,31 @@ mod tests {
     #[test]
     fn new_duplicate_gap_and_stale() {
         let mut table = ProducerTable::default();
-        assert_eq!(table.check(&info(7, 0)), SequenceCheck::New);
+        assert_eq!(table.check(&info(7, 0), 10), SequenceCheck::New);
         table.record(&header(7, 0, 10, 100), 1);
         table.record(&header(7, 10, 5, 110), 2);
-        assert_eq!(table.check(&info(7, 15)), SequenceCheck::New);
-        match table.check(&info(7, 10)) {
+        assert_eq!(table.check(&info(7, 15), 1), SequenceCheck::New);
+        assert_eq!(
+            table.check(&info(7, 10), 3),
+            SequenceCheck::Mismatch { last_sequence: 14 }
+        );
+        match table.check(&info(7, 10), 5) {
             SequenceCheck::Duplicate(batch) => assert_eq!((batch.index, batch.base_offset), (2, 110)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(table.check(&info(7, 20)), SequenceCheck::Gap { expected: 15, got: 20 });
+        assert_eq!(
+            table.check(&info(7, 20), 1),
+            SequenceCheck::Gap { expected: 15, got: 20 }
+        );
         for i in 0..RECENT_BATCHES as i32 {
             table.record(&header(7, 15 + i, 1, 200 + i as u64), 3 + i as u64);
         }
-        assert_eq!(table.check(&info(7, 0)), SequenceCheck::Stale { last_sequence: 19 });
+        assert_eq!(table.check(&info(7, 0), 10), SequenceCheck::Stale { last_sequence: 19 });
         assert_eq!(
-            table.check(&info(8, 0)),
+            table.check(&info(8, 0), 1),
             SequenceCheck::New,
             "another producer is independent"
         );
+        assert_eq!(table.check(&info(9, 30), 1), SequenceCheck::UnknownProducer);
     }
 }

@@ -33,6 +33,8 @@ const META_FILE: &str = "raft.meta";
 const KEY_HARD_STATE: &str = "hard_state";
 const KEY_CONF_STATE: &str = "conf_state";
 const KEY_SNAPSHOT: &str = "snapshot";
+/// Entries committed between two writes of the commit index at most.
+const COMMIT_PERSIST_EVERY: u64 = 1024;
 
 /// Where one entry sits in the log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,8 +73,6 @@ pub struct PartitionStore {
     dir: PathBuf,
     log: Log,
     meta: DurableKv,
-    /// When appended entries are forced to disk (the topic's policy).
-    fsync: FsyncPolicy,
     snapshot: SnapshotPoint,
     /// One slot per entry, from index `snapshot.index + 1`.
     slots: VecDeque<EntrySlot>,
@@ -90,7 +90,6 @@ impl PartitionStore {
     /// Opens the replica's storage in `dir`, creating it empty if needed.
     pub fn open(dir: &Path, log_config: LogConfig) -> Result<PartitionStore> {
         std::fs::create_dir_all(dir).map_err(|e| ActorError::io(dir, e))?;
-        let fsync = log_config.fsync;
         // The store syncs once per Raft ready, not once per batch.
         let log = Log::open(
             dir.join("log"),
@@ -127,18 +126,25 @@ impl PartitionStore {
             producers.record(header, snapshot.index + slots.len() as u64);
         })?;
         let last_index = snapshot.index + slots.len() as u64;
+        // The log is synced before the commit index is written, so a commit
+        // beyond the log means committed entries were lost from disk.
+        if stored.commit > last_index {
+            let reason = format!(
+                "committed entries up to index {} are lost: the log ends at {last_index}",
+                stored.commit
+            );
+            return Err(ActorError::corrupt(dir, reason));
+        }
         let hard_state = HardState {
             term: stored.term,
             vote: stored.vote,
-            // A crash can lose an unsynced tail that a lazily written commit covered.
-            commit: stored.commit.min(last_index).max(snapshot.index),
+            commit: stored.commit.max(snapshot.index),
             ..HardState::default()
         };
         Ok(PartitionStore {
             dir: dir.to_path_buf(),
             log,
             meta,
-            fsync,
             snapshot,
             slots,
             hard_state,
@@ -262,20 +268,23 @@ impl PartitionStore {
         Ok(())
     }
 
-    /// Makes appended entries durable according to the fsync policy. Raft
-    /// requires this before votes and append acknowledgements are sent.
+    /// Makes appended entries durable. Raft answers votes and appends only
+    /// after this, so replicated partitions always fsync here; a relaxed
+    /// per-topic policy would let a crash lose entries a leader counted.
     pub fn sync(&mut self) -> Result<()> {
-        if !self.unsynced {
-            return Ok(());
+        if self.unsynced {
+            self.log.flush()?;
+            self.unsynced = false;
         }
-        match self.fsync {
-            FsyncPolicy::EveryBatch => self.log.flush()?,
-            FsyncPolicy::Interval(_) => {
-                self.log.flush_if_due()?;
-            }
-            FsyncPolicy::Never => {}
+        Ok(())
+    }
+
+    /// Writes the commit index when it has moved far since last written, so a
+    /// restart after a crash does not re-read a long committed stretch.
+    pub fn persist_commit_if_far(&mut self) -> Result<()> {
+        if self.hard_state.commit >= self.persisted.commit + COMMIT_PERSIST_EVERY {
+            self.persist_hard_state()?;
         }
-        self.unsynced = false;
         Ok(())
     }
 

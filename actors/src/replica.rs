@@ -91,6 +91,8 @@ impl ReplicaCore {
             max_size_per_msg: config.max_size_per_msg,
             max_inflight_msgs: config.max_inflight_msgs,
             max_uncommitted_size: config.max_uncommitted_bytes,
+            // Bounds what one ready loads when a replica catches up.
+            max_committed_size_per_ready: 16 << 20,
             check_quorum: true,
             pre_vote: true,
             ..raft::Config::default()
@@ -161,6 +163,11 @@ impl ReplicaCore {
     pub fn step(&mut self, message: Message) -> Result<()> {
         match self.raw.step(message) {
             Ok(()) | Err(raft::Error::StepPeerNotFound) => Ok(()),
+            // Local-only message types must never come from a peer.
+            Err(raft::Error::StepLocalMsg) => {
+                tracing::warn!(id = self.id(), "dropped a local-only Raft message from a peer");
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -190,11 +197,12 @@ impl ReplicaCore {
         let committed = ready.take_committed_entries();
         self.apply(committed, &mut out)?;
         self.raw.mut_store().append(ready.entries())?;
+        // Entries before hard state: a written commit index never runs ahead
+        // of the durable log. Votes and acknowledgements go out after both.
+        self.raw.mut_store().sync()?;
         if let Some(hard_state) = ready.hs() {
             self.raw.mut_store().set_hard_state(hard_state)?;
         }
-        // Votes and append acknowledgements go out only after this.
-        self.raw.mut_store().sync()?;
         out.messages.extend(ready.take_persisted_messages());
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
@@ -203,6 +211,7 @@ impl ReplicaCore {
         out.messages.extend(light.take_messages());
         self.apply(light.take_committed_entries(), &mut out)?;
         self.raw.advance_apply();
+        self.raw.mut_store().persist_commit_if_far()?;
         Ok(out)
     }
 

@@ -99,6 +99,12 @@ impl Actor for NodeSupervisor {
         match message {
             SupervisorMsg::Start(args, reply) => {
                 let group = args.group;
+                // A repeated start (a caller that timed out and retried) must
+                // not put a second replica on the same directory.
+                if state.args.contains_key(&group) {
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
                 state.args.insert(group, args);
                 state.health.insert(
                     group,

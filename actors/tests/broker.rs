@@ -331,6 +331,34 @@ async fn an_idempotent_producers_retry_is_written_once_and_gaps_are_refused() {
             got: 20
         }
     );
+    let reused = idempotent_batch(42, 0, "a-but-longer");
+    let mut longer = BatchBuilder::new().producer(reused.header().producer);
+    for i in 0..7 {
+        longer
+            .push(&Record {
+                timestamp_ms: 1,
+                value: Some(Bytes::from(format!("x/{i}"))),
+                ..Record::default()
+            })
+            .expect("push");
+    }
+    let err = broker
+        .produce(GROUP, longer.build().expect("build"), Acks::All)
+        .await
+        .expect_err("reuse accepted");
+    assert!(err.to_string().contains("reused sequence 0"), "{err}");
+    let mut forged = BatchBuilder::new().attributes(runnel_storage::batch::ATTRIBUTE_CONTROL);
+    forged
+        .push(&Record {
+            value: Some(Bytes::from_static(b"not a control entry")),
+            ..Record::default()
+        })
+        .expect("push");
+    let err = broker
+        .produce(GROUP, forged.build().expect("build"), Acks::All)
+        .await
+        .expect_err("control batch accepted");
+    assert!(err.to_string().contains("attributes must be 0"), "{err}");
     let next = broker
         .produce(GROUP, idempotent_batch(42, 5, "b"), Acks::All)
         .await

@@ -447,6 +447,11 @@ impl BatchBuilder {
         self
     }
 
+    /// Sets who produced the batch, any time before it is built.
+    pub fn set_producer(&mut self, producer: ProducerInfo) {
+        self.producer = producer;
+    }
+
     pub fn attributes(mut self, attributes: u16) -> BatchBuilder {
         self.attributes = attributes;
         self
