@@ -61,14 +61,20 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The demo shows its phases; a node shows what it does.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "warn,runnel::demo=info",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Demo { dir } => demo::run(dir),
         Command::Certs { command } => cluster_cli::certs(command),
         Command::Node(args) => cluster_cli::node(args),
