@@ -231,6 +231,12 @@ pub struct ConsumeArgs {
     /// earliest, latest, or an offset.
     #[arg(long, default_value = "earliest")]
     from: String,
+    /// Start at the first record at or after this time (Unix milliseconds).
+    #[arg(long, conflicts_with = "from")]
+    from_time: Option<i64>,
+    /// Consumer name: resume from its committed offsets, commit as it reads.
+    #[arg(long)]
+    group: Option<String>,
     /// Read only this partition (default: all).
     #[arg(long)]
     partition: Option<u32>,
@@ -285,10 +291,22 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
                 consumer.assign(p, end);
             }
         }
+        if let Some(timestamp_ms) = args.from_time {
+            consumer.seek_to_timestamp(timestamp_ms).await?;
+        }
+        if let Some(group) = &args.group {
+            let resumed = consumer.resume(group).await?;
+            tracing::debug!(group, resumed, "resumed from committed offsets");
+        }
         let mut printed = 0u64;
         let stdout = std::io::stdout();
         loop {
             let records = consumer.poll().await?;
+            if let Some(group) = &args.group {
+                if !records.is_empty() {
+                    consumer.commit(group).await?;
+                }
+            }
             let mut out = stdout.lock();
             for (partition, record) in &records {
                 print_record(&mut out, &args.format, *partition, record)?;

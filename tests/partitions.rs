@@ -340,3 +340,88 @@ fn bad_produce_requests_get_clear_errors_and_the_cluster_keeps_serving() {
     assert!(text.contains("still") && text.contains("serving"), "{text}");
     let _ = Path::new("");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_offsets_survive_a_leader_kill_and_seek_by_timestamp_works() {
+    let mut cluster = start_cluster(80);
+    create_topic(&cluster, "events", 1);
+    let client = connect(&cluster).await;
+    let mut producer = Producer::new(client.clone(), "events", Acks::All)
+        .await
+        .expect("producer");
+    producer.batch_records_max = 10;
+    for i in 0..100i64 {
+        let record = Record {
+            timestamp_ms: i * 10,
+            value: Some(Bytes::from(format!("{i:03}"))),
+            ..Record::default()
+        };
+        producer.send(Some(0), record).await.expect("send");
+    }
+    producer.flush().await.expect("flush");
+
+    eprintln!("phase: consumer 'billing' reads 40 records and commits");
+    let mut consumer = Consumer::new(client.clone(), "events");
+    consumer.fetch_bytes_max = 1; // one batch of 10 per poll
+    consumer.assign(0, 0);
+    let mut read = Vec::new();
+    while read.len() < 40 {
+        read.extend(consumer.poll().await.expect("poll"));
+    }
+    assert_eq!(read.len(), 40);
+    consumer.commit("billing").await.expect("commit");
+    let committed = consumer.position(0).expect("position");
+
+    eprintln!("phase: kill the node leading the offsets partition; a new consumer resumes at the commit");
+    let info = client
+        .describe_topic(runnel::broker::client::OFFSETS_TOPIC)
+        .await
+        .expect("describe");
+    let offsets_partition = runnel::broker::client::partition_for_key(b"billing", info.config.partitions);
+    let leader = info.partitions[offsets_partition as usize]
+        .leader
+        .expect("offsets leader");
+    cluster.nodes[leader as usize - 1].kill();
+    let survivors: Vec<SocketAddr> = cluster
+        .addrs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader as usize - 1)
+        .map(|(_, a)| *a)
+        .collect();
+    let client = Arc::new(Client::connect(survivors, &cluster.certs).await.expect("connect"));
+    let mut resumed = Consumer::new(client.clone(), "events");
+    resumed.assign(0, 0);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match resumed.resume("billing").await {
+            Ok(1) => break,
+            Ok(_) | Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => panic!("resume: {other:?}"),
+        }
+    }
+    assert_eq!(resumed.position(0), Some(committed));
+    let next = loop {
+        let records = resumed.poll().await.expect("poll");
+        if let Some((_, record)) = records.into_iter().next() {
+            break record;
+        }
+    };
+    assert_eq!(
+        next.record.value.as_deref(),
+        Some(&b"040"[..]),
+        "resumed right after the committed records"
+    );
+
+    eprintln!("phase: seek by timestamp");
+    let mut seeker = Consumer::new(client.clone(), "events");
+    seeker.assign(0, 0);
+    seeker.seek_to_timestamp(505).await.expect("seek");
+    let first = loop {
+        if let Some((_, record)) = seeker.poll().await.expect("poll").into_iter().next() {
+            break record;
+        }
+    };
+    assert_eq!(first.record.timestamp_ms, 510);
+    assert_eq!(first.record.value.as_deref(), Some(&b"051"[..]));
+}

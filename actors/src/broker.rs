@@ -221,6 +221,22 @@ impl Broker {
         flatten(group, answer)
     }
 
+    /// The first committed offset of `group` at or after `timestamp_ms`.
+    pub async fn offset_for_timestamp(
+        &self,
+        group: u64,
+        timestamp_ms: i64,
+    ) -> std::result::Result<Option<u64>, BrokerError> {
+        let replica = self.replica_or_error(group)?;
+        let answer = replica
+            .call(
+                |reply| ReplicaMsg::OffsetForTimestamp { timestamp_ms, reply },
+                Some(self.config.request_timeout),
+            )
+            .await;
+        flatten(group, answer)
+    }
+
     pub async fn status(&self, group: u64) -> Option<ReplicaStatus> {
         let replica = self.replica(group)?;
         match replica

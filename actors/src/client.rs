@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use runnel_cluster::protocol::{ClientRequest as WireRequest, ClientResponse as WireResponse};
 use runnel_cluster::quic::ClusterClient;
 use runnel_cluster::tls::CertDir;
@@ -266,6 +267,25 @@ impl Client {
         };
         match self.route(topic, partition, &request).await? {
             ClientResponse::Produced { base_offset } => Ok(base_offset),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The first committed offset of a partition whose record timestamp is at
+    /// least `timestamp_ms`, or `None` when every record is older.
+    pub async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> ClientResult<Option<u64>> {
+        let request = ClientRequest::OffsetForTimestamp {
+            topic: topic.to_string(),
+            partition,
+            timestamp_ms,
+        };
+        match self.route(topic, partition, &request).await? {
+            ClientResponse::Offset(offset) => Ok(offset),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }
@@ -661,5 +681,129 @@ impl Consumer {
             ends.insert(partition, fetched.committed_offset);
         }
         Ok(ends)
+    }
+}
+
+/// The internal topic holding consumers' committed offsets.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// Partitions of the offsets topic (a consumer's commits all go to one).
+pub const OFFSETS_PARTITIONS: u32 = 8;
+
+/// The key under which a consumer's offset for one partition is stored.
+fn offset_key(consumer: &str, topic: &str, partition: u32) -> Bytes {
+    Bytes::from(format!("{consumer}\u{0}{topic}\u{0}{partition}"))
+}
+
+impl Client {
+    /// Makes sure the offsets topic exists (replicated like any topic).
+    async fn ensure_offsets_topic(&self) -> ClientResult<()> {
+        if self.cached_topics(false).await?.iter().any(|t| t.name == OFFSETS_TOPIC) {
+            return Ok(());
+        }
+        let alive = self.alive_nodes().len().clamp(1, 3) as u16;
+        match self
+            .create_topic(OFFSETS_TOPIC, TopicConfig::new(OFFSETS_PARTITIONS, alive))
+            .await
+        {
+            Ok(()) | Err(ClientError::Refused(MetadataError::TopicExists(_))) => {
+                self.cached_topics(true).await?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores `consumer`'s next offsets for `topic` partitions in the cluster.
+    pub async fn commit_offsets(&self, consumer: &str, topic: &str, offsets: &BTreeMap<u32, u64>) -> ClientResult<()> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        self.ensure_offsets_topic().await?;
+        let partition = partition_for_key(consumer.as_bytes(), OFFSETS_PARTITIONS);
+        let mut builder = BatchBuilder::new();
+        for (&p, &offset) in offsets {
+            let timestamp_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            builder.push(&Record {
+                timestamp_ms,
+                key: Some(offset_key(consumer, topic, p)),
+                value: Some(Bytes::copy_from_slice(&offset.to_le_bytes())),
+                headers: Vec::new(),
+            })?;
+        }
+        self.produce(OFFSETS_TOPIC, partition, builder.build()?, Acks::All)
+            .await?;
+        Ok(())
+    }
+
+    /// `consumer`'s committed offsets for `topic`, by partition (the latest
+    /// commit of each). Reads the consumer's offsets partition from the start:
+    /// fine while it is small; compaction will bound it.
+    pub async fn committed_offsets(&self, consumer: &str, topic: &str) -> ClientResult<BTreeMap<u32, u64>> {
+        if !self.cached_topics(true).await?.iter().any(|t| t.name == OFFSETS_TOPIC) {
+            return Ok(BTreeMap::new());
+        }
+        let partition = partition_for_key(consumer.as_bytes(), OFFSETS_PARTITIONS);
+        let prefix = format!("{consumer}\u{0}{topic}\u{0}");
+        let mut committed = BTreeMap::new();
+        let mut offset = 0;
+        loop {
+            let fetched = self.fetch(OFFSETS_TOPIC, partition, offset, 1 << 20).await?;
+            for record in &fetched.records {
+                let (Some(key), Some(value)) = (&record.record.key, &record.record.value) else {
+                    continue;
+                };
+                let Some(p) = std::str::from_utf8(key)
+                    .ok()
+                    .and_then(|k| k.strip_prefix(&prefix))
+                    .and_then(|p| p.parse().ok())
+                else {
+                    continue;
+                };
+                if let Ok(word) = <[u8; 8]>::try_from(value.as_ref()) {
+                    committed.insert(p, u64::from_le_bytes(word));
+                }
+            }
+            if fetched.next_offset == offset || fetched.next_offset >= fetched.committed_offset {
+                return Ok(committed);
+            }
+            offset = fetched.next_offset;
+        }
+    }
+}
+
+impl Consumer {
+    /// Moves every assigned partition to its first record at or after
+    /// `timestamp_ms` (or to its end when all records are older).
+    pub async fn seek_to_timestamp(&mut self, timestamp_ms: i64) -> ClientResult<()> {
+        let ends = self.end_offsets().await?;
+        for (partition, position) in self.positions.iter_mut() {
+            let found = self
+                .client
+                .offset_for_timestamp(&self.topic, *partition, timestamp_ms)
+                .await?;
+            *position = found.unwrap_or_else(|| ends.get(partition).copied().unwrap_or(*position));
+        }
+        Ok(())
+    }
+
+    /// Stores this consumer's positions in the cluster under `name`.
+    pub async fn commit(&self, name: &str) -> ClientResult<()> {
+        self.client.commit_offsets(name, &self.topic, &self.positions).await
+    }
+
+    /// Moves assigned partitions to the positions committed under `name`;
+    /// returns how many partitions had a committed position.
+    pub async fn resume(&mut self, name: &str) -> ClientResult<usize> {
+        let committed = self.client.committed_offsets(name, &self.topic).await?;
+        let mut resumed = 0;
+        for (partition, position) in self.positions.iter_mut() {
+            if let Some(&offset) = committed.get(partition) {
+                *position = offset;
+                resumed += 1;
+            }
+        }
+        Ok(resumed)
     }
 }

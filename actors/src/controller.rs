@@ -512,6 +512,20 @@ impl Shared {
                     Err(e) => ClientResponse::Failed(e),
                 }
             }
+            ClientRequest::OffsetForTimestamp {
+                topic,
+                partition,
+                timestamp_ms,
+            } => {
+                let group = match self.locate(&topic, partition) {
+                    Ok(group) => group,
+                    Err(response) => return response,
+                };
+                match self.broker.offset_for_timestamp(group, timestamp_ms).await {
+                    Ok(offset) => ClientResponse::Offset(offset),
+                    Err(e) => ClientResponse::Failed(e),
+                }
+            }
             ClientRequest::Fetch {
                 topic,
                 partition,

@@ -75,6 +75,10 @@ pub enum ReplicaMsg {
         reply: RpcReplyPort<Result<Fetched, BrokerError>>,
     },
     Status(RpcReplyPort<ReplicaStatus>),
+    OffsetForTimestamp {
+        timestamp_ms: i64,
+        reply: RpcReplyPort<Result<Option<u64>, BrokerError>>,
+    },
     /// Test-only fault hook: the replica's handler panics, as a bug would.
     InjectPanic,
 }
@@ -154,6 +158,19 @@ impl Actor for PartitionReplica {
             }
             ReplicaMsg::Status(reply) => {
                 let _ = reply.send(state.status());
+            }
+            ReplicaMsg::OffsetForTimestamp { timestamp_ms, reply } => {
+                let answer = if state.core.is_leader() {
+                    let committed = state.core.committed_offset();
+                    let found = state.core.store().log().offset_for_timestamp(timestamp_ms)?;
+                    Ok(found.filter(|&offset| offset < committed))
+                } else {
+                    Err(BrokerError::NotLeader {
+                        group: state.args.group,
+                        leader: state.core.leader_id(),
+                    })
+                };
+                let _ = reply.send(answer);
             }
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),
         }

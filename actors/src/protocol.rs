@@ -124,6 +124,12 @@ pub enum ClientRequest {
     DescribeTopic {
         name: String,
     },
+    /// The first committed offset whose record timestamp is at least `timestamp_ms`.
+    OffsetForTimestamp {
+        topic: String,
+        partition: u32,
+        timestamp_ms: i64,
+    },
 }
 
 /// A partition as clients see it.
@@ -173,4 +179,6 @@ pub enum ClientResponse {
     NotHere {
         replicas: Vec<u32>,
     },
+    /// An offset, or none (every committed record is older).
+    Offset(Option<u64>),
 }
