@@ -350,6 +350,7 @@ async fn committed_offsets_survive_a_leader_kill_and_seek_by_timestamp_works() {
         .await
         .expect("producer");
     producer.batch_records_max = 10;
+    producer.linger = Duration::from_secs(3600); // batches of exactly 10
     for i in 0..100i64 {
         let record = Record {
             timestamp_ms: i * 10,

@@ -22,7 +22,9 @@ use crate::error::{ActorError, Result};
 use crate::partition::{Fetched, RaftRouter, ReplicaArgs, ReplicaMsg, ReplicaStatus};
 use crate::protocol::{Acks, BrokerError, GroupMessage, RaftBatch, RAFT_ACTOR};
 use crate::replica::ReplicaConfig;
-use crate::supervisor::{NodeSupervisor, Registry, ReplicaHealth, RestartPolicy, SupervisorArgs, SupervisorMsg};
+use crate::supervisor::{
+    NodeSupervisor, Registry, ReplicaHandle, ReplicaHealth, RestartPolicy, SupervisorArgs, SupervisorMsg,
+};
 
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
@@ -119,14 +121,14 @@ impl Broker {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 interval.tick().await;
-                let replicas: Vec<ActorRef<ReplicaMsg>> = tick_registry
+                let replicas: Vec<ReplicaHandle> = tick_registry
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .values()
                     .cloned()
                     .collect();
                 for replica in replicas {
-                    let _ = replica.cast(ReplicaMsg::Tick);
+                    replica.offer(ReplicaMsg::Tick);
                 }
             }
         });
@@ -155,11 +157,12 @@ impl Broker {
             config: ReplicaConfig::new(u64::from(self.node.id().0)),
             bootstrap_voters,
             router: self.router.clone(),
+            queued: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         let started = self
             .supervisor
             .call(
-                |reply| SupervisorMsg::Start(args, reply),
+                |reply| SupervisorMsg::Start(Box::new(args), reply),
                 Some(self.config.request_timeout),
             )
             .await
@@ -179,7 +182,7 @@ impl Broker {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&group)
-            .cloned()
+            .map(|h| h.actor.clone())
     }
 
     fn replica_or_error(&self, group: u64) -> std::result::Result<ActorRef<ReplicaMsg>, BrokerError> {
@@ -339,7 +342,9 @@ fn deliver_raft_batch(registry: &Registry, from: NodeId, payload: &[u8]) {
             continue;
         }
         if let Some(replica) = registry.get(&group) {
-            let _ = replica.cast(ReplicaMsg::Raft(Box::new(message)));
+            if !replica.offer(ReplicaMsg::Raft(Box::new(message))) {
+                tracing::debug!(group, "replica mailbox full; Raft message dropped");
+            }
         }
     }
 }

@@ -491,6 +491,11 @@ pub struct Producer {
     acks: Acks,
     /// Records per batch before it is sent.
     pub batch_records_max: usize,
+    /// How long a started batch may wait for more records; checked on each
+    /// `send` (and `flush_due`), so a slow trickle still goes out.
+    pub linger: Duration,
+    /// When each partition's pending batch got its first record.
+    started: BTreeMap<u32, Instant>,
     pending: BTreeMap<u32, BatchBuilder>,
     next_partition: u32,
     /// Identifies this producer's batches so retries are written once.
@@ -525,6 +530,8 @@ impl Producer {
             topic: topic.to_string(),
             acks,
             batch_records_max: 1000,
+            linger: Duration::from_millis(5),
+            started: BTreeMap::new(),
             pending: BTreeMap::new(),
             next_partition: 0,
             producer_id: new_producer_id(),
@@ -560,12 +567,34 @@ impl Producer {
         };
         let builder = self.pending.entry(partition).or_default();
         builder.push(&record)?;
+        self.started.entry(partition).or_insert_with(Instant::now);
         if builder.record_count() as usize >= self.batch_records_max {
             if let Some(builder) = self.pending.remove(&partition) {
-                return Ok(vec![self.send_batch(partition, builder).await?]);
+                self.started.remove(&partition);
+                let mut sent = vec![self.send_batch(partition, builder).await?];
+                sent.extend(self.flush_due().await?);
+                return Ok(sent);
             }
         }
-        Ok(Vec::new())
+        self.flush_due().await
+    }
+
+    /// Sends the batches that have waited longer than `linger`.
+    pub async fn flush_due(&mut self) -> ClientResult<Vec<(u32, u64, u32)>> {
+        let due: Vec<u32> = self
+            .started
+            .iter()
+            .filter(|(_, t)| t.elapsed() >= self.linger)
+            .map(|(&p, _)| p)
+            .collect();
+        let mut sent = Vec::new();
+        for partition in due {
+            self.started.remove(&partition);
+            if let Some(builder) = self.pending.remove(&partition) {
+                sent.push(self.send_batch(partition, builder).await?);
+            }
+        }
+        Ok(sent)
     }
 
     /// Stamps a partition's batch with this producer's id and next sequence
@@ -602,6 +631,7 @@ impl Producer {
         let mut sent = Vec::new();
         let partitions: Vec<u32> = self.pending.keys().copied().collect();
         for partition in partitions {
+            self.started.remove(&partition);
             let Some(builder) = self.pending.remove(&partition) else {
                 continue;
             };

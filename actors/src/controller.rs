@@ -31,6 +31,8 @@ use crate::protocol::{
 
 /// Apply results kept for commands proposed here (by record offset).
 const RESULTS_KEPT: usize = 1024;
+/// Controller and client requests handled at once per node; more wait.
+const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// Controller log fetched per request.
 const LOG_FETCH_BYTES: u32 = 1 << 20;
 
@@ -99,9 +101,14 @@ impl Controller {
         let mut controller_inbox = node.register(CONTROLLER_ACTOR, config.inbox_capacity)?;
         let served = shared.clone();
         tasks.push(tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
             while let Some(message) = controller_inbox.recv().await {
                 let shared = served.clone();
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let Some(reply) = message.reply else { return };
                     let response = match postcard::from_bytes::<ControllerRequest>(&message.payload) {
                         Ok(request) => shared.serve_controller(request).await,
@@ -114,9 +121,14 @@ impl Controller {
         let mut client_inbox = node.register(CLIENT_ACTOR, config.inbox_capacity)?;
         let served = shared.clone();
         tasks.push(tokio::spawn(async move {
+            let permits = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
             while let Some(message) = client_inbox.recv().await {
                 let shared = served.clone();
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let Some(reply) = message.reply else { return };
                     let response = match postcard::from_bytes::<ClientRequest>(&message.payload) {
                         Ok(request) => shared.serve_client(request).await,

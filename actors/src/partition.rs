@@ -36,6 +36,8 @@ pub struct ReplicaArgs {
     /// The founding voters, for a brand-new group; `None` otherwise.
     pub bootstrap_voters: Option<Vec<u64>>,
     pub router: Arc<dyn RaftRouter>,
+    /// Ticks and Raft messages queued for this instance (set at each spawn).
+    pub queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Committed batches read from a replica.
@@ -144,9 +146,13 @@ impl Actor for PartitionReplica {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             ReplicaMsg::Tick => {
+                state.args.queued.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 state.core.tick();
             }
-            ReplicaMsg::Raft(message) => state.core.step(*message)?,
+            ReplicaMsg::Raft(message) => {
+                state.args.queued.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                state.core.step(*message)?
+            }
             ReplicaMsg::Produce { batch, acks, reply } => state.produce(batch, acks, reply),
             ReplicaMsg::Fetch {
                 offset,

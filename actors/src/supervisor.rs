@@ -7,6 +7,7 @@
 //! the ticker and request handlers read.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,34 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use crate::partition::{PartitionReplica, ReplicaArgs, ReplicaMsg};
 
 /// Live replicas by Raft group.
-pub type Registry = Arc<RwLock<HashMap<u64, ActorRef<ReplicaMsg>>>>;
+pub type Registry = Arc<RwLock<HashMap<u64, ReplicaHandle>>>;
+
+/// Ticks and Raft messages waiting in one replica's mailbox at most. ractor
+/// mailboxes are unbounded; past this, new ones are dropped (Raft recovers
+/// from lost messages, and a dropped tick only delays its timers).
+pub const QUEUED_MAX: usize = 1024;
+
+/// A live replica and the count of ticks and Raft messages it has queued.
+#[derive(Clone)]
+pub struct ReplicaHandle {
+    pub actor: ActorRef<ReplicaMsg>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl ReplicaHandle {
+    /// Queues a tick or a Raft message unless the replica is too far behind.
+    pub fn offer(&self, message: ReplicaMsg) -> bool {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= QUEUED_MAX {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        if self.actor.cast(message).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct RestartPolicy {
@@ -47,7 +75,7 @@ pub struct ReplicaHealth {
 }
 
 pub enum SupervisorMsg {
-    Start(ReplicaArgs, RpcReplyPort<Result<(), String>>),
+    Start(Box<ReplicaArgs>, RpcReplyPort<Result<(), String>>),
     Stop(u64, RpcReplyPort<()>),
     Restart(u64),
     Health(RpcReplyPort<Vec<ReplicaHealth>>),
@@ -105,7 +133,7 @@ impl Actor for NodeSupervisor {
                     let _ = reply.send(Ok(()));
                     return Ok(());
                 }
-                state.args.insert(group, args);
+                state.args.insert(group, *args);
                 state.health.insert(
                     group,
                     ReplicaHealth {
@@ -120,6 +148,7 @@ impl Actor for NodeSupervisor {
                 let replica = state.registry.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
                 if let Some(replica) = replica {
                     let _ = replica
+                        .actor
                         .stop_and_wait(Some("stopped by the node".to_string()), Some(Duration::from_secs(10)))
                         .await;
                 }
@@ -157,7 +186,7 @@ impl Actor for NodeSupervisor {
         };
         {
             let mut registry = state.registry.write().unwrap_or_else(|p| p.into_inner());
-            if registry.get(&group).is_some_and(|r| r.get_id() == cell.get_id()) {
+            if registry.get(&group).is_some_and(|r| r.actor.get_id() == cell.get_id()) {
                 registry.remove(&group);
             }
         }
@@ -170,11 +199,13 @@ impl Actor for NodeSupervisor {
 
 impl SupervisorState {
     async fn spawn(&mut self, myself: &ActorRef<SupervisorMsg>, group: u64) -> Result<(), String> {
-        let args = self
+        let mut args = self
             .args
             .get(&group)
             .cloned()
             .ok_or_else(|| format!("no replica of group {group} is configured"))?;
+        let queued = Arc::new(AtomicUsize::new(0));
+        args.queued = queued.clone();
         let (replica, _) = Actor::spawn_linked(None, PartitionReplica, args, myself.get_cell())
             .await
             .map_err(|e| format!("starting the replica of group {group}: {e}"))?;
@@ -182,7 +213,7 @@ impl SupervisorState {
         self.registry
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(group, replica);
+            .insert(group, ReplicaHandle { actor: replica, queued });
         Ok(())
     }
 
