@@ -52,37 +52,65 @@ impl BrokerConfig {
     }
 }
 
-/// Sends Raft messages through the cluster layer.
+/// Raft messages waiting for one peer at most; more are dropped (Raft
+/// retransmits).
+const PENDING_PER_PEER_MAX: usize = 65_536;
+
+/// Sends Raft messages through the cluster layer, coalesced: messages of
+/// every group for the same peer that queue up while the flusher is busy
+/// leave together as one cluster message.
 struct ClusterRouter {
     node: NodeHandle,
+    pending: std::sync::Mutex<BTreeMap<u64, Vec<GroupMessage>>>,
+    wake: tokio::sync::Notify,
 }
 
 impl RaftRouter for ClusterRouter {
     fn send(&self, group: u64, messages: Vec<Message>) {
-        let mut by_node: BTreeMap<u64, Vec<GroupMessage>> = BTreeMap::new();
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         for message in messages {
+            let queue = pending.entry(message.to).or_default();
+            if queue.len() >= PENDING_PER_PEER_MAX {
+                tracing::debug!(group, to = message.to, "Raft queue to peer full; message dropped");
+                continue;
+            }
             match message.write_to_bytes() {
-                Ok(bytes) => by_node
-                    .entry(message.to)
-                    .or_default()
-                    .push(GroupMessage { group, message: bytes }),
+                Ok(bytes) => queue.push(GroupMessage { group, message: bytes }),
                 Err(e) => tracing::error!(group, error = %e, "could not encode a Raft message"),
             }
         }
-        for (to, messages) in by_node {
-            let Ok(to) = u32::try_from(to) else { continue };
-            let payload = match postcard::to_allocvec(&RaftBatch { messages }) {
-                Ok(payload) => payload,
-                Err(e) => {
-                    tracing::error!(group, error = %e, "could not encode a Raft batch");
-                    continue;
-                }
-            };
-            // Raft retransmits: a message lost to a full queue or a dead peer is
-            // recovered by the protocol, so it is only logged.
-            if let Err(e) = self.node.send(NodeId(to), RAFT_ACTOR, payload) {
-                tracing::debug!(group, to, error = %e, "Raft message not sent");
+        drop(pending);
+        self.wake.notify_one();
+    }
+}
+
+impl ClusterRouter {
+    /// Sends whatever is queued, one cluster message per peer, until stopped.
+    async fn flush_forever(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            // Let the other replicas of this round add their messages.
+            tokio::task::yield_now().await;
+            let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            for (to, messages) in pending {
+                self.send_batch(to, messages);
             }
+        }
+    }
+
+    fn send_batch(&self, to: u64, messages: Vec<GroupMessage>) {
+        let Ok(to) = u32::try_from(to) else { return };
+        let payload = match postcard::to_allocvec(&RaftBatch { messages }) {
+            Ok(payload) => payload,
+            Err(e) => {
+                tracing::error!(to, error = %e, "could not encode a Raft batch");
+                return;
+            }
+        };
+        // Raft retransmits: a message lost to a full queue or a dead peer is
+        // recovered by the protocol, so it is only logged.
+        if let Err(e) = self.node.send(NodeId(to), RAFT_ACTOR, payload) {
+            tracing::debug!(to, error = %e, "Raft batch not sent");
         }
     }
 }
@@ -132,14 +160,20 @@ impl Broker {
                 }
             }
         });
-        let router: Arc<dyn RaftRouter> = Arc::new(ClusterRouter { node: node.clone() });
+        let cluster_router = Arc::new(ClusterRouter {
+            node: node.clone(),
+            pending: std::sync::Mutex::new(BTreeMap::new()),
+            wake: tokio::sync::Notify::new(),
+        });
+        let flusher = tokio::spawn(cluster_router.clone().flush_forever());
+        let router: Arc<dyn RaftRouter> = cluster_router;
         Ok(Broker {
             node,
             config,
             supervisor,
             registry,
             router,
-            tasks: std::sync::Mutex::new(vec![inbox_task, ticker]),
+            tasks: std::sync::Mutex::new(vec![inbox_task, ticker, flusher]),
         })
     }
 

@@ -60,6 +60,9 @@ pub enum ClientError {
 
 pub type ClientResult<T> = std::result::Result<T, ClientError>;
 
+/// How long a node that failed to answer is tried last.
+const FAILED_NODE_MEMORY: Duration = Duration::from_secs(5);
+
 /// How long routing trusts cached metadata before asking again.
 const METADATA_MAX_AGE: Duration = Duration::from_secs(2);
 
@@ -83,6 +86,8 @@ pub struct Client {
     alive: RwLock<Vec<u32>>,
     /// Topics as of the last refresh, for routing.
     cache: RwLock<Option<(Instant, Vec<TopicInfo>)>>,
+    /// Nodes that recently failed to answer, tried last for a while.
+    failed: RwLock<HashMap<u32, Instant>>,
     /// Where each (topic, partition) was last served.
     leaders: RwLock<HashMap<(String, u32), u32>>,
     pub timeout: Duration,
@@ -97,6 +102,7 @@ impl Client {
             nodes: RwLock::new(HashMap::new()),
             alive: RwLock::new(Vec::new()),
             cache: RwLock::new(None),
+            failed: RwLock::new(HashMap::new()),
             leaders: RwLock::new(HashMap::new()),
             timeout: Duration::from_secs(15),
         };
@@ -253,7 +259,12 @@ impl Client {
             .copied();
         let mut nodes: Vec<u32> = known.into_iter().chain(info.leader).collect();
         nodes.extend(info.replicas);
-        nodes.dedup();
+        let mut seen = std::collections::HashSet::new();
+        nodes.retain(|n| seen.insert(*n));
+        // Nodes that just failed go last: a dead leader must not cost a
+        // connection timeout on every retry.
+        let failed = self.failed.read().unwrap_or_else(|p| p.into_inner());
+        nodes.sort_by_key(|n| failed.get(n).is_some_and(|at| at.elapsed() < FAILED_NODE_MEMORY));
         Ok(nodes)
     }
 
@@ -361,7 +372,16 @@ impl Client {
             let mut nodes = self.candidates(topic, partition, refresh).await?;
             refresh = true;
             if let Some(hint) = hint.take() {
-                nodes.insert(0, hint);
+                // A follower names the old leader until it learns of a new one.
+                let failed_recently = self
+                    .failed
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&hint)
+                    .is_some_and(|at| at.elapsed() < FAILED_NODE_MEMORY);
+                if !failed_recently {
+                    nodes.insert(0, hint);
+                }
             }
             for node in nodes {
                 let Some(addr) = self.node_addr(node) else { continue };
@@ -370,9 +390,17 @@ impl Client {
                     // A produce that may have been written is not retried: a
                     // retry could write it twice.
                     Err(ClientError::Cluster(e @ ClusterError::NoAnswer { .. })) if !retry_safe => {
+                        self.failed
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(node, Instant::now());
                         return Err(ClientError::Cluster(e));
                     }
                     Err(e) => {
+                        self.failed
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(node, Instant::now());
                         last_error = format!("node {node}: {e}");
                         continue;
                     }

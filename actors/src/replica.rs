@@ -35,8 +35,10 @@ impl ReplicaConfig {
     pub fn new(id: u64) -> ReplicaConfig {
         ReplicaConfig {
             id,
-            election_tick: 10,
-            heartbeat_tick: 2,
+            // With the node's 100 ms tick: heartbeats every 300 ms, elections
+            // after 0.9-1.8 s of silence (three missed heartbeats at least).
+            election_tick: 9,
+            heartbeat_tick: 3,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_uncommitted_bytes: 64 << 20,

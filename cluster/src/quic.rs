@@ -452,11 +452,15 @@ pub struct ClusterClient {
     connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// The seed that answered last, tried first next time.
     last_answered: tokio::sync::Mutex<Option<SocketAddr>>,
+    /// Seeds that failed recently, tried last.
+    failed: tokio::sync::Mutex<HashMap<SocketAddr, std::time::Instant>>,
 }
 
 /// How long establishing a connection may take: a dead node must not hold a
 /// request for the whole request timeout.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a node that failed a request is tried after the others.
+const FAILED_MEMORY: Duration = Duration::from_secs(5);
 
 /// Connections a client keeps open at most.
 const CLIENT_CONNECTIONS_MAX: usize = 256;
@@ -490,6 +494,7 @@ impl ClusterClient {
             seeds,
             connections: tokio::sync::Mutex::new(HashMap::new()),
             last_answered: tokio::sync::Mutex::new(None),
+            failed: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -502,16 +507,24 @@ impl ClusterClient {
     pub async fn request(&self, request: ClientRequest, timeout: Duration) -> Result<ClientResponse> {
         let mut last_error = String::from("no seed tried");
         let preferred = *self.last_answered.lock().await;
-        let seeds = preferred
+        let mut seeds: Vec<SocketAddr> = preferred
             .into_iter()
-            .chain(self.seeds.iter().copied().filter(|s| Some(*s) != preferred));
+            .chain(self.seeds.iter().copied().filter(|s| Some(*s) != preferred))
+            .collect();
+        {
+            let failed = self.failed.lock().await;
+            seeds.sort_by_key(|s| failed.get(s).is_some_and(|at| at.elapsed() < FAILED_MEMORY));
+        }
         for seed in seeds {
             match self.request_to(seed, request.clone(), timeout).await {
                 Ok(response) => {
                     *self.last_answered.lock().await = Some(seed);
                     return Ok(response);
                 }
-                Err(e) => last_error = format!("{seed}: {e}"),
+                Err(e) => {
+                    self.failed.lock().await.insert(seed, std::time::Instant::now());
+                    last_error = format!("{seed}: {e}");
+                }
             }
         }
         Err(ClusterError::Unreachable {
