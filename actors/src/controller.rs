@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use runnel_cluster::{MemberState, NodeHandle, NodeId};
+use runnel_cluster::{Mailbox, MemberState, NodeHandle, NodeId};
 use runnel_storage::{BatchBuilder, Record, RecordBatch};
 use tokio::task::JoinHandle;
 
@@ -98,46 +98,20 @@ impl Controller {
         let mut tasks = Vec::new();
         let follower = shared.clone();
         tasks.push(tokio::spawn(async move { follower.follow().await }));
-        let mut controller_inbox = node.register(CONTROLLER_ACTOR, config.inbox_capacity)?;
-        let served = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            let permits = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
-            while let Some(message) = controller_inbox.recv().await {
-                let shared = served.clone();
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let Some(reply) = message.reply else { return };
-                    let response = match postcard::from_bytes::<ControllerRequest>(&message.payload) {
-                        Ok(request) => shared.serve_controller(request).await,
-                        Err(e) => ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
-                    };
-                    let _ = reply.reply(encode(&response));
-                });
-            }
-        }));
-        let mut client_inbox = node.register(CLIENT_ACTOR, config.inbox_capacity)?;
-        let served = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            let permits = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
-            while let Some(message) = client_inbox.recv().await {
-                let shared = served.clone();
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let Some(reply) = message.reply else { return };
-                    let response = match postcard::from_bytes::<ClientRequest>(&message.payload) {
-                        Ok(request) => shared.serve_client(request).await,
-                        Err(e) => ClientResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
-                    };
-                    let _ = reply.reply(encode(&response));
-                });
-            }
-        }));
+        let inbox = node.register(CONTROLLER_ACTOR, config.inbox_capacity)?;
+        tasks.push(tokio::spawn(serve_inbox(
+            inbox,
+            shared.clone(),
+            |shared, request: ControllerRequest| async move { shared.serve_controller(request).await },
+            |e| ControllerResponse::Failed(BrokerError::InvalidRequest(e)),
+        )));
+        let inbox = node.register(CLIENT_ACTOR, config.inbox_capacity)?;
+        tasks.push(tokio::spawn(serve_inbox(
+            inbox,
+            shared.clone(),
+            |shared, request: ClientRequest| async move { shared.serve_client(request).await },
+            |e| ClientResponse::Failed(BrokerError::InvalidRequest(e)),
+        )));
         Ok(Controller { shared, tasks })
     }
 
@@ -182,6 +156,38 @@ impl Drop for Controller {
         for task in self.tasks.drain(..) {
             task.abort();
         }
+    }
+}
+
+/// Answers every call arriving in `inbox` with `serve`, at most
+/// `REQUESTS_IN_FLIGHT_MAX` at once; a request that does not decode gets
+/// `malformed`'s answer.
+async fn serve_inbox<Req, Resp, Serve, Answer>(
+    mut inbox: Mailbox,
+    shared: Arc<Shared>,
+    serve: Serve,
+    malformed: fn(String) -> Resp,
+) where
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    Resp: serde::Serialize + Send + 'static,
+    Serve: Fn(Arc<Shared>, Req) -> Answer + Copy + Send + Sync + 'static,
+    Answer: std::future::Future<Output = Resp> + Send + 'static,
+{
+    let permits = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    while let Some(message) = inbox.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(reply) = message.reply else { return };
+            let response = match postcard::from_bytes::<Req>(&message.payload) {
+                Ok(request) => serve(shared, request).await,
+                Err(e) => malformed(e.to_string()),
+            };
+            let _ = reply.reply(encode(&response));
+        });
     }
 }
 
