@@ -406,3 +406,76 @@ pub fn idle(args: IdleArgs) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+#[derive(clap::Args)]
+pub struct ConsumeArgs {
+    /// Megabytes produced, then consumed.
+    #[arg(long, default_value_t = 256)]
+    megabytes: u64,
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// Produces `--megabytes` of 1 KiB and 100 B records to a 4-partition RF=3
+/// topic, then times a consumer reading all of it back (committed reads
+/// from the leaders).
+pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let nodes = Nodes::start(3, args.dir.as_deref())?;
+        let client = connect(&nodes).await?;
+        let mut summary = Vec::new();
+        for record_bytes in [1024usize, 100] {
+            let topic = format!("consume-{record_bytes}");
+            create_topic(&client, &topic, TopicConfig::new(4, 3)).await?;
+            let total_bytes = args.megabytes << 20;
+            let value = Bytes::from(vec![b'c'; record_bytes]);
+            let per_batch = (256 << 10) / (record_bytes + 8);
+            let mut produced = 0u64;
+            let mut sequence = [0i32; 4];
+            let mut partition = 0usize;
+            while produced * record_bytes as u64 <= total_bytes {
+                let producer = ProducerInfo { producer_id: 9_000 + partition as i64, producer_epoch: 0, base_sequence: sequence[partition] };
+                let mut builder = BatchBuilder::with_capacity(300 << 10).producer(producer);
+                for _ in 0..per_batch {
+                    builder.push(&Record { timestamp_ms: 1, value: Some(value.clone()), ..Record::default() })?;
+                }
+                let batch = builder.build()?;
+                let count = batch.record_count();
+                client.produce(&topic, partition as u32, batch, Acks::All).await?;
+                sequence[partition] += count as i32;
+                produced += u64::from(count);
+                partition = (partition + 1) % 4;
+            }
+            let mut consumer = runnel::broker::client::Consumer::new(client.clone(), &topic);
+            consumer.fetch_bytes_max = 4 << 20;
+            for p in 0..4 {
+                consumer.assign(p, 0);
+            }
+            let started = Instant::now();
+            let mut consumed = 0u64;
+            while consumed < produced {
+                consumed += consumer.poll().await?.len() as u64;
+                if started.elapsed() > Duration::from_secs(300) {
+                    bail!("consumed only {consumed} of {produced} records in 300 s");
+                }
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let mb_per_s = consumed as f64 * record_bytes as f64 / 1e6 / seconds;
+            println!(
+                "{}",
+                json!({"bench": "consume", "record_bytes": record_bytes, "records": consumed, "replication": 3,
+                    "records_per_s": consumed as f64 / seconds, "mb_per_s": mb_per_s})
+            );
+            summary.push(format!(
+                "  {record_bytes:>5} B records: {consumed} consumed in {seconds:.2} s = {:>10.0} records/s {mb_per_s:>7.1} MB/s",
+                consumed as f64 / seconds
+            ));
+        }
+        println!("\nconsume benchmark: one consumer reading 4 partitions (RF=3) from 3 node processes on loopback");
+        for line in summary {
+            println!("{line}");
+        }
+        Ok(())
+    })
+}

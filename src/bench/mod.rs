@@ -14,6 +14,8 @@ pub enum Target {
     Transport(transport::Args),
     /// Produce throughput, ack latency and failover gap on 3 node processes.
     Produce(cluster::ProduceArgs),
+    /// Consumer throughput reading back what was produced, 3 node processes.
+    Consume(cluster::ConsumeArgs),
     /// CPU and memory of 3 idle nodes holding many partitions.
     Idle(cluster::IdleArgs),
 }
@@ -23,6 +25,7 @@ pub fn run(target: Target) -> anyhow::Result<()> {
         Target::Storage(args) => storage::run(args),
         Target::Transport(args) => transport::run(args),
         Target::Produce(args) => cluster::produce(args),
+        Target::Consume(args) => cluster::consume(args),
         Target::Idle(args) => cluster::idle(args),
     }
 }
