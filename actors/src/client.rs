@@ -482,7 +482,7 @@ fn decode_fetched(offset: u64, response: ClientResponse, topic: &str, partition:
     let mut records = Vec::new();
     let mut next_offset = offset;
     for bytes in batches {
-        let batch = RecordBatch::from_bytes(bytes)?;
+        let batch = RecordBatch::from_bytes(bytes.into_vec())?;
         next_offset = next_offset.max(batch.next_offset());
         if batch.is_control() {
             continue;

@@ -294,7 +294,7 @@ impl Shared {
                     Ok(ControllerResponse::Log { batches }) => {
                         return batches
                             .into_iter()
-                            .map(|b| RecordBatch::from_bytes(b).map_err(|e| e.to_string()))
+                            .map(|b| RecordBatch::from_bytes(b.into_vec()).map_err(|e| e.to_string()))
                             .collect();
                     }
                     Ok(other) => last_error = format!("controller {controller} answered {other:?}"),
@@ -405,7 +405,11 @@ impl Shared {
                     .await
                 {
                     Ok(fetched) => ControllerResponse::Log {
-                        batches: fetched.batches.into_iter().map(RecordBatch::into_bytes).collect(),
+                        batches: fetched
+                            .batches
+                            .into_iter()
+                            .map(|b| serde_bytes::ByteBuf::from(b.into_bytes()))
+                            .collect(),
                     },
                     Err(e) => ControllerResponse::Failed(e),
                 }
@@ -557,7 +561,11 @@ impl Shared {
                 };
                 match self.broker.fetch(group, offset, max_bytes as usize, any_replica).await {
                     Ok(fetched) => ClientResponse::Fetched {
-                        batches: fetched.batches.into_iter().map(RecordBatch::into_bytes).collect(),
+                        batches: fetched
+                            .batches
+                            .into_iter()
+                            .map(|b| serde_bytes::ByteBuf::from(b.into_bytes()))
+                            .collect(),
                         start_offset: fetched.start_offset,
                         committed_offset: fetched.committed_offset,
                     },

@@ -18,6 +18,7 @@ pub struct RaftBatch {
 pub struct GroupMessage {
     pub group: u64,
     /// A protobuf-encoded `raft::eraftpb::Message`.
+    #[serde(with = "serde_bytes")]
     pub message: Vec<u8>,
 }
 
@@ -91,7 +92,7 @@ pub enum ControllerRequest {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControllerResponse {
-    Log { batches: Vec<Vec<u8>> },
+    Log { batches: Vec<serde_bytes::ByteBuf> },
     Done,
     Refused(crate::metadata::MetadataError),
     Failed(BrokerError),
@@ -112,6 +113,7 @@ pub enum ClientRequest {
         topic: String,
         partition: u32,
         acks: Acks,
+        #[serde(with = "serde_bytes")]
         batch: Vec<u8>,
     },
     Fetch {
@@ -162,7 +164,7 @@ pub enum ClientResponse {
         base_offset: u64,
     },
     Fetched {
-        batches: Vec<Vec<u8>>,
+        batches: Vec<serde_bytes::ByteBuf>,
         start_offset: u64,
         committed_offset: u64,
     },

@@ -202,6 +202,7 @@ impl Shared {
             }
             return Ok(());
         }
+        let result = result.map(serde_bytes::ByteBuf::from);
         self.send_frame(caller, PeerFrame::Reply { call_id, result })
     }
 
@@ -259,7 +260,7 @@ impl Shared {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&call_id);
                 if let Some(waiter) = waiter {
-                    let _ = waiter.send(result);
+                    let _ = waiter.send(result.map(serde_bytes::ByteBuf::into_vec));
                 }
             }
         }

@@ -3,7 +3,9 @@
 //! Frames are postcard-encoded and travel on QUIC streams as
 //! `length: u32 little-endian | body`, the body at most [`FRAME_BYTES_MAX`].
 //! Enum variants are tagged by position: **append new variants at the end and
-//! never reorder or remove one**, so a tag is never reused. The envelope
+//! never reorder or remove one**, so a tag is never reused. Byte payloads are
+//! marked `serde_bytes` (one copy to decode, not one call per byte); on the
+//! wire that is the same as a sequence of `u8`. The envelope
 //! carries [`PROTOCOL_VERSION`]; a frame of another version is refused.
 
 use std::net::SocketAddr;
@@ -39,12 +41,21 @@ pub enum PeerFrame {
         members: Vec<MemberDigest>,
     },
     /// A one-way message to a named actor on the receiving node.
-    Send { to: String, payload: Vec<u8> },
+    Send {
+        to: String,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
     /// A request to a named actor; answered by `Reply` with the same id.
-    Call { call_id: u64, to: String, payload: Vec<u8> },
+    Call {
+        call_id: u64,
+        to: String,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
     Reply {
         call_id: u64,
-        result: std::result::Result<Vec<u8>, RemoteError>,
+        result: std::result::Result<serde_bytes::ByteBuf, RemoteError>,
     },
 }
 
@@ -95,7 +106,7 @@ pub enum ClientRequest {
 pub enum ClientResponse {
     Status { node: NodeId, members: Vec<MemberStatus> },
     Error(String),
-    Service(Vec<u8>),
+    Service(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// The versioned wrapper around client traffic.
