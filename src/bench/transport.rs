@@ -136,8 +136,19 @@ async fn wait_until_alive(handle: &NodeHandle, node: NodeId) -> anyhow::Result<(
     bail!("node {node} did not come up within 20 s")
 }
 
+/// A call that waits for room when the queue towards the peer is full.
+async fn call_with_backpressure(handle: &NodeHandle, name: &str, payload: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    loop {
+        match handle.call(SERVER, name, payload.clone(), CALL_TIMEOUT).await {
+            Err(ClusterError::Backpressure(_)) if Instant::now() < deadline => tokio::task::yield_now().await,
+            other => return Ok(other?),
+        }
+    }
+}
+
 async fn sink_count(handle: &NodeHandle) -> anyhow::Result<u64> {
-    let bytes = handle.call(SERVER, SINK, Vec::new(), CALL_TIMEOUT).await?;
+    let bytes = call_with_backpressure(handle, SINK, Vec::new()).await?;
     let word: [u8; 8] = bytes
         .as_slice()
         .try_into()
