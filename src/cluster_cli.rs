@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use runnel::broker::protocol::{
+    ClientRequest as BrokerRequest, ClientResponse as BrokerResponse, ReplicaHealthInfo, CLIENT_ACTOR,
+};
 use runnel::broker::{Broker, BrokerConfig, Controller, ControllerConfig};
 use runnel::cluster::protocol::{ClientRequest, ClientResponse};
 use runnel::cluster::quic::ClusterClient;
@@ -82,6 +85,9 @@ pub struct NodeArgs {
     /// Node ids of the controller voters (default: the seeds' ids).
     #[arg(long, value_delimiter = ',')]
     controllers: Option<Vec<u64>>,
+    /// Accept test-only fault injection requests (tests only, never production).
+    #[arg(long, hide = true, env = "RUNNEL_TEST_FAULT_HOOKS")]
+    test_fault_hooks: bool,
     /// Register the actors `runnel bench transport` talks to.
     #[arg(long, hide = true)]
     bench_actors: bool,
@@ -149,7 +155,9 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         };
         tracing::info!(node = %id, ?controllers, "controller voters");
         let broker = Broker::start(node.handle(), BrokerConfig::new(data.join("broker"))).await?;
-        let controller = Controller::start(Arc::new(broker), ControllerConfig::new(controllers)).await?;
+        let mut controller_config = ControllerConfig::new(controllers);
+        controller_config.test_fault_hooks = args.test_fault_hooks;
+        let controller = Controller::start(Arc::new(broker), controller_config).await?;
         wait_for_shutdown_signal().await?;
         tracing::info!(node = %id, "shutting down");
         controller.shutdown().await;
@@ -273,11 +281,15 @@ pub struct StatusArgs {
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let identity = CertDir::new(&args.certs).client_identity()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let response = runtime.block_on(async {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let (response, replicas) = runtime.block_on(async {
         let client = ClusterClient::new(&identity, args.seeds.clone())?;
-        client
-            .request(ClientRequest::Status, Duration::from_millis(args.timeout_ms))
-            .await
+        let response = client.request(ClientRequest::Status, timeout).await?;
+        let replicas = match &response {
+            ClientResponse::Status { members, .. } => replica_health(&client, members, timeout).await,
+            _ => Vec::new(),
+        };
+        anyhow::Ok((response, replicas))
     })?;
     let (node, members) = match response {
         ClientResponse::Status { node, members } => (node, members),
@@ -292,7 +304,17 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                     "incarnation": m.incarnation, "since_unix_ms": m.since_unix_ms})
             })
             .collect();
-        println!("{}", serde_json::json!({"answered_by": node.0, "nodes": nodes}));
+        let troubled: Vec<serde_json::Value> = replicas
+            .iter()
+            .map(|(node, h)| {
+                serde_json::json!({"node": node.0, "group": h.group, "restarts": h.restarts, "failed": h.failed,
+                    "last_failure": h.last_failure})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"answered_by": node.0, "nodes": nodes, "replica_restarts": troubled})
+        );
         return Ok(());
     }
     println!("cluster as seen by node {node}:");
@@ -310,5 +332,53 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             m.since_unix_ms
         );
     }
+    if !replicas.is_empty() {
+        println!("replicas that restarted or failed:");
+        for (node, h) in &replicas {
+            let state = if h.failed {
+                "FAILED (no longer restarted)"
+            } else {
+                "running"
+            };
+            let reason = h.last_failure.as_deref().unwrap_or("-");
+            println!(
+                "  node {node} group {}: {} restarts, {state}; last failure: {reason}",
+                h.group, h.restarts
+            );
+        }
+    }
     Ok(())
+}
+
+/// Replicas that restarted or failed, from every alive node's supervisor.
+async fn replica_health(
+    client: &ClusterClient,
+    members: &[runnel::cluster::MemberStatus],
+    timeout: Duration,
+) -> Vec<(NodeId, ReplicaHealthInfo)> {
+    let Ok(payload) = postcard::to_allocvec(&BrokerRequest::ReplicaHealth) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for member in members
+        .iter()
+        .filter(|m| m.state == runnel::cluster::MemberState::Alive)
+    {
+        let request = ClientRequest::Service {
+            name: CLIENT_ACTOR.to_string(),
+            payload: payload.clone(),
+        };
+        let Ok(ClientResponse::Service(bytes)) = client.request_to(member.addr, request, timeout).await else {
+            continue;
+        };
+        if let Ok(BrokerResponse::Health(health)) = postcard::from_bytes::<BrokerResponse>(&bytes) {
+            out.extend(
+                health
+                    .into_iter()
+                    .filter(|h| h.restarts > 0 || h.failed)
+                    .map(|h| (member.node, h)),
+            );
+        }
+    }
+    out
 }

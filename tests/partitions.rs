@@ -426,3 +426,51 @@ async fn committed_offsets_survive_a_leader_kill_and_seek_by_timestamp_works() {
     assert_eq!(first.record.timestamp_ms, 510);
     assert_eq!(first.record.value.as_deref(), Some(&b"051"[..]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_replica_restarts_in_place_and_status_shows_it() {
+    let cluster = start_cluster(90);
+    create_topic(&cluster, "audit", 1);
+    let client = connect(&cluster).await;
+    let info = client.describe_topic("audit").await.expect("describe");
+    let victim = info.partitions[0].replicas[1];
+
+    eprintln!("phase: inject a panic into node {victim}'s replica (test-only hook)");
+    client.inject_panic(victim, "audit", 0).await.expect("inject");
+    let seeds = cluster.addrs[0].to_string();
+    let mut restarts = serde_json::Value::Null;
+    wait_for("status to report the restart", TIMEOUT, || {
+        let output = runnel()
+            .args(["status", "--json", "--seeds", &seeds])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .output()
+            .expect("status");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        restarts = json["replica_restarts"].clone();
+        restarts
+            .as_array()
+            .is_some_and(|r| r.iter().any(|e| e["node"] == victim && e["restarts"] == 1))
+    });
+    assert!(restarts.to_string().contains("injected fault"), "{restarts}");
+
+    eprintln!("phase: the partition keeps serving, and the restarted replica has every record");
+    let mut producer = Producer::new(client.clone(), "audit", Acks::All)
+        .await
+        .expect("producer");
+    for i in 0..50 {
+        producer
+            .send(
+                Some(0),
+                Record {
+                    value: Some(Bytes::from(format!("{i}"))),
+                    ..Record::default()
+                },
+            )
+            .await
+            .expect("send");
+    }
+    producer.flush().await.expect("flush");
+    let records = identical_replicas(&client, "audit", 0, &[1, 2, 3]).await;
+    assert_eq!(records.len(), 50);
+}

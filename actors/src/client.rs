@@ -301,6 +301,19 @@ impl Client {
         }
     }
 
+    /// Test-only: makes `node`'s replica of the partition panic (the node
+    /// must run with test fault hooks enabled).
+    pub async fn inject_panic(&self, node: u32, topic: &str, partition: u32) -> ClientResult<()> {
+        let addr = self
+            .node_addr(node)
+            .ok_or_else(|| ClientError::Protocol(format!("node {node} is not known")))?;
+        let request = ClientRequest::InjectPanic {
+            topic: topic.to_string(),
+            partition,
+        };
+        self.expect_done(self.call(Some(addr), &request).await?)
+    }
+
     /// Committed records of a partition from `offset`, up to `max_bytes`.
     pub async fn fetch(
         &self,

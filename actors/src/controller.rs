@@ -25,8 +25,8 @@ use crate::metadata::{
     place, validate_topic_name, Metadata, MetadataCommand, MetadataError, TopicConfig, CONTROLLER_GROUP,
 };
 use crate::protocol::{
-    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo, TopicInfo,
-    CLIENT_ACTOR, CONTROLLER_ACTOR,
+    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
+    ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR, CONTROLLER_ACTOR,
 };
 
 /// Apply results kept for commands proposed here (by record offset).
@@ -45,6 +45,8 @@ pub struct ControllerConfig {
     pub request_timeout: Duration,
     /// Queue of each service's inbox.
     pub inbox_capacity: usize,
+    /// Accept the test-only `InjectPanic` request (never in production).
+    pub test_fault_hooks: bool,
 }
 
 impl ControllerConfig {
@@ -54,6 +56,7 @@ impl ControllerConfig {
             poll_interval: Duration::from_millis(20),
             request_timeout: Duration::from_secs(10),
             inbox_capacity: 1024,
+            test_fault_hooks: false,
         }
     }
 }
@@ -533,6 +536,36 @@ impl Shared {
                     Ok(base_offset) => ClientResponse::Produced { base_offset },
                     Err(e) => ClientResponse::Failed(e),
                 }
+            }
+            ClientRequest::InjectPanic { topic, partition } => {
+                if !self.config.test_fault_hooks {
+                    let reason = "test fault hooks are disabled on this node".to_string();
+                    return ClientResponse::Failed(BrokerError::InvalidRequest(reason));
+                }
+                let group = match self.locate(&topic, partition) {
+                    Ok(group) => group,
+                    Err(response) => return response,
+                };
+                match self.broker.replica(group) {
+                    Some(replica) if replica.cast(crate::partition::ReplicaMsg::InjectPanic).is_ok() => {
+                        ClientResponse::Done
+                    }
+                    _ => ClientResponse::Failed(BrokerError::UnknownGroup(group)),
+                }
+            }
+            ClientRequest::ReplicaHealth => {
+                let health = self.broker.health().await;
+                ClientResponse::Health(
+                    health
+                        .into_iter()
+                        .map(|h| ReplicaHealthInfo {
+                            group: h.group,
+                            restarts: h.restarts as u32,
+                            failed: h.failed,
+                            last_failure: h.last_failure,
+                        })
+                        .collect(),
+                )
             }
             ClientRequest::OffsetForTimestamp {
                 topic,

@@ -132,6 +132,23 @@ pub enum ClientRequest {
         partition: u32,
         timestamp_ms: i64,
     },
+    /// Restarts and failures of the answering node's replicas.
+    ReplicaHealth,
+    /// Test-only fault hook: the answering node's replica of the partition
+    /// panics. Refused unless the node runs with test fault hooks enabled.
+    InjectPanic {
+        topic: String,
+        partition: u32,
+    },
+}
+
+/// How one replica on a node has fared (its supervisor's record).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaHealthInfo {
+    pub group: u64,
+    pub restarts: u32,
+    pub failed: bool,
+    pub last_failure: Option<String>,
 }
 
 /// A partition as clients see it.
@@ -183,4 +200,5 @@ pub enum ClientResponse {
     },
     /// An offset, or none (every committed record is older).
     Offset(Option<u64>),
+    Health(Vec<ReplicaHealthInfo>),
 }

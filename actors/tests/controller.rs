@@ -121,6 +121,12 @@ async fn topics_are_created_produced_to_and_consumed_through_the_client() {
     let err = producer.send(None, huge).await.expect_err("too large");
     assert!(matches!(err, ClientError::RecordTooLarge { .. }), "{err}");
 
+    let err = client
+        .inject_panic(1, "payments", 0)
+        .await
+        .expect_err("fault hook on by default");
+    assert!(err.to_string().contains("test fault hooks are disabled"), "{err}");
+
     tracing::info!("phase: produce keyed records, then consume every partition");
     let count = 3000u32;
     producer.batch_records_max = 100;

@@ -53,6 +53,7 @@ impl NodeProcess {
             .arg("--certs")
             .arg(certs)
             .env("RUST_LOG", "info")
+            .env("RUNNEL_TEST_FAULT_HOOKS", "true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
