@@ -85,6 +85,10 @@ pub struct NodeArgs {
     /// Node ids of the controller voters (default: the seeds' ids).
     #[arg(long, value_delimiter = ',')]
     controllers: Option<Vec<u64>>,
+    /// Seconds a node must stay dead before its replicas are re-created on
+    /// other nodes (0 = at once).
+    #[arg(long, env = "RUNNEL_REPLACE_AFTER", default_value_t = 30)]
+    replace_after: u64,
     /// Accept test-only fault injection requests (tests only, never production).
     #[arg(long, hide = true, env = "RUNNEL_TEST_FAULT_HOOKS")]
     test_fault_hooks: bool,
@@ -157,6 +161,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         let broker = Broker::start(node.handle(), BrokerConfig::new(data.join("broker"))).await?;
         let mut controller_config = ControllerConfig::new(controllers);
         controller_config.test_fault_hooks = args.test_fault_hooks;
+        controller_config.replace_after = Duration::from_secs(args.replace_after);
         let controller = Controller::start(Arc::new(broker), controller_config).await?;
         wait_for_shutdown_signal().await?;
         tracing::info!(node = %id, "shutting down");

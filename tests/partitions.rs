@@ -474,3 +474,97 @@ async fn a_crashed_replica_restarts_in_place_and_status_shows_it() {
     let records = identical_replicas(&client, "audit", 0, &[1, 2, 3]).await;
     assert_eq!(records.len(), 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_factor_is_restored() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 4);
+    let addrs: Vec<SocketAddr> = (0..4).map(|i| free_addr(100 + i)).collect();
+    let env = [("RUNNEL_REPLACE_AFTER", "0")];
+    let mut nodes: Vec<NodeProcess> = (0..4)
+        .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path(), &env))
+        .collect();
+    let cluster = ProcessCluster {
+        scratch,
+        certs,
+        addrs: addrs.clone(),
+        nodes: Vec::new(),
+    };
+    create_topic(&cluster, "heal", 4);
+    let client = connect(&cluster).await;
+    let mut producer = Producer::new(client.clone(), "heal", Acks::All)
+        .await
+        .expect("producer");
+    for i in 0..200 {
+        producer
+            .send(
+                Some(i % 4),
+                Record {
+                    value: Some(Bytes::from(format!("before-{i}"))),
+                    ..Record::default()
+                },
+            )
+            .await
+            .expect("send");
+    }
+    producer.flush().await.expect("flush");
+
+    let info = client.describe_topic("heal").await.expect("describe");
+    let victim = info.partitions[0].replicas[2];
+    eprintln!("phase: SIGKILL node {victim}, which holds replicas; the controller re-creates them on live nodes");
+    nodes[victim as usize - 1].kill();
+    let survivors: Vec<SocketAddr> = addrs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim as usize - 1)
+        .map(|(_, a)| *a)
+        .collect();
+    let client = Arc::new(Client::connect(survivors, &cluster.certs).await.expect("connect"));
+    let deadline = Instant::now() + TIMEOUT;
+    let healed = loop {
+        if let Ok(info) = client.describe_topic("heal").await {
+            let done = info.partitions.iter().all(|p| {
+                let mut voters = p.voters.clone();
+                voters.sort_unstable();
+                let mut replicas = p.replicas.clone();
+                replicas.sort_unstable();
+                !p.replicas.contains(&victim) && voters == replicas && p.leader.is_some()
+            });
+            if done {
+                break info;
+            }
+        }
+        assert!(Instant::now() < deadline, "the replication factor was not restored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "healed: {:?}",
+        healed.partitions.iter().map(|p| &p.voters).collect::<Vec<_>>()
+    );
+
+    eprintln!("phase: the partitions keep serving and every replica, old and new, holds the same records");
+    let mut producer = Producer::new(client.clone(), "heal", Acks::All)
+        .await
+        .expect("producer");
+    for i in 0..200 {
+        producer
+            .send(
+                Some(i % 4),
+                Record {
+                    value: Some(Bytes::from(format!("after-{i}"))),
+                    ..Record::default()
+                },
+            )
+            .await
+            .expect("send");
+    }
+    producer.flush().await.expect("flush");
+    let mut total = 0;
+    for partition in &healed.partitions {
+        let records = identical_replicas(&client, "heal", partition.partition, &partition.replicas).await;
+        total += records.len();
+    }
+    assert_eq!(total, 400, "every record, once");
+    drop(nodes);
+}

@@ -274,6 +274,14 @@ impl Broker {
         flatten(group, answer)
     }
 
+    /// Asks the local replica of `group`, if it leads, to move the group's
+    /// voters one step towards `desired`.
+    pub fn reconfigure(&self, group: u64, desired: Vec<u64>) {
+        if let Some(replica) = self.replica(group) {
+            let _ = replica.cast(ReplicaMsg::Reconfigure(desired));
+        }
+    }
+
     pub async fn status(&self, group: u64) -> Option<ReplicaStatus> {
         let replica = self.replica(group)?;
         match replica

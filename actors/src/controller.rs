@@ -31,6 +31,9 @@ use crate::protocol::{
 
 /// Apply results kept for commands proposed here (by record offset).
 const RESULTS_KEPT: usize = 1024;
+/// How often the controller leader looks for dead nodes' replicas to move,
+/// and every node nudges unsettled groups.
+const HEAL_INTERVAL: Duration = Duration::from_millis(500);
 /// Controller and client requests handled at once per node; more wait.
 const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// Controller log fetched per request.
@@ -47,6 +50,8 @@ pub struct ControllerConfig {
     pub inbox_capacity: usize,
     /// Accept the test-only `InjectPanic` request (never in production).
     pub test_fault_hooks: bool,
+    /// A node dead this long has its replicas re-created on other nodes.
+    pub replace_after: Duration,
 }
 
 impl ControllerConfig {
@@ -57,6 +62,7 @@ impl ControllerConfig {
             request_timeout: Duration::from_secs(10),
             inbox_capacity: 1024,
             test_fault_hooks: false,
+            replace_after: Duration::from_secs(30),
         }
     }
 }
@@ -76,6 +82,9 @@ struct Shared {
     meta: RwLock<MetaState>,
     /// Groups this node was asked to host by the metadata.
     hosted: Mutex<BTreeSet<u64>>,
+    /// Local groups whose voters may differ from their assignment, with the
+    /// desired voters; checked until they match.
+    unsettled: Mutex<BTreeMap<u64, Vec<u64>>>,
 }
 
 pub struct Controller {
@@ -97,6 +106,7 @@ impl Controller {
             config: config.clone(),
             meta: RwLock::new(MetaState::default()),
             hosted: Mutex::new(BTreeSet::new()),
+            unsettled: Mutex::new(BTreeMap::new()),
         });
         let mut tasks = Vec::new();
         let follower = shared.clone();
@@ -210,12 +220,108 @@ impl Shared {
     async fn follow(&self) {
         let mut interval = tokio::time::interval(self.config.poll_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heal = Instant::now();
         loop {
             interval.tick().await;
             if let Err(reason) = self.pull_and_apply().await {
                 tracing::debug!(reason, "controller log not reachable yet");
             }
             self.reconcile().await;
+            if last_heal.elapsed() >= HEAL_INTERVAL {
+                last_heal = Instant::now();
+                self.settle_membership().await;
+                self.heal().await;
+            }
+        }
+    }
+
+    /// On the controller leader: moves every replica of a node dead longer
+    /// than `replace_after` to a live node, least loaded first. Partitions
+    /// with no live node to take a replica stay under-replicated until one
+    /// appears.
+    async fn heal(&self) {
+        let leads = self
+            .broker
+            .status(CONTROLLER_GROUP)
+            .await
+            .is_some_and(|s| s.leader == Some(self.me()));
+        if !leads {
+            return;
+        }
+        let now_ms = unix_ms() as u64;
+        let members = self.node.members();
+        let replace_after_ms = self.config.replace_after.as_millis() as u64;
+        let dead: Vec<u32> = members
+            .iter()
+            .filter(|m| m.state == MemberState::Dead && m.since_unix_ms + replace_after_ms <= now_ms)
+            .map(|m| m.node.0)
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        let alive: Vec<u32> = members
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.node.0)
+            .collect();
+        let moves: Vec<MetadataCommand> = {
+            let meta = self.meta();
+            let mut load = meta.metadata.load();
+            let mut moves = Vec::new();
+            for topic in meta.metadata.topics.values() {
+                for (partition, replicas) in topic.assignment.iter().enumerate() {
+                    for &gone in replicas.iter().filter(|n| dead.contains(n)) {
+                        let replacement = alive
+                            .iter()
+                            .copied()
+                            .filter(|n| !replicas.contains(n))
+                            .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n));
+                        if let Some(replacement) = replacement {
+                            *load.entry(replacement).or_default() += 1;
+                            moves.push(MetadataCommand::ReplaceReplica {
+                                topic: topic.name.clone(),
+                                partition: partition as u32,
+                                dead: gone,
+                                replacement,
+                            });
+                        }
+                    }
+                }
+            }
+            moves
+        };
+        for command in moves {
+            tracing::info!(?command, "re-creating a dead node's replica elsewhere");
+            if let ControllerResponse::Failed(e) = self.commit(command).await {
+                tracing::warn!(error = %e, "could not commit a replica move");
+                return;
+            }
+        }
+    }
+
+    /// Nudges the leader of every unsettled local group one step towards its
+    /// assignment; forgets groups whose voters match it.
+    async fn settle_membership(&self) {
+        let unsettled: Vec<(u64, Vec<u64>)> = self
+            .unsettled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(g, d)| (*g, d.clone()))
+            .collect();
+        for (group, desired) in unsettled {
+            let Some(status) = self.broker.status(group).await else {
+                continue;
+            };
+            let mut voters = status.voters.clone();
+            voters.sort_unstable();
+            let mut want = desired.clone();
+            want.sort_unstable();
+            if voters == want && status.learners.is_empty() {
+                self.unsettled.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+                continue;
+            }
+            self.broker.reconfigure(group, desired);
         }
     }
 
@@ -309,32 +415,43 @@ impl Shared {
         Err(last_error)
     }
 
-    /// Hosts a replica of every partition assigned here.
+    /// Hosts a replica of every partition assigned here, and remembers which
+    /// local groups must still converge on their assignment.
     async fn reconcile(&self) {
         let me = self.me();
-        let wanted: BTreeMap<u64, Vec<u64>> = {
+        let mut wanted: BTreeMap<u64, (Vec<u64>, Vec<u64>)> = BTreeMap::new();
+        {
             let meta = self.meta();
-            meta.metadata
-                .topics
-                .values()
-                .flat_map(|topic| {
-                    topic
-                        .assignment
-                        .iter()
-                        .enumerate()
-                        .filter_map(move |(partition, replicas)| {
-                            let voters: Vec<u64> = replicas.iter().map(|&n| u64::from(n)).collect();
-                            voters.contains(&me).then(|| (topic.group_id(partition as u32), voters))
-                        })
-                })
-                .collect()
-        };
+            for topic in meta.metadata.topics.values() {
+                for (partition, replicas) in topic.assignment.iter().enumerate() {
+                    let voters: Vec<u64> = replicas.iter().map(|&n| u64::from(n)).collect();
+                    if voters.contains(&me) {
+                        let founders = topic.founders[partition].iter().map(|&n| u64::from(n)).collect();
+                        wanted.insert(topic.group_id(partition as u32), (voters, founders));
+                    }
+                }
+            }
+        }
         let hosted: BTreeSet<u64> = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (group, voters) in &wanted {
+        for (group, (voters, founders)) in &wanted {
+            if !hosted.contains(group) || voters != founders {
+                // Checked until the group's voters match the assignment.
+                let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+                if !hosted.contains(group) || !unsettled.contains_key(group) {
+                    unsettled.insert(*group, voters.clone());
+                }
+            }
             if hosted.contains(group) {
                 continue;
             }
-            match self.broker.host(*group, Some(voters.clone())).await {
+            // Every replica starts from the founders' configuration, the one
+            // at index 0, and replays the log's changes from there: a replica
+            // placed later is then added as a learner on top of the right
+            // configuration, and is not a voter (so never campaigns) until a
+            // committed change makes it one. (Holds while logs are never
+            // compacted; snapshots will have to carry the configuration.)
+            let bootstrap = Some(founders.clone());
+            match self.broker.host(*group, bootstrap).await {
                 Ok(()) => {
                     self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(*group);
                 }
@@ -344,6 +461,7 @@ impl Shared {
         for group in hosted.difference(&wanted.keys().copied().collect()) {
             self.broker.unhost(*group).await;
             self.hosted.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
+            self.unsettled.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
         }
     }
 

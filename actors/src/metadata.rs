@@ -113,6 +113,13 @@ pub enum MetadataCommand {
     DeleteTopic {
         name: String,
     },
+    /// Moves a partition's replica off `dead` onto `replacement`.
+    ReplaceReplica {
+        topic: String,
+        partition: u32,
+        dead: u32,
+        replacement: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +130,9 @@ pub struct TopicMeta {
     pub id: u64,
     pub config: TopicConfig,
     pub assignment: Vec<Vec<u32>>,
+    /// The assignment at creation: the voters each group was founded with.
+    /// A replica placed later joins as a learner instead.
+    pub founders: Vec<Vec<u32>>,
 }
 
 impl TopicMeta {
@@ -167,6 +177,7 @@ impl Metadata {
                     id,
                     config: config.clone(),
                     assignment: assignment.clone(),
+                    founders: assignment.clone(),
                 };
                 self.topics.insert(name.clone(), topic);
                 Ok(())
@@ -175,6 +186,30 @@ impl Metadata {
                 Some(_) => Ok(()),
                 None => Err(MetadataError::UnknownTopic(name.clone())),
             },
+            MetadataCommand::ReplaceReplica {
+                topic,
+                partition,
+                dead,
+                replacement,
+            } => {
+                let meta = self
+                    .topics
+                    .get_mut(topic)
+                    .ok_or_else(|| MetadataError::UnknownTopic(topic.clone()))?;
+                let replicas = meta.assignment.get_mut(*partition as usize).ok_or_else(|| {
+                    MetadataError::InvalidConfig(format!("partition {partition} of {topic:?} does not exist"))
+                })?;
+                if replicas.contains(replacement) {
+                    return Err(MetadataError::InvalidConfig(format!(
+                        "node {replacement} already holds {topic}/{partition}"
+                    )));
+                }
+                let slot = replicas.iter_mut().find(|n| **n == *dead).ok_or_else(|| {
+                    MetadataError::InvalidConfig(format!("node {dead} does not hold {topic}/{partition}"))
+                })?;
+                *slot = *replacement;
+                Ok(())
+            }
         }
     }
 

@@ -81,6 +81,8 @@ pub enum ReplicaMsg {
         timestamp_ms: i64,
         reply: RpcReplyPort<Result<Option<u64>, BrokerError>>,
     },
+    /// Move the group's voters one step towards these node ids (leader only).
+    Reconfigure(Vec<u64>),
     /// Test-only fault hook: the replica's handler panics, as a bug would.
     InjectPanic,
 }
@@ -177,6 +179,11 @@ impl Actor for PartitionReplica {
                     })
                 };
                 let _ = reply.send(answer);
+            }
+            ReplicaMsg::Reconfigure(desired) => {
+                if let Some((change, node)) = state.core.step_towards(&desired)? {
+                    tracing::info!(group = state.args.group, ?change, node, "membership change proposed");
+                }
             }
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),
         }

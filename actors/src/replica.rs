@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
 use raft::{RawNode, StateRole};
 use runnel_storage::{LogConfig, RecordBatch};
 
@@ -248,6 +248,48 @@ impl ReplicaCore {
             }
         }
         Ok(())
+    }
+
+    /// On the leader, proposes the next single configuration change that
+    /// moves the group's voters to `desired`: add a missing node as a
+    /// learner; promote a learner once it has caught up with the commit
+    /// point; then remove a voter that is not desired. One change at a time
+    /// (each is a simple ConfChangeV2, so no joint state), none while one is
+    /// pending. Returns the change proposed, if any.
+    pub fn step_towards(&mut self, desired: &[u64]) -> Result<Option<(ConfChangeType, u64)>> {
+        if !self.is_leader() || self.raw.raft.has_pending_conf() {
+            return Ok(None);
+        }
+        let conf = self.raw.raft.prs().conf().to_conf_state();
+        let committed = self.raw.raft.raft_log.committed;
+        let caught_up = |node: u64| self.raw.raft.prs().get(node).is_some_and(|p| p.matched >= committed);
+        let me = self.id();
+        let change = if let Some(&node) = desired
+            .iter()
+            .find(|n| !conf.voters.contains(n) && !conf.learners.contains(n))
+        {
+            Some((ConfChangeType::AddLearnerNode, node))
+        } else if let Some(&node) = desired.iter().find(|&&n| conf.learners.contains(&n) && caught_up(n)) {
+            Some((ConfChangeType::AddNode, node))
+        } else if desired.iter().all(|n| conf.voters.contains(n)) {
+            conf.voters
+                .iter()
+                .copied()
+                .find(|v| !desired.contains(v) && *v != me)
+                .map(|v| (ConfChangeType::RemoveNode, v))
+        } else {
+            None
+        };
+        let Some((change_type, node_id)) = change else {
+            return Ok(None);
+        };
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.node_id = node_id;
+        let mut change = ConfChangeV2::default();
+        change.mut_changes().push(single);
+        self.raw.propose_conf_change(Vec::new(), change)?;
+        Ok(Some((change_type, node_id)))
     }
 
     /// Writes the commit index too (it is otherwise written lazily); call it

@@ -30,6 +30,18 @@ pub const DEAD_MS: u64 = 1000;
 
 impl NodeProcess {
     pub fn start(id: u32, addr: SocketAddr, seeds: &[SocketAddr], certs: &Path, scratch: &Path) -> NodeProcess {
+        Self::start_with(id, addr, seeds, certs, scratch, &[])
+    }
+
+    /// As `start`, with extra environment variables for the node.
+    pub fn start_with(
+        id: u32,
+        addr: SocketAddr,
+        seeds: &[SocketAddr],
+        certs: &Path,
+        scratch: &Path,
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
         let log = scratch.join(format!("node-{id}.log"));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -54,6 +66,7 @@ impl NodeProcess {
             .arg(certs)
             .env("RUST_LOG", "info")
             .env("RUNNEL_TEST_FAULT_HOOKS", "true")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
