@@ -475,96 +475,189 @@ async fn a_crashed_replica_restarts_in_place_and_status_shows_it() {
     assert_eq!(records.len(), 50);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_factor_is_restored() {
+/// `count` node processes that replace dead nodes' replicas at once.
+fn start_healing_cluster(count: usize, first_host: u8) -> (ProcessCluster, Vec<NodeProcess>) {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
-    certs_init(&certs, 4);
-    let addrs: Vec<SocketAddr> = (0..4).map(|i| free_addr(100 + i)).collect();
+    certs_init(&certs, count as u32);
+    let addrs: Vec<SocketAddr> = (0..count).map(|i| free_addr(first_host + i as u8)).collect();
     let env = [("RUNNEL_REPLACE_AFTER", "0")];
-    let mut nodes: Vec<NodeProcess> = (0..4)
+    let nodes = (0..count)
         .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path(), &env))
         .collect();
-    let cluster = ProcessCluster {
-        scratch,
-        certs,
-        addrs: addrs.clone(),
-        nodes: Vec::new(),
-    };
-    create_topic(&cluster, "heal", 4);
-    let client = connect(&cluster).await;
-    let mut producer = Producer::new(client.clone(), "heal", Acks::All)
-        .await
-        .expect("producer");
-    for i in 0..200 {
-        producer
-            .send(
-                Some(i % 4),
-                Record {
-                    value: Some(Bytes::from(format!("before-{i}"))),
-                    ..Record::default()
-                },
-            )
-            .await
-            .expect("send");
-    }
-    producer.flush().await.expect("flush");
+    (
+        ProcessCluster {
+            scratch,
+            certs,
+            addrs,
+            nodes: Vec::new(),
+        },
+        nodes,
+    )
+}
 
-    let info = client.describe_topic("heal").await.expect("describe");
-    let victim = info.partitions[0].replicas[2];
-    eprintln!("phase: SIGKILL node {victim}, which holds replicas; the controller re-creates them on live nodes");
-    nodes[victim as usize - 1].kill();
-    let survivors: Vec<SocketAddr> = addrs
+/// Connects through the nodes that are not `dead`.
+async fn connect_avoiding(cluster: &ProcessCluster, dead: &[u32]) -> Arc<Client> {
+    let live: Vec<SocketAddr> = cluster
+        .addrs
         .iter()
         .enumerate()
-        .filter(|(i, _)| *i != victim as usize - 1)
+        .filter(|(i, _)| !dead.contains(&(*i as u32 + 1)))
         .map(|(_, a)| *a)
         .collect();
-    let client = Arc::new(Client::connect(survivors, &cluster.certs).await.expect("connect"));
+    Arc::new(Client::connect(live, &cluster.certs).await.expect("connect"))
+}
+
+/// Waits until no partition of `topic` has a replica on a `dead` node and
+/// every partition's voters are exactly its (live) replicas, with a leader.
+async fn wait_healed(client: &Client, topic: &str, dead: &[u32]) -> runnel::broker::protocol::TopicInfo {
     let deadline = Instant::now() + TIMEOUT;
-    let healed = loop {
-        if let Ok(info) = client.describe_topic("heal").await {
+    let mut last = String::new();
+    loop {
+        if let Ok(info) = client.describe_topic(topic).await {
             let done = info.partitions.iter().all(|p| {
                 let mut voters = p.voters.clone();
                 voters.sort_unstable();
                 let mut replicas = p.replicas.clone();
                 replicas.sort_unstable();
-                !p.replicas.contains(&victim) && voters == replicas && p.leader.is_some()
+                p.replicas.iter().all(|r| !dead.contains(r)) && voters == replicas && p.leader.is_some()
             });
             if done {
-                break info;
+                return info;
             }
+            last = format!(
+                "{:?}",
+                info.partitions
+                    .iter()
+                    .map(|p| (&p.replicas, &p.voters, p.leader))
+                    .collect::<Vec<_>>()
+            );
         }
-        assert!(Instant::now() < deadline, "the replication factor was not restored");
+        assert!(
+            Instant::now() < deadline,
+            "the replication factor was not restored: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+}
+
+async fn produce_tagged(client: &Arc<Client>, topic: &str, partitions: u32, tag: &str, count: u32) {
+    let mut producer = Producer::new(client.clone(), topic, Acks::All).await.expect("producer");
+    for i in 0..count {
+        let record = Record {
+            value: Some(Bytes::from(format!("{tag}-{i}"))),
+            ..Record::default()
+        };
+        producer.send(Some(i % partitions), record).await.expect("send");
+    }
+    producer.flush().await.expect("flush");
+}
+
+/// Every replica of every partition holds the same records; returns how many.
+async fn records_everywhere(client: &Client, info: &runnel::broker::protocol::TopicInfo) -> usize {
+    let mut total = 0;
+    for partition in &info.partitions {
+        total += identical_replicas(client, &info.name, partition.partition, &partition.replicas)
+            .await
+            .len();
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_factor_is_restored() {
+    let (cluster, mut nodes) = start_healing_cluster(4, 100);
+    create_topic(&cluster, "heal", 4);
+    let client = connect(&cluster).await;
+    produce_tagged(&client, "heal", 4, "before", 200).await;
+    let victim = client.describe_topic("heal").await.expect("describe").partitions[0].replicas[2];
+
+    eprintln!("phase: SIGKILL node {victim}, which holds replicas; the controller re-creates them on live nodes");
+    nodes[victim as usize - 1].kill();
+    let client = connect_avoiding(&cluster, &[victim]).await;
+    let healed = wait_healed(&client, "heal", &[victim]).await;
     eprintln!(
         "healed: {:?}",
         healed.partitions.iter().map(|p| &p.voters).collect::<Vec<_>>()
     );
 
     eprintln!("phase: the partitions keep serving and every replica, old and new, holds the same records");
-    let mut producer = Producer::new(client.clone(), "heal", Acks::All)
-        .await
-        .expect("producer");
-    for i in 0..200 {
-        producer
-            .send(
-                Some(i % 4),
-                Record {
-                    value: Some(Bytes::from(format!("after-{i}"))),
-                    ..Record::default()
-                },
-            )
+    produce_tagged(&client, "heal", 4, "after", 200).await;
+    assert_eq!(records_everywhere(&client, &healed).await, 400, "every record, once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_two_nodes_of_five_one_after_another_heals_after_each() {
+    let (cluster, mut nodes) = start_healing_cluster(5, 110);
+    create_topic(&cluster, "twice", 5);
+    let client = connect(&cluster).await;
+    produce_tagged(&client, "twice", 5, "first", 100).await;
+    let mut dead = Vec::new();
+    for round in 0..2 {
+        let info = client_for(&cluster, &dead)
             .await
-            .expect("send");
+            .describe_topic("twice")
+            .await
+            .expect("describe");
+        let victim = info.partitions[round]
+            .replicas
+            .iter()
+            .copied()
+            .find(|n| !dead.contains(n))
+            .expect("a live replica");
+        eprintln!("phase: SIGKILL node {victim}");
+        nodes[victim as usize - 1].kill();
+        dead.push(victim);
+        let client = client_for(&cluster, &dead).await;
+        let healed = wait_healed(&client, "twice", &dead).await;
+        produce_tagged(&client, "twice", 5, &format!("after-kill-{round}"), 100).await;
+        assert_eq!(
+            records_everywhere(&client, &healed).await,
+            100 * (round + 2),
+            "round {round}"
+        );
     }
-    producer.flush().await.expect("flush");
-    let mut total = 0;
-    for partition in &healed.partitions {
-        let records = identical_replicas(&client, "heal", partition.partition, &partition.replicas).await;
-        total += records.len();
-    }
-    assert_eq!(total, 400, "every record, once");
-    drop(nodes);
+}
+
+async fn client_for(cluster: &ProcessCluster, dead: &[u32]) -> Arc<Client> {
+    connect_avoiding(cluster, dead).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_controller_leader_during_re_replication_still_heals() {
+    // Six nodes, two partitions of three replicas on disjoint nodes: the two
+    // nodes killed below never hold the same partition, so every partition
+    // keeps a quorum (a partition that loses two of three voters cannot
+    // commit anything, a configuration change included, by design).
+    let (cluster, mut nodes) = start_healing_cluster(6, 120);
+    create_topic(&cluster, "steady", 2);
+    let client = connect(&cluster).await;
+    produce_tagged(&client, "steady", 2, "before", 100).await;
+    client.topics().await.expect("metadata");
+    let controller = client
+        .controller_leader()
+        .expect("the answering node knows the controller leader");
+    let info = client.describe_topic("steady").await.expect("describe");
+    let victim = info
+        .partitions
+        .iter()
+        .find(|p| !p.replicas.contains(&controller))
+        .and_then(|p| p.replicas.first().copied())
+        .expect("a partition without the controller leader");
+
+    eprintln!(
+        "phase: SIGKILL node {victim} (replicas) and, during its re-replication, node {controller} (controller leader)"
+    );
+    nodes[victim as usize - 1].kill();
+    std::thread::sleep(Duration::from_millis(300));
+    nodes[controller as usize - 1].kill();
+    let dead = [victim, controller];
+    let client = connect_avoiding(&cluster, &dead).await;
+    let healed = wait_healed(&client, "steady", &dead).await;
+    eprintln!(
+        "healed: {:?}",
+        healed.partitions.iter().map(|p| &p.voters).collect::<Vec<_>>()
+    );
+    produce_tagged(&client, "steady", 2, "after", 100).await;
+    assert_eq!(records_everywhere(&client, &healed).await, 200);
 }

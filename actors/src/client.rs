@@ -84,6 +84,8 @@ pub struct Client {
     nodes: RwLock<HashMap<u32, SocketAddr>>,
     /// Nodes alive at the last metadata refresh.
     alive: RwLock<Vec<u32>>,
+    /// The controller leader at the last metadata refresh, if known.
+    controller_leader: RwLock<Option<u32>>,
     /// Topics as of the last refresh, for routing.
     cache: RwLock<Option<(Instant, Vec<TopicInfo>)>>,
     /// Nodes that recently failed to answer, tried last for a while.
@@ -101,6 +103,7 @@ impl Client {
             cluster: ClusterClient::new(&identity, seeds)?,
             nodes: RwLock::new(HashMap::new()),
             alive: RwLock::new(Vec::new()),
+            controller_leader: RwLock::new(None),
             cache: RwLock::new(None),
             failed: RwLock::new(HashMap::new()),
             leaders: RwLock::new(HashMap::new()),
@@ -131,7 +134,12 @@ impl Client {
     /// All topics, refreshing what the client knows of nodes and leaders.
     pub async fn topics(&self) -> ClientResult<Vec<TopicInfo>> {
         match self.call(None, &ClientRequest::Metadata).await? {
-            ClientResponse::Metadata { topics, nodes } => {
+            ClientResponse::Metadata {
+                topics,
+                nodes,
+                controller_leader,
+            } => {
+                *self.controller_leader.write().unwrap_or_else(|p| p.into_inner()) = controller_leader;
                 *self.alive.write().unwrap_or_else(|p| p.into_inner()) = nodes.iter().map(|(id, _)| *id).collect();
                 self.nodes.write().unwrap_or_else(|p| p.into_inner()).extend(nodes);
                 Ok(topics)
@@ -204,6 +212,12 @@ impl Client {
             }
         }
         Ok(topic)
+    }
+
+    /// The controller leader at the last metadata refresh, if the answering
+    /// node knew it.
+    pub fn controller_leader(&self) -> Option<u32> {
+        *self.controller_leader.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Nodes alive at the last metadata refresh.

@@ -626,7 +626,15 @@ impl Shared {
                     .filter(|m| m.state == MemberState::Alive)
                     .map(|m| (m.node.0, m.addr))
                     .collect();
-                ClientResponse::Metadata { topics, nodes }
+                let controller_leader = match self.broker.status(CONTROLLER_GROUP).await {
+                    Some(status) => status.leader.and_then(|l| u32::try_from(l).ok()),
+                    None => None,
+                };
+                ClientResponse::Metadata {
+                    topics,
+                    nodes,
+                    controller_leader,
+                }
             }
             ClientRequest::DescribeTopic { name } => match self.topic_info(&name).await {
                 Some(info) => ClientResponse::Topic(info),

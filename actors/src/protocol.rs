@@ -175,6 +175,8 @@ pub enum ClientResponse {
     Metadata {
         topics: Vec<TopicInfo>,
         nodes: Vec<(u32, std::net::SocketAddr)>,
+        /// The controller leader, as the answering node knows it.
+        controller_leader: Option<u32>,
     },
     Done,
     Produced {
