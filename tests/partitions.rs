@@ -661,3 +661,59 @@ async fn killing_the_controller_leader_during_re_replication_still_heals() {
     produce_tagged(&client, "steady", 2, "after", 100).await;
     assert_eq!(records_everywhere(&client, &healed).await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_enough_live_nodes_a_partition_serves_under_replicated_and_heals_when_a_node_joins() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 4);
+    let addrs: Vec<SocketAddr> = (0..4).map(|i| free_addr(130 + i)).collect();
+    let seeds = &addrs[..3];
+    let env = [("RUNNEL_REPLACE_AFTER", "0")];
+    let mut nodes: Vec<NodeProcess> = (0..3)
+        .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], seeds, &certs, scratch.path(), &env))
+        .collect();
+    let cluster = ProcessCluster {
+        scratch,
+        certs,
+        addrs: addrs[..3].to_vec(),
+        nodes: Vec::new(),
+    };
+    create_topic(&cluster, "thin", 1);
+    let client = connect(&cluster).await;
+    produce_tagged(&client, "thin", 1, "before", 50).await;
+
+    eprintln!("phase: kill node 3 of 3: nowhere to re-create its replica; the partition serves, under-replicated");
+    nodes[2].kill();
+    let client = connect_avoiding(&cluster, &[3]).await;
+    produce_tagged(&client, "thin", 1, "degraded", 50).await;
+    let info = client.describe_topic("thin").await.expect("describe");
+    assert!(
+        info.partitions[0].replicas.contains(&3),
+        "no live node could take the replica"
+    );
+    wait_for("the partition to be marked under-replicated", TIMEOUT, || {
+        let output = runnel()
+            .args(["topic", "describe", "thin", "--json", "--seeds", &addrs[0].to_string()])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .output()
+            .expect("describe");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        json["partitions"][0]["under_replicated"] == true
+    });
+
+    eprintln!("phase: node 4 joins; the replica moves there and the partition heals");
+    nodes.push(NodeProcess::start_with(
+        4,
+        addrs[3],
+        seeds,
+        &cluster.certs,
+        cluster.scratch.path(),
+        &env,
+    ));
+    let client = connect_avoiding(&cluster, &[3]).await;
+    let healed = wait_healed(&client, "thin", &[3]).await;
+    assert!(healed.partitions[0].replicas.contains(&4));
+    assert_eq!(records_everywhere(&client, &healed).await, 100);
+}
