@@ -281,9 +281,26 @@ pub struct StatusArgs {
     json: bool,
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Keep refreshing a live view, with an event line for every change.
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: milliseconds between refreshes.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// With --watch: stop after this many refreshes (default: until stopped).
+    #[arg(long)]
+    count: Option<u64>,
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    if args.watch {
+        return crate::watch::run(
+            args.seeds,
+            args.certs,
+            Duration::from_millis(args.interval_ms),
+            args.count,
+        );
+    }
     let identity = CertDir::new(&args.certs).client_identity()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let timeout = Duration::from_millis(args.timeout_ms);

@@ -4,6 +4,7 @@ mod bench;
 mod broker_cli;
 mod cluster_cli;
 mod demo;
+mod watch;
 
 use std::path::PathBuf;
 

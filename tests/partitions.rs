@@ -717,3 +717,43 @@ async fn without_enough_live_nodes_a_partition_serves_under_replicated_and_heals
     assert!(healed.partitions[0].replicas.contains(&4));
     assert_eq!(records_everywhere(&client, &healed).await, 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_shows_failover_and_healing_as_events() {
+    let (cluster, mut nodes) = start_healing_cluster(4, 140);
+    create_topic(&cluster, "watched", 2);
+    let client = connect(&cluster).await;
+    let victim = client.describe_topic("watched").await.expect("describe").partitions[0].replicas[1];
+    let watcher = runnel()
+        .args([
+            "status",
+            "--watch",
+            "--interval-ms",
+            "200",
+            "--count",
+            "40",
+            "--seeds",
+            &cluster.addrs[0].to_string(),
+        ])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    std::thread::sleep(Duration::from_millis(1500));
+    eprintln!("phase: SIGKILL node {victim} while the watcher runs");
+    nodes[victim as usize - 1].kill();
+    let output = watcher.wait_with_output().expect("watch output");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(text.contains("watched/0"), "partitions are listed");
+    assert!(
+        text.contains(&format!("node {victim}: alive -> ")),
+        "the node's failure is an event:\n{text}"
+    );
+    assert!(
+        text.contains("watched/0: voters"),
+        "re-replication shows as a voters event:\n{text}"
+    );
+}

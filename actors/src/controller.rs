@@ -781,6 +781,10 @@ impl Shared {
                     .and_then(|l| u32::try_from(l).ok()),
                 committed_offset: status.as_ref().map(|s| s.committed_offset),
                 end_offset: status.as_ref().map(|s| s.end_offset),
+                learners: status
+                    .as_ref()
+                    .map(|s| s.learners.iter().filter_map(|&v| u32::try_from(v).ok()).collect())
+                    .unwrap_or_default(),
                 voters: status
                     .map(|s| s.voters.iter().filter_map(|&v| u32::try_from(v).ok()).collect())
                     .unwrap_or_default(),

@@ -161,6 +161,7 @@ pub struct PartitionInfo {
     pub committed_offset: Option<u64>,
     pub end_offset: Option<u64>,
     pub voters: Vec<u32>,
+    pub learners: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
