@@ -355,3 +355,12 @@ fn print_record(
     }
     Ok(())
 }
+
+/// `runnel rebalance`: spread replicas evenly over the live nodes.
+pub fn rebalance(connect: ConnectArgs) -> anyhow::Result<()> {
+    runtime()?.block_on(async move {
+        connect.connect().await?.rebalance().await?;
+        println!("rebalance committed; replicas move through learner -> voter -> removal (watch with `runnel status --watch`)");
+        Ok(())
+    })
+}

@@ -43,6 +43,8 @@ enum Command {
     Produce(broker_cli::ProduceArgs),
     /// Print a topic's records.
     Consume(broker_cli::ConsumeArgs),
+    /// Spread replicas evenly over the live nodes (e.g. after a node joins).
+    Rebalance(broker_cli::ConnectArgs),
     /// Measure a part of Runnel and print figures (JSON lines, then a summary).
     Bench {
         #[command(subcommand)]
@@ -83,6 +85,7 @@ fn run() -> anyhow::Result<()> {
         Command::Topic { command } => broker_cli::topic(command),
         Command::Produce(args) => broker_cli::produce(args),
         Command::Consume(args) => broker_cli::consume(args),
+        Command::Rebalance(args) => broker_cli::rebalance(args),
         Command::Bench { target } => bench::run(target),
     }
 }

@@ -757,3 +757,59 @@ async fn status_watch_shows_failover_and_healing_as_events() {
         "re-replication shows as a voters event:\n{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_moves_replicas_to_a_new_node_without_dropping_below_the_replication_factor() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 4);
+    let addrs: Vec<SocketAddr> = (0..4).map(|i| free_addr(150 + i)).collect();
+    let seeds = &addrs[..3];
+    let mut nodes: Vec<NodeProcess> = (0..3)
+        .map(|i| NodeProcess::start(i as u32 + 1, addrs[i], seeds, &certs, scratch.path()))
+        .collect();
+    let cluster = ProcessCluster {
+        scratch,
+        certs,
+        addrs: addrs[..3].to_vec(),
+        nodes: Vec::new(),
+    };
+    create_topic(&cluster, "spread", 6);
+    let client = connect(&cluster).await;
+    produce_tagged(&client, "spread", 6, "before", 120).await;
+
+    eprintln!("phase: node 4 joins; `runnel rebalance` moves replicas onto it");
+    nodes.push(NodeProcess::start(
+        4,
+        addrs[3],
+        seeds,
+        &cluster.certs,
+        cluster.scratch.path(),
+    ));
+    wait_for("node 4 to be alive", TIMEOUT, || {
+        states(addrs[0], &cluster.certs).is_some_and(|s| s.iter().any(|(id, state, _)| *id == 4 && state == "alive"))
+    });
+    let output = runnel()
+        .args(["rebalance", "--seeds", &addrs[0].to_string()])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .output()
+        .expect("rebalance");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let client = Arc::new(Client::connect(addrs.clone(), &cluster.certs).await.expect("connect"));
+    let healed = wait_healed(&client, "spread", &[]).await;
+    let mut load = BTreeMap::new();
+    for partition in &healed.partitions {
+        assert_eq!(partition.voters.len(), 3, "never below the replication factor");
+        for &replica in &partition.replicas {
+            *load.entry(replica).or_insert(0) += 1;
+        }
+    }
+    assert!(
+        load.values().all(|&l| l == 4 || l == 5),
+        "replicas spread over four nodes: {load:?}"
+    );
+    produce_tagged(&client, "spread", 6, "after", 120).await;
+    assert_eq!(records_everywhere(&client, &healed).await, 240);
+}

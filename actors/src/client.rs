@@ -168,6 +168,12 @@ impl Client {
         Ok(())
     }
 
+    /// Spreads replicas evenly over the live nodes (moves happen in the
+    /// background, each through learner -> voter -> removal).
+    pub async fn rebalance(&self) -> ClientResult<()> {
+        self.expect_done(self.call(None, &ClientRequest::Rebalance).await?)
+    }
+
     pub async fn delete_topic(&self, name: &str) -> ClientResult<()> {
         self.expect_done(
             self.call(None, &ClientRequest::DeleteTopic { name: name.to_string() })

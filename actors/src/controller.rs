@@ -536,6 +536,7 @@ impl Shared {
                 }
             }
             ControllerRequest::CreateTopic { name, config } => self.create_topic(name, config).await,
+            ControllerRequest::Rebalance => self.rebalance().await,
             ControllerRequest::DeleteTopic { name } => {
                 if !self.meta().metadata.topics.contains_key(&name) {
                     return ControllerResponse::Refused(MetadataError::UnknownTopic(name));
@@ -543,6 +544,78 @@ impl Shared {
                 self.commit(MetadataCommand::DeleteTopic { name }).await
             }
         }
+    }
+
+    /// On the controller leader: moves replicas from the most loaded live
+    /// node to the least loaded one until loads differ by at most one. Each
+    /// move goes through the same learner -> voter -> remove path as healing,
+    /// so no partition drops below its replication factor.
+    async fn rebalance(&self) -> ControllerResponse {
+        const MOVES_MAX: usize = 1000;
+        let alive: Vec<u32> = self
+            .node
+            .members()
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.node.0)
+            .collect();
+        let moves: Vec<MetadataCommand> = {
+            let meta = self.meta();
+            let mut load: BTreeMap<u32, usize> = alive.iter().map(|&n| (n, 0)).collect();
+            for (node, count) in meta.metadata.load() {
+                if let Some(slot) = load.get_mut(&node) {
+                    *slot = count;
+                }
+            }
+            let mut assignment: Vec<(String, u32, Vec<u32>)> = meta
+                .metadata
+                .topics
+                .values()
+                .flat_map(|t| {
+                    t.assignment
+                        .iter()
+                        .enumerate()
+                        .map(|(p, r)| (t.name.clone(), p as u32, r.clone()))
+                })
+                .collect();
+            let mut moves = Vec::new();
+            while moves.len() < MOVES_MAX {
+                let (Some((&from, &most)), Some((&to, &least))) = (
+                    load.iter().max_by_key(|(n, c)| (**c, **n)),
+                    load.iter().min_by_key(|(n, c)| (**c, **n)),
+                ) else {
+                    break;
+                };
+                if most <= least + 1 {
+                    break;
+                }
+                let Some(slot) = assignment
+                    .iter_mut()
+                    .find(|(_, _, r)| r.contains(&from) && !r.contains(&to))
+                else {
+                    break;
+                };
+                if let Some(replica) = slot.2.iter_mut().find(|n| **n == from) {
+                    *replica = to;
+                }
+                moves.push(MetadataCommand::ReplaceReplica {
+                    topic: slot.0.clone(),
+                    partition: slot.1,
+                    dead: from,
+                    replacement: to,
+                });
+                *load.entry(from).or_default() -= 1;
+                *load.entry(to).or_default() += 1;
+            }
+            moves
+        };
+        for command in moves {
+            tracing::info!(?command, "rebalance moves a replica");
+            if let ControllerResponse::Failed(e) = self.commit(command).await {
+                return ControllerResponse::Failed(e);
+            }
+        }
+        ControllerResponse::Done
     }
 
     /// On the controller leader: validate, place, commit.
@@ -663,6 +736,7 @@ impl Shared {
                     Err(e) => ClientResponse::Failed(e),
                 }
             }
+            ClientRequest::Rebalance => self.admin(ControllerRequest::Rebalance).await,
             ClientRequest::InjectPanic { topic, partition } => {
                 if !self.config.test_fault_hooks {
                     let reason = "test fault hooks are disabled on this node".to_string();

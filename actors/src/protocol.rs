@@ -88,6 +88,8 @@ pub enum ControllerRequest {
     DeleteTopic {
         name: String,
     },
+    /// Move replicas from the most to the least loaded live nodes.
+    Rebalance,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +142,8 @@ pub enum ClientRequest {
         topic: String,
         partition: u32,
     },
+    /// Spread replicas evenly over the live nodes (answered `Done`).
+    Rebalance,
 }
 
 /// How one replica on a node has fared (its supervisor's record).

@@ -272,6 +272,14 @@ impl ReplicaCore {
         } else if let Some(&node) = desired.iter().find(|&&n| conf.learners.contains(&n) && caught_up(n)) {
             Some((ConfChangeType::AddNode, node))
         } else if desired.iter().all(|n| conf.voters.contains(n)) {
+            if !desired.contains(&me) && conf.voters.iter().all(|v| desired.contains(v) || *v == me) {
+                // This leader is the one to leave: hand leadership to a
+                // caught-up voter first; the new leader removes this one.
+                if let Some(&target) = desired.iter().find(|&&n| caught_up(n)) {
+                    self.raw.transfer_leader(target);
+                }
+                return Ok(None);
+            }
             conf.voters
                 .iter()
                 .copied()
