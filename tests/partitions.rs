@@ -584,6 +584,45 @@ async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_fac
     eprintln!("phase: the partitions keep serving and every replica, old and new, holds the same records");
     produce_tagged(&client, "heal", 4, "after", 200).await;
     assert_eq!(records_everywhere(&client, &healed).await, 400, "every record, once");
+
+    eprintln!("phase: node {victim} comes back; its stale replicas are removed and their files deleted");
+    let dir = cluster
+        .scratch
+        .path()
+        .join(format!("data-{victim}"))
+        .join("broker")
+        .join("partitions");
+    let stale_before = std::fs::read_dir(&dir).expect("partitions dir").count();
+    assert!(
+        stale_before > 1,
+        "the victim had partition replicas besides the controller's"
+    );
+    let env = [("RUNNEL_REPLACE_AFTER", "0")];
+    let addr = cluster.addrs[victim as usize - 1];
+    nodes[victim as usize - 1] = NodeProcess::start_with(
+        victim,
+        addr,
+        &cluster.addrs,
+        &cluster.certs,
+        cluster.scratch.path(),
+        &env,
+    );
+    let assigned_here: Vec<String> = client
+        .describe_topic("heal")
+        .await
+        .expect("describe")
+        .partitions
+        .iter()
+        .filter(|p| p.replicas.contains(&victim))
+        .map(|p| p.partition.to_string())
+        .collect();
+    assert!(assigned_here.is_empty(), "healing moved every replica off the victim");
+    wait_for("the stale replica directories to be deleted", TIMEOUT, || {
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .map(|entries| entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        left == vec!["0".to_string()]
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

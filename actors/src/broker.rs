@@ -304,6 +304,23 @@ impl Broker {
         }
     }
 
+    /// Groups that have a replica directory on this node's disk.
+    pub fn replica_dirs(&self) -> Vec<u64> {
+        let dir = self.config.data_dir.join("partitions");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// Deletes the files of a replica that no longer runs here.
+    pub fn delete_replica_files(&self, group: u64) -> Result<()> {
+        let dir = self.config.data_dir.join("partitions").join(group.to_string());
+        std::fs::remove_dir_all(&dir).map_err(|e| ActorError::Io { path: dir, source: e })
+    }
+
     /// Stops the replica of `group` cleanly; its files stay.
     pub async fn unhost(&self, group: u64) {
         let _ = self

@@ -152,7 +152,7 @@ impl Controller {
             ControllerResponse::Done => Ok(()),
             ControllerResponse::Refused(e) => Err(e.to_string()),
             ControllerResponse::Failed(e) => Err(e.to_string()),
-            ControllerResponse::Log { .. } => Err("unexpected answer".to_string()),
+            ControllerResponse::Log { .. } | ControllerResponse::Offset(_) => Err("unexpected answer".to_string()),
         }
     }
 
@@ -231,6 +231,7 @@ impl Shared {
                 last_heal = Instant::now();
                 self.settle_membership().await;
                 self.heal().await;
+                self.collect_stale_replicas().await;
             }
         }
     }
@@ -295,6 +296,52 @@ impl Shared {
             if let ControllerResponse::Failed(e) = self.commit(command).await {
                 tracing::warn!(error = %e, "could not commit a replica move");
                 return;
+            }
+        }
+    }
+
+    /// Deletes the files of replicas no assignment names any more (this node
+    /// was replaced while it was away). Only once this node's metadata has
+    /// reached the controller leader's commit point: a lagging view could
+    /// miss a current assignment. The controller group is never touched.
+    async fn collect_stale_replicas(&self) {
+        let on_disk = self.broker.replica_dirs();
+        let hosted = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let candidates: Vec<u64> = on_disk
+            .into_iter()
+            .filter(|g| *g != CONTROLLER_GROUP && !hosted.contains(g) && self.broker.replica(*g).is_none())
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let ControllerResponse::Offset(leader_committed) =
+            self.controller_call(ControllerRequest::CommittedOffset).await
+        else {
+            return;
+        };
+        if let Err(reason) = self.pull_and_apply().await {
+            tracing::debug!(reason, "controller log not reachable; stale replicas kept for now");
+            return;
+        }
+        let meta = self.meta();
+        if meta.applied_offset < leader_committed {
+            return;
+        }
+        let assigned: BTreeSet<u64> = meta
+            .metadata
+            .topics
+            .values()
+            .flat_map(|t| {
+                (0..t.assignment.len())
+                    .filter(|&p| t.assignment[p].contains(&self.node.id().0))
+                    .map(|p| t.group_id(p as u32))
+            })
+            .collect();
+        drop(meta);
+        for group in candidates.into_iter().filter(|g| !assigned.contains(g)) {
+            match self.broker.delete_replica_files(group) {
+                Ok(()) => tracing::info!(group, "deleted the files of a stale replica"),
+                Err(e) => tracing::warn!(group, error = %e, "could not delete a stale replica's files"),
             }
         }
     }
@@ -537,6 +584,14 @@ impl Shared {
             }
             ControllerRequest::CreateTopic { name, config } => self.create_topic(name, config).await,
             ControllerRequest::Rebalance => self.rebalance().await,
+            ControllerRequest::CommittedOffset => match self.broker.status(CONTROLLER_GROUP).await {
+                Some(status) if status.leader == Some(self.me()) => ControllerResponse::Offset(status.committed_offset),
+                Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
+                    group: CONTROLLER_GROUP,
+                    leader: status.leader,
+                }),
+                None => ControllerResponse::Failed(BrokerError::UnknownGroup(CONTROLLER_GROUP)),
+            },
             ControllerRequest::DeleteTopic { name } => {
                 if !self.meta().metadata.topics.contains_key(&name) {
                     return ControllerResponse::Refused(MetadataError::UnknownTopic(name));
@@ -813,7 +868,7 @@ impl Shared {
             ControllerResponse::Done => ClientResponse::Done,
             ControllerResponse::Refused(e) => ClientResponse::Refused(e),
             ControllerResponse::Failed(e) => ClientResponse::Failed(e),
-            ControllerResponse::Log { .. } => {
+            ControllerResponse::Log { .. } | ControllerResponse::Offset(_) => {
                 ClientResponse::Failed(BrokerError::InvalidRequest("unexpected answer".to_string()))
             }
         }

@@ -90,6 +90,8 @@ pub enum ControllerRequest {
     },
     /// Move replicas from the most to the least loaded live nodes.
     Rebalance,
+    /// The controller log's commit point, from the leader only.
+    CommittedOffset,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +100,7 @@ pub enum ControllerResponse {
     Done,
     Refused(crate::metadata::MetadataError),
     Failed(BrokerError),
+    Offset(u64),
 }
 
 /// What a client asks any node.
