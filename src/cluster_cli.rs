@@ -304,14 +304,18 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let identity = CertDir::new(&args.certs).client_identity()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let timeout = Duration::from_millis(args.timeout_ms);
-    let (response, replicas) = runtime.block_on(async {
+    let (response, replicas, under) = runtime.block_on(async {
         let client = ClusterClient::new(&identity, args.seeds.clone())?;
         let response = client.request(ClientRequest::Status, timeout).await?;
         let replicas = match &response {
             ClientResponse::Status { members, .. } => replica_health(&client, members, timeout).await,
             _ => Vec::new(),
         };
-        anyhow::Ok((response, replicas))
+        let under = match &response {
+            ClientResponse::Status { members, .. } => under_replicated(&args.seeds, &args.certs, members).await,
+            _ => Vec::new(),
+        };
+        anyhow::Ok((response, replicas, under))
     })?;
     let (node, members) = match response {
         ClientResponse::Status { node, members } => (node, members),
@@ -333,9 +337,16 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
                     "last_failure": h.last_failure})
             })
             .collect();
+        let under: Vec<serde_json::Value> = under
+            .iter()
+            .map(|(topic, p)| {
+                serde_json::json!({"topic": topic, "partition": p.partition, "leader": p.leader,
+                    "replicas": p.replicas, "voters": p.voters})
+            })
+            .collect();
         println!(
             "{}",
-            serde_json::json!({"answered_by": node.0, "nodes": nodes, "replica_restarts": troubled})
+            serde_json::json!({"answered_by": node.0, "nodes": nodes, "replica_restarts": troubled, "under_replicated": under})
         );
         return Ok(());
     }
@@ -354,6 +365,16 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             m.since_unix_ms
         );
     }
+    if !under.is_empty() {
+        println!("under-replicated partitions:");
+        for (topic, p) in &under {
+            let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
+            println!(
+                "  {topic}/{}: leader {leader}, replicas {:?}, voters {:?}",
+                p.partition, p.replicas, p.voters
+            );
+        }
+    }
     if !replicas.is_empty() {
         println!("replicas that restarted or failed:");
         for (node, h) in &replicas {
@@ -370,6 +391,34 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Partitions with no leader, or with a replica on a node that is not alive.
+async fn under_replicated(
+    seeds: &[SocketAddr],
+    certs: &Path,
+    members: &[runnel::cluster::MemberStatus],
+) -> Vec<(String, runnel::broker::protocol::PartitionInfo)> {
+    let alive: Vec<u32> = members
+        .iter()
+        .filter(|m| m.state == runnel::cluster::MemberState::Alive)
+        .map(|m| m.node.0)
+        .collect();
+    let Ok(client) = runnel::broker::client::Client::connect(seeds.to_vec(), certs).await else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for topic in client.topics().await.unwrap_or_default() {
+        let Ok(info) = client.describe_topic(&topic.name).await else {
+            continue;
+        };
+        for p in info.partitions {
+            if p.leader.is_none() || p.replicas.iter().any(|r| !alive.contains(r)) {
+                out.push((info.name.clone(), p));
+            }
+        }
+    }
+    out
 }
 
 /// Replicas that restarted or failed, from every alive node's supervisor.

@@ -741,6 +741,17 @@ async fn without_enough_live_nodes_a_partition_serves_under_replicated_and_heals
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
         json["partitions"][0]["under_replicated"] == true
     });
+    let status = runnel()
+        .args(["status", "--json", "--seeds", &addrs[0].to_string()])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .output()
+        .expect("status");
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
+    assert_eq!(
+        json["under_replicated"][0]["topic"], "thin",
+        "runnel status shows it: {json}"
+    );
 
     eprintln!("phase: node 4 joins; the replica moves there and the partition heals");
     nodes.push(NodeProcess::start_with(
@@ -851,4 +862,67 @@ async fn rebalance_moves_replicas_to_a_new_node_without_dropping_below_the_repli
     );
     produce_tagged(&client, "spread", 6, "after", 120).await;
     assert_eq!(records_everywhere(&client, &healed).await, 240);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_keeps_crashing_is_reported_and_placed_on_another_node() {
+    let (cluster, _nodes) = start_healing_cluster(4, 160);
+    create_topic(&cluster, "fragile", 1);
+    let client = connect(&cluster).await;
+    produce_tagged(&client, "fragile", 1, "before", 50).await;
+    let info = client.describe_topic("fragile").await.expect("describe");
+    let victim = *info.partitions[0]
+        .replicas
+        .iter()
+        .find(|&&n| Some(n) != info.partitions[0].leader)
+        .expect("a follower");
+
+    eprintln!("phase: crash node {victim}'s replica until its supervisor gives up");
+    // (restarts, failed) of the victim's replica, as `runnel status --json` reports them.
+    let health = || {
+        let output = runnel()
+            .args([
+                "status",
+                "--json",
+                "--seeds",
+                &cluster.addrs[victim as usize - 1].to_string(),
+            ])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .output()
+            .expect("status");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        json["replica_restarts"]
+            .as_array()
+            .and_then(|r| r.iter().find(|e| e["node"] == victim))
+            .map_or((0, false), |e| {
+                (e["restarts"].as_u64().unwrap_or(0), e["failed"] == true)
+            })
+    };
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (restarts, failed) = health();
+        if failed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor never gave up ({restarts} restarts)"
+        );
+        // Refused while the replica is between restarts; accepted once it is back.
+        if client.inject_panic(victim, "fragile", 0).await.is_ok() {
+            wait_for("the crash to be counted", TIMEOUT, || {
+                let (now, failed) = health();
+                now > restarts || failed
+            });
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    eprintln!("phase: the failed replica is reported to the controller and re-created on another node");
+    let healed = wait_healed(&client, "fragile", &[victim]).await;
+    assert!(!healed.partitions[0].replicas.contains(&victim));
+    produce_tagged(&client, "fragile", 1, "after", 50).await;
+    assert_eq!(records_everywhere(&client, &healed).await, 100);
 }

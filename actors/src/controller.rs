@@ -231,6 +231,7 @@ impl Shared {
                 last_heal = Instant::now();
                 self.settle_membership().await;
                 self.heal().await;
+                self.report_failed_replicas().await;
                 self.collect_stale_replicas().await;
             }
         }
@@ -298,6 +299,75 @@ impl Shared {
                 return;
             }
         }
+    }
+
+    /// Tells the controller about local replicas the supervisor gave up on
+    /// that are still assigned here, so they are placed on another node.
+    async fn report_failed_replicas(&self) {
+        let failed: Vec<u64> = self
+            .broker
+            .health()
+            .await
+            .into_iter()
+            .filter(|h| h.failed)
+            .map(|h| h.group)
+            .collect();
+        let hosted = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for group in failed
+            .into_iter()
+            .filter(|g| hosted.contains(g) && *g != CONTROLLER_GROUP)
+        {
+            let request = ControllerRequest::ReplicaFailed {
+                group,
+                node: self.node.id().0,
+            };
+            if let ControllerResponse::Failed(e) = self.controller_call(request).await {
+                tracing::warn!(group, error = %e, "could not report a failed replica");
+            }
+        }
+    }
+
+    /// On the controller leader: moves `node`'s failed replica of `group` to
+    /// the least-loaded live node not in the partition.
+    async fn replace_failed(&self, group: u64, node: u32) -> ControllerResponse {
+        let alive: Vec<u32> = self
+            .node
+            .members()
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.node.0)
+            .collect();
+        let command = {
+            let meta = self.meta();
+            let load = meta.metadata.load();
+            let found = meta.metadata.topics.values().find_map(|t| {
+                (0..t.assignment.len())
+                    .find(|&p| t.group_id(p as u32) == group)
+                    .map(|p| (t.name.clone(), p as u32, t.assignment[p].clone()))
+            });
+            let Some((topic, partition, replicas)) = found else {
+                return ControllerResponse::Done;
+            };
+            if !replicas.contains(&node) {
+                return ControllerResponse::Done;
+            }
+            let replacement = alive
+                .iter()
+                .copied()
+                .filter(|n| !replicas.contains(n))
+                .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n));
+            let Some(replacement) = replacement else {
+                return ControllerResponse::Done;
+            };
+            MetadataCommand::ReplaceReplica {
+                topic,
+                partition,
+                dead: node,
+                replacement,
+            }
+        };
+        tracing::info!(?command, "placing a failed replica on another node");
+        self.commit(command).await
     }
 
     /// Deletes the files of replicas no assignment names any more (this node
@@ -584,6 +654,7 @@ impl Shared {
             }
             ControllerRequest::CreateTopic { name, config } => self.create_topic(name, config).await,
             ControllerRequest::Rebalance => self.rebalance().await,
+            ControllerRequest::ReplicaFailed { group, node } => self.replace_failed(group, node).await,
             ControllerRequest::CommittedOffset => match self.broker.status(CONTROLLER_GROUP).await {
                 Some(status) if status.leader == Some(self.me()) => ControllerResponse::Offset(status.committed_offset),
                 Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {

@@ -92,6 +92,12 @@ pub enum ControllerRequest {
     Rebalance,
     /// The controller log's commit point, from the leader only.
     CommittedOffset,
+    /// `node`'s replica of `group` failed for good (its supervisor gave up):
+    /// place it elsewhere.
+    ReplicaFailed {
+        group: u64,
+        node: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
