@@ -204,6 +204,15 @@ async fn serve_inbox<Req, Resp, Serve, Answer>(
     }
 }
 
+/// The least-loaded live node that holds no replica of the partition yet.
+fn pick_replacement(alive: &[u32], replicas: &[u32], load: &BTreeMap<u32, usize>) -> Option<u32> {
+    alive
+        .iter()
+        .copied()
+        .filter(|n| !replicas.contains(n))
+        .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n))
+}
+
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).unwrap_or_default()
 }
@@ -215,6 +224,16 @@ impl Shared {
 
     fn meta(&self) -> std::sync::RwLockReadGuard<'_, MetaState> {
         self.meta.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ids of the nodes membership holds alive now.
+    fn alive_nodes(&self) -> Vec<u32> {
+        self.node
+            .members()
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.node.0)
+            .collect()
     }
 
     async fn follow(&self) {
@@ -273,11 +292,7 @@ impl Shared {
             for topic in meta.metadata.topics.values() {
                 for (partition, replicas) in topic.assignment.iter().enumerate() {
                     for &gone in replicas.iter().filter(|n| dead.contains(n)) {
-                        let replacement = alive
-                            .iter()
-                            .copied()
-                            .filter(|n| !replicas.contains(n))
-                            .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n));
+                        let replacement = pick_replacement(&alive, replicas, &load);
                         if let Some(replacement) = replacement {
                             *load.entry(replacement).or_default() += 1;
                             moves.push(MetadataCommand::ReplaceReplica {
@@ -330,13 +345,7 @@ impl Shared {
     /// On the controller leader: moves `node`'s failed replica of `group` to
     /// the least-loaded live node not in the partition.
     async fn replace_failed(&self, group: u64, node: u32) -> ControllerResponse {
-        let alive: Vec<u32> = self
-            .node
-            .members()
-            .iter()
-            .filter(|m| m.state == MemberState::Alive)
-            .map(|m| m.node.0)
-            .collect();
+        let alive: Vec<u32> = self.alive_nodes();
         let command = {
             let meta = self.meta();
             let load = meta.metadata.load();
@@ -351,11 +360,7 @@ impl Shared {
             if !replicas.contains(&node) {
                 return ControllerResponse::Done;
             }
-            let replacement = alive
-                .iter()
-                .copied()
-                .filter(|n| !replicas.contains(n))
-                .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n));
+            let replacement = pick_replacement(&alive, &replicas, &load);
             let Some(replacement) = replacement else {
                 return ControllerResponse::Done;
             };
@@ -678,13 +683,7 @@ impl Shared {
     /// so no partition drops below its replication factor.
     async fn rebalance(&self) -> ControllerResponse {
         const MOVES_MAX: usize = 1000;
-        let alive: Vec<u32> = self
-            .node
-            .members()
-            .iter()
-            .filter(|m| m.state == MemberState::Alive)
-            .map(|m| m.node.0)
-            .collect();
+        let alive: Vec<u32> = self.alive_nodes();
         let moves: Vec<MetadataCommand> = {
             let meta = self.meta();
             let mut load: BTreeMap<u32, usize> = alive.iter().map(|&n| (n, 0)).collect();
@@ -752,13 +751,7 @@ impl Shared {
         if self.meta().metadata.topics.contains_key(&name) {
             return ControllerResponse::Refused(MetadataError::TopicExists(name));
         }
-        let live: Vec<u32> = self
-            .node
-            .members()
-            .iter()
-            .filter(|m| m.state == MemberState::Alive)
-            .map(|m| m.node.0)
-            .collect();
+        let live: Vec<u32> = self.alive_nodes();
         let load = self.meta().metadata.load();
         let assignment = match place(&config, &live, &load) {
             Ok(assignment) => assignment,
