@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -338,7 +337,6 @@ fn bad_produce_requests_get_clear_errors_and_the_cluster_keeps_serving() {
         .expect("consume");
     let text = String::from_utf8_lossy(&consumed.stdout);
     assert!(text.contains("still") && text.contains("serving"), "{text}");
-    let _ = Path::new("");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,25 +473,39 @@ async fn a_crashed_replica_restarts_in_place_and_status_shows_it() {
     assert_eq!(records.len(), 50);
 }
 
-/// `count` node processes that replace dead nodes' replicas at once.
-fn start_healing_cluster(count: usize, first_host: u8) -> (ProcessCluster, Vec<NodeProcess>) {
+/// Certificates for `certified` nodes, of which the first `running` are
+/// started (seeding each other); returns every reserved address too, so a
+/// test can start the rest later.
+fn start_nodes(
+    certified: usize,
+    running: usize,
+    first_host: u8,
+    env: &[(&str, &str)],
+) -> (ProcessCluster, Vec<NodeProcess>, Vec<SocketAddr>) {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
-    certs_init(&certs, count as u32);
-    let addrs: Vec<SocketAddr> = (0..count).map(|i| free_addr(first_host + i as u8)).collect();
-    let env = [("RUNNEL_REPLACE_AFTER", "0")];
-    let nodes = (0..count)
-        .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path(), &env))
+    certs_init(&certs, certified as u32);
+    let addrs: Vec<SocketAddr> = (0..certified).map(|i| free_addr(first_host + i as u8)).collect();
+    let seeds = &addrs[..running];
+    let nodes = (0..running)
+        .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], seeds, &certs, scratch.path(), env))
         .collect();
-    (
-        ProcessCluster {
-            scratch,
-            certs,
-            addrs,
-            nodes: Vec::new(),
-        },
-        nodes,
-    )
+    let cluster = ProcessCluster {
+        scratch,
+        certs,
+        addrs: seeds.to_vec(),
+        nodes: Vec::new(),
+    };
+    (cluster, nodes, addrs)
+}
+
+/// Nodes replace a dead node's replicas at once.
+const REPLACE_AT_ONCE: [(&str, &str); 1] = [("RUNNEL_REPLACE_AFTER", "0")];
+
+/// `count` node processes that replace dead nodes' replicas at once.
+fn start_healing_cluster(count: usize, first_host: u8) -> (ProcessCluster, Vec<NodeProcess>) {
+    let (cluster, nodes, _) = start_nodes(count, count, first_host, &REPLACE_AT_ONCE);
+    (cluster, nodes)
 }
 
 /// Connects through the nodes that are not `dead`.
@@ -597,7 +609,6 @@ async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_fac
         stale_before > 1,
         "the victim had partition replicas besides the controller's"
     );
-    let env = [("RUNNEL_REPLACE_AFTER", "0")];
     let addr = cluster.addrs[victim as usize - 1];
     nodes[victim as usize - 1] = NodeProcess::start_with(
         victim,
@@ -605,7 +616,7 @@ async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_fac
         &cluster.addrs,
         &cluster.certs,
         cluster.scratch.path(),
-        &env,
+        &REPLACE_AT_ONCE,
     );
     let assigned_here: Vec<String> = client
         .describe_topic("heal")
@@ -703,21 +714,8 @@ async fn killing_the_controller_leader_during_re_replication_still_heals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_enough_live_nodes_a_partition_serves_under_replicated_and_heals_when_a_node_joins() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let certs = scratch.path().join("certs");
-    certs_init(&certs, 4);
-    let addrs: Vec<SocketAddr> = (0..4).map(|i| free_addr(130 + i)).collect();
+    let (cluster, mut nodes, addrs) = start_nodes(4, 3, 130, &REPLACE_AT_ONCE);
     let seeds = &addrs[..3];
-    let env = [("RUNNEL_REPLACE_AFTER", "0")];
-    let mut nodes: Vec<NodeProcess> = (0..3)
-        .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], seeds, &certs, scratch.path(), &env))
-        .collect();
-    let cluster = ProcessCluster {
-        scratch,
-        certs,
-        addrs: addrs[..3].to_vec(),
-        nodes: Vec::new(),
-    };
     create_topic(&cluster, "thin", 1);
     let client = connect(&cluster).await;
     produce_tagged(&client, "thin", 1, "before", 50).await;
@@ -760,7 +758,7 @@ async fn without_enough_live_nodes_a_partition_serves_under_replicated_and_heals
         seeds,
         &cluster.certs,
         cluster.scratch.path(),
-        &env,
+        &REPLACE_AT_ONCE,
     ));
     let client = connect_avoiding(&cluster, &[3]).await;
     let healed = wait_healed(&client, "thin", &[3]).await;
@@ -810,20 +808,8 @@ async fn status_watch_shows_failover_and_healing_as_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalance_moves_replicas_to_a_new_node_without_dropping_below_the_replication_factor() {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let certs = scratch.path().join("certs");
-    certs_init(&certs, 4);
-    let addrs: Vec<SocketAddr> = (0..4).map(|i| free_addr(150 + i)).collect();
+    let (cluster, mut nodes, addrs) = start_nodes(4, 3, 150, &[]);
     let seeds = &addrs[..3];
-    let mut nodes: Vec<NodeProcess> = (0..3)
-        .map(|i| NodeProcess::start(i as u32 + 1, addrs[i], seeds, &certs, scratch.path()))
-        .collect();
-    let cluster = ProcessCluster {
-        scratch,
-        certs,
-        addrs: addrs[..3].to_vec(),
-        nodes: Vec::new(),
-    };
     create_topic(&cluster, "spread", 6);
     let client = connect(&cluster).await;
     produce_tagged(&client, "spread", 6, "before", 120).await;

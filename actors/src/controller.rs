@@ -128,34 +128,6 @@ impl Controller {
         Ok(Controller { shared, tasks })
     }
 
-    /// This node's copy of the metadata.
-    pub fn metadata(&self) -> Metadata {
-        self.shared
-            .meta
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .metadata
-            .clone()
-    }
-
-    pub fn broker(&self) -> &Arc<Broker> {
-        &self.shared.broker
-    }
-
-    /// Creates a topic through the controller leader, wherever it is.
-    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> std::result::Result<(), String> {
-        let request = ControllerRequest::CreateTopic {
-            name: name.to_string(),
-            config,
-        };
-        match self.shared.controller_call(request).await {
-            ControllerResponse::Done => Ok(()),
-            ControllerResponse::Refused(e) => Err(e.to_string()),
-            ControllerResponse::Failed(e) => Err(e.to_string()),
-            ControllerResponse::Log { .. } | ControllerResponse::Offset(_) => Err("unexpected answer".to_string()),
-        }
-    }
-
     pub async fn shutdown(mut self) {
         for task in self.tasks.drain(..) {
             task.abort();

@@ -60,8 +60,6 @@ pub struct ReadyOutput {
     /// To send to peers (`Message::to`), in order.
     pub messages: Vec<Message>,
     pub committed: Vec<Committed>,
-    /// The group's configuration changed.
-    pub conf_changed: bool,
 }
 
 pub struct ReplicaCore {
@@ -236,14 +234,12 @@ impl ReplicaCore {
                         .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
                     let conf_state = self.raw.apply_conf_change(&change)?;
                     self.raw.mut_store().set_conf_state(conf_state)?;
-                    out.conf_changed = true;
                 }
                 EntryType::EntryConfChangeV2 => {
                     let change = ConfChangeV2::parse_from_bytes(&entry.data)
                         .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
                     let conf_state = self.raw.apply_conf_change(&change)?;
                     self.raw.mut_store().set_conf_state(conf_state)?;
-                    out.conf_changed = true;
                 }
             }
         }

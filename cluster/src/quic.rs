@@ -498,10 +498,6 @@ impl ClusterClient {
         })
     }
 
-    pub fn seeds(&self) -> &[SocketAddr] {
-        &self.seeds
-    }
-
     /// Sends a request to the first seed that answers within `timeout`,
     /// starting with the one that answered last.
     pub async fn request(&self, request: ClientRequest, timeout: Duration) -> Result<ClientResponse> {

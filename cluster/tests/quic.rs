@@ -254,7 +254,6 @@ async fn peers_that_break_the_protocol_are_cut_off_and_the_node_keeps_serving() 
         "{:?}",
         response.body
     );
-    let _ = ClientRequest::Status;
 
     tracing::info!("phase: the node still serves the cluster");
     assert!(

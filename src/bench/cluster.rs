@@ -14,7 +14,7 @@ use runnel::broker::metadata::TopicConfig;
 use runnel::broker::Acks;
 use runnel::cluster::tls::CertDir;
 use runnel::cluster::NodeId;
-use runnel::storage::{BatchBuilder, ProducerInfo, Record};
+use runnel::storage::{BatchBuilder, ProducerInfo, Record, RecordBatch};
 use serde_json::json;
 
 use super::median;
@@ -165,20 +165,7 @@ async fn produce_for(
     };
     let mut sequence = 0i32;
     while Instant::now() < until {
-        let producer = ProducerInfo {
-            producer_id,
-            producer_epoch: 0,
-            base_sequence: sequence,
-        };
-        let mut builder = BatchBuilder::with_capacity(batch_bytes + 1024).producer(producer);
-        for _ in 0..per_batch {
-            builder.push(&Record {
-                timestamp_ms: 1,
-                value: Some(value.clone()),
-                ..Record::default()
-            })?;
-        }
-        let batch = builder.build()?;
+        let batch = idempotent_batch(producer_id, sequence, &value, per_batch)?;
         let count = batch.record_count();
         let started = Instant::now();
         client.produce("bench", partition, batch, Acks::All).await?;
@@ -187,6 +174,29 @@ async fn produce_for(
         sequence += count as i32;
     }
     Ok(run)
+}
+
+/// `records` copies of `value` as one batch of an idempotent producer.
+fn idempotent_batch(
+    producer_id: i64,
+    base_sequence: i32,
+    value: &Bytes,
+    records: usize,
+) -> anyhow::Result<RecordBatch> {
+    let producer = ProducerInfo {
+        producer_id,
+        producer_epoch: 0,
+        base_sequence,
+    };
+    let mut builder = BatchBuilder::with_capacity(records * (value.len() + 16) + 1024).producer(producer);
+    for _ in 0..records {
+        builder.push(&Record {
+            timestamp_ms: 1,
+            value: Some(value.clone()),
+            ..Record::default()
+        })?;
+    }
+    Ok(builder.build()?)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -295,20 +305,7 @@ async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usiz
             nodes.kill(leader);
             killed = true;
         }
-        let producer = ProducerInfo {
-            producer_id: 77,
-            producer_epoch: 0,
-            base_sequence: sequence,
-        };
-        let mut builder = BatchBuilder::new().producer(producer);
-        for _ in 0..(batch_bytes / 1024).max(1) {
-            builder.push(&Record {
-                timestamp_ms: 1,
-                value: Some(value.clone()),
-                ..Record::default()
-            })?;
-        }
-        let batch = builder.build()?;
+        let batch = idempotent_batch(77, sequence, &value, (batch_bytes / 1024).max(1))?;
         let count = batch.record_count() as i32;
         if client.produce("bench", 0, batch, Acks::All).await.is_ok() {
             longest = longest.max(last_ack.elapsed().as_secs_f64() * 1e3);
@@ -435,12 +432,7 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
             let mut sequence = [0i32; 4];
             let mut partition = 0usize;
             while produced * record_bytes as u64 <= total_bytes {
-                let producer = ProducerInfo { producer_id: 9_000 + partition as i64, producer_epoch: 0, base_sequence: sequence[partition] };
-                let mut builder = BatchBuilder::with_capacity(300 << 10).producer(producer);
-                for _ in 0..per_batch {
-                    builder.push(&Record { timestamp_ms: 1, value: Some(value.clone()), ..Record::default() })?;
-                }
-                let batch = builder.build()?;
+                let batch = idempotent_batch(9_000 + partition as i64, sequence[partition], &value, per_batch)?;
                 let count = batch.record_count();
                 client.produce(&topic, partition as u32, batch, Acks::All).await?;
                 sequence[partition] += count as i32;

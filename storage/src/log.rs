@@ -233,14 +233,14 @@ impl Log {
         self.segments
             .values()
             .next_back()
-            .expect("a log always has an active segment")
+            .expect("a healthy log has an active segment (callers check health first)")
     }
 
     fn active_mut(&mut self) -> &mut Segment {
         self.segments
             .values_mut()
             .next_back()
-            .expect("a log always has an active segment")
+            .expect("a healthy log has an active segment (callers check health first)")
     }
 
     /// Appends a batch at the end, rewriting its base offset, and returns that
