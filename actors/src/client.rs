@@ -174,6 +174,42 @@ impl Client {
         self.expect_done(self.call(None, &ClientRequest::Rebalance).await?)
     }
 
+    /// Starts a dataflow that the nodes' binary registered: the cluster
+    /// creates its internal topics (and the sink, if missing) and places
+    /// its tasks on live nodes.
+    pub async fn start_dataflow(&self, name: &str) -> ClientResult<()> {
+        let request = ClientRequest::StartDataflow { name: name.to_string() };
+        self.expect_done(self.call(None, &request).await?)?;
+        self.cached_topics(true).await?;
+        Ok(())
+    }
+
+    /// Stops a dataflow's tasks; its checkpoints stay, so a later start
+    /// resumes where it stopped.
+    pub async fn stop_dataflow(&self, name: &str) -> ClientResult<()> {
+        let request = ClientRequest::StopDataflow { name: name.to_string() };
+        self.expect_done(self.call(None, &request).await?)
+    }
+
+    /// Running dataflows and the node of each task.
+    pub async fn dataflows(&self) -> ClientResult<Vec<crate::metadata::DataflowMeta>> {
+        match self.call(None, &ClientRequest::Dataflows).await? {
+            ClientResponse::Dataflows(dataflows) => Ok(dataflows),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Figures of the dataflow tasks running on `node`.
+    pub async fn dataflow_tasks(&self, node: u32) -> ClientResult<Vec<crate::tasks::TaskStatus>> {
+        let addr = self
+            .node_addr(node)
+            .ok_or_else(|| ClientError::Protocol(format!("node {node} is not known")))?;
+        match self.call(Some(addr), &ClientRequest::DataflowTasks).await? {
+            ClientResponse::Tasks(tasks) => Ok(tasks),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     pub async fn delete_topic(&self, name: &str) -> ClientResult<()> {
         self.expect_done(
             self.call(None, &ClientRequest::DeleteTopic { name: name.to_string() })
@@ -448,7 +484,10 @@ impl Client {
                     }
                     ClientResponse::NotHere { .. } => last_error = format!("node {node} has no replica"),
                     ClientResponse::Failed(
-                        BrokerError::LeadershipLost | BrokerError::Busy(_) | BrokerError::UnknownGroup(_),
+                        BrokerError::LeadershipLost
+                        | BrokerError::Busy(_)
+                        | BrokerError::UnknownGroup(_)
+                        | BrokerError::NotYetCommitted(_),
                     ) => {
                         last_error = format!("node {node}: retryable failure");
                     }

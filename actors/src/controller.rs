@@ -22,8 +22,10 @@ use tokio::task::JoinHandle;
 use crate::broker::Broker;
 use crate::error::Result;
 use crate::metadata::{
-    place, validate_topic_name, Metadata, MetadataCommand, MetadataError, TopicConfig, CONTROLLER_GROUP,
+    place, place_tasks, validate_topic_name, DataflowMeta, Metadata, MetadataCommand, MetadataError, TopicConfig,
+    CONTROLLER_GROUP,
 };
+use crate::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskHost};
 use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
     ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR, CONTROLLER_ACTOR,
@@ -85,6 +87,10 @@ struct Shared {
     /// Local groups whose voters may differ from their assignment, with the
     /// desired voters; checked until they match.
     unsettled: Mutex<BTreeMap<u64, Vec<u64>>>,
+    /// This node's dataflow runtime, if its binary has one.
+    tasks: Option<Arc<dyn TaskHost>>,
+    /// The task assignment last handed to `tasks`.
+    assigned: Mutex<Vec<TaskAssignment>>,
 }
 
 pub struct Controller {
@@ -95,6 +101,16 @@ pub struct Controller {
 impl Controller {
     /// Starts the controller machinery on a node whose broker runs.
     pub async fn start(broker: Arc<Broker>, config: ControllerConfig) -> Result<Controller> {
+        Controller::start_with_tasks(broker, config, None).await
+    }
+
+    /// As [`Controller::start`], with a dataflow runtime that runs the
+    /// dataflow tasks metadata places on this node.
+    pub async fn start_with_tasks(
+        broker: Arc<Broker>,
+        config: ControllerConfig,
+        tasks: Option<Arc<dyn TaskHost>>,
+    ) -> Result<Controller> {
         let node = broker.node().clone();
         let me = u64::from(node.id().0);
         if config.controllers.contains(&me) {
@@ -107,6 +123,8 @@ impl Controller {
             meta: RwLock::new(MetaState::default()),
             hosted: Mutex::new(BTreeSet::new()),
             unsettled: Mutex::new(BTreeMap::new()),
+            tasks,
+            assigned: Mutex::new(Vec::new()),
         });
         let mut tasks = Vec::new();
         let follower = shared.clone();
@@ -218,6 +236,7 @@ impl Shared {
                 tracing::debug!(reason, "controller log not reachable yet");
             }
             self.reconcile().await;
+            self.reconcile_tasks();
             if last_heal.elapsed() >= HEAL_INTERVAL {
                 last_heal = Instant::now();
                 self.settle_membership().await;
@@ -279,13 +298,111 @@ impl Shared {
             }
             moves
         };
+        let moves = moves.into_iter().chain(self.task_moves(&dead, &alive));
         for command in moves {
-            tracing::info!(?command, "re-creating a dead node's replica elsewhere");
+            tracing::info!(?command, "re-creating a dead node's replica or task elsewhere");
             if let ControllerResponse::Failed(e) = self.commit(command).await {
                 tracing::warn!(error = %e, "could not commit a replica move");
                 return;
             }
         }
+    }
+
+    /// Moves of dataflow tasks off `dead` nodes, each to the live node
+    /// running the fewest tasks.
+    fn task_moves(&self, dead: &[u32], alive: &[u32]) -> Vec<MetadataCommand> {
+        let meta = self.meta();
+        let mut load = meta.metadata.task_load();
+        let mut moves = Vec::new();
+        for dataflow in meta.metadata.dataflows.values() {
+            for (task, node) in dataflow.placement.iter().enumerate() {
+                if !dead.contains(node) {
+                    continue;
+                }
+                let Ok(placed) = place_tasks(1, alive, &load) else { return moves };
+                *load.entry(placed[0]).or_default() += 1;
+                moves.push(MetadataCommand::MoveDataflowTask {
+                    name: dataflow.name.clone(),
+                    task: task as u32,
+                    dead: *node,
+                    replacement: placed[0],
+                });
+            }
+        }
+        moves
+    }
+
+    /// Hands the dataflow runtime the tasks metadata places here, when that
+    /// set changes.
+    fn reconcile_tasks(&self) {
+        let Some(host) = &self.tasks else { return };
+        let me = self.me() as u32;
+        let wanted: Vec<TaskAssignment> = {
+            let meta = self.meta();
+            meta.metadata
+                .dataflows
+                .values()
+                .flat_map(|d| {
+                    d.placement
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &node)| node == me)
+                        .map(|(task, _)| TaskAssignment {
+                            dataflow: d.name.clone(),
+                            task: task as u32,
+                            partitions: d.partitions,
+                            stages: d.stages,
+                        })
+                })
+                .collect()
+        };
+        let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        if *assigned != wanted {
+            *assigned = wanted.clone();
+            host.assign(wanted);
+        }
+    }
+
+    /// On any node whose binary knows the dataflow: makes its topics (the
+    /// sink too, when missing) and asks the controller leader to place it.
+    async fn start_dataflow(&self, name: String) -> ClientResponse {
+        let Some(shape) = self.tasks.as_ref().and_then(|host| host.shape(&name)) else {
+            return ClientResponse::Refused(MetadataError::UnregisteredDataflow(name));
+        };
+        if self.meta().metadata.dataflows.contains_key(&name) {
+            return ClientResponse::Refused(MetadataError::DataflowRunning(name));
+        }
+        let Some(partitions) = self.meta().metadata.topics.get(&shape.source).map(|t| t.config.partitions) else {
+            return ClientResponse::UnknownTopic(shape.source);
+        };
+        let replication = self.alive_nodes().len().clamp(1, 3) as u16;
+        let mut topics = vec![
+            (checkpoint_topic(&name), partitions * shape.stages),
+            (dead_letter_topic(&name), 1),
+            (shape.sink.clone(), partitions),
+        ];
+        if shape.stages > 1 {
+            topics.push((repartition_topic(&name), partitions));
+        }
+        for (topic, topic_partitions) in topics {
+            if self.meta().metadata.topics.contains_key(&topic) {
+                continue;
+            }
+            let config = TopicConfig::new(topic_partitions, replication);
+            match self.admin(ControllerRequest::CreateTopic { name: topic, config }).await {
+                ClientResponse::Done | ClientResponse::Refused(MetadataError::TopicExists(_)) => {}
+                other => return other,
+            }
+        }
+        let dataflow = DataflowMeta {
+            name,
+            source: shape.source,
+            sink: shape.sink,
+            stages: shape.stages,
+            partitions,
+            placement: Vec::new(),
+        };
+        self.admin(ControllerRequest::StartDataflow { dataflow }).await
     }
 
     /// Tells the controller about local replicas the supervisor gave up on
@@ -640,6 +757,21 @@ impl Shared {
                 }),
                 None => ControllerResponse::Failed(BrokerError::UnknownGroup(CONTROLLER_GROUP)),
             },
+            ControllerRequest::StartDataflow { mut dataflow } => {
+                let alive = self.alive_nodes();
+                let tasks = dataflow.stages * dataflow.partitions;
+                dataflow.placement = match place_tasks(tasks, &alive, &self.meta().metadata.task_load()) {
+                    Ok(placement) => placement,
+                    Err(e) => return ControllerResponse::Refused(e),
+                };
+                self.commit(MetadataCommand::StartDataflow { dataflow }).await
+            }
+            ControllerRequest::StopDataflow { name } => {
+                if !self.meta().metadata.dataflows.contains_key(&name) {
+                    return ControllerResponse::Refused(MetadataError::UnknownDataflow(name));
+                }
+                self.commit(MetadataCommand::StopDataflow { name }).await
+            }
             ControllerRequest::DeleteTopic { name } => {
                 if !self.meta().metadata.topics.contains_key(&name) {
                     return ControllerResponse::Refused(MetadataError::UnknownTopic(name));
@@ -828,6 +960,14 @@ impl Shared {
                 }
             }
             ClientRequest::Rebalance => self.admin(ControllerRequest::Rebalance).await,
+            ClientRequest::StartDataflow { name } => self.start_dataflow(name).await,
+            ClientRequest::StopDataflow { name } => self.admin(ControllerRequest::StopDataflow { name }).await,
+            ClientRequest::Dataflows => {
+                ClientResponse::Dataflows(self.meta().metadata.dataflows.values().cloned().collect())
+            }
+            ClientRequest::DataflowTasks => {
+                ClientResponse::Tasks(self.tasks.as_ref().map(|host| host.status()).unwrap_or_default())
+            }
             ClientRequest::InjectPanic { topic, partition } => {
                 if !self.config.test_fault_hooks {
                     let reason = "test fault hooks are disabled on this node".to_string();

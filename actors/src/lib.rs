@@ -13,6 +13,7 @@
 //! - [`metadata`]: the controller's topic metadata and replica placement.
 //! - [`controller`]: group 0, metadata following on every node, hosting of
 //!   assigned replicas, and the client and controller services.
+//! - [`tasks`]: the seam to a node's dataflow runtime (task placement and status).
 //! - [`protocol`]: the broker's wire messages.
 
 pub mod broker;
@@ -26,6 +27,7 @@ pub mod protocol;
 pub mod raft_store;
 pub mod replica;
 pub mod supervisor;
+pub mod tasks;
 
 pub use broker::{Broker, BrokerConfig};
 pub use controller::{Controller, ControllerConfig};

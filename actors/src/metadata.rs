@@ -32,6 +32,14 @@ pub enum MetadataError {
     InvalidConfig(String),
     #[error("replication factor {replication} is more than the {live} live nodes")]
     NotEnoughNodes { replication: u16, live: usize },
+    #[error("dataflow {0:?} is already running")]
+    DataflowRunning(String),
+    #[error("dataflow {0:?} is not running")]
+    UnknownDataflow(String),
+    #[error("dataflow {0:?} is not registered in this node's binary")]
+    UnregisteredDataflow(String),
+    #[error("no live node to run dataflow tasks on")]
+    NoLiveNodes,
 }
 
 /// Settings of a topic, fixed at creation.
@@ -120,6 +128,29 @@ pub enum MetadataCommand {
         dead: u32,
         replacement: u32,
     },
+    /// Starts a dataflow with its tasks placed by the leader.
+    StartDataflow { dataflow: DataflowMeta },
+    StopDataflow { name: String },
+    /// Moves a dataflow task off `dead` onto `replacement`.
+    MoveDataflowTask {
+        name: String,
+        task: u32,
+        dead: u32,
+        replacement: u32,
+    },
+}
+
+/// A running dataflow and where its tasks run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataflowMeta {
+    pub name: String,
+    pub source: String,
+    pub sink: String,
+    pub stages: u32,
+    /// Source partitions, and so tasks per stage.
+    pub partitions: u32,
+    /// The node running each task (task = stage * partitions + partition).
+    pub placement: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +183,7 @@ pub struct Metadata {
     pub topics: BTreeMap<String, TopicMeta>,
     /// Topic ids start at 1 (group 0 is the controller).
     pub next_topic_id: u64,
+    pub dataflows: BTreeMap<String, DataflowMeta>,
 }
 
 impl Metadata {
@@ -210,7 +242,57 @@ impl Metadata {
                 *slot = *replacement;
                 Ok(())
             }
+            MetadataCommand::StartDataflow { dataflow } => {
+                if self.dataflows.contains_key(&dataflow.name) {
+                    return Err(MetadataError::DataflowRunning(dataflow.name.clone()));
+                }
+                if dataflow.placement.len() as u64 != u64::from(dataflow.stages) * u64::from(dataflow.partitions) {
+                    return Err(MetadataError::InvalidConfig(format!(
+                        "{} tasks placed for {} stages of {} partitions",
+                        dataflow.placement.len(),
+                        dataflow.stages,
+                        dataflow.partitions
+                    )));
+                }
+                self.dataflows.insert(dataflow.name.clone(), dataflow.clone());
+                Ok(())
+            }
+            MetadataCommand::StopDataflow { name } => match self.dataflows.remove(name) {
+                Some(_) => Ok(()),
+                None => Err(MetadataError::UnknownDataflow(name.clone())),
+            },
+            MetadataCommand::MoveDataflowTask {
+                name,
+                task,
+                dead,
+                replacement,
+            } => {
+                let dataflow = self
+                    .dataflows
+                    .get_mut(name)
+                    .ok_or_else(|| MetadataError::UnknownDataflow(name.clone()))?;
+                match dataflow.placement.get_mut(*task as usize) {
+                    Some(node) if *node == *dead => {
+                        *node = *replacement;
+                        Ok(())
+                    }
+                    _ => Err(MetadataError::InvalidConfig(format!(
+                        "task {task} of dataflow {name:?} is not on node {dead}"
+                    ))),
+                }
+            }
         }
+    }
+
+    /// Dataflow tasks each node runs now, for placement.
+    pub fn task_load(&self) -> BTreeMap<u32, usize> {
+        let mut load = BTreeMap::new();
+        for dataflow in self.dataflows.values() {
+            for &node in &dataflow.placement {
+                *load.entry(node).or_default() += 1;
+            }
+        }
+        load
     }
 
     /// Replicas each node holds now, for placement.
@@ -292,6 +374,25 @@ pub fn place(
         assignment.push(replicas);
     }
     Ok(assignment)
+}
+
+/// Places `tasks` tasks on live nodes, each on the least loaded one (ties
+/// to the lowest id), so a dataflow's tasks spread evenly.
+pub fn place_tasks(tasks: u32, live_nodes: &[u32], load: &BTreeMap<u32, usize>) -> Result<Vec<u32>, MetadataError> {
+    let mut load: BTreeMap<u32, usize> = live_nodes
+        .iter()
+        .map(|&n| (n, load.get(&n).copied().unwrap_or(0)))
+        .collect();
+    let mut placement = Vec::with_capacity(tasks as usize);
+    for _ in 0..tasks {
+        let (&node, _) = load
+            .iter()
+            .min_by_key(|(&n, &l)| (l, n))
+            .ok_or(MetadataError::NoLiveNodes)?;
+        *load.entry(node).or_default() += 1;
+        placement.push(node);
+    }
+    Ok(placement)
 }
 
 #[cfg(test)]

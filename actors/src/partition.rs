@@ -251,12 +251,20 @@ impl ReplicaState {
                     }));
                     return;
                 }
-                SequenceCheck::Mismatch { last_sequence } => {
-                    let reason = format!(
-                        "producer {} reused sequence {} for different records (the stored batch ends at {last_sequence})",
-                        producer.producer_id, producer.base_sequence
-                    );
-                    let _ = reply.send(Err(BrokerError::InvalidRequest(reason)));
+                SequenceCheck::Mismatch { last_sequence, index } => {
+                    // Answered only about a committed batch: a producer that
+                    // trims what is stored must never trim a batch that a
+                    // new leader could still drop.
+                    let error = if index > self.core.store().hard_state().commit {
+                        BrokerError::NotYetCommitted(group)
+                    } else {
+                        BrokerError::SequenceMismatch {
+                            producer_id: producer.producer_id,
+                            base_sequence: producer.base_sequence,
+                            stored_last_sequence: last_sequence,
+                        }
+                    };
+                    let _ = reply.send(Err(error));
                     return;
                 }
                 SequenceCheck::UnknownProducer => {
@@ -267,13 +275,18 @@ impl ReplicaState {
                     let _ = reply.send(Err(BrokerError::InvalidRequest(reason)));
                     return;
                 }
-                SequenceCheck::Stale { last_sequence } => {
+                SequenceCheck::Stale { last_sequence, index } => {
                     let (producer_id, got) = (producer.producer_id, producer.base_sequence);
-                    let _ = reply.send(Err(BrokerError::StaleSequence {
-                        producer_id,
-                        last_sequence,
-                        got,
-                    }));
+                    let error = if index > self.core.store().hard_state().commit {
+                        BrokerError::NotYetCommitted(group)
+                    } else {
+                        BrokerError::StaleSequence {
+                            producer_id,
+                            last_sequence,
+                            got,
+                        }
+                    };
+                    let _ = reply.send(Err(error));
                     return;
                 }
             }

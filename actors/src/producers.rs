@@ -41,11 +41,13 @@ pub enum SequenceCheck {
     Duplicate(ProducedBatch),
     /// A sequence beyond the next expected one: records are missing.
     Gap { expected: i32, got: i32 },
-    /// Older than what is remembered, or from an older epoch.
-    Stale { last_sequence: i32 },
-    /// The same first sequence as a stored batch but a different length:
-    /// the producer reused sequence numbers for other records.
-    Mismatch { last_sequence: i32 },
+    /// Older than what is remembered, or from an older epoch. `index` is
+    /// where the producer's newest batch (ending at `last_sequence`) is.
+    Stale { last_sequence: i32, index: u64 },
+    /// The same first sequence as a stored batch (at `index`, ending at
+    /// `last_sequence`) but a different length: the producer reused sequence
+    /// numbers, or a deterministic producer batched its records differently.
+    Mismatch { last_sequence: i32, index: u64 },
     /// A producer this replica does not remember (never seen, or evicted)
     /// sending a batch that does not start its sequence: dedupe is impossible.
     UnknownProducer,
@@ -106,9 +108,13 @@ impl ProducerTable {
                 SequenceCheck::UnknownProducer
             };
         };
+        let newest = entry.recent.back();
+        let (last_sequence, newest_index) = newest.map_or((-1, 0), |b| (b.last_sequence, b.index));
         if producer.producer_epoch < entry.epoch {
-            let last_sequence = entry.recent.back().map_or(-1, |b| b.last_sequence);
-            return SequenceCheck::Stale { last_sequence };
+            return SequenceCheck::Stale {
+                last_sequence,
+                index: newest_index,
+            };
         }
         if producer.producer_epoch > entry.epoch {
             return SequenceCheck::New;
@@ -118,11 +124,11 @@ impl ProducerTable {
             if batch.last_sequence != last_sequence {
                 return SequenceCheck::Mismatch {
                     last_sequence: batch.last_sequence,
+                    index: batch.index,
                 };
             }
             return SequenceCheck::Duplicate(*batch);
         }
-        let last_sequence = entry.recent.back().map_or(-1, |b| b.last_sequence);
         let expected = last_sequence.saturating_add(1);
         match producer.base_sequence.cmp(&expected) {
             std::cmp::Ordering::Equal => SequenceCheck::New,
@@ -130,7 +136,10 @@ impl ProducerTable {
                 expected,
                 got: producer.base_sequence,
             },
-            std::cmp::Ordering::Less => SequenceCheck::Stale { last_sequence },
+            std::cmp::Ordering::Less => SequenceCheck::Stale {
+                last_sequence,
+                index: newest_index,
+            },
         }
     }
 
@@ -179,7 +188,10 @@ mod tests {
         assert_eq!(table.check(&info(7, 15), 1), SequenceCheck::New);
         assert_eq!(
             table.check(&info(7, 10), 3),
-            SequenceCheck::Mismatch { last_sequence: 14 }
+            SequenceCheck::Mismatch {
+                last_sequence: 14,
+                index: 2
+            }
         );
         match table.check(&info(7, 10), 5) {
             SequenceCheck::Duplicate(batch) => assert_eq!((batch.index, batch.base_offset), (2, 110)),
@@ -192,7 +204,13 @@ mod tests {
         for i in 0..RECENT_BATCHES as i32 {
             table.record(&header(7, 15 + i, 1, 200 + i as u64), 3 + i as u64);
         }
-        assert_eq!(table.check(&info(7, 0), 10), SequenceCheck::Stale { last_sequence: 19 });
+        assert_eq!(
+            table.check(&info(7, 0), 10),
+            SequenceCheck::Stale {
+                last_sequence: 19,
+                index: 3 + RECENT_BATCHES as u64 - 1
+            }
+        );
         assert_eq!(
             table.check(&info(8, 0), 1),
             SequenceCheck::New,

@@ -65,6 +65,20 @@ pub enum BrokerError {
         last_sequence: i32,
         got: i32,
     },
+    /// A batch starting at a stored batch's first sequence with another
+    /// length. The stored batch is committed.
+    #[error(
+        "producer {producer_id} sent sequence {base_sequence} again with other records (the stored batch ends at {stored_last_sequence})"
+    )]
+    SequenceMismatch {
+        producer_id: i64,
+        base_sequence: i32,
+        stored_last_sequence: i32,
+    },
+    /// The producer's earlier batch this one is judged against is not yet
+    /// committed; retry shortly.
+    #[error("the producer's previous batch in group {0} is not committed yet; retry")]
+    NotYetCommitted(u64),
 }
 
 /// The cluster-directory name of each node's controller service (node to node).
@@ -98,6 +112,9 @@ pub enum ControllerRequest {
         group: u64,
         node: u32,
     },
+    /// Place and start a dataflow whose topics exist (placement empty).
+    StartDataflow { dataflow: crate::metadata::DataflowMeta },
+    StopDataflow { name: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +170,13 @@ pub enum ClientRequest {
     },
     /// Spread replicas evenly over the live nodes (answered `Done`).
     Rebalance,
+    /// Start a dataflow registered in the nodes' binary (answered `Done`).
+    StartDataflow { name: String },
+    StopDataflow { name: String },
+    /// Running dataflows and their task placement (answered `Dataflows`).
+    Dataflows,
+    /// Figures of the dataflow tasks running on the answering node.
+    DataflowTasks,
 }
 
 /// How one replica on a node has fared (its supervisor's record).
@@ -217,4 +241,6 @@ pub enum ClientResponse {
     /// An offset, or none (every committed record is older).
     Offset(Option<u64>),
     Health(Vec<ReplicaHealthInfo>),
+    Dataflows(Vec<crate::metadata::DataflowMeta>),
+    Tasks(Vec<crate::tasks::TaskStatus>),
 }

@@ -1,5 +1,31 @@
-//! Runnel's dataflow engine: Rust builders, the logical and physical plan,
-//! operator actors, event-time windows, state and checkpoints.
+//! Runnel's dataflow engine: continuous queries over topics, the way Kafka
+//! Streams and KSQL run them, with every operator instance an actor placed
+//! and supervised by the cluster.
 //!
-//! Not built yet: this crate is the home of issue 6. It builds on
-//! `runnel-actors`.
+//! - [`builder`]: the Rust builders (`Dataflow::new(..).source::<T>(..)
+//!   .key_by(..).window(..).count().filter(..).sink(..)`) and the type-erased
+//!   stages they compile to.
+//! - [`window`]: event-time windows (tumbling, hopping, session) as a pure
+//!   state machine: watermark, grace, late drops, emit-changes/emit-final,
+//!   snapshots.
+//! - [`task`]: one task (a stage over one input partition): read, process,
+//!   send with deterministic sequence numbers, checkpoint, restore.
+//! - [`host`]: a node's runtime: the registry of known dataflows and the
+//!   supervisor actor that runs the tasks the controller places here.
+//! - [`fraud`]: the motivating query, a generator of card authorization
+//!   attempts, and the reference its results must equal.
+
+pub mod builder;
+pub mod fraud;
+pub mod host;
+pub mod task;
+pub mod window;
+
+pub use builder::{Dataflow, DataflowDef};
+pub use host::{ClientSettings, DataflowHost, Registry};
+pub use window::{Emit, Window, WindowBounds};
+
+/// The dataflows the `runnel` binary knows: every `runnel node` can run them.
+pub fn builtin() -> Registry {
+    Registry::new().register(fraud::dataflow())
+}

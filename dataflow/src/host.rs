@@ -1,0 +1,380 @@
+//! A node's dataflow runtime: the registry of dataflows its binary knows,
+//! the [`TaskSupervisor`] actor that runs the tasks metadata places here
+//! (each a [`TaskActor`] linked to it, restarted with back-off from its
+//! checkpoint when it fails), and [`DataflowHost`], the controller's handle.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use runnel_actors::client::Client;
+use runnel_actors::tasks::{DataflowShape, TaskAssignment, TaskHost, TaskStatus};
+
+use crate::builder::DataflowDef;
+use crate::task::{TaskError, TaskRunner};
+
+/// How long an idle task waits before reading its input again.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The dataflows a node's binary knows, by name (closures cannot travel).
+#[derive(Clone, Default)]
+pub struct Registry {
+    dataflows: BTreeMap<String, Arc<DataflowDef>>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Adds a dataflow; a later one with the same name replaces it.
+    pub fn register(mut self, dataflow: DataflowDef) -> Registry {
+        self.dataflows.insert(dataflow.name.clone(), Arc::new(dataflow));
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<DataflowDef>> {
+        self.dataflows.get(name).cloned()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.dataflows.keys().cloned().collect()
+    }
+}
+
+type TaskKey = (String, u32);
+type StatusBoard = Arc<Mutex<BTreeMap<TaskKey, Arc<Mutex<TaskStatus>>>>>;
+
+/// How the tasks reach the cluster: as a client of their own node.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    pub seeds: Vec<SocketAddr>,
+    pub certs: PathBuf,
+}
+
+/// The controller's handle on a node's dataflow runtime.
+pub struct DataflowHost {
+    registry: Registry,
+    supervisor: ActorRef<SupervisorMsg>,
+    board: StatusBoard,
+}
+
+impl DataflowHost {
+    /// Starts the runtime of node `node`; tasks connect as clients through
+    /// `client` once they are first placed here.
+    pub async fn start(registry: Registry, node: u32, client: ClientSettings) -> Result<Arc<DataflowHost>, String> {
+        let board: StatusBoard = Arc::default();
+        let args = SupervisorArgs {
+            registry: registry.clone(),
+            node,
+            settings: client,
+            board: board.clone(),
+        };
+        let (supervisor, _) = Actor::spawn(None, TaskSupervisor, args)
+            .await
+            .map_err(|e| format!("starting the dataflow task supervisor: {e}"))?;
+        Ok(Arc::new(DataflowHost {
+            registry,
+            supervisor,
+            board,
+        }))
+    }
+
+    pub fn shutdown(&self) {
+        self.supervisor.stop(Some("node stopping".to_string()));
+    }
+}
+
+impl Drop for DataflowHost {
+    fn drop(&mut self) {
+        self.supervisor.stop(Some("node stopping".to_string()));
+    }
+}
+
+impl TaskHost for DataflowHost {
+    fn shape(&self, dataflow: &str) -> Option<DataflowShape> {
+        let def = self.registry.get(dataflow)?;
+        Some(DataflowShape {
+            source: def.source.clone(),
+            sink: def.sink.clone(),
+            stages: def.stages(),
+        })
+    }
+
+    fn assign(&self, tasks: Vec<TaskAssignment>) {
+        let _ = self.supervisor.cast(SupervisorMsg::Assign(tasks));
+    }
+
+    fn status(&self) -> Vec<TaskStatus> {
+        let board = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        board
+            .values()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect()
+    }
+}
+
+pub enum SupervisorMsg {
+    /// Every task placed on this node now.
+    Assign(Vec<TaskAssignment>),
+    /// Start a task that is wanted but not running (after a back-off).
+    Restart(TaskKey),
+}
+
+pub struct SupervisorArgs {
+    registry: Registry,
+    node: u32,
+    settings: ClientSettings,
+    board: StatusBoard,
+}
+
+pub struct SupervisorState {
+    args: SupervisorArgs,
+    client: Option<Arc<Client>>,
+    wanted: BTreeMap<TaskKey, TaskAssignment>,
+    running: BTreeMap<TaskKey, ActorRef<TaskMsg>>,
+    /// Consecutive failures per task, for the back-off.
+    failures: BTreeMap<TaskKey, u32>,
+}
+
+/// Runs and restarts this node's dataflow tasks.
+pub struct TaskSupervisor;
+
+impl Actor for TaskSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        Ok(SupervisorState {
+            args,
+            client: None,
+            wanted: BTreeMap::new(),
+            running: BTreeMap::new(),
+            failures: BTreeMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        message: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SupervisorMsg::Assign(tasks) => {
+                state.wanted = tasks.into_iter().map(|t| ((t.dataflow.clone(), t.task), t)).collect();
+                let gone: Vec<TaskKey> = state
+                    .running
+                    .keys()
+                    .filter(|k| !state.wanted.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    if let Some(task) = state.running.remove(&key) {
+                        tracing::info!(dataflow = %key.0, task = key.1, "task no longer placed here; stopping it");
+                        task.stop(Some("placed elsewhere".to_string()));
+                    }
+                    state.args.board.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                }
+                let missing: Vec<TaskKey> = state
+                    .wanted
+                    .keys()
+                    .filter(|k| !state.running.contains_key(*k))
+                    .cloned()
+                    .collect();
+                for key in missing {
+                    state.start(&myself, key).await;
+                }
+            }
+            SupervisorMsg::Restart(key) => {
+                if state.wanted.contains_key(&key) && !state.running.contains_key(&key) {
+                    state.start(&myself, key).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason): (ActorCell, String) = match event {
+            SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_else(|| "stopped".to_string())),
+            _ => return Ok(()),
+        };
+        let Some(key) = state
+            .running
+            .iter()
+            .find(|(_, task)| task.get_id() == cell.get_id())
+            .map(|(key, _)| key.clone())
+        else {
+            return Ok(());
+        };
+        state.running.remove(&key);
+        state.failed(&myself, key, reason);
+        Ok(())
+    }
+}
+
+impl SupervisorState {
+    async fn start(&mut self, myself: &ActorRef<SupervisorMsg>, key: TaskKey) {
+        let Some(assignment) = self.wanted.get(&key).cloned() else { return };
+        let Some(def) = self.args.registry.get(&key.0) else {
+            let reason = TaskError::Unregistered(key.0.clone()).to_string();
+            self.status(&key, &assignment).lock().unwrap_or_else(|p| p.into_inner()).state = format!("failed: {reason}");
+            tracing::error!(dataflow = %key.0, "a task of a dataflow this binary does not know was placed here");
+            return;
+        };
+        let client = match self.client().await {
+            Ok(client) => client,
+            Err(reason) => {
+                self.failed(myself, key, reason);
+                return;
+            }
+        };
+        let status = self.status(&key, &assignment);
+        let args = TaskArgs {
+            def,
+            assignment,
+            client,
+            status,
+        };
+        match Actor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
+            Ok((task, _)) => {
+                self.running.insert(key, task);
+            }
+            Err(e) => self.failed(myself, key, format!("starting the task: {e}")),
+        }
+    }
+
+    fn status(&self, key: &TaskKey, assignment: &TaskAssignment) -> Arc<Mutex<TaskStatus>> {
+        let mut board = self.args.board.lock().unwrap_or_else(|p| p.into_inner());
+        board
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(TaskStatus {
+                    dataflow: key.0.clone(),
+                    task: key.1,
+                    stage: assignment.stage(),
+                    partition: assignment.partition(),
+                    node: self.args.node,
+                    state: "starting".to_string(),
+                    ..TaskStatus::default()
+                }))
+            })
+            .clone()
+    }
+
+    async fn client(&mut self) -> Result<Arc<Client>, String> {
+        if let Some(client) = &self.client {
+            return Ok(client.clone());
+        }
+        let settings = &self.args.settings;
+        let client = Client::connect(settings.seeds.clone(), &settings.certs)
+            .await
+            .map_err(|e| format!("dataflow tasks cannot reach the cluster as a client: {e}"))?;
+        let client = Arc::new(client);
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    /// Records a failure and schedules a restart with back-off.
+    fn failed(&mut self, myself: &ActorRef<SupervisorMsg>, key: TaskKey, reason: String) {
+        if !self.wanted.contains_key(&key) {
+            return;
+        }
+        let failures = self.failures.entry(key.clone()).or_default();
+        *failures += 1;
+        let backoff = RESTART_BACKOFF_MIN
+            .saturating_mul(2u32.saturating_pow((*failures - 1).min(16)))
+            .min(RESTART_BACKOFF_MAX);
+        if let Some(status) = self.args.board.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            let mut status = status.lock().unwrap_or_else(|p| p.into_inner());
+            status.restarts += 1;
+            status.state = format!("restarting: {reason}");
+        }
+        tracing::warn!(
+            dataflow = %key.0,
+            task = key.1,
+            reason,
+            backoff_ms = backoff.as_millis() as u64,
+            "dataflow task failed; restarting it from its checkpoint"
+        );
+        myself.send_after(backoff, move || SupervisorMsg::Restart(key));
+    }
+}
+
+pub enum TaskMsg {
+    /// Restore from the checkpoint (the first message).
+    Restore,
+    /// Run one step.
+    Step,
+}
+
+pub struct TaskArgs {
+    def: Arc<DataflowDef>,
+    assignment: TaskAssignment,
+    client: Arc<Client>,
+    status: Arc<Mutex<TaskStatus>>,
+}
+
+pub enum TaskState {
+    Restoring(Option<TaskArgs>),
+    Running(Box<TaskRunner>),
+}
+
+/// One operator instance: a stage over one input partition.
+pub struct TaskActor;
+
+impl Actor for TaskActor {
+    type Msg = TaskMsg;
+    type State = TaskState;
+    type Arguments = TaskArgs;
+
+    async fn pre_start(&self, myself: ActorRef<TaskMsg>, args: TaskArgs) -> Result<TaskState, ActorProcessingErr> {
+        // Restoring reads the cluster: it happens in a message, so the
+        // supervisor is never blocked on it.
+        myself.cast(TaskMsg::Restore)?;
+        args.status.lock().unwrap_or_else(|p| p.into_inner()).state = "restoring".to_string();
+        Ok(TaskState::Restoring(Some(args)))
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<TaskMsg>,
+        message: TaskMsg,
+        state: &mut TaskState,
+    ) -> Result<(), ActorProcessingErr> {
+        match (message, &mut *state) {
+            (TaskMsg::Restore, TaskState::Restoring(args)) => {
+                let Some(args) = args.take() else { return Ok(()) };
+                let runner = TaskRunner::restore(args.def, args.assignment, args.client, args.status).await?;
+                *state = TaskState::Running(Box::new(runner));
+                myself.cast(TaskMsg::Step)?;
+            }
+            (TaskMsg::Step, TaskState::Running(runner)) => {
+                if runner.step().await? {
+                    myself.cast(TaskMsg::Step)?;
+                } else {
+                    myself.send_after(IDLE_POLL, || TaskMsg::Step);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

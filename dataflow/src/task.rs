@@ -1,0 +1,738 @@
+//! One dataflow task: the actor that runs one stage over one input partition.
+//!
+//! A step reads a batch of committed input, runs it through the stage, sends
+//! the output through [`ExactlyOnceSender`] and, every
+//! [`CHECKPOINT_INTERVAL`], writes a checkpoint. One step runs at a time, so
+//! a task never has more than one input batch in flight and a slow sink
+//! slows its source (backpressure through acknowledgements).
+//!
+//! Exactly-once rests on determinism: a task's output is a function of its
+//! input, so output record *n* to a partition is always the same record, and
+//! its sequence number *n* under the task's fixed producer id says whether
+//! the sink has it. A checkpoint holds {input offset, the next sequence per
+//! output partition, the stage's state}; after a crash the task restores the
+//! newest checkpoint and replays, and the broker recognises and drops what
+//! the lost incarnation already wrote.
+//!
+//! Watermarks: a source task puts its upstream id on every repartitioned
+//! record, and sends watermark markers (unsequenced) to partitions it has not
+//! written to lately and, once caught up with its input, "idle" markers. A
+//! window task's watermark is the minimum of its upstreams' maximum event
+//! times, ignoring idle ones, so a lagging or restarting upstream holds the
+//! windows open instead of making its records late.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use runnel_actors::client::{partition_for_key, Client, ClientError};
+use runnel_actors::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskStatus};
+use runnel_actors::{Acks, BrokerError};
+use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, StoredRecord};
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{DataflowDef, Emitted, WindowStage};
+
+/// How often a task checkpoints (when it has made progress).
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+/// Input read per step.
+const FETCH_BYTES: u32 = 1 << 20;
+/// Records and bytes per output batch.
+const BATCH_RECORDS_MAX: usize = 4096;
+const BATCH_BYTES_MAX: usize = 1 << 20;
+/// A checkpoint is one batch: it must stay under the broker's batch limit.
+pub const CHECKPOINT_BYTES_MAX: usize = 7 << 20;
+const CHECKPOINT_CHUNK_BYTES: usize = 512 << 10;
+const CHECKPOINT_VERSION: u8 = 1;
+/// How long an output batch is retried through unavailability before the
+/// task fails (and is restarted from its checkpoint).
+const SEND_RETRY_FOR: Duration = Duration::from_secs(60);
+/// A source task sends a watermark marker to a partition it has not written
+/// to for this long.
+const MARKER_INTERVAL: Duration = Duration::from_millis(200);
+
+const HEADER_UPSTREAM: &str = "u";
+const HEADER_WATERMARK: &str = "wm";
+const HEADER_IDLE: &str = "idle";
+const HEADER_ERROR: &str = "error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Storage(#[from] runnel_storage::StorageError),
+    #[error("dataflow {0:?} is not registered in this node's binary")]
+    Unregistered(String),
+    #[error("checkpoint of task {task}: {reason}")]
+    Checkpoint { task: u32, reason: String },
+    #[error("input record at {topic}/{partition}@{offset}: {reason}")]
+    BadInput {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        reason: String,
+    },
+    #[error("sink {topic}/{partition} lost records of this task: {reason}")]
+    OutputLost { topic: String, partition: u32, reason: String },
+    #[error(transparent)]
+    Stage(#[from] crate::builder::StageError),
+}
+
+/// A producer id fixed for a task across restarts and nodes (FNV-1a of the
+/// dataflow name and task), so its sequences stay meaningful to the broker.
+pub fn task_producer_id(dataflow: &str, task: u32) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in dataflow.bytes().chain(task.to_le_bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash >> 1) as i64
+}
+
+fn retryable(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::Unavailable { .. }
+            | ClientError::Cluster(_)
+            | ClientError::Broker(
+                BrokerError::Timeout(_)
+                    | BrokerError::ReplicaFailed { .. }
+                    | BrokerError::LeadershipLost
+                    | BrokerError::Busy(_)
+                    | BrokerError::NotYetCommitted(_)
+                    | BrokerError::NotLeader { .. }
+            )
+    )
+}
+
+/// Sends a task's output with its fixed producer id and deterministic
+/// sequence numbers, so output already written by an earlier incarnation is
+/// recognised and skipped, never written twice.
+pub struct ExactlyOnceSender {
+    producer_id: i64,
+    /// The next sequence per (topic, partition).
+    sequences: BTreeMap<(String, u32), i32>,
+}
+
+impl ExactlyOnceSender {
+    pub fn new(producer_id: i64) -> ExactlyOnceSender {
+        ExactlyOnceSender {
+            producer_id,
+            sequences: BTreeMap::new(),
+        }
+    }
+
+    /// Writes `records` (in order) to a partition, in batches.
+    pub async fn send(&mut self, client: &Client, topic: &str, partition: u32, records: &[Record]) -> Result<(), TaskError> {
+        let mut start = 0;
+        while start < records.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < records.len() && end - start < BATCH_RECORDS_MAX && bytes < BATCH_BYTES_MAX {
+                bytes += records[end].value.as_ref().map_or(0, |v| v.len()) + 64;
+                end += 1;
+            }
+            self.send_batch(client, topic, partition, &records[start..end]).await?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    async fn send_batch(
+        &mut self,
+        client: &Client,
+        topic: &str,
+        partition: u32,
+        mut records: &[Record],
+    ) -> Result<(), TaskError> {
+        let key = (topic.to_string(), partition);
+        let deadline = Instant::now() + SEND_RETRY_FOR;
+        let mut backoff = Duration::from_millis(20);
+        while !records.is_empty() {
+            let base_sequence = self.sequences.get(&key).copied().unwrap_or(0);
+            let mut builder = BatchBuilder::new();
+            for record in records {
+                builder.push(record)?;
+            }
+            builder.set_producer(ProducerInfo {
+                producer_id: self.producer_id,
+                producer_epoch: 0,
+                base_sequence,
+            });
+            let count = records.len();
+            // How many of these records the sink holds already.
+            let written = match client.produce(topic, partition, builder.build()?, Acks::All).await {
+                Ok(_) => count,
+                Err(ClientError::Broker(BrokerError::StaleSequence { last_sequence, .. }))
+                | Err(ClientError::Broker(BrokerError::SequenceMismatch {
+                    stored_last_sequence: last_sequence,
+                    ..
+                })) => {
+                    // An earlier incarnation wrote (and the leader committed)
+                    // up to `last_sequence`: the same records, by determinism.
+                    (i64::from(last_sequence) - i64::from(base_sequence) + 1).clamp(1, count as i64) as usize
+                }
+                Err(ClientError::Broker(e @ BrokerError::OutOfOrderSequence { .. })) => {
+                    return Err(TaskError::OutputLost {
+                        topic: topic.to_string(),
+                        partition,
+                        reason: e.to_string(),
+                    })
+                }
+                Err(e) if retryable(&e) && Instant::now() < deadline => {
+                    tracing::debug!(topic, partition, error = %e, "output batch not acknowledged; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.sequences.insert(key.clone(), base_sequence + written as i32);
+            records = &records[written..];
+        }
+        Ok(())
+    }
+}
+
+/// What a checkpoint holds (postcard; chunked into one batch of records).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    version: u8,
+    task: u32,
+    input_offset: u64,
+    sequences: Vec<(String, u32, i32)>,
+    max_event_ms: i64,
+    upstreams: Vec<(u32, Upstream)>,
+    window_state: Vec<u8>,
+    records_in: u64,
+    records_out: u64,
+    dead_letters: u64,
+}
+
+/// What a window task knows of one upstream source task.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    pub max_event_ms: i64,
+    pub idle: bool,
+}
+
+/// The watermark of a task fed by `upstreams` (of `count` in all): unknown
+/// until every upstream has spoken; then the least maximum event time of
+/// the active ones (or the greatest, when all are idle).
+pub fn watermark(upstreams: &BTreeMap<u32, Upstream>, count: u32) -> Option<i64> {
+    if upstreams.len() < count as usize {
+        return None;
+    }
+    let active = upstreams.values().filter(|u| !u.idle).map(|u| u.max_event_ms).min();
+    active.or_else(|| upstreams.values().map(|u| u.max_event_ms).max())
+}
+
+/// Where a source task's markers to one partition stand.
+#[derive(Clone, Copy)]
+struct MarkerState {
+    last_sent: Option<Instant>,
+    announced: Upstream,
+}
+
+/// A running task: its input position, output sequences and stage state.
+pub struct TaskRunner {
+    def: Arc<DataflowDef>,
+    assignment: TaskAssignment,
+    client: Arc<Client>,
+    status: Arc<Mutex<TaskStatus>>,
+    sender: ExactlyOnceSender,
+    input_topic: String,
+    input_offset: u64,
+    /// Source stage: the greatest event time emitted so far.
+    max_event_ms: i64,
+    markers: Vec<MarkerState>,
+    /// Window stage: its upstreams and its windows.
+    upstreams: BTreeMap<u32, Upstream>,
+    window: Option<Box<dyn WindowStage>>,
+    counters: Counters,
+    last_checkpoint: Instant,
+    dirty: bool,
+    /// Scratch space, reused between records.
+    emitted: Vec<Emitted>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Counters {
+    records_in: u64,
+    records_out: u64,
+    dead_letters: u64,
+    checkpoints: u64,
+}
+
+impl TaskRunner {
+    /// Opens a task from its newest checkpoint (or from the start).
+    pub async fn restore(
+        def: Arc<DataflowDef>,
+        assignment: TaskAssignment,
+        client: Arc<Client>,
+        status: Arc<Mutex<TaskStatus>>,
+    ) -> Result<TaskRunner, TaskError> {
+        let stage = assignment.stage();
+        let input_topic = if stage == 0 {
+            def.source.clone()
+        } else {
+            repartition_topic(&def.name)
+        };
+        let window = if stage == 1 { def.window_stage.as_ref().map(|make| make()) } else { None };
+        let mut runner = TaskRunner {
+            sender: ExactlyOnceSender::new(task_producer_id(&def.name, assignment.task)),
+            markers: vec![
+                MarkerState {
+                    last_sent: None,
+                    announced: Upstream {
+                        max_event_ms: i64::MIN,
+                        idle: false,
+                    },
+                };
+                assignment.partitions as usize
+            ],
+            def,
+            assignment,
+            client,
+            status,
+            input_topic,
+            input_offset: 0,
+            max_event_ms: i64::MIN,
+            upstreams: BTreeMap::new(),
+            window,
+            counters: Counters::default(),
+            last_checkpoint: Instant::now(),
+            dirty: false,
+            emitted: Vec::new(),
+        };
+        if let Some(checkpoint) = runner.read_checkpoint().await? {
+            runner.apply_checkpoint(checkpoint)?;
+        }
+        runner.publish("running");
+        Ok(runner)
+    }
+
+    fn apply_checkpoint(&mut self, checkpoint: Checkpoint) -> Result<(), TaskError> {
+        let task = self.assignment.task;
+        if checkpoint.version != CHECKPOINT_VERSION || checkpoint.task != task {
+            return Err(TaskError::Checkpoint {
+                task,
+                reason: format!(
+                    "found version {} of task {} (expected version {CHECKPOINT_VERSION} of task {task})",
+                    checkpoint.version, checkpoint.task
+                ),
+            });
+        }
+        self.input_offset = checkpoint.input_offset;
+        self.sender.sequences = checkpoint
+            .sequences
+            .into_iter()
+            .map(|(topic, partition, sequence)| ((topic, partition), sequence))
+            .collect();
+        self.max_event_ms = checkpoint.max_event_ms;
+        self.upstreams = checkpoint.upstreams.into_iter().collect();
+        if let Some(window) = self.window.as_mut() {
+            window.restore(&checkpoint.window_state)?;
+        }
+        self.counters.records_in = checkpoint.records_in;
+        self.counters.records_out = checkpoint.records_out;
+        self.counters.dead_letters = checkpoint.dead_letters;
+        tracing::info!(
+            dataflow = %self.def.name,
+            task,
+            input_offset = self.input_offset,
+            "task restored from its checkpoint"
+        );
+        Ok(())
+    }
+
+    /// One round: read, process, send. Returns whether there was input.
+    pub async fn step(&mut self) -> Result<bool, TaskError> {
+        let partition = self.assignment.partition();
+        let fetched = match self
+            .client
+            .fetch(&self.input_topic, partition, self.input_offset, FETCH_BYTES)
+            .await
+        {
+            Ok(fetched) => Some(fetched),
+            // A new leader learns the commit point a moment after election.
+            Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, end, .. })) if offset > end => None,
+            Err(e) if retryable(&e) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let Some(fetched) = fetched else { return Ok(false) };
+        let caught_up = fetched.next_offset >= fetched.committed_offset;
+        let progressed = !fetched.records.is_empty();
+        if progressed {
+            if self.assignment.stage() == 0 {
+                self.run_source(&fetched.records).await?;
+            } else {
+                self.run_window(&fetched.records).await?;
+            }
+            self.dirty = true;
+        }
+        self.input_offset = self.input_offset.max(fetched.next_offset);
+        if self.assignment.stage() == 0 && self.def.window_stage.is_some() {
+            self.send_markers(caught_up).await?;
+        }
+        if self.dirty && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            self.write_checkpoint().await?;
+        }
+        {
+            let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+            status.input_end = fetched.committed_offset;
+        }
+        self.publish("running");
+        Ok(progressed)
+    }
+
+    async fn run_source(&mut self, records: &[StoredRecord]) -> Result<(), TaskError> {
+        let keyed = self.def.window_stage.is_some();
+        let (out_topic, out_partitions) = if keyed {
+            (repartition_topic(&self.def.name), self.assignment.partitions)
+        } else {
+            (self.def.sink.clone(), self.assignment.partitions)
+        };
+        let upstream = Bytes::copy_from_slice(&self.assignment.partition().to_le_bytes());
+        let mut outputs: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        let mut dead_letters = Vec::new();
+        let mut emitted = std::mem::take(&mut self.emitted);
+        for stored in records {
+            self.counters.records_in += 1;
+            let value = stored.record.value.as_deref().unwrap_or_default();
+            emitted.clear();
+            if let Err(reason) = self.def.source_stage.process(value, stored.record.timestamp_ms, &mut emitted) {
+                dead_letters.push(self.dead_letter(stored, &reason));
+                continue;
+            }
+            for e in emitted.drain(..) {
+                let partition = match &e.key {
+                    Some(key) if keyed => partition_for_key(key, out_partitions),
+                    _ => self.assignment.partition() % out_partitions,
+                };
+                self.max_event_ms = self.max_event_ms.max(e.timestamp_ms);
+                let headers = if keyed {
+                    vec![Header {
+                        key: HEADER_UPSTREAM.to_string(),
+                        value: Some(upstream.clone()),
+                    }]
+                } else {
+                    Vec::new()
+                };
+                outputs.entry(partition).or_default().push(Record {
+                    timestamp_ms: e.timestamp_ms,
+                    key: e.key.map(Bytes::from),
+                    value: e.value.map(Bytes::from),
+                    headers,
+                });
+            }
+        }
+        self.emitted = emitted;
+        for (partition, records) in &outputs {
+            self.sender.send(&self.client, &out_topic, *partition, records).await?;
+            self.counters.records_out += records.len() as u64;
+            if let Some(marker) = self.markers.get_mut(*partition as usize) {
+                // Data carries the upstream id: it is a marker too.
+                marker.last_sent = Some(Instant::now());
+                marker.announced = Upstream {
+                    max_event_ms: self.max_event_ms,
+                    idle: false,
+                };
+            }
+        }
+        if !dead_letters.is_empty() {
+            let topic = dead_letter_topic(&self.def.name);
+            self.sender.send(&self.client, &topic, 0, &dead_letters).await?;
+            self.counters.dead_letters += dead_letters.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, stored: &StoredRecord, reason: &str) -> Record {
+        let origin = format!("{}/{}@{}", self.input_topic, self.assignment.partition(), stored.offset);
+        Record {
+            timestamp_ms: stored.record.timestamp_ms,
+            key: Some(Bytes::from(origin)),
+            value: stored.record.value.clone(),
+            headers: vec![Header {
+                key: HEADER_ERROR.to_string(),
+                value: Some(Bytes::from(reason.to_string())),
+            }],
+        }
+    }
+
+    /// Tells repartition partitions this task has not written to lately how
+    /// far its event time has gone, and that it is idle once caught up.
+    async fn send_markers(&mut self, caught_up: bool) -> Result<(), TaskError> {
+        let now = Upstream {
+            max_event_ms: self.max_event_ms,
+            idle: caught_up,
+        };
+        let topic = repartition_topic(&self.def.name);
+        let partition_bytes = Bytes::copy_from_slice(&self.assignment.partition().to_le_bytes());
+        for q in 0..self.markers.len() {
+            let marker = self.markers[q];
+            let due = marker.last_sent.is_none_or(|at| at.elapsed() >= MARKER_INTERVAL);
+            if marker.announced == now || !due {
+                continue;
+            }
+            let record = Record {
+                timestamp_ms: self.max_event_ms.max(0),
+                key: None,
+                value: None,
+                headers: vec![
+                    Header {
+                        key: HEADER_UPSTREAM.to_string(),
+                        value: Some(partition_bytes.clone()),
+                    },
+                    Header {
+                        key: HEADER_WATERMARK.to_string(),
+                        value: Some(Bytes::copy_from_slice(&self.max_event_ms.to_le_bytes())),
+                    },
+                    Header {
+                        key: HEADER_IDLE.to_string(),
+                        value: Some(Bytes::from_static(if caught_up { &[1] } else { &[0] })),
+                    },
+                ],
+            };
+            let mut builder = BatchBuilder::new();
+            builder.push(&record)?;
+            // Unsequenced: markers depend on timing, not only on input, and
+            // a duplicate marker changes nothing.
+            match self.client.produce(&topic, q as u32, builder.build()?, Acks::All).await {
+                Ok(_) => {
+                    self.markers[q] = MarkerState {
+                        last_sent: Some(Instant::now()),
+                        announced: now,
+                    };
+                }
+                Err(e) if retryable(&e) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_window(&mut self, records: &[StoredRecord]) -> Result<(), TaskError> {
+        let partition = self.assignment.partition();
+        let Some(mut window) = self.window.take() else {
+            return Err(TaskError::Unregistered(self.def.name.clone()));
+        };
+        let mut emitted = std::mem::take(&mut self.emitted);
+        emitted.clear();
+        let outcome = self.fold_window(&mut *window, records, &mut emitted);
+        self.window = Some(window);
+        outcome?;
+        let sink_partitions = self.assignment.partitions;
+        let mut outputs: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        for e in emitted.drain(..) {
+            let key = e.key.unwrap_or_default();
+            outputs
+                .entry(partition_for_key(&key, sink_partitions))
+                .or_default()
+                .push(Record {
+                    timestamp_ms: e.timestamp_ms,
+                    key: Some(Bytes::from(key)),
+                    value: e.value.map(Bytes::from),
+                    headers: Vec::new(),
+                });
+        }
+        self.emitted = emitted;
+        let sink = self.def.sink.clone();
+        for (q, records) in &outputs {
+            self.sender.send(&self.client, &sink, *q, records).await?;
+            self.counters.records_out += records.len() as u64;
+        }
+        let _ = partition;
+        Ok(())
+    }
+
+    /// Runs repartitioned records through the windows, moving the watermark
+    /// after each record, so the result never depends on read boundaries.
+    fn fold_window(
+        &mut self,
+        window: &mut dyn WindowStage,
+        records: &[StoredRecord],
+        out: &mut Vec<Emitted>,
+    ) -> Result<(), TaskError> {
+        let upstream_count = self.assignment.partitions;
+        for stored in records {
+            let bad = |reason: &str| TaskError::BadInput {
+                topic: self.input_topic.clone(),
+                partition: self.assignment.partition(),
+                offset: stored.offset,
+                reason: reason.to_string(),
+            };
+            let header = |name: &str| stored.record.headers.iter().find(|h| h.key == name).and_then(|h| h.value.clone());
+            let upstream = header(HEADER_UPSTREAM)
+                .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+                .map(u32::from_le_bytes)
+                .ok_or_else(|| bad("no upstream header"))?;
+            let entry = self.upstreams.entry(upstream).or_insert(Upstream {
+                max_event_ms: i64::MIN,
+                idle: false,
+            });
+            if let Some(wm) = header(HEADER_WATERMARK) {
+                let wm = <[u8; 8]>::try_from(wm.as_ref())
+                    .map(i64::from_le_bytes)
+                    .map_err(|_| bad("watermark header is not 8 bytes"))?;
+                entry.max_event_ms = entry.max_event_ms.max(wm);
+                entry.idle = header(HEADER_IDLE).is_some_and(|v| v.as_ref() == [1]);
+            } else {
+                self.counters.records_in += 1;
+                entry.max_event_ms = entry.max_event_ms.max(stored.record.timestamp_ms);
+                entry.idle = false;
+                let key = stored.record.key.as_deref().unwrap_or_default();
+                let value = stored.record.value.as_deref().unwrap_or_default();
+                window.add(key, value, stored.record.timestamp_ms, out)?;
+            }
+            if let Some(wm) = watermark(&self.upstreams, upstream_count) {
+                window.advance(wm, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the task's state as one batch of chunk records keyed `i/n`.
+    async fn write_checkpoint(&mut self) -> Result<(), TaskError> {
+        let task = self.assignment.task;
+        let checkpoint = Checkpoint {
+            version: CHECKPOINT_VERSION,
+            task,
+            input_offset: self.input_offset,
+            sequences: self
+                .sender
+                .sequences
+                .iter()
+                .map(|((topic, partition), sequence)| (topic.clone(), *partition, *sequence))
+                .collect(),
+            max_event_ms: self.max_event_ms,
+            upstreams: self.upstreams.iter().map(|(&u, &s)| (u, s)).collect(),
+            window_state: self.window.as_ref().map(|w| w.snapshot()).unwrap_or_default(),
+            records_in: self.counters.records_in,
+            records_out: self.counters.records_out,
+            dead_letters: self.counters.dead_letters,
+        };
+        let bytes = postcard::to_allocvec(&checkpoint).map_err(|e| TaskError::Checkpoint {
+            task,
+            reason: e.to_string(),
+        })?;
+        if bytes.len() > CHECKPOINT_BYTES_MAX {
+            return Err(TaskError::Checkpoint {
+                task,
+                reason: format!(
+                    "state of {} bytes exceeds the checkpoint limit of {CHECKPOINT_BYTES_MAX} bytes; add partitions or shorten windows",
+                    bytes.len()
+                ),
+            });
+        }
+        let chunks: Vec<&[u8]> = bytes.chunks(CHECKPOINT_CHUNK_BYTES).collect();
+        let mut builder = BatchBuilder::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            builder.push(&Record {
+                timestamp_ms: 0,
+                key: Some(Bytes::from(format!("{i}/{}", chunks.len()))),
+                value: Some(Bytes::copy_from_slice(chunk)),
+                headers: Vec::new(),
+            })?;
+        }
+        let topic = checkpoint_topic(&self.def.name);
+        // Unsequenced: a checkpoint written twice is harmless.
+        self.client.produce(&topic, task, builder.build()?, Acks::All).await?;
+        self.last_checkpoint = Instant::now();
+        self.dirty = false;
+        self.counters.checkpoints += 1;
+        Ok(())
+    }
+
+    /// The newest checkpoint: the last record is chunk `n-1/n`, and the
+    /// whole checkpoint is the `n` records ending there (one batch).
+    async fn read_checkpoint(&self) -> Result<Option<Checkpoint>, TaskError> {
+        let task = self.assignment.task;
+        let topic = checkpoint_topic(&self.def.name);
+        let end = self.client.fetch(&topic, task, 0, 1).await?.committed_offset;
+        if end == 0 {
+            return Ok(None);
+        }
+        let corrupt = |reason: String| TaskError::Checkpoint { task, reason };
+        let last = self.client.fetch(&topic, task, end - 1, 1).await?;
+        let key = last
+            .records
+            .first()
+            .and_then(|r| r.record.key.clone())
+            .ok_or_else(|| corrupt(format!("no record at offset {}", end - 1)))?;
+        let count: u64 = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|k| k.split_once('/'))
+            .and_then(|(_, n)| n.parse().ok())
+            .filter(|&n| n >= 1 && n <= end)
+            .ok_or_else(|| corrupt(format!("last record's key {key:?} is not a chunk key")))?;
+        let mut bytes = Vec::new();
+        let mut offset = end - count;
+        let mut expected = 0;
+        while offset < end {
+            let fetched = self.client.fetch(&topic, task, offset, 8 << 20).await?;
+            if fetched.records.is_empty() {
+                return Err(corrupt(format!("nothing read at offset {offset}")));
+            }
+            for record in fetched.records.iter().filter(|r| r.offset < end) {
+                let want = format!("{expected}/{count}");
+                if record.record.key.as_deref() != Some(want.as_bytes()) {
+                    return Err(corrupt(format!("chunk at offset {} is not {want}", record.offset)));
+                }
+                bytes.extend_from_slice(record.record.value.as_deref().unwrap_or_default());
+                expected += 1;
+            }
+            offset = fetched.next_offset;
+        }
+        let checkpoint = postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("does not decode: {e}")))?;
+        Ok(Some(checkpoint))
+    }
+
+    /// Publishes the task's figures for `runnel dataflow describe`.
+    fn publish(&self, state: &str) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.state = state.to_string();
+        status.input_topic = self.input_topic.clone();
+        status.input_offset = self.input_offset;
+        status.records_in = self.counters.records_in;
+        status.records_out = self.counters.records_out;
+        status.dead_letters = self.counters.dead_letters;
+        status.checkpoints = self.counters.checkpoints;
+        if let Some(window) = &self.window {
+            status.late_records = window.late_records();
+            status.watermark_ms = Some(window.watermark_ms()).filter(|&w| w > i64::MIN);
+        } else {
+            status.watermark_ms = Some(self.max_event_ms).filter(|&w| w > i64::MIN);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermark_waits_for_every_upstream_and_ignores_idle_ones() {
+        let mut upstreams = BTreeMap::new();
+        let at = |max_event_ms, idle| Upstream { max_event_ms, idle };
+        upstreams.insert(0, at(100, false));
+        assert_eq!(watermark(&upstreams, 2), None, "upstream 1 has not spoken");
+        upstreams.insert(1, at(50, false));
+        assert_eq!(watermark(&upstreams, 2), Some(50), "the slowest active upstream holds it");
+        upstreams.insert(1, at(50, true));
+        assert_eq!(watermark(&upstreams, 2), Some(100), "an idle upstream does not");
+        upstreams.insert(0, at(100, true));
+        assert_eq!(watermark(&upstreams, 2), Some(100), "all idle: the furthest");
+    }
+
+    #[test]
+    fn producer_ids_are_stable_and_distinct() {
+        assert_eq!(task_producer_id("f", 1), task_producer_id("f", 1));
+        assert_ne!(task_producer_id("f", 1), task_producer_id("f", 2));
+        assert_ne!(task_producer_id("f", 1), task_producer_id("g", 1));
+        assert!(task_producer_id("f", 1) >= 0);
+    }
+}

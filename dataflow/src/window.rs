@@ -1,0 +1,646 @@
+//! Event-time windows as a pure state machine: no I/O, no clocks, so tests
+//! drive it record by record and a task replaying its input after a crash
+//! reaches exactly the same state and emits exactly the same results.
+//!
+//! - Windows are aligned to the Unix epoch and half-open, `[start, end)`.
+//!   Tumbling: `start = t - t mod size`. Hopping: every window of `size`
+//!   starting at a multiple of `advance` that contains `t`. Session: records
+//!   of one key closer than `gap` form one window `[first, last + 1)`; a
+//!   record bridging two sessions merges them.
+//! - The caller moves the *watermark* (event time below which the input is
+//!   complete: the maximum event time seen, or for a task with several
+//!   upstream writers the minimum of theirs). A window closes once
+//!   `watermark >= end + grace` (sessions: `last + gap + grace`); a record
+//!   whose every window is closed is late: dropped and counted.
+//! - Results leave in a deterministic order (closed windows by end, keys in
+//!   key order), so the output sequence of a replay matches the original's.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, DefaultHasher, Hash};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Fixed-key hashing: iteration order never leaks into results (they are
+/// sorted), but a fixed hasher keeps runs reproducible when debugging.
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+
+/// Open windows of one kind kept at most per task; beyond it a task fails
+/// with a clear error instead of growing without bound.
+pub const OPEN_WINDOWS_MAX: usize = 100_000;
+
+/// The shape of a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WindowKind {
+    Tumbling { size_ms: i64 },
+    Hopping { size_ms: i64, advance_ms: i64 },
+    Session { gap_ms: i64 },
+}
+
+/// A window definition: its shape and how long after its end late records
+/// are still accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub kind: WindowKind,
+    pub grace_ms: i64,
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+impl Window {
+    /// Back-to-back windows of `size`.
+    pub fn tumbling(size: Duration) -> Window {
+        Window {
+            kind: WindowKind::Tumbling { size_ms: millis(size) },
+            grace_ms: 0,
+        }
+    }
+
+    /// Windows of `size` starting every `advance` (overlapping when
+    /// `advance < size`).
+    pub fn hopping(size: Duration, advance: Duration) -> Window {
+        Window {
+            kind: WindowKind::Hopping {
+                size_ms: millis(size),
+                advance_ms: millis(advance),
+            },
+            grace_ms: 0,
+        }
+    }
+
+    /// One window per burst of a key's records, closed by `gap` of inactivity.
+    pub fn session(gap: Duration) -> Window {
+        Window {
+            kind: WindowKind::Session { gap_ms: millis(gap) },
+            grace_ms: 0,
+        }
+    }
+
+    /// How long after a window's end records for it are still accepted.
+    pub fn grace(mut self, grace: Duration) -> Window {
+        self.grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// How long state is kept past a record's time: the retention bound.
+    pub fn retention_ms(&self) -> i64 {
+        let span = match self.kind {
+            WindowKind::Tumbling { size_ms } | WindowKind::Hopping { size_ms, .. } => size_ms,
+            WindowKind::Session { gap_ms } => gap_ms,
+        };
+        span.saturating_add(self.grace_ms)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        match self.kind {
+            WindowKind::Hopping { size_ms, advance_ms } if advance_ms > size_ms => Err(format!(
+                "a hopping window's advance ({advance_ms} ms) must not exceed its size ({size_ms} ms)"
+            )),
+            WindowKind::Hopping { size_ms, advance_ms } if size_ms / advance_ms > 1000 => Err(format!(
+                "a hopping window of {size_ms} ms advancing by {advance_ms} ms puts a record in over 1000 windows"
+            )),
+            _ if self.grace_ms < 0 => Err("grace must not be negative".to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts of the fixed windows containing `t`, oldest first.
+    fn starts(&self, t: i64) -> impl Iterator<Item = i64> {
+        let (size, advance) = match self.kind {
+            WindowKind::Tumbling { size_ms } => (size_ms, size_ms),
+            WindowKind::Hopping { size_ms, advance_ms } => (size_ms, advance_ms),
+            WindowKind::Session { .. } => (1, 1),
+        };
+        let last = t - t.rem_euclid(advance);
+        let first = last - (size - 1) / advance * advance;
+        (first..=last).step_by(advance as usize).filter(move |s| t < s + size)
+    }
+
+    fn size_ms(&self) -> i64 {
+        match self.kind {
+            WindowKind::Tumbling { size_ms } | WindowKind::Hopping { size_ms, .. } => size_ms,
+            WindowKind::Session { .. } => 1,
+        }
+    }
+}
+
+/// When results leave a window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Emit {
+    /// An update every time a window's result changes.
+    Changes,
+    /// One result per window, once it closes.
+    Final,
+}
+
+/// `[start_ms, end_ms)` in event time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct WindowBounds {
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+/// What a window operator emits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WindowResult<K, A> {
+    /// The window's current (or, under [`Emit::Final`], final) value.
+    Update { key: K, window: WindowBounds, value: A },
+    /// A session window that was merged into a larger one: its earlier
+    /// updates no longer stand (sent as a tombstone).
+    Retract { key: K, window: WindowBounds, value: A },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Session<A> {
+    first_ms: i64,
+    last_ms: i64,
+    value: A,
+}
+
+impl<A> Session<A> {
+    fn bounds(&self) -> WindowBounds {
+        WindowBounds {
+            start_ms: self.first_ms,
+            end_ms: self.last_ms + 1,
+        }
+    }
+}
+
+/// Why a window operator refused to go on.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WindowError {
+    #[error("more than {OPEN_WINDOWS_MAX} windows open at once; shorten the window or grace, or add partitions")]
+    TooManyWindows,
+    #[error("window state does not decode: {0}")]
+    CorruptState(String),
+}
+
+/// The state of one task's windows: per window, per key, an aggregate.
+pub struct WindowOperator<K, A> {
+    window: Window,
+    emit: Emit,
+    /// Fixed windows by start; each holds its keys' aggregates.
+    fixed: BTreeMap<i64, Map<K, A>>,
+    /// Session windows per key, ordered by start.
+    sessions: Map<K, Vec<Session<A>>>,
+    /// Open sessions by the watermark that closes them.
+    session_closing: BTreeSet<(i64, K, i64)>,
+    watermark_ms: i64,
+    late_records: u64,
+}
+
+/// The serialisable part of a [`WindowOperator`], for checkpoints.
+#[derive(Serialize, Deserialize)]
+struct Snapshot<K, A> {
+    fixed: Vec<(i64, Vec<(K, A)>)>,
+    sessions: Vec<(K, Vec<Session<A>>)>,
+    watermark_ms: i64,
+    late_records: u64,
+}
+
+impl<K, A> WindowOperator<K, A>
+where
+    K: Clone + Eq + Hash + Ord,
+    A: Clone,
+{
+    pub fn new(window: Window, emit: Emit) -> WindowOperator<K, A> {
+        WindowOperator {
+            window,
+            emit,
+            fixed: BTreeMap::new(),
+            sessions: Map::default(),
+            session_closing: BTreeSet::new(),
+            watermark_ms: i64::MIN,
+            late_records: 0,
+        }
+    }
+
+    pub fn watermark_ms(&self) -> i64 {
+        self.watermark_ms
+    }
+
+    /// Records dropped because all their windows had closed.
+    pub fn late_records(&self) -> u64 {
+        self.late_records
+    }
+
+    /// Windows (fixed) or sessions open now.
+    pub fn open_windows(&self) -> usize {
+        self.fixed.values().map(|keys| keys.len()).sum::<usize>() + self.session_closing.len()
+    }
+
+    fn closes_at(&self, end_ms: i64) -> i64 {
+        end_ms.saturating_add(self.window.grace_ms)
+    }
+
+    /// Adds one record at event time `t_ms` to its key's windows. `init`
+    /// makes an empty aggregate, `fold` adds the record to one, and `merge`
+    /// combines two (session windows only). Updates go to `out` under
+    /// [`Emit::Changes`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn add<V>(
+        &mut self,
+        key: &K,
+        t_ms: i64,
+        value: &V,
+        init: &dyn Fn() -> A,
+        fold: &dyn Fn(&mut A, &V),
+        merge: &dyn Fn(&mut A, A),
+        out: &mut Vec<WindowResult<K, A>>,
+    ) -> Result<(), WindowError> {
+        if let WindowKind::Session { gap_ms } = self.window.kind {
+            return self.add_to_session(key, t_ms, gap_ms, value, init, fold, merge, out);
+        }
+        let size = self.window.size_ms();
+        let mut accepted = false;
+        for start in self.window.starts(t_ms) {
+            let end = start + size;
+            if self.closes_at(end) <= self.watermark_ms {
+                continue;
+            }
+            if !self.fixed.contains_key(&start) && self.fixed.len() >= OPEN_WINDOWS_MAX {
+                return Err(WindowError::TooManyWindows);
+            }
+            accepted = true;
+            let keys = self.fixed.entry(start).or_default();
+            let aggregate = match keys.get_mut(key) {
+                Some(aggregate) => aggregate,
+                None => keys.entry(key.clone()).or_insert_with(init),
+            };
+            fold(aggregate, value);
+            if self.emit == Emit::Changes {
+                out.push(WindowResult::Update {
+                    key: key.clone(),
+                    window: WindowBounds {
+                        start_ms: start,
+                        end_ms: end,
+                    },
+                    value: aggregate.clone(),
+                });
+            }
+        }
+        if !accepted {
+            self.late_records += 1;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add_to_session<V>(
+        &mut self,
+        key: &K,
+        t_ms: i64,
+        gap_ms: i64,
+        value: &V,
+        init: &dyn Fn() -> A,
+        fold: &dyn Fn(&mut A, &V),
+        merge: &dyn Fn(&mut A, A),
+        out: &mut Vec<WindowResult<K, A>>,
+    ) -> Result<(), WindowError> {
+        let sessions = self.sessions.entry(key.clone()).or_default();
+        // Sessions this record touches: within `gap` of it on either side.
+        let touching: Vec<usize> = (0..sessions.len())
+            .filter(|&i| sessions[i].first_ms - gap_ms < t_ms && t_ms < sessions[i].last_ms + gap_ms)
+            .collect();
+        if touching.is_empty() {
+            let close = t_ms.saturating_add(gap_ms).saturating_add(self.window.grace_ms);
+            if close <= self.watermark_ms {
+                self.late_records += 1;
+                if sessions.is_empty() {
+                    self.sessions.remove(key);
+                }
+                return Ok(());
+            }
+            if self.session_closing.len() >= OPEN_WINDOWS_MAX {
+                return Err(WindowError::TooManyWindows);
+            }
+        }
+        let mut merged = Session {
+            first_ms: t_ms,
+            last_ms: t_ms,
+            value: init(),
+        };
+        let mut retracted = Vec::new();
+        for &i in touching.iter().rev() {
+            let old = sessions.remove(i);
+            let close = old.last_ms.saturating_add(gap_ms).saturating_add(self.window.grace_ms);
+            self.session_closing.remove(&(close, key.clone(), old.first_ms));
+            merged.first_ms = merged.first_ms.min(old.first_ms);
+            merged.last_ms = merged.last_ms.max(old.last_ms);
+            retracted.push((old.bounds(), old.value.clone()));
+            merge(&mut merged.value, old.value);
+        }
+        fold(&mut merged.value, value);
+        let close = merged.last_ms.saturating_add(gap_ms).saturating_add(self.window.grace_ms);
+        self.session_closing.insert((close, key.clone(), merged.first_ms));
+        if self.emit == Emit::Changes {
+            for (window, old) in retracted.into_iter().rev() {
+                // The session keeps its bounds: it only grew in value.
+                if window != merged.bounds() {
+                    out.push(WindowResult::Retract {
+                        key: key.clone(),
+                        window,
+                        value: old,
+                    });
+                }
+            }
+            out.push(WindowResult::Update {
+                key: key.clone(),
+                window: merged.bounds(),
+                value: merged.value.clone(),
+            });
+        }
+        let position = sessions.partition_point(|s| s.first_ms < merged.first_ms);
+        sessions.insert(position, merged);
+        Ok(())
+    }
+
+    /// Moves the watermark forward (never back) and closes every window it
+    /// passes: under [`Emit::Final`] their results go to `out`, oldest window
+    /// first, keys in order. Closed windows are evicted either way.
+    pub fn advance(&mut self, watermark_ms: i64, out: &mut Vec<WindowResult<K, A>>) {
+        if watermark_ms <= self.watermark_ms {
+            return;
+        }
+        self.watermark_ms = watermark_ms;
+        let size = self.window.size_ms();
+        while let Some((&start, _)) = self.fixed.first_key_value() {
+            if self.closes_at(start + size) > watermark_ms {
+                break;
+            }
+            let Some((_, keys)) = self.fixed.pop_first() else { break };
+            if self.emit == Emit::Final {
+                let window = WindowBounds {
+                    start_ms: start,
+                    end_ms: start + size,
+                };
+                let mut keys: Vec<(K, A)> = keys.into_iter().collect();
+                keys.sort_by(|a, b| a.0.cmp(&b.0));
+                out.extend(keys.into_iter().map(|(key, value)| WindowResult::Update { key, window, value }));
+            }
+        }
+        while let Some((close, _, _)) = self.session_closing.first() {
+            if *close > watermark_ms {
+                break;
+            }
+            let Some((_, key, first_ms)) = self.session_closing.pop_first() else { break };
+            let Some(sessions) = self.sessions.get_mut(&key) else { continue };
+            let Some(i) = sessions.iter().position(|s| s.first_ms == first_ms) else { continue };
+            let session = sessions.remove(i);
+            if sessions.is_empty() {
+                self.sessions.remove(&key);
+            }
+            if self.emit == Emit::Final {
+                out.push(WindowResult::Update {
+                    window: session.bounds(),
+                    key,
+                    value: session.value,
+                });
+            }
+        }
+    }
+}
+
+impl<K, A> WindowOperator<K, A>
+where
+    K: Clone + Eq + Hash + Ord + Serialize + for<'de> Deserialize<'de>,
+    A: Clone + Serialize + for<'de> Deserialize<'de>,
+{
+    /// The state as bytes (postcard), keys sorted so equal states encode equally.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let fixed = self
+            .fixed
+            .iter()
+            .map(|(&start, keys)| {
+                let mut keys: Vec<(K, A)> = keys.iter().map(|(k, a)| (k.clone(), a.clone())).collect();
+                keys.sort_by(|a, b| a.0.cmp(&b.0));
+                (start, keys)
+            })
+            .collect();
+        let mut sessions: Vec<(K, Vec<Session<A>>)> =
+            self.sessions.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        sessions.sort_by(|a, b| a.0.cmp(&b.0));
+        let snapshot = Snapshot {
+            fixed,
+            sessions,
+            watermark_ms: self.watermark_ms,
+            late_records: self.late_records,
+        };
+        postcard::to_allocvec(&snapshot).unwrap_or_default()
+    }
+
+    /// Replaces the state with a snapshot's.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), WindowError> {
+        let snapshot: Snapshot<K, A> =
+            postcard::from_bytes(bytes).map_err(|e| WindowError::CorruptState(e.to_string()))?;
+        let gap_ms = match self.window.kind {
+            WindowKind::Session { gap_ms } => gap_ms,
+            _ => 0,
+        };
+        self.fixed = snapshot
+            .fixed
+            .into_iter()
+            .map(|(start, keys)| (start, keys.into_iter().collect()))
+            .collect();
+        self.session_closing.clear();
+        for (key, sessions) in &snapshot.sessions {
+            for s in sessions {
+                let close = s.last_ms.saturating_add(gap_ms).saturating_add(self.window.grace_ms);
+                self.session_closing.insert((close, key.clone(), s.first_ms));
+            }
+        }
+        self.sessions = snapshot.sessions.into_iter().collect();
+        self.watermark_ms = snapshot.watermark_ms;
+        self.late_records = snapshot.late_records;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    fn count_op(window: Window, emit: Emit) -> WindowOperator<String, u64> {
+        WindowOperator::new(window, emit)
+    }
+
+    /// Feeds (key, t) records, advancing the watermark to the maximum event
+    /// time seen after each one, like a single-input task.
+    fn run(op: &mut WindowOperator<String, u64>, records: &[(&str, i64)]) -> Vec<WindowResult<String, u64>> {
+        let mut out = Vec::new();
+        let mut max = i64::MIN;
+        for &(key, t) in records {
+            op.add(
+                &key.to_string(),
+                t,
+                &(),
+                &|| 0,
+                &|a, _: &()| *a += 1,
+                &|a, b| *a += b,
+                &mut out,
+            )
+            .expect("add");
+            max = max.max(t);
+            op.advance(max, &mut out);
+        }
+        out
+    }
+
+    fn update(key: &str, start_ms: i64, end_ms: i64, value: u64) -> WindowResult<String, u64> {
+        WindowResult::Update {
+            key: key.to_string(),
+            window: WindowBounds { start_ms, end_ms },
+            value,
+        }
+    }
+
+    #[test]
+    fn tumbling_windows_are_epoch_aligned_and_half_open() {
+        let window = Window::tumbling(Duration::from_secs(300));
+        let starts: Vec<i64> = window.starts(5 * MIN - 1).collect();
+        assert_eq!(starts, vec![0]);
+        let starts: Vec<i64> = window.starts(5 * MIN).collect();
+        assert_eq!(starts, vec![5 * MIN], "end is exclusive");
+        let starts: Vec<i64> = window.starts(-1).collect();
+        assert_eq!(starts, vec![-5 * MIN], "times before the epoch align too");
+    }
+
+    #[test]
+    fn hopping_windows_hold_a_record_in_every_window_covering_it() {
+        let window = Window::hopping(Duration::from_secs(300), Duration::from_secs(60));
+        let starts: Vec<i64> = window.starts(7 * MIN + 5).collect();
+        assert_eq!(starts, vec![3 * MIN, 4 * MIN, 5 * MIN, 6 * MIN, 7 * MIN]);
+        let starts: Vec<i64> = window.starts(7 * MIN).collect();
+        assert_eq!(starts, vec![3 * MIN, 4 * MIN, 5 * MIN, 6 * MIN, 7 * MIN]);
+        let mut op = count_op(window, Emit::Final);
+        let out = run(&mut op, &[("a", 0), ("a", 2 * MIN), ("a", 20 * MIN)]);
+        // Windows starting at -4..=2 minutes saw records; each closes once.
+        let finals: Vec<(i64, u64)> = out
+            .iter()
+            .map(|r| match r {
+                WindowResult::Update { window, value, .. } => (window.start_ms / MIN, *value),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(finals, vec![(-4, 1), (-3, 1), (-2, 2), (-1, 2), (0, 2), (1, 1), (2, 1)]);
+    }
+
+    #[test]
+    fn emit_final_once_per_window_when_it_closes_emit_changes_every_update() {
+        let window = Window::tumbling(Duration::from_secs(300));
+        let records = [("a", 10), ("b", 20), ("a", 30), ("a", 5 * MIN + 1)];
+        let mut op = count_op(window, Emit::Final);
+        let out = run(&mut op, &records);
+        assert_eq!(out, vec![update("a", 0, 5 * MIN, 2), update("b", 0, 5 * MIN, 1)]);
+        let mut op = count_op(window, Emit::Changes);
+        let out = run(&mut op, &records);
+        assert_eq!(
+            out,
+            vec![
+                update("a", 0, 5 * MIN, 1),
+                update("b", 0, 5 * MIN, 1),
+                update("a", 0, 5 * MIN, 2),
+                update("a", 5 * MIN, 10 * MIN, 1),
+            ]
+        );
+    }
+
+    #[test]
+    fn out_of_order_within_grace_counts_and_late_beyond_grace_is_dropped_and_counted() {
+        let window = Window::tumbling(Duration::from_secs(300)).grace(Duration::from_secs(30));
+        let mut op = count_op(window, Emit::Final);
+        let out = run(
+            &mut op,
+            &[
+                ("a", MIN),
+                ("a", 5 * MIN + 10_000), // watermark 5:10, window [0,5) still open (grace 30 s)
+                ("a", 2 * MIN),          // out of order, within grace: counted
+                ("a", 5 * MIN + 30_000), // watermark 5:30: [0,5) closes with 2
+                ("a", 3 * MIN),          // late: dropped and counted
+            ],
+        );
+        assert_eq!(out, vec![update("a", 0, 5 * MIN, 2)]);
+        assert_eq!(op.late_records(), 1);
+        assert_eq!(op.open_windows(), 1, "the closed window was evicted");
+    }
+
+    #[test]
+    fn session_windows_split_on_gaps_and_merge_when_bridged() {
+        let window = Window::session(Duration::from_secs(60));
+        let mut op = count_op(window, Emit::Changes);
+        let out = run(&mut op, &[("a", 0), ("a", 2 * MIN)]);
+        assert_eq!(out, vec![update("a", 0, 1, 1), update("a", 2 * MIN, 2 * MIN + 1, 1)]);
+        // The first session closed at watermark 2 min (0 + gap); a record at
+        // 1:30 touches only the second one, extending it backwards.
+        let mut out = Vec::new();
+        op.add(&"a".to_string(), 90_000, &(), &|| 0, &|a, _: &()| *a += 1, &|a, b| *a += b, &mut out)
+            .expect("add");
+        assert_eq!(
+            out,
+            vec![
+                WindowResult::Retract {
+                    key: "a".to_string(),
+                    window: WindowBounds {
+                        start_ms: 2 * MIN,
+                        end_ms: 2 * MIN + 1
+                    },
+                    value: 1
+                },
+                update("a", 90_000, 2 * MIN + 1, 2),
+            ]
+        );
+        // A record that bridges two open sessions merges them.
+        let mut op = count_op(Window::session(Duration::from_secs(60)).grace(Duration::from_secs(600)), Emit::Final);
+        let out = run(&mut op, &[("k", 0), ("k", 100_000), ("k", 50_000), ("k", 20 * MIN)]);
+        assert_eq!(out, vec![update("k", 0, 100_001, 3)]);
+        assert_eq!(op.late_records(), 0);
+    }
+
+    #[test]
+    fn late_session_record_is_dropped_and_counted() {
+        let mut op = count_op(Window::session(Duration::from_secs(10)), Emit::Final);
+        let out = run(&mut op, &[("k", 100_000), ("k", 0)]);
+        assert!(out.is_empty());
+        assert_eq!(op.late_records(), 1);
+    }
+
+    #[test]
+    fn snapshot_restore_gives_the_same_future() {
+        let window = Window::hopping(Duration::from_secs(300), Duration::from_secs(100)).grace(Duration::from_secs(50));
+        let records: Vec<(String, i64)> = (0..500).map(|i| (format!("k{}", i % 7), (i * 7919) % 1_000_000)).collect();
+        let mut whole = count_op(window, Emit::Final);
+        let mut out_whole = Vec::new();
+        let mut resumed_out = Vec::new();
+        let mut snapshot = Vec::new();
+        let mut max = i64::MIN;
+        for (i, (key, t)) in records.iter().enumerate() {
+            let target = if i < 250 { &mut out_whole } else { &mut resumed_out };
+            whole
+                .add(key, *t, &(), &|| 0, &|a, _: &()| *a += 1, &|a, b| *a += b, target)
+                .expect("add");
+            max = max.max(*t);
+            whole.advance(max, target);
+            if i == 249 {
+                snapshot = whole.snapshot();
+            }
+        }
+        let mut restored = count_op(window, Emit::Final);
+        restored.restore(&snapshot).expect("restore");
+        let mut out = Vec::new();
+        let mut max = restored.watermark_ms();
+        for (key, t) in &records[250..] {
+            restored
+                .add(key, *t, &(), &|| 0, &|a, _: &()| *a += 1, &|a, b| *a += b, &mut out)
+                .expect("add");
+            max = max.max(*t);
+            restored.advance(max, &mut out);
+        }
+        assert_eq!(out, resumed_out);
+        assert_eq!(restored.late_records(), whole.late_records());
+        assert!(restored.restore(b"\xff\xff garbage").is_err());
+    }
+}
