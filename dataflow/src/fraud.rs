@@ -133,7 +133,7 @@ mod tests {
         assert_eq!(a, b);
         let mut max = i64::MIN;
         for attempt in &a {
-            assert!(attempt.at_ms > max - GRACE_MS, "out of order beyond the grace");
+            assert!(attempt.at_ms > max.saturating_sub(GRACE_MS), "out of order beyond the grace");
             max = max.max(attempt.at_ms);
         }
         assert!(!reference(&a).is_empty(), "some cards look fraudulent");
