@@ -25,7 +25,7 @@ pub struct ConnectArgs {
 }
 
 impl ConnectArgs {
-    async fn connect(&self) -> anyhow::Result<Arc<Client>> {
+    pub async fn connect(&self) -> anyhow::Result<Arc<Client>> {
         let client = Client::connect(self.seeds.clone(), &self.certs)
             .await
             .context("connecting to the cluster")?;
@@ -73,7 +73,7 @@ pub enum TopicCommand {
     },
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Runtime::new().context("starting the async runtime")
 }
 

@@ -162,8 +162,22 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         let mut controller_config = ControllerConfig::new(controllers);
         controller_config.test_fault_hooks = args.test_fault_hooks;
         controller_config.replace_after = Duration::from_secs(args.replace_after);
-        let controller = Controller::start(Arc::new(broker), controller_config).await?;
+        // Dataflow tasks reach the cluster as clients of this very node.
+        let own_addr = match listen.ip() {
+            ip if ip.is_unspecified() => std::net::SocketAddr::new([127, 0, 0, 1].into(), listen.port()),
+            _ => listen,
+        };
+        let settings = runnel::dataflow::ClientSettings {
+            seeds: vec![own_addr],
+            certs: certs.clone(),
+        };
+        let host = runnel::dataflow::DataflowHost::start(runnel::dataflow::builtin(), id.0, settings)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let tasks: Arc<dyn runnel::broker::tasks::TaskHost> = host.clone();
+        let controller = Controller::start_with_tasks(Arc::new(broker), controller_config, Some(tasks)).await?;
         wait_for_shutdown_signal().await?;
+        host.shutdown();
         tracing::info!(node = %id, "shutting down");
         controller.shutdown().await;
         node.shutdown();

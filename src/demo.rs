@@ -1,15 +1,18 @@
-//! `runnel demo`: what Runnel can do today, run end to end on this machine.
+//! `runnel demo`: the fraud query as a distributed dataflow, with a node
+//! killed mid-way, on this machine.
 //!
 //! An embedded cluster of three nodes (in this process, talking over QUIC
 //! with mutual TLS on loopback) replicates the topic
-//! `authorization_attempts` (3 partitions, replication 3). A producer sends
-//! generated attempts keyed by card number with acks=all; half-way through,
-//! the node leading partition 0 is killed, and producing carries on through
-//! the failover. Everything is then read back from the surviving replicas and
-//! checked: every attempt present exactly once. The fraud query (more than 3
-//! attempts per card in a 5-minute tumbling window) is counted over what the
-//! cluster returned and over the generated input, and the two must agree.
-//! The distributed dataflow (issue 6) will run this query as operator actors.
+//! `authorization_attempts` (3 partitions, replication 3) and runs the
+//! dataflow `possible_fraud`: KSQL's `SELECT card_number, count(*) FROM
+//! authorization_attempts WINDOW TUMBLING (SIZE 5 MINUTE) GROUP BY
+//! card_number HAVING count(*) > 3`, as six operator tasks (a source task
+//! and a window task per partition) placed on the nodes. Generated attempts
+//! are produced with acks=all; half-way through, the node leading partition
+//! 0 is killed: its partitions fail over, its tasks are re-placed on the
+//! survivors and resume from their checkpoints. The sink `possible_fraud` is
+//! then read and compared with a reference count computed directly from the
+//! input topic: every (card, window) result must be there exactly once.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -21,82 +24,24 @@ use anyhow::{ensure, Context};
 use bytes::Bytes;
 use runnel::broker::client::{Client, Consumer, Producer};
 use runnel::broker::metadata::TopicConfig;
+use runnel::broker::tasks::TaskHost;
 use runnel::broker::{Acks, Broker, BrokerConfig, Controller, ControllerConfig};
 use runnel::cluster::tls::CertDir;
 use runnel::cluster::{Node, NodeConfig, NodeId};
+use runnel::dataflow::fraud::{self, Attempt, FraudKey, Generator};
+use runnel::dataflow::{ClientSettings, DataflowHost};
 use runnel::storage::Record;
 
-const TOPIC: &str = "authorization_attempts";
-
-const ATTEMPTS: u64 = 20_000;
-const CARDS: u64 = 400;
-const BATCH_RECORDS: u64 = 500;
-const WINDOW_MS: i64 = 5 * 60 * 1000;
-const FRAUD_THRESHOLD: u64 = 3;
-
-/// One authorization attempt, as `card_number,amount_cents,at_ms`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Attempt {
-    card_number: String,
-    amount_cents: u64,
-    at_ms: i64,
-}
-
-impl Attempt {
-    fn encode(&self) -> Bytes {
-        Bytes::from(format!("{},{},{}", self.card_number, self.amount_cents, self.at_ms))
-    }
-
-    fn decode(bytes: &[u8]) -> anyhow::Result<Attempt> {
-        let text = std::str::from_utf8(bytes).context("attempt is not UTF-8")?;
-        let mut fields = text.split(',');
-        let mut next = |name: &str| fields.next().with_context(|| format!("attempt {text:?} has no {name}"));
-        Ok(Attempt {
-            card_number: next("card_number")?.to_string(),
-            amount_cents: next("amount")?.parse().context("amount")?,
-            at_ms: next("timestamp")?.parse().context("timestamp")?,
-        })
-    }
-}
-
-/// A deterministic generator (xorshift), so every run shows the same figures.
-fn generate(count: u64) -> Vec<Attempt> {
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut at_ms: i64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
-    (0..count)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            at_ms += (state % 200) as i64;
-            // A few hot cards make the fraud query find something.
-            let card = if state.is_multiple_of(10) {
-                state % 8
-            } else {
-                state % CARDS
-            };
-            Attempt {
-                card_number: format!("4000-0000-0000-{card:04}"),
-                amount_cents: state % 50_000,
-                at_ms,
-            }
-        })
-        .collect()
-}
+const ATTEMPTS: usize = 40_000;
+const CARDS: u64 = 1_000;
+/// Event time between attempts: 40,000 attempts span about 33 minutes.
+const STEP_MS: i64 = 50;
+/// 2026-01-01T00:00:00Z.
+const START_MS: i64 = 1_767_225_600_000;
+const PARTITIONS: u32 = 3;
+const TIMEOUT: Duration = Duration::from_secs(120);
 
 type WindowCounts = BTreeMap<(String, i64), u64>;
-
-/// `SELECT card_number, count(*) … WINDOW TUMBLING (SIZE 5 MINUTE) GROUP BY
-/// card_number HAVING count(*) > 3`, keyed by (card, window start).
-fn fraud_counts<'a>(attempts: impl Iterator<Item = &'a Attempt>) -> WindowCounts {
-    let mut counts = WindowCounts::new();
-    for attempt in attempts {
-        let window_start = attempt.at_ms.div_euclid(WINDOW_MS) * WINDOW_MS;
-        *counts.entry((attempt.card_number.clone(), window_start)).or_default() += 1;
-    }
-    counts.retain(|_, count| *count > FRAUD_THRESHOLD);
-    counts
-}
 
 pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new().prefix("runnel-demo-").tempdir()?;
@@ -109,6 +54,16 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
 struct Member {
     node: Node,
     controller: Controller,
+    host: Arc<DataflowHost>,
+}
+
+impl Member {
+    async fn stop(self) {
+        self.host.shutdown();
+        self.controller.shutdown().await;
+        let mut node = self.node;
+        node.shutdown();
+    }
 }
 
 async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<(BTreeMap<u32, Member>, Vec<SocketAddr>)> {
@@ -119,113 +74,180 @@ async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<(BTreeMap<u32, M
         .collect::<Result<_, _>>()?;
     let mut members = BTreeMap::new();
     for id in 1..=3u32 {
-        let config = NodeConfig::new(NodeId(id), addrs[id as usize - 1], addrs.clone(), 1);
+        let addr = addrs[id as usize - 1];
+        let config = NodeConfig::new(NodeId(id), addr, addrs.clone(), 1);
         let node = Node::start(config, &certs.node_identity(NodeId(id))?).await?;
         let broker = Broker::start(node.handle(), BrokerConfig::new(dir.join(format!("node-{id}")))).await?;
-        let controller = Controller::start(Arc::new(broker), ControllerConfig::new(vec![1, 2, 3])).await?;
-        members.insert(id, Member { node, controller });
+        let settings = ClientSettings {
+            seeds: vec![addr],
+            certs: dir.join("certs"),
+        };
+        let host = DataflowHost::start(runnel::dataflow::builtin(), id, settings)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let mut config = ControllerConfig::new(vec![1, 2, 3]);
+        // Re-place a dead node's replicas and tasks as soon as it is declared dead.
+        config.replace_after = Duration::ZERO;
+        let tasks: Arc<dyn TaskHost> = host.clone();
+        let controller = Controller::start_with_tasks(Arc::new(broker), config, Some(tasks)).await?;
+        members.insert(id, Member { node, controller, host });
     }
     Ok((members, addrs))
 }
 
+fn attempt_record(attempt: &Attempt) -> anyhow::Result<Record> {
+    Ok(Record {
+        timestamp_ms: attempt.at_ms,
+        key: Some(Bytes::from(attempt.card_number.clone())),
+        value: Some(Bytes::from(serde_json::to_vec(attempt)?)),
+        headers: Vec::new(),
+    })
+}
+
+async fn produce(client: &Arc<Client>, attempts: &[Attempt]) -> anyhow::Result<()> {
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await?;
+    for attempt in attempts {
+        producer.send(None, attempt_record(attempt)?).await?;
+    }
+    producer.flush().await?;
+    Ok(())
+}
+
+/// Every committed record of a topic's partitions.
+async fn read_all(client: &Arc<Client>, topic: &str) -> anyhow::Result<Vec<Record>> {
+    let mut consumer = Consumer::new(client.clone(), topic);
+    for partition in 0..PARTITIONS {
+        consumer.assign(partition, 0);
+    }
+    let ends = consumer.end_offsets().await?;
+    let mut records = Vec::new();
+    while !ends.iter().all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end)) {
+        records.extend(consumer.poll().await?.into_iter().map(|(_, r)| r.record));
+    }
+    Ok(records)
+}
+
+/// The sink's (card, window start) → count, and how many came twice.
+async fn sink_results(client: &Arc<Client>) -> anyhow::Result<(WindowCounts, usize)> {
+    let mut results = WindowCounts::new();
+    let mut duplicates = 0;
+    for record in read_all(client, fraud::SINK).await? {
+        let key: FraudKey = serde_json::from_slice(record.key.as_deref().context("result without a key")?)?;
+        let count: u64 = serde_json::from_slice(record.value.as_deref().context("result without a value")?)?;
+        if results.insert((key.key, key.window_start_ms), count).is_some() {
+            duplicates += 1;
+        }
+    }
+    Ok((results, duplicates))
+}
+
+/// Where each task runs, as "task@node" pairs.
+async fn placement(client: &Client) -> anyhow::Result<String> {
+    let dataflows = client.dataflows().await?;
+    let dataflow = dataflows
+        .iter()
+        .find(|d| d.name == fraud::NAME)
+        .context("the dataflow is not running")?;
+    let pairs: Vec<String> = dataflow
+        .placement
+        .iter()
+        .enumerate()
+        .map(|(task, node)| format!("{task}@{node}"))
+        .collect();
+    Ok(pairs.join(" "))
+}
+
 async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
-    let attempts = generate(ATTEMPTS);
+    let mut generator = Generator::new(42, CARDS, START_MS, STEP_MS);
+    let attempts: Vec<Attempt> = generator.by_ref().take(ATTEMPTS).collect();
     tracing::info!("phase 1: start an embedded 3-node cluster (QUIC, mutual TLS)");
     let (mut members, addrs) = start_cluster(&dir).await?;
     let client = Arc::new(Client::connect(addrs.clone(), &dir.join("certs")).await?);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Err(e) = client.create_topic(TOPIC, TopicConfig::new(3, 3)).await {
-        ensure!(Instant::now() < deadline, "could not create {TOPIC}: {e}");
+    let deadline = Instant::now() + TIMEOUT;
+    while let Err(e) = client
+        .create_topic(fraud::SOURCE, TopicConfig::new(PARTITIONS, 3))
+        .await
+    {
+        ensure!(Instant::now() < deadline, "could not create {}: {e}", fraud::SOURCE);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    tracing::info!("phase 2: start the dataflow {}", fraud::NAME);
+    client.start_dataflow(fraud::NAME).await?;
+    let before = placement(&client).await?;
 
-    tracing::info!("phase 2: produce {ATTEMPTS} attempts keyed by card, acks=all; kill a leader half-way");
-    let mut producer = Producer::new(client.clone(), TOPIC, Acks::All).await?;
-    producer.batch_records_max = BATCH_RECORDS as usize;
-    let mut killed = None;
-    for (i, attempt) in attempts.iter().enumerate() {
-        if i == attempts.len() / 2 {
-            producer.flush().await?;
-            let leader = client.describe_topic(TOPIC).await?.partitions[0]
-                .leader
-                .context("partition 0 has no leader")?;
-            tracing::info!("killing node {leader}, the leader of partition 0");
-            if let Some(member) = members.remove(&leader) {
-                let Member { mut node, controller } = member;
-                drop(controller);
-                node.shutdown();
-            }
-            killed = Some(leader);
-        }
-        let record = Record {
-            timestamp_ms: attempt.at_ms,
-            key: Some(Bytes::from(attempt.card_number.clone())),
-            value: Some(attempt.encode()),
-            headers: Vec::new(),
-        };
-        producer.send(None, record).await?;
+    tracing::info!("phase 3: produce {ATTEMPTS} attempts keyed by card (acks=all); kill a node half-way");
+    let half = attempts.len() / 2;
+    produce(&client, &attempts[..half]).await?;
+    let victim = client.describe_topic(fraud::SOURCE).await?.partitions[0]
+        .leader
+        .context("partition 0 has no leader")?;
+    tracing::info!("killing node {victim}, the leader of partition 0 and host of dataflow tasks");
+    if let Some(member) = members.remove(&victim) {
+        member.stop().await;
+    }
+    let survivors: Vec<SocketAddr> = (1..=3u32)
+        .filter(|id| *id != victim)
+        .map(|id| addrs[id as usize - 1])
+        .collect();
+    let client = Arc::new(Client::connect(survivors, &dir.join("certs")).await?);
+    produce(&client, &attempts[half..]).await?;
+    // One attempt far in the future per partition closes every window.
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await?;
+    for partition in 0..PARTITIONS {
+        producer
+            .send(Some(partition), attempt_record(&generator.closing_attempt())?)
+            .await?;
     }
     producer.flush().await?;
 
-    tracing::info!("phase 3: read every partition back from the surviving replicas");
-    let mut consumer = Consumer::new(client.clone(), TOPIC);
-    for partition in 0..3 {
-        consumer.assign(partition, 0);
-    }
-    let mut consumed = Vec::new();
-    while consumed.len() < attempts.len() {
-        ensure!(
-            Instant::now() < deadline + Duration::from_secs(60),
-            "read back only {} attempts",
-            consumed.len()
-        );
-        for (_, record) in consumer.poll().await? {
-            let value = record.record.value.context("attempt without a value")?;
-            consumed.push(Attempt::decode(&value)?);
+    tracing::info!("phase 4: wait for the sink to hold every window result; compare with the reference");
+    let input: Vec<Attempt> = read_all(&client, fraud::SOURCE)
+        .await?
+        .iter()
+        .map(|r| serde_json::from_slice(r.value.as_deref().unwrap_or_default()))
+        .collect::<Result<_, _>>()?;
+    let reference = fraud::reference(&input);
+    let deadline = Instant::now() + TIMEOUT;
+    let (results, duplicates) = loop {
+        let (results, duplicates) = sink_results(&client).await?;
+        if results.len() + duplicates >= reference.len() || Instant::now() > deadline {
+            break (results, duplicates);
         }
-    }
-    let mut sorted_in = attempts.clone();
-    let mut sorted_out = consumed.clone();
-    sorted_in.sort_by(|a, b| (a.at_ms, &a.card_number).cmp(&(b.at_ms, &b.card_number)));
-    sorted_out.sort_by(|a, b| (a.at_ms, &a.card_number).cmp(&(b.at_ms, &b.card_number)));
-    ensure!(
-        sorted_in == sorted_out,
-        "the cluster returned different attempts than were produced"
-    );
-
-    tracing::info!("phase 4: the fraud query over what the cluster returned, against a reference");
-    let from_cluster = fraud_counts(consumed.iter());
-    let reference = fraud_counts(attempts.iter());
-    ensure!(
-        from_cluster == reference,
-        "fraud counts over the replicated log differ from the reference"
-    );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let after = placement(&client).await?;
 
     println!(
-        "Runnel demo: a 3-node cluster replicating {TOPIC} (3 partitions, replication 3) in {}",
+        "Runnel demo: a 3-node cluster replicating {} (3 partitions, replication 3) in {}",
+        fraud::SOURCE,
         dir.display()
     );
+    println!("  dataflow {}: source task + window task per partition", fraud::NAME);
+    println!("    tasks before the kill: {before}");
+    println!("    tasks after the kill:  {after}");
     println!(
-        "  produced {} attempts with acks=all; node {} (a partition leader) was killed half-way; producing went on",
-        attempts.len(),
-        killed.map_or("?".to_string(), |k| k.to_string())
+        "  produced {} attempts with acks=all (read back: {}); node {victim} was killed half-way",
+        attempts.len() + PARTITIONS as usize,
+        input.len()
     );
     println!(
-        "  read back {} attempts from the surviving replicas: every one exactly once",
-        consumed.len()
+        "  possible fraud (more than {} attempts per card in a 5-minute window): {} results in {}",
+        fraud::THRESHOLD,
+        results.len(),
+        fraud::SINK
     );
-    println!(
-        "  possible fraud (more than {FRAUD_THRESHOLD} attempts per card in a 5-minute window): {} windows",
-        from_cluster.len()
-    );
-    for ((card, window_start), count) in from_cluster.iter().take(10) {
+    for ((card, window_start), count) in results.iter().take(10) {
         println!("    card {card}  window start {window_start}  count {count}");
     }
-    println!("  counts over the replicated log match the reference computed from the input: yes");
-    println!("  (the query runs here in the demo; the distributed dataflow engine is not built yet)");
+    let matches = results == reference && duplicates == 0;
+    println!(
+        "  sink equals the reference computed from the input ({} results, {duplicates} duplicated): {}",
+        reference.len(),
+        if matches { "yes" } else { "NO" }
+    );
     for member in members.into_values() {
-        member.controller.shutdown().await;
-        drop(member.node);
+        member.stop().await;
     }
+    ensure!(matches, "the dataflow's results differ from the reference");
     Ok(())
 }

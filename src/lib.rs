@@ -7,6 +7,7 @@
 //!   remote send/call between named actors.
 //! - [`broker`]: replicated partitions (Raft per partition), the controller,
 //!   and the client API (`broker::client::{Client, Producer, Consumer}`).
+//! - [`dataflow`]: dataflow builders, windows, operator tasks, checkpoints.
 //!
 //! The broker and dataflow layers live in `runnel-actors` and
 //! `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and the README for what
@@ -14,4 +15,5 @@
 
 pub use runnel_actors as broker;
 pub use runnel_cluster as cluster;
+pub use runnel_dataflow as dataflow;
 pub use runnel_storage as storage;

@@ -3,6 +3,7 @@
 mod bench;
 mod broker_cli;
 mod cluster_cli;
+mod dataflow_cli;
 mod demo;
 mod watch;
 
@@ -43,6 +44,11 @@ enum Command {
     Produce(broker_cli::ProduceArgs),
     /// Print a topic's records.
     Consume(broker_cli::ConsumeArgs),
+    /// Start, list, describe or stop dataflows.
+    Dataflow {
+        #[command(subcommand)]
+        command: dataflow_cli::DataflowCommand,
+    },
     /// Spread replicas evenly over the live nodes (e.g. after a node joins).
     Rebalance(broker_cli::ConnectArgs),
     /// Measure a part of Runnel and print figures (JSON lines, then a summary).
@@ -86,6 +92,7 @@ fn run() -> anyhow::Result<()> {
         Command::Produce(args) => broker_cli::produce(args),
         Command::Consume(args) => broker_cli::consume(args),
         Command::Rebalance(args) => broker_cli::rebalance(args),
+        Command::Dataflow { command } => dataflow_cli::dataflow(command),
         Command::Bench { target } => bench::run(target),
     }
 }

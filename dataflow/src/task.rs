@@ -657,18 +657,28 @@ impl TaskRunner {
             return Ok(None);
         }
         let corrupt = |reason: String| TaskError::Checkpoint { task, reason };
-        let last = self.client.fetch(&topic, task, end - 1, 1).await?;
+        // The newest record: Raft's own entries (a new leader's empty entry,
+        // configuration changes) are control batches that hold an offset
+        // but no record, so step back over them.
+        let mut last = None;
+        let mut probe = end;
+        while last.is_none() && probe > 0 {
+            probe -= 1;
+            let fetched = self.client.fetch(&topic, task, probe, 1).await?;
+            last = fetched.records.into_iter().rfind(|r| r.offset < end);
+        }
+        let Some(last) = last else { return Ok(None) };
         let key = last
-            .records
-            .first()
-            .and_then(|r| r.record.key.clone())
-            .ok_or_else(|| corrupt(format!("no record at offset {}", end - 1)))?;
+            .record
+            .key
+            .ok_or_else(|| corrupt(format!("record at offset {} has no key", last.offset)))?;
         let count: u64 = std::str::from_utf8(&key)
             .ok()
             .and_then(|k| k.split_once('/'))
             .and_then(|(_, n)| n.parse().ok())
-            .filter(|&n| n >= 1 && n <= end)
+            .filter(|&n| n >= 1 && n <= last.offset + 1)
             .ok_or_else(|| corrupt(format!("last record's key {key:?} is not a chunk key")))?;
+        let end = last.offset + 1;
         let mut bytes = Vec::new();
         let mut offset = end - count;
         let mut expected = 0;

@@ -1,0 +1,178 @@
+//! `runnel dataflow start|list|describe|stop`.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context;
+use runnel::broker::client::Client;
+use runnel::broker::metadata::DataflowMeta;
+use runnel::broker::tasks::TaskStatus;
+
+use crate::broker_cli::ConnectArgs;
+
+#[derive(clap::Subcommand)]
+pub enum DataflowCommand {
+    /// Start a dataflow the nodes' binary registered (e.g. possible_fraud).
+    Start {
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Running dataflows and where their tasks run.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Every task of a dataflow: node, input lag, watermark, records in and
+    /// out, late drops, dead letters, restarts.
+    Describe {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Stop a dataflow's tasks (its checkpoints stay: a later start resumes).
+    Stop {
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+pub fn dataflow(command: DataflowCommand) -> anyhow::Result<()> {
+    crate::broker_cli::runtime()?.block_on(async move {
+        match command {
+            DataflowCommand::Start { name, connect } => {
+                connect.connect().await?.start_dataflow(&name).await?;
+                println!("dataflow {name:?} started");
+            }
+            DataflowCommand::Stop { name, connect } => {
+                connect.connect().await?.stop_dataflow(&name).await?;
+                println!("dataflow {name:?} stopped");
+            }
+            DataflowCommand::List { json, connect } => {
+                let dataflows = connect.connect().await?.dataflows().await?;
+                print_list(&dataflows, json)?;
+            }
+            DataflowCommand::Describe { name, json, connect } => {
+                let client = connect.connect().await?;
+                let tasks = describe(&client, &name).await?;
+                print_tasks(&tasks, json)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn print_list(dataflows: &[DataflowMeta], json: bool) -> anyhow::Result<()> {
+    if json {
+        let list: Vec<serde_json::Value> = dataflows
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "name": d.name, "source": d.source, "sink": d.sink,
+                    "stages": d.stages, "partitions": d.partitions, "placement": d.placement,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if dataflows.is_empty() {
+        println!("no dataflow is running");
+    }
+    for d in dataflows {
+        let nodes: BTreeSet<u32> = d.placement.iter().copied().collect();
+        println!(
+            "{}  {} -> {}  {} stage(s) x {} partition(s) = {} tasks on nodes {:?}",
+            d.name,
+            d.source,
+            d.sink,
+            d.stages,
+            d.partitions,
+            d.placement.len(),
+            nodes
+        );
+    }
+    Ok(())
+}
+
+/// Every task of `name`, as the node it is placed on reports it (or marked
+/// unreachable when that node does not answer).
+pub async fn describe(client: &Client, name: &str) -> anyhow::Result<Vec<TaskStatus>> {
+    let dataflows = client.dataflows().await?;
+    let dataflow = dataflows
+        .iter()
+        .find(|d| d.name == name)
+        .with_context(|| format!("dataflow {name:?} is not running"))?;
+    let mut tasks = Vec::with_capacity(dataflow.placement.len());
+    let nodes: BTreeSet<u32> = dataflow.placement.iter().copied().collect();
+    let mut reports = Vec::new();
+    for node in nodes {
+        match client.dataflow_tasks(node).await {
+            Ok(report) => reports.extend(report.into_iter().filter(|t| t.dataflow == name)),
+            Err(e) => tracing::debug!(node, error = %e, "node did not report its tasks"),
+        }
+    }
+    for (task, &node) in dataflow.placement.iter().enumerate() {
+        let task = task as u32;
+        let report = reports.iter().find(|t| t.task == task && t.node == node).cloned();
+        tasks.push(report.unwrap_or_else(|| TaskStatus {
+            dataflow: name.to_string(),
+            task,
+            stage: task / dataflow.partitions.max(1),
+            partition: task % dataflow.partitions.max(1),
+            node,
+            state: "not reported (node unreachable or starting)".to_string(),
+            ..TaskStatus::default()
+        }));
+    }
+    Ok(tasks)
+}
+
+fn print_tasks(tasks: &[TaskStatus], json: bool) -> anyhow::Result<()> {
+    if json {
+        let list: Vec<serde_json::Value> = tasks
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "task": t.task, "stage": t.stage, "partition": t.partition, "node": t.node,
+                    "state": t.state, "input_topic": t.input_topic, "input_offset": t.input_offset,
+                    "input_end": t.input_end, "lag": t.input_end.saturating_sub(t.input_offset),
+                    "watermark_ms": t.watermark_ms, "records_in": t.records_in, "records_out": t.records_out,
+                    "late_records": t.late_records, "dead_letters": t.dead_letters,
+                    "restarts": t.restarts, "checkpoints": t.checkpoints,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:>4} {:>5} {:>4} {:>4}  {:<28} {:>9} {:>7} {:>15} {:>9} {:>9} {:>6} {:>5} {:>8}  state",
+        "task", "stage", "part", "node", "input", "offset", "lag", "watermark_ms", "in", "out", "late", "dlq", "restarts"
+    );
+    for t in tasks {
+        let watermark = t.watermark_ms.map_or("-".to_string(), |w| w.to_string());
+        println!(
+            "{:>4} {:>5} {:>4} {:>4}  {:<28} {:>9} {:>7} {:>15} {:>9} {:>9} {:>6} {:>5} {:>8}  {}",
+            t.task,
+            t.stage,
+            t.partition,
+            t.node,
+            t.input_topic,
+            t.input_offset,
+            t.input_end.saturating_sub(t.input_offset),
+            watermark,
+            t.records_in,
+            t.records_out,
+            t.late_records,
+            t.dead_letters,
+            t.restarts,
+            t.state
+        );
+    }
+    Ok(())
+}

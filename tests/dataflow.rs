@@ -1,0 +1,272 @@
+//! The fraud dataflow on real `runnel node` processes: its sink must equal a
+//! reference computed directly from the input topic, with every (card,
+//! window) result exactly once — also when a node running tasks is killed
+//! with SIGKILL mid-stream.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use runnel::broker::client::{Client, Consumer, Producer};
+use runnel::broker::Acks;
+use runnel::dataflow::fraud::{self, Attempt, FraudKey, Generator};
+use runnel::storage::Record;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the dataflow may take to produce every result.
+const RESULTS_TIMEOUT: Duration = Duration::from_secs(600);
+const PARTITIONS: u32 = 3;
+/// 2026-01-01T00:00:00Z.
+const START_MS: i64 = 1_767_225_600_000;
+
+struct Cluster {
+    _scratch: tempfile::TempDir,
+    certs: std::path::PathBuf,
+    addrs: Vec<SocketAddr>,
+    nodes: Vec<NodeProcess>,
+}
+
+fn start(first_host: u8) -> Cluster {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 3);
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| free_addr(first_host + i)).collect();
+    let env = [("RUNNEL_REPLACE_AFTER", "0")];
+    let nodes = (0..3)
+        .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path(), &env))
+        .collect();
+    Cluster {
+        _scratch: scratch,
+        certs,
+        addrs,
+        nodes,
+    }
+}
+
+fn cli(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    let seeds: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
+    runnel()
+        .args(args)
+        .args(["--seeds", &seeds.join(",")])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .output()
+        .expect("run runnel")
+}
+
+fn create_source(cluster: &Cluster) {
+    wait_for("the source topic to be created", TIMEOUT, || {
+        cli(
+            cluster,
+            &["topic", "create", fraud::SOURCE, "--partitions", &PARTITIONS.to_string(), "--replication", "3"],
+        )
+        .status
+        .success()
+    });
+}
+
+fn start_dataflow(cluster: &Cluster) {
+    let output = cli(cluster, &["dataflow", "start", fraud::NAME]);
+    assert!(
+        output.status.success(),
+        "dataflow start: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn describe(cluster: &Cluster) -> Vec<serde_json::Value> {
+    let output = cli(cluster, &["dataflow", "describe", fraud::NAME, "--json"]);
+    serde_json::from_slice::<serde_json::Value>(&output.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
+
+async fn connect(addrs: &[SocketAddr], certs: &Path) -> Arc<Client> {
+    Arc::new(Client::connect(addrs.to_vec(), certs).await.expect("connect"))
+}
+
+fn attempt_record(attempt: &Attempt) -> Record {
+    Record {
+        timestamp_ms: attempt.at_ms,
+        key: Some(Bytes::from(attempt.card_number.clone())),
+        value: Some(Bytes::from(serde_json::to_vec(attempt).expect("json"))),
+        headers: Vec::new(),
+    }
+}
+
+/// Sends attempts keyed by card (acks=all); a send that fails is retried
+/// with a fresh producer (the reference is read back from the topic, so a
+/// retried record that landed twice is part of the input either way).
+async fn produce(client: &Arc<Client>, attempts: impl Iterator<Item = Attempt>) {
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await.expect("producer");
+    for attempt in attempts {
+        let record = attempt_record(&attempt);
+        let deadline = Instant::now() + TIMEOUT;
+        while let Err(e) = producer.send(None, record.clone()).await {
+            assert!(Instant::now() < deadline, "produce kept failing: {e}");
+            producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await.expect("producer");
+        }
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while let Err(e) = producer.flush().await {
+        assert!(Instant::now() < deadline, "flush kept failing: {e}");
+    }
+}
+
+/// One attempt per partition far in the future: it closes every window.
+async fn close_windows(client: &Arc<Client>, generator: &Generator) {
+    let closing = generator.closing_attempt();
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await.expect("producer");
+    for partition in 0..PARTITIONS {
+        producer
+            .send(Some(partition), attempt_record(&closing))
+            .await
+            .expect("closing attempt");
+    }
+    producer.flush().await.expect("flush");
+}
+
+/// Every record of every partition of `topic`, read to the committed end.
+async fn read_all(client: &Arc<Client>, topic: &str, partitions: u32) -> Vec<Record> {
+    let mut consumer = Consumer::new(client.clone(), topic);
+    for partition in 0..partitions {
+        consumer.assign(partition, 0);
+    }
+    let ends = consumer.end_offsets().await.expect("end offsets");
+    let mut records = Vec::new();
+    loop {
+        let done = ends.iter().all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end));
+        if done {
+            return records;
+        }
+        records.extend(consumer.poll().await.expect("poll").into_iter().map(|(_, r)| r.record));
+    }
+}
+
+/// The reference over what the source topic holds.
+async fn reference(client: &Arc<Client>) -> BTreeMap<(String, i64), u64> {
+    let records = read_all(client, fraud::SOURCE, PARTITIONS).await;
+    let attempts: Vec<Attempt> = records
+        .iter()
+        .map(|r| serde_json::from_slice(r.value.as_deref().expect("value")).expect("attempt"))
+        .collect();
+    fraud::reference(&attempts)
+}
+
+/// The sink's results, and how many (card, window) keys came more than once.
+async fn results(client: &Arc<Client>) -> (BTreeMap<(String, i64), u64>, usize) {
+    let mut results = BTreeMap::new();
+    let mut duplicates = 0;
+    for record in read_all(client, fraud::SINK, PARTITIONS).await {
+        let key: FraudKey = serde_json::from_slice(record.key.as_deref().expect("key")).expect("sink key");
+        assert_eq!(key.window_end_ms - key.window_start_ms, fraud::WINDOW_MS);
+        let count: u64 = serde_json::from_slice(record.value.as_deref().expect("value")).expect("count");
+        if results.insert((key.key, key.window_start_ms), count).is_some() {
+            duplicates += 1;
+        }
+    }
+    (results, duplicates)
+}
+
+/// Polls the sink until it holds as many results as the reference (or the
+/// time is up), then checks it equals the reference exactly.
+async fn expect_reference(client: &Arc<Client>, cluster: &Cluster, expected: &BTreeMap<(String, i64), u64>) {
+    let started = Instant::now();
+    let (found, duplicates) = loop {
+        let (found, duplicates) = results(client).await;
+        if found.len() + duplicates >= expected.len() || started.elapsed() > RESULTS_TIMEOUT {
+            break (found, duplicates);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let missing = expected.keys().filter(|k| !found.contains_key(*k)).count();
+    let wrong = expected.iter().filter(|(k, v)| found.get(*k).is_some_and(|f| f != *v)).count();
+    let extra = found.keys().filter(|k| !expected.contains_key(*k)).count();
+    assert!(
+        found == *expected && duplicates == 0,
+        "sink differs from the reference after {:?}: {} expected, {} found, {missing} missing, {wrong} wrong, \
+         {extra} extra, {duplicates} duplicated; tasks: {:#?}",
+        started.elapsed(),
+        expected.len(),
+        found.len(),
+        describe(cluster)
+    );
+    tracing::info!(results = found.len(), took = ?started.elapsed(), "sink equals the reference");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fraud_dataflow_over_a_million_attempts_equals_the_reference() {
+    let attempts: usize = std::env::var("RUNNEL_FRAUD_ATTEMPTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let cluster = start(170);
+    create_source(&cluster);
+    let client = connect(&cluster.addrs, &cluster.certs).await;
+    // 20,000 cards, an attempt every 3 ms of event time: ~50 minutes of
+    // windows, a few hundred fraud results per window from the hot cards.
+    let mut generator = Generator::new(1, 20_000, START_MS, 3);
+    let started = Instant::now();
+    produce(&client, generator.by_ref().take(attempts)).await;
+    close_windows(&client, &generator).await;
+    eprintln!("produced {attempts} attempts in {:?}", started.elapsed());
+    start_dataflow(&cluster);
+    let expected = reference(&client).await;
+    assert!(expected.len() > 100, "the generator makes fraud: {}", expected.len());
+    expect_reference(&client, &cluster, &expected).await;
+    eprintln!("dataflow done {:?} after start", started.elapsed());
+    let tasks = describe(&cluster);
+    assert_eq!(tasks.len(), 2 * PARTITIONS as usize, "{tasks:#?}");
+    let read: u64 = tasks
+        .iter()
+        .filter(|t| t["stage"] == 0)
+        .map(|t| t["records_in"].as_u64().unwrap_or_default())
+        .sum();
+    assert_eq!(read, attempts as u64 + u64::from(PARTITIONS), "{tasks:#?}");
+    let late: u64 = tasks.iter().map(|t| t["late_records"].as_u64().unwrap_or_default()).sum();
+    assert_eq!(late, 0, "the generator stays within the grace period");
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_node_running_tasks_mid_stream_keeps_the_results_exact() {
+    let attempts: usize = std::env::var("RUNNEL_FRAUD_KILL_ATTEMPTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let mut cluster = start(175);
+    create_source(&cluster);
+    let client = connect(&cluster.addrs, &cluster.certs).await;
+    start_dataflow(&cluster);
+    let mut generator = Generator::new(2, 5_000, START_MS, 10);
+    produce(&client, generator.by_ref().take(attempts / 2)).await;
+    // Mid-stream: once node 3's tasks have checkpointed progress, kill it.
+    let victim = 3u64;
+    wait_for("node 3's tasks to checkpoint", RESULTS_TIMEOUT, || {
+        let tasks = describe(&cluster);
+        let on_victim: Vec<&serde_json::Value> = tasks.iter().filter(|t| t["node"] == victim).collect();
+        !on_victim.is_empty() && on_victim.iter().all(|t| t["checkpoints"].as_u64().unwrap_or(0) > 0)
+    });
+    let killed_at = describe(&cluster);
+    cluster.nodes[2].kill();
+    tracing::info!("node 3 killed");
+    let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
+    produce(&survivors, generator.by_ref().take(attempts - attempts / 2)).await;
+    close_windows(&survivors, &generator).await;
+    let expected = reference(&survivors).await;
+    assert!(expected.len() > 50, "the generator makes fraud: {}", expected.len());
+    expect_reference(&survivors, &cluster, &expected).await;
+    let tasks = describe(&cluster);
+    assert!(
+        tasks.iter().all(|t| t["node"] != victim),
+        "tasks moved off the dead node: {tasks:#?} (before the kill: {killed_at:#?})"
+    );
+    drop(cluster);
+}
