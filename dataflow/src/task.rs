@@ -16,7 +16,8 @@
 //!
 //! Watermarks: a source task puts its upstream id on every repartitioned
 //! record, and sends watermark markers (unsequenced) to partitions it has not
-//! written to lately and, once caught up with its input, "idle" markers. A
+//! written to lately and, once caught up with its input for [`IDLE_AFTER`],
+//! "idle" markers. A
 //! window task's watermark is the minimum of its upstreams' maximum event
 //! times, ignoring idle ones, so a lagging or restarting upstream holds the
 //! windows open instead of making its records late.
@@ -51,6 +52,11 @@ const SEND_RETRY_FOR: Duration = Duration::from_secs(60);
 /// A source task sends a watermark marker to a partition it has not written
 /// to for this long.
 const MARKER_INTERVAL: Duration = Duration::from_millis(200);
+/// A source task caught up with its input this long declares itself idle,
+/// so an empty source partition does not hold every window open forever.
+/// Records that reach an idle partition later may be late (as with Flink's
+/// idleness); a task that is merely between two reads is never idle.
+pub const IDLE_AFTER: Duration = Duration::from_secs(30);
 
 const HEADER_UPSTREAM: &str = "u";
 const HEADER_WATERMARK: &str = "wm";
@@ -248,6 +254,8 @@ pub struct TaskRunner {
     /// Source stage: the greatest event time emitted so far.
     max_event_ms: i64,
     markers: Vec<MarkerState>,
+    /// Since when a source task has been caught up with its input.
+    caught_up_since: Option<Instant>,
     /// Window stage: its upstreams and its windows.
     upstreams: BTreeMap<u32, Upstream>,
     window: Option<Box<dyn WindowStage>>,
@@ -299,6 +307,7 @@ impl TaskRunner {
             status,
             input_topic,
             input_offset: 0,
+            caught_up_since: None,
             max_event_ms: i64::MIN,
             upstreams: BTreeMap::new(),
             window,
@@ -374,8 +383,14 @@ impl TaskRunner {
             self.dirty = true;
         }
         self.input_offset = self.input_offset.max(fetched.next_offset);
+        if !caught_up || progressed {
+            self.caught_up_since = None;
+        } else if self.caught_up_since.is_none() {
+            self.caught_up_since = Some(Instant::now());
+        }
         if self.assignment.stage() == 0 && self.def.window_stage.is_some() {
-            self.send_markers(caught_up).await?;
+            let idle = self.caught_up_since.is_some_and(|since| since.elapsed() >= IDLE_AFTER);
+            self.send_markers(idle).await?;
         }
         if self.dirty && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
             self.write_checkpoint().await?;
@@ -464,11 +479,11 @@ impl TaskRunner {
     }
 
     /// Tells repartition partitions this task has not written to lately how
-    /// far its event time has gone, and that it is idle once caught up.
-    async fn send_markers(&mut self, caught_up: bool) -> Result<(), TaskError> {
+    /// far its event time has gone, and whether it is idle.
+    async fn send_markers(&mut self, idle: bool) -> Result<(), TaskError> {
         let now = Upstream {
             max_event_ms: self.max_event_ms,
-            idle: caught_up,
+            idle,
         };
         let topic = repartition_topic(&self.def.name);
         let partition_bytes = Bytes::copy_from_slice(&self.assignment.partition().to_le_bytes());
@@ -493,7 +508,7 @@ impl TaskRunner {
                     },
                     Header {
                         key: HEADER_IDLE.to_string(),
-                        value: Some(Bytes::from_static(if caught_up { &[1] } else { &[0] })),
+                        value: Some(Bytes::from_static(if idle { &[1] } else { &[0] })),
                     },
                 ],
             };
