@@ -51,14 +51,14 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     runtime.block_on(run_cluster(dir))
 }
 
-struct Member {
+pub struct Member {
     node: Node,
     controller: Controller,
     host: Arc<DataflowHost>,
 }
 
 impl Member {
-    async fn stop(self) {
+    pub async fn stop(self) {
         self.host.shutdown();
         self.controller.shutdown().await;
         let mut node = self.node;
@@ -66,14 +66,20 @@ impl Member {
     }
 }
 
-async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<(BTreeMap<u32, Member>, Vec<SocketAddr>)> {
+/// An embedded cluster of `count` nodes (all controller voters) that run
+/// the binary's dataflows; certificates and data under `dir`.
+pub async fn start_cluster(
+    dir: &std::path::Path,
+    count: u32,
+) -> anyhow::Result<(BTreeMap<u32, Member>, Vec<SocketAddr>)> {
     let certs = CertDir::new(dir.join("certs"));
-    certs.init(&[NodeId(1), NodeId(2), NodeId(3)])?;
-    let addrs: Vec<SocketAddr> = (0..3)
+    let ids: Vec<NodeId> = (1..=count).map(NodeId).collect();
+    certs.init(&ids)?;
+    let addrs: Vec<SocketAddr> = (0..count)
         .map(|_| UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()))
         .collect::<Result<_, _>>()?;
     let mut members = BTreeMap::new();
-    for id in 1..=3u32 {
+    for id in 1..=count {
         let addr = addrs[id as usize - 1];
         let config = NodeConfig::new(NodeId(id), addr, addrs.clone(), 1);
         let node = Node::start(config, &certs.node_identity(NodeId(id))?).await?;
@@ -85,7 +91,7 @@ async fn start_cluster(dir: &std::path::Path) -> anyhow::Result<(BTreeMap<u32, M
         let host = DataflowHost::start(runnel::dataflow::builtin(), id, settings)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
-        let mut config = ControllerConfig::new(vec![1, 2, 3]);
+        let mut config = ControllerConfig::new((1..=u64::from(count)).collect());
         // Re-place a dead node's replicas and tasks as soon as it is declared dead.
         config.replace_after = Duration::ZERO;
         let tasks: Arc<dyn TaskHost> = host.clone();
@@ -143,11 +149,16 @@ async fn sink_results(client: &Arc<Client>) -> anyhow::Result<(WindowCounts, usi
 
 /// Where each task runs, as "task@node" pairs.
 async fn placement(client: &Client) -> anyhow::Result<String> {
-    let dataflows = client.dataflows().await?;
-    let dataflow = dataflows
-        .iter()
-        .find(|d| d.name == fraud::NAME)
-        .context("the dataflow is not running")?;
+    // The answering node may not have applied the start yet.
+    let deadline = Instant::now() + TIMEOUT;
+    let dataflow = loop {
+        let dataflows = client.dataflows().await?;
+        if let Some(dataflow) = dataflows.into_iter().find(|d| d.name == fraud::NAME) {
+            break dataflow;
+        }
+        ensure!(Instant::now() < deadline, "the dataflow is not running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let pairs: Vec<String> = dataflow
         .placement
         .iter()
@@ -161,7 +172,7 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
     let mut generator = Generator::new(42, CARDS, START_MS, STEP_MS);
     let attempts: Vec<Attempt> = generator.by_ref().take(ATTEMPTS).collect();
     tracing::info!("phase 1: start an embedded 3-node cluster (QUIC, mutual TLS)");
-    let (mut members, addrs) = start_cluster(&dir).await?;
+    let (mut members, addrs) = start_cluster(&dir, 3).await?;
     let client = Arc::new(Client::connect(addrs.clone(), &dir.join("certs")).await?);
     let deadline = Instant::now() + TIMEOUT;
     while let Err(e) = client

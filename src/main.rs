@@ -73,7 +73,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo shows its phases; a node shows what it does.
     let default_filter = match cli.command {
-        Command::Demo { .. } => "warn,runnel::demo=info",
+        Command::Demo { .. } => "error,runnel::demo=info",
         _ => "info",
     };
     tracing_subscriber::fmt()

@@ -3,6 +3,7 @@
 mod cluster;
 mod storage;
 pub mod transport;
+mod window;
 
 use clap::Subcommand;
 
@@ -18,6 +19,8 @@ pub enum Target {
     Consume(cluster::ConsumeArgs),
     /// CPU and memory of 3 idle nodes holding many partitions.
     Idle(cluster::IdleArgs),
+    /// The fraud query: window operator vs a plain loop, then end to end.
+    Window(window::Args),
 }
 
 pub fn run(target: Target) -> anyhow::Result<()> {
@@ -27,6 +30,7 @@ pub fn run(target: Target) -> anyhow::Result<()> {
         Target::Produce(args) => cluster::produce(args),
         Target::Consume(args) => cluster::consume(args),
         Target::Idle(args) => cluster::idle(args),
+        Target::Window(args) => window::run(args),
     }
 }
 

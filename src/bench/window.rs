@@ -1,0 +1,244 @@
+//! `runnel bench window`: the fraud query's window operator alone against a
+//! plain HashMap-per-window count loop over the same events (the per-core
+//! ceiling), then the whole dataflow topic to topic on an embedded cluster
+//! of one node (RF=1) and of three nodes (RF=3).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use bytes::Bytes;
+use runnel::broker::client::{Client, Producer};
+use runnel::broker::metadata::TopicConfig;
+use runnel::broker::Acks;
+use runnel::dataflow::fraud::{self, Attempt, Generator};
+use runnel::dataflow::window::{Emit, Window, WindowOperator, WindowResult};
+use runnel::storage::Record;
+
+use super::median;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Events for the in-process operator comparison.
+    #[arg(long, default_value_t = 10_000_000)]
+    events: usize,
+    /// Events for each end-to-end run (topic to topic).
+    #[arg(long, default_value_t = 10_000_000)]
+    cluster_events: usize,
+    #[arg(long, default_value_t = 100_000)]
+    cards: u64,
+    /// Paired runs of the in-process comparison.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Source partitions for the end-to-end runs.
+    #[arg(long, default_value_t = 3)]
+    partitions: u32,
+    /// Skip the end-to-end runs.
+    #[arg(long)]
+    operator_only: bool,
+}
+
+/// Event times 30 ms apart: 10 M events span about 3.5 days of 5-minute windows.
+const STEP_MS: i64 = 30;
+const START_MS: i64 = 1_767_225_600_000;
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let events: Vec<(String, i64)> = Generator::new(7, args.cards, START_MS, STEP_MS)
+        .take(args.events)
+        .map(|a| (a.card_number, a.at_ms))
+        .collect();
+    let mut operator_rates = Vec::new();
+    let mut plain_rates = Vec::new();
+    let mut ratios = Vec::new();
+    for run in 0..args.runs {
+        // Alternate the order: neither side always runs on a warm cache.
+        let (operator, plain) = if run % 2 == 0 {
+            let o = operator_pass(&events);
+            (o, plain_pass(&events))
+        } else {
+            let p = plain_pass(&events);
+            (operator_pass(&events), p)
+        };
+        ensure!(operator.1 == plain.1, "operator and plain loop disagree: {} vs {} fraud windows", operator.1, plain.1);
+        let operator_rate = events.len() as f64 / operator.0.as_secs_f64();
+        let plain_rate = events.len() as f64 / plain.0.as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"bench": "window", "case": "operator_vs_plain", "run": run, "events": events.len(),
+                "operator_events_per_s": operator_rate.round(), "plain_events_per_s": plain_rate.round(),
+                "fraud_windows": operator.1})
+        );
+        operator_rates.push(operator_rate);
+        plain_rates.push(plain_rate);
+        ratios.push(operator_rate / plain_rate);
+    }
+    let operator_median = median(&mut operator_rates);
+    let plain_median = median(&mut plain_rates);
+    let ratio_median = median(&mut ratios);
+    let mut summary = vec![format!(
+        "(a) window operator alone: {:.2} M events/s; plain HashMap loop {:.2} M events/s; median paired ratio {:.0}% (target >= 50%)",
+        operator_median / 1e6,
+        plain_median / 1e6,
+        ratio_median * 100.0
+    )];
+    if !args.operator_only {
+        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        for (label, nodes) in [("(b) 1 node, RF=1", 1u32), ("(c) 3 nodes, RF=3", 3u32)] {
+            let (elapsed, results) = runtime.block_on(end_to_end(&args, nodes))?;
+            let rate = args.cluster_events as f64 / elapsed.as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({"bench": "window", "case": "end_to_end", "nodes": nodes, "replication": nodes,
+                    "partitions": args.partitions, "events": args.cluster_events,
+                    "seconds": elapsed.as_secs_f64(), "events_per_s": rate.round(), "fraud_windows": results})
+            );
+            summary.push(format!(
+                "{label}: {} events topic to topic in {:.1} s = {:.0} events/s{}",
+                args.cluster_events,
+                elapsed.as_secs_f64(),
+                rate,
+                if nodes == 1 { " (target >= 2,000,000)" } else { "" }
+            ));
+        }
+    }
+    println!("summary:");
+    for line in summary {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// The fraud query through [`WindowOperator`]: (time, fraud windows).
+fn operator_pass(events: &[(String, i64)]) -> (Duration, usize) {
+    let window = Window::tumbling(Duration::from_millis(fraud::WINDOW_MS as u64))
+        .grace(Duration::from_millis(fraud::GRACE_MS as u64));
+    let mut operator: WindowOperator<String, u64> = WindowOperator::new(window, Emit::Final);
+    let mut out = Vec::new();
+    let mut fraud_windows = 0;
+    let mut max_ms = i64::MIN;
+    let started = Instant::now();
+    for (card, at_ms) in events {
+        // Infallible below OPEN_WINDOWS_MAX windows, which this stream never nears.
+        let _ = operator.add(card, *at_ms, &(), &|| 0, &|c, _: &()| *c += 1, &|a, b| *a += b, &mut out);
+        if *at_ms > max_ms {
+            max_ms = *at_ms;
+            operator.advance(max_ms, &mut out);
+        }
+        fraud_windows += count_fraud(&mut out);
+    }
+    operator.advance(i64::MAX, &mut out);
+    fraud_windows += count_fraud(&mut out);
+    (started.elapsed(), fraud_windows)
+}
+
+fn count_fraud(out: &mut Vec<WindowResult<String, u64>>) -> usize {
+    let fraud = out
+        .iter()
+        .filter(|r| matches!(r, WindowResult::Update { value, .. } if *value > fraud::THRESHOLD))
+        .count();
+    out.clear();
+    fraud
+}
+
+/// The same count with a plain HashMap per window, closed windows dropped.
+fn plain_pass(events: &[(String, i64)]) -> (Duration, usize) {
+    let mut windows: HashMap<i64, HashMap<String, u64>> = HashMap::new();
+    let mut fraud_windows = 0;
+    let mut max_ms = i64::MIN;
+    let started = Instant::now();
+    for (card, at_ms) in events {
+        let start = at_ms - at_ms.rem_euclid(fraud::WINDOW_MS);
+        let counts = windows.entry(start).or_default();
+        match counts.get_mut(card) {
+            Some(count) => *count += 1,
+            None => {
+                counts.insert(card.clone(), 1);
+            }
+        }
+        if *at_ms > max_ms {
+            max_ms = *at_ms;
+            let closed: Vec<i64> = windows
+                .keys()
+                .copied()
+                .filter(|s| s + fraud::WINDOW_MS + fraud::GRACE_MS <= max_ms)
+                .collect();
+            for start in closed {
+                if let Some(counts) = windows.remove(&start) {
+                    fraud_windows += counts.values().filter(|&&c| c > fraud::THRESHOLD).count();
+                }
+            }
+        }
+    }
+    for counts in windows.values() {
+        fraud_windows += counts.values().filter(|&&c| c > fraud::THRESHOLD).count();
+    }
+    (started.elapsed(), fraud_windows)
+}
+
+/// Loads the source topic, starts the dataflow and times it until every
+/// task has read all of its input and the sink holds the reference's count.
+async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize)> {
+    let scratch = tempfile::Builder::new().prefix("runnel-bench-window-").tempdir()?;
+    let dir = scratch.path().join("cluster");
+    let (members, addrs) = crate::demo::start_cluster(&dir, nodes).await?;
+    let client = Arc::new(Client::connect(addrs.clone(), &dir.join("certs")).await?);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = client
+        .create_topic(fraud::SOURCE, TopicConfig::new(args.partitions, nodes as u16))
+        .await
+    {
+        ensure!(Instant::now() < deadline, "could not create the source topic: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut generator = Generator::new(11, args.cards, START_MS, STEP_MS);
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await?;
+    let mut reference_input: Vec<Attempt> = Vec::with_capacity(args.cluster_events + 8);
+    for attempt in generator.by_ref().take(args.cluster_events) {
+        producer.send(None, attempt_record(&attempt)?).await?;
+        reference_input.push(attempt);
+    }
+    for partition in 0..args.partitions {
+        let closing = generator.closing_attempt();
+        producer.send(Some(partition), attempt_record(&closing)?).await?;
+        reference_input.push(closing);
+    }
+    producer.flush().await?;
+    let expected = fraud::reference(&reference_input).len();
+    drop(reference_input);
+    let inputs = args.cluster_events as u64 + u64::from(args.partitions);
+    let started = Instant::now();
+    client.start_dataflow(fraud::NAME).await?;
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let mut read = [0u64; 2];
+        let mut written = 0u64;
+        for node in 1..=nodes {
+            for task in client.dataflow_tasks(node).await.unwrap_or_default() {
+                read[(task.stage as usize).min(1)] += task.records_in;
+                if task.stage == 1 {
+                    written += task.records_out;
+                }
+            }
+        }
+        if read[0] >= inputs && read[1] >= inputs && written >= expected as u64 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the dataflow did not finish: read {read:?} of {inputs}, wrote {written} of {expected}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    for member in members.into_values() {
+        member.stop().await;
+    }
+    Ok((elapsed, expected))
+}
+
+fn attempt_record(attempt: &Attempt) -> anyhow::Result<Record> {
+    Ok(Record {
+        timestamp_ms: attempt.at_ms,
+        key: Some(Bytes::from(attempt.card_number.clone())),
+        value: Some(Bytes::from(serde_json::to_vec(attempt)?)),
+        headers: Vec::new(),
+    })
+}
