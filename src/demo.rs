@@ -21,16 +21,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use bytes::Bytes;
-use runnel::broker::client::{Client, Consumer, Producer};
+use runnel::broker::client::{Client, Producer};
 use runnel::broker::metadata::TopicConfig;
 use runnel::broker::tasks::TaskHost;
 use runnel::broker::{Acks, Broker, BrokerConfig, Controller, ControllerConfig};
 use runnel::cluster::tls::CertDir;
 use runnel::cluster::{Node, NodeConfig, NodeId};
-use runnel::dataflow::fraud::{self, Attempt, FraudKey, Generator};
+use runnel::dataflow::fraud::{self, Attempt, Generator};
 use runnel::dataflow::{ClientSettings, DataflowHost};
-use runnel::storage::Record;
 
 const ATTEMPTS: usize = 40_000;
 const CARDS: u64 = 1_000;
@@ -40,8 +38,6 @@ const STEP_MS: i64 = 50;
 const START_MS: i64 = 1_767_225_600_000;
 const PARTITIONS: u32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-type WindowCounts = BTreeMap<(String, i64), u64>;
 
 pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new().prefix("runnel-demo-").tempdir()?;
@@ -101,52 +97,6 @@ pub async fn start_cluster(
     Ok((members, addrs))
 }
 
-fn attempt_record(attempt: &Attempt) -> anyhow::Result<Record> {
-    Ok(Record {
-        timestamp_ms: attempt.at_ms,
-        key: Some(Bytes::from(attempt.card_number.clone())),
-        value: Some(Bytes::from(serde_json::to_vec(attempt)?)),
-        headers: Vec::new(),
-    })
-}
-
-async fn produce(client: &Arc<Client>, attempts: &[Attempt]) -> anyhow::Result<()> {
-    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await?;
-    for attempt in attempts {
-        producer.send(None, attempt_record(attempt)?).await?;
-    }
-    producer.flush().await?;
-    Ok(())
-}
-
-/// Every committed record of a topic's partitions.
-async fn read_all(client: &Arc<Client>, topic: &str) -> anyhow::Result<Vec<Record>> {
-    let mut consumer = Consumer::new(client.clone(), topic);
-    for partition in 0..PARTITIONS {
-        consumer.assign(partition, 0);
-    }
-    let ends = consumer.end_offsets().await?;
-    let mut records = Vec::new();
-    while !ends.iter().all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end)) {
-        records.extend(consumer.poll().await?.into_iter().map(|(_, r)| r.record));
-    }
-    Ok(records)
-}
-
-/// The sink's (card, window start) → count, and how many came twice.
-async fn sink_results(client: &Arc<Client>) -> anyhow::Result<(WindowCounts, usize)> {
-    let mut results = WindowCounts::new();
-    let mut duplicates = 0;
-    for record in read_all(client, fraud::SINK).await? {
-        let key: FraudKey = serde_json::from_slice(record.key.as_deref().context("result without a key")?)?;
-        let count: u64 = serde_json::from_slice(record.value.as_deref().context("result without a value")?)?;
-        if results.insert((key.key, key.window_start_ms), count).is_some() {
-            duplicates += 1;
-        }
-    }
-    Ok((results, duplicates))
-}
-
 /// Where each task runs, as "task@node" pairs.
 async fn placement(client: &Client) -> anyhow::Result<String> {
     // The answering node may not have applied the start yet.
@@ -188,7 +138,11 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
 
     tracing::info!("phase 3: produce {ATTEMPTS} attempts keyed by card (acks=all); kill a node half-way");
     let half = attempts.len() / 2;
-    produce(&client, &attempts[..half]).await?;
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await?;
+    for attempt in &attempts[..half] {
+        producer.send(None, fraud::record(attempt)).await?;
+    }
+    producer.flush().await?;
     let victim = client.describe_topic(fraud::SOURCE).await?.partitions[0]
         .leader
         .context("partition 0 has no leader")?;
@@ -201,26 +155,14 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
         .map(|id| addrs[id as usize - 1])
         .collect();
     let client = Arc::new(Client::connect(survivors, &dir.join("certs")).await?);
-    produce(&client, &attempts[half..]).await?;
-    // One attempt far in the future per partition closes every window.
-    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await?;
-    for partition in 0..PARTITIONS {
-        producer
-            .send(Some(partition), attempt_record(&generator.closing_attempt())?)
-            .await?;
-    }
-    producer.flush().await?;
+    fraud::produce(&client, attempts[half..].iter().cloned(), &generator.closing_attempt()).await?;
 
     tracing::info!("phase 4: wait for the sink to hold every window result; compare with the reference");
-    let input: Vec<Attempt> = read_all(&client, fraud::SOURCE)
-        .await?
-        .iter()
-        .map(|r| serde_json::from_slice(r.value.as_deref().unwrap_or_default()))
-        .collect::<Result<_, _>>()?;
+    let input = fraud::read_attempts(&client).await.map_err(anyhow::Error::msg)?;
     let reference = fraud::reference(&input);
     let deadline = Instant::now() + TIMEOUT;
     let (results, duplicates) = loop {
-        let (results, duplicates) = sink_results(&client).await?;
+        let (results, duplicates) = fraud::read_results(&client).await.map_err(anyhow::Error::msg)?;
         if results.len() + duplicates >= reference.len() || Instant::now() > deadline {
             break (results, duplicates);
         }

@@ -5,8 +5,13 @@
 //! directly from the input (what the sink must equal).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use runnel_actors::client::{Client, ClientError, Consumer, Producer};
+use runnel_actors::Acks;
+use runnel_storage::Record;
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{DataflowDef, Dataflow};
@@ -120,6 +125,76 @@ pub struct FraudKey {
     pub key: String,
     pub window_start_ms: i64,
     pub window_end_ms: i64,
+}
+
+/// An attempt as a record: JSON value, keyed by card, timestamped by event time.
+pub fn record(attempt: &Attempt) -> Record {
+    Record {
+        timestamp_ms: attempt.at_ms,
+        key: Some(Bytes::from(attempt.card_number.clone())),
+        value: Some(Bytes::from(serde_json::to_vec(attempt).unwrap_or_default())),
+        headers: Vec::new(),
+    }
+}
+
+/// Produces attempts keyed by card with `acks=all`, then one closing attempt
+/// per partition (it closes every window the attempts touched).
+pub async fn produce(
+    client: &Arc<Client>,
+    attempts: impl IntoIterator<Item = Attempt>,
+    closing: &Attempt,
+) -> Result<(), ClientError> {
+    let mut producer = Producer::new(client.clone(), SOURCE, Acks::All).await?;
+    for attempt in attempts {
+        producer.send(None, record(&attempt)).await?;
+    }
+    let partitions = client.describe_topic(SOURCE).await?.config.partitions;
+    for partition in 0..partitions {
+        producer.send(Some(partition), record(closing)).await?;
+    }
+    producer.flush().await?;
+    Ok(())
+}
+
+/// Every committed record of every partition of `topic`.
+pub async fn read_topic(client: &Arc<Client>, topic: &str) -> Result<Vec<Record>, ClientError> {
+    let partitions = client.describe_topic(topic).await?.config.partitions;
+    let mut consumer = Consumer::new(client.clone(), topic);
+    for partition in 0..partitions {
+        consumer.assign(partition, 0);
+    }
+    let ends = consumer.end_offsets().await?;
+    let mut records = Vec::new();
+    while !ends.iter().all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end)) {
+        records.extend(consumer.poll().await?.into_iter().map(|(_, r)| r.record));
+    }
+    Ok(records)
+}
+
+/// The attempts in the source topic (the reference's input).
+pub async fn read_attempts(client: &Arc<Client>) -> Result<Vec<Attempt>, String> {
+    let records = read_topic(client, SOURCE).await.map_err(|e| e.to_string())?;
+    records
+        .iter()
+        .map(|r| serde_json::from_slice(r.value.as_deref().unwrap_or_default()).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// The sink's results as (card, window start) → count, and how many
+/// (card, window) results came more than once.
+pub async fn read_results(client: &Arc<Client>) -> Result<(BTreeMap<(String, i64), u64>, usize), String> {
+    let mut results = BTreeMap::new();
+    let mut duplicates = 0;
+    for record in read_topic(client, SINK).await.map_err(|e| e.to_string())? {
+        let key: FraudKey = serde_json::from_slice(record.key.as_deref().unwrap_or_default())
+            .map_err(|e| format!("sink key: {e}"))?;
+        let count: u64 = serde_json::from_slice(record.value.as_deref().unwrap_or_default())
+            .map_err(|e| format!("sink value: {e}"))?;
+        if results.insert((key.key, key.window_start_ms), count).is_some() {
+            duplicates += 1;
+        }
+    }
+    Ok((results, duplicates))
 }
 
 #[cfg(test)]
