@@ -43,7 +43,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let client = Arc::new(Client::connect(args.seeds.clone(), &args.certs).await?);
     let replication = client.alive_nodes().len().clamp(1, 3) as u16;
-    match client.create_topic(fraud::SOURCE, TopicConfig::new(3, replication)).await {
+    match client
+        .create_topic(fraud::SOURCE, TopicConfig::new(3, replication))
+        .await
+    {
         Ok(()) | Err(ClientError::Refused(MetadataError::TopicExists(_))) => {}
         Err(e) => return Err(e).context("creating the source topic"),
     }
@@ -58,7 +61,11 @@ async fn main() -> anyhow::Result<()> {
     let attempts: Vec<_> = generator.by_ref().take(args.attempts).collect();
     let started = Instant::now();
     fraud::produce(&client, attempts, &generator.closing_attempt()).await?;
-    println!("produced {} attempts in {:.1} s", args.attempts, started.elapsed().as_secs_f64());
+    println!(
+        "produced {} attempts in {:.1} s",
+        args.attempts,
+        started.elapsed().as_secs_f64()
+    );
     let reference = fraud::reference(&fraud::read_attempts(&client).await.map_err(anyhow::Error::msg)?);
     let deadline = Instant::now() + Duration::from_secs(600);
     let (results, duplicates) = loop {
@@ -68,7 +75,11 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    println!("{} possible-fraud results in {:.1} s:", results.len(), started.elapsed().as_secs_f64());
+    println!(
+        "{} possible-fraud results in {:.1} s:",
+        results.len(),
+        started.elapsed().as_secs_f64()
+    );
     for ((card, window_start_ms), count) in results.iter().take(10) {
         println!("  {card}  window {window_start_ms}  {count} attempts");
     }

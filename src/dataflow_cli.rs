@@ -152,7 +152,19 @@ fn print_tasks(tasks: &[TaskStatus], json: bool) -> anyhow::Result<()> {
     }
     println!(
         "{:>4} {:>5} {:>4} {:>4}  {:<28} {:>9} {:>7} {:>15} {:>9} {:>9} {:>6} {:>5} {:>8}  state",
-        "task", "stage", "part", "node", "input", "offset", "lag", "watermark_ms", "in", "out", "late", "dlq", "restarts"
+        "task",
+        "stage",
+        "part",
+        "node",
+        "input",
+        "offset",
+        "lag",
+        "watermark_ms",
+        "in",
+        "out",
+        "late",
+        "dlq",
+        "restarts"
     );
     for t in tasks {
         let watermark = t.watermark_ms.map_or("-".to_string(), |w| w.to_string());

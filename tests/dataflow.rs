@@ -64,7 +64,15 @@ fn create_source(cluster: &Cluster) {
     wait_for("the source topic to be created", TIMEOUT, || {
         cli(
             cluster,
-            &["topic", "create", fraud::SOURCE, "--partitions", &PARTITIONS.to_string(), "--replication", "3"],
+            &[
+                "topic",
+                "create",
+                fraud::SOURCE,
+                "--partitions",
+                &PARTITIONS.to_string(),
+                "--replication",
+                "3",
+            ],
         )
         .status
         .success()
@@ -105,13 +113,17 @@ fn attempt_record(attempt: &Attempt) -> Record {
 /// with a fresh producer (the reference is read back from the topic, so a
 /// retried record that landed twice is part of the input either way).
 async fn produce(client: &Arc<Client>, attempts: impl Iterator<Item = Attempt>) {
-    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await.expect("producer");
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
+        .await
+        .expect("producer");
     for attempt in attempts {
         let record = attempt_record(&attempt);
         let deadline = Instant::now() + TIMEOUT;
         while let Err(e) = producer.send(None, record.clone()).await {
             assert!(Instant::now() < deadline, "produce kept failing: {e}");
-            producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await.expect("producer");
+            producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
+                .await
+                .expect("producer");
         }
     }
     let deadline = Instant::now() + TIMEOUT;
@@ -123,7 +135,9 @@ async fn produce(client: &Arc<Client>, attempts: impl Iterator<Item = Attempt>) 
 /// One attempt per partition far in the future: it closes every window.
 async fn close_windows(client: &Arc<Client>, generator: &Generator) {
     let closing = generator.closing_attempt();
-    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await.expect("producer");
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
+        .await
+        .expect("producer");
     for partition in 0..PARTITIONS {
         producer
             .send(Some(partition), attempt_record(&closing))
@@ -142,7 +156,9 @@ async fn read_all(client: &Arc<Client>, topic: &str, partitions: u32) -> Vec<Rec
     let ends = consumer.end_offsets().await.expect("end offsets");
     let mut records = Vec::new();
     loop {
-        let done = ends.iter().all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end));
+        let done = ends
+            .iter()
+            .all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end));
         if done {
             return records;
         }
@@ -153,9 +169,10 @@ async fn read_all(client: &Arc<Client>, topic: &str, partitions: u32) -> Vec<Rec
 /// The reference over what the source topic holds.
 async fn reference(client: &Arc<Client>) -> BTreeMap<(String, i64), u64> {
     let records = read_all(client, fraud::SOURCE, PARTITIONS).await;
+    // Records that are not attempts are the dead-letter test's input.
     let attempts: Vec<Attempt> = records
         .iter()
-        .map(|r| serde_json::from_slice(r.value.as_deref().expect("value")).expect("attempt"))
+        .filter_map(|r| serde_json::from_slice(r.value.as_deref()?).ok())
         .collect();
     fraud::reference(&attempts)
 }
@@ -187,7 +204,10 @@ async fn expect_reference(client: &Arc<Client>, cluster: &Cluster, expected: &BT
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let missing = expected.keys().filter(|k| !found.contains_key(*k)).count();
-    let wrong = expected.iter().filter(|(k, v)| found.get(*k).is_some_and(|f| f != *v)).count();
+    let wrong = expected
+        .iter()
+        .filter(|(k, v)| found.get(*k).is_some_and(|f| f != *v))
+        .count();
     let extra = found.keys().filter(|k| !expected.contains_key(*k)).count();
     assert!(
         found == *expected && duplicates == 0,
@@ -215,6 +235,23 @@ async fn the_fraud_dataflow_over_a_million_attempts_equals_the_reference() {
     let mut generator = Generator::new(1, 20_000, START_MS, 3);
     let started = Instant::now();
     produce(&client, generator.by_ref().take(attempts)).await;
+    // Bad input: values that do not decode as an attempt.
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
+        .await
+        .expect("producer");
+    for (i, garbage) in ["not json", "{\"card_number\": 7}", "\u{0}\u{1}"].iter().enumerate() {
+        let record = Record {
+            timestamp_ms: START_MS,
+            key: None,
+            value: Some(Bytes::from(garbage.to_string())),
+            headers: Vec::new(),
+        };
+        producer
+            .send(Some(i as u32 % PARTITIONS), record)
+            .await
+            .expect("garbage");
+    }
+    producer.flush().await.expect("flush");
     close_windows(&client, &generator).await;
     eprintln!("produced {attempts} attempts in {:?}", started.elapsed());
     start_dataflow(&cluster);
@@ -229,8 +266,23 @@ async fn the_fraud_dataflow_over_a_million_attempts_equals_the_reference() {
         .filter(|t| t["stage"] == 0)
         .map(|t| t["records_in"].as_u64().unwrap_or_default())
         .sum();
-    assert_eq!(read, attempts as u64 + u64::from(PARTITIONS), "{tasks:#?}");
-    let late: u64 = tasks.iter().map(|t| t["late_records"].as_u64().unwrap_or_default()).sum();
+    assert_eq!(read, attempts as u64 + u64::from(PARTITIONS) + 3, "{tasks:#?}");
+    let dead: u64 = tasks
+        .iter()
+        .map(|t| t["dead_letters"].as_u64().unwrap_or_default())
+        .sum();
+    assert_eq!(dead, 3, "undecodable records are counted: {tasks:#?}");
+    let letters = read_all(&client, &format!("{}.dlq", fraud::NAME), 1).await;
+    assert_eq!(letters.len(), 3);
+    for letter in &letters {
+        let error = letter.headers.iter().find(|h| h.key == "error").expect("error header");
+        let text = String::from_utf8_lossy(error.value.as_deref().unwrap_or_default()).to_string();
+        assert!(text.contains("does not decode as"), "{text}");
+    }
+    let late: u64 = tasks
+        .iter()
+        .map(|t| t["late_records"].as_u64().unwrap_or_default())
+        .sum();
     assert_eq!(late, 0, "the generator stays within the grace period");
     drop(cluster);
 }

@@ -25,11 +25,11 @@ use crate::metadata::{
     place, place_tasks, validate_topic_name, DataflowMeta, Metadata, MetadataCommand, MetadataError, TopicConfig,
     CONTROLLER_GROUP,
 };
-use crate::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskHost};
 use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
     ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR, CONTROLLER_ACTOR,
 };
+use crate::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskHost};
 
 /// Apply results kept for commands proposed here (by record offset).
 const RESULTS_KEPT: usize = 1024;
@@ -319,7 +319,9 @@ impl Shared {
                 if !dead.contains(node) {
                     continue;
                 }
-                let Ok(placed) = place_tasks(1, alive, &load) else { return moves };
+                let Ok(placed) = place_tasks(1, alive, &load) else {
+                    return moves;
+                };
                 *load.entry(placed[0]).or_default() += 1;
                 moves.push(MetadataCommand::MoveDataflowTask {
                     name: dataflow.name.clone(),
@@ -372,7 +374,13 @@ impl Shared {
         if self.meta().metadata.dataflows.contains_key(&name) {
             return ClientResponse::Refused(MetadataError::DataflowRunning(name));
         }
-        let Some(partitions) = self.meta().metadata.topics.get(&shape.source).map(|t| t.config.partitions) else {
+        let Some(partitions) = self
+            .meta()
+            .metadata
+            .topics
+            .get(&shape.source)
+            .map(|t| t.config.partitions)
+        else {
             return ClientResponse::UnknownTopic(shape.source);
         };
         let replication = self.alive_nodes().len().clamp(1, 3) as u16;

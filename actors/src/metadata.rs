@@ -129,8 +129,12 @@ pub enum MetadataCommand {
         replacement: u32,
     },
     /// Starts a dataflow with its tasks placed by the leader.
-    StartDataflow { dataflow: DataflowMeta },
-    StopDataflow { name: String },
+    StartDataflow {
+        dataflow: DataflowMeta,
+    },
+    StopDataflow {
+        name: String,
+    },
     /// Moves a dataflow task off `dead` onto `replacement`.
     MoveDataflowTask {
         name: String,

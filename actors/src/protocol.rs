@@ -113,8 +113,12 @@ pub enum ControllerRequest {
         node: u32,
     },
     /// Place and start a dataflow whose topics exist (placement empty).
-    StartDataflow { dataflow: crate::metadata::DataflowMeta },
-    StopDataflow { name: String },
+    StartDataflow {
+        dataflow: crate::metadata::DataflowMeta,
+    },
+    StopDataflow {
+        name: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,8 +175,12 @@ pub enum ClientRequest {
     /// Spread replicas evenly over the live nodes (answered `Done`).
     Rebalance,
     /// Start a dataflow registered in the nodes' binary (answered `Done`).
-    StartDataflow { name: String },
-    StopDataflow { name: String },
+    StartDataflow {
+        name: String,
+    },
+    StopDataflow {
+        name: String,
+    },
     /// Running dataflows and their task placement (answered `Dataflows`).
     Dataflows,
     /// Figures of the dataflow tasks running on the answering node.

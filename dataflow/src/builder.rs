@@ -112,9 +112,8 @@ impl Dataflow {
     /// record's timestamp is the event time unless `event_time` says otherwise.
     pub fn source<T: DeserializeOwned + 'static>(self, topic: &str) -> Stream<T> {
         let chain: Chain<T> = Arc::new(|bytes, timestamp_ms, out| {
-            let value: T = serde_json::from_slice(bytes).map_err(|e| {
-                format!("record does not decode as {}: {e}", std::any::type_name::<T>())
-            })?;
+            let value: T = serde_json::from_slice(bytes)
+                .map_err(|e| format!("record does not decode as {}: {e}", std::any::type_name::<T>()))?;
             out(value, timestamp_ms);
             Ok(())
         });
@@ -134,10 +133,7 @@ pub struct Stream<T> {
 }
 
 impl<T: 'static> Stream<T> {
-    fn then<U: 'static>(
-        self,
-        step: impl Fn(T, i64, Out<'_, U>) + Send + Sync + 'static,
-    ) -> Stream<U> {
+    fn then<U: 'static>(self, step: impl Fn(T, i64, Out<'_, U>) + Send + Sync + 'static) -> Stream<U> {
         let previous = self.chain;
         Stream {
             name: self.name,
@@ -198,14 +194,18 @@ impl<T: Serialize + 'static> Stream<T> {
         impl<T: Serialize> SourceStage for Stateless<T> {
             fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Vec<Emitted>) -> Result<(), String> {
                 let mut failed = None;
-                (self.chain)(value, timestamp_ms, &mut |record, t| match serde_json::to_vec(&record) {
-                    Ok(bytes) => out.push(Emitted {
-                        key: None,
-                        value: Some(bytes),
-                        timestamp_ms: t,
-                    }),
-                    Err(e) => failed = Some(e.to_string()),
-                })?;
+                (self.chain)(
+                    value,
+                    timestamp_ms,
+                    &mut |record, t| match serde_json::to_vec(&record) {
+                        Ok(bytes) => out.push(Emitted {
+                            key: None,
+                            value: Some(bytes),
+                            timestamp_ms: t,
+                        }),
+                        Err(e) => failed = Some(e.to_string()),
+                    },
+                )?;
                 failed.map_or(Ok(()), Err)
             }
         }
@@ -238,19 +238,20 @@ pub struct WindowedStream<K, T> {
 impl<K: 'static, T: Clone + 'static> WindowedStream<K, T> {
     /// Records per key and window.
     pub fn count(self) -> WindowedTable<K, T, u64> {
-        self.table(Arc::new(|| 0), Arc::new(|count, _| *count += 1), Some(Arc::new(|a, b| *a += b)))
+        self.table(
+            Arc::new(|| 0),
+            Arc::new(|count, _| *count += 1),
+            Some(Arc::new(|a, b| *a += b)),
+        )
     }
 
     /// Folds each key's records per window into an `A`, starting from
     /// `init()`. Session windows also need [`WindowedTable::merge`].
-    pub fn aggregate<A: 'static>(
+    pub fn aggregate<A: Default + 'static>(
         self,
         init: impl Fn() -> A + Send + Sync + 'static,
         fold: impl Fn(A, &T) -> A + Send + Sync + 'static,
-    ) -> WindowedTable<K, T, A>
-    where
-        A: Default,
-    {
+    ) -> WindowedTable<K, T, A> {
         self.table(
             Arc::new(init),
             Arc::new(move |aggregate: &mut A, value: &T| {
@@ -445,12 +446,10 @@ where
                 window_start_ms: window.start_ms,
                 window_end_ms: window.end_ms,
             };
-            let Ok(key_bytes) = serde_json::to_vec(&sink_key) else { continue };
-            let value = if retract {
-                None
-            } else {
-                serde_json::to_vec(value).ok()
+            let Ok(key_bytes) = serde_json::to_vec(&sink_key) else {
+                continue;
             };
+            let value = if retract { None } else { serde_json::to_vec(value).ok() };
             out.push(Emitted {
                 key: Some(key_bytes),
                 value,
@@ -470,15 +469,9 @@ where
         let key: K = postcard::from_bytes(key).map_err(|e| StageError::Corrupt(format!("key: {e}")))?;
         let value: T = postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("value: {e}")))?;
         let mut results = std::mem::take(&mut self.results);
-        let outcome = self.operator.add(
-            &key,
-            t_ms,
-            &value,
-            &*self.init,
-            &*self.fold,
-            &*self.merge,
-            &mut results,
-        );
+        let outcome = self
+            .operator
+            .add(&key, t_ms, &value, &*self.init, &*self.fold, &*self.merge, &mut results);
         self.results = results;
         self.drain(out);
         Ok(outcome?)

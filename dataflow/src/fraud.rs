@@ -14,7 +14,7 @@ use runnel_actors::Acks;
 use runnel_storage::Record;
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{DataflowDef, Dataflow};
+use crate::builder::{Dataflow, DataflowDef};
 use crate::window::{Emit, Window};
 
 pub const NAME: &str = "possible_fraud";
@@ -92,7 +92,11 @@ impl Iterator for Generator {
         let r = self.next_u64();
         // One attempt in four goes to the busiest 1% of cards.
         let hot = (self.cards / 100).max(1);
-        let card = if r % 4 == 0 { (r >> 8) % hot } else { (r >> 8) % self.cards };
+        let card = if r.is_multiple_of(4) {
+            (r >> 8) % hot
+        } else {
+            (r >> 8) % self.cards
+        };
         let jitter = ((r >> 40) % 10_000) as i64;
         self.next_ms += self.step_ms;
         Some(Attempt {
@@ -165,7 +169,10 @@ pub async fn read_topic(client: &Arc<Client>, topic: &str) -> Result<Vec<Record>
     }
     let ends = consumer.end_offsets().await?;
     let mut records = Vec::new();
-    while !ends.iter().all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end)) {
+    while !ends
+        .iter()
+        .all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end))
+    {
         records.extend(consumer.poll().await?.into_iter().map(|(_, r)| r.record));
     }
     Ok(records)
@@ -186,8 +193,8 @@ pub async fn read_results(client: &Arc<Client>) -> Result<(BTreeMap<(String, i64
     let mut results = BTreeMap::new();
     let mut duplicates = 0;
     for record in read_topic(client, SINK).await.map_err(|e| e.to_string())? {
-        let key: FraudKey = serde_json::from_slice(record.key.as_deref().unwrap_or_default())
-            .map_err(|e| format!("sink key: {e}"))?;
+        let key: FraudKey =
+            serde_json::from_slice(record.key.as_deref().unwrap_or_default()).map_err(|e| format!("sink key: {e}"))?;
         let count: u64 = serde_json::from_slice(record.value.as_deref().unwrap_or_default())
             .map_err(|e| format!("sink value: {e}"))?;
         if results.insert((key.key, key.window_start_ms), count).is_some() {
@@ -208,7 +215,10 @@ mod tests {
         assert_eq!(a, b);
         let mut max = i64::MIN;
         for attempt in &a {
-            assert!(attempt.at_ms > max.saturating_sub(GRACE_MS), "out of order beyond the grace");
+            assert!(
+                attempt.at_ms > max.saturating_sub(GRACE_MS),
+                "out of order beyond the grace"
+            );
             max = max.max(attempt.at_ms);
         }
         assert!(!reference(&a).is_empty(), "some cards look fraudulent");

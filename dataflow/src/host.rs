@@ -213,7 +213,9 @@ impl Actor for TaskSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         let (cell, reason): (ActorCell, String) = match event {
             SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_else(|| "stopped".to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "stopped".to_string()))
+            }
             _ => return Ok(()),
         };
         let Some(key) = state
@@ -232,10 +234,15 @@ impl Actor for TaskSupervisor {
 
 impl SupervisorState {
     async fn start(&mut self, myself: &ActorRef<SupervisorMsg>, key: TaskKey) {
-        let Some(assignment) = self.wanted.get(&key).cloned() else { return };
+        let Some(assignment) = self.wanted.get(&key).cloned() else {
+            return;
+        };
         let Some(def) = self.args.registry.get(&key.0) else {
             let reason = TaskError::Unregistered(key.0.clone()).to_string();
-            self.status(&key, &assignment).lock().unwrap_or_else(|p| p.into_inner()).state = format!("failed: {reason}");
+            self.status(&key, &assignment)
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .state = format!("failed: {reason}");
             tracing::error!(dataflow = %key.0, "a task of a dataflow this binary does not know was placed here");
             return;
         };

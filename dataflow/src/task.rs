@@ -81,7 +81,11 @@ pub enum TaskError {
         reason: String,
     },
     #[error("sink {topic}/{partition} lost records of this task: {reason}")]
-    OutputLost { topic: String, partition: u32, reason: String },
+    OutputLost {
+        topic: String,
+        partition: u32,
+        reason: String,
+    },
     #[error(transparent)]
     Stage(#[from] crate::builder::StageError),
 }
@@ -131,7 +135,13 @@ impl ExactlyOnceSender {
     }
 
     /// Writes `records` (in order) to a partition, in batches.
-    pub async fn send(&mut self, client: &Client, topic: &str, partition: u32, records: &[Record]) -> Result<(), TaskError> {
+    pub async fn send(
+        &mut self,
+        client: &Client,
+        topic: &str,
+        partition: u32,
+        records: &[Record],
+    ) -> Result<(), TaskError> {
         let mut start = 0;
         while start < records.len() {
             let mut end = start;
@@ -288,7 +298,11 @@ impl TaskRunner {
         } else {
             repartition_topic(&def.name)
         };
-        let window = if stage == 1 { def.window_stage.as_ref().map(|make| make()) } else { None };
+        let window = if stage == 1 {
+            def.window_stage.as_ref().map(|make| make())
+        } else {
+            None
+        };
         let mut runner = TaskRunner {
             sender: ExactlyOnceSender::new(task_producer_id(&def.name, assignment.task)),
             markers: vec![
@@ -418,7 +432,11 @@ impl TaskRunner {
             self.counters.records_in += 1;
             let value = stored.record.value.as_deref().unwrap_or_default();
             emitted.clear();
-            if let Err(reason) = self.def.source_stage.process(value, stored.record.timestamp_ms, &mut emitted) {
+            if let Err(reason) = self
+                .def
+                .source_stage
+                .process(value, stored.record.timestamp_ms, &mut emitted)
+            {
                 dead_letters.push(self.dead_letter(stored, &reason));
                 continue;
             }
@@ -580,7 +598,14 @@ impl TaskRunner {
                 offset: stored.offset,
                 reason: reason.to_string(),
             };
-            let header = |name: &str| stored.record.headers.iter().find(|h| h.key == name).and_then(|h| h.value.clone());
+            let header = |name: &str| {
+                stored
+                    .record
+                    .headers
+                    .iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| h.value.clone())
+            };
             let upstream = header(HEADER_UPSTREAM)
                 .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
                 .map(u32::from_le_bytes)
@@ -746,7 +771,11 @@ mod tests {
         upstreams.insert(0, at(100, false));
         assert_eq!(watermark(&upstreams, 2), None, "upstream 1 has not spoken");
         upstreams.insert(1, at(50, false));
-        assert_eq!(watermark(&upstreams, 2), Some(50), "the slowest active upstream holds it");
+        assert_eq!(
+            watermark(&upstreams, 2),
+            Some(50),
+            "the slowest active upstream holds it"
+        );
         upstreams.insert(1, at(50, true));
         assert_eq!(watermark(&upstreams, 2), Some(100), "an idle upstream does not");
         upstreams.insert(0, at(100, true));

@@ -333,7 +333,10 @@ where
             merge(&mut merged.value, old.value);
         }
         fold(&mut merged.value, value);
-        let close = merged.last_ms.saturating_add(gap_ms).saturating_add(self.window.grace_ms);
+        let close = merged
+            .last_ms
+            .saturating_add(gap_ms)
+            .saturating_add(self.window.grace_ms);
         self.session_closing.insert((close, key.clone(), merged.first_ms));
         if self.emit == Emit::Changes {
             for (window, old) in retracted.into_iter().rev() {
@@ -378,16 +381,25 @@ where
                 };
                 let mut keys: Vec<(K, A)> = keys.into_iter().collect();
                 keys.sort_by(|a, b| a.0.cmp(&b.0));
-                out.extend(keys.into_iter().map(|(key, value)| WindowResult::Update { key, window, value }));
+                out.extend(
+                    keys.into_iter()
+                        .map(|(key, value)| WindowResult::Update { key, window, value }),
+                );
             }
         }
         while let Some((close, _, _)) = self.session_closing.first() {
             if *close > watermark_ms {
                 break;
             }
-            let Some((_, key, first_ms)) = self.session_closing.pop_first() else { break };
-            let Some(sessions) = self.sessions.get_mut(&key) else { continue };
-            let Some(i) = sessions.iter().position(|s| s.first_ms == first_ms) else { continue };
+            let Some((_, key, first_ms)) = self.session_closing.pop_first() else {
+                break;
+            };
+            let Some(sessions) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            let Some(i) = sessions.iter().position(|s| s.first_ms == first_ms) else {
+                continue;
+            };
             let session = sessions.remove(i);
             if sessions.is_empty() {
                 self.sessions.remove(&key);
@@ -577,8 +589,16 @@ mod tests {
         // The first session closed at watermark 2 min (0 + gap); a record at
         // 1:30 touches only the second one, extending it backwards.
         let mut out = Vec::new();
-        op.add(&"a".to_string(), 90_000, &(), &|| 0, &|a, _: &()| *a += 1, &|a, b| *a += b, &mut out)
-            .expect("add");
+        op.add(
+            &"a".to_string(),
+            90_000,
+            &(),
+            &|| 0,
+            &|a, _: &()| *a += 1,
+            &|a, b| *a += b,
+            &mut out,
+        )
+        .expect("add");
         assert_eq!(
             out,
             vec![
@@ -594,7 +614,10 @@ mod tests {
             ]
         );
         // A record that bridges two open sessions merges them.
-        let mut op = count_op(Window::session(Duration::from_secs(60)).grace(Duration::from_secs(600)), Emit::Final);
+        let mut op = count_op(
+            Window::session(Duration::from_secs(60)).grace(Duration::from_secs(600)),
+            Emit::Final,
+        );
         let out = run(&mut op, &[("k", 0), ("k", 100_000), ("k", 50_000), ("k", 20 * MIN)]);
         assert_eq!(out, vec![update("k", 0, 100_001, 3)]);
         assert_eq!(op.late_records(), 0);
@@ -611,7 +634,9 @@ mod tests {
     #[test]
     fn snapshot_restore_gives_the_same_future() {
         let window = Window::hopping(Duration::from_secs(300), Duration::from_secs(100)).grace(Duration::from_secs(50));
-        let records: Vec<(String, i64)> = (0..500).map(|i| (format!("k{}", i % 7), (i * 7919) % 1_000_000)).collect();
+        let records: Vec<(String, i64)> = (0..500)
+            .map(|i| (format!("k{}", i % 7), (i * 7919) % 1_000_000))
+            .collect();
         let mut whole = count_op(window, Emit::Final);
         let mut out_whole = Vec::new();
         let mut resumed_out = Vec::new();

@@ -60,7 +60,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let p = plain_pass(&events);
             (operator_pass(&events), p)
         };
-        ensure!(operator.1 == plain.1, "operator and plain loop disagree: {} vs {} fraud windows", operator.1, plain.1);
+        ensure!(
+            operator.1 == plain.1,
+            "operator and plain loop disagree: {} vs {} fraud windows",
+            operator.1,
+            plain.1
+        );
         let operator_rate = events.len() as f64 / operator.0.as_secs_f64();
         let plain_rate = events.len() as f64 / plain.0.as_secs_f64();
         println!(
@@ -120,7 +125,15 @@ fn operator_pass(events: &[(String, i64)]) -> (Duration, usize) {
     let started = Instant::now();
     for (card, at_ms) in events {
         // Infallible below OPEN_WINDOWS_MAX windows, which this stream never nears.
-        let _ = operator.add(card, *at_ms, &(), &|| 0, &|c, _: &()| *c += 1, &|a, b| *a += b, &mut out);
+        let _ = operator.add(
+            card,
+            *at_ms,
+            &(),
+            &|| 0,
+            &|c, _: &()| *c += 1,
+            &|a, b| *a += b,
+            &mut out,
+        );
         if *at_ms > max_ms {
             max_ms = *at_ms;
             operator.advance(max_ms, &mut out);
@@ -224,7 +237,10 @@ async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize)
         if read[0] >= inputs && read[1] >= inputs && written >= expected as u64 {
             break;
         }
-        ensure!(Instant::now() < deadline, "the dataflow did not finish: read {read:?} of {inputs}, wrote {written} of {expected}");
+        ensure!(
+            Instant::now() < deadline,
+            "the dataflow did not finish: read {read:?} of {inputs}, wrote {written} of {expected}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
