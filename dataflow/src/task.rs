@@ -426,6 +426,9 @@ impl TaskRunner {
         };
         let upstream = Bytes::copy_from_slice(&self.assignment.partition().to_le_bytes());
         let mut outputs: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        // The greatest event time each partition receives: what it learns
+        // of this task's progress from the data alone.
+        let mut partition_max: BTreeMap<u32, i64> = BTreeMap::new();
         let mut dead_letters = Vec::new();
         let mut emitted = std::mem::take(&mut self.emitted);
         for stored in records {
@@ -454,6 +457,8 @@ impl TaskRunner {
                 } else {
                     Vec::new()
                 };
+                let sent_max = partition_max.entry(partition).or_insert(i64::MIN);
+                *sent_max = (*sent_max).max(e.timestamp_ms);
                 outputs.entry(partition).or_default().push(Record {
                     timestamp_ms: e.timestamp_ms,
                     key: e.key.map(Bytes::from),
@@ -469,8 +474,9 @@ impl TaskRunner {
             if let Some(marker) = self.markers.get_mut(*partition as usize) {
                 // Data carries the upstream id: it is a marker too.
                 marker.last_sent = Some(Instant::now());
+                let sent_max = partition_max.get(partition).copied().unwrap_or(i64::MIN);
                 marker.announced = Upstream {
-                    max_event_ms: self.max_event_ms,
+                    max_event_ms: marker.announced.max_event_ms.max(sent_max),
                     idle: false,
                 };
             }
