@@ -346,7 +346,15 @@ async fn an_idempotent_producers_retry_is_written_once_and_gaps_are_refused() {
         .produce(GROUP, longer.build().expect("build"), Acks::All)
         .await
         .expect_err("reuse accepted");
-    assert!(err.to_string().contains("reused sequence 0"), "{err}");
+    assert_eq!(
+        err,
+        BrokerError::SequenceMismatch {
+            producer_id: 42,
+            base_sequence: 0,
+            stored_last_sequence: 4
+        },
+        "a reused sequence names the stored batch"
+    );
     let mut forged = BatchBuilder::new().attributes(runnel_storage::batch::ATTRIBUTE_CONTROL);
     forged
         .push(&Record {
