@@ -320,5 +320,22 @@ async fn killing_a_node_running_tasks_mid_stream_keeps_the_results_exact() {
         tasks.iter().all(|t| t["node"] != victim),
         "tasks moved off the dead node: {tasks:#?} (before the kill: {killed_at:#?})"
     );
+
+    // Stop, produce more, start again: the tasks resume from their
+    // checkpoints and the results stay exact (none repeated).
+    let output = cli(&cluster, &["dataflow", "stop", fraud::NAME]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    wait_for("the dataflow to be gone from the list", TIMEOUT, || {
+        let output = cli(&cluster, &["dataflow", "list", "--json"]);
+        output.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&output.stdout).is_ok_and(|v| v == serde_json::json!([]))
+    });
+    let after_closing = generator.closing_attempt().at_ms + fraud::WINDOW_MS;
+    let mut later = Generator::new(3, 5_000, after_closing, 10);
+    produce(&survivors, later.by_ref().take(20_000)).await;
+    close_windows(&survivors, &later).await;
+    start_dataflow(&cluster);
+    let expected = reference(&survivors).await;
+    expect_reference(&survivors, &cluster, &expected).await;
     drop(cluster);
 }
