@@ -60,7 +60,8 @@ async fn main() -> anyhow::Result<()> {
     let mut generator = Generator::new(args.seed, args.cards, START_MS, 20);
     let attempts: Vec<_> = generator.by_ref().take(args.attempts).collect();
     let started = Instant::now();
-    fraud::produce(&client, attempts, &generator.closing_attempt()).await?;
+    let closing = generator.closing_attempt();
+    fraud::produce(&client, attempts, Some(&closing)).await?;
     println!(
         "produced {} attempts in {:.1} s",
         args.attempts,

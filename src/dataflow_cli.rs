@@ -68,16 +68,7 @@ pub fn dataflow(command: DataflowCommand) -> anyhow::Result<()> {
 
 fn print_list(dataflows: &[DataflowMeta], json: bool) -> anyhow::Result<()> {
     if json {
-        let list: Vec<serde_json::Value> = dataflows
-            .iter()
-            .map(|d| {
-                serde_json::json!({
-                    "name": d.name, "source": d.source, "sink": d.sink,
-                    "stages": d.stages, "partitions": d.partitions, "placement": d.placement,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        println!("{}", serde_json::to_string_pretty(dataflows)?);
         return Ok(());
     }
     if dataflows.is_empty() {
@@ -134,19 +125,12 @@ pub async fn describe(client: &Client, name: &str) -> anyhow::Result<Vec<TaskSta
 
 fn print_tasks(tasks: &[TaskStatus], json: bool) -> anyhow::Result<()> {
     if json {
-        let list: Vec<serde_json::Value> = tasks
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "task": t.task, "stage": t.stage, "partition": t.partition, "node": t.node,
-                    "state": t.state, "input_topic": t.input_topic, "input_offset": t.input_offset,
-                    "input_end": t.input_end, "lag": t.input_end.saturating_sub(t.input_offset),
-                    "watermark_ms": t.watermark_ms, "records_in": t.records_in, "records_out": t.records_out,
-                    "late_records": t.late_records, "dead_letters": t.dead_letters,
-                    "restarts": t.restarts, "checkpoints": t.checkpoints,
-                })
-            })
-            .collect();
+        let mut list = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let mut entry = serde_json::to_value(task)?;
+            entry["lag"] = task.input_end.saturating_sub(task.input_offset).into();
+            list.push(entry);
+        }
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }

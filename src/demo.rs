@@ -21,10 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use runnel::broker::client::{Client, Producer};
+use runnel::broker::client::Client;
 use runnel::broker::metadata::TopicConfig;
 use runnel::broker::tasks::TaskHost;
-use runnel::broker::{Acks, Broker, BrokerConfig, Controller, ControllerConfig};
+use runnel::broker::{Broker, BrokerConfig, Controller, ControllerConfig};
 use runnel::cluster::tls::CertDir;
 use runnel::cluster::{Node, NodeConfig, NodeId};
 use runnel::dataflow::fraud::{self, Attempt, Generator};
@@ -138,11 +138,7 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
 
     tracing::info!("phase 3: produce {ATTEMPTS} attempts keyed by card (acks=all); kill a node half-way");
     let half = attempts.len() / 2;
-    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await?;
-    for attempt in &attempts[..half] {
-        producer.send(None, fraud::record(attempt)).await?;
-    }
-    producer.flush().await?;
+    fraud::produce(&client, attempts[..half].iter().cloned(), None).await?;
     let victim = client.describe_topic(fraud::SOURCE).await?.partitions[0]
         .leader
         .context("partition 0 has no leader")?;
@@ -155,7 +151,8 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
         .map(|id| addrs[id as usize - 1])
         .collect();
     let client = Arc::new(Client::connect(survivors, &dir.join("certs")).await?);
-    fraud::produce(&client, attempts[half..].iter().cloned(), &generator.closing_attempt()).await?;
+    let closing = generator.closing_attempt();
+    fraud::produce(&client, attempts[half..].iter().cloned(), Some(&closing)).await?;
 
     tracing::info!("phase 4: wait for the sink to hold every window result; compare with the reference");
     let input = fraud::read_attempts(&client).await.map_err(anyhow::Error::msg)?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use runnel::broker::client::{Client, Consumer, Producer};
+use runnel::broker::client::{Client, Producer};
 use runnel::broker::Acks;
 use runnel::dataflow::fraud::{self, Attempt, FraudKey, Generator};
 use runnel::storage::Record;
@@ -100,15 +100,6 @@ async fn connect(addrs: &[SocketAddr], certs: &Path) -> Arc<Client> {
     Arc::new(Client::connect(addrs.to_vec(), certs).await.expect("connect"))
 }
 
-fn attempt_record(attempt: &Attempt) -> Record {
-    Record {
-        timestamp_ms: attempt.at_ms,
-        key: Some(Bytes::from(attempt.card_number.clone())),
-        value: Some(Bytes::from(serde_json::to_vec(attempt).expect("json"))),
-        headers: Vec::new(),
-    }
-}
-
 /// Sends attempts keyed by card (acks=all); a send that fails is retried
 /// with a fresh producer (the reference is read back from the topic, so a
 /// retried record that landed twice is part of the input either way).
@@ -117,7 +108,7 @@ async fn produce(client: &Arc<Client>, attempts: impl Iterator<Item = Attempt>) 
         .await
         .expect("producer");
     for attempt in attempts {
-        let record = attempt_record(&attempt);
+        let record = fraud::record(&attempt);
         let deadline = Instant::now() + TIMEOUT;
         while let Err(e) = producer.send(None, record.clone()).await {
             assert!(Instant::now() < deadline, "produce kept failing: {e}");
@@ -140,7 +131,7 @@ async fn close_windows(client: &Arc<Client>, generator: &Generator) {
         .expect("producer");
     for partition in 0..PARTITIONS {
         producer
-            .send(Some(partition), attempt_record(&closing))
+            .send(Some(partition), fraud::record(&closing))
             .await
             .expect("closing attempt");
     }
@@ -148,27 +139,13 @@ async fn close_windows(client: &Arc<Client>, generator: &Generator) {
 }
 
 /// Every record of every partition of `topic`, read to the committed end.
-async fn read_all(client: &Arc<Client>, topic: &str, partitions: u32) -> Vec<Record> {
-    let mut consumer = Consumer::new(client.clone(), topic);
-    for partition in 0..partitions {
-        consumer.assign(partition, 0);
-    }
-    let ends = consumer.end_offsets().await.expect("end offsets");
-    let mut records = Vec::new();
-    loop {
-        let done = ends
-            .iter()
-            .all(|(p, end)| consumer.position(*p).is_some_and(|at| at >= *end));
-        if done {
-            return records;
-        }
-        records.extend(consumer.poll().await.expect("poll").into_iter().map(|(_, r)| r.record));
-    }
+async fn read_all(client: &Arc<Client>, topic: &str) -> Vec<Record> {
+    fraud::read_topic(client, topic).await.expect("read the topic")
 }
 
 /// The reference over what the source topic holds.
 async fn reference(client: &Arc<Client>) -> BTreeMap<(String, i64), u64> {
-    let records = read_all(client, fraud::SOURCE, PARTITIONS).await;
+    let records = read_all(client, fraud::SOURCE).await;
     // Records that are not attempts are the dead-letter test's input.
     let attempts: Vec<Attempt> = records
         .iter()
@@ -181,7 +158,7 @@ async fn reference(client: &Arc<Client>) -> BTreeMap<(String, i64), u64> {
 async fn results(client: &Arc<Client>) -> (BTreeMap<(String, i64), u64>, usize) {
     let mut results = BTreeMap::new();
     let mut duplicates = 0;
-    for record in read_all(client, fraud::SINK, PARTITIONS).await {
+    for record in read_all(client, fraud::SINK).await {
         let key: FraudKey = serde_json::from_slice(record.key.as_deref().expect("key")).expect("sink key");
         assert_eq!(key.window_end_ms - key.window_start_ms, fraud::WINDOW_MS);
         let count: u64 = serde_json::from_slice(record.value.as_deref().expect("value")).expect("count");
@@ -272,7 +249,7 @@ async fn the_fraud_dataflow_over_a_million_attempts_equals_the_reference() {
         .map(|t| t["dead_letters"].as_u64().unwrap_or_default())
         .sum();
     assert_eq!(dead, 3, "undecodable records are counted: {tasks:#?}");
-    let letters = read_all(&client, &format!("{}.dlq", fraud::NAME), 1).await;
+    let letters = read_all(&client, &format!("{}.dlq", fraud::NAME)).await;
     assert_eq!(letters.len(), 3);
     for letter in &letters {
         let error = letter.headers.iter().find(|h| h.key == "error").expect("error header");

@@ -64,6 +64,17 @@ impl Default for RestartPolicy {
     }
 }
 
+impl RestartPolicy {
+    /// The wait before restart number `failures` (1 for the first): doubling
+    /// from `backoff_min`, capped at `backoff_max`.
+    pub fn backoff(&self, failures: usize) -> Duration {
+        let exponent = failures.saturating_sub(1).min(16) as u32;
+        self.backoff_min
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.backoff_max)
+    }
+}
+
 /// How a replica has fared, for `runnel status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaHealth {
@@ -244,12 +255,7 @@ impl SupervisorState {
             return;
         }
         health.restarts += 1;
-        let exponent = (recent.saturating_sub(1)).min(16) as u32;
-        let backoff = self
-            .policy
-            .backoff_min
-            .saturating_mul(2u32.saturating_pow(exponent))
-            .min(self.policy.backoff_max);
+        let backoff = self.policy.backoff(recent);
         tracing::warn!(
             group,
             reason,

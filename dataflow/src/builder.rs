@@ -47,8 +47,8 @@ pub trait WindowStage: Send + Sync {
     /// Adds a repartitioned record (postcard key and value) at event time `t_ms`.
     fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Vec<Emitted>) -> Result<(), StageError>;
     /// Moves the watermark; closed windows' results (if final) go to `out`.
-    fn advance(&mut self, watermark_ms: i64, out: &mut Vec<Emitted>);
-    fn snapshot(&self) -> Vec<u8>;
+    fn advance(&mut self, watermark_ms: i64, out: &mut Vec<Emitted>) -> Result<(), StageError>;
+    fn snapshot(&self) -> Result<Vec<u8>, StageError>;
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError>;
     fn late_records(&self) -> u64;
     fn watermark_ms(&self) -> i64;
@@ -60,6 +60,10 @@ pub enum StageError {
     Window(#[from] WindowError),
     #[error("repartitioned record does not decode: {0}")]
     Corrupt(String),
+    /// A result whose key or aggregate has no JSON form (e.g. a map with
+    /// non-string keys): the task stops rather than drop or blank it.
+    #[error("window result does not encode as JSON: {0}")]
+    Unencodable(String),
 }
 
 /// Makes a fresh window stage for each task.
@@ -432,7 +436,8 @@ where
     K: Serialize + DeserializeOwned + Clone + Eq + Hash + Ord,
     A: Serialize + Clone,
 {
-    fn drain(&mut self, out: &mut Vec<Emitted>) {
+    fn drain(&mut self, out: &mut Vec<Emitted>) -> Result<(), StageError> {
+        let unencodable = |e: serde_json::Error| StageError::Unencodable(e.to_string());
         for result in self.results.drain(..) {
             let (key, window, value, retract) = match &result {
                 WindowResult::Update { key, window, value } => (key, window, value, false),
@@ -446,16 +451,19 @@ where
                 window_start_ms: window.start_ms,
                 window_end_ms: window.end_ms,
             };
-            let Ok(key_bytes) = serde_json::to_vec(&sink_key) else {
-                continue;
+            let key_bytes = serde_json::to_vec(&sink_key).map_err(unencodable)?;
+            let value = if retract {
+                None
+            } else {
+                Some(serde_json::to_vec(value).map_err(unencodable)?)
             };
-            let value = if retract { None } else { serde_json::to_vec(value).ok() };
             out.push(Emitted {
                 key: Some(key_bytes),
                 value,
                 timestamp_ms: window.start_ms,
             });
         }
+        Ok(())
     }
 }
 
@@ -473,19 +481,19 @@ where
             .operator
             .add(&key, t_ms, &value, &*self.init, &*self.fold, &*self.merge, &mut results);
         self.results = results;
-        self.drain(out);
+        self.drain(out)?;
         Ok(outcome?)
     }
 
-    fn advance(&mut self, watermark_ms: i64, out: &mut Vec<Emitted>) {
+    fn advance(&mut self, watermark_ms: i64, out: &mut Vec<Emitted>) -> Result<(), StageError> {
         let mut results = std::mem::take(&mut self.results);
         self.operator.advance(watermark_ms, &mut results);
         self.results = results;
-        self.drain(out);
+        self.drain(out)
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        self.operator.snapshot()
+    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        Ok(self.operator.snapshot()?)
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
@@ -498,5 +506,34 @@ where
 
     fn watermark_ms(&self) -> i64 {
         self.operator.watermark_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_result_without_a_json_form_fails_the_stage_instead_of_vanishing() {
+        // JSON object keys must be strings: a map keyed by bytes has no JSON form.
+        let def = Dataflow::new("odd")
+            .source::<u32>("in")
+            .key_by(|n| BTreeMap::from([(vec![*n as u8], 1u8)]))
+            .window(Window::tumbling(Duration::from_secs(60)))
+            .count()
+            .sink("out");
+        let mut emitted = Vec::new();
+        def.source_stage.process(b"7", 1_000, &mut emitted).expect("decodes");
+        let record = emitted.pop().expect("one keyed record");
+        let mut window = (def.window_stage.expect("keyed"))();
+        let mut out = Vec::new();
+        let key = record.key.expect("key");
+        let value = record.value.expect("value");
+        let err = window.add(&key, &value, 1_000, &mut out).expect_err("unencodable key");
+        assert!(matches!(err, StageError::Unencodable(_)), "{err}");
+        assert!(out.is_empty());
     }
 }

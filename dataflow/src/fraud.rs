@@ -136,25 +136,28 @@ pub fn record(attempt: &Attempt) -> Record {
     Record {
         timestamp_ms: attempt.at_ms,
         key: Some(Bytes::from(attempt.card_number.clone())),
+        // Strings and integers only: serialising an attempt cannot fail.
         value: Some(Bytes::from(serde_json::to_vec(attempt).unwrap_or_default())),
         headers: Vec::new(),
     }
 }
 
-/// Produces attempts keyed by card with `acks=all`, then one closing attempt
-/// per partition (it closes every window the attempts touched).
+/// Produces attempts keyed by card with `acks=all`, then, if given, one
+/// closing attempt per partition (it closes every window the attempts touched).
 pub async fn produce(
     client: &Arc<Client>,
     attempts: impl IntoIterator<Item = Attempt>,
-    closing: &Attempt,
+    closing: Option<&Attempt>,
 ) -> Result<(), ClientError> {
     let mut producer = Producer::new(client.clone(), SOURCE, Acks::All).await?;
     for attempt in attempts {
         producer.send(None, record(&attempt)).await?;
     }
-    let partitions = client.describe_topic(SOURCE).await?.config.partitions;
-    for partition in 0..partitions {
-        producer.send(Some(partition), record(closing)).await?;
+    if let Some(closing) = closing {
+        let partitions = client.describe_topic(SOURCE).await?.config.partitions;
+        for partition in 0..partitions {
+            producer.send(Some(partition), record(closing)).await?;
+        }
     }
     producer.flush().await?;
     Ok(())

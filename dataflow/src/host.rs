@@ -2,6 +2,10 @@
 //! the [`TaskSupervisor`] actor that runs the tasks metadata places here
 //! (each a [`TaskActor`] linked to it, restarted with back-off from its
 //! checkpoint when it fails), and [`DataflowHost`], the controller's handle.
+//!
+//! Unlike a replica, a task is never given up on: its failures are mostly
+//! the cluster being unreachable, and a task placed elsewhere would fail the
+//! same way. Restarts back off like the replicas' (100 ms doubling to 5 s).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,6 +15,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use runnel_actors::client::Client;
+use runnel_actors::supervisor::RestartPolicy;
 use runnel_actors::tasks::{DataflowShape, TaskAssignment, TaskHost, TaskStatus};
 
 use crate::builder::DataflowDef;
@@ -18,8 +23,6 @@ use crate::task::{TaskError, TaskRunner};
 
 /// How long an idle task waits before reading its input again.
 const IDLE_POLL: Duration = Duration::from_millis(20);
-const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
-const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// The dataflows a node's binary knows, by name (closures cannot travel).
 #[derive(Clone, Default)]
@@ -306,9 +309,8 @@ impl SupervisorState {
         }
         let failures = self.failures.entry(key.clone()).or_default();
         *failures += 1;
-        let backoff = RESTART_BACKOFF_MIN
-            .saturating_mul(2u32.saturating_pow((*failures - 1).min(16)))
-            .min(RESTART_BACKOFF_MAX);
+        // The replicas' back-off; tasks have no restart limit (see the module docs).
+        let backoff = RestartPolicy::default().backoff(*failures as usize);
         if let Some(status) = self.args.board.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             let mut status = status.lock().unwrap_or_else(|p| p.into_inner());
             status.restarts += 1;

@@ -555,7 +555,6 @@ impl TaskRunner {
     }
 
     async fn run_window(&mut self, records: &[StoredRecord]) -> Result<(), TaskError> {
-        let partition = self.assignment.partition();
         let Some(mut window) = self.window.take() else {
             return Err(TaskError::Unregistered(self.def.name.clone()));
         };
@@ -584,7 +583,6 @@ impl TaskRunner {
             self.sender.send(&self.client, &sink, *q, records).await?;
             self.counters.records_out += records.len() as u64;
         }
-        let _ = partition;
         Ok(())
     }
 
@@ -635,7 +633,7 @@ impl TaskRunner {
                 window.add(key, value, stored.record.timestamp_ms, out)?;
             }
             if let Some(wm) = watermark(&self.upstreams, upstream_count) {
-                window.advance(wm, out);
+                window.advance(wm, out)?;
             }
         }
         Ok(())
@@ -656,7 +654,10 @@ impl TaskRunner {
                 .collect(),
             max_event_ms: self.max_event_ms,
             upstreams: self.upstreams.iter().map(|(&u, &s)| (u, s)).collect(),
-            window_state: self.window.as_ref().map(|w| w.snapshot()).unwrap_or_default(),
+            window_state: match &self.window {
+                Some(window) => window.snapshot()?,
+                None => Vec::new(),
+            },
             records_in: self.counters.records_in,
             records_out: self.counters.records_out,
             dead_letters: self.counters.dead_letters,

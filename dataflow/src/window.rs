@@ -175,6 +175,8 @@ pub enum WindowError {
     TooManyWindows,
     #[error("window state does not decode: {0}")]
     CorruptState(String),
+    #[error("window state does not encode: {0}")]
+    Unencodable(String),
 }
 
 /// The state of one task's windows: per window, per key, an aggregate.
@@ -421,7 +423,7 @@ where
     A: Clone + Serialize + for<'de> Deserialize<'de>,
 {
     /// The state as bytes (postcard), keys sorted so equal states encode equally.
-    pub fn snapshot(&self) -> Vec<u8> {
+    pub fn snapshot(&self) -> Result<Vec<u8>, WindowError> {
         let fixed = self
             .fixed
             .iter()
@@ -440,7 +442,7 @@ where
             watermark_ms: self.watermark_ms,
             late_records: self.late_records,
         };
-        postcard::to_allocvec(&snapshot).unwrap_or_default()
+        postcard::to_allocvec(&snapshot).map_err(|e| WindowError::Unencodable(e.to_string()))
     }
 
     /// Replaces the state with a snapshot's.
@@ -650,7 +652,7 @@ mod tests {
             max = max.max(*t);
             whole.advance(max, target);
             if i == 249 {
-                snapshot = whole.snapshot();
+                snapshot = whole.snapshot().expect("snapshot");
             }
         }
         let mut restored = count_op(window, Emit::Final);

@@ -8,13 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use bytes::Bytes;
-use runnel::broker::client::{Client, Producer};
+use runnel::broker::client::Client;
 use runnel::broker::metadata::TopicConfig;
-use runnel::broker::Acks;
 use runnel::dataflow::fraud::{self, Attempt, Generator};
 use runnel::dataflow::window::{Emit, Window, WindowOperator, WindowResult};
-use runnel::storage::Record;
 
 use super::median;
 
@@ -54,11 +51,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for run in 0..args.runs {
         // Alternate the order: neither side always runs on a warm cache.
         let (operator, plain) = if run % 2 == 0 {
-            let o = operator_pass(&events);
+            let o = operator_pass(&events)?;
             (o, plain_pass(&events))
         } else {
             let p = plain_pass(&events);
-            (operator_pass(&events), p)
+            (operator_pass(&events)?, p)
         };
         ensure!(
             operator.1 == plain.1,
@@ -115,7 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// The fraud query through [`WindowOperator`]: (time, fraud windows).
-fn operator_pass(events: &[(String, i64)]) -> (Duration, usize) {
+fn operator_pass(events: &[(String, i64)]) -> anyhow::Result<(Duration, usize)> {
     let window = Window::tumbling(Duration::from_millis(fraud::WINDOW_MS as u64))
         .grace(Duration::from_millis(fraud::GRACE_MS as u64));
     let mut operator: WindowOperator<String, u64> = WindowOperator::new(window, Emit::Final);
@@ -124,8 +121,7 @@ fn operator_pass(events: &[(String, i64)]) -> (Duration, usize) {
     let mut max_ms = i64::MIN;
     let started = Instant::now();
     for (card, at_ms) in events {
-        // Infallible below OPEN_WINDOWS_MAX windows, which this stream never nears.
-        let _ = operator.add(
+        operator.add(
             card,
             *at_ms,
             &(),
@@ -133,7 +129,7 @@ fn operator_pass(events: &[(String, i64)]) -> (Duration, usize) {
             &|c, _: &()| *c += 1,
             &|a, b| *a += b,
             &mut out,
-        );
+        )?;
         if *at_ms > max_ms {
             max_ms = *at_ms;
             operator.advance(max_ms, &mut out);
@@ -142,7 +138,7 @@ fn operator_pass(events: &[(String, i64)]) -> (Duration, usize) {
     }
     operator.advance(i64::MAX, &mut out);
     fraud_windows += count_fraud(&mut out);
-    (started.elapsed(), fraud_windows)
+    Ok((started.elapsed(), fraud_windows))
 }
 
 fn count_fraud(out: &mut Vec<WindowResult<String, u64>>) -> usize {
@@ -205,20 +201,12 @@ async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize)
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut generator = Generator::new(11, args.cards, START_MS, STEP_MS);
-    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All).await?;
-    let mut reference_input: Vec<Attempt> = Vec::with_capacity(args.cluster_events + 8);
-    for attempt in generator.by_ref().take(args.cluster_events) {
-        producer.send(None, attempt_record(&attempt)?).await?;
-        reference_input.push(attempt);
-    }
-    for partition in 0..args.partitions {
-        let closing = generator.closing_attempt();
-        producer.send(Some(partition), attempt_record(&closing)?).await?;
-        reference_input.push(closing);
-    }
-    producer.flush().await?;
-    let expected = fraud::reference(&reference_input).len();
-    drop(reference_input);
+    let mut attempts: Vec<Attempt> = generator.by_ref().take(args.cluster_events).collect();
+    let closing = generator.closing_attempt();
+    fraud::produce(&client, attempts.iter().cloned(), Some(&closing)).await?;
+    attempts.push(closing);
+    let expected = fraud::reference(&attempts).len();
+    drop(attempts);
     let inputs = args.cluster_events as u64 + u64::from(args.partitions);
     let started = Instant::now();
     client.start_dataflow(fraud::NAME).await?;
@@ -248,13 +236,4 @@ async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize)
         member.stop().await;
     }
     Ok((elapsed, expected))
-}
-
-fn attempt_record(attempt: &Attempt) -> anyhow::Result<Record> {
-    Ok(Record {
-        timestamp_ms: attempt.at_ms,
-        key: Some(Bytes::from(attempt.card_number.clone())),
-        value: Some(Bytes::from(serde_json::to_vec(attempt)?)),
-        headers: Vec::new(),
-    })
 }
