@@ -92,6 +92,14 @@ pub struct NodeArgs {
     /// Accept test-only fault injection requests (tests only, never production).
     #[arg(long, hide = true, env = "RUNNEL_TEST_FAULT_HOOKS")]
     test_fault_hooks: bool,
+    /// Test-only: a file of peer node ids whose frames this node drops (the
+    /// chaos harness's network partitions).
+    #[arg(long, hide = true)]
+    fault_control: Option<PathBuf>,
+    /// Test-only injected bug: answer acks=all before the commit (proves the
+    /// chaos checker catches lost records). Never use it otherwise.
+    #[arg(long, hide = true)]
+    test_ack_before_commit: bool,
     /// Register the actors `runnel bench transport` talks to.
     #[arg(long, hide = true)]
     bench_actors: bool,
@@ -142,6 +150,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
     let incarnation = next_incarnation(&data, id)?;
     let mut config = NodeConfig::new(id, listen, seeds.clone(), incarnation);
     config.membership = membership;
+    config.fault_control = args.fault_control.clone();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async move {
         let mut node = Node::start(config, &identity).await?;
@@ -158,7 +167,12 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
             }
         };
         tracing::info!(node = %id, ?controllers, "controller voters");
-        let broker = Broker::start(node.handle(), BrokerConfig::new(data.join("broker"))).await?;
+        let mut broker_config = BrokerConfig::new(data.join("broker"));
+        if args.test_ack_before_commit {
+            tracing::warn!(node = %id, "TEST ONLY: acks=all is answered before the commit (injected bug)");
+            broker_config.test_ack_before_commit = true;
+        }
+        let broker = Broker::start(node.handle(), broker_config).await?;
         let mut controller_config = ControllerConfig::new(controllers);
         controller_config.test_fault_hooks = args.test_fault_hooks;
         controller_config.replace_after = Duration::from_secs(args.replace_after);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod broker_cli;
+mod chaos;
 mod cluster_cli;
 mod dataflow_cli;
 mod demo;
@@ -51,6 +52,9 @@ enum Command {
     },
     /// Spread replicas evenly over the live nodes (e.g. after a node joins).
     Rebalance(broker_cli::ConnectArgs),
+    /// Run real nodes under injected faults and check that nothing
+    /// acknowledged is lost, duplicated or reordered.
+    Chaos(chaos::Args),
     /// Measure a part of Runnel and print figures (JSON lines, then a summary).
     Bench {
         #[command(subcommand)]
@@ -74,6 +78,7 @@ fn run() -> anyhow::Result<()> {
     // The demo shows its phases; a node shows what it does.
     let default_filter = match cli.command {
         Command::Demo { .. } => "error,runnel::demo=info",
+        Command::Chaos(_) => "error",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -93,6 +98,7 @@ fn run() -> anyhow::Result<()> {
         Command::Consume(args) => broker_cli::consume(args),
         Command::Rebalance(args) => broker_cli::rebalance(args),
         Command::Dataflow { command } => dataflow_cli::dataflow(command),
+        Command::Chaos(args) => chaos::run(args),
         Command::Bench { target } => bench::run(target),
     }
 }

@@ -37,6 +37,8 @@ pub struct BrokerConfig {
     pub inbox_capacity: usize,
     /// How long a produce or fetch waits for the replica.
     pub request_timeout: Duration,
+    /// Test-only injected bug (see `ReplicaConfig::ack_before_commit`).
+    pub test_ack_before_commit: bool,
 }
 
 impl BrokerConfig {
@@ -48,6 +50,7 @@ impl BrokerConfig {
             restart_policy: RestartPolicy::default(),
             inbox_capacity: 4096,
             request_timeout: Duration::from_secs(10),
+            test_ack_before_commit: false,
         }
     }
 }
@@ -188,7 +191,10 @@ impl Broker {
             group,
             dir: self.config.data_dir.join("partitions").join(group.to_string()),
             log_config: self.config.log_config.clone(),
-            config: ReplicaConfig::new(u64::from(self.node.id().0)),
+            config: ReplicaConfig {
+                ack_before_commit: self.config.test_ack_before_commit,
+                ..ReplicaConfig::new(u64::from(self.node.id().0))
+            },
             bootstrap_voters,
             router: self.router.clone(),
             queued: Arc::new(std::sync::atomic::AtomicUsize::new(0)),

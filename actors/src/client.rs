@@ -784,6 +784,7 @@ impl Consumer {
     /// One round over the assigned partitions; returns (partition, record).
     pub async fn poll(&mut self) -> ClientResult<Vec<(u32, StoredRecord)>> {
         let mut out = Vec::new();
+        let mut first_error = None;
         for (partition, position) in self.positions.clone() {
             let fetched = match self
                 .client
@@ -794,12 +795,21 @@ impl Consumer {
                 // A new leader learns the commit point a moment after it is
                 // elected: nothing to read there yet.
                 Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, end, .. })) if offset > end => continue,
-                Err(e) => return Err(e),
+                // The other partitions are still read (their positions move
+                // on with what is delivered); this one is tried again on the
+                // next poll. The error is returned only if nothing was read.
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
             };
             self.positions.insert(partition, fetched.next_offset);
             out.extend(fetched.records.into_iter().map(|r| (partition, r)));
         }
-        Ok(out)
+        match first_error {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
     }
 
     /// The committed offset (the end for readers) of each assigned partition.

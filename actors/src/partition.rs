@@ -377,7 +377,7 @@ impl ReplicaState {
         let store = self.core.store();
         let mut still_waiting = Vec::new();
         for waiter in waiters {
-            if !committed && waiter.acks == Acks::All {
+            if !committed && waiter.acks == Acks::All && !self.args.config.ack_before_commit {
                 still_waiting.push(waiter);
                 continue;
             }

@@ -29,6 +29,10 @@ pub struct ReplicaConfig {
     pub max_inflight_msgs: usize,
     /// Bytes proposed but not yet committed before proposals are refused.
     pub max_uncommitted_bytes: u64,
+    /// A deliberately injected bug, for proving the chaos checker can fail:
+    /// `acks=all` is answered once the leader appended, before the commit.
+    /// Never set outside that test.
+    pub ack_before_commit: bool,
 }
 
 impl ReplicaConfig {
@@ -42,6 +46,7 @@ impl ReplicaConfig {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_uncommitted_bytes: 64 << 20,
+            ack_before_commit: false,
         }
     }
 }

@@ -40,6 +40,11 @@ pub struct NodeConfig {
     pub calls_in_flight_max: usize,
     /// Membership events buffered per subscriber before it lags.
     pub event_buffer: usize,
+    /// Test-only network fault control: a file naming peer node ids (one per
+    /// line) whose frames this node drops, re-read every 100 ms. The chaos
+    /// harness cuts links with it; a node started without it has no such
+    /// control at all.
+    pub fault_control: Option<std::path::PathBuf>,
 }
 
 impl NodeConfig {
@@ -54,6 +59,7 @@ impl NodeConfig {
             inbound_queue_frames: 8192,
             calls_in_flight_max: 4096,
             event_buffer: 1024,
+            fault_control: None,
         }
     }
 }
@@ -138,6 +144,8 @@ struct Shared {
     next_call_id: AtomicU64,
     events: broadcast::Sender<MembershipEvent>,
     transport: std::sync::OnceLock<Arc<dyn Transport>>,
+    /// Peers cut off by the test-only fault control: their frames are dropped.
+    cut_off: Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 impl Shared {
@@ -208,6 +216,9 @@ impl Shared {
 
     fn dispatch(self: &Arc<Self>, inbound: Inbound) {
         let from = inbound.from;
+        if self.cut_off.lock().unwrap_or_else(|p| p.into_inner()).contains(&from) {
+            return;
+        }
         match inbound.envelope.frame {
             PeerFrame::Heartbeat {
                 incarnation,
@@ -459,6 +470,31 @@ fn local_error(node: NodeId, error: RemoteError) -> ClusterError {
     }
 }
 
+/// Keeps the set of cut-off peers equal to the fault-control file's contents
+/// (a missing or unreadable file cuts nothing; a line that is not a node id is
+/// ignored with a warning).
+async fn follow_fault_control(shared: Arc<Shared>, path: std::path::PathBuf) {
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        interval.tick().await;
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut wanted = std::collections::BTreeSet::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            match line.parse::<u32>() {
+                Ok(id) => {
+                    wanted.insert(NodeId(id));
+                }
+                Err(_) => tracing::warn!(path = %path.display(), line, "fault control: not a node id"),
+            }
+        }
+        let mut cut_off = shared.cut_off.lock().unwrap_or_else(|p| p.into_inner());
+        if *cut_off != wanted {
+            tracing::warn!(node = %shared.me, peers = ?wanted, "fault control: peers cut off");
+            *cut_off = wanted;
+        }
+    }
+}
+
 /// A started node. Dropping it stops the node.
 pub struct Node {
     handle: NodeHandle,
@@ -491,6 +527,7 @@ impl Node {
             next_call_id: AtomicU64::new(1),
             events,
             transport: std::sync::OnceLock::new(),
+            cut_off: Mutex::new(Default::default()),
             config: config.clone(),
         });
         let (inbound_tx, mut inbound_rx) = mpsc::channel(config.inbound_queue_frames.max(1));
@@ -524,11 +561,16 @@ impl Node {
                 }
             })
         };
+        let mut tasks = vec![dispatcher, ticker];
+        if let Some(path) = config.fault_control.clone() {
+            tracing::warn!(node = %config.id, path = %path.display(), "test-only network fault control is on");
+            tasks.push(tokio::spawn(follow_fault_control(shared.clone(), path)));
+        }
         tracing::info!(node = %config.id, listen = %config.listen, seeds = ?config.seeds, incarnation = config.incarnation, "node started");
         Ok(Node {
             handle: NodeHandle { shared },
             transport,
-            tasks: vec![dispatcher, ticker],
+            tasks,
         })
     }
 

@@ -1,0 +1,727 @@
+//! `runnel chaos`: real `runnel node` processes, a nemesis that kills,
+//! pauses, restarts and cuts them off on a schedule drawn from a seed, a
+//! workload of idempotent `acks=all` producers and live consumers (and
+//! optionally the fraud dataflow), then a heal, a final read, and a checker
+//! that names every anomaly.
+//!
+//! - [`procs`]: the node processes and the faults done to them.
+//! - [`nemesis`]: the schedule, a pure function of the seed.
+//! - [`workload`]: producers, consumers and the recorder.
+//! - [`checker`]: the verdict, a pure function of the history.
+
+mod checker;
+mod nemesis;
+mod procs;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use runnel::broker::client::Client;
+use runnel::broker::metadata::TopicConfig;
+use runnel::dataflow::fraud;
+use runnel::storage::StoredRecord;
+use serde_json::json;
+
+use checker::{History, PartitionKey, Verdict};
+use nemesis::{Fault, FaultKind, KillTarget, Step};
+use procs::{ChaosCluster, NodeSettings};
+use workload::{seen_of, Recorder, Workload};
+
+/// The topic the producers and consumers work on.
+const TOPIC: &str = "chaos";
+/// How long the cluster may take to form, create topics and elect leaders.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long replicas may take to become identical after the heal.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the dataflow may take to catch up after the heal.
+const DATAFLOW_TIMEOUT: Duration = Duration::from_secs(180);
+/// A client call's time limit during the run (a paused node must not stall
+/// the workload for long).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(long, default_value_t = 5)]
+    nodes: u32,
+    /// How long faults are injected, e.g. 120s, 2m.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    duration: Duration,
+    /// The nemesis's seed (a fresh one by default; printed to replay the schedule).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Fault kinds: kill, pause, partition, restart.
+    #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition,restart")]
+    faults: Vec<FaultKind>,
+    #[arg(long, default_value_t = 12)]
+    topic_partitions: u32,
+    #[arg(long, default_value_t = 3)]
+    replication: u16,
+    /// Also run a dataflow and compare its results with a reference (only `fraud`).
+    #[arg(long)]
+    dataflow: Option<String>,
+    /// Print the timeline and the report as JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// Records per second the producers aim at, in all.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    #[arg(long, default_value_t = 4)]
+    producers: u32,
+    /// The first node's address; the others follow it (127.0.3.1, 127.0.3.2, ...).
+    #[arg(long, default_value = "127.0.3.1")]
+    first_host: Ipv4Addr,
+    /// Where the nodes' data and logs go (a fresh temporary directory by default).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Keep the data and logs even when the run passes.
+    #[arg(long)]
+    keep: bool,
+    /// Seconds a node stays dead before its replicas are re-created elsewhere.
+    #[arg(long, default_value_t = 6)]
+    replace_after: u64,
+    /// Test-only: run the nodes with an injected bug (acks=all answered
+    /// before the commit), to prove the checker catches it.
+    #[arg(long, hide = true)]
+    test_ack_before_commit: bool,
+}
+
+/// `90s`, `2m`, `500ms`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration (examples: 90s, 2m, 500ms)");
+    let (number, unit_ms) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1_000)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (text, 1_000)
+    };
+    let number: u64 = number.trim().parse().map_err(|_| bad())?;
+    Ok(Duration::from_millis(number.checked_mul(unit_ms).ok_or_else(bad)?))
+}
+
+/// Prints what happens, for a person (default) or as JSON lines.
+struct Timeline {
+    start: Instant,
+    json: bool,
+}
+
+impl Timeline {
+    fn event(&self, kind: &str, text: impl AsRef<str>) {
+        let seconds = self.start.elapsed().as_secs_f64();
+        if self.json {
+            println!("{}", json!({"t_s": (seconds * 10.0).round() / 10.0, "event": kind, "text": text.as_ref()}));
+        } else {
+            println!("[{seconds:6.1}s] {kind:<9} {}", text.as_ref());
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.nodes < 3 {
+        bail!("--nodes must be at least 3 (a majority must survive a fault)");
+    }
+    if usize::from(args.replication) > args.nodes as usize || args.replication == 0 {
+        bail!("--replication must be between 1 and --nodes ({})", args.nodes);
+    }
+    if args.topic_partitions == 0 {
+        bail!("--topic-partitions must be at least 1");
+    }
+    if let Some(name) = args.dataflow.as_deref().filter(|n| *n != "fraud") {
+        bail!("unknown dataflow {name:?} (the harness knows `fraud`)");
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
+    });
+    let scratch = match &args.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            None
+        }
+        None => Some(tempfile::Builder::new().prefix("runnel-chaos-").tempdir()?),
+    };
+    let dir = args
+        .dir
+        .clone()
+        .or_else(|| scratch.as_ref().map(|s| s.path().to_path_buf()))
+        .context("no directory for the run")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let report = runtime.block_on(run_async(&args, seed, &dir))?;
+    let keep = args.keep || !report.verdict.ok();
+    if let (Some(scratch), true) = (scratch, keep) {
+        let kept = scratch.keep();
+        eprintln!("data and node logs kept in {}", kept.display());
+    }
+    if report.verdict.ok() {
+        Ok(())
+    } else {
+        bail!(
+            "the checker found {} anomalies; replay the schedule with --seed {seed}",
+            report.verdict.anomaly_total()
+        )
+    }
+}
+
+/// What a run found.
+struct Report {
+    verdict: Verdict,
+}
+
+async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Result<Report> {
+    let timeline = Arc::new(Timeline {
+        start: Instant::now(),
+        json: args.json,
+    });
+    let faults: Vec<String> = args.faults.iter().map(|f| format!("{f:?}").to_lowercase()).collect();
+    timeline.event(
+        "start",
+        format!(
+            "seed {seed}: {} nodes, {} s of faults ({}), topic {TOPIC:?} with {} partitions RF {}{}; data in {}",
+            args.nodes,
+            args.duration.as_secs(),
+            faults.join(","),
+            args.topic_partitions,
+            args.replication,
+            args.dataflow.as_ref().map_or(String::new(), |d| format!(", dataflow {d}")),
+            dir.display()
+        ),
+    );
+    let settings = NodeSettings {
+        replace_after_s: args.replace_after,
+        ack_before_commit: args.test_ack_before_commit,
+    };
+    let mut cluster = ChaosCluster::start(dir, args.nodes, args.first_host, settings)?;
+    let client = connect(&cluster).await?;
+    let fraud_partitions = 4;
+    create_topic(&client, TOPIC, TopicConfig::new(args.topic_partitions, args.replication)).await?;
+    if args.dataflow.is_some() {
+        create_topic(&client, fraud::SOURCE, TopicConfig::new(fraud_partitions, args.replication)).await?;
+        start_dataflow(&client).await?;
+    }
+    wait_for_leaders(&client, TOPIC).await?;
+    timeline.event("ready", "cluster formed, topics created, every partition has a leader");
+
+    let workload = Workload {
+        client: client.clone(),
+        recorder: Arc::new(Recorder::default()),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let mut producers = Vec::new();
+    let share = args.rate / u64::from(args.producers.max(1));
+    for worker in 0..args.producers.max(1) {
+        producers.push(tokio::spawn(
+            workload
+                .clone()
+                .produce(worker, TOPIC.to_string(), args.topic_partitions, share),
+        ));
+    }
+    if args.dataflow.is_some() {
+        let worker = args.producers.max(1);
+        producers.push(tokio::spawn(workload.clone().produce_attempts(
+            worker,
+            seed,
+            fraud_partitions,
+            share,
+        )));
+    }
+    let consumers_stop = Arc::new(AtomicBool::new(false));
+    let reading = Workload {
+        stop: consumers_stop.clone(),
+        ..workload.clone()
+    };
+    let consumers: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(
+                reading
+                    .clone()
+                    .consume(format!("consumer-{i}"), TOPIC.to_string(), args.topic_partitions),
+            )
+        })
+        .collect();
+    let monitor = tokio::spawn(monitor(client.clone(), workload.recorder.clone(), timeline.clone()));
+
+    let plan = nemesis::plan(
+        seed,
+        args.duration.as_millis() as u64,
+        &args.faults,
+        args.nodes,
+        args.topic_partitions,
+    );
+    let restart = args.faults.contains(&FaultKind::Restart);
+    let injected = run_nemesis(&mut cluster, &client, &plan, restart, &timeline, seed).await?;
+
+    cluster.heal()?;
+    timeline.event("heal", "every node running, network whole; stopping the producers");
+    workload.stop.store(true, Ordering::Relaxed);
+    for producer in producers {
+        producer.await.context("a producer task failed")?;
+    }
+    timeline.event("converge", "producers stopped; waiting for replicas to agree");
+    let mut topics = vec![TOPIC.to_string()];
+    if args.dataflow.is_some() {
+        topics.push(fraud::SOURCE.to_string());
+    }
+    let converged = converge(&client, &topics, usize::from(args.replication)).await;
+    consumers_stop.store(true, Ordering::Relaxed);
+    for consumer in consumers {
+        consumer.await.context("a consumer task failed")?;
+    }
+    monitor.abort();
+    let mut history = History {
+        writes: workload.recorder.take_writes(),
+        consumer_reads: workload.recorder.take_reads(),
+        ..History::default()
+    };
+    let mut verdict_extra: BTreeMap<String, u64> = BTreeMap::new();
+    let convergence_text = match converged {
+        Ok((replica_reads, took)) => {
+            history.replica_reads = replica_reads;
+            format!("replicas identical {:.1} s after the heal", took.as_secs_f64())
+        }
+        Err(why) => {
+            verdict_extra.insert("not_converged".to_string(), 1);
+            format!("replicas did NOT converge within {} s: {why}", CONVERGE_TIMEOUT.as_secs())
+        }
+    };
+    timeline.event("read", "final read of every partition from its leader");
+    for topic in &topics {
+        let partitions = client.describe_topic(topic).await?.config.partitions;
+        for partition in 0..partitions {
+            let records = read_partition(&client, None, topic, partition)
+                .await
+                .with_context(|| format!("final read of {topic}/{partition}"))?;
+            history
+                .final_read
+                .insert((topic.clone(), partition), records.iter().map(seen_of).collect());
+        }
+    }
+    let dataflow_text = match &args.dataflow {
+        Some(_) => Some(check_dataflow(&client, &timeline, &mut verdict_extra).await?),
+        None => None,
+    };
+    let mut verdict = checker::check(&history);
+    for (kind, count) in verdict_extra {
+        verdict.anomaly_counts.insert(kind, count);
+    }
+    print_report(args, seed, &injected, &convergence_text, dataflow_text.as_deref(), &verdict);
+    drop(cluster);
+    Ok(Report { verdict })
+}
+
+async fn connect(cluster: &ChaosCluster) -> anyhow::Result<Arc<Client>> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        match Client::connect(cluster.addrs.clone(), &cluster.certs).await {
+            Ok(mut client) => {
+                client.timeout = CLIENT_TIMEOUT;
+                return Ok(Arc::new(client));
+            }
+            Err(e) if Instant::now() > deadline => return Err(e).context("connecting to the cluster"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn create_topic(client: &Client, name: &str, config: TopicConfig) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        match client.create_topic(name, config.clone()).await {
+            Ok(()) => return Ok(()),
+            // An earlier try may have succeeded without an answer.
+            Err(_) if client.describe_topic(name).await.is_ok() => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e).with_context(|| format!("creating topic {name}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn start_dataflow(client: &Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        match client.start_dataflow(fraud::NAME).await {
+            Ok(()) => return Ok(()),
+            Err(_) if client.dataflows().await.is_ok_and(|d| d.iter().any(|d| d.name == fraud::NAME)) => {
+                return Ok(())
+            }
+            Err(e) if Instant::now() > deadline => return Err(e).context("starting the fraud dataflow"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn wait_for_leaders(client: &Client, topic: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        if let Ok(info) = client.describe_topic(topic).await {
+            if info.partitions.iter().all(|p| p.leader.is_some()) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("partitions of {topic} have no leader after {} s", SETUP_TIMEOUT.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Counts of the faults actually injected, by kind, and those skipped.
+#[derive(Default)]
+struct Injected {
+    by_kind: BTreeMap<&'static str, u64>,
+    skipped: u64,
+}
+
+/// What was done, so it can be undone.
+enum Applied {
+    Killed(u32),
+    Paused(u32),
+    Cut,
+    Skipped,
+}
+
+async fn run_nemesis(
+    cluster: &mut ChaosCluster,
+    client: &Client,
+    plan: &[Step],
+    restart: bool,
+    timeline: &Timeline,
+    seed: u64,
+) -> anyhow::Result<Injected> {
+    let mut injected = Injected::default();
+    let mut fallback = runnel::cluster::sim::SimRng::new(seed ^ 0x5eed);
+    let start = Instant::now();
+    for step in plan {
+        tokio::time::sleep_until((start + Duration::from_millis(step.at_ms)).into()).await;
+        let applied = apply(cluster, client, &step.fault, &mut fallback).await?;
+        match &applied {
+            Applied::Skipped => injected.skipped += 1,
+            Applied::Killed(_) => *injected.by_kind.entry("kill").or_default() += 1,
+            Applied::Paused(_) => *injected.by_kind.entry("pause").or_default() += 1,
+            Applied::Cut => *injected.by_kind.entry("partition").or_default() += 1,
+        }
+        let text = match &applied {
+            Applied::Killed(node) => format!("{} → SIGKILL node {node} for {} ms", step.fault, step.lasts_ms),
+            Applied::Paused(node) => format!("SIGSTOP node {node} for {} ms", step.lasts_ms),
+            Applied::Cut => format!("{} for {} ms", step.fault, step.lasts_ms),
+            Applied::Skipped => format!("{}: skipped (it would leave no majority running)", step.fault),
+        };
+        timeline.event("fault", text);
+        tokio::time::sleep_until((start + Duration::from_millis(step.at_ms + step.lasts_ms)).into()).await;
+        match applied {
+            Applied::Killed(node) if restart => {
+                cluster.restart(node)?;
+                timeline.event("recover", format!("restarted node {node}"));
+            }
+            Applied::Killed(node) => timeline.event("recover", format!("node {node} stays down until the heal")),
+            Applied::Paused(node) => {
+                cluster.resume(node)?;
+                timeline.event("recover", format!("SIGCONT node {node}"));
+            }
+            Applied::Cut => {
+                cluster.heal_network()?;
+                timeline.event("recover", "network healed");
+            }
+            Applied::Skipped => {}
+        }
+    }
+    Ok(injected)
+}
+
+async fn apply(
+    cluster: &mut ChaosCluster,
+    client: &Client,
+    fault: &Fault,
+    fallback: &mut runnel::cluster::sim::SimRng,
+) -> anyhow::Result<Applied> {
+    let nodes = cluster.node_count();
+    let up = cluster.running().iter().filter(|n| !cluster.is_paused(**n)).count() as u32;
+    let majority_left = up > nodes / 2 + 1;
+    match fault {
+        Fault::Kill(target) => {
+            let node = match target {
+                KillTarget::Node(node) => Some(*node),
+                KillTarget::LeaderOf(partition) => client
+                    .describe_topic(TOPIC)
+                    .await
+                    .ok()
+                    .and_then(|t| t.partitions.iter().find(|p| p.partition == *partition)?.leader),
+                KillTarget::Controller => match client.topics().await {
+                    Ok(_) => client.controller_leader(),
+                    Err(_) => None,
+                },
+            };
+            let node = node.unwrap_or_else(|| fallback.between(1, u64::from(nodes)) as u32);
+            let running = cluster.running().contains(&node) && !cluster.is_paused(node);
+            if !running || !majority_left {
+                return Ok(Applied::Skipped);
+            }
+            cluster.kill(node)?;
+            Ok(Applied::Killed(node))
+        }
+        Fault::Pause(node) => {
+            let running = cluster.running().contains(node) && !cluster.is_paused(*node);
+            if !running || !majority_left {
+                return Ok(Applied::Skipped);
+            }
+            cluster.pause(*node)?;
+            Ok(Applied::Paused(*node))
+        }
+        Fault::Partition(side) => {
+            cluster.cut(side)?;
+            Ok(Applied::Cut)
+        }
+    }
+}
+
+/// Every second: acks/s, and changes of leaders, replica sets and live nodes.
+async fn monitor(client: Arc<Client>, recorder: Arc<Recorder>, timeline: Arc<Timeline>) {
+    let mut leaders: BTreeMap<PartitionKey, Option<u32>> = BTreeMap::new();
+    let mut replicas: BTreeMap<PartitionKey, Vec<u32>> = BTreeMap::new();
+    let mut alive: Vec<u32> = Vec::new();
+    let mut last_acks = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let acks = recorder.acknowledged.load(Ordering::Relaxed);
+        timeline.event(
+            "acks",
+            format!(
+                "{} acks/s (so far: {acks} acknowledged, {} unknown, {} failed)",
+                acks - last_acks,
+                recorder.unknown.load(Ordering::Relaxed),
+                recorder.failed.load(Ordering::Relaxed)
+            ),
+        );
+        last_acks = acks;
+        let Ok(topics) = client.topics().await else { continue };
+        let mut now_alive = client.alive_nodes();
+        now_alive.sort_unstable();
+        if now_alive != alive {
+            timeline.event("members", format!("live nodes {now_alive:?}"));
+            alive = now_alive;
+        }
+        for topic in topics.iter().filter(|t| !t.name.starts_with("__")) {
+            for p in &topic.partitions {
+                let key = (topic.name.clone(), p.partition);
+                let old_leader = leaders.insert(key.clone(), p.leader);
+                if old_leader.is_some_and(|old| old != p.leader) {
+                    let show = |l: Option<u32>| l.map_or("none".to_string(), |l| l.to_string());
+                    timeline.event(
+                        "leader",
+                        format!("{}/{}: {} → {}", key.0, key.1, show(old_leader.flatten()), show(p.leader)),
+                    );
+                }
+                let old_replicas = replicas.insert(key.clone(), p.replicas.clone());
+                if old_replicas.as_ref().is_some_and(|old| *old != p.replicas) {
+                    timeline.event(
+                        "replicas",
+                        format!("{}/{}: {:?} → {:?}", key.0, key.1, old_replicas.unwrap_or_default(), p.replicas),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every committed record of a partition, from its leader (`node` = None)
+/// or from one replica.
+async fn read_partition(
+    client: &Client,
+    node: Option<u32>,
+    topic: &str,
+    partition: u32,
+) -> Result<Vec<StoredRecord>, runnel::broker::client::ClientError> {
+    let mut records = Vec::new();
+    let mut offset = 0;
+    loop {
+        let fetched = match node {
+            Some(node) => client.fetch_from_replica(node, topic, partition, offset, 4 << 20).await?,
+            None => client.fetch(topic, partition, offset, 4 << 20).await?,
+        };
+        if fetched.next_offset == offset {
+            return Ok(records);
+        }
+        offset = fetched.next_offset;
+        records.extend(fetched.records);
+    }
+}
+
+type ReplicaReads = BTreeMap<(PartitionKey, u32), Vec<checker::Seen>>;
+
+/// Waits until every partition has its full replica set as voters and every
+/// replica holds the same committed records; returns those reads.
+async fn converge(client: &Client, topics: &[String], replication: usize) -> Result<(ReplicaReads, Duration), String> {
+    let start = Instant::now();
+    let mut why = String::from("not checked yet");
+    while start.elapsed() < CONVERGE_TIMEOUT {
+        match replicas_agree(client, topics, replication).await {
+            Ok(reads) => return Ok((reads, start.elapsed())),
+            Err(e) => why = e,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(why)
+}
+
+async fn replicas_agree(client: &Client, topics: &[String], replication: usize) -> Result<ReplicaReads, String> {
+    let mut reads = ReplicaReads::new();
+    for topic in topics {
+        let info = client.describe_topic(topic).await.map_err(|e| e.to_string())?;
+        for p in &info.partitions {
+            if p.replicas.len() != replication || p.voters.len() != replication || !p.learners.is_empty() {
+                return Err(format!(
+                    "{topic}/{}: replicas {:?}, voters {:?}, learners {:?}",
+                    p.partition, p.replicas, p.voters, p.learners
+                ));
+            }
+            let mut first: Option<Vec<StoredRecord>> = None;
+            for &node in &p.replicas {
+                let records = read_partition(client, Some(node), topic, p.partition)
+                    .await
+                    .map_err(|e| format!("{topic}/{} on node {node}: {e}", p.partition))?;
+                if first.as_ref().is_some_and(|f| *f != records) {
+                    return Err(format!("{topic}/{}: node {node} differs", p.partition));
+                }
+                reads.insert(((topic.clone(), p.partition), node), records.iter().map(seen_of).collect());
+                first.get_or_insert(records);
+            }
+        }
+    }
+    Ok(reads)
+}
+
+/// Waits for the fraud dataflow's sink to equal the reference computed from
+/// the source topic as it ended; records differences as anomalies.
+async fn check_dataflow(
+    client: &Arc<Client>,
+    timeline: &Timeline,
+    anomalies: &mut BTreeMap<String, u64>,
+) -> anyhow::Result<String> {
+    timeline.event("dataflow", "waiting for the fraud dataflow's results to match the reference");
+    let attempts = fraud::read_attempts(client).await.map_err(anyhow::Error::msg)?;
+    let reference = fraud::reference(&attempts);
+    let start = Instant::now();
+    loop {
+        let (results, duplicated) = fraud::read_results(client).await.map_err(anyhow::Error::msg)?;
+        let missing = reference.keys().filter(|k| !results.contains_key(*k)).count() as u64;
+        let extra = results.keys().filter(|k| !reference.contains_key(*k)).count() as u64;
+        let wrong = reference
+            .iter()
+            .filter(|(k, v)| results.get(*k).is_some_and(|got| got != *v))
+            .count() as u64;
+        let text = format!(
+            "{} results over {} attempts, reference {}: missing {missing}, extra {extra}, wrong count {wrong}, duplicated {duplicated}",
+            results.len(),
+            attempts.len(),
+            reference.len()
+        );
+        let exact = missing == 0 && extra == 0 && wrong == 0 && duplicated == 0;
+        if exact || start.elapsed() > DATAFLOW_TIMEOUT {
+            for (kind, count) in [
+                ("dataflow_missing", missing),
+                ("dataflow_extra", extra),
+                ("dataflow_wrong_count", wrong),
+                ("dataflow_duplicated", duplicated as u64),
+            ] {
+                if count > 0 {
+                    anomalies.insert(kind.to_string(), count);
+                }
+            }
+            return Ok(text);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn print_report(
+    args: &Args,
+    seed: u64,
+    injected: &Injected,
+    convergence: &str,
+    dataflow: Option<&str>,
+    verdict: &Verdict,
+) {
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "report": {
+                    "seed": seed,
+                    "nodes": args.nodes,
+                    "duration_s": args.duration.as_secs(),
+                    "faults_injected": injected.by_kind,
+                    "faults_skipped": injected.skipped,
+                    "convergence": convergence,
+                    "dataflow": dataflow,
+                    "verdict": verdict,
+                    "ok": verdict.ok(),
+                }
+            })
+        );
+        return;
+    }
+    let faults: Vec<String> = injected.by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!();
+    println!("chaos report (seed {seed})");
+    println!(
+        "  faults injected: {} ({}); skipped {}",
+        injected.by_kind.values().sum::<u64>(),
+        faults.join(", "),
+        injected.skipped
+    );
+    println!(
+        "  records: attempted {}, acknowledged {}, failed definitely {}, unknown {} (resolved: {} present, {} absent)",
+        verdict.attempted,
+        verdict.acknowledged,
+        verdict.failed,
+        verdict.unknown,
+        verdict.unknown_present,
+        verdict.unknown_absent
+    );
+    println!(
+        "  final read: {} records; consumers read {} records during the run",
+        verdict.records_read, verdict.consumer_reads
+    );
+    println!("  convergence: {convergence}");
+    if let Some(dataflow) = dataflow {
+        println!("  dataflow {}: {dataflow}", fraud::NAME);
+    }
+    if verdict.ok() {
+        println!("  verdict: OK (no lost, duplicated or inconsistent records; reads monotonic)");
+        return;
+    }
+    let counts: Vec<String> = verdict.anomaly_counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "  verdict: {} ANOMALIES ({}); replay the schedule with --seed {seed}",
+        verdict.anomaly_total(),
+        counts.join(", ")
+    );
+    for anomaly in &verdict.anomalies {
+        println!("    {}", serde_json::to_string(anomaly).unwrap_or_default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_units_and_bad_ones_are_named() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("soon").unwrap_err().contains("soon"));
+    }
+}
