@@ -262,7 +262,7 @@ fn next_incarnation(data: &Path, id: NodeId) -> anyhow::Result<u64> {
     Ok(incarnation)
 }
 
-async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+pub async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result?,

@@ -133,7 +133,37 @@ impl Client {
 
     /// All topics, refreshing what the client knows of nodes and leaders.
     pub async fn topics(&self) -> ClientResult<Vec<TopicInfo>> {
-        match self.call(None, &ClientRequest::Metadata).await? {
+        let mut answer = self.call(None, &ClientRequest::Metadata).await?;
+        if matches!(
+            answer,
+            ClientResponse::Metadata {
+                controller_leader: None,
+                ..
+            }
+        ) {
+            // A node that knows no controller leader (just restarted, or cut
+            // off) may hold stale metadata, even none: ask the others.
+            let addrs: Vec<SocketAddr> = self
+                .nodes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .copied()
+                .collect();
+            for addr in addrs {
+                if let Ok(
+                    other @ ClientResponse::Metadata {
+                        controller_leader: Some(_),
+                        ..
+                    },
+                ) = self.call(Some(addr), &ClientRequest::Metadata).await
+                {
+                    answer = other;
+                    break;
+                }
+            }
+        }
+        match answer {
             ClientResponse::Metadata {
                 topics,
                 nodes,
@@ -423,8 +453,31 @@ impl Client {
     }
 
     /// Finds the node that serves the partition, following hints, retrying
-    /// only failures that certainly had no effect.
+    /// only failures that certainly had no effect. A produce that fails after
+    /// an attempt whose outcome is unknown fails as `Unavailable` (outcome
+    /// unknown), whatever the last attempt said: that attempt may have
+    /// written the batch.
     async fn route(&self, topic: &str, partition: u32, request: &ClientRequest) -> ClientResult<ClientResponse> {
+        let mut maybe_written = false;
+        match self.route_once(topic, partition, request, &mut maybe_written).await {
+            Err(e) if maybe_written && !is_unknown_outcome(&e) => Err(ClientError::Unavailable {
+                topic: topic.to_string(),
+                partition,
+                timeout_ms: self.timeout.as_millis() as u64,
+                last_error: format!("{e}, after an attempt whose outcome is unknown"),
+            }),
+            other => other,
+        }
+    }
+
+    async fn route_once(
+        &self,
+        topic: &str,
+        partition: u32,
+        request: &ClientRequest,
+        maybe_written: &mut bool,
+    ) -> ClientResult<ClientResponse> {
+        let is_produce = matches!(request, ClientRequest::Produce { .. });
         // A produce is retried after an unknown outcome only when it carries
         // a producer id: the leader then recognises a batch it already has.
         let retry_safe = match request {
@@ -466,6 +519,8 @@ impl Client {
                         return Err(ClientError::Cluster(e));
                     }
                     Err(e) => {
+                        *maybe_written |=
+                            is_produce && matches!(e, ClientError::Cluster(ClusterError::NoAnswer { .. }));
                         self.failed
                             .write()
                             .unwrap_or_else(|p| p.into_inner())
@@ -494,6 +549,7 @@ impl Client {
                     ClientResponse::Failed(BrokerError::Timeout(_) | BrokerError::ReplicaFailed { .. })
                         if retry_safe =>
                     {
+                        *maybe_written |= is_produce;
                         last_error = format!("node {node}: no answer from the replica");
                     }
                     ClientResponse::Failed(e) => return Err(e.into()),

@@ -63,19 +63,61 @@ pub struct History {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Anomaly {
     /// Acknowledged but absent from the final read.
-    Lost { id: String, topic: String, partition: u32, acked_offset: u64 },
+    Lost {
+        id: String,
+        topic: String,
+        partition: u32,
+        acked_offset: u64,
+    },
     /// Present more than once in the final read.
-    Duplicated { id: String, topic: String, partition: u32, offsets: Vec<u64> },
+    Duplicated {
+        id: String,
+        topic: String,
+        partition: u32,
+        offsets: Vec<u64>,
+    },
     /// Acknowledged at one offset, found at another (one offset, two records).
-    InconsistentOffset { id: String, topic: String, partition: u32, acked_offset: u64, found_at: u64 },
+    InconsistentOffset {
+        id: String,
+        topic: String,
+        partition: u32,
+        acked_offset: u64,
+        found_at: u64,
+    },
     /// Refused as definitely not written, yet present.
-    FailedButWritten { id: String, topic: String, partition: u32, offset: u64 },
+    FailedButWritten {
+        id: String,
+        topic: String,
+        partition: u32,
+        offset: u64,
+        error: String,
+    },
     /// A replica holds another record than the leader below its commit point.
-    ReplicaDisagrees { topic: String, partition: u32, node: u32, offset: u64, leader: String, replica: String },
+    ReplicaDisagrees {
+        topic: String,
+        partition: u32,
+        node: u32,
+        offset: u64,
+        leader: String,
+        replica: String,
+    },
     /// A consumer saw offsets go backwards or repeat.
-    NonMonotonicRead { consumer: String, topic: String, partition: u32, previous: u64, offset: u64 },
+    NonMonotonicRead {
+        consumer: String,
+        topic: String,
+        partition: u32,
+        previous: u64,
+        offset: u64,
+    },
     /// A consumer read a record the final read does not hold at that offset.
-    ReadNotInLog { consumer: String, topic: String, partition: u32, offset: u64, read: String, log: String },
+    ReadNotInLog {
+        consumer: String,
+        topic: String,
+        partition: u32,
+        offset: u64,
+        read: String,
+        log: String,
+    },
     /// A record no producer wrote.
     Unexpected { topic: String, partition: u32, offset: u64 },
 }
@@ -108,6 +150,8 @@ pub struct Verdict {
     pub unknown_absent: u64,
     pub records_read: u64,
     pub consumer_reads: u64,
+    /// Why writes failed or were left unknown: error text → records.
+    pub failure_reasons: BTreeMap<String, u64>,
     /// Anomalies per kind (exact counts).
     pub anomaly_counts: BTreeMap<String, u64>,
     /// The first few anomalies of each kind.
@@ -145,7 +189,11 @@ pub fn check(history: &History) -> Verdict {
         verdict.records_read += records.len() as u64;
         for seen in records {
             match &seen.id {
-                Some(id) => found.entry(id.as_str()).or_insert((key, Vec::new())).1.push(seen.offset),
+                Some(id) => found
+                    .entry(id.as_str())
+                    .or_insert((key, Vec::new()))
+                    .1
+                    .push(seen.offset),
                 None => verdict.add(Anomaly::Unexpected {
                     topic: key.0.clone(),
                     partition: key.1,
@@ -197,9 +245,13 @@ fn check_writes(history: &History, found: &BTreeMap<&str, (&PartitionKey, Vec<u6
                     Some(_) => {}
                 }
             }
-            Outcome::Failed(_) => verdict.failed += 1,
-            Outcome::Unknown(_) => {
+            Outcome::Failed(error) => {
+                verdict.failed += 1;
+                *verdict.failure_reasons.entry(format!("failed: {error}")).or_default() += 1;
+            }
+            Outcome::Unknown(error) => {
                 verdict.unknown += 1;
+                *verdict.failure_reasons.entry(format!("unknown: {error}")).or_default() += 1;
                 match here {
                     Some(_) => verdict.unknown_present += 1,
                     None => verdict.unknown_absent += 1,
@@ -209,12 +261,13 @@ fn check_writes(history: &History, found: &BTreeMap<&str, (&PartitionKey, Vec<u6
     }
     // A write refused as definitely not written must not appear.
     for write in &history.writes {
-        if let (Outcome::Failed(_), Some((key, offsets))) = (&write.outcome, found.get(write.id.as_str())) {
+        if let (Outcome::Failed(error), Some((key, offsets))) = (&write.outcome, found.get(write.id.as_str())) {
             verdict.add(Anomaly::FailedButWritten {
                 id: write.id.clone(),
                 topic: key.0.clone(),
                 partition: key.1,
                 offset: offsets[0],
+                error: error.clone(),
             });
         }
     }
@@ -339,13 +392,18 @@ mod tests {
         history
             .final_read
             .insert(key(), vec![seen(0, "a"), seen(1, "b"), seen(2, "c")]);
-        history.replica_reads.insert((key(), 2), vec![seen(0, "a"), seen(1, "b")]);
+        history
+            .replica_reads
+            .insert((key(), 2), vec![seen(0, "a"), seen(1, "b")]);
         let mut reads = BTreeMap::new();
         reads.insert(key(), vec![seen(0, "a"), seen(2, "c")]);
         history.consumer_reads.insert("c1".into(), reads);
         let verdict = check(&history);
         assert!(verdict.ok(), "{:?}", verdict.anomalies);
-        assert_eq!((verdict.attempted, verdict.acknowledged, verdict.failed, verdict.unknown), (5, 2, 1, 2));
+        assert_eq!(
+            (verdict.attempted, verdict.acknowledged, verdict.failed, verdict.unknown),
+            (5, 2, 1, 2)
+        );
         assert_eq!((verdict.unknown_present, verdict.unknown_absent), (1, 1));
         assert_eq!((verdict.records_read, verdict.consumer_reads), (3, 2));
     }
@@ -381,14 +439,11 @@ mod tests {
         };
         history.final_read.insert(
             key(),
-            vec![
-                seen(0, "a"),
-                seen(1, "b"),
-                Seen { offset: 2, id: None },
-                seen(3, "zz"),
-            ],
+            vec![seen(0, "a"), seen(1, "b"), Seen { offset: 2, id: None }, seen(3, "zz")],
         );
-        history.replica_reads.insert((key(), 3), vec![seen(0, "a"), seen(1, "x")]);
+        history
+            .replica_reads
+            .insert((key(), 3), vec![seen(0, "a"), seen(1, "x")]);
         let mut reads = BTreeMap::new();
         reads.insert(key(), vec![seen(1, "b"), seen(0, "a"), seen(5, "ghost")]);
         history.consumer_reads.insert("c1".into(), reads);

@@ -117,7 +117,10 @@ impl Timeline {
     fn event(&self, kind: &str, text: impl AsRef<str>) {
         let seconds = self.start.elapsed().as_secs_f64();
         if self.json {
-            println!("{}", json!({"t_s": (seconds * 10.0).round() / 10.0, "event": kind, "text": text.as_ref()}));
+            println!(
+                "{}",
+                json!({"t_s": (seconds * 10.0).round() / 10.0, "event": kind, "text": text.as_ref()})
+            );
         } else {
             println!("[{seconds:6.1}s] {kind:<9} {}", text.as_ref());
         }
@@ -155,7 +158,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .or_else(|| scratch.as_ref().map(|s| s.path().to_path_buf()))
         .context("no directory for the run")?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let report = runtime.block_on(run_async(&args, seed, &dir))?;
+    // On SIGINT or SIGTERM the run is dropped, and with it the cluster: every
+    // node process is killed.
+    let report = runtime.block_on(async {
+        tokio::select! {
+            report = run_async(&args, seed, &dir) => report,
+            signal = crate::cluster_cli::wait_for_shutdown_signal() => {
+                signal?;
+                bail!("interrupted; every node process was killed (seed {seed})")
+            }
+        }
+    })?;
     let keep = args.keep || !report.verdict.ok();
     if let (Some(scratch), true) = (scratch, keep) {
         let kept = scratch.keep();
@@ -191,7 +204,9 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
             faults.join(","),
             args.topic_partitions,
             args.replication,
-            args.dataflow.as_ref().map_or(String::new(), |d| format!(", dataflow {d}")),
+            args.dataflow
+                .as_ref()
+                .map_or(String::new(), |d| format!(", dataflow {d}")),
             dir.display()
         ),
     );
@@ -202,9 +217,19 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
     let mut cluster = ChaosCluster::start(dir, args.nodes, args.first_host, settings)?;
     let client = connect(&cluster).await?;
     let fraud_partitions = 4;
-    create_topic(&client, TOPIC, TopicConfig::new(args.topic_partitions, args.replication)).await?;
+    create_topic(
+        &client,
+        TOPIC,
+        TopicConfig::new(args.topic_partitions, args.replication),
+    )
+    .await?;
     if args.dataflow.is_some() {
-        create_topic(&client, fraud::SOURCE, TopicConfig::new(fraud_partitions, args.replication)).await?;
+        create_topic(
+            &client,
+            fraud::SOURCE,
+            TopicConfig::new(fraud_partitions, args.replication),
+        )
+        .await?;
         start_dataflow(&client).await?;
     }
     wait_for_leaders(&client, TOPIC).await?;
@@ -218,11 +243,12 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
     let mut producers = Vec::new();
     let share = args.rate / u64::from(args.producers.max(1));
     for worker in 0..args.producers.max(1) {
-        producers.push(tokio::spawn(
-            workload
-                .clone()
-                .produce(worker, TOPIC.to_string(), args.topic_partitions, share),
-        ));
+        producers.push(tokio::spawn(workload.clone().produce(
+            worker,
+            TOPIC.to_string(),
+            args.topic_partitions,
+            share,
+        )));
     }
     if args.dataflow.is_some() {
         let worker = args.producers.max(1);
@@ -289,7 +315,10 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
         }
         Err(why) => {
             verdict_extra.insert("not_converged".to_string(), 1);
-            format!("replicas did NOT converge within {} s: {why}", CONVERGE_TIMEOUT.as_secs())
+            format!(
+                "replicas did NOT converge within {} s: {why}",
+                CONVERGE_TIMEOUT.as_secs()
+            )
         }
     };
     timeline.event("read", "final read of every partition from its leader");
@@ -312,7 +341,14 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
     for (kind, count) in verdict_extra {
         verdict.anomaly_counts.insert(kind, count);
     }
-    print_report(args, seed, &injected, &convergence_text, dataflow_text.as_deref(), &verdict);
+    print_report(
+        args,
+        seed,
+        &injected,
+        &convergence_text,
+        dataflow_text.as_deref(),
+        &verdict,
+    );
     drop(cluster);
     Ok(Report { verdict })
 }
@@ -349,7 +385,12 @@ async fn start_dataflow(client: &Client) -> anyhow::Result<()> {
     loop {
         match client.start_dataflow(fraud::NAME).await {
             Ok(()) => return Ok(()),
-            Err(_) if client.dataflows().await.is_ok_and(|d| d.iter().any(|d| d.name == fraud::NAME)) => {
+            Err(_)
+                if client
+                    .dataflows()
+                    .await
+                    .is_ok_and(|d| d.iter().any(|d| d.name == fraud::NAME)) =>
+            {
                 return Ok(())
             }
             Err(e) if Instant::now() > deadline => return Err(e).context("starting the fraud dataflow"),
@@ -367,7 +408,10 @@ async fn wait_for_leaders(client: &Client, topic: &str) -> anyhow::Result<()> {
             }
         }
         if Instant::now() > deadline {
-            bail!("partitions of {topic} have no leader after {} s", SETUP_TIMEOUT.as_secs());
+            bail!(
+                "partitions of {topic} have no leader after {} s",
+                SETUP_TIMEOUT.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -484,7 +528,7 @@ async fn apply(
 
 /// Every second: acks/s, and changes of leaders, replica sets and live nodes.
 async fn monitor(client: Arc<Client>, recorder: Arc<Recorder>, timeline: Arc<Timeline>) {
-    let mut leaders: BTreeMap<PartitionKey, Option<u32>> = BTreeMap::new();
+    let mut leaders: BTreeMap<PartitionKey, u32> = BTreeMap::new();
     let mut replicas: BTreeMap<PartitionKey, Vec<u32>> = BTreeMap::new();
     let mut alive: Vec<u32> = Vec::new();
     let mut last_acks = 0;
@@ -513,19 +557,27 @@ async fn monitor(client: Arc<Client>, recorder: Arc<Recorder>, timeline: Arc<Tim
         for topic in topics.iter().filter(|t| !t.name.starts_with("__")) {
             for p in &topic.partitions {
                 let key = (topic.name.clone(), p.partition);
-                let old_leader = leaders.insert(key.clone(), p.leader);
-                if old_leader.is_some_and(|old| old != p.leader) {
-                    let show = |l: Option<u32>| l.map_or("none".to_string(), |l| l.to_string());
-                    timeline.event(
-                        "leader",
-                        format!("{}/{}: {} → {}", key.0, key.1, show(old_leader.flatten()), show(p.leader)),
-                    );
+                // The node asked may not know the leader for a moment; only
+                // a newly known leader is news.
+                if let Some(leader) = p.leader {
+                    match leaders.insert(key.clone(), leader) {
+                        Some(old) if old != leader => {
+                            timeline.event("leader", format!("{}/{}: {old} → {leader}", key.0, key.1))
+                        }
+                        _ => {}
+                    }
                 }
                 let old_replicas = replicas.insert(key.clone(), p.replicas.clone());
                 if old_replicas.as_ref().is_some_and(|old| *old != p.replicas) {
                     timeline.event(
                         "replicas",
-                        format!("{}/{}: {:?} → {:?}", key.0, key.1, old_replicas.unwrap_or_default(), p.replicas),
+                        format!(
+                            "{}/{}: {:?} → {:?}",
+                            key.0,
+                            key.1,
+                            old_replicas.unwrap_or_default(),
+                            p.replicas
+                        ),
                     );
                 }
             }
@@ -545,7 +597,11 @@ async fn read_partition(
     let mut offset = 0;
     loop {
         let fetched = match node {
-            Some(node) => client.fetch_from_replica(node, topic, partition, offset, 4 << 20).await?,
+            Some(node) => {
+                client
+                    .fetch_from_replica(node, topic, partition, offset, 4 << 20)
+                    .await?
+            }
             None => client.fetch(topic, partition, offset, 4 << 20).await?,
         };
         if fetched.next_offset == offset {
@@ -592,7 +648,10 @@ async fn replicas_agree(client: &Client, topics: &[String], replication: usize) 
                 if first.as_ref().is_some_and(|f| *f != records) {
                     return Err(format!("{topic}/{}: node {node} differs", p.partition));
                 }
-                reads.insert(((topic.clone(), p.partition), node), records.iter().map(seen_of).collect());
+                reads.insert(
+                    ((topic.clone(), p.partition), node),
+                    records.iter().map(seen_of).collect(),
+                );
                 first.get_or_insert(records);
             }
         }
@@ -607,7 +666,10 @@ async fn check_dataflow(
     timeline: &Timeline,
     anomalies: &mut BTreeMap<String, u64>,
 ) -> anyhow::Result<String> {
-    timeline.event("dataflow", "waiting for the fraud dataflow's results to match the reference");
+    timeline.event(
+        "dataflow",
+        "waiting for the fraud dataflow's results to match the reference",
+    );
     let attempts = fraud::read_attempts(client).await.map_err(anyhow::Error::msg)?;
     let reference = fraud::reference(&attempts);
     let start = Instant::now();
@@ -688,6 +750,9 @@ fn print_report(
         verdict.unknown_present,
         verdict.unknown_absent
     );
+    for (reason, records) in &verdict.failure_reasons {
+        println!("    {records} records {reason}");
+    }
     println!(
         "  final read: {} records; consumers read {} records during the run",
         verdict.records_read, verdict.consumer_reads

@@ -93,7 +93,9 @@ pub fn plan(seed: u64, duration_ms: u64, kinds: &[FaultKind], nodes: u32, partit
         let fault = match kind {
             FaultKind::Kill => match rng.between(0, 2) {
                 0 => Fault::Kill(KillTarget::Node(node)),
-                1 => Fault::Kill(KillTarget::LeaderOf(rng.between(0, u64::from(partitions.max(1)) - 1) as u32)),
+                1 => Fault::Kill(KillTarget::LeaderOf(
+                    rng.between(0, u64::from(partitions.max(1)) - 1) as u32
+                )),
                 _ => Fault::Kill(KillTarget::Controller),
             },
             FaultKind::Pause => Fault::Pause(node),
@@ -124,7 +126,12 @@ fn minority(rng: &mut SimRng, nodes: u32) -> Vec<u32> {
 mod tests {
     use super::*;
 
-    const ALL: [FaultKind; 4] = [FaultKind::Kill, FaultKind::Pause, FaultKind::Partition, FaultKind::Restart];
+    const ALL: [FaultKind; 4] = [
+        FaultKind::Kill,
+        FaultKind::Pause,
+        FaultKind::Partition,
+        FaultKind::Restart,
+    ];
 
     #[test]
     fn the_same_seed_gives_the_same_schedule_and_another_seed_another() {
@@ -139,7 +146,10 @@ mod tests {
             let steps = plan(seed, 60_000, &ALL, 5, 12);
             assert!(!steps.is_empty());
             for pair in steps.windows(2) {
-                assert!(pair[0].at_ms + pair[0].lasts_ms < pair[1].at_ms, "seed {seed}: {pair:?}");
+                assert!(
+                    pair[0].at_ms + pair[0].lasts_ms < pair[1].at_ms,
+                    "seed {seed}: {pair:?}"
+                );
             }
             for step in &steps {
                 assert!(step.at_ms + step.lasts_ms <= 60_000);
@@ -157,7 +167,9 @@ mod tests {
     fn only_the_chosen_kinds_are_injected() {
         for seed in 0..50 {
             let steps = plan(seed, 60_000, &[FaultKind::Partition], 3, 4);
-            assert!(steps.iter().all(|s| matches!(&s.fault, Fault::Partition(side) if side.len() == 1)));
+            assert!(steps
+                .iter()
+                .all(|s| matches!(&s.fault, Fault::Partition(side) if side.len() == 1)));
         }
         assert!(plan(1, 60_000, &[FaultKind::Restart], 3, 4).is_empty());
         assert_eq!("pause".parse::<FaultKind>(), Ok(FaultKind::Pause));

@@ -97,7 +97,10 @@ impl ChaosCluster {
             command.arg("--test-ack-before-commit");
         }
         let child = command
-            .env("RUST_LOG", std::env::var("RUNNEL_CHAOS_NODE_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUNNEL_CHAOS_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

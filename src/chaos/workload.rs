@@ -37,7 +37,14 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    fn record(&self, topic: &str, partition: u32, ids: Vec<String>, outcome: &Result<u64, String>, maybe_written: bool) {
+    fn record(
+        &self,
+        topic: &str,
+        partition: u32,
+        ids: Vec<String>,
+        outcome: &Result<u64, String>,
+        maybe_written: bool,
+    ) {
         let counter = match (outcome, maybe_written) {
             (Ok(_), _) => &self.acknowledged,
             (Err(_), true) => &self.unknown,
@@ -47,7 +54,9 @@ impl Recorder {
         let mut writes = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         for (i, id) in ids.into_iter().enumerate() {
             let outcome = match outcome {
-                Ok(base) => Outcome::Acked { offset: base + i as u64 },
+                Ok(base) => Outcome::Acked {
+                    offset: base + i as u64,
+                },
                 Err(e) if maybe_written => Outcome::Unknown(e.clone()),
                 Err(e) => Outcome::Failed(e.clone()),
             };
@@ -291,7 +300,15 @@ impl Workload {
                 by_partition.entry(partition).or_default().push((id, record));
             }
             for (partition, records) in by_partition {
-                send_tracked(&self.client, &self.recorder, &mut identity, fraud::SOURCE, partition, records).await;
+                send_tracked(
+                    &self.client,
+                    &self.recorder,
+                    &mut identity,
+                    fraud::SOURCE,
+                    partition,
+                    records,
+                )
+                .await;
             }
         }
         let closing = generator.closing_attempt();
@@ -301,7 +318,16 @@ impl Workload {
                 next += 1;
                 let record = with_write_id(fraud::record(&closing), &id);
                 let records = vec![(id, record)];
-                if send_tracked(&self.client, &self.recorder, &mut identity, fraud::SOURCE, partition, records).await {
+                if send_tracked(
+                    &self.client,
+                    &self.recorder,
+                    &mut identity,
+                    fraud::SOURCE,
+                    partition,
+                    records,
+                )
+                .await
+                {
                     break;
                 }
             }

@@ -174,3 +174,63 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A `runnel chaos` process: on drop, if still running, it gets SIGTERM (the
+/// harness then kills its node processes), and SIGKILL if it lingers.
+struct ChaosProcess(Child);
+
+impl Drop for ChaosProcess {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `runnel chaos ARGS` with its output in a file; returns whether it
+/// succeeded and what it printed. Gives up (and stops it) after `limit`.
+pub fn run_chaos(args: &[&str], limit: Duration) -> (bool, String) {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let out_path = scratch.path().join("chaos.out");
+    let out = std::fs::File::create(&out_path).expect("output file");
+    let child = runnel()
+        .arg("chaos")
+        .args(args)
+        .arg("--dir")
+        .arg(scratch.path().join("run"))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn runnel chaos");
+    let mut process = ChaosProcess(child);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = process.0.try_wait().expect("wait for runnel chaos") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "runnel chaos still running after {limit:?}; output so far:\n{}",
+            std::fs::read_to_string(&out_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    (status.success(), std::fs::read_to_string(&out_path).unwrap_or_default())
+}
+
+/// The `report` object of `runnel chaos --json` output.
+pub fn chaos_report(output: &str) -> serde_json::Value {
+    output
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find_map(|value| value.get("report").cloned())
+        .unwrap_or_else(|| panic!("no report in the chaos output:\n{output}"))
+}
