@@ -36,6 +36,9 @@ const RESULTS_KEPT: usize = 1024;
 /// How often the controller leader looks for dead nodes' replicas to move,
 /// and every node nudges unsettled groups.
 const HEAL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a node waits for a group leader's configuration before it
+/// asks another (the control loop waits meanwhile).
+const MEMBERS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Controller and client requests handled at once per node; more wait.
 const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// Controller log fetched per request.
@@ -87,6 +90,10 @@ struct Shared {
     /// Local groups whose voters may differ from their assignment, with the
     /// desired voters; checked until they match.
     unsettled: Mutex<BTreeMap<u64, Vec<u64>>>,
+    /// Local groups whose voters were seen equal to these assigned voters.
+    /// An assignment that differs (even one back at the founders, after two
+    /// replacements) makes the group unsettled again.
+    settled: Mutex<BTreeMap<u64, Vec<u64>>>,
     /// This node's dataflow runtime, if its binary has one.
     tasks: Option<Arc<dyn TaskHost>>,
     /// The task assignment last handed to `tasks`.
@@ -123,6 +130,7 @@ impl Controller {
             meta: RwLock::new(MetaState::default()),
             hosted: Mutex::new(BTreeSet::new()),
             unsettled: Mutex::new(BTreeMap::new()),
+            settled: Mutex::new(BTreeMap::new()),
             tasks,
             assigned: Mutex::new(Vec::new()),
         });
@@ -495,27 +503,65 @@ impl Shared {
             tracing::debug!(reason, "controller log not reachable; stale replicas kept for now");
             return;
         }
-        let meta = self.meta();
-        if meta.applied_offset < leader_committed {
-            return;
-        }
-        let assigned: BTreeSet<u64> = meta
-            .metadata
-            .topics
-            .values()
-            .flat_map(|t| {
-                (0..t.assignment.len())
-                    .filter(|&p| t.assignment[p].contains(&self.node.id().0))
-                    .map(|p| t.group_id(p as u32))
-            })
-            .collect();
-        drop(meta);
+        let (assigned, members_of) = {
+            let meta = self.meta();
+            if meta.applied_offset < leader_committed {
+                return;
+            }
+            let assigned: BTreeSet<u64> = meta
+                .metadata
+                .topics
+                .values()
+                .flat_map(|t| {
+                    (0..t.assignment.len())
+                        .filter(|&p| t.assignment[p].contains(&self.node.id().0))
+                        .map(|p| t.group_id(p as u32))
+                })
+                .collect();
+            let members_of: BTreeMap<u64, Vec<u32>> = meta
+                .metadata
+                .topics
+                .values()
+                .flat_map(|t| (0..t.assignment.len()).map(move |p| (t.group_id(p as u32), t.assignment[p].clone())))
+                .collect();
+            (assigned, members_of)
+        };
         for group in candidates.into_iter().filter(|g| !assigned.contains(g)) {
+            // Files of a replica the group's configuration still counts are
+            // its votes and acknowledged entries: deleting them would let
+            // the same id come back empty while the leader believes it holds
+            // everything (and could lose committed records).
+            if let Some(nodes) = members_of.get(&group) {
+                if !self.removed_from(group, nodes).await {
+                    tracing::debug!(group, "still in the group's configuration; its files are kept for now");
+                    continue;
+                }
+            }
             match self.broker.delete_replica_files(group) {
                 Ok(()) => tracing::info!(group, "deleted the files of a stale replica"),
                 Err(e) => tracing::warn!(group, error = %e, "could not delete a stale replica's files"),
             }
         }
+    }
+
+    /// Whether the leader of `group`, found among `nodes`, confirms that
+    /// this node is neither a voter nor a learner of the group any more.
+    async fn removed_from(&self, group: u64, nodes: &[u32]) -> bool {
+        let payload = encode(&ControllerRequest::GroupMembers { group });
+        for &node in nodes {
+            let Ok(bytes) = self
+                .node
+                .call(NodeId(node), CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
+                .await
+            else {
+                continue;
+            };
+            if let Ok(ControllerResponse::Members { voters, learners }) = postcard::from_bytes(&bytes) {
+                let me = self.me();
+                return !voters.contains(&me) && !learners.contains(&me);
+            }
+        }
+        false
     }
 
     /// Nudges the leader of every unsettled local group one step towards its
@@ -538,6 +584,10 @@ impl Shared {
             want.sort_unstable();
             if voters == want && status.learners.is_empty() {
                 self.unsettled.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+                self.settled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(group, desired);
                 continue;
             }
             self.broker.reconfigure(group, desired);
@@ -653,10 +703,12 @@ impl Shared {
         }
         let hosted: BTreeSet<u64> = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for (group, (voters, founders)) in &wanted {
-            if !hosted.contains(group) || voters != founders {
-                // Checked until the group's voters match the assignment.
+            let settled = self.settled.lock().unwrap_or_else(|p| p.into_inner()).get(group) == Some(voters);
+            if !settled {
+                // Checked until the group's voters match the assignment; a
+                // changed assignment replaces an older target at once.
                 let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
-                if !hosted.contains(group) || !unsettled.contains_key(group) {
+                if unsettled.get(group) != Some(voters) {
                     unsettled.insert(*group, voters.clone());
                 }
             }
@@ -681,6 +733,7 @@ impl Shared {
             self.broker.unhost(*group).await;
             self.hosted.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
             self.unsettled.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
+            self.settled.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
         }
     }
 
@@ -764,6 +817,17 @@ impl Shared {
                     leader: status.leader,
                 }),
                 None => ControllerResponse::Failed(BrokerError::UnknownGroup(CONTROLLER_GROUP)),
+            },
+            ControllerRequest::GroupMembers { group } => match self.broker.status(group).await {
+                Some(status) if status.leader == Some(self.me()) => ControllerResponse::Members {
+                    voters: status.voters,
+                    learners: status.learners,
+                },
+                Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
+                    group,
+                    leader: status.leader,
+                }),
+                None => ControllerResponse::Failed(BrokerError::UnknownGroup(group)),
             },
             ControllerRequest::StartDataflow { mut dataflow } => {
                 let alive = self.alive_nodes();
@@ -1052,7 +1116,7 @@ impl Shared {
             ControllerResponse::Done => ClientResponse::Done,
             ControllerResponse::Refused(e) => ClientResponse::Refused(e),
             ControllerResponse::Failed(e) => ClientResponse::Failed(e),
-            ControllerResponse::Log { .. } | ControllerResponse::Offset(_) => {
+            ControllerResponse::Log { .. } | ControllerResponse::Offset(_) | ControllerResponse::Members { .. } => {
                 ClientResponse::Failed(BrokerError::InvalidRequest("unexpected answer".to_string()))
             }
         }

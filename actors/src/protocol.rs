@@ -119,6 +119,10 @@ pub enum ControllerRequest {
     StopDataflow {
         name: String,
     },
+    /// The Raft configuration of `group`, from its leader only.
+    GroupMembers {
+        group: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +132,7 @@ pub enum ControllerResponse {
     Refused(crate::metadata::MetadataError),
     Failed(BrokerError),
     Offset(u64),
+    Members { voters: Vec<u64>, learners: Vec<u64> },
 }
 
 /// What a client asks any node.

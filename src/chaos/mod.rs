@@ -296,7 +296,7 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
     if args.dataflow.is_some() {
         topics.push(fraud::SOURCE.to_string());
     }
-    let converged = converge(&client, &topics, usize::from(args.replication)).await;
+    let (replica_reads, converged) = converge(&client, &topics, usize::from(args.replication)).await;
     consumers_stop.store(true, Ordering::Relaxed);
     for consumer in consumers {
         consumer.await.context("a consumer task failed")?;
@@ -308,9 +308,9 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
         ..History::default()
     };
     let mut verdict_extra: BTreeMap<String, u64> = BTreeMap::new();
+    history.replica_reads = replica_reads;
     let convergence_text = match converged {
-        Ok((replica_reads, took)) => {
-            history.replica_reads = replica_reads;
+        Ok(took) => {
             format!("replicas identical {:.1} s after the heal", took.as_secs_f64())
         }
         Err(why) => {
@@ -615,48 +615,70 @@ async fn read_partition(
 type ReplicaReads = BTreeMap<(PartitionKey, u32), Vec<checker::Seen>>;
 
 /// Waits until every partition has its full replica set as voters and every
-/// replica holds the same committed records; returns those reads.
-async fn converge(client: &Client, topics: &[String], replication: usize) -> Result<(ReplicaReads, Duration), String> {
+/// replica holds the same committed records. The replicas' reads come back
+/// either way: when they never converge, the checker still compares what
+/// each holds with the leader's log.
+async fn converge(client: &Client, topics: &[String], replication: usize) -> (ReplicaReads, Result<Duration, String>) {
     let start = Instant::now();
-    let mut why = String::from("not checked yet");
-    while start.elapsed() < CONVERGE_TIMEOUT {
-        match replicas_agree(client, topics, replication).await {
-            Ok(reads) => return Ok((reads, start.elapsed())),
-            Err(e) => why = e,
+    loop {
+        let mut reads = ReplicaReads::new();
+        let result = replicas_agree(client, topics, replication, &mut reads).await;
+        match result {
+            Ok(()) => return (reads, Ok(start.elapsed())),
+            Err(why) if start.elapsed() > CONVERGE_TIMEOUT => return (reads, Err(why)),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(why)
 }
 
-async fn replicas_agree(client: &Client, topics: &[String], replication: usize) -> Result<ReplicaReads, String> {
-    let mut reads = ReplicaReads::new();
+async fn replicas_agree(
+    client: &Client,
+    topics: &[String],
+    replication: usize,
+    reads: &mut ReplicaReads,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
     for topic in topics {
         let info = client.describe_topic(topic).await.map_err(|e| e.to_string())?;
         for p in &info.partitions {
-            if p.replicas.len() != replication || p.voters.len() != replication || !p.learners.is_empty() {
-                return Err(format!(
-                    "{topic}/{}: replicas {:?}, voters {:?}, learners {:?}",
-                    p.partition, p.replicas, p.voters, p.learners
+            let mut replicas = p.replicas.clone();
+            replicas.sort_unstable();
+            let mut voters = p.voters.clone();
+            voters.sort_unstable();
+            if replicas.len() != replication || voters != replicas || !p.learners.is_empty() {
+                problems.push(format!(
+                    "{topic}/{}: assigned {:?}, voters {:?}, learners {:?}, leader {:?}",
+                    p.partition, p.replicas, p.voters, p.learners, p.leader
                 ));
             }
-            let mut first: Option<Vec<StoredRecord>> = None;
+            let key = (topic.clone(), p.partition);
+            let mut counts = Vec::new();
             for &node in &p.replicas {
-                let records = read_partition(client, Some(node), topic, p.partition)
-                    .await
-                    .map_err(|e| format!("{topic}/{} on node {node}: {e}", p.partition))?;
-                if first.as_ref().is_some_and(|f| *f != records) {
-                    return Err(format!("{topic}/{}: node {node} differs", p.partition));
+                match read_partition(client, Some(node), topic, p.partition).await {
+                    Ok(records) => {
+                        counts.push((node, records.len()));
+                        reads.insert((key.clone(), node), records.iter().map(seen_of).collect());
+                    }
+                    Err(e) => problems.push(format!("{topic}/{} on node {node}: {e}", p.partition)),
                 }
-                reads.insert(
-                    ((topic.clone(), p.partition), node),
-                    records.iter().map(seen_of).collect(),
-                );
-                first.get_or_insert(records);
+            }
+            let copies: Vec<&Vec<checker::Seen>> = p
+                .replicas
+                .iter()
+                .filter_map(|n| reads.get(&(key.clone(), *n)))
+                .collect();
+            if copies.windows(2).any(|w| w[0] != w[1]) {
+                problems.push(format!(
+                    "{topic}/{}: replicas differ (node, committed records): {counts:?}",
+                    p.partition
+                ));
             }
         }
     }
-    Ok(reads)
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(problems.join("; ")),
+    }
 }
 
 /// Waits for the fraud dataflow's sink to equal the reference computed from
