@@ -421,7 +421,7 @@ mod tests {
         let verdict = check(&history);
         assert_eq!(
             kinds(&verdict),
-            vec![("duplicated", 1), ("inconsistent_offset", 2), ("lost", 1)]
+            vec![("duplicated", 1), ("inconsistent_offset", 1), ("lost", 1)]
         );
         assert!(verdict.anomalies.contains(&Anomaly::Lost {
             id: "b".into(),
