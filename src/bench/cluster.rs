@@ -19,6 +19,9 @@ use serde_json::json;
 
 use super::median;
 
+/// How long the benchmark cluster may take to form and create its topics.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Kills the node processes however the benchmark ends.
 struct Nodes {
     children: Vec<Option<Child>>,
@@ -93,27 +96,31 @@ impl Nodes {
     }
 }
 
-async fn create_topic(client: &Client, name: &str, config: TopicConfig) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Creates a topic, retrying while the cluster forms, for up to `timeout`;
+/// a try that succeeded without an answer counts.
+pub async fn create_topic(client: &Client, name: &str, config: TopicConfig, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
     loop {
         match client.create_topic(name, config.clone()).await {
             Ok(()) => return Ok(()),
+            Err(_) if client.describe_topic(name).await.is_ok() => return Ok(()),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "topic not created yet");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e).with_context(|| format!("creating topic {name}")),
         }
     }
 }
 
-async fn connect(nodes: &Nodes) -> anyhow::Result<Arc<Client>> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Connects a client, retrying while the nodes start, for up to `timeout`.
+pub async fn connect(addrs: &[SocketAddr], certs: &Path, timeout: Duration) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + timeout;
     loop {
-        match Client::connect(nodes.addrs.clone(), &nodes.certs).await {
-            Ok(client) => return Ok(Arc::new(client)),
+        match Client::connect(addrs.to_vec(), certs).await {
+            Ok(client) => return Ok(client),
             Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e).context("connecting to the cluster"),
         }
     }
 }
@@ -231,8 +238,8 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         // The disk here is shared and noisy: the ceiling is the median of
         // five measurements, three before the cases and two after.
         let mut ceilings: Vec<f64> = (0..3).map(|_| fdatasync_ceiling(&disk)).collect::<anyhow::Result<_>>()?;
-        let client = connect(&nodes).await?;
-        create_topic(&client, "bench", TopicConfig::new(4, 3)).await?;
+        let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
+        create_topic(&client, "bench", TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
         let mut rows = Vec::new();
         let mut producer_id = 1_000i64;
         for record_bytes in [100usize, 1024] {
@@ -355,8 +362,8 @@ pub fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let nodes = Nodes::start(3, args.dir.as_deref())?;
-        let client = connect(&nodes).await?;
-        create_topic(&client, "idle", TopicConfig::new(args.partitions, 3)).await?;
+        let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
+        create_topic(&client, "idle", TopicConfig::new(args.partitions, 3), SETUP_TIMEOUT).await?;
         // Let elections settle before measuring idleness.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -420,11 +427,11 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let nodes = Nodes::start(3, args.dir.as_deref())?;
-        let client = connect(&nodes).await?;
+        let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
         let mut summary = Vec::new();
         for record_bytes in [1024usize, 100] {
             let topic = format!("consume-{record_bytes}");
-            create_topic(&client, &topic, TopicConfig::new(4, 3)).await?;
+            create_topic(&client, &topic, TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
             let total_bytes = args.megabytes << 20;
             let value = Bytes::from(vec![b'c'; record_bytes]);
             let per_batch = (256 << 10) / (record_bytes + 8);

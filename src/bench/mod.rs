@@ -1,6 +1,6 @@
 //! `runnel bench …`: measurements printed as JSON lines and a human summary.
 
-mod cluster;
+pub mod cluster;
 mod storage;
 pub mod transport;
 mod window;

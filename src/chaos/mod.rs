@@ -28,6 +28,7 @@ use runnel::dataflow::fraud;
 use runnel::storage::StoredRecord;
 use serde_json::json;
 
+use crate::bench::cluster::{connect, create_topic};
 use checker::{History, PartitionKey, Verdict};
 use nemesis::{Fault, FaultKind, KillTarget, Step};
 use procs::{ChaosCluster, NodeSettings};
@@ -41,6 +42,8 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(90);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the dataflow may take to catch up after the heal.
 const DATAFLOW_TIMEOUT: Duration = Duration::from_secs(180);
+/// Partitions of the fraud dataflow's source topic.
+const FRAUD_PARTITIONS: u32 = 4;
 /// A client call's time limit during the run (a paused node must not stall
 /// the workload for long).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -160,7 +163,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     // On SIGINT or SIGTERM the run is dropped, and with it the cluster: every
     // node process is killed.
-    let report = runtime.block_on(async {
+    let verdict = runtime.block_on(async {
         tokio::select! {
             report = run_async(&args, seed, &dir) => report,
             signal = crate::cluster_cli::wait_for_shutdown_signal() => {
@@ -169,27 +172,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     })?;
-    let keep = args.keep || !report.verdict.ok();
+    let keep = args.keep || !verdict.ok();
     if let (Some(scratch), true) = (scratch, keep) {
         let kept = scratch.keep();
         eprintln!("data and node logs kept in {}", kept.display());
     }
-    if report.verdict.ok() {
+    if verdict.ok() {
         Ok(())
     } else {
         bail!(
             "the checker found {} anomalies; replay the schedule with --seed {seed}",
-            report.verdict.anomaly_total()
+            verdict.anomaly_total()
         )
     }
 }
 
-/// What a run found.
-struct Report {
-    verdict: Verdict,
-}
-
-async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Result<Report> {
+async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Result<Verdict> {
     let timeline = Arc::new(Timeline {
         start: Instant::now(),
         json: args.json,
@@ -215,21 +213,14 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
         ack_before_commit: args.test_ack_before_commit,
     };
     let mut cluster = ChaosCluster::start(dir, args.nodes, args.first_host, settings)?;
-    let client = connect(&cluster).await?;
-    let fraud_partitions = 4;
-    create_topic(
-        &client,
-        TOPIC,
-        TopicConfig::new(args.topic_partitions, args.replication),
-    )
-    .await?;
+    let mut client = connect(&cluster.addrs, &cluster.certs, SETUP_TIMEOUT).await?;
+    client.timeout = CLIENT_TIMEOUT;
+    let client = Arc::new(client);
+    let config = TopicConfig::new(args.topic_partitions, args.replication);
+    create_topic(&client, TOPIC, config, SETUP_TIMEOUT).await?;
     if args.dataflow.is_some() {
-        create_topic(
-            &client,
-            fraud::SOURCE,
-            TopicConfig::new(fraud_partitions, args.replication),
-        )
-        .await?;
+        let config = TopicConfig::new(FRAUD_PARTITIONS, args.replication);
+        create_topic(&client, fraud::SOURCE, config, SETUP_TIMEOUT).await?;
         start_dataflow(&client).await?;
     }
     wait_for_leaders(&client, TOPIC).await?;
@@ -255,7 +246,7 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
         producers.push(tokio::spawn(workload.clone().produce_attempts(
             worker,
             seed,
-            fraud_partitions,
+            FRAUD_PARTITIONS,
             share,
         )));
     }
@@ -350,34 +341,7 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
         &verdict,
     );
     drop(cluster);
-    Ok(Report { verdict })
-}
-
-async fn connect(cluster: &ChaosCluster) -> anyhow::Result<Arc<Client>> {
-    let deadline = Instant::now() + SETUP_TIMEOUT;
-    loop {
-        match Client::connect(cluster.addrs.clone(), &cluster.certs).await {
-            Ok(mut client) => {
-                client.timeout = CLIENT_TIMEOUT;
-                return Ok(Arc::new(client));
-            }
-            Err(e) if Instant::now() > deadline => return Err(e).context("connecting to the cluster"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
-async fn create_topic(client: &Client, name: &str, config: TopicConfig) -> anyhow::Result<()> {
-    let deadline = Instant::now() + SETUP_TIMEOUT;
-    loop {
-        match client.create_topic(name, config.clone()).await {
-            Ok(()) => return Ok(()),
-            // An earlier try may have succeeded without an answer.
-            Err(_) if client.describe_topic(name).await.is_ok() => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e).with_context(|| format!("creating topic {name}")),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    Ok(verdict)
 }
 
 async fn start_dataflow(client: &Client) -> anyhow::Result<()> {
