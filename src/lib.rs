@@ -13,6 +13,9 @@
 //! `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and the README for what
 //! each holds and what is built so far.
 
+pub mod check;
+pub mod sim;
+
 pub use runnel_actors as broker;
 pub use runnel_cluster as cluster;
 pub use runnel_dataflow as dataflow;

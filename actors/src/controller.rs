@@ -14,16 +14,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use runnel_cluster::{Mailbox, MemberState, NodeHandle, NodeId};
-use runnel_storage::{BatchBuilder, Record, RecordBatch};
+use runnel_storage::RecordBatch;
 use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::error::Result;
 use crate::metadata::{
-    place, place_tasks, validate_topic_name, DataflowMeta, Metadata, MetadataCommand, MetadataError, TopicConfig,
-    CONTROLLER_GROUP,
+    command_batch, pick_replacement, place, place_tasks, validate_topic_name, AppliedMetadata, DataflowMeta,
+    MetadataCommand, MetadataError, TopicConfig, CONTROLLER_GROUP,
 };
 use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
@@ -31,8 +30,6 @@ use crate::protocol::{
 };
 use crate::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskHost};
 
-/// Apply results kept for commands proposed here (by record offset).
-const RESULTS_KEPT: usize = 1024;
 /// How often the controller leader looks for dead nodes' replicas to move,
 /// and every node nudges unsettled groups.
 const HEAL_INTERVAL: Duration = Duration::from_millis(500);
@@ -72,19 +69,11 @@ impl ControllerConfig {
     }
 }
 
-#[derive(Default)]
-struct MetaState {
-    metadata: Metadata,
-    /// The controller-log offset up to which commands are applied.
-    applied_offset: u64,
-    results: BTreeMap<u64, std::result::Result<(), MetadataError>>,
-}
-
 struct Shared {
     broker: Arc<Broker>,
     node: NodeHandle,
     config: ControllerConfig,
-    meta: RwLock<MetaState>,
+    meta: RwLock<AppliedMetadata>,
     /// Groups this node was asked to host by the metadata.
     hosted: Mutex<BTreeSet<u64>>,
     /// Local groups whose voters may differ from their assignment, with the
@@ -127,7 +116,7 @@ impl Controller {
             broker,
             node: node.clone(),
             config: config.clone(),
-            meta: RwLock::new(MetaState::default()),
+            meta: RwLock::new(AppliedMetadata::default()),
             hosted: Mutex::new(BTreeSet::new()),
             unsettled: Mutex::new(BTreeMap::new()),
             settled: Mutex::new(BTreeMap::new()),
@@ -202,15 +191,6 @@ async fn serve_inbox<Req, Resp, Serve, Answer>(
     }
 }
 
-/// The least-loaded live node that holds no replica of the partition yet.
-fn pick_replacement(alive: &[u32], replicas: &[u32], load: &BTreeMap<u32, usize>) -> Option<u32> {
-    alive
-        .iter()
-        .copied()
-        .filter(|n| !replicas.contains(n))
-        .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n))
-}
-
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).unwrap_or_default()
 }
@@ -220,7 +200,7 @@ impl Shared {
         u64::from(self.node.id().0)
     }
 
-    fn meta(&self) -> std::sync::RwLockReadGuard<'_, MetaState> {
+    fn meta(&self) -> std::sync::RwLockReadGuard<'_, AppliedMetadata> {
         self.meta.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -284,28 +264,7 @@ impl Shared {
             .filter(|m| m.state == MemberState::Alive)
             .map(|m| m.node.0)
             .collect();
-        let moves: Vec<MetadataCommand> = {
-            let meta = self.meta();
-            let mut load = meta.metadata.load();
-            let mut moves = Vec::new();
-            for topic in meta.metadata.topics.values() {
-                for (partition, replicas) in topic.assignment.iter().enumerate() {
-                    for &gone in replicas.iter().filter(|n| dead.contains(n)) {
-                        let replacement = pick_replacement(&alive, replicas, &load);
-                        if let Some(replacement) = replacement {
-                            *load.entry(replacement).or_default() += 1;
-                            moves.push(MetadataCommand::ReplaceReplica {
-                                topic: topic.name.clone(),
-                                partition: partition as u32,
-                                dead: gone,
-                                replacement,
-                            });
-                        }
-                    }
-                }
-            }
-            moves
-        };
+        let moves = self.meta().replica_moves(&dead, &alive);
         let moves = moves.into_iter().chain(self.task_moves(&dead, &alive));
         for command in moves {
             tracing::info!(?command, "re-creating a dead node's replica or task elsewhere");
@@ -603,41 +562,8 @@ impl Shared {
                 return Ok(());
             }
             let mut meta = self.meta.write().unwrap_or_else(|p| p.into_inner());
-            for batch in batches {
-                if batch.next_offset() <= meta.applied_offset {
-                    continue;
-                }
-                if !batch.is_control() {
-                    for record in batch.records() {
-                        let record = record.map_err(|e| e.to_string())?;
-                        if record.offset < meta.applied_offset {
-                            continue;
-                        }
-                        let value = record.record.value.unwrap_or_default();
-                        let command: MetadataCommand = match postcard::from_bytes(&value) {
-                            Ok(command) => command,
-                            Err(e) => {
-                                // Skipped, not retried forever: every node skips it alike.
-                                tracing::error!(offset = record.offset, error = %e, "controller record is not a command");
-                                let refusal = MetadataError::InvalidConfig(format!("undecodable command: {e}"));
-                                meta.results.insert(record.offset, Err(refusal));
-                                continue;
-                            }
-                        };
-                        let result = meta.metadata.apply(&command);
-                        match &result {
-                            Ok(()) => {
-                                tracing::info!(node = self.me(), offset = record.offset, ?command, "metadata applied")
-                            }
-                            Err(e) => tracing::debug!(offset = record.offset, error = %e, "metadata command refused"),
-                        }
-                        meta.results.insert(record.offset, result);
-                        while meta.results.len() > RESULTS_KEPT {
-                            meta.results.pop_first();
-                        }
-                    }
-                }
-                meta.applied_offset = batch.next_offset();
+            for batch in &batches {
+                meta.apply_batch(batch).map_err(|e| e.to_string())?;
             }
         }
     }
@@ -688,19 +614,7 @@ impl Shared {
     /// local groups must still converge on their assignment.
     async fn reconcile(&self) {
         let me = self.me();
-        let mut wanted: BTreeMap<u64, (Vec<u64>, Vec<u64>)> = BTreeMap::new();
-        {
-            let meta = self.meta();
-            for topic in meta.metadata.topics.values() {
-                for (partition, replicas) in topic.assignment.iter().enumerate() {
-                    let voters: Vec<u64> = replicas.iter().map(|&n| u64::from(n)).collect();
-                    if voters.contains(&me) {
-                        let founders = topic.founders[partition].iter().map(|&n| u64::from(n)).collect();
-                        wanted.insert(topic.group_id(partition as u32), (voters, founders));
-                    }
-                }
-            }
-        }
+        let wanted = self.meta().wanted_groups(me);
         let hosted: BTreeSet<u64> = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for (group, (voters, founders)) in &wanted {
             let settled = self.settled.lock().unwrap_or_else(|p| p.into_inner()).get(group) == Some(voters);
@@ -944,14 +858,7 @@ impl Shared {
     /// Proposes a command to group 0 (this node must lead it) and waits until
     /// it is applied here, returning how applying it went.
     async fn commit(&self, command: MetadataCommand) -> ControllerResponse {
-        let mut builder = BatchBuilder::new();
-        let value = Bytes::from(encode(&command));
-        let record = Record {
-            timestamp_ms: unix_ms(),
-            value: Some(value),
-            ..Record::default()
-        };
-        let batch = match builder.push(&record).and_then(|()| builder.build()) {
+        let batch = match command_batch(&command, unix_ms()) {
             Ok(batch) => batch,
             Err(e) => return ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
         };

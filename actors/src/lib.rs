@@ -33,4 +33,5 @@ pub use broker::{Broker, BrokerConfig};
 pub use controller::{Controller, ControllerConfig};
 pub use error::{ActorError, Result};
 pub use protocol::{Acks, BrokerError};
+pub use raft::eraftpb::Message as RaftMessage;
 pub use replica::{Committed, ReadyOutput, ReplicaConfig, ReplicaCore};

@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+use runnel_storage::{BatchBuilder, Record, RecordBatch, StorageError};
 use serde::{Deserialize, Serialize};
 
 /// Partitions of one topic at most.
@@ -18,6 +20,8 @@ pub const REPLICATION_MAX: u16 = 7;
 pub const TOPIC_NAME_BYTES_MAX: usize = 200;
 /// Raft group id of the controller; partition groups are never 0.
 pub const CONTROLLER_GROUP: u64 = 0;
+/// Apply results kept for commands (by record offset).
+const RESULTS_KEPT: usize = 1024;
 
 /// Why a metadata change was refused. The text names the problem.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -457,4 +461,123 @@ mod tests {
         assert_ne!(group_id(1, 0), group_id(2, 0));
         assert_ne!(group_id(1, 0), CONTROLLER_GROUP);
     }
+}
+
+/// A command as the controller log holds it: one record of its own.
+pub fn command_batch(command: &MetadataCommand, timestamp_ms: i64) -> Result<RecordBatch, StorageError> {
+    let value = postcard::to_allocvec(command).map_err(|e| StorageError::InvalidBatch(e.to_string()))?;
+    let mut builder = BatchBuilder::new();
+    builder.push(&Record {
+        timestamp_ms,
+        value: Some(Bytes::from(value)),
+        ..Record::default()
+    })?;
+    builder.build()
+}
+
+/// The metadata as one node has applied it from the controller log.
+#[derive(Clone, Debug, Default)]
+pub struct AppliedMetadata {
+    pub metadata: Metadata,
+    /// The controller-log offset up to which commands are applied.
+    pub applied_offset: u64,
+    /// How applying each recent command went, by record offset.
+    pub results: BTreeMap<u64, Result<(), MetadataError>>,
+}
+
+impl AppliedMetadata {
+    /// Applies the commands of one committed controller-log batch that are
+    /// not applied yet. A record that is not a command is skipped (every
+    /// node skips it alike) and its result is a refusal.
+    pub fn apply_batch(&mut self, batch: &RecordBatch) -> Result<(), StorageError> {
+        if batch.next_offset() <= self.applied_offset {
+            return Ok(());
+        }
+        if !batch.is_control() {
+            for record in batch.records() {
+                let record = record?;
+                if record.offset < self.applied_offset {
+                    continue;
+                }
+                let value = record.record.value.unwrap_or_default();
+                let result = match postcard::from_bytes::<MetadataCommand>(&value) {
+                    Ok(command) => {
+                        let result = self.metadata.apply(&command);
+                        match &result {
+                            Ok(()) => tracing::info!(offset = record.offset, ?command, "metadata applied"),
+                            Err(e) => tracing::debug!(offset = record.offset, error = %e, "metadata command refused"),
+                        }
+                        result
+                    }
+                    Err(e) => {
+                        tracing::error!(offset = record.offset, error = %e, "controller record is not a command");
+                        Err(MetadataError::InvalidConfig(format!("undecodable command: {e}")))
+                    }
+                };
+                self.results.insert(record.offset, result);
+                while self.results.len() > RESULTS_KEPT {
+                    self.results.pop_first();
+                }
+            }
+        }
+        self.applied_offset = batch.next_offset();
+        Ok(())
+    }
+
+    /// The partition groups assigned to `node`: group → (voters, founders).
+    pub fn wanted_groups(&self, node: u64) -> BTreeMap<u64, (Vec<u64>, Vec<u64>)> {
+        let mut wanted = BTreeMap::new();
+        for topic in self.metadata.topics.values() {
+            for (partition, replicas) in topic.assignment.iter().enumerate() {
+                let voters: Vec<u64> = replicas.iter().map(|&n| u64::from(n)).collect();
+                if voters.contains(&node) {
+                    let founders = topic.founders[partition].iter().map(|&n| u64::from(n)).collect();
+                    wanted.insert(topic.group_id(partition as u32), (voters, founders));
+                }
+            }
+        }
+        wanted
+    }
+
+    /// The nodes a partition group is assigned to, if the group exists.
+    pub fn assignment_of(&self, group: u64) -> Option<Vec<u64>> {
+        self.metadata.topics.values().find_map(|topic| {
+            let partition = u32::try_from(group & ((1 << 20) - 1)).ok()?;
+            let replicas = topic.assignment.get(partition as usize)?;
+            (topic.group_id(partition) == group).then(|| replicas.iter().map(|&n| u64::from(n)).collect())
+        })
+    }
+
+    /// The controller leader's moves of `dead` nodes' replicas: each to the
+    /// least-loaded `alive` node not holding the partition yet. Partitions
+    /// with no such node stay under-replicated until one appears.
+    pub fn replica_moves(&self, dead: &[u32], alive: &[u32]) -> Vec<MetadataCommand> {
+        let mut load = self.metadata.load();
+        let mut moves = Vec::new();
+        for topic in self.metadata.topics.values() {
+            for (partition, replicas) in topic.assignment.iter().enumerate() {
+                for &gone in replicas.iter().filter(|n| dead.contains(n)) {
+                    if let Some(replacement) = pick_replacement(alive, replicas, &load) {
+                        *load.entry(replacement).or_default() += 1;
+                        moves.push(MetadataCommand::ReplaceReplica {
+                            topic: topic.name.clone(),
+                            partition: partition as u32,
+                            dead: gone,
+                            replacement,
+                        });
+                    }
+                }
+            }
+        }
+        moves
+    }
+}
+
+/// The least-loaded live node that holds no replica of the partition yet.
+pub fn pick_replacement(alive: &[u32], replicas: &[u32], load: &BTreeMap<u32, usize>) -> Option<u32> {
+    alive
+        .iter()
+        .copied()
+        .filter(|n| !replicas.contains(n))
+        .min_by_key(|n| (load.get(n).copied().unwrap_or(0), *n))
 }

@@ -7,7 +7,7 @@
 //! fails the actor; its supervisor restarts it from what is on disk.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -87,19 +87,43 @@ pub enum ReplicaMsg {
     InjectPanic,
 }
 
-struct Waiter {
+/// Where the answer to a produce goes: the actor's reply port, or the
+/// deterministic simulation's outbox.
+pub trait ProduceReply {
+    fn answer(self, result: Result<u64, BrokerError>);
+}
+
+impl ProduceReply for RpcReplyPort<Result<u64, BrokerError>> {
+    fn answer(self, result: Result<u64, BrokerError>) {
+        // The caller may have given up waiting; nothing is lost by that.
+        let _ = self.send(result);
+    }
+}
+
+struct Waiter<R> {
     /// The leader's term when it proposed: a different term at the index
     /// means the entry was replaced and the batch was not written.
     term: u64,
     acks: Acks,
-    reply: RpcReplyPort<Result<u64, BrokerError>>,
+    reply: R,
+}
+
+/// One replica as its node serves it: the Raft core, produce admission (size,
+/// attributes, idempotent-producer sequences), produces waiting for their
+/// entry, and fetches. No actor, socket or clock: [`PartitionReplica`] is a
+/// shell around it, and the deterministic simulation drives it directly.
+pub struct PartitionCore<R> {
+    group: u64,
+    batch_bytes_max: usize,
+    ack_before_commit: bool,
+    core: ReplicaCore,
+    /// By Raft index.
+    waiters: BTreeMap<u64, Vec<Waiter<R>>>,
 }
 
 pub struct ReplicaState {
-    core: ReplicaCore,
+    part: PartitionCore<RpcReplyPort<Result<u64, BrokerError>>>,
     args: ReplicaArgs,
-    /// By Raft index.
-    waiters: BTreeMap<u64, Vec<Waiter>>,
 }
 
 pub struct PartitionReplica;
@@ -114,30 +138,23 @@ impl Actor for PartitionReplica {
         _myself: ActorRef<ReplicaMsg>,
         args: ReplicaArgs,
     ) -> Result<ReplicaState, ActorProcessingErr> {
-        let mut core = ReplicaCore::open(
+        let (part, messages) = PartitionCore::open(
+            args.group,
             &args.dir,
             args.log_config.clone(),
             &args.config,
             args.bootstrap_voters.as_deref(),
         )?;
-        let preferred = args.bootstrap_voters.as_ref().and_then(|v| v.first()) == Some(&args.config.id);
-        if preferred && core.is_fresh() {
-            core.campaign()?;
-            // Its vote requests go out with the first ready.
-            let output = core.handle_ready()?;
-            args.router.send(args.group, output.messages);
+        if !messages.is_empty() {
+            args.router.send(args.group, messages);
         }
         tracing::info!(
             group = args.group,
             id = args.config.id,
-            end_offset = core.store().log().end_offset(),
+            end_offset = part.core().store().log().end_offset(),
             "replica started"
         );
-        Ok(ReplicaState {
-            core,
-            args,
-            waiters: BTreeMap::new(),
-        })
+        Ok(ReplicaState { part, args })
     }
 
     async fn handle(
@@ -149,45 +166,38 @@ impl Actor for PartitionReplica {
         match message {
             ReplicaMsg::Tick => {
                 state.args.queued.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                state.core.tick();
+                state.part.core_mut().tick();
             }
             ReplicaMsg::Raft(message) => {
                 state.args.queued.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                state.core.step(*message)?
+                state.part.core_mut().step(*message)?
             }
-            ReplicaMsg::Produce { batch, acks, reply } => state.produce(batch, acks, reply),
+            ReplicaMsg::Produce { batch, acks, reply } => state.part.produce(batch, acks, reply),
             ReplicaMsg::Fetch {
                 offset,
                 max_bytes,
                 any_replica,
                 reply,
             } => {
-                let _ = reply.send(state.fetch(offset, max_bytes, any_replica)?);
+                let _ = reply.send(state.part.fetch(offset, max_bytes, any_replica)?);
             }
             ReplicaMsg::Status(reply) => {
-                let _ = reply.send(state.status());
+                let _ = reply.send(state.part.status());
             }
             ReplicaMsg::OffsetForTimestamp { timestamp_ms, reply } => {
-                let answer = if state.core.is_leader() {
-                    let committed = state.core.committed_offset();
-                    let found = state.core.store().log().offset_for_timestamp(timestamp_ms)?;
-                    Ok(found.filter(|&offset| offset < committed))
-                } else {
-                    Err(BrokerError::NotLeader {
-                        group: state.args.group,
-                        leader: state.core.leader_id(),
-                    })
-                };
-                let _ = reply.send(answer);
+                let _ = reply.send(state.part.offset_for_timestamp(timestamp_ms)?);
             }
             ReplicaMsg::Reconfigure(desired) => {
-                if let Some((change, node)) = state.core.step_towards(&desired)? {
+                if let Some((change, node)) = state.part.core_mut().step_towards(&desired)? {
                     tracing::info!(group = state.args.group, ?change, node, "membership change proposed");
                 }
             }
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),
         }
-        state.drive()?;
+        let messages = state.part.drive()?;
+        if !messages.is_empty() {
+            state.args.router.send(state.args.group, messages);
+        }
         Ok(())
     }
 
@@ -196,31 +206,97 @@ impl Actor for PartitionReplica {
         _myself: ActorRef<ReplicaMsg>,
         state: &mut ReplicaState,
     ) -> Result<(), ActorProcessingErr> {
-        state.core.persist_commit()?;
+        state.part.core_mut().persist_commit()?;
         Ok(())
     }
 }
 
-impl ReplicaState {
-    fn produce(&mut self, batch: RecordBatch, acks: Acks, reply: RpcReplyPort<Result<u64, BrokerError>>) {
-        let group = self.args.group;
-        let limit_bytes = self.args.log_config.batch_bytes_max;
+impl<R: ProduceReply> PartitionCore<R> {
+    /// Opens the replica in `dir` (see [`ReplicaCore::open`]). A brand-new
+    /// group's preferred replica (the first founder) campaigns at once, so
+    /// leadership follows placement; its vote requests are returned.
+    pub fn open(
+        group: u64,
+        dir: &Path,
+        log_config: LogConfig,
+        config: &ReplicaConfig,
+        bootstrap_voters: Option<&[u64]>,
+    ) -> crate::Result<(PartitionCore<R>, Vec<Message>)> {
+        let batch_bytes_max = log_config.batch_bytes_max;
+        let mut core = ReplicaCore::open(dir, log_config, config, bootstrap_voters)?;
+        let mut messages = Vec::new();
+        let preferred = bootstrap_voters.and_then(|v| v.first()) == Some(&config.id);
+        if preferred && core.is_fresh() {
+            core.campaign()?;
+            messages = core.handle_ready()?.messages;
+        }
+        let part = PartitionCore {
+            group,
+            batch_bytes_max,
+            ack_before_commit: config.ack_before_commit,
+            core,
+            waiters: BTreeMap::new(),
+        };
+        Ok((part, messages))
+    }
+
+    pub fn group(&self) -> u64 {
+        self.group
+    }
+
+    pub fn core(&self) -> &ReplicaCore {
+        &self.core
+    }
+
+    pub fn core_mut(&mut self) -> &mut ReplicaCore {
+        &mut self.core
+    }
+
+    /// The Raft core, dropping waiting produces unanswered (as a crash does).
+    pub fn into_core(self) -> ReplicaCore {
+        self.core
+    }
+
+    /// Produces waiting for their entry.
+    pub fn waiting(&self) -> usize {
+        self.waiters.values().map(Vec::len).sum()
+    }
+
+    /// The leader's answer to a committed timestamp lookup.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> crate::Result<Result<Option<u64>, BrokerError>> {
+        if !self.core.is_leader() {
+            return Ok(Err(BrokerError::NotLeader {
+                group: self.group,
+                leader: self.core.leader_id(),
+            }));
+        }
+        let committed = self.core.committed_offset();
+        let found = self.core.store().log().offset_for_timestamp(timestamp_ms)?;
+        Ok(Ok(found.filter(|&offset| offset < committed)))
+    }
+
+    /// Admits a produce: refused at once, answered from the log (a retried
+    /// batch), or proposed and answered when its entry commits (`acks=all`)
+    /// or is appended here (`leader`, `none`).
+    pub fn produce(&mut self, batch: RecordBatch, acks: Acks, reply: R) {
+        let group = self.group;
+        let limit_bytes = self.batch_bytes_max;
         if batch.size_bytes() > limit_bytes {
-            let _ = reply.send(Err(BrokerError::BatchTooLarge {
+            reply.answer(Err(BrokerError::BatchTooLarge {
                 size_bytes: batch.size_bytes(),
                 limit_bytes,
             }));
             return;
         }
-        if self.waiters.values().map(Vec::len).sum::<usize>() >= WAITERS_MAX {
-            let _ = reply.send(Err(BrokerError::Busy(group)));
+        if self.waiting() >= WAITERS_MAX {
+            reply.answer(Err(BrokerError::Busy(group)));
             return;
         }
         // Attributes belong to the broker (a client-made control batch would
         // be read back as a Raft configuration change).
         if batch.header().attributes != 0 {
             let reason = format!("batch attributes must be 0, not {:#06x}", batch.header().attributes);
-            let _ = reply.send(Err(BrokerError::InvalidRequest(reason)));
+            reply.answer(Err(BrokerError::InvalidRequest(reason)));
             return;
         }
         let producer = batch.header().producer;
@@ -231,20 +307,20 @@ impl ReplicaState {
                     // A retry: answer with the original's fate, never write twice.
                     let store = self.core.store();
                     if original.index <= store.hard_state().commit {
-                        let _ = reply.send(Ok(original.base_offset));
+                        reply.answer(Ok(original.base_offset));
                     } else if let Some(term) = store.entry_term(original.index) {
                         self.waiters
                             .entry(original.index)
                             .or_default()
                             .push(Waiter { term, acks, reply });
                     } else {
-                        let _ = reply.send(Err(BrokerError::LeadershipLost));
+                        reply.answer(Err(BrokerError::LeadershipLost));
                     }
                     return;
                 }
                 SequenceCheck::Gap { expected, got } => {
                     let producer_id = producer.producer_id;
-                    let _ = reply.send(Err(BrokerError::OutOfOrderSequence {
+                    reply.answer(Err(BrokerError::OutOfOrderSequence {
                         producer_id,
                         expected,
                         got,
@@ -264,7 +340,7 @@ impl ReplicaState {
                             stored_last_sequence: last_sequence,
                         }
                     };
-                    let _ = reply.send(Err(error));
+                    reply.answer(Err(error));
                     return;
                 }
                 SequenceCheck::UnknownProducer => {
@@ -272,7 +348,7 @@ impl ReplicaState {
                         "producer {} is not known here and its sequence {} is not 0; start a new producer",
                         producer.producer_id, producer.base_sequence
                     );
-                    let _ = reply.send(Err(BrokerError::InvalidRequest(reason)));
+                    reply.answer(Err(BrokerError::InvalidRequest(reason)));
                     return;
                 }
                 SequenceCheck::Stale { last_sequence, index } => {
@@ -286,7 +362,7 @@ impl ReplicaState {
                             got,
                         }
                     };
-                    let _ = reply.send(Err(error));
+                    reply.answer(Err(error));
                     return;
                 }
             }
@@ -300,21 +376,22 @@ impl ReplicaState {
                     .push(Waiter { term, acks, reply });
             }
             Err(crate::ActorError::NotLeader { leader }) => {
-                let _ = reply.send(Err(BrokerError::NotLeader { group, leader }));
+                reply.answer(Err(BrokerError::NotLeader { group, leader }));
             }
             Err(_) => {
-                let _ = reply.send(Err(BrokerError::Busy(group)));
+                reply.answer(Err(BrokerError::Busy(group)));
             }
         }
     }
 
-    fn fetch(
+    /// Committed batches from `offset`, from the leader (or any replica).
+    pub fn fetch(
         &self,
         offset: u64,
         max_bytes: usize,
         any_replica: bool,
-    ) -> Result<Result<Fetched, BrokerError>, ActorProcessingErr> {
-        let group = self.args.group;
+    ) -> crate::Result<Result<Fetched, BrokerError>> {
+        let group = self.group;
         if !any_replica && !self.core.is_leader() {
             return Ok(Err(BrokerError::NotLeader {
                 group,
@@ -338,10 +415,10 @@ impl ReplicaState {
         }))
     }
 
-    fn status(&self) -> ReplicaStatus {
+    pub fn status(&self) -> ReplicaStatus {
         let conf = self.core.store().conf_state();
         ReplicaStatus {
-            group: self.args.group,
+            group: self.group,
             id: self.core.id(),
             leader: self.core.leader_id(),
             term: self.core.term(),
@@ -352,19 +429,19 @@ impl ReplicaState {
         }
     }
 
-    /// Drains ready state: persist, send, and answer waiting produces.
-    fn drive(&mut self) -> Result<(), ActorProcessingErr> {
+    /// Drains ready state: persists what Raft asks, answers waiting
+    /// produces, and returns the messages to send, in order.
+    pub fn drive(&mut self) -> crate::Result<Vec<Message>> {
+        let mut messages = Vec::new();
         while self.core.has_ready() {
             let output = self.core.handle_ready()?;
-            if !output.messages.is_empty() {
-                self.args.router.send(self.args.group, output.messages);
-            }
+            messages.extend(output.messages);
             for committed in output.committed {
                 self.resolve(committed.index, true);
             }
         }
         self.resolve_appended();
-        Ok(())
+        Ok(messages)
     }
 
     /// Answers the waiters of a committed (or, for `acks=leader|none`,
@@ -377,7 +454,7 @@ impl ReplicaState {
         let store = self.core.store();
         let mut still_waiting = Vec::new();
         for waiter in waiters {
-            if !committed && waiter.acks == Acks::All && !self.args.config.ack_before_commit {
+            if !committed && waiter.acks == Acks::All && !self.ack_before_commit {
                 still_waiting.push(waiter);
                 continue;
             }
@@ -385,7 +462,7 @@ impl ReplicaState {
                 (Some(term), Some((base_offset, _))) if term == waiter.term => Ok(base_offset),
                 _ => Err(BrokerError::LeadershipLost),
             };
-            let _ = waiter.reply.send(result);
+            waiter.reply.answer(result);
         }
         if !still_waiting.is_empty() {
             self.waiters.insert(index, still_waiting);
@@ -402,11 +479,11 @@ impl ReplicaState {
                 continue;
             };
             let term_here = self.core.store().entry_term(index);
-            let (replaced, kept): (Vec<Waiter>, Vec<Waiter>) = waiters
+            let (replaced, kept): (Vec<Waiter<R>>, Vec<Waiter<R>>) = waiters
                 .into_iter()
                 .partition(|w| index > last_index || term_here.is_some_and(|t| t != w.term));
             for waiter in replaced {
-                let _ = waiter.reply.send(Err(BrokerError::LeadershipLost));
+                waiter.reply.answer(Err(BrokerError::LeadershipLost));
             }
             if !kept.is_empty() {
                 self.waiters.insert(index, kept);

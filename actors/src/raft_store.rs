@@ -279,6 +279,13 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Simulates a crash: entries appended since the last sync are lost
+    /// except their first `keep_unsynced_bytes` (see [`Log::crash`]); the
+    /// store refuses further writes and must be dropped and reopened.
+    pub fn crash(&mut self, keep_unsynced_bytes: u64) -> Result<u64> {
+        Ok(self.log.crash(keep_unsynced_bytes)?)
+    }
+
     /// Writes the commit index when it has moved far since last written, so a
     /// restart after a crash does not re-read a long committed stretch.
     pub fn persist_commit_if_far(&mut self) -> Result<()> {

@@ -22,6 +22,10 @@ pub struct ReplicaConfig {
     pub id: u64,
     /// Ticks without a leader before an election (randomized up to twice this).
     pub election_tick: usize,
+    /// Pins the randomized election timeout to `[min, max)` ticks instead.
+    /// raft-rs draws it from the thread's RNG, so the deterministic
+    /// simulation pins it to one value per replica (`max = min + 1`).
+    pub election_tick_range: Option<(usize, usize)>,
     pub heartbeat_tick: usize,
     /// Bytes of entries in one append message.
     pub max_size_per_msg: u64,
@@ -42,6 +46,7 @@ impl ReplicaConfig {
             // With the node's 100 ms tick: heartbeats every 300 ms, elections
             // after 0.9-1.8 s of silence (three missed heartbeats at least).
             election_tick: 9,
+            election_tick_range: None,
             heartbeat_tick: 3,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
@@ -90,6 +95,8 @@ impl ReplicaCore {
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_tick,
+            min_election_tick: config.election_tick_range.map_or(0, |(min, _)| min),
+            max_election_tick: config.election_tick_range.map_or(0, |(_, max)| max),
             heartbeat_tick: config.heartbeat_tick,
             // Committed entries are already in the log, which is the state.
             applied: store.hard_state().commit,
@@ -299,6 +306,21 @@ impl ReplicaCore {
         change.mut_changes().push(single);
         self.raw.propose_conf_change(Vec::new(), change)?;
         Ok(Some((change_type, node_id)))
+    }
+
+    /// Simulates the node crashing now. With `mid_ready`, the crash strikes
+    /// while a ready is being handled: its new entries were written but not
+    /// synced, and nothing of it was sent. Unsynced log bytes are lost except
+    /// the first `keep_unsynced_bytes`; the commit index is as last written.
+    /// Returns the bytes lost. The replica must be dropped and reopened.
+    pub fn crash(mut self, mid_ready: bool, keep_unsynced_bytes: u64) -> Result<u64> {
+        if mid_ready && self.raw.has_ready() {
+            let ready = self.raw.ready();
+            if ready.snapshot().is_empty() {
+                self.raw.mut_store().append(ready.entries())?;
+            }
+        }
+        self.raw.mut_store().crash(keep_unsynced_bytes)
     }
 
     /// Writes the commit index too (it is otherwise written lazily); call it

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{ClusterError, Result};
 use crate::membership::{MemberState, Membership, MembershipConfig};
 use crate::protocol::{Envelope, PeerFrame, PROTOCOL_VERSION};
-use crate::{Inbound, NodeId, Transport};
+use crate::{NodeId, Transport};
 
 /// splitmix64: small, fast, and the same everywhere.
 #[derive(Clone, Debug)]
@@ -74,18 +74,21 @@ pub struct SimStats {
     pub delivered: u64,
 }
 
-struct InFlight {
+struct InFlight<M> {
+    from: NodeId,
     to: NodeId,
-    inbound: Inbound,
+    message: M,
 }
 
-pub struct SimNetwork {
+/// Messages of type `M` between simulated nodes: each one's fate (dropped,
+/// duplicated, delayed — random delays reorder) is drawn from the seed.
+pub struct SimNetwork<M = Envelope> {
     now_ms: u64,
     rng: SimRng,
     faults: FaultConfig,
     /// (delivery time, sequence): the sequence breaks ties deterministically.
     queue: BinaryHeap<Reverse<(u64, u64)>>,
-    in_flight: BTreeMap<u64, InFlight>,
+    in_flight: BTreeMap<u64, InFlight<M>>,
     next_seq: u64,
     nodes_by_addr: BTreeMap<SocketAddr, NodeId>,
     /// Directed pairs that cannot reach each other.
@@ -97,8 +100,8 @@ pub struct SimNetwork {
     pub stats: SimStats,
 }
 
-impl SimNetwork {
-    pub fn new(seed: u64, faults: FaultConfig) -> SimNetwork {
+impl<M: Clone> SimNetwork<M> {
+    pub fn new(seed: u64, faults: FaultConfig) -> SimNetwork<M> {
         SimNetwork {
             now_ms: 0,
             rng: SimRng::new(seed),
@@ -118,21 +121,19 @@ impl SimNetwork {
         self.now_ms
     }
 
-    pub fn add_node(&mut self, node: NodeId, addr: SocketAddr) {
-        self.nodes_by_addr.insert(addr, node);
+    /// The network's random source, for callers that draw their own faults
+    /// from the same seed.
+    pub fn rng(&mut self) -> &mut SimRng {
+        &mut self.rng
     }
 
     fn blocked(&self, from: NodeId, to: NodeId) -> bool {
         self.cut.contains(&(from, to)) || self.down.contains(&to) || self.down.contains(&from)
     }
 
-    pub fn send(&mut self, to: SocketAddr, envelope: Envelope) {
+    /// Sends `message` from `from` to `to`; its fate is decided now.
+    pub fn post(&mut self, from: NodeId, to: NodeId, message: M) {
         self.stats.sent += 1;
-        let Some(&to) = self.nodes_by_addr.get(&to) else {
-            self.stats.dropped += 1;
-            return;
-        };
-        let from = envelope.from;
         if self.blocked(from, to) {
             self.stats.cut_by_partition += 1;
             return;
@@ -152,18 +153,16 @@ impl SimNetwork {
             let seq = self.next_seq;
             self.next_seq += 1;
             self.queue.push(Reverse((self.now_ms + delay, seq)));
-            let inbound = Inbound {
-                from,
-                envelope: envelope.clone(),
-            };
-            self.in_flight.insert(seq, InFlight { to, inbound });
+            let message = message.clone();
+            self.in_flight.insert(seq, InFlight { from, to, message });
         }
     }
 
-    /// The next message due at or before `until_ms`, advancing the clock to
-    /// its delivery time. Messages across a partition that formed while they
-    /// were in flight are lost.
-    pub fn next_delivery(&mut self, until_ms: u64) -> Option<(NodeId, Inbound)> {
+    /// The next message due at or before `until_ms` as (to, from, message),
+    /// advancing the clock to its delivery time. Messages across a partition
+    /// that formed while they were in flight, or to a node that crashed, are
+    /// lost.
+    pub fn next_delivery(&mut self, until_ms: u64) -> Option<(NodeId, NodeId, M)> {
         while let Some(&Reverse((at, seq))) = self.queue.peek() {
             if at > until_ms {
                 return None;
@@ -171,12 +170,12 @@ impl SimNetwork {
             self.queue.pop();
             self.now_ms = self.now_ms.max(at);
             let message = self.in_flight.remove(&seq)?;
-            if self.blocked(message.inbound.from, message.to) {
+            if self.blocked(message.from, message.to) {
                 self.stats.cut_by_partition += 1;
                 continue;
             }
             self.stats.delivered += 1;
-            return Some((message.to, message.inbound));
+            return Some((message.to, message.from, message.message));
         }
         None
     }
@@ -208,6 +207,28 @@ impl SimNetwork {
             self.down.insert(node);
         } else {
             self.down.remove(&node);
+        }
+    }
+
+    /// Messages in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+impl SimNetwork<Envelope> {
+    pub fn add_node(&mut self, node: NodeId, addr: SocketAddr) {
+        self.nodes_by_addr.insert(addr, node);
+    }
+
+    /// Sends a node's envelope to the node listening at `to`.
+    pub fn send(&mut self, to: SocketAddr, envelope: Envelope) {
+        match self.nodes_by_addr.get(&to) {
+            Some(&to) => self.post(envelope.from, to, envelope),
+            None => {
+                self.stats.sent += 1;
+                self.stats.dropped += 1;
+            }
         }
     }
 }
@@ -331,7 +352,7 @@ impl SimCluster {
     fn deliver_until(&mut self, until_ms: u64) {
         loop {
             let next = self.net().next_delivery(until_ms);
-            let Some((to, inbound)) = next else { return };
+            let Some((to, from, envelope)) = next else { return };
             let now = self.now_ms();
             let Some(membership) = self.nodes.get_mut(&to).and_then(|n| n.membership.as_mut()) else {
                 continue;
@@ -340,9 +361,9 @@ impl SimCluster {
                 incarnation,
                 addr,
                 members,
-            } = &inbound.envelope.frame
+            } = &envelope.frame
             {
-                let events = membership.on_heartbeat(now, inbound.from, *incarnation, *addr, members);
+                let events = membership.on_heartbeat(now, from, *incarnation, *addr, members);
                 for event in events {
                     self.note(format!("t={now} node {to}: {event:?}"));
                 }

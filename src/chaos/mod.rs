@@ -9,7 +9,7 @@
 //! - [`workload`]: producers, consumers and the recorder.
 //! - [`checker`]: the verdict, a pure function of the history.
 
-mod checker;
+pub use runnel::check as checker;
 mod nemesis;
 mod procs;
 mod workload;

@@ -114,6 +114,8 @@ pub struct Log {
     last_sync: Instant,
     /// Appended bytes not yet synced.
     dirty: bool,
+    /// The active segment's size at its last sync: what survives a crash.
+    synced_bytes: u64,
     /// Set when a mutation failed part-way; every later call is refused.
     failed: Option<String>,
     /// The end offset when there is no segment (only after a failed reset).
@@ -139,6 +141,7 @@ impl Log {
             meta,
             last_sync: Instant::now(),
             dirty: false,
+            synced_bytes: 0,
             failed: None,
             empty_start: recovery_point,
         };
@@ -152,6 +155,7 @@ impl Log {
             // deleting segments, so an empty directory resumes there.
             log.start_segment(recovery_point)?;
         }
+        log.synced_bytes = log.active().size_bytes();
         tracing::debug!(dir = %log.dir.display(), start = log.start_offset(), end = log.end_offset(), clean = clean.is_some(), "log opened");
         Ok(log)
     }
@@ -318,6 +322,7 @@ impl Log {
         let segment = Segment::create(&self.dir, base_offset, self.config.index_interval_bytes)?;
         sync_parent_dir(&segment.paths.log)?;
         self.segments.insert(base_offset, segment);
+        self.synced_bytes = 0;
         Ok(())
     }
 
@@ -336,6 +341,7 @@ impl Log {
             self.guarded(|log| log.active().sync())?;
             self.dirty = false;
         }
+        self.synced_bytes = self.active().size_bytes();
         self.last_sync = Instant::now();
         Ok(())
     }
@@ -474,6 +480,7 @@ impl Log {
             }
         }
         self.active_mut().truncate_to(offset)?;
+        self.synced_bytes = self.synced_bytes.min(self.active().size_bytes());
         sync_parent_dir(&self.dir.join(META_FILE))
     }
 
@@ -525,6 +532,26 @@ impl Log {
             sync_parent_dir(&self.dir.join(META_FILE))?;
         }
         Ok(outcome)
+    }
+
+    /// Simulates the machine crashing now, for the deterministic simulation
+    /// and crash tests: of the bytes appended to the active segment since its
+    /// last sync only the first `keep_unsynced_bytes` reach the disk (0 loses
+    /// them all; a count inside a batch leaves a torn write), and the log
+    /// refuses every later call; drop it without closing. Earlier segments
+    /// were synced when they rolled. Returns the bytes lost.
+    pub fn crash(&mut self, keep_unsynced_bytes: u64) -> Result<u64> {
+        self.healthy()?;
+        self.failed = Some("the log crashed (simulated)".to_string());
+        let active = self.active();
+        let size = active.size_bytes();
+        let kept = self.synced_bytes.saturating_add(keep_unsynced_bytes).min(size);
+        if kept < size {
+            let path = &active.paths.log;
+            let file = std::fs::OpenOptions::new().write(true).open(path).at(path)?;
+            file.set_len(kept).at(path)?;
+        }
+        Ok(size - kept)
     }
 
     /// Syncs everything, saves the active segment's index and marks the log

@@ -167,7 +167,15 @@ impl Verdict {
         self.anomaly_total() == 0
     }
 
-    fn add(&mut self, anomaly: Anomaly) {
+    /// Adds the anomalies another check found (a running check's).
+    pub fn merge(&mut self, other: Verdict) {
+        for (kind, count) in other.anomaly_counts {
+            *self.anomaly_counts.entry(kind).or_default() += count;
+        }
+        self.anomalies.extend(other.anomalies);
+    }
+
+    pub fn add(&mut self, anomaly: Anomaly) {
         let count = self.anomaly_counts.entry(anomaly.kind().to_string()).or_default();
         *count += 1;
         if *count as usize <= LISTED_PER_KIND_MAX {

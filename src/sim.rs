@@ -1,0 +1,1643 @@
+//! The deterministic simulation: a whole cluster in one thread — the
+//! controller (Raft group 0 and its metadata), every partition's replicas,
+//! idempotent producers and consumers — over a simulated network and a
+//! simulated clock, all driven by one seed. The same seed gives the same
+//! run, event for event, so a failing seed replays exactly.
+//!
+//! What runs is the real code: each replica is a [`PartitionCore`] (the
+//! `PartitionReplica` actor without its actor shell: Raft, the log on disk,
+//! produce admission with idempotent sequences, fetch), and the controller's
+//! decisions are [`AppliedMetadata`]'s (apply the controller log, which
+//! groups a node hosts, where a dead node's replicas go) and
+//! [`ReplicaCore::step_towards`] (membership changes). This module is the
+//! shell the actors are in production: it routes messages, ticks, and plays
+//! the failure detector, and it is the nemesis:
+//! - the network drops, duplicates and delays (so reorders) messages;
+//! - nodes are cut off from the rest, then healed;
+//! - nodes crash and restart; a crash may strike while a replica is handling
+//!   Raft's ready state, after its new entries were written but before the
+//!   fsync — those unsynced bytes are lost, or torn part-way
+//!   ([`ReplicaCore::crash`]).
+//!
+//! Invariants are checked throughout (every replica's committed records
+//! against the first copy seen committed at each offset; every
+//! acknowledgement against it) and at the end by [`crate::check`], the
+//! checker `runnel chaos` uses, after the faults heal and the cluster
+//! converges. Timed-out requests, elections and reconfiguration all happen
+//! in simulated time, so a run of many simulated seconds takes well under a
+//! real one.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use runnel_actors::metadata::{
+    command_batch, group_id, place, AppliedMetadata, Metadata, MetadataCommand, TopicConfig, CONTROLLER_GROUP,
+};
+use runnel_actors::partition::{PartitionCore, ProduceReply};
+use runnel_actors::{Acks, BrokerError, RaftMessage as Message, ReplicaConfig};
+use runnel_cluster::sim::{FaultConfig, SimNetwork, SimRng, SimStats};
+use runnel_cluster::NodeId;
+use runnel_storage::{BatchBuilder, FsyncPolicy, Header, LogConfig, ProducerInfo, Record, RecordBatch};
+use serde::Serialize;
+
+use crate::check::{self, Anomaly, History, Outcome, PartitionKey, Seen, Verdict, Write, WRITE_ID_HEADER};
+
+/// The simulated topic.
+pub const TOPIC: &str = "sim";
+/// A Raft tick of every replica, and a node's control loop.
+const TICK_MS: u64 = 100;
+/// Clients act this often.
+const CLIENT_STEP_MS: u64 = 10;
+/// Raft timing in ticks; each replica's election timeout is drawn from the
+/// seed in `[ELECTION_TICKS, 2 * ELECTION_TICKS)`.
+const ELECTION_TICKS: usize = 10;
+const HEARTBEAT_TICKS: usize = 3;
+/// Nodes tell the controller voters they are alive this often; the
+/// controller leader moves the replicas of a node silent for `DEAD_MS`.
+const HEARTBEAT_MS: u64 = 200;
+const DEAD_MS: u64 = 4_000;
+/// A controller leader proposes replica moves at most this often.
+const MOVES_EVERY_MS: u64 = 2_000;
+/// Stale replica files are looked at this often.
+const STALE_EVERY_MS: u64 = 1_000;
+/// A client request unanswered this long is sent again (maybe elsewhere).
+const REQUEST_TIMEOUT_MS: u64 = 500;
+/// A producer retries one batch this long, then records it unknown.
+const GIVE_UP_MS: u64 = 8_000;
+/// Clients refresh their metadata this often.
+const METADATA_EVERY_MS: u64 = 1_000;
+/// A consumer's pause after a fetch that brought nothing.
+const FETCH_IDLE_MS: u64 = 50;
+/// Bytes of committed records in one fetch answer.
+const FETCH_BYTES: usize = 64 * 1024;
+/// Records of one producer batch at most.
+const BATCH_RECORDS_MAX: u64 = 4;
+/// Writes recorded per run at most (producers stop at this), so memory stays
+/// bounded however long the run.
+const WRITES_MAX: usize = 200_000;
+/// Trace lines kept (the last ones).
+const TRACE_MAX: usize = 2_000;
+/// Unsynced bytes a torn write keeps at most.
+const TORN_BYTES_MAX: u64 = 300;
+
+/// One simulated run's shape. `Default` is the test suite's: five nodes,
+/// three controllers, one topic of three partitions with three replicas.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub nodes: u32,
+    /// Nodes 1..=controllers are the controller voters.
+    pub controllers: u32,
+    pub partitions: u32,
+    pub replication: u16,
+    /// Simulated time with faults and producers running.
+    pub duration_ms: u64,
+    /// After healing: how long the cluster may take to converge.
+    pub converge_ms: u64,
+    pub network: FaultConfig,
+    /// Inject crashes, restarts and partitions (the network faults above
+    /// apply regardless).
+    pub nemesis: bool,
+    pub producers: u32,
+    /// A producer's pause between batches to one partition.
+    pub produce_every_ms: u64,
+    pub consumers: u32,
+    /// The deliberately injected bug (acks before commit), for proving the
+    /// checks can fail.
+    pub bug_ack_before_commit: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 5,
+            controllers: 3,
+            partitions: 3,
+            replication: 3,
+            duration_ms: 20_000,
+            converge_ms: 60_000,
+            network: FaultConfig {
+                drop_per_mille: 20,
+                duplicate_per_mille: 20,
+                delay_min_ms: 1,
+                delay_max_ms: 30,
+            },
+            nemesis: true,
+            producers: 2,
+            produce_every_ms: 40,
+            consumers: 2,
+            bug_ack_before_commit: false,
+        }
+    }
+}
+
+/// What one seed did and the verdict.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SimReport {
+    pub seed: u64,
+    /// Simulated time covered, faults and convergence included.
+    pub sim_ms: u64,
+    /// Faults injected by kind (crash, crash_mid_ready, restart, partition, heal).
+    pub faults: BTreeMap<String, u64>,
+    /// Unsynced bytes lost by crashes.
+    pub bytes_lost: u64,
+    pub torn_writes: u64,
+    pub messages_sent: u64,
+    pub messages_dropped: u64,
+    pub messages_duplicated: u64,
+    pub messages_cut: u64,
+    /// Leader changes seen across all groups.
+    pub leader_changes: u64,
+    /// Replica moves the controller committed.
+    pub replica_moves: u64,
+    /// Records compared by the running checks (every replica, every record).
+    pub records_checked: u64,
+    /// Simulated time from the heal until the cluster converged.
+    pub converged_after_ms: Option<u64>,
+    pub verdict: Verdict,
+    /// The last events, for a person replaying a failing seed.
+    #[serde(skip)]
+    pub trace: Vec<String>,
+}
+
+impl SimReport {
+    pub fn ok(&self) -> bool {
+        self.verdict.ok() && self.converged_after_ms.is_some()
+    }
+
+    /// Why the run failed, in one paragraph, with the seed to replay.
+    pub fn failure(&self) -> Option<String> {
+        if self.ok() {
+            return None;
+        }
+        let mut text = format!("seed {} failed", self.seed);
+        if self.converged_after_ms.is_none() {
+            text.push_str(": the cluster did not converge after the heal");
+        }
+        for anomaly in &self.verdict.anomalies {
+            text.push_str(&format!("\n  {anomaly:?}"));
+        }
+        text.push_str(&format!("\n  counts: {:?}", self.verdict.anomaly_counts));
+        Some(text)
+    }
+}
+
+/// Messages between simulated nodes and clients.
+#[derive(Clone, Debug)]
+enum Msg {
+    Raft {
+        group: u64,
+        message: Box<Message>,
+    },
+    /// Node → controller voters: alive.
+    Heartbeat,
+    /// Node → controller voter: committed controller log from `offset`.
+    MetaPull {
+        offset: u64,
+    },
+    MetaLog {
+        batches: Vec<RecordBatch>,
+    },
+    /// Client → node: your metadata, please.
+    MetaQuery,
+    MetaAnswer(Box<Metadata>),
+    Produce {
+        request: u64,
+        group: u64,
+        batch: RecordBatch,
+    },
+    Produced {
+        request: u64,
+        result: Result<u64, BrokerError>,
+    },
+    Fetch {
+        request: u64,
+        group: u64,
+        offset: u64,
+    },
+    Fetched {
+        request: u64,
+        result: Result<Vec<RecordBatch>, BrokerError>,
+    },
+    /// Node → group member: does the group's leader still count me?
+    Members {
+        group: u64,
+    },
+    /// From the group's leader only.
+    MembersAnswer {
+        group: u64,
+        removed: bool,
+    },
+}
+
+type Outbox = Rc<RefCell<Vec<(NodeId, NodeId, Msg)>>>;
+
+/// Where a simulated produce's answer goes.
+enum SimReply {
+    Client {
+        node: NodeId,
+        client: NodeId,
+        request: u64,
+        outbox: Outbox,
+    },
+    /// The controller's own proposals: applied from the log, not answered.
+    Nobody,
+}
+
+impl ProduceReply for SimReply {
+    fn answer(self, result: Result<u64, BrokerError>) {
+        if let SimReply::Client {
+            node,
+            client,
+            request,
+            outbox,
+        } = self
+        {
+            outbox
+                .borrow_mut()
+                .push((node, client, Msg::Produced { request, result }));
+        }
+    }
+}
+
+type Part = PartitionCore<SimReply>;
+
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    up: bool,
+    /// A crash armed to strike inside the next ready handling, keeping this
+    /// many unsynced bytes.
+    crash_armed: Option<u64>,
+    groups: BTreeMap<u64, Part>,
+    meta: AppliedMetadata,
+    /// Controller leader only: when each node was last heard from.
+    heard: BTreeMap<u64, u64>,
+    leading_since: Option<u64>,
+    last_moves_ms: u64,
+    topic_proposed_ms: Option<u64>,
+    last_stale_ms: u64,
+    /// Leader each hosted group last had here, to count changes.
+    leaders: BTreeMap<u64, Option<u64>>,
+}
+
+impl Node {
+    fn group_dir(&self, group: u64) -> PathBuf {
+        self.dir.join(format!("group-{group}"))
+    }
+}
+
+/// A batch a producer is trying to get acknowledged.
+struct Pending {
+    batch: RecordBatch,
+    ids: Vec<String>,
+    started_ms: u64,
+    sent_ms: u64,
+    /// Every request id this batch was sent under (any answer counts).
+    requests: BTreeSet<u64>,
+    target: u64,
+    retry_at: Option<u64>,
+    /// Some attempt may have been written (no answer, or an ambiguous one).
+    maybe_written: bool,
+    last_error: String,
+}
+
+struct Producer {
+    node: NodeId,
+    index: u32,
+    generation: u32,
+    next_sequence: BTreeMap<u32, i32>,
+    pending: BTreeMap<u32, Pending>,
+    next_send: BTreeMap<u32, u64>,
+    written: u64,
+}
+
+impl Producer {
+    fn producer_id(&self) -> i64 {
+        (i64::from(self.index + 1) << 32) | i64::from(self.generation)
+    }
+}
+
+struct Consumer {
+    node: NodeId,
+    name: String,
+    position: BTreeMap<u32, u64>,
+    /// Partition → (request, sent at, target).
+    in_flight: BTreeMap<u32, (u64, u64, u64)>,
+    /// Partition → when to fetch next (a fetch that found nothing waits).
+    next_fetch: BTreeMap<u32, u64>,
+}
+
+/// A client's view of the cluster.
+#[derive(Default)]
+struct ClientView {
+    metadata: Option<Metadata>,
+    /// Group → the node believed to lead it.
+    leader: BTreeMap<u64, u64>,
+    asked_ms: Option<u64>,
+}
+
+struct World {
+    config: SimConfig,
+    seed: u64,
+    rng: SimRng,
+    net: SimNetwork<Msg>,
+    outbox: Outbox,
+    nodes: BTreeMap<u64, Node>,
+    producers: Vec<Producer>,
+    consumers: Vec<Consumer>,
+    views: BTreeMap<NodeId, ClientView>,
+    next_request: u64,
+    /// Producing new batches (off during convergence).
+    producing: bool,
+    writes: Vec<Write>,
+    consumer_reads: BTreeMap<String, BTreeMap<PartitionKey, Vec<Seen>>>,
+    /// The running check: per group, the first committed copy of each offset.
+    committed: BTreeMap<u64, BTreeMap<u64, Option<String>>>,
+    /// Per (node, group): the committed offset checked so far.
+    checked: BTreeMap<(u64, u64), u64>,
+    running: Verdict,
+    report: SimReport,
+    trace: std::collections::VecDeque<String>,
+}
+
+/// Runs one seed. `Err` is a failure of the simulation itself (a replica
+/// that cannot reopen its files, an I/O error) — also a finding: the message
+/// names the seed, the time and the node.
+pub fn run(seed: u64, config: &SimConfig, scratch: &Path) -> Result<SimReport, String> {
+    let dir = scratch.join(format!("sim-{seed}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut world = World::new(seed, config.clone(), &dir)?;
+    let result = world.run();
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map_err(|e| {
+        let trace: Vec<&String> = world.trace.iter().rev().take(30).collect();
+        let trace: Vec<&String> = trace.into_iter().rev().collect();
+        format!(
+            "seed {seed}: t={} ms: {e}\nlast events:\n{}",
+            world.net.now_ms(),
+            trace.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+        )
+    })
+}
+
+fn log_config() -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 64 * 1024,
+        // The store syncs once per Raft ready itself.
+        fsync: FsyncPolicy::Never,
+        retention_age: None,
+        ..LogConfig::default()
+    }
+}
+
+fn seen_of(offset: u64, record: &Record) -> Seen {
+    let id = record
+        .headers
+        .iter()
+        .find(|h| h.key == WRITE_ID_HEADER)
+        .and_then(|h| h.value.as_ref())
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    Seen { offset, id }
+}
+
+/// The user records of committed batches (control batches skipped).
+fn records_of(batches: &[RecordBatch]) -> Result<Vec<Seen>, String> {
+    let mut seen = Vec::new();
+    for batch in batches.iter().filter(|b| !b.is_control()) {
+        for record in batch.records() {
+            let record = record.map_err(|e| e.to_string())?;
+            seen.push(seen_of(record.offset, &record.record));
+        }
+    }
+    Ok(seen)
+}
+
+impl World {
+    fn new(seed: u64, config: SimConfig, dir: &Path) -> Result<World, String> {
+        let outbox: Outbox = Rc::new(RefCell::new(Vec::new()));
+        let mut nodes = BTreeMap::new();
+        for id in 1..=u64::from(config.nodes) {
+            let node_dir = dir.join(format!("node-{id}"));
+            std::fs::create_dir_all(&node_dir).map_err(|e| format!("{}: {e}", node_dir.display()))?;
+            nodes.insert(
+                id,
+                Node {
+                    id,
+                    dir: node_dir,
+                    up: false,
+                    crash_armed: None,
+                    groups: BTreeMap::new(),
+                    meta: AppliedMetadata::default(),
+                    heard: BTreeMap::new(),
+                    leading_since: None,
+                    last_moves_ms: 0,
+                    topic_proposed_ms: None,
+                    last_stale_ms: 0,
+                    leaders: BTreeMap::new(),
+                },
+            );
+        }
+        let producers = (0..config.producers)
+            .map(|index| Producer {
+                node: NodeId(1000 + index),
+                index,
+                generation: 0,
+                next_sequence: BTreeMap::new(),
+                pending: BTreeMap::new(),
+                next_send: BTreeMap::new(),
+                written: 0,
+            })
+            .collect::<Vec<_>>();
+        let consumers = (0..config.consumers)
+            .map(|index| Consumer {
+                node: NodeId(2000 + index),
+                name: format!("consumer-{index}"),
+                position: BTreeMap::new(),
+                in_flight: BTreeMap::new(),
+                next_fetch: BTreeMap::new(),
+            })
+            .collect::<Vec<_>>();
+        let views = producers
+            .iter()
+            .map(|p| p.node)
+            .chain(consumers.iter().map(|c| c.node))
+            .map(|n| (n, ClientView::default()))
+            .collect();
+        let mut world = World {
+            seed,
+            rng: SimRng::new(seed ^ 0x5151_5eed),
+            net: SimNetwork::new(seed, config.network.clone()),
+            config,
+            outbox,
+            nodes,
+            producers,
+            consumers,
+            views,
+            next_request: 1,
+            producing: true,
+            writes: Vec::new(),
+            consumer_reads: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            checked: BTreeMap::new(),
+            running: Verdict::default(),
+            report: SimReport {
+                seed,
+                ..SimReport::default()
+            },
+            trace: std::collections::VecDeque::new(),
+        };
+        let ids: Vec<u64> = world.nodes.keys().copied().collect();
+        for id in ids {
+            world.start(id).map_err(|e| format!("starting node {id}: {e}"))?;
+        }
+        Ok(world)
+    }
+
+    fn note(&mut self, line: String) {
+        tracing::debug!(seed = self.seed, "{line}");
+        if self.trace.len() >= TRACE_MAX {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("t={} {line}", self.net.now_ms()));
+    }
+
+    fn now(&self) -> u64 {
+        self.net.now_ms()
+    }
+
+    fn controllers(&self) -> Vec<u64> {
+        (1..=u64::from(self.config.controllers)).collect()
+    }
+
+    fn replica_config(&mut self, node: u64) -> ReplicaConfig {
+        let mut config = ReplicaConfig::new(node);
+        config.election_tick = ELECTION_TICKS;
+        config.heartbeat_tick = HEARTBEAT_TICKS;
+        let ticks = ELECTION_TICKS + self.rng.between(0, ELECTION_TICKS as u64 - 1) as usize;
+        config.election_tick_range = Some((ticks, ticks + 1));
+        config.ack_before_commit = self.config.bug_ack_before_commit;
+        config
+    }
+
+    /// Starts (or restarts) a node: the controller voters open group 0 at
+    /// once; partition replicas open when the metadata names them.
+    fn start(&mut self, id: u64) -> Result<(), String> {
+        self.net.set_down(NodeId(id as u32), false);
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.up = true;
+        node.crash_armed = None;
+        node.meta = AppliedMetadata::default();
+        node.heard.clear();
+        node.leading_since = None;
+        node.leaders.clear();
+        if self.controllers().contains(&id) {
+            let voters = self.controllers();
+            self.host(id, CONTROLLER_GROUP, &voters)?;
+        }
+        Ok(())
+    }
+
+    fn host(&mut self, id: u64, group: u64, founders: &[u64]) -> Result<(), String> {
+        let config = self.replica_config(id);
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let dir = node.group_dir(group);
+        let (part, messages) = Part::open(group, &dir, log_config(), &config, Some(founders))
+            .map_err(|e| format!("node {id} opening group {group}: {e}"))?;
+        node.groups.insert(group, part);
+        self.send_raft(id, group, messages);
+        Ok(())
+    }
+
+    fn send_raft(&mut self, from: u64, group: u64, messages: Vec<Message>) {
+        for message in messages {
+            let to = NodeId(message.to as u32);
+            self.net.post(
+                NodeId(from as u32),
+                to,
+                Msg::Raft {
+                    group,
+                    message: Box::new(message),
+                },
+            );
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        let queued: Vec<(NodeId, NodeId, Msg)> = std::mem::take(&mut *self.outbox.borrow_mut());
+        for (from, to, msg) in queued {
+            self.net.post(from, to, msg);
+        }
+    }
+
+    /// Persists and sends what a group has ready — or, with a crash armed on
+    /// the node, crashes it right there, mid-ready.
+    fn drive(&mut self, id: u64, group: u64) -> Result<(), String> {
+        if let Some(keep) = self.nodes[&id].crash_armed {
+            self.crash(id, Some((group, keep)))?;
+            return Ok(());
+        }
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(part) = node.groups.get_mut(&group) else {
+            return Ok(());
+        };
+        let messages = part.drive().map_err(|e| format!("node {id} group {group}: {e}"))?;
+        let leader = part.core().leader_id();
+        let before = node.leaders.insert(group, leader);
+        if before.is_some_and(|b| b != leader) && leader.is_some() {
+            self.report.leader_changes += 1;
+            self.note(format!("group {group}: node {id} sees leader {leader:?}"));
+        }
+        self.send_raft(id, group, messages);
+        self.flush_outbox();
+        Ok(())
+    }
+
+    /// Crashes a node: every replica is dropped unsynced (see
+    /// [`ReplicaCore::crash`]); with `mid_ready`, that group was inside
+    /// ready handling and keeps `keep` of its unsynced bytes.
+    fn crash(&mut self, id: u64, mid_ready: Option<(u64, u64)>) -> Result<(), String> {
+        self.net.set_down(NodeId(id as u32), true);
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.up = false;
+        node.crash_armed = None;
+        let groups = std::mem::take(&mut node.groups);
+        let mut lost = 0;
+        for (group, part) in groups {
+            let (strike, keep) = match mid_ready {
+                Some((g, keep)) if g == group => (true, keep),
+                _ => (false, 0),
+            };
+            lost += part
+                .into_core()
+                .crash(strike, keep)
+                .map_err(|e| format!("crashing node {id} group {group}: {e}"))?;
+        }
+        self.report.bytes_lost += lost;
+        let kind = if mid_ready.is_some() {
+            "crash_mid_ready"
+        } else {
+            "crash"
+        };
+        *self.report.faults.entry(kind.to_string()).or_default() += 1;
+        if mid_ready.is_some_and(|(_, keep)| keep > 0) && lost > 0 {
+            self.report.torn_writes += 1;
+        }
+        self.note(format!("{kind} node {id} ({lost} unsynced bytes lost)"));
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<SimReport, String> {
+        let duration = self.config.duration_ms;
+        let mut next_fault = 2_000 + self.rng.between(0, 2_000);
+        let mut heal_at: Option<u64> = None;
+        let mut restart_at: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut now = 0;
+        while now < duration {
+            now += CLIENT_STEP_MS;
+            self.deliver_until(now)?;
+            self.net.advance_to(now);
+            if now % TICK_MS == 0 {
+                self.tick_nodes()?;
+            }
+            self.step_clients();
+            if !self.config.nemesis {
+                continue;
+            }
+            if heal_at.is_some_and(|t| t <= now) {
+                heal_at = None;
+                self.net.heal();
+                *self.report.faults.entry("heal".to_string()).or_default() += 1;
+                self.note("heal".to_string());
+            }
+            let due: Vec<u64> = restart_at.iter().filter(|(_, &t)| t <= now).map(|(&n, _)| n).collect();
+            for id in due {
+                restart_at.remove(&id);
+                self.start(id)?;
+                *self.report.faults.entry("restart".to_string()).or_default() += 1;
+                self.note(format!("restart node {id}"));
+            }
+            if now >= next_fault {
+                next_fault = now + self.rng.between(1_000, 4_000);
+                self.inject(&mut heal_at, &mut restart_at)?;
+            }
+        }
+        // Heal everything, stop producing, and wait for convergence.
+        self.net.heal();
+        let down: Vec<u64> = self.nodes.values().filter(|n| !n.up).map(|n| n.id).collect();
+        for id in down {
+            self.start(id)?;
+            self.note(format!("restart node {id} (final heal)"));
+        }
+        self.producing = false;
+        let healed_at = now;
+        let deadline = now + self.config.converge_ms;
+        while now < deadline {
+            now += CLIENT_STEP_MS;
+            self.deliver_until(now)?;
+            self.net.advance_to(now);
+            if now % TICK_MS == 0 {
+                self.tick_nodes()?;
+                if now % 500 == 0 && self.producers_idle() && self.converged() {
+                    self.report.converged_after_ms = Some(now - healed_at);
+                    break;
+                }
+            }
+            self.step_clients();
+        }
+        self.report.sim_ms = now;
+        if self.report.converged_after_ms.is_none() {
+            for line in self.describe_groups() {
+                self.note(line);
+            }
+        }
+        self.check_replicas()?;
+        self.finish()
+    }
+
+    /// One fault from the seed: crash (maybe mid-ready, maybe torn) or cut
+    /// off a minority.
+    fn inject(&mut self, heal_at: &mut Option<u64>, restart_at: &mut BTreeMap<u64, u64>) -> Result<(), String> {
+        let now = self.now();
+        let nodes: Vec<u64> = self.nodes.keys().copied().collect();
+        let down = self.nodes.values().filter(|n| !n.up).count();
+        let minority = (nodes.len() - 1) / 2;
+        match self.rng.between(0, 2) {
+            0 | 1 if down < minority => {
+                let up: Vec<u64> = self
+                    .nodes
+                    .values()
+                    .filter(|n| n.up && n.crash_armed.is_none())
+                    .map(|n| n.id)
+                    .collect();
+                if up.is_empty() {
+                    return Ok(());
+                }
+                let id = up[self.rng.between(0, up.len() as u64 - 1) as usize];
+                if self.rng.chance_per_mille(600) {
+                    // Strikes inside the node's next ready handling.
+                    let keep = if self.rng.chance_per_mille(500) {
+                        self.rng.between(1, TORN_BYTES_MAX)
+                    } else {
+                        0
+                    };
+                    self.nodes.get_mut(&id).expect("known node").crash_armed = Some(keep);
+                } else {
+                    self.crash(id, None)?;
+                }
+                restart_at.insert(id, now + self.rng.between(500, 6_000));
+            }
+            _ if heal_at.is_none() => {
+                let size = self.rng.between(1, minority as u64) as usize;
+                let mut rest = nodes.clone();
+                let mut cut = Vec::new();
+                for _ in 0..size {
+                    let i = self.rng.between(0, rest.len() as u64 - 1) as usize;
+                    cut.push(rest.remove(i));
+                }
+                let as_ids = |v: &[u64]| v.iter().map(|&n| NodeId(n as u32)).collect::<Vec<_>>();
+                self.net.partition(&[as_ids(&cut), as_ids(&rest)]);
+                *heal_at = Some(now + self.rng.between(1_000, 6_000));
+                *self.report.faults.entry("partition".to_string()).or_default() += 1;
+                self.note(format!("partition {cut:?} | {rest:?}"));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn deliver_until(&mut self, until: u64) -> Result<(), String> {
+        while let Some((to, from, msg)) = self.net.next_delivery(until) {
+            let id = u64::from(to.0);
+            if self.nodes.get(&id).is_some_and(|n| n.up) {
+                self.on_node_message(id, from, msg)?;
+            } else if self.views.contains_key(&to) {
+                self.on_client_message(to, msg);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_node_message(&mut self, id: u64, from: NodeId, msg: Msg) -> Result<(), String> {
+        let me = NodeId(id as u32);
+        let now = self.now();
+        match msg {
+            Msg::Raft { group, message } => {
+                let node = self.nodes.get_mut(&id).expect("known node");
+                if let Some(part) = node.groups.get_mut(&group) {
+                    part.core_mut()
+                        .step(*message)
+                        .map_err(|e| format!("node {id} group {group} step: {e}"))?;
+                    self.drive(id, group)?;
+                }
+            }
+            Msg::Heartbeat => {
+                let node = self.nodes.get_mut(&id).expect("known node");
+                node.heard.insert(u64::from(from.0), now);
+            }
+            Msg::MetaPull { offset } => {
+                let node = &self.nodes[&id];
+                if let Some(part) = node.groups.get(&CONTROLLER_GROUP) {
+                    if offset <= part.core().committed_offset() {
+                        let batches = part
+                            .core()
+                            .read_committed(offset, FETCH_BYTES)
+                            .map_err(|e| format!("node {id} reading the controller log: {e}"))?;
+                        self.net.post(me, from, Msg::MetaLog { batches });
+                    }
+                }
+            }
+            Msg::MetaLog { batches } => {
+                let node = self.nodes.get_mut(&id).expect("known node");
+                for batch in &batches {
+                    node.meta
+                        .apply_batch(batch)
+                        .map_err(|e| format!("node {id} applying the controller log: {e}"))?;
+                }
+            }
+            Msg::MetaQuery => {
+                let metadata = self.nodes[&id].meta.metadata.clone();
+                if metadata.topics.contains_key(TOPIC) {
+                    self.net.post(me, from, Msg::MetaAnswer(Box::new(metadata)));
+                }
+            }
+            Msg::Produce { request, group, batch } => {
+                let outbox = self.outbox.clone();
+                let node = self.nodes.get_mut(&id).expect("known node");
+                match node.groups.get_mut(&group) {
+                    Some(part) => {
+                        let reply = SimReply::Client {
+                            node: me,
+                            client: from,
+                            request,
+                            outbox,
+                        };
+                        part.produce(batch, Acks::All, reply);
+                        self.drive(id, group)?;
+                    }
+                    None => {
+                        let result = Err(BrokerError::NotLeader { group, leader: None });
+                        self.net.post(me, from, Msg::Produced { request, result });
+                    }
+                }
+            }
+            Msg::Fetch { request, group, offset } => {
+                let result = match self.nodes[&id].groups.get(&group) {
+                    Some(part) => part
+                        .fetch(offset, FETCH_BYTES, false)
+                        .map_err(|e| format!("node {id} group {group} fetch: {e}"))?
+                        .map(|fetched| fetched.batches),
+                    None => Err(BrokerError::NotLeader { group, leader: None }),
+                };
+                self.net.post(me, from, Msg::Fetched { request, result });
+            }
+            Msg::Members { group } => {
+                if let Some(part) = self.nodes[&id].groups.get(&group) {
+                    if part.core().is_leader() {
+                        let status = part.status();
+                        let asker = u64::from(from.0);
+                        let removed = !status.voters.contains(&asker) && !status.learners.contains(&asker);
+                        self.net.post(me, from, Msg::MembersAnswer { group, removed });
+                    }
+                }
+            }
+            Msg::MembersAnswer { group, removed } => {
+                let node = &self.nodes[&id];
+                let wanted = node.meta.wanted_groups(id);
+                let on_disk = node.group_dir(group).is_dir();
+                if removed && on_disk && !wanted.contains_key(&group) {
+                    let node = self.nodes.get_mut(&id).expect("known node");
+                    if let Some(part) = node.groups.remove(&group) {
+                        close(id, part)?;
+                    }
+                    let dir = node.group_dir(group);
+                    std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    self.checked.remove(&(id, group));
+                    self.note(format!("node {id} deleted its stale replica of group {group}"));
+                }
+            }
+            Msg::MetaAnswer(_) | Msg::Produced { .. } | Msg::Fetched { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Every live node's control loop: Raft ticks, metadata, hosting,
+    /// membership, the controller leader's duties, heartbeats.
+    fn tick_nodes(&mut self) -> Result<(), String> {
+        let now = self.now();
+        let ids: Vec<u64> = self.nodes.values().filter(|n| n.up).map(|n| n.id).collect();
+        for id in ids {
+            if !self.nodes[&id].up {
+                continue;
+            }
+            let groups: Vec<u64> = self.nodes[&id].groups.keys().copied().collect();
+            for group in groups {
+                if let Some(part) = self.nodes.get_mut(&id).and_then(|n| n.groups.get_mut(&group)) {
+                    part.core_mut().tick();
+                }
+                self.drive(id, group)?;
+                if !self.nodes[&id].up {
+                    break;
+                }
+            }
+            if !self.nodes[&id].up {
+                continue;
+            }
+            self.follow_metadata(id)?;
+            self.reconcile(id)?;
+            self.lead_controller(id)?;
+            self.collect_stale(id)?;
+            if now % HEARTBEAT_MS == 0 {
+                for controller in self.controllers() {
+                    self.net
+                        .post(NodeId(id as u32), NodeId(controller as u32), Msg::Heartbeat);
+                }
+                if let Some(node) = self.nodes.get_mut(&id) {
+                    node.heard.insert(id, now);
+                }
+            }
+        }
+        if now % 1_000 == 0 {
+            self.check_replicas()?;
+        }
+        Ok(())
+    }
+
+    fn follow_metadata(&mut self, id: u64) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(part) = node.groups.get(&CONTROLLER_GROUP) {
+            let mut offset = node.meta.applied_offset;
+            while offset < part.core().committed_offset() {
+                let batches = part
+                    .core()
+                    .read_committed(offset, FETCH_BYTES)
+                    .map_err(|e| format!("node {id} reading the controller log: {e}"))?;
+                if batches.is_empty() {
+                    break;
+                }
+                for batch in &batches {
+                    node.meta
+                        .apply_batch(batch)
+                        .map_err(|e| format!("node {id} applying the controller log: {e}"))?;
+                }
+                offset = node.meta.applied_offset;
+            }
+            return Ok(());
+        }
+        let controllers = self.controllers();
+        let target = controllers[self.rng.between(0, controllers.len() as u64 - 1) as usize];
+        let offset = self.nodes[&id].meta.applied_offset;
+        self.net
+            .post(NodeId(id as u32), NodeId(target as u32), Msg::MetaPull { offset });
+        Ok(())
+    }
+
+    /// Hosts every group assigned here, drops those no longer assigned, and
+    /// moves the voters of groups led here towards their assignment.
+    fn reconcile(&mut self, id: u64) -> Result<(), String> {
+        let wanted = self.nodes[&id].meta.wanted_groups(id);
+        for (group, (_, founders)) in &wanted {
+            if !self.nodes[&id].groups.contains_key(group) {
+                self.host(id, *group, founders)?;
+            }
+        }
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let unwanted: Vec<u64> = node
+            .groups
+            .keys()
+            .copied()
+            .filter(|g| *g != CONTROLLER_GROUP && !wanted.contains_key(g))
+            .collect();
+        for group in unwanted {
+            // A replica the group still counts keeps running however the
+            // assignment moved: its votes and log may be what the group needs
+            // to elect a leader and hand its data to the new replicas.
+            let member = node.groups.get(&group).is_some_and(|part| {
+                let status = part.status();
+                status.voters.contains(&id) || status.learners.contains(&id)
+            });
+            if member {
+                continue;
+            }
+            if let Some(part) = node.groups.remove(&group) {
+                close(id, part)?;
+            }
+        }
+        // Every hosted group led here moves towards its assignment, this
+        // node's place in it or not (a leader leaving hands over first).
+        let mut proposed = Vec::new();
+        for (group, part) in node.groups.iter_mut() {
+            let Some(voters) = node.meta.assignment_of(*group) else {
+                continue;
+            };
+            {
+                if let Some(change) = part
+                    .core_mut()
+                    .step_towards(&voters)
+                    .map_err(|e| format!("node {id} group {group} reconfigure: {e}"))?
+                {
+                    proposed.push((*group, change));
+                }
+            }
+        }
+        for (group, change) in proposed {
+            self.note(format!("group {group}: leader {id} proposes {change:?}"));
+            self.drive(id, group)?;
+        }
+        Ok(())
+    }
+
+    /// On the controller leader: create the topic once, and move the
+    /// replicas of nodes silent for `DEAD_MS`.
+    fn lead_controller(&mut self, id: u64) -> Result<(), String> {
+        let now = self.now();
+        let config = self.config.clone();
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let leads = node
+            .groups
+            .get(&CONTROLLER_GROUP)
+            .is_some_and(|p| p.core().is_leader() && node.meta.applied_offset >= p.core().committed_offset());
+        if !leads {
+            node.leading_since = None;
+            return Ok(());
+        }
+        let since = *node.leading_since.get_or_insert(now);
+        let mut commands = Vec::new();
+        if !node.meta.metadata.topics.contains_key(TOPIC) {
+            if node.topic_proposed_ms.is_none_or(|t| t + MOVES_EVERY_MS <= now) {
+                node.topic_proposed_ms = Some(now);
+                let topic_config = TopicConfig::new(config.partitions, config.replication);
+                let all: Vec<u32> = (1..=config.nodes).collect();
+                let assignment = place(&topic_config, &all, &node.meta.metadata.load())
+                    .map_err(|e| format!("placing the topic: {e}"))?;
+                commands.push(MetadataCommand::CreateTopic {
+                    name: TOPIC.to_string(),
+                    config: topic_config,
+                    assignment,
+                });
+            }
+        } else if now >= since + DEAD_MS && now >= node.last_moves_ms + MOVES_EVERY_MS {
+            let (alive, dead): (Vec<u32>, Vec<u32>) =
+                (1..=config.nodes).partition(|n| node.heard.get(&u64::from(*n)).is_some_and(|&t| t + DEAD_MS > now));
+            if !dead.is_empty() {
+                commands = node.meta.replica_moves(&dead, &alive);
+                if !commands.is_empty() {
+                    node.last_moves_ms = now;
+                }
+            }
+        }
+        if commands.is_empty() {
+            return Ok(());
+        }
+        for command in &commands {
+            let batch = command_batch(command, now as i64).map_err(|e| format!("encoding {command:?}: {e}"))?;
+            if let Some(part) = node.groups.get_mut(&CONTROLLER_GROUP) {
+                part.produce(batch, Acks::All, SimReply::Nobody);
+            }
+            if matches!(command, MetadataCommand::ReplaceReplica { .. }) {
+                self.report.replica_moves += 1;
+            }
+        }
+        self.note(format!("controller leader {id} proposes {commands:?}"));
+        self.drive(id, CONTROLLER_GROUP)
+    }
+
+    /// Asks the groups' leaders about replica directories of groups not
+    /// assigned here (hosted still or not); a leader that confirms this node
+    /// left the group gets the replica closed and its files deleted (see
+    /// `MembersAnswer`).
+    fn collect_stale(&mut self, id: u64) -> Result<(), String> {
+        let now = self.now();
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if now < node.last_stale_ms + STALE_EVERY_MS || !node.meta.metadata.topics.contains_key(TOPIC) {
+            return Ok(());
+        }
+        node.last_stale_ms = now;
+        let wanted = node.meta.wanted_groups(id);
+        let entries = std::fs::read_dir(&node.dir).map_err(|e| format!("{}: {e}", node.dir.display()))?;
+        let mut asks = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| e.to_string())?;
+            let name = entry.file_name();
+            let Some(group) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("group-")?.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if group == CONTROLLER_GROUP || wanted.contains_key(&group) {
+                continue;
+            }
+            let members: Vec<u32> = node
+                .meta
+                .metadata
+                .topics
+                .values()
+                .flat_map(|t| (0..t.assignment.len()).map(move |p| (t.group_id(p as u32), &t.assignment[p])))
+                .find(|(g, _)| *g == group)
+                .map(|(_, a)| a.clone())
+                .unwrap_or_default();
+            for member in members {
+                asks.push((group, member));
+            }
+        }
+        asks.sort_unstable();
+        for (group, member) in asks {
+            self.net.post(NodeId(id as u32), NodeId(member), Msg::Members { group });
+        }
+        Ok(())
+    }
+
+    fn on_client_message(&mut self, client: NodeId, msg: Msg) {
+        let now = self.now();
+        match msg {
+            Msg::MetaAnswer(metadata) => {
+                if let Some(view) = self.views.get_mut(&client) {
+                    view.metadata = Some(*metadata);
+                }
+            }
+            Msg::Produced { request, result } => {
+                let Some(producer) = self.producers.iter_mut().find(|p| p.node == client) else {
+                    return;
+                };
+                let Some((&partition, _)) = producer.pending.iter().find(|(_, p)| p.requests.contains(&request)) else {
+                    return;
+                };
+                let view = self.views.get_mut(&client).expect("client view");
+                let pending = producer.pending.get_mut(&partition).expect("pending batch");
+                let outcome = match result {
+                    Ok(offset) => Some(Outcome::Acked { offset }),
+                    Err(BrokerError::NotLeader { group, leader }) => {
+                        match leader {
+                            Some(leader) => view.leader.insert(group, leader),
+                            None => view.leader.remove(&group),
+                        };
+                        pending.retry_at = Some(now);
+                        pending.last_error = "not the leader".to_string();
+                        None
+                    }
+                    Err(
+                        e @ (BrokerError::OutOfOrderSequence { .. }
+                        | BrokerError::StaleSequence { .. }
+                        | BrokerError::SequenceMismatch { .. }
+                        | BrokerError::InvalidRequest(_)
+                        | BrokerError::BatchTooLarge { .. }),
+                    ) => {
+                        // A retry cannot change these; a sequence error may
+                        // speak of this very batch, stored earlier.
+                        let stored = matches!(
+                            e,
+                            BrokerError::StaleSequence { .. } | BrokerError::SequenceMismatch { .. }
+                        );
+                        if pending.maybe_written || stored {
+                            Some(Outcome::Unknown(e.to_string()))
+                        } else {
+                            Some(Outcome::Failed(e.to_string()))
+                        }
+                    }
+                    Err(e) => {
+                        // Lost leadership, busy, not committed yet: try again.
+                        pending.maybe_written = true;
+                        pending.retry_at = Some(now + 50);
+                        pending.last_error = e.to_string();
+                        None
+                    }
+                };
+                if let Some(outcome) = outcome {
+                    let partition_key = partition;
+                    self.finish_batch(client, partition_key, outcome);
+                }
+            }
+            Msg::Fetched { request, result } => {
+                let Some(consumer) = self.consumers.iter_mut().find(|c| c.node == client) else {
+                    return;
+                };
+                let Some((&partition, _)) = consumer.in_flight.iter().find(|(_, (r, _, _))| *r == request) else {
+                    return;
+                };
+                consumer.in_flight.remove(&partition);
+                consumer.next_fetch.insert(partition, now + FETCH_IDLE_MS);
+                let view = self.views.get_mut(&client).expect("client view");
+                let group = view
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.topics.get(TOPIC))
+                    .map(|t| t.group_id(partition));
+                match result {
+                    Ok(batches) => {
+                        let Ok(records) = records_of(&batches) else {
+                            return;
+                        };
+                        if let Some(next) = batches.last().map(|b| b.next_offset()) {
+                            let position = consumer.position.entry(partition).or_insert(0);
+                            *position = (*position).max(next);
+                            consumer.next_fetch.insert(partition, now);
+                        }
+                        let reads = self
+                            .consumer_reads
+                            .entry(consumer.name.clone())
+                            .or_default()
+                            .entry((TOPIC.to_string(), partition))
+                            .or_default();
+                        reads.extend(records);
+                    }
+                    Err(BrokerError::NotLeader { leader, .. }) => {
+                        if let Some(group) = group {
+                            match leader {
+                                Some(leader) => view.leader.insert(group, leader),
+                                None => view.leader.remove(&group),
+                            };
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Records a batch's outcome for each of its records and readies the
+    /// producer for the next one (a fresh identity after anything but an ack).
+    fn finish_batch(&mut self, client: NodeId, partition: u32, outcome: Outcome) {
+        let producer = self.producers.iter_mut().find(|p| p.node == client).expect("producer");
+        let Some(pending) = producer.pending.remove(&partition) else {
+            return;
+        };
+        let count = pending.ids.len() as i32;
+        if let Outcome::Acked { offset } = &outcome {
+            // The running check: the offset must hold this very record
+            // wherever it has committed.
+            for (i, id) in pending.ids.iter().enumerate() {
+                let at = offset + i as u64;
+                let group = group_of(&self.views, client, partition);
+                if let Some(Some(found)) = group.and_then(|g| self.committed.get(&g)).and_then(|c| c.get(&at)) {
+                    if found != id {
+                        self.running.add(Anomaly::InconsistentOffset {
+                            id: id.clone(),
+                            topic: TOPIC.to_string(),
+                            partition,
+                            acked_offset: at,
+                            found_at: at,
+                        });
+                    }
+                }
+            }
+            *producer.next_sequence.entry(partition).or_insert(0) += count;
+        } else {
+            producer.generation += 1;
+            producer.next_sequence.clear();
+        }
+        for (i, id) in pending.ids.into_iter().enumerate() {
+            let outcome = match &outcome {
+                Outcome::Acked { offset } => Outcome::Acked {
+                    offset: offset + i as u64,
+                },
+                other => other.clone(),
+            };
+            self.writes.push(Write {
+                id,
+                topic: TOPIC.to_string(),
+                partition,
+                outcome,
+            });
+        }
+    }
+
+    fn producers_idle(&self) -> bool {
+        self.producers.iter().all(|p| p.pending.is_empty())
+    }
+
+    fn step_clients(&mut self) {
+        let now = self.now();
+        let nodes: Vec<u64> = self.nodes.keys().copied().collect();
+        // Metadata refresh.
+        let clients: Vec<NodeId> = self.views.keys().copied().collect();
+        for client in clients {
+            let view = self.views.get_mut(&client).expect("client view");
+            if view.asked_ms.is_none_or(|t| t + METADATA_EVERY_MS <= now) {
+                view.asked_ms = Some(now);
+                let target = nodes[self.rng.between(0, nodes.len() as u64 - 1) as usize];
+                self.net.post(client, NodeId(target as u32), Msg::MetaQuery);
+            }
+        }
+        for index in 0..self.producers.len() {
+            self.step_producer(index, now);
+        }
+        for index in 0..self.consumers.len() {
+            self.step_consumer(index, now);
+        }
+    }
+
+    /// The node a client sends a group's requests to: the leader it heard
+    /// of, else a replica of the assignment chosen from the seed.
+    fn target(&mut self, client: NodeId, group: u64, partition: u32, avoid: Option<u64>) -> Option<u64> {
+        let view = self.views.get(&client)?;
+        if let Some(&leader) = view.leader.get(&group) {
+            if Some(leader) != avoid {
+                return Some(leader);
+            }
+        }
+        let replicas = view
+            .metadata
+            .as_ref()?
+            .topics
+            .get(TOPIC)?
+            .assignment
+            .get(partition as usize)?
+            .clone();
+        let choice = replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize];
+        Some(u64::from(choice))
+    }
+
+    fn step_producer(&mut self, index: usize, now: u64) {
+        let client = self.producers[index].node;
+        let Some(topic) = self.views[&client]
+            .metadata
+            .as_ref()
+            .and_then(|m| m.topics.get(TOPIC))
+            .cloned()
+        else {
+            return;
+        };
+        for partition in 0..topic.config.partitions {
+            let group = topic.group_id(partition);
+            let producer = &mut self.producers[index];
+            if let Some(pending) = producer.pending.get_mut(&partition) {
+                if now >= pending.started_ms + GIVE_UP_MS {
+                    let outcome = if pending.maybe_written {
+                        Outcome::Unknown(format!("no acknowledgement in {GIVE_UP_MS} ms: {}", pending.last_error))
+                    } else {
+                        Outcome::Failed(pending.last_error.clone())
+                    };
+                    self.finish_batch(client, partition, outcome);
+                    continue;
+                }
+                let timed_out = now >= pending.sent_ms + REQUEST_TIMEOUT_MS;
+                if timed_out {
+                    pending.maybe_written = true;
+                    pending.last_error = "request timed out".to_string();
+                }
+                let retry = pending.retry_at.is_some_and(|t| t <= now);
+                if !timed_out && !retry {
+                    continue;
+                }
+                let avoid = timed_out.then_some(pending.target);
+                let batch = pending.batch.clone();
+                let Some(target) = self.target(client, group, partition, avoid) else {
+                    continue;
+                };
+                if timed_out {
+                    self.views.get_mut(&client).expect("client view").leader.remove(&group);
+                }
+                let request = self.next_request;
+                self.next_request += 1;
+                let pending = self.producers[index]
+                    .pending
+                    .get_mut(&partition)
+                    .expect("pending batch");
+                pending.requests.insert(request);
+                pending.sent_ms = now;
+                pending.retry_at = None;
+                pending.target = target;
+                self.net
+                    .post(client, NodeId(target as u32), Msg::Produce { request, group, batch });
+                continue;
+            }
+            if !self.producing || self.writes.len() >= WRITES_MAX {
+                continue;
+            }
+            if producer.next_send.get(&partition).is_some_and(|&t| t > now) {
+                continue;
+            }
+            let count = self.rng.between(1, BATCH_RECORDS_MAX);
+            let producer = &mut self.producers[index];
+            let base_sequence = producer.next_sequence.get(&partition).copied().unwrap_or(0);
+            let mut builder = BatchBuilder::new();
+            builder.set_producer(ProducerInfo {
+                producer_id: producer.producer_id(),
+                producer_epoch: 0,
+                base_sequence,
+            });
+            let mut ids = Vec::new();
+            for _ in 0..count {
+                let id = format!("p{}-{}", producer.index, producer.written);
+                producer.written += 1;
+                let record = Record {
+                    timestamp_ms: now as i64,
+                    value: Some(Bytes::from(id.clone())),
+                    headers: vec![Header {
+                        key: WRITE_ID_HEADER.to_string(),
+                        value: Some(Bytes::from(id.clone())),
+                    }],
+                    ..Record::default()
+                };
+                builder.push(&record).expect("a small record encodes");
+                ids.push(id);
+            }
+            let batch = builder.build().expect("a small batch builds");
+            producer.next_send.insert(partition, now + self.config.produce_every_ms);
+            let Some(target) = self.target(client, group, partition, None) else {
+                continue;
+            };
+            let request = self.next_request;
+            self.next_request += 1;
+            self.producers[index].pending.insert(
+                partition,
+                Pending {
+                    batch: batch.clone(),
+                    ids,
+                    started_ms: now,
+                    sent_ms: now,
+                    requests: BTreeSet::from([request]),
+                    target,
+                    retry_at: None,
+                    maybe_written: false,
+                    last_error: String::new(),
+                },
+            );
+            self.net
+                .post(client, NodeId(target as u32), Msg::Produce { request, group, batch });
+        }
+    }
+
+    fn step_consumer(&mut self, index: usize, now: u64) {
+        let client = self.consumers[index].node;
+        let Some(topic) = self.views[&client]
+            .metadata
+            .as_ref()
+            .and_then(|m| m.topics.get(TOPIC))
+            .cloned()
+        else {
+            return;
+        };
+        for partition in 0..topic.config.partitions {
+            let group = topic.group_id(partition);
+            let consumer = &mut self.consumers[index];
+            if consumer.next_fetch.get(&partition).is_some_and(|&t| t > now) {
+                continue;
+            }
+            let mut avoid = None;
+            if let Some(&(_, sent, target)) = consumer.in_flight.get(&partition) {
+                if now < sent + REQUEST_TIMEOUT_MS {
+                    continue;
+                }
+                consumer.in_flight.remove(&partition);
+                avoid = Some(target);
+                self.views.get_mut(&client).expect("client view").leader.remove(&group);
+            }
+            let Some(target) = self.target(client, group, partition, avoid) else {
+                continue;
+            };
+            let request = self.next_request;
+            self.next_request += 1;
+            let consumer = &mut self.consumers[index];
+            let offset = consumer.position.get(&partition).copied().unwrap_or(0);
+            consumer.in_flight.insert(partition, (request, now, target));
+            self.net
+                .post(client, NodeId(target as u32), Msg::Fetch { request, group, offset });
+        }
+    }
+
+    /// The running check: every replica's newly committed records against
+    /// the first committed copy seen at each offset.
+    fn check_replicas(&mut self) -> Result<(), String> {
+        let mut found = Vec::new();
+        let mut progress = Vec::new();
+        for node in self.nodes.values().filter(|n| n.up) {
+            for (&group, part) in node.groups.iter().filter(|(g, _)| **g != CONTROLLER_GROUP) {
+                let core = part.core();
+                let committed = core.committed_offset();
+                let checked = self.checked.get(&(node.id, group)).copied().unwrap_or(0);
+                let mut offset = checked.max(core.store().log().start_offset());
+                while offset < committed {
+                    let batches = core
+                        .read_committed(offset, FETCH_BYTES)
+                        .map_err(|e| format!("node {} group {group} read: {e}", node.id))?;
+                    let Some(last) = batches.last() else { break };
+                    offset = last.next_offset().min(committed);
+                    let records = records_of(&batches)?;
+                    found.extend(
+                        records
+                            .into_iter()
+                            .filter(|s| s.offset < committed)
+                            .map(|s| (node.id, group, s)),
+                    );
+                }
+                progress.push(((node.id, group), offset));
+            }
+        }
+        self.checked.extend(progress);
+        for (node, group, seen) in found {
+            self.report.records_checked += 1;
+            let first = self
+                .committed
+                .entry(group)
+                .or_default()
+                .entry(seen.offset)
+                .or_insert_with(|| seen.id.clone());
+            if *first != seen.id {
+                let leader = first.clone().unwrap_or_default();
+                self.running.add(Anomaly::ReplicaDisagrees {
+                    topic: TOPIC.to_string(),
+                    partition: (group & 0xf_ffff) as u32,
+                    node: node as u32,
+                    offset: seen.offset,
+                    leader,
+                    replica: seen.id.unwrap_or_default(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every node is up, holds the metadata, and every partition
+    /// (and the controller) has one leader whose voters are the assignment,
+    /// with every replica's log equal to the leader's and all of it committed.
+    fn converged(&self) -> bool {
+        if self.nodes.values().any(|n| !n.up) {
+            return false;
+        }
+        let mut groups: Vec<(u64, Vec<u64>)> = vec![(CONTROLLER_GROUP, self.controllers())];
+        let Some(leader_meta) = self.nodes.values().find_map(|n| {
+            let part = n.groups.get(&CONTROLLER_GROUP)?;
+            part.core().is_leader().then_some(&n.meta)
+        }) else {
+            return false;
+        };
+        let Some(topic) = leader_meta.metadata.topics.get(TOPIC) else {
+            return false;
+        };
+        if self
+            .nodes
+            .values()
+            .any(|n| n.meta.applied_offset != leader_meta.applied_offset)
+        {
+            return false;
+        }
+        for partition in 0..topic.config.partitions {
+            let voters = topic.assignment[partition as usize]
+                .iter()
+                .map(|&n| u64::from(n))
+                .collect();
+            groups.push((topic.group_id(partition), voters));
+        }
+        groups
+            .iter()
+            .all(|(group, voters)| self.group_converged(*group, voters))
+    }
+
+    /// Every replica's view of its group, for a run that did not converge.
+    fn describe_groups(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for node in self.nodes.values() {
+            let assigned: Vec<u64> = node.meta.wanted_groups(node.id).keys().copied().collect();
+            lines.push(format!(
+                "node {} up={} metadata at {} assigned {assigned:?}",
+                node.id, node.up, node.meta.applied_offset
+            ));
+            for part in node.groups.values() {
+                let s = part.status();
+                lines.push(format!(
+                    "  group {} leader {:?} term {} voters {:?} learners {:?} committed {} end {}",
+                    s.group, s.leader, s.term, s.voters, s.learners, s.committed_offset, s.end_offset
+                ));
+            }
+        }
+        if let Some(topic) = self.nodes.values().find_map(|n| n.meta.metadata.topics.get(TOPIC)) {
+            lines.push(format!(
+                "assignment {:?} founders {:?}",
+                topic.assignment, topic.founders
+            ));
+        }
+        lines
+    }
+
+    fn group_converged(&self, group: u64, voters: &[u64]) -> bool {
+        let mut want = voters.to_vec();
+        want.sort_unstable();
+        let parts: Vec<&Part> = voters.iter().filter_map(|v| self.nodes[v].groups.get(&group)).collect();
+        if parts.len() != voters.len() {
+            return false;
+        }
+        let Some(leader) = parts.iter().find(|p| p.core().is_leader()) else {
+            return false;
+        };
+        let status = leader.status();
+        let mut have = status.voters.clone();
+        have.sort_unstable();
+        if have != want || !status.learners.is_empty() || status.committed_offset != status.end_offset {
+            return false;
+        }
+        parts.iter().all(|p| {
+            let s = p.status();
+            s.committed_offset == status.committed_offset && s.end_offset == status.end_offset
+        })
+    }
+
+    /// Final reads, the checker, and the report.
+    fn finish(&mut self) -> Result<SimReport, String> {
+        let mut history = History {
+            writes: std::mem::take(&mut self.writes),
+            consumer_reads: std::mem::take(&mut self.consumer_reads),
+            ..History::default()
+        };
+        let topic = self
+            .nodes
+            .values()
+            .find_map(|n| n.meta.metadata.topics.get(TOPIC).cloned());
+        if let Some(topic) = topic {
+            for partition in 0..topic.config.partitions {
+                let group = topic.group_id(partition);
+                let key = (TOPIC.to_string(), partition);
+                for node in self.nodes.values() {
+                    let Some(part) = node.groups.get(&group) else { continue };
+                    let records = read_all(part).map_err(|e| format!("node {} group {group}: {e}", node.id))?;
+                    if part.core().is_leader() {
+                        history.final_read.insert(key.clone(), records.clone());
+                    }
+                    history.replica_reads.insert((key.clone(), node.id as u32), records);
+                }
+            }
+        }
+        let mut verdict = check::check(&history);
+        verdict.merge(std::mem::take(&mut self.running));
+        let stats: SimStats = self.net.stats.clone();
+        self.report.messages_sent = stats.sent;
+        self.report.messages_dropped = stats.dropped;
+        self.report.messages_duplicated = stats.duplicated;
+        self.report.messages_cut = stats.cut_by_partition;
+        self.report.verdict = verdict;
+        self.report.trace = self.trace.iter().cloned().collect();
+        Ok(self.report.clone())
+    }
+}
+
+fn group_of(views: &BTreeMap<NodeId, ClientView>, client: NodeId, partition: u32) -> Option<u64> {
+    let topic = views.get(&client)?.metadata.as_ref()?.topics.get(TOPIC)?;
+    Some(group_id(topic.id, partition))
+}
+
+/// Closes a replica the node no longer hosts (its files stay).
+fn close(id: u64, mut part: Part) -> Result<(), String> {
+    let group = part.group();
+    part.core_mut()
+        .persist_commit()
+        .map_err(|e| format!("node {id} closing group {group}: {e}"))
+}
+
+/// Every committed record of a replica.
+fn read_all(part: &Part) -> Result<Vec<Seen>, String> {
+    let core = part.core();
+    let committed = core.committed_offset();
+    let mut offset = core.store().log().start_offset();
+    let mut seen = Vec::new();
+    while offset < committed {
+        let batches = core.read_committed(offset, FETCH_BYTES).map_err(|e| e.to_string())?;
+        let Some(last) = batches.last() else { break };
+        offset = last.next_offset();
+        seen.extend(records_of(&batches)?.into_iter().filter(|s| s.offset < committed));
+    }
+    Ok(seen)
+}
