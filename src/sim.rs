@@ -281,6 +281,8 @@ struct Node {
     last_stale_ms: u64,
     /// Leader each hosted group last had here, to count changes.
     leaders: BTreeMap<u64, Option<u64>>,
+    /// Groups closed since the start because this replica left them.
+    closed: BTreeSet<u64>,
 }
 
 impl Node {
@@ -437,6 +439,7 @@ impl World {
                     topic_proposed_ms: None,
                     last_stale_ms: 0,
                     leaders: BTreeMap::new(),
+                    closed: BTreeSet::new(),
                 },
             );
         }
@@ -533,20 +536,22 @@ impl World {
         node.heard.clear();
         node.leading_since = None;
         node.leaders.clear();
+        node.closed.clear();
         if self.controllers().contains(&id) {
             let voters = self.controllers();
-            self.host(id, CONTROLLER_GROUP, &voters)?;
+            self.host(id, CONTROLLER_GROUP, Some(&voters))?;
         }
         Ok(())
     }
 
-    fn host(&mut self, id: u64, group: u64, founders: &[u64]) -> Result<(), String> {
+    fn host(&mut self, id: u64, group: u64, founders: Option<&[u64]>) -> Result<(), String> {
         let config = self.replica_config(id);
         let node = self.nodes.get_mut(&id).expect("known node");
         let dir = node.group_dir(group);
-        let (part, messages) = Part::open(group, &dir, log_config(), &config, Some(founders))
+        let (part, messages) = Part::open(group, &dir, log_config(), &config, founders)
             .map_err(|e| format!("node {id} opening group {group}: {e}"))?;
         node.groups.insert(group, part);
+        node.closed.remove(&group);
         self.send_raft(id, group, messages);
         Ok(())
     }
@@ -940,7 +945,7 @@ impl World {
         let wanted = self.nodes[&id].meta.wanted_groups(id);
         for (group, (_, founders)) in &wanted {
             if !self.nodes[&id].groups.contains_key(group) {
-                self.host(id, *group, founders)?;
+                self.host(id, *group, Some(founders))?;
             }
         }
         let node = self.nodes.get_mut(&id).expect("known node");
@@ -963,6 +968,7 @@ impl World {
             }
             if let Some(part) = node.groups.remove(&group) {
                 close(id, part)?;
+                node.closed.insert(group);
             }
         }
         // Every hosted group led here moves towards its assignment, this
@@ -1057,7 +1063,8 @@ impl World {
         node.last_stale_ms = now;
         let wanted = node.meta.wanted_groups(id);
         let entries = std::fs::read_dir(&node.dir).map_err(|e| format!("{}: {e}", node.dir.display()))?;
-        let mut asks = Vec::new();
+        let mut asks = BTreeSet::new();
+        let mut reopen = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| e.to_string())?;
             let name = entry.file_name();
@@ -1070,22 +1077,25 @@ impl World {
             if group == CONTROLLER_GROUP || wanted.contains_key(&group) {
                 continue;
             }
-            let members: Vec<u32> = node
-                .meta
-                .metadata
-                .topics
-                .values()
-                .flat_map(|t| (0..t.assignment.len()).map(move |p| (t.group_id(p as u32), &t.assignment[p])))
-                .find(|(g, _)| *g == group)
-                .map(|(_, a)| a.clone())
-                .unwrap_or_default();
-            for member in members {
-                asks.push((group, member));
+            let Some(assigned) = node.meta.assignment_of(group) else {
+                continue;
+            };
+            let mut members: BTreeSet<u64> = assigned.into_iter().collect();
+            match node.groups.get(&group) {
+                Some(part) => members.extend(part.status().voters),
+                // A replica found on disk after a restart may still be a
+                // voter the group needs: it runs until it is known removed.
+                None if !node.closed.contains(&group) => reopen.push(group),
+                None => {}
             }
+            asks.extend(members.into_iter().filter(|&m| m != id).map(|m| (group, m)));
         }
-        asks.sort_unstable();
+        for group in reopen {
+            self.host(id, group, None)?;
+        }
         for (group, member) in asks {
-            self.net.post(NodeId(id as u32), NodeId(member), Msg::Members { group });
+            self.net
+                .post(NodeId(id as u32), NodeId(member as u32), Msg::Members { group });
         }
         Ok(())
     }

@@ -261,7 +261,8 @@ impl ReplicaCore {
     /// On the leader, proposes the next single configuration change that
     /// moves the group's voters to `desired`: add a missing node as a
     /// learner; promote a learner once it has caught up with the commit
-    /// point; then remove a voter that is not desired. One change at a time
+    /// point; remove a learner that is not desired; then remove a voter that
+    /// is not desired. One change at a time
     /// (each is a simple ConfChangeV2, so no joint state), none while one is
     /// pending. Returns the change proposed, if any.
     pub fn step_towards(&mut self, desired: &[u64]) -> Result<Option<(ConfChangeType, u64)>> {
@@ -279,6 +280,9 @@ impl ReplicaCore {
             Some((ConfChangeType::AddLearnerNode, node))
         } else if let Some(&node) = desired.iter().find(|&&n| conf.learners.contains(&n) && caught_up(n)) {
             Some((ConfChangeType::AddNode, node))
+        } else if let Some(&node) = conf.learners.iter().find(|n| !desired.contains(n)) {
+            // Added for an assignment that moved on before it was promoted.
+            Some((ConfChangeType::RemoveNode, node))
         } else if desired.iter().all(|n| conf.voters.contains(n)) {
             if !desired.contains(&me) && conf.voters.iter().all(|v| desired.contains(v) || *v == me) {
                 // This leader is the one to leave: hand leadership to a
