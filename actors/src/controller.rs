@@ -445,10 +445,14 @@ impl Shared {
     /// miss a current assignment. The controller group is never touched.
     async fn collect_stale_replicas(&self) {
         let on_disk = self.broker.replica_dirs();
+        let wanted = self.meta().wanted_groups(self.me());
         let hosted = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Replicas not assigned here: on disk only, or still running as
+        // members of their group.
         let candidates: Vec<u64> = on_disk
             .into_iter()
-            .filter(|g| *g != CONTROLLER_GROUP && !hosted.contains(g) && self.broker.replica(*g).is_none())
+            .filter(|g| *g != CONTROLLER_GROUP && !wanted.contains_key(g))
+            .filter(|g| hosted.contains(g) || self.broker.replica(*g).is_none())
             .collect();
         if candidates.is_empty() {
             return;
@@ -492,9 +496,22 @@ impl Shared {
             // everything (and could lose committed records).
             if let Some(nodes) = members_of.get(&group) {
                 if !self.removed_from(group, nodes).await {
+                    // Maybe still a voter the group needs (after a restart,
+                    // nothing runs it): run it until it is known removed.
+                    if !hosted.contains(&group) {
+                        match self.broker.host(group, None).await {
+                            Ok(()) => {
+                                self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
+                            }
+                            Err(e) => tracing::warn!(group, error = %e, "could not reopen an unassigned replica"),
+                        }
+                    }
                     tracing::debug!(group, "still in the group's configuration; its files are kept for now");
                     continue;
                 }
+            }
+            if hosted.contains(&group) {
+                self.stop_hosting(group).await;
             }
             match self.broker.delete_replica_files(group) {
                 Ok(()) => tracing::info!(group, "deleted the files of a stale replica"),
@@ -644,11 +661,39 @@ impl Shared {
             }
         }
         for group in hosted.difference(&wanted.keys().copied().collect()) {
-            self.broker.unhost(*group).await;
-            self.hosted.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
-            self.unsettled.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
-            self.settled.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
+            // A replica the group still counts keeps running wherever the
+            // assignment moved: its vote and log may be what the group needs
+            // to elect a leader and hand its data to the new replicas (found
+            // by the simulation: two replicas moved at once left a group
+            // without a quorum). Led here, it moves the group towards the
+            // assignment too.
+            if self.still_member(*group).await {
+                if let Some(assigned) = self.meta().assignment_of(*group) {
+                    let mut unsettled = self.unsettled.lock().unwrap_or_else(|p| p.into_inner());
+                    if unsettled.get(group) != Some(&assigned) {
+                        unsettled.insert(*group, assigned);
+                    }
+                }
+                continue;
+            }
+            self.stop_hosting(*group).await;
         }
+    }
+
+    /// Whether this node's replica of `group` counts itself in the group.
+    async fn still_member(&self, group: u64) -> bool {
+        let me = self.me();
+        self.broker
+            .status(group)
+            .await
+            .is_some_and(|s| s.voters.contains(&me) || s.learners.contains(&me))
+    }
+
+    async fn stop_hosting(&self, group: u64) {
+        self.broker.unhost(group).await;
+        self.hosted.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        self.unsettled.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        self.settled.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
     }
 
     /// Sends a controller request to the leader of group 0, following hints.
