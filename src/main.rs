@@ -6,6 +6,7 @@ mod chaos;
 mod cluster_cli;
 mod dataflow_cli;
 mod demo;
+mod sim_cli;
 mod watch;
 
 use std::path::PathBuf;
@@ -55,6 +56,9 @@ enum Command {
     /// Run real nodes under injected faults and check that nothing
     /// acknowledged is lost, duplicated or reordered.
     Chaos(chaos::Args),
+    /// Run seeds of the deterministic whole-cluster simulation (one process,
+    /// simulated network and time) and check every guarantee.
+    Sim(sim_cli::Args),
     /// Measure a part of Runnel and print figures (JSON lines, then a summary).
     Bench {
         #[command(subcommand)]
@@ -78,7 +82,7 @@ fn run() -> anyhow::Result<()> {
     // The demo shows its phases; a node shows what it does.
     let default_filter = match cli.command {
         Command::Demo { .. } => "error,runnel::demo=info",
-        Command::Chaos(_) => "error",
+        Command::Chaos(_) | Command::Sim(_) => "error",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -99,6 +103,7 @@ fn run() -> anyhow::Result<()> {
         Command::Rebalance(args) => broker_cli::rebalance(args),
         Command::Dataflow { command } => dataflow_cli::dataflow(command),
         Command::Chaos(args) => chaos::run(args),
+        Command::Sim(args) => sim_cli::run(args),
         Command::Bench { target } => bench::run(target),
     }
 }

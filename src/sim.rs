@@ -167,6 +167,27 @@ impl SimReport {
         self.verdict.ok() && self.converged_after_ms.is_some()
     }
 
+    /// Adds another seed's figures to these (totals over a sweep).
+    pub fn add(&mut self, other: SimReport) {
+        self.sim_ms += other.sim_ms;
+        self.records_checked += other.records_checked;
+        self.bytes_lost += other.bytes_lost;
+        self.torn_writes += other.torn_writes;
+        self.replica_moves += other.replica_moves;
+        self.leader_changes += other.leader_changes;
+        self.messages_sent += other.messages_sent;
+        self.messages_dropped += other.messages_dropped;
+        self.messages_duplicated += other.messages_duplicated;
+        self.messages_cut += other.messages_cut;
+        self.verdict.attempted += other.verdict.attempted;
+        self.verdict.acknowledged += other.verdict.acknowledged;
+        self.verdict.unknown += other.verdict.unknown;
+        for (kind, count) in other.faults {
+            *self.faults.entry(kind).or_default() += count;
+        }
+        self.verdict.merge(other.verdict);
+    }
+
     /// Why the run failed, in one paragraph, with the seed to replay.
     pub fn failure(&self) -> Option<String> {
         if self.ok() {
@@ -644,7 +665,7 @@ impl World {
             now += CLIENT_STEP_MS;
             self.deliver_until(now)?;
             self.net.advance_to(now);
-            if now % TICK_MS == 0 {
+            if now.is_multiple_of(TICK_MS) {
                 self.tick_nodes()?;
             }
             self.step_clients();
@@ -683,9 +704,9 @@ impl World {
             now += CLIENT_STEP_MS;
             self.deliver_until(now)?;
             self.net.advance_to(now);
-            if now % TICK_MS == 0 {
+            if now.is_multiple_of(TICK_MS) {
                 self.tick_nodes()?;
-                if now % 500 == 0 && self.producers_idle() && self.converged() {
+                if now.is_multiple_of(500) && self.producers_idle() && self.converged() {
                     self.report.converged_after_ms = Some(now - healed_at);
                     break;
                 }
@@ -894,7 +915,7 @@ impl World {
             self.reconcile(id)?;
             self.lead_controller(id)?;
             self.collect_stale(id)?;
-            if now % HEARTBEAT_MS == 0 {
+            if now.is_multiple_of(HEARTBEAT_MS) {
                 for controller in self.controllers() {
                     self.net
                         .post(NodeId(id as u32), NodeId(controller as u32), Msg::Heartbeat);
@@ -904,7 +925,7 @@ impl World {
                 }
             }
         }
-        if now % 1_000 == 0 {
+        if now.is_multiple_of(1_000) {
             self.check_replicas()?;
         }
         Ok(())

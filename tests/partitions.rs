@@ -886,6 +886,7 @@ async fn a_replica_that_keeps_crashing_is_reported_and_placed_on_another_node() 
             })
     };
     let deadline = Instant::now() + TIMEOUT;
+    let mut last_refusal: Option<String> = None;
     loop {
         let (restarts, failed) = health();
         if failed {
@@ -896,13 +897,20 @@ async fn a_replica_that_keeps_crashing_is_reported_and_placed_on_another_node() 
             "the supervisor never gave up ({restarts} restarts)"
         );
         // Refused while the replica is between restarts; accepted once it is back.
-        if client.inject_panic(victim, "fragile", 0).await.is_ok() {
-            wait_for("the crash to be counted", TIMEOUT, || {
-                let (now, failed) = health();
-                now > restarts || failed
-            });
-        } else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match client.inject_panic(victim, "fragile", 0).await {
+            Ok(()) => {
+                wait_for("the crash to be counted", TIMEOUT, || {
+                    let (now, failed) = health();
+                    now > restarts || failed
+                });
+            }
+            Err(e) => {
+                if last_refusal.as_ref() != Some(&e.to_string()) {
+                    eprintln!("injecting a panic was refused: {e}");
+                    last_refusal = Some(e.to_string());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 

@@ -61,18 +61,7 @@ fn seeds_lose_and_duplicate_nothing_acknowledged() {
                 .join("\n    ");
             failures.push(format!("{failure}\n  last events:\n    {trace}"));
         }
-        totals.sim_ms += report.sim_ms;
-        totals.records_checked += report.records_checked;
-        totals.verdict.acknowledged += report.verdict.acknowledged;
-        totals.verdict.attempted += report.verdict.attempted;
-        totals.verdict.unknown += report.verdict.unknown;
-        totals.bytes_lost += report.bytes_lost;
-        totals.torn_writes += report.torn_writes;
-        totals.replica_moves += report.replica_moves;
-        totals.leader_changes += report.leader_changes;
-        for (kind, count) in report.faults {
-            *totals.faults.entry(kind).or_default() += count;
-        }
+        totals.add(report);
     }
     println!(
         "{} seeds in {:.1} s: {:.0} simulated s, faults {:?}, {} unsynced bytes lost ({} torn writes), \

@@ -76,6 +76,10 @@ struct Shared {
     meta: RwLock<AppliedMetadata>,
     /// Groups this node was asked to host by the metadata.
     hosted: Mutex<BTreeSet<u64>>,
+    /// Groups this node stopped hosting since it started (it left them, or
+    /// their replica failed for good): never reopened as possibly needed
+    /// voters — only replicas found on disk after a restart are.
+    closed: Mutex<BTreeSet<u64>>,
     /// Local groups whose voters may differ from their assignment, with the
     /// desired voters; checked until they match.
     unsettled: Mutex<BTreeMap<u64, Vec<u64>>>,
@@ -118,6 +122,7 @@ impl Controller {
             config: config.clone(),
             meta: RwLock::new(AppliedMetadata::default()),
             hosted: Mutex::new(BTreeSet::new()),
+            closed: Mutex::new(BTreeSet::new()),
             unsettled: Mutex::new(BTreeMap::new()),
             settled: Mutex::new(BTreeMap::new()),
             tasks,
@@ -498,7 +503,8 @@ impl Shared {
                 if !self.removed_from(group, nodes).await {
                     // Maybe still a voter the group needs (after a restart,
                     // nothing runs it): run it until it is known removed.
-                    if !hosted.contains(&group) {
+                    let closed = self.closed.lock().unwrap_or_else(|p| p.into_inner()).contains(&group);
+                    if !hosted.contains(&group) && !closed {
                         match self.broker.host(group, None).await {
                             Ok(()) => {
                                 self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
@@ -656,6 +662,7 @@ impl Shared {
             match self.broker.host(*group, bootstrap).await {
                 Ok(()) => {
                     self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(*group);
+                    self.closed.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
                 }
                 Err(e) => tracing::warn!(group, error = %e, "could not host an assigned replica"),
             }
@@ -691,6 +698,7 @@ impl Shared {
 
     async fn stop_hosting(&self, group: u64) {
         self.broker.unhost(group).await;
+        self.closed.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
         self.hosted.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
         self.unsettled.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
         self.settled.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);

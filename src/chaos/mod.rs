@@ -95,7 +95,7 @@ pub struct Args {
 }
 
 /// `90s`, `2m`, `500ms`, or plain seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?} is not a duration (examples: 90s, 2m, 500ms)");
     let (number, unit_ms) = if let Some(n) = text.strip_suffix("ms") {
         (n, 1)

@@ -518,3 +518,25 @@ fn extreme_values_are_handled() {
     let err = log.append(&mut batch(1, 5, 0)).expect_err("overflow accepted");
     assert!(err.to_string().contains("overflow"), "{err}");
 }
+
+#[test]
+fn a_crash_loses_what_was_not_synced_and_a_torn_write_is_cut_off() {
+    for keep in [0, 1, 60] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = Log::open(dir.path(), config()).expect("open");
+        fill(&mut log, 3);
+        log.flush().expect("sync");
+        let synced_end = log.end_offset();
+        let expected = values_from(&log, 0);
+        let mut unsynced = batch(99, 5, 5_000);
+        log.append(&mut unsynced).expect("append");
+        let lost = log.crash(keep).expect("crash");
+        assert_eq!(lost, unsynced.size_bytes() as u64 - keep, "keep {keep}");
+        let after = log.append(&mut batch(100, 1, 6_000));
+        assert!(after.is_err(), "a crashed log must refuse appends");
+        drop(log);
+        let log = Log::open(dir.path(), config()).expect("reopen");
+        assert_eq!(log.end_offset(), synced_end, "keep {keep}");
+        assert_eq!(values_from(&log, 0), expected, "keep {keep}");
+    }
+}

@@ -1,0 +1,130 @@
+//! `runnel sim`: many seeds of the deterministic simulation ([`runnel::sim`]),
+//! for sweeps longer than the test suite's.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use runnel::sim::{run as run_seed, SimConfig, SimReport};
+
+use crate::chaos::parse_duration;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The first seed; seeds run in order from it.
+    #[arg(long, default_value_t = 1)]
+    first_seed: u64,
+    /// How many seeds to run.
+    #[arg(long, default_value_t = 200)]
+    seeds: u64,
+    /// Simulated time with faults and producers, per seed.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    duration: Duration,
+    #[arg(long, default_value_t = 5)]
+    nodes: u32,
+    #[arg(long, default_value_t = 3)]
+    partitions: u32,
+    /// Network faults only: no crashes, restarts or partitions.
+    #[arg(long)]
+    no_nemesis: bool,
+    /// Where replicas keep their files (a fresh temporary directory by
+    /// default; tmpfs such as /dev/shm is fastest).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// One JSON line per seed, then the summary as one.
+    #[arg(long)]
+    json: bool,
+    /// The deliberately injected bug (acks=all answered before the commit),
+    /// to see the checks fail.
+    #[arg(long, hide = true)]
+    test_ack_before_commit: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.seeds > 0, "--seeds must be at least 1");
+    anyhow::ensure!(args.nodes >= 3, "--nodes must be at least 3 (three controllers)");
+    anyhow::ensure!(args.partitions >= 1, "--partitions must be at least 1");
+    let config = SimConfig {
+        nodes: args.nodes,
+        partitions: args.partitions,
+        duration_ms: args.duration.as_millis() as u64,
+        nemesis: !args.no_nemesis,
+        bug_ack_before_commit: args.test_ack_before_commit,
+        ..SimConfig::default()
+    };
+    let scratch = match &args.dir {
+        Some(dir) => tempfile::Builder::new().prefix("runnel-sim-").tempdir_in(dir),
+        None => tempfile::Builder::new().prefix("runnel-sim-").tempdir(),
+    }
+    .context("creating the simulation's scratch directory")?;
+    let started = Instant::now();
+    let mut totals = SimReport::default();
+    let mut failed = Vec::new();
+    let last = args.first_seed.saturating_add(args.seeds - 1);
+    for seed in args.first_seed..=last {
+        let report = match run_seed(seed, &config, scratch.path()) {
+            Ok(report) => report,
+            Err(error) => {
+                eprintln!("seed {seed}: the simulation failed: {error}");
+                failed.push(seed);
+                continue;
+            }
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        if let Some(failure) = report.failure() {
+            eprintln!("{failure}");
+            for line in report.trace.iter().rev().take(40).rev() {
+                eprintln!("    {line}");
+            }
+            failed.push(seed);
+        }
+        totals.add(report);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if args.json {
+        let summary = serde_json::json!({
+            "summary": true,
+            "seeds": args.seeds,
+            "failed_seeds": failed,
+            "wall_s": elapsed,
+            "sim_s": totals.sim_ms as f64 / 1000.0,
+            "faults": totals.faults,
+            "bytes_lost": totals.bytes_lost,
+            "torn_writes": totals.torn_writes,
+            "leader_changes": totals.leader_changes,
+            "replica_moves": totals.replica_moves,
+            "attempted": totals.verdict.attempted,
+            "acknowledged": totals.verdict.acknowledged,
+            "unknown": totals.verdict.unknown,
+            "records_checked": totals.records_checked,
+        });
+        println!("{summary}");
+    }
+    println!(
+        "{} seeds ({}..={last}) in {elapsed:.1} s: {:.0} simulated s; faults {:?}; {} unsynced bytes lost \
+         ({} torn writes); {} leader changes; {} replica moves; writes: {} attempted, {} acknowledged, \
+         {} unknown; {} committed records checked; failed seeds: {failed:?}",
+        args.seeds,
+        args.first_seed,
+        totals.sim_ms as f64 / 1000.0,
+        totals.faults,
+        totals.bytes_lost,
+        totals.torn_writes,
+        totals.leader_changes,
+        totals.replica_moves,
+        totals.verdict.attempted,
+        totals.verdict.acknowledged,
+        totals.verdict.unknown,
+        totals.records_checked,
+    );
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} of {} seeds failed; replay one with `runnel sim --first-seed S --seeds 1` or \
+         `RUNNEL_SEED=S cargo test --test sim`",
+        failed.len(),
+        args.seeds
+    );
+    Ok(())
+}
