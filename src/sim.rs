@@ -560,13 +560,14 @@ impl World {
         node.closed.clear();
         if self.controllers().contains(&id) {
             let voters = self.controllers();
-            self.host(id, CONTROLLER_GROUP, Some(&voters))?;
+            self.host(id, CONTROLLER_GROUP, Some(&voters), false)?;
         }
         Ok(())
     }
 
-    fn host(&mut self, id: u64, group: u64, founders: Option<&[u64]>) -> Result<(), String> {
-        let config = self.replica_config(id);
+    fn host(&mut self, id: u64, group: u64, founders: Option<&[u64]>, rejoin: bool) -> Result<(), String> {
+        let mut config = self.replica_config(id);
+        config.rejoin = rejoin;
         let node = self.nodes.get_mut(&id).expect("known node");
         let dir = node.group_dir(group);
         let (part, messages) = Part::open(group, &dir, log_config(), &config, founders)
@@ -690,8 +691,12 @@ impl World {
                 self.inject(&mut heal_at, &mut restart_at)?;
             }
         }
-        // Heal everything, stop producing, and wait for convergence.
+        // Heal everything (crashes armed but not struck yet are called off),
+        // stop producing, and wait for convergence.
         self.net.heal();
+        for node in self.nodes.values_mut() {
+            node.crash_armed = None;
+        }
         let down: Vec<u64> = self.nodes.values().filter(|n| !n.up).map(|n| n.id).collect();
         for id in down {
             self.start(id)?;
@@ -728,7 +733,7 @@ impl World {
     fn inject(&mut self, heal_at: &mut Option<u64>, restart_at: &mut BTreeMap<u64, u64>) -> Result<(), String> {
         let now = self.now();
         let nodes: Vec<u64> = self.nodes.keys().copied().collect();
-        let down = self.nodes.values().filter(|n| !n.up).count();
+        let down = self.nodes.values().filter(|n| !n.up || n.crash_armed.is_some()).count();
         let minority = (nodes.len() - 1) / 2;
         match self.rng.between(0, 2) {
             0 | 1 if down < minority => {
@@ -964,9 +969,9 @@ impl World {
     /// moves the voters of groups led here towards their assignment.
     fn reconcile(&mut self, id: u64) -> Result<(), String> {
         let wanted = self.nodes[&id].meta.wanted_groups(id);
-        for (group, (_, founders)) in &wanted {
+        for (group, wanted_group) in &wanted {
             if !self.nodes[&id].groups.contains_key(group) {
-                self.host(id, *group, Some(founders))?;
+                self.host(id, *group, Some(&wanted_group.founders), wanted_group.rejoin)?;
             }
         }
         let node = self.nodes.get_mut(&id).expect("known node");
@@ -1111,8 +1116,11 @@ impl World {
             }
             asks.extend(members.into_iter().filter(|&m| m != id).map(|m| (group, m)));
         }
+        // In a fixed order: directory listings are not, and hosting draws
+        // from the seed.
+        reopen.sort_unstable();
         for group in reopen {
-            self.host(id, group, None)?;
+            self.host(id, group, None, true)?;
         }
         for (group, member) in asks {
             self.net

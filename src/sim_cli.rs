@@ -31,6 +31,9 @@ pub struct Args {
     /// default; tmpfs such as /dev/shm is fastest).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Events shown for a failing seed (its last ones).
+    #[arg(long, default_value_t = 40)]
+    trace_lines: usize,
     /// One JSON line per seed, then the summary as one.
     #[arg(long)]
     json: bool,
@@ -75,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         if let Some(failure) = report.failure() {
             eprintln!("{failure}");
-            for line in report.trace.iter().rev().take(40).rev() {
+            for line in report.trace.iter().rev().take(args.trace_lines).rev() {
                 eprintln!("    {line}");
             }
             failed.push(seed);

@@ -185,14 +185,16 @@ impl Broker {
     }
 
     /// Runs a replica of `group` on this node. A founding replica of a new
-    /// group passes the group's voters; a reopened one passes `None`.
-    pub async fn host(&self, group: u64, bootstrap_voters: Option<Vec<u64>>) -> Result<()> {
+    /// group passes the group's voters; a reopened one passes `None`. With
+    /// `rejoin`, a replica created empty is passive (`ReplicaConfig::rejoin`).
+    pub async fn host(&self, group: u64, bootstrap_voters: Option<Vec<u64>>, rejoin: bool) -> Result<()> {
         let args = ReplicaArgs {
             group,
             dir: self.config.data_dir.join("partitions").join(group.to_string()),
             log_config: self.config.log_config.clone(),
             config: ReplicaConfig {
                 ack_before_commit: self.config.test_ack_before_commit,
+                rejoin,
                 ..ReplicaConfig::new(u64::from(self.node.id().0))
             },
             bootstrap_voters,

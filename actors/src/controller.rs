@@ -114,7 +114,9 @@ impl Controller {
         let node = broker.node().clone();
         let me = u64::from(node.id().0);
         if config.controllers.contains(&me) {
-            broker.host(CONTROLLER_GROUP, Some(config.controllers.clone())).await?;
+            broker
+                .host(CONTROLLER_GROUP, Some(config.controllers.clone()), false)
+                .await?;
         }
         let shared = Arc::new(Shared {
             broker,
@@ -505,7 +507,7 @@ impl Shared {
                     // nothing runs it): run it until it is known removed.
                     let closed = self.closed.lock().unwrap_or_else(|p| p.into_inner()).contains(&group);
                     if !hosted.contains(&group) && !closed {
-                        match self.broker.host(group, None).await {
+                        match self.broker.host(group, None, true).await {
                             Ok(()) => {
                                 self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
                             }
@@ -639,7 +641,8 @@ impl Shared {
         let me = self.me();
         let wanted = self.meta().wanted_groups(me);
         let hosted: BTreeSet<u64> = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (group, (voters, founders)) in &wanted {
+        for (group, wanted_group) in &wanted {
+            let voters = &wanted_group.voters;
             let settled = self.settled.lock().unwrap_or_else(|p| p.into_inner()).get(group) == Some(voters);
             if !settled {
                 // Checked until the group's voters match the assignment; a
@@ -657,9 +660,11 @@ impl Shared {
             // placed later is then added as a learner on top of the right
             // configuration, and is not a voter (so never campaigns) until a
             // committed change makes it one. (Holds while logs are never
-            // compacted; snapshots will have to carry the configuration.)
-            let bootstrap = Some(founders.clone());
-            match self.broker.host(*group, bootstrap).await {
+            // compacted; snapshots will have to carry the configuration.) A
+            // founder's replica re-created after a move is passive until
+            // promoted again: the founders' configuration counts it.
+            let bootstrap = Some(wanted_group.founders.clone());
+            match self.broker.host(*group, bootstrap, wanted_group.rejoin).await {
                 Ok(()) => {
                     self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(*group);
                     self.closed.lock().unwrap_or_else(|p| p.into_inner()).remove(group);

@@ -172,6 +172,9 @@ pub struct TopicMeta {
     /// The assignment at creation: the voters each group was founded with.
     /// A replica placed later joins as a learner instead.
     pub founders: Vec<Vec<u32>>,
+    /// Per partition, the nodes its replicas were ever moved off.
+    #[serde(default)]
+    pub departed: Vec<Vec<u32>>,
 }
 
 impl TopicMeta {
@@ -218,6 +221,7 @@ impl Metadata {
                     config: config.clone(),
                     assignment: assignment.clone(),
                     founders: assignment.clone(),
+                    departed: vec![Vec::new(); assignment.len()],
                 };
                 self.topics.insert(name.clone(), topic);
                 Ok(())
@@ -248,6 +252,11 @@ impl Metadata {
                     MetadataError::InvalidConfig(format!("node {dead} does not hold {topic}/{partition}"))
                 })?;
                 *slot = *replacement;
+                if let Some(departed) = meta.departed.get_mut(*partition as usize) {
+                    if !departed.contains(dead) {
+                        departed.push(*dead);
+                    }
+                }
                 Ok(())
             }
             MetadataCommand::StartDataflow { dataflow } => {
@@ -475,6 +484,18 @@ pub fn command_batch(command: &MetadataCommand, timestamp_ms: i64) -> Result<Rec
     builder.build()
 }
 
+/// A partition group a node is assigned to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WantedGroup {
+    /// The assigned replicas' nodes.
+    pub voters: Vec<u64>,
+    /// The voters the group was founded with.
+    pub founders: Vec<u64>,
+    /// Whether a replica created empty here joins a group with a history
+    /// (see `ReplicaConfig::rejoin`).
+    pub rejoin: bool,
+}
+
 /// The metadata as one node has applied it from the controller log.
 #[derive(Clone, Debug, Default)]
 pub struct AppliedMetadata {
@@ -524,15 +545,28 @@ impl AppliedMetadata {
         Ok(())
     }
 
-    /// The partition groups assigned to `node`: group → (voters, founders).
-    pub fn wanted_groups(&self, node: u64) -> BTreeMap<u64, (Vec<u64>, Vec<u64>)> {
+    /// The partition groups assigned to `node`.
+    pub fn wanted_groups(&self, node: u64) -> BTreeMap<u64, WantedGroup> {
         let mut wanted = BTreeMap::new();
         for topic in self.metadata.topics.values() {
             for (partition, replicas) in topic.assignment.iter().enumerate() {
                 let voters: Vec<u64> = replicas.iter().map(|&n| u64::from(n)).collect();
                 if voters.contains(&node) {
-                    let founders = topic.founders[partition].iter().map(|&n| u64::from(n)).collect();
-                    wanted.insert(topic.group_id(partition as u32), (voters, founders));
+                    let founders: Vec<u64> = topic.founders[partition].iter().map(|&n| u64::from(n)).collect();
+                    // A founder that never left may come up empty as the
+                    // voter it always was (it never held anything); any
+                    // other replica joins through the leader.
+                    let departed = topic
+                        .departed
+                        .get(partition)
+                        .is_some_and(|d| d.iter().any(|&n| u64::from(n) == node));
+                    let rejoin = departed || !founders.contains(&node);
+                    let group = WantedGroup {
+                        voters,
+                        founders,
+                        rejoin,
+                    };
+                    wanted.insert(topic.group_id(partition as u32), group);
                 }
             }
         }

@@ -5,10 +5,12 @@
 //! state, fsync) and returns the messages to send and the entries that
 //! committed. The actor and the network are a thin shell around this.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType,
+};
 use raft::{RawNode, StateRole};
 use runnel_storage::{LogConfig, RecordBatch};
 
@@ -33,6 +35,11 @@ pub struct ReplicaConfig {
     pub max_inflight_msgs: usize,
     /// Bytes proposed but not yet committed before proposals are refused.
     pub max_uncommitted_bytes: u64,
+    /// The replica is created for a group that already has a history (its
+    /// node was placed in the group after the group was founded, or is
+    /// coming back after its old replica was removed and deleted). If it
+    /// opens with nothing on disk it is *passive* (see [`ReplicaCore`]).
+    pub rejoin: bool,
     /// A deliberately injected bug, for proving the chaos checker can fail:
     /// `acks=all` is answered once the leader appended, before the commit.
     /// Never set outside that test.
@@ -51,6 +58,7 @@ impl ReplicaConfig {
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_uncommitted_bytes: 64 << 20,
+            rejoin: false,
             ack_before_commit: false,
         }
     }
@@ -72,8 +80,25 @@ pub struct ReadyOutput {
     pub committed: Vec<Committed>,
 }
 
+/// The file marking a passive replica; it holds the leader's commit index
+/// when the replica first heard from a leader (empty until then).
+const PASSIVE_FILE: &str = "passive";
+
+/// One replica. A replica created empty for a group with a history is
+/// *passive*: it starts from the founders' configuration (the one the log's
+/// changes apply to), which may still count this node as a voter — but this
+/// replica holds none of what that voter had. Until a configuration change
+/// made after it first heard from a leader promotes it, it grants no votes,
+/// never campaigns and never takes leadership; otherwise it and other
+/// re-created replicas could form a majority of a stale configuration and
+/// elect a leader that lacks committed entries (found by the simulation).
 pub struct ReplicaCore {
     raw: RawNode<PartitionStore>,
+    /// Where the passive marker lives, while passive.
+    passive: Option<PathBuf>,
+    /// A passive replica's first leader's commit index: only a promotion
+    /// beyond it is about this incarnation.
+    contact_commit: Option<u64>,
 }
 
 impl ReplicaCore {
@@ -87,6 +112,16 @@ impl ReplicaCore {
         bootstrap_voters: Option<&[u64]>,
     ) -> Result<ReplicaCore> {
         let mut store = PartitionStore::open(dir, log_config)?;
+        let marker = dir.join(PASSIVE_FILE);
+        let fresh = store.conf_state().voters.is_empty() && store.last_index_value() == 0;
+        if config.rejoin && fresh && store.hard_state().term == 0 {
+            std::fs::write(&marker, b"").map_err(|e| ActorError::io(&marker, e))?;
+        }
+        let contact_commit = match std::fs::read_to_string(&marker) {
+            Ok(text) => Some(text.trim().parse::<u64>().ok()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(ActorError::io(&marker, e)),
+        };
         if let Some(voters) = bootstrap_voters {
             if store.conf_state().voters.is_empty() && store.last_index_value() == 0 {
                 store.bootstrap(voters)?;
@@ -112,7 +147,11 @@ impl ReplicaCore {
         raft_config.validate()?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&raft_config, store, &logger)?;
-        Ok(ReplicaCore { raw })
+        Ok(ReplicaCore {
+            raw,
+            passive: contact_commit.is_some().then_some(marker),
+            contact_commit: contact_commit.flatten(),
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -122,6 +161,9 @@ impl ReplicaCore {
     /// Starts an election now (a new group's preferred leader does, so
     /// leadership follows placement instead of whoever times out first).
     pub fn campaign(&mut self) -> Result<()> {
+        if self.passive.is_some() {
+            return Ok(());
+        }
         Ok(self.raw.campaign()?)
     }
 
@@ -171,8 +213,26 @@ impl ReplicaCore {
         }
     }
 
+    /// Whether this replica is passive (see [`ReplicaCore`]).
+    pub fn is_passive(&self) -> bool {
+        self.passive.is_some()
+    }
+
     /// Feeds a message from a peer. Messages from unknown peers are dropped.
     pub fn step(&mut self, message: Message) -> Result<()> {
+        if let Some(marker) = &self.passive {
+            match message.get_msg_type() {
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote | MessageType::MsgTimeoutNow => {
+                    return Ok(());
+                }
+                MessageType::MsgAppend | MessageType::MsgSnapshot if self.contact_commit.is_none() => {
+                    let commit = message.commit.max(message.get_snapshot().get_metadata().index);
+                    std::fs::write(marker, commit.to_string()).map_err(|e| ActorError::io(marker, e))?;
+                    self.contact_commit = Some(commit);
+                }
+                _ => {}
+            }
+        }
         match self.raw.step(message) {
             Ok(()) | Err(raft::Error::StepPeerNotFound) => Ok(()),
             // Local-only message types must never come from a peer.
@@ -184,8 +244,12 @@ impl ReplicaCore {
         }
     }
 
-    /// Advances the logical clock; returns whether there may be work.
+    /// Advances the logical clock; returns whether there may be work. A
+    /// passive replica's clock stands still: it never campaigns.
     pub fn tick(&mut self) -> bool {
+        if self.passive.is_some() {
+            return false;
+        }
         self.raw.tick()
     }
 
@@ -252,8 +316,26 @@ impl ReplicaCore {
                         .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
                     let conf_state = self.raw.apply_conf_change(&change)?;
                     self.raw.mut_store().set_conf_state(conf_state)?;
+                    let promotes_me = change
+                        .get_changes()
+                        .iter()
+                        .any(|c| c.get_change_type() == ConfChangeType::AddNode && c.node_id == self.id());
+                    if promotes_me && self.contact_commit.is_some_and(|commit| entry.index > commit) {
+                        self.end_passive()?;
+                    }
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn end_passive(&mut self) -> Result<()> {
+        if let Some(marker) = self.passive.take() {
+            std::fs::remove_file(&marker).map_err(|e| ActorError::io(&marker, e))?;
+            tracing::info!(
+                id = self.id(),
+                "a re-created replica was promoted; it votes from now on"
+            );
         }
         Ok(())
     }

@@ -64,7 +64,7 @@ async fn start_member(scratch: &Path, addrs: &[SocketAddr], id: u64, voters: Opt
     let broker = Broker::start(node.handle(), BrokerConfig::new(data))
         .await
         .expect("broker");
-    broker.host(GROUP, voters).await.expect("host");
+    broker.host(GROUP, voters, false).await.expect("host");
     Member { node, broker }
 }
 
