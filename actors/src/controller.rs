@@ -345,6 +345,10 @@ impl Shared {
         let Some(shape) = self.tasks.as_ref().and_then(|host| host.shape(&name)) else {
             return ClientResponse::Refused(MetadataError::UnregisteredDataflow(name));
         };
+        // This node may not have applied a topic created a moment ago.
+        if let Err(reason) = self.pull_and_apply().await {
+            tracing::debug!(reason, "controller log not reachable; answering from what is applied");
+        }
         if self.meta().metadata.dataflows.contains_key(&name) {
             return ClientResponse::Refused(MetadataError::DataflowRunning(name));
         }
