@@ -133,7 +133,11 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::info!("phase 2: start the dataflow {}", fraud::NAME);
-    client.start_dataflow(fraud::NAME).await?;
+    // The node answering may not have applied the new topic yet.
+    while let Err(e) = client.start_dataflow(fraud::NAME).await {
+        ensure!(Instant::now() < deadline, "could not start {}: {e}", fraud::NAME);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let before = placement(&client).await?;
 
     tracing::info!("phase 3: produce {ATTEMPTS} attempts keyed by card (acks=all); kill a node half-way");

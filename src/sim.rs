@@ -34,7 +34,8 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use runnel_actors::metadata::{
-    command_batch, group_id, place, AppliedMetadata, Metadata, MetadataCommand, TopicConfig, CONTROLLER_GROUP,
+    command_batch, group_id, place, AppliedMetadata, Metadata, MetadataCommand, TopicConfig, TopicMeta,
+    CONTROLLER_GROUP,
 };
 use runnel_actors::partition::{PartitionCore, ProduceReply};
 use runnel_actors::{Acks, BrokerError, RaftMessage as Message, ReplicaConfig};
@@ -186,6 +187,29 @@ impl SimReport {
             *self.faults.entry(kind).or_default() += count;
         }
         self.verdict.merge(other.verdict);
+    }
+
+    /// One line of the figures (of a sweep's totals, usually).
+    pub fn summary(&self) -> String {
+        format!(
+            "{:.0} simulated s; faults {:?}; {} unsynced bytes lost ({} torn writes); {} leader changes; \
+             {} replica moves; messages: {} sent, {} dropped, {} duplicated, {} cut; writes: {} attempted, \
+             {} acknowledged, {} unknown; {} committed records checked",
+            self.sim_ms as f64 / 1000.0,
+            self.faults,
+            self.bytes_lost,
+            self.torn_writes,
+            self.leader_changes,
+            self.replica_moves,
+            self.messages_sent,
+            self.messages_dropped,
+            self.messages_duplicated,
+            self.messages_cut,
+            self.verdict.attempted,
+            self.verdict.acknowledged,
+            self.verdict.unknown,
+            self.records_checked,
+        )
     }
 
     /// Why the run failed, in one paragraph, with the seed to replay.
@@ -1330,14 +1354,14 @@ impl World {
         Some(u64::from(choice))
     }
 
+    /// The simulated topic as a client last heard of it.
+    fn client_topic(&self, client: NodeId) -> Option<TopicMeta> {
+        self.views.get(&client)?.metadata.as_ref()?.topics.get(TOPIC).cloned()
+    }
+
     fn step_producer(&mut self, index: usize, now: u64) {
         let client = self.producers[index].node;
-        let Some(topic) = self.views[&client]
-            .metadata
-            .as_ref()
-            .and_then(|m| m.topics.get(TOPIC))
-            .cloned()
-        else {
+        let Some(topic) = self.client_topic(client) else {
             return;
         };
         for partition in 0..topic.config.partitions {
@@ -1443,12 +1467,7 @@ impl World {
 
     fn step_consumer(&mut self, index: usize, now: u64) {
         let client = self.consumers[index].node;
-        let Some(topic) = self.views[&client]
-            .metadata
-            .as_ref()
-            .and_then(|m| m.topics.get(TOPIC))
-            .cloned()
-        else {
+        let Some(topic) = self.client_topic(client) else {
             return;
         };
         for partition in 0..topic.config.partitions {

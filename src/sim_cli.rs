@@ -106,21 +106,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{summary}");
     }
     println!(
-        "{} seeds ({}..={last}) in {elapsed:.1} s: {:.0} simulated s; faults {:?}; {} unsynced bytes lost \
-         ({} torn writes); {} leader changes; {} replica moves; writes: {} attempted, {} acknowledged, \
-         {} unknown; {} committed records checked; failed seeds: {failed:?}",
+        "{} seeds ({}..={last}) in {elapsed:.1} s: {}; failed seeds: {failed:?}",
         args.seeds,
         args.first_seed,
-        totals.sim_ms as f64 / 1000.0,
-        totals.faults,
-        totals.bytes_lost,
-        totals.torn_writes,
-        totals.leader_changes,
-        totals.replica_moves,
-        totals.verdict.attempted,
-        totals.verdict.acknowledged,
-        totals.verdict.unknown,
-        totals.records_checked,
+        totals.summary()
     );
     anyhow::ensure!(
         failed.is_empty(),

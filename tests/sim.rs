@@ -64,21 +64,10 @@ fn seeds_lose_and_duplicate_nothing_acknowledged() {
         totals.add(report);
     }
     println!(
-        "{} seeds in {:.1} s: {:.0} simulated s, faults {:?}, {} unsynced bytes lost ({} torn writes), \
-         {} leader changes, {} replica moves, {} writes attempted, {} acknowledged, {} unknown, \
-         {} committed records checked",
+        "{} seeds in {:.1} s: {}",
         seeds.len(),
         started.elapsed().as_secs_f64(),
-        totals.sim_ms as f64 / 1000.0,
-        totals.faults,
-        totals.bytes_lost,
-        totals.torn_writes,
-        totals.leader_changes,
-        totals.replica_moves,
-        totals.verdict.attempted,
-        totals.verdict.acknowledged,
-        totals.verdict.unknown,
-        totals.records_checked,
+        totals.summary()
     );
     assert!(
         failures.is_empty(),
