@@ -120,6 +120,37 @@ pub enum Anomaly {
     },
     /// A record no producer wrote.
     Unexpected { topic: String, partition: u32, offset: u64 },
+    /// A window result the reference (computed from the input) holds and
+    /// the dataflow's sink does not.
+    DataflowMissing {
+        dataflow: String,
+        key: String,
+        window_start_ms: i64,
+        expected: u64,
+    },
+    /// A window result in the sink the reference does not hold.
+    DataflowExtra {
+        dataflow: String,
+        key: String,
+        window_start_ms: i64,
+        found: u64,
+    },
+    DataflowWrongCount {
+        dataflow: String,
+        key: String,
+        window_start_ms: i64,
+        expected: u64,
+        found: u64,
+    },
+    /// A window result in the sink more than once.
+    DataflowDuplicated {
+        dataflow: String,
+        key: String,
+        window_start_ms: i64,
+        copies: u64,
+    },
+    /// A dataflow task found records it had written gone from its output.
+    DataflowOutputLost { dataflow: String, task: u32, error: String },
 }
 
 impl Anomaly {
@@ -133,6 +164,11 @@ impl Anomaly {
             Anomaly::NonMonotonicRead { .. } => "non_monotonic_read",
             Anomaly::ReadNotInLog { .. } => "read_not_in_log",
             Anomaly::Unexpected { .. } => "unexpected",
+            Anomaly::DataflowMissing { .. } => "dataflow_missing",
+            Anomaly::DataflowExtra { .. } => "dataflow_extra",
+            Anomaly::DataflowWrongCount { .. } => "dataflow_wrong_count",
+            Anomaly::DataflowDuplicated { .. } => "dataflow_duplicated",
+            Anomaly::DataflowOutputLost { .. } => "dataflow_output_lost",
         }
     }
 }
@@ -181,6 +217,64 @@ impl Verdict {
         if *count as usize <= LISTED_PER_KIND_MAX {
             self.anomalies.push(anomaly);
         }
+    }
+}
+
+/// A windowed result: (key, window start).
+pub type WindowKey = (String, i64);
+
+/// A dataflow's sink against the reference computed from its input: per
+/// window, the results the reference expects in order — one with
+/// `Emit::Final`, each update passing the filter with `Emit::Changes` — and
+/// every one of them exactly once.
+pub fn check_results(
+    dataflow: &str,
+    reference: &BTreeMap<WindowKey, Vec<u64>>,
+    sink: &[(WindowKey, u64)],
+    verdict: &mut Verdict,
+) {
+    let mut found: BTreeMap<&WindowKey, Vec<u64>> = BTreeMap::new();
+    for (key, count) in sink {
+        found.entry(key).or_default().push(*count);
+    }
+    for (key, counts) in &found {
+        let (name, start) = (key.0.clone(), key.1);
+        let mut distinct = counts.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() < counts.len() {
+            verdict.add(Anomaly::DataflowDuplicated {
+                dataflow: dataflow.to_string(),
+                key: name.clone(),
+                window_start_ms: start,
+                copies: (counts.len() - distinct.len()) as u64,
+            });
+        }
+        let last = counts.last().copied().unwrap_or_default();
+        match reference.get(*key) {
+            None => verdict.add(Anomaly::DataflowExtra {
+                dataflow: dataflow.to_string(),
+                key: name,
+                window_start_ms: start,
+                found: last,
+            }),
+            Some(expected) if distinct != *expected => verdict.add(Anomaly::DataflowWrongCount {
+                dataflow: dataflow.to_string(),
+                key: name,
+                window_start_ms: start,
+                expected: expected.last().copied().unwrap_or_default(),
+                found: last,
+            }),
+            Some(_) => {}
+        }
+    }
+    for (key, expected) in reference.iter().filter(|(k, _)| !found.contains_key(k)) {
+        verdict.add(Anomaly::DataflowMissing {
+            dataflow: dataflow.to_string(),
+            key: key.0.clone(),
+            window_start_ms: key.1,
+            expected: expected.last().copied().unwrap_or_default(),
+        });
     }
 }
 
@@ -475,5 +569,42 @@ mod tests {
         };
         history.final_read.insert(key(), vec![seen(0, "a")]);
         assert_eq!(kinds(&check(&history)), vec![("failed_but_written", 1)]);
+    }
+
+    #[test]
+    fn dataflow_results_must_equal_the_reference_exactly_once() {
+        let w = |card: &str, start: i64| (card.to_string(), start);
+        // Final results: one per window.
+        let reference = BTreeMap::from([(w("a", 0), vec![4]), (w("b", 0), vec![5]), (w("c", 60), vec![6])]);
+        let mut clean = Verdict::default();
+        let sink = vec![(w("b", 0), 5), (w("a", 0), 4), (w("c", 60), 6)];
+        check_results("f", &reference, &sink, &mut clean);
+        assert!(clean.ok(), "{:?}", clean.anomalies);
+
+        let mut verdict = Verdict::default();
+        let sink = vec![(w("a", 0), 4), (w("a", 0), 4), (w("b", 0), 7), (w("d", 0), 9)];
+        check_results("f", &reference, &sink, &mut verdict);
+        assert_eq!(
+            kinds(&verdict),
+            vec![
+                ("dataflow_duplicated", 1),
+                ("dataflow_extra", 1),
+                ("dataflow_missing", 1),
+                ("dataflow_wrong_count", 1)
+            ]
+        );
+
+        // Changes: every update once, none skipped.
+        let reference = BTreeMap::from([(w("a", 0), vec![2, 3, 4])]);
+        let mut clean = Verdict::default();
+        check_results("f", &reference, &[(w("a", 0), 2), (w("a", 0), 3), (w("a", 0), 4)], &mut clean);
+        assert!(clean.ok(), "{:?}", clean.anomalies);
+        let mut skipped = Verdict::default();
+        check_results("f", &reference, &[(w("a", 0), 2), (w("a", 0), 4)], &mut skipped);
+        assert_eq!(kinds(&skipped), vec![("dataflow_wrong_count", 1)]);
+        let mut repeated = Verdict::default();
+        let sink = [(w("a", 0), 2), (w("a", 0), 3), (w("a", 0), 3), (w("a", 0), 4)];
+        check_results("f", &reference, &sink, &mut repeated);
+        assert_eq!(kinds(&repeated), vec![("dataflow_duplicated", 1)]);
     }
 }

@@ -27,6 +27,9 @@ pub struct Args {
     /// Network faults only: no crashes, restarts or partitions.
     #[arg(long)]
     no_nemesis: bool,
+    /// Without the dataflow (its tasks, topics and result check).
+    #[arg(long)]
+    no_dataflow: bool,
     /// Where replicas keep their files (a fresh temporary directory by
     /// default; tmpfs such as /dev/shm is fastest).
     #[arg(long)]
@@ -52,6 +55,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         partitions: args.partitions,
         duration_ms: args.duration.as_millis() as u64,
         nemesis: !args.no_nemesis,
+        dataflow: !args.no_dataflow,
         bug_ack_before_commit: args.test_ack_before_commit,
         ..SimConfig::default()
     };

@@ -290,6 +290,14 @@ impl Broker {
         }
     }
 
+    /// Asks the local replica of `group`, if it leads, to demote the
+    /// passive voter `node` (see [`crate::ReplicaCore::is_passive_voter`]).
+    pub fn demote(&self, group: u64, node: u64) {
+        if let Some(replica) = self.replica(group) {
+            let _ = replica.cast(ReplicaMsg::Demote(node));
+        }
+    }
+
     pub async fn status(&self, group: u64) -> Option<ReplicaStatus> {
         let replica = self.replica(group)?;
         match replica

@@ -78,6 +78,36 @@ pub struct FetchedRecords {
     pub committed_offset: u64,
 }
 
+impl FetchedRecords {
+    /// The user records at or after `offset` of committed batches read from
+    /// there (control batches hold offsets but no records).
+    pub fn from_batches(
+        offset: u64,
+        batches: &[RecordBatch],
+        committed_offset: u64,
+    ) -> Result<FetchedRecords, runnel_storage::StorageError> {
+        let mut records = Vec::new();
+        let mut next_offset = offset;
+        for batch in batches {
+            next_offset = next_offset.max(batch.next_offset());
+            if batch.is_control() {
+                continue;
+            }
+            for record in batch.records() {
+                let record = record?;
+                if record.offset >= offset {
+                    records.push(record);
+                }
+            }
+        }
+        Ok(FetchedRecords {
+            records,
+            next_offset,
+            committed_offset,
+        })
+    }
+}
+
 pub struct Client {
     cluster: ClusterClient,
     /// Node addresses learned from metadata.
@@ -607,26 +637,11 @@ fn decode_fetched(offset: u64, response: ClientResponse, topic: &str, partition:
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         };
     };
-    let mut records = Vec::new();
-    let mut next_offset = offset;
-    for bytes in batches {
-        let batch = RecordBatch::from_bytes(bytes.into_vec())?;
-        next_offset = next_offset.max(batch.next_offset());
-        if batch.is_control() {
-            continue;
-        }
-        for record in batch.records() {
-            let record = record?;
-            if record.offset >= offset {
-                records.push(record);
-            }
-        }
-    }
-    Ok(FetchedRecords {
-        records,
-        next_offset,
-        committed_offset,
-    })
+    let batches = batches
+        .into_iter()
+        .map(|bytes| RecordBatch::from_bytes(bytes.into_vec()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(FetchedRecords::from_batches(offset, &batches, committed_offset)?)
 }
 
 /// A stable hash of a key (FNV-1a), so a key always maps to one partition.

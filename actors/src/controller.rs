@@ -28,7 +28,7 @@ use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
     ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR, CONTROLLER_ACTOR,
 };
-use crate::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskHost};
+use crate::tasks::{dataflow_topics, TaskAssignment, TaskHost};
 
 /// How often the controller leader looks for dead nodes' replicas to move,
 /// and every node nudges unsettled groups.
@@ -272,7 +272,7 @@ impl Shared {
             .map(|m| m.node.0)
             .collect();
         let moves = self.meta().replica_moves(&dead, &alive);
-        let moves = moves.into_iter().chain(self.task_moves(&dead, &alive));
+        let moves = moves.into_iter().chain(self.meta().task_moves(&dead, &alive));
         for command in moves {
             tracing::info!(?command, "re-creating a dead node's replica or task elsewhere");
             if let ControllerResponse::Failed(e) = self.commit(command).await {
@@ -282,56 +282,12 @@ impl Shared {
         }
     }
 
-    /// Moves of dataflow tasks off `dead` nodes, each to the live node
-    /// running the fewest tasks.
-    fn task_moves(&self, dead: &[u32], alive: &[u32]) -> Vec<MetadataCommand> {
-        let meta = self.meta();
-        let mut load = meta.metadata.task_load();
-        let mut moves = Vec::new();
-        for dataflow in meta.metadata.dataflows.values() {
-            for (task, node) in dataflow.placement.iter().enumerate() {
-                if !dead.contains(node) {
-                    continue;
-                }
-                let Ok(placed) = place_tasks(1, alive, &load) else {
-                    return moves;
-                };
-                *load.entry(placed[0]).or_default() += 1;
-                moves.push(MetadataCommand::MoveDataflowTask {
-                    name: dataflow.name.clone(),
-                    task: task as u32,
-                    dead: *node,
-                    replacement: placed[0],
-                });
-            }
-        }
-        moves
-    }
-
     /// Hands the dataflow runtime the tasks metadata places here, when that
     /// set changes.
     fn reconcile_tasks(&self) {
         let Some(host) = &self.tasks else { return };
         let me = self.me() as u32;
-        let wanted: Vec<TaskAssignment> = {
-            let meta = self.meta();
-            meta.metadata
-                .dataflows
-                .values()
-                .flat_map(|d| {
-                    d.placement
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &node)| node == me)
-                        .map(|(task, _)| TaskAssignment {
-                            dataflow: d.name.clone(),
-                            task: task as u32,
-                            partitions: d.partitions,
-                            stages: d.stages,
-                        })
-                })
-                .collect()
-        };
+        let wanted: Vec<TaskAssignment> = self.meta().metadata.tasks_of(me);
         let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
         if *assigned != wanted {
             *assigned = wanted.clone();
@@ -362,15 +318,7 @@ impl Shared {
             return ClientResponse::UnknownTopic(shape.source);
         };
         let replication = self.alive_nodes().len().clamp(1, 3) as u16;
-        let mut topics = vec![
-            (checkpoint_topic(&name), partitions * shape.stages),
-            (dead_letter_topic(&name), 1),
-            (shape.sink.clone(), partitions),
-        ];
-        if shape.stages > 1 {
-            topics.push((repartition_topic(&name), partitions));
-        }
-        for (topic, topic_partitions) in topics {
+        for (topic, topic_partitions) in dataflow_topics(&name, &shape, partitions) {
             if self.meta().metadata.topics.contains_key(&topic) {
                 continue;
             }
@@ -579,6 +527,31 @@ impl Shared {
                 continue;
             }
             self.broker.reconfigure(group, desired);
+        }
+        self.demote_passive_voters().await;
+    }
+
+    /// Asks the leaders of groups whose local replica is a passive voter to
+    /// demote it (see [`crate::ReplicaCore::is_passive_voter`]).
+    async fn demote_passive_voters(&self) {
+        let hosted: Vec<u64> = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        for group in hosted {
+            let Some(status) = self.broker.status(group).await else {
+                continue;
+            };
+            let Some(leader) = status.leader.filter(|&l| status.passive_voter && l != self.me()) else {
+                continue;
+            };
+            let Ok(leader) = u32::try_from(leader) else { continue };
+            let payload = encode(&ControllerRequest::DemotePassiveVoter { group, node: self.me() });
+            tracing::info!(group, leader, "this replica is a passive voter; asking the leader to demote it");
+            if let Err(e) = self
+                .node
+                .call(NodeId(leader), CONTROLLER_ACTOR, payload, MEMBERS_CALL_TIMEOUT)
+                .await
+            {
+                tracing::debug!(group, leader, error = %e, "the leader did not answer the demotion request");
+            }
         }
     }
 
@@ -799,6 +772,17 @@ impl Shared {
                     voters: status.voters,
                     learners: status.learners,
                 },
+                Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
+                    group,
+                    leader: status.leader,
+                }),
+                None => ControllerResponse::Failed(BrokerError::UnknownGroup(group)),
+            },
+            ControllerRequest::DemotePassiveVoter { group, node } => match self.broker.status(group).await {
+                Some(status) if status.leader == Some(self.me()) => {
+                    self.broker.demote(group, node);
+                    ControllerResponse::Done
+                }
                 Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
                     group,
                     leader: status.leader,

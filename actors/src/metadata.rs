@@ -13,6 +13,8 @@ use bytes::Bytes;
 use runnel_storage::{BatchBuilder, Record, RecordBatch, StorageError};
 use serde::{Deserialize, Serialize};
 
+use crate::tasks::TaskAssignment;
+
 /// Partitions of one topic at most.
 pub const PARTITIONS_MAX: u32 = 10_000;
 /// Replicas of one partition at most.
@@ -299,6 +301,25 @@ impl Metadata {
                 }
             }
         }
+    }
+
+    /// The dataflow tasks placed on `node`.
+    pub fn tasks_of(&self, node: u32) -> Vec<TaskAssignment> {
+        self.dataflows
+            .values()
+            .flat_map(|d| {
+                d.placement
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, &placed)| placed == node)
+                    .map(|(task, _)| TaskAssignment {
+                        dataflow: d.name.clone(),
+                        task: task as u32,
+                        partitions: d.partitions,
+                        stages: d.stages,
+                    })
+            })
+            .collect()
     }
 
     /// Dataflow tasks each node runs now, for placement.
@@ -601,6 +622,33 @@ impl AppliedMetadata {
                         });
                     }
                 }
+            }
+        }
+        moves
+    }
+}
+
+impl AppliedMetadata {
+    /// The controller leader's moves of dataflow tasks off `dead` nodes, each
+    /// to the `alive` node running the fewest tasks.
+    pub fn task_moves(&self, dead: &[u32], alive: &[u32]) -> Vec<MetadataCommand> {
+        let mut load = self.metadata.task_load();
+        let mut moves = Vec::new();
+        for dataflow in self.metadata.dataflows.values() {
+            for (task, node) in dataflow.placement.iter().enumerate() {
+                if !dead.contains(node) {
+                    continue;
+                }
+                let Ok(placed) = place_tasks(1, alive, &load) else {
+                    return moves;
+                };
+                *load.entry(placed[0]).or_default() += 1;
+                moves.push(MetadataCommand::MoveDataflowTask {
+                    name: dataflow.name.clone(),
+                    task: task as u32,
+                    dead: *node,
+                    replacement: placed[0],
+                });
             }
         }
         moves

@@ -59,6 +59,9 @@ pub struct ReplicaStatus {
     pub end_offset: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+    /// A passive replica the configuration counts as a voter: it needs the
+    /// leader to demote it (see [`ReplicaCore::is_passive_voter`]).
+    pub passive_voter: bool,
 }
 
 pub enum ReplicaMsg {
@@ -83,6 +86,8 @@ pub enum ReplicaMsg {
     },
     /// Move the group's voters one step towards these node ids (leader only).
     Reconfigure(Vec<u64>),
+    /// On the leader: demote a passive voter so that it can be promoted.
+    Demote(u64),
     /// Test-only fault hook: the replica's handler panics, as a bug would.
     InjectPanic,
 }
@@ -190,6 +195,11 @@ impl Actor for PartitionReplica {
             ReplicaMsg::Reconfigure(desired) => {
                 if let Some((change, node)) = state.part.core_mut().step_towards(&desired)? {
                     tracing::info!(group = state.args.group, ?change, node, "membership change proposed");
+                }
+            }
+            ReplicaMsg::Demote(node) => {
+                if state.part.core_mut().demote(node)? {
+                    tracing::info!(group = state.args.group, node, "passive voter demoted, to be promoted again");
                 }
             }
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),
@@ -426,6 +436,7 @@ impl<R: ProduceReply> PartitionCore<R> {
             end_offset: self.core.store().log().end_offset(),
             voters: conf.voters.clone(),
             learners: conf.learners.clone(),
+            passive_voter: self.core.is_passive_voter(),
         }
     }
 

@@ -123,6 +123,12 @@ pub enum ControllerRequest {
     GroupMembers {
         group: u64,
     },
+    /// To the leader of `group`: the asking node's replica is a passive
+    /// voter; demote it so that it can be promoted.
+    DemotePassiveVoter {
+        group: u64,
+        node: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -218,6 +218,37 @@ impl ReplicaCore {
         self.passive.is_some()
     }
 
+    /// Whether this replica is passive while the configuration counts it
+    /// as a voter — re-created for a node that never left the group. No
+    /// promotion will come for a voter, so it must ask the leader to
+    /// [`demote`](ReplicaCore::demote) it; the promotion that follows makes
+    /// it vote (until then the group counts a voter that never votes).
+    pub fn is_passive_voter(&self) -> bool {
+        self.passive.is_some()
+            && self.contact_commit.is_some()
+            && self.raw.store().conf_state().voters.contains(&self.id())
+    }
+
+    /// On the leader: makes voter `node` a learner again (see
+    /// [`ReplicaCore::is_passive_voter`]); [`ReplicaCore::step_towards`]
+    /// promotes it again once it has caught up. Returns whether the change
+    /// was proposed.
+    pub fn demote(&mut self, node: u64) -> Result<bool> {
+        if !self.is_leader() || node == self.id() || self.raw.raft.has_pending_conf() {
+            return Ok(false);
+        }
+        if !self.raw.raft.prs().conf().to_conf_state().voters.contains(&node) {
+            return Ok(false);
+        }
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(ConfChangeType::AddLearnerNode);
+        single.node_id = node;
+        let mut change = ConfChangeV2::default();
+        change.mut_changes().push(single);
+        self.raw.propose_conf_change(Vec::new(), change)?;
+        Ok(true)
+    }
+
     /// Feeds a message from a peer. Messages from unknown peers are dropped.
     pub fn step(&mut self, message: Message) -> Result<()> {
         if let Some(marker) = &self.passive {

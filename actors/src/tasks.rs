@@ -77,6 +77,21 @@ pub trait TaskHost: Send + Sync {
     fn status(&self) -> Vec<TaskStatus>;
 }
 
+/// The topics a dataflow writes, with their partition counts, for a source
+/// of `partitions` partitions: its checkpoints (one partition per task), its
+/// dead letters, its sink and, with two stages, the repartition topic.
+pub fn dataflow_topics(dataflow: &str, shape: &DataflowShape, partitions: u32) -> Vec<(String, u32)> {
+    let mut topics = vec![
+        (checkpoint_topic(dataflow), partitions * shape.stages),
+        (dead_letter_topic(dataflow), 1),
+        (shape.sink.clone(), partitions),
+    ];
+    if shape.stages > 1 {
+        topics.push((repartition_topic(dataflow), partitions));
+    }
+    topics
+}
+
 /// The internal topic between a dataflow's two stages.
 pub fn repartition_topic(dataflow: &str) -> String {
     format!("{dataflow}.repartition")

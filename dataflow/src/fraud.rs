@@ -112,15 +112,35 @@ impl Iterator for Generator {
 /// attempt's time (minus the grace) has not closed are left out, as the
 /// dataflow with `Emit::Final` leaves them open.
 pub fn reference<'a>(attempts: impl IntoIterator<Item = &'a Attempt>) -> BTreeMap<(String, i64), u64> {
+    reference_for(attempts, WINDOW_MS, GRACE_MS, THRESHOLD)
+}
+
+/// [`reference`] for a tumbling count of attempts per card over any window,
+/// grace and threshold (the simulation runs a faster one).
+pub fn reference_for<'a>(
+    attempts: impl IntoIterator<Item = &'a Attempt>,
+    window_ms: i64,
+    grace_ms: i64,
+    threshold: u64,
+) -> BTreeMap<(String, i64), u64> {
     let mut counts: BTreeMap<(String, i64), u64> = BTreeMap::new();
     let mut max_ms = i64::MIN;
     for attempt in attempts {
         max_ms = max_ms.max(attempt.at_ms);
-        let start = attempt.at_ms - attempt.at_ms.rem_euclid(WINDOW_MS);
+        let start = attempt.at_ms - attempt.at_ms.rem_euclid(window_ms);
         *counts.entry((attempt.card_number.clone(), start)).or_default() += 1;
     }
-    counts.retain(|(_, start), count| *count > THRESHOLD && start + WINDOW_MS + GRACE_MS <= max_ms);
+    counts.retain(|(_, start), count| *count > threshold && start + window_ms + grace_ms <= max_ms);
     counts
+}
+
+/// One sink record of a windowed count: ((key, window start), count).
+pub fn decode_result(record: &Record) -> Result<((String, i64), u64), String> {
+    let key: FraudKey =
+        serde_json::from_slice(record.key.as_deref().unwrap_or_default()).map_err(|e| format!("sink key: {e}"))?;
+    let count: u64 =
+        serde_json::from_slice(record.value.as_deref().unwrap_or_default()).map_err(|e| format!("sink value: {e}"))?;
+    Ok(((key.key, key.window_start_ms), count))
 }
 
 /// One sink record of the fraud dataflow, decoded.
@@ -196,11 +216,8 @@ pub async fn read_results(client: &Arc<Client>) -> Result<(BTreeMap<(String, i64
     let mut results = BTreeMap::new();
     let mut duplicates = 0;
     for record in read_topic(client, SINK).await.map_err(|e| e.to_string())? {
-        let key: FraudKey =
-            serde_json::from_slice(record.key.as_deref().unwrap_or_default()).map_err(|e| format!("sink key: {e}"))?;
-        let count: u64 = serde_json::from_slice(record.value.as_deref().unwrap_or_default())
-            .map_err(|e| format!("sink value: {e}"))?;
-        if results.insert((key.key, key.window_start_ms), count).is_some() {
+        let (key, count) = decode_result(&record)?;
+        if results.insert(key, count).is_some() {
             duplicates += 1;
         }
     }

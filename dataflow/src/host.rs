@@ -22,7 +22,7 @@ use crate::builder::DataflowDef;
 use crate::task::{TaskError, TaskRunner};
 
 /// How long an idle task waits before reading its input again.
-const IDLE_POLL: Duration = Duration::from_millis(20);
+pub const IDLE_POLL: Duration = Duration::from_millis(20);
 
 /// The dataflows a node's binary knows, by name (closures cannot travel).
 #[derive(Clone, Default)]

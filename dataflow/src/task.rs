@@ -23,14 +23,15 @@
 //! windows open instead of making its records late.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use runnel_actors::client::{partition_for_key, Client, ClientError};
+use runnel_actors::client::{partition_for_key, Client, ClientError, ClientResult, FetchedRecords};
 use runnel_actors::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskStatus};
 use runnel_actors::{Acks, BrokerError};
-use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, StoredRecord};
+use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, StoredRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{DataflowDef, Emitted, WindowStage};
@@ -62,6 +63,50 @@ const HEADER_UPSTREAM: &str = "u";
 const HEADER_WATERMARK: &str = "wm";
 const HEADER_IDLE: &str = "idle";
 const HEADER_ERROR: &str = "error";
+
+/// How a task reaches the cluster and tells the time: the [`Client`] in a
+/// node, the simulated network and clock in `runnel::sim` (which runs the
+/// same task code, deterministically).
+pub trait TaskIo: Send + Sync + 'static {
+    /// Committed records of a partition from `offset`.
+    fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> impl Future<Output = ClientResult<FetchedRecords>> + Send;
+    /// Appends a batch; the base offset it was written at.
+    fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: RecordBatch,
+        acks: Acks,
+    ) -> impl Future<Output = ClientResult<u64>> + Send;
+    /// Monotonic time since an arbitrary start.
+    fn now(&self) -> Duration;
+    fn sleep(&self, pause: Duration) -> impl Future<Output = ()> + Send;
+}
+
+impl TaskIo for Client {
+    async fn fetch(&self, topic: &str, partition: u32, offset: u64, max_bytes: u32) -> ClientResult<FetchedRecords> {
+        Client::fetch(self, topic, partition, offset, max_bytes).await
+    }
+
+    async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, acks: Acks) -> ClientResult<u64> {
+        Client::produce(self, topic, partition, batch, acks).await
+    }
+
+    fn now(&self) -> Duration {
+        static START: OnceLock<Instant> = OnceLock::new();
+        START.get_or_init(Instant::now).elapsed()
+    }
+
+    async fn sleep(&self, pause: Duration) {
+        tokio::time::sleep(pause).await;
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
@@ -135,9 +180,9 @@ impl ExactlyOnceSender {
     }
 
     /// Writes `records` (in order) to a partition, in batches.
-    pub async fn send(
+    pub async fn send<C: TaskIo>(
         &mut self,
-        client: &Client,
+        client: &C,
         topic: &str,
         partition: u32,
         records: &[Record],
@@ -156,15 +201,15 @@ impl ExactlyOnceSender {
         Ok(())
     }
 
-    async fn send_batch(
+    async fn send_batch<C: TaskIo>(
         &mut self,
-        client: &Client,
+        client: &C,
         topic: &str,
         partition: u32,
         mut records: &[Record],
     ) -> Result<(), TaskError> {
         let key = (topic.to_string(), partition);
-        let deadline = Instant::now() + SEND_RETRY_FOR;
+        let deadline = client.now() + SEND_RETRY_FOR;
         let mut backoff = Duration::from_millis(20);
         while !records.is_empty() {
             let base_sequence = self.sequences.get(&key).copied().unwrap_or(0);
@@ -197,9 +242,9 @@ impl ExactlyOnceSender {
                         reason: e.to_string(),
                     })
                 }
-                Err(e) if retryable(&e) && Instant::now() < deadline => {
+                Err(e) if retryable(&e) && client.now() < deadline => {
                     tracing::debug!(topic, partition, error = %e, "output batch not acknowledged; retrying");
-                    tokio::time::sleep(backoff).await;
+                    client.sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
@@ -248,15 +293,15 @@ pub fn watermark(upstreams: &BTreeMap<u32, Upstream>, count: u32) -> Option<i64>
 /// Where a source task's markers to one partition stand.
 #[derive(Clone, Copy)]
 struct MarkerState {
-    last_sent: Option<Instant>,
+    last_sent: Option<Duration>,
     announced: Upstream,
 }
 
 /// A running task: its input position, output sequences and stage state.
-pub struct TaskRunner {
+pub struct TaskRunner<C: TaskIo = Client> {
     def: Arc<DataflowDef>,
     assignment: TaskAssignment,
-    client: Arc<Client>,
+    client: Arc<C>,
     status: Arc<Mutex<TaskStatus>>,
     sender: ExactlyOnceSender,
     input_topic: String,
@@ -265,12 +310,12 @@ pub struct TaskRunner {
     max_event_ms: i64,
     markers: Vec<MarkerState>,
     /// Since when a source task has been caught up with its input.
-    caught_up_since: Option<Instant>,
+    caught_up_since: Option<Duration>,
     /// Window stage: its upstreams and its windows.
     upstreams: BTreeMap<u32, Upstream>,
     window: Option<Box<dyn WindowStage>>,
     counters: Counters,
-    last_checkpoint: Instant,
+    last_checkpoint: Duration,
     dirty: bool,
     /// Scratch space, reused between records.
     emitted: Vec<Emitted>,
@@ -284,14 +329,14 @@ struct Counters {
     checkpoints: u64,
 }
 
-impl TaskRunner {
+impl<C: TaskIo> TaskRunner<C> {
     /// Opens a task from its newest checkpoint (or from the start).
     pub async fn restore(
         def: Arc<DataflowDef>,
         assignment: TaskAssignment,
-        client: Arc<Client>,
+        client: Arc<C>,
         status: Arc<Mutex<TaskStatus>>,
-    ) -> Result<TaskRunner, TaskError> {
+    ) -> Result<TaskRunner<C>, TaskError> {
         let stage = assignment.stage();
         let input_topic = if stage == 0 {
             def.source.clone()
@@ -303,6 +348,7 @@ impl TaskRunner {
         } else {
             None
         };
+        let started = client.now();
         let mut runner = TaskRunner {
             sender: ExactlyOnceSender::new(task_producer_id(&def.name, assignment.task)),
             markers: vec![
@@ -326,7 +372,7 @@ impl TaskRunner {
             upstreams: BTreeMap::new(),
             window,
             counters: Counters::default(),
-            last_checkpoint: Instant::now(),
+            last_checkpoint: started,
             dirty: false,
             emitted: Vec::new(),
         };
@@ -400,13 +446,14 @@ impl TaskRunner {
         if !caught_up || progressed {
             self.caught_up_since = None;
         } else if self.caught_up_since.is_none() {
-            self.caught_up_since = Some(Instant::now());
+            self.caught_up_since = Some(self.client.now());
         }
         if self.assignment.stage() == 0 && self.def.window_stage.is_some() {
-            let idle = self.caught_up_since.is_some_and(|since| since.elapsed() >= IDLE_AFTER);
+            let now = self.client.now();
+            let idle = self.caught_up_since.is_some_and(|since| now >= since + IDLE_AFTER);
             self.send_markers(idle).await?;
         }
-        if self.dirty && self.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+        if self.dirty && self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL {
             self.write_checkpoint().await?;
         }
         {
@@ -469,11 +516,11 @@ impl TaskRunner {
         }
         self.emitted = emitted;
         for (partition, records) in &outputs {
-            self.sender.send(&self.client, &out_topic, *partition, records).await?;
+            self.sender.send(&*self.client, &out_topic, *partition, records).await?;
             self.counters.records_out += records.len() as u64;
             if let Some(marker) = self.markers.get_mut(*partition as usize) {
                 // Data carries the upstream id: it is a marker too.
-                marker.last_sent = Some(Instant::now());
+                marker.last_sent = Some(self.client.now());
                 let sent_max = partition_max.get(partition).copied().unwrap_or(i64::MIN);
                 marker.announced = Upstream {
                     max_event_ms: marker.announced.max_event_ms.max(sent_max),
@@ -483,7 +530,7 @@ impl TaskRunner {
         }
         if !dead_letters.is_empty() {
             let topic = dead_letter_topic(&self.def.name);
-            self.sender.send(&self.client, &topic, 0, &dead_letters).await?;
+            self.sender.send(&*self.client, &topic, 0, &dead_letters).await?;
             self.counters.dead_letters += dead_letters.len() as u64;
         }
         Ok(())
@@ -513,7 +560,7 @@ impl TaskRunner {
         let partition_bytes = Bytes::copy_from_slice(&self.assignment.partition().to_le_bytes());
         for q in 0..self.markers.len() {
             let marker = self.markers[q];
-            let due = marker.last_sent.is_none_or(|at| at.elapsed() >= MARKER_INTERVAL);
+            let due = marker.last_sent.is_none_or(|at| self.client.now() >= at + MARKER_INTERVAL);
             if marker.announced == now || !due {
                 continue;
             }
@@ -543,7 +590,7 @@ impl TaskRunner {
             match self.client.produce(&topic, q as u32, builder.build()?, Acks::All).await {
                 Ok(_) => {
                     self.markers[q] = MarkerState {
-                        last_sent: Some(Instant::now()),
+                        last_sent: Some(self.client.now()),
                         announced: now,
                     };
                 }
@@ -580,7 +627,7 @@ impl TaskRunner {
         self.emitted = emitted;
         let sink = self.def.sink.clone();
         for (q, records) in &outputs {
-            self.sender.send(&self.client, &sink, *q, records).await?;
+            self.sender.send(&*self.client, &sink, *q, records).await?;
             self.counters.records_out += records.len() as u64;
         }
         Ok(())
@@ -688,7 +735,7 @@ impl TaskRunner {
         let topic = checkpoint_topic(&self.def.name);
         // Unsequenced: a checkpoint written twice is harmless.
         self.client.produce(&topic, task, builder.build()?, Acks::All).await?;
-        self.last_checkpoint = Instant::now();
+        self.last_checkpoint = self.client.now();
         self.dirty = false;
         self.counters.checkpoints += 1;
         Ok(())

@@ -41,10 +41,14 @@ use runnel_actors::partition::{PartitionCore, ProduceReply};
 use runnel_actors::{Acks, BrokerError, RaftMessage as Message, ReplicaConfig};
 use runnel_cluster::sim::{FaultConfig, SimNetwork, SimRng, SimStats};
 use runnel_cluster::NodeId;
-use runnel_storage::{BatchBuilder, FsyncPolicy, Header, LogConfig, ProducerInfo, Record, RecordBatch};
+use runnel_storage::{BatchBuilder, FsyncPolicy, Header, LogConfig, ProducerInfo, Record, RecordBatch, StoredRecord};
 use serde::Serialize;
 
 use crate::check::{self, Anomaly, History, Outcome, PartitionKey, Seen, Verdict, Write, WRITE_ID_HEADER};
+
+mod dataflow;
+
+use dataflow::{TaskReply, Tasks};
 
 /// The simulated topic.
 pub const TOPIC: &str = "sim";
@@ -105,6 +109,9 @@ pub struct SimConfig {
     /// A producer's pause between batches to one partition.
     pub produce_every_ms: u64,
     pub consumers: u32,
+    /// Run a dataflow over the producers' records (counts per card in
+    /// tumbling windows) and check its sink against a reference.
+    pub dataflow: bool,
     /// The deliberately injected bug (acks before commit), for proving the
     /// checks can fail.
     pub bug_ack_before_commit: bool,
@@ -129,6 +136,7 @@ impl Default for SimConfig {
             producers: 2,
             produce_every_ms: 40,
             consumers: 2,
+            dataflow: true,
             bug_ack_before_commit: false,
         }
     }
@@ -155,6 +163,12 @@ pub struct SimReport {
     pub replica_moves: u64,
     /// Records compared by the running checks (every replica, every record).
     pub records_checked: u64,
+    /// Dataflow task incarnations started (first starts, restarts, moves).
+    pub task_starts: u64,
+    /// Dataflow task incarnations that failed (and were restarted).
+    pub task_failures: u64,
+    /// Dataflow sink records checked against the reference.
+    pub dataflow_results: u64,
     /// Simulated time from the heal until the cluster converged.
     pub converged_after_ms: Option<u64>,
     pub verdict: Verdict,
@@ -172,6 +186,9 @@ impl SimReport {
     pub fn add(&mut self, other: SimReport) {
         self.sim_ms += other.sim_ms;
         self.records_checked += other.records_checked;
+        self.task_starts += other.task_starts;
+        self.task_failures += other.task_failures;
+        self.dataflow_results += other.dataflow_results;
         self.bytes_lost += other.bytes_lost;
         self.torn_writes += other.torn_writes;
         self.replica_moves += other.replica_moves;
@@ -194,7 +211,8 @@ impl SimReport {
         format!(
             "{:.0} simulated s; faults {:?}; {} unsynced bytes lost ({} torn writes); {} leader changes; \
              {} replica moves; messages: {} sent, {} dropped, {} duplicated, {} cut; writes: {} attempted, \
-             {} acknowledged, {} unknown; {} committed records checked",
+             {} acknowledged, {} unknown; {} committed records checked; dataflow: {} task starts, {} task \
+             failures, {} results checked",
             self.sim_ms as f64 / 1000.0,
             self.faults,
             self.bytes_lost,
@@ -209,6 +227,9 @@ impl SimReport {
             self.verdict.acknowledged,
             self.verdict.unknown,
             self.records_checked,
+            self.task_starts,
+            self.task_failures,
+            self.dataflow_results,
         )
     }
 
@@ -261,10 +282,12 @@ enum Msg {
         request: u64,
         group: u64,
         offset: u64,
+        max_bytes: usize,
     },
+    /// Committed batches and the commit offset.
     Fetched {
         request: u64,
-        result: Result<Vec<RecordBatch>, BrokerError>,
+        result: Result<(Vec<RecordBatch>, u64), BrokerError>,
     },
     /// Node → group member: does the group's leader still count me?
     Members {
@@ -274,6 +297,10 @@ enum Msg {
     MembersAnswer {
         group: u64,
         removed: bool,
+    },
+    /// Node → group leader: my replica is a passive voter; demote it.
+    DemotePassiveVoter {
+        group: u64,
     },
 }
 
@@ -406,6 +433,7 @@ struct World {
     /// Per (node, group): the committed offset checked so far.
     checked: BTreeMap<(u64, u64), u64>,
     running: Verdict,
+    tasks: Tasks,
     report: SimReport,
     trace: std::collections::VecDeque<String>,
 }
@@ -440,6 +468,8 @@ fn log_config() -> LogConfig {
     }
 }
 
+/// A record as the checks compare it: by its write id, or (the dataflow's
+/// records have none) by a digest of its key, value and headers.
 fn seen_of(offset: u64, record: &Record) -> Seen {
     let id = record
         .headers
@@ -447,6 +477,19 @@ fn seen_of(offset: u64, record: &Record) -> Seen {
         .find(|h| h.key == WRITE_ID_HEADER)
         .and_then(|h| h.value.as_ref())
         .map(|v| String::from_utf8_lossy(v).into_owned());
+    let id = id.or_else(|| {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let parts = [record.key.as_deref(), record.value.as_deref()]
+            .into_iter()
+            .chain(record.headers.iter().flat_map(|h| [Some(h.key.as_bytes()), h.value.as_deref()]));
+        for part in parts {
+            for byte in part.unwrap_or(b"-").iter().chain(b"|") {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        Some(format!("#{hash:016x}"))
+    });
     Seen { offset, id }
 }
 
@@ -460,6 +503,17 @@ fn records_of(batches: &[RecordBatch]) -> Result<Vec<Seen>, String> {
         }
     }
     Ok(seen)
+}
+
+/// The topic and partition of a partition group, as any node knows them.
+fn partition_of(nodes: &BTreeMap<u64, Node>, group: u64) -> (String, u32) {
+    let partition = (group & ((1 << 20) - 1)) as u32;
+    let topic = nodes
+        .values()
+        .flat_map(|n| n.meta.metadata.topics.values())
+        .find(|t| t.group_id(partition) == group)
+        .map_or_else(|| format!("<group {group}>"), |t| t.name.clone());
+    (topic, partition)
 }
 
 impl World {
@@ -514,8 +568,10 @@ impl World {
             .chain(consumers.iter().map(|c| c.node))
             .map(|n| (n, ClientView::default()))
             .collect();
+        let tasks = Tasks::new(config.dataflow);
         let mut world = World {
             seed,
+            tasks,
             rng: SimRng::new(seed ^ 0x5151_5eed),
             net: SimNetwork::new(seed, config.network.clone()),
             config,
@@ -655,6 +711,7 @@ impl World {
         node.up = false;
         node.crash_armed = None;
         let groups = std::mem::take(&mut node.groups);
+        self.tasks.crash(id);
         let mut lost = 0;
         for (group, part) in groups {
             let (strike, keep) = match mid_ready {
@@ -878,12 +935,17 @@ impl World {
                     }
                 }
             }
-            Msg::Fetch { request, group, offset } => {
+            Msg::Fetch {
+                request,
+                group,
+                offset,
+                max_bytes,
+            } => {
                 let result = match self.nodes[&id].groups.get(&group) {
                     Some(part) => part
-                        .fetch(offset, FETCH_BYTES, false)
+                        .fetch(offset, max_bytes, false)
                         .map_err(|e| format!("node {id} group {group} fetch: {e}"))?
-                        .map(|fetched| fetched.batches),
+                        .map(|fetched| (fetched.batches, fetched.committed_offset)),
                     None => Err(BrokerError::NotLeader { group, leader: None }),
                 };
                 self.net.post(me, from, Msg::Fetched { request, result });
@@ -895,6 +957,20 @@ impl World {
                         let asker = u64::from(from.0);
                         let removed = !status.voters.contains(&asker) && !status.learners.contains(&asker);
                         self.net.post(me, from, Msg::MembersAnswer { group, removed });
+                    }
+                }
+            }
+            Msg::DemotePassiveVoter { group } => {
+                let node = self.nodes.get_mut(&id).expect("known node");
+                if let Some(part) = node.groups.get_mut(&group) {
+                    let asker = u64::from(from.0);
+                    let demoted = part
+                        .core_mut()
+                        .demote(asker)
+                        .map_err(|e| format!("node {id} group {group} demote: {e}"))?;
+                    if demoted {
+                        self.note(format!("group {group}: leader {id} demotes passive voter {asker}"));
+                        self.drive(id, group)?;
                     }
                 }
             }
@@ -913,7 +989,12 @@ impl World {
                     self.note(format!("node {id} deleted its stale replica of group {group}"));
                 }
             }
-            Msg::MetaAnswer(_) | Msg::Produced { .. } | Msg::Fetched { .. } => {}
+            Msg::Produced { request, result } => self.on_task_reply(id, request, result.map(TaskReply::Produced)),
+            Msg::Fetched { request, result } => {
+                let reply = result.map(|(batches, committed)| TaskReply::Fetched { batches, committed });
+                self.on_task_reply(id, request, reply);
+            }
+            Msg::MetaAnswer(_) => {}
         }
         Ok(())
     }
@@ -942,6 +1023,7 @@ impl World {
             }
             self.follow_metadata(id)?;
             self.reconcile(id)?;
+            self.reconcile_tasks(id);
             self.lead_controller(id)?;
             self.collect_stale(id)?;
             if now.is_multiple_of(HEARTBEAT_MS) {
@@ -1074,11 +1156,18 @@ impl World {
                     assignment,
                 });
             }
+        } else if let Some(def) = self.tasks.def.as_deref().filter(|_| !node.meta.metadata.dataflows.contains_key(dataflow::DATAFLOW)) {
+            if node.topic_proposed_ms.is_none_or(|t| t + MOVES_EVERY_MS <= now) {
+                node.topic_proposed_ms = Some(now);
+                let all: Vec<u32> = (1..=config.nodes).collect();
+                commands = dataflow::start_commands(&node.meta, def, &all)?;
+            }
         } else if now >= since + DEAD_MS && now >= node.last_moves_ms + MOVES_EVERY_MS {
             let (alive, dead): (Vec<u32>, Vec<u32>) =
                 (1..=config.nodes).partition(|n| node.heard.get(&u64::from(*n)).is_some_and(|&t| t + DEAD_MS > now));
             if !dead.is_empty() {
                 commands = node.meta.replica_moves(&dead, &alive);
+                commands.extend(node.meta.task_moves(&dead, &alive));
                 if !commands.is_empty() {
                     node.last_moves_ms = now;
                 }
@@ -1114,6 +1203,7 @@ impl World {
         let wanted = node.meta.wanted_groups(id);
         let entries = std::fs::read_dir(&node.dir).map_err(|e| format!("{}: {e}", node.dir.display()))?;
         let mut asks = BTreeSet::new();
+        let mut asks_demote = Vec::new();
         let mut reopen = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| e.to_string())?;
@@ -1140,6 +1230,14 @@ impl World {
             }
             asks.extend(members.into_iter().filter(|&m| m != id).map(|m| (group, m)));
         }
+        // Replicas re-created for a node that never left the group: only the
+        // leader can make them voters that vote.
+        for (&group, part) in &node.groups {
+            let status = part.status();
+            if let Some(leader) = status.leader.filter(|&l| status.passive_voter && l != id) {
+                asks_demote.push((group, leader));
+            }
+        }
         // In a fixed order: directory listings are not, and hosting draws
         // from the seed.
         reopen.sort_unstable();
@@ -1149,6 +1247,10 @@ impl World {
         for (group, member) in asks {
             self.net
                 .post(NodeId(id as u32), NodeId(member as u32), Msg::Members { group });
+        }
+        for (group, leader) in asks_demote {
+            let msg = Msg::DemotePassiveVoter { group };
+            self.net.post(NodeId(id as u32), NodeId(leader as u32), msg);
         }
         Ok(())
     }
@@ -1229,7 +1331,7 @@ impl World {
                     .and_then(|m| m.topics.get(TOPIC))
                     .map(|t| t.group_id(partition));
                 match result {
-                    Ok(batches) => {
+                    Ok((batches, _)) => {
                         let Ok(records) = records_of(&batches) else {
                             return;
                         };
@@ -1331,6 +1433,7 @@ impl World {
         for index in 0..self.consumers.len() {
             self.step_consumer(index, now);
         }
+        self.step_tasks();
     }
 
     /// The node a client sends a group's requests to: the leader it heard
@@ -1427,9 +1530,14 @@ impl World {
             for _ in 0..count {
                 let id = format!("p{}-{}", producer.index, producer.written);
                 producer.written += 1;
+                // The dataflow's input: an attempt of a card drawn from the seed.
+                let value = match self.tasks.def {
+                    Some(_) => dataflow::attempt_value(self.rng.between(0, u64::MAX - 1), now),
+                    None => id.clone().into_bytes(),
+                };
                 let record = Record {
                     timestamp_ms: now as i64,
-                    value: Some(Bytes::from(id.clone())),
+                    value: Some(Bytes::from(value)),
                     headers: vec![Header {
                         key: WRITE_ID_HEADER.to_string(),
                         value: Some(Bytes::from(id.clone())),
@@ -1493,8 +1601,13 @@ impl World {
             let consumer = &mut self.consumers[index];
             let offset = consumer.position.get(&partition).copied().unwrap_or(0);
             consumer.in_flight.insert(partition, (request, now, target));
-            self.net
-                .post(client, NodeId(target as u32), Msg::Fetch { request, group, offset });
+            let fetch = Msg::Fetch {
+                request,
+                group,
+                offset,
+                max_bytes: FETCH_BYTES,
+            };
+            self.net.post(client, NodeId(target as u32), fetch);
         }
     }
 
@@ -1537,9 +1650,10 @@ impl World {
                 .or_insert_with(|| seen.id.clone());
             if *first != seen.id {
                 let leader = first.clone().unwrap_or_default();
+                let (topic, partition) = partition_of(&self.nodes, group);
                 self.running.add(Anomaly::ReplicaDisagrees {
-                    topic: TOPIC.to_string(),
-                    partition: (group & 0xf_ffff) as u32,
+                    topic,
+                    partition,
                     node: node as u32,
                     offset: seen.offset,
                     leader,
@@ -1564,9 +1678,9 @@ impl World {
         }) else {
             return false;
         };
-        let Some(topic) = leader_meta.metadata.topics.get(TOPIC) else {
+        if !leader_meta.metadata.topics.contains_key(TOPIC) {
             return false;
-        };
+        }
         if self
             .nodes
             .values()
@@ -1574,16 +1688,19 @@ impl World {
         {
             return false;
         }
-        for partition in 0..topic.config.partitions {
-            let voters = topic.assignment[partition as usize]
-                .iter()
-                .map(|&n| u64::from(n))
-                .collect();
-            groups.push((topic.group_id(partition), voters));
+        for topic in leader_meta.metadata.topics.values() {
+            for partition in 0..topic.config.partitions {
+                let voters = topic.assignment[partition as usize]
+                    .iter()
+                    .map(|&n| u64::from(n))
+                    .collect();
+                groups.push((topic.group_id(partition), voters));
+            }
         }
         groups
             .iter()
             .all(|(group, voters)| self.group_converged(*group, voters))
+            && self.tasks_caught_up(leader_meta)
     }
 
     /// Every replica's view of its group, for a run that did not converge.
@@ -1598,8 +1715,15 @@ impl World {
             for part in node.groups.values() {
                 let s = part.status();
                 lines.push(format!(
-                    "  group {} leader {:?} term {} voters {:?} learners {:?} committed {} end {}",
-                    s.group, s.leader, s.term, s.voters, s.learners, s.committed_offset, s.end_offset
+                    "  group {} leader {:?} term {} voters {:?} learners {:?} committed {} end {}{}",
+                    s.group,
+                    s.leader,
+                    s.term,
+                    s.voters,
+                    s.learners,
+                    s.committed_offset,
+                    s.end_offset,
+                    if part.core().is_passive() { " passive" } else { "" }
                 ));
             }
         }
@@ -1610,6 +1734,27 @@ impl World {
             ));
         }
         lines
+    }
+
+    /// Every committed record of a topic, partition by partition, from each
+    /// partition's leader.
+    fn leader_records(&self, topic: &str) -> Result<Vec<StoredRecord>, String> {
+        let Some(meta) = self.nodes.values().find_map(|n| n.meta.metadata.topics.get(topic)) else {
+            return Ok(Vec::new());
+        };
+        let mut records = Vec::new();
+        for partition in 0..meta.config.partitions {
+            let group = meta.group_id(partition);
+            let leader = self
+                .nodes
+                .values()
+                .filter_map(|n| n.groups.get(&group))
+                .find(|p| p.core().is_leader());
+            if let Some(part) = leader {
+                records.extend(read_all(part).map_err(|e| format!("{topic}/{partition}: {e}"))?);
+            }
+        }
+        Ok(records)
     }
 
     fn group_converged(&self, group: u64, voters: &[u64]) -> bool {
@@ -1645,6 +1790,7 @@ impl World {
             .nodes
             .values()
             .find_map(|n| n.meta.metadata.topics.get(TOPIC).cloned());
+        let mut source = Vec::new();
         if let Some(topic) = topic {
             for partition in 0..topic.config.partitions {
                 let group = topic.group_id(partition);
@@ -1652,15 +1798,21 @@ impl World {
                 for node in self.nodes.values() {
                     let Some(part) = node.groups.get(&group) else { continue };
                     let records = read_all(part).map_err(|e| format!("node {} group {group}: {e}", node.id))?;
+                    let seen: Vec<Seen> = records.iter().map(|r| seen_of(r.offset, &r.record)).collect();
                     if part.core().is_leader() {
-                        history.final_read.insert(key.clone(), records.clone());
+                        history.final_read.insert(key.clone(), seen.clone());
+                        source.extend(records);
                     }
-                    history.replica_reads.insert((key.clone(), node.id as u32), records);
+                    history.replica_reads.insert((key.clone(), node.id as u32), seen);
                 }
             }
         }
         let mut verdict = check::check(&history);
         verdict.merge(std::mem::take(&mut self.running));
+        if self.tasks.def.is_some() {
+            let sink = self.leader_records(dataflow::DATAFLOW)?;
+            self.report.dataflow_results = self.check_dataflow(&source, &sink, &mut verdict)?;
+        }
         let stats: SimStats = self.net.stats.clone();
         self.report.messages_sent = stats.sent;
         self.report.messages_dropped = stats.dropped;
@@ -1686,16 +1838,23 @@ fn close(id: u64, mut part: Part) -> Result<(), String> {
 }
 
 /// Every committed record of a replica.
-fn read_all(part: &Part) -> Result<Vec<Seen>, String> {
+fn read_all(part: &Part) -> Result<Vec<StoredRecord>, String> {
     let core = part.core();
     let committed = core.committed_offset();
     let mut offset = core.store().log().start_offset();
-    let mut seen = Vec::new();
+    let mut records = Vec::new();
     while offset < committed {
         let batches = core.read_committed(offset, FETCH_BYTES).map_err(|e| e.to_string())?;
         let Some(last) = batches.last() else { break };
         offset = last.next_offset();
-        seen.extend(records_of(&batches)?.into_iter().filter(|s| s.offset < committed));
+        for batch in batches.iter().filter(|b| !b.is_control()) {
+            for record in batch.records() {
+                let record = record.map_err(|e| e.to_string())?;
+                if record.offset < committed {
+                    records.push(record);
+                }
+            }
+        }
     }
-    Ok(seen)
+    Ok(records)
 }

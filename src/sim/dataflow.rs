@@ -1,0 +1,730 @@
+//! Dataflow tasks in the simulation. Each task is the real [`TaskRunner`]
+//! (restore from the checkpoint, then steps), run as a future the
+//! simulation's loop polls; its I/O is [`SimIo`]: every fetch and produce
+//! travels the simulated network from the node metadata places the task on,
+//! and its clock is the simulated one. The loop plays the node's task
+//! supervisor: it starts the tasks metadata places on a node, stops those
+//! placed elsewhere, restarts failed ones after the supervisor's back-off,
+//! and a crash kills a node's tasks mid-step.
+//!
+//! The dataflow counts the simulation's records (authorization attempts) per
+//! card in tumbling windows and emits every change, so the sink must hold,
+//! per window, each count from the filter's threshold up to the window's
+//! total exactly once — any output lost or written twice across crashes,
+//! restarts and moves shows.
+
+use std::collections::BTreeMap;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use runnel_actors::client::{ClientError, ClientResult, FetchedRecords};
+use runnel_actors::metadata::{
+    place, place_tasks, AppliedMetadata, DataflowMeta, MetadataCommand, TopicConfig, TopicMeta,
+};
+use runnel_actors::supervisor::RestartPolicy;
+use runnel_actors::tasks::{dataflow_topics, repartition_topic, DataflowShape, TaskAssignment, TaskStatus};
+use runnel_actors::{Acks, BrokerError};
+use runnel_cluster::NodeId;
+use runnel_dataflow::fraud::{decode_result, Attempt};
+use runnel_dataflow::host::IDLE_POLL;
+use runnel_dataflow::task::{TaskError, TaskIo, TaskRunner};
+use runnel_dataflow::{Dataflow, DataflowDef, Emit, Window};
+use runnel_storage::{RecordBatch, StoredRecord};
+
+use super::{Msg, World, REQUEST_TIMEOUT_MS, TOPIC};
+use crate::check::{self, Anomaly, Verdict, WindowKey};
+
+/// The simulated dataflow, and its sink topic.
+pub const DATAFLOW: &str = "sim_counts";
+const WINDOW_MS: i64 = 1_000;
+/// Far above how late a record can reach its partition in the simulation (a
+/// producer gives up after 8 s; a cut lasts 6 s at most), so no record is
+/// late and the sink must equal the reference exactly.
+const GRACE_MS: i64 = 30_000;
+/// Counts above this are emitted.
+const THRESHOLD: u64 = 1;
+/// Cards the attempts are spread over.
+const CARDS: u64 = 5;
+
+/// Counts attempts per card in tumbling windows, emitting every change.
+pub fn dataflow() -> DataflowDef {
+    Dataflow::new(DATAFLOW)
+        .source::<Attempt>(TOPIC)
+        .event_time(|a| a.at_ms)
+        .key_by(|a| a.card_number.clone())
+        .window(Window::tumbling(Duration::from_millis(WINDOW_MS as u64)).grace(Duration::from_millis(GRACE_MS as u64)))
+        .count()
+        .filter(|_card, _window, count| *count > THRESHOLD)
+        .emit(Emit::Changes)
+        .sink(DATAFLOW)
+}
+
+/// The value of a simulated record: an attempt of card `card % CARDS` at
+/// `at_ms`.
+pub fn attempt_value(card: u64, at_ms: u64) -> Vec<u8> {
+    let attempt = Attempt {
+        card_number: format!("card-{}", card % CARDS),
+        amount_cents: 0,
+        at_ms: at_ms as i64,
+    };
+    serde_json::to_vec(&attempt).unwrap_or_default()
+}
+
+/// Per window, the counts the sink must hold in order: every count above
+/// the threshold up to the window's total.
+pub fn reference(attempts: &[Attempt]) -> BTreeMap<WindowKey, Vec<u64>> {
+    let mut totals: BTreeMap<WindowKey, u64> = BTreeMap::new();
+    for attempt in attempts {
+        let start = attempt.at_ms - attempt.at_ms.rem_euclid(WINDOW_MS);
+        *totals.entry((attempt.card_number.clone(), start)).or_default() += 1;
+    }
+    totals
+        .into_iter()
+        .filter(|(_, total)| *total > THRESHOLD)
+        .map(|(key, total)| (key, (THRESHOLD + 1..=total).collect()))
+        .collect()
+}
+
+/// The commands that create the dataflow's topics, then start it with its
+/// tasks placed — what `start_dataflow` asks of the controller. Empty once
+/// it runs.
+pub fn start_commands(meta: &AppliedMetadata, def: &DataflowDef, nodes: &[u32]) -> Result<Vec<MetadataCommand>, String> {
+    let metadata = &meta.metadata;
+    let Some(source) = metadata.topics.get(TOPIC) else {
+        return Ok(Vec::new());
+    };
+    if metadata.dataflows.contains_key(DATAFLOW) {
+        return Ok(Vec::new());
+    }
+    let shape = DataflowShape {
+        source: def.source.clone(),
+        sink: def.sink.clone(),
+        stages: def.stages(),
+    };
+    let partitions = source.config.partitions;
+    let mut load = metadata.load();
+    let mut commands = Vec::new();
+    for (name, topic_partitions) in dataflow_topics(DATAFLOW, &shape, partitions) {
+        if metadata.topics.contains_key(&name) {
+            continue;
+        }
+        let config = TopicConfig::new(topic_partitions, source.config.replication);
+        let assignment = place(&config, nodes, &load).map_err(|e| format!("placing {name}: {e}"))?;
+        for &node in assignment.iter().flatten() {
+            *load.entry(node).or_default() += 1;
+        }
+        commands.push(MetadataCommand::CreateTopic { name, config, assignment });
+    }
+    if commands.is_empty() {
+        let tasks = shape.stages * partitions;
+        let placement =
+            place_tasks(tasks, nodes, &metadata.task_load()).map_err(|e| format!("placing the tasks: {e}"))?;
+        commands.push(MetadataCommand::StartDataflow {
+            dataflow: DataflowMeta {
+                name: DATAFLOW.to_string(),
+                source: shape.source,
+                sink: shape.sink,
+                stages: shape.stages,
+                partitions,
+                placement,
+            },
+        });
+    }
+    Ok(commands)
+}
+
+/// A task's request, as the loop routes it.
+pub enum Call {
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    },
+    Produce {
+        topic: String,
+        partition: u32,
+        batch: RecordBatch,
+    },
+}
+
+pub enum Answer {
+    Fetched(ClientResult<FetchedRecords>),
+    Produced(ClientResult<u64>),
+}
+
+#[derive(Default)]
+struct IoState {
+    now_ms: u64,
+    next_call: u64,
+    calls: Vec<(u64, Call)>,
+    answers: BTreeMap<u64, Answer>,
+}
+
+/// A task's way to the cluster in the simulation: calls wait in a queue the
+/// loop takes them from, and are answered when the network brings a reply
+/// (or the request times out).
+#[derive(Default)]
+pub struct SimIo {
+    state: Mutex<IoState>,
+}
+
+impl SimIo {
+    fn lock(&self) -> MutexGuard<'_, IoState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn call(&self, call: Call) -> Answer {
+        let id = {
+            let mut state = self.lock();
+            state.next_call += 1;
+            let id = state.next_call;
+            state.calls.push((id, call));
+            id
+        };
+        poll_fn(|_| match self.lock().answers.remove(&id) {
+            Some(answer) => Poll::Ready(answer),
+            None => Poll::Pending,
+        })
+        .await
+    }
+
+    fn take_calls(&self) -> Vec<(u64, Call)> {
+        std::mem::take(&mut self.lock().calls)
+    }
+
+    fn answer(&self, call: u64, answer: Answer) {
+        self.lock().answers.insert(call, answer);
+    }
+}
+
+impl TaskIo for SimIo {
+    async fn fetch(&self, topic: &str, partition: u32, offset: u64, max_bytes: u32) -> ClientResult<FetchedRecords> {
+        let call = Call::Fetch {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            max_bytes,
+        };
+        match self.call(call).await {
+            Answer::Fetched(result) => result,
+            Answer::Produced(_) => Err(ClientError::Protocol("a produce answer to a fetch".to_string())),
+        }
+    }
+
+    async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, _acks: Acks) -> ClientResult<u64> {
+        let call = Call::Produce {
+            topic: topic.to_string(),
+            partition,
+            batch,
+        };
+        match self.call(call).await {
+            Answer::Produced(result) => result,
+            Answer::Fetched(_) => Err(ClientError::Protocol("a fetch answer to a produce".to_string())),
+        }
+    }
+
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.lock().now_ms)
+    }
+
+    async fn sleep(&self, pause: Duration) {
+        let until = self.now() + pause;
+        poll_fn(|_| match self.now() >= until {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        })
+        .await
+    }
+}
+
+/// One running incarnation of a task: the host's task actor, as a future
+/// that ends only with the task's failure.
+pub struct SimTask {
+    io: Arc<SimIo>,
+    status: Arc<Mutex<TaskStatus>>,
+    run: Pin<Box<dyn Future<Output = TaskError>>>,
+}
+
+impl SimTask {
+    fn start(def: Arc<DataflowDef>, assignment: TaskAssignment, now_ms: u64) -> SimTask {
+        let io = Arc::new(SimIo::default());
+        io.lock().now_ms = now_ms;
+        let status = Arc::new(Mutex::new(TaskStatus::default()));
+        let run = {
+            let (io, status) = (io.clone(), status.clone());
+            async move {
+                let mut runner = match TaskRunner::restore(def, assignment, io.clone(), status).await {
+                    Ok(runner) => runner,
+                    Err(e) => return e,
+                };
+                loop {
+                    match runner.step().await {
+                        Ok(true) => {}
+                        Ok(false) => io.sleep(IDLE_POLL).await,
+                        Err(e) => return e,
+                    }
+                }
+            }
+        };
+        SimTask {
+            io,
+            status,
+            run: Box::pin(run),
+        }
+    }
+
+    /// Runs the task until it waits for an answer or the clock; its error
+    /// if it failed.
+    fn poll(&mut self, now_ms: u64) -> Option<TaskError> {
+        self.io.lock().now_ms = now_ms;
+        let mut context = Context::from_waker(Waker::noop());
+        match self.run.as_mut().poll(&mut context) {
+            Poll::Ready(error) => Some(error),
+            Poll::Pending => None,
+        }
+    }
+
+    /// The next input offset the task will read.
+    fn input_offset(&self) -> u64 {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).input_offset
+    }
+}
+
+/// A task's call on its way: the client's routing, as [`Client`] does it
+/// (follow the leader a replica names, else try another replica; retry
+/// what certainly had no effect, and a produce with a producer id, until
+/// the client's timeout).
+///
+/// [`Client`]: runnel_actors::client::Client
+pub struct TaskRequest {
+    task: (u64, u32),
+    call_id: u64,
+    call: Call,
+    group: u64,
+    replicas: Vec<u32>,
+    /// The node of the attempt in flight and when it went.
+    target: u64,
+    sent_ms: u64,
+    /// Not before this (after a refusal that named no leader).
+    resend_ms: u64,
+    deadline_ms: u64,
+    /// A produce a retry can never write twice (it carries a producer id).
+    retry_safe: bool,
+    /// An attempt of this produce may have been written.
+    maybe_written: bool,
+    last_error: String,
+}
+
+impl TaskRequest {
+    fn topic_partition(&self) -> (&str, u32) {
+        match &self.call {
+            Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => (topic, *partition),
+        }
+    }
+
+    fn is_produce(&self) -> bool {
+        matches!(self.call, Call::Produce { .. })
+    }
+
+    /// The error a call ends with once the client gives up.
+    fn unavailable(&self) -> ClientError {
+        let (topic, partition) = self.topic_partition();
+        ClientError::Unavailable {
+            topic: topic.to_string(),
+            partition,
+            timeout_ms: CLIENT_TIMEOUT_MS,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+/// The client's timeout for one call, all attempts included.
+const CLIENT_TIMEOUT_MS: u64 = 15_000;
+/// The pause before trying another replica after a refusal.
+const RETRY_PAUSE_MS: u64 = 20;
+
+/// The simulation's dataflow side: the tasks running on each node.
+#[derive(Default)]
+pub struct Tasks {
+    pub def: Option<Arc<DataflowDef>>,
+    /// (node, task) → the incarnation running there.
+    running: BTreeMap<(u64, u32), SimTask>,
+    /// Request id → the call it is an attempt of.
+    requests: BTreeMap<u64, TaskRequest>,
+    /// Calls waiting to be tried again.
+    resends: Vec<TaskRequest>,
+    /// (node, group) → the leader the node's tasks last heard of.
+    leaders: BTreeMap<(u64, u64), u64>,
+    /// (node, task) → consecutive failures and when it may start again.
+    backoff: BTreeMap<(u64, u32), (u32, u64)>,
+}
+
+impl Tasks {
+    pub fn new(enabled: bool) -> Tasks {
+        Tasks {
+            def: enabled.then(|| Arc::new(dataflow())),
+            ..Tasks::default()
+        }
+    }
+
+    /// A node crashed: its tasks die where they stand.
+    pub fn crash(&mut self, node: u64) {
+        self.running.retain(|(n, _), _| *n != node);
+        self.requests.retain(|_, r| r.task.0 != node);
+        self.resends.retain(|r| r.task.0 != node);
+        self.leaders.retain(|(n, _), _| *n != node);
+        self.backoff.retain(|(n, _), _| *n != node);
+    }
+}
+
+impl World {
+    /// The node's task supervisor: starts the tasks metadata places here
+    /// (after the back-off, for failed ones) and stops those placed elsewhere.
+    pub(super) fn reconcile_tasks(&mut self, id: u64) {
+        let Some(def) = self.tasks.def.clone() else { return };
+        let now = self.now();
+        let wanted: BTreeMap<u32, TaskAssignment> = self.nodes[&id]
+            .meta
+            .metadata
+            .tasks_of(id as u32)
+            .into_iter()
+            .filter(|t| t.dataflow == DATAFLOW)
+            .map(|t| (t.task, t))
+            .collect();
+        let here: Vec<(u64, u32)> = self.tasks.running.keys().copied().filter(|(n, _)| *n == id).collect();
+        for key in here {
+            if !wanted.contains_key(&key.1) {
+                self.stop_task(key);
+                self.tasks.backoff.remove(&key);
+                self.note(format!("node {id} stops task {} (placed elsewhere)", key.1));
+            }
+        }
+        for (task, assignment) in wanted {
+            let key = (id, task);
+            let waiting = self.tasks.backoff.get(&key).is_some_and(|&(_, at)| at > now);
+            if self.tasks.running.contains_key(&key) || waiting {
+                continue;
+            }
+            self.tasks.running.insert(key, SimTask::start(def.clone(), assignment, now));
+            self.report.task_starts += 1;
+            self.note(format!("node {id} starts task {task}"));
+        }
+    }
+
+    fn stop_task(&mut self, key: (u64, u32)) {
+        self.tasks.running.remove(&key);
+        self.tasks.requests.retain(|_, r| r.task != key);
+        self.tasks.resends.retain(|r| r.task != key);
+    }
+
+    /// Every running task goes as far as it can; its calls go out on the
+    /// network; attempts unanswered too long are given up on.
+    pub(super) fn step_tasks(&mut self) {
+        let now = self.now();
+        let expired: Vec<u64> = self
+            .tasks
+            .requests
+            .iter()
+            .filter(|(_, r)| now >= r.sent_ms + REQUEST_TIMEOUT_MS)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            let Some(mut request) = self.tasks.requests.remove(&id) else { continue };
+            self.tasks.leaders.remove(&(request.task.0, request.group));
+            request.last_error = format!("node {}: no answer in {REQUEST_TIMEOUT_MS} ms", request.target);
+            if request.is_produce() && !request.retry_safe {
+                // It may have been written: a retry could write it twice.
+                let error = request.unavailable();
+                self.answer_task(&request, Err(error));
+                continue;
+            }
+            request.maybe_written |= request.is_produce();
+            request.resend_ms = now;
+            self.retry(request);
+        }
+        let due: Vec<TaskRequest> = {
+            let (due, later) = std::mem::take(&mut self.tasks.resends)
+                .into_iter()
+                .partition(|r| r.resend_ms <= now);
+            self.tasks.resends = later;
+            due
+        };
+        for request in due {
+            self.attempt(request);
+        }
+        let keys: Vec<(u64, u32)> = self.tasks.running.keys().copied().collect();
+        for key in keys {
+            let Some(task) = self.tasks.running.get_mut(&key) else { continue };
+            if let Some(error) = task.poll(now) {
+                self.task_failed(key, error);
+                continue;
+            }
+            for (call_id, call) in task.io.take_calls() {
+                self.route_task_call(key, call_id, call);
+            }
+        }
+    }
+
+    fn task_failed(&mut self, key: (u64, u32), error: TaskError) {
+        self.stop_task(key);
+        self.report.task_failures += 1;
+        if let TaskError::OutputLost { .. } = &error {
+            self.running.add(Anomaly::DataflowOutputLost {
+                dataflow: DATAFLOW.to_string(),
+                task: key.1,
+                error: error.to_string(),
+            });
+        }
+        let now = self.now();
+        let entry = self.tasks.backoff.entry(key).or_insert((0, now));
+        entry.0 += 1;
+        let pause = RestartPolicy::default().backoff(entry.0 as usize).as_millis() as u64;
+        entry.1 = now + pause;
+        self.note(format!(
+            "task {} on node {} failed ({error}); restarts in {pause} ms",
+            key.1, key.0
+        ));
+    }
+
+    /// Starts a task's call: the partition as the task's node knows it.
+    fn route_task_call(&mut self, key: (u64, u32), call_id: u64, call: Call) {
+        let (topic_name, partition) = match &call {
+            Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => (topic.clone(), *partition),
+        };
+        let topic: Option<TopicMeta> = self.nodes[&key.0].meta.metadata.topics.get(&topic_name).cloned();
+        let found = match topic {
+            None => Err(ClientError::UnknownTopic(topic_name)),
+            Some(topic) => match topic.assignment.get(partition as usize) {
+                Some(replicas) => Ok((topic.group_id(partition), replicas.clone())),
+                None => Err(ClientError::PartitionOutOfRange {
+                    topic: topic_name,
+                    partition,
+                    partitions: topic.config.partitions,
+                }),
+            },
+        };
+        let (group, replicas) = match found {
+            Ok(found) => found,
+            Err(error) => {
+                if let Some(task) = self.tasks.running.get(&key) {
+                    task.io.answer(call_id, answer_error(&call, error));
+                }
+                return;
+            }
+        };
+        let retry_safe = match &call {
+            Call::Produce { batch, .. } => batch.header().producer.producer_id >= 0,
+            Call::Fetch { .. } => true,
+        };
+        let now = self.now();
+        self.attempt(TaskRequest {
+            task: key,
+            call_id,
+            call,
+            group,
+            replicas,
+            target: 0,
+            sent_ms: now,
+            resend_ms: now,
+            deadline_ms: now + CLIENT_TIMEOUT_MS,
+            retry_safe,
+            maybe_written: false,
+            last_error: "no replica tried".to_string(),
+        });
+    }
+
+    /// Sends one attempt: to the leader the node heard of, else to a
+    /// replica of the assignment drawn from the seed.
+    fn attempt(&mut self, mut request: TaskRequest) {
+        let node = request.task.0;
+        let target = match self.tasks.leaders.get(&(node, request.group)) {
+            Some(&leader) => leader,
+            None => {
+                let replicas = &request.replicas;
+                u64::from(replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize])
+            }
+        };
+        let id = self.next_request;
+        self.next_request += 1;
+        request.target = target;
+        request.sent_ms = self.now();
+        let group = request.group;
+        let msg = match &request.call {
+            Call::Fetch { offset, max_bytes, .. } => Msg::Fetch {
+                request: id,
+                group,
+                offset: *offset,
+                max_bytes: *max_bytes as usize,
+            },
+            Call::Produce { batch, .. } => Msg::Produce {
+                request: id,
+                group,
+                batch: batch.clone(),
+            },
+        };
+        self.tasks.requests.insert(id, request);
+        self.net.post(NodeId(node as u32), NodeId(target as u32), msg);
+    }
+
+    /// Tries a call again (after `resend_ms`), unless the client's timeout
+    /// has passed.
+    fn retry(&mut self, request: TaskRequest) {
+        if self.now() >= request.deadline_ms {
+            let error = request.unavailable();
+            self.answer_task(&request, Err(error));
+            return;
+        }
+        self.tasks.resends.push(request);
+    }
+
+    /// A reply that reached node `node`: a task's, if the request is one.
+    pub(super) fn on_task_reply(&mut self, node: u64, request: u64, reply: Result<TaskReply, BrokerError>) {
+        if self.tasks.requests.get(&request).is_none_or(|r| r.task.0 != node) {
+            return;
+        }
+        let Some(mut pending) = self.tasks.requests.remove(&request) else {
+            return;
+        };
+        let now = self.now();
+        let from = pending.target;
+        let error = match reply {
+            Ok(TaskReply::Produced(offset)) => {
+                self.tasks.leaders.insert((node, pending.group), from);
+                return self.answer_task(&pending, Ok(Answer::Produced(Ok(offset))));
+            }
+            Ok(TaskReply::Fetched { batches, committed }) => {
+                self.tasks.leaders.insert((node, pending.group), from);
+                let offset = match &pending.call {
+                    Call::Fetch { offset, .. } => *offset,
+                    Call::Produce { .. } => 0,
+                };
+                let fetched = FetchedRecords::from_batches(offset, &batches, committed).map_err(ClientError::from);
+                return self.answer_task(&pending, Ok(Answer::Fetched(fetched)));
+            }
+            Err(error) => error,
+        };
+        match error {
+            BrokerError::NotLeader { leader, .. } => {
+                pending.last_error = format!("node {from} does not lead");
+                match leader {
+                    Some(leader) if leader != from => {
+                        self.tasks.leaders.insert((node, pending.group), leader);
+                        pending.resend_ms = now;
+                    }
+                    _ => {
+                        self.tasks.leaders.remove(&(node, pending.group));
+                        pending.resend_ms = now + RETRY_PAUSE_MS;
+                    }
+                }
+                self.retry(pending);
+            }
+            BrokerError::LeadershipLost | BrokerError::Busy(_) | BrokerError::UnknownGroup(_) | BrokerError::NotYetCommitted(_) => {
+                pending.last_error = format!("node {from}: retryable failure");
+                pending.resend_ms = now + RETRY_PAUSE_MS;
+                self.retry(pending);
+            }
+            BrokerError::Timeout(_) | BrokerError::ReplicaFailed { .. } if pending.retry_safe => {
+                pending.maybe_written |= pending.is_produce();
+                pending.last_error = format!("node {from}: no answer from the replica");
+                pending.resend_ms = now + RETRY_PAUSE_MS;
+                self.retry(pending);
+            }
+            error => {
+                let unknown = matches!(error, BrokerError::Timeout(_) | BrokerError::ReplicaFailed { .. });
+                // As the client: after an attempt whose outcome is unknown,
+                // a definite refusal says nothing of that attempt.
+                let error = match pending.maybe_written && !unknown {
+                    true => {
+                        pending.last_error = format!("{error}, after an attempt whose outcome is unknown");
+                        pending.unavailable()
+                    }
+                    false => ClientError::Broker(error),
+                };
+                self.answer_task(&pending, Err(error));
+            }
+        }
+    }
+
+    fn answer_task(&mut self, request: &TaskRequest, answer: ClientResult<Answer>) {
+        let Some(task) = self.tasks.running.get(&request.task) else { return };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(error) => answer_error(&request.call, error),
+        };
+        task.io.answer(request.call_id, answer);
+    }
+
+    /// Whether every task metadata places is running where it is placed and
+    /// has read all of its input's committed log.
+    pub(super) fn tasks_caught_up(&self, leader_meta: &AppliedMetadata) -> bool {
+        let Some(def) = &self.tasks.def else { return true };
+        let Some(dataflow) = leader_meta.metadata.dataflows.get(DATAFLOW) else {
+            return false;
+        };
+        let topics = &leader_meta.metadata.topics;
+        dataflow.placement.iter().enumerate().all(|(task, &node)| {
+            let assignment = TaskAssignment {
+                dataflow: DATAFLOW.to_string(),
+                task: task as u32,
+                partitions: dataflow.partitions,
+                stages: dataflow.stages,
+            };
+            let input = match assignment.stage() {
+                0 => def.source.clone(),
+                _ => repartition_topic(DATAFLOW),
+            };
+            let Some(group) = topics.get(&input).map(|t| t.group_id(assignment.partition())) else {
+                return false;
+            };
+            let committed = self
+                .nodes
+                .values()
+                .filter_map(|n| n.groups.get(&group))
+                .find(|p| p.core().is_leader())
+                .map(|p| p.core().committed_offset());
+            let read = self
+                .tasks
+                .running
+                .get(&(u64::from(node), task as u32))
+                .map(SimTask::input_offset);
+            committed.is_some() && read == committed
+        })
+    }
+
+    /// The sink against the reference computed from the source topic's
+    /// final contents; returns the results checked.
+    pub(super) fn check_dataflow(
+        &self,
+        source: &[StoredRecord],
+        sink: &[StoredRecord],
+        verdict: &mut Verdict,
+    ) -> Result<u64, String> {
+        let attempts: Vec<Attempt> = source
+            .iter()
+            .filter_map(|r| serde_json::from_slice(r.record.value.as_deref()?).ok())
+            .collect();
+        let results = sink
+            .iter()
+            .map(|r| decode_result(&r.record))
+            .collect::<Result<Vec<_>, _>>()?;
+        check::check_results(DATAFLOW, &reference(&attempts), &results, verdict);
+        Ok(results.len() as u64)
+    }
+}
+
+/// What a node answered a task.
+pub enum TaskReply {
+    Produced(u64),
+    Fetched { batches: Vec<RecordBatch>, committed: u64 },
+}
+
+fn answer_error(request: &Call, error: ClientError) -> Answer {
+    match request {
+        Call::Fetch { .. } => Answer::Fetched(Err(error)),
+        Call::Produce { .. } => Answer::Produced(Err(error)),
+    }
+}
