@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{ActorError, Result};
 use crate::partition::{Fetched, RaftRouter, ReplicaArgs, ReplicaMsg, ReplicaStatus};
-use crate::protocol::{Acks, BrokerError, GroupMessage, RaftBatch, RAFT_ACTOR};
+use crate::protocol::{Acks, BrokerError, GroupMessage, PassiveAnswer, RaftBatch, RAFT_ACTOR};
 use crate::replica::ReplicaConfig;
 use crate::supervisor::{
     NodeSupervisor, Registry, ReplicaHandle, ReplicaHealth, RestartPolicy, SupervisorArgs, SupervisorMsg,
@@ -200,6 +200,7 @@ impl Broker {
             bootstrap_voters,
             router: self.router.clone(),
             queued: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            passive: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let started = self
             .supervisor
@@ -290,11 +291,38 @@ impl Broker {
         }
     }
 
-    /// Asks the local replica of `group`, if it leads, to demote the
-    /// passive voter `node` (see [`crate::ReplicaCore::is_passive_voter`]).
-    pub fn demote(&self, group: u64, node: u64) {
+    /// What the local replica of `group` knows of `node`'s passive replica
+    /// (see [`crate::ReplicaCore::judge_passive`]).
+    pub async fn judge_passive(&self, group: u64, node: u64, since: u64) -> std::result::Result<PassiveAnswer, BrokerError> {
+        let replica = self.replica_or_error(group)?;
+        let answer = replica
+            .call(
+                |reply| ReplicaMsg::JudgePassive { node, since, reply },
+                Some(self.config.request_timeout),
+            )
+            .await;
+        match answer {
+            Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
+            _ => Err(BrokerError::Timeout(group)),
+        }
+    }
+
+    /// The groups whose local replica is passive.
+    pub fn passive_groups(&self) -> Vec<u64> {
+        let registry = self.registry.read().unwrap_or_else(|p| p.into_inner());
+        let mut groups: Vec<u64> = registry
+            .iter()
+            .filter(|(_, h)| h.passive.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|(&g, _)| g)
+            .collect();
+        groups.sort_unstable();
+        groups
+    }
+
+    /// Tells the local passive replica of `group` that it was promoted.
+    pub fn promoted(&self, group: u64) {
         if let Some(replica) = self.replica(group) {
-            let _ = replica.cast(ReplicaMsg::Demote(node));
+            let _ = replica.cast(ReplicaMsg::Promoted);
         }
     }
 

@@ -25,7 +25,7 @@ use crate::metadata::{
     MetadataCommand, MetadataError, TopicConfig, CONTROLLER_GROUP,
 };
 use crate::protocol::{
-    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
+    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo, PassiveAnswer,
     ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR, CONTROLLER_ACTOR,
 };
 use crate::tasks::{dataflow_topics, TaskAssignment, TaskHost};
@@ -528,29 +528,40 @@ impl Shared {
             }
             self.broker.reconfigure(group, desired);
         }
-        self.demote_passive_voters().await;
+        self.ask_about_passive_replicas().await;
     }
 
-    /// Asks the leaders of groups whose local replica is a passive voter to
-    /// demote it (see [`crate::ReplicaCore::is_passive_voter`]).
-    async fn demote_passive_voters(&self) {
-        let hosted: Vec<u64> = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
-        for group in hosted {
+    /// Asks the other replicas of each group whose local replica is passive
+    /// what they know of it (see [`crate::ReplicaCore::judge_passive`]):
+    /// confirmed promotions end its passivity, a leader that counted it as a
+    /// voter from before demotes it.
+    async fn ask_about_passive_replicas(&self) {
+        let me = self.me();
+        for group in self.broker.passive_groups() {
             let Some(status) = self.broker.status(group).await else {
                 continue;
             };
-            let Some(leader) = status.leader.filter(|&l| status.passive_voter && l != self.me()) else {
-                continue;
-            };
-            let Ok(leader) = u32::try_from(leader) else { continue };
-            let payload = encode(&ControllerRequest::DemotePassiveVoter { group, node: self.me() });
-            tracing::info!(group, leader, "this replica is a passive voter; asking the leader to demote it");
-            if let Err(e) = self
-                .node
-                .call(NodeId(leader), CONTROLLER_ACTOR, payload, MEMBERS_CALL_TIMEOUT)
-                .await
-            {
-                tracing::debug!(group, leader, error = %e, "the leader did not answer the demotion request");
+            let Some(since) = status.passive_since else { continue };
+            let mut members: BTreeSet<u64> = status.voters.iter().chain(&status.learners).copied().collect();
+            members.extend(self.meta().assignment_of(group).unwrap_or_default());
+            members.remove(&me);
+            let payload = encode(&ControllerRequest::PassiveReplica { group, node: me, since });
+            for member in members {
+                let Ok(member) = u32::try_from(member) else { continue };
+                let answer = self
+                    .node
+                    .call(NodeId(member), CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
+                    .await;
+                let Ok(bytes) = answer else { continue };
+                match postcard::from_bytes(&bytes) {
+                    Ok(ControllerResponse::Passive(PassiveAnswer::Promoted)) => {
+                        tracing::info!(group, member, "a peer confirms this passive replica was promoted");
+                        self.broker.promoted(group);
+                        break;
+                    }
+                    Ok(ControllerResponse::Passive(PassiveAnswer::Demoting)) => break,
+                    _ => {}
+                }
             }
         }
     }
@@ -778,17 +789,12 @@ impl Shared {
                 }),
                 None => ControllerResponse::Failed(BrokerError::UnknownGroup(group)),
             },
-            ControllerRequest::DemotePassiveVoter { group, node } => match self.broker.status(group).await {
-                Some(status) if status.leader == Some(self.me()) => {
-                    self.broker.demote(group, node);
-                    ControllerResponse::Done
+            ControllerRequest::PassiveReplica { group, node, since } => {
+                match self.broker.judge_passive(group, node, since).await {
+                    Ok(answer) => ControllerResponse::Passive(answer),
+                    Err(e) => ControllerResponse::Failed(e),
                 }
-                Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
-                    group,
-                    leader: status.leader,
-                }),
-                None => ControllerResponse::Failed(BrokerError::UnknownGroup(group)),
-            },
+            }
             ControllerRequest::StartDataflow { mut dataflow } => {
                 let alive = self.alive_nodes();
                 let tasks = dataflow.stages * dataflow.partitions;
@@ -1069,7 +1075,10 @@ impl Shared {
             ControllerResponse::Done => ClientResponse::Done,
             ControllerResponse::Refused(e) => ClientResponse::Refused(e),
             ControllerResponse::Failed(e) => ClientResponse::Failed(e),
-            ControllerResponse::Log { .. } | ControllerResponse::Offset(_) | ControllerResponse::Members { .. } => {
+            ControllerResponse::Log { .. }
+            | ControllerResponse::Offset(_)
+            | ControllerResponse::Members { .. }
+            | ControllerResponse::Passive(_) => {
                 ClientResponse::Failed(BrokerError::InvalidRequest("unexpected answer".to_string()))
             }
         }

@@ -15,7 +15,7 @@ use raft::eraftpb::Message;
 use runnel_storage::{LogConfig, RecordBatch};
 
 use crate::producers::SequenceCheck;
-use crate::protocol::{Acks, BrokerError};
+use crate::protocol::{Acks, BrokerError, PassiveAnswer};
 use crate::replica::{ReplicaConfig, ReplicaCore};
 
 /// Produce requests waiting on one replica at most; more are refused as busy.
@@ -38,6 +38,9 @@ pub struct ReplicaArgs {
     pub router: Arc<dyn RaftRouter>,
     /// Ticks and Raft messages queued for this instance (set at each spawn).
     pub queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether the instance is passive now, for the node to find passive
+    /// replicas without asking each one (set at each spawn).
+    pub passive: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Committed batches read from a replica.
@@ -59,9 +62,9 @@ pub struct ReplicaStatus {
     pub end_offset: u64,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
-    /// A passive replica the configuration counts as a voter: it needs the
-    /// leader to demote it (see [`ReplicaCore::is_passive_voter`]).
-    pub passive_voter: bool,
+    /// While passive: the leader's commit index when it first heard from
+    /// one (see [`ReplicaCore::judge_passive`]).
+    pub passive_since: Option<u64>,
 }
 
 pub enum ReplicaMsg {
@@ -86,8 +89,14 @@ pub enum ReplicaMsg {
     },
     /// Move the group's voters one step towards these node ids (leader only).
     Reconfigure(Vec<u64>),
-    /// On the leader: demote a passive voter so that it can be promoted.
-    Demote(u64),
+    /// A peer's passive replica asks what this replica knows of it.
+    JudgePassive {
+        node: u64,
+        since: u64,
+        reply: RpcReplyPort<PassiveAnswer>,
+    },
+    /// A peer confirmed this passive replica's promotion.
+    Promoted,
     /// Test-only fault hook: the replica's handler panics, as a bug would.
     InjectPanic,
 }
@@ -159,6 +168,8 @@ impl Actor for PartitionReplica {
             end_offset = part.core().store().log().end_offset(),
             "replica started"
         );
+        args.passive
+            .store(part.core().is_passive(), std::sync::atomic::Ordering::Relaxed);
         Ok(ReplicaState { part, args })
     }
 
@@ -197,17 +208,22 @@ impl Actor for PartitionReplica {
                     tracing::info!(group = state.args.group, ?change, node, "membership change proposed");
                 }
             }
-            ReplicaMsg::Demote(node) => {
-                if state.part.core_mut().demote(node)? {
-                    tracing::info!(group = state.args.group, node, "passive voter demoted, to be promoted again");
+            ReplicaMsg::JudgePassive { node, since, reply } => {
+                let answer = state.part.core_mut().judge_passive(node, since)?;
+                if answer != PassiveAnswer::Unknown {
+                    tracing::info!(group = state.args.group, node, ?answer, "a passive replica asked");
                 }
+                let _ = reply.send(answer);
             }
+            ReplicaMsg::Promoted => state.part.core_mut().promoted()?,
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),
         }
         let messages = state.part.drive()?;
         if !messages.is_empty() {
             state.args.router.send(state.args.group, messages);
         }
+        let passive = state.part.core().is_passive();
+        state.args.passive.store(passive, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -436,7 +452,7 @@ impl<R: ProduceReply> PartitionCore<R> {
             end_offset: self.core.store().log().end_offset(),
             voters: conf.voters.clone(),
             learners: conf.learners.clone(),
-            passive_voter: self.core.is_passive_voter(),
+            passive_since: self.core.passive_since(),
         }
     }
 

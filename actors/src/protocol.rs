@@ -123,11 +123,13 @@ pub enum ControllerRequest {
     GroupMembers {
         group: u64,
     },
-    /// To the leader of `group`: the asking node's replica is a passive
-    /// voter; demote it so that it can be promoted.
-    DemotePassiveVoter {
+    /// To a replica of `group`: the asking node's replica is passive since
+    /// a leader's commit index `since`; answered with
+    /// [`ControllerResponse::Passive`] (see `ReplicaCore::judge_passive`).
+    PassiveReplica {
         group: u64,
         node: u64,
+        since: u64,
     },
 }
 
@@ -139,6 +141,20 @@ pub enum ControllerResponse {
     Failed(BrokerError),
     Offset(u64),
     Members { voters: Vec<u64>, learners: Vec<u64> },
+    Passive(PassiveAnswer),
+}
+
+/// A peer's word to a passive replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PassiveAnswer {
+    /// A committed change after it first heard from a leader made it a
+    /// voter: it votes from now on.
+    Promoted,
+    /// This leader counted it as a voter from before; it demotes it to a
+    /// learner, to be promoted once caught up.
+    Demoting,
+    /// Nothing known here.
+    Unknown,
 }
 
 /// What a client asks any node.

@@ -16,7 +16,7 @@
 //! configuration, and the snapshot point (index, term and the log offset where
 //! the log starts after a snapshot was installed).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use protobuf::Message as _;
@@ -33,6 +33,7 @@ const META_FILE: &str = "raft.meta";
 const KEY_HARD_STATE: &str = "hard_state";
 const KEY_CONF_STATE: &str = "conf_state";
 const KEY_SNAPSHOT: &str = "snapshot";
+const KEY_VOTERS_SINCE: &str = "voters_since";
 /// Entries committed between two writes of the commit index at most.
 const COMMIT_PERSIST_EVERY: u64 = 1024;
 
@@ -80,6 +81,11 @@ pub struct PartitionStore {
     /// Term and vote as last written to disk; commit is written lazily.
     persisted: StoredHardState,
     conf_state: ConfState,
+    /// Voter → the index of the committed change that made it a voter, for
+    /// voters added by a change this replica applied (founders and voters
+    /// of an installed snapshot have none): what tells a passive replica
+    /// that it was promoted (see [`crate::ReplicaCore`]).
+    voters_since: BTreeMap<u64, u64>,
     /// Entries appended but not yet synced.
     unsynced: bool,
     /// Idempotent producers' recent batches in this log.
@@ -107,6 +113,7 @@ impl PartitionStore {
             }
             None => ConfState::default(),
         };
+        let voters_since = read_meta(&meta, KEY_VOTERS_SINCE)?.unwrap_or_default();
         if log.start_offset() != snapshot.start_offset {
             let reason = format!(
                 "log starts at {} but the snapshot point says {}",
@@ -150,6 +157,7 @@ impl PartitionStore {
             hard_state,
             persisted: stored,
             conf_state,
+            voters_since,
             unsynced: false,
             producers,
         })
@@ -322,13 +330,45 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Sets the configuration without a change that led to it (founding,
+    /// snapshot): no voter has a known promotion index.
     pub fn set_conf_state(&mut self, conf_state: ConfState) -> Result<()> {
-        let bytes = conf_state
+        self.write_conf_state(conf_state, BTreeMap::new())
+    }
+
+    /// Sets the configuration a committed change at `index` produced; the
+    /// voters it added are recorded as voters since `index`.
+    pub fn apply_conf_state(&mut self, conf_state: ConfState, index: u64) -> Result<()> {
+        let mut voters_since = self.voters_since.clone();
+        voters_since.retain(|voter, _| conf_state.voters.contains(voter));
+        for &voter in &conf_state.voters {
+            if !self.conf_state.voters.contains(&voter) {
+                voters_since.insert(voter, index);
+            }
+        }
+        self.write_conf_state(conf_state, voters_since)
+    }
+
+    fn write_conf_state(&mut self, conf_state: ConfState, voters_since: BTreeMap<u64, u64>) -> Result<()> {
+        let conf_bytes = conf_state
             .write_to_bytes()
             .map_err(|e| ActorError::InvalidState(format!("encoding a conf state: {e}")))?;
-        self.meta.set(KEY_CONF_STATE, bytes)?;
+        let since_bytes = postcard::to_allocvec(&voters_since)
+            .map_err(|e| ActorError::InvalidState(format!("encoding {KEY_VOTERS_SINCE}: {e}")))?;
+        // One atomic write: the two always describe the same configuration.
+        self.meta.update(|entries| {
+            entries.insert(KEY_CONF_STATE.to_string(), conf_bytes);
+            entries.insert(KEY_VOTERS_SINCE.to_string(), since_bytes);
+        })?;
         self.conf_state = conf_state;
+        self.voters_since = voters_since;
         Ok(())
+    }
+
+    /// The index of the committed change that made `node` a voter, if this
+    /// replica applied it and `node` is a voter still.
+    pub fn voter_since(&self, node: u64) -> Option<u64> {
+        self.voters_since.get(&node).copied()
     }
 
     /// Installs a snapshot from the leader: the log restarts empty at the

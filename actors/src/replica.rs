@@ -15,6 +15,7 @@ use raft::{RawNode, StateRole};
 use runnel_storage::{LogConfig, RecordBatch};
 
 use crate::error::{ActorError, Result};
+use crate::protocol::PassiveAnswer;
 use crate::raft_store::PartitionStore;
 
 /// Timing and limits of one replica.
@@ -218,19 +219,39 @@ impl ReplicaCore {
         self.passive.is_some()
     }
 
-    /// Whether this replica is passive while the configuration counts it
-    /// as a voter — re-created for a node that never left the group. No
-    /// promotion will come for a voter, so it must ask the leader to
-    /// [`demote`](ReplicaCore::demote) it; the promotion that follows makes
-    /// it vote (until then the group counts a voter that never votes).
-    pub fn is_passive_voter(&self) -> bool {
-        self.passive.is_some()
-            && self.contact_commit.is_some()
-            && self.raw.store().conf_state().voters.contains(&self.id())
+    /// While passive, once it heard from a leader: that leader's commit
+    /// index then. Only a promotion after it is about this incarnation.
+    pub fn passive_since(&self) -> Option<u64> {
+        self.passive.as_ref().and(self.contact_commit)
+    }
+
+    /// A peer's answer to the passive replica `node`, which first heard
+    /// from a leader at commit index `since`. It was promoted if a
+    /// committed change after `since` made it a voter: it may have missed
+    /// that entry (cut off right after the change, then no leader can be
+    /// elected without its vote, which it withholds while passive). A
+    /// leader that counts it as a voter from before demotes it: no
+    /// promotion would come otherwise.
+    pub fn judge_passive(&mut self, node: u64, since: u64) -> Result<PassiveAnswer> {
+        let store = self.raw.store();
+        let voter = store.conf_state().voters.contains(&node);
+        if voter && store.voter_since(node).is_some_and(|index| index > since) {
+            return Ok(PassiveAnswer::Promoted);
+        }
+        if self.demote(node)? {
+            return Ok(PassiveAnswer::Demoting);
+        }
+        Ok(PassiveAnswer::Unknown)
+    }
+
+    /// A peer answered [`PassiveAnswer::Promoted`]: the replica votes from
+    /// now on, as it would after applying its promotion itself.
+    pub fn promoted(&mut self) -> Result<()> {
+        self.end_passive()
     }
 
     /// On the leader: makes voter `node` a learner again (see
-    /// [`ReplicaCore::is_passive_voter`]); [`ReplicaCore::step_towards`]
+    /// [`ReplicaCore::judge_passive`]); [`ReplicaCore::step_towards`]
     /// promotes it again once it has caught up. Returns whether the change
     /// was proposed.
     pub fn demote(&mut self, node: u64) -> Result<bool> {
@@ -240,13 +261,22 @@ impl ReplicaCore {
         if !self.raw.raft.prs().conf().to_conf_state().voters.contains(&node) {
             return Ok(false);
         }
+        self.propose_single_change(ConfChangeType::AddLearnerNode, node)
+    }
+
+    /// Proposes one simple configuration change; whether Raft took it (it
+    /// drops proposals while leadership is being transferred).
+    fn propose_single_change(&mut self, change_type: ConfChangeType, node: u64) -> Result<bool> {
         let mut single = ConfChangeSingle::default();
-        single.set_change_type(ConfChangeType::AddLearnerNode);
+        single.set_change_type(change_type);
         single.node_id = node;
         let mut change = ConfChangeV2::default();
         change.mut_changes().push(single);
-        self.raw.propose_conf_change(Vec::new(), change)?;
-        Ok(true)
+        match self.raw.propose_conf_change(Vec::new(), change) {
+            Ok(()) => Ok(true),
+            Err(raft::Error::ProposalDropped) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Feeds a message from a peer. Messages from unknown peers are dropped.
@@ -340,13 +370,13 @@ impl ReplicaCore {
                     let change = ConfChange::parse_from_bytes(&entry.data)
                         .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
                     let conf_state = self.raw.apply_conf_change(&change)?;
-                    self.raw.mut_store().set_conf_state(conf_state)?;
+                    self.raw.mut_store().apply_conf_state(conf_state, entry.index)?;
                 }
                 EntryType::EntryConfChangeV2 => {
                     let change = ConfChangeV2::parse_from_bytes(&entry.data)
                         .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
                     let conf_state = self.raw.apply_conf_change(&change)?;
-                    self.raw.mut_store().set_conf_state(conf_state)?;
+                    self.raw.mut_store().apply_conf_state(conf_state, entry.index)?;
                     let promotes_me = change
                         .get_changes()
                         .iter()
@@ -416,13 +446,8 @@ impl ReplicaCore {
         let Some((change_type, node_id)) = change else {
             return Ok(None);
         };
-        let mut single = ConfChangeSingle::default();
-        single.set_change_type(change_type);
-        single.node_id = node_id;
-        let mut change = ConfChangeV2::default();
-        change.mut_changes().push(single);
-        self.raw.propose_conf_change(Vec::new(), change)?;
-        Ok(Some((change_type, node_id)))
+        let proposed = self.propose_single_change(change_type, node_id)?;
+        Ok(proposed.then_some((change_type, node_id)))
     }
 
     /// Simulates the node crashing now. With `mid_ready`, the crash strikes

@@ -7,7 +7,7 @@
 //! the ticker and request handlers read.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,8 @@ pub const QUEUED_MAX: usize = 1024;
 pub struct ReplicaHandle {
     pub actor: ActorRef<ReplicaMsg>,
     queued: Arc<AtomicUsize>,
+    /// Whether the replica is passive (see [`crate::ReplicaCore`]).
+    pub passive: Arc<AtomicBool>,
 }
 
 impl ReplicaHandle {
@@ -217,6 +219,8 @@ impl SupervisorState {
             .ok_or_else(|| format!("no replica of group {group} is configured"))?;
         let queued = Arc::new(AtomicUsize::new(0));
         args.queued = queued.clone();
+        let passive = Arc::new(AtomicBool::new(false));
+        args.passive = passive.clone();
         let (replica, _) = Actor::spawn_linked(None, PartitionReplica, args, myself.get_cell())
             .await
             .map_err(|e| format!("starting the replica of group {group}: {e}"))?;
@@ -224,7 +228,14 @@ impl SupervisorState {
         self.registry
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(group, ReplicaHandle { actor: replica, queued });
+            .insert(
+                group,
+                ReplicaHandle {
+                    actor: replica,
+                    queued,
+                    passive,
+                },
+            );
         Ok(())
     }
 

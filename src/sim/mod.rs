@@ -38,6 +38,7 @@ use runnel_actors::metadata::{
     CONTROLLER_GROUP,
 };
 use runnel_actors::partition::{PartitionCore, ProduceReply};
+use runnel_actors::protocol::PassiveAnswer;
 use runnel_actors::{Acks, BrokerError, RaftMessage as Message, ReplicaConfig};
 use runnel_cluster::sim::{FaultConfig, SimNetwork, SimRng, SimStats};
 use runnel_cluster::NodeId;
@@ -298,9 +299,15 @@ enum Msg {
         group: u64,
         removed: bool,
     },
-    /// Node → group leader: my replica is a passive voter; demote it.
-    DemotePassiveVoter {
+    /// Node → the group's other replicas: my replica is passive since a
+    /// leader's commit index `since`; what do you know of it?
+    PassiveReplica {
         group: u64,
+        since: u64,
+    },
+    PassiveAnswer {
+        group: u64,
+        answer: PassiveAnswer,
     },
 }
 
@@ -960,17 +967,30 @@ impl World {
                     }
                 }
             }
-            Msg::DemotePassiveVoter { group } => {
+            Msg::PassiveReplica { group, since } => {
                 let node = self.nodes.get_mut(&id).expect("known node");
                 if let Some(part) = node.groups.get_mut(&group) {
                     let asker = u64::from(from.0);
-                    let demoted = part
+                    let answer = part
                         .core_mut()
-                        .demote(asker)
-                        .map_err(|e| format!("node {id} group {group} demote: {e}"))?;
-                    if demoted {
+                        .judge_passive(asker, since)
+                        .map_err(|e| format!("node {id} group {group} judging a passive replica: {e}"))?;
+                    if answer == PassiveAnswer::Demoting {
                         self.note(format!("group {group}: leader {id} demotes passive voter {asker}"));
                         self.drive(id, group)?;
+                    }
+                    self.net.post(NodeId(id as u32), from, Msg::PassiveAnswer { group, answer });
+                }
+            }
+            Msg::PassiveAnswer { group, answer } => {
+                let node = self.nodes.get_mut(&id).expect("known node");
+                if let Some(part) = node.groups.get_mut(&group) {
+                    if answer == PassiveAnswer::Promoted && part.core().is_passive() {
+                        part.core_mut()
+                            .promoted()
+                            .map_err(|e| format!("node {id} group {group} ending passivity: {e}"))?;
+                        let asker = from.0;
+                        self.note(format!("group {group}: node {asker} confirms node {id}'s passive replica was promoted"));
                     }
                 }
             }
@@ -1203,7 +1223,7 @@ impl World {
         let wanted = node.meta.wanted_groups(id);
         let entries = std::fs::read_dir(&node.dir).map_err(|e| format!("{}: {e}", node.dir.display()))?;
         let mut asks = BTreeSet::new();
-        let mut asks_demote = Vec::new();
+        let mut asks_passive = Vec::new();
         let mut reopen = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| e.to_string())?;
@@ -1230,13 +1250,15 @@ impl World {
             }
             asks.extend(members.into_iter().filter(|&m| m != id).map(|m| (group, m)));
         }
-        // Replicas re-created for a node that never left the group: only the
-        // leader can make them voters that vote.
+        // Passive replicas ask the group's other replicas whether they were
+        // promoted (or, of a leader, to be demoted).
         for (&group, part) in &node.groups {
+            let Some(since) = part.core().passive_since() else { continue };
             let status = part.status();
-            if let Some(leader) = status.leader.filter(|&l| status.passive_voter && l != id) {
-                asks_demote.push((group, leader));
-            }
+            let mut members: BTreeSet<u64> = status.voters.iter().chain(&status.learners).copied().collect();
+            members.extend(node.meta.assignment_of(group).unwrap_or_default());
+            members.remove(&id);
+            asks_passive.extend(members.into_iter().map(|m| (group, m, since)));
         }
         // In a fixed order: directory listings are not, and hosting draws
         // from the seed.
@@ -1248,9 +1270,9 @@ impl World {
             self.net
                 .post(NodeId(id as u32), NodeId(member as u32), Msg::Members { group });
         }
-        for (group, leader) in asks_demote {
-            let msg = Msg::DemotePassiveVoter { group };
-            self.net.post(NodeId(id as u32), NodeId(leader as u32), msg);
+        for (group, member, since) in asks_passive {
+            let msg = Msg::PassiveReplica { group, since };
+            self.net.post(NodeId(id as u32), NodeId(member as u32), msg);
         }
         Ok(())
     }
