@@ -100,6 +100,8 @@ pub struct ReplicaCore {
     /// A passive replica's first leader's commit index: only a promotion
     /// beyond it is about this incarnation.
     contact_commit: Option<u64>,
+    /// Leadership transfers this replica started, to rotate their targets.
+    transfers: usize,
 }
 
 impl ReplicaCore {
@@ -152,6 +154,7 @@ impl ReplicaCore {
             raw,
             passive: contact_commit.is_some().then_some(marker),
             contact_commit: contact_commit.flatten(),
+            transfers: 0,
         })
     }
 
@@ -430,7 +433,12 @@ impl ReplicaCore {
             if !desired.contains(&me) && conf.voters.iter().all(|v| desired.contains(v) || *v == me) {
                 // This leader is the one to leave: hand leadership to a
                 // caught-up voter first; the new leader removes this one.
-                if let Some(&target) = desired.iter().find(|&&n| caught_up(n)) {
+                // Each attempt tries the next one: a passive voter never
+                // takes leadership, and would be picked every time.
+                let targets: Vec<u64> = desired.iter().copied().filter(|&n| caught_up(n)).collect();
+                if !targets.is_empty() {
+                    let target = targets[self.transfers % targets.len()];
+                    self.transfers = self.transfers.wrapping_add(1);
                     self.raw.transfer_leader(target);
                 }
                 return Ok(None);
