@@ -44,6 +44,10 @@ pub struct Args {
     /// to see the checks fail.
     #[arg(long, hide = true)]
     test_ack_before_commit: bool,
+    /// The deliberately injected dataflow bug (task output written without
+    /// producer ids and sequences), to see the checks fail.
+    #[arg(long, hide = true)]
+    test_unsequenced_task_output: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -57,6 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         nemesis: !args.no_nemesis,
         dataflow: !args.no_dataflow,
         bug_ack_before_commit: args.test_ack_before_commit,
+        bug_unsequenced_task_output: args.test_unsequenced_task_output,
         ..SimConfig::default()
     };
     let scratch = match &args.dir {

@@ -86,6 +86,8 @@ fn seeds_lose_and_duplicate_nothing_acknowledged() {
         assert!(totals.faults.get("crash_mid_ready").copied().unwrap_or(0) > 0);
         assert!(totals.faults.get("partition").copied().unwrap_or(0) > 0);
         assert!(totals.bytes_lost > 0, "no crash lost an unsynced tail");
+        assert!(totals.task_failures > 0, "no dataflow task failed and restarted");
+        assert!(totals.dataflow_results > 1_000, "only {} dataflow results", totals.dataflow_results);
     }
 }
 
@@ -121,4 +123,21 @@ fn an_injected_bug_is_caught() {
         .collect();
     assert!(!caught.is_empty(), "acking before commit lost nothing in 20 seeds");
     println!("seeds whose checker reported lost records: {caught:?}");
+}
+
+#[test]
+fn an_injected_dataflow_bug_is_caught() {
+    let dir = scratch();
+    let config = SimConfig {
+        bug_unsequenced_task_output: true,
+        ..SimConfig::default()
+    };
+    let caught: Vec<u64> = (1..=5)
+        .filter(|&seed| {
+            let report = run_seed(seed, &config, dir.path());
+            report.verdict.anomaly_counts.get("dataflow_duplicated").copied().unwrap_or(0) > 0
+        })
+        .collect();
+    assert!(!caught.is_empty(), "unsequenced task output duplicated nothing in 5 seeds");
+    println!("seeds whose checker reported duplicated results: {caught:?}");
 }

@@ -32,7 +32,7 @@ use runnel_dataflow::fraud::{decode_result, Attempt};
 use runnel_dataflow::host::IDLE_POLL;
 use runnel_dataflow::task::{TaskError, TaskIo, TaskRunner};
 use runnel_dataflow::{Dataflow, DataflowDef, Emit, Window};
-use runnel_storage::{RecordBatch, StoredRecord};
+use runnel_storage::{BatchBuilder, RecordBatch, StoredRecord};
 
 use super::{Msg, World, REQUEST_TIMEOUT_MS, TOPIC};
 use crate::check::{self, Anomaly, Verdict, WindowKey};
@@ -516,6 +516,20 @@ impl World {
                 return;
             }
         };
+        let call = match call {
+            Call::Produce { topic, partition, batch } if self.config.bug_unsequenced_task_output && topic == DATAFLOW => {
+                match unsequenced(&batch) {
+                    Ok(batch) => Call::Produce { topic, partition, batch },
+                    Err(e) => {
+                        if let Some(task) = self.tasks.running.get(&key) {
+                            task.io.answer(call_id, Answer::Produced(Err(ClientError::from(e))));
+                        }
+                        return;
+                    }
+                }
+            }
+            call => call,
+        };
         let retry_safe = match &call {
             Call::Produce { batch, .. } => batch.header().producer.producer_id >= 0,
             Call::Fetch { .. } => true,
@@ -720,6 +734,15 @@ impl World {
 pub enum TaskReply {
     Produced(u64),
     Fetched { batches: Vec<RecordBatch>, committed: u64 },
+}
+
+/// The batch's records in a batch without a producer id (the injected bug).
+fn unsequenced(batch: &RecordBatch) -> Result<RecordBatch, runnel_storage::StorageError> {
+    let mut builder = BatchBuilder::new();
+    for record in batch.records() {
+        builder.push(&record?.record)?;
+    }
+    builder.build()
 }
 
 fn answer_error(request: &Call, error: ClientError) -> Answer {

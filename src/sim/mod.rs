@@ -116,6 +116,11 @@ pub struct SimConfig {
     /// The deliberately injected bug (acks before commit), for proving the
     /// checks can fail.
     pub bug_ack_before_commit: bool,
+    /// A deliberately injected dataflow bug: the tasks' sink batches lose
+    /// their producer id and sequence on the way (as if written without the
+    /// idempotent producer), so retries and replays after a restart write
+    /// results twice.
+    pub bug_unsequenced_task_output: bool,
 }
 
 impl Default for SimConfig {
@@ -139,6 +144,7 @@ impl Default for SimConfig {
             consumers: 2,
             dataflow: true,
             bug_ack_before_commit: false,
+            bug_unsequenced_task_output: false,
         }
     }
 }
