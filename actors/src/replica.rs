@@ -267,6 +267,17 @@ impl ReplicaCore {
         self.propose_single_change(ConfChangeType::AddLearnerNode, node)
     }
 
+    /// Hands leadership to one of `targets`; each call tries the next one,
+    /// as a passive voter never takes it and would be picked every time.
+    fn transfer_to_one_of(&mut self, targets: &[u64]) {
+        if targets.is_empty() {
+            return;
+        }
+        let target = targets[self.transfers % targets.len()];
+        self.transfers = self.transfers.wrapping_add(1);
+        self.raw.transfer_leader(target);
+    }
+
     /// Proposes one simple configuration change; whether Raft took it (it
     /// drops proposals while leadership is being transferred).
     fn propose_single_change(&mut self, change_type: ConfChangeType, node: u64) -> Result<bool> {
@@ -373,12 +384,14 @@ impl ReplicaCore {
                     let change = ConfChange::parse_from_bytes(&entry.data)
                         .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
                     let conf_state = self.raw.apply_conf_change(&change)?;
+                    self.step_down_if_removed(&conf_state);
                     self.raw.mut_store().apply_conf_state(conf_state, entry.index)?;
                 }
                 EntryType::EntryConfChangeV2 => {
                     let change = ConfChangeV2::parse_from_bytes(&entry.data)
                         .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
                     let conf_state = self.raw.apply_conf_change(&change)?;
+                    self.step_down_if_removed(&conf_state);
                     self.raw.mut_store().apply_conf_state(conf_state, entry.index)?;
                     let promotes_me = change
                         .get_changes()
@@ -391,6 +404,18 @@ impl ReplicaCore {
             }
         }
         Ok(())
+    }
+
+    /// A leader elected before its own removal committed stays leader of a
+    /// configuration without it in raft-rs (which then panics counting its
+    /// own progress on the next acknowledgement): it steps down, and the
+    /// remaining voters elect one of themselves.
+    fn step_down_if_removed(&mut self, conf_state: &raft::eraftpb::ConfState) {
+        if self.is_leader() && !conf_state.voters.contains(&self.id()) {
+            tracing::info!(id = self.id(), "leader removed from its group's voters; stepping down");
+            let term = self.raw.raft.term;
+            self.raw.raft.become_follower(term, raft::INVALID_ID);
+        }
     }
 
     fn end_passive(&mut self) -> Result<()> {
@@ -433,14 +458,8 @@ impl ReplicaCore {
             if !desired.contains(&me) && conf.voters.iter().all(|v| desired.contains(v) || *v == me) {
                 // This leader is the one to leave: hand leadership to a
                 // caught-up voter first; the new leader removes this one.
-                // Each attempt tries the next one: a passive voter never
-                // takes leadership, and would be picked every time.
                 let targets: Vec<u64> = desired.iter().copied().filter(|&n| caught_up(n)).collect();
-                if !targets.is_empty() {
-                    let target = targets[self.transfers % targets.len()];
-                    self.transfers = self.transfers.wrapping_add(1);
-                    self.raw.transfer_leader(target);
-                }
+                self.transfer_to_one_of(&targets);
                 return Ok(None);
             }
             conf.voters
