@@ -415,6 +415,10 @@ impl ReplicaCore {
             tracing::info!(id = self.id(), "leader removed from its group's voters; stepping down");
             let term = self.raw.raft.term;
             self.raw.raft.become_follower(term, raft::INVALID_ID);
+            // What it sent as leader in this ready (appends after an earlier
+            // change in the same batch) must not leave from a follower:
+            // raft-rs refuses that. Raft recovers from the loss.
+            self.raw.raft.msgs.clear();
         }
     }
 
