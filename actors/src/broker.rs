@@ -359,10 +359,24 @@ impl Broker {
             .collect()
     }
 
-    /// Deletes the files of a replica that no longer runs here.
+    /// Deletes the files of a replica that no longer runs here, leaving a
+    /// tombstone (`<group>.left`) first: this node hosted the group once.
     pub fn delete_replica_files(&self, group: u64) -> Result<()> {
+        let tombstone = self.tombstone(group);
+        runnel_storage::kv::write_atomically(&tombstone, b"")?;
         let dir = self.config.data_dir.join("partitions").join(group.to_string());
         std::fs::remove_dir_all(&dir).map_err(|e| ActorError::Io { path: dir, source: e })
+    }
+
+    /// Whether this node ever hosted a replica of `group`: its files or its
+    /// tombstone are on disk.
+    pub fn ever_hosted(&self, group: u64) -> bool {
+        let dir = self.config.data_dir.join("partitions").join(group.to_string());
+        dir.exists() || self.tombstone(group).exists()
+    }
+
+    fn tombstone(&self, group: u64) -> PathBuf {
+        self.config.data_dir.join("partitions").join(format!("{group}.left"))
     }
 
     /// Stops the replica of `group` cleanly; its files stay.

@@ -660,6 +660,8 @@ impl Shared {
                 Err(e) => tracing::warn!(group, error = %e, "could not host an assigned replica"),
             }
         }
+        self.host_founders_never_hosted().await;
+        let hosted: BTreeSet<u64> = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for group in hosted.difference(&wanted.keys().copied().collect()) {
             // A replica the group still counts keeps running wherever the
             // assignment moved: its vote and log may be what the group needs
@@ -677,6 +679,27 @@ impl Shared {
                 continue;
             }
             self.stop_hosting(*group).await;
+        }
+    }
+
+    /// Creates the founding replicas of groups moved off this node that it
+    /// never hosted (see [`AppliedMetadata::founded_groups_moved_off`]);
+    /// they run until their group's leader confirms them removed.
+    async fn host_founders_never_hosted(&self) {
+        let founded = self.meta().founded_groups_moved_off(self.me());
+        for (group, founders) in founded {
+            let hosted = self.hosted.lock().unwrap_or_else(|p| p.into_inner()).contains(&group);
+            let closed = self.closed.lock().unwrap_or_else(|p| p.into_inner()).contains(&group);
+            if hosted || closed || self.broker.ever_hosted(group) {
+                continue;
+            }
+            tracing::info!(group, "creating the founding replica of a group moved off before it was hosted here");
+            match self.broker.host(group, Some(founders), false).await {
+                Ok(()) => {
+                    self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
+                }
+                Err(e) => tracing::warn!(group, error = %e, "could not create a founding replica"),
+            }
         }
     }
 

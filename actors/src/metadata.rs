@@ -594,6 +594,28 @@ impl AppliedMetadata {
         wanted
     }
 
+    /// Groups `node` founded whose assignment has moved off it, with their
+    /// founders. If this node never hosted such a group (it was down when
+    /// the topic was created and replaced before it came back), its
+    /// founding replica may still be what the group needs to elect its
+    /// first leader: the founders' configuration counts it, and a group
+    /// that never elected cannot take the replacement in (found by the
+    /// simulation, seed 424). A founder that never held anything is safe to
+    /// create: a group's entries commit on a majority of founders that did.
+    pub fn founded_groups_moved_off(&self, node: u64) -> BTreeMap<u64, Vec<u64>> {
+        let mut groups = BTreeMap::new();
+        for topic in self.metadata.topics.values() {
+            for (partition, founders) in topic.founders.iter().enumerate() {
+                let founders: Vec<u64> = founders.iter().map(|&n| u64::from(n)).collect();
+                let assigned = topic.assignment.get(partition).is_some_and(|a| a.contains(&(node as u32)));
+                if founders.contains(&node) && !assigned {
+                    groups.insert(topic.group_id(partition as u32), founders);
+                }
+            }
+        }
+        groups
+    }
+
     /// The nodes a partition group is assigned to, if the group exists.
     pub fn assignment_of(&self, group: u64) -> Option<Vec<u64>> {
         self.metadata.topics.values().find_map(|topic| {

@@ -374,6 +374,16 @@ impl Node {
     fn group_dir(&self, group: u64) -> PathBuf {
         self.dir.join(format!("group-{group}"))
     }
+
+    /// Left when a stale replica's files are deleted: the node hosted the
+    /// group once (as the broker's `<group>.left`).
+    fn tombstone(&self, group: u64) -> PathBuf {
+        self.dir.join(format!("group-{group}.left"))
+    }
+
+    fn ever_hosted(&self, group: u64) -> bool {
+        self.group_dir(group).exists() || self.tombstone(group).exists()
+    }
 }
 
 /// A batch a producer is trying to get acknowledged.
@@ -1009,6 +1019,8 @@ impl World {
                     if let Some(part) = node.groups.remove(&group) {
                         close(id, part)?;
                     }
+                    let tombstone = node.tombstone(group);
+                    std::fs::write(&tombstone, b"").map_err(|e| format!("{}: {e}", tombstone.display()))?;
                     let dir = node.group_dir(group);
                     std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
                     self.checked.remove(&(id, group));
@@ -1105,6 +1117,17 @@ impl World {
             if !self.nodes[&id].groups.contains_key(group) {
                 self.host(id, *group, Some(&wanted_group.founders), wanted_group.rejoin)?;
             }
+        }
+        // As the controller: founding replicas of groups moved off before
+        // this node ever hosted them.
+        let founded = self.nodes[&id].meta.founded_groups_moved_off(id);
+        for (group, founders) in founded {
+            let node = &self.nodes[&id];
+            if node.groups.contains_key(&group) || node.closed.contains(&group) || node.ever_hosted(group) {
+                continue;
+            }
+            self.note(format!("node {id} creates its founding replica of group {group}, never hosted"));
+            self.host(id, group, Some(&founders), false)?;
         }
         let node = self.nodes.get_mut(&id).expect("known node");
         let unwanted: Vec<u64> = node
