@@ -188,6 +188,10 @@ impl Broker {
     /// group passes the group's voters; a reopened one passes `None`. With
     /// `rejoin`, a replica created empty is passive (`ReplicaConfig::rejoin`).
     pub async fn host(&self, group: u64, bootstrap_voters: Option<Vec<u64>>, rejoin: bool) -> Result<()> {
+        // A replica this node deleted before comes back passive whatever
+        // the (maybe lagging) metadata says: the group may have counted its
+        // votes, which an empty replica no longer holds.
+        let rejoin = rejoin || self.tombstone(group).exists();
         let args = ReplicaArgs {
             group,
             dir: self.config.data_dir.join("partitions").join(group.to_string()),

@@ -670,7 +670,14 @@ impl World {
 
     fn host(&mut self, id: u64, group: u64, founders: Option<&[u64]>, rejoin: bool) -> Result<(), String> {
         let mut config = self.replica_config(id);
-        config.rejoin = rejoin;
+        let node = self.nodes.get_mut(&id).expect("known node");
+        // As the broker: a replica deleted here before comes back passive,
+        // whatever the node's (maybe lagging) metadata says.
+        config.rejoin = rejoin || node.tombstone(group).exists();
+        if config.rejoin && !rejoin {
+            let line = format!("node {id} re-creates group {group}, deleted here before: passive");
+            self.note(line);
+        }
         let node = self.nodes.get_mut(&id).expect("known node");
         let dir = node.group_dir(group);
         let (part, messages) = Part::open(group, &dir, log_config(), &config, founders)
