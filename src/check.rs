@@ -597,7 +597,12 @@ mod tests {
         // Changes: every update once, none skipped.
         let reference = BTreeMap::from([(w("a", 0), vec![2, 3, 4])]);
         let mut clean = Verdict::default();
-        check_results("f", &reference, &[(w("a", 0), 2), (w("a", 0), 3), (w("a", 0), 4)], &mut clean);
+        check_results(
+            "f",
+            &reference,
+            &[(w("a", 0), 2), (w("a", 0), 3), (w("a", 0), 4)],
+            &mut clean,
+        );
         assert!(clean.ok(), "{:?}", clean.anomalies);
         let mut skipped = Verdict::default();
         check_results("f", &reference, &[(w("a", 0), 2), (w("a", 0), 4)], &mut skipped);

@@ -87,7 +87,11 @@ fn seeds_lose_and_duplicate_nothing_acknowledged() {
         assert!(totals.faults.get("partition").copied().unwrap_or(0) > 0);
         assert!(totals.bytes_lost > 0, "no crash lost an unsynced tail");
         assert!(totals.task_failures > 0, "no dataflow task failed and restarted");
-        assert!(totals.dataflow_results > 1_000, "only {} dataflow results", totals.dataflow_results);
+        assert!(
+            totals.dataflow_results > 1_000,
+            "only {} dataflow results",
+            totals.dataflow_results
+        );
     }
 }
 
@@ -135,9 +139,18 @@ fn an_injected_dataflow_bug_is_caught() {
     let caught: Vec<u64> = (1..=5)
         .filter(|&seed| {
             let report = run_seed(seed, &config, dir.path());
-            report.verdict.anomaly_counts.get("dataflow_duplicated").copied().unwrap_or(0) > 0
+            report
+                .verdict
+                .anomaly_counts
+                .get("dataflow_duplicated")
+                .copied()
+                .unwrap_or(0)
+                > 0
         })
         .collect();
-    assert!(!caught.is_empty(), "unsequenced task output duplicated nothing in 5 seeds");
+    assert!(
+        !caught.is_empty(),
+        "unsequenced task output duplicated nothing in 5 seeds"
+    );
     println!("seeds whose checker reported duplicated results: {caught:?}");
 }

@@ -297,7 +297,12 @@ impl Broker {
 
     /// What the local replica of `group` knows of `node`'s passive replica
     /// (see [`crate::ReplicaCore::judge_passive`]).
-    pub async fn judge_passive(&self, group: u64, node: u64, since: u64) -> std::result::Result<PassiveAnswer, BrokerError> {
+    pub async fn judge_passive(
+        &self,
+        group: u64,
+        node: u64,
+        since: u64,
+    ) -> std::result::Result<PassiveAnswer, BrokerError> {
         let replica = self.replica_or_error(group)?;
         let answer = replica
             .call(

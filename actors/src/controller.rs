@@ -25,8 +25,8 @@ use crate::metadata::{
     MetadataCommand, MetadataError, TopicConfig, CONTROLLER_GROUP,
 };
 use crate::protocol::{
-    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo, PassiveAnswer,
-    ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR, CONTROLLER_ACTOR,
+    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
+    PassiveAnswer, ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR, CONTROLLER_ACTOR,
 };
 use crate::tasks::{dataflow_topics, TaskAssignment, TaskHost};
 
@@ -693,7 +693,10 @@ impl Shared {
             if hosted || closed || self.broker.ever_hosted(group) {
                 continue;
             }
-            tracing::info!(group, "creating the founding replica of a group moved off before it was hosted here");
+            tracing::info!(
+                group,
+                "creating the founding replica of a group moved off before it was hosted here"
+            );
             match self.broker.host(group, Some(founders), false).await {
                 Ok(()) => {
                     self.hosted.lock().unwrap_or_else(|p| p.into_inner()).insert(group);

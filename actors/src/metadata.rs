@@ -607,7 +607,10 @@ impl AppliedMetadata {
         for topic in self.metadata.topics.values() {
             for (partition, founders) in topic.founders.iter().enumerate() {
                 let founders: Vec<u64> = founders.iter().map(|&n| u64::from(n)).collect();
-                let assigned = topic.assignment.get(partition).is_some_and(|a| a.contains(&(node as u32)));
+                let assigned = topic
+                    .assignment
+                    .get(partition)
+                    .is_some_and(|a| a.contains(&(node as u32)));
                 if founders.contains(&node) && !assigned {
                     groups.insert(topic.group_id(partition as u32), founders);
                 }

@@ -225,17 +225,14 @@ impl SupervisorState {
             .await
             .map_err(|e| format!("starting the replica of group {group}: {e}"))?;
         self.children.insert(replica.get_id(), group);
-        self.registry
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                group,
-                ReplicaHandle {
-                    actor: replica,
-                    queued,
-                    passive,
-                },
-            );
+        self.registry.write().unwrap_or_else(|p| p.into_inner()).insert(
+            group,
+            ReplicaHandle {
+                actor: replica,
+                queued,
+                passive,
+            },
+        );
         Ok(())
     }
 

@@ -560,7 +560,9 @@ impl<C: TaskIo> TaskRunner<C> {
         let partition_bytes = Bytes::copy_from_slice(&self.assignment.partition().to_le_bytes());
         for q in 0..self.markers.len() {
             let marker = self.markers[q];
-            let due = marker.last_sent.is_none_or(|at| self.client.now() >= at + MARKER_INTERVAL);
+            let due = marker
+                .last_sent
+                .is_none_or(|at| self.client.now() >= at + MARKER_INTERVAL);
             if marker.announced == now || !due {
                 continue;
             }

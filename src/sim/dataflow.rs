@@ -91,7 +91,11 @@ pub fn reference(attempts: &[Attempt]) -> BTreeMap<WindowKey, Vec<u64>> {
 /// The commands that create the dataflow's topics, then start it with its
 /// tasks placed — what `start_dataflow` asks of the controller. Empty once
 /// it runs.
-pub fn start_commands(meta: &AppliedMetadata, def: &DataflowDef, nodes: &[u32]) -> Result<Vec<MetadataCommand>, String> {
+pub fn start_commands(
+    meta: &AppliedMetadata,
+    def: &DataflowDef,
+    nodes: &[u32],
+) -> Result<Vec<MetadataCommand>, String> {
     let metadata = &meta.metadata;
     let Some(source) = metadata.topics.get(TOPIC) else {
         return Ok(Vec::new());
@@ -116,7 +120,11 @@ pub fn start_commands(meta: &AppliedMetadata, def: &DataflowDef, nodes: &[u32]) 
         for &node in assignment.iter().flatten() {
             *load.entry(node).or_default() += 1;
         }
-        commands.push(MetadataCommand::CreateTopic { name, config, assignment });
+        commands.push(MetadataCommand::CreateTopic {
+            name,
+            config,
+            assignment,
+        });
     }
     if commands.is_empty() {
         let tasks = shape.stages * partitions;
@@ -409,7 +417,9 @@ impl World {
             if self.tasks.running.contains_key(&key) || waiting {
                 continue;
             }
-            self.tasks.running.insert(key, SimTask::start(def.clone(), assignment, now));
+            self.tasks
+                .running
+                .insert(key, SimTask::start(def.clone(), assignment, now));
             self.report.task_starts += 1;
             self.note(format!("node {id} starts task {task}"));
         }
@@ -433,7 +443,9 @@ impl World {
             .map(|(&id, _)| id)
             .collect();
         for id in expired {
-            let Some(mut request) = self.tasks.requests.remove(&id) else { continue };
+            let Some(mut request) = self.tasks.requests.remove(&id) else {
+                continue;
+            };
             self.tasks.leaders.remove(&(request.task.0, request.group));
             request.last_error = format!("node {}: no answer in {REQUEST_TIMEOUT_MS} ms", request.target);
             if request.is_produce() && !request.retry_safe {
@@ -458,7 +470,9 @@ impl World {
         }
         let keys: Vec<(u64, u32)> = self.tasks.running.keys().copied().collect();
         for key in keys {
-            let Some(task) = self.tasks.running.get_mut(&key) else { continue };
+            let Some(task) = self.tasks.running.get_mut(&key) else {
+                continue;
+            };
             if let Some(error) = task.poll(now) {
                 self.task_failed(key, error);
                 continue;
@@ -493,7 +507,9 @@ impl World {
     /// Starts a task's call: the partition as the task's node knows it.
     fn route_task_call(&mut self, key: (u64, u32), call_id: u64, call: Call) {
         let (topic_name, partition) = match &call {
-            Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => (topic.clone(), *partition),
+            Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => {
+                (topic.clone(), *partition)
+            }
         };
         let topic: Option<TopicMeta> = self.nodes[&key.0].meta.metadata.topics.get(&topic_name).cloned();
         let found = match topic {
@@ -517,17 +533,23 @@ impl World {
             }
         };
         let call = match call {
-            Call::Produce { topic, partition, batch } if self.config.bug_unsequenced_task_output && topic == DATAFLOW => {
-                match unsequenced(&batch) {
-                    Ok(batch) => Call::Produce { topic, partition, batch },
-                    Err(e) => {
-                        if let Some(task) = self.tasks.running.get(&key) {
-                            task.io.answer(call_id, Answer::Produced(Err(ClientError::from(e))));
-                        }
-                        return;
+            Call::Produce {
+                topic,
+                partition,
+                batch,
+            } if self.config.bug_unsequenced_task_output && topic == DATAFLOW => match unsequenced(&batch) {
+                Ok(batch) => Call::Produce {
+                    topic,
+                    partition,
+                    batch,
+                },
+                Err(e) => {
+                    if let Some(task) = self.tasks.running.get(&key) {
+                        task.io.answer(call_id, Answer::Produced(Err(ClientError::from(e))));
                     }
+                    return;
                 }
-            }
+            },
             call => call,
         };
         let retry_safe = match &call {
@@ -636,7 +658,10 @@ impl World {
                 }
                 self.retry(pending);
             }
-            BrokerError::LeadershipLost | BrokerError::Busy(_) | BrokerError::UnknownGroup(_) | BrokerError::NotYetCommitted(_) => {
+            BrokerError::LeadershipLost
+            | BrokerError::Busy(_)
+            | BrokerError::UnknownGroup(_)
+            | BrokerError::NotYetCommitted(_) => {
                 pending.last_error = format!("node {from}: retryable failure");
                 pending.resend_ms = now + RETRY_PAUSE_MS;
                 self.retry(pending);
@@ -664,7 +689,9 @@ impl World {
     }
 
     fn answer_task(&mut self, request: &TaskRequest, answer: ClientResult<Answer>) {
-        let Some(task) = self.tasks.running.get(&request.task) else { return };
+        let Some(task) = self.tasks.running.get(&request.task) else {
+            return;
+        };
         let answer = match answer {
             Ok(answer) => answer,
             Err(error) => answer_error(&request.call, error),

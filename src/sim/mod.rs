@@ -502,9 +502,12 @@ fn seen_of(offset: u64, record: &Record) -> Seen {
         .map(|v| String::from_utf8_lossy(v).into_owned());
     let id = id.or_else(|| {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        let parts = [record.key.as_deref(), record.value.as_deref()]
-            .into_iter()
-            .chain(record.headers.iter().flat_map(|h| [Some(h.key.as_bytes()), h.value.as_deref()]));
+        let parts = [record.key.as_deref(), record.value.as_deref()].into_iter().chain(
+            record
+                .headers
+                .iter()
+                .flat_map(|h| [Some(h.key.as_bytes()), h.value.as_deref()]),
+        );
         for part in parts {
             for byte in part.unwrap_or(b"-").iter().chain(b"|") {
                 hash ^= u64::from(*byte);
@@ -1002,7 +1005,8 @@ impl World {
                         self.note(format!("group {group}: leader {id} demotes passive voter {asker}"));
                         self.drive(id, group)?;
                     }
-                    self.net.post(NodeId(id as u32), from, Msg::PassiveAnswer { group, answer });
+                    self.net
+                        .post(NodeId(id as u32), from, Msg::PassiveAnswer { group, answer });
                 }
             }
             Msg::PassiveAnswer { group, answer } => {
@@ -1013,7 +1017,9 @@ impl World {
                             .promoted()
                             .map_err(|e| format!("node {id} group {group} ending passivity: {e}"))?;
                         let asker = from.0;
-                        self.note(format!("group {group}: node {asker} confirms node {id}'s passive replica was promoted"));
+                        self.note(format!(
+                            "group {group}: node {asker} confirms node {id}'s passive replica was promoted"
+                        ));
                     }
                 }
             }
@@ -1133,7 +1139,9 @@ impl World {
             if node.groups.contains_key(&group) || node.closed.contains(&group) || node.ever_hosted(group) {
                 continue;
             }
-            self.note(format!("node {id} creates its founding replica of group {group}, never hosted"));
+            self.note(format!(
+                "node {id} creates its founding replica of group {group}, never hosted"
+            ));
             self.host(id, group, Some(&founders), false)?;
         }
         let node = self.nodes.get_mut(&id).expect("known node");
@@ -1212,7 +1220,12 @@ impl World {
                     assignment,
                 });
             }
-        } else if let Some(def) = self.tasks.def.as_deref().filter(|_| !node.meta.metadata.dataflows.contains_key(dataflow::DATAFLOW)) {
+        } else if let Some(def) = self
+            .tasks
+            .def
+            .as_deref()
+            .filter(|_| !node.meta.metadata.dataflows.contains_key(dataflow::DATAFLOW))
+        {
             if node.topic_proposed_ms.is_none_or(|t| t + MOVES_EVERY_MS <= now) {
                 node.topic_proposed_ms = Some(now);
                 let all: Vec<u32> = (1..=config.nodes).collect();
@@ -1289,7 +1302,9 @@ impl World {
         // Passive replicas ask the group's other replicas whether they were
         // promoted (or, of a leader, to be demoted).
         for (&group, part) in &node.groups {
-            let Some(since) = part.core().passive_since() else { continue };
+            let Some(since) = part.core().passive_since() else {
+                continue;
+            };
             let status = part.status();
             let mut members: BTreeSet<u64> = status.voters.iter().chain(&status.learners).copied().collect();
             members.extend(node.meta.assignment_of(group).unwrap_or_default());
