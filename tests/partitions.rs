@@ -628,12 +628,29 @@ async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_fac
         .map(|p| p.partition.to_string())
         .collect();
     assert!(assigned_here.is_empty(), "healing moved every replica off the victim");
+    // Deleted replicas leave a `<group>.left` tombstone file; only the
+    // controller's replica directory stays.
+    let names = |want_dirs: bool| -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir() == want_dirs)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     wait_for("the stale replica directories to be deleted", TIMEOUT, || {
-        let left: Vec<String> = std::fs::read_dir(&dir)
-            .map(|entries| entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
-            .unwrap_or_default();
-        left == vec!["0".to_string()]
+        names(true) == vec!["0".to_string()]
     });
+    let tombstones = names(false);
+    assert_eq!(
+        tombstones.len(),
+        stale_before - 1,
+        "a tombstone per deleted replica: {tombstones:?}"
+    );
+    assert!(tombstones.iter().all(|t| t.ends_with(".left")), "{tombstones:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
