@@ -310,10 +310,7 @@ impl Broker {
                 Some(self.config.request_timeout),
             )
             .await;
-        match answer {
-            Ok(ractor::rpc::CallResult::Success(answer)) => Ok(answer),
-            _ => Err(BrokerError::Timeout(group)),
-        }
+        flatten(group, answer)
     }
 
     /// The groups whose local replica is passive.

@@ -93,7 +93,7 @@ pub enum ReplicaMsg {
     JudgePassive {
         node: u64,
         since: u64,
-        reply: RpcReplyPort<PassiveAnswer>,
+        reply: RpcReplyPort<Result<PassiveAnswer, BrokerError>>,
     },
     /// A peer confirmed this passive replica's promotion.
     Promoted,
@@ -213,7 +213,7 @@ impl Actor for PartitionReplica {
                 if answer != PassiveAnswer::Unknown {
                     tracing::info!(group = state.args.group, node, ?answer, "a passive replica asked");
                 }
-                let _ = reply.send(answer);
+                let _ = reply.send(Ok(answer));
             }
             ReplicaMsg::Promoted => state.part.core_mut().promoted()?,
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),

@@ -112,25 +112,14 @@ impl Iterator for Generator {
 /// attempt's time (minus the grace) has not closed are left out, as the
 /// dataflow with `Emit::Final` leaves them open.
 pub fn reference<'a>(attempts: impl IntoIterator<Item = &'a Attempt>) -> BTreeMap<(String, i64), u64> {
-    reference_for(attempts, WINDOW_MS, GRACE_MS, THRESHOLD)
-}
-
-/// [`reference`] for a tumbling count of attempts per card over any window,
-/// grace and threshold (the simulation runs a faster one).
-pub fn reference_for<'a>(
-    attempts: impl IntoIterator<Item = &'a Attempt>,
-    window_ms: i64,
-    grace_ms: i64,
-    threshold: u64,
-) -> BTreeMap<(String, i64), u64> {
     let mut counts: BTreeMap<(String, i64), u64> = BTreeMap::new();
     let mut max_ms = i64::MIN;
     for attempt in attempts {
         max_ms = max_ms.max(attempt.at_ms);
-        let start = attempt.at_ms - attempt.at_ms.rem_euclid(window_ms);
+        let start = attempt.at_ms - attempt.at_ms.rem_euclid(WINDOW_MS);
         *counts.entry((attempt.card_number.clone(), start)).or_default() += 1;
     }
-    counts.retain(|(_, start), count| *count > threshold && start + window_ms + grace_ms <= max_ms);
+    counts.retain(|(_, start), count| *count > THRESHOLD && start + WINDOW_MS + GRACE_MS <= max_ms);
     counts
 }
 
