@@ -184,6 +184,10 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         let settings = runnel::dataflow::ClientSettings {
             seeds: vec![own_addr],
             certs: certs.clone(),
+            local: Some(runnel::broker::client::LocalNode {
+                handle: node.handle(),
+                addr: listen,
+            }),
         };
         let host = runnel::dataflow::DataflowHost::start(runnel::dataflow::builtin(), id.0, settings)
             .await

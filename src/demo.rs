@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use runnel::broker::client::Client;
+use runnel::broker::client::{Client, LocalNode};
 use runnel::broker::metadata::TopicConfig;
 use runnel::broker::tasks::TaskHost;
 use runnel::broker::{Broker, BrokerConfig, Controller, ControllerConfig};
@@ -83,6 +83,10 @@ pub async fn start_cluster(
         let settings = ClientSettings {
             seeds: vec![addr],
             certs: dir.join("certs"),
+            local: Some(LocalNode {
+                handle: node.handle(),
+                addr,
+            }),
         };
         let host = DataflowHost::start(runnel::dataflow::builtin(), id, settings)
             .await

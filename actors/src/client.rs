@@ -20,7 +20,7 @@ use bytes::Bytes;
 use runnel_cluster::protocol::{ClientRequest as WireRequest, ClientResponse as WireResponse};
 use runnel_cluster::quic::ClusterClient;
 use runnel_cluster::tls::CertDir;
-use runnel_cluster::ClusterError;
+use runnel_cluster::{ClusterError, NodeHandle};
 use runnel_storage::{BatchBuilder, ProducerInfo, Record, RecordBatch, StoredRecord};
 
 use crate::metadata::{MetadataError, TopicConfig};
@@ -122,12 +122,39 @@ pub struct Client {
     failed: RwLock<HashMap<u32, Instant>>,
     /// Where each (topic, partition) was last served.
     leaders: RwLock<HashMap<(String, u32), u32>>,
+    /// The node this client runs inside, if any.
+    local: Option<LocalNode>,
     pub timeout: Duration,
+}
+
+/// The node a client runs inside (a node's own dataflow tasks): requests
+/// for that node go to its broker directly instead of through QUIC, TLS and
+/// the loopback interface, with the same answers and errors.
+#[derive(Clone)]
+pub struct LocalNode {
+    pub handle: NodeHandle,
+    /// The address the cluster knows the node by.
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Debug for LocalNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalNode")
+            .field("node", &self.handle.id())
+            .field("addr", &self.addr)
+            .finish()
+    }
 }
 
 impl Client {
     /// Connects through any of `seeds` with the client certificate in `certs`.
     pub async fn connect(seeds: Vec<SocketAddr>, certs: &Path) -> ClientResult<Client> {
+        Client::connect_from(seeds, certs, None).await
+    }
+
+    /// As [`Client::connect`], for a client inside node `local`: what is
+    /// meant for that node skips the network.
+    pub async fn connect_from(seeds: Vec<SocketAddr>, certs: &Path, local: Option<LocalNode>) -> ClientResult<Client> {
         let identity = CertDir::new(certs).client_identity()?;
         let client = Client {
             cluster: ClusterClient::new(&identity, seeds)?,
@@ -137,6 +164,7 @@ impl Client {
             cache: RwLock::new(None),
             failed: RwLock::new(HashMap::new()),
             leaders: RwLock::new(HashMap::new()),
+            local,
             timeout: Duration::from_secs(15),
         };
         client.topics().await?;
@@ -144,9 +172,13 @@ impl Client {
     }
 
     async fn call(&self, addr: Option<SocketAddr>, request: &ClientRequest) -> ClientResult<ClientResponse> {
+        let payload = postcard::to_allocvec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let Some(local) = self.local.as_ref().filter(|l| addr.is_none_or(|a| a == l.addr)) {
+            return self.call_local(local, payload).await;
+        }
         let wire = WireRequest::Service {
             name: CLIENT_ACTOR.to_string(),
-            payload: postcard::to_allocvec(request).map_err(|e| ClientError::Protocol(e.to_string()))?,
+            payload,
         };
         let answer = match addr {
             Some(addr) => self.cluster.request_to(addr, wire, self.timeout).await?,
@@ -158,6 +190,22 @@ impl Client {
             }
             WireResponse::Error(e) => Err(ClientError::Protocol(e)),
             WireResponse::Status { .. } => Err(ClientError::Protocol("status answer to a broker request".to_string())),
+        }
+    }
+
+    /// A request to the node this client runs in, answered as the node's
+    /// client gateway answers it over the network: no answer within the
+    /// timeout leaves the outcome unknown; a failure to deliver is the
+    /// gateway's error.
+    async fn call_local(&self, local: &LocalNode, payload: Vec<u8>) -> ClientResult<ClientResponse> {
+        let handle = &local.handle;
+        match handle.call(handle.id(), CLIENT_ACTOR, payload, self.timeout).await {
+            Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| ClientError::Protocol(e.to_string())),
+            Err(e @ ClusterError::CallTimeout { .. }) => Err(ClientError::Cluster(ClusterError::NoAnswer {
+                addr: local.addr,
+                reason: e.to_string(),
+            })),
+            Err(e) => Err(ClientError::Protocol(e.to_string())),
         }
     }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
-use runnel_actors::client::Client;
+use runnel_actors::client::{Client, LocalNode};
 use runnel_actors::supervisor::RestartPolicy;
 use runnel_actors::tasks::{DataflowShape, TaskAssignment, TaskHost, TaskStatus};
 
@@ -58,6 +58,8 @@ type StatusBoard = Arc<Mutex<BTreeMap<TaskKey, Arc<Mutex<TaskStatus>>>>>;
 pub struct ClientSettings {
     pub seeds: Vec<SocketAddr>,
     pub certs: PathBuf,
+    /// The node the tasks run in: their requests to it skip the network.
+    pub local: Option<LocalNode>,
 }
 
 /// The controller's handle on a node's dataflow runtime.
@@ -294,7 +296,7 @@ impl SupervisorState {
             return Ok(client.clone());
         }
         let settings = &self.args.settings;
-        let client = Client::connect(settings.seeds.clone(), &settings.certs)
+        let client = Client::connect_from(settings.seeds.clone(), &settings.certs, settings.local.clone())
             .await
             .map_err(|e| format!("dataflow tasks cannot reach the cluster as a client: {e}"))?;
         let client = Arc::new(client);

@@ -338,7 +338,7 @@ pub struct IdleArgs {
 }
 
 /// (CPU seconds used so far, resident bytes) of a process, from /proc.
-fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
+pub fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after_name = stat
         .rsplit_once(')')

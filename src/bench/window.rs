@@ -34,6 +34,9 @@ pub struct Args {
     /// Skip the end-to-end runs.
     #[arg(long)]
     operator_only: bool,
+    /// Which end-to-end clusters to run: 1 (one node, RF=1) and/or 3 (three nodes, RF=3).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 3])]
+    nodes: Vec<u32>,
 }
 
 /// Event times 30 ms apart: 10 M events span about 3.5 days of 5-minute windows.
@@ -87,19 +90,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.operator_only {
         let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
         for (label, nodes) in [("(b) 1 node, RF=1", 1u32), ("(c) 3 nodes, RF=3", 3u32)] {
-            let (elapsed, results) = runtime.block_on(end_to_end(&args, nodes))?;
+            if !args.nodes.contains(&nodes) {
+                continue;
+            }
+            let (elapsed, results, cores_busy) = runtime.block_on(end_to_end(&args, nodes))?;
             let rate = args.cluster_events as f64 / elapsed.as_secs_f64();
             println!(
                 "{}",
                 serde_json::json!({"bench": "window", "case": "end_to_end", "nodes": nodes, "replication": nodes,
                     "partitions": args.partitions, "events": args.cluster_events,
-                    "seconds": elapsed.as_secs_f64(), "events_per_s": rate.round(), "fraud_windows": results})
+                    "seconds": elapsed.as_secs_f64(), "events_per_s": rate.round(), "fraud_windows": results,
+                    "cores_busy": (cores_busy * 100.0).round() / 100.0})
             );
             summary.push(format!(
-                "{label}: {} events topic to topic in {:.1} s = {:.0} events/s{}",
+                "{label}: {} events topic to topic in {:.1} s = {:.0} events/s, {:.2} cores busy{}",
                 args.cluster_events,
                 elapsed.as_secs_f64(),
                 rate,
+                cores_busy,
                 if nodes == 1 { " (target >= 2,000,000)" } else { "" }
             ));
         }
@@ -187,7 +195,7 @@ fn plain_pass(events: &[(String, i64)]) -> (Duration, usize) {
 
 /// Loads the source topic, starts the dataflow and times it until every
 /// task has read all of its input and the sink holds the reference's count.
-async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize)> {
+async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize, f64)> {
     let scratch = tempfile::Builder::new().prefix("runnel-bench-window-").tempdir()?;
     let dir = scratch.path().join("cluster");
     let (members, addrs) = crate::demo::start_cluster(&dir, nodes).await?;
@@ -203,12 +211,20 @@ async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize)
     let mut generator = Generator::new(11, args.cards, START_MS, STEP_MS);
     let mut attempts: Vec<Attempt> = generator.by_ref().take(args.cluster_events).collect();
     let closing = generator.closing_attempt();
+    let loading = Instant::now();
     fraud::produce(&client, attempts.iter().cloned(), Some(&closing)).await?;
+    println!(
+        "{}",
+        serde_json::json!({"bench": "window", "case": "load_source", "nodes": nodes, "events": args.cluster_events,
+            "seconds": loading.elapsed().as_secs_f64(),
+            "events_per_s": (args.cluster_events as f64 / loading.elapsed().as_secs_f64()).round()})
+    );
     attempts.push(closing);
     let expected = fraud::reference(&attempts).len();
     drop(attempts);
     let inputs = args.cluster_events as u64 + u64::from(args.partitions);
     let started = Instant::now();
+    let cpu_before = super::cluster::process_usage(std::process::id())?.0;
     client.start_dataflow(fraud::NAME).await?;
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
@@ -232,8 +248,9 @@ async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize)
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
+    let cores_busy = (super::cluster::process_usage(std::process::id())?.0 - cpu_before) / elapsed.as_secs_f64();
     for member in members.into_values() {
         member.stop().await;
     }
-    Ok((elapsed, expected))
+    Ok((elapsed, expected, cores_busy))
 }
