@@ -436,7 +436,7 @@ fn decode_snapshot_data(data: &[u8]) -> Result<u64> {
 /// The batch that stores a Raft entry.
 fn entry_to_batch(entry: &Entry) -> Result<RecordBatch> {
     let mut batch = if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
-        RecordBatch::from_bytes(entry.data.to_vec())
+        RecordBatch::from_bytes(entry.data.clone())
             .map_err(|e| ActorError::InvalidState(format!("entry {} does not hold a valid batch: {e}", entry.index)))?
     } else {
         let control = ControlEntry {
@@ -487,7 +487,7 @@ fn batch_to_entry(index: u64, batch: RecordBatch) -> Result<Entry> {
         entry.context = control.context.into();
     } else {
         entry.set_entry_type(EntryType::EntryNormal);
-        entry.data = batch.into_bytes().into();
+        entry.data = batch.into_shared();
     }
     Ok(entry)
 }

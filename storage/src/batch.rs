@@ -235,13 +235,15 @@ pub fn verify_batch(bytes: &[u8]) -> std::result::Result<BatchHeader, String> {
 /// what goes to disk and over the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordBatch {
-    bytes: Vec<u8>,
+    /// Shared: decoded keys and values are slices of it, not copies.
+    bytes: Bytes,
     header: BatchHeader,
 }
 
 impl RecordBatch {
     /// Takes ownership of encoded bytes after checking them completely.
-    pub fn from_bytes(bytes: Vec<u8>) -> Result<RecordBatch> {
+    pub fn from_bytes(bytes: impl Into<Bytes>) -> Result<RecordBatch> {
+        let bytes = bytes.into();
         let header = verify_batch(&bytes).map_err(StorageError::InvalidBatch)?;
         Ok(RecordBatch { bytes, header })
     }
@@ -283,26 +285,44 @@ impl RecordBatch {
         &self.bytes
     }
 
+    /// The encoded batch (without a copy unless records decoded from it
+    /// are still alive).
     pub fn into_bytes(self) -> Vec<u8> {
+        Vec::from(self.bytes)
+    }
+
+    pub fn into_shared(self) -> Bytes {
         self.bytes
     }
 
     /// Rewrites the base offset; the CRC does not cover it.
     pub fn set_base_offset(&mut self, base_offset: u64) {
-        self.bytes[OFFSET_BASE..OFFSET_BASE + 8].copy_from_slice(&base_offset.to_le_bytes());
+        self.overwrite(OFFSET_BASE, base_offset.to_le_bytes());
         self.header.base_offset = base_offset;
     }
 
     /// Rewrites the Raft term; the CRC does not cover it.
     pub fn set_raft_term(&mut self, raft_term: u64) {
-        self.bytes[OFFSET_TERM..OFFSET_TERM + 8].copy_from_slice(&raft_term.to_le_bytes());
+        self.overwrite(OFFSET_TERM, raft_term.to_le_bytes());
         self.header.raft_term = raft_term;
+    }
+
+    /// Overwrites header bytes in place (copying the batch first only if
+    /// it is shared).
+    fn overwrite(&mut self, at: usize, value: [u8; 8]) {
+        if self.bytes[at..at + 8] == value {
+            return;
+        }
+        let mut bytes = bytes::BytesMut::from(std::mem::take(&mut self.bytes));
+        bytes[at..at + 8].copy_from_slice(&value);
+        self.bytes = bytes.freeze();
     }
 
     /// Decodes the records one by one. Errors name what is wrong; decoding stops
     /// at the first error.
     pub fn records(&self) -> RecordIter<'_> {
         RecordIter {
+            source: &self.bytes,
             reader: Reader::new(&self.bytes[BATCH_HEADER_BYTES..]),
             header: self.header,
             index: 0,
@@ -312,6 +332,7 @@ impl RecordBatch {
 
 /// Iterator over the records of a batch.
 pub struct RecordIter<'a> {
+    source: &'a Bytes,
     reader: Reader<'a>,
     header: BatchHeader,
     index: u32,
@@ -349,8 +370,8 @@ impl RecordIter<'_> {
             .first_timestamp_ms
             .checked_add(timestamp_delta)
             .ok_or("timestamp overflows")?;
-        let key = read_nullable(&mut body)?;
-        let value = read_nullable(&mut body)?;
+        let key = read_nullable(&mut body, self.source)?;
+        let value = read_nullable(&mut body, self.source)?;
         let header_count = body.u64()?;
         if header_count > (body_len as u64) / 2 {
             return Err(format!("header count {header_count} does not fit the record"));
@@ -360,7 +381,7 @@ impl RecordIter<'_> {
         for _ in 0..header_count {
             let key_len = usize::try_from(body.u64()?).map_err(|_| "header key length overflows")?;
             let key = std::str::from_utf8(body.take(key_len)?).map_err(|_| "header key is not UTF-8")?;
-            let value = read_nullable(&mut body)?;
+            let value = read_nullable(&mut body, self.source)?;
             headers.push(Header {
                 key: key.to_string(),
                 value,
@@ -381,13 +402,14 @@ impl RecordIter<'_> {
     }
 }
 
-fn read_nullable(reader: &mut Reader<'_>) -> std::result::Result<Option<Bytes>, String> {
+/// A nullable byte string, as a slice of `source` (which `reader` reads).
+fn read_nullable(reader: &mut Reader<'_>, source: &Bytes) -> std::result::Result<Option<Bytes>, String> {
     let tagged = reader.u64()?;
     if tagged == 0 {
         return Ok(None);
     }
     let len = usize::try_from(tagged - 1).map_err(|_| "length overflows")?;
-    Ok(Some(Bytes::copy_from_slice(reader.take(len)?)))
+    Ok(Some(source.slice_ref(reader.take(len)?)))
 }
 
 fn put_nullable(buf: &mut Vec<u8>, bytes: Option<&[u8]>) {
