@@ -86,7 +86,7 @@ impl FetchedRecords {
         batches: &[RecordBatch],
         committed_offset: u64,
     ) -> Result<FetchedRecords, runnel_storage::StorageError> {
-        let mut records = Vec::new();
+        let mut records = Vec::with_capacity(batches.iter().map(|b| b.record_count() as usize).sum());
         let mut next_offset = offset;
         for batch in batches {
             next_offset = next_offset.max(batch.next_offset());

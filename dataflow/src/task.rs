@@ -187,74 +187,141 @@ impl ExactlyOnceSender {
         partition: u32,
         records: &[Record],
     ) -> Result<(), TaskError> {
-        let mut start = 0;
-        while start < records.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < records.len() && end - start < BATCH_RECORDS_MAX && bytes < BATCH_BYTES_MAX {
-                bytes += records[end].value.as_ref().map_or(0, |v| v.len()) + 64;
-                end += 1;
-            }
-            self.send_batch(client, topic, partition, &records[start..end]).await?;
-            start = end;
-        }
+        let key = (topic.to_string(), partition);
+        let first = self.sequences.get(&key).copied().unwrap_or(0);
+        let next = send_partition(client, self.producer_id, topic, partition, first, records).await?;
+        self.sequences.insert(key, next);
         Ok(())
     }
 
-    async fn send_batch<C: TaskIo>(
+    /// Writes each partition's records (in order), the partitions
+    /// concurrently: one step waits for one round of acknowledgements, not
+    /// one per partition. On an error the sequences of the partitions that
+    /// were written still advance.
+    pub async fn send_all<C: TaskIo>(
         &mut self,
         client: &C,
         topic: &str,
-        partition: u32,
-        mut records: &[Record],
+        outputs: &BTreeMap<u32, Vec<Record>>,
     ) -> Result<(), TaskError> {
-        let key = (topic.to_string(), partition);
-        let deadline = client.now() + SEND_RETRY_FOR;
-        let mut backoff = Duration::from_millis(20);
-        while !records.is_empty() {
-            let base_sequence = self.sequences.get(&key).copied().unwrap_or(0);
-            let mut builder = BatchBuilder::new();
-            for record in records {
-                builder.push(record)?;
+        let producer_id = self.producer_id;
+        let sequences = &self.sequences;
+        let sends = outputs.iter().map(|(&partition, records)| {
+            let first = sequences.get(&(topic.to_string(), partition)).copied().unwrap_or(0);
+            async move {
+                let next = send_partition(client, producer_id, topic, partition, first, records).await;
+                (partition, next)
             }
-            builder.set_producer(ProducerInfo {
-                producer_id: self.producer_id,
-                producer_epoch: 0,
-                base_sequence,
-            });
-            let count = records.len();
-            // How many of these records the sink holds already.
-            let written = match client.produce(topic, partition, builder.build()?, Acks::All).await {
-                Ok(_) => count,
-                Err(ClientError::Broker(BrokerError::StaleSequence { last_sequence, .. }))
-                | Err(ClientError::Broker(BrokerError::SequenceMismatch {
-                    stored_last_sequence: last_sequence,
-                    ..
-                })) => {
-                    // An earlier incarnation wrote (and the leader committed)
-                    // up to `last_sequence`: the same records, by determinism.
-                    (i64::from(last_sequence) - i64::from(base_sequence) + 1).clamp(1, count as i64) as usize
+        });
+        let sent = futures_util::future::join_all(sends).await;
+        let mut outcome = Ok(());
+        for (partition, next) in sent {
+            match next {
+                Ok(next) => {
+                    self.sequences.insert((topic.to_string(), partition), next);
                 }
-                Err(ClientError::Broker(e @ BrokerError::OutOfOrderSequence { .. })) => {
-                    return Err(TaskError::OutputLost {
-                        topic: topic.to_string(),
-                        partition,
-                        reason: e.to_string(),
-                    })
+                Err(e) => {
+                    if outcome.is_ok() {
+                        outcome = Err(e);
+                    }
                 }
-                Err(e) if retryable(&e) && client.now() < deadline => {
-                    tracing::debug!(topic, partition, error = %e, "output batch not acknowledged; retrying");
-                    client.sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            self.sequences.insert(key.clone(), base_sequence + written as i32);
-            records = &records[written..];
+            }
         }
-        Ok(())
+        outcome
     }
+}
+
+/// Writes `records` to a partition in batches numbered from `sequence`;
+/// the sequence after them.
+async fn send_partition<C: TaskIo>(
+    client: &C,
+    producer_id: i64,
+    topic: &str,
+    partition: u32,
+    mut sequence: i32,
+    records: &[Record],
+) -> Result<i32, TaskError> {
+    let mut start = 0;
+    while start < records.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < records.len() && end - start < BATCH_RECORDS_MAX && bytes < BATCH_BYTES_MAX {
+            bytes += encoded_size_hint(&records[end]);
+            end += 1;
+        }
+        sequence = send_batch(client, producer_id, topic, partition, sequence, &records[start..end]).await?;
+        start = end;
+    }
+    Ok(sequence)
+}
+
+/// At least the bytes a record takes in a batch, for sizing batches: its
+/// varints at their longest for lengths under the batch limit (32 bytes,
+/// and 10 per header).
+fn encoded_size_hint(record: &Record) -> usize {
+    let headers: usize = record
+        .headers
+        .iter()
+        .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()) + 10)
+        .sum();
+    record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len()) + headers + 32
+}
+
+/// Writes one batch's worth of records numbered from `sequence`, skipping
+/// what the sink already holds; the sequence after them.
+async fn send_batch<C: TaskIo>(
+    client: &C,
+    producer_id: i64,
+    topic: &str,
+    partition: u32,
+    mut sequence: i32,
+    mut records: &[Record],
+) -> Result<i32, TaskError> {
+    let deadline = client.now() + SEND_RETRY_FOR;
+    let mut backoff = Duration::from_millis(20);
+    while !records.is_empty() {
+        let base_sequence = sequence;
+        let mut builder = BatchBuilder::with_capacity(records.iter().map(encoded_size_hint).sum());
+        for record in records {
+            builder.push(record)?;
+        }
+        builder.set_producer(ProducerInfo {
+            producer_id,
+            producer_epoch: 0,
+            base_sequence,
+        });
+        let count = records.len();
+        // How many of these records the sink holds already.
+        let written = match client.produce(topic, partition, builder.build()?, Acks::All).await {
+            Ok(_) => count,
+            Err(ClientError::Broker(BrokerError::StaleSequence { last_sequence, .. }))
+            | Err(ClientError::Broker(BrokerError::SequenceMismatch {
+                stored_last_sequence: last_sequence,
+                ..
+            })) => {
+                // An earlier incarnation wrote (and the leader committed)
+                // up to `last_sequence`: the same records, by determinism.
+                (i64::from(last_sequence) - i64::from(base_sequence) + 1).clamp(1, count as i64) as usize
+            }
+            Err(ClientError::Broker(e @ BrokerError::OutOfOrderSequence { .. })) => {
+                return Err(TaskError::OutputLost {
+                    topic: topic.to_string(),
+                    partition,
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) if retryable(&e) && client.now() < deadline => {
+                tracing::debug!(topic, partition, error = %e, "output batch not acknowledged; retrying");
+                client.sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        sequence = base_sequence + written as i32;
+        records = &records[written..];
+    }
+    Ok(sequence)
 }
 
 /// What a checkpoint holds (postcard; chunked into one batch of records).
@@ -506,17 +573,21 @@ impl<C: TaskIo> TaskRunner<C> {
                 };
                 let sent_max = partition_max.entry(partition).or_insert(i64::MIN);
                 *sent_max = (*sent_max).max(e.timestamp_ms);
-                outputs.entry(partition).or_default().push(Record {
-                    timestamp_ms: e.timestamp_ms,
-                    key: e.key.map(Bytes::from),
-                    value: e.value.map(Bytes::from),
-                    headers,
-                });
+                let per_partition = records.len() / out_partitions as usize + 16;
+                outputs
+                    .entry(partition)
+                    .or_insert_with(|| Vec::with_capacity(per_partition))
+                    .push(Record {
+                        timestamp_ms: e.timestamp_ms,
+                        key: e.key.map(Bytes::from),
+                        value: e.value.map(Bytes::from),
+                        headers,
+                    });
             }
         }
         self.emitted = emitted;
+        self.sender.send_all(&*self.client, &out_topic, &outputs).await?;
         for (partition, records) in &outputs {
-            self.sender.send(&*self.client, &out_topic, *partition, records).await?;
             self.counters.records_out += records.len() as u64;
             if let Some(marker) = self.markers.get_mut(*partition as usize) {
                 // Data carries the upstream id: it is a marker too.
@@ -628,10 +699,8 @@ impl<C: TaskIo> TaskRunner<C> {
         }
         self.emitted = emitted;
         let sink = self.def.sink.clone();
-        for (q, records) in &outputs {
-            self.sender.send(&*self.client, &sink, *q, records).await?;
-            self.counters.records_out += records.len() as u64;
-        }
+        self.sender.send_all(&*self.client, &sink, &outputs).await?;
+        self.counters.records_out += outputs.values().map(|r| r.len() as u64).sum::<u64>();
         Ok(())
     }
 
