@@ -21,7 +21,7 @@ use runnel_cluster::protocol::{ClientRequest as WireRequest, ClientResponse as W
 use runnel_cluster::quic::ClusterClient;
 use runnel_cluster::tls::CertDir;
 use runnel_cluster::{ClusterError, NodeHandle};
-use runnel_storage::{BatchBuilder, ProducerInfo, Record, RecordBatch, StoredRecord};
+use runnel_storage::{BatchBuilder, ProducerInfo, Record, RecordBatch, RecordView, StoredRecord};
 
 use crate::metadata::{MetadataError, TopicConfig};
 use crate::protocol::{Acks, BrokerError, ClientRequest, ClientResponse, TopicInfo, CLIENT_ACTOR};
@@ -105,6 +105,56 @@ impl FetchedRecords {
             next_offset,
             committed_offset,
         })
+    }
+}
+
+/// Committed batches of one partition read by [`Client::fetch_batches`],
+/// decoded only as they are read.
+#[derive(Debug)]
+pub struct FetchedBatches {
+    /// The offset asked for: earlier records of the first batch are not
+    /// part of the answer.
+    pub offset: u64,
+    pub batches: Vec<RecordBatch>,
+    /// Where the next fetch should start.
+    pub next_offset: u64,
+    pub committed_offset: u64,
+}
+
+impl FetchedBatches {
+    pub fn new(offset: u64, batches: Vec<RecordBatch>, committed_offset: u64) -> FetchedBatches {
+        let next_offset = batches.iter().map(RecordBatch::next_offset).fold(offset, u64::max);
+        FetchedBatches {
+            offset,
+            batches,
+            next_offset,
+            committed_offset,
+        }
+    }
+
+    /// The batches holding user records at or after `offset`.
+    fn user_batches(&self) -> impl Iterator<Item = &RecordBatch> {
+        self.batches
+            .iter()
+            .filter(|b| !b.is_control() && b.record_count() > 0 && b.next_offset() > self.offset)
+    }
+
+    /// Whether there is any user record at or after `offset`.
+    pub fn has_records(&self) -> bool {
+        self.user_batches().next().is_some()
+    }
+
+    /// The user records at or after `offset`, in order, borrowing the
+    /// batches (nothing is allocated per record).
+    pub fn views(&self) -> impl Iterator<Item = Result<RecordView<'_>, runnel_storage::StorageError>> {
+        let offset = self.offset;
+        self.user_batches()
+            .flat_map(RecordBatch::views)
+            .filter(move |view| view.as_ref().map_or(true, |v| v.offset >= offset))
+    }
+
+    pub fn into_records(self) -> Result<FetchedRecords, runnel_storage::StorageError> {
+        FetchedRecords::from_batches(self.offset, &self.batches, self.committed_offset)
     }
 }
 
@@ -486,7 +536,29 @@ impl Client {
         offset: u64,
         max_bytes: u32,
     ) -> ClientResult<FetchedRecords> {
-        self.fetch_from(topic, partition, offset, max_bytes, false).await
+        Ok(self
+            .fetch_batches(topic, partition, offset, max_bytes)
+            .await?
+            .into_records()?)
+    }
+
+    /// As [`Client::fetch`], leaving the records in their batches.
+    pub async fn fetch_batches(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> ClientResult<FetchedBatches> {
+        let request = ClientRequest::Fetch {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            max_bytes,
+            any_replica: false,
+        };
+        let response = self.route(topic, partition, &request).await?;
+        decode_fetched(offset, response, topic, partition)
     }
 
     /// As [`Client::fetch`], from a given replica's node (to compare replicas).
@@ -508,26 +580,7 @@ impl Client {
             max_bytes,
             any_replica: true,
         };
-        decode_fetched(offset, self.call(Some(addr), &request).await?, topic, partition)
-    }
-
-    async fn fetch_from(
-        &self,
-        topic: &str,
-        partition: u32,
-        offset: u64,
-        max_bytes: u32,
-        any_replica: bool,
-    ) -> ClientResult<FetchedRecords> {
-        let request = ClientRequest::Fetch {
-            topic: topic.to_string(),
-            partition,
-            offset,
-            max_bytes,
-            any_replica,
-        };
-        let response = self.route(topic, partition, &request).await?;
-        decode_fetched(offset, response, topic, partition)
+        Ok(decode_fetched(offset, self.call(Some(addr), &request).await?, topic, partition)?.into_records()?)
     }
 
     /// Finds the node that serves the partition, following hints, retrying
@@ -667,7 +720,7 @@ impl Client {
     }
 }
 
-fn decode_fetched(offset: u64, response: ClientResponse, topic: &str, partition: u32) -> ClientResult<FetchedRecords> {
+fn decode_fetched(offset: u64, response: ClientResponse, topic: &str, partition: u32) -> ClientResult<FetchedBatches> {
     let ClientResponse::Fetched {
         batches,
         committed_offset,
@@ -689,7 +742,7 @@ fn decode_fetched(offset: u64, response: ClientResponse, topic: &str, partition:
         .into_iter()
         .map(|bytes| RecordBatch::from_bytes(bytes.into_vec()))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(FetchedRecords::from_batches(offset, &batches, committed_offset)?)
+    Ok(FetchedBatches::new(offset, batches, committed_offset))
 }
 
 /// A stable hash of a key (FNV-1a), so a key always maps to one partition.

@@ -28,10 +28,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use runnel_actors::client::{partition_for_key, Client, ClientError, ClientResult, FetchedRecords};
+use runnel_actors::client::{partition_for_key, Client, ClientError, ClientResult, FetchedBatches};
 use runnel_actors::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskStatus};
 use runnel_actors::{Acks, BrokerError};
-use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, StoredRecord};
+use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, RecordView};
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{DataflowDef, Emitted, WindowStage};
@@ -75,7 +75,7 @@ pub trait TaskIo: Send + Sync + 'static {
         partition: u32,
         offset: u64,
         max_bytes: u32,
-    ) -> impl Future<Output = ClientResult<FetchedRecords>> + Send;
+    ) -> impl Future<Output = ClientResult<FetchedBatches>> + Send;
     /// Appends a batch; the base offset it was written at.
     fn produce(
         &self,
@@ -90,8 +90,8 @@ pub trait TaskIo: Send + Sync + 'static {
 }
 
 impl TaskIo for Client {
-    async fn fetch(&self, topic: &str, partition: u32, offset: u64, max_bytes: u32) -> ClientResult<FetchedRecords> {
-        Client::fetch(self, topic, partition, offset, max_bytes).await
+    async fn fetch(&self, topic: &str, partition: u32, offset: u64, max_bytes: u32) -> ClientResult<FetchedBatches> {
+        Client::fetch_batches(self, topic, partition, offset, max_bytes).await
     }
 
     async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, acks: Acks) -> ClientResult<u64> {
@@ -500,12 +500,12 @@ impl<C: TaskIo> TaskRunner<C> {
         };
         let Some(fetched) = fetched else { return Ok(false) };
         let caught_up = fetched.next_offset >= fetched.committed_offset;
-        let progressed = !fetched.records.is_empty();
+        let progressed = fetched.has_records();
         if progressed {
             if self.assignment.stage() == 0 {
-                self.run_source(&fetched.records).await?;
+                self.run_source(&fetched).await?;
             } else {
-                self.run_window(&fetched.records).await?;
+                self.run_window(&fetched).await?;
             }
             self.dirty = true;
         }
@@ -531,7 +531,7 @@ impl<C: TaskIo> TaskRunner<C> {
         Ok(progressed)
     }
 
-    async fn run_source(&mut self, records: &[StoredRecord]) -> Result<(), TaskError> {
+    async fn run_source(&mut self, input: &FetchedBatches) -> Result<(), TaskError> {
         let keyed = self.def.window_stage.is_some();
         let (out_topic, out_partitions) = if keyed {
             (repartition_topic(&self.def.name), self.assignment.partitions)
@@ -545,16 +545,14 @@ impl<C: TaskIo> TaskRunner<C> {
         let mut partition_max: BTreeMap<u32, i64> = BTreeMap::new();
         let mut dead_letters = Vec::new();
         let mut emitted = std::mem::take(&mut self.emitted);
-        for stored in records {
+        let records_in: usize = input.batches.iter().map(|b| b.record_count() as usize).sum();
+        for view in input.views() {
+            let view = view?;
             self.counters.records_in += 1;
-            let value = stored.record.value.as_deref().unwrap_or_default();
+            let value = view.value.unwrap_or_default();
             emitted.clear();
-            if let Err(reason) = self
-                .def
-                .source_stage
-                .process(value, stored.record.timestamp_ms, &mut emitted)
-            {
-                dead_letters.push(self.dead_letter(stored, &reason));
+            if let Err(reason) = self.def.source_stage.process(value, view.timestamp_ms, &mut emitted) {
+                dead_letters.push(self.dead_letter(&view, &reason));
                 continue;
             }
             for e in emitted.drain(..) {
@@ -573,7 +571,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 };
                 let sent_max = partition_max.entry(partition).or_insert(i64::MIN);
                 *sent_max = (*sent_max).max(e.timestamp_ms);
-                let per_partition = records.len() / out_partitions as usize + 16;
+                let per_partition = records_in / out_partitions as usize + 16;
                 outputs
                     .entry(partition)
                     .or_insert_with(|| Vec::with_capacity(per_partition))
@@ -607,12 +605,12 @@ impl<C: TaskIo> TaskRunner<C> {
         Ok(())
     }
 
-    fn dead_letter(&self, stored: &StoredRecord, reason: &str) -> Record {
-        let origin = format!("{}/{}@{}", self.input_topic, self.assignment.partition(), stored.offset);
+    fn dead_letter(&self, view: &RecordView<'_>, reason: &str) -> Record {
+        let origin = format!("{}/{}@{}", self.input_topic, self.assignment.partition(), view.offset);
         Record {
-            timestamp_ms: stored.record.timestamp_ms,
+            timestamp_ms: view.timestamp_ms,
             key: Some(Bytes::from(origin)),
-            value: stored.record.value.clone(),
+            value: view.value.map(Bytes::copy_from_slice),
             headers: vec![Header {
                 key: HEADER_ERROR.to_string(),
                 value: Some(Bytes::from(reason.to_string())),
@@ -674,13 +672,13 @@ impl<C: TaskIo> TaskRunner<C> {
         Ok(())
     }
 
-    async fn run_window(&mut self, records: &[StoredRecord]) -> Result<(), TaskError> {
+    async fn run_window(&mut self, input: &FetchedBatches) -> Result<(), TaskError> {
         let Some(mut window) = self.window.take() else {
             return Err(TaskError::Unregistered(self.def.name.clone()));
         };
         let mut emitted = std::mem::take(&mut self.emitted);
         emitted.clear();
-        let outcome = self.fold_window(&mut *window, records, &mut emitted);
+        let outcome = self.fold_window(&mut *window, input, &mut emitted);
         self.window = Some(window);
         outcome?;
         let sink_partitions = self.assignment.partitions;
@@ -709,27 +707,21 @@ impl<C: TaskIo> TaskRunner<C> {
     fn fold_window(
         &mut self,
         window: &mut dyn WindowStage,
-        records: &[StoredRecord],
+        input: &FetchedBatches,
         out: &mut Vec<Emitted>,
     ) -> Result<(), TaskError> {
         let upstream_count = self.assignment.partitions;
-        for stored in records {
+        for view in input.views() {
+            let view = view?;
             let bad = |reason: &str| TaskError::BadInput {
                 topic: self.input_topic.clone(),
                 partition: self.assignment.partition(),
-                offset: stored.offset,
+                offset: view.offset,
                 reason: reason.to_string(),
             };
-            let header = |name: &str| {
-                stored
-                    .record
-                    .headers
-                    .iter()
-                    .find(|h| h.key == name)
-                    .and_then(|h| h.value.clone())
-            };
+            let header = |name: &str| view.header(name).flatten();
             let upstream = header(HEADER_UPSTREAM)
-                .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+                .and_then(|v| <[u8; 4]>::try_from(v).ok())
                 .map(u32::from_le_bytes)
                 .ok_or_else(|| bad("no upstream header"))?;
             let entry = self.upstreams.entry(upstream).or_insert(Upstream {
@@ -737,18 +729,18 @@ impl<C: TaskIo> TaskRunner<C> {
                 idle: false,
             });
             if let Some(wm) = header(HEADER_WATERMARK) {
-                let wm = <[u8; 8]>::try_from(wm.as_ref())
+                let wm = <[u8; 8]>::try_from(wm)
                     .map(i64::from_le_bytes)
                     .map_err(|_| bad("watermark header is not 8 bytes"))?;
                 entry.max_event_ms = entry.max_event_ms.max(wm);
-                entry.idle = header(HEADER_IDLE).is_some_and(|v| v.as_ref() == [1]);
+                entry.idle = header(HEADER_IDLE).is_some_and(|v| v == [1]);
             } else {
                 self.counters.records_in += 1;
-                entry.max_event_ms = entry.max_event_ms.max(stored.record.timestamp_ms);
+                entry.max_event_ms = entry.max_event_ms.max(view.timestamp_ms);
                 entry.idle = false;
-                let key = stored.record.key.as_deref().unwrap_or_default();
-                let value = stored.record.value.as_deref().unwrap_or_default();
-                window.add(key, value, stored.record.timestamp_ms, out)?;
+                let key = view.key.unwrap_or_default();
+                let value = view.value.unwrap_or_default();
+                window.add(key, value, view.timestamp_ms, out)?;
             }
             if let Some(wm) = watermark(&self.upstreams, upstream_count) {
                 window.advance(wm, out)?;
@@ -836,7 +828,7 @@ impl<C: TaskIo> TaskRunner<C> {
         let mut probe = end;
         while last.is_none() && probe > 0 {
             probe -= 1;
-            let fetched = self.client.fetch(&topic, task, probe, 1).await?;
+            let fetched = self.client.fetch(&topic, task, probe, 1).await?.into_records()?;
             last = fetched.records.into_iter().rfind(|r| r.offset < end);
         }
         let Some(last) = last else { return Ok(None) };
@@ -855,7 +847,7 @@ impl<C: TaskIo> TaskRunner<C> {
         let mut offset = end - count;
         let mut expected = 0;
         while offset < end {
-            let fetched = self.client.fetch(&topic, task, offset, 8 << 20).await?;
+            let fetched = self.client.fetch(&topic, task, offset, 8 << 20).await?.into_records()?;
             if fetched.records.is_empty() {
                 return Err(corrupt(format!("nothing read at offset {offset}")));
             }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use runnel_actors::client::{ClientError, ClientResult, FetchedRecords};
+use runnel_actors::client::{ClientError, ClientResult, FetchedBatches};
 use runnel_actors::metadata::{
     place, place_tasks, AppliedMetadata, DataflowMeta, MetadataCommand, TopicConfig, TopicMeta,
 };
@@ -160,7 +160,7 @@ pub enum Call {
 }
 
 pub enum Answer {
-    Fetched(ClientResult<FetchedRecords>),
+    Fetched(ClientResult<FetchedBatches>),
     Produced(ClientResult<u64>),
 }
 
@@ -210,7 +210,7 @@ impl SimIo {
 }
 
 impl TaskIo for SimIo {
-    async fn fetch(&self, topic: &str, partition: u32, offset: u64, max_bytes: u32) -> ClientResult<FetchedRecords> {
+    async fn fetch(&self, topic: &str, partition: u32, offset: u64, max_bytes: u32) -> ClientResult<FetchedBatches> {
         let call = Call::Fetch {
             topic: topic.to_string(),
             partition,
@@ -638,7 +638,7 @@ impl World {
                     Call::Fetch { offset, .. } => *offset,
                     Call::Produce { .. } => 0,
                 };
-                let fetched = FetchedRecords::from_batches(offset, &batches, committed).map_err(ClientError::from);
+                let fetched = Ok(FetchedBatches::new(offset, batches, committed));
                 return self.answer_task(&pending, Ok(Answer::Fetched(fetched)));
             }
             Err(error) => error,

@@ -323,6 +323,14 @@ impl RecordBatch {
     pub fn records(&self) -> RecordIter<'_> {
         RecordIter {
             source: &self.bytes,
+            views: self.views(),
+        }
+    }
+
+    /// As [`RecordBatch::records`], borrowing keys, values and headers from
+    /// the batch: nothing is allocated per record.
+    pub fn views(&self) -> RecordViews<'_> {
+        RecordViews {
             reader: Reader::new(&self.bytes[BATCH_HEADER_BYTES..]),
             header: self.header,
             index: 0,
@@ -330,32 +338,58 @@ impl RecordBatch {
     }
 }
 
-/// Iterator over the records of a batch.
-pub struct RecordIter<'a> {
-    source: &'a Bytes,
+/// A record decoded in place: its fields borrow the batch.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordView<'a> {
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    /// The encoded headers (already checked), `header_count` of them.
+    headers: &'a [u8],
+    header_count: u64,
+}
+
+impl<'a> RecordView<'a> {
+    /// The headers as (name, value) pairs, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, Option<&'a [u8]>)> {
+        let mut reader = Reader::new(self.headers);
+        (0..self.header_count).map_while(move |_| read_header(&mut reader).ok())
+    }
+
+    /// The value of the first header named `name`: `None` if there is no
+    /// such header, `Some(None)` if it has no value.
+    pub fn header(&self, name: &str) -> Option<Option<&'a [u8]>> {
+        self.headers().find(|(key, _)| *key == name).map(|(_, value)| value)
+    }
+}
+
+/// Iterator over the records of a batch, borrowing it.
+pub struct RecordViews<'a> {
     reader: Reader<'a>,
     header: BatchHeader,
     index: u32,
 }
 
-impl Iterator for RecordIter<'_> {
-    type Item = Result<StoredRecord>;
+impl<'a> Iterator for RecordViews<'a> {
+    type Item = Result<RecordView<'a>>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.index >= self.header.record_count {
             return None;
         }
+        let index = self.index;
         let result = self.decode_one();
         self.index = match result {
-            Ok(_) => self.index + 1,
+            Ok(_) => index + 1,
             Err(_) => self.header.record_count,
         };
-        Some(result.map_err(|reason| StorageError::InvalidBatch(format!("record {}: {reason}", self.index))))
+        Some(result.map_err(|reason| StorageError::InvalidBatch(format!("record {index}: {reason}"))))
     }
 }
 
-impl RecordIter<'_> {
-    fn decode_one(&mut self) -> std::result::Result<StoredRecord, String> {
+impl<'a> RecordViews<'a> {
+    fn decode_one(&mut self) -> std::result::Result<RecordView<'a>, String> {
         let body_len = usize::try_from(self.reader.u64()?).map_err(|_| "record length overflows")?;
         let body = self.reader.take(body_len)?;
         let mut body = Reader::new(body);
@@ -370,46 +404,79 @@ impl RecordIter<'_> {
             .first_timestamp_ms
             .checked_add(timestamp_delta)
             .ok_or("timestamp overflows")?;
-        let key = read_nullable(&mut body, self.source)?;
-        let value = read_nullable(&mut body, self.source)?;
+        let key = read_nullable(&mut body)?;
+        let value = read_nullable(&mut body)?;
         let header_count = body.u64()?;
         if header_count > (body_len as u64) / 2 {
             return Err(format!("header count {header_count} does not fit the record"));
         }
-        // Grow as headers decode: the count is not trusted for allocation.
-        let mut headers = Vec::with_capacity((header_count as usize).min(16));
+        let headers_start = body.position();
         for _ in 0..header_count {
-            let key_len = usize::try_from(body.u64()?).map_err(|_| "header key length overflows")?;
-            let key = std::str::from_utf8(body.take(key_len)?).map_err(|_| "header key is not UTF-8")?;
-            let value = read_nullable(&mut body, self.source)?;
-            headers.push(Header {
-                key: key.to_string(),
-                value,
-            });
+            read_header(&mut body)?;
         }
+        let headers = body.consumed_since(headers_start);
         if !body.is_empty() {
             return Err(format!("{} unread bytes after the record", body_len - body.position()));
         }
-        Ok(StoredRecord {
+        Ok(RecordView {
             offset: self.header.base_offset + u64::from(self.index),
-            record: Record {
-                timestamp_ms,
-                key,
-                value,
-                headers,
-            },
+            timestamp_ms,
+            key,
+            value,
+            headers,
+            header_count,
         })
     }
 }
 
-/// A nullable byte string, as a slice of `source` (which `reader` reads).
-fn read_nullable(reader: &mut Reader<'_>, source: &Bytes) -> std::result::Result<Option<Bytes>, String> {
+/// Iterator over the records of a batch, as owned records whose keys and
+/// values share the batch's bytes.
+pub struct RecordIter<'a> {
+    source: &'a Bytes,
+    views: RecordViews<'a>,
+}
+
+impl Iterator for RecordIter<'_> {
+    type Item = Result<StoredRecord>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let view = match self.views.next()? {
+            Ok(view) => view,
+            Err(e) => return Some(Err(e)),
+        };
+        let share = |bytes: Option<&[u8]>| bytes.map(|b| self.source.slice_ref(b));
+        Some(Ok(StoredRecord {
+            offset: view.offset,
+            record: Record {
+                timestamp_ms: view.timestamp_ms,
+                key: share(view.key),
+                value: share(view.value),
+                headers: view
+                    .headers()
+                    .map(|(key, value)| Header {
+                        key: key.to_string(),
+                        value: share(value),
+                    })
+                    .collect(),
+            },
+        }))
+    }
+}
+
+fn read_header<'a>(reader: &mut Reader<'a>) -> std::result::Result<(&'a str, Option<&'a [u8]>), String> {
+    let key_len = usize::try_from(reader.u64()?).map_err(|_| "header key length overflows")?;
+    let key = std::str::from_utf8(reader.take(key_len)?).map_err(|_| "header key is not UTF-8")?;
+    let value = read_nullable(reader)?;
+    Ok((key, value))
+}
+
+fn read_nullable<'a>(reader: &mut Reader<'a>) -> std::result::Result<Option<&'a [u8]>, String> {
     let tagged = reader.u64()?;
     if tagged == 0 {
         return Ok(None);
     }
     let len = usize::try_from(tagged - 1).map_err(|_| "length overflows")?;
-    Ok(Some(source.slice_ref(reader.take(len)?)))
+    Ok(Some(reader.take(len)?))
 }
 
 fn put_nullable(buf: &mut Vec<u8>, bytes: Option<&[u8]>) {
@@ -644,6 +711,21 @@ mod tests {
                 prop_assert_eq!(stored.offset, base_offset + index as u64);
                 prop_assert_eq!(&stored.record, original);
             }
+            let views: Vec<RecordView<'_>> = decoded.views().collect::<Result<_>>().expect("views");
+            for (view, stored) in views.iter().zip(&back) {
+                prop_assert_eq!(view.offset, stored.offset);
+                prop_assert_eq!(view.timestamp_ms, stored.record.timestamp_ms);
+                prop_assert_eq!(view.key, stored.record.key.as_deref());
+                prop_assert_eq!(view.value, stored.record.value.as_deref());
+                let headers: Vec<(&str, Option<&[u8]>)> = view.headers().collect();
+                let expected: Vec<(&str, Option<&[u8]>)> =
+                    stored.record.headers.iter().map(|h| (h.key.as_str(), h.value.as_deref())).collect();
+                prop_assert_eq!(headers, expected);
+                for h in &stored.record.headers {
+                    let first = stored.record.headers.iter().find(|o| o.key == h.key).map(|o| o.value.as_deref());
+                    prop_assert_eq!(view.header(&h.key), first);
+                }
+            }
             let max = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
             prop_assert_eq!(decoded.max_timestamp_ms(), max);
         }
@@ -651,6 +733,9 @@ mod tests {
         #[test]
         fn decoder_never_panics_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             if let Ok(batch) = RecordBatch::from_bytes(bytes) {
+                for view in batch.views().flatten() {
+                    let _ = view.headers().count();
+                }
                 for record in batch.records() {
                     let _ = record;
                 }

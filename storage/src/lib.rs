@@ -19,7 +19,7 @@ mod log;
 mod segment;
 mod varint;
 
-pub use batch::{BatchBuilder, BatchHeader, Header, ProducerInfo, Record, RecordBatch, StoredRecord};
+pub use batch::{BatchBuilder, BatchHeader, Header, ProducerInfo, Record, RecordBatch, RecordView, StoredRecord};
 pub use error::{Result, StorageError};
 pub use kv::DurableKv;
 pub use log::{FsyncPolicy, Log, LogConfig, RetentionOutcome};

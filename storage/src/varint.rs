@@ -84,6 +84,11 @@ impl<'a> Reader<'a> {
         Ok(byte)
     }
 
+    /// The bytes read since `start` (an earlier position).
+    pub(crate) fn consumed_since(&self, start: usize) -> &'a [u8] {
+        self.bytes.get(start..self.position).unwrap_or_default()
+    }
+
     pub(crate) fn take(&mut self, len: usize) -> Result<&'a [u8], &'static str> {
         let end = self.position.checked_add(len).ok_or("length overflows")?;
         let slice = self.bytes.get(self.position..end).ok_or("field runs past the end")?;
