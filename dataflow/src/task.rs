@@ -187,9 +187,13 @@ impl ExactlyOnceSender {
         partition: u32,
         records: &[Record],
     ) -> Result<(), TaskError> {
+        let mut output = PartitionOutput::new(0);
+        for record in records {
+            output.push_record(record)?;
+        }
         let key = (topic.to_string(), partition);
         let first = self.sequences.get(&key).copied().unwrap_or(0);
-        let next = send_partition(client, self.producer_id, topic, partition, first, records).await?;
+        let next = send_partition(client, self.producer_id, topic, partition, first, output).await?;
         self.sequences.insert(key, next);
         Ok(())
     }
@@ -202,14 +206,14 @@ impl ExactlyOnceSender {
         &mut self,
         client: &C,
         topic: &str,
-        outputs: &BTreeMap<u32, Vec<Record>>,
+        outputs: BTreeMap<u32, PartitionOutput>,
     ) -> Result<(), TaskError> {
         let producer_id = self.producer_id;
         let sequences = &self.sequences;
-        let sends = outputs.iter().map(|(&partition, records)| {
+        let sends = outputs.into_iter().map(|(partition, output)| {
             let first = sequences.get(&(topic.to_string(), partition)).copied().unwrap_or(0);
             async move {
-                let next = send_partition(client, producer_id, topic, partition, first, records).await;
+                let next = send_partition(client, producer_id, topic, partition, first, output).await;
                 (partition, next)
             }
         });
@@ -231,68 +235,124 @@ impl ExactlyOnceSender {
     }
 }
 
-/// Writes `records` to a partition in batches numbered from `sequence`;
-/// the sequence after them.
+/// A step's output to one partition, encoded as it is produced (no
+/// [`Record`] per output record): batches of at most `BATCH_RECORDS_MAX`
+/// records and about `BATCH_BYTES_MAX` bytes, stamped with the task's
+/// producer id and sequence only when sent.
+pub struct PartitionOutput {
+    batches: Vec<BatchBuilder>,
+    records: usize,
+    /// Initial capacity of a new batch.
+    capacity: usize,
+}
+
+impl PartitionOutput {
+    /// An empty output whose batches start with room for `bytes_hint`.
+    pub fn new(bytes_hint: usize) -> PartitionOutput {
+        PartitionOutput {
+            batches: Vec::new(),
+            records: 0,
+            capacity: bytes_hint.clamp(4096, BATCH_BYTES_MAX + (64 << 10)),
+        }
+    }
+
+    /// Records pushed so far.
+    pub fn len(&self) -> usize {
+        self.records
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records == 0
+    }
+
+    /// The batch to push the next record to.
+    fn open_batch(&mut self) -> &mut BatchBuilder {
+        let full = self.batches.last().is_none_or(|b| {
+            b.record_count() as usize >= BATCH_RECORDS_MAX || b.size_bytes() >= BATCH_BYTES_MAX
+        });
+        if full {
+            self.batches.push(BatchBuilder::with_capacity(self.capacity));
+        }
+        let last = self.batches.len() - 1;
+        &mut self.batches[last]
+    }
+
+    pub fn push(
+        &mut self,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+    ) -> Result<(), TaskError> {
+        self.open_batch().push_parts(timestamp_ms, key, value, headers)?;
+        self.records += 1;
+        Ok(())
+    }
+
+    pub fn push_record(&mut self, record: &Record) -> Result<(), TaskError> {
+        self.open_batch().push(record)?;
+        self.records += 1;
+        Ok(())
+    }
+}
+
+/// Writes `output` to a partition numbered from `sequence`; the sequence
+/// after it.
 async fn send_partition<C: TaskIo>(
     client: &C,
     producer_id: i64,
     topic: &str,
     partition: u32,
     mut sequence: i32,
-    records: &[Record],
+    output: PartitionOutput,
 ) -> Result<i32, TaskError> {
-    let mut start = 0;
-    while start < records.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < records.len() && end - start < BATCH_RECORDS_MAX && bytes < BATCH_BYTES_MAX {
-            bytes += encoded_size_hint(&records[end]);
-            end += 1;
-        }
-        sequence = send_batch(client, producer_id, topic, partition, sequence, &records[start..end]).await?;
-        start = end;
+    for builder in output.batches {
+        sequence = send_batch(client, producer_id, topic, partition, sequence, builder).await?;
     }
     Ok(sequence)
 }
 
-/// At least the bytes a record takes in a batch, for sizing batches: its
-/// varints at their longest for lengths under the batch limit (32 bytes,
-/// and 10 per header).
-fn encoded_size_hint(record: &Record) -> usize {
-    let headers: usize = record
-        .headers
-        .iter()
-        .map(|h| h.key.len() + h.value.as_ref().map_or(0, |v| v.len()) + 10)
-        .sum();
-    record.key.as_ref().map_or(0, |k| k.len()) + record.value.as_ref().map_or(0, |v| v.len()) + headers + 32
+/// Stamps a batch with the task's producer id and its first sequence.
+fn stamp(mut builder: BatchBuilder, producer_id: i64, base_sequence: i32) -> Result<RecordBatch, TaskError> {
+    builder.set_producer(ProducerInfo {
+        producer_id,
+        producer_epoch: 0,
+        base_sequence,
+    });
+    Ok(builder.build()?)
 }
 
-/// Writes one batch's worth of records numbered from `sequence`, skipping
-/// what the sink already holds; the sequence after them.
+/// The records of `batch` after its first `skip`, as a new unstamped batch.
+fn records_after(batch: &RecordBatch, skip: usize) -> Result<BatchBuilder, TaskError> {
+    let mut builder = BatchBuilder::with_capacity(batch.size_bytes());
+    for view in batch.views().skip(skip) {
+        let view = view?;
+        let headers: Vec<(&str, Option<&[u8]>)> = view.headers().collect();
+        builder.push_parts(view.timestamp_ms, view.key, view.value, &headers)?;
+    }
+    Ok(builder)
+}
+
+/// Writes one batch numbered from `sequence`, skipping what the sink
+/// already holds; the sequence after it.
 async fn send_batch<C: TaskIo>(
     client: &C,
     producer_id: i64,
     topic: &str,
     partition: u32,
     mut sequence: i32,
-    mut records: &[Record],
+    builder: BatchBuilder,
 ) -> Result<i32, TaskError> {
+    if builder.is_empty() {
+        return Ok(sequence);
+    }
     let deadline = client.now() + SEND_RETRY_FOR;
     let mut backoff = Duration::from_millis(20);
-    while !records.is_empty() {
-        let base_sequence = sequence;
-        let mut builder = BatchBuilder::with_capacity(records.iter().map(encoded_size_hint).sum());
-        for record in records {
-            builder.push(record)?;
-        }
-        builder.set_producer(ProducerInfo {
-            producer_id,
-            producer_epoch: 0,
-            base_sequence,
-        });
-        let count = records.len();
+    let mut batch = stamp(builder, producer_id, sequence)?;
+    loop {
+        let count = batch.record_count() as usize;
         // How many of these records the sink holds already.
-        let written = match client.produce(topic, partition, builder.build()?, Acks::All).await {
+        let written = match client.produce(topic, partition, batch.clone(), Acks::All).await {
             Ok(_) => count,
             Err(ClientError::Broker(BrokerError::StaleSequence { last_sequence, .. }))
             | Err(ClientError::Broker(BrokerError::SequenceMismatch {
@@ -301,7 +361,7 @@ async fn send_batch<C: TaskIo>(
             })) => {
                 // An earlier incarnation wrote (and the leader committed)
                 // up to `last_sequence`: the same records, by determinism.
-                (i64::from(last_sequence) - i64::from(base_sequence) + 1).clamp(1, count as i64) as usize
+                (i64::from(last_sequence) - i64::from(sequence) + 1).clamp(1, count as i64) as usize
             }
             Err(ClientError::Broker(e @ BrokerError::OutOfOrderSequence { .. })) => {
                 return Err(TaskError::OutputLost {
@@ -318,10 +378,12 @@ async fn send_batch<C: TaskIo>(
             }
             Err(e) => return Err(e.into()),
         };
-        sequence = base_sequence + written as i32;
-        records = &records[written..];
+        sequence += written as i32;
+        if written == count {
+            return Ok(sequence);
+        }
+        batch = stamp(records_after(&batch, written)?, producer_id, sequence)?;
     }
-    Ok(sequence)
 }
 
 /// What a checkpoint holds (postcard; chunked into one batch of records).
@@ -538,14 +600,17 @@ impl<C: TaskIo> TaskRunner<C> {
         } else {
             (self.def.sink.clone(), self.assignment.partitions)
         };
-        let upstream = Bytes::copy_from_slice(&self.assignment.partition().to_le_bytes());
-        let mut outputs: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        let upstream = self.assignment.partition().to_le_bytes();
+        let upstream_header = [(HEADER_UPSTREAM, Some(&upstream[..]))];
+        let headers: &[(&str, Option<&[u8]>)] = if keyed { &upstream_header } else { &[] };
+        let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
         // The greatest event time each partition receives: what it learns
         // of this task's progress from the data alone.
         let mut partition_max: BTreeMap<u32, i64> = BTreeMap::new();
         let mut dead_letters = Vec::new();
         let mut emitted = std::mem::take(&mut self.emitted);
-        let records_in: usize = input.batches.iter().map(|b| b.record_count() as usize).sum();
+        let input_bytes: usize = input.batches.iter().map(RecordBatch::size_bytes).sum();
+        let per_partition = input_bytes / out_partitions.max(1) as usize;
         for view in input.views() {
             let view = view?;
             self.counters.records_in += 1;
@@ -561,32 +626,19 @@ impl<C: TaskIo> TaskRunner<C> {
                     _ => self.assignment.partition() % out_partitions,
                 };
                 self.max_event_ms = self.max_event_ms.max(e.timestamp_ms);
-                let headers = if keyed {
-                    vec![Header {
-                        key: HEADER_UPSTREAM.to_string(),
-                        value: Some(upstream.clone()),
-                    }]
-                } else {
-                    Vec::new()
-                };
                 let sent_max = partition_max.entry(partition).or_insert(i64::MIN);
                 *sent_max = (*sent_max).max(e.timestamp_ms);
-                let per_partition = records_in / out_partitions as usize + 16;
                 outputs
                     .entry(partition)
-                    .or_insert_with(|| Vec::with_capacity(per_partition))
-                    .push(Record {
-                        timestamp_ms: e.timestamp_ms,
-                        key: e.key.map(Bytes::from),
-                        value: e.value.map(Bytes::from),
-                        headers,
-                    });
+                    .or_insert_with(|| PartitionOutput::new(per_partition))
+                    .push(e.timestamp_ms, e.key.as_deref(), e.value.as_deref(), headers)?;
             }
         }
         self.emitted = emitted;
-        self.sender.send_all(&*self.client, &out_topic, &outputs).await?;
-        for (partition, records) in &outputs {
-            self.counters.records_out += records.len() as u64;
+        let written: Vec<(u32, usize)> = outputs.iter().map(|(&p, o)| (p, o.len())).collect();
+        self.sender.send_all(&*self.client, &out_topic, outputs).await?;
+        for (partition, records) in &written {
+            self.counters.records_out += *records as u64;
             if let Some(marker) = self.markers.get_mut(*partition as usize) {
                 // Data carries the upstream id: it is a marker too.
                 marker.last_sent = Some(self.client.now());
@@ -682,23 +734,23 @@ impl<C: TaskIo> TaskRunner<C> {
         self.window = Some(window);
         outcome?;
         let sink_partitions = self.assignment.partitions;
-        let mut outputs: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
+        let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
+        let mut pushed = Ok(());
         for e in emitted.drain(..) {
             let key = e.key.unwrap_or_default();
-            outputs
-                .entry(partition_for_key(&key, sink_partitions))
-                .or_default()
-                .push(Record {
-                    timestamp_ms: e.timestamp_ms,
-                    key: Some(Bytes::from(key)),
-                    value: e.value.map(Bytes::from),
-                    headers: Vec::new(),
-                });
+            pushed = pushed.and_then(|()| {
+                outputs
+                    .entry(partition_for_key(&key, sink_partitions))
+                    .or_insert_with(|| PartitionOutput::new(0))
+                    .push(e.timestamp_ms, Some(&key), e.value.as_deref(), &[])
+            });
         }
         self.emitted = emitted;
+        pushed?;
+        let records_out: usize = outputs.values().map(PartitionOutput::len).sum();
         let sink = self.def.sink.clone();
-        self.sender.send_all(&*self.client, &sink, &outputs).await?;
-        self.counters.records_out += outputs.values().map(|r| r.len() as u64).sum::<u64>();
+        self.sender.send_all(&*self.client, &sink, outputs).await?;
+        self.counters.records_out += records_out as u64;
         Ok(())
     }
 

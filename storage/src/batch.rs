@@ -561,22 +561,21 @@ impl BatchBuilder {
 
     /// The size a record would add to the batch.
     pub fn record_size_bytes(&self, record: &Record) -> usize {
-        let body = self.body_len(record);
+        let body = self.body_len(&Parts::of(record));
         varint::len_u64(body as u64) + body
     }
 
-    fn body_len(&self, record: &Record) -> usize {
+    fn body_len(&self, record: &Parts<'_, impl HeaderList>) -> usize {
         let delta = self.timestamp_delta(record.timestamp_ms);
-        let headers: usize = record
-            .headers
-            .iter()
-            .map(|h| varint::len_u64(h.key.len() as u64) + h.key.len() + nullable_len(h.value.as_deref()))
-            .sum();
+        let mut headers = 0;
+        record.headers.each(|key, value| {
+            headers += varint::len_u64(key.len() as u64) + key.len() + nullable_len(value);
+        });
         1 + varint::len_i64(delta)
             + varint::len_u64(u64::from(self.record_count))
-            + nullable_len(record.key.as_deref())
-            + nullable_len(record.value.as_deref())
-            + varint::len_u64(record.headers.len() as u64)
+            + nullable_len(record.key)
+            + nullable_len(record.value)
+            + varint::len_u64(record.headers.count() as u64)
             + headers
     }
 
@@ -591,7 +590,28 @@ impl BatchBuilder {
     /// Appends a record. Fails when the batch would outgrow the hard limit or
     /// the timestamp is too far from the first one to encode.
     pub fn push(&mut self, record: &Record) -> Result<()> {
-        let added = self.record_size_bytes(record);
+        self.push_record(&Parts::of(record))
+    }
+
+    /// As [`BatchBuilder::push`], from borrowed parts (no [`Record`] built).
+    pub fn push_parts(
+        &mut self,
+        timestamp_ms: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, Option<&[u8]>)],
+    ) -> Result<()> {
+        self.push_record(&Parts {
+            timestamp_ms,
+            key,
+            value,
+            headers,
+        })
+    }
+
+    fn push_record(&mut self, record: &Parts<'_, impl HeaderList>) -> Result<()> {
+        let body_len = self.body_len(record);
+        let added = varint::len_u64(body_len as u64) + body_len;
         if self.buf.len() + added > BATCH_BYTES_HARD_LIMIT {
             return Err(StorageError::BatchTooLarge {
                 size_bytes: self.buf.len() + added,
@@ -608,20 +628,19 @@ impl BatchBuilder {
             return Err(StorageError::InvalidBatch("timestamp delta overflows".to_string()));
         }
         let delta = self.timestamp_delta(record.timestamp_ms);
-        let body_len = self.body_len(record);
         let buf = &mut self.buf;
         varint::put_u64(buf, body_len as u64);
         buf.push(0);
         varint::put_i64(buf, delta);
         varint::put_u64(buf, u64::from(self.record_count));
-        put_nullable(buf, record.key.as_deref());
-        put_nullable(buf, record.value.as_deref());
-        varint::put_u64(buf, record.headers.len() as u64);
-        for header in &record.headers {
-            varint::put_u64(buf, header.key.len() as u64);
-            buf.extend_from_slice(header.key.as_bytes());
-            put_nullable(buf, header.value.as_deref());
-        }
+        put_nullable(buf, record.key);
+        put_nullable(buf, record.value);
+        varint::put_u64(buf, record.headers.count() as u64);
+        record.headers.each(|key, value| {
+            varint::put_u64(buf, key.len() as u64);
+            buf.extend_from_slice(key.as_bytes());
+            put_nullable(buf, value);
+        });
         self.record_count += 1;
         self.max_timestamp_ms = self.max_timestamp_ms.max(record.timestamp_ms);
         Ok(())
@@ -651,6 +670,55 @@ impl BatchBuilder {
         buf[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
         // Check our own output before anyone else sees it.
         RecordBatch::from_bytes(self.buf)
+    }
+}
+
+/// A record to encode, borrowed from a [`Record`] or from parts.
+struct Parts<'a, H> {
+    timestamp_ms: i64,
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+    headers: H,
+}
+
+impl<'a> Parts<'a, &'a [Header]> {
+    fn of(record: &'a Record) -> Self {
+        Parts {
+            timestamp_ms: record.timestamp_ms,
+            key: record.key.as_deref(),
+            value: record.value.as_deref(),
+            headers: &record.headers,
+        }
+    }
+}
+
+/// Headers as a record's or as borrowed pairs.
+trait HeaderList {
+    fn count(&self) -> usize;
+    fn each(&self, f: impl FnMut(&str, Option<&[u8]>));
+}
+
+impl HeaderList for &[Header] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn each(&self, mut f: impl FnMut(&str, Option<&[u8]>)) {
+        for header in self.iter() {
+            f(&header.key, header.value.as_deref());
+        }
+    }
+}
+
+impl HeaderList for &[(&str, Option<&[u8]>)] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn each(&self, mut f: impl FnMut(&str, Option<&[u8]>)) {
+        for (key, value) in self.iter() {
+            f(key, *value);
+        }
     }
 }
 
@@ -728,6 +796,22 @@ mod tests {
             }
             let max = records.iter().map(|r| r.timestamp_ms).max().unwrap_or(0);
             prop_assert_eq!(decoded.max_timestamp_ms(), max);
+        }
+
+        #[test]
+        fn parts_encode_exactly_as_records_do(records in proptest::collection::vec(arb_record(), 1..20)) {
+            let mut whole = BatchBuilder::new();
+            let mut parts = BatchBuilder::new();
+            for r in &records {
+                let headers: Vec<(&str, Option<&[u8]>)> =
+                    r.headers.iter().map(|h| (h.key.as_str(), h.value.as_deref())).collect();
+                let pushed = parts.push_parts(r.timestamp_ms, r.key.as_deref(), r.value.as_deref(), &headers);
+                prop_assert_eq!(whole.push(r).is_ok(), pushed.is_ok());
+            }
+            match (whole.build(), parts.build()) {
+                (Ok(whole), Ok(parts)) => prop_assert_eq!(whole.as_bytes(), parts.as_bytes()),
+                (whole, parts) => prop_assert_eq!(whole.is_ok(), parts.is_ok()),
+            }
         }
 
         #[test]
