@@ -151,7 +151,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
     let mut config = NodeConfig::new(id, listen, seeds.clone(), incarnation);
     config.membership = membership;
     config.fault_control = args.fault_control.clone();
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = crate::node_runtime()?;
     runtime.block_on(async move {
         let mut node = Node::start(config, &identity).await?;
         if args.bench_actors {

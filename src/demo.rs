@@ -43,7 +43,7 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new().prefix("runnel-demo-").tempdir()?;
     let dir = dir.unwrap_or_else(|| scratch.path().join("cluster"));
     anyhow::ensure!(!dir.exists(), "{} already exists; give a fresh --dir", dir.display());
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = crate::node_runtime()?;
     runtime.block_on(run_cluster(dir))
 }
 

@@ -267,9 +267,10 @@ impl PartitionOutput {
 
     /// The batch to push the next record to.
     fn open_batch(&mut self) -> &mut BatchBuilder {
-        let full = self.batches.last().is_none_or(|b| {
-            b.record_count() as usize >= BATCH_RECORDS_MAX || b.size_bytes() >= BATCH_BYTES_MAX
-        });
+        let full = self
+            .batches
+            .last()
+            .is_none_or(|b| b.record_count() as usize >= BATCH_RECORDS_MAX || b.size_bytes() >= BATCH_BYTES_MAX);
         if full {
             self.batches.push(BatchBuilder::with_capacity(self.capacity));
         }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use runnel::broker::client::Client;
 use runnel::broker::metadata::TopicConfig;
 use runnel::dataflow::fraud::{self, Attempt, Generator};
@@ -88,7 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ratio_median * 100.0
     )];
     if !args.operator_only {
-        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        let runtime = crate::node_runtime()?;
         for (label, nodes) in [("(b) 1 node, RF=1", 1u32), ("(c) 3 nodes, RF=3", 3u32)] {
             if !args.nodes.contains(&nodes) {
                 continue;
