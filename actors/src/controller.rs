@@ -225,14 +225,24 @@ impl Shared {
         let mut interval = tokio::time::interval(self.config.poll_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heal = Instant::now();
+        let mut reconciled_at = None;
         loop {
             interval.tick().await;
             if let Err(reason) = self.pull_and_apply().await {
                 tracing::debug!(reason, "controller log not reachable yet");
             }
-            self.reconcile().await;
+            // Replicas follow the metadata as soon as it changes; otherwise
+            // (a failed hosting to retry, a moved-off replica whose group
+            // has let it go) every heal interval: walking a thousand
+            // groups every poll was a fifth of an idle node's CPU.
+            let applied = self.meta().applied_offset;
+            let heal_due = last_heal.elapsed() >= HEAL_INTERVAL;
+            if reconciled_at != Some(applied) || heal_due {
+                self.reconcile().await;
+                reconciled_at = Some(applied);
+            }
             self.reconcile_tasks();
-            if last_heal.elapsed() >= HEAL_INTERVAL {
+            if heal_due {
                 last_heal = Instant::now();
                 self.settle_membership().await;
                 self.heal().await;
