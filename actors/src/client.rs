@@ -78,36 +78,6 @@ pub struct FetchedRecords {
     pub committed_offset: u64,
 }
 
-impl FetchedRecords {
-    /// The user records at or after `offset` of committed batches read from
-    /// there (control batches hold offsets but no records).
-    pub fn from_batches(
-        offset: u64,
-        batches: &[RecordBatch],
-        committed_offset: u64,
-    ) -> Result<FetchedRecords, runnel_storage::StorageError> {
-        let mut records = Vec::with_capacity(batches.iter().map(|b| b.record_count() as usize).sum());
-        let mut next_offset = offset;
-        for batch in batches {
-            next_offset = next_offset.max(batch.next_offset());
-            if batch.is_control() {
-                continue;
-            }
-            for record in batch.records() {
-                let record = record?;
-                if record.offset >= offset {
-                    records.push(record);
-                }
-            }
-        }
-        Ok(FetchedRecords {
-            records,
-            next_offset,
-            committed_offset,
-        })
-    }
-}
-
 /// Committed batches of one partition read by [`Client::fetch_batches`],
 /// decoded only as they are read.
 #[derive(Debug)]
@@ -153,8 +123,23 @@ impl FetchedBatches {
             .filter(move |view| view.as_ref().map_or(true, |v| v.offset >= offset))
     }
 
+    /// The user records at or after `offset`, as owned records (their keys
+    /// and values still share the batches' bytes).
     pub fn into_records(self) -> Result<FetchedRecords, runnel_storage::StorageError> {
-        FetchedRecords::from_batches(self.offset, &self.batches, self.committed_offset)
+        let mut records = Vec::with_capacity(self.user_batches().map(|b| b.record_count() as usize).sum());
+        for batch in self.user_batches() {
+            for record in batch.records() {
+                let record = record?;
+                if record.offset >= self.offset {
+                    records.push(record);
+                }
+            }
+        }
+        Ok(FetchedRecords {
+            records,
+            next_offset: self.next_offset,
+            committed_offset: self.committed_offset,
+        })
     }
 }
 

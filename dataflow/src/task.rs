@@ -179,25 +179,6 @@ impl ExactlyOnceSender {
         }
     }
 
-    /// Writes `records` (in order) to a partition, in batches.
-    pub async fn send<C: TaskIo>(
-        &mut self,
-        client: &C,
-        topic: &str,
-        partition: u32,
-        records: &[Record],
-    ) -> Result<(), TaskError> {
-        let mut output = PartitionOutput::new(0);
-        for record in records {
-            output.push_record(record)?;
-        }
-        let key = (topic.to_string(), partition);
-        let first = self.sequences.get(&key).copied().unwrap_or(0);
-        let next = send_partition(client, self.producer_id, topic, partition, first, output).await?;
-        self.sequences.insert(key, next);
-        Ok(())
-    }
-
     /// Writes each partition's records (in order), the partitions
     /// concurrently: one step waits for one round of acknowledgements, not
     /// one per partition. On an error the sequences of the partitions that
@@ -608,7 +589,7 @@ impl<C: TaskIo> TaskRunner<C> {
         // The greatest event time each partition receives: what it learns
         // of this task's progress from the data alone.
         let mut partition_max: BTreeMap<u32, i64> = BTreeMap::new();
-        let mut dead_letters = Vec::new();
+        let mut dead_letters = PartitionOutput::new(0);
         let mut emitted = std::mem::take(&mut self.emitted);
         let input_bytes: usize = input.batches.iter().map(RecordBatch::size_bytes).sum();
         let per_partition = input_bytes / out_partitions.max(1) as usize;
@@ -618,7 +599,7 @@ impl<C: TaskIo> TaskRunner<C> {
             let value = view.value.unwrap_or_default();
             emitted.clear();
             if let Err(reason) = self.def.source_stage.process(value, view.timestamp_ms, &mut emitted) {
-                dead_letters.push(self.dead_letter(&view, &reason));
+                dead_letters.push_record(&self.dead_letter(&view, &reason))?;
                 continue;
             }
             for e in emitted.drain(..) {
@@ -652,8 +633,11 @@ impl<C: TaskIo> TaskRunner<C> {
         }
         if !dead_letters.is_empty() {
             let topic = dead_letter_topic(&self.def.name);
-            self.sender.send(&*self.client, &topic, 0, &dead_letters).await?;
-            self.counters.dead_letters += dead_letters.len() as u64;
+            let count = dead_letters.len() as u64;
+            self.sender
+                .send_all(&*self.client, &topic, BTreeMap::from([(0, dead_letters)]))
+                .await?;
+            self.counters.dead_letters += count;
         }
         Ok(())
     }
@@ -736,18 +720,14 @@ impl<C: TaskIo> TaskRunner<C> {
         outcome?;
         let sink_partitions = self.assignment.partitions;
         let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
-        let mut pushed = Ok(());
         for e in emitted.drain(..) {
             let key = e.key.unwrap_or_default();
-            pushed = pushed.and_then(|()| {
-                outputs
-                    .entry(partition_for_key(&key, sink_partitions))
-                    .or_insert_with(|| PartitionOutput::new(0))
-                    .push(e.timestamp_ms, Some(&key), e.value.as_deref(), &[])
-            });
+            outputs
+                .entry(partition_for_key(&key, sink_partitions))
+                .or_insert_with(|| PartitionOutput::new(0))
+                .push(e.timestamp_ms, Some(&key), e.value.as_deref(), &[])?;
         }
         self.emitted = emitted;
-        pushed?;
         let records_out: usize = outputs.values().map(PartitionOutput::len).sum();
         let sink = self.def.sink.clone();
         self.sender.send_all(&*self.client, &sink, outputs).await?;
