@@ -65,7 +65,9 @@ struct StoredHardState {
 #[derive(Debug, Serialize, Deserialize)]
 struct ControlEntry {
     entry_type: i32,
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     context: Vec<u8>,
 }
 

@@ -97,6 +97,7 @@ pub enum ClientRequest {
     /// above defines `payload`); answered with `ClientResponse::Service`.
     Service {
         name: String,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
 }

@@ -100,11 +100,7 @@ impl QuicTransport {
         server.transport_config(transport_config.clone());
         server.max_incoming(config.connections_max);
         let socket = bind_socket(listen, config.socket_buffer_bytes)?;
-        let mut endpoint_config = quinn::EndpointConfig::default();
-        endpoint_config
-            .max_udp_payload_size(65527)
-            .map_err(|e| ClusterError::InvalidConfig(format!("UDP payload size: {e}")))?;
-        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+        let endpoint = quinn::Endpoint::new(endpoint_config()?, Some(server), socket, Arc::new(quinn::TokioRuntime))
             .map_err(|source| ClusterError::Bind { addr: listen, source })?;
         let peer_client = client_config(identity, ALPN_PEER, transport_config)?;
         let transport = Arc::new(QuicTransport {
@@ -180,11 +176,44 @@ fn transport_config(config: &QuicConfig, loopback: bool) -> quinn::TransportConf
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(256));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    // Loopback carries 64 KiB datagrams; 1,400-byte packets would cost many
-    // more system calls per megabyte.
-    mtu.upper_bound(if loopback { 65000 } else { 1452 });
+    if loopback {
+        // Loopback always carries 64 KiB datagrams: start there. Under load
+        // a receiver starved of CPU loses bursts of packets, which discovery
+        // takes for a black hole; it then falls back to `min_mtu` until the
+        // cooldown ends. Left at 1,200 bytes, that costs ten times the system
+        // calls per megabyte, most of the CPU replication has.
+        // (Handshake packets are padded to `min_mtu` and a long-header
+        // packet holds at most 16 KiB, so the floor stays below that.)
+        let mut cubic = quinn::congestion::CubicConfig::default();
+        cubic.initial_window(10 * u64::from(LOOPBACK_MTU));
+        mtu.upper_bound(LOOPBACK_MTU)
+            .black_hole_cooldown(Duration::from_secs(5));
+        // One 64 KiB datagram per system call already; segmentation offload
+        // would try to send several in one, over what a UDP send may hold.
+        transport
+            .initial_mtu(LOOPBACK_MTU)
+            .min_mtu(LOOPBACK_MTU_MIN)
+            .enable_segmentation_offload(false)
+            .congestion_controller_factory(Arc::new(cubic));
+    } else {
+        mtu.upper_bound(1452);
+    }
     transport.mtu_discovery_config(Some(mtu));
     transport
+}
+
+/// The UDP payload used on loopback: a 64 KiB datagram less IP and UDP headers, with room to spare.
+const LOOPBACK_MTU: u16 = 65000;
+/// What loopback falls back to after losses look like a black hole.
+const LOOPBACK_MTU_MIN: u16 = 16000;
+
+/// Accepts datagrams as large as UDP allows, so a peer may send loopback-sized packets.
+fn endpoint_config() -> Result<quinn::EndpointConfig> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(65527)
+        .map_err(|e| ClusterError::InvalidConfig(format!("UDP payload size: {e}")))?;
+    Ok(config)
 }
 
 fn client_config(
@@ -487,7 +516,9 @@ impl ClusterClient {
         };
         let transport = Arc::new(transport_config(&quick, loopback));
         let client = client_config(identity, ALPN_CLIENT, transport)?;
-        let endpoint = quinn::Endpoint::client(bind).map_err(|source| ClusterError::Bind { addr: bind, source })?;
+        let socket = bind_socket(bind, QuicConfig::default().socket_buffer_bytes)?;
+        let endpoint = quinn::Endpoint::new(endpoint_config()?, None, socket, Arc::new(quinn::TokioRuntime))
+            .map_err(|source| ClusterError::Bind { addr: bind, source })?;
         Ok(ClusterClient {
             endpoint,
             client,

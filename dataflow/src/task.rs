@@ -377,6 +377,8 @@ struct Checkpoint {
     sequences: Vec<(String, u32, i32)>,
     max_event_ms: i64,
     upstreams: Vec<(u32, Upstream)>,
+    /// `serde_bytes`: one copy to decode, not one call per byte (same encoding).
+    #[serde(with = "serde_bytes")]
     window_state: Vec<u8>,
     records_in: u64,
     records_out: u64,
