@@ -218,10 +218,8 @@ impl Actor for PartitionReplica {
             ReplicaMsg::Promoted => state.part.core_mut().promoted()?,
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),
         }
-        let messages = state.part.drive()?;
-        if !messages.is_empty() {
-            state.args.router.send(state.args.group, messages);
-        }
+        let (router, group) = (&state.args.router, state.args.group);
+        state.part.drive_sending(&mut |messages| router.send(group, messages))?;
         let passive = state.part.core().is_passive();
         state.args.passive.store(passive, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -460,15 +458,24 @@ impl<R: ProduceReply> PartitionCore<R> {
     /// produces, and returns the messages to send, in order.
     pub fn drive(&mut self) -> crate::Result<Vec<Message>> {
         let mut messages = Vec::new();
+        self.drive_sending(&mut |sent| messages.extend(sent))?;
+        Ok(messages)
+    }
+
+    /// As [`PartitionCore::drive`], but every message goes to `send` as soon
+    /// as it may: a leader's appends before it persists them.
+    pub fn drive_sending(&mut self, send: &mut dyn FnMut(Vec<Message>)) -> crate::Result<()> {
         while self.core.has_ready() {
-            let output = self.core.handle_ready()?;
-            messages.extend(output.messages);
+            let output = self.core.handle_ready_sending(send)?;
+            if !output.messages.is_empty() {
+                send(output.messages);
+            }
             for committed in output.committed {
                 self.resolve(committed.index, true);
             }
         }
         self.resolve_appended();
-        Ok(messages)
+        Ok(())
     }
 
     /// Answers the waiters of a committed (or, for `acks=leader|none`,

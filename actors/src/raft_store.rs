@@ -92,7 +92,16 @@ pub struct PartitionStore {
     unsynced: bool,
     /// Idempotent producers' recent batches in this log.
     producers: ProducerTable,
+    /// The entries appended last, in index order, as Raft handed them over
+    /// (their data shares its buffer): Raft reads what it just appended right
+    /// back, to apply it and to send it to a follower, and from here that
+    /// costs no read, decode or checksum. At most [`RECENT_BYTES_MAX`] of data.
+    recent: VecDeque<Entry>,
+    recent_bytes: usize,
 }
+
+/// Data bytes of recently appended entries kept in memory per replica.
+const RECENT_BYTES_MAX: usize = 4 << 20;
 
 impl PartitionStore {
     /// Opens the replica's storage in `dir`, creating it empty if needed.
@@ -162,6 +171,8 @@ impl PartitionStore {
             voters_since,
             unsynced: false,
             producers,
+            recent: VecDeque::new(),
+            recent_bytes: 0,
         })
     }
 
@@ -262,6 +273,7 @@ impl PartitionStore {
             self.log.truncate(slot.base_offset)?;
             self.slots.truncate((first.index - self.snapshot.index - 1) as usize);
             self.rebuild_producers()?;
+            self.forget_recent_from(first.index);
         }
         for entry in entries {
             debug_assert_eq!(entry.index, self.last_index_value() + 1);
@@ -273,9 +285,43 @@ impl PartitionStore {
                 term: entry.term,
             });
             self.producers.record(batch.header(), entry.index);
+            self.remember(entry);
         }
         self.unsynced = true;
         Ok(())
+    }
+
+    /// Keeps an appended entry in memory, letting the oldest go past the bound.
+    fn remember(&mut self, entry: &Entry) {
+        let bytes = entry.data.len() + entry.context.len();
+        if bytes > RECENT_BYTES_MAX {
+            self.recent.clear();
+            self.recent_bytes = 0;
+            return;
+        }
+        self.recent.push_back(entry.clone());
+        self.recent_bytes += bytes;
+        while self.recent_bytes > RECENT_BYTES_MAX {
+            let Some(oldest) = self.recent.pop_front() else { break };
+            self.recent_bytes -= oldest.data.len() + oldest.context.len();
+        }
+    }
+
+    /// Drops the remembered entries from `index` on (a conflicting tail was cut off).
+    fn forget_recent_from(&mut self, index: u64) {
+        while self.recent.back().is_some_and(|e| e.index >= index) {
+            if let Some(entry) = self.recent.pop_back() {
+                self.recent_bytes -= entry.data.len() + entry.context.len();
+            }
+        }
+    }
+
+    /// A remembered entry, if `index` is among them.
+    fn recent_entry(&self, index: u64) -> Option<&Entry> {
+        let first = self.recent.front()?.index;
+        let entry = self.recent.get(usize::try_from(index.checked_sub(first)?).ok()?)?;
+        debug_assert_eq!(entry.index, index);
+        Some(entry)
     }
 
     /// Makes appended entries durable. Raft answers votes and appends only
@@ -389,6 +435,8 @@ impl PartitionStore {
         self.log.reset(start_offset)?;
         self.slots.clear();
         self.producers.clear();
+        self.recent.clear();
+        self.recent_bytes = 0;
         self.snapshot = point;
         self.hard_state.commit = self.hard_state.commit.max(metadata.index);
         self.hard_state.term = self.hard_state.term.max(metadata.term);
@@ -526,7 +574,10 @@ impl raft::Storage for PartitionStore {
             let slot = self
                 .slot(index)
                 .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
-            let entry = self.read_entry(index, slot).map_err(store_error)?;
+            let entry = match self.recent_entry(index) {
+                Some(entry) => entry.clone(),
+                None => self.read_entry(index, slot).map_err(store_error)?,
+            };
             size += entry.compute_size() as u64;
             if !entries.is_empty() && size > max_size {
                 break;
@@ -564,5 +615,86 @@ impl raft::Storage for PartitionStore {
         metadata.set_conf_state(self.conf_state.clone());
         snapshot.data = encode_snapshot_data(self.snapshot.start_offset).into();
         Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage as _;
+
+    fn normal_entry(index: u64, term: u64, tag: &str) -> Entry {
+        let mut builder = BatchBuilder::new();
+        for i in 0..3 {
+            builder
+                .push(&Record {
+                    timestamp_ms: 1,
+                    value: Some(format!("{tag}/{i}").into_bytes().into()),
+                    ..Record::default()
+                })
+                .expect("push");
+        }
+        Entry {
+            index,
+            term,
+            data: builder.build().expect("build").into_shared(),
+            ..Entry::default()
+        }
+    }
+
+    fn values(store: &PartitionStore, low: u64, high: u64) -> Vec<Vec<String>> {
+        let context = GetEntriesContext::empty(false);
+        let entries = store.entries(low, high, None, context).expect("entries");
+        entries
+            .into_iter()
+            .map(|entry| {
+                RecordBatch::from_bytes(entry.data)
+                    .expect("batch")
+                    .records()
+                    .map(|r| String::from_utf8(r.expect("record").record.value.expect("value").to_vec()).expect("utf8"))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn remembered_entries_read_as_the_log_does_also_after_a_cut_off_tail() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogConfig {
+            segment_bytes_max: 1024,
+            ..LogConfig::default()
+        };
+        let mut store = PartitionStore::open(dir.path(), config.clone()).expect("open");
+        store.bootstrap(&[1]).expect("bootstrap");
+        let first: Vec<Entry> = (1..=5).map(|i| normal_entry(i, 1, &format!("a{i}"))).collect();
+        store.append(&first).expect("append");
+        // A new leader replaces the tail from index 3 on.
+        let second: Vec<Entry> = (3..=4).map(|i| normal_entry(i, 2, &format!("b{i}"))).collect();
+        store.append(&second).expect("append over the tail");
+        store.sync().expect("sync");
+        let remembered = values(&store, 1, 5);
+        assert_eq!(remembered.len(), 4);
+        assert_eq!(remembered[2], vec!["b3/0", "b3/1", "b3/2"]);
+        assert_eq!(store.term(3).expect("term"), 2);
+        drop(store);
+        // A reopened store has nothing in memory: every entry comes from disk.
+        let reopened = PartitionStore::open(dir.path(), config).expect("reopen");
+        assert!(reopened.recent.is_empty());
+        assert_eq!(values(&reopened, 1, 5), remembered);
+    }
+
+    #[test]
+    fn remembered_entries_stay_within_their_bound() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = PartitionStore::open(dir.path(), LogConfig::default()).expect("open");
+        store.bootstrap(&[1]).expect("bootstrap");
+        let size = normal_entry(1, 1, "x").data.len();
+        let count = RECENT_BYTES_MAX / size + 10;
+        let entries: Vec<Entry> = (1..=count as u64).map(|i| normal_entry(i, 1, "x")).collect();
+        store.append(&entries).expect("append");
+        assert!(store.recent_bytes <= RECENT_BYTES_MAX);
+        assert_eq!(store.recent.back().map(|e| e.index), Some(count as u64));
+        // The oldest ones come from the log again.
+        assert_eq!(values(&store, 1, 3)[0], vec!["x/0", "x/1", "x/2"]);
     }
 }

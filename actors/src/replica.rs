@@ -335,13 +335,26 @@ impl ReplicaCore {
     /// Persists what Raft asks, in the order it requires, and returns the
     /// messages to send and what committed.
     pub fn handle_ready(&mut self) -> Result<ReadyOutput> {
+        let mut early = Vec::new();
+        let mut out = self.handle_ready_sending(&mut |messages| early.extend(messages))?;
+        early.append(&mut out.messages);
+        out.messages = early;
+        Ok(out)
+    }
+
+    /// As [`ReplicaCore::handle_ready`], but the messages that may go out
+    /// before this replica persists (a leader's appends) are handed to `send`
+    /// first, so followers write and sync while the leader does.
+    pub fn handle_ready_sending(&mut self, send: &mut dyn FnMut(Vec<Message>)) -> Result<ReadyOutput> {
         let mut out = ReadyOutput::default();
         if !self.raw.has_ready() {
             return Ok(out);
         }
         let mut ready = self.raw.ready();
-        // A leader may send its appends while it persists them.
-        out.messages.extend(ready.take_messages());
+        let early = ready.take_messages();
+        if !early.is_empty() {
+            send(early);
+        }
         if !ready.snapshot().is_empty() {
             self.raw.mut_store().apply_snapshot(ready.snapshot())?;
         }

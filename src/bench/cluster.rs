@@ -88,6 +88,15 @@ impl Nodes {
         self.children.get(node as usize - 1)?.as_ref().map(Child::id)
     }
 
+    /// CPU seconds used so far by the live node processes together, and by this process.
+    fn cpu_seconds(&self) -> anyhow::Result<(f64, f64)> {
+        let mut nodes = 0.0;
+        for child in self.children.iter().flatten() {
+            nodes += process_usage(child.id())?.0;
+        }
+        Ok((nodes, process_usage(std::process::id())?.0))
+    }
+
     fn kill(&mut self, node: u32) {
         if let Some(mut child) = self.children.get_mut(node as usize - 1).and_then(Option::take) {
             let _ = child.kill();
@@ -133,6 +142,12 @@ pub struct ProduceArgs {
     /// Bytes of records per batch.
     #[arg(long, default_value_t = 256 << 10)]
     batch_bytes: usize,
+    /// Record sizes measured, in bytes, in this order.
+    #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+    record_bytes: Vec<usize>,
+    /// Producer counts measured for each record size.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    producers: Vec<u32>,
     /// Directory for the nodes' data (a temporary one under it).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -148,6 +163,9 @@ struct Row {
     p99: f64,
     max: f64,
     batches: usize,
+    /// CPU seconds per wall second while the case ran: the node processes, and the benchmark's client.
+    nodes_cores: f64,
+    client_cores: f64,
 }
 
 /// One producer's results: acknowledged records and each batch's ack latency.
@@ -242,10 +260,11 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         create_topic(&client, "bench", TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
         let mut rows = Vec::new();
         let mut producer_id = 1_000i64;
-        for record_bytes in [100usize, 1024] {
-            for producers in [1u32, 4] {
+        for &record_bytes in &args.record_bytes {
+            for &producers in &args.producers {
                 let until = Instant::now() + Duration::from_secs(args.seconds);
                 let started = Instant::now();
+                let cpu_before = nodes.cpu_seconds()?;
                 let mut tasks = Vec::new();
                 for p in 0..producers {
                     producer_id += 1;
@@ -258,10 +277,12 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                     latencies.extend(run.latencies_ms);
                 }
                 let seconds = started.elapsed().as_secs_f64();
+                let cpu_after = nodes.cpu_seconds()?;
+                let (nodes_cores, client_cores) = ((cpu_after.0 - cpu_before.0) / seconds, (cpu_after.1 - cpu_before.1) / seconds);
                 latencies.sort_by(f64::total_cmp);
                 let (p50, p99, max) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99), latencies.last().copied().unwrap_or(f64::NAN));
                 let mb_per_s = records as f64 * record_bytes as f64 / 1e6 / seconds;
-                rows.push(Row { record_bytes, producers, records_per_s: records as f64 / seconds, mb_per_s, p50, p99, max, batches: latencies.len() });
+                rows.push(Row { record_bytes, producers, records_per_s: records as f64 / seconds, mb_per_s, p50, p99, max, batches: latencies.len(), nodes_cores, client_cores });
             }
         }
         for _ in 0..2 {
@@ -277,11 +298,12 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                 json!({"bench": "produce", "record_bytes": row.record_bytes, "producers": row.producers, "replication": 3,
                     "acks": "all", "fsync": "every_batch", "records_per_s": row.records_per_s, "mb_per_s": row.mb_per_s,
                     "ack_p50_ms": row.p50, "ack_p99_ms": row.p99, "ack_max_ms": row.max, "batches": row.batches,
-                    "ceiling_mb_per_s": ceiling / 3.0, "ceiling_runs_fdatasync_mb_per_s": runs, "ratio_to_ceiling": ratio})
+                    "ceiling_mb_per_s": ceiling / 3.0, "ceiling_runs_fdatasync_mb_per_s": runs, "ratio_to_ceiling": ratio,
+                    "nodes_cores_busy": row.nodes_cores, "client_cores_busy": row.client_cores})
             );
             summary.push(format!(
-                "  {:>5} B records, {} producer(s): {:>10.0} records/s {:>7.1} MB/s = {:>5.1}% of ceiling | ack p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                row.record_bytes, row.producers, row.records_per_s, row.mb_per_s, ratio * 100.0, row.p50, row.p99, row.max
+                "  {:>5} B records, {} producer(s): {:>10.0} records/s {:>7.1} MB/s = {:>5.1}% of ceiling | ack p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | cores busy: nodes {:.2}, client {:.2}",
+                row.record_bytes, row.producers, row.records_per_s, row.mb_per_s, ratio * 100.0, row.p50, row.p99, row.max, row.nodes_cores, row.client_cores
             ));
         }
         let gap = failover_gap(&client, &mut nodes, args.batch_bytes).await?;
