@@ -103,6 +103,20 @@ pub struct NodeArgs {
     /// Register the actors `runnel bench transport` talks to.
     #[arg(long, hide = true)]
     bench_actors: bool,
+    /// When replicas fsync their logs: `every-batch` (before each vote and
+    /// acknowledgement; the default) or `never` (left to the OS: an
+    /// acknowledged record survives crashes of processes, not a power loss
+    /// of a majority of its replicas' machines).
+    #[arg(long, value_enum)]
+    fsync: Option<FsyncMode>,
+}
+
+/// `runnel node --fsync`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsyncMode {
+    EveryBatch,
+    Never,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -117,6 +131,7 @@ struct NodeFile {
     heartbeat_ms: Option<u64>,
     suspect_ms: Option<u64>,
     dead_ms: Option<u64>,
+    fsync: Option<FsyncMode>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<NodeFile> {
@@ -168,6 +183,10 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         };
         tracing::info!(node = %id, ?controllers, "controller voters");
         let mut broker_config = BrokerConfig::new(data.join("broker"));
+        broker_config.sync_log = args.fsync.or(file.fsync).unwrap_or(FsyncMode::EveryBatch) == FsyncMode::EveryBatch;
+        if !broker_config.sync_log {
+            tracing::info!(node = %id, "replica logs are not fsynced (--fsync never)");
+        }
         if args.test_ack_before_commit {
             tracing::warn!(node = %id, "TEST ONLY: acks=all is answered before the commit (injected bug)");
             broker_config.test_ack_before_commit = true;

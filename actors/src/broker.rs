@@ -39,6 +39,8 @@ pub struct BrokerConfig {
     pub request_timeout: Duration,
     /// Test-only injected bug (see `ReplicaConfig::ack_before_commit`).
     pub test_ack_before_commit: bool,
+    /// Whether replicas fsync their logs (see `ReplicaConfig::sync_log`).
+    pub sync_log: bool,
 }
 
 impl BrokerConfig {
@@ -51,6 +53,7 @@ impl BrokerConfig {
             inbox_capacity: 4096,
             request_timeout: Duration::from_secs(10),
             test_ack_before_commit: false,
+            sync_log: true,
         }
     }
 }
@@ -198,6 +201,7 @@ impl Broker {
             log_config: self.config.log_config.clone(),
             config: ReplicaConfig {
                 ack_before_commit: self.config.test_ack_before_commit,
+                sync_log: self.config.sync_log,
                 rejoin,
                 ..ReplicaConfig::new(u64::from(self.node.id().0))
             },

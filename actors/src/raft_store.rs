@@ -90,6 +90,8 @@ pub struct PartitionStore {
     voters_since: BTreeMap<u64, u64>,
     /// Entries appended but not yet synced.
     unsynced: bool,
+    /// Whether [`PartitionStore::sync`] fsyncs (see `ReplicaConfig::sync_log`).
+    sync_log: bool,
     /// Idempotent producers' recent batches in this log.
     producers: ProducerTable,
     /// The entries appended last, in index order, as Raft handed them over
@@ -104,8 +106,9 @@ pub struct PartitionStore {
 const RECENT_BYTES_MAX: usize = 4 << 20;
 
 impl PartitionStore {
-    /// Opens the replica's storage in `dir`, creating it empty if needed.
-    pub fn open(dir: &Path, log_config: LogConfig) -> Result<PartitionStore> {
+    /// Opens the replica's storage in `dir`, creating it empty if needed;
+    /// `sync_log` says whether [`PartitionStore::sync`] fsyncs the log.
+    pub fn open(dir: &Path, log_config: LogConfig, sync_log: bool) -> Result<PartitionStore> {
         std::fs::create_dir_all(dir).map_err(|e| ActorError::io(dir, e))?;
         // The store syncs once per Raft ready, not once per batch.
         let log = Log::open(
@@ -145,7 +148,15 @@ impl PartitionStore {
         })?;
         let last_index = snapshot.index + slots.len() as u64;
         // The log is synced before the commit index is written, so a commit
-        // beyond the log means committed entries were lost from disk.
+        // beyond the log means committed entries were lost from disk. Without
+        // log syncs that is what a power loss does: the replica carries on
+        // from what it has, and catches up from the leader.
+        let mut stored = stored;
+        if stored.commit > last_index && !sync_log {
+            tracing::warn!(dir = %dir.display(), commit = stored.commit, last_index,
+                "the log lost committed entries (it is not fsynced); continuing from its end");
+            stored.commit = last_index;
+        }
         if stored.commit > last_index {
             let reason = format!(
                 "committed entries up to index {} are lost: the log ends at {last_index}",
@@ -170,6 +181,7 @@ impl PartitionStore {
             conf_state,
             voters_since,
             unsynced: false,
+            sync_log,
             producers,
             recent: VecDeque::new(),
             recent_bytes: 0,
@@ -325,10 +337,10 @@ impl PartitionStore {
     }
 
     /// Makes appended entries durable. Raft answers votes and appends only
-    /// after this, so replicated partitions always fsync here; a relaxed
-    /// per-topic policy would let a crash lose entries a leader counted.
+    /// after this; without `sync_log` it leaves them to the OS, and a power
+    /// loss may lose entries a leader counted.
     pub fn sync(&mut self) -> Result<()> {
-        if self.unsynced {
+        if self.unsynced && self.sync_log {
             self.log.flush()?;
             self.unsynced = false;
         }
@@ -664,7 +676,7 @@ mod tests {
             segment_bytes_max: 1024,
             ..LogConfig::default()
         };
-        let mut store = PartitionStore::open(dir.path(), config.clone()).expect("open");
+        let mut store = PartitionStore::open(dir.path(), config.clone(), true).expect("open");
         store.bootstrap(&[1]).expect("bootstrap");
         let first: Vec<Entry> = (1..=5).map(|i| normal_entry(i, 1, &format!("a{i}"))).collect();
         store.append(&first).expect("append");
@@ -678,15 +690,53 @@ mod tests {
         assert_eq!(store.term(3).expect("term"), 2);
         drop(store);
         // A reopened store has nothing in memory: every entry comes from disk.
-        let reopened = PartitionStore::open(dir.path(), config).expect("reopen");
+        let reopened = PartitionStore::open(dir.path(), config, true).expect("reopen");
         assert!(reopened.recent.is_empty());
         assert_eq!(values(&reopened, 1, 5), remembered);
     }
 
     #[test]
+    fn without_log_syncs_a_power_loss_leaves_a_replica_that_carries_on_from_its_log() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = PartitionStore::open(dir.path(), LogConfig::default(), false).expect("open");
+        store.bootstrap(&[1]).expect("bootstrap");
+        let entries: Vec<Entry> = (1..=3).map(|i| normal_entry(i, 1, "p")).collect();
+        store.append(&entries).expect("append");
+        store.sync().expect("sync (a no-op here)");
+        store.set_commit(3);
+        store.persist_hard_state().expect("hard state");
+        // Nothing of the log was fsynced: a power loss now loses all of it.
+        assert!(store.crash(0).expect("crash") > 0);
+        drop(store);
+        // A replica that syncs would have had the entries: a commit past its
+        // log is corruption there.
+        assert!(matches!(
+            PartitionStore::open(dir.path(), LogConfig::default(), true),
+            Err(ActorError::Corrupt { .. })
+        ));
+        let reopened = PartitionStore::open(dir.path(), LogConfig::default(), false).expect("reopen");
+        assert_eq!(reopened.last_index_value(), 0);
+        assert_eq!(reopened.hard_state().commit, 0);
+    }
+
+    #[test]
+    fn synced_entries_survive_a_power_loss() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("open");
+        store.bootstrap(&[1]).expect("bootstrap");
+        let entries: Vec<Entry> = (1..=3).map(|i| normal_entry(i, 1, "s")).collect();
+        store.append(&entries).expect("append");
+        store.sync().expect("sync");
+        assert_eq!(store.crash(0).expect("crash"), 0);
+        drop(store);
+        let reopened = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("reopen");
+        assert_eq!(reopened.last_index_value(), 3);
+    }
+
+    #[test]
     fn remembered_entries_stay_within_their_bound() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut store = PartitionStore::open(dir.path(), LogConfig::default()).expect("open");
+        let mut store = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("open");
         store.bootstrap(&[1]).expect("bootstrap");
         let size = normal_entry(1, 1, "x").data.len();
         let count = RECENT_BYTES_MAX / size + 10;

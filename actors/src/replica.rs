@@ -45,6 +45,11 @@ pub struct ReplicaConfig {
     /// `acks=all` is answered once the leader appended, before the commit.
     /// Never set outside that test.
     pub ack_before_commit: bool,
+    /// Whether the log is fsynced before this replica votes or acknowledges
+    /// an append (once per Raft ready). Off (`runnel node --fsync never`),
+    /// an acknowledged record survives any process crash, but a power loss
+    /// of a majority before the OS writes it back may lose it.
+    pub sync_log: bool,
 }
 
 impl ReplicaConfig {
@@ -61,6 +66,7 @@ impl ReplicaConfig {
             max_uncommitted_bytes: 64 << 20,
             rejoin: false,
             ack_before_commit: false,
+            sync_log: true,
         }
     }
 }
@@ -114,7 +120,7 @@ impl ReplicaCore {
         config: &ReplicaConfig,
         bootstrap_voters: Option<&[u64]>,
     ) -> Result<ReplicaCore> {
-        let mut store = PartitionStore::open(dir, log_config)?;
+        let mut store = PartitionStore::open(dir, log_config, config.sync_log)?;
         let marker = dir.join(PASSIVE_FILE);
         let fresh = store.conf_state().voters.is_empty() && store.last_index_value() == 0;
         if config.rejoin && fresh && store.hard_state().term == 0 {
