@@ -12,7 +12,7 @@ use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType,
 };
 use raft::{RawNode, StateRole};
-use runnel_storage::{LogConfig, RecordBatch};
+use runnel_storage::{BatchHeader, LogConfig, RecordBatch};
 
 use crate::error::{ActorError, Result};
 use crate::protocol::PassiveAnswer;
@@ -208,12 +208,18 @@ impl ReplicaCore {
 
     /// Proposes a batch of records; returns the Raft index it will commit at.
     /// Only the leader accepts proposals.
-    pub fn propose(&mut self, batch: RecordBatch) -> Result<u64> {
+    pub fn propose(&mut self, mut batch: RecordBatch) -> Result<u64> {
         if !self.is_leader() {
             return Err(ActorError::NotLeader {
                 leader: self.leader_id(),
             });
         }
+        // Stamped where it will land, the batch is written as it is, here and
+        // on every follower: an append that had to restamp a batch whose
+        // buffer Raft shares would copy all of it first. (Appends set both
+        // stamps anyway; they are outside the CRC.)
+        batch.set_raft_term(self.raw.raft.term);
+        batch.set_base_offset(self.next_proposal_offset());
         match self.raw.propose(Vec::new(), batch.into_bytes()) {
             Ok(()) => Ok(self.raw.raft.raft_log.last_index()),
             Err(raft::Error::ProposalDropped) => {
@@ -221,6 +227,24 @@ impl ReplicaCore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The offset after the log's last record once the entries Raft has not
+    /// yet handed over for writing are written too (each entry that is not a
+    /// batch of user records takes one offset, as a control batch).
+    fn next_proposal_offset(&self) -> u64 {
+        let raft_log = &self.raw.raft.raft_log;
+        let mut offset = raft_log.store.log().end_offset();
+        for entry in &raft_log.unstable.entries {
+            let records = match entry.get_entry_type() {
+                EntryType::EntryNormal if !entry.data.is_empty() => {
+                    BatchHeader::parse(&entry.data).map_or(1, |h| u64::from(h.record_count))
+                }
+                _ => 1,
+            };
+            offset += records;
+        }
+        offset
     }
 
     /// Whether this replica is passive (see [`ReplicaCore`]).

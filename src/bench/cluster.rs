@@ -177,6 +177,9 @@ struct Row {
     /// CPU seconds per wall second while the case ran: the node processes, and the benchmark's client.
     nodes_cores: f64,
     client_cores: f64,
+    /// The disk's MB/s just before the case (the median of `ceiling_runs`).
+    ceiling: f64,
+    ceiling_runs: Vec<f64>,
 }
 
 /// One producer's results: acknowledged records and each batch's ack latency.
@@ -262,10 +265,6 @@ fn fdatasync_ceiling(dir: &Path) -> anyhow::Result<f64> {
 pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let disk = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-        // The disk here is shared and noisy: the ceiling is the median of
-        // five measurements, three before the cases and two after.
-        let mut ceilings: Vec<f64> = (0..3).map(|_| fdatasync_ceiling(&disk)).collect::<anyhow::Result<_>>()?;
         let mut nodes = Nodes::start_with(3, args.dir.as_deref(), &[])?;
         let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
         create_topic(&client, "bench", TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
@@ -279,26 +278,23 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             create_topic(&client, "bench", TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
             rows.extend(produce_cases(&args, &nodes, &client, Fsync::Never).await?);
         }
-        for _ in 0..2 {
-            ceilings.push(fdatasync_ceiling(&disk)?);
-        }
-        let runs = ceilings.clone();
-        let ceiling = median(&mut ceilings);
+        let mut all_ceilings: Vec<f64> = rows.iter().flat_map(|r| r.ceiling_runs.iter().copied()).collect();
+        let ceiling = median(&mut all_ceilings);
         let mut summary = Vec::new();
         for row in &rows {
-            let ratio = row.mb_per_s / (ceiling / 3.0);
+            let ratio = row.mb_per_s / (row.ceiling / 3.0);
             println!(
                 "{}",
                 json!({"bench": "produce", "record_bytes": row.record_bytes, "producers": row.producers, "replication": 3,
                     "acks": "all", "fsync": row.fsync.name(), "batch_bytes": args.batch_bytes,
                     "records_per_s": row.records_per_s, "mb_per_s": row.mb_per_s,
                     "ack_p50_ms": row.p50, "ack_p99_ms": row.p99, "ack_max_ms": row.max, "batches": row.batches,
-                    "ceiling_mb_per_s": ceiling / 3.0, "ceiling_runs_fdatasync_mb_per_s": runs, "ratio_to_ceiling": ratio,
+                    "ceiling_mb_per_s": row.ceiling / 3.0, "ceiling_runs_fdatasync_mb_per_s": row.ceiling_runs, "ratio_to_ceiling": ratio,
                     "nodes_cores_busy": row.nodes_cores, "client_cores_busy": row.client_cores})
             );
             summary.push(format!(
-                "  fsync {:<11} {:>5} B records, {} producer(s): {:>10.0} records/s {:>7.1} MB/s = {:>5.1}% of ceiling | ack p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | cores busy: nodes {:.2}, client {:.2}",
-                row.fsync.name(), row.record_bytes, row.producers, row.records_per_s, row.mb_per_s, ratio * 100.0, row.p50, row.p99, row.max, row.nodes_cores, row.client_cores
+                "  fsync {:<11} {:>5} B records, {} producer(s): {:>10.0} records/s {:>7.1} MB/s = {:>5.1}% of {:>5.1} | ack p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | cores busy: nodes {:.2}, client {:.2}",
+                row.fsync.name(), row.record_bytes, row.producers, row.records_per_s, row.mb_per_s, ratio * 100.0, row.ceiling / 3.0, row.p50, row.p99, row.max, row.nodes_cores, row.client_cores
             ));
         }
         println!("{}", json!({"bench": "produce", "case": "failover", "fsync": "every_batch", "longest_gap_without_ack_ms": gap}));
@@ -307,7 +303,10 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             args.batch_bytes >> 10,
             args.seconds
         );
-        println!("  ceiling: 1 MiB write + fdatasync loop, median of {runs:.0?} = {ceiling:.1} MB/s, / RF 3 = {:.1} MB/s", ceiling / 3.0);
+        println!(
+            "  ceiling: a 1 MiB write + fdatasync loop, / RF 3, the median of three just before each case (all cases: {:.1} MB/s)",
+            ceiling / 3.0
+        );
         for line in summary {
             println!("{line}");
         }
@@ -344,6 +343,13 @@ async fn produce_cases(
     let mut producer_id = 1_000i64;
     for &record_bytes in &args.record_bytes {
         for &producers in &args.producers {
+            // The disk here is shared, and slows down after gigabytes of
+            // writes: each case is compared with the disk as it is just then.
+            let disk = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+            let mut ceiling_runs: Vec<f64> = (0..3)
+                .map(|_| fdatasync_ceiling(&disk))
+                .collect::<anyhow::Result<_>>()?;
+            let ceiling = median(&mut ceiling_runs);
             let until = Instant::now() + Duration::from_secs(args.seconds);
             let started = Instant::now();
             let cpu_before = nodes.cpu_seconds()?;
@@ -390,6 +396,8 @@ async fn produce_cases(
                 batches: latencies.len(),
                 nodes_cores,
                 client_cores,
+                ceiling,
+                ceiling_runs,
             });
         }
     }
