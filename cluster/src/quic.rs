@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
@@ -411,7 +412,7 @@ async fn serve_client_request(
         body: response,
     })
     .map_err(|e| e.to_string())?;
-    send.write_all(&frame).await.map_err(|e| e.to_string())?;
+    send.write_chunk(Bytes::from(frame)).await.map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -440,21 +441,26 @@ impl PeerWriter {
                     continue;
                 }
             };
-            let mut batch = first;
+            // Queued frames go out together, each handed to QUIC as it is.
+            let mut batch = vec![Bytes::from(first)];
             loop {
-                while batch.len() < self.config.write_batch_bytes {
+                let mut bytes = batch.iter().map(Bytes::len).sum::<usize>();
+                while bytes < self.config.write_batch_bytes {
                     match queue.try_recv() {
-                        Ok(frame) => batch.extend_from_slice(&frame),
+                        Ok(frame) => {
+                            bytes += frame.len();
+                            batch.push(Bytes::from(frame));
+                        }
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = stream.write_all(&batch).await {
+                if let Err(e) = stream.write_all_chunks(&mut batch).await {
                     tracing::debug!(peer = %self.addr, error = %e, "peer stream broke; reconnecting");
                     break;
                 }
                 batch.clear();
                 match queue.recv().await {
-                    Some(frame) => batch = frame,
+                    Some(frame) => batch.push(Bytes::from(frame)),
                     None => return,
                 }
             }
@@ -543,7 +549,7 @@ impl ClusterClient {
             seeds.sort_by_key(|s| failed.get(s).is_some_and(|at| at.elapsed() < FAILED_MEMORY));
         }
         for seed in seeds {
-            match self.request_to(seed, request.clone(), timeout).await {
+            match self.request_ref(seed, &request, timeout).await {
                 Ok(response) => {
                     *self.last_answered.lock().await = Some(seed);
                     return Ok(response);
@@ -568,7 +574,16 @@ impl ClusterClient {
         request: ClientRequest,
         timeout: Duration,
     ) -> Result<ClientResponse> {
-        match tokio::time::timeout(timeout, self.request_one(addr, &request)).await {
+        self.request_ref(addr, &request, timeout).await
+    }
+
+    async fn request_ref(
+        &self,
+        addr: SocketAddr,
+        request: &ClientRequest,
+        timeout: Duration,
+    ) -> Result<ClientResponse> {
+        match tokio::time::timeout(timeout, self.request_one(addr, request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(failure)) => {
                 self.connections.lock().await.remove(&addr);
@@ -621,11 +636,12 @@ impl ClusterClient {
             .map_err(|e| RequestFailure::NotSent(e.to_string()))?;
         let frame = encode_frame(&ClientEnvelope {
             version: PROTOCOL_VERSION,
-            body: request.clone(),
+            body: request,
         })
         .map_err(|e| RequestFailure::NotSent(e.to_string()))?;
         // A frame cut short is never processed: the node reads whole frames.
-        send.write_all(&frame)
+        // (A chunk is handed over as it is; `write_all` would copy it.)
+        send.write_chunk(Bytes::from(frame))
             .await
             .map_err(|e| RequestFailure::NotSent(e.to_string()))?;
         let sent = |e: String| RequestFailure::Sent(e);
