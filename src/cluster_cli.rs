@@ -119,6 +119,16 @@ pub enum FsyncMode {
     Never,
 }
 
+impl FsyncMode {
+    /// As the flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsyncMode::EveryBatch => "every-batch",
+            FsyncMode::Never => "never",
+        }
+    }
+}
+
 /// The `--config` file: the same settings as the flags.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

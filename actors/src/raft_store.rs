@@ -105,6 +105,11 @@ pub struct PartitionStore {
 /// Data bytes of recently appended entries kept in memory per replica.
 const RECENT_BYTES_MAX: usize = 4 << 20;
 
+/// What a remembered entry counts against [`RECENT_BYTES_MAX`].
+fn remembered_bytes(entry: &Entry) -> usize {
+    entry.data.len() + entry.context.len()
+}
+
 impl PartitionStore {
     /// Opens the replica's storage in `dir`, creating it empty if needed;
     /// `sync_log` says whether [`PartitionStore::sync`] fsyncs the log.
@@ -120,7 +125,7 @@ impl PartitionStore {
         )?;
         let meta = DurableKv::open(dir.join(META_FILE))?;
         let snapshot: SnapshotPoint = read_meta(&meta, KEY_SNAPSHOT)?.unwrap_or_default();
-        let stored: StoredHardState = read_meta(&meta, KEY_HARD_STATE)?.unwrap_or_default();
+        let mut stored: StoredHardState = read_meta(&meta, KEY_HARD_STATE)?.unwrap_or_default();
         let conf_state = match meta.get(KEY_CONF_STATE) {
             Some(bytes) => {
                 ConfState::parse_from_bytes(bytes).map_err(|e| ActorError::corrupt(dir, format!("conf state: {e}")))?
@@ -151,7 +156,6 @@ impl PartitionStore {
         // beyond the log means committed entries were lost from disk. Without
         // log syncs that is what a power loss does: the replica carries on
         // from what it has, and catches up from the leader.
-        let mut stored = stored;
         if stored.commit > last_index && !sync_log {
             tracing::warn!(dir = %dir.display(), commit = stored.commit, last_index,
                 "the log lost committed entries (it is not fsynced); continuing from its end");
@@ -305,7 +309,7 @@ impl PartitionStore {
 
     /// Keeps an appended entry in memory, letting the oldest go past the bound.
     fn remember(&mut self, entry: &Entry) {
-        let bytes = entry.data.len() + entry.context.len();
+        let bytes = remembered_bytes(entry);
         if bytes > RECENT_BYTES_MAX {
             self.recent.clear();
             self.recent_bytes = 0;
@@ -315,7 +319,7 @@ impl PartitionStore {
         self.recent_bytes += bytes;
         while self.recent_bytes > RECENT_BYTES_MAX {
             let Some(oldest) = self.recent.pop_front() else { break };
-            self.recent_bytes -= oldest.data.len() + oldest.context.len();
+            self.recent_bytes -= remembered_bytes(&oldest);
         }
     }
 
@@ -323,7 +327,7 @@ impl PartitionStore {
     fn forget_recent_from(&mut self, index: u64) {
         while self.recent.back().is_some_and(|e| e.index >= index) {
             if let Some(entry) = self.recent.pop_back() {
-                self.recent_bytes -= entry.data.len() + entry.context.len();
+                self.recent_bytes -= remembered_bytes(&entry);
             }
         }
     }
@@ -695,14 +699,20 @@ mod tests {
         assert_eq!(values(&reopened, 1, 5), remembered);
     }
 
+    /// A one-voter store in `dir` holding entries 1..=3, `sync` called.
+    fn store_of_three(dir: &Path, sync_log: bool) -> PartitionStore {
+        let mut store = PartitionStore::open(dir, LogConfig::default(), sync_log).expect("open");
+        store.bootstrap(&[1]).expect("bootstrap");
+        let entries: Vec<Entry> = (1..=3).map(|i| normal_entry(i, 1, "e")).collect();
+        store.append(&entries).expect("append");
+        store.sync().expect("sync");
+        store
+    }
+
     #[test]
     fn without_log_syncs_a_power_loss_leaves_a_replica_that_carries_on_from_its_log() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut store = PartitionStore::open(dir.path(), LogConfig::default(), false).expect("open");
-        store.bootstrap(&[1]).expect("bootstrap");
-        let entries: Vec<Entry> = (1..=3).map(|i| normal_entry(i, 1, "p")).collect();
-        store.append(&entries).expect("append");
-        store.sync().expect("sync (a no-op here)");
+        let mut store = store_of_three(dir.path(), false);
         store.set_commit(3);
         store.persist_hard_state().expect("hard state");
         // Nothing of the log was fsynced: a power loss now loses all of it.
@@ -722,11 +732,7 @@ mod tests {
     #[test]
     fn synced_entries_survive_a_power_loss() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut store = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("open");
-        store.bootstrap(&[1]).expect("bootstrap");
-        let entries: Vec<Entry> = (1..=3).map(|i| normal_entry(i, 1, "s")).collect();
-        store.append(&entries).expect("append");
-        store.sync().expect("sync");
+        let mut store = store_of_three(dir.path(), true);
         assert_eq!(store.crash(0).expect("crash"), 0);
         drop(store);
         let reopened = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("reopen");

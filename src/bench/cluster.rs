@@ -18,6 +18,7 @@ use runnel::storage::{BatchBuilder, ProducerInfo, Record, RecordBatch};
 use serde_json::json;
 
 use super::median;
+use crate::cluster_cli::FsyncMode;
 
 /// How long the benchmark cluster may take to form and create its topics.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -165,7 +166,7 @@ pub struct ProduceArgs {
 
 /// One case's figures.
 struct Row {
-    fsync: Fsync,
+    fsync: FsyncMode,
     record_bytes: usize,
     producers: u32,
     records_per_s: f64,
@@ -177,9 +178,15 @@ struct Row {
     /// CPU seconds per wall second while the case ran: the node processes, and the benchmark's client.
     nodes_cores: f64,
     client_cores: f64,
-    /// The disk's MB/s just before the case (the median of `ceiling_runs`).
-    ceiling: f64,
+    /// The disk's MB/s just before the case, sorted (see [`fdatasync_ceiling`]).
     ceiling_runs: Vec<f64>,
+}
+
+impl Row {
+    /// The disk's MB/s just before the case: the median of its runs.
+    fn ceiling(&self) -> f64 {
+        median(&mut self.ceiling_runs.clone())
+    }
 }
 
 /// One producer's results: acknowledged records and each batch's ack latency.
@@ -265,39 +272,35 @@ fn fdatasync_ceiling(dir: &Path) -> anyhow::Result<f64> {
 pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let mut nodes = Nodes::start_with(3, args.dir.as_deref(), &[])?;
-        let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
-        create_topic(&client, "bench", TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
-        let mut rows = produce_cases(&args, &nodes, &client, Fsync::EveryBatch).await?;
+        let (mut nodes, client) = produce_cluster(&args, FsyncMode::EveryBatch).await?;
+        let mut rows = produce_cases(&args, &nodes, &client, FsyncMode::EveryBatch).await?;
         let gap = failover_gap(&client, &mut nodes, args.batch_bytes).await?;
         drop(client);
         drop(nodes);
         if !args.skip_fsync_never {
-            let nodes = Nodes::start_with(3, args.dir.as_deref(), &["--fsync", "never"])?;
-            let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
-            create_topic(&client, "bench", TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
-            rows.extend(produce_cases(&args, &nodes, &client, Fsync::Never).await?);
+            let (nodes, client) = produce_cluster(&args, FsyncMode::Never).await?;
+            rows.extend(produce_cases(&args, &nodes, &client, FsyncMode::Never).await?);
         }
         let mut all_ceilings: Vec<f64> = rows.iter().flat_map(|r| r.ceiling_runs.iter().copied()).collect();
         let ceiling = median(&mut all_ceilings);
         let mut summary = Vec::new();
         for row in &rows {
-            let ratio = row.mb_per_s / (row.ceiling / 3.0);
+            let ratio = row.mb_per_s / (row.ceiling() / 3.0);
             println!(
                 "{}",
                 json!({"bench": "produce", "record_bytes": row.record_bytes, "producers": row.producers, "replication": 3,
                     "acks": "all", "fsync": row.fsync.name(), "batch_bytes": args.batch_bytes,
                     "records_per_s": row.records_per_s, "mb_per_s": row.mb_per_s,
                     "ack_p50_ms": row.p50, "ack_p99_ms": row.p99, "ack_max_ms": row.max, "batches": row.batches,
-                    "ceiling_mb_per_s": row.ceiling / 3.0, "ceiling_runs_fdatasync_mb_per_s": row.ceiling_runs, "ratio_to_ceiling": ratio,
+                    "ceiling_mb_per_s": row.ceiling() / 3.0, "ceiling_runs_fdatasync_mb_per_s": row.ceiling_runs, "ratio_to_ceiling": ratio,
                     "nodes_cores_busy": row.nodes_cores, "client_cores_busy": row.client_cores})
             );
             summary.push(format!(
                 "  fsync {:<11} {:>5} B records, {} producer(s): {:>10.0} records/s {:>7.1} MB/s = {:>5.1}% of {:>5.1} | ack p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | cores busy: nodes {:.2}, client {:.2}",
-                row.fsync.name(), row.record_bytes, row.producers, row.records_per_s, row.mb_per_s, ratio * 100.0, row.ceiling / 3.0, row.p50, row.p99, row.max, row.nodes_cores, row.client_cores
+                row.fsync.name(), row.record_bytes, row.producers, row.records_per_s, row.mb_per_s, ratio * 100.0, row.ceiling() / 3.0, row.p50, row.p99, row.max, row.nodes_cores, row.client_cores
             ));
         }
-        println!("{}", json!({"bench": "produce", "case": "failover", "fsync": "every_batch", "longest_gap_without_ack_ms": gap}));
+        println!("{}", json!({"bench": "produce", "case": "failover", "fsync": FsyncMode::EveryBatch.name(), "longest_gap_without_ack_ms": gap}));
         println!(
             "\nproduce benchmark: 3 node processes on loopback, RF=3, acks=all, {} KiB batches, {} s per case",
             args.batch_bytes >> 10,
@@ -315,20 +318,12 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     })
 }
 
-/// The nodes' `--fsync` setting in a case.
-#[derive(Clone, Copy)]
-enum Fsync {
-    EveryBatch,
-    Never,
-}
-
-impl Fsync {
-    fn name(self) -> &'static str {
-        match self {
-            Fsync::EveryBatch => "every_batch",
-            Fsync::Never => "never",
-        }
-    }
+/// Three nodes with `--fsync fsync`, a client, and the 4-partition RF=3 topic `bench`.
+async fn produce_cluster(args: &ProduceArgs, fsync: FsyncMode) -> anyhow::Result<(Nodes, Arc<Client>)> {
+    let nodes = Nodes::start_with(3, args.dir.as_deref(), &["--fsync", fsync.name()])?;
+    let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
+    create_topic(&client, "bench", TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
+    Ok((nodes, client))
 }
 
 /// Every record size × producer count of `args` against one cluster.
@@ -336,7 +331,7 @@ async fn produce_cases(
     args: &ProduceArgs,
     nodes: &Nodes,
     client: &Arc<Client>,
-    fsync: Fsync,
+    fsync: FsyncMode,
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     // Producer ids differ between cases, so every case starts its sequences afresh.
@@ -349,7 +344,7 @@ async fn produce_cases(
             let mut ceiling_runs: Vec<f64> = (0..3)
                 .map(|_| fdatasync_ceiling(&disk))
                 .collect::<anyhow::Result<_>>()?;
-            let ceiling = median(&mut ceiling_runs);
+            ceiling_runs.sort_by(f64::total_cmp);
             let until = Instant::now() + Duration::from_secs(args.seconds);
             let started = Instant::now();
             let cpu_before = nodes.cpu_seconds()?;
@@ -396,7 +391,6 @@ async fn produce_cases(
                 batches: latencies.len(),
                 nodes_cores,
                 client_cores,
-                ceiling,
                 ceiling_runs,
             });
         }
