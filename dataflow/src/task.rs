@@ -431,7 +431,7 @@ pub struct TaskRunner<C: TaskIo = Client> {
     last_checkpoint: Duration,
     dirty: bool,
     /// Scratch space, reused between records.
-    emitted: Vec<Emitted>,
+    emitted: Emitted,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -487,7 +487,7 @@ impl<C: TaskIo> TaskRunner<C> {
             counters: Counters::default(),
             last_checkpoint: started,
             dirty: false,
-            emitted: Vec::new(),
+            emitted: Emitted::default(),
         };
         if let Some(checkpoint) = runner.read_checkpoint().await? {
             runner.apply_checkpoint(checkpoint)?;
@@ -604,8 +604,8 @@ impl<C: TaskIo> TaskRunner<C> {
                 dead_letters.push_record(&self.dead_letter(&view, &reason))?;
                 continue;
             }
-            for e in emitted.drain(..) {
-                let partition = match &e.key {
+            for e in emitted.iter() {
+                let partition = match e.key {
                     Some(key) if keyed => partition_for_key(key, out_partitions),
                     _ => self.assignment.partition() % out_partitions,
                 };
@@ -615,7 +615,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 outputs
                     .entry(partition)
                     .or_insert_with(|| PartitionOutput::new(per_partition))
-                    .push(e.timestamp_ms, e.key.as_deref(), e.value.as_deref(), headers)?;
+                    .push(e.timestamp_ms, e.key, e.value, headers)?;
             }
         }
         self.emitted = emitted;
@@ -722,13 +722,14 @@ impl<C: TaskIo> TaskRunner<C> {
         outcome?;
         let sink_partitions = self.assignment.partitions;
         let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
-        for e in emitted.drain(..) {
+        for e in emitted.iter() {
             let key = e.key.unwrap_or_default();
             outputs
-                .entry(partition_for_key(&key, sink_partitions))
+                .entry(partition_for_key(key, sink_partitions))
                 .or_insert_with(|| PartitionOutput::new(0))
-                .push(e.timestamp_ms, Some(&key), e.value.as_deref(), &[])?;
+                .push(e.timestamp_ms, Some(key), e.value, &[])?;
         }
+        emitted.clear();
         self.emitted = emitted;
         let records_out: usize = outputs.values().map(PartitionOutput::len).sum();
         let sink = self.def.sink.clone();
@@ -743,7 +744,7 @@ impl<C: TaskIo> TaskRunner<C> {
         &mut self,
         window: &mut dyn WindowStage,
         input: &FetchedBatches,
-        out: &mut Vec<Emitted>,
+        out: &mut Emitted,
     ) -> Result<(), TaskError> {
         let upstream_count = self.assignment.partitions;
         for view in input.views() {

@@ -16,14 +16,16 @@
 //!   key order), so the output sequence of a replay matches the original's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, DefaultHasher, Hash};
+use std::hash::Hash;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 /// Fixed-key hashing: iteration order never leaks into results (they are
-/// sorted), but a fixed hasher keeps runs reproducible when debugging.
-type Map<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+/// sorted), but a fixed hasher keeps runs reproducible when debugging. Fx
+/// rather than SipHash: a lookup per record is the operator's main cost,
+/// and SipHash with fixed keys resists crafted collisions no better.
+type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 /// Open windows of one kind kept at most per task; beyond it a task fails
 /// with a clear error instead of growing without bound.
@@ -240,11 +242,12 @@ where
     /// Adds one record at event time `t_ms` to its key's windows. `init`
     /// makes an empty aggregate, `fold` adds the record to one, and `merge`
     /// combines two (session windows only). Updates go to `out` under
-    /// [`Emit::Changes`].
+    /// [`Emit::Changes`]. The key is taken by value: a new window keeps it
+    /// without a copy.
     #[allow(clippy::too_many_arguments)]
     pub fn add<V>(
         &mut self,
-        key: &K,
+        key: K,
         t_ms: i64,
         value: &V,
         init: &dyn Fn() -> A,
@@ -253,11 +256,13 @@ where
         out: &mut Vec<WindowResult<K, A>>,
     ) -> Result<(), WindowError> {
         if let WindowKind::Session { gap_ms } = self.window.kind {
-            return self.add_to_session(key, t_ms, gap_ms, value, init, fold, merge, out);
+            return self.add_to_session(&key, t_ms, gap_ms, value, init, fold, merge, out);
         }
         let size = self.window.size_ms();
         let mut accepted = false;
-        for start in self.window.starts(t_ms) {
+        let mut key = Some(key);
+        let mut starts = self.window.starts(t_ms).peekable();
+        while let Some(start) = starts.next() {
             let end = start + size;
             if self.closes_at(end) <= self.watermark_ms {
                 continue;
@@ -266,15 +271,20 @@ where
                 return Err(WindowError::TooManyWindows);
             }
             accepted = true;
-            let keys = self.fixed.entry(start).or_default();
-            let aggregate = match keys.get_mut(key) {
-                Some(aggregate) => aggregate,
-                None => keys.entry(key.clone()).or_insert_with(init),
+            // The last window takes the key itself; earlier ones a copy.
+            let Some(key) = (if starts.peek().is_some() {
+                key.clone()
+            } else {
+                key.take()
+            }) else {
+                break;
             };
+            let changed_key = (self.emit == Emit::Changes).then(|| key.clone());
+            let aggregate = self.fixed.entry(start).or_default().entry(key).or_insert_with(init);
             fold(aggregate, value);
-            if self.emit == Emit::Changes {
+            if let Some(key) = changed_key {
                 out.push(WindowResult::Update {
-                    key: key.clone(),
+                    key,
                     window: WindowBounds {
                         start_ms: start,
                         end_ms: end,
@@ -363,9 +373,16 @@ where
     }
 
     /// Moves the watermark forward (never back) and closes every window it
-    /// passes: under [`Emit::Final`] their results go to `out`, oldest window
-    /// first, keys in order. Closed windows are evicted either way.
-    pub fn advance(&mut self, watermark_ms: i64, out: &mut Vec<WindowResult<K, A>>) {
+    /// passes: under [`Emit::Final`] their results that `keep` accepts (the
+    /// having-filter, applied before the results are put in order) go to
+    /// `out`, oldest window first, keys in order. Closed windows are evicted
+    /// either way.
+    pub fn advance(
+        &mut self,
+        watermark_ms: i64,
+        keep: &dyn Fn(&K, &WindowBounds, &A) -> bool,
+        out: &mut Vec<WindowResult<K, A>>,
+    ) {
         if watermark_ms <= self.watermark_ms {
             return;
         }
@@ -381,7 +398,10 @@ where
                     start_ms: start,
                     end_ms: start + size,
                 };
-                let mut keys: Vec<(K, A)> = keys.into_iter().collect();
+                let mut keys: Vec<(K, A)> = keys
+                    .into_iter()
+                    .filter(|(key, value)| keep(key, &window, value))
+                    .collect();
                 keys.sort_by(|a, b| a.0.cmp(&b.0));
                 out.extend(
                     keys.into_iter()
@@ -406,7 +426,7 @@ where
             if sessions.is_empty() {
                 self.sessions.remove(&key);
             }
-            if self.emit == Emit::Final {
+            if self.emit == Emit::Final && keep(&key, &session.bounds(), &session.value) {
                 out.push(WindowResult::Update {
                     window: session.bounds(),
                     key,
@@ -489,7 +509,7 @@ mod tests {
         let mut max = i64::MIN;
         for &(key, t) in records {
             op.add(
-                &key.to_string(),
+                key.to_string(),
                 t,
                 &(),
                 &|| 0,
@@ -499,7 +519,7 @@ mod tests {
             )
             .expect("add");
             max = max.max(t);
-            op.advance(max, &mut out);
+            op.advance(max, &|_, _, _| true, &mut out);
         }
         out
     }
@@ -592,7 +612,7 @@ mod tests {
         // 1:30 touches only the second one, extending it backwards.
         let mut out = Vec::new();
         op.add(
-            &"a".to_string(),
+            "a".to_string(),
             90_000,
             &(),
             &|| 0,
@@ -626,6 +646,27 @@ mod tests {
     }
 
     #[test]
+    fn final_results_pass_the_keep_filter_before_they_are_put_in_order() {
+        let mut op = count_op(Window::tumbling(Duration::from_secs(60)), Emit::Final);
+        let mut out = Vec::new();
+        for (key, t) in [("b", 0), ("a", 1), ("b", 2), ("c", 3), ("a", 4), ("b", 5)] {
+            op.add(
+                key.to_string(),
+                t,
+                &(),
+                &|| 0,
+                &|a, _: &()| *a += 1,
+                &|a, b| *a += b,
+                &mut out,
+            )
+            .expect("add");
+        }
+        op.advance(MIN, &|_, _, n| *n >= 2, &mut out);
+        assert_eq!(out, vec![update("a", 0, MIN, 2), update("b", 0, MIN, 3)]);
+        assert_eq!(op.open_windows(), 0, "windows the filter rejects are evicted too");
+    }
+
+    #[test]
     fn late_session_record_is_dropped_and_counted() {
         let mut op = count_op(Window::session(Duration::from_secs(10)), Emit::Final);
         let out = run(&mut op, &[("k", 100_000), ("k", 0)]);
@@ -647,10 +688,18 @@ mod tests {
         for (i, (key, t)) in records.iter().enumerate() {
             let target = if i < 250 { &mut out_whole } else { &mut resumed_out };
             whole
-                .add(key, *t, &(), &|| 0, &|a, _: &()| *a += 1, &|a, b| *a += b, target)
+                .add(
+                    key.clone(),
+                    *t,
+                    &(),
+                    &|| 0,
+                    &|a, _: &()| *a += 1,
+                    &|a, b| *a += b,
+                    target,
+                )
                 .expect("add");
             max = max.max(*t);
-            whole.advance(max, target);
+            whole.advance(max, &|_, _, _| true, target);
             if i == 249 {
                 snapshot = whole.snapshot().expect("snapshot");
             }
@@ -661,10 +710,18 @@ mod tests {
         let mut max = restored.watermark_ms();
         for (key, t) in &records[250..] {
             restored
-                .add(key, *t, &(), &|| 0, &|a, _: &()| *a += 1, &|a, b| *a += b, &mut out)
+                .add(
+                    key.clone(),
+                    *t,
+                    &(),
+                    &|| 0,
+                    &|a, _: &()| *a += 1,
+                    &|a, b| *a += b,
+                    &mut out,
+                )
                 .expect("add");
             max = max.max(*t);
-            restored.advance(max, &mut out);
+            restored.advance(max, &|_, _, _| true, &mut out);
         }
         assert_eq!(out, resumed_out);
         assert_eq!(restored.late_records(), whole.late_records());

@@ -11,7 +11,7 @@ use anyhow::ensure;
 use runnel::broker::client::Client;
 use runnel::broker::metadata::TopicConfig;
 use runnel::dataflow::fraud::{self, Attempt, Generator};
-use runnel::dataflow::window::{Emit, Window, WindowOperator, WindowResult};
+use runnel::dataflow::window::{Emit, Window, WindowBounds, WindowOperator, WindowResult};
 
 use super::median;
 
@@ -127,10 +127,11 @@ fn operator_pass(events: &[(String, i64)]) -> anyhow::Result<(Duration, usize)> 
     let mut out = Vec::new();
     let mut fraud_windows = 0;
     let mut max_ms = i64::MIN;
+    let having = |_: &String, _: &WindowBounds, count: &u64| *count > fraud::THRESHOLD;
     let started = Instant::now();
     for (card, at_ms) in events {
         operator.add(
-            card,
+            card.clone(),
             *at_ms,
             &(),
             &|| 0,
@@ -140,11 +141,11 @@ fn operator_pass(events: &[(String, i64)]) -> anyhow::Result<(Duration, usize)> 
         )?;
         if *at_ms > max_ms {
             max_ms = *at_ms;
-            operator.advance(max_ms, &mut out);
+            operator.advance(max_ms, &having, &mut out);
         }
         fraud_windows += count_fraud(&mut out);
     }
-    operator.advance(i64::MAX, &mut out);
+    operator.advance(i64::MAX, &having, &mut out);
     fraud_windows += count_fraud(&mut out);
     Ok((started.elapsed(), fraud_windows))
 }
