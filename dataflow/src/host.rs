@@ -21,8 +21,12 @@ use runnel_actors::tasks::{DataflowShape, TaskAssignment, TaskHost, TaskStatus};
 use crate::builder::DataflowDef;
 use crate::task::{TaskError, TaskRunner};
 
-/// How long an idle task waits before reading its input again.
+/// How long an idle task waits before reading its input again. A task that
+/// just made progress is likely right behind its upstream (a window task
+/// behind the source tasks): it reads again after `BUSY_POLL`, doubling
+/// the wait with each empty read up to `IDLE_POLL`.
 pub const IDLE_POLL: Duration = Duration::from_millis(20);
+const BUSY_POLL: Duration = Duration::from_millis(1);
 
 /// The dataflows a node's binary knows, by name (closures cannot travel).
 #[derive(Clone, Default)]
@@ -345,7 +349,8 @@ pub struct TaskArgs {
 
 pub enum TaskState {
     Restoring(Option<TaskArgs>),
-    Running(Box<TaskRunner>),
+    /// With the wait before the next read if it finds nothing new.
+    Running(Box<TaskRunner>, Duration),
 }
 
 /// One operator instance: a stage over one input partition.
@@ -374,14 +379,16 @@ impl Actor for TaskActor {
             (TaskMsg::Restore, TaskState::Restoring(args)) => {
                 let Some(args) = args.take() else { return Ok(()) };
                 let runner = TaskRunner::restore(args.def, args.assignment, args.client, args.status).await?;
-                *state = TaskState::Running(Box::new(runner));
+                *state = TaskState::Running(Box::new(runner), BUSY_POLL);
                 myself.cast(TaskMsg::Step)?;
             }
-            (TaskMsg::Step, TaskState::Running(runner)) => {
+            (TaskMsg::Step, TaskState::Running(runner, wait)) => {
                 if runner.step().await? {
+                    *wait = BUSY_POLL;
                     myself.cast(TaskMsg::Step)?;
                 } else {
-                    myself.send_after(IDLE_POLL, || TaskMsg::Step);
+                    myself.send_after(*wait, || TaskMsg::Step);
+                    *wait = (*wait * 2).min(IDLE_POLL);
                 }
             }
             _ => {}

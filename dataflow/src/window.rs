@@ -193,7 +193,13 @@ pub struct WindowOperator<K, A> {
     session_closing: BTreeSet<(i64, K, i64)>,
     watermark_ms: i64,
     late_records: u64,
+    /// Keys the last closed window held: a new window starts with room for
+    /// as many, rather than growing (and rehashing) record by record.
+    keys_hint: usize,
 }
+
+/// The most keys a new window is sized for in advance.
+const KEYS_HINT_MAX: usize = 1 << 16;
 
 /// The serialisable part of a [`WindowOperator`], for checkpoints.
 #[derive(Serialize, Deserialize)]
@@ -218,6 +224,7 @@ where
             session_closing: BTreeSet::new(),
             watermark_ms: i64::MIN,
             late_records: 0,
+            keys_hint: 0,
         }
     }
 
@@ -280,7 +287,13 @@ where
                 break;
             };
             let changed_key = (self.emit == Emit::Changes).then(|| key.clone());
-            let aggregate = self.fixed.entry(start).or_default().entry(key).or_insert_with(init);
+            let keys_hint = self.keys_hint;
+            let aggregate = self
+                .fixed
+                .entry(start)
+                .or_insert_with(|| Map::with_capacity_and_hasher(keys_hint, Default::default()))
+                .entry(key)
+                .or_insert_with(init);
             fold(aggregate, value);
             if let Some(key) = changed_key {
                 out.push(WindowResult::Update {
@@ -393,6 +406,7 @@ where
                 break;
             }
             let Some((_, keys)) = self.fixed.pop_first() else { break };
+            self.keys_hint = keys.len().min(KEYS_HINT_MAX);
             if self.emit == Emit::Final {
                 let window = WindowBounds {
                     start_ms: start,

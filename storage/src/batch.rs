@@ -360,7 +360,17 @@ impl<'a> RecordView<'a> {
     /// The value of the first header named `name`: `None` if there is no
     /// such header, `Some(None)` if it has no value.
     pub fn header(&self, name: &str) -> Option<Option<&'a [u8]>> {
-        self.headers().find(|(key, _)| *key == name).map(|(_, value)| value)
+        // Names were checked as UTF-8 when the record was read: compare bytes.
+        let mut reader = Reader::new(self.headers);
+        for _ in 0..self.header_count {
+            let key_len = usize::try_from(reader.u64().ok()?).ok()?;
+            let key = reader.take(key_len).ok()?;
+            let value = read_nullable(&mut reader).ok()?;
+            if key == name.as_bytes() {
+                return Some(value);
+            }
+        }
+        None
     }
 }
 
