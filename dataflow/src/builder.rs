@@ -619,6 +619,15 @@ mod tests {
 
     use super::*;
 
+    /// What the source stage of `def` emits for one JSON record.
+    fn source_output(def: &DataflowDef, value: &str) -> Emitted {
+        let mut emitted = Emitted::default();
+        def.source_stage
+            .process(value.as_bytes(), 1_000, &mut emitted)
+            .expect("decodes");
+        emitted
+    }
+
     /// Runs `values` (JSON source records at `t_ms`) through both stages
     /// of `def` and closes every window: the sink records, as text.
     fn run_both_stages(def: &DataflowDef, values: &[&str], t_ms: i64) -> Vec<(String, Option<String>)> {
@@ -653,11 +662,7 @@ mod tests {
             .filter(|_, _, n| *n >= 2)
             .emit(Emit::Final)
             .sink("out");
-        let mut emitted = Emitted::default();
-        counted
-            .source_stage
-            .process(br#"["a",5]"#, 1_000, &mut emitted)
-            .expect("decodes");
+        let emitted = source_output(&counted, r#"["a",5]"#);
         let record = emitted.iter().next().expect("one record");
         assert_eq!(record.key, Some(&b"\x01a"[..]), "postcard key");
         assert_eq!(record.value, None, "a count needs no value");
@@ -678,11 +683,7 @@ mod tests {
             .aggregate(|| 0u64, |sum, (_, n)| sum + u64::from(*n))
             .emit(Emit::Final)
             .sink("out");
-        let mut emitted = Emitted::default();
-        summed
-            .source_stage
-            .process(br#"["a",5]"#, 1_000, &mut emitted)
-            .expect("decodes");
+        let emitted = source_output(&summed, r#"["a",5]"#);
         let record = emitted.iter().next().expect("one record");
         assert!(record.value.is_some(), "an aggregate folds values");
         let sums = run_both_stages(&summed, &inputs, 1_000);

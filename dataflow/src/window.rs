@@ -516,22 +516,27 @@ mod tests {
         WindowOperator::new(window, emit)
     }
 
+    /// Counts one record of `key` at `t`.
+    fn count_one(op: &mut WindowOperator<String, u64>, key: &str, t: i64, out: &mut Vec<WindowResult<String, u64>>) {
+        op.add(
+            key.to_string(),
+            t,
+            &(),
+            &|| 0,
+            &|a, _: &()| *a += 1,
+            &|a, b| *a += b,
+            out,
+        )
+        .expect("add");
+    }
+
     /// Feeds (key, t) records, advancing the watermark to the maximum event
     /// time seen after each one, like a single-input task.
     fn run(op: &mut WindowOperator<String, u64>, records: &[(&str, i64)]) -> Vec<WindowResult<String, u64>> {
         let mut out = Vec::new();
         let mut max = i64::MIN;
         for &(key, t) in records {
-            op.add(
-                key.to_string(),
-                t,
-                &(),
-                &|| 0,
-                &|a, _: &()| *a += 1,
-                &|a, b| *a += b,
-                &mut out,
-            )
-            .expect("add");
+            count_one(op, key, t, &mut out);
             max = max.max(t);
             op.advance(max, &|_, _, _| true, &mut out);
         }
@@ -664,16 +669,7 @@ mod tests {
         let mut op = count_op(Window::tumbling(Duration::from_secs(60)), Emit::Final);
         let mut out = Vec::new();
         for (key, t) in [("b", 0), ("a", 1), ("b", 2), ("c", 3), ("a", 4), ("b", 5)] {
-            op.add(
-                key.to_string(),
-                t,
-                &(),
-                &|| 0,
-                &|a, _: &()| *a += 1,
-                &|a, b| *a += b,
-                &mut out,
-            )
-            .expect("add");
+            count_one(&mut op, key, t, &mut out);
         }
         op.advance(MIN, &|_, _, n| *n >= 2, &mut out);
         assert_eq!(out, vec![update("a", 0, MIN, 2), update("b", 0, MIN, 3)]);
