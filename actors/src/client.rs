@@ -103,7 +103,7 @@ impl FetchedBatches {
     }
 
     /// The batches holding user records at or after `offset`.
-    fn user_batches(&self) -> impl Iterator<Item = &RecordBatch> {
+    pub fn user_batches(&self) -> impl Iterator<Item = &RecordBatch> {
         self.batches
             .iter()
             .filter(|b| !b.is_control() && b.record_count() > 0 && b.next_offset() > self.offset)
@@ -117,9 +117,18 @@ impl FetchedBatches {
     /// The user records at or after `offset`, in order, borrowing the
     /// batches (nothing is allocated per record).
     pub fn views(&self) -> impl Iterator<Item = Result<RecordView<'_>, runnel_storage::StorageError>> {
+        self.user_batches().flat_map(move |batch| self.views_of(batch))
+    }
+
+    /// The records of `batch` (one of [`FetchedBatches::user_batches`]) at
+    /// or after `offset`.
+    pub fn views_of<'a>(
+        &self,
+        batch: &'a RecordBatch,
+    ) -> impl Iterator<Item = Result<RecordView<'a>, runnel_storage::StorageError>> + use<'a> {
         let offset = self.offset;
-        self.user_batches()
-            .flat_map(RecordBatch::views)
+        batch
+            .views()
             .filter(move |view| view.as_ref().map_or(true, |v| v.offset >= offset))
     }
 

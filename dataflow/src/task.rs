@@ -14,10 +14,11 @@
 //! newest checkpoint and replays, and the broker recognises and drops what
 //! the lost incarnation already wrote.
 //!
-//! Watermarks: a source task puts its upstream id on every repartitioned
-//! record, and sends watermark markers (unsequenced) to partitions it has not
-//! written to lately and, once caught up with its input for [`IDLE_AFTER`],
-//! "idle" markers. A
+//! Watermarks: a window task knows which upstream (source task) wrote a
+//! repartitioned batch by the batch's producer id, and a source task sends
+//! watermark markers (unsequenced, carrying its upstream id as a header) to
+//! partitions it has not written to lately and, once caught up with its
+//! input for [`IDLE_AFTER`], "idle" markers. A
 //! window task's watermark is the minimum of its upstreams' maximum event
 //! times, ignoring idle ones, so a lagging or restarting upstream holds the
 //! windows open instead of making its records late.
@@ -584,9 +585,6 @@ impl<C: TaskIo> TaskRunner<C> {
         } else {
             (self.def.sink.clone(), self.assignment.partitions)
         };
-        let upstream = self.assignment.partition().to_le_bytes();
-        let upstream_header = [(HEADER_UPSTREAM, Some(&upstream[..]))];
-        let headers: &[(&str, Option<&[u8]>)] = if keyed { &upstream_header } else { &[] };
         let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
         // The greatest event time each partition receives: what it learns
         // of this task's progress from the data alone.
@@ -615,7 +613,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 outputs
                     .entry(partition)
                     .or_insert_with(|| PartitionOutput::new(per_partition))
-                    .push(e.timestamp_ms, e.key, e.value, headers)?;
+                    .push(e.timestamp_ms, e.key, e.value, &[])?;
             }
         }
         self.emitted = emitted;
@@ -624,7 +622,7 @@ impl<C: TaskIo> TaskRunner<C> {
         for (partition, records) in &written {
             self.counters.records_out += *records as u64;
             if let Some(marker) = self.markers.get_mut(*partition as usize) {
-                // Data carries the upstream id: it is a marker too.
+                // Data names its upstream (by producer id): it is a marker too.
                 marker.last_sent = Some(self.client.now());
                 let sent_max = partition_max.get(partition).copied().unwrap_or(i64::MIN);
                 marker.announced = Upstream {
@@ -747,7 +745,26 @@ impl<C: TaskIo> TaskRunner<C> {
         out: &mut Emitted,
     ) -> Result<(), TaskError> {
         let upstream_count = self.assignment.partitions;
-        for view in input.views() {
+        for batch in input.user_batches() {
+            // Data batches come from the source tasks' fixed producer ids.
+            let producer = batch.header().producer.producer_id;
+            let writer = (0..upstream_count).find(|&p| task_producer_id(&self.def.name, p) == producer);
+            self.fold_batch(window, input.views_of(batch), writer, out)?;
+        }
+        Ok(())
+    }
+
+    /// Folds one batch's records; `writer` is the upstream whose producer
+    /// id the batch carries, if any.
+    fn fold_batch<'a>(
+        &mut self,
+        window: &mut dyn WindowStage,
+        views: impl Iterator<Item = Result<RecordView<'a>, runnel_storage::StorageError>>,
+        writer: Option<u32>,
+        out: &mut Emitted,
+    ) -> Result<(), TaskError> {
+        let upstream_count = self.assignment.partitions;
+        for view in views {
             let view = view?;
             let bad = |reason: &str| TaskError::BadInput {
                 topic: self.input_topic.clone(),
@@ -756,10 +773,13 @@ impl<C: TaskIo> TaskRunner<C> {
                 reason: reason.to_string(),
             };
             let header = |name: &str| view.header(name).flatten();
-            let upstream = header(HEADER_UPSTREAM)
-                .and_then(|v| <[u8; 4]>::try_from(v).ok())
-                .map(u32::from_le_bytes)
-                .ok_or_else(|| bad("no upstream header"))?;
+            // Markers name their upstream; data is known by its producer.
+            let upstream = match header(HEADER_UPSTREAM) {
+                Some(v) => <[u8; 4]>::try_from(v)
+                    .map(u32::from_le_bytes)
+                    .map_err(|_| bad("upstream header is not 4 bytes"))?,
+                None => writer.ok_or_else(|| bad("neither an upstream header nor a source task's producer id"))?,
+            };
             let entry = self.upstreams.entry(upstream).or_insert(Upstream {
                 max_event_ms: i64::MIN,
                 idle: false,
