@@ -585,10 +585,11 @@ impl<C: TaskIo> TaskRunner<C> {
         } else {
             (self.def.sink.clone(), self.assignment.partitions)
         };
-        let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
-        // The greatest event time each partition receives: what it learns
-        // of this task's progress from the data alone.
-        let mut partition_max: BTreeMap<u32, i64> = BTreeMap::new();
+        // Per output partition, indexed by it: the records to send, and the
+        // greatest event time it receives (what it learns of this task's
+        // progress from the data alone).
+        let mut outputs: Vec<Option<PartitionOutput>> = (0..out_partitions).map(|_| None).collect();
+        let mut partition_max: Vec<i64> = vec![i64::MIN; out_partitions as usize];
         let mut dead_letters = PartitionOutput::new(0);
         let mut emitted = std::mem::take(&mut self.emitted);
         let input_bytes: usize = input.batches.iter().map(RecordBatch::size_bytes).sum();
@@ -608,15 +609,18 @@ impl<C: TaskIo> TaskRunner<C> {
                     _ => self.assignment.partition() % out_partitions,
                 };
                 self.max_event_ms = self.max_event_ms.max(e.timestamp_ms);
-                let sent_max = partition_max.entry(partition).or_insert(i64::MIN);
+                let sent_max = &mut partition_max[partition as usize];
                 *sent_max = (*sent_max).max(e.timestamp_ms);
-                outputs
-                    .entry(partition)
-                    .or_insert_with(|| PartitionOutput::new(per_partition))
+                outputs[partition as usize]
+                    .get_or_insert_with(|| PartitionOutput::new(per_partition))
                     .push(e.timestamp_ms, e.key, e.value, &[])?;
             }
         }
         self.emitted = emitted;
+        let outputs: BTreeMap<u32, PartitionOutput> = (0..out_partitions)
+            .zip(outputs)
+            .filter_map(|(p, output)| Some((p, output?)))
+            .collect();
         let written: Vec<(u32, usize)> = outputs.iter().map(|(&p, o)| (p, o.len())).collect();
         self.sender.send_all(&*self.client, &out_topic, outputs).await?;
         for (partition, records) in &written {
@@ -624,7 +628,7 @@ impl<C: TaskIo> TaskRunner<C> {
             if let Some(marker) = self.markers.get_mut(*partition as usize) {
                 // Data names its upstream (by producer id): it is a marker too.
                 marker.last_sent = Some(self.client.now());
-                let sent_max = partition_max.get(partition).copied().unwrap_or(i64::MIN);
+                let sent_max = partition_max[*partition as usize];
                 marker.announced = Upstream {
                     max_event_ms: marker.announced.max_event_ms.max(sent_max),
                     idle: false,

@@ -15,6 +15,7 @@
 //! - Results leave in a deterministic order (closed windows by end, keys in
 //!   key order), so the output sequence of a replay matches the original's.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::time::Duration;
@@ -288,21 +289,34 @@ where
             };
             let changed_key = (self.emit == Emit::Changes).then(|| key.clone());
             let keys_hint = self.keys_hint;
-            let aggregate = self
+            let keys = self
                 .fixed
                 .entry(start)
-                .or_insert_with(|| Map::with_capacity_and_hasher(keys_hint, Default::default()))
-                .entry(key)
-                .or_insert_with(init);
-            fold(aggregate, value);
-            if let Some(key) = changed_key {
+                .or_insert_with(|| Map::with_capacity_and_hasher(keys_hint, Default::default()));
+            let changed = match keys.entry(key) {
+                Entry::Occupied(entry) => {
+                    let aggregate = entry.into_mut();
+                    fold(aggregate, value);
+                    changed_key.is_some().then(|| aggregate.clone())
+                }
+                Entry::Vacant(entry) => {
+                    // Folded before it is stored: the store into a table
+                    // slot that is rarely in cache need not be waited for.
+                    let mut aggregate = init();
+                    fold(&mut aggregate, value);
+                    let changed = changed_key.is_some().then(|| aggregate.clone());
+                    entry.insert(aggregate);
+                    changed
+                }
+            };
+            if let (Some(key), Some(value)) = (changed_key, changed) {
                 out.push(WindowResult::Update {
                     key,
                     window: WindowBounds {
                         start_ms: start,
                         end_ms: end,
                     },
-                    value: aggregate.clone(),
+                    value,
                 });
             }
         }

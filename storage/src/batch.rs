@@ -678,8 +678,14 @@ impl BatchBuilder {
         buf[OFFSET_BASE_SEQUENCE..OFFSET_BASE_SEQUENCE + 4].copy_from_slice(&self.producer.base_sequence.to_le_bytes());
         let crc = crc32c::crc32c(&buf[CRC_START..]);
         buf[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
-        // Check our own output before anyone else sees it.
-        RecordBatch::from_bytes(self.buf)
+        let header = BatchHeader::parse(&self.buf).map_err(StorageError::InvalidBatch)?;
+        let batch = RecordBatch {
+            bytes: Bytes::from(self.buf),
+            header,
+        };
+        // Our own output: its CRC was just computed over these bytes.
+        debug_assert!(verify_batch(batch.as_bytes()).is_ok(), "a built batch does not verify");
+        Ok(batch)
     }
 }
 

@@ -58,6 +58,11 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn u64(&mut self) -> Result<u64, &'static str> {
+        // Most fields of a record (lengths, counts, small deltas) fit one byte.
+        if let Some(&byte @ 0..=0x7f) = self.bytes.get(self.position) {
+            self.position += 1;
+            return Ok(u64::from(byte));
+        }
         let mut value: u64 = 0;
         for index in 0..VARINT_BYTES_MAX {
             let byte = *self.bytes.get(self.position).ok_or("varint runs past the end")?;
