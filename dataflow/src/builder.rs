@@ -514,14 +514,94 @@ impl<K: Serialize, T: Serialize> SourceStage for KeyedSource<K, T> {
     }
 }
 
+/// Encoded keys this short are kept inline (as long as a `String`).
+const KEY_INLINE_BYTES: usize = 22;
+
+/// A window key as the source stage encoded it (postcard), inline when
+/// short. A window stage keeps keys so, not decoded: a window holds
+/// thousands of keys, and a heap allocation per key, touched again only
+/// when the window closes, cost more than the key's lookup. Keys are
+/// decoded when results leave, and a window's results leave in the order
+/// of these bytes (deterministic, which replays need).
+#[derive(Clone, Debug)]
+enum EncodedKey {
+    Inline { len: u8, bytes: [u8; KEY_INLINE_BYTES] },
+    Heap(Box<[u8]>),
+}
+
+impl EncodedKey {
+    fn new(encoded: &[u8]) -> EncodedKey {
+        if encoded.len() <= KEY_INLINE_BYTES {
+            let mut bytes = [0u8; KEY_INLINE_BYTES];
+            bytes[..encoded.len()].copy_from_slice(encoded);
+            EncodedKey::Inline {
+                len: encoded.len() as u8,
+                bytes,
+            }
+        } else {
+            EncodedKey::Heap(encoded.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            EncodedKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            EncodedKey::Heap(bytes) => bytes,
+        }
+    }
+
+    fn decode<K: DeserializeOwned>(&self) -> Result<K, StageError> {
+        postcard::from_bytes(self.as_bytes()).map_err(|e| StageError::Corrupt(format!("key: {e}")))
+    }
+}
+
+impl PartialEq for EncodedKey {
+    fn eq(&self, other: &EncodedKey) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for EncodedKey {}
+
+impl Hash for EncodedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
+    }
+}
+
+impl PartialOrd for EncodedKey {
+    fn partial_cmp(&self, other: &EncodedKey) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for EncodedKey {
+    fn cmp(&self, other: &EncodedKey) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl Serialize for EncodedKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.as_bytes())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EncodedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<EncodedKey, D::Error> {
+        let bytes: serde_bytes::ByteBuf = serde::Deserialize::deserialize(deserializer)?;
+        Ok(EncodedKey::new(&bytes))
+    }
+}
+
 struct TypedWindowStage<K, T, A> {
-    operator: WindowOperator<K, A>,
+    operator: WindowOperator<EncodedKey, A>,
     init: Init<A>,
     fold: Folding<A, T>,
     merge: Merge<A>,
     having: Having<K, A>,
     /// Reused between calls.
-    results: Vec<WindowResult<K, A>>,
+    results: Vec<WindowResult<EncodedKey, A>>,
 }
 
 /// The sink record key of a window result (KSQL's windowed key).
@@ -544,11 +624,12 @@ where
                 WindowResult::Update { key, window, value } => (key, window, value, false),
                 WindowResult::Retract { key, window, value } => (key, window, value, true),
             };
-            if !(self.having)(key, window, value) {
+            let key: K = key.decode()?;
+            if !(self.having)(&key, window, value) {
                 continue;
             }
             let sink_key = SinkKey {
-                key,
+                key: &key,
                 window_start_ms: window.start_ms,
                 window_end_ms: window.end_ms,
             };
@@ -571,7 +652,8 @@ where
     A: Serialize + DeserializeOwned + Clone + Send + Sync,
 {
     fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
-        let key: K = postcard::from_bytes(key).map_err(|e| StageError::Corrupt(format!("key: {e}")))?;
+        // Decoded (and checked) when the window's results leave.
+        let key = EncodedKey::new(key);
         let mut results = std::mem::take(&mut self.results);
         let outcome = match &self.fold {
             Folding::Values(fold) => {
@@ -590,7 +672,12 @@ where
 
     fn advance(&mut self, watermark_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
         let mut results = std::mem::take(&mut self.results);
-        self.operator.advance(watermark_ms, &*self.having, &mut results);
+        let having = &self.having;
+        // A key that does not decode is kept: `drain` reports it.
+        let keep = |key: &EncodedKey, window: &WindowBounds, value: &A| {
+            key.decode::<K>().map_or(true, |key| having(&key, window, value))
+        };
+        self.operator.advance(watermark_ms, &keep, &mut results);
         self.results = results;
         self.drain(out)
     }
@@ -689,6 +776,90 @@ mod tests {
         let sums = run_both_stages(&summed, &inputs, 1_000);
         let sums: Vec<Option<String>> = sums.into_iter().map(|(_, v)| v).collect();
         assert_eq!(sums, vec![Some("12".to_string()), Some("1".to_string())]);
+    }
+
+    #[test]
+    fn keys_inline_or_not_count_apart_survive_a_snapshot_and_a_corrupt_one_fails_at_close() {
+        let def = Dataflow::new("n")
+            .source::<(String, u32)>("in")
+            .key_by(|(k, _)| k.clone())
+            .window(Window::tumbling(Duration::from_secs(60)))
+            .count()
+            .emit(Emit::Final)
+            .sink("out");
+        // Encoded: 1 length byte + the text. 21 characters are the longest
+        // key kept inline, 22 the shortest on the heap.
+        let inline_max = "i".repeat(KEY_INLINE_BYTES - 1);
+        let heap_min = "h".repeat(KEY_INLINE_BYTES);
+        let long = format!("{}1", "l".repeat(40));
+        let long_too = format!("{}2", "l".repeat(40));
+        let mut inputs = Vec::new();
+        for (key, times) in [("a", 2), (&inline_max, 2), (&heap_min, 3), (&long, 1), (&long_too, 4)] {
+            for _ in 0..times {
+                inputs.push(format!("[\"{key}\",0]"));
+            }
+        }
+        let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let counts: Vec<(String, u64)> = run_both_stages(&def, &inputs, 1_000)
+            .into_iter()
+            .map(|(key, count)| {
+                let key: serde_json::Value = serde_json::from_str(&key).expect("JSON key");
+                let key = key["key"].as_str().expect("text key").to_string();
+                (key, count.expect("count").parse().expect("a number"))
+            })
+            .collect();
+        let expected = vec![
+            ("a".to_string(), 2),
+            (inline_max.clone(), 2),
+            (heap_min.clone(), 3),
+            (long.clone(), 1),
+            (long_too.clone(), 4),
+        ];
+        assert_eq!(counts, expected, "one count per key, in the order of the encoded keys");
+
+        // A snapshot taken mid-window resumes to the same results.
+        let mut repartitioned = Emitted::default();
+        for value in &inputs {
+            def.source_stage
+                .process(value.as_bytes(), 1_000, &mut repartitioned)
+                .expect("decodes");
+        }
+        let records: Vec<EmittedRecord<'_>> = repartitioned.iter().collect();
+        let factory = def.window_stage.as_ref().expect("keyed");
+        let (mut whole, mut first) = (factory(), factory());
+        let (mut out_whole, mut out_resumed) = (Emitted::default(), Emitted::default());
+        for (i, record) in records.iter().enumerate() {
+            let key = record.key.expect("key");
+            whole.add(key, &[], record.timestamp_ms, &mut out_whole).expect("adds");
+            if i < 5 {
+                first
+                    .add(key, &[], record.timestamp_ms, &mut out_resumed)
+                    .expect("adds");
+            }
+        }
+        let mut resumed = factory();
+        resumed.restore(&first.snapshot().expect("snapshot")).expect("restores");
+        for record in &records[5..] {
+            resumed
+                .add(record.key.expect("key"), &[], record.timestamp_ms, &mut out_resumed)
+                .expect("adds");
+        }
+        whole.advance(i64::MAX, &mut out_whole).expect("closes");
+        resumed.advance(i64::MAX, &mut out_resumed).expect("closes");
+        let sink = |out: &Emitted| -> Vec<(Vec<u8>, Vec<u8>)> {
+            out.iter()
+                .map(|r| (r.key.unwrap_or_default().to_vec(), r.value.unwrap_or_default().to_vec()))
+                .collect()
+        };
+        assert_eq!(sink(&out_resumed), sink(&out_whole));
+        assert_eq!(sink(&out_whole).len(), expected.len());
+
+        // A key is checked when its window's results leave.
+        let mut window = factory();
+        let mut out = Emitted::default();
+        window.add(b"\x05ab", &[], 1_000, &mut out).expect("kept encoded");
+        let err = window.advance(i64::MAX, &mut out).expect_err("the key does not decode");
+        assert!(matches!(err, StageError::Corrupt(_)), "{err}");
     }
 
     #[test]

@@ -47,7 +47,8 @@ const BATCH_BYTES_MAX: usize = 1 << 20;
 /// A checkpoint is one batch: it must stay under the broker's batch limit.
 pub const CHECKPOINT_BYTES_MAX: usize = 7 << 20;
 const CHECKPOINT_CHUNK_BYTES: usize = 512 << 10;
-const CHECKPOINT_VERSION: u8 = 1;
+/// 2: window state keeps keys encoded (version 1 kept them decoded).
+const CHECKPOINT_VERSION: u8 = 2;
 /// How long an output batch is retried through unavailability before the
 /// task fails (and is restarted from its checkpoint).
 const SEND_RETRY_FOR: Duration = Duration::from_secs(60);
