@@ -11,7 +11,9 @@
 //! aggregate as JSON. A dataflow without `key_by` is one stage that writes
 //! its records (JSON) straight to the sink. Operators inside a stage are
 //! fused into the stage's task (like Flink's operator chaining); the
-//! repartition topic is the boundary between stages.
+//! repartition topic is the boundary between stages. The window stage keeps
+//! keys as the source stage encoded them, so a window's results leave in the
+//! order of the encoded keys (postcard: strings by length, then bytes).
 
 use std::hash::Hash;
 use std::sync::Arc;
@@ -550,8 +552,13 @@ impl EncodedKey {
         }
     }
 
-    fn decode<K: DeserializeOwned>(&self) -> Result<K, StageError> {
-        postcard::from_bytes(self.as_bytes()).map_err(|e| StageError::Corrupt(format!("key: {e}")))
+    /// The key, if these bytes are exactly one encoded `K`.
+    fn decode<K: DeserializeOwned>(&self) -> Result<K, String> {
+        match postcard::take_from_bytes(self.as_bytes()) {
+            Ok((key, [])) => Ok(key),
+            Ok((_, rest)) => Err(format!("{} bytes after the key", rest.len())),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 
@@ -624,7 +631,7 @@ where
                 WindowResult::Update { key, window, value } => (key, window, value, false),
                 WindowResult::Retract { key, window, value } => (key, window, value, true),
             };
-            let key: K = key.decode()?;
+            let key: K = key.decode().map_err(|e| StageError::Corrupt(format!("key: {e}")))?;
             if !(self.having)(&key, window, value) {
                 continue;
             }
@@ -652,18 +659,29 @@ where
     A: Serialize + DeserializeOwned + Clone + Send + Sync,
 {
     fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
-        // Decoded (and checked) when the window's results leave.
+        // Kept encoded; checked when it first enters a window, decoded
+        // when the window's results leave.
         let key = EncodedKey::new(key);
+        let admit = |key: &EncodedKey| key.decode::<K>().map(drop);
         let mut results = std::mem::take(&mut self.results);
         let outcome = match &self.fold {
             Folding::Values(fold) => {
                 let value: T = postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("value: {e}")))?;
-                self.operator
-                    .add(key, t_ms, &value, &*self.init, &**fold, &*self.merge, &mut results)
+                self.operator.add(
+                    key,
+                    t_ms,
+                    &value,
+                    &*self.init,
+                    &**fold,
+                    &*self.merge,
+                    &admit,
+                    &mut results,
+                )
             }
-            Folding::Count(fold) => self
-                .operator
-                .add(key, t_ms, &(), &*self.init, &**fold, &*self.merge, &mut results),
+            Folding::Count(fold) => {
+                self.operator
+                    .add(key, t_ms, &(), &*self.init, &**fold, &*self.merge, &admit, &mut results)
+            }
         };
         self.results = results;
         self.drain(out)?;
@@ -673,7 +691,8 @@ where
     fn advance(&mut self, watermark_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
         let mut results = std::mem::take(&mut self.results);
         let having = &self.having;
-        // A key that does not decode is kept: `drain` reports it.
+        // Keys were checked on the way in (or restored from a checkpoint);
+        // one that does not decode is kept for `drain` to report.
         let keep = |key: &EncodedKey, window: &WindowBounds, value: &A| {
             key.decode::<K>().map_or(true, |key| having(&key, window, value))
         };
@@ -854,12 +873,33 @@ mod tests {
         assert_eq!(sink(&out_resumed), sink(&out_whole));
         assert_eq!(sink(&out_whole).len(), expected.len());
 
-        // A key is checked when its window's results leave.
+        assert!(matches!(
+            EncodedKey::new(&[7; KEY_INLINE_BYTES]),
+            EncodedKey::Inline { .. }
+        ));
+        assert!(matches!(
+            EncodedKey::new(&[7; KEY_INLINE_BYTES + 1]),
+            EncodedKey::Heap(_)
+        ));
+
+        // A key is checked when it first enters a window.
         let mut window = factory();
         let mut out = Emitted::default();
-        window.add(b"\x05ab", &[], 1_000, &mut out).expect("kept encoded");
-        let err = window.advance(i64::MAX, &mut out).expect_err("the key does not decode");
-        assert!(matches!(err, StageError::Corrupt(_)), "{err}");
+        for (bad, why) in [
+            (&b"\x05ab"[..], "shorter than its length"),
+            (b"\x01ab", "a byte after the key"),
+        ] {
+            let err = window.add(bad, &[], 1_000, &mut out).expect_err(why);
+            assert!(
+                matches!(err, StageError::Window(WindowError::BadKey(_))),
+                "{why}: {err}"
+            );
+        }
+        window
+            .add(b"\x01a", &[], 1_000, &mut out)
+            .expect("a good key still counts");
+        window.advance(i64::MAX, &mut out).expect("closes");
+        assert_eq!(out.len(), 1, "only the good key has a result");
     }
 
     #[test]

@@ -178,6 +178,8 @@ pub enum WindowError {
     TooManyWindows,
     #[error("window state does not decode: {0}")]
     CorruptState(String),
+    #[error("a key does not decode: {0}")]
+    BadKey(String),
     #[error("window state does not encode: {0}")]
     Unencodable(String),
 }
@@ -249,7 +251,9 @@ where
 
     /// Adds one record at event time `t_ms` to its key's windows. `init`
     /// makes an empty aggregate, `fold` adds the record to one, and `merge`
-    /// combines two (session windows only). Updates go to `out` under
+    /// combines two (session windows only). `admit` checks a key the first
+    /// time it enters a window (a later record of it carries the same key),
+    /// and its error refuses the record. Updates go to `out` under
     /// [`Emit::Changes`]. The key is taken by value: a new window keeps it
     /// without a copy.
     #[allow(clippy::too_many_arguments)]
@@ -261,9 +265,13 @@ where
         init: &dyn Fn() -> A,
         fold: &dyn Fn(&mut A, &V),
         merge: &dyn Fn(&mut A, A),
+        admit: &dyn Fn(&K) -> Result<(), String>,
         out: &mut Vec<WindowResult<K, A>>,
     ) -> Result<(), WindowError> {
         if let WindowKind::Session { gap_ms } = self.window.kind {
+            if !self.sessions.contains_key(&key) {
+                admit(&key).map_err(WindowError::BadKey)?;
+            }
             return self.add_to_session(&key, t_ms, gap_ms, value, init, fold, merge, out);
         }
         let size = self.window.size_ms();
@@ -300,6 +308,7 @@ where
                     changed_key.is_some().then(|| aggregate.clone())
                 }
                 Entry::Vacant(entry) => {
+                    admit(entry.key()).map_err(WindowError::BadKey)?;
                     // Folded before it is stored: the store into a table
                     // slot that is rarely in cache need not be waited for.
                     let mut aggregate = init();
@@ -539,6 +548,7 @@ mod tests {
             &|| 0,
             &|a, _: &()| *a += 1,
             &|a, b| *a += b,
+            &|_| Ok(()),
             out,
         )
         .expect("add");
@@ -651,6 +661,7 @@ mod tests {
             &|| 0,
             &|a, _: &()| *a += 1,
             &|a, b| *a += b,
+            &|_| Ok(()),
             &mut out,
         )
         .expect("add");
@@ -691,6 +702,57 @@ mod tests {
     }
 
     #[test]
+    fn a_key_is_admitted_once_per_window_and_a_refused_one_changes_nothing() {
+        let admitted = std::cell::RefCell::new(Vec::new());
+        let admit = |key: &String| {
+            admitted.borrow_mut().push(key.clone());
+            if key == "bad" {
+                Err("refused".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        for window in [
+            Window::tumbling(Duration::from_secs(60)),
+            Window::session(Duration::from_secs(60)),
+        ] {
+            admitted.borrow_mut().clear();
+            let mut op = count_op(window, Emit::Changes);
+            let mut out = Vec::new();
+            for (key, t) in [("a", 0), ("a", 1_000), ("a", MIN), ("bad", 2_000)] {
+                let added = op.add(
+                    key.to_string(),
+                    t,
+                    &(),
+                    &|| 0,
+                    &|a, _: &()| *a += 1,
+                    &|a, b| *a += b,
+                    &admit,
+                    &mut out,
+                );
+                assert_eq!(added.is_err(), key == "bad", "{window:?} {key}");
+            }
+            let expected: &[&str] = match window.kind {
+                // Tumbling: "a" enters the windows at 0 and at 1 min.
+                WindowKind::Tumbling { .. } => &["a", "a", "bad"],
+                _ => &["a", "bad"],
+            };
+            assert_eq!(*admitted.borrow(), expected, "{window:?}");
+            let keys: Vec<&String> = out
+                .iter()
+                .map(|r| match r {
+                    WindowResult::Update { key, .. } | WindowResult::Retract { key, .. } => key,
+                })
+                .collect();
+            assert!(
+                !keys.is_empty() && keys.iter().all(|k| *k == "a"),
+                "{window:?}: {keys:?}"
+            );
+            assert_eq!(op.open_windows(), if expected.len() == 3 { 2 } else { 1 }, "{window:?}");
+        }
+    }
+
+    #[test]
     fn late_session_record_is_dropped_and_counted() {
         let mut op = count_op(Window::session(Duration::from_secs(10)), Emit::Final);
         let out = run(&mut op, &[("k", 100_000), ("k", 0)]);
@@ -719,6 +781,7 @@ mod tests {
                     &|| 0,
                     &|a, _: &()| *a += 1,
                     &|a, b| *a += b,
+                    &|_| Ok(()),
                     target,
                 )
                 .expect("add");
@@ -741,6 +804,7 @@ mod tests {
                     &|| 0,
                     &|a, _: &()| *a += 1,
                     &|a, b| *a += b,
+                    &|_| Ok(()),
                     &mut out,
                 )
                 .expect("add");

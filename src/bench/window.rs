@@ -137,6 +137,7 @@ fn operator_pass(events: &[(String, i64)]) -> anyhow::Result<(Duration, usize)> 
             &|| 0,
             &|c, _: &()| *c += 1,
             &|a, b| *a += b,
+            &|_| Ok(()),
             &mut out,
         )?;
         if *at_ms > max_ms {

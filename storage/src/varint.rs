@@ -1,6 +1,7 @@
 //! LEB128 varints (unsigned) and zigzag varints (signed), used inside records.
-//! Decoders never panic: every read is bounds-checked and overlong encodings
-//! are rejected.
+//! Decoders never panic: every read is bounds-checked, and an encoding that
+//! runs past 10 bytes or overflows 64 bits is rejected (a value padded with
+//! extra zero groups, still within 10 bytes, is read as its value).
 
 /// The longest LEB128 encoding of a `u64`.
 pub(crate) const VARINT_BYTES_MAX: usize = 10;
