@@ -33,6 +33,9 @@ use crate::tasks::{dataflow_topics, TaskAssignment, TaskHost};
 /// How often the controller leader looks for dead nodes' replicas to move,
 /// and every node nudges unsettled groups.
 const HEAL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long `start_dataflow` looks for a source topic this node has not
+/// applied yet (a commit reaches a follower within a heartbeat or two).
+const SOURCE_TOPIC_WAIT: Duration = Duration::from_secs(3);
 /// How long a node waits for a group leader's configuration before it
 /// asks another (the control loop waits meanwhile).
 const MEMBERS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -311,21 +314,29 @@ impl Shared {
         let Some(shape) = self.tasks.as_ref().and_then(|host| host.shape(&name)) else {
             return ClientResponse::Refused(MetadataError::UnregisteredDataflow(name));
         };
-        // This node may not have applied a topic created a moment ago.
-        if let Err(reason) = self.pull_and_apply().await {
-            tracing::debug!(reason, "controller log not reachable; answering from what is applied");
-        }
-        if self.meta().metadata.dataflows.contains_key(&name) {
-            return ClientResponse::Refused(MetadataError::DataflowRunning(name));
-        }
-        let Some(partitions) = self
-            .meta()
-            .metadata
-            .topics
-            .get(&shape.source)
-            .map(|t| t.config.partitions)
-        else {
-            return ClientResponse::UnknownTopic(shape.source);
+        // This node may not have applied a topic created a moment ago: a
+        // follower's copy of the controller log learns of a commit only with
+        // the leader's next message, so an unknown source is looked for again
+        // until `SOURCE_TOPIC_WAIT` has passed.
+        let deadline = Instant::now() + SOURCE_TOPIC_WAIT;
+        let partitions = loop {
+            if let Err(reason) = self.pull_and_apply().await {
+                tracing::debug!(reason, "controller log not reachable; answering from what is applied");
+            }
+            if self.meta().metadata.dataflows.contains_key(&name) {
+                return ClientResponse::Refused(MetadataError::DataflowRunning(name));
+            }
+            let known = self
+                .meta()
+                .metadata
+                .topics
+                .get(&shape.source)
+                .map(|t| t.config.partitions);
+            match known {
+                Some(partitions) => break partitions,
+                None if Instant::now() >= deadline => return ClientResponse::UnknownTopic(shape.source),
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
         };
         let replication = self.alive_nodes().len().clamp(1, 3) as u16;
         for (topic, topic_partitions) in dataflow_topics(&name, &shape, partitions) {
