@@ -798,7 +798,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_inline_or_not_count_apart_survive_a_snapshot_and_a_corrupt_one_fails_at_close() {
+    fn keys_inline_or_not_count_apart_survive_a_snapshot_and_a_corrupt_one_is_refused() {
         let def = Dataflow::new("n")
             .source::<(String, u32)>("in")
             .key_by(|(k, _)| k.clone())
