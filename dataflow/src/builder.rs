@@ -758,16 +758,18 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn a_count_repartitions_keys_only_and_an_aggregate_carries_values() {
-        let counted = Dataflow::new("n")
+    /// Counts `[key, n]` records per key in minute windows.
+    fn count_per_key() -> WindowedTable<String, (String, u32), u64> {
+        Dataflow::new("n")
             .source::<(String, u32)>("in")
             .key_by(|(k, _)| k.clone())
             .window(Window::tumbling(Duration::from_secs(60)))
             .count()
-            .filter(|_, _, n| *n >= 2)
-            .emit(Emit::Final)
-            .sink("out");
+    }
+
+    #[test]
+    fn a_count_repartitions_keys_only_and_an_aggregate_carries_values() {
+        let counted = count_per_key().filter(|_, _, n| *n >= 2).emit(Emit::Final).sink("out");
         let emitted = source_output(&counted, r#"["a",5]"#);
         let record = emitted.iter().next().expect("one record");
         assert_eq!(record.key, Some(&b"\x01a"[..]), "postcard key");
@@ -799,13 +801,7 @@ mod tests {
 
     #[test]
     fn keys_inline_or_not_count_apart_survive_a_snapshot_and_a_corrupt_one_is_refused() {
-        let def = Dataflow::new("n")
-            .source::<(String, u32)>("in")
-            .key_by(|(k, _)| k.clone())
-            .window(Window::tumbling(Duration::from_secs(60)))
-            .count()
-            .emit(Emit::Final)
-            .sink("out");
+        let def = count_per_key().emit(Emit::Final).sink("out");
         // Encoded: 1 length byte + the text. 21 characters are the longest
         // key kept inline, 22 the shortest on the heap.
         let inline_max = "i".repeat(KEY_INLINE_BYTES - 1);

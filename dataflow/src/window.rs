@@ -539,8 +539,14 @@ mod tests {
         WindowOperator::new(window, emit)
     }
 
-    /// Counts one record of `key` at `t`.
-    fn count_one(op: &mut WindowOperator<String, u64>, key: &str, t: i64, out: &mut Vec<WindowResult<String, u64>>) {
+    /// Counts one record of `key` at `t`, `admit` checking new keys.
+    fn count_admitting(
+        op: &mut WindowOperator<String, u64>,
+        key: &str,
+        t: i64,
+        admit: &dyn Fn(&String) -> Result<(), String>,
+        out: &mut Vec<WindowResult<String, u64>>,
+    ) -> Result<(), WindowError> {
         op.add(
             key.to_string(),
             t,
@@ -548,10 +554,14 @@ mod tests {
             &|| 0,
             &|a, _: &()| *a += 1,
             &|a, b| *a += b,
-            &|_| Ok(()),
+            admit,
             out,
         )
-        .expect("add");
+    }
+
+    /// Counts one record of `key` at `t`.
+    fn count_one(op: &mut WindowOperator<String, u64>, key: &str, t: i64, out: &mut Vec<WindowResult<String, u64>>) {
+        count_admitting(op, key, t, &|_| Ok(()), out).expect("add");
     }
 
     /// Feeds (key, t) records, advancing the watermark to the maximum event
@@ -654,17 +664,7 @@ mod tests {
         // The first session closed at watermark 2 min (0 + gap); a record at
         // 1:30 touches only the second one, extending it backwards.
         let mut out = Vec::new();
-        op.add(
-            "a".to_string(),
-            90_000,
-            &(),
-            &|| 0,
-            &|a, _: &()| *a += 1,
-            &|a, b| *a += b,
-            &|_| Ok(()),
-            &mut out,
-        )
-        .expect("add");
+        count_one(&mut op, "a", 90_000, &mut out);
         assert_eq!(
             out,
             vec![
@@ -720,22 +720,13 @@ mod tests {
             let mut op = count_op(window, Emit::Changes);
             let mut out = Vec::new();
             for (key, t) in [("a", 0), ("a", 1_000), ("a", MIN), ("bad", 2_000)] {
-                let added = op.add(
-                    key.to_string(),
-                    t,
-                    &(),
-                    &|| 0,
-                    &|a, _: &()| *a += 1,
-                    &|a, b| *a += b,
-                    &admit,
-                    &mut out,
-                );
+                let added = count_admitting(&mut op, key, t, &admit, &mut out);
                 assert_eq!(added.is_err(), key == "bad", "{window:?} {key}");
             }
-            let expected: &[&str] = match window.kind {
+            let (expected, open): (&[&str], usize) = match window.kind {
                 // Tumbling: "a" enters the windows at 0 and at 1 min.
-                WindowKind::Tumbling { .. } => &["a", "a", "bad"],
-                _ => &["a", "bad"],
+                WindowKind::Tumbling { .. } => (&["a", "a", "bad"], 2),
+                _ => (&["a", "bad"], 1),
             };
             assert_eq!(*admitted.borrow(), expected, "{window:?}");
             let keys: Vec<&String> = out
@@ -748,7 +739,7 @@ mod tests {
                 !keys.is_empty() && keys.iter().all(|k| *k == "a"),
                 "{window:?}: {keys:?}"
             );
-            assert_eq!(op.open_windows(), if expected.len() == 3 { 2 } else { 1 }, "{window:?}");
+            assert_eq!(op.open_windows(), open, "{window:?}");
         }
     }
 
@@ -773,18 +764,7 @@ mod tests {
         let mut max = i64::MIN;
         for (i, (key, t)) in records.iter().enumerate() {
             let target = if i < 250 { &mut out_whole } else { &mut resumed_out };
-            whole
-                .add(
-                    key.clone(),
-                    *t,
-                    &(),
-                    &|| 0,
-                    &|a, _: &()| *a += 1,
-                    &|a, b| *a += b,
-                    &|_| Ok(()),
-                    target,
-                )
-                .expect("add");
+            count_one(&mut whole, key, *t, target);
             max = max.max(*t);
             whole.advance(max, &|_, _, _| true, target);
             if i == 249 {
@@ -796,18 +776,7 @@ mod tests {
         let mut out = Vec::new();
         let mut max = restored.watermark_ms();
         for (key, t) in &records[250..] {
-            restored
-                .add(
-                    key.clone(),
-                    *t,
-                    &(),
-                    &|| 0,
-                    &|a, _: &()| *a += 1,
-                    &|a, b| *a += b,
-                    &|_| Ok(()),
-                    &mut out,
-                )
-                .expect("add");
+            count_one(&mut restored, key, *t, &mut out);
             max = max.max(*t);
             restored.advance(max, &|_, _, _| true, &mut out);
         }
