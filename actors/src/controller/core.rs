@@ -1,0 +1,565 @@
+//! The controller's decisions on one node, as a deterministic state machine.
+//!
+//! [`ControllerCore`] does no I/O and never waits: the shell around it (the
+//! tokio tasks in [`super`], or the deterministic simulation) feeds it what
+//! happened — controller-log batches, its local replicas' configurations,
+//! membership, answers from peers — and carries out the [`Command`]s it
+//! returns (host or stop a replica, reconfigure a group, delete stale files)
+//! and the [`MetadataCommand`]s it proposes. Both shells drive this same
+//! code, so a decision the simulation checks is the decision a node makes.
+//!
+//! What one node decides:
+//! - **Hosting** ([`ControllerCore::reconcile`]): a replica of every
+//!   partition assigned here; the founding replica of a group moved off
+//!   before this node ever hosted it; replicas no longer assigned stop once
+//!   their group no longer counts them ([`ControllerCore::on_unassigned`]).
+//! - **Settling** ([`ControllerCore::on_settle_status`]): a local group whose
+//!   voters differ from its assignment is nudged towards it until they match.
+//! - **Stale files** ([`ControllerCore::stale_candidates`],
+//!   [`ControllerCore::on_stale_answer`]): files of a replica no assignment
+//!   names are deleted only once this node's metadata has reached the
+//!   controller leader's commit point and the group's leader confirms the
+//!   replica was removed.
+//! - **Healing**, on the controller leader ([`ControllerCore::heal`],
+//!   [`ControllerCore::replace_failed`]): a dead node's replicas and tasks,
+//!   and failed replicas, move to live nodes.
+//! - **Admin**, on the controller leader: topic creation and deletion,
+//!   dataflow placement, rebalancing — validated and placed here, committed
+//!   by the shell.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use runnel_storage::{RecordBatch, StorageError};
+
+use crate::metadata::{
+    pick_replacement, place, place_tasks, validate_topic_name, AppliedMetadata, DataflowMeta, MetadataCommand,
+    MetadataError, TopicConfig, CONTROLLER_GROUP,
+};
+use crate::tasks::TaskAssignment;
+
+/// Replica moves one rebalance proposes at most.
+const REBALANCE_MOVES_MAX: usize = 1000;
+
+/// How one node's controller core behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoreConfig {
+    /// This node's id.
+    pub me: u64,
+    /// A node dead this long has its replicas and tasks re-created elsewhere.
+    pub replace_after_ms: u64,
+    /// Hosting is reconciled when the metadata changes or this often; the
+    /// healing duties (settling, stale files, dead nodes) run this often.
+    pub heal_interval_ms: u64,
+}
+
+/// How this node's membership sees one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemberView {
+    pub node: u32,
+    pub liveness: Liveness,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    /// Missed heartbeats, not declared dead yet: neither alive for placement
+    /// nor dead for healing.
+    Suspect,
+    /// Dead since this time (the shell's clock, milliseconds).
+    Dead {
+        since_ms: u64,
+    },
+}
+
+/// A local replica's view of its group's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupView {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+impl GroupView {
+    /// Whether the group counts `node`, as a voter or a learner.
+    pub fn counts(&self, node: u64) -> bool {
+        self.voters.contains(&node) || self.learners.contains(&node)
+    }
+
+    /// Whether the voters are exactly `assigned` and no learner is left.
+    pub fn matches(&self, assigned: &[u64]) -> bool {
+        let mut voters = self.voters.clone();
+        voters.sort_unstable();
+        let mut want = assigned.to_vec();
+        want.sort_unstable();
+        voters == want && self.learners.is_empty()
+    }
+}
+
+/// What the shell carries out for the core on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Run a replica of `group` here (founders' configuration, or `None` to
+    /// reopen what is on disk), then report with [`ControllerCore::on_hosted`].
+    Host {
+        group: u64,
+        founders: Option<Vec<u64>>,
+        rejoin: bool,
+    },
+    /// Stop the local replica of `group`; its files stay. Already counted.
+    Unhost { group: u64 },
+    /// Ask the local replica of `group`, if it leads, to move the group's
+    /// voters one step towards `voters`.
+    Reconfigure { group: u64, voters: Vec<u64> },
+    /// Delete the files of a stale replica, leaving a tombstone.
+    DeleteFiles { group: u64 },
+}
+
+/// Which duties are due at a step (see [`ControllerCore::due`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Due {
+    /// Reconcile hosting: the metadata changed, or the heal interval passed.
+    pub reconcile: bool,
+    /// Settle groups, heal, report failed replicas, collect stale files.
+    pub heal: bool,
+}
+
+/// A stale replica directory to ask about: delete it only if the group's
+/// leader, found among `ask`, confirms this node left the group. With no
+/// one to ask (its topic is gone), it is removed at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StaleCheck {
+    pub group: u64,
+    pub ask: Option<Vec<u32>>,
+}
+
+/// One node's controller state and decisions. See the module docs.
+#[derive(Debug)]
+pub struct ControllerCore {
+    config: CoreConfig,
+    meta: AppliedMetadata,
+    /// Groups this node hosts because the metadata (or a stale check) asked.
+    hosted: BTreeSet<u64>,
+    /// Groups this node stopped hosting since it started (it left them): never
+    /// reopened as possibly needed voters — only replicas found on disk
+    /// after a restart are.
+    closed: BTreeSet<u64>,
+    /// Local groups whose voters may differ from their assignment, with the
+    /// assigned voters; checked until they match.
+    unsettled: BTreeMap<u64, Vec<u64>>,
+    /// Local groups whose voters were seen equal to these assigned voters.
+    /// An assignment that differs makes the group unsettled again.
+    settled: BTreeMap<u64, Vec<u64>>,
+    /// The task assignment last handed to the dataflow runtime.
+    assigned_tasks: Vec<TaskAssignment>,
+    /// The applied offset hosting was last reconciled at.
+    reconciled_at: Option<u64>,
+    last_heal_ms: Option<u64>,
+}
+
+impl ControllerCore {
+    pub fn new(config: CoreConfig) -> ControllerCore {
+        ControllerCore {
+            config,
+            meta: AppliedMetadata::default(),
+            hosted: BTreeSet::new(),
+            closed: BTreeSet::new(),
+            unsettled: BTreeMap::new(),
+            settled: BTreeMap::new(),
+            assigned_tasks: Vec::new(),
+            reconciled_at: None,
+            last_heal_ms: None,
+        }
+    }
+
+    pub fn me(&self) -> u64 {
+        self.config.me
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// The metadata as applied here.
+    pub fn meta(&self) -> &AppliedMetadata {
+        &self.meta
+    }
+
+    /// Applies one committed controller-log batch (ones already applied are
+    /// skipped).
+    pub fn apply_batch(&mut self, batch: &RecordBatch) -> Result<(), StorageError> {
+        self.meta.apply_batch(batch)
+    }
+
+    /// Which duties are due at `now_ms`; marks them done.
+    pub fn due(&mut self, now_ms: u64) -> Due {
+        let heal = self
+            .last_heal_ms
+            .is_none_or(|last| now_ms >= last + self.config.heal_interval_ms);
+        let applied = self.meta.applied_offset;
+        let reconcile = heal || self.reconciled_at != Some(applied);
+        if reconcile {
+            self.reconciled_at = Some(applied);
+        }
+        if heal {
+            self.last_heal_ms = Some(now_ms);
+        }
+        Due { reconcile, heal }
+    }
+
+    /// Replicas to host: every group assigned here that is not running yet,
+    /// and the founding replica of each group moved off this node before it
+    /// ever hosted it (`ever_hosted`: its files or tombstone are on disk).
+    /// Marks assigned groups whose voters may differ from the assignment.
+    pub fn reconcile(&mut self, ever_hosted: impl Fn(u64) -> bool) -> Vec<Command> {
+        let wanted = self.meta.wanted_groups(self.me());
+        let mut commands = Vec::new();
+        for (group, wanted_group) in wanted {
+            if self.settled.get(&group) != Some(&wanted_group.voters) {
+                self.unsettle(group, wanted_group.voters.clone());
+            }
+            if !self.hosted.contains(&group) {
+                // Every replica starts from the founders' configuration and
+                // replays the log's changes from there: a replica placed
+                // later is added as a learner on top of the right
+                // configuration, and never campaigns until a committed change
+                // makes it a voter. (Holds while logs are never compacted.)
+                commands.push(Command::Host {
+                    group,
+                    founders: Some(wanted_group.founders),
+                    rejoin: wanted_group.rejoin,
+                });
+            }
+        }
+        for (group, founders) in self.meta.founded_groups_moved_off(self.me()) {
+            if self.hosted.contains(&group) || self.closed.contains(&group) || ever_hosted(group) {
+                continue;
+            }
+            tracing::info!(
+                group,
+                "creating the founding replica of a group moved off before it was hosted here"
+            );
+            commands.push(Command::Host {
+                group,
+                founders: Some(founders),
+                rejoin: false,
+            });
+        }
+        commands
+    }
+
+    /// A [`Command::Host`] succeeded.
+    pub fn on_hosted(&mut self, group: u64) {
+        self.hosted.insert(group);
+        self.closed.remove(&group);
+    }
+
+    /// Groups hosted here that no assignment places here any more: ask each
+    /// replica whether its group still counts this node, and tell
+    /// [`ControllerCore::on_unassigned`].
+    pub fn unassigned_hosted(&self) -> Vec<u64> {
+        let wanted = self.meta.wanted_groups(self.me());
+        self.hosted
+            .iter()
+            .copied()
+            .filter(|g| *g != CONTROLLER_GROUP && !wanted.contains_key(g))
+            .collect()
+    }
+
+    /// A hosted, unassigned group's replica counts this node (`member`) or
+    /// not. A replica the group still counts keeps running wherever the
+    /// assignment moved: its vote and log may be what the group needs to
+    /// elect a leader and hand its data to the new replicas (found by the
+    /// simulation: two replicas moved at once left a group without a
+    /// quorum). Led here, it moves the group towards the assignment too.
+    pub fn on_unassigned(&mut self, group: u64, member: bool) -> Option<Command> {
+        if member {
+            if let Some(assigned) = self.meta.assignment_of(group) {
+                self.unsettle(group, assigned);
+            }
+            return None;
+        }
+        self.stop_hosting(group);
+        Some(Command::Unhost { group })
+    }
+
+    fn unsettle(&mut self, group: u64, voters: Vec<u64>) {
+        if self.unsettled.get(&group) != Some(&voters) {
+            self.unsettled.insert(group, voters);
+        }
+    }
+
+    fn stop_hosting(&mut self, group: u64) {
+        self.closed.insert(group);
+        self.hosted.remove(&group);
+        self.unsettled.remove(&group);
+        self.settled.remove(&group);
+    }
+
+    /// Local groups that may not have converged on their assignment yet.
+    pub fn unsettled(&self) -> Vec<u64> {
+        self.unsettled.keys().copied().collect()
+    }
+
+    /// The local replica of an unsettled group sees `view`: a group whose
+    /// voters match its assignment is settled; any other is nudged.
+    pub fn on_settle_status(&mut self, group: u64, view: &GroupView) -> Option<Command> {
+        let desired = self.unsettled.get(&group)?.clone();
+        if view.matches(&desired) {
+            self.unsettled.remove(&group);
+            self.settled.insert(group, desired);
+            return None;
+        }
+        Some(Command::Reconfigure { group, voters: desired })
+    }
+
+    /// The peers a passive local replica of `group` asks about itself (see
+    /// [`crate::ReplicaCore::judge_passive`]): its group's members and
+    /// assigned nodes, without this node.
+    pub fn passive_peers(&self, group: u64, view: &GroupView) -> Vec<u64> {
+        let mut members: BTreeSet<u64> = view.voters.iter().chain(&view.learners).copied().collect();
+        members.extend(self.meta.assignment_of(group).unwrap_or_default());
+        members.remove(&self.me());
+        members.into_iter().collect()
+    }
+
+    /// The tasks the metadata places here, when they changed since the last
+    /// call.
+    pub fn tasks_changed(&mut self) -> Option<Vec<TaskAssignment>> {
+        let wanted = self.meta.metadata.tasks_of(self.me() as u32);
+        if wanted == self.assigned_tasks {
+            return None;
+        }
+        self.assigned_tasks = wanted.clone();
+        Some(wanted)
+    }
+
+    /// Of the local replicas the supervisor gave up on, those still hosted
+    /// for an assignment: the controller leader is told, so they are placed
+    /// on another node.
+    pub fn failed_to_report(&self, failed: &[u64]) -> Vec<u64> {
+        failed
+            .iter()
+            .copied()
+            .filter(|g| self.hosted.contains(g) && *g != CONTROLLER_GROUP)
+            .collect()
+    }
+
+    /// Replica directories on disk (`on_disk`) that no assignment names for
+    /// this node, hosted here still or not running at all (`running`).
+    pub fn stale_candidates(&self, on_disk: &[u64], running: impl Fn(u64) -> bool) -> Vec<u64> {
+        let wanted = self.meta.wanted_groups(self.me());
+        on_disk
+            .iter()
+            .copied()
+            .filter(|g| *g != CONTROLLER_GROUP && !wanted.contains_key(g))
+            .filter(|g| self.hosted.contains(g) || !running(*g))
+            .collect()
+    }
+
+    /// Which stale candidates to ask about, once this node's metadata is at
+    /// least the controller leader's commit point (`leader_committed`): a
+    /// lagging view could miss a current assignment, so nothing is checked
+    /// before.
+    pub fn stale_checks(&self, candidates: &[u64], leader_committed: u64) -> Vec<StaleCheck> {
+        if self.meta.applied_offset < leader_committed {
+            return Vec::new();
+        }
+        let me = self.me() as u32;
+        let mut assigned = BTreeSet::new();
+        let mut members_of = BTreeMap::new();
+        for topic in self.meta.metadata.topics.values() {
+            for (partition, replicas) in topic.assignment.iter().enumerate() {
+                let group = topic.group_id(partition as u32);
+                if replicas.contains(&me) {
+                    assigned.insert(group);
+                }
+                members_of.insert(group, replicas.clone());
+            }
+        }
+        candidates
+            .iter()
+            .filter(|g| !assigned.contains(g))
+            .map(|&group| StaleCheck {
+                group,
+                ask: members_of.get(&group).cloned(),
+            })
+            .collect()
+    }
+
+    /// The answer to a [`StaleCheck`]: `removed` when the group's leader
+    /// confirmed this node left it (or there is no group to ask). Files of a
+    /// replica the group still counts are its votes and acknowledged
+    /// entries: deleting them would let the same id come back empty while
+    /// the leader believes it holds everything. Such a replica, not running
+    /// after a restart, runs again until it is known removed.
+    pub fn on_stale_answer(&mut self, group: u64, removed: bool) -> Vec<Command> {
+        if !removed {
+            if self.hosted.contains(&group) || self.closed.contains(&group) {
+                return Vec::new();
+            }
+            return vec![Command::Host {
+                group,
+                founders: None,
+                rejoin: true,
+            }];
+        }
+        let mut commands = Vec::new();
+        if self.hosted.contains(&group) {
+            self.stop_hosting(group);
+            commands.push(Command::Unhost { group });
+        }
+        commands.push(Command::DeleteFiles { group });
+        commands
+    }
+
+    /// On the controller leader: every replica and task of a node dead
+    /// longer than `replace_after_ms` moves to a live node, least loaded
+    /// first. Partitions with no live node to take a replica stay
+    /// under-replicated until one appears.
+    pub fn heal(&self, now_ms: u64, members: &[MemberView]) -> Vec<MetadataCommand> {
+        let dead: Vec<u32> = members
+            .iter()
+            .filter(|m| match m.liveness {
+                Liveness::Dead { since_ms } => since_ms + self.config.replace_after_ms <= now_ms,
+                _ => false,
+            })
+            .map(|m| m.node)
+            .collect();
+        if dead.is_empty() {
+            return Vec::new();
+        }
+        let alive = alive_nodes(members);
+        let mut moves = self.meta.replica_moves(&dead, &alive);
+        moves.extend(self.meta.task_moves(&dead, &alive));
+        moves
+    }
+
+    /// On the controller leader: `node`'s failed replica of `group` moves to
+    /// the least-loaded live node not in the partition.
+    pub fn replace_failed(&self, group: u64, node: u32, alive: &[u32]) -> Option<MetadataCommand> {
+        let metadata = &self.meta.metadata;
+        let (topic, partition, replicas) = metadata.topics.values().find_map(|t| {
+            (0..t.assignment.len())
+                .find(|&p| t.group_id(p as u32) == group)
+                .map(|p| (t.name.clone(), p as u32, t.assignment[p].clone()))
+        })?;
+        if !replicas.contains(&node) {
+            return None;
+        }
+        let replacement = pick_replacement(alive, &replicas, &metadata.load())?;
+        Some(MetadataCommand::ReplaceReplica {
+            topic,
+            partition,
+            dead: node,
+            replacement,
+        })
+    }
+
+    /// On the controller leader: validates a new topic and places its
+    /// replicas on `live` nodes.
+    pub fn create_topic(
+        &self,
+        name: String,
+        config: TopicConfig,
+        live: &[u32],
+    ) -> Result<MetadataCommand, MetadataError> {
+        validate_topic_name(&name).and_then(|()| config.validate())?;
+        if self.meta.metadata.topics.contains_key(&name) {
+            return Err(MetadataError::TopicExists(name));
+        }
+        let assignment = place(&config, live, &self.meta.metadata.load())?;
+        Ok(MetadataCommand::CreateTopic {
+            name,
+            config,
+            assignment,
+        })
+    }
+
+    pub fn delete_topic(&self, name: String) -> Result<MetadataCommand, MetadataError> {
+        if !self.meta.metadata.topics.contains_key(&name) {
+            return Err(MetadataError::UnknownTopic(name));
+        }
+        Ok(MetadataCommand::DeleteTopic { name })
+    }
+
+    /// On the controller leader: places a dataflow's tasks on `alive` nodes.
+    pub fn start_dataflow(&self, mut dataflow: DataflowMeta, alive: &[u32]) -> Result<MetadataCommand, MetadataError> {
+        let tasks = dataflow.stages * dataflow.partitions;
+        dataflow.placement = place_tasks(tasks, alive, &self.meta.metadata.task_load())?;
+        Ok(MetadataCommand::StartDataflow { dataflow })
+    }
+
+    pub fn stop_dataflow(&self, name: String) -> Result<MetadataCommand, MetadataError> {
+        if !self.meta.metadata.dataflows.contains_key(&name) {
+            return Err(MetadataError::UnknownDataflow(name));
+        }
+        Ok(MetadataCommand::StopDataflow { name })
+    }
+
+    /// On the controller leader: moves replicas from the most loaded live
+    /// node to the least loaded one until loads differ by at most one. Each
+    /// move goes through the same learner -> voter -> remove path as
+    /// healing, so no partition drops below its replication factor.
+    pub fn rebalance(&self, alive: &[u32]) -> Vec<MetadataCommand> {
+        let metadata = &self.meta.metadata;
+        let mut load: BTreeMap<u32, usize> = alive.iter().map(|&n| (n, 0)).collect();
+        for (node, count) in metadata.load() {
+            if let Some(slot) = load.get_mut(&node) {
+                *slot = count;
+            }
+        }
+        let mut assignment: Vec<(String, u32, Vec<u32>)> = metadata
+            .topics
+            .values()
+            .flat_map(|t| {
+                t.assignment
+                    .iter()
+                    .enumerate()
+                    .map(|(p, r)| (t.name.clone(), p as u32, r.clone()))
+            })
+            .collect();
+        let mut moves = Vec::new();
+        while moves.len() < REBALANCE_MOVES_MAX {
+            let Some(command) = next_rebalance_move(&mut load, &mut assignment) else {
+                break;
+            };
+            moves.push(command);
+        }
+        moves
+    }
+}
+
+/// One replica move from the most to the least loaded node, if their loads
+/// differ by more than one and some partition can move.
+fn next_rebalance_move(
+    load: &mut BTreeMap<u32, usize>,
+    assignment: &mut [(String, u32, Vec<u32>)],
+) -> Option<MetadataCommand> {
+    let (&from, &most) = load.iter().max_by_key(|(n, c)| (**c, **n))?;
+    let (&to, &least) = load.iter().min_by_key(|(n, c)| (**c, **n))?;
+    if most <= least + 1 {
+        return None;
+    }
+    let slot = assignment
+        .iter_mut()
+        .find(|(_, _, r)| r.contains(&from) && !r.contains(&to))?;
+    if let Some(replica) = slot.2.iter_mut().find(|n| **n == from) {
+        *replica = to;
+    }
+    *load.entry(from).or_default() -= 1;
+    *load.entry(to).or_default() += 1;
+    Some(MetadataCommand::ReplaceReplica {
+        topic: slot.0.clone(),
+        partition: slot.1,
+        dead: from,
+        replacement: to,
+    })
+}
+
+/// The nodes `members` holds alive.
+pub fn alive_nodes(members: &[MemberView]) -> Vec<u32> {
+    members
+        .iter()
+        .filter(|m| m.liveness == Liveness::Alive)
+        .map(|m| m.node)
+        .collect()
+}

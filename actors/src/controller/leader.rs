@@ -1,0 +1,214 @@
+//! The controller RPC service (`broker.controller`), which nodes call on
+//! each other: the controller log, admin on the controller leader (topics,
+//! dataflows, moves), a group leader's configuration and passive-replica
+//! judgements. Decisions are the core's; this file validates who leads,
+//! commits and waits.
+
+use std::time::{Duration, Instant};
+
+use runnel_cluster::NodeId;
+
+use super::{encode, unix_ms, Shared};
+use crate::metadata::{command_batch, MetadataCommand, MetadataError, CONTROLLER_GROUP};
+use crate::protocol::{Acks, BrokerError, ControllerRequest, ControllerResponse, CONTROLLER_ACTOR};
+
+/// Controller log fetched per request.
+pub(super) const LOG_FETCH_BYTES: u32 = 1 << 20;
+/// A controller call retries its candidates this often until its deadline.
+const CALL_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// A commit looks for its applied result this often.
+const COMMIT_POLL: Duration = Duration::from_millis(10);
+
+impl Shared {
+    /// Sends a controller request to the leader of group 0, following hints.
+    pub(super) async fn controller_call(&self, request: ControllerRequest) -> ControllerResponse {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let payload = encode(&request);
+        let mut hint: Option<u64> = None;
+        loop {
+            let local_leader = self.broker.status(CONTROLLER_GROUP).await.and_then(|s| s.leader);
+            let mut candidates: Vec<u64> = hint.into_iter().chain(local_leader).collect();
+            candidates.extend(self.config.controllers.iter().copied());
+            for candidate in candidates {
+                let Some(response) = self.call_candidate(candidate, &request, &payload).await else {
+                    continue;
+                };
+                match response {
+                    ControllerResponse::Failed(BrokerError::NotLeader { leader, .. }) => {
+                        if leader.is_some() && leader != hint {
+                            hint = leader;
+                            break;
+                        }
+                    }
+                    other => return other,
+                }
+            }
+            if Instant::now() >= deadline {
+                return ControllerResponse::Failed(BrokerError::NotLeader {
+                    group: CONTROLLER_GROUP,
+                    leader: None,
+                });
+            }
+            tokio::time::sleep(CALL_RETRY_PAUSE).await;
+        }
+    }
+
+    /// One controller node's answer, or `None` when it could not be reached.
+    async fn call_candidate(
+        &self,
+        candidate: u64,
+        request: &ControllerRequest,
+        payload: &[u8],
+    ) -> Option<ControllerResponse> {
+        if candidate == self.me() {
+            return Some(Box::pin(self.serve_controller(request.clone())).await);
+        }
+        let id = u32::try_from(candidate).ok()?;
+        let bytes = self
+            .node
+            .call(
+                NodeId(id),
+                CONTROLLER_ACTOR,
+                payload.to_vec(),
+                self.config.request_timeout,
+            )
+            .await
+            .ok()?;
+        Some(
+            postcard::from_bytes(&bytes)
+                .unwrap_or_else(|e| ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string()))),
+        )
+    }
+
+    pub(super) async fn serve_controller(&self, request: ControllerRequest) -> ControllerResponse {
+        match request {
+            ControllerRequest::FetchLog { offset, max_bytes } => self.serve_log(offset, max_bytes).await,
+            ControllerRequest::CreateTopic { name, config } => {
+                let decided = self.core().create_topic(name, config, &self.alive_nodes());
+                self.commit_decided(decided).await
+            }
+            ControllerRequest::Rebalance => self.rebalance().await,
+            ControllerRequest::ReplicaFailed { group, node } => {
+                let command = self.core().replace_failed(group, node, &self.alive_nodes());
+                match command {
+                    Some(command) => {
+                        tracing::info!(?command, "placing a failed replica on another node");
+                        self.commit(command).await
+                    }
+                    None => ControllerResponse::Done,
+                }
+            }
+            ControllerRequest::CommittedOffset => self.serve_committed_offset().await,
+            ControllerRequest::GroupMembers { group } => self.serve_group_members(group).await,
+            ControllerRequest::PassiveReplica { group, node, since } => {
+                match self.broker.judge_passive(group, node, since).await {
+                    Ok(answer) => ControllerResponse::Passive(answer),
+                    Err(e) => ControllerResponse::Failed(e),
+                }
+            }
+            ControllerRequest::StartDataflow { dataflow } => {
+                let decided = self.core().start_dataflow(dataflow, &self.alive_nodes());
+                self.commit_decided(decided).await
+            }
+            ControllerRequest::StopDataflow { name } => {
+                let decided = self.core().stop_dataflow(name);
+                self.commit_decided(decided).await
+            }
+            ControllerRequest::DeleteTopic { name } => {
+                let decided = self.core().delete_topic(name);
+                self.commit_decided(decided).await
+            }
+        }
+    }
+
+    async fn serve_log(&self, offset: u64, max_bytes: u32) -> ControllerResponse {
+        match self
+            .broker
+            .fetch(CONTROLLER_GROUP, offset, max_bytes as usize, true)
+            .await
+        {
+            Ok(fetched) => ControllerResponse::Log {
+                batches: fetched
+                    .batches
+                    .into_iter()
+                    .map(|b| serde_bytes::ByteBuf::from(b.into_bytes()))
+                    .collect(),
+            },
+            Err(e) => ControllerResponse::Failed(e),
+        }
+    }
+
+    async fn serve_committed_offset(&self) -> ControllerResponse {
+        match self.broker.status(CONTROLLER_GROUP).await {
+            Some(status) if status.leader == Some(self.me()) => ControllerResponse::Offset(status.committed_offset),
+            Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
+                group: CONTROLLER_GROUP,
+                leader: status.leader,
+            }),
+            None => ControllerResponse::Failed(BrokerError::UnknownGroup(CONTROLLER_GROUP)),
+        }
+    }
+
+    async fn serve_group_members(&self, group: u64) -> ControllerResponse {
+        match self.broker.status(group).await {
+            Some(status) if status.leader == Some(self.me()) => ControllerResponse::Members {
+                voters: status.voters,
+                learners: status.learners,
+            },
+            Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
+                group,
+                leader: status.leader,
+            }),
+            None => ControllerResponse::Failed(BrokerError::UnknownGroup(group)),
+        }
+    }
+
+    /// On the controller leader: the core's rebalancing moves, committed one
+    /// by one.
+    async fn rebalance(&self) -> ControllerResponse {
+        let moves = self.core().rebalance(&self.alive_nodes());
+        for command in moves {
+            tracing::info!(?command, "rebalance moves a replica");
+            if let ControllerResponse::Failed(e) = self.commit(command).await {
+                return ControllerResponse::Failed(e);
+            }
+        }
+        ControllerResponse::Done
+    }
+
+    async fn commit_decided(&self, decided: Result<MetadataCommand, MetadataError>) -> ControllerResponse {
+        match decided {
+            Ok(command) => self.commit(command).await,
+            Err(e) => ControllerResponse::Refused(e),
+        }
+    }
+
+    /// Proposes a command to group 0 (this node must lead it) and waits until
+    /// it is applied here, returning how applying it went.
+    pub(super) async fn commit(&self, command: MetadataCommand) -> ControllerResponse {
+        let batch = match command_batch(&command, unix_ms()) {
+            Ok(batch) => batch,
+            Err(e) => return ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
+        };
+        let base_offset = match self.broker.produce(CONTROLLER_GROUP, batch, Acks::All).await {
+            Ok(offset) => offset,
+            Err(e) => return ControllerResponse::Failed(e),
+        };
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            if let Err(reason) = self.pull_and_apply().await {
+                tracing::debug!(reason, "applying the controller log");
+            }
+            if let Some(result) = self.core().meta().results.get(&base_offset) {
+                return match result {
+                    Ok(()) => ControllerResponse::Done,
+                    Err(e) => ControllerResponse::Refused(e.clone()),
+                };
+            }
+            if Instant::now() >= deadline {
+                return ControllerResponse::Failed(BrokerError::Timeout(CONTROLLER_GROUP));
+            }
+            tokio::time::sleep(COMMIT_POLL).await;
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! The controller and the services around it, on every node.
+//!
+//! - [`core`]: the controller's decisions on one node, a deterministic state
+//!   machine ([`ControllerCore`]) that the tokio shell here and the
+//!   simulation both drive.
+//! - This module is the shell: controller voters host Raft group 0, whose
+//!   log holds committed [`MetadataCommand`](crate::metadata::MetadataCommand)s (one per record); every node
+//!   follows that log (from its own group-0 replica, or by asking a
+//!   controller node), feeds it to the core, and carries out the core's
+//!   commands (host, stop, reconfigure, delete files, commit).
+//! - [`leader`]: the controller RPC service (`broker.controller`) other
+//!   nodes call: the log, topic and dataflow admin on the leader, group
+//!   membership and passive-replica questions.
+//! - [`service`]: [`BrokerService`], the typed client service, one method
+//!   per request kind; the QUIC client listener (`client.broker`) is an
+//!   adapter over it.
+
+pub mod core;
+mod leader;
+pub mod service;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use runnel_cluster::{Mailbox, MemberState, NodeHandle, NodeId};
+use runnel_storage::RecordBatch;
+use tokio::task::JoinHandle;
+
+use crate::broker::Broker;
+use crate::error::Result;
+use crate::metadata::CONTROLLER_GROUP;
+use crate::protocol::{
+    BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PassiveAnswer, CLIENT_ACTOR,
+    CONTROLLER_ACTOR,
+};
+use crate::tasks::TaskHost;
+
+pub use self::core::{Command, ControllerCore, CoreConfig, GroupView, Liveness, MemberView};
+pub use service::{BrokerService, ServiceError};
+
+/// How often the controller leader looks for dead nodes' replicas to move,
+/// and every node nudges unsettled groups.
+const HEAL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a node waits for a group leader's configuration before it
+/// asks another (the control loop waits meanwhile).
+const MEMBERS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Controller and client requests handled at once per node; more wait.
+const REQUESTS_IN_FLIGHT_MAX: usize = 256;
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Node ids of the controller voters (group 0).
+    pub controllers: Vec<u64>,
+    /// How often a node looks for new metadata.
+    pub poll_interval: Duration,
+    pub request_timeout: Duration,
+    /// Queue of each service's inbox.
+    pub inbox_capacity: usize,
+    /// Accept the test-only `InjectPanic` request (never in production).
+    pub test_fault_hooks: bool,
+    /// A node dead this long has its replicas re-created on other nodes.
+    pub replace_after: Duration,
+}
+
+impl ControllerConfig {
+    pub fn new(controllers: Vec<u64>) -> ControllerConfig {
+        ControllerConfig {
+            controllers,
+            poll_interval: Duration::from_millis(20),
+            request_timeout: Duration::from_secs(10),
+            inbox_capacity: 1024,
+            test_fault_hooks: false,
+            replace_after: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every task of the shell shares.
+struct Shared {
+    broker: Arc<Broker>,
+    node: NodeHandle,
+    config: ControllerConfig,
+    /// The decisions; locked only between awaits, never across one.
+    core: Mutex<ControllerCore>,
+    /// This node's dataflow runtime, if its binary has one.
+    tasks: Option<Arc<dyn TaskHost>>,
+}
+
+pub struct Controller {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Controller {
+    /// Starts the controller machinery on a node whose broker runs.
+    pub async fn start(broker: Arc<Broker>, config: ControllerConfig) -> Result<Controller> {
+        Controller::start_with_tasks(broker, config, None).await
+    }
+
+    /// As [`Controller::start`], with a dataflow runtime that runs the
+    /// dataflow tasks metadata places on this node.
+    pub async fn start_with_tasks(
+        broker: Arc<Broker>,
+        config: ControllerConfig,
+        tasks: Option<Arc<dyn TaskHost>>,
+    ) -> Result<Controller> {
+        let node = broker.node().clone();
+        let me = u64::from(node.id().0);
+        if config.controllers.contains(&me) {
+            broker
+                .host(CONTROLLER_GROUP, Some(config.controllers.clone()), false)
+                .await?;
+        }
+        let core = ControllerCore::new(CoreConfig {
+            me,
+            replace_after_ms: config.replace_after.as_millis() as u64,
+            heal_interval_ms: HEAL_INTERVAL.as_millis() as u64,
+        });
+        let shared = Arc::new(Shared {
+            broker,
+            node: node.clone(),
+            config: config.clone(),
+            core: Mutex::new(core),
+            tasks,
+        });
+        let mut handles = Vec::new();
+        let follower = shared.clone();
+        handles.push(tokio::spawn(async move { follower.follow().await }));
+        let inbox = node.register(CONTROLLER_ACTOR, config.inbox_capacity)?;
+        handles.push(tokio::spawn(serve_inbox(
+            inbox,
+            shared.clone(),
+            |shared, request: ControllerRequest| async move { shared.serve_controller(request).await },
+            |e| ControllerResponse::Failed(BrokerError::InvalidRequest(e)),
+        )));
+        let inbox = node.register(CLIENT_ACTOR, config.inbox_capacity)?;
+        handles.push(tokio::spawn(serve_inbox(
+            inbox,
+            shared.clone(),
+            |shared, request: ClientRequest| async move { BrokerService::new(shared).dispatch(request).await },
+            |e| ClientResponse::Failed(BrokerError::InvalidRequest(e)),
+        )));
+        Ok(Controller { shared, tasks: handles })
+    }
+
+    /// The typed client service of this node, for adapters other than the
+    /// QUIC client listener.
+    pub fn service(&self) -> BrokerService {
+        BrokerService::new(self.shared.clone())
+    }
+
+    pub async fn shutdown(mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        self.shared.broker.shutdown().await;
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// Answers every call arriving in `inbox` with `serve`, at most
+/// `REQUESTS_IN_FLIGHT_MAX` at once; a request that does not decode gets
+/// `malformed`'s answer.
+async fn serve_inbox<Req, Resp, Serve, Answer>(
+    mut inbox: Mailbox,
+    shared: Arc<Shared>,
+    serve: Serve,
+    malformed: fn(String) -> Resp,
+) where
+    Req: serde::de::DeserializeOwned + Send + 'static,
+    Resp: serde::Serialize + Send + 'static,
+    Serve: Fn(Arc<Shared>, Req) -> Answer + Copy + Send + Sync + 'static,
+    Answer: std::future::Future<Output = Resp> + Send + 'static,
+{
+    let permits = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    while let Some(message) = inbox.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(reply) = message.reply else { return };
+            let response = match postcard::from_bytes::<Req>(&message.payload) {
+                Ok(request) => serve(shared, request).await,
+                Err(e) => malformed(e.to_string()),
+            };
+            let _ = reply.reply(encode(&response));
+        });
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+impl Shared {
+    fn me(&self) -> u64 {
+        u64::from(self.node.id().0)
+    }
+
+    fn core(&self) -> MutexGuard<'_, ControllerCore> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Membership as the core sees it.
+    fn member_views(&self) -> Vec<MemberView> {
+        self.node
+            .members()
+            .iter()
+            .map(|m| MemberView {
+                node: m.node.0,
+                liveness: match m.state {
+                    MemberState::Alive => Liveness::Alive,
+                    MemberState::Suspect => Liveness::Suspect,
+                    MemberState::Dead => Liveness::Dead {
+                        since_ms: m.since_unix_ms,
+                    },
+                },
+            })
+            .collect()
+    }
+
+    /// Ids of the nodes membership holds alive now.
+    fn alive_nodes(&self) -> Vec<u32> {
+        core::alive_nodes(&self.member_views())
+    }
+
+    /// The configuration the local replica of `group` sees, if it runs.
+    async fn group_view(&self, group: u64) -> Option<GroupView> {
+        let status = self.broker.status(group).await?;
+        Some(GroupView {
+            voters: status.voters,
+            learners: status.learners,
+        })
+    }
+
+    async fn follow(&self) {
+        let mut interval = tokio::time::interval(self.config.poll_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(reason) = self.pull_and_apply().await {
+                tracing::debug!(reason, "controller log not reachable yet");
+            }
+            // Replicas follow the metadata as soon as it changes; otherwise
+            // (a failed hosting to retry, a moved-off replica whose group
+            // has let it go) every heal interval: walking a thousand
+            // groups every poll was a fifth of an idle node's CPU.
+            let due = self.core().due(unix_ms() as u64);
+            if due.reconcile {
+                self.reconcile().await;
+            }
+            self.reconcile_tasks();
+            if due.heal {
+                self.settle_membership().await;
+                self.heal().await;
+                self.report_failed_replicas().await;
+                self.collect_stale_replicas().await;
+            }
+        }
+    }
+
+    /// Carries out the core's commands, reporting back what it needs to know.
+    async fn execute(&self, commands: Vec<Command>) {
+        for command in commands {
+            match command {
+                Command::Host {
+                    group,
+                    founders,
+                    rejoin,
+                } => match self.broker.host(group, founders, rejoin).await {
+                    Ok(()) => self.core().on_hosted(group),
+                    Err(e) => tracing::warn!(group, error = %e, "could not host a replica"),
+                },
+                Command::Unhost { group } => self.broker.unhost(group).await,
+                Command::Reconfigure { group, voters } => self.broker.reconfigure(group, voters),
+                Command::DeleteFiles { group } => match self.broker.delete_replica_files(group) {
+                    Ok(()) => tracing::info!(group, "deleted the files of a stale replica"),
+                    Err(e) => tracing::warn!(group, error = %e, "could not delete a stale replica's files"),
+                },
+            }
+        }
+    }
+
+    /// Hosts a replica of every partition assigned here (and founding
+    /// replicas a group may need); stops unassigned replicas the group let go.
+    async fn reconcile(&self) {
+        let commands = self.core().reconcile(|group| self.broker.ever_hosted(group));
+        self.execute(commands).await;
+        let unassigned = self.core().unassigned_hosted();
+        for group in unassigned {
+            let member = self.group_view(group).await.is_some_and(|v| v.counts(self.me()));
+            let command = self.core().on_unassigned(group, member);
+            self.execute(command.into_iter().collect()).await;
+        }
+    }
+
+    /// Hands the dataflow runtime the tasks metadata places here, when that
+    /// set changes.
+    fn reconcile_tasks(&self) {
+        let Some(host) = &self.tasks else { return };
+        if let Some(wanted) = self.core().tasks_changed() {
+            host.assign(wanted);
+        }
+    }
+
+    /// On the controller leader: moves every replica and task of a node
+    /// dead longer than `replace_after` to a live node.
+    async fn heal(&self) {
+        let leads = self
+            .broker
+            .status(CONTROLLER_GROUP)
+            .await
+            .is_some_and(|s| s.leader == Some(self.me()));
+        if !leads {
+            return;
+        }
+        let moves = self.core().heal(unix_ms() as u64, &self.member_views());
+        for command in moves {
+            tracing::info!(?command, "re-creating a dead node's replica or task elsewhere");
+            if let ControllerResponse::Failed(e) = self.commit(command).await {
+                tracing::warn!(error = %e, "could not commit a replica move");
+                return;
+            }
+        }
+    }
+
+    /// Tells the controller about local replicas the supervisor gave up on
+    /// that are still assigned here, so they are placed on another node.
+    async fn report_failed_replicas(&self) {
+        let failed: Vec<u64> = self
+            .broker
+            .health()
+            .await
+            .into_iter()
+            .filter(|h| h.failed)
+            .map(|h| h.group)
+            .collect();
+        let to_report = self.core().failed_to_report(&failed);
+        for group in to_report {
+            let request = ControllerRequest::ReplicaFailed {
+                group,
+                node: self.node.id().0,
+            };
+            if let ControllerResponse::Failed(e) = self.controller_call(request).await {
+                tracing::warn!(group, error = %e, "could not report a failed replica");
+            }
+        }
+    }
+
+    /// Deletes the files of replicas no assignment names any more (this node
+    /// was replaced while it was away), as the core judges them.
+    async fn collect_stale_replicas(&self) {
+        let on_disk = self.broker.replica_dirs();
+        let candidates = self
+            .core()
+            .stale_candidates(&on_disk, |g| self.broker.replica(g).is_some());
+        if candidates.is_empty() {
+            return;
+        }
+        let ControllerResponse::Offset(leader_committed) =
+            self.controller_call(ControllerRequest::CommittedOffset).await
+        else {
+            return;
+        };
+        if let Err(reason) = self.pull_and_apply().await {
+            tracing::debug!(reason, "controller log not reachable; stale replicas kept for now");
+            return;
+        }
+        let checks = self.core().stale_checks(&candidates, leader_committed);
+        for check in checks {
+            let removed = match &check.ask {
+                Some(nodes) => self.removed_from(check.group, nodes).await,
+                None => true,
+            };
+            if !removed {
+                tracing::debug!(
+                    group = check.group,
+                    "still in the group's configuration; files kept for now"
+                );
+            }
+            let commands = self.core().on_stale_answer(check.group, removed);
+            self.execute(commands).await;
+        }
+    }
+
+    /// Whether the leader of `group`, found among `nodes`, confirms that
+    /// this node is neither a voter nor a learner of the group any more.
+    async fn removed_from(&self, group: u64, nodes: &[u32]) -> bool {
+        let payload = encode(&ControllerRequest::GroupMembers { group });
+        for &node in nodes {
+            let Ok(bytes) = self
+                .node
+                .call(NodeId(node), CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
+                .await
+            else {
+                continue;
+            };
+            if let Ok(ControllerResponse::Members { voters, learners }) = postcard::from_bytes(&bytes) {
+                return !GroupView { voters, learners }.counts(self.me());
+            }
+        }
+        false
+    }
+
+    /// Nudges the leader of every unsettled local group one step towards its
+    /// assignment; forgets groups whose voters match it.
+    async fn settle_membership(&self) {
+        let unsettled = self.core().unsettled();
+        for group in unsettled {
+            let Some(view) = self.group_view(group).await else {
+                continue;
+            };
+            let command = self.core().on_settle_status(group, &view);
+            self.execute(command.into_iter().collect()).await;
+        }
+        self.ask_about_passive_replicas().await;
+    }
+
+    /// Asks the other replicas of each group whose local replica is passive
+    /// what they know of it (see [`crate::ReplicaCore::judge_passive`]):
+    /// confirmed promotions end its passivity, a leader that counted it as a
+    /// voter from before demotes it.
+    async fn ask_about_passive_replicas(&self) {
+        let me = self.me();
+        for group in self.broker.passive_groups() {
+            let Some(status) = self.broker.status(group).await else {
+                continue;
+            };
+            let Some(since) = status.passive_since else { continue };
+            let view = GroupView {
+                voters: status.voters,
+                learners: status.learners,
+            };
+            let peers = self.core().passive_peers(group, &view);
+            let payload = encode(&ControllerRequest::PassiveReplica { group, node: me, since });
+            for peer in peers {
+                let Ok(peer) = u32::try_from(peer) else { continue };
+                let answer = self
+                    .node
+                    .call(NodeId(peer), CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
+                    .await;
+                let Ok(bytes) = answer else { continue };
+                match postcard::from_bytes(&bytes) {
+                    Ok(ControllerResponse::Passive(PassiveAnswer::Promoted)) => {
+                        tracing::info!(group, peer, "a peer confirms this passive replica was promoted");
+                        self.broker.promoted(group);
+                        break;
+                    }
+                    Ok(ControllerResponse::Passive(PassiveAnswer::Demoting)) => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Applies every newly committed metadata command, in log order.
+    async fn pull_and_apply(&self) -> std::result::Result<(), String> {
+        loop {
+            let offset = self.core().meta().applied_offset;
+            let batches = self.fetch_controller_log(offset).await?;
+            if batches.is_empty() {
+                return Ok(());
+            }
+            let mut core = self.core();
+            for batch in &batches {
+                core.apply_batch(batch).map_err(|e| e.to_string())?;
+            }
+        }
+    }
+
+    async fn fetch_controller_log(&self, offset: u64) -> std::result::Result<Vec<RecordBatch>, String> {
+        if self.broker.replica(CONTROLLER_GROUP).is_some() {
+            let fetched = self
+                .broker
+                .fetch(CONTROLLER_GROUP, offset, leader::LOG_FETCH_BYTES as usize, true)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(fetched.batches);
+        }
+        let request = encode(&ControllerRequest::FetchLog {
+            offset,
+            max_bytes: leader::LOG_FETCH_BYTES,
+        });
+        let mut last_error = "no controller configured".to_string();
+        for &controller in &self.config.controllers {
+            let Ok(id) = u32::try_from(controller) else { continue };
+            let answer = self
+                .node
+                .call(
+                    NodeId(id),
+                    CONTROLLER_ACTOR,
+                    request.clone(),
+                    self.config.request_timeout,
+                )
+                .await;
+            match answer
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| postcard::from_bytes::<ControllerResponse>(&bytes).map_err(|e| e.to_string()))
+            {
+                Ok(ControllerResponse::Log { batches }) => {
+                    return batches
+                        .into_iter()
+                        .map(|b| RecordBatch::from_bytes(b.into_vec()).map_err(|e| e.to_string()))
+                        .collect();
+                }
+                Ok(other) => last_error = format!("controller {controller} answered {other:?}"),
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,422 @@
+//! [`BrokerService`]: what a node answers clients, one typed method per
+//! request kind. The QUIC client listener (`client.broker`) is an adapter
+//! over it ([`BrokerService::dispatch`]); another listener (the Kafka
+//! protocol) is another adapter over the same methods.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runnel_cluster::MemberState;
+use runnel_storage::RecordBatch;
+
+use super::Shared;
+use crate::metadata::{DataflowMeta, MetadataError, TopicConfig, CONTROLLER_GROUP};
+use crate::partition::Fetched;
+use crate::protocol::{
+    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
+    ReplicaHealthInfo, TopicInfo,
+};
+use crate::tasks::{dataflow_topics, TaskStatus};
+
+/// How long `start_dataflow` looks for a source topic this node has not
+/// applied yet (a commit reaches a follower within a heartbeat or two).
+const SOURCE_TOPIC_WAIT: Duration = Duration::from_secs(3);
+/// How often `start_dataflow` looks again meanwhile.
+const SOURCE_TOPIC_POLL: Duration = Duration::from_millis(50);
+
+/// Why the service did not do what was asked. Each names the problem.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ServiceError {
+    #[error("topic {0:?} does not exist")]
+    UnknownTopic(String),
+    #[error("topic {topic:?} has {partitions} partitions; there is no partition {partition}")]
+    PartitionOutOfRange {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    /// The answering node has no replica of the partition; try these nodes.
+    #[error("no replica of the partition on this node; its replicas are on nodes {replicas:?}")]
+    NotHere { replicas: Vec<u32> },
+    #[error(transparent)]
+    Refused(#[from] MetadataError),
+    #[error(transparent)]
+    Failed(#[from] BrokerError),
+}
+
+impl From<ServiceError> for ClientResponse {
+    fn from(error: ServiceError) -> ClientResponse {
+        match error {
+            ServiceError::UnknownTopic(name) => ClientResponse::UnknownTopic(name),
+            ServiceError::PartitionOutOfRange {
+                topic,
+                partition,
+                partitions,
+            } => ClientResponse::PartitionOutOfRange {
+                topic,
+                partition,
+                partitions,
+            },
+            ServiceError::NotHere { replicas } => ClientResponse::NotHere { replicas },
+            ServiceError::Refused(e) => ClientResponse::Refused(e),
+            ServiceError::Failed(e) => ClientResponse::Failed(e),
+        }
+    }
+}
+
+/// The cluster as the answering node knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterMetadata {
+    pub topics: Vec<TopicInfo>,
+    pub nodes: Vec<(u32, std::net::SocketAddr)>,
+    pub controller_leader: Option<u32>,
+}
+
+/// One node's client service. Cheap to clone.
+#[derive(Clone)]
+pub struct BrokerService {
+    shared: Arc<Shared>,
+}
+
+impl BrokerService {
+    pub(super) fn new(shared: Arc<Shared>) -> BrokerService {
+        BrokerService { shared }
+    }
+
+    /// The client protocol's adapter: one request in, its answer out.
+    pub async fn dispatch(&self, request: ClientRequest) -> ClientResponse {
+        match request {
+            ClientRequest::Metadata => {
+                let m = self.metadata().await;
+                ClientResponse::Metadata {
+                    topics: m.topics,
+                    nodes: m.nodes,
+                    controller_leader: m.controller_leader,
+                }
+            }
+            ClientRequest::DescribeTopic { name } => answer(self.describe_topic(&name).await, ClientResponse::Topic),
+            ClientRequest::CreateTopic { name, config } => done(self.create_topic(name, config).await),
+            ClientRequest::DeleteTopic { name } => done(self.delete_topic(name).await),
+            ClientRequest::Produce {
+                topic,
+                partition,
+                acks,
+                batch,
+            } => answer(
+                self.produce_bytes(&topic, partition, acks, batch).await,
+                |base_offset| ClientResponse::Produced { base_offset },
+            ),
+            ClientRequest::Fetch {
+                topic,
+                partition,
+                offset,
+                max_bytes,
+                any_replica,
+            } => answer(
+                self.fetch(&topic, partition, offset, max_bytes, any_replica).await,
+                fetched_response,
+            ),
+            ClientRequest::OffsetForTimestamp {
+                topic,
+                partition,
+                timestamp_ms,
+            } => answer(
+                self.offset_for_timestamp(&topic, partition, timestamp_ms).await,
+                ClientResponse::Offset,
+            ),
+            ClientRequest::ReplicaHealth => ClientResponse::Health(self.replica_health().await),
+            ClientRequest::InjectPanic { topic, partition } => done(self.inject_panic(&topic, partition)),
+            ClientRequest::Rebalance => done(self.rebalance().await),
+            ClientRequest::StartDataflow { name } => done(self.start_dataflow(name).await),
+            ClientRequest::StopDataflow { name } => done(self.stop_dataflow(name).await),
+            ClientRequest::Dataflows => ClientResponse::Dataflows(self.dataflows()),
+            ClientRequest::DataflowTasks => ClientResponse::Tasks(self.dataflow_tasks()),
+        }
+    }
+
+    /// Every topic, the live nodes and the controller leader.
+    pub async fn metadata(&self) -> ClusterMetadata {
+        let names: Vec<String> = self.shared.core().meta().metadata.topics.keys().cloned().collect();
+        let mut topics = Vec::with_capacity(names.len());
+        for name in names {
+            if let Ok(info) = self.describe_topic(&name).await {
+                topics.push(info);
+            }
+        }
+        let nodes = self
+            .shared
+            .node
+            .members()
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| (m.node.0, m.addr))
+            .collect();
+        let controller_leader = self
+            .shared
+            .broker
+            .status(CONTROLLER_GROUP)
+            .await
+            .and_then(|s| s.leader)
+            .and_then(|l| u32::try_from(l).ok());
+        ClusterMetadata {
+            topics,
+            nodes,
+            controller_leader,
+        }
+    }
+
+    /// A topic's configuration and, per partition, what this node knows of
+    /// its replicas.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ServiceError> {
+        let topic = self.shared.core().meta().metadata.topics.get(name).cloned();
+        let topic = topic.ok_or_else(|| ServiceError::UnknownTopic(name.to_string()))?;
+        let mut partitions = Vec::with_capacity(topic.assignment.len());
+        for (partition, replicas) in topic.assignment.iter().enumerate() {
+            let status = self.shared.broker.status(topic.group_id(partition as u32)).await;
+            let nodes = |ids: &[u64]| ids.iter().filter_map(|&v| u32::try_from(v).ok()).collect();
+            partitions.push(PartitionInfo {
+                partition: partition as u32,
+                replicas: replicas.clone(),
+                leader: status
+                    .as_ref()
+                    .and_then(|s| s.leader)
+                    .and_then(|l| u32::try_from(l).ok()),
+                committed_offset: status.as_ref().map(|s| s.committed_offset),
+                end_offset: status.as_ref().map(|s| s.end_offset),
+                learners: status.as_ref().map(|s| nodes(&s.learners)).unwrap_or_default(),
+                voters: status.as_ref().map(|s| nodes(&s.voters)).unwrap_or_default(),
+            });
+        }
+        Ok(TopicInfo {
+            name: topic.name,
+            config: topic.config,
+            partitions,
+        })
+    }
+
+    pub async fn create_topic(&self, name: String, config: TopicConfig) -> Result<(), ServiceError> {
+        self.admin(ControllerRequest::CreateTopic { name, config }).await
+    }
+
+    pub async fn delete_topic(&self, name: String) -> Result<(), ServiceError> {
+        self.admin(ControllerRequest::DeleteTopic { name }).await
+    }
+
+    /// Appends an encoded record batch to a partition led here.
+    async fn produce_bytes(
+        &self,
+        topic: &str,
+        partition: u32,
+        acks: Acks,
+        batch: Vec<u8>,
+    ) -> Result<u64, ServiceError> {
+        let group = self.locate(topic, partition)?;
+        let batch = RecordBatch::from_bytes(batch).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
+        Ok(self.shared.broker.produce(group, batch, acks).await?)
+    }
+
+    /// Appends a record batch to a partition led here; its base offset.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        acks: Acks,
+        batch: RecordBatch,
+    ) -> Result<u64, ServiceError> {
+        let group = self.locate(topic, partition)?;
+        Ok(self.shared.broker.produce(group, batch, acks).await?)
+    }
+
+    /// Committed batches of a partition from `offset`.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        any_replica: bool,
+    ) -> Result<Fetched, ServiceError> {
+        let group = self.locate(topic, partition)?;
+        Ok(self
+            .shared
+            .broker
+            .fetch(group, offset, max_bytes as usize, any_replica)
+            .await?)
+    }
+
+    /// The first committed offset whose record is at least `timestamp_ms`
+    /// old, or none.
+    pub async fn offset_for_timestamp(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<Option<u64>, ServiceError> {
+        let group = self.locate(topic, partition)?;
+        Ok(self.shared.broker.offset_for_timestamp(group, timestamp_ms).await?)
+    }
+
+    /// Restarts and failures of this node's replicas.
+    pub async fn replica_health(&self) -> Vec<ReplicaHealthInfo> {
+        let health = self.shared.broker.health().await;
+        health
+            .into_iter()
+            .map(|h| ReplicaHealthInfo {
+                group: h.group,
+                restarts: h.restarts as u32,
+                failed: h.failed,
+                last_failure: h.last_failure,
+            })
+            .collect()
+    }
+
+    /// Test-only fault hook: this node's replica of the partition panics.
+    /// Refused unless the node runs with test fault hooks enabled.
+    pub fn inject_panic(&self, topic: &str, partition: u32) -> Result<(), ServiceError> {
+        if !self.shared.config.test_fault_hooks {
+            let reason = "test fault hooks are disabled on this node".to_string();
+            return Err(BrokerError::InvalidRequest(reason).into());
+        }
+        let group = self.locate(topic, partition)?;
+        match self.shared.broker.replica(group) {
+            Some(replica) if replica.cast(crate::partition::ReplicaMsg::InjectPanic).is_ok() => Ok(()),
+            _ => Err(BrokerError::UnknownGroup(group).into()),
+        }
+    }
+
+    /// Spreads replicas evenly over the live nodes.
+    pub async fn rebalance(&self) -> Result<(), ServiceError> {
+        self.admin(ControllerRequest::Rebalance).await
+    }
+
+    /// On a node whose binary knows the dataflow: makes its topics (the sink
+    /// too, when missing) and asks the controller leader to place it.
+    pub async fn start_dataflow(&self, name: String) -> Result<(), ServiceError> {
+        let shape = self.shared.tasks.as_ref().and_then(|host| host.shape(&name));
+        let shape = shape.ok_or_else(|| MetadataError::UnregisteredDataflow(name.clone()))?;
+        let partitions = self.source_partitions(&name, &shape.source).await?;
+        let replication = self.shared.alive_nodes().len().clamp(1, 3) as u16;
+        for (topic, topic_partitions) in dataflow_topics(&name, &shape, partitions) {
+            if self.shared.core().meta().metadata.topics.contains_key(&topic) {
+                continue;
+            }
+            let config = TopicConfig::new(topic_partitions, replication);
+            match self.create_topic(topic, config).await {
+                Ok(()) | Err(ServiceError::Refused(MetadataError::TopicExists(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let dataflow = DataflowMeta {
+            name,
+            source: shape.source,
+            sink: shape.sink,
+            stages: shape.stages,
+            partitions,
+            placement: Vec::new(),
+        };
+        self.admin(ControllerRequest::StartDataflow { dataflow }).await
+    }
+
+    /// The partitions of a dataflow's source topic. This node may not have
+    /// applied a topic created a moment ago: a follower's copy of the
+    /// controller log learns of a commit only with the leader's next
+    /// message, so an unknown source is looked for again until
+    /// `SOURCE_TOPIC_WAIT` has passed.
+    async fn source_partitions(&self, dataflow: &str, source: &str) -> Result<u32, ServiceError> {
+        let deadline = Instant::now() + SOURCE_TOPIC_WAIT;
+        loop {
+            if let Err(reason) = self.shared.pull_and_apply().await {
+                tracing::debug!(reason, "controller log not reachable; answering from what is applied");
+            }
+            let known = {
+                let core = self.shared.core();
+                let metadata = &core.meta().metadata;
+                if metadata.dataflows.contains_key(dataflow) {
+                    return Err(MetadataError::DataflowRunning(dataflow.to_string()).into());
+                }
+                metadata.topics.get(source).map(|t| t.config.partitions)
+            };
+            match known {
+                Some(partitions) => return Ok(partitions),
+                None if Instant::now() >= deadline => return Err(ServiceError::UnknownTopic(source.to_string())),
+                None => tokio::time::sleep(SOURCE_TOPIC_POLL).await,
+            }
+        }
+    }
+
+    pub async fn stop_dataflow(&self, name: String) -> Result<(), ServiceError> {
+        self.admin(ControllerRequest::StopDataflow { name }).await
+    }
+
+    /// Running dataflows and their task placement.
+    pub fn dataflows(&self) -> Vec<DataflowMeta> {
+        self.shared.core().meta().metadata.dataflows.values().cloned().collect()
+    }
+
+    /// Figures of the dataflow tasks running on this node.
+    pub fn dataflow_tasks(&self) -> Vec<TaskStatus> {
+        self.shared.tasks.as_ref().map(|host| host.status()).unwrap_or_default()
+    }
+
+    /// A controller request sent to the controller leader.
+    async fn admin(&self, request: ControllerRequest) -> Result<(), ServiceError> {
+        match self.shared.controller_call(request).await {
+            ControllerResponse::Done => Ok(()),
+            ControllerResponse::Refused(e) => Err(e.into()),
+            ControllerResponse::Failed(e) => Err(e.into()),
+            ControllerResponse::Log { .. }
+            | ControllerResponse::Offset(_)
+            | ControllerResponse::Members { .. }
+            | ControllerResponse::Passive(_) => {
+                Err(BrokerError::InvalidRequest("unexpected answer".to_string()).into())
+            }
+        }
+    }
+
+    /// The group of a topic partition hosted here, or why not.
+    pub fn locate(&self, topic: &str, partition: u32) -> Result<u64, ServiceError> {
+        let core = self.shared.core();
+        let meta_topic = core
+            .meta()
+            .metadata
+            .topics
+            .get(topic)
+            .ok_or_else(|| ServiceError::UnknownTopic(topic.to_string()))?;
+        let replicas =
+            meta_topic
+                .assignment
+                .get(partition as usize)
+                .ok_or_else(|| ServiceError::PartitionOutOfRange {
+                    topic: topic.to_string(),
+                    partition,
+                    partitions: meta_topic.config.partitions,
+                })?;
+        let group = meta_topic.group_id(partition);
+        if self.shared.broker.replica(group).is_none() {
+            return Err(ServiceError::NotHere {
+                replicas: replicas.clone(),
+            });
+        }
+        Ok(group)
+    }
+}
+
+fn answer<T>(result: Result<T, ServiceError>, ok: impl FnOnce(T) -> ClientResponse) -> ClientResponse {
+    result.map_or_else(ClientResponse::from, ok)
+}
+
+fn done(result: Result<(), ServiceError>) -> ClientResponse {
+    answer(result, |()| ClientResponse::Done)
+}
+
+fn fetched_response(fetched: Fetched) -> ClientResponse {
+    ClientResponse::Fetched {
+        batches: fetched
+            .batches
+            .into_iter()
+            .map(|b| serde_bytes::ByteBuf::from(b.into_bytes()))
+            .collect(),
+        start_offset: fetched.start_offset,
+        committed_offset: fetched.committed_offset,
+    }
+}
