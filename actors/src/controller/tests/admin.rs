@@ -1,0 +1,82 @@
+//! `create_topic`, `delete_topic`, `start_dataflow`, `stop_dataflow`, `rebalance`.
+
+use super::*;
+use crate::metadata::{DataflowMeta, MetadataError};
+
+#[test]
+fn a_topic_is_validated_and_placed_on_live_nodes() {
+    let mut core = core_of(1);
+    let command = core
+        .create_topic("orders".to_string(), TopicConfig::new(2, 2), &[1, 2, 3])
+        .expect("placed");
+    let MetadataCommand::CreateTopic { assignment, .. } = &command else {
+        panic!("{command:?}");
+    };
+    assert_eq!(assignment.len(), 2);
+    assert!(assignment.iter().all(|r| r.len() == 2));
+    apply(&mut core, command);
+    assert_eq!(
+        core.create_topic("orders".to_string(), TopicConfig::new(1, 1), &[1]),
+        Err(MetadataError::TopicExists("orders".to_string()))
+    );
+    assert!(matches!(
+        core.create_topic("bad name".to_string(), TopicConfig::new(1, 1), &[1]),
+        Err(MetadataError::InvalidName { .. })
+    ));
+    assert_eq!(
+        core.create_topic("wide".to_string(), TopicConfig::new(1, 3), &[1, 2]),
+        Err(MetadataError::NotEnoughNodes {
+            replication: 3,
+            live: 2
+        })
+    );
+    assert_eq!(
+        core.delete_topic("nope".to_string()),
+        Err(MetadataError::UnknownTopic("nope".to_string()))
+    );
+}
+
+#[test]
+fn a_dataflow_is_placed_task_by_task_and_stopped_only_when_running() {
+    let mut core = core_of(1);
+    let dataflow = DataflowMeta {
+        name: "d".to_string(),
+        source: "t".to_string(),
+        sink: "s".to_string(),
+        stages: 2,
+        partitions: 2,
+        placement: Vec::new(),
+    };
+    let command = core.start_dataflow(dataflow, &[1, 2]).expect("placed");
+    let MetadataCommand::StartDataflow { dataflow } = &command else {
+        panic!("{command:?}");
+    };
+    assert_eq!(dataflow.placement.len(), 4);
+    assert_eq!(
+        core.stop_dataflow("d".to_string()),
+        Err(MetadataError::UnknownDataflow("d".to_string()))
+    );
+    apply(&mut core, command);
+    assert!(core.stop_dataflow("d".to_string()).is_ok());
+}
+
+#[test]
+fn rebalancing_moves_replicas_until_loads_differ_by_at_most_one() {
+    let mut core = core_of(1);
+    apply(
+        &mut core,
+        MetadataCommand::CreateTopic {
+            name: "t".to_string(),
+            config: TopicConfig::new(4, 1),
+            assignment: vec![vec![1], vec![1], vec![1], vec![1]],
+        },
+    );
+    let moves = core.rebalance(&[1, 2, 3]);
+    assert_eq!(moves.len(), 2, "{moves:?}");
+    for command in moves {
+        apply(&mut core, command);
+    }
+    let load = core.meta().metadata.load();
+    assert_eq!(load.values().max(), Some(&2));
+    assert!(core.rebalance(&[1, 2, 3]).is_empty());
+}

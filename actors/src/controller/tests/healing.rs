@@ -1,0 +1,73 @@
+//! `heal`, `replace_failed`, `failed_to_report`.
+
+use super::*;
+
+fn dead(node: u32, since_ms: u64) -> MemberView {
+    MemberView {
+        node,
+        liveness: Liveness::Dead { since_ms },
+    }
+}
+
+#[test]
+fn a_node_dead_longer_than_the_grace_loses_its_replicas_to_a_live_node() {
+    let mut core = core_of(1);
+    with_topic(&mut core);
+    let mut members = alive(&[1, 2, 4]);
+    members.push(dead(3, 10_000));
+    assert!(core.heal(10_999, &members).is_empty(), "within the grace");
+    assert_eq!(
+        core.heal(11_000, &members),
+        vec![MetadataCommand::ReplaceReplica {
+            topic: "t".to_string(),
+            partition: 0,
+            dead: 3,
+            replacement: 4,
+        }]
+    );
+}
+
+#[test]
+fn suspects_are_neither_healed_nor_chosen() {
+    let mut core = core_of(1);
+    with_topic(&mut core);
+    let mut members = alive(&[1, 2]);
+    members.push(dead(3, 0));
+    members.push(MemberView {
+        node: 4,
+        liveness: Liveness::Suspect,
+    });
+    assert!(
+        core.heal(60_000, &members).is_empty(),
+        "no live node outside the partition"
+    );
+}
+
+#[test]
+fn a_failed_replica_moves_to_the_least_loaded_node_outside_its_partition() {
+    let mut core = core_of(1);
+    with_topic(&mut core);
+    assert_eq!(
+        core.replace_failed(GROUP_0, 2, &[1, 2, 3, 4, 5]),
+        Some(MetadataCommand::ReplaceReplica {
+            topic: "t".to_string(),
+            partition: 0,
+            dead: 2,
+            replacement: 4,
+        })
+    );
+    assert_eq!(
+        core.replace_failed(GROUP_0, 5, &[1, 2, 3, 4]),
+        None,
+        "not a replica of it"
+    );
+    assert_eq!(core.replace_failed(GROUP_0, 2, &[1, 2, 3]), None, "nowhere to go");
+}
+
+#[test]
+fn only_hosted_partition_replicas_are_reported_failed() {
+    let mut core = core_of(1);
+    with_topic(&mut core);
+    core.on_hosted(GROUP_0);
+    assert_eq!(core.failed_to_report(&[0, GROUP_0, 99]), vec![GROUP_0]);
+}

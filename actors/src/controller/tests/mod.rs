@@ -1,0 +1,71 @@
+//! Tests of the controller core, one file per handler, each driving
+//! [`ControllerCore`] with events and checking the commands it returns.
+
+mod admin;
+mod healing;
+mod hosting;
+mod settling;
+mod stale;
+
+use super::core::{ControllerCore, CoreConfig, GroupView, Liveness, MemberView};
+use crate::metadata::{command_batch, MetadataCommand, TopicConfig};
+
+/// Replicas of a partition founded on nodes 1, 2, 3 of a 3-partition topic:
+/// partition 0 is group (1 << 20).
+const GROUP_0: u64 = 1 << 20;
+
+fn core_of(me: u64) -> ControllerCore {
+    ControllerCore::new(CoreConfig {
+        me,
+        replace_after_ms: 1_000,
+        heal_interval_ms: 500,
+    })
+}
+
+/// Applies `command` as the next controller-log record.
+fn apply(core: &mut ControllerCore, command: MetadataCommand) {
+    let mut batch = command_batch(&command, 0).expect("batch");
+    batch.set_base_offset(core.meta().applied_offset);
+    core.apply_batch(&batch).expect("apply");
+}
+
+/// A topic `t` of one partition on nodes 1, 2, 3.
+fn with_topic(core: &mut ControllerCore) {
+    apply(
+        core,
+        MetadataCommand::CreateTopic {
+            name: "t".to_string(),
+            config: TopicConfig::new(1, 3),
+            assignment: vec![vec![1, 2, 3]],
+        },
+    );
+}
+
+fn replace(core: &mut ControllerCore, dead: u32, replacement: u32) {
+    apply(
+        core,
+        MetadataCommand::ReplaceReplica {
+            topic: "t".to_string(),
+            partition: 0,
+            dead,
+            replacement,
+        },
+    );
+}
+
+fn view(voters: &[u64], learners: &[u64]) -> GroupView {
+    GroupView {
+        voters: voters.to_vec(),
+        learners: learners.to_vec(),
+    }
+}
+
+fn alive(nodes: &[u32]) -> Vec<MemberView> {
+    nodes
+        .iter()
+        .map(|&node| MemberView {
+            node,
+            liveness: Liveness::Alive,
+        })
+        .collect()
+}
