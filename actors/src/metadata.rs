@@ -435,6 +435,82 @@ pub fn place_tasks(tasks: u32, live_nodes: &[u32], load: &BTreeMap<u32, usize>) 
 
 #[cfg(test)]
 mod tests {
+    use super::{decode_command, encode_command, CommandFormatError, COMMAND_MAGIC};
+
+    fn every_command() -> Vec<MetadataCommand> {
+        let dataflow = DataflowMeta {
+            name: "d".to_string(),
+            source: "s".to_string(),
+            sink: "k".to_string(),
+            stages: 1,
+            partitions: 1,
+            placement: vec![1],
+        };
+        let text = String::new;
+        vec![
+            MetadataCommand::CreateTopic {
+                name: text(),
+                config: TopicConfig::new(1, 1),
+                assignment: vec![vec![1]],
+            },
+            MetadataCommand::DeleteTopic { name: text() },
+            MetadataCommand::ReplaceReplica {
+                topic: text(),
+                partition: 0,
+                dead: 1,
+                replacement: 2,
+            },
+            MetadataCommand::StartDataflow { dataflow },
+            MetadataCommand::StopDataflow { name: text() },
+            MetadataCommand::MoveDataflowTask {
+                name: text(),
+                task: 0,
+                dead: 1,
+                replacement: 2,
+            },
+        ]
+    }
+
+    /// The controller log is persisted: a reordered or removed variant would
+    /// make every node read old commands as other ones. A retired tag stays
+    /// retired.
+    #[test]
+    fn metadata_command_tags_are_pinned_and_versioned() {
+        for (tag, command) in every_command().into_iter().enumerate() {
+            let value = encode_command(&command).expect("encodes");
+            assert_eq!(&value[..3], &[COMMAND_MAGIC, 1, tag as u8], "{command:?}");
+            assert_eq!(decode_command(&value), Ok(command));
+        }
+    }
+
+    #[test]
+    fn an_unversioned_command_is_read_as_version_0_and_an_unknown_version_is_refused_by_name() {
+        let command = every_command().remove(1);
+        let legacy = postcard::to_allocvec(&command).expect("encodes");
+        assert_eq!(decode_command(&legacy), Ok(command.clone()));
+        let mut future = encode_command(&command).expect("encodes");
+        future[1] = 9;
+        let refused = decode_command(&future).expect_err("refused");
+        assert_eq!(refused, CommandFormatError::UnknownVersion(9));
+        assert!(refused.to_string().contains("format version 9"), "{refused}");
+        let mut applied = AppliedMetadata::default();
+        let mut builder = BatchBuilder::new();
+        builder
+            .push(&Record {
+                value: Some(Bytes::from(future)),
+                ..Record::default()
+            })
+            .expect("push");
+        let error = applied
+            .apply_batch(&builder.build().expect("batch"))
+            .expect_err("stops");
+        assert!(
+            error.to_string().contains("offset 0") && error.to_string().contains("version 9"),
+            "{error}"
+        );
+        assert_eq!(applied.applied_offset, 0, "nothing skipped");
+    }
+
     use super::*;
 
     #[test]
@@ -493,9 +569,54 @@ mod tests {
     }
 }
 
+/// The controller log's record format. Each record's value is
+/// `[COMMAND_MAGIC, version, postcard(MetadataCommand)]`; version
+/// [`COMMAND_FORMAT_VERSION`] is the one written now. A value without the
+/// magic byte (its first byte is a postcard enum tag, below 0x80) was
+/// written before the format carried a version and is read as version 0,
+/// the same postcard encoding. Any other version is refused by name: a node
+/// must not skip a command it cannot read, or its metadata would diverge.
+pub const COMMAND_MAGIC: u8 = 0xC5;
+pub const COMMAND_FORMAT_VERSION: u8 = 1;
+
+/// Why a controller-log record could not be read as a command.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommandFormatError {
+    #[error("metadata command format version {0} is unknown to this node (it reads versions 0 and {COMMAND_FORMAT_VERSION}); upgrade this node")]
+    UnknownVersion(u8),
+    #[error("metadata command does not decode: {0}")]
+    Malformed(String),
+}
+
+/// Why applying the controller log stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataLogError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("controller log record at offset {offset}: {source}")]
+    Format { offset: u64, source: CommandFormatError },
+}
+
+/// A command's record value, versioned.
+pub fn encode_command(command: &MetadataCommand) -> Result<Vec<u8>, StorageError> {
+    postcard::to_extend(command, vec![COMMAND_MAGIC, COMMAND_FORMAT_VERSION])
+        .map_err(|e| StorageError::InvalidBatch(e.to_string()))
+}
+
+/// A command from its record value (see [`COMMAND_MAGIC`]).
+pub fn decode_command(value: &[u8]) -> Result<MetadataCommand, CommandFormatError> {
+    let body = match value {
+        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION, body @ ..] => body,
+        [COMMAND_MAGIC, version, ..] => return Err(CommandFormatError::UnknownVersion(*version)),
+        [COMMAND_MAGIC] => return Err(CommandFormatError::Malformed("a magic byte and no version".to_string())),
+        legacy => legacy,
+    };
+    postcard::from_bytes(body).map_err(|e| CommandFormatError::Malformed(e.to_string()))
+}
+
 /// A command as the controller log holds it: one record of its own.
 pub fn command_batch(command: &MetadataCommand, timestamp_ms: i64) -> Result<RecordBatch, StorageError> {
-    let value = postcard::to_allocvec(command).map_err(|e| StorageError::InvalidBatch(e.to_string()))?;
+    let value = encode_command(command)?;
     let mut builder = BatchBuilder::new();
     builder.push(&Record {
         timestamp_ms,
@@ -529,9 +650,11 @@ pub struct AppliedMetadata {
 
 impl AppliedMetadata {
     /// Applies the commands of one committed controller-log batch that are
-    /// not applied yet. A record that is not a command is skipped (every
-    /// node skips it alike) and its result is a refusal.
-    pub fn apply_batch(&mut self, batch: &RecordBatch) -> Result<(), StorageError> {
+    /// not applied yet. A command the metadata refuses, or a record that is
+    /// not a command, is refused alike on every node (its result says why);
+    /// a command in a format version this node cannot read stops the
+    /// applying, naming the offset and the version.
+    pub fn apply_batch(&mut self, batch: &RecordBatch) -> Result<(), MetadataLogError> {
         if batch.next_offset() <= self.applied_offset {
             return Ok(());
         }
@@ -542,7 +665,7 @@ impl AppliedMetadata {
                     continue;
                 }
                 let value = record.record.value.unwrap_or_default();
-                let result = match postcard::from_bytes::<MetadataCommand>(&value) {
+                let result = match decode_command(&value) {
                     Ok(command) => {
                         let result = self.metadata.apply(&command);
                         match &result {
@@ -551,6 +674,15 @@ impl AppliedMetadata {
                         }
                         result
                     }
+                    // Written by a newer node: skipping it would diverge.
+                    Err(source @ CommandFormatError::UnknownVersion(_)) => {
+                        tracing::error!(offset = record.offset, error = %source, "controller log record not readable");
+                        return Err(MetadataLogError::Format {
+                            offset: record.offset,
+                            source,
+                        });
+                    }
+                    // Not a command at all: every node skips it alike.
                     Err(e) => {
                         tracing::error!(offset = record.offset, error = %e, "controller record is not a command");
                         Err(MetadataError::InvalidConfig(format!("undecodable command: {e}")))
@@ -560,6 +692,7 @@ impl AppliedMetadata {
                 while self.results.len() > RESULTS_KEPT {
                     self.results.pop_first();
                 }
+                self.applied_offset = record.offset + 1;
             }
         }
         self.applied_offset = batch.next_offset();

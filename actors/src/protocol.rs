@@ -279,3 +279,102 @@ pub enum ClientResponse {
     Dataflows(Vec<crate::metadata::DataflowMeta>),
     Tasks(Vec<crate::tasks::TaskStatus>),
 }
+
+#[cfg(test)]
+mod tests {
+    //! Postcard tags enums by variant position. These tests pin every
+    //! variant's tag: a change that reorders, removes or inserts a variant
+    //! fails here. A retired tag stays retired (keep the variant, or a
+    //! placeholder, in its place).
+
+    use super::*;
+    use crate::metadata::{DataflowMeta, MetadataError, TopicConfig};
+
+    fn tag<T: Serialize>(value: &T) -> u8 {
+        postcard::to_allocvec(value).expect("encodes")[0]
+    }
+
+    #[test]
+    fn controller_request_tags_are_pinned() {
+        let dataflow = DataflowMeta {
+            name: String::new(),
+            source: String::new(),
+            sink: String::new(),
+            stages: 1,
+            partitions: 1,
+            placement: Vec::new(),
+        };
+        let requests = [
+            ControllerRequest::FetchLog {
+                offset: 0,
+                max_bytes: 0,
+            },
+            ControllerRequest::CreateTopic {
+                name: String::new(),
+                config: TopicConfig::new(1, 1),
+            },
+            ControllerRequest::DeleteTopic { name: String::new() },
+            ControllerRequest::Rebalance,
+            ControllerRequest::CommittedOffset,
+            ControllerRequest::ReplicaFailed { group: 0, node: 0 },
+            ControllerRequest::StartDataflow { dataflow },
+            ControllerRequest::StopDataflow { name: String::new() },
+            ControllerRequest::GroupMembers { group: 0 },
+            ControllerRequest::PassiveReplica {
+                group: 0,
+                node: 0,
+                since: 0,
+            },
+        ];
+        let tags: Vec<u8> = requests.iter().map(tag).collect();
+        assert_eq!(tags, (0..=9).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn controller_response_tags_are_pinned() {
+        let responses = [
+            ControllerResponse::Log { batches: Vec::new() },
+            ControllerResponse::Done,
+            ControllerResponse::Refused(MetadataError::NoLiveNodes),
+            ControllerResponse::Failed(BrokerError::LeadershipLost),
+            ControllerResponse::Offset(0),
+            ControllerResponse::Members {
+                voters: Vec::new(),
+                learners: Vec::new(),
+            },
+            ControllerResponse::Passive(PassiveAnswer::Unknown),
+        ];
+        let tags: Vec<u8> = responses.iter().map(tag).collect();
+        assert_eq!(tags, (0..=6).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn passive_answer_tags_are_pinned() {
+        let answers = [PassiveAnswer::Promoted, PassiveAnswer::Demoting, PassiveAnswer::Unknown];
+        let tags: Vec<u8> = answers.iter().map(tag).collect();
+        assert_eq!(tags, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn metadata_error_tags_are_pinned() {
+        let errors = [
+            MetadataError::InvalidName {
+                name: String::new(),
+                reason: String::new(),
+            },
+            MetadataError::TopicExists(String::new()),
+            MetadataError::UnknownTopic(String::new()),
+            MetadataError::InvalidConfig(String::new()),
+            MetadataError::NotEnoughNodes {
+                replication: 0,
+                live: 0,
+            },
+            MetadataError::DataflowRunning(String::new()),
+            MetadataError::UnknownDataflow(String::new()),
+            MetadataError::UnregisteredDataflow(String::new()),
+            MetadataError::NoLiveNodes,
+        ];
+        let tags: Vec<u8> = errors.iter().map(tag).collect();
+        assert_eq!(tags, (0..=8).collect::<Vec<u8>>());
+    }
+}

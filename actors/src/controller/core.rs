@@ -29,11 +29,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use runnel_storage::{RecordBatch, StorageError};
+use runnel_storage::RecordBatch;
 
 use crate::metadata::{
     pick_replacement, place, place_tasks, validate_topic_name, AppliedMetadata, DataflowMeta, MetadataCommand,
-    MetadataError, TopicConfig, CONTROLLER_GROUP,
+    MetadataError, MetadataLogError, TopicConfig, CONTROLLER_GROUP,
 };
 use crate::tasks::TaskAssignment;
 
@@ -185,7 +185,7 @@ impl ControllerCore {
 
     /// Applies one committed controller-log batch (ones already applied are
     /// skipped).
-    pub fn apply_batch(&mut self, batch: &RecordBatch) -> Result<(), StorageError> {
+    pub fn apply_batch(&mut self, batch: &RecordBatch) -> Result<(), MetadataLogError> {
         self.meta.apply_batch(batch)
     }
 
