@@ -21,11 +21,10 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use runnel_actors::client::{ClientError, ClientResult, FetchedBatches};
-use runnel_actors::metadata::{
-    place, place_tasks, AppliedMetadata, DataflowMeta, MetadataCommand, TopicConfig, TopicMeta,
-};
+use runnel_actors::controller::ControllerCore;
+use runnel_actors::metadata::{AppliedMetadata, DataflowMeta, MetadataCommand, TopicMeta};
 use runnel_actors::supervisor::RestartPolicy;
-use runnel_actors::tasks::{dataflow_topics, repartition_topic, DataflowShape, TaskAssignment, TaskStatus};
+use runnel_actors::tasks::{repartition_topic, DataflowShape, TaskAssignment, TaskStatus};
 use runnel_actors::{Acks, BrokerError};
 use runnel_cluster::NodeId;
 use runnel_dataflow::fraud::{decode_result, Attempt};
@@ -89,14 +88,10 @@ pub fn reference(attempts: &[Attempt]) -> BTreeMap<WindowKey, Vec<u64>> {
 }
 
 /// The commands that create the dataflow's topics, then start it with its
-/// tasks placed — what `start_dataflow` asks of the controller. Empty once
-/// it runs.
-pub fn start_commands(
-    meta: &AppliedMetadata,
-    def: &DataflowDef,
-    nodes: &[u32],
-) -> Result<Vec<MetadataCommand>, String> {
-    let metadata = &meta.metadata;
+/// tasks placed — what `BrokerService::start_dataflow` asks of the
+/// controller, decided by the same core. Empty once it runs.
+pub fn start_commands(core: &ControllerCore, def: &DataflowDef, nodes: &[u32]) -> Result<Vec<MetadataCommand>, String> {
+    let metadata = &core.meta().metadata;
     let Some(source) = metadata.topics.get(TOPIC) else {
         return Ok(Vec::new());
     };
@@ -109,39 +104,28 @@ pub fn start_commands(
         stages: def.stages(),
     };
     let partitions = source.config.partitions;
-    let mut load = metadata.load();
-    let mut commands = Vec::new();
-    for (name, topic_partitions) in dataflow_topics(DATAFLOW, &shape, partitions) {
-        if metadata.topics.contains_key(&name) {
-            continue;
-        }
-        let config = TopicConfig::new(topic_partitions, source.config.replication);
-        let assignment = place(&config, nodes, &load).map_err(|e| format!("placing {name}: {e}"))?;
-        for &node in assignment.iter().flatten() {
-            *load.entry(node).or_default() += 1;
-        }
-        commands.push(MetadataCommand::CreateTopic {
-            name,
-            config,
-            assignment,
-        });
+    let missing = core.dataflow_topics_missing(DATAFLOW, &shape, partitions, source.config.replication);
+    if missing.is_empty() {
+        let dataflow = DataflowMeta {
+            name: DATAFLOW.to_string(),
+            source: shape.source,
+            sink: shape.sink,
+            stages: shape.stages,
+            partitions,
+            placement: Vec::new(),
+        };
+        let command = core
+            .start_dataflow(dataflow, nodes)
+            .map_err(|e| format!("placing the tasks: {e}"))?;
+        return Ok(vec![command]);
     }
-    if commands.is_empty() {
-        let tasks = shape.stages * partitions;
-        let placement =
-            place_tasks(tasks, nodes, &metadata.task_load()).map_err(|e| format!("placing the tasks: {e}"))?;
-        commands.push(MetadataCommand::StartDataflow {
-            dataflow: DataflowMeta {
-                name: DATAFLOW.to_string(),
-                source: shape.source,
-                sink: shape.sink,
-                stages: shape.stages,
-                partitions,
-                placement,
-            },
-        });
-    }
-    Ok(commands)
+    missing
+        .into_iter()
+        .map(|(name, config)| {
+            core.create_topic(name.clone(), config, nodes)
+                .map_err(|e| format!("placing {name}: {e}"))
+        })
+        .collect()
 }
 
 /// A task's request, as the loop routes it.
@@ -396,7 +380,7 @@ impl World {
         let Some(def) = self.tasks.def.clone() else { return };
         let now = self.now();
         let wanted: BTreeMap<u32, TaskAssignment> = self.nodes[&id]
-            .meta
+            .meta()
             .metadata
             .tasks_of(id as u32)
             .into_iter()
@@ -511,7 +495,7 @@ impl World {
                 (topic.clone(), *partition)
             }
         };
-        let topic: Option<TopicMeta> = self.nodes[&key.0].meta.metadata.topics.get(&topic_name).cloned();
+        let topic: Option<TopicMeta> = self.nodes[&key.0].meta().metadata.topics.get(&topic_name).cloned();
         let found = match topic {
             None => Err(ClientError::UnknownTopic(topic_name)),
             Some(topic) => match topic.assignment.get(partition as usize) {

@@ -33,9 +33,9 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::Bytes;
+use runnel_actors::controller::{Command, ControllerCore, CoreConfig, GroupView, Liveness, MemberView};
 use runnel_actors::metadata::{
-    command_batch, group_id, place, AppliedMetadata, Metadata, MetadataCommand, TopicConfig, TopicMeta,
-    CONTROLLER_GROUP,
+    command_batch, group_id, AppliedMetadata, Metadata, MetadataCommand, TopicConfig, TopicMeta, CONTROLLER_GROUP,
 };
 use runnel_actors::partition::{PartitionCore, ProduceReply};
 use runnel_actors::protocol::PassiveAnswer;
@@ -67,8 +67,9 @@ const HEARTBEAT_MS: u64 = 200;
 const DEAD_MS: u64 = 4_000;
 /// A controller leader proposes replica moves at most this often.
 const MOVES_EVERY_MS: u64 = 2_000;
-/// Stale replica files are looked at this often.
-const STALE_EVERY_MS: u64 = 1_000;
+/// The controller core's heal interval: settling groups, passive replicas
+/// and stale files are looked at this often (as on a real node).
+const HEAL_EVERY_MS: u64 = 500;
 /// A client request unanswered this long is sent again (maybe elsewhere).
 const REQUEST_TIMEOUT_MS: u64 = 500;
 /// A producer retries one batch this long, then records it unknown.
@@ -315,6 +316,12 @@ enum Msg {
         group: u64,
         answer: PassiveAnswer,
     },
+    /// Node → controller voters: the controller log's commit point, please
+    /// (answered by the leader only).
+    CommittedQuery,
+    CommittedAnswer {
+        offset: u64,
+    },
 }
 
 type Outbox = Rc<RefCell<Vec<(NodeId, NodeId, Msg)>>>;
@@ -357,17 +364,21 @@ struct Node {
     /// many unsynced bytes.
     crash_armed: Option<u64>,
     groups: BTreeMap<u64, Part>,
-    meta: AppliedMetadata,
+    /// The node's controller decisions: the real core, as production runs it.
+    core: ControllerCore,
     /// Controller leader only: when each node was last heard from.
     heard: BTreeMap<u64, u64>,
     leading_since: Option<u64>,
     last_moves_ms: u64,
     topic_proposed_ms: Option<u64>,
-    last_stale_ms: u64,
+    /// Stale replica directories asked about and not answered yet; still
+    /// unanswered at the next heal, they count as "nobody confirmed the
+    /// removal" (the real shell's call timing out).
+    stale_asked: BTreeSet<u64>,
+    /// Stale candidates waiting for the controller leader's commit point.
+    stale_candidates: Vec<u64>,
     /// Leader each hosted group last had here, to count changes.
     leaders: BTreeMap<u64, Option<u64>>,
-    /// Groups closed since the start because this replica left them.
-    closed: BTreeSet<u64>,
 }
 
 impl Node {
@@ -381,8 +392,31 @@ impl Node {
         self.dir.join(format!("group-{group}.left"))
     }
 
-    fn ever_hosted(&self, group: u64) -> bool {
-        self.group_dir(group).exists() || self.tombstone(group).exists()
+    fn meta(&self) -> &AppliedMetadata {
+        self.core.meta()
+    }
+}
+
+/// As the broker's `ever_hosted`: a replica directory or a tombstone.
+fn ever_hosted_in(dir: &Path, group: u64) -> bool {
+    dir.join(format!("group-{group}")).exists() || dir.join(format!("group-{group}.left")).exists()
+}
+
+/// The core's settings in the simulation: dead nodes are judged by the
+/// simulated failure detector (`DEAD_MS`), so they move at once.
+fn core_config(id: u64) -> CoreConfig {
+    CoreConfig {
+        me: id,
+        replace_after_ms: 0,
+        heal_interval_ms: HEAL_EVERY_MS,
+    }
+}
+
+fn group_view(part: &Part) -> GroupView {
+    let status = part.status();
+    GroupView {
+        voters: status.voters,
+        learners: status.learners,
     }
 }
 
@@ -536,7 +570,7 @@ fn partition_of(nodes: &BTreeMap<u64, Node>, group: u64) -> (String, u32) {
     let partition = (group & ((1 << 20) - 1)) as u32;
     let topic = nodes
         .values()
-        .flat_map(|n| n.meta.metadata.topics.values())
+        .flat_map(|n| n.meta().metadata.topics.values())
         .find(|t| t.group_id(partition) == group)
         .map_or_else(|| format!("<group {group}>"), |t| t.name.clone());
     (topic, partition)
@@ -557,14 +591,14 @@ impl World {
                     up: false,
                     crash_armed: None,
                     groups: BTreeMap::new(),
-                    meta: AppliedMetadata::default(),
+                    core: ControllerCore::new(core_config(id)),
                     heard: BTreeMap::new(),
                     leading_since: None,
                     last_moves_ms: 0,
                     topic_proposed_ms: None,
-                    last_stale_ms: 0,
+                    stale_asked: BTreeSet::new(),
+                    stale_candidates: Vec::new(),
                     leaders: BTreeMap::new(),
-                    closed: BTreeSet::new(),
                 },
             );
         }
@@ -659,11 +693,12 @@ impl World {
         let node = self.nodes.get_mut(&id).expect("known node");
         node.up = true;
         node.crash_armed = None;
-        node.meta = AppliedMetadata::default();
+        node.core = ControllerCore::new(core_config(id));
         node.heard.clear();
         node.leading_since = None;
         node.leaders.clear();
-        node.closed.clear();
+        node.stale_asked.clear();
+        node.stale_candidates.clear();
         if self.controllers().contains(&id) {
             let voters = self.controllers();
             self.host(id, CONTROLLER_GROUP, Some(&voters), false)?;
@@ -686,7 +721,6 @@ impl World {
         let (part, messages) = Part::open(group, &dir, log_config(), &config, founders)
             .map_err(|e| format!("node {id} opening group {group}: {e}"))?;
         node.groups.insert(group, part);
-        node.closed.remove(&group);
         self.send_raft(id, group, messages);
         Ok(())
     }
@@ -937,13 +971,13 @@ impl World {
             Msg::MetaLog { batches } => {
                 let node = self.nodes.get_mut(&id).expect("known node");
                 for batch in &batches {
-                    node.meta
+                    node.core
                         .apply_batch(batch)
                         .map_err(|e| format!("node {id} applying the controller log: {e}"))?;
                 }
             }
             Msg::MetaQuery => {
-                let metadata = self.nodes[&id].meta.metadata.clone();
+                let metadata = self.nodes[&id].meta().metadata.clone();
                 if metadata.topics.contains_key(TOPIC) {
                     self.net.post(me, from, Msg::MetaAnswer(Box::new(metadata)));
                 }
@@ -1024,22 +1058,20 @@ impl World {
                 }
             }
             Msg::MembersAnswer { group, removed } => {
-                let node = &self.nodes[&id];
-                let wanted = node.meta.wanted_groups(id);
-                let on_disk = node.group_dir(group).is_dir();
-                if removed && on_disk && !wanted.contains_key(&group) {
-                    let node = self.nodes.get_mut(&id).expect("known node");
-                    if let Some(part) = node.groups.remove(&group) {
-                        close(id, part)?;
-                    }
-                    let tombstone = node.tombstone(group);
-                    std::fs::write(&tombstone, b"").map_err(|e| format!("{}: {e}", tombstone.display()))?;
-                    let dir = node.group_dir(group);
-                    std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                    self.checked.remove(&(id, group));
-                    self.note(format!("node {id} deleted its stale replica of group {group}"));
+                let node = self.nodes.get_mut(&id).expect("known node");
+                if node.stale_asked.remove(&group) {
+                    let commands = node.core.on_stale_answer(group, removed);
+                    self.execute(id, commands)?;
                 }
             }
+            Msg::CommittedQuery => {
+                let node = &self.nodes[&id];
+                if let Some(part) = node.groups.get(&CONTROLLER_GROUP).filter(|p| p.core().is_leader()) {
+                    let offset = part.core().committed_offset();
+                    self.net.post(me, from, Msg::CommittedAnswer { offset });
+                }
+            }
+            Msg::CommittedAnswer { offset } => self.on_leader_committed(id, offset)?,
             Msg::Produced { request, result } => self.on_task_reply(id, request, result.map(TaskReply::Produced)),
             Msg::Fetched { request, result } => {
                 let reply = result.map(|(batches, committed)| TaskReply::Fetched { batches, committed });
@@ -1076,7 +1108,6 @@ impl World {
             self.reconcile(id)?;
             self.reconcile_tasks(id);
             self.lead_controller(id)?;
-            self.collect_stale(id)?;
             if now.is_multiple_of(HEARTBEAT_MS) {
                 for controller in self.controllers() {
                     self.net
@@ -1096,7 +1127,7 @@ impl World {
     fn follow_metadata(&mut self, id: u64) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         if let Some(part) = node.groups.get(&CONTROLLER_GROUP) {
-            let mut offset = node.meta.applied_offset;
+            let mut offset = node.core.meta().applied_offset;
             while offset < part.core().committed_offset() {
                 let batches = part
                     .core()
@@ -1106,145 +1137,223 @@ impl World {
                     break;
                 }
                 for batch in &batches {
-                    node.meta
+                    node.core
                         .apply_batch(batch)
                         .map_err(|e| format!("node {id} applying the controller log: {e}"))?;
                 }
-                offset = node.meta.applied_offset;
+                offset = node.core.meta().applied_offset;
             }
             return Ok(());
         }
         let controllers = self.controllers();
         let target = controllers[self.rng.between(0, controllers.len() as u64 - 1) as usize];
-        let offset = self.nodes[&id].meta.applied_offset;
+        let offset = self.nodes[&id].meta().applied_offset;
         self.net
             .post(NodeId(id as u32), NodeId(target as u32), Msg::MetaPull { offset });
         Ok(())
     }
 
-    /// Hosts every group assigned here, drops those no longer assigned, and
-    /// moves the voters of groups led here towards their assignment.
-    fn reconcile(&mut self, id: u64) -> Result<(), String> {
-        let wanted = self.nodes[&id].meta.wanted_groups(id);
-        for (group, wanted_group) in &wanted {
-            if !self.nodes[&id].groups.contains_key(group) {
-                self.host(id, *group, Some(&wanted_group.founders), wanted_group.rejoin)?;
-            }
-        }
-        // As the controller: founding replicas of groups moved off before
-        // this node ever hosted them.
-        let founded = self.nodes[&id].meta.founded_groups_moved_off(id);
-        for (group, founders) in founded {
-            let node = &self.nodes[&id];
-            if node.groups.contains_key(&group) || node.closed.contains(&group) || node.ever_hosted(group) {
-                continue;
-            }
-            self.note(format!(
-                "node {id} creates its founding replica of group {group}, never hosted"
-            ));
-            self.host(id, group, Some(&founders), false)?;
-        }
-        let node = self.nodes.get_mut(&id).expect("known node");
-        let unwanted: Vec<u64> = node
-            .groups
-            .keys()
-            .copied()
-            .filter(|g| *g != CONTROLLER_GROUP && !wanted.contains_key(g))
-            .collect();
-        for group in unwanted {
-            // A replica the group still counts keeps running however the
-            // assignment moved: its votes and log may be what the group needs
-            // to elect a leader and hand its data to the new replicas.
-            let member = node.groups.get(&group).is_some_and(|part| {
-                let status = part.status();
-                status.voters.contains(&id) || status.learners.contains(&id)
-            });
-            if member {
-                continue;
-            }
-            if let Some(part) = node.groups.remove(&group) {
-                close(id, part)?;
-                node.closed.insert(group);
-            }
-        }
-        // Every hosted group led here moves towards its assignment, this
-        // node's place in it or not (a leader leaving hands over first).
-        let mut proposed = Vec::new();
-        for (group, part) in node.groups.iter_mut() {
-            let Some(voters) = node.meta.assignment_of(*group) else {
-                continue;
-            };
-            {
-                if let Some(change) = part
-                    .core_mut()
-                    .step_towards(&voters)
-                    .map_err(|e| format!("node {id} group {group} reconfigure: {e}"))?
-                {
-                    proposed.push((*group, change));
+    /// Carries out the controller core's commands on node `id`, as the real
+    /// controller's shell does (`Controller::execute`).
+    fn execute(&mut self, id: u64, commands: Vec<Command>) -> Result<(), String> {
+        for command in commands {
+            match command {
+                Command::Host {
+                    group,
+                    founders,
+                    rejoin,
+                } => {
+                    self.host(id, group, founders.as_deref(), rejoin)?;
+                    self.nodes.get_mut(&id).expect("known node").core.on_hosted(group);
                 }
+                Command::Unhost { group } => {
+                    if let Some(part) = self.nodes.get_mut(&id).expect("known node").groups.remove(&group) {
+                        close(id, part)?;
+                    }
+                }
+                Command::Reconfigure { group, voters } => self.reconfigure(id, group, &voters)?,
+                Command::DeleteFiles { group } => self.delete_files(id, group)?,
             }
-        }
-        for (group, change) in proposed {
-            self.note(format!("group {group}: leader {id} proposes {change:?}"));
-            self.drive(id, group)?;
         }
         Ok(())
     }
 
-    /// On the controller leader: create the topic once, and move the
-    /// replicas of nodes silent for `DEAD_MS`.
+    /// As `ReplicaMsg::Reconfigure`: the local replica, if it leads, steps
+    /// the group's voters towards `voters`.
+    fn reconfigure(&mut self, id: u64, group: u64, voters: &[u64]) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(part) = node.groups.get_mut(&group) else {
+            return Ok(());
+        };
+        let change = part
+            .core_mut()
+            .step_towards(voters)
+            .map_err(|e| format!("node {id} group {group} reconfigure: {e}"))?;
+        if let Some(change) = change {
+            self.note(format!("group {group}: leader {id} proposes {change:?}"));
+        }
+        self.drive(id, group)
+    }
+
+    /// As `Broker::delete_replica_files`: a tombstone, then the files go.
+    fn delete_files(&mut self, id: u64, group: u64) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let dir = node.group_dir(group);
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let tombstone = node.tombstone(group);
+        std::fs::write(&tombstone, b"").map_err(|e| format!("{}: {e}", tombstone.display()))?;
+        std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        self.checked.remove(&(id, group));
+        self.note(format!("node {id} deleted its stale replica of group {group}"));
+        Ok(())
+    }
+
+    /// The controller core's hosting and healing duties on node `id`, when
+    /// due (as the real controller's control loop).
+    fn reconcile(&mut self, id: u64) -> Result<(), String> {
+        let now = self.now();
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let due = node.core.due(now);
+        if due.reconcile {
+            let dir = node.dir.clone();
+            let commands = node.core.reconcile(|group| ever_hosted_in(&dir, group));
+            self.execute(id, commands)?;
+            let unassigned = self.nodes[&id].core.unassigned_hosted();
+            for group in unassigned {
+                let node = self.nodes.get_mut(&id).expect("known node");
+                let member = node.groups.get(&group).is_some_and(|p| group_view(p).counts(id));
+                let command = node.core.on_unassigned(group, member);
+                self.execute(id, command.into_iter().collect())?;
+            }
+        }
+        if due.heal {
+            self.settle(id)?;
+            self.ask_about_passive(id);
+            self.collect_stale(id)?;
+        }
+        Ok(())
+    }
+
+    /// Nudges every hosted group whose voters differ from its assignment.
+    fn settle(&mut self, id: u64) -> Result<(), String> {
+        let targets = self.nodes[&id].core.settle_targets();
+        for (group, assigned) in targets {
+            let node = &self.nodes[&id];
+            let Some(view) = node.groups.get(&group).map(group_view) else {
+                continue;
+            };
+            let command = node.core.on_settle_status(group, &assigned, &view);
+            self.execute(id, command.into_iter().collect())?;
+        }
+        Ok(())
+    }
+
+    /// Passive replicas ask the group's other replicas whether they were
+    /// promoted (or, of a leader, to be demoted).
+    fn ask_about_passive(&mut self, id: u64) {
+        let node = &self.nodes[&id];
+        let mut asks = Vec::new();
+        for (&group, part) in &node.groups {
+            let Some(since) = part.core().passive_since() else {
+                continue;
+            };
+            let peers = node.core.passive_peers(group, &group_view(part));
+            asks.extend(peers.into_iter().map(|peer| (group, peer, since)));
+        }
+        for (group, peer, since) in asks {
+            let msg = Msg::PassiveReplica { group, since };
+            self.net.post(NodeId(id as u32), NodeId(peer as u32), msg);
+        }
+    }
+
+    /// Stale replica directories: asks unanswered since the last round count
+    /// as "nobody confirmed the removal"; new candidates wait for the
+    /// controller leader's commit point (asked of every controller voter;
+    /// only the leader answers).
+    fn collect_stale(&mut self, id: u64) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let unanswered: Vec<u64> = std::mem::take(&mut node.stale_asked).into_iter().collect();
+        for group in unanswered {
+            let commands = self
+                .nodes
+                .get_mut(&id)
+                .expect("known node")
+                .core
+                .on_stale_answer(group, false);
+            self.execute(id, commands)?;
+        }
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let on_disk = replica_dirs(&node.dir)?;
+        let candidates = node.core.stale_candidates(&on_disk, |g| node.groups.contains_key(&g));
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        node.stale_candidates = candidates;
+        for controller in self.controllers() {
+            self.net
+                .post(NodeId(id as u32), NodeId(controller as u32), Msg::CommittedQuery);
+        }
+        Ok(())
+    }
+
+    /// The controller leader's commit point reached node `id`: the core
+    /// picks the stale candidates to ask their groups' leaders about.
+    fn on_leader_committed(&mut self, id: u64, committed: u64) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let candidates = std::mem::take(&mut node.stale_candidates);
+        let checks = node.core.stale_checks(&candidates, committed);
+        for check in checks {
+            let Some(ask) = check.ask else {
+                let commands = self
+                    .nodes
+                    .get_mut(&id)
+                    .expect("known node")
+                    .core
+                    .on_stale_answer(check.group, true);
+                self.execute(id, commands)?;
+                continue;
+            };
+            self.nodes
+                .get_mut(&id)
+                .expect("known node")
+                .stale_asked
+                .insert(check.group);
+            for member in ask {
+                let msg = Msg::Members { group: check.group };
+                self.net.post(NodeId(id as u32), NodeId(member), msg);
+            }
+        }
+        Ok(())
+    }
+
+    /// On the controller leader: the workload's topic and dataflow, then
+    /// the core's moves of the replicas and tasks of nodes the simulated
+    /// failure detector holds dead.
     fn lead_controller(&mut self, id: u64) -> Result<(), String> {
         let now = self.now();
-        let config = self.config.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
         let leads = node
             .groups
             .get(&CONTROLLER_GROUP)
-            .is_some_and(|p| p.core().is_leader() && node.meta.applied_offset >= p.core().committed_offset());
+            .is_some_and(|p| p.core().is_leader() && node.meta().applied_offset >= p.core().committed_offset());
         if !leads {
             node.leading_since = None;
             return Ok(());
         }
-        let since = *node.leading_since.get_or_insert(now);
-        let mut commands = Vec::new();
-        if !node.meta.metadata.topics.contains_key(TOPIC) {
-            if node.topic_proposed_ms.is_none_or(|t| t + MOVES_EVERY_MS <= now) {
-                node.topic_proposed_ms = Some(now);
-                let topic_config = TopicConfig::new(config.partitions, config.replication);
-                let all: Vec<u32> = (1..=config.nodes).collect();
-                let assignment = place(&topic_config, &all, &node.meta.metadata.load())
-                    .map_err(|e| format!("placing the topic: {e}"))?;
-                commands.push(MetadataCommand::CreateTopic {
-                    name: TOPIC.to_string(),
-                    config: topic_config,
-                    assignment,
-                });
-            }
-        } else if let Some(def) = self
-            .tasks
-            .def
-            .as_deref()
-            .filter(|_| !node.meta.metadata.dataflows.contains_key(dataflow::DATAFLOW))
+        node.leading_since.get_or_insert(now);
+        let commands = if !node.meta().metadata.topics.contains_key(TOPIC)
+            || (self.tasks.def.is_some() && !node.meta().metadata.dataflows.contains_key(dataflow::DATAFLOW))
         {
-            if node.topic_proposed_ms.is_none_or(|t| t + MOVES_EVERY_MS <= now) {
-                node.topic_proposed_ms = Some(now);
-                let all: Vec<u32> = (1..=config.nodes).collect();
-                commands = dataflow::start_commands(&node.meta, def, &all)?;
-            }
-        } else if now >= since + DEAD_MS && now >= node.last_moves_ms + MOVES_EVERY_MS {
-            let (alive, dead): (Vec<u32>, Vec<u32>) =
-                (1..=config.nodes).partition(|n| node.heard.get(&u64::from(*n)).is_some_and(|&t| t + DEAD_MS > now));
-            if !dead.is_empty() {
-                commands = node.meta.replica_moves(&dead, &alive);
-                commands.extend(node.meta.task_moves(&dead, &alive));
-                if !commands.is_empty() {
-                    node.last_moves_ms = now;
-                }
-            }
-        }
+            self.setup_commands(id)?
+        } else {
+            self.heal_commands(id)
+        };
         if commands.is_empty() {
             return Ok(());
         }
+        let node = self.nodes.get_mut(&id).expect("known node");
         for command in &commands {
             let batch = command_batch(command, now as i64).map_err(|e| format!("encoding {command:?}: {e}"))?;
             if let Some(part) = node.groups.get_mut(&CONTROLLER_GROUP) {
@@ -1258,74 +1367,58 @@ impl World {
         self.drive(id, CONTROLLER_GROUP)
     }
 
-    /// Asks the groups' leaders about replica directories of groups not
-    /// assigned here (hosted still or not); a leader that confirms this node
-    /// left the group gets the replica closed and its files deleted (see
-    /// `MembersAnswer`).
-    fn collect_stale(&mut self, id: u64) -> Result<(), String> {
+    /// The workload's topic, then its dataflow, placed by the core (at most
+    /// once per `MOVES_EVERY_MS` while not applied yet).
+    fn setup_commands(&mut self, id: u64) -> Result<Vec<MetadataCommand>, String> {
         let now = self.now();
+        let all: Vec<u32> = (1..=self.config.nodes).collect();
         let node = self.nodes.get_mut(&id).expect("known node");
-        if now < node.last_stale_ms + STALE_EVERY_MS || !node.meta.metadata.topics.contains_key(TOPIC) {
-            return Ok(());
+        if node.topic_proposed_ms.is_some_and(|t| t + MOVES_EVERY_MS > now) {
+            return Ok(Vec::new());
         }
-        node.last_stale_ms = now;
-        let wanted = node.meta.wanted_groups(id);
-        let entries = std::fs::read_dir(&node.dir).map_err(|e| format!("{}: {e}", node.dir.display()))?;
-        let mut asks = BTreeSet::new();
-        let mut asks_passive = Vec::new();
-        let mut reopen = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| e.to_string())?;
-            let name = entry.file_name();
-            let Some(group) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("group-")?.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            if group == CONTROLLER_GROUP || wanted.contains_key(&group) {
-                continue;
-            }
-            let Some(assigned) = node.meta.assignment_of(group) else {
-                continue;
-            };
-            let mut members: BTreeSet<u64> = assigned.into_iter().collect();
-            match node.groups.get(&group) {
-                Some(part) => members.extend(part.status().voters),
-                // A replica found on disk after a restart may still be a
-                // voter the group needs: it runs until it is known removed.
-                None if !node.closed.contains(&group) => reopen.push(group),
-                None => {}
-            }
-            asks.extend(members.into_iter().filter(|&m| m != id).map(|m| (group, m)));
+        node.topic_proposed_ms = Some(now);
+        if !node.meta().metadata.topics.contains_key(TOPIC) {
+            let config = TopicConfig::new(self.config.partitions, self.config.replication);
+            let command = node
+                .core
+                .create_topic(TOPIC.to_string(), config, &all)
+                .map_err(|e| format!("placing the topic: {e}"))?;
+            return Ok(vec![command]);
         }
-        // Passive replicas ask the group's other replicas whether they were
-        // promoted (or, of a leader, to be demoted).
-        for (&group, part) in &node.groups {
-            let Some(since) = part.core().passive_since() else {
-                continue;
-            };
-            let status = part.status();
-            let mut members: BTreeSet<u64> = status.voters.iter().chain(&status.learners).copied().collect();
-            members.extend(node.meta.assignment_of(group).unwrap_or_default());
-            members.remove(&id);
-            asks_passive.extend(members.into_iter().map(|m| (group, m, since)));
+        match self.tasks.def.as_deref() {
+            Some(def) => dataflow::start_commands(&node.core, def, &all),
+            None => Ok(Vec::new()),
         }
-        // In a fixed order: directory listings are not, and hosting draws
-        // from the seed.
-        reopen.sort_unstable();
-        for group in reopen {
-            self.host(id, group, None, true)?;
+    }
+
+    /// The core's moves off the nodes silent for `DEAD_MS` (a leader new to
+    /// the job first listens for `DEAD_MS`: nodes it has not heard yet are
+    /// suspects, not dead), at most once per `MOVES_EVERY_MS`.
+    fn heal_commands(&mut self, id: u64) -> Vec<MetadataCommand> {
+        let now = self.now();
+        let nodes = self.config.nodes;
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let since = node.leading_since.unwrap_or(now);
+        if now < since + DEAD_MS || now < node.last_moves_ms + MOVES_EVERY_MS {
+            return Vec::new();
         }
-        for (group, member) in asks {
-            self.net
-                .post(NodeId(id as u32), NodeId(member as u32), Msg::Members { group });
+        let members: Vec<MemberView> = (1..=nodes)
+            .map(|n| {
+                let heard = node.heard.get(&u64::from(n)).copied();
+                let liveness = match heard {
+                    Some(t) if t + DEAD_MS > now => Liveness::Alive,
+                    _ => Liveness::Dead {
+                        since_ms: heard.unwrap_or(since).max(since) + DEAD_MS,
+                    },
+                };
+                MemberView { node: n, liveness }
+            })
+            .collect();
+        let commands = node.core.heal(now, &members);
+        if !commands.is_empty() {
+            node.last_moves_ms = now;
         }
-        for (group, member, since) in asks_passive {
-            let msg = Msg::PassiveReplica { group, since };
-            self.net.post(NodeId(id as u32), NodeId(member as u32), msg);
-        }
-        Ok(())
+        commands
     }
 
     fn on_client_message(&mut self, client: NodeId, msg: Msg) {
@@ -1747,7 +1840,7 @@ impl World {
         let mut groups: Vec<(u64, Vec<u64>)> = vec![(CONTROLLER_GROUP, self.controllers())];
         let Some(leader_meta) = self.nodes.values().find_map(|n| {
             let part = n.groups.get(&CONTROLLER_GROUP)?;
-            part.core().is_leader().then_some(&n.meta)
+            part.core().is_leader().then_some(n.meta())
         }) else {
             return false;
         };
@@ -1757,7 +1850,7 @@ impl World {
         if self
             .nodes
             .values()
-            .any(|n| n.meta.applied_offset != leader_meta.applied_offset)
+            .any(|n| n.meta().applied_offset != leader_meta.applied_offset)
         {
             return false;
         }
@@ -1780,10 +1873,12 @@ impl World {
     fn describe_groups(&self) -> Vec<String> {
         let mut lines = Vec::new();
         for node in self.nodes.values() {
-            let assigned: Vec<u64> = node.meta.wanted_groups(node.id).keys().copied().collect();
+            let assigned: Vec<u64> = node.meta().wanted_groups(node.id).keys().copied().collect();
             lines.push(format!(
                 "node {} up={} metadata at {} assigned {assigned:?}",
-                node.id, node.up, node.meta.applied_offset
+                node.id,
+                node.up,
+                node.meta().applied_offset
             ));
             for part in node.groups.values() {
                 let s = part.status();
@@ -1800,7 +1895,7 @@ impl World {
                 ));
             }
         }
-        if let Some(topic) = self.nodes.values().find_map(|n| n.meta.metadata.topics.get(TOPIC)) {
+        if let Some(topic) = self.nodes.values().find_map(|n| n.meta().metadata.topics.get(TOPIC)) {
             lines.push(format!(
                 "assignment {:?} founders {:?}",
                 topic.assignment, topic.founders
@@ -1812,7 +1907,7 @@ impl World {
     /// Every committed record of a topic, partition by partition, from each
     /// partition's leader.
     fn leader_records(&self, topic: &str) -> Result<Vec<StoredRecord>, String> {
-        let Some(meta) = self.nodes.values().find_map(|n| n.meta.metadata.topics.get(topic)) else {
+        let Some(meta) = self.nodes.values().find_map(|n| n.meta().metadata.topics.get(topic)) else {
             return Ok(Vec::new());
         };
         let mut records = Vec::new();
@@ -1862,7 +1957,7 @@ impl World {
         let topic = self
             .nodes
             .values()
-            .find_map(|n| n.meta.metadata.topics.get(TOPIC).cloned());
+            .find_map(|n| n.meta().metadata.topics.get(TOPIC).cloned());
         let mut source = Vec::new();
         if let Some(topic) = topic {
             for partition in 0..topic.config.partitions {
@@ -1903,6 +1998,25 @@ fn group_of(views: &BTreeMap<NodeId, ClientView>, client: NodeId, partition: u32
 }
 
 /// Closes a replica the node no longer hosts (its files stay).
+/// The groups with a replica directory under a node's `dir`.
+fn replica_dirs(dir: &Path) -> Result<Vec<u64>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut groups = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(|e| e.to_string())?.file_name();
+        if let Some(group) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("group-")?.parse::<u64>().ok())
+        {
+            groups.push(group);
+        }
+    }
+    // In a fixed order: directory listings are not, and hosting draws from
+    // the seed.
+    groups.sort_unstable();
+    Ok(groups)
+}
+
 fn close(id: u64, mut part: Part) -> Result<(), String> {
     let group = part.group();
     part.core_mut()

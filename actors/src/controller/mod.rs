@@ -411,15 +411,15 @@ impl Shared {
         false
     }
 
-    /// Nudges the leader of every unsettled local group one step towards its
-    /// assignment; forgets groups whose voters match it.
+    /// Nudges every hosted group whose voters differ from its assignment one
+    /// step towards it (where the local replica leads).
     async fn settle_membership(&self) {
-        let unsettled = self.core().unsettled();
-        for group in unsettled {
+        let targets = self.core().settle_targets();
+        for (group, assigned) in targets {
             let Some(view) = self.group_view(group).await else {
                 continue;
             };
-            let command = self.core().on_settle_status(group, &view);
+            let command = self.core().on_settle_status(group, &assigned, &view);
             self.execute(command.into_iter().collect()).await;
         }
         self.ask_about_passive_replicas().await;

@@ -16,7 +16,7 @@ use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
     ReplicaHealthInfo, TopicInfo,
 };
-use crate::tasks::{dataflow_topics, TaskStatus};
+use crate::tasks::TaskStatus;
 
 /// How long `start_dataflow` looks for a source topic this node has not
 /// applied yet (a commit reaches a follower within a heartbeat or two).
@@ -296,11 +296,11 @@ impl BrokerService {
         let shape = shape.ok_or_else(|| MetadataError::UnregisteredDataflow(name.clone()))?;
         let partitions = self.source_partitions(&name, &shape.source).await?;
         let replication = self.shared.alive_nodes().len().clamp(1, 3) as u16;
-        for (topic, topic_partitions) in dataflow_topics(&name, &shape, partitions) {
-            if self.shared.core().meta().metadata.topics.contains_key(&topic) {
-                continue;
-            }
-            let config = TopicConfig::new(topic_partitions, replication);
+        let missing = self
+            .shared
+            .core()
+            .dataflow_topics_missing(&name, &shape, partitions, replication);
+        for (topic, config) in missing {
             match self.create_topic(topic, config).await {
                 Ok(()) | Err(ServiceError::Refused(MetadataError::TopicExists(_))) => {}
                 Err(e) => return Err(e),

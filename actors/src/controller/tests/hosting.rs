@@ -76,16 +76,10 @@ fn an_unassigned_replica_runs_while_its_group_counts_it_then_stops_for_good() {
     assert_eq!(core.unassigned_hosted(), vec![GROUP_0]);
     assert_eq!(core.on_unassigned(GROUP_0, true), None, "still counted: keeps running");
     assert_eq!(
-        core.unsettled(),
-        vec![GROUP_0],
-        "and moves the group towards its assignment if it leads"
-    );
-    assert_eq!(
         core.on_unassigned(GROUP_0, false),
         Some(Command::Unhost { group: GROUP_0 })
     );
     assert!(core.unassigned_hosted().is_empty());
-    assert!(core.unsettled().is_empty());
     assert!(
         core.reconcile(|_| false).is_empty(),
         "closed: not re-created as a founder"

@@ -1,40 +1,45 @@
-//! `on_settle_status`, `passive_peers`.
+//! `settle_targets`, `on_settle_status`, `passive_peers`.
 
 use super::*;
 use crate::controller::core::Command;
 
 #[test]
-fn an_assigned_group_is_nudged_until_its_voters_match_then_left_alone() {
+fn every_hosted_group_is_nudged_whenever_its_voters_differ_from_its_assignment() {
     let mut core = core_of(1);
     with_topic(&mut core);
-    core.reconcile(|_| false);
     core.on_hosted(GROUP_0);
     replace(&mut core, 3, 4);
-    core.reconcile(|_| false);
-    assert_eq!(core.unsettled(), vec![GROUP_0]);
+    assert_eq!(core.settle_targets(), vec![(GROUP_0, vec![1, 2, 4])]);
     assert_eq!(
-        core.on_settle_status(GROUP_0, &view(&[1, 2, 3], &[4])),
+        core.on_settle_status(GROUP_0, &[1, 2, 4], &view(&[1, 2, 3], &[4])),
         Some(Command::Reconfigure {
             group: GROUP_0,
             voters: vec![1, 2, 4],
         })
     );
-    assert_eq!(core.on_settle_status(GROUP_0, &view(&[4, 2, 1], &[])), None);
-    assert!(core.unsettled().is_empty(), "settled");
-    core.reconcile(|_| false);
-    assert!(core.unsettled().is_empty(), "the same assignment does not unsettle it");
-    replace(&mut core, 4, 5);
-    core.reconcile(|_| false);
-    assert_eq!(core.unsettled(), vec![GROUP_0], "a new assignment does");
+    assert_eq!(core.on_settle_status(GROUP_0, &[1, 2, 4], &view(&[4, 2, 1], &[])), None);
+    assert_eq!(
+        core.settle_targets(),
+        vec![(GROUP_0, vec![1, 2, 4])],
+        "looked at again next time: another leader's change may unsettle it"
+    );
+    assert!(
+        core.on_settle_status(GROUP_0, &[1, 2, 4], &view(&[4, 2, 1], &[5]))
+            .is_some(),
+        "a learner left over by an earlier leader (seed 6)"
+    );
 }
 
 #[test]
-fn a_learner_left_over_keeps_the_group_unsettled() {
-    let mut core = core_of(1);
+fn an_unassigned_member_moves_its_group_towards_the_assignment_until_it_stops() {
+    let mut core = core_of(3);
     with_topic(&mut core);
-    core.reconcile(|_| false);
-    let nudge = core.on_settle_status(GROUP_0, &view(&[1, 2, 3], &[5]));
-    assert!(matches!(nudge, Some(Command::Reconfigure { .. })));
+    core.on_hosted(GROUP_0);
+    replace(&mut core, 3, 4);
+    assert_eq!(core.on_unassigned(GROUP_0, true), None);
+    assert_eq!(core.settle_targets(), vec![(GROUP_0, vec![1, 2, 4])]);
+    core.on_unassigned(GROUP_0, false);
+    assert!(core.settle_targets().is_empty());
 }
 
 #[test]
