@@ -10,7 +10,7 @@ use runnel::broker::protocol::{
     ClientRequest as BrokerRequest, ClientResponse as BrokerResponse, ReplicaHealthInfo, CLIENT_ACTOR,
 };
 use runnel::broker::{Broker, BrokerConfig, Controller, ControllerConfig};
-use runnel::cluster::protocol::{ClientRequest, ClientResponse};
+use runnel::cluster::protocol::{NodeRequest, NodeResponse};
 use runnel::cluster::quic::ClusterClient;
 use runnel::cluster::tls::CertDir;
 use runnel::cluster::{MembershipConfig, Node, NodeConfig, NodeHandle, NodeId};
@@ -367,21 +367,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let (response, replicas, under) = runtime.block_on(async {
         let client = ClusterClient::new(&identity, args.seeds.clone())?;
-        let response = client.request(ClientRequest::Status, timeout).await?;
+        let response = client.request(NodeRequest::Status, timeout).await?;
         let replicas = match &response {
-            ClientResponse::Status { members, .. } => replica_health(&client, members, timeout).await,
+            NodeResponse::Status { members, .. } => replica_health(&client, members, timeout).await,
             _ => Vec::new(),
         };
         let under = match &response {
-            ClientResponse::Status { members, .. } => under_replicated(&args.seeds, &args.certs, members).await,
+            NodeResponse::Status { members, .. } => under_replicated(&args.seeds, &args.certs, members).await,
             _ => Vec::new(),
         };
         anyhow::Ok((response, replicas, under))
     })?;
     let (node, members) = match response {
-        ClientResponse::Status { node, members } => (node, members),
-        ClientResponse::Error(e) => bail!("the node refused the request: {e}"),
-        ClientResponse::Service(_) => bail!("the node answered a status request with a service response"),
+        NodeResponse::Status { node, members } => (node, members),
+        NodeResponse::Error(e) => bail!("the node refused the request: {e}"),
+        NodeResponse::Service(_) => bail!("the node answered a status request with a service response"),
     };
     if args.json {
         let nodes: Vec<serde_json::Value> = members
@@ -496,11 +496,11 @@ async fn replica_health(
         .iter()
         .filter(|m| m.state == runnel::cluster::MemberState::Alive)
     {
-        let request = ClientRequest::Service {
+        let request = NodeRequest::Service {
             name: CLIENT_ACTOR.to_string(),
             payload: payload.clone(),
         };
-        let Ok(ClientResponse::Service(bytes)) = client.request_to(member.addr, request, timeout).await else {
+        let Ok(NodeResponse::Service(bytes)) = client.request_to(member.addr, request, timeout).await else {
             continue;
         };
         if let Ok(BrokerResponse::Health(health)) = postcard::from_bytes::<BrokerResponse>(&bytes) {
