@@ -14,6 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use runnel_client::protocol::{
+    Acks, BrokerError, ClientRequest, ClientResponse, PartitionInfo, ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR,
+};
 use runnel_cluster::{Mailbox, MemberState, NodeHandle, NodeId};
 use runnel_storage::RecordBatch;
 use tokio::task::JoinHandle;
@@ -24,10 +27,7 @@ use crate::metadata::{
     command_batch, pick_replacement, place, place_tasks, validate_topic_name, AppliedMetadata, DataflowMeta,
     MetadataCommand, MetadataError, TopicConfig, CONTROLLER_GROUP,
 };
-use crate::protocol::{
-    Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
-    PassiveAnswer, ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR, CONTROLLER_ACTOR,
-};
+use crate::protocol::{ControllerRequest, ControllerResponse, PassiveAnswer, CONTROLLER_ACTOR};
 use crate::tasks::{dataflow_topics, TaskAssignment, TaskHost};
 
 /// How often the controller leader looks for dead nodes' replicas to move,
