@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use clap::Parser;
-use runnel::broker::client::{Client, ClientError};
-use runnel::broker::metadata::{MetadataError, TopicConfig};
+use runnel::client::protocol::{MetadataError, TopicConfig};
+use runnel::client::{Client, ClientError};
 use runnel::dataflow::fraud::{self, Generator};
 
 #[derive(Parser)]

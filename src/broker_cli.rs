@@ -8,10 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use runnel::broker::client::{Client, Consumer, Producer};
-use runnel::broker::metadata::TopicConfig;
-use runnel::broker::protocol::TopicInfo;
-use runnel::broker::Acks;
+use runnel::client::protocol::{PartitionInfo, TopicConfig, TopicInfo};
+use runnel::client::{Acks, Client, Consumer, Producer};
 use runnel::storage::Record;
 
 /// Where the cluster is and how to prove who we are.
@@ -121,9 +119,7 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
 }
 
 fn print_topic(topic: &TopicInfo, alive: &BTreeSet<u32>, json: bool) {
-    let under_replicated = |p: &runnel::broker::protocol::PartitionInfo| {
-        p.leader.is_none() || p.replicas.iter().any(|r| !alive.contains(r))
-    };
+    let under_replicated = |p: &PartitionInfo| p.leader.is_none() || p.replicas.iter().any(|r| !alive.contains(r));
     if json {
         let partitions: Vec<serde_json::Value> = topic
             .partitions

@@ -6,11 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use runnel::broker::protocol::{
-    ClientRequest as BrokerRequest, ClientResponse as BrokerResponse, ReplicaHealthInfo, CLIENT_ACTOR,
-};
 use runnel::broker::{Broker, BrokerConfig, Controller, ControllerConfig};
-use runnel::cluster::protocol::{ClientRequest, ClientResponse};
+use runnel::client::protocol::{ClientRequest, ClientResponse, ReplicaHealthInfo, CLIENT_ACTOR};
+use runnel::cluster::protocol::{NodeRequest, NodeResponse};
 use runnel::cluster::quic::ClusterClient;
 use runnel::cluster::tls::CertDir;
 use runnel::cluster::{MembershipConfig, Node, NodeConfig, NodeHandle, NodeId};
@@ -213,7 +211,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         let settings = runnel::dataflow::ClientSettings {
             seeds: vec![own_addr],
             certs: certs.clone(),
-            local: Some(runnel::broker::client::LocalNode {
+            local: Some(runnel::client::LocalNode {
                 handle: node.handle(),
                 addr: listen,
             }),
@@ -221,7 +219,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
         let host = runnel::dataflow::DataflowHost::start(runnel::dataflow::builtin(), id.0, settings)
             .await
             .map_err(|e| anyhow::anyhow!(e))?;
-        let tasks: Arc<dyn runnel::broker::tasks::TaskHost> = host.clone();
+        let tasks: Arc<dyn runnel::client::tasks::TaskHost> = host.clone();
         let controller = Controller::start_with_tasks(Arc::new(broker), controller_config, Some(tasks)).await?;
         wait_for_shutdown_signal().await?;
         host.shutdown();
@@ -367,21 +365,21 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
     let (response, replicas, under) = runtime.block_on(async {
         let client = ClusterClient::new(&identity, args.seeds.clone())?;
-        let response = client.request(ClientRequest::Status, timeout).await?;
+        let response = client.request(NodeRequest::Status, timeout).await?;
         let replicas = match &response {
-            ClientResponse::Status { members, .. } => replica_health(&client, members, timeout).await,
+            NodeResponse::Status { members, .. } => replica_health(&client, members, timeout).await,
             _ => Vec::new(),
         };
         let under = match &response {
-            ClientResponse::Status { members, .. } => under_replicated(&args.seeds, &args.certs, members).await,
+            NodeResponse::Status { members, .. } => under_replicated(&args.seeds, &args.certs, members).await,
             _ => Vec::new(),
         };
         anyhow::Ok((response, replicas, under))
     })?;
     let (node, members) = match response {
-        ClientResponse::Status { node, members } => (node, members),
-        ClientResponse::Error(e) => bail!("the node refused the request: {e}"),
-        ClientResponse::Service(_) => bail!("the node answered a status request with a service response"),
+        NodeResponse::Status { node, members } => (node, members),
+        NodeResponse::Error(e) => bail!("the node refused the request: {e}"),
+        NodeResponse::Service(_) => bail!("the node answered a status request with a service response"),
     };
     if args.json {
         let nodes: Vec<serde_json::Value> = members
@@ -459,13 +457,13 @@ async fn under_replicated(
     seeds: &[SocketAddr],
     certs: &Path,
     members: &[runnel::cluster::MemberStatus],
-) -> Vec<(String, runnel::broker::protocol::PartitionInfo)> {
+) -> Vec<(String, runnel::client::protocol::PartitionInfo)> {
     let alive: Vec<u32> = members
         .iter()
         .filter(|m| m.state == runnel::cluster::MemberState::Alive)
         .map(|m| m.node.0)
         .collect();
-    let Ok(client) = runnel::broker::client::Client::connect(seeds.to_vec(), certs).await else {
+    let Ok(client) = runnel::client::Client::connect(seeds.to_vec(), certs).await else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -488,7 +486,7 @@ async fn replica_health(
     members: &[runnel::cluster::MemberStatus],
     timeout: Duration,
 ) -> Vec<(NodeId, ReplicaHealthInfo)> {
-    let Ok(payload) = postcard::to_allocvec(&BrokerRequest::ReplicaHealth) else {
+    let Ok(payload) = postcard::to_allocvec(&ClientRequest::ReplicaHealth) else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -496,14 +494,14 @@ async fn replica_health(
         .iter()
         .filter(|m| m.state == runnel::cluster::MemberState::Alive)
     {
-        let request = ClientRequest::Service {
+        let request = NodeRequest::Service {
             name: CLIENT_ACTOR.to_string(),
             payload: payload.clone(),
         };
-        let Ok(ClientResponse::Service(bytes)) = client.request_to(member.addr, request, timeout).await else {
+        let Ok(NodeResponse::Service(bytes)) = client.request_to(member.addr, request, timeout).await else {
             continue;
         };
-        if let Ok(BrokerResponse::Health(health)) = postcard::from_bytes::<BrokerResponse>(&bytes) {
+        if let Ok(ClientResponse::Health(health)) = postcard::from_bytes::<ClientResponse>(&bytes) {
             out.extend(
                 health
                     .into_iter()

@@ -3,9 +3,9 @@
 use std::collections::BTreeSet;
 
 use anyhow::Context;
-use runnel::broker::client::Client;
-use runnel::broker::metadata::DataflowMeta;
-use runnel::broker::tasks::TaskStatus;
+use runnel::client::protocol::DataflowMeta;
+use runnel::client::tasks::TaskStatus;
+use runnel::client::Client;
 
 use crate::broker_cli::ConnectArgs;
 

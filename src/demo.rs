@@ -21,10 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use runnel::broker::client::{Client, LocalNode};
-use runnel::broker::metadata::TopicConfig;
-use runnel::broker::tasks::TaskHost;
 use runnel::broker::{Broker, BrokerConfig, Controller, ControllerConfig};
+use runnel::client::protocol::TopicConfig;
+use runnel::client::tasks::TaskHost;
+use runnel::client::{Client, LocalNode};
 use runnel::cluster::tls::CertDir;
 use runnel::cluster::{Node, NodeConfig, NodeId};
 use runnel::dataflow::fraud::{self, Attempt, Generator};

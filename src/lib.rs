@@ -5,18 +5,21 @@
 //! - [`storage`]: the segmented log and the record-batch codec.
 //! - [`cluster`]: nodes, membership, the QUIC transport with mutual TLS, and
 //!   remote send/call between named actors.
+//! - [`client`]: the client (`client::{Client, Producer, Consumer}`), its
+//!   wire protocol, and the retry policy (`client::policy`).
 //! - [`broker`]: replicated partitions (Raft per partition), the controller,
-//!   and the client API (`broker::client::{Client, Producer, Consumer}`).
+//!   and the client service.
 //! - [`dataflow`]: dataflow builders, windows, operator tasks, checkpoints.
 //!
-//! The broker and dataflow layers live in `runnel-actors` and
-//! `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and the README for what
+//! The client, broker and dataflow layers live in `runnel-client`,
+//! `runnel-actors` and `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and the README for what
 //! each holds and what is built so far.
 
 pub mod check;
 pub mod sim;
 
 pub use runnel_actors as broker;
+pub use runnel_client as client;
 pub use runnel_cluster as cluster;
 pub use runnel_dataflow as dataflow;
 pub use runnel_storage as storage;

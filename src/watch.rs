@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use runnel::broker::client::Client;
-use runnel::cluster::protocol::{ClientRequest, ClientResponse};
+use runnel::client::Client;
+use runnel::cluster::protocol::{NodeRequest, NodeResponse};
 use runnel::cluster::quic::ClusterClient;
 use runnel::cluster::tls::CertDir;
 
@@ -56,9 +56,7 @@ pub fn run(seeds: Vec<SocketAddr>, certs: PathBuf, interval: Duration, count: Op
 
 async fn snapshot(cluster: &ClusterClient, client: &Client) -> anyhow::Result<Snapshot> {
     let mut snapshot = Snapshot::default();
-    if let ClientResponse::Status { members, .. } =
-        cluster.request(ClientRequest::Status, Duration::from_secs(5)).await?
-    {
+    if let NodeResponse::Status { members, .. } = cluster.request(NodeRequest::Status, Duration::from_secs(5)).await? {
         snapshot.nodes = members.iter().map(|m| (m.node.0, m.state.to_string())).collect();
     }
     for topic in client.topics().await? {

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use runnel::broker::client::{Client, Producer};
-use runnel::broker::Acks;
+use runnel::client::{Acks, Client, Producer};
 use runnel::dataflow::fraud::{self, Attempt, FraudKey, Generator};
 use runnel::storage::Record;
 

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use runnel::broker::client::{Client, ClientError, Consumer, Producer};
-use runnel::broker::Acks;
+use runnel::client::{Acks, Client, ClientError, Consumer, Producer};
 use runnel::storage::{BatchBuilder, ProducerInfo, Record, StoredRecord};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -373,10 +372,10 @@ async fn committed_offsets_survive_a_leader_kill_and_seek_by_timestamp_works() {
 
     eprintln!("phase: kill the node leading the offsets partition; a new consumer resumes at the commit");
     let info = client
-        .describe_topic(runnel::broker::client::OFFSETS_TOPIC)
+        .describe_topic(runnel::client::OFFSETS_TOPIC)
         .await
         .expect("describe");
-    let offsets_partition = runnel::broker::client::partition_for_key(b"billing", info.config.partitions);
+    let offsets_partition = runnel::client::partition_for_key(b"billing", info.config.partitions);
     let leader = info.partitions[offsets_partition as usize]
         .leader
         .expect("offsets leader");
@@ -522,7 +521,7 @@ async fn connect_avoiding(cluster: &ProcessCluster, dead: &[u32]) -> Arc<Client>
 
 /// Waits until no partition of `topic` has a replica on a `dead` node and
 /// every partition's voters are exactly its (live) replicas, with a leader.
-async fn wait_healed(client: &Client, topic: &str, dead: &[u32]) -> runnel::broker::protocol::TopicInfo {
+async fn wait_healed(client: &Client, topic: &str, dead: &[u32]) -> runnel::client::protocol::TopicInfo {
     let deadline = Instant::now() + TIMEOUT;
     let mut last = String::new();
     loop {
@@ -566,7 +565,7 @@ async fn produce_tagged(client: &Arc<Client>, topic: &str, partitions: u32, tag:
 }
 
 /// Every replica of every partition holds the same records; returns how many.
-async fn records_everywhere(client: &Client, info: &runnel::broker::protocol::TopicInfo) -> usize {
+async fn records_everywhere(client: &Client, info: &runnel::client::protocol::TopicInfo) -> usize {
     let mut total = 0;
     for partition in &info.partitions {
         total += identical_replicas(client, &info.name, partition.partition, &partition.replicas)

@@ -13,11 +13,19 @@
 //! - [`metadata`]: the controller's topic metadata and replica placement.
 //! - [`controller`]: group 0, metadata following on every node, hosting of
 //!   assigned replicas, and the client and controller services.
-//! - [`tasks`]: the seam to a node's dataflow runtime (task placement and status).
-//! - [`protocol`]: the broker's wire messages.
+//! - [`tasks`]: the seam to a node's dataflow runtime (task placement and
+//!   status), re-exported from `runnel_client::tasks`.
+//! - [`protocol`]: the broker's node-to-node wire messages; re-exports the
+//!   client protocol it serves.
+//!
+//! The client, its wire protocol (`ClientRequest`, `ClientResponse`, `Acks`,
+//! `BrokerError`, `TopicConfig`, ...) and its retry policy live in the
+//! `runnel-client` crate, which this crate depends on and serves (as the
+//! Kafka broker depends on kafka-clients' common protocol). They are
+//! re-exported here ([`client`], [`Acks`], [`BrokerError`], and in
+//! [`protocol`] and [`metadata`]) so existing paths keep working.
 
 pub mod broker;
-pub mod client;
 pub mod controller;
 mod error;
 pub mod metadata;
@@ -35,3 +43,6 @@ pub use error::{ActorError, Result};
 pub use protocol::{Acks, BrokerError};
 pub use raft::eraftpb::Message as RaftMessage;
 pub use replica::{Committed, ReadyOutput, ReplicaConfig, ReplicaCore};
+/// The client (and its protocol) moved to `runnel-client`; this keeps
+/// `runnel_actors::client::..` paths working.
+pub use runnel_client as client;

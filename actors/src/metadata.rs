@@ -10,88 +10,19 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+// Topic settings, refusals and dataflow metadata travel to clients too, so
+// they live in the client protocol.
+pub use runnel_client::protocol::{DataflowMeta, MetadataError, TopicConfig, PARTITIONS_MAX, REPLICATION_MAX};
 use runnel_storage::{BatchBuilder, Record, RecordBatch, StorageError};
 use serde::{Deserialize, Serialize};
 
 use crate::tasks::TaskAssignment;
 
-/// Partitions of one topic at most.
-pub const PARTITIONS_MAX: u32 = 10_000;
-/// Replicas of one partition at most.
-pub const REPLICATION_MAX: u16 = 7;
 pub const TOPIC_NAME_BYTES_MAX: usize = 200;
 /// Raft group id of the controller; partition groups are never 0.
 pub const CONTROLLER_GROUP: u64 = 0;
 /// Apply results kept for commands (by record offset).
 const RESULTS_KEPT: usize = 1024;
-
-/// Why a metadata change was refused. The text names the problem.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum MetadataError {
-    #[error("topic name {name:?} is invalid: {reason}")]
-    InvalidName { name: String, reason: String },
-    #[error("topic {0:?} already exists")]
-    TopicExists(String),
-    #[error("topic {0:?} does not exist")]
-    UnknownTopic(String),
-    #[error("invalid topic settings: {0}")]
-    InvalidConfig(String),
-    #[error("replication factor {replication} is more than the {live} live nodes")]
-    NotEnoughNodes { replication: u16, live: usize },
-    #[error("dataflow {0:?} is already running")]
-    DataflowRunning(String),
-    #[error("dataflow {0:?} is not running")]
-    UnknownDataflow(String),
-    #[error("dataflow {0:?} is not registered in this node's binary")]
-    UnregisteredDataflow(String),
-    #[error("no live node to run dataflow tasks on")]
-    NoLiveNodes,
-}
-
-/// Settings of a topic, fixed at creation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TopicConfig {
-    pub partitions: u32,
-    pub replication: u16,
-    /// Replicas that must hold a record before `acks=all` answers; Raft's
-    /// majority is the floor.
-    pub min_insync: u16,
-    pub retention_ms: Option<u64>,
-}
-
-impl TopicConfig {
-    pub fn new(partitions: u32, replication: u16) -> TopicConfig {
-        TopicConfig {
-            partitions,
-            replication,
-            min_insync: replication / 2 + 1,
-            retention_ms: Some(7 * 24 * 3600 * 1000),
-        }
-    }
-
-    pub fn validate(&self) -> Result<(), MetadataError> {
-        let fail = |why: String| Err(MetadataError::InvalidConfig(why));
-        if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
-            return fail(format!(
-                "partitions must be in [1, {PARTITIONS_MAX}], not {}",
-                self.partitions
-            ));
-        }
-        if self.replication == 0 || self.replication > REPLICATION_MAX {
-            return fail(format!(
-                "replication must be in [1, {REPLICATION_MAX}], not {}",
-                self.replication
-            ));
-        }
-        if self.min_insync == 0 || self.min_insync > self.replication {
-            return fail(format!(
-                "min-insync must be in [1, {}], not {}",
-                self.replication, self.min_insync
-            ));
-        }
-        Ok(())
-    }
-}
 
 pub fn validate_topic_name(name: &str) -> Result<(), MetadataError> {
     let invalid = |reason: &str| {
@@ -148,19 +79,6 @@ pub enum MetadataCommand {
         dead: u32,
         replacement: u32,
     },
-}
-
-/// A running dataflow and where its tasks run.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DataflowMeta {
-    pub name: String,
-    pub source: String,
-    pub sink: String,
-    pub stages: u32,
-    /// Source partitions, and so tasks per stage.
-    pub partitions: u32,
-    /// The node running each task (task = stage * partitions + partition).
-    pub placement: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

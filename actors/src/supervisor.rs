@@ -12,6 +12,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+// Shared with the dataflow host's task supervisor.
+pub use runnel_client::tasks::RestartPolicy;
 
 use crate::partition::{PartitionReplica, ReplicaArgs, ReplicaMsg};
 
@@ -44,36 +46,6 @@ impl ReplicaHandle {
             return false;
         }
         true
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct RestartPolicy {
-    pub restart_limit: usize,
-    pub restart_window: Duration,
-    pub backoff_min: Duration,
-    pub backoff_max: Duration,
-}
-
-impl Default for RestartPolicy {
-    fn default() -> Self {
-        RestartPolicy {
-            restart_limit: 5,
-            restart_window: Duration::from_secs(60),
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
-        }
-    }
-}
-
-impl RestartPolicy {
-    /// The wait before restart number `failures` (1 for the first): doubling
-    /// from `backoff_min`, capped at `backoff_max`.
-    pub fn backoff(&self, failures: usize) -> Duration {
-        let exponent = failures.saturating_sub(1).min(16) as u32;
-        self.backoff_min
-            .saturating_mul(2u32.saturating_pow(exponent))
-            .min(self.backoff_max)
     }
 }
 

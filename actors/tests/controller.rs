@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use runnel_actors::client::{Client, ClientError, Consumer, Producer};
-use runnel_actors::metadata::{MetadataError, TopicConfig};
-use runnel_actors::{Acks, Broker, BrokerConfig, Controller, ControllerConfig};
+use runnel_actors::{Broker, BrokerConfig, Controller, ControllerConfig};
+use runnel_client::protocol::{MetadataError, TopicConfig};
+use runnel_client::{Acks, Client, ClientError, Consumer, Producer};
 use runnel_cluster::tls::CertDir;
 use runnel_cluster::{Node, NodeConfig, NodeId};
 use runnel_storage::Record;

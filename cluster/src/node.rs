@@ -17,9 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::error::{ClusterError, Result};
 use crate::membership::{Membership, MembershipConfig, MembershipEvent};
-use crate::protocol::{
-    ClientRequest, ClientResponse, Envelope, MemberStatus, PeerFrame, RemoteError, PROTOCOL_VERSION,
-};
+use crate::protocol::{Envelope, MemberStatus, NodeRequest, NodeResponse, PeerFrame, RemoteError, PROTOCOL_VERSION};
 use crate::quic::{ClientService, QuicConfig, QuicTransport};
 use crate::tls::TlsIdentity;
 use crate::{Inbound, NodeId, Transport};
@@ -310,29 +308,29 @@ pub const CLIENT_SERVICE_PREFIX: &str = "client.";
 const SERVICE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ClientService for ClientGateway {
-    fn handle(&self, request: ClientRequest) -> crate::quic::ClientFuture {
+    fn handle(&self, request: NodeRequest) -> crate::quic::ClientFuture {
         let Some(node) = self.0.upgrade() else {
-            return Box::pin(async { ClientResponse::Error("node is shutting down".to_string()) });
+            return Box::pin(async { NodeResponse::Error("node is shutting down".to_string()) });
         };
         match request {
-            ClientRequest::Status => {
+            NodeRequest::Status => {
                 let now = node.now_ms();
                 let members = node.membership().status(now, |ms| node.to_unix_ms(ms));
-                let response = ClientResponse::Status { node: node.me, members };
+                let response = NodeResponse::Status { node: node.me, members };
                 Box::pin(async move { response })
             }
-            ClientRequest::Service { name, payload } => {
+            NodeRequest::Service { name, payload } => {
                 // Only actors meant for clients: a client must never reach, say,
                 // a Raft inbox and speak as this node.
                 if !name.starts_with(CLIENT_SERVICE_PREFIX) {
-                    let response = ClientResponse::Error(format!("no client service named {name:?}"));
+                    let response = NodeResponse::Error(format!("no client service named {name:?}"));
                     return Box::pin(async move { response });
                 }
                 let handle = NodeHandle { shared: node };
                 Box::pin(async move {
                     match handle.call(handle.id(), &name, payload, SERVICE_TIMEOUT).await {
-                        Ok(answer) => ClientResponse::Service(answer),
-                        Err(e) => ClientResponse::Error(e.to_string()),
+                        Ok(answer) => NodeResponse::Service(answer),
+                        Err(e) => NodeResponse::Error(e.to_string()),
                     }
                 })
             }

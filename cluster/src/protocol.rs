@@ -89,12 +89,15 @@ pub struct MemberStatus {
     pub since_unix_ms: u64,
 }
 
-/// Client-to-node requests.
+/// Client-to-node requests: the cluster layer's envelope around any
+/// client service (named `NodeRequest` so it is not confused with the
+/// broker's `runnel_client::protocol::ClientRequest` it often carries).
+/// Tagged by position: keep the variant order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ClientRequest {
+pub enum NodeRequest {
     Status,
     /// A request for the actor registered as `name` on the node (a layer
-    /// above defines `payload`); answered with `ClientResponse::Service`.
+    /// above defines `payload`); answered with `NodeResponse::Service`.
     Service {
         name: String,
         #[serde(with = "serde_bytes")]
@@ -102,9 +105,9 @@ pub enum ClientRequest {
     },
 }
 
-/// Node-to-client responses.
+/// Node-to-client responses. Tagged by position: keep the variant order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ClientResponse {
+pub enum NodeResponse {
     Status { node: NodeId, members: Vec<MemberStatus> },
     Error(String),
     Service(#[serde(with = "serde_bytes")] Vec<u8>),

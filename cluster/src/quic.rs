@@ -25,8 +25,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{ClusterError, Result};
 use crate::protocol::{
-    decode_body, decode_envelope, encode_frame, frame_body_len, ClientEnvelope, ClientRequest, ClientResponse,
-    Envelope, ALPN_CLIENT, ALPN_PEER, PROTOCOL_VERSION,
+    decode_body, decode_envelope, encode_frame, frame_body_len, ClientEnvelope, Envelope, NodeRequest, NodeResponse,
+    ALPN_CLIENT, ALPN_PEER, PROTOCOL_VERSION,
 };
 use crate::tls::{node_id_from_cert, TlsIdentity, CLUSTER_SERVER_NAME};
 use crate::{Inbound, NodeId, Transport};
@@ -68,11 +68,11 @@ impl Default for QuicConfig {
 }
 
 /// The answer to a client request, computed asynchronously.
-pub type ClientFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ClientResponse> + Send + 'static>>;
+pub type ClientFuture = std::pin::Pin<Box<dyn std::future::Future<Output = NodeResponse> + Send + 'static>>;
 
 /// Answers client requests; the node layer implements it.
 pub trait ClientService: Send + Sync + 'static {
-    fn handle(&self, request: ClientRequest) -> ClientFuture;
+    fn handle(&self, request: NodeRequest) -> ClientFuture;
 }
 
 pub struct QuicTransport {
@@ -398,13 +398,13 @@ async fn serve_client_request(
 ) -> std::result::Result<(), String> {
     let response = match read_frame(&mut recv).await.map_err(String::from)? {
         None => return Err("empty request stream".to_string()),
-        Some(body) => match decode_body::<ClientEnvelope<ClientRequest>>(&body) {
+        Some(body) => match decode_body::<ClientEnvelope<NodeRequest>>(&body) {
             Ok(request) if request.version == PROTOCOL_VERSION => clients.handle(request.body).await,
-            Ok(request) => ClientResponse::Error(format!(
+            Ok(request) => NodeResponse::Error(format!(
                 "protocol version {} is not {PROTOCOL_VERSION}",
                 request.version
             )),
-            Err(e) => ClientResponse::Error(format!("malformed request: {e}")),
+            Err(e) => NodeResponse::Error(format!("malformed request: {e}")),
         },
     };
     let frame = encode_frame(&ClientEnvelope {
@@ -537,7 +537,7 @@ impl ClusterClient {
 
     /// Sends a request to the first seed that answers within `timeout`,
     /// starting with the one that answered last.
-    pub async fn request(&self, request: ClientRequest, timeout: Duration) -> Result<ClientResponse> {
+    pub async fn request(&self, request: NodeRequest, timeout: Duration) -> Result<NodeResponse> {
         let mut last_error = String::from("no seed tried");
         let preferred = *self.last_answered.lock().await;
         let mut seeds: Vec<SocketAddr> = preferred
@@ -568,21 +568,11 @@ impl ClusterClient {
 
     /// Sends a request to one node. `Unreachable` means the request was
     /// certainly not delivered; `NoAnswer` means it may have been.
-    pub async fn request_to(
-        &self,
-        addr: SocketAddr,
-        request: ClientRequest,
-        timeout: Duration,
-    ) -> Result<ClientResponse> {
+    pub async fn request_to(&self, addr: SocketAddr, request: NodeRequest, timeout: Duration) -> Result<NodeResponse> {
         self.request_ref(addr, &request, timeout).await
     }
 
-    async fn request_ref(
-        &self,
-        addr: SocketAddr,
-        request: &ClientRequest,
-        timeout: Duration,
-    ) -> Result<ClientResponse> {
+    async fn request_ref(&self, addr: SocketAddr, request: &NodeRequest, timeout: Duration) -> Result<NodeResponse> {
         match tokio::time::timeout(timeout, self.request_one(addr, request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(failure)) => {
@@ -627,8 +617,8 @@ impl ClusterClient {
     async fn request_one(
         &self,
         addr: SocketAddr,
-        request: &ClientRequest,
-    ) -> std::result::Result<ClientResponse, RequestFailure> {
+        request: &NodeRequest,
+    ) -> std::result::Result<NodeResponse, RequestFailure> {
         let connection = self.connection(addr).await.map_err(RequestFailure::NotSent)?;
         let (mut send, mut recv) = connection
             .open_bi()
@@ -650,7 +640,7 @@ impl ClusterClient {
             .await
             .map_err(|e| sent(String::from(e)))?
             .ok_or_else(|| sent("the node closed the stream without answering".to_string()))?;
-        let response: ClientEnvelope<ClientResponse> = decode_body(&body).map_err(|e| sent(e.to_string()))?;
+        let response: ClientEnvelope<NodeResponse> = decode_body(&body).map_err(|e| sent(e.to_string()))?;
         Ok(response.body)
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use quinn::crypto::rustls::QuicClientConfig;
 use runnel_cluster::protocol::{
-    encode_frame, ClientEnvelope, ClientRequest, ClientResponse, Envelope, PeerFrame, ALPN_CLIENT, ALPN_PEER,
+    encode_frame, ClientEnvelope, Envelope, NodeRequest, NodeResponse, PeerFrame, ALPN_CLIENT, ALPN_PEER,
     PROTOCOL_VERSION,
 };
 use runnel_cluster::tls::{CertDir, TlsIdentity, CLUSTER_SERVER_NAME};
@@ -248,9 +248,9 @@ async fn peers_that_break_the_protocol_are_cut_off_and_the_node_keeps_serving() 
     send.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).await.expect("write");
     send.finish().expect("finish");
     let answer = recv.read_to_end(1 << 20).await.expect("answer");
-    let response: ClientEnvelope<ClientResponse> = postcard::from_bytes(&answer[4..]).expect("decodes");
+    let response: ClientEnvelope<NodeResponse> = postcard::from_bytes(&answer[4..]).expect("decodes");
     assert!(
-        matches!(response.body, ClientResponse::Error(ref e) if e.contains("malformed")),
+        matches!(response.body, NodeResponse::Error(ref e) if e.contains("malformed")),
         "{:?}",
         response.body
     );
@@ -290,24 +290,24 @@ async fn clients_reach_client_services_and_nothing_else() {
     )
     .expect("client");
     for i in 0..3u8 {
-        let request = ClientRequest::Service {
+        let request = NodeRequest::Service {
             name: "client.echo".to_string(),
             payload: vec![i],
         };
         let response = client.request(request, DEADLINE).await.expect("request");
         assert_eq!(
             response,
-            ClientResponse::Service(vec![i]),
+            NodeResponse::Service(vec![i]),
             "the connection is reused across requests"
         );
     }
-    let request = ClientRequest::Service {
+    let request = NodeRequest::Service {
         name: "internal".to_string(),
         payload: vec![],
     };
     let response = client.request(request, DEADLINE).await.expect("request");
     assert_eq!(
         response,
-        ClientResponse::Error("no client service named \"internal\"".to_string())
+        NodeResponse::Error("no client service named \"internal\"".to_string())
     );
 }

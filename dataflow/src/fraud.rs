@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use runnel_actors::client::{Client, ClientError, Consumer, Producer};
-use runnel_actors::Acks;
+use runnel_client::{Acks, Client, ClientError, Consumer, Producer};
 use runnel_storage::Record;
 use serde::{Deserialize, Serialize};
 

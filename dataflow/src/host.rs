@@ -14,9 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
-use runnel_actors::client::{Client, LocalNode};
-use runnel_actors::supervisor::RestartPolicy;
-use runnel_actors::tasks::{DataflowShape, TaskAssignment, TaskHost, TaskStatus};
+use runnel_client::tasks::{DataflowShape, RestartPolicy, TaskAssignment, TaskHost, TaskStatus};
+use runnel_client::{Client, LocalNode};
 
 use crate::builder::DataflowDef;
 use crate::task::{TaskError, TaskRunner};

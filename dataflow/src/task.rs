@@ -29,9 +29,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use runnel_actors::client::{partition_for_key, Client, ClientError, ClientResult, FetchedBatches};
-use runnel_actors::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskStatus};
-use runnel_actors::{Acks, BrokerError};
+use runnel_client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskStatus};
+use runnel_client::{partition_for_key, Acks, BrokerError, Client, ClientError, ClientResult, FetchedBatches};
 use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, RecordView};
 use serde::{Deserialize, Serialize};
 

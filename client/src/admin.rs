@@ -1,0 +1,129 @@
+//! [`Client`]'s admin calls: topics, rebalancing, dataflows, and the
+//! test-only fault hook.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{ClientError, ClientResult};
+use crate::protocol::{ClientRequest, ClientResponse, DataflowMeta, TopicConfig, TopicInfo};
+use crate::tasks::TaskStatus;
+use crate::Client;
+
+impl Client {
+    /// Creates a topic; returns once the node this client asks for metadata
+    /// knows it too, so the caller can use it at once.
+    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> ClientResult<()> {
+        let request = ClientRequest::CreateTopic {
+            name: name.to_string(),
+            config,
+        };
+        expect_done(self.call(None, &request).await?)?;
+        let deadline = Instant::now() + self.timeout;
+        while !self.topics().await?.iter().any(|t| t.name == name) {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Protocol(format!(
+                    "topic {name:?} was created but is not visible yet"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn delete_topic(&self, name: &str) -> ClientResult<()> {
+        expect_done(
+            self.call(None, &ClientRequest::DeleteTopic { name: name.to_string() })
+                .await?,
+        )
+    }
+
+    /// Spreads replicas evenly over the live nodes (moves happen in the
+    /// background, each through learner -> voter -> removal).
+    pub async fn rebalance(&self) -> ClientResult<()> {
+        expect_done(self.call(None, &ClientRequest::Rebalance).await?)
+    }
+
+    /// Starts a dataflow that the nodes' binary registered: the cluster
+    /// creates its internal topics (and the sink, if missing) and places
+    /// its tasks on live nodes.
+    pub async fn start_dataflow(&self, name: &str) -> ClientResult<()> {
+        let request = ClientRequest::StartDataflow { name: name.to_string() };
+        expect_done(self.call(None, &request).await?)?;
+        self.cached_topics(true).await?;
+        Ok(())
+    }
+
+    /// Stops a dataflow's tasks; its checkpoints stay, so a later start
+    /// resumes where it stopped.
+    pub async fn stop_dataflow(&self, name: &str) -> ClientResult<()> {
+        let request = ClientRequest::StopDataflow { name: name.to_string() };
+        expect_done(self.call(None, &request).await?)
+    }
+
+    /// Running dataflows and the node of each task.
+    pub async fn dataflows(&self) -> ClientResult<Vec<DataflowMeta>> {
+        match self.call(None, &ClientRequest::Dataflows).await? {
+            ClientResponse::Dataflows(dataflows) => Ok(dataflows),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Figures of the dataflow tasks running on `node`.
+    pub async fn dataflow_tasks(&self, node: u32) -> ClientResult<Vec<TaskStatus>> {
+        let addr = self.known_node(node)?;
+        match self.call(Some(addr), &ClientRequest::DataflowTasks).await? {
+            ClientResponse::Tasks(tasks) => Ok(tasks),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// A topic with each partition's leader and offsets, as the replicas see them.
+    pub async fn describe_topic(&self, name: &str) -> ClientResult<TopicInfo> {
+        let topics = self.topics().await?;
+        let mut topic = topics
+            .into_iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| ClientError::UnknownTopic(name.to_string()))?;
+        // Ask a replica of each partition for what only replicas know.
+        for partition in &mut topic.partitions {
+            for node in partition.replicas.clone() {
+                let Some(addr) = self.node_addr(node) else { continue };
+                let Ok(ClientResponse::Topic(info)) = self
+                    .call(Some(addr), &ClientRequest::DescribeTopic { name: name.to_string() })
+                    .await
+                else {
+                    continue;
+                };
+                if let Some(seen) = info
+                    .partitions
+                    .into_iter()
+                    .find(|p| p.partition == partition.partition && p.committed_offset.is_some())
+                {
+                    *partition = seen;
+                    break;
+                }
+            }
+        }
+        Ok(topic)
+    }
+
+    /// Test-only: makes `node`'s replica of the partition panic (the node
+    /// must run with test fault hooks enabled).
+    pub async fn inject_panic(&self, node: u32, topic: &str, partition: u32) -> ClientResult<()> {
+        let addr = self.known_node(node)?;
+        let request = ClientRequest::InjectPanic {
+            topic: topic.to_string(),
+            partition,
+        };
+        expect_done(self.call(Some(addr), &request).await?)
+    }
+}
+
+/// `Ok` for `Done`; a refusal or failure as its error.
+fn expect_done(response: ClientResponse) -> ClientResult<()> {
+    match response {
+        ClientResponse::Done => Ok(()),
+        ClientResponse::Refused(e) => Err(e.into()),
+        ClientResponse::Failed(e) => Err(e.into()),
+        other => Err(ClientError::Protocol(format!("{other:?}"))),
+    }
+}

@@ -1,0 +1,50 @@
+//! Runnel's client, and the protocol it shares with the broker.
+//!
+//! [`Client`] does admin, produce and fetch against any node, following
+//! leader hints (`NotLeader`) and replica lists (`NotHere`) to the node that
+//! leads a partition; [`Producer`] (batching, key -> partition by a stable
+//! hash) and [`Consumer`] (assigned partitions, offsets, polling) sit on
+//! top. Batches from a [`Producer`] carry a producer id and sequence
+//! numbers, so a produce whose outcome is unknown (no answer, a leader lost
+//! mid-request) is retried and the leader writes it once; a batch without
+//! a producer id is retried only when it certainly was not written.
+//!
+//! - [`protocol`]: the client's wire messages (`ClientRequest`,
+//!   `ClientResponse`) and what they carry: `Acks`, `BrokerError`,
+//!   `TopicInfo`, `TopicConfig`, `MetadataError`, `DataflowMeta`. The
+//!   broker (`runnel-actors`) serves these and re-exports them.
+//! - [`policy`]: which failures are safe to retry, which leave the outcome
+//!   unknown, which are final; pure functions the client and the
+//!   simulation share.
+//! - [`routing`]: [`Client`] itself: calls to a node (or straight to the
+//!   node it runs in, [`LocalNode`]), the metadata cache, and routing to a
+//!   partition's leader with retries.
+//! - [`admin`]: topics, rebalancing, dataflows, the test fault hook.
+//! - [`producer`]: [`Client::produce`], [`Producer`], [`partition_for_key`].
+//! - [`consumer`]: [`Client::fetch`] and friends, [`FetchedBatches`],
+//!   [`Consumer`].
+//! - [`offsets`]: consumers' committed offsets in [`OFFSETS_TOPIC`].
+//! - [`tasks`]: the seam between the controller and a node's dataflow
+//!   runtime (`TaskHost`, task assignments and figures, internal topic
+//!   names) and the supervisors' `RestartPolicy`, here so that the dataflow
+//!   crate need not depend on the broker.
+//!
+//! Dependencies: `runnel-cluster` (transport) and `runnel-storage` (record
+//! batches) only.
+
+pub mod admin;
+pub mod consumer;
+mod error;
+pub mod offsets;
+pub mod policy;
+pub mod producer;
+pub mod protocol;
+pub mod routing;
+pub mod tasks;
+
+pub use consumer::{Consumer, FetchedBatches, FetchedRecords};
+pub use error::{ClientError, ClientResult};
+pub use offsets::{OFFSETS_PARTITIONS, OFFSETS_TOPIC};
+pub use producer::{partition_for_key, Producer, RECORD_BYTES_MAX};
+pub use protocol::{Acks, BrokerError};
+pub use routing::{Client, LocalNode};

@@ -1,0 +1,446 @@
+//! The client protocol: every message a client and a node's client service
+//! exchange, postcard-encoded inside the cluster layer's
+//! `NodeRequest::Service` envelope, and the types those messages carry.
+//!
+//! Enums are tagged by position: **append new variants at the end; never
+//! reorder or remove one.** A retired variant keeps its place (and its tag)
+//! forever; `tests::tags_are_pinned` fails if a tag moves.
+
+use serde::{Deserialize, Serialize};
+
+use crate::tasks::TaskStatus;
+
+/// The cluster-directory name of each node's client service.
+pub const CLIENT_ACTOR: &str = "client.broker";
+/// Partitions of one topic at most.
+pub const PARTITIONS_MAX: u32 = 10_000;
+/// Replicas of one partition at most.
+pub const REPLICATION_MAX: u16 = 7;
+
+/// How much durability a produce waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Acks {
+    /// Answer once the batch is committed on a majority (the default).
+    All,
+    /// Answer once the leader has appended the batch.
+    Leader,
+    /// Answer as soon as the leader accepted the proposal.
+    None,
+}
+
+/// Why a broker refused or failed a request. The text names the problem.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum BrokerError {
+    #[error("not the leader of group {group}; the leader is node {leader:?}")]
+    NotLeader { group: u64, leader: Option<u64> },
+    #[error("no replica of group {0} on this node")]
+    UnknownGroup(u64),
+    #[error("the batch was proposed by a leader that lost its term before it committed; retry")]
+    LeadershipLost,
+    #[error("record batch of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
+    BatchTooLarge { size_bytes: usize, limit_bytes: usize },
+    #[error("too many produce requests waiting on group {0}; retry")]
+    Busy(u64),
+    #[error("offset {offset} is out of range [{start}, {end})")]
+    OffsetOutOfRange { offset: u64, start: u64, end: u64 },
+    #[error("replica of group {group} failed: {reason}")]
+    ReplicaFailed { group: u64, reason: String },
+    /// The outcome is unknown: the batch may or may not be written.
+    #[error("no answer from the replica of group {0} in time; the outcome is unknown")]
+    Timeout(u64),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// An idempotent producer skipped sequence numbers: records are missing.
+    #[error("out-of-order sequence from producer {producer_id}: expected {expected}, got {got}")]
+    OutOfOrderSequence { producer_id: i64, expected: i32, got: i32 },
+    /// A batch older than anything the partition remembers of its producer.
+    #[error("stale sequence {got} from producer {producer_id} (its last is {last_sequence})")]
+    StaleSequence {
+        producer_id: i64,
+        last_sequence: i32,
+        got: i32,
+    },
+    /// A batch starting at a stored batch's first sequence with another
+    /// length. The stored batch is committed.
+    #[error(
+        "producer {producer_id} sent sequence {base_sequence} again with other records (the stored batch ends at {stored_last_sequence})"
+    )]
+    SequenceMismatch {
+        producer_id: i64,
+        base_sequence: i32,
+        stored_last_sequence: i32,
+    },
+    /// The producer's earlier batch this one is judged against is not yet
+    /// committed; retry shortly.
+    #[error("the producer's previous batch in group {0} is not committed yet; retry")]
+    NotYetCommitted(u64),
+}
+
+/// Why a metadata change was refused. The text names the problem.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MetadataError {
+    #[error("topic name {name:?} is invalid: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    #[error("topic {0:?} does not exist")]
+    UnknownTopic(String),
+    #[error("invalid topic settings: {0}")]
+    InvalidConfig(String),
+    #[error("replication factor {replication} is more than the {live} live nodes")]
+    NotEnoughNodes { replication: u16, live: usize },
+    #[error("dataflow {0:?} is already running")]
+    DataflowRunning(String),
+    #[error("dataflow {0:?} is not running")]
+    UnknownDataflow(String),
+    #[error("dataflow {0:?} is not registered in this node's binary")]
+    UnregisteredDataflow(String),
+    #[error("no live node to run dataflow tasks on")]
+    NoLiveNodes,
+}
+
+/// Settings of a topic, fixed at creation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    pub partitions: u32,
+    pub replication: u16,
+    /// Replicas that must hold a record before `acks=all` answers; Raft's
+    /// majority is the floor.
+    pub min_insync: u16,
+    pub retention_ms: Option<u64>,
+}
+
+impl TopicConfig {
+    pub fn new(partitions: u32, replication: u16) -> TopicConfig {
+        TopicConfig {
+            partitions,
+            replication,
+            min_insync: replication / 2 + 1,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), MetadataError> {
+        let fail = |why: String| Err(MetadataError::InvalidConfig(why));
+        if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
+            return fail(format!(
+                "partitions must be in [1, {PARTITIONS_MAX}], not {}",
+                self.partitions
+            ));
+        }
+        if self.replication == 0 || self.replication > REPLICATION_MAX {
+            return fail(format!(
+                "replication must be in [1, {REPLICATION_MAX}], not {}",
+                self.replication
+            ));
+        }
+        if self.min_insync == 0 || self.min_insync > self.replication {
+            return fail(format!(
+                "min-insync must be in [1, {}], not {}",
+                self.replication, self.min_insync
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A running dataflow and where its tasks run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataflowMeta {
+    pub name: String,
+    pub source: String,
+    pub sink: String,
+    pub stages: u32,
+    /// Source partitions, and so tasks per stage.
+    pub partitions: u32,
+    /// The node running each task (task = stage * partitions + partition).
+    pub placement: Vec<u32>,
+}
+
+/// What a client asks any node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    Metadata,
+    CreateTopic {
+        name: String,
+        config: TopicConfig,
+    },
+    DeleteTopic {
+        name: String,
+    },
+    Produce {
+        topic: String,
+        partition: u32,
+        acks: Acks,
+        #[serde(with = "serde_bytes")]
+        batch: Vec<u8>,
+    },
+    Fetch {
+        topic: String,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        any_replica: bool,
+    },
+    DescribeTopic {
+        name: String,
+    },
+    /// The first committed offset whose record timestamp is at least `timestamp_ms`.
+    OffsetForTimestamp {
+        topic: String,
+        partition: u32,
+        timestamp_ms: i64,
+    },
+    /// Restarts and failures of the answering node's replicas.
+    ReplicaHealth,
+    /// Test-only fault hook: the answering node's replica of the partition
+    /// panics. Refused unless the node runs with test fault hooks enabled.
+    InjectPanic {
+        topic: String,
+        partition: u32,
+    },
+    /// Spread replicas evenly over the live nodes (answered `Done`).
+    Rebalance,
+    /// Start a dataflow registered in the nodes' binary (answered `Done`).
+    StartDataflow {
+        name: String,
+    },
+    StopDataflow {
+        name: String,
+    },
+    /// Running dataflows and their task placement (answered `Dataflows`).
+    Dataflows,
+    /// Figures of the dataflow tasks running on the answering node.
+    DataflowTasks,
+}
+
+/// How one replica on a node has fared (its supervisor's record).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaHealthInfo {
+    pub group: u64,
+    pub restarts: u32,
+    pub failed: bool,
+    pub last_failure: Option<String>,
+}
+
+/// A partition as clients see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    pub partition: u32,
+    pub replicas: Vec<u32>,
+    /// The leader, where the answering node knows it.
+    pub leader: Option<u32>,
+    pub committed_offset: Option<u64>,
+    pub end_offset: Option<u64>,
+    pub voters: Vec<u32>,
+    pub learners: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub config: TopicConfig,
+    pub partitions: Vec<PartitionInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Metadata {
+        topics: Vec<TopicInfo>,
+        nodes: Vec<(u32, std::net::SocketAddr)>,
+        /// The controller leader, as the answering node knows it.
+        controller_leader: Option<u32>,
+    },
+    Done,
+    Produced {
+        base_offset: u64,
+    },
+    Fetched {
+        batches: Vec<serde_bytes::ByteBuf>,
+        start_offset: u64,
+        committed_offset: u64,
+    },
+    Topic(TopicInfo),
+    Refused(MetadataError),
+    Failed(BrokerError),
+    UnknownTopic(String),
+    PartitionOutOfRange {
+        topic: String,
+        partition: u32,
+        partitions: u32,
+    },
+    /// The answering node has no replica of the partition; try these nodes.
+    NotHere {
+        replicas: Vec<u32>,
+    },
+    /// An offset, or none (every committed record is older).
+    Offset(Option<u64>),
+    Health(Vec<ReplicaHealthInfo>),
+    Dataflows(Vec<DataflowMeta>),
+    Tasks(Vec<TaskStatus>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first byte of a value's postcard encoding: its variant's tag
+    /// (a varint, one byte below 128).
+    fn tag<T: Serialize>(value: &T) -> u8 {
+        postcard::to_allocvec(value).expect("encodes")[0]
+    }
+
+    /// Each variant keeps the tag it was first given: old nodes and clients
+    /// decode by position. A retired tag stays retired: a variant that is
+    /// no longer used keeps its slot, and a new variant takes the next free
+    /// tag at the end of this list.
+    #[test]
+    fn tags_are_pinned() {
+        let requests = [
+            ClientRequest::Metadata,
+            ClientRequest::CreateTopic {
+                name: "t".into(),
+                config: TopicConfig::new(1, 1),
+            },
+            ClientRequest::DeleteTopic { name: "t".into() },
+            ClientRequest::Produce {
+                topic: "t".into(),
+                partition: 0,
+                acks: Acks::All,
+                batch: Vec::new(),
+            },
+            ClientRequest::Fetch {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                max_bytes: 1,
+                any_replica: false,
+            },
+            ClientRequest::DescribeTopic { name: "t".into() },
+            ClientRequest::OffsetForTimestamp {
+                topic: "t".into(),
+                partition: 0,
+                timestamp_ms: 0,
+            },
+            ClientRequest::ReplicaHealth,
+            ClientRequest::InjectPanic {
+                topic: "t".into(),
+                partition: 0,
+            },
+            ClientRequest::Rebalance,
+            ClientRequest::StartDataflow { name: "d".into() },
+            ClientRequest::StopDataflow { name: "d".into() },
+            ClientRequest::Dataflows,
+            ClientRequest::DataflowTasks,
+        ];
+        assert_tags(&requests);
+        assert_tags(&responses());
+        assert_tags(&broker_errors());
+        assert_tags(&[Acks::All, Acks::Leader, Acks::None]);
+    }
+
+    fn assert_tags<T: Serialize + std::fmt::Debug>(values: &[T]) {
+        for (expected, value) in values.iter().enumerate() {
+            assert_eq!(usize::from(tag(value)), expected, "tag of {value:?}");
+        }
+    }
+
+    fn responses() -> Vec<ClientResponse> {
+        let topic = TopicInfo {
+            name: "t".into(),
+            config: TopicConfig::new(1, 1),
+            partitions: Vec::new(),
+        };
+        vec![
+            ClientResponse::Metadata {
+                topics: Vec::new(),
+                nodes: Vec::new(),
+                controller_leader: None,
+            },
+            ClientResponse::Done,
+            ClientResponse::Produced { base_offset: 0 },
+            ClientResponse::Fetched {
+                batches: Vec::new(),
+                start_offset: 0,
+                committed_offset: 0,
+            },
+            ClientResponse::Topic(topic),
+            ClientResponse::Refused(MetadataError::NoLiveNodes),
+            ClientResponse::Failed(BrokerError::LeadershipLost),
+            ClientResponse::UnknownTopic("t".into()),
+            ClientResponse::PartitionOutOfRange {
+                topic: "t".into(),
+                partition: 1,
+                partitions: 1,
+            },
+            ClientResponse::NotHere { replicas: Vec::new() },
+            ClientResponse::Offset(None),
+            ClientResponse::Health(Vec::new()),
+            ClientResponse::Dataflows(Vec::new()),
+            ClientResponse::Tasks(Vec::new()),
+        ]
+    }
+
+    fn broker_errors() -> Vec<BrokerError> {
+        vec![
+            BrokerError::NotLeader { group: 1, leader: None },
+            BrokerError::UnknownGroup(1),
+            BrokerError::LeadershipLost,
+            BrokerError::BatchTooLarge {
+                size_bytes: 2,
+                limit_bytes: 1,
+            },
+            BrokerError::Busy(1),
+            BrokerError::OffsetOutOfRange {
+                offset: 0,
+                start: 0,
+                end: 0,
+            },
+            BrokerError::ReplicaFailed {
+                group: 1,
+                reason: "r".into(),
+            },
+            BrokerError::Timeout(1),
+            BrokerError::InvalidRequest("r".into()),
+            BrokerError::OutOfOrderSequence {
+                producer_id: 1,
+                expected: 0,
+                got: 2,
+            },
+            BrokerError::StaleSequence {
+                producer_id: 1,
+                last_sequence: 2,
+                got: 0,
+            },
+            BrokerError::SequenceMismatch {
+                producer_id: 1,
+                base_sequence: 0,
+                stored_last_sequence: 1,
+            },
+            BrokerError::NotYetCommitted(1),
+        ]
+    }
+
+    #[test]
+    fn metadata_error_tags_are_pinned() {
+        let errors = [
+            MetadataError::InvalidName {
+                name: String::new(),
+                reason: String::new(),
+            },
+            MetadataError::TopicExists(String::new()),
+            MetadataError::UnknownTopic(String::new()),
+            MetadataError::InvalidConfig(String::new()),
+            MetadataError::NotEnoughNodes {
+                replication: 0,
+                live: 0,
+            },
+            MetadataError::DataflowRunning(String::new()),
+            MetadataError::UnknownDataflow(String::new()),
+            MetadataError::UnregisteredDataflow(String::new()),
+            MetadataError::NoLiveNodes,
+        ];
+        let tags: Vec<u8> = errors.iter().map(tag).collect();
+        assert_eq!(tags, (0..=8).collect::<Vec<u8>>());
+    }
+}

@@ -1,0 +1,148 @@
+//! The seam between the controller and a node's dataflow runtime.
+//!
+//! The controller knows dataflows only as metadata: a name, a source topic,
+//! a number of stages and partitions, and the node each task is placed on.
+//! What a task *does* lives in the `runnel-dataflow` crate, which implements
+//! [`TaskHost`]: the controller asks it which dataflows this node's binary
+//! knows ([`TaskHost::shape`]), tells it which tasks metadata assigns to
+//! this node ([`TaskHost::assign`], whenever that changes), and reads its
+//! tasks' figures for `runnel dataflow describe` ([`TaskHost::status`]).
+//!
+//! It lives in the client crate so that the controller (`runnel-actors`)
+//! and the dataflow runtime (`runnel-dataflow`) share it without the
+//! runtime depending on the broker. [`RestartPolicy`] is here for the same
+//! reason: the broker's replica supervisor and the dataflow host's task
+//! supervisor back off restarts alike.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What the controller needs to know of a registered dataflow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataflowShape {
+    pub source: String,
+    pub sink: String,
+    /// 1 (stateless) or 2 (source stage, then window stage).
+    pub stages: u32,
+}
+
+/// One task placed on this node. Task `t` runs stage `t / partitions` over
+/// partition `t % partitions` of its stage's input.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskAssignment {
+    pub dataflow: String,
+    pub task: u32,
+    pub partitions: u32,
+    pub stages: u32,
+}
+
+impl TaskAssignment {
+    pub fn stage(&self) -> u32 {
+        self.task / self.partitions.max(1)
+    }
+
+    pub fn partition(&self) -> u32 {
+        self.task % self.partitions.max(1)
+    }
+}
+
+/// One task's figures, as its node reports them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub dataflow: String,
+    pub task: u32,
+    pub stage: u32,
+    pub partition: u32,
+    pub node: u32,
+    /// `running`, `restoring`, `restarting: <why>` or `failed: <why>`.
+    pub state: String,
+    pub input_topic: String,
+    /// Next input offset to read.
+    pub input_offset: u64,
+    /// The input partition's committed end at the last read (lag = end - offset).
+    pub input_end: u64,
+    /// Event time below which the task's input is complete, once known.
+    pub watermark_ms: Option<i64>,
+    pub records_in: u64,
+    pub records_out: u64,
+    /// Records dropped because every window they belonged to had closed.
+    pub late_records: u64,
+    /// Source records that did not decode, sent to the dead-letter topic.
+    pub dead_letters: u64,
+    pub restarts: u32,
+    pub checkpoints: u64,
+}
+
+/// A node's dataflow runtime, as the controller drives it.
+pub trait TaskHost: Send + Sync {
+    /// The dataflow's shape if this node's binary registered it.
+    fn shape(&self, dataflow: &str) -> Option<DataflowShape>;
+    /// Every task metadata places on this node now: start the missing ones,
+    /// stop the rest.
+    fn assign(&self, tasks: Vec<TaskAssignment>);
+    /// Figures of the tasks running here.
+    fn status(&self) -> Vec<TaskStatus>;
+}
+
+/// The topics a dataflow writes, with their partition counts, for a source
+/// of `partitions` partitions: its checkpoints (one partition per task), its
+/// dead letters, its sink and, with two stages, the repartition topic.
+pub fn dataflow_topics(dataflow: &str, shape: &DataflowShape, partitions: u32) -> Vec<(String, u32)> {
+    let mut topics = vec![
+        (checkpoint_topic(dataflow), partitions * shape.stages),
+        (dead_letter_topic(dataflow), 1),
+        (shape.sink.clone(), partitions),
+    ];
+    if shape.stages > 1 {
+        topics.push((repartition_topic(dataflow), partitions));
+    }
+    topics
+}
+
+/// The internal topic between a dataflow's two stages.
+pub fn repartition_topic(dataflow: &str) -> String {
+    format!("{dataflow}.repartition")
+}
+
+/// The internal topic holding each task's checkpoints (partition = task).
+pub fn checkpoint_topic(dataflow: &str) -> String {
+    format!("{dataflow}.checkpoints")
+}
+
+/// Source records that did not decode, with the error.
+pub fn dead_letter_topic(dataflow: &str) -> String {
+    format!("{dataflow}.dlq")
+}
+
+/// How a supervisor restarts what it supervises: back-off between restarts,
+/// and (for replicas) how many failures in a window it tolerates.
+#[derive(Clone, Debug)]
+pub struct RestartPolicy {
+    pub restart_limit: usize,
+    pub restart_window: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            restart_limit: 5,
+            restart_window: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The wait before restart number `failures` (1 for the first): doubling
+    /// from `backoff_min`, capped at `backoff_max`.
+    pub fn backoff(&self, failures: usize) -> Duration {
+        let exponent = failures.saturating_sub(1).min(16) as u32;
+        self.backoff_min
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(self.backoff_max)
+    }
+}
