@@ -117,16 +117,6 @@ pub enum FsyncMode {
     Never,
 }
 
-impl FsyncMode {
-    /// As the flag spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            FsyncMode::EveryBatch => "every-batch",
-            FsyncMode::Never => "never",
-        }
-    }
-}
-
 /// The `--config` file: the same settings as the flags.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,7 +168,7 @@ pub fn node(args: NodeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let mut node = Node::start(config, &identity).await?;
         if args.bench_actors {
-            spawn_bench_actors(&node.handle())?;
+            runnel_bench::transport::spawn_actors(&node.handle())?;
         }
         let handle = node.handle();
         let controllers = tokio::select! {
@@ -299,32 +289,6 @@ pub async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
         result = tokio::signal::ctrl_c() => result?,
         _ = terminate.recv() => {}
     }
-    Ok(())
-}
-
-/// `bench.sink` counts messages and answers a call with the count so far;
-/// `bench.echo` answers a call with its payload.
-fn spawn_bench_actors(node: &NodeHandle) -> anyhow::Result<()> {
-    let mut sink = node.register(crate::bench::transport::SINK, 65536)?;
-    tokio::spawn(async move {
-        let mut count: u64 = 0;
-        while let Some(message) = sink.recv().await {
-            match message.reply {
-                Some(reply) => {
-                    let _ = reply.reply(count.to_le_bytes().to_vec());
-                }
-                None => count += 1,
-            }
-        }
-    });
-    let mut echo = node.register(crate::bench::transport::ECHO, 4096)?;
-    tokio::spawn(async move {
-        while let Some(message) = echo.recv().await {
-            if let Some(reply) = message.reply {
-                let _ = reply.reply(message.payload);
-            }
-        }
-    });
     Ok(())
 }
 

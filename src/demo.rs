@@ -14,21 +14,16 @@
 //! then read and compared with a reference count computed directly from the
 //! input topic: every (card, window) result must be there exactly once.
 
-use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use runnel::broker::{Broker, BrokerConfig, Controller, ControllerConfig};
 use runnel::client::protocol::TopicConfig;
-use runnel::client::tasks::TaskHost;
-use runnel::client::{Client, LocalNode};
-use runnel::cluster::tls::CertDir;
-use runnel::cluster::{Node, NodeConfig, NodeId};
+use runnel::client::Client;
 use runnel::dataflow::fraud::{self, Attempt, Generator};
-use runnel::dataflow::{ClientSettings, DataflowHost};
+use runnel_verify::fixtures::embedded::start_cluster;
 
 const ATTEMPTS: usize = 40_000;
 const CARDS: u64 = 1_000;
@@ -45,60 +40,6 @@ pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     anyhow::ensure!(!dir.exists(), "{} already exists; give a fresh --dir", dir.display());
     let runtime = crate::node_runtime()?;
     runtime.block_on(run_cluster(dir))
-}
-
-pub struct Member {
-    node: Node,
-    controller: Controller,
-    host: Arc<DataflowHost>,
-}
-
-impl Member {
-    pub async fn stop(self) {
-        self.host.shutdown();
-        self.controller.shutdown().await;
-        let mut node = self.node;
-        node.shutdown();
-    }
-}
-
-/// An embedded cluster of `count` nodes (all controller voters) that run
-/// the binary's dataflows; certificates and data under `dir`.
-pub async fn start_cluster(
-    dir: &std::path::Path,
-    count: u32,
-) -> anyhow::Result<(BTreeMap<u32, Member>, Vec<SocketAddr>)> {
-    let certs = CertDir::new(dir.join("certs"));
-    let ids: Vec<NodeId> = (1..=count).map(NodeId).collect();
-    certs.init(&ids)?;
-    let addrs: Vec<SocketAddr> = (0..count)
-        .map(|_| UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()))
-        .collect::<Result<_, _>>()?;
-    let mut members = BTreeMap::new();
-    for id in 1..=count {
-        let addr = addrs[id as usize - 1];
-        let config = NodeConfig::new(NodeId(id), addr, addrs.clone(), 1);
-        let node = Node::start(config, &certs.node_identity(NodeId(id))?).await?;
-        let broker = Broker::start(node.handle(), BrokerConfig::new(dir.join(format!("node-{id}")))).await?;
-        let settings = ClientSettings {
-            seeds: vec![addr],
-            certs: dir.join("certs"),
-            local: Some(LocalNode {
-                handle: node.handle(),
-                addr,
-            }),
-        };
-        let host = DataflowHost::start(runnel::dataflow::builtin(), id, settings)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let mut config = ControllerConfig::new((1..=u64::from(count)).collect());
-        // Re-place a dead node's replicas and tasks as soon as it is declared dead.
-        config.replace_after = Duration::ZERO;
-        let tasks: Arc<dyn TaskHost> = host.clone();
-        let controller = Controller::start_with_tasks(Arc::new(broker), config, Some(tasks)).await?;
-        members.insert(id, Member { node, controller, host });
-    }
-    Ok((members, addrs))
 }
 
 /// Where each task runs, as "task@node" pairs.

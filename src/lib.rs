@@ -12,11 +12,9 @@
 //! - [`dataflow`]: dataflow builders, windows, operator tasks, checkpoints.
 //!
 //! The client, broker and dataflow layers live in `runnel-client`,
-//! `runnel-actors` and `runnel-dataflow`; see `../shared/ARCHITECTURE.md` and the README for what
-//! each holds and what is built so far.
-
-pub mod check;
-pub mod sim;
+//! `runnel-actors` and `runnel-dataflow`; the simulation, checker, chaos
+//! harness and test fixtures in `runnel-verify`, the benchmarks in
+//! `runnel-bench`. The README says what each holds and what is built so far.
 
 pub use runnel_actors as broker;
 pub use runnel_client as client;

@@ -1,8 +1,6 @@
 //! The `runnel` command line.
 
-mod bench;
 mod broker_cli;
-mod chaos;
 mod cluster_cli;
 mod dataflow_cli;
 mod demo;
@@ -11,6 +9,7 @@ mod watch;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// mimalloc instead of the system allocator: a node allocates and frees
@@ -19,20 +18,15 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The runtime of a process that hosts nodes: twice as many workers as
-/// cores (unless `TOKIO_WORKER_THREADS` says otherwise). A dataflow task's
-/// step is a CPU-bound stretch of milliseconds between awaits; with spare
-/// workers the OS preempts it, so the broker's actors (produce, fetch,
-/// Raft) are not queued behind steps. Measured by `bench window` (b):
-/// 0.99 M events/s with 2 workers, 1.2 M with 4, on 2 cores.
+/// The runtime of a process that hosts nodes (twice as many workers as
+/// cores; see [`runnel::dataflow::host::node_runtime`] for why).
 fn node_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        builder.worker_threads(2 * cores);
-    }
-    use anyhow::Context as _;
-    builder.enable_all().build().context("starting the async runtime")
+    runnel::dataflow::host::node_runtime().context("starting the async runtime")
+}
+
+/// This binary, which the harnesses and benchmarks start as `runnel node`.
+fn this_binary() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("finding the runnel binary")
 }
 
 #[derive(Parser)]
@@ -77,14 +71,14 @@ enum Command {
     Rebalance(broker_cli::ConnectArgs),
     /// Run real nodes under injected faults and check that nothing
     /// acknowledged is lost, duplicated or reordered.
-    Chaos(chaos::Args),
+    Chaos(runnel_verify::chaos::Args),
     /// Run seeds of the deterministic whole-cluster simulation (one process,
     /// simulated network and time) and check every guarantee.
     Sim(sim_cli::Args),
     /// Measure a part of Runnel and print figures (JSON lines, then a summary).
     Bench {
         #[command(subcommand)]
-        target: bench::Target,
+        target: runnel_bench::Target,
     },
 }
 
@@ -124,8 +118,10 @@ fn run() -> anyhow::Result<()> {
         Command::Consume(args) => broker_cli::consume(args),
         Command::Rebalance(args) => broker_cli::rebalance(args),
         Command::Dataflow { command } => dataflow_cli::dataflow(command),
-        Command::Chaos(args) => chaos::run(args),
+        Command::Chaos(args) => {
+            runnel_verify::chaos::run(args, &this_binary()?, cluster_cli::wait_for_shutdown_signal())
+        }
         Command::Sim(args) => sim_cli::run(args),
-        Command::Bench { target } => bench::run(target),
+        Command::Bench { target } => runnel_bench::run(target, &this_binary()?),
     }
 }

@@ -1,13 +1,13 @@
-//! `runnel sim`: many seeds of the deterministic simulation ([`runnel::sim`]),
+//! `runnel sim`: many seeds of the deterministic simulation ([`runnel_verify::sim`]),
 //! for sweeps longer than the test suite's.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use runnel::sim::{run as run_seed, SimConfig, SimReport};
-
-use crate::chaos::parse_duration;
+use runnel_verify::chaos::parse_duration;
+use runnel_verify::fixtures::scratch_dir;
+use runnel_verify::sim::{run as run_seed, SimConfig, SimReport};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -64,11 +64,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bug_unsequenced_task_output: args.test_unsequenced_task_output,
         ..SimConfig::default()
     };
-    let scratch = match &args.dir {
-        Some(dir) => tempfile::Builder::new().prefix("runnel-sim-").tempdir_in(dir),
-        None => tempfile::Builder::new().prefix("runnel-sim-").tempdir(),
-    }
-    .context("creating the simulation's scratch directory")?;
+    let scratch =
+        scratch_dir("runnel-sim-", args.dir.as_deref()).context("creating the simulation's scratch directory")?;
     let started = Instant::now();
     let mut totals = SimReport::default();
     let mut failed = Vec::new();
@@ -123,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         failed.is_empty(),
         "{} of {} seeds failed; replay one with `runnel sim --first-seed S --seeds 1` or \
-         `RUNNEL_SEED=S cargo test --test sim`",
+         `RUNNEL_SEED=S cargo test -p runnel-verify --test sim`",
         failed.len(),
         args.seeds
     );

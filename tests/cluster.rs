@@ -21,14 +21,16 @@ fn five_node_processes_form_a_cluster_and_see_a_kill_and_a_restart() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     certs_init(&certs, 5);
-    let addrs: Vec<_> = (0..5).map(|i| free_addr(10 + i)).collect();
+    let addrs: Vec<_> = (0..5)
+        .map(|i| free_addr_on_host(10 + i).expect("a free loopback address"))
+        .collect();
     let seeds = &addrs[..3];
 
     eprintln!("phase: start five nodes with the first three as seeds");
     let mut nodes: Vec<NodeProcess> = addrs
         .iter()
         .enumerate()
-        .map(|(i, &a)| NodeProcess::start(i as u32 + 1, a, seeds, &certs, scratch.path()))
+        .map(|(i, &a)| start_node(i as u32 + 1, a, seeds, &certs, scratch.path()))
         .collect();
     for node in &nodes {
         wait_for(
@@ -53,7 +55,7 @@ fn five_node_processes_form_a_cluster_and_see_a_kill_and_a_restart() {
     }
 
     eprintln!("phase: restart node 5 with the same data directory");
-    nodes[4] = NodeProcess::start(5, addrs[4], seeds, &certs, scratch.path());
+    nodes[4] = start_node(5, addrs[4], seeds, &certs, scratch.path());
     for node in &nodes {
         wait_for(&format!("node {} to see node 5 back", node.id), FORM_TIMEOUT, || {
             let s = states(node.addr, &certs);
@@ -69,10 +71,12 @@ fn a_node_from_another_ca_cannot_join_and_the_cluster_is_unaffected() {
     let foreign = scratch.path().join("foreign-certs");
     certs_init(&certs, 3);
     certs_init(&foreign, 4);
-    let addrs: Vec<_> = (0..4).map(|i| free_addr(20 + i)).collect();
+    let addrs: Vec<_> = (0..4)
+        .map(|i| free_addr_on_host(20 + i).expect("a free loopback address"))
+        .collect();
     let seeds = &addrs[..3];
     let nodes: Vec<NodeProcess> = (0..3)
-        .map(|i| NodeProcess::start(i as u32 + 1, addrs[i], seeds, &certs, scratch.path()))
+        .map(|i| start_node(i as u32 + 1, addrs[i], seeds, &certs, scratch.path()))
         .collect();
     for node in &nodes {
         wait_for(&format!("node {} to see three alive", node.id), FORM_TIMEOUT, || {
@@ -81,7 +85,7 @@ fn a_node_from_another_ca_cannot_join_and_the_cluster_is_unaffected() {
     }
 
     eprintln!("phase: node 4 with a certificate from another CA tries to join");
-    let mut intruder = NodeProcess::start(4, addrs[3], seeds, &foreign, scratch.path());
+    let mut intruder = start_node(4, addrs[3], seeds, &foreign, scratch.path());
     wait_for("node 1 to refuse the intruder", FORM_TIMEOUT, || {
         nodes[0].log_text().contains("refused a connection")
     });
@@ -103,9 +107,11 @@ fn a_garbage_datagram_flood_does_not_crash_a_node() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     certs_init(&certs, 2);
-    let addrs: Vec<_> = (0..2).map(|i| free_addr(30 + i)).collect();
+    let addrs: Vec<_> = (0..2)
+        .map(|i| free_addr_on_host(30 + i).expect("a free loopback address"))
+        .collect();
     let mut nodes: Vec<NodeProcess> = (0..2)
-        .map(|i| NodeProcess::start(i as u32 + 1, addrs[i], &addrs[..1], &certs, scratch.path()))
+        .map(|i| start_node(i as u32 + 1, addrs[i], &addrs[..1], &certs, scratch.path()))
         .collect();
     for addr in &addrs {
         wait_for("two nodes to form", FORM_TIMEOUT, || {
@@ -148,7 +154,7 @@ fn config_file_and_environment_variables_work_and_bad_input_is_named() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     certs_init(&certs, 2);
-    let addr = free_addr(40);
+    let addr = free_addr_on_host(40).expect("a free loopback address");
 
     eprintln!("phase: a node configured by a TOML file, watched through RUNNEL_SEEDS/RUNNEL_CERTS");
     let config = scratch.path().join("node.toml");

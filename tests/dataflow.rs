@@ -35,10 +35,12 @@ fn start(first_host: u8) -> Cluster {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     certs_init(&certs, 3);
-    let addrs: Vec<SocketAddr> = (0..3).map(|i| free_addr(first_host + i)).collect();
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|i| free_addr_on_host(first_host + i).expect("a free loopback address"))
+        .collect();
     let env = [("RUNNEL_REPLACE_AFTER", "0")];
     let nodes = (0..3)
-        .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path(), &env))
+        .map(|i| start_node_with(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path(), &env))
         .collect();
     Cluster {
         _scratch: scratch,

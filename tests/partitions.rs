@@ -27,9 +27,11 @@ fn start_cluster(first_host: u8) -> ProcessCluster {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     certs_init(&certs, 3);
-    let addrs: Vec<SocketAddr> = (0..3).map(|i| free_addr(first_host + i)).collect();
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|i| free_addr_on_host(first_host + i).expect("a free loopback address"))
+        .collect();
     let nodes = (0..3)
-        .map(|i| NodeProcess::start(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path()))
+        .map(|i| start_node(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path()))
         .collect();
     ProcessCluster {
         scratch,
@@ -265,7 +267,7 @@ async fn killing_the_leader_mid_produce_loses_no_acknowledged_record_and_a_resta
 
     eprintln!("phase: restart the killed node; its log catches up to the leader's");
     let killed = leader as usize - 1;
-    cluster.nodes[killed] = NodeProcess::start(
+    cluster.nodes[killed] = start_node(
         leader,
         cluster.addrs[killed],
         &cluster.addrs,
@@ -484,10 +486,12 @@ fn start_nodes(
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     certs_init(&certs, certified as u32);
-    let addrs: Vec<SocketAddr> = (0..certified).map(|i| free_addr(first_host + i as u8)).collect();
+    let addrs: Vec<SocketAddr> = (0..certified)
+        .map(|i| free_addr_on_host(first_host + i as u8).expect("a free loopback address"))
+        .collect();
     let seeds = &addrs[..running];
     let nodes = (0..running)
-        .map(|i| NodeProcess::start_with(i as u32 + 1, addrs[i], seeds, &certs, scratch.path(), env))
+        .map(|i| start_node_with(i as u32 + 1, addrs[i], seeds, &certs, scratch.path(), env))
         .collect();
     let cluster = ProcessCluster {
         scratch,
@@ -609,7 +613,7 @@ async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_fac
         "the victim had partition replicas besides the controller's"
     );
     let addr = cluster.addrs[victim as usize - 1];
-    nodes[victim as usize - 1] = NodeProcess::start_with(
+    nodes[victim as usize - 1] = start_node_with(
         victim,
         addr,
         &cluster.addrs,
@@ -768,7 +772,7 @@ async fn without_enough_live_nodes_a_partition_serves_under_replicated_and_heals
     );
 
     eprintln!("phase: node 4 joins; the replica moves there and the partition heals");
-    nodes.push(NodeProcess::start_with(
+    nodes.push(start_node_with(
         4,
         addrs[3],
         seeds,
@@ -831,13 +835,7 @@ async fn rebalance_moves_replicas_to_a_new_node_without_dropping_below_the_repli
     produce_tagged(&client, "spread", 6, "before", 120).await;
 
     eprintln!("phase: node 4 joins; `runnel rebalance` moves replicas onto it");
-    nodes.push(NodeProcess::start(
-        4,
-        addrs[3],
-        seeds,
-        &cluster.certs,
-        cluster.scratch.path(),
-    ));
+    nodes.push(start_node(4, addrs[3], seeds, &cluster.certs, cluster.scratch.path()));
     wait_for("node 4 to be alive", TIMEOUT, || {
         states(addrs[0], &cluster.certs).is_some_and(|s| s.iter().any(|(id, state, _)| *id == 4 && state == "alive"))
     });

@@ -3,7 +3,7 @@
 //! place), kill the leader's node (failover), restart it (catch-up).
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use runnel_actors::{Acks, Broker, BrokerConfig, BrokerError};
 use runnel_cluster::tls::CertDir;
 use runnel_cluster::{Node, NodeConfig, NodeId};
 use runnel_storage::{BatchBuilder, Record, RecordBatch};
+use runnel_verify::fixtures::free_addr;
 
 const GROUP: u64 = 7;
 const VOTERS: [u64; 3] = [1, 2, 3];
@@ -29,13 +30,6 @@ struct Cluster {
     members: BTreeMap<u64, Member>,
     /// Acknowledged batches: tag → base offset.
     acked: BTreeMap<String, u64>,
-}
-
-fn free_addr() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
 }
 
 fn batch(tag: &str) -> RecordBatch {
@@ -81,7 +75,10 @@ impl Cluster {
         CertDir::new(scratch.path().join("certs"))
             .init(&[NodeId(1), NodeId(2), NodeId(3)])
             .expect("certs");
-        let addrs: Vec<SocketAddr> = VOTERS.iter().map(|_| free_addr()).collect();
+        let addrs: Vec<SocketAddr> = VOTERS
+            .iter()
+            .map(|_| free_addr().expect("a free loopback port"))
+            .collect();
         let mut members = BTreeMap::new();
         for id in VOTERS {
             members.insert(

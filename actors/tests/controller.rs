@@ -2,7 +2,7 @@
 //! Rust client as an application would: create a topic, produce, consume,
 //! and get clear errors for bad requests.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,15 +13,9 @@ use runnel_client::{Acks, Client, ClientError, Consumer, Producer};
 use runnel_cluster::tls::CertDir;
 use runnel_cluster::{Node, NodeConfig, NodeId};
 use runnel_storage::Record;
+use runnel_verify::fixtures::free_addr;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn free_addr() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
 
 struct Member {
     _node: Node,
@@ -35,7 +29,7 @@ async fn topics_are_created_produced_to_and_consumed_through_the_client() {
     CertDir::new(&certs)
         .init(&[NodeId(1), NodeId(2), NodeId(3)])
         .expect("certs");
-    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr()).collect();
+    let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr().expect("a free loopback port")).collect();
     let mut members = Vec::new();
     for id in 1..=3u32 {
         let config = NodeConfig::new(NodeId(id), addrs[id as usize - 1], addrs.clone(), 1);

@@ -1,7 +1,7 @@
 //! Nodes in one process over real QUIC on loopback: remote send and call, the
 //! errors callers see, and peers that break the protocol.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,15 +12,9 @@ use runnel_cluster::protocol::{
 };
 use runnel_cluster::tls::{CertDir, TlsIdentity, CLUSTER_SERVER_NAME};
 use runnel_cluster::{ClusterError, MemberState, MembershipEvent, Node, NodeConfig, NodeHandle, NodeId};
+use runnel_verify::fixtures::free_addr;
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn free_addr() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-}
 
 struct TestCluster {
     _scratch: tempfile::TempDir,
@@ -35,7 +29,7 @@ async fn start_cluster(count: u32) -> TestCluster {
     let certs = CertDir::new(scratch.path().join("certs"));
     let ids: Vec<NodeId> = (1..=count + 1).map(NodeId).collect();
     certs.init(&ids).expect("certs");
-    let addrs: Vec<SocketAddr> = (0..count).map(|_| free_addr()).collect();
+    let addrs: Vec<SocketAddr> = (0..count).map(|_| free_addr().expect("a free loopback port")).collect();
     let mut nodes = Vec::new();
     for (i, &addr) in addrs.iter().enumerate() {
         let id = NodeId(i as u32 + 1);

@@ -66,7 +66,7 @@ const HEADER_IDLE: &str = "idle";
 const HEADER_ERROR: &str = "error";
 
 /// How a task reaches the cluster and tells the time: the [`Client`] in a
-/// node, the simulated network and clock in `runnel::sim` (which runs the
+/// node, the simulated network and clock in `runnel_verify::sim` (which runs the
 /// same task code, deterministically).
 pub trait TaskIo: Send + Sync + 'static {
     /// Committed records of a partition from `offset`.

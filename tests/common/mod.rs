@@ -1,111 +1,41 @@
-//! Helpers for tests that run `runnel` processes the way a user does.
+//! Helpers for tests that run `runnel` processes the way a user does. Free
+//! addresses and node processes come from `runnel_verify::fixtures`; these
+//! wrap them with this package's `runnel` binary.
 
-#![allow(dead_code)]
+// Each test binary uses a part of these helpers and re-exports.
+#![allow(dead_code, unused_imports)]
 
-use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+pub use runnel_verify::fixtures::{free_addr_on_host, NodeCommand, NodeProcess, TEST_DEAD_MS as DEAD_MS};
 
 pub fn runnel() -> Command {
     Command::new(env!("CARGO_BIN_EXE_runnel"))
 }
 
-/// A free UDP port on a loopback address of its own (127.0.0.x).
-pub fn free_addr(host: u8) -> SocketAddr {
-    let socket = UdpSocket::bind(("127.0.0.".to_string() + &host.to_string(), 0)).expect("bind a loopback address");
-    socket.local_addr().expect("local addr")
+/// Starts `runnel node` as the tests run it ([`NodeCommand::for_tests`]),
+/// logging to `scratch/node-<id>.log`; SIGKILLed when dropped.
+pub fn start_node(id: u32, addr: SocketAddr, seeds: &[SocketAddr], certs: &Path, scratch: &Path) -> NodeProcess {
+    start_node_with(id, addr, seeds, certs, scratch, &[])
 }
 
-/// A `runnel node` process, SIGKILLed when dropped, whatever the test did.
-pub struct NodeProcess {
-    pub id: u32,
-    pub addr: SocketAddr,
-    pub log: PathBuf,
-    child: Option<Child>,
-}
-
-/// Failure detection timing for tests: dead after a second of silence.
-pub const DEAD_MS: u64 = 1000;
-
-impl NodeProcess {
-    pub fn start(id: u32, addr: SocketAddr, seeds: &[SocketAddr], certs: &Path, scratch: &Path) -> NodeProcess {
-        Self::start_with(id, addr, seeds, certs, scratch, &[])
-    }
-
-    /// As `start`, with extra environment variables for the node.
-    pub fn start_with(
-        id: u32,
-        addr: SocketAddr,
-        seeds: &[SocketAddr],
-        certs: &Path,
-        scratch: &Path,
-        env: &[(&str, &str)],
-    ) -> NodeProcess {
-        let log = scratch.join(format!("node-{id}.log"));
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        let seeds: Vec<String> = seeds.iter().map(SocketAddr::to_string).collect();
-        let child = runnel()
-            .args(["node", "--id", &id.to_string(), "--listen", &addr.to_string()])
-            .args(["--seeds", &seeds.join(",")])
-            .args([
-                "--heartbeat-ms",
-                "100",
-                "--suspect-ms",
-                "400",
-                "--dead-ms",
-                &DEAD_MS.to_string(),
-            ])
-            .arg("--data")
-            .arg(scratch.join(format!("data-{id}")))
-            .arg("--certs")
-            .arg(certs)
-            .env("RUST_LOG", "info")
-            .env("RUNNEL_TEST_FAULT_HOOKS", "true")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn runnel node");
-        NodeProcess {
-            id,
-            addr,
-            log,
-            child: Some(child),
-        }
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// The process id while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// As `start_node`, with extra environment variables for the node.
+pub fn start_node_with(
+    id: u32,
+    addr: SocketAddr,
+    seeds: &[SocketAddr],
+    certs: &Path,
+    scratch: &Path,
+    env: &[(&str, &str)],
+) -> NodeProcess {
+    let command = NodeCommand::for_tests(env!("CARGO_BIN_EXE_runnel"), scratch, certs, seeds);
+    let command = env
+        .iter()
+        .fold(command, |command, (name, value)| command.env(name, value));
+    command.spawn(id, addr).expect("spawn runnel node")
 }
 
 pub fn certs_init(dir: &Path, nodes: u32) {

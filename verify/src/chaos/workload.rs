@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use runnel::broker::client::{partition_for_key, Client, ClientError};
-use runnel::broker::{Acks, BrokerError};
-use runnel::dataflow::fraud;
-use runnel::storage::{BatchBuilder, Header, ProducerInfo, Record, StoredRecord};
+use runnel_actors::client::{partition_for_key, Client, ClientError};
+use runnel_actors::{Acks, BrokerError};
+use runnel_dataflow::fraud;
+use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, StoredRecord};
 
 use super::checker::{Outcome, PartitionKey, Seen, Write, WRITE_ID_HEADER};
 

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use runnel::cluster::sim::SimRng;
+use runnel_cluster::sim::SimRng;
 
 /// The kinds of fault a run may inject (`--faults`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -1,9 +1,24 @@
-//! `runnel bench …`: measurements printed as JSON lines and a human summary.
+//! Runnel's benchmarks, behind `runnel bench …`: each measures a part of
+//! Runnel and prints JSON lines, then a human summary. They are not part of
+//! the test command.
+//!
+//! - [`storage`]: log append throughput against plain write loops.
+//! - [`transport`]: remote send throughput and call latency between two node
+//!   processes, against plain TCP.
+//! - [`cluster`]: produce, consume and idle figures on three `runnel node`
+//!   processes.
+//! - [`window`]: the fraud query — the window operator alone, then end to end
+//!   on embedded clusters.
+//!
+//! Node processes and embedded clusters come from
+//! [`runnel_verify::fixtures`].
 
 pub mod cluster;
-mod storage;
+pub mod storage;
 pub mod transport;
-mod window;
+pub mod window;
+
+use std::path::Path;
 
 use clap::Subcommand;
 
@@ -23,13 +38,14 @@ pub enum Target {
     Window(window::Args),
 }
 
-pub fn run(target: Target) -> anyhow::Result<()> {
+/// Runs one benchmark; those with node processes run the `runnel` binary `exe`.
+pub fn run(target: Target, exe: &Path) -> anyhow::Result<()> {
     match target {
         Target::Storage(args) => storage::run(args),
-        Target::Transport(args) => transport::run(args),
-        Target::Produce(args) => cluster::produce(args),
-        Target::Consume(args) => cluster::consume(args),
-        Target::Idle(args) => cluster::idle(args),
+        Target::Transport(args) => transport::run(args, exe),
+        Target::Produce(args) => cluster::produce(args, exe),
+        Target::Consume(args) => cluster::consume(args, exe),
+        Target::Idle(args) => cluster::idle(args, exe),
         Target::Window(args) => window::run(args),
     }
 }

@@ -8,14 +8,15 @@
 //! overflowing, as any sender must.
 
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use runnel::cluster::tls::CertDir;
-use runnel::cluster::{ClusterError, MemberState, Node, NodeConfig, NodeHandle, NodeId};
+use runnel_cluster::tls::CertDir;
+use runnel_cluster::{ClusterError, MemberState, Node, NodeConfig, NodeHandle, NodeId};
+use runnel_verify::fixtures::procs::NodeLog;
+use runnel_verify::fixtures::{free_addr, init_certs, scratch_dir, NodeCommand, NodeProcess};
 use serde_json::json;
 
 use super::median;
@@ -42,30 +43,43 @@ pub struct Args {
     window: u64,
 }
 
-/// Kills the child node however the benchmark ends.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Registers the actors this benchmark talks to on a node (`runnel node
+/// --bench-actors`): `bench.sink` counts messages and answers a call with
+/// the count so far; `bench.echo` answers a call with its payload.
+pub fn spawn_actors(node: &NodeHandle) -> Result<(), ClusterError> {
+    let mut sink = node.register(SINK, 65536)?;
+    tokio::spawn(async move {
+        let mut count: u64 = 0;
+        while let Some(message) = sink.recv().await {
+            match message.reply {
+                Some(reply) => {
+                    let _ = reply.reply(count.to_le_bytes().to_vec());
+                }
+                None => count += 1,
+            }
+        }
+    });
+    let mut echo = node.register(ECHO, 4096)?;
+    tokio::spawn(async move {
+        while let Some(message) = echo.recv().await {
+            if let Some(reply) = message.reply {
+                let _ = reply.reply(message.payload);
+            }
+        }
+    });
+    Ok(())
 }
 
-fn free_udp_port() -> anyhow::Result<SocketAddr> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the benchmark; `exe` is the `runnel` binary the server node runs.
+pub fn run(args: Args, exe: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.window >= 1 && args.window < 60_000,
         "--window must be in [1, 60000)"
     );
-    let scratch = tempfile::Builder::new().prefix("runnel-bench-transport-").tempdir()?;
-    let certs = scratch.path().join("certs");
-    CertDir::new(&certs).init(&[SERVER, CLIENT])?;
-    let (server_addr, client_addr) = (free_udp_port()?, free_udp_port()?);
-    let _server = spawn_server(scratch.path(), &certs, server_addr)?;
+    let scratch = scratch_dir("runnel-bench-transport-", None)?;
+    let certs = init_certs(scratch.path(), CLIENT.0)?;
+    let (server_addr, client_addr) = (free_addr()?, free_addr()?);
+    let _server = spawn_server(exe, scratch.path(), &certs, server_addr)?;
     let runtime = tokio::runtime::Runtime::new()?;
     let figures = runtime.block_on(async {
         let identity = CertDir::new(&certs).node_identity(CLIENT)?;
@@ -107,18 +121,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_server(scratch: &Path, certs: &Path, listen: SocketAddr) -> anyhow::Result<ChildGuard> {
-    let child = Command::new(std::env::current_exe()?)
-        .args(["node", "--id", "1", "--bench-actors", "--listen", &listen.to_string()])
-        .arg("--data")
-        .arg(scratch.join("node-1"))
-        .arg("--certs")
-        .arg(certs)
+/// Node 1 alone (no seeds), with the benchmark's actors; killed when dropped.
+fn spawn_server(exe: &Path, scratch: &Path, certs: &Path, listen: std::net::SocketAddr) -> anyhow::Result<NodeProcess> {
+    let command = NodeCommand::new(exe, scratch, certs, &[])
+        .flags(["--bench-actors"])
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .context("starting the server node")?;
-    Ok(ChildGuard(child))
+        .log(NodeLog::Inherit);
+    command.spawn(SERVER.0, listen).context("starting the server node")
 }
 
 async fn wait_until_alive(handle: &NodeHandle, node: NodeId) -> anyhow::Result<()> {

@@ -1,142 +1,88 @@
 //! `runnel bench produce` and `runnel bench idle`: a 3-node cluster of
 //! `runnel node` processes on loopback, measured through the Rust client.
 
-use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use runnel::broker::client::Client;
-use runnel::broker::metadata::TopicConfig;
-use runnel::broker::Acks;
-use runnel::cluster::tls::CertDir;
-use runnel::cluster::NodeId;
-use runnel::storage::{BatchBuilder, ProducerInfo, Record, RecordBatch};
+use runnel_actors::client::Client;
+use runnel_actors::metadata::TopicConfig;
+use runnel_actors::Acks;
+use runnel_storage::{BatchBuilder, ProducerInfo, Record, RecordBatch};
 use serde_json::json;
 
 use super::median;
-use crate::cluster_cli::FsyncMode;
+use runnel_verify::fixtures::client::{connect, create_topic};
+use runnel_verify::fixtures::procs::NodeLog;
+use runnel_verify::fixtures::{free_addr, init_certs, scratch_dir, NodeCommand, ProcessCluster};
 
 /// How long the benchmark cluster may take to form and create its topics.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Kills the node processes however the benchmark ends.
+/// The node processes (killed however the benchmark ends) and their scratch
+/// directory, removed after them.
 struct Nodes {
-    children: Vec<Option<Child>>,
-    addrs: Vec<SocketAddr>,
-    certs: PathBuf,
+    cluster: ProcessCluster,
     _scratch: tempfile::TempDir,
 }
 
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for child in self.children.iter_mut().flatten() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 impl Nodes {
-    fn start(count: usize, dir: Option<&Path>) -> anyhow::Result<Nodes> {
-        Nodes::start_with(count, dir, &[])
+    fn start(exe: &Path, count: u32, dir: Option<&Path>) -> anyhow::Result<Nodes> {
+        Nodes::start_with(exe, count, dir, &[])
     }
 
     /// As [`Nodes::start`], with extra `runnel node` flags.
-    fn start_with(count: usize, dir: Option<&Path>, flags: &[&str]) -> anyhow::Result<Nodes> {
-        let parent = dir.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
-        let scratch = tempfile::Builder::new()
-            .prefix("runnel-bench-cluster-")
-            .tempdir_in(&parent)?;
-        let certs = scratch.path().join("certs");
-        let ids: Vec<NodeId> = (1..=count as u32).map(NodeId).collect();
-        CertDir::new(&certs).init(&ids)?;
-        let addrs: Vec<SocketAddr> = (0..count)
-            .map(|_| UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()))
-            .collect::<Result<_, _>>()?;
-        let seeds: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
-        let mut children = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let child = Command::new(std::env::current_exe()?)
-                .args([
-                    "node",
-                    "--id",
-                    &(i + 1).to_string(),
-                    "--listen",
-                    &addr.to_string(),
-                    "--seeds",
-                    &seeds.join(","),
-                ])
-                .arg("--data")
-                .arg(scratch.path().join(format!("data-{}", i + 1)))
-                .arg("--certs")
-                .arg(&certs)
-                .args(flags)
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting a node")?;
-            children.push(Some(child));
-        }
+    fn start_with(exe: &Path, count: u32, dir: Option<&Path>, flags: &[&str]) -> anyhow::Result<Nodes> {
+        let scratch = scratch_dir("runnel-bench-cluster-", dir)?;
+        let certs = init_certs(scratch.path(), count)?;
+        let addrs = (0..count).map(|_| free_addr()).collect::<Result<Vec<_>, _>>()?;
+        let command = NodeCommand::new(exe, scratch.path(), &certs, &addrs)
+            .flags(flags.iter().copied())
+            .env("RUST_LOG", "warn")
+            .log(NodeLog::Null);
+        let cluster = ProcessCluster::start(command, addrs)?;
         Ok(Nodes {
-            children,
-            addrs,
-            certs,
+            cluster,
             _scratch: scratch,
         })
     }
 
+    async fn connect(&self) -> anyhow::Result<Client> {
+        Ok(connect(&self.cluster.addrs, self.cluster.certs(), SETUP_TIMEOUT).await?)
+    }
+
     fn pid(&self, node: u32) -> Option<u32> {
-        self.children.get(node as usize - 1)?.as_ref().map(Child::id)
+        self.cluster.pid(node)
     }
 
     /// CPU seconds used so far by the live node processes together, and by this process.
     fn cpu_seconds(&self) -> anyhow::Result<(f64, f64)> {
         let mut nodes = 0.0;
-        for child in self.children.iter().flatten() {
-            nodes += process_usage(child.id())?.0;
+        for pid in self.cluster.pids() {
+            nodes += process_usage(pid)?.0;
         }
         Ok((nodes, process_usage(std::process::id())?.0))
     }
 
-    fn kill(&mut self, node: u32) {
-        if let Some(mut child) = self.children.get_mut(node as usize - 1).and_then(Option::take) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+    fn kill(&mut self, node: u32) -> anyhow::Result<()> {
+        Ok(self.cluster.kill(node)?)
     }
 }
 
-/// Creates a topic, retrying while the cluster forms, for up to `timeout`;
-/// a try that succeeded without an answer counts.
-pub async fn create_topic(client: &Client, name: &str, config: TopicConfig, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match client.create_topic(name, config.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(_) if client.describe_topic(name).await.is_ok() => return Ok(()),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "topic not created yet");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e).with_context(|| format!("creating topic {name}")),
-        }
-    }
+/// `runnel node --fsync`, as the flag spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FsyncMode {
+    EveryBatch,
+    Never,
 }
 
-/// Connects a client, retrying while the nodes start, for up to `timeout`.
-pub async fn connect(addrs: &[SocketAddr], certs: &Path, timeout: Duration) -> anyhow::Result<Client> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match Client::connect(addrs.to_vec(), certs).await {
-            Ok(client) => return Ok(client),
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(e) => return Err(e).context("connecting to the cluster"),
+impl FsyncMode {
+    fn name(self) -> &'static str {
+        match self {
+            FsyncMode::EveryBatch => "every-batch",
+            FsyncMode::Never => "never",
         }
     }
 }
@@ -269,16 +215,16 @@ fn fdatasync_ceiling(dir: &Path) -> anyhow::Result<f64> {
     Ok(mb_per_s)
 }
 
-pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+pub fn produce(args: ProduceArgs, exe: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let (mut nodes, client) = produce_cluster(&args, FsyncMode::EveryBatch).await?;
+        let (mut nodes, client) = produce_cluster(&args, exe, FsyncMode::EveryBatch).await?;
         let mut rows = produce_cases(&args, &nodes, &client, FsyncMode::EveryBatch).await?;
         let gap = failover_gap(&client, &mut nodes, args.batch_bytes).await?;
         drop(client);
         drop(nodes);
         if !args.skip_fsync_never {
-            let (nodes, client) = produce_cluster(&args, FsyncMode::Never).await?;
+            let (nodes, client) = produce_cluster(&args, exe, FsyncMode::Never).await?;
             rows.extend(produce_cases(&args, &nodes, &client, FsyncMode::Never).await?);
         }
         let mut all_ceilings: Vec<f64> = rows.iter().flat_map(|r| r.ceiling_runs.iter().copied()).collect();
@@ -319,9 +265,9 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
 }
 
 /// Three nodes with `--fsync fsync`, a client, and the 4-partition RF=3 topic `bench`.
-async fn produce_cluster(args: &ProduceArgs, fsync: FsyncMode) -> anyhow::Result<(Nodes, Arc<Client>)> {
-    let nodes = Nodes::start_with(3, args.dir.as_deref(), &["--fsync", fsync.name()])?;
-    let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
+async fn produce_cluster(args: &ProduceArgs, exe: &Path, fsync: FsyncMode) -> anyhow::Result<(Nodes, Arc<Client>)> {
+    let nodes = Nodes::start_with(exe, 3, args.dir.as_deref(), &["--fsync", fsync.name()])?;
+    let client = Arc::new(nodes.connect().await?);
     create_topic(&client, "bench", TopicConfig::new(4, 3), SETUP_TIMEOUT).await?;
     Ok((nodes, client))
 }
@@ -411,7 +357,7 @@ async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usiz
     let mut sequence = 0i32;
     while started.elapsed() < Duration::from_secs(8) {
         if !killed && started.elapsed() > Duration::from_secs(2) {
-            nodes.kill(leader);
+            nodes.kill(leader)?;
             killed = true;
         }
         let batch = idempotent_batch(77, sequence, &value, (batch_bytes / 1024).max(1))?;
@@ -460,11 +406,11 @@ pub fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     Ok((ticks as f64 / 100.0, rss_kib * 1024))
 }
 
-pub fn idle(args: IdleArgs) -> anyhow::Result<()> {
+pub fn idle(args: IdleArgs, exe: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let nodes = Nodes::start(3, args.dir.as_deref())?;
-        let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
+        let nodes = Nodes::start(exe, 3, args.dir.as_deref())?;
+        let client = Arc::new(nodes.connect().await?);
         create_topic(&client, "idle", TopicConfig::new(args.partitions, 3), SETUP_TIMEOUT).await?;
         // Let elections settle before measuring idleness.
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -525,11 +471,11 @@ pub struct ConsumeArgs {
 /// Produces `--megabytes` of 1 KiB and 100 B records to a 4-partition RF=3
 /// topic, then times a consumer reading all of it back (committed reads
 /// from the leaders).
-pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+pub fn consume(args: ConsumeArgs, exe: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let nodes = Nodes::start(3, args.dir.as_deref())?;
-        let client = Arc::new(connect(&nodes.addrs, &nodes.certs, SETUP_TIMEOUT).await?);
+        let nodes = Nodes::start(exe, 3, args.dir.as_deref())?;
+        let client = Arc::new(nodes.connect().await?);
         let mut summary = Vec::new();
         for record_bytes in [1024usize, 100] {
             let topic = format!("consume-{record_bytes}");
@@ -548,7 +494,7 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
                 produced += u64::from(count);
                 partition = (partition + 1) % 4;
             }
-            let mut consumer = runnel::broker::client::Consumer::new(client.clone(), &topic);
+            let mut consumer = runnel_actors::client::Consumer::new(client.clone(), &topic);
             consumer.fetch_bytes_max = 4 << 20;
             for p in 0..4 {
                 consumer.assign(p, 0);

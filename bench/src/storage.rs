@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use bytes::Bytes;
-use runnel::storage::{BatchBuilder, FsyncPolicy, Log, LogConfig, Record, RecordBatch};
+use runnel_storage::{BatchBuilder, FsyncPolicy, Log, LogConfig, Record, RecordBatch};
 use serde_json::json;
 
 use super::median;

@@ -1,9 +1,10 @@
-//! The deterministic simulation (`runnel::sim`): whole clusters in one
+//! The deterministic simulation (`runnel_verify::sim`): whole clusters in one
 //! process under seeded network faults, crashes (unsynced tails lost) and
-//! partitions. `RUNNEL_SEED=N cargo test --test sim` replays one seed;
+//! partitions. `RUNNEL_SEED=N cargo test -p runnel-verify --test sim` replays one seed;
 //! `RUNNEL_SIM_SEEDS=K` runs K seeds instead of the default.
 
-use runnel::sim::{run, SimConfig, SimReport};
+use runnel_verify::fixtures::scratch_dir;
+use runnel_verify::sim::{run, SimConfig, SimReport};
 
 /// Seeds the suite runs by default.
 const SEEDS: u64 = 200;
@@ -13,11 +14,11 @@ const SEEDS: u64 = 200;
 fn scratch() -> tempfile::TempDir {
     let shm = std::path::Path::new("/dev/shm");
     if shm.is_dir() {
-        if let Ok(dir) = tempfile::Builder::new().prefix("runnel-sim-").tempdir_in(shm) {
+        if let Ok(dir) = scratch_dir("runnel-sim-", Some(shm)) {
             return dir;
         }
     }
-    tempfile::tempdir().expect("temp dir")
+    scratch_dir("runnel-sim-", None).expect("temp dir")
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -32,7 +33,9 @@ fn env_u64(name: &str) -> Option<u64> {
 fn run_seed(seed: u64, config: &SimConfig, dir: &std::path::Path) -> SimReport {
     match run(seed, config, dir) {
         Ok(report) => report,
-        Err(error) => panic!("the simulation failed: {error}\nreplay: RUNNEL_SEED={seed} cargo test --test sim"),
+        Err(error) => {
+            panic!("the simulation failed: {error}\nreplay: RUNNEL_SEED={seed} cargo test -p runnel-verify --test sim")
+        }
     }
 }
 
@@ -71,7 +74,7 @@ fn seeds_lose_and_duplicate_nothing_acknowledged() {
     );
     assert!(
         failures.is_empty(),
-        "{} of {} seeds failed (replay one with RUNNEL_SEED=<seed> cargo test --test sim):\n{}",
+        "{} of {} seeds failed (replay one with RUNNEL_SEED=<seed> cargo test -p runnel-verify --test sim):\n{}",
         failures.len(),
         seeds.len(),
         failures.join("\n")

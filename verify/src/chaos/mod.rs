@@ -4,34 +4,34 @@
 //! optionally the fraud dataflow), then a heal, a final read, and a checker
 //! that names every anomaly.
 //!
-//! - [`procs`]: the node processes and the faults done to them.
+//! - [`crate::fixtures::procs`]: the node processes and the faults done to them.
 //! - [`nemesis`]: the schedule, a pure function of the seed.
 //! - [`workload`]: producers, consumers and the recorder.
 //! - [`checker`]: the verdict, a pure function of the history.
 
-pub use runnel::check as checker;
+pub use crate::check as checker;
 mod nemesis;
-mod procs;
 mod workload;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use runnel::broker::client::Client;
-use runnel::broker::metadata::TopicConfig;
-use runnel::dataflow::fraud;
-use runnel::storage::StoredRecord;
+use runnel_actors::client::Client;
+use runnel_actors::metadata::TopicConfig;
+use runnel_dataflow::fraud;
+use runnel_storage::StoredRecord;
 use serde_json::json;
 
-use crate::bench::cluster::{connect, create_topic};
+use crate::fixtures::client::{connect, create_topic};
+use crate::fixtures::{free_addrs_from, init_certs, NodeCommand, ProcessCluster};
 use checker::{History, PartitionKey, Verdict};
 use nemesis::{Fault, FaultKind, KillTarget, Step};
-use procs::{ChaosCluster, NodeSettings};
 use workload::{seen_of, Recorder, Workload};
 
 /// The topic the producers and consumers work on.
@@ -95,7 +95,7 @@ pub struct Args {
 }
 
 /// `90s`, `2m`, `500ms`, or plain seconds.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?} is not a duration (examples: 90s, 2m, 500ms)");
     let (number, unit_ms) = if let Some(n) = text.strip_suffix("ms") {
         (n, 1)
@@ -130,7 +130,10 @@ impl Timeline {
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Runs the harness with node processes of the `runnel` binary `exe`;
+/// ends early (every node killed) when `interrupted` completes, e.g. on
+/// SIGINT or SIGTERM.
+pub fn run(args: Args, exe: &Path, interrupted: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     if args.nodes < 3 {
         bail!("--nodes must be at least 3 (a majority must survive a fault)");
     }
@@ -153,7 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             None
         }
-        None => Some(tempfile::Builder::new().prefix("runnel-chaos-").tempdir()?),
+        None => Some(crate::fixtures::scratch_dir("runnel-chaos-", None)?),
     };
     let dir = args
         .dir
@@ -165,8 +168,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // node process is killed.
     let verdict = runtime.block_on(async {
         tokio::select! {
-            report = run_async(&args, seed, &dir) => report,
-            signal = crate::cluster_cli::wait_for_shutdown_signal() => {
+            report = run_async(&args, exe, seed, &dir) => report,
+            signal = interrupted => {
                 signal?;
                 bail!("interrupted; every node process was killed (seed {seed})")
             }
@@ -187,7 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Result<Verdict> {
+async fn run_async(args: &Args, exe: &Path, seed: u64, dir: &Path) -> anyhow::Result<Verdict> {
     let timeline = Arc::new(Timeline {
         start: Instant::now(),
         json: args.json,
@@ -208,12 +211,8 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
             dir.display()
         ),
     );
-    let settings = NodeSettings {
-        replace_after_s: args.replace_after,
-        ack_before_commit: args.test_ack_before_commit,
-    };
-    let mut cluster = ChaosCluster::start(dir, args.nodes, args.first_host, settings)?;
-    let mut client = connect(&cluster.addrs, &cluster.certs, SETUP_TIMEOUT).await?;
+    let mut cluster = start_cluster(args, exe, dir)?;
+    let mut client = connect(&cluster.addrs, cluster.certs(), SETUP_TIMEOUT).await?;
     client.timeout = CLIENT_TIMEOUT;
     let client = Arc::new(client);
     let config = TopicConfig::new(args.topic_partitions, args.replication);
@@ -344,6 +343,24 @@ async fn run_async(args: &Args, seed: u64, dir: &std::path::Path) -> anyhow::Res
     Ok(verdict)
 }
 
+/// The run's nodes, on consecutive addresses from `--first-host` (so a
+/// partition cuts whole addresses), with quick failure detection and
+/// fault-control files for the partitions.
+fn start_cluster(args: &Args, exe: &Path, dir: &Path) -> anyhow::Result<ProcessCluster> {
+    let certs = init_certs(dir, args.nodes)?;
+    let addrs = free_addrs_from(args.first_host, args.nodes)?;
+    let log = std::env::var("RUNNEL_CHAOS_NODE_LOG").unwrap_or_else(|_| "info".into());
+    let mut command = NodeCommand::new(exe, dir, &certs, &addrs)
+        .flags(["--heartbeat-ms", "100", "--suspect-ms", "500", "--dead-ms", "2000"])
+        .flags(["--replace-after".to_string(), args.replace_after.to_string()])
+        .env("RUST_LOG", log)
+        .with_fault_control();
+    if args.test_ack_before_commit {
+        command = command.flags(["--test-ack-before-commit"]);
+    }
+    Ok(ProcessCluster::start(command, addrs)?)
+}
+
 async fn start_dataflow(client: &Client) -> anyhow::Result<()> {
     let deadline = Instant::now() + SETUP_TIMEOUT;
     loop {
@@ -397,7 +414,7 @@ enum Applied {
 }
 
 async fn run_nemesis(
-    cluster: &mut ChaosCluster,
+    cluster: &mut ProcessCluster,
     client: &Client,
     plan: &[Step],
     restart: bool,
@@ -405,7 +422,7 @@ async fn run_nemesis(
     seed: u64,
 ) -> anyhow::Result<Injected> {
     let mut injected = Injected::default();
-    let mut fallback = runnel::cluster::sim::SimRng::new(seed ^ 0x5eed);
+    let mut fallback = runnel_cluster::sim::SimRng::new(seed ^ 0x5eed);
     let start = Instant::now();
     for step in plan {
         tokio::time::sleep_until((start + Duration::from_millis(step.at_ms)).into()).await;
@@ -445,10 +462,10 @@ async fn run_nemesis(
 }
 
 async fn apply(
-    cluster: &mut ChaosCluster,
+    cluster: &mut ProcessCluster,
     client: &Client,
     fault: &Fault,
-    fallback: &mut runnel::cluster::sim::SimRng,
+    fallback: &mut runnel_cluster::sim::SimRng,
 ) -> anyhow::Result<Applied> {
     let nodes = cluster.node_count();
     let up = cluster.running().iter().filter(|n| !cluster.is_paused(**n)).count() as u32;
@@ -556,7 +573,7 @@ async fn read_partition(
     node: Option<u32>,
     topic: &str,
     partition: u32,
-) -> Result<Vec<StoredRecord>, runnel::broker::client::ClientError> {
+) -> Result<Vec<StoredRecord>, runnel_actors::client::ClientError> {
     let mut records = Vec::new();
     let mut offset = 0;
     loop {

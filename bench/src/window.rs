@@ -7,11 +7,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::ensure;
-use runnel::broker::client::Client;
-use runnel::broker::metadata::TopicConfig;
-use runnel::dataflow::fraud::{self, Attempt, Generator};
-use runnel::dataflow::window::{Emit, Window, WindowBounds, WindowOperator, WindowResult};
+use anyhow::{ensure, Context};
+use runnel_actors::client::Client;
+use runnel_actors::metadata::TopicConfig;
+use runnel_dataflow::fraud::{self, Attempt, Generator};
+use runnel_dataflow::window::{Emit, Window, WindowBounds, WindowOperator, WindowResult};
+
+use runnel_verify::fixtures::embedded::start_cluster;
+use runnel_verify::fixtures::scratch_dir;
 
 use super::median;
 
@@ -88,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ratio_median * 100.0
     )];
     if !args.operator_only {
-        let runtime = crate::node_runtime()?;
+        let runtime = runnel_dataflow::host::node_runtime().context("starting the async runtime")?;
         for (label, nodes) in [("(b) 1 node, RF=1", 1u32), ("(c) 3 nodes, RF=3", 3u32)] {
             if !args.nodes.contains(&nodes) {
                 continue;
@@ -198,9 +201,9 @@ fn plain_pass(events: &[(String, i64)]) -> (Duration, usize) {
 /// Loads the source topic, starts the dataflow and times it until every
 /// task has read all of its input and the sink holds the reference's count.
 async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize, f64)> {
-    let scratch = tempfile::Builder::new().prefix("runnel-bench-window-").tempdir()?;
+    let scratch = scratch_dir("runnel-bench-window-", None)?;
     let dir = scratch.path().join("cluster");
-    let (members, addrs) = crate::demo::start_cluster(&dir, nodes).await?;
+    let (members, addrs) = start_cluster(&dir, nodes).await?;
     let client = Arc::new(Client::connect(addrs.clone(), &dir.join("certs")).await?);
     let deadline = Instant::now() + Duration::from_secs(60);
     while let Err(e) = client
