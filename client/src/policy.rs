@@ -33,11 +33,13 @@ pub fn classify(error: &BrokerError) -> Outcome {
         // Routing or load: the node did not take the request in.
         BrokerError::NotLeader { .. }
         | BrokerError::UnknownGroup(_)
-        | BrokerError::LeadershipLost
         | BrokerError::Busy(_)
         | BrokerError::NotYetCommitted(_) => Outcome::Retry,
-        // The replica took the request in and then gave no answer.
-        BrokerError::Timeout(_) | BrokerError::ReplicaFailed { .. } => Outcome::Unknown,
+        // The replica took the request in and then gave no answer. A batch
+        // whose leader lost its term may still be committed by a later
+        // leader that holds it (Raft commits an earlier term's entry along
+        // with its own), so it is unknown too, not certainly lost.
+        BrokerError::Timeout(_) | BrokerError::ReplicaFailed { .. } | BrokerError::LeadershipLost => Outcome::Unknown,
         BrokerError::BatchTooLarge { .. }
         | BrokerError::OffsetOutOfRange { .. }
         | BrokerError::InvalidRequest(_)
@@ -134,12 +136,12 @@ mod tests {
                 leader: Some(2),
             },
             BrokerError::UnknownGroup(1),
-            BrokerError::LeadershipLost,
             BrokerError::Busy(1),
             BrokerError::NotYetCommitted(1),
         ];
         let unknown = [
             BrokerError::Timeout(1),
+            BrokerError::LeadershipLost,
             BrokerError::ReplicaFailed {
                 group: 1,
                 reason: "panic".into(),
@@ -206,6 +208,7 @@ mod tests {
         assert!(is_unknown_outcome(&no_answer()));
         assert!(is_unknown_outcome(&unavailable));
         assert!(is_unknown_outcome(&ClientError::Broker(BrokerError::Timeout(1))));
+        assert!(is_unknown_outcome(&ClientError::Broker(BrokerError::LeadershipLost)));
         let unreachable = ClientError::Cluster(ClusterError::Unreachable {
             addrs: Vec::new(),
             last_error: "refused".into(),
@@ -213,7 +216,7 @@ mod tests {
         for known in [
             unreachable,
             ClientError::Protocol("garbage".into()),
-            ClientError::Broker(BrokerError::LeadershipLost),
+            ClientError::Broker(BrokerError::Busy(1)),
             ClientError::Refused(MetadataError::NoLiveNodes),
             ClientError::UnknownTopic("t".into()),
         ] {

@@ -40,6 +40,7 @@ use runnel_actors::metadata::{
 use runnel_actors::partition::{PartitionCore, ProduceReply};
 use runnel_actors::protocol::PassiveAnswer;
 use runnel_actors::{Acks, BrokerError, RaftMessage as Message, ReplicaConfig};
+use runnel_client::policy;
 use runnel_cluster::sim::{FaultConfig, SimNetwork, SimRng, SimStats};
 use runnel_cluster::NodeId;
 use runnel_storage::{BatchBuilder, FsyncPolicy, Header, LogConfig, ProducerInfo, Record, RecordBatch, StoredRecord};
@@ -72,6 +73,9 @@ const MOVES_EVERY_MS: u64 = 2_000;
 const HEAL_EVERY_MS: u64 = 500;
 /// A client request unanswered this long is sent again (maybe elsewhere).
 const REQUEST_TIMEOUT_MS: u64 = 500;
+/// A producer's pause before it sends a batch again after a refusal for
+/// load or an unknown outcome.
+const RETRY_PAUSE_MS: u64 = 50;
 /// A producer retries one batch this long, then records it unknown.
 const GIVE_UP_MS: u64 = 8_000;
 /// Clients refresh their metadata this often.
@@ -1440,40 +1444,14 @@ impl World {
                 let pending = producer.pending.get_mut(&partition).expect("pending batch");
                 let outcome = match result {
                     Ok(offset) => Some(Outcome::Acked { offset }),
-                    Err(BrokerError::NotLeader { group, leader }) => {
-                        match leader {
-                            Some(leader) => view.leader.insert(group, leader),
-                            None => view.leader.remove(&group),
-                        };
-                        pending.retry_at = Some(now);
-                        pending.last_error = "not the leader".to_string();
-                        None
-                    }
-                    Err(
-                        e @ (BrokerError::OutOfOrderSequence { .. }
-                        | BrokerError::StaleSequence { .. }
-                        | BrokerError::SequenceMismatch { .. }
-                        | BrokerError::InvalidRequest(_)
-                        | BrokerError::BatchTooLarge { .. }),
-                    ) => {
-                        // A retry cannot change these; a sequence error may
-                        // speak of this very batch, stored earlier.
-                        let stored = matches!(
-                            e,
-                            BrokerError::StaleSequence { .. } | BrokerError::SequenceMismatch { .. }
-                        );
-                        if pending.maybe_written || stored {
-                            Some(Outcome::Unknown(e.to_string()))
-                        } else {
-                            Some(Outcome::Failed(e.to_string()))
-                        }
-                    }
                     Err(e) => {
-                        // Lost leadership, busy, not committed yet: try again.
-                        pending.maybe_written = true;
-                        pending.retry_at = Some(now + 50);
-                        pending.last_error = e.to_string();
-                        None
+                        if let BrokerError::NotLeader { group, leader } = &e {
+                            match leader {
+                                Some(leader) => view.leader.insert(*group, *leader),
+                                None => view.leader.remove(group),
+                            };
+                        }
+                        produce_failed(pending, e, now)
                     }
                 };
                 if let Some(outcome) = outcome {
@@ -1998,6 +1976,43 @@ fn group_of(views: &BTreeMap<NodeId, ClientView>, client: NodeId, partition: u32
 }
 
 /// Closes a replica the node no longer hosts (its files stay).
+/// What a failed produce means for the batch, as the real client's policy
+/// ([`policy::classify`]) judges it: routing errors retry at once, load and
+/// unknown outcomes after a pause (a produce with a producer id is safe to
+/// send again), final errors end the batch — as unknown if an earlier
+/// attempt may have written it, or if the error may speak of this very
+/// batch stored earlier (a sequence error).
+fn produce_failed(pending: &mut Pending, error: BrokerError, now: u64) -> Option<Outcome> {
+    pending.last_error = error.to_string();
+    match policy::classify(&error) {
+        policy::Outcome::Retry => {
+            let pause_ms = if matches!(error, BrokerError::NotLeader { .. }) {
+                0
+            } else {
+                RETRY_PAUSE_MS
+            };
+            pending.retry_at = Some(now + pause_ms);
+            None
+        }
+        policy::Outcome::Unknown => {
+            pending.maybe_written = true;
+            pending.retry_at = Some(now + RETRY_PAUSE_MS);
+            None
+        }
+        policy::Outcome::Final => {
+            let stored = matches!(
+                error,
+                BrokerError::StaleSequence { .. } | BrokerError::SequenceMismatch { .. }
+            );
+            if pending.maybe_written || stored {
+                Some(Outcome::Unknown(pending.last_error.clone()))
+            } else {
+                Some(Outcome::Failed(pending.last_error.clone()))
+            }
+        }
+    }
+}
+
 /// The groups with a replica directory under a node's `dir`.
 fn replica_dirs(dir: &Path) -> Result<Vec<u64>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
