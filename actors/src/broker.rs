@@ -20,7 +20,9 @@ use tokio::task::JoinHandle;
 
 use crate::error::{ActorError, Result};
 use crate::partition::{Fetched, RaftRouter, ReplicaArgs, ReplicaMsg, ReplicaStatus};
-use crate::protocol::{Acks, BrokerError, GroupMessage, PassiveAnswer, RaftBatch, RAFT_ACTOR};
+use crate::protocol::{
+    decode_payload, encode_payload, Acks, BrokerError, GroupMessage, PassiveAnswer, RaftBatch, RAFT_ACTOR,
+};
 use crate::replica::ReplicaConfig;
 use crate::supervisor::{
     NodeSupervisor, Registry, ReplicaHandle, ReplicaHealth, RestartPolicy, SupervisorArgs, SupervisorMsg,
@@ -106,7 +108,7 @@ impl ClusterRouter {
 
     fn send_batch(&self, to: u64, messages: Vec<GroupMessage>) {
         let Ok(to) = u32::try_from(to) else { return };
-        let payload = match postcard::to_allocvec(&RaftBatch { messages }) {
+        let payload = match encode_payload(&RaftBatch { messages }) {
             Ok(payload) => payload,
             Err(e) => {
                 tracing::error!(to, error = %e, "could not encode a Raft batch");
@@ -444,7 +446,7 @@ fn flatten<T, M>(
 
 /// Hands each message of a peer's batch to the local replica of its group.
 fn deliver_raft_batch(registry: &Registry, from: NodeId, payload: &[u8]) {
-    let batch: RaftBatch = match postcard::from_bytes(payload) {
+    let batch: RaftBatch = match decode_payload(payload) {
         Ok(batch) => batch,
         Err(e) => {
             tracing::warn!(%from, error = %e, "dropped an undecodable Raft batch");

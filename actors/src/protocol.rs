@@ -7,7 +7,8 @@
 //! carry) lives in `runnel_client::protocol`; it is re-exported here.
 
 pub use runnel_client::protocol::{
-    Acks, BrokerError, ClientRequest, ClientResponse, PartitionInfo, ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR,
+    decode_payload, encode_payload, Acks, BrokerError, ClientRequest, ClientResponse, PartitionInfo, ReplicaHealthInfo,
+    TopicInfo, CLIENT_ACTOR,
 };
 use serde::{Deserialize, Serialize};
 

@@ -12,6 +12,47 @@ use crate::tasks::TaskStatus;
 
 /// The cluster-directory name of each node's client service.
 pub const CLIENT_ACTOR: &str = "client.broker";
+
+/// Every payload Runnel puts inside the cluster layer's envelopes — client
+/// requests and answers, and the broker's node-to-node messages — is
+/// `[PAYLOAD_MAGIC, PAYLOAD_VERSION, postcard body]` ([`encode_payload`],
+/// [`decode_payload`]). The cluster envelope's own version covers only the
+/// cluster layer; this one lets a node refuse, by name, a payload of a
+/// broker protocol it does not speak instead of misreading it. The magic
+/// byte can never start an unversioned payload (a postcard enum tag below
+/// 0x80).
+pub const PAYLOAD_MAGIC: u8 = 0xB5;
+pub const PAYLOAD_VERSION: u8 = 1;
+
+/// Why a payload could not be encoded or read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload format version {0} is unknown here (this side speaks version {PAYLOAD_VERSION}); run the same runnel version on both sides")]
+    UnknownVersion(u8),
+    #[error("payload has no format header; the sender runs an older runnel")]
+    Unversioned,
+    #[error("payload does not decode: {0}")]
+    Malformed(String),
+    #[error("payload does not encode: {0}")]
+    Unencodable(String),
+}
+
+/// A value as a versioned payload.
+pub fn encode_payload<T: Serialize>(value: &T) -> Result<Vec<u8>, PayloadError> {
+    postcard::to_extend(value, vec![PAYLOAD_MAGIC, PAYLOAD_VERSION])
+        .map_err(|e| PayloadError::Unencodable(e.to_string()))
+}
+
+/// A value from a versioned payload; any other version is refused by name.
+pub fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, PayloadError> {
+    match payload {
+        [PAYLOAD_MAGIC, PAYLOAD_VERSION, body @ ..] => {
+            postcard::from_bytes(body).map_err(|e| PayloadError::Malformed(e.to_string()))
+        }
+        [PAYLOAD_MAGIC, version, ..] => Err(PayloadError::UnknownVersion(*version)),
+        _ => Err(PayloadError::Unversioned),
+    }
+}
 /// Partitions of one topic at most.
 pub const PARTITIONS_MAX: u32 = 10_000;
 /// Replicas of one partition at most.
@@ -442,5 +483,28 @@ mod tests {
         ];
         let tags: Vec<u8> = errors.iter().map(tag).collect();
         assert_eq!(tags, (0..=8).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn payloads_carry_their_version_and_others_are_refused_by_name() {
+        let request = ClientRequest::DescribeTopic { name: "t".into() };
+        let payload = encode_payload(&request).expect("encodes");
+        assert_eq!(&payload[..3], &[PAYLOAD_MAGIC, PAYLOAD_VERSION, 6]);
+        assert_eq!(decode_payload::<ClientRequest>(&payload), Ok(request.clone()));
+        let mut future = payload.clone();
+        future[1] = 7;
+        let refused = decode_payload::<ClientRequest>(&future).expect_err("refused");
+        assert_eq!(refused, PayloadError::UnknownVersion(7));
+        assert!(refused.to_string().contains("version 7"), "{refused}");
+        let unversioned = postcard::to_allocvec(&request).expect("encodes");
+        assert_eq!(
+            decode_payload::<ClientRequest>(&unversioned),
+            Err(PayloadError::Unversioned)
+        );
+        assert_eq!(decode_payload::<ClientRequest>(&[]), Err(PayloadError::Unversioned));
+        assert!(matches!(
+            decode_payload::<ClientRequest>(&[PAYLOAD_MAGIC, PAYLOAD_VERSION, 200]),
+            Err(PayloadError::Malformed(_))
+        ));
     }
 }

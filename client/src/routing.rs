@@ -16,7 +16,7 @@ use runnel_cluster::{ClusterError, NodeHandle};
 
 use crate::error::{ClientError, ClientResult};
 use crate::policy::{self, Outcome};
-use crate::protocol::{ClientRequest, ClientResponse, TopicInfo, CLIENT_ACTOR};
+use crate::protocol::{decode_payload, encode_payload, ClientRequest, ClientResponse, TopicInfo, CLIENT_ACTOR};
 
 /// How long a node that failed to answer is tried last.
 const FAILED_NODE_MEMORY: Duration = Duration::from_secs(5);
@@ -118,7 +118,7 @@ impl Client {
 
     /// One request to node `addr` (any node when `None`).
     pub(crate) async fn call(&self, addr: Option<SocketAddr>, request: &ClientRequest) -> ClientResult<ClientResponse> {
-        let payload = postcard::to_allocvec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let payload = encode_payload(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if let Some(local) = self.local.as_ref().filter(|l| addr.is_none_or(|a| a == l.addr)) {
             return self.call_local(local, payload).await;
         }
@@ -131,9 +131,7 @@ impl Client {
             None => self.cluster.request(wire, self.timeout).await?,
         };
         match answer {
-            NodeResponse::Service(bytes) => {
-                postcard::from_bytes(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
-            }
+            NodeResponse::Service(bytes) => decode_payload(&bytes).map_err(|e| ClientError::Protocol(e.to_string())),
             NodeResponse::Error(e) => Err(ClientError::Protocol(e)),
             NodeResponse::Status { .. } => Err(ClientError::Protocol("status answer to a broker request".to_string())),
         }
@@ -146,7 +144,7 @@ impl Client {
     async fn call_local(&self, local: &LocalNode, payload: Vec<u8>) -> ClientResult<ClientResponse> {
         let handle = &local.handle;
         match handle.call(handle.id(), CLIENT_ACTOR, payload, self.timeout).await {
-            Ok(bytes) => postcard::from_bytes(&bytes).map_err(|e| ClientError::Protocol(e.to_string())),
+            Ok(bytes) => decode_payload(&bytes).map_err(|e| ClientError::Protocol(e.to_string())),
             Err(e @ ClusterError::CallTimeout { .. }) => Err(ClientError::Cluster(ClusterError::NoAnswer {
                 addr: local.addr,
                 reason: e.to_string(),

@@ -10,7 +10,7 @@ use runnel_cluster::NodeId;
 
 use super::{encode, unix_ms, Shared};
 use crate::metadata::{command_batch, MetadataCommand, MetadataError, CONTROLLER_GROUP};
-use crate::protocol::{Acks, BrokerError, ControllerRequest, ControllerResponse, CONTROLLER_ACTOR};
+use crate::protocol::{decode_payload, Acks, BrokerError, ControllerRequest, ControllerResponse, CONTROLLER_ACTOR};
 
 /// Controller log fetched per request.
 pub(super) const LOG_FETCH_BYTES: u32 = 1 << 20;
@@ -75,7 +75,7 @@ impl Shared {
             .await
             .ok()?;
         Some(
-            postcard::from_bytes(&bytes)
+            decode_payload(&bytes)
                 .unwrap_or_else(|e| ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string()))),
         )
     }

@@ -30,8 +30,8 @@ use crate::broker::Broker;
 use crate::error::Result;
 use crate::metadata::CONTROLLER_GROUP;
 use crate::protocol::{
-    BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PassiveAnswer, CLIENT_ACTOR,
-    CONTROLLER_ACTOR,
+    decode_payload, encode_payload, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse,
+    PassiveAnswer, CLIENT_ACTOR, CONTROLLER_ACTOR,
 };
 use crate::tasks::TaskHost;
 
@@ -188,7 +188,7 @@ async fn serve_inbox<Req, Resp, Serve, Answer>(
         tokio::spawn(async move {
             let _permit = permit;
             let Some(reply) = message.reply else { return };
-            let response = match postcard::from_bytes::<Req>(&message.payload) {
+            let response = match decode_payload::<Req>(&message.payload) {
                 Ok(request) => serve(shared, request).await,
                 Err(e) => malformed(e.to_string()),
             };
@@ -197,8 +197,14 @@ async fn serve_inbox<Req, Resp, Serve, Answer>(
     }
 }
 
+/// A payload for another node; every message here encodes (no maps with
+/// non-string keys, no unbounded recursion), so a failure is logged and
+/// sent empty, which the far side refuses by name.
 fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_allocvec(value).unwrap_or_default()
+    encode_payload(value).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "could not encode a payload");
+        Vec::new()
+    })
 }
 
 impl Shared {
@@ -404,7 +410,7 @@ impl Shared {
             else {
                 continue;
             };
-            if let Ok(ControllerResponse::Members { voters, learners }) = postcard::from_bytes(&bytes) {
+            if let Ok(ControllerResponse::Members { voters, learners }) = decode_payload(&bytes) {
                 return !GroupView { voters, learners }.counts(self.me());
             }
         }
@@ -449,7 +455,7 @@ impl Shared {
                     .call(NodeId(peer), CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
                     .await;
                 let Ok(bytes) = answer else { continue };
-                match postcard::from_bytes(&bytes) {
+                match decode_payload(&bytes) {
                     Ok(ControllerResponse::Passive(PassiveAnswer::Promoted)) => {
                         tracing::info!(group, peer, "a peer confirms this passive replica was promoted");
                         self.broker.promoted(group);
@@ -504,7 +510,7 @@ impl Shared {
                 .await;
             match answer
                 .map_err(|e| e.to_string())
-                .and_then(|bytes| postcard::from_bytes::<ControllerResponse>(&bytes).map_err(|e| e.to_string()))
+                .and_then(|bytes| decode_payload::<ControllerResponse>(&bytes).map_err(|e| e.to_string()))
             {
                 Ok(ControllerResponse::Log { batches }) => {
                     return batches
