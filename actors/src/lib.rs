@@ -11,8 +11,13 @@
 //! - [`broker`]: one node's broker: Raft routing over the cluster layer, one
 //!   ticker for all groups, produce/fetch entry points.
 //! - [`metadata`]: the controller's topic metadata and replica placement.
-//! - [`controller`]: group 0, metadata following on every node, hosting of
-//!   assigned replicas, and the client and controller services.
+//! - [`controller`]: the controller. [`controller::core`] holds its
+//!   decisions as a deterministic state machine ([`ControllerCore`]: what to
+//!   host, settle, heal, move, delete; topic and dataflow placement) that
+//!   the tokio shell and the simulation both drive; the shell follows group
+//!   0's log on every node and carries out the core's commands; the
+//!   controller RPC service answers other nodes; [`BrokerService`] answers
+//!   clients, one typed method per request kind.
 //! - [`tasks`]: the seam to a node's dataflow runtime (task placement and
 //!   status), re-exported from `runnel_client::tasks`.
 //! - [`protocol`]: the broker's node-to-node wire messages; re-exports the
@@ -38,7 +43,7 @@ pub mod supervisor;
 pub mod tasks;
 
 pub use broker::{Broker, BrokerConfig};
-pub use controller::{Controller, ControllerConfig};
+pub use controller::{BrokerService, Controller, ControllerConfig, ControllerCore};
 pub use error::{ActorError, Result};
 pub use protocol::{Acks, BrokerError};
 pub use raft::eraftpb::Message as RaftMessage;
