@@ -126,26 +126,7 @@ impl Metadata {
                 name,
                 config,
                 assignment,
-            } => {
-                validate_topic_name(name)?;
-                config.validate()?;
-                if self.topics.contains_key(name) {
-                    return Err(MetadataError::TopicExists(name.clone()));
-                }
-                check_assignment(config, assignment)?;
-                let id = self.next_topic_id.max(1);
-                self.next_topic_id = id + 1;
-                let topic = TopicMeta {
-                    name: name.clone(),
-                    id,
-                    config: config.clone(),
-                    assignment: assignment.clone(),
-                    founders: assignment.clone(),
-                    departed: vec![Vec::new(); assignment.len()],
-                };
-                self.topics.insert(name.clone(), topic);
-                Ok(())
-            }
+            } => self.create_topic(name, config, assignment),
             MetadataCommand::DeleteTopic { name } => match self.topics.remove(name) {
                 Some(_) => Ok(()),
                 None => Err(MetadataError::UnknownTopic(name.clone())),
@@ -155,45 +136,8 @@ impl Metadata {
                 partition,
                 dead,
                 replacement,
-            } => {
-                let meta = self
-                    .topics
-                    .get_mut(topic)
-                    .ok_or_else(|| MetadataError::UnknownTopic(topic.clone()))?;
-                let replicas = meta.assignment.get_mut(*partition as usize).ok_or_else(|| {
-                    MetadataError::InvalidConfig(format!("partition {partition} of {topic:?} does not exist"))
-                })?;
-                if replicas.contains(replacement) {
-                    return Err(MetadataError::InvalidConfig(format!(
-                        "node {replacement} already holds {topic}/{partition}"
-                    )));
-                }
-                let slot = replicas.iter_mut().find(|n| **n == *dead).ok_or_else(|| {
-                    MetadataError::InvalidConfig(format!("node {dead} does not hold {topic}/{partition}"))
-                })?;
-                *slot = *replacement;
-                if let Some(departed) = meta.departed.get_mut(*partition as usize) {
-                    if !departed.contains(dead) {
-                        departed.push(*dead);
-                    }
-                }
-                Ok(())
-            }
-            MetadataCommand::StartDataflow { dataflow } => {
-                if self.dataflows.contains_key(&dataflow.name) {
-                    return Err(MetadataError::DataflowRunning(dataflow.name.clone()));
-                }
-                if dataflow.placement.len() as u64 != u64::from(dataflow.stages) * u64::from(dataflow.partitions) {
-                    return Err(MetadataError::InvalidConfig(format!(
-                        "{} tasks placed for {} stages of {} partitions",
-                        dataflow.placement.len(),
-                        dataflow.stages,
-                        dataflow.partitions
-                    )));
-                }
-                self.dataflows.insert(dataflow.name.clone(), dataflow.clone());
-                Ok(())
-            }
+            } => self.replace_replica(topic, *partition, *dead, *replacement),
+            MetadataCommand::StartDataflow { dataflow } => self.start_dataflow(dataflow),
             MetadataCommand::StopDataflow { name } => match self.dataflows.remove(name) {
                 Some(_) => Ok(()),
                 None => Err(MetadataError::UnknownDataflow(name.clone())),
@@ -203,21 +147,98 @@ impl Metadata {
                 task,
                 dead,
                 replacement,
-            } => {
-                let dataflow = self
-                    .dataflows
-                    .get_mut(name)
-                    .ok_or_else(|| MetadataError::UnknownDataflow(name.clone()))?;
-                match dataflow.placement.get_mut(*task as usize) {
-                    Some(node) if *node == *dead => {
-                        *node = *replacement;
-                        Ok(())
-                    }
-                    _ => Err(MetadataError::InvalidConfig(format!(
-                        "task {task} of dataflow {name:?} is not on node {dead}"
-                    ))),
-                }
+            } => self.move_dataflow_task(name, *task, *dead, *replacement),
+        }
+    }
+
+    /// Creates a topic with the next unused id (ids are never reused).
+    fn create_topic(&mut self, name: &str, config: &TopicConfig, assignment: &[Vec<u32>]) -> Result<(), MetadataError> {
+        validate_topic_name(name)?;
+        config.validate()?;
+        if self.topics.contains_key(name) {
+            return Err(MetadataError::TopicExists(name.to_string()));
+        }
+        check_assignment(config, assignment)?;
+        let id = self.next_topic_id.max(1);
+        self.next_topic_id = id + 1;
+        let topic = TopicMeta {
+            name: name.to_string(),
+            id,
+            config: config.clone(),
+            assignment: assignment.to_vec(),
+            founders: assignment.to_vec(),
+            departed: vec![Vec::new(); assignment.len()],
+        };
+        self.topics.insert(name.to_string(), topic);
+        Ok(())
+    }
+
+    /// Moves a partition's replica off `dead` onto `replacement`, and
+    /// remembers that the partition left `dead`.
+    fn replace_replica(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        dead: u32,
+        replacement: u32,
+    ) -> Result<(), MetadataError> {
+        let meta = self
+            .topics
+            .get_mut(topic)
+            .ok_or_else(|| MetadataError::UnknownTopic(topic.to_string()))?;
+        let replicas = meta.assignment.get_mut(partition as usize).ok_or_else(|| {
+            MetadataError::InvalidConfig(format!("partition {partition} of {topic:?} does not exist"))
+        })?;
+        if replicas.contains(&replacement) {
+            return Err(MetadataError::InvalidConfig(format!(
+                "node {replacement} already holds {topic}/{partition}"
+            )));
+        }
+        let slot = replicas
+            .iter_mut()
+            .find(|n| **n == dead)
+            .ok_or_else(|| MetadataError::InvalidConfig(format!("node {dead} does not hold {topic}/{partition}")))?;
+        *slot = replacement;
+        if let Some(departed) = meta.departed.get_mut(partition as usize) {
+            if !departed.contains(&dead) {
+                departed.push(dead);
             }
+        }
+        Ok(())
+    }
+
+    /// Starts a dataflow whose placement covers every task exactly.
+    fn start_dataflow(&mut self, dataflow: &DataflowMeta) -> Result<(), MetadataError> {
+        if self.dataflows.contains_key(&dataflow.name) {
+            return Err(MetadataError::DataflowRunning(dataflow.name.clone()));
+        }
+        if dataflow.placement.len() as u64 != u64::from(dataflow.stages) * u64::from(dataflow.partitions) {
+            return Err(MetadataError::InvalidConfig(format!(
+                "{} tasks placed for {} stages of {} partitions",
+                dataflow.placement.len(),
+                dataflow.stages,
+                dataflow.partitions
+            )));
+        }
+        self.dataflows.insert(dataflow.name.clone(), dataflow.clone());
+        Ok(())
+    }
+
+    /// Moves a dataflow task off `dead` onto `replacement`; refused unless
+    /// the task is on `dead` now.
+    fn move_dataflow_task(&mut self, name: &str, task: u32, dead: u32, replacement: u32) -> Result<(), MetadataError> {
+        let dataflow = self
+            .dataflows
+            .get_mut(name)
+            .ok_or_else(|| MetadataError::UnknownDataflow(name.to_string()))?;
+        match dataflow.placement.get_mut(task as usize) {
+            Some(node) if *node == dead => {
+                *node = replacement;
+                Ok(())
+            }
+            _ => Err(MetadataError::InvalidConfig(format!(
+                "task {task} of dataflow {name:?} is not on node {dead}"
+            ))),
         }
     }
 

@@ -114,6 +114,16 @@ impl ProduceReply for RpcReplyPort<Result<u64, BrokerError>> {
     }
 }
 
+/// What a batch's producer sequence says to do with it.
+enum SequenceVerdict {
+    /// New (or not an idempotent produce): propose it.
+    Propose,
+    /// Answer at once: a committed retry's offset, or a refusal.
+    Answer(Result<u64, BrokerError>),
+    /// A retry of an entry not yet committed: wait for it as its original does.
+    Wait { index: u64, term: u64 },
+}
+
 struct Waiter<R> {
     /// The leader's term when it proposed: a different term at the index
     /// means the entry was replaced and the batch was not written.
@@ -303,94 +313,106 @@ impl<R: ProduceReply> PartitionCore<R> {
     /// batch), or proposed and answered when its entry commits (`acks=all`)
     /// or is appended here (`leader`, `none`).
     pub fn produce(&mut self, batch: RecordBatch, acks: Acks, reply: R) {
-        let group = self.group;
-        let limit_bytes = self.batch_bytes_max;
-        if batch.size_bytes() > limit_bytes {
-            reply.answer(Err(BrokerError::BatchTooLarge {
-                size_bytes: batch.size_bytes(),
-                limit_bytes,
-            }));
+        if let Some(error) = self.admission_error(&batch) {
+            reply.answer(Err(error));
             return;
         }
+        match self.sequence_verdict(&batch) {
+            SequenceVerdict::Propose => self.propose(batch, acks, reply),
+            SequenceVerdict::Answer(result) => reply.answer(result),
+            SequenceVerdict::Wait { index, term } => {
+                self.waiters
+                    .entry(index)
+                    .or_default()
+                    .push(Waiter { term, acks, reply });
+            }
+        }
+    }
+
+    /// Why a batch is refused before its producer's sequence is looked at:
+    /// too large, too many produces waiting, or attributes set.
+    fn admission_error(&self, batch: &RecordBatch) -> Option<BrokerError> {
+        let limit_bytes = self.batch_bytes_max;
+        if batch.size_bytes() > limit_bytes {
+            return Some(BrokerError::BatchTooLarge {
+                size_bytes: batch.size_bytes(),
+                limit_bytes,
+            });
+        }
         if self.waiting() >= WAITERS_MAX {
-            reply.answer(Err(BrokerError::Busy(group)));
-            return;
+            return Some(BrokerError::Busy(self.group));
         }
         // Attributes belong to the broker (a client-made control batch would
         // be read back as a Raft configuration change).
         if batch.header().attributes != 0 {
             let reason = format!("batch attributes must be 0, not {:#06x}", batch.header().attributes);
-            reply.answer(Err(BrokerError::InvalidRequest(reason)));
-            return;
+            return Some(BrokerError::InvalidRequest(reason));
         }
+        None
+    }
+
+    /// What an idempotent producer's sequence says of this batch. A batch
+    /// without a producer id has no sequence, and only the leader judges
+    /// sequences: elsewhere the proposal itself refuses the batch.
+    fn sequence_verdict(&self, batch: &RecordBatch) -> SequenceVerdict {
+        let group = self.group;
         let producer = batch.header().producer;
-        if producer.producer_id >= 0 && self.core.is_leader() {
-            match self.core.store().producers().check(&producer, batch.record_count()) {
-                SequenceCheck::New => {}
-                SequenceCheck::Duplicate(original) => {
-                    // A retry: answer with the original's fate, never write twice.
-                    let store = self.core.store();
-                    if original.index <= store.hard_state().commit {
-                        reply.answer(Ok(original.base_offset));
-                    } else if let Some(term) = store.entry_term(original.index) {
-                        self.waiters
-                            .entry(original.index)
-                            .or_default()
-                            .push(Waiter { term, acks, reply });
-                    } else {
-                        reply.answer(Err(BrokerError::LeadershipLost));
-                    }
-                    return;
-                }
-                SequenceCheck::Gap { expected, got } => {
-                    let producer_id = producer.producer_id;
-                    reply.answer(Err(BrokerError::OutOfOrderSequence {
-                        producer_id,
-                        expected,
-                        got,
-                    }));
-                    return;
-                }
-                SequenceCheck::Mismatch { last_sequence, index } => {
-                    // Answered only about a committed batch: a producer that
-                    // trims what is stored must never trim a batch that a
-                    // new leader could still drop.
-                    let error = if index > self.core.store().hard_state().commit {
-                        BrokerError::NotYetCommitted(group)
-                    } else {
-                        BrokerError::SequenceMismatch {
-                            producer_id: producer.producer_id,
-                            base_sequence: producer.base_sequence,
-                            stored_last_sequence: last_sequence,
-                        }
-                    };
-                    reply.answer(Err(error));
-                    return;
-                }
-                SequenceCheck::UnknownProducer => {
-                    let reason = format!(
-                        "producer {} is not known here and its sequence {} is not 0; start a new producer",
-                        producer.producer_id, producer.base_sequence
-                    );
-                    reply.answer(Err(BrokerError::InvalidRequest(reason)));
-                    return;
-                }
-                SequenceCheck::Stale { last_sequence, index } => {
-                    let (producer_id, got) = (producer.producer_id, producer.base_sequence);
-                    let error = if index > self.core.store().hard_state().commit {
-                        BrokerError::NotYetCommitted(group)
-                    } else {
-                        BrokerError::StaleSequence {
-                            producer_id,
-                            last_sequence,
-                            got,
-                        }
-                    };
-                    reply.answer(Err(error));
-                    return;
-                }
-            }
+        if producer.producer_id < 0 || !self.core.is_leader() {
+            return SequenceVerdict::Propose;
         }
+        let store = self.core.store();
+        let commit = store.hard_state().commit;
+        let error = match store.producers().check(&producer, batch.record_count()) {
+            SequenceCheck::New => return SequenceVerdict::Propose,
+            SequenceCheck::Duplicate(original) => {
+                // A retry: answer with the original's fate, never write twice.
+                return if original.index <= commit {
+                    SequenceVerdict::Answer(Ok(original.base_offset))
+                } else if let Some(term) = store.entry_term(original.index) {
+                    SequenceVerdict::Wait {
+                        index: original.index,
+                        term,
+                    }
+                } else {
+                    SequenceVerdict::Answer(Err(BrokerError::LeadershipLost))
+                };
+            }
+            SequenceCheck::Gap { expected, got } => BrokerError::OutOfOrderSequence {
+                producer_id: producer.producer_id,
+                expected,
+                got,
+            },
+            // Answered only about a committed batch: a producer that trims
+            // what is stored must never trim a batch that a new leader could
+            // still drop.
+            SequenceCheck::Mismatch { index, .. } | SequenceCheck::Stale { index, .. } if index > commit => {
+                BrokerError::NotYetCommitted(group)
+            }
+            SequenceCheck::Mismatch { last_sequence, .. } => BrokerError::SequenceMismatch {
+                producer_id: producer.producer_id,
+                base_sequence: producer.base_sequence,
+                stored_last_sequence: last_sequence,
+            },
+            SequenceCheck::UnknownProducer => {
+                let reason = format!(
+                    "producer {} is not known here and its sequence {} is not 0; start a new producer",
+                    producer.producer_id, producer.base_sequence
+                );
+                BrokerError::InvalidRequest(reason)
+            }
+            SequenceCheck::Stale { last_sequence, .. } => BrokerError::StaleSequence {
+                producer_id: producer.producer_id,
+                last_sequence,
+                got: producer.base_sequence,
+            },
+        };
+        SequenceVerdict::Answer(Err(error))
+    }
+
+    /// Proposes an admitted batch: its produce waits for the entry, or is
+    /// refused at once if this replica cannot propose.
+    fn propose(&mut self, batch: RecordBatch, acks: Acks, reply: R) {
+        let group = self.group;
         match self.core.propose(batch) {
             Ok(index) => {
                 let term = self.core.term();

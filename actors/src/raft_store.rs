@@ -124,15 +124,12 @@ impl PartitionStore {
             },
         )?;
         let meta = DurableKv::open(dir.join(META_FILE))?;
-        let snapshot: SnapshotPoint = read_meta(&meta, KEY_SNAPSHOT)?.unwrap_or_default();
-        let mut stored: StoredHardState = read_meta(&meta, KEY_HARD_STATE)?.unwrap_or_default();
-        let conf_state = match meta.get(KEY_CONF_STATE) {
-            Some(bytes) => {
-                ConfState::parse_from_bytes(bytes).map_err(|e| ActorError::corrupt(dir, format!("conf state: {e}")))?
-            }
-            None => ConfState::default(),
-        };
-        let voters_since = read_meta(&meta, KEY_VOTERS_SINCE)?.unwrap_or_default();
+        let StoredMeta {
+            snapshot,
+            mut stored,
+            conf_state,
+            voters_since,
+        } = StoredMeta::read(dir, &meta)?;
         if log.start_offset() != snapshot.start_offset {
             let reason = format!(
                 "log starts at {} but the snapshot point says {}",
@@ -141,33 +138,9 @@ impl PartitionStore {
             );
             return Err(ActorError::corrupt(dir, reason));
         }
-        let mut slots = VecDeque::new();
-        let mut producers = ProducerTable::default();
-        log.visit_headers(|header| {
-            slots.push_back(EntrySlot {
-                base_offset: header.base_offset,
-                next_offset: header.next_offset(),
-                term: header.raft_term,
-            });
-            producers.record(header, snapshot.index + slots.len() as u64);
-        })?;
+        let (slots, producers) = index_log(&log, snapshot.index)?;
         let last_index = snapshot.index + slots.len() as u64;
-        // The log is synced before the commit index is written, so a commit
-        // beyond the log means committed entries were lost from disk. Without
-        // log syncs that is what a power loss does: the replica carries on
-        // from what it has, and catches up from the leader.
-        if stored.commit > last_index && !sync_log {
-            tracing::warn!(dir = %dir.display(), commit = stored.commit, last_index,
-                "the log lost committed entries (it is not fsynced); continuing from its end");
-            stored.commit = last_index;
-        }
-        if stored.commit > last_index {
-            let reason = format!(
-                "committed entries up to index {} are lost: the log ends at {last_index}",
-                stored.commit
-            );
-            return Err(ActorError::corrupt(dir, reason));
-        }
+        check_commit(dir, &mut stored, last_index, sync_log)?;
         let hard_state = HardState {
             term: stored.term,
             vote: stored.vote,
@@ -470,6 +443,72 @@ impl PartitionStore {
             .ok_or_else(|| ActorError::corrupt(&self.dir, format!("entry {index} is missing from the log")))?;
         batch_to_entry(index, batch)
     }
+}
+
+/// What the metadata file holds, as read on open (absent keys: defaults).
+struct StoredMeta {
+    snapshot: SnapshotPoint,
+    stored: StoredHardState,
+    conf_state: ConfState,
+    voters_since: BTreeMap<u64, u64>,
+}
+
+impl StoredMeta {
+    fn read(dir: &Path, meta: &DurableKv) -> Result<StoredMeta> {
+        let snapshot: SnapshotPoint = read_meta(meta, KEY_SNAPSHOT)?.unwrap_or_default();
+        let stored: StoredHardState = read_meta(meta, KEY_HARD_STATE)?.unwrap_or_default();
+        let conf_state = match meta.get(KEY_CONF_STATE) {
+            Some(bytes) => {
+                ConfState::parse_from_bytes(bytes).map_err(|e| ActorError::corrupt(dir, format!("conf state: {e}")))?
+            }
+            None => ConfState::default(),
+        };
+        let voters_since = read_meta(meta, KEY_VOTERS_SINCE)?.unwrap_or_default();
+        Ok(StoredMeta {
+            snapshot,
+            stored,
+            conf_state,
+            voters_since,
+        })
+    }
+}
+
+/// The slot of every entry in `log` (the first is `snapshot_index + 1`) and
+/// the producer table, from batch headers alone.
+fn index_log(log: &Log, snapshot_index: u64) -> Result<(VecDeque<EntrySlot>, ProducerTable)> {
+    let mut slots = VecDeque::new();
+    let mut producers = ProducerTable::default();
+    log.visit_headers(|header| {
+        slots.push_back(EntrySlot {
+            base_offset: header.base_offset,
+            next_offset: header.next_offset(),
+            term: header.raft_term,
+        });
+        producers.record(header, snapshot_index + slots.len() as u64);
+    })?;
+    Ok((slots, producers))
+}
+
+/// Checks the stored commit index against the log's last index.
+///
+/// The log is synced before the commit index is written, so a commit
+/// beyond the log means committed entries were lost from disk. Without
+/// log syncs that is what a power loss does: the replica carries on
+/// from what it has (the commit is lowered), and catches up from the leader.
+fn check_commit(dir: &Path, stored: &mut StoredHardState, last_index: u64, sync_log: bool) -> Result<()> {
+    if stored.commit > last_index && !sync_log {
+        tracing::warn!(dir = %dir.display(), commit = stored.commit, last_index,
+            "the log lost committed entries (it is not fsynced); continuing from its end");
+        stored.commit = last_index;
+    }
+    if stored.commit > last_index {
+        let reason = format!(
+            "committed entries up to index {} are lost: the log ends at {last_index}",
+            stored.commit
+        );
+        return Err(ActorError::corrupt(dir, reason));
+    }
+    Ok(())
 }
 
 fn read_meta<T: for<'de> Deserialize<'de>>(meta: &DurableKv, key: &str) -> Result<Option<T>> {

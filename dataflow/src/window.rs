@@ -295,42 +295,62 @@ where
             }) else {
                 break;
             };
-            let changed_key = (self.emit == Emit::Changes).then(|| key.clone());
-            let keys_hint = self.keys_hint;
-            let keys = self
-                .fixed
-                .entry(start)
-                .or_insert_with(|| Map::with_capacity_and_hasher(keys_hint, Default::default()));
-            let changed = match keys.entry(key) {
-                Entry::Occupied(entry) => {
-                    let aggregate = entry.into_mut();
-                    fold(aggregate, value);
-                    changed_key.is_some().then(|| aggregate.clone())
-                }
-                Entry::Vacant(entry) => {
-                    admit(entry.key()).map_err(WindowError::BadKey)?;
-                    // Folded before it is stored: the store into a table
-                    // slot that is rarely in cache need not be waited for.
-                    let mut aggregate = init();
-                    fold(&mut aggregate, value);
-                    let changed = changed_key.is_some().then(|| aggregate.clone());
-                    entry.insert(aggregate);
-                    changed
-                }
-            };
-            if let (Some(key), Some(value)) = (changed_key, changed) {
-                out.push(WindowResult::Update {
-                    key,
-                    window: WindowBounds {
-                        start_ms: start,
-                        end_ms: end,
-                    },
-                    value,
-                });
-            }
+            self.add_to_fixed(key, start, end, value, init, fold, admit, out)?;
         }
         if !accepted {
             self.late_records += 1;
+        }
+        Ok(())
+    }
+
+    /// Adds one record to its key's aggregate in the fixed window
+    /// `[start, end)`, which must be open. Inlined: it is the body of
+    /// [`WindowOperator::add`]'s per-window loop, the operator's hot path.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn add_to_fixed<V>(
+        &mut self,
+        key: K,
+        start: i64,
+        end: i64,
+        value: &V,
+        init: &dyn Fn() -> A,
+        fold: &dyn Fn(&mut A, &V),
+        admit: &dyn Fn(&K) -> Result<(), String>,
+        out: &mut Vec<WindowResult<K, A>>,
+    ) -> Result<(), WindowError> {
+        let changed_key = (self.emit == Emit::Changes).then(|| key.clone());
+        let keys_hint = self.keys_hint;
+        let keys = self
+            .fixed
+            .entry(start)
+            .or_insert_with(|| Map::with_capacity_and_hasher(keys_hint, Default::default()));
+        let changed = match keys.entry(key) {
+            Entry::Occupied(entry) => {
+                let aggregate = entry.into_mut();
+                fold(aggregate, value);
+                changed_key.is_some().then(|| aggregate.clone())
+            }
+            Entry::Vacant(entry) => {
+                admit(entry.key()).map_err(WindowError::BadKey)?;
+                // Folded before it is stored: the store into a table
+                // slot that is rarely in cache need not be waited for.
+                let mut aggregate = init();
+                fold(&mut aggregate, value);
+                let changed = changed_key.is_some().then(|| aggregate.clone());
+                entry.insert(aggregate);
+                changed
+            }
+        };
+        if let (Some(key), Some(value)) = (changed_key, changed) {
+            out.push(WindowResult::Update {
+                key,
+                window: WindowBounds {
+                    start_ms: start,
+                    end_ms: end,
+                },
+                value,
+            });
         }
         Ok(())
     }
