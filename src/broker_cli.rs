@@ -1,6 +1,6 @@
 //! `runnel topic …`, `runnel produce` and `runnel consume`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -256,73 +256,100 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let client = args.connect.connect().await?;
         let topics = client.topics().await?;
-        let topic = topics
-            .iter()
-            .find(|t| t.name == args.topic)
-            .with_context(|| format!("topic {:?} does not exist", args.topic))?;
-        let partitions: Vec<u32> = match args.partition {
-            Some(p) if p >= topic.config.partitions => {
-                bail!(
-                    "partition {p} of topic {:?} does not exist (it has {})",
-                    args.topic,
-                    topic.config.partitions
-                )
-            }
-            Some(p) => vec![p],
-            None => (0..topic.config.partitions).collect(),
-        };
+        let partitions = partitions_to_read(&args, &topics)?;
         let mut consumer = Consumer::new(client.clone(), &args.topic);
-        let start = match args.from.as_str() {
-            "earliest" | "latest" => 0,
-            offset => offset
-                .parse()
-                .with_context(|| format!("--from must be earliest, latest or an offset, not {offset:?}"))?,
-        };
-        for &p in &partitions {
-            consumer.assign(p, start);
+        let ends = position_consumer(&args, &mut consumer, &partitions).await?;
+        print_records(&args, &mut consumer, &partitions, &ends).await
+    })
+}
+
+/// The partitions `--partition` names (all of the topic's by default).
+fn partitions_to_read(args: &ConsumeArgs, topics: &[TopicInfo]) -> anyhow::Result<Vec<u32>> {
+    let topic = topics
+        .iter()
+        .find(|t| t.name == args.topic)
+        .with_context(|| format!("topic {:?} does not exist", args.topic))?;
+    Ok(match args.partition {
+        Some(p) if p >= topic.config.partitions => {
+            bail!(
+                "partition {p} of topic {:?} does not exist (it has {})",
+                args.topic,
+                topic.config.partitions
+            )
         }
-        let ends = consumer.end_offsets().await?;
-        if args.from == "latest" {
-            for (&p, &end) in &ends {
-                consumer.assign(p, end);
-            }
+        Some(p) => vec![p],
+        None => (0..topic.config.partitions).collect(),
+    })
+}
+
+/// Moves the consumer to where `--from`, `--from-time` and `--group` say;
+/// returns each partition's end offset when reading began.
+async fn position_consumer(
+    args: &ConsumeArgs,
+    consumer: &mut Consumer,
+    partitions: &[u32],
+) -> anyhow::Result<BTreeMap<u32, u64>> {
+    let start = match args.from.as_str() {
+        "earliest" | "latest" => 0,
+        offset => offset
+            .parse()
+            .with_context(|| format!("--from must be earliest, latest or an offset, not {offset:?}"))?,
+    };
+    for &p in partitions {
+        consumer.assign(p, start);
+    }
+    let ends = consumer.end_offsets().await?;
+    if args.from == "latest" {
+        for (&p, &end) in &ends {
+            consumer.assign(p, end);
         }
-        if let Some(timestamp_ms) = args.from_time {
-            consumer.seek_to_timestamp(timestamp_ms).await?;
-        }
+    }
+    if let Some(timestamp_ms) = args.from_time {
+        consumer.seek_to_timestamp(timestamp_ms).await?;
+    }
+    if let Some(group) = &args.group {
+        let resumed = consumer.resume(group).await?;
+        tracing::debug!(group, resumed, "resumed from committed offsets");
+    }
+    Ok(ends)
+}
+
+/// Polls and prints records (committing them under `--group`) until
+/// `--max` records, or the `ends` without `--follow`.
+async fn print_records(
+    args: &ConsumeArgs,
+    consumer: &mut Consumer,
+    partitions: &[u32],
+    ends: &BTreeMap<u32, u64>,
+) -> anyhow::Result<()> {
+    let mut printed = 0u64;
+    let stdout = std::io::stdout();
+    loop {
+        let records = consumer.poll().await?;
         if let Some(group) = &args.group {
-            let resumed = consumer.resume(group).await?;
-            tracing::debug!(group, resumed, "resumed from committed offsets");
+            if !records.is_empty() {
+                consumer.commit(group).await?;
+            }
         }
-        let mut printed = 0u64;
-        let stdout = std::io::stdout();
-        loop {
-            let records = consumer.poll().await?;
-            if let Some(group) = &args.group {
-                if !records.is_empty() {
-                    consumer.commit(group).await?;
-                }
-            }
-            let mut out = stdout.lock();
-            for (partition, record) in &records {
-                print_record(&mut out, &args.format, *partition, record)?;
-                printed += 1;
-                if args.max.is_some_and(|max| printed >= max) {
-                    return Ok(());
-                }
-            }
-            drop(out);
-            let at_end = partitions
-                .iter()
-                .all(|p| consumer.position(*p).unwrap_or(0) >= ends.get(p).copied().unwrap_or(0));
-            if !args.follow && at_end {
+        let mut out = stdout.lock();
+        for (partition, record) in &records {
+            print_record(&mut out, &args.format, *partition, record)?;
+            printed += 1;
+            if args.max.is_some_and(|max| printed >= max) {
                 return Ok(());
             }
-            if records.is_empty() {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
         }
-    })
+        drop(out);
+        let at_end = partitions
+            .iter()
+            .all(|p| consumer.position(*p).unwrap_or(0) >= ends.get(p).copied().unwrap_or(0));
+        if !args.follow && at_end {
+            return Ok(());
+        }
+        if records.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
 }
 
 fn print_record(

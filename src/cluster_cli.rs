@@ -137,87 +137,137 @@ fn read_config(path: &Path) -> anyhow::Result<NodeFile> {
     toml::from_str(&text).with_context(|| format!("{} is not a valid node configuration", path.display()))
 }
 
+/// What `runnel node` runs with: each flag, else the config file's setting.
+struct NodeSetup {
+    id: NodeId,
+    listen: SocketAddr,
+    data: PathBuf,
+    certs: PathBuf,
+    seeds: Vec<SocketAddr>,
+    membership: MembershipConfig,
+    sync_log: bool,
+}
+
+impl NodeSetup {
+    fn resolve(args: &NodeArgs) -> anyhow::Result<NodeSetup> {
+        let file = match &args.config {
+            Some(path) => read_config(path)?,
+            None => NodeFile::default(),
+        };
+        let id = NodeId(args.id.or(file.id).context("--id is required (or `id` in --config)")?);
+        let listen = args.listen.or(file.listen).context("--listen is required")?;
+        let data = args.data.clone().or(file.data).context("--data is required")?;
+        let certs = args
+            .certs
+            .clone()
+            .or(file.certs)
+            .context("--certs (or RUNNEL_CERTS) is required")?;
+        let seeds = args.seeds.clone().or(file.seeds).unwrap_or_default();
+        let defaults = MembershipConfig::default();
+        let membership = MembershipConfig {
+            heartbeat_interval_ms: args
+                .heartbeat_ms
+                .or(file.heartbeat_ms)
+                .unwrap_or(defaults.heartbeat_interval_ms),
+            suspect_after_ms: args.suspect_ms.or(file.suspect_ms).unwrap_or(defaults.suspect_after_ms),
+            dead_after_ms: args.dead_ms.or(file.dead_ms).unwrap_or(defaults.dead_after_ms),
+        };
+        let sync_log = args.fsync.or(file.fsync).unwrap_or(FsyncMode::EveryBatch) == FsyncMode::EveryBatch;
+        Ok(NodeSetup {
+            id,
+            listen,
+            data,
+            certs,
+            seeds,
+            membership,
+            sync_log,
+        })
+    }
+}
+
 pub fn node(args: NodeArgs) -> anyhow::Result<()> {
-    let file = match &args.config {
-        Some(path) => read_config(path)?,
-        None => NodeFile::default(),
-    };
-    let id = NodeId(args.id.or(file.id).context("--id is required (or `id` in --config)")?);
-    let listen = args.listen.or(file.listen).context("--listen is required")?;
-    let data = args.data.or(file.data).context("--data is required")?;
-    let certs = args
-        .certs
-        .or(file.certs)
-        .context("--certs (or RUNNEL_CERTS) is required")?;
-    let seeds = args.seeds.clone().or(file.seeds).unwrap_or_default();
-    let defaults = MembershipConfig::default();
-    let membership = MembershipConfig {
-        heartbeat_interval_ms: args
-            .heartbeat_ms
-            .or(file.heartbeat_ms)
-            .unwrap_or(defaults.heartbeat_interval_ms),
-        suspect_after_ms: args.suspect_ms.or(file.suspect_ms).unwrap_or(defaults.suspect_after_ms),
-        dead_after_ms: args.dead_ms.or(file.dead_ms).unwrap_or(defaults.dead_after_ms),
-    };
-    let identity = CertDir::new(&certs).node_identity(id)?;
-    let incarnation = next_incarnation(&data, id)?;
-    let mut config = NodeConfig::new(id, listen, seeds.clone(), incarnation);
-    config.membership = membership;
+    let setup = NodeSetup::resolve(&args)?;
+    let identity = CertDir::new(&setup.certs).node_identity(setup.id)?;
+    let incarnation = next_incarnation(&setup.data, setup.id)?;
+    let mut config = NodeConfig::new(setup.id, setup.listen, setup.seeds.clone(), incarnation);
+    config.membership = setup.membership.clone();
     config.fault_control = args.fault_control.clone();
     let runtime = crate::node_runtime()?;
-    runtime.block_on(async move {
-        let mut node = Node::start(config, &identity).await?;
-        if args.bench_actors {
-            runnel_bench::transport::spawn_actors(&node.handle())?;
+    runtime.block_on(serve_node(args, setup, config, identity))
+}
+
+/// Runs the node until a shutdown signal: its transport, the controller
+/// voters, the broker, the dataflow host and the controller, in that order.
+async fn serve_node(
+    args: NodeArgs,
+    setup: NodeSetup,
+    config: NodeConfig,
+    identity: runnel::cluster::tls::TlsIdentity,
+) -> anyhow::Result<()> {
+    let id = setup.id;
+    let mut node = Node::start(config, &identity).await?;
+    if args.bench_actors {
+        runnel_bench::transport::spawn_actors(&node.handle())?;
+    }
+    let handle = node.handle();
+    let controllers = tokio::select! {
+        found = controller_voters(&handle, &setup.data, &setup.seeds, args.controllers.clone()) => found?,
+        signal = wait_for_shutdown_signal() => {
+            signal?;
+            node.shutdown();
+            return Ok(());
         }
-        let handle = node.handle();
-        let controllers = tokio::select! {
-            found = controller_voters(&handle, &data, &seeds, args.controllers.clone()) => found?,
-            signal = wait_for_shutdown_signal() => {
-                signal?;
-                node.shutdown();
-                return Ok(());
-            }
-        };
-        tracing::info!(node = %id, ?controllers, "controller voters");
-        let mut broker_config = BrokerConfig::new(data.join("broker"));
-        broker_config.sync_log = args.fsync.or(file.fsync).unwrap_or(FsyncMode::EveryBatch) == FsyncMode::EveryBatch;
-        if !broker_config.sync_log {
-            tracing::info!(node = %id, "replica logs are not fsynced (--fsync never)");
-        }
-        if args.test_ack_before_commit {
-            tracing::warn!(node = %id, "TEST ONLY: acks=all is answered before the commit (injected bug)");
-            broker_config.test_ack_before_commit = true;
-        }
-        let broker = Broker::start(node.handle(), broker_config).await?;
-        let mut controller_config = ControllerConfig::new(controllers);
-        controller_config.test_fault_hooks = args.test_fault_hooks;
-        controller_config.replace_after = Duration::from_secs(args.replace_after);
-        // Dataflow tasks reach the cluster as clients of this very node.
-        let own_addr = match listen.ip() {
-            ip if ip.is_unspecified() => std::net::SocketAddr::new([127, 0, 0, 1].into(), listen.port()),
-            _ => listen,
-        };
-        let settings = runnel::dataflow::ClientSettings {
-            seeds: vec![own_addr],
-            certs: certs.clone(),
-            local: Some(runnel::client::LocalNode {
-                handle: node.handle(),
-                addr: listen,
-            }),
-        };
-        let host = runnel::dataflow::DataflowHost::start(runnel::dataflow::builtin(), id.0, settings)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let tasks: Arc<dyn runnel::client::tasks::TaskHost> = host.clone();
-        let controller = Controller::start_with_tasks(Arc::new(broker), controller_config, Some(tasks)).await?;
-        wait_for_shutdown_signal().await?;
-        host.shutdown();
-        tracing::info!(node = %id, "shutting down");
-        controller.shutdown().await;
-        node.shutdown();
-        Ok(())
-    })
+    };
+    tracing::info!(node = %id, ?controllers, "controller voters");
+    let broker = Broker::start(node.handle(), broker_config(&args, &setup)).await?;
+    let mut controller_config = ControllerConfig::new(controllers);
+    controller_config.test_fault_hooks = args.test_fault_hooks;
+    controller_config.replace_after = Duration::from_secs(args.replace_after);
+    let host = start_dataflow_host(&node, &setup).await?;
+    let tasks: Arc<dyn runnel::client::tasks::TaskHost> = host.clone();
+    let controller = Controller::start_with_tasks(Arc::new(broker), controller_config, Some(tasks)).await?;
+    wait_for_shutdown_signal().await?;
+    host.shutdown();
+    tracing::info!(node = %id, "shutting down");
+    controller.shutdown().await;
+    node.shutdown();
+    Ok(())
+}
+
+/// The broker's settings, logging the ones that weaken durability.
+fn broker_config(args: &NodeArgs, setup: &NodeSetup) -> BrokerConfig {
+    let id = setup.id;
+    let mut broker_config = BrokerConfig::new(setup.data.join("broker"));
+    broker_config.sync_log = setup.sync_log;
+    if !broker_config.sync_log {
+        tracing::info!(node = %id, "replica logs are not fsynced (--fsync never)");
+    }
+    if args.test_ack_before_commit {
+        tracing::warn!(node = %id, "TEST ONLY: acks=all is answered before the commit (injected bug)");
+        broker_config.test_ack_before_commit = true;
+    }
+    broker_config
+}
+
+/// Starts the node's dataflow host. Dataflow tasks reach the cluster as
+/// clients of this very node.
+async fn start_dataflow_host(node: &Node, setup: &NodeSetup) -> anyhow::Result<Arc<runnel::dataflow::DataflowHost>> {
+    let listen = setup.listen;
+    let own_addr = match listen.ip() {
+        ip if ip.is_unspecified() => std::net::SocketAddr::new([127, 0, 0, 1].into(), listen.port()),
+        _ => listen,
+    };
+    let settings = runnel::dataflow::ClientSettings {
+        seeds: vec![own_addr],
+        certs: setup.certs.clone(),
+        local: Some(runnel::client::LocalNode {
+            handle: node.handle(),
+            addr: listen,
+        }),
+    };
+    runnel::dataflow::DataflowHost::start(runnel::dataflow::builtin(), setup.id.0, settings)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 /// The controller voters: given, remembered from an earlier start, or the
@@ -315,6 +365,11 @@ pub struct StatusArgs {
     count: Option<u64>,
 }
 
+/// A replica that restarted or failed, with the node holding it.
+type TroubledReplica = (NodeId, ReplicaHealthInfo);
+/// An under-replicated partition, with its topic.
+type UnderReplicated = (String, runnel::client::protocol::PartitionInfo);
+
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     if args.watch {
         return crate::watch::run(
@@ -346,33 +401,51 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         NodeResponse::Service(_) => bail!("the node answered a status request with a service response"),
     };
     if args.json {
-        let nodes: Vec<serde_json::Value> = members
-            .iter()
-            .map(|m| {
-                serde_json::json!({"id": m.node.0, "address": m.addr.to_string(), "state": m.state.to_string(),
-                    "incarnation": m.incarnation, "since_unix_ms": m.since_unix_ms})
-            })
-            .collect();
-        let troubled: Vec<serde_json::Value> = replicas
-            .iter()
-            .map(|(node, h)| {
-                serde_json::json!({"node": node.0, "group": h.group, "restarts": h.restarts, "failed": h.failed,
-                    "last_failure": h.last_failure})
-            })
-            .collect();
-        let under: Vec<serde_json::Value> = under
-            .iter()
-            .map(|(topic, p)| {
-                serde_json::json!({"topic": topic, "partition": p.partition, "leader": p.leader,
-                    "replicas": p.replicas, "voters": p.voters})
-            })
-            .collect();
-        println!(
-            "{}",
-            serde_json::json!({"answered_by": node.0, "nodes": nodes, "replica_restarts": troubled, "under_replicated": under})
-        );
+        print_status_json(node, &members, &replicas, &under);
         return Ok(());
     }
+    print_members(node, &members);
+    print_under_replicated(&under);
+    print_troubled_replicas(&replicas);
+    Ok(())
+}
+
+/// `runnel status --json`: one JSON object on one line.
+fn print_status_json(
+    node: NodeId,
+    members: &[runnel::cluster::MemberStatus],
+    replicas: &[TroubledReplica],
+    under: &[UnderReplicated],
+) {
+    let nodes: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| {
+            serde_json::json!({"id": m.node.0, "address": m.addr.to_string(), "state": m.state.to_string(),
+                "incarnation": m.incarnation, "since_unix_ms": m.since_unix_ms})
+        })
+        .collect();
+    let troubled: Vec<serde_json::Value> = replicas
+        .iter()
+        .map(|(node, h)| {
+            serde_json::json!({"node": node.0, "group": h.group, "restarts": h.restarts, "failed": h.failed,
+                "last_failure": h.last_failure})
+        })
+        .collect();
+    let under: Vec<serde_json::Value> = under
+        .iter()
+        .map(|(topic, p)| {
+            serde_json::json!({"topic": topic, "partition": p.partition, "leader": p.leader,
+                "replicas": p.replicas, "voters": p.voters})
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"answered_by": node.0, "nodes": nodes, "replica_restarts": troubled, "under_replicated": under})
+    );
+}
+
+/// The members table, as the answering node sees them.
+fn print_members(node: NodeId, members: &[runnel::cluster::MemberStatus]) {
     println!("cluster as seen by node {node}:");
     println!(
         "{:>6}  {:<22} {:<8} {:>12}  since (unix ms)",
@@ -388,32 +461,41 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
             m.since_unix_ms
         );
     }
-    if !under.is_empty() {
-        println!("under-replicated partitions:");
-        for (topic, p) in &under {
-            let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
-            println!(
-                "  {topic}/{}: leader {leader}, replicas {:?}, voters {:?}",
-                p.partition, p.replicas, p.voters
-            );
-        }
+}
+
+/// Under-replicated partitions, if any.
+fn print_under_replicated(under: &[UnderReplicated]) {
+    if under.is_empty() {
+        return;
     }
-    if !replicas.is_empty() {
-        println!("replicas that restarted or failed:");
-        for (node, h) in &replicas {
-            let state = if h.failed {
-                "FAILED (no longer restarted)"
-            } else {
-                "running"
-            };
-            let reason = h.last_failure.as_deref().unwrap_or("-");
-            println!(
-                "  node {node} group {}: {} restarts, {state}; last failure: {reason}",
-                h.group, h.restarts
-            );
-        }
+    println!("under-replicated partitions:");
+    for (topic, p) in under {
+        let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
+        println!(
+            "  {topic}/{}: leader {leader}, replicas {:?}, voters {:?}",
+            p.partition, p.replicas, p.voters
+        );
     }
-    Ok(())
+}
+
+/// Replicas that restarted or failed, if any.
+fn print_troubled_replicas(replicas: &[TroubledReplica]) {
+    if replicas.is_empty() {
+        return;
+    }
+    println!("replicas that restarted or failed:");
+    for (node, h) in replicas {
+        let state = if h.failed {
+            "FAILED (no longer restarted)"
+        } else {
+            "running"
+        };
+        let reason = h.last_failure.as_deref().unwrap_or("-");
+        println!(
+            "  node {node} group {}: {} restarts, {state}; last failure: {reason}",
+            h.group, h.restarts
+        );
+    }
 }
 
 /// Partitions with no leader, or with a replica on a node that is not alive.
@@ -421,7 +503,7 @@ async fn under_replicated(
     seeds: &[SocketAddr],
     certs: &Path,
     members: &[runnel::cluster::MemberStatus],
-) -> Vec<(String, runnel::client::protocol::PartitionInfo)> {
+) -> Vec<UnderReplicated> {
     let alive: Vec<u32> = members
         .iter()
         .filter(|m| m.state == runnel::cluster::MemberState::Alive)
@@ -449,8 +531,8 @@ async fn replica_health(
     client: &ClusterClient,
     members: &[runnel::cluster::MemberStatus],
     timeout: Duration,
-) -> Vec<(NodeId, ReplicaHealthInfo)> {
-    let Ok(payload) = postcard::to_allocvec(&ClientRequest::ReplicaHealth) else {
+) -> Vec<TroubledReplica> {
+    let Ok(payload) = runnel::client::protocol::encode_payload(&ClientRequest::ReplicaHealth) else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -465,7 +547,7 @@ async fn replica_health(
         let Ok(NodeResponse::Service(bytes)) = client.request_to(member.addr, request, timeout).await else {
             continue;
         };
-        if let Ok(ClientResponse::Health(health)) = postcard::from_bytes::<ClientResponse>(&bytes) {
+        if let Ok(ClientResponse::Health(health)) = runnel::client::protocol::decode_payload::<ClientResponse>(&bytes) {
             out.extend(
                 health
                     .into_iter()

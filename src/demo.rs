@@ -14,8 +14,9 @@
 //! then read and compared with a reference count computed directly from the
 //! input topic: every (card, window) result must be there exactly once.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use anyhow::{ensure, Context};
 use runnel::client::protocol::TopicConfig;
 use runnel::client::Client;
 use runnel::dataflow::fraud::{self, Attempt, Generator};
-use runnel_verify::fixtures::embedded::start_cluster;
+use runnel_verify::fixtures::embedded::{start_cluster, Member};
 
 const ATTEMPTS: usize = 40_000;
 const CARDS: u64 = 1_000;
@@ -63,57 +64,29 @@ async fn placement(client: &Client) -> anyhow::Result<String> {
     Ok(pairs.join(" "))
 }
 
+/// Window results by (card, window start): the sink's and the reference's.
+type Counts = BTreeMap<(String, i64), u64>;
+
 async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
     let mut generator = Generator::new(42, CARDS, START_MS, STEP_MS);
     let attempts: Vec<Attempt> = generator.by_ref().take(ATTEMPTS).collect();
     tracing::info!("phase 1: start an embedded 3-node cluster (QUIC, mutual TLS)");
     let (mut members, addrs) = start_cluster(&dir, 3).await?;
     let client = Arc::new(Client::connect(addrs.clone(), &dir.join("certs")).await?);
-    let deadline = Instant::now() + TIMEOUT;
-    while let Err(e) = client
-        .create_topic(fraud::SOURCE, TopicConfig::new(PARTITIONS, 3))
-        .await
-    {
-        ensure!(Instant::now() < deadline, "could not create {}: {e}", fraud::SOURCE);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tracing::info!("phase 2: start the dataflow {}", fraud::NAME);
-    // The node answering may not have applied the new topic yet.
-    while let Err(e) = client.start_dataflow(fraud::NAME).await {
-        ensure!(Instant::now() < deadline, "could not start {}: {e}", fraud::NAME);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    create_and_start(&client).await?;
     let before = placement(&client).await?;
 
     tracing::info!("phase 3: produce {ATTEMPTS} attempts keyed by card (acks=all); kill a node half-way");
     let half = attempts.len() / 2;
     fraud::produce(&client, attempts[..half].iter().cloned(), None).await?;
-    let victim = client.describe_topic(fraud::SOURCE).await?.partitions[0]
-        .leader
-        .context("partition 0 has no leader")?;
-    tracing::info!("killing node {victim}, the leader of partition 0 and host of dataflow tasks");
-    if let Some(member) = members.remove(&victim) {
-        member.stop().await;
-    }
-    let survivors: Vec<SocketAddr> = (1..=3u32)
-        .filter(|id| *id != victim)
-        .map(|id| addrs[id as usize - 1])
-        .collect();
-    let client = Arc::new(Client::connect(survivors, &dir.join("certs")).await?);
+    let (victim, client) = kill_leader(&client, &mut members, &addrs, &dir).await?;
     let closing = generator.closing_attempt();
     fraud::produce(&client, attempts[half..].iter().cloned(), Some(&closing)).await?;
 
     tracing::info!("phase 4: wait for the sink to hold every window result; compare with the reference");
     let input = fraud::read_attempts(&client).await.map_err(anyhow::Error::msg)?;
     let reference = fraud::reference(&input);
-    let deadline = Instant::now() + TIMEOUT;
-    let (results, duplicates) = loop {
-        let (results, duplicates) = fraud::read_results(&client).await.map_err(anyhow::Error::msg)?;
-        if results.len() + duplicates >= reference.len() || Instant::now() > deadline {
-            break (results, duplicates);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (results, duplicates) = wait_for_results(&client, reference.len()).await?;
     let after = placement(&client).await?;
 
     println!(
@@ -129,6 +102,72 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
         attempts.len() + PARTITIONS as usize,
         input.len()
     );
+    let matches = print_results(&results, duplicates, &reference);
+    for member in members.into_values() {
+        member.stop().await;
+    }
+    ensure!(matches, "the dataflow's results differ from the reference");
+    Ok(())
+}
+
+/// Creates the source topic and starts the dataflow, retrying while the
+/// new cluster settles.
+async fn create_and_start(client: &Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    while let Err(e) = client
+        .create_topic(fraud::SOURCE, TopicConfig::new(PARTITIONS, 3))
+        .await
+    {
+        ensure!(Instant::now() < deadline, "could not create {}: {e}", fraud::SOURCE);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::info!("phase 2: start the dataflow {}", fraud::NAME);
+    // The node answering may not have applied the new topic yet.
+    while let Err(e) = client.start_dataflow(fraud::NAME).await {
+        ensure!(Instant::now() < deadline, "could not start {}: {e}", fraud::NAME);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Stops the node leading partition 0; returns its id and a client of the
+/// survivors.
+async fn kill_leader(
+    client: &Client,
+    members: &mut BTreeMap<u32, Member>,
+    addrs: &[SocketAddr],
+    dir: &Path,
+) -> anyhow::Result<(u32, Arc<Client>)> {
+    let victim = client.describe_topic(fraud::SOURCE).await?.partitions[0]
+        .leader
+        .context("partition 0 has no leader")?;
+    tracing::info!("killing node {victim}, the leader of partition 0 and host of dataflow tasks");
+    if let Some(member) = members.remove(&victim) {
+        member.stop().await;
+    }
+    let survivors: Vec<SocketAddr> = (1..=3u32)
+        .filter(|id| *id != victim)
+        .map(|id| addrs[id as usize - 1])
+        .collect();
+    let client = Arc::new(Client::connect(survivors, &dir.join("certs")).await?);
+    Ok((victim, client))
+}
+
+/// The sink's results and duplicates once it holds `expected` results, or
+/// what it holds at the deadline.
+async fn wait_for_results(client: &Arc<Client>, expected: usize) -> anyhow::Result<(Counts, usize)> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (results, duplicates) = fraud::read_results(client).await.map_err(anyhow::Error::msg)?;
+        if results.len() + duplicates >= expected || Instant::now() > deadline {
+            return Ok((results, duplicates));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Prints the sink's results against the reference; whether they match.
+fn print_results(results: &Counts, duplicates: usize, reference: &Counts) -> bool {
     println!(
         "  possible fraud (more than {} attempts per card in a 5-minute window): {} results in {}",
         fraud::THRESHOLD,
@@ -144,9 +183,5 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
         reference.len(),
         if matches { "yes" } else { "NO" }
     );
-    for member in members.into_values() {
-        member.stop().await;
-    }
-    ensure!(matches, "the dataflow's results differ from the reference");
-    Ok(())
+    matches
 }

@@ -54,16 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.seeds > 0, "--seeds must be at least 1");
     anyhow::ensure!(args.nodes >= 3, "--nodes must be at least 3 (three controllers)");
     anyhow::ensure!(args.partitions >= 1, "--partitions must be at least 1");
-    let config = SimConfig {
-        nodes: args.nodes,
-        partitions: args.partitions,
-        duration_ms: args.duration.as_millis() as u64,
-        nemesis: !args.no_nemesis,
-        dataflow: !args.no_dataflow,
-        bug_ack_before_commit: args.test_ack_before_commit,
-        bug_unsequenced_task_output: args.test_unsequenced_task_output,
-        ..SimConfig::default()
-    };
+    let config = sim_config(&args);
     let scratch =
         scratch_dir("runnel-sim-", args.dir.as_deref()).context("creating the simulation's scratch directory")?;
     let started = Instant::now();
@@ -93,23 +84,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     if args.json {
-        let summary = serde_json::json!({
-            "summary": true,
-            "seeds": args.seeds,
-            "failed_seeds": failed,
-            "wall_s": elapsed,
-            "sim_s": totals.sim_ms as f64 / 1000.0,
-            "faults": totals.faults,
-            "bytes_lost": totals.bytes_lost,
-            "torn_writes": totals.torn_writes,
-            "leader_changes": totals.leader_changes,
-            "replica_moves": totals.replica_moves,
-            "attempted": totals.verdict.attempted,
-            "acknowledged": totals.verdict.acknowledged,
-            "unknown": totals.verdict.unknown,
-            "records_checked": totals.records_checked,
-        });
-        println!("{summary}");
+        print_json_summary(args.seeds, &failed, elapsed, &totals);
     }
     println!(
         "{} seeds ({}..={last}) in {elapsed:.1} s: {}; failed seeds: {failed:?}",
@@ -125,4 +100,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.seeds
     );
     Ok(())
+}
+
+/// The simulation every seed runs.
+fn sim_config(args: &Args) -> SimConfig {
+    SimConfig {
+        nodes: args.nodes,
+        partitions: args.partitions,
+        duration_ms: args.duration.as_millis() as u64,
+        nemesis: !args.no_nemesis,
+        dataflow: !args.no_dataflow,
+        bug_ack_before_commit: args.test_ack_before_commit,
+        bug_unsequenced_task_output: args.test_unsequenced_task_output,
+        ..SimConfig::default()
+    }
+}
+
+/// `--json`: the sweep's summary as one JSON line, after the seeds' lines.
+fn print_json_summary(seeds: u64, failed: &[u64], elapsed: f64, totals: &SimReport) {
+    let summary = serde_json::json!({
+        "summary": true,
+        "seeds": seeds,
+        "failed_seeds": failed,
+        "wall_s": elapsed,
+        "sim_s": totals.sim_ms as f64 / 1000.0,
+        "faults": totals.faults,
+        "bytes_lost": totals.bytes_lost,
+        "torn_writes": totals.torn_writes,
+        "leader_changes": totals.leader_changes,
+        "replica_moves": totals.replica_moves,
+        "attempted": totals.verdict.attempted,
+        "acknowledged": totals.verdict.acknowledged,
+        "unknown": totals.verdict.unknown,
+        "records_checked": totals.records_checked,
+    });
+    println!("{summary}");
 }

@@ -51,32 +51,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .take(args.events)
         .map(|a| (a.card_number, a.at_ms))
         .collect();
+    let mut summary = vec![operator_vs_plain(args.runs, &events)?];
+    if !args.operator_only {
+        end_to_end_runs(&args, &mut summary)?;
+    }
+    println!("summary:");
+    for line in summary {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// (a): `runs` paired runs of the operator and the plain loop; the summary
+/// line of their medians.
+fn operator_vs_plain(runs: usize, events: &[(String, i64)]) -> anyhow::Result<String> {
     let mut operator_rates = Vec::new();
     let mut plain_rates = Vec::new();
     let mut ratios = Vec::new();
-    for run in 0..args.runs {
-        // Alternate the order: neither side always runs on a warm cache.
-        let (operator, plain) = if run % 2 == 0 {
-            let o = operator_pass(&events)?;
-            (o, plain_pass(&events))
-        } else {
-            let p = plain_pass(&events);
-            (operator_pass(&events)?, p)
-        };
-        ensure!(
-            operator.1 == plain.1,
-            "operator and plain loop disagree: {} vs {} fraud windows",
-            operator.1,
-            plain.1
-        );
-        let operator_rate = events.len() as f64 / operator.0.as_secs_f64();
-        let plain_rate = events.len() as f64 / plain.0.as_secs_f64();
-        println!(
-            "{}",
-            serde_json::json!({"bench": "window", "case": "operator_vs_plain", "run": run, "events": events.len(),
-                "operator_events_per_s": operator_rate.round(), "plain_events_per_s": plain_rate.round(),
-                "fraud_windows": operator.1})
-        );
+    for run in 0..runs {
+        let (operator_rate, plain_rate) = paired_run(run, events)?;
         operator_rates.push(operator_rate);
         plain_rates.push(plain_rate);
         ratios.push(operator_rate / plain_rate);
@@ -84,40 +77,67 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let operator_median = median(&mut operator_rates);
     let plain_median = median(&mut plain_rates);
     let ratio_median = median(&mut ratios);
-    let mut summary = vec![format!(
+    Ok(format!(
         "(a) window operator alone: {:.2} M events/s; plain HashMap loop {:.2} M events/s; median paired ratio {:.0}% (target >= 50%)",
         operator_median / 1e6,
         plain_median / 1e6,
         ratio_median * 100.0
-    )];
-    if !args.operator_only {
-        let runtime = runnel_dataflow::host::node_runtime().context("starting the async runtime")?;
-        for (label, nodes) in [("(b) 1 node, RF=1", 1u32), ("(c) 3 nodes, RF=3", 3u32)] {
-            if !args.nodes.contains(&nodes) {
-                continue;
-            }
-            let (elapsed, results, cores_busy) = runtime.block_on(end_to_end(&args, nodes))?;
-            let rate = args.cluster_events as f64 / elapsed.as_secs_f64();
-            println!(
-                "{}",
-                serde_json::json!({"bench": "window", "case": "end_to_end", "nodes": nodes, "replication": nodes,
-                    "partitions": args.partitions, "events": args.cluster_events,
-                    "seconds": elapsed.as_secs_f64(), "events_per_s": rate.round(), "fraud_windows": results,
-                    "cores_busy": (cores_busy * 100.0).round() / 100.0})
-            );
-            summary.push(format!(
-                "{label}: {} events topic to topic in {:.1} s = {:.0} events/s, {:.2} cores busy{}",
-                args.cluster_events,
-                elapsed.as_secs_f64(),
-                rate,
-                cores_busy,
-                if nodes == 1 { " (target >= 2,000,000)" } else { "" }
-            ));
+    ))
+}
+
+/// One paired run, printed as a JSON line: (operator, plain) events per
+/// second. The two must find the same fraud windows.
+fn paired_run(run: usize, events: &[(String, i64)]) -> anyhow::Result<(f64, f64)> {
+    // Alternate the order: neither side always runs on a warm cache.
+    let (operator, plain) = if run.is_multiple_of(2) {
+        let o = operator_pass(events)?;
+        (o, plain_pass(events))
+    } else {
+        let p = plain_pass(events);
+        (operator_pass(events)?, p)
+    };
+    ensure!(
+        operator.1 == plain.1,
+        "operator and plain loop disagree: {} vs {} fraud windows",
+        operator.1,
+        plain.1
+    );
+    let operator_rate = events.len() as f64 / operator.0.as_secs_f64();
+    let plain_rate = events.len() as f64 / plain.0.as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"bench": "window", "case": "operator_vs_plain", "run": run, "events": events.len(),
+            "operator_events_per_s": operator_rate.round(), "plain_events_per_s": plain_rate.round(),
+            "fraud_windows": operator.1})
+    );
+    Ok((operator_rate, plain_rate))
+}
+
+/// (b) and (c): the dataflow topic to topic on the clusters `--nodes`
+/// names, each printed as a JSON line and added to `summary`.
+fn end_to_end_runs(args: &Args, summary: &mut Vec<String>) -> anyhow::Result<()> {
+    let runtime = runnel_dataflow::host::node_runtime().context("starting the async runtime")?;
+    for (label, nodes) in [("(b) 1 node, RF=1", 1u32), ("(c) 3 nodes, RF=3", 3u32)] {
+        if !args.nodes.contains(&nodes) {
+            continue;
         }
-    }
-    println!("summary:");
-    for line in summary {
-        println!("  {line}");
+        let (elapsed, results, cores_busy) = runtime.block_on(end_to_end(args, nodes))?;
+        let rate = args.cluster_events as f64 / elapsed.as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({"bench": "window", "case": "end_to_end", "nodes": nodes, "replication": nodes,
+                "partitions": args.partitions, "events": args.cluster_events,
+                "seconds": elapsed.as_secs_f64(), "events_per_s": rate.round(), "fraud_windows": results,
+                "cores_busy": (cores_busy * 100.0).round() / 100.0})
+        );
+        summary.push(format!(
+            "{label}: {} events topic to topic in {:.1} s = {:.0} events/s, {:.2} cores busy{}",
+            args.cluster_events,
+            elapsed.as_secs_f64(),
+            rate,
+            cores_busy,
+            if nodes == 1 { " (target >= 2,000,000)" } else { "" }
+        ));
     }
     Ok(())
 }
