@@ -190,11 +190,56 @@ pub fn run(args: Args, exe: &Path, interrupted: impl Future<Output = anyhow::Res
     }
 }
 
+/// The run itself: set up, workload and nemesis, heal, convergence, final
+/// read, verdict, report.
 async fn run_async(args: &Args, exe: &Path, seed: u64, dir: &Path) -> anyhow::Result<Verdict> {
     let timeline = Arc::new(Timeline {
         start: Instant::now(),
         json: args.json,
     });
+    announce(&timeline, args, seed, dir);
+    let (mut cluster, client) = set_up(args, exe, dir, &timeline).await?;
+    let mut running = start_workload(args, seed, &client, &timeline);
+    let plan = nemesis::plan(
+        seed,
+        args.duration.as_millis() as u64,
+        &args.faults,
+        args.nodes,
+        args.topic_partitions,
+    );
+    let restart = args.faults.contains(&FaultKind::Restart);
+    let injected = run_nemesis(&mut cluster, &client, &plan, restart, &timeline, seed).await?;
+
+    cluster.heal()?;
+    timeline.event("heal", "every node running, network whole; stopping the producers");
+    running.stop_producers().await?;
+    timeline.event("converge", "producers stopped; waiting for replicas to agree");
+    let topics = checked_topics(args);
+    let (replica_reads, converged) = converge(&client, &topics, usize::from(args.replication)).await;
+    running.stop_consumers().await?;
+    let history = History {
+        writes: running.workload.recorder.take_writes(),
+        consumer_reads: running.workload.recorder.take_reads(),
+        replica_reads,
+        ..History::default()
+    };
+    let mut verdict_extra: BTreeMap<String, u64> = BTreeMap::new();
+    let convergence_text = describe_convergence(converged, &mut verdict_extra);
+    let (verdict, dataflow_text) = judge(args, &client, &timeline, &topics, history, verdict_extra).await?;
+    print_report(
+        args,
+        seed,
+        &injected,
+        &convergence_text,
+        dataflow_text.as_deref(),
+        &verdict,
+    );
+    drop(cluster);
+    Ok(verdict)
+}
+
+/// The run's first line: the seed and the shape of the run.
+fn announce(timeline: &Timeline, args: &Args, seed: u64, dir: &Path) {
     let faults: Vec<String> = args.faults.iter().map(|f| format!("{f:?}").to_lowercase()).collect();
     timeline.event(
         "start",
@@ -211,7 +256,18 @@ async fn run_async(args: &Args, exe: &Path, seed: u64, dir: &Path) -> anyhow::Re
             dir.display()
         ),
     );
-    let mut cluster = start_cluster(args, exe, dir)?;
+}
+
+/// The cluster started and formed, the topics created (and the dataflow
+/// started), every partition of the workload's topic led; with a client
+/// whose calls time out quickly.
+async fn set_up(
+    args: &Args,
+    exe: &Path,
+    dir: &Path,
+    timeline: &Timeline,
+) -> anyhow::Result<(ProcessCluster, Arc<Client>)> {
+    let cluster = start_cluster(args, exe, dir)?;
     let mut client = connect(&cluster.addrs, cluster.certs(), SETUP_TIMEOUT).await?;
     client.timeout = CLIENT_TIMEOUT;
     let client = Arc::new(client);
@@ -224,7 +280,42 @@ async fn run_async(args: &Args, exe: &Path, seed: u64, dir: &Path) -> anyhow::Re
     }
     wait_for_leaders(&client, TOPIC).await?;
     timeline.event("ready", "cluster formed, topics created, every partition has a leader");
+    Ok((cluster, client))
+}
 
+/// The workload's tasks while the faults run.
+struct Running {
+    workload: Workload,
+    producers: Vec<tokio::task::JoinHandle<()>>,
+    consumers_stop: Arc<AtomicBool>,
+    consumers: Vec<tokio::task::JoinHandle<()>>,
+    monitor: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops the producers and waits for them.
+    async fn stop_producers(&mut self) -> anyhow::Result<()> {
+        self.workload.stop.store(true, Ordering::Relaxed);
+        for producer in std::mem::take(&mut self.producers) {
+            producer.await.context("a producer task failed")?;
+        }
+        Ok(())
+    }
+
+    /// Stops the consumers, waits for them, and ends the monitor.
+    async fn stop_consumers(&mut self) -> anyhow::Result<()> {
+        self.consumers_stop.store(true, Ordering::Relaxed);
+        for consumer in std::mem::take(&mut self.consumers) {
+            consumer.await.context("a consumer task failed")?;
+        }
+        self.monitor.abort();
+        Ok(())
+    }
+}
+
+/// Spawns the producers (and, with the dataflow, the attempts' producer),
+/// two consumers and the monitor.
+fn start_workload(args: &Args, seed: u64, client: &Arc<Client>, timeline: &Arc<Timeline>) -> Running {
     let workload = Workload {
         client: client.clone(),
         recorder: Arc::new(Recorder::default()),
@@ -264,42 +355,52 @@ async fn run_async(args: &Args, exe: &Path, seed: u64, dir: &Path) -> anyhow::Re
         })
         .collect();
     let monitor = tokio::spawn(monitor(client.clone(), workload.recorder.clone(), timeline.clone()));
-
-    let plan = nemesis::plan(
-        seed,
-        args.duration.as_millis() as u64,
-        &args.faults,
-        args.nodes,
-        args.topic_partitions,
-    );
-    let restart = args.faults.contains(&FaultKind::Restart);
-    let injected = run_nemesis(&mut cluster, &client, &plan, restart, &timeline, seed).await?;
-
-    cluster.heal()?;
-    timeline.event("heal", "every node running, network whole; stopping the producers");
-    workload.stop.store(true, Ordering::Relaxed);
-    for producer in producers {
-        producer.await.context("a producer task failed")?;
+    Running {
+        workload,
+        producers,
+        consumers_stop,
+        consumers,
+        monitor,
     }
-    timeline.event("converge", "producers stopped; waiting for replicas to agree");
+}
+
+/// The topics whose replicas must converge and whose final read the
+/// checker gets: the workload's, and the dataflow's source.
+fn checked_topics(args: &Args) -> Vec<String> {
     let mut topics = vec![TOPIC.to_string()];
     if args.dataflow.is_some() {
         topics.push(fraud::SOURCE.to_string());
     }
-    let (replica_reads, converged) = converge(&client, &topics, usize::from(args.replication)).await;
-    consumers_stop.store(true, Ordering::Relaxed);
-    for consumer in consumers {
-        consumer.await.context("a consumer task failed")?;
-    }
-    monitor.abort();
-    let mut history = History {
-        writes: workload.recorder.take_writes(),
-        consumer_reads: workload.recorder.take_reads(),
-        ..History::default()
+    topics
+}
+
+/// The final read, the dataflow's check (when it runs) and the checker's
+/// verdict on the history, with the anomalies found outside the history
+/// (`verdict_extra`) counted in; and the dataflow's line of the report.
+async fn judge(
+    args: &Args,
+    client: &Arc<Client>,
+    timeline: &Timeline,
+    topics: &[String],
+    mut history: History,
+    mut verdict_extra: BTreeMap<String, u64>,
+) -> anyhow::Result<(Verdict, Option<String>)> {
+    timeline.event("read", "final read of every partition from its leader");
+    final_read(client, topics, &mut history).await?;
+    let dataflow_text = match &args.dataflow {
+        Some(_) => Some(check_dataflow(client, timeline, &mut verdict_extra).await?),
+        None => None,
     };
-    let mut verdict_extra: BTreeMap<String, u64> = BTreeMap::new();
-    history.replica_reads = replica_reads;
-    let convergence_text = match converged {
+    let mut verdict = checker::check(&history);
+    for (kind, count) in verdict_extra {
+        verdict.anomaly_counts.insert(kind, count);
+    }
+    Ok((verdict, dataflow_text))
+}
+
+/// The convergence line of the report; not converging is an anomaly.
+fn describe_convergence(converged: Result<Duration, String>, verdict_extra: &mut BTreeMap<String, u64>) -> String {
+    match converged {
         Ok(took) => {
             format!("replicas identical {:.1} s after the heal", took.as_secs_f64())
         }
@@ -310,12 +411,16 @@ async fn run_async(args: &Args, exe: &Path, seed: u64, dir: &Path) -> anyhow::Re
                 CONVERGE_TIMEOUT.as_secs()
             )
         }
-    };
-    timeline.event("read", "final read of every partition from its leader");
-    for topic in &topics {
+    }
+}
+
+/// Every partition of `topics` read from its leader into the history's
+/// final read.
+async fn final_read(client: &Client, topics: &[String], history: &mut History) -> anyhow::Result<()> {
+    for topic in topics {
         let partitions = client.describe_topic(topic).await?.config.partitions;
         for partition in 0..partitions {
-            let records = read_partition(&client, None, topic, partition)
+            let records = read_partition(client, None, topic, partition)
                 .await
                 .with_context(|| format!("final read of {topic}/{partition}"))?;
             history
@@ -323,24 +428,7 @@ async fn run_async(args: &Args, exe: &Path, seed: u64, dir: &Path) -> anyhow::Re
                 .insert((topic.clone(), partition), records.iter().map(seen_of).collect());
         }
     }
-    let dataflow_text = match &args.dataflow {
-        Some(_) => Some(check_dataflow(&client, &timeline, &mut verdict_extra).await?),
-        None => None,
-    };
-    let mut verdict = checker::check(&history);
-    for (kind, count) in verdict_extra {
-        verdict.anomaly_counts.insert(kind, count);
-    }
-    print_report(
-        args,
-        seed,
-        &injected,
-        &convergence_text,
-        dataflow_text.as_deref(),
-        &verdict,
-    );
-    drop(cluster);
-    Ok(verdict)
+    Ok(())
 }
 
 /// The run's nodes, on consecutive addresses from `--first-host` (so a
@@ -708,6 +796,7 @@ async fn check_dataflow(
     }
 }
 
+/// The run's report, for a person or as one JSON line.
 fn print_report(
     args: &Args,
     seed: u64,
@@ -717,22 +806,20 @@ fn print_report(
     verdict: &Verdict,
 ) {
     if args.json {
-        println!(
-            "{}",
-            json!({
-                "report": {
-                    "seed": seed,
-                    "nodes": args.nodes,
-                    "duration_s": args.duration.as_secs(),
-                    "faults_injected": injected.by_kind,
-                    "faults_skipped": injected.skipped,
-                    "convergence": convergence,
-                    "dataflow": dataflow,
-                    "verdict": verdict,
-                    "ok": verdict.ok(),
-                }
-            })
-        );
+        let report = json!({
+            "report": {
+                "seed": seed,
+                "nodes": args.nodes,
+                "duration_s": args.duration.as_secs(),
+                "faults_injected": injected.by_kind,
+                "faults_skipped": injected.skipped,
+                "convergence": convergence,
+                "dataflow": dataflow,
+                "verdict": verdict,
+                "ok": verdict.ok(),
+            }
+        });
+        println!("{report}");
         return;
     }
     let faults: Vec<String> = injected.by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
@@ -764,6 +851,11 @@ fn print_report(
     if let Some(dataflow) = dataflow {
         println!("  dataflow {}: {dataflow}", fraud::NAME);
     }
+    print_verdict(seed, verdict);
+}
+
+/// The report's verdict: OK, or the anomalies by kind and each one.
+fn print_verdict(seed: u64, verdict: &Verdict) {
     if verdict.ok() {
         println!("  verdict: OK (no lost, duplicated or inconsistent records; reads monotonic)");
         return;

@@ -490,24 +490,7 @@ impl World {
 
     /// Starts a task's call: the partition as the task's node knows it.
     fn route_task_call(&mut self, key: (u64, u32), call_id: u64, call: Call) {
-        let (topic_name, partition) = match &call {
-            Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => {
-                (topic.clone(), *partition)
-            }
-        };
-        let topic: Option<TopicMeta> = self.nodes[&key.0].meta().metadata.topics.get(&topic_name).cloned();
-        let found = match topic {
-            None => Err(ClientError::UnknownTopic(topic_name)),
-            Some(topic) => match topic.assignment.get(partition as usize) {
-                Some(replicas) => Ok((topic.group_id(partition), replicas.clone())),
-                None => Err(ClientError::PartitionOutOfRange {
-                    topic: topic_name,
-                    partition,
-                    partitions: topic.config.partitions,
-                }),
-            },
-        };
-        let (group, replicas) = match found {
+        let (group, replicas) = match self.task_call_partition(key.0, &call) {
             Ok(found) => found,
             Err(error) => {
                 if let Some(task) = self.tasks.running.get(&key) {
@@ -555,6 +538,28 @@ impl World {
             maybe_written: false,
             last_error: "no replica tried".to_string(),
         });
+    }
+
+    /// The group and replicas of a call's partition, as node `node`'s
+    /// metadata has them (the client's errors when it has not).
+    fn task_call_partition(&self, node: u64, call: &Call) -> Result<(u64, Vec<u32>), ClientError> {
+        let (topic_name, partition) = match call {
+            Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => {
+                (topic.clone(), *partition)
+            }
+        };
+        let topic: Option<TopicMeta> = self.nodes[&node].meta().metadata.topics.get(&topic_name).cloned();
+        match topic {
+            None => Err(ClientError::UnknownTopic(topic_name)),
+            Some(topic) => match topic.assignment.get(partition as usize) {
+                Some(replicas) => Ok((topic.group_id(partition), replicas.clone())),
+                None => Err(ClientError::PartitionOutOfRange {
+                    topic: topic_name,
+                    partition,
+                    partitions: topic.config.partitions,
+                }),
+            },
+        }
     }
 
     /// Sends one attempt: to the leader the node heard of, else to a
@@ -606,10 +611,9 @@ impl World {
         if self.tasks.requests.get(&request).is_none_or(|r| r.task.0 != node) {
             return;
         }
-        let Some(mut pending) = self.tasks.requests.remove(&request) else {
+        let Some(pending) = self.tasks.requests.remove(&request) else {
             return;
         };
-        let now = self.now();
         let from = pending.target;
         let error = match reply {
             Ok(TaskReply::Produced(offset)) => {
@@ -627,6 +631,14 @@ impl World {
             }
             Err(error) => error,
         };
+        self.task_call_failed(node, pending, error);
+    }
+
+    /// A task's call refused or unanswered: sent again (to the leader named,
+    /// or after a pause) when that is safe, else answered with the error.
+    fn task_call_failed(&mut self, node: u64, mut pending: TaskRequest, error: BrokerError) {
+        let now = self.now();
+        let from = pending.target;
         match error {
             BrokerError::NotLeader { leader, .. } => {
                 pending.last_error = format!("node {from} does not lead");

@@ -386,6 +386,26 @@ struct Node {
 }
 
 impl Node {
+    /// A node not started yet, its directory created.
+    fn new(id: u64, dir: PathBuf) -> Result<Node, String> {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Node {
+            id,
+            dir,
+            up: false,
+            crash_armed: None,
+            groups: BTreeMap::new(),
+            core: ControllerCore::new(core_config(id)),
+            heard: BTreeMap::new(),
+            leading_since: None,
+            last_moves_ms: 0,
+            topic_proposed_ms: None,
+            stale_asked: BTreeSet::new(),
+            stale_candidates: Vec::new(),
+            leaders: BTreeMap::new(),
+        })
+    }
+
     fn group_dir(&self, group: u64) -> PathBuf {
         self.dir.join(format!("group-{group}"))
     }
@@ -450,6 +470,19 @@ struct Producer {
 }
 
 impl Producer {
+    /// Producer `index`, client node `1000 + index`.
+    fn new(index: u32) -> Producer {
+        Producer {
+            node: NodeId(1000 + index),
+            index,
+            generation: 0,
+            next_sequence: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            next_send: BTreeMap::new(),
+            written: 0,
+        }
+    }
+
     fn producer_id(&self) -> i64 {
         (i64::from(self.index + 1) << 32) | i64::from(self.generation)
     }
@@ -465,6 +498,19 @@ struct Consumer {
     next_fetch: BTreeMap<u32, u64>,
 }
 
+impl Consumer {
+    /// Consumer `index`, client node `2000 + index`.
+    fn new(index: u32) -> Consumer {
+        Consumer {
+            node: NodeId(2000 + index),
+            name: format!("consumer-{index}"),
+            position: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            next_fetch: BTreeMap::new(),
+        }
+    }
+}
+
 /// A client's view of the cluster.
 #[derive(Default)]
 struct ClientView {
@@ -472,6 +518,25 @@ struct ClientView {
     /// Group → the node believed to lead it.
     leader: BTreeMap<u64, u64>,
     asked_ms: Option<u64>,
+}
+
+impl ClientView {
+    /// A refusal named the group's leader (or knew none): the next request
+    /// goes there (or to a replica chosen from the seed).
+    fn heard_leader(&mut self, group: u64, leader: Option<u64>) {
+        match leader {
+            Some(leader) => self.leader.insert(group, leader),
+            None => self.leader.remove(&group),
+        };
+    }
+}
+
+/// The nemesis's schedule during the faulty phase.
+struct Schedule {
+    next_fault: u64,
+    heal_at: Option<u64>,
+    /// Crashed node → when it restarts.
+    restart_at: BTreeMap<u64, u64>,
 }
 
 struct World {
@@ -557,6 +622,31 @@ fn seen_of(offset: u64, record: &Record) -> Seen {
     Seen { offset, id }
 }
 
+/// A consumer's fetched batches: its position moves past them (and it
+/// fetches again at once), their records join its reads.
+fn take_fetched(
+    consumer: &mut Consumer,
+    consumer_reads: &mut BTreeMap<String, BTreeMap<PartitionKey, Vec<Seen>>>,
+    partition: u32,
+    batches: &[RecordBatch],
+    now: u64,
+) {
+    let Ok(records) = records_of(batches) else {
+        return;
+    };
+    if let Some(next) = batches.last().map(|b| b.next_offset()) {
+        let position = consumer.position.entry(partition).or_insert(0);
+        *position = (*position).max(next);
+        consumer.next_fetch.insert(partition, now);
+    }
+    let reads = consumer_reads
+        .entry(consumer.name.clone())
+        .or_default()
+        .entry((TOPIC.to_string(), partition))
+        .or_default();
+    reads.extend(records);
+}
+
 /// The user records of committed batches (control batches skipped).
 fn records_of(batches: &[RecordBatch]) -> Result<Vec<Seen>, String> {
     let mut seen = Vec::new();
@@ -581,51 +671,16 @@ fn partition_of(nodes: &BTreeMap<u64, Node>, group: u64) -> (String, u32) {
 }
 
 impl World {
+    /// The world of one seed: its nodes (directories under `dir`) started,
+    /// its clients, not a message sent yet.
     fn new(seed: u64, config: SimConfig, dir: &Path) -> Result<World, String> {
         let outbox: Outbox = Rc::new(RefCell::new(Vec::new()));
         let mut nodes = BTreeMap::new();
         for id in 1..=u64::from(config.nodes) {
-            let node_dir = dir.join(format!("node-{id}"));
-            std::fs::create_dir_all(&node_dir).map_err(|e| format!("{}: {e}", node_dir.display()))?;
-            nodes.insert(
-                id,
-                Node {
-                    id,
-                    dir: node_dir,
-                    up: false,
-                    crash_armed: None,
-                    groups: BTreeMap::new(),
-                    core: ControllerCore::new(core_config(id)),
-                    heard: BTreeMap::new(),
-                    leading_since: None,
-                    last_moves_ms: 0,
-                    topic_proposed_ms: None,
-                    stale_asked: BTreeSet::new(),
-                    stale_candidates: Vec::new(),
-                    leaders: BTreeMap::new(),
-                },
-            );
+            nodes.insert(id, Node::new(id, dir.join(format!("node-{id}")))?);
         }
-        let producers = (0..config.producers)
-            .map(|index| Producer {
-                node: NodeId(1000 + index),
-                index,
-                generation: 0,
-                next_sequence: BTreeMap::new(),
-                pending: BTreeMap::new(),
-                next_send: BTreeMap::new(),
-                written: 0,
-            })
-            .collect::<Vec<_>>();
-        let consumers = (0..config.consumers)
-            .map(|index| Consumer {
-                node: NodeId(2000 + index),
-                name: format!("consumer-{index}"),
-                position: BTreeMap::new(),
-                in_flight: BTreeMap::new(),
-                next_fetch: BTreeMap::new(),
-            })
-            .collect::<Vec<_>>();
+        let producers = (0..config.producers).map(Producer::new).collect::<Vec<_>>();
+        let consumers = (0..config.consumers).map(Consumer::new).collect::<Vec<_>>();
         let views = producers
             .iter()
             .map(|p| p.node)
@@ -808,11 +863,33 @@ impl World {
         Ok(())
     }
 
+    /// The run: faults and producers for `duration_ms`, then everything
+    /// healed and the producers stopped until the cluster converges (or
+    /// `converge_ms` passes), then the verdict.
     fn run(&mut self) -> Result<SimReport, String> {
+        let healed_at = self.run_with_faults()?;
+        self.heal_everything()?;
+        self.producing = false;
+        let now = self.await_convergence(healed_at)?;
+        self.report.sim_ms = now;
+        if self.report.converged_after_ms.is_none() {
+            for line in self.describe_groups() {
+                self.note(line);
+            }
+        }
+        self.check_replicas()?;
+        self.finish()
+    }
+
+    /// The faulty phase: deliveries, ticks, clients and the nemesis, step
+    /// by step until `duration_ms`; returns the time it ended.
+    fn run_with_faults(&mut self) -> Result<u64, String> {
         let duration = self.config.duration_ms;
-        let mut next_fault = 2_000 + self.rng.between(0, 2_000);
-        let mut heal_at: Option<u64> = None;
-        let mut restart_at: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut schedule = Schedule {
+            next_fault: 2_000 + self.rng.between(0, 2_000),
+            heal_at: None,
+            restart_at: BTreeMap::new(),
+        };
         let mut now = 0;
         while now < duration {
             now += CLIENT_STEP_MS;
@@ -822,29 +899,44 @@ impl World {
                 self.tick_nodes()?;
             }
             self.step_clients();
-            if !self.config.nemesis {
-                continue;
-            }
-            if heal_at.is_some_and(|t| t <= now) {
-                heal_at = None;
-                self.net.heal();
-                *self.report.faults.entry("heal".to_string()).or_default() += 1;
-                self.note("heal".to_string());
-            }
-            let due: Vec<u64> = restart_at.iter().filter(|(_, &t)| t <= now).map(|(&n, _)| n).collect();
-            for id in due {
-                restart_at.remove(&id);
-                self.start(id)?;
-                *self.report.faults.entry("restart".to_string()).or_default() += 1;
-                self.note(format!("restart node {id}"));
-            }
-            if now >= next_fault {
-                next_fault = now + self.rng.between(1_000, 4_000);
-                self.inject(&mut heal_at, &mut restart_at)?;
+            if self.config.nemesis {
+                self.nemesis_step(now, &mut schedule)?;
             }
         }
-        // Heal everything (crashes armed but not struck yet are called off),
-        // stop producing, and wait for convergence.
+        Ok(now)
+    }
+
+    /// The nemesis at `now`: the cut healed, crashed nodes restarted, and a
+    /// new fault, each when due.
+    fn nemesis_step(&mut self, now: u64, schedule: &mut Schedule) -> Result<(), String> {
+        if schedule.heal_at.is_some_and(|t| t <= now) {
+            schedule.heal_at = None;
+            self.net.heal();
+            *self.report.faults.entry("heal".to_string()).or_default() += 1;
+            self.note("heal".to_string());
+        }
+        let due: Vec<u64> = schedule
+            .restart_at
+            .iter()
+            .filter(|(_, &t)| t <= now)
+            .map(|(&n, _)| n)
+            .collect();
+        for id in due {
+            schedule.restart_at.remove(&id);
+            self.start(id)?;
+            *self.report.faults.entry("restart".to_string()).or_default() += 1;
+            self.note(format!("restart node {id}"));
+        }
+        if now >= schedule.next_fault {
+            schedule.next_fault = now + self.rng.between(1_000, 4_000);
+            self.inject(&mut schedule.heal_at, &mut schedule.restart_at)?;
+        }
+        Ok(())
+    }
+
+    /// Heals everything: the network whole, crashes armed but not struck
+    /// yet called off, every down node restarted.
+    fn heal_everything(&mut self) -> Result<(), String> {
         self.net.heal();
         for node in self.nodes.values_mut() {
             node.crash_armed = None;
@@ -854,8 +946,14 @@ impl World {
             self.start(id)?;
             self.note(format!("restart node {id} (final heal)"));
         }
-        self.producing = false;
-        let healed_at = now;
+        Ok(())
+    }
+
+    /// Runs from the heal at `healed_at` until the producers are idle and
+    /// the cluster converged (recorded in the report) or `converge_ms`
+    /// passed; returns the time it ended.
+    fn await_convergence(&mut self, healed_at: u64) -> Result<u64, String> {
+        let mut now = healed_at;
         let deadline = now + self.config.converge_ms;
         while now < deadline {
             now += CLIENT_STEP_MS;
@@ -870,14 +968,7 @@ impl World {
             }
             self.step_clients();
         }
-        self.report.sim_ms = now;
-        if self.report.converged_after_ms.is_none() {
-            for line in self.describe_groups() {
-                self.note(line);
-            }
-        }
-        self.check_replicas()?;
-        self.finish()
+        Ok(now)
     }
 
     /// One fault from the seed: crash (maybe mid-ready, maybe torn) or cut
@@ -943,138 +1034,26 @@ impl World {
         Ok(())
     }
 
+    /// A message reached live node `id`: one handler per kind.
     fn on_node_message(&mut self, id: u64, from: NodeId, msg: Msg) -> Result<(), String> {
-        let me = NodeId(id as u32);
-        let now = self.now();
         match msg {
-            Msg::Raft { group, message } => {
-                let node = self.nodes.get_mut(&id).expect("known node");
-                if let Some(part) = node.groups.get_mut(&group) {
-                    part.core_mut()
-                        .step(*message)
-                        .map_err(|e| format!("node {id} group {group} step: {e}"))?;
-                    self.drive(id, group)?;
-                }
-            }
-            Msg::Heartbeat => {
-                let node = self.nodes.get_mut(&id).expect("known node");
-                node.heard.insert(u64::from(from.0), now);
-            }
-            Msg::MetaPull { offset } => {
-                let node = &self.nodes[&id];
-                if let Some(part) = node.groups.get(&CONTROLLER_GROUP) {
-                    if offset <= part.core().committed_offset() {
-                        let batches = part
-                            .core()
-                            .read_committed(offset, FETCH_BYTES)
-                            .map_err(|e| format!("node {id} reading the controller log: {e}"))?;
-                        self.net.post(me, from, Msg::MetaLog { batches });
-                    }
-                }
-            }
-            Msg::MetaLog { batches } => {
-                let node = self.nodes.get_mut(&id).expect("known node");
-                for batch in &batches {
-                    node.core
-                        .apply_batch(batch)
-                        .map_err(|e| format!("node {id} applying the controller log: {e}"))?;
-                }
-            }
-            Msg::MetaQuery => {
-                let metadata = self.nodes[&id].meta().metadata.clone();
-                if metadata.topics.contains_key(TOPIC) {
-                    self.net.post(me, from, Msg::MetaAnswer(Box::new(metadata)));
-                }
-            }
-            Msg::Produce { request, group, batch } => {
-                let outbox = self.outbox.clone();
-                let node = self.nodes.get_mut(&id).expect("known node");
-                match node.groups.get_mut(&group) {
-                    Some(part) => {
-                        let reply = SimReply::Client {
-                            node: me,
-                            client: from,
-                            request,
-                            outbox,
-                        };
-                        part.produce(batch, Acks::All, reply);
-                        self.drive(id, group)?;
-                    }
-                    None => {
-                        let result = Err(BrokerError::NotLeader { group, leader: None });
-                        self.net.post(me, from, Msg::Produced { request, result });
-                    }
-                }
-            }
+            Msg::Raft { group, message } => self.on_raft(id, group, *message)?,
+            Msg::Heartbeat => self.on_heartbeat(id, from),
+            Msg::MetaPull { offset } => self.on_meta_pull(id, from, offset)?,
+            Msg::MetaLog { batches } => self.on_meta_log(id, &batches)?,
+            Msg::MetaQuery => self.on_meta_query(id, from),
+            Msg::Produce { request, group, batch } => self.on_produce(id, from, request, group, batch)?,
             Msg::Fetch {
                 request,
                 group,
                 offset,
                 max_bytes,
-            } => {
-                let result = match self.nodes[&id].groups.get(&group) {
-                    Some(part) => part
-                        .fetch(offset, max_bytes, false)
-                        .map_err(|e| format!("node {id} group {group} fetch: {e}"))?
-                        .map(|fetched| (fetched.batches, fetched.committed_offset)),
-                    None => Err(BrokerError::NotLeader { group, leader: None }),
-                };
-                self.net.post(me, from, Msg::Fetched { request, result });
-            }
-            Msg::Members { group } => {
-                if let Some(part) = self.nodes[&id].groups.get(&group) {
-                    if part.core().is_leader() {
-                        let status = part.status();
-                        let asker = u64::from(from.0);
-                        let removed = !status.voters.contains(&asker) && !status.learners.contains(&asker);
-                        self.net.post(me, from, Msg::MembersAnswer { group, removed });
-                    }
-                }
-            }
-            Msg::PassiveReplica { group, since } => {
-                let node = self.nodes.get_mut(&id).expect("known node");
-                if let Some(part) = node.groups.get_mut(&group) {
-                    let asker = u64::from(from.0);
-                    let answer = part
-                        .core_mut()
-                        .judge_passive(asker, since)
-                        .map_err(|e| format!("node {id} group {group} judging a passive replica: {e}"))?;
-                    if answer == PassiveAnswer::Demoting {
-                        self.note(format!("group {group}: leader {id} demotes passive voter {asker}"));
-                        self.drive(id, group)?;
-                    }
-                    self.net
-                        .post(NodeId(id as u32), from, Msg::PassiveAnswer { group, answer });
-                }
-            }
-            Msg::PassiveAnswer { group, answer } => {
-                let node = self.nodes.get_mut(&id).expect("known node");
-                if let Some(part) = node.groups.get_mut(&group) {
-                    if answer == PassiveAnswer::Promoted && part.core().is_passive() {
-                        part.core_mut()
-                            .promoted()
-                            .map_err(|e| format!("node {id} group {group} ending passivity: {e}"))?;
-                        let asker = from.0;
-                        self.note(format!(
-                            "group {group}: node {asker} confirms node {id}'s passive replica was promoted"
-                        ));
-                    }
-                }
-            }
-            Msg::MembersAnswer { group, removed } => {
-                let node = self.nodes.get_mut(&id).expect("known node");
-                if node.stale_asked.remove(&group) {
-                    let commands = node.core.on_stale_answer(group, removed);
-                    self.execute(id, commands)?;
-                }
-            }
-            Msg::CommittedQuery => {
-                let node = &self.nodes[&id];
-                if let Some(part) = node.groups.get(&CONTROLLER_GROUP).filter(|p| p.core().is_leader()) {
-                    let offset = part.core().committed_offset();
-                    self.net.post(me, from, Msg::CommittedAnswer { offset });
-                }
-            }
+            } => self.on_fetch(id, from, request, group, offset, max_bytes)?,
+            Msg::Members { group } => self.on_members(id, from, group),
+            Msg::PassiveReplica { group, since } => self.on_passive_replica(id, from, group, since)?,
+            Msg::PassiveAnswer { group, answer } => self.on_passive_answer(id, from, group, answer)?,
+            Msg::MembersAnswer { group, removed } => self.on_members_answer(id, group, removed)?,
+            Msg::CommittedQuery => self.on_committed_query(id, from),
             Msg::CommittedAnswer { offset } => self.on_leader_committed(id, offset)?,
             Msg::Produced { request, result } => self.on_task_reply(id, request, result.map(TaskReply::Produced)),
             Msg::Fetched { request, result } => {
@@ -1084,6 +1063,184 @@ impl World {
             Msg::MetaAnswer(_) => {}
         }
         Ok(())
+    }
+
+    /// A Raft message for one of the node's groups (dropped if it hosts none).
+    fn on_raft(&mut self, id: u64, group: u64, message: Message) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(part) = node.groups.get_mut(&group) {
+            part.core_mut()
+                .step(message)
+                .map_err(|e| format!("node {id} group {group} step: {e}"))?;
+            self.drive(id, group)?;
+        }
+        Ok(())
+    }
+
+    /// A node's heartbeat, heard by a controller voter.
+    fn on_heartbeat(&mut self, id: u64, from: NodeId) {
+        let now = self.now();
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.heard.insert(u64::from(from.0), now);
+    }
+
+    /// A controller voter answers a pull with its committed controller log
+    /// from `offset` (nothing if it has not committed that far).
+    fn on_meta_pull(&mut self, id: u64, from: NodeId, offset: u64) -> Result<(), String> {
+        let node = &self.nodes[&id];
+        if let Some(part) = node.groups.get(&CONTROLLER_GROUP) {
+            if offset <= part.core().committed_offset() {
+                let batches = part
+                    .core()
+                    .read_committed(offset, FETCH_BYTES)
+                    .map_err(|e| format!("node {id} reading the controller log: {e}"))?;
+                self.net.post(NodeId(id as u32), from, Msg::MetaLog { batches });
+            }
+        }
+        Ok(())
+    }
+
+    /// Controller log pulled from a voter: applied to the node's metadata.
+    fn on_meta_log(&mut self, id: u64, batches: &[RecordBatch]) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        for batch in batches {
+            node.core
+                .apply_batch(batch)
+                .map_err(|e| format!("node {id} applying the controller log: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// A client's metadata query, answered once the topic exists.
+    fn on_meta_query(&mut self, id: u64, from: NodeId) {
+        let metadata = self.nodes[&id].meta().metadata.clone();
+        if metadata.topics.contains_key(TOPIC) {
+            self.net
+                .post(NodeId(id as u32), from, Msg::MetaAnswer(Box::new(metadata)));
+        }
+    }
+
+    /// A produce: handed to the group's replica (which answers through the
+    /// outbox), or refused at once when the node hosts no replica.
+    fn on_produce(
+        &mut self,
+        id: u64,
+        from: NodeId,
+        request: u64,
+        group: u64,
+        batch: RecordBatch,
+    ) -> Result<(), String> {
+        let me = NodeId(id as u32);
+        let outbox = self.outbox.clone();
+        let node = self.nodes.get_mut(&id).expect("known node");
+        match node.groups.get_mut(&group) {
+            Some(part) => {
+                let reply = SimReply::Client {
+                    node: me,
+                    client: from,
+                    request,
+                    outbox,
+                };
+                part.produce(batch, Acks::All, reply);
+                self.drive(id, group)?;
+            }
+            None => {
+                let result = Err(BrokerError::NotLeader { group, leader: None });
+                self.net.post(me, from, Msg::Produced { request, result });
+            }
+        }
+        Ok(())
+    }
+
+    /// A fetch of committed records, answered at once.
+    fn on_fetch(
+        &mut self,
+        id: u64,
+        from: NodeId,
+        request: u64,
+        group: u64,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<(), String> {
+        let result = match self.nodes[&id].groups.get(&group) {
+            Some(part) => part
+                .fetch(offset, max_bytes, false)
+                .map_err(|e| format!("node {id} group {group} fetch: {e}"))?
+                .map(|fetched| (fetched.batches, fetched.committed_offset)),
+            None => Err(BrokerError::NotLeader { group, leader: None }),
+        };
+        self.net.post(NodeId(id as u32), from, Msg::Fetched { request, result });
+        Ok(())
+    }
+
+    /// The group's leader tells the asker whether it still counts it a member.
+    fn on_members(&mut self, id: u64, from: NodeId, group: u64) {
+        if let Some(part) = self.nodes[&id].groups.get(&group) {
+            if part.core().is_leader() {
+                let status = part.status();
+                let asker = u64::from(from.0);
+                let removed = !status.voters.contains(&asker) && !status.learners.contains(&asker);
+                self.net
+                    .post(NodeId(id as u32), from, Msg::MembersAnswer { group, removed });
+            }
+        }
+    }
+
+    /// A passive replica asks about itself: the local replica judges it
+    /// (a leader may demote it) and answers.
+    fn on_passive_replica(&mut self, id: u64, from: NodeId, group: u64, since: u64) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(part) = node.groups.get_mut(&group) {
+            let asker = u64::from(from.0);
+            let answer = part
+                .core_mut()
+                .judge_passive(asker, since)
+                .map_err(|e| format!("node {id} group {group} judging a passive replica: {e}"))?;
+            if answer == PassiveAnswer::Demoting {
+                self.note(format!("group {group}: leader {id} demotes passive voter {asker}"));
+                self.drive(id, group)?;
+            }
+            self.net
+                .post(NodeId(id as u32), from, Msg::PassiveAnswer { group, answer });
+        }
+        Ok(())
+    }
+
+    /// A peer confirms the node's passive replica was promoted: it is
+    /// passive no longer.
+    fn on_passive_answer(&mut self, id: u64, from: NodeId, group: u64, answer: PassiveAnswer) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if let Some(part) = node.groups.get_mut(&group) {
+            if answer == PassiveAnswer::Promoted && part.core().is_passive() {
+                part.core_mut()
+                    .promoted()
+                    .map_err(|e| format!("node {id} group {group} ending passivity: {e}"))?;
+                let asker = from.0;
+                self.note(format!(
+                    "group {group}: node {asker} confirms node {id}'s passive replica was promoted"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A group leader's answer about a stale replica asked of it.
+    fn on_members_answer(&mut self, id: u64, group: u64, removed: bool) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if node.stale_asked.remove(&group) {
+            let commands = node.core.on_stale_answer(group, removed);
+            self.execute(id, commands)?;
+        }
+        Ok(())
+    }
+
+    /// The controller leader answers with its commit point.
+    fn on_committed_query(&mut self, id: u64, from: NodeId) {
+        let node = &self.nodes[&id];
+        if let Some(part) = node.groups.get(&CONTROLLER_GROUP).filter(|p| p.core().is_leader()) {
+            let offset = part.core().committed_offset();
+            self.net.post(NodeId(id as u32), from, Msg::CommittedAnswer { offset });
+        }
     }
 
     /// Every live node's control loop: Raft ticks, metadata, hosting,
@@ -1425,85 +1582,72 @@ impl World {
         commands
     }
 
+    /// A message reached a client (a producer or a consumer).
     fn on_client_message(&mut self, client: NodeId, msg: Msg) {
-        let now = self.now();
         match msg {
             Msg::MetaAnswer(metadata) => {
                 if let Some(view) = self.views.get_mut(&client) {
                     view.metadata = Some(*metadata);
                 }
             }
-            Msg::Produced { request, result } => {
-                let Some(producer) = self.producers.iter_mut().find(|p| p.node == client) else {
-                    return;
-                };
-                let Some((&partition, _)) = producer.pending.iter().find(|(_, p)| p.requests.contains(&request)) else {
-                    return;
-                };
-                let view = self.views.get_mut(&client).expect("client view");
-                let pending = producer.pending.get_mut(&partition).expect("pending batch");
-                let outcome = match result {
-                    Ok(offset) => Some(Outcome::Acked { offset }),
-                    Err(e) => {
-                        if let BrokerError::NotLeader { group, leader } = &e {
-                            match leader {
-                                Some(leader) => view.leader.insert(*group, *leader),
-                                None => view.leader.remove(group),
-                            };
-                        }
-                        produce_failed(pending, e, now)
-                    }
-                };
-                if let Some(outcome) = outcome {
-                    let partition_key = partition;
-                    self.finish_batch(client, partition_key, outcome);
-                }
-            }
-            Msg::Fetched { request, result } => {
-                let Some(consumer) = self.consumers.iter_mut().find(|c| c.node == client) else {
-                    return;
-                };
-                let Some((&partition, _)) = consumer.in_flight.iter().find(|(_, (r, _, _))| *r == request) else {
-                    return;
-                };
-                consumer.in_flight.remove(&partition);
-                consumer.next_fetch.insert(partition, now + FETCH_IDLE_MS);
-                let view = self.views.get_mut(&client).expect("client view");
-                let group = view
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.topics.get(TOPIC))
-                    .map(|t| t.group_id(partition));
-                match result {
-                    Ok((batches, _)) => {
-                        let Ok(records) = records_of(&batches) else {
-                            return;
-                        };
-                        if let Some(next) = batches.last().map(|b| b.next_offset()) {
-                            let position = consumer.position.entry(partition).or_insert(0);
-                            *position = (*position).max(next);
-                            consumer.next_fetch.insert(partition, now);
-                        }
-                        let reads = self
-                            .consumer_reads
-                            .entry(consumer.name.clone())
-                            .or_default()
-                            .entry((TOPIC.to_string(), partition))
-                            .or_default();
-                        reads.extend(records);
-                    }
-                    Err(BrokerError::NotLeader { leader, .. }) => {
-                        if let Some(group) = group {
-                            match leader {
-                                Some(leader) => view.leader.insert(group, leader),
-                                None => view.leader.remove(&group),
-                            };
-                        }
-                    }
-                    Err(_) => {}
-                }
-            }
+            Msg::Produced { request, result } => self.on_produced(client, request, result),
+            Msg::Fetched { request, result } => self.on_fetched(client, request, result),
             _ => {}
+        }
+    }
+
+    /// A produce's answer: the batch it was sent for is acknowledged, to be
+    /// sent again, or done with (see [`produce_failed`]).
+    fn on_produced(&mut self, client: NodeId, request: u64, result: Result<u64, BrokerError>) {
+        let now = self.now();
+        let Some(producer) = self.producers.iter_mut().find(|p| p.node == client) else {
+            return;
+        };
+        let Some((&partition, _)) = producer.pending.iter().find(|(_, p)| p.requests.contains(&request)) else {
+            return;
+        };
+        let view = self.views.get_mut(&client).expect("client view");
+        let pending = producer.pending.get_mut(&partition).expect("pending batch");
+        let outcome = match result {
+            Ok(offset) => Some(Outcome::Acked { offset }),
+            Err(e) => {
+                if let BrokerError::NotLeader { group, leader } = &e {
+                    view.heard_leader(*group, *leader);
+                }
+                produce_failed(pending, e, now)
+            }
+        };
+        if let Some(outcome) = outcome {
+            self.finish_batch(client, partition, outcome);
+        }
+    }
+
+    /// A fetch's answer: the consumer takes its records and fetches again
+    /// at once, or (nothing new, or refused) after a pause.
+    fn on_fetched(&mut self, client: NodeId, request: u64, result: Result<(Vec<RecordBatch>, u64), BrokerError>) {
+        let now = self.now();
+        let Some(consumer) = self.consumers.iter_mut().find(|c| c.node == client) else {
+            return;
+        };
+        let Some((&partition, _)) = consumer.in_flight.iter().find(|(_, (r, _, _))| *r == request) else {
+            return;
+        };
+        consumer.in_flight.remove(&partition);
+        consumer.next_fetch.insert(partition, now + FETCH_IDLE_MS);
+        let view = self.views.get_mut(&client).expect("client view");
+        let group = view
+            .metadata
+            .as_ref()
+            .and_then(|m| m.topics.get(TOPIC))
+            .map(|t| t.group_id(partition));
+        match result {
+            Ok((batches, _)) => take_fetched(consumer, &mut self.consumer_reads, partition, &batches, now),
+            Err(BrokerError::NotLeader { leader, .. }) => {
+                if let Some(group) = group {
+                    view.heard_leader(group, leader);
+                }
+            }
+            Err(_) => {}
         }
     }
 
@@ -1606,6 +1750,9 @@ impl World {
         self.views.get(&client)?.metadata.as_ref()?.topics.get(TOPIC).cloned()
     }
 
+    /// A producer's turn: per partition, the batch in flight is given up,
+    /// sent again or left waiting; with none in flight, a new one goes out
+    /// when due.
     fn step_producer(&mut self, index: usize, now: u64) {
         let client = self.producers[index].node;
         let Some(topic) = self.client_topic(client) else {
@@ -1613,108 +1760,130 @@ impl World {
         };
         for partition in 0..topic.config.partitions {
             let group = topic.group_id(partition);
-            let producer = &mut self.producers[index];
-            if let Some(pending) = producer.pending.get_mut(&partition) {
-                if now >= pending.started_ms + GIVE_UP_MS {
-                    let outcome = if pending.maybe_written {
-                        Outcome::Unknown(format!("no acknowledgement in {GIVE_UP_MS} ms: {}", pending.last_error))
-                    } else {
-                        Outcome::Failed(pending.last_error.clone())
-                    };
-                    self.finish_batch(client, partition, outcome);
-                    continue;
-                }
-                let timed_out = now >= pending.sent_ms + REQUEST_TIMEOUT_MS;
-                if timed_out {
-                    pending.maybe_written = true;
-                    pending.last_error = "request timed out".to_string();
-                }
-                let retry = pending.retry_at.is_some_and(|t| t <= now);
-                if !timed_out && !retry {
-                    continue;
-                }
-                let avoid = timed_out.then_some(pending.target);
-                let batch = pending.batch.clone();
-                let Some(target) = self.target(client, group, partition, avoid) else {
-                    continue;
-                };
-                if timed_out {
-                    self.views.get_mut(&client).expect("client view").leader.remove(&group);
-                }
-                let request = self.next_request;
-                self.next_request += 1;
-                let pending = self.producers[index]
-                    .pending
-                    .get_mut(&partition)
-                    .expect("pending batch");
-                pending.requests.insert(request);
-                pending.sent_ms = now;
-                pending.retry_at = None;
-                pending.target = target;
-                self.net
-                    .post(client, NodeId(target as u32), Msg::Produce { request, group, batch });
-                continue;
+            if self.producers[index].pending.contains_key(&partition) {
+                self.step_pending(index, partition, group, now);
+            } else {
+                self.produce_next(index, partition, group, now);
             }
-            if !self.producing || self.writes.len() >= WRITES_MAX {
-                continue;
-            }
-            if producer.next_send.get(&partition).is_some_and(|&t| t > now) {
-                continue;
-            }
-            let count = self.rng.between(1, BATCH_RECORDS_MAX);
-            let producer = &mut self.producers[index];
-            let base_sequence = producer.next_sequence.get(&partition).copied().unwrap_or(0);
-            let mut builder = BatchBuilder::new();
-            builder.set_producer(ProducerInfo {
-                producer_id: producer.producer_id(),
-                producer_epoch: 0,
-                base_sequence,
-            });
-            let mut ids = Vec::new();
-            for _ in 0..count {
-                let id = format!("p{}-{}", producer.index, producer.written);
-                producer.written += 1;
-                // The dataflow's input: an attempt of a card drawn from the seed.
-                let value = match self.tasks.def {
-                    Some(_) => dataflow::attempt_value(self.rng.between(0, u64::MAX - 1), now),
-                    None => id.clone().into_bytes(),
-                };
-                let record = Record {
-                    timestamp_ms: now as i64,
-                    value: Some(Bytes::from(value)),
-                    headers: vec![Header {
-                        key: WRITE_ID_HEADER.to_string(),
-                        value: Some(Bytes::from(id.clone())),
-                    }],
-                    ..Record::default()
-                };
-                builder.push(&record).expect("a small record encodes");
-                ids.push(id);
-            }
-            let batch = builder.build().expect("a small batch builds");
-            producer.next_send.insert(partition, now + self.config.produce_every_ms);
-            let Some(target) = self.target(client, group, partition, None) else {
-                continue;
-            };
-            let request = self.next_request;
-            self.next_request += 1;
-            self.producers[index].pending.insert(
-                partition,
-                Pending {
-                    batch: batch.clone(),
-                    ids,
-                    started_ms: now,
-                    sent_ms: now,
-                    requests: BTreeSet::from([request]),
-                    target,
-                    retry_at: None,
-                    maybe_written: false,
-                    last_error: String::new(),
-                },
-            );
-            self.net
-                .post(client, NodeId(target as u32), Msg::Produce { request, group, batch });
         }
+    }
+
+    /// The batch a producer has in flight to `partition`: recorded failed or
+    /// unknown after `GIVE_UP_MS`, sent again (elsewhere after a timeout)
+    /// when its request timed out or its retry is due.
+    fn step_pending(&mut self, index: usize, partition: u32, group: u64, now: u64) {
+        let client = self.producers[index].node;
+        let pending = self.producers[index]
+            .pending
+            .get_mut(&partition)
+            .expect("pending batch");
+        if now >= pending.started_ms + GIVE_UP_MS {
+            let outcome = give_up(pending);
+            self.finish_batch(client, partition, outcome);
+            return;
+        }
+        let timed_out = now >= pending.sent_ms + REQUEST_TIMEOUT_MS;
+        if timed_out {
+            pending.maybe_written = true;
+            pending.last_error = "request timed out".to_string();
+        }
+        let retry = pending.retry_at.is_some_and(|t| t <= now);
+        if !timed_out && !retry {
+            return;
+        }
+        let avoid = timed_out.then_some(pending.target);
+        let batch = pending.batch.clone();
+        let Some(target) = self.target(client, group, partition, avoid) else {
+            return;
+        };
+        if timed_out {
+            self.views.get_mut(&client).expect("client view").leader.remove(&group);
+        }
+        let request = self.new_request();
+        let pending = self.producers[index]
+            .pending
+            .get_mut(&partition)
+            .expect("pending batch");
+        pending.requests.insert(request);
+        pending.sent_ms = now;
+        pending.retry_at = None;
+        pending.target = target;
+        self.net
+            .post(client, NodeId(target as u32), Msg::Produce { request, group, batch });
+    }
+
+    /// A producer's next batch to `partition`, when producing, under the
+    /// write cap, and due (the batch is drawn even when no node to send it
+    /// to is known yet; it is dropped then).
+    fn produce_next(&mut self, index: usize, partition: u32, group: u64, now: u64) {
+        if !self.producing || self.writes.len() >= WRITES_MAX {
+            return;
+        }
+        let producer = &self.producers[index];
+        if producer.next_send.get(&partition).is_some_and(|&t| t > now) {
+            return;
+        }
+        let client = producer.node;
+        let (batch, ids) = self.new_batch(index, partition, now);
+        let producer = &mut self.producers[index];
+        producer.next_send.insert(partition, now + self.config.produce_every_ms);
+        let Some(target) = self.target(client, group, partition, None) else {
+            return;
+        };
+        let request = self.new_request();
+        self.producers[index].pending.insert(
+            partition,
+            Pending {
+                batch: batch.clone(),
+                ids,
+                started_ms: now,
+                sent_ms: now,
+                requests: BTreeSet::from([request]),
+                target,
+                retry_at: None,
+                maybe_written: false,
+                last_error: String::new(),
+            },
+        );
+        self.net
+            .post(client, NodeId(target as u32), Msg::Produce { request, group, batch });
+    }
+
+    /// A fresh request id.
+    fn new_request(&mut self) -> u64 {
+        let request = self.next_request;
+        self.next_request += 1;
+        request
+    }
+
+    /// A new batch of 1..=`BATCH_RECORDS_MAX` records (the count drawn from
+    /// the seed) under the producer's identity and next sequence, and the
+    /// write ids of its records.
+    fn new_batch(&mut self, index: usize, partition: u32, now: u64) -> (RecordBatch, Vec<String>) {
+        let count = self.rng.between(1, BATCH_RECORDS_MAX);
+        let producer = &mut self.producers[index];
+        let base_sequence = producer.next_sequence.get(&partition).copied().unwrap_or(0);
+        let mut builder = BatchBuilder::new();
+        builder.set_producer(ProducerInfo {
+            producer_id: producer.producer_id(),
+            producer_epoch: 0,
+            base_sequence,
+        });
+        let mut ids = Vec::new();
+        for _ in 0..count {
+            let id = format!("p{}-{}", producer.index, producer.written);
+            producer.written += 1;
+            // The dataflow's input: an attempt of a card drawn from the seed.
+            let value = match self.tasks.def {
+                Some(_) => dataflow::attempt_value(self.rng.between(0, u64::MAX - 1), now),
+                None => id.clone().into_bytes(),
+            };
+            builder
+                .push(&written_record(&id, value, now))
+                .expect("a small record encodes");
+            ids.push(id);
+        }
+        (builder.build().expect("a small batch builds"), ids)
     }
 
     fn step_consumer(&mut self, index: usize, now: u64) {
@@ -1975,7 +2144,29 @@ fn group_of(views: &BTreeMap<NodeId, ClientView>, client: NodeId, partition: u32
     Some(group_id(topic.id, partition))
 }
 
-/// Closes a replica the node no longer hosts (its files stay).
+/// A batch retried for `GIVE_UP_MS` without an acknowledgement: unknown if
+/// some attempt may have written it, else failed.
+fn give_up(pending: &Pending) -> Outcome {
+    if pending.maybe_written {
+        Outcome::Unknown(format!("no acknowledgement in {GIVE_UP_MS} ms: {}", pending.last_error))
+    } else {
+        Outcome::Failed(pending.last_error.clone())
+    }
+}
+
+/// A producer's record: its value, stamped `now`, with its write id as a header.
+fn written_record(id: &str, value: Vec<u8>, now: u64) -> Record {
+    Record {
+        timestamp_ms: now as i64,
+        value: Some(Bytes::from(value)),
+        headers: vec![Header {
+            key: WRITE_ID_HEADER.to_string(),
+            value: Some(Bytes::from(id.to_string())),
+        }],
+        ..Record::default()
+    }
+}
+
 /// What a failed produce means for the batch, as the real client's policy
 /// ([`policy::classify`]) judges it: routing errors retry at once, load and
 /// unknown outcomes after a pause (a produce with a producer id is safe to
@@ -2032,6 +2223,7 @@ fn replica_dirs(dir: &Path) -> Result<Vec<u64>, String> {
     Ok(groups)
 }
 
+/// Closes a replica the node no longer hosts (its files stay).
 fn close(id: u64, mut part: Part) -> Result<(), String> {
     let group = part.group();
     part.core_mut()
