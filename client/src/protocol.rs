@@ -489,7 +489,7 @@ mod tests {
     fn payloads_carry_their_version_and_others_are_refused_by_name() {
         let request = ClientRequest::DescribeTopic { name: "t".into() };
         let payload = encode_payload(&request).expect("encodes");
-        assert_eq!(&payload[..3], &[PAYLOAD_MAGIC, PAYLOAD_VERSION, 6]);
+        assert_eq!(&payload[..3], &[PAYLOAD_MAGIC, PAYLOAD_VERSION, 5]);
         assert_eq!(decode_payload::<ClientRequest>(&payload), Ok(request.clone()));
         let mut future = payload.clone();
         future[1] = 7;
