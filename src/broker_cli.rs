@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use runnel::client::protocol::{PartitionInfo, TopicConfig, TopicInfo};
+use runnel::client::protocol::{NodeId, PartitionInfo, TopicConfig, TopicInfo};
 use runnel::client::{Acks, Client, Consumer, Producer};
 use runnel::storage::Record;
 
@@ -106,7 +106,7 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
             TopicCommand::Describe { name, json, connect } => {
                 let client = connect.connect().await?;
                 let topic = client.describe_topic(&name).await?;
-                let alive: BTreeSet<u32> = client.alive_nodes().into_iter().collect();
+                let alive: BTreeSet<NodeId> = client.alive_nodes().into_iter().collect();
                 print_topic(&topic, &alive, json);
             }
             TopicCommand::Delete { name, connect } => {
@@ -118,7 +118,7 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
     })
 }
 
-fn print_topic(topic: &TopicInfo, alive: &BTreeSet<u32>, json: bool) {
+fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, json: bool) {
     let under_replicated = |p: &PartitionInfo| p.leader.is_none() || p.replicas.iter().any(|r| !alive.contains(r));
     if json {
         let partitions: Vec<serde_json::Value> = topic

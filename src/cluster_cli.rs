@@ -82,7 +82,7 @@ pub struct NodeArgs {
     dead_ms: Option<u64>,
     /// Node ids of the controller voters (default: the seeds' ids).
     #[arg(long, value_delimiter = ',')]
-    controllers: Option<Vec<u64>>,
+    controllers: Option<Vec<NodeId>>,
     /// Seconds a node must stay dead before its replicas are re-created on
     /// other nodes (0 = at once).
     #[arg(long, env = "RUNNEL_REPLACE_AFTER", default_value_t = 30)]
@@ -265,7 +265,7 @@ async fn start_dataflow_host(node: &Node, setup: &NodeSetup) -> anyhow::Result<A
             addr: listen,
         }),
     };
-    runnel::dataflow::DataflowHost::start(runnel::dataflow::builtin(), setup.id.0, settings)
+    runnel::dataflow::DataflowHost::start(runnel::dataflow::builtin(), setup.id, settings)
         .await
         .map_err(|e| anyhow::anyhow!(e))
 }
@@ -277,11 +277,11 @@ async fn controller_voters(
     node: &NodeHandle,
     data: &Path,
     seeds: &[SocketAddr],
-    given: Option<Vec<u64>>,
-) -> anyhow::Result<Vec<u64>> {
+    given: Option<Vec<NodeId>>,
+) -> anyhow::Result<Vec<NodeId>> {
     let mut meta = DurableKv::open(data.join("node.meta"))?;
     if let Some(bytes) = meta.get("controllers") {
-        let remembered: Vec<u64> = serde_json::from_slice(bytes).context("node.meta: controllers")?;
+        let remembered: Vec<NodeId> = serde_json::from_slice(bytes).context("node.meta: controllers")?;
         if given.as_ref().is_some_and(|g| *g != remembered) {
             bail!("this node was started with controllers {remembered:?}; they cannot change to {given:?}");
         }
@@ -289,14 +289,14 @@ async fn controller_voters(
     }
     let voters = match given {
         Some(voters) => voters,
-        None if seeds.is_empty() => vec![u64::from(node.id().0)],
+        None if seeds.is_empty() => vec![node.id()],
         None => {
             let mut last_report = std::time::Instant::now();
             loop {
                 let members = node.members();
-                let found: Vec<u64> = seeds
+                let found: Vec<NodeId> = seeds
                     .iter()
-                    .filter_map(|seed| members.iter().find(|m| m.addr == *seed).map(|m| u64::from(m.node.0)))
+                    .filter_map(|seed| members.iter().find(|m| m.addr == *seed).map(|m| m.node))
                     .collect();
                 if found.len() == seeds.len() {
                     let mut found = found;
@@ -504,10 +504,10 @@ async fn under_replicated(
     certs: &Path,
     members: &[runnel::cluster::MemberStatus],
 ) -> Vec<UnderReplicated> {
-    let alive: Vec<u32> = members
+    let alive: Vec<NodeId> = members
         .iter()
         .filter(|m| m.state == runnel::cluster::MemberState::Alive)
-        .map(|m| m.node.0)
+        .map(|m| m.node)
         .collect();
     let Ok(client) = runnel::client::Client::connect(seeds.to_vec(), certs).await else {
         return Vec::new();

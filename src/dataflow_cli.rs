@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::Context;
-use runnel::client::protocol::DataflowMeta;
+use runnel::client::protocol::{DataflowMeta, NodeId};
 use runnel::client::tasks::TaskStatus;
 use runnel::client::Client;
 
@@ -75,7 +75,7 @@ fn print_list(dataflows: &[DataflowMeta], json: bool) -> anyhow::Result<()> {
         println!("no dataflow is running");
     }
     for d in dataflows {
-        let nodes: BTreeSet<u32> = d.placement.iter().copied().collect();
+        let nodes: BTreeSet<NodeId> = d.placement.iter().copied().collect();
         println!(
             "{}  {} -> {}  {} stage(s) x {} partition(s) = {} tasks on nodes {:?}",
             d.name,
@@ -99,12 +99,12 @@ pub async fn describe(client: &Client, name: &str) -> anyhow::Result<Vec<TaskSta
         .find(|d| d.name == name)
         .with_context(|| format!("dataflow {name:?} is not running"))?;
     let mut tasks = Vec::with_capacity(dataflow.placement.len());
-    let nodes: BTreeSet<u32> = dataflow.placement.iter().copied().collect();
+    let nodes: BTreeSet<NodeId> = dataflow.placement.iter().copied().collect();
     let mut reports = Vec::new();
     for node in nodes {
         match client.dataflow_tasks(node).await {
             Ok(report) => reports.extend(report.into_iter().filter(|t| t.dataflow == name)),
-            Err(e) => tracing::debug!(node, error = %e, "node did not report its tasks"),
+            Err(e) => tracing::debug!(node = %node, error = %e, "node did not report its tasks"),
         }
     }
     for (task, &node) in dataflow.placement.iter().enumerate() {

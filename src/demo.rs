@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use runnel::client::protocol::TopicConfig;
+use runnel::client::protocol::{NodeId, TopicConfig};
 use runnel::client::Client;
 use runnel::dataflow::fraud::{self, Attempt, Generator};
 use runnel_verify::fixtures::embedded::{start_cluster, Member};
@@ -137,16 +137,17 @@ async fn kill_leader(
     members: &mut BTreeMap<u32, Member>,
     addrs: &[SocketAddr],
     dir: &Path,
-) -> anyhow::Result<(u32, Arc<Client>)> {
+) -> anyhow::Result<(NodeId, Arc<Client>)> {
     let victim = client.describe_topic(fraud::SOURCE).await?.partitions[0]
         .leader
         .context("partition 0 has no leader")?;
     tracing::info!("killing node {victim}, the leader of partition 0 and host of dataflow tasks");
-    if let Some(member) = members.remove(&victim) {
+    // The embedded fixture keys members by the bare node number.
+    if let Some(member) = members.remove(&victim.0) {
         member.stop().await;
     }
     let survivors: Vec<SocketAddr> = (1..=3u32)
-        .filter(|id| *id != victim)
+        .filter(|id| *id != victim.0)
         .map(|id| addrs[id as usize - 1])
         .collect();
     let client = Arc::new(Client::connect(survivors, &dir.join("certs")).await?);

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use runnel::client::protocol::NodeId;
 use runnel::client::Client;
 use runnel::cluster::protocol::{NodeRequest, NodeResponse};
 use runnel::cluster::quic::ClusterClient;
@@ -17,12 +18,12 @@ use runnel::cluster::tls::CertDir;
 const EVENTS_SHOWN: usize = 20;
 
 /// A partition's leader, voters and learners.
-type Membership = (Option<u32>, Vec<u32>, Vec<u32>);
+type Membership = (Option<NodeId>, Vec<NodeId>, Vec<NodeId>);
 
 /// What one refresh saw: node states and, per (topic, partition), its membership.
 #[derive(Default, PartialEq)]
 struct Snapshot {
-    nodes: BTreeMap<u32, String>,
+    nodes: BTreeMap<NodeId, String>,
     partitions: BTreeMap<(String, u32), Membership>,
 }
 
@@ -57,7 +58,7 @@ pub fn run(seeds: Vec<SocketAddr>, certs: PathBuf, interval: Duration, count: Op
 async fn snapshot(cluster: &ClusterClient, client: &Client) -> anyhow::Result<Snapshot> {
     let mut snapshot = Snapshot::default();
     if let NodeResponse::Status { members, .. } = cluster.request(NodeRequest::Status, Duration::from_secs(5)).await? {
-        snapshot.nodes = members.iter().map(|m| (m.node.0, m.state.to_string())).collect();
+        snapshot.nodes = members.iter().map(|m| (m.node, m.state.to_string())).collect();
     }
     for topic in client.topics().await? {
         let Ok(info) = client.describe_topic(&topic.name).await else {
@@ -110,7 +111,7 @@ fn render(snapshot: &Snapshot, events: &VecDeque<String>) {
     let nodes: Vec<String> = snapshot.nodes.iter().map(|(n, s)| format!("{n}:{s}")).collect();
     out.push_str(&format!("nodes: {}\n", nodes.join("  ")));
     for ((topic, partition), (leader, voters, learners)) in &snapshot.partitions {
-        let alive = |n: &u32| snapshot.nodes.get(n).is_some_and(|s| s == "alive");
+        let alive = |n: &NodeId| snapshot.nodes.get(n).is_some_and(|s| s == "alive");
         let under = leader.is_none() || voters.iter().any(|v| !alive(v));
         let mark = if under { "  UNDER-REPLICATED" } else { "" };
         let leader = leader.map_or("none".to_string(), |l| l.to_string());

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
+use runnel::client::protocol::NodeId;
 use runnel::client::{Acks, Client, ClientError, Consumer, Producer};
 use runnel::storage::{BatchBuilder, ProducerInfo, Record, StoredRecord};
 
@@ -74,7 +75,7 @@ async fn connect(cluster: &ProcessCluster) -> Arc<Client> {
 /// replica is still starting).
 async fn replica_records(
     client: &Client,
-    node: u32,
+    node: NodeId,
     topic: &str,
     partition: u32,
 ) -> Result<Vec<StoredRecord>, ClientError> {
@@ -94,7 +95,7 @@ async fn replica_records(
 
 /// Waits until every replica of the partition holds the same records, and
 /// returns them.
-async fn identical_replicas(client: &Client, topic: &str, partition: u32, nodes: &[u32]) -> Vec<StoredRecord> {
+async fn identical_replicas(client: &Client, topic: &str, partition: u32, nodes: &[NodeId]) -> Vec<StoredRecord> {
     let deadline = Instant::now() + TIMEOUT;
     let mut last = String::new();
     loop {
@@ -169,7 +170,7 @@ async fn a_hundred_thousand_records_round_trip_with_the_same_offsets_on_every_re
 
     eprintln!("phase: every replica holds the same records at the same offsets, in production order per key");
     for (partition, records) in &consumed {
-        let replicas = identical_replicas(&client, "payments", *partition, &[1, 2, 3]).await;
+        let replicas = identical_replicas(&client, "payments", *partition, &[NodeId(1), NodeId(2), NodeId(3)]).await;
         assert_eq!(
             &replicas, records,
             "partition {partition}: a replica differs from what was consumed"
@@ -187,7 +188,7 @@ async fn a_hundred_thousand_records_round_trip_with_the_same_offsets_on_every_re
 }
 
 /// Finds the node leading partition 0.
-async fn leader_of(client: &Client, topic: &str) -> u32 {
+async fn leader_of(client: &Client, topic: &str) -> NodeId {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         if let Ok(info) = client.describe_topic(topic).await {
@@ -235,7 +236,7 @@ async fn killing_the_leader_mid_produce_loses_no_acknowledged_record_and_a_resta
     for tag in 0..400u32 {
         if tag == 150 {
             // SIGKILL from another thread, so it lands while requests are in flight.
-            let pid = cluster.nodes[leader as usize - 1].pid().expect("leader runs");
+            let pid = cluster.nodes[leader.0 as usize - 1].pid().expect("leader runs");
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(15));
                 let _ = std::process::Command::new("kill")
@@ -260,21 +261,21 @@ async fn killing_the_leader_mid_produce_loses_no_acknowledged_record_and_a_resta
     eprintln!("acknowledged {} batches after {retries} retries", acked.len());
 
     eprintln!("phase: every acknowledged record is readable exactly once, at its offset");
-    let survivors: Vec<u32> = [1, 2, 3].into_iter().filter(|&n| n != leader).collect();
+    let survivors: Vec<NodeId> = [1, 2, 3].into_iter().map(NodeId).filter(|&n| n != leader).collect();
     let records = identical_replicas(&client, "orders", 0, &survivors).await;
     check_acknowledged(&records, &acked);
     assert_eq!(records.len(), 4000, "nothing but the acknowledged records, each once");
 
     eprintln!("phase: restart the killed node; its log catches up to the leader's");
-    let killed = leader as usize - 1;
+    let killed = leader.0 as usize - 1;
     cluster.nodes[killed] = start_node(
-        leader,
+        leader.0,
         cluster.addrs[killed],
         &cluster.addrs,
         &cluster.certs,
         cluster.scratch.path(),
     );
-    let all = identical_replicas(&client, "orders", 0, &[1, 2, 3]).await;
+    let all = identical_replicas(&client, "orders", 0, &[NodeId(1), NodeId(2), NodeId(3)]).await;
     assert_eq!(all, records);
 }
 
@@ -381,12 +382,12 @@ async fn committed_offsets_survive_a_leader_kill_and_seek_by_timestamp_works() {
     let leader = info.partitions[offsets_partition as usize]
         .leader
         .expect("offsets leader");
-    cluster.nodes[leader as usize - 1].kill();
+    cluster.nodes[leader.0 as usize - 1].kill();
     let survivors: Vec<SocketAddr> = cluster
         .addrs
         .iter()
         .enumerate()
-        .filter(|(i, _)| *i != leader as usize - 1)
+        .filter(|(i, _)| *i != leader.0 as usize - 1)
         .map(|(_, a)| *a)
         .collect();
     let client = Arc::new(Client::connect(survivors, &cluster.certs).await.expect("connect"));
@@ -449,7 +450,7 @@ async fn a_crashed_replica_restarts_in_place_and_status_shows_it() {
         restarts = json["replica_restarts"].clone();
         restarts
             .as_array()
-            .is_some_and(|r| r.iter().any(|e| e["node"] == victim && e["restarts"] == 1))
+            .is_some_and(|r| r.iter().any(|e| e["node"] == victim.0 && e["restarts"] == 1))
     });
     assert!(restarts.to_string().contains("injected fault"), "{restarts}");
 
@@ -470,7 +471,7 @@ async fn a_crashed_replica_restarts_in_place_and_status_shows_it() {
             .expect("send");
     }
     producer.flush().await.expect("flush");
-    let records = identical_replicas(&client, "audit", 0, &[1, 2, 3]).await;
+    let records = identical_replicas(&client, "audit", 0, &[NodeId(1), NodeId(2), NodeId(3)]).await;
     assert_eq!(records.len(), 50);
 }
 
@@ -512,12 +513,12 @@ fn start_healing_cluster(count: usize, first_host: u8) -> (ProcessCluster, Vec<N
 }
 
 /// Connects through the nodes that are not `dead`.
-async fn connect_avoiding(cluster: &ProcessCluster, dead: &[u32]) -> Arc<Client> {
+async fn connect_avoiding(cluster: &ProcessCluster, dead: &[NodeId]) -> Arc<Client> {
     let live: Vec<SocketAddr> = cluster
         .addrs
         .iter()
         .enumerate()
-        .filter(|(i, _)| !dead.contains(&(*i as u32 + 1)))
+        .filter(|(i, _)| !dead.contains(&NodeId(*i as u32 + 1)))
         .map(|(_, a)| *a)
         .collect();
     Arc::new(Client::connect(live, &cluster.certs).await.expect("connect"))
@@ -525,7 +526,7 @@ async fn connect_avoiding(cluster: &ProcessCluster, dead: &[u32]) -> Arc<Client>
 
 /// Waits until no partition of `topic` has a replica on a `dead` node and
 /// every partition's voters are exactly its (live) replicas, with a leader.
-async fn wait_healed(client: &Client, topic: &str, dead: &[u32]) -> runnel::client::protocol::TopicInfo {
+async fn wait_healed(client: &Client, topic: &str, dead: &[NodeId]) -> runnel::client::protocol::TopicInfo {
     let deadline = Instant::now() + TIMEOUT;
     let mut last = String::new();
     loop {
@@ -588,7 +589,7 @@ async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_fac
     let victim = client.describe_topic("heal").await.expect("describe").partitions[0].replicas[2];
 
     eprintln!("phase: SIGKILL node {victim}, which holds replicas; the controller re-creates them on live nodes");
-    nodes[victim as usize - 1].kill();
+    nodes[victim.0 as usize - 1].kill();
     let client = connect_avoiding(&cluster, &[victim]).await;
     let healed = wait_healed(&client, "heal", &[victim]).await;
     eprintln!(
@@ -612,9 +613,9 @@ async fn a_dead_nodes_replicas_are_recreated_elsewhere_until_the_replication_fac
         stale_before > 1,
         "the victim had partition replicas besides the controller's"
     );
-    let addr = cluster.addrs[victim as usize - 1];
-    nodes[victim as usize - 1] = start_node_with(
-        victim,
+    let addr = cluster.addrs[victim.0 as usize - 1];
+    nodes[victim.0 as usize - 1] = start_node_with(
+        victim.0,
         addr,
         &cluster.addrs,
         &cluster.certs,
@@ -676,7 +677,7 @@ async fn killing_two_nodes_of_five_one_after_another_heals_after_each() {
             .find(|n| !dead.contains(n))
             .expect("a live replica");
         eprintln!("phase: SIGKILL node {victim}");
-        nodes[victim as usize - 1].kill();
+        nodes[victim.0 as usize - 1].kill();
         dead.push(victim);
         let client = client_for(&cluster, &dead).await;
         let healed = wait_healed(&client, "twice", &dead).await;
@@ -689,7 +690,7 @@ async fn killing_two_nodes_of_five_one_after_another_heals_after_each() {
     }
 }
 
-async fn client_for(cluster: &ProcessCluster, dead: &[u32]) -> Arc<Client> {
+async fn client_for(cluster: &ProcessCluster, dead: &[NodeId]) -> Arc<Client> {
     connect_avoiding(cluster, dead).await
 }
 
@@ -718,9 +719,9 @@ async fn killing_the_controller_leader_during_re_replication_still_heals() {
     eprintln!(
         "phase: SIGKILL node {victim} (replicas) and, during its re-replication, node {controller} (controller leader)"
     );
-    nodes[victim as usize - 1].kill();
+    nodes[victim.0 as usize - 1].kill();
     std::thread::sleep(Duration::from_millis(300));
-    nodes[controller as usize - 1].kill();
+    nodes[controller.0 as usize - 1].kill();
     let dead = [victim, controller];
     let client = connect_avoiding(&cluster, &dead).await;
     let healed = wait_healed(&client, "steady", &dead).await;
@@ -742,11 +743,11 @@ async fn without_enough_live_nodes_a_partition_serves_under_replicated_and_heals
 
     eprintln!("phase: kill node 3 of 3: nowhere to re-create its replica; the partition serves, under-replicated");
     nodes[2].kill();
-    let client = connect_avoiding(&cluster, &[3]).await;
+    let client = connect_avoiding(&cluster, &[NodeId(3)]).await;
     produce_tagged(&client, "thin", 1, "degraded", 50).await;
     let info = client.describe_topic("thin").await.expect("describe");
     assert!(
-        info.partitions[0].replicas.contains(&3),
+        info.partitions[0].replicas.contains(&NodeId(3)),
         "no live node could take the replica"
     );
     wait_for("the partition to be marked under-replicated", TIMEOUT, || {
@@ -780,9 +781,9 @@ async fn without_enough_live_nodes_a_partition_serves_under_replicated_and_heals
         cluster.scratch.path(),
         &REPLACE_AT_ONCE,
     ));
-    let client = connect_avoiding(&cluster, &[3]).await;
-    let healed = wait_healed(&client, "thin", &[3]).await;
-    assert!(healed.partitions[0].replicas.contains(&4));
+    let client = connect_avoiding(&cluster, &[NodeId(3)]).await;
+    let healed = wait_healed(&client, "thin", &[NodeId(3)]).await;
+    assert!(healed.partitions[0].replicas.contains(&NodeId(4)));
     assert_eq!(records_everywhere(&client, &healed).await, 100);
 }
 
@@ -811,7 +812,7 @@ async fn status_watch_shows_failover_and_healing_as_events() {
         .expect("spawn watch");
     std::thread::sleep(Duration::from_millis(1500));
     eprintln!("phase: SIGKILL node {victim} while the watcher runs");
-    nodes[victim as usize - 1].kill();
+    nodes[victim.0 as usize - 1].kill();
     let output = watcher.wait_with_output().expect("watch output");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -885,7 +886,7 @@ async fn a_replica_that_keeps_crashing_is_reported_and_placed_on_another_node() 
                 "status",
                 "--json",
                 "--seeds",
-                &cluster.addrs[victim as usize - 1].to_string(),
+                &cluster.addrs[victim.0 as usize - 1].to_string(),
             ])
             .arg("--certs")
             .arg(&cluster.certs)
@@ -894,7 +895,7 @@ async fn a_replica_that_keeps_crashing_is_reported_and_placed_on_another_node() 
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
         json["replica_restarts"]
             .as_array()
-            .and_then(|r| r.iter().find(|e| e["node"] == victim))
+            .and_then(|r| r.iter().find(|e| e["node"] == victim.0))
             .map_or((0, false), |e| {
                 (e["restarts"].as_u64().unwrap_or(0), e["failed"] == true)
             })

@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use crate::error::{ActorError, Result};
 use crate::partition::{Fetched, RaftRouter, ReplicaArgs, ReplicaMsg, ReplicaStatus};
 use crate::protocol::{
-    decode_payload, encode_payload, Acks, BrokerError, GroupMessage, PassiveAnswer, RaftBatch, RAFT_ACTOR,
+    decode_payload, encode_payload, Acks, BrokerError, GroupId, GroupMessage, PassiveAnswer, RaftBatch, RAFT_ACTOR,
 };
 use crate::replica::ReplicaConfig;
 use crate::supervisor::{
@@ -74,17 +74,17 @@ struct ClusterRouter {
 }
 
 impl RaftRouter for ClusterRouter {
-    fn send(&self, group: u64, messages: Vec<Message>) {
+    fn send(&self, group: GroupId, messages: Vec<Message>) {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         for message in messages {
             let queue = pending.entry(message.to).or_default();
             if queue.len() >= PENDING_PER_PEER_MAX {
-                tracing::debug!(group, to = message.to, "Raft queue to peer full; message dropped");
+                tracing::debug!(group = %group, to = message.to, "Raft queue to peer full; message dropped");
                 continue;
             }
             match message.write_to_bytes() {
                 Ok(bytes) => queue.push(GroupMessage { group, message: bytes }),
-                Err(e) => tracing::error!(group, error = %e, "could not encode a Raft message"),
+                Err(e) => tracing::error!(group = %group, error = %e, "could not encode a Raft message"),
             }
         }
         drop(pending);
@@ -107,18 +107,19 @@ impl ClusterRouter {
     }
 
     fn send_batch(&self, to: u64, messages: Vec<GroupMessage>) {
-        let Ok(to) = u32::try_from(to) else { return };
+        // Raft addresses peers by u64 id; one no node can have goes nowhere.
+        let Some(to) = NodeId::from_raft(to) else { return };
         let payload = match encode_payload(&RaftBatch { messages }) {
             Ok(payload) => payload,
             Err(e) => {
-                tracing::error!(to, error = %e, "could not encode a Raft batch");
+                tracing::error!(to = %to, error = %e, "could not encode a Raft batch");
                 return;
             }
         };
         // Raft retransmits: a message lost to a full queue or a dead peer is
         // recovered by the protocol, so it is only logged.
-        if let Err(e) = self.node.send(NodeId(to), RAFT_ACTOR, payload) {
-            tracing::debug!(to, error = %e, "Raft batch not sent");
+        if let Err(e) = self.node.send(to, RAFT_ACTOR, payload) {
+            tracing::debug!(to = %to, error = %e, "Raft batch not sent");
         }
     }
 }
@@ -192,7 +193,7 @@ impl Broker {
     /// Runs a replica of `group` on this node. A founding replica of a new
     /// group passes the group's voters; a reopened one passes `None`. With
     /// `rejoin`, a replica created empty is passive (`ReplicaConfig::rejoin`).
-    pub async fn host(&self, group: u64, bootstrap_voters: Option<Vec<u64>>, rejoin: bool) -> Result<()> {
+    pub async fn host(&self, group: GroupId, bootstrap_voters: Option<Vec<NodeId>>, rejoin: bool) -> Result<()> {
         // A replica this node deleted before comes back passive whatever
         // the (maybe lagging) metadata says: the group may have counted its
         // votes, which an empty replica no longer holds.
@@ -205,7 +206,7 @@ impl Broker {
                 ack_before_commit: self.config.test_ack_before_commit,
                 sync_log: self.config.sync_log,
                 rejoin,
-                ..ReplicaConfig::new(u64::from(self.node.id().0))
+                ..ReplicaConfig::new(self.node.id().to_raft())
             },
             bootstrap_voters,
             router: self.router.clone(),
@@ -230,7 +231,7 @@ impl Broker {
     }
 
     /// The live replica of `group`, if this node runs one.
-    pub fn replica(&self, group: u64) -> Option<ActorRef<ReplicaMsg>> {
+    pub fn replica(&self, group: GroupId) -> Option<ActorRef<ReplicaMsg>> {
         self.registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -238,12 +239,17 @@ impl Broker {
             .map(|h| h.actor.clone())
     }
 
-    fn replica_or_error(&self, group: u64) -> std::result::Result<ActorRef<ReplicaMsg>, BrokerError> {
+    fn replica_or_error(&self, group: GroupId) -> std::result::Result<ActorRef<ReplicaMsg>, BrokerError> {
         self.replica(group).ok_or(BrokerError::UnknownGroup(group))
     }
 
     /// Appends a batch to `group` through its local replica, which must lead.
-    pub async fn produce(&self, group: u64, batch: RecordBatch, acks: Acks) -> std::result::Result<u64, BrokerError> {
+    pub async fn produce(
+        &self,
+        group: GroupId,
+        batch: RecordBatch,
+        acks: Acks,
+    ) -> std::result::Result<u64, BrokerError> {
         let replica = self.replica_or_error(group)?;
         let answer = replica
             .call(
@@ -257,7 +263,7 @@ impl Broker {
     /// Reads committed batches of `group` from `offset`.
     pub async fn fetch(
         &self,
-        group: u64,
+        group: GroupId,
         offset: u64,
         max_bytes: usize,
         any_replica: bool,
@@ -280,7 +286,7 @@ impl Broker {
     /// The first committed offset of `group` at or after `timestamp_ms`.
     pub async fn offset_for_timestamp(
         &self,
-        group: u64,
+        group: GroupId,
         timestamp_ms: i64,
     ) -> std::result::Result<Option<u64>, BrokerError> {
         let replica = self.replica_or_error(group)?;
@@ -295,7 +301,7 @@ impl Broker {
 
     /// Asks the local replica of `group`, if it leads, to move the group's
     /// voters one step towards `desired`.
-    pub fn reconfigure(&self, group: u64, desired: Vec<u64>) {
+    pub fn reconfigure(&self, group: GroupId, desired: Vec<NodeId>) {
         if let Some(replica) = self.replica(group) {
             let _ = replica.cast(ReplicaMsg::Reconfigure(desired));
         }
@@ -305,8 +311,8 @@ impl Broker {
     /// (see [`crate::ReplicaCore::judge_passive`]).
     pub async fn judge_passive(
         &self,
-        group: u64,
-        node: u64,
+        group: GroupId,
+        node: NodeId,
         since: u64,
     ) -> std::result::Result<PassiveAnswer, BrokerError> {
         let replica = self.replica_or_error(group)?;
@@ -320,9 +326,9 @@ impl Broker {
     }
 
     /// The groups whose local replica is passive.
-    pub fn passive_groups(&self) -> Vec<u64> {
+    pub fn passive_groups(&self) -> Vec<GroupId> {
         let registry = self.registry.read().unwrap_or_else(|p| p.into_inner());
-        let mut groups: Vec<u64> = registry
+        let mut groups: Vec<GroupId> = registry
             .iter()
             .filter(|(_, h)| h.passive.load(std::sync::atomic::Ordering::Relaxed))
             .map(|(&g, _)| g)
@@ -332,13 +338,13 @@ impl Broker {
     }
 
     /// Tells the local passive replica of `group` that it was promoted.
-    pub fn promoted(&self, group: u64) {
+    pub fn promoted(&self, group: GroupId) {
         if let Some(replica) = self.replica(group) {
             let _ = replica.cast(ReplicaMsg::Promoted);
         }
     }
 
-    pub async fn status(&self, group: u64) -> Option<ReplicaStatus> {
+    pub async fn status(&self, group: GroupId) -> Option<ReplicaStatus> {
         let replica = self.replica(group)?;
         match replica
             .call(ReplicaMsg::Status, Some(self.config.request_timeout))
@@ -361,19 +367,19 @@ impl Broker {
     }
 
     /// Groups that have a replica directory on this node's disk.
-    pub fn replica_dirs(&self) -> Vec<u64> {
+    pub fn replica_dirs(&self) -> Vec<GroupId> {
         let dir = self.config.data_dir.join("partitions");
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Vec::new();
         };
         entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok().map(GroupId))
             .collect()
     }
 
     /// Deletes the files of a replica that no longer runs here, leaving a
     /// tombstone (`<group>.left`) first: this node hosted the group once.
-    pub fn delete_replica_files(&self, group: u64) -> Result<()> {
+    pub fn delete_replica_files(&self, group: GroupId) -> Result<()> {
         let tombstone = self.tombstone(group);
         runnel_storage::kv::write_atomically(&tombstone, b"")?;
         let dir = self.config.data_dir.join("partitions").join(group.to_string());
@@ -382,17 +388,17 @@ impl Broker {
 
     /// Whether this node ever hosted a replica of `group`: its files or its
     /// tombstone are on disk.
-    pub fn ever_hosted(&self, group: u64) -> bool {
+    pub fn ever_hosted(&self, group: GroupId) -> bool {
         let dir = self.config.data_dir.join("partitions").join(group.to_string());
         dir.exists() || self.tombstone(group).exists()
     }
 
-    fn tombstone(&self, group: u64) -> PathBuf {
+    fn tombstone(&self, group: GroupId) -> PathBuf {
         self.config.data_dir.join("partitions").join(format!("{group}.left"))
     }
 
     /// Stops the replica of `group` cleanly; its files stay.
-    pub async fn unhost(&self, group: u64) {
+    pub async fn unhost(&self, group: GroupId) {
         let _ = self
             .supervisor
             .call(
@@ -407,7 +413,7 @@ impl Broker {
         for task in self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
             task.abort();
         }
-        let groups: Vec<u64> = self
+        let groups: Vec<GroupId> = self
             .registry
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -431,7 +437,7 @@ impl Drop for Broker {
 }
 
 fn flatten<T, M>(
-    group: u64,
+    group: GroupId,
     answer: std::result::Result<ractor::rpc::CallResult<std::result::Result<T, BrokerError>>, ractor::MessagingErr<M>>,
 ) -> std::result::Result<T, BrokerError> {
     match answer {
@@ -458,21 +464,21 @@ fn deliver_raft_batch(registry: &Registry, from: NodeId, payload: &[u8]) {
         let message = match Message::parse_from_bytes(&message) {
             Ok(message) => message,
             Err(e) => {
-                tracing::warn!(%from, group, error = %e, "dropped an undecodable Raft message");
+                tracing::warn!(%from, group = %group, error = %e, "dropped an undecodable Raft message");
                 continue;
             }
         };
         if raft::raw_node::is_local_msg(message.get_msg_type()) {
-            tracing::warn!(%from, group, "dropped a local-only Raft message type from a peer");
+            tracing::warn!(%from, group = %group, "dropped a local-only Raft message type from a peer");
             continue;
         }
-        if message.from != u64::from(from.0) {
-            tracing::warn!(%from, group, claimed = message.from, "dropped a Raft message from a forged sender");
+        if message.from != from.to_raft() {
+            tracing::warn!(%from, group = %group, claimed = message.from, "dropped a Raft message from a forged sender");
             continue;
         }
         if let Some(replica) = registry.get(&group) {
             if !replica.offer(ReplicaMsg::Raft(Box::new(message))) {
-                tracing::debug!(group, "replica mailbox full; Raft message dropped");
+                tracing::debug!(group = %group, "replica mailbox full; Raft message dropped");
             }
         }
     }

@@ -12,15 +12,17 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 // Topic settings, refusals and dataflow metadata travel to clients too, so
 // they live in the client protocol.
-pub use runnel_client::protocol::{DataflowMeta, MetadataError, TopicConfig, PARTITIONS_MAX, REPLICATION_MAX};
+pub use runnel_client::protocol::{
+    DataflowMeta, GroupId, MetadataError, NodeId, TopicConfig, PARTITIONS_MAX, REPLICATION_MAX,
+};
 use runnel_storage::{BatchBuilder, Record, RecordBatch, StorageError};
 use serde::{Deserialize, Serialize};
 
 use crate::tasks::TaskAssignment;
 
 pub const TOPIC_NAME_BYTES_MAX: usize = 200;
-/// Raft group id of the controller; partition groups are never 0.
-pub const CONTROLLER_GROUP: u64 = 0;
+/// Raft group id of the controller; an alias of [`GroupId::CONTROLLER`].
+pub const CONTROLLER_GROUP: GroupId = GroupId::CONTROLLER;
 /// Apply results kept for commands (by record offset).
 const RESULTS_KEPT: usize = 1024;
 
@@ -53,7 +55,7 @@ pub enum MetadataCommand {
         name: String,
         config: TopicConfig,
         /// Node ids holding each partition's replicas, decided by the leader.
-        assignment: Vec<Vec<u32>>,
+        assignment: Vec<Vec<NodeId>>,
     },
     DeleteTopic {
         name: String,
@@ -62,8 +64,8 @@ pub enum MetadataCommand {
     ReplaceReplica {
         topic: String,
         partition: u32,
-        dead: u32,
-        replacement: u32,
+        dead: NodeId,
+        replacement: NodeId,
     },
     /// Starts a dataflow with its tasks placed by the leader.
     StartDataflow {
@@ -76,8 +78,8 @@ pub enum MetadataCommand {
     MoveDataflowTask {
         name: String,
         task: u32,
-        dead: u32,
-        replacement: u32,
+        dead: NodeId,
+        replacement: NodeId,
     },
 }
 
@@ -88,25 +90,25 @@ pub struct TopicMeta {
     /// partition groups never meet the old ones'.
     pub id: u64,
     pub config: TopicConfig,
-    pub assignment: Vec<Vec<u32>>,
+    pub assignment: Vec<Vec<NodeId>>,
     /// The assignment at creation: the voters each group was founded with.
     /// A replica placed later joins as a learner instead.
-    pub founders: Vec<Vec<u32>>,
+    pub founders: Vec<Vec<NodeId>>,
     /// Per partition, the nodes its replicas were ever moved off.
     #[serde(default)]
-    pub departed: Vec<Vec<u32>>,
+    pub departed: Vec<Vec<NodeId>>,
 }
 
 impl TopicMeta {
     /// The Raft group id of one partition.
-    pub fn group_id(&self, partition: u32) -> u64 {
+    pub fn group_id(&self, partition: u32) -> GroupId {
         group_id(self.id, partition)
     }
 }
 
 /// Partition groups: topic id in the high bits, partition in the low 20.
-pub fn group_id(topic_id: u64, partition: u32) -> u64 {
-    (topic_id << 20) | u64::from(partition)
+pub fn group_id(topic_id: u64, partition: u32) -> GroupId {
+    GroupId((topic_id << 20) | u64::from(partition))
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,7 +154,12 @@ impl Metadata {
     }
 
     /// Creates a topic with the next unused id (ids are never reused).
-    fn create_topic(&mut self, name: &str, config: &TopicConfig, assignment: &[Vec<u32>]) -> Result<(), MetadataError> {
+    fn create_topic(
+        &mut self,
+        name: &str,
+        config: &TopicConfig,
+        assignment: &[Vec<NodeId>],
+    ) -> Result<(), MetadataError> {
         validate_topic_name(name)?;
         config.validate()?;
         if self.topics.contains_key(name) {
@@ -179,8 +186,8 @@ impl Metadata {
         &mut self,
         topic: &str,
         partition: u32,
-        dead: u32,
-        replacement: u32,
+        dead: NodeId,
+        replacement: NodeId,
     ) -> Result<(), MetadataError> {
         let meta = self
             .topics
@@ -226,7 +233,13 @@ impl Metadata {
 
     /// Moves a dataflow task off `dead` onto `replacement`; refused unless
     /// the task is on `dead` now.
-    fn move_dataflow_task(&mut self, name: &str, task: u32, dead: u32, replacement: u32) -> Result<(), MetadataError> {
+    fn move_dataflow_task(
+        &mut self,
+        name: &str,
+        task: u32,
+        dead: NodeId,
+        replacement: NodeId,
+    ) -> Result<(), MetadataError> {
         let dataflow = self
             .dataflows
             .get_mut(name)
@@ -243,7 +256,7 @@ impl Metadata {
     }
 
     /// The dataflow tasks placed on `node`.
-    pub fn tasks_of(&self, node: u32) -> Vec<TaskAssignment> {
+    pub fn tasks_of(&self, node: NodeId) -> Vec<TaskAssignment> {
         self.dataflows
             .values()
             .flat_map(|d| {
@@ -262,7 +275,7 @@ impl Metadata {
     }
 
     /// Dataflow tasks each node runs now, for placement.
-    pub fn task_load(&self) -> BTreeMap<u32, usize> {
+    pub fn task_load(&self) -> BTreeMap<NodeId, usize> {
         let mut load = BTreeMap::new();
         for dataflow in self.dataflows.values() {
             for &node in &dataflow.placement {
@@ -273,7 +286,7 @@ impl Metadata {
     }
 
     /// Replicas each node holds now, for placement.
-    pub fn load(&self) -> BTreeMap<u32, usize> {
+    pub fn load(&self) -> BTreeMap<NodeId, usize> {
         let mut load = BTreeMap::new();
         for topic in self.topics.values() {
             for replicas in &topic.assignment {
@@ -286,7 +299,7 @@ impl Metadata {
     }
 }
 
-fn check_assignment(config: &TopicConfig, assignment: &[Vec<u32>]) -> Result<(), MetadataError> {
+fn check_assignment(config: &TopicConfig, assignment: &[Vec<NodeId>]) -> Result<(), MetadataError> {
     if assignment.len() != config.partitions as usize {
         return Err(MetadataError::InvalidConfig(format!(
             "{} partitions assigned for {} partitions",
@@ -312,11 +325,11 @@ fn check_assignment(config: &TopicConfig, assignment: &[Vec<u32>]) -> Result<(),
 /// first, rotating the first replica (the preferred leader) across nodes.
 pub fn place(
     config: &TopicConfig,
-    live_nodes: &[u32],
-    load: &BTreeMap<u32, usize>,
-) -> Result<Vec<Vec<u32>>, MetadataError> {
+    live_nodes: &[NodeId],
+    load: &BTreeMap<NodeId, usize>,
+) -> Result<Vec<Vec<NodeId>>, MetadataError> {
     config.validate()?;
-    let mut nodes: Vec<u32> = live_nodes.to_vec();
+    let mut nodes: Vec<NodeId> = live_nodes.to_vec();
     nodes.sort_unstable();
     nodes.dedup();
     if usize::from(config.replication) > nodes.len() {
@@ -325,12 +338,12 @@ pub fn place(
             live: nodes.len(),
         });
     }
-    let mut load: BTreeMap<u32, usize> = nodes.iter().map(|&n| (n, load.get(&n).copied().unwrap_or(0))).collect();
+    let mut load: BTreeMap<NodeId, usize> = nodes.iter().map(|&n| (n, load.get(&n).copied().unwrap_or(0))).collect();
     let mut assignment = Vec::with_capacity(config.partitions as usize);
-    let mut leaders: BTreeMap<u32, usize> = BTreeMap::new();
+    let mut leaders: BTreeMap<NodeId, usize> = BTreeMap::new();
     for partition in 0..config.partitions as usize {
         // Least loaded first; ties broken by a rotation so leaders spread.
-        let mut order: Vec<u32> = nodes.clone();
+        let mut order: Vec<NodeId> = nodes.clone();
         order.sort_by_key(|&n| {
             let position = nodes.iter().position(|&x| x == n).unwrap_or(0);
             (
@@ -338,7 +351,7 @@ pub fn place(
                 (position + nodes.len() - partition % nodes.len()) % nodes.len(),
             )
         });
-        let mut replicas: Vec<u32> = order.into_iter().take(usize::from(config.replication)).collect();
+        let mut replicas: Vec<NodeId> = order.into_iter().take(usize::from(config.replication)).collect();
         for node in &replicas {
             *load.entry(*node).or_default() += 1;
         }
@@ -355,8 +368,12 @@ pub fn place(
 
 /// Places `tasks` tasks on live nodes, each on the least loaded one (ties
 /// to the lowest id), so a dataflow's tasks spread evenly.
-pub fn place_tasks(tasks: u32, live_nodes: &[u32], load: &BTreeMap<u32, usize>) -> Result<Vec<u32>, MetadataError> {
-    let mut load: BTreeMap<u32, usize> = live_nodes
+pub fn place_tasks(
+    tasks: u32,
+    live_nodes: &[NodeId],
+    load: &BTreeMap<NodeId, usize>,
+) -> Result<Vec<NodeId>, MetadataError> {
+    let mut load: BTreeMap<NodeId, usize> = live_nodes
         .iter()
         .map(|&n| (n, load.get(&n).copied().unwrap_or(0)))
         .collect();
@@ -374,7 +391,7 @@ pub fn place_tasks(tasks: u32, live_nodes: &[u32], load: &BTreeMap<u32, usize>) 
 
 #[cfg(test)]
 mod tests {
-    use super::{decode_command, encode_command, CommandFormatError, COMMAND_MAGIC};
+    use super::{decode_command, encode_command, CommandFormatError, NodeId, COMMAND_MAGIC};
 
     fn every_command() -> Vec<MetadataCommand> {
         let dataflow = DataflowMeta {
@@ -383,29 +400,29 @@ mod tests {
             sink: "k".to_string(),
             stages: 1,
             partitions: 1,
-            placement: vec![1],
+            placement: vec![NodeId(1)],
         };
         let text = String::new;
         vec![
             MetadataCommand::CreateTopic {
                 name: text(),
                 config: TopicConfig::new(1, 1),
-                assignment: vec![vec![1]],
+                assignment: vec![vec![NodeId(1)]],
             },
             MetadataCommand::DeleteTopic { name: text() },
             MetadataCommand::ReplaceReplica {
                 topic: text(),
                 partition: 0,
-                dead: 1,
-                replacement: 2,
+                dead: NodeId(1),
+                replacement: NodeId(2),
             },
             MetadataCommand::StartDataflow { dataflow },
             MetadataCommand::StopDataflow { name: text() },
             MetadataCommand::MoveDataflowTask {
                 name: text(),
                 task: 0,
-                dead: 1,
-                replacement: 2,
+                dead: NodeId(1),
+                replacement: NodeId(2),
             },
         ]
     }
@@ -455,9 +472,10 @@ mod tests {
     #[test]
     fn placement_is_distinct_even_and_leaders_rotate() {
         let config = TopicConfig::new(6, 3);
-        let assignment = place(&config, &[1, 2, 3, 4], &BTreeMap::new()).expect("place");
-        let mut load: BTreeMap<u32, usize> = BTreeMap::new();
-        let mut leaders: BTreeMap<u32, usize> = BTreeMap::new();
+        let assignment =
+            place(&config, &[NodeId(1), NodeId(2), NodeId(3), NodeId(4)], &BTreeMap::new()).expect("place");
+        let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let mut leaders: BTreeMap<NodeId, usize> = BTreeMap::new();
         for replicas in &assignment {
             let mut distinct = replicas.clone();
             distinct.dedup();
@@ -469,7 +487,7 @@ mod tests {
         }
         assert!(load.values().all(|&l| l == 18 / 4 || l == 18 / 4 + 1), "{load:?}");
         assert!(leaders.len() >= 3, "preferred leaders spread: {leaders:?}");
-        let err = place(&TopicConfig::new(1, 3), &[1, 2], &BTreeMap::new()).expect_err("too few nodes");
+        let err = place(&TopicConfig::new(1, 3), &[NodeId(1), NodeId(2)], &BTreeMap::new()).expect_err("too few nodes");
         assert_eq!(err.to_string(), "replication factor 3 is more than the 2 live nodes");
     }
 
@@ -479,7 +497,7 @@ mod tests {
         let create = MetadataCommand::CreateTopic {
             name: "payments".to_string(),
             config: config.clone(),
-            assignment: vec![vec![1], vec![2]],
+            assignment: vec![vec![NodeId(1)], vec![NodeId(2)]],
         };
         let mut a = Metadata::default();
         let mut b = Metadata::default();
@@ -494,7 +512,7 @@ mod tests {
         let bad = MetadataCommand::CreateTopic {
             name: "bad name!".to_string(),
             config,
-            assignment: vec![vec![1], vec![2]],
+            assignment: vec![vec![NodeId(1)], vec![NodeId(2)]],
         };
         assert!(matches!(a.apply(&bad), Err(MetadataError::InvalidName { .. })));
         a.apply(&MetadataCommand::DeleteTopic {
@@ -569,9 +587,9 @@ pub fn command_batch(command: &MetadataCommand, timestamp_ms: i64) -> Result<Rec
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WantedGroup {
     /// The assigned replicas' nodes.
-    pub voters: Vec<u64>,
+    pub voters: Vec<NodeId>,
     /// The voters the group was founded with.
-    pub founders: Vec<u64>,
+    pub founders: Vec<NodeId>,
     /// Whether a replica created empty here joins a group with a history
     /// (see `ReplicaConfig::rejoin`).
     pub rejoin: bool,
@@ -639,20 +657,17 @@ impl AppliedMetadata {
     }
 
     /// The partition groups assigned to `node`.
-    pub fn wanted_groups(&self, node: u64) -> BTreeMap<u64, WantedGroup> {
+    pub fn wanted_groups(&self, node: NodeId) -> BTreeMap<GroupId, WantedGroup> {
         let mut wanted = BTreeMap::new();
         for topic in self.metadata.topics.values() {
             for (partition, replicas) in topic.assignment.iter().enumerate() {
-                let voters: Vec<u64> = replicas.iter().map(|&n| u64::from(n)).collect();
+                let voters = replicas.clone();
                 if voters.contains(&node) {
-                    let founders: Vec<u64> = topic.founders[partition].iter().map(|&n| u64::from(n)).collect();
+                    let founders = topic.founders[partition].clone();
                     // A founder that never left may come up empty as the
                     // voter it always was (it never held anything); any
                     // other replica joins through the leader.
-                    let departed = topic
-                        .departed
-                        .get(partition)
-                        .is_some_and(|d| d.iter().any(|&n| u64::from(n) == node));
+                    let departed = topic.departed.get(partition).is_some_and(|d| d.contains(&node));
                     let rejoin = departed || !founders.contains(&node);
                     let group = WantedGroup {
                         voters,
@@ -674,17 +689,13 @@ impl AppliedMetadata {
     /// that never elected cannot take the replacement in (found by the
     /// simulation, seed 424). A founder that never held anything is safe to
     /// create: a group's entries commit on a majority of founders that did.
-    pub fn founded_groups_moved_off(&self, node: u64) -> BTreeMap<u64, Vec<u64>> {
+    pub fn founded_groups_moved_off(&self, node: NodeId) -> BTreeMap<GroupId, Vec<NodeId>> {
         let mut groups = BTreeMap::new();
         for topic in self.metadata.topics.values() {
             for (partition, founders) in topic.founders.iter().enumerate() {
-                let founders: Vec<u64> = founders.iter().map(|&n| u64::from(n)).collect();
-                let assigned = topic
-                    .assignment
-                    .get(partition)
-                    .is_some_and(|a| a.contains(&(node as u32)));
+                let assigned = topic.assignment.get(partition).is_some_and(|a| a.contains(&node));
                 if founders.contains(&node) && !assigned {
-                    groups.insert(topic.group_id(partition as u32), founders);
+                    groups.insert(topic.group_id(partition as u32), founders.clone());
                 }
             }
         }
@@ -692,18 +703,18 @@ impl AppliedMetadata {
     }
 
     /// The nodes a partition group is assigned to, if the group exists.
-    pub fn assignment_of(&self, group: u64) -> Option<Vec<u64>> {
+    pub fn assignment_of(&self, group: GroupId) -> Option<Vec<NodeId>> {
         self.metadata.topics.values().find_map(|topic| {
-            let partition = u32::try_from(group & ((1 << 20) - 1)).ok()?;
+            let partition = u32::try_from(group.0 & ((1 << 20) - 1)).ok()?;
             let replicas = topic.assignment.get(partition as usize)?;
-            (topic.group_id(partition) == group).then(|| replicas.iter().map(|&n| u64::from(n)).collect())
+            (topic.group_id(partition) == group).then(|| replicas.clone())
         })
     }
 
     /// The controller leader's moves of `dead` nodes' replicas: each to the
     /// least-loaded `alive` node not holding the partition yet. Partitions
     /// with no such node stay under-replicated until one appears.
-    pub fn replica_moves(&self, dead: &[u32], alive: &[u32]) -> Vec<MetadataCommand> {
+    pub fn replica_moves(&self, dead: &[NodeId], alive: &[NodeId]) -> Vec<MetadataCommand> {
         let mut load = self.metadata.load();
         let mut moves = Vec::new();
         for topic in self.metadata.topics.values() {
@@ -728,7 +739,7 @@ impl AppliedMetadata {
 impl AppliedMetadata {
     /// The controller leader's moves of dataflow tasks off `dead` nodes, each
     /// to the `alive` node running the fewest tasks.
-    pub fn task_moves(&self, dead: &[u32], alive: &[u32]) -> Vec<MetadataCommand> {
+    pub fn task_moves(&self, dead: &[NodeId], alive: &[NodeId]) -> Vec<MetadataCommand> {
         let mut load = self.metadata.task_load();
         let mut moves = Vec::new();
         for dataflow in self.metadata.dataflows.values() {
@@ -753,7 +764,7 @@ impl AppliedMetadata {
 }
 
 /// The least-loaded live node that holds no replica of the partition yet.
-pub fn pick_replacement(alive: &[u32], replicas: &[u32], load: &BTreeMap<u32, usize>) -> Option<u32> {
+pub fn pick_replacement(alive: &[NodeId], replicas: &[NodeId], load: &BTreeMap<NodeId, usize>) -> Option<NodeId> {
     alive
         .iter()
         .copied()

@@ -15,7 +15,7 @@ use raft::eraftpb::Message;
 use runnel_storage::{LogConfig, RecordBatch};
 
 use crate::producers::SequenceCheck;
-use crate::protocol::{Acks, BrokerError, PassiveAnswer};
+use crate::protocol::{Acks, BrokerError, GroupId, NodeId, PassiveAnswer};
 use crate::replica::{ReplicaConfig, ReplicaCore};
 
 /// Produce requests waiting on one replica at most; more are refused as busy.
@@ -23,18 +23,18 @@ pub const WAITERS_MAX: usize = 8192;
 
 /// Where a replica's outgoing Raft messages go.
 pub trait RaftRouter: Send + Sync + 'static {
-    fn send(&self, group: u64, messages: Vec<Message>);
+    fn send(&self, group: GroupId, messages: Vec<Message>);
 }
 
 /// Everything needed to (re)start a replica.
 #[derive(Clone)]
 pub struct ReplicaArgs {
-    pub group: u64,
+    pub group: GroupId,
     pub dir: PathBuf,
     pub log_config: LogConfig,
     pub config: ReplicaConfig,
     /// The founding voters, for a brand-new group; `None` otherwise.
-    pub bootstrap_voters: Option<Vec<u64>>,
+    pub bootstrap_voters: Option<Vec<NodeId>>,
     pub router: Arc<dyn RaftRouter>,
     /// Ticks and Raft messages queued for this instance (set at each spawn).
     pub queued: Arc<std::sync::atomic::AtomicUsize>,
@@ -54,14 +54,14 @@ pub struct Fetched {
 /// A replica's view of its group.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaStatus {
-    pub group: u64,
-    pub id: u64,
-    pub leader: Option<u64>,
+    pub group: GroupId,
+    pub id: NodeId,
+    pub leader: Option<NodeId>,
     pub term: u64,
     pub committed_offset: u64,
     pub end_offset: u64,
-    pub voters: Vec<u64>,
-    pub learners: Vec<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
     /// While passive: the leader's commit index when it first heard from
     /// one (see [`ReplicaCore::judge_passive`]).
     pub passive_since: Option<u64>,
@@ -88,10 +88,10 @@ pub enum ReplicaMsg {
         reply: RpcReplyPort<Result<Option<u64>, BrokerError>>,
     },
     /// Move the group's voters one step towards these node ids (leader only).
-    Reconfigure(Vec<u64>),
+    Reconfigure(Vec<NodeId>),
     /// A peer's passive replica asks what this replica knows of it.
     JudgePassive {
-        node: u64,
+        node: NodeId,
         since: u64,
         reply: RpcReplyPort<Result<PassiveAnswer, BrokerError>>,
     },
@@ -137,7 +137,7 @@ struct Waiter<R> {
 /// entry, and fetches. No actor, socket or clock: [`PartitionReplica`] is a
 /// shell around it, and the deterministic simulation drives it directly.
 pub struct PartitionCore<R> {
-    group: u64,
+    group: GroupId,
     batch_bytes_max: usize,
     ack_before_commit: bool,
     core: ReplicaCore,
@@ -173,7 +173,7 @@ impl Actor for PartitionReplica {
             args.router.send(args.group, messages);
         }
         tracing::info!(
-            group = args.group,
+            group = %args.group,
             id = args.config.id,
             end_offset = part.core().store().log().end_offset(),
             "replica started"
@@ -214,14 +214,15 @@ impl Actor for PartitionReplica {
                 let _ = reply.send(state.part.offset_for_timestamp(timestamp_ms)?);
             }
             ReplicaMsg::Reconfigure(desired) => {
+                let desired: Vec<u64> = desired.iter().map(|n| n.to_raft()).collect();
                 if let Some((change, node)) = state.part.core_mut().step_towards(&desired)? {
-                    tracing::info!(group = state.args.group, ?change, node, "membership change proposed");
+                    tracing::info!(group = %state.args.group, ?change, node, "membership change proposed");
                 }
             }
             ReplicaMsg::JudgePassive { node, since, reply } => {
-                let answer = state.part.core_mut().judge_passive(node, since)?;
+                let answer = state.part.core_mut().judge_passive(node.to_raft(), since)?;
                 if answer != PassiveAnswer::Unknown {
-                    tracing::info!(group = state.args.group, node, ?answer, "a passive replica asked");
+                    tracing::info!(group = %state.args.group, node = %node, ?answer, "a passive replica asked");
                 }
                 let _ = reply.send(Ok(answer));
             }
@@ -250,16 +251,18 @@ impl<R: ProduceReply> PartitionCore<R> {
     /// group's preferred replica (the first founder) campaigns at once, so
     /// leadership follows placement; its vote requests are returned.
     pub fn open(
-        group: u64,
+        group: GroupId,
         dir: &Path,
         log_config: LogConfig,
         config: &ReplicaConfig,
-        bootstrap_voters: Option<&[u64]>,
+        bootstrap_voters: Option<&[NodeId]>,
     ) -> crate::Result<(PartitionCore<R>, Vec<Message>)> {
         let batch_bytes_max = log_config.batch_bytes_max;
-        let mut core = ReplicaCore::open(dir, log_config, config, bootstrap_voters)?;
+        // Raft speaks u64 ids: the founders cross the boundary here.
+        let raft_voters: Option<Vec<u64>> = bootstrap_voters.map(|v| v.iter().map(|n| n.to_raft()).collect());
+        let mut core = ReplicaCore::open(dir, log_config, config, raft_voters.as_deref())?;
         let mut messages = Vec::new();
-        let preferred = bootstrap_voters.and_then(|v| v.first()) == Some(&config.id);
+        let preferred = bootstrap_voters.and_then(|v| v.first()).map(|n| n.to_raft()) == Some(config.id);
         if preferred && core.is_fresh() {
             core.campaign()?;
             messages = core.handle_ready()?.messages;
@@ -274,8 +277,13 @@ impl<R: ProduceReply> PartitionCore<R> {
         Ok((part, messages))
     }
 
-    pub fn group(&self) -> u64 {
+    pub fn group(&self) -> GroupId {
         self.group
+    }
+
+    /// The leader this replica knows of, as a node id.
+    fn leader(&self) -> Option<NodeId> {
+        self.core.leader_id().and_then(NodeId::from_raft)
     }
 
     pub fn core(&self) -> &ReplicaCore {
@@ -301,7 +309,7 @@ impl<R: ProduceReply> PartitionCore<R> {
         if !self.core.is_leader() {
             return Ok(Err(BrokerError::NotLeader {
                 group: self.group,
-                leader: self.core.leader_id(),
+                leader: self.leader(),
             }));
         }
         let committed = self.core.committed_offset();
@@ -422,7 +430,10 @@ impl<R: ProduceReply> PartitionCore<R> {
                     .push(Waiter { term, acks, reply });
             }
             Err(crate::ActorError::NotLeader { leader }) => {
-                reply.answer(Err(BrokerError::NotLeader { group, leader }));
+                reply.answer(Err(BrokerError::NotLeader {
+                    group,
+                    leader: leader.and_then(NodeId::from_raft),
+                }));
             }
             Err(_) => {
                 reply.answer(Err(BrokerError::Busy(group)));
@@ -441,7 +452,7 @@ impl<R: ProduceReply> PartitionCore<R> {
         if !any_replica && !self.core.is_leader() {
             return Ok(Err(BrokerError::NotLeader {
                 group,
-                leader: self.core.leader_id(),
+                leader: self.leader(),
             }));
         }
         let start = self.core.store().log().start_offset();
@@ -465,13 +476,14 @@ impl<R: ProduceReply> PartitionCore<R> {
         let conf = self.core.store().conf_state();
         ReplicaStatus {
             group: self.group,
-            id: self.core.id(),
-            leader: self.core.leader_id(),
+            // Replica ids are node ids made raft ids (`NodeId::to_raft`).
+            id: NodeId::from_raft(self.core.id()).unwrap_or_default(),
+            leader: self.leader(),
             term: self.core.term(),
             committed_offset: self.core.committed_offset(),
             end_offset: self.core.store().log().end_offset(),
-            voters: conf.voters.clone(),
-            learners: conf.learners.clone(),
+            voters: conf.voters.iter().copied().filter_map(NodeId::from_raft).collect(),
+            learners: conf.learners.iter().copied().filter_map(NodeId::from_raft).collect(),
             passive_since: self.core.passive_since(),
         }
     }

@@ -7,8 +7,8 @@
 //! carry) lives in `runnel_client::protocol`; it is re-exported here.
 
 pub use runnel_client::protocol::{
-    decode_payload, encode_payload, Acks, BrokerError, ClientRequest, ClientResponse, PartitionInfo, ReplicaHealthInfo,
-    TopicInfo, CLIENT_ACTOR,
+    decode_payload, encode_payload, Acks, BrokerError, ClientRequest, ClientResponse, GroupId, NodeId, PartitionInfo,
+    ReplicaHealthInfo, TopicInfo, CLIENT_ACTOR,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,7 +24,7 @@ pub struct RaftBatch {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupMessage {
-    pub group: u64,
+    pub group: GroupId,
     /// A protobuf-encoded `raft::eraftpb::Message`.
     #[serde(with = "serde_bytes")]
     pub message: Vec<u8>,
@@ -56,8 +56,8 @@ pub enum ControllerRequest {
     /// `node`'s replica of `group` failed for good (its supervisor gave up):
     /// place it elsewhere.
     ReplicaFailed {
-        group: u64,
-        node: u32,
+        group: GroupId,
+        node: NodeId,
     },
     /// Place and start a dataflow whose topics exist (placement empty).
     StartDataflow {
@@ -68,14 +68,14 @@ pub enum ControllerRequest {
     },
     /// The Raft configuration of `group`, from its leader only.
     GroupMembers {
-        group: u64,
+        group: GroupId,
     },
     /// To a replica of `group`: the asking node's replica is passive since
     /// a leader's commit index `since`; answered with
     /// [`ControllerResponse::Passive`] (see `ReplicaCore::judge_passive`).
     PassiveReplica {
-        group: u64,
-        node: u64,
+        group: GroupId,
+        node: NodeId,
         since: u64,
     },
 }
@@ -87,7 +87,7 @@ pub enum ControllerResponse {
     Refused(crate::metadata::MetadataError),
     Failed(BrokerError),
     Offset(u64),
-    Members { voters: Vec<u64>, learners: Vec<u64> },
+    Members { voters: Vec<NodeId>, learners: Vec<NodeId> },
     Passive(PassiveAnswer),
 }
 
@@ -140,13 +140,16 @@ mod tests {
             ControllerRequest::DeleteTopic { name: String::new() },
             ControllerRequest::Rebalance,
             ControllerRequest::CommittedOffset,
-            ControllerRequest::ReplicaFailed { group: 0, node: 0 },
+            ControllerRequest::ReplicaFailed {
+                group: GroupId(0),
+                node: NodeId(0),
+            },
             ControllerRequest::StartDataflow { dataflow },
             ControllerRequest::StopDataflow { name: String::new() },
-            ControllerRequest::GroupMembers { group: 0 },
+            ControllerRequest::GroupMembers { group: GroupId(0) },
             ControllerRequest::PassiveReplica {
-                group: 0,
-                node: 0,
+                group: GroupId(0),
+                node: NodeId(0),
                 since: 0,
             },
         ];

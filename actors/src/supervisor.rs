@@ -16,9 +16,10 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 pub use runnel_client::tasks::RestartPolicy;
 
 use crate::partition::{PartitionReplica, ReplicaArgs, ReplicaMsg};
+use crate::protocol::GroupId;
 
 /// Live replicas by Raft group.
-pub type Registry = Arc<RwLock<HashMap<u64, ReplicaHandle>>>;
+pub type Registry = Arc<RwLock<HashMap<GroupId, ReplicaHandle>>>;
 
 /// Ticks and Raft messages waiting in one replica's mailbox at most. ractor
 /// mailboxes are unbounded; past this, new ones are dropped (Raft recovers
@@ -52,7 +53,7 @@ impl ReplicaHandle {
 /// How a replica has fared, for `runnel status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaHealth {
-    pub group: u64,
+    pub group: GroupId,
     pub restarts: usize,
     pub last_failure: Option<String>,
     /// Set once the restart limit was reached: the replica is no longer run.
@@ -61,8 +62,8 @@ pub struct ReplicaHealth {
 
 pub enum SupervisorMsg {
     Start(Box<ReplicaArgs>, RpcReplyPort<Result<(), String>>),
-    Stop(u64, RpcReplyPort<()>),
-    Restart(u64),
+    Stop(GroupId, RpcReplyPort<()>),
+    Restart(GroupId),
     Health(RpcReplyPort<Vec<ReplicaHealth>>),
 }
 
@@ -75,10 +76,10 @@ pub struct SupervisorState {
     registry: Registry,
     policy: RestartPolicy,
     /// Which group each child actor runs.
-    children: HashMap<ActorId, u64>,
-    args: BTreeMap<u64, ReplicaArgs>,
-    failures: BTreeMap<u64, VecDeque<Instant>>,
-    health: BTreeMap<u64, ReplicaHealth>,
+    children: HashMap<ActorId, GroupId>,
+    args: BTreeMap<GroupId, ReplicaArgs>,
+    failures: BTreeMap<GroupId, VecDeque<Instant>>,
+    health: BTreeMap<GroupId, ReplicaHealth>,
 }
 
 pub struct NodeSupervisor;
@@ -183,7 +184,7 @@ impl Actor for NodeSupervisor {
 }
 
 impl SupervisorState {
-    async fn spawn(&mut self, myself: &ActorRef<SupervisorMsg>, group: u64) -> Result<(), String> {
+    async fn spawn(&mut self, myself: &ActorRef<SupervisorMsg>, group: GroupId) -> Result<(), String> {
         let mut args = self
             .args
             .get(&group)
@@ -209,7 +210,7 @@ impl SupervisorState {
     }
 
     /// Schedules a restart with back-off, or gives up past the limit.
-    fn record_failure(&mut self, myself: &ActorRef<SupervisorMsg>, group: u64, reason: String) {
+    fn record_failure(&mut self, myself: &ActorRef<SupervisorMsg>, group: GroupId, reason: String) {
         let now = Instant::now();
         let window = self.policy.restart_window;
         let failures = self.failures.entry(group).or_default();
@@ -227,7 +228,7 @@ impl SupervisorState {
             health.failed = true;
             self.args.remove(&group);
             tracing::error!(
-                group,
+                group = %group,
                 failures = recent,
                 reason,
                 "replica failed too often; no longer restarting it"
@@ -237,7 +238,7 @@ impl SupervisorState {
         health.restarts += 1;
         let backoff = self.policy.backoff(recent);
         tracing::warn!(
-            group,
+            group = %group,
             reason,
             backoff_ms = backoff.as_millis() as u64,
             "replica crashed; restarting it from disk"

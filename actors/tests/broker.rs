@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use runnel_actors::partition::ReplicaMsg;
+use runnel_actors::protocol::GroupId;
 use runnel_actors::{Acks, Broker, BrokerConfig, BrokerError};
 use runnel_cluster::tls::CertDir;
 use runnel_cluster::{Node, NodeConfig, NodeId};
 use runnel_storage::{BatchBuilder, Record, RecordBatch};
 use runnel_verify::fixtures::free_addr;
 
-const GROUP: u64 = 7;
-const VOTERS: [u64; 3] = [1, 2, 3];
+const GROUP: GroupId = GroupId(7);
+const VOTERS: [NodeId; 3] = [NodeId(1), NodeId(2), NodeId(3)];
 const DEADLINE: Duration = Duration::from_secs(30);
 
 struct Member {
@@ -27,7 +28,7 @@ struct Member {
 struct Cluster {
     scratch: tempfile::TempDir,
     addrs: Vec<SocketAddr>,
-    members: BTreeMap<u64, Member>,
+    members: BTreeMap<NodeId, Member>,
     /// Acknowledged batches: tag → base offset.
     acked: BTreeMap<String, u64>,
 }
@@ -47,10 +48,10 @@ fn batch(tag: &str) -> RecordBatch {
     builder.build().expect("build")
 }
 
-async fn start_member(scratch: &Path, addrs: &[SocketAddr], id: u64, voters: Option<Vec<u64>>) -> Member {
+async fn start_member(scratch: &Path, addrs: &[SocketAddr], id: NodeId, voters: Option<Vec<NodeId>>) -> Member {
     let certs = CertDir::new(scratch.join("certs"));
-    let node_id = NodeId(id as u32);
-    let config = NodeConfig::new(node_id, addrs[id as usize - 1], addrs.to_vec(), incarnation());
+    let node_id = id;
+    let config = NodeConfig::new(node_id, addrs[id.0 as usize - 1], addrs.to_vec(), incarnation());
     let node = Node::start(config, &certs.node_identity(node_id).expect("identity"))
         .await
         .expect("node");
@@ -95,7 +96,7 @@ impl Cluster {
     }
 
     /// The member whose replica leads, once one does.
-    async fn leader(&self) -> u64 {
+    async fn leader(&self) -> NodeId {
         let deadline = Instant::now() + DEADLINE;
         loop {
             for (&id, member) in &self.members {
@@ -128,7 +129,7 @@ impl Cluster {
     }
 
     /// Every committed user record on one replica: (offset, value).
-    async fn records(&self, id: u64) -> Vec<(u64, Bytes)> {
+    async fn records(&self, id: NodeId) -> Vec<(u64, Bytes)> {
         let broker = &self.members[&id].broker;
         let mut out = Vec::new();
         let mut offset = 0;
@@ -151,7 +152,7 @@ impl Cluster {
     }
 
     /// Every acknowledged record is on `id` once, at its acknowledged offset.
-    async fn check_acknowledged(&self, id: u64) {
+    async fn check_acknowledged(&self, id: NodeId) {
         let records = self.records(id).await;
         let mut seen: BTreeMap<Bytes, Vec<u64>> = BTreeMap::new();
         for (offset, value) in &records {
@@ -174,7 +175,7 @@ impl Cluster {
     }
 
     /// Waits until the replica's committed offset reaches `offset`.
-    async fn wait_committed(&self, id: u64, offset: u64) {
+    async fn wait_committed(&self, id: NodeId, offset: u64) {
         let deadline = Instant::now() + DEADLINE;
         while self.members[&id]
             .broker
@@ -211,8 +212,8 @@ async fn replicated_partition_survives_a_replica_crash_and_a_leader_kill() {
         cluster.wait_committed(id, committed).await;
         cluster.check_acknowledged(id).await;
     }
-    let reference = cluster.records(1).await;
-    for id in [2, 3] {
+    let reference = cluster.records(NodeId(1)).await;
+    for id in [NodeId(2), NodeId(3)] {
         assert_eq!(cluster.records(id).await, reference, "replica {id} differs");
     }
 

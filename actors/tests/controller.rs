@@ -47,7 +47,7 @@ async fn topics_are_created_produced_to_and_consumed_through_the_client() {
             .await
             .expect("broker"),
         );
-        let controller = Controller::start(broker, ControllerConfig::new(vec![1, 2, 3]))
+        let controller = Controller::start(broker, ControllerConfig::new(vec![NodeId(1), NodeId(2), NodeId(3)]))
             .await
             .expect("controller");
         members.push(Member {
@@ -116,7 +116,7 @@ async fn topics_are_created_produced_to_and_consumed_through_the_client() {
     assert!(matches!(err, ClientError::RecordTooLarge { .. }), "{err}");
 
     let err = client
-        .inject_panic(1, "payments", 0)
+        .inject_panic(NodeId(1), "payments", 0)
         .await
         .expect_err("fault hook on by default");
     assert!(err.to_string().contains("test fault hooks are disabled"), "{err}");

@@ -357,7 +357,7 @@ async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usiz
     let mut sequence = 0i32;
     while started.elapsed() < Duration::from_secs(8) {
         if !killed && started.elapsed() > Duration::from_secs(2) {
-            nodes.kill(leader)?;
+            nodes.kill(leader.0)?;
             killed = true;
         }
         let batch = idempotent_batch(77, sequence, &value, (batch_bytes / 1024).max(1))?;

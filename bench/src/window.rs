@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use runnel_actors::client::Client;
-use runnel_actors::metadata::TopicConfig;
+use runnel_actors::metadata::{NodeId, TopicConfig};
 use runnel_dataflow::fraud::{self, Attempt, Generator};
 use runnel_dataflow::window::{Emit, Window, WindowBounds, WindowOperator, WindowResult};
 
@@ -256,7 +256,7 @@ async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize,
         let mut read = [0u64; 2];
         let mut written = 0u64;
         for node in 1..=nodes {
-            for task in client.dataflow_tasks(node).await.unwrap_or_default() {
+            for task in client.dataflow_tasks(NodeId(node)).await.unwrap_or_default() {
                 read[(task.stage as usize).min(1)] += task.records_in;
                 if task.stage == 1 {
                     written += task.records_out;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::error::{ClientError, ClientResult};
-use crate::protocol::{ClientRequest, ClientResponse, DataflowMeta, TopicConfig, TopicInfo};
+use crate::protocol::{ClientRequest, ClientResponse, DataflowMeta, NodeId, TopicConfig, TopicInfo};
 use crate::tasks::TaskStatus;
 use crate::Client;
 
@@ -68,7 +68,7 @@ impl Client {
     }
 
     /// Figures of the dataflow tasks running on `node`.
-    pub async fn dataflow_tasks(&self, node: u32) -> ClientResult<Vec<TaskStatus>> {
+    pub async fn dataflow_tasks(&self, node: NodeId) -> ClientResult<Vec<TaskStatus>> {
         let addr = self.known_node(node)?;
         match self.call(Some(addr), &ClientRequest::DataflowTasks).await? {
             ClientResponse::Tasks(tasks) => Ok(tasks),
@@ -108,7 +108,7 @@ impl Client {
 
     /// Test-only: makes `node`'s replica of the partition panic (the node
     /// must run with test fault hooks enabled).
-    pub async fn inject_panic(&self, node: u32, topic: &str, partition: u32) -> ClientResult<()> {
+    pub async fn inject_panic(&self, node: NodeId, topic: &str, partition: u32) -> ClientResult<()> {
         let addr = self.known_node(node)?;
         let request = ClientRequest::InjectPanic {
             topic: topic.to_string(),

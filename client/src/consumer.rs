@@ -7,7 +7,7 @@ use std::sync::Arc;
 use runnel_storage::{RecordBatch, RecordView, StoredRecord};
 
 use crate::error::{ClientError, ClientResult};
-use crate::protocol::{BrokerError, ClientRequest, ClientResponse};
+use crate::protocol::{BrokerError, ClientRequest, ClientResponse, NodeId};
 use crate::Client;
 
 /// Committed records of one partition read by [`Client::fetch`].
@@ -149,7 +149,7 @@ impl Client {
     /// As [`Client::fetch`], from a given replica's node (to compare replicas).
     pub async fn fetch_from_replica(
         &self,
-        node: u32,
+        node: NodeId,
         topic: &str,
         partition: u32,
         offset: u64,

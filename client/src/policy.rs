@@ -12,7 +12,7 @@
 use runnel_cluster::ClusterError;
 
 use crate::error::ClientError;
-use crate::protocol::{BrokerError, ClientRequest, ClientResponse};
+use crate::protocol::{BrokerError, ClientRequest, ClientResponse, NodeId};
 
 /// What a failure says about the request that met it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,9 +112,9 @@ pub fn has_producer_id(batch: &[u8]) -> bool {
 }
 
 /// The node a `NotLeader` refusal names as the leader, if any.
-pub fn leader_hint(error: &BrokerError) -> Option<u32> {
+pub fn leader_hint(error: &BrokerError) -> Option<NodeId> {
     match error {
-        BrokerError::NotLeader { leader, .. } => leader.and_then(|l| u32::try_from(l).ok()),
+        BrokerError::NotLeader { leader, .. } => *leader,
         _ => None,
     }
 }
@@ -126,24 +126,24 @@ mod tests {
     use runnel_storage::{BatchBuilder, ProducerInfo, Record};
 
     use super::*;
-    use crate::protocol::{Acks, MetadataError};
+    use crate::protocol::{Acks, GroupId, MetadataError};
 
     #[test]
     fn broker_errors_classify() {
         let retry = [
             BrokerError::NotLeader {
-                group: 1,
-                leader: Some(2),
+                group: GroupId(1),
+                leader: Some(NodeId(2)),
             },
-            BrokerError::UnknownGroup(1),
-            BrokerError::Busy(1),
-            BrokerError::NotYetCommitted(1),
+            BrokerError::UnknownGroup(GroupId(1)),
+            BrokerError::Busy(GroupId(1)),
+            BrokerError::NotYetCommitted(GroupId(1)),
         ];
         let unknown = [
-            BrokerError::Timeout(1),
+            BrokerError::Timeout(GroupId(1)),
             BrokerError::LeadershipLost,
             BrokerError::ReplicaFailed {
-                group: 1,
+                group: GroupId(1),
                 reason: "panic".into(),
             },
         ];
@@ -207,7 +207,9 @@ mod tests {
         };
         assert!(is_unknown_outcome(&no_answer()));
         assert!(is_unknown_outcome(&unavailable));
-        assert!(is_unknown_outcome(&ClientError::Broker(BrokerError::Timeout(1))));
+        assert!(is_unknown_outcome(&ClientError::Broker(BrokerError::Timeout(GroupId(
+            1
+        )))));
         assert!(is_unknown_outcome(&ClientError::Broker(BrokerError::LeadershipLost)));
         let unreachable = ClientError::Cluster(ClusterError::Unreachable {
             addrs: Vec::new(),
@@ -216,7 +218,7 @@ mod tests {
         for known in [
             unreachable,
             ClientError::Protocol("garbage".into()),
-            ClientError::Broker(BrokerError::Busy(1)),
+            ClientError::Broker(BrokerError::Busy(GroupId(1))),
             ClientError::Refused(MetadataError::NoLiveNodes),
             ClientError::UnknownTopic("t".into()),
         ] {
@@ -228,7 +230,9 @@ mod tests {
     fn responses_classify() {
         assert_eq!(classify_response(&ClientResponse::Produced { base_offset: 3 }), None);
         assert_eq!(classify_response(&ClientResponse::Done), None);
-        let not_here = ClientResponse::NotHere { replicas: vec![1] };
+        let not_here = ClientResponse::NotHere {
+            replicas: vec![NodeId(1)],
+        };
         assert_eq!(classify_response(&not_here), Some(Outcome::Retry));
         assert_eq!(
             classify_response(&ClientResponse::UnknownTopic("t".into())),
@@ -240,7 +244,7 @@ mod tests {
             partitions: 2,
         };
         assert_eq!(classify_response(&out_of_range), Some(Outcome::Final));
-        let timeout = ClientResponse::Failed(BrokerError::Timeout(1));
+        let timeout = ClientResponse::Failed(BrokerError::Timeout(GroupId(1)));
         assert_eq!(classify_response(&timeout), Some(Outcome::Unknown));
     }
 
@@ -292,20 +296,21 @@ mod tests {
     }
 
     #[test]
-    fn not_leader_names_the_leader_when_it_fits() {
+    fn not_leader_names_the_leader() {
         assert_eq!(
             leader_hint(&BrokerError::NotLeader {
-                group: 1,
-                leader: Some(3)
+                group: GroupId(1),
+                leader: Some(NodeId(3))
             }),
-            Some(3)
+            Some(NodeId(3))
         );
-        assert_eq!(leader_hint(&BrokerError::NotLeader { group: 1, leader: None }), None);
-        let too_big = BrokerError::NotLeader {
-            group: 1,
-            leader: Some(u64::MAX),
-        };
-        assert_eq!(leader_hint(&too_big), None);
-        assert_eq!(leader_hint(&BrokerError::Busy(1)), None);
+        assert_eq!(
+            leader_hint(&BrokerError::NotLeader {
+                group: GroupId(1),
+                leader: None
+            }),
+            None
+        );
+        assert_eq!(leader_hint(&BrokerError::Busy(GroupId(1))), None);
     }
 }

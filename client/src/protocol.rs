@@ -8,7 +8,38 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Node ids are the cluster layer's, in every message.
+pub use runnel_cluster::NodeId;
+
 use crate::tasks::TaskStatus;
+
+/// A Raft group: the controller ([`GroupId::CONTROLLER`]) or one partition.
+/// Transparent in serde, so postcard and JSON encode it exactly like the
+/// bare `u64` it wraps.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GroupId(pub u64);
+
+impl GroupId {
+    /// The controller's group; partition groups are never 0.
+    pub const CONTROLLER: GroupId = GroupId(0);
+}
+
+/// Forwards the formatter, so widths and alignment apply as they do to the
+/// bare number.
+impl std::fmt::Display for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// The bare number, like `Display`: group ids in `{:?}` output read as they
+/// did when they were plain integers.
+impl std::fmt::Debug for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
 
 /// The cluster-directory name of each node's client service.
 pub const CLIENT_ACTOR: &str = "client.broker";
@@ -73,22 +104,22 @@ pub enum Acks {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum BrokerError {
     #[error("not the leader of group {group}; the leader is node {leader:?}")]
-    NotLeader { group: u64, leader: Option<u64> },
+    NotLeader { group: GroupId, leader: Option<NodeId> },
     #[error("no replica of group {0} on this node")]
-    UnknownGroup(u64),
+    UnknownGroup(GroupId),
     #[error("the batch was proposed by a leader that lost its term before it committed; retry")]
     LeadershipLost,
     #[error("record batch of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
     BatchTooLarge { size_bytes: usize, limit_bytes: usize },
     #[error("too many produce requests waiting on group {0}; retry")]
-    Busy(u64),
+    Busy(GroupId),
     #[error("offset {offset} is out of range [{start}, {end})")]
     OffsetOutOfRange { offset: u64, start: u64, end: u64 },
     #[error("replica of group {group} failed: {reason}")]
-    ReplicaFailed { group: u64, reason: String },
+    ReplicaFailed { group: GroupId, reason: String },
     /// The outcome is unknown: the batch may or may not be written.
     #[error("no answer from the replica of group {0} in time; the outcome is unknown")]
-    Timeout(u64),
+    Timeout(GroupId),
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     /// An idempotent producer skipped sequence numbers: records are missing.
@@ -114,7 +145,7 @@ pub enum BrokerError {
     /// The producer's earlier batch this one is judged against is not yet
     /// committed; retry shortly.
     #[error("the producer's previous batch in group {0} is not committed yet; retry")]
-    NotYetCommitted(u64),
+    NotYetCommitted(GroupId),
 }
 
 /// Why a metadata change was refused. The text names the problem.
@@ -195,7 +226,7 @@ pub struct DataflowMeta {
     /// Source partitions, and so tasks per stage.
     pub partitions: u32,
     /// The node running each task (task = stage * partitions + partition).
-    pub placement: Vec<u32>,
+    pub placement: Vec<NodeId>,
 }
 
 /// What a client asks any node.
@@ -258,7 +289,7 @@ pub enum ClientRequest {
 /// How one replica on a node has fared (its supervisor's record).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaHealthInfo {
-    pub group: u64,
+    pub group: GroupId,
     pub restarts: u32,
     pub failed: bool,
     pub last_failure: Option<String>,
@@ -268,13 +299,13 @@ pub struct ReplicaHealthInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionInfo {
     pub partition: u32,
-    pub replicas: Vec<u32>,
+    pub replicas: Vec<NodeId>,
     /// The leader, where the answering node knows it.
-    pub leader: Option<u32>,
+    pub leader: Option<NodeId>,
     pub committed_offset: Option<u64>,
     pub end_offset: Option<u64>,
-    pub voters: Vec<u32>,
-    pub learners: Vec<u32>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,9 +319,9 @@ pub struct TopicInfo {
 pub enum ClientResponse {
     Metadata {
         topics: Vec<TopicInfo>,
-        nodes: Vec<(u32, std::net::SocketAddr)>,
+        nodes: Vec<(NodeId, std::net::SocketAddr)>,
         /// The controller leader, as the answering node knows it.
-        controller_leader: Option<u32>,
+        controller_leader: Option<NodeId>,
     },
     Done,
     Produced {
@@ -312,7 +343,7 @@ pub enum ClientResponse {
     },
     /// The answering node has no replica of the partition; try these nodes.
     NotHere {
-        replicas: Vec<u32>,
+        replicas: Vec<NodeId>,
     },
     /// An offset, or none (every committed record is older).
     Offset(Option<u64>),
@@ -424,24 +455,27 @@ mod tests {
 
     fn broker_errors() -> Vec<BrokerError> {
         vec![
-            BrokerError::NotLeader { group: 1, leader: None },
-            BrokerError::UnknownGroup(1),
+            BrokerError::NotLeader {
+                group: GroupId(1),
+                leader: None,
+            },
+            BrokerError::UnknownGroup(GroupId(1)),
             BrokerError::LeadershipLost,
             BrokerError::BatchTooLarge {
                 size_bytes: 2,
                 limit_bytes: 1,
             },
-            BrokerError::Busy(1),
+            BrokerError::Busy(GroupId(1)),
             BrokerError::OffsetOutOfRange {
                 offset: 0,
                 start: 0,
                 end: 0,
             },
             BrokerError::ReplicaFailed {
-                group: 1,
+                group: GroupId(1),
                 reason: "r".into(),
             },
-            BrokerError::Timeout(1),
+            BrokerError::Timeout(GroupId(1)),
             BrokerError::InvalidRequest("r".into()),
             BrokerError::OutOfOrderSequence {
                 producer_id: 1,
@@ -458,7 +492,7 @@ mod tests {
                 base_sequence: 0,
                 stored_last_sequence: 1,
             },
-            BrokerError::NotYetCommitted(1),
+            BrokerError::NotYetCommitted(GroupId(1)),
         ]
     }
 
@@ -506,5 +540,65 @@ mod tests {
             decode_payload::<ClientRequest>(&[PAYLOAD_MAGIC, PAYLOAD_VERSION, 200]),
             Err(PayloadError::Malformed(_))
         ));
+    }
+
+    /// The id newtypes encode exactly like the bare integers they replaced:
+    /// assignments, partition infos and errors keep their bytes on the wire
+    /// and on disk.
+    #[test]
+    fn ids_encode_like_bare_integers() {
+        let assignment = vec![vec![NodeId(1), NodeId(300)], vec![NodeId(u32::MAX)]];
+        let raw: Vec<Vec<u32>> = vec![vec![1, 300], vec![u32::MAX]];
+        assert_eq!(
+            postcard::to_allocvec(&assignment).expect("encodes"),
+            postcard::to_allocvec(&raw).expect("encodes")
+        );
+        let decoded: Vec<Vec<NodeId>> =
+            postcard::from_bytes(&postcard::to_allocvec(&raw).expect("encodes")).expect("decodes");
+        assert_eq!(decoded, assignment);
+        let groups = (GroupId::CONTROLLER, Some(GroupId(1 << 20 | 3)));
+        let raw_groups: (u64, Option<u64>) = (0, Some(1 << 20 | 3));
+        assert_eq!(
+            postcard::to_allocvec(&groups).expect("encodes"),
+            postcard::to_allocvec(&raw_groups).expect("encodes")
+        );
+    }
+
+    #[test]
+    fn ids_print_as_bare_numbers() {
+        assert_eq!(
+            format!("{} {:?} {:>4}", NodeId(3), Some(NodeId(3)), NodeId(3)),
+            "3 Some(3)    3"
+        );
+        assert_eq!(format!("{} {:?}", GroupId(7), vec![GroupId(7)]), "7 [7]");
+        let error = BrokerError::NotLeader {
+            group: GroupId(5),
+            leader: Some(NodeId(2)),
+        };
+        assert_eq!(
+            error.to_string(),
+            "not the leader of group 5; the leader is node Some(2)"
+        );
+    }
+
+    /// `runnel ... --format json` prints these types through serde_json:
+    /// ids must stay bare numbers there too.
+    #[test]
+    fn ids_are_numbers_in_json() {
+        let info = PartitionInfo {
+            partition: 0,
+            replicas: vec![NodeId(1), NodeId(2)],
+            leader: Some(NodeId(2)),
+            committed_offset: None,
+            end_offset: None,
+            voters: vec![NodeId(1)],
+            learners: Vec::new(),
+        };
+        let json = serde_json::to_string(&info).expect("encodes");
+        assert_eq!(
+            json,
+            r#"{"partition":0,"replicas":[1,2],"leader":2,"committed_offset":null,"end_offset":null,"voters":[1],"learners":[]}"#
+        );
+        assert_eq!(serde_json::to_string(&GroupId(9)).expect("encodes"), "9");
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use runnel_cluster::protocol::{NodeRequest, NodeResponse};
 use runnel_cluster::quic::ClusterClient;
 use runnel_cluster::tls::CertDir;
-use runnel_cluster::{ClusterError, NodeHandle};
+use runnel_cluster::{ClusterError, NodeHandle, NodeId};
 
 use crate::error::{ClientError, ClientResult};
 use crate::policy::{self, Outcome};
@@ -30,17 +30,17 @@ const ROUND_PAUSE: Duration = Duration::from_millis(50);
 pub struct Client {
     cluster: ClusterClient,
     /// Node addresses learned from metadata.
-    nodes: RwLock<HashMap<u32, SocketAddr>>,
+    nodes: RwLock<HashMap<NodeId, SocketAddr>>,
     /// Nodes alive at the last metadata refresh.
-    alive: RwLock<Vec<u32>>,
+    alive: RwLock<Vec<NodeId>>,
     /// The controller leader at the last metadata refresh, if known.
-    controller_leader: RwLock<Option<u32>>,
+    controller_leader: RwLock<Option<NodeId>>,
     /// Topics as of the last refresh, for routing.
     cache: RwLock<Option<(Instant, Vec<TopicInfo>)>>,
     /// Nodes that recently failed to answer, tried last for a while.
-    failed: RwLock<HashMap<u32, Instant>>,
+    failed: RwLock<HashMap<NodeId, Instant>>,
     /// Where each (topic, partition) was last served.
-    leaders: RwLock<HashMap<(String, u32), u32>>,
+    leaders: RwLock<HashMap<(String, u32), NodeId>>,
     /// The node this client runs inside, if any.
     local: Option<LocalNode>,
     pub timeout: Duration,
@@ -86,7 +86,7 @@ enum Step {
     /// is the node it named as the leader (tried first, on a new round).
     Next {
         why: String,
-        leader: Option<u32>,
+        leader: Option<NodeId>,
     },
     Fail(ClientError),
 }
@@ -209,21 +209,21 @@ impl Client {
 
     /// The controller leader at the last metadata refresh, if the answering
     /// node knew it.
-    pub fn controller_leader(&self) -> Option<u32> {
+    pub fn controller_leader(&self) -> Option<NodeId> {
         *self.controller_leader.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Nodes alive at the last metadata refresh.
-    pub fn alive_nodes(&self) -> Vec<u32> {
+    pub fn alive_nodes(&self) -> Vec<NodeId> {
         self.alive.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub(crate) fn node_addr(&self, node: u32) -> Option<SocketAddr> {
+    pub(crate) fn node_addr(&self, node: NodeId) -> Option<SocketAddr> {
         self.nodes.read().unwrap_or_else(|p| p.into_inner()).get(&node).copied()
     }
 
     /// The address of `node`, or an error naming it.
-    pub(crate) fn known_node(&self, node: u32) -> ClientResult<SocketAddr> {
+    pub(crate) fn known_node(&self, node: NodeId) -> ClientResult<SocketAddr> {
         self.node_addr(node)
             .ok_or_else(|| ClientError::Protocol(format!("node {node} is not known")))
     }
@@ -244,7 +244,7 @@ impl Client {
     }
 
     /// Whether `node` failed to answer recently.
-    fn failed_recently(&self, node: u32) -> bool {
+    fn failed_recently(&self, node: NodeId) -> bool {
         self.failed
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -252,7 +252,7 @@ impl Client {
             .is_some_and(|at| at.elapsed() < FAILED_NODE_MEMORY)
     }
 
-    fn mark_failed(&self, node: u32) {
+    fn mark_failed(&self, node: NodeId) {
         self.failed
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -260,7 +260,7 @@ impl Client {
     }
 
     /// Nodes to try for a partition: the last known leader first, then replicas.
-    async fn candidates(&self, topic: &str, partition: u32, refresh: bool) -> ClientResult<Vec<u32>> {
+    async fn candidates(&self, topic: &str, partition: u32, refresh: bool) -> ClientResult<Vec<NodeId>> {
         let mut topics = self.cached_topics(refresh).await?;
         if !refresh && !topics.iter().any(|t| t.name == topic) {
             // Perhaps created since the cache was filled.
@@ -286,7 +286,7 @@ impl Client {
             .unwrap_or_else(|p| p.into_inner())
             .get(&(topic.to_string(), partition))
             .copied();
-        let mut nodes: Vec<u32> = known.into_iter().chain(info.leader).collect();
+        let mut nodes: Vec<NodeId> = known.into_iter().chain(info.leader).collect();
         nodes.extend(info.replicas);
         let mut seen = std::collections::HashSet::new();
         nodes.retain(|n| seen.insert(*n));
@@ -335,7 +335,7 @@ impl Client {
     async fn route_once(&self, routed: &mut Routed<'_>) -> ClientResult<ClientResponse> {
         let deadline = Instant::now() + self.timeout;
         let mut last_error = String::from("no replica tried");
-        let mut hint: Option<u32> = None;
+        let mut hint: Option<NodeId> = None;
         let mut refresh = false;
         loop {
             let mut nodes = self.candidates(routed.topic, routed.partition, refresh).await?;
@@ -379,7 +379,7 @@ impl Client {
     /// One attempt at `node`. A node that does not answer is tried last for
     /// a while; a produce that may have been written is not retried unless
     /// it is retry-safe: a retry could write it twice.
-    async fn attempt(&self, node: u32, addr: SocketAddr, routed: &mut Routed<'_>) -> Step {
+    async fn attempt(&self, node: NodeId, addr: SocketAddr, routed: &mut Routed<'_>) -> Step {
         match self.call(Some(addr), routed.request).await {
             Ok(response) => routed.judge(node, response),
             Err(e) => {
@@ -400,7 +400,7 @@ impl Client {
 
 impl Routed<'_> {
     /// What to do with `node`'s answer, as the policy classifies it.
-    fn judge(&mut self, node: u32, response: ClientResponse) -> Step {
+    fn judge(&mut self, node: NodeId, response: ClientResponse) -> Step {
         let Some(outcome) = policy::classify_response(&response) else {
             return Step::Answer(response);
         };

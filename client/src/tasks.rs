@@ -16,6 +16,7 @@
 
 use std::time::Duration;
 
+use runnel_cluster::NodeId;
 use serde::{Deserialize, Serialize};
 
 /// What the controller needs to know of a registered dataflow.
@@ -54,7 +55,7 @@ pub struct TaskStatus {
     pub task: u32,
     pub stage: u32,
     pub partition: u32,
-    pub node: u32,
+    pub node: NodeId,
     /// `running`, `restoring`, `restarting: <why>` or `failed: <why>`.
     pub state: String,
     pub input_topic: String,

@@ -31,14 +31,49 @@ pub use membership::{MemberState, MembershipConfig, MembershipEvent};
 pub use node::{Mailbox, Message, Node, NodeConfig, NodeHandle, ReplyTo};
 pub use protocol::{Envelope, MemberStatus};
 
-/// A node's identity in the cluster, bound to its certificate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A node's identity in the cluster, bound to its certificate. The one node
+/// id type of every layer: transparent in serde, so postcard and JSON encode
+/// it exactly like the bare `u32` it wraps.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct NodeId(pub u32);
 
+impl NodeId {
+    /// The node a raft-rs id names; `None` for an id no node can have (raft
+    /// speaks `u64`, node ids are `u32`).
+    pub fn from_raft(id: u64) -> Option<NodeId> {
+        u32::try_from(id).ok().map(NodeId)
+    }
+
+    /// This node's id as raft-rs speaks it.
+    pub fn to_raft(self) -> u64 {
+        u64::from(self.0)
+    }
+}
+
+/// Forwards the formatter, so widths and alignment (`{:>4}`) apply as they
+/// do to the bare number.
+/// Parses the bare number, as ids are given on the command line.
+impl std::str::FromStr for NodeId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(text: &str) -> std::result::Result<NodeId, Self::Err> {
+        text.parse().map(NodeId)
+    }
+}
+
 impl std::fmt::Display for NodeId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// The bare number, like `Display`: ids in `{:?}` output (lists of replicas,
+/// log lines, simulation notes) read as they did when they were plain
+/// integers.
+impl std::fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
     }
 }
 

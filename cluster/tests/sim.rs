@@ -80,7 +80,7 @@ fn scenario(seed: u64) -> Vec<String> {
     let rejoined = cluster
         .trace()
         .iter()
-        .filter(|line| line.contains("NodeUp { node: NodeId(5), incarnation: 2"))
+        .filter(|line| line.contains("NodeUp { node: 5, incarnation: 2"))
         .count();
     assert_eq!(
         rejoined,

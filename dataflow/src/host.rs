@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use runnel_client::protocol::NodeId;
 use runnel_client::tasks::{DataflowShape, RestartPolicy, TaskAssignment, TaskHost, TaskStatus};
 use runnel_client::{Client, LocalNode};
 
@@ -75,7 +76,7 @@ pub struct DataflowHost {
 impl DataflowHost {
     /// Starts the runtime of node `node`; tasks connect as clients through
     /// `client` once they are first placed here.
-    pub async fn start(registry: Registry, node: u32, client: ClientSettings) -> Result<Arc<DataflowHost>, String> {
+    pub async fn start(registry: Registry, node: NodeId, client: ClientSettings) -> Result<Arc<DataflowHost>, String> {
         let board: StatusBoard = Arc::default();
         let args = SupervisorArgs {
             registry: registry.clone(),
@@ -136,7 +137,7 @@ pub enum SupervisorMsg {
 
 pub struct SupervisorArgs {
     registry: Registry,
-    node: u32,
+    node: NodeId,
     settings: ClientSettings,
     board: StatusBoard,
 }

@@ -53,7 +53,7 @@ pub struct History {
     /// The final read of every partition, from its leader after healing.
     pub final_read: BTreeMap<PartitionKey, Vec<Seen>>,
     /// Each replica's committed records after healing: (partition, node).
-    pub replica_reads: BTreeMap<(PartitionKey, u32), Vec<Seen>>,
+    pub replica_reads: BTreeMap<(PartitionKey, runnel_cluster::NodeId), Vec<Seen>>,
     /// Per consumer, per partition, what it read during the run in order.
     pub consumer_reads: BTreeMap<String, BTreeMap<PartitionKey, Vec<Seen>>>,
 }
@@ -96,7 +96,7 @@ pub enum Anomaly {
     ReplicaDisagrees {
         topic: String,
         partition: u32,
-        node: u32,
+        node: runnel_cluster::NodeId,
         offset: u64,
         leader: String,
         replica: String,
@@ -449,6 +449,8 @@ fn check_consumers(history: &History, verdict: &mut Verdict) {
 
 #[cfg(test)]
 mod tests {
+    use runnel_cluster::NodeId;
+
     use super::*;
 
     fn key() -> PartitionKey {
@@ -496,7 +498,7 @@ mod tests {
             .insert(key(), vec![seen(0, "a"), seen(1, "b"), seen(2, "c")]);
         history
             .replica_reads
-            .insert((key(), 2), vec![seen(0, "a"), seen(1, "b")]);
+            .insert((key(), NodeId(2)), vec![seen(0, "a"), seen(1, "b")]);
         let mut reads = BTreeMap::new();
         reads.insert(key(), vec![seen(0, "a"), seen(2, "c")]);
         history.consumer_reads.insert("c1".into(), reads);
@@ -545,7 +547,7 @@ mod tests {
         );
         history
             .replica_reads
-            .insert((key(), 3), vec![seen(0, "a"), seen(1, "x")]);
+            .insert((key(), NodeId(3)), vec![seen(0, "a"), seen(1, "x")]);
         let mut reads = BTreeMap::new();
         reads.insert(key(), vec![seen(1, "b"), seen(0, "a"), seen(5, "ghost")]);
         history.consumer_reads.insert("c1".into(), reads);

@@ -35,8 +35,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use runnel_storage::RecordBatch;
 
 use crate::metadata::{
-    pick_replacement, place, place_tasks, validate_topic_name, AppliedMetadata, DataflowMeta, MetadataCommand,
-    MetadataError, MetadataLogError, TopicConfig, CONTROLLER_GROUP,
+    pick_replacement, place, place_tasks, validate_topic_name, AppliedMetadata, DataflowMeta, GroupId, MetadataCommand,
+    MetadataError, MetadataLogError, NodeId, TopicConfig, CONTROLLER_GROUP,
 };
 use crate::tasks::{dataflow_topics, DataflowShape, TaskAssignment};
 
@@ -47,7 +47,7 @@ const REBALANCE_MOVES_MAX: usize = 1000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CoreConfig {
     /// This node's id.
-    pub me: u64,
+    pub me: NodeId,
     /// A node dead this long has its replicas and tasks re-created elsewhere.
     pub replace_after_ms: u64,
     /// Hosting is reconciled when the metadata changes or this often; the
@@ -58,7 +58,7 @@ pub struct CoreConfig {
 /// How this node's membership sees one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemberView {
-    pub node: u32,
+    pub node: NodeId,
     pub liveness: Liveness,
 }
 
@@ -77,18 +77,18 @@ pub enum Liveness {
 /// A local replica's view of its group's configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GroupView {
-    pub voters: Vec<u64>,
-    pub learners: Vec<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
 }
 
 impl GroupView {
     /// Whether the group counts `node`, as a voter or a learner.
-    pub fn counts(&self, node: u64) -> bool {
+    pub fn counts(&self, node: NodeId) -> bool {
         self.voters.contains(&node) || self.learners.contains(&node)
     }
 
     /// Whether the voters are exactly `assigned` and no learner is left.
-    pub fn matches(&self, assigned: &[u64]) -> bool {
+    pub fn matches(&self, assigned: &[NodeId]) -> bool {
         let mut voters = self.voters.clone();
         voters.sort_unstable();
         let mut want = assigned.to_vec();
@@ -103,17 +103,17 @@ pub enum Command {
     /// Run a replica of `group` here (founders' configuration, or `None` to
     /// reopen what is on disk), then report with [`ControllerCore::on_hosted`].
     Host {
-        group: u64,
-        founders: Option<Vec<u64>>,
+        group: GroupId,
+        founders: Option<Vec<NodeId>>,
         rejoin: bool,
     },
     /// Stop the local replica of `group`; its files stay. Already counted.
-    Unhost { group: u64 },
+    Unhost { group: GroupId },
     /// Ask the local replica of `group`, if it leads, to move the group's
     /// voters one step towards `voters`.
-    Reconfigure { group: u64, voters: Vec<u64> },
+    Reconfigure { group: GroupId, voters: Vec<NodeId> },
     /// Delete the files of a stale replica, leaving a tombstone.
-    DeleteFiles { group: u64 },
+    DeleteFiles { group: GroupId },
 }
 
 /// Which duties are due at a step (see [`ControllerCore::due`]).
@@ -130,8 +130,8 @@ pub struct Due {
 /// one to ask (its topic is gone), it is removed at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StaleCheck {
-    pub group: u64,
-    pub ask: Option<Vec<u32>>,
+    pub group: GroupId,
+    pub ask: Option<Vec<NodeId>>,
 }
 
 /// One node's controller state and decisions. See the module docs.
@@ -140,11 +140,11 @@ pub struct ControllerCore {
     config: CoreConfig,
     meta: AppliedMetadata,
     /// Groups this node hosts because the metadata (or a stale check) asked.
-    hosted: BTreeSet<u64>,
+    hosted: BTreeSet<GroupId>,
     /// Groups this node stopped hosting since it started (it left them): never
     /// reopened as possibly needed voters — only replicas found on disk
     /// after a restart are.
-    closed: BTreeSet<u64>,
+    closed: BTreeSet<GroupId>,
     /// The task assignment last handed to the dataflow runtime.
     assigned_tasks: Vec<TaskAssignment>,
     /// The applied offset hosting was last reconciled at.
@@ -165,7 +165,7 @@ impl ControllerCore {
         }
     }
 
-    pub fn me(&self) -> u64 {
+    pub fn me(&self) -> NodeId {
         self.config.me
     }
 
@@ -203,7 +203,7 @@ impl ControllerCore {
     /// Replicas to host: every group assigned here that is not running yet,
     /// and the founding replica of each group moved off this node before it
     /// ever hosted it (`ever_hosted`: its files or tombstone are on disk).
-    pub fn reconcile(&mut self, ever_hosted: impl Fn(u64) -> bool) -> Vec<Command> {
+    pub fn reconcile(&mut self, ever_hosted: impl Fn(GroupId) -> bool) -> Vec<Command> {
         let wanted = self.meta.wanted_groups(self.me());
         let mut commands = Vec::new();
         for (group, wanted_group) in wanted {
@@ -225,7 +225,7 @@ impl ControllerCore {
                 continue;
             }
             tracing::info!(
-                group,
+                group = %group,
                 "creating the founding replica of a group moved off before it was hosted here"
             );
             commands.push(Command::Host {
@@ -238,7 +238,7 @@ impl ControllerCore {
     }
 
     /// A [`Command::Host`] succeeded.
-    pub fn on_hosted(&mut self, group: u64) {
+    pub fn on_hosted(&mut self, group: GroupId) {
         self.hosted.insert(group);
         self.closed.remove(&group);
     }
@@ -246,7 +246,7 @@ impl ControllerCore {
     /// Groups hosted here that no assignment places here any more: ask each
     /// replica whether its group still counts this node, and tell
     /// [`ControllerCore::on_unassigned`].
-    pub fn unassigned_hosted(&self) -> Vec<u64> {
+    pub fn unassigned_hosted(&self) -> Vec<GroupId> {
         let wanted = self.meta.wanted_groups(self.me());
         self.hosted
             .iter()
@@ -262,7 +262,7 @@ impl ControllerCore {
     /// simulation: two replicas moved at once left a group without a
     /// quorum). Led here, it moves the group towards the assignment too
     /// (see [`ControllerCore::settle_targets`]).
-    pub fn on_unassigned(&mut self, group: u64, member: bool) -> Option<Command> {
+    pub fn on_unassigned(&mut self, group: GroupId, member: bool) -> Option<Command> {
         if member {
             return None;
         }
@@ -270,7 +270,7 @@ impl ControllerCore {
         Some(Command::Unhost { group })
     }
 
-    fn stop_hosting(&mut self, group: u64) {
+    fn stop_hosting(&mut self, group: GroupId) {
         self.closed.insert(group);
         self.hosted.remove(&group);
     }
@@ -281,7 +281,7 @@ impl ControllerCore {
     /// interval: a group seen settled once can be unsettled again by a
     /// change an earlier leader proposed (found by the simulation, seed 6 of
     /// the first sweep on the shared core: a learner left over for good).
-    pub fn settle_targets(&self) -> Vec<(u64, Vec<u64>)> {
+    pub fn settle_targets(&self) -> Vec<(GroupId, Vec<NodeId>)> {
         self.hosted
             .iter()
             .filter_map(|&group| Some((group, self.meta.assignment_of(group)?)))
@@ -290,7 +290,7 @@ impl ControllerCore {
 
     /// The local replica of a hosted group sees `view`; a group whose voters
     /// differ from `assigned` is nudged (a no-op unless the replica leads).
-    pub fn on_settle_status(&self, group: u64, assigned: &[u64], view: &GroupView) -> Option<Command> {
+    pub fn on_settle_status(&self, group: GroupId, assigned: &[NodeId], view: &GroupView) -> Option<Command> {
         (!view.matches(assigned)).then(|| Command::Reconfigure {
             group,
             voters: assigned.to_vec(),
@@ -300,8 +300,8 @@ impl ControllerCore {
     /// The peers a passive local replica of `group` asks about itself (see
     /// [`crate::ReplicaCore::judge_passive`]): its group's members and
     /// assigned nodes, without this node.
-    pub fn passive_peers(&self, group: u64, view: &GroupView) -> Vec<u64> {
-        let mut members: BTreeSet<u64> = view.voters.iter().chain(&view.learners).copied().collect();
+    pub fn passive_peers(&self, group: GroupId, view: &GroupView) -> Vec<NodeId> {
+        let mut members: BTreeSet<NodeId> = view.voters.iter().chain(&view.learners).copied().collect();
         members.extend(self.meta.assignment_of(group).unwrap_or_default());
         members.remove(&self.me());
         members.into_iter().collect()
@@ -310,7 +310,7 @@ impl ControllerCore {
     /// The tasks the metadata places here, when they changed since the last
     /// call.
     pub fn tasks_changed(&mut self) -> Option<Vec<TaskAssignment>> {
-        let wanted = self.meta.metadata.tasks_of(self.me() as u32);
+        let wanted = self.meta.metadata.tasks_of(self.me());
         if wanted == self.assigned_tasks {
             return None;
         }
@@ -321,7 +321,7 @@ impl ControllerCore {
     /// Of the local replicas the supervisor gave up on, those still hosted
     /// for an assignment: the controller leader is told, so they are placed
     /// on another node.
-    pub fn failed_to_report(&self, failed: &[u64]) -> Vec<u64> {
+    pub fn failed_to_report(&self, failed: &[GroupId]) -> Vec<GroupId> {
         failed
             .iter()
             .copied()
@@ -331,7 +331,7 @@ impl ControllerCore {
 
     /// Replica directories on disk (`on_disk`) that no assignment names for
     /// this node, hosted here still or not running at all (`running`).
-    pub fn stale_candidates(&self, on_disk: &[u64], running: impl Fn(u64) -> bool) -> Vec<u64> {
+    pub fn stale_candidates(&self, on_disk: &[GroupId], running: impl Fn(GroupId) -> bool) -> Vec<GroupId> {
         let wanted = self.meta.wanted_groups(self.me());
         on_disk
             .iter()
@@ -345,11 +345,11 @@ impl ControllerCore {
     /// least the controller leader's commit point (`leader_committed`): a
     /// lagging view could miss a current assignment, so nothing is checked
     /// before.
-    pub fn stale_checks(&self, candidates: &[u64], leader_committed: u64) -> Vec<StaleCheck> {
+    pub fn stale_checks(&self, candidates: &[GroupId], leader_committed: u64) -> Vec<StaleCheck> {
         if self.meta.applied_offset < leader_committed {
             return Vec::new();
         }
-        let me = self.me() as u32;
+        let me = self.me();
         let mut assigned = BTreeSet::new();
         let mut members_of = BTreeMap::new();
         for topic in self.meta.metadata.topics.values() {
@@ -377,7 +377,7 @@ impl ControllerCore {
     /// entries: deleting them would let the same id come back empty while
     /// the leader believes it holds everything. Such a replica, not running
     /// after a restart, runs again until it is known removed.
-    pub fn on_stale_answer(&mut self, group: u64, removed: bool) -> Vec<Command> {
+    pub fn on_stale_answer(&mut self, group: GroupId, removed: bool) -> Vec<Command> {
         if self.meta.wanted_groups(self.me()).contains_key(&group) {
             // Assigned here again while the question was out.
             return Vec::new();
@@ -406,7 +406,7 @@ impl ControllerCore {
     /// first. Partitions with no live node to take a replica stay
     /// under-replicated until one appears.
     pub fn heal(&self, now_ms: u64, members: &[MemberView]) -> Vec<MetadataCommand> {
-        let dead: Vec<u32> = members
+        let dead: Vec<NodeId> = members
             .iter()
             .filter(|m| match m.liveness {
                 Liveness::Dead { since_ms } => since_ms + self.config.replace_after_ms <= now_ms,
@@ -425,7 +425,7 @@ impl ControllerCore {
 
     /// On the controller leader: `node`'s failed replica of `group` moves to
     /// the least-loaded live node not in the partition.
-    pub fn replace_failed(&self, group: u64, node: u32, alive: &[u32]) -> Option<MetadataCommand> {
+    pub fn replace_failed(&self, group: GroupId, node: NodeId, alive: &[NodeId]) -> Option<MetadataCommand> {
         let metadata = &self.meta.metadata;
         let (topic, partition, replicas) = metadata.topics.values().find_map(|t| {
             (0..t.assignment.len())
@@ -450,7 +450,7 @@ impl ControllerCore {
         &self,
         name: String,
         config: TopicConfig,
-        live: &[u32],
+        live: &[NodeId],
     ) -> Result<MetadataCommand, MetadataError> {
         validate_topic_name(&name).and_then(|()| config.validate())?;
         if self.meta.metadata.topics.contains_key(&name) {
@@ -488,7 +488,11 @@ impl ControllerCore {
     }
 
     /// On the controller leader: places a dataflow's tasks on `alive` nodes.
-    pub fn start_dataflow(&self, mut dataflow: DataflowMeta, alive: &[u32]) -> Result<MetadataCommand, MetadataError> {
+    pub fn start_dataflow(
+        &self,
+        mut dataflow: DataflowMeta,
+        alive: &[NodeId],
+    ) -> Result<MetadataCommand, MetadataError> {
         let tasks = dataflow.stages * dataflow.partitions;
         dataflow.placement = place_tasks(tasks, alive, &self.meta.metadata.task_load())?;
         Ok(MetadataCommand::StartDataflow { dataflow })
@@ -505,15 +509,15 @@ impl ControllerCore {
     /// node to the least loaded one until loads differ by at most one. Each
     /// move goes through the same learner -> voter -> remove path as
     /// healing, so no partition drops below its replication factor.
-    pub fn rebalance(&self, alive: &[u32]) -> Vec<MetadataCommand> {
+    pub fn rebalance(&self, alive: &[NodeId]) -> Vec<MetadataCommand> {
         let metadata = &self.meta.metadata;
-        let mut load: BTreeMap<u32, usize> = alive.iter().map(|&n| (n, 0)).collect();
+        let mut load: BTreeMap<NodeId, usize> = alive.iter().map(|&n| (n, 0)).collect();
         for (node, count) in metadata.load() {
             if let Some(slot) = load.get_mut(&node) {
                 *slot = count;
             }
         }
-        let mut assignment: Vec<(String, u32, Vec<u32>)> = metadata
+        let mut assignment: Vec<(String, u32, Vec<NodeId>)> = metadata
             .topics
             .values()
             .flat_map(|t| {
@@ -537,8 +541,8 @@ impl ControllerCore {
 /// One replica move from the most to the least loaded node, if their loads
 /// differ by more than one and some partition can move.
 fn next_rebalance_move(
-    load: &mut BTreeMap<u32, usize>,
-    assignment: &mut [(String, u32, Vec<u32>)],
+    load: &mut BTreeMap<NodeId, usize>,
+    assignment: &mut [(String, u32, Vec<NodeId>)],
 ) -> Option<MetadataCommand> {
     let (&from, &most) = load.iter().max_by_key(|(n, c)| (**c, **n))?;
     let (&to, &least) = load.iter().min_by_key(|(n, c)| (**c, **n))?;
@@ -562,7 +566,7 @@ fn next_rebalance_move(
 }
 
 /// The nodes `members` holds alive.
-pub fn alive_nodes(members: &[MemberView]) -> Vec<u32> {
+pub fn alive_nodes(members: &[MemberView]) -> Vec<NodeId> {
     members
         .iter()
         .filter(|m| m.liveness == Liveness::Alive)

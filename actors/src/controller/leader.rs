@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use runnel_cluster::NodeId;
 
 use super::{encode, unix_ms, Shared};
-use crate::metadata::{command_batch, MetadataCommand, MetadataError, CONTROLLER_GROUP};
+use crate::metadata::{command_batch, GroupId, MetadataCommand, MetadataError, CONTROLLER_GROUP};
 use crate::protocol::{decode_payload, Acks, BrokerError, ControllerRequest, ControllerResponse, CONTROLLER_ACTOR};
 
 /// Controller log fetched per request.
@@ -24,10 +24,10 @@ impl Shared {
     pub(super) async fn controller_call(&self, request: ControllerRequest) -> ControllerResponse {
         let deadline = Instant::now() + self.config.request_timeout;
         let payload = encode(&request);
-        let mut hint: Option<u64> = None;
+        let mut hint: Option<NodeId> = None;
         loop {
             let local_leader = self.broker.status(CONTROLLER_GROUP).await.and_then(|s| s.leader);
-            let mut candidates: Vec<u64> = hint.into_iter().chain(local_leader).collect();
+            let mut candidates: Vec<NodeId> = hint.into_iter().chain(local_leader).collect();
             candidates.extend(self.config.controllers.iter().copied());
             for candidate in candidates {
                 let Some(response) = self.call_candidate(candidate, &request, &payload).await else {
@@ -56,18 +56,17 @@ impl Shared {
     /// One controller node's answer, or `None` when it could not be reached.
     async fn call_candidate(
         &self,
-        candidate: u64,
+        candidate: NodeId,
         request: &ControllerRequest,
         payload: &[u8],
     ) -> Option<ControllerResponse> {
         if candidate == self.me() {
             return Some(Box::pin(self.serve_controller(request.clone())).await);
         }
-        let id = u32::try_from(candidate).ok()?;
         let bytes = self
             .node
             .call(
-                NodeId(id),
+                candidate,
                 CONTROLLER_ACTOR,
                 payload.to_vec(),
                 self.config.request_timeout,
@@ -149,7 +148,7 @@ impl Shared {
         }
     }
 
-    async fn serve_group_members(&self, group: u64) -> ControllerResponse {
+    async fn serve_group_members(&self, group: GroupId) -> ControllerResponse {
         match self.broker.status(group).await {
             Some(status) if status.leader == Some(self.me()) => ControllerResponse::Members {
                 voters: status.voters,

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::broker::Broker;
 use crate::error::Result;
-use crate::metadata::CONTROLLER_GROUP;
+use crate::metadata::{GroupId, CONTROLLER_GROUP};
 use crate::protocol::{
     decode_payload, encode_payload, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse,
     PassiveAnswer, CLIENT_ACTOR, CONTROLLER_ACTOR,
@@ -50,7 +50,7 @@ const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
     /// Node ids of the controller voters (group 0).
-    pub controllers: Vec<u64>,
+    pub controllers: Vec<NodeId>,
     /// How often a node looks for new metadata.
     pub poll_interval: Duration,
     pub request_timeout: Duration,
@@ -63,7 +63,7 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    pub fn new(controllers: Vec<u64>) -> ControllerConfig {
+    pub fn new(controllers: Vec<NodeId>) -> ControllerConfig {
         ControllerConfig {
             controllers,
             poll_interval: Duration::from_millis(20),
@@ -105,7 +105,7 @@ impl Controller {
         tasks: Option<Arc<dyn TaskHost>>,
     ) -> Result<Controller> {
         let node = broker.node().clone();
-        let me = u64::from(node.id().0);
+        let me = node.id();
         if config.controllers.contains(&me) {
             broker
                 .host(CONTROLLER_GROUP, Some(config.controllers.clone()), false)
@@ -208,8 +208,8 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl Shared {
-    fn me(&self) -> u64 {
-        u64::from(self.node.id().0)
+    fn me(&self) -> NodeId {
+        self.node.id()
     }
 
     fn core(&self) -> MutexGuard<'_, ControllerCore> {
@@ -222,7 +222,7 @@ impl Shared {
             .members()
             .iter()
             .map(|m| MemberView {
-                node: m.node.0,
+                node: m.node,
                 liveness: match m.state {
                     MemberState::Alive => Liveness::Alive,
                     MemberState::Suspect => Liveness::Suspect,
@@ -235,12 +235,12 @@ impl Shared {
     }
 
     /// Ids of the nodes membership holds alive now.
-    fn alive_nodes(&self) -> Vec<u32> {
+    fn alive_nodes(&self) -> Vec<NodeId> {
         core::alive_nodes(&self.member_views())
     }
 
     /// The configuration the local replica of `group` sees, if it runs.
-    async fn group_view(&self, group: u64) -> Option<GroupView> {
+    async fn group_view(&self, group: GroupId) -> Option<GroupView> {
         let status = self.broker.status(group).await?;
         Some(GroupView {
             voters: status.voters,
@@ -284,13 +284,13 @@ impl Shared {
                     rejoin,
                 } => match self.broker.host(group, founders, rejoin).await {
                     Ok(()) => self.core().on_hosted(group),
-                    Err(e) => tracing::warn!(group, error = %e, "could not host a replica"),
+                    Err(e) => tracing::warn!(group = %group, error = %e, "could not host a replica"),
                 },
                 Command::Unhost { group } => self.broker.unhost(group).await,
                 Command::Reconfigure { group, voters } => self.broker.reconfigure(group, voters),
                 Command::DeleteFiles { group } => match self.broker.delete_replica_files(group) {
-                    Ok(()) => tracing::info!(group, "deleted the files of a stale replica"),
-                    Err(e) => tracing::warn!(group, error = %e, "could not delete a stale replica's files"),
+                    Ok(()) => tracing::info!(group = %group, "deleted the files of a stale replica"),
+                    Err(e) => tracing::warn!(group = %group, error = %e, "could not delete a stale replica's files"),
                 },
             }
         }
@@ -342,7 +342,7 @@ impl Shared {
     /// Tells the controller about local replicas the supervisor gave up on
     /// that are still assigned here, so they are placed on another node.
     async fn report_failed_replicas(&self) {
-        let failed: Vec<u64> = self
+        let failed: Vec<GroupId> = self
             .broker
             .health()
             .await
@@ -354,10 +354,10 @@ impl Shared {
         for group in to_report {
             let request = ControllerRequest::ReplicaFailed {
                 group,
-                node: self.node.id().0,
+                node: self.node.id(),
             };
             if let ControllerResponse::Failed(e) = self.controller_call(request).await {
-                tracing::warn!(group, error = %e, "could not report a failed replica");
+                tracing::warn!(group = %group, error = %e, "could not report a failed replica");
             }
         }
     }
@@ -389,7 +389,7 @@ impl Shared {
             };
             if !removed {
                 tracing::debug!(
-                    group = check.group,
+                    group = %check.group,
                     "still in the group's configuration; files kept for now"
                 );
             }
@@ -400,12 +400,12 @@ impl Shared {
 
     /// Whether the leader of `group`, found among `nodes`, confirms that
     /// this node is neither a voter nor a learner of the group any more.
-    async fn removed_from(&self, group: u64, nodes: &[u32]) -> bool {
+    async fn removed_from(&self, group: GroupId, nodes: &[NodeId]) -> bool {
         let payload = encode(&ControllerRequest::GroupMembers { group });
         for &node in nodes {
             let Ok(bytes) = self
                 .node
-                .call(NodeId(node), CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
+                .call(node, CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
                 .await
             else {
                 continue;
@@ -449,15 +449,14 @@ impl Shared {
             let peers = self.core().passive_peers(group, &view);
             let payload = encode(&ControllerRequest::PassiveReplica { group, node: me, since });
             for peer in peers {
-                let Ok(peer) = u32::try_from(peer) else { continue };
                 let answer = self
                     .node
-                    .call(NodeId(peer), CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
+                    .call(peer, CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
                     .await;
                 let Ok(bytes) = answer else { continue };
                 match decode_payload(&bytes) {
                     Ok(ControllerResponse::Passive(PassiveAnswer::Promoted)) => {
-                        tracing::info!(group, peer, "a peer confirms this passive replica was promoted");
+                        tracing::info!(group = %group, peer = %peer, "a peer confirms this passive replica was promoted");
                         self.broker.promoted(group);
                         break;
                     }
@@ -498,11 +497,10 @@ impl Shared {
         });
         let mut last_error = "no controller configured".to_string();
         for &controller in &self.config.controllers {
-            let Ok(id) = u32::try_from(controller) else { continue };
             let answer = self
                 .node
                 .call(
-                    NodeId(id),
+                    controller,
                     CONTROLLER_ACTOR,
                     request.clone(),
                     self.config.request_timeout,

@@ -10,7 +10,7 @@ use runnel_cluster::MemberState;
 use runnel_storage::RecordBatch;
 
 use super::Shared;
-use crate::metadata::{DataflowMeta, MetadataError, TopicConfig, CONTROLLER_GROUP};
+use crate::metadata::{DataflowMeta, GroupId, MetadataError, NodeId, TopicConfig, CONTROLLER_GROUP};
 use crate::partition::Fetched;
 use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
@@ -37,7 +37,7 @@ pub enum ServiceError {
     },
     /// The answering node has no replica of the partition; try these nodes.
     #[error("no replica of the partition on this node; its replicas are on nodes {replicas:?}")]
-    NotHere { replicas: Vec<u32> },
+    NotHere { replicas: Vec<NodeId> },
     #[error(transparent)]
     Refused(#[from] MetadataError),
     #[error(transparent)]
@@ -68,8 +68,8 @@ impl From<ServiceError> for ClientResponse {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterMetadata {
     pub topics: Vec<TopicInfo>,
-    pub nodes: Vec<(u32, std::net::SocketAddr)>,
-    pub controller_leader: Option<u32>,
+    pub nodes: Vec<(NodeId, std::net::SocketAddr)>,
+    pub controller_leader: Option<NodeId>,
 }
 
 /// One node's client service. Cheap to clone.
@@ -149,15 +149,9 @@ impl BrokerService {
             .members()
             .iter()
             .filter(|m| m.state == MemberState::Alive)
-            .map(|m| (m.node.0, m.addr))
+            .map(|m| (m.node, m.addr))
             .collect();
-        let controller_leader = self
-            .shared
-            .broker
-            .status(CONTROLLER_GROUP)
-            .await
-            .and_then(|s| s.leader)
-            .and_then(|l| u32::try_from(l).ok());
+        let controller_leader = self.shared.broker.status(CONTROLLER_GROUP).await.and_then(|s| s.leader);
         ClusterMetadata {
             topics,
             nodes,
@@ -173,18 +167,14 @@ impl BrokerService {
         let mut partitions = Vec::with_capacity(topic.assignment.len());
         for (partition, replicas) in topic.assignment.iter().enumerate() {
             let status = self.shared.broker.status(topic.group_id(partition as u32)).await;
-            let nodes = |ids: &[u64]| ids.iter().filter_map(|&v| u32::try_from(v).ok()).collect();
             partitions.push(PartitionInfo {
                 partition: partition as u32,
                 replicas: replicas.clone(),
-                leader: status
-                    .as_ref()
-                    .and_then(|s| s.leader)
-                    .and_then(|l| u32::try_from(l).ok()),
+                leader: status.as_ref().and_then(|s| s.leader),
                 committed_offset: status.as_ref().map(|s| s.committed_offset),
                 end_offset: status.as_ref().map(|s| s.end_offset),
-                learners: status.as_ref().map(|s| nodes(&s.learners)).unwrap_or_default(),
-                voters: status.as_ref().map(|s| nodes(&s.voters)).unwrap_or_default(),
+                learners: status.as_ref().map(|s| s.learners.clone()).unwrap_or_default(),
+                voters: status.as_ref().map(|s| s.voters.clone()).unwrap_or_default(),
             });
         }
         Ok(TopicInfo {
@@ -374,7 +364,7 @@ impl BrokerService {
     }
 
     /// The group of a topic partition hosted here, or why not.
-    pub fn locate(&self, topic: &str, partition: u32) -> Result<u64, ServiceError> {
+    pub fn locate(&self, topic: &str, partition: u32) -> Result<GroupId, ServiceError> {
         let core = self.shared.core();
         let meta_topic = core
             .meta()

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use runnel_actors::client::Client;
-use runnel_actors::metadata::TopicConfig;
+use runnel_actors::metadata::{NodeId, TopicConfig};
 use runnel_dataflow::fraud;
 use runnel_storage::StoredRecord;
 use serde_json::json;
@@ -561,7 +561,7 @@ async fn apply(
     match fault {
         Fault::Kill(target) => {
             let node = match target {
-                KillTarget::Node(node) => Some(*node),
+                KillTarget::Node(node) => Some(NodeId(*node)),
                 KillTarget::LeaderOf(partition) => client
                     .describe_topic(TOPIC)
                     .await
@@ -572,7 +572,8 @@ async fn apply(
                     Err(_) => None,
                 },
             };
-            let node = node.unwrap_or_else(|| fallback.between(1, u64::from(nodes)) as u32);
+            // The process fixture numbers nodes by their bare id.
+            let node = node.map_or_else(|| fallback.between(1, u64::from(nodes)) as u32, |n| n.0);
             let running = cluster.running().contains(&node) && !cluster.is_paused(node);
             if !running || !majority_left {
                 return Ok(Applied::Skipped);
@@ -597,9 +598,9 @@ async fn apply(
 
 /// Every second: acks/s, and changes of leaders, replica sets and live nodes.
 async fn monitor(client: Arc<Client>, recorder: Arc<Recorder>, timeline: Arc<Timeline>) {
-    let mut leaders: BTreeMap<PartitionKey, u32> = BTreeMap::new();
-    let mut replicas: BTreeMap<PartitionKey, Vec<u32>> = BTreeMap::new();
-    let mut alive: Vec<u32> = Vec::new();
+    let mut leaders: BTreeMap<PartitionKey, NodeId> = BTreeMap::new();
+    let mut replicas: BTreeMap<PartitionKey, Vec<NodeId>> = BTreeMap::new();
+    let mut alive: Vec<NodeId> = Vec::new();
     let mut last_acks = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -658,7 +659,7 @@ async fn monitor(client: Arc<Client>, recorder: Arc<Recorder>, timeline: Arc<Tim
 /// or from one replica.
 async fn read_partition(
     client: &Client,
-    node: Option<u32>,
+    node: Option<NodeId>,
     topic: &str,
     partition: u32,
 ) -> Result<Vec<StoredRecord>, runnel_actors::client::ClientError> {
@@ -681,7 +682,7 @@ async fn read_partition(
     }
 }
 
-type ReplicaReads = BTreeMap<(PartitionKey, u32), Vec<checker::Seen>>;
+type ReplicaReads = BTreeMap<(PartitionKey, NodeId), Vec<checker::Seen>>;
 
 /// Waits until every partition has its full replica set as voters and every
 /// replica holds the same committed records. The replicas' reads come back

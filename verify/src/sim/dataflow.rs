@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use runnel_actors::client::{ClientError, ClientResult, FetchedBatches};
 use runnel_actors::controller::ControllerCore;
-use runnel_actors::metadata::{AppliedMetadata, DataflowMeta, MetadataCommand, TopicMeta};
+use runnel_actors::metadata::{AppliedMetadata, DataflowMeta, GroupId, MetadataCommand, TopicMeta};
 use runnel_actors::supervisor::RestartPolicy;
 use runnel_actors::tasks::{repartition_topic, DataflowShape, TaskAssignment, TaskStatus};
 use runnel_actors::{Acks, BrokerError};
@@ -90,7 +90,11 @@ pub fn reference(attempts: &[Attempt]) -> BTreeMap<WindowKey, Vec<u64>> {
 /// The commands that create the dataflow's topics, then start it with its
 /// tasks placed — what `BrokerService::start_dataflow` asks of the
 /// controller, decided by the same core. Empty once it runs.
-pub fn start_commands(core: &ControllerCore, def: &DataflowDef, nodes: &[u32]) -> Result<Vec<MetadataCommand>, String> {
+pub fn start_commands(
+    core: &ControllerCore,
+    def: &DataflowDef,
+    nodes: &[NodeId],
+) -> Result<Vec<MetadataCommand>, String> {
     let metadata = &core.meta().metadata;
     let Some(source) = metadata.topics.get(TOPIC) else {
         return Ok(Vec::new());
@@ -293,13 +297,13 @@ impl SimTask {
 ///
 /// [`Client`]: runnel_actors::client::Client
 pub struct TaskRequest {
-    task: (u64, u32),
+    task: (NodeId, u32),
     call_id: u64,
     call: Call,
-    group: u64,
-    replicas: Vec<u32>,
+    group: GroupId,
+    replicas: Vec<NodeId>,
     /// The node of the attempt in flight and when it went.
-    target: u64,
+    target: NodeId,
     sent_ms: u64,
     /// Not before this (after a refusal that named no leader).
     resend_ms: u64,
@@ -344,15 +348,15 @@ const RETRY_PAUSE_MS: u64 = 20;
 pub struct Tasks {
     pub def: Option<Arc<DataflowDef>>,
     /// (node, task) → the incarnation running there.
-    running: BTreeMap<(u64, u32), SimTask>,
+    running: BTreeMap<(NodeId, u32), SimTask>,
     /// Request id → the call it is an attempt of.
     requests: BTreeMap<u64, TaskRequest>,
     /// Calls waiting to be tried again.
     resends: Vec<TaskRequest>,
     /// (node, group) → the leader the node's tasks last heard of.
-    leaders: BTreeMap<(u64, u64), u64>,
+    leaders: BTreeMap<(NodeId, GroupId), NodeId>,
     /// (node, task) → consecutive failures and when it may start again.
-    backoff: BTreeMap<(u64, u32), (u32, u64)>,
+    backoff: BTreeMap<(NodeId, u32), (u32, u64)>,
 }
 
 impl Tasks {
@@ -364,7 +368,7 @@ impl Tasks {
     }
 
     /// A node crashed: its tasks die where they stand.
-    pub fn crash(&mut self, node: u64) {
+    pub fn crash(&mut self, node: NodeId) {
         self.running.retain(|(n, _), _| *n != node);
         self.requests.retain(|_, r| r.task.0 != node);
         self.resends.retain(|r| r.task.0 != node);
@@ -376,18 +380,18 @@ impl Tasks {
 impl World {
     /// The node's task supervisor: starts the tasks metadata places here
     /// (after the back-off, for failed ones) and stops those placed elsewhere.
-    pub(super) fn reconcile_tasks(&mut self, id: u64) {
+    pub(super) fn reconcile_tasks(&mut self, id: NodeId) {
         let Some(def) = self.tasks.def.clone() else { return };
         let now = self.now();
         let wanted: BTreeMap<u32, TaskAssignment> = self.nodes[&id]
             .meta()
             .metadata
-            .tasks_of(id as u32)
+            .tasks_of(id)
             .into_iter()
             .filter(|t| t.dataflow == DATAFLOW)
             .map(|t| (t.task, t))
             .collect();
-        let here: Vec<(u64, u32)> = self.tasks.running.keys().copied().filter(|(n, _)| *n == id).collect();
+        let here: Vec<(NodeId, u32)> = self.tasks.running.keys().copied().filter(|(n, _)| *n == id).collect();
         for key in here {
             if !wanted.contains_key(&key.1) {
                 self.stop_task(key);
@@ -409,7 +413,7 @@ impl World {
         }
     }
 
-    fn stop_task(&mut self, key: (u64, u32)) {
+    fn stop_task(&mut self, key: (NodeId, u32)) {
         self.tasks.running.remove(&key);
         self.tasks.requests.retain(|_, r| r.task != key);
         self.tasks.resends.retain(|r| r.task != key);
@@ -452,7 +456,7 @@ impl World {
         for request in due {
             self.attempt(request);
         }
-        let keys: Vec<(u64, u32)> = self.tasks.running.keys().copied().collect();
+        let keys: Vec<(NodeId, u32)> = self.tasks.running.keys().copied().collect();
         for key in keys {
             let Some(task) = self.tasks.running.get_mut(&key) else {
                 continue;
@@ -467,7 +471,7 @@ impl World {
         }
     }
 
-    fn task_failed(&mut self, key: (u64, u32), error: TaskError) {
+    fn task_failed(&mut self, key: (NodeId, u32), error: TaskError) {
         self.stop_task(key);
         self.report.task_failures += 1;
         if let TaskError::OutputLost { .. } = &error {
@@ -489,7 +493,7 @@ impl World {
     }
 
     /// Starts a task's call: the partition as the task's node knows it.
-    fn route_task_call(&mut self, key: (u64, u32), call_id: u64, call: Call) {
+    fn route_task_call(&mut self, key: (NodeId, u32), call_id: u64, call: Call) {
         let (group, replicas) = match self.task_call_partition(key.0, &call) {
             Ok(found) => found,
             Err(error) => {
@@ -530,7 +534,7 @@ impl World {
             call,
             group,
             replicas,
-            target: 0,
+            target: NodeId(0),
             sent_ms: now,
             resend_ms: now,
             deadline_ms: now + CLIENT_TIMEOUT_MS,
@@ -542,7 +546,7 @@ impl World {
 
     /// The group and replicas of a call's partition, as node `node`'s
     /// metadata has them (the client's errors when it has not).
-    fn task_call_partition(&self, node: u64, call: &Call) -> Result<(u64, Vec<u32>), ClientError> {
+    fn task_call_partition(&self, node: NodeId, call: &Call) -> Result<(GroupId, Vec<NodeId>), ClientError> {
         let (topic_name, partition) = match call {
             Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => {
                 (topic.clone(), *partition)
@@ -570,7 +574,7 @@ impl World {
             Some(&leader) => leader,
             None => {
                 let replicas = &request.replicas;
-                u64::from(replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize])
+                replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize]
             }
         };
         let id = self.next_request;
@@ -592,7 +596,7 @@ impl World {
             },
         };
         self.tasks.requests.insert(id, request);
-        self.net.post(NodeId(node as u32), NodeId(target as u32), msg);
+        self.net.post(node, target, msg);
     }
 
     /// Tries a call again (after `resend_ms`), unless the client's timeout
@@ -607,7 +611,7 @@ impl World {
     }
 
     /// A reply that reached node `node`: a task's, if the request is one.
-    pub(super) fn on_task_reply(&mut self, node: u64, request: u64, reply: Result<TaskReply, BrokerError>) {
+    pub(super) fn on_task_reply(&mut self, node: NodeId, request: u64, reply: Result<TaskReply, BrokerError>) {
         if self.tasks.requests.get(&request).is_none_or(|r| r.task.0 != node) {
             return;
         }
@@ -636,7 +640,7 @@ impl World {
 
     /// A task's call refused or unanswered: sent again (to the leader named,
     /// or after a pause) when that is safe, else answered with the error.
-    fn task_call_failed(&mut self, node: u64, mut pending: TaskRequest, error: BrokerError) {
+    fn task_call_failed(&mut self, node: NodeId, mut pending: TaskRequest, error: BrokerError) {
         let now = self.now();
         let from = pending.target;
         match error {
@@ -723,11 +727,7 @@ impl World {
                 .filter_map(|n| n.groups.get(&group))
                 .find(|p| p.core().is_leader())
                 .map(|p| p.core().committed_offset());
-            let read = self
-                .tasks
-                .running
-                .get(&(u64::from(node), task as u32))
-                .map(SimTask::input_offset);
+            let read = self.tasks.running.get(&(node, task as u32)).map(SimTask::input_offset);
             committed.is_some() && read == committed
         })
     }

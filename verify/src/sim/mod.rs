@@ -38,7 +38,7 @@ use runnel_actors::metadata::{
     command_batch, group_id, AppliedMetadata, Metadata, MetadataCommand, TopicConfig, TopicMeta, CONTROLLER_GROUP,
 };
 use runnel_actors::partition::{PartitionCore, ProduceReply};
-use runnel_actors::protocol::PassiveAnswer;
+use runnel_actors::protocol::{GroupId, PassiveAnswer};
 use runnel_actors::{Acks, BrokerError, RaftMessage as Message, ReplicaConfig};
 use runnel_client::policy;
 use runnel_cluster::sim::{FaultConfig, SimNetwork, SimRng, SimStats};
@@ -266,7 +266,7 @@ impl SimReport {
 #[derive(Clone, Debug)]
 enum Msg {
     Raft {
-        group: u64,
+        group: GroupId,
         message: Box<Message>,
     },
     /// Node → controller voters: alive.
@@ -283,7 +283,7 @@ enum Msg {
     MetaAnswer(Box<Metadata>),
     Produce {
         request: u64,
-        group: u64,
+        group: GroupId,
         batch: RecordBatch,
     },
     Produced {
@@ -292,7 +292,7 @@ enum Msg {
     },
     Fetch {
         request: u64,
-        group: u64,
+        group: GroupId,
         offset: u64,
         max_bytes: usize,
     },
@@ -303,21 +303,21 @@ enum Msg {
     },
     /// Node → group member: does the group's leader still count me?
     Members {
-        group: u64,
+        group: GroupId,
     },
     /// From the group's leader only.
     MembersAnswer {
-        group: u64,
+        group: GroupId,
         removed: bool,
     },
     /// Node → the group's other replicas: my replica is passive since a
     /// leader's commit index `since`; what do you know of it?
     PassiveReplica {
-        group: u64,
+        group: GroupId,
         since: u64,
     },
     PassiveAnswer {
-        group: u64,
+        group: GroupId,
         answer: PassiveAnswer,
     },
     /// Node → controller voters: the controller log's commit point, please
@@ -361,33 +361,33 @@ impl ProduceReply for SimReply {
 type Part = PartitionCore<SimReply>;
 
 struct Node {
-    id: u64,
+    id: NodeId,
     dir: PathBuf,
     up: bool,
     /// A crash armed to strike inside the next ready handling, keeping this
     /// many unsynced bytes.
     crash_armed: Option<u64>,
-    groups: BTreeMap<u64, Part>,
+    groups: BTreeMap<GroupId, Part>,
     /// The node's controller decisions: the real core, as production runs it.
     core: ControllerCore,
     /// Controller leader only: when each node was last heard from.
-    heard: BTreeMap<u64, u64>,
+    heard: BTreeMap<NodeId, u64>,
     leading_since: Option<u64>,
     last_moves_ms: u64,
     topic_proposed_ms: Option<u64>,
     /// Stale replica directories asked about and not answered yet; still
     /// unanswered at the next heal, they count as "nobody confirmed the
     /// removal" (the real shell's call timing out).
-    stale_asked: BTreeSet<u64>,
+    stale_asked: BTreeSet<GroupId>,
     /// Stale candidates waiting for the controller leader's commit point.
-    stale_candidates: Vec<u64>,
+    stale_candidates: Vec<GroupId>,
     /// Leader each hosted group last had here, to count changes.
-    leaders: BTreeMap<u64, Option<u64>>,
+    leaders: BTreeMap<GroupId, Option<NodeId>>,
 }
 
 impl Node {
     /// A node not started yet, its directory created.
-    fn new(id: u64, dir: PathBuf) -> Result<Node, String> {
+    fn new(id: NodeId, dir: PathBuf) -> Result<Node, String> {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Node {
             id,
@@ -406,13 +406,13 @@ impl Node {
         })
     }
 
-    fn group_dir(&self, group: u64) -> PathBuf {
+    fn group_dir(&self, group: GroupId) -> PathBuf {
         self.dir.join(format!("group-{group}"))
     }
 
     /// Left when a stale replica's files are deleted: the node hosted the
     /// group once (as the broker's `<group>.left`).
-    fn tombstone(&self, group: u64) -> PathBuf {
+    fn tombstone(&self, group: GroupId) -> PathBuf {
         self.dir.join(format!("group-{group}.left"))
     }
 
@@ -422,13 +422,13 @@ impl Node {
 }
 
 /// As the broker's `ever_hosted`: a replica directory or a tombstone.
-fn ever_hosted_in(dir: &Path, group: u64) -> bool {
+fn ever_hosted_in(dir: &Path, group: GroupId) -> bool {
     dir.join(format!("group-{group}")).exists() || dir.join(format!("group-{group}.left")).exists()
 }
 
 /// The core's settings in the simulation: dead nodes are judged by the
 /// simulated failure detector (`DEAD_MS`), so they move at once.
-fn core_config(id: u64) -> CoreConfig {
+fn core_config(id: NodeId) -> CoreConfig {
     CoreConfig {
         me: id,
         replace_after_ms: 0,
@@ -452,7 +452,7 @@ struct Pending {
     sent_ms: u64,
     /// Every request id this batch was sent under (any answer counts).
     requests: BTreeSet<u64>,
-    target: u64,
+    target: NodeId,
     retry_at: Option<u64>,
     /// Some attempt may have been written (no answer, or an ambiguous one).
     maybe_written: bool,
@@ -493,7 +493,7 @@ struct Consumer {
     name: String,
     position: BTreeMap<u32, u64>,
     /// Partition → (request, sent at, target).
-    in_flight: BTreeMap<u32, (u64, u64, u64)>,
+    in_flight: BTreeMap<u32, (u64, u64, NodeId)>,
     /// Partition → when to fetch next (a fetch that found nothing waits).
     next_fetch: BTreeMap<u32, u64>,
 }
@@ -516,14 +516,14 @@ impl Consumer {
 struct ClientView {
     metadata: Option<Metadata>,
     /// Group → the node believed to lead it.
-    leader: BTreeMap<u64, u64>,
+    leader: BTreeMap<GroupId, NodeId>,
     asked_ms: Option<u64>,
 }
 
 impl ClientView {
     /// A refusal named the group's leader (or knew none): the next request
     /// goes there (or to a replica chosen from the seed).
-    fn heard_leader(&mut self, group: u64, leader: Option<u64>) {
+    fn heard_leader(&mut self, group: GroupId, leader: Option<NodeId>) {
         match leader {
             Some(leader) => self.leader.insert(group, leader),
             None => self.leader.remove(&group),
@@ -536,7 +536,7 @@ struct Schedule {
     next_fault: u64,
     heal_at: Option<u64>,
     /// Crashed node → when it restarts.
-    restart_at: BTreeMap<u64, u64>,
+    restart_at: BTreeMap<NodeId, u64>,
 }
 
 struct World {
@@ -545,7 +545,7 @@ struct World {
     rng: SimRng,
     net: SimNetwork<Msg>,
     outbox: Outbox,
-    nodes: BTreeMap<u64, Node>,
+    nodes: BTreeMap<NodeId, Node>,
     producers: Vec<Producer>,
     consumers: Vec<Consumer>,
     views: BTreeMap<NodeId, ClientView>,
@@ -555,9 +555,9 @@ struct World {
     writes: Vec<Write>,
     consumer_reads: BTreeMap<String, BTreeMap<PartitionKey, Vec<Seen>>>,
     /// The running check: per group, the first committed copy of each offset.
-    committed: BTreeMap<u64, BTreeMap<u64, Option<String>>>,
+    committed: BTreeMap<GroupId, BTreeMap<u64, Option<String>>>,
     /// Per (node, group): the committed offset checked so far.
-    checked: BTreeMap<(u64, u64), u64>,
+    checked: BTreeMap<(NodeId, GroupId), u64>,
     running: Verdict,
     tasks: Tasks,
     report: SimReport,
@@ -660,8 +660,8 @@ fn records_of(batches: &[RecordBatch]) -> Result<Vec<Seen>, String> {
 }
 
 /// The topic and partition of a partition group, as any node knows them.
-fn partition_of(nodes: &BTreeMap<u64, Node>, group: u64) -> (String, u32) {
-    let partition = (group & ((1 << 20) - 1)) as u32;
+fn partition_of(nodes: &BTreeMap<NodeId, Node>, group: GroupId) -> (String, u32) {
+    let partition = (group.0 & ((1 << 20) - 1)) as u32;
     let topic = nodes
         .values()
         .flat_map(|n| n.meta().metadata.topics.values())
@@ -676,7 +676,7 @@ impl World {
     fn new(seed: u64, config: SimConfig, dir: &Path) -> Result<World, String> {
         let outbox: Outbox = Rc::new(RefCell::new(Vec::new()));
         let mut nodes = BTreeMap::new();
-        for id in 1..=u64::from(config.nodes) {
+        for id in (1..=config.nodes).map(NodeId) {
             nodes.insert(id, Node::new(id, dir.join(format!("node-{id}")))?);
         }
         let producers = (0..config.producers).map(Producer::new).collect::<Vec<_>>();
@@ -712,7 +712,7 @@ impl World {
             },
             trace: std::collections::VecDeque::new(),
         };
-        let ids: Vec<u64> = world.nodes.keys().copied().collect();
+        let ids: Vec<NodeId> = world.nodes.keys().copied().collect();
         for id in ids {
             world.start(id).map_err(|e| format!("starting node {id}: {e}"))?;
         }
@@ -731,12 +731,12 @@ impl World {
         self.net.now_ms()
     }
 
-    fn controllers(&self) -> Vec<u64> {
-        (1..=u64::from(self.config.controllers)).collect()
+    fn controllers(&self) -> Vec<NodeId> {
+        (1..=self.config.controllers).map(NodeId).collect()
     }
 
-    fn replica_config(&mut self, node: u64) -> ReplicaConfig {
-        let mut config = ReplicaConfig::new(node);
+    fn replica_config(&mut self, node: NodeId) -> ReplicaConfig {
+        let mut config = ReplicaConfig::new(node.to_raft());
         config.election_tick = ELECTION_TICKS;
         config.heartbeat_tick = HEARTBEAT_TICKS;
         let ticks = ELECTION_TICKS + self.rng.between(0, ELECTION_TICKS as u64 - 1) as usize;
@@ -747,8 +747,8 @@ impl World {
 
     /// Starts (or restarts) a node: the controller voters open group 0 at
     /// once; partition replicas open when the metadata names them.
-    fn start(&mut self, id: u64) -> Result<(), String> {
-        self.net.set_down(NodeId(id as u32), false);
+    fn start(&mut self, id: NodeId) -> Result<(), String> {
+        self.net.set_down(id, false);
         let node = self.nodes.get_mut(&id).expect("known node");
         node.up = true;
         node.crash_armed = None;
@@ -765,7 +765,7 @@ impl World {
         Ok(())
     }
 
-    fn host(&mut self, id: u64, group: u64, founders: Option<&[u64]>, rejoin: bool) -> Result<(), String> {
+    fn host(&mut self, id: NodeId, group: GroupId, founders: Option<&[NodeId]>, rejoin: bool) -> Result<(), String> {
         let mut config = self.replica_config(id);
         let node = self.nodes.get_mut(&id).expect("known node");
         // As the broker: a replica deleted here before comes back passive,
@@ -784,11 +784,11 @@ impl World {
         Ok(())
     }
 
-    fn send_raft(&mut self, from: u64, group: u64, messages: Vec<Message>) {
+    fn send_raft(&mut self, from: NodeId, group: GroupId, messages: Vec<Message>) {
         for message in messages {
             let to = NodeId(message.to as u32);
             self.net.post(
-                NodeId(from as u32),
+                from,
                 to,
                 Msg::Raft {
                     group,
@@ -807,7 +807,7 @@ impl World {
 
     /// Persists and sends what a group has ready — or, with a crash armed on
     /// the node, crashes it right there, mid-ready.
-    fn drive(&mut self, id: u64, group: u64) -> Result<(), String> {
+    fn drive(&mut self, id: NodeId, group: GroupId) -> Result<(), String> {
         if let Some(keep) = self.nodes[&id].crash_armed {
             self.crash(id, Some((group, keep)))?;
             return Ok(());
@@ -817,7 +817,7 @@ impl World {
             return Ok(());
         };
         let messages = part.drive().map_err(|e| format!("node {id} group {group}: {e}"))?;
-        let leader = part.core().leader_id();
+        let leader = part.core().leader_id().and_then(NodeId::from_raft);
         let before = node.leaders.insert(group, leader);
         if before.is_some_and(|b| b != leader) && leader.is_some() {
             self.report.leader_changes += 1;
@@ -831,8 +831,8 @@ impl World {
     /// Crashes a node: every replica is dropped unsynced (see
     /// [`ReplicaCore::crash`]); with `mid_ready`, that group was inside
     /// ready handling and keeps `keep` of its unsynced bytes.
-    fn crash(&mut self, id: u64, mid_ready: Option<(u64, u64)>) -> Result<(), String> {
-        self.net.set_down(NodeId(id as u32), true);
+    fn crash(&mut self, id: NodeId, mid_ready: Option<(GroupId, u64)>) -> Result<(), String> {
+        self.net.set_down(id, true);
         let node = self.nodes.get_mut(&id).expect("known node");
         node.up = false;
         node.crash_armed = None;
@@ -915,7 +915,7 @@ impl World {
             *self.report.faults.entry("heal".to_string()).or_default() += 1;
             self.note("heal".to_string());
         }
-        let due: Vec<u64> = schedule
+        let due: Vec<NodeId> = schedule
             .restart_at
             .iter()
             .filter(|(_, &t)| t <= now)
@@ -941,7 +941,7 @@ impl World {
         for node in self.nodes.values_mut() {
             node.crash_armed = None;
         }
-        let down: Vec<u64> = self.nodes.values().filter(|n| !n.up).map(|n| n.id).collect();
+        let down: Vec<NodeId> = self.nodes.values().filter(|n| !n.up).map(|n| n.id).collect();
         for id in down {
             self.start(id)?;
             self.note(format!("restart node {id} (final heal)"));
@@ -973,14 +973,14 @@ impl World {
 
     /// One fault from the seed: crash (maybe mid-ready, maybe torn) or cut
     /// off a minority.
-    fn inject(&mut self, heal_at: &mut Option<u64>, restart_at: &mut BTreeMap<u64, u64>) -> Result<(), String> {
+    fn inject(&mut self, heal_at: &mut Option<u64>, restart_at: &mut BTreeMap<NodeId, u64>) -> Result<(), String> {
         let now = self.now();
-        let nodes: Vec<u64> = self.nodes.keys().copied().collect();
+        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
         let down = self.nodes.values().filter(|n| !n.up || n.crash_armed.is_some()).count();
         let minority = (nodes.len() - 1) / 2;
         match self.rng.between(0, 2) {
             0 | 1 if down < minority => {
-                let up: Vec<u64> = self
+                let up: Vec<NodeId> = self
                     .nodes
                     .values()
                     .filter(|n| n.up && n.crash_armed.is_none())
@@ -1011,8 +1011,7 @@ impl World {
                     let i = self.rng.between(0, rest.len() as u64 - 1) as usize;
                     cut.push(rest.remove(i));
                 }
-                let as_ids = |v: &[u64]| v.iter().map(|&n| NodeId(n as u32)).collect::<Vec<_>>();
-                self.net.partition(&[as_ids(&cut), as_ids(&rest)]);
+                self.net.partition(&[cut.clone(), rest.clone()]);
                 *heal_at = Some(now + self.rng.between(1_000, 6_000));
                 *self.report.faults.entry("partition".to_string()).or_default() += 1;
                 self.note(format!("partition {cut:?} | {rest:?}"));
@@ -1024,7 +1023,7 @@ impl World {
 
     fn deliver_until(&mut self, until: u64) -> Result<(), String> {
         while let Some((to, from, msg)) = self.net.next_delivery(until) {
-            let id = u64::from(to.0);
+            let id = to;
             if self.nodes.get(&id).is_some_and(|n| n.up) {
                 self.on_node_message(id, from, msg)?;
             } else if self.views.contains_key(&to) {
@@ -1035,7 +1034,7 @@ impl World {
     }
 
     /// A message reached live node `id`: one handler per kind.
-    fn on_node_message(&mut self, id: u64, from: NodeId, msg: Msg) -> Result<(), String> {
+    fn on_node_message(&mut self, id: NodeId, from: NodeId, msg: Msg) -> Result<(), String> {
         match msg {
             Msg::Raft { group, message } => self.on_raft(id, group, *message)?,
             Msg::Heartbeat => self.on_heartbeat(id, from),
@@ -1066,7 +1065,7 @@ impl World {
     }
 
     /// A Raft message for one of the node's groups (dropped if it hosts none).
-    fn on_raft(&mut self, id: u64, group: u64, message: Message) -> Result<(), String> {
+    fn on_raft(&mut self, id: NodeId, group: GroupId, message: Message) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         if let Some(part) = node.groups.get_mut(&group) {
             part.core_mut()
@@ -1078,15 +1077,15 @@ impl World {
     }
 
     /// A node's heartbeat, heard by a controller voter.
-    fn on_heartbeat(&mut self, id: u64, from: NodeId) {
+    fn on_heartbeat(&mut self, id: NodeId, from: NodeId) {
         let now = self.now();
         let node = self.nodes.get_mut(&id).expect("known node");
-        node.heard.insert(u64::from(from.0), now);
+        node.heard.insert(from, now);
     }
 
     /// A controller voter answers a pull with its committed controller log
     /// from `offset` (nothing if it has not committed that far).
-    fn on_meta_pull(&mut self, id: u64, from: NodeId, offset: u64) -> Result<(), String> {
+    fn on_meta_pull(&mut self, id: NodeId, from: NodeId, offset: u64) -> Result<(), String> {
         let node = &self.nodes[&id];
         if let Some(part) = node.groups.get(&CONTROLLER_GROUP) {
             if offset <= part.core().committed_offset() {
@@ -1094,14 +1093,14 @@ impl World {
                     .core()
                     .read_committed(offset, FETCH_BYTES)
                     .map_err(|e| format!("node {id} reading the controller log: {e}"))?;
-                self.net.post(NodeId(id as u32), from, Msg::MetaLog { batches });
+                self.net.post(id, from, Msg::MetaLog { batches });
             }
         }
         Ok(())
     }
 
     /// Controller log pulled from a voter: applied to the node's metadata.
-    fn on_meta_log(&mut self, id: u64, batches: &[RecordBatch]) -> Result<(), String> {
+    fn on_meta_log(&mut self, id: NodeId, batches: &[RecordBatch]) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         for batch in batches {
             node.core
@@ -1112,11 +1111,10 @@ impl World {
     }
 
     /// A client's metadata query, answered once the topic exists.
-    fn on_meta_query(&mut self, id: u64, from: NodeId) {
+    fn on_meta_query(&mut self, id: NodeId, from: NodeId) {
         let metadata = self.nodes[&id].meta().metadata.clone();
         if metadata.topics.contains_key(TOPIC) {
-            self.net
-                .post(NodeId(id as u32), from, Msg::MetaAnswer(Box::new(metadata)));
+            self.net.post(id, from, Msg::MetaAnswer(Box::new(metadata)));
         }
     }
 
@@ -1124,13 +1122,13 @@ impl World {
     /// outbox), or refused at once when the node hosts no replica.
     fn on_produce(
         &mut self,
-        id: u64,
+        id: NodeId,
         from: NodeId,
         request: u64,
-        group: u64,
+        group: GroupId,
         batch: RecordBatch,
     ) -> Result<(), String> {
-        let me = NodeId(id as u32);
+        let me = id;
         let outbox = self.outbox.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
         match node.groups.get_mut(&group) {
@@ -1155,10 +1153,10 @@ impl World {
     /// A fetch of committed records, answered at once.
     fn on_fetch(
         &mut self,
-        id: u64,
+        id: NodeId,
         from: NodeId,
         request: u64,
-        group: u64,
+        group: GroupId,
         offset: u64,
         max_bytes: usize,
     ) -> Result<(), String> {
@@ -1169,26 +1167,25 @@ impl World {
                 .map(|fetched| (fetched.batches, fetched.committed_offset)),
             None => Err(BrokerError::NotLeader { group, leader: None }),
         };
-        self.net.post(NodeId(id as u32), from, Msg::Fetched { request, result });
+        self.net.post(id, from, Msg::Fetched { request, result });
         Ok(())
     }
 
     /// The group's leader tells the asker whether it still counts it a member.
-    fn on_members(&mut self, id: u64, from: NodeId, group: u64) {
+    fn on_members(&mut self, id: NodeId, from: NodeId, group: GroupId) {
         if let Some(part) = self.nodes[&id].groups.get(&group) {
             if part.core().is_leader() {
                 let status = part.status();
-                let asker = u64::from(from.0);
+                let asker = from;
                 let removed = !status.voters.contains(&asker) && !status.learners.contains(&asker);
-                self.net
-                    .post(NodeId(id as u32), from, Msg::MembersAnswer { group, removed });
+                self.net.post(id, from, Msg::MembersAnswer { group, removed });
             }
         }
     }
 
     /// A passive replica asks about itself: the local replica judges it
     /// (a leader may demote it) and answers.
-    fn on_passive_replica(&mut self, id: u64, from: NodeId, group: u64, since: u64) -> Result<(), String> {
+    fn on_passive_replica(&mut self, id: NodeId, from: NodeId, group: GroupId, since: u64) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         if let Some(part) = node.groups.get_mut(&group) {
             let asker = u64::from(from.0);
@@ -1200,15 +1197,20 @@ impl World {
                 self.note(format!("group {group}: leader {id} demotes passive voter {asker}"));
                 self.drive(id, group)?;
             }
-            self.net
-                .post(NodeId(id as u32), from, Msg::PassiveAnswer { group, answer });
+            self.net.post(id, from, Msg::PassiveAnswer { group, answer });
         }
         Ok(())
     }
 
     /// A peer confirms the node's passive replica was promoted: it is
     /// passive no longer.
-    fn on_passive_answer(&mut self, id: u64, from: NodeId, group: u64, answer: PassiveAnswer) -> Result<(), String> {
+    fn on_passive_answer(
+        &mut self,
+        id: NodeId,
+        from: NodeId,
+        group: GroupId,
+        answer: PassiveAnswer,
+    ) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         if let Some(part) = node.groups.get_mut(&group) {
             if answer == PassiveAnswer::Promoted && part.core().is_passive() {
@@ -1225,7 +1227,7 @@ impl World {
     }
 
     /// A group leader's answer about a stale replica asked of it.
-    fn on_members_answer(&mut self, id: u64, group: u64, removed: bool) -> Result<(), String> {
+    fn on_members_answer(&mut self, id: NodeId, group: GroupId, removed: bool) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         if node.stale_asked.remove(&group) {
             let commands = node.core.on_stale_answer(group, removed);
@@ -1235,11 +1237,11 @@ impl World {
     }
 
     /// The controller leader answers with its commit point.
-    fn on_committed_query(&mut self, id: u64, from: NodeId) {
+    fn on_committed_query(&mut self, id: NodeId, from: NodeId) {
         let node = &self.nodes[&id];
         if let Some(part) = node.groups.get(&CONTROLLER_GROUP).filter(|p| p.core().is_leader()) {
             let offset = part.core().committed_offset();
-            self.net.post(NodeId(id as u32), from, Msg::CommittedAnswer { offset });
+            self.net.post(id, from, Msg::CommittedAnswer { offset });
         }
     }
 
@@ -1247,12 +1249,12 @@ impl World {
     /// membership, the controller leader's duties, heartbeats.
     fn tick_nodes(&mut self) -> Result<(), String> {
         let now = self.now();
-        let ids: Vec<u64> = self.nodes.values().filter(|n| n.up).map(|n| n.id).collect();
+        let ids: Vec<NodeId> = self.nodes.values().filter(|n| n.up).map(|n| n.id).collect();
         for id in ids {
             if !self.nodes[&id].up {
                 continue;
             }
-            let groups: Vec<u64> = self.nodes[&id].groups.keys().copied().collect();
+            let groups: Vec<GroupId> = self.nodes[&id].groups.keys().copied().collect();
             for group in groups {
                 if let Some(part) = self.nodes.get_mut(&id).and_then(|n| n.groups.get_mut(&group)) {
                     part.core_mut().tick();
@@ -1271,8 +1273,7 @@ impl World {
             self.lead_controller(id)?;
             if now.is_multiple_of(HEARTBEAT_MS) {
                 for controller in self.controllers() {
-                    self.net
-                        .post(NodeId(id as u32), NodeId(controller as u32), Msg::Heartbeat);
+                    self.net.post(id, controller, Msg::Heartbeat);
                 }
                 if let Some(node) = self.nodes.get_mut(&id) {
                     node.heard.insert(id, now);
@@ -1285,7 +1286,7 @@ impl World {
         Ok(())
     }
 
-    fn follow_metadata(&mut self, id: u64) -> Result<(), String> {
+    fn follow_metadata(&mut self, id: NodeId) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         if let Some(part) = node.groups.get(&CONTROLLER_GROUP) {
             let mut offset = node.core.meta().applied_offset;
@@ -1309,14 +1310,13 @@ impl World {
         let controllers = self.controllers();
         let target = controllers[self.rng.between(0, controllers.len() as u64 - 1) as usize];
         let offset = self.nodes[&id].meta().applied_offset;
-        self.net
-            .post(NodeId(id as u32), NodeId(target as u32), Msg::MetaPull { offset });
+        self.net.post(id, target, Msg::MetaPull { offset });
         Ok(())
     }
 
     /// Carries out the controller core's commands on node `id`, as the real
     /// controller's shell does (`Controller::execute`).
-    fn execute(&mut self, id: u64, commands: Vec<Command>) -> Result<(), String> {
+    fn execute(&mut self, id: NodeId, commands: Vec<Command>) -> Result<(), String> {
         for command in commands {
             match command {
                 Command::Host {
@@ -1341,14 +1341,14 @@ impl World {
 
     /// As `ReplicaMsg::Reconfigure`: the local replica, if it leads, steps
     /// the group's voters towards `voters`.
-    fn reconfigure(&mut self, id: u64, group: u64, voters: &[u64]) -> Result<(), String> {
+    fn reconfigure(&mut self, id: NodeId, group: GroupId, voters: &[NodeId]) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         let Some(part) = node.groups.get_mut(&group) else {
             return Ok(());
         };
         let change = part
             .core_mut()
-            .step_towards(voters)
+            .step_towards(&voters.iter().map(|n| n.to_raft()).collect::<Vec<_>>())
             .map_err(|e| format!("node {id} group {group} reconfigure: {e}"))?;
         if let Some(change) = change {
             self.note(format!("group {group}: leader {id} proposes {change:?}"));
@@ -1357,7 +1357,7 @@ impl World {
     }
 
     /// As `Broker::delete_replica_files`: a tombstone, then the files go.
-    fn delete_files(&mut self, id: u64, group: u64) -> Result<(), String> {
+    fn delete_files(&mut self, id: NodeId, group: GroupId) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         let dir = node.group_dir(group);
         if !dir.is_dir() {
@@ -1373,7 +1373,7 @@ impl World {
 
     /// The controller core's hosting and healing duties on node `id`, when
     /// due (as the real controller's control loop).
-    fn reconcile(&mut self, id: u64) -> Result<(), String> {
+    fn reconcile(&mut self, id: NodeId) -> Result<(), String> {
         let now = self.now();
         let node = self.nodes.get_mut(&id).expect("known node");
         let due = node.core.due(now);
@@ -1398,7 +1398,7 @@ impl World {
     }
 
     /// Nudges every hosted group whose voters differ from its assignment.
-    fn settle(&mut self, id: u64) -> Result<(), String> {
+    fn settle(&mut self, id: NodeId) -> Result<(), String> {
         let targets = self.nodes[&id].core.settle_targets();
         for (group, assigned) in targets {
             let node = &self.nodes[&id];
@@ -1413,7 +1413,7 @@ impl World {
 
     /// Passive replicas ask the group's other replicas whether they were
     /// promoted (or, of a leader, to be demoted).
-    fn ask_about_passive(&mut self, id: u64) {
+    fn ask_about_passive(&mut self, id: NodeId) {
         let node = &self.nodes[&id];
         let mut asks = Vec::new();
         for (&group, part) in &node.groups {
@@ -1425,7 +1425,7 @@ impl World {
         }
         for (group, peer, since) in asks {
             let msg = Msg::PassiveReplica { group, since };
-            self.net.post(NodeId(id as u32), NodeId(peer as u32), msg);
+            self.net.post(id, peer, msg);
         }
     }
 
@@ -1433,9 +1433,9 @@ impl World {
     /// as "nobody confirmed the removal"; new candidates wait for the
     /// controller leader's commit point (asked of every controller voter;
     /// only the leader answers).
-    fn collect_stale(&mut self, id: u64) -> Result<(), String> {
+    fn collect_stale(&mut self, id: NodeId) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
-        let unanswered: Vec<u64> = std::mem::take(&mut node.stale_asked).into_iter().collect();
+        let unanswered: Vec<GroupId> = std::mem::take(&mut node.stale_asked).into_iter().collect();
         for group in unanswered {
             let commands = self
                 .nodes
@@ -1453,15 +1453,14 @@ impl World {
         }
         node.stale_candidates = candidates;
         for controller in self.controllers() {
-            self.net
-                .post(NodeId(id as u32), NodeId(controller as u32), Msg::CommittedQuery);
+            self.net.post(id, controller, Msg::CommittedQuery);
         }
         Ok(())
     }
 
     /// The controller leader's commit point reached node `id`: the core
     /// picks the stale candidates to ask their groups' leaders about.
-    fn on_leader_committed(&mut self, id: u64, committed: u64) -> Result<(), String> {
+    fn on_leader_committed(&mut self, id: NodeId, committed: u64) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         let candidates = std::mem::take(&mut node.stale_candidates);
         let checks = node.core.stale_checks(&candidates, committed);
@@ -1483,7 +1482,7 @@ impl World {
                 .insert(check.group);
             for member in ask {
                 let msg = Msg::Members { group: check.group };
-                self.net.post(NodeId(id as u32), NodeId(member), msg);
+                self.net.post(id, member, msg);
             }
         }
         Ok(())
@@ -1492,7 +1491,7 @@ impl World {
     /// On the controller leader: the workload's topic and dataflow, then
     /// the core's moves of the replicas and tasks of nodes the simulated
     /// failure detector holds dead.
-    fn lead_controller(&mut self, id: u64) -> Result<(), String> {
+    fn lead_controller(&mut self, id: NodeId) -> Result<(), String> {
         let now = self.now();
         let node = self.nodes.get_mut(&id).expect("known node");
         let leads = node
@@ -1530,9 +1529,9 @@ impl World {
 
     /// The workload's topic, then its dataflow, placed by the core (at most
     /// once per `MOVES_EVERY_MS` while not applied yet).
-    fn setup_commands(&mut self, id: u64) -> Result<Vec<MetadataCommand>, String> {
+    fn setup_commands(&mut self, id: NodeId) -> Result<Vec<MetadataCommand>, String> {
         let now = self.now();
-        let all: Vec<u32> = (1..=self.config.nodes).collect();
+        let all: Vec<NodeId> = (1..=self.config.nodes).map(NodeId).collect();
         let node = self.nodes.get_mut(&id).expect("known node");
         if node.topic_proposed_ms.is_some_and(|t| t + MOVES_EVERY_MS > now) {
             return Ok(Vec::new());
@@ -1555,7 +1554,7 @@ impl World {
     /// The core's moves off the nodes silent for `DEAD_MS` (a leader new to
     /// the job first listens for `DEAD_MS`: nodes it has not heard yet are
     /// suspects, not dead), at most once per `MOVES_EVERY_MS`.
-    fn heal_commands(&mut self, id: u64) -> Vec<MetadataCommand> {
+    fn heal_commands(&mut self, id: NodeId) -> Vec<MetadataCommand> {
         let now = self.now();
         let nodes = self.config.nodes;
         let node = self.nodes.get_mut(&id).expect("known node");
@@ -1564,8 +1563,9 @@ impl World {
             return Vec::new();
         }
         let members: Vec<MemberView> = (1..=nodes)
+            .map(NodeId)
             .map(|n| {
-                let heard = node.heard.get(&u64::from(n)).copied();
+                let heard = node.heard.get(&n).copied();
                 let liveness = match heard {
                     Some(t) if t + DEAD_MS > now => Liveness::Alive,
                     _ => Liveness::Dead {
@@ -1704,7 +1704,7 @@ impl World {
 
     fn step_clients(&mut self) {
         let now = self.now();
-        let nodes: Vec<u64> = self.nodes.keys().copied().collect();
+        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
         // Metadata refresh.
         let clients: Vec<NodeId> = self.views.keys().copied().collect();
         for client in clients {
@@ -1712,7 +1712,7 @@ impl World {
             if view.asked_ms.is_none_or(|t| t + METADATA_EVERY_MS <= now) {
                 view.asked_ms = Some(now);
                 let target = nodes[self.rng.between(0, nodes.len() as u64 - 1) as usize];
-                self.net.post(client, NodeId(target as u32), Msg::MetaQuery);
+                self.net.post(client, target, Msg::MetaQuery);
             }
         }
         for index in 0..self.producers.len() {
@@ -1726,7 +1726,7 @@ impl World {
 
     /// The node a client sends a group's requests to: the leader it heard
     /// of, else a replica of the assignment chosen from the seed.
-    fn target(&mut self, client: NodeId, group: u64, partition: u32, avoid: Option<u64>) -> Option<u64> {
+    fn target(&mut self, client: NodeId, group: GroupId, partition: u32, avoid: Option<NodeId>) -> Option<NodeId> {
         let view = self.views.get(&client)?;
         if let Some(&leader) = view.leader.get(&group) {
             if Some(leader) != avoid {
@@ -1742,7 +1742,7 @@ impl World {
             .get(partition as usize)?
             .clone();
         let choice = replicas[self.rng.between(0, replicas.len() as u64 - 1) as usize];
-        Some(u64::from(choice))
+        Some(choice)
     }
 
     /// The simulated topic as a client last heard of it.
@@ -1771,7 +1771,7 @@ impl World {
     /// The batch a producer has in flight to `partition`: recorded failed or
     /// unknown after `GIVE_UP_MS`, sent again (elsewhere after a timeout)
     /// when its request timed out or its retry is due.
-    fn step_pending(&mut self, index: usize, partition: u32, group: u64, now: u64) {
+    fn step_pending(&mut self, index: usize, partition: u32, group: GroupId, now: u64) {
         let client = self.producers[index].node;
         let pending = self.producers[index]
             .pending
@@ -1808,14 +1808,13 @@ impl World {
         pending.sent_ms = now;
         pending.retry_at = None;
         pending.target = target;
-        self.net
-            .post(client, NodeId(target as u32), Msg::Produce { request, group, batch });
+        self.net.post(client, target, Msg::Produce { request, group, batch });
     }
 
     /// A producer's next batch to `partition`, when producing, under the
     /// write cap, and due (the batch is drawn even when no node to send it
     /// to is known yet; it is dropped then).
-    fn produce_next(&mut self, index: usize, partition: u32, group: u64, now: u64) {
+    fn produce_next(&mut self, index: usize, partition: u32, group: GroupId, now: u64) {
         if !self.producing || self.writes.len() >= WRITES_MAX {
             return;
         }
@@ -1845,8 +1844,7 @@ impl World {
                 last_error: String::new(),
             },
         );
-        self.net
-            .post(client, NodeId(target as u32), Msg::Produce { request, group, batch });
+        self.net.post(client, target, Msg::Produce { request, group, batch });
     }
 
     /// A fresh request id.
@@ -1920,7 +1918,7 @@ impl World {
                 offset,
                 max_bytes: FETCH_BYTES,
             };
-            self.net.post(client, NodeId(target as u32), fetch);
+            self.net.post(client, target, fetch);
         }
     }
 
@@ -1967,7 +1965,7 @@ impl World {
                 self.running.add(Anomaly::ReplicaDisagrees {
                     topic,
                     partition,
-                    node: node as u32,
+                    node,
                     offset: seen.offset,
                     leader,
                     replica: seen.id.unwrap_or_default(),
@@ -1984,7 +1982,7 @@ impl World {
         if self.nodes.values().any(|n| !n.up) {
             return false;
         }
-        let mut groups: Vec<(u64, Vec<u64>)> = vec![(CONTROLLER_GROUP, self.controllers())];
+        let mut groups: Vec<(GroupId, Vec<NodeId>)> = vec![(CONTROLLER_GROUP, self.controllers())];
         let Some(leader_meta) = self.nodes.values().find_map(|n| {
             let part = n.groups.get(&CONTROLLER_GROUP)?;
             part.core().is_leader().then_some(n.meta())
@@ -2003,10 +2001,7 @@ impl World {
         }
         for topic in leader_meta.metadata.topics.values() {
             for partition in 0..topic.config.partitions {
-                let voters = topic.assignment[partition as usize]
-                    .iter()
-                    .map(|&n| u64::from(n))
-                    .collect();
+                let voters = topic.assignment[partition as usize].clone();
                 groups.push((topic.group_id(partition), voters));
             }
         }
@@ -2020,7 +2015,7 @@ impl World {
     fn describe_groups(&self) -> Vec<String> {
         let mut lines = Vec::new();
         for node in self.nodes.values() {
-            let assigned: Vec<u64> = node.meta().wanted_groups(node.id).keys().copied().collect();
+            let assigned: Vec<GroupId> = node.meta().wanted_groups(node.id).keys().copied().collect();
             lines.push(format!(
                 "node {} up={} metadata at {} assigned {assigned:?}",
                 node.id,
@@ -2072,7 +2067,7 @@ impl World {
         Ok(records)
     }
 
-    fn group_converged(&self, group: u64, voters: &[u64]) -> bool {
+    fn group_converged(&self, group: GroupId, voters: &[NodeId]) -> bool {
         let mut want = voters.to_vec();
         want.sort_unstable();
         let parts: Vec<&Part> = voters.iter().filter_map(|v| self.nodes[v].groups.get(&group)).collect();
@@ -2118,7 +2113,7 @@ impl World {
                         history.final_read.insert(key.clone(), seen.clone());
                         source.extend(records);
                     }
-                    history.replica_reads.insert((key.clone(), node.id as u32), seen);
+                    history.replica_reads.insert((key.clone(), node.id), seen);
                 }
             }
         }
@@ -2139,7 +2134,7 @@ impl World {
     }
 }
 
-fn group_of(views: &BTreeMap<NodeId, ClientView>, client: NodeId, partition: u32) -> Option<u64> {
+fn group_of(views: &BTreeMap<NodeId, ClientView>, client: NodeId, partition: u32) -> Option<GroupId> {
     let topic = views.get(&client)?.metadata.as_ref()?.topics.get(TOPIC)?;
     Some(group_id(topic.id, partition))
 }
@@ -2205,7 +2200,7 @@ fn produce_failed(pending: &mut Pending, error: BrokerError, now: u64) -> Option
 }
 
 /// The groups with a replica directory under a node's `dir`.
-fn replica_dirs(dir: &Path) -> Result<Vec<u64>, String> {
+fn replica_dirs(dir: &Path) -> Result<Vec<GroupId>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut groups = Vec::new();
     for entry in entries {
@@ -2214,7 +2209,7 @@ fn replica_dirs(dir: &Path) -> Result<Vec<u64>, String> {
             .to_str()
             .and_then(|n| n.strip_prefix("group-")?.parse::<u64>().ok())
         {
-            groups.push(group);
+            groups.push(GroupId(group));
         }
     }
     // In a fixed order: directory listings are not, and hosting draws from
@@ -2224,7 +2219,7 @@ fn replica_dirs(dir: &Path) -> Result<Vec<u64>, String> {
 }
 
 /// Closes a replica the node no longer hosts (its files stay).
-fn close(id: u64, mut part: Part) -> Result<(), String> {
+fn close(id: NodeId, mut part: Part) -> Result<(), String> {
     let group = part.group();
     part.core_mut()
         .persist_commit()

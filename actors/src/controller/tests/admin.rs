@@ -7,7 +7,7 @@ use crate::metadata::{DataflowMeta, MetadataError};
 fn a_topic_is_validated_and_placed_on_live_nodes() {
     let mut core = core_of(1);
     let command = core
-        .create_topic("orders".to_string(), TopicConfig::new(2, 2), &[1, 2, 3])
+        .create_topic("orders".to_string(), TopicConfig::new(2, 2), &ids(&[1, 2, 3]))
         .expect("placed");
     let MetadataCommand::CreateTopic { assignment, .. } = &command else {
         panic!("{command:?}");
@@ -16,15 +16,15 @@ fn a_topic_is_validated_and_placed_on_live_nodes() {
     assert!(assignment.iter().all(|r| r.len() == 2));
     apply(&mut core, command);
     assert_eq!(
-        core.create_topic("orders".to_string(), TopicConfig::new(1, 1), &[1]),
+        core.create_topic("orders".to_string(), TopicConfig::new(1, 1), &ids(&[1])),
         Err(MetadataError::TopicExists("orders".to_string()))
     );
     assert!(matches!(
-        core.create_topic("bad name".to_string(), TopicConfig::new(1, 1), &[1]),
+        core.create_topic("bad name".to_string(), TopicConfig::new(1, 1), &ids(&[1])),
         Err(MetadataError::InvalidName { .. })
     ));
     assert_eq!(
-        core.create_topic("wide".to_string(), TopicConfig::new(1, 3), &[1, 2]),
+        core.create_topic("wide".to_string(), TopicConfig::new(1, 3), &ids(&[1, 2])),
         Err(MetadataError::NotEnoughNodes {
             replication: 3,
             live: 2
@@ -47,7 +47,7 @@ fn a_dataflow_is_placed_task_by_task_and_stopped_only_when_running() {
         partitions: 2,
         placement: Vec::new(),
     };
-    let command = core.start_dataflow(dataflow, &[1, 2]).expect("placed");
+    let command = core.start_dataflow(dataflow, &ids(&[1, 2])).expect("placed");
     let MetadataCommand::StartDataflow { dataflow } = &command else {
         panic!("{command:?}");
     };
@@ -68,15 +68,15 @@ fn rebalancing_moves_replicas_until_loads_differ_by_at_most_one() {
         MetadataCommand::CreateTopic {
             name: "t".to_string(),
             config: TopicConfig::new(4, 1),
-            assignment: vec![vec![1], vec![1], vec![1], vec![1]],
+            assignment: vec![ids(&[1]), ids(&[1]), ids(&[1]), ids(&[1])],
         },
     );
-    let moves = core.rebalance(&[1, 2, 3]);
+    let moves = core.rebalance(&ids(&[1, 2, 3]));
     assert_eq!(moves.len(), 2, "{moves:?}");
     for command in moves {
         apply(&mut core, command);
     }
     let load = core.meta().metadata.load();
     assert_eq!(load.values().max(), Some(&2));
-    assert!(core.rebalance(&[1, 2, 3]).is_empty());
+    assert!(core.rebalance(&ids(&[1, 2, 3])).is_empty());
 }

@@ -4,7 +4,7 @@ use super::*;
 
 fn dead(node: u32, since_ms: u64) -> MemberView {
     MemberView {
-        node,
+        node: NodeId(node),
         liveness: Liveness::Dead { since_ms },
     }
 }
@@ -21,8 +21,8 @@ fn a_node_dead_longer_than_the_grace_loses_its_replicas_to_a_live_node() {
         vec![MetadataCommand::ReplaceReplica {
             topic: "t".to_string(),
             partition: 0,
-            dead: 3,
-            replacement: 4,
+            dead: NodeId(3),
+            replacement: NodeId(4),
         }]
     );
 }
@@ -34,7 +34,7 @@ fn suspects_are_neither_healed_nor_chosen() {
     let mut members = alive(&[1, 2]);
     members.push(dead(3, 0));
     members.push(MemberView {
-        node: 4,
+        node: NodeId(4),
         liveness: Liveness::Suspect,
     });
     assert!(
@@ -48,20 +48,24 @@ fn a_failed_replica_moves_to_the_least_loaded_node_outside_its_partition() {
     let mut core = core_of(1);
     with_topic(&mut core);
     assert_eq!(
-        core.replace_failed(GROUP_0, 2, &[1, 2, 3, 4, 5]),
+        core.replace_failed(GROUP_0, NodeId(2), &ids(&[1, 2, 3, 4, 5])),
         Some(MetadataCommand::ReplaceReplica {
             topic: "t".to_string(),
             partition: 0,
-            dead: 2,
-            replacement: 4,
+            dead: NodeId(2),
+            replacement: NodeId(4),
         })
     );
     assert_eq!(
-        core.replace_failed(GROUP_0, 5, &[1, 2, 3, 4]),
+        core.replace_failed(GROUP_0, NodeId(5), &ids(&[1, 2, 3, 4])),
         None,
         "not a replica of it"
     );
-    assert_eq!(core.replace_failed(GROUP_0, 2, &[1, 2, 3]), None, "nowhere to go");
+    assert_eq!(
+        core.replace_failed(GROUP_0, NodeId(2), &ids(&[1, 2, 3])),
+        None,
+        "nowhere to go"
+    );
 }
 
 #[test]
@@ -69,5 +73,8 @@ fn only_hosted_partition_replicas_are_reported_failed() {
     let mut core = core_of(1);
     with_topic(&mut core);
     core.on_hosted(GROUP_0);
-    assert_eq!(core.failed_to_report(&[0, GROUP_0, 99]), vec![GROUP_0]);
+    assert_eq!(
+        core.failed_to_report(&[GroupId(0), GROUP_0, GroupId(99)]),
+        vec![GROUP_0]
+    );
 }

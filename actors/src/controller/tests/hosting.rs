@@ -12,7 +12,7 @@ fn an_assigned_partition_is_hosted_from_its_founders_once() {
         commands,
         vec![Command::Host {
             group: GROUP_0,
-            founders: Some(vec![1, 2, 3]),
+            founders: Some(ids(&[1, 2, 3])),
             rejoin: false,
         }]
     );
@@ -42,7 +42,7 @@ fn a_replacement_joins_as_a_rejoining_replica_on_top_of_the_founders() {
         core.reconcile(|_| false),
         vec![Command::Host {
             group: GROUP_0,
-            founders: Some(vec![1, 2, 3]),
+            founders: Some(ids(&[1, 2, 3])),
             rejoin: true,
         }]
     );
@@ -57,7 +57,7 @@ fn a_founder_moved_off_before_it_hosted_creates_its_founding_replica_unless_it_e
         core.reconcile(|_| false),
         vec![Command::Host {
             group: GROUP_0,
-            founders: Some(vec![1, 2, 3]),
+            founders: Some(ids(&[1, 2, 3])),
             rejoin: false,
         }]
     );
@@ -114,7 +114,7 @@ fn tasks_are_handed_over_only_when_they_change() {
                 sink: "s".to_string(),
                 stages: 1,
                 partitions: 2,
-                placement: vec![1, 2],
+                placement: ids(&[1, 2]),
             },
         },
     );

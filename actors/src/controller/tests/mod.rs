@@ -8,15 +8,20 @@ mod settling;
 mod stale;
 
 use super::core::{ControllerCore, CoreConfig, GroupView, Liveness, MemberView};
-use crate::metadata::{command_batch, MetadataCommand, TopicConfig};
+use crate::metadata::{command_batch, GroupId, MetadataCommand, NodeId, TopicConfig};
 
 /// Replicas of a partition founded on nodes 1, 2, 3 of a 3-partition topic:
 /// partition 0 is group (1 << 20).
-const GROUP_0: u64 = 1 << 20;
+const GROUP_0: GroupId = GroupId(1 << 20);
 
-fn core_of(me: u64) -> ControllerCore {
+/// Node ids from bare numbers, to keep the cases short.
+fn ids(nodes: &[u32]) -> Vec<NodeId> {
+    nodes.iter().copied().map(NodeId).collect()
+}
+
+fn core_of(me: u32) -> ControllerCore {
     ControllerCore::new(CoreConfig {
-        me,
+        me: NodeId(me),
         replace_after_ms: 1_000,
         heal_interval_ms: 500,
     })
@@ -36,7 +41,7 @@ fn with_topic(core: &mut ControllerCore) {
         MetadataCommand::CreateTopic {
             name: "t".to_string(),
             config: TopicConfig::new(1, 3),
-            assignment: vec![vec![1, 2, 3]],
+            assignment: vec![ids(&[1, 2, 3])],
         },
     );
 }
@@ -47,16 +52,16 @@ fn replace(core: &mut ControllerCore, dead: u32, replacement: u32) {
         MetadataCommand::ReplaceReplica {
             topic: "t".to_string(),
             partition: 0,
-            dead,
-            replacement,
+            dead: NodeId(dead),
+            replacement: NodeId(replacement),
         },
     );
 }
 
-fn view(voters: &[u64], learners: &[u64]) -> GroupView {
+fn view(voters: &[u32], learners: &[u32]) -> GroupView {
     GroupView {
-        voters: voters.to_vec(),
-        learners: learners.to_vec(),
+        voters: ids(voters),
+        learners: ids(learners),
     }
 }
 
@@ -64,7 +69,7 @@ fn alive(nodes: &[u32]) -> Vec<MemberView> {
     nodes
         .iter()
         .map(|&node| MemberView {
-            node,
+            node: NodeId(node),
             liveness: Liveness::Alive,
         })
         .collect()

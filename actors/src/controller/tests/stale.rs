@@ -14,7 +14,7 @@ fn replaced_node() -> ControllerCore {
 #[test]
 fn only_unassigned_directories_not_running_elsewhere_are_candidates() {
     let mut core = replaced_node();
-    assert_eq!(core.stale_candidates(&[0, GROUP_0], |_| false), vec![GROUP_0]);
+    assert_eq!(core.stale_candidates(&[GroupId(0), GROUP_0], |_| false), vec![GROUP_0]);
     assert!(
         core.stale_candidates(&[GROUP_0], |_| true).is_empty(),
         "running but not hosted by the metadata: someone else's business"
@@ -38,12 +38,15 @@ fn nothing_is_checked_from_a_view_behind_the_controller_leader() {
         core.stale_checks(&[GROUP_0], applied),
         vec![StaleCheck {
             group: GROUP_0,
-            ask: Some(vec![1, 2, 4]),
+            ask: Some(ids(&[1, 2, 4])),
         }]
     );
     assert_eq!(
-        core.stale_checks(&[7], applied),
-        vec![StaleCheck { group: 7, ask: None }],
+        core.stale_checks(&[GroupId(7)], applied),
+        vec![StaleCheck {
+            group: GroupId(7),
+            ask: None
+        }],
         "a group no topic has: nobody to ask"
     );
 }
