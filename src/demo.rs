@@ -134,7 +134,7 @@ async fn create_and_start(client: &Client) -> anyhow::Result<()> {
 /// survivors.
 async fn kill_leader(
     client: &Client,
-    members: &mut BTreeMap<u32, Member>,
+    members: &mut BTreeMap<NodeId, Member>,
     addrs: &[SocketAddr],
     dir: &Path,
 ) -> anyhow::Result<(NodeId, Arc<Client>)> {
@@ -142,8 +142,7 @@ async fn kill_leader(
         .leader
         .context("partition 0 has no leader")?;
     tracing::info!("killing node {victim}, the leader of partition 0 and host of dataflow tasks");
-    // The embedded fixture keys members by the bare node number.
-    if let Some(member) = members.remove(&victim.0) {
+    if let Some(member) = members.remove(&victim) {
         member.stop().await;
     }
     let survivors: Vec<SocketAddr> = (1..=3u32)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use runnel_actors::client::Client;
-use runnel_actors::metadata::TopicConfig;
+use runnel_actors::metadata::{NodeId, TopicConfig};
 use runnel_actors::Acks;
 use runnel_storage::{BatchBuilder, ProducerInfo, Record, RecordBatch};
 use serde_json::json;
@@ -53,7 +53,7 @@ impl Nodes {
         Ok(connect(&self.cluster.addrs, self.cluster.certs(), SETUP_TIMEOUT).await?)
     }
 
-    fn pid(&self, node: u32) -> Option<u32> {
+    fn pid(&self, node: NodeId) -> Option<u32> {
         self.cluster.pid(node)
     }
 
@@ -66,7 +66,7 @@ impl Nodes {
         Ok((nodes, process_usage(std::process::id())?.0))
     }
 
-    fn kill(&mut self, node: u32) -> anyhow::Result<()> {
+    fn kill(&mut self, node: NodeId) -> anyhow::Result<()> {
         Ok(self.cluster.kill(node)?)
     }
 }
@@ -357,7 +357,7 @@ async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usiz
     let mut sequence = 0i32;
     while started.elapsed() < Duration::from_secs(8) {
         if !killed && started.elapsed() > Duration::from_secs(2) {
-            nodes.kill(leader.0)?;
+            nodes.kill(leader)?;
             killed = true;
         }
         let batch = idempotent_batch(77, sequence, &value, (batch_bytes / 1024).max(1))?;
@@ -425,12 +425,12 @@ pub fn idle(args: IdleArgs, exe: &Path) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let before: Vec<(f64, u64)> = (1..=3)
-            .map(|n| process_usage(nodes.pid(n).unwrap_or(0)))
+        let before: Vec<(f64, u64)> = (1..=3u32)
+            .map(|n| process_usage(nodes.pid(NodeId(n)).unwrap_or(0)))
             .collect::<Result<_, _>>()?;
         tokio::time::sleep(Duration::from_secs(args.seconds)).await;
-        let after: Vec<(f64, u64)> = (1..=3)
-            .map(|n| process_usage(nodes.pid(n).unwrap_or(0)))
+        let after: Vec<(f64, u64)> = (1..=3u32)
+            .map(|n| process_usage(nodes.pid(NodeId(n)).unwrap_or(0)))
             .collect::<Result<_, _>>()?;
         let mut cores = Vec::new();
         println!();

@@ -127,7 +127,7 @@ fn spawn_server(exe: &Path, scratch: &Path, certs: &Path, listen: std::net::Sock
         .flags(["--bench-actors"])
         .env("RUST_LOG", "warn")
         .log(NodeLog::Inherit);
-    command.spawn(SERVER.0, listen).context("starting the server node")
+    command.spawn(SERVER, listen).context("starting the server node")
 }
 
 async fn wait_until_alive(handle: &NodeHandle, node: NodeId) -> anyhow::Result<()> {

@@ -10,6 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use runnel::cluster::NodeId;
+
 pub use runnel_verify::fixtures::{free_addr_on_host, NodeCommand, NodeProcess, TEST_DEAD_MS as DEAD_MS};
 
 pub fn runnel() -> Command {
@@ -35,7 +37,7 @@ pub fn start_node_with(
     let command = env
         .iter()
         .fold(command, |command, (name, value)| command.env(name, value));
-    command.spawn(id, addr).expect("spawn runnel node")
+    command.spawn(NodeId(id), addr).expect("spawn runnel node")
 }
 
 pub fn certs_init(dir: &Path, nodes: u32) {

@@ -495,8 +495,8 @@ struct Injected {
 
 /// What was done, so it can be undone.
 enum Applied {
-    Killed(u32),
-    Paused(u32),
+    Killed(NodeId),
+    Paused(NodeId),
     Cut,
     Skipped,
 }
@@ -561,7 +561,7 @@ async fn apply(
     match fault {
         Fault::Kill(target) => {
             let node = match target {
-                KillTarget::Node(node) => Some(NodeId(*node)),
+                KillTarget::Node(node) => Some(*node),
                 KillTarget::LeaderOf(partition) => client
                     .describe_topic(TOPIC)
                     .await
@@ -572,8 +572,7 @@ async fn apply(
                     Err(_) => None,
                 },
             };
-            // The process fixture numbers nodes by their bare id.
-            let node = node.map_or_else(|| fallback.between(1, u64::from(nodes)) as u32, |n| n.0);
+            let node = node.unwrap_or_else(|| NodeId(fallback.between(1, u64::from(nodes)) as u32));
             let running = cluster.running().contains(&node) && !cluster.is_paused(node);
             if !running || !majority_left {
                 return Ok(Applied::Skipped);

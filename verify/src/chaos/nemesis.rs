@@ -6,6 +6,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use runnel_cluster::sim::SimRng;
+use runnel_cluster::NodeId;
 
 /// The kinds of fault a run may inject (`--faults`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -40,7 +41,7 @@ impl FromStr for FaultKind {
 /// Whom a kill hits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KillTarget {
-    Node(u32),
+    Node(NodeId),
     /// The leader of this partition of the checked topic, when it happens.
     LeaderOf(u32),
     /// The controller leader, when it happens.
@@ -50,9 +51,9 @@ pub enum KillTarget {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
     Kill(KillTarget),
-    Pause(u32),
+    Pause(NodeId),
     /// These nodes on one side, every other node on the other.
-    Partition(Vec<u32>),
+    Partition(Vec<NodeId>),
 }
 
 impl fmt::Display for Fault {
@@ -89,7 +90,7 @@ pub fn plan(seed: u64, duration_ms: u64, kinds: &[FaultKind], nodes: u32, partit
     while !active.is_empty() && nodes > 0 && at_ms < duration_ms {
         let lasts_ms = rng.between(FAULT_MS.0, FAULT_MS.1).min(duration_ms - at_ms);
         let kind = active[rng.between(0, active.len() as u64 - 1) as usize];
-        let node = rng.between(1, u64::from(nodes)) as u32;
+        let node = NodeId(rng.between(1, u64::from(nodes)) as u32);
         let fault = match kind {
             FaultKind::Kill => match rng.between(0, 2) {
                 0 => Fault::Kill(KillTarget::Node(node)),
@@ -109,15 +110,15 @@ pub fn plan(seed: u64, duration_ms: u64, kinds: &[FaultKind], nodes: u32, partit
 }
 
 /// A random non-empty minority of `1..=nodes` (sorted).
-fn minority(rng: &mut SimRng, nodes: u32) -> Vec<u32> {
+fn minority(rng: &mut SimRng, nodes: u32) -> Vec<NodeId> {
     let size = rng.between(1, u64::from((nodes.saturating_sub(1) / 2).max(1))) as usize;
-    let mut all: Vec<u32> = (1..=nodes).collect();
+    let mut all: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
     // Fisher-Yates on the prefix we keep.
     for i in 0..size.min(all.len()) {
         let j = rng.between(i as u64, all.len() as u64 - 1) as usize;
         all.swap(i, j);
     }
-    let mut side: Vec<u32> = all.into_iter().take(size).collect();
+    let mut side: Vec<NodeId> = all.into_iter().take(size).collect();
     side.sort_unstable();
     side
 }
@@ -155,7 +156,7 @@ mod tests {
                 assert!(step.at_ms + step.lasts_ms <= 60_000);
                 match &step.fault {
                     Fault::Partition(side) => assert!(!side.is_empty() && side.len() <= 2, "{side:?}"),
-                    Fault::Pause(node) | Fault::Kill(KillTarget::Node(node)) => assert!((1..=5).contains(node)),
+                    Fault::Pause(node) | Fault::Kill(KillTarget::Node(node)) => assert!((1..=5).contains(&node.0)),
                     Fault::Kill(KillTarget::LeaderOf(p)) => assert!(*p < 12),
                     Fault::Kill(KillTarget::Controller) => {}
                 }
