@@ -65,6 +65,10 @@ pub struct ReplicaStatus {
     /// While passive: the leader's commit index when it first heard from
     /// one (see [`ReplicaCore::judge_passive`]).
     pub passive_since: Option<u64>,
+    /// A leader whose commit point is the group's: an entry of its own term
+    /// has committed. Until then its commit offset may lag what an earlier
+    /// leader committed.
+    pub commit_known: bool,
 }
 
 pub enum ReplicaMsg {
@@ -485,6 +489,7 @@ impl<R: ProduceReply> PartitionCore<R> {
             voters: conf.voters.iter().copied().filter_map(NodeId::from_raft).collect(),
             learners: conf.learners.iter().copied().filter_map(NodeId::from_raft).collect(),
             passive_since: self.core.passive_since(),
+            commit_known: self.core.knows_commit_point(),
         }
     }
 

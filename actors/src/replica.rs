@@ -202,6 +202,19 @@ impl ReplicaCore {
     }
 
     /// The offset after the last committed record.
+    /// Whether this replica leads and knows the group's commit point: a
+    /// Raft leader learns it only once an entry of its own term commits
+    /// (raft-rs proposes an empty one on election); before that its commit
+    /// index is the one it had as a follower, maybe behind the group's.
+    pub fn knows_commit_point(&self) -> bool {
+        let raft = &self.raw.raft;
+        self.is_leader()
+            && raft
+                .raft_log
+                .term(raft.raft_log.committed)
+                .is_ok_and(|term| term == raft.term)
+    }
+
     pub fn committed_offset(&self) -> u64 {
         self.raw.store().committed_offset()
     }

@@ -139,7 +139,14 @@ impl Shared {
 
     async fn serve_committed_offset(&self) -> ControllerResponse {
         match self.broker.status(CONTROLLER_GROUP).await {
-            Some(status) if status.leader == Some(self.me()) => ControllerResponse::Offset(status.committed_offset),
+            Some(status) if status.leader == Some(self.me()) && status.commit_known => {
+                ControllerResponse::Offset(status.committed_offset)
+            }
+            // A leader new to its term: the asker tries again later rather
+            // than judge its metadata against a commit point that may lag.
+            Some(status) if status.leader == Some(self.me()) => {
+                ControllerResponse::Failed(BrokerError::NotYetCommitted(CONTROLLER_GROUP))
+            }
             Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
                 group: CONTROLLER_GROUP,
                 leader: status.leader,

@@ -1239,7 +1239,13 @@ impl World {
     /// The controller leader answers with its commit point.
     fn on_committed_query(&mut self, id: NodeId, from: NodeId) {
         let node = &self.nodes[&id];
-        if let Some(part) = node.groups.get(&CONTROLLER_GROUP).filter(|p| p.core().is_leader()) {
+        // As the real controller: only a leader that knows the commit point
+        // (an entry of its term committed) answers.
+        if let Some(part) = node
+            .groups
+            .get(&CONTROLLER_GROUP)
+            .filter(|p| p.core().knows_commit_point())
+        {
             let offset = part.core().committed_offset();
             self.net.post(id, from, Msg::CommittedAnswer { offset });
         }

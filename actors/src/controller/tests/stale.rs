@@ -52,6 +52,18 @@ fn nothing_is_checked_from_a_view_behind_the_controller_leader() {
 }
 
 #[test]
+fn a_group_of_a_topic_this_node_has_not_seen_created_is_never_stale() {
+    // Seeds 489 and 788: a restarted node whose metadata stops before newer
+    // topics must not take their replicas for those of deleted topics.
+    let core = replaced_node();
+    let applied = core.meta().applied_offset;
+    let later_topic = crate::metadata::group_id(2, 0);
+    assert!(core.stale_checks(&[later_topic], applied).is_empty());
+    let fresh = core_of(3);
+    assert!(fresh.stale_checks(&[GROUP_0], 0).is_empty(), "nothing applied yet");
+}
+
+#[test]
 fn files_are_deleted_only_once_the_leader_confirms_the_replica_left() {
     let mut core = replaced_node();
     assert_eq!(
