@@ -420,7 +420,7 @@ impl Shared {
     /// Nudges every hosted group whose voters differ from its assignment one
     /// step towards it (where the local replica leads).
     async fn settle_membership(&self) {
-        let targets = self.core().settle_targets();
+        let targets = self.core().settle_targets(unix_ms() as u64);
         for (group, assigned) in targets {
             let Some(view) = self.group_view(group).await else {
                 continue;

@@ -1405,9 +1405,10 @@ impl World {
 
     /// Nudges every hosted group whose voters differ from its assignment.
     fn settle(&mut self, id: NodeId) -> Result<(), String> {
-        let targets = self.nodes[&id].core.settle_targets();
+        let now = self.now();
+        let targets = self.nodes.get_mut(&id).expect("known node").core.settle_targets(now);
         for (group, assigned) in targets {
-            let node = &self.nodes[&id];
+            let node = self.nodes.get_mut(&id).expect("known node");
             let Some(view) = node.groups.get(&group).map(group_view) else {
                 continue;
             };
