@@ -314,32 +314,35 @@ async fn position_consumer(
     Ok(ends)
 }
 
-/// Polls and prints records (committing them under `--group`) until
-/// `--max` records, or the `ends` without `--follow`.
+/// Polls and prints records until `--max` records, or the `ends` without
+/// `--follow`. Under `--group` only what was printed is committed: records
+/// a poll brought beyond `--max` are left for the group's next reader.
 async fn print_records(
     args: &ConsumeArgs,
     consumer: &mut Consumer,
     partitions: &[u32],
     ends: &BTreeMap<u32, u64>,
 ) -> anyhow::Result<()> {
+    let limit = args.max.unwrap_or(u64::MAX);
     let mut printed = 0u64;
     let stdout = std::io::stdout();
-    loop {
+    while printed < limit {
         let records = consumer.poll().await?;
+        let deliver = records
+            .len()
+            .min(usize::try_from(limit - printed).unwrap_or(usize::MAX));
+        let mut out = stdout.lock();
+        for (partition, record) in &records[..deliver] {
+            print_record(&mut out, &args.format, *partition, record)?;
+        }
+        drop(out);
+        printed += deliver as u64;
+        rewind_undelivered(consumer, &records[deliver..]);
         if let Some(group) = &args.group {
-            if !records.is_empty() {
+            if deliver > 0 {
                 consumer.commit(group).await?;
             }
         }
-        let mut out = stdout.lock();
-        for (partition, record) in &records {
-            print_record(&mut out, &args.format, *partition, record)?;
-            printed += 1;
-            if args.max.is_some_and(|max| printed >= max) {
-                return Ok(());
-            }
-        }
-        drop(out);
         let at_end = partitions
             .iter()
             .all(|p| consumer.position(*p).unwrap_or(0) >= ends.get(p).copied().unwrap_or(0));
@@ -349,6 +352,19 @@ async fn print_records(
         if records.is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+    }
+    Ok(())
+}
+
+/// Moves each partition's position back to its first record that was
+/// polled but not printed.
+fn rewind_undelivered(consumer: &mut Consumer, undelivered: &[(u32, runnel::storage::StoredRecord)]) {
+    let mut first: BTreeMap<u32, u64> = BTreeMap::new();
+    for (partition, record) in undelivered {
+        first.entry(*partition).or_insert(record.offset);
+    }
+    for (partition, offset) in first {
+        consumer.assign(partition, offset);
     }
 }
 

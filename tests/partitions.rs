@@ -341,6 +341,47 @@ fn bad_produce_requests_get_clear_errors_and_the_cluster_keeps_serving() {
     assert!(text.contains("still") && text.contains("serving"), "{text}");
 }
 
+#[test]
+fn consume_max_prints_at_most_max_and_a_group_commits_only_what_was_printed() {
+    let cluster = start_cluster(180);
+    create_topic(&cluster, "seen", 1);
+    let lines: String = (0..12).map(|i| format!("r{i}\n")).collect();
+    let mut child = runnel()
+        .args(["produce", "seen", "--seeds", &cluster.addrs[0].to_string()])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), lines.as_bytes()).expect("write");
+    assert!(child.wait().expect("wait").success());
+    let consume = |extra: &[&str]| {
+        let output = runnel()
+            .args(["consume", "seen", "--seeds", &cluster.addrs[1].to_string()])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .args(extra)
+            .output()
+            .expect("consume");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let expect = |range: std::ops::Range<u32>| range.map(|i| format!("r{i}")).collect::<Vec<_>>();
+    assert_eq!(consume(&["--max", "0"]), Vec::<String>::new(), "--max 0 prints nothing");
+    assert_eq!(consume(&["--max", "3"]), expect(0..3));
+    // One poll brings all twelve records; the group commits the five printed.
+    assert_eq!(consume(&["--group", "g", "--max", "5"]), expect(0..5));
+    assert_eq!(
+        consume(&["--group", "g", "--max", "5"]),
+        expect(5..10),
+        "no record skipped"
+    );
+    assert_eq!(consume(&["--group", "g"]), expect(10..12));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_offsets_survive_a_leader_kill_and_seek_by_timestamp_works() {
     let mut cluster = start_cluster(80);
