@@ -5,6 +5,7 @@ mod cluster_cli;
 mod dataflow_cli;
 mod demo;
 mod sim_cli;
+mod sql_cli;
 mod watch;
 
 use std::path::PathBuf;
@@ -67,6 +68,8 @@ enum Command {
         #[command(subcommand)]
         command: dataflow_cli::DataflowCommand,
     },
+    /// Run KSQL statements: an interactive shell, or `-e`/`-f` to run and exit.
+    Sql(sql_cli::SqlArgs),
     /// Spread replicas evenly over the live nodes (e.g. after a node joins).
     Rebalance(broker_cli::ConnectArgs),
     /// Run real nodes under injected faults and check that nothing
@@ -118,6 +121,7 @@ fn run() -> anyhow::Result<()> {
         Command::Consume(args) => broker_cli::consume(args),
         Command::Rebalance(args) => broker_cli::rebalance(args),
         Command::Dataflow { command } => dataflow_cli::dataflow(command),
+        Command::Sql(args) => sql_cli::sql(args),
         Command::Chaos(args) => {
             runnel_verify::chaos::run(args, &this_binary()?, cluster_cli::wait_for_shutdown_signal())
         }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 // Topic settings, refusals and dataflow metadata travel to clients too, so
 // they live in the client protocol.
+pub use runnel_client::plan::{Plan, SqlObject};
 pub use runnel_client::protocol::{
     DataflowMeta, GroupId, MetadataError, NodeId, TopicConfig, PARTITIONS_MAX, REPLICATION_MAX,
 };
@@ -81,7 +82,27 @@ pub enum MetadataCommand {
         dead: NodeId,
         replacement: NodeId,
     },
+    /// Names a stream or table of the SQL catalog (format version 2 on).
+    CreateObject {
+        object: SqlObject,
+    },
+    DropObject {
+        name: String,
+    },
+    /// Starts a SQL query: its dataflow, the plan every node compiles, and
+    /// the stream or table it writes when the statement names one (all
+    /// three or nothing).
+    StartQuery {
+        dataflow: DataflowMeta,
+        plan: Plan,
+        object: Option<SqlObject>,
+    },
 }
+
+/// Persistent queries at most, so that plans in metadata stay bounded.
+pub const QUERIES_MAX: usize = 100;
+/// Streams and tables at most.
+pub const OBJECTS_MAX: usize = 1000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicMeta {
@@ -117,6 +138,10 @@ pub struct Metadata {
     /// Topic ids start at 1 (group 0 is the controller).
     pub next_topic_id: u64,
     pub dataflows: BTreeMap<String, DataflowMeta>,
+    /// The plan of each dataflow a SQL statement started, by dataflow name.
+    pub plans: BTreeMap<String, Plan>,
+    /// The SQL catalog: streams and tables by name.
+    pub objects: BTreeMap<String, SqlObject>,
 }
 
 impl Metadata {
@@ -140,10 +165,10 @@ impl Metadata {
                 replacement,
             } => self.replace_replica(topic, *partition, *dead, *replacement),
             MetadataCommand::StartDataflow { dataflow } => self.start_dataflow(dataflow),
-            MetadataCommand::StopDataflow { name } => match self.dataflows.remove(name) {
-                Some(_) => Ok(()),
-                None => Err(MetadataError::UnknownDataflow(name.clone())),
-            },
+            MetadataCommand::CreateObject { object } => self.create_object(object),
+            MetadataCommand::DropObject { name } => self.drop_object(name),
+            MetadataCommand::StartQuery { dataflow, plan, object } => self.start_query(dataflow, plan, object.as_ref()),
+            MetadataCommand::StopDataflow { name } => self.stop_dataflow(name),
             MetadataCommand::MoveDataflowTask {
                 name,
                 task,
@@ -228,6 +253,86 @@ impl Metadata {
             )));
         }
         self.dataflows.insert(dataflow.name.clone(), dataflow.clone());
+        Ok(())
+    }
+
+    /// Stops a dataflow; the stream or table its query wrote stays, written
+    /// by no query (ksqlDB's `TERMINATE`).
+    fn stop_dataflow(&mut self, name: &str) -> Result<(), MetadataError> {
+        self.dataflows
+            .remove(name)
+            .ok_or_else(|| MetadataError::UnknownDataflow(name.to_string()))?;
+        self.plans.remove(name);
+        for object in self.objects.values_mut() {
+            if object.query.as_deref() == Some(name) {
+                object.query = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn create_object(&mut self, object: &SqlObject) -> Result<(), MetadataError> {
+        if self.objects.contains_key(&object.name) {
+            return Err(MetadataError::ObjectExists(object.name.clone()));
+        }
+        if self.objects.len() >= OBJECTS_MAX {
+            return Err(MetadataError::InvalidConfig(format!(
+                "the catalog holds {OBJECTS_MAX} streams and tables, its limit"
+            )));
+        }
+        self.objects.insert(object.name.clone(), object.clone());
+        Ok(())
+    }
+
+    /// Drops a stream or table no running query reads or writes.
+    fn drop_object(&mut self, name: &str) -> Result<(), MetadataError> {
+        let object = self
+            .objects
+            .get(name)
+            .ok_or_else(|| MetadataError::UnknownObject(name.to_string()))?;
+        let mut users: Vec<String> = object.query.iter().cloned().collect();
+        users.extend(
+            self.plans
+                .iter()
+                .filter(|(_, plan)| plan.source.topic == object.topic)
+                .map(|(query, _)| query.clone()),
+        );
+        users.dedup();
+        if !users.is_empty() {
+            return Err(MetadataError::ObjectInUse {
+                name: name.to_string(),
+                queries: users,
+            });
+        }
+        self.objects.remove(name);
+        Ok(())
+    }
+
+    /// Starts a query's dataflow with its plan and, when it writes a new
+    /// stream or table, names it; refused whole when any part is.
+    fn start_query(
+        &mut self,
+        dataflow: &DataflowMeta,
+        plan: &Plan,
+        object: Option<&SqlObject>,
+    ) -> Result<(), MetadataError> {
+        if self.plans.len() >= QUERIES_MAX {
+            return Err(MetadataError::InvalidConfig(format!(
+                "{QUERIES_MAX} persistent queries run, the limit; terminate one first"
+            )));
+        }
+        if let Some(object) = object {
+            if self.objects.contains_key(&object.name) {
+                return Err(MetadataError::ObjectExists(object.name.clone()));
+            }
+        }
+        plan.validate()
+            .map_err(|e| MetadataError::InvalidConfig(e.to_string()))?;
+        self.start_dataflow(dataflow)?;
+        self.plans.insert(dataflow.name.clone(), plan.clone());
+        if let Some(object) = object {
+            self.objects.insert(object.name.clone(), object.clone());
+        }
         Ok(())
     }
 
@@ -434,7 +539,7 @@ mod tests {
     fn metadata_command_tags_are_pinned_and_versioned() {
         for (tag, command) in every_command().into_iter().enumerate() {
             let value = encode_command(&command).expect("encodes");
-            assert_eq!(&value[..3], &[COMMAND_MAGIC, 1, tag as u8], "{command:?}");
+            assert_eq!(&value[..3], &[COMMAND_MAGIC, 2, tag as u8], "{command:?}");
             assert_eq!(decode_command(&value), Ok(command));
         }
     }
@@ -534,12 +639,14 @@ mod tests {
 /// the same postcard encoding. Any other version is refused by name: a node
 /// must not skip a command it cannot read, or its metadata would diverge.
 pub const COMMAND_MAGIC: u8 = 0xC5;
-pub const COMMAND_FORMAT_VERSION: u8 = 1;
+pub const COMMAND_FORMAT_VERSION: u8 = 2;
+/// Version 1 wrote the same encoding, before the SQL commands existed.
+const COMMAND_FORMAT_V1: u8 = 1;
 
 /// Why a controller-log record could not be read as a command.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CommandFormatError {
-    #[error("metadata command format version {0} is unknown to this node (it reads versions 0 and {COMMAND_FORMAT_VERSION}); upgrade this node")]
+    #[error("metadata command format version {0} is unknown to this node (it reads versions 0 to {COMMAND_FORMAT_VERSION}); upgrade this node")]
     UnknownVersion(u8),
     #[error("metadata command does not decode: {0}")]
     Malformed(String),
@@ -563,7 +670,7 @@ pub fn encode_command(command: &MetadataCommand) -> Result<Vec<u8>, StorageError
 /// A command from its record value (see [`COMMAND_MAGIC`]).
 pub fn decode_command(value: &[u8]) -> Result<MetadataCommand, CommandFormatError> {
     let body = match value {
-        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION, body @ ..] => body,
+        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION | COMMAND_FORMAT_V1, body @ ..] => body,
         [COMMAND_MAGIC, version, ..] => return Err(CommandFormatError::UnknownVersion(*version)),
         [COMMAND_MAGIC] => return Err(CommandFormatError::Malformed("a magic byte and no version".to_string())),
         legacy => legacy,

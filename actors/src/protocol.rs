@@ -78,6 +78,18 @@ pub enum ControllerRequest {
         node: NodeId,
         since: u64,
     },
+    /// Place and start a SQL query's dataflow whose topics exist.
+    StartQuery {
+        dataflow: crate::metadata::DataflowMeta,
+        plan: crate::metadata::Plan,
+        object: Option<crate::metadata::SqlObject>,
+    },
+    CreateObject {
+        object: crate::metadata::SqlObject,
+    },
+    DropObject {
+        name: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

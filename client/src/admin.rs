@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use crate::error::{ClientError, ClientResult};
-use crate::protocol::{ClientRequest, ClientResponse, DataflowMeta, NodeId, TopicConfig, TopicInfo};
+use crate::plan::{Plan, SqlObject};
+use crate::protocol::{Catalog, ClientRequest, ClientResponse, DataflowMeta, NodeId, TopicConfig, TopicInfo};
 use crate::tasks::TaskStatus;
 use crate::Client;
 
@@ -57,6 +58,36 @@ impl Client {
     pub async fn stop_dataflow(&self, name: &str) -> ClientResult<()> {
         let request = ClientRequest::StopDataflow { name: name.to_string() };
         expect_done(self.call(None, &request).await?)
+    }
+
+    /// Starts a SQL query's dataflow `name` from its plan; `object` names
+    /// the stream or table it writes.
+    pub async fn start_query(&self, name: &str, plan: Plan, object: Option<SqlObject>) -> ClientResult<()> {
+        let request = ClientRequest::StartQuery {
+            name: name.to_string(),
+            plan,
+            object,
+        };
+        expect_done(self.call(None, &request).await?)
+    }
+
+    /// Names a stream or table of the SQL catalog.
+    pub async fn create_object(&self, object: SqlObject) -> ClientResult<()> {
+        expect_done(self.call(None, &ClientRequest::CreateObject { object }).await?)
+    }
+
+    /// Drops a stream or table that no running query uses.
+    pub async fn drop_object(&self, name: &str) -> ClientResult<()> {
+        let request = ClientRequest::DropObject { name: name.to_string() };
+        expect_done(self.call(None, &request).await?)
+    }
+
+    /// The SQL catalog and the running queries' plans.
+    pub async fn catalog(&self) -> ClientResult<Catalog> {
+        match self.call(None, &ClientRequest::Catalog).await? {
+            ClientResponse::Catalog(catalog) => Ok(catalog),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
     }
 
     /// Running dataflows and the node of each task.

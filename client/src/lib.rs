@@ -36,6 +36,7 @@ pub mod admin;
 pub mod consumer;
 mod error;
 pub mod offsets;
+pub mod plan;
 pub mod policy;
 pub mod producer;
 pub mod protocol;

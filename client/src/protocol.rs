@@ -169,6 +169,12 @@ pub enum MetadataError {
     UnregisteredDataflow(String),
     #[error("no live node to run dataflow tasks on")]
     NoLiveNodes,
+    #[error("a stream or table named {0} already exists")]
+    ObjectExists(String),
+    #[error("no stream or table named {0}")]
+    UnknownObject(String),
+    #[error("{name} is used by running queries {queries:?}; TERMINATE them first")]
+    ObjectInUse { name: String, queries: Vec<String> },
 }
 
 /// Settings of a topic, fixed at creation.
@@ -284,6 +290,23 @@ pub enum ClientRequest {
     Dataflows,
     /// Figures of the dataflow tasks running on the answering node.
     DataflowTasks,
+    /// Start a SQL query's dataflow from its plan, naming the stream or
+    /// table it writes (answered `Done`). Its sink and internal topics are
+    /// made when missing.
+    StartQuery {
+        name: String,
+        plan: crate::plan::Plan,
+        object: Option<crate::plan::SqlObject>,
+    },
+    /// Name a stream or table of the SQL catalog (answered `Done`).
+    CreateObject {
+        object: crate::plan::SqlObject,
+    },
+    DropObject {
+        name: String,
+    },
+    /// The SQL catalog and the running queries' plans (answered `Catalog`).
+    Catalog,
 }
 
 /// How one replica on a node has fared (its supervisor's record).
@@ -350,6 +373,15 @@ pub enum ClientResponse {
     Health(Vec<ReplicaHealthInfo>),
     Dataflows(Vec<DataflowMeta>),
     Tasks(Vec<TaskStatus>),
+    Catalog(Catalog),
+}
+
+/// The SQL catalog as the answering node has applied it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub objects: Vec<crate::plan::SqlObject>,
+    /// Each SQL query's dataflow and plan.
+    pub queries: Vec<(DataflowMeta, crate::plan::Plan)>,
 }
 
 #[cfg(test)]

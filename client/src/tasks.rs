@@ -14,10 +14,13 @@
 //! reason: the broker's replica supervisor and the dataflow host's task
 //! supervisor back off restarts alike.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use runnel_cluster::NodeId;
 use serde::{Deserialize, Serialize};
+
+use crate::plan::Plan;
 
 /// What the controller needs to know of a registered dataflow.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,8 +83,10 @@ pub trait TaskHost: Send + Sync {
     /// The dataflow's shape if this node's binary registered it.
     fn shape(&self, dataflow: &str) -> Option<DataflowShape>;
     /// Every task metadata places on this node now: start the missing ones,
-    /// stop the rest.
-    fn assign(&self, tasks: Vec<TaskAssignment>);
+    /// stop the rest. `plans` holds the plan of each of their dataflows
+    /// that a SQL statement started (the rest are registered by name); a
+    /// task whose plan changed restarts with the new one.
+    fn assign(&self, tasks: Vec<TaskAssignment>, plans: BTreeMap<String, Plan>);
     /// Figures of the tasks running here.
     fn status(&self) -> Vec<TaskStatus>;
 }

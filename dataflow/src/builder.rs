@@ -526,13 +526,13 @@ const KEY_INLINE_BYTES: usize = 22;
 /// decoded when results leave, and a window's results leave in the order
 /// of these bytes (deterministic, which replays need).
 #[derive(Clone, Debug)]
-enum EncodedKey {
+pub(crate) enum EncodedKey {
     Inline { len: u8, bytes: [u8; KEY_INLINE_BYTES] },
     Heap(Box<[u8]>),
 }
 
 impl EncodedKey {
-    fn new(encoded: &[u8]) -> EncodedKey {
+    pub(crate) fn new(encoded: &[u8]) -> EncodedKey {
         if encoded.len() <= KEY_INLINE_BYTES {
             let mut bytes = [0u8; KEY_INLINE_BYTES];
             bytes[..encoded.len()].copy_from_slice(encoded);
@@ -545,7 +545,7 @@ impl EncodedKey {
         }
     }
 
-    fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
             EncodedKey::Inline { len, bytes } => &bytes[..usize::from(*len)],
             EncodedKey::Heap(bytes) => bytes,

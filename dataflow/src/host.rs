@@ -7,7 +7,7 @@
 //! the cluster being unreachable, and a task placed elsewhere would fail the
 //! same way. Restarts back off like the replicas' (100 ms doubling to 5 s).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,10 @@ use runnel_client::protocol::NodeId;
 use runnel_client::tasks::{DataflowShape, RestartPolicy, TaskAssignment, TaskHost, TaskStatus};
 use runnel_client::{Client, LocalNode};
 
+use runnel_client::plan::{Plan, PlanError};
+
 use crate::builder::DataflowDef;
+use crate::compile::compile;
 use crate::task::{TaskError, TaskRunner};
 
 /// How long an idle task waits before reading its input again. A task that
@@ -115,8 +118,8 @@ impl TaskHost for DataflowHost {
         })
     }
 
-    fn assign(&self, tasks: Vec<TaskAssignment>) {
-        let _ = self.supervisor.cast(SupervisorMsg::Assign(tasks));
+    fn assign(&self, tasks: Vec<TaskAssignment>, plans: BTreeMap<String, Plan>) {
+        let _ = self.supervisor.cast(SupervisorMsg::Assign(tasks, plans));
     }
 
     fn status(&self) -> Vec<TaskStatus> {
@@ -129,8 +132,9 @@ impl TaskHost for DataflowHost {
 }
 
 pub enum SupervisorMsg {
-    /// Every task placed on this node now.
-    Assign(Vec<TaskAssignment>),
+    /// Every task placed on this node now, and the plans of those a SQL
+    /// statement started.
+    Assign(Vec<TaskAssignment>, BTreeMap<String, Plan>),
     /// Start a task that is wanted but not running (after a back-off).
     Restart(TaskKey),
 }
@@ -147,6 +151,8 @@ pub struct SupervisorState {
     client: Option<Arc<Client>>,
     wanted: BTreeMap<TaskKey, TaskAssignment>,
     running: BTreeMap<TaskKey, ActorRef<TaskMsg>>,
+    /// The plans of the SQL dataflows placed here, compiled.
+    compiled: BTreeMap<String, (Plan, Result<Arc<DataflowDef>, PlanError>)>,
     /// Consecutive failures per task, for the back-off.
     failures: BTreeMap<TaskKey, u32>,
 }
@@ -169,6 +175,7 @@ impl Actor for TaskSupervisor {
             client: None,
             wanted: BTreeMap::new(),
             running: BTreeMap::new(),
+            compiled: BTreeMap::new(),
             failures: BTreeMap::new(),
         })
     }
@@ -180,12 +187,13 @@ impl Actor for TaskSupervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SupervisorMsg::Assign(tasks) => {
+            SupervisorMsg::Assign(tasks, plans) => {
                 state.wanted = tasks.into_iter().map(|t| ((t.dataflow.clone(), t.task), t)).collect();
+                let replanned = state.compile(plans);
                 let gone: Vec<TaskKey> = state
                     .running
                     .keys()
-                    .filter(|k| !state.wanted.contains_key(*k))
+                    .filter(|k| !state.wanted.contains_key(*k) || replanned.contains(&k.0))
                     .cloned()
                     .collect();
                 for key in gone {
@@ -246,14 +254,24 @@ impl SupervisorState {
         let Some(assignment) = self.wanted.get(&key).cloned() else {
             return;
         };
-        let Some(def) = self.args.registry.get(&key.0) else {
-            let reason = TaskError::Unregistered(key.0.clone()).to_string();
-            self.status(&key, &assignment)
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .state = format!("failed: {reason}");
-            tracing::error!(dataflow = %key.0, "a task of a dataflow this binary does not know was placed here");
-            return;
+        let def = match self.compiled.get(&key.0) {
+            Some((_, compiled)) => compiled.clone().map_err(|e| e.to_string()),
+            None => self
+                .args
+                .registry
+                .get(&key.0)
+                .ok_or_else(|| TaskError::Unregistered(key.0.clone()).to_string()),
+        };
+        let def = match def {
+            Ok(def) => def,
+            Err(reason) => {
+                self.status(&key, &assignment)
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .state = format!("failed: {reason}");
+                tracing::error!(dataflow = %key.0, reason, "a task placed here cannot run");
+                return;
+            }
         };
         let client = match self.client().await {
             Ok(client) => client,
@@ -275,6 +293,26 @@ impl SupervisorState {
             }
             Err(e) => self.failed(myself, key, format!("starting the task: {e}")),
         }
+    }
+
+    /// Compiles the plans that are new or changed; the dataflows whose
+    /// plan changed (their running tasks restart with the new one).
+    fn compile(&mut self, plans: BTreeMap<String, Plan>) -> BTreeSet<String> {
+        let mut replanned = BTreeSet::new();
+        self.compiled.retain(|name, _| plans.contains_key(name));
+        for (name, plan) in plans {
+            if self.compiled.get(&name).is_some_and(|(known, _)| *known == plan) {
+                continue;
+            }
+            let compiled = compile(&name, &plan).map(Arc::new);
+            if let Err(e) = &compiled {
+                tracing::error!(dataflow = %name, error = %e, "a SQL dataflow's plan does not compile here");
+            }
+            if self.compiled.insert(name.clone(), (plan, compiled)).is_some() {
+                replanned.insert(name);
+            }
+        }
+        replanned
     }
 
     fn status(&self, key: &TaskKey, assignment: &TaskAssignment) -> Arc<Mutex<TaskStatus>> {

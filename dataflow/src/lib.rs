@@ -8,6 +8,9 @@
 //! - [`window`]: event-time windows (tumbling, hopping, session) as a pure
 //!   state machine: watermark, grace, late drops, emit-changes/emit-final,
 //!   snapshots.
+//! - [`compile`]: plans (dataflows as data, what SQL statements become)
+//!   compiled into the same stages, on every node that runs their tasks.
+//! - [`row`]: SQL rows: values, JSON decoding by schema, expressions.
 //! - [`task`]: one task (a stage over one input partition): read, process,
 //!   send with deterministic sequence numbers, checkpoint, restore.
 //! - [`host`]: a node's runtime: the registry of known dataflows and the
@@ -16,8 +19,10 @@
 //!   attempts, and the reference its results must equal.
 
 pub mod builder;
+pub mod compile;
 pub mod fraud;
 pub mod host;
+pub mod row;
 pub mod task;
 pub mod window;
 

@@ -37,7 +37,7 @@ use runnel_storage::RecordBatch;
 
 use crate::metadata::{
     pick_replacement, place, place_tasks, validate_topic_name, AppliedMetadata, DataflowMeta, GroupId, MetadataCommand,
-    MetadataError, MetadataLogError, NodeId, TopicConfig, CONTROLLER_GROUP,
+    MetadataError, MetadataLogError, NodeId, Plan, SqlObject, TopicConfig, CONTROLLER_GROUP,
 };
 use crate::tasks::{dataflow_topics, DataflowShape, TaskAssignment};
 
@@ -150,7 +150,7 @@ pub struct ControllerCore {
     /// after a restart are.
     closed: BTreeSet<GroupId>,
     /// The task assignment last handed to the dataflow runtime.
-    assigned_tasks: Vec<TaskAssignment>,
+    assigned_tasks: (Vec<TaskAssignment>, BTreeMap<String, Plan>),
     /// Hosted groups last seen with voters equal to this assignment.
     seen_settled: BTreeMap<GroupId, Vec<NodeId>>,
     last_full_settle_ms: Option<u64>,
@@ -166,7 +166,7 @@ impl ControllerCore {
             meta: AppliedMetadata::default(),
             hosted: BTreeSet::new(),
             closed: BTreeSet::new(),
-            assigned_tasks: Vec::new(),
+            assigned_tasks: (Vec::new(), BTreeMap::new()),
             seen_settled: BTreeMap::new(),
             last_full_settle_ms: None,
             reconciled_at: None,
@@ -337,8 +337,15 @@ impl ControllerCore {
 
     /// The tasks the metadata places here, when they changed since the last
     /// call.
-    pub fn tasks_changed(&mut self) -> Option<Vec<TaskAssignment>> {
-        let wanted = self.meta.metadata.tasks_of(self.me());
+    /// With them, the plans of those that SQL statements started.
+    pub fn tasks_changed(&mut self) -> Option<(Vec<TaskAssignment>, BTreeMap<String, Plan>)> {
+        let metadata = &self.meta.metadata;
+        let wanted = metadata.tasks_of(self.me());
+        let plans: BTreeMap<String, Plan> = wanted
+            .iter()
+            .filter_map(|t| Some((t.dataflow.clone(), metadata.plans.get(&t.dataflow)?.clone())))
+            .collect();
+        let wanted = (wanted, plans);
         if wanted == self.assigned_tasks {
             return None;
         }
@@ -536,6 +543,28 @@ impl ControllerCore {
         let tasks = dataflow.stages * dataflow.partitions;
         dataflow.placement = place_tasks(tasks, alive, &self.meta.metadata.task_load())?;
         Ok(MetadataCommand::StartDataflow { dataflow })
+    }
+
+    /// On the controller leader: places a SQL query's tasks on `alive`
+    /// nodes; refused as applying it would be.
+    pub fn start_query(
+        &self,
+        mut dataflow: DataflowMeta,
+        plan: Plan,
+        object: Option<SqlObject>,
+        alive: &[NodeId],
+    ) -> Result<MetadataCommand, MetadataError> {
+        let tasks = dataflow.stages * dataflow.partitions;
+        dataflow.placement = place_tasks(tasks, alive, &self.meta.metadata.task_load())?;
+        self.checked(MetadataCommand::StartQuery { dataflow, plan, object })
+    }
+
+    /// `command` if applying it to the metadata as it is now succeeds (the
+    /// refusal otherwise): an admin request that would be refused is not
+    /// committed.
+    pub fn checked(&self, command: MetadataCommand) -> Result<MetadataCommand, MetadataError> {
+        self.meta.metadata.clone().apply(&command)?;
+        Ok(command)
     }
 
     pub fn stop_dataflow(&self, name: String) -> Result<MetadataCommand, MetadataError> {

@@ -113,6 +113,18 @@ impl Shared {
                 let decided = self.core().stop_dataflow(name);
                 self.commit_decided(decided).await
             }
+            ControllerRequest::StartQuery { dataflow, plan, object } => {
+                let decided = self.core().start_query(dataflow, plan, object, &self.alive_nodes());
+                self.commit_decided(decided).await
+            }
+            ControllerRequest::CreateObject { object } => {
+                let decided = self.core().checked(MetadataCommand::CreateObject { object });
+                self.commit_decided(decided).await
+            }
+            ControllerRequest::DropObject { name } => {
+                let decided = self.core().checked(MetadataCommand::DropObject { name });
+                self.commit_decided(decided).await
+            }
             ControllerRequest::DeleteTopic { name } => {
                 let decided = self.core().delete_topic(name);
                 self.commit_decided(decided).await

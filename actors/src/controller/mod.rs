@@ -313,8 +313,8 @@ impl Shared {
     /// set changes.
     fn reconcile_tasks(&self) {
         let Some(host) = &self.tasks else { return };
-        if let Some(wanted) = self.core().tasks_changed() {
-            host.assign(wanted);
+        if let Some((wanted, plans)) = self.core().tasks_changed() {
+            host.assign(wanted, plans);
         }
     }
 

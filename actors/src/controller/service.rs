@@ -10,13 +10,14 @@ use runnel_cluster::MemberState;
 use runnel_storage::RecordBatch;
 
 use super::Shared;
-use crate::metadata::{DataflowMeta, GroupId, MetadataError, NodeId, TopicConfig, CONTROLLER_GROUP};
+use crate::metadata::{DataflowMeta, GroupId, MetadataError, NodeId, Plan, SqlObject, TopicConfig, CONTROLLER_GROUP};
 use crate::partition::Fetched;
 use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
     ReplicaHealthInfo, TopicInfo,
 };
-use crate::tasks::TaskStatus;
+use crate::tasks::{DataflowShape, TaskStatus};
+use runnel_client::protocol::Catalog;
 
 /// How long `start_dataflow` looks for a source topic this node has not
 /// applied yet (a commit reaches a follower within a heartbeat or two).
@@ -131,6 +132,12 @@ impl BrokerService {
             ClientRequest::StopDataflow { name } => done(self.stop_dataflow(name).await),
             ClientRequest::Dataflows => ClientResponse::Dataflows(self.dataflows()),
             ClientRequest::DataflowTasks => ClientResponse::Tasks(self.dataflow_tasks()),
+            ClientRequest::StartQuery { name, plan, object } => done(self.start_query(name, plan, object).await),
+            ClientRequest::CreateObject { object } => {
+                done(self.admin(ControllerRequest::CreateObject { object }).await)
+            }
+            ClientRequest::DropObject { name } => done(self.admin(ControllerRequest::DropObject { name }).await),
+            ClientRequest::Catalog => ClientResponse::Catalog(self.catalog()),
         }
     }
 
@@ -284,6 +291,29 @@ impl BrokerService {
     pub async fn start_dataflow(&self, name: String) -> Result<(), ServiceError> {
         let shape = self.shared.tasks.as_ref().and_then(|host| host.shape(&name));
         let shape = shape.ok_or_else(|| MetadataError::UnregisteredDataflow(name.clone()))?;
+        let dataflow = self.make_dataflow_topics(name, shape).await?;
+        self.admin(ControllerRequest::StartDataflow { dataflow }).await
+    }
+
+    /// Starts a SQL query's dataflow from its plan (no node needs it in
+    /// its binary): makes its topics and asks the controller leader to
+    /// place it and commit the plan.
+    pub async fn start_query(&self, name: String, plan: Plan, object: Option<SqlObject>) -> Result<(), ServiceError> {
+        plan.validate()
+            .map_err(|e| MetadataError::InvalidConfig(e.to_string()))?;
+        let shape = DataflowShape {
+            source: plan.source.topic.clone(),
+            sink: plan.sink.topic.clone(),
+            stages: plan.stages(),
+        };
+        let dataflow = self.make_dataflow_topics(name, shape).await?;
+        self.admin(ControllerRequest::StartQuery { dataflow, plan, object })
+            .await
+    }
+
+    /// Makes the topics a dataflow of `shape` writes that are missing; its
+    /// metadata, not yet placed.
+    async fn make_dataflow_topics(&self, name: String, shape: DataflowShape) -> Result<DataflowMeta, ServiceError> {
         let partitions = self.source_partitions(&name, &shape.source).await?;
         let replication = self.shared.alive_nodes().len().clamp(1, 3) as u16;
         let missing = self
@@ -296,15 +326,14 @@ impl BrokerService {
                 Err(e) => return Err(e),
             }
         }
-        let dataflow = DataflowMeta {
+        Ok(DataflowMeta {
             name,
             source: shape.source,
             sink: shape.sink,
             stages: shape.stages,
             partitions,
             placement: Vec::new(),
-        };
-        self.admin(ControllerRequest::StartDataflow { dataflow }).await
+        })
     }
 
     /// The partitions of a dataflow's source topic. This node may not have
@@ -336,6 +365,20 @@ impl BrokerService {
 
     pub async fn stop_dataflow(&self, name: String) -> Result<(), ServiceError> {
         self.admin(ControllerRequest::StopDataflow { name }).await
+    }
+
+    /// The SQL catalog and the plans of running SQL queries.
+    pub fn catalog(&self) -> Catalog {
+        let core = self.shared.core();
+        let metadata = &core.meta().metadata;
+        Catalog {
+            objects: metadata.objects.values().cloned().collect(),
+            queries: metadata
+                .plans
+                .iter()
+                .filter_map(|(name, plan)| Some((metadata.dataflows.get(name)?.clone(), plan.clone())))
+                .collect(),
+        }
     }
 
     /// Running dataflows and their task placement.

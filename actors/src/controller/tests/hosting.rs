@@ -118,7 +118,8 @@ fn tasks_are_handed_over_only_when_they_change() {
             },
         },
     );
-    let tasks = core.tasks_changed().expect("one task placed here");
+    let (tasks, plans) = core.tasks_changed().expect("one task placed here");
+    assert!(plans.is_empty(), "a registered dataflow has no plan");
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0].task, 0);
     assert_eq!(core.tasks_changed(), None);

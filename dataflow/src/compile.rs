@@ -1,0 +1,485 @@
+//! Plans compiled into the stages tasks run: what every node does with a
+//! plan committed by a SQL statement, without anything in its binary.
+//!
+//! A plan runs as one stage (stateless operators straight to the sink) or
+//! two: stateless operators and a repartition by the grouping key, then an
+//! aggregate followed by stateless operators (`HAVING`, the projection).
+//! These stages are the same [`SourceStage`] and [`WindowStage`] the Rust
+//! builders compile to, so SQL dataflows are placed, checkpointed and
+//! restored exactly as builder dataflows are. A plan of another shape (an
+//! aggregate of an aggregate) is refused with [`PlanError::Invalid`].
+//!
+//! An aggregate without a window is held as one window spanning all time
+//! (`[0, 2^62)`; `[-2^62, 0)` for negative times) that never closes: a
+//! table's rows are its keys' latest values.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use runnel_client::plan::{AggregateCall, AggregateFunction, Column, EmitMode, Operator, Plan, PlanError, WindowSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{DataflowDef, Emitted, EncodedKey, SourceStage, StageError, WindowStage, WindowStageFactory};
+use crate::row::{decode_row, eval, holds, JsonRow, Value};
+use crate::window::{Emit, Window, WindowBounds, WindowOperator, WindowResult};
+
+/// The span of the one window of an unwindowed aggregate.
+const ALL_TIME_MS: i64 = 1 << 62;
+
+/// Compiles `plan` into dataflow `name`'s stages.
+pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
+    plan.validate()?;
+    let split = plan
+        .operators
+        .iter()
+        .position(|op| matches!(op, Operator::Repartition { .. }));
+    let (before, after) = plan.operators.split_at(split.unwrap_or(plan.operators.len()));
+    let stateless = stateless_ops(before)?;
+    let mut def = DataflowDef {
+        name: name.to_string(),
+        source: plan.source.topic.clone(),
+        sink: plan.sink.topic.clone(),
+        source_stage: Arc::new(SqlSource {
+            columns: plan.source.columns.clone(),
+            timestamp: plan.source.timestamp,
+            ops: stateless,
+            output: Output::Sink(plan.sink.clone()),
+        }),
+        window_stage: None,
+    };
+    let Some((Operator::Repartition { key, carry }, rest)) = after.split_first() else {
+        return Ok(def);
+    };
+    let Some((
+        Operator::Aggregate {
+            keys,
+            calls,
+            window,
+            emit,
+        },
+        rest,
+    )) = rest.split_first()
+    else {
+        return Err(invalid("a repartition must be followed by an aggregate"));
+    };
+    if *keys as usize != key.len() {
+        return Err(invalid("the aggregate's keys are not the repartition's"));
+    }
+    let source = SqlSource {
+        columns: plan.source.columns.clone(),
+        timestamp: plan.source.timestamp,
+        ops: stateless_ops(before)?,
+        output: Output::Repartition {
+            key: key.clone(),
+            carry: carry.clone(),
+        },
+    };
+    let aggregate = Arc::new(AggregateStage {
+        keys: key.len(),
+        calls: calls.clone(),
+        windowed: window.is_some(),
+        ops: stateless_ops(rest)?,
+        sink: plan.sink.clone(),
+    });
+    let window = to_window(*window);
+    window.validate().map_err(|e| invalid(&e.to_string()))?;
+    let emit = match emit {
+        EmitMode::Changes => Emit::Changes,
+        EmitMode::Final => Emit::Final,
+    };
+    let factory: WindowStageFactory = Arc::new(move || {
+        Box::new(SqlWindowStage {
+            operator: WindowOperator::new(window, emit),
+            stage: aggregate.clone(),
+            results: Vec::new(),
+            row: Vec::new(),
+        })
+    });
+    def.source_stage = Arc::new(source);
+    def.window_stage = Some(factory);
+    Ok(def)
+}
+
+fn invalid(why: &str) -> PlanError {
+    PlanError::Invalid(format!(
+        "{why} (this node runs stateless operators, then at most one repartition and aggregate)"
+    ))
+}
+
+/// The operators of a stage that keeps no state.
+fn stateless_ops(ops: &[Operator]) -> Result<Vec<Operator>, PlanError> {
+    match ops
+        .iter()
+        .find(|op| !matches!(op, Operator::Filter(_) | Operator::Project(_)))
+    {
+        Some(op) => Err(invalid(&format!("{op:?} where a filter or projection was expected"))),
+        None => Ok(ops.to_vec()),
+    }
+}
+
+fn to_window(spec: Option<WindowSpec>) -> Window {
+    let ms = |ms: i64| Duration::from_millis(ms.max(0) as u64);
+    match spec {
+        None => Window::tumbling(ms(ALL_TIME_MS)),
+        Some(WindowSpec::Tumbling { size_ms, grace_ms }) => Window::tumbling(ms(size_ms)).grace(ms(grace_ms)),
+        Some(WindowSpec::Hopping {
+            size_ms,
+            advance_ms,
+            grace_ms,
+        }) => Window::hopping(ms(size_ms), ms(advance_ms)).grace(ms(grace_ms)),
+        Some(WindowSpec::Session { gap_ms, grace_ms }) => Window::session(ms(gap_ms)).grace(ms(grace_ms)),
+    }
+}
+
+/// Runs stateless operators over `row`; false when a filter drops it.
+fn run_ops(ops: &[Operator], row: &mut Vec<Value>, scratch: &mut Vec<Value>) -> bool {
+    for op in ops {
+        match op {
+            Operator::Filter(condition) if !holds(condition, row) => return false,
+            Operator::Project(columns) => {
+                scratch.clear();
+                scratch.extend(columns.iter().map(|(_, e)| eval(e, row)));
+                std::mem::swap(row, scratch);
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
+/// Where a source stage's rows go.
+enum Output {
+    Sink(runnel_client::plan::Sink),
+    /// Postcard key and carried values for the aggregate stage.
+    Repartition {
+        key: Vec<runnel_client::plan::Expr>,
+        carry: Vec<runnel_client::plan::Expr>,
+    },
+}
+
+struct SqlSource {
+    columns: Vec<Column>,
+    timestamp: Option<usize>,
+    ops: Vec<Operator>,
+    output: Output,
+}
+
+impl SourceStage for SqlSource {
+    fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
+        let mut row = Vec::with_capacity(self.columns.len() + 1);
+        decode_row(&self.columns, value, &mut row)?;
+        row.push(Value::Int(timestamp_ms));
+        let t_ms = match self.timestamp.map(|i| &row[i]) {
+            None => timestamp_ms,
+            Some(Value::Int(t)) => *t,
+            Some(other) => return Err(format!("timestamp column is {other}, not a BIGINT time in ms")),
+        };
+        if !run_ops(&self.ops, &mut row, &mut Vec::new()) {
+            return Ok(());
+        }
+        match &self.output {
+            Output::Sink(sink) => emit_row(out, sink, &row, t_ms, &[]),
+            Output::Repartition { key, carry } => {
+                let key: Vec<Value> = key.iter().map(|e| eval(e, &row)).collect();
+                let key = out.encode(to_postcard(&key)).map_err(|e| e.to_string())?;
+                let value = if carry.is_empty() {
+                    None
+                } else {
+                    let carried: Vec<Value> = carry.iter().map(|e| eval(e, &row)).collect();
+                    Some(out.encode(to_postcard(&carried)).map_err(|e| e.to_string())?)
+                };
+                out.push(t_ms, Some(key), value);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn to_postcard<T: Serialize>(value: &T) -> impl FnOnce(&mut Vec<u8>) -> Result<(), postcard::Error> + '_ {
+    move |bytes| postcard::to_io(value, bytes).map(drop)
+}
+
+/// Writes `row` to the sink: a JSON object of its columns, keyed by the
+/// JSON object of the key columns and `window` bounds (no key when neither).
+fn emit_row(
+    out: &mut Emitted,
+    sink: &runnel_client::plan::Sink,
+    row: &[Value],
+    t_ms: i64,
+    window: &[(&str, i64)],
+) -> Result<(), String> {
+    let key = if sink.key.is_empty() && window.is_empty() {
+        None
+    } else {
+        let key = JsonRow {
+            columns: &sink.columns,
+            values: row,
+            picked: Some(&sink.key),
+            extra: window,
+        };
+        Some(
+            out.encode(|b| serde_json::to_writer(b, &key))
+                .map_err(|e| e.to_string())?,
+        )
+    };
+    let value = JsonRow {
+        columns: &sink.columns,
+        values: row,
+        picked: None,
+        extra: &[],
+    };
+    let value = out
+        .encode(|b| serde_json::to_writer(b, &value))
+        .map_err(|e| e.to_string())?;
+    out.push(t_ms, key, Some(value));
+    Ok(())
+}
+
+/// One aggregate's running state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum Accumulator {
+    Count(i64),
+    Sum(Value),
+    Min(Value),
+    Max(Value),
+    Avg {
+        sum: f64,
+        count: i64,
+    },
+    /// Distinct values, each as its postcard encoding.
+    Distinct(BTreeSet<Vec<u8>>),
+}
+
+/// Distinct values one `COUNT_DISTINCT` keeps per key and window.
+const DISTINCT_VALUES_MAX: usize = 100_000;
+
+impl Accumulator {
+    fn new(call: &AggregateCall) -> Accumulator {
+        match call.function {
+            AggregateFunction::CountRows | AggregateFunction::Count => Accumulator::Count(0),
+            AggregateFunction::Sum => Accumulator::Sum(Value::Null),
+            AggregateFunction::Min => Accumulator::Min(Value::Null),
+            AggregateFunction::Max => Accumulator::Max(Value::Null),
+            AggregateFunction::Avg => Accumulator::Avg { sum: 0.0, count: 0 },
+            AggregateFunction::CountDistinct => Accumulator::Distinct(BTreeSet::new()),
+        }
+    }
+
+    /// Folds one value in (`None` for `COUNT(*)`).
+    fn fold(&mut self, value: Option<&Value>) {
+        if let Some(Value::Null) = value {
+            return;
+        }
+        match (self, value) {
+            (Accumulator::Count(n), _) => *n += 1,
+            (Accumulator::Sum(sum), Some(v)) => *sum = add(sum, v),
+            (Accumulator::Min(min), Some(v)) => {
+                if min.is_null() || v.compare(min) == Some(std::cmp::Ordering::Less) {
+                    *min = v.clone();
+                }
+            }
+            (Accumulator::Max(max), Some(v)) => {
+                if max.is_null() || v.compare(max) == Some(std::cmp::Ordering::Greater) {
+                    *max = v.clone();
+                }
+            }
+            (Accumulator::Avg { sum, count }, Some(Value::Int(i))) => (*sum, *count) = (*sum + *i as f64, *count + 1),
+            (Accumulator::Avg { sum, count }, Some(Value::Double(d))) => (*sum, *count) = (*sum + d, *count + 1),
+            (Accumulator::Distinct(seen), Some(v)) => {
+                if seen.len() < DISTINCT_VALUES_MAX {
+                    seen.insert(postcard::to_allocvec(v).unwrap_or_default());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Combines two session windows' states.
+    fn merge(&mut self, other: Accumulator) {
+        match (self, other) {
+            (Accumulator::Count(a), Accumulator::Count(b)) => *a += b,
+            (Accumulator::Sum(a), Accumulator::Sum(b)) => *a = if b.is_null() { a.clone() } else { add(a, &b) },
+            (a @ Accumulator::Min(_), Accumulator::Min(b)) => a.fold(Some(&b)),
+            (a @ Accumulator::Max(_), Accumulator::Max(b)) => a.fold(Some(&b)),
+            (Accumulator::Avg { sum, count }, Accumulator::Avg { sum: s, count: c }) => {
+                (*sum, *count) = (*sum + s, *count + c)
+            }
+            (Accumulator::Distinct(a), Accumulator::Distinct(b)) => {
+                a.extend(b);
+                while a.len() > DISTINCT_VALUES_MAX {
+                    a.pop_last();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn result(&self) -> Value {
+        match self {
+            Accumulator::Count(n) => Value::Int(*n),
+            Accumulator::Sum(v) | Accumulator::Min(v) | Accumulator::Max(v) => v.clone(),
+            Accumulator::Avg { count: 0, .. } => Value::Null,
+            Accumulator::Avg { sum, count } => Value::Double(sum / *count as f64),
+            Accumulator::Distinct(seen) => Value::Int(seen.len() as i64),
+        }
+    }
+}
+
+fn add(sum: &Value, v: &Value) -> Value {
+    match (sum, v) {
+        (Value::Null, v) => v.clone(),
+        (Value::Int(a), Value::Int(b)) => Value::Int(a.wrapping_add(*b)),
+        (a, b) => match (a, b) {
+            (Value::Int(x), Value::Double(y)) | (Value::Double(y), Value::Int(x)) => Value::Double(*x as f64 + y),
+            (Value::Double(x), Value::Double(y)) => Value::Double(x + y),
+            _ => a.clone(),
+        },
+    }
+}
+
+/// What every task of an aggregate stage shares.
+struct AggregateStage {
+    keys: usize,
+    calls: Vec<AggregateCall>,
+    windowed: bool,
+    ops: Vec<Operator>,
+    sink: runnel_client::plan::Sink,
+}
+
+impl AggregateStage {
+    fn init(&self) -> Vec<Accumulator> {
+        self.calls.iter().map(Accumulator::new).collect()
+    }
+
+    fn fold(&self, state: &mut [Accumulator], carried: &[Value]) {
+        for (accumulator, call) in state.iter_mut().zip(&self.calls) {
+            accumulator.fold(call.argument.map(|i| carried.get(i).unwrap_or(&Value::Null)));
+        }
+    }
+
+    fn merge(state: &mut Vec<Accumulator>, other: Vec<Accumulator>) {
+        for (a, b) in state.iter_mut().zip(other) {
+            a.merge(b);
+        }
+    }
+
+    /// The aggregate's row for one key and window, after its operators;
+    /// `None` when a filter (`HAVING`) drops it.
+    fn row(
+        &self,
+        key: &EncodedKey,
+        window: &WindowBounds,
+        state: &[Accumulator],
+    ) -> Result<Option<Vec<Value>>, StageError> {
+        let mut row: Vec<Value> =
+            postcard::from_bytes(key.as_bytes()).map_err(|e| StageError::Corrupt(format!("key: {e}")))?;
+        if row.len() != self.keys {
+            return Err(StageError::Corrupt(format!(
+                "{} key values, not {}",
+                row.len(),
+                self.keys
+            )));
+        }
+        row.extend(state.iter().map(Accumulator::result));
+        if self.windowed {
+            row.push(Value::Int(window.start_ms));
+            row.push(Value::Int(window.end_ms));
+        }
+        Ok(run_ops(&self.ops, &mut row, &mut Vec::new()).then_some(row))
+    }
+}
+
+struct SqlWindowStage {
+    operator: WindowOperator<EncodedKey, Vec<Accumulator>>,
+    stage: Arc<AggregateStage>,
+    /// Reused between calls.
+    results: Vec<WindowResult<EncodedKey, Vec<Accumulator>>>,
+    row: Vec<Value>,
+}
+
+impl SqlWindowStage {
+    fn drain(&mut self, out: &mut Emitted) -> Result<(), StageError> {
+        for result in self.results.drain(..) {
+            let (key, window, state, retract) = match &result {
+                WindowResult::Update { key, window, value } => (key, window, value, false),
+                WindowResult::Retract { key, window, value } => (key, window, value, true),
+            };
+            let Some(row) = self.stage.row(key, window, state)? else {
+                continue;
+            };
+            let bounds = [("WINDOWSTART", window.start_ms), ("WINDOWEND", window.end_ms)];
+            let bounds: &[(&str, i64)] = if self.stage.windowed { &bounds } else { &[] };
+            if retract {
+                let key = JsonRow {
+                    columns: &self.stage.sink.columns,
+                    values: &row,
+                    picked: Some(&self.stage.sink.key),
+                    extra: bounds,
+                };
+                let key = out
+                    .encode(|b| serde_json::to_writer(b, &key))
+                    .map_err(|e| StageError::Unencodable(e.to_string()))?;
+                out.push(window.start_ms, Some(key), None);
+            } else {
+                emit_row(out, &self.stage.sink, &row, window.start_ms, bounds).map_err(StageError::Unencodable)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl WindowStage for SqlWindowStage {
+    fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let key = EncodedKey::new(key);
+        self.row.clear();
+        if !value.is_empty() {
+            self.row = postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("value: {e}")))?;
+        }
+        let keys = self.stage.keys;
+        let admit = |key: &EncodedKey| match postcard::from_bytes::<Vec<Value>>(key.as_bytes()) {
+            Ok(values) if values.len() == keys => Ok(()),
+            Ok(values) => Err(format!("{} key values, not {keys}", values.len())),
+            Err(e) => Err(e.to_string()),
+        };
+        let stage = self.stage.clone();
+        let fold = |state: &mut Vec<Accumulator>, carried: &Vec<Value>| stage.fold(state, carried);
+        let mut results = std::mem::take(&mut self.results);
+        let outcome = self.operator.add(
+            key,
+            t_ms,
+            &self.row,
+            &|| stage.init(),
+            &fold,
+            &AggregateStage::merge,
+            &admit,
+            &mut results,
+        );
+        self.results = results;
+        self.drain(out)?;
+        Ok(outcome?)
+    }
+
+    fn advance(&mut self, watermark_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let mut results = std::mem::take(&mut self.results);
+        self.operator.advance(watermark_ms, &|_, _, _| true, &mut results);
+        self.results = results;
+        self.drain(out)
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        Ok(self.operator.snapshot()?)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        Ok(self.operator.restore(bytes)?)
+    }
+
+    fn late_records(&self) -> u64 {
+        self.operator.late_records()
+    }
+
+    fn watermark_ms(&self) -> i64 {
+        self.operator.watermark_ms()
+    }
+}

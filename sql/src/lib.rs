@@ -1,0 +1,21 @@
+//! Runnel's SQL front end: KSQL statements typed at a running cluster.
+//!
+//! - [`parse`]: statements from text (sqlparser, plus KSQL's clauses and
+//!   ksqlDB's commands read from sqlparser's tokens).
+//! - [`planner`]: SELECTs into dataflow plans (`runnel_client::plan`),
+//!   names resolved against the catalog and types checked.
+//! - [`session`]: statements executed against a cluster through a
+//!   `runnel_client::Client`: the catalog and persistent queries live in
+//!   the controller's metadata, so every node runs them and they outlive
+//!   the session.
+//! - [`push`]: push queries, run in the client over live records.
+//! - [`error`]: errors that name the line and column they are about.
+
+pub mod error;
+pub mod parse;
+pub mod planner;
+pub mod push;
+pub mod session;
+
+pub use error::{SqlError, SqlResult};
+pub use session::{Outcome, Session};

@@ -1,0 +1,812 @@
+//! SELECTs into plans: names resolved against the catalog, types checked,
+//! aggregates gathered, in ksqlDB's terms.
+//!
+//! A SELECT without aggregates is one stage: `WHERE` (a filter), then the
+//! projection. With `GROUP BY` or an aggregate it is two: `WHERE`, a
+//! repartition by the grouping expressions carrying the aggregates'
+//! arguments, the aggregate (per window if any), `HAVING` and the
+//! projection over the aggregate's row.
+
+use runnel_client::plan::{
+    AggregateCall, AggregateFunction, BinaryOp, Column, EmitMode, Expr, Function, Literal, ObjectKind, Operator, Plan,
+    Sink, Source, SqlObject, SqlType, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
+};
+use sqlparser::ast;
+
+use crate::error::{SqlError, SqlResult};
+use crate::parse::Query;
+
+/// A planned SELECT and what its output looks like.
+#[derive(Clone, Debug)]
+pub struct Planned {
+    pub plan: Plan,
+    /// The kind of what it produces: a table when it aggregates.
+    pub kind: ObjectKind,
+    pub windowed: bool,
+}
+
+/// One column in scope: its name, type and index in the row.
+#[derive(Clone, Debug)]
+struct Scope {
+    columns: Vec<Column>,
+}
+
+impl Scope {
+    fn find(&self, name: &str) -> Option<(usize, SqlType)> {
+        self.columns
+            .iter()
+            .position(|c| c.name == name)
+            .map(|i| (i, self.columns[i].ty))
+    }
+
+    fn names(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A name as ksqlDB reads it: upper case unless quoted.
+pub fn ident(ident: &ast::Ident) -> String {
+    match ident.quote_style {
+        Some(_) => ident.value.clone(),
+        None => ident.value.to_ascii_uppercase(),
+    }
+}
+
+fn at(message: String, span: sqlparser::tokenizer::Span) -> SqlError {
+    SqlError::at(message, span.start.line, span.start.column)
+}
+
+/// Plans `query` reading `source` and writing `sink_topic`.
+pub fn plan_query(statement: &str, query: &Query, source: &SqlObject, sink_topic: &str) -> SqlResult<Planned> {
+    let select = &query.select;
+    if select.distinct.is_some() || !select.named_window.is_empty() || select.qualify.is_some() {
+        return Err(SqlError::new("DISTINCT, named windows and QUALIFY are not supported"));
+    }
+    let mut input = Scope {
+        columns: source.columns.clone(),
+    };
+    input.columns.push(Column {
+        name: "ROWTIME".to_string(),
+        ty: SqlType::BigInt,
+    });
+    let mut operators = Vec::new();
+    if let Some(condition) = &select.selection {
+        let (condition, ty) = Converter::plain(&input).convert(condition)?;
+        expect_boolean(ty, "WHERE")?;
+        operators.push(Operator::Filter(condition));
+    }
+    let group_by = match &select.group_by {
+        ast::GroupByExpr::Expressions(exprs, modifiers) if modifiers.is_empty() => exprs.clone(),
+        _ => return Err(SqlError::new("GROUP BY ALL and grouping modifiers are not supported")),
+    };
+    let aggregates = has_aggregate(select);
+    if query.window.is_some() && group_by.is_empty() {
+        return Err(SqlError::new("a WINDOW needs a GROUP BY"));
+    }
+    if query.emit == Some(EmitMode::Final) && query.window.is_none() {
+        return Err(SqlError::new("EMIT FINAL needs a windowed aggregate"));
+    }
+    let planned = if group_by.is_empty() && !aggregates {
+        stateless(select, query, &input, &mut operators)?
+    } else {
+        aggregate(select, query, &input, &group_by, &mut operators)?
+    };
+    let (columns, key, kind) = planned;
+    let plan = Plan {
+        version: PLAN_FORMAT_VERSION,
+        statement: statement.to_string(),
+        source: Source {
+            topic: source.topic.clone(),
+            columns: source.columns.clone(),
+            timestamp: source.timestamp,
+        },
+        operators,
+        sink: Sink {
+            topic: sink_topic.to_string(),
+            columns,
+            key,
+        },
+    };
+    plan.validate().map_err(|e| SqlError::new(e.to_string()))?;
+    Ok(Planned {
+        plan,
+        kind,
+        windowed: query.window.is_some(),
+    })
+}
+
+type Shape = (Vec<Column>, Vec<usize>, ObjectKind);
+
+fn stateless(select: &ast::Select, query: &Query, input: &Scope, operators: &mut Vec<Operator>) -> SqlResult<Shape> {
+    if select.having.is_some() {
+        return Err(SqlError::new("HAVING needs a GROUP BY"));
+    }
+    let converter = Converter::plain(input);
+    let projection = project(select, input, &converter)?;
+    let mut key = Vec::new();
+    for expr in &query.partition_by {
+        let (planned, _) = converter.convert(expr)?;
+        let found = projection
+            .iter()
+            .position(|(_, e)| *e == planned)
+            .ok_or_else(|| SqlError::new(format!("PARTITION BY {expr}: the projection must include it")))?;
+        key.push(found);
+    }
+    let columns = projection.iter().map(|(c, _)| c.clone()).collect();
+    operators.push(Operator::Project(projection));
+    Ok((columns, key, ObjectKind::Stream))
+}
+
+fn aggregate(
+    select: &ast::Select,
+    query: &Query,
+    input: &Scope,
+    group_by: &[ast::Expr],
+    operators: &mut Vec<Operator>,
+) -> SqlResult<Shape> {
+    if group_by.is_empty() {
+        return Err(SqlError::new(
+            "an aggregate needs a GROUP BY (ksqlDB has no global aggregates)",
+        ));
+    }
+    if !query.partition_by.is_empty() {
+        return Err(SqlError::new("PARTITION BY cannot be combined with GROUP BY"));
+    }
+    let plain = Converter::plain(input);
+    let mut keys = Vec::new();
+    let mut output = Scope { columns: Vec::new() };
+    for (i, expr) in group_by.iter().enumerate() {
+        let (planned, ty) = plain.convert(expr)?;
+        let name = match expr {
+            ast::Expr::Identifier(id) => ident(id),
+            _ => format!("KSQL_GROUP_{i}"),
+        };
+        output.columns.push(Column { name, ty });
+        keys.push((expr.clone(), planned));
+    }
+    let mut gathered = Gathered::default();
+    for item in &select.projection {
+        if let ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } = item {
+            gathered.walk(e, &plain)?;
+        }
+    }
+    if let Some(having) = &select.having {
+        gathered.walk(having, &plain)?;
+    }
+    for (i, call) in gathered.calls.iter().enumerate() {
+        output.columns.push(Column {
+            name: format!("KSQL_AGG_{i}"),
+            ty: call.result_type(),
+        });
+    }
+    if query.window.is_some() {
+        for name in ["WINDOWSTART", "WINDOWEND"] {
+            output.columns.push(Column {
+                name: name.to_string(),
+                ty: SqlType::BigInt,
+            });
+        }
+    }
+    operators.push(Operator::Repartition {
+        key: keys.iter().map(|(_, e)| e.clone()).collect(),
+        carry: gathered.carry.clone(),
+    });
+    operators.push(Operator::Aggregate {
+        keys: keys.len() as u32,
+        calls: gathered.calls.clone(),
+        window: query.window,
+        emit: query.emit.unwrap_or(EmitMode::Changes),
+    });
+    let converter = Converter {
+        scope: &output,
+        grouped: Some(Grouped {
+            keys: &keys,
+            gathered: &gathered,
+            input,
+        }),
+    };
+    if let Some(having) = &select.having {
+        let (condition, ty) = converter.convert(having)?;
+        expect_boolean(ty, "HAVING")?;
+        operators.push(Operator::Filter(condition));
+    }
+    let projection = project(select, &output, &converter)?;
+    let key = projection
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, e))| matches!(e, Expr::Column(i) if *i < keys.len()))
+        .map(|(i, _)| i)
+        .collect();
+    let columns = projection.iter().map(|(c, _)| c.clone()).collect();
+    operators.push(Operator::Project(projection));
+    Ok((columns, key, ObjectKind::Table))
+}
+
+fn expect_boolean(ty: SqlType, clause: &str) -> SqlResult<()> {
+    match ty {
+        SqlType::Boolean => Ok(()),
+        other => Err(SqlError::new(format!(
+            "{clause} needs a BOOLEAN condition, not {other}"
+        ))),
+    }
+}
+
+/// The projection's columns: `*` expands to the scope's (without ROWTIME
+/// and the aggregate's internals), unnamed expressions are `KSQL_COL_n`.
+fn project(select: &ast::Select, scope: &Scope, converter: &Converter<'_>) -> SqlResult<Vec<(Column, Expr)>> {
+    let mut projection: Vec<(Column, Expr)> = Vec::new();
+    let mut generated = 0;
+    for item in &select.projection {
+        match item {
+            ast::SelectItem::Wildcard(_) => {
+                for (i, column) in scope.columns.iter().enumerate() {
+                    if column.name != "ROWTIME" && !column.name.starts_with("KSQL_AGG_") {
+                        projection.push((column.clone(), Expr::Column(i)));
+                    }
+                }
+            }
+            ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } => {
+                let (planned, ty) = converter.convert(e)?;
+                let name = match (item, e) {
+                    (ast::SelectItem::ExprWithAlias { alias, .. }, _) => ident(alias),
+                    (_, ast::Expr::Identifier(id)) => ident(id),
+                    (_, ast::Expr::CompoundIdentifier(ids)) if !ids.is_empty() => ident(&ids[ids.len() - 1]),
+                    _ => {
+                        generated += 1;
+                        format!("KSQL_COL_{}", generated - 1)
+                    }
+                };
+                if projection.iter().any(|(c, _)| c.name == name) {
+                    return Err(SqlError::new(format!(
+                        "two columns named {name}; give one an alias with AS"
+                    )));
+                }
+                projection.push((Column { name, ty }, planned));
+            }
+            other => return Err(SqlError::new(format!("unsupported select item {other}"))),
+        }
+    }
+    Ok(projection)
+}
+
+/// The aggregate calls of a grouped SELECT and the values they need.
+#[derive(Default)]
+struct Gathered {
+    calls: Vec<AggregateCall>,
+    /// The call each aggregate expression (as written) maps to.
+    written: Vec<(ast::Expr, usize)>,
+    carry: Vec<Expr>,
+}
+
+impl Gathered {
+    /// Finds aggregate calls in `expr`, planning their arguments over the input.
+    fn walk(&mut self, expr: &ast::Expr, input: &Converter<'_>) -> SqlResult<()> {
+        if let ast::Expr::Function(f) = expr {
+            if let Some(function) = aggregate_function(f)? {
+                return self.add(expr, f, function, input);
+            }
+        }
+        for child in children(expr) {
+            self.walk(child, input)?;
+        }
+        Ok(())
+    }
+
+    fn add(
+        &mut self,
+        expr: &ast::Expr,
+        f: &ast::Function,
+        function: AggregateFunction,
+        input: &Converter<'_>,
+    ) -> SqlResult<()> {
+        if self.written.iter().any(|(e, _)| e == expr) {
+            return Ok(());
+        }
+        let args = function_args(f)?;
+        let (argument, argument_type) = match (function, &args[..]) {
+            (AggregateFunction::CountRows, _) => (None, None),
+            (_, [Some(arg)]) => {
+                if contains_aggregate(arg)? {
+                    return Err(SqlError::new(format!("{expr}: aggregates cannot nest")));
+                }
+                let (planned, ty) = input.convert(arg)?;
+                check_aggregate_type(function, ty, expr)?;
+                let index = match self.carry.iter().position(|c| *c == planned) {
+                    Some(i) => i,
+                    None => {
+                        self.carry.push(planned);
+                        self.carry.len() - 1
+                    }
+                };
+                (Some(index), Some(ty))
+            }
+            _ => return Err(SqlError::new(format!("{expr}: takes exactly one argument"))),
+        };
+        self.calls.push(AggregateCall {
+            function,
+            argument,
+            argument_type,
+        });
+        self.written.push((expr.clone(), self.calls.len() - 1));
+        Ok(())
+    }
+}
+
+fn check_aggregate_type(function: AggregateFunction, ty: SqlType, expr: &ast::Expr) -> SqlResult<()> {
+    let numeric = matches!(ty, SqlType::Int | SqlType::BigInt | SqlType::Double);
+    let ordered = numeric || ty == SqlType::String;
+    let ok = match function {
+        AggregateFunction::Sum | AggregateFunction::Avg => numeric,
+        AggregateFunction::Min | AggregateFunction::Max => ordered,
+        _ => true,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(SqlError::new(format!(
+        "{expr}: {function:?} takes a number{}, not {ty}",
+        if ordered { "" } else { " or a string" }
+    )))
+}
+
+/// The aggregate a function call names, if it is one.
+fn aggregate_function(f: &ast::Function) -> SqlResult<Option<AggregateFunction>> {
+    let name = f.name.to_string().to_ascii_uppercase();
+    let star = matches!(&f.args, ast::FunctionArguments::List(list)
+        if matches!(&list.args[..], [ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Wildcard)]));
+    let distinct = matches!(&f.args, ast::FunctionArguments::List(list)
+        if list.duplicate_treatment == Some(ast::DuplicateTreatment::Distinct));
+    Ok(Some(match name.as_str() {
+        "COUNT" if star => AggregateFunction::CountRows,
+        "COUNT" if distinct => AggregateFunction::CountDistinct,
+        "COUNT" => AggregateFunction::Count,
+        "COUNT_DISTINCT" => AggregateFunction::CountDistinct,
+        "SUM" => AggregateFunction::Sum,
+        "MIN" => AggregateFunction::Min,
+        "MAX" => AggregateFunction::Max,
+        "AVG" => AggregateFunction::Avg,
+        _ => return Ok(None),
+    }))
+}
+
+fn has_aggregate(select: &ast::Select) -> bool {
+    let items = select.projection.iter().filter_map(|item| match item {
+        ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } => Some(e),
+        _ => None,
+    });
+    items
+        .chain(select.having.as_ref())
+        .any(|e| contains_aggregate(e).unwrap_or(false))
+}
+
+fn contains_aggregate(expr: &ast::Expr) -> SqlResult<bool> {
+    if let ast::Expr::Function(f) = expr {
+        if aggregate_function(f)?.is_some() {
+            return Ok(true);
+        }
+    }
+    for child in children(expr) {
+        if contains_aggregate(child)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Sub-expressions, for walks.
+fn children(expr: &ast::Expr) -> Vec<&ast::Expr> {
+    match expr {
+        ast::Expr::BinaryOp { left, right, .. } => vec![left, right],
+        ast::Expr::UnaryOp { expr, .. }
+        | ast::Expr::Nested(expr)
+        | ast::Expr::IsNull(expr)
+        | ast::Expr::IsNotNull(expr)
+        | ast::Expr::Cast { expr, .. } => vec![expr],
+        ast::Expr::Like { expr, pattern, .. } => vec![expr, pattern],
+        ast::Expr::Case {
+            operand,
+            conditions,
+            else_result,
+            ..
+        } => {
+            let mut all: Vec<&ast::Expr> = operand.iter().map(|e| &**e).collect();
+            for when in conditions {
+                all.push(&when.condition);
+                all.push(&when.result);
+            }
+            all.extend(else_result.iter().map(|e| &**e));
+            all
+        }
+        ast::Expr::Function(f) => function_args(f).unwrap_or_default().into_iter().flatten().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A function's arguments; `None` for `*`.
+fn function_args(f: &ast::Function) -> SqlResult<Vec<Option<&ast::Expr>>> {
+    match &f.args {
+        ast::FunctionArguments::None => Ok(Vec::new()),
+        ast::FunctionArguments::List(list) => list
+            .args
+            .iter()
+            .map(|arg| match arg {
+                ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Expr(e)) => Ok(Some(e)),
+                ast::FunctionArg::Unnamed(ast::FunctionArgExpr::Wildcard) => Ok(None),
+                other => Err(SqlError::new(format!("unsupported argument {other}"))),
+            })
+            .collect(),
+        ast::FunctionArguments::Subquery(_) => Err(SqlError::new("subqueries are not supported")),
+    }
+}
+
+/// How a grouped SELECT's expressions map onto the aggregate's row.
+struct Grouped<'a> {
+    keys: &'a [(ast::Expr, Expr)],
+    gathered: &'a Gathered,
+    input: &'a Scope,
+}
+
+/// sqlparser expressions into plan expressions over one scope.
+struct Converter<'a> {
+    scope: &'a Scope,
+    grouped: Option<Grouped<'a>>,
+}
+
+impl<'a> Converter<'a> {
+    fn plain(scope: &'a Scope) -> Converter<'a> {
+        Converter { scope, grouped: None }
+    }
+
+    fn convert(&self, expr: &ast::Expr) -> SqlResult<(Expr, SqlType)> {
+        let converted = self.convert_at(expr, 0)?;
+        Ok(converted)
+    }
+
+    fn convert_at(&self, expr: &ast::Expr, depth: usize) -> SqlResult<(Expr, SqlType)> {
+        if depth > EXPRESSION_DEPTH_MAX {
+            return Err(SqlError::new(format!(
+                "expression nests deeper than {EXPRESSION_DEPTH_MAX}"
+            )));
+        }
+        if let Some(grouped) = &self.grouped {
+            if let Some(found) = self.grouped_term(grouped, expr)? {
+                return Ok(found);
+            }
+        }
+        let next = |e: &ast::Expr| self.convert_at(e, depth + 1);
+        match expr {
+            ast::Expr::Identifier(id) => self.column(id),
+            ast::Expr::CompoundIdentifier(ids) => match ids.last() {
+                Some(id) => self.column(id),
+                None => Err(SqlError::new("empty name")),
+            },
+            ast::Expr::Value(v) => literal(&v.value).map_err(|m| at(m, v.span)),
+            ast::Expr::Nested(e) => next(e),
+            ast::Expr::IsNull(e) | ast::Expr::IsNotNull(e) => Ok((
+                Expr::IsNull {
+                    expr: Box::new(next(e)?.0),
+                    negated: matches!(expr, ast::Expr::IsNotNull(_)),
+                },
+                SqlType::Boolean,
+            )),
+            ast::Expr::UnaryOp { op, expr: e } => unary(*op, next(e)?),
+            ast::Expr::BinaryOp { left, op, right } => self.binary(left, op, right, depth),
+            ast::Expr::Like {
+                negated,
+                expr: e,
+                pattern,
+                escape_char: None,
+                any: false,
+            } => {
+                let pattern = match &**pattern {
+                    ast::Expr::Value(v) => match &v.value {
+                        ast::Value::SingleQuotedString(s) => s.clone(),
+                        other => return Err(at(format!("LIKE takes a quoted pattern, not {other}"), v.span)),
+                    },
+                    other => return Err(SqlError::new(format!("LIKE takes a quoted pattern, not {other}"))),
+                };
+                let (e, ty) = next(e)?;
+                expect(ty, SqlType::String, "LIKE")?;
+                Ok((
+                    Expr::Like {
+                        expr: Box::new(e),
+                        pattern,
+                        negated: *negated,
+                    },
+                    SqlType::Boolean,
+                ))
+            }
+            ast::Expr::Cast { expr: e, data_type, .. } => {
+                let to = sql_type(data_type)?;
+                Ok((Expr::Cast(Box::new(next(e)?.0), to), to))
+            }
+            ast::Expr::Case {
+                operand,
+                conditions,
+                else_result,
+                ..
+            } => self.case(operand.as_deref(), conditions, else_result.as_deref(), depth),
+            ast::Expr::Function(f) => self.function(f, depth),
+            other => Err(SqlError::new(format!("unsupported expression: {other}"))),
+        }
+    }
+
+    /// In a grouped SELECT: a GROUP BY expression or an aggregate call.
+    fn grouped_term(&self, grouped: &Grouped<'_>, expr: &ast::Expr) -> SqlResult<Option<(Expr, SqlType)>> {
+        if let Some(i) = grouped.keys.iter().position(|(written, _)| written == expr) {
+            return Ok(Some((Expr::Column(i), self.scope.columns[i].ty)));
+        }
+        if let Some((_, call)) = grouped.gathered.written.iter().find(|(e, _)| e == expr) {
+            let i = grouped.keys.len() + call;
+            return Ok(Some((Expr::Column(i), self.scope.columns[i].ty)));
+        }
+        if let ast::Expr::Identifier(id) = expr {
+            let name = ident(id);
+            let windowed = matches!(name.as_str(), "WINDOWSTART" | "WINDOWEND");
+            if !windowed && grouped.input.find(&name).is_some() {
+                return Err(at(
+                    format!("column {name} must be in the GROUP BY or inside an aggregate"),
+                    id.span,
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    fn column(&self, id: &ast::Ident) -> SqlResult<(Expr, SqlType)> {
+        let name = ident(id);
+        match self.scope.find(&name) {
+            Some((i, ty)) => Ok((Expr::Column(i), ty)),
+            None => Err(at(
+                format!("unknown column {name}; known: {}", self.scope.names()),
+                id.span,
+            )),
+        }
+    }
+
+    fn binary(
+        &self,
+        left: &ast::Expr,
+        op: &ast::BinaryOperator,
+        right: &ast::Expr,
+        depth: usize,
+    ) -> SqlResult<(Expr, SqlType)> {
+        let (l, lt) = self.convert_at(left, depth + 1)?;
+        if *op == ast::BinaryOperator::Arrow {
+            let field = match right {
+                ast::Expr::Identifier(id) => id.value.clone(),
+                ast::Expr::Value(v) => match &v.value {
+                    ast::Value::SingleQuotedString(s) => s.clone(),
+                    other => return Err(SqlError::new(format!("-> takes a field name, not {other}"))),
+                },
+                other => return Err(SqlError::new(format!("-> takes a field name, not {other}"))),
+            };
+            expect(lt, SqlType::Json, "->")?;
+            return Ok((Expr::Field(Box::new(l), field), SqlType::Json));
+        }
+        let (r, rt) = self.convert_at(right, depth + 1)?;
+        let numeric = |t: SqlType| matches!(t, SqlType::Int | SqlType::BigInt | SqlType::Double | SqlType::Json);
+        let (op, ty) = match op {
+            ast::BinaryOperator::Plus => (BinaryOp::Add, arithmetic_type(lt, rt, "+")?),
+            ast::BinaryOperator::Minus => (BinaryOp::Subtract, arithmetic_type(lt, rt, "-")?),
+            ast::BinaryOperator::Multiply => (BinaryOp::Multiply, arithmetic_type(lt, rt, "*")?),
+            ast::BinaryOperator::Divide => (BinaryOp::Divide, arithmetic_type(lt, rt, "/")?),
+            ast::BinaryOperator::Modulo => (BinaryOp::Modulo, arithmetic_type(lt, rt, "%")?),
+            ast::BinaryOperator::StringConcat => (BinaryOp::Concat, SqlType::String),
+            ast::BinaryOperator::And | ast::BinaryOperator::Or => {
+                expect(lt, SqlType::Boolean, "AND/OR")?;
+                expect(rt, SqlType::Boolean, "AND/OR")?;
+                let op = if *op == ast::BinaryOperator::And {
+                    BinaryOp::And
+                } else {
+                    BinaryOp::Or
+                };
+                (op, SqlType::Boolean)
+            }
+            comparison => {
+                let op = match comparison {
+                    ast::BinaryOperator::Eq => BinaryOp::Equal,
+                    ast::BinaryOperator::NotEq => BinaryOp::NotEqual,
+                    ast::BinaryOperator::Lt => BinaryOp::Less,
+                    ast::BinaryOperator::LtEq => BinaryOp::LessOrEqual,
+                    ast::BinaryOperator::Gt => BinaryOp::Greater,
+                    ast::BinaryOperator::GtEq => BinaryOp::GreaterOrEqual,
+                    other => return Err(SqlError::new(format!("unsupported operator {other}"))),
+                };
+                let comparable = lt == rt || (numeric(lt) && numeric(rt)) || lt == SqlType::Json || rt == SqlType::Json;
+                if !comparable {
+                    return Err(SqlError::new(format!(
+                        "cannot compare {lt} with {rt} ({left} {comparison} {right})"
+                    )));
+                }
+                (op, SqlType::Boolean)
+            }
+        };
+        Ok((Expr::Binary(op, Box::new(l), Box::new(r)), ty))
+    }
+
+    fn case(
+        &self,
+        operand: Option<&ast::Expr>,
+        conditions: &[ast::CaseWhen],
+        otherwise: Option<&ast::Expr>,
+        depth: usize,
+    ) -> SqlResult<(Expr, SqlType)> {
+        let operand = operand.map(|e| self.convert_at(e, depth + 1)).transpose()?;
+        let mut branches = Vec::new();
+        let mut ty = None;
+        for when in conditions {
+            let (condition, ct) = self.convert_at(&when.condition, depth + 1)?;
+            let condition = match &operand {
+                Some((o, _)) => Expr::Binary(BinaryOp::Equal, Box::new(o.clone()), Box::new(condition)),
+                None => {
+                    expect(ct, SqlType::Boolean, "CASE WHEN")?;
+                    condition
+                }
+            };
+            let (result, rt) = self.convert_at(&when.result, depth + 1)?;
+            ty.get_or_insert(rt);
+            branches.push((condition, result));
+        }
+        let otherwise = otherwise.map(|e| self.convert_at(e, depth + 1)).transpose()?;
+        let ty = ty.or(otherwise.as_ref().map(|(_, t)| *t)).unwrap_or(SqlType::String);
+        Ok((
+            Expr::Case {
+                branches,
+                otherwise: otherwise.map(|(e, _)| Box::new(e)),
+            },
+            ty,
+        ))
+    }
+
+    fn function(&self, f: &ast::Function, depth: usize) -> SqlResult<(Expr, SqlType)> {
+        let name = f.name.to_string().to_ascii_uppercase();
+        if aggregate_function(f)?.is_some() {
+            return Err(SqlError::new(format!("{name} is an aggregate: it needs a GROUP BY")));
+        }
+        let function = Function::ALL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, f)| *f)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Function::ALL.iter().map(|(n, _)| *n).collect();
+                SqlError::new(format!(
+                    "unknown function {name}; known: {}, and the aggregates COUNT, SUM, MIN, MAX, AVG, COUNT_DISTINCT",
+                    known.join(", ")
+                ))
+            })?;
+        let mut args = Vec::new();
+        let mut types = Vec::new();
+        for arg in function_args(f)? {
+            let arg = arg.ok_or_else(|| SqlError::new(format!("{name}(*) is not a thing")))?;
+            let (e, t) = self.convert_at(arg, depth + 1)?;
+            args.push(e);
+            types.push(t);
+        }
+        let ty = function_type(function, &types)?;
+        Ok((Expr::Call(function, args), ty))
+    }
+}
+
+fn function_type(function: Function, types: &[SqlType]) -> SqlResult<SqlType> {
+    let arity = |range: std::ops::RangeInclusive<usize>| {
+        if range.contains(&types.len()) {
+            Ok(())
+        } else {
+            Err(SqlError::new(format!(
+                "{} takes {} to {} arguments, not {}",
+                function.name(),
+                range.start(),
+                range.end(),
+                types.len()
+            )))
+        }
+    };
+    match function {
+        Function::Upper | Function::Lower | Function::Trim => {
+            arity(1..=1)?;
+            expect(types[0], SqlType::String, function.name())?;
+            Ok(SqlType::String)
+        }
+        Function::Len => {
+            arity(1..=1)?;
+            expect(types[0], SqlType::String, "LEN")?;
+            Ok(SqlType::Int)
+        }
+        Function::Substring => {
+            arity(2..=3)?;
+            expect(types[0], SqlType::String, "SUBSTRING")?;
+            Ok(SqlType::String)
+        }
+        Function::Concat => Ok(SqlType::String),
+        Function::Abs | Function::Floor | Function::Ceil => {
+            arity(1..=1)?;
+            arithmetic_type(types[0], types[0], function.name())
+        }
+        Function::Round => {
+            arity(1..=2)?;
+            arithmetic_type(types[0], types[0], "ROUND")?;
+            Ok(if types.len() == 2 {
+                SqlType::Double
+            } else {
+                SqlType::BigInt
+            })
+        }
+        Function::Coalesce | Function::IfNull => {
+            arity(1..=64)?;
+            Ok(types[0])
+        }
+    }
+}
+
+fn expect(found: SqlType, wanted: SqlType, what: &str) -> SqlResult<()> {
+    if found == wanted || found == SqlType::Json {
+        return Ok(());
+    }
+    Err(SqlError::new(format!("{what} takes {wanted}, not {found}")))
+}
+
+fn arithmetic_type(a: SqlType, b: SqlType, what: &str) -> SqlResult<SqlType> {
+    use SqlType::{BigInt, Double, Int, Json};
+    match (a, b) {
+        (Int, Int) => Ok(Int),
+        (Int | BigInt, Int | BigInt) => Ok(BigInt),
+        (Int | BigInt | Double | Json, Int | BigInt | Double | Json) => {
+            Ok(if a == Double || b == Double { Double } else { BigInt })
+        }
+        _ => Err(SqlError::new(format!("{what} takes numbers, not {a} and {b}"))),
+    }
+}
+
+fn unary(op: ast::UnaryOperator, (e, ty): (Expr, SqlType)) -> SqlResult<(Expr, SqlType)> {
+    match op {
+        ast::UnaryOperator::Not => {
+            expect(ty, SqlType::Boolean, "NOT")?;
+            Ok((Expr::Unary(UnaryOp::Not, Box::new(e)), SqlType::Boolean))
+        }
+        ast::UnaryOperator::Minus => Ok((Expr::Unary(UnaryOp::Negate, Box::new(e)), arithmetic_type(ty, ty, "-")?)),
+        ast::UnaryOperator::Plus => Ok((e, ty)),
+        other => Err(SqlError::new(format!("unsupported operator {other}"))),
+    }
+}
+
+/// A literal and its type.
+pub fn literal(value: &ast::Value) -> Result<(Expr, SqlType), String> {
+    let (literal, ty) = match value {
+        ast::Value::Number(n, _) => match n.parse::<i64>() {
+            Ok(i) => (Literal::Int(i), SqlType::BigInt),
+            Err(_) => (
+                Literal::Double(n.parse().map_err(|_| format!("{n} is not a number"))?),
+                SqlType::Double,
+            ),
+        },
+        ast::Value::SingleQuotedString(s) => (Literal::String(s.clone()), SqlType::String),
+        ast::Value::Boolean(b) => (Literal::Boolean(*b), SqlType::Boolean),
+        ast::Value::Null => (Literal::Null, SqlType::String),
+        other => return Err(format!("unsupported literal {other}")),
+    };
+    Ok((Expr::Literal(literal), ty))
+}
+
+/// A column type as ksqlDB writes it.
+pub fn sql_type(data_type: &ast::DataType) -> SqlResult<SqlType> {
+    use ast::DataType as D;
+    Ok(match data_type {
+        D::Boolean | D::Bool => SqlType::Boolean,
+        D::Int(_) | D::Integer(_) | D::SmallInt(_) | D::TinyInt(_) => SqlType::Int,
+        D::BigInt(_) => SqlType::BigInt,
+        D::Double(_) | D::DoublePrecision | D::Float(_) | D::Real | D::Decimal(_) => SqlType::Double,
+        D::String(_) | D::Varchar(_) | D::Text | D::Char(_) => SqlType::String,
+        D::Struct(..) | D::Map(..) | D::Array(_) | D::JSON => SqlType::Json,
+        D::Custom(name, _) if name.to_string().eq_ignore_ascii_case("STRUCT") => SqlType::Json,
+        other => {
+            return Err(SqlError::new(format!(
+                "unsupported type {other}; use BOOLEAN, INT, BIGINT, DOUBLE, STRING, or STRUCT/MAP/ARRAY (nested JSON)"
+            )))
+        }
+    })
+}

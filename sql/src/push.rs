@@ -1,0 +1,104 @@
+//! Push queries (`SELECT … EMIT CHANGES`): the plan runs here, in the
+//! client, over the source topic's records as they arrive, through the same
+//! compiled stages a node would run. Nothing is left in the cluster.
+//!
+//! Like ksqlDB, a push query starts at the end of its source unless
+//! `SET 'auto.offset.reset' = 'earliest';` was given in the session.
+
+use std::sync::Arc;
+
+use runnel_client::plan::Plan;
+use runnel_client::{Client, Consumer};
+use runnel_dataflow::builder::{DataflowDef, Emitted, WindowStage};
+use runnel_dataflow::compile::compile;
+
+use crate::error::{SqlError, SqlResult};
+
+/// A running push query.
+pub struct PushQuery {
+    def: DataflowDef,
+    window: Option<Box<dyn WindowStage>>,
+    consumer: Consumer,
+    /// The output's column names, in order.
+    pub columns: Vec<String>,
+    limit: Option<u64>,
+    emitted: u64,
+    watermark_ms: i64,
+}
+
+impl PushQuery {
+    pub async fn start(client: Arc<Client>, plan: &Plan, limit: Option<u64>, earliest: bool) -> SqlResult<PushQuery> {
+        let def = compile("push-query", plan).map_err(|e| SqlError::new(e.to_string()))?;
+        let partitions = client
+            .describe_topic(&plan.source.topic)
+            .await
+            .map_err(|e| SqlError::new(e.to_string()))?
+            .config
+            .partitions;
+        let mut consumer = Consumer::new(client, &plan.source.topic);
+        for partition in 0..partitions {
+            consumer.assign(partition, 0);
+        }
+        if !earliest {
+            let ends = consumer.end_offsets().await.map_err(|e| SqlError::new(e.to_string()))?;
+            for (partition, end) in ends {
+                consumer.assign(partition, end);
+            }
+        }
+        Ok(PushQuery {
+            window: def.window_stage.as_ref().map(|factory| factory()),
+            def,
+            consumer,
+            columns: plan.sink.columns.iter().map(|c| c.name.clone()).collect(),
+            limit,
+            emitted: 0,
+            watermark_ms: i64::MIN,
+        })
+    }
+
+    /// Whether the LIMIT has been reached.
+    pub fn done(&self) -> bool {
+        self.limit.is_some_and(|limit| self.emitted >= limit)
+    }
+
+    /// The next rows (JSON objects), waiting for records to arrive; empty
+    /// when none came in one poll.
+    pub async fn poll(&mut self) -> SqlResult<Vec<serde_json::Value>> {
+        let records = self.consumer.poll().await.map_err(|e| SqlError::new(e.to_string()))?;
+        let mut staged = Emitted::default();
+        let mut out = Emitted::default();
+        for (_, stored) in &records {
+            let record = &stored.record;
+            let value = record.value.as_deref().unwrap_or_default();
+            // A record that does not match the schema is skipped, as a
+            // persistent query sends it to its dead-letter topic.
+            let _ = self.def.source_stage.process(value, record.timestamp_ms, &mut staged);
+        }
+        match &mut self.window {
+            None => std::mem::swap(&mut staged, &mut out),
+            Some(window) => {
+                for record in staged.iter() {
+                    let key = record.key.unwrap_or_default();
+                    window
+                        .add(key, record.value.unwrap_or_default(), record.timestamp_ms, &mut out)
+                        .map_err(|e| SqlError::new(e.to_string()))?;
+                    self.watermark_ms = self.watermark_ms.max(record.timestamp_ms);
+                }
+                window
+                    .advance(self.watermark_ms, &mut out)
+                    .map_err(|e| SqlError::new(e.to_string()))?;
+            }
+        }
+        let mut rows = Vec::new();
+        for record in out.iter() {
+            if self.done() {
+                break;
+            }
+            let Some(value) = record.value else { continue };
+            let row = serde_json::from_slice(value).map_err(|e| SqlError::new(e.to_string()))?;
+            rows.push(row);
+            self.emitted += 1;
+        }
+        Ok(rows)
+    }
+}

@@ -1,0 +1,682 @@
+//! Statements executed against a cluster.
+//!
+//! The catalog (streams and tables) and persistent queries are committed
+//! to the controller's metadata, so they are the cluster's, not this
+//! session's: every node sees them and they survive restarts. A statement
+//! is checked whole (names, types, limits) before anything is sent, so a
+//! refused statement changes nothing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use runnel_client::plan::{Column, ObjectKind, Plan, SqlObject, SqlType};
+use runnel_client::protocol::{Catalog, TopicConfig};
+use runnel_client::{Acks, Client, ClientError, Producer};
+use runnel_storage::Record;
+use sqlparser::ast;
+
+use crate::error::{SqlError, SqlResult};
+use crate::parse::{self, Listing, Parsed, Query, Statement, With};
+use crate::planner::{ident, literal, plan_query, sql_type};
+
+/// What a statement produced.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// A confirmation (`Stream POSSIBLE_FRAUD created and running`).
+    Message(String),
+    /// Rows to print.
+    Table {
+        columns: Vec<String>,
+        rows: Vec<Vec<String>>,
+    },
+    /// A push query: planned here, run by the caller (see `PushQuery`).
+    Push { plan: Plan, limit: Option<u64> },
+}
+
+/// A SQL session on a cluster.
+pub struct Session {
+    client: Arc<Client>,
+    /// `SET` properties, for this session only.
+    properties: Mutex<BTreeMap<String, String>>,
+}
+
+impl Session {
+    pub fn new(client: Arc<Client>) -> Session {
+        Session {
+            client,
+            properties: Mutex::default(),
+        }
+    }
+
+    /// Whether push queries start at the beginning of their source
+    /// (`SET 'auto.offset.reset' = 'earliest'`) rather than its end.
+    pub fn from_earliest(&self) -> bool {
+        let properties = self.properties.lock().unwrap_or_else(|p| p.into_inner());
+        properties
+            .get("auto.offset.reset")
+            .is_some_and(|v| v.eq_ignore_ascii_case("earliest"))
+    }
+
+    pub fn client(&self) -> &Arc<Client> {
+        &self.client
+    }
+
+    /// Runs a script's statements in order, stopping at the first refused
+    /// one: each statement with its outcome.
+    pub async fn execute_script(&self, script: &str) -> Vec<(String, SqlResult<Outcome>)> {
+        let mut done = Vec::new();
+        for parsed in parse::parse_script(script) {
+            let (text, outcome) = match parsed {
+                Ok(parsed) => (parsed.text.clone(), self.execute(&parsed).await),
+                Err(e) => (script.to_string(), Err(e)),
+            };
+            let failed = outcome.is_err();
+            done.push((text, outcome));
+            if failed {
+                break;
+            }
+        }
+        done
+    }
+
+    /// Runs one parsed statement.
+    pub async fn execute(&self, parsed: &Parsed) -> SqlResult<Outcome> {
+        let text = parsed.text.as_str();
+        match &parsed.statement {
+            Statement::CreateSource {
+                kind,
+                name,
+                columns,
+                with,
+            } => self.create_source(text, *kind, name, columns, with).await,
+            Statement::CreateAs {
+                kind,
+                name,
+                with,
+                query,
+            } => self.create_as(text, *kind, name, with, query).await,
+            Statement::InsertValues { target, columns, rows } => self.insert_values(target, columns, rows).await,
+            Statement::InsertSelect { target, query } => self.insert_select(text, target, query).await,
+            Statement::Select(query) => {
+                let catalog = self.catalog().await?;
+                let source = source_of(&catalog, query)?;
+                let planned = plan_query(text, query, source, "")?;
+                Ok(Outcome::Push {
+                    plan: planned.plan,
+                    limit: query.limit,
+                })
+            }
+            Statement::Show(listing) => self.show(*listing).await,
+            Statement::Describe { name, extended } => self.describe(name, *extended).await,
+            Statement::Explain(id) => self.explain(id).await,
+            Statement::ExplainQuery(query) => {
+                let catalog = self.catalog().await?;
+                let planned = plan_query(text, query, source_of(&catalog, query)?, "(push query)")?;
+                Ok(Outcome::Message(planned.plan.explain("(push query)")))
+            }
+            Statement::Drop {
+                kind,
+                name,
+                if_exists,
+                delete_topic,
+            } => self.drop(*kind, name, *if_exists, *delete_topic).await,
+            Statement::Set { property, value } => {
+                if property != "auto.offset.reset"
+                    || !["earliest", "latest"].contains(&value.to_ascii_lowercase().as_str())
+                {
+                    return Err(SqlError::new(format!(
+                        "unsupported property {property}={value}; 'auto.offset.reset' takes 'earliest' or 'latest'"
+                    )));
+                }
+                let mut properties = self.properties.lock().unwrap_or_else(|p| p.into_inner());
+                properties.insert(property.clone(), value.clone());
+                Ok(Outcome::Message(format!("Property {property} set to {value}")))
+            }
+            Statement::Terminate(id) => {
+                self.client.stop_dataflow(id).await.map_err(cluster)?;
+                Ok(Outcome::Message(format!("Query {id} terminated")))
+            }
+        }
+    }
+
+    pub async fn catalog(&self) -> SqlResult<Catalog> {
+        self.client.catalog().await.map_err(cluster)
+    }
+
+    async fn create_source(
+        &self,
+        text: &str,
+        kind: ObjectKind,
+        name: &ast::Ident,
+        columns: &[ast::ColumnDef],
+        with: &With,
+    ) -> SqlResult<Outcome> {
+        with.only(&[
+            "KAFKA_TOPIC",
+            "VALUE_FORMAT",
+            "PARTITIONS",
+            "REPLICAS",
+            "TIMESTAMP",
+            "KEY",
+        ])?;
+        check_format(with)?;
+        let name = ident(name);
+        let topic = with.text("KAFKA_TOPIC")?.unwrap_or_else(|| name.clone());
+        let (columns, key) = source_columns(columns, with)?;
+        let timestamp = match with.text("TIMESTAMP")? {
+            None => None,
+            Some(column) => Some(timestamp_column(&columns, &column)?),
+        };
+        let catalog = self.catalog().await?;
+        if catalog.objects.iter().any(|o| o.name == name) {
+            return Err(SqlError::new(format!("a stream or table named {name} already exists")));
+        }
+        self.ensure_topic(&topic, with).await?;
+        let object = SqlObject {
+            name: name.clone(),
+            kind,
+            topic: topic.clone(),
+            columns,
+            timestamp,
+            key,
+            windowed: false,
+            query: None,
+            statement: text.to_string(),
+        };
+        self.client.create_object(object).await.map_err(cluster)?;
+        Ok(Outcome::Message(format!(
+            "{} {name} created over topic {topic}",
+            title(kind)
+        )))
+    }
+
+    /// Makes `topic` when PARTITIONS says so; else it must exist.
+    async fn ensure_topic(&self, topic: &str, with: &With) -> SqlResult<()> {
+        let exists = self
+            .client
+            .topics()
+            .await
+            .map_err(cluster)?
+            .iter()
+            .any(|t| t.name == topic);
+        match (exists, with.number("PARTITIONS")?) {
+            (true, _) => Ok(()),
+            (false, None) => Err(SqlError::new(format!(
+                "topic {topic} does not exist; give PARTITIONS=n in WITH (…) to create it, or create it first"
+            ))),
+            (false, Some(partitions)) => {
+                let nodes = self.client.alive_nodes().len().max(1);
+                let replicas = with.number("REPLICAS")?.unwrap_or(nodes.min(3) as u64);
+                let config = TopicConfig::new(
+                    u32::try_from(partitions).map_err(|_| SqlError::new("PARTITIONS is too large"))?,
+                    u16::try_from(replicas).map_err(|_| SqlError::new("REPLICAS is too large"))?,
+                );
+                match self.client.create_topic(topic, config).await {
+                    Ok(()) | Err(ClientError::Refused(runnel_client::protocol::MetadataError::TopicExists(_))) => {
+                        Ok(())
+                    }
+                    Err(e) => Err(cluster(e)),
+                }
+            }
+        }
+    }
+
+    async fn create_as(
+        &self,
+        text: &str,
+        kind: ObjectKind,
+        name: &ast::Ident,
+        with: &With,
+        query: &Query,
+    ) -> SqlResult<Outcome> {
+        with.only(&["KAFKA_TOPIC", "VALUE_FORMAT", "PARTITIONS", "REPLICAS"])?;
+        check_format(with)?;
+        let name = ident(name);
+        let topic = with.text("KAFKA_TOPIC")?.unwrap_or_else(|| name.clone());
+        let catalog = self.catalog().await?;
+        if catalog.objects.iter().any(|o| o.name == name) {
+            return Err(SqlError::new(format!("a stream or table named {name} already exists")));
+        }
+        let source = source_of(&catalog, query)?;
+        let planned = plan_query(text, query, source, &topic)?;
+        if kind == ObjectKind::Table && planned.kind == ObjectKind::Stream {
+            return Err(SqlError::new(
+                "CREATE TABLE … AS SELECT needs a GROUP BY; use CREATE STREAM",
+            ));
+        }
+        let id = format!("{}_{name}", if kind == ObjectKind::Table { "CTAS" } else { "CSAS" });
+        let object = SqlObject {
+            name: name.clone(),
+            kind,
+            topic: topic.clone(),
+            columns: planned.plan.sink.columns.clone(),
+            timestamp: None,
+            key: planned.plan.sink.key.clone(),
+            windowed: planned.windowed,
+            query: Some(id.clone()),
+            statement: text.to_string(),
+        };
+        self.client
+            .start_query(&id, planned.plan, Some(object))
+            .await
+            .map_err(cluster)?;
+        Ok(Outcome::Message(format!(
+            "{} {name} created and running: query {id} writes topic {topic}",
+            title(kind)
+        )))
+    }
+
+    async fn insert_select(&self, text: &str, target: &ast::Ident, query: &Query) -> SqlResult<Outcome> {
+        let catalog = self.catalog().await?;
+        let target = object_named(&catalog, &ident(target))?;
+        let source = source_of(&catalog, query)?;
+        let planned = plan_query(text, query, source, &target.topic)?;
+        if planned.plan.sink.columns != target.columns {
+            return Err(SqlError::new(format!(
+                "the SELECT's columns ({}) are not {}'s ({})",
+                describe_columns(&planned.plan.sink.columns),
+                target.name,
+                describe_columns(&target.columns)
+            )));
+        }
+        let taken = catalog.queries.len() + 1;
+        let id = (taken..taken + 1000)
+            .map(|n| format!("INSERTQUERY_{n}"))
+            .find(|id| catalog.queries.iter().all(|(d, _)| d.name != *id))
+            .unwrap_or_else(|| format!("INSERTQUERY_{taken}"));
+        self.client
+            .start_query(&id, planned.plan, None)
+            .await
+            .map_err(cluster)?;
+        Ok(Outcome::Message(format!("Query {id} inserts into {}", target.name)))
+    }
+
+    async fn insert_values(
+        &self,
+        target: &ast::Ident,
+        names: &[ast::Ident],
+        rows: &[Vec<ast::Expr>],
+    ) -> SqlResult<Outcome> {
+        let catalog = self.catalog().await?;
+        let target = object_named(&catalog, &ident(target))?;
+        let names: Vec<String> = if names.is_empty() {
+            target.columns.iter().map(|c| c.name.clone()).collect()
+        } else {
+            names.iter().map(ident).collect()
+        };
+        let mut records = Vec::with_capacity(rows.len());
+        for row in rows {
+            records.push(value_record(target, &names, row)?);
+        }
+        let mut producer = Producer::new(self.client.clone(), &target.topic, Acks::All)
+            .await
+            .map_err(cluster)?;
+        for record in records {
+            producer.send(None, record).await.map_err(cluster)?;
+        }
+        producer.flush().await.map_err(cluster)?;
+        Ok(Outcome::Message(format!(
+            "{} row(s) inserted into {}",
+            rows.len(),
+            target.name
+        )))
+    }
+
+    async fn show(&self, listing: Listing) -> SqlResult<Outcome> {
+        let catalog = self.catalog().await?;
+        let columns = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        let (columns, rows) = match listing {
+            Listing::Streams | Listing::Tables => {
+                let kind = if listing == Listing::Streams {
+                    ObjectKind::Stream
+                } else {
+                    ObjectKind::Table
+                };
+                let rows = catalog
+                    .objects
+                    .iter()
+                    .filter(|o| o.kind == kind)
+                    .map(|o| {
+                        vec![
+                            o.name.clone(),
+                            o.topic.clone(),
+                            "JSON".to_string(),
+                            o.windowed.to_string(),
+                        ]
+                    })
+                    .collect();
+                (columns(&["Name", "Kafka Topic", "Value Format", "Windowed"]), rows)
+            }
+            Listing::Queries => {
+                let rows = catalog
+                    .queries
+                    .iter()
+                    .map(|(d, plan)| {
+                        vec![
+                            d.name.clone(),
+                            d.sink.clone(),
+                            format!("{} tasks", d.placement.len()),
+                            plan.statement.clone(),
+                        ]
+                    })
+                    .collect();
+                (columns(&["Query ID", "Sink Topic", "Tasks", "Statement"]), rows)
+            }
+            Listing::Topics => {
+                let topics = self.client.topics().await.map_err(cluster)?;
+                let rows = topics
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.config.partitions.to_string(),
+                            t.config.replication.to_string(),
+                        ]
+                    })
+                    .collect();
+                (columns(&["Kafka Topic", "Partitions", "Replicas"]), rows)
+            }
+        };
+        Ok(Outcome::Table { columns, rows })
+    }
+
+    async fn describe(&self, name: &str, extended: bool) -> SqlResult<Outcome> {
+        let catalog = self.catalog().await?;
+        let object = object_named(&catalog, name)?;
+        let mut rows: Vec<Vec<String>> = object
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let role = if object.key.contains(&i) { "(key)" } else { "" };
+                vec![c.name.clone(), format!("{}{}", c.ty, role)]
+            })
+            .collect();
+        if extended {
+            let partitions = self
+                .client
+                .describe_topic(&object.topic)
+                .await
+                .map(|t| t.config.partitions.to_string())
+                .unwrap_or_else(|e| format!("unknown ({e})"));
+            rows.push(vec!["-- type".into(), object.kind.to_string()]);
+            rows.push(vec![
+                "-- topic".into(),
+                format!("{} ({partitions} partitions)", object.topic),
+            ]);
+            rows.push(vec![
+                "-- written by".into(),
+                object.query.clone().unwrap_or_else(|| "-".into()),
+            ]);
+            rows.push(vec!["-- statement".into(), object.statement.clone()]);
+        }
+        Ok(Outcome::Table {
+            columns: vec!["Field".into(), "Type".into()],
+            rows,
+        })
+    }
+
+    async fn explain(&self, id: &str) -> SqlResult<Outcome> {
+        let catalog = self.catalog().await?;
+        let (dataflow, plan) = catalog
+            .queries
+            .iter()
+            .find(|(d, _)| d.name == id)
+            .ok_or_else(|| unknown_query(&catalog, id))?;
+        let mut text = plan.explain(id);
+        let placement: Vec<String> = dataflow
+            .placement
+            .iter()
+            .enumerate()
+            .map(|(task, node)| {
+                let stage = task as u32 / dataflow.partitions.max(1);
+                let partition = task as u32 % dataflow.partitions.max(1);
+                format!("stage {stage} partition {partition} on node {node}")
+            })
+            .collect();
+        text.push_str(&format!(
+            "tasks: {}\nstatement: {}",
+            placement.join("; "),
+            plan.statement
+        ));
+        Ok(Outcome::Message(text))
+    }
+
+    async fn drop(&self, kind: ObjectKind, name: &str, if_exists: bool, delete_topic: bool) -> SqlResult<Outcome> {
+        let catalog = self.catalog().await?;
+        let Some(object) = catalog.objects.iter().find(|o| o.name == name) else {
+            return if if_exists {
+                Ok(Outcome::Message(format!("{name} does not exist; nothing dropped")))
+            } else {
+                Err(unknown_object(&catalog, name))
+            };
+        };
+        if object.kind != kind {
+            return Err(SqlError::new(format!("{name} is a {}, not a {kind}", object.kind)));
+        }
+        self.client.drop_object(name).await.map_err(cluster)?;
+        if delete_topic {
+            self.client.delete_topic(&object.topic).await.map_err(cluster)?;
+        }
+        Ok(Outcome::Message(format!(
+            "{} {name} dropped{}",
+            title(kind),
+            if delete_topic {
+                format!(" and topic {} deleted", object.topic)
+            } else {
+                String::new()
+            }
+        )))
+    }
+}
+
+fn title(kind: ObjectKind) -> &'static str {
+    match kind {
+        ObjectKind::Stream => "Stream",
+        ObjectKind::Table => "Table",
+    }
+}
+
+fn cluster(e: ClientError) -> SqlError {
+    SqlError::new(e.to_string())
+}
+
+fn check_format(with: &With) -> SqlResult<()> {
+    match with.text("VALUE_FORMAT")? {
+        None => Ok(()),
+        Some(f) if f.eq_ignore_ascii_case("JSON") => Ok(()),
+        Some(f) => Err(SqlError::new(format!("VALUE_FORMAT {f} is not supported; JSON is"))),
+    }
+}
+
+/// Declared columns and the key columns (`PRIMARY KEY`, `KEY`, or `WITH (KEY=…)`).
+fn source_columns(defs: &[ast::ColumnDef], with: &With) -> SqlResult<(Vec<Column>, Vec<usize>)> {
+    if defs.is_empty() {
+        return Err(SqlError::new(
+            "declare the columns: CREATE STREAM s (col TYPE, …) WITH (…)",
+        ));
+    }
+    if defs.len() > runnel_client::plan::COLUMNS_MAX {
+        return Err(SqlError::new(format!(
+            "at most {} columns",
+            runnel_client::plan::COLUMNS_MAX
+        )));
+    }
+    let mut columns: Vec<Column> = Vec::with_capacity(defs.len());
+    let mut key = Vec::new();
+    for (i, def) in defs.iter().enumerate() {
+        let name = ident(&def.name);
+        if columns.iter().any(|c| c.name == name) {
+            return Err(SqlError::new(format!("column {name} is declared twice")));
+        }
+        let keyed = def.options.iter().any(|o| {
+            matches!(o.option, ast::ColumnOption::Unique { .. }) || o.to_string().to_ascii_uppercase().contains("KEY")
+        });
+        if keyed {
+            key.push(i);
+        }
+        columns.push(Column {
+            name,
+            ty: sql_type(&def.data_type)?,
+        });
+    }
+    if let Some(named) = with.text("KEY")? {
+        let found = columns
+            .iter()
+            .position(|c| c.name.eq_ignore_ascii_case(&named))
+            .ok_or_else(|| SqlError::new(format!("KEY names {named}, which is not a declared column")))?;
+        key = vec![found];
+    }
+    Ok((columns, key))
+}
+
+fn timestamp_column(columns: &[Column], named: &str) -> SqlResult<usize> {
+    let i = columns
+        .iter()
+        .position(|c| c.name.eq_ignore_ascii_case(named))
+        .ok_or_else(|| SqlError::new(format!("TIMESTAMP names {named}, which is not a declared column")))?;
+    match columns[i].ty {
+        SqlType::BigInt | SqlType::Int => Ok(i),
+        other => Err(SqlError::new(format!(
+            "TIMESTAMP column {named} is {other}; it must be a BIGINT of ms since the epoch"
+        ))),
+    }
+}
+
+fn source_of<'a>(catalog: &'a Catalog, query: &Query) -> SqlResult<&'a SqlObject> {
+    let from = &query.select.from;
+    let [table] = &from[..] else {
+        return Err(SqlError::new(
+            "FROM takes exactly one stream or table (joins come later)",
+        ));
+    };
+    if !table.joins.is_empty() {
+        return Err(SqlError::new("joins are not supported yet"));
+    }
+    let ast::TableFactor::Table { name, .. } = &table.relation else {
+        return Err(SqlError::new("FROM takes a stream or table name"));
+    };
+    let [ast::ObjectNamePart::Identifier(id)] = &name.0[..] else {
+        return Err(SqlError::new(format!("{name} is not a plain name")));
+    };
+    object_named(catalog, &ident(id)).map_err(|e| SqlError::at(e.message, id.span.start.line, id.span.start.column))
+}
+
+fn object_named<'a>(catalog: &'a Catalog, name: &str) -> SqlResult<&'a SqlObject> {
+    catalog
+        .objects
+        .iter()
+        .find(|o| o.name == name)
+        .ok_or_else(|| unknown_object(catalog, name))
+}
+
+fn unknown_object(catalog: &Catalog, name: &str) -> SqlError {
+    let known: Vec<&str> = catalog.objects.iter().map(|o| o.name.as_str()).collect();
+    SqlError::new(format!(
+        "unknown stream or table {name}; known: {}",
+        if known.is_empty() {
+            "none (CREATE STREAM declares one)".to_string()
+        } else {
+            known.join(", ")
+        }
+    ))
+}
+
+fn unknown_query(catalog: &Catalog, id: &str) -> SqlError {
+    let known: Vec<&str> = catalog.queries.iter().map(|(d, _)| d.name.as_str()).collect();
+    SqlError::new(format!(
+        "unknown query {id}; running: {}",
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    ))
+}
+
+fn describe_columns(columns: &[Column]) -> String {
+    columns
+        .iter()
+        .map(|c| format!("{} {}", c.name, c.ty))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One VALUES row as a record of `target`: a JSON object, keyed by the key
+/// column's value when the target has one.
+fn value_record(target: &SqlObject, names: &[String], row: &[ast::Expr]) -> SqlResult<Record> {
+    if names.len() != row.len() {
+        return Err(SqlError::new(format!(
+            "{} columns but {} values",
+            names.len(),
+            row.len()
+        )));
+    }
+    let mut object = serde_json::Map::new();
+    let mut key = None;
+    for (name, expr) in names.iter().zip(row) {
+        let i = target
+            .columns
+            .iter()
+            .position(|c| c.name == *name)
+            .ok_or_else(|| SqlError::new(format!("{} has no column {name}", target.name)))?;
+        let value = json_literal(expr, target.columns[i].ty)?;
+        if target.key.first() == Some(&i) {
+            key = Some(match &value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+        }
+        object.insert(name.clone(), value);
+    }
+    let value = serde_json::to_vec(&object).map_err(|e| SqlError::new(e.to_string()))?;
+    let timestamp_ms = match target.timestamp.map(|i| object.get(&target.columns[i].name)) {
+        Some(Some(serde_json::Value::Number(n))) => n.as_i64().unwrap_or_else(now_ms),
+        _ => now_ms(),
+    };
+    Ok(Record {
+        timestamp_ms,
+        key: key.map(Bytes::from),
+        value: Some(Bytes::from(value)),
+        headers: Vec::new(),
+    })
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A VALUES literal as JSON of the column's type.
+fn json_literal(expr: &ast::Expr, ty: SqlType) -> SqlResult<serde_json::Value> {
+    let (negate, inner) = match expr {
+        ast::Expr::UnaryOp {
+            op: ast::UnaryOperator::Minus,
+            expr,
+        } => (true, &**expr),
+        other => (false, other),
+    };
+    let ast::Expr::Value(v) = inner else {
+        return Err(SqlError::new(format!("VALUES takes literals, not {expr}")));
+    };
+    let (planned, found) = literal(&v.value).map_err(SqlError::new)?;
+    let runnel_client::plan::Expr::Literal(literal) = planned else {
+        return Err(SqlError::new(format!("VALUES takes literals, not {expr}")));
+    };
+    use runnel_client::plan::Literal as L;
+    let value = match (literal, ty) {
+        (L::Null, _) => serde_json::Value::Null,
+        (L::Int(i), SqlType::Int | SqlType::BigInt) => serde_json::json!(if negate { -i } else { i }),
+        (L::Int(i), SqlType::Double) => serde_json::json!(if negate { -(i as f64) } else { i as f64 }),
+        (L::Double(d), SqlType::Double) => serde_json::json!(if negate { -d } else { d }),
+        (L::String(s), SqlType::String) => serde_json::Value::String(s),
+        (L::String(s), SqlType::Json) => {
+            serde_json::from_str(&s).map_err(|e| SqlError::new(format!("'{s}' is not JSON: {e}")))?
+        }
+        (L::Boolean(b), SqlType::Boolean) => serde_json::Value::Bool(b),
+        _ => return Err(SqlError::new(format!("{expr} is {found}, the column is {ty}"))),
+    };
+    Ok(value)
+}
