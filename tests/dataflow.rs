@@ -317,3 +317,145 @@ async fn killing_a_node_running_tasks_mid_stream_keeps_the_results_exact() {
     expect_reference(&survivors, &cluster, &expected).await;
     drop(cluster);
 }
+
+/// The seed's statement, verbatim, as a user types it.
+const SEED_STATEMENT: &str = "CREATE STREAM possible_fraud AS
+  SELECT card_number, count(*) FROM authorization_attempts
+  WINDOW TUMBLING (SIZE 5 MINUTE)
+  GROUP BY card_number HAVING count(*) > 3;";
+const SQL_QUERY: &str = "CSAS_POSSIBLE_FRAUD";
+const SQL_SINK: &str = "POSSIBLE_FRAUD";
+
+fn sql(cluster: &Cluster, statements: &str) -> std::process::Output {
+    cli(cluster, &["sql", "-e", statements])
+}
+
+/// The SQL sink's changes per (card, window), in the order they came.
+async fn sql_changes(client: &Arc<Client>) -> BTreeMap<(String, i64), Vec<u64>> {
+    let mut changes: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
+    for record in read_all(client, SQL_SINK).await {
+        let key: serde_json::Value = serde_json::from_slice(record.key.as_deref().expect("key")).expect("JSON key");
+        let value: serde_json::Value =
+            serde_json::from_slice(record.value.as_deref().expect("value")).expect("JSON value");
+        assert_eq!(
+            key["WINDOWEND"]
+                .as_i64()
+                .zip(key["WINDOWSTART"].as_i64())
+                .map(|(e, s)| e - s),
+            Some(fraud::WINDOW_MS)
+        );
+        assert_eq!(key["CARD_NUMBER"], value["CARD_NUMBER"]);
+        let card = value["CARD_NUMBER"].as_str().expect("card").to_string();
+        let start = key["WINDOWSTART"].as_i64().expect("window start");
+        changes
+            .entry((card, start))
+            .or_default()
+            .push(value["KSQL_COL_0"].as_u64().expect("count"));
+    }
+    changes
+}
+
+/// ksqlDB's `EMIT CHANGES` under exactly-once: each (card, window) got the
+/// counts above the threshold one by one, each once, up to the final count.
+fn final_counts(changes: &BTreeMap<(String, i64), Vec<u64>>) -> BTreeMap<(String, i64), u64> {
+    for (key, counts) in changes {
+        let expected: Vec<u64> = (fraud::THRESHOLD + 1..=*counts.last().expect("one")).collect();
+        assert_eq!(counts, &expected, "changes of {key:?}: none lost, none repeated");
+    }
+    changes
+        .iter()
+        .map(|(k, v)| (k.clone(), *v.last().expect("one")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_through_a_kill() {
+    let mut cluster = start(200);
+    let declare = "CREATE STREAM authorization_attempts (card_number STRING, amount_cents BIGINT, at_ms BIGINT) \
+        WITH (KAFKA_TOPIC='authorization_attempts', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3);";
+    wait_for("the stream to be declared", TIMEOUT, || {
+        sql(&cluster, declare).status.success()
+    });
+
+    // Refused statements name the problem and change nothing.
+    for (statement, error) in [
+        ("SELECT * FROM nowhere EMIT CHANGES;", "unknown stream or table NOWHERE"),
+        (
+            "CREATE STREAM s AS SELECT card_number, SUM(card_number) FROM authorization_attempts GROUP BY card_number;",
+            "takes a number",
+        ),
+        (
+            "CREATE STREAM s AS SELECT card_number FROM authorization_attempts WINDOW TUMBLING (SIZE 5 MINUTE);",
+            "WINDOW needs a GROUP BY",
+        ),
+        ("SELECT card_number FROM\n  authorization_attempts WHERE = 3;", "line 2"),
+    ] {
+        let output = sql(&cluster, statement);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(error),
+            "{statement}: {stderr}"
+        );
+    }
+    let output = sql(&cluster, "SHOW STREAMS;");
+    let listed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        listed.contains("AUTHORIZATION_ATTEMPTS") && listed.contains("(1 row)"),
+        "{listed}"
+    );
+
+    let output = sql(&cluster, SEED_STATEMENT);
+    assert!(
+        output.status.success(),
+        "the seed statement: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    start_dataflow(&cluster);
+    let client = connect(&cluster.addrs, &cluster.certs).await;
+    let mut generator = Generator::new(4, 2_000, START_MS, 10);
+    produce(&client, generator.by_ref().take(20_000)).await;
+    let victim = 3u64;
+    wait_for("the SQL query's tasks on node 3 to checkpoint", RESULTS_TIMEOUT, || {
+        let output = cli(&cluster, &["dataflow", "describe", SQL_QUERY, "--json"]);
+        let tasks: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        let on_victim: Vec<&serde_json::Value> = tasks.iter().filter(|t| t["node"] == victim).collect();
+        !on_victim.is_empty() && on_victim.iter().all(|t| t["checkpoints"].as_u64().unwrap_or(0) > 0)
+    });
+    cluster.nodes[2].kill();
+    tracing::info!("node 3 killed");
+    let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
+    produce(&survivors, generator.by_ref().take(20_000)).await;
+    close_windows(&survivors, &generator).await;
+    let expected = reference(&survivors).await;
+    assert!(expected.len() > 20, "the generator makes fraud: {}", expected.len());
+    expect_reference(&survivors, &cluster, &expected).await;
+    let started = Instant::now();
+    let sql_results = loop {
+        let changes = sql_changes(&survivors).await;
+        let done = changes.len() >= expected.len()
+            && changes
+                .iter()
+                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
+        if done || started.elapsed() > RESULTS_TIMEOUT {
+            break final_counts(&changes);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        sql_results, expected,
+        "the SQL sink holds exactly the builder dataflow's results"
+    );
+    let output = sql(
+        &cluster,
+        &format!("EXPLAIN {SQL_QUERY}; DESCRIBE possible_fraud EXTENDED;"),
+    );
+    let explained = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        explained.contains("AGGREGATE") && explained.contains("KSQL_COL_0"),
+        "{explained}"
+    );
+    drop(cluster);
+}

@@ -14,6 +14,9 @@ use runnel_dataflow::compile::compile;
 
 use crate::error::{SqlError, SqlResult};
 
+/// How long a push query waits after a poll that found nothing.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A running push query.
 pub struct PushQuery {
     def: DataflowDef,
@@ -65,6 +68,10 @@ impl PushQuery {
     /// when none came in one poll.
     pub async fn poll(&mut self) -> SqlResult<Vec<serde_json::Value>> {
         let records = self.consumer.poll().await.map_err(|e| SqlError::new(e.to_string()))?;
+        if records.is_empty() {
+            // Nothing new: wait before asking again rather than spin.
+            tokio::time::sleep(IDLE_POLL).await;
+        }
         let mut staged = Emitted::default();
         let mut out = Emitted::default();
         for (_, stored) in &records {
