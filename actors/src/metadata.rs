@@ -84,7 +84,7 @@ pub enum MetadataCommand {
     },
     /// Names a stream or table of the SQL catalog (format version 2 on).
     CreateObject {
-        object: SqlObject,
+        object: Box<SqlObject>,
     },
     DropObject {
         name: String,
@@ -94,8 +94,8 @@ pub enum MetadataCommand {
     /// three or nothing).
     StartQuery {
         dataflow: DataflowMeta,
-        plan: Plan,
-        object: Option<SqlObject>,
+        plan: Box<Plan>,
+        object: Option<Box<SqlObject>>,
     },
 }
 
@@ -167,7 +167,9 @@ impl Metadata {
             MetadataCommand::StartDataflow { dataflow } => self.start_dataflow(dataflow),
             MetadataCommand::CreateObject { object } => self.create_object(object),
             MetadataCommand::DropObject { name } => self.drop_object(name),
-            MetadataCommand::StartQuery { dataflow, plan, object } => self.start_query(dataflow, plan, object.as_ref()),
+            MetadataCommand::StartQuery { dataflow, plan, object } => {
+                self.start_query(dataflow, plan, object.as_deref())
+            }
             MetadataCommand::StopDataflow { name } => self.stop_dataflow(name),
             MetadataCommand::MoveDataflowTask {
                 name,
@@ -495,8 +497,49 @@ pub fn place_tasks(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::{decode_command, encode_command, CommandFormatError, NodeId, COMMAND_MAGIC};
+    use runnel_client::plan::{Column, ObjectKind, Operator, Sink, Source, SqlType, PLAN_FORMAT_VERSION};
+
+    /// A one-stage plan reading topic `s` into topic `k`.
+    pub(crate) fn sample_plan() -> Plan {
+        let columns = vec![Column {
+            name: "A".into(),
+            ty: SqlType::String,
+        }];
+        Plan {
+            version: PLAN_FORMAT_VERSION,
+            statement: "CREATE STREAM K AS SELECT a FROM S".into(),
+            source: Source {
+                topic: "s".into(),
+                columns: columns.clone(),
+                timestamp: None,
+            },
+            operators: vec![Operator::Project(vec![(
+                columns[0].clone(),
+                runnel_client::plan::Expr::Column(0),
+            )])],
+            sink: Sink {
+                topic: "k".into(),
+                columns,
+                key: Vec::new(),
+            },
+        }
+    }
+
+    pub(crate) fn sample_object() -> Box<SqlObject> {
+        Box::new(SqlObject {
+            name: "K".into(),
+            kind: ObjectKind::Stream,
+            topic: "k".into(),
+            columns: Vec::new(),
+            timestamp: None,
+            key: Vec::new(),
+            windowed: false,
+            query: Some("d".into()),
+            statement: String::new(),
+        })
+    }
 
     fn every_command() -> Vec<MetadataCommand> {
         let dataflow = DataflowMeta {
@@ -529,7 +572,78 @@ mod tests {
                 dead: NodeId(1),
                 replacement: NodeId(2),
             },
+            MetadataCommand::CreateObject {
+                object: sample_object(),
+            },
+            MetadataCommand::DropObject { name: text() },
+            MetadataCommand::StartQuery {
+                dataflow: DataflowMeta {
+                    name: "d".to_string(),
+                    source: "s".to_string(),
+                    sink: "k".to_string(),
+                    stages: 1,
+                    partitions: 1,
+                    placement: vec![NodeId(1)],
+                },
+                plan: Box::new(sample_plan()),
+                object: Some(sample_object()),
+            },
         ]
+    }
+
+    #[test]
+    fn version_1_commands_still_read_and_sql_commands_apply_whole_or_not_at_all() {
+        let command = every_command().remove(0);
+        let mut v1 = encode_command(&command).expect("encodes");
+        v1[1] = 1;
+        assert_eq!(decode_command(&v1), Ok(command), "version 1 wrote the same encoding");
+
+        let mut metadata = Metadata::default();
+        let commands = every_command();
+        let (source, query) = (commands[6].clone(), commands[8].clone());
+        let MetadataCommand::StartQuery { dataflow, .. } = &query else {
+            unreachable!()
+        };
+        let source = match source {
+            MetadataCommand::CreateObject { mut object } => {
+                object.name = "S".into();
+                object.topic = "s".into();
+                object.query = None;
+                MetadataCommand::CreateObject { object }
+            }
+            _ => unreachable!(),
+        };
+        metadata.apply(&source).expect("declares S");
+        assert_eq!(metadata.apply(&source), Err(MetadataError::ObjectExists("S".into())));
+        metadata.apply(&query).expect("starts the query and names K");
+        assert!(metadata.plans.contains_key("d") && metadata.objects.contains_key("K"));
+        let before = metadata.clone();
+        assert_eq!(
+            metadata.apply(&query),
+            Err(MetadataError::ObjectExists("K".into())),
+            "K exists"
+        );
+        assert_eq!(metadata, before, "a refused start changes nothing");
+        for name in ["S", "K"] {
+            let refused = metadata.apply(&MetadataCommand::DropObject { name: name.into() });
+            assert_eq!(
+                refused,
+                Err(MetadataError::ObjectInUse {
+                    name: name.into(),
+                    queries: vec![dataflow.name.clone()]
+                })
+            );
+        }
+        metadata
+            .apply(&MetadataCommand::StopDataflow { name: "d".into() })
+            .expect("terminates");
+        assert!(metadata.plans.is_empty() && metadata.objects["K"].query.is_none());
+        for name in ["S", "K"] {
+            metadata
+                .apply(&MetadataCommand::DropObject { name: name.into() })
+                .expect("drops");
+        }
+        assert!(metadata.objects.is_empty());
     }
 
     /// The controller log is persisted: a reordered or removed variant would

@@ -81,11 +81,11 @@ pub enum ControllerRequest {
     /// Place and start a SQL query's dataflow whose topics exist.
     StartQuery {
         dataflow: crate::metadata::DataflowMeta,
-        plan: crate::metadata::Plan,
-        object: Option<crate::metadata::SqlObject>,
+        plan: Box<crate::metadata::Plan>,
+        object: Option<Box<crate::metadata::SqlObject>>,
     },
     CreateObject {
-        object: crate::metadata::SqlObject,
+        object: Box<crate::metadata::SqlObject>,
     },
     DropObject {
         name: String,
@@ -140,6 +140,7 @@ mod tests {
             partitions: 1,
             placement: Vec::new(),
         };
+        let sample = dataflow.clone();
         let requests = [
             ControllerRequest::FetchLog {
                 offset: 0,
@@ -164,9 +165,18 @@ mod tests {
                 node: NodeId(0),
                 since: 0,
             },
+            ControllerRequest::StartQuery {
+                dataflow: sample.clone(),
+                plan: Box::new(crate::metadata::tests::sample_plan()),
+                object: None,
+            },
+            ControllerRequest::CreateObject {
+                object: crate::metadata::tests::sample_object(),
+            },
+            ControllerRequest::DropObject { name: String::new() },
         ];
         let tags: Vec<u8> = requests.iter().map(tag).collect();
-        assert_eq!(tags, (0..=9).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=12).collect::<Vec<u8>>());
     }
 
     #[test]

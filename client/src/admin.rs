@@ -65,8 +65,8 @@ impl Client {
     pub async fn start_query(&self, name: &str, plan: Plan, object: Option<SqlObject>) -> ClientResult<()> {
         let request = ClientRequest::StartQuery {
             name: name.to_string(),
-            plan,
-            object,
+            plan: Box::new(plan),
+            object: object.map(Box::new),
         };
         expect_done(self.call(None, &request).await?)
     }

@@ -383,47 +383,123 @@ impl Plan {
         })
     }
 
-    /// The plan as a tree, sink first (like ksqlDB's `EXPLAIN`).
+    /// The plan as a tree, sink first (like ksqlDB's `EXPLAIN`), with
+    /// expressions written over the names of the row they read.
     pub fn explain(&self, name: &str) -> String {
+        let mut names: Vec<String> = self.source.columns.iter().map(|c| c.name.clone()).collect();
+        names.push("ROWTIME".to_string());
         let mut lines = vec![format!(
-            "SINK {} ({})",
-            self.sink.topic,
-            column_list(&self.sink.columns)
+            "SOURCE {} ({}, ROWTIME)",
+            self.source.topic,
+            column_list(&self.source.columns)
         )];
-        let mut stage = self.stages();
-        for op in self.operators.iter().rev() {
+        let mut stage = 0;
+        for op in &self.operators {
             lines.push(match op {
-                Operator::Filter(e) => format!("FILTER {e:?}"),
-                Operator::Project(cs) => format!(
-                    "PROJECT {}",
-                    column_list(&cs.iter().map(|(c, _)| c.clone()).collect::<Vec<_>>())
-                ),
-                Operator::Repartition { key, .. } => {
-                    stage -= 1;
+                Operator::Filter(e) => format!("FILTER {}", render(e, &names)),
+                Operator::Project(columns) => {
+                    let shown: Vec<String> = columns
+                        .iter()
+                        .map(|(c, e)| format!("{} AS {}", render(e, &names), c.name))
+                        .collect();
+                    names = columns.iter().map(|(c, _)| c.name.clone()).collect();
+                    format!("PROJECT {}", shown.join(", "))
+                }
+                Operator::Repartition { key, carry } => {
+                    stage += 1;
+                    let keys: Vec<String> = key.iter().map(|e| render(e, &names)).collect();
+                    let carried: Vec<String> = carry.iter().map(|e| render(e, &names)).collect();
+                    names = keys.iter().chain(&carried).cloned().collect();
                     format!(
-                        "REPARTITION BY {} keys through {name}.repartition (stage {} -> {})",
-                        key.len(),
-                        stage - 1,
-                        stage
+                        "REPARTITION BY {} (carrying [{}]) through {name}.repartition: stage {stage} starts",
+                        keys.join(", "),
+                        carried.join(", ")
                     )
                 }
                 Operator::Aggregate {
-                    calls, window, emit, ..
+                    keys,
+                    calls,
+                    window,
+                    emit,
                 } => {
-                    format!("AGGREGATE {} calls, window {window:?}, emit {emit:?}", calls.len())
+                    let keys = *keys as usize;
+                    let carried = names.split_off(keys.min(names.len()));
+                    let mut shown = Vec::new();
+                    for (i, call) in calls.iter().enumerate() {
+                        let argument = call.argument.and_then(|a| carried.get(a)).map_or("*", String::as_str);
+                        shown.push(format!("{:?}({argument}) AS KSQL_AGG_{i}", call.function));
+                        names.push(format!("KSQL_AGG_{i}"));
+                    }
+                    if window.is_some() {
+                        names.extend(["WINDOWSTART".to_string(), "WINDOWEND".to_string()]);
+                    }
+                    let window = window.map_or("none".to_string(), |w| format!("{w:?}"));
+                    format!("AGGREGATE {} per key, window {window}, emit {emit:?}", shown.join(", "))
                 }
             });
         }
         lines.push(format!(
-            "SOURCE {} ({}, ROWTIME)",
-            self.source.topic,
-            column_list(&self.source.columns)
+            "SINK {} ({})",
+            self.sink.topic,
+            column_list(&self.sink.columns)
         ));
         let mut text = format!("{name}: {} stage(s)\n", self.stages());
-        for (depth, line) in lines.iter().enumerate() {
+        for (depth, line) in lines.iter().rev().enumerate() {
             let _ = writeln!(text, "{}{}", "  ".repeat(depth), line);
         }
         text
+    }
+}
+
+/// An expression as SQL, over the names of the row it reads.
+pub fn render(expr: &Expr, names: &[String]) -> String {
+    let r = |e: &Expr| render(e, names);
+    match expr {
+        Expr::Column(i) => names.get(*i).cloned().unwrap_or_else(|| format!("${i}")),
+        Expr::Literal(Literal::Null) => "NULL".to_string(),
+        Expr::Literal(Literal::Boolean(b)) => b.to_string().to_uppercase(),
+        Expr::Literal(Literal::Int(i)) => i.to_string(),
+        Expr::Literal(Literal::Double(d)) => format!("{d:?}"),
+        Expr::Literal(Literal::String(s)) => format!("'{}'", s.replace('\'', "''")),
+        Expr::Unary(UnaryOp::Not, e) => format!("(NOT {})", r(e)),
+        Expr::Unary(UnaryOp::Negate, e) => format!("(-{})", r(e)),
+        Expr::Binary(op, a, b) => format!("({} {} {})", r(a), binary_symbol(*op), r(b)),
+        Expr::IsNull { expr, negated } => format!("({} IS {}NULL)", r(expr), if *negated { "NOT " } else { "" }),
+        Expr::Like { expr, pattern, negated } => {
+            format!("({} {}LIKE '{pattern}')", r(expr), if *negated { "NOT " } else { "" })
+        }
+        Expr::Case { branches, otherwise } => {
+            let mut text = "CASE".to_string();
+            for (condition, value) in branches {
+                let _ = write!(text, " WHEN {} THEN {}", r(condition), r(value));
+            }
+            if let Some(e) = otherwise {
+                let _ = write!(text, " ELSE {}", r(e));
+            }
+            text + " END"
+        }
+        Expr::Cast(e, ty) => format!("CAST({} AS {ty})", r(e)),
+        Expr::Call(f, args) => format!("{}({})", f.name(), args.iter().map(r).collect::<Vec<_>>().join(", ")),
+        Expr::Field(e, name) => format!("{}->{name}", r(e)),
+    }
+}
+
+fn binary_symbol(op: BinaryOp) -> &'static str {
+    match op {
+        BinaryOp::Add => "+",
+        BinaryOp::Subtract => "-",
+        BinaryOp::Multiply => "*",
+        BinaryOp::Divide => "/",
+        BinaryOp::Modulo => "%",
+        BinaryOp::Equal => "=",
+        BinaryOp::NotEqual => "<>",
+        BinaryOp::Less => "<",
+        BinaryOp::LessOrEqual => "<=",
+        BinaryOp::Greater => ">",
+        BinaryOp::GreaterOrEqual => ">=",
+        BinaryOp::And => "AND",
+        BinaryOp::Or => "OR",
+        BinaryOp::Concat => "||",
     }
 }
 
@@ -470,4 +546,204 @@ pub struct SqlObject {
     pub query: Option<String>,
     /// The statement that made it.
     pub statement: String,
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn tag<T: Serialize>(value: &T) -> u8 {
+        postcard::to_allocvec(value).expect("encodes")[0]
+    }
+
+    fn assert_tags<T: Serialize + std::fmt::Debug>(values: &[T]) {
+        for (expected, value) in values.iter().enumerate() {
+            assert_eq!(usize::from(tag(value)), expected, "tag of {value:?}");
+        }
+    }
+
+    /// The seed's query as a plan.
+    pub(crate) fn sample_plan() -> Plan {
+        let column = |name: &str, ty| Column { name: name.into(), ty };
+        Plan {
+            version: PLAN_FORMAT_VERSION,
+            statement: "CREATE STREAM …".into(),
+            source: Source {
+                topic: "authorization_attempts".into(),
+                columns: vec![column("CARD_NUMBER", SqlType::String)],
+                timestamp: None,
+            },
+            operators: vec![
+                Operator::Repartition {
+                    key: vec![Expr::Column(0)],
+                    carry: Vec::new(),
+                },
+                Operator::Aggregate {
+                    keys: 1,
+                    calls: vec![AggregateCall {
+                        function: AggregateFunction::CountRows,
+                        argument: None,
+                        argument_type: None,
+                    }],
+                    window: Some(WindowSpec::Tumbling {
+                        size_ms: 300_000,
+                        grace_ms: 0,
+                    }),
+                    emit: EmitMode::Changes,
+                },
+                Operator::Filter(Expr::Binary(
+                    BinaryOp::Greater,
+                    Box::new(Expr::Column(1)),
+                    Box::new(Expr::Literal(Literal::Int(3))),
+                )),
+                Operator::Project(vec![
+                    (column("CARD_NUMBER", SqlType::String), Expr::Column(0)),
+                    (column("KSQL_COL_0", SqlType::BigInt), Expr::Column(1)),
+                ]),
+            ],
+            sink: Sink {
+                topic: "POSSIBLE_FRAUD".into(),
+                columns: vec![
+                    column("CARD_NUMBER", SqlType::String),
+                    column("KSQL_COL_0", SqlType::BigInt),
+                ],
+                key: vec![0],
+            },
+        }
+    }
+
+    pub(crate) fn sample_object() -> SqlObject {
+        SqlObject {
+            name: "S".into(),
+            kind: ObjectKind::Stream,
+            topic: "s".into(),
+            columns: Vec::new(),
+            timestamp: None,
+            key: Vec::new(),
+            windowed: false,
+            query: None,
+            statement: String::new(),
+        }
+    }
+
+    /// Plans live in the controller log: a reordered variant would make
+    /// every node read old plans as other ones.
+    #[test]
+    fn plan_tags_are_pinned() {
+        use SqlType::*;
+        assert_tags(&[Boolean, Int, BigInt, Double, String, Json]);
+        let literals = [
+            Literal::Null,
+            Literal::Boolean(true),
+            Literal::Int(1),
+            Literal::Double(1.0),
+            Literal::String("s".into()),
+        ];
+        assert_tags(&literals);
+        assert_tags(&[UnaryOp::Not, UnaryOp::Negate]);
+        let ops = [
+            BinaryOp::Add,
+            BinaryOp::Subtract,
+            BinaryOp::Multiply,
+            BinaryOp::Divide,
+            BinaryOp::Modulo,
+            BinaryOp::Equal,
+            BinaryOp::NotEqual,
+            BinaryOp::Less,
+            BinaryOp::LessOrEqual,
+            BinaryOp::Greater,
+            BinaryOp::GreaterOrEqual,
+            BinaryOp::And,
+            BinaryOp::Or,
+            BinaryOp::Concat,
+        ];
+        assert_tags(&ops);
+        let functions: Vec<Function> = Function::ALL
+            .iter()
+            .map(|(_, f)| *f)
+            .filter(|f| *f != Function::Upper)
+            .collect();
+        assert_eq!(tag(&Function::Upper), 0);
+        for (i, f) in functions.iter().enumerate() {
+            assert_eq!(usize::from(tag(f)), i + 1, "{f:?}");
+        }
+        let c = || Box::new(Expr::Column(0));
+        let exprs = [
+            Expr::Column(0),
+            Expr::Literal(Literal::Null),
+            Expr::Unary(UnaryOp::Not, c()),
+            Expr::Binary(BinaryOp::Add, c(), c()),
+            Expr::IsNull {
+                expr: c(),
+                negated: false,
+            },
+            Expr::Like {
+                expr: c(),
+                pattern: "%".into(),
+                negated: false,
+            },
+            Expr::Case {
+                branches: Vec::new(),
+                otherwise: None,
+            },
+            Expr::Cast(c(), SqlType::Int),
+            Expr::Call(Function::Abs, Vec::new()),
+            Expr::Field(c(), "f".into()),
+        ];
+        assert_tags(&exprs);
+        use AggregateFunction as A;
+        assert_tags(&[A::CountRows, A::Count, A::Sum, A::Min, A::Max, A::Avg, A::CountDistinct]);
+        let windows = [
+            WindowSpec::Tumbling {
+                size_ms: 1,
+                grace_ms: 0,
+            },
+            WindowSpec::Hopping {
+                size_ms: 1,
+                advance_ms: 1,
+                grace_ms: 0,
+            },
+            WindowSpec::Session { gap_ms: 1, grace_ms: 0 },
+        ];
+        assert_tags(&windows);
+        assert_tags(&[EmitMode::Changes, EmitMode::Final]);
+        let mut operators = sample_plan().operators;
+        operators.rotate_right(2);
+        assert_tags(&operators);
+        assert_tags(&[ObjectKind::Stream, ObjectKind::Table]);
+    }
+
+    #[test]
+    fn a_plan_counts_its_stages_explains_itself_and_refuses_what_it_cannot_be() {
+        let plan = sample_plan();
+        assert_eq!(plan.stages(), 2);
+        assert_eq!(plan.validate(), Ok(()));
+        let explained = plan.explain("CSAS_POSSIBLE_FRAUD");
+        let lines: Vec<&str> = explained.lines().collect();
+        assert!(lines[1].starts_with("SINK POSSIBLE_FRAUD"), "{explained}");
+        assert!(
+            explained.contains("REPARTITION BY") && explained.contains("CSAS_POSSIBLE_FRAUD.repartition"),
+            "{explained}"
+        );
+        assert!(
+            lines
+                .last()
+                .is_some_and(|l| l.trim_start().starts_with("SOURCE authorization_attempts")),
+            "{explained}"
+        );
+        assert!(explained.contains("FILTER (KSQL_AGG_0 > 3)"), "{explained}");
+        assert!(explained.contains("CountRows(*) AS KSQL_AGG_0"), "{explained}");
+
+        let mut future = sample_plan();
+        future.version = PLAN_FORMAT_VERSION + 1;
+        let refused = future.validate().expect_err("a later format");
+        assert!(refused.to_string().contains("upgrade this node"), "{refused}");
+        let mut deep = sample_plan();
+        let mut expr = Expr::Column(0);
+        for _ in 0..EXPRESSION_DEPTH_MAX {
+            expr = Expr::Unary(UnaryOp::Not, Box::new(expr));
+        }
+        deep.operators.push(Operator::Filter(expr));
+        assert!(matches!(deep.validate(), Err(PlanError::Invalid(why)) if why.contains("nests deeper")));
+    }
 }

@@ -295,8 +295,8 @@ pub enum ClientRequest {
     /// made when missing.
     StartQuery {
         name: String,
-        plan: crate::plan::Plan,
-        object: Option<crate::plan::SqlObject>,
+        plan: Box<crate::plan::Plan>,
+        object: Option<Box<crate::plan::SqlObject>>,
     },
     /// Name a stream or table of the SQL catalog (answered `Done`).
     CreateObject {
@@ -436,6 +436,16 @@ mod tests {
             ClientRequest::StopDataflow { name: "d".into() },
             ClientRequest::Dataflows,
             ClientRequest::DataflowTasks,
+            ClientRequest::StartQuery {
+                name: "q".into(),
+                plan: Box::new(crate::plan::tests::sample_plan()),
+                object: None,
+            },
+            ClientRequest::CreateObject {
+                object: crate::plan::tests::sample_object(),
+            },
+            ClientRequest::DropObject { name: "o".into() },
+            ClientRequest::Catalog,
         ];
         assert_tags(&requests);
         assert_tags(&responses());
@@ -482,6 +492,7 @@ mod tests {
             ClientResponse::Health(Vec::new()),
             ClientResponse::Dataflows(Vec::new()),
             ClientResponse::Tasks(Vec::new()),
+            ClientResponse::Catalog(Catalog::default()),
         ]
     }
 
@@ -546,9 +557,15 @@ mod tests {
             MetadataError::UnknownDataflow(String::new()),
             MetadataError::UnregisteredDataflow(String::new()),
             MetadataError::NoLiveNodes,
+            MetadataError::ObjectExists(String::new()),
+            MetadataError::UnknownObject(String::new()),
+            MetadataError::ObjectInUse {
+                name: String::new(),
+                queries: Vec::new(),
+            },
         ];
         let tags: Vec<u8> = errors.iter().map(tag).collect();
-        assert_eq!(tags, (0..=8).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=11).collect::<Vec<u8>>());
     }
 
     #[test]

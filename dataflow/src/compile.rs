@@ -13,6 +13,7 @@
 //! (`[0, 2^62)`; `[-2^62, 0)` for negative times) that never closes: a
 //! table's rows are its keys' latest values.
 
+use std::cmp::Ordering;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -274,22 +275,16 @@ impl Accumulator {
         match (self, value) {
             (Accumulator::Count(n), _) => *n += 1,
             (Accumulator::Sum(sum), Some(v)) => *sum = add(sum, v),
-            (Accumulator::Min(min), Some(v)) => {
-                if min.is_null() || v.compare(min) == Some(std::cmp::Ordering::Less) {
-                    *min = v.clone();
-                }
+            (Accumulator::Min(min), Some(v)) if min.is_null() || v.compare(min) == Some(Ordering::Less) => {
+                *min = v.clone();
             }
-            (Accumulator::Max(max), Some(v)) => {
-                if max.is_null() || v.compare(max) == Some(std::cmp::Ordering::Greater) {
-                    *max = v.clone();
-                }
+            (Accumulator::Max(max), Some(v)) if max.is_null() || v.compare(max) == Some(Ordering::Greater) => {
+                *max = v.clone();
             }
             (Accumulator::Avg { sum, count }, Some(Value::Int(i))) => (*sum, *count) = (*sum + *i as f64, *count + 1),
             (Accumulator::Avg { sum, count }, Some(Value::Double(d))) => (*sum, *count) = (*sum + d, *count + 1),
-            (Accumulator::Distinct(seen), Some(v)) => {
-                if seen.len() < DISTINCT_VALUES_MAX {
-                    seen.insert(postcard::to_allocvec(v).unwrap_or_default());
-                }
+            (Accumulator::Distinct(seen), Some(v)) if seen.len() < DISTINCT_VALUES_MAX => {
+                seen.insert(postcard::to_allocvec(v).unwrap_or_default());
             }
             _ => {}
         }
@@ -358,7 +353,7 @@ impl AggregateStage {
         }
     }
 
-    fn merge(state: &mut Vec<Accumulator>, other: Vec<Accumulator>) {
+    fn merge(state: &mut [Accumulator], other: Vec<Accumulator>) {
         for (a, b) in state.iter_mut().zip(other) {
             a.merge(b);
         }
@@ -451,7 +446,7 @@ impl WindowStage for SqlWindowStage {
             &self.row,
             &|| stage.init(),
             &fold,
-            &AggregateStage::merge,
+            &|state: &mut Vec<Accumulator>, other| AggregateStage::merge(state, other),
             &admit,
             &mut results,
         );

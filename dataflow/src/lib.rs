@@ -8,7 +8,7 @@
 //! - [`window`]: event-time windows (tumbling, hopping, session) as a pure
 //!   state machine: watermark, grace, late drops, emit-changes/emit-final,
 //!   snapshots.
-//! - [`compile`]: plans (dataflows as data, what SQL statements become)
+//! - [`compile`][compile]: plans (dataflows as data, what SQL statements become)
 //!   compiled into the same stages, on every node that runs their tasks.
 //! - [`row`]: SQL rows: values, JSON decoding by schema, expressions.
 //! - [`task`]: one task (a stage over one input partition): read, process,

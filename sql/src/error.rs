@@ -34,6 +34,9 @@ impl SqlError {
     /// From a sqlparser error, whose message ends `at Line: L, Column: C`.
     pub fn from_parser(message: String) -> SqlError {
         let message = message.trim_start_matches("sql parser error: ").to_string();
+        if message.contains("recursion limit exceeded") {
+            return SqlError::new("the statement nests too deep (sqlparser's recursion limit, 50 levels)");
+        }
         let Some(at) = message.rfind(" at Line: ") else {
             return SqlError::new(message);
         };

@@ -16,6 +16,8 @@ pub mod parse;
 pub mod planner;
 pub mod push;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 pub use error::{SqlError, SqlResult};
 pub use session::{Outcome, Session};

@@ -429,6 +429,18 @@ fn window_clause(tokens: &[TokenWithSpan], at: usize, clauses: &mut Clauses) -> 
         .ok_or_else(|| unexpected(None, "')' closing the window"))?;
     let inner = &tokens[at + 3..close];
     let settings = window_settings(inner)?;
+    let allowed: &[&str] = match kind.as_str() {
+        "TUMBLING" => &["SIZE", "GRACE"],
+        "HOPPING" => &["SIZE", "ADVANCE", "GRACE"],
+        _ => &["GAP", "GRACE"],
+    };
+    if let Some(key) = settings.keys().find(|k| !allowed.contains(k)) {
+        return Err(SqlError::at(
+            format!("a {kind} window takes {}, not {key}", allowed.join(" and ")),
+            tokens[at].span.start.line,
+            tokens[at].span.start.column,
+        ));
+    }
     let get = |key: &str| settings.get(key).copied();
     let need = |key: &str| {
         get(key).ok_or_else(|| {
@@ -455,6 +467,18 @@ fn window_clause(tokens: &[TokenWithSpan], at: usize, clauses: &mut Clauses) -> 
             grace_ms,
         },
     };
+    if let WindowSpec::Hopping {
+        size_ms, advance_ms, ..
+    } = window
+    {
+        if advance_ms > size_ms {
+            return Err(SqlError::at(
+                "a hopping window's ADVANCE BY must not exceed its SIZE",
+                tokens[at].span.start.line,
+                tokens[at].span.start.column,
+            ));
+        }
+    }
     if clauses.window.replace(window).is_some() {
         return Err(unexpected(tokens.get(at), "one WINDOW clause"));
     }

@@ -531,6 +531,24 @@ impl<'a> Converter<'a> {
                 ..
             } => self.case(operand.as_deref(), conditions, else_result.as_deref(), depth),
             ast::Expr::Function(f) => self.function(f, depth),
+            ast::Expr::Substring {
+                expr: e,
+                substring_from: Some(from),
+                substring_for,
+                ..
+            } => {
+                let mut args = vec![next(e)?, next(from)?];
+                if let Some(length) = substring_for {
+                    args.push(next(length)?);
+                }
+                self.call(Function::Substring, args)
+            }
+            ast::Expr::Trim {
+                expr: e,
+                trim_where: None,
+                trim_what: None,
+                trim_characters: None,
+            } => self.call(Function::Trim, vec![next(e)?]),
             other => Err(SqlError::new(format!("unsupported expression: {other}"))),
         }
     }
@@ -680,15 +698,17 @@ impl<'a> Converter<'a> {
                 ))
             })?;
         let mut args = Vec::new();
-        let mut types = Vec::new();
         for arg in function_args(f)? {
             let arg = arg.ok_or_else(|| SqlError::new(format!("{name}(*) is not a thing")))?;
-            let (e, t) = self.convert_at(arg, depth + 1)?;
-            args.push(e);
-            types.push(t);
+            args.push(self.convert_at(arg, depth + 1)?);
         }
+        self.call(function, args)
+    }
+
+    fn call(&self, function: Function, args: Vec<(Expr, SqlType)>) -> SqlResult<(Expr, SqlType)> {
+        let types: Vec<SqlType> = args.iter().map(|(_, t)| *t).collect();
         let ty = function_type(function, &types)?;
-        Ok((Expr::Call(function, args), ty))
+        Ok((Expr::Call(function, args.into_iter().map(|(e, _)| e).collect()), ty))
     }
 }
 

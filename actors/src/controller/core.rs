@@ -550,8 +550,8 @@ impl ControllerCore {
     pub fn start_query(
         &self,
         mut dataflow: DataflowMeta,
-        plan: Plan,
-        object: Option<SqlObject>,
+        plan: Box<Plan>,
+        object: Option<Box<SqlObject>>,
         alive: &[NodeId],
     ) -> Result<MetadataCommand, MetadataError> {
         let tasks = dataflow.stages * dataflow.partitions;

@@ -132,8 +132,11 @@ impl BrokerService {
             ClientRequest::StopDataflow { name } => done(self.stop_dataflow(name).await),
             ClientRequest::Dataflows => ClientResponse::Dataflows(self.dataflows()),
             ClientRequest::DataflowTasks => ClientResponse::Tasks(self.dataflow_tasks()),
-            ClientRequest::StartQuery { name, plan, object } => done(self.start_query(name, plan, object).await),
+            ClientRequest::StartQuery { name, plan, object } => {
+                done(self.start_query(name, *plan, object.map(|o| *o)).await)
+            }
             ClientRequest::CreateObject { object } => {
+                let object = Box::new(object);
                 done(self.admin(ControllerRequest::CreateObject { object }).await)
             }
             ClientRequest::DropObject { name } => done(self.admin(ControllerRequest::DropObject { name }).await),
@@ -307,6 +310,7 @@ impl BrokerService {
             stages: plan.stages(),
         };
         let dataflow = self.make_dataflow_topics(name, shape).await?;
+        let (plan, object) = (Box::new(plan), object.map(Box::new));
         self.admin(ControllerRequest::StartQuery { dataflow, plan, object })
             .await
     }

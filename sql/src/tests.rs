@@ -1,0 +1,378 @@
+//! The front end end to end without a cluster: statements parsed, planned,
+//! compiled into the stages a node runs, and fed records; their output
+//! checked against references computed here.
+
+use std::collections::BTreeMap;
+
+use runnel_client::plan::{Column, ObjectKind, SqlObject, SqlType};
+use runnel_dataflow::builder::Emitted;
+use runnel_dataflow::compile::compile;
+use serde_json::{json, Value};
+
+use crate::parse::{parse_statement, Statement};
+use crate::planner::plan_query;
+
+/// `ATTEMPTS (CARD STRING, AMOUNT BIGINT, AT_MS BIGINT, NOTE STRING, META STRUCT)`, event time AT_MS.
+fn attempts() -> SqlObject {
+    let column = |name: &str, ty| Column { name: name.into(), ty };
+    SqlObject {
+        name: "ATTEMPTS".into(),
+        kind: ObjectKind::Stream,
+        topic: "attempts".into(),
+        columns: vec![
+            column("CARD", SqlType::String),
+            column("AMOUNT", SqlType::BigInt),
+            column("AT_MS", SqlType::BigInt),
+            column("NOTE", SqlType::String),
+            column("META", SqlType::Json),
+        ],
+        timestamp: Some(2),
+        key: Vec::new(),
+        windowed: false,
+        query: None,
+        statement: String::new(),
+    }
+}
+
+fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
+    let parsed = parse_statement(statement).map_err(|e| e.to_string())?;
+    let query = match parsed.statement {
+        Statement::Select(query) | Statement::CreateAs { query, .. } => query,
+        other => return Err(format!("not a query: {other:?}")),
+    };
+    plan_query(statement, &query, &attempts(), "out")
+        .map(|planned| planned.plan)
+        .map_err(|e| e.to_string())
+}
+
+/// One output record: its key and value as JSON (`None` for a tombstone).
+type Out = (Option<Value>, Option<Value>);
+
+/// Runs `records` (JSON values) through every stage of `statement`'s plan,
+/// one task per stage, the watermark following the largest event time, then
+/// closes every window. Records that do not decode count as dead letters.
+fn run(statement: &str, records: &[Value]) -> (Vec<Out>, usize, u64) {
+    let plan = plan(statement).unwrap_or_else(|e| panic!("{statement}: {e}"));
+    let def = compile("q", &plan).expect("compiles");
+    let mut window = def.window_stage.as_ref().map(|factory| factory());
+    let (mut staged, mut out) = (Emitted::default(), Emitted::default());
+    let (mut dead_letters, mut watermark_ms) = (0, i64::MIN);
+    for record in records {
+        staged.clear();
+        if def
+            .source_stage
+            .process(record.to_string().as_bytes(), 0, &mut staged)
+            .is_err()
+        {
+            dead_letters += 1;
+            continue;
+        }
+        match &mut window {
+            None => collect(&staged, &mut out),
+            Some(window) => {
+                for r in staged.iter() {
+                    window
+                        .add(
+                            r.key.expect("key"),
+                            r.value.unwrap_or_default(),
+                            r.timestamp_ms,
+                            &mut out,
+                        )
+                        .expect("adds");
+                    watermark_ms = watermark_ms.max(r.timestamp_ms);
+                }
+                window.advance(watermark_ms, &mut out).expect("advances");
+            }
+        }
+    }
+    let late = match &mut window {
+        Some(window) => {
+            window.advance(i64::MAX, &mut out).expect("closes");
+            window.late_records()
+        }
+        None => 0,
+    };
+    let parse = |bytes: Option<&[u8]>| bytes.map(|b| serde_json::from_slice(b).expect("JSON"));
+    let records = out.iter().map(|r| (parse(r.key), parse(r.value))).collect();
+    (records, dead_letters, late)
+}
+
+fn collect(from: &Emitted, to: &mut Emitted) {
+    for r in from.iter() {
+        let key = r
+            .key
+            .map(|k| to.encode(|b| Ok::<_, ()>(b.extend_from_slice(k))).expect("copies"));
+        let value = r
+            .value
+            .map(|v| to.encode(|b| Ok::<_, ()>(b.extend_from_slice(v))).expect("copies"));
+        to.push(r.timestamp_ms, key, value);
+    }
+}
+
+fn attempt(card: &str, amount: i64, at_ms: i64) -> Value {
+    json!({"card": card, "amount": amount, "at_ms": at_ms, "note": format!("n-{amount}"), "meta": {"geo": {"country": "NL"}, "risk": amount % 7}})
+}
+
+/// A deterministic spread of attempts over 4 cards and 20 minutes.
+fn traffic() -> Vec<Value> {
+    let mut state = 7u64;
+    (0..400)
+        .map(|i| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let card = format!("c{}", (state >> 33) % 4);
+            let amount = ((state >> 40) % 1000) as i64;
+            let at_ms = i * 3_000 - ((state >> 50) % 2_000) as i64;
+            attempt(&card, amount, at_ms.max(0))
+        })
+        .collect()
+}
+
+/// The latest value per key (what an EMIT CHANGES sink holds in the end).
+fn latest(out: &[Out]) -> BTreeMap<String, Value> {
+    let mut latest = BTreeMap::new();
+    for (key, value) in out {
+        let key = key.as_ref().expect("keyed").to_string();
+        match value {
+            Some(value) => latest.insert(key, value.clone()),
+            None => latest.remove(&key),
+        };
+    }
+    latest
+}
+
+#[test]
+fn stateless_queries_filter_project_and_evaluate_like_ksqldb() {
+    let records = vec![
+        attempt("c1", 10, 1_000),
+        attempt("c2", 2_000, 2_000),
+        json!({"card": "c3", "amount": null, "at_ms": 3_000}),
+        json!({"card": "c4", "amount": "lots", "at_ms": 4_000}),
+        json!("not an object"),
+    ];
+    let statement = "SELECT card, amount * 2 AS double_amount, UPPER(card) || '!' AS shout, \
+        CASE WHEN amount > 100 THEN 'big' WHEN amount IS NULL THEN 'none' ELSE 'small' END AS size, \
+        CAST(amount AS STRING) AS text, meta->geo->country AS country, LEN(note), SUBSTRING(card, 2) AS digits \
+        FROM attempts WHERE card LIKE 'c%' AND (amount IS NULL OR amount < 5000) EMIT CHANGES";
+    let (out, dead_letters, _) = run(statement, &records);
+    assert_eq!(
+        dead_letters, 2,
+        "a string where a BIGINT is declared, and a value that is no object"
+    );
+    let values: Vec<Value> = out.into_iter().map(|(_, v)| v.expect("value")).collect();
+    assert_eq!(
+        values,
+        vec![
+            json!({"CARD": "c1", "DOUBLE_AMOUNT": 20, "SHOUT": "C1!", "SIZE": "small", "TEXT": "10", "COUNTRY": "NL", "KSQL_COL_0": 4, "DIGITS": "1"}),
+            json!({"CARD": "c2", "DOUBLE_AMOUNT": 4000, "SHOUT": "C2!", "SIZE": "big", "TEXT": "2000", "COUNTRY": "NL", "KSQL_COL_0": 6, "DIGITS": "2"}),
+            json!({"CARD": "c3", "DOUBLE_AMOUNT": null, "SHOUT": "C3!", "SIZE": "none", "TEXT": null, "COUNTRY": null, "KSQL_COL_0": null, "DIGITS": "3"}),
+        ]
+    );
+    let (out, _, _) = run("SELECT card, amount FROM attempts PARTITION BY card", &records[..1]);
+    assert_eq!(out[0].0, Some(json!({"CARD": "c1"})), "PARTITION BY keys the output");
+}
+
+#[test]
+fn every_aggregate_over_tumbling_windows_equals_a_reference() {
+    let records = traffic();
+    let statement = "SELECT card, COUNT(*), COUNT(note), SUM(amount), MIN(amount), MAX(amount), AVG(amount), \
+        COUNT_DISTINCT(amount % 10) AS digits, WINDOWSTART AS ws FROM attempts \
+        WINDOW TUMBLING (SIZE 1 MINUTE, GRACE PERIOD 5 SECONDS) GROUP BY card EMIT FINAL";
+    let (out, _, late) = run(statement, &records);
+    assert_eq!(late, 0, "the traffic's disorder stays within the grace");
+    let mut reference: BTreeMap<(String, i64), Vec<i64>> = BTreeMap::new();
+    for r in &records {
+        let start = r["at_ms"].as_i64().expect("time") / 60_000 * 60_000;
+        reference
+            .entry((r["card"].as_str().expect("card").to_string(), start))
+            .or_default()
+            .push(r["amount"].as_i64().expect("amount"));
+    }
+    assert_eq!(out.len(), reference.len(), "one final result per card and window");
+    for (key, value) in &out {
+        let (key, value) = (key.as_ref().expect("key"), value.as_ref().expect("value"));
+        let card = key["CARD"].as_str().expect("card").to_string();
+        let start = key["WINDOWSTART"].as_i64().expect("start");
+        assert_eq!(key["WINDOWEND"].as_i64(), Some(start + 60_000));
+        let amounts = &reference[&(card.clone(), start)];
+        let sum: i64 = amounts.iter().sum();
+        let distinct: std::collections::BTreeSet<i64> = amounts.iter().map(|a| a % 10).collect();
+        let average = sum as f64 / amounts.len() as f64;
+        let found_average = value["KSQL_COL_5"].as_f64().expect("AVG is a DOUBLE");
+        // serde_json's default float parsing may be one ULP off.
+        assert!((found_average - average).abs() < 1e-9, "{found_average} vs {average}");
+        let mut value = value.clone();
+        value["KSQL_COL_5"] = json!(null);
+        let expected = json!({
+            "CARD": card, "KSQL_COL_0": amounts.len(), "KSQL_COL_1": amounts.len(), "KSQL_COL_2": sum,
+            "KSQL_COL_3": amounts.iter().min(), "KSQL_COL_4": amounts.iter().max(),
+            "KSQL_COL_5": null, "DIGITS": distinct.len(), "WS": start,
+        });
+        assert_eq!(value, expected);
+    }
+}
+
+#[test]
+fn hopping_and_session_windows_and_emit_changes_equal_references() {
+    let records = traffic();
+    // Hopping: every record counts in each window of 2 minutes every 30 s
+    // it falls in (windows may start before 0, as the builders' do).
+    let statement = "SELECT card, COUNT(*) AS n FROM attempts \
+        WINDOW HOPPING (SIZE 2 MINUTES, ADVANCE BY 30 SECONDS, GRACE PERIOD 5 SECONDS) GROUP BY card HAVING COUNT(*) > 2";
+    let (out, _, _) = run(statement, &records);
+    let mut reference: BTreeMap<(String, i64), u64> = BTreeMap::new();
+    for r in &records {
+        let t = r["at_ms"].as_i64().expect("time");
+        let mut start = t / 30_000 * 30_000;
+        while start > t - 120_000 {
+            *reference
+                .entry((r["card"].as_str().expect("card").to_string(), start))
+                .or_default() += 1;
+            start -= 30_000;
+        }
+    }
+    reference.retain(|_, n| *n > 2);
+    let found: BTreeMap<(String, i64), u64> = latest(&out)
+        .into_iter()
+        .map(|(key, value)| {
+            let key: Value = serde_json::from_str(&key).expect("key");
+            let card = key["CARD"].as_str().expect("card").to_string();
+            (
+                (card, key["WINDOWSTART"].as_i64().expect("start")),
+                value["N"].as_u64().expect("n"),
+            )
+        })
+        .collect();
+    assert_eq!(found, reference, "EMIT CHANGES ends at the final counts");
+    let changes = out.len();
+    let total_above: u64 = reference.values().map(|n| n - 2).sum();
+    assert_eq!(
+        changes as u64, total_above,
+        "one change per count above the HAVING bound"
+    );
+
+    // Sessions: a card's attempts closer than the gap form one session.
+    let bursts: Vec<Value> = [0, 10_000, 15_000, 100_000, 105_000, 40_000]
+        .iter()
+        .map(|t| attempt("c", 1, *t))
+        .collect();
+    let statement = "SELECT card, COUNT(*) AS n, WINDOWSTART AS s, WINDOWEND AS e FROM attempts \
+        WINDOW SESSION (30 SECONDS, GRACE PERIOD 2 MINUTES) GROUP BY card";
+    let (out, _, _) = run(statement, &bursts);
+    let mut sessions: Vec<(i64, i64, u64)> = latest(&out)
+        .values()
+        .map(|v| {
+            (
+                v["S"].as_i64().expect("s"),
+                v["E"].as_i64().expect("e"),
+                v["N"].as_u64().expect("n"),
+            )
+        })
+        .collect();
+    sessions.sort();
+    // A session ends 1 ms after its last record.
+    assert_eq!(
+        sessions,
+        vec![(0, 40_001, 4), (100_000, 105_001, 2)],
+        "the 40 s attempt joins the first burst"
+    );
+    assert!(
+        out.iter().any(|(_, v)| v.is_none()),
+        "a merged-away session is retracted with a tombstone"
+    );
+}
+
+#[test]
+fn late_records_are_dropped_and_counted() {
+    let records: Vec<Value> = [0, 70_000, 59_000, 120_500, 1_000]
+        .iter()
+        .map(|t| attempt("c", 1, *t))
+        .collect();
+    let statement =
+        "SELECT card, COUNT(*) AS n FROM attempts WINDOW TUMBLING (SIZE 1 MINUTE, GRACE PERIOD 15 SECONDS) \
+        GROUP BY card EMIT FINAL";
+    let (out, _, late) = run(statement, &records);
+    let counts: Vec<u64> = out
+        .iter()
+        .map(|(_, v)| v.as_ref().expect("value")["N"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![2, 1, 1],
+        "59 s is within the grace at 70 s; 1 s is not at 120.5 s"
+    );
+    assert_eq!(late, 1);
+}
+
+#[test]
+fn refused_statements_name_the_problem() {
+    let refused = [
+        ("SELECT nope FROM attempts", "unknown column NOPE"),
+        ("SELECT SUM(card) FROM attempts GROUP BY amount", "takes a number"),
+        (
+            "SELECT card FROM attempts WINDOW TUMBLING (SIZE 1 MINUTE)",
+            "WINDOW needs a GROUP BY",
+        ),
+        (
+            "SELECT card, amount, COUNT(*) FROM attempts GROUP BY card",
+            "AMOUNT must be in the GROUP BY",
+        ),
+        ("SELECT FROBNICATE(card) FROM attempts", "unknown function FROBNICATE"),
+        ("SELECT card FROM attempts WHERE amount", "WHERE needs a BOOLEAN"),
+        (
+            "SELECT card FROM attempts WHERE card > 3",
+            "cannot compare STRING with BIGINT",
+        ),
+        (
+            "SELECT card FROM attempts EMIT FINAL",
+            "EMIT FINAL needs a windowed aggregate",
+        ),
+        ("SELECT card, card FROM attempts", "two columns named CARD"),
+        ("SELECT COUNT(*) FROM attempts", "needs a GROUP BY"),
+        ("SELECT card FROM attempts HAVING card = 'x'", "HAVING needs a GROUP BY"),
+        ("SELECT SUM(COUNT(*)) FROM attempts GROUP BY card", "cannot nest"),
+        (
+            "SELECT card FROM attempts WINDOW TUMBLING (SIZE 1 MINUTE, ADVANCE BY 1 SECOND) GROUP BY card",
+            "takes SIZE and GRACE, not ADVANCE",
+        ),
+        (
+            "SELECT card FROM attempts WINDOW HOPPING (SIZE 1 MINUTE, ADVANCE BY 2 MINUTES) GROUP BY card",
+            "must not exceed",
+        ),
+        (
+            "SELECT card FROM attempts WINDOW HOPPING (SIZE 1 MINUTE) GROUP BY card",
+            "needs ADVANCE",
+        ),
+    ];
+    for (statement, expected) in refused {
+        let error = plan(statement).map(|p| format!("{p:?}")).expect_err(statement);
+        assert!(error.contains(expected), "{statement}: {error}");
+    }
+    let deep = format!(
+        "SELECT card FROM attempts WHERE {}TRUE{}",
+        "(".repeat(80),
+        ")".repeat(80)
+    );
+    let error = plan(&deep).expect_err("too deep");
+    assert!(error.contains("nests too deep"), "{error}");
+}
+
+#[test]
+fn the_seed_statement_plans_to_a_repartition_and_a_windowed_count() {
+    let seed = "CREATE STREAM possible_fraud AS SELECT card, count(*) FROM attempts \
+        WINDOW TUMBLING (SIZE 5 MINUTE) GROUP BY card HAVING count(*) > 3";
+    let plan = plan(seed).expect("plans");
+    assert_eq!(plan.stages(), 2);
+    let explained = plan.explain("CSAS_POSSIBLE_FRAUD");
+    for part in [
+        "REPARTITION BY CARD (carrying [])",
+        "CountRows(*) AS KSQL_AGG_0",
+        "FILTER (KSQL_AGG_0 > 3)",
+        "PROJECT CARD AS CARD, KSQL_AGG_0 AS KSQL_COL_0",
+    ] {
+        assert!(explained.contains(part), "{part} in:\n{explained}");
+    }
+    let columns: Vec<&str> = plan.sink.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!((columns, plan.sink.key.clone()), (vec!["CARD", "KSQL_COL_0"], vec![0]));
+}
