@@ -99,13 +99,16 @@ fn run(statement: &str, records: &[Value]) -> (Vec<Out>, usize, u64) {
 
 fn collect(from: &Emitted, to: &mut Emitted) {
     for r in from.iter() {
-        let key = r
-            .key
-            .map(|k| to.encode(|b| Ok::<_, ()>(b.extend_from_slice(k))).expect("copies"));
-        let value = r
-            .value
-            .map(|v| to.encode(|b| Ok::<_, ()>(b.extend_from_slice(v))).expect("copies"));
+        let key = r.key.map(|k| to.encode(copy(k)).expect("copies"));
+        let value = r.value.map(|v| to.encode(copy(v)).expect("copies"));
         to.push(r.timestamp_ms, key, value);
+    }
+}
+
+fn copy(bytes: &[u8]) -> impl FnOnce(&mut Vec<u8>) -> Result<(), ()> + '_ {
+    move |buffer| {
+        buffer.extend_from_slice(bytes);
+        Ok(())
     }
 }
 
