@@ -1,18 +1,22 @@
-//! `runnel demo`: the fraud query as a distributed dataflow, with a node
-//! killed mid-way, on this machine.
+//! `runnel demo`: the fraud query typed as KSQL and run as a distributed
+//! dataflow, with a node killed mid-way, on this machine.
 //!
 //! An embedded cluster of three nodes (in this process, talking over QUIC
-//! with mutual TLS on loopback) replicates the topic
-//! `authorization_attempts` (3 partitions, replication 3) and runs the
-//! dataflow `possible_fraud`: KSQL's `SELECT card_number, count(*) FROM
-//! authorization_attempts WINDOW TUMBLING (SIZE 5 MINUTE) GROUP BY
-//! card_number HAVING count(*) > 3`, as six operator tasks (a source task
-//! and a window task per partition) placed on the nodes. Generated attempts
-//! are produced with acks=all; half-way through, the node leading partition
+//! with mutual TLS on loopback) is given two SQL statements, as a user
+//! would type them in `runnel sql`: a declaration of the stream
+//! `authorization_attempts` (which makes its topic, 3 partitions,
+//! replication 3) and the seed's `CREATE STREAM possible_fraud AS SELECT
+//! card_number, count(*) FROM authorization_attempts WINDOW TUMBLING (SIZE
+//! 5 MINUTE) GROUP BY card_number HAVING count(*) > 3`. The statement's
+//! plan is committed to the cluster and runs as six operator tasks (a
+//! source task and a window task per partition) placed on the nodes.
+//! Generated card traffic (most cards a few attempts, 1% of them bursting)
+//! is produced with acks=all; half-way through, the node leading partition
 //! 0 is killed: its partitions fail over, its tasks are re-placed on the
-//! survivors and resume from their checkpoints. The sink `possible_fraud` is
-//! then read and compared with a reference count computed directly from the
-//! input topic: every (card, window) result must be there exactly once.
+//! survivors and resume from their checkpoints. The query's output (every
+//! change of a count above 3) is then read and compared with a reference
+//! computed directly from the input topic: every (card, window) must end at
+//! its exact count, each change written once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,13 +25,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use runnel::client::protocol::{NodeId, TopicConfig};
+use runnel::client::protocol::NodeId;
 use runnel::client::Client;
 use runnel::dataflow::fraud::{self, Attempt, Generator};
+use runnel_sql::Session;
 use runnel_verify::fixtures::embedded::{start_cluster, Member};
 
 const ATTEMPTS: usize = 40_000;
-const CARDS: u64 = 1_000;
+/// Most of 10,000 cards make a few attempts per window; one attempt in 8
+/// goes to the busiest 1% of them, which burst.
+const CARDS: u64 = 10_000;
+const HOT_ONE_IN: u64 = 8;
 /// Event time between attempts: 40,000 attempts span about 33 minutes.
 const STEP_MS: i64 = 50;
 /// 2026-01-01T00:00:00Z.
@@ -49,7 +57,7 @@ async fn placement(client: &Client) -> anyhow::Result<String> {
     let deadline = Instant::now() + TIMEOUT;
     let dataflow = loop {
         let dataflows = client.dataflows().await?;
-        if let Some(dataflow) = dataflows.into_iter().find(|d| d.name == fraud::NAME) {
+        if let Some(dataflow) = dataflows.into_iter().find(|d| d.name == fraud::SQL_QUERY) {
             break dataflow;
         }
         ensure!(Instant::now() < deadline, "the dataflow is not running");
@@ -68,7 +76,7 @@ async fn placement(client: &Client) -> anyhow::Result<String> {
 type Counts = BTreeMap<(String, i64), u64>;
 
 async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
-    let mut generator = Generator::new(42, CARDS, START_MS, STEP_MS);
+    let mut generator = Generator::new(42, CARDS, START_MS, STEP_MS).bursting_one_in(HOT_ONE_IN);
     let attempts: Vec<Attempt> = generator.by_ref().take(ATTEMPTS).collect();
     tracing::info!("phase 1: start an embedded 3-node cluster (QUIC, mutual TLS)");
     let (mut members, addrs) = start_cluster(&dir, 3).await?;
@@ -86,15 +94,21 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
     tracing::info!("phase 4: wait for the sink to hold every window result; compare with the reference");
     let input = fraud::read_attempts(&client).await.map_err(anyhow::Error::msg)?;
     let reference = fraud::reference(&input);
-    let (results, duplicates) = wait_for_results(&client, reference.len()).await?;
+    let (results, irregular) = wait_for_results(&client, &reference).await?;
     let after = placement(&client).await?;
+    let cards: std::collections::BTreeSet<&str> = input.iter().map(|a| a.card_number.as_str()).collect();
+    let flagged: std::collections::BTreeSet<&str> = results.keys().map(|(card, _)| card.as_str()).collect();
 
     println!(
         "Runnel demo: a 3-node cluster replicating {} (3 partitions, replication 3) in {}",
         fraud::SOURCE,
         dir.display()
     );
-    println!("  dataflow {}: source task + window task per partition", fraud::NAME);
+    println!("  statements submitted (as to `runnel sql`):");
+    for line in fraud::DECLARATION.lines().chain(fraud::STATEMENT.lines()) {
+        println!("    {line}");
+    }
+    println!("  query {}: source task + window task per partition", fraud::SQL_QUERY);
     println!("    tasks before the kill: {before}");
     println!("    tasks after the kill:  {after}");
     println!(
@@ -102,7 +116,12 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
         attempts.len() + PARTITIONS as usize,
         input.len()
     );
-    let matches = print_results(&results, duplicates, &reference);
+    println!(
+        "  {} of {} cards flagged as possible fraud in at least one window",
+        flagged.len(),
+        cards.len()
+    );
+    let matches = print_results(&results, irregular, &reference);
     for member in members.into_values() {
         member.stop().await;
     }
@@ -110,22 +129,26 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the source topic and starts the dataflow, retrying while the
-/// new cluster settles.
-async fn create_and_start(client: &Client) -> anyhow::Result<()> {
-    let deadline = Instant::now() + TIMEOUT;
-    while let Err(e) = client
-        .create_topic(fraud::SOURCE, TopicConfig::new(PARTITIONS, 3))
-        .await
-    {
-        ensure!(Instant::now() < deadline, "could not create {}: {e}", fraud::SOURCE);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tracing::info!("phase 2: start the dataflow {}", fraud::NAME);
-    // The node answering may not have applied the new topic yet.
-    while let Err(e) = client.start_dataflow(fraud::NAME).await {
-        ensure!(Instant::now() < deadline, "could not start {}: {e}", fraud::NAME);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// Submits the declaration and the seed's statement, each retried while
+/// the new cluster settles (a refused statement changed nothing).
+async fn create_and_start(client: &Arc<Client>) -> anyhow::Result<()> {
+    let session = Session::new(client.clone());
+    tracing::info!("phase 2: submit the SQL statements");
+    for statement in [fraud::DECLARATION, fraud::STATEMENT] {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let outcome = session.execute_script(statement).await.pop();
+            match outcome {
+                Some((_, Ok(outcome))) => {
+                    tracing::info!(?outcome, "statement done");
+                    break;
+                }
+                Some((text, Err(e))) if Instant::now() >= deadline => {
+                    anyhow::bail!("{}", e.render(&text))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
     Ok(())
 }
@@ -153,33 +176,36 @@ async fn kill_leader(
     Ok((victim, client))
 }
 
-/// The sink's results and duplicates once it holds `expected` results, or
-/// what it holds at the deadline.
-async fn wait_for_results(client: &Arc<Client>, expected: usize) -> anyhow::Result<(Counts, usize)> {
+/// The query's final counts and irregular changes once its output reached
+/// the reference, or what it holds at the deadline.
+async fn wait_for_results(client: &Arc<Client>, expected: &Counts) -> anyhow::Result<(Counts, usize)> {
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let (results, duplicates) = fraud::read_results(client).await.map_err(anyhow::Error::msg)?;
-        if results.len() + duplicates >= expected || Instant::now() > deadline {
-            return Ok((results, duplicates));
+        let changes = fraud::read_changes(client, fraud::SQL_SINK)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let (results, irregular) = fraud::final_counts(&changes);
+        if results == *expected || Instant::now() > deadline {
+            return Ok((results, irregular));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 /// Prints the sink's results against the reference; whether they match.
-fn print_results(results: &Counts, duplicates: usize, reference: &Counts) -> bool {
+fn print_results(results: &Counts, irregular: usize, reference: &Counts) -> bool {
     println!(
         "  possible fraud (more than {} attempts per card in a 5-minute window): {} results in {}",
         fraud::THRESHOLD,
         results.len(),
-        fraud::SINK
+        fraud::SQL_SINK
     );
     for ((card, window_start), count) in results.iter().take(10) {
         println!("    card {card}  window start {window_start}  count {count}");
     }
-    let matches = results == reference && duplicates == 0;
+    let matches = results == reference && irregular == 0;
     println!(
-        "  sink equals the reference computed from the input ({} results, {duplicates} duplicated): {}",
+        "  sink equals the reference computed from the input ({} results, {irregular} with a change lost or repeated): {}",
         reference.len(),
         if matches { "yes" } else { "NO" }
     );

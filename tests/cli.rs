@@ -20,8 +20,13 @@ fn demo_survives_a_node_kill_and_matches_the_reference() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
     assert!(
-        stdout.contains("sink equals the reference computed from the input") && stdout.contains("0 duplicated): yes"),
+        stdout.contains("sink equals the reference computed from the input")
+            && stdout.contains("0 with a change lost or repeated): yes"),
         "{stdout}"
+    );
+    assert!(
+        stdout.contains("GROUP BY card_number HAVING count(*) > 3;") && stdout.contains("query CSAS_POSSIBLE_FRAUD"),
+        "the demo shows the statement it submitted: {stdout}"
     );
     // The killed node's tasks run elsewhere afterwards.
     let victim = stdout

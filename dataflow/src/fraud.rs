@@ -51,6 +51,8 @@ pub fn dataflow() -> DataflowDef {
 pub struct Generator {
     state: u64,
     cards: u64,
+    /// One attempt in this many goes to the busiest 1% of cards.
+    hot_one_in: u64,
     next_ms: i64,
     step_ms: i64,
 }
@@ -60,9 +62,18 @@ impl Generator {
         Generator {
             state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             cards: cards.max(1),
+            hot_one_in: 4,
             next_ms: start_ms,
             step_ms,
         }
+    }
+
+    /// Sends one attempt in `one_in` to the busiest 1% of cards (4 unless
+    /// set): with many cards and a large `one_in`, most cards make a few
+    /// attempts and a small share bursts, as real card traffic does.
+    pub fn bursting_one_in(mut self, one_in: u64) -> Generator {
+        self.hot_one_in = one_in.max(1);
+        self
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -89,9 +100,8 @@ impl Iterator for Generator {
 
     fn next(&mut self) -> Option<Attempt> {
         let r = self.next_u64();
-        // One attempt in four goes to the busiest 1% of cards.
         let hot = (self.cards / 100).max(1);
-        let card = if r.is_multiple_of(4) {
+        let card = if r.is_multiple_of(self.hot_one_in) {
             (r >> 8) % hot
         } else {
             (r >> 8) % self.cards
@@ -210,6 +220,53 @@ pub async fn read_results(client: &Arc<Client>) -> Result<(BTreeMap<(String, i64
         }
     }
     Ok((results, duplicates))
+}
+
+/// The seed's statement, as a user types it.
+pub const STATEMENT: &str = "CREATE STREAM possible_fraud AS
+  SELECT card_number, count(*) FROM authorization_attempts
+  WINDOW TUMBLING (SIZE 5 MINUTE)
+  GROUP BY card_number HAVING count(*) > 3;";
+/// The declaration of the attempts' schema the statement reads.
+pub const DECLARATION: &str = "CREATE STREAM authorization_attempts
+  (card_number STRING, amount_cents BIGINT, at_ms BIGINT)
+  WITH (KAFKA_TOPIC='authorization_attempts', VALUE_FORMAT='JSON', TIMESTAMP='at_ms',
+        PARTITIONS=3, REPLICAS=3);";
+/// The persistent query the statement starts, and the topic it writes.
+pub const SQL_QUERY: &str = "CSAS_POSSIBLE_FRAUD";
+pub const SQL_SINK: &str = "POSSIBLE_FRAUD";
+
+/// The SQL query's output (`EMIT CHANGES`): each (card, window)'s counts
+/// above the threshold, in the order they came.
+pub async fn read_changes(client: &Arc<Client>, topic: &str) -> Result<BTreeMap<(String, i64), Vec<u64>>, String> {
+    let mut changes: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
+    for record in read_topic(client, topic).await.map_err(|e| e.to_string())? {
+        let key: serde_json::Value =
+            serde_json::from_slice(record.key.as_deref().unwrap_or_default()).map_err(|e| format!("sink key: {e}"))?;
+        let value: serde_json::Value = serde_json::from_slice(record.value.as_deref().unwrap_or_default())
+            .map_err(|e| format!("sink value: {e}"))?;
+        let card = value["CARD_NUMBER"].as_str().ok_or("sink value without CARD_NUMBER")?;
+        let start = key["WINDOWSTART"].as_i64().ok_or("sink key without WINDOWSTART")?;
+        let count = value["KSQL_COL_0"].as_u64().ok_or("sink value without a count")?;
+        changes.entry((card.to_string(), start)).or_default().push(count);
+    }
+    Ok(changes)
+}
+
+/// The final count per (card, window), and how many changes broke the
+/// exactly-once pattern (each count from `THRESHOLD + 1` up, once).
+pub fn final_counts(changes: &BTreeMap<(String, i64), Vec<u64>>) -> (BTreeMap<(String, i64), u64>, usize) {
+    let mut irregular = 0;
+    let mut counts = BTreeMap::new();
+    for (key, seen) in changes {
+        let last = seen.last().copied().unwrap_or_default();
+        let expected: Vec<u64> = (THRESHOLD + 1..=last).collect();
+        if *seen != expected {
+            irregular += 1;
+        }
+        counts.insert(key.clone(), last);
+    }
+    (counts, irregular)
 }
 
 #[cfg(test)]
