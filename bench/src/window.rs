@@ -40,6 +40,28 @@ pub struct Args {
     /// Which end-to-end clusters to run: 1 (one node, RF=1) and/or 3 (three nodes, RF=3).
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 3])]
     nodes: Vec<u32>,
+    /// Also run the query submitted as SQL (`SQL_STATEMENT`) after each
+    /// builder run, on a fresh cluster with the same input, and report the
+    /// ratio of their events/s.
+    #[arg(long)]
+    sql: bool,
+}
+
+/// The fraud query as SQL with the builder dataflow's exact semantics (its
+/// 30 s grace, one result per window when it closes), so both write the
+/// same results.
+const SQL_STATEMENT: &str = "CREATE STREAM possible_fraud AS
+  SELECT card_number, count(*) FROM authorization_attempts
+  WINDOW TUMBLING (SIZE 5 MINUTE, GRACE PERIOD 30 SECONDS)
+  GROUP BY card_number HAVING count(*) > 3 EMIT FINAL;";
+
+/// How the query is given to the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// The Rust-builder dataflow registered in the binary.
+    Builder,
+    /// The statement above, planned and committed as data.
+    Sql,
 }
 
 /// Event times 30 ms apart: 10 M events span about 3.5 days of 5-minute windows.
@@ -117,29 +139,66 @@ fn paired_run(run: usize, events: &[(String, i64)]) -> anyhow::Result<(f64, f64)
 /// names, each printed as a JSON line and added to `summary`.
 fn end_to_end_runs(args: &Args, summary: &mut Vec<String>) -> anyhow::Result<()> {
     let runtime = runnel_dataflow::host::node_runtime().context("starting the async runtime")?;
+    let variants: &[Variant] = if args.sql {
+        &[Variant::Builder, Variant::Sql]
+    } else {
+        &[Variant::Builder]
+    };
     for (label, nodes) in [("(b) 1 node, RF=1", 1u32), ("(c) 3 nodes, RF=3", 3u32)] {
         if !args.nodes.contains(&nodes) {
             continue;
         }
-        let (elapsed, results, cores_busy) = runtime.block_on(end_to_end(args, nodes))?;
-        let rate = args.cluster_events as f64 / elapsed.as_secs_f64();
-        println!(
-            "{}",
-            serde_json::json!({"bench": "window", "case": "end_to_end", "nodes": nodes, "replication": nodes,
-                "partitions": args.partitions, "events": args.cluster_events,
-                "seconds": elapsed.as_secs_f64(), "events_per_s": rate.round(), "fraud_windows": results,
-                "cores_busy": (cores_busy * 100.0).round() / 100.0})
-        );
-        summary.push(format!(
-            "{label}: {} events topic to topic in {:.1} s = {:.0} events/s, {:.2} cores busy{}",
-            args.cluster_events,
-            elapsed.as_secs_f64(),
-            rate,
-            cores_busy,
-            if nodes == 1 { " (target >= 2,000,000)" } else { "" }
-        ));
+        let mut rates = Vec::new();
+        for &variant in variants {
+            let (elapsed, results, cores_busy) = runtime.block_on(end_to_end(args, nodes, variant))?;
+            let rate = args.cluster_events as f64 / elapsed.as_secs_f64();
+            rates.push(rate);
+            println!(
+                "{}",
+                serde_json::json!({"bench": "window", "case": "end_to_end", "variant": format!("{variant:?}"),
+                    "nodes": nodes, "replication": nodes,
+                    "partitions": args.partitions, "events": args.cluster_events,
+                    "seconds": elapsed.as_secs_f64(), "events_per_s": rate.round(), "fraud_windows": results,
+                    "cores_busy": (cores_busy * 100.0).round() / 100.0})
+            );
+            summary.push(format!(
+                "{label}, {variant:?}: {} events topic to topic in {:.1} s = {:.0} events/s, {:.2} cores busy{}",
+                args.cluster_events,
+                elapsed.as_secs_f64(),
+                rate,
+                cores_busy,
+                if nodes == 1 && variant == Variant::Builder {
+                    " (target >= 2,000,000)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if let [builder, sql] = rates[..] {
+            summary.push(format!(
+                "{label}: SQL at {:.0}% of the builder's events/s (target >= 70%)",
+                100.0 * sql / builder
+            ));
+        }
     }
     Ok(())
+}
+
+/// Starts the query as `variant` says.
+async fn start_query(client: &Arc<Client>, variant: Variant) -> anyhow::Result<()> {
+    match variant {
+        Variant::Builder => Ok(client.start_dataflow(fraud::NAME).await?),
+        Variant::Sql => {
+            let session = runnel_sql::Session::new(client.clone());
+            let script = format!("{}\n{SQL_STATEMENT}", fraud::DECLARATION);
+            for (text, outcome) in session.execute_script(&script).await {
+                if let Err(e) = outcome {
+                    anyhow::bail!("{}", e.render(&text));
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The fraud query through [`WindowOperator`]: (time, fraud windows).
@@ -220,7 +279,7 @@ fn plain_pass(events: &[(String, i64)]) -> (Duration, usize) {
 
 /// Loads the source topic, starts the dataflow and times it until every
 /// task has read all of its input and the sink holds the reference's count.
-async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize, f64)> {
+async fn end_to_end(args: &Args, nodes: u32, variant: Variant) -> anyhow::Result<(Duration, usize, f64)> {
     let scratch = scratch_dir("runnel-bench-window-", None)?;
     let dir = scratch.path().join("cluster");
     let (members, addrs) = start_cluster(&dir, nodes).await?;
@@ -250,7 +309,7 @@ async fn end_to_end(args: &Args, nodes: u32) -> anyhow::Result<(Duration, usize,
     let inputs = args.cluster_events as u64 + u64::from(args.partitions);
     let started = Instant::now();
     let cpu_before = super::cluster::process_usage(std::process::id())?.0;
-    client.start_dataflow(fraud::NAME).await?;
+    start_query(&client, variant).await?;
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
         let mut read = [0u64; 2];

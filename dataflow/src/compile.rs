@@ -168,26 +168,66 @@ struct SqlSource {
 
 impl SourceStage for SqlSource {
     fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
-        let mut row = Vec::with_capacity(self.columns.len() + 1);
-        decode_row(&self.columns, value, &mut row)?;
+        // One row buffer per thread, reused: no allocation per record but
+        // the values' own (strings).
+        ROW.with_borrow_mut(|row| self.process_into(row, value, timestamp_ms, out))
+    }
+}
+
+thread_local! {
+    static ROW: std::cell::RefCell<Vec<Value>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Expressions over a row, encoded as the sequence of their values without
+/// cloning the columns they name (postcard: as a `Vec<Value>`).
+struct Evaluated<'a> {
+    exprs: &'a [runnel_client::plan::Expr],
+    row: &'a [Value],
+}
+
+impl Serialize for Evaluated<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.exprs.len()))?;
+        for expr in self.exprs {
+            match expr {
+                runnel_client::plan::Expr::Column(i) => {
+                    seq.serialize_element(self.row.get(*i).unwrap_or(&Value::Null))?
+                }
+                other => seq.serialize_element(&eval(other, self.row))?,
+            }
+        }
+        seq.end()
+    }
+}
+
+impl SqlSource {
+    fn process_into(
+        &self,
+        row: &mut Vec<Value>,
+        value: &[u8],
+        timestamp_ms: i64,
+        out: &mut Emitted,
+    ) -> Result<(), String> {
+        decode_row(&self.columns, value, row)?;
         row.push(Value::Int(timestamp_ms));
         let t_ms = match self.timestamp.map(|i| &row[i]) {
             None => timestamp_ms,
             Some(Value::Int(t)) => *t,
             Some(other) => return Err(format!("timestamp column is {other}, not a BIGINT time in ms")),
         };
-        if !run_ops(&self.ops, &mut row, &mut Vec::new()) {
+        if !self.ops.is_empty() && !run_ops(&self.ops, row, &mut Vec::new()) {
             return Ok(());
         }
         match &self.output {
-            Output::Sink(sink) => emit_row(out, sink, &row, t_ms, &[]),
+            Output::Sink(sink) => emit_row(out, sink, row, t_ms, &[]),
             Output::Repartition { key, carry } => {
-                let key: Vec<Value> = key.iter().map(|e| eval(e, &row)).collect();
+                let key = Evaluated { exprs: key, row };
                 let key = out.encode(to_postcard(&key)).map_err(|e| e.to_string())?;
                 let value = if carry.is_empty() {
                     None
                 } else {
-                    let carried: Vec<Value> = carry.iter().map(|e| eval(e, &row)).collect();
+                    let carried = Evaluated { exprs: carry, row };
                     Some(out.encode(to_postcard(&carried)).map_err(|e| e.to_string())?)
                 };
                 out.push(t_ms, Some(key), value);
@@ -437,7 +477,7 @@ impl WindowStage for SqlWindowStage {
             Ok(values) => Err(format!("{} key values, not {keys}", values.len())),
             Err(e) => Err(e.to_string()),
         };
-        let stage = self.stage.clone();
+        let stage = &self.stage;
         let fold = |state: &mut Vec<Accumulator>, carried: &Vec<Value>| stage.fold(state, carried);
         let mut results = std::mem::take(&mut self.results);
         let outcome = self.operator.add(
