@@ -25,7 +25,8 @@ pub enum DataflowCommand {
         connect: ConnectArgs,
     },
     /// Every task of a dataflow: node, input lag, watermark, records in and
-    /// out, late drops, dead letters, restarts.
+    /// out, late drops, dead letters, restarts; a SQL query's plan as a tree
+    /// first.
     Describe {
         name: String,
         #[arg(long)]
@@ -59,6 +60,13 @@ pub fn dataflow(command: DataflowCommand) -> anyhow::Result<()> {
             DataflowCommand::Describe { name, json, connect } => {
                 let client = connect.connect().await?;
                 let tasks = describe(&client, &name).await?;
+                if !json {
+                    // A SQL query's plan, as a tree (ksqlDB's EXPLAIN).
+                    let catalog = client.catalog().await?;
+                    if let Some((_, plan)) = catalog.queries.iter().find(|(d, _)| d.name == name) {
+                        println!("{}", plan.explain(&name));
+                    }
+                }
                 print_tasks(&tasks, json)?;
             }
         }

@@ -432,22 +432,7 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     let expected = reference(&survivors).await;
     assert!(expected.len() > 20, "the generator makes fraud: {}", expected.len());
     expect_reference(&survivors, &cluster, &expected).await;
-    let started = Instant::now();
-    let sql_results = loop {
-        let changes = sql_changes(&survivors).await;
-        let done = changes.len() >= expected.len()
-            && changes
-                .iter()
-                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
-        if done || started.elapsed() > RESULTS_TIMEOUT {
-            break final_counts(&changes);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    assert_eq!(
-        sql_results, expected,
-        "the SQL sink holds exactly the builder dataflow's results"
-    );
+    expect_sql_results(&survivors, &expected).await;
     let output = sql(
         &cluster,
         &format!("EXPLAIN {SQL_QUERY}; DESCRIBE possible_fraud EXTENDED;"),
@@ -457,5 +442,84 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         explained.contains("AGGREGATE") && explained.contains("KSQL_COL_0"),
         "{explained}"
     );
+    let output = cli(&cluster, &["dataflow", "describe", SQL_QUERY]);
+    let described = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        described.contains("REPARTITION BY CARD_NUMBER"),
+        "the plan as a tree: {described}"
+    );
+
+    tracing::info!("phase: restart the whole cluster; the query is the cluster's and carries on");
+    drop(survivors);
+    drop(client);
+    cluster.nodes[0].kill();
+    cluster.nodes[1].kill();
+    let scratch = cluster._scratch.path().to_path_buf();
+    let env = [("RUNNEL_REPLACE_AFTER", "0")];
+    for i in 0..3 {
+        cluster.nodes[i] = start_node_with(
+            i as u32 + 1,
+            cluster.addrs[i],
+            &cluster.addrs,
+            &cluster.certs,
+            &scratch,
+            &env,
+        );
+    }
+    wait_for("the restarted cluster to serve the source topic", TIMEOUT, || {
+        cli(&cluster, &["topic", "describe", fraud::SOURCE]).status.success()
+    });
+    let client = connect(&cluster.addrs, &cluster.certs).await;
+    let after_closing = generator.closing_attempt().at_ms + fraud::WINDOW_MS;
+    let mut later = Generator::new(5, 2_000, after_closing, 10);
+    produce(&client, later.by_ref().take(10_000)).await;
+    close_windows(&client, &later).await;
+    let expected = reference(&client).await;
+    expect_sql_results(&client, &expected).await;
+
+    tracing::info!("phase: rows typed in, a push query, then TERMINATE and DROP");
+    let output = sql(
+        &cluster,
+        "INSERT INTO authorization_attempts (card_number, amount_cents, at_ms) VALUES ('typed-1', 5, 0), ('typed-2', 7, 0);
+         SET 'auto.offset.reset' = 'earliest';
+         SELECT card_number, amount_cents * 2 AS doubled FROM authorization_attempts WHERE card_number LIKE 'typed-%' EMIT CHANGES LIMIT 2;",
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        printed.contains("typed-1 | 10") && printed.contains("typed-2 | 14"),
+        "{printed}"
+    );
+    let output = sql(&cluster, "DROP STREAM possible_fraud;");
+    let refused = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && refused.contains("TERMINATE them first"),
+        "{refused}"
+    );
+    let output = sql(
+        &cluster,
+        &format!("TERMINATE {SQL_QUERY}; DROP STREAM possible_fraud DELETE TOPIC; SHOW QUERIES;"),
+    );
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(shown.contains("(0 rows)"), "{shown}");
     drop(cluster);
+}
+
+/// Polls the SQL sink until each (card, window) reached its expected
+/// count, then checks it holds exactly the reference.
+async fn expect_sql_results(client: &Arc<Client>, expected: &BTreeMap<(String, i64), u64>) {
+    let started = Instant::now();
+    let found = loop {
+        let changes = sql_changes(client).await;
+        let done = changes.len() >= expected.len()
+            && changes
+                .iter()
+                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
+        if done || started.elapsed() > RESULTS_TIMEOUT {
+            break final_counts(&changes);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(&found, expected, "the SQL sink holds exactly the reference's results");
 }
