@@ -25,7 +25,7 @@ fn demo_survives_a_node_kill_and_matches_the_reference() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("GROUP BY card_number HAVING count(*) > 3;") && stdout.contains("query CSAS_POSSIBLE_FRAUD"),
+        stdout.contains("GROUP BY card_number HAVING count(*) > 3;") && stdout.contains("query CSAS_POSSIBLE_FRAUD_0"),
         "the demo shows the statement it submitted: {stdout}"
     );
     // The killed node's tasks run elsewhere afterwards.

@@ -323,7 +323,7 @@ const SEED_STATEMENT: &str = "CREATE STREAM possible_fraud AS
   SELECT card_number, count(*) FROM authorization_attempts
   WINDOW TUMBLING (SIZE 5 MINUTE)
   GROUP BY card_number HAVING count(*) > 3;";
-const SQL_QUERY: &str = "CSAS_POSSIBLE_FRAUD";
+const SQL_QUERY: &str = "CSAS_POSSIBLE_FRAUD_0";
 const SQL_SINK: &str = "POSSIBLE_FRAUD";
 
 fn sql(cluster: &Cluster, statements: &str) -> std::process::Output {
@@ -397,6 +397,38 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
             "{statement}: {stderr}"
         );
     }
+    // The shell, fed by a pipe: a statement over two lines, ended by ';'.
+    let seeds: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
+    let mut shell = runnel()
+        .args(["sql", "--seeds", &seeds.join(","), "--certs"])
+        .arg(&cluster.certs)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run runnel sql");
+    {
+        use std::io::Write;
+        let mut stdin = shell.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"SHOW\n  STREAMS;\nDESCRIBE nowhere;\n")
+            .expect("write statements");
+    }
+    let output = shell
+        .wait_with_output()
+        .expect("the shell ends at the end of its input");
+    let (shown, errors) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success() && shown.contains("AUTHORIZATION_ATTEMPTS"),
+        "{shown}\n{errors}"
+    );
+    assert!(
+        errors.contains("unknown stream or table NOWHERE"),
+        "the shell reports and goes on: {errors}"
+    );
     let output = sql(&cluster, "SHOW STREAMS;");
     let listed = String::from_utf8_lossy(&output.stdout);
     assert!(

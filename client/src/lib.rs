@@ -24,6 +24,8 @@
 //! - [`consumer`]: [`Client::fetch`] and friends, [`FetchedBatches`],
 //!   [`Consumer`].
 //! - [`offsets`]: consumers' committed offsets in [`OFFSETS_TOPIC`].
+//! - [`plan`]: dataflows as data: the versioned logical plan SQL statements
+//!   compile to, committed with the query, and the SQL catalog's objects.
 //! - [`tasks`]: the seam between the controller and a node's dataflow
 //!   runtime (`TaskHost`, task assignments and figures, internal topic
 //!   names) and the supervisors' `RestartPolicy`, here so that the dataflow

@@ -233,7 +233,7 @@ pub const DECLARATION: &str = "CREATE STREAM authorization_attempts
   WITH (KAFKA_TOPIC='authorization_attempts', VALUE_FORMAT='JSON', TIMESTAMP='at_ms',
         PARTITIONS=3, REPLICAS=3);";
 /// The persistent query the statement starts, and the topic it writes.
-pub const SQL_QUERY: &str = "CSAS_POSSIBLE_FRAUD";
+pub const SQL_QUERY: &str = "CSAS_POSSIBLE_FRAUD_0";
 pub const SQL_SINK: &str = "POSSIBLE_FRAUD";
 
 /// The SQL query's output (`EMIT CHANGES`): each (card, window)'s counts

@@ -605,8 +605,10 @@ impl<C: TaskIo> TaskRunner<C> {
             }
             for e in emitted.iter() {
                 let partition = match e.key {
-                    Some(key) if keyed => partition_for_key(key, out_partitions),
-                    _ => self.assignment.partition() % out_partitions,
+                    // A keyed record goes where its key hashes: the
+                    // repartition topic's, or a SQL PARTITION BY's sink.
+                    Some(key) => partition_for_key(key, out_partitions),
+                    None => self.assignment.partition() % out_partitions,
                 };
                 self.max_event_ms = self.max_event_ms.max(e.timestamp_ms);
                 let sent_max = &mut partition_max[partition as usize];

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use runnel_client::plan::{Column, ObjectKind, Plan, SqlObject, SqlType};
 use runnel_client::protocol::{Catalog, TopicConfig};
+use runnel_client::tasks::{checkpoint_topic, repartition_topic};
 use runnel_client::{Acks, Client, ClientError, Producer};
 use runnel_storage::Record;
 use sqlparser::ast;
@@ -133,15 +134,52 @@ impl Session {
                 properties.insert(property.clone(), value.clone());
                 Ok(Outcome::Message(format!("Property {property} set to {value}")))
             }
-            Statement::Terminate(id) => {
-                self.client.stop_dataflow(id).await.map_err(cluster)?;
-                Ok(Outcome::Message(format!("Query {id} terminated")))
-            }
+            Statement::Terminate(id) => self.terminate(id).await,
         }
     }
 
     pub async fn catalog(&self) -> SqlResult<Catalog> {
         self.client.catalog().await.map_err(cluster)
+    }
+
+    /// `{prefix}_{n}` for the least `n` no query ever used: neither a
+    /// running query nor the checkpoints a terminated one may have left
+    /// (a new query must never restore another's state).
+    async fn fresh_query_id(&self, catalog: &Catalog, prefix: &str) -> SqlResult<String> {
+        let topics = self.client.topics().await.map_err(cluster)?;
+        let used = |id: &str| {
+            catalog.queries.iter().any(|(d, _)| d.name == id)
+                || topics
+                    .iter()
+                    .any(|t| t.name == checkpoint_topic(id) || t.name == repartition_topic(id))
+        };
+        (0..QUERY_IDS_MAX)
+            .map(|n| format!("{prefix}_{n}"))
+            .find(|id| !used(id))
+            .ok_or_else(|| SqlError::new(format!("{QUERY_IDS_MAX} query ids {prefix}_n are taken")))
+    }
+
+    /// Stops a SQL query and deletes its internal state (checkpoints and
+    /// repartition topic): its id is never used again, so nothing could
+    /// resume from them. Its dead letters stay for inspection.
+    async fn terminate(&self, id: &str) -> SqlResult<Outcome> {
+        let catalog = self.catalog().await?;
+        if !catalog.queries.iter().any(|(d, _)| d.name == id) {
+            return Err(unknown_query(&catalog, id));
+        }
+        self.client.stop_dataflow(id).await.map_err(cluster)?;
+        for topic in [checkpoint_topic(id), repartition_topic(id)] {
+            match self.client.delete_topic(&topic).await {
+                Ok(()) | Err(ClientError::UnknownTopic(_)) => {}
+                Err(ClientError::Refused(runnel_client::protocol::MetadataError::UnknownTopic(_))) => {}
+                Err(e) => {
+                    return Err(SqlError::new(format!(
+                        "query {id} terminated, but deleting {topic}: {e}"
+                    )))
+                }
+            }
+        }
+        Ok(Outcome::Message(format!("Query {id} terminated")))
     }
 
     async fn create_source(
@@ -245,7 +283,8 @@ impl Session {
                 "CREATE TABLE … AS SELECT needs a GROUP BY; use CREATE STREAM",
             ));
         }
-        let id = format!("{}_{name}", if kind == ObjectKind::Table { "CTAS" } else { "CSAS" });
+        let prefix = format!("{}_{name}", if kind == ObjectKind::Table { "CTAS" } else { "CSAS" });
+        let id = self.fresh_query_id(&catalog, &prefix).await?;
         let object = SqlObject {
             name: name.clone(),
             kind,
@@ -280,11 +319,7 @@ impl Session {
                 describe_columns(&target.columns)
             )));
         }
-        let taken = catalog.queries.len() + 1;
-        let id = (taken..taken + 1000)
-            .map(|n| format!("INSERTQUERY_{n}"))
-            .find(|id| catalog.queries.iter().all(|(d, _)| d.name != *id))
-            .unwrap_or_else(|| format!("INSERTQUERY_{taken}"));
+        let id = self.fresh_query_id(&catalog, "INSERTQUERY").await?;
         self.client
             .start_query(&id, planned.plan, None)
             .await
@@ -470,6 +505,9 @@ impl Session {
         )))
     }
 }
+
+/// Ids tried per query kind.
+const QUERY_IDS_MAX: usize = 10_000;
 
 fn title(kind: ObjectKind) -> &'static str {
     match kind {

@@ -379,3 +379,36 @@ fn the_seed_statement_plans_to_a_repartition_and_a_windowed_count() {
     let columns: Vec<&str> = plan.sink.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!((columns, plan.sink.key.clone()), (vec!["CARD", "KSQL_COL_0"], vec![0]));
 }
+
+#[test]
+fn an_unwindowed_aggregate_is_a_table_of_each_keys_latest_values() {
+    let records = traffic();
+    let statement =
+        "CREATE TABLE totals AS SELECT card, COUNT(*) AS n, SUM(amount) AS total FROM attempts GROUP BY card";
+    let (out, _, _) = run(statement, &records);
+    assert_eq!(out.len(), records.len(), "EMIT CHANGES: one change per record");
+    let mut reference: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    for r in &records {
+        let entry = reference
+            .entry(r["card"].as_str().expect("card").to_string())
+            .or_default();
+        entry.0 += 1;
+        entry.1 += r["amount"].as_i64().expect("amount");
+    }
+    let table: BTreeMap<String, (u64, i64)> = latest(&out)
+        .into_iter()
+        .map(|(key, value)| {
+            let key: Value = serde_json::from_str(&key).expect("key");
+            assert!(
+                key.get("WINDOWSTART").is_none(),
+                "an unwindowed key has no bounds: {key}"
+            );
+            let card = key["CARD"].as_str().expect("card").to_string();
+            (
+                card,
+                (value["N"].as_u64().expect("n"), value["TOTAL"].as_i64().expect("total")),
+            )
+        })
+        .collect();
+    assert_eq!(table, reference);
+}
