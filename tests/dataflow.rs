@@ -446,6 +446,19 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     let client = connect(&cluster.addrs, &cluster.certs).await;
     let mut generator = Generator::new(4, 2_000, START_MS, 10);
     produce(&client, generator.by_ref().take(20_000)).await;
+    // A record that does not match the declared schema (amount_cents is a BIGINT).
+    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
+        .await
+        .expect("producer");
+    let mismatch = br#"{"card_number":"card-x","amount_cents":"a lot","at_ms":1767225600000}"#;
+    let record = Record {
+        timestamp_ms: START_MS,
+        key: Some(Bytes::from_static(b"card-x")),
+        value: Some(Bytes::from_static(mismatch)),
+        headers: Vec::new(),
+    };
+    producer.send(Some(0), record).await.expect("mismatch");
+    producer.flush().await.expect("flush");
     let victim = 3u64;
     wait_for("the SQL query's tasks on node 3 to checkpoint", RESULTS_TIMEOUT, || {
         let output = cli(&cluster, &["dataflow", "describe", SQL_QUERY, "--json"]);
@@ -479,6 +492,16 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     assert!(
         described.contains("REPARTITION BY CARD_NUMBER"),
         "the plan as a tree: {described}"
+    );
+    let letters = read_all(&survivors, &format!("{SQL_QUERY}.dlq")).await;
+    let reasons: Vec<String> = letters
+        .iter()
+        .filter_map(|l| l.headers.iter().find(|h| h.key == "error"))
+        .map(|h| String::from_utf8_lossy(h.value.as_deref().unwrap_or_default()).to_string())
+        .collect();
+    assert!(
+        reasons.len() == 1 && reasons[0].contains("column AMOUNT_CENTS") && reasons[0].contains("BIGINT"),
+        "the mismatch is a dead letter with its reason: {reasons:?}"
     );
 
     tracing::info!("phase: restart the whole cluster; the query is the cluster's and carries on");
