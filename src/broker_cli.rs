@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use runnel::client::protocol::{NodeId, PartitionInfo, TopicConfig, TopicInfo};
+use runnel::client::protocol::{FailedReplica, NodeId, PartitionInfo, TopicConfig, TopicInfo};
 use runnel::client::{Acks, Client, Consumer, Producer};
 use runnel::storage::Record;
 
@@ -107,7 +107,8 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
                 let client = connect.connect().await?;
                 let topic = client.describe_topic(&name).await?;
                 let alive: BTreeSet<NodeId> = client.alive_nodes().into_iter().collect();
-                print_topic(&topic, &alive, json);
+                let failed = failed_replicas(&client, &alive).await;
+                print_topic(&topic, &alive, &failed, json);
             }
             TopicCommand::Delete { name, connect } => {
                 connect.connect().await?.delete_topic(&name).await?;
@@ -118,16 +119,66 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
     })
 }
 
-fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, json: bool) {
-    let under_replicated = |p: &PartitionInfo| p.leader.is_none() || p.replicas.iter().any(|r| !alive.contains(r));
+/// Why a partition is under-replicated or not settled, if it is: no leader,
+/// a replica's node down, voters other than its assignment (a
+/// reconfiguration not finished), learners still catching up.
+pub fn partition_problems(
+    topic: &str,
+    p: &PartitionInfo,
+    alive: &BTreeSet<NodeId>,
+    failed: &[FailedReplica],
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for f in failed.iter().filter(|f| f.topic == topic && f.partition == p.partition) {
+        let what = if f.damaged { "damaged" } else { "failed" };
+        problems.push(format!("replica on node {} is {what}: {}", f.node, f.reason));
+    }
+    if p.leader.is_none() {
+        problems.push("no leader".to_string());
+    }
+    for replica in p.replicas.iter().filter(|r| !alive.contains(r)) {
+        problems.push(format!("replica on node {replica} is not alive"));
+    }
+    let assigned: BTreeSet<NodeId> = p.replicas.iter().copied().collect();
+    let voters: BTreeSet<NodeId> = p.voters.iter().copied().collect();
+    // An answering node without a replica knows no voters: nothing to compare.
+    if !voters.is_empty() && voters != assigned {
+        problems.push(format!(
+            "not settled: voters {:?} differ from the assignment {:?}",
+            p.voters, p.replicas
+        ));
+    }
+    if !p.learners.is_empty() {
+        problems.push(format!("learners {:?} still catching up", p.learners));
+    }
+    problems
+}
+
+/// The replicas the `alive` nodes no longer run (a node that does not
+/// answer is left out: its replicas count as not alive already).
+pub async fn failed_replicas(client: &Client, alive: &BTreeSet<NodeId>) -> Vec<FailedReplica> {
+    let mut failed = Vec::new();
+    for &node in alive {
+        match client.failed_replicas(node).await {
+            Ok(list) => failed.extend(list),
+            Err(e) => tracing::debug!(node = %node, error = %e, "node did not report its failed replicas"),
+        }
+    }
+    failed
+}
+
+fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedReplica], json: bool) {
+    let problems = |p: &PartitionInfo| partition_problems(&topic.name, p, alive, failed);
+    let under_replicated = |p: &PartitionInfo| !problems(p).is_empty();
     if json {
         let partitions: Vec<serde_json::Value> = topic
             .partitions
             .iter()
             .map(|p| {
                 serde_json::json!({"partition": p.partition, "leader": p.leader, "replicas": p.replicas,
-                    "voters": p.voters, "committed_offset": p.committed_offset, "end_offset": p.end_offset,
-                    "under_replicated": under_replicated(p)})
+                    "voters": p.voters, "learners": p.learners, "committed_offset": p.committed_offset,
+                    "end_offset": p.end_offset, "under_replicated": under_replicated(p),
+                    "problems": problems(p)})
             })
             .collect();
         println!("{}", serde_json::json!({"name": topic.name, "partitions": partitions}));
@@ -140,7 +191,12 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, json: bool) {
     for p in &topic.partitions {
         let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
         let committed = p.committed_offset.map_or("?".to_string(), |c| c.to_string());
-        let mark = if under_replicated(p) { "  UNDER-REPLICATED" } else { "" };
+        let problems = problems(p);
+        let mark = if problems.is_empty() {
+            String::new()
+        } else {
+            format!("  UNDER-REPLICATED: {}", problems.join("; "))
+        };
         println!(
             "  partition {:>4}  leader {leader:>4}  replicas {:?}  committed {committed}{mark}",
             p.partition, p.replicas
@@ -402,4 +458,60 @@ pub fn rebalance(connect: ConnectArgs) -> anyhow::Result<()> {
         println!("rebalance committed; replicas move through learner -> voter -> removal (watch with `runnel status --watch`)");
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partition(leader: Option<u32>, replicas: &[u32], voters: &[u32], learners: &[u32]) -> PartitionInfo {
+        let ids = |ns: &[u32]| ns.iter().map(|&n| NodeId(n)).collect();
+        PartitionInfo {
+            partition: 0,
+            replicas: ids(replicas),
+            leader: leader.map(NodeId),
+            committed_offset: None,
+            end_offset: None,
+            voters: ids(voters),
+            learners: ids(learners),
+        }
+    }
+
+    #[test]
+    fn a_partition_names_every_reason_it_is_under_replicated() {
+        let alive: BTreeSet<NodeId> = [1, 2, 3].into_iter().map(NodeId).collect();
+        let healthy = partition(Some(1), &[1, 2, 3], &[1, 2, 3], &[]);
+        assert!(partition_problems("t", &healthy, &alive, &[]).is_empty());
+        let unsettled = partition(Some(1), &[1, 2, 3], &[5, 2, 1, 3], &[]);
+        let problems = partition_problems("t", &unsettled, &alive, &[]);
+        assert!(problems[0].starts_with("not settled: voters"), "{problems:?}");
+        let catching_up = partition(Some(1), &[1, 2, 3], &[1, 3], &[2]);
+        assert_eq!(
+            partition_problems("t", &catching_up, &alive, &[]).len(),
+            2,
+            "not settled, and a learner"
+        );
+        let damaged = FailedReplica {
+            topic: "t".into(),
+            partition: 0,
+            node: NodeId(2),
+            damaged: true,
+            reason: "corrupt data in raft.meta".into(),
+        };
+        let problems = partition_problems("t", &healthy, &alive, std::slice::from_ref(&damaged));
+        assert_eq!(
+            problems,
+            vec!["replica on node 2 is damaged: corrupt data in raft.meta".to_string()]
+        );
+        assert!(
+            partition_problems("other", &healthy, &alive, &[damaged]).is_empty(),
+            "another topic's"
+        );
+        let orphaned = partition(None, &[1, 2, 4], &[], &[]);
+        let problems = partition_problems("t", &orphaned, &alive, &[]);
+        assert_eq!(
+            problems,
+            vec!["no leader".to_string(), "replica on node 4 is not alive".to_string()]
+        );
+    }
 }

@@ -475,6 +475,11 @@ fn print_under_replicated(under: &[UnderReplicated]) {
             "  {topic}/{}: leader {leader}, replicas {:?}, voters {:?}",
             p.partition, p.replicas, p.voters
         );
+        // Alive-ness and failed replicas are in the lists printed apart.
+        let everyone: std::collections::BTreeSet<NodeId> = p.replicas.iter().copied().collect();
+        for problem in crate::broker_cli::partition_problems(topic, p, &everyone, &[]) {
+            println!("    {problem}");
+        }
     }
 }
 
@@ -485,7 +490,15 @@ fn print_troubled_replicas(replicas: &[TroubledReplica]) {
     }
     println!("replicas that restarted or failed:");
     for (node, h) in replicas {
-        let state = if h.failed {
+        let state = if h
+            .last_failure
+            .as_deref()
+            .is_some_and(|f| f.starts_with("damaged files"))
+        {
+            "DAMAGED (files kept; not restarted)"
+        } else if h.last_failure.as_deref().is_some_and(|f| f.starts_with("repaired")) {
+            "REPAIRED (rebuilt from its peers)"
+        } else if h.failed {
             "FAILED (no longer restarted)"
         } else {
             "running"
@@ -512,13 +525,15 @@ async fn under_replicated(
     let Ok(client) = runnel::client::Client::connect(seeds.to_vec(), certs).await else {
         return Vec::new();
     };
+    let alive_set: std::collections::BTreeSet<NodeId> = alive.iter().copied().collect();
+    let failed = crate::broker_cli::failed_replicas(&client, &alive_set).await;
     let mut out = Vec::new();
     for topic in client.topics().await.unwrap_or_default() {
         let Ok(info) = client.describe_topic(&topic.name).await else {
             continue;
         };
         for p in info.partitions {
-            if p.leader.is_none() || p.replicas.iter().any(|r| !alive.contains(r)) {
+            if !crate::broker_cli::partition_problems(&info.name, &p, &alive_set, &failed).is_empty() {
                 out.push((info.name.clone(), p));
             }
         }
@@ -551,7 +566,7 @@ async fn replica_health(
             out.extend(
                 health
                     .into_iter()
-                    .filter(|h| h.restarts > 0 || h.failed)
+                    .filter(|h| h.restarts > 0 || h.failed || h.last_failure.is_some())
                     .map(|h| (member.node, h)),
             );
         }

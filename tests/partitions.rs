@@ -978,3 +978,113 @@ async fn a_replica_that_keeps_crashing_is_reported_and_placed_on_another_node() 
     produce_tagged(&client, "fragile", 1, "after", 50).await;
     assert_eq!(records_everywhere(&client, &healed).await, 100);
 }
+
+/// The replica directory of `topic`'s only partition on node `id`.
+fn replica_dir(cluster: &ProcessCluster, id: NodeId) -> std::path::PathBuf {
+    let partitions = cluster
+        .scratch
+        .path()
+        .join(format!("data-{}", id.0))
+        .join("broker")
+        .join("partitions");
+    let groups: Vec<std::path::PathBuf> = std::fs::read_dir(&partitions)
+        .expect("partitions directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "0"))
+        .collect();
+    assert_eq!(groups.len(), 1, "one partition besides the controller: {groups:?}");
+    groups[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_damaged_files_is_reported_quarantined_and_rebuilt_from_its_peers() {
+    let mut cluster = start_cluster(215);
+    create_topic(&cluster, "damaged", 1);
+    let client = connect(&cluster).await;
+    produce_tagged(&client, "damaged", 1, "before", 50).await;
+    let info = client.describe_topic("damaged").await.expect("describe");
+    let victim = *info.partitions[0]
+        .replicas
+        .iter()
+        .find(|&&n| Some(n) != info.partitions[0].leader)
+        .expect("a follower");
+
+    eprintln!("phase: node {victim} stops; garbage replaces its replica's raft.meta; it restarts");
+    let index = victim.0 as usize - 1;
+    cluster.nodes[index].kill();
+    let replica = replica_dir(&cluster, victim);
+    let garbage: &[u8] = b"this is not a replica's hard state";
+    std::fs::write(replica.join("raft.meta"), garbage).expect("write garbage");
+    cluster.nodes[index] = start_node(
+        victim.0,
+        cluster.addrs[index],
+        &cluster.addrs,
+        &cluster.certs,
+        cluster.scratch.path(),
+    );
+
+    let seeds = cluster.addrs[index].to_string();
+    let mut reported = serde_json::Value::Null;
+    let took = wait_for("status to report the repair", TIMEOUT, || {
+        let output = runnel()
+            .args(["status", "--json", "--seeds", &seeds])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .output()
+            .expect("status");
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        reported = json["replica_restarts"].clone();
+        reported.to_string().contains("repaired: damaged files moved to")
+    });
+    eprintln!("repaired {took:?} after the restart: {reported}");
+    let log = cluster.nodes[index].log_text();
+    let detected = log
+        .lines()
+        .find(|l| l.contains("replica files are damaged"))
+        .expect("the node logs the damage");
+    assert!(
+        detected.contains("raft.meta") && detected.contains("bad magic"),
+        "names file and fault: {detected}"
+    );
+    let quarantined: Vec<std::path::PathBuf> = std::fs::read_dir(
+        replica
+            .parent()
+            .expect("partitions")
+            .parent()
+            .expect("broker")
+            .join("quarantine"),
+    )
+    .expect("a quarantine directory")
+    .filter_map(|e| e.ok().map(|e| e.path()))
+    .collect();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert_eq!(
+        std::fs::read(quarantined[0].join("raft.meta")).expect("kept"),
+        garbage,
+        "kept for forensics"
+    );
+
+    eprintln!("phase: the replica catches up, is promoted, and the partition settles on its assignment");
+    let all: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
+    let mut described = serde_json::Value::Null;
+    let settled = wait_for("the partition to settle with three voters", TIMEOUT, || {
+        let output = runnel()
+            .args(["topic", "describe", "damaged", "--json", "--seeds", &all.join(",")])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .output()
+            .expect("describe");
+        described = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let partition = &described["partitions"][0];
+        partition["under_replicated"] == false && partition["voters"].as_array().is_some_and(|v| v.len() == 3)
+    });
+    eprintln!("settled {settled:?} after the repair: {described}");
+    produce_tagged(&client, "damaged", 1, "after", 50).await;
+    let all_nodes: Vec<NodeId> = info.partitions[0].replicas.clone();
+    let records = identical_replicas(&client, "damaged", 0, &all_nodes).await;
+    assert_eq!(
+        records.len(),
+        100,
+        "every acknowledged record on every replica, the rebuilt one too"
+    );
+}

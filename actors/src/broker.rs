@@ -7,7 +7,7 @@
 //! queues up for the same peer into one stream write.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -386,11 +386,48 @@ impl Broker {
         std::fs::remove_dir_all(&dir).map_err(|e| ActorError::Io { path: dir, source: e })
     }
 
+    /// Moves the files of a replica that cannot be read (and does not run)
+    /// to `<data>/quarantine/<group>-<unix ms>`, kept for forensics (the
+    /// newest [`QUARANTINE_KEPT`]), and leaves a tombstone first so that
+    /// the replica comes back passive: it rejoins empty, is demoted to a
+    /// learner, catches up from its peers and is promoted.
+    pub fn quarantine_replica(&self, group: GroupId) -> Result<PathBuf> {
+        let tombstone = self.tombstone(group);
+        runnel_storage::kv::write_atomically(&tombstone, b"")?;
+        let dir = self.config.data_dir.join("partitions").join(group.to_string());
+        let quarantine = self.config.data_dir.join("quarantine");
+        std::fs::create_dir_all(&quarantine).map_err(|e| ActorError::io(&quarantine, e))?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let target = quarantine.join(format!("{group}-{now_ms}"));
+        std::fs::rename(&dir, &target).map_err(|e| ActorError::io(&dir, e))?;
+        runnel_storage::kv::sync_parent_dir(&dir)?;
+        runnel_storage::kv::sync_parent_dir(&target)?;
+        prune_quarantine(&quarantine)?;
+        let how = format!(
+            "damaged files moved to {}; rejoined empty to catch up from its peers",
+            target.display()
+        );
+        let _ = self.supervisor.cast(SupervisorMsg::Repaired(group, how));
+        Ok(target)
+    }
+
     /// Whether this node ever hosted a replica of `group`: its files or its
     /// tombstone are on disk.
     pub fn ever_hosted(&self, group: GroupId) -> bool {
         let dir = self.config.data_dir.join("partitions").join(group.to_string());
         dir.exists() || self.tombstone(group).exists()
+    }
+
+    /// Groups whose local replica's files are damaged (not run).
+    pub async fn damaged(&self) -> Vec<GroupId> {
+        self.health()
+            .await
+            .into_iter()
+            .filter(|h| h.damaged.is_some())
+            .map(|h| h.group)
+            .collect()
     }
 
     fn tombstone(&self, group: GroupId) -> PathBuf {
@@ -482,4 +519,24 @@ fn deliver_raft_batch(registry: &Registry, from: NodeId, payload: &[u8]) {
             }
         }
     }
+}
+
+/// Quarantined replica directories kept per node (the newest).
+pub const QUARANTINE_KEPT: usize = 8;
+
+/// Removes all but the newest [`QUARANTINE_KEPT`] quarantined directories.
+fn prune_quarantine(quarantine: &Path) -> Result<()> {
+    let mut kept: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(quarantine)
+        .map_err(|e| ActorError::io(quarantine, e))?
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            Some((entry.metadata().ok()?.modified().ok()?, entry.path()))
+        })
+        .collect();
+    kept.sort();
+    let excess = kept.len().saturating_sub(QUARANTINE_KEPT);
+    for (_, path) in kept.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path).map_err(|e| ActorError::io(&path, e))?;
+    }
+    Ok(())
 }

@@ -44,6 +44,17 @@ impl ActorError {
         }
     }
 
+    /// Whether the error is damage to the replica's files (a checksum
+    /// mismatch, a missing segment, unreadable metadata): retrying cannot
+    /// help, only a rebuild from peers can. I/O errors (a full disk, a
+    /// permission) are not damage.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            ActorError::Corrupt { .. } | ActorError::Storage(runnel_storage::StorageError::Corrupt { .. })
+        )
+    }
+
     pub(crate) fn corrupt(path: &Path, reason: impl Into<String>) -> ActorError {
         ActorError::Corrupt {
             path: path.to_path_buf(),

@@ -381,6 +381,15 @@ impl Metadata {
             .collect()
     }
 
+    /// The topic and partition of a partition group, if it exists.
+    pub fn partition_of(&self, group: GroupId) -> Option<(&TopicMeta, u32)> {
+        let partition = u32::try_from(group.0 & ((1 << 20) - 1)).ok()?;
+        self.topics
+            .values()
+            .find(|topic| topic.group_id(partition) == group && (partition as usize) < topic.assignment.len())
+            .map(|topic| (topic, partition))
+    }
+
     /// Dataflow tasks each node runs now, for placement.
     pub fn task_load(&self) -> BTreeMap<NodeId, usize> {
         let mut load = BTreeMap::new();

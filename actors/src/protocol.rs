@@ -90,6 +90,13 @@ pub enum ControllerRequest {
     DropObject {
         name: String,
     },
+    /// To the leader of `group`: `node`'s replica has damaged files; remove
+    /// it from the voters, so that it can rejoin empty as a new learner
+    /// (the leader's record of what it held must go with the files).
+    RemoveDamaged {
+        group: GroupId,
+        node: NodeId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,9 +181,13 @@ mod tests {
                 object: crate::metadata::tests::sample_object(),
             },
             ControllerRequest::DropObject { name: String::new() },
+            ControllerRequest::RemoveDamaged {
+                group: GroupId(0),
+                node: NodeId(0),
+            },
         ];
         let tags: Vec<u8> = requests.iter().map(tag).collect();
-        assert_eq!(tags, (0..=12).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=13).collect::<Vec<u8>>());
     }
 
     #[test]

@@ -56,8 +56,14 @@ pub struct ReplicaHealth {
     pub group: GroupId,
     pub restarts: usize,
     pub last_failure: Option<String>,
-    /// Set once the restart limit was reached: the replica is no longer run.
+    /// Set once the restart limit was reached, or at once when its files
+    /// are damaged: the replica is no longer run.
     pub failed: bool,
+    /// Why its files cannot be read (they are kept as they are, for a
+    /// rebuild from its peers).
+    pub damaged: Option<String>,
+    /// How its damaged files were repaired, last time.
+    pub repaired: Option<String>,
 }
 
 pub enum SupervisorMsg {
@@ -65,6 +71,9 @@ pub enum SupervisorMsg {
     Stop(GroupId, RpcReplyPort<()>),
     Restart(GroupId),
     Health(RpcReplyPort<Vec<ReplicaHealth>>),
+    /// The replica's damaged files were moved aside (how, in words): forget
+    /// its failures, so that it can start again (empty).
+    Repaired(GroupId, String),
 }
 
 pub struct SupervisorArgs {
@@ -119,15 +128,27 @@ impl Actor for NodeSupervisor {
                     let _ = reply.send(Ok(()));
                     return Ok(());
                 }
+                // Damaged files stay as they are until repaired: reopening
+                // them cannot succeed.
+                if let Some(damage) = state.health.get(&group).and_then(|h| h.damaged.clone()) {
+                    let _ = reply.send(Err(format!("replica of group {group} is damaged: {damage}")));
+                    return Ok(());
+                }
                 state.args.insert(group, *args);
+                let repaired = state.health.get(&group).and_then(|h| h.repaired.clone());
                 state.health.insert(
                     group,
                     ReplicaHealth {
                         group,
+                        repaired,
                         ..ReplicaHealth::default()
                     },
                 );
-                let _ = reply.send(state.spawn(&myself, group).await);
+                let started = state.spawn(&myself, group).await;
+                if let Err(failure) = &started {
+                    state.record_failure(&myself, group, failure.clone());
+                }
+                let _ = reply.send(started.map_err(|f| f.reason));
             }
             SupervisorMsg::Stop(group, reply) => {
                 state.args.remove(&group);
@@ -142,13 +163,24 @@ impl Actor for NodeSupervisor {
             }
             SupervisorMsg::Restart(group) => {
                 if state.args.contains_key(&group) {
-                    if let Err(e) = state.spawn(&myself, group).await {
-                        state.record_failure(&myself, group, e);
+                    if let Err(failure) = state.spawn(&myself, group).await {
+                        state.record_failure(&myself, group, failure);
                     }
                 }
             }
             SupervisorMsg::Health(reply) => {
                 let _ = reply.send(state.health.values().cloned().collect());
+            }
+            SupervisorMsg::Repaired(group, how) => {
+                state.failures.remove(&group);
+                state.health.insert(
+                    group,
+                    ReplicaHealth {
+                        group,
+                        repaired: Some(how),
+                        ..ReplicaHealth::default()
+                    },
+                );
             }
         }
         Ok(())
@@ -177,26 +209,51 @@ impl Actor for NodeSupervisor {
             }
         }
         if state.args.contains_key(&group) {
-            state.record_failure(&myself, group, reason);
+            state.record_failure(&myself, group, SpawnFailure { reason, damaged: false });
         }
         Ok(())
     }
 }
 
+/// Why a replica did not start.
+#[derive(Clone, Debug)]
+struct SpawnFailure {
+    reason: String,
+    /// Its files are damaged ([`crate::ActorError::is_damage`]).
+    damaged: bool,
+}
+
+/// A failure to open the replica: damage when its opening error says so.
+fn spawn_failure(group: GroupId, error: ractor::SpawnErr) -> SpawnFailure {
+    let damaged = match &error {
+        ractor::SpawnErr::StartupFailed(inner) => inner
+            .downcast_ref::<crate::ActorError>()
+            .is_some_and(crate::ActorError::is_damage),
+        _ => false,
+    };
+    let reason = match &error {
+        ractor::SpawnErr::StartupFailed(inner) => inner.to_string(),
+        other => other.to_string(),
+    };
+    SpawnFailure {
+        reason: format!("starting the replica of group {group}: {reason}"),
+        damaged,
+    }
+}
+
 impl SupervisorState {
-    async fn spawn(&mut self, myself: &ActorRef<SupervisorMsg>, group: GroupId) -> Result<(), String> {
-        let mut args = self
-            .args
-            .get(&group)
-            .cloned()
-            .ok_or_else(|| format!("no replica of group {group} is configured"))?;
+    async fn spawn(&mut self, myself: &ActorRef<SupervisorMsg>, group: GroupId) -> Result<(), SpawnFailure> {
+        let mut args = self.args.get(&group).cloned().ok_or_else(|| SpawnFailure {
+            reason: format!("no replica of group {group} is configured"),
+            damaged: false,
+        })?;
         let queued = Arc::new(AtomicUsize::new(0));
         args.queued = queued.clone();
         let passive = Arc::new(AtomicBool::new(false));
         args.passive = passive.clone();
         let (replica, _) = Actor::spawn_linked(None, PartitionReplica, args, myself.get_cell())
             .await
-            .map_err(|e| format!("starting the replica of group {group}: {e}"))?;
+            .map_err(|e| spawn_failure(group, e))?;
         self.children.insert(replica.get_id(), group);
         self.registry.write().unwrap_or_else(|p| p.into_inner()).insert(
             group,
@@ -209,8 +266,22 @@ impl SupervisorState {
         Ok(())
     }
 
-    /// Schedules a restart with back-off, or gives up past the limit.
-    fn record_failure(&mut self, myself: &ActorRef<SupervisorMsg>, group: GroupId, reason: String) {
+    /// Schedules a restart with back-off, or gives up past the limit or at
+    /// once when the replica's files are damaged.
+    fn record_failure(&mut self, myself: &ActorRef<SupervisorMsg>, group: GroupId, failure: SpawnFailure) {
+        let SpawnFailure { reason, damaged } = failure;
+        if damaged {
+            self.args.remove(&group);
+            let health = self.health.entry(group).or_insert_with(|| ReplicaHealth {
+                group,
+                ..ReplicaHealth::default()
+            });
+            health.failed = true;
+            health.last_failure = Some(format!("damaged files (kept for repair): {reason}"));
+            health.damaged = Some(reason.clone());
+            tracing::error!(group = %group, reason, "replica files are damaged; not restarting it");
+            return;
+        }
         let now = Instant::now();
         let window = self.policy.restart_window;
         let failures = self.failures.entry(group).or_default();

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use crate::error::{ClientError, ClientResult};
 use crate::plan::{Plan, SqlObject};
-use crate::protocol::{Catalog, ClientRequest, ClientResponse, DataflowMeta, NodeId, TopicConfig, TopicInfo};
+use crate::protocol::{
+    Catalog, ClientRequest, ClientResponse, DataflowMeta, FailedReplica, NodeId, TopicConfig, TopicInfo,
+};
 use crate::tasks::TaskStatus;
 use crate::Client;
 
@@ -94,6 +96,15 @@ impl Client {
     pub async fn dataflows(&self) -> ClientResult<Vec<DataflowMeta>> {
         match self.call(None, &ClientRequest::Dataflows).await? {
             ClientResponse::Dataflows(dataflows) => Ok(dataflows),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The replicas `node` no longer runs (damaged files, or too many crashes).
+    pub async fn failed_replicas(&self, node: NodeId) -> ClientResult<Vec<FailedReplica>> {
+        let addr = self.known_node(node)?;
+        match self.call(Some(addr), &ClientRequest::FailedReplicas).await? {
+            ClientResponse::FailedReplicas(failed) => Ok(failed),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
     }

@@ -307,6 +307,9 @@ pub enum ClientRequest {
     },
     /// The SQL catalog and the running queries' plans (answered `Catalog`).
     Catalog,
+    /// The answering node's replicas that are no longer run (damaged
+    /// files, or too many crashes), by partition (answered `FailedReplicas`).
+    FailedReplicas,
 }
 
 /// How one replica on a node has fared (its supervisor's record).
@@ -374,6 +377,18 @@ pub enum ClientResponse {
     Dataflows(Vec<DataflowMeta>),
     Tasks(Vec<TaskStatus>),
     Catalog(Catalog),
+    FailedReplicas(Vec<FailedReplica>),
+}
+
+/// A replica its node no longer runs, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedReplica {
+    pub topic: String,
+    pub partition: u32,
+    pub node: NodeId,
+    /// Its files are damaged (kept as they are), rather than crashing.
+    pub damaged: bool,
+    pub reason: String,
 }
 
 /// The SQL catalog as the answering node has applied it.
@@ -446,6 +461,7 @@ mod tests {
             },
             ClientRequest::DropObject { name: "o".into() },
             ClientRequest::Catalog,
+            ClientRequest::FailedReplicas,
         ];
         assert_tags(&requests);
         assert_tags(&responses());
@@ -493,6 +509,7 @@ mod tests {
             ClientResponse::Dataflows(Vec::new()),
             ClientResponse::Tasks(Vec::new()),
             ClientResponse::Catalog(Catalog::default()),
+            ClientResponse::FailedReplicas(Vec::new()),
         ]
     }
 

@@ -364,6 +364,24 @@ impl ControllerCore {
             .collect()
     }
 
+    /// Of the local replicas whose files are damaged, those assigned here
+    /// (not the controller's, whose loss stops the node), each with the
+    /// other nodes assigned its group: one of them must lead the group and
+    /// count this node before the files are moved aside.
+    pub fn damaged_to_repair(&self, damaged: &[GroupId]) -> Vec<(GroupId, Vec<NodeId>)> {
+        let me = self.me();
+        damaged
+            .iter()
+            .filter(|g| **g != CONTROLLER_GROUP)
+            .filter_map(|&group| {
+                let assigned = self.meta.assignment_of(group)?;
+                assigned
+                    .contains(&me)
+                    .then(|| (group, assigned.into_iter().filter(|n| *n != me).collect()))
+            })
+            .collect()
+    }
+
     /// Replica directories on disk (`on_disk`) that no assignment names for
     /// this node, hosted here still or not running at all (`running`).
     pub fn stale_candidates(&self, on_disk: &[GroupId], running: impl Fn(GroupId) -> bool) -> Vec<GroupId> {

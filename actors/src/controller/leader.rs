@@ -99,6 +99,7 @@ impl Shared {
             }
             ControllerRequest::CommittedOffset => self.serve_committed_offset().await,
             ControllerRequest::GroupMembers { group } => self.serve_group_members(group).await,
+            ControllerRequest::RemoveDamaged { group, node } => self.remove_damaged(group, node).await,
             ControllerRequest::PassiveReplica { group, node, since } => {
                 match self.broker.judge_passive(group, node, since).await {
                     Ok(answer) => ControllerResponse::Passive(answer),
@@ -173,6 +174,27 @@ impl Shared {
                 voters: status.voters,
                 learners: status.learners,
             },
+            Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
+                group,
+                leader: status.leader,
+            }),
+            None => ControllerResponse::Failed(BrokerError::UnknownGroup(group)),
+        }
+    }
+
+    /// As the leader of `group`: steps `node` (whose replica's files are
+    /// damaged) out of the voters. Settling adds it back as a learner, to be
+    /// promoted once its rebuilt replica has caught up.
+    async fn remove_damaged(&self, group: GroupId, node: NodeId) -> ControllerResponse {
+        match self.broker.status(group).await {
+            Some(status) if status.leader == Some(self.me()) && node != self.me() => {
+                if status.voters.contains(&node) {
+                    tracing::warn!(group = %group, node = %node, "removing a voter whose replica files are damaged; it rejoins as a learner");
+                    let voters = status.voters.into_iter().filter(|v| *v != node).collect();
+                    self.broker.reconfigure(group, voters);
+                }
+                ControllerResponse::Done
+            }
             Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
                 group,
                 leader: status.leader,

@@ -269,6 +269,7 @@ impl Shared {
                 self.settle_membership().await;
                 self.heal().await;
                 self.report_failed_replicas().await;
+                self.repair_damaged_replicas().await;
                 self.collect_stale_replicas().await;
             }
         }
@@ -398,9 +399,56 @@ impl Shared {
         }
     }
 
+    /// Repairs local replicas whose files are damaged, in place. A leader of
+    /// the group on another node (elected by a majority without this
+    /// replica, so it holds every committed entry) first removes this node
+    /// from the voters, with its record of what the replica held; then the
+    /// files move to the quarantine and the replica rejoins empty and
+    /// passive; settling adds it as a learner, it catches up and is
+    /// promoted. Without such a leader the files stay: they may hold the
+    /// last copy of committed entries.
+    async fn repair_damaged_replicas(&self) {
+        let damaged = self.broker.damaged().await;
+        if damaged.is_empty() {
+            return;
+        }
+        let repairable = self.core().damaged_to_repair(&damaged);
+        for (group, peers) in repairable {
+            let Some((leader, view)) = self.leader_view(group, &peers).await else {
+                tracing::warn!(group = %group, "damaged replica kept as it is: no leader elsewhere confirms the group goes on without it");
+                continue;
+            };
+            if view.voters.contains(&self.me()) {
+                // The leader's record of what this replica held goes first.
+                let request = encode(&ControllerRequest::RemoveDamaged { group, node: self.me() });
+                let _ = self
+                    .node
+                    .call(leader, CONTROLLER_ACTOR, request, MEMBERS_CALL_TIMEOUT)
+                    .await;
+                continue;
+            }
+            match self.broker.quarantine_replica(group) {
+                Ok(path) => tracing::warn!(
+                    group = %group,
+                    quarantine = %path.display(),
+                    "damaged replica files moved aside; the replica rejoins empty and catches up from its peers"
+                ),
+                Err(e) => tracing::error!(group = %group, error = %e, "could not move a damaged replica's files aside"),
+            }
+        }
+    }
+
     /// Whether the leader of `group`, found among `nodes`, confirms that
     /// this node is neither a voter nor a learner of the group any more.
     async fn removed_from(&self, group: GroupId, nodes: &[NodeId]) -> bool {
+        self.leader_view(group, nodes)
+            .await
+            .is_some_and(|(_, view)| !view.counts(self.me()))
+    }
+
+    /// The leader of `group`, the first of `nodes` that answers as the
+    /// leader, and the members as it knows them.
+    async fn leader_view(&self, group: GroupId, nodes: &[NodeId]) -> Option<(NodeId, GroupView)> {
         let payload = encode(&ControllerRequest::GroupMembers { group });
         for &node in nodes {
             let Ok(bytes) = self
@@ -411,10 +459,10 @@ impl Shared {
                 continue;
             };
             if let Ok(ControllerResponse::Members { voters, learners }) = decode_payload(&bytes) {
-                return !GroupView { voters, learners }.counts(self.me());
+                return Some((node, GroupView { voters, learners }));
             }
         }
-        false
+        None
     }
 
     /// Nudges every hosted group whose voters differ from its assignment one

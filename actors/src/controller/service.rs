@@ -17,7 +17,7 @@ use crate::protocol::{
     ReplicaHealthInfo, TopicInfo,
 };
 use crate::tasks::{DataflowShape, TaskStatus};
-use runnel_client::protocol::Catalog;
+use runnel_client::protocol::{Catalog, FailedReplica};
 
 /// How long `start_dataflow` looks for a source topic this node has not
 /// applied yet (a commit reaches a follower within a heartbeat or two).
@@ -141,6 +141,7 @@ impl BrokerService {
             }
             ClientRequest::DropObject { name } => done(self.admin(ControllerRequest::DropObject { name }).await),
             ClientRequest::Catalog => ClientResponse::Catalog(self.catalog()),
+            ClientRequest::FailedReplicas => ClientResponse::FailedReplicas(self.failed_replicas().await),
         }
     }
 
@@ -265,7 +266,29 @@ impl BrokerService {
                 group: h.group,
                 restarts: h.restarts as u32,
                 failed: h.failed,
-                last_failure: h.last_failure,
+                // A repair is news for `status` as a failure is.
+                last_failure: h.last_failure.or(h.repaired.map(|how| format!("repaired: {how}"))),
+            })
+            .collect()
+    }
+
+    /// This node's replicas that its supervisor no longer runs, by partition.
+    pub async fn failed_replicas(&self) -> Vec<FailedReplica> {
+        let health = self.shared.broker.health().await;
+        let core = self.shared.core();
+        let metadata = &core.meta().metadata;
+        health
+            .into_iter()
+            .filter(|h| h.failed)
+            .filter_map(|h| {
+                let (topic, partition) = metadata.partition_of(h.group)?;
+                Some(FailedReplica {
+                    topic: topic.name.clone(),
+                    partition,
+                    node: self.shared.node.id(),
+                    damaged: h.damaged.is_some(),
+                    reason: h.last_failure.unwrap_or_default(),
+                })
             })
             .collect()
     }
