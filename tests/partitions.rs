@@ -996,36 +996,107 @@ fn replica_dir(cluster: &ProcessCluster, id: NodeId) -> std::path::PathBuf {
     groups[0].clone()
 }
 
+/// Ways a stopped node's replica files get damaged.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    GarbageRaftMeta,
+    GarbageLogMeta,
+    FlippedByteMidSegment,
+    DeletedSegment,
+}
+
+/// Damages the replica in `dir`; returns what the node must name.
+fn damage(dir: &std::path::Path, kind: Damage) -> &'static str {
+    let segment = dir.join("log").join("00000000000000000000.log");
+    match kind {
+        Damage::GarbageRaftMeta => {
+            std::fs::write(dir.join("raft.meta"), b"not a replica's hard state").expect("garbage");
+            "raft.meta"
+        }
+        Damage::GarbageLogMeta => {
+            std::fs::write(dir.join("log").join("log.meta"), b"not a log's metadata").expect("garbage");
+            "log.meta"
+        }
+        Damage::FlippedByteMidSegment => {
+            let mut bytes = std::fs::read(&segment).expect("segment");
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0xFF;
+            std::fs::write(&segment, bytes).expect("flip");
+            "00000000000000000000.log"
+        }
+        Damage::DeletedSegment => {
+            std::fs::remove_file(&segment).expect("delete the segment");
+            ""
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_with_damaged_files_is_reported_quarantined_and_rebuilt_from_its_peers() {
+async fn replicas_with_damaged_files_are_reported_quarantined_and_rebuilt_from_their_peers() {
     let mut cluster = start_cluster(215);
     create_topic(&cluster, "damaged", 1);
     let client = connect(&cluster).await;
-    produce_tagged(&client, "damaged", 1, "before", 50).await;
-    let info = client.describe_topic("damaged").await.expect("describe");
-    let victim = *info.partitions[0]
-        .replicas
-        .iter()
-        .find(|&&n| Some(n) != info.partitions[0].leader)
-        .expect("a follower");
+    let mut produced = 0;
+    let kinds = [
+        Damage::GarbageRaftMeta,
+        Damage::FlippedByteMidSegment,
+        Damage::GarbageLogMeta,
+        Damage::DeletedSegment,
+    ];
+    for (round, kind) in kinds.into_iter().enumerate() {
+        produce_tagged(&client, "damaged", 1, &format!("round-{round}"), 50).await;
+        produced += 50;
+        let info = client.describe_topic("damaged").await.expect("describe");
+        let victim = *info.partitions[0]
+            .replicas
+            .iter()
+            .find(|&&n| Some(n) != info.partitions[0].leader)
+            .expect("a follower");
+        eprintln!("phase: {kind:?} on node {victim}'s replica while it is stopped");
+        let index = victim.0 as usize - 1;
+        cluster.nodes[index].kill();
+        let named = damage(&replica_dir(&cluster, victim), kind);
+        cluster.nodes[index] = start_node(
+            victim.0,
+            cluster.addrs[index],
+            &cluster.addrs,
+            &cluster.certs,
+            cluster.scratch.path(),
+        );
+        let repaired = wait_repaired(&cluster, victim);
+        let log = cluster.nodes[index].log_text();
+        let detected = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("replica files are damaged"))
+            .unwrap_or_else(|| panic!("node {victim} logs the damage ({kind:?})"))
+            .to_string();
+        eprintln!("{kind:?}: {}", detected.rsplit("reason=").next().unwrap_or_default());
+        assert!(detected.contains(named), "names the file: {detected}");
+        let settled = wait_settled(&cluster);
+        eprintln!("{kind:?}: repaired {repaired:?} after the restart, settled {settled:?} later");
+        let nodes: Vec<NodeId> = info.partitions[0].replicas.clone();
+        let records = identical_replicas(&client, "damaged", 0, &nodes).await;
+        assert_eq!(
+            records.len(),
+            produced,
+            "every acknowledged record on every replica, the rebuilt one too"
+        );
+    }
+}
 
-    eprintln!("phase: node {victim} stops; garbage replaces its replica's raft.meta; it restarts");
-    let index = victim.0 as usize - 1;
-    cluster.nodes[index].kill();
-    let replica = replica_dir(&cluster, victim);
-    let garbage: &[u8] = b"this is not a replica's hard state";
-    std::fs::write(replica.join("raft.meta"), garbage).expect("write garbage");
-    cluster.nodes[index] = start_node(
-        victim.0,
-        cluster.addrs[index],
-        &cluster.addrs,
-        &cluster.certs,
-        cluster.scratch.path(),
-    );
-
-    let seeds = cluster.addrs[index].to_string();
-    let mut reported = serde_json::Value::Null;
-    let took = wait_for("status to report the repair", TIMEOUT, || {
+/// Waits for node `victim` to repair its replica: a new quarantined
+/// directory, and `runnel status` saying so.
+fn wait_repaired(cluster: &ProcessCluster, victim: NodeId) -> Duration {
+    let seeds = cluster.addrs[victim.0 as usize - 1].to_string();
+    let quarantine = cluster
+        .scratch
+        .path()
+        .join(format!("data-{}", victim.0))
+        .join("broker")
+        .join("quarantine");
+    let before = std::fs::read_dir(&quarantine).map_or(0, |d| d.count());
+    wait_for("status to report the repair", TIMEOUT, || {
         let output = runnel()
             .args(["status", "--json", "--seeds", &seeds])
             .arg("--certs")
@@ -1033,58 +1104,26 @@ async fn a_replica_with_damaged_files_is_reported_quarantined_and_rebuilt_from_i
             .output()
             .expect("status");
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-        reported = json["replica_restarts"].clone();
-        reported.to_string().contains("repaired: damaged files moved to")
-    });
-    eprintln!("repaired {took:?} after the restart: {reported}");
-    let log = cluster.nodes[index].log_text();
-    let detected = log
-        .lines()
-        .find(|l| l.contains("replica files are damaged"))
-        .expect("the node logs the damage");
-    assert!(
-        detected.contains("raft.meta") && detected.contains("bad magic"),
-        "names file and fault: {detected}"
-    );
-    let quarantined: Vec<std::path::PathBuf> = std::fs::read_dir(
-        replica
-            .parent()
-            .expect("partitions")
-            .parent()
-            .expect("broker")
-            .join("quarantine"),
-    )
-    .expect("a quarantine directory")
-    .filter_map(|e| e.ok().map(|e| e.path()))
-    .collect();
-    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
-    assert_eq!(
-        std::fs::read(quarantined[0].join("raft.meta")).expect("kept"),
-        garbage,
-        "kept for forensics"
-    );
+        let now = std::fs::read_dir(&quarantine).map_or(0, |d| d.count());
+        now > before
+            && json["replica_restarts"]
+                .to_string()
+                .contains("repaired: damaged files moved to")
+    })
+}
 
-    eprintln!("phase: the replica catches up, is promoted, and the partition settles on its assignment");
+/// Waits until `topic describe` finds the partition settled on three voters.
+fn wait_settled(cluster: &ProcessCluster) -> Duration {
     let all: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
-    let mut described = serde_json::Value::Null;
-    let settled = wait_for("the partition to settle with three voters", TIMEOUT, || {
+    wait_for("the partition to settle with three voters", TIMEOUT, || {
         let output = runnel()
             .args(["topic", "describe", "damaged", "--json", "--seeds", &all.join(",")])
             .arg("--certs")
             .arg(&cluster.certs)
             .output()
             .expect("describe");
-        described = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let described: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
         let partition = &described["partitions"][0];
         partition["under_replicated"] == false && partition["voters"].as_array().is_some_and(|v| v.len() == 3)
-    });
-    eprintln!("settled {settled:?} after the repair: {described}");
-    produce_tagged(&client, "damaged", 1, "after", 50).await;
-    let all_nodes: Vec<NodeId> = info.partitions[0].replicas.clone();
-    let records = identical_replicas(&client, "damaged", 0, &all_nodes).await;
-    assert_eq!(
-        records.len(),
-        100,
-        "every acknowledged record on every replica, the rebuilt one too"
-    );
+    })
 }

@@ -111,6 +111,11 @@ fn remembered_bytes(entry: &Entry) -> usize {
 }
 
 impl PartitionStore {
+    /// The replica's directory, for errors that name it.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Opens the replica's storage in `dir`, creating it empty if needed;
     /// `sync_log` says whether [`PartitionStore::sync`] fsyncs the log.
     pub fn open(dir: &Path, log_config: LogConfig, sync_log: bool) -> Result<PartitionStore> {

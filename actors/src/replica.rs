@@ -337,7 +337,18 @@ impl ReplicaCore {
     }
 
     /// Feeds a message from a peer. Messages from unknown peers are dropped.
+    /// A heartbeat committing entries this replica does not hold means the
+    /// leader saw it hold them: they were lost from disk. That is damage
+    /// (the replica is rebuilt from its peers), not a crash to retry.
     pub fn step(&mut self, message: Message) -> Result<()> {
+        let last_index = self.raw.raft.raft_log.last_index();
+        if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last_index {
+            let reason = format!(
+                "the leader counts entries up to index {} as held here, but the log ends at {last_index}: they were lost from disk",
+                message.commit
+            );
+            return Err(ActorError::corrupt(self.raw.store().dir(), reason));
+        }
         if let Some(marker) = &self.passive {
             match message.get_msg_type() {
                 MessageType::MsgRequestVote | MessageType::MsgRequestPreVote | MessageType::MsgTimeoutNow => {

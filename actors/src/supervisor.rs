@@ -192,10 +192,15 @@ impl Actor for NodeSupervisor {
         event: SupervisionEvent,
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, reason) = match event {
-            SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
+        let (cell, reason, damaged) = match event {
+            SupervisionEvent::ActorFailed(cell, error) => {
+                let damaged = error
+                    .downcast_ref::<crate::ActorError>()
+                    .is_some_and(crate::ActorError::is_damage);
+                (cell, error.to_string(), damaged)
+            }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, reason.unwrap_or_else(|| "stopped".to_string()))
+                (cell, reason.unwrap_or_else(|| "stopped".to_string()), false)
             }
             _ => return Ok(()),
         };
@@ -209,7 +214,7 @@ impl Actor for NodeSupervisor {
             }
         }
         if state.args.contains_key(&group) {
-            state.record_failure(&myself, group, SpawnFailure { reason, damaged: false });
+            state.record_failure(&myself, group, SpawnFailure { reason, damaged });
         }
         Ok(())
     }

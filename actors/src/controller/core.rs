@@ -382,6 +382,12 @@ impl ControllerCore {
             .collect()
     }
 
+    /// A damaged replica's files were moved aside: it is hosted no more, so
+    /// the next reconcile hosts it again (empty, rejoining).
+    pub fn on_quarantined(&mut self, group: GroupId) {
+        self.hosted.remove(&group);
+    }
+
     /// Replica directories on disk (`on_disk`) that no assignment names for
     /// this node, hosted here still or not running at all (`running`).
     pub fn stale_candidates(&self, on_disk: &[GroupId], running: impl Fn(GroupId) -> bool) -> Vec<GroupId> {

@@ -428,11 +428,14 @@ impl Shared {
                 continue;
             }
             match self.broker.quarantine_replica(group) {
-                Ok(path) => tracing::warn!(
-                    group = %group,
-                    quarantine = %path.display(),
-                    "damaged replica files moved aside; the replica rejoins empty and catches up from its peers"
-                ),
+                Ok(path) => {
+                    self.core().on_quarantined(group);
+                    tracing::warn!(
+                        group = %group,
+                        quarantine = %path.display(),
+                        "damaged replica files moved aside; the replica rejoins empty and catches up from its peers"
+                    )
+                }
                 Err(e) => tracing::error!(group = %group, error = %e, "could not move a damaged replica's files aside"),
             }
         }
