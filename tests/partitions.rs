@@ -1127,3 +1127,61 @@ fn wait_settled(cluster: &ProcessCluster) -> Duration {
         partition["under_replicated"] == false && partition["voters"].as_array().is_some_and(|v| v.len() == 3)
     })
 }
+
+/// How long node `victim` takes, from its start, until its replica of
+/// `topic` holds `records` committed records.
+async fn restart_and_time(cluster: &mut ProcessCluster, client: &Client, victim: NodeId, records: usize) -> Duration {
+    let index = victim.0 as usize - 1;
+    let started = Instant::now();
+    cluster.nodes[index] = start_node(
+        victim.0,
+        cluster.addrs[index],
+        &cluster.addrs,
+        &cluster.certs,
+        cluster.scratch.path(),
+    );
+    loop {
+        if replica_records(client, victim, "tidy", 0)
+            .await
+            .is_ok_and(|r| r.len() == records)
+        {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < TIMEOUT, "node {victim}'s replica never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_saves_indexes_and_log_metadata_so_a_restart_skips_recovery() {
+    let mut cluster = start_cluster(220);
+    create_topic(&cluster, "tidy", 1);
+    let client = connect(&cluster).await;
+    produce_tagged(&client, "tidy", 1, "before", 200).await;
+    let victim = NodeId(3);
+    let log_dir = replica_dir(&cluster, victim).join("log");
+
+    eprintln!("phase: SIGTERM node {victim}: a clean stop");
+    cluster.nodes[2].signal("-TERM").expect("SIGTERM");
+    wait_for("node 3 to stop", TIMEOUT, || !cluster.nodes[2].is_running());
+    for file in [
+        "00000000000000000000.index",
+        "00000000000000000000.timeindex",
+        "log.meta",
+    ] {
+        assert!(log_dir.join(file).exists(), "{file} is saved at a clean stop");
+    }
+    let meta = std::fs::read(log_dir.join("log.meta")).expect("log.meta");
+    assert!(
+        meta.windows(b"clean_shutdown".len()).any(|w| w == b"clean_shutdown"),
+        "log.meta marks the clean shutdown, so the next open trusts the indexes"
+    );
+    let clean = restart_and_time(&mut cluster, &client, victim, 200).await;
+
+    eprintln!("phase: SIGKILL node {victim}: the next start recovers");
+    cluster.nodes[2].kill();
+    let crashed = restart_and_time(&mut cluster, &client, victim, 200).await;
+    eprintln!(
+        "restart until the replica serves its 200 records: {clean:?} after a clean stop, {crashed:?} after SIGKILL"
+    );
+}

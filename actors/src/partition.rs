@@ -245,7 +245,7 @@ impl Actor for PartitionReplica {
         _myself: ActorRef<ReplicaMsg>,
         state: &mut ReplicaState,
     ) -> Result<(), ActorProcessingErr> {
-        state.part.core_mut().persist_commit()?;
+        state.part.core_mut().close()?;
         Ok(())
     }
 }

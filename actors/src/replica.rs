@@ -569,6 +569,13 @@ impl ReplicaCore {
         self.raw.mut_store().persist_hard_state()
     }
 
+    /// A clean stop: the commit index saved, and the log closed cleanly so
+    /// that the next open needs no crash recovery.
+    pub fn close(&mut self) -> Result<()> {
+        self.persist_commit()?;
+        self.raw.mut_store().close_log()
+    }
+
     /// Committed batches from `offset` (control batches included; a consumer
     /// skips them), up to `max_bytes`.
     pub fn read_committed(&self, offset: u64, max_bytes: usize) -> Result<Vec<RecordBatch>> {

@@ -557,6 +557,13 @@ impl Log {
     /// Syncs everything, saves the active segment's index and marks the log
     /// cleanly shut down, so the next open skips the checks.
     pub fn close(mut self) -> Result<()> {
+        self.mark_clean()
+    }
+
+    /// As [`Log::close`], for a log owned by something that stops next (a
+    /// replica): every later operation fails, so nothing is written after
+    /// the clean-shutdown mark vouches for the log's end.
+    pub fn mark_clean(&mut self) -> Result<()> {
         self.healthy()?;
         self.dirty = true;
         self.flush()?;
@@ -565,7 +572,9 @@ impl Log {
         self.meta.update(|entries| {
             entries.insert(KEY_RECOVERY_POINT.to_string(), end.to_le_bytes().to_vec());
             entries.insert(KEY_CLEAN_SHUTDOWN.to_string(), end.to_le_bytes().to_vec());
-        })
+        })?;
+        self.failed = Some("the log was closed".to_string());
+        Ok(())
     }
 }
 
