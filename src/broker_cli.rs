@@ -218,8 +218,35 @@ pub struct ProduceArgs {
     /// Send every record to this partition (default: by key, else round-robin).
     #[arg(long)]
     partition: Option<u32>,
+    /// How each line encodes its value: `text` (UTF-8), `raw` (the line's
+    /// bytes as they are), `hex` or `base64`.
+    #[arg(long, value_enum, default_value = "text")]
+    value_format: ValueFormat,
     #[command(flatten)]
     connect: ConnectArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueFormat {
+    Text,
+    Raw,
+    Hex,
+    Base64,
+}
+
+/// A line's value in `format`; the error says what is wrong with it.
+fn decode_value(line: &[u8], format: ValueFormat) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    match format {
+        ValueFormat::Text => std::str::from_utf8(line)
+            .map(|text| text.as_bytes().to_vec())
+            .map_err(|e| format!("it is not UTF-8 ({e}); use --value-format raw, hex or base64 for binary values")),
+        ValueFormat::Raw => Ok(line.to_vec()),
+        ValueFormat::Hex => hex::decode(line.trim_ascii()).map_err(|e| format!("it is not hex: {e}")),
+        ValueFormat::Base64 => base64::engine::general_purpose::STANDARD
+            .decode(line.trim_ascii())
+            .map_err(|e| format!("it is not base64: {e}")),
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -240,23 +267,19 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         let client = args.connect.connect().await?;
         let mut producer = Producer::new(client, &args.topic, acks).await?;
         let mut sent = 0u64;
-        let timestamp_ms = now_ms();
-        for (number, line) in std::io::stdin().lock().lines().enumerate() {
-            let line = line.context("reading standard input")?;
-            let key = match args.key_field {
-                Some(field) => Some(Bytes::from(
-                    line.split(args.sep.as_str())
-                        .nth(field)
-                        .with_context(|| format!("line {} has no field {field}", number + 1))?
-                        .to_string(),
-                )),
-                None => None,
-            };
-            let record = Record {
-                timestamp_ms,
-                key,
-                value: Some(Bytes::from(line)),
-                headers: Vec::new(),
+        let mut bad_line = None;
+        for (number, line) in std::io::stdin().lock().split(b'\n').enumerate() {
+            let mut line = line.context("reading standard input")?;
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            let record = match line_record(&line, number + 1, &args) {
+                Ok(record) => record,
+                // The lines before it are sent all the same.
+                Err(e) => {
+                    bad_line = Some(e);
+                    break;
+                }
             };
             sent += producer
                 .send(args.partition, record)
@@ -267,7 +290,33 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         }
         sent += producer.flush().await?.iter().map(|s| u64::from(s.2)).sum::<u64>();
         eprintln!("produced {sent} records to {}", args.topic);
-        Ok(())
+        match bad_line {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Line `number` of standard input as a record, stamped as it is read.
+fn line_record(line: &[u8], number: usize, args: &ProduceArgs) -> anyhow::Result<Record> {
+    let key = match args.key_field {
+        Some(field) => {
+            let text = String::from_utf8_lossy(line);
+            let key = text
+                .split(args.sep.as_str())
+                .nth(field)
+                .with_context(|| format!("line {number} has no field {field}"))?;
+            Some(Bytes::from(key.to_string()))
+        }
+        None => None,
+    };
+    let value = decode_value(line, args.value_format)
+        .map_err(|why| anyhow::anyhow!("line {number} was not produced: {why}"))?;
+    Ok(Record {
+        timestamp_ms: now_ms(),
+        key,
+        value: Some(Bytes::from(value)),
+        headers: Vec::new(),
     })
 }
 

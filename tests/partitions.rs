@@ -331,6 +331,28 @@ fn bad_produce_requests_get_clear_errors_and_the_cluster_keeps_serving() {
     assert!(err(produce(&["events"], &huge)).contains("exceeds the limit"));
     let output = produce(&["events"], b"still\nserving\n");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // A line that is not UTF-8 is named; the lines before it are produced.
+    let refused = produce(&["events", "--partition", "1"], b"before\n\xff\xfe binary\nafter\n");
+    let stderr = err(refused);
+    assert!(
+        stderr.contains("line 2 was not produced")
+            && stderr.contains("--value-format")
+            && stderr.contains("produced 1 records"),
+        "{stderr}"
+    );
+    let output = produce(
+        &["events", "--partition", "1", "--value-format", "hex"],
+        b"48656c6c6f2d686578\n",
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = produce(
+        &["events", "--partition", "1", "--value-format", "base64"],
+        b"aGVsbG8tYmFzZTY0\n",
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        err(produce(&["events", "--value-format", "hex"], b"zz\n")).contains("line 1 was not produced: it is not hex")
+    );
     let consumed = runnel()
         .args(["consume", "events", "--seeds", &cluster.addrs[1].to_string()])
         .arg("--certs")
@@ -339,6 +361,8 @@ fn bad_produce_requests_get_clear_errors_and_the_cluster_keeps_serving() {
         .expect("consume");
     let text = String::from_utf8_lossy(&consumed.stdout);
     assert!(text.contains("still") && text.contains("serving"), "{text}");
+    assert!(text.contains("before") && !text.contains("after"), "{text}");
+    assert!(text.contains("Hello-hex") && text.contains("hello-base64"), "{text}");
 }
 
 #[test]
