@@ -146,11 +146,12 @@ impl With {
 }
 
 /// Splits a script into statements at `;` (outside strings and comments)
-/// and parses each.
-pub fn parse_script(script: &str) -> Vec<SqlResult<Parsed>> {
+/// and parses each: its text (what an error's line and column refer to)
+/// and what it says.
+pub fn parse_script(script: &str) -> Vec<(String, SqlResult<Parsed>)> {
     let tokens = match tokenize(script) {
         Ok(tokens) => tokens,
-        Err(e) => return vec![Err(e)],
+        Err(e) => return vec![(script.to_string(), Err(e))],
     };
     let chars: Vec<char> = script.chars().collect();
     let index = LineIndex::new(&chars);
@@ -171,13 +172,14 @@ pub fn parse_script(script: &str) -> Vec<SqlResult<Parsed>> {
         if text.trim().is_empty() {
             continue;
         }
+        let text = text.trim().to_string();
         if statements.len() >= STATEMENTS_MAX {
-            statements.push(Err(SqlError::new(format!(
-                "a script holds at most {STATEMENTS_MAX} statements"
-            ))));
+            let refused = SqlError::new(format!("a script holds at most {STATEMENTS_MAX} statements"));
+            statements.push((text, Err(refused)));
             break;
         }
-        statements.push(parse_statement(text.trim()));
+        let parsed = parse_statement(&text);
+        statements.push((text, parsed));
     }
     statements
 }
@@ -759,7 +761,7 @@ mod tests {
     fn the_seed_statement_parses_with_its_window() {
         let parsed = parse_script(SEED);
         assert_eq!(parsed.len(), 1);
-        let parsed = parsed.into_iter().next().expect("one").expect("parses");
+        let parsed = parsed.into_iter().next().expect("one").1.expect("parses");
         let Statement::CreateAs { kind, name, query, .. } = parsed.statement else {
             panic!("{:?}", parsed.statement)
         };
@@ -779,7 +781,10 @@ mod tests {
         let script = "SELECT * FROM s WINDOW HOPPING (SIZE 1 HOUR, ADVANCE BY 5 MINUTES, GRACE PERIOD 1 SECOND) \
             GROUP BY a EMIT FINAL LIMIT 3; SHOW streams; describe x extended; DROP TABLE IF EXISTS t DELETE TOPIC; \
             TERMINATE q1; SELECT a FROM s PARTITION BY a, b EMIT CHANGES; SELECT * FROM s WINDOW SESSION (30 SECONDS) GROUP BY a";
-        let parsed: Vec<Parsed> = parse_script(script).into_iter().map(|p| p.expect("parses")).collect();
+        let parsed: Vec<Parsed> = parse_script(script)
+            .into_iter()
+            .map(|(_, p)| p.expect("parses"))
+            .collect();
         let Statement::Select(q) = &parsed[0].statement else {
             panic!()
         };
@@ -806,6 +811,19 @@ mod tests {
             panic!()
         };
         assert!(matches!(q.window, Some(WindowSpec::Session { gap_ms: 30_000, .. })));
+    }
+
+    #[test]
+    fn an_error_in_a_later_statement_points_into_that_statement() {
+        let script = "SHOW STREAMS;\nSHOW TABLES;\nSELECT a\n  FROM s WHERE = 1;";
+        let parsed = parse_script(script);
+        let (text, error) = (&parsed[2].0, parsed[2].1.as_ref().expect_err("refused"));
+        assert_eq!(text, "SELECT a\n  FROM s WHERE = 1");
+        let rendered = error.render(text);
+        assert!(
+            rendered.contains("\n    FROM s WHERE = 1\n"),
+            "the caret's line is the statement's: {rendered}"
+        );
     }
 
     #[test]

@@ -67,10 +67,10 @@ impl Session {
     /// one: each statement with its outcome.
     pub async fn execute_script(&self, script: &str) -> Vec<(String, SqlResult<Outcome>)> {
         let mut done = Vec::new();
-        for parsed in parse::parse_script(script) {
-            let (text, outcome) = match parsed {
-                Ok(parsed) => (parsed.text.clone(), self.execute(&parsed).await),
-                Err(e) => (script.to_string(), Err(e)),
+        for (text, parsed) in parse::parse_script(script) {
+            let outcome = match parsed {
+                Ok(parsed) => self.execute(&parsed).await,
+                Err(e) => Err(e),
             };
             let failed = outcome.is_err();
             done.push((text, outcome));
