@@ -313,17 +313,11 @@ fn line_record(line: &[u8], number: usize, args: &ProduceArgs) -> anyhow::Result
     let value = decode_value(line, args.value_format)
         .map_err(|why| anyhow::anyhow!("line {number} was not produced: {why}"))?;
     Ok(Record {
-        timestamp_ms: now_ms(),
+        timestamp_ms: runnel::client::unix_now_ms(),
         key,
         value: Some(Bytes::from(value)),
         headers: Vec::new(),
     })
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[derive(clap::Args)]

@@ -63,6 +63,18 @@ fn create_topic(cluster: &ProcessCluster, name: &str, partitions: u32) {
     });
 }
 
+/// `runnel status --json` as the node at `seed` answers it (null when it
+/// does not answer).
+fn status_json(certs: &std::path::Path, seed: &str) -> serde_json::Value {
+    let output = runnel()
+        .args(["status", "--json", "--seeds", seed])
+        .arg("--certs")
+        .arg(certs)
+        .output()
+        .expect("status");
+    serde_json::from_slice(&output.stdout).unwrap_or_default()
+}
+
 async fn connect(cluster: &ProcessCluster) -> Arc<Client> {
     Arc::new(
         Client::connect(cluster.addrs.clone(), &cluster.certs)
@@ -507,13 +519,7 @@ async fn a_crashed_replica_restarts_in_place_and_status_shows_it() {
     let seeds = cluster.addrs[0].to_string();
     let mut restarts = serde_json::Value::Null;
     wait_for("status to report the restart", TIMEOUT, || {
-        let output = runnel()
-            .args(["status", "--json", "--seeds", &seeds])
-            .arg("--certs")
-            .arg(&cluster.certs)
-            .output()
-            .expect("status");
-        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let json = status_json(&cluster.certs, &seeds);
         restarts = json["replica_restarts"].clone();
         restarts
             .as_array()
@@ -948,18 +954,7 @@ async fn a_replica_that_keeps_crashing_is_reported_and_placed_on_another_node() 
     eprintln!("phase: crash node {victim}'s replica until its supervisor gives up");
     // (restarts, failed) of the victim's replica, as `runnel status --json` reports them.
     let health = || {
-        let output = runnel()
-            .args([
-                "status",
-                "--json",
-                "--seeds",
-                &cluster.addrs[victim.0 as usize - 1].to_string(),
-            ])
-            .arg("--certs")
-            .arg(&cluster.certs)
-            .output()
-            .expect("status");
-        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let json = status_json(&cluster.certs, &cluster.addrs[victim.0 as usize - 1].to_string());
         json["replica_restarts"]
             .as_array()
             .and_then(|r| r.iter().find(|e| e["node"] == victim.0))
@@ -1121,13 +1116,7 @@ fn wait_repaired(cluster: &ProcessCluster, victim: NodeId) -> Duration {
         .join("quarantine");
     let before = std::fs::read_dir(&quarantine).map_or(0, |d| d.count());
     wait_for("status to report the repair", TIMEOUT, || {
-        let output = runnel()
-            .args(["status", "--json", "--seeds", &seeds])
-            .arg("--certs")
-            .arg(&cluster.certs)
-            .output()
-            .expect("status");
-        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let json = status_json(&cluster.certs, &seeds);
         let now = std::fs::read_dir(&quarantine).map_or(0, |d| d.count());
         now > before
             && json["replica_restarts"]

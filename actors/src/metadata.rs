@@ -573,7 +573,9 @@ pub(crate) mod tests {
                 dead: NodeId(1),
                 replacement: NodeId(2),
             },
-            MetadataCommand::StartDataflow { dataflow },
+            MetadataCommand::StartDataflow {
+                dataflow: dataflow.clone(),
+            },
             MetadataCommand::StopDataflow { name: text() },
             MetadataCommand::MoveDataflowTask {
                 name: text(),
@@ -586,14 +588,7 @@ pub(crate) mod tests {
             },
             MetadataCommand::DropObject { name: text() },
             MetadataCommand::StartQuery {
-                dataflow: DataflowMeta {
-                    name: "d".to_string(),
-                    source: "s".to_string(),
-                    sink: "k".to_string(),
-                    stages: 1,
-                    partitions: 1,
-                    placement: vec![NodeId(1)],
-                },
+                dataflow,
                 plan: Box::new(sample_plan()),
                 object: Some(sample_object()),
             },

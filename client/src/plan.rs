@@ -194,14 +194,6 @@ impl Expr {
             Expr::Call(_, args) => Box::new(args.iter()),
         }
     }
-
-    /// The highest column index the expression reads.
-    pub fn columns_max(&self) -> Option<usize> {
-        match self {
-            Expr::Column(i) => Some(*i),
-            _ => self.children().filter_map(Expr::columns_max).max(),
-        }
-    }
 }
 
 /// Aggregate functions.

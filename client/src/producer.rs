@@ -65,6 +65,13 @@ pub struct Producer {
     next_sequence: BTreeMap<u32, i32>,
 }
 
+/// Now, in ms since the Unix epoch: the timestamp of a record made now.
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A producer id unlikely to collide with any other: random bits from the
 /// standard library's hasher keys, the time and the process id.
 fn new_producer_id() -> i64 {

@@ -670,8 +670,8 @@ fn value_record(target: &SqlObject, names: &[String], row: &[ast::Expr]) -> SqlR
     }
     let value = serde_json::to_vec(&object).map_err(|e| SqlError::new(e.to_string()))?;
     let timestamp_ms = match target.timestamp.map(|i| object.get(&target.columns[i].name)) {
-        Some(Some(serde_json::Value::Number(n))) => n.as_i64().unwrap_or_else(now_ms),
-        _ => now_ms(),
+        Some(Some(serde_json::Value::Number(n))) => n.as_i64().unwrap_or_else(runnel_client::unix_now_ms),
+        _ => runnel_client::unix_now_ms(),
     };
     Ok(Record {
         timestamp_ms,
@@ -679,12 +679,6 @@ fn value_record(target: &SqlObject, names: &[String], row: &[ast::Expr]) -> SqlR
         value: Some(Bytes::from(value)),
         headers: Vec::new(),
     })
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A VALUES literal as JSON of the column's type.
