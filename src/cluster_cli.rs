@@ -107,6 +107,15 @@ pub struct NodeArgs {
     /// of a majority of its replicas' machines).
     #[arg(long, value_enum)]
     fsync: Option<FsyncMode>,
+    /// TCP address to serve the Kafka protocol on, so Kafka clients and
+    /// tools (kcat, kafka-python, Java clients, …) can produce and consume.
+    /// Plaintext, so loopback addresses only (TLS for it is not built yet).
+    #[arg(long)]
+    kafka_listen: Option<SocketAddr>,
+    /// The `host:port` Kafka clients are told to reach this node at
+    /// (default: the --kafka-listen address).
+    #[arg(long)]
+    kafka_advertise: Option<String>,
 }
 
 /// `runnel node --fsync`.
@@ -130,6 +139,8 @@ struct NodeFile {
     suspect_ms: Option<u64>,
     dead_ms: Option<u64>,
     fsync: Option<FsyncMode>,
+    kafka_listen: Option<SocketAddr>,
+    kafka_advertise: Option<String>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<NodeFile> {
@@ -146,6 +157,7 @@ struct NodeSetup {
     seeds: Vec<SocketAddr>,
     membership: MembershipConfig,
     sync_log: bool,
+    kafka: Option<runnel_kafka::KafkaListenerConfig>,
 }
 
 impl NodeSetup {
@@ -173,6 +185,15 @@ impl NodeSetup {
             dead_after_ms: args.dead_ms.or(file.dead_ms).unwrap_or(defaults.dead_after_ms),
         };
         let sync_log = args.fsync.or(file.fsync).unwrap_or(FsyncMode::EveryBatch) == FsyncMode::EveryBatch;
+        let kafka_advertise = args.kafka_advertise.clone().or(file.kafka_advertise);
+        let kafka = match args.kafka_listen.or(file.kafka_listen) {
+            Some(listen) => Some(runnel_kafka::KafkaListenerConfig {
+                listen,
+                advertised: kafka_advertise.unwrap_or_else(|| listen.to_string()),
+            }),
+            None if kafka_advertise.is_some() => bail!("--kafka-advertise needs --kafka-listen"),
+            None => None,
+        };
         Ok(NodeSetup {
             id,
             listen,
@@ -181,6 +202,7 @@ impl NodeSetup {
             seeds,
             membership,
             sync_log,
+            kafka,
         })
     }
 }
@@ -226,7 +248,14 @@ async fn serve_node(
     let host = start_dataflow_host(&node, &setup).await?;
     let tasks: Arc<dyn runnel::client::tasks::TaskHost> = host.clone();
     let controller = Controller::start_with_tasks(Arc::new(broker), controller_config, Some(tasks)).await?;
+    let kafka = match setup.kafka.clone() {
+        Some(config) => Some(runnel_kafka::KafkaListener::start(config, controller.service()).await?),
+        None => None,
+    };
     wait_for_shutdown_signal().await?;
+    if let Some(kafka) = kafka {
+        kafka.shutdown();
+    }
     host.shutdown();
     tracing::info!(node = %id, "shutting down");
     controller.shutdown().await;

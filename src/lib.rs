@@ -10,6 +10,7 @@
 //! - [`broker`]: replicated partitions (Raft per partition), the controller,
 //!   and the client service.
 //! - [`dataflow`]: dataflow builders, windows, operator tasks, checkpoints.
+//! - [`kafka`]: the Kafka wire-protocol listener (`runnel node --kafka-listen`).
 //!
 //! The client, broker and dataflow layers live in `runnel-client`,
 //! `runnel-actors` and `runnel-dataflow`; the simulation, checker, chaos
@@ -20,4 +21,5 @@ pub use runnel_actors as broker;
 pub use runnel_client as client;
 pub use runnel_cluster as cluster;
 pub use runnel_dataflow as dataflow;
+pub use runnel_kafka as kafka;
 pub use runnel_storage as storage;

@@ -97,7 +97,17 @@ pub enum MetadataCommand {
         plan: Box<Plan>,
         object: Option<Box<SqlObject>>,
     },
+    /// The address Kafka clients reach `node` at (its `--kafka-listen`
+    /// advertised address), or none when it serves no Kafka listener
+    /// (format version 3 on).
+    KafkaListener {
+        node: NodeId,
+        advertised: Option<String>,
+    },
 }
+
+/// Bytes of an advertised `host:port` at most.
+pub const ADVERTISED_BYTES_MAX: usize = 255;
 
 /// Persistent queries at most, so that plans in metadata stay bounded.
 pub const QUERIES_MAX: usize = 100;
@@ -142,6 +152,8 @@ pub struct Metadata {
     pub plans: BTreeMap<String, Plan>,
     /// The SQL catalog: streams and tables by name.
     pub objects: BTreeMap<String, SqlObject>,
+    /// Where Kafka clients reach each node that serves the Kafka protocol.
+    pub kafka_listeners: BTreeMap<NodeId, String>,
 }
 
 impl Metadata {
@@ -177,7 +189,21 @@ impl Metadata {
                 dead,
                 replacement,
             } => self.move_dataflow_task(name, *task, *dead, *replacement),
+            MetadataCommand::KafkaListener { node, advertised } => {
+                self.set_kafka_listener(*node, advertised.as_deref())
+            }
         }
+    }
+
+    /// Records (or clears) the address Kafka clients reach `node` at.
+    fn set_kafka_listener(&mut self, node: NodeId, advertised: Option<&str>) -> Result<(), MetadataError> {
+        let Some(advertised) = advertised else {
+            self.kafka_listeners.remove(&node);
+            return Ok(());
+        };
+        validate_advertised(advertised)?;
+        self.kafka_listeners.insert(node, advertised.to_string());
+        Ok(())
     }
 
     /// Creates a topic with the next unused id (ids are never reused).
@@ -592,7 +618,38 @@ pub(crate) mod tests {
                 plan: Box::new(sample_plan()),
                 object: Some(sample_object()),
             },
+            MetadataCommand::KafkaListener {
+                node: NodeId(1),
+                advertised: Some("localhost:9092".to_string()),
+            },
         ]
+    }
+
+    #[test]
+    fn kafka_listeners_are_recorded_cleared_and_checked() {
+        let mut metadata = Metadata::default();
+        let set = |advertised: &str| MetadataCommand::KafkaListener {
+            node: NodeId(2),
+            advertised: Some(advertised.to_string()),
+        };
+        metadata.apply(&set("kafka-2.example:9092")).expect("a host name");
+        metadata.apply(&set("[::1]:9092")).expect("an IPv6 address");
+        assert_eq!(metadata.kafka_listeners[&NodeId(2)], "[::1]:9092");
+        for bad in ["no-port", "host:0", "host:99999", ":9092", "a b:9092"] {
+            let refused = metadata.apply(&set(bad)).expect_err(bad).to_string();
+            assert!(refused.contains(bad), "{refused}");
+        }
+        assert_eq!(
+            metadata.kafka_listeners[&NodeId(2)],
+            "[::1]:9092",
+            "refusals change nothing"
+        );
+        let clear = MetadataCommand::KafkaListener {
+            node: NodeId(2),
+            advertised: None,
+        };
+        metadata.apply(&clear).expect("cleared");
+        assert!(metadata.kafka_listeners.is_empty());
     }
 
     #[test]
@@ -600,7 +657,14 @@ pub(crate) mod tests {
         let command = every_command().remove(0);
         let mut v1 = encode_command(&command).expect("encodes");
         v1[1] = 1;
-        assert_eq!(decode_command(&v1), Ok(command), "version 1 wrote the same encoding");
+        assert_eq!(
+            decode_command(&v1),
+            Ok(command.clone()),
+            "version 1 wrote the same encoding"
+        );
+        let mut v2 = encode_command(&command).expect("encodes");
+        v2[1] = 2;
+        assert_eq!(decode_command(&v2), Ok(command), "version 2 wrote the same encoding");
 
         let mut metadata = Metadata::default();
         let commands = every_command();
@@ -657,7 +721,7 @@ pub(crate) mod tests {
     fn metadata_command_tags_are_pinned_and_versioned() {
         for (tag, command) in every_command().into_iter().enumerate() {
             let value = encode_command(&command).expect("encodes");
-            assert_eq!(&value[..3], &[COMMAND_MAGIC, 2, tag as u8], "{command:?}");
+            assert_eq!(&value[..3], &[COMMAND_MAGIC, 3, tag as u8], "{command:?}");
             assert_eq!(decode_command(&value), Ok(command));
         }
     }
@@ -757,9 +821,11 @@ pub(crate) mod tests {
 /// the same postcard encoding. Any other version is refused by name: a node
 /// must not skip a command it cannot read, or its metadata would diverge.
 pub const COMMAND_MAGIC: u8 = 0xC5;
-pub const COMMAND_FORMAT_VERSION: u8 = 2;
+pub const COMMAND_FORMAT_VERSION: u8 = 3;
 /// Version 1 wrote the same encoding, before the SQL commands existed.
 const COMMAND_FORMAT_V1: u8 = 1;
+/// Version 2 wrote the same encoding, before `KafkaListener` existed.
+const COMMAND_FORMAT_V2: u8 = 2;
 
 /// Why a controller-log record could not be read as a command.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -779,6 +845,30 @@ pub enum MetadataLogError {
     Format { offset: u64, source: CommandFormatError },
 }
 
+/// An advertised Kafka address is `host:port`: a host name or IP address
+/// and a port, at most [`ADVERTISED_BYTES_MAX`] bytes.
+pub fn validate_advertised(advertised: &str) -> Result<(), MetadataError> {
+    let invalid = |why: &str| {
+        Err(MetadataError::InvalidConfig(format!(
+            "advertised Kafka address {advertised:?}: {why}"
+        )))
+    };
+    if advertised.len() > ADVERTISED_BYTES_MAX {
+        return invalid(&format!("longer than {ADVERTISED_BYTES_MAX} bytes"));
+    }
+    let Some((host, port)) = advertised.rsplit_once(':') else {
+        return invalid("expected host:port");
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return invalid("the host is empty or has spaces");
+    }
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(()),
+        _ => invalid("the port is not a number in 1..=65535"),
+    }
+}
+
 /// A command's record value, versioned.
 pub fn encode_command(command: &MetadataCommand) -> Result<Vec<u8>, StorageError> {
     postcard::to_extend(command, vec![COMMAND_MAGIC, COMMAND_FORMAT_VERSION])
@@ -788,7 +878,7 @@ pub fn encode_command(command: &MetadataCommand) -> Result<Vec<u8>, StorageError
 /// A command from its record value (see [`COMMAND_MAGIC`]).
 pub fn decode_command(value: &[u8]) -> Result<MetadataCommand, CommandFormatError> {
     let body = match value {
-        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION | COMMAND_FORMAT_V1, body @ ..] => body,
+        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION | COMMAND_FORMAT_V2 | COMMAND_FORMAT_V1, body @ ..] => body,
         [COMMAND_MAGIC, version, ..] => return Err(CommandFormatError::UnknownVersion(*version)),
         [COMMAND_MAGIC] => return Err(CommandFormatError::Malformed("a magic byte and no version".to_string())),
         legacy => legacy,

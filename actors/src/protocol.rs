@@ -97,6 +97,12 @@ pub enum ControllerRequest {
         group: GroupId,
         node: NodeId,
     },
+    /// Record where Kafka clients reach `node` (none: it serves no Kafka
+    /// listener).
+    KafkaListener {
+        node: NodeId,
+        advertised: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,9 +191,13 @@ mod tests {
                 group: GroupId(0),
                 node: NodeId(0),
             },
+            ControllerRequest::KafkaListener {
+                node: NodeId(0),
+                advertised: None,
+            },
         ];
         let tags: Vec<u8> = requests.iter().map(tag).collect();
-        assert_eq!(tags, (0..=13).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=14).collect::<Vec<u8>>());
     }
 
     #[test]

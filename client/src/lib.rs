@@ -48,6 +48,6 @@ pub mod tasks;
 pub use consumer::{Consumer, FetchedBatches, FetchedRecords};
 pub use error::{ClientError, ClientResult};
 pub use offsets::{OFFSETS_PARTITIONS, OFFSETS_TOPIC};
-pub use producer::{partition_for_key, unix_now_ms, Producer, RECORD_BYTES_MAX};
+pub use producer::{new_producer_id, partition_for_key, unix_now_ms, Producer, RECORD_BYTES_MAX};
 pub use protocol::{Acks, BrokerError};
 pub use routing::{Client, LocalNode};

@@ -74,7 +74,7 @@ pub fn unix_now_ms() -> i64 {
 
 /// A producer id unlikely to collide with any other: random bits from the
 /// standard library's hasher keys, the time and the process id.
-fn new_producer_id() -> i64 {
+pub fn new_producer_id() -> i64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     let now = std::time::SystemTime::now()

@@ -130,6 +130,10 @@ impl Shared {
                 let decided = self.core().delete_topic(name);
                 self.commit_decided(decided).await
             }
+            ControllerRequest::KafkaListener { node, advertised } => {
+                let decided = self.core().checked(MetadataCommand::KafkaListener { node, advertised });
+                self.commit_decided(decided).await
+            }
         }
     }
 

@@ -451,7 +451,7 @@ impl Shared {
 
     /// The leader of `group`, the first of `nodes` that answers as the
     /// leader, and the members as it knows them.
-    async fn leader_view(&self, group: GroupId, nodes: &[NodeId]) -> Option<(NodeId, GroupView)> {
+    pub(super) async fn leader_view(&self, group: GroupId, nodes: &[NodeId]) -> Option<(NodeId, GroupView)> {
         let payload = encode(&ControllerRequest::GroupMembers { group });
         for &node in nodes {
             let Ok(bytes) = self

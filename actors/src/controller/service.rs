@@ -245,6 +245,22 @@ impl BrokerService {
             .await?)
     }
 
+    /// A partition led here: its first offset, its committed offset (the
+    /// high watermark) and its log's end (appended, maybe not committed).
+    pub async fn offset_range(&self, topic: &str, partition: u32) -> Result<(u64, u64, u64), ServiceError> {
+        let group = self.locate(topic, partition)?;
+        let status = self.shared.broker.status(group).await;
+        // A fetch past every offset is refused with the range it knows.
+        match self.shared.broker.fetch(group, u64::MAX, 0, false).await {
+            Err(BrokerError::OffsetOutOfRange { start, end, .. }) => {
+                let log_end = status.map_or(end, |s| s.end_offset.max(end));
+                Ok((start, end, log_end))
+            }
+            Err(e) => Err(e.into()),
+            Ok(_) => Err(BrokerError::InvalidRequest("a fetch past the end was answered".to_string()).into()),
+        }
+    }
+
     /// The first committed offset whose record is at least `timestamp_ms`
     /// old, or none.
     pub async fn offset_for_timestamp(
@@ -433,8 +449,48 @@ impl BrokerService {
         }
     }
 
-    /// The group of a topic partition hosted here, or why not.
-    pub fn locate(&self, topic: &str, partition: u32) -> Result<GroupId, ServiceError> {
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.shared.me()
+    }
+
+    /// The live nodes that serve the Kafka protocol, with the address Kafka
+    /// clients reach each at.
+    pub fn kafka_brokers(&self) -> Vec<(NodeId, String)> {
+        let listeners = self.shared.core().meta().metadata.kafka_listeners.clone();
+        self.shared
+            .node
+            .members()
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .filter_map(|m| Some((m.node, listeners.get(&m.node)?.clone())))
+            .collect()
+    }
+
+    /// Records with the controller where Kafka clients reach this node
+    /// (nothing is committed when metadata already says so).
+    pub async fn register_kafka_listener(&self, advertised: Option<String>) -> Result<(), ServiceError> {
+        let node = self.node_id();
+        if self.shared.core().meta().metadata.kafka_listeners.get(&node) == advertised.as_ref() {
+            return Ok(());
+        }
+        self.admin(ControllerRequest::KafkaListener { node, advertised }).await
+    }
+
+    /// The leader of a topic partition: this node's replica's view when it
+    /// knows one, else the first other replica that answers.
+    pub async fn partition_leader(&self, topic: &str, partition: u32) -> Result<Option<NodeId>, ServiceError> {
+        let (group, replicas) = self.group_of(topic, partition)?;
+        if let Some(leader) = self.shared.broker.status(group).await.and_then(|s| s.leader) {
+            return Ok(Some(leader));
+        }
+        let me = self.node_id();
+        let others: Vec<NodeId> = replicas.into_iter().filter(|n| *n != me).collect();
+        Ok(self.shared.leader_view(group, &others).await.map(|(leader, _)| leader))
+    }
+
+    /// A topic partition's group and assigned replicas.
+    fn group_of(&self, topic: &str, partition: u32) -> Result<(GroupId, Vec<NodeId>), ServiceError> {
         let core = self.shared.core();
         let meta_topic = core
             .meta()
@@ -451,11 +507,14 @@ impl BrokerService {
                     partition,
                     partitions: meta_topic.config.partitions,
                 })?;
-        let group = meta_topic.group_id(partition);
+        Ok((meta_topic.group_id(partition), replicas.clone()))
+    }
+
+    /// The group of a topic partition hosted here, or why not.
+    pub fn locate(&self, topic: &str, partition: u32) -> Result<GroupId, ServiceError> {
+        let (group, replicas) = self.group_of(topic, partition)?;
         if self.shared.broker.replica(group).is_none() {
-            return Err(ServiceError::NotHere {
-                replicas: replicas.clone(),
-            });
+            return Err(ServiceError::NotHere { replicas });
         }
         Ok(group)
     }

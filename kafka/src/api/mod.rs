@@ -1,0 +1,182 @@
+//! The Kafka APIs this listener serves, one module each, and the dispatch
+//! from a request frame to its handler.
+//!
+//! A frame is `api_key: i16, api_version: i16, correlation_id: i32, …`; the
+//! header's layout depends on the API and version (flexible versions add
+//! tagged fields), which `kafka-protocol` knows. An API or version outside
+//! [`SUPPORTED`] is refused by name: `ApiVersions` then answers with
+//! `UNSUPPORTED_VERSION` and the supported table (clients retry with a
+//! version they share), anything else closes the connection with a log
+//! line naming the API, which is also what a Kafka broker does.
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable};
+
+use crate::BrokerService;
+
+pub mod api_versions;
+pub mod create_topics;
+pub mod delete_topics;
+pub mod fetch;
+pub mod init_producer_id;
+pub mod list_offsets;
+pub mod metadata;
+pub mod produce;
+
+/// The APIs served and their version ranges. Versions that need topic ids
+/// (Fetch 13, Produce 13, DeleteTopics 6, Metadata 13) are left out, so
+/// clients address topics by name.
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 5),
+    (ApiKey::InitProducerId, 0, 4),
+];
+
+/// What every handler needs: the node's broker service.
+pub struct Context {
+    pub service: BrokerService,
+}
+
+impl Context {
+    pub fn new(service: BrokerService) -> Context {
+        Context { service }
+    }
+}
+
+/// Why a frame got no answer; the connection is closed with this logged.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("a request frame of {0} bytes is too short for a request header")]
+    Short(usize),
+    #[error("API key {0} is not a Kafka API this listener knows")]
+    UnknownApi(i16),
+    #[error("{api:?} version {version} is not served (this listener serves {served}); the client should have asked ApiVersions")]
+    Unsupported { api: ApiKey, version: i16, served: String },
+    #[error("{api:?} v{version} request does not decode: {reason}")]
+    Malformed { api: ApiKey, version: i16, reason: String },
+    #[error("encoding the {api:?} response: {reason}")]
+    Encode { api: ApiKey, reason: String },
+}
+
+/// The version range served for `api`, if any.
+pub fn served(api: ApiKey) -> Option<(i16, i16)> {
+    SUPPORTED
+        .iter()
+        .find(|(key, ..)| *key == api)
+        .map(|&(_, min, max)| (min, max))
+}
+
+/// Answers one request frame: the response frame's body, or none when the
+/// request wants no answer (a produce with `acks=0`).
+pub async fn respond(context: &Context, mut frame: Bytes) -> Result<Option<BytesMut>, RequestError> {
+    if frame.len() < 8 {
+        return Err(RequestError::Short(frame.len()));
+    }
+    let key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let api = ApiKey::try_from(key).map_err(|_| RequestError::UnknownApi(key))?;
+    let header = RequestHeader::decode(&mut frame, api.request_header_version(version)).map_err(|e| {
+        RequestError::Malformed {
+            api,
+            version,
+            reason: format!("header: {e:#}"),
+        }
+    })?;
+    let correlation_id = header.correlation_id;
+    match served(api) {
+        Some((min, max)) if (min..=max).contains(&version) => {}
+        _ if api == ApiKey::ApiVersions => {
+            let body = api_versions::unsupported();
+            return encode(api, 0, correlation_id, &body).map(Some);
+        }
+        _ => {
+            return Err(RequestError::Unsupported {
+                api,
+                version,
+                served: served(api).map_or("no version".to_string(), |(a, b)| format!("versions {a} to {b}")),
+            })
+        }
+    }
+    dispatch(context, api, version, correlation_id, frame).await
+}
+
+async fn dispatch(
+    context: &Context,
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    mut body: Bytes,
+) -> Result<Option<BytesMut>, RequestError> {
+    macro_rules! serve {
+        ($module:ident) => {{
+            let request = decode(api, version, &mut body)?;
+            let response = $module::handle(context, request, version).await;
+            encode(api, version, correlation_id, &response).map(Some)
+        }};
+    }
+    match api {
+        ApiKey::ApiVersions => serve!(api_versions),
+        ApiKey::Metadata => serve!(metadata),
+        ApiKey::Fetch => serve!(fetch),
+        ApiKey::ListOffsets => serve!(list_offsets),
+        ApiKey::CreateTopics => serve!(create_topics),
+        ApiKey::DeleteTopics => serve!(delete_topics),
+        ApiKey::InitProducerId => serve!(init_producer_id),
+        ApiKey::Produce => {
+            let request: kafka_protocol::messages::ProduceRequest = decode(api, version, &mut body)?;
+            let wants_answer = request.acks != 0;
+            let response = produce::handle(context, request, version).await;
+            match wants_answer {
+                true => encode(api, version, correlation_id, &response).map(Some),
+                false => Ok(None),
+            }
+        }
+        _ => unreachable!("{api:?} is in SUPPORTED without a handler"),
+    }
+}
+
+fn decode<T: Decodable>(api: ApiKey, version: i16, body: &mut Bytes) -> Result<T, RequestError> {
+    T::decode(body, version).map_err(|e| RequestError::Malformed {
+        api,
+        version,
+        reason: format!("{e:#}"),
+    })
+}
+
+/// A response frame's body: the response header, then the response.
+pub fn encode<T: Encodable>(
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &T,
+) -> Result<BytesMut, RequestError> {
+    let failed = |e: anyhow::Error| RequestError::Encode {
+        api,
+        reason: format!("{e:#}"),
+    };
+    let mut out = BytesMut::new();
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut out, api.response_header_version(version))
+        .map_err(failed)?;
+    body.encode(&mut out, version).map_err(failed)?;
+    Ok(out)
+}
+
+/// A name for the wire.
+pub(crate) fn str_bytes(text: &str) -> kafka_protocol::protocol::StrBytes {
+    kafka_protocol::protocol::StrBytes::from_string(text.to_string())
+}
+
+pub(crate) fn topic_name(text: &str) -> kafka_protocol::messages::TopicName {
+    kafka_protocol::messages::TopicName(str_bytes(text))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,101 @@
+//! Runnel's errors as Kafka error codes, with the message Kafka responses
+//! that have a message field carry.
+
+use kafka_protocol::ResponseError;
+use runnel_actors::controller::ServiceError;
+use runnel_actors::metadata::MetadataError;
+use runnel_actors::BrokerError;
+
+/// A Kafka error: its code and a message that names the problem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaError {
+    pub code: ResponseError,
+    pub message: String,
+}
+
+impl KafkaError {
+    pub fn new(code: ResponseError, message: impl Into<String>) -> KafkaError {
+        KafkaError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn code(&self) -> i16 {
+        self.code.code()
+    }
+}
+
+impl From<ServiceError> for KafkaError {
+    fn from(error: ServiceError) -> KafkaError {
+        let message = error.to_string();
+        let code = match &error {
+            ServiceError::UnknownTopic(_) | ServiceError::PartitionOutOfRange { .. } => {
+                ResponseError::UnknownTopicOrPartition
+            }
+            ServiceError::NotHere { .. } => ResponseError::NotLeaderOrFollower,
+            ServiceError::Refused(e) => metadata_code(e),
+            ServiceError::Failed(e) => broker_code(e),
+        };
+        KafkaError { code, message }
+    }
+}
+
+fn broker_code(error: &BrokerError) -> ResponseError {
+    match error {
+        BrokerError::NotLeader { .. } | BrokerError::UnknownGroup(_) | BrokerError::LeadershipLost => {
+            ResponseError::NotLeaderOrFollower
+        }
+        BrokerError::BatchTooLarge { .. } => ResponseError::MessageTooLarge,
+        BrokerError::Busy(_) | BrokerError::Timeout(_) => ResponseError::RequestTimedOut,
+        BrokerError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
+        BrokerError::ReplicaFailed { .. } => ResponseError::KafkaStorageError,
+        BrokerError::InvalidRequest(_) => ResponseError::InvalidRequest,
+        BrokerError::OutOfOrderSequence { .. } | BrokerError::SequenceMismatch { .. } => {
+            ResponseError::OutOfOrderSequenceNumber
+        }
+        BrokerError::StaleSequence { .. } => ResponseError::DuplicateSequenceNumber,
+        BrokerError::NotYetCommitted(_) => ResponseError::NotEnoughReplicas,
+    }
+}
+
+fn metadata_code(error: &MetadataError) -> ResponseError {
+    match error {
+        MetadataError::InvalidName { .. } => ResponseError::InvalidTopicException,
+        MetadataError::TopicExists(_) => ResponseError::TopicAlreadyExists,
+        MetadataError::UnknownTopic(_) => ResponseError::UnknownTopicOrPartition,
+        MetadataError::InvalidConfig(_) => ResponseError::InvalidConfig,
+        MetadataError::NoLiveNodes | MetadataError::NotEnoughNodes { .. } => ResponseError::InvalidReplicationFactor,
+        MetadataError::DataflowRunning(_)
+        | MetadataError::UnknownDataflow(_)
+        | MetadataError::UnregisteredDataflow(_)
+        | MetadataError::ObjectExists(_)
+        | MetadataError::UnknownObject(_)
+        | MetadataError::ObjectInUse { .. } => ResponseError::PolicyViolation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runnel_actors::metadata::{GroupId, NodeId};
+
+    #[test]
+    fn a_request_for_a_partition_led_elsewhere_is_not_leader_or_follower() {
+        let errors = [
+            ServiceError::NotHere {
+                replicas: vec![NodeId(2)],
+            },
+            ServiceError::Failed(BrokerError::NotLeader {
+                group: GroupId(7),
+                leader: Some(NodeId(3)),
+            }),
+        ];
+        for error in errors {
+            assert_eq!(KafkaError::from(error).code, ResponseError::NotLeaderOrFollower);
+        }
+        let unknown = KafkaError::from(ServiceError::UnknownTopic("t".into()));
+        assert_eq!(unknown.code(), 3);
+        assert!(unknown.message.contains("\"t\""), "{}", unknown.message);
+    }
+}

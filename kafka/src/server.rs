@@ -1,0 +1,171 @@
+//! The TCP listener: one task per connection, each reading size-prefixed
+//! frames (bounded), answering them in order, one at a time, as Kafka
+//! brokers do, so responses never overtake each other.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use crate::api::{self, Context};
+use crate::BrokerService;
+
+/// A request frame's bytes at most (Runnel's batch limit plus room for the
+/// request around it). Kafka's own default is 100 MiB.
+pub const FRAME_BYTES_MAX: usize = runnel_storage::batch::BATCH_BYTES_HARD_LIMIT + (1 << 20);
+/// Open Kafka connections per node at most; more are closed at once.
+pub const CONNECTIONS_MAX: usize = 1024;
+/// A connection with no request for this long is closed (Kafka's
+/// `connections.max.idle.ms`).
+pub const IDLE_CONNECTION: Duration = Duration::from_secs(600);
+/// How often a node retries recording its advertised address while the
+/// controller is not reachable.
+const REGISTER_RETRY: Duration = Duration::from_millis(500);
+
+/// `runnel node --kafka-listen ADDR [--kafka-advertise HOST:PORT]`.
+#[derive(Clone, Debug)]
+pub struct KafkaListenerConfig {
+    pub listen: SocketAddr,
+    /// What Kafka clients are told to connect to (`host:port`).
+    pub advertised: String,
+}
+
+/// A node's running Kafka listener.
+pub struct KafkaListener {
+    local_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl KafkaListener {
+    /// Binds the listener, serves connections, and records the advertised
+    /// address in the cluster's metadata (retrying until the controller
+    /// answers), so every node's Metadata answers name this node.
+    pub async fn start(config: KafkaListenerConfig, service: BrokerService) -> anyhow::Result<KafkaListener> {
+        if !config.listen.ip().is_loopback() {
+            bail!(
+                "--kafka-listen {}: the Kafka listener serves plaintext only (TLS for it is not built yet), \
+                 so it listens on a loopback address only, such as 127.0.0.1:9092",
+                config.listen
+            );
+        }
+        runnel_actors::metadata::validate_advertised(&config.advertised)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("--kafka-listen {}: cannot listen", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let context = Arc::new(Context::new(service.clone()));
+        tracing::info!(listen = %local_addr, advertised = %config.advertised, "serving the Kafka protocol");
+        let accept = tokio::spawn(accept_loop(listener, context));
+        let register = tokio::spawn(register(service, config.advertised));
+        Ok(KafkaListener {
+            local_addr,
+            tasks: vec![accept, register],
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shutdown(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for KafkaListener {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+async fn register(service: BrokerService, advertised: String) {
+    let mut attempts = 0u64;
+    loop {
+        match service.register_kafka_listener(Some(advertised.clone())).await {
+            Ok(()) => return,
+            Err(e) => {
+                attempts += 1;
+                if attempts % 20 == 1 {
+                    tracing::info!(error = %e, "recording this node's Kafka address; retrying");
+                }
+            }
+        }
+        tokio::time::sleep(REGISTER_RETRY).await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, context: Arc<Context>) {
+    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a Kafka connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, limit = CONNECTIONS_MAX, "too many Kafka connections; closing the new one");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let context = context.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(&context, stream).await {
+                tracing::warn!(%peer, error = %format!("{e:#}"), "closing a Kafka connection");
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// Answers one connection's requests in order until it closes.
+async fn serve_connection(context: &Context, mut stream: TcpStream) -> anyhow::Result<()> {
+    loop {
+        let Some(frame) = read_frame(&mut stream).await? else {
+            return Ok(());
+        };
+        if let Some(response) = api::respond(context, frame).await? {
+            write_frame(&mut stream, response).await?;
+        }
+    }
+}
+
+/// The next request frame, or none at a clean end of stream.
+async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<Option<Bytes>> {
+    let mut size = [0u8; 4];
+    match tokio::time::timeout(IDLE_CONNECTION, stream.read_exact(&mut size)).await {
+        Err(_) => bail!("idle for {} s", IDLE_CONNECTION.as_secs()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Ok(read) => read.context("reading a frame size")?,
+    };
+    let size = i32::from_be_bytes(size);
+    let size = frame_size(size)?;
+    let mut frame = BytesMut::zeroed(size);
+    stream.read_exact(&mut frame).await.context("reading a frame")?;
+    Ok(Some(frame.freeze()))
+}
+
+/// A frame size from the wire, checked against [`FRAME_BYTES_MAX`].
+pub fn frame_size(size: i32) -> anyhow::Result<usize> {
+    match usize::try_from(size) {
+        Ok(size) if size <= FRAME_BYTES_MAX => Ok(size),
+        _ => bail!("a request frame of {size} bytes is outside [0, {FRAME_BYTES_MAX}] (is this a Kafka client?)"),
+    }
+}
+
+async fn write_frame(stream: &mut TcpStream, body: BytesMut) -> anyhow::Result<()> {
+    let size = u32::try_from(body.len()).context("response too large")?;
+    stream.write_all(&size.to_be_bytes()).await?;
+    stream.write_all(&body).await?;
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Kafka clients against a 3-node cluster's Kafka listeners, unchanged:
+//! kcat (librdkafka) and kafka-python produce, with every compression codec
+//! and an idempotent producer, consume, read offsets and create topics; a
+//! garbage frame closes only its own connection; and killing a partition's
+//! leader loses no acknowledged record and duplicates none.
+//!
+//! kcat and kafka-python are outside parts: `.ci/test` installs them (kcat
+//! from Debian's packages, kafka-python into a virtualenv under `target/`,
+//! named by `RUNNEL_KAFKA_PYTHON`). Without them these tests fail, saying so.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{certs_init, wait_for, NodeCommand, NodeProcess};
+use runnel::cluster::NodeId;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
+
+struct KafkaCluster {
+    scratch: tempfile::TempDir,
+    kafka: Vec<SocketAddr>,
+    nodes: Vec<NodeProcess>,
+}
+
+impl KafkaCluster {
+    fn bootstrap(&self, except: &[usize]) -> String {
+        let addrs = self.kafka.iter().enumerate().filter(|(i, _)| !except.contains(i));
+        addrs.map(|(_, a)| a.to_string()).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// Three nodes on 127.0.0.`first_host`.., each serving Kafka on a TCP port.
+fn start_cluster(first_host: u8) -> KafkaCluster {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 3);
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|i| common::free_addr_on_host(first_host + i).expect("a free loopback address"))
+        .collect();
+    let kafka: Vec<SocketAddr> = addrs.iter().map(|a| free_tcp_port(a.ip())).collect();
+    let nodes = (0..3)
+        .map(|i| {
+            NodeCommand::for_tests(env!("CARGO_BIN_EXE_runnel"), scratch.path(), &certs, &addrs)
+                .flags(["--kafka-listen", &kafka[i].to_string()])
+                .spawn(NodeId(i as u32 + 1), addrs[i])
+                .expect("spawn runnel node")
+        })
+        .collect();
+    KafkaCluster { scratch, kafka, nodes }
+}
+
+fn free_tcp_port(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).expect("a free TCP port");
+    listener.local_addr().expect("local address")
+}
+
+fn kcat() -> Command {
+    let found = Command::new("kcat").arg("-V").stdout(Stdio::null()).status();
+    assert!(
+        found.is_ok_and(|s| s.success()),
+        "kcat is not installed: run `.ci/test`, which installs it, or `apt-get install kcat`"
+    );
+    Command::new("kcat")
+}
+
+fn python() -> Command {
+    let python = std::env::var("RUNNEL_KAFKA_PYTHON").unwrap_or_else(|_| {
+        panic!("RUNNEL_KAFKA_PYTHON is not set: run `.ci/test`, which makes a virtualenv with kafka-python and sets it")
+    });
+    let mut command = Command::new(python);
+    command.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_clients.py"));
+    command
+}
+
+fn run(command: &mut Command, what: &str, stdin: Option<&[u8]>) -> Output {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin.unwrap_or_default()).expect("write stdin");
+    drop(input);
+    let output = wait_with_deadline(child, what);
+    assert!(
+        output.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    output
+}
+
+/// Waits for a child process (its output read as it comes, so a full pipe
+/// never stalls it), killing it past [`TIMEOUT`].
+fn wait_with_deadline(child: std::process::Child, what: &str) -> Output {
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(child.wait_with_output()));
+    match finished.recv_timeout(TIMEOUT) {
+        Ok(output) => output.expect("output"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("{what} did not finish in {TIMEOUT:?}");
+        }
+    }
+}
+
+fn json_lines(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// `kcat -L -J` as the listener at `bootstrap` answers it.
+fn metadata(bootstrap: &str) -> Option<serde_json::Value> {
+    let mut command = kcat();
+    command.args(["-b", bootstrap, "-L", "-J", "-m", "5"]);
+    let output = command.output().ok()?;
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+fn leaders(bootstrap: &str, topic: &str) -> Option<Vec<i64>> {
+    let metadata = metadata(bootstrap)?;
+    let topic = metadata["topics"].as_array()?.iter().find(|t| t["topic"] == topic)?;
+    let partitions = topic["partitions"].as_array()?;
+    partitions
+        .iter()
+        .map(|p| p["leader"].as_i64().filter(|l| *l > 0))
+        .collect()
+}
+
+/// Every record of `topic`, read by kcat to the end of each partition.
+fn kcat_records(bootstrap: &str, topic: &str) -> Vec<serde_json::Value> {
+    let mut command = kcat();
+    command.args(["-b", bootstrap, "-C", "-t", topic, "-o", "beginning", "-e", "-J", "-q"]);
+    json_lines(&run(&mut command, "kcat -C", None))
+}
+
+#[test]
+fn kafka_clients_produce_consume_and_create_topics_with_every_codec_and_a_garbage_frame_closes_only_its_connection() {
+    let cluster = start_cluster(230);
+    let bootstrap = cluster.bootstrap(&[]);
+    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
+        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
+    });
+
+    let created = run(
+        python().args(["create", &bootstrap, "orders", "3", "3"]),
+        "kafka-python create",
+        None,
+    );
+    assert_eq!(json_lines(&created)[0]["created"], "orders");
+    wait_for("orders' leaders", TIMEOUT, || leaders(&bootstrap, "orders").is_some());
+
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    for codec in CODECS {
+        let lines: Vec<String> = (0..200).map(|i| format!("k{i}:{codec}-{i}")).collect();
+        expected.extend((0..200).map(|i| format!("{codec}-{i}")));
+        let mut command = kcat();
+        command.args([
+            "-b", &bootstrap, "-P", "-t", "orders", "-K:", "-z", codec, "-X", "acks=all",
+        ]);
+        run(
+            &mut command,
+            &format!("kcat -P -z {codec}"),
+            Some(lines.join("\n").as_bytes()),
+        );
+    }
+    let produced = run(
+        python().args(["produce", &bootstrap, "orders", "500", "py"]),
+        "kafka-python produce",
+        None,
+    );
+    let acked: Vec<_> = json_lines(&produced)
+        .into_iter()
+        .filter(|l| l.get("acked").is_some())
+        .collect();
+    assert_eq!(acked.len(), 500);
+    expected.extend((0..500).map(|i| format!("py-{i}")));
+
+    let records = kcat_records(&bootstrap, "orders");
+    let values: Vec<String> = records
+        .iter()
+        .map(|r| r["payload"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(values.len(), expected.len(), "every record once");
+    assert_eq!(values.iter().cloned().collect::<BTreeSet<_>>(), expected);
+    let keyed = records.iter().find(|r| r["payload"] == "zstd-7").expect("zstd-7");
+    assert_eq!(keyed["key"], "k7", "keys survive");
+
+    let consumed = run(
+        python().args(["consume", &bootstrap, "orders"]),
+        "kafka-python consume",
+        None,
+    );
+    let lines = json_lines(&consumed);
+    let python_values: BTreeSet<String> = lines
+        .iter()
+        .filter_map(|l| l["value"].as_str().map(String::from))
+        .collect();
+    assert_eq!(python_values, expected, "kafka-python reads the same records");
+    let header = lines.iter().find(|l| l["value"] == "py-3").expect("py-3");
+    assert_eq!(header["headers"]["tag"], "py", "headers survive");
+
+    garbage_frames_close_only_their_connection(cluster.kafka[0], &bootstrap);
+    drop(cluster.scratch);
+}
+
+/// A frame that is not Kafka, and one claiming 2 GiB, each close their own
+/// connection; the listener keeps serving.
+fn garbage_frames_close_only_their_connection(listener: SocketAddr, bootstrap: &str) {
+    for frame in [
+        &b"\x00\x00\x00\x08GET / HT"[..],
+        &b"\x7f\xff\xff\xff"[..],
+        &b"\x00\x00\x00\x04\x7f\x00\x00\x00"[..],
+    ] {
+        let mut stream = TcpStream::connect(listener).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        stream.write_all(frame).expect("write");
+        let mut rest = Vec::new();
+        let read = stream.read_to_end(&mut rest);
+        assert!(read.is_ok_and(|n| n == 0), "closed without an answer: {rest:?}");
+    }
+    assert!(metadata(bootstrap).is_some(), "still serving");
+}
+
+#[test]
+fn killing_a_partition_leader_under_a_kafka_producer_loses_and_duplicates_nothing() {
+    let mut cluster = start_cluster(235);
+    let bootstrap = cluster.bootstrap(&[]);
+    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
+        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
+    });
+    run(
+        python().args(["create", &bootstrap, "payments", "3", "3"]),
+        "kafka-python create",
+        None,
+    );
+    wait_for("payments' leaders", TIMEOUT, || {
+        leaders(&bootstrap, "payments").is_some()
+    });
+    let before = run(
+        python().args(["produce", &bootstrap, "payments", "300", "before"]),
+        "produce",
+        None,
+    );
+    let mut acked = acked_values(&before);
+
+    let leader = leaders(&bootstrap, "payments").expect("leaders")[0] as usize;
+    let killed_at = Instant::now();
+    cluster.nodes[leader - 1].kill();
+    let survivors = cluster.bootstrap(&[leader - 1]);
+    let after = run(
+        python().args(["produce", &survivors, "payments", "300", "after"]),
+        "produce",
+        None,
+    );
+    let failover = killed_at.elapsed();
+    acked.extend(acked_values(&after));
+    let new_leaders = leaders(&survivors, "payments").expect("leaders after the kill");
+    assert!(
+        !new_leaders.contains(&(leader as i64)),
+        "{new_leaders:?} still names node {leader}"
+    );
+
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for record in kcat_records(&survivors, "payments") {
+        *seen
+            .entry(record["payload"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    let lost: Vec<_> = acked.iter().filter(|v| !seen.contains_key(*v)).collect();
+    let duplicated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    assert!(duplicated.is_empty(), "duplicated: {duplicated:?}");
+    assert_eq!(acked.len(), 600);
+    println!(
+        "node {leader} (leader of partition 0) SIGKILLed; 300 more records acknowledged by the survivors \
+         {:.1} s later; new leaders {new_leaders:?}; none lost, none duplicated",
+        failover.as_secs_f64()
+    );
+}
+
+fn acked_values(output: &Output) -> BTreeSet<String> {
+    json_lines(output)
+        .iter()
+        .filter_map(|l| l["acked"].as_str().map(String::from))
+        .collect()
+}

@@ -1,0 +1,80 @@
+"""kafka-python against a Runnel cluster's Kafka listeners (tests/kafka.rs).
+
+Each command prints JSON lines the Rust test reads:
+  create BOOTSTRAP TOPIC PARTITIONS REPLICATION
+  produce BOOTSTRAP TOPIC COUNT TAG     (idempotent, acks=all, gzip)
+  consume BOOTSTRAP TOPIC               (every record up to the end offsets)
+"""
+
+import json
+import sys
+import time
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+
+
+def emit(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def create(bootstrap, topic, partitions, replication):
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=30000)
+    admin.create_topics([NewTopic(topic, num_partitions=int(partitions), replication_factor=int(replication))])
+    emit(created=topic, topics=sorted(admin.list_topics()))
+    admin.close()
+
+
+def produce(bootstrap, topic, count, tag):
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap.split(","),
+        acks="all",
+        enable_idempotence=True,
+        compression_type="gzip",
+        retries=100,
+        retry_backoff_ms=100,
+        request_timeout_ms=10000,
+        delivery_timeout_ms=60000,
+        linger_ms=5,
+    )
+    started = time.monotonic()
+    sent = []
+    for i in range(int(count)):
+        value = "%s-%d" % (tag, i)
+        future = producer.send(topic, key=("k%d" % i).encode(), value=value.encode(), headers=[("tag", tag.encode())])
+        sent.append((value, future))
+    producer.flush()
+    for value, future in sent:
+        meta = future.get(timeout=60)
+        emit(acked=value, partition=meta.partition, offset=meta.offset)
+    emit(done=len(sent), seconds=round(time.monotonic() - started, 3))
+    producer.close()
+
+
+def consume(bootstrap, topic):
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap.split(","),
+        enable_auto_commit=False,
+        consumer_timeout_ms=10000,
+    )
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning()
+    ends = consumer.end_offsets(partitions)
+    for message in consumer:
+        emit(
+            partition=message.partition,
+            offset=message.offset,
+            key=message.key.decode() if message.key is not None else None,
+            value=message.value.decode(),
+            headers={k: v.decode() for k, v in message.headers},
+        )
+        if all(consumer.position(tp) >= ends[tp] for tp in partitions):
+            break
+    emit(end_offsets={str(tp.partition): offset for tp, offset in ends.items()})
+    consumer.close()
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], sys.argv[2:]
+    {"create": create, "produce": produce, "consume": consume}[command](*args)
