@@ -63,7 +63,7 @@ pub fn produced_batch(mut records: Bytes, now_ms: i64) -> Result<RecordBatch, Re
     check_batch_headers(&records)?;
     let set = RecordBatchDecoder::decode_with_custom_compression(&mut records, Some(decompress))
         .map_err(|e| RecordsError::Corrupt(format!("{e:#}")))?;
-    if records.len() > 0 {
+    if !records.is_empty() {
         return Err(RecordsError::BatchCount(2));
     }
     to_runnel(&set.records, now_ms)

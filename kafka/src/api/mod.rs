@@ -74,7 +74,34 @@ pub fn served(api: ApiKey) -> Option<(i16, i16)> {
 
 /// Answers one request frame: the response frame's body, or none when the
 /// request wants no answer (a produce with `acks=0`).
-pub async fn respond(context: &Context, mut frame: Bytes) -> Result<Option<BytesMut>, RequestError> {
+pub async fn respond(context: &Context, frame: Bytes) -> Result<Option<BytesMut>, RequestError> {
+    match route(frame)? {
+        Route::Answer(response) => Ok(Some(response)),
+        Route::Serve {
+            api,
+            version,
+            correlation_id,
+            body,
+        } => dispatch(context, api, version, correlation_id, body).await,
+    }
+}
+
+/// Where a request frame goes, decided from its header alone.
+#[derive(Debug)]
+pub enum Route {
+    /// Answered without the cluster (an ApiVersions newer than served).
+    Answer(BytesMut),
+    /// To the API's handler, with the request body after the header.
+    Serve {
+        api: ApiKey,
+        version: i16,
+        correlation_id: i32,
+        body: Bytes,
+    },
+}
+
+/// Reads a request frame's header and checks the API and version are served.
+pub fn route(mut frame: Bytes) -> Result<Route, RequestError> {
     if frame.len() < 8 {
         return Err(RequestError::Short(frame.len()));
     }
@@ -90,20 +117,21 @@ pub async fn respond(context: &Context, mut frame: Bytes) -> Result<Option<Bytes
     })?;
     let correlation_id = header.correlation_id;
     match served(api) {
-        Some((min, max)) if (min..=max).contains(&version) => {}
+        Some((min, max)) if (min..=max).contains(&version) => Ok(Route::Serve {
+            api,
+            version,
+            correlation_id,
+            body: frame,
+        }),
         _ if api == ApiKey::ApiVersions => {
-            let body = api_versions::unsupported();
-            return encode(api, 0, correlation_id, &body).map(Some);
+            encode(api, 0, correlation_id, &api_versions::unsupported()).map(Route::Answer)
         }
-        _ => {
-            return Err(RequestError::Unsupported {
-                api,
-                version,
-                served: served(api).map_or("no version".to_string(), |(a, b)| format!("versions {a} to {b}")),
-            })
-        }
+        _ => Err(RequestError::Unsupported {
+            api,
+            version,
+            served: served(api).map_or("no version".to_string(), |(a, b)| format!("versions {a} to {b}")),
+        }),
     }
-    dispatch(context, api, version, correlation_id, frame).await
 }
 
 async fn dispatch(

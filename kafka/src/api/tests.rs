@@ -1,1 +1,143 @@
+//! Routing of request frames, decided from the header alone, and garbage
+//! that must get a named error, never a panic.
 
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, DeleteTopicsRequest, FetchRequest,
+    InitProducerIdRequest, ListOffsetsRequest, MetadataRequest, ProduceRequest, RequestHeader, ResponseHeader,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use proptest::prelude::*;
+
+use super::{decode, route, RequestError, Route, SUPPORTED};
+
+fn frame(api: ApiKey, version: i16, body: impl Encodable) -> Bytes {
+    let mut out = BytesMut::new();
+    RequestHeader::default()
+        .with_request_api_key(api as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(7)
+        .with_client_id(Some(StrBytes::from_static_str("test")))
+        .encode(&mut out, api.request_header_version(version))
+        .expect("header");
+    body.encode(&mut out, version).expect("body");
+    out.freeze()
+}
+
+#[test]
+fn a_served_request_goes_to_its_handler_with_its_correlation_id() {
+    let routed = route(frame(ApiKey::ApiVersions, 3, ApiVersionsRequest::default())).expect("served");
+    let Route::Serve {
+        api,
+        version,
+        correlation_id,
+        body,
+    } = routed
+    else {
+        panic!("answered without the handler");
+    };
+    assert_eq!((api, version, correlation_id), (ApiKey::ApiVersions, 3, 7));
+    ApiVersionsRequest::decode(&mut body.clone(), 3).expect("the body after the header");
+}
+
+#[test]
+fn an_api_versions_request_newer_than_served_gets_unsupported_version_and_the_table_in_version_0() {
+    let mut request = BytesMut::new();
+    request.extend_from_slice(&(ApiKey::ApiVersions as i16).to_be_bytes());
+    request.extend_from_slice(&9i16.to_be_bytes());
+    request.extend_from_slice(&7i32.to_be_bytes());
+    request.extend_from_slice(&[0, 4, b't', b'e', b's', b't', 0]);
+    let Route::Answer(mut answer) = route(request.freeze()).expect("answered") else {
+        panic!("version 9 was served");
+    };
+    let header = ResponseHeader::decode(&mut answer, 0).expect("header v0");
+    assert_eq!(header.correlation_id, 7);
+    let response = ApiVersionsResponse::decode(&mut answer, 0).expect("ApiVersions v0");
+    assert_eq!(response.error_code, 35, "UNSUPPORTED_VERSION");
+    let produce = response
+        .api_keys
+        .iter()
+        .find(|k| k.api_key == ApiKey::Produce as i16)
+        .expect("produce");
+    assert_eq!((produce.min_version, produce.max_version), (3, 9));
+    assert_eq!(response.api_keys.len(), SUPPORTED.len());
+}
+
+#[test]
+fn other_apis_and_versions_not_served_and_garbage_are_refused_by_name() {
+    let metadata_13 = route(frame(ApiKey::Metadata, 13, MetadataRequest::default())).expect_err("13");
+    assert!(
+        metadata_13
+            .to_string()
+            .contains("Metadata version 13 is not served (this listener serves versions 0 to 12)"),
+        "{metadata_13}"
+    );
+    let mut join = BytesMut::from(&(ApiKey::JoinGroup as i16).to_be_bytes()[..]);
+    join.extend_from_slice(&[0, 0, 0, 0, 0, 7, 0xff, 0xff]);
+    let join = route(join.freeze()).expect_err("groups");
+    assert!(
+        join.to_string()
+            .contains("JoinGroup version 0 is not served (this listener serves no version)"),
+        "{join}"
+    );
+    assert!(matches!(
+        route(Bytes::from_static(b"GET / HTTP/1.1")),
+        Err(RequestError::UnknownApi(_))
+    ));
+    assert!(matches!(
+        route(Bytes::from_static(b"\x00\x03")),
+        Err(RequestError::Short(2))
+    ));
+    let cut = route(Bytes::from_static(b"\x00\x03\x00\x09\x00\x00\x00\x07\x00")).expect_err("cut short");
+    assert!(
+        cut.to_string().contains("Metadata v9 request does not decode: header"),
+        "{cut}"
+    );
+}
+
+#[test]
+fn every_served_api_has_a_version_range_kafka_protocol_knows() {
+    for &(api, min, max) in SUPPORTED {
+        let known = api.valid_versions();
+        assert!(
+            known.min <= min && max <= known.max,
+            "{api:?} {min}..={max} outside {known}"
+        );
+    }
+}
+
+/// Garbage after a valid header of each served API and version.
+fn decode_any(api: ApiKey, version: i16, body: &[u8]) {
+    let mut body = Bytes::copy_from_slice(body);
+    let _ = match api {
+        ApiKey::Produce => decode::<ProduceRequest>(api, version, &mut body).map(drop),
+        ApiKey::Fetch => decode::<FetchRequest>(api, version, &mut body).map(drop),
+        ApiKey::ListOffsets => decode::<ListOffsetsRequest>(api, version, &mut body).map(drop),
+        ApiKey::Metadata => decode::<MetadataRequest>(api, version, &mut body).map(drop),
+        ApiKey::ApiVersions => decode::<ApiVersionsRequest>(api, version, &mut body).map(drop),
+        ApiKey::CreateTopics => decode::<CreateTopicsRequest>(api, version, &mut body).map(drop),
+        ApiKey::DeleteTopics => decode::<DeleteTopicsRequest>(api, version, &mut body).map(drop),
+        ApiKey::InitProducerId => decode::<InitProducerIdRequest>(api, version, &mut body).map(drop),
+        other => panic!("{other:?} has no decoder here"),
+    };
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn random_frames_never_panic_the_router(frame in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let _ = route(Bytes::from(frame));
+    }
+
+    #[test]
+    fn random_bodies_never_panic_a_served_decoder(
+        which in 0..SUPPORTED.len(),
+        version_pick in any::<u8>(),
+        body in proptest::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let (api, min, max) = SUPPORTED[which];
+        let version = min + (version_pick as i16) % (max - min + 1);
+        decode_any(api, version, &body);
+    }
+}
