@@ -33,6 +33,7 @@
 pub mod broker;
 pub mod controller;
 mod error;
+pub mod groups;
 pub mod metadata;
 pub mod partition;
 pub mod producers;

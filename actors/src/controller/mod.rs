@@ -16,6 +16,7 @@
 //!   adapter over it.
 
 pub mod core;
+mod groups;
 mod leader;
 pub mod service;
 
@@ -41,6 +42,9 @@ pub use service::{BrokerService, ServiceError};
 /// How often the controller leader looks for dead nodes' replicas to move,
 /// and every node nudges unsettled groups.
 const HEAL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often consumer groups expire silent members and check which groups
+/// this node still coordinates.
+const GROUP_TICK: Duration = Duration::from_millis(200);
 /// How long a node waits for a group leader's configuration before it
 /// asks another (the control loop waits meanwhile).
 const MEMBERS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -84,6 +88,8 @@ struct Shared {
     core: Mutex<ControllerCore>,
     /// This node's dataflow runtime, if its binary has one.
     tasks: Option<Arc<dyn TaskHost>>,
+    /// The consumer groups this node coordinates.
+    groups: crate::groups::Coordinator,
 }
 
 pub struct Controller {
@@ -122,10 +128,20 @@ impl Controller {
             config: config.clone(),
             core: Mutex::new(core),
             tasks,
+            groups: crate::groups::Coordinator::new(unix_ms() as u64 ^ u64::from(me.0) << 48),
         });
         let mut handles = Vec::new();
         let follower = shared.clone();
         handles.push(tokio::spawn(async move { follower.follow().await }));
+        let groups = shared.clone();
+        handles.push(tokio::spawn(async move {
+            let mut interval = tokio::time::interval(GROUP_TICK);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                groups.tick_groups().await;
+            }
+        }));
         let inbox = node.register(CONTROLLER_ACTOR, config.inbox_capacity)?;
         handles.push(tokio::spawn(serve_inbox(
             inbox,

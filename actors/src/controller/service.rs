@@ -76,7 +76,7 @@ pub struct ClusterMetadata {
 /// One node's client service. Cheap to clone.
 #[derive(Clone)]
 pub struct BrokerService {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl BrokerService {

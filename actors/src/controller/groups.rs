@@ -1,0 +1,359 @@
+//! [`BrokerService`]'s consumer-group methods: the group coordinator's
+//! shell over [`crate::groups::core`], with committed offsets kept as
+//! records of the offsets topic (see [`crate::groups`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use runnel_client::{partition_for_key, OFFSETS_PARTITIONS, OFFSETS_TOPIC};
+use runnel_storage::{BatchBuilder, Record};
+
+use super::service::{BrokerService, ServiceError};
+use super::Shared;
+use crate::groups::core::{Answer, GroupError, GroupState, Join, Joined, Synced};
+use crate::groups::{offset_key, parse_offset, OffsetCache, CACHED_OFFSETS_MAX};
+use crate::metadata::{GroupId, MetadataError, NodeId, TopicConfig};
+use crate::protocol::{Acks, BrokerError};
+
+/// How long a parked join or sync waits at most (the longest rebalance
+/// timeout the core accepts, plus a margin).
+const PARKED_MAX: Duration = Duration::from_secs(1_800 + 30);
+/// Offsets one commit may carry at most.
+pub const COMMIT_OFFSETS_MAX: usize = 10_000;
+/// Bytes read per fetch while loading an offsets partition.
+const LOAD_FETCH_BYTES: usize = 1 << 20;
+
+/// Why a group request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupFailure {
+    #[error("this node is not the coordinator of group {0:?} (ask where it is again)")]
+    NotCoordinator(String),
+    #[error(transparent)]
+    Group(#[from] GroupError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+}
+
+/// A group as `describe` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupDescription {
+    pub state: &'static str,
+    pub protocol_type: String,
+    pub protocol: String,
+    pub generation: i32,
+    /// (member id, client id, client host, assignment bytes).
+    pub members: Vec<(String, String, String, Bytes)>,
+}
+
+impl BrokerService {
+    /// The node coordinating `group` (the leader of its offsets partition),
+    /// making the offsets topic first if the cluster has none yet.
+    pub async fn find_coordinator(&self, group: &str) -> Result<Option<NodeId>, ServiceError> {
+        self.ensure_offsets_topic().await?;
+        let partition = partition_for_key(group.as_bytes(), OFFSETS_PARTITIONS);
+        self.partition_leader(OFFSETS_TOPIC, partition).await
+    }
+
+    async fn ensure_offsets_topic(&self) -> Result<(), ServiceError> {
+        if self.shared.core().meta().metadata.topics.contains_key(OFFSETS_TOPIC) {
+            return Ok(());
+        }
+        let replication = self.kafka_brokers().len().clamp(1, 3) as u16;
+        let config = TopicConfig::new(OFFSETS_PARTITIONS, replication);
+        match self.create_topic(OFFSETS_TOPIC.to_string(), config).await {
+            Ok(()) | Err(ServiceError::Refused(MetadataError::TopicExists(_))) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The offsets partition of `group` if this node leads it.
+    async fn coordinating(&self, group: &str) -> Result<(GroupId, u32, u64), GroupFailure> {
+        let partition = partition_for_key(group.as_bytes(), OFFSETS_PARTITIONS);
+        let not_here = || GroupFailure::NotCoordinator(group.to_string());
+        let gid = self.locate(OFFSETS_TOPIC, partition).map_err(|_| not_here())?;
+        match self.shared.broker.status(gid).await {
+            Some(s) if s.leader == Some(self.node_id()) && s.commit_known => Ok((gid, partition, s.term)),
+            _ => Err(not_here()),
+        }
+    }
+
+    pub async fn join_group(&self, join: Join) -> Result<Joined, GroupFailure> {
+        self.coordinating(&join.group).await?;
+        let groups = &self.shared.groups;
+        let (ticket, answer) = groups.park();
+        let answers = groups.core().join(join, ticket, now_ms());
+        match answers {
+            Ok(answers) => groups.deliver(answers),
+            Err(e) => {
+                groups.unpark(ticket);
+                return Err(e.into());
+            }
+        }
+        match tokio::time::timeout(PARKED_MAX, answer).await {
+            Ok(Ok(Answer::Join(_, result))) => Ok(result?),
+            _ => Err(GroupError::RebalanceInProgress.into()),
+        }
+    }
+
+    pub async fn sync_group(
+        &self,
+        group: &str,
+        generation: i32,
+        member_id: &str,
+        assignments: Vec<(String, Bytes)>,
+    ) -> Result<Synced, GroupFailure> {
+        self.coordinating(group).await?;
+        let groups = &self.shared.groups;
+        let (ticket, answer) = groups.park();
+        let answers = groups
+            .core()
+            .sync(group, generation, member_id, assignments, ticket, now_ms());
+        match answers {
+            Ok(answers) => groups.deliver(answers),
+            Err(e) => {
+                groups.unpark(ticket);
+                return Err(e.into());
+            }
+        }
+        match tokio::time::timeout(PARKED_MAX, answer).await {
+            Ok(Ok(Answer::Sync(_, result))) => Ok(result?),
+            _ => Err(GroupError::RebalanceInProgress.into()),
+        }
+    }
+
+    pub async fn heartbeat(&self, group: &str, generation: i32, member_id: &str) -> Result<(), GroupFailure> {
+        self.coordinating(group).await?;
+        Ok(self
+            .shared
+            .groups
+            .core()
+            .heartbeat(group, generation, member_id, now_ms())?)
+    }
+
+    /// Each member's outcome.
+    pub async fn leave_group(
+        &self,
+        group: &str,
+        members: &[String],
+    ) -> Result<Vec<Result<(), GroupError>>, GroupFailure> {
+        self.coordinating(group).await?;
+        let (results, answers) = self.shared.groups.core().leave(group, members, now_ms());
+        self.shared.groups.deliver(answers);
+        Ok(results)
+    }
+
+    /// The groups this node coordinates: (id, protocol type, state).
+    pub fn list_groups(&self) -> Vec<(String, String, &'static str)> {
+        let core = self.shared.groups.core();
+        core.groups()
+            .map(|(name, g)| (name.clone(), g.protocol_type.clone(), state_name(g.state)))
+            .collect()
+    }
+
+    pub async fn describe_group(&self, group: &str) -> Result<GroupDescription, GroupFailure> {
+        self.coordinating(group).await?;
+        let core = self.shared.groups.core();
+        let Some(g) = core.group(group) else {
+            return Ok(GroupDescription {
+                state: "Dead",
+                protocol_type: String::new(),
+                protocol: String::new(),
+                generation: 0,
+                members: Vec::new(),
+            });
+        };
+        let members = g
+            .members
+            .iter()
+            .map(|(id, m)| {
+                (
+                    id.clone(),
+                    m.client_id.clone(),
+                    m.client_host.clone(),
+                    m.assignment.clone(),
+                )
+            })
+            .collect();
+        Ok(GroupDescription {
+            state: state_name(g.state),
+            protocol_type: g.protocol_type.clone(),
+            protocol: g.protocol.clone(),
+            generation: g.generation,
+            members,
+        })
+    }
+
+    /// Commits `offsets` (topic, partition, next offset) for a member of
+    /// `generation` (negative: a consumer outside group management), once
+    /// written on a majority of the offsets partition's replicas.
+    pub async fn commit_group_offsets(
+        &self,
+        group: &str,
+        generation: i32,
+        member_id: &str,
+        offsets: &[(String, u32, u64)],
+    ) -> Result<(), GroupFailure> {
+        let (gid, partition, term) = self.coordinating(group).await?;
+        self.shared.groups.core().check_commit(group, generation, member_id)?;
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        if offsets.len() > COMMIT_OFFSETS_MAX {
+            return Err(GroupError::Invalid("more offsets in one commit than allowed").into());
+        }
+        let mut caches = self.shared.groups.offsets.lock().await;
+        self.load_offsets(&mut caches, gid, partition, term).await?;
+        let mut builder = BatchBuilder::new();
+        for (topic, p, offset) in offsets {
+            builder
+                .push(&Record {
+                    timestamp_ms: now_ms() as i64,
+                    key: Some(offset_key(group, topic, *p)),
+                    value: Some(Bytes::copy_from_slice(&offset.to_le_bytes())),
+                    headers: Vec::new(),
+                })
+                .map_err(|e| BrokerError::InvalidRequest(e.to_string()))
+                .map_err(ServiceError::from)?;
+        }
+        let batch = builder
+            .build()
+            .map_err(|e| ServiceError::from(BrokerError::InvalidRequest(e.to_string())))?;
+        self.shared
+            .broker
+            .produce(gid, batch, Acks::All)
+            .await
+            .map_err(ServiceError::from)?;
+        let cache = caches.entry(partition).or_default();
+        for (topic, p, offset) in offsets {
+            cache.offsets.insert((group.to_string(), topic.clone(), *p), *offset);
+        }
+        Ok(())
+    }
+
+    /// `group`'s committed offsets: of the given (topic, partition)s, or
+    /// all of them.
+    pub async fn group_offsets(
+        &self,
+        group: &str,
+        wanted: Option<&[(String, u32)]>,
+    ) -> Result<Vec<(String, u32, Option<u64>)>, GroupFailure> {
+        let (gid, partition, term) = self.coordinating(group).await?;
+        let mut caches = self.shared.groups.offsets.lock().await;
+        self.load_offsets(&mut caches, gid, partition, term).await?;
+        let cache = caches.entry(partition).or_default();
+        let lookup = |topic: &str, p: u32| cache.offsets.get(&(group.to_string(), topic.to_string(), p)).copied();
+        Ok(match wanted {
+            Some(wanted) => wanted.iter().map(|(t, p)| (t.clone(), *p, lookup(t, *p))).collect(),
+            None => cache
+                .offsets
+                .iter()
+                .filter(|((g, _, _), _)| g == group)
+                .map(|((_, t, p), o)| (t.clone(), *p, Some(*o)))
+                .collect(),
+        })
+    }
+
+    /// Reads an offsets partition led here into its cache, unless the cache
+    /// is of the current term already.
+    async fn load_offsets(
+        &self,
+        caches: &mut std::collections::BTreeMap<u32, OffsetCache>,
+        gid: GroupId,
+        partition: u32,
+        term: u64,
+    ) -> Result<(), ServiceError> {
+        if caches.get(&partition).is_some_and(|c| c.term == term) {
+            return Ok(());
+        }
+        let mut cache = OffsetCache {
+            term,
+            ..OffsetCache::default()
+        };
+        let mut offset = self.offset_range(OFFSETS_TOPIC, partition).await?.0;
+        loop {
+            let fetched = self.shared.broker.fetch(gid, offset, LOAD_FETCH_BYTES, false).await?;
+            let Some(last) = fetched.batches.last() else { break };
+            let next = last.next_offset();
+            for batch in &fetched.batches {
+                read_offsets(batch, offset, &mut cache);
+            }
+            if next >= fetched.committed_offset || next == offset {
+                break;
+            }
+            offset = next;
+        }
+        tracing::info!(
+            partition,
+            offsets = cache.offsets.len(),
+            term,
+            "loaded committed offsets"
+        );
+        caches.insert(partition, cache);
+        Ok(())
+    }
+}
+
+fn read_offsets(batch: &runnel_storage::RecordBatch, from: u64, cache: &mut OffsetCache) {
+    if batch.is_control() {
+        return;
+    }
+    for view in batch.views().flatten() {
+        let Some(key) = view.key.filter(|_| view.offset >= from) else {
+            continue;
+        };
+        match parse_offset(key, view.value) {
+            Some((key, Some(offset)))
+                if cache.offsets.len() < CACHED_OFFSETS_MAX || cache.offsets.contains_key(&key) =>
+            {
+                cache.offsets.insert(key, offset);
+            }
+            Some((key, None)) => {
+                cache.offsets.remove(&key);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn state_name(state: GroupState) -> &'static str {
+    match state {
+        GroupState::Empty => "Empty",
+        GroupState::PreparingRebalance => "PreparingRebalance",
+        GroupState::CompletingRebalance => "CompletingRebalance",
+        GroupState::Stable => "Stable",
+    }
+}
+
+impl Shared {
+    /// Expires silent members, completes rebalances whose time is up, and
+    /// drops the groups whose offsets partition this node no longer leads.
+    pub(super) async fn tick_groups(&self) {
+        let answers = self.groups.core().tick(now_ms());
+        self.groups.deliver(answers);
+        let mut led = Vec::new();
+        let gids: Vec<(u32, GroupId)> = {
+            let core = self.core();
+            match core.meta().metadata.topics.get(OFFSETS_TOPIC) {
+                Some(topic) => (0..topic.config.partitions).map(|p| (p, topic.group_id(p))).collect(),
+                None => Vec::new(),
+            }
+        };
+        for (partition, gid) in gids {
+            if self
+                .broker
+                .status(gid)
+                .await
+                .is_some_and(|s| s.leader == Some(self.me()))
+            {
+                led.push(partition);
+            }
+        }
+        let moved = |group: &str| !led.contains(&partition_for_key(group.as_bytes(), OFFSETS_PARTITIONS));
+        let answers = self.groups.core().drop_groups(moved);
+        self.groups.deliver(answers);
+    }
+}
+
+fn now_ms() -> u64 {
+    super::unix_ms().max(0) as u64
+}

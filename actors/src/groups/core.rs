@@ -1,0 +1,589 @@
+//! The consumer-group membership state machine, deterministic: requests
+//! and the time in, answers out. Kafka's group protocol: members join, the
+//! coordinator waits for every known member to rejoin (or the rebalance
+//! timeout), starts a new generation with one member as leader, the leader
+//! sends the assignment (computed by the clients, by a protocol they chose),
+//! and every member gets its share from SyncGroup. Heartbeats keep members
+//! alive; a member silent for its session timeout is removed, which starts
+//! a rebalance. Generation ids fence members of an older generation.
+//!
+//! A join or sync that must wait is parked under a [`Ticket`]; the answer
+//! comes out of a later call as an [`Answer`] for that ticket.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+/// Identifies a parked join or sync request.
+pub type Ticket = u64;
+
+/// Groups one coordinator holds at most.
+pub const GROUPS_MAX: usize = 10_000;
+/// Members one group holds at most.
+pub const MEMBERS_MAX: usize = 1_000;
+/// Session timeouts accepted, in milliseconds (Kafka's
+/// `group.min/max.session.timeout.ms` are 6 s and 30 min).
+pub const SESSION_TIMEOUT_MIN_MS: u64 = 1_000;
+pub const SESSION_TIMEOUT_MAX_MS: u64 = 1_800_000;
+/// Protocols one member may offer, and bytes of their metadata.
+pub const PROTOCOLS_MAX: usize = 32;
+pub const METADATA_BYTES_MAX: usize = 1 << 20;
+
+/// Why a group request was refused (each is a Kafka error code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GroupError {
+    #[error("unknown member id (it left, timed out, or the coordinator moved): rejoin")]
+    UnknownMemberId,
+    #[error("the generation id is not the group's current one: rejoin")]
+    IllegalGeneration,
+    #[error("the group is rebalancing: rejoin")]
+    RebalanceInProgress,
+    #[error("no protocol (or protocol type) is shared with the group's members")]
+    InconsistentGroupProtocol,
+    #[error("session timeout outside [{SESSION_TIMEOUT_MIN_MS}, {SESSION_TIMEOUT_MAX_MS}] ms")]
+    InvalidSessionTimeout,
+    #[error("the group has {MEMBERS_MAX} members already")]
+    GroupMaxSizeReached,
+    #[error("the coordinator holds {GROUPS_MAX} groups already")]
+    TooManyGroups,
+    #[error("the request is invalid: {0}")]
+    Invalid(&'static str),
+}
+
+/// A member's JoinGroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Join {
+    pub group: String,
+    /// Empty for a new member: the coordinator names it.
+    pub member_id: String,
+    pub client_id: String,
+    pub client_host: String,
+    pub protocol_type: String,
+    /// (protocol name, its metadata), in the member's order of preference.
+    pub protocols: Vec<(String, Bytes)>,
+    pub session_timeout_ms: u64,
+    pub rebalance_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Joined {
+    pub generation: i32,
+    pub protocol_type: String,
+    pub protocol: String,
+    pub leader: String,
+    pub member_id: String,
+    /// Every member and its metadata for the chosen protocol, for the
+    /// leader only (it computes the assignment).
+    pub members: Vec<(String, Bytes)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Synced {
+    pub protocol_type: String,
+    pub protocol: String,
+    pub assignment: Bytes,
+}
+
+/// The answer to a parked request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Join(Ticket, Result<Joined, GroupError>),
+    Sync(Ticket, Result<Synced, GroupError>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupState {
+    Empty,
+    PreparingRebalance,
+    CompletingRebalance,
+    Stable,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub client_id: String,
+    pub client_host: String,
+    pub session_timeout_ms: u64,
+    pub rebalance_timeout_ms: u64,
+    pub protocols: Vec<(String, Bytes)>,
+    pub assignment: Bytes,
+    last_seen_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub state: GroupState,
+    pub generation: i32,
+    pub protocol_type: String,
+    pub protocol: String,
+    pub leader: String,
+    pub members: BTreeMap<String, Member>,
+    joins: BTreeMap<String, Ticket>,
+    syncs: BTreeMap<String, Ticket>,
+    rebalance_deadline_ms: u64,
+}
+
+impl Group {
+    fn new() -> Group {
+        Group {
+            state: GroupState::Empty,
+            generation: 0,
+            protocol_type: String::new(),
+            protocol: String::new(),
+            leader: String::new(),
+            members: BTreeMap::new(),
+            joins: BTreeMap::new(),
+            syncs: BTreeMap::new(),
+            rebalance_deadline_ms: 0,
+        }
+    }
+}
+
+/// Every group one coordinator serves.
+#[derive(Debug)]
+pub struct GroupsCore {
+    groups: BTreeMap<String, Group>,
+    /// Makes member ids unique to this coordinator's life, so members of a
+    /// coordinator that moved are unknown here and rejoin.
+    nonce: u64,
+    next_member: u64,
+}
+
+impl GroupsCore {
+    pub fn new(nonce: u64) -> GroupsCore {
+        GroupsCore {
+            groups: BTreeMap::new(),
+            nonce,
+            next_member: 0,
+        }
+    }
+
+    pub fn group(&self, name: &str) -> Option<&Group> {
+        self.groups.get(name)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = (&String, &Group)> {
+        self.groups.iter()
+    }
+
+    /// A JoinGroup: answered at once when refused, else parked until the
+    /// rebalance completes (which this call may do).
+    pub fn join(&mut self, join: Join, ticket: Ticket, now_ms: u64) -> Result<Vec<Answer>, GroupError> {
+        check_join(&join)?;
+        if !self.groups.contains_key(&join.group) && self.groups.len() >= GROUPS_MAX {
+            return Err(GroupError::TooManyGroups);
+        }
+        let member_id = match join.member_id.is_empty() {
+            true => self.new_member_id(&join.client_id),
+            false => join.member_id.clone(),
+        };
+        let group = self.groups.entry(join.group.clone()).or_insert_with(Group::new);
+        admit(group, &join, &member_id)?;
+        let member = Member {
+            client_id: join.client_id,
+            client_host: join.client_host,
+            session_timeout_ms: join.session_timeout_ms,
+            rebalance_timeout_ms: join.rebalance_timeout_ms,
+            protocols: join.protocols,
+            assignment: Bytes::new(),
+            last_seen_ms: now_ms,
+        };
+        group.members.insert(member_id.clone(), member);
+        group.protocol_type = join.protocol_type;
+        let mut answers = Vec::new();
+        if let Some(old) = group.joins.insert(member_id, ticket) {
+            answers.push(Answer::Join(old, Err(GroupError::RebalanceInProgress)));
+        }
+        if group.state != GroupState::PreparingRebalance {
+            answers.extend(prepare_rebalance(group, now_ms));
+        }
+        answers.extend(try_complete_join(group, now_ms));
+        Ok(answers)
+    }
+
+    fn new_member_id(&mut self, client_id: &str) -> String {
+        self.next_member += 1;
+        let client: String = client_id.chars().filter(|c| c.is_ascii_graphic()).take(64).collect();
+        format!("{client}-{:x}-{}", self.nonce, self.next_member)
+    }
+
+    /// A SyncGroup: the leader's carries the assignment.
+    pub fn sync(
+        &mut self,
+        group_name: &str,
+        generation: i32,
+        member_id: &str,
+        assignments: Vec<(String, Bytes)>,
+        ticket: Ticket,
+        now_ms: u64,
+    ) -> Result<Vec<Answer>, GroupError> {
+        let group = self.groups.get_mut(group_name).ok_or(GroupError::UnknownMemberId)?;
+        let member = group.members.get_mut(member_id).ok_or(GroupError::UnknownMemberId)?;
+        member.last_seen_ms = now_ms;
+        if generation != group.generation {
+            return Err(GroupError::IllegalGeneration);
+        }
+        match group.state {
+            GroupState::Empty => Err(GroupError::UnknownMemberId),
+            GroupState::PreparingRebalance => Err(GroupError::RebalanceInProgress),
+            GroupState::Stable => Ok(vec![Answer::Sync(ticket, Ok(synced(group, member_id)))]),
+            GroupState::CompletingRebalance => {
+                group.syncs.insert(member_id.to_string(), ticket);
+                if member_id == group.leader {
+                    for (member, assignment) in assignments {
+                        if let Some(m) = group.members.get_mut(&member) {
+                            m.assignment = assignment;
+                        }
+                    }
+                    group.state = GroupState::Stable;
+                    return Ok(answer_syncs(group));
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// A Heartbeat: whether the member is current and the group stable.
+    pub fn heartbeat(&mut self, group: &str, generation: i32, member_id: &str, now_ms: u64) -> Result<(), GroupError> {
+        let group = self.groups.get_mut(group).ok_or(GroupError::UnknownMemberId)?;
+        let member = group.members.get_mut(member_id).ok_or(GroupError::UnknownMemberId)?;
+        member.last_seen_ms = now_ms;
+        if generation != group.generation {
+            return Err(GroupError::IllegalGeneration);
+        }
+        match group.state {
+            GroupState::PreparingRebalance => Err(GroupError::RebalanceInProgress),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a member may commit offsets for `generation` (a negative
+    /// generation: a consumer outside group management, allowed while the
+    /// group has no members, as Kafka does).
+    pub fn check_commit(&self, group: &str, generation: i32, member_id: &str) -> Result<(), GroupError> {
+        let Some(group) = self.groups.get(group) else {
+            return match generation < 0 {
+                true => Ok(()),
+                false => Err(GroupError::IllegalGeneration),
+            };
+        };
+        if generation < 0 {
+            return match group.members.is_empty() {
+                true => Ok(()),
+                false => Err(GroupError::RebalanceInProgress),
+            };
+        }
+        if !group.members.contains_key(member_id) {
+            return Err(GroupError::UnknownMemberId);
+        }
+        if generation != group.generation {
+            return Err(GroupError::IllegalGeneration);
+        }
+        match group.state {
+            GroupState::Stable => Ok(()),
+            _ => Err(GroupError::RebalanceInProgress),
+        }
+    }
+
+    /// A LeaveGroup: the members go, the rest rebalance. Each member's
+    /// outcome, and the answers to parked requests it settles.
+    pub fn leave(
+        &mut self,
+        group_name: &str,
+        member_ids: &[String],
+        now_ms: u64,
+    ) -> (Vec<Result<(), GroupError>>, Vec<Answer>) {
+        let Some(group) = self.groups.get_mut(group_name) else {
+            return (
+                member_ids.iter().map(|_| Err(GroupError::UnknownMemberId)).collect(),
+                Vec::new(),
+            );
+        };
+        let mut results = Vec::new();
+        let mut gone = Vec::new();
+        for member in member_ids {
+            let known = group.members.remove(member).is_some();
+            results.push(if known {
+                Ok(())
+            } else {
+                Err(GroupError::UnknownMemberId)
+            });
+            if known {
+                gone.push(member.clone());
+            }
+        }
+        let mut answers = Vec::new();
+        if !gone.is_empty() {
+            answers.extend(remove_done(group, &gone));
+            answers.extend(rebalance_after_loss(group, now_ms));
+        }
+        (results, answers)
+    }
+
+    /// Expires silent members and completes rebalances whose time is up.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Answer> {
+        let mut answers = Vec::new();
+        for group in self.groups.values_mut() {
+            let expired: Vec<String> = group
+                .members
+                .iter()
+                .filter(|(id, m)| {
+                    !group.joins.contains_key(*id)
+                        && !group.syncs.contains_key(*id)
+                        && now_ms > m.last_seen_ms + m.session_timeout_ms
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            if !expired.is_empty() {
+                for id in &expired {
+                    group.members.remove(id);
+                }
+                answers.extend(remove_done(group, &expired));
+                answers.extend(rebalance_after_loss(group, now_ms));
+            }
+            if group.state == GroupState::PreparingRebalance {
+                answers.extend(try_complete_join(group, now_ms));
+            }
+        }
+        self.groups
+            .retain(|_, g| !(g.state == GroupState::Empty && g.members.is_empty() && g.joins.is_empty()));
+        answers
+    }
+
+    /// Drops the groups `moved` names (their coordinator is elsewhere now);
+    /// parked requests are answered `UnknownMemberId`, so their members find
+    /// the new coordinator and rejoin there.
+    pub fn drop_groups(&mut self, moved: impl Fn(&str) -> bool) -> Vec<Answer> {
+        let names: Vec<String> = self.groups.keys().filter(|g| moved(g)).cloned().collect();
+        let mut answers = Vec::new();
+        for group in names.iter().filter_map(|n| self.groups.remove(n)) {
+            answers.extend(
+                group
+                    .joins
+                    .values()
+                    .map(|t| Answer::Join(*t, Err(GroupError::UnknownMemberId))),
+            );
+            answers.extend(
+                group
+                    .syncs
+                    .values()
+                    .map(|t| Answer::Sync(*t, Err(GroupError::UnknownMemberId))),
+            );
+        }
+        answers
+    }
+
+    /// Removes a group with no members (`runnel group delete`, Kafka's
+    /// DeleteGroups); refused while members are in it.
+    pub fn remove_empty(&mut self, group: &str) -> Result<(), GroupError> {
+        match self.groups.get(group) {
+            Some(g) if !g.members.is_empty() => Err(GroupError::Invalid("the group still has members")),
+            _ => {
+                self.groups.remove(group);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn check_join(join: &Join) -> Result<(), GroupError> {
+    if !(SESSION_TIMEOUT_MIN_MS..=SESSION_TIMEOUT_MAX_MS).contains(&join.session_timeout_ms) {
+        return Err(GroupError::InvalidSessionTimeout);
+    }
+    if join.group.is_empty() {
+        return Err(GroupError::Invalid("an empty group id"));
+    }
+    if join.protocols.is_empty() || join.protocol_type.is_empty() {
+        return Err(GroupError::InconsistentGroupProtocol);
+    }
+    let metadata: usize = join.protocols.iter().map(|(_, m)| m.len()).sum();
+    if join.protocols.len() > PROTOCOLS_MAX || metadata > METADATA_BYTES_MAX {
+        return Err(GroupError::Invalid("too many protocols or too much protocol metadata"));
+    }
+    Ok(())
+}
+
+/// Whether `member_id` may join `group` with these protocols.
+fn admit(group: &Group, join: &Join, member_id: &str) -> Result<(), GroupError> {
+    let known = group.members.contains_key(member_id);
+    if !join.member_id.is_empty() && !known {
+        return Err(GroupError::UnknownMemberId);
+    }
+    if !known && group.members.len() >= MEMBERS_MAX {
+        return Err(GroupError::GroupMaxSizeReached);
+    }
+    let others: Vec<&Member> = group
+        .members
+        .iter()
+        .filter(|(id, _)| *id != member_id)
+        .map(|(_, m)| m)
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    if group.protocol_type != join.protocol_type {
+        return Err(GroupError::InconsistentGroupProtocol);
+    }
+    let shared = join
+        .protocols
+        .iter()
+        .any(|(name, _)| others.iter().all(|m| m.protocols.iter().any(|(n, _)| n == name)));
+    match shared {
+        true => Ok(()),
+        false => Err(GroupError::InconsistentGroupProtocol),
+    }
+}
+
+/// Starts a rebalance: parked syncs are told to rejoin.
+fn prepare_rebalance(group: &mut Group, now_ms: u64) -> Vec<Answer> {
+    group.state = GroupState::PreparingRebalance;
+    let timeout = group
+        .members
+        .values()
+        .map(|m| m.rebalance_timeout_ms)
+        .max()
+        .unwrap_or(0);
+    group.rebalance_deadline_ms = now_ms + timeout.clamp(SESSION_TIMEOUT_MIN_MS, SESSION_TIMEOUT_MAX_MS);
+    std::mem::take(&mut group.syncs)
+        .into_values()
+        .map(|t| Answer::Sync(t, Err(GroupError::RebalanceInProgress)))
+        .collect()
+}
+
+/// After members left or expired: rebalance the rest, or empty the group.
+fn rebalance_after_loss(group: &mut Group, now_ms: u64) -> Vec<Answer> {
+    if group.members.is_empty() {
+        group.state = GroupState::Empty;
+        group.generation += 1;
+        group.leader.clear();
+        let mut answers: Vec<Answer> = std::mem::take(&mut group.syncs)
+            .into_values()
+            .map(|t| Answer::Sync(t, Err(GroupError::UnknownMemberId)))
+            .collect();
+        answers.extend(
+            std::mem::take(&mut group.joins)
+                .into_values()
+                .map(|t| Answer::Join(t, Err(GroupError::UnknownMemberId))),
+        );
+        return answers;
+    }
+    let mut answers = Vec::new();
+    if group.state != GroupState::PreparingRebalance {
+        answers.extend(prepare_rebalance(group, now_ms));
+    }
+    answers.extend(try_complete_join(group, now_ms));
+    answers
+}
+
+/// Answers the parked requests of members that are gone.
+fn remove_done(group: &mut Group, gone: &[String]) -> Vec<Answer> {
+    let mut answers = Vec::new();
+    for id in gone {
+        if let Some(t) = group.joins.remove(id) {
+            answers.push(Answer::Join(t, Err(GroupError::UnknownMemberId)));
+        }
+        if let Some(t) = group.syncs.remove(id) {
+            answers.push(Answer::Sync(t, Err(GroupError::UnknownMemberId)));
+        }
+    }
+    answers
+}
+
+/// Completes the join phase once every member rejoined or time is up:
+/// members that did not rejoin are dropped, the generation advances, a
+/// protocol every member offers is chosen, and every parked join answered.
+fn try_complete_join(group: &mut Group, now_ms: u64) -> Vec<Answer> {
+    let all_joined = group.members.keys().all(|id| group.joins.contains_key(id));
+    if !all_joined && now_ms < group.rebalance_deadline_ms {
+        return Vec::new();
+    }
+    let joined: Vec<String> = group.joins.keys().cloned().collect();
+    group.members.retain(|id, _| group.joins.contains_key(id));
+    if group.members.is_empty() {
+        group.state = GroupState::Empty;
+        return Vec::new();
+    }
+    group.generation += 1;
+    group.protocol = choose_protocol(group);
+    if !group.members.contains_key(&group.leader) {
+        group.leader = joined[0].clone();
+    }
+    group.state = GroupState::CompletingRebalance;
+    let members: Vec<(String, Bytes)> = group
+        .members
+        .iter()
+        .map(|(id, m)| (id.clone(), protocol_metadata(m, &group.protocol)))
+        .collect();
+    let mut answers = Vec::new();
+    for (member_id, ticket) in std::mem::take(&mut group.joins) {
+        if let Some(m) = group.members.get_mut(&member_id) {
+            m.last_seen_ms = now_ms;
+        }
+        let joined = Joined {
+            generation: group.generation,
+            protocol_type: group.protocol_type.clone(),
+            protocol: group.protocol.clone(),
+            leader: group.leader.clone(),
+            members: if member_id == group.leader {
+                members.clone()
+            } else {
+                Vec::new()
+            },
+            member_id,
+        };
+        answers.push(Answer::Join(ticket, Ok(joined)));
+    }
+    answers
+}
+
+/// The leader's most preferred protocol that every member offers (the
+/// leader is the first member when none is chosen yet).
+fn choose_protocol(group: &Group) -> String {
+    let first = group
+        .members
+        .get(&group.leader)
+        .or_else(|| group.members.values().next());
+    let candidates = first.map(|m| m.protocols.clone()).unwrap_or_default();
+    candidates
+        .into_iter()
+        .map(|(name, _)| name)
+        .find(|name| {
+            group
+                .members
+                .values()
+                .all(|m| m.protocols.iter().any(|(n, _)| n == name))
+        })
+        .unwrap_or_default()
+}
+
+fn protocol_metadata(member: &Member, protocol: &str) -> Bytes {
+    member
+        .protocols
+        .iter()
+        .find(|(n, _)| n == protocol)
+        .map(|(_, m)| m.clone())
+        .unwrap_or_default()
+}
+
+fn synced(group: &Group, member_id: &str) -> Synced {
+    Synced {
+        protocol_type: group.protocol_type.clone(),
+        protocol: group.protocol.clone(),
+        assignment: group
+            .members
+            .get(member_id)
+            .map(|m| m.assignment.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn answer_syncs(group: &mut Group) -> Vec<Answer> {
+    let syncs = std::mem::take(&mut group.syncs);
+    syncs
+        .into_iter()
+        .map(|(member, ticket)| Answer::Sync(ticket, Ok(synced(group, &member))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
