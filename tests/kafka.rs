@@ -297,3 +297,135 @@ fn acked_values(output: &Output) -> BTreeSet<String> {
         .filter_map(|l| l["acked"].as_str().map(String::from))
         .collect()
 }
+
+/// A background kafka-python group member, SIGKILLed when dropped.
+struct Member(std::process::Child);
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn member(bootstrap: &str, topic: &str, group: &str) -> Member {
+    let mut command = python();
+    command.args(["group", bootstrap, topic, group, "1000000", "60000"]);
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    Member(command.spawn().expect("spawn a group member"))
+}
+
+/// The group's state and each member's partitions, as kafka-python's admin
+/// client describes them.
+fn describe(bootstrap: &str, group: &str) -> (String, Vec<Vec<u64>>) {
+    let output = run(python().args(["describe", bootstrap, group]), "describe", None);
+    let line = json_lines(&output).pop().expect("a description");
+    let members = line["members"].as_array().cloned().unwrap_or_default();
+    let members = members
+        .iter()
+        .map(|m| {
+            m.as_array()
+                .map(|ps| ps.iter().filter_map(|p| p.as_u64()).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    (line["state"].as_str().unwrap_or_default().to_string(), members)
+}
+
+/// Stable, with `members` members that each own some of the partitions
+/// and together own all of them.
+fn shared_by(bootstrap: &str, group: &str, members: usize, partitions: u64) -> bool {
+    let (state, assigned) = describe(bootstrap, group);
+    let mut all: Vec<u64> = assigned.iter().flatten().copied().collect();
+    all.sort_unstable();
+    state == "Stable"
+        && assigned.len() == members
+        && assigned.iter().all(|a| !a.is_empty())
+        && all == (0..partitions).collect::<Vec<_>>()
+}
+
+#[test]
+fn kafka_consumer_groups_share_partitions_commit_only_what_they_delivered_and_rebalance_when_a_member_dies() {
+    let cluster = start_cluster(240);
+    let bootstrap = cluster.bootstrap(&[]);
+    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
+        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
+    });
+    run(
+        python().args(["create", &bootstrap, "events", "3", "3"]),
+        "create",
+        None,
+    );
+    wait_for("events' leaders", TIMEOUT, || leaders(&bootstrap, "events").is_some());
+    run(
+        python().args(["produce", &bootstrap, "events", "300", "e"]),
+        "produce",
+        None,
+    );
+
+    // A member that stops after 100 records commits those 100 only; the
+    // next member of the group reads exactly the other 200.
+    let first = run(
+        python().args(["group", &bootstrap, "events", "g", "100", "5000"]),
+        "member 1",
+        None,
+    );
+    let second = run(
+        python().args(["group", &bootstrap, "events", "g", "1000", "3000"]),
+        "member 2",
+        None,
+    );
+    let values = |output: &Output| -> Vec<String> {
+        json_lines(output)
+            .iter()
+            .filter_map(|l| l["value"].as_str().map(String::from))
+            .collect()
+    };
+    let (first, second) = (values(&first), values(&second));
+    assert_eq!((first.len(), second.len()), (100, 200));
+    let all: BTreeSet<&String> = first.iter().chain(&second).collect();
+    assert_eq!(all.len(), 300, "every record once across the two runs");
+
+    // librdkafka's group consumer (kcat -G) with the same coordinator.
+    let kcat_group = |what: &str| {
+        let mut command = kcat();
+        command.args([
+            "-b",
+            &bootstrap,
+            "-G",
+            "k",
+            "-X",
+            "auto.offset.reset=earliest",
+            "events",
+            "-e",
+            "-q",
+        ]);
+        String::from_utf8_lossy(&run(&mut command, what, None).stdout)
+            .lines()
+            .count()
+    };
+    assert_eq!(kcat_group("kcat -G"), 300);
+    assert_eq!(kcat_group("kcat -G again"), 0, "its commits hold");
+
+    // Two live members share the partitions; when one dies without
+    // leaving, its session times out and the other takes them all.
+    let started = Instant::now();
+    let a = member(&bootstrap, "events", "live");
+    let _b = member(&bootstrap, "events", "live");
+    wait_for("two members to share the partitions", TIMEOUT, || {
+        shared_by(&bootstrap, "live", 2, 3)
+    });
+    let shared_after = started.elapsed();
+    drop(a);
+    let killed = Instant::now();
+    wait_for("the survivor to own every partition", TIMEOUT, || {
+        shared_by(&bootstrap, "live", 1, 3)
+    });
+    println!(
+        "two members shared 3 partitions {:.1} s after starting; after one was SIGKILLed the other owned all \
+         3 partitions {:.1} s later (session timeout 6 s)",
+        shared_after.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
+    drop(cluster.scratch);
+}

@@ -4,6 +4,9 @@ Each command prints JSON lines the Rust test reads:
   create BOOTSTRAP TOPIC PARTITIONS REPLICATION
   produce BOOTSTRAP TOPIC COUNT TAG     (idempotent, acks=all, gzip)
   consume BOOTSTRAP TOPIC               (every record up to the end offsets)
+  group BOOTSTRAP TOPIC GROUP MAX IDLE_MS (a group member: reads until MAX
+        records or IDLE_MS without one, commits what it delivered, leaves)
+  describe BOOTSTRAP GROUP              (state and each member's partitions)
 """
 
 import json
@@ -12,6 +15,7 @@ import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.errors import CommitFailedError
 
 
 def emit(**fields):
@@ -75,6 +79,46 @@ def consume(bootstrap, topic):
     consumer.close()
 
 
+def group(bootstrap, topic, group_id, max_records, idle_ms):
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap.split(","),
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=int(idle_ms),
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+    )
+    read = 0
+    assigned = set()
+    for message in consumer:
+        assigned |= {tp.partition for tp in consumer.assignment()}
+        emit(partition=message.partition, offset=message.offset, value=message.value.decode())
+        read += 1
+        if read >= int(max_records):
+            break
+    try:
+        consumer.commit()
+    except CommitFailedError as e:
+        emit(commit_failed=str(e))
+    committed = {str(tp.partition): consumer.committed(tp) for tp in consumer.assignment()}
+    emit(read=read, assigned=sorted(assigned), committed=committed)
+    consumer.close()
+
+
+def describe(bootstrap, group_id):
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    info = admin.describe_groups([group_id])[group_id]
+    members = []
+    for member in info.get("members") or []:
+        assignment = member.get("member_assignment") or {}
+        topics = assignment.get("assigned_partitions", []) if isinstance(assignment, dict) else []
+        members.append(sorted(p for t in topics for p in t.get("partitions", [])))
+    emit(state=info.get("group_state"), members=members)
+    admin.close()
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"create": create, "produce": produce, "consume": consume}[command](*args)
+    {"create": create, "produce": produce, "consume": consume, "group": group, "describe": describe}[command](*args)

@@ -2,7 +2,8 @@
 //! that have a message field carry.
 
 use kafka_protocol::ResponseError;
-use runnel_actors::controller::ServiceError;
+use runnel_actors::controller::{GroupFailure, ServiceError};
+use runnel_actors::groups::core::GroupError;
 use runnel_actors::metadata::MetadataError;
 use runnel_actors::BrokerError;
 
@@ -38,6 +39,40 @@ impl From<ServiceError> for KafkaError {
             ServiceError::Failed(e) => broker_code(e),
         };
         KafkaError { code, message }
+    }
+}
+
+impl From<GroupFailure> for KafkaError {
+    fn from(failure: GroupFailure) -> KafkaError {
+        let message = failure.to_string();
+        let code = match failure {
+            GroupFailure::NotCoordinator(_) => ResponseError::NotCoordinator,
+            GroupFailure::Group(e) => group_code(e),
+            GroupFailure::Service(e) => return KafkaError::from(e),
+        };
+        KafkaError { code, message }
+    }
+}
+
+fn group_code(error: GroupError) -> ResponseError {
+    match error {
+        GroupError::UnknownMemberId => ResponseError::UnknownMemberId,
+        GroupError::IllegalGeneration => ResponseError::IllegalGeneration,
+        GroupError::RebalanceInProgress => ResponseError::RebalanceInProgress,
+        GroupError::InconsistentGroupProtocol => ResponseError::InconsistentGroupProtocol,
+        GroupError::InvalidSessionTimeout => ResponseError::InvalidSessionTimeout,
+        GroupError::GroupMaxSizeReached => ResponseError::GroupMaxSizeReached,
+        GroupError::TooManyGroups | GroupError::Invalid(_) => ResponseError::InvalidRequest,
+    }
+}
+
+/// The code of a group request's outcome (0 for success).
+pub fn group_result_code<T>(result: &Result<T, GroupFailure>) -> i16 {
+    match result {
+        Ok(_) => 0,
+        Err(GroupFailure::NotCoordinator(_)) => ResponseError::NotCoordinator.code(),
+        Err(GroupFailure::Group(e)) => group_code(*e).code(),
+        Err(GroupFailure::Service(e)) => KafkaError::from(e.clone()).code(),
     }
 }
 

@@ -118,10 +118,19 @@ async fn accept_loop(listener: TcpListener, context: Arc<Context>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let context = context.clone();
+        let context = Context {
+            peer: Some(peer),
+            ..Context::clone(&context)
+        };
         tokio::spawn(async move {
             if let Err(e) = serve_connection(&context, stream).await {
-                tracing::warn!(%peer, error = %format!("{e:#}"), "closing a Kafka connection");
+                match e.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
+                    // The client went away: its own business.
+                    Some(std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
+                        tracing::debug!(%peer, error = %e, "Kafka client disconnected")
+                    }
+                    _ => tracing::warn!(%peer, error = %format!("{e:#}"), "closing a Kafka connection"),
+                }
             }
             drop(slot);
         });

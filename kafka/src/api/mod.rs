@@ -18,11 +18,20 @@ use crate::BrokerService;
 pub mod api_versions;
 pub mod create_topics;
 pub mod delete_topics;
+pub mod describe_groups;
 pub mod fetch;
+pub mod find_coordinator;
+pub mod heartbeat;
 pub mod init_producer_id;
+pub mod join_group;
+pub mod leave_group;
+pub mod list_groups;
 pub mod list_offsets;
 pub mod metadata;
+pub mod offset_commit;
+pub mod offset_fetch;
 pub mod produce;
+pub mod sync_group;
 
 /// The APIs served and their version ranges. Versions that need topic ids
 /// (Fetch 13, Produce 13, DeleteTopics 6, Metadata 13) are left out, so
@@ -36,16 +45,34 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 5),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 7),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
 ];
 
-/// What every handler needs: the node's broker service.
+/// What every handler needs: the node's broker service, and who asks.
+#[derive(Clone)]
 pub struct Context {
     pub service: BrokerService,
+    /// The connection's peer, shown as a group member's host.
+    pub peer: Option<std::net::SocketAddr>,
+    /// The request header's client id.
+    pub client_id: String,
 }
 
 impl Context {
     pub fn new(service: BrokerService) -> Context {
-        Context { service }
+        Context {
+            service,
+            peer: None,
+            client_id: String::new(),
+        }
     }
 }
 
@@ -81,8 +108,15 @@ pub async fn respond(context: &Context, frame: Bytes) -> Result<Option<BytesMut>
             api,
             version,
             correlation_id,
+            client_id,
             body,
-        } => dispatch(context, api, version, correlation_id, body).await,
+        } => {
+            let context = Context {
+                client_id,
+                ..context.clone()
+            };
+            dispatch(&context, api, version, correlation_id, body).await
+        }
     }
 }
 
@@ -96,6 +130,7 @@ pub enum Route {
         api: ApiKey,
         version: i16,
         correlation_id: i32,
+        client_id: String,
         body: Bytes,
     },
 }
@@ -121,6 +156,7 @@ pub fn route(mut frame: Bytes) -> Result<Route, RequestError> {
             api,
             version,
             correlation_id,
+            client_id: header.client_id.map(|c| c.to_string()).unwrap_or_default(),
             body: frame,
         }),
         _ if api == ApiKey::ApiVersions => {
@@ -156,6 +192,15 @@ async fn dispatch(
         ApiKey::CreateTopics => serve!(create_topics),
         ApiKey::DeleteTopics => serve!(delete_topics),
         ApiKey::InitProducerId => serve!(init_producer_id),
+        ApiKey::FindCoordinator => serve!(find_coordinator),
+        ApiKey::JoinGroup => serve!(join_group),
+        ApiKey::SyncGroup => serve!(sync_group),
+        ApiKey::Heartbeat => serve!(heartbeat),
+        ApiKey::LeaveGroup => serve!(leave_group),
+        ApiKey::OffsetCommit => serve!(offset_commit),
+        ApiKey::OffsetFetch => serve!(offset_fetch),
+        ApiKey::ListGroups => serve!(list_groups),
+        ApiKey::DescribeGroups => serve!(describe_groups),
         ApiKey::Produce => {
             let request: kafka_protocol::messages::ProduceRequest = decode(api, version, &mut body)?;
             let wants_answer = request.acks != 0;

@@ -3,8 +3,10 @@
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, DeleteTopicsRequest, FetchRequest,
-    InitProducerIdRequest, ListOffsetsRequest, MetadataRequest, ProduceRequest, RequestHeader, ResponseHeader,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, DeleteTopicsRequest, DescribeGroupsRequest,
+    FetchRequest, FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest,
+    ListGroupsRequest, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest, OffsetFetchRequest, ProduceRequest,
+    RequestHeader, ResponseHeader, SyncGroupRequest,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use proptest::prelude::*;
@@ -31,12 +33,14 @@ fn a_served_request_goes_to_its_handler_with_its_correlation_id() {
         api,
         version,
         correlation_id,
+        client_id,
         body,
     } = routed
     else {
         panic!("answered without the handler");
     };
     assert_eq!((api, version, correlation_id), (ApiKey::ApiVersions, 3, 7));
+    assert_eq!(client_id, "test");
     ApiVersionsRequest::decode(&mut body.clone(), 3).expect("the body after the header");
 }
 
@@ -72,14 +76,11 @@ fn other_apis_and_versions_not_served_and_garbage_are_refused_by_name() {
             .contains("Metadata version 13 is not served (this listener serves versions 0 to 12)"),
         "{metadata_13}"
     );
-    let mut join = BytesMut::from(&(ApiKey::JoinGroup as i16).to_be_bytes()[..]);
-    join.extend_from_slice(&[0, 0, 0, 0, 0, 7, 0xff, 0xff]);
-    let join = route(join.freeze()).expect_err("groups");
-    assert!(
-        join.to_string()
-            .contains("JoinGroup version 0 is not served (this listener serves no version)"),
-        "{join}"
-    );
+    let mut txn = BytesMut::from(&(ApiKey::EndTxn as i16).to_be_bytes()[..]);
+    txn.extend_from_slice(&[0, 0, 0, 0, 0, 7, 0xff, 0xff]);
+    let txn = route(txn.freeze()).expect_err("transactions");
+    let expected = "EndTxn version 0 is not served (this listener serves no version)";
+    assert!(txn.to_string().contains(expected), "{txn}");
     assert!(matches!(
         route(Bytes::from_static(b"GET / HTTP/1.1")),
         Err(RequestError::UnknownApi(_))
@@ -118,6 +119,15 @@ fn decode_any(api: ApiKey, version: i16, body: &[u8]) {
         ApiKey::CreateTopics => decode::<CreateTopicsRequest>(api, version, &mut body).map(drop),
         ApiKey::DeleteTopics => decode::<DeleteTopicsRequest>(api, version, &mut body).map(drop),
         ApiKey::InitProducerId => decode::<InitProducerIdRequest>(api, version, &mut body).map(drop),
+        ApiKey::FindCoordinator => decode::<FindCoordinatorRequest>(api, version, &mut body).map(drop),
+        ApiKey::JoinGroup => decode::<JoinGroupRequest>(api, version, &mut body).map(drop),
+        ApiKey::SyncGroup => decode::<SyncGroupRequest>(api, version, &mut body).map(drop),
+        ApiKey::Heartbeat => decode::<HeartbeatRequest>(api, version, &mut body).map(drop),
+        ApiKey::LeaveGroup => decode::<LeaveGroupRequest>(api, version, &mut body).map(drop),
+        ApiKey::OffsetCommit => decode::<OffsetCommitRequest>(api, version, &mut body).map(drop),
+        ApiKey::OffsetFetch => decode::<OffsetFetchRequest>(api, version, &mut body).map(drop),
+        ApiKey::ListGroups => decode::<ListGroupsRequest>(api, version, &mut body).map(drop),
+        ApiKey::DescribeGroups => decode::<DescribeGroupsRequest>(api, version, &mut body).map(drop),
         other => panic!("{other:?} has no decoder here"),
     };
 }

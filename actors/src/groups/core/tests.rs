@@ -74,7 +74,7 @@ fn a_second_member_rebalances_the_group_and_each_gets_the_leaders_assignment() {
     assert!(leader
         .members
         .iter()
-        .any(|(id, meta)| *id == b && meta == &Bytes::from(format!(":range"))));
+        .any(|(id, meta)| *id == b && meta == &Bytes::from_static(b":range")));
 
     assert!(core.sync("g", 2, &b, Vec::new(), 5, 250).expect("parked").is_empty());
     let assignment = vec![(a.clone(), Bytes::from("p0")), (b.clone(), Bytes::from("p1"))];

@@ -1,0 +1,58 @@
+//! JoinGroup: a member joins (or rejoins) its group; the answer comes when
+//! the rebalance completes, naming the generation, the chosen protocol and
+//! the leader (which alone gets every member's metadata). Static membership
+//! (`group.instance.id`) is treated as dynamic.
+
+use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
+use kafka_protocol::messages::{JoinGroupRequest, JoinGroupResponse};
+use runnel_actors::groups::core::Join;
+
+use super::{str_bytes, Context};
+use crate::errors::group_result_code;
+
+pub async fn handle(context: &Context, request: JoinGroupRequest, version: i16) -> JoinGroupResponse {
+    // Version 0 has no rebalance timeout: it is the session timeout.
+    let rebalance_timeout_ms = match version {
+        0 => request.session_timeout_ms,
+        _ => request.rebalance_timeout_ms,
+    };
+    let join = Join {
+        group: request.group_id.0.to_string(),
+        member_id: request.member_id.to_string(),
+        client_id: context.client_id.clone(),
+        client_host: context.peer.map(|p| format!("/{}", p.ip())).unwrap_or_default(),
+        protocol_type: request.protocol_type.to_string(),
+        protocols: request
+            .protocols
+            .into_iter()
+            .map(|p| (p.name.to_string(), p.metadata))
+            .collect(),
+        session_timeout_ms: request.session_timeout_ms.max(0) as u64,
+        rebalance_timeout_ms: rebalance_timeout_ms.max(0) as u64,
+    };
+    let result = context.service.join_group(join).await;
+    let code = group_result_code(&result);
+    match result {
+        Ok(joined) => JoinGroupResponse::default()
+            .with_generation_id(joined.generation)
+            .with_protocol_type(Some(str_bytes(&joined.protocol_type)))
+            .with_protocol_name(Some(str_bytes(&joined.protocol)))
+            .with_leader(str_bytes(&joined.leader))
+            .with_member_id(str_bytes(&joined.member_id))
+            .with_members(
+                joined
+                    .members
+                    .into_iter()
+                    .map(|(id, metadata)| {
+                        JoinGroupResponseMember::default()
+                            .with_member_id(str_bytes(&id))
+                            .with_metadata(metadata)
+                    })
+                    .collect(),
+            ),
+        Err(_) => JoinGroupResponse::default()
+            .with_error_code(code)
+            .with_generation_id(-1)
+            .with_member_id(request.member_id),
+    }
+}
