@@ -329,7 +329,10 @@ pub struct ConsumeArgs {
     /// Start at the first record at or after this time (Unix milliseconds).
     #[arg(long, conflicts_with = "from")]
     from_time: Option<i64>,
-    /// Consumer name: resume from its committed offsets, commit as it reads.
+    /// Consumer group: join it and read the partitions it assigns to this
+    /// member (with --partition: read that partition outside group
+    /// management), from the group's committed offsets, committing what is
+    /// printed. Kafka consumers can be members of the same group.
     #[arg(long)]
     group: Option<String>,
     /// Read only this partition (default: all).
@@ -356,10 +359,46 @@ pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         let client = args.connect.connect().await?;
         let topics = client.topics().await?;
         let partitions = partitions_to_read(&args, &topics)?;
+        if let (Some(group), None) = (&args.group, args.partition) {
+            return consume_as_member(&args, client, group, &partitions).await;
+        }
         let mut consumer = Consumer::new(client.clone(), &args.topic);
         let ends = position_consumer(&args, &mut consumer, &partitions).await?;
         print_records(&args, &mut consumer, &partitions, &ends).await
     })
+}
+
+/// `consume --group G` over all partitions: as a member of the group, which
+/// shares the topic's partitions among its members.
+async fn consume_as_member(
+    args: &ConsumeArgs,
+    client: Arc<Client>,
+    group: &str,
+    partitions: &[u32],
+) -> anyhow::Result<()> {
+    if args.from_time.is_some() {
+        bail!("--from-time cannot be used with --group: a group resumes from its committed offsets (move them with `runnel group reset-offsets`)");
+    }
+    let mut probe = Consumer::new(client.clone(), &args.topic);
+    for &p in partitions {
+        probe.assign(p, 0);
+    }
+    let ends = probe.end_offsets().await?;
+    let fixed: Option<u64> = match args.from.as_str() {
+        "earliest" => Some(0),
+        "latest" => None,
+        offset => Some(
+            offset
+                .parse()
+                .with_context(|| format!("--from must be earliest, latest or an offset, not {offset:?}"))?,
+        ),
+    };
+    let start = |p: u32| fixed.unwrap_or_else(|| ends.get(&p).copied().unwrap_or(0));
+    let format = args.format.clone();
+    let print = move |out: &mut std::io::StdoutLock<'_>, partition: u32, record: &runnel::storage::StoredRecord| {
+        print_record(out, &format, partition, record)
+    };
+    crate::group_cli::consume_in_group(client, &args.topic, group, start, args.max, args.follow, print).await
 }
 
 /// The partitions `--partition` names (all of the topic's by default).
@@ -457,7 +496,7 @@ async fn print_records(
 
 /// Moves each partition's position back to its first record that was
 /// polled but not printed.
-fn rewind_undelivered(consumer: &mut Consumer, undelivered: &[(u32, runnel::storage::StoredRecord)]) {
+pub(crate) fn rewind_undelivered(consumer: &mut Consumer, undelivered: &[(u32, runnel::storage::StoredRecord)]) {
     let mut first: BTreeMap<u32, u64> = BTreeMap::new();
     for (partition, record) in undelivered {
         first.entry(*partition).or_insert(record.offset);

@@ -4,6 +4,7 @@ mod broker_cli;
 mod cluster_cli;
 mod dataflow_cli;
 mod demo;
+mod group_cli;
 mod sim_cli;
 mod sql_cli;
 mod watch;
@@ -63,6 +64,11 @@ enum Command {
     Produce(broker_cli::ProduceArgs),
     /// Print a topic's records.
     Consume(broker_cli::ConsumeArgs),
+    /// List, describe (with lag), reset the offsets of, or delete consumer groups.
+    Group {
+        #[command(subcommand)]
+        command: group_cli::GroupCommand,
+    },
     /// Start, list, describe or stop dataflows.
     Dataflow {
         #[command(subcommand)]
@@ -119,6 +125,7 @@ fn run() -> anyhow::Result<()> {
         Command::Topic { command } => broker_cli::topic(command),
         Command::Produce(args) => broker_cli::produce(args),
         Command::Consume(args) => broker_cli::consume(args),
+        Command::Group { command } => group_cli::group(command),
         Command::Rebalance(args) => broker_cli::rebalance(args),
         Command::Dataflow { command } => dataflow_cli::dataflow(command),
         Command::Sql(args) => sql_cli::sql(args),

@@ -25,11 +25,24 @@ const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
 
 struct KafkaCluster {
     scratch: tempfile::TempDir,
+    addrs: Vec<SocketAddr>,
     kafka: Vec<SocketAddr>,
     nodes: Vec<NodeProcess>,
 }
 
 impl KafkaCluster {
+    fn seeds(&self) -> String {
+        self.addrs
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn certs(&self) -> std::path::PathBuf {
+        self.scratch.path().join("certs")
+    }
+
     fn bootstrap(&self, except: &[usize]) -> String {
         let addrs = self.kafka.iter().enumerate().filter(|(i, _)| !except.contains(i));
         addrs.map(|(_, a)| a.to_string()).collect::<Vec<_>>().join(",")
@@ -53,7 +66,12 @@ fn start_cluster(first_host: u8) -> KafkaCluster {
                 .expect("spawn runnel node")
         })
         .collect();
-    KafkaCluster { scratch, kafka, nodes }
+    KafkaCluster {
+        scratch,
+        addrs,
+        kafka,
+        nodes,
+    }
 }
 
 fn free_tcp_port(ip: std::net::IpAddr) -> SocketAddr {
@@ -316,10 +334,10 @@ fn member(bootstrap: &str, topic: &str, group: &str) -> Member {
 }
 
 /// The group's state and each member's partitions, as kafka-python's admin
-/// client describes them.
-fn describe(bootstrap: &str, group: &str) -> (String, Vec<Vec<u64>>) {
-    let output = run(python().args(["describe", bootstrap, group]), "describe", None);
-    let line = json_lines(&output).pop().expect("a description");
+/// client describes them (none while the coordinator is not ready).
+fn describe(bootstrap: &str, group: &str) -> Option<(String, Vec<Vec<u64>>)> {
+    let output = python().args(["describe", bootstrap, group]).output().ok()?;
+    let line = json_lines(&output).pop()?;
     let members = line["members"].as_array().cloned().unwrap_or_default();
     let members = members
         .iter()
@@ -329,13 +347,15 @@ fn describe(bootstrap: &str, group: &str) -> (String, Vec<Vec<u64>>) {
                 .unwrap_or_default()
         })
         .collect();
-    (line["state"].as_str().unwrap_or_default().to_string(), members)
+    Some((line["state"].as_str().unwrap_or_default().to_string(), members))
 }
 
 /// Stable, with `members` members that each own some of the partitions
 /// and together own all of them.
 fn shared_by(bootstrap: &str, group: &str, members: usize, partitions: u64) -> bool {
-    let (state, assigned) = describe(bootstrap, group);
+    let Some((state, assigned)) = describe(bootstrap, group) else {
+        return false;
+    };
     let mut all: Vec<u64> = assigned.iter().flatten().copied().collect();
     all.sort_unstable();
     state == "Stable"
@@ -428,4 +448,128 @@ fn kafka_consumer_groups_share_partitions_commit_only_what_they_delivered_and_re
         killed.elapsed().as_secs_f64()
     );
     drop(cluster.scratch);
+}
+
+/// A background `runnel consume --group` member, SIGKILLed when dropped.
+fn runnel_member(cluster: &KafkaCluster, topic: &str, group: &str) -> Member {
+    let mut command = common::runnel();
+    command.args(["consume", topic, "--group", group, "--follow", "--format", "json"]);
+    command
+        .args(["--seeds", &cluster.seeds()])
+        .arg("--certs")
+        .arg(cluster.certs());
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    Member(command.spawn().expect("spawn runnel consume --group"))
+}
+
+/// `runnel group ARGS` (with the cluster's seeds and certificates).
+fn runnel_group(cluster: &KafkaCluster, args: &[&str]) -> Output {
+    let mut command = common::runnel();
+    command.arg("group").args(args);
+    command
+        .args(["--seeds", &cluster.seeds()])
+        .arg("--certs")
+        .arg(cluster.certs());
+    run(&mut command, &format!("runnel group {args:?}"), None)
+}
+
+fn group_json(cluster: &KafkaCluster, group: &str) -> serde_json::Value {
+    let output = runnel_group(cluster, &["describe", group, "--json"]);
+    serde_json::from_slice(&output.stdout).expect("describe --json")
+}
+
+#[test]
+fn a_runnel_consumer_and_a_kafka_consumer_share_one_group_and_runnel_group_manages_it() {
+    let cluster = start_cluster(245);
+    let bootstrap = cluster.bootstrap(&[]);
+    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
+        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
+    });
+    run(python().args(["create", &bootstrap, "mixed", "3", "3"]), "create", None);
+    wait_for("mixed's leaders", TIMEOUT, || leaders(&bootstrap, "mixed").is_some());
+    run(
+        python().args(["produce", &bootstrap, "mixed", "300", "m"]),
+        "produce",
+        None,
+    );
+
+    let kafka_member = member(&bootstrap, "mixed", "shared");
+    let runnel_member = runnel_member(&cluster, "mixed", "shared");
+    wait_for("a Kafka and a Runnel member to share the partitions", TIMEOUT, || {
+        shared_by(&bootstrap, "shared", 2, 3)
+    });
+    let described = group_json(&cluster, "shared");
+    assert_eq!(described["state"], "Stable");
+    let clients: BTreeSet<String> = described["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["client_id"].as_str().map(String::from))
+        .collect();
+    assert!(clients.contains("runnel") && clients.len() == 2, "{described}");
+    wait_for("every record committed (lag 0)", TIMEOUT, || {
+        let offsets = group_json(&cluster, "shared")["offsets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        offsets.len() == 3 && offsets.iter().all(|o| o["lag"] == 0)
+    });
+
+    drop(kafka_member);
+    drop(runnel_member);
+    wait_for("the group to empty once both sessions time out", TIMEOUT, || {
+        group_json(&cluster, "shared")["state"] == "Empty"
+    });
+    runnel_group(
+        &cluster,
+        &["reset-offsets", "shared", "--topic", "mixed", "--to", "earliest"],
+    );
+    let lag: u64 = group_json(&cluster, "shared")["offsets"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .filter_map(|o| o["lag"].as_u64())
+        .sum();
+    assert!(lag >= 300, "reset to the start: lag {lag}");
+    let mut command = common::runnel();
+    command.args([
+        "consume", "mixed", "--group", "shared", "--max", "10", "--format", "json",
+    ]);
+    command
+        .args(["--seeds", &cluster.seeds()])
+        .arg("--certs")
+        .arg(cluster.certs());
+    let read = run(&mut command, "runnel consume --group --max 10", None);
+    let printed = json_lines(&read);
+    assert_eq!(printed.len(), 10);
+    let mut next: BTreeMap<u64, u64> = BTreeMap::new();
+    for record in &printed {
+        let (p, o) = (
+            record["partition"].as_u64().expect("p"),
+            record["offset"].as_u64().expect("o"),
+        );
+        let n = next.entry(p).or_default();
+        *n = (*n).max(o + 1);
+    }
+    let offsets = group_json(&cluster, "shared")["offsets"]
+        .as_array()
+        .cloned()
+        .expect("offsets");
+    for (p, n) in &next {
+        let committed = offsets
+            .iter()
+            .find(|o| o["partition"] == *p)
+            .map(|o| o["committed"].clone());
+        assert_eq!(
+            committed,
+            Some((*n).into()),
+            "partition {p}: committed just past the last printed record"
+        );
+    }
+    let lag_after: u64 = offsets.iter().filter_map(|o| o["lag"].as_u64()).sum();
+    assert!(lag - lag_after >= 10, "lag {lag} then {lag_after}");
+    runnel_group(&cluster, &["delete", "shared"]);
+    assert!(group_json(&cluster, "shared")["offsets"]
+        .as_array()
+        .is_some_and(|o| o.is_empty()));
 }

@@ -31,6 +31,12 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the cluster: {0}")]
     Protocol(String),
+    /// A consumer-group request refused by the group's coordinator.
+    #[error("{message}")]
+    Group {
+        kind: crate::protocol::GroupErrorKind,
+        message: String,
+    },
 }
 
 pub type ClientResult<T> = std::result::Result<T, ClientError>;

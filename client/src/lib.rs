@@ -24,6 +24,10 @@
 //! - [`consumer`]: [`Client::fetch`] and friends, [`FetchedBatches`],
 //!   [`Consumer`].
 //! - [`offsets`]: consumers' committed offsets in [`OFFSETS_TOPIC`].
+//! - [`groups`]: consumer groups: requests to a group's coordinator, the
+//!   members' side of the group protocol ([`groups::GroupMember`]), and
+//!   Kafka's consumer-protocol encoding, so Runnel and Kafka consumers can
+//!   share a group.
 //! - [`plan`]: dataflows as data: the versioned logical plan SQL statements
 //!   compile to, committed with the query, and the SQL catalog's objects.
 //! - [`tasks`]: the seam between the controller and a node's dataflow
@@ -37,6 +41,7 @@
 pub mod admin;
 pub mod consumer;
 mod error;
+pub mod groups;
 pub mod offsets;
 pub mod plan;
 pub mod policy;

@@ -1,103 +1,35 @@
-//! Consumers' committed offsets, stored in the cluster as records of the
-//! internal [`OFFSETS_TOPIC`] (one partition per consumer name, by key
-//! hash), and the [`Consumer`] calls that use them.
+//! Consumers' committed offsets, kept by the group coordinator (see
+//! [`crate::groups`]) as records of the internal [`OFFSETS_TOPIC`] (one
+//! partition per group, by key hash), and the [`Consumer`] calls that use
+//! them. The coordinator holds its partitions' offsets in memory, so a read
+//! does not replay the partition.
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
-use runnel_storage::{BatchBuilder, Record};
-
-use crate::error::{ClientError, ClientResult};
-use crate::producer::partition_for_key;
-use crate::protocol::{Acks, MetadataError, TopicConfig};
+use crate::error::ClientResult;
 use crate::{Client, Consumer};
 
 /// The internal topic holding consumers' committed offsets.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
-/// Partitions of the offsets topic (a consumer's commits all go to one).
+/// Partitions of the offsets topic (a group's commits all go to one).
 pub const OFFSETS_PARTITIONS: u32 = 8;
 
-/// The key under which a consumer's offset for one partition is stored.
-fn offset_key(consumer: &str, topic: &str, partition: u32) -> Bytes {
-    Bytes::from(format!("{consumer}\u{0}{topic}\u{0}{partition}"))
-}
-
 impl Client {
-    /// Makes sure the offsets topic exists (replicated like any topic).
-    async fn ensure_offsets_topic(&self) -> ClientResult<()> {
-        if self.cached_topics(false).await?.iter().any(|t| t.name == OFFSETS_TOPIC) {
-            return Ok(());
-        }
-        let alive = self.alive_nodes().len().clamp(1, 3) as u16;
-        match self
-            .create_topic(OFFSETS_TOPIC, TopicConfig::new(OFFSETS_PARTITIONS, alive))
-            .await
-        {
-            Ok(()) | Err(ClientError::Refused(MetadataError::TopicExists(_))) => {
-                self.cached_topics(true).await?;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Stores `consumer`'s next offsets for `topic` partitions in the cluster.
-    pub async fn commit_offsets(&self, consumer: &str, topic: &str, offsets: &BTreeMap<u32, u64>) -> ClientResult<()> {
+    /// Stores `group`'s next offsets for `topic` partitions, from outside
+    /// group management (refused while the group has members: they own its
+    /// offsets).
+    pub async fn commit_offsets(&self, group: &str, topic: &str, offsets: &BTreeMap<u32, u64>) -> ClientResult<()> {
         if offsets.is_empty() {
             return Ok(());
         }
-        self.ensure_offsets_topic().await?;
-        let partition = partition_for_key(consumer.as_bytes(), OFFSETS_PARTITIONS);
-        let mut builder = BatchBuilder::new();
-        for (&p, &offset) in offsets {
-            let timestamp_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            builder.push(&Record {
-                timestamp_ms,
-                key: Some(offset_key(consumer, topic, p)),
-                value: Some(Bytes::copy_from_slice(&offset.to_le_bytes())),
-                headers: Vec::new(),
-            })?;
-        }
-        self.produce(OFFSETS_TOPIC, partition, builder.build()?, Acks::All)
-            .await?;
-        Ok(())
+        let offsets = offsets.iter().map(|(p, o)| (topic.to_string(), *p, *o)).collect();
+        self.commit_group_offsets(group, -1, "", offsets).await
     }
 
-    /// `consumer`'s committed offsets for `topic`, by partition (the latest
-    /// commit of each). Reads the consumer's offsets partition from the start:
-    /// fine while it is small; compaction will bound it.
-    pub async fn committed_offsets(&self, consumer: &str, topic: &str) -> ClientResult<BTreeMap<u32, u64>> {
-        if !self.cached_topics(true).await?.iter().any(|t| t.name == OFFSETS_TOPIC) {
-            return Ok(BTreeMap::new());
-        }
-        let partition = partition_for_key(consumer.as_bytes(), OFFSETS_PARTITIONS);
-        let prefix = format!("{consumer}\u{0}{topic}\u{0}");
-        let mut committed = BTreeMap::new();
-        let mut offset = 0;
-        loop {
-            let fetched = self.fetch(OFFSETS_TOPIC, partition, offset, 1 << 20).await?;
-            for record in &fetched.records {
-                let (Some(key), Some(value)) = (&record.record.key, &record.record.value) else {
-                    continue;
-                };
-                let Some(p) = std::str::from_utf8(key)
-                    .ok()
-                    .and_then(|k| k.strip_prefix(&prefix))
-                    .and_then(|p| p.parse().ok())
-                else {
-                    continue;
-                };
-                if let Ok(word) = <[u8; 8]>::try_from(value.as_ref()) {
-                    committed.insert(p, u64::from_le_bytes(word));
-                }
-            }
-            if fetched.next_offset == offset || fetched.next_offset >= fetched.committed_offset {
-                return Ok(committed);
-            }
-            offset = fetched.next_offset;
-        }
+    /// `group`'s committed offsets for `topic`, by partition.
+    pub async fn committed_offsets(&self, group: &str, topic: &str) -> ClientResult<BTreeMap<u32, u64>> {
+        let offsets = self.group_offsets(group, Some(topic)).await?;
+        Ok(offsets.into_iter().map(|((_, p), o)| (p, o)).collect())
     }
 }
 
@@ -119,5 +51,15 @@ impl Consumer {
             }
         }
         Ok(resumed)
+    }
+
+    /// The assigned partitions and their positions.
+    pub fn positions(&self) -> &BTreeMap<u32, u64> {
+        &self.positions
+    }
+
+    /// Stops reading `partition`.
+    pub fn unassign(&mut self, partition: u32) {
+        self.positions.remove(&partition);
     }
 }

@@ -66,7 +66,8 @@ pub fn classify_client(error: &ClientError) -> Outcome {
         | ClientError::Refused(_)
         | ClientError::UnknownTopic(_)
         | ClientError::PartitionOutOfRange { .. }
-        | ClientError::RecordTooLarge { .. } => Outcome::Final,
+        | ClientError::RecordTooLarge { .. }
+        | ClientError::Group { .. } => Outcome::Final,
     }
 }
 

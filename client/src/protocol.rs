@@ -310,6 +310,136 @@ pub enum ClientRequest {
     /// The answering node's replicas that are no longer run (damaged
     /// files, or too many crashes), by partition (answered `FailedReplicas`).
     FailedReplicas,
+    /// A consumer-group request (answered `Group`); all but
+    /// `FindCoordinator` and `List` go to the group's coordinator.
+    Group(GroupRequest),
+}
+
+/// Consumer-group requests: membership (Kafka's group protocol), committed
+/// offsets, and administration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupRequest {
+    /// The node coordinating `group` (answered `Coordinator`).
+    FindCoordinator {
+        group: String,
+    },
+    Join {
+        group: String,
+        /// Empty for a new member.
+        member_id: String,
+        client_id: String,
+        protocol_type: String,
+        /// (protocol name, metadata) in order of preference.
+        protocols: Vec<(String, serde_bytes::ByteBuf)>,
+        session_timeout_ms: u64,
+        rebalance_timeout_ms: u64,
+    },
+    Sync {
+        group: String,
+        generation: i32,
+        member_id: String,
+        /// The leader's assignment: (member id, its share).
+        assignments: Vec<(String, serde_bytes::ByteBuf)>,
+    },
+    Heartbeat {
+        group: String,
+        generation: i32,
+        member_id: String,
+    },
+    Leave {
+        group: String,
+        member_id: String,
+    },
+    /// Commits next offsets (topic, partition, offset); a negative
+    /// generation commits from outside group management.
+    Commit {
+        group: String,
+        generation: i32,
+        member_id: String,
+        offsets: Vec<(String, u32, u64)>,
+    },
+    /// Committed offsets: of `topic` (all topics when none).
+    Offsets {
+        group: String,
+        topic: Option<String>,
+    },
+    /// The groups the answering node coordinates (answered `Groups`).
+    List,
+    Describe {
+        group: String,
+    },
+    /// Forgets a group with no members and its committed offsets.
+    Delete {
+        group: String,
+    },
+}
+
+/// Answers to [`GroupRequest`]s.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupResponse {
+    Coordinator(Option<NodeId>),
+    Joined {
+        generation: i32,
+        protocol: String,
+        leader: String,
+        member_id: String,
+        /// Every member's metadata, for the leader only.
+        members: Vec<(String, serde_bytes::ByteBuf)>,
+    },
+    Synced {
+        assignment: serde_bytes::ByteBuf,
+    },
+    Done,
+    /// (topic, partition, committed offset).
+    Offsets(Vec<(String, u32, Option<u64>)>),
+    Groups(Vec<GroupListing>),
+    Description(GroupInfo),
+    Error {
+        kind: GroupErrorKind,
+        message: String,
+    },
+}
+
+/// Why a group request was refused, as clients act on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupErrorKind {
+    /// Ask where the coordinator is, and again.
+    NotCoordinator,
+    /// Rejoin.
+    UnknownMember,
+    IllegalGeneration,
+    RebalanceInProgress,
+    /// Final: the request is wrong (the message says how).
+    Invalid,
+    /// The cluster failed the request (the message says how); retry.
+    Unavailable,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupListing {
+    pub group: String,
+    pub protocol_type: String,
+    pub state: String,
+    pub coordinator: NodeId,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub group: String,
+    pub state: String,
+    pub protocol_type: String,
+    pub protocol: String,
+    pub generation: i32,
+    pub members: Vec<GroupMemberInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMemberInfo {
+    pub member_id: String,
+    pub client_id: String,
+    pub client_host: String,
+    #[serde(with = "serde_bytes")]
+    pub assignment: Vec<u8>,
 }
 
 /// How one replica on a node has fared (its supervisor's record).
@@ -378,6 +508,7 @@ pub enum ClientResponse {
     Tasks(Vec<TaskStatus>),
     Catalog(Catalog),
     FailedReplicas(Vec<FailedReplica>),
+    Group(GroupResponse),
 }
 
 /// A replica its node no longer runs, and why.
@@ -462,8 +593,20 @@ mod tests {
             ClientRequest::DropObject { name: "o".into() },
             ClientRequest::Catalog,
             ClientRequest::FailedReplicas,
+            ClientRequest::Group(GroupRequest::List),
         ];
         assert_tags(&requests);
+        assert_tags(&group_requests());
+        assert_tags(&group_responses());
+        use GroupErrorKind::*;
+        assert_tags(&[
+            NotCoordinator,
+            UnknownMember,
+            IllegalGeneration,
+            RebalanceInProgress,
+            Invalid,
+            Unavailable,
+        ]);
         assert_tags(&responses());
         assert_tags(&broker_errors());
         assert_tags(&[Acks::All, Acks::Leader, Acks::None]);
@@ -510,6 +653,82 @@ mod tests {
             ClientResponse::Tasks(Vec::new()),
             ClientResponse::Catalog(Catalog::default()),
             ClientResponse::FailedReplicas(Vec::new()),
+            ClientResponse::Group(GroupResponse::Done),
+        ]
+    }
+
+    fn group_requests() -> Vec<GroupRequest> {
+        let g = || "g".to_string();
+        vec![
+            GroupRequest::FindCoordinator { group: g() },
+            GroupRequest::Join {
+                group: g(),
+                member_id: g(),
+                client_id: g(),
+                protocol_type: g(),
+                protocols: Vec::new(),
+                session_timeout_ms: 0,
+                rebalance_timeout_ms: 0,
+            },
+            GroupRequest::Sync {
+                group: g(),
+                generation: 0,
+                member_id: g(),
+                assignments: Vec::new(),
+            },
+            GroupRequest::Heartbeat {
+                group: g(),
+                generation: 0,
+                member_id: g(),
+            },
+            GroupRequest::Leave {
+                group: g(),
+                member_id: g(),
+            },
+            GroupRequest::Commit {
+                group: g(),
+                generation: 0,
+                member_id: g(),
+                offsets: Vec::new(),
+            },
+            GroupRequest::Offsets {
+                group: g(),
+                topic: None,
+            },
+            GroupRequest::List,
+            GroupRequest::Describe { group: g() },
+            GroupRequest::Delete { group: g() },
+        ]
+    }
+
+    fn group_responses() -> Vec<GroupResponse> {
+        vec![
+            GroupResponse::Coordinator(None),
+            GroupResponse::Joined {
+                generation: 0,
+                protocol: String::new(),
+                leader: String::new(),
+                member_id: String::new(),
+                members: Vec::new(),
+            },
+            GroupResponse::Synced {
+                assignment: Default::default(),
+            },
+            GroupResponse::Done,
+            GroupResponse::Offsets(Vec::new()),
+            GroupResponse::Groups(Vec::new()),
+            GroupResponse::Description(GroupInfo {
+                group: String::new(),
+                state: String::new(),
+                protocol_type: String::new(),
+                protocol: String::new(),
+                generation: 0,
+                members: Vec::new(),
+            }),
+            GroupResponse::Error {
+                kind: GroupErrorKind::Invalid,
+                message: String::new(),
+            },
         ]
     }
 

@@ -14,6 +14,7 @@ use crate::groups::core::{Answer, GroupError, GroupState, Join, Joined, Synced};
 use crate::groups::{offset_key, parse_offset, OffsetCache, CACHED_OFFSETS_MAX};
 use crate::metadata::{GroupId, MetadataError, NodeId, TopicConfig};
 use crate::protocol::{Acks, BrokerError};
+use runnel_client::protocol::{GroupErrorKind, GroupInfo, GroupListing, GroupMemberInfo, GroupRequest, GroupResponse};
 
 /// How long a parked join or sync waits at most (the longest rebalance
 /// timeout the core accepts, plus a margin).
@@ -58,7 +59,7 @@ impl BrokerService {
         if self.shared.core().meta().metadata.topics.contains_key(OFFSETS_TOPIC) {
             return Ok(());
         }
-        let replication = self.kafka_brokers().len().clamp(1, 3) as u16;
+        let replication = self.alive_nodes().len().clamp(1, 3) as u16;
         let config = TopicConfig::new(OFFSETS_PARTITIONS, replication);
         match self.create_topic(OFFSETS_TOPIC.to_string(), config).await {
             Ok(()) | Err(ServiceError::Refused(MetadataError::TopicExists(_))) => Ok(()),
@@ -152,15 +153,22 @@ impl BrokerService {
 
     pub async fn describe_group(&self, group: &str) -> Result<GroupDescription, GroupFailure> {
         self.coordinating(group).await?;
-        let core = self.shared.groups.core();
-        let Some(g) = core.group(group) else {
+        let known = self.shared.groups.core().group(group).is_some();
+        if !known {
+            // Kafka's words: a group without members is Empty while it has
+            // committed offsets, and Dead when it has nothing.
+            let has_offsets = !self.group_offsets(group, None).await?.is_empty();
             return Ok(GroupDescription {
-                state: "Dead",
+                state: if has_offsets { "Empty" } else { "Dead" },
                 protocol_type: String::new(),
                 protocol: String::new(),
                 generation: 0,
                 members: Vec::new(),
             });
+        }
+        let core = self.shared.groups.core();
+        let Some(g) = core.group(group) else {
+            return Err(GroupError::UnknownMemberId.into());
         };
         let members = g
             .members
@@ -356,4 +364,192 @@ impl Shared {
 
 fn now_ms() -> u64 {
     super::unix_ms().max(0) as u64
+}
+
+impl BrokerService {
+    /// The client protocol's group requests.
+    pub async fn group(&self, request: GroupRequest) -> GroupResponse {
+        match self.group_answer(request).await {
+            Ok(response) => response,
+            Err(failure) => GroupResponse::Error {
+                kind: error_kind(&failure),
+                message: failure.to_string(),
+            },
+        }
+    }
+
+    async fn group_answer(&self, request: GroupRequest) -> Result<GroupResponse, GroupFailure> {
+        Ok(match request {
+            GroupRequest::FindCoordinator { group } => GroupResponse::Coordinator(self.find_coordinator(&group).await?),
+            GroupRequest::Join {
+                group,
+                member_id,
+                client_id,
+                protocol_type,
+                protocols,
+                session_timeout_ms,
+                rebalance_timeout_ms,
+            } => {
+                let join = Join {
+                    group,
+                    member_id,
+                    client_id,
+                    client_host: String::new(),
+                    protocol_type,
+                    protocols: protocols
+                        .into_iter()
+                        .map(|(n, m)| (n, Bytes::from(m.into_vec())))
+                        .collect(),
+                    session_timeout_ms,
+                    rebalance_timeout_ms,
+                };
+                let joined = self.join_group(join).await?;
+                GroupResponse::Joined {
+                    generation: joined.generation,
+                    protocol: joined.protocol,
+                    leader: joined.leader,
+                    member_id: joined.member_id,
+                    members: joined
+                        .members
+                        .into_iter()
+                        .map(|(m, b)| (m, b.to_vec().into()))
+                        .collect(),
+                }
+            }
+            GroupRequest::Sync {
+                group,
+                generation,
+                member_id,
+                assignments,
+            } => {
+                let assignments = assignments
+                    .into_iter()
+                    .map(|(m, a)| (m, Bytes::from(a.into_vec())))
+                    .collect();
+                let synced = self.sync_group(&group, generation, &member_id, assignments).await?;
+                GroupResponse::Synced {
+                    assignment: synced.assignment.to_vec().into(),
+                }
+            }
+            GroupRequest::Heartbeat {
+                group,
+                generation,
+                member_id,
+            } => {
+                self.heartbeat(&group, generation, &member_id).await?;
+                GroupResponse::Done
+            }
+            GroupRequest::Leave { group, member_id } => {
+                let results = self.leave_group(&group, &[member_id]).await?;
+                results.into_iter().next().unwrap_or(Ok(()))?;
+                GroupResponse::Done
+            }
+            GroupRequest::Commit {
+                group,
+                generation,
+                member_id,
+                offsets,
+            } => {
+                self.commit_group_offsets(&group, generation, &member_id, &offsets)
+                    .await?;
+                GroupResponse::Done
+            }
+            GroupRequest::Offsets { group, topic } => {
+                let offsets = self.group_offsets(&group, None).await?;
+                GroupResponse::Offsets(
+                    offsets
+                        .into_iter()
+                        .filter(|(t, ..)| topic.as_ref().is_none_or(|w| w == t))
+                        .collect(),
+                )
+            }
+            GroupRequest::List => GroupResponse::Groups(
+                self.list_groups()
+                    .into_iter()
+                    .map(|(group, protocol_type, state)| GroupListing {
+                        group,
+                        protocol_type,
+                        state: state.to_string(),
+                        coordinator: self.node_id(),
+                    })
+                    .collect(),
+            ),
+            GroupRequest::Describe { group } => {
+                let d = self.describe_group(&group).await?;
+                GroupResponse::Description(GroupInfo {
+                    group,
+                    state: d.state.to_string(),
+                    protocol_type: d.protocol_type,
+                    protocol: d.protocol,
+                    generation: d.generation,
+                    members: d
+                        .members
+                        .into_iter()
+                        .map(|(member_id, client_id, client_host, assignment)| GroupMemberInfo {
+                            member_id,
+                            client_id,
+                            client_host,
+                            assignment: assignment.to_vec(),
+                        })
+                        .collect(),
+                })
+            }
+            GroupRequest::Delete { group } => {
+                self.delete_group(&group).await?;
+                GroupResponse::Done
+            }
+        })
+    }
+
+    /// Forgets a group without members: its committed offsets are deleted
+    /// (tombstones in the offsets partition) and it is no longer listed.
+    pub async fn delete_group(&self, group: &str) -> Result<(), GroupFailure> {
+        let (gid, partition, term) = self.coordinating(group).await?;
+        self.shared.groups.core().remove_empty(group)?;
+        let mut caches = self.shared.groups.offsets.lock().await;
+        self.load_offsets(&mut caches, gid, partition, term).await?;
+        let cache = caches.entry(partition).or_default();
+        let keys: Vec<_> = cache.offsets.keys().filter(|(g, ..)| g == group).cloned().collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut builder = BatchBuilder::new();
+        for (g, topic, p) in &keys {
+            let record = Record {
+                timestamp_ms: now_ms() as i64,
+                key: Some(offset_key(g, topic, *p)),
+                value: None,
+                headers: Vec::new(),
+            };
+            builder
+                .push(&record)
+                .map_err(|e| ServiceError::from(BrokerError::InvalidRequest(e.to_string())))?;
+        }
+        let batch = builder
+            .build()
+            .map_err(|e| ServiceError::from(BrokerError::InvalidRequest(e.to_string())))?;
+        self.shared
+            .broker
+            .produce(gid, batch, Acks::All)
+            .await
+            .map_err(ServiceError::from)?;
+        for key in keys {
+            cache.offsets.remove(&key);
+        }
+        Ok(())
+    }
+}
+
+fn error_kind(failure: &GroupFailure) -> GroupErrorKind {
+    match failure {
+        GroupFailure::NotCoordinator(_) => GroupErrorKind::NotCoordinator,
+        GroupFailure::Group(GroupError::UnknownMemberId) => GroupErrorKind::UnknownMember,
+        GroupFailure::Group(GroupError::IllegalGeneration) => GroupErrorKind::IllegalGeneration,
+        GroupFailure::Group(GroupError::RebalanceInProgress) => GroupErrorKind::RebalanceInProgress,
+        GroupFailure::Group(_) => GroupErrorKind::Invalid,
+        GroupFailure::Service(ServiceError::UnknownTopic(_) | ServiceError::PartitionOutOfRange { .. }) => {
+            GroupErrorKind::Invalid
+        }
+        GroupFailure::Service(_) => GroupErrorKind::Unavailable,
+    }
 }

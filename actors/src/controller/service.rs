@@ -142,6 +142,7 @@ impl BrokerService {
             ClientRequest::DropObject { name } => done(self.admin(ControllerRequest::DropObject { name }).await),
             ClientRequest::Catalog => ClientResponse::Catalog(self.catalog()),
             ClientRequest::FailedReplicas => ClientResponse::FailedReplicas(self.failed_replicas().await),
+            ClientRequest::Group(request) => ClientResponse::Group(self.group(request).await),
         }
     }
 
@@ -452,6 +453,16 @@ impl BrokerService {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.shared.me()
+    }
+
+    /// The live nodes, as this node's membership sees them.
+    pub fn alive_nodes(&self) -> Vec<NodeId> {
+        let members = self.shared.node.members();
+        members
+            .iter()
+            .filter(|m| m.state == MemberState::Alive)
+            .map(|m| m.node)
+            .collect()
     }
 
     /// The live nodes that serve the Kafka protocol, with the address Kafka

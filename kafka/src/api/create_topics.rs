@@ -20,7 +20,7 @@ const TOPICS_MAX: usize = 1000;
 const DEFAULT_REPLICATION: u16 = 3;
 
 pub async fn handle(context: &Context, request: CreateTopicsRequest, _version: i16) -> CreateTopicsResponse {
-    let live = context.service.kafka_brokers().len().max(1);
+    let live = context.service.alive_nodes().len().max(1);
     let mut topics = Vec::with_capacity(request.topics.len());
     for topic in request.topics.into_iter().take(TOPICS_MAX) {
         let result = CreatableTopicResult::default().with_name(topic.name.clone());
