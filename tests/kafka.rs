@@ -179,6 +179,14 @@ fn kafka_clients_produce_consume_and_create_topics_with_every_codec_and_a_garbag
     );
     assert_eq!(json_lines(&created)[0]["created"], "orders");
     wait_for("orders' leaders", TIMEOUT, || leaders(&bootstrap, "orders").is_some());
+    let configs = run(
+        python().args(["configs", &bootstrap, "orders"]),
+        "kafka-python describe_configs",
+        None,
+    );
+    let configs = &json_lines(&configs)[0]["topic"]["orders"];
+    assert_eq!(configs["retention.ms"]["value"], "604800000", "{configs}");
+    assert_eq!(configs["cleanup.policy"]["value"], "delete", "{configs}");
 
     let mut expected: BTreeSet<String> = BTreeSet::new();
     for codec in CODECS {

@@ -7,6 +7,7 @@ Each command prints JSON lines the Rust test reads:
   group BOOTSTRAP TOPIC GROUP MAX IDLE_MS (a group member: reads until MAX
         records or IDLE_MS without one, commits what it delivered, leaves)
   describe BOOTSTRAP GROUP              (state and each member's partitions)
+  configs BOOTSTRAP TOPIC               (the topic's settings, DescribeConfigs)
 """
 
 import json
@@ -119,6 +120,14 @@ def describe(bootstrap, group_id):
     admin.close()
 
 
+def configs(bootstrap, topic):
+    from kafka.admin import ConfigResource, ConfigResourceType
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+    print(json.dumps(found, default=str), flush=True)
+    admin.close()
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"create": create, "produce": produce, "consume": consume, "group": group, "describe": describe}[command](*args)
+    {"create": create, "produce": produce, "consume": consume, "group": group, "describe": describe, "configs": configs}[command](*args)

@@ -18,6 +18,7 @@ use crate::BrokerService;
 pub mod api_versions;
 pub mod create_topics;
 pub mod delete_topics;
+pub mod describe_configs;
 pub mod describe_groups;
 pub mod fetch;
 pub mod find_coordinator;
@@ -54,6 +55,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 7),
     (ApiKey::ListGroups, 0, 4),
     (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::DescribeConfigs, 1, 4),
 ];
 
 /// What every handler needs: the node's broker service, and who asks.
@@ -201,6 +203,7 @@ async fn dispatch(
         ApiKey::OffsetFetch => serve!(offset_fetch),
         ApiKey::ListGroups => serve!(list_groups),
         ApiKey::DescribeGroups => serve!(describe_groups),
+        ApiKey::DescribeConfigs => serve!(describe_configs),
         ApiKey::Produce => {
             let request: kafka_protocol::messages::ProduceRequest = decode(api, version, &mut body)?;
             let wants_answer = request.acks != 0;

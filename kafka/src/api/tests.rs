@@ -3,10 +3,10 @@
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, DeleteTopicsRequest, DescribeGroupsRequest,
-    FetchRequest, FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest,
-    ListGroupsRequest, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest, OffsetFetchRequest, ProduceRequest,
-    RequestHeader, ResponseHeader, SyncGroupRequest,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest,
+    DescribeGroupsRequest, FetchRequest, FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest,
+    JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
+    OffsetFetchRequest, ProduceRequest, RequestHeader, ResponseHeader, SyncGroupRequest,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use proptest::prelude::*;
@@ -128,6 +128,7 @@ fn decode_any(api: ApiKey, version: i16, body: &[u8]) {
         ApiKey::OffsetFetch => decode::<OffsetFetchRequest>(api, version, &mut body).map(drop),
         ApiKey::ListGroups => decode::<ListGroupsRequest>(api, version, &mut body).map(drop),
         ApiKey::DescribeGroups => decode::<DescribeGroupsRequest>(api, version, &mut body).map(drop),
+        ApiKey::DescribeConfigs => decode::<DescribeConfigsRequest>(api, version, &mut body).map(drop),
         other => panic!("{other:?} has no decoder here"),
     };
 }
