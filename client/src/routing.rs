@@ -91,6 +91,11 @@ enum Step {
     Fail(ClientError),
 }
 
+/// How a node that has not registered its broker service yet answers
+/// (`RemoteError::UnknownActor`), and how long a starting node is waited for.
+const NOT_READY: &str = "no actor named";
+const NOT_READY_WAIT: Duration = Duration::from_secs(5);
+
 impl Client {
     /// Connects through any of `seeds` with the client certificate in `certs`.
     pub async fn connect(seeds: Vec<SocketAddr>, certs: &Path) -> ClientResult<Client> {
@@ -116,8 +121,22 @@ impl Client {
         Ok(client)
     }
 
-    /// One request to node `addr` (any node when `None`).
+    /// One request to node `addr` (any node when `None`). A node still
+    /// starting (its broker service not yet registered) is asked again for
+    /// up to [`NOT_READY_WAIT`].
     pub(crate) async fn call(&self, addr: Option<SocketAddr>, request: &ClientRequest) -> ClientResult<ClientResponse> {
+        let started = std::time::Instant::now();
+        loop {
+            match self.call_once(addr, request).await {
+                Err(ClientError::Protocol(e)) if e.starts_with(NOT_READY) && started.elapsed() < NOT_READY_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+
+    async fn call_once(&self, addr: Option<SocketAddr>, request: &ClientRequest) -> ClientResult<ClientResponse> {
         let payload = encode_payload(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         if let Some(local) = self.local.as_ref().filter(|l| addr.is_none_or(|a| a == l.addr)) {
             return self.call_local(local, payload).await;
