@@ -998,7 +998,9 @@ async fn a_replica_that_keeps_crashing_is_reported_and_placed_on_another_node() 
     assert_eq!(records_everywhere(&client, &healed).await, 100);
 }
 
-/// The replica directory of `topic`'s only partition on node `id`.
+/// The replica directory of `topic`'s only partition on node `id`, once the
+/// node has made it (a node hosts a new topic's replica a moment after the
+/// topic is created).
 fn replica_dir(cluster: &ProcessCluster, id: NodeId) -> std::path::PathBuf {
     let partitions = cluster
         .scratch
@@ -1006,11 +1008,18 @@ fn replica_dir(cluster: &ProcessCluster, id: NodeId) -> std::path::PathBuf {
         .join(format!("data-{}", id.0))
         .join("broker")
         .join("partitions");
-    let groups: Vec<std::path::PathBuf> = std::fs::read_dir(&partitions)
-        .expect("partitions directory")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "0"))
-        .collect();
+    let list = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&partitions)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n != "0"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_for("the node to host the topic's replica", TIMEOUT, || !list().is_empty());
+    let groups = list();
     assert_eq!(groups.len(), 1, "one partition besides the controller: {groups:?}");
     groups[0].clone()
 }
