@@ -157,6 +157,22 @@ fn leaders(bootstrap: &str, topic: &str) -> Option<Vec<i64>> {
         .collect()
 }
 
+/// Once every node is in Kafka metadata, creates `topic` (3 partitions,
+/// 3 replicas) with kafka-python's admin client and waits for its leaders;
+/// the create command's output.
+fn create_topic_when_ready(bootstrap: &str, topic: &str) -> Output {
+    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
+        metadata(bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
+    });
+    let created = run(
+        python().args(["create", bootstrap, topic, "3", "3"]),
+        "kafka-python create",
+        None,
+    );
+    wait_for("the topic's leaders", TIMEOUT, || leaders(bootstrap, topic).is_some());
+    created
+}
+
 /// Every record of `topic`, read by kcat to the end of each partition.
 fn kcat_records(bootstrap: &str, topic: &str) -> Vec<serde_json::Value> {
     let mut command = kcat();
@@ -168,17 +184,8 @@ fn kcat_records(bootstrap: &str, topic: &str) -> Vec<serde_json::Value> {
 fn kafka_clients_produce_consume_and_create_topics_with_every_codec_and_a_garbage_frame_closes_only_its_connection() {
     let cluster = start_cluster(230);
     let bootstrap = cluster.bootstrap(&[]);
-    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
-        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
-    });
-
-    let created = run(
-        python().args(["create", &bootstrap, "orders", "3", "3"]),
-        "kafka-python create",
-        None,
-    );
+    let created = create_topic_when_ready(&bootstrap, "orders");
     assert_eq!(json_lines(&created)[0]["created"], "orders");
-    wait_for("orders' leaders", TIMEOUT, || leaders(&bootstrap, "orders").is_some());
     let configs = run(
         python().args(["configs", &bootstrap, "orders"]),
         "kafka-python describe_configs",
@@ -264,17 +271,7 @@ fn garbage_frames_close_only_their_connection(listener: SocketAddr, bootstrap: &
 fn killing_a_partition_leader_under_a_kafka_producer_loses_and_duplicates_nothing() {
     let mut cluster = start_cluster(235);
     let bootstrap = cluster.bootstrap(&[]);
-    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
-        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
-    });
-    run(
-        python().args(["create", &bootstrap, "payments", "3", "3"]),
-        "kafka-python create",
-        None,
-    );
-    wait_for("payments' leaders", TIMEOUT, || {
-        leaders(&bootstrap, "payments").is_some()
-    });
+    create_topic_when_ready(&bootstrap, "payments");
     let before = run(
         python().args(["produce", &bootstrap, "payments", "300", "before"]),
         "produce",
@@ -376,15 +373,7 @@ fn shared_by(bootstrap: &str, group: &str, members: usize, partitions: u64) -> b
 fn kafka_consumer_groups_share_partitions_commit_only_what_they_delivered_and_rebalance_when_a_member_dies() {
     let cluster = start_cluster(240);
     let bootstrap = cluster.bootstrap(&[]);
-    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
-        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
-    });
-    run(
-        python().args(["create", &bootstrap, "events", "3", "3"]),
-        "create",
-        None,
-    );
-    wait_for("events' leaders", TIMEOUT, || leaders(&bootstrap, "events").is_some());
+    create_topic_when_ready(&bootstrap, "events");
     run(
         python().args(["produce", &bootstrap, "events", "300", "e"]),
         "produce",
@@ -490,11 +479,7 @@ fn group_json(cluster: &KafkaCluster, group: &str) -> serde_json::Value {
 fn a_runnel_consumer_and_a_kafka_consumer_share_one_group_and_runnel_group_manages_it() {
     let cluster = start_cluster(245);
     let bootstrap = cluster.bootstrap(&[]);
-    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
-        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
-    });
-    run(python().args(["create", &bootstrap, "mixed", "3", "3"]), "create", None);
-    wait_for("mixed's leaders", TIMEOUT, || leaders(&bootstrap, "mixed").is_some());
+    create_topic_when_ready(&bootstrap, "mixed");
     run(
         python().args(["produce", &bootstrap, "mixed", "300", "m"]),
         "produce",

@@ -10,7 +10,7 @@ use runnel_storage::{BatchBuilder, Record};
 
 use super::service::{BrokerService, ServiceError};
 use super::Shared;
-use crate::groups::core::{Answer, GroupError, GroupState, Join, Joined, Synced};
+use crate::groups::core::{Answer, GroupError, GroupState, GroupsCore, Join, Joined, Synced, Ticket};
 use crate::groups::{offset_key, parse_offset, OffsetCache, CACHED_OFFSETS_MAX};
 use crate::metadata::{GroupId, MetadataError, NodeId, TopicConfig};
 use crate::protocol::{Acks, BrokerError};
@@ -80,19 +80,9 @@ impl BrokerService {
 
     pub async fn join_group(&self, join: Join) -> Result<Joined, GroupFailure> {
         self.coordinating(&join.group).await?;
-        let groups = &self.shared.groups;
-        let (ticket, answer) = groups.park();
-        let answers = groups.core().join(join, ticket, now_ms());
-        match answers {
-            Ok(answers) => groups.deliver(answers),
-            Err(e) => {
-                groups.unpark(ticket);
-                return Err(e.into());
-            }
-        }
-        match tokio::time::timeout(PARKED_MAX, answer).await {
-            Ok(Ok(Answer::Join(_, result))) => Ok(result?),
-            _ => Err(GroupError::RebalanceInProgress.into()),
+        match self.parked(|core, ticket| core.join(join, ticket, now_ms())).await? {
+            Answer::Join(_, result) => Ok(result?),
+            Answer::Sync(..) => Err(GroupError::RebalanceInProgress.into()),
         }
     }
 
@@ -104,11 +94,24 @@ impl BrokerService {
         assignments: Vec<(String, Bytes)>,
     ) -> Result<Synced, GroupFailure> {
         self.coordinating(group).await?;
+        let sync =
+            |core: &mut GroupsCore, ticket| core.sync(group, generation, member_id, assignments, ticket, now_ms());
+        match self.parked(sync).await? {
+            Answer::Sync(_, result) => Ok(result?),
+            Answer::Join(..) => Err(GroupError::RebalanceInProgress.into()),
+        }
+    }
+
+    /// Runs a core call that may park its request under a ticket, and waits
+    /// (at most [`PARKED_MAX`]) for the answer; a request that times out is
+    /// forgotten, so no answer channel outlives it.
+    async fn parked(
+        &self,
+        call: impl FnOnce(&mut GroupsCore, Ticket) -> Result<Vec<Answer>, GroupError>,
+    ) -> Result<Answer, GroupFailure> {
         let groups = &self.shared.groups;
         let (ticket, answer) = groups.park();
-        let answers = groups
-            .core()
-            .sync(group, generation, member_id, assignments, ticket, now_ms());
+        let answers = call(&mut groups.core(), ticket);
         match answers {
             Ok(answers) => groups.deliver(answers),
             Err(e) => {
@@ -117,8 +120,11 @@ impl BrokerService {
             }
         }
         match tokio::time::timeout(PARKED_MAX, answer).await {
-            Ok(Ok(Answer::Sync(_, result))) => Ok(result?),
-            _ => Err(GroupError::RebalanceInProgress.into()),
+            Ok(Ok(answer)) => Ok(answer),
+            _ => {
+                groups.unpark(ticket);
+                Err(GroupError::RebalanceInProgress.into())
+            }
         }
     }
 
@@ -381,41 +387,7 @@ impl BrokerService {
     async fn group_answer(&self, request: GroupRequest) -> Result<GroupResponse, GroupFailure> {
         Ok(match request {
             GroupRequest::FindCoordinator { group } => GroupResponse::Coordinator(self.find_coordinator(&group).await?),
-            GroupRequest::Join {
-                group,
-                member_id,
-                client_id,
-                protocol_type,
-                protocols,
-                session_timeout_ms,
-                rebalance_timeout_ms,
-            } => {
-                let join = Join {
-                    group,
-                    member_id,
-                    client_id,
-                    client_host: String::new(),
-                    protocol_type,
-                    protocols: protocols
-                        .into_iter()
-                        .map(|(n, m)| (n, Bytes::from(m.into_vec())))
-                        .collect(),
-                    session_timeout_ms,
-                    rebalance_timeout_ms,
-                };
-                let joined = self.join_group(join).await?;
-                GroupResponse::Joined {
-                    generation: joined.generation,
-                    protocol: joined.protocol,
-                    leader: joined.leader,
-                    member_id: joined.member_id,
-                    members: joined
-                        .members
-                        .into_iter()
-                        .map(|(m, b)| (m, b.to_vec().into()))
-                        .collect(),
-                }
-            }
+            join @ GroupRequest::Join { .. } => self.serve_join(join).await?,
             GroupRequest::Sync {
                 group,
                 generation,
@@ -456,49 +428,73 @@ impl BrokerService {
             }
             GroupRequest::Offsets { group, topic } => {
                 let offsets = self.group_offsets(&group, None).await?;
-                GroupResponse::Offsets(
-                    offsets
-                        .into_iter()
-                        .filter(|(t, ..)| topic.as_ref().is_none_or(|w| w == t))
-                        .collect(),
-                )
+                let of_topic = |(t, ..): &(String, u32, Option<u64>)| topic.as_ref().is_none_or(|w| w == t);
+                GroupResponse::Offsets(offsets.into_iter().filter(of_topic).collect())
             }
-            GroupRequest::List => GroupResponse::Groups(
-                self.list_groups()
-                    .into_iter()
-                    .map(|(group, protocol_type, state)| GroupListing {
-                        group,
-                        protocol_type,
-                        state: state.to_string(),
-                        coordinator: self.node_id(),
-                    })
-                    .collect(),
-            ),
+            GroupRequest::List => GroupResponse::Groups(self.listings()),
             GroupRequest::Describe { group } => {
-                let d = self.describe_group(&group).await?;
-                GroupResponse::Description(GroupInfo {
-                    group,
-                    state: d.state.to_string(),
-                    protocol_type: d.protocol_type,
-                    protocol: d.protocol,
-                    generation: d.generation,
-                    members: d
-                        .members
-                        .into_iter()
-                        .map(|(member_id, client_id, client_host, assignment)| GroupMemberInfo {
-                            member_id,
-                            client_id,
-                            client_host,
-                            assignment: assignment.to_vec(),
-                        })
-                        .collect(),
-                })
+                let description = self.describe_group(&group).await?;
+                GroupResponse::Description(group_info(group, description))
             }
             GroupRequest::Delete { group } => {
                 self.delete_group(&group).await?;
                 GroupResponse::Done
             }
         })
+    }
+
+    /// A client's `GroupRequest::Join`, answered `Joined`.
+    async fn serve_join(&self, request: GroupRequest) -> Result<GroupResponse, GroupFailure> {
+        let GroupRequest::Join {
+            group,
+            member_id,
+            client_id,
+            protocol_type,
+            protocols,
+            session_timeout_ms,
+            rebalance_timeout_ms,
+        } = request
+        else {
+            return Err(GroupError::Invalid("not a join").into());
+        };
+        let join = Join {
+            group,
+            member_id,
+            client_id,
+            client_host: String::new(),
+            protocol_type,
+            protocols: protocols
+                .into_iter()
+                .map(|(n, m)| (n, Bytes::from(m.into_vec())))
+                .collect(),
+            session_timeout_ms,
+            rebalance_timeout_ms,
+        };
+        let joined = self.join_group(join).await?;
+        Ok(GroupResponse::Joined {
+            generation: joined.generation,
+            protocol: joined.protocol,
+            leader: joined.leader,
+            member_id: joined.member_id,
+            members: joined
+                .members
+                .into_iter()
+                .map(|(m, b)| (m, b.to_vec().into()))
+                .collect(),
+        })
+    }
+
+    /// The groups this node coordinates, as the client protocol lists them.
+    fn listings(&self) -> Vec<GroupListing> {
+        self.list_groups()
+            .into_iter()
+            .map(|(group, protocol_type, state)| GroupListing {
+                group,
+                protocol_type,
+                state: state.to_string(),
+                coordinator: self.node_id(),
+            })
+            .collect()
     }
 
     /// Forgets a group without members: its committed offsets are deleted
@@ -537,6 +533,27 @@ impl BrokerService {
             cache.offsets.remove(&key);
         }
         Ok(())
+    }
+}
+
+fn group_info(group: String, d: GroupDescription) -> GroupInfo {
+    let members = d
+        .members
+        .into_iter()
+        .map(|(member_id, client_id, client_host, assignment)| GroupMemberInfo {
+            member_id,
+            client_id,
+            client_host,
+            assignment: assignment.to_vec(),
+        })
+        .collect();
+    GroupInfo {
+        group,
+        state: d.state.to_string(),
+        protocol_type: d.protocol_type,
+        protocol: d.protocol,
+        generation: d.generation,
+        members,
     }
 }
 
