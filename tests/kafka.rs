@@ -265,6 +265,45 @@ fn garbage_frames_close_only_their_connection(listener: SocketAddr, bootstrap: &
         assert!(read.is_ok_and(|n| n == 0), "closed without an answer: {rest:?}");
     }
     assert!(metadata(bootstrap).is_some(), "still serving");
+    an_unserved_api_is_answered_unsupported_and_the_connection_stays_open(listener);
+}
+
+/// DescribeAcls v1 (not served) gets its own response with
+/// UNSUPPORTED_VERSION (35), then ApiVersions v0 on the same connection is
+/// answered too.
+fn an_unserved_api_is_answered_unsupported_and_the_connection_stays_open(listener: SocketAddr) {
+    let mut stream = TcpStream::connect(listener).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let request = |api: i16, version: i16, correlation: i32| {
+        let mut body = Vec::new();
+        body.extend_from_slice(&api.to_be_bytes());
+        body.extend_from_slice(&version.to_be_bytes());
+        body.extend_from_slice(&correlation.to_be_bytes());
+        body.extend_from_slice(&[0xff, 0xff]);
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    };
+    let answer = |stream: &mut TcpStream| {
+        let mut size = [0u8; 4];
+        stream
+            .read_exact(&mut size)
+            .expect("an answer, not a closed connection");
+        let mut body = vec![0u8; u32::from_be_bytes(size) as usize];
+        stream.read_exact(&mut body).expect("the answer's body");
+        body
+    };
+    stream.write_all(&request(29, 1, 41)).expect("DescribeAcls");
+    let acls = answer(&mut stream);
+    assert_eq!(&acls[..4], &41i32.to_be_bytes(), "correlation id");
+    assert_eq!(
+        &acls[8..10],
+        &35i16.to_be_bytes(),
+        "UNSUPPORTED_VERSION after throttle_time_ms"
+    );
+    stream.write_all(&request(18, 0, 42)).expect("ApiVersions");
+    let versions = answer(&mut stream);
+    assert_eq!(&versions[..6], &[0, 0, 0, 42, 0, 0], "correlation id, then no error");
 }
 
 #[test]
@@ -423,6 +462,10 @@ fn kafka_consumer_groups_share_partitions_commit_only_what_they_delivered_and_re
     };
     assert_eq!(kcat_group("kcat -G"), 300);
     assert_eq!(kcat_group("kcat -G again"), 0, "its commits hold");
+    // DeleteGroups forgets an empty group's offsets: it reads all again.
+    let deleted = run(python().args(["delete-groups", &bootstrap, "k"]), "delete k", None);
+    assert_eq!(json_lines(&deleted)[0]["error"], "OK", "{deleted:?}");
+    assert_eq!(kcat_group("kcat -G after DeleteGroups"), 300);
 
     // Two live members share the partitions; when one dies without
     // leaving, its session times out and the other takes them all.
@@ -433,6 +476,12 @@ fn kafka_consumer_groups_share_partitions_commit_only_what_they_delivered_and_re
         shared_by(&bootstrap, "live", 2, 3)
     });
     let shared_after = started.elapsed();
+    let refused = run(
+        python().args(["delete-groups", &bootstrap, "live"]),
+        "delete live",
+        None,
+    );
+    assert_eq!(json_lines(&refused)[0]["error"], "NonEmptyGroupError", "{refused:?}");
     drop(a);
     let killed = Instant::now();
     wait_for("the survivor to own every partition", TIMEOUT, || {

@@ -120,6 +120,13 @@ def describe(bootstrap, group_id):
     admin.close()
 
 
+def delete_groups(bootstrap, *group_ids):
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    for group_id, error in admin.delete_groups(list(group_ids)).items():
+        emit(group=group_id, error=error)
+    admin.close()
+
+
 def configs(bootstrap, topic):
     from kafka.admin import ConfigResource, ConfigResourceType
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
@@ -130,4 +137,5 @@ def configs(bootstrap, topic):
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"create": create, "produce": produce, "consume": consume, "group": group, "describe": describe, "configs": configs}[command](*args)
+    {"create": create, "produce": produce, "consume": consume, "group": group, "describe": describe, "configs": configs,
+     "delete-groups": delete_groups}[command](*args)

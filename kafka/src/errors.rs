@@ -62,6 +62,7 @@ fn group_code(error: GroupError) -> ResponseError {
         GroupError::InconsistentGroupProtocol => ResponseError::InconsistentGroupProtocol,
         GroupError::InvalidSessionTimeout => ResponseError::InvalidSessionTimeout,
         GroupError::GroupMaxSizeReached => ResponseError::GroupMaxSizeReached,
+        GroupError::NonEmptyGroup => ResponseError::NonEmptyGroup,
         GroupError::TooManyGroups | GroupError::Invalid(_) => ResponseError::InvalidRequest,
     }
 }

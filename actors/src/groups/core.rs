@@ -46,6 +46,8 @@ pub enum GroupError {
     GroupMaxSizeReached,
     #[error("the coordinator holds {GROUPS_MAX} groups already")]
     TooManyGroups,
+    #[error("the group still has members; it can be deleted once they have left")]
+    NonEmptyGroup,
     #[error("the request is invalid: {0}")]
     Invalid(&'static str),
 }
@@ -377,7 +379,7 @@ impl GroupsCore {
     /// DeleteGroups); refused while members are in it.
     pub fn remove_empty(&mut self, group: &str) -> Result<(), GroupError> {
         match self.groups.get(group) {
-            Some(g) if !g.members.is_empty() => Err(GroupError::Invalid("the group still has members")),
+            Some(g) if !g.members.is_empty() => Err(GroupError::NonEmptyGroup),
             _ => {
                 self.groups.remove(group);
                 Ok(())

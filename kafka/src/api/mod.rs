@@ -6,8 +6,11 @@
 //! tagged fields), which `kafka-protocol` knows. An API or version outside
 //! [`SUPPORTED`] is refused by name: `ApiVersions` then answers with
 //! `UNSUPPORTED_VERSION` and the supported table (clients retry with a
-//! version they share), anything else closes the connection with a log
-//! line naming the API, which is also what a Kafka broker does.
+//! version they share), any other API with its own response carrying
+//! `UNSUPPORTED_VERSION` ([`unsupported`]). Only a frame with no honest
+//! answer (an API key Kafka does not define, a version `kafka-protocol`
+//! cannot encode, a header that does not decode) closes the connection, with
+//! a log line naming the problem.
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
@@ -17,6 +20,7 @@ use crate::BrokerService;
 
 pub mod api_versions;
 pub mod create_topics;
+pub mod delete_groups;
 pub mod delete_topics;
 pub mod describe_configs;
 pub mod describe_groups;
@@ -33,6 +37,7 @@ pub mod offset_commit;
 pub mod offset_fetch;
 pub mod produce;
 pub mod sync_group;
+pub mod unsupported;
 
 /// The APIs served and their version ranges. Versions that need topic ids
 /// (Fetch 13, Produce 13, DeleteTopics 6, Metadata 13) are left out, so
@@ -56,6 +61,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListGroups, 0, 4),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::DeleteGroups, 0, 2),
 ];
 
 /// What every handler needs: the node's broker service, and who asks.
@@ -164,11 +170,20 @@ pub fn route(mut frame: Bytes) -> Result<Route, RequestError> {
         _ if api == ApiKey::ApiVersions => {
             encode(api, 0, correlation_id, &api_versions::unsupported()).map(Route::Answer)
         }
-        _ => Err(RequestError::Unsupported {
-            api,
-            version,
-            served: served(api).map_or("no version".to_string(), |(a, b)| format!("versions {a} to {b}")),
-        }),
+        _ => {
+            let refused = RequestError::Unsupported {
+                api,
+                version,
+                served: served(api).map_or("no version".to_string(), |(a, b)| format!("versions {a} to {b}")),
+            };
+            match unsupported::answer(api, version, correlation_id, frame) {
+                Some(answer) => {
+                    tracing::info!("answered UNSUPPORTED_VERSION: {refused}");
+                    answer.map(Route::Answer)
+                }
+                None => Err(refused),
+            }
+        }
     }
 }
 
@@ -204,6 +219,7 @@ async fn dispatch(
         ApiKey::ListGroups => serve!(list_groups),
         ApiKey::DescribeGroups => serve!(describe_groups),
         ApiKey::DescribeConfigs => serve!(describe_configs),
+        ApiKey::DeleteGroups => serve!(delete_groups),
         ApiKey::Produce => {
             let request: kafka_protocol::messages::ProduceRequest = decode(api, version, &mut body)?;
             let wants_answer = request.acks != 0;

@@ -2,11 +2,14 @@
 //! that must get a named error, never a panic.
 
 use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest,
-    DescribeGroupsRequest, FetchRequest, FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest,
-    JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest, OffsetCommitRequest,
-    OffsetFetchRequest, ProduceRequest, RequestHeader, ResponseHeader, SyncGroupRequest,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreatePartitionsRequest, CreatePartitionsResponse,
+    CreateTopicsRequest, DeleteGroupsRequest, DeleteTopicsRequest, DescribeConfigsRequest, DescribeGroupsRequest,
+    EndTxnRequest, EndTxnResponse, FetchRequest, FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest,
+    JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse,
+    OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, ResponseHeader, SaslHandshakeRequest,
+    SaslHandshakeResponse, SyncGroupRequest, TopicName, WriteShareGroupStateRequest,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use proptest::prelude::*;
@@ -67,20 +70,65 @@ fn an_api_versions_request_newer_than_served_gets_unsupported_version_and_the_ta
     assert_eq!(response.api_keys.len(), SUPPORTED.len());
 }
 
+/// The error code of a refusal answered with `T` at `version`, after
+/// checking the response header names the request.
+fn refusal<T: Decodable>(api: ApiKey, version: i16, route: Result<Route, RequestError>) -> T {
+    let Ok(Route::Answer(mut answer)) = route else {
+        panic!("{api:?} v{version} got no answer: {route:?}");
+    };
+    let header = ResponseHeader::decode(&mut answer, api.response_header_version(version)).expect("header");
+    assert_eq!(header.correlation_id, 7);
+    let response = T::decode(&mut answer, version).expect("the API's own response");
+    assert!(answer.is_empty(), "bytes after the response");
+    response
+}
+
 #[test]
-fn other_apis_and_versions_not_served_and_garbage_are_refused_by_name() {
-    let metadata_13 = route(frame(ApiKey::Metadata, 13, MetadataRequest::default())).expect_err("13");
-    assert!(
-        metadata_13
-            .to_string()
-            .contains("Metadata version 13 is not served (this listener serves versions 0 to 12)"),
-        "{metadata_13}"
+fn apis_and_versions_not_served_get_their_own_response_with_unsupported_version() {
+    let metadata = route(frame(ApiKey::Metadata, 13, MetadataRequest::default()));
+    assert_eq!(
+        refusal::<MetadataResponse>(ApiKey::Metadata, 13, metadata).error_code,
+        35
     );
-    let mut txn = BytesMut::from(&(ApiKey::EndTxn as i16).to_be_bytes()[..]);
-    txn.extend_from_slice(&[0, 0, 0, 0, 0, 7, 0xff, 0xff]);
-    let txn = route(txn.freeze()).expect_err("transactions");
-    let expected = "EndTxn version 0 is not served (this listener serves no version)";
-    assert!(txn.to_string().contains(expected), "{txn}");
+    let end_txn = route(frame(ApiKey::EndTxn, 3, EndTxnRequest::default()));
+    assert_eq!(refusal::<EndTxnResponse>(ApiKey::EndTxn, 3, end_txn).error_code, 35);
+    let sasl = route(frame(ApiKey::SaslHandshake, 1, SaslHandshakeRequest::default()));
+    let sasl = refusal::<SaslHandshakeResponse>(ApiKey::SaslHandshake, 1, sasl);
+    assert_eq!(sasl.error_code, 33, "UNSUPPORTED_SASL_MECHANISM");
+    let topic = |name: &'static str| {
+        CreatePartitionsTopic::default()
+            .with_name(TopicName(StrBytes::from_static_str(name)))
+            .with_count(4)
+    };
+    let request = CreatePartitionsRequest::default().with_topics(vec![topic("a"), topic("b")]);
+    let answer = route(frame(ApiKey::CreatePartitions, 2, request));
+    let answer = refusal::<CreatePartitionsResponse>(ApiKey::CreatePartitions, 2, answer);
+    let results: Vec<_> = answer
+        .results
+        .iter()
+        .map(|r| (r.name.0.as_str(), r.error_code))
+        .collect();
+    assert_eq!(results, [("a", 35), ("b", 35)]);
+}
+
+#[test]
+fn frames_with_no_honest_answer_and_garbage_are_refused_by_name() {
+    let produce = route(frame(ApiKey::Produce, 13, ProduceRequest::default())).expect_err("13");
+    let expected = "Produce version 13 is not served (this listener serves versions 3 to 9)";
+    assert!(produce.to_string().contains(expected), "{produce}");
+    let mut future = BytesMut::from(&(ApiKey::EndTxn as i16).to_be_bytes()[..]);
+    future.extend_from_slice(&[0, 99, 0, 0, 0, 7, 0xff, 0xff, 0]);
+    let future = route(future.freeze()).expect_err("a version kafka-protocol does not know");
+    let expected = "EndTxn version 99 is not served (this listener serves no version)";
+    assert!(future.to_string().contains(expected), "{future}");
+    let share = route(frame(
+        ApiKey::WriteShareGroupState,
+        0,
+        WriteShareGroupStateRequest::default(),
+    ));
+    assert!(matches!(share, Err(RequestError::Unsupported { .. })), "{share:?}");
+    let cut = route(frame(ApiKey::CreatePartitions, 2, CreatePartitionsRequest::default()).slice(..14));
+    assert!(matches!(cut, Err(RequestError::Malformed { .. })), "{cut:?}");
     assert!(matches!(
         route(Bytes::from_static(b"GET / HTTP/1.1")),
         Err(RequestError::UnknownApi(_))
@@ -93,6 +141,32 @@ fn other_apis_and_versions_not_served_and_garbage_are_refused_by_name() {
     assert!(
         cut.to_string().contains("Metadata v9 request does not decode: header"),
         "{cut}"
+    );
+}
+
+#[test]
+fn every_api_at_every_version_kafka_protocol_knows_is_answered_or_refused_without_panic() {
+    let mut answered = 0;
+    for api in ApiKey::iter() {
+        let known = api.valid_versions();
+        for version in known.min..=known.max {
+            let mut header = BytesMut::new();
+            RequestHeader::default()
+                .with_request_api_key(api as i16)
+                .with_request_api_version(version)
+                .with_correlation_id(7)
+                .encode(&mut header, api.request_header_version(version))
+                .expect("header");
+            if let Ok(Route::Answer(mut answer)) = route(header.freeze()) {
+                let header = ResponseHeader::decode(&mut answer, api.response_header_version(version));
+                assert_eq!(header.expect("response header").correlation_id, 7, "{api:?} v{version}");
+                answered += 1;
+            }
+        }
+    }
+    assert!(
+        answered >= 80,
+        "only {answered} API versions answered from a header alone"
     );
 }
 
@@ -129,6 +203,7 @@ fn decode_any(api: ApiKey, version: i16, body: &[u8]) {
         ApiKey::ListGroups => decode::<ListGroupsRequest>(api, version, &mut body).map(drop),
         ApiKey::DescribeGroups => decode::<DescribeGroupsRequest>(api, version, &mut body).map(drop),
         ApiKey::DescribeConfigs => decode::<DescribeConfigsRequest>(api, version, &mut body).map(drop),
+        ApiKey::DeleteGroups => decode::<DeleteGroupsRequest>(api, version, &mut body).map(drop),
         other => panic!("{other:?} has no decoder here"),
     };
 }
