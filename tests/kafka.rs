@@ -2,11 +2,14 @@
 //! kcat (librdkafka) and kafka-python produce, with every compression codec
 //! and an idempotent producer, consume, read offsets and create topics; a
 //! garbage frame closes only its own connection; and killing a partition's
-//! leader loses no acknowledged record and duplicates none.
+//! leader loses no acknowledged record and duplicates none; confluent-kafka
+//! and kcat read by offset and by time, and three confluent-kafka members
+//! share six partitions through a member's SIGKILL.
 //!
-//! kcat and kafka-python are outside parts: `.ci/test` installs them (kcat
-//! from Debian's packages, kafka-python into a virtualenv under `target/`,
-//! named by `RUNNEL_KAFKA_PYTHON`). Without them these tests fail, saying so.
+//! kcat, kafka-python and confluent-kafka are outside parts: `.ci/test`
+//! installs them (kcat from Debian's packages, the Python clients into a
+//! virtualenv under `target/`, named by `RUNNEL_KAFKA_PYTHON`). Without them
+//! these tests fail, saying so.
 
 mod common;
 
@@ -15,7 +18,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{certs_init, wait_for, NodeCommand, NodeProcess};
 use runnel::cluster::NodeId;
@@ -89,11 +92,24 @@ fn kcat() -> Command {
 }
 
 fn python() -> Command {
+    venv_python("tests/kafka_clients.py")
+}
+
+/// `tests/kafka_confluent.py`: confluent-kafka (on librdkafka), from the
+/// same virtualenv.
+fn confluent() -> Command {
+    venv_python("tests/kafka_confluent.py")
+}
+
+fn venv_python(script: &str) -> Command {
     let python = std::env::var("RUNNEL_KAFKA_PYTHON").unwrap_or_else(|_| {
-        panic!("RUNNEL_KAFKA_PYTHON is not set: run `.ci/test`, which makes a virtualenv with kafka-python and sets it")
+        panic!(
+            "RUNNEL_KAFKA_PYTHON is not set: run `.ci/test`, which makes a virtualenv with kafka-python and \
+             confluent-kafka and sets it"
+        )
     });
     let mut command = Command::new(python);
-    command.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_clients.py"));
+    command.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script));
     command
 }
 
@@ -161,11 +177,16 @@ fn leaders(bootstrap: &str, topic: &str) -> Option<Vec<i64>> {
 /// 3 replicas) with kafka-python's admin client and waits for its leaders;
 /// the create command's output.
 fn create_topic_when_ready(bootstrap: &str, topic: &str) -> Output {
+    create_partitions_when_ready(bootstrap, topic, 3)
+}
+
+/// [`create_topic_when_ready`] with `partitions` partitions.
+fn create_partitions_when_ready(bootstrap: &str, topic: &str, partitions: u32) -> Output {
     wait_for("every node to be in Kafka metadata", TIMEOUT, || {
         metadata(bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
     });
     let created = run(
-        python().args(["create", bootstrap, topic, "3", "3"]),
+        python().args(["create", bootstrap, topic, &partitions.to_string(), "3"]),
         "kafka-python create",
         None,
     );
@@ -614,4 +635,194 @@ fn a_runnel_consumer_and_a_kafka_consumer_share_one_group_and_runnel_group_manag
     assert!(group_json(&cluster, "shared")["offsets"]
         .as_array()
         .is_some_and(|o| o.is_empty()));
+}
+
+/// confluent-kafka's codecs other than none, 150 records each.
+const CONFLUENT_CODECS: [&str; 4] = ["gzip", "snappy", "lz4", "zstd"];
+
+#[test]
+fn confluent_kafka_and_kcat_read_by_offset_and_time_and_three_members_share_six_partitions_through_a_kill() {
+    let cluster = start_cluster(250);
+    let bootstrap = cluster.bootstrap(&[]);
+    create_partitions_when_ready(&bootstrap, "cards", 6);
+    let acked = produce_every_codec(&bootstrap);
+
+    let earliest = confluent_records(&bootstrap, "earliest");
+    assert_eq!(earliest.len(), 600, "every record once from earliest");
+    for record in &earliest {
+        let value = record["value"].as_str().expect("value");
+        let (codec, index) = value.split_once('-').expect("codec-index");
+        let at = &acked[value];
+        assert_eq!(
+            (&record["partition"], &record["offset"], &record["timestamp"]),
+            (&at["partition"], &at["offset"], &at["timestamp"]),
+            "{value}"
+        );
+        assert_eq!(record["key"], format!("k{index}"));
+        assert_eq!(record["headers"]["codec"], codec);
+    }
+
+    // By offset: from an acknowledged record's offset, that record first.
+    let from = &acked["lz4-75"];
+    let (partition, offset) = (from["partition"].as_i64().unwrap(), from["offset"].as_i64().unwrap());
+    let by_offset = confluent_records(&bootstrap, &format!("offset:{partition}:{offset}"));
+    let expected = acked
+        .values()
+        .filter(|a| a["partition"] == partition && a["offset"].as_i64() >= Some(offset));
+    assert_eq!(by_offset[0]["value"], "lz4-75");
+    assert_eq!(by_offset.len(), expected.count());
+    let mut command = kcat();
+    let (partition_arg, offset_arg) = (partition.to_string(), offset.to_string());
+    command.args([
+        "-b",
+        &bootstrap,
+        "-C",
+        "-t",
+        "cards",
+        "-p",
+        &partition_arg,
+        "-o",
+        &offset_arg,
+    ]);
+    let kcat_by_offset = json_lines(&run(command.args(["-e", "-J", "-q"]), "kcat -o N", None));
+    assert_eq!(kcat_by_offset[0]["payload"], "lz4-75");
+    assert_eq!(kcat_by_offset.len(), by_offset.len());
+
+    // By time: every record at or after an acknowledged record's timestamp.
+    let since = acked["lz4-40"]["timestamp"].as_i64().expect("timestamp");
+    let later: BTreeSet<&str> = acked
+        .iter()
+        .filter(|(_, a)| a["timestamp"].as_i64() >= Some(since))
+        .map(|(v, _)| v.as_str())
+        .collect();
+    let by_time = confluent_records(&bootstrap, &format!("time:{since}"));
+    let by_time: BTreeSet<&str> = by_time.iter().filter_map(|r| r["value"].as_str()).collect();
+    assert_eq!(by_time, later, "confluent-kafka offsets_for_times");
+    let mut command = kcat();
+    let at = format!("s@{since}");
+    command.args(["-b", &bootstrap, "-C", "-t", "cards", "-o", &at, "-e", "-J", "-q"]);
+    let kcat_by_time = json_lines(&run(&mut command, "kcat -o s@", None));
+    let kcat_by_time: BTreeSet<&str> = kcat_by_time.iter().filter_map(|r| r["payload"].as_str()).collect();
+    assert_eq!(kcat_by_time, later, "kcat -o s@timestamp");
+
+    three_members_share_six_partitions_through_a_kill(&cluster, &bootstrap, &acked);
+}
+
+/// 150 records with each codec from an idempotent confluent-kafka producer,
+/// timestamps apart by 10 ms; each acknowledgement by value.
+fn produce_every_codec(bootstrap: &str) -> BTreeMap<String, serde_json::Value> {
+    let first_ms = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis() as i64 - 600_000;
+    let mut acked = BTreeMap::new();
+    for (i, codec) in CONFLUENT_CODECS.iter().enumerate() {
+        let first = (first_ms + i as i64 * 1_500).to_string();
+        let output = run(
+            confluent().args(["produce", bootstrap, "cards", "150", codec, codec, &first]),
+            "confluent-kafka produce",
+            None,
+        );
+        for line in json_lines(&output) {
+            assert!(line["failed"].is_null(), "{line}");
+            if let Some(value) = line["acked"].as_str() {
+                acked.insert(value.to_string(), line.clone());
+            }
+        }
+    }
+    assert_eq!(acked.len(), 600, "every record acknowledged");
+    acked
+}
+
+fn confluent_records(bootstrap: &str, from: &str) -> Vec<serde_json::Value> {
+    let output = run(
+        confluent().args(["consume", bootstrap, "cards", from]),
+        "confluent-kafka consume",
+        None,
+    );
+    let lines = json_lines(&output);
+    let last = lines.last().expect("the summary line");
+    assert_eq!(last["unfinished"], serde_json::json!([]), "read to the end: {last}");
+    lines.into_iter().filter(|l| l["value"].is_string()).collect()
+}
+
+/// Three confluent-kafka members (librdkafka's range assignor) share six
+/// partitions; one is SIGKILLed and its partitions move to the others; no
+/// record is skipped; a new member resumes from the committed offsets.
+fn three_members_share_six_partitions_through_a_kill(
+    cluster: &KafkaCluster,
+    bootstrap: &str,
+    acked: &BTreeMap<String, serde_json::Value>,
+) {
+    let files: Vec<_> = (0..4)
+        .map(|i| cluster.scratch.path().join(format!("member-{i}.jsonl")))
+        .collect();
+    let mut members: Vec<Member> = files[..3].iter().map(|f| confluent_member(bootstrap, f)).collect();
+    wait_for("three members to share six partitions", TIMEOUT, || {
+        shared_by(bootstrap, "cg", 3, 6)
+    });
+    let all_first: BTreeSet<String> = acked.keys().cloned().collect();
+    wait_for("the members to deliver every record", TIMEOUT, || {
+        delivered(&files).is_superset(&all_first)
+    });
+
+    drop(members.remove(0));
+    let killed = Instant::now();
+    wait_for("two members to own every partition", TIMEOUT, || {
+        shared_by(bootstrap, "cg", 2, 6)
+    });
+    let moved = killed.elapsed();
+    let after = run(
+        python().args(["produce", bootstrap, "cards", "600", "after"]),
+        "kafka-python produce",
+        None,
+    );
+    let mut all = all_first.clone();
+    all.extend(acked_values(&after));
+    wait_for("the two members to deliver every record", TIMEOUT, || {
+        delivered(&files).is_superset(&all)
+    });
+
+    drop(members);
+    let before_resume = delivered(&files[..3]);
+    let _resumed = confluent_member(bootstrap, &files[3]);
+    let last = run(
+        python().args(["produce", bootstrap, "cards", "60", "last"]),
+        "produce",
+        None,
+    );
+    let last = acked_values(&last);
+    wait_for("a new member to deliver the last records", TIMEOUT, || {
+        delivered(&files[3..]).is_superset(&last)
+    });
+    let again: Vec<String> = delivered(&files[3..]).difference(&last).cloned().collect();
+    assert!(again.iter().all(|v| before_resume.contains(v)), "{again:?}");
+    assert!(
+        again.len() <= 6,
+        "more than one uncommitted record per partition read again: {again:?}"
+    );
+    println!(
+        "3 confluent-kafka members shared 6 partitions; after one was SIGKILLed the other two owned all 6 \
+         {:.1} s later (session timeout 6 s); 1,260 records delivered, none skipped; a new member re-read {} \
+         record(s) whose commit the kills cut off",
+        moved.as_secs_f64(),
+        again.len()
+    );
+}
+
+fn confluent_member(bootstrap: &str, output: &Path) -> Member {
+    let file = std::fs::File::create(output).expect("member output");
+    let mut command = confluent();
+    command.args(["member", bootstrap, "cards", "cg"]);
+    command.stdout(file).stderr(Stdio::null());
+    Member(command.spawn().expect("spawn a confluent-kafka member"))
+}
+
+/// Every value the members writing `files` have printed.
+fn delivered(files: &[std::path::PathBuf]) -> BTreeSet<String> {
+    let lines = files.iter().filter_map(|f| std::fs::read_to_string(f).ok());
+    let lines: Vec<String> = lines
+        .flat_map(|text| text.lines().map(String::from).collect::<Vec<_>>())
+        .collect();
+    let records = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    records.filter_map(|r| r["value"].as_str().map(String::from)).collect()
 }
