@@ -24,28 +24,37 @@ pub enum CertsCommand {
         /// Node certificates to issue, for ids 1..=N.
         #[arg(long, default_value_t = 5)]
         nodes: u32,
+        /// A host name or IP address every node certificate also names
+        /// (repeatable): what TLS Kafka clients dial and check.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
-    /// Issue a certificate for one more node with the existing CA.
+    /// Issue a certificate for one more node (or a new one for a node) with
+    /// the existing CA.
     Issue {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
         node: u32,
+        /// A host name or IP address the certificate also names
+        /// (repeatable), such as the node's `--kafka-advertise` host.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
 }
 
 pub fn certs(command: CertsCommand) -> anyhow::Result<()> {
     match command {
-        CertsCommand::Init { dir, nodes } => {
+        CertsCommand::Init { dir, nodes, hosts } => {
             let ids: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
-            CertDir::new(&dir).init(&ids)?;
+            CertDir::new(&dir).init(&ids, &hosts)?;
             println!(
                 "created a cluster CA, {nodes} node certificates and a client certificate in {}",
                 dir.display()
             );
         }
-        CertsCommand::Issue { dir, node } => {
-            CertDir::new(&dir).issue_node(NodeId(node))?;
+        CertsCommand::Issue { dir, node, hosts } => {
+            CertDir::new(&dir).issue_node(NodeId(node), &hosts)?;
             println!("issued a certificate for node {node} in {}", dir.display());
         }
     }
@@ -109,9 +118,14 @@ pub struct NodeArgs {
     fsync: Option<FsyncMode>,
     /// TCP address to serve the Kafka protocol on, so Kafka clients and
     /// tools (kcat, kafka-python, Java clients, …) can produce and consume.
-    /// Plaintext, so loopback addresses only (TLS for it is not built yet).
+    /// Plaintext on a loopback address only, unless --kafka-tls.
     #[arg(long)]
     kafka_listen: Option<SocketAddr>,
+    /// Serve Kafka over TLS (1.3) with this node's certificate; clients must
+    /// present a certificate signed by the cluster CA (`client.pem`). Needed
+    /// to listen on any address other than loopback.
+    #[arg(long)]
+    kafka_tls: bool,
     /// The `host:port` Kafka clients are told to reach this node at
     /// (default: the --kafka-listen address).
     #[arg(long)]
@@ -141,6 +155,7 @@ struct NodeFile {
     fsync: Option<FsyncMode>,
     kafka_listen: Option<SocketAddr>,
     kafka_advertise: Option<String>,
+    kafka_tls: Option<bool>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<NodeFile> {
@@ -158,6 +173,7 @@ struct NodeSetup {
     membership: MembershipConfig,
     sync_log: bool,
     kafka: Option<runnel_kafka::KafkaListenerConfig>,
+    kafka_tls: bool,
 }
 
 impl NodeSetup {
@@ -186,12 +202,15 @@ impl NodeSetup {
         };
         let sync_log = args.fsync.or(file.fsync).unwrap_or(FsyncMode::EveryBatch) == FsyncMode::EveryBatch;
         let kafka_advertise = args.kafka_advertise.clone().or(file.kafka_advertise);
+        let kafka_tls = args.kafka_tls || file.kafka_tls.unwrap_or(false);
         let kafka = match args.kafka_listen.or(file.kafka_listen) {
             Some(listen) => Some(runnel_kafka::KafkaListenerConfig {
                 listen,
                 advertised: kafka_advertise.unwrap_or_else(|| listen.to_string()),
+                tls: None,
             }),
             None if kafka_advertise.is_some() => bail!("--kafka-advertise needs --kafka-listen"),
+            None if kafka_tls => bail!("--kafka-tls needs --kafka-listen"),
             None => None,
         };
         Ok(NodeSetup {
@@ -203,6 +222,7 @@ impl NodeSetup {
             membership,
             sync_log,
             kafka,
+            kafka_tls,
         })
     }
 }
@@ -249,7 +269,12 @@ async fn serve_node(
     let tasks: Arc<dyn runnel::client::tasks::TaskHost> = host.clone();
     let controller = Controller::start_with_tasks(Arc::new(broker), controller_config, Some(tasks)).await?;
     let kafka = match setup.kafka.clone() {
-        Some(config) => Some(runnel_kafka::KafkaListener::start(config, controller.service()).await?),
+        Some(mut config) => {
+            if setup.kafka_tls {
+                config.tls = Some(Arc::new(identity.tcp_server_config()?));
+            }
+            Some(runnel_kafka::KafkaListener::start(config, controller.service()).await?)
+        }
         None => None,
     };
     wait_for_shutdown_signal().await?;

@@ -54,6 +54,12 @@ impl KafkaCluster {
 
 /// Three nodes on 127.0.0.`first_host`.., each serving Kafka on a TCP port.
 fn start_cluster(first_host: u8) -> KafkaCluster {
+    start_cluster_with(first_host, false)
+}
+
+/// [`start_cluster`], serving Kafka over TLS when `tls`: each node's
+/// certificate is issued again to name its IP address, which clients check.
+fn start_cluster_with(first_host: u8, tls: bool) -> KafkaCluster {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     certs_init(&certs, 3);
@@ -63,8 +69,22 @@ fn start_cluster(first_host: u8) -> KafkaCluster {
     let kafka: Vec<SocketAddr> = addrs.iter().map(|a| free_tcp_port(a.ip())).collect();
     let nodes = (0..3)
         .map(|i| {
+            let mut flags = vec!["--kafka-listen".to_string(), kafka[i].to_string()];
+            if tls {
+                let mut issue = Command::new(env!("CARGO_BIN_EXE_runnel"));
+                issue.args([
+                    "certs",
+                    "issue",
+                    "--node",
+                    &(i + 1).to_string(),
+                    "--host",
+                    &addrs[i].ip().to_string(),
+                ]);
+                run(issue.arg("--dir").arg(&certs), "runnel certs issue --host", None);
+                flags.push("--kafka-tls".to_string());
+            }
             NodeCommand::for_tests(env!("CARGO_BIN_EXE_runnel"), scratch.path(), &certs, &addrs)
-                .flags(["--kafka-listen", &kafka[i].to_string()])
+                .flags(flags)
                 .spawn(NodeId(i as u32 + 1), addrs[i])
                 .expect("spawn runnel node")
         })
@@ -825,4 +845,88 @@ fn delivered(files: &[std::path::PathBuf]) -> BTreeSet<String> {
         .iter()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
     records.filter_map(|r| r["value"].as_str().map(String::from)).collect()
+}
+
+#[test]
+fn kafka_over_tls_serves_clients_with_a_cluster_certificate_and_refuses_others() {
+    let cluster = start_cluster_with(225, true);
+    let bootstrap = cluster.bootstrap(&[]);
+    let certs = cluster.certs();
+    let file = |dir: &Path, name: &str| dir.join(name).display().to_string();
+    let tls_kcat = |ca: &str, cert: Option<(String, String)>, args: &[&str]| {
+        let mut command = kcat();
+        command.args([
+            "-b",
+            &bootstrap,
+            "-X",
+            "security.protocol=ssl",
+            "-X",
+            &format!("ssl.ca.location={ca}"),
+        ]);
+        if let Some((pem, key)) = cert {
+            command.args(["-X", &format!("ssl.certificate.location={pem}")]);
+            command.args(["-X", &format!("ssl.key.location={key}")]);
+        }
+        command.args(args).stdin(Stdio::null()).output().expect("kcat")
+    };
+    let ca = file(&certs, "ca.pem");
+    let client = Some((file(&certs, "client.pem"), file(&certs, "client.key")));
+    let brokers = |output: &Output| {
+        let metadata: Option<serde_json::Value> = serde_json::from_slice(&output.stdout).ok();
+        metadata
+            .and_then(|m| m["brokers"].as_array().map(Vec::len))
+            .unwrap_or(0)
+    };
+    wait_for("every node in Kafka metadata over TLS", TIMEOUT, || {
+        brokers(&tls_kcat(&ca, client.clone(), &["-L", "-J", "-m", "5"])) == 3
+    });
+
+    let python_tls = || {
+        let mut command = python();
+        command.env("RUNNEL_KAFKA_TLS", &certs);
+        command
+    };
+    run(
+        python_tls().args(["create", &bootstrap, "secure", "3", "3"]),
+        "create over TLS",
+        None,
+    );
+    let produced = run(
+        python_tls().args(["produce", &bootstrap, "secure", "100", "s"]),
+        "produce over TLS",
+        None,
+    );
+    let acked = acked_values(&produced);
+    assert_eq!(acked.len(), 100);
+    let read = tls_kcat(
+        &ca,
+        client.clone(),
+        &["-C", "-t", "secure", "-o", "beginning", "-e", "-J", "-q"],
+    );
+    let read: BTreeSet<String> = json_lines(&read)
+        .iter()
+        .filter_map(|r| r["payload"].as_str().map(String::from))
+        .collect();
+    assert_eq!(read, acked, "kcat over TLS reads what kafka-python wrote over TLS");
+
+    // No client certificate, one from another cluster's CA, and plaintext:
+    // each is refused; the listener keeps serving.
+    let other = cluster.scratch.path().join("other-certs");
+    certs_init(&other, 1);
+    let foreign = Some((file(&other, "client.pem"), file(&other, "client.key")));
+    for (what, cert) in [("no client certificate", None), ("a foreign CA's certificate", foreign)] {
+        let refused = tls_kcat(&ca, cert, &["-L", "-J", "-m", "3"]);
+        assert_eq!(
+            brokers(&refused),
+            0,
+            "{what}: {}",
+            String::from_utf8_lossy(&refused.stderr)
+        );
+    }
+    assert!(metadata(&bootstrap).is_none(), "plaintext against the TLS listener");
+    assert_eq!(
+        brokers(&tls_kcat(&ca, client, &["-L", "-J", "-m", "5"])),
+        3,
+        "still serving"
+    );
 }

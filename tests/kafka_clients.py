@@ -8,9 +8,14 @@ Each command prints JSON lines the Rust test reads:
         records or IDLE_MS without one, commits what it delivered, leaves)
   describe BOOTSTRAP GROUP              (state and each member's partitions)
   configs BOOTSTRAP TOPIC               (the topic's settings, DescribeConfigs)
+  delete-groups BOOTSTRAP GROUP...      (DeleteGroups; each group's outcome)
+
+With RUNNEL_KAFKA_TLS=<certificate directory> every client uses TLS with the
+cluster CA and the client certificate.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -19,12 +24,22 @@ from kafka.admin import NewTopic
 from kafka.errors import CommitFailedError
 
 
+def tls():
+    """TLS settings when RUNNEL_KAFKA_TLS names a certificate directory:
+    the cluster CA and the client certificate `runnel certs init` made."""
+    certs = os.environ.get("RUNNEL_KAFKA_TLS")
+    if not certs:
+        return {}
+    return {"security_protocol": "SSL", "ssl_cafile": os.path.join(certs, "ca.pem"),
+            "ssl_certfile": os.path.join(certs, "client.pem"), "ssl_keyfile": os.path.join(certs, "client.key")}
+
+
 def emit(**fields):
     print(json.dumps(fields), flush=True)
 
 
 def create(bootstrap, topic, partitions, replication):
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), request_timeout_ms=30000)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls(), request_timeout_ms=30000)
     admin.create_topics([NewTopic(topic, num_partitions=int(partitions), replication_factor=int(replication))])
     emit(created=topic, topics=sorted(admin.list_topics()))
     admin.close()
@@ -32,7 +47,7 @@ def create(bootstrap, topic, partitions, replication):
 
 def produce(bootstrap, topic, count, tag):
     producer = KafkaProducer(
-        bootstrap_servers=bootstrap.split(","),
+        bootstrap_servers=bootstrap.split(","), **tls(),
         acks="all",
         enable_idempotence=True,
         compression_type="gzip",
@@ -58,7 +73,7 @@ def produce(bootstrap, topic, count, tag):
 
 def consume(bootstrap, topic):
     consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap.split(","),
+        bootstrap_servers=bootstrap.split(","), **tls(),
         enable_auto_commit=False,
         consumer_timeout_ms=10000,
     )
@@ -83,7 +98,7 @@ def consume(bootstrap, topic):
 def group(bootstrap, topic, group_id, max_records, idle_ms):
     consumer = KafkaConsumer(
         topic,
-        bootstrap_servers=bootstrap.split(","),
+        bootstrap_servers=bootstrap.split(","), **tls(),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -109,7 +124,7 @@ def group(bootstrap, topic, group_id, max_records, idle_ms):
 
 
 def describe(bootstrap, group_id):
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls())
     info = admin.describe_groups([group_id])[group_id]
     members = []
     for member in info.get("members") or []:
@@ -121,7 +136,7 @@ def describe(bootstrap, group_id):
 
 
 def delete_groups(bootstrap, *group_ids):
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls())
     for group_id, error in admin.delete_groups(list(group_ids)).items():
         emit(group=group_id, error=error)
     admin.close()
@@ -129,7 +144,7 @@ def delete_groups(bootstrap, *group_ids):
 
 def configs(bootstrap, topic):
     from kafka.admin import ConfigResource, ConfigResourceType
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls())
     found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
     print(json.dumps(found, default=str), flush=True)
     admin.close()

@@ -74,7 +74,7 @@ impl Cluster {
     async fn start() -> Cluster {
         let scratch = tempfile::tempdir().expect("tempdir");
         CertDir::new(scratch.path().join("certs"))
-            .init(&[NodeId(1), NodeId(2), NodeId(3)])
+            .init(&[NodeId(1), NodeId(2), NodeId(3)], &[])
             .expect("certs");
         let addrs: Vec<SocketAddr> = VOTERS
             .iter()

@@ -27,7 +27,7 @@ async fn topics_are_created_produced_to_and_consumed_through_the_client() {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     CertDir::new(&certs)
-        .init(&[NodeId(1), NodeId(2), NodeId(3)])
+        .init(&[NodeId(1), NodeId(2), NodeId(3)], &[])
         .expect("certs");
     let addrs: Vec<SocketAddr> = (0..3).map(|_| free_addr().expect("a free loopback port")).collect();
     let mut members = Vec::new();

@@ -67,8 +67,10 @@ impl CertDir {
     }
 
     /// Creates a new CA, a certificate per node in `nodes`, and a client
-    /// certificate. Refuses to overwrite an existing CA.
-    pub fn init(&self, nodes: &[NodeId]) -> Result<()> {
+    /// certificate. Refuses to overwrite an existing CA. Every node
+    /// certificate also names `hosts` (DNS names or IP addresses), which
+    /// clients that check host names (Kafka clients over TLS) dial.
+    pub fn init(&self, nodes: &[NodeId], hosts: &[String]) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
         let (ca_pem, ca_key) = self.ca();
         if ca_pem.exists() || ca_key.exists() {
@@ -82,23 +84,16 @@ impl CertDir {
         write_file(&ca_pem, ca.pem().as_bytes(), false)?;
         write_file(&ca_key, ca.key().serialize_pem().as_bytes(), true)?;
         for &node in nodes {
-            self.issue(
-                &ca,
-                self.node(node),
-                vec![node_name(node), CLUSTER_SERVER_NAME.to_string()],
-            )?;
+            self.issue(&ca, self.node(node), node_names(node, hosts))?;
         }
         self.issue(&ca, self.client(), vec![CLIENT_NAME.to_string()])
     }
 
-    /// Signs a certificate for one more node with the existing CA.
-    pub fn issue_node(&self, node: NodeId) -> Result<()> {
+    /// Signs a certificate for one more node (or a new one for a node, with
+    /// other `hosts`) with the existing CA.
+    pub fn issue_node(&self, node: NodeId, hosts: &[String]) -> Result<()> {
         let issuer = self.load_issuer()?;
-        self.issue(
-            &issuer,
-            self.node(node),
-            vec![node_name(node), CLUSTER_SERVER_NAME.to_string()],
-        )
+        self.issue(&issuer, self.node(node), node_names(node, hosts))
     }
 
     fn load_issuer(&self) -> Result<Issuer<'static, KeyPair>> {
@@ -115,6 +110,14 @@ impl CertDir {
         (pem, key_path): (PathBuf, PathBuf),
         names: Vec<String>,
     ) -> Result<()> {
+        if let Some(bad) = names
+            .iter()
+            .find(|n| n.parse::<std::net::IpAddr>().is_err() && !is_dns_name(n))
+        {
+            return Err(ClusterError::Tls(format!(
+                "{bad:?} is neither an IP address nor a DNS name (letters, digits, '-' and '.')"
+            )));
+        }
         let mut params = CertificateParams::new(names.clone()).map_err(tls_err("certificate names"))?;
         params.distinguished_name.push(DnType::CommonName, names[0].clone());
         params.use_authority_key_identifier_extension = true;
@@ -166,6 +169,13 @@ impl CertDir {
     }
 }
 
+/// A node certificate's names: its id's, the cluster's, then `hosts`.
+fn node_names(node: NodeId, hosts: &[String]) -> Vec<String> {
+    let mut names = vec![node_name(node), CLUSTER_SERVER_NAME.to_string()];
+    names.extend(hosts.iter().cloned());
+    names
+}
+
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, "runnel cluster CA");
@@ -200,6 +210,16 @@ fn pem_err(path: &Path) -> impl Fn(rustls_pki_types::pem::Error) -> ClusterError
     move |e| ClusterError::Tls(format!("reading {}: {e}", path.display()))
 }
 
+fn is_dns_name(name: &str) -> bool {
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+    };
+    name.len() <= 253 && name.split('.').all(label)
+}
+
 /// A certificate chain, its key, and the cluster CA to check peers against.
 #[derive(Clone, Debug)]
 pub struct TlsIdentity {
@@ -216,20 +236,27 @@ impl TlsIdentity {
     /// rustls server settings: client certificates from the cluster CA are
     /// mandatory; both ALPNs are offered.
     pub fn server_config(&self) -> Result<rustls::ServerConfig> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(tls_err("client verifier"))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(tls_err("TLS versions"))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(tls_err("server certificate"))?;
+        let mut config = self.tcp_server_config()?;
         config.alpn_protocols = vec![
             crate::protocol::ALPN_PEER.to_vec(),
             crate::protocol::ALPN_CLIENT.to_vec(),
         ];
         Ok(config)
+    }
+
+    /// rustls server settings for a TCP listener (the Kafka listener): TLS
+    /// 1.3, this certificate, client certificates from the cluster CA
+    /// mandatory, no ALPN.
+    pub fn tcp_server_config(&self) -> Result<rustls::ServerConfig> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(tls_err("client verifier"))?;
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err("TLS versions"))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(tls_err("server certificate"))
     }
 
     /// rustls client settings for one ALPN, verifying the server against the
@@ -274,7 +301,7 @@ mod tests {
     fn init_issues_certificates_bound_to_node_ids() {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = CertDir::new(dir.path());
-        certs.init(&[NodeId(1), NodeId(2)]).expect("init");
+        certs.init(&[NodeId(1), NodeId(2)], &[]).expect("init");
         let identity = certs.node_identity(NodeId(2)).expect("node 2");
         assert_eq!(node_id_from_cert(&identity.chain[0]), Some(NodeId(2)));
         let client = certs.client_identity().expect("client");
@@ -284,10 +311,23 @@ mod tests {
             "a client certificate names no node"
         );
         assert!(certs.node_identity(NodeId(3)).is_err(), "no certificate for node 3 yet");
-        certs.issue_node(NodeId(3)).expect("issue");
-        assert_eq!(
-            node_id_from_cert(&certs.node_identity(NodeId(3)).expect("node 3").chain[0]),
-            Some(NodeId(3))
+        let hosts = ["kafka-3.example.com".to_string(), "10.0.0.3".to_string()];
+        certs.issue_node(NodeId(3), &hosts).expect("issue");
+        let node_3 = certs.node_identity(NodeId(3)).expect("node 3");
+        assert_eq!(node_id_from_cert(&node_3.chain[0]), Some(NodeId(3)));
+        let cert = webpki::EndEntityCert::try_from(&node_3.chain[0]).expect("parse");
+        let names: Vec<&str> = cert.valid_dns_names().collect();
+        assert_eq!(names, ["node-3.runnel", "cluster.runnel", "kafka-3.example.com"]);
+        let ip = rustls_pki_types::ServerName::try_from("10.0.0.3").expect("an IP");
+        assert!(cert.verify_is_valid_for_subject_name(&ip).is_ok(), "the IP SAN");
+        let refused = certs
+            .issue_node(NodeId(5), &["not a host".to_string()])
+            .expect_err("a bad name");
+        assert!(
+            refused
+                .to_string()
+                .contains("\"not a host\" is neither an IP address nor a DNS name"),
+            "{refused}"
         );
         // Node 1's files renamed to node 4's are refused: the id is in the certificate.
         std::fs::copy(dir.path().join("node-1.pem"), dir.path().join("node-4.pem")).expect("copy");
@@ -296,7 +336,7 @@ mod tests {
             .node_identity(NodeId(4))
             .expect_err("mislabelled certificate accepted");
         assert!(err.to_string().contains("not a certificate for node 4"), "{err}");
-        assert!(certs.init(&[]).is_err(), "an existing CA is not overwritten");
+        assert!(certs.init(&[], &[]).is_err(), "an existing CA is not overwritten");
         identity.server_config().expect("server config");
         identity
             .client_config(crate::protocol::ALPN_PEER)

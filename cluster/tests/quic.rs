@@ -28,7 +28,7 @@ async fn start_cluster(count: u32) -> TestCluster {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = CertDir::new(scratch.path().join("certs"));
     let ids: Vec<NodeId> = (1..=count + 1).map(NodeId).collect();
-    certs.init(&ids).expect("certs");
+    certs.init(&ids, &[]).expect("certs");
     let addrs: Vec<SocketAddr> = (0..count).map(|_| free_addr().expect("a free loopback port")).collect();
     let mut nodes = Vec::new();
     for (i, &addr) in addrs.iter().enumerate() {

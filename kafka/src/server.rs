@@ -1,6 +1,11 @@
 //! The TCP listener: one task per connection, each reading size-prefixed
 //! frames (bounded), answering them in order, one at a time, as Kafka
 //! brokers do, so responses never overtake each other.
+//!
+//! With TLS (`--kafka-tls`) a connection first completes a TLS 1.3
+//! handshake (bounded by [`TLS_HANDSHAKE`]) in which the client presents a
+//! certificate signed by the cluster CA; without it the listener is
+//! plaintext and binds loopback addresses only.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -24,6 +29,8 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// A connection with no request for this long is closed (Kafka's
 /// `connections.max.idle.ms`).
 pub const IDLE_CONNECTION: Duration = Duration::from_secs(600);
+/// A TLS handshake that takes longer than this is abandoned.
+pub const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// How often a node retries recording its advertised address while the
 /// controller is not reachable.
 const REGISTER_RETRY: Duration = Duration::from_millis(500);
@@ -34,6 +41,9 @@ pub struct KafkaListenerConfig {
     pub listen: SocketAddr,
     /// What Kafka clients are told to connect to (`host:port`).
     pub advertised: String,
+    /// TLS settings (the node's certificate, client certificates required),
+    /// or plaintext.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// A node's running Kafka listener.
@@ -47,10 +57,10 @@ impl KafkaListener {
     /// address in the cluster's metadata (retrying until the controller
     /// answers), so every node's Metadata answers name this node.
     pub async fn start(config: KafkaListenerConfig, service: BrokerService) -> anyhow::Result<KafkaListener> {
-        if !config.listen.ip().is_loopback() {
+        if config.tls.is_none() && !config.listen.ip().is_loopback() {
             bail!(
-                "--kafka-listen {}: the Kafka listener serves plaintext only (TLS for it is not built yet), \
-                 so it listens on a loopback address only, such as 127.0.0.1:9092",
+                "--kafka-listen {}: a plaintext Kafka listener binds a loopback address only (such as \
+                 127.0.0.1:9092); add --kafka-tls to serve other addresses over TLS",
                 config.listen
             );
         }
@@ -60,8 +70,9 @@ impl KafkaListener {
             .with_context(|| format!("--kafka-listen {}: cannot listen", config.listen))?;
         let local_addr = listener.local_addr()?;
         let context = Arc::new(Context::new(service.clone()));
-        tracing::info!(listen = %local_addr, advertised = %config.advertised, "serving the Kafka protocol");
-        let accept = tokio::spawn(accept_loop(listener, context));
+        let tls = config.tls.map(tokio_rustls::TlsAcceptor::from);
+        tracing::info!(listen = %local_addr, advertised = %config.advertised, tls = tls.is_some(), "serving the Kafka protocol");
+        let accept = tokio::spawn(accept_loop(listener, context, tls));
         let register = tokio::spawn(register(service, config.advertised));
         Ok(KafkaListener {
             local_addr,
@@ -102,7 +113,7 @@ async fn register(service: BrokerService, advertised: String) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, context: Arc<Context>) {
+async fn accept_loop(listener: TcpListener, context: Arc<Context>, tls: Option<tokio_rustls::TlsAcceptor>) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -122,8 +133,9 @@ async fn accept_loop(listener: TcpListener, context: Arc<Context>) {
             peer: Some(peer),
             ..Context::clone(&context)
         };
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(&context, stream).await {
+            if let Err(e) = serve_stream(&context, stream, tls).await {
                 match e.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
                     // The client went away: its own business.
                     Some(std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) => {
@@ -137,8 +149,24 @@ async fn accept_loop(listener: TcpListener, context: Arc<Context>) {
     }
 }
 
+/// Serves a connection, after a TLS handshake when the listener has TLS.
+async fn serve_stream(
+    context: &Context,
+    stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> anyhow::Result<()> {
+    let Some(tls) = tls else {
+        return serve_connection(context, stream).await;
+    };
+    let stream = match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
+        Err(_) => bail!("no TLS handshake within {} s", TLS_HANDSHAKE.as_secs()),
+        Ok(handshake) => handshake.context("TLS handshake (a client needs a certificate signed by the cluster CA)")?,
+    };
+    serve_connection(context, stream).await
+}
+
 /// Answers one connection's requests in order until it closes.
-async fn serve_connection(context: &Context, mut stream: TcpStream) -> anyhow::Result<()> {
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(context: &Context, mut stream: S) -> anyhow::Result<()> {
     loop {
         let Some(frame) = read_frame(&mut stream).await? else {
             return Ok(());
@@ -150,7 +178,7 @@ async fn serve_connection(context: &Context, mut stream: TcpStream) -> anyhow::R
 }
 
 /// The next request frame, or none at a clean end of stream.
-async fn read_frame(stream: &mut TcpStream) -> anyhow::Result<Option<Bytes>> {
+async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> anyhow::Result<Option<Bytes>> {
     let mut size = [0u8; 4];
     match tokio::time::timeout(IDLE_CONNECTION, stream.read_exact(&mut size)).await {
         Err(_) => bail!("idle for {} s", IDLE_CONNECTION.as_secs()),
@@ -172,9 +200,10 @@ pub fn frame_size(size: i32) -> anyhow::Result<usize> {
     }
 }
 
-async fn write_frame(stream: &mut TcpStream, body: BytesMut) -> anyhow::Result<()> {
+async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, body: BytesMut) -> anyhow::Result<()> {
     let size = u32::try_from(body.len()).context("response too large")?;
     stream.write_all(&size.to_be_bytes()).await?;
     stream.write_all(&body).await?;
+    stream.flush().await?;
     Ok(())
 }
