@@ -136,12 +136,14 @@ impl Row {
 }
 
 /// One producer's results: acknowledged records and each batch's ack latency.
-struct ProducerRun {
-    records: u64,
-    latencies_ms: Vec<f64>,
+pub(crate) struct ProducerRun {
+    pub(crate) records: u64,
+    pub(crate) latencies_ms: Vec<f64>,
 }
 
-async fn produce_for(
+/// Produces idempotent batches of `batch_bytes` to partition `partition` of
+/// topic `bench` with acks=all until `until`.
+pub(crate) async fn produce_for(
     client: Arc<Client>,
     partition: u32,
     producer_id: i64,
@@ -191,7 +193,7 @@ fn idempotent_batch(
     Ok(builder.build()?)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

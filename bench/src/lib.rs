@@ -7,6 +7,8 @@
 //!   processes, against plain TCP.
 //! - [`cluster`]: produce, consume and idle figures on three `runnel node`
 //!   processes.
+//! - [`kafka`]: Kafka clients (confluent-kafka) against Runnel's own client
+//!   on the same clusters.
 //! - [`window`]: the fraud query — the window operator alone, then end to end
 //!   on embedded clusters.
 //!
@@ -14,6 +16,7 @@
 //! [`runnel_verify::fixtures`].
 
 pub mod cluster;
+pub mod kafka;
 pub mod storage;
 pub mod transport;
 pub mod window;
@@ -36,6 +39,8 @@ pub enum Target {
     Idle(cluster::IdleArgs),
     /// The fraud query: window operator vs a plain loop, then end to end.
     Window(window::Args),
+    /// Kafka clients (librdkafka) against Runnel's own client, same clusters.
+    Kafka(kafka::Args),
 }
 
 /// Runs one benchmark; those with node processes run the `runnel` binary `exe`.
@@ -47,6 +52,7 @@ pub fn run(target: Target, exe: &Path) -> anyhow::Result<()> {
         Target::Consume(args) => cluster::consume(args, exe),
         Target::Idle(args) => cluster::idle(args, exe),
         Target::Window(args) => window::run(args),
+        Target::Kafka(args) => kafka::run(args, exe),
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -29,6 +29,9 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// A connection with no request for this long is closed (Kafka's
 /// `connections.max.idle.ms`).
 pub const IDLE_CONNECTION: Duration = Duration::from_secs(600);
+/// Bytes asked of the socket at least per read (small requests arrive
+/// several to a read).
+const READ_BYTES_MIN: usize = 64 << 10;
 /// A TLS handshake that takes longer than this is abandoned.
 pub const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// How often a node retries recording its advertised address while the
@@ -167,8 +170,9 @@ async fn serve_stream(
 
 /// Answers one connection's requests in order until it closes.
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(context: &Context, mut stream: S) -> anyhow::Result<()> {
+    let mut buffer = BytesMut::new();
     loop {
-        let Some(frame) = read_frame(&mut stream).await? else {
+        let Some(frame) = read_frame(&mut stream, &mut buffer).await? else {
             return Ok(());
         };
         if let Some(response) = api::respond(context, frame).await? {
@@ -177,19 +181,36 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(context: &Context, 
     }
 }
 
-/// The next request frame, or none at a clean end of stream.
-async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> anyhow::Result<Option<Bytes>> {
-    let mut size = [0u8; 4];
-    match tokio::time::timeout(IDLE_CONNECTION, stream.read_exact(&mut size)).await {
-        Err(_) => bail!("idle for {} s", IDLE_CONNECTION.as_secs()),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Ok(read) => read.context("reading a frame size")?,
-    };
-    let size = i32::from_be_bytes(size);
-    let size = frame_size(size)?;
-    let mut frame = BytesMut::zeroed(size);
-    stream.read_exact(&mut frame).await.context("reading a frame")?;
-    Ok(Some(frame.freeze()))
+/// The next request frame, or none at a clean end of stream. Frames are cut
+/// from one buffer per connection, whose memory is reused once the frames
+/// cut from it are dropped (a frame is handled before the next is read).
+async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S, buffer: &mut BytesMut) -> anyhow::Result<Option<Bytes>> {
+    while buffer.len() < 4 {
+        let read = match tokio::time::timeout(IDLE_CONNECTION, fill(stream, buffer, 4)).await {
+            Err(_) => bail!("idle for {} s", IDLE_CONNECTION.as_secs()),
+            Ok(read) => read.context("reading a frame size")?,
+        };
+        if read == 0 && buffer.is_empty() {
+            return Ok(None);
+        }
+        if read == 0 {
+            bail!("the connection closed inside a frame size");
+        }
+    }
+    let size = frame_size(i32::from_be_bytes([buffer[0], buffer[1], buffer[2], buffer[3]]))?;
+    while buffer.len() < 4 + size {
+        if fill(stream, buffer, 4 + size).await.context("reading a frame")? == 0 {
+            bail!("the connection closed inside a frame of {size} bytes");
+        }
+    }
+    buffer.advance(4);
+    Ok(Some(buffer.split_to(size).freeze()))
+}
+
+/// Reads what the stream has into `buffer`, with room for `wanted` bytes.
+async fn fill<S: AsyncRead + Unpin>(stream: &mut S, buffer: &mut BytesMut, wanted: usize) -> std::io::Result<usize> {
+    buffer.reserve(wanted.saturating_sub(buffer.len()).max(READ_BYTES_MIN));
+    stream.read_buf(buffer).await
 }
 
 /// A frame size from the wire, checked against [`FRAME_BYTES_MAX`].
