@@ -1207,3 +1207,77 @@ async fn a_clean_stop_saves_indexes_and_log_metadata_so_a_restart_skips_recovery
         "restart until the replica serves its 200 records: {clean:?} after a clean stop, {crashed:?} after SIGKILL"
     );
 }
+
+/// A node that just restarted has not applied the controller log up to its
+/// commit point yet. Asked at once about a topic that exists, it must answer
+/// right or "retry", never "does not exist" (it catches up with the
+/// controller leader before a negative answer).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_node_asked_at_once_never_says_an_existing_topic_does_not_exist() {
+    use runnel::client::protocol::{decode_payload, encode_payload, ClientRequest, ClientResponse, CLIENT_ACTOR};
+    use runnel::cluster::protocol::{NodeRequest, NodeResponse};
+
+    let mut cluster = start_cluster(195);
+    create_topic(&cluster, "m", 3);
+    let victim = 2;
+    cluster.nodes[victim].kill();
+    cluster.nodes[victim] = start_node(
+        3,
+        cluster.addrs[victim],
+        &cluster.addrs,
+        &cluster.certs,
+        cluster.scratch.path(),
+    );
+    let identity = runnel::cluster::tls::CertDir::new(&cluster.certs)
+        .client_identity()
+        .expect("identity");
+    let raw = runnel::cluster::quic::ClusterClient::new(&identity, vec![cluster.addrs[victim]]).expect("client");
+    let requests = [
+        ClientRequest::DescribeTopic { name: "m".into() },
+        ClientRequest::Fetch {
+            topic: "m".into(),
+            partition: 1,
+            offset: 0,
+            max_bytes: 1024,
+            any_replica: true,
+        },
+    ];
+    let (mut right, mut retry, mut wrong) = (0, 0, Vec::new());
+    let started = Instant::now();
+    while right < 40 && started.elapsed() < TIMEOUT {
+        for request in &requests {
+            let wire = NodeRequest::Service {
+                name: CLIENT_ACTOR.to_string(),
+                payload: encode_payload(request).expect("encode"),
+            };
+            let answer = raw
+                .request_to(cluster.addrs[victim], wire, Duration::from_secs(5))
+                .await;
+            let Ok(NodeResponse::Service(bytes)) = answer else {
+                continue; // not listening yet, or its service not registered yet
+            };
+            match decode_payload::<ClientResponse>(&bytes).expect("decode") {
+                ClientResponse::Topic(_) | ClientResponse::Fetched { .. } => right += 1,
+                ClientResponse::UnknownTopic(_) | ClientResponse::PartitionOutOfRange { .. } => {
+                    wrong.push(format!("{request:?}"))
+                }
+                other => {
+                    let retryable = matches!(&other, ClientResponse::NotHere { .. } | ClientResponse::Failed(_));
+                    assert!(retryable, "{other:?}");
+                    retry += 1;
+                }
+            }
+        }
+    }
+    eprintln!(
+        "answers from the restarted node: {right} right, {retry} retry, {} wrong",
+        wrong.len()
+    );
+    let first: Vec<_> = wrong.iter().take(3).collect();
+    assert!(
+        wrong.is_empty(),
+        "said an existing topic does not exist {} times: {first:?}",
+        wrong.len()
+    );
+    assert!(right >= 40, "only {right} right answers in {TIMEOUT:?}");
+}

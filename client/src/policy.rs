@@ -34,7 +34,8 @@ pub fn classify(error: &BrokerError) -> Outcome {
         BrokerError::NotLeader { .. }
         | BrokerError::UnknownGroup(_)
         | BrokerError::Busy(_)
-        | BrokerError::NotYetCommitted(_) => Outcome::Retry,
+        | BrokerError::NotYetCommitted(_)
+        | BrokerError::MetadataBehind(_) => Outcome::Retry,
         // The replica took the request in and then gave no answer. A batch
         // whose leader lost its term may still be committed by a later
         // leader that holds it (Raft commits an earlier term's entry along

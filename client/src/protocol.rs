@@ -146,6 +146,11 @@ pub enum BrokerError {
     /// committed; retry shortly.
     #[error("the producer's previous batch in group {0} is not committed yet; retry")]
     NotYetCommitted(GroupId),
+    /// The answering node could not bring its metadata up to the
+    /// controller's commit point (it just restarted, or cannot reach the
+    /// controller), so it will not give a negative answer; retry.
+    #[error("this node's metadata is behind the controller's ({0}); retry")]
+    MetadataBehind(String),
 }
 
 /// Why a metadata change was refused. The text names the problem.
@@ -772,6 +777,7 @@ mod tests {
                 stored_last_sequence: 1,
             },
             BrokerError::NotYetCommitted(GroupId(1)),
+            BrokerError::MetadataBehind("r".into()),
         ]
     }
 

@@ -92,6 +92,8 @@ fn broker_code(error: &BrokerError) -> ResponseError {
         }
         BrokerError::StaleSequence { .. } => ResponseError::DuplicateSequenceNumber,
         BrokerError::NotYetCommitted(_) => ResponseError::NotEnoughReplicas,
+        // Retriable for Kafka clients, which ask for metadata again.
+        BrokerError::MetadataBehind(_) => ResponseError::UnknownTopicOrPartition,
     }
 }
 

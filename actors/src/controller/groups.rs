@@ -71,7 +71,7 @@ impl BrokerService {
     async fn coordinating(&self, group: &str) -> Result<(GroupId, u32, u64), GroupFailure> {
         let partition = partition_for_key(group.as_bytes(), OFFSETS_PARTITIONS);
         let not_here = || GroupFailure::NotCoordinator(group.to_string());
-        let gid = self.locate(OFFSETS_TOPIC, partition).map_err(|_| not_here())?;
+        let gid = self.locate(OFFSETS_TOPIC, partition).await.map_err(|_| not_here())?;
         match self.shared.broker.status(gid).await {
             Some(s) if s.leader == Some(self.node_id()) && s.commit_known => Ok((gid, partition, s.term)),
             _ => Err(not_here()),

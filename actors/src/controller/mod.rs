@@ -91,6 +91,8 @@ struct Shared {
     tasks: Option<Arc<dyn TaskHost>>,
     /// The consumer groups this node coordinates.
     groups: crate::groups::Coordinator,
+    /// Held while catching up with the controller ([`Shared::catch_up`]).
+    catching_up: tokio::sync::Mutex<()>,
 }
 
 pub struct Controller {
@@ -130,6 +132,7 @@ impl Controller {
             core: Mutex::new(core),
             tasks,
             groups: crate::groups::Coordinator::new(unix_ms() as u64 ^ u64::from(me.0) << 48),
+            catching_up: tokio::sync::Mutex::new(()),
         });
         let mut handles = Vec::new();
         let follower = shared.clone();
@@ -536,6 +539,26 @@ impl Shared {
     }
 
     /// Applies every newly committed metadata command, in log order.
+    /// Brings this node's metadata up to the controller leader's commit
+    /// point, asked now, so that a negative answer ("no such topic") is
+    /// never a stale one (a node that just restarted, or has not yet applied
+    /// a topic created a moment ago). Concurrent callers share one catch-up.
+    async fn catch_up(&self) -> std::result::Result<(), String> {
+        let _one_at_a_time = self.catching_up.lock().await;
+        let committed = match self.controller_call(ControllerRequest::CommittedOffset).await {
+            ControllerResponse::Offset(committed) => committed,
+            other => return Err(format!("the controller leader's commit point is not known: {other:?}")),
+        };
+        self.pull_and_apply().await?;
+        let applied = self.core().meta().applied_offset;
+        if applied < committed {
+            return Err(format!(
+                "applied to offset {applied} of the controller log, committed to {committed}"
+            ));
+        }
+        Ok(())
+    }
+
     async fn pull_and_apply(&self) -> std::result::Result<(), String> {
         loop {
             let offset = self.core().meta().applied_offset;

@@ -126,7 +126,7 @@ impl BrokerService {
                 ClientResponse::Offset,
             ),
             ClientRequest::ReplicaHealth => ClientResponse::Health(self.replica_health().await),
-            ClientRequest::InjectPanic { topic, partition } => done(self.inject_panic(&topic, partition)),
+            ClientRequest::InjectPanic { topic, partition } => done(self.inject_panic(&topic, partition).await),
             ClientRequest::Rebalance => done(self.rebalance().await),
             ClientRequest::StartDataflow { name } => done(self.start_dataflow(name).await),
             ClientRequest::StopDataflow { name } => done(self.stop_dataflow(name).await),
@@ -174,8 +174,14 @@ impl BrokerService {
     /// A topic's configuration and, per partition, what this node knows of
     /// its replicas.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ServiceError> {
-        let topic = self.shared.core().meta().metadata.topics.get(name).cloned();
-        let topic = topic.ok_or_else(|| ServiceError::UnknownTopic(name.to_string()))?;
+        let known = || self.shared.core().meta().metadata.topics.get(name).cloned();
+        let topic = match known() {
+            Some(topic) => topic,
+            None => {
+                self.catch_up().await?;
+                known().ok_or_else(|| ServiceError::UnknownTopic(name.to_string()))?
+            }
+        };
         let mut partitions = Vec::with_capacity(topic.assignment.len());
         for (partition, replicas) in topic.assignment.iter().enumerate() {
             let status = self.shared.broker.status(topic.group_id(partition as u32)).await;
@@ -212,7 +218,7 @@ impl BrokerService {
         acks: Acks,
         batch: Vec<u8>,
     ) -> Result<u64, ServiceError> {
-        let group = self.locate(topic, partition)?;
+        let group = self.locate(topic, partition).await?;
         let batch = RecordBatch::from_bytes(batch).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
         Ok(self.shared.broker.produce(group, batch, acks).await?)
     }
@@ -225,7 +231,7 @@ impl BrokerService {
         acks: Acks,
         batch: RecordBatch,
     ) -> Result<u64, ServiceError> {
-        let group = self.locate(topic, partition)?;
+        let group = self.locate(topic, partition).await?;
         Ok(self.shared.broker.produce(group, batch, acks).await?)
     }
 
@@ -238,7 +244,7 @@ impl BrokerService {
         max_bytes: u32,
         any_replica: bool,
     ) -> Result<Fetched, ServiceError> {
-        let group = self.locate(topic, partition)?;
+        let group = self.locate(topic, partition).await?;
         Ok(self
             .shared
             .broker
@@ -249,7 +255,7 @@ impl BrokerService {
     /// A partition led here: its first offset, its committed offset (the
     /// high watermark) and its log's end (appended, maybe not committed).
     pub async fn offset_range(&self, topic: &str, partition: u32) -> Result<(u64, u64, u64), ServiceError> {
-        let group = self.locate(topic, partition)?;
+        let group = self.locate(topic, partition).await?;
         let status = self.shared.broker.status(group).await;
         // A fetch past every offset is refused with the range it knows.
         match self.shared.broker.fetch(group, u64::MAX, 0, false).await {
@@ -270,7 +276,7 @@ impl BrokerService {
         partition: u32,
         timestamp_ms: i64,
     ) -> Result<Option<u64>, ServiceError> {
-        let group = self.locate(topic, partition)?;
+        let group = self.locate(topic, partition).await?;
         Ok(self.shared.broker.offset_for_timestamp(group, timestamp_ms).await?)
     }
 
@@ -312,12 +318,12 @@ impl BrokerService {
 
     /// Test-only fault hook: this node's replica of the partition panics.
     /// Refused unless the node runs with test fault hooks enabled.
-    pub fn inject_panic(&self, topic: &str, partition: u32) -> Result<(), ServiceError> {
+    pub async fn inject_panic(&self, topic: &str, partition: u32) -> Result<(), ServiceError> {
         if !self.shared.config.test_fault_hooks {
             let reason = "test fault hooks are disabled on this node".to_string();
             return Err(BrokerError::InvalidRequest(reason).into());
         }
-        let group = self.locate(topic, partition)?;
+        let group = self.locate(topic, partition).await?;
         match self.shared.broker.replica(group) {
             Some(replica) if replica.cast(crate::partition::ReplicaMsg::InjectPanic).is_ok() => Ok(()),
             _ => Err(BrokerError::UnknownGroup(group).into()),
@@ -491,7 +497,7 @@ impl BrokerService {
     /// The leader of a topic partition: this node's replica's view when it
     /// knows one, else the first other replica that answers.
     pub async fn partition_leader(&self, topic: &str, partition: u32) -> Result<Option<NodeId>, ServiceError> {
-        let (group, replicas) = self.group_of(topic, partition)?;
+        let (group, replicas) = self.group_of(topic, partition).await?;
         if let Some(leader) = self.shared.broker.status(group).await.and_then(|s| s.leader) {
             return Ok(Some(leader));
         }
@@ -500,8 +506,30 @@ impl BrokerService {
         Ok(self.shared.leader_view(group, &others).await.map(|(leader, _)| leader))
     }
 
-    /// A topic partition's group and assigned replicas.
-    fn group_of(&self, topic: &str, partition: u32) -> Result<(GroupId, Vec<NodeId>), ServiceError> {
+    /// Brings this node's metadata up to the controller's commit point; a
+    /// retryable [`BrokerError::MetadataBehind`] when it cannot.
+    pub async fn catch_up(&self) -> Result<(), ServiceError> {
+        self.shared.catch_up().await.map_err(|reason| {
+            tracing::debug!(reason, "metadata not caught up; answering retry");
+            ServiceError::Failed(BrokerError::MetadataBehind(reason))
+        })
+    }
+
+    /// A topic partition's group and assigned replicas. Before saying the
+    /// topic or partition does not exist, the node catches up with the
+    /// controller and looks again.
+    pub async fn group_of(&self, topic: &str, partition: u32) -> Result<(GroupId, Vec<NodeId>), ServiceError> {
+        match self.group_of_now(topic, partition) {
+            Err(ServiceError::UnknownTopic(_) | ServiceError::PartitionOutOfRange { .. }) => {
+                self.catch_up().await?;
+                self.group_of_now(topic, partition)
+            }
+            found => found,
+        }
+    }
+
+    /// [`BrokerService::group_of`] from the metadata this node holds now.
+    fn group_of_now(&self, topic: &str, partition: u32) -> Result<(GroupId, Vec<NodeId>), ServiceError> {
         let core = self.shared.core();
         let meta_topic = core
             .meta()
@@ -522,8 +550,8 @@ impl BrokerService {
     }
 
     /// The group of a topic partition hosted here, or why not.
-    pub fn locate(&self, topic: &str, partition: u32) -> Result<GroupId, ServiceError> {
-        let (group, replicas) = self.group_of(topic, partition)?;
+    pub async fn locate(&self, topic: &str, partition: u32) -> Result<GroupId, ServiceError> {
+        let (group, replicas) = self.group_of(topic, partition).await?;
         if self.shared.broker.replica(group).is_none() {
             return Err(ServiceError::NotHere { replicas });
         }

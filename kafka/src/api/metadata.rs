@@ -12,6 +12,7 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse};
 use kafka_protocol::ResponseError;
+use runnel_actors::controller::service::ClusterMetadata;
 use runnel_actors::metadata::NodeId;
 use runnel_actors::protocol::TopicInfo;
 
@@ -23,7 +24,7 @@ pub const CLUSTER_ID: &str = "runnel";
 const TOPICS_MAX: usize = 10_000;
 
 pub async fn handle(context: &Context, request: MetadataRequest, version: i16) -> MetadataResponse {
-    let cluster = context.service.metadata().await;
+    let mut cluster = context.service.metadata().await;
     let brokers: BTreeMap<NodeId, (String, u16)> = context
         .service
         .kafka_brokers()
@@ -41,6 +42,16 @@ pub async fn handle(context: &Context, request: MetadataRequest, version: i16) -
         ),
         _ => None,
     };
+    let missing = |cluster: &ClusterMetadata| {
+        let names = wanted.iter().flatten();
+        names.clone().any(|n| !cluster.topics.iter().any(|t| &t.name == n))
+    };
+    // A topic this node does not know yet may be one it has not applied:
+    // catch up with the controller before saying it does not exist (when
+    // that fails, the answer below is retriable for clients anyway).
+    if missing(&cluster) && context.service.catch_up().await.is_ok() {
+        cluster = context.service.metadata().await;
+    }
     let mut topics = Vec::new();
     match wanted {
         None => {
