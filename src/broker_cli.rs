@@ -36,28 +36,41 @@ pub enum TopicCommand {
     /// Create a topic.
     Create {
         name: String,
-        #[arg(long)]
+        /// Partitions of the topic.
+        #[arg(short, long)]
         partitions: u32,
-        #[arg(long)]
+        /// Copies of each partition, on distinct nodes.
+        #[arg(short, long)]
         replication: u16,
         /// Replicas that must hold a record before it is acknowledged.
         #[arg(long)]
         min_insync: Option<u16>,
+        /// Delete closed log segments older than this (milliseconds).
         #[arg(long)]
         retention_ms: Option<u64>,
+        /// A topic setting as Kafka names it (repeatable):
+        /// `retention.ms=N`, `min.insync.replicas=N`.
+        #[arg(short = 'c', long = "config", value_name = "KEY=VALUE")]
+        configs: Vec<String>,
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// List topics.
+    /// List topics (internal ones too with --all).
     List {
+        /// Print a JSON array.
         #[arg(long)]
         json: bool,
+        /// Also list internal topics: `__consumer_offsets` and dataflows'
+        /// `*.repartition`, `*.checkpoints` and `*.dlq` topics.
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         connect: ConnectArgs,
     },
-    /// Show a topic's partitions: leader, replicas, offsets.
+    /// Show a topic's settings and partitions: leader, replicas, offsets.
     Describe {
         name: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -78,7 +91,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         match command {
-            TopicCommand::Create { name, partitions, replication, min_insync, retention_ms, connect } => {
+            TopicCommand::Create { name, partitions, replication, min_insync, retention_ms, configs, connect } => {
                 let mut config = TopicConfig::new(partitions, replication);
                 if let Some(min_insync) = min_insync {
                     config.min_insync = min_insync;
@@ -86,11 +99,15 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
                 if retention_ms.is_some() {
                     config.retention_ms = retention_ms;
                 }
+                for setting in &configs {
+                    apply_setting(&mut config, setting)?;
+                }
                 connect.connect().await?.create_topic(&name, config).await?;
                 println!("created topic {name} with {partitions} partitions, replication {replication}");
             }
-            TopicCommand::List { json, connect } => {
-                let topics = connect.connect().await?.topics().await?;
+            TopicCommand::List { json, all, connect } => {
+                let mut topics = connect.connect().await?.topics().await?;
+                topics.retain(|t| all || !is_internal(&t.name));
                 if json {
                     let list: Vec<serde_json::Value> = topics
                         .iter()
@@ -117,6 +134,37 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Whether a topic is one Runnel keeps for itself: consumer groups'
+/// offsets, and dataflows' repartition, checkpoint and dead-letter topics.
+pub fn is_internal(topic: &str) -> bool {
+    topic.starts_with("__")
+        || [".repartition", ".checkpoints", ".dlq"]
+            .iter()
+            .any(|s| topic.ends_with(s))
+}
+
+/// One `-c KEY=VALUE` topic setting, by its Kafka name (or Runnel's).
+fn apply_setting(config: &mut TopicConfig, setting: &str) -> anyhow::Result<()> {
+    let (key, value) = setting
+        .split_once('=')
+        .with_context(|| format!("-c {setting:?}: write a setting as KEY=VALUE, such as retention.ms=86400000"))?;
+    let number = |what: &str| -> anyhow::Result<u64> {
+        value
+            .trim()
+            .parse()
+            .with_context(|| format!("-c {key}={value}: {what} must be a whole number"))
+    };
+    match key.trim() {
+        "retention.ms" | "retention_ms" => config.retention_ms = Some(number("retention.ms")?),
+        "min.insync.replicas" | "min_insync" => {
+            config.min_insync =
+                u16::try_from(number("min.insync.replicas")?).context("min.insync.replicas is too large")?
+        }
+        other => bail!("-c {other}: not a topic setting Runnel has; it knows retention.ms and min.insync.replicas"),
+    }
+    Ok(())
 }
 
 /// Why a partition is under-replicated or not settled, if it is: no leader,
@@ -181,12 +229,20 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedRepl
                     "problems": problems(p)})
             })
             .collect();
-        println!("{}", serde_json::json!({"name": topic.name, "partitions": partitions}));
+        let c = &topic.config;
+        let settings = serde_json::json!({"partitions": c.partitions, "replication": c.replication,
+            "min_insync": c.min_insync, "retention_ms": c.retention_ms});
+        println!(
+            "{}",
+            serde_json::json!({"name": topic.name, "config": settings, "partitions": partitions})
+        );
         return;
     }
+    let c = &topic.config;
+    let retention = c.retention_ms.map_or("forever".to_string(), |ms| format!("{ms} ms"));
     println!(
-        "topic {}: {} partitions, replication {}",
-        topic.name, topic.config.partitions, topic.config.replication
+        "topic {}: {} partitions, replication {}, min.insync.replicas {}, retention.ms {retention}",
+        topic.name, c.partitions, c.replication, c.min_insync
     );
     for p in &topic.partitions {
         let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
@@ -216,7 +272,7 @@ pub struct ProduceArgs {
     #[arg(long, value_enum, default_value = "all")]
     acks: AcksArg,
     /// Send every record to this partition (default: by key, else round-robin).
-    #[arg(long)]
+    #[arg(short, long)]
     partition: Option<u32>,
     /// How each line encodes its value: `text` (UTF-8), `raw` (the line's
     /// bytes as they are), `hex` or `base64`.
@@ -323,10 +379,19 @@ fn line_record(line: &[u8], number: usize, args: &ProduceArgs) -> anyhow::Result
 #[derive(clap::Args)]
 pub struct ConsumeArgs {
     topic: String,
-    /// earliest, latest, or an offset.
-    #[arg(long, default_value = "earliest")]
+    /// Where to start in each partition: `earliest` (or `beginning`),
+    /// `latest` (or `end`), an offset `N`, `-N` (N records before the end)
+    /// or `@MS` (the first record at or after Unix time MS milliseconds).
+    #[arg(
+        short = 'o',
+        long,
+        visible_alias = "offset",
+        default_value = "earliest",
+        allow_hyphen_values = true
+    )]
     from: String,
-    /// Start at the first record at or after this time (Unix milliseconds).
+    /// Start at the first record at or after this time (Unix milliseconds;
+    /// the same as `-o @MS`).
     #[arg(long, conflicts_with = "from")]
     from_time: Option<i64>,
     /// Consumer group: join it and read the partitions it assigns to this
@@ -336,16 +401,17 @@ pub struct ConsumeArgs {
     #[arg(long)]
     group: Option<String>,
     /// Read only this partition (default: all).
-    #[arg(long)]
+    #[arg(short, long)]
     partition: Option<u32>,
     /// Stop after this many records.
-    #[arg(long)]
+    #[arg(short = 'c', long)]
     max: Option<u64>,
     /// Keep waiting for new records instead of stopping at the end.
     #[arg(long)]
     follow: bool,
-    /// `text` prints values; `json` adds key, partition, offset and timestamp.
-    #[arg(long, default_value = "text")]
+    /// `text` prints each value, after its key and a tab when it has one;
+    /// `json` adds partition, offset, timestamp and headers.
+    #[arg(short, long, default_value = "text")]
     format: String,
     #[command(flatten)]
     connect: ConnectArgs,
@@ -376,29 +442,60 @@ async fn consume_as_member(
     group: &str,
     partitions: &[u32],
 ) -> anyhow::Result<()> {
-    if args.from_time.is_some() {
-        bail!("--from-time cannot be used with --group: a group resumes from its committed offsets (move them with `runnel group reset-offsets`)");
+    let from = Start::of(args)?;
+    if let Start::Time(_) = from {
+        bail!("a start time cannot be used with --group: a group resumes from its committed offsets (move them with `runnel group reset-offsets`)");
     }
     let mut probe = Consumer::new(client.clone(), &args.topic);
     for &p in partitions {
         probe.assign(p, 0);
     }
     let ends = probe.end_offsets().await?;
-    let fixed: Option<u64> = match args.from.as_str() {
-        "earliest" => Some(0),
-        "latest" => None,
-        offset => Some(
-            offset
-                .parse()
-                .with_context(|| format!("--from must be earliest, latest or an offset, not {offset:?}"))?,
-        ),
-    };
-    let start = |p: u32| fixed.unwrap_or_else(|| ends.get(&p).copied().unwrap_or(0));
+    let start = |p: u32| from.offset(ends.get(&p).copied().unwrap_or(0)).unwrap_or(0);
     let format = args.format.clone();
     let print = move |out: &mut std::io::StdoutLock<'_>, partition: u32, record: &runnel::storage::StoredRecord| {
         print_record(out, &format, partition, record)
     };
     crate::group_cli::consume_in_group(client, &args.topic, group, start, args.max, args.follow, print).await
+}
+
+/// Where `-o`/`--from` (or `--from-time`) starts reading a partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    Earliest,
+    Latest,
+    At(u64),
+    BeforeEnd(u64),
+    Time(i64),
+}
+
+impl Start {
+    fn of(args: &ConsumeArgs) -> anyhow::Result<Start> {
+        if let Some(ms) = args.from_time {
+            return Ok(Start::Time(ms));
+        }
+        let text = args.from.trim();
+        let bad = || format!("-o {text:?}: use earliest, latest, an offset N, -N (N before the end) or @MS (a time)");
+        Ok(match text {
+            "earliest" | "beginning" => Start::Earliest,
+            "latest" | "end" => Start::Latest,
+            _ if text.starts_with('@') => Start::Time(text[1..].parse().with_context(bad)?),
+            _ if text.starts_with('-') => Start::BeforeEnd(text[1..].parse().with_context(bad)?),
+            _ => Start::At(text.parse().with_context(bad)?),
+        })
+    }
+
+    /// The offset to start at in a partition whose end offset is `end`
+    /// (none for a time, which is looked up).
+    fn offset(self, end: u64) -> Option<u64> {
+        match self {
+            Start::Earliest => Some(0),
+            Start::Latest => Some(end),
+            Start::At(offset) => Some(offset),
+            Start::BeforeEnd(n) => Some(end.saturating_sub(n)),
+            Start::Time(_) => None,
+        }
+    }
 }
 
 /// The partitions `--partition` names (all of the topic's by default).
@@ -427,22 +524,17 @@ async fn position_consumer(
     consumer: &mut Consumer,
     partitions: &[u32],
 ) -> anyhow::Result<BTreeMap<u32, u64>> {
-    let start = match args.from.as_str() {
-        "earliest" | "latest" => 0,
-        offset => offset
-            .parse()
-            .with_context(|| format!("--from must be earliest, latest or an offset, not {offset:?}"))?,
-    };
+    let from = Start::of(args)?;
     for &p in partitions {
-        consumer.assign(p, start);
+        consumer.assign(p, from.offset(0).unwrap_or(0));
     }
     let ends = consumer.end_offsets().await?;
-    if args.from == "latest" {
-        for (&p, &end) in &ends {
-            consumer.assign(p, end);
+    for (&p, &end) in &ends {
+        if let Some(offset) = from.offset(end) {
+            consumer.assign(p, offset);
         }
     }
-    if let Some(timestamp_ms) = args.from_time {
+    if let Start::Time(timestamp_ms) = from {
         consumer.seek_to_timestamp(timestamp_ms).await?;
     }
     if let Some(group) = &args.group {
@@ -518,17 +610,34 @@ fn print_record(
         .as_deref()
         .map(String::from_utf8_lossy)
         .unwrap_or_default();
+    let key = record
+        .record
+        .key
+        .as_deref()
+        .map(|k| String::from_utf8_lossy(k).to_string());
     if format == "json" {
-        let key = record
+        let headers: serde_json::Map<String, serde_json::Value> = record
             .record
-            .key
-            .as_deref()
-            .map(|k| String::from_utf8_lossy(k).to_string());
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.key.clone(),
+                    h.value
+                        .as_deref()
+                        .map(|v| String::from_utf8_lossy(v).to_string())
+                        .into(),
+                )
+            })
+            .collect();
         let line = serde_json::json!({"partition": partition, "offset": record.offset, "timestamp_ms": record.record.timestamp_ms,
-            "key": key, "value": value});
+            "key": key, "value": value, "headers": headers});
         writeln!(out, "{line}")?;
     } else {
-        writeln!(out, "{value}")?;
+        match key {
+            Some(key) => writeln!(out, "{key}\t{value}")?,
+            None => writeln!(out, "{value}")?,
+        }
     }
     Ok(())
 }
@@ -557,6 +666,48 @@ mod tests {
             voters: ids(voters),
             learners: ids(learners),
         }
+    }
+
+    #[test]
+    fn topic_settings_by_kafka_name_and_internal_topics() {
+        let mut config = TopicConfig::new(3, 3);
+        apply_setting(&mut config, "retention.ms=60000").expect("retention");
+        apply_setting(&mut config, "min.insync.replicas=3").expect("min insync");
+        assert_eq!((config.retention_ms, config.min_insync), (Some(60_000), 3));
+        let unknown = apply_setting(&mut config, "cleanup.policy=compact").expect_err("unknown");
+        assert!(
+            unknown
+                .to_string()
+                .contains("knows retention.ms and min.insync.replicas"),
+            "{unknown}"
+        );
+        assert!(apply_setting(&mut config, "retention.ms").is_err(), "no value");
+        assert!(apply_setting(&mut config, "retention.ms=soon").is_err(), "not a number");
+        for internal in ["__consumer_offsets", "q.repartition", "q.checkpoints", "CSAS_X_0.dlq"] {
+            assert!(is_internal(internal), "{internal}");
+        }
+        assert!(!is_internal("orders") && !is_internal("dlq-archive"));
+    }
+
+    #[test]
+    fn consume_start_positions_as_kafka_tools_write_them() {
+        #[derive(clap::Parser)]
+        struct Consume {
+            #[command(flatten)]
+            args: ConsumeArgs,
+        }
+        let start = |from: &str| {
+            let argv = ["consume", "t", "-o", from, "--seeds", "127.0.0.1:1", "--certs", "c"];
+            let parsed = <Consume as clap::Parser>::try_parse_from(argv).map_err(|e| e.to_string())?;
+            Start::of(&parsed.args).map_err(|e| e.to_string())
+        };
+        assert_eq!(start("beginning"), Ok(Start::Earliest));
+        assert_eq!(start("end"), Ok(Start::Latest));
+        assert_eq!(start("42"), Ok(Start::At(42)));
+        assert_eq!(start("-5"), Ok(Start::BeforeEnd(5)));
+        assert_eq!(start("@1700000000000"), Ok(Start::Time(1_700_000_000_000)));
+        assert!(start("soon").is_err_and(|e| e.contains("use earliest, latest")));
+        assert_eq!(Start::BeforeEnd(5).offset(3), Some(0), "not before the start");
     }
 
     #[test]

@@ -436,7 +436,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let identity = CertDir::new(&args.certs).client_identity()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let timeout = Duration::from_millis(args.timeout_ms);
-    let (response, replicas, under) = runtime.block_on(async {
+    let (response, replicas, (under, controller)) = runtime.block_on(async {
         let client = ClusterClient::new(&identity, args.seeds.clone())?;
         let response = client.request(NodeRequest::Status, timeout).await?;
         let replicas = match &response {
@@ -445,7 +445,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         };
         let under = match &response {
             NodeResponse::Status { members, .. } => under_replicated(&args.seeds, &args.certs, members).await,
-            _ => Vec::new(),
+            _ => (Vec::new(), None),
         };
         anyhow::Ok((response, replicas, under))
     })?;
@@ -455,10 +455,14 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
         NodeResponse::Service(_) => bail!("the node answered a status request with a service response"),
     };
     if args.json {
-        print_status_json(node, &members, &replicas, &under);
+        print_status_json(node, controller, &members, &replicas, &under);
         return Ok(());
     }
     print_members(node, &members);
+    match controller {
+        Some(leader) => println!("controller leader: node {leader}"),
+        None => println!("controller leader: none known (the controller may be electing one)"),
+    }
     print_under_replicated(&under);
     print_troubled_replicas(&replicas);
     Ok(())
@@ -467,6 +471,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
 /// `runnel status --json`: one JSON object on one line.
 fn print_status_json(
     node: NodeId,
+    controller: Option<NodeId>,
     members: &[runnel::cluster::MemberStatus],
     replicas: &[TroubledReplica],
     under: &[UnderReplicated],
@@ -494,7 +499,8 @@ fn print_status_json(
         .collect();
     println!(
         "{}",
-        serde_json::json!({"answered_by": node.0, "nodes": nodes, "replica_restarts": troubled, "under_replicated": under})
+        serde_json::json!({"answered_by": node.0, "controller_leader": controller.map(|c| c.0), "nodes": nodes,
+            "replica_restarts": troubled, "under_replicated": under})
     );
 }
 
@@ -566,18 +572,20 @@ fn print_troubled_replicas(replicas: &[TroubledReplica]) {
 }
 
 /// Partitions with no leader, or with a replica on a node that is not alive.
+/// The partitions with problems, and the controller leader, as the
+/// cluster's client service reports them (nothing when it does not answer).
 async fn under_replicated(
     seeds: &[SocketAddr],
     certs: &Path,
     members: &[runnel::cluster::MemberStatus],
-) -> Vec<UnderReplicated> {
+) -> (Vec<UnderReplicated>, Option<NodeId>) {
     let alive: Vec<NodeId> = members
         .iter()
         .filter(|m| m.state == runnel::cluster::MemberState::Alive)
         .map(|m| m.node)
         .collect();
     let Ok(client) = runnel::client::Client::connect(seeds.to_vec(), certs).await else {
-        return Vec::new();
+        return (Vec::new(), None);
     };
     let alive_set: std::collections::BTreeSet<NodeId> = alive.iter().copied().collect();
     let failed = crate::broker_cli::failed_replicas(&client, &alive_set).await;
@@ -592,7 +600,7 @@ async fn under_replicated(
             }
         }
     }
-    out
+    (out, client.controller_leader())
 }
 
 /// Replicas that restarted or failed, from every alive node's supervisor.

@@ -92,14 +92,63 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    quiet_on_closed_pipe();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // The reader went away (`runnel consume | head -1`): done, quietly.
+        Err(error) if is_closed_pipe(&error) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // One line a person can act on: the error and its causes.
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", one_line(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: an error whose
+/// message already ends with its cause's ("cannot bind …: Address already
+/// in use") does not repeat it.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// Whether an error comes from writing to a pipe whose reader has closed.
+fn is_closed_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// `println!` panics when standard output is a closed pipe; such a panic
+/// ends the command quietly with status 0, like any other write to a
+/// reader that has gone (`… | head`). Other panics report as before.
+fn quiet_on_closed_pipe() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        report(info);
+    }));
 }
 
 fn run() -> anyhow::Result<()> {
@@ -116,6 +165,8 @@ fn run() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Command::Demo { dir } => demo::run(dir),
@@ -134,5 +185,24 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Sim(args) => sim_cli::run(args),
         Command::Bench { target } => runnel_bench::run(target, &this_binary()?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let bind = anyhow::Error::new(io).context("cannot bind 127.0.0.1:7101: Address already in use");
+        let error = bind.context("starting the node");
+        assert_eq!(
+            one_line(&error),
+            "starting the node: cannot bind 127.0.0.1:7101: Address already in use"
+        );
+        let pipe = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::BrokenPipe)).context("printing");
+        assert!(is_closed_pipe(&pipe));
+        assert!(!is_closed_pipe(&error));
     }
 }

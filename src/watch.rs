@@ -86,12 +86,19 @@ fn changes(before: &Snapshot, after: &Snapshot) -> Vec<String> {
     for ((topic, partition), (leader, voters, learners)) in &after.partitions {
         let Some((old_leader, old_voters, old_learners)) = before.partitions.get(&(topic.clone(), *partition)) else {
             if !before.partitions.is_empty() || before.nodes.is_empty() {
-                events.push(format!("{topic}/{partition}: leader {leader:?}, voters {voters:?}"));
+                events.push(format!(
+                    "{topic}/{partition}: leader {}, voters {voters:?}",
+                    node_or_none(leader)
+                ));
             }
             continue;
         };
         if old_leader != leader {
-            events.push(format!("{topic}/{partition}: leader {old_leader:?} -> {leader:?}"));
+            events.push(format!(
+                "{topic}/{partition}: leader {} -> {}",
+                node_or_none(old_leader),
+                node_or_none(leader)
+            ));
         }
         if old_voters != voters {
             events.push(format!("{topic}/{partition}: voters {old_voters:?} -> {voters:?}"));
@@ -137,4 +144,29 @@ fn clock() -> String {
         day_ms % 1000,
     );
     format!("{h:02}:{m:02}:{s:02}.{ms:03}")
+}
+
+/// A leader as a person reads it: `2`, or `none`.
+fn node_or_none(node: &Option<NodeId>) -> String {
+    node.map_or("none".to_string(), |n| n.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_change_reads_as_node_ids() {
+        let at = |leader: Option<u32>| {
+            let mut snapshot = Snapshot::default();
+            snapshot.nodes.insert(NodeId(2), "alive".to_string());
+            let voters = vec![NodeId(1), NodeId(2), NodeId(3)];
+            snapshot
+                .partitions
+                .insert(("orders".to_string(), 0), (leader.map(NodeId), voters, Vec::new()));
+            snapshot
+        };
+        assert_eq!(changes(&at(Some(2)), &at(Some(3))), vec!["orders/0: leader 2 -> 3"]);
+        assert_eq!(changes(&at(Some(2)), &at(None)), vec!["orders/0: leader 2 -> none"]);
+    }
 }

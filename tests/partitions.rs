@@ -418,6 +418,82 @@ fn consume_max_prints_at_most_max_and_a_group_commits_only_what_was_printed() {
         "no record skipped"
     );
     assert_eq!(consume(&["--group", "g"]), expect(10..12));
+
+    // Kafka tools' start positions and short flags.
+    assert_eq!(consume(&["-o", "-4"]), expect(8..12), "the last four");
+    assert_eq!(consume(&["-o", "end"]), Vec::<String>::new());
+    let r10: serde_json::Value =
+        serde_json::from_str(&consume(&["-o", "-2", "-c", "1", "-f", "json"])[0]).expect("json");
+    let r10_offset = r10["offset"].as_u64().expect("offset").to_string();
+    assert_eq!(r10["value"], "r10");
+    assert_eq!(
+        consume(&["-o", &r10_offset, "-c", "1"]),
+        expect(10..11),
+        "from an offset"
+    );
+    assert_eq!(consume(&["--offset", "beginning", "-c", "2"]), expect(0..2));
+    let future = (runnel::client::unix_now_ms() + 3_600_000).to_string();
+    assert_eq!(
+        consume(&["-o", &format!("@{future}")]),
+        Vec::<String>::new(),
+        "nothing after an hour from now"
+    );
+    // A keyed record prints its key, a tab, then its value.
+    let mut keyed = runnel()
+        .args(["produce", "seen", "--key-field", "0", "--sep", ":", "-p", "0"])
+        .args(["--seeds", &cluster.addrs[0].to_string()])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::io::Write::write_all(&mut keyed.stdin.take().expect("stdin"), b"card-7:42\n").expect("write");
+    assert!(keyed.wait().expect("wait").success());
+    assert_eq!(consume(&["-o", "-1"]), vec!["card-7\tcard-7:42".to_string()]);
+    let json = consume(&["-o", "-1", "-f", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&json[0]).expect("json");
+    assert_eq!(
+        (json["key"].as_str(), json["offset"].as_u64()),
+        (Some("card-7"), Some(r10["offset"].as_u64().expect("offset") + 2))
+    );
+    assert!(json["headers"].is_object(), "{json}");
+}
+
+/// `runnel consume … | head -1`: the reader goes away after one line; the
+/// command ends quietly with status 0, neither a panic nor an error.
+#[test]
+fn a_closed_pipe_ends_consume_quietly_with_status_0() {
+    let cluster = start_cluster(185);
+    create_topic(&cluster, "many", 1);
+    let seeds = cluster.addrs[0].to_string();
+    let connect = |command: &mut std::process::Command| {
+        command.args(["--seeds", &seeds]).arg("--certs").arg(&cluster.certs);
+    };
+    let lines: String = (0..4000).map(|i| format!("{i:0>120}\n")).collect();
+    let mut producer = runnel();
+    producer.args(["produce", "many"]).stdin(std::process::Stdio::piped());
+    connect(&mut producer);
+    let mut producer = producer.spawn().expect("spawn");
+    std::io::Write::write_all(&mut producer.stdin.take().expect("stdin"), lines.as_bytes()).expect("write");
+    assert!(producer.wait().expect("wait").success());
+
+    let mut consumer = runnel();
+    consumer.args(["consume", "many"]);
+    connect(&mut consumer);
+    let mut consumer = consumer
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut first = String::new();
+    let mut stdout = std::io::BufReader::new(consumer.stdout.take().expect("stdout"));
+    std::io::BufRead::read_line(&mut stdout, &mut first).expect("a line");
+    assert_eq!(first.trim_end(), format!("{:0>120}", 0));
+    drop(stdout);
+    let output = consumer.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "status {:?}: {stderr}", output.status);
+    assert!(!stderr.contains("error") && !stderr.contains("panicked"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
