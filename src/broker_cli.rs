@@ -15,11 +15,32 @@ use runnel::storage::Record;
 /// Where the cluster is and how to prove who we are.
 #[derive(clap::Args, Clone)]
 pub struct ConnectArgs {
-    /// Comma-separated node addresses; any one reachable node is enough.
-    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true)]
+    /// Comma-separated node addresses (`host:port`, a name such as
+    /// `localhost:7101` or an IP); any one reachable node is enough.
+    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true, value_parser = seed_addr)]
     seeds: Vec<SocketAddr>,
+    /// The cluster's certificate directory (`runnel certs init` made it).
     #[arg(long, env = "RUNNEL_CERTS")]
     certs: PathBuf,
+}
+
+/// A node address from the command line: `host:port`, where the host is an
+/// IP address or a name resolved here (an IPv4 address preferred).
+pub fn seed_addr(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let resolved: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("{text:?} is not a node address (host:port, such as localhost:7101): {e}"))?
+        .collect();
+    resolved
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(resolved.first())
+        .copied()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
 impl ConnectArgs {
@@ -687,6 +708,14 @@ mod tests {
             assert!(is_internal(internal), "{internal}");
         }
         assert!(!is_internal("orders") && !is_internal("dlq-archive"));
+    }
+
+    #[test]
+    fn seeds_may_be_host_names() {
+        assert_eq!(seed_addr("127.0.0.1:7101"), Ok("127.0.0.1:7101".parse().expect("addr")));
+        assert_eq!(seed_addr("localhost:7101"), Ok("127.0.0.1:7101".parse().expect("addr")));
+        let no_port = seed_addr("localhost").expect_err("no port");
+        assert!(no_port.contains("not a node address (host:port"), "{no_port}");
     }
 
     #[test]

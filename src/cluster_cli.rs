@@ -76,7 +76,7 @@ pub struct NodeArgs {
     #[arg(long, env = "RUNNEL_CERTS")]
     certs: Option<PathBuf>,
     /// Comma-separated seed addresses; any one reachable seed is enough to join.
-    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',')]
+    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', value_parser = crate::broker_cli::seed_addr)]
     seeds: Option<Vec<SocketAddr>>,
     /// TOML file with the same settings (flags override it).
     #[arg(long)]
@@ -229,6 +229,15 @@ impl NodeSetup {
 
 pub fn node(args: NodeArgs) -> anyhow::Result<()> {
     let setup = NodeSetup::resolve(&args)?;
+    let certificate = setup.certs.join(format!("node-{}.pem", setup.id.0));
+    if !certificate.exists() {
+        bail!(
+            "{} does not exist: issue this node a certificate with `runnel certs issue --dir {} --node {}`",
+            certificate.display(),
+            setup.certs.display(),
+            setup.id.0
+        );
+    }
     let identity = CertDir::new(&setup.certs).node_identity(setup.id)?;
     let incarnation = next_incarnation(&setup.data, setup.id)?;
     let mut config = NodeConfig::new(setup.id, setup.listen, setup.seeds.clone(), incarnation);
@@ -399,7 +408,7 @@ pub async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
 #[derive(clap::Args)]
 pub struct StatusArgs {
     /// Comma-separated node addresses to ask; the first that answers is used.
-    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true)]
+    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true, value_parser = crate::broker_cli::seed_addr)]
     seeds: Vec<SocketAddr>,
     #[arg(long, env = "RUNNEL_CERTS")]
     certs: PathBuf,

@@ -46,11 +46,20 @@ pub fn dataflow(command: DataflowCommand) -> anyhow::Result<()> {
     crate::broker_cli::runtime()?.block_on(async move {
         match command {
             DataflowCommand::Start { name, connect } => {
-                connect.connect().await?.start_dataflow(&name).await?;
+                connect
+                    .connect()
+                    .await?
+                    .start_dataflow(&name)
+                    .await
+                    .map_err(|e| start_hint(e, &name))?;
                 println!("dataflow {name:?} started");
             }
             DataflowCommand::Stop { name, connect } => {
-                connect.connect().await?.stop_dataflow(&name).await?;
+                let client = connect.connect().await?;
+                if let Err(e) = client.stop_dataflow(&name).await {
+                    let running = running_names(&client).await;
+                    return Err(anyhow::Error::new(e).context(format!("stopping {name:?} (running: {running})")));
+                }
                 println!("dataflow {name:?} stopped");
             }
             DataflowCommand::List { json, connect } => {
@@ -102,10 +111,13 @@ fn print_list(dataflows: &[DataflowMeta], json: bool) -> anyhow::Result<()> {
 /// unreachable when that node does not answer).
 pub async fn describe(client: &Client, name: &str) -> anyhow::Result<Vec<TaskStatus>> {
     let dataflows = client.dataflows().await?;
-    let dataflow = dataflows
-        .iter()
-        .find(|d| d.name == name)
-        .with_context(|| format!("dataflow {name:?} is not running"))?;
+    let dataflow = dataflows.iter().find(|d| d.name == name).with_context(|| {
+        let running: Vec<&str> = dataflows.iter().map(|d| d.name.as_str()).collect();
+        format!(
+            "dataflow {name:?} is not running (running: {})",
+            names_or_none(&running)
+        )
+    })?;
     let mut tasks = Vec::with_capacity(dataflow.placement.len());
     let nodes: BTreeSet<NodeId> = dataflow.placement.iter().copied().collect();
     let mut reports = Vec::new();
@@ -179,4 +191,45 @@ fn print_tasks(tasks: &[TaskStatus], json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `dataflow start`'s error with what to do: a missing source topic is
+/// named with the command that makes it; an unknown dataflow, with those
+/// this binary knows.
+fn start_hint(error: runnel::client::ClientError, name: &str) -> anyhow::Error {
+    use runnel::client::ClientError;
+    let hint = match &error {
+        ClientError::UnknownTopic(topic) => format!(
+            "dataflow {name:?} reads topic {topic:?}, which does not exist: create it first, such as \
+             `runnel topic create {topic} -p 3 -r 3`"
+        ),
+        ClientError::Refused(runnel::client::protocol::MetadataError::UnregisteredDataflow(_)) => {
+            let known = runnel::dataflow::builtin().names();
+            let known: Vec<&str> = known.iter().map(String::as_str).collect();
+            format!(
+                "this binary has dataflows {}; SQL queries start with `runnel sql`",
+                names_or_none(&known)
+            )
+        }
+        _ => return anyhow::Error::new(error),
+    };
+    anyhow::Error::new(error).context(hint)
+}
+
+/// The names of the running dataflows, for an error message.
+async fn running_names(client: &runnel::client::Client) -> String {
+    match client.dataflows().await {
+        Ok(dataflows) => {
+            let names: Vec<&str> = dataflows.iter().map(|d| d.name.as_str()).collect();
+            names_or_none(&names)
+        }
+        Err(_) => "unknown".to_string(),
+    }
+}
+
+fn names_or_none(names: &[&str]) -> String {
+    match names.is_empty() {
+        true => "none".to_string(),
+        false => names.join(", "),
+    }
 }

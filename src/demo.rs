@@ -42,16 +42,21 @@ const STEP_MS: i64 = 50;
 const START_MS: i64 = 1_767_225_600_000;
 const PARTITIONS: u32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// Window results printed; the count of the rest follows them.
+const RESULTS_SHOWN: usize = 10;
 
 pub fn run(dir: Option<PathBuf>) -> anyhow::Result<()> {
     let scratch = tempfile::Builder::new().prefix("runnel-demo-").tempdir()?;
+    // A directory given is kept and named; the default one is deleted at exit.
+    let kept = dir.is_some();
     let dir = dir.unwrap_or_else(|| scratch.path().join("cluster"));
     anyhow::ensure!(!dir.exists(), "{} already exists; give a fresh --dir", dir.display());
     let runtime = crate::node_runtime()?;
-    runtime.block_on(run_cluster(dir))
+    runtime.block_on(run_cluster(dir, kept))
 }
 
-/// Where each task runs, as "task@node" pairs.
+/// Where each task runs, in words: per partition, the node of its source
+/// task and of its window task (task = stage * partitions + partition).
 async fn placement(client: &Client) -> anyhow::Result<String> {
     // The answering node may not have applied the start yet.
     let deadline = Instant::now() + TIMEOUT;
@@ -63,19 +68,37 @@ async fn placement(client: &Client) -> anyhow::Result<String> {
         ensure!(Instant::now() < deadline, "the dataflow is not running");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let pairs: Vec<String> = dataflow
-        .placement
-        .iter()
-        .enumerate()
-        .map(|(task, node)| format!("{task}@{node}"))
+    let partitions = dataflow.partitions as usize;
+    let node_of = |stage: usize, partition: usize| {
+        dataflow
+            .placement
+            .get(stage * partitions + partition)
+            .map_or("?".to_string(), |n| n.to_string())
+    };
+    let words: Vec<String> = (0..partitions)
+        .map(|p| {
+            format!(
+                "partition {p}: source on node {}, window on node {}",
+                node_of(0, p),
+                node_of(1, p)
+            )
+        })
         .collect();
-    Ok(pairs.join(" "))
+    Ok(words.join("; "))
+}
+
+/// A time in UTC, as RFC 3339 (`2026-01-01T00:05:00Z`).
+fn utc(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ms} ms after 1970"))
 }
 
 /// Window results by (card, window start): the sink's and the reference's.
 type Counts = BTreeMap<(String, i64), u64>;
 
-async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
+async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
     let mut generator = Generator::new(42, CARDS, START_MS, STEP_MS).bursting_one_in(HOT_ONE_IN);
     let attempts: Vec<Attempt> = generator.by_ref().take(ATTEMPTS).collect();
     tracing::info!("phase 1: start an embedded 3-node cluster (QUIC, mutual TLS)");
@@ -99,10 +122,14 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
     let cards: std::collections::BTreeSet<&str> = input.iter().map(|a| a.card_number.as_str()).collect();
     let flagged: std::collections::BTreeSet<&str> = results.keys().map(|(card, _)| card.as_str()).collect();
 
+    let place = if kept {
+        format!(" in {}", dir.display())
+    } else {
+        String::new()
+    };
     println!(
-        "Runnel demo: a 3-node cluster replicating {} (3 partitions, replication 3) in {}",
-        fraud::SOURCE,
-        dir.display()
+        "Runnel demo: a 3-node cluster replicating {} (3 partitions, replication 3){place}",
+        fraud::SOURCE
     );
     println!("  statements submitted (as to `runnel sql`):");
     for line in fraud::DECLARATION.lines().chain(fraud::STATEMENT.lines()) {
@@ -112,9 +139,16 @@ async fn run_cluster(dir: PathBuf) -> anyhow::Result<()> {
     println!("    tasks before the kill: {before}");
     println!("    tasks after the kill:  {after}");
     println!(
-        "  produced {} attempts with acks=all (read back: {}); node {victim} was killed half-way",
-        attempts.len() + PARTITIONS as usize,
+        "  produced {} attempts with acks=all, then one closing attempt per partition (timed past every window, \
+         to close the last ones); {} read back; node {victim} was killed half-way",
+        attempts.len(),
         input.len()
+    );
+    ensure!(
+        input.len() == attempts.len() + PARTITIONS as usize,
+        "read back {} records, not the {} produced",
+        input.len(),
+        attempts.len() + PARTITIONS as usize
     );
     println!(
         "  {} of {} cards flagged as possible fraud in at least one window",
@@ -200,8 +234,16 @@ fn print_results(results: &Counts, irregular: usize, reference: &Counts) -> bool
         results.len(),
         fraud::SQL_SINK
     );
-    for ((card, window_start), count) in results.iter().take(10) {
-        println!("    card {card}  window start {window_start}  count {count}");
+    for ((card, window_start), count) in results.iter().take(RESULTS_SHOWN) {
+        let end = window_start + fraud::WINDOW_MS;
+        println!(
+            "    card {card}  window {} to {}  count {count}",
+            utc(*window_start),
+            utc(end)
+        );
+    }
+    if results.len() > RESULTS_SHOWN {
+        println!("    …and {} more", results.len() - RESULTS_SHOWN);
     }
     let matches = results == reference && irregular == 0;
     println!(

@@ -38,7 +38,12 @@ fn demo_survives_a_node_kill_and_matches_the_reference() {
         .lines()
         .find(|l| l.contains("tasks after the kill:"))
         .expect("placement after the kill");
-    assert!(!after.contains(&format!("@{victim}")), "{after}");
+    assert!(!after.contains(&format!("on node {victim}")), "{after}");
+    assert!(
+        stdout.contains("…and ") && stdout.contains("T00:"),
+        "UTC windows, the rest counted: {stdout}"
+    );
+    assert!(!stdout.contains("runnel-demo-"), "no deleted directory named: {stdout}");
     assert!(
         stderr.contains("killing node"),
         "the node kill was not logged:\n{stderr}"
@@ -51,4 +56,44 @@ fn a_wrong_flag_is_a_clear_error() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--no-such-flag"), "{stderr}");
+}
+
+#[test]
+fn a_node_without_a_certificate_is_told_how_to_issue_one() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    let init = runnel()
+        .args(["certs", "init", "--nodes", "3", "--dir"])
+        .arg(&certs)
+        .output()
+        .expect("certs init");
+    assert!(init.status.success());
+    let output = runnel()
+        .args(["node", "--id", "9", "--listen", "127.0.0.1:7999", "--data"])
+        .arg(scratch.path().join("data"))
+        .arg("--certs")
+        .arg(&certs)
+        .output()
+        .expect("run runnel node");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("node-9.pem does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("runnel certs issue --dir") && stderr.contains("--node 9"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn seeds_may_name_hosts_and_a_bad_one_is_named() {
+    let output = runnel()
+        .args(["topic", "list", "--seeds", "localhost", "--certs", "certs"])
+        .output()
+        .expect("run runnel");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("\"localhost\" is not a node address (host:port"),
+        "{stderr}"
+    );
 }

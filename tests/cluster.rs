@@ -100,6 +100,10 @@ fn a_node_from_another_ca_cannot_join_and_the_cluster_is_unaffected() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("could not reach the cluster"), "{stderr}");
+    assert!(
+        stderr.contains("not signed by the cluster CA in this --certs directory"),
+        "says what is wrong: {stderr}"
+    );
 }
 
 #[test]

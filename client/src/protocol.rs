@@ -180,6 +180,11 @@ pub enum MetadataError {
     UnknownObject(String),
     #[error("{name} is used by running queries {queries:?}; TERMINATE them first")]
     ObjectInUse { name: String, queries: Vec<String> },
+    /// A topic a running dataflow reads, writes or keeps its state in.
+    #[error(
+        "topic {topic:?} is used by running dataflows {dataflows:?}; stop them first (`runnel dataflow stop NAME`, or TERMINATE for a SQL query)"
+    )]
+    TopicInUse { topic: String, dataflows: Vec<String> },
 }
 
 /// Settings of a topic, fixed at creation.
@@ -805,9 +810,13 @@ mod tests {
                 name: String::new(),
                 queries: Vec::new(),
             },
+            MetadataError::TopicInUse {
+                topic: String::new(),
+                dataflows: Vec::new(),
+            },
         ];
         let tags: Vec<u8> = errors.iter().map(tag).collect();
-        assert_eq!(tags, (0..=11).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=12).collect::<Vec<u8>>());
     }
 
     #[test]

@@ -477,6 +477,24 @@ impl PeerWriter {
     }
 }
 
+/// A TLS failure with what to do about it: the two sides hold certificates
+/// of different clusters (a CA that did not sign the other's certificate).
+pub fn with_tls_hint(error: String) -> String {
+    if error.contains("UnknownIssuer") || error.contains("invalid peer certificate") {
+        format!(
+            "{error}: the node's certificate is not signed by the cluster CA in this --certs directory \
+             (ca.pem); use the certificate directory the cluster was made with"
+        )
+    } else if error.contains("UnknownCA") || error.contains("BadCertificate") || error.contains("CertificateRequired") {
+        format!(
+            "{error}: the node refused this certificate (client.pem), which the cluster's CA did not sign; \
+             use the certificate directory the cluster was made with"
+        )
+    } else {
+        error
+    }
+}
+
 /// A client of the cluster (the CLI, the client library): talks to nodes over
 /// the client ALPN with a client certificate.
 pub struct ClusterClient {
@@ -606,7 +624,7 @@ impl ClusterClient {
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
             .map_err(|_| format!("no connection within {} ms", CONNECT_TIMEOUT.as_millis()))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| with_tls_hint(e.to_string()))?;
         if connections.len() >= CLIENT_CONNECTIONS_MAX {
             connections.clear();
         }

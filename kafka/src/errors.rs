@@ -109,7 +109,8 @@ fn metadata_code(error: &MetadataError) -> ResponseError {
         | MetadataError::UnregisteredDataflow(_)
         | MetadataError::ObjectExists(_)
         | MetadataError::UnknownObject(_)
-        | MetadataError::ObjectInUse { .. } => ResponseError::PolicyViolation,
+        | MetadataError::ObjectInUse { .. }
+        | MetadataError::TopicInUse { .. } => ResponseError::PolicyViolation,
     }
 }
 

@@ -539,6 +539,20 @@ impl ControllerCore {
         if !self.meta.metadata.topics.contains_key(&name) {
             return Err(MetadataError::UnknownTopic(name));
         }
+        let users: Vec<String> = self
+            .meta
+            .metadata
+            .dataflows
+            .values()
+            .filter(|d| dataflow_uses(d, &name))
+            .map(|d| d.name.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(MetadataError::TopicInUse {
+                topic: name,
+                dataflows: users,
+            });
+        }
         Ok(MetadataCommand::DeleteTopic { name })
     }
 
@@ -665,4 +679,20 @@ pub fn alive_nodes(members: &[MemberView]) -> Vec<NodeId> {
         .filter(|m| m.liveness == Liveness::Alive)
         .map(|m| m.node)
         .collect()
+}
+
+/// Whether a running dataflow reads `topic`, writes it, or keeps its
+/// repartitioned records, checkpoints or dead letters there.
+fn dataflow_uses(dataflow: &DataflowMeta, topic: &str) -> bool {
+    use runnel_client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic};
+    let name = dataflow.name.as_str();
+    [
+        dataflow.source.clone(),
+        dataflow.sink.clone(),
+        repartition_topic(name),
+        checkpoint_topic(name),
+        dead_letter_topic(name),
+    ]
+    .iter()
+    .any(|t| t == topic)
 }

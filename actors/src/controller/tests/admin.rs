@@ -61,6 +61,47 @@ fn a_dataflow_is_placed_task_by_task_and_stopped_only_when_running() {
 }
 
 #[test]
+fn a_topic_a_running_dataflow_uses_is_not_deleted_while_it_runs() {
+    let mut core = core_of(1);
+    for name in ["t", "s", "d.checkpoints", "d.dlq", "other"] {
+        let assignment = vec![ids(&[1])];
+        let config = TopicConfig::new(1, 1);
+        apply(
+            &mut core,
+            MetadataCommand::CreateTopic {
+                name: name.to_string(),
+                config,
+                assignment,
+            },
+        );
+    }
+    let dataflow = DataflowMeta {
+        name: "d".to_string(),
+        source: "t".to_string(),
+        sink: "s".to_string(),
+        stages: 1,
+        partitions: 1,
+        placement: Vec::new(),
+    };
+    let command = core.start_dataflow(dataflow, &ids(&[1])).expect("placed");
+    apply(&mut core, command);
+    for used in ["t", "s", "d.checkpoints", "d.dlq"] {
+        let refused = core.delete_topic(used.to_string()).expect_err(used);
+        assert_eq!(
+            refused,
+            MetadataError::TopicInUse {
+                topic: used.to_string(),
+                dataflows: vec!["d".to_string()]
+            }
+        );
+        assert!(refused.to_string().contains("runnel dataflow stop"), "{refused}");
+    }
+    assert!(core.delete_topic("other".to_string()).is_ok());
+    apply(&mut core, MetadataCommand::StopDataflow { name: "d".to_string() });
+    assert!(core.delete_topic("d.checkpoints".to_string()).is_ok(), "once stopped");
+}
+
+#[test]
 fn rebalancing_moves_replicas_until_loads_differ_by_at_most_one() {
     let mut core = core_of(1);
     apply(
