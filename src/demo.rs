@@ -1,22 +1,25 @@
 //! `runnel demo`: the fraud query typed as KSQL and run as a distributed
-//! dataflow, with a node killed mid-way, on this machine.
+//! dataflow on three `runnel node` processes, one of them SIGKILLed mid-way.
 //!
-//! An embedded cluster of three nodes (in this process, talking over QUIC
-//! with mutual TLS on loopback) is given two SQL statements, as a user
-//! would type them in `runnel sql`: a declaration of the stream
-//! `authorization_attempts` (which makes its topic, 3 partitions,
-//! replication 3) and the seed's `CREATE STREAM possible_fraud AS SELECT
-//! card_number, count(*) FROM authorization_attempts WINDOW TUMBLING (SIZE
-//! 5 MINUTE) GROUP BY card_number HAVING count(*) > 3`. The statement's
-//! plan is committed to the cluster and runs as six operator tasks (a
-//! source task and a window task per partition) placed on the nodes.
-//! Generated card traffic (most cards a few attempts, 1% of them bursting)
-//! is produced with acks=all; half-way through, the node leading partition
-//! 0 is killed: its partitions fail over, its tasks are re-placed on the
-//! survivors and resume from their checkpoints. The query's output (every
-//! change of a count above 3) is then read and compared with a reference
-//! computed directly from the input topic: every (card, window) must end at
-//! its exact count, each change written once.
+//! Three child processes of this binary form a cluster over QUIC with mutual
+//! TLS on loopback, with the normal failure detection (a node is dead after
+//! about 1.5 s) and `--replace-after 3` (tasks move off a node dead for 3 s).
+//! The cluster is given two SQL statements, as a user would type them in
+//! `runnel sql`: a declaration of the stream `authorization_attempts`
+//! (which makes its topic, 3 partitions, replication 3) and the seed's
+//! `CREATE STREAM possible_fraud AS SELECT card_number, count(*) FROM
+//! authorization_attempts WINDOW TUMBLING (SIZE 5 MINUTE) GROUP BY
+//! card_number HAVING count(*) > 3`. The statement's plan is committed to
+//! the cluster and runs as six operator tasks (a source task and a window
+//! task per partition) placed on the nodes. Generated card traffic (most
+//! cards a few attempts, 1% of them bursting) is produced with acks=all;
+//! half-way through, the node leading partition 0 is SIGKILLed: its
+//! partitions fail over (the demo prints when the first write to partition
+//! 0 was acknowledged again, and the new leaders), its tasks are re-placed
+//! on the survivors and resume from their checkpoints (and when). The
+//! query's output (every change of a count above 3) is then read and
+//! compared with a reference computed directly from the input topic: every
+//! (card, window) must end at its exact count, each change written once.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,11 +28,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use runnel::client::partition_for_key;
 use runnel::client::protocol::NodeId;
 use runnel::client::Client;
 use runnel::dataflow::fraud::{self, Attempt, Generator};
 use runnel_sql::Session;
-use runnel_verify::fixtures::embedded::{start_cluster, Member};
+use runnel_verify::fixtures::client::connect;
+use runnel_verify::fixtures::{free_addr, init_certs, NodeCommand, ProcessCluster};
 
 const ATTEMPTS: usize = 40_000;
 /// Most of 10,000 cards make a few attempts per window; one attempt in 8
@@ -42,6 +47,8 @@ const STEP_MS: i64 = 50;
 const START_MS: i64 = 1_767_225_600_000;
 const PARTITIONS: u32 = 3;
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// Seconds a node must be dead before its tasks move (`--replace-after`).
+const REPLACE_AFTER_S: u64 = 3;
 /// Window results printed; the count of the rest follows them.
 const RESULTS_SHOWN: usize = 10;
 
@@ -101,24 +108,34 @@ type Counts = BTreeMap<(String, i64), u64>;
 async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
     let mut generator = Generator::new(42, CARDS, START_MS, STEP_MS).bursting_one_in(HOT_ONE_IN);
     let attempts: Vec<Attempt> = generator.by_ref().take(ATTEMPTS).collect();
-    tracing::info!("phase 1: start an embedded 3-node cluster (QUIC, mutual TLS)");
-    let (mut members, addrs) = start_cluster(&dir, 3).await?;
-    let client = Arc::new(Client::connect(addrs.clone(), &dir.join("certs")).await?);
+    tracing::info!("phase 1: start 3 `runnel node` processes (QUIC, mutual TLS on loopback)");
+    let (mut cluster, addrs, certs) = start_nodes(&dir)?;
+    let client = Arc::new(connect(&addrs, &certs, TIMEOUT).await?);
     create_and_start(&client).await?;
     let before = placement(&client).await?;
 
-    tracing::info!("phase 3: produce {ATTEMPTS} attempts keyed by card (acks=all); kill a node half-way");
+    tracing::info!("phase 3: produce {ATTEMPTS} attempts keyed by card (acks=all); SIGKILL a node half-way");
     let half = attempts.len() / 2;
     fraud::produce(&client, attempts[..half].iter().cloned(), None).await?;
-    let (victim, client) = kill_leader(&client, &mut members, &addrs, &dir).await?;
+    let (victim, client) = kill_leader(&client, &mut cluster, &addrs, &certs).await?;
+    let failover = Failover::watch(&client, victim);
+    // The first attempts after the kill, up to the first for partition 0
+    // (which the killed node led): acknowledged once a new leader took over.
+    let first_on_0 = (half..attempts.len())
+        .find(|&i| partition_for_key(attempts[i].card_number.as_bytes(), PARTITIONS) == 0)
+        .unwrap_or(half);
+    fraud::produce(&client, attempts[half..=first_on_0].iter().cloned(), None).await?;
+    let acked_after = failover.killed_at.elapsed();
     let closing = generator.closing_attempt();
-    fraud::produce(&client, attempts[half..].iter().cloned(), Some(&closing)).await?;
+    fraud::produce(&client, attempts[first_on_0 + 1..].iter().cloned(), Some(&closing)).await?;
 
     tracing::info!("phase 4: wait for the sink to hold every window result; compare with the reference");
     let input = fraud::read_attempts(&client).await.map_err(anyhow::Error::msg)?;
     let reference = fraud::reference(&input);
     let (results, irregular) = wait_for_results(&client, &reference).await?;
+    let moved_after = failover.tasks_moved().await;
     let after = placement(&client).await?;
+    let leaders = leaders(&client).await?;
     let cards: std::collections::BTreeSet<&str> = input.iter().map(|a| a.card_number.as_str()).collect();
     let flagged: std::collections::BTreeSet<&str> = results.keys().map(|(card, _)| card.as_str()).collect();
 
@@ -128,7 +145,7 @@ async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
         String::new()
     };
     println!(
-        "Runnel demo: a 3-node cluster replicating {} (3 partitions, replication 3){place}",
+        "Runnel demo: 3 `runnel node` processes replicating {} (3 partitions, replication 3){place}",
         fraud::SOURCE
     );
     println!("  statements submitted (as to `runnel sql`):");
@@ -140,10 +157,23 @@ async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
     println!("    tasks after the kill:  {after}");
     println!(
         "  produced {} attempts with acks=all, then one closing attempt per partition (timed past every window, \
-         to close the last ones); {} read back; node {victim} was killed half-way",
+         to close the last ones); {} read back; node {victim} was killed half-way (SIGKILL)",
         attempts.len(),
         input.len()
     );
+    println!(
+        "  failover: node {victim} led partition 0; the first write to partition 0 after the kill was acknowledged \
+         {:.1} s later; leaders now {leaders}",
+        acked_after.as_secs_f64()
+    );
+    match moved_after {
+        Some(moved) => println!(
+            "  the killed node's tasks were placed on the survivors {:.1} s after the kill (its death is detected in \
+             about 1.5 s; tasks move off a node dead for {REPLACE_AFTER_S} s) and resumed from their checkpoints",
+            moved.as_secs_f64()
+        ),
+        None => println!("  the killed node's tasks had not moved by the end"),
+    }
     ensure!(
         input.len() == attempts.len() + PARTITIONS as usize,
         "read back {} records, not the {} produced",
@@ -156,11 +186,64 @@ async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
         cards.len()
     );
     let matches = print_results(&results, irregular, &reference);
-    for member in members.into_values() {
-        member.stop().await;
-    }
+    drop(cluster);
     ensure!(matches, "the dataflow's results differ from the reference");
     Ok(())
+}
+
+/// Three `runnel node` processes of this binary in `dir`, with the normal
+/// failure detection; their addresses and certificate directory.
+fn start_nodes(dir: &Path) -> anyhow::Result<(ProcessCluster, Vec<SocketAddr>, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let certs = init_certs(dir, 3)?;
+    let addrs = (0..3).map(|_| free_addr()).collect::<Result<Vec<_>, _>>()?;
+    let command = NodeCommand::new(crate::this_binary()?, dir, &certs, &addrs)
+        .flags(["--replace-after", &REPLACE_AFTER_S.to_string()])
+        .env("RUST_LOG", "warn");
+    Ok((ProcessCluster::start(command, addrs.clone())?, addrs, certs))
+}
+
+/// Each partition's leader, as "partition 0: node 3; …".
+async fn leaders(client: &Client) -> anyhow::Result<String> {
+    let topic = client.describe_topic(fraud::SOURCE).await?;
+    let words: Vec<String> = topic
+        .partitions
+        .iter()
+        .map(|p| {
+            let leader = p.leader.map_or("none".to_string(), |l| format!("node {l}"));
+            format!("partition {}: {leader}", p.partition)
+        })
+        .collect();
+    Ok(words.join(", "))
+}
+
+/// When the killed node's tasks were placed elsewhere, watched from the kill.
+struct Failover {
+    killed_at: Instant,
+    moved: tokio::task::JoinHandle<Option<Duration>>,
+}
+
+impl Failover {
+    fn watch(client: &Arc<Client>, victim: NodeId) -> Failover {
+        let killed_at = Instant::now();
+        let client = client.clone();
+        let moved = tokio::spawn(async move {
+            while killed_at.elapsed() < TIMEOUT {
+                let dataflows = client.dataflows().await.unwrap_or_default();
+                let query = dataflows.iter().find(|d| d.name == fraud::SQL_QUERY);
+                if query.is_some_and(|q| !q.placement.contains(&victim)) {
+                    return Some(killed_at.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            None
+        });
+        Failover { killed_at, moved }
+    }
+
+    async fn tasks_moved(self) -> Option<Duration> {
+        self.moved.await.ok().flatten()
+    }
 }
 
 /// Submits the declaration and the seed's statement, each retried while
@@ -187,26 +270,24 @@ async fn create_and_start(client: &Arc<Client>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stops the node leading partition 0; returns its id and a client of the
-/// survivors.
+/// SIGKILLs the node leading partition 0; returns its id and a client of
+/// the survivors.
 async fn kill_leader(
     client: &Client,
-    members: &mut BTreeMap<NodeId, Member>,
+    cluster: &mut ProcessCluster,
     addrs: &[SocketAddr],
-    dir: &Path,
+    certs: &Path,
 ) -> anyhow::Result<(NodeId, Arc<Client>)> {
     let victim = client.describe_topic(fraud::SOURCE).await?.partitions[0]
         .leader
         .context("partition 0 has no leader")?;
-    tracing::info!("killing node {victim}, the leader of partition 0 and host of dataflow tasks");
-    if let Some(member) = members.remove(&victim) {
-        member.stop().await;
-    }
+    tracing::info!("killing node {victim} (SIGKILL), the leader of partition 0 and host of dataflow tasks");
+    cluster.kill(victim)?;
     let survivors: Vec<SocketAddr> = (1..=3u32)
         .filter(|id| *id != victim.0)
         .map(|id| addrs[id as usize - 1])
         .collect();
-    let client = Arc::new(Client::connect(survivors, &dir.join("certs")).await?);
+    let client = Arc::new(Client::connect(survivors, certs).await?);
     Ok((victim, client))
 }
 

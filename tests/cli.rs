@@ -45,8 +45,13 @@ fn demo_survives_a_node_kill_and_matches_the_reference() {
     );
     assert!(!stdout.contains("runnel-demo-"), "no deleted directory named: {stdout}");
     assert!(
-        stderr.contains("killing node"),
+        stderr.contains("killing node") && stdout.contains("was killed half-way (SIGKILL)"),
         "the node kill was not logged:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("the first write to partition 0 after the kill was acknowledged")
+            && stdout.contains("tasks were placed on the survivors"),
+        "failover times: {stdout}"
     );
 }
 
