@@ -56,6 +56,7 @@ impl ConnectArgs {
 pub enum TopicCommand {
     /// Create a topic.
     Create {
+        /// The topic's name.
         name: String,
         /// Partitions of the topic.
         #[arg(short, long)]
@@ -90,6 +91,7 @@ pub enum TopicCommand {
     },
     /// Show a topic's settings and partitions: leader, replicas, offsets.
     Describe {
+        /// The topic's name.
         name: String,
         /// Print JSON.
         #[arg(long)]
@@ -99,6 +101,7 @@ pub enum TopicCommand {
     },
     /// Delete a topic.
     Delete {
+        /// The topic's name.
         name: String,
         #[command(flatten)]
         connect: ConnectArgs,
@@ -283,6 +286,7 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedRepl
 
 #[derive(clap::Args)]
 pub struct ProduceArgs {
+    /// The topic to write to.
     topic: String,
     /// Use field N (0-based) of each line as the record key.
     #[arg(long)]
@@ -290,6 +294,7 @@ pub struct ProduceArgs {
     /// Field separator for --key-field.
     #[arg(long, default_value = ",")]
     sep: String,
+    /// When a record counts as written: `all` (committed on a majority), `leader`, or `none`.
     #[arg(long, value_enum, default_value = "all")]
     acks: AcksArg,
     /// Send every record to this partition (default: by key, else round-robin).
@@ -399,6 +404,7 @@ fn line_record(line: &[u8], number: usize, args: &ProduceArgs) -> anyhow::Result
 
 #[derive(clap::Args)]
 pub struct ConsumeArgs {
+    /// The topic to read.
     topic: String,
     /// Where to start in each partition: `earliest` (or `beginning`),
     /// `latest` (or `end`), an offset `N`, `-N` (N records before the end)

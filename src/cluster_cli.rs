@@ -19,6 +19,7 @@ use serde::Deserialize;
 pub enum CertsCommand {
     /// Create a cluster CA, node certificates and a client certificate.
     Init {
+        /// The directory to write ca.pem/.key, node-N.pem/.key and client.pem/.key to.
         #[arg(long)]
         dir: PathBuf,
         /// Node certificates to issue, for ids 1..=N.
@@ -32,8 +33,10 @@ pub enum CertsCommand {
     /// Issue a certificate for one more node (or a new one for a node) with
     /// the existing CA.
     Issue {
+        /// The certificate directory holding the cluster CA (ca.pem, ca.key).
         #[arg(long)]
         dir: PathBuf,
+        /// The node id the certificate names.
         #[arg(long)]
         node: u32,
         /// A host name or IP address the certificate also names
@@ -81,6 +84,7 @@ pub struct NodeArgs {
     /// TOML file with the same settings (flags override it).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Milliseconds between heartbeats to peers.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
     /// Silence after which a peer is suspect.
@@ -410,11 +414,13 @@ pub struct StatusArgs {
     /// Comma-separated node addresses to ask; the first that answers is used.
     #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true, value_parser = crate::broker_cli::seed_addr)]
     seeds: Vec<SocketAddr>,
+    /// The cluster's certificate directory (`runnel certs init` made it).
     #[arg(long, env = "RUNNEL_CERTS")]
     certs: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// How long to wait for an answer, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
     /// Keep refreshing a live view, with an event line for every change.

@@ -13,12 +13,14 @@ use crate::broker_cli::ConnectArgs;
 pub enum DataflowCommand {
     /// Start a dataflow the nodes' binary registered (e.g. possible_fraud).
     Start {
+        /// The dataflow's name.
         name: String,
         #[command(flatten)]
         connect: ConnectArgs,
     },
     /// Running dataflows and where their tasks run.
     List {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -28,7 +30,9 @@ pub enum DataflowCommand {
     /// out, late drops, dead letters, restarts; a SQL query's plan as a tree
     /// first.
     Describe {
+        /// The dataflow's (or SQL query's) name.
         name: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -36,6 +40,7 @@ pub enum DataflowCommand {
     },
     /// Stop a dataflow's tasks (its checkpoints stay: a later start resumes).
     Stop {
+        /// The dataflow's name.
         name: String,
         #[command(flatten)]
         connect: ConnectArgs,

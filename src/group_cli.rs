@@ -15,6 +15,7 @@ use crate::broker_cli::{runtime, ConnectArgs};
 pub enum GroupCommand {
     /// Every consumer group, with its state and coordinator node.
     List {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -23,7 +24,9 @@ pub enum GroupCommand {
     /// A group's members and assignment, and per partition its committed
     /// offset, the partition's end and the lag.
     Describe {
+        /// The group's id (Kafka's group.id).
         group: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -32,7 +35,9 @@ pub enum GroupCommand {
     /// Move a group's committed offsets of a topic (the group must have no
     /// members: stop its consumers first).
     ResetOffsets {
+        /// The group's id.
         group: String,
+        /// The topic whose committed offsets move.
         #[arg(long)]
         topic: String,
         /// earliest, latest, an offset, or @UNIX_MS (the first record at or
@@ -44,6 +49,7 @@ pub enum GroupCommand {
     },
     /// Forget a group with no members and its committed offsets.
     Delete {
+        /// The group's id.
         group: String,
         #[command(flatten)]
         connect: ConnectArgs,

@@ -36,6 +36,16 @@ fn this_binary() -> anyhow::Result<PathBuf> {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines on standard error are written: `text` for a person,
+    /// `json` (one object per line) for a log collector.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +99,12 @@ enum Command {
         #[command(subcommand)]
         target: runnel_bench::Target,
     },
+    /// Print a shell completion script: `runnel completions bash >
+    /// /etc/bash_completion.d/runnel` (or zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -132,9 +148,10 @@ fn is_closed_pipe(error: &anyhow::Error) -> bool {
     })
 }
 
-/// `println!` panics when standard output is a closed pipe; such a panic
-/// ends the command quietly with status 0, like any other write to a
-/// reader that has gone (`… | head`). Other panics report as before.
+/// `println!` (and code that expects on its writes) panics when standard
+/// output is a closed pipe; such a panic ends the command quietly with
+/// status 0, like any other write to a reader that has gone (`… | head`).
+/// Other panics report as before.
 fn quiet_on_closed_pipe() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -144,7 +161,7 @@ fn quiet_on_closed_pipe() {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+        if message.contains("Broken pipe") || message.contains("BrokenPipe") {
             std::process::exit(0);
         }
         report(info);
@@ -159,15 +176,18 @@ fn run() -> anyhow::Result<()> {
         Command::Chaos(_) | Command::Sim(_) => "error",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
         // Colour codes only for a person at a terminal, not in a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     match cli.command {
         Command::Demo { dir } => demo::run(dir),
         Command::Certs { command } => cluster_cli::certs(command),
@@ -185,12 +205,40 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Sim(args) => sim_cli::run(args),
         Command::Bench { target } => runnel_bench::run(target, &this_binary()?),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "runnel", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).context("writing the completion script")
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every flag and argument of every command says what it is for.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && !arg.is_hide_set() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<Cli as clap::CommandFactory>::command(), "runnel", &mut missing);
+        assert!(missing.is_empty(), "{} without help: {missing:#?}", missing.len());
+    }
 
     #[test]
     fn an_error_line_names_each_cause_once() {

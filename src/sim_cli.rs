@@ -20,8 +20,10 @@ pub struct Args {
     /// Simulated time with faults and producers, per seed.
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     duration: Duration,
+    /// Simulated nodes.
     #[arg(long, default_value_t = 5)]
     nodes: u32,
+    /// Partitions of the simulated topic.
     #[arg(long, default_value_t = 3)]
     partitions: u32,
     /// Network faults only: no crashes, restarts or partitions.

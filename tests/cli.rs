@@ -102,3 +102,66 @@ fn seeds_may_name_hosts_and_a_bad_one_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn completions_are_printed_for_each_shell_and_logs_can_be_json() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = runnel().args(["completions", shell]).output().expect("run runnel");
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            script.contains("reset-offsets") && script.contains("--kafka-listen"),
+            "{shell}"
+        );
+    }
+    // A node logging in JSON: its first line is one JSON object.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    let init = runnel()
+        .args(["certs", "init", "--nodes", "1", "--dir"])
+        .arg(&certs)
+        .output();
+    assert!(init.expect("certs init").status.success());
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .to_string();
+    let mut node = runnel()
+        .args([
+            "--log-format",
+            "json",
+            "node",
+            "--id",
+            "1",
+            "--listen",
+            &addr,
+            "--seeds",
+            &addr,
+            "--data",
+        ])
+        .arg(scratch.path().join("data"))
+        .arg("--certs")
+        .arg(&certs)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn runnel node");
+    let stderr = node.stderr.take().expect("stderr");
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line);
+        let _ = line_tx.send(line);
+    });
+    let first = line_rx.recv_timeout(std::time::Duration::from_secs(30));
+    let _ = node.kill();
+    let _ = node.wait();
+    let first = first.expect("a log line within 30 s");
+    let parsed: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert_eq!(parsed["level"], "INFO", "{parsed}");
+    let bad = runnel()
+        .args(["--log-format", "xml", "demo"])
+        .output()
+        .expect("run runnel");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid value 'xml'"));
+}

@@ -378,11 +378,13 @@ async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usiz
 
 #[derive(clap::Args)]
 pub struct IdleArgs {
+    /// Partitions created (replication 3).
     #[arg(long, default_value_t = 1000)]
     partitions: u32,
     /// Seconds of idleness measured.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Directory for the nodes' data (a temporary one under it).
     #[arg(long)]
     dir: Option<PathBuf>,
 }
@@ -466,6 +468,7 @@ pub struct ConsumeArgs {
     /// Megabytes produced, then consumed.
     #[arg(long, default_value_t = 256)]
     megabytes: u64,
+    /// Directory for the nodes' data (a temporary one under it).
     #[arg(long)]
     dir: Option<PathBuf>,
 }

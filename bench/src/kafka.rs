@@ -35,6 +35,7 @@ pub struct Args {
     /// Seconds each side produces.
     #[arg(long, default_value_t = 8)]
     seconds: u64,
+    /// Bytes of each record's value.
     #[arg(long, default_value_t = 1024)]
     record_bytes: usize,
     /// A Python with confluent-kafka installed.

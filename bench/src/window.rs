@@ -26,6 +26,7 @@ pub struct Args {
     /// Events for each end-to-end run (topic to topic).
     #[arg(long, default_value_t = 10_000_000)]
     cluster_events: usize,
+    /// Distinct card numbers in the generated events.
     #[arg(long, default_value_t = 100_000)]
     cards: u64,
     /// Paired runs of the in-process comparison.

@@ -50,6 +50,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Node processes in the cluster.
     #[arg(long, default_value_t = 5)]
     nodes: u32,
     /// How long faults are injected, e.g. 120s, 2m.
@@ -61,8 +62,10 @@ pub struct Args {
     /// Fault kinds: kill, pause, partition, restart.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition,restart")]
     faults: Vec<FaultKind>,
+    /// Partitions of the topic the producers write.
     #[arg(long, default_value_t = 12)]
     topic_partitions: u32,
+    /// Replicas of each partition.
     #[arg(long, default_value_t = 3)]
     replication: u16,
     /// Also run a dataflow and compare its results with a reference (only `fraud`).
@@ -74,6 +77,7 @@ pub struct Args {
     /// Records per second the producers aim at, in all.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
+    /// Concurrent idempotent producers.
     #[arg(long, default_value_t = 4)]
     producers: u32,
     /// The first node's address; the others follow it (127.0.3.1, 127.0.3.2, ...).
