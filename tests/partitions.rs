@@ -1357,3 +1357,72 @@ async fn a_restarted_node_asked_at_once_never_says_an_existing_topic_does_not_ex
     );
     assert!(right >= 40, "only {right} right answers in {TIMEOUT:?}");
 }
+
+/// How many partitions of `topic` each node leads (a partition without a
+/// leader counts under node 0).
+async fn leader_counts(client: &Client, topic: &str) -> BTreeMap<u32, usize> {
+    let mut counts = BTreeMap::new();
+    if let Ok(info) = client.describe_topic(topic).await {
+        for p in info.partitions {
+            *counts.entry(p.leader.map_or(0, |l| l.0)).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// After a killed node comes back, preferred-leader election hands it its
+/// share of leaders again: every node leads within one of even.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_killed_node_returns_leaders_spread_evenly_again() {
+    let mut cluster = start_cluster(205);
+    create_topic(&cluster, "spread", 6);
+    let client = connect(&cluster).await;
+    let even = |counts: &BTreeMap<u32, usize>| (1..=3).all(|n| counts.get(&n).is_some_and(|c| (1..=3).contains(c)));
+    let deadline = Instant::now() + TIMEOUT;
+    while !even(&leader_counts(&client, "spread").await) {
+        assert!(
+            Instant::now() < deadline,
+            "leaders never spread: {:?}",
+            leader_counts(&client, "spread").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    cluster.nodes[0].kill();
+    let survivors = Arc::new(
+        Client::connect(cluster.addrs[1..].to_vec(), &cluster.certs)
+            .await
+            .expect("connect"),
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let counts = leader_counts(&survivors, "spread").await;
+        if counts.get(&1).is_none() && counts.get(&0).is_none() && counts.values().sum::<usize>() == 6 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1's partitions never moved: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    cluster.nodes[0] = start_node(
+        1,
+        cluster.addrs[0],
+        &cluster.addrs,
+        &cluster.certs,
+        cluster.scratch.path(),
+    );
+    let returned = Instant::now();
+    let deadline = returned + TIMEOUT;
+    loop {
+        let counts = leader_counts(&survivors, "spread").await;
+        if even(&counts) {
+            eprintln!(
+                "leaders spread again {:.1} s after node 1 returned: {counts:?}",
+                returned.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "leaders never spread again: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -307,6 +307,14 @@ impl Broker {
         }
     }
 
+    /// Asks the local replica of `group`, if it leads, to hand leadership to
+    /// `node` once that replica has caught up.
+    pub fn prefer_leader(&self, group: GroupId, node: NodeId) {
+        if let Some(replica) = self.replica(group) {
+            let _ = replica.cast(ReplicaMsg::PreferLeader(node));
+        }
+    }
+
     /// What the local replica of `group` knows of `node`'s passive replica
     /// (see [`crate::ReplicaCore::judge_passive`]).
     pub async fn judge_passive(

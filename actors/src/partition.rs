@@ -93,6 +93,9 @@ pub enum ReplicaMsg {
     },
     /// Move the group's voters one step towards these node ids (leader only).
     Reconfigure(Vec<NodeId>),
+    /// Hand leadership to this voter, the preferred replica, if leading and
+    /// it has caught up.
+    PreferLeader(NodeId),
     /// A peer's passive replica asks what this replica knows of it.
     JudgePassive {
         node: NodeId,
@@ -221,6 +224,11 @@ impl Actor for PartitionReplica {
                 let desired: Vec<u64> = desired.iter().map(|n| n.to_raft()).collect();
                 if let Some((change, node)) = state.part.core_mut().step_towards(&desired)? {
                     tracing::info!(group = %state.args.group, ?change, node, "membership change proposed");
+                }
+            }
+            ReplicaMsg::PreferLeader(node) => {
+                if state.part.core_mut().prefer_leader(node.to_raft()) {
+                    tracing::info!(group = %state.args.group, node = %node, "handing leadership to the preferred replica");
                 }
             }
             ReplicaMsg::JudgePassive { node, since, reply } => {

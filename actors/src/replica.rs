@@ -310,6 +310,25 @@ impl ReplicaCore {
         self.propose_single_change(ConfChangeType::AddLearnerNode, node)
     }
 
+    /// On the leader: hands leadership to voter `node` (the group's
+    /// preferred replica) once it holds the whole log; raft-rs completes or
+    /// abandons the transfer. Whether a transfer started.
+    pub fn prefer_leader(&mut self, node: u64) -> bool {
+        let raft = &self.raw.raft;
+        if !self.is_leader() || node == self.id() || raft.has_pending_conf() || raft.lead_transferee.is_some() {
+            return false;
+        }
+        if !raft.prs().conf().to_conf_state().voters.contains(&node) {
+            return false;
+        }
+        let last = raft.raft_log.last_index();
+        if !raft.prs().get(node).is_some_and(|p| p.matched >= last) {
+            return false;
+        }
+        self.raw.transfer_leader(node);
+        true
+    }
+
     /// Hands leadership to one of `targets`; each call tries the next one,
     /// as a passive voter never takes it and would be picked every time.
     fn transfer_to_one_of(&mut self, targets: &[u64]) {

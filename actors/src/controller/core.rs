@@ -46,6 +46,10 @@ use crate::tasks::{dataflow_topics, DataflowShape, TaskAssignment};
 const FULL_SETTLE_INTERVAL_MS: u64 = 10_000;
 /// Replica moves one rebalance proposes at most.
 const REBALANCE_MOVES_MAX: usize = 1000;
+/// How often each node asks the partitions it leads to hand leadership to
+/// their preferred replicas (Kafka checks every 5 minutes by default; a
+/// returning node here gets its share back within seconds).
+pub const PREFER_INTERVAL_MS: u64 = 5_000;
 
 /// How one node's controller core behaves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +122,9 @@ pub enum Command {
     Reconfigure { group: GroupId, voters: Vec<NodeId> },
     /// Delete the files of a stale replica, leaving a tombstone.
     DeleteFiles { group: GroupId },
+    /// Ask the local replica of `group`, if it leads, to hand leadership to
+    /// `node`, the group's preferred replica, once that one has caught up.
+    PreferLeader { group: GroupId, node: NodeId },
 }
 
 /// Which duties are due at a step (see [`ControllerCore::due`]).
@@ -127,6 +134,8 @@ pub struct Due {
     pub reconcile: bool,
     /// Settle groups, heal, report failed replicas, collect stale files.
     pub heal: bool,
+    /// Hand leadership back to preferred replicas ([`ControllerCore::preferred_leaders`]).
+    pub prefer: bool,
 }
 
 /// A stale replica directory to ask about: delete it only if the group's
@@ -157,6 +166,8 @@ pub struct ControllerCore {
     /// The applied offset hosting was last reconciled at.
     reconciled_at: Option<u64>,
     last_heal_ms: Option<u64>,
+    /// When preferred leaders were last asked for (see [`PREFER_INTERVAL_MS`]).
+    last_prefer_ms: Option<u64>,
 }
 
 impl ControllerCore {
@@ -171,6 +182,7 @@ impl ControllerCore {
             last_full_settle_ms: None,
             reconciled_at: None,
             last_heal_ms: None,
+            last_prefer_ms: None,
         }
     }
 
@@ -206,7 +218,39 @@ impl ControllerCore {
         if heal {
             self.last_heal_ms = Some(now_ms);
         }
-        Due { reconcile, heal }
+        let prefer = self
+            .last_prefer_ms
+            .is_none_or(|last| now_ms >= last + PREFER_INTERVAL_MS);
+        if prefer {
+            self.last_prefer_ms = Some(now_ms);
+        }
+        Due {
+            reconcile,
+            heal,
+            prefer,
+        }
+    }
+
+    /// Kafka's preferred-leader election: for every partition replicated
+    /// here whose preferred replica (the first of its assignment, which
+    /// placement spreads over the nodes) is another live node, ask the local
+    /// replica to hand leadership to it. Only a leader acts, and only once
+    /// the preferred replica has caught up, so after a node returns its
+    /// partitions come back to it and leaders spread evenly again.
+    pub fn preferred_leaders(&self, members: &[MemberView]) -> Vec<Command> {
+        let alive = alive_nodes(members);
+        let me = self.me();
+        let mut commands = Vec::new();
+        for topic in self.meta.metadata.topics.values() {
+            for (partition, replicas) in topic.assignment.iter().enumerate() {
+                let group = topic.group_id(partition as u32);
+                let Some(&preferred) = replicas.first() else { continue };
+                if preferred != me && alive.contains(&preferred) && self.hosted.contains(&group) {
+                    commands.push(Command::PreferLeader { group, node: preferred });
+                }
+            }
+        }
+        commands
     }
 
     /// Replicas to host: every group assigned here that is not running yet,

@@ -284,6 +284,10 @@ impl Shared {
             if due.reconcile {
                 self.reconcile().await;
             }
+            if due.prefer {
+                let commands = self.core().preferred_leaders(&self.member_views());
+                self.execute(commands).await;
+            }
             self.reconcile_tasks();
             if due.heal {
                 self.settle_membership().await;
@@ -309,6 +313,7 @@ impl Shared {
                 },
                 Command::Unhost { group } => self.broker.unhost(group).await,
                 Command::Reconfigure { group, voters } => self.broker.reconfigure(group, voters),
+                Command::PreferLeader { group, node } => self.broker.prefer_leader(group, node),
                 Command::DeleteFiles { group } => match self.broker.delete_replica_files(group) {
                     Ok(()) => tracing::info!(group = %group, "deleted the files of a stale replica"),
                     Err(e) => tracing::warn!(group = %group, error = %e, "could not delete a stale replica's files"),

@@ -1340,6 +1340,7 @@ impl World {
                 }
                 Command::Reconfigure { group, voters } => self.reconfigure(id, group, &voters)?,
                 Command::DeleteFiles { group } => self.delete_files(id, group)?,
+                Command::PreferLeader { group, node } => self.prefer_leader(id, group, node)?,
             }
         }
         Ok(())
@@ -1358,6 +1359,21 @@ impl World {
             .map_err(|e| format!("node {id} group {group} reconfigure: {e}"))?;
         if let Some(change) = change {
             self.note(format!("group {group}: leader {id} proposes {change:?}"));
+        }
+        self.drive(id, group)
+    }
+
+    /// As `ReplicaMsg::PreferLeader`: the local replica, if it leads, hands
+    /// leadership to the preferred replica once it has caught up.
+    fn prefer_leader(&mut self, id: NodeId, group: GroupId, preferred: NodeId) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(part) = node.groups.get_mut(&group) else {
+            return Ok(());
+        };
+        if part.core_mut().prefer_leader(preferred.to_raft()) {
+            self.note(format!(
+                "group {group}: leader {id} hands leadership to preferred replica {preferred}"
+            ));
         }
         self.drive(id, group)
     }
@@ -1400,7 +1416,35 @@ impl World {
             self.ask_about_passive(id);
             self.collect_stale(id)?;
         }
+        if due.prefer {
+            let members = self.member_views(id);
+            let commands = self.nodes[&id].core.preferred_leaders(&members);
+            self.execute(id, commands)?;
+        }
         Ok(())
+    }
+
+    /// Membership as node `id` sees it now: alive if heard from lately.
+    fn member_views(&self, id: NodeId) -> Vec<MemberView> {
+        let now = self.now();
+        let node = &self.nodes[&id];
+        (1..=self.config.nodes)
+            .map(NodeId)
+            .map(|n| {
+                let heard = if n == id {
+                    Some(now)
+                } else {
+                    node.heard.get(&n).copied()
+                };
+                let liveness = match heard {
+                    Some(t) if t + DEAD_MS > now => Liveness::Alive,
+                    _ => Liveness::Dead {
+                        since_ms: heard.unwrap_or(0) + DEAD_MS,
+                    },
+                };
+                MemberView { node: n, liveness }
+            })
+            .collect()
     }
 
     /// Nudges every hosted group whose voters differ from its assignment.

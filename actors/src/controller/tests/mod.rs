@@ -4,6 +4,7 @@
 mod admin;
 mod healing;
 mod hosting;
+mod preferring;
 mod settling;
 mod stale;
 
