@@ -322,7 +322,7 @@ impl ReplicaCore {
             return false;
         }
         let last = raft.raft_log.last_index();
-        if !raft.prs().get(node).is_some_and(|p| p.matched >= last) {
+        if raft.prs().get(node).is_none_or(|p| p.matched < last) {
             return false;
         }
         self.raw.transfer_leader(node);
