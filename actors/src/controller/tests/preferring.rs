@@ -27,8 +27,8 @@ fn a_replica_asks_for_leadership_to_go_to_the_first_assigned_replica_while_it_li
             node: NodeId(1),
             liveness: Liveness::Dead { since_ms: 0 },
         },
-        alive(&[2])[0].clone(),
-        alive(&[3])[0].clone(),
+        alive(&[2])[0],
+        alive(&[3])[0],
     ];
     assert!(core.preferred_leaders(&dead_1).is_empty(), "not to a dead node");
     assert!(
