@@ -17,7 +17,7 @@ import json
 import sys
 import time
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 
 def emit(**fields):
@@ -53,7 +53,10 @@ def produce(bootstrap, topic, count, tag, codec, first_ts_ms):
 
 
 def consume(bootstrap, topic, start):
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False})
+    # Partition EOF events say when a partition is read to its end, also
+    # when its last entries are control batches no message is made of.
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused", "enable.auto.commit": False,
+                         "enable.partition.eof": True})
     partitions = sorted(consumer.list_topics(topic, timeout=30).topics[topic].partitions)
     if start == "earliest":
         wanted = [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[0])
@@ -72,7 +75,11 @@ def consume(bootstrap, topic, start):
     deadline = time.monotonic() + 30
     while left and time.monotonic() < deadline:
         message = consumer.poll(1.0)
-        if message is None or message.error():
+        if message is None:
+            continue
+        if message.error():
+            if message.error().code() == KafkaError._PARTITION_EOF:
+                left.discard(message.partition())
             continue
         emit(partition=message.partition(), offset=message.offset(), key=message.key().decode(),
              value=message.value().decode(), timestamp=message.timestamp()[1],

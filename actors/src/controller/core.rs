@@ -237,11 +237,17 @@ impl ControllerCore {
     /// replica to hand leadership to it. Only a leader acts, and only once
     /// the preferred replica has caught up, so after a node returns its
     /// partitions come back to it and leaders spread evenly again.
+    ///
+    /// The consumer-offsets partitions keep their leaders: each leader is
+    /// the coordinator of its groups, whose membership lives in its memory
+    /// only, so moving it would cost every one of those groups a rebalance
+    /// and its members' pending commits.
     pub fn preferred_leaders(&self, members: &[MemberView]) -> Vec<Command> {
         let alive = alive_nodes(members);
         let me = self.me();
         let mut commands = Vec::new();
-        for topic in self.meta.metadata.topics.values() {
+        let topics = self.meta.metadata.topics.values();
+        for topic in topics.filter(|t| t.name != runnel_client::offsets::OFFSETS_TOPIC) {
             for (partition, replicas) in topic.assignment.iter().enumerate() {
                 let group = topic.group_id(partition as u32);
                 let Some(&preferred) = replicas.first() else { continue };

@@ -48,3 +48,22 @@ fn preferred_leaders_are_asked_for_every_prefer_interval() {
     assert!(!core.due(1_000 + PREFER_INTERVAL_MS - 1).prefer);
     assert!(core.due(1_000 + PREFER_INTERVAL_MS).prefer);
 }
+
+#[test]
+fn group_coordinators_keep_their_partitions() {
+    let mut core = core_of(2);
+    apply(
+        &mut core,
+        MetadataCommand::CreateTopic {
+            name: runnel_client::offsets::OFFSETS_TOPIC.to_string(),
+            config: TopicConfig::new(1, 3),
+            assignment: vec![ids(&[1, 2, 3])],
+        },
+    );
+    for command in core.reconcile(|_| false) {
+        if let Command::Host { group, .. } = command {
+            core.on_hosted(group);
+        }
+    }
+    assert!(core.preferred_leaders(&alive(&[1, 2, 3])).is_empty());
+}
