@@ -1,4 +1,4 @@
-//! `runnel dataflow start|list|describe|stop`.
+//! `runnel dataflow start|list|describe|stop|delete`.
 
 use std::collections::BTreeSet;
 
@@ -45,6 +45,14 @@ pub enum DataflowCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Delete a stopped dataflow's internal topics: its checkpoints, its
+    /// repartitioned records and its dead letters (its sink stays).
+    Delete {
+        /// The dataflow's name.
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 pub fn dataflow(command: DataflowCommand) -> anyhow::Result<()> {
@@ -66,6 +74,17 @@ pub fn dataflow(command: DataflowCommand) -> anyhow::Result<()> {
                     return Err(anyhow::Error::new(e).context(format!("stopping {name:?} (running: {running})")));
                 }
                 println!("dataflow {name:?} stopped");
+            }
+            DataflowCommand::Delete { name, connect } => {
+                let client = connect.connect().await?;
+                if client.dataflows().await?.iter().any(|d| d.name == name) {
+                    anyhow::bail!("dataflow {name:?} is running; stop it first (`runnel dataflow stop {name}`)");
+                }
+                let deleted = delete_internal_topics(&client, &name).await?;
+                println!(
+                    "deleted {}",
+                    names_or_none(&deleted.iter().map(String::as_str).collect::<Vec<_>>())
+                );
             }
             DataflowCommand::List { json, connect } => {
                 let dataflows = connect.connect().await?.dataflows().await?;
@@ -237,4 +256,21 @@ fn names_or_none(names: &[&str]) -> String {
         true => "none".to_string(),
         false => names.join(", "),
     }
+}
+
+/// Deletes a dataflow's checkpoint, repartition and dead-letter topics;
+/// the names of those that existed.
+async fn delete_internal_topics(client: &Client, name: &str) -> anyhow::Result<Vec<String>> {
+    use runnel::client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic};
+    let topics = [checkpoint_topic(name), repartition_topic(name), dead_letter_topic(name)];
+    let existing: BTreeSet<String> = client.topics().await?.into_iter().map(|t| t.name).collect();
+    let mut deleted = Vec::new();
+    for topic in topics.into_iter().filter(|t| existing.contains(t)) {
+        client
+            .delete_topic(&topic)
+            .await
+            .with_context(|| format!("deleting {topic}"))?;
+        deleted.push(topic);
+    }
+    Ok(deleted)
 }

@@ -578,3 +578,41 @@ async fn expect_sql_results(client: &Arc<Client>, expected: &BTreeMap<(String, i
     };
     assert_eq!(&found, expected, "the SQL sink holds exactly the reference's results");
 }
+
+/// `dataflow delete`, and the protection of a running dataflow's internal
+/// topics: refused while it runs; once stopped and deleted, no internal
+/// topic is left behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_dataflow_is_deleted_and_its_topics_are_protected_while_it_runs() {
+    let cluster = start(160);
+    create_source(&cluster);
+    start_dataflow(&cluster);
+    let client = connect(&cluster.addrs, &cluster.certs).await;
+    let mut generator = Generator::new(7, 50, START_MS, 1_000);
+    produce(&client, generator.by_ref().take(600)).await;
+    close_windows(&client, &generator).await;
+    let expected = reference(&client).await;
+    assert!(!expected.is_empty(), "some card went over the threshold");
+    expect_reference(&client, &cluster, &expected).await;
+
+    let stderr = |output: std::process::Output| String::from_utf8_lossy(&output.stderr).to_string();
+    let refused = stderr(cli(&cluster, &["dataflow", "delete", fraud::NAME]));
+    assert!(refused.contains("is running; stop it first"), "{refused}");
+    let checkpoints = format!("{}.checkpoints", fraud::NAME);
+    let refused = stderr(cli(&cluster, &["topic", "delete", &checkpoints]));
+    assert!(
+        refused.contains("is used by running dataflows [\"possible_fraud\"]"),
+        "{refused}"
+    );
+
+    assert!(cli(&cluster, &["dataflow", "stop", fraud::NAME]).status.success());
+    let deleted = cli(&cluster, &["dataflow", "delete", fraud::NAME]);
+    let printed = String::from_utf8_lossy(&deleted.stdout).to_string();
+    assert!(deleted.status.success() && printed.contains(&checkpoints), "{printed}");
+    let listed = cli(&cluster, &["topic", "list", "--all"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(
+        !listed.contains(&checkpoints) && listed.contains(fraud::SOURCE),
+        "{listed}"
+    );
+}
