@@ -304,6 +304,10 @@ pub struct ProduceArgs {
     /// bytes as they are), `hex` or `base64`.
     #[arg(long, value_enum, default_value = "text")]
     value_format: ValueFormat,
+    /// Print where each record was written, a line each: `partition P
+    /// offset O` (each record is then sent on its own, which is slower).
+    #[arg(long)]
+    print_offsets: bool,
     #[command(flatten)]
     connect: ConnectArgs,
 }
@@ -363,12 +367,14 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                     break;
                 }
             };
-            sent += producer
-                .send(args.partition, record)
-                .await?
-                .iter()
-                .map(|s| u64::from(s.2))
-                .sum::<u64>();
+            let mut batches = producer.send(args.partition, record).await?;
+            if args.print_offsets {
+                batches.extend(producer.flush().await?);
+                for (partition, offset, _) in &batches {
+                    println!("partition {partition} offset {offset}");
+                }
+            }
+            sent += batches.iter().map(|s| u64::from(s.2)).sum::<u64>();
         }
         sent += producer.flush().await?.iter().map(|s| u64::from(s.2)).sum::<u64>();
         eprintln!("produced {sent} records to {}", args.topic);

@@ -457,6 +457,35 @@ fn consume_max_prints_at_most_max_and_a_group_commits_only_what_was_printed() {
         (Some("card-7"), Some(r10["offset"].as_u64().expect("offset") + 2))
     );
     assert!(json["headers"].is_object(), "{json}");
+    // --print-offsets: where each line went.
+    let printed = runnel()
+        .args([
+            "produce",
+            "seen",
+            "-p",
+            "0",
+            "--print-offsets",
+            "--seeds",
+            &cluster.addrs[0].to_string(),
+        ])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut printed = printed;
+    std::io::Write::write_all(&mut printed.stdin.take().expect("stdin"), b"x1\nx2\n").expect("write");
+    let printed = printed.wait_with_output().expect("wait");
+    let lines: Vec<String> = String::from_utf8_lossy(&printed.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let x2 = consume(&["-o", "-1", "-f", "json"]);
+    let x2: serde_json::Value = serde_json::from_str(&x2[0]).expect("json");
+    assert_eq!(lines[1], format!("partition 0 offset {}", x2["offset"]), "{lines:?}");
+    assert_eq!(x2["value"], "x2");
 }
 
 /// `runnel consume … | head -1`: the reader goes away after one line; the
