@@ -389,6 +389,25 @@ pub struct IdleArgs {
     dir: Option<PathBuf>,
 }
 
+/// Seconds one Runnel consumer takes to read `records` records from offset 0
+/// of partitions `0..partitions` of `topic` (at most 300 s).
+pub(crate) async fn read_back(client: &Arc<Client>, topic: &str, partitions: u32, records: u64) -> anyhow::Result<f64> {
+    let mut consumer = runnel_actors::client::Consumer::new(client.clone(), topic);
+    consumer.fetch_bytes_max = 4 << 20;
+    for partition in 0..partitions {
+        consumer.assign(partition, 0);
+    }
+    let started = Instant::now();
+    let mut consumed = 0u64;
+    while consumed < records {
+        consumed += consumer.poll().await?.len() as u64;
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("consumed only {consumed} of {records} records of {topic} in 300 s");
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// (CPU seconds used so far, resident bytes) of a process, from /proc.
 pub fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -499,20 +518,8 @@ pub fn consume(args: ConsumeArgs, exe: &Path) -> anyhow::Result<()> {
                 produced += u64::from(count);
                 partition = (partition + 1) % 4;
             }
-            let mut consumer = runnel_actors::client::Consumer::new(client.clone(), &topic);
-            consumer.fetch_bytes_max = 4 << 20;
-            for p in 0..4 {
-                consumer.assign(p, 0);
-            }
-            let started = Instant::now();
-            let mut consumed = 0u64;
-            while consumed < produced {
-                consumed += consumer.poll().await?.len() as u64;
-                if started.elapsed() > Duration::from_secs(300) {
-                    bail!("consumed only {consumed} of {produced} records in 300 s");
-                }
-            }
-            let seconds = started.elapsed().as_secs_f64();
+            let seconds = read_back(&client, &topic, 4, produced).await?;
+            let consumed = produced;
             let mb_per_s = consumed as f64 * record_bytes as f64 / 1e6 / seconds;
             println!(
                 "{}",

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use runnel_actors::client::{Client, Consumer};
+use runnel_actors::client::Client;
 use runnel_actors::metadata::{NodeId, TopicConfig};
 use serde_json::{json, Value};
 
-use crate::cluster::{percentile, process_usage, produce_for};
+use crate::cluster::{percentile, process_usage, produce_for, read_back};
 use runnel_verify::fixtures::client::{connect, create_topic};
 use runnel_verify::fixtures::procs::NodeLog;
 use runnel_verify::fixtures::{free_addr, init_certs, scratch_dir, NodeCommand, NodeProcess};
@@ -184,7 +184,7 @@ async fn native_side(args: &Args, client: &Arc<Client>, pids: &[u32]) -> anyhow:
     let nodes_cores = (cpu_seconds(pids)? - cpu_before.0) / produce_seconds;
     let client_cores = (cpu_seconds(&[std::process::id()])? - cpu_before.1) / produce_seconds;
     latencies.sort_by(f64::total_cmp);
-    let consume_seconds = native_consume(client, records).await?;
+    let consume_seconds = read_back(client, "bench", PARTITIONS, records).await?;
     let mb = records as f64 * args.record_bytes as f64 / 1e6;
     Ok(Side {
         produce_records_per_s: records as f64 / produce_seconds,
@@ -196,25 +196,6 @@ async fn native_side(args: &Args, client: &Arc<Client>, pids: &[u32]) -> anyhow:
         nodes_cores,
         client_cores,
     })
-}
-
-/// Seconds one Runnel consumer takes to read `records` from offset 0 of
-/// every partition of `bench`.
-async fn native_consume(client: &Arc<Client>, records: u64) -> anyhow::Result<f64> {
-    let mut consumer = Consumer::new(client.clone(), "bench");
-    consumer.fetch_bytes_max = 4 << 20;
-    for partition in 0..PARTITIONS {
-        consumer.assign(partition, 0);
-    }
-    let started = Instant::now();
-    let mut consumed = 0u64;
-    while consumed < records {
-        consumed += consumer.poll().await?.len() as u64;
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("Runnel's consumer read only {consumed} of {records} records in 300 s");
-        }
-    }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 fn kafka_side(args: &Args, bootstrap: &str, pids: &[u32]) -> anyhow::Result<Side> {

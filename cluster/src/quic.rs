@@ -479,7 +479,7 @@ impl PeerWriter {
 
 /// A TLS failure with what to do about it: the two sides hold certificates
 /// of different clusters (a CA that did not sign the other's certificate).
-pub fn with_tls_hint(error: String) -> String {
+fn with_tls_hint(error: String) -> String {
     if error.contains("UnknownIssuer") || error.contains("invalid peer certificate") {
         format!(
             "{error}: the node's certificate is not signed by the cluster CA in this --certs directory \

@@ -518,7 +518,7 @@ impl BrokerService {
     /// A topic partition's group and assigned replicas. Before saying the
     /// topic or partition does not exist, the node catches up with the
     /// controller and looks again.
-    pub async fn group_of(&self, topic: &str, partition: u32) -> Result<(GroupId, Vec<NodeId>), ServiceError> {
+    async fn group_of(&self, topic: &str, partition: u32) -> Result<(GroupId, Vec<NodeId>), ServiceError> {
         match self.group_of_now(topic, partition) {
             Err(ServiceError::UnknownTopic(_) | ServiceError::PartitionOutOfRange { .. }) => {
                 self.catch_up().await?;

@@ -43,8 +43,8 @@ pub async fn handle(context: &Context, request: MetadataRequest, version: i16) -
         _ => None,
     };
     let missing = |cluster: &ClusterMetadata| {
-        let names = wanted.iter().flatten();
-        names.clone().any(|n| !cluster.topics.iter().any(|t| &t.name == n))
+        let names = wanted.as_deref().unwrap_or_default();
+        names.iter().any(|n| !cluster.topics.iter().any(|t| &t.name == n))
     };
     // A topic this node does not know yet may be one it has not applied:
     // catch up with the controller before saying it does not exist (when
