@@ -493,6 +493,21 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         described.contains("REPARTITION BY CARD_NUMBER"),
         "the plan as a tree: {described}"
     );
+    // The Rust-builder dataflow runs as a plan of its registered steps.
+    let output = cli(&cluster, &["dataflow", "describe", fraud::NAME]);
+    let described = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        [
+            "RUST KEY_BY",
+            "RUST COUNT",
+            "RUST HAVING",
+            "RUST EMIT Final",
+            "registered in the node binary"
+        ]
+        .iter()
+        .all(|step| described.contains(step)),
+        "the builder dataflow's steps as a tree: {described}"
+    );
     let letters = read_all(&survivors, &format!("{SQL_QUERY}.dlq")).await;
     let reasons: Vec<String> = letters
         .iter()
@@ -557,7 +572,12 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     );
     let shown = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(shown.contains("(0 rows)"), "{shown}");
+    assert!(
+        shown.contains("(1 row)")
+            && shown.contains("Rust dataflow possible_fraud")
+            && !shown.lines().any(|line| line.starts_with(SQL_QUERY)),
+        "only the builder dataflow runs: {shown}"
+    );
     drop(cluster);
 }
 

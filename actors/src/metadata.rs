@@ -721,8 +721,13 @@ pub(crate) mod tests {
     fn metadata_command_tags_are_pinned_and_versioned() {
         for (tag, command) in every_command().into_iter().enumerate() {
             let value = encode_command(&command).expect("encodes");
-            assert_eq!(&value[..3], &[COMMAND_MAGIC, 3, tag as u8], "{command:?}");
-            assert_eq!(decode_command(&value), Ok(command));
+            assert_eq!(&value[..3], &[COMMAND_MAGIC, 4, tag as u8], "{command:?}");
+            assert_eq!(decode_command(&value), Ok(command.clone()));
+            let mut earlier = value;
+            for version in [COMMAND_FORMAT_V3, COMMAND_FORMAT_V2, COMMAND_FORMAT_V1] {
+                earlier[1] = version;
+                assert_eq!(decode_command(&earlier), Ok(command.clone()), "version {version}");
+            }
         }
     }
 
@@ -821,11 +826,14 @@ pub(crate) mod tests {
 /// the same postcard encoding. Any other version is refused by name: a node
 /// must not skip a command it cannot read, or its metadata would diverge.
 pub const COMMAND_MAGIC: u8 = 0xC5;
-pub const COMMAND_FORMAT_VERSION: u8 = 3;
+pub const COMMAND_FORMAT_VERSION: u8 = 4;
 /// Version 1 wrote the same encoding, before the SQL commands existed.
 const COMMAND_FORMAT_V1: u8 = 1;
 /// Version 2 wrote the same encoding, before `KafkaListener` existed.
 const COMMAND_FORMAT_V2: u8 = 2;
+/// Version 3 wrote the same encoding, before plans could hold
+/// `Operator::Registered` (a Rust dataflow started as a plan).
+const COMMAND_FORMAT_V3: u8 = 3;
 
 /// Why a controller-log record could not be read as a command.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -878,7 +886,9 @@ pub fn encode_command(command: &MetadataCommand) -> Result<Vec<u8>, StorageError
 /// A command from its record value (see [`COMMAND_MAGIC`]).
 pub fn decode_command(value: &[u8]) -> Result<MetadataCommand, CommandFormatError> {
     let body = match value {
-        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION | COMMAND_FORMAT_V2 | COMMAND_FORMAT_V1, body @ ..] => body,
+        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION | COMMAND_FORMAT_V3 | COMMAND_FORMAT_V2 | COMMAND_FORMAT_V1, body @ ..] => {
+            body
+        }
         [COMMAND_MAGIC, version, ..] => return Err(CommandFormatError::UnknownVersion(*version)),
         [COMMAND_MAGIC] => return Err(CommandFormatError::Malformed("a magic byte and no version".to_string())),
         legacy => legacy,

@@ -20,8 +20,12 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-/// The plan format this build writes and reads.
-pub const PLAN_FORMAT_VERSION: u16 = 1;
+/// The plan format this build writes (and the newest it reads).
+pub const PLAN_FORMAT_VERSION: u16 = 2;
+/// Version 1, before [`Operator::Registered`], reads unchanged.
+pub const PLAN_FORMAT_V1: u16 = 1;
+/// Characters of a registered step's description at most.
+pub const STEP_CHARS_MAX: usize = 256;
 /// Operators in one plan.
 pub const OPERATORS_MAX: usize = 64;
 /// Nesting of one expression.
@@ -288,6 +292,12 @@ pub enum Operator {
         window: Option<WindowSpec>,
         emit: EmitMode,
     },
+    /// One step of a dataflow written with the Rust builders (format
+    /// version 2 on): a closure compiled into the node binary, registered
+    /// under `dataflow`, and described by `step`. A plan of such steps runs
+    /// only on nodes whose binary registered `dataflow` with the same steps;
+    /// it cannot be mixed with the operators above.
+    Registered { dataflow: String, step: String },
 }
 
 /// Where a plan reads.
@@ -332,6 +342,10 @@ pub enum PlanError {
     UnknownVersion(u16),
     #[error("invalid plan: {0}")]
     Invalid(String),
+    #[error("dataflow {dataflow:?} runs Rust code compiled into the node binary, and this node's binary does not register it (it registers: {known}); run the same runnel build on every node")]
+    Unregistered { dataflow: String, known: String },
+    #[error("dataflow {dataflow:?} was planned by a node whose binary has other steps than this one's ({differs}); run the same runnel build on every node")]
+    RegisteredDiffers { dataflow: String, differs: String },
 }
 
 impl Plan {
@@ -346,10 +360,11 @@ impl Plan {
 
     /// Checks the limits; the dataflow runtime checks the shape it can run.
     pub fn validate(&self) -> Result<(), PlanError> {
-        if self.version != PLAN_FORMAT_VERSION {
+        if !(PLAN_FORMAT_V1..=PLAN_FORMAT_VERSION).contains(&self.version) {
             return Err(PlanError::UnknownVersion(self.version));
         }
         let invalid = |why: String| Err(PlanError::Invalid(why));
+        self.validate_registered()?;
         if self.operators.len() > OPERATORS_MAX {
             return invalid(format!("{} operators (at most {OPERATORS_MAX})", self.operators.len()));
         }
@@ -364,13 +379,50 @@ impl Plan {
         Ok(())
     }
 
+    /// The Rust dataflow whose registered steps this plan runs, if any.
+    pub fn registered(&self) -> Option<&str> {
+        self.operators.iter().find_map(|op| match op {
+            Operator::Registered { dataflow, .. } => Some(dataflow.as_str()),
+            _ => None,
+        })
+    }
+
+    /// A registered plan holds steps of one dataflow, and repartitions
+    /// between them, and nothing else.
+    fn validate_registered(&self) -> Result<(), PlanError> {
+        let Some(name) = self.registered() else { return Ok(()) };
+        for op in &self.operators {
+            match op {
+                Operator::Registered { dataflow, step } if dataflow == name => {
+                    if step.chars().count() > STEP_CHARS_MAX {
+                        return Err(PlanError::Invalid(format!(
+                            "a step of {name:?} is described in more than {STEP_CHARS_MAX} characters"
+                        )));
+                    }
+                }
+                Operator::Registered { dataflow, .. } => {
+                    return Err(PlanError::Invalid(format!(
+                        "steps of two Rust dataflows, {name:?} and {dataflow:?}, in one plan"
+                    )))
+                }
+                Operator::Repartition { key, carry } if key.is_empty() && carry.is_empty() => {}
+                other => {
+                    return Err(PlanError::Invalid(format!(
+                        "the Rust dataflow {name:?} mixed with a SQL operator ({other:?})"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn expressions(&self) -> impl Iterator<Item = &Expr> {
         self.operators.iter().flat_map(|op| -> Box<dyn Iterator<Item = &Expr>> {
             match op {
                 Operator::Filter(e) => Box::new(std::iter::once(e)),
                 Operator::Project(columns) => Box::new(columns.iter().map(|(_, e)| e)),
                 Operator::Repartition { key, carry } => Box::new(key.iter().chain(carry)),
-                Operator::Aggregate { .. } => Box::new(std::iter::empty()),
+                Operator::Aggregate { .. } | Operator::Registered { .. } => Box::new(std::iter::empty()),
             }
         })
     }
@@ -380,11 +432,17 @@ impl Plan {
     pub fn explain(&self, name: &str) -> String {
         let mut names: Vec<String> = self.source.columns.iter().map(|c| c.name.clone()).collect();
         names.push("ROWTIME".to_string());
-        let mut lines = vec![format!(
-            "SOURCE {} ({}, ROWTIME)",
-            self.source.topic,
-            column_list(&self.source.columns)
-        )];
+        let mut lines = vec![match self.registered() {
+            Some(dataflow) => format!(
+                "SOURCE {} (decoded by the Rust dataflow {dataflow}, registered in the node binary)",
+                self.source.topic
+            ),
+            None => format!(
+                "SOURCE {} ({}, ROWTIME)",
+                self.source.topic,
+                column_list(&self.source.columns)
+            ),
+        }];
         let mut stage = 0;
         for op in &self.operators {
             lines.push(match op {
@@ -396,6 +454,10 @@ impl Plan {
                         .collect();
                     names = columns.iter().map(|(c, _)| c.name.clone()).collect();
                     format!("PROJECT {}", shown.join(", "))
+                }
+                Operator::Repartition { key, .. } if key.is_empty() => {
+                    stage += 1;
+                    format!("REPARTITION BY the key above through {name}.repartition: stage {stage} starts")
                 }
                 Operator::Repartition { key, carry } => {
                     stage += 1;
@@ -428,13 +490,13 @@ impl Plan {
                     let window = window.map_or("none".to_string(), |w| format!("{w:?}"));
                     format!("AGGREGATE {} per key, window {window}, emit {emit:?}", shown.join(", "))
                 }
+                Operator::Registered { step, .. } => format!("RUST {step}"),
             });
         }
-        lines.push(format!(
-            "SINK {} ({})",
-            self.sink.topic,
-            column_list(&self.sink.columns)
-        ));
+        lines.push(match self.registered() {
+            Some(_) => format!("SINK {} (JSON from the Rust dataflow)", self.sink.topic),
+            None => format!("SINK {} ({})", self.sink.topic, column_list(&self.sink.columns)),
+        });
         let mut text = format!("{name}: {} stage(s)\n", self.stages());
         for (depth, line) in lines.iter().rev().enumerate() {
             let _ = writeln!(text, "{}{}", "  ".repeat(depth), line);
@@ -701,6 +763,10 @@ pub(crate) mod tests {
         assert_tags(&[EmitMode::Changes, EmitMode::Final]);
         let mut operators = sample_plan().operators;
         operators.rotate_right(2);
+        operators.push(Operator::Registered {
+            dataflow: "d".into(),
+            step: "MAP".into(),
+        });
         assert_tags(&operators);
         assert_tags(&[ObjectKind::Stream, ObjectKind::Table]);
     }

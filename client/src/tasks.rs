@@ -80,8 +80,9 @@ pub struct TaskStatus {
 
 /// A node's dataflow runtime, as the controller drives it.
 pub trait TaskHost: Send + Sync {
-    /// The dataflow's shape if this node's binary registered it.
-    fn shape(&self, dataflow: &str) -> Option<DataflowShape>;
+    /// The plan of registered steps of a dataflow this node's binary
+    /// registered (see `Operator::Registered`).
+    fn plan(&self, dataflow: &str) -> Option<Plan>;
     /// Every task metadata places on this node now: start the missing ones,
     /// stop the rest. `plans` holds the plan of each of their dataflows
     /// that a SQL statement started (the rest are registered by name); a

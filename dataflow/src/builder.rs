@@ -21,6 +21,8 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use runnel_client::plan::{Operator, Plan, Sink, Source, PLAN_FORMAT_VERSION, STEP_CHARS_MAX};
+
 use crate::window::{Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 
 /// Hands one (value, event time) on to the next operator.
@@ -160,9 +162,46 @@ pub struct DataflowDef {
     pub source_stage: Arc<dyn SourceStage>,
     /// `None` for a dataflow without `key_by` (one stage).
     pub window_stage: Option<WindowStageFactory>,
+    /// What each builder call did, per stage (`[0]` the source stage, `[1]`
+    /// the window stage): the plan's registered steps ([`DataflowDef::plan`]).
+    pub steps: Vec<Vec<String>>,
 }
 
 impl DataflowDef {
+    /// The dataflow as a plan of registered steps: what the controller
+    /// commits, `describe` shows, and each node resolves to this
+    /// definition in its own registry (by name, steps compared).
+    pub fn plan(&self) -> Plan {
+        let mut operators = Vec::new();
+        for (stage, steps) in self.steps.iter().enumerate() {
+            if stage > 0 {
+                operators.push(Operator::Repartition {
+                    key: Vec::new(),
+                    carry: Vec::new(),
+                });
+            }
+            operators.extend(steps.iter().map(|step| Operator::Registered {
+                dataflow: self.name.clone(),
+                step: step.clone(),
+            }));
+        }
+        Plan {
+            version: PLAN_FORMAT_VERSION,
+            statement: format!("Rust dataflow {} (registered in the node binary)", self.name),
+            source: Source {
+                topic: self.source.clone(),
+                columns: Vec::new(),
+                timestamp: None,
+            },
+            operators,
+            sink: Sink {
+                topic: self.sink.clone(),
+                columns: Vec::new(),
+                key: Vec::new(),
+            },
+        }
+    }
+
     /// Stages, and so tasks per source partition.
     pub fn stages(&self) -> u32 {
         if self.window_stage.is_some() {
@@ -207,8 +246,18 @@ impl Dataflow {
             name: self.name,
             source: topic.to_string(),
             chain,
+            steps: vec![step(format!("DECODE JSON as {}", type_name::<T>()))],
         }
     }
+}
+
+/// A step's description, bounded as plans require.
+fn step(text: String) -> String {
+    text.chars().take(STEP_CHARS_MAX).collect()
+}
+
+fn type_name<T>() -> &'static str {
+    std::any::type_name::<T>()
 }
 
 /// A stream of `T` with event times.
@@ -216,26 +265,36 @@ pub struct Stream<T> {
     name: String,
     source: String,
     chain: Chain<T>,
+    steps: Vec<String>,
 }
 
 impl<T: 'static> Stream<T> {
-    fn then<U: 'static>(self, step: impl Fn(T, i64, Out<'_, U>) + Send + Sync + 'static) -> Stream<U> {
+    fn then<U: 'static>(
+        self,
+        described: String,
+        next: impl Fn(T, i64, Out<'_, U>) + Send + Sync + 'static,
+    ) -> Stream<U> {
         let previous = self.chain;
+        let mut steps = self.steps;
+        steps.push(step(described));
         Stream {
             name: self.name,
             source: self.source,
             chain: Arc::new(move |bytes, timestamp_ms, out| {
-                previous(bytes, timestamp_ms, &mut |value, t| step(value, t, &mut *out))
+                previous(bytes, timestamp_ms, &mut |value, t| next(value, t, &mut *out))
             }),
+            steps,
         }
     }
 
     pub fn map<U: 'static>(self, f: impl Fn(T) -> U + Send + Sync + 'static) -> Stream<U> {
-        self.then(move |value, t, out| out(f(value), t))
+        self.then(format!("MAP to {}", type_name::<U>()), move |value, t, out| {
+            out(f(value), t)
+        })
     }
 
     pub fn filter(self, keep: impl Fn(&T) -> bool + Send + Sync + 'static) -> Stream<T> {
-        self.then(move |value, t, out| {
+        self.then(format!("FILTER {}", type_name::<T>()), move |value, t, out| {
             if keep(&value) {
                 out(value, t)
             }
@@ -246,7 +305,7 @@ impl<T: 'static> Stream<T> {
         self,
         f: impl Fn(T) -> I + Send + Sync + 'static,
     ) -> Stream<U> {
-        self.then(move |value, t, out| {
+        self.then(format!("FLAT_MAP to {}", type_name::<U>()), move |value, t, out| {
             for item in f(value) {
                 out(item, t)
             }
@@ -255,7 +314,7 @@ impl<T: 'static> Stream<T> {
 
     /// Takes each record's event time (ms since the epoch) from its value.
     pub fn event_time(self, at_ms: impl Fn(&T) -> i64 + Send + Sync + 'static) -> Stream<T> {
-        self.then(move |value, _, out| {
+        self.then("EVENT_TIME from the value".to_string(), move |value, _, out| {
             let t = at_ms(&value);
             out(value, t)
         })
@@ -264,8 +323,10 @@ impl<T: 'static> Stream<T> {
     /// Groups by key: the records go through the repartition topic so each
     /// key's records meet in one task.
     pub fn key_by<K: 'static>(self, key: impl Fn(&T) -> K + Send + Sync + 'static) -> KeyedStream<K, T> {
+        let mut stream = self;
+        stream.steps.push(step(format!("KEY_BY {}", type_name::<K>())));
         KeyedStream {
-            stream: self,
+            stream,
             key: Arc::new(key),
         }
     }
@@ -297,6 +358,7 @@ impl<T: Serialize + 'static> Stream<T> {
             sink: topic.to_string(),
             source_stage: Arc::new(Stateless { chain: self.chain }),
             window_stage: None,
+            steps: vec![self.steps],
         }
     }
 }
@@ -324,6 +386,7 @@ impl<K: 'static, T: Clone + 'static> WindowedStream<K, T> {
         // carries only keys and times (KSQL repartitions only the columns
         // a query uses, too).
         self.table(
+            "COUNT".to_string(),
             Arc::new(|| 0),
             Folding::Count(Arc::new(|count, _| *count += 1)),
             Some(Arc::new(|a, b| *a += b)),
@@ -338,6 +401,7 @@ impl<K: 'static, T: Clone + 'static> WindowedStream<K, T> {
         fold: impl Fn(A, &T) -> A + Send + Sync + 'static,
     ) -> WindowedTable<K, T, A> {
         self.table(
+            format!("AGGREGATE into {}", type_name::<A>()),
             Arc::new(init),
             Folding::Values(Arc::new(move |aggregate: &mut A, value: &T| {
                 let current = std::mem::take(aggregate);
@@ -353,6 +417,7 @@ impl<K: 'static, T: Clone + 'static> WindowedStream<K, T> {
         let f = Arc::new(f);
         let merge_f = f.clone();
         self.table(
+            "REDUCE".to_string(),
             Arc::new(|| None),
             Folding::Values(Arc::new(move |aggregate: &mut Option<T>, value: &T| {
                 *aggregate = Some(match aggregate.take() {
@@ -371,8 +436,15 @@ impl<K: 'static, T: Clone + 'static> WindowedStream<K, T> {
         )
     }
 
-    fn table<A>(self, init: Init<A>, fold: Folding<A, T>, merge: Option<Merge<A>>) -> WindowedTable<K, T, A> {
+    fn table<A>(
+        self,
+        described: String,
+        init: Init<A>,
+        fold: Folding<A, T>,
+        merge: Option<Merge<A>>,
+    ) -> WindowedTable<K, T, A> {
         WindowedTable {
+            steps: vec![step(format!("WINDOW {:?}", self.window)), step(described)],
             windowed: self,
             init,
             fold,
@@ -412,6 +484,8 @@ pub struct WindowedTable<K, T, A> {
     merge: Option<Merge<A>>,
     having: Having<K, A>,
     emit: Emit,
+    /// The window stage's steps so far.
+    steps: Vec<String>,
 }
 
 impl<K, T, A> WindowedTable<K, T, A>
@@ -424,6 +498,7 @@ where
     pub fn filter(mut self, keep: impl Fn(&K, &WindowBounds, &A) -> bool + Send + Sync + 'static) -> Self {
         let previous = self.having;
         self.having = Arc::new(move |k, w, a| previous(k, w, a) && keep(k, w, a));
+        self.steps.push("HAVING".to_string());
         self
     }
 
@@ -436,6 +511,7 @@ where
             let current = std::mem::take(a);
             *a = merge(current, b);
         }));
+        self.steps.push("MERGE sessions".to_string());
         self
     }
 
@@ -468,6 +544,8 @@ where
             carry_values: matches!(self.fold, Folding::Values(_)),
         });
         let (init, fold, having, emit) = (self.init, self.fold, self.having, self.emit);
+        let mut window_steps = self.steps;
+        window_steps.push(format!("EMIT {emit:?}"));
         let factory: WindowStageFactory = Arc::new(move || {
             Box::new(TypedWindowStage::<K, T, A> {
                 operator: WindowOperator::new(window, emit),
@@ -484,6 +562,7 @@ where
             sink: topic.to_string(),
             source_stage,
             window_stage: Some(factory),
+            steps: vec![keyed.stream.steps, window_steps],
         }
     }
 }

@@ -31,6 +31,11 @@ const ALL_TIME_MS: i64 = 1 << 62;
 /// Compiles `plan` into dataflow `name`'s stages.
 pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
     plan.validate()?;
+    if let Some(dataflow) = plan.registered() {
+        return Err(PlanError::Invalid(format!(
+            "the plan runs the Rust dataflow {dataflow:?}: it resolves in a node's registry (Registry::resolve), not by compiling"
+        )));
+    }
     let split = plan
         .operators
         .iter()
@@ -48,6 +53,7 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
             output: Output::Sink(plan.sink.clone()),
         }),
         window_stage: None,
+        steps: Vec::new(),
     };
     let Some((Operator::Repartition { key, carry }, rest)) = after.split_first() else {
         return Ok(def);

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use runnel_client::protocol::NodeId;
-use runnel_client::tasks::{DataflowShape, RestartPolicy, TaskAssignment, TaskHost, TaskStatus};
+use runnel_client::tasks::{RestartPolicy, TaskAssignment, TaskHost, TaskStatus};
 use runnel_client::{Client, LocalNode};
 
 use runnel_client::plan::{Plan, PlanError};
@@ -55,6 +55,43 @@ impl Registry {
     pub fn names(&self) -> Vec<String> {
         self.dataflows.keys().cloned().collect()
     }
+
+    /// The definition a registered plan stands for, as dataflow `name`:
+    /// refused when this binary does not register its dataflow, or
+    /// registers it with other steps (another build planned it).
+    pub fn resolve(&self, name: &str, plan: &Plan) -> Result<Arc<DataflowDef>, PlanError> {
+        plan.validate()?;
+        let dataflow = plan.registered().unwrap_or(name);
+        let def = self.get(dataflow).ok_or_else(|| PlanError::Unregistered {
+            dataflow: dataflow.to_string(),
+            known: self.names().join(", "),
+        })?;
+        if let Some(differs) = plan_difference(&def.plan(), plan) {
+            return Err(PlanError::RegisteredDiffers {
+                dataflow: dataflow.to_string(),
+                differs,
+            });
+        }
+        let mut def = (*def).clone();
+        def.name = name.to_string();
+        Ok(Arc::new(def))
+    }
+}
+
+/// Where `theirs` differs from `ours`, in words; `None` when it does not.
+fn plan_difference(ours: &Plan, theirs: &Plan) -> Option<String> {
+    if ours.source.topic != theirs.source.topic || ours.sink.topic != theirs.sink.topic {
+        let (a, b) = (&ours.source.topic, &ours.sink.topic);
+        let (c, d) = (&theirs.source.topic, &theirs.sink.topic);
+        return Some(format!(
+            "here it reads {a} and writes {b}; the plan reads {c} and writes {d}"
+        ));
+    }
+    let steps = ours.operators.len().max(theirs.operators.len());
+    (0..steps).find_map(|i| {
+        let (a, b) = (ours.operators.get(i), theirs.operators.get(i));
+        (a != b).then(|| format!("step {}: here {a:?}, in the plan {b:?}", i + 1))
+    })
 }
 
 type TaskKey = (String, u32);
@@ -109,13 +146,8 @@ impl Drop for DataflowHost {
 }
 
 impl TaskHost for DataflowHost {
-    fn shape(&self, dataflow: &str) -> Option<DataflowShape> {
-        let def = self.registry.get(dataflow)?;
-        Some(DataflowShape {
-            source: def.source.clone(),
-            sink: def.sink.clone(),
-            stages: def.stages(),
-        })
+    fn plan(&self, dataflow: &str) -> Option<Plan> {
+        self.registry.get(dataflow).map(|def| def.plan())
     }
 
     fn assign(&self, tasks: Vec<TaskAssignment>, plans: BTreeMap<String, Plan>) {
@@ -304,7 +336,10 @@ impl SupervisorState {
             if self.compiled.get(&name).is_some_and(|(known, _)| *known == plan) {
                 continue;
             }
-            let compiled = compile(&name, &plan).map(Arc::new);
+            let compiled = match plan.registered() {
+                Some(_) => self.args.registry.resolve(&name, &plan),
+                None => compile(&name, &plan).map(Arc::new),
+            };
             if let Err(e) = &compiled {
                 tracing::error!(dataflow = %name, error = %e, "a SQL dataflow's plan does not compile here");
             }
@@ -448,4 +483,63 @@ pub fn node_runtime() -> std::io::Result<tokio::runtime::Runtime> {
         builder.worker_threads(2 * cores);
     }
     builder.enable_all().build()
+}
+
+#[cfg(test)]
+mod tests {
+    use runnel_client::plan::{Operator, PlanError};
+
+    use super::*;
+    use crate::compile::compile;
+
+    #[test]
+    fn a_builder_dataflow_is_a_plan_of_registered_steps_that_resolves_only_in_a_registry_that_has_them() {
+        let def = crate::fraud::dataflow();
+        let plan = def.plan();
+        assert_eq!(plan.stages(), 2, "{plan:?}");
+        assert_eq!(plan.registered(), Some(crate::fraud::NAME));
+        assert_eq!(plan.validate(), Ok(()));
+        let explained = plan.explain("fraud-copy");
+        for step in [
+            "RUST DECODE JSON as runnel_dataflow::fraud::Attempt",
+            "RUST KEY_BY",
+            "RUST COUNT",
+            "RUST HAVING",
+            "RUST EMIT Final",
+            "fraud-copy.repartition",
+        ] {
+            assert!(explained.contains(step), "{step:?} missing from\n{explained}");
+        }
+
+        let registry = crate::builtin();
+        let resolved = registry.resolve("fraud-copy", &plan).expect("resolves");
+        assert_eq!((resolved.name.as_str(), resolved.stages()), ("fraud-copy", 2));
+        assert_eq!(resolved.source, def.source);
+
+        let refused = Registry::new()
+            .resolve("fraud-copy", &plan)
+            .expect_err("not registered");
+        assert!(
+            matches!(&refused, PlanError::Unregistered { dataflow, .. } if dataflow == crate::fraud::NAME),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("same runnel build"), "{refused}");
+
+        let mut other_build = plan.clone();
+        other_build.operators.remove(1);
+        let refused = registry.resolve("fraud-copy", &other_build).expect_err("other steps");
+        assert!(
+            matches!(&refused, PlanError::RegisteredDiffers { differs, .. } if differs.starts_with("step 2")),
+            "{refused}"
+        );
+
+        let refused = compile("fraud-copy", &plan).expect_err("no closures in a plan");
+        assert!(refused.to_string().contains("registry"), "{refused}");
+
+        let mut mixed = plan;
+        mixed
+            .operators
+            .push(Operator::Filter(runnel_client::plan::Expr::Column(0)));
+        assert!(matches!(mixed.validate(), Err(PlanError::Invalid(why)) if why.contains("mixed with a SQL operator")));
+    }
 }

@@ -335,13 +335,13 @@ impl BrokerService {
         self.admin(ControllerRequest::Rebalance).await
     }
 
-    /// On a node whose binary knows the dataflow: makes its topics (the sink
-    /// too, when missing) and asks the controller leader to place it.
+    /// On a node whose binary registers the dataflow: starts it as a plan
+    /// of its registered steps, committed like a SQL query's, so that every
+    /// node resolves it in its own registry and `describe` shows its steps.
     pub async fn start_dataflow(&self, name: String) -> Result<(), ServiceError> {
-        let shape = self.shared.tasks.as_ref().and_then(|host| host.shape(&name));
-        let shape = shape.ok_or_else(|| MetadataError::UnregisteredDataflow(name.clone()))?;
-        let dataflow = self.make_dataflow_topics(name, shape).await?;
-        self.admin(ControllerRequest::StartDataflow { dataflow }).await
+        let plan = self.shared.tasks.as_ref().and_then(|host| host.plan(&name));
+        let plan = plan.ok_or_else(|| MetadataError::UnregisteredDataflow(name.clone()))?;
+        self.start_query(name, plan, None).await
     }
 
     /// Starts a SQL query's dataflow from its plan (no node needs it in
