@@ -31,6 +31,19 @@ type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 /// Open windows of one kind kept at most per task; beyond it a task fails
 /// with a clear error instead of growing without bound.
 pub const OPEN_WINDOWS_MAX: usize = 100_000;
+/// Event times a window holds: within ±2^53 ms of the epoch (about
+/// ±285,000 years; also the integers JSON numbers hold exactly). A record
+/// outside goes to the dead letters before it reaches a window, so window
+/// arithmetic never overflows.
+pub const EVENT_TIME_LIMIT_MS: i64 = 1 << 53;
+/// A window's size, advance, gap or grace at most (an unwindowed aggregate
+/// is one window this long).
+pub const WINDOW_SPAN_MAX_MS: i64 = 1 << 62;
+
+/// Whether a window can hold an event at `t_ms` ([`EVENT_TIME_LIMIT_MS`]).
+pub fn event_time_in_range(t_ms: i64) -> bool {
+    (-EVENT_TIME_LIMIT_MS..=EVENT_TIME_LIMIT_MS).contains(&t_ms)
+}
 
 /// The shape of a window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +110,16 @@ impl Window {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        let spans = match self.kind {
+            WindowKind::Tumbling { size_ms } => [size_ms, size_ms],
+            WindowKind::Hopping { size_ms, advance_ms } => [size_ms, advance_ms],
+            WindowKind::Session { gap_ms } => [gap_ms, gap_ms],
+        };
+        if spans.iter().any(|&ms| !(1..=WINDOW_SPAN_MAX_MS).contains(&ms)) || self.grace_ms > WINDOW_SPAN_MAX_MS {
+            return Err(format!(
+                "window sizes, advances, gaps and grace must be at most {WINDOW_SPAN_MAX_MS} ms (sizes at least 1 ms): {self:?}"
+            ));
+        }
         match self.kind {
             WindowKind::Hopping { size_ms, advance_ms } if advance_ms > size_ms => Err(format!(
                 "a hopping window's advance ({advance_ms} ms) must not exceed its size ({size_ms} ms)"
@@ -176,6 +199,8 @@ impl<A> Session<A> {
 pub enum WindowError {
     #[error("more than {OPEN_WINDOWS_MAX} windows open at once; shorten the window or grace, or add partitions")]
     TooManyWindows,
+    #[error("event time {0} ms is outside the range a window holds (±{EVENT_TIME_LIMIT_MS} ms of the epoch)")]
+    EventTimeOutOfRange(i64),
     #[error("window state does not decode: {0}")]
     CorruptState(String),
     #[error("a key does not decode: {0}")]
@@ -268,6 +293,9 @@ where
         admit: &dyn Fn(&K) -> Result<(), String>,
         out: &mut Vec<WindowResult<K, A>>,
     ) -> Result<(), WindowError> {
+        if !event_time_in_range(t_ms) {
+            return Err(WindowError::EventTimeOutOfRange(t_ms));
+        }
         if let WindowKind::Session { gap_ms } = self.window.kind {
             if !self.sessions.contains_key(&key) {
                 admit(&key).map_err(WindowError::BadKey)?;
@@ -526,6 +554,7 @@ where
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), WindowError> {
         let snapshot: Snapshot<K, A> =
             postcard::from_bytes(bytes).map_err(|e| WindowError::CorruptState(e.to_string()))?;
+        check_snapshot(&snapshot)?;
         let gap_ms = match self.window.kind {
             WindowKind::Session { gap_ms } => gap_ms,
             _ => 0,
@@ -547,6 +576,32 @@ where
         self.late_records = snapshot.late_records;
         Ok(())
     }
+}
+
+/// Checks what a restored snapshot must hold: window starts and session
+/// times a window can hold, sessions in order, and no more windows than a
+/// task opens (the checkpoint's size bounds the keys).
+fn check_snapshot<K, A>(snapshot: &Snapshot<K, A>) -> Result<(), WindowError> {
+    let corrupt = |why: String| Err(WindowError::CorruptState(why));
+    if snapshot.fixed.len() > OPEN_WINDOWS_MAX {
+        return corrupt(format!(
+            "{} windows, beyond the {OPEN_WINDOWS_MAX} a task opens",
+            snapshot.fixed.len()
+        ));
+    }
+    if let Some((start, _)) = snapshot.fixed.iter().find(|(start, _)| !event_time_in_range(*start)) {
+        return corrupt(format!("a window starts at {start} ms, outside the range windows hold"));
+    }
+    for (_, sessions) in &snapshot.sessions {
+        let ordered = sessions.windows(2).all(|w| w[0].last_ms < w[1].first_ms);
+        let in_range = sessions
+            .iter()
+            .all(|s| event_time_in_range(s.first_ms) && event_time_in_range(s.last_ms) && s.first_ms <= s.last_ms);
+        if !ordered || !in_range {
+            return corrupt("a key's sessions are out of order or outside the range windows hold".to_string());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -803,5 +858,50 @@ mod tests {
         assert_eq!(out, resumed_out);
         assert_eq!(restored.late_records(), whole.late_records());
         assert!(restored.restore(b"\xff\xff garbage").is_err());
+    }
+
+    /// Found by fuzzing (`fuzz/`, target task_state): an event time near
+    /// i64::MAX overflowed window arithmetic (a panic in debug builds,
+    /// wrong windows in release). Now it is refused by name, and nothing
+    /// changes.
+    #[test]
+    fn event_times_beyond_the_window_range_are_refused_and_change_nothing() {
+        let windows = [
+            Window::tumbling(Duration::from_secs(300)),
+            Window::hopping(Duration::from_secs(10), Duration::from_secs(5)),
+            Window::session(Duration::from_secs(30)).grace(Duration::from_secs(1)),
+        ];
+        for window in windows {
+            let mut op = count_op(window, Emit::Changes);
+            let mut out = Vec::new();
+            for t in [i64::MAX, i64::MIN, EVENT_TIME_LIMIT_MS + 1, -EVENT_TIME_LIMIT_MS - 1] {
+                let refused = count_admitting(&mut op, "k", t, &|_| Ok(()), &mut out);
+                assert_eq!(refused, Err(WindowError::EventTimeOutOfRange(t)), "{window:?}");
+            }
+            assert_eq!((op.open_windows(), out.len()), (0, 0), "{window:?}");
+            for t in [EVENT_TIME_LIMIT_MS, -EVENT_TIME_LIMIT_MS] {
+                count_admitting(&mut op, "k", t, &|_| Ok(()), &mut out).expect("at the limit");
+            }
+            op.advance(i64::MAX, &|_, _, _| true, &mut out);
+            assert_eq!(op.open_windows(), 0, "{window:?}");
+        }
+    }
+
+    #[test]
+    fn a_snapshot_outside_the_window_range_or_a_window_of_no_size_is_refused() {
+        let mut op = count_op(Window::tumbling(Duration::from_secs(60)), Emit::Final);
+        let snapshot = Snapshot::<String, u64> {
+            fixed: vec![(i64::MAX - 5, vec![("k".to_string(), 1)])],
+            sessions: Vec::new(),
+            watermark_ms: 0,
+            late_records: 0,
+        };
+        let bytes = postcard::to_allocvec(&snapshot).expect("encodes");
+        assert!(matches!(op.restore(&bytes), Err(WindowError::CorruptState(why)) if why.contains("outside")));
+        let mut none = Window::tumbling(Duration::from_secs(60));
+        none.kind = WindowKind::Tumbling { size_ms: 0 };
+        assert!(none.validate().is_err());
+        let huge = Window::tumbling(Duration::from_secs(60)).grace(Duration::MAX);
+        assert!(huge.validate().expect_err("grace too long").contains("at most"));
     }
 }
