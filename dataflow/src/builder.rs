@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use runnel_client::plan::{Operator, Plan, Sink, Source, PLAN_FORMAT_VERSION, STEP_CHARS_MAX};
 
-use crate::window::{Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
+use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 
 /// Hands one (value, event time) on to the next operator.
 type Out<'a, T> = &'a mut dyn FnMut(T, i64);
@@ -578,6 +578,12 @@ impl<K: Serialize, T: Serialize> SourceStage for KeyedSource<K, T> {
     fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
         let mut failed = None;
         (self.chain)(value, timestamp_ms, &mut |record, t| {
+            // A window cannot hold every i64 event time: refused by name
+            // here (a dead letter), before it reaches one.
+            if !event_time_in_range(t) {
+                failed = Some(WindowError::EventTimeOutOfRange(t).to_string());
+                return;
+            }
             let encoded = out.encode(to_postcard(&(self.key)(&record))).and_then(|key| {
                 let value = if self.carry_values {
                     Some(out.encode(to_postcard(&record))?)
@@ -1014,5 +1020,22 @@ mod tests {
         let err = window.add(key, &[], 1_000, &mut out).expect_err("unencodable key");
         assert!(matches!(err, StageError::Unencodable(_)), "{err}");
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_keyed_source_refuses_an_event_time_no_window_holds() {
+        let def = crate::fraud::dataflow();
+        let mut out = Emitted::default();
+        let record = format!(r#"{{"card_number":"c","amount_cents":1,"at_ms":{}}}"#, i64::MAX);
+        let refused = def
+            .source_stage
+            .process(record.as_bytes(), 0, &mut out)
+            .expect_err("refused");
+        assert!(refused.contains("outside the range a window holds"), "{refused}");
+        let record = r#"{"card_number":"c","amount_cents":1,"at_ms":1700000000000}"#;
+        def.source_stage
+            .process(record.as_bytes(), 0, &mut out)
+            .expect("in range");
+        assert_eq!(out.len(), 1);
     }
 }

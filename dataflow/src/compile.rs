@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::builder::{DataflowDef, Emitted, EncodedKey, SourceStage, StageError, WindowStage, WindowStageFactory};
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
-use crate::window::{Emit, Window, WindowBounds, WindowOperator, WindowResult};
+use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 
 /// The span of the one window of an unwindowed aggregate.
 const ALL_TIME_MS: i64 = 1 << 62;
@@ -228,6 +228,9 @@ impl SqlSource {
         match &self.output {
             Output::Sink(sink) => emit_row(out, sink, row, t_ms, &[]),
             Output::Repartition { key, carry } => {
+                if !event_time_in_range(t_ms) {
+                    return Err(WindowError::EventTimeOutOfRange(t_ms).to_string());
+                }
                 let key = Evaluated { exprs: key, row };
                 let key = out.encode(to_postcard(&key)).map_err(|e| e.to_string())?;
                 let value = if carry.is_empty() {

@@ -35,7 +35,6 @@ use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, Re
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{DataflowDef, Emitted, WindowStage};
-use crate::window::{event_time_in_range, WindowError};
 
 /// How often a task checkpoints (when it has made progress).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
@@ -601,17 +600,6 @@ impl<C: TaskIo> TaskRunner<C> {
             let value = view.value.unwrap_or_default();
             emitted.clear();
             if let Err(reason) = self.def.source_stage.process(value, view.timestamp_ms, &mut emitted) {
-                dead_letters.push_record(&self.dead_letter(&view, &reason))?;
-                continue;
-            }
-            // A window cannot hold every i64 event time; such a record is
-            // refused here, by name, rather than failing the window task.
-            if let Some(t) = emitted
-                .iter()
-                .map(|e| e.timestamp_ms)
-                .find(|&t| keyed && !event_time_in_range(t))
-            {
-                let reason = WindowError::EventTimeOutOfRange(t).to_string();
                 dead_letters.push_record(&self.dead_letter(&view, &reason))?;
                 continue;
             }

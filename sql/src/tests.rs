@@ -308,6 +308,24 @@ fn late_records_are_dropped_and_counted() {
     assert_eq!(late, 1);
 }
 
+/// Found by fuzzing: an event time near i64::MAX overflowed window
+/// arithmetic. Such a record is a dead letter; the rest count as before.
+#[test]
+fn event_times_no_window_holds_are_dead_letters() {
+    let records: Vec<Value> = [0, i64::MAX, 30_000, i64::MIN, 1 << 60, 50_000]
+        .iter()
+        .map(|t| attempt("c", 1, *t))
+        .collect();
+    let statement = "SELECT card, COUNT(*) AS n FROM attempts WINDOW TUMBLING (SIZE 1 MINUTE) GROUP BY card EMIT FINAL";
+    let (out, dead_letters, late) = run(statement, &records);
+    assert_eq!((dead_letters, late), (3, 0));
+    let counts: Vec<u64> = out
+        .iter()
+        .map(|(_, v)| v.as_ref().expect("value")["N"].as_u64().expect("n"))
+        .collect();
+    assert_eq!(counts, vec![3]);
+}
+
 #[test]
 fn refused_statements_name_the_problem() {
     let refused = [
