@@ -127,6 +127,22 @@ pub enum Command {
     PreferLeader { group: GroupId, node: NodeId },
 }
 
+/// What a node does next about its damaged replica of a group (see
+/// [`ControllerCore::on_damaged_status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RepairStep {
+    /// No leader elsewhere confirms the group goes on without this replica:
+    /// its files may hold the last copy of committed data, so they stay.
+    Keep,
+    /// The group's leader still counts this node as a voter: ask it to
+    /// remove it first, which also drops its record of what the replica held
+    /// (else the rebuilt replica would be told to commit entries it lacks).
+    AskRemoval { leader: NodeId },
+    /// The leader no longer counts it as a voter: move the files aside; the
+    /// replica is hosted again empty and rejoins as a learner.
+    Quarantine,
+}
+
 /// Which duties are due at a step (see [`ControllerCore::due`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Due {
@@ -430,6 +446,38 @@ impl ControllerCore {
                     .then(|| (group, assigned.into_iter().filter(|n| *n != me).collect()))
             })
             .collect()
+    }
+
+    /// The next repair step for this node's damaged replica of `group`,
+    /// given the group's leader and members as that leader reported them
+    /// (`None`: no other replica answered as leader).
+    pub fn on_damaged_status(&self, group: GroupId, leader: Option<(NodeId, &GroupView)>) -> RepairStep {
+        let me = self.me();
+        match leader {
+            _ if group == CONTROLLER_GROUP => RepairStep::Keep,
+            None => RepairStep::Keep,
+            Some((leader, _)) if leader == me => RepairStep::Keep,
+            Some((leader, view)) if view.voters.contains(&me) => RepairStep::AskRemoval { leader },
+            Some(_) => RepairStep::Quarantine,
+        }
+    }
+
+    /// On a node asked to remove `node`'s damaged replica from a group whose
+    /// local replica reports `leader` and `voters`: the voters to move to
+    /// (none when `node` is no voter), or the leader to ask instead when
+    /// this node does not lead. A leader never removes itself.
+    pub fn voters_without_damaged(
+        &self,
+        leader: Option<NodeId>,
+        voters: &[NodeId],
+        node: NodeId,
+    ) -> Result<Option<Vec<NodeId>>, Option<NodeId>> {
+        if leader != Some(self.me()) || node == self.me() {
+            return Err(leader);
+        }
+        Ok(voters
+            .contains(&node)
+            .then(|| voters.iter().copied().filter(|v| *v != node).collect()))
     }
 
     /// A damaged replica's files were moved aside: it is hosted no more, so

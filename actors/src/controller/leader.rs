@@ -190,20 +190,17 @@ impl Shared {
     /// damaged) out of the voters. Settling adds it back as a learner, to be
     /// promoted once its rebuilt replica has caught up.
     async fn remove_damaged(&self, group: GroupId, node: NodeId) -> ControllerResponse {
-        match self.broker.status(group).await {
-            Some(status) if status.leader == Some(self.me()) && node != self.me() => {
-                if status.voters.contains(&node) {
-                    tracing::warn!(group = %group, node = %node, "removing a voter whose replica files are damaged; it rejoins as a learner");
-                    let voters = status.voters.into_iter().filter(|v| *v != node).collect();
-                    self.broker.reconfigure(group, voters);
-                }
+        let Some(status) = self.broker.status(group).await else {
+            return ControllerResponse::Failed(BrokerError::UnknownGroup(group));
+        };
+        match self.core().voters_without_damaged(status.leader, &status.voters, node) {
+            Ok(Some(voters)) => {
+                tracing::warn!(group = %group, node = %node, "removing a voter whose replica files are damaged; it rejoins as a learner");
+                self.broker.reconfigure(group, voters);
                 ControllerResponse::Done
             }
-            Some(status) => ControllerResponse::Failed(BrokerError::NotLeader {
-                group,
-                leader: status.leader,
-            }),
-            None => ControllerResponse::Failed(BrokerError::UnknownGroup(group)),
+            Ok(None) => ControllerResponse::Done,
+            Err(leader) => ControllerResponse::Failed(BrokerError::NotLeader { group, leader }),
         }
     }
 

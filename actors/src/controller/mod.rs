@@ -36,7 +36,7 @@ use crate::protocol::{
 };
 use crate::tasks::TaskHost;
 
-pub use self::core::{Command, ControllerCore, CoreConfig, GroupView, Liveness, MemberView};
+pub use self::core::{Command, ControllerCore, CoreConfig, GroupView, Liveness, MemberView, RepairStep};
 pub use groups::{GroupDescription, GroupFailure};
 pub use service::{BrokerService, ServiceError};
 
@@ -439,30 +439,41 @@ impl Shared {
         }
         let repairable = self.core().damaged_to_repair(&damaged);
         for (group, peers) in repairable {
-            let Some((leader, view)) = self.leader_view(group, &peers).await else {
-                tracing::warn!(group = %group, "damaged replica kept as it is: no leader elsewhere confirms the group goes on without it");
-                continue;
-            };
-            if view.voters.contains(&self.me()) {
-                // The leader's record of what this replica held goes first.
-                let request = encode(&ControllerRequest::RemoveDamaged { group, node: self.me() });
-                let _ = self
-                    .node
-                    .call(leader, CONTROLLER_ACTOR, request, MEMBERS_CALL_TIMEOUT)
-                    .await;
-                continue;
-            }
-            match self.broker.quarantine_replica(group) {
-                Ok(path) => {
-                    self.core().on_quarantined(group);
-                    tracing::warn!(
-                        group = %group,
-                        quarantine = %path.display(),
-                        "damaged replica files moved aside; the replica rejoins empty and catches up from its peers"
-                    )
+            let leader = self.leader_view(group, &peers).await;
+            let step = self
+                .core()
+                .on_damaged_status(group, leader.as_ref().map(|(node, view)| (*node, view)));
+            let leader = match step {
+                RepairStep::Keep => {
+                    tracing::warn!(group = %group, "damaged replica kept as it is: no leader elsewhere confirms the group goes on without it");
+                    continue;
                 }
-                Err(e) => tracing::error!(group = %group, error = %e, "could not move a damaged replica's files aside"),
+                RepairStep::AskRemoval { leader } => leader,
+                RepairStep::Quarantine => {
+                    self.quarantine(group);
+                    continue;
+                }
+            };
+            let request = encode(&ControllerRequest::RemoveDamaged { group, node: self.me() });
+            let _ = self
+                .node
+                .call(leader, CONTROLLER_ACTOR, request, MEMBERS_CALL_TIMEOUT)
+                .await;
+        }
+    }
+
+    /// Moves a damaged replica's files aside (see [`RepairStep::Quarantine`]).
+    fn quarantine(&self, group: GroupId) {
+        match self.broker.quarantine_replica(group) {
+            Ok(path) => {
+                self.core().on_quarantined(group);
+                tracing::warn!(
+                    group = %group,
+                    quarantine = %path.display(),
+                    "damaged replica files moved aside; the replica rejoins empty and catches up from its peers"
+                )
             }
+            Err(e) => tracing::error!(group = %group, error = %e, "could not move a damaged replica's files aside"),
         }
     }
 

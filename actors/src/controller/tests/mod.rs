@@ -5,6 +5,7 @@ mod admin;
 mod healing;
 mod hosting;
 mod preferring;
+mod repairing;
 mod settling;
 mod stale;
 
