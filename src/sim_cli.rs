@@ -42,6 +42,11 @@ pub struct Args {
     /// One JSON line per seed, then the summary as one.
     #[arg(long)]
     json: bool,
+    /// Damage a replica's files while its node is down (garbage Raft or log
+    /// metadata, a deleted closed segment), one at a time; the cluster must
+    /// find and rebuild it.
+    #[arg(long)]
+    disk_damage: bool,
     /// The deliberately injected bug (acks=all answered before the commit),
     /// to see the checks fail.
     #[arg(long, hide = true)]
@@ -114,6 +119,7 @@ fn sim_config(args: &Args) -> SimConfig {
         dataflow: !args.no_dataflow,
         bug_ack_before_commit: args.test_ack_before_commit,
         bug_unsequenced_task_output: args.test_unsequenced_task_output,
+        disk_damage: args.disk_damage,
         ..SimConfig::default()
     }
 }

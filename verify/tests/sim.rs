@@ -98,6 +98,49 @@ fn seeds_lose_and_duplicate_nothing_acknowledged() {
     }
 }
 
+/// Seeds the disk-damage suite runs by default.
+const DAMAGE_SEEDS: u64 = 40;
+
+/// Replicas damaged while their node was down are found when they open,
+/// removed from their group by its leader, quarantined and rebuilt from
+/// their peers (the controller core's repair decisions); nothing
+/// acknowledged is lost and the groups converge to their assignments.
+#[test]
+fn damaged_replicas_are_rebuilt_and_nothing_acknowledged_is_lost() {
+    let dir = scratch();
+    let config = SimConfig {
+        disk_damage: true,
+        ..SimConfig::default()
+    };
+    let seeds: Vec<u64> = match env_u64("RUNNEL_DAMAGE_SEED") {
+        Some(seed) => vec![seed],
+        None => (1..=env_u64("RUNNEL_DAMAGE_SEEDS").unwrap_or(DAMAGE_SEEDS)).collect(),
+    };
+    let mut totals = SimReport::default();
+    let mut failures = Vec::new();
+    for &seed in &seeds {
+        let report = run_seed(seed, &config, dir.path());
+        if let Some(failure) = report.failure() {
+            let trace: Vec<String> = report.trace.iter().rev().take(40).rev().cloned().collect();
+            failures.push(format!("seed {seed}: {failure}\n    {}", trace.join("\n    ")));
+        }
+        totals.add(report);
+    }
+    println!("{} seeds with disk damage: {}", seeds.len(), totals.summary());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    if seeds.len() > 1 {
+        let count = |kind: &str| totals.faults.get(kind).copied().unwrap_or(0);
+        let damaged = count("damage_raft_meta") + count("damage_log_meta") + count("damage_deleted_segment");
+        assert!(damaged > 0, "nothing was damaged: {:?}", totals.faults);
+        assert!(count("damage_detected") > 0, "no damage was found: {:?}", totals.faults);
+        assert!(
+            count("repair_quarantined") > 0,
+            "no damaged replica was rebuilt: {:?}",
+            totals.faults
+        );
+    }
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let dir = scratch();

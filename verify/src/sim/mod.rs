@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::Bytes;
-use runnel_actors::controller::{Command, ControllerCore, CoreConfig, GroupView, Liveness, MemberView};
+use runnel_actors::controller::{Command, ControllerCore, CoreConfig, GroupView, Liveness, MemberView, RepairStep};
 use runnel_actors::metadata::{
     command_batch, group_id, AppliedMetadata, Metadata, MetadataCommand, TopicConfig, TopicMeta, CONTROLLER_GROUP,
 };
@@ -126,6 +126,10 @@ pub struct SimConfig {
     /// idempotent producer), so retries and replays after a restart write
     /// results twice.
     pub bug_unsequenced_task_output: bool,
+    /// Damage a replica's files while its node is down (garbage Raft or log
+    /// metadata, a deleted closed segment), one replica at a time, and
+    /// require the repair to rebuild it from its peers.
+    pub disk_damage: bool,
 }
 
 impl Default for SimConfig {
@@ -150,6 +154,7 @@ impl Default for SimConfig {
             dataflow: true,
             bug_ack_before_commit: false,
             bug_unsequenced_task_output: false,
+            disk_damage: false,
         }
     }
 }
@@ -310,6 +315,20 @@ enum Msg {
         group: GroupId,
         removed: bool,
     },
+    /// Damaged replica → the group's other replicas: who leads, and whom
+    /// does it count? (The real shell's `GroupMembers` call.)
+    RepairAsk {
+        group: GroupId,
+    },
+    /// From the group's leader only.
+    RepairView {
+        group: GroupId,
+        view: GroupView,
+    },
+    /// Damaged replica → the group's leader: remove me from the voters.
+    RemoveDamaged {
+        group: GroupId,
+    },
     /// Node → the group's other replicas: my replica is passive since a
     /// leader's commit index `since`; what do you know of it?
     PassiveReplica {
@@ -383,6 +402,9 @@ struct Node {
     stale_candidates: Vec<GroupId>,
     /// Leader each hosted group last had here, to count changes.
     leaders: BTreeMap<GroupId, Option<NodeId>>,
+    /// Replicas whose files failed to open as damaged (the broker's
+    /// supervisor's record; lost with the node's memory on a crash).
+    damaged: BTreeSet<GroupId>,
 }
 
 impl Node {
@@ -403,6 +425,7 @@ impl Node {
             stale_asked: BTreeSet::new(),
             stale_candidates: Vec::new(),
             leaders: BTreeMap::new(),
+            damaged: BTreeSet::new(),
         })
     }
 
@@ -558,6 +581,9 @@ struct World {
     committed: BTreeMap<GroupId, BTreeMap<u64, Option<String>>>,
     /// Per (node, group): the committed offset checked so far.
     checked: BTreeMap<(NodeId, GroupId), u64>,
+    /// Groups whose replica the nemesis damaged and the repair has not
+    /// rebuilt yet: one at a time, so a group always keeps a majority.
+    damaged_groups: BTreeSet<GroupId>,
     running: Verdict,
     tasks: Tasks,
     report: SimReport,
@@ -584,9 +610,11 @@ pub fn run(seed: u64, config: &SimConfig, scratch: &Path) -> Result<SimReport, S
     })
 }
 
-fn log_config() -> LogConfig {
+/// Replicas' log settings; with disk damage, small segments, so that
+/// closed ones exist to delete.
+fn log_config(disk_damage: bool) -> LogConfig {
     LogConfig {
-        segment_bytes_max: 64 * 1024,
+        segment_bytes_max: if disk_damage { 4 * 1024 } else { 64 * 1024 },
         // The store syncs once per Raft ready itself.
         fsync: FsyncPolicy::Never,
         retention_age: None,
@@ -705,6 +733,7 @@ impl World {
             consumer_reads: BTreeMap::new(),
             committed: BTreeMap::new(),
             checked: BTreeMap::new(),
+            damaged_groups: BTreeSet::new(),
             running: Verdict::default(),
             report: SimReport {
                 seed,
@@ -758,6 +787,7 @@ impl World {
         node.leaders.clear();
         node.stale_asked.clear();
         node.stale_candidates.clear();
+        node.damaged.clear();
         if self.controllers().contains(&id) {
             let voters = self.controllers();
             self.host(id, CONTROLLER_GROUP, Some(&voters), false)?;
@@ -777,8 +807,19 @@ impl World {
         }
         let node = self.nodes.get_mut(&id).expect("known node");
         let dir = node.group_dir(group);
-        let (part, messages) = Part::open(group, &dir, log_config(), &config, founders)
-            .map_err(|e| format!("node {id} opening group {group}: {e}"))?;
+        let (part, messages) = match Part::open(group, &dir, log_config(self.config.disk_damage), &config, founders) {
+            Ok(opened) => opened,
+            // As the broker's supervisor: marked damaged, left for repair.
+            Err(e) if e.is_damage() => {
+                node.damaged.insert(group);
+                *self.report.faults.entry("damage_detected".to_string()).or_default() += 1;
+                self.note(format!("node {id} group {group} replica damaged: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(format!("node {id} opening group {group}: {e}")),
+        };
+        // As the supervisor's record: a replica running here is not damaged.
+        node.damaged.remove(&group);
         node.groups.insert(group, part);
         self.send_raft(id, group, messages);
         Ok(())
@@ -923,6 +964,18 @@ impl World {
             .collect();
         for id in due {
             schedule.restart_at.remove(&id);
+            let healed: Vec<GroupId> = self
+                .damaged_groups
+                .iter()
+                .copied()
+                .filter(|g| self.settled(*g))
+                .collect();
+            for group in healed {
+                self.damaged_groups.remove(&group);
+            }
+            if self.config.disk_damage && self.damaged_groups.is_empty() && self.rng.chance_per_mille(400) {
+                self.damage(id)?;
+            }
             self.start(id)?;
             *self.report.faults.entry("restart".to_string()).or_default() += 1;
             self.note(format!("restart node {id}"));
@@ -1049,6 +1102,9 @@ impl World {
                 max_bytes,
             } => self.on_fetch(id, from, request, group, offset, max_bytes)?,
             Msg::Members { group } => self.on_members(id, from, group),
+            Msg::RepairAsk { group } => self.on_repair_ask(id, from, group),
+            Msg::RepairView { group, view } => self.on_repair_view(id, from, group, view)?,
+            Msg::RemoveDamaged { group } => self.on_remove_damaged(id, from, group)?,
             Msg::PassiveReplica { group, since } => self.on_passive_replica(id, from, group, since)?,
             Msg::PassiveAnswer { group, answer } => self.on_passive_answer(id, from, group, answer)?,
             Msg::MembersAnswer { group, removed } => self.on_members_answer(id, group, removed)?,
@@ -1172,6 +1228,119 @@ impl World {
     }
 
     /// The group's leader tells the asker whether it still counts it a member.
+    /// Damages one replica of down node `id` (not the controller's): its
+    /// Raft metadata or log metadata overwritten with garbage, or a closed
+    /// segment deleted. Each is found when the replica opens.
+    fn damage(&mut self, id: NodeId) -> Result<(), String> {
+        let node = &self.nodes[&id];
+        let groups: Vec<GroupId> = replica_dirs(&node.dir)?
+            .into_iter()
+            .filter(|g| *g != CONTROLLER_GROUP)
+            .collect();
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let group = groups[self.rng.between(0, groups.len() as u64 - 1) as usize];
+        let dir = node.group_dir(group);
+        let segments = closed_segments(&dir.join("log"))?;
+        let kind = match self.rng.between(0, 2) {
+            2 if !segments.is_empty() => {
+                let segment = &segments[self.rng.between(0, segments.len() as u64 - 1) as usize];
+                std::fs::remove_file(segment).map_err(|e| format!("{}: {e}", segment.display()))?;
+                "damage_deleted_segment"
+            }
+            1 => overwrite(&dir.join("log").join("log.meta"), "damage_log_meta")?,
+            _ => overwrite(&dir.join("raft.meta"), "damage_raft_meta")?,
+        };
+        self.damaged_groups.insert(group);
+        *self.report.faults.entry(kind.to_string()).or_default() += 1;
+        self.note(format!("{kind}: node {id} group {group}"));
+        Ok(())
+    }
+
+    /// Whether a leader of `group` has the voters its metadata assigns and
+    /// no learner: a damaged replica of it was rebuilt (or never was).
+    fn settled(&self, group: GroupId) -> bool {
+        self.nodes.values().filter(|n| n.up).any(|node| {
+            let Some(part) = node.groups.get(&group).filter(|p| p.core().is_leader()) else {
+                return false;
+            };
+            let assigned = node.core.meta().assignment_of(group);
+            assigned.is_some_and(|assigned| group_view(part).matches(&assigned))
+        })
+    }
+
+    /// The repair duty: each damaged replica asks its group's other
+    /// replicas for the leader's view (only a leader answers).
+    fn ask_about_damaged(&mut self, id: NodeId) {
+        let node = &self.nodes[&id];
+        let damaged: Vec<GroupId> = node.damaged.iter().copied().collect();
+        for (group, peers) in node.core.damaged_to_repair(&damaged) {
+            for peer in peers {
+                self.net.post(id, peer, Msg::RepairAsk { group });
+            }
+        }
+    }
+
+    fn on_repair_ask(&mut self, id: NodeId, from: NodeId, group: GroupId) {
+        if let Some(part) = self.nodes[&id].groups.get(&group) {
+            if part.core().is_leader() {
+                let view = group_view(part);
+                self.net.post(id, from, Msg::RepairView { group, view });
+            }
+        }
+    }
+
+    /// The leader's view reached a damaged replica: the core's next step.
+    fn on_repair_view(&mut self, id: NodeId, from: NodeId, group: GroupId, view: GroupView) -> Result<(), String> {
+        let node = &self.nodes[&id];
+        if !node.damaged.contains(&group) {
+            return Ok(());
+        }
+        match node.core.on_damaged_status(group, Some((from, &view))) {
+            RepairStep::Keep => Ok(()),
+            RepairStep::AskRemoval { leader } => {
+                self.net.post(id, leader, Msg::RemoveDamaged { group });
+                Ok(())
+            }
+            RepairStep::Quarantine => self.quarantine(id, group),
+        }
+    }
+
+    /// On a group's leader: a damaged replica asks to be removed.
+    fn on_remove_damaged(&mut self, id: NodeId, from: NodeId, group: GroupId) -> Result<(), String> {
+        let node = &self.nodes[&id];
+        let Some(part) = node.groups.get(&group) else {
+            return Ok(());
+        };
+        let status = part.status();
+        if let Ok(Some(voters)) = node.core.voters_without_damaged(status.leader, &status.voters, from) {
+            self.note(format!("node {id} removes damaged voter {from} of group {group}"));
+            self.reconfigure(id, group, &voters)?;
+        }
+        Ok(())
+    }
+
+    /// Moves a damaged replica's files aside, as the broker does: a
+    /// tombstone, the directory under `quarantine/`; the next reconcile
+    /// hosts it again, empty and rejoining.
+    fn quarantine(&mut self, id: NodeId, group: GroupId) -> Result<(), String> {
+        let now = self.now();
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let dir = node.group_dir(group);
+        let aside = node.dir.join("quarantine").join(format!("group-{group}-{now}"));
+        let tombstone = node.tombstone(group);
+        std::fs::create_dir_all(aside.parent().expect("a parent")).map_err(|e| e.to_string())?;
+        std::fs::write(&tombstone, b"").map_err(|e| format!("{}: {e}", tombstone.display()))?;
+        std::fs::rename(&dir, &aside).map_err(|e| format!("{}: {e}", dir.display()))?;
+        node.damaged.remove(&group);
+        node.core.on_quarantined(group);
+        self.checked.remove(&(id, group));
+        *self.report.faults.entry("repair_quarantined".to_string()).or_default() += 1;
+        self.note(format!("node {id} quarantined its damaged replica of group {group}"));
+        Ok(())
+    }
+
     fn on_members(&mut self, id: NodeId, from: NodeId, group: GroupId) {
         if let Some(part) = self.nodes[&id].groups.get(&group) {
             if part.core().is_leader() {
@@ -1389,6 +1558,8 @@ impl World {
         std::fs::write(&tombstone, b"").map_err(|e| format!("{}: {e}", tombstone.display()))?;
         std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         self.checked.remove(&(id, group));
+        self.damaged_groups.remove(&group);
+        self.nodes.get_mut(&id).expect("known node").damaged.remove(&group);
         self.note(format!("node {id} deleted its stale replica of group {group}"));
         Ok(())
     }
@@ -1412,6 +1583,7 @@ impl World {
             }
         }
         if due.heal {
+            self.ask_about_damaged(id);
             self.settle(id)?;
             self.ask_about_passive(id);
             self.collect_stale(id)?;
@@ -2251,6 +2423,24 @@ fn produce_failed(pending: &mut Pending, error: BrokerError, now: u64) -> Option
 }
 
 /// The groups with a replica directory under a node's `dir`.
+/// The log segments of `log_dir` but the last (the active one), in order.
+fn closed_segments(log_dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(log_dir)
+        .map_err(|e| format!("{}: {e}", log_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    segments.pop();
+    Ok(segments)
+}
+
+/// Overwrites a metadata file with garbage; `kind` names the damage.
+fn overwrite(path: &Path, kind: &'static str) -> Result<&'static str, String> {
+    std::fs::write(path, b"not a metadata file").map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(kind)
+}
+
 fn replica_dirs(dir: &Path) -> Result<Vec<GroupId>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut groups = Vec::new();
