@@ -12,17 +12,35 @@ use runnel::client::protocol::{FailedReplica, NodeId, PartitionInfo, TopicConfig
 use runnel::client::{Acks, Client, Consumer, Producer};
 use runnel::storage::Record;
 
-/// Where the cluster is and how to prove who we are.
+/// Where the cluster is and how to prove who we are: flags, else the
+/// environment, else a client config file.
 #[derive(clap::Args, Clone)]
 pub struct ConnectArgs {
     /// Comma-separated node addresses (`host:port`, a name such as
     /// `localhost:7101` or an IP); any one reachable node is enough.
-    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true, value_parser = seed_addr)]
+    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', value_parser = seed_addr)]
     seeds: Vec<SocketAddr>,
     /// The cluster's certificate directory (`runnel certs init` made it).
     #[arg(long, env = "RUNNEL_CERTS")]
-    certs: PathBuf,
+    certs: Option<PathBuf>,
+    /// A TOML file with `seeds = ["host:port", …]` and `certs = "dir"` (a
+    /// relative `certs` is taken from the file's directory), used for what
+    /// --seeds and --certs do not give.
+    #[arg(long, env = "RUNNEL_CLIENT_CONFIG", value_name = "FILE")]
+    client_config: Option<PathBuf>,
 }
+
+/// The client config file (`--client-config`).
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ClientConfigFile {
+    #[serde(default)]
+    seeds: Vec<String>,
+    certs: Option<PathBuf>,
+}
+
+/// A client config file's bytes at most: a few lines are expected.
+const CLIENT_CONFIG_BYTES_MAX: u64 = 64 * 1024;
 
 /// A node address from the command line: `host:port`, where the host is an
 /// IP address or a name resolved here (an IPv4 address preferred).
@@ -45,11 +63,59 @@ pub fn seed_addr(text: &str) -> Result<SocketAddr, String> {
 
 impl ConnectArgs {
     pub async fn connect(&self) -> anyhow::Result<Arc<Client>> {
-        let client = Client::connect(self.seeds.clone(), &self.certs)
+        let (seeds, certs) = self.resolve()?;
+        let client = Client::connect(seeds, &certs)
             .await
             .context("connecting to the cluster")?;
         Ok(Arc::new(client))
     }
+
+    /// The seeds and certificate directory: flags and environment first,
+    /// then the client config file for what they leave out.
+    pub fn resolve(&self) -> anyhow::Result<(Vec<SocketAddr>, PathBuf)> {
+        let (file_seeds, file_certs) = match &self.client_config {
+            Some(path) => read_client_config(path)?,
+            None => (Vec::new(), None),
+        };
+        let seeds = if self.seeds.is_empty() {
+            file_seeds
+        } else {
+            self.seeds.clone()
+        };
+        let missing = |what: &str| {
+            let variable = what.to_uppercase();
+            format!("no {what}: give --{what}, set RUNNEL_{variable}, or name a --client-config file that has them")
+        };
+        anyhow::ensure!(!seeds.is_empty(), missing("seeds"));
+        let certs = self
+            .certs
+            .clone()
+            .or(file_certs)
+            .ok_or_else(|| anyhow::anyhow!(missing("certs")))?;
+        Ok((seeds, certs))
+    }
+}
+
+/// A client config file's seeds and certificate directory (relative to the
+/// file's directory).
+fn read_client_config(path: &std::path::Path) -> anyhow::Result<(Vec<SocketAddr>, Option<PathBuf>)> {
+    let context = || format!("client config {}", path.display());
+    let size = std::fs::metadata(path).with_context(context)?.len();
+    anyhow::ensure!(
+        size <= CLIENT_CONFIG_BYTES_MAX,
+        "client config {} is {size} bytes, more than {CLIENT_CONFIG_BYTES_MAX}",
+        path.display()
+    );
+    let text = std::fs::read_to_string(path).with_context(context)?;
+    let file: ClientConfigFile = toml::from_str(&text).with_context(context)?;
+    let seeds = file
+        .seeds
+        .iter()
+        .map(|s| seed_addr(s).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .with_context(context)?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    Ok((seeds, file.certs.map(|certs| base.join(certs))))
 }
 
 #[derive(clap::Subcommand)]

@@ -411,12 +411,8 @@ pub async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// Comma-separated node addresses to ask; the first that answers is used.
-    #[arg(long, env = "RUNNEL_SEEDS", value_delimiter = ',', required = true, value_parser = crate::broker_cli::seed_addr)]
-    seeds: Vec<SocketAddr>,
-    /// The cluster's certificate directory (`runnel certs init` made it).
-    #[arg(long, env = "RUNNEL_CERTS")]
-    certs: PathBuf,
+    #[command(flatten)]
+    connect: crate::broker_cli::ConnectArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -440,26 +436,22 @@ type TroubledReplica = (NodeId, ReplicaHealthInfo);
 type UnderReplicated = (String, runnel::client::protocol::PartitionInfo);
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let (seeds, certs) = args.connect.resolve()?;
     if args.watch {
-        return crate::watch::run(
-            args.seeds,
-            args.certs,
-            Duration::from_millis(args.interval_ms),
-            args.count,
-        );
+        return crate::watch::run(seeds, certs, Duration::from_millis(args.interval_ms), args.count);
     }
-    let identity = CertDir::new(&args.certs).client_identity()?;
+    let identity = CertDir::new(&certs).client_identity()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let (response, replicas, (under, controller)) = runtime.block_on(async {
-        let client = ClusterClient::new(&identity, args.seeds.clone())?;
+        let client = ClusterClient::new(&identity, seeds.clone())?;
         let response = client.request(NodeRequest::Status, timeout).await?;
         let replicas = match &response {
             NodeResponse::Status { members, .. } => replica_health(&client, members, timeout).await,
             _ => Vec::new(),
         };
         let under = match &response {
-            NodeResponse::Status { members, .. } => under_replicated(&args.seeds, &args.certs, members).await,
+            NodeResponse::Status { members, .. } => under_replicated(&seeds, &certs, members).await,
             _ => (Vec::new(), None),
         };
         anyhow::Ok((response, replicas, under))

@@ -185,6 +185,21 @@ fn config_file_and_environment_variables_work_and_bad_input_is_named() {
             .output()
             .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"alive\""))
     });
+    eprintln!("phase: a client config file (a relative certs directory is the file's)");
+    let client_config = scratch.path().join("client.toml");
+    std::fs::write(&client_config, format!("seeds = [\"{addr}\"]\ncerts = \"certs\"\n")).expect("write");
+    let output = runnel()
+        .args(["status", "--json", "--client-config"])
+        .arg(&client_config)
+        .env_remove("RUNNEL_SEEDS")
+        .env_remove("RUNNEL_CERTS")
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("\"alive\""),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     drop(guard);
 
     eprintln!("phase: bad input gets errors that name the problem");
@@ -233,6 +248,30 @@ fn config_file_and_environment_variables_work_and_bad_input_is_named() {
         data_1.to_str().expect("utf-8"),
     ]);
     assert!(err.contains("belongs to node 1"), "{err}");
+    let client_run = |args: &[&str]| {
+        let output = runnel()
+            .args(args)
+            .env_remove("RUNNEL_SEEDS")
+            .env_remove("RUNNEL_CERTS")
+            .env_remove("RUNNEL_CLIENT_CONFIG")
+            .output()
+            .expect("run");
+        assert!(!output.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&output.stderr).to_string()
+    };
+    let err = client_run(&["topic", "list"]);
+    assert!(err.contains("no seeds: give --seeds, set RUNNEL_SEEDS"), "{err}");
+    std::fs::write(&client_config, "seeds = [\"localhost:1\"]\nbogus = 1\n").expect("write");
+    let err = client_run(&[
+        "topic",
+        "list",
+        "--client-config",
+        client_config.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        err.contains("client.toml") && err.contains("unknown field `bogus`"),
+        "{err}"
+    );
     std::fs::write(&config, "id = 1\nbogus = true\n").expect("write config");
     let err = run(&["node", "--config", config.to_str().expect("utf-8")]);
     assert!(err.contains("not a valid node configuration"), "{err}");
