@@ -355,8 +355,18 @@ pub struct ProduceArgs {
     /// The topic to write to.
     topic: String,
     /// Use field N (0-based) of each line as the record key.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["key", "key_json"])]
     key_field: Option<usize>,
+    /// Every record's key (kcat's -k).
+    #[arg(short, long, conflicts_with = "key_json")]
+    key: Option<String>,
+    /// Take each record's key from this field of its JSON value (`a.b` for a
+    /// nested one): a string as it is, anything else as JSON text.
+    #[arg(long, value_name = "FIELD")]
+    key_json: Option<String>,
+    /// A header on every record, `NAME=VALUE` (repeatable; kcat's -H).
+    #[arg(short = 'H', long = "header", value_name = "NAME=VALUE", value_parser = header_arg)]
+    headers: Vec<(String, String)>,
     /// Field separator for --key-field.
     #[arg(long, default_value = ",")]
     sep: String,
@@ -451,27 +461,62 @@ pub fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     })
 }
 
+/// A `--header NAME=VALUE`.
+fn header_arg(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=VALUE"))?;
+    if name.is_empty() {
+        return Err(format!("{text:?} has no header name before '='"));
+    }
+    Ok((name.to_string(), value.to_string()))
+}
+
 /// Line `number` of standard input as a record, stamped as it is read.
 fn line_record(line: &[u8], number: usize, args: &ProduceArgs) -> anyhow::Result<Record> {
-    let key = match args.key_field {
-        Some(field) => {
-            let text = String::from_utf8_lossy(line);
-            let key = text
-                .split(args.sep.as_str())
-                .nth(field)
-                .with_context(|| format!("line {number} has no field {field}"))?;
-            Some(Bytes::from(key.to_string()))
-        }
-        None => None,
-    };
     let value = decode_value(line, args.value_format)
         .map_err(|why| anyhow::anyhow!("line {number} was not produced: {why}"))?;
+    let key = line_key(line, &value, args).map_err(|why| anyhow::anyhow!("line {number} was not produced: {why}"))?;
+    let headers = args
+        .headers
+        .iter()
+        .map(|(name, value)| runnel::storage::Header {
+            key: name.clone(),
+            value: Some(Bytes::from(value.clone())),
+        })
+        .collect();
     Ok(Record {
         timestamp_ms: runnel::client::unix_now_ms(),
         key,
         value: Some(Bytes::from(value)),
-        headers: Vec::new(),
+        headers,
     })
+}
+
+/// The key of a line (`--key-field`, `--key` or `--key-json`), if any.
+fn line_key(line: &[u8], value: &[u8], args: &ProduceArgs) -> Result<Option<Bytes>, String> {
+    if let Some(field) = args.key_field {
+        let text = String::from_utf8_lossy(line);
+        let key = text
+            .split(args.sep.as_str())
+            .nth(field)
+            .ok_or_else(|| format!("it has no field {field}"))?;
+        return Ok(Some(Bytes::from(key.to_string())));
+    }
+    if let Some(key) = &args.key {
+        return Ok(Some(Bytes::from(key.clone())));
+    }
+    let Some(path) = &args.key_json else { return Ok(None) };
+    let json: serde_json::Value =
+        serde_json::from_slice(value).map_err(|e| format!("--key-json needs a JSON value: {e}"))?;
+    let found = path
+        .split('.')
+        .try_fold(&json, |at, name| at.get(name))
+        .ok_or_else(|| format!("its JSON value has no field {path:?}"))?;
+    Ok(Some(Bytes::from(match found {
+        serde_json::Value::String(text) => text.clone(),
+        other => other.to_string(),
+    })))
 }
 
 #[derive(clap::Args)]

@@ -486,6 +486,51 @@ fn consume_max_prints_at_most_max_and_a_group_commits_only_what_was_printed() {
     let x2: serde_json::Value = serde_json::from_str(&x2[0]).expect("json");
     assert_eq!(lines[1], format!("partition 0 offset {}", x2["offset"]), "{lines:?}");
     assert_eq!(x2["value"], "x2");
+    // Headers on every record, and a key from a JSON field.
+    let produce_lines = |args: &[&str], input: &[u8]| {
+        let mut child = runnel()
+            .arg("produce")
+            .args(args)
+            .args(["--seeds", &cluster.addrs[0].to_string()])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input).expect("write");
+        child.wait_with_output().expect("wait")
+    };
+    let args = [
+        "seen",
+        "-p",
+        "0",
+        "-H",
+        "trace=abc",
+        "-H",
+        "src=cli",
+        "--key-json",
+        "user.id",
+    ];
+    let output = produce_lines(&args, b"{\"user\":{\"id\":\"u-9\"},\"n\":1}\n");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let last = consume(&["-o", "-1", "-f", "json"]);
+    let last: serde_json::Value = serde_json::from_str(&last[0]).expect("json");
+    assert_eq!(last["key"], "u-9", "{last}");
+    assert_eq!(
+        (last["headers"]["trace"].as_str(), last["headers"]["src"].as_str()),
+        (Some("abc"), Some("cli")),
+        "{last}"
+    );
+    let output = produce_lines(&args, b"not json\n");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && err.contains("line 1 was not produced: --key-json needs a JSON value"),
+        "{err}"
+    );
+    let output = produce_lines(&["seen", "-H", "no-equals"], b"x\n");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && err.contains("is not NAME=VALUE"), "{err}");
 }
 
 /// `runnel consume … | head -1`: the reader goes away after one line; the
