@@ -578,6 +578,18 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
             && !shown.lines().any(|line| line.starts_with(SQL_QUERY)),
         "only the builder dataflow runs: {shown}"
     );
+    // TERMINATE ALL stops the Rust dataflow too, keeping its checkpoints.
+    let output = sql(&cluster, "SHOW PROPERTIES; TERMINATE ALL; SHOW QUERIES;");
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        shown.contains("auto.offset.reset")
+            && shown.contains("Rust dataflow possible_fraud stopped; its checkpoints stay")
+            && shown.contains("(0 rows)"),
+        "{shown}"
+    );
+    let topics = String::from_utf8_lossy(&cli(&cluster, &["topic", "list", "--all"]).stdout).to_string();
+    assert!(topics.contains("possible_fraud.checkpoints"), "{topics}");
     drop(cluster);
 }
 

@@ -78,6 +78,8 @@ pub enum Statement {
         delete_topic: bool,
     },
     Terminate(String),
+    /// `TERMINATE ALL`.
+    TerminateAll,
     /// `SET 'property' = 'value'` (a session property).
     Set {
         property: String,
@@ -91,6 +93,8 @@ pub enum Listing {
     Tables,
     Queries,
     Topics,
+    /// The session's properties (`SHOW PROPERTIES`).
+    Properties,
 }
 
 /// A SELECT with KSQL's clauses.
@@ -265,7 +269,13 @@ fn command(tokens: &[TokenWithSpan]) -> SqlResult<Statement> {
                 Some("TABLES") => Listing::Tables,
                 Some("QUERIES") => Listing::Queries,
                 Some("TOPICS") => Listing::Topics,
-                _ => return Err(unexpected(tokens.get(1), "STREAMS, TABLES, QUERIES or TOPICS")),
+                Some("PROPERTIES") => Listing::Properties,
+                _ => {
+                    return Err(unexpected(
+                        tokens.get(1),
+                        "STREAMS, TABLES, QUERIES, TOPICS or PROPERTIES",
+                    ))
+                }
             };
             end_at(2)?;
             Statement::Show(listing)
@@ -284,7 +294,13 @@ fn command(tokens: &[TokenWithSpan]) -> SqlResult<Statement> {
         }
         "TERMINATE" => {
             end_at(2)?;
-            Statement::Terminate(name_at(1)?)
+            // Quoted, `ALL` names a query.
+            match &tokens.get(1).map(|t| &t.token) {
+                Some(Token::Word(w)) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case("ALL") => {
+                    Statement::TerminateAll
+                }
+                _ => Statement::Terminate(name_at(1)?),
+            }
         }
         "SET" => {
             let quoted = |i: usize| match tokens.get(i).map(|t| &t.token) {
@@ -811,6 +827,21 @@ mod tests {
             panic!()
         };
         assert!(matches!(q.window, Some(WindowSpec::Session { gap_ms: 30_000, .. })));
+    }
+
+    #[test]
+    fn terminate_all_and_show_properties() {
+        let parsed: Vec<Parsed> = parse_script("TERMINATE ALL; terminate \"ALL\"; LIST PROPERTIES; SHOW properties")
+            .into_iter()
+            .map(|(_, p)| p.expect("parses"))
+            .collect();
+        assert!(matches!(parsed[0].statement, Statement::TerminateAll));
+        assert!(
+            matches!(&parsed[1].statement, Statement::Terminate(q) if q == "ALL"),
+            "quoted, a name"
+        );
+        assert!(matches!(parsed[2].statement, Statement::Show(Listing::Properties)));
+        assert!(matches!(parsed[3].statement, Statement::Show(Listing::Properties)));
     }
 
     #[test]

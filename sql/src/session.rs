@@ -59,6 +59,12 @@ impl Session {
             .is_some_and(|v| v.eq_ignore_ascii_case("earliest"))
     }
 
+    /// `auto.offset.reset` as set, else its default.
+    fn offset_reset_name(&self) -> String {
+        let earliest = self.from_earliest();
+        if earliest { "earliest" } else { "latest" }.to_string()
+    }
+
     pub fn client(&self) -> &Arc<Client> {
         &self.client
     }
@@ -135,6 +141,7 @@ impl Session {
                 Ok(Outcome::Message(format!("Property {property} set to {value}")))
             }
             Statement::Terminate(id) => self.terminate(id).await,
+            Statement::TerminateAll => self.terminate_all().await,
         }
     }
 
@@ -159,15 +166,37 @@ impl Session {
             .ok_or_else(|| SqlError::new(format!("{QUERY_IDS_MAX} query ids {prefix}_n are taken")))
     }
 
+    /// Every running query terminated, one by one (`TERMINATE ALL`).
+    async fn terminate_all(&self) -> SqlResult<Outcome> {
+        let catalog = self.catalog().await?;
+        let mut said = Vec::new();
+        for (dataflow, _) in &catalog.queries {
+            match self.terminate(&dataflow.name).await? {
+                Outcome::Message(line) => said.push(line),
+                _ => unreachable!("terminate answers with a message"),
+            }
+        }
+        if said.is_empty() {
+            said.push("No query is running".to_string());
+        }
+        Ok(Outcome::Message(said.join("\n")))
+    }
+
     /// Stops a SQL query and deletes its internal state (checkpoints and
     /// repartition topic): its id is never used again, so nothing could
-    /// resume from them. Its dead letters stay for inspection.
+    /// resume from them. Its dead letters stay for inspection. A Rust
+    /// dataflow is only stopped: its state stays for `runnel dataflow start`.
     async fn terminate(&self, id: &str) -> SqlResult<Outcome> {
         let catalog = self.catalog().await?;
-        if !catalog.queries.iter().any(|(d, _)| d.name == id) {
+        let Some((_, plan)) = catalog.queries.iter().find(|(d, _)| d.name == id) else {
             return Err(unknown_query(&catalog, id));
-        }
+        };
         self.client.stop_dataflow(id).await.map_err(cluster)?;
+        if plan.registered().is_some() {
+            return Ok(Outcome::Message(format!(
+                "Rust dataflow {id} stopped; its checkpoints stay (`runnel dataflow start {id}` resumes it, `runnel dataflow delete {id}` removes them)"
+            )));
+        }
         for topic in [checkpoint_topic(id), repartition_topic(id)] {
             match self.client.delete_topic(&topic).await {
                 Ok(()) | Err(ClientError::UnknownTopic(_)) => {}
@@ -411,6 +440,11 @@ impl Session {
                     })
                     .collect();
                 (columns(&["Kafka Topic", "Partitions", "Replicas"]), rows)
+            }
+            Listing::Properties => {
+                let reset = self.offset_reset_name();
+                let rows = vec![vec!["auto.offset.reset".to_string(), "SESSION".to_string(), reset]];
+                (columns(&["Property", "Scope", "Value"]), rows)
             }
         };
         Ok(Outcome::Table { columns, rows })
