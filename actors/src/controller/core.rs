@@ -134,14 +134,20 @@ pub enum RepairStep {
     /// No leader elsewhere confirms the group goes on without this replica:
     /// its files may hold the last copy of committed data, so they stay.
     Keep,
-    /// The group's leader still counts this node as a voter: ask it to
-    /// remove it first, which also drops its record of what the replica held
-    /// (else the rebuilt replica would be told to commit entries it lacks).
+    /// The group's leader still counts this node, as a voter or a learner:
+    /// ask it to remove it first, which also drops its record of what the
+    /// replica held (else the rebuilt replica would be told to commit
+    /// entries it lacks).
     AskRemoval { leader: NodeId },
-    /// The leader no longer counts it as a voter: move the files aside; the
+    /// The leader no longer counts it at all: move the files aside; the
     /// replica is hosted again empty and rejoins as a learner.
     Quarantine,
 }
+
+/// Heal intervals a node removed for damage stays out of settling.
+pub const DAMAGED_HOLD_HEALS: u64 = 10;
+/// Damaged removals a leader holds back at once.
+const DAMAGED_HELD_MAX: usize = 1024;
 
 /// Which duties are due at a step (see [`ControllerCore::due`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -178,6 +184,11 @@ pub struct ControllerCore {
     assigned_tasks: (Vec<TaskAssignment>, BTreeMap<String, Plan>),
     /// Hosted groups last seen with voters equal to this assignment.
     seen_settled: BTreeMap<GroupId, Vec<NodeId>>,
+    /// Leader only: nodes removed from a group because their replica's files
+    /// are damaged, left out of settling until the time here, so that the
+    /// damaged node sees itself removed and moves its files aside before it
+    /// is added back (see [`ControllerCore::voters_without_damaged`]).
+    damaged_held: BTreeMap<(GroupId, NodeId), u64>,
     last_full_settle_ms: Option<u64>,
     /// The applied offset hosting was last reconciled at.
     reconciled_at: Option<u64>,
@@ -195,6 +206,7 @@ impl ControllerCore {
             closed: BTreeSet::new(),
             assigned_tasks: (Vec::new(), BTreeMap::new()),
             seen_settled: BTreeMap::new(),
+            damaged_held: BTreeMap::new(),
             last_full_settle_ms: None,
             reconciled_at: None,
             last_heal_ms: None,
@@ -368,9 +380,20 @@ impl ControllerCore {
         if full {
             self.last_full_settle_ms = Some(now_ms);
         }
+        self.damaged_held.retain(|_, until_ms| *until_ms > now_ms);
+        let held = &self.damaged_held;
         self.hosted
             .iter()
-            .filter_map(|&group| Some((group, self.meta.assignment_of(group)?)))
+            .filter_map(|&group| {
+                let assigned = self.meta.assignment_of(group)?;
+                Some((
+                    group,
+                    assigned
+                        .into_iter()
+                        .filter(|n| !held.contains_key(&(group, *n)))
+                        .collect(),
+                ))
+            })
             .filter(|(group, assigned)| full || self.seen_settled.get(group) != Some(assigned))
             .collect()
     }
@@ -457,27 +480,37 @@ impl ControllerCore {
             _ if group == CONTROLLER_GROUP => RepairStep::Keep,
             None => RepairStep::Keep,
             Some((leader, _)) if leader == me => RepairStep::Keep,
-            Some((leader, view)) if view.voters.contains(&me) => RepairStep::AskRemoval { leader },
+            Some((leader, view)) if view.counts(me) => RepairStep::AskRemoval { leader },
             Some(_) => RepairStep::Quarantine,
         }
     }
 
     /// On a node asked to remove `node`'s damaged replica from a group whose
-    /// local replica reports `leader` and `voters`: the voters to move to
-    /// (none when `node` is no voter), or the leader to ask instead when
-    /// this node does not lead. A leader never removes itself.
+    /// local replica reports `leader` and members `view`: the voters to move
+    /// to, which leave `node` out as a voter or a learner (none when the
+    /// group does not count it), or the leader to ask instead when this node
+    /// does not lead. A leader never removes itself. Settling leaves `node`
+    /// out of the group for [`DAMAGED_HOLD_HEALS`] heal intervals from
+    /// `now_ms` (else it would add it back as a learner before the damaged
+    /// node saw itself removed, and the two would go round for ever).
     pub fn voters_without_damaged(
-        &self,
+        &mut self,
+        group: GroupId,
         leader: Option<NodeId>,
-        voters: &[NodeId],
+        view: &GroupView,
         node: NodeId,
+        now_ms: u64,
     ) -> Result<Option<Vec<NodeId>>, Option<NodeId>> {
         if leader != Some(self.me()) || node == self.me() {
             return Err(leader);
         }
-        Ok(voters
-            .contains(&node)
-            .then(|| voters.iter().copied().filter(|v| *v != node).collect()))
+        if self.damaged_held.len() < DAMAGED_HELD_MAX {
+            let until_ms = now_ms + DAMAGED_HOLD_HEALS * self.config.heal_interval_ms;
+            self.damaged_held.insert((group, node), until_ms);
+        }
+        Ok(view
+            .counts(node)
+            .then(|| view.voters.iter().copied().filter(|v| *v != node).collect()))
     }
 
     /// A damaged replica's files were moved aside: it is hosted no more, so

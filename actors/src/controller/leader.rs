@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use runnel_cluster::NodeId;
 
-use super::{encode, unix_ms, Shared};
+use super::{encode, unix_ms, GroupView, Shared};
 use crate::metadata::{command_batch, GroupId, MetadataCommand, MetadataError, CONTROLLER_GROUP};
 use crate::protocol::{decode_payload, Acks, BrokerError, ControllerRequest, ControllerResponse, CONTROLLER_ACTOR};
 
@@ -193,7 +193,14 @@ impl Shared {
         let Some(status) = self.broker.status(group).await else {
             return ControllerResponse::Failed(BrokerError::UnknownGroup(group));
         };
-        match self.core().voters_without_damaged(status.leader, &status.voters, node) {
+        let view = GroupView {
+            voters: status.voters,
+            learners: status.learners,
+        };
+        match self
+            .core()
+            .voters_without_damaged(group, status.leader, &view, node, unix_ms() as u64)
+        {
             Ok(Some(voters)) => {
                 tracing::warn!(group = %group, node = %node, "removing a voter whose replica files are damaged; it rejoins as a learner");
                 self.broker.reconfigure(group, voters);

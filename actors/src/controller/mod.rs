@@ -489,7 +489,14 @@ impl Shared {
     /// leader, and the members as it knows them.
     pub(super) async fn leader_view(&self, group: GroupId, nodes: &[NodeId]) -> Option<(NodeId, GroupView)> {
         let payload = encode(&ControllerRequest::GroupMembers { group });
-        for &node in nodes {
+        // A follower names its leader, which may be outside `nodes` (a
+        // group mid-reconfiguration): asked next, each node at most once.
+        let mut to_ask: std::collections::VecDeque<NodeId> = nodes.iter().copied().collect();
+        let mut asked = std::collections::BTreeSet::new();
+        while let Some(node) = to_ask.pop_front() {
+            if node == self.me() || !asked.insert(node) {
+                continue;
+            }
             let Ok(bytes) = self
                 .node
                 .call(node, CONTROLLER_ACTOR, payload.clone(), MEMBERS_CALL_TIMEOUT)
@@ -497,8 +504,14 @@ impl Shared {
             else {
                 continue;
             };
-            if let Ok(ControllerResponse::Members { voters, learners }) = decode_payload(&bytes) {
-                return Some((node, GroupView { voters, learners }));
+            match decode_payload(&bytes) {
+                Ok(ControllerResponse::Members { voters, learners }) => {
+                    return Some((node, GroupView { voters, learners }))
+                }
+                Ok(ControllerResponse::Failed(BrokerError::NotLeader {
+                    leader: Some(leader), ..
+                })) => to_ask.push_front(leader),
+                _ => {}
             }
         }
         None

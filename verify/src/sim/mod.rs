@@ -325,6 +325,11 @@ enum Msg {
         group: GroupId,
         view: GroupView,
     },
+    /// From a follower: the leader it knows, to ask instead.
+    RepairHint {
+        group: GroupId,
+        leader: NodeId,
+    },
     /// Damaged replica → the group's leader: remove me from the voters.
     RemoveDamaged {
         group: GroupId,
@@ -1104,6 +1109,11 @@ impl World {
             Msg::Members { group } => self.on_members(id, from, group),
             Msg::RepairAsk { group } => self.on_repair_ask(id, from, group),
             Msg::RepairView { group, view } => self.on_repair_view(id, from, group, view)?,
+            Msg::RepairHint { group, leader } => {
+                if self.nodes[&id].damaged.contains(&group) && leader != id {
+                    self.net.post(id, leader, Msg::RepairAsk { group });
+                }
+            }
             Msg::RemoveDamaged { group } => self.on_remove_damaged(id, from, group)?,
             Msg::PassiveReplica { group, since } => self.on_passive_replica(id, from, group, since)?,
             Msg::PassiveAnswer { group, answer } => self.on_passive_answer(id, from, group, answer)?,
@@ -1282,12 +1292,17 @@ impl World {
         }
     }
 
+    /// As the real `GroupMembers` call: the leader answers with its view, a
+    /// follower names the leader it knows (asked next).
     fn on_repair_ask(&mut self, id: NodeId, from: NodeId, group: GroupId) {
-        if let Some(part) = self.nodes[&id].groups.get(&group) {
-            if part.core().is_leader() {
-                let view = group_view(part);
-                self.net.post(id, from, Msg::RepairView { group, view });
-            }
+        let Some(part) = self.nodes[&id].groups.get(&group) else {
+            return;
+        };
+        if part.core().is_leader() {
+            let view = group_view(part);
+            self.net.post(id, from, Msg::RepairView { group, view });
+        } else if let Some(leader) = part.status().leader {
+            self.net.post(id, from, Msg::RepairHint { group, leader });
         }
     }
 
@@ -1309,12 +1324,13 @@ impl World {
 
     /// On a group's leader: a damaged replica asks to be removed.
     fn on_remove_damaged(&mut self, id: NodeId, from: NodeId, group: GroupId) -> Result<(), String> {
-        let node = &self.nodes[&id];
+        let now = self.now();
+        let node = self.nodes.get_mut(&id).expect("known node");
         let Some(part) = node.groups.get(&group) else {
             return Ok(());
         };
-        let status = part.status();
-        if let Ok(Some(voters)) = node.core.voters_without_damaged(status.leader, &status.voters, from) {
+        let (leader, view) = (part.status().leader, group_view(part));
+        if let Ok(Some(voters)) = node.core.voters_without_damaged(group, leader, &view, from, now) {
             self.note(format!("node {id} removes damaged voter {from} of group {group}"));
             self.reconfigure(id, group, &voters)?;
         }
