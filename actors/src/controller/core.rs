@@ -145,7 +145,7 @@ pub enum RepairStep {
 }
 
 /// Heal intervals a node removed for damage stays out of settling.
-pub const DAMAGED_HOLD_HEALS: u64 = 10;
+pub const DAMAGED_HOLD_HEALS: u64 = 4;
 /// Damaged removals a leader holds back at once.
 const DAMAGED_HELD_MAX: usize = 1024;
 
