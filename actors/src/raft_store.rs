@@ -324,6 +324,22 @@ impl PartitionStore {
         Some(entry)
     }
 
+    /// Reads entries `low..high` that are not held in memory, checking them
+    /// as any read does (a batch's CRC among others): a damaged one is an
+    /// error here (damage, see `ActorError::is_damage`) rather than inside
+    /// Raft, which cannot go on without an entry it must apply.
+    pub fn check_readable(&self, low: u64, high: u64) -> Result<()> {
+        for index in low..high {
+            if self.recent_entry(index).is_some() {
+                continue;
+            }
+            if let Some(slot) = self.slot(index) {
+                self.read_entry(index, slot)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes appended entries durable. Raft answers votes and appends only
     /// after this; without `sync_log` it leaves them to the OS, and a power
     /// loss may lose entries a leader counted.

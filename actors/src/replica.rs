@@ -423,6 +423,14 @@ impl ReplicaCore {
         if !self.raw.has_ready() {
             return Ok(out);
         }
+        // The committed entries this ready applies are read from disk when
+        // not in memory; a damaged one must surface as damage, not as a
+        // panic inside Raft.
+        let log = &self.raw.raft.raft_log;
+        let (low, high) = (log.applied + 1, log.committed.min(log.persisted) + 1);
+        if high > low {
+            self.raw.store().check_readable(low, high)?;
+        }
         let mut ready = self.raw.ready();
         let early = ready.take_messages();
         if !early.is_empty() {

@@ -862,7 +862,11 @@ impl World {
         let Some(part) = node.groups.get_mut(&group) else {
             return Ok(());
         };
-        let messages = part.drive().map_err(|e| format!("node {id} group {group}: {e}"))?;
+        let messages = match part.drive() {
+            Ok(messages) => messages,
+            Err(e) if e.is_damage() => return self.on_running_damage(id, group, &e.to_string()),
+            Err(e) => return Err(format!("node {id} group {group}: {e}")),
+        };
         let leader = part.core().leader_id().and_then(NodeId::from_raft);
         let before = node.leaders.insert(group, leader);
         if before.is_some_and(|b| b != leader) && leader.is_some() {
@@ -1134,11 +1138,31 @@ impl World {
     fn on_raft(&mut self, id: NodeId, group: GroupId, message: Message) -> Result<(), String> {
         let node = self.nodes.get_mut(&id).expect("known node");
         if let Some(part) = node.groups.get_mut(&group) {
-            part.core_mut()
-                .step(message)
-                .map_err(|e| format!("node {id} group {group} step: {e}"))?;
+            match part.core_mut().step(message) {
+                Ok(()) => {}
+                Err(e) if e.is_damage() => return self.on_running_damage(id, group, &e.to_string()),
+                Err(e) => return Err(format!("node {id} group {group} step: {e}")),
+            }
             self.drive(id, group)?;
         }
+        Ok(())
+    }
+
+    /// A running replica found damage (an entry it must apply does not read
+    /// back, or entries it held are gone): as the broker's supervisor, it
+    /// stops and is marked damaged, for the repair duty.
+    fn on_running_damage(&mut self, id: NodeId, group: GroupId, error: &str) -> Result<(), String> {
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.groups.remove(&group);
+        node.damaged.insert(group);
+        *self
+            .report
+            .faults
+            .entry("damage_detected_running".to_string())
+            .or_default() += 1;
+        self.note(format!(
+            "node {id} group {group} replica damaged while running: {error}"
+        ));
         Ok(())
     }
 
@@ -1253,7 +1277,17 @@ impl World {
         let group = groups[self.rng.between(0, groups.len() as u64 - 1) as usize];
         let dir = node.group_dir(group);
         let segments = closed_segments(&dir.join("log"))?;
-        let kind = match self.rng.between(0, 2) {
+        let kind = match self.rng.between(0, 3) {
+            3 if !segments.is_empty() => {
+                let segment = &segments[self.rng.between(0, segments.len() as u64 - 1) as usize];
+                let mut bytes = std::fs::read(segment).map_err(|e| format!("{}: {e}", segment.display()))?;
+                let at = self.rng.between(0, bytes.len().max(1) as u64 - 1) as usize;
+                if let Some(byte) = bytes.get_mut(at) {
+                    *byte ^= 0x40;
+                }
+                std::fs::write(segment, bytes).map_err(|e| format!("{}: {e}", segment.display()))?;
+                "damage_flipped_byte"
+            }
             2 if !segments.is_empty() => {
                 let segment = &segments[self.rng.between(0, segments.len() as u64 - 1) as usize];
                 std::fs::remove_file(segment).map_err(|e| format!("{}: {e}", segment.display()))?;
