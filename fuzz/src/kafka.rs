@@ -132,6 +132,9 @@ fn fetched(data: &[u8]) {
         assert_eq!(kafka.timestamp, ours.record.timestamp_ms);
         assert_eq!(kafka.key, ours.record.key);
         assert_eq!(kafka.value, ours.record.value);
-        assert_eq!(kafka.headers.len(), ours.record.headers.len());
+        // kafka-protocol holds headers in a map: names repeated in one
+        // record collapse to one (a limit of the crate, see README).
+        let names: std::collections::BTreeSet<&str> = ours.record.headers.iter().map(|h| h.key.as_str()).collect();
+        assert_eq!(kafka.headers.len(), names.len());
     }
 }

@@ -860,11 +860,17 @@ impl Record {
 
         // Timestamp delta
         let timestamp_delta: i64 = types::VarLong.decode(buf)?;
-        let timestamp = batch_decode_info.min_timestamp + timestamp_delta;
+        // Runnel patch: a delta from the wire must not overflow the sum.
+        let Some(timestamp) = batch_decode_info.min_timestamp.checked_add(timestamp_delta) else {
+            bail!("record timestamp overflows: {} + {timestamp_delta}", batch_decode_info.min_timestamp);
+        };
 
         // Offset delta
         let offset_delta: i32 = types::VarInt.decode(buf)?;
-        let offset = batch_decode_info.min_offset + offset_delta as i64;
+        // Runnel patch: a delta from the wire must not overflow the sum.
+        let Some(offset) = batch_decode_info.min_offset.checked_add(offset_delta as i64) else {
+            bail!("record offset overflows: {} + {offset_delta}", batch_decode_info.min_offset);
+        };
         let sequence = batch_decode_info.base_sequence.wrapping_add(offset_delta);
 
         // Key
