@@ -384,6 +384,15 @@ impl ProduceReply for SimReply {
 
 type Part = PartitionCore<SimReply>;
 
+/// A replica the nemesis damaged: no other is damaged until this one was
+/// moved aside (or deleted) and its group settled again. Damage that is
+/// never found (a flipped byte in entries never read again) stops further
+/// damage for the run.
+struct Damaged {
+    node: NodeId,
+    rebuilt: bool,
+}
+
 struct Node {
     id: NodeId,
     dir: PathBuf,
@@ -588,7 +597,7 @@ struct World {
     checked: BTreeMap<(NodeId, GroupId), u64>,
     /// Groups whose replica the nemesis damaged and the repair has not
     /// rebuilt yet: one at a time, so a group always keeps a majority.
-    damaged_groups: BTreeSet<GroupId>,
+    damaged_groups: BTreeMap<GroupId, Damaged>,
     running: Verdict,
     tasks: Tasks,
     report: SimReport,
@@ -738,7 +747,7 @@ impl World {
             consumer_reads: BTreeMap::new(),
             committed: BTreeMap::new(),
             checked: BTreeMap::new(),
-            damaged_groups: BTreeSet::new(),
+            damaged_groups: BTreeMap::new(),
             running: Verdict::default(),
             report: SimReport {
                 seed,
@@ -976,8 +985,8 @@ impl World {
             let healed: Vec<GroupId> = self
                 .damaged_groups
                 .iter()
-                .copied()
-                .filter(|g| self.settled(*g))
+                .filter(|(g, damage)| damage.rebuilt && self.settled(**g))
+                .map(|(g, _)| *g)
                 .collect();
             for group in healed {
                 self.damaged_groups.remove(&group);
@@ -1296,7 +1305,13 @@ impl World {
             1 => overwrite(&dir.join("log").join("log.meta"), "damage_log_meta")?,
             _ => overwrite(&dir.join("raft.meta"), "damage_raft_meta")?,
         };
-        self.damaged_groups.insert(group);
+        self.damaged_groups.insert(
+            group,
+            Damaged {
+                node: id,
+                rebuilt: false,
+            },
+        );
         *self.report.faults.entry(kind.to_string()).or_default() += 1;
         self.note(format!("{kind}: node {id} group {group}"));
         Ok(())
@@ -1304,11 +1319,16 @@ impl World {
 
     /// Whether a leader of `group` has the voters its metadata assigns and
     /// no learner: a damaged replica of it was rebuilt (or never was).
+    /// (The leader of the highest term: a stale replica elsewhere may still
+    /// think it leads with an older configuration.)
     fn settled(&self, group: GroupId) -> bool {
-        self.nodes.values().filter(|n| n.up).any(|node| {
-            let Some(part) = node.groups.get(&group).filter(|p| p.core().is_leader()) else {
-                return false;
-            };
+        let leader = self
+            .nodes
+            .values()
+            .filter(|n| n.up)
+            .filter_map(|node| Some((node, node.groups.get(&group).filter(|p| p.core().is_leader())?)))
+            .max_by_key(|(_, part)| part.status().term);
+        leader.is_some_and(|(node, part)| {
             let assigned = node.core.meta().assignment_of(group);
             assigned.is_some_and(|assigned| group_view(part).matches(&assigned))
         })
@@ -1386,6 +1406,9 @@ impl World {
         node.damaged.remove(&group);
         node.core.on_quarantined(group);
         self.checked.remove(&(id, group));
+        if let Some(damage) = self.damaged_groups.get_mut(&group).filter(|d| d.node == id) {
+            damage.rebuilt = true;
+        }
         *self.report.faults.entry("repair_quarantined".to_string()).or_default() += 1;
         self.note(format!("node {id} quarantined its damaged replica of group {group}"));
         Ok(())
@@ -1608,7 +1631,10 @@ impl World {
         std::fs::write(&tombstone, b"").map_err(|e| format!("{}: {e}", tombstone.display()))?;
         std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         self.checked.remove(&(id, group));
-        self.damaged_groups.remove(&group);
+        if self.damaged_groups.get(&group).is_some_and(|d| d.node == id) {
+            // The damaged copy is gone; the group has others.
+            self.damaged_groups.remove(&group);
+        }
         self.nodes.get_mut(&id).expect("known node").damaged.remove(&group);
         self.note(format!("node {id} deleted its stale replica of group {group}"));
         Ok(())
