@@ -166,6 +166,22 @@ impl Session {
             .ok_or_else(|| SqlError::new(format!("{QUERY_IDS_MAX} query ids {prefix}_n are taken")))
     }
 
+    /// Waits (bounded) until the catalog this session reads no longer lists
+    /// query `id`: the controller leader committed the stop, and the node
+    /// answering may apply it a moment later. The next statement then sees
+    /// its own TERMINATE.
+    async fn await_stopped(&self, id: &str) -> SqlResult<()> {
+        let deadline = tokio::time::Instant::now() + STOP_VISIBLE_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let catalog = self.catalog().await?;
+            if !catalog.queries.iter().any(|(d, _)| d.name == id) {
+                return Ok(());
+            }
+            tokio::time::sleep(STOP_VISIBLE_POLL).await;
+        }
+        Ok(())
+    }
+
     /// Every running query terminated, one by one (`TERMINATE ALL`).
     async fn terminate_all(&self) -> SqlResult<Outcome> {
         let catalog = self.catalog().await?;
@@ -192,6 +208,7 @@ impl Session {
             return Err(unknown_query(&catalog, id));
         };
         self.client.stop_dataflow(id).await.map_err(cluster)?;
+        self.await_stopped(id).await?;
         if plan.registered().is_some() {
             return Ok(Outcome::Message(format!(
                 "Rust dataflow {id} stopped; its checkpoints stay (`runnel dataflow start {id}` resumes it, `runnel dataflow delete {id}` removes them)"
@@ -542,6 +559,10 @@ impl Session {
 
 /// Ids tried per query kind.
 const QUERY_IDS_MAX: usize = 10_000;
+/// How long TERMINATE waits for its stop to show in this node's catalog,
+/// and how often it looks.
+const STOP_VISIBLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const STOP_VISIBLE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn title(kind: ObjectKind) -> &'static str {
     match kind {

@@ -24,6 +24,10 @@ use runnel_client::protocol::{Catalog, FailedReplica};
 const SOURCE_TOPIC_WAIT: Duration = Duration::from_secs(3);
 /// How often `start_dataflow` looks again meanwhile.
 const SOURCE_TOPIC_POLL: Duration = Duration::from_millis(50);
+/// How long creating a dataflow's topic waits for the controller leader to
+/// see as many live nodes as this node does, and how often it asks.
+const DATAFLOW_TOPIC_SETTLE: Duration = Duration::from_secs(4);
+const DATAFLOW_TOPIC_RETRY: Duration = Duration::from_millis(200);
 
 /// Why the service did not do what was asked. Each names the problem.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -371,10 +375,7 @@ impl BrokerService {
             .core()
             .dataflow_topics_missing(&name, &shape, partitions, replication);
         for (topic, config) in missing {
-            match self.create_topic(topic, config).await {
-                Ok(()) | Err(ServiceError::Refused(MetadataError::TopicExists(_))) => {}
-                Err(e) => return Err(e),
-            }
+            self.create_dataflow_topic(topic, config).await?;
         }
         Ok(DataflowMeta {
             name,
@@ -384,6 +385,25 @@ impl BrokerService {
             partitions,
             placement: Vec::new(),
         })
+    }
+
+    /// Creates one of a dataflow's topics (one that exists is fine). Its
+    /// replication comes from this node's view of the live nodes; the
+    /// controller leader's view may lag it while a cluster forms (or a node
+    /// returns), so that refusal is asked again for a bounded time.
+    async fn create_dataflow_topic(&self, topic: String, config: TopicConfig) -> Result<(), ServiceError> {
+        let deadline = tokio::time::Instant::now() + DATAFLOW_TOPIC_SETTLE;
+        loop {
+            match self.create_topic(topic.clone(), config.clone()).await {
+                Ok(()) | Err(ServiceError::Refused(MetadataError::TopicExists(_))) => return Ok(()),
+                Err(ServiceError::Refused(MetadataError::NotEnoughNodes { .. }))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(DATAFLOW_TOPIC_RETRY).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The partitions of a dataflow's source topic. This node may not have
