@@ -42,6 +42,24 @@ fn start_cluster(first_host: u8) -> ProcessCluster {
     }
 }
 
+/// `runnel produce ARGS` against the cluster with `input` on its standard
+/// input; its output, standard error included.
+fn produce_stdin(cluster: &ProcessCluster, args: &[&str], input: &[u8]) -> std::process::Output {
+    let mut child = runnel()
+        .arg("produce")
+        .args(args)
+        .args(["--seeds", &cluster.addrs[0].to_string()])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input).expect("write");
+    child.wait_with_output().expect("wait")
+}
+
 fn create_topic(cluster: &ProcessCluster, name: &str, partitions: u32) {
     let seeds: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
     wait_for("the topic to be created", TIMEOUT, || {
@@ -316,22 +334,7 @@ fn check_acknowledged(records: &[StoredRecord], acked: &BTreeMap<u32, u64>) {
 fn bad_produce_requests_get_clear_errors_and_the_cluster_keeps_serving() {
     let cluster = start_cluster(70);
     create_topic(&cluster, "events", 2);
-    let produce = |args: &[&str], input: &[u8]| {
-        use std::io::Write;
-        let mut child = runnel()
-            .arg("produce")
-            .args(args)
-            .args(["--seeds", &cluster.addrs[0].to_string()])
-            .arg("--certs")
-            .arg(&cluster.certs)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        child.stdin.take().expect("stdin").write_all(input).expect("write");
-        child.wait_with_output().expect("wait")
-    };
+    let produce = |args: &[&str], input: &[u8]| produce_stdin(&cluster, args, input);
     let err = |output: std::process::Output| {
         assert!(!output.status.success());
         String::from_utf8_lossy(&output.stderr).to_string()
@@ -487,20 +490,7 @@ fn consume_max_prints_at_most_max_and_a_group_commits_only_what_was_printed() {
     assert_eq!(lines[1], format!("partition 0 offset {}", x2["offset"]), "{lines:?}");
     assert_eq!(x2["value"], "x2");
     // Headers on every record, and a key from a JSON field.
-    let produce_lines = |args: &[&str], input: &[u8]| {
-        let mut child = runnel()
-            .arg("produce")
-            .args(args)
-            .args(["--seeds", &cluster.addrs[0].to_string()])
-            .arg("--certs")
-            .arg(&cluster.certs)
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input).expect("write");
-        child.wait_with_output().expect("wait")
-    };
+    let produce_lines = |args: &[&str], input: &[u8]| produce_stdin(&cluster, args, input);
     let args = [
         "seen",
         "-p",

@@ -17,12 +17,11 @@ use bytes::Bytes;
 use raft::eraftpb::{Entry, HardState};
 use raft::{GetEntriesContext, Storage as _};
 use runnel_actors::raft_store::PartitionStore;
+use runnel_storage::batch::OFFSET_MAGIC;
 use runnel_storage::{BatchBuilder, FsyncPolicy, Log, LogConfig, Record, RecordBatch};
 
 const BATCHES_MAX: usize = 24;
 const DAMAGES_MAX: usize = 4;
-/// Where a batch's own bytes start: after its offset, length and term.
-const MAGIC_AT: usize = 20;
 
 #[derive(Arbitrary, Debug)]
 struct Scenario {
@@ -223,8 +222,8 @@ fn raft_store(dir: &Path, scenario: &Scenario) {
             // header; what the producer wrote starts at the magic byte.
             if entry.term == original.term && !original.data.is_empty() {
                 assert_eq!(
-                    entry.data.get(MAGIC_AT..),
-                    original.data.get(MAGIC_AT..),
+                    entry.data.get(OFFSET_MAGIC..),
+                    original.data.get(OFFSET_MAGIC..),
                     "entry {} changed",
                     entry.index
                 );

@@ -1,14 +1,10 @@
 //! Runnel's record batch (storage/src/batch.rs): what producers send, Raft
 //! replicates and segments hold.
 
-use runnel_storage::batch::{BATCH_HEADER_BYTES, LOG_OVERHEAD_BYTES};
+use runnel_storage::batch::{
+    BATCH_HEADER_BYTES, CRC_START, LOG_OVERHEAD_BYTES, OFFSET_CRC, OFFSET_LENGTH, OFFSET_MAGIC,
+};
 use runnel_storage::RecordBatch;
-
-/// The CRC covers bytes from here to the end.
-const CRC_START: usize = 25;
-const OFFSET_LENGTH: usize = 8;
-const OFFSET_MAGIC: usize = 20;
-const OFFSET_CRC: usize = 21;
 
 pub fn run(data: &[u8]) {
     decode(data);

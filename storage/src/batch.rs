@@ -59,15 +59,15 @@ pub const ATTRIBUTE_CONTROL: u16 = 1 << 5;
 /// what a decoder will ever allocate.
 pub const BATCH_BYTES_HARD_LIMIT: usize = 64 * 1024 * 1024;
 /// The CRC covers the bytes from here to the end.
-const CRC_START: usize = 25;
+pub const CRC_START: usize = 25;
 /// A record is at least: length, attributes, timestamp, offset, key, value, headers.
 const RECORD_BYTES_MIN: usize = 7;
 
 const OFFSET_BASE: usize = 0;
-const OFFSET_LENGTH: usize = 8;
+pub const OFFSET_LENGTH: usize = 8;
 const OFFSET_TERM: usize = 12;
-const OFFSET_MAGIC: usize = 20;
-const OFFSET_CRC: usize = 21;
+pub const OFFSET_MAGIC: usize = 20;
+pub const OFFSET_CRC: usize = 21;
 const OFFSET_ATTRIBUTES: usize = 25;
 const OFFSET_COUNT: usize = 27;
 const OFFSET_FIRST_TS: usize = 31;

@@ -39,33 +39,37 @@ fn run_seed(seed: u64, config: &SimConfig, dir: &std::path::Path) -> SimReport {
     }
 }
 
-#[test]
-fn seeds_lose_and_duplicate_nothing_acknowledged() {
-    let dir = scratch();
-    let config = SimConfig::default();
-    let seeds: Vec<u64> = match env_u64("RUNNEL_SEED") {
+/// The seeds to run: the one named by `one_var`, else `1..=` the count
+/// `many_var` names (default `count`).
+fn seeds_from_env(one_var: &str, many_var: &str, count: u64) -> Vec<u64> {
+    match env_u64(one_var) {
         Some(seed) => vec![seed],
-        None => (1..=env_u64("RUNNEL_SIM_SEEDS").unwrap_or(SEEDS)).collect(),
-    };
-    let started = std::time::Instant::now();
+        None => (1..=env_u64(many_var).unwrap_or(count)).collect(),
+    }
+}
+
+/// Runs `seeds`: their totals, and each failing seed's failure with its
+/// last 40 events.
+fn run_seeds(seeds: &[u64], config: &SimConfig) -> (SimReport, Vec<String>) {
+    let dir = scratch();
     let mut totals = SimReport::default();
     let mut failures = Vec::new();
-    for &seed in &seeds {
-        let report = run_seed(seed, &config, dir.path());
+    for &seed in seeds {
+        let report = run_seed(seed, config, dir.path());
         if let Some(failure) = report.failure() {
-            let trace = report
-                .trace
-                .iter()
-                .rev()
-                .take(40)
-                .rev()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n    ");
-            failures.push(format!("{failure}\n  last events:\n    {trace}"));
+            let trace: Vec<String> = report.trace.iter().rev().take(40).rev().cloned().collect();
+            failures.push(format!("{failure}\n  last events:\n    {}", trace.join("\n    ")));
         }
         totals.add(report);
     }
+    (totals, failures)
+}
+
+#[test]
+fn seeds_lose_and_duplicate_nothing_acknowledged() {
+    let seeds = seeds_from_env("RUNNEL_SEED", "RUNNEL_SIM_SEEDS", SEEDS);
+    let started = std::time::Instant::now();
+    let (totals, failures) = run_seeds(&seeds, &SimConfig::default());
     println!(
         "{} seeds in {:.1} s: {}",
         seeds.len(),
@@ -107,25 +111,12 @@ const DAMAGE_SEEDS: u64 = 40;
 /// acknowledged is lost and the groups converge to their assignments.
 #[test]
 fn damaged_replicas_are_rebuilt_and_nothing_acknowledged_is_lost() {
-    let dir = scratch();
     let config = SimConfig {
         disk_damage: true,
         ..SimConfig::default()
     };
-    let seeds: Vec<u64> = match env_u64("RUNNEL_DAMAGE_SEED") {
-        Some(seed) => vec![seed],
-        None => (1..=env_u64("RUNNEL_DAMAGE_SEEDS").unwrap_or(DAMAGE_SEEDS)).collect(),
-    };
-    let mut totals = SimReport::default();
-    let mut failures = Vec::new();
-    for &seed in &seeds {
-        let report = run_seed(seed, &config, dir.path());
-        if let Some(failure) = report.failure() {
-            let trace: Vec<String> = report.trace.iter().rev().take(40).rev().cloned().collect();
-            failures.push(format!("seed {seed}: {failure}\n    {}", trace.join("\n    ")));
-        }
-        totals.add(report);
-    }
+    let seeds = seeds_from_env("RUNNEL_DAMAGE_SEED", "RUNNEL_DAMAGE_SEEDS", DAMAGE_SEEDS);
+    let (totals, failures) = run_seeds(&seeds, &config);
     println!("{} seeds with disk damage: {}", seeds.len(), totals.summary());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     if seeds.len() > 1 {

@@ -860,17 +860,11 @@ impl Record {
 
         // Timestamp delta
         let timestamp_delta: i64 = types::VarLong.decode(buf)?;
-        // Runnel patch: a delta from the wire must not overflow the sum.
-        let Some(timestamp) = batch_decode_info.min_timestamp.checked_add(timestamp_delta) else {
-            bail!("record timestamp overflows: {} + {timestamp_delta}", batch_decode_info.min_timestamp);
-        };
+        let timestamp = add_delta(batch_decode_info.min_timestamp, timestamp_delta, "timestamp")?;
 
         // Offset delta
         let offset_delta: i32 = types::VarInt.decode(buf)?;
-        // Runnel patch: a delta from the wire must not overflow the sum.
-        let Some(offset) = batch_decode_info.min_offset.checked_add(offset_delta as i64) else {
-            bail!("record offset overflows: {} + {offset_delta}", batch_decode_info.min_offset);
-        };
+        let offset = add_delta(batch_decode_info.min_offset, offset_delta as i64, "offset")?;
         let sequence = batch_decode_info.base_sequence.wrapping_add(offset_delta);
 
         // Key
@@ -942,6 +936,15 @@ impl Record {
             value,
             headers,
         })
+    }
+}
+
+/// Runnel patch: a record's base plus a delta from the wire, which must not
+/// overflow.
+fn add_delta(base: i64, delta: i64, what: &str) -> Result<i64> {
+    match base.checked_add(delta) {
+        Some(sum) => Ok(sum),
+        None => bail!("record {what} overflows: {base} + {delta}"),
     }
 }
 
@@ -1097,3 +1100,4 @@ mod tests {
         .expect("decode works");
     }
 }
+
