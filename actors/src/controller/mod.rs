@@ -43,6 +43,10 @@ pub use service::{BrokerService, ServiceError};
 /// How often the controller leader looks for dead nodes' replicas to move,
 /// and every node nudges unsettled groups.
 const HEAL_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a catch-up waits for this node's metadata to reach the
+/// controller leader's commit point, and how often it looks again.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+const CATCH_UP_POLL: Duration = Duration::from_millis(25);
 /// How often consumer groups expire silent members and check which groups
 /// this node still coordinates.
 const GROUP_TICK: Duration = Duration::from_millis(200);
@@ -578,14 +582,22 @@ impl Shared {
             ControllerResponse::Offset(committed) => committed,
             other => return Err(format!("the controller leader's commit point is not known: {other:?}")),
         };
-        self.pull_and_apply().await?;
-        let applied = self.core().meta().applied_offset;
-        if applied < committed {
-            return Err(format!(
-                "applied to offset {applied} of the controller log, committed to {committed}"
-            ));
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        loop {
+            self.pull_and_apply().await?;
+            let applied = self.core().meta().applied_offset;
+            if applied >= committed {
+                return Ok(());
+            }
+            // This node's own controller replica may not have learnt the
+            // leader's commit point yet (it does with the next heartbeat).
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "applied to offset {applied} of the controller log, committed to {committed}"
+                ));
+            }
+            tokio::time::sleep(CATCH_UP_POLL).await;
         }
-        Ok(())
     }
 
     async fn pull_and_apply(&self) -> std::result::Result<(), String> {
