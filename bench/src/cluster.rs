@@ -19,17 +19,17 @@ use runnel_verify::fixtures::procs::NodeLog;
 use runnel_verify::fixtures::{free_addr, init_certs, scratch_dir, NodeCommand, ProcessCluster};
 
 /// How long the benchmark cluster may take to form and create its topics.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The node processes (killed however the benchmark ends) and their scratch
 /// directory, removed after them.
-struct Nodes {
-    cluster: ProcessCluster,
+pub(crate) struct Nodes {
+    pub(crate) cluster: ProcessCluster,
     _scratch: tempfile::TempDir,
 }
 
 impl Nodes {
-    fn start(exe: &Path, count: u32, dir: Option<&Path>) -> anyhow::Result<Nodes> {
+    pub(crate) fn start(exe: &Path, count: u32, dir: Option<&Path>) -> anyhow::Result<Nodes> {
         Nodes::start_with(exe, count, dir, &[])
     }
 
@@ -49,7 +49,7 @@ impl Nodes {
         })
     }
 
-    async fn connect(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         Ok(connect(&self.cluster.addrs, self.cluster.certs(), SETUP_TIMEOUT).await?)
     }
 
@@ -171,7 +171,7 @@ pub(crate) async fn produce_for(
 }
 
 /// `records` copies of `value` as one batch of an idempotent producer.
-fn idempotent_batch(
+pub(crate) fn idempotent_batch(
     producer_id: i64,
     base_sequence: i32,
     value: &Bytes,
@@ -348,9 +348,8 @@ async fn produce_cases(
 
 /// Produces continuously, kills partition 0's leader, and returns the longest
 /// time between two successful acks.
-async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usize) -> anyhow::Result<f64> {
-    let info = client.describe_topic("bench").await?;
-    let leader = info.partitions[0].leader.context("partition 0 has no leader")?;
+pub(crate) async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usize) -> anyhow::Result<f64> {
+    let leader = leader_of_partition_0(client).await?;
     let value = Bytes::from(vec![b'g'; 100]);
     let mut last_ack = Instant::now();
     let mut longest = 0f64;
@@ -374,6 +373,22 @@ async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_bytes: usiz
         bail!("the leader was never killed");
     }
     Ok(longest)
+}
+
+/// The leader of partition 0 of topic `bench`, once it has one (a topic
+/// just created may not yet).
+async fn leader_of_partition_0(client: &Client) -> anyhow::Result<NodeId> {
+    let deadline = Instant::now() + SETUP_TIMEOUT;
+    loop {
+        let info = client.describe_topic("bench").await?;
+        if let Some(leader) = info.partitions.first().and_then(|p| p.leader) {
+            return Ok(leader);
+        }
+        if Instant::now() >= deadline {
+            bail!("partition 0 of bench has no leader after {SETUP_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[derive(clap::Args)]

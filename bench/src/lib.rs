@@ -7,6 +7,8 @@
 //!   processes, against plain TCP.
 //! - [`cluster`]: produce, consume and idle figures on three `runnel node`
 //!   processes.
+//! - [`failover`]: the longest wait for an acknowledgement when a leader is
+//!   killed, and a restarted cluster's first acknowledged write.
 //! - [`kafka`]: Kafka clients (confluent-kafka) against Runnel's own client
 //!   on the same clusters.
 //! - [`window`]: the fraud query — the window operator alone, then end to end
@@ -16,6 +18,7 @@
 //! [`runnel_verify::fixtures`].
 
 pub mod cluster;
+pub mod failover;
 pub mod kafka;
 pub mod storage;
 pub mod transport;
@@ -33,6 +36,8 @@ pub enum Target {
     Transport(transport::Args),
     /// Produce throughput, ack latency and failover gap on 3 node processes.
     Produce(cluster::ProduceArgs),
+    /// Producer wait after a leader's SIGKILL; a restarted cluster's first ack.
+    Failover(failover::Args),
     /// Consumer throughput reading back what was produced, 3 node processes.
     Consume(cluster::ConsumeArgs),
     /// CPU and memory of 3 idle nodes holding many partitions.
@@ -49,6 +54,7 @@ pub fn run(target: Target, exe: &Path) -> anyhow::Result<()> {
         Target::Storage(args) => storage::run(args),
         Target::Transport(args) => transport::run(args, exe),
         Target::Produce(args) => cluster::produce(args, exe),
+        Target::Failover(args) => failover::run(args, exe),
         Target::Consume(args) => cluster::consume(args, exe),
         Target::Idle(args) => cluster::idle(args, exe),
         Target::Window(args) => window::run(args),

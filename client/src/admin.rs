@@ -121,10 +121,7 @@ impl Client {
     /// A topic with each partition's leader and offsets, as the replicas see them.
     pub async fn describe_topic(&self, name: &str) -> ClientResult<TopicInfo> {
         let topics = self.topics().await?;
-        let mut topic = topics
-            .into_iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| ClientError::UnknownTopic(name.to_string()))?;
+        let mut topic = self.find_topic(topics, name).await?;
         // Ask a replica of each partition for what only replicas know.
         for partition in &mut topic.partitions {
             for node in partition.replicas.clone() {

@@ -18,9 +18,6 @@ use crate::error::{ClientError, ClientResult};
 use crate::policy::{self, Outcome};
 use crate::protocol::{decode_payload, encode_payload, ClientRequest, ClientResponse, TopicInfo, CLIENT_ACTOR};
 
-/// How long a node that failed to answer is tried last.
-const FAILED_NODE_MEMORY: Duration = Duration::from_secs(5);
-
 /// How long routing trusts cached metadata before asking again.
 const METADATA_MAX_AGE: Duration = Duration::from_secs(2);
 
@@ -37,8 +34,6 @@ pub struct Client {
     controller_leader: RwLock<Option<NodeId>>,
     /// Topics as of the last refresh, for routing.
     cache: RwLock<Option<(Instant, Vec<TopicInfo>)>>,
-    /// Nodes that recently failed to answer, tried last for a while.
-    failed: RwLock<HashMap<NodeId, Instant>>,
     /// Where each (topic, partition) was last served.
     leaders: RwLock<HashMap<(String, u32), NodeId>>,
     /// The node this client runs inside, if any.
@@ -112,7 +107,6 @@ impl Client {
             alive: RwLock::new(Vec::new()),
             controller_leader: RwLock::new(None),
             cache: RwLock::new(None),
-            failed: RwLock::new(HashMap::new()),
             leaders: RwLock::new(HashMap::new()),
             local,
             timeout: Duration::from_secs(15),
@@ -262,20 +256,31 @@ impl Client {
         Ok(topics)
     }
 
-    /// Whether `node` failed to answer recently.
-    fn failed_recently(&self, node: NodeId) -> bool {
-        self.failed
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&node)
-            .is_some_and(|at| at.elapsed() < FAILED_NODE_MEMORY)
+    /// Whether the last request to `node` failed moments ago (the
+    /// cluster client remembers it for a while).
+    async fn failed_recently(&self, node: NodeId) -> bool {
+        match self.node_addr(node) {
+            Some(addr) => self.cluster.failed_recently(addr).await,
+            None => false,
+        }
     }
 
-    fn mark_failed(&self, node: NodeId) {
-        self.failed
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node, Instant::now());
+    /// Topic `name` from `topics`; one they do not list is asked for by
+    /// name, which a node answers "does not exist" only after catching up
+    /// with the controller (a node that restarted after a crash lists
+    /// topics from metadata that may lag until then).
+    pub(crate) async fn find_topic(&self, topics: Vec<TopicInfo>, name: &str) -> ClientResult<TopicInfo> {
+        if let Some(info) = topics.into_iter().find(|t| t.name == name) {
+            return Ok(info);
+        }
+        let request = ClientRequest::DescribeTopic { name: name.to_string() };
+        match self.call(None, &request).await? {
+            ClientResponse::Topic(info) => Ok(info),
+            ClientResponse::UnknownTopic(_) => Err(ClientError::UnknownTopic(name.to_string())),
+            ClientResponse::Failed(e) => Err(e.into()),
+            ClientResponse::Refused(e) => Err(e.into()),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
     }
 
     /// Nodes to try for a partition: the last known leader first, then replicas.
@@ -285,10 +290,7 @@ impl Client {
             // Perhaps created since the cache was filled.
             topics = self.cached_topics(true).await?;
         }
-        let info = topics
-            .into_iter()
-            .find(|t| t.name == topic)
-            .ok_or_else(|| ClientError::UnknownTopic(topic.to_string()))?;
+        let info = self.find_topic(topics, topic).await?;
         let partitions = info.config.partitions;
         let info = info
             .partitions
@@ -309,11 +311,16 @@ impl Client {
         nodes.extend(info.replicas);
         let mut seen = std::collections::HashSet::new();
         nodes.retain(|n| seen.insert(*n));
-        // Nodes that just failed go last: a dead leader must not cost a
-        // connection timeout on every retry.
-        let failed = self.failed.read().unwrap_or_else(|p| p.into_inner());
-        nodes.sort_by_key(|n| failed.get(n).is_some_and(|at| at.elapsed() < FAILED_NODE_MEMORY));
-        Ok(nodes)
+        // Nodes that just failed are left out while another may serve: a
+        // dead leader must not cost a connection timeout on every round
+        // while its followers elect a new one.
+        let mut answering = Vec::with_capacity(nodes.len());
+        for &node in &nodes {
+            if !self.failed_recently(node).await {
+                answering.push(node);
+            }
+        }
+        Ok(if answering.is_empty() { nodes } else { answering })
     }
 
     /// Finds the node that serves the partition, following hints, retrying
@@ -357,11 +364,24 @@ impl Client {
         let mut hint: Option<NodeId> = None;
         let mut refresh = false;
         loop {
-            let mut nodes = self.candidates(routed.topic, routed.partition, refresh).await?;
+            let mut nodes = match self.candidates(routed.topic, routed.partition, refresh).await {
+                Ok(nodes) => nodes,
+                // A node behind the controller asks to be asked again.
+                Err(e @ ClientError::Broker(_))
+                    if policy::classify_client(&e) == Outcome::Retry && Instant::now() < deadline =>
+                {
+                    last_error = e.to_string();
+                    tokio::time::sleep(ROUND_PAUSE).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             refresh = true;
             // A follower names the old leader until it learns of a new one.
-            if let Some(hint) = hint.take().filter(|&h| !self.failed_recently(h)) {
-                nodes.insert(0, hint);
+            if let Some(hint) = hint.take() {
+                if !self.failed_recently(hint).await {
+                    nodes.insert(0, hint);
+                }
             }
             for node in nodes {
                 let Some(addr) = self.node_addr(node) else { continue };
@@ -402,7 +422,6 @@ impl Client {
         match self.call(Some(addr), routed.request).await {
             Ok(response) => routed.judge(node, response),
             Err(e) => {
-                self.mark_failed(node);
                 let outcome = policy::classify_client(&e);
                 if !policy::may_retry(outcome, routed.retry_safe) {
                     return Step::Fail(e);

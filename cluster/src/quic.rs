@@ -166,6 +166,9 @@ impl Transport for QuicTransport {
     }
 }
 
+/// The round-trip time QUIC assumes before it has measured one.
+const INITIAL_RTT: Duration = Duration::from_millis(100);
+
 fn transport_config(config: &QuicConfig, loopback: bool) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -175,7 +178,12 @@ fn transport_config(config: &QuicConfig, loopback: bool) -> quinn::TransportConf
         .receive_window(quinn::VarInt::from_u32(config.connection_window_bytes))
         .send_window(u64::from(config.connection_window_bytes))
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(256))
-        .max_concurrent_uni_streams(quinn::VarInt::from_u32(256));
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(256))
+        // Before a first RTT sample, QUIC assumes 333 ms and resends a lost
+        // handshake packet after about a second: a client that dials a node
+        // still starting would wait that long. Nodes and their clients sit
+        // close together; 100 ms resends after about 0.3 s.
+        .initial_rtt(INITIAL_RTT);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     if loopback {
         // Loopback always carries 64 KiB datagrams: start there. Under load
@@ -505,15 +513,16 @@ pub struct ClusterClient {
     connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// The seed that answered last, tried first next time.
     last_answered: tokio::sync::Mutex<Option<SocketAddr>>,
-    /// Seeds that failed recently, tried last.
+    /// Nodes whose last request failed, and when (see [`FAILED_MEMORY`]).
     failed: tokio::sync::Mutex<HashMap<SocketAddr, std::time::Instant>>,
 }
 
 /// How long establishing a connection may take: a dead node must not hold a
 /// request for the whole request timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a node that failed a request is tried after the others.
-const FAILED_MEMORY: Duration = Duration::from_secs(5);
+/// How long a node that failed a request is tried after the others (and
+/// passed over by partition routing while another replica may serve).
+const FAILED_MEMORY: Duration = Duration::from_secs(2);
 
 /// Connections a client keeps open at most.
 const CLIENT_CONNECTIONS_MAX: usize = 256;
@@ -572,10 +581,7 @@ impl ClusterClient {
                     *self.last_answered.lock().await = Some(seed);
                     return Ok(response);
                 }
-                Err(e) => {
-                    self.failed.lock().await.insert(seed, std::time::Instant::now());
-                    last_error = format!("{seed}: {e}");
-                }
+                Err(e) => last_error = format!("{seed}: {e}"),
             }
         }
         Err(ClusterError::Unreachable {
@@ -590,7 +596,34 @@ impl ClusterClient {
         self.request_ref(addr, &request, timeout).await
     }
 
+    /// Whether the last request to `addr` failed, less than
+    /// [`FAILED_MEMORY`] ago.
+    pub async fn failed_recently(&self, addr: SocketAddr) -> bool {
+        self.failed
+            .lock()
+            .await
+            .get(&addr)
+            .is_some_and(|at| at.elapsed() < FAILED_MEMORY)
+    }
+
     async fn request_ref(&self, addr: SocketAddr, request: &NodeRequest, timeout: Duration) -> Result<NodeResponse> {
+        let answer = self.request_timed(addr, request, timeout).await;
+        let mut failed = self.failed.lock().await;
+        match &answer {
+            Ok(_) => {
+                failed.remove(&addr);
+            }
+            Err(_) => {
+                if failed.len() >= CLIENT_CONNECTIONS_MAX {
+                    failed.clear();
+                }
+                failed.insert(addr, std::time::Instant::now());
+            }
+        }
+        answer
+    }
+
+    async fn request_timed(&self, addr: SocketAddr, request: &NodeRequest, timeout: Duration) -> Result<NodeResponse> {
         match tokio::time::timeout(timeout, self.request_one(addr, request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(failure)) => {
@@ -610,9 +643,11 @@ impl ClusterClient {
         }
     }
 
+    /// The open connection to `addr`, or a new one. The map is not held
+    /// while connecting: a dead node's connect timeout must not hold up
+    /// requests to the others.
     async fn connection(&self, addr: SocketAddr) -> std::result::Result<quinn::Connection, String> {
-        let mut connections = self.connections.lock().await;
-        if let Some(connection) = connections.get(&addr) {
+        if let Some(connection) = self.connections.lock().await.get(&addr) {
             if connection.close_reason().is_none() {
                 return Ok(connection.clone());
             }
@@ -625,6 +660,7 @@ impl ClusterClient {
             .await
             .map_err(|_| format!("no connection within {} ms", CONNECT_TIMEOUT.as_millis()))?
             .map_err(|e| with_tls_hint(e.to_string()))?;
+        let mut connections = self.connections.lock().await;
         if connections.len() >= CLIENT_CONNECTIONS_MAX {
             connections.clear();
         }
