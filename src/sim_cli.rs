@@ -43,8 +43,8 @@ pub struct Args {
     #[arg(long)]
     json: bool,
     /// Damage a replica's files while its node is down (garbage Raft or log
-    /// metadata, a deleted closed segment), one at a time; the cluster must
-    /// find and rebuild it.
+    /// metadata, a deleted closed segment, a flipped byte in one), one at a
+    /// time; the cluster must find and rebuild it.
     #[arg(long)]
     disk_damage: bool,
     /// The deliberately injected bug (acks=all answered before the commit),

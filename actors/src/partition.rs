@@ -511,7 +511,10 @@ impl<R: ProduceReply> PartitionCore<R> {
 
     /// As [`PartitionCore::drive`], but every message goes to `send` as soon
     /// as it may: a leader's appends before it persists them.
+    /// Damage that Raft met reading entries for a follower fails the replica
+    /// here, as damage met on open or apply does, so it is repaired.
     pub fn drive_sending(&mut self, send: &mut dyn FnMut(Vec<Message>)) -> crate::Result<()> {
+        self.check_read_damage()?;
         while self.core.has_ready() {
             let output = self.core.handle_ready_sending(send)?;
             if !output.messages.is_empty() {
@@ -522,7 +525,14 @@ impl<R: ProduceReply> PartitionCore<R> {
             }
         }
         self.resolve_appended();
-        Ok(())
+        self.check_read_damage()
+    }
+
+    fn check_read_damage(&self) -> crate::Result<()> {
+        match self.core.store().read_damage() {
+            Some(damage) => Err(damage),
+            None => Ok(()),
+        }
     }
 
     /// Answers the waiters of a committed (or, for `acks=leader|none`,

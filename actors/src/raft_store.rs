@@ -100,6 +100,10 @@ pub struct PartitionStore {
     /// costs no read, decode or checksum. At most [`RECENT_BYTES_MAX`] of data.
     recent: VecDeque<Entry>,
     recent_bytes: usize,
+    /// Damage Raft met reading entries (to send them to a follower): Raft
+    /// only learns that the entries are unavailable, so the replica's
+    /// owner checks this after driving it ([`PartitionStore::read_damage`]).
+    read_damage: std::sync::OnceLock<String>,
 }
 
 /// Data bytes of recently appended entries kept in memory per replica.
@@ -173,6 +177,7 @@ impl PartitionStore {
             producers,
             recent: VecDeque::new(),
             recent_bytes: 0,
+            read_damage: std::sync::OnceLock::new(),
         })
     }
 
@@ -194,6 +199,14 @@ impl PartitionStore {
 
     pub fn log(&self) -> &Log {
         &self.log
+    }
+
+    /// The first damage met while Raft read entries, as an error naming the
+    /// file and what is wrong.
+    pub fn read_damage(&self) -> Option<ActorError> {
+        self.read_damage
+            .get()
+            .map(|reason| ActorError::corrupt(&self.dir, reason.clone()))
     }
 
     pub fn first_index_value(&self) -> u64 {
@@ -658,7 +671,16 @@ impl raft::Storage for PartitionStore {
                 .ok_or(raft::Error::Store(RaftStorageError::Unavailable))?;
             let entry = match self.recent_entry(index) {
                 Some(entry) => entry.clone(),
-                None => self.read_entry(index, slot).map_err(store_error)?,
+                // Raft treats any other storage error while sending as
+                // fatal (it panics): damage is recorded for the owner to
+                // fail the replica with, and Raft is told to wait.
+                None => self.read_entry(index, slot).map_err(|e| {
+                    if !e.is_damage() {
+                        return store_error(e);
+                    }
+                    let _ = self.read_damage.set(format!("reading entry {index}: {e}"));
+                    raft::Error::Store(RaftStorageError::LogTemporarilyUnavailable)
+                })?,
             };
             size += entry.compute_size() as u64;
             if !entries.is_empty() && size > max_size {
@@ -803,6 +825,34 @@ mod tests {
         drop(store);
         let reopened = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("reopen");
         assert_eq!(reopened.last_index_value(), 3);
+    }
+
+    #[test]
+    fn damage_met_reading_entries_for_raft_is_recorded_and_raft_is_told_to_wait() {
+        use runnel_storage::batch::{BATCH_HEADER_BYTES, LOG_OVERHEAD_BYTES, OFFSET_LENGTH};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = store_of_three(dir.path(), true);
+        store.close_log().expect("clean close");
+        drop(store);
+        // A byte of the second batch's records flipped while the replica was
+        // down: a clean close means the next open does not scan the segment.
+        let segment = dir.path().join("log").join("00000000000000000000.log");
+        let mut bytes = std::fs::read(&segment).expect("segment");
+        let word: [u8; 4] = bytes[OFFSET_LENGTH..OFFSET_LENGTH + 4].try_into().expect("4 bytes");
+        let second = LOG_OVERHEAD_BYTES + u32::from_le_bytes(word) as usize;
+        bytes[second + BATCH_HEADER_BYTES + 3] ^= 0x40;
+        std::fs::write(&segment, &bytes).expect("write");
+        let store = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("reopen");
+        assert!(store.read_damage().is_none());
+        assert_eq!(values(&store, 1, 2).len(), 1, "the first entry still reads");
+        let context = GetEntriesContext::empty(false);
+        assert!(matches!(
+            store.entries(1, 4, None, context),
+            Err(raft::Error::Store(RaftStorageError::LogTemporarilyUnavailable))
+        ));
+        let damage = store.read_damage().expect("damage recorded");
+        assert!(damage.is_damage(), "{damage}");
+        assert!(damage.to_string().contains("reading entry 2"), "{damage}");
     }
 
     #[test]

@@ -581,6 +581,8 @@ impl ClusterClient {
                     *self.last_answered.lock().await = Some(seed);
                     return Ok(response);
                 }
+                // One node's `Unreachable` names it already: only its cause.
+                Err(ClusterError::Unreachable { last_error: cause, .. }) => last_error = format!("{seed}: {cause}"),
                 Err(e) => last_error = format!("{seed}: {e}"),
             }
         }
