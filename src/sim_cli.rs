@@ -47,6 +47,11 @@ pub struct Args {
     /// time; the cluster must find and rebuild it.
     #[arg(long)]
     disk_damage: bool,
+    /// The topic's min.insync.replicas (default: a majority of
+    /// --replication); above a majority, acks=all needs that many replicas
+    /// in sync.
+    #[arg(long)]
+    min_insync: Option<u16>,
     /// The deliberately injected bug (acks=all answered before the commit),
     /// to see the checks fail.
     #[arg(long, hide = true)]
@@ -120,6 +125,7 @@ fn sim_config(args: &Args) -> SimConfig {
         bug_ack_before_commit: args.test_ack_before_commit,
         bug_unsequenced_task_output: args.test_unsequenced_task_output,
         disk_damage: args.disk_damage,
+        min_insync: args.min_insync,
         ..SimConfig::default()
     }
 }

@@ -1490,3 +1490,105 @@ async fn after_a_killed_node_returns_leaders_spread_evenly_again() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// One record, not idempotent, as `acks` asks.
+async fn produce_one(client: &Client, topic: &str, value: &str, acks: Acks) -> Result<u64, ClientError> {
+    let mut builder = BatchBuilder::new();
+    builder
+        .push(&Record {
+            value: Some(Bytes::from(value.to_string())),
+            ..Record::default()
+        })
+        .expect("push");
+    client.produce(topic, 0, builder.build().expect("build"), acks).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_all_needs_min_insync_replicas_in_sync_and_holding_the_record() {
+    use runnel::client::protocol::BrokerError;
+    let mut cluster = start_cluster(110);
+    let seeds = cluster.addrs[0].to_string();
+    wait_for("the topic to be created", TIMEOUT, || {
+        runnel()
+            .args([
+                "topic",
+                "create",
+                "strict",
+                "-p",
+                "1",
+                "-r",
+                "3",
+                "--min-insync",
+                "3",
+                "--seeds",
+                &seeds,
+            ])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let client = connect(&cluster).await;
+    let leader = wait_for_leader(&client, "strict").await;
+    produce_one(&client, "strict", "all three", Acks::All)
+        .await
+        .expect("three replicas in sync");
+
+    let victim = [NodeId(1), NodeId(2), NodeId(3)]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower");
+    eprintln!("phase: SIGKILL follower {victim}; acks=all needs all three");
+    cluster.nodes[victim.0 as usize - 1].kill();
+    // The follower counts as in sync until it has lagged 5 s: a record
+    // sent meanwhile commits on two replicas and is then answered as short
+    // of copies; after that, acks=all is refused up front.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match produce_one(&client, "strict", "while one is down", Acks::All).await {
+            Err(ClientError::Broker(BrokerError::NotEnoughReplicas {
+                in_sync: 2,
+                required: 3,
+                ..
+            })) => break,
+            Err(ClientError::Broker(BrokerError::NotEnoughReplicasAfterAppend {
+                copies: 2, required: 3, ..
+            })) => {}
+            other => assert!(Instant::now() < deadline, "acks=all with a replica down: {other:?}"),
+        }
+    }
+    produce_one(&client, "strict", "leader only", Acks::Leader)
+        .await
+        .expect("acks=leader does not need the replicas");
+
+    eprintln!("phase: node {victim} returns and catches up; acks=all is accepted again");
+    cluster.nodes[victim.0 as usize - 1] = start_node(
+        victim.0,
+        cluster.addrs[victim.0 as usize - 1],
+        &cluster.addrs,
+        &cluster.certs,
+        cluster.scratch.path(),
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while let Err(e) = produce_one(&client, "strict", "all three again", Acks::All).await {
+        assert!(Instant::now() < deadline, "acks=all after the replica returned: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The leader of partition 0 of `topic`, once it has one.
+async fn wait_for_leader(client: &Client, topic: &str) -> NodeId {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(leader) = client
+            .describe_topic(topic)
+            .await
+            .ok()
+            .and_then(|t| t.partitions[0].leader)
+        {
+            return leader;
+        }
+        assert!(Instant::now() < deadline, "no leader of {topic}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -244,16 +244,24 @@ impl Broker {
     }
 
     /// Appends a batch to `group` through its local replica, which must lead.
+    /// With `acks=all`, `min_insync` replicas must be in sync and hold the
+    /// batch before it is acknowledged (0 or 1: the Raft majority alone).
     pub async fn produce(
         &self,
         group: GroupId,
         batch: RecordBatch,
         acks: Acks,
+        min_insync: u16,
     ) -> std::result::Result<u64, BrokerError> {
         let replica = self.replica_or_error(group)?;
         let answer = replica
             .call(
-                |reply| ReplicaMsg::Produce { batch, acks, reply },
+                |reply| ReplicaMsg::Produce {
+                    batch,
+                    acks,
+                    min_insync,
+                    reply,
+                },
                 Some(self.config.request_timeout),
             )
             .await;

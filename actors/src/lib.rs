@@ -48,7 +48,7 @@ pub use controller::{BrokerService, Controller, ControllerConfig, ControllerCore
 pub use error::{ActorError, Result};
 pub use protocol::{Acks, BrokerError};
 pub use raft::eraftpb::Message as RaftMessage;
-pub use replica::{Committed, ReadyOutput, ReplicaConfig, ReplicaCore};
+pub use replica::{Committed, ReadyOutput, ReplicaConfig, ReplicaCore, VoterProgress};
 /// The client (and its protocol) moved to `runnel-client`; this keeps
 /// `runnel_actors::client::..` paths working.
 pub use runnel_client as client;

@@ -77,6 +77,8 @@ pub enum ReplicaMsg {
     Produce {
         batch: RecordBatch,
         acks: Acks,
+        /// The topic's `min.insync.replicas` (see [`PartitionCore::produce`]).
+        min_insync: u16,
         reply: RpcReplyPort<Result<u64, BrokerError>>,
     },
     Fetch {
@@ -136,7 +138,60 @@ struct Waiter<R> {
     /// means the entry was replaced and the batch was not written.
     term: u64,
     acks: Acks,
+    /// Replicas that must hold the entry before `acks=all` is answered.
+    copies: u16,
     reply: R,
+}
+
+/// Ticks a voter may go without catching up and still count as in sync:
+/// 5 s at the node's 100 ms tick (Kafka's `replica.lag.time.max.ms` is 30 s),
+/// so that an `acks=all` produce waiting for a replica that died is
+/// answered before the broker's 10 s request timeout.
+const IN_SYNC_LAG_TICKS: u32 = 50;
+
+/// Which voters are in sync with the leader (Kafka's ISR): those that, at
+/// some tick within the last [`IN_SYNC_LAG_TICKS`], had been heard from
+/// and had caught up with where the leader's log ended at the tick before
+/// (a dead voter drops out even while nothing is produced). A new leader
+/// starts counting every voter in sync.
+#[derive(Default)]
+struct InSync {
+    /// Voter → ticks since it last caught up.
+    behind_ticks: BTreeMap<u64, u32>,
+    /// The leader's last index at the previous tick.
+    last_index_before: u64,
+    /// Whether this replica led at the previous tick.
+    led: bool,
+}
+
+impl InSync {
+    fn on_tick(&mut self, core: &ReplicaCore) {
+        if !core.is_leader() {
+            *self = InSync::default();
+            return;
+        }
+        let target = self.last_index_before;
+        let behind_before = std::mem::take(&mut self.behind_ticks);
+        for voter in core.voter_progress() {
+            let caught_up = voter.id == core.id() || (voter.matched >= target && voter.recently_heard);
+            let behind = match behind_before.get(&voter.id) {
+                Some(&ticks) if self.led && !caught_up => ticks.saturating_add(1),
+                _ => 0,
+            };
+            self.behind_ticks.insert(voter.id, behind);
+        }
+        self.last_index_before = core.last_index();
+        self.led = true;
+    }
+
+    /// Voters in sync now, this leader included; 0 on a replica that does
+    /// not lead.
+    fn count(&self, core: &ReplicaCore) -> usize {
+        let lagging = |id: u64| self.behind_ticks.get(&id).is_some_and(|&t| t >= IN_SYNC_LAG_TICKS);
+        core.voter_progress()
+            .filter(|voter| voter.id == core.id() || !lagging(voter.id))
+            .count()
+    }
 }
 
 /// One replica as its node serves it: the Raft core, produce admission (size,
@@ -150,6 +205,7 @@ pub struct PartitionCore<R> {
     core: ReplicaCore,
     /// By Raft index.
     waiters: BTreeMap<u64, Vec<Waiter<R>>>,
+    in_sync: InSync,
 }
 
 pub struct ReplicaState {
@@ -199,13 +255,18 @@ impl Actor for PartitionReplica {
         match message {
             ReplicaMsg::Tick => {
                 state.args.queued.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                state.part.core_mut().tick();
+                state.part.tick();
             }
             ReplicaMsg::Raft(message) => {
                 state.args.queued.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 state.part.core_mut().step(*message)?
             }
-            ReplicaMsg::Produce { batch, acks, reply } => state.part.produce(batch, acks, reply),
+            ReplicaMsg::Produce {
+                batch,
+                acks,
+                min_insync,
+                reply,
+            } => state.part.produce(batch, acks, min_insync, reply),
             ReplicaMsg::Fetch {
                 offset,
                 max_bytes,
@@ -285,6 +346,7 @@ impl<R: ProduceReply> PartitionCore<R> {
             ack_before_commit: config.ack_before_commit,
             core,
             waiters: BTreeMap::new(),
+            in_sync: InSync::default(),
         };
         Ok((part, messages))
     }
@@ -332,21 +394,52 @@ impl<R: ProduceReply> PartitionCore<R> {
     /// Admits a produce: refused at once, answered from the log (a retried
     /// batch), or proposed and answered when its entry commits (`acks=all`)
     /// or is appended here (`leader`, `none`).
-    pub fn produce(&mut self, batch: RecordBatch, acks: Acks, reply: R) {
-        if let Some(error) = self.admission_error(&batch) {
+    /// With `acks=all` the batch is refused unless `min_insync` voters are
+    /// in sync, and answered once that many hold it (and a majority
+    /// committed it). `min_insync` up to a majority asks for nothing more
+    /// than Raft's commit.
+    pub fn produce(&mut self, batch: RecordBatch, acks: Acks, min_insync: u16, reply: R) {
+        let majority = self.core.store().conf_state().voters.len() / 2 + 1;
+        let copies = if acks == Acks::All && usize::from(min_insync) > majority {
+            min_insync
+        } else {
+            0
+        };
+        if let Some(error) = self.admission_error(&batch).or_else(|| self.in_sync_error(copies)) {
             reply.answer(Err(error));
             return;
         }
         match self.sequence_verdict(&batch) {
-            SequenceVerdict::Propose => self.propose(batch, acks, reply),
+            SequenceVerdict::Propose => self.propose(batch, acks, copies, reply),
             SequenceVerdict::Answer(result) => reply.answer(result),
-            SequenceVerdict::Wait { index, term } => {
-                self.waiters
-                    .entry(index)
-                    .or_default()
-                    .push(Waiter { term, acks, reply });
-            }
+            SequenceVerdict::Wait { index, term } => self.waiters.entry(index).or_default().push(Waiter {
+                term,
+                acks,
+                copies,
+                reply,
+            }),
         }
+    }
+
+    /// Advances the replica's clock and its view of which voters are in sync.
+    pub fn tick(&mut self) -> bool {
+        let work = self.core.tick();
+        self.in_sync.on_tick(&self.core);
+        work
+    }
+
+    /// `NotEnoughReplicas` when this leader counts fewer than `copies`
+    /// voters in sync (a follower refuses the proposal anyway).
+    fn in_sync_error(&self, copies: u16) -> Option<BrokerError> {
+        if !self.core.is_leader() {
+            return None;
+        }
+        let in_sync = self.in_sync.count(&self.core);
+        (in_sync < usize::from(copies)).then_some(BrokerError::NotEnoughReplicas {
+            group: self.group,
+            in_sync: in_sync as u16,
+            required: copies,
+        })
     }
 
     /// Why a batch is refused before its producer's sequence is looked at:
@@ -431,15 +524,17 @@ impl<R: ProduceReply> PartitionCore<R> {
 
     /// Proposes an admitted batch: its produce waits for the entry, or is
     /// refused at once if this replica cannot propose.
-    fn propose(&mut self, batch: RecordBatch, acks: Acks, reply: R) {
+    fn propose(&mut self, batch: RecordBatch, acks: Acks, copies: u16, reply: R) {
         let group = self.group;
         match self.core.propose(batch) {
             Ok(index) => {
                 let term = self.core.term();
-                self.waiters
-                    .entry(index)
-                    .or_default()
-                    .push(Waiter { term, acks, reply });
+                self.waiters.entry(index).or_default().push(Waiter {
+                    term,
+                    acks,
+                    copies,
+                    reply,
+                });
             }
             Err(crate::ActorError::NotLeader { leader }) => {
                 reply.answer(Err(BrokerError::NotLeader {
@@ -542,14 +637,24 @@ impl<R: ProduceReply> PartitionCore<R> {
         let Some(waiters) = self.waiters.remove(&index) else {
             return;
         };
+        let committed = committed || index <= self.core.commit_index();
+        let short_of = self.copies_short_of(index);
         let store = self.core.store();
         let mut still_waiting = Vec::new();
         for waiter in waiters {
-            if !committed && waiter.acks == Acks::All && !self.ack_before_commit {
+            let all = waiter.acks == Acks::All && !self.ack_before_commit;
+            if all && (!committed || short_of(waiter.copies) == Some(true)) {
                 still_waiting.push(waiter);
                 continue;
             }
             let result = match (store.entry_term(index), store.entry_offsets(index)) {
+                (Some(term), Some(_)) if term == waiter.term && all && short_of(waiter.copies) == Some(false) => {
+                    Err(BrokerError::NotEnoughReplicasAfterAppend {
+                        group: self.group,
+                        copies: self.core.copies_of(index) as u16,
+                        required: waiter.copies,
+                    })
+                }
                 (Some(term), Some((base_offset, _))) if term == waiter.term => Ok(base_offset),
                 _ => Err(BrokerError::LeadershipLost),
             };
@@ -557,6 +662,20 @@ impl<R: ProduceReply> PartitionCore<R> {
         }
         if !still_waiting.is_empty() {
             self.waiters.insert(index, still_waiting);
+        }
+    }
+
+    /// For a leader: whether an entry at `index` lacks copies a waiter needs,
+    /// `Some(true)` while more voters are in sync to hold it, `Some(false)`
+    /// when too few are; `None` when it has them (or this replica does not
+    /// lead: a committed entry is answered as before).
+    fn copies_short_of(&self, index: u64) -> impl Fn(u16) -> Option<bool> {
+        let leading = self.core.is_leader();
+        let copies = self.core.copies_of(index);
+        let in_sync = if leading { self.in_sync.count(&self.core) } else { 0 };
+        move |needed: u16| {
+            let needed = usize::from(needed);
+            (leading && copies < needed).then_some(in_sync >= needed)
         }
     }
 

@@ -76,6 +76,17 @@ impl ReplicaConfig {
     }
 }
 
+/// A voter as its leader sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VoterProgress {
+    pub id: u64,
+    /// The last index the leader knows the voter holds.
+    pub matched: u64,
+    /// Whether the leader heard from it since its last quorum check (every
+    /// election timeout); briefly false for a live voter after each check.
+    pub recently_heard: bool,
+}
+
 /// An entry of user records that committed, and where it sits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Committed {
@@ -400,6 +411,41 @@ impl ReplicaCore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Voters (this leader included) whose progress shows they hold entry
+    /// `index`; 0 on a replica that does not lead.
+    pub fn copies_of(&self, index: u64) -> usize {
+        self.voter_progress().filter(|p| p.matched >= index).count()
+    }
+
+    /// What this leader knows of each voter (itself included); nothing on a
+    /// replica that does not lead.
+    pub fn voter_progress(&self) -> impl Iterator<Item = VoterProgress> + '_ {
+        let prs = self.raw.raft.prs();
+        let voters: &[u64] = if self.is_leader() {
+            &self.raw.store().conf_state().voters
+        } else {
+            &[]
+        };
+        voters.iter().filter_map(move |&id| {
+            let progress = prs.get(id)?;
+            Some(VoterProgress {
+                id,
+                matched: progress.matched,
+                recently_heard: progress.recent_active,
+            })
+        })
+    }
+
+    /// The index up to which this replica knows entries are committed.
+    pub fn commit_index(&self) -> u64 {
+        self.raw.raft.raft_log.committed
+    }
+
+    /// The index of this replica's last log entry.
+    pub fn last_index(&self) -> u64 {
+        self.raw.raft.raft_log.last_index()
     }
 
     /// Advances the logical clock; returns whether there may be work. A

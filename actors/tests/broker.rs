@@ -116,7 +116,11 @@ impl Cluster {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let leader = self.leader().await;
-            match self.members[&leader].broker.produce(GROUP, batch(tag), Acks::All).await {
+            match self.members[&leader]
+                .broker
+                .produce(GROUP, batch(tag), Acks::All, 0)
+                .await
+            {
                 Ok(base_offset) => {
                     self.acked.insert(tag.to_string(), base_offset);
                     return;
@@ -309,16 +313,16 @@ async fn an_idempotent_producers_retry_is_written_once_and_gaps_are_refused() {
     let leader = cluster.leader().await;
     let broker = &cluster.members[&leader].broker;
     let first = broker
-        .produce(GROUP, idempotent_batch(42, 0, "a"), Acks::All)
+        .produce(GROUP, idempotent_batch(42, 0, "a"), Acks::All, 0)
         .await
         .expect("first");
     let retry = broker
-        .produce(GROUP, idempotent_batch(42, 0, "a"), Acks::All)
+        .produce(GROUP, idempotent_batch(42, 0, "a"), Acks::All, 0)
         .await
         .expect("retry");
     assert_eq!(retry, first, "a retry answers with the original's offset");
     let err = broker
-        .produce(GROUP, idempotent_batch(42, 20, "gap"), Acks::All)
+        .produce(GROUP, idempotent_batch(42, 20, "gap"), Acks::All, 0)
         .await
         .expect_err("gap accepted");
     assert_eq!(
@@ -341,7 +345,7 @@ async fn an_idempotent_producers_retry_is_written_once_and_gaps_are_refused() {
             .expect("push");
     }
     let err = broker
-        .produce(GROUP, longer.build().expect("build"), Acks::All)
+        .produce(GROUP, longer.build().expect("build"), Acks::All, 0)
         .await
         .expect_err("reuse accepted");
     assert_eq!(
@@ -361,12 +365,12 @@ async fn an_idempotent_producers_retry_is_written_once_and_gaps_are_refused() {
         })
         .expect("push");
     let err = broker
-        .produce(GROUP, forged.build().expect("build"), Acks::All)
+        .produce(GROUP, forged.build().expect("build"), Acks::All, 0)
         .await
         .expect_err("control batch accepted");
     assert!(err.to_string().contains("attributes must be 0"), "{err}");
     let next = broker
-        .produce(GROUP, idempotent_batch(42, 5, "b"), Acks::All)
+        .produce(GROUP, idempotent_batch(42, 5, "b"), Acks::All, 0)
         .await
         .expect("next");
     assert!(next > first);

@@ -41,12 +41,18 @@ pub fn classify(error: &BrokerError) -> Outcome {
         // leader that holds it (Raft commits an earlier term's entry along
         // with its own), so it is unknown too, not certainly lost.
         BrokerError::Timeout(_) | BrokerError::ReplicaFailed { .. } | BrokerError::LeadershipLost => Outcome::Unknown,
+        // Written and committed, on fewer replicas than asked: a caller
+        // must not take it for not written.
+        BrokerError::NotEnoughReplicasAfterAppend { .. } => Outcome::Unknown,
         BrokerError::BatchTooLarge { .. }
         | BrokerError::OffsetOutOfRange { .. }
         | BrokerError::InvalidRequest(_)
         | BrokerError::OutOfOrderSequence { .. }
         | BrokerError::StaleSequence { .. }
-        | BrokerError::SequenceMismatch { .. } => Outcome::Final,
+        | BrokerError::SequenceMismatch { .. }
+        // Nothing was written; replicas may return, but not within one
+        // request: say so now.
+        | BrokerError::NotEnoughReplicas { .. } => Outcome::Final,
     }
 }
 

@@ -151,6 +151,22 @@ pub enum BrokerError {
     /// controller), so it will not give a negative answer; retry.
     #[error("this node's metadata is behind the controller's ({0}); retry")]
     MetadataBehind(String),
+    /// acks=all refused: fewer replicas are in sync than the topic's
+    /// `min.insync.replicas`. Nothing was written.
+    #[error(
+        "group {group} has {in_sync} in-sync replicas, fewer than min.insync.replicas={required}; nothing was written, retry when replicas return"
+    )]
+    NotEnoughReplicas {
+        group: GroupId,
+        in_sync: u16,
+        required: u16,
+    },
+    /// acks=all: the batch was committed, but fewer replicas than the
+    /// topic's `min.insync.replicas` hold it and no more are in sync.
+    #[error(
+        "group {group}: the batch was written and committed, but only {copies} replicas hold it, fewer than min.insync.replicas={required}"
+    )]
+    NotEnoughReplicasAfterAppend { group: GroupId, copies: u16, required: u16 },
 }
 
 /// Why a metadata change was refused. The text names the problem.
@@ -783,6 +799,16 @@ mod tests {
             },
             BrokerError::NotYetCommitted(GroupId(1)),
             BrokerError::MetadataBehind("r".into()),
+            BrokerError::NotEnoughReplicas {
+                group: GroupId(1),
+                in_sync: 1,
+                required: 2,
+            },
+            BrokerError::NotEnoughReplicasAfterAppend {
+                group: GroupId(1),
+                copies: 1,
+                required: 2,
+            },
         ]
     }
 

@@ -453,9 +453,7 @@ impl Routed<'_> {
             // The node's metadata lags the client's, which has the topic
             // (or `candidates` would have said otherwise).
             ClientResponse::UnknownTopic(_) => format!("node {node} does not know the topic yet"),
-            ClientResponse::Failed(_) if outcome == Outcome::Unknown => {
-                format!("node {node}: no answer from the replica")
-            }
+            ClientResponse::Failed(e) if outcome == Outcome::Unknown => format!("node {node}: {e}"),
             _ => format!("node {node}: retryable failure"),
         };
         if !policy::may_retry(outcome, self.retry_safe) {

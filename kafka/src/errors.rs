@@ -91,7 +91,8 @@ fn broker_code(error: &BrokerError) -> ResponseError {
             ResponseError::OutOfOrderSequenceNumber
         }
         BrokerError::StaleSequence { .. } => ResponseError::DuplicateSequenceNumber,
-        BrokerError::NotYetCommitted(_) => ResponseError::NotEnoughReplicas,
+        BrokerError::NotYetCommitted(_) | BrokerError::NotEnoughReplicas { .. } => ResponseError::NotEnoughReplicas,
+        BrokerError::NotEnoughReplicasAfterAppend { .. } => ResponseError::NotEnoughReplicasAfterAppend,
         // Retriable for Kafka clients, which ask for metadata again.
         BrokerError::MetadataBehind(_) => ResponseError::UnknownTopicOrPartition,
     }

@@ -121,7 +121,10 @@ fn damaged_replicas_are_rebuilt_and_nothing_acknowledged_is_lost() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     if seeds.len() > 1 {
         let count = |kind: &str| totals.faults.get(kind).copied().unwrap_or(0);
-        let damaged = count("damage_raft_meta") + count("damage_log_meta") + count("damage_deleted_segment");
+        let damaged = count("damage_raft_meta")
+            + count("damage_log_meta")
+            + count("damage_deleted_segment")
+            + count("damage_flipped_byte");
         assert!(damaged > 0, "nothing was damaged: {:?}", totals.faults);
         assert!(count("damage_detected") > 0, "no damage was found: {:?}", totals.faults);
         assert!(
@@ -190,4 +193,33 @@ fn an_injected_dataflow_bug_is_caught() {
         "unsequenced task output duplicated nothing in 5 seeds"
     );
     println!("seeds whose checker reported duplicated results: {caught:?}");
+}
+
+/// Seeds run with `min.insync.replicas` equal to the replication factor.
+const MIN_INSYNC_SEEDS: u64 = 20;
+
+/// With `min.insync.replicas=3` on 3 replicas, acks=all is refused while a
+/// replica is down or lagging (nothing written) or answered as short of
+/// copies (written, so unknown to the producer); the partition cores make
+/// those decisions as on a real node, and nothing acknowledged is lost or
+/// duplicated.
+#[test]
+fn acks_all_with_min_insync_above_a_majority_loses_nothing() {
+    let config = SimConfig {
+        min_insync: Some(3),
+        ..SimConfig::default()
+    };
+    let seeds = seeds_from_env("RUNNEL_INSYNC_SEED", "RUNNEL_INSYNC_SEEDS", MIN_INSYNC_SEEDS);
+    let (totals, failures) = run_seeds(&seeds, &config);
+    println!("{} seeds with min.insync.replicas=3: {}", seeds.len(), totals.summary());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    if seeds.len() > 1 {
+        let refused = totals.faults.get("refused_not_enough_replicas").copied().unwrap_or(0);
+        assert!(refused > 0, "no produce was refused: {:?}", totals.faults);
+        assert!(
+            totals.verdict.acknowledged > 100,
+            "only {} acknowledged",
+            totals.verdict.acknowledged
+        );
+    }
 }

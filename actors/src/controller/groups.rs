@@ -234,7 +234,7 @@ impl BrokerService {
             .map_err(|e| ServiceError::from(BrokerError::InvalidRequest(e.to_string())))?;
         self.shared
             .broker
-            .produce(gid, batch, Acks::All)
+            .produce(gid, batch, Acks::All, 0)
             .await
             .map_err(ServiceError::from)?;
         let cache = caches.entry(partition).or_default();
@@ -526,7 +526,7 @@ impl BrokerService {
             .map_err(|e| ServiceError::from(BrokerError::InvalidRequest(e.to_string())))?;
         self.shared
             .broker
-            .produce(gid, batch, Acks::All)
+            .produce(gid, batch, Acks::All, 0)
             .await
             .map_err(ServiceError::from)?;
         for key in keys {

@@ -238,7 +238,7 @@ impl Shared {
             Ok(batch) => batch,
             Err(e) => return ControllerResponse::Failed(BrokerError::InvalidRequest(e.to_string())),
         };
-        let base_offset = match self.broker.produce(CONTROLLER_GROUP, batch, Acks::All).await {
+        let base_offset = match self.broker.produce(CONTROLLER_GROUP, batch, Acks::All, 0).await {
             Ok(offset) => offset,
             Err(e) => return ControllerResponse::Failed(e),
         };

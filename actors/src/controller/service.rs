@@ -224,7 +224,8 @@ impl BrokerService {
     ) -> Result<u64, ServiceError> {
         let group = self.locate(topic, partition).await?;
         let batch = RecordBatch::from_bytes(batch).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
-        Ok(self.shared.broker.produce(group, batch, acks).await?)
+        let min_insync = self.min_insync(topic);
+        Ok(self.shared.broker.produce(group, batch, acks, min_insync).await?)
     }
 
     /// Appends a record batch to a partition led here; its base offset.
@@ -236,7 +237,18 @@ impl BrokerService {
         batch: RecordBatch,
     ) -> Result<u64, ServiceError> {
         let group = self.locate(topic, partition).await?;
-        Ok(self.shared.broker.produce(group, batch, acks).await?)
+        let min_insync = self.min_insync(topic);
+        Ok(self.shared.broker.produce(group, batch, acks, min_insync).await?)
+    }
+
+    /// The topic's `min.insync.replicas` (0 if it is not known here).
+    fn min_insync(&self, topic: &str) -> u16 {
+        let core = self.shared.core();
+        core.meta()
+            .metadata
+            .topics
+            .get(topic)
+            .map_or(0, |t| t.config.min_insync)
     }
 
     /// Committed batches of a partition from `offset`.

@@ -132,6 +132,8 @@ pub struct SimConfig {
     /// replica at a time, and require the repair to rebuild it from its
     /// peers.
     pub disk_damage: bool,
+    /// The topic's `min.insync.replicas` (the default: a majority).
+    pub min_insync: Option<u16>,
 }
 
 impl Default for SimConfig {
@@ -157,6 +159,7 @@ impl Default for SimConfig {
             bug_ack_before_commit: false,
             bug_unsequenced_task_output: false,
             disk_damage: false,
+            min_insync: None,
         }
     }
 }
@@ -1246,6 +1249,12 @@ impl World {
         let me = id;
         let outbox = self.outbox.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
+        let min_insync = node
+            .meta()
+            .metadata
+            .topics
+            .get(TOPIC)
+            .map_or(0, |t| t.config.min_insync);
         match node.groups.get_mut(&group) {
             Some(part) => {
                 let reply = SimReply::Client {
@@ -1254,7 +1263,7 @@ impl World {
                     request,
                     outbox,
                 };
-                part.produce(batch, Acks::All, reply);
+                part.produce(batch, Acks::All, min_insync, reply);
                 self.drive(id, group)?;
             }
             None => {
@@ -1552,7 +1561,7 @@ impl World {
             let groups: Vec<GroupId> = self.nodes[&id].groups.keys().copied().collect();
             for group in groups {
                 if let Some(part) = self.nodes.get_mut(&id).and_then(|n| n.groups.get_mut(&group)) {
-                    part.core_mut().tick();
+                    part.tick();
                 }
                 self.drive(id, group)?;
                 if !self.nodes[&id].up {
@@ -1863,7 +1872,7 @@ impl World {
         for command in &commands {
             let batch = command_batch(command, now as i64).map_err(|e| format!("encoding {command:?}: {e}"))?;
             if let Some(part) = node.groups.get_mut(&CONTROLLER_GROUP) {
-                part.produce(batch, Acks::All, SimReply::Nobody);
+                part.produce(batch, Acks::All, 0, SimReply::Nobody);
             }
             if matches!(command, MetadataCommand::ReplaceReplica { .. }) {
                 self.report.replica_moves += 1;
@@ -1884,7 +1893,10 @@ impl World {
         }
         node.topic_proposed_ms = Some(now);
         if !node.meta().metadata.topics.contains_key(TOPIC) {
-            let config = TopicConfig::new(self.config.partitions, self.config.replication);
+            let mut config = TopicConfig::new(self.config.partitions, self.config.replication);
+            if let Some(min_insync) = self.config.min_insync {
+                config.min_insync = min_insync;
+            }
             let command = node
                 .core
                 .create_topic(TOPIC.to_string(), config, &all)
@@ -1959,6 +1971,14 @@ impl World {
             Err(e) => {
                 if let BrokerError::NotLeader { group, leader } = &e {
                     view.heard_leader(*group, *leader);
+                }
+                let short = match &e {
+                    BrokerError::NotEnoughReplicas { .. } => Some("refused_not_enough_replicas"),
+                    BrokerError::NotEnoughReplicasAfterAppend { .. } => Some("short_of_replicas_after_append"),
+                    _ => None,
+                };
+                if let Some(kind) = short {
+                    *self.report.faults.entry(kind.to_string()).or_default() += 1;
                 }
                 produce_failed(pending, e, now)
             }
