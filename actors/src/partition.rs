@@ -405,12 +405,17 @@ impl<R: ProduceReply> PartitionCore<R> {
         } else {
             0
         };
-        if let Some(error) = self.admission_error(&batch).or_else(|| self.in_sync_error(copies)) {
+        if let Some(error) = self.admission_error(&batch) {
             reply.answer(Err(error));
             return;
         }
         match self.sequence_verdict(&batch) {
-            SequenceVerdict::Propose => self.propose(batch, acks, copies, reply),
+            // Only a batch not written before is refused for want of
+            // replicas: a retry gets its original's answer.
+            SequenceVerdict::Propose => match self.in_sync_error(copies) {
+                Some(error) => reply.answer(Err(error)),
+                None => self.propose(batch, acks, copies, reply),
+            },
             SequenceVerdict::Answer(result) => reply.answer(result),
             SequenceVerdict::Wait { index, term } => self.waiters.entry(index).or_default().push(Waiter {
                 term,

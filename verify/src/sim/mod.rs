@@ -428,7 +428,14 @@ struct Node {
     /// Replicas whose files failed to open as damaged (the broker's
     /// supervisor's record; lost with the node's memory on a crash).
     damaged: BTreeSet<GroupId>,
+    /// Produce requests taken in, by id (at most [`PRODUCES_SEEN_MAX`]): a
+    /// duplicate the simulated network made is dropped, as the real
+    /// transport (a QUIC stream per request) never delivers one twice.
+    produces_seen: BTreeSet<u64>,
 }
+
+/// Produce request ids a node remembers (ids grow, so the oldest go first).
+const PRODUCES_SEEN_MAX: usize = 4_096;
 
 impl Node {
     /// A node not started yet, its directory created.
@@ -449,6 +456,7 @@ impl Node {
             stale_candidates: Vec::new(),
             leaders: BTreeMap::new(),
             damaged: BTreeSet::new(),
+            produces_seen: BTreeSet::new(),
         })
     }
 
@@ -1249,6 +1257,12 @@ impl World {
         let me = id;
         let outbox = self.outbox.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
+        if !node.produces_seen.insert(request) {
+            return Ok(());
+        }
+        if node.produces_seen.len() > PRODUCES_SEEN_MAX {
+            node.produces_seen.pop_first();
+        }
         let min_insync = node
             .meta()
             .metadata
