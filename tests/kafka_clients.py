@@ -5,7 +5,8 @@ Each command prints JSON lines the Rust test reads:
   produce BOOTSTRAP TOPIC COUNT TAG     (idempotent, acks=all, gzip)
   consume BOOTSTRAP TOPIC               (every record up to the end offsets)
   group BOOTSTRAP TOPIC GROUP MAX IDLE_MS (a group member: reads until MAX
-        records or IDLE_MS without one, commits what it delivered, leaves)
+        records or IDLE_MS without one, commits what it delivered whenever
+        it finds nothing new and at the end, leaves)
   describe BOOTSTRAP GROUP              (state and each member's partitions)
   configs BOOTSTRAP TOPIC               (the topic's settings, DescribeConfigs)
   delete-groups BOOTSTRAP GROUP...      (DeleteGroups; each group's outcome)
@@ -96,31 +97,47 @@ def consume(bootstrap, topic):
 
 
 def group(bootstrap, topic, group_id, max_records, idle_ms):
+    """A member that commits what it delivered whenever a poll finds nothing
+    new (so its commits follow its reads closely), and once more at the end."""
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap.split(","), **tls(),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        consumer_timeout_ms=int(idle_ms),
         session_timeout_ms=6000,
         heartbeat_interval_ms=500,
     )
-    read = 0
-    assigned = set()
-    for message in consumer:
+    read, pending, assigned = 0, False, set()
+    last_record = time.monotonic()
+    while read < int(max_records) and time.monotonic() - last_record < int(idle_ms) / 1000:
+        batches = consumer.poll(timeout_ms=200, max_records=int(max_records) - read)
         assigned |= {tp.partition for tp in consumer.assignment()}
-        emit(partition=message.partition, offset=message.offset, value=message.value.decode())
-        read += 1
-        if read >= int(max_records):
-            break
-    try:
-        consumer.commit()
-    except CommitFailedError as e:
-        emit(commit_failed=str(e))
+        if not batches:
+            if pending:
+                pending = not commit(consumer)
+            continue
+        last_record = time.monotonic()
+        for messages in batches.values():
+            for message in messages:
+                emit(partition=message.partition, offset=message.offset, value=message.value.decode())
+                read += 1
+                pending = True
+    commit(consumer)
     committed = {str(tp.partition): consumer.committed(tp) for tp in consumer.assignment()}
     emit(read=read, assigned=sorted(assigned), committed=committed)
     consumer.close()
+
+
+def commit(consumer):
+    """Commits the positions of every record delivered so far; a commit
+    refused during a rebalance is reported (the group's next owner rereads)."""
+    try:
+        consumer.commit()
+        return True
+    except CommitFailedError as e:
+        emit(commit_failed=str(e))
+        return False
 
 
 def describe(bootstrap, group_id):
