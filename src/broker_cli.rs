@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use runnel::client::protocol::{FailedReplica, NodeId, PartitionInfo, TopicConfig, TopicInfo};
+use runnel::client::protocol::{FailedReplica, NodeId, PartitionInfo, TopicConfig, TopicInfo, TopicSetting};
 use runnel::client::{Acks, Client, Consumer, Producer};
 use runnel::storage::Record;
 
@@ -172,6 +172,28 @@ pub enum TopicCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Change settings of a topic (all or none): `-c retention.ms=N`
+    /// (-1: forever), `-c min.insync.replicas=N`.
+    Alter {
+        /// The topic's name.
+        name: String,
+        /// A topic setting as Kafka names it (repeatable).
+        #[arg(short = 'c', long = "config", value_name = "KEY=VALUE", required = true)]
+        configs: Vec<String>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Grow a topic to more partitions (records already written stay
+    /// where they are; keys may hash to other partitions from now on).
+    AddPartitions {
+        /// The topic's name.
+        name: String,
+        /// Partitions in all after the change.
+        #[arg(short, long)]
+        partitions: u32,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -221,6 +243,15 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
                 connect.connect().await?.delete_topic(&name).await?;
                 println!("deleted topic {name}");
             }
+            TopicCommand::Alter { name, configs, connect } => {
+                let settings = configs.iter().map(|c| parse_setting(c)).collect::<anyhow::Result<Vec<_>>>()?;
+                connect.connect().await?.alter_topic(&name, settings).await?;
+                println!("altered topic {name}: {}", configs.join(", "));
+            }
+            TopicCommand::AddPartitions { name, partitions, connect } => {
+                connect.connect().await?.add_partitions(&name, partitions).await?;
+                println!("topic {name} now has {partitions} partitions");
+            }
         }
         Ok(())
     })
@@ -237,6 +268,13 @@ pub fn is_internal(topic: &str) -> bool {
 
 /// One `-c KEY=VALUE` topic setting, by its Kafka name (or Runnel's).
 fn apply_setting(config: &mut TopicConfig, setting: &str) -> anyhow::Result<()> {
+    parse_setting(setting)?.apply_to(config);
+    Ok(())
+}
+
+/// A `-c KEY=VALUE` topic setting: `retention.ms=N` (-1 keeps records
+/// forever) or `min.insync.replicas=N`.
+fn parse_setting(setting: &str) -> anyhow::Result<TopicSetting> {
     let (key, value) = setting
         .split_once('=')
         .with_context(|| format!("-c {setting:?}: write a setting as KEY=VALUE, such as retention.ms=86400000"))?;
@@ -246,15 +284,14 @@ fn apply_setting(config: &mut TopicConfig, setting: &str) -> anyhow::Result<()> 
             .parse()
             .with_context(|| format!("-c {key}={value}: {what} must be a whole number"))
     };
-    match key.trim() {
-        "retention.ms" | "retention_ms" => config.retention_ms = Some(number("retention.ms")?),
-        "min.insync.replicas" | "min_insync" => {
-            config.min_insync =
-                u16::try_from(number("min.insync.replicas")?).context("min.insync.replicas is too large")?
-        }
+    Ok(match key.trim() {
+        "retention.ms" | "retention_ms" if value.trim() == "-1" => TopicSetting::RetentionMs(None),
+        "retention.ms" | "retention_ms" => TopicSetting::RetentionMs(Some(number("retention.ms (or -1, forever)")?)),
+        "min.insync.replicas" | "min_insync" => TopicSetting::MinInsync(
+            u16::try_from(number("min.insync.replicas")?).context("min.insync.replicas is too large")?,
+        ),
         other => bail!("-c {other}: not a topic setting Runnel has; it knows retention.ms and min.insync.replicas"),
-    }
-    Ok(())
+    })
 }
 
 /// Why a partition is under-replicated or not settled, if it is: no leader,

@@ -235,6 +235,7 @@ fn kafka_clients_produce_consume_and_create_topics_with_every_codec_and_a_garbag
     let configs = &json_lines(&configs)[0]["topic"]["orders"];
     assert_eq!(configs["retention.ms"]["value"], "604800000", "{configs}");
     assert_eq!(configs["cleanup.policy"]["value"], "delete", "{configs}");
+    admin_alters_settings_and_grows_the_topic(&bootstrap);
 
     let mut expected: BTreeSet<String> = BTreeSet::new();
     for codec in CODECS {
@@ -288,6 +289,72 @@ fn kafka_clients_produce_consume_and_create_topics_with_every_codec_and_a_garbag
 
     garbage_frames_close_only_their_connection(cluster.kafka[0], &bootstrap);
     drop(cluster.scratch);
+}
+
+/// A topic's setting of `topic`, as DescribeConfigs answers it.
+fn topic_setting(bootstrap: &str, topic: &str, key: &str) -> serde_json::Value {
+    let configs = run(python().args(["configs", bootstrap, topic]), "describe_configs", None);
+    json_lines(&configs)[0]["topic"][topic][key]["value"].clone()
+}
+
+/// kafka-python's admin client changes `orders`' settings through
+/// IncrementalAlterConfigs and AlterConfigs (all or none) and grows it from
+/// 3 to 4 partitions with CreatePartitions.
+fn admin_alters_settings_and_grows_the_topic(bootstrap: &str) {
+    let alter = |mode: &str, settings: &[&str]| -> serde_json::Value {
+        let output = run(
+            python().args(["alter", bootstrap, "orders", mode]).args(settings),
+            &format!("alter_configs {mode} {settings:?}"),
+            None,
+        );
+        json_lines(&output)[0]["result"].clone()
+    };
+    assert_eq!(alter("incremental", &["min.insync.replicas=3"]), "OK");
+    assert_eq!(topic_setting(bootstrap, "orders", "min.insync.replicas"), "3");
+    let refused = alter("incremental", &["retention.ms=1000", "min.insync.replicas=4"]);
+    assert!(
+        refused
+            .as_str()
+            .is_some_and(|r| r.contains("min-insync must be in [1, 3]")),
+        "{refused}"
+    );
+    assert_eq!(
+        topic_setting(bootstrap, "orders", "retention.ms"),
+        "604800000",
+        "all or none"
+    );
+    assert_eq!(alter("replace", &["retention.ms=86400000"]), "OK");
+    assert_eq!(topic_setting(bootstrap, "orders", "retention.ms"), "86400000");
+    assert_eq!(
+        alter("incremental", &["min.insync.replicas="]),
+        "OK",
+        "DELETE: back to the default"
+    );
+    assert_eq!(topic_setting(bootstrap, "orders", "min.insync.replicas"), "2");
+    let refused = alter("incremental", &["segment.bytes=1024"]);
+    assert!(
+        refused.as_str().is_some_and(|r| r.contains("segment.bytes")),
+        "{refused}"
+    );
+
+    let grow = |count: &str| -> serde_json::Value {
+        let output = run(
+            python().args(["grow", bootstrap, "orders", count]),
+            "create_partitions",
+            None,
+        );
+        json_lines(&output)[0]["results"][0].clone()
+    };
+    assert_eq!(grow("4")[1], 0, "grown to 4");
+    wait_for("the new partition's leader", TIMEOUT, || {
+        leaders(bootstrap, "orders").is_some_and(|l| l.len() == 4)
+    });
+    let fewer = grow("2");
+    assert_eq!(fewer[1], 37, "INVALID_PARTITIONS: {fewer}");
+    assert!(
+        fewer[2].as_str().is_some_and(|m| m.contains("can only be added")),
+        "{fewer}"
+    );
 }
 
 /// A frame that is not Kafka, and one claiming 2 GiB, each close their own

@@ -10,6 +10,9 @@ Each command prints JSON lines the Rust test reads:
   describe BOOTSTRAP GROUP              (state and each member's partitions)
   configs BOOTSTRAP TOPIC               (the topic's settings, DescribeConfigs)
   delete-groups BOOTSTRAP GROUP...      (DeleteGroups; each group's outcome)
+  alter BOOTSTRAP TOPIC MODE KEY=VALUE... (MODE incremental: IncrementalAlterConfigs,
+        KEY= deletes the setting; MODE replace: AlterConfigs; the outcome)
+  grow BOOTSTRAP TOPIC COUNT            (CreatePartitions to COUNT in all; the outcome)
 
 With RUNNEL_KAFKA_TLS=<certificate directory> every client uses TLS with the
 cluster CA and the client certificate.
@@ -167,7 +170,27 @@ def configs(bootstrap, topic):
     admin.close()
 
 
+def alter(bootstrap, topic, mode, *settings):
+    from kafka.admin import ConfigResource, ConfigResourceType
+    configs = {}
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        configs[key] = value if value else ("DELETE", None)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls())
+    resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs=configs)
+    result = admin.alter_configs([resource], incremental=(mode == "incremental"), raise_on_unknown=False)
+    emit(result=result.get("topic", {}).get(topic))
+    admin.close()
+
+
+def grow(bootstrap, topic, count):
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls())
+    response = admin.create_partitions({topic: int(count)}, raise_errors=False)
+    emit(results=[[r.name, r.error_code, r.error_message] for r in response.results])
+    admin.close()
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"create": create, "produce": produce, "consume": consume, "group": group, "describe": describe, "configs": configs,
-     "delete-groups": delete_groups}[command](*args)
+     "delete-groups": delete_groups, "alter": alter, "grow": grow}[command](*args)

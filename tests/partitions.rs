@@ -1491,16 +1491,9 @@ async fn after_a_killed_node_returns_leaders_spread_evenly_again() {
     }
 }
 
-/// One record, not idempotent, as `acks` asks.
+/// One record to partition 0, not idempotent, as `acks` asks.
 async fn produce_one(client: &Client, topic: &str, value: &str, acks: Acks) -> Result<u64, ClientError> {
-    let mut builder = BatchBuilder::new();
-    builder
-        .push(&Record {
-            value: Some(Bytes::from(value.to_string())),
-            ..Record::default()
-        })
-        .expect("push");
-    client.produce(topic, 0, builder.build().expect("build"), acks).await
+    produce_one_to(client, topic, 0, value, acks).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1591,4 +1584,116 @@ async fn wait_for_leader(client: &Client, topic: &str) -> NodeId {
         assert!(Instant::now() < deadline, "no leader of {topic}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `runnel topic ARGS` against the cluster; its output.
+fn topic_cli(cluster: &ProcessCluster, args: &[&str]) -> std::process::Output {
+    runnel()
+        .arg("topic")
+        .args(args)
+        .args(["--seeds", &cluster.addrs[0].to_string()])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .output()
+        .expect("runnel topic")
+}
+
+fn topic_json(cluster: &ProcessCluster, name: &str) -> serde_json::Value {
+    let output = topic_cli(cluster, &["describe", name, "--json"]);
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout).expect("describe --json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_alter_changes_settings_all_or_none_and_added_partitions_serve_at_once() {
+    let cluster = start_cluster(225);
+    create_topic(&cluster, "grow", 2);
+    let altered = topic_cli(
+        &cluster,
+        &["alter", "grow", "-c", "min.insync.replicas=3", "-c", "retention.ms=-1"],
+    );
+    assert!(altered.status.success(), "{altered:?}");
+    let config = topic_json(&cluster, "grow")["config"].clone();
+    assert_eq!(
+        (config["min_insync"].as_u64(), config["retention_ms"].is_null()),
+        (Some(3), true)
+    );
+
+    let too_many = topic_cli(
+        &cluster,
+        &[
+            "alter",
+            "grow",
+            "-c",
+            "retention.ms=60000",
+            "-c",
+            "min.insync.replicas=4",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&too_many.stderr);
+    assert!(
+        !too_many.status.success() && stderr.contains("min-insync must be in [1, 3], not 4"),
+        "{stderr}"
+    );
+    assert!(
+        topic_json(&cluster, "grow")["config"]["retention_ms"].is_null(),
+        "all or none"
+    );
+    let unknown = topic_cli(&cluster, &["alter", "grow", "-c", "segment.bytes=1"]);
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        !unknown.status.success() && stderr.contains("segment.bytes"),
+        "{stderr}"
+    );
+
+    let grown = topic_cli(&cluster, &["add-partitions", "grow", "-p", "4"]);
+    assert!(grown.status.success(), "{grown:?}");
+    let described = topic_json(&cluster, "grow");
+    assert_eq!(described["config"]["partitions"], 4);
+    assert_eq!(described["partitions"].as_array().map(Vec::len), Some(4));
+    let fewer = topic_cli(&cluster, &["add-partitions", "grow", "-p", "3"]);
+    let stderr = String::from_utf8_lossy(&fewer.stderr);
+    assert!(
+        !fewer.status.success() && stderr.contains("can only be added"),
+        "{stderr}"
+    );
+
+    // The new partitions elect leaders and take acks=all writes (all
+    // three replicas, as min.insync.replicas=3 now asks).
+    let client = connect(&cluster).await;
+    let deadline = Instant::now() + TIMEOUT;
+    let offset = loop {
+        match produce_one_to(&client, "grow", 3, "in a new partition", Acks::All).await {
+            Ok(offset) => break offset,
+            Err(e) => assert!(Instant::now() < deadline, "produce to partition 3: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let fetched = client.fetch("grow", 3, offset, 1 << 20).await.expect("fetch");
+    assert_eq!(
+        fetched.records.first().and_then(|r| r.record.value.clone()),
+        Some(Bytes::from_static(b"in a new partition"))
+    );
+    let members = identical_replicas(&client, "grow", 3, &[NodeId(1), NodeId(2), NodeId(3)]).await;
+    assert_eq!(members.len(), 1, "all three replicas of partition 3 hold it");
+}
+
+/// One record to `partition`, not idempotent, as `acks` asks.
+async fn produce_one_to(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    value: &str,
+    acks: Acks,
+) -> Result<u64, ClientError> {
+    let mut builder = BatchBuilder::new();
+    builder
+        .push(&Record {
+            value: Some(Bytes::from(value.to_string())),
+            ..Record::default()
+        })
+        .expect("push");
+    client
+        .produce(topic, partition, builder.build().expect("build"), acks)
+        .await
 }

@@ -14,7 +14,8 @@ use bytes::Bytes;
 // they live in the client protocol.
 pub use runnel_client::plan::{Plan, SqlObject};
 pub use runnel_client::protocol::{
-    DataflowMeta, GroupId, MetadataError, NodeId, TopicConfig, PARTITIONS_MAX, REPLICATION_MAX,
+    DataflowMeta, GroupId, MetadataError, NodeId, TopicConfig, TopicSetting, PARTITIONS_MAX, REPLICATION_MAX,
+    TOPIC_SETTINGS_MAX,
 };
 use runnel_storage::{BatchBuilder, Record, RecordBatch, StorageError};
 use serde::{Deserialize, Serialize};
@@ -104,6 +105,17 @@ pub enum MetadataCommand {
         node: NodeId,
         advertised: Option<String>,
     },
+    /// Changes settings of a topic, in order (format version 5 on).
+    AlterTopic {
+        name: String,
+        settings: Vec<TopicSetting>,
+    },
+    /// Appends partitions to a topic, with their replicas decided by the
+    /// leader (format version 5 on). The new groups are founded by them.
+    AddPartitions {
+        name: String,
+        assignment: Vec<Vec<NodeId>>,
+    },
 }
 
 /// Bytes of an advertised `host:port` at most.
@@ -192,7 +204,80 @@ impl Metadata {
             MetadataCommand::KafkaListener { node, advertised } => {
                 self.set_kafka_listener(*node, advertised.as_deref())
             }
+            MetadataCommand::AlterTopic { name, settings } => self.alter_topic(name, settings),
+            MetadataCommand::AddPartitions { name, assignment } => self.add_partitions(name, assignment),
         }
+    }
+
+    /// Changes a topic's settings; all or none (the result must be valid).
+    fn alter_topic(&mut self, name: &str, settings: &[TopicSetting]) -> Result<(), MetadataError> {
+        if settings.len() > TOPIC_SETTINGS_MAX {
+            return Err(MetadataError::InvalidConfig(format!(
+                "{} settings changed at once; at most {TOPIC_SETTINGS_MAX}",
+                settings.len()
+            )));
+        }
+        let topic = self
+            .topics
+            .get_mut(name)
+            .ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+        let mut config = topic.config.clone();
+        for setting in settings {
+            setting.apply_to(&mut config);
+        }
+        config.validate()?;
+        topic.config = config;
+        Ok(())
+    }
+
+    /// Appends partitions founded by `assignment` to a topic that no
+    /// running dataflow uses (a dataflow's partitioning is fixed while it runs).
+    fn add_partitions(&mut self, name: &str, assignment: &[Vec<NodeId>]) -> Result<(), MetadataError> {
+        if name == runnel_client::offsets::OFFSETS_TOPIC {
+            return Err(MetadataError::InvalidConfig(format!(
+                "{name} keeps its partitions: each group's offsets live in the partition its name hashes to"
+            )));
+        }
+        let users = self.dataflows_using(name);
+        if !users.is_empty() {
+            return Err(MetadataError::TopicInUse {
+                topic: name.to_string(),
+                dataflows: users,
+            });
+        }
+        let topic = self
+            .topics
+            .get_mut(name)
+            .ok_or_else(|| MetadataError::UnknownTopic(name.to_string()))?;
+        if assignment.is_empty() {
+            return Err(MetadataError::InvalidConfig(format!(
+                "topic {name:?} already has {} partitions; ask for more than that",
+                topic.config.partitions
+            )));
+        }
+        let mut config = topic.config.clone();
+        config.partitions = u32::try_from(assignment.len())
+            .ok()
+            .and_then(|added| config.partitions.checked_add(added))
+            .unwrap_or(u32::MAX);
+        config.validate()?;
+        let mut all = topic.assignment.clone();
+        all.extend_from_slice(assignment);
+        check_assignment(&config, &all)?;
+        topic.config = config;
+        topic.assignment = all;
+        topic.founders.extend_from_slice(assignment);
+        topic.departed.resize(topic.assignment.len(), Vec::new());
+        Ok(())
+    }
+
+    /// The running dataflows that read, write or keep state in `topic`.
+    pub fn dataflows_using(&self, topic: &str) -> Vec<String> {
+        self.dataflows
+            .values()
+            .filter(|d| dataflow_uses(d, topic))
+            .map(|d| d.name.clone())
+            .collect()
     }
 
     /// Records (or clears) the address Kafka clients reach `node` at.
@@ -441,6 +526,22 @@ impl Metadata {
     }
 }
 
+/// Whether a running dataflow reads `topic`, writes it, or keeps its
+/// repartitioned records, checkpoints or dead letters there.
+fn dataflow_uses(dataflow: &DataflowMeta, topic: &str) -> bool {
+    use runnel_client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic};
+    let name = dataflow.name.as_str();
+    [
+        dataflow.source.clone(),
+        dataflow.sink.clone(),
+        repartition_topic(name),
+        checkpoint_topic(name),
+        dead_letter_topic(name),
+    ]
+    .iter()
+    .any(|t| t == topic)
+}
+
 fn check_assignment(config: &TopicConfig, assignment: &[Vec<NodeId>]) -> Result<(), MetadataError> {
     if assignment.len() != config.partitions as usize {
         return Err(MetadataError::InvalidConfig(format!(
@@ -622,6 +723,14 @@ pub(crate) mod tests {
                 node: NodeId(1),
                 advertised: Some("localhost:9092".to_string()),
             },
+            MetadataCommand::AlterTopic {
+                name: text(),
+                settings: vec![TopicSetting::MinInsync(1)],
+            },
+            MetadataCommand::AddPartitions {
+                name: text(),
+                assignment: vec![vec![NodeId(1)]],
+            },
         ]
     }
 
@@ -721,10 +830,15 @@ pub(crate) mod tests {
     fn metadata_command_tags_are_pinned_and_versioned() {
         for (tag, command) in every_command().into_iter().enumerate() {
             let value = encode_command(&command).expect("encodes");
-            assert_eq!(&value[..3], &[COMMAND_MAGIC, 4, tag as u8], "{command:?}");
+            assert_eq!(&value[..3], &[COMMAND_MAGIC, 5, tag as u8], "{command:?}");
             assert_eq!(decode_command(&value), Ok(command.clone()));
             let mut earlier = value;
-            for version in [COMMAND_FORMAT_V3, COMMAND_FORMAT_V2, COMMAND_FORMAT_V1] {
+            for version in [
+                COMMAND_FORMAT_V4,
+                COMMAND_FORMAT_V3,
+                COMMAND_FORMAT_V2,
+                COMMAND_FORMAT_V1,
+            ] {
                 earlier[1] = version;
                 assert_eq!(decode_command(&earlier), Ok(command.clone()), "version {version}");
             }
@@ -826,7 +940,7 @@ pub(crate) mod tests {
 /// the same postcard encoding. Any other version is refused by name: a node
 /// must not skip a command it cannot read, or its metadata would diverge.
 pub const COMMAND_MAGIC: u8 = 0xC5;
-pub const COMMAND_FORMAT_VERSION: u8 = 4;
+pub const COMMAND_FORMAT_VERSION: u8 = 5;
 /// Version 1 wrote the same encoding, before the SQL commands existed.
 const COMMAND_FORMAT_V1: u8 = 1;
 /// Version 2 wrote the same encoding, before `KafkaListener` existed.
@@ -834,6 +948,9 @@ const COMMAND_FORMAT_V2: u8 = 2;
 /// Version 3 wrote the same encoding, before plans could hold
 /// `Operator::Registered` (a Rust dataflow started as a plan).
 const COMMAND_FORMAT_V3: u8 = 3;
+/// Version 4 wrote the same encoding, before `AlterTopic` and
+/// `AddPartitions` existed.
+const COMMAND_FORMAT_V4: u8 = 4;
 
 /// Why a controller-log record could not be read as a command.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -886,7 +1003,7 @@ pub fn encode_command(command: &MetadataCommand) -> Result<Vec<u8>, StorageError
 /// A command from its record value (see [`COMMAND_MAGIC`]).
 pub fn decode_command(value: &[u8]) -> Result<MetadataCommand, CommandFormatError> {
     let body = match value {
-        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION | COMMAND_FORMAT_V3 | COMMAND_FORMAT_V2 | COMMAND_FORMAT_V1, body @ ..] => {
+        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION | COMMAND_FORMAT_V4 | COMMAND_FORMAT_V3 | COMMAND_FORMAT_V2 | COMMAND_FORMAT_V1, body @ ..] => {
             body
         }
         [COMMAND_MAGIC, version, ..] => return Err(CommandFormatError::UnknownVersion(*version)),

@@ -103,6 +103,17 @@ pub enum ControllerRequest {
         node: NodeId,
         advertised: Option<String>,
     },
+    /// Change settings of a topic; only the controller leader does it.
+    AlterTopic {
+        name: String,
+        settings: Vec<crate::metadata::TopicSetting>,
+    },
+    /// Grow a topic to `partitions` in all; only the controller leader
+    /// places them.
+    AddPartitions {
+        name: String,
+        partitions: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,9 +206,17 @@ mod tests {
                 node: NodeId(0),
                 advertised: None,
             },
+            ControllerRequest::AlterTopic {
+                name: String::new(),
+                settings: Vec::new(),
+            },
+            ControllerRequest::AddPartitions {
+                name: String::new(),
+                partitions: 1,
+            },
         ];
         let tags: Vec<u8> = requests.iter().map(tag).collect();
-        assert_eq!(tags, (0..=14).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=16).collect::<Vec<u8>>());
     }
 
     #[test]

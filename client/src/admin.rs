@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use crate::error::{ClientError, ClientResult};
 use crate::plan::{Plan, SqlObject};
 use crate::protocol::{
-    Catalog, ClientRequest, ClientResponse, DataflowMeta, FailedReplica, NodeId, TopicConfig, TopicInfo,
+    Catalog, ClientRequest, ClientResponse, DataflowMeta, FailedReplica, NodeId, TopicConfig, TopicInfo, TopicSetting,
 };
 use crate::tasks::TaskStatus;
 use crate::Client;
@@ -30,6 +30,43 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
+    }
+
+    /// Changes settings of a topic, all or none.
+    pub async fn alter_topic(&self, name: &str, settings: Vec<TopicSetting>) -> ClientResult<()> {
+        let request = ClientRequest::AlterTopic {
+            name: name.to_string(),
+            settings,
+        };
+        expect_done(self.call(None, &request).await?)
+    }
+
+    /// Grows a topic to `partitions` partitions in all; returns once the
+    /// node this client asks for metadata knows them, so producers can use
+    /// them at once. Records already written stay where they are: a key
+    /// may hash to another partition from now on.
+    pub async fn add_partitions(&self, name: &str, partitions: u32) -> ClientResult<()> {
+        let request = ClientRequest::AddPartitions {
+            name: name.to_string(),
+            partitions,
+        };
+        expect_done(self.call(None, &request).await?)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let topics = self.cached_topics(true).await?;
+            if topics
+                .iter()
+                .any(|t| t.name == name && t.config.partitions >= partitions)
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Protocol(format!(
+                    "topic {name:?} was given {partitions} partitions but the metadata does not show them yet"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn delete_topic(&self, name: &str) -> ClientResult<()> {

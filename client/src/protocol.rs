@@ -203,7 +203,9 @@ pub enum MetadataError {
     TopicInUse { topic: String, dataflows: Vec<String> },
 }
 
-/// Settings of a topic, fixed at creation.
+/// Settings of a topic: partitions grow with `AddPartitions`, the
+/// replication factor is fixed at creation, the rest change with
+/// `AlterTopic`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
     pub partitions: u32,
@@ -339,6 +341,41 @@ pub enum ClientRequest {
     /// A consumer-group request (answered `Group`); all but
     /// `FindCoordinator` and `List` go to the group's coordinator.
     Group(GroupRequest),
+    /// Changes settings of a topic (answered `Done`); at most
+    /// [`TOPIC_SETTINGS_MAX`].
+    AlterTopic {
+        name: String,
+        settings: Vec<TopicSetting>,
+    },
+    /// Grows a topic to `partitions` partitions in all (answered `Done`);
+    /// the new ones are placed on live nodes.
+    AddPartitions {
+        name: String,
+        partitions: u32,
+    },
+}
+
+/// Settings one `AlterTopic` changes at most.
+pub const TOPIC_SETTINGS_MAX: usize = 16;
+
+/// One setting `AlterTopic` changes. Tagged by position: append new
+/// variants at the end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TopicSetting {
+    /// `min.insync.replicas`.
+    MinInsync(u16),
+    /// `retention.ms`; none keeps records forever.
+    RetentionMs(Option<u64>),
+}
+
+impl TopicSetting {
+    /// `config` with this setting changed (not validated).
+    pub fn apply_to(&self, config: &mut TopicConfig) {
+        match self {
+            TopicSetting::MinInsync(n) => config.min_insync = *n,
+            TopicSetting::RetentionMs(ms) => config.retention_ms = *ms,
+        }
+    }
 }
 
 /// Consumer-group requests: membership (Kafka's group protocol), committed
@@ -620,8 +657,17 @@ mod tests {
             ClientRequest::Catalog,
             ClientRequest::FailedReplicas,
             ClientRequest::Group(GroupRequest::List),
+            ClientRequest::AlterTopic {
+                name: "t".into(),
+                settings: Vec::new(),
+            },
+            ClientRequest::AddPartitions {
+                name: "t".into(),
+                partitions: 1,
+            },
         ];
         assert_tags(&requests);
+        assert_tags(&[TopicSetting::MinInsync(1), TopicSetting::RetentionMs(None)]);
         assert_tags(&group_requests());
         assert_tags(&group_responses());
         use GroupErrorKind::*;

@@ -78,6 +78,9 @@ fn request(frame: Bytes) {
         ApiKey::DescribeGroups => decode!(DescribeGroupsRequest),
         ApiKey::DescribeConfigs => decode!(DescribeConfigsRequest),
         ApiKey::DeleteGroups => decode!(DeleteGroupsRequest),
+        ApiKey::AlterConfigs => decode!(AlterConfigsRequest),
+        ApiKey::CreatePartitions => decode!(CreatePartitionsRequest),
+        ApiKey::IncrementalAlterConfigs => decode!(IncrementalAlterConfigsRequest),
         other => panic!("{other:?} was routed to be served but has no decoder here"),
     }
 }

@@ -666,18 +666,38 @@ impl ControllerCore {
         })
     }
 
+    /// On the controller leader: grows a topic to `partitions` in all,
+    /// placing the new ones on `live` nodes.
+    pub fn add_partitions(
+        &self,
+        name: String,
+        partitions: u32,
+        live: &[NodeId],
+    ) -> Result<MetadataCommand, MetadataError> {
+        let topic = self
+            .meta
+            .metadata
+            .topics
+            .get(&name)
+            .ok_or_else(|| MetadataError::UnknownTopic(name.clone()))?;
+        let have = topic.config.partitions;
+        if partitions <= have {
+            return Err(MetadataError::InvalidConfig(format!(
+                "topic {name:?} has {have} partitions; partitions can only be added (ask for more than {have})"
+            )));
+        }
+        let mut added = topic.config.clone();
+        added.partitions = partitions - have;
+        added.validate()?;
+        let assignment = place(&added, live, &self.meta.metadata.load())?;
+        self.checked(MetadataCommand::AddPartitions { name, assignment })
+    }
+
     pub fn delete_topic(&self, name: String) -> Result<MetadataCommand, MetadataError> {
         if !self.meta.metadata.topics.contains_key(&name) {
             return Err(MetadataError::UnknownTopic(name));
         }
-        let users: Vec<String> = self
-            .meta
-            .metadata
-            .dataflows
-            .values()
-            .filter(|d| dataflow_uses(d, &name))
-            .map(|d| d.name.clone())
-            .collect();
+        let users = self.meta.metadata.dataflows_using(&name);
         if !users.is_empty() {
             return Err(MetadataError::TopicInUse {
                 topic: name,
@@ -810,20 +830,4 @@ pub fn alive_nodes(members: &[MemberView]) -> Vec<NodeId> {
         .filter(|m| m.liveness == Liveness::Alive)
         .map(|m| m.node)
         .collect()
-}
-
-/// Whether a running dataflow reads `topic`, writes it, or keeps its
-/// repartitioned records, checkpoints or dead letters there.
-fn dataflow_uses(dataflow: &DataflowMeta, topic: &str) -> bool {
-    use runnel_client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic};
-    let name = dataflow.name.as_str();
-    [
-        dataflow.source.clone(),
-        dataflow.sink.clone(),
-        repartition_topic(name),
-        checkpoint_topic(name),
-        dead_letter_topic(name),
-    ]
-    .iter()
-    .any(|t| t == topic)
 }

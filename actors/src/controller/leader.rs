@@ -134,6 +134,14 @@ impl Shared {
                 let decided = self.core().checked(MetadataCommand::KafkaListener { node, advertised });
                 self.commit_decided(decided).await
             }
+            ControllerRequest::AlterTopic { name, settings } => {
+                let decided = self.core().checked(MetadataCommand::AlterTopic { name, settings });
+                self.commit_decided(decided).await
+            }
+            ControllerRequest::AddPartitions { name, partitions } => {
+                let decided = self.core().add_partitions(name, partitions, &self.alive_nodes());
+                self.commit_decided(decided).await
+            }
         }
     }
 

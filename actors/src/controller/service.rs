@@ -10,7 +10,9 @@ use runnel_cluster::MemberState;
 use runnel_storage::RecordBatch;
 
 use super::Shared;
-use crate::metadata::{DataflowMeta, GroupId, MetadataError, NodeId, Plan, SqlObject, TopicConfig, CONTROLLER_GROUP};
+use crate::metadata::{
+    DataflowMeta, GroupId, MetadataError, NodeId, Plan, SqlObject, TopicConfig, TopicSetting, CONTROLLER_GROUP,
+};
 use crate::partition::Fetched;
 use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
@@ -102,6 +104,8 @@ impl BrokerService {
             ClientRequest::DescribeTopic { name } => answer(self.describe_topic(&name).await, ClientResponse::Topic),
             ClientRequest::CreateTopic { name, config } => done(self.create_topic(name, config).await),
             ClientRequest::DeleteTopic { name } => done(self.delete_topic(name).await),
+            ClientRequest::AlterTopic { name, settings } => done(self.alter_topic(name, settings).await),
+            ClientRequest::AddPartitions { name, partitions } => done(self.add_partitions(name, partitions).await),
             ClientRequest::Produce {
                 topic,
                 partition,
@@ -208,6 +212,16 @@ impl BrokerService {
 
     pub async fn create_topic(&self, name: String, config: TopicConfig) -> Result<(), ServiceError> {
         self.admin(ControllerRequest::CreateTopic { name, config }).await
+    }
+
+    /// Changes settings of a topic, all or none.
+    pub async fn alter_topic(&self, name: String, settings: Vec<TopicSetting>) -> Result<(), ServiceError> {
+        self.admin(ControllerRequest::AlterTopic { name, settings }).await
+    }
+
+    /// Grows a topic to `partitions` partitions in all.
+    pub async fn add_partitions(&self, name: String, partitions: u32) -> Result<(), ServiceError> {
+        self.admin(ControllerRequest::AddPartitions { name, partitions }).await
     }
 
     pub async fn delete_topic(&self, name: String) -> Result<(), ServiceError> {

@@ -10,7 +10,7 @@ use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::{CreateTopicsRequest, CreateTopicsResponse};
 use kafka_protocol::ResponseError;
-use runnel_actors::metadata::TopicConfig;
+use runnel_actors::metadata::{TopicConfig, TopicSetting};
 
 use super::{str_bytes, Context};
 use crate::errors::KafkaError;
@@ -91,21 +91,31 @@ pub fn topic_config(topic: &CreatableTopic, live_nodes: usize) -> Result<TopicCo
 }
 
 fn apply_setting(config: &mut TopicConfig, name: &str, value: Option<&str>) -> Result<(), KafkaError> {
+    if let Some(setting) = topic_setting(name, value)? {
+        setting.apply_to(config);
+    }
+    Ok(())
+}
+
+/// A Kafka topic setting as Runnel's (none for `cleanup.policy=delete`,
+/// which is what Runnel does); any setting Runnel lacks is refused by name.
+pub(crate) fn topic_setting(name: &str, value: Option<&str>) -> Result<Option<TopicSetting>, KafkaError> {
     let invalid = |why: &str| KafkaError::new(ResponseError::InvalidConfig, format!("{name}={value:?}: {why}"));
     let value = value.ok_or_else(|| invalid("no value"))?;
-    match name {
+    Ok(match name {
         "retention.ms" => {
             let ms: i64 = value.parse().map_err(|_| invalid("not a number"))?;
-            config.retention_ms = u64::try_from(ms).ok();
+            Some(TopicSetting::RetentionMs(u64::try_from(ms).ok()))
         }
-        "min.insync.replicas" => config.min_insync = value.parse().map_err(|_| invalid("not a number"))?,
-        "cleanup.policy" if value == "delete" => {}
+        "min.insync.replicas" => Some(TopicSetting::MinInsync(
+            value.parse().map_err(|_| invalid("not a number"))?,
+        )),
+        "cleanup.policy" if value == "delete" => None,
         "cleanup.policy" => return Err(invalid("only `delete` is supported (log compaction is not built yet)")),
         _ => {
             return Err(invalid(
                 "not a setting Runnel has (it has retention.ms, min.insync.replicas, cleanup.policy)",
             ))
         }
-    }
-    Ok(())
+    })
 }

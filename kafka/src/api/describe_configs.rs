@@ -58,8 +58,8 @@ async fn topic_configs(context: &Context, topic: &str) -> Result<Vec<DescribeCon
             DescribeConfigsResourceResult::default()
                 .with_name(str_bytes(name))
                 .with_value(Some(str_bytes(&value)))
-                // Fixed at creation: AlterConfigs is not served.
-                .with_read_only(true)
+                // Only `delete` is built (no log compaction yet).
+                .with_read_only(name == "cleanup.policy")
                 .with_config_source(SOURCE_TOPIC)
                 .with_config_type(kind)
         })

@@ -18,7 +18,9 @@ use kafka_protocol::protocol::{Decodable, Encodable};
 
 use crate::BrokerService;
 
+pub mod alter_configs;
 pub mod api_versions;
+pub mod create_partitions;
 pub mod create_topics;
 pub mod delete_groups;
 pub mod delete_topics;
@@ -27,6 +29,7 @@ pub mod describe_groups;
 pub mod fetch;
 pub mod find_coordinator;
 pub mod heartbeat;
+pub mod incremental_alter_configs;
 pub mod init_producer_id;
 pub mod join_group;
 pub mod leave_group;
@@ -62,6 +65,9 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::DescribeConfigs, 1, 4),
     (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
 ];
 
 /// What every handler needs: the node's broker service, and who asks.
@@ -220,6 +226,9 @@ async fn dispatch(
         ApiKey::DescribeGroups => serve!(describe_groups),
         ApiKey::DescribeConfigs => serve!(describe_configs),
         ApiKey::DeleteGroups => serve!(delete_groups),
+        ApiKey::AlterConfigs => serve!(alter_configs),
+        ApiKey::CreatePartitions => serve!(create_partitions),
+        ApiKey::IncrementalAlterConfigs => serve!(incremental_alter_configs),
         ApiKey::Produce => {
             let request: kafka_protocol::messages::ProduceRequest = decode(api, version, &mut body)?;
             let wants_answer = request.acks != 0;

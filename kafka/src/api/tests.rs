@@ -2,14 +2,15 @@
 //! that must get a named error, never a panic.
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::delete_records_request::{DeleteRecordsPartition, DeleteRecordsTopic};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreatePartitionsRequest, CreatePartitionsResponse,
-    CreateTopicsRequest, DeleteGroupsRequest, DeleteTopicsRequest, DescribeConfigsRequest, DescribeGroupsRequest,
-    EndTxnRequest, EndTxnResponse, FetchRequest, FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest,
-    JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse,
-    OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, ResponseHeader, SaslHandshakeRequest,
-    SaslHandshakeResponse, SyncGroupRequest, TopicName, WriteShareGroupStateRequest,
+    AlterConfigsRequest, ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreatePartitionsRequest, CreateTopicsRequest,
+    DeleteGroupsRequest, DeleteRecordsRequest, DeleteRecordsResponse, DeleteTopicsRequest, DescribeConfigsRequest,
+    DescribeGroupsRequest, EndTxnRequest, EndTxnResponse, FetchRequest, FindCoordinatorRequest, HeartbeatRequest,
+    IncrementalAlterConfigsRequest, InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest,
+    ListOffsetsRequest, MetadataRequest, MetadataResponse, OffsetCommitRequest, OffsetFetchRequest, ProduceRequest,
+    RequestHeader, ResponseHeader, SaslHandshakeRequest, SaslHandshakeResponse, SyncGroupRequest, TopicName,
+    WriteShareGroupStateRequest,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use proptest::prelude::*;
@@ -96,19 +97,23 @@ fn apis_and_versions_not_served_get_their_own_response_with_unsupported_version(
     let sasl = refusal::<SaslHandshakeResponse>(ApiKey::SaslHandshake, 1, sasl);
     assert_eq!(sasl.error_code, 33, "UNSUPPORTED_SASL_MECHANISM");
     let topic = |name: &'static str| {
-        CreatePartitionsTopic::default()
+        DeleteRecordsTopic::default()
             .with_name(TopicName(StrBytes::from_static_str(name)))
-            .with_count(4)
+            .with_partitions(vec![DeleteRecordsPartition::default().with_partition_index(3)])
     };
-    let request = CreatePartitionsRequest::default().with_topics(vec![topic("a"), topic("b")]);
-    let answer = route(frame(ApiKey::CreatePartitions, 2, request));
-    let answer = refusal::<CreatePartitionsResponse>(ApiKey::CreatePartitions, 2, answer);
+    let request = DeleteRecordsRequest::default().with_topics(vec![topic("a"), topic("b")]);
+    let answer = route(frame(ApiKey::DeleteRecords, 2, request));
+    let answer = refusal::<DeleteRecordsResponse>(ApiKey::DeleteRecords, 2, answer);
     let results: Vec<_> = answer
-        .results
+        .topics
         .iter()
-        .map(|r| (r.name.0.as_str(), r.error_code))
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(|p| (t.name.0.as_str(), p.partition_index, p.error_code))
+        })
         .collect();
-    assert_eq!(results, [("a", 35), ("b", 35)]);
+    assert_eq!(results, [("a", 3, 35), ("b", 3, 35)]);
 }
 
 #[test]
@@ -204,6 +209,9 @@ fn decode_any(api: ApiKey, version: i16, body: &[u8]) {
         ApiKey::DescribeGroups => decode::<DescribeGroupsRequest>(api, version, &mut body).map(drop),
         ApiKey::DescribeConfigs => decode::<DescribeConfigsRequest>(api, version, &mut body).map(drop),
         ApiKey::DeleteGroups => decode::<DeleteGroupsRequest>(api, version, &mut body).map(drop),
+        ApiKey::AlterConfigs => decode::<AlterConfigsRequest>(api, version, &mut body).map(drop),
+        ApiKey::CreatePartitions => decode::<CreatePartitionsRequest>(api, version, &mut body).map(drop),
+        ApiKey::IncrementalAlterConfigs => decode::<IncrementalAlterConfigsRequest>(api, version, &mut body).map(drop),
         other => panic!("{other:?} has no decoder here"),
     };
 }

@@ -86,12 +86,9 @@ fn per_item(
         };
     }
     match api {
-        ApiKey::CreatePartitions => mirror!(CreatePartitionsRequest, create_partitions),
         ApiKey::DeleteRecords => mirror!(DeleteRecordsRequest, delete_records),
         ApiKey::OffsetForLeaderEpoch => mirror!(OffsetForLeaderEpochRequest, offset_for_leader_epoch),
         ApiKey::TxnOffsetCommit => mirror!(TxnOffsetCommitRequest, txn_offset_commit),
-        ApiKey::AlterConfigs => mirror!(AlterConfigsRequest, alter_configs),
-        ApiKey::IncrementalAlterConfigs => mirror!(IncrementalAlterConfigsRequest, incremental_alter_configs),
         ApiKey::CreateAcls => mirror!(CreateAclsRequest, create_acls),
         ApiKey::DeleteAcls => mirror!(DeleteAclsRequest, delete_acls),
         ApiKey::DescribeProducers => mirror!(DescribeProducersRequest, describe_producers),
@@ -103,18 +100,6 @@ fn per_item(
 
 fn message() -> Option<kafka_protocol::protocol::StrBytes> {
     Some(super::str_bytes("not served by this Runnel listener"))
-}
-
-fn create_partitions(request: CreatePartitionsRequest) -> CreatePartitionsResponse {
-    use create_partitions_response::CreatePartitionsTopicResult as Result;
-    let results = request.topics.into_iter();
-    let results = results.map(|t| {
-        Result::default()
-            .with_name(t.name)
-            .with_error_code(CODE)
-            .with_error_message(message())
-    });
-    CreatePartitionsResponse::default().with_results(results.collect())
 }
 
 fn delete_records(request: DeleteRecordsRequest) -> DeleteRecordsResponse {
@@ -161,30 +146,6 @@ fn txn_offset_commit(request: TxnOffsetCommitRequest) -> TxnOffsetCommitResponse
         Topic::default().with_name(t.name).with_partitions(partitions.collect())
     });
     TxnOffsetCommitResponse::default().with_topics(topics.collect())
-}
-
-fn alter_configs(request: AlterConfigsRequest) -> AlterConfigsResponse {
-    use alter_configs_response::AlterConfigsResourceResponse as Resource;
-    let responses = request.resources.into_iter().map(|r| {
-        Resource::default()
-            .with_resource_type(r.resource_type)
-            .with_resource_name(r.resource_name)
-            .with_error_code(CODE)
-            .with_error_message(message())
-    });
-    AlterConfigsResponse::default().with_responses(responses.collect())
-}
-
-fn incremental_alter_configs(request: IncrementalAlterConfigsRequest) -> IncrementalAlterConfigsResponse {
-    use incremental_alter_configs_response::AlterConfigsResourceResponse as Resource;
-    let responses = request.resources.into_iter().map(|r| {
-        Resource::default()
-            .with_resource_type(r.resource_type)
-            .with_resource_name(r.resource_name)
-            .with_error_code(CODE)
-            .with_error_message(message())
-    });
-    IncrementalAlterConfigsResponse::default().with_responses(responses.collect())
 }
 
 fn create_acls(request: CreateAclsRequest) -> CreateAclsResponse {

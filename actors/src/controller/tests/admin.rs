@@ -121,3 +121,93 @@ fn rebalancing_moves_replicas_until_loads_differ_by_at_most_one() {
     assert_eq!(load.values().max(), Some(&2));
     assert!(core.rebalance(&ids(&[1, 2, 3])).is_empty());
 }
+
+#[test]
+fn partitions_are_added_on_live_nodes_and_founded_by_their_first_replicas() {
+    let mut core = core_of(1);
+    let created = core
+        .create_topic("orders".to_string(), TopicConfig::new(2, 2), &ids(&[1, 2, 3]))
+        .expect("placed");
+    apply(&mut core, created);
+    let refused = core.add_partitions("orders".to_string(), 2, &ids(&[1, 2, 3]));
+    assert!(
+        matches!(&refused, Err(MetadataError::InvalidConfig(why)) if why.contains("can only be added")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        core.add_partitions("nope".to_string(), 3, &ids(&[1])),
+        Err(MetadataError::UnknownTopic("nope".to_string()))
+    );
+    assert!(matches!(
+        core.add_partitions("orders".to_string(), 5, &ids(&[1])),
+        Err(MetadataError::NotEnoughNodes { .. })
+    ));
+    let command = core
+        .add_partitions("orders".to_string(), 5, &ids(&[2, 3]))
+        .expect("placed");
+    let MetadataCommand::AddPartitions { assignment, .. } = &command else {
+        panic!("{command:?}");
+    };
+    assert_eq!(assignment.len(), 3, "partitions 2, 3 and 4");
+    assert!(
+        assignment.iter().all(|r| r.len() == 2 && !r.contains(&NodeId(1))),
+        "{assignment:?}"
+    );
+    apply(&mut core, command);
+    let topic = &core.meta().metadata.topics["orders"];
+    assert_eq!((topic.config.partitions, topic.assignment.len()), (5, 5));
+    assert_eq!(
+        topic.founders[2..],
+        topic.assignment[2..],
+        "new groups are founded by their replicas"
+    );
+    assert_eq!(topic.departed.len(), 5);
+    let wanted = core.meta().wanted_groups(NodeId(2));
+    assert!(wanted.contains_key(&topic.group_id(4)), "node 2 hosts a new partition");
+}
+
+#[test]
+fn settings_change_all_or_none_and_a_running_dataflow_keeps_its_partitions() {
+    use crate::metadata::TopicSetting;
+    let mut core = core_of(1);
+    let created = core
+        .create_topic("t".to_string(), TopicConfig::new(1, 3), &ids(&[1, 2, 3]))
+        .expect("placed");
+    apply(&mut core, created);
+    let alter = |settings| MetadataCommand::AlterTopic {
+        name: "t".to_string(),
+        settings,
+    };
+    let refused = core.checked(alter(vec![
+        TopicSetting::RetentionMs(Some(5)),
+        TopicSetting::MinInsync(4),
+    ]));
+    assert!(
+        matches!(&refused, Err(MetadataError::InvalidConfig(why)) if why.contains("min-insync")),
+        "{refused:?}"
+    );
+    let command = core
+        .checked(alter(vec![TopicSetting::RetentionMs(None), TopicSetting::MinInsync(3)]))
+        .expect("valid");
+    apply(&mut core, command);
+    let config = &core.meta().metadata.topics["t"].config;
+    assert_eq!((config.min_insync, config.retention_ms), (3, None));
+
+    let dataflow = DataflowMeta {
+        name: "d".to_string(),
+        source: "t".to_string(),
+        sink: "s".to_string(),
+        stages: 1,
+        partitions: 1,
+        placement: Vec::new(),
+    };
+    let started = core.start_dataflow(dataflow, &ids(&[1])).expect("placed");
+    apply(&mut core, started);
+    assert_eq!(
+        core.add_partitions("t".to_string(), 2, &ids(&[1, 2, 3])),
+        Err(MetadataError::TopicInUse {
+            topic: "t".to_string(),
+            dataflows: vec!["d".to_string()]
+        })
+    );
+}

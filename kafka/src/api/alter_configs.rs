@@ -1,0 +1,113 @@
+//! AlterConfigs: a topic's settings replaced as a whole, as Kafka means it:
+//! a setting the request leaves out goes back to its default. All of a
+//! resource's settings change or none; a broker resource is refused (nodes
+//! take their settings from flags and a config file).
+
+use kafka_protocol::messages::alter_configs_request::AlterConfigsResource;
+use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
+use kafka_protocol::messages::{AlterConfigsRequest, AlterConfigsResponse};
+use kafka_protocol::ResponseError;
+use runnel_actors::metadata::{TopicConfig, TopicSetting};
+
+use super::create_topics::topic_setting;
+use super::{str_bytes, Context};
+use crate::errors::KafkaError;
+
+/// Kafka's resource type of a topic.
+pub(crate) const TOPIC: i8 = 2;
+/// Resources one request may change at most.
+const RESOURCES_MAX: usize = 1000;
+/// The topic settings Runnel keeps, by their Kafka names.
+const SETTINGS: [&str; 3] = ["cleanup.policy", "min.insync.replicas", "retention.ms"];
+
+pub async fn handle(context: &Context, request: AlterConfigsRequest, _version: i16) -> AlterConfigsResponse {
+    let mut responses = Vec::with_capacity(request.resources.len().min(RESOURCES_MAX));
+    for resource in request.resources.iter().take(RESOURCES_MAX) {
+        let answer = AlterConfigsResourceResponse::default()
+            .with_resource_type(resource.resource_type)
+            .with_resource_name(resource.resource_name.clone());
+        let changed = match settings(context, resource).await {
+            Ok(settings) => {
+                alter(
+                    context,
+                    resource.resource_name.as_str(),
+                    settings,
+                    request.validate_only,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        responses.push(match changed {
+            Ok(()) => answer,
+            Err(e) => answer
+                .with_error_code(e.code())
+                .with_error_message(Some(str_bytes(&e.message))),
+        });
+    }
+    AlterConfigsResponse::default().with_responses(responses)
+}
+
+/// Every setting of the topic: the request's value, else the default.
+async fn settings(context: &Context, resource: &AlterConfigsResource) -> Result<Vec<TopicSetting>, KafkaError> {
+    if resource.resource_type != TOPIC {
+        return Err(KafkaError::new(
+            ResponseError::InvalidRequest,
+            format!(
+                "resource type {}: only topics (2) are altered; nodes take their settings from flags and a config file",
+                resource.resource_type
+            ),
+        ));
+    }
+    let topic = context.service.describe_topic(resource.resource_name.as_str()).await?;
+    let mut settings = Vec::with_capacity(SETTINGS.len());
+    for config in &resource.configs {
+        settings.extend(topic_setting(
+            config.name.as_str(),
+            config.value.as_ref().map(|v| v.as_str()),
+        )?);
+    }
+    for name in SETTINGS {
+        if !resource.configs.iter().any(|c| c.name.as_str() == name) {
+            settings.extend(default_setting(name, &topic.config)?);
+        }
+    }
+    Ok(settings)
+}
+
+/// The default of a setting for a topic like `config` (none for
+/// `cleanup.policy`, whose only value is its default).
+pub(crate) fn default_setting(name: &str, config: &TopicConfig) -> Result<Option<TopicSetting>, KafkaError> {
+    let defaults = TopicConfig::new(config.partitions, config.replication);
+    Ok(match name {
+        "cleanup.policy" => None,
+        "min.insync.replicas" => Some(TopicSetting::MinInsync(defaults.min_insync)),
+        "retention.ms" => Some(TopicSetting::RetentionMs(defaults.retention_ms)),
+        other => {
+            return Err(KafkaError::new(
+                ResponseError::InvalidConfig,
+                format!("{other}: not a setting Runnel has (it has {})", SETTINGS.join(", ")),
+            ))
+        }
+    })
+}
+
+/// Commits `settings` to `topic`, or with `validate_only` checks them
+/// against the topic as it is and changes nothing.
+pub(crate) async fn alter(
+    context: &Context,
+    topic: &str,
+    settings: Vec<TopicSetting>,
+    validate_only: bool,
+) -> Result<(), KafkaError> {
+    if !validate_only {
+        return Ok(context.service.alter_topic(topic.to_string(), settings).await?);
+    }
+    let mut config = context.service.describe_topic(topic).await?.config;
+    for setting in &settings {
+        setting.apply_to(&mut config);
+    }
+    config
+        .validate()
+        .map_err(|e| KafkaError::new(ResponseError::InvalidConfig, e.to_string()))
+}
