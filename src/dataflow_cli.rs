@@ -1,4 +1,4 @@
-//! `runnel dataflow start|list|describe|stop|delete`.
+//! `runnel dataflow start|list|describe|stop|delete|reset`.
 
 use std::collections::BTreeSet;
 
@@ -53,6 +53,15 @@ pub enum DataflowCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Start a dataflow (or SQL query) over from the beginning of its
+    /// source: stop it, delete its internal topics, start it again. Its
+    /// sink keeps what it held; its results are written again.
+    Reset {
+        /// The dataflow's (or SQL query's) name.
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 pub fn dataflow(command: DataflowCommand) -> anyhow::Result<()> {
@@ -84,6 +93,17 @@ pub fn dataflow(command: DataflowCommand) -> anyhow::Result<()> {
                 println!(
                     "deleted {}",
                     names_or_none(&deleted.iter().map(String::as_str).collect::<Vec<_>>())
+                );
+            }
+            DataflowCommand::Reset { name, connect } => {
+                let client = connect.connect().await?;
+                let reset = crate::dataflow_reset::reset(&client, &name).await?;
+                let deleted: Vec<&str> = reset.deleted.iter().map(String::as_str).collect();
+                println!(
+                    "{} {name:?}{}; deleted {}; started again from the beginning (its sink keeps its earlier results)",
+                    if reset.query { "query" } else { "dataflow" },
+                    if reset.stopped { " stopped" } else { " was not running" },
+                    names_or_none(&deleted)
                 );
             }
             DataflowCommand::List { json, connect } => {
@@ -220,7 +240,7 @@ fn print_tasks(tasks: &[TaskStatus], json: bool) -> anyhow::Result<()> {
 /// `dataflow start`'s error with what to do: a missing source topic is
 /// named with the command that makes it; an unknown dataflow, with those
 /// this binary knows.
-fn start_hint(error: runnel::client::ClientError, name: &str) -> anyhow::Error {
+pub(crate) fn start_hint(error: runnel::client::ClientError, name: &str) -> anyhow::Error {
     use runnel::client::ClientError;
     let hint = match &error {
         ClientError::UnknownTopic(topic) => format!(
@@ -260,7 +280,7 @@ fn names_or_none(names: &[&str]) -> String {
 
 /// Deletes a dataflow's checkpoint, repartition and dead-letter topics;
 /// the names of those that existed.
-async fn delete_internal_topics(client: &Client, name: &str) -> anyhow::Result<Vec<String>> {
+pub(crate) async fn delete_internal_topics(client: &Client, name: &str) -> anyhow::Result<Vec<String>> {
     use runnel::client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic};
     let topics = [checkpoint_topic(name), repartition_topic(name), dead_letter_topic(name)];
     let existing: BTreeSet<String> = client.topics().await?.into_iter().map(|t| t.name).collect();

@@ -3,6 +3,7 @@
 mod broker_cli;
 mod cluster_cli;
 mod dataflow_cli;
+mod dataflow_reset;
 mod demo;
 mod group_cli;
 mod sim_cli;

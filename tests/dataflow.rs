@@ -626,6 +626,7 @@ async fn a_stopped_dataflow_is_deleted_and_its_topics_are_protected_while_it_run
     let expected = reference(&client).await;
     assert!(!expected.is_empty(), "some card went over the threshold");
     expect_reference(&client, &cluster, &expected).await;
+    a_reset_writes_every_result_again(&cluster, &client, &expected).await;
 
     let stderr = |output: std::process::Output| String::from_utf8_lossy(&output.stderr).to_string();
     let refused = stderr(cli(&cluster, &["dataflow", "delete", fraud::NAME]));
@@ -647,4 +648,89 @@ async fn a_stopped_dataflow_is_deleted_and_its_topics_are_protected_while_it_run
         !listed.contains(&checkpoints) && listed.contains(fraud::SOURCE),
         "{listed}"
     );
+}
+
+/// `dataflow reset` of the running builder dataflow and of the seed
+/// statement's SQL query: each starts over from the beginning of the source
+/// and writes its results once more, exactly (the sink keeps the first
+/// ones), and the query still writes its stream.
+async fn a_reset_writes_every_result_again(
+    cluster: &Cluster,
+    client: &Arc<Client>,
+    expected: &BTreeMap<(String, i64), u64>,
+) {
+    let declare = "CREATE STREAM authorization_attempts (card_number STRING, amount_cents BIGINT, at_ms BIGINT) \
+        WITH (KAFKA_TOPIC='authorization_attempts', VALUE_FORMAT='JSON');";
+    let typed = sql(cluster, &format!("{declare} {SEED_STATEMENT}"));
+    assert!(typed.status.success(), "{typed:?}");
+    let once = wait_for_sql_changes(client, expected, 1).await;
+
+    let reset = cli(cluster, &["dataflow", "reset", fraud::NAME]);
+    let printed = String::from_utf8_lossy(&reset.stdout);
+    assert!(
+        reset.status.success() && printed.contains("possible_fraud.checkpoints"),
+        "{printed} {}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    let deadline = Instant::now() + RESULTS_TIMEOUT;
+    let (found, duplicates) = loop {
+        let (found, duplicates) = results(client).await;
+        if found.len() + duplicates >= 2 * expected.len() || Instant::now() > deadline {
+            break (found, duplicates);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(&found, expected, "the second run's results equal the reference");
+    assert_eq!(
+        duplicates,
+        expected.len(),
+        "every result written once more, none a third time"
+    );
+
+    let reset = cli(cluster, &["dataflow", "reset", SQL_QUERY]);
+    assert!(reset.status.success(), "{reset:?}");
+    let twice = wait_for_sql_changes(client, expected, 2).await;
+    for (key, counts) in &twice {
+        let first = &once[key];
+        assert_eq!(
+            counts,
+            &[first.clone(), first.clone()].concat(),
+            "{key:?}: the changes, twice"
+        );
+    }
+    let catalog = client.catalog().await.expect("catalog");
+    let object = catalog.objects.iter().find(|o| o.name == SQL_SINK).expect("the stream");
+    assert_eq!(
+        object.query.as_deref(),
+        Some(SQL_QUERY),
+        "the restarted query still writes it"
+    );
+    assert!(sql(cluster, &format!("TERMINATE {SQL_QUERY};")).status.success());
+}
+
+/// Polls the SQL sink until each (card, window) of `expected` got its
+/// changes `runs` times over; the changes of one run.
+async fn wait_for_sql_changes(
+    client: &Arc<Client>,
+    expected: &BTreeMap<(String, i64), u64>,
+    runs: usize,
+) -> BTreeMap<(String, i64), Vec<u64>> {
+    let deadline = Instant::now() + RESULTS_TIMEOUT;
+    let wanted: usize = expected.values().map(|&n| (n - fraud::THRESHOLD) as usize * runs).sum();
+    loop {
+        let changes = sql_changes(client).await;
+        let got: usize = changes.values().map(Vec::len).sum();
+        if got >= wanted || Instant::now() > deadline {
+            if runs == 1 {
+                assert_eq!(
+                    &final_counts(&changes),
+                    expected,
+                    "the query's results equal the reference"
+                );
+            }
+            assert_eq!(got, wanted, "changes of {runs} run(s)");
+            return changes;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

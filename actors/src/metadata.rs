@@ -116,7 +116,16 @@ pub enum MetadataCommand {
         name: String,
         assignment: Vec<Vec<NodeId>>,
     },
+    /// Starts a new generation of a stopped dataflow (format version 5
+    /// on): its tasks write with the next producer epoch, so output written
+    /// again from the beginning is not taken for retries of the old.
+    ResetDataflow {
+        name: String,
+    },
 }
+
+/// Dataflow names whose generation is remembered, at most.
+pub const GENERATIONS_MAX: usize = 10_000;
 
 /// Bytes of an advertised `host:port` at most.
 pub const ADVERTISED_BYTES_MAX: usize = 255;
@@ -166,6 +175,9 @@ pub struct Metadata {
     pub objects: BTreeMap<String, SqlObject>,
     /// Where Kafka clients reach each node that serves the Kafka protocol.
     pub kafka_listeners: BTreeMap<NodeId, String>,
+    /// Each reset dataflow's generation (0, never reset, is not kept).
+    #[serde(default)]
+    pub generations: BTreeMap<String, i16>,
 }
 
 impl Metadata {
@@ -206,7 +218,29 @@ impl Metadata {
             }
             MetadataCommand::AlterTopic { name, settings } => self.alter_topic(name, settings),
             MetadataCommand::AddPartitions { name, assignment } => self.add_partitions(name, assignment),
+            MetadataCommand::ResetDataflow { name } => self.reset_dataflow(name),
         }
+    }
+
+    /// The next generation of a dataflow that is not running.
+    fn reset_dataflow(&mut self, name: &str) -> Result<(), MetadataError> {
+        if self.dataflows.contains_key(name) {
+            return Err(MetadataError::DataflowRunning(name.to_string()));
+        }
+        let generation = self.generations.get(name).copied().unwrap_or(0);
+        if generation == i16::MAX {
+            return Err(MetadataError::InvalidConfig(format!(
+                "dataflow {name:?} was reset {} times, the most a producer epoch counts; give it a new name",
+                i16::MAX
+            )));
+        }
+        if generation == 0 && self.generations.len() >= GENERATIONS_MAX {
+            return Err(MetadataError::InvalidConfig(format!(
+                "{GENERATIONS_MAX} dataflows were reset already; give this one a new name"
+            )));
+        }
+        self.generations.insert(name.to_string(), generation + 1);
+        Ok(())
     }
 
     /// Changes a topic's settings; all or none (the result must be valid).
@@ -487,6 +521,7 @@ impl Metadata {
                         task: task as u32,
                         partitions: d.partitions,
                         stages: d.stages,
+                        generation: self.generations.get(&d.name).copied().unwrap_or(0),
                     })
             })
             .collect()
@@ -731,6 +766,7 @@ pub(crate) mod tests {
                 name: text(),
                 assignment: vec![vec![NodeId(1)]],
             },
+            MetadataCommand::ResetDataflow { name: text() },
         ]
     }
 
@@ -948,8 +984,8 @@ const COMMAND_FORMAT_V2: u8 = 2;
 /// Version 3 wrote the same encoding, before plans could hold
 /// `Operator::Registered` (a Rust dataflow started as a plan).
 const COMMAND_FORMAT_V3: u8 = 3;
-/// Version 4 wrote the same encoding, before `AlterTopic` and
-/// `AddPartitions` existed.
+/// Version 4 wrote the same encoding, before `AlterTopic`,
+/// `AddPartitions` and `ResetDataflow` existed.
 const COMMAND_FORMAT_V4: u8 = 4;
 
 /// Why a controller-log record could not be read as a command.

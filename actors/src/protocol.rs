@@ -114,6 +114,10 @@ pub enum ControllerRequest {
         name: String,
         partitions: u32,
     },
+    /// Start a new generation of a stopped dataflow.
+    ResetDataflow {
+        name: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,9 +218,10 @@ mod tests {
                 name: String::new(),
                 partitions: 1,
             },
+            ControllerRequest::ResetDataflow { name: String::new() },
         ];
         let tags: Vec<u8> = requests.iter().map(tag).collect();
-        assert_eq!(tags, (0..=16).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..=17).collect::<Vec<u8>>());
     }
 
     #[test]

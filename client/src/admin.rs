@@ -99,6 +99,13 @@ impl Client {
         expect_done(self.call(None, &request).await?)
     }
 
+    /// Starts a new generation of the stopped dataflow `name`: started
+    /// again, it writes its output anew rather than as retries of the old.
+    pub async fn reset_dataflow(&self, name: &str) -> ClientResult<()> {
+        let request = ClientRequest::ResetDataflow { name: name.to_string() };
+        expect_done(self.call(None, &request).await?)
+    }
+
     /// Starts a SQL query's dataflow `name` from its plan; `object` names
     /// the stream or table it writes.
     pub async fn start_query(&self, name: &str, plan: Plan, object: Option<SqlObject>) -> ClientResult<()> {

@@ -353,6 +353,11 @@ pub enum ClientRequest {
         name: String,
         partitions: u32,
     },
+    /// Starts a new generation of a stopped dataflow (answered `Done`):
+    /// started again, its tasks write with the next producer epoch.
+    ResetDataflow {
+        name: String,
+    },
 }
 
 /// Settings one `AlterTopic` changes at most.
@@ -665,6 +670,7 @@ mod tests {
                 name: "t".into(),
                 partitions: 1,
             },
+            ClientRequest::ResetDataflow { name: "d".into() },
         ];
         assert_tags(&requests);
         assert_tags(&[TopicSetting::MinInsync(1), TopicSetting::RetentionMs(None)]);

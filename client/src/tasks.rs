@@ -39,6 +39,9 @@ pub struct TaskAssignment {
     pub task: u32,
     pub partitions: u32,
     pub stages: u32,
+    /// How many times the dataflow was reset: its tasks write with this
+    /// producer epoch.
+    pub generation: i16,
 }
 
 impl TaskAssignment {

@@ -220,12 +220,22 @@ impl Actor for TaskSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             SupervisorMsg::Assign(tasks, plans) => {
-                state.wanted = tasks.into_iter().map(|t| ((t.dataflow.clone(), t.task), t)).collect();
+                let wanted: BTreeMap<TaskKey, TaskAssignment> =
+                    tasks.into_iter().map(|t| ((t.dataflow.clone(), t.task), t)).collect();
+                // A task whose assignment changed (a new generation after a
+                // reset) is started again with the new one.
+                let changed: Vec<TaskKey> = state
+                    .wanted
+                    .iter()
+                    .filter(|(k, a)| wanted.get(*k).is_some_and(|w| w != *a))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                state.wanted = wanted;
                 let replanned = state.compile(plans);
                 let gone: Vec<TaskKey> = state
                     .running
                     .keys()
-                    .filter(|k| !state.wanted.contains_key(*k) || replanned.contains(&k.0))
+                    .filter(|k| !state.wanted.contains_key(*k) || replanned.contains(&k.0) || changed.contains(k))
                     .cloned()
                     .collect();
                 for key in gone {

@@ -136,6 +136,25 @@ pub enum TaskError {
     Stage(#[from] crate::builder::StageError),
 }
 
+/// Who a task writes as: its producer id, fixed across restarts and nodes,
+/// and the dataflow's generation as the producer epoch. A reset starts a new
+/// generation, whose sequences start again at 0: the broker takes a higher
+/// epoch as a new producer rather than as retries of the old one's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskProducer {
+    pub id: i64,
+    pub epoch: i16,
+}
+
+impl TaskProducer {
+    pub fn of(dataflow: &str, assignment: &TaskAssignment) -> TaskProducer {
+        TaskProducer {
+            id: task_producer_id(dataflow, assignment.task),
+            epoch: assignment.generation,
+        }
+    }
+}
+
 /// A producer id fixed for a task across restarts and nodes (FNV-1a of the
 /// dataflow name and task), so its sequences stay meaningful to the broker.
 pub fn task_producer_id(dataflow: &str, task: u32) -> i64 {
@@ -167,15 +186,15 @@ fn retryable(error: &ClientError) -> bool {
 /// sequence numbers, so output already written by an earlier incarnation is
 /// recognised and skipped, never written twice.
 pub struct ExactlyOnceSender {
-    producer_id: i64,
+    producer: TaskProducer,
     /// The next sequence per (topic, partition).
     sequences: BTreeMap<(String, u32), i32>,
 }
 
 impl ExactlyOnceSender {
-    pub fn new(producer_id: i64) -> ExactlyOnceSender {
+    pub fn new(producer: TaskProducer) -> ExactlyOnceSender {
         ExactlyOnceSender {
-            producer_id,
+            producer,
             sequences: BTreeMap::new(),
         }
     }
@@ -190,12 +209,12 @@ impl ExactlyOnceSender {
         topic: &str,
         outputs: BTreeMap<u32, PartitionOutput>,
     ) -> Result<(), TaskError> {
-        let producer_id = self.producer_id;
+        let producer = self.producer;
         let sequences = &self.sequences;
         let sends = outputs.into_iter().map(|(partition, output)| {
             let first = sequences.get(&(topic.to_string(), partition)).copied().unwrap_or(0);
             async move {
-                let next = send_partition(client, producer_id, topic, partition, first, output).await;
+                let next = send_partition(client, producer, topic, partition, first, output).await;
                 (partition, next)
             }
         });
@@ -283,23 +302,23 @@ impl PartitionOutput {
 /// after it.
 async fn send_partition<C: TaskIo>(
     client: &C,
-    producer_id: i64,
+    producer: TaskProducer,
     topic: &str,
     partition: u32,
     mut sequence: i32,
     output: PartitionOutput,
 ) -> Result<i32, TaskError> {
     for builder in output.batches {
-        sequence = send_batch(client, producer_id, topic, partition, sequence, builder).await?;
+        sequence = send_batch(client, producer, topic, partition, sequence, builder).await?;
     }
     Ok(sequence)
 }
 
-/// Stamps a batch with the task's producer id and its first sequence.
-fn stamp(mut builder: BatchBuilder, producer_id: i64, base_sequence: i32) -> Result<RecordBatch, TaskError> {
+/// Stamps a batch with the task's producer id and epoch and its first sequence.
+fn stamp(mut builder: BatchBuilder, producer: TaskProducer, base_sequence: i32) -> Result<RecordBatch, TaskError> {
     builder.set_producer(ProducerInfo {
-        producer_id,
-        producer_epoch: 0,
+        producer_id: producer.id,
+        producer_epoch: producer.epoch,
         base_sequence,
     });
     Ok(builder.build()?)
@@ -320,7 +339,7 @@ fn records_after(batch: &RecordBatch, skip: usize) -> Result<BatchBuilder, TaskE
 /// already holds; the sequence after it.
 async fn send_batch<C: TaskIo>(
     client: &C,
-    producer_id: i64,
+    producer: TaskProducer,
     topic: &str,
     partition: u32,
     mut sequence: i32,
@@ -331,7 +350,7 @@ async fn send_batch<C: TaskIo>(
     }
     let deadline = client.now() + SEND_RETRY_FOR;
     let mut backoff = Duration::from_millis(20);
-    let mut batch = stamp(builder, producer_id, sequence)?;
+    let mut batch = stamp(builder, producer, sequence)?;
     loop {
         let count = batch.record_count() as usize;
         // How many of these records the sink holds already.
@@ -365,7 +384,7 @@ async fn send_batch<C: TaskIo>(
         if written == count {
             return Ok(sequence);
         }
-        batch = stamp(records_after(&batch, written)?, producer_id, sequence)?;
+        batch = stamp(records_after(&batch, written)?, producer, sequence)?;
     }
 }
 
@@ -464,7 +483,7 @@ impl<C: TaskIo> TaskRunner<C> {
         };
         let started = client.now();
         let mut runner = TaskRunner {
-            sender: ExactlyOnceSender::new(task_producer_id(&def.name, assignment.task)),
+            sender: ExactlyOnceSender::new(TaskProducer::of(&def.name, &assignment)),
             markers: vec![
                 MarkerState {
                     last_sent: None,

@@ -142,6 +142,10 @@ impl Shared {
                 let decided = self.core().add_partitions(name, partitions, &self.alive_nodes());
                 self.commit_decided(decided).await
             }
+            ControllerRequest::ResetDataflow { name } => {
+                let decided = self.core().checked(MetadataCommand::ResetDataflow { name });
+                self.commit_decided(decided).await
+            }
         }
     }
 

@@ -106,6 +106,7 @@ impl BrokerService {
             ClientRequest::DeleteTopic { name } => done(self.delete_topic(name).await),
             ClientRequest::AlterTopic { name, settings } => done(self.alter_topic(name, settings).await),
             ClientRequest::AddPartitions { name, partitions } => done(self.add_partitions(name, partitions).await),
+            ClientRequest::ResetDataflow { name } => done(self.admin(ControllerRequest::ResetDataflow { name }).await),
             ClientRequest::Produce {
                 topic,
                 partition,

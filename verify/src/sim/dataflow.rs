@@ -713,6 +713,7 @@ impl World {
                 task: task as u32,
                 partitions: dataflow.partitions,
                 stages: dataflow.stages,
+                generation: leader_meta.metadata.generations.get(DATAFLOW).copied().unwrap_or(0),
             };
             let input = match assignment.stage() {
                 0 => def.source.clone(),

@@ -211,3 +211,41 @@ fn settings_change_all_or_none_and_a_running_dataflow_keeps_its_partitions() {
         })
     );
 }
+
+#[test]
+fn a_reset_starts_a_stopped_dataflows_next_generation_which_its_tasks_write_as() {
+    let mut core = core_of(1);
+    let dataflow = DataflowMeta {
+        name: "d".to_string(),
+        source: "t".to_string(),
+        sink: "s".to_string(),
+        stages: 1,
+        partitions: 2,
+        placement: Vec::new(),
+    };
+    let start = core.start_dataflow(dataflow.clone(), &ids(&[1])).expect("placed");
+    apply(&mut core, start.clone());
+    let generations = |core: &ControllerCore| -> Vec<i16> {
+        core.meta()
+            .metadata
+            .tasks_of(NodeId(1))
+            .iter()
+            .map(|t| t.generation)
+            .collect()
+    };
+    assert_eq!(generations(&core), [0, 0]);
+    let reset = MetadataCommand::ResetDataflow { name: "d".to_string() };
+    assert_eq!(
+        core.checked(reset.clone()),
+        Err(MetadataError::DataflowRunning("d".to_string())),
+        "a running dataflow is stopped first"
+    );
+    let stop = core.stop_dataflow("d".to_string()).expect("running");
+    apply(&mut core, stop);
+    for _ in 0..2 {
+        let next = core.checked(reset.clone()).expect("stopped");
+        apply(&mut core, next);
+    }
+    apply(&mut core, start);
+    assert_eq!(generations(&core), [2, 2], "the producer epoch of every task");
+}
