@@ -606,7 +606,8 @@ impl ControllerCore {
     /// On the controller leader: every replica and task of a node dead
     /// longer than `replace_after_ms` moves to a live node, least loaded
     /// first. Partitions with no live node to take a replica stay
-    /// under-replicated until one appears.
+    /// under-replicated until one appears. With no node dead, tasks are
+    /// balanced ([`ControllerCore::balance_tasks`]).
     pub fn heal(&self, now_ms: u64, members: &[MemberView]) -> Vec<MetadataCommand> {
         let dead: Vec<NodeId> = members
             .iter()
@@ -617,12 +618,46 @@ impl ControllerCore {
             .map(|m| m.node)
             .collect();
         if dead.is_empty() {
-            return Vec::new();
+            return self.balance_tasks(members).into_iter().collect();
         }
         let alive = alive_nodes(members);
         let mut moves = self.meta.replica_moves(&dead, &alive);
         moves.extend(self.meta.task_moves(&dead, &alive));
         moves
+    }
+
+    /// On the controller leader, with every member alive: one task moves
+    /// from the node running the most to the one running the fewest, when
+    /// they differ by more than one, so that tasks moved off a node while
+    /// it was down spread out again once it is back. One move per heal, so
+    /// each is applied before the next is judged; a moved task resumes on
+    /// its new node from its checkpoint, exactly once as after a failure.
+    pub fn balance_tasks(&self, members: &[MemberView]) -> Option<MetadataCommand> {
+        if members.iter().any(|m| m.liveness != Liveness::Alive) {
+            return None;
+        }
+        let metadata = &self.meta.metadata;
+        let mut load: BTreeMap<NodeId, usize> = alive_nodes(members).into_iter().map(|n| (n, 0)).collect();
+        for (node, count) in metadata.task_load() {
+            if let Some(slot) = load.get_mut(&node) {
+                *slot = count;
+            }
+        }
+        let (&from, &most) = load.iter().max_by_key(|(n, c)| (**c, std::cmp::Reverse(**n)))?;
+        let (&to, &least) = load.iter().min_by_key(|(n, c)| (**c, **n))?;
+        if most < least + 2 {
+            return None;
+        }
+        let (name, task) = metadata.dataflows.values().find_map(|d| {
+            let task = d.placement.iter().rposition(|n| *n == from)?;
+            Some((d.name.clone(), task as u32))
+        })?;
+        Some(MetadataCommand::MoveDataflowTask {
+            name,
+            task,
+            dead: from,
+            replacement: to,
+        })
     }
 
     /// On the controller leader: `node`'s failed replica of `group` moves to

@@ -349,7 +349,8 @@ impl Shared {
     }
 
     /// On the controller leader: moves every replica and task of a node
-    /// dead longer than `replace_after` to a live node.
+    /// dead longer than `replace_after` to a live node, or with none dead
+    /// one task to balance them.
     async fn heal(&self) {
         let leads = self
             .broker
@@ -361,7 +362,10 @@ impl Shared {
         }
         let moves = self.core().heal(unix_ms() as u64, &self.member_views());
         for command in moves {
-            tracing::info!(?command, "re-creating a dead node's replica or task elsewhere");
+            tracing::info!(
+                ?command,
+                "moving a replica or task (off a dead node, or to balance tasks)"
+            );
             if let ControllerResponse::Failed(e) = self.commit(command).await {
                 tracing::warn!(error = %e, "could not commit a replica move");
                 return;

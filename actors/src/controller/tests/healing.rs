@@ -1,6 +1,7 @@
 //! `heal`, `replace_failed`, `failed_to_report`.
 
 use super::*;
+use crate::metadata::DataflowMeta;
 
 fn dead(node: u32, since_ms: u64) -> MemberView {
     MemberView {
@@ -77,4 +78,35 @@ fn only_hosted_partition_replicas_are_reported_failed() {
         core.failed_to_report(&[GroupId(0), GROUP_0, GroupId(99)]),
         vec![GROUP_0]
     );
+}
+
+#[test]
+fn with_every_member_alive_tasks_spread_out_one_move_a_heal() {
+    let mut core = core_of(1);
+    // Node 1 was down: its tasks went to nodes 2 and 3.
+    let dataflow = DataflowMeta {
+        name: "d".to_string(),
+        source: "t".to_string(),
+        sink: "s".to_string(),
+        stages: 2,
+        partitions: 3,
+        placement: ids(&[2, 3, 2, 3, 2, 3]),
+    };
+    apply(&mut core, MetadataCommand::StartDataflow { dataflow });
+    let mut members = alive(&[1, 2, 3]);
+    members[0].liveness = Liveness::Suspect;
+    assert!(core.heal(0, &members).is_empty(), "not while a node is suspect");
+    let members = alive(&[1, 2, 3]);
+    let mut moves = 0;
+    while let Some(command) = core.heal(0, &members).pop() {
+        let MetadataCommand::MoveDataflowTask { replacement, .. } = &command else {
+            panic!("{command:?}");
+        };
+        assert_eq!(*replacement, NodeId(1), "to the node running the fewest");
+        apply(&mut core, command);
+        moves += 1;
+        assert!(moves <= 2, "balanced after two moves");
+    }
+    let load = core.meta().metadata.task_load();
+    assert_eq!(load.values().copied().collect::<Vec<_>>(), [2, 2, 2], "{load:?}");
 }
