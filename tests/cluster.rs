@@ -288,3 +288,90 @@ fn scopeguard(child: &mut std::process::Child) -> impl Drop + '_ {
     }
     Guard(child)
 }
+
+/// A node's log from byte `from` on.
+fn log_from(log: &std::path::Path, from: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.get(from..).unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_clean_start_stop_and_restart_log_no_warning_and_name_partitions() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let certs = scratch.path().join("certs");
+    certs_init(&certs, 3);
+    let addrs: Vec<_> = (0..3)
+        .map(|i| free_addr_on_host(44 + i).expect("a free loopback address"))
+        .collect();
+    let start = |i: usize| start_node(i as u32 + 1, addrs[i], &addrs, &certs, scratch.path());
+    let mut nodes: Vec<NodeProcess> = (0..3).map(start).collect();
+    wait_for("the topic to be created", FORM_TIMEOUT, || {
+        runnel()
+            .args([
+                "topic",
+                "create",
+                "named",
+                "-p",
+                "2",
+                "-r",
+                "3",
+                "--seeds",
+                &addrs[0].to_string(),
+            ])
+            .arg("--certs")
+            .arg(&certs)
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let stop_all = |nodes: &mut Vec<NodeProcess>| {
+        for node in nodes.iter_mut() {
+            assert!(
+                node.stop(Duration::from_secs(10)).expect("stop"),
+                "node {} stops on SIGTERM",
+                node.id
+            );
+        }
+    };
+    stop_all(&mut nodes);
+
+    let first_run: Vec<usize> = nodes
+        .iter()
+        .map(|n| std::fs::read_to_string(&n.log).map_or(0, |t| t.len()))
+        .collect();
+    nodes = (0..3).map(start).collect();
+    for (node, &from) in nodes.iter().zip(&first_run) {
+        wait_for(
+            &format!("node {} to host its replicas again", node.id),
+            FORM_TIMEOUT,
+            || {
+                let log = log_from(&node.log, from);
+                log.contains("replica started partition=named/0") && log.contains("replica started partition=named/1")
+            },
+        );
+    }
+    stop_all(&mut nodes);
+    for (node, &from) in nodes.iter().zip(&first_run) {
+        let whole = std::fs::read_to_string(&node.log).expect("log");
+        let noisy: Vec<&str> = whole
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        assert!(
+            noisy.is_empty(),
+            "node {}: warnings on a clean start and stop: {noisy:#?}",
+            node.id
+        );
+        let restart = log_from(&node.log, from);
+        assert!(restart.contains("node started"), "{restart}");
+        let replayed: Vec<String> = restart
+            .lines()
+            .filter(|l| l.contains(" INFO ") && l.contains("metadata applied"))
+            .map(String::from)
+            .collect();
+        assert!(
+            replayed.is_empty(),
+            "node {}: history re-logged at INFO: {replayed:#?}",
+            node.id
+        );
+    }
+}

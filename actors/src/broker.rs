@@ -84,7 +84,7 @@ impl RaftRouter for ClusterRouter {
             }
             match message.write_to_bytes() {
                 Ok(bytes) => queue.push(GroupMessage { group, message: bytes }),
-                Err(e) => tracing::error!(group = %group, error = %e, "could not encode a Raft message"),
+                Err(e) => tracing::error!(partition = %group.named(), error = %e, "could not encode a Raft message"),
             }
         }
         drop(pending);
@@ -517,16 +517,16 @@ fn deliver_raft_batch(registry: &Registry, from: NodeId, payload: &[u8]) {
         let message = match Message::parse_from_bytes(&message) {
             Ok(message) => message,
             Err(e) => {
-                tracing::warn!(%from, group = %group, error = %e, "dropped an undecodable Raft message");
+                tracing::warn!(%from, partition = %group.named(), error = %e, "dropped an undecodable Raft message");
                 continue;
             }
         };
         if raft::raw_node::is_local_msg(message.get_msg_type()) {
-            tracing::warn!(%from, group = %group, "dropped a local-only Raft message type from a peer");
+            tracing::warn!(%from, partition = %group.named(), "dropped a local-only Raft message type from a peer");
             continue;
         }
         if message.from != from.to_raft() {
-            tracing::warn!(%from, group = %group, claimed = message.from, "dropped a Raft message from a forged sender");
+            tracing::warn!(%from, partition = %group.named(), claimed = message.from, "dropped a Raft message from a forged sender");
             continue;
         }
         if let Some(replica) = registry.get(&group) {

@@ -507,6 +507,14 @@ impl Metadata {
         }
     }
 
+    /// Every partition group's `topic/partition` name, for log lines.
+    pub fn group_names(&self) -> BTreeMap<GroupId, String> {
+        self.topics
+            .values()
+            .flat_map(|t| (0..t.assignment.len() as u32).map(move |p| (t.group_id(p), format!("{}/{p}", t.name))))
+            .collect()
+    }
+
     /// The dataflow tasks placed on `node`.
     pub fn tasks_of(&self, node: NodeId) -> Vec<TaskAssignment> {
         self.dataflows
@@ -1081,6 +1089,9 @@ pub struct AppliedMetadata {
     pub applied_offset: u64,
     /// How applying each recent command went, by record offset.
     pub results: BTreeMap<u64, Result<(), MetadataError>>,
+    /// Commands committed before this time (ms since the epoch) are history
+    /// a restarted node replays: logged at debug, not at info.
+    pub quiet_before_ms: i64,
 }
 
 impl AppliedMetadata {
@@ -1103,7 +1114,9 @@ impl AppliedMetadata {
                 let result = match decode_command(&value) {
                     Ok(command) => {
                         let result = self.metadata.apply(&command);
+                        let history = record.record.timestamp_ms < self.quiet_before_ms;
                         match &result {
+                            Ok(()) if history => tracing::debug!(offset = record.offset, ?command, "metadata applied"),
                             Ok(()) => tracing::info!(offset = record.offset, ?command, "metadata applied"),
                             Err(e) => tracing::debug!(offset = record.offset, error = %e, "metadata command refused"),
                         }

@@ -236,7 +236,7 @@ impl Actor for PartitionReplica {
             args.router.send(args.group, messages);
         }
         tracing::info!(
-            group = %args.group,
+            partition = %args.group.named(),
             id = args.config.id,
             end_offset = part.core().store().log().end_offset(),
             "replica started"
@@ -284,18 +284,18 @@ impl Actor for PartitionReplica {
             ReplicaMsg::Reconfigure(desired) => {
                 let desired: Vec<u64> = desired.iter().map(|n| n.to_raft()).collect();
                 if let Some((change, node)) = state.part.core_mut().step_towards(&desired)? {
-                    tracing::info!(group = %state.args.group, ?change, node, "membership change proposed");
+                    tracing::info!(partition = %state.args.group.named(), ?change, node, "membership change proposed");
                 }
             }
             ReplicaMsg::PreferLeader(node) => {
                 if state.part.core_mut().prefer_leader(node.to_raft()) {
-                    tracing::info!(group = %state.args.group, node = %node, "handing leadership to the preferred replica");
+                    tracing::info!(partition = %state.args.group.named(), node = %node, "handing leadership to the preferred replica");
                 }
             }
             ReplicaMsg::JudgePassive { node, since, reply } => {
                 let answer = state.part.core_mut().judge_passive(node.to_raft(), since)?;
                 if answer != PassiveAnswer::Unknown {
-                    tracing::info!(group = %state.args.group, node = %node, ?answer, "a passive replica asked");
+                    tracing::info!(partition = %state.args.group.named(), node = %node, ?answer, "a passive replica asked");
                 }
                 let _ = reply.send(Ok(answer));
             }

@@ -284,7 +284,7 @@ impl SupervisorState {
             health.failed = true;
             health.last_failure = Some(format!("damaged files (kept for repair): {reason}"));
             health.damaged = Some(reason.clone());
-            tracing::error!(group = %group, reason, "replica files are damaged; not restarting it");
+            tracing::error!(partition = %group.named(), reason, "replica files are damaged; not restarting it");
             return;
         }
         let now = Instant::now();
@@ -304,7 +304,7 @@ impl SupervisorState {
             health.failed = true;
             self.args.remove(&group);
             tracing::error!(
-                group = %group,
+                partition = %group.named(),
                 failures = recent,
                 reason,
                 "replica failed too often; no longer restarting it"
@@ -314,7 +314,7 @@ impl SupervisorState {
         health.restarts += 1;
         let backoff = self.policy.backoff(recent);
         tracing::warn!(
-            group = %group,
+            partition = %group.named(),
             reason,
             backoff_ms = backoff.as_millis() as u64,
             "replica crashed; restarting it from disk"

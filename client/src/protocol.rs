@@ -6,6 +6,8 @@
 //! reorder or remove one.** A retired variant keeps its place (and its tag)
 //! forever; `tests::tags_are_pinned` fails if a tag moves.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Node ids are the cluster layer's, in every message.
@@ -23,6 +25,39 @@ pub struct GroupId(pub u64);
 impl GroupId {
     /// The controller's group; partition groups are never 0.
     pub const CONTROLLER: GroupId = GroupId(0);
+
+    /// For log lines: `topic/partition (group N)` once this process's
+    /// metadata named the group (see [`name_groups`]), `controller` for
+    /// group 0, else `group N`.
+    pub fn named(self) -> NamedGroup {
+        NamedGroup(self)
+    }
+}
+
+/// The `topic/partition` names of the partition groups this process's
+/// nodes know, for log lines (as many as the metadata has partitions).
+static GROUP_NAMES: std::sync::RwLock<BTreeMap<GroupId, String>> = std::sync::RwLock::new(BTreeMap::new());
+
+/// Replaces the names [`GroupId::named`] shows (a node calls it when its
+/// metadata changes).
+pub fn name_groups(names: BTreeMap<GroupId, String>) {
+    *GROUP_NAMES.write().unwrap_or_else(|p| p.into_inner()) = names;
+}
+
+/// A group shown by name (see [`GroupId::named`]).
+pub struct NamedGroup(GroupId);
+
+impl std::fmt::Display for NamedGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == GroupId::CONTROLLER {
+            return f.write_str("controller");
+        }
+        let names = GROUP_NAMES.read().unwrap_or_else(|p| p.into_inner());
+        match names.get(&self.0) {
+            Some(name) => write!(f, "{name} (group {})", self.0),
+            None => write!(f, "group {}", self.0),
+        }
+    }
 }
 
 /// Forwards the formatter, so widths and alignment apply as they do to the

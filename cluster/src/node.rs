@@ -234,7 +234,9 @@ impl Shared {
                     reply: None,
                 };
                 if let Err(e) = self.deliver_local(&to, message) {
-                    tracing::warn!(node = %self.me, %from, error = %e, "dropped a message");
+                    // An actor not (or no longer) registered: this node is
+                    // starting or stopping, and the sender will retry.
+                    tracing::debug!(node = %self.me, %from, error = %e, "dropped a message");
                 }
             }
             PeerFrame::Call { call_id, to, payload } => {

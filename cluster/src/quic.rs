@@ -282,7 +282,16 @@ impl Acceptor {
     }
 
     async fn serve(&self, incoming: quinn::Incoming) -> std::result::Result<(), String> {
-        let connection = incoming.await.map_err(|e| format!("handshake failed: {e}"))?;
+        let connection = match incoming.await {
+            Ok(connection) => connection,
+            // A peer (or this node) stopping closes its handshakes: not a
+            // refusal worth a warning.
+            Err(e) if closed_while_stopping(&e) => {
+                tracing::debug!(error = %e, "a connection closed during its handshake");
+                return Ok(());
+            }
+            Err(e) => return Err(format!("handshake failed: {e}")),
+        };
         let alpn = connection
             .handshake_data()
             .and_then(|data| data.downcast::<HandshakeData>().ok())
@@ -707,4 +716,17 @@ enum RequestFailure {
     NotSent(String),
     /// The request may have reached the node and taken effect.
     Sent(String),
+}
+
+/// Whether a handshake ended because an application closed it (a node
+/// stopping closes its endpoint; during a handshake QUIC sends that as
+/// `APPLICATION_ERROR`), not because of a certificate or protocol problem.
+fn closed_while_stopping(error: &quinn::ConnectionError) -> bool {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed => true,
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+        }
+        _ => false,
+    }
 }

@@ -61,6 +61,9 @@ pub struct CoreConfig {
     /// Hosting is reconciled when the metadata changes or this often; the
     /// healing duties (settling, stale files, dead nodes) run this often.
     pub heal_interval_ms: u64,
+    /// Commands committed before this time (ms since the epoch; the node's
+    /// start) are logged at debug when applied: a restart replays them.
+    pub quiet_before_ms: i64,
 }
 
 /// How this node's membership sees one node.
@@ -199,9 +202,13 @@ pub struct ControllerCore {
 
 impl ControllerCore {
     pub fn new(config: CoreConfig) -> ControllerCore {
+        let meta = AppliedMetadata {
+            quiet_before_ms: config.quiet_before_ms,
+            ..AppliedMetadata::default()
+        };
         ControllerCore {
             config,
-            meta: AppliedMetadata::default(),
+            meta,
             hosted: BTreeSet::new(),
             closed: BTreeSet::new(),
             assigned_tasks: (Vec::new(), BTreeMap::new()),
@@ -312,7 +319,7 @@ impl ControllerCore {
                 continue;
             }
             tracing::info!(
-                group = %group,
+                partition = %group.named(),
                 "creating the founding replica of a group moved off before it was hosted here"
             );
             commands.push(Command::Host {

@@ -214,7 +214,7 @@ impl Shared {
             .voters_without_damaged(group, status.leader, &view, node, unix_ms() as u64)
         {
             Ok(Some(voters)) => {
-                tracing::warn!(group = %group, node = %node, "removing a voter whose replica files are damaged; it rejoins as a learner");
+                tracing::warn!(partition = %group.named(), node = %node, "removing a voter whose replica files are damaged; it rejoins as a learner");
                 self.broker.reconfigure(group, voters);
                 ControllerResponse::Done
             }

@@ -128,6 +128,7 @@ impl Controller {
             me,
             replace_after_ms: config.replace_after.as_millis() as u64,
             heal_interval_ms: HEAL_INTERVAL.as_millis() as u64,
+            quiet_before_ms: unix_ms(),
         });
         let shared = Arc::new(Shared {
             broker,
@@ -275,6 +276,8 @@ impl Shared {
     async fn follow(&self) {
         let mut interval = tokio::time::interval(self.config.poll_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The controller-log offset the log lines' partition names follow.
+        let mut named_at = None;
         loop {
             interval.tick().await;
             if let Err(reason) = self.pull_and_apply().await {
@@ -284,6 +287,11 @@ impl Shared {
             // (a failed hosting to retry, a moved-off replica whose group
             // has let it go) every heal interval: walking a thousand
             // groups every poll was a fifth of an idle node's CPU.
+            let applied = self.core().meta().applied_offset;
+            if named_at != Some(applied) {
+                named_at = Some(applied);
+                runnel_client::protocol::name_groups(self.core().meta().metadata.group_names());
+            }
             let due = self.core().due(unix_ms() as u64);
             if due.reconcile {
                 self.reconcile().await;
@@ -313,14 +321,16 @@ impl Shared {
                     rejoin,
                 } => match self.broker.host(group, founders, rejoin).await {
                     Ok(()) => self.core().on_hosted(group),
-                    Err(e) => tracing::warn!(group = %group, error = %e, "could not host a replica"),
+                    Err(e) => tracing::warn!(partition = %group.named(), error = %e, "could not host a replica"),
                 },
                 Command::Unhost { group } => self.broker.unhost(group).await,
                 Command::Reconfigure { group, voters } => self.broker.reconfigure(group, voters),
                 Command::PreferLeader { group, node } => self.broker.prefer_leader(group, node),
                 Command::DeleteFiles { group } => match self.broker.delete_replica_files(group) {
-                    Ok(()) => tracing::info!(group = %group, "deleted the files of a stale replica"),
-                    Err(e) => tracing::warn!(group = %group, error = %e, "could not delete a stale replica's files"),
+                    Ok(()) => tracing::info!(partition = %group.named(), "deleted the files of a stale replica"),
+                    Err(e) => {
+                        tracing::warn!(partition = %group.named(), error = %e, "could not delete a stale replica's files")
+                    }
                 },
             }
         }
@@ -391,7 +401,7 @@ impl Shared {
                 node: self.node.id(),
             };
             if let ControllerResponse::Failed(e) = self.controller_call(request).await {
-                tracing::warn!(group = %group, error = %e, "could not report a failed replica");
+                tracing::warn!(partition = %group.named(), error = %e, "could not report a failed replica");
             }
         }
     }
@@ -453,7 +463,7 @@ impl Shared {
                 .on_damaged_status(group, leader.as_ref().map(|(node, view)| (*node, view)));
             let leader = match step {
                 RepairStep::Keep => {
-                    tracing::warn!(group = %group, "damaged replica kept as it is: no leader elsewhere confirms the group goes on without it");
+                    tracing::warn!(partition = %group.named(), "damaged replica kept as it is: no leader elsewhere confirms the group goes on without it");
                     continue;
                 }
                 RepairStep::AskRemoval { leader } => leader,
@@ -476,12 +486,14 @@ impl Shared {
             Ok(path) => {
                 self.core().on_quarantined(group);
                 tracing::warn!(
-                    group = %group,
+                    partition = %group.named(),
                     quarantine = %path.display(),
                     "damaged replica files moved aside; the replica rejoins empty and catches up from its peers"
                 )
             }
-            Err(e) => tracing::error!(group = %group, error = %e, "could not move a damaged replica's files aside"),
+            Err(e) => {
+                tracing::error!(partition = %group.named(), error = %e, "could not move a damaged replica's files aside")
+            }
         }
     }
 
@@ -564,7 +576,7 @@ impl Shared {
                 let Ok(bytes) = answer else { continue };
                 match decode_payload(&bytes) {
                     Ok(ControllerResponse::Passive(PassiveAnswer::Promoted)) => {
-                        tracing::info!(group = %group, peer = %peer, "a peer confirms this passive replica was promoted");
+                        tracing::info!(partition = %group.named(), peer = %peer, "a peer confirms this passive replica was promoted");
                         self.broker.promoted(group);
                         break;
                     }

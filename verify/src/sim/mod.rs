@@ -487,6 +487,7 @@ fn core_config(id: NodeId) -> CoreConfig {
         me: id,
         replace_after_ms: 0,
         heal_interval_ms: HEAL_EVERY_MS,
+        quiet_before_ms: 0,
     }
 }
 

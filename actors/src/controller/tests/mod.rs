@@ -26,6 +26,7 @@ fn core_of(me: u32) -> ControllerCore {
         me: NodeId(me),
         replace_after_ms: 1_000,
         heal_interval_ms: 500,
+        quiet_before_ms: 0,
     })
 }
 
