@@ -18,6 +18,10 @@ pub(super) const LOG_FETCH_BYTES: u32 = 1 << 20;
 const CALL_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// A commit looks for its applied result this often.
 const COMMIT_POLL: Duration = Duration::from_millis(10);
+/// How long a placement refused for too few live nodes waits for more to
+/// be heard from, and how often it looks.
+const SETTLE_WAIT: Duration = Duration::from_secs(3);
+const SETTLE_POLL: Duration = Duration::from_millis(100);
 
 impl Shared {
     /// Sends a controller request to the leader of group 0, following hints.
@@ -83,7 +87,9 @@ impl Shared {
         match request {
             ControllerRequest::FetchLog { offset, max_bytes } => self.serve_log(offset, max_bytes).await,
             ControllerRequest::CreateTopic { name, config } => {
-                let decided = self.core().create_topic(name, config, &self.alive_nodes());
+                let decided = self
+                    .placed(|core, alive| core.create_topic(name.clone(), config.clone(), alive))
+                    .await;
                 self.commit_decided(decided).await
             }
             ControllerRequest::Rebalance => self.rebalance().await,
@@ -139,12 +145,40 @@ impl Shared {
                 self.commit_decided(decided).await
             }
             ControllerRequest::AddPartitions { name, partitions } => {
-                let decided = self.core().add_partitions(name, partitions, &self.alive_nodes());
+                let decided = self
+                    .placed(|core, alive| core.add_partitions(name.clone(), partitions, alive))
+                    .await;
                 self.commit_decided(decided).await
             }
             ControllerRequest::ResetDataflow { name } => {
                 let decided = self.core().checked(MetadataCommand::ResetDataflow { name });
                 self.commit_decided(decided).await
+            }
+        }
+    }
+
+    /// A placement decision on the live nodes. Refused for too few live
+    /// nodes, it is decided again every [`SETTLE_POLL`] for up to
+    /// [`SETTLE_WAIT`]: a cluster just started (or a leader just elected)
+    /// may not have heard from every node yet, and a create right after
+    /// starting the nodes should not fail for that.
+    async fn placed(
+        &self,
+        decide: impl Fn(&super::core::ControllerCore, &[NodeId]) -> Result<MetadataCommand, MetadataError>,
+    ) -> Result<MetadataCommand, MetadataError> {
+        let deadline = Instant::now() + SETTLE_WAIT;
+        let mut waited = false;
+        loop {
+            let decided = decide(&self.core(), &self.alive_nodes());
+            match decided {
+                Err(e @ MetadataError::NotEnoughNodes { .. }) if Instant::now() < deadline => {
+                    if !waited {
+                        tracing::info!(reason = %e, "placement waits for more live nodes");
+                        waited = true;
+                    }
+                    tokio::time::sleep(SETTLE_POLL).await;
+                }
+                other => return other,
             }
         }
     }
