@@ -419,11 +419,12 @@ pub struct StatusArgs {
     /// How long to wait for an answer, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
-    /// Keep refreshing a live view, with an event line for every change.
+    /// Keep refreshing a live view, with an event line for every change
+    /// (with --json, or off a terminal: the event lines only).
     #[arg(long)]
     watch: bool,
     /// With --watch: milliseconds between refreshes.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 500)]
     interval_ms: u64,
     /// With --watch: stop after this many refreshes (default: until stopped).
     #[arg(long)]
@@ -438,7 +439,14 @@ type UnderReplicated = (String, runnel::client::protocol::PartitionInfo);
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let (seeds, certs) = args.connect.resolve()?;
     if args.watch {
-        return crate::watch::run(seeds, certs, Duration::from_millis(args.interval_ms), args.count);
+        let output = crate::watch::Output::choose(args.json);
+        return crate::watch::run(
+            seeds,
+            certs,
+            Duration::from_millis(args.interval_ms),
+            args.count,
+            output,
+        );
     }
     let identity = CertDir::new(&certs).client_identity()?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -1014,6 +1014,7 @@ async fn status_watch_shows_failover_and_healing_as_events() {
             "200",
             "--count",
             "40",
+            "--json",
             "--seeds",
             &cluster.addrs[0].to_string(),
         ])
@@ -1029,6 +1030,15 @@ async fn status_watch_shows_failover_and_healing_as_events() {
     let output = watcher.wait_with_output().expect("watch output");
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!text.contains('\x1b'), "no screen codes in JSON lines");
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(
+        events.iter().all(|e| e["at_unix_ms"].as_u64().is_some() && e["event"].is_string()),
+        "{text}"
+    );
     assert!(text.contains("watched/0"), "partitions are listed");
     assert!(
         text.contains(&format!("node {victim}: alive -> ")),
