@@ -1036,7 +1036,9 @@ async fn status_watch_shows_failover_and_healing_as_events() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect();
     assert!(
-        events.iter().all(|e| e["at_unix_ms"].as_u64().is_some() && e["event"].is_string()),
+        events
+            .iter()
+            .all(|e| e["at_unix_ms"].as_u64().is_some() && e["event"].is_string()),
         "{text}"
     );
     assert!(text.contains("watched/0"), "partitions are listed");
@@ -1261,6 +1263,68 @@ async fn replicas_with_damaged_files_are_reported_quarantined_and_rebuilt_from_t
             "every acknowledged record on every replica, the rebuilt one too"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_last_copy_is_kept_and_its_partition_refuses_writes_saying_why() {
+    let mut cluster = start_cluster(190);
+    let seeds = cluster.addrs[0].to_string();
+    wait_for("the topic to be created", TIMEOUT, || {
+        runnel()
+            .args(["topic", "create", "solo", "-p", "1", "-r", "1", "--seeds", &seeds])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let client = connect(&cluster).await;
+    let owner = wait_for_leader(&client, "solo").await;
+    for i in 0..20 {
+        produce_one(&client, "solo", &format!("kept-{i}"), Acks::All)
+            .await
+            .expect("acknowledged");
+    }
+    let index = owner.0 as usize - 1;
+    let dir = replica_dir(&cluster, owner);
+    cluster.nodes[index].kill();
+    damage(&dir, Damage::GarbageRaftMeta);
+    cluster.nodes[index] = start_node(
+        owner.0,
+        cluster.addrs[index],
+        &cluster.addrs,
+        &cluster.certs,
+        cluster.scratch.path(),
+    );
+    let all: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
+    wait_for("describe to name the damage", TIMEOUT, || {
+        let output = runnel()
+            .args(["topic", "describe", "solo", "--json", "--seeds", &all.join(",")])
+            .arg("--certs")
+            .arg(&cluster.certs)
+            .output()
+            .expect("describe");
+        let described: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        described["partitions"][0]["problems"].to_string().contains("damaged")
+    });
+    let refused = produce_stdin(&cluster, &["solo"], b"one more\n");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("is damaged and takes no reads or writes until it is repaired"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("raft.meta"), "names the file: {stderr}");
+    // The only copy is never moved aside or rebuilt empty.
+    let garbage = std::fs::read(dir.join("raft.meta")).expect("the damaged files stay");
+    assert_eq!(garbage, b"not a replica's hard state");
+    let quarantine = dir
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("broker dir")
+        .join("quarantine");
+    assert!(
+        std::fs::read_dir(&quarantine).map_or(0, |d| d.count()) == 0,
+        "nothing quarantined"
+    );
 }
 
 /// Waits for node `victim` to repair its replica: a new quarantined

@@ -198,6 +198,8 @@ pub struct ControllerCore {
     last_heal_ms: Option<u64>,
     /// When preferred leaders were last asked for (see [`PREFER_INTERVAL_MS`]).
     last_prefer_ms: Option<u64>,
+    /// Damaged replicas kept as they are, already said (see [`ControllerCore::on_kept`]).
+    kept: BTreeSet<GroupId>,
 }
 
 impl ControllerCore {
@@ -218,6 +220,7 @@ impl ControllerCore {
             reconciled_at: None,
             last_heal_ms: None,
             last_prefer_ms: None,
+            kept: BTreeSet::new(),
         }
     }
 
@@ -524,6 +527,17 @@ impl ControllerCore {
     /// the next reconcile hosts it again (empty, rejoining).
     pub fn on_quarantined(&mut self, group: GroupId) {
         self.hosted.remove(&group);
+        self.kept.remove(&group);
+    }
+
+    /// A damaged replica is kept as it is ([`RepairStep::Keep`]): whether
+    /// this is news (the first time since it was last repaired), so that it
+    /// is said once, not every heal. At most [`DAMAGED_HELD_MAX`] remembered.
+    pub fn on_kept(&mut self, group: GroupId) -> bool {
+        if self.kept.len() >= DAMAGED_HELD_MAX {
+            return !self.kept.contains(&group);
+        }
+        self.kept.insert(group)
     }
 
     /// Replica directories on disk (`on_disk`) that no assignment names for

@@ -321,6 +321,11 @@ impl Shared {
                     rejoin,
                 } => match self.broker.host(group, founders, rejoin).await {
                     Ok(()) => self.core().on_hosted(group),
+                    // Damage is reported (status, describe) and repaired
+                    // on its own path; retried hosting is not news.
+                    Err(e) if self.broker.damaged().await.contains(&group) => {
+                        tracing::debug!(partition = %group.named(), error = %e, "not hosting a damaged replica")
+                    }
                     Err(e) => tracing::warn!(partition = %group.named(), error = %e, "could not host a replica"),
                 },
                 Command::Unhost { group } => self.broker.unhost(group).await,
@@ -463,7 +468,9 @@ impl Shared {
                 .on_damaged_status(group, leader.as_ref().map(|(node, view)| (*node, view)));
             let leader = match step {
                 RepairStep::Keep => {
-                    tracing::warn!(partition = %group.named(), "damaged replica kept as it is: no leader elsewhere confirms the group goes on without it");
+                    if self.core().on_kept(group) {
+                        tracing::warn!(partition = %group.named(), "damaged replica kept as it is: no leader elsewhere confirms the group goes on without it (it may hold the last copy of committed records; the partition takes no writes here until it is repaired)");
+                    }
                     continue;
                 }
                 RepairStep::AskRemoval { leader } => leader,

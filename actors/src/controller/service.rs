@@ -599,10 +599,20 @@ impl BrokerService {
     /// The group of a topic partition hosted here, or why not.
     pub async fn locate(&self, topic: &str, partition: u32) -> Result<GroupId, ServiceError> {
         let (group, replicas) = self.group_of(topic, partition).await?;
-        if self.shared.broker.replica(group).is_none() {
-            return Err(ServiceError::NotHere { replicas });
+        if self.shared.broker.replica(group).is_some() {
+            return Ok(group);
         }
-        Ok(group)
+        // A replica assigned here that does not run because its files are
+        // damaged says so, rather than that it is not here.
+        let health = self.shared.broker.health().await;
+        if let Some(damage) = health.into_iter().find(|h| h.group == group).and_then(|h| h.damaged) {
+            let reason = format!(
+                "partition {topic}/{partition}: this node's replica is damaged and takes no reads or writes until it is \
+                 repaired ({damage})"
+            );
+            return Err(BrokerError::ReplicaFailed { group, reason }.into());
+        }
+        Err(ServiceError::NotHere { replicas })
     }
 }
 
