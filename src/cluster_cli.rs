@@ -120,6 +120,10 @@ pub struct NodeArgs {
     /// of a majority of its replicas' machines).
     #[arg(long, value_enum)]
     fsync: Option<FsyncMode>,
+    /// Bytes a replica's log segment holds before the next one starts
+    /// (Kafka's `log.segment.bytes`; default 1 GiB).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1024..=u64::from(u32::MAX)))]
+    segment_bytes: Option<u64>,
     /// TCP address to serve the Kafka protocol on, so Kafka clients and
     /// tools (kcat, kafka-python, Java clients, …) can produce and consume.
     /// Plaintext on a loopback address only, unless --kafka-tls.
@@ -306,6 +310,9 @@ fn broker_config(args: &NodeArgs, setup: &NodeSetup) -> BrokerConfig {
     let id = setup.id;
     let mut broker_config = BrokerConfig::new(setup.data.join("broker"));
     broker_config.sync_log = setup.sync_log;
+    if let Some(bytes) = args.segment_bytes {
+        broker_config.log_config.segment_bytes_max = bytes;
+    }
     if !broker_config.sync_log {
         tracing::info!(node = %id, "replica logs are not fsynced (--fsync never)");
     }

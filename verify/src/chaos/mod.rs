@@ -11,6 +11,7 @@
 
 pub use crate::check as checker;
 mod nemesis;
+mod overlapping;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -31,7 +32,7 @@ use serde_json::json;
 use crate::fixtures::client::{connect, create_topic};
 use crate::fixtures::{free_addrs_from, init_certs, NodeCommand, ProcessCluster};
 use checker::{History, PartitionKey, Verdict};
-use nemesis::{Fault, FaultKind, KillTarget, Step};
+use nemesis::{Fault, FaultKind, Intensity, KillTarget, Step};
 use workload::{seen_of, Recorder, Workload};
 
 /// The topic the producers and consumers work on.
@@ -42,6 +43,9 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(90);
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the dataflow may take to catch up after the heal.
 const DATAFLOW_TIMEOUT: Duration = Duration::from_secs(180);
+/// Segment size under `--intensity high`, so that logs have closed
+/// segments for the disk damage to hit.
+const HIGH_SEGMENT_BYTES: &str = "65536";
 /// Partitions of the fraud dataflow's source topic.
 const FRAUD_PARTITIONS: u32 = 4;
 /// A client call's time limit during the run (a paused node must not stall
@@ -62,6 +66,12 @@ pub struct Args {
     /// Fault kinds: kill, pause, partition, restart.
     #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition,restart")]
     faults: Vec<FaultKind>,
+    /// `normal`: one fault at a time. `high`: overlapping faults up to a
+    /// minority of the nodes, bursts of leader kills, pause-then-kill, kills
+    /// while replicas move, and damaged files on killed nodes (which then
+    /// restart; nodes run with 64 KiB segments so that some are closed).
+    #[arg(long, value_enum, default_value_t = Intensity::Normal)]
+    intensity: Intensity,
     /// Partitions of the topic the producers write.
     #[arg(long, default_value_t = 12)]
     topic_partitions: u32,
@@ -204,15 +214,18 @@ async fn run_async(args: &Args, exe: &Path, seed: u64, dir: &Path) -> anyhow::Re
     announce(&timeline, args, seed, dir);
     let (mut cluster, client) = set_up(args, exe, dir, &timeline).await?;
     let mut running = start_workload(args, seed, &client, &timeline);
-    let plan = nemesis::plan(
-        seed,
-        args.duration.as_millis() as u64,
-        &args.faults,
-        args.nodes,
-        args.topic_partitions,
-    );
-    let restart = args.faults.contains(&FaultKind::Restart);
-    let injected = run_nemesis(&mut cluster, &client, &plan, restart, &timeline, seed).await?;
+    let duration_ms = args.duration.as_millis() as u64;
+    let injected = match args.intensity {
+        Intensity::Normal => {
+            let plan = nemesis::plan(seed, duration_ms, &args.faults, args.nodes, args.topic_partitions);
+            let restart = args.faults.contains(&FaultKind::Restart);
+            run_nemesis(&mut cluster, &client, &plan, restart, &timeline, seed).await?
+        }
+        Intensity::High => {
+            let plan = nemesis::plan_high(seed, duration_ms, &args.faults, args.nodes, args.topic_partitions);
+            overlapping::run(&mut cluster, &client, &plan, &timeline, seed).await?
+        }
+    };
 
     cluster.heal()?;
     timeline.event("heal", "every node running, network whole; stopping the producers");
@@ -248,10 +261,11 @@ fn announce(timeline: &Timeline, args: &Args, seed: u64, dir: &Path) {
     timeline.event(
         "start",
         format!(
-            "seed {seed}: {} nodes, {} s of faults ({}), topic {TOPIC:?} with {} partitions RF {}{}; data in {}",
+            "seed {seed}: {} nodes, {} s of faults ({}, intensity {:?}), topic {TOPIC:?} with {} partitions RF {}{}; data in {}",
             args.nodes,
             args.duration.as_secs(),
             faults.join(","),
+            args.intensity,
             args.topic_partitions,
             args.replication,
             args.dataflow
@@ -450,6 +464,9 @@ fn start_cluster(args: &Args, exe: &Path, dir: &Path) -> anyhow::Result<ProcessC
     if args.test_ack_before_commit {
         command = command.flags(["--test-ack-before-commit"]);
     }
+    if args.intensity == Intensity::High {
+        command = command.flags(["--segment-bytes", HIGH_SEGMENT_BYTES]);
+    }
     Ok(ProcessCluster::start(command, addrs)?)
 }
 
@@ -495,6 +512,8 @@ async fn wait_for_leaders(client: &Client, topic: &str) -> anyhow::Result<()> {
 struct Injected {
     by_kind: BTreeMap<&'static str, u64>,
     skipped: u64,
+    /// The schedule's faults by kind (with `--intensity high`).
+    scheduled: BTreeMap<&'static str, u64>,
 }
 
 /// What was done, so it can be undone.
@@ -595,6 +614,9 @@ async fn apply(
         Fault::Partition(side) => {
             cluster.cut(side)?;
             Ok(Applied::Cut)
+        }
+        Fault::PauseThenKill(_) | Fault::KillDuringMoves | Fault::KillAndDamage(..) => {
+            bail!("{fault}: scheduled only under --intensity high, whose executor runs it")
         }
     }
 }
@@ -817,6 +839,7 @@ fn print_report(
                 "duration_s": args.duration.as_secs(),
                 "faults_injected": injected.by_kind,
                 "faults_skipped": injected.skipped,
+                "faults_scheduled": injected.scheduled,
                 "convergence": convergence,
                 "dataflow": dataflow,
                 "verdict": verdict,

@@ -48,12 +48,29 @@ pub enum KillTarget {
     Controller,
 }
 
+/// Damage done to a killed node's files before it restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskDamage {
+    /// One byte flipped in the middle of a closed segment of one replica.
+    FlippedByte,
+    /// A closed segment of one replica deleted.
+    DeletedSegment,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
     Kill(KillTarget),
     Pause(NodeId),
     /// These nodes on one side, every other node on the other.
     Partition(Vec<NodeId>),
+    /// SIGSTOP a node, then SIGKILL it without ever resuming it (it is
+    /// restarted when the fault ends).
+    PauseThenKill(NodeId),
+    /// Kill a node while a partition's replicas are moving (one holding a
+    /// learner, else the leader of a partition), as a reconfiguration runs.
+    KillDuringMoves,
+    /// Kill a node and damage its files while it is down.
+    KillAndDamage(NodeId, DiskDamage),
 }
 
 impl fmt::Display for Fault {
@@ -64,6 +81,9 @@ impl fmt::Display for Fault {
             Fault::Kill(KillTarget::Controller) => write!(f, "kill the controller leader"),
             Fault::Pause(node) => write!(f, "pause node {node}"),
             Fault::Partition(side) => write!(f, "cut nodes {side:?} off from the rest"),
+            Fault::PauseThenKill(node) => write!(f, "pause node {node}, then kill it"),
+            Fault::KillDuringMoves => write!(f, "kill a node while replicas move"),
+            Fault::KillAndDamage(node, damage) => write!(f, "kill node {node} and damage its files ({damage:?})"),
         }
     }
 }
@@ -105,6 +125,78 @@ pub fn plan(seed: u64, duration_ms: u64, kinds: &[FaultKind], nodes: u32, partit
         };
         steps.push(Step { at_ms, lasts_ms, fault });
         at_ms += lasts_ms + rng.between(QUIET_MS.0, QUIET_MS.1);
+    }
+    steps
+}
+
+/// How hard the nemesis hits (`--intensity`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Intensity {
+    /// One fault at a time, each followed by quiet time.
+    #[default]
+    Normal,
+    /// Overlapping faults up to a minority of the nodes, bursts of
+    /// leader-targeted kills, pause-then-kill, kills while replicas move and
+    /// disk damage to killed nodes.
+    High,
+}
+
+/// Gap between two faults' starts under high intensity, and how long one lasts.
+const HIGH_GAP_MS: (u64, u64) = (300, 2_500);
+const HIGH_FAULT_MS: (u64, u64) = (2_000, 8_000);
+/// Gap between the kills of a burst.
+const BURST_GAP_MS: (u64, u64) = (150, 600);
+
+/// The high-intensity schedule: faults start every 0.3-2.5 s and last 2-8 s,
+/// so they overlap; the executor keeps those it can run without leaving
+/// less than a majority of the nodes up (see `run_nemesis`). Partitions
+/// are left to `--intensity normal`'s schedule only when asked for.
+pub fn plan_high(seed: u64, duration_ms: u64, kinds: &[FaultKind], nodes: u32, partitions: u32) -> Vec<Step> {
+    let mut rng = SimRng::new(seed);
+    let mut steps = Vec::new();
+    let mut at_ms = rng.between(HIGH_GAP_MS.0, HIGH_GAP_MS.1);
+    let node_of = |rng: &mut SimRng| NodeId(rng.between(1, u64::from(nodes.max(1))) as u32);
+    while nodes > 0 && at_ms < duration_ms {
+        let lasts_ms =
+            |rng: &mut SimRng, at_ms: u64| rng.between(HIGH_FAULT_MS.0, HIGH_FAULT_MS.1).min(duration_ms - at_ms);
+        let roll = rng.between(0, 9);
+        let faults: Vec<Fault> = match roll {
+            0 | 1 if kinds.contains(&FaultKind::Kill) => {
+                // A burst of leader-targeted kills.
+                let count = rng.between(2, 3);
+                (0..count)
+                    .map(|_| {
+                        Fault::Kill(KillTarget::LeaderOf(
+                            rng.between(0, u64::from(partitions.max(1)) - 1) as u32
+                        ))
+                    })
+                    .collect()
+            }
+            2 | 8 if kinds.contains(&FaultKind::Pause) && kinds.contains(&FaultKind::Kill) => {
+                vec![Fault::PauseThenKill(node_of(&mut rng))]
+            }
+            3 if kinds.contains(&FaultKind::Kill) => vec![Fault::KillDuringMoves],
+            4 if kinds.contains(&FaultKind::Kill) => {
+                let damage = match rng.between(0, 1) {
+                    0 => DiskDamage::FlippedByte,
+                    _ => DiskDamage::DeletedSegment,
+                };
+                vec![Fault::KillAndDamage(node_of(&mut rng), damage)]
+            }
+            5 if kinds.contains(&FaultKind::Partition) => vec![Fault::Partition(minority(&mut rng, nodes))],
+            6 if kinds.contains(&FaultKind::Pause) => vec![Fault::Pause(node_of(&mut rng))],
+            _ if kinds.contains(&FaultKind::Kill) => vec![Fault::Kill(KillTarget::Node(node_of(&mut rng)))],
+            _ => Vec::new(),
+        };
+        for fault in faults {
+            if at_ms >= duration_ms {
+                break;
+            }
+            let lasts_ms = lasts_ms(&mut rng, at_ms);
+            steps.push(Step { at_ms, lasts_ms, fault });
+            at_ms += rng.between(BURST_GAP_MS.0, BURST_GAP_MS.1);
+        }
+        at_ms += rng.between(HIGH_GAP_MS.0, HIGH_GAP_MS.1);
     }
     steps
 }
@@ -159,9 +251,41 @@ mod tests {
                     Fault::Pause(node) | Fault::Kill(KillTarget::Node(node)) => assert!((1..=5).contains(&node.0)),
                     Fault::Kill(KillTarget::LeaderOf(p)) => assert!(*p < 12),
                     Fault::Kill(KillTarget::Controller) => {}
+                    other => panic!("not in a normal schedule: {other:?}"),
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_high_schedule_overlaps_faults_and_has_every_kind() {
+        let steps = plan_high(3, 60_000, &ALL, 5, 12);
+        assert_eq!(steps, plan_high(3, 60_000, &ALL, 5, 12), "a pure function of the seed");
+        let overlapping = steps
+            .windows(2)
+            .filter(|pair| pair[1].at_ms < pair[0].at_ms + pair[0].lasts_ms)
+            .count();
+        assert!(overlapping > steps.len() / 2, "{overlapping} of {}", steps.len());
+        let mut kinds = std::collections::BTreeSet::new();
+        for seed in 0..20 {
+            for step in plan_high(seed, 60_000, &ALL, 5, 12) {
+                assert!(step.at_ms + step.lasts_ms <= 60_000);
+                kinds.insert(match step.fault {
+                    Fault::Kill(KillTarget::LeaderOf(_)) => "leader kill",
+                    Fault::Kill(_) => "kill",
+                    Fault::Pause(_) => "pause",
+                    Fault::Partition(_) => "partition",
+                    Fault::PauseThenKill(_) => "pause then kill",
+                    Fault::KillDuringMoves => "kill during moves",
+                    Fault::KillAndDamage(_, DiskDamage::FlippedByte) => "flipped byte",
+                    Fault::KillAndDamage(_, DiskDamage::DeletedSegment) => "deleted segment",
+                });
+            }
+        }
+        assert_eq!(kinds.len(), 8, "{kinds:?}");
+        assert!(plan_high(1, 60_000, &[FaultKind::Pause], 5, 12)
+            .iter()
+            .all(|s| matches!(s.fault, Fault::Pause(_))));
     }
 
     #[test]
