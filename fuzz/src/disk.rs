@@ -17,7 +17,7 @@ use bytes::Bytes;
 use raft::eraftpb::{Entry, HardState};
 use raft::{GetEntriesContext, Storage as _};
 use runnel_actors::raft_store::PartitionStore;
-use runnel_storage::batch::OFFSET_MAGIC;
+use runnel_storage::batch::CRC_START;
 use runnel_storage::{BatchBuilder, FsyncPolicy, Log, LogConfig, Record, RecordBatch};
 
 const BATCHES_MAX: usize = 24;
@@ -219,11 +219,12 @@ fn raft_store(dir: &Path, scenario: &Scenario) {
     for entry in read {
         if let Some(original) = entries.get(entry.index as usize - 1) {
             // The store writes the log offset and the term into a batch's
-            // header; what the producer wrote starts at the magic byte.
+            // header (and the CRC, which covers the term); what the
+            // producer wrote is everything from the attributes on.
             if entry.term == original.term && !original.data.is_empty() {
                 assert_eq!(
-                    entry.data.get(OFFSET_MAGIC..),
-                    original.data.get(OFFSET_MAGIC..),
+                    entry.data.get(CRC_START..),
+                    original.data.get(CRC_START..),
                     "entry {} changed",
                     entry.index
                 );

@@ -1,15 +1,15 @@
 //! The record-batch codec: the unit that producers send, Raft replicates and the
 //! log stores.
 //!
-//! # Batch format (version 1, all integers little-endian)
+//! # Batch format (version 2, all integers little-endian)
 //!
 //! ```text
 //! byte  size  field
 //!    0     8  base_offset        offset of the first record; assigned by the log
 //!    8     4  batch_length       bytes that follow this field (total size - 12)
 //!   12     8  raft_term          term of the Raft entry that carried the batch
-//!   20     1  magic              format version, 1
-//!   21     4  crc                CRC32C (Castagnoli) of bytes 25..end
+//!   20     1  magic              format version, 2 (1 is still read)
+//!   21     4  crc                CRC32C (Castagnoli) of bytes 12..20 then 25..end
 //!   25     2  attributes         reserved flags, carried as given
 //!   27     4  record_count       records in the batch, at least 1
 //!   31     8  first_timestamp_ms timestamp of the first record
@@ -20,10 +20,13 @@
 //!   61     …  records
 //! ```
 //!
-//! The CRC leaves out the fields a broker rewrites (base offset, length, term,
-//! magic), as Kafka's does, so a leader can assign offsets without re-hashing;
-//! the log checks those fields structurally instead (lengths in range, base
-//! offsets contiguous).
+//! The CRC leaves out the base offset and length, which the log assigns and
+//! checks structurally (lengths in range, base offsets contiguous), as
+//! Kafka's does. Version 2 covers the Raft term too (a flipped term byte
+//! would otherwise go unseen, and Raft trusts terms): a term rewrite adjusts
+//! the CRC arithmetically ([`crc32c::crc32c_combine`]), without reading the
+//! records again. Version 1 (the CRC over bytes 25..end only) is still read;
+//! setting its term rewrites it as version 2.
 //!
 //! # Record format
 //!
@@ -47,6 +50,8 @@ use crate::error::{Result, StorageError};
 use crate::varint::{self, Reader};
 
 pub const MAGIC_V1: u8 = 1;
+/// The version written now: the CRC covers the Raft term.
+pub const MAGIC_V2: u8 = 2;
 /// Bytes before the records.
 pub const BATCH_HEADER_BYTES: usize = 61;
 /// Bytes before `batch_length`'s counted region: base offset and the length.
@@ -163,8 +168,8 @@ impl BatchHeader {
     }
 
     fn check(&self) -> std::result::Result<(), String> {
-        if self.magic != MAGIC_V1 {
-            return Err(format!("unknown batch magic {}", self.magic));
+        if self.magic != MAGIC_V1 && self.magic != MAGIC_V2 {
+            return Err(format!("unknown batch magic {} (this build reads 1 and 2)", self.magic));
         }
         let size = self.size_bytes();
         if !(BATCH_HEADER_BYTES..=BATCH_BYTES_HARD_LIMIT).contains(&size) {
@@ -221,7 +226,7 @@ pub fn verify_batch(bytes: &[u8]) -> std::result::Result<BatchHeader, String> {
             bytes.len()
         ));
     }
-    let actual = crc32c::crc32c(&bytes[CRC_START..]);
+    let actual = batch_crc(header.magic, header.raft_term, &bytes[CRC_START..]);
     if actual != header.crc {
         return Err(format!(
             "CRC mismatch: stored {:#010x}, computed {actual:#010x}",
@@ -229,6 +234,22 @@ pub fn verify_batch(bytes: &[u8]) -> std::result::Result<BatchHeader, String> {
         ));
     }
     Ok(header)
+}
+
+/// The CRC a batch of format `magic` carries over `body` (bytes 25..end).
+fn batch_crc(magic: u8, raft_term: u64, body: &[u8]) -> u32 {
+    match magic {
+        MAGIC_V1 => crc32c::crc32c(body),
+        _ => crc32c::crc32c_append(crc32c::crc32c(&raft_term.to_le_bytes()), body),
+    }
+}
+
+/// The version-2 CRC of a batch whose term changes from `old` to `new`,
+/// from its CRC `crc` over `body_len` bytes of records: a CRC is affine,
+/// so swapping an 8-byte prefix shifts it by the two prefixes' CRCs.
+fn retermed_crc(crc: u32, old: u64, new: u64, body_len: usize) -> u32 {
+    let shifted = |term: u64| crc32c::crc32c_combine(crc32c::crc32c(&term.to_le_bytes()), 0, body_len);
+    crc ^ shifted(old) ^ shifted(new)
 }
 
 /// An encoded, verified record batch. Cheap to inspect; the bytes are exactly
@@ -297,24 +318,44 @@ impl RecordBatch {
 
     /// Rewrites the base offset; the CRC does not cover it.
     pub fn set_base_offset(&mut self, base_offset: u64) {
-        self.overwrite(OFFSET_BASE, base_offset.to_le_bytes());
+        self.overwrite(OFFSET_BASE, &base_offset.to_le_bytes());
         self.header.base_offset = base_offset;
     }
 
-    /// Rewrites the Raft term; the CRC does not cover it.
+    /// Rewrites the Raft term and the CRC that covers it (a version-1
+    /// batch becomes version 2: its CRC, over the records only, is
+    /// extended over the term).
     pub fn set_raft_term(&mut self, raft_term: u64) {
-        self.overwrite(OFFSET_TERM, raft_term.to_le_bytes());
+        let header = self.header;
+        if header.magic == MAGIC_V2 && header.raft_term == raft_term {
+            return;
+        }
+        let body_len = self.bytes.len() - CRC_START;
+        let crc = match header.magic {
+            MAGIC_V1 => crc32c::crc32c_combine(crc32c::crc32c(&raft_term.to_le_bytes()), header.crc, body_len),
+            _ => retermed_crc(header.crc, header.raft_term, raft_term, body_len),
+        };
+        self.overwrite(OFFSET_TERM, &raft_term.to_le_bytes());
+        self.overwrite(OFFSET_MAGIC, &[MAGIC_V2]);
+        self.overwrite(OFFSET_CRC, &crc.to_le_bytes());
         self.header.raft_term = raft_term;
+        self.header.magic = MAGIC_V2;
+        self.header.crc = crc;
+        debug_assert_eq!(
+            verify_batch(&self.bytes).map(|h| h.crc),
+            Ok(crc),
+            "a re-termed batch verifies"
+        );
     }
 
     /// Overwrites header bytes in place (copying the batch first only if
     /// it is shared).
-    fn overwrite(&mut self, at: usize, value: [u8; 8]) {
-        if self.bytes[at..at + 8] == value {
+    fn overwrite(&mut self, at: usize, value: &[u8]) {
+        if &self.bytes[at..at + value.len()] == value {
             return;
         }
         let mut bytes = bytes::BytesMut::from(std::mem::take(&mut self.bytes));
-        bytes[at..at + 8].copy_from_slice(&value);
+        bytes[at..at + value.len()].copy_from_slice(value);
         self.bytes = bytes.freeze();
     }
 
@@ -667,7 +708,7 @@ impl BatchBuilder {
         let batch_length = (self.buf.len() - LOG_OVERHEAD_BYTES) as u32;
         let buf = &mut self.buf;
         buf[OFFSET_LENGTH..OFFSET_LENGTH + 4].copy_from_slice(&batch_length.to_le_bytes());
-        buf[OFFSET_MAGIC] = MAGIC_V1;
+        buf[OFFSET_MAGIC] = MAGIC_V2;
         buf[OFFSET_ATTRIBUTES..OFFSET_ATTRIBUTES + 2].copy_from_slice(&self.attributes.to_le_bytes());
         buf[OFFSET_COUNT..OFFSET_COUNT + 4].copy_from_slice(&self.record_count.to_le_bytes());
         buf[OFFSET_FIRST_TS..OFFSET_FIRST_TS + 8].copy_from_slice(&self.first_timestamp_ms.to_le_bytes());
@@ -676,7 +717,7 @@ impl BatchBuilder {
         buf[OFFSET_PRODUCER_EPOCH..OFFSET_PRODUCER_EPOCH + 2]
             .copy_from_slice(&self.producer.producer_epoch.to_le_bytes());
         buf[OFFSET_BASE_SEQUENCE..OFFSET_BASE_SEQUENCE + 4].copy_from_slice(&self.producer.base_sequence.to_le_bytes());
-        let crc = crc32c::crc32c(&buf[CRC_START..]);
+        let crc = batch_crc(MAGIC_V2, 0, &buf[CRC_START..]);
         buf[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
         let header = BatchHeader::parse(&self.buf).map_err(StorageError::InvalidBatch)?;
         let batch = RecordBatch {
@@ -862,6 +903,36 @@ mod tests {
             for record in batch.records() {
                 let _ = record;
             }
+        }
+
+        /// Version 2: the term is covered too, after any number of
+        /// arithmetic re-terms; a version-1 batch still reads, and setting
+        /// its term makes it a version-2 one.
+        #[test]
+        fn a_flipped_term_bit_is_detected_and_version_1_still_reads(
+            records in proptest::collection::vec(arb_record(), 1..8),
+            terms in proptest::collection::vec(any::<u64>(), 1..4),
+            bit in 0usize..64,
+        ) {
+            let mut batch = build(&records, ProducerInfo::NONE);
+            for &term in &terms {
+                batch.set_raft_term(term);
+            }
+            let expected = batch_crc(MAGIC_V2, *terms.last().expect("a term"), &batch.as_bytes()[CRC_START..]);
+            prop_assert_eq!(batch.header().crc, expected, "arithmetic re-term equals a full CRC");
+            let mut flipped = batch.as_bytes().to_vec();
+            flipped[OFFSET_TERM + bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(RecordBatch::from_bytes(flipped).is_err(), "a flipped term bit is seen");
+
+            let mut v1 = build(&records, ProducerInfo::NONE).into_bytes();
+            v1[OFFSET_MAGIC] = MAGIC_V1;
+            let crc = crc32c::crc32c(&v1[CRC_START..]);
+            v1[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+            let mut old = RecordBatch::from_bytes(v1).expect("version 1 reads");
+            old.set_raft_term(terms[0]);
+            prop_assert_eq!(old.header().magic, MAGIC_V2);
+            let back = RecordBatch::from_bytes(old.as_bytes().to_vec()).expect("re-termed version 1 verifies");
+            prop_assert_eq!(back.raft_term(), terms[0]);
         }
 
         #[test]
