@@ -6,6 +6,7 @@
 use kafka_protocol::messages::alter_configs_request::AlterConfigsResource;
 use kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse;
 use kafka_protocol::messages::{AlterConfigsRequest, AlterConfigsResponse};
+use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 use runnel_actors::metadata::{TopicConfig, TopicSetting};
 
@@ -14,7 +15,7 @@ use super::{str_bytes, Context};
 use crate::errors::KafkaError;
 
 /// Kafka's resource type of a topic.
-pub(crate) const TOPIC: i8 = 2;
+const TOPIC: i8 = 2;
 /// Resources one request may change at most.
 const RESOURCES_MAX: usize = 1000;
 /// The topic settings Runnel keeps, by their Kafka names.
@@ -23,42 +24,52 @@ const SETTINGS: [&str; 3] = ["cleanup.policy", "min.insync.replicas", "retention
 pub async fn handle(context: &Context, request: AlterConfigsRequest, _version: i16) -> AlterConfigsResponse {
     let mut responses = Vec::with_capacity(request.resources.len().min(RESOURCES_MAX));
     for resource in request.resources.iter().take(RESOURCES_MAX) {
-        let answer = AlterConfigsResourceResponse::default()
-            .with_resource_type(resource.resource_type)
-            .with_resource_name(resource.resource_name.clone());
-        let changed = match settings(context, resource).await {
-            Ok(settings) => {
-                alter(
-                    context,
-                    resource.resource_name.as_str(),
-                    settings,
-                    request.validate_only,
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        responses.push(match changed {
-            Ok(()) => answer,
-            Err(e) => answer
-                .with_error_code(e.code())
-                .with_error_message(Some(str_bytes(&e.message))),
-        });
+        let name = resource.resource_name.as_str();
+        let (code, message) = outcome(context, name, settings(context, resource).await, request.validate_only).await;
+        responses.push(
+            AlterConfigsResourceResponse::default()
+                .with_resource_type(resource.resource_type)
+                .with_resource_name(resource.resource_name.clone())
+                .with_error_code(code)
+                .with_error_message(message),
+        );
     }
     AlterConfigsResponse::default().with_responses(responses)
 }
 
+/// Changes topic `name` to `settings` (as the request's resource gave
+/// them): the error code and message of its answer (0 and none: changed).
+pub(crate) async fn outcome(
+    context: &Context,
+    name: &str,
+    settings: Result<Vec<TopicSetting>, KafkaError>,
+    validate_only: bool,
+) -> (i16, Option<StrBytes>) {
+    let changed = match settings {
+        Ok(settings) => alter(context, name, settings, validate_only).await,
+        Err(e) => Err(e),
+    };
+    match changed {
+        Ok(()) => (0, None),
+        Err(e) => (e.code(), Some(str_bytes(&e.message))),
+    }
+}
+
+/// Only topics are altered: nodes take their settings from flags and a
+/// config file.
+pub(crate) fn topic_resource(resource_type: i8) -> Result<(), KafkaError> {
+    match resource_type {
+        TOPIC => Ok(()),
+        other => Err(KafkaError::new(
+            ResponseError::InvalidRequest,
+            format!("resource type {other}: only topics (2) are altered; nodes take their settings from flags and a config file"),
+        )),
+    }
+}
+
 /// Every setting of the topic: the request's value, else the default.
 async fn settings(context: &Context, resource: &AlterConfigsResource) -> Result<Vec<TopicSetting>, KafkaError> {
-    if resource.resource_type != TOPIC {
-        return Err(KafkaError::new(
-            ResponseError::InvalidRequest,
-            format!(
-                "resource type {}: only topics (2) are altered; nodes take their settings from flags and a config file",
-                resource.resource_type
-            ),
-        ));
-    }
+    topic_resource(resource.resource_type)?;
     let topic = context.service.describe_topic(resource.resource_name.as_str()).await?;
     let mut settings = Vec::with_capacity(SETTINGS.len());
     for config in &resource.configs {

@@ -10,9 +10,9 @@ use kafka_protocol::messages::{IncrementalAlterConfigsRequest, IncrementalAlterC
 use kafka_protocol::ResponseError;
 use runnel_actors::metadata::TopicSetting;
 
-use super::alter_configs::{alter, default_setting, TOPIC};
+use super::alter_configs::{default_setting, outcome, topic_resource};
 use super::create_topics::topic_setting;
-use super::{str_bytes, Context};
+use super::Context;
 use crate::errors::KafkaError;
 
 /// Resources one request may change at most.
@@ -27,42 +27,22 @@ pub async fn handle(
 ) -> IncrementalAlterConfigsResponse {
     let mut responses = Vec::with_capacity(request.resources.len().min(RESOURCES_MAX));
     for resource in request.resources.iter().take(RESOURCES_MAX) {
-        let answer = AlterConfigsResourceResponse::default()
-            .with_resource_type(resource.resource_type)
-            .with_resource_name(resource.resource_name.clone());
-        let changed = match settings(context, resource).await {
-            Ok(settings) => {
-                alter(
-                    context,
-                    resource.resource_name.as_str(),
-                    settings,
-                    request.validate_only,
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        responses.push(match changed {
-            Ok(()) => answer,
-            Err(e) => answer
-                .with_error_code(e.code())
-                .with_error_message(Some(str_bytes(&e.message))),
-        });
+        let name = resource.resource_name.as_str();
+        let (code, message) = outcome(context, name, settings(context, resource).await, request.validate_only).await;
+        responses.push(
+            AlterConfigsResourceResponse::default()
+                .with_resource_type(resource.resource_type)
+                .with_resource_name(resource.resource_name.clone())
+                .with_error_code(code)
+                .with_error_message(message),
+        );
     }
     IncrementalAlterConfigsResponse::default().with_responses(responses)
 }
 
 /// The Runnel settings a resource's changes ask for.
 async fn settings(context: &Context, resource: &AlterConfigsResource) -> Result<Vec<TopicSetting>, KafkaError> {
-    if resource.resource_type != TOPIC {
-        return Err(KafkaError::new(
-            ResponseError::InvalidRequest,
-            format!(
-                "resource type {}: only topics (2) are altered; nodes take their settings from flags and a config file",
-                resource.resource_type
-            ),
-        ));
-    }
+    topic_resource(resource.resource_type)?;
     let mut settings = Vec::with_capacity(resource.configs.len());
     for config in &resource.configs {
         let name = config.name.as_str();

@@ -1,7 +1,7 @@
 //! `create_topic`, `delete_topic`, `start_dataflow`, `stop_dataflow`, `rebalance`.
 
 use super::*;
-use crate::metadata::{DataflowMeta, MetadataError};
+use crate::metadata::MetadataError;
 
 #[test]
 fn a_topic_is_validated_and_placed_on_live_nodes() {
@@ -39,14 +39,7 @@ fn a_topic_is_validated_and_placed_on_live_nodes() {
 #[test]
 fn a_dataflow_is_placed_task_by_task_and_stopped_only_when_running() {
     let mut core = core_of(1);
-    let dataflow = DataflowMeta {
-        name: "d".to_string(),
-        source: "t".to_string(),
-        sink: "s".to_string(),
-        stages: 2,
-        partitions: 2,
-        placement: Vec::new(),
-    };
+    let dataflow = dataflow_d(2, 2, Vec::new());
     let command = core.start_dataflow(dataflow, &ids(&[1, 2])).expect("placed");
     let MetadataCommand::StartDataflow { dataflow } = &command else {
         panic!("{command:?}");
@@ -75,14 +68,7 @@ fn a_topic_a_running_dataflow_uses_is_not_deleted_while_it_runs() {
             },
         );
     }
-    let dataflow = DataflowMeta {
-        name: "d".to_string(),
-        source: "t".to_string(),
-        sink: "s".to_string(),
-        stages: 1,
-        partitions: 1,
-        placement: Vec::new(),
-    };
+    let dataflow = dataflow_d(1, 1, Vec::new());
     let command = core.start_dataflow(dataflow, &ids(&[1])).expect("placed");
     apply(&mut core, command);
     for used in ["t", "s", "d.checkpoints", "d.dlq"] {
@@ -193,14 +179,7 @@ fn settings_change_all_or_none_and_a_running_dataflow_keeps_its_partitions() {
     let config = &core.meta().metadata.topics["t"].config;
     assert_eq!((config.min_insync, config.retention_ms), (3, None));
 
-    let dataflow = DataflowMeta {
-        name: "d".to_string(),
-        source: "t".to_string(),
-        sink: "s".to_string(),
-        stages: 1,
-        partitions: 1,
-        placement: Vec::new(),
-    };
+    let dataflow = dataflow_d(1, 1, Vec::new());
     let started = core.start_dataflow(dataflow, &ids(&[1])).expect("placed");
     apply(&mut core, started);
     assert_eq!(
@@ -215,14 +194,7 @@ fn settings_change_all_or_none_and_a_running_dataflow_keeps_its_partitions() {
 #[test]
 fn a_reset_starts_a_stopped_dataflows_next_generation_which_its_tasks_write_as() {
     let mut core = core_of(1);
-    let dataflow = DataflowMeta {
-        name: "d".to_string(),
-        source: "t".to_string(),
-        sink: "s".to_string(),
-        stages: 1,
-        partitions: 2,
-        placement: Vec::new(),
-    };
+    let dataflow = dataflow_d(1, 2, Vec::new());
     let start = core.start_dataflow(dataflow.clone(), &ids(&[1])).expect("placed");
     apply(&mut core, start.clone());
     let generations = |core: &ControllerCore| -> Vec<i16> {

@@ -1,7 +1,6 @@
 //! `heal`, `replace_failed`, `failed_to_report`.
 
 use super::*;
-use crate::metadata::DataflowMeta;
 
 fn dead(node: u32, since_ms: u64) -> MemberView {
     MemberView {
@@ -84,14 +83,7 @@ fn only_hosted_partition_replicas_are_reported_failed() {
 fn with_every_member_alive_tasks_spread_out_one_move_a_heal() {
     let mut core = core_of(1);
     // Node 1 was down: its tasks went to nodes 2 and 3.
-    let dataflow = DataflowMeta {
-        name: "d".to_string(),
-        source: "t".to_string(),
-        sink: "s".to_string(),
-        stages: 2,
-        partitions: 3,
-        placement: ids(&[2, 3, 2, 3, 2, 3]),
-    };
+    let dataflow = dataflow_d(2, 3, ids(&[2, 3, 2, 3, 2, 3]));
     apply(&mut core, MetadataCommand::StartDataflow { dataflow });
     let mut members = alive(&[1, 2, 3]);
     members[0].liveness = Liveness::Suspect;

@@ -108,14 +108,7 @@ fn tasks_are_handed_over_only_when_they_change() {
     apply(
         &mut core,
         MetadataCommand::StartDataflow {
-            dataflow: crate::metadata::DataflowMeta {
-                name: "d".to_string(),
-                source: "t".to_string(),
-                sink: "s".to_string(),
-                stages: 1,
-                partitions: 2,
-                placement: ids(&[1, 2]),
-            },
+            dataflow: dataflow_d(1, 2, ids(&[1, 2])),
         },
     );
     let (tasks, plans) = core.tasks_changed().expect("one task placed here");

@@ -21,6 +21,18 @@ fn ids(nodes: &[u32]) -> Vec<NodeId> {
     nodes.iter().copied().map(NodeId).collect()
 }
 
+/// Dataflow `d` reading `t` into `s`, with `placement` (empty: to be placed).
+fn dataflow_d(stages: u32, partitions: u32, placement: Vec<NodeId>) -> crate::metadata::DataflowMeta {
+    crate::metadata::DataflowMeta {
+        name: "d".to_string(),
+        source: "t".to_string(),
+        sink: "s".to_string(),
+        stages,
+        partitions,
+        placement,
+    }
+}
+
 fn core_of(me: u32) -> ControllerCore {
     ControllerCore::new(CoreConfig {
         me: NodeId(me),
