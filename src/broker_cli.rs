@@ -590,12 +590,23 @@ pub struct ConsumeArgs {
     /// Keep waiting for new records instead of stopping at the end.
     #[arg(long)]
     follow: bool,
+    /// Stop at the end offsets as they were when reading began (kcat's
+    /// `-e`); this is the default without --follow.
+    #[arg(short = 'e', long, conflicts_with = "follow")]
+    exit_at_end: bool,
     /// `text` prints each value, after its key and a tab when it has one;
     /// `json` adds partition, offset, timestamp and headers.
     #[arg(short, long, default_value = "text")]
     format: String,
     #[command(flatten)]
     connect: ConnectArgs,
+}
+
+impl ConsumeArgs {
+    /// Whether to keep reading past the end (`--follow`, never with `-e`).
+    fn follows(&self) -> bool {
+        self.follow && !self.exit_at_end
+    }
 }
 
 pub fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
@@ -637,7 +648,7 @@ async fn consume_as_member(
     let print = move |out: &mut std::io::StdoutLock<'_>, partition: u32, record: &runnel::storage::StoredRecord| {
         print_record(out, &format, partition, record)
     };
-    crate::group_cli::consume_in_group(client, &args.topic, group, start, args.max, args.follow, print).await
+    crate::group_cli::consume_in_group(client, &args.topic, group, start, args.max, args.follows(), print).await
 }
 
 /// Where `-o`/`--from` (or `--from-time`) starts reading a partition.
@@ -757,7 +768,7 @@ async fn print_records(
         let at_end = partitions
             .iter()
             .all(|p| consumer.position(*p).unwrap_or(0) >= ends.get(p).copied().unwrap_or(0));
-        if !args.follow && at_end {
+        if !args.follows() && at_end {
             return Ok(());
         }
         if records.is_empty() {

@@ -413,6 +413,11 @@ fn consume_max_prints_at_most_max_and_a_group_commits_only_what_was_printed() {
     let expect = |range: std::ops::Range<u32>| range.map(|i| format!("r{i}")).collect::<Vec<_>>();
     assert_eq!(consume(&["--max", "0"]), Vec::<String>::new(), "--max 0 prints nothing");
     assert_eq!(consume(&["--max", "3"]), expect(0..3));
+    assert_eq!(
+        consume(&["-e", "-o", "-2"]),
+        expect(10..12),
+        "kcat's -e: stop at the end"
+    );
     // One poll brings all twelve records; the group commits the five printed.
     assert_eq!(consume(&["--group", "g", "--max", "5"]), expect(0..5));
     assert_eq!(
