@@ -489,9 +489,19 @@ impl BrokerService {
     }
 
     /// A controller request sent to the controller leader.
+    /// Once the controller leader has committed the change, this node
+    /// applies it before answering, so the client's next request here (a
+    /// SQL script's next statement, a Kafka client's Metadata after
+    /// CreateTopics) sees its own write. The change stands even when that
+    /// catch-up runs out of time: the answer is still `Ok`.
     async fn admin(&self, request: ControllerRequest) -> Result<(), ServiceError> {
         match self.shared.controller_call(request).await {
-            ControllerResponse::Done => Ok(()),
+            ControllerResponse::Done => {
+                if let Err(reason) = self.shared.catch_up().await {
+                    tracing::debug!(reason, "committed, but not yet applied on this node");
+                }
+                Ok(())
+            }
             ControllerResponse::Refused(e) => Err(e.into()),
             ControllerResponse::Failed(e) => Err(e.into()),
             ControllerResponse::Log { .. }
