@@ -122,7 +122,7 @@ pub struct NodeArgs {
     fsync: Option<FsyncMode>,
     /// Bytes a replica's log segment holds before the next one starts
     /// (Kafka's `log.segment.bytes`; default 1 GiB).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1024..=u64::from(u32::MAX)))]
+    #[arg(long, env = "RUNNEL_SEGMENT_BYTES", value_parser = clap::value_parser!(u64).range(1024..=u64::from(u32::MAX)))]
     segment_bytes: Option<u64>,
     /// TCP address to serve the Kafka protocol on, so Kafka clients and
     /// tools (kcat, kafka-python, Java clients, …) can produce and consume.

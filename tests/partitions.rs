@@ -1776,3 +1776,122 @@ async fn produce_one_to(
         .produce(topic, partition, builder.build().expect("build"), acks)
         .await
 }
+
+/// Where a replica's log starts, as a fetch at offset 0 from it says.
+async fn replica_start(client: &Client, node: NodeId, topic: &str) -> Result<u64, ClientError> {
+    match client.fetch_from_replica(node, topic, 0, 0, 1024).await {
+        Ok(_) => Ok(0),
+        Err(ClientError::Broker(runnel::client::BrokerError::OffsetOutOfRange { start, .. })) => Ok(start),
+        Err(e) => Err(e),
+    }
+}
+
+/// `retention.ms` is enforced: records an hour old, kept under the default
+/// week, go once the topic's retention is altered to a minute — every closed
+/// segment on every replica, the active one stays — and readers start from
+/// the oldest record left: a fetch below it is refused naming it,
+/// `consume -o beginning` starts there. The partition takes writes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_expired_segments_on_every_replica_and_readers_start_after_them() {
+    let (cluster, _nodes, _) = start_nodes(3, 3, 230, &[("RUNNEL_SEGMENT_BYTES", "4096")]);
+    create_topic(&cluster, "aging", 1);
+    let client = connect(&cluster).await;
+    let an_hour_ago_ms = runnel::client::unix_now_ms() - 3_600_000;
+    for b in 0..30 {
+        let mut builder = BatchBuilder::new();
+        for r in 0..20 {
+            let record = Record {
+                timestamp_ms: an_hour_ago_ms,
+                value: Some(Bytes::from(format!("old-{b}-{r:<80}"))),
+                ..Record::default()
+            };
+            builder.push(&record).expect("push");
+        }
+        let batch = builder.build().expect("build");
+        let deadline = Instant::now() + TIMEOUT;
+        while let Err(e) = client.produce("aging", 0, batch.clone(), Acks::All).await {
+            assert!(Instant::now() < deadline, "produce: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+    let all = identical_replicas(&client, "aging", 0, &nodes).await;
+    assert_eq!(all.len(), 600, "kept under the default retention of a week");
+
+    let altered = topic_cli(&cluster, &["alter", "aging", "-c", "retention.ms=60000"]);
+    assert!(altered.status.success(), "{altered:?}");
+    let deadline = Instant::now() + TIMEOUT;
+    let starts = loop {
+        let mut starts = Vec::new();
+        for &node in &nodes {
+            starts.push(replica_start(&client, node, "aging").await.unwrap_or(0));
+        }
+        if starts.iter().all(|&s| s > 0) {
+            break starts;
+        }
+        assert!(Instant::now() < deadline, "retention never ran: log starts {starts:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        starts.windows(2).all(|w| w[0] == w[1]),
+        "replicas start apart: {starts:?}"
+    );
+    let start = starts[0];
+    let left = identical_replicas_from(&client, "aging", start, &nodes).await;
+    assert!(!left.is_empty() && left.len() < 600, "{} records left", left.len());
+    assert_eq!(left[0].offset, start);
+    assert_eq!(
+        left[..],
+        all[all.len() - left.len()..],
+        "the newest records stay, unchanged"
+    );
+
+    let offset = produce_one_to(&client, "aging", 0, "new", Acks::All)
+        .await
+        .expect("a write after retention");
+    let consumed = runnel()
+        .args([
+            "consume",
+            "aging",
+            "-o",
+            "beginning",
+            "-e",
+            "--seeds",
+            &cluster.addrs[0].to_string(),
+        ])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .output()
+        .expect("consume");
+    let printed = String::from_utf8_lossy(&consumed.stdout);
+    let lines: Vec<&str> = printed.lines().collect();
+    assert!(consumed.status.success(), "{consumed:?}");
+    assert_eq!(lines.len(), left.len() + 1, "{printed}");
+    assert_eq!(lines.last(), Some(&"new"));
+    assert!(offset > start);
+}
+
+/// As [`identical_replicas`], reading each replica from `start`.
+async fn identical_replicas_from(client: &Client, topic: &str, start: u64, nodes: &[NodeId]) -> Vec<StoredRecord> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let mut copies = Vec::new();
+        for &node in nodes {
+            let mut records = Vec::new();
+            let mut offset = start;
+            while let Ok(fetched) = client.fetch_from_replica(node, topic, 0, offset, 4 << 20).await {
+                if fetched.next_offset == offset {
+                    copies.push(std::mem::take(&mut records));
+                    break;
+                }
+                offset = fetched.next_offset;
+                records.extend(fetched.records);
+            }
+        }
+        if copies.len() == nodes.len() && copies.windows(2).all(|w| w[0] == w[1]) {
+            return copies.swap_remove(0);
+        }
+        assert!(Instant::now() < deadline, "replicas never agreed from offset {start}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -323,6 +323,13 @@ impl Broker {
         }
     }
 
+    /// Asks the local replica of `group` to apply its topic's retention.
+    pub fn retain(&self, group: GroupId, retention_ms: u64) {
+        if let Some(replica) = self.replica(group) {
+            let _ = replica.cast(ReplicaMsg::Retain { retention_ms });
+        }
+    }
+
     /// What the local replica of `group` knows of `node`'s passive replica
     /// (see [`crate::ReplicaCore::judge_passive`]).
     pub async fn judge_passive(

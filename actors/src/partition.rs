@@ -106,6 +106,11 @@ pub enum ReplicaMsg {
     },
     /// A peer confirmed this passive replica's promotion.
     Promoted,
+    /// Delete the closed segments whose newest record is older than this
+    /// (the topic's `retention.ms`).
+    Retain {
+        retention_ms: u64,
+    },
     /// Test-only fault hook: the replica's handler panics, as a bug would.
     InjectPanic,
 }
@@ -300,6 +305,7 @@ impl Actor for PartitionReplica {
                 let _ = reply.send(Ok(answer));
             }
             ReplicaMsg::Promoted => state.part.core_mut().promoted()?,
+            ReplicaMsg::Retain { retention_ms } => state.part.retain(runnel_client::unix_now_ms(), retention_ms),
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),
         }
         let (router, group) = (&state.args.router, state.args.group);
@@ -423,6 +429,23 @@ impl<R: ProduceReply> PartitionCore<R> {
                 copies,
                 reply,
             }),
+        }
+    }
+
+    /// Applies the topic's retention at `now_ms` (see
+    /// [`ReplicaCore::compact_for_retention`]). A failure is logged, not
+    /// fatal: the records stay until the next pass.
+    pub fn retain(&mut self, now_ms: i64, retention_ms: u64) {
+        match self.core.compact_for_retention(now_ms, retention_ms) {
+            Ok(None) => {}
+            Ok(Some(done)) => tracing::info!(
+                partition = %self.group.named(),
+                segments = done.segments,
+                bytes = done.bytes,
+                start_offset = done.start_offset,
+                "retention deleted the oldest segments"
+            ),
+            Err(e) => tracing::warn!(partition = %self.group.named(), error = %e, "retention failed; the records stay"),
         }
     }
 

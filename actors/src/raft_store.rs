@@ -34,6 +34,12 @@ const KEY_HARD_STATE: &str = "hard_state";
 const KEY_CONF_STATE: &str = "conf_state";
 const KEY_SNAPSHOT: &str = "snapshot";
 const KEY_VOTERS_SINCE: &str = "voters_since";
+/// The index of the last configuration change the stored conf state
+/// reflects (absent in stores written before retention existed: 0).
+const KEY_CONF_INDEX: &str = "conf_index";
+/// Snapshot data, format 2: this byte, the log's start offset and the conf
+/// index (format 1 was the start offset alone, 8 bytes).
+const SNAPSHOT_DATA_V2: u8 = 2;
 /// Entries committed between two writes of the commit index at most.
 const COMMIT_PERSIST_EVERY: u64 = 1024;
 
@@ -71,6 +77,17 @@ struct ControlEntry {
     context: Vec<u8>,
 }
 
+/// What one retention pass deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compacted {
+    /// The new snapshot point: the last entry deleted.
+    pub index: u64,
+    /// Where the log starts now.
+    pub start_offset: u64,
+    pub segments: usize,
+    pub bytes: u64,
+}
+
 /// Raft storage for one partition replica.
 pub struct PartitionStore {
     dir: PathBuf,
@@ -83,6 +100,11 @@ pub struct PartitionStore {
     /// Term and vote as last written to disk; commit is written lazily.
     persisted: StoredHardState,
     conf_state: ConfState,
+    /// The index of the last configuration change `conf_state` reflects: a
+    /// replica restored from a snapshot holds the sender's configuration,
+    /// which may already include changes still in the log after the
+    /// snapshot point; those are not applied a second time.
+    conf_index: u64,
     /// Voter → the index of the committed change that made it a voter, for
     /// voters added by a change this replica applied (founders and voters
     /// of an installed snapshot have none): what tells a passive replica
@@ -131,7 +153,7 @@ impl PartitionStore {
     pub fn open(dir: &Path, log_config: LogConfig, sync_log: bool) -> Result<PartitionStore> {
         std::fs::create_dir_all(dir).map_err(|e| ActorError::io(dir, e))?;
         // The store syncs once per Raft ready, not once per batch.
-        let log = Log::open(
+        let mut log = Log::open(
             dir.join("log"),
             LogConfig {
                 fsync: FsyncPolicy::Never,
@@ -143,8 +165,15 @@ impl PartitionStore {
             snapshot,
             mut stored,
             conf_state,
+            conf_index,
             voters_since,
         } = StoredMeta::read(dir, &meta)?;
+        if log.start_offset() < snapshot.start_offset {
+            // A compaction moved the snapshot point, then stopped before
+            // every segment below it was deleted: finish it.
+            log.delete_before(snapshot.start_offset)
+                .map_err(|e| ActorError::corrupt(dir, format!("finishing a compaction: {e}")))?;
+        }
         if log.start_offset() != snapshot.start_offset {
             let reason = format!(
                 "log starts at {} but the snapshot point says {}",
@@ -171,6 +200,7 @@ impl PartitionStore {
             hard_state,
             persisted: stored,
             conf_state,
+            conf_index,
             voters_since,
             unsynced: false,
             sync_log,
@@ -194,7 +224,7 @@ impl PartitionStore {
             voters: voters.to_vec(),
             ..ConfState::default()
         };
-        self.set_conf_state(conf_state)
+        self.set_conf_state(conf_state, 0)
     }
 
     pub fn log(&self) -> &Log {
@@ -409,8 +439,8 @@ impl PartitionStore {
 
     /// Sets the configuration without a change that led to it (founding,
     /// snapshot): no voter has a known promotion index.
-    pub fn set_conf_state(&mut self, conf_state: ConfState) -> Result<()> {
-        self.write_conf_state(conf_state, BTreeMap::new())
+    pub fn set_conf_state(&mut self, conf_state: ConfState, conf_index: u64) -> Result<()> {
+        self.write_conf_state(conf_state, BTreeMap::new(), conf_index)
     }
 
     /// Sets the configuration a committed change at `index` produced; the
@@ -423,22 +453,37 @@ impl PartitionStore {
                 voters_since.insert(voter, index);
             }
         }
-        self.write_conf_state(conf_state, voters_since)
+        self.write_conf_state(conf_state, voters_since, index)
     }
 
-    fn write_conf_state(&mut self, conf_state: ConfState, voters_since: BTreeMap<u64, u64>) -> Result<()> {
+    /// The index of the last configuration change the stored configuration
+    /// reflects: a change at or below it is already in effect.
+    pub fn conf_index(&self) -> u64 {
+        self.conf_index
+    }
+
+    fn write_conf_state(
+        &mut self,
+        conf_state: ConfState,
+        voters_since: BTreeMap<u64, u64>,
+        conf_index: u64,
+    ) -> Result<()> {
         let conf_bytes = conf_state
             .write_to_bytes()
             .map_err(|e| ActorError::InvalidState(format!("encoding a conf state: {e}")))?;
         let since_bytes = postcard::to_allocvec(&voters_since)
             .map_err(|e| ActorError::InvalidState(format!("encoding {KEY_VOTERS_SINCE}: {e}")))?;
-        // One atomic write: the two always describe the same configuration.
+        let index_bytes = postcard::to_allocvec(&conf_index)
+            .map_err(|e| ActorError::InvalidState(format!("encoding {KEY_CONF_INDEX}: {e}")))?;
+        // One atomic write: the three always describe the same configuration.
         self.meta.update(|entries| {
             entries.insert(KEY_CONF_STATE.to_string(), conf_bytes);
             entries.insert(KEY_VOTERS_SINCE.to_string(), since_bytes);
+            entries.insert(KEY_CONF_INDEX.to_string(), index_bytes);
         })?;
         self.conf_state = conf_state;
         self.voters_since = voters_since;
+        self.conf_index = conf_index;
         Ok(())
     }
 
@@ -452,7 +497,8 @@ impl PartitionStore {
     /// snapshot's offset, and entries continue from its index.
     pub fn apply_snapshot(&mut self, snapshot: &Snapshot) -> Result<()> {
         let metadata = snapshot.get_metadata();
-        let start_offset = decode_snapshot_data(&snapshot.data)?;
+        let data = SnapshotData::decode(&snapshot.data)?;
+        let start_offset = data.start_offset;
         let point = SnapshotPoint {
             index: metadata.index,
             term: metadata.term,
@@ -469,8 +515,58 @@ impl PartitionStore {
         self.snapshot = point;
         self.hard_state.commit = self.hard_state.commit.max(metadata.index);
         self.hard_state.term = self.hard_state.term.max(metadata.term);
-        self.set_conf_state(metadata.get_conf_state().clone())?;
+        let conf_index = data.conf_index.max(metadata.index);
+        self.set_conf_state(metadata.get_conf_state().clone(), conf_index)?;
         self.persist_hard_state()
+    }
+
+    /// Lets retention delete the log's oldest closed segments whose newest
+    /// record is older than `retention_ms` at `now_ms`, up to entry
+    /// `applied` at most. The snapshot point moves to the last deleted
+    /// entry first, then the files go: a crash in between is finished on
+    /// the next open. A follower that needs a deleted entry gets a snapshot
+    /// instead ([`raft::Storage::snapshot`]). `None` when nothing expired.
+    pub fn compact_for_retention(&mut self, now_ms: i64, retention_ms: u64, applied: u64) -> Result<Option<Compacted>> {
+        let point = self.log.retention_point(now_ms, retention_ms);
+        if point <= self.snapshot.start_offset {
+            return Ok(None);
+        }
+        let position = self.slots.partition_point(|slot| slot.next_offset < point);
+        let Some(slot) = self
+            .slots
+            .get(position)
+            .copied()
+            .filter(|slot| slot.next_offset == point)
+        else {
+            return Err(ActorError::corrupt(
+                &self.dir,
+                format!("no entry ends at segment boundary {point}"),
+            ));
+        };
+        let index = self.snapshot.index + 1 + position as u64;
+        if index > applied {
+            // A replica still catching up: the next pass compacts.
+            return Ok(None);
+        }
+        let compacted = SnapshotPoint {
+            index,
+            term: slot.term,
+            start_offset: point,
+        };
+        write_meta(&mut self.meta, KEY_SNAPSHOT, &compacted)?;
+        let deleted = self.log.delete_before(point)?;
+        self.slots.drain(..=position);
+        self.snapshot = compacted;
+        while self.recent.front().is_some_and(|entry| entry.index <= index) {
+            let entry = self.recent.pop_front().expect("a front entry");
+            self.recent_bytes -= remembered_bytes(&entry);
+        }
+        Ok(Some(Compacted {
+            index,
+            start_offset: point,
+            segments: deleted.segments_deleted,
+            bytes: deleted.bytes_deleted,
+        }))
     }
 
     /// Reads entry `index` back from the log.
@@ -490,6 +586,7 @@ struct StoredMeta {
     snapshot: SnapshotPoint,
     stored: StoredHardState,
     conf_state: ConfState,
+    conf_index: u64,
     voters_since: BTreeMap<u64, u64>,
 }
 
@@ -504,10 +601,12 @@ impl StoredMeta {
             None => ConfState::default(),
         };
         let voters_since = read_meta(meta, KEY_VOTERS_SINCE)?.unwrap_or_default();
+        let conf_index = read_meta(meta, KEY_CONF_INDEX)?.unwrap_or(0);
         Ok(StoredMeta {
             snapshot,
             stored,
             conf_state,
+            conf_index,
             voters_since,
         })
     }
@@ -566,16 +665,46 @@ fn write_meta<T: Serialize>(meta: &mut DurableKv, key: &str, value: &T) -> Resul
     Ok(())
 }
 
-/// The data of a partition snapshot: the offset where the log resumes.
-pub fn encode_snapshot_data(start_offset: u64) -> Vec<u8> {
-    start_offset.to_le_bytes().to_vec()
+/// What a partition snapshot carries besides Raft's metadata: a partition's
+/// state is its log, so a replica restored from a snapshot holds nothing
+/// before the snapshot point, and its log resumes at `start_offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotData {
+    pub start_offset: u64,
+    /// The index of the last configuration change the snapshot's conf
+    /// state reflects (at or after the snapshot point).
+    pub conf_index: u64,
 }
 
-fn decode_snapshot_data(data: &[u8]) -> Result<u64> {
-    let word: [u8; 8] = data
-        .try_into()
-        .map_err(|_| ActorError::InvalidState(format!("snapshot data of {} bytes is not an offset", data.len())))?;
-    Ok(u64::from_le_bytes(word))
+impl SnapshotData {
+    const V1_BYTES: usize = 8;
+    const V2_BYTES: usize = 17;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(Self::V2_BYTES);
+        bytes.push(SNAPSHOT_DATA_V2);
+        bytes.extend_from_slice(&self.start_offset.to_le_bytes());
+        bytes.extend_from_slice(&self.conf_index.to_le_bytes());
+        bytes
+    }
+
+    pub fn decode(data: &[u8]) -> Result<SnapshotData> {
+        let word = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().expect("8 bytes"));
+        match data.len() {
+            Self::V1_BYTES => Ok(SnapshotData {
+                start_offset: word(0),
+                conf_index: 0,
+            }),
+            Self::V2_BYTES if data[0] == SNAPSHOT_DATA_V2 => Ok(SnapshotData {
+                start_offset: word(1),
+                conf_index: word(9),
+            }),
+            n => Err(ActorError::InvalidState(format!(
+                "snapshot data of {n} bytes (format byte {:?}) is neither format 1 nor 2",
+                data.first()
+            ))),
+        }
+    }
 }
 
 /// The batch that stores a Raft entry.
@@ -716,8 +845,16 @@ impl raft::Storage for PartitionStore {
         let metadata = snapshot.mut_metadata();
         metadata.index = self.snapshot.index;
         metadata.term = self.snapshot.term;
+        // The configuration as of now, not as of the snapshot point: a
+        // learner added since must find itself in it (raft-rs refuses a
+        // snapshot that does not name it). The changes after the point that
+        // it already reflects are not applied again (`conf_index`).
         metadata.set_conf_state(self.conf_state.clone());
-        snapshot.data = encode_snapshot_data(self.snapshot.start_offset).into();
+        let data = SnapshotData {
+            start_offset: self.snapshot.start_offset,
+            conf_index: self.conf_index.max(self.snapshot.index),
+        };
+        snapshot.data = data.encode().into();
         Ok(snapshot)
     }
 }
@@ -785,6 +922,85 @@ mod tests {
         let reopened = PartitionStore::open(dir.path(), config, true).expect("reopen");
         assert!(reopened.recent.is_empty());
         assert_eq!(values(&reopened, 1, 5), remembered);
+    }
+
+    /// Retention moves the snapshot point before it deletes files; a crash
+    /// in between (the point written, the segments still there) is
+    /// finished when the store opens again, and the store serves Raft from
+    /// the new point: terms and entries below it are compacted, and its
+    /// snapshot carries the start offset and the configuration.
+    #[test]
+    fn an_interrupted_compaction_is_finished_on_open() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = LogConfig {
+            segment_bytes_max: 1024,
+            ..LogConfig::default()
+        };
+        let mut store = PartitionStore::open(dir.path(), config.clone(), true).expect("open");
+        store.bootstrap(&[1]).expect("bootstrap");
+        let entries: Vec<Entry> = (1..=40).map(|i| normal_entry(i, 1, &format!("e{i}"))).collect();
+        store.append(&entries).expect("append");
+        store.sync().expect("sync");
+        store.set_commit(40);
+        let point = store.log().retention_point(1_000_000, 1_000);
+        assert!(point > 0 && store.log().segment_count() > 2);
+        let position = store
+            .slots
+            .iter()
+            .position(|s| s.next_offset == point)
+            .expect("a boundary");
+        let index = position as u64 + 1;
+        let compacted = SnapshotPoint {
+            index,
+            term: 1,
+            start_offset: point,
+        };
+        write_meta(&mut store.meta, KEY_SNAPSHOT, &compacted).expect("point");
+        drop(store);
+
+        let reopened = PartitionStore::open(dir.path(), config, true).expect("reopen");
+        assert_eq!(reopened.log().start_offset(), point);
+        assert_eq!(reopened.first_index_value(), index + 1);
+        assert_eq!(reopened.last_index_value(), 40);
+        assert_eq!(reopened.term(index).expect("the point's term"), 1);
+        assert!(matches!(
+            reopened.term(index - 1),
+            Err(raft::Error::Store(RaftStorageError::Compacted))
+        ));
+        let read = values(&reopened, index + 1, index + 2);
+        assert_eq!(read[0][0], format!("e{}/0", index + 1));
+        let snapshot = reopened.snapshot(0, 2).expect("snapshot");
+        assert_eq!(snapshot.get_metadata().index, index);
+        assert_eq!(snapshot.get_metadata().get_conf_state().voters, vec![1]);
+        let data = SnapshotData::decode(&snapshot.data).expect("data");
+        assert_eq!(
+            data,
+            SnapshotData {
+                start_offset: point,
+                conf_index: index
+            }
+        );
+    }
+
+    #[test]
+    fn snapshot_data_of_both_formats_decodes_and_other_bytes_are_refused() {
+        assert_eq!(
+            SnapshotData::decode(&77u64.to_le_bytes()).expect("format 1"),
+            SnapshotData {
+                start_offset: 77,
+                conf_index: 0
+            }
+        );
+        let data = SnapshotData {
+            start_offset: 9,
+            conf_index: 4,
+        };
+        assert_eq!(SnapshotData::decode(&data.encode()).expect("format 2"), data);
+        let mut wrong = data.encode();
+        wrong[0] = 7;
+        let refused = SnapshotData::decode(&wrong).expect_err("unknown format");
+        assert!(refused.to_string().contains("neither format 1 nor 2"), "{refused}");
+        assert!(SnapshotData::decode(&[1, 2, 3]).is_err());
     }
 
     /// A one-voter store in `dir` holding entries 1..=3, `sync` called.

@@ -16,7 +16,7 @@ use runnel_storage::{BatchHeader, LogConfig, RecordBatch};
 
 use crate::error::{ActorError, Result};
 use crate::protocol::PassiveAnswer;
-use crate::raft_store::PartitionStore;
+use crate::raft_store::{Compacted, PartitionStore};
 
 /// Ticks a replica just opened counts as already elapsed towards its first
 /// election timeout: with the default timing, its first election comes after
@@ -489,6 +489,7 @@ impl ReplicaCore {
         }
         let mut ready = self.raw.ready();
         let early = ready.take_messages();
+        let mut snapshots_sent = snapshot_targets(&early);
         if !early.is_empty() {
             send(early);
         }
@@ -513,6 +514,14 @@ impl ReplicaCore {
         self.apply(light.take_committed_entries(), &mut out)?;
         self.raw.advance_apply();
         self.raw.mut_store().persist_commit_if_far()?;
+        snapshots_sent.extend(snapshot_targets(&out.messages));
+        for to in snapshots_sent {
+            // A partition snapshot is a few bytes, applied as it arrives:
+            // sent is as good as finished. raft-rs then probes the follower
+            // again at the next heartbeat, and sends another snapshot if
+            // this one was lost; unreported, it would wait for it forever.
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+        }
         Ok(out)
     }
 
@@ -530,6 +539,11 @@ impl ReplicaCore {
                         next_offset,
                     });
                 }
+                // Already in effect: a snapshot installed the sender's
+                // configuration, which included it (or a restart re-delivers
+                // a change applied before the commit index was written).
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2
+                    if entry.index <= self.raw.store().conf_index() => {}
                 EntryType::EntryConfChange => {
                     let change = ConfChange::parse_from_bytes(&entry.data)
                         .map_err(|e| ActorError::InvalidState(format!("conf change {}: {e}", entry.index)))?;
@@ -659,10 +673,30 @@ impl ReplicaCore {
         self.raw.mut_store().close_log()
     }
 
+    /// Retention: deletes the oldest closed segments whose newest record is
+    /// older than `retention_ms` at `now_ms`, as far as this replica has
+    /// applied (see [`PartitionStore::compact_for_retention`]). Each replica
+    /// decides on its own files; they hold the same records, so they agree.
+    pub fn compact_for_retention(&mut self, now_ms: i64, retention_ms: u64) -> Result<Option<Compacted>> {
+        let applied = self.raw.raft.raft_log.applied;
+        self.raw
+            .mut_store()
+            .compact_for_retention(now_ms, retention_ms, applied)
+    }
+
     /// Committed batches from `offset` (control batches included; a consumer
     /// skips them), up to `max_bytes`.
     pub fn read_committed(&self, offset: u64, max_bytes: usize) -> Result<Vec<RecordBatch>> {
         let store = self.raw.store();
         Ok(store.log().read_until(offset, max_bytes, store.committed_offset())?)
     }
+}
+
+/// The peers `messages` send a snapshot to.
+fn snapshot_targets(messages: &[Message]) -> Vec<u64> {
+    messages
+        .iter()
+        .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+        .map(|m| m.to)
+        .collect()
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use runnel_actors::{ReplicaConfig, ReplicaCore};
 use runnel_storage::{BatchBuilder, FsyncPolicy, LogConfig, Record, RecordBatch};
 
@@ -21,6 +21,8 @@ struct Harness {
     in_flight: VecDeque<Message>,
     /// Replicas whose traffic is dropped both ways.
     isolated: BTreeSet<u64>,
+    /// Snapshot messages still to lose in transit.
+    snapshots_to_drop: usize,
     /// Acknowledged batches: Raft index → (base offset, tag).
     acked: BTreeMap<u64, (u64, String)>,
     /// Proposed and waiting: Raft index → tag, on the proposing leader.
@@ -63,6 +65,7 @@ impl Harness {
             replicas: BTreeMap::new(),
             in_flight: VecDeque::new(),
             isolated: BTreeSet::new(),
+            snapshots_to_drop: 0,
             acked: BTreeMap::new(),
             pending: BTreeMap::new(),
         };
@@ -110,6 +113,10 @@ impl Harness {
         }
         while let Some(message) = self.in_flight.pop_front() {
             if !self.reachable(message.from, message.to) {
+                continue;
+            }
+            if message.get_msg_type() == MessageType::MsgSnapshot && self.snapshots_to_drop > 0 {
+                self.snapshots_to_drop -= 1;
                 continue;
             }
             if let Some(Some(replica)) = self.replicas.get_mut(&message.to) {
@@ -175,14 +182,23 @@ impl Harness {
         out
     }
 
-    /// Every acknowledged batch is present once, at its acknowledged offset.
+    fn replica_mut(&mut self, id: u64) -> &mut ReplicaCore {
+        self.replicas
+            .get_mut(&id)
+            .and_then(Option::as_mut)
+            .expect("replica is running")
+    }
+
+    /// Every acknowledged batch at or after the replica's log start is
+    /// present once, at its acknowledged offset.
     fn check_acknowledged(&self, id: u64) {
+        let start = self.replica(id).store().log().start_offset();
         let records = self.records(id);
         let by_value: BTreeMap<&Bytes, Vec<u64>> = records.iter().fold(BTreeMap::new(), |mut map, (offset, value)| {
             map.entry(value).or_default().push(*offset);
             map
         });
-        for (index, (base_offset, tag)) in &self.acked {
+        for (index, (base_offset, tag)) in self.acked.iter().filter(|(_, (base, _))| *base >= start) {
             for i in 0..5u64 {
                 let value = Bytes::from(format!("{tag}/{i}"));
                 let offsets = by_value
@@ -302,5 +318,104 @@ fn an_isolated_leaders_unacknowledged_tail_is_replaced() {
         h.check_acknowledged(id);
         let lost = h.records(id).iter().filter(|(_, v)| v.starts_with(b"lost-")).count();
         assert_eq!(lost, 0, "replica {id} kept the diverged tail");
+    }
+}
+
+/// Milliseconds after the test records' timestamp (1) at which retention
+/// runs, and the age it keeps: every closed segment has expired.
+const LATER_MS: i64 = 1_000_000;
+const RETENTION_MS: u64 = 1_000;
+
+/// Retention deletes closed segments on each replica; a follower that was
+/// cut off needs entries the others deleted, so it gets a snapshot (the
+/// first one sent is lost, and the leader sends another): its log
+/// restarts at the same offset, it takes the configuration the leader has
+/// now (it was made a learner after the snapshot point, and that change is
+/// not applied twice), is promoted again, and holds the same records; a
+/// restart reopens the compacted stores.
+#[test]
+fn retention_deletes_old_segments_and_a_cut_off_follower_catches_up_from_a_snapshot() {
+    let mut h = Harness::new();
+    let leader = h.elect(&IDS);
+    let cut_off = IDS.iter().copied().find(|&id| id != leader).expect("a follower");
+    let other = IDS
+        .iter()
+        .copied()
+        .find(|&id| id != leader && id != cut_off)
+        .expect("another");
+    h.isolated.insert(cut_off);
+    for i in 0..300 {
+        h.propose(leader, &format!("old-{i}"));
+        h.pump();
+    }
+    h.settle();
+    assert_eq!(h.acked.len(), 300, "two of three commit");
+    let segments_before = h.replica(leader).store().log().segment_count();
+    assert!(segments_before >= 3, "{segments_before} segments");
+    for id in [leader, other] {
+        let done = h
+            .replica_mut(id)
+            .compact_for_retention(LATER_MS, RETENTION_MS)
+            .expect("retention")
+            .expect("closed segments expired");
+        assert_eq!(done.segments, segments_before - 1, "all but the active segment go");
+        assert_eq!(h.replica(id).store().log().start_offset(), done.start_offset);
+        let again = h
+            .replica_mut(id)
+            .compact_for_retention(LATER_MS, RETENTION_MS)
+            .expect("retention");
+        assert_eq!(again, None, "nothing more has expired");
+    }
+    let start = h.replica(leader).store().log().start_offset();
+    assert_eq!(h.replica(other).store().log().start_offset(), start);
+    assert!(h.replica(leader).store().first_index_value() > 1);
+
+    // A configuration change after the snapshot point, while cut off.
+    assert!(h.replica_mut(leader).demote(cut_off).expect("demote"));
+    h.settle();
+    assert!(h.replica(leader).store().conf_state().learners.contains(&cut_off));
+    for i in 0..5 {
+        h.propose(leader, &format!("new-{i}"));
+        h.pump();
+    }
+    h.isolated.clear();
+    h.snapshots_to_drop = 1;
+    for _ in 0..ROUNDS_MAX {
+        h.tick();
+        h.replica_mut(leader).step_towards(&IDS).expect("step towards");
+        let caught_up = h.replica(cut_off).committed_offset() == h.replica(leader).committed_offset();
+        if caught_up && h.replica(cut_off).store().conf_state().voters.contains(&cut_off) {
+            break;
+        }
+    }
+    h.settle();
+    assert_eq!(h.snapshots_to_drop, 0, "a snapshot was sent");
+    let restored = h.replica(cut_off);
+    assert_eq!(
+        restored.store().log().start_offset(),
+        start,
+        "the log restarts where the leader's does"
+    );
+    assert!(
+        restored.store().conf_state().voters.contains(&cut_off),
+        "promoted again"
+    );
+    assert_eq!(h.replica(leader).store().conf_state(), restored.store().conf_state());
+    h.check_identical(&IDS);
+    for id in IDS {
+        h.check_acknowledged(id);
+        assert_eq!(h.records(id).first().map(|(offset, _)| *offset), Some(start));
+    }
+
+    for id in IDS {
+        h.kill(id);
+        h.start(id);
+    }
+    let leader = h.elect(&IDS);
+    h.propose(leader, "after-restart");
+    h.settle();
+    h.check_identical(&IDS);
+    for id in IDS {
+        h.check_acknowledged(id);
     }
 }

@@ -234,6 +234,12 @@ impl Consumer {
                 // A new leader learns the commit point a moment after it is
                 // elected: nothing to read there yet.
                 Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, end, .. })) if offset > end => continue,
+                // Retention deleted the records from here: read on from the
+                // oldest one left, as a Kafka consumer resetting to earliest.
+                Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, start, .. })) if offset < start => {
+                    self.positions.insert(partition, start);
+                    continue;
+                }
                 // The other partitions are still read (their positions move
                 // on with what is delivered); this one is tried again on the
                 // next poll. The error is returned only if nothing was read.
@@ -256,8 +262,14 @@ impl Consumer {
         let mut ends = BTreeMap::new();
         for &partition in self.positions.keys() {
             let position = self.positions[&partition];
-            let fetched = self.client.fetch(&self.topic, partition, position, 1).await?;
-            ends.insert(partition, fetched.committed_offset);
+            let end = match self.client.fetch(&self.topic, partition, position, 1).await {
+                Ok(fetched) => fetched.committed_offset,
+                // Below the log's start (retention) or past its end: the
+                // refusal names the end.
+                Err(ClientError::Broker(BrokerError::OffsetOutOfRange { end, .. })) => end,
+                Err(e) => return Err(e),
+            };
+            ends.insert(partition, end);
         }
         Ok(ends)
     }

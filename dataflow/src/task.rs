@@ -561,6 +561,13 @@ impl<C: TaskIo> TaskRunner<C> {
             Ok(fetched) => Some(fetched),
             // A new leader learns the commit point a moment after election.
             Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, end, .. })) if offset > end => None,
+            // Retention deleted the input from here: go on from the oldest
+            // record left (the next checkpoint records the move).
+            Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, start, .. })) if offset < start => {
+                tracing::warn!(topic = %self.input_topic, partition, offset, start, "input deleted by retention skipped");
+                self.input_offset = start;
+                None
+            }
             Err(e) if retryable(&e) => None,
             Err(e) => return Err(e.into()),
         };

@@ -33,6 +33,10 @@ pub enum StorageError {
     #[error("offset {offset} is not a batch boundary (the batch there starts at {batch_base})")]
     NotBatchBoundary { offset: u64, batch_base: u64 },
 
+    /// Deleting a log's prefix must stop at a segment's start.
+    #[error("offset {offset} is not where a segment of the log in {dir} starts")]
+    NotSegmentBoundary { offset: u64, dir: PathBuf },
+
     /// A batch is larger than the configured maximum.
     #[error("record batch of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes")]
     BatchTooLarge { size_bytes: usize, limit_bytes: usize },

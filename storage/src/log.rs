@@ -233,6 +233,11 @@ impl Log {
         self.segments.len()
     }
 
+    /// Each segment's base offset, oldest first (the last is the active one).
+    pub fn segment_bases(&self) -> Vec<u64> {
+        self.segments.keys().copied().collect()
+    }
+
     fn active(&self) -> &Segment {
         self.segments
             .values()
@@ -501,35 +506,76 @@ impl Log {
         })
     }
 
-    /// Deletes closed segments past the retention age or size. The active
-    /// segment is never deleted.
+    /// Where a log would start once every closed segment older than
+    /// `retention_ms` at `now_ms` is gone: the base of the oldest segment to
+    /// keep (the start offset itself when none has expired). Segments
+    /// expire in order, oldest first, as Kafka's do: by their newest
+    /// record's timestamp. The active segment always stays.
+    pub fn retention_point(&self, now_ms: i64, retention_ms: u64) -> u64 {
+        let horizon_ms = now_ms.saturating_sub(i64::try_from(retention_ms).unwrap_or(i64::MAX));
+        let closed = self.segments.len().saturating_sub(1);
+        let mut point = self.start_offset();
+        for segment in self.segments.values().take(closed) {
+            if segment.max_timestamp_ms() >= horizon_ms {
+                break;
+            }
+            point = segment.next_offset();
+        }
+        point
+    }
+
+    /// Deletes the closed segments that end at or below `offset`, which
+    /// must be a segment's base offset (see [`Log::retention_point`]); the
+    /// log then starts there.
+    pub fn delete_before(&mut self, offset: u64) -> Result<RetentionOutcome> {
+        self.healthy()?;
+        if offset != self.start_offset() && !self.segments.contains_key(&offset) {
+            return Err(StorageError::NotSegmentBoundary {
+                offset,
+                dir: self.dir.clone(),
+            });
+        }
+        let mut outcome = RetentionOutcome::default();
+        while self.segments.len() > 1 && self.start_offset() < offset {
+            let base = self.start_offset();
+            let segment = self.segments.remove(&base).expect("the first segment exists");
+            outcome.segments_deleted += 1;
+            outcome.bytes_deleted += segment.size_bytes();
+            segment.delete()?;
+        }
+        if outcome.segments_deleted > 0 {
+            sync_parent_dir(&self.dir.join(META_FILE))?;
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes closed segments past the retention age or size (the log's
+    /// own settings; a replica's log is compacted through Raft instead).
+    /// The active segment is never deleted.
     pub fn apply_retention(&mut self, now: SystemTime) -> Result<RetentionOutcome> {
         self.healthy()?;
         let now_ms = now
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let mut outcome = RetentionOutcome::default();
-        let mut total = self.size_bytes();
-        while self.segments.len() > 1 {
-            let oldest = self.segments.values().next().expect("more than one segment");
-            let expired = self.config.retention_age.is_some_and(|age| {
-                oldest.max_timestamp_ms() < now_ms.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
-            });
-            let oversized = self.config.retention_bytes.is_some_and(|limit| total > limit);
-            if !expired && !oversized {
-                break;
+        let age_ms = |age: Duration| u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        let mut point = match self.config.retention_age {
+            Some(age) => self.retention_point(now_ms, age_ms(age)),
+            None => self.start_offset(),
+        };
+        if let Some(limit_bytes) = self.config.retention_bytes {
+            let closed = self.segments.len() - 1;
+            let mut kept_bytes: u64 = self.segments.range(point..).map(|(_, s)| s.size_bytes()).sum();
+            for segment in self.segments.range(point..).map(|(_, s)| s).take(closed) {
+                if kept_bytes <= limit_bytes || segment.base_offset == self.active().base_offset {
+                    break;
+                }
+                kept_bytes -= segment.size_bytes();
+                point = segment.next_offset();
             }
-            let base = oldest.base_offset;
-            let segment = self.segments.remove(&base).expect("oldest segment exists");
-            total -= segment.size_bytes();
-            outcome.segments_deleted += 1;
-            outcome.bytes_deleted += segment.size_bytes();
-            let path = segment.paths.log.clone();
-            segment.delete()?;
-            tracing::info!(path = %path.display(), expired, oversized, "retention deleted a segment");
         }
+        let outcome = self.delete_before(point)?;
         if outcome.segments_deleted > 0 {
-            sync_parent_dir(&self.dir.join(META_FILE))?;
+            tracing::info!(dir = %self.dir.display(), segments = outcome.segments_deleted, start = point, "retention deleted segments");
         }
         Ok(outcome)
     }

@@ -326,6 +326,54 @@ fn retention_deletes_only_closed_segments() {
     assert_eq!(outcome.segments_deleted, 0);
 }
 
+/// The retention point is where the first closed segment holding a record
+/// within the retention starts (segments expire oldest first, by their
+/// newest record); deleting stops only at a segment's start, and survives a
+/// reopen.
+#[test]
+fn the_retention_point_stops_at_the_first_segment_to_keep_and_deletion_at_segment_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), config()).expect("open");
+    fill(&mut log, 40);
+    let young = log.append(&mut batch(100, 5, 1_000_000)).expect("append");
+    fill(&mut log, 40);
+    assert!(log.segment_count() > 3);
+    let point = log.retention_point(2_000_000, 1_500_000);
+    let keep_from = log
+        .segment_bases()
+        .into_iter()
+        .filter(|&b| b <= young)
+        .max()
+        .expect("a segment");
+    assert_eq!(
+        point, keep_from,
+        "the segment holding the young batch stays, and all after it"
+    );
+    assert_eq!(
+        log.retention_point(2_000_000, 1_999_000),
+        log.start_offset(),
+        "nothing expired"
+    );
+    let everything = log.retention_point(i64::MAX, 1);
+    assert_eq!(
+        everything,
+        *log.segment_bases().last().expect("active"),
+        "all but the active one"
+    );
+
+    let inside = point + 1;
+    let refused = log.delete_before(inside).expect_err("not a segment start");
+    assert!(matches!(refused, StorageError::NotSegmentBoundary { offset, .. } if offset == inside));
+    let end = log.end_offset();
+    let outcome = log.delete_before(point).expect("delete");
+    assert!(outcome.segments_deleted > 0 && outcome.bytes_deleted > 0);
+    assert_eq!((log.start_offset(), log.end_offset()), (point, end));
+    drop(log);
+    let log = Log::open(dir.path(), config()).expect("reopen");
+    assert_eq!((log.start_offset(), log.end_offset()), (point, end));
+    assert_eq!(values_from(&log, point).first().map(|(offset, _)| *offset), Some(point));
+}
+
 #[test]
 fn lookup_by_timestamp() {
     let dir = tempfile::tempdir().expect("tempdir");

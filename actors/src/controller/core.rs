@@ -128,6 +128,9 @@ pub enum Command {
     /// Ask the local replica of `group`, if it leads, to hand leadership to
     /// `node`, the group's preferred replica, once that one has caught up.
     PreferLeader { group: GroupId, node: NodeId },
+    /// Ask the local replica of `group` to delete its closed segments whose
+    /// newest record is older than `retention_ms` (the topic's setting).
+    Retain { group: GroupId, retention_ms: u64 },
 }
 
 /// What a node does next about its damaged replica of a group (see
@@ -291,6 +294,26 @@ impl ControllerCore {
                 let Some(&preferred) = replicas.first() else { continue };
                 if preferred != me && alive.contains(&preferred) && self.hosted.contains(&group) {
                     commands.push(Command::PreferLeader { group, node: preferred });
+                }
+            }
+        }
+        commands
+    }
+
+    /// Retention for every partition hosted here whose topic sets
+    /// `retention.ms`. Every replica applies it to its own files. Runnel's
+    /// internal topics that hold state or unread input keep every record
+    /// (see `holds_state`).
+    pub fn retention(&self) -> Vec<Command> {
+        let mut commands = Vec::new();
+        for topic in self.meta.metadata.topics.values().filter(|t| !holds_state(&t.name)) {
+            let Some(retention_ms) = topic.config.retention_ms else {
+                continue;
+            };
+            for partition in 0..topic.assignment.len() as u32 {
+                let group = topic.group_id(partition);
+                if self.hosted.contains(&group) {
+                    commands.push(Command::Retain { group, retention_ms });
                 }
             }
         }
@@ -775,7 +798,14 @@ impl ControllerCore {
         dataflow_topics(name, shape, partitions)
             .into_iter()
             .filter(|(topic, _)| !self.meta.metadata.topics.contains_key(topic))
-            .map(|(topic, topic_partitions)| (topic, TopicConfig::new(topic_partitions, replication)))
+            .map(|(topic, topic_partitions)| {
+                let mut config = TopicConfig::new(topic_partitions, replication);
+                if holds_state(&topic) {
+                    // As Kafka Streams' internal topics: never expired.
+                    config.retention_ms = None;
+                }
+                (topic, config)
+            })
             .collect()
     }
 
@@ -886,4 +916,17 @@ pub fn alive_nodes(members: &[MemberView]) -> Vec<NodeId> {
         .filter(|m| m.liveness == Liveness::Alive)
         .map(|m| m.node)
         .collect()
+}
+
+/// Whether a topic is one of Runnel's own that retention would break: the
+/// consumer-offsets topic and dataflows' checkpoints hold state, and a
+/// repartition topic holds input a task may not have read yet (Kafka
+/// Streams keeps its repartition topics forever too). See
+/// [`ControllerCore::retention`].
+fn holds_state(topic: &str) -> bool {
+    use runnel_client::tasks::{checkpoint_topic, repartition_topic};
+    // A dataflow's internal topic is its name and a suffix.
+    topic == runnel_client::offsets::OFFSETS_TOPIC
+        || topic.ends_with(&checkpoint_topic(""))
+        || topic.ends_with(&repartition_topic(""))
 }

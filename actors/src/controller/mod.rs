@@ -299,6 +299,8 @@ impl Shared {
             if due.prefer {
                 let commands = self.core().preferred_leaders(&self.member_views());
                 self.execute(commands).await;
+                let commands = self.core().retention();
+                self.execute(commands).await;
             }
             self.reconcile_tasks();
             if due.heal {
@@ -331,6 +333,7 @@ impl Shared {
                 Command::Unhost { group } => self.broker.unhost(group).await,
                 Command::Reconfigure { group, voters } => self.broker.reconfigure(group, voters),
                 Command::PreferLeader { group, node } => self.broker.prefer_leader(group, node),
+                Command::Retain { group, retention_ms } => self.broker.retain(group, retention_ms),
                 Command::DeleteFiles { group } => match self.broker.delete_replica_files(group) {
                     Ok(()) => tracing::info!(partition = %group.named(), "deleted the files of a stale replica"),
                     Err(e) => {

@@ -289,11 +289,16 @@ async fn set_up(
     let mut client = connect(&cluster.addrs, cluster.certs(), SETUP_TIMEOUT).await?;
     client.timeout = CLIENT_TIMEOUT;
     let client = Arc::new(client);
-    let config = TopicConfig::new(args.topic_partitions, args.replication);
-    create_topic(&client, TOPIC, config, SETUP_TIMEOUT).await?;
+    // The checker reads every record back at the end: retention keeps them
+    // all (the attempts and results carry event times in 2023).
+    let forever = |partitions| TopicConfig {
+        retention_ms: None,
+        ..TopicConfig::new(partitions, args.replication)
+    };
+    create_topic(&client, TOPIC, forever(args.topic_partitions), SETUP_TIMEOUT).await?;
     if args.dataflow.is_some() {
-        let config = TopicConfig::new(FRAUD_PARTITIONS, args.replication);
-        create_topic(&client, fraud::SOURCE, config, SETUP_TIMEOUT).await?;
+        create_topic(&client, fraud::SOURCE, forever(FRAUD_PARTITIONS), SETUP_TIMEOUT).await?;
+        create_topic(&client, fraud::SINK, forever(FRAUD_PARTITIONS), SETUP_TIMEOUT).await?;
         start_dataflow(&client).await?;
     }
     wait_for_leaders(&client, TOPIC).await?;

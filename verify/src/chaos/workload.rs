@@ -276,7 +276,7 @@ impl Workload {
                     let id = format!("w{worker}-{next}");
                     next += 1;
                     let record = Record {
-                        timestamp_ms: 0,
+                        timestamp_ms: runnel_client::unix_now_ms(),
                         key: None,
                         value: Some(Bytes::from(format!("{id:<100}"))),
                         headers: Vec::new(),

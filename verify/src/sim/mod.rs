@@ -1654,6 +1654,7 @@ impl World {
                 Command::Reconfigure { group, voters } => self.reconfigure(id, group, &voters)?,
                 Command::DeleteFiles { group } => self.delete_files(id, group)?,
                 Command::PreferLeader { group, node } => self.prefer_leader(id, group, node)?,
+                Command::Retain { group, retention_ms } => self.retain(id, group, retention_ms)?,
             }
         }
         Ok(())
@@ -1686,6 +1687,32 @@ impl World {
         if part.core_mut().prefer_leader(preferred.to_raft()) {
             self.note(format!(
                 "group {group}: leader {id} hands leadership to preferred replica {preferred}"
+            ));
+        }
+        self.drive(id, group)
+    }
+
+    /// As `ReplicaMsg::Retain`: the local replica deletes its closed
+    /// segments older than `retention_ms` by the simulated clock.
+    fn retain(&mut self, id: NodeId, group: GroupId, retention_ms: u64) -> Result<(), String> {
+        let now_ms = self.now() as i64;
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(part) = node.groups.get_mut(&group) else {
+            return Ok(());
+        };
+        let compacted = part
+            .core_mut()
+            .compact_for_retention(now_ms, retention_ms)
+            .map_err(|e| format!("node {id} group {group} retention: {e}"))?;
+        if let Some(done) = compacted {
+            *self
+                .report
+                .faults
+                .entry("retention_compactions".to_string())
+                .or_default() += 1;
+            self.note(format!(
+                "group {group}: node {id} retention deleted {} segments, log starts at {}",
+                done.segments, done.start_offset
             ));
         }
         self.drive(id, group)
@@ -1738,6 +1765,8 @@ impl World {
         if due.prefer {
             let members = self.member_views(id);
             let commands = self.nodes[&id].core.preferred_leaders(&members);
+            self.execute(id, commands)?;
+            let commands = self.nodes[&id].core.retention();
             self.execute(id, commands)?;
         }
         Ok(())

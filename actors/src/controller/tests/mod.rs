@@ -6,6 +6,7 @@ mod healing;
 mod hosting;
 mod preferring;
 mod repairing;
+mod retaining;
 mod settling;
 mod stale;
 
