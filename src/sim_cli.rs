@@ -52,6 +52,12 @@ pub struct Args {
     /// in sync.
     #[arg(long)]
     min_insync: Option<u16>,
+    /// The topic's retention.ms in simulated time (e.g. 3000), with small
+    /// segments: retention deletes them during the run, followers behind
+    /// get snapshots, and each deletion must take only expired records.
+    /// Runs without the dataflow (whose check needs all of its input).
+    #[arg(long)]
+    retention_ms: Option<u64>,
     /// The deliberately injected bug (acks=all answered before the commit),
     /// to see the checks fail.
     #[arg(long, hide = true)]
@@ -121,11 +127,12 @@ fn sim_config(args: &Args) -> SimConfig {
         partitions: args.partitions,
         duration_ms: args.duration.as_millis() as u64,
         nemesis: !args.no_nemesis,
-        dataflow: !args.no_dataflow,
+        dataflow: !args.no_dataflow && args.retention_ms.is_none(),
         bug_ack_before_commit: args.test_ack_before_commit,
         bug_unsequenced_task_output: args.test_unsequenced_task_output,
         disk_damage: args.disk_damage,
         min_insync: args.min_insync,
+        retention_ms: args.retention_ms,
         ..SimConfig::default()
     }
 }

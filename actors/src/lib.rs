@@ -48,6 +48,7 @@ pub use controller::{BrokerService, Controller, ControllerConfig, ControllerCore
 pub use error::{ActorError, Result};
 pub use protocol::{Acks, BrokerError};
 pub use raft::eraftpb::Message as RaftMessage;
+pub use raft::eraftpb::MessageType as RaftMessageType;
 pub use replica::{Committed, ReadyOutput, ReplicaConfig, ReplicaCore, VoterProgress};
 /// The client (and its protocol) moved to `runnel-client`; this keeps
 /// `runnel_actors::client::..` paths working.

@@ -56,6 +56,17 @@ pub struct History {
     pub replica_reads: BTreeMap<(PartitionKey, runnel_cluster::NodeId), Vec<Seen>>,
     /// Per consumer, per partition, what it read during the run in order.
     pub consumer_reads: BTreeMap<String, BTreeMap<PartitionKey, Vec<Seen>>>,
+    /// Where each partition's final read starts when retention deleted
+    /// records below it (absent: it starts at 0). Whether a deletion was
+    /// due is the harness's check, when it happens.
+    pub log_starts: BTreeMap<PartitionKey, u64>,
+}
+
+impl History {
+    /// Where `key`'s final read starts.
+    fn log_start(&self, key: &PartitionKey) -> u64 {
+        self.log_starts.get(key).copied().unwrap_or(0)
+    }
 }
 
 /// One anomaly, named the way a person debugging it needs.
@@ -151,6 +162,15 @@ pub enum Anomaly {
     },
     /// A dataflow task found records it had written gone from its output.
     DataflowOutputLost { dataflow: String, task: u32, error: String },
+    /// Retention deleted a record younger than the topic's retention.
+    ExpiredTooSoon {
+        topic: String,
+        partition: u32,
+        node: runnel_cluster::NodeId,
+        offset: u64,
+        timestamp_ms: i64,
+        horizon_ms: i64,
+    },
 }
 
 impl Anomaly {
@@ -169,6 +189,7 @@ impl Anomaly {
             Anomaly::DataflowWrongCount { .. } => "dataflow_wrong_count",
             Anomaly::DataflowDuplicated { .. } => "dataflow_duplicated",
             Anomaly::DataflowOutputLost { .. } => "dataflow_output_lost",
+            Anomaly::ExpiredTooSoon { .. } => "expired_too_soon",
         }
     }
 }
@@ -186,6 +207,9 @@ pub struct Verdict {
     pub unknown_absent: u64,
     pub records_read: u64,
     pub consumer_reads: u64,
+    /// Acknowledged writes below the final read's start: deleted by
+    /// retention, not lost.
+    pub expired: u64,
     /// Why writes failed or were left unknown: error text → records.
     pub failure_reasons: BTreeMap<String, u64>,
     /// Anomalies per kind (exact counts).
@@ -328,7 +352,9 @@ fn check_writes(history: &History, found: &BTreeMap<&str, (&PartitionKey, Vec<u6
         match &write.outcome {
             Outcome::Acked { offset } => {
                 verdict.acknowledged += 1;
+                let key = (write.topic.clone(), write.partition);
                 match here {
+                    None if *offset < history.log_start(&key) => verdict.expired += 1,
                     None => verdict.add(Anomaly::Lost {
                         id: write.id.clone(),
                         topic: write.topic.clone(),
@@ -431,6 +457,10 @@ fn check_consumers(history: &History, verdict: &mut Verdict) {
                     });
                 }
                 previous = Some(seen.offset);
+                if seen.offset < history.log_start(key) {
+                    // Read before retention deleted it.
+                    continue;
+                }
                 let in_log = log.get(&seen.offset).copied();
                 if in_log != Some(&seen.id) {
                     verdict.add(Anomaly::ReadNotInLog {
@@ -533,6 +563,27 @@ mod tests {
             partition: 0,
             acked_offset: 1
         }));
+    }
+
+    /// Records below the final read's start were deleted by retention: an
+    /// acknowledged write there is counted as expired, a consumer's earlier
+    /// read of one is not judged against the log; one at or above the start
+    /// that is missing is still lost.
+    #[test]
+    fn records_below_the_log_start_expired_rather_than_lost() {
+        let mut history = History {
+            writes: vec![acked("a", 0), acked("b", 1), acked("c", 2), acked("d", 3)],
+            ..History::default()
+        };
+        history.final_read.insert(key(), vec![seen(2, "c")]);
+        history.log_starts.insert(key(), 2);
+        let mut reads = BTreeMap::new();
+        reads.insert(key(), vec![seen(0, "a"), seen(1, "b"), seen(2, "c")]);
+        history.consumer_reads.insert("c1".into(), reads);
+        let verdict = check(&history);
+        assert_eq!(kinds(&verdict), vec![("lost", 1)], "{:?}", verdict.anomalies);
+        assert_eq!(verdict.expired, 2);
+        assert!(matches!(&verdict.anomalies[0], Anomaly::Lost { id, .. } if id == "d"));
     }
 
     #[test]

@@ -134,6 +134,12 @@ pub struct SimConfig {
     pub disk_damage: bool,
     /// The topic's `min.insync.replicas` (the default: a majority).
     pub min_insync: Option<u16>,
+    /// The topic's `retention.ms` (the default: a week, which no run
+    /// reaches). Set, segments are small and retention deletes them during
+    /// the run: every replica compacts its log, followers behind the
+    /// deleted entries get snapshots, and each deletion is checked to take
+    /// only records older than the retention.
+    pub retention_ms: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -160,6 +166,7 @@ impl Default for SimConfig {
             bug_unsequenced_task_output: false,
             disk_damage: false,
             min_insync: None,
+            retention_ms: None,
         }
     }
 }
@@ -222,6 +229,7 @@ impl SimReport {
         self.verdict.attempted += other.verdict.attempted;
         self.verdict.acknowledged += other.verdict.acknowledged;
         self.verdict.unknown += other.verdict.unknown;
+        self.verdict.expired += other.verdict.expired;
         for (kind, count) in other.faults {
             *self.faults.entry(kind).or_default() += count;
         }
@@ -233,8 +241,8 @@ impl SimReport {
         format!(
             "{:.0} simulated s; faults {:?}; {} unsynced bytes lost ({} torn writes); {} leader changes; \
              {} replica moves; messages: {} sent, {} dropped, {} duplicated, {} cut; writes: {} attempted, \
-             {} acknowledged, {} unknown; {} committed records checked; dataflow: {} task starts, {} task \
-             failures, {} results checked",
+             {} acknowledged ({} since expired by retention), {} unknown; {} committed records checked; \
+             dataflow: {} task starts, {} task failures, {} results checked",
             self.sim_ms as f64 / 1000.0,
             self.faults,
             self.bytes_lost,
@@ -247,6 +255,7 @@ impl SimReport {
             self.messages_cut,
             self.verdict.attempted,
             self.verdict.acknowledged,
+            self.verdict.expired,
             self.verdict.unknown,
             self.records_checked,
             self.task_starts,
@@ -642,11 +651,11 @@ pub fn run(seed: u64, config: &SimConfig, scratch: &Path) -> Result<SimReport, S
     })
 }
 
-/// Replicas' log settings; with disk damage, small segments, so that
-/// closed ones exist to delete.
-fn log_config(disk_damage: bool) -> LogConfig {
+/// Replicas' log settings; with disk damage or retention, small segments,
+/// so that closed ones exist to damage or delete.
+fn log_config(small_segments: bool) -> LogConfig {
     LogConfig {
-        segment_bytes_max: if disk_damage { 4 * 1024 } else { 64 * 1024 },
+        segment_bytes_max: if small_segments { 4 * 1024 } else { 64 * 1024 },
         // The store syncs once per Raft ready itself.
         fsync: FsyncPolicy::Never,
         retention_age: None,
@@ -792,6 +801,10 @@ impl World {
         self.net.now_ms()
     }
 
+    fn small_segments(&self) -> bool {
+        self.config.disk_damage || self.config.retention_ms.is_some()
+    }
+
     fn controllers(&self) -> Vec<NodeId> {
         (1..=self.config.controllers).map(NodeId).collect()
     }
@@ -837,9 +850,10 @@ impl World {
             let line = format!("node {id} re-creates group {group}, deleted here before: passive");
             self.note(line);
         }
+        let log_config = log_config(self.small_segments());
         let node = self.nodes.get_mut(&id).expect("known node");
         let dir = node.group_dir(group);
-        let (part, messages) = match Part::open(group, &dir, log_config(self.config.disk_damage), &config, founders) {
+        let (part, messages) = match Part::open(group, &dir, log_config, &config, founders) {
             Ok(opened) => opened,
             // As the broker's supervisor: marked damaged, left for repair.
             Err(e) if e.is_damage() => {
@@ -860,6 +874,9 @@ impl World {
     fn send_raft(&mut self, from: NodeId, group: GroupId, messages: Vec<Message>) {
         for message in messages {
             let to = NodeId(message.to as u32);
+            if message.get_msg_type() == runnel_actors::RaftMessageType::MsgSnapshot {
+                *self.report.faults.entry("snapshots_sent".to_string()).or_default() += 1;
+            }
             self.net.post(
                 from,
                 to,
@@ -1696,15 +1713,31 @@ impl World {
     /// segments older than `retention_ms` by the simulated clock.
     fn retain(&mut self, id: NodeId, group: GroupId, retention_ms: u64) -> Result<(), String> {
         let now_ms = self.now() as i64;
+        let horizon_ms = now_ms - retention_ms as i64;
         let node = self.nodes.get_mut(&id).expect("known node");
         let Some(part) = node.groups.get_mut(&group) else {
             return Ok(());
         };
+        // What retention may delete, read first to judge the deletion by.
+        let doomed = closed_segment_records(part);
         let compacted = part
             .core_mut()
             .compact_for_retention(now_ms, retention_ms)
             .map_err(|e| format!("node {id} group {group} retention: {e}"))?;
         if let Some(done) = compacted {
+            let (topic, partition) = partition_of(&self.nodes, group);
+            for (offset, timestamp_ms) in doomed.into_iter().filter(|(o, _)| *o < done.start_offset) {
+                if timestamp_ms >= horizon_ms {
+                    self.running.add(Anomaly::ExpiredTooSoon {
+                        topic: topic.clone(),
+                        partition,
+                        node: id,
+                        offset,
+                        timestamp_ms,
+                        horizon_ms,
+                    });
+                }
+            }
             *self
                 .report
                 .faults
@@ -1941,6 +1974,9 @@ impl World {
             if let Some(min_insync) = self.config.min_insync {
                 config.min_insync = min_insync;
             }
+            if self.config.retention_ms.is_some() {
+                config.retention_ms = self.config.retention_ms;
+            }
             let command = node
                 .core
                 .create_topic(TOPIC.to_string(), config, &all)
@@ -2056,6 +2092,11 @@ impl World {
                 if let Some(group) = group {
                     view.heard_leader(group, leader);
                 }
+            }
+            // As the client's consumer: retention deleted the records from
+            // here, so it reads on from the oldest one left.
+            Err(BrokerError::OffsetOutOfRange { offset, start, .. }) if offset < start => {
+                consumer.position.insert(partition, start);
             }
             Err(_) => {}
         }
@@ -2556,6 +2597,8 @@ impl World {
                     let records = read_all(part).map_err(|e| format!("node {} group {group}: {e}", node.id))?;
                     let seen: Vec<Seen> = records.iter().map(|r| seen_of(r.offset, &r.record)).collect();
                     if part.core().is_leader() {
+                        let start = part.core().store().log().start_offset();
+                        history.log_starts.insert(key.clone(), start);
                         history.final_read.insert(key.clone(), seen.clone());
                         source.extend(records);
                     }
@@ -2702,6 +2745,28 @@ fn read_all_checked(part: &Part) -> Result<(), runnel_actors::ActorError> {
         offset = last.next_offset();
     }
     Ok(())
+}
+
+/// The records (offset, timestamp) a retention pass could delete from the
+/// replica: every closed segment's, whatever their age (the pass is judged
+/// by which of them it took). Unreadable ones (damage, found elsewhere) are
+/// left out.
+fn closed_segment_records(part: &Part) -> Vec<(u64, i64)> {
+    let log = part.core().store().log();
+    let point = log.segment_bases().last().copied().unwrap_or(0);
+    let mut offset = log.start_offset();
+    let mut out = Vec::new();
+    while offset < point {
+        let Ok(batches) = log.read_until(offset, FETCH_BYTES, point) else {
+            break;
+        };
+        let Some(last) = batches.last() else { break };
+        offset = last.next_offset();
+        for batch in batches.iter().filter(|b| !b.is_control()) {
+            out.extend(batch.records().flatten().map(|r| (r.offset, r.record.timestamp_ms)));
+        }
+    }
+    out
 }
 
 fn read_all(part: &Part) -> Result<Vec<StoredRecord>, String> {
