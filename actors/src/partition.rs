@@ -505,6 +505,10 @@ impl<R: ProduceReply> PartitionCore<R> {
         let commit = store.hard_state().commit;
         let error = match store.producers().check(&producer, batch.record_count()) {
             SequenceCheck::New => return SequenceVerdict::Propose,
+            // Retention deleted the start of the log, and with it maybe the
+            // producer's batches: it goes on as a new one (a retry of a
+            // batch older than the retention cannot be recognized anyway).
+            SequenceCheck::UnknownProducer if store.first_index_value() > 1 => return SequenceVerdict::Propose,
             SequenceCheck::Duplicate(original) => {
                 // A retry: answer with the original's fate, never write twice.
                 return if original.index <= commit {
