@@ -997,3 +997,47 @@ fn kafka_over_tls_serves_clients_with_a_cluster_certificate_and_refuses_others()
         "still serving"
     );
 }
+
+/// One confluent-kafka static member of group `sg` (instance `instance`)
+/// that joins, prints its assignment and closes; the partitions it got.
+fn static_member_assignment(bootstrap: &str, instance: &str) -> Vec<u64> {
+    let output = run(
+        confluent().args(["static-member", bootstrap, "statics", "sg", instance]),
+        "a static member",
+        None,
+    );
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).expect("its assignment");
+    line["assigned"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no assignment: {line}"))
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect()
+}
+
+/// Static membership: a confluent-kafka member with `group.instance.id`
+/// closes (a static member sends no LeaveGroup) and a new process with the
+/// same instance id takes its place at once: the same partitions, the same
+/// generation (no rebalance), still one member, under a new member id.
+#[test]
+fn a_static_kafka_member_that_restarts_takes_its_partitions_back_without_a_rebalance() {
+    let cluster = start_cluster(215);
+    let bootstrap = cluster.bootstrap(&[]);
+    create_partitions_when_ready(&bootstrap, "statics", 4);
+    let first = static_member_assignment(&bootstrap, "worker-1");
+    assert_eq!(first, vec![0, 1, 2, 3]);
+    let before = group_json(&cluster, "sg");
+    assert_eq!(before["members"].as_array().map(Vec::len), Some(1), "{before}");
+
+    let second = static_member_assignment(&bootstrap, "worker-1");
+    assert_eq!(second, first, "the same partitions back");
+    let after = group_json(&cluster, "sg");
+    assert_eq!(
+        after["generation"], before["generation"],
+        "no rebalance: {before} then {after}"
+    );
+    assert_eq!(after["state"], "Stable");
+    let members = after["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 1, "{after}");
+    assert_ne!(members[0]["member_id"], before["members"][0]["member_id"]);
+}

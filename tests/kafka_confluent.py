@@ -115,6 +115,27 @@ def member(bootstrap, topic, group_id):
             emit(commit_failed=str(e))
 
 
+def static_member(bootstrap, topic, group_id, instance):
+    """A static member (group.instance.id) that joins, prints its first
+    assignment and closes, which for a static member sends no LeaveGroup."""
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "group.instance.id": instance,
+        "enable.auto.commit": False,
+        "session.timeout.ms": 30000,
+        "heartbeat.interval.ms": 500,
+        "partition.assignment.strategy": "range",
+    })
+    assigned = []
+    consumer.subscribe([topic], on_assign=lambda c, ps: assigned.append(sorted(p.partition for p in ps)))
+    deadline = time.monotonic() + 60
+    while not assigned and time.monotonic() < deadline:
+        consumer.poll(0.2)
+    emit(assigned=assigned[0] if assigned else None)
+    consumer.close()
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"produce": produce, "consume": consume, "member": member}[command](*args)
+    {"produce": produce, "consume": consume, "member": member, "static-member": static_member}[command](*args)

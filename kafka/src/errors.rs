@@ -63,6 +63,7 @@ fn group_code(error: GroupError) -> ResponseError {
         GroupError::InvalidSessionTimeout => ResponseError::InvalidSessionTimeout,
         GroupError::GroupMaxSizeReached => ResponseError::GroupMaxSizeReached,
         GroupError::NonEmptyGroup => ResponseError::NonEmptyGroup,
+        GroupError::FencedInstanceId => ResponseError::FencedInstanceId,
         GroupError::TooManyGroups | GroupError::Invalid(_) => ResponseError::InvalidRequest,
     }
 }

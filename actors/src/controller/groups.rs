@@ -128,6 +128,25 @@ impl BrokerService {
         }
     }
 
+    /// Fences a member whose static instance a newer member took over
+    /// (Kafka's heartbeats, syncs and commits name the instance too).
+    pub async fn check_instance(
+        &self,
+        group: &str,
+        instance_id: Option<&str>,
+        member_id: &str,
+    ) -> Result<(), GroupFailure> {
+        if instance_id.is_none() {
+            return Ok(());
+        }
+        self.coordinating(group).await?;
+        Ok(self
+            .shared
+            .groups
+            .core()
+            .check_instance(group, instance_id, member_id)?)
+    }
+
     pub async fn heartbeat(&self, group: &str, generation: i32, member_id: &str) -> Result<(), GroupFailure> {
         self.coordinating(group).await?;
         Ok(self
@@ -137,14 +156,15 @@ impl BrokerService {
             .heartbeat(group, generation, member_id, now_ms())?)
     }
 
-    /// Each member's outcome.
+    /// Each leaver's outcome: a member id, and maybe a static member's
+    /// instance id (see [`GroupsCore::leave`]).
     pub async fn leave_group(
         &self,
         group: &str,
-        members: &[String],
+        leavers: &[(String, Option<String>)],
     ) -> Result<Vec<Result<(), GroupError>>, GroupFailure> {
         self.coordinating(group).await?;
-        let (results, answers) = self.shared.groups.core().leave(group, members, now_ms());
+        let (results, answers) = self.shared.groups.core().leave(group, leavers, now_ms());
         self.shared.groups.deliver(answers);
         Ok(results)
     }
@@ -412,7 +432,7 @@ impl BrokerService {
                 GroupResponse::Done
             }
             GroupRequest::Leave { group, member_id } => {
-                let results = self.leave_group(&group, &[member_id]).await?;
+                let results = self.leave_group(&group, &[(member_id, None)]).await?;
                 results.into_iter().next().unwrap_or(Ok(()))?;
                 GroupResponse::Done
             }
@@ -469,6 +489,7 @@ impl BrokerService {
                 .collect(),
             session_timeout_ms,
             rebalance_timeout_ms,
+            instance_id: None,
         };
         let joined = self.join_group(join).await?;
         Ok(GroupResponse::Joined {

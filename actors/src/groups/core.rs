@@ -9,6 +9,14 @@
 //!
 //! A join or sync that must wait is parked under a [`Ticket`]; the answer
 //! comes out of a later call as an [`Answer`] for that ticket.
+//!
+//! Static membership (Kafka's `group.instance.id`, KIP-345): a member that
+//! names an instance id keeps its place across restarts. Rejoining with an
+//! empty member id, it takes over its instance's membership under a new
+//! member id — with its assignment, and without a rebalance while the group
+//! is stable and its protocols are unchanged — and the old member id is
+//! fenced (`FencedInstanceId`). It is removed when it leaves by instance id
+//! or goes silent for its session timeout.
 
 use std::collections::BTreeMap;
 
@@ -50,6 +58,8 @@ pub enum GroupError {
     NonEmptyGroup,
     #[error("the request is invalid: {0}")]
     Invalid(&'static str),
+    #[error("another member took over this group.instance.id: this one is fenced")]
+    FencedInstanceId,
 }
 
 /// A member's JoinGroup.
@@ -65,6 +75,8 @@ pub struct Join {
     pub protocols: Vec<(String, Bytes)>,
     pub session_timeout_ms: u64,
     pub rebalance_timeout_ms: u64,
+    /// `group.instance.id`: a static member's lasting name.
+    pub instance_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +121,8 @@ pub struct Member {
     pub rebalance_timeout_ms: u64,
     pub protocols: Vec<(String, Bytes)>,
     pub assignment: Bytes,
+    /// A static member's `group.instance.id`.
+    pub instance_id: Option<String>,
     last_seen_ms: u64,
 }
 
@@ -120,6 +134,8 @@ pub struct Group {
     pub protocol: String,
     pub leader: String,
     pub members: BTreeMap<String, Member>,
+    /// Static members: instance id → its current member id.
+    instances: BTreeMap<String, String>,
     joins: BTreeMap<String, Ticket>,
     syncs: BTreeMap<String, Ticket>,
     rebalance_deadline_ms: u64,
@@ -134,6 +150,7 @@ impl Group {
             protocol: String::new(),
             leader: String::new(),
             members: BTreeMap::new(),
+            instances: BTreeMap::new(),
             joins: BTreeMap::new(),
             syncs: BTreeMap::new(),
             rebalance_deadline_ms: 0,
@@ -180,27 +197,36 @@ impl GroupsCore {
             false => join.member_id.clone(),
         };
         let group = self.groups.entry(join.group.clone()).or_insert_with(Group::new);
+        let current = join.instance_id.as_ref().and_then(|i| group.instances.get(i)).cloned();
+        if let Some(current) = current {
+            if join.member_id.is_empty() {
+                admit(group, &join, &current)?;
+                return Ok(rejoin_static(group, join, &current, member_id, ticket, now_ms));
+            }
+            if current != join.member_id {
+                return Err(GroupError::FencedInstanceId);
+            }
+        }
         admit(group, &join, &member_id)?;
-        let member = Member {
-            client_id: join.client_id,
-            client_host: join.client_host,
-            session_timeout_ms: join.session_timeout_ms,
-            rebalance_timeout_ms: join.rebalance_timeout_ms,
-            protocols: join.protocols,
-            assignment: Bytes::new(),
-            last_seen_ms: now_ms,
-        };
-        group.members.insert(member_id.clone(), member);
-        group.protocol_type = join.protocol_type;
-        let mut answers = Vec::new();
-        if let Some(old) = group.joins.insert(member_id, ticket) {
-            answers.push(Answer::Join(old, Err(GroupError::RebalanceInProgress)));
+        if let Some(instance) = &join.instance_id {
+            group.instances.insert(instance.clone(), member_id.clone());
         }
-        if group.state != GroupState::PreparingRebalance {
-            answers.extend(prepare_rebalance(group, now_ms));
+        group.protocol_type = join.protocol_type.clone();
+        group
+            .members
+            .insert(member_id.clone(), member_of(join, Bytes::new(), now_ms));
+        Ok(park_join(group, member_id, ticket, now_ms))
+    }
+
+    /// Whether `member_id` may act for static member `instance_id` (any
+    /// member may when it names none): a member whose instance was taken
+    /// over by a newer member is fenced.
+    pub fn check_instance(&self, group: &str, instance_id: Option<&str>, member_id: &str) -> Result<(), GroupError> {
+        let Some(instance) = instance_id else { return Ok(()) };
+        match self.groups.get(group).and_then(|g| g.instances.get(instance)) {
+            Some(current) if current != member_id => Err(GroupError::FencedInstanceId),
+            _ => Ok(()),
         }
-        answers.extend(try_complete_join(group, now_ms));
-        Ok(answers)
     }
 
     fn new_member_id(&mut self, client_id: &str) -> String {
@@ -287,33 +313,43 @@ impl GroupsCore {
         }
     }
 
-    /// A LeaveGroup: the members go, the rest rebalance. Each member's
-    /// outcome, and the answers to parked requests it settles.
+    /// A LeaveGroup: the members go, the rest rebalance. Each leaver is a
+    /// member id and maybe an instance id (a static member may be named by
+    /// its instance id alone). Each member's outcome, and the answers to
+    /// parked requests it settles.
     pub fn leave(
         &mut self,
         group_name: &str,
-        member_ids: &[String],
+        leavers: &[(String, Option<String>)],
         now_ms: u64,
     ) -> (Vec<Result<(), GroupError>>, Vec<Answer>) {
         let Some(group) = self.groups.get_mut(group_name) else {
             return (
-                member_ids.iter().map(|_| Err(GroupError::UnknownMemberId)).collect(),
+                leavers.iter().map(|_| Err(GroupError::UnknownMemberId)).collect(),
                 Vec::new(),
             );
         };
         let mut results = Vec::new();
         let mut gone = Vec::new();
-        for member in member_ids {
-            let known = group.members.remove(member).is_some();
+        for (member_id, instance_id) in leavers {
+            let member = match leaving_member(group, member_id, instance_id.as_deref()) {
+                Ok(member) => member,
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            };
+            let known = group.members.remove(&member).is_some();
             results.push(if known {
                 Ok(())
             } else {
                 Err(GroupError::UnknownMemberId)
             });
             if known {
-                gone.push(member.clone());
+                gone.push(member);
             }
         }
+        forget_instances(group);
         let mut answers = Vec::new();
         if !gone.is_empty() {
             answers.extend(remove_done(group, &gone));
@@ -340,6 +376,7 @@ impl GroupsCore {
                 for id in &expired {
                     group.members.remove(id);
                 }
+                forget_instances(group);
                 answers.extend(remove_done(group, &expired));
                 answers.extend(rebalance_after_loss(group, now_ms));
             }
@@ -436,6 +473,117 @@ fn admit(group: &Group, join: &Join, member_id: &str) -> Result<(), GroupError> 
     }
 }
 
+/// A member as its join describes it.
+fn member_of(join: Join, assignment: Bytes, now_ms: u64) -> Member {
+    Member {
+        client_id: join.client_id,
+        client_host: join.client_host,
+        session_timeout_ms: join.session_timeout_ms,
+        rebalance_timeout_ms: join.rebalance_timeout_ms,
+        protocols: join.protocols,
+        assignment,
+        instance_id: join.instance_id,
+        last_seen_ms: now_ms,
+    }
+}
+
+/// Parks `member_id`'s join and moves the rebalance on.
+fn park_join(group: &mut Group, member_id: String, ticket: Ticket, now_ms: u64) -> Vec<Answer> {
+    let mut answers = Vec::new();
+    if let Some(old) = group.joins.insert(member_id, ticket) {
+        answers.push(Answer::Join(old, Err(GroupError::RebalanceInProgress)));
+    }
+    if group.state != GroupState::PreparingRebalance {
+        answers.extend(prepare_rebalance(group, now_ms));
+    }
+    answers.extend(try_complete_join(group, now_ms));
+    answers
+}
+
+/// A static member rejoining without its member id (it restarted): it
+/// replaces `current`, its instance's member, under `new_id`, keeping its
+/// assignment and its place as leader; `current`'s parked requests are
+/// fenced. A stable group whose chosen protocol's metadata this member
+/// still sends answers at once, in the current generation; otherwise the
+/// group rebalances.
+fn rejoin_static(
+    group: &mut Group,
+    join: Join,
+    current: &str,
+    new_id: String,
+    ticket: Ticket,
+    now_ms: u64,
+) -> Vec<Answer> {
+    let mut answers = Vec::new();
+    if let Some(t) = group.joins.remove(current) {
+        answers.push(Answer::Join(t, Err(GroupError::FencedInstanceId)));
+    }
+    if let Some(t) = group.syncs.remove(current) {
+        answers.push(Answer::Sync(t, Err(GroupError::FencedInstanceId)));
+    }
+    let old = group.members.remove(current);
+    let unchanged = old.as_ref().is_some_and(|m| {
+        protocol_metadata(m, &group.protocol) == protocol_metadata_of(&join.protocols, &group.protocol)
+    });
+    let assignment = old.map(|m| m.assignment).unwrap_or_default();
+    if let Some(instance) = &join.instance_id {
+        group.instances.insert(instance.clone(), new_id.clone());
+    }
+    if group.leader == current {
+        group.leader = new_id.clone();
+    }
+    group
+        .members
+        .insert(new_id.clone(), member_of(join, assignment, now_ms));
+    if group.state == GroupState::Stable && unchanged {
+        let members = match group.leader == new_id {
+            true => leader_view(group),
+            false => Vec::new(),
+        };
+        let joined = Joined {
+            generation: group.generation,
+            protocol_type: group.protocol_type.clone(),
+            protocol: group.protocol.clone(),
+            leader: group.leader.clone(),
+            member_id: new_id,
+            members,
+        };
+        answers.push(Answer::Join(ticket, Ok(joined)));
+        return answers;
+    }
+    answers.extend(park_join(group, new_id, ticket, now_ms));
+    answers
+}
+
+/// The member a LeaveGroup entry names: by member id, or by instance id
+/// (fenced when both are given and the instance is another member's).
+fn leaving_member(group: &Group, member_id: &str, instance_id: Option<&str>) -> Result<String, GroupError> {
+    let Some(instance) = instance_id else {
+        return Ok(member_id.to_string());
+    };
+    match group.instances.get(instance) {
+        None => Err(GroupError::UnknownMemberId),
+        Some(current) if !member_id.is_empty() && current != member_id => Err(GroupError::FencedInstanceId),
+        Some(current) => Ok(current.clone()),
+    }
+}
+
+/// Drops instance ids whose member is gone.
+fn forget_instances(group: &mut Group) {
+    let members = &group.members;
+    group.instances.retain(|_, member| members.contains_key(member));
+}
+
+/// Every member and its metadata for the chosen protocol: what the leader
+/// computes the assignment from.
+fn leader_view(group: &Group) -> Vec<(String, Bytes)> {
+    group
+        .members
+        .iter()
+        .map(|(id, m)| (id.clone(), protocol_metadata(m, &group.protocol)))
+        .collect()
+}
+
 /// Starts a rebalance: parked syncs are told to rejoin.
 fn prepare_rebalance(group: &mut Group, now_ms: u64) -> Vec<Answer> {
     group.state = GroupState::PreparingRebalance;
@@ -501,6 +649,7 @@ fn try_complete_join(group: &mut Group, now_ms: u64) -> Vec<Answer> {
     }
     let joined: Vec<String> = group.joins.keys().cloned().collect();
     group.members.retain(|id, _| group.joins.contains_key(id));
+    forget_instances(group);
     if group.members.is_empty() {
         group.state = GroupState::Empty;
         return Vec::new();
@@ -511,11 +660,7 @@ fn try_complete_join(group: &mut Group, now_ms: u64) -> Vec<Answer> {
         group.leader = joined[0].clone();
     }
     group.state = GroupState::CompletingRebalance;
-    let members: Vec<(String, Bytes)> = group
-        .members
-        .iter()
-        .map(|(id, m)| (id.clone(), protocol_metadata(m, &group.protocol)))
-        .collect();
+    let members = leader_view(group);
     let mut answers = Vec::new();
     for (member_id, ticket) in std::mem::take(&mut group.joins) {
         if let Some(m) = group.members.get_mut(&member_id) {
@@ -559,8 +704,11 @@ fn choose_protocol(group: &Group) -> String {
 }
 
 fn protocol_metadata(member: &Member, protocol: &str) -> Bytes {
-    member
-        .protocols
+    protocol_metadata_of(&member.protocols, protocol)
+}
+
+fn protocol_metadata_of(protocols: &[(String, Bytes)], protocol: &str) -> Bytes {
+    protocols
         .iter()
         .find(|(n, _)| n == protocol)
         .map(|(_, m)| m.clone())

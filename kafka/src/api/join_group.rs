@@ -1,7 +1,8 @@
 //! JoinGroup: a member joins (or rejoins) its group; the answer comes when
 //! the rebalance completes, naming the generation, the chosen protocol and
-//! the leader (which alone gets every member's metadata). Static membership
-//! (`group.instance.id`) is treated as dynamic.
+//! the leader (which alone gets every member's metadata). A static member
+//! (`group.instance.id`, v5+) that restarts takes its place back without a
+//! rebalance while the group is stable (see `GroupsCore`).
 
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::{JoinGroupRequest, JoinGroupResponse};
@@ -29,6 +30,7 @@ pub async fn handle(context: &Context, request: JoinGroupRequest, version: i16) 
             .collect(),
         session_timeout_ms: request.session_timeout_ms.max(0) as u64,
         rebalance_timeout_ms: rebalance_timeout_ms.max(0) as u64,
+        instance_id: request.group_instance_id.as_ref().map(|i| i.to_string()),
     };
     let result = context.service.join_group(join).await;
     let code = group_result_code(&result);

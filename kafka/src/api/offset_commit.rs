@@ -19,15 +19,26 @@ pub async fn handle(context: &Context, request: OffsetCommitRequest, _version: i
             }
         }
     }
-    let result = context
+    let group = request.group_id.0.as_str();
+    let instance = request.group_instance_id.as_deref();
+    let result = match context
         .service
-        .commit_group_offsets(
-            request.group_id.0.as_str(),
-            request.generation_id_or_member_epoch,
-            request.member_id.as_str(),
-            &offsets,
-        )
-        .await;
+        .check_instance(group, instance, &request.member_id)
+        .await
+    {
+        Ok(()) => {
+            context
+                .service
+                .commit_group_offsets(
+                    group,
+                    request.generation_id_or_member_epoch,
+                    &request.member_id,
+                    &offsets,
+                )
+                .await
+        }
+        Err(e) => Err(e),
+    };
     let code = group_result_code(&result);
     let topics = request
         .topics

@@ -12,15 +12,21 @@ pub async fn handle(context: &Context, request: SyncGroupRequest, _version: i16)
         .into_iter()
         .map(|a| (a.member_id.to_string(), a.assignment))
         .collect();
-    let result = context
+    let group = request.group_id.0.as_str();
+    let instance = request.group_instance_id.as_deref();
+    let result = match context
         .service
-        .sync_group(
-            request.group_id.0.as_str(),
-            request.generation_id,
-            request.member_id.as_str(),
-            assignments,
-        )
-        .await;
+        .check_instance(group, instance, &request.member_id)
+        .await
+    {
+        Ok(()) => {
+            context
+                .service
+                .sync_group(group, request.generation_id, request.member_id.as_str(), assignments)
+                .await
+        }
+        Err(e) => Err(e),
+    };
     let code = group_result_code(&result);
     match result {
         Ok(synced) => SyncGroupResponse::default()

@@ -18,6 +18,7 @@ fn join(member: &str, protocols: &[&str]) -> Join {
             .collect(),
         session_timeout_ms: 10_000,
         rebalance_timeout_ms: 5_000,
+        instance_id: None,
     }
 }
 
@@ -138,7 +139,7 @@ fn a_member_that_does_not_rejoin_in_the_rebalance_timeout_is_dropped() {
 fn a_leave_rebalances_the_rest_and_the_last_leave_empties_the_group() {
     let mut core = GroupsCore::new(9);
     let a = first_member(&mut core);
-    let (results, answers) = core.leave("g", &[a.clone(), "stranger".into()], 10);
+    let (results, answers) = core.leave("g", &[(a.clone(), None), ("stranger".into(), None)], 10);
     assert_eq!(results, vec![Ok(()), Err(GroupError::UnknownMemberId)]);
     assert!(answers.is_empty());
     assert_eq!(core.group("g").map(|g| g.state), Some(GroupState::Empty));
@@ -166,4 +167,116 @@ fn bad_joins_are_refused_by_name() {
     );
     let answers = core.drop_groups(|_| true);
     assert!(answers.is_empty() && core.group("g").is_none());
+}
+
+/// A join of static member `instance` (a restarted one when `member` is
+/// empty).
+fn static_join(member: &str, instance: &str) -> Join {
+    Join {
+        instance_id: Some(instance.to_string()),
+        // The metadata a restarted member sends again is the same.
+        protocols: vec![("range".to_string(), Bytes::from(format!("{instance}:range")))],
+        ..join(member, &["range"])
+    }
+}
+
+/// Two static members in a stable group: (a, b) member ids, generation 1
+/// then 2 after b joined; a leads.
+fn stable_static_pair(core: &mut GroupsCore) -> (String, String) {
+    let answers = core.join(static_join("", "i-a"), 1, 0).expect("a joins");
+    let a = joined(&answers, 1).expect("generation 1").member_id;
+    core.sync("g", 1, &a, vec![(a.clone(), Bytes::from("all"))], 2, 0)
+        .expect("a syncs");
+    let answers = core.join(static_join("", "i-b"), 3, 10).expect("b joins");
+    assert!(answers.is_empty(), "b waits for a to rejoin");
+    let answers = core.join(static_join(&a, "i-a"), 4, 20).expect("a rejoins");
+    let b = joined(&answers, 3).expect("generation 2").member_id;
+    assert_eq!(joined(&answers, 4).expect("a").generation, 2);
+    let assignment = vec![(a.clone(), Bytes::from("p0")), (b.clone(), Bytes::from("p1"))];
+    core.sync("g", 2, &b, Vec::new(), 5, 30).expect("b syncs");
+    let answers = core.sync("g", 2, &a, assignment, 6, 30).expect("a syncs");
+    assert_eq!(synced(&answers, 5).expect("b's share").assignment, Bytes::from("p1"));
+    (a, b)
+}
+
+/// A static member that restarts (joins again without its member id)
+/// takes its place back under a new member id: same generation, same
+/// share, no rebalance; the member id it had before is fenced.
+#[test]
+fn a_restarted_static_member_takes_its_place_back_without_a_rebalance() {
+    let mut core = GroupsCore::new(9);
+    let (a, b) = stable_static_pair(&mut core);
+    let answers = core.join(static_join("", "i-b"), 7, 40).expect("b restarts");
+    let back = joined(&answers, 7).expect("answered at once");
+    assert_ne!(back.member_id, b, "a new member id");
+    assert_eq!(
+        (back.generation, back.leader.as_str()),
+        (2, a.as_str()),
+        "no new generation"
+    );
+    assert_eq!(core.group("g").map(|g| g.state), Some(GroupState::Stable));
+    let answers = core.sync("g", 2, &back.member_id, Vec::new(), 8, 41).expect("syncs");
+    assert_eq!(synced(&answers, 8).expect("its share").assignment, Bytes::from("p1"));
+    assert_eq!(core.heartbeat("g", 2, &a, 42), Ok(()), "a never noticed");
+
+    assert_eq!(
+        core.check_instance("g", Some("i-b"), &b),
+        Err(GroupError::FencedInstanceId)
+    );
+    assert_eq!(core.check_instance("g", Some("i-b"), &back.member_id), Ok(()));
+    assert_eq!(
+        core.check_instance("g", None, &b),
+        Ok(()),
+        "a dynamic request is not fenced"
+    );
+    assert_eq!(core.heartbeat("g", 2, &b, 43), Err(GroupError::UnknownMemberId));
+    assert_eq!(
+        core.join(static_join(&b, "i-b"), 9, 44),
+        Err(GroupError::FencedInstanceId),
+        "the old member id cannot rejoin as the instance"
+    );
+}
+
+/// A restarted static member whose metadata changed, or a group that is
+/// not stable, rebalances as a dynamic member would; a static member leaves
+/// by instance id (fenced when the member id is another's); one that goes
+/// silent is removed after its session timeout.
+#[test]
+fn static_members_rebalance_when_they_must_and_leave_by_instance_id() {
+    let mut core = GroupsCore::new(9);
+    let (a, b) = stable_static_pair(&mut core);
+    let mut changed = static_join("", "i-b");
+    changed.protocols = vec![("range".to_string(), Bytes::from("new topics"))];
+    let answers = core.join(changed, 7, 40).expect("b restarts, changed");
+    assert!(
+        answers.iter().all(|a| !matches!(a, Answer::Join(7, _))),
+        "b waits for the rebalance"
+    );
+    let answers = core.join(static_join(&a, "i-a"), 8, 41).expect("a rejoins");
+    let b2 = joined(&answers, 7).expect("generation 3");
+    assert_eq!(b2.generation, 3);
+
+    let (results, _) = core.leave("g", &[(b.clone(), Some("i-b".to_string()))], 50);
+    assert_eq!(
+        results,
+        vec![Err(GroupError::FencedInstanceId)],
+        "b's old id is not i-b's"
+    );
+    let (results, answers) = core.leave("g", &[(String::new(), Some("i-b".to_string()))], 51);
+    assert_eq!(results, vec![Ok(())]);
+    assert!(answers.is_empty());
+    assert_eq!(core.group("g").map(|g| g.members.len()), Some(1));
+    assert_eq!(
+        core.check_instance("g", Some("i-b"), "anyone"),
+        Ok(()),
+        "i-b is free again"
+    );
+
+    // a goes silent: removed after its session timeout (10 s), instance too.
+    core.tick(51 + 10_001 + 5_000);
+    assert!(core.group("g").is_none_or(|g| g.members.is_empty()));
+    let answers = core.join(static_join("", "i-a"), 9, 70_000).expect("a new i-a");
+    let fresh = joined(&answers, 9).expect("a fresh group");
+    assert_ne!(fresh.member_id, a);
+    assert_eq!((fresh.generation, fresh.leader), (1, fresh.member_id.clone()));
 }
