@@ -1041,3 +1041,97 @@ fn a_static_kafka_member_that_restarts_takes_its_partitions_back_without_a_rebal
     assert_eq!(members.len(), 1, "{after}");
     assert_ne!(members[0]["member_id"], before["members"][0]["member_id"]);
 }
+
+/// `tests/kafka_kafkajs.js` under Node.js, with the kafkajs package that
+/// `.ci/test` installs with npm (its folder in `RUNNEL_KAFKAJS`).
+fn kafkajs(args: &[&str]) -> Command {
+    let folder = std::env::var("RUNNEL_KAFKAJS").unwrap_or_else(|_| {
+        panic!("RUNNEL_KAFKAJS is not set: run `.ci/test`, which installs kafkajs with npm and sets it")
+    });
+    let mut command = Command::new("node");
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka_kafkajs.js"))
+        .args(args)
+        .env("RUNNEL_KAFKAJS", folder);
+    command
+}
+
+/// KafkaJS, a client of its own (pure JavaScript, not librdkafka): it
+/// creates a topic, produces 60 records with an idempotent producer and
+/// acks=all (gzip, then uncompressed), and a consumer group of it reads
+/// every one back once, with its key, header and timestamp, and commits
+/// past the last; Runnel's own consumer reads the same records at the same
+/// offsets.
+#[test]
+fn kafkajs_creates_a_topic_produces_idempotently_and_reads_in_a_group() {
+    let cluster = start_cluster(210);
+    let bootstrap = cluster.bootstrap(&[]);
+    wait_for("every node in Kafka metadata", TIMEOUT, || {
+        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
+    });
+    let produced = run(
+        &mut kafkajs(&["produce", &bootstrap, "js", "3", "60"]),
+        "kafkajs produce",
+        None,
+    );
+    let acks = json_lines(&produced);
+    assert!(!acks.is_empty() && acks.iter().all(|a| a["error"] == 0), "{acks:?}");
+
+    let read = run(
+        &mut kafkajs(&["group", &bootstrap, "js", "js-group", "60"]),
+        "kafkajs group",
+        None,
+    );
+    let lines = json_lines(&read);
+    let records: Vec<&serde_json::Value> = lines.iter().filter(|l| l.get("value").is_some()).collect();
+    let mut values = BTreeSet::new();
+    let mut next: BTreeMap<u64, u64> = BTreeMap::new();
+    for record in &records {
+        let value = record["value"].as_str().expect("value");
+        let i: u64 = value.trim_start_matches("js-").parse().expect("js-N");
+        assert!(values.insert(value.to_string()), "{value} delivered twice");
+        assert_eq!(record["key"], format!("k{}", i % 7), "{record}");
+        assert_eq!(record["header"], i.to_string(), "{record}");
+        assert_eq!(record["timestamp"], 1_700_000_000_000 + i, "{record}");
+        let (p, o) = (
+            record["partition"].as_u64().expect("p"),
+            record["offset"].as_u64().expect("o"),
+        );
+        let n = next.entry(p).or_default();
+        *n = (*n).max(o + 1);
+    }
+    assert_eq!(values.len(), 60, "every record once");
+    let committed: BTreeMap<u64, u64> = lines
+        .iter()
+        .find_map(|l| l["committed"].as_array().cloned())
+        .expect("committed offsets")
+        .iter()
+        .filter_map(|pair| Some((pair[0].as_u64()?, pair[1].as_u64()?)))
+        .collect();
+    assert_eq!(committed, next, "committed just past the last record of each partition");
+
+    let mut command = common::runnel();
+    command.args([
+        "consume",
+        "js",
+        "-o",
+        "earliest",
+        "-e",
+        "-f",
+        "json",
+        "--seeds",
+        &cluster.seeds(),
+    ]);
+    command.arg("--certs").arg(cluster.certs());
+    let ours = json_lines(&run(&mut command, "runnel consume", None));
+    let at = |r: &serde_json::Value| {
+        (
+            r["partition"].as_u64(),
+            r["offset"].as_u64(),
+            r["value"].as_str().map(String::from),
+        )
+    };
+    let ours: BTreeSet<_> = ours.iter().map(at).collect();
+    let theirs: BTreeSet<_> = records.iter().map(|r| at(r)).collect();
+    assert_eq!(ours, theirs, "both protocols read the same records at the same offsets");
+}

@@ -898,15 +898,21 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn remembered_entries_read_as_the_log_does_also_after_a_cut_off_tail() {
-        let dir = tempfile::tempdir().expect("temp dir");
+    /// A one-voter store in `dir` with 1 KiB segments, and their config.
+    fn small_segment_store(dir: &Path) -> (PartitionStore, LogConfig) {
         let config = LogConfig {
             segment_bytes_max: 1024,
             ..LogConfig::default()
         };
-        let mut store = PartitionStore::open(dir.path(), config.clone(), true).expect("open");
+        let mut store = PartitionStore::open(dir, config.clone(), true).expect("open");
         store.bootstrap(&[1]).expect("bootstrap");
+        (store, config)
+    }
+
+    #[test]
+    fn remembered_entries_read_as_the_log_does_also_after_a_cut_off_tail() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut store, config) = small_segment_store(dir.path());
         let first: Vec<Entry> = (1..=5).map(|i| normal_entry(i, 1, &format!("a{i}"))).collect();
         store.append(&first).expect("append");
         // A new leader replaces the tail from index 3 on.
@@ -932,12 +938,7 @@ mod tests {
     #[test]
     fn an_interrupted_compaction_is_finished_on_open() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = LogConfig {
-            segment_bytes_max: 1024,
-            ..LogConfig::default()
-        };
-        let mut store = PartitionStore::open(dir.path(), config.clone(), true).expect("open");
-        store.bootstrap(&[1]).expect("bootstrap");
+        let (mut store, config) = small_segment_store(dir.path());
         let entries: Vec<Entry> = (1..=40).map(|i| normal_entry(i, 1, &format!("e{i}"))).collect();
         store.append(&entries).expect("append");
         store.sync().expect("sync");

@@ -1,0 +1,84 @@
+// KafkaJS (2.2.4, pure JavaScript) against Runnel's Kafka listener, for
+// tests/kafka.rs. Each command prints JSON lines; `.ci/test` installs
+// kafkajs with npm and names its folder in RUNNEL_KAFKAJS.
+const path = require("path");
+const { Kafka, logLevel, CompressionTypes } = require(path.join(process.env.RUNNEL_KAFKAJS, "node_modules", "kafkajs"));
+
+process.env.KAFKAJS_NO_PARTITIONER_WARNING = "1";
+const emit = (fields) => console.log(JSON.stringify(fields));
+const client = (bootstrap) =>
+  new Kafka({ clientId: "kafkajs-test", brokers: bootstrap.split(","), logLevel: logLevel.NOTHING });
+
+// Creates `topic` and produces `count` records in two sends (gzip, then
+// uncompressed) with an idempotent producer and acks=all.
+async function produce(bootstrap, topic, partitions, count) {
+  const kafka = client(bootstrap);
+  const admin = kafka.admin();
+  await admin.connect();
+  await admin.createTopics({
+    topics: [{ topic, numPartitions: Number(partitions), replicationFactor: 3 }],
+    waitForLeaders: true,
+  });
+  await admin.disconnect();
+  const producer = kafka.producer({ idempotent: true, maxInFlightRequests: 1 });
+  await producer.connect();
+  const half = Math.floor(Number(count) / 2);
+  const messages = (from, to) =>
+    Array.from({ length: to - from }, (_, k) => {
+      const i = from + k;
+      return { key: `k${i % 7}`, value: `js-${i}`, headers: { n: String(i) }, timestamp: String(1_700_000_000_000 + i) };
+    });
+  for (const [compression, from, to] of [
+    [CompressionTypes.GZIP, 0, half],
+    [CompressionTypes.None, half, Number(count)],
+  ]) {
+    const acks = await producer.send({ topic, acks: -1, compression, messages: messages(from, to) });
+    for (const a of acks) emit({ partition: a.partition, base_offset: Number(a.baseOffset), error: a.errorCode });
+  }
+  await producer.disconnect();
+}
+
+// Joins `group`, reads until `expected` records arrived, commits, prints
+// each record, and leaves; then prints the group's committed offsets.
+async function group(bootstrap, topic, groupId, expected) {
+  const kafka = client(bootstrap);
+  const consumer = kafka.consumer({ groupId, sessionTimeout: 10000, heartbeatInterval: 500 });
+  await consumer.connect();
+  await consumer.subscribe({ topic, fromBeginning: true });
+  let seen = 0;
+  await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`only ${seen} of ${expected} records in 60 s`)), 60000);
+    consumer
+      .run({
+        autoCommit: true,
+        eachMessage: async ({ partition, message }) => {
+          seen += 1;
+          emit({
+            partition,
+            offset: Number(message.offset),
+            key: message.key.toString(),
+            value: message.value.toString(),
+            timestamp: Number(message.timestamp),
+            header: message.headers.n.toString(),
+          });
+          if (seen >= Number(expected)) {
+            clearTimeout(timer);
+            resolve();
+          }
+        },
+      })
+      .catch(reject);
+  });
+  await consumer.disconnect();
+  const admin = kafka.admin();
+  await admin.connect();
+  const offsets = await admin.fetchOffsets({ groupId, topics: [topic] });
+  emit({ committed: offsets[0].partitions.map((p) => [p.partition, Number(p.offset)]) });
+  await admin.disconnect();
+}
+
+const [command, ...args] = process.argv.slice(2);
+({ produce, group })[command](...args).catch((e) => {
+  console.error(`kafkajs ${command} failed: ${e.stack || e}`);
+  process.exit(1);
+});
