@@ -351,7 +351,8 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedRepl
             .iter()
             .map(|p| {
                 serde_json::json!({"partition": p.partition, "leader": p.leader, "replicas": p.replicas,
-                    "voters": p.voters, "learners": p.learners, "committed_offset": p.committed_offset,
+                    "voters": p.voters, "learners": p.learners, "start_offset": p.start_offset,
+                    "committed_offset": p.committed_offset,
                     "end_offset": p.end_offset, "under_replicated": under_replicated(p),
                     "problems": problems(p)})
             })
@@ -374,6 +375,7 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedRepl
     for p in &topic.partitions {
         let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
         let committed = p.committed_offset.map_or("?".to_string(), |c| c.to_string());
+        let start = p.start_offset.map_or("?".to_string(), |s| s.to_string());
         let problems = problems(p);
         let mark = if problems.is_empty() {
             String::new()
@@ -381,7 +383,7 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedRepl
             format!("  UNDER-REPLICATED: {}", problems.join("; "))
         };
         println!(
-            "  partition {:>4}  leader {leader:>4}  replicas {:?}  committed {committed}{mark}",
+            "  partition {:>4}  leader {leader:>4}  replicas {:?}  offsets {start}..{committed}{mark}",
             p.partition, p.replicas
         );
     }
@@ -853,6 +855,7 @@ mod tests {
             partition: 0,
             replicas: ids(replicas),
             leader: leader.map(NodeId),
+            start_offset: None,
             committed_offset: None,
             end_offset: None,
             voters: ids(voters),

@@ -1837,6 +1837,8 @@ async fn retention_deletes_expired_segments_on_every_replica_and_readers_start_a
         "replicas start apart: {starts:?}"
     );
     let start = starts[0];
+    let described = topic_json(&cluster, "aging");
+    assert_eq!(described["partitions"][0]["start_offset"], start, "{described}");
     let left = identical_replicas_from(&client, "aging", start, &nodes).await;
     assert!(!left.is_empty() && left.len() < 600, "{} records left", left.len());
     assert_eq!(left[0].offset, start);

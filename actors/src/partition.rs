@@ -58,6 +58,8 @@ pub struct ReplicaStatus {
     pub id: NodeId,
     pub leader: Option<NodeId>,
     pub term: u64,
+    /// The first offset the log holds (retention moves it).
+    pub start_offset: u64,
     pub committed_offset: u64,
     pub end_offset: u64,
     pub voters: Vec<NodeId>,
@@ -619,6 +621,7 @@ impl<R: ProduceReply> PartitionCore<R> {
             id: NodeId::from_raft(self.core.id()).unwrap_or_default(),
             leader: self.leader(),
             term: self.core.term(),
+            start_offset: self.core.store().log().start_offset(),
             committed_offset: self.core.committed_offset(),
             end_offset: self.core.store().log().end_offset(),
             voters: conf.voters.iter().copied().filter_map(NodeId::from_raft).collect(),

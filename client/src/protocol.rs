@@ -561,6 +561,9 @@ pub struct PartitionInfo {
     pub replicas: Vec<NodeId>,
     /// The leader, where the answering node knows it.
     pub leader: Option<NodeId>,
+    /// The first offset the answering node's replica holds (retention
+    /// moves it; Kafka's log start offset).
+    pub start_offset: Option<u64>,
     pub committed_offset: Option<u64>,
     pub end_offset: Option<u64>,
     pub voters: Vec<NodeId>,
@@ -1002,6 +1005,7 @@ mod tests {
             partition: 0,
             replicas: vec![NodeId(1), NodeId(2)],
             leader: Some(NodeId(2)),
+            start_offset: None,
             committed_offset: None,
             end_offset: None,
             voters: vec![NodeId(1)],
@@ -1010,7 +1014,7 @@ mod tests {
         let json = serde_json::to_string(&info).expect("encodes");
         assert_eq!(
             json,
-            r#"{"partition":0,"replicas":[1,2],"leader":2,"committed_offset":null,"end_offset":null,"voters":[1],"learners":[]}"#
+            r#"{"partition":0,"replicas":[1,2],"leader":2,"start_offset":null,"committed_offset":null,"end_offset":null,"voters":[1],"learners":[]}"#
         );
         assert_eq!(serde_json::to_string(&GroupId(9)).expect("encodes"), "9");
     }

@@ -198,6 +198,7 @@ impl BrokerService {
                 partition: partition as u32,
                 replicas: replicas.clone(),
                 leader: status.as_ref().and_then(|s| s.leader),
+                start_offset: status.as_ref().map(|s| s.start_offset),
                 committed_offset: status.as_ref().map(|s| s.committed_offset),
                 end_offset: status.as_ref().map(|s| s.end_offset),
                 learners: status.as_ref().map(|s| s.learners.clone()).unwrap_or_default(),
