@@ -389,6 +389,7 @@ impl ReplicaCore {
             );
             return Err(ActorError::corrupt(self.raw.store().dir(), reason));
         }
+        self.check_commit_by_vote(&message)?;
         if let Some(marker) = &self.passive {
             match message.get_msg_type() {
                 MessageType::MsgRequestVote | MessageType::MsgRequestPreVote | MessageType::MsgTimeoutNow => {
@@ -411,6 +412,28 @@ impl ReplicaCore {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A candidate that hears of a commit point beyond its own in a vote
+    /// message moves its commit there and reads the entries in between at
+    /// once (raft-rs's commit by vote), with no way to wait for one it cannot
+    /// read: it stops the process. Those entries are read here first, so that
+    /// damage among them fails the replica as damage (it is repaired).
+    fn check_commit_by_vote(&self, message: &Message) -> Result<()> {
+        let vote = matches!(
+            message.get_msg_type(),
+            MessageType::MsgRequestVote
+                | MessageType::MsgRequestPreVote
+                | MessageType::MsgRequestVoteResponse
+                | MessageType::MsgRequestPreVoteResponse
+        );
+        let candidate = matches!(self.raw.raft.state, StateRole::Candidate | StateRole::PreCandidate);
+        let committed = self.commit_index();
+        if !vote || !candidate || message.commit <= committed {
+            return Ok(());
+        }
+        let high = message.commit.min(self.last_index()) + 1;
+        self.raw.store().check_readable(committed + 1, high)
     }
 
     /// Voters (this leader included) whose progress shows they hold entry
