@@ -258,3 +258,22 @@ fn retention_deletes_only_expired_records_and_followers_catch_up_from_snapshots(
         assert!(totals.verdict.expired > 0, "no acknowledged write expired");
     }
 }
+
+/// Seed 86 with retention and disk damage: a candidate whose unapplied
+/// entries held a flipped byte heard a commit point in a vote answer, and
+/// raft-rs's commit by vote, reading them, stopped the process. The
+/// replica now reads them first and fails as damaged, and is repaired.
+#[test]
+fn a_candidate_with_damaged_unapplied_entries_is_repaired_not_a_crash() {
+    let config = SimConfig {
+        retention_ms: Some(3_000),
+        disk_damage: true,
+        dataflow: false,
+        ..SimConfig::default()
+    };
+    let (totals, failures) = run_seeds(&[86], &config);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let count = |kind: &str| totals.faults.get(kind).copied().unwrap_or(0);
+    assert!(count("damage_detected_running") > 0, "{:?}", totals.faults);
+    assert!(count("repair_quarantined") > 0, "{:?}", totals.faults);
+}
