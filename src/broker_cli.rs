@@ -244,7 +244,13 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
                 println!("deleted topic {name}");
             }
             TopicCommand::Alter { name, configs, connect } => {
-                let settings = configs.iter().map(|c| parse_setting(c)).collect::<anyhow::Result<Vec<_>>>()?;
+                let settings: Vec<TopicSetting> = configs
+                    .iter()
+                    .map(|c| parse_setting(c))
+                    .collect::<anyhow::Result<Vec<_>>>()?
+                    .into_iter()
+                    .flatten()
+                    .collect();
                 connect.connect().await?.alter_topic(&name, settings).await?;
                 println!("altered topic {name}: {}", configs.join(", "));
             }
@@ -268,13 +274,17 @@ pub fn is_internal(topic: &str) -> bool {
 
 /// One `-c KEY=VALUE` topic setting, by its Kafka name (or Runnel's).
 fn apply_setting(config: &mut TopicConfig, setting: &str) -> anyhow::Result<()> {
-    parse_setting(setting)?.apply_to(config);
+    if let Some(setting) = parse_setting(setting)? {
+        setting.apply_to(config);
+    }
     Ok(())
 }
 
 /// A `-c KEY=VALUE` topic setting: `retention.ms=N` (-1 keeps records
 /// forever) or `min.insync.replicas=N`.
-fn parse_setting(setting: &str) -> anyhow::Result<TopicSetting> {
+/// `None` for `cleanup.policy=delete`, the only policy there is (and so no
+/// change), accepted as Kafka tools write it.
+fn parse_setting(setting: &str) -> anyhow::Result<Option<TopicSetting>> {
     let (key, value) = setting
         .split_once('=')
         .with_context(|| format!("-c {setting:?}: write a setting as KEY=VALUE, such as retention.ms=86400000"))?;
@@ -284,14 +294,20 @@ fn parse_setting(setting: &str) -> anyhow::Result<TopicSetting> {
             .parse()
             .with_context(|| format!("-c {key}={value}: {what} must be a whole number"))
     };
-    Ok(match key.trim() {
+    Ok(Some(match key.trim() {
+        "cleanup.policy" if value.trim() == "delete" => return Ok(None),
+        "cleanup.policy" => bail!(
+            "-c cleanup.policy={value}: only delete is supported (records go by retention.ms; log compaction is not built yet)"
+        ),
         "retention.ms" | "retention_ms" if value.trim() == "-1" => TopicSetting::RetentionMs(None),
         "retention.ms" | "retention_ms" => TopicSetting::RetentionMs(Some(number("retention.ms (or -1, forever)")?)),
         "min.insync.replicas" | "min_insync" => TopicSetting::MinInsync(
             u16::try_from(number("min.insync.replicas")?).context("min.insync.replicas is too large")?,
         ),
-        other => bail!("-c {other}: not a topic setting Runnel has; it knows retention.ms and min.insync.replicas"),
-    })
+        other => bail!(
+            "-c {other}: not a topic setting Runnel has; it knows retention.ms, min.insync.replicas and cleanup.policy"
+        ),
+    }))
 }
 
 /// Why a partition is under-replicated or not settled, if it is: no leader,
@@ -869,11 +885,14 @@ mod tests {
         apply_setting(&mut config, "retention.ms=60000").expect("retention");
         apply_setting(&mut config, "min.insync.replicas=3").expect("min insync");
         assert_eq!((config.retention_ms, config.min_insync), (Some(60_000), 3));
-        let unknown = apply_setting(&mut config, "cleanup.policy=compact").expect_err("unknown");
+        apply_setting(&mut config, "cleanup.policy=delete").expect("the only policy");
+        let compact = apply_setting(&mut config, "cleanup.policy=compact").expect_err("not built");
+        assert!(compact.to_string().contains("only delete is supported"), "{compact}");
+        let unknown = apply_setting(&mut config, "segment.bytes=1024").expect_err("unknown");
         assert!(
             unknown
                 .to_string()
-                .contains("knows retention.ms and min.insync.replicas"),
+                .contains("knows retention.ms, min.insync.replicas and cleanup.policy"),
             "{unknown}"
         );
         assert!(apply_setting(&mut config, "retention.ms").is_err(), "no value");
