@@ -37,6 +37,9 @@ const KEY_VOTERS_SINCE: &str = "voters_since";
 /// The index of the last configuration change the stored conf state
 /// reflects (absent in stores written before retention existed: 0).
 const KEY_CONF_INDEX: &str = "conf_index";
+/// Present while a snapshot from the leader is being installed: the
+/// metadata describes it, and the log may still hold the old entries.
+const KEY_INSTALLING: &str = "installing";
 /// Snapshot data, format 2: this byte, the log's start offset and the conf
 /// index (format 1 was the start offset alone, 8 bytes).
 const SNAPSHOT_DATA_V2: u8 = 2;
@@ -160,7 +163,7 @@ impl PartitionStore {
                 ..log_config
             },
         )?;
-        let meta = DurableKv::open(dir.join(META_FILE))?;
+        let mut meta = DurableKv::open(dir.join(META_FILE))?;
         let StoredMeta {
             snapshot,
             mut stored,
@@ -168,7 +171,12 @@ impl PartitionStore {
             conf_index,
             voters_since,
         } = StoredMeta::read(dir, &meta)?;
-        if log.start_offset() < snapshot.start_offset {
+        if meta.get(KEY_INSTALLING).is_some() {
+            // A snapshot's install stopped before the old log was gone:
+            // the metadata describes the snapshot; the log restarts at it.
+            log.reset(snapshot.start_offset)?;
+            meta.remove(KEY_INSTALLING)?;
+        } else if log.start_offset() < snapshot.start_offset {
             // A compaction moved the snapshot point, then stopped before
             // every segment below it was deleted: finish it.
             log.delete_before(snapshot.start_offset)
@@ -504,20 +512,55 @@ impl PartitionStore {
             term: metadata.term,
             start_offset,
         };
-        // The point is written first: a crash after the reset finds the log
-        // start it describes.
-        write_meta(&mut self.meta, KEY_SNAPSHOT, &point)?;
+        let stored = StoredHardState {
+            term: self.hard_state.term.max(metadata.term),
+            vote: self.hard_state.vote,
+            commit: self.hard_state.commit.max(metadata.index),
+        };
+        let conf_state = metadata.get_conf_state().clone();
+        let conf_index = data.conf_index.max(metadata.index);
+        // Everything the snapshot sets, in one atomic write, marked as an
+        // install until the old log is gone: a crash in between resets the
+        // log on the next open (`PartitionStore::open`).
+        let encode = |key: &str, bytes: std::result::Result<Vec<u8>, String>| {
+            bytes.map_err(|e| ActorError::InvalidState(format!("encoding {key}: {e}")))
+        };
+        let point_bytes = encode(KEY_SNAPSHOT, postcard::to_allocvec(&point).map_err(|e| e.to_string()))?;
+        let hard_bytes = encode(
+            KEY_HARD_STATE,
+            postcard::to_allocvec(&stored).map_err(|e| e.to_string()),
+        )?;
+        let conf_bytes = encode(KEY_CONF_STATE, conf_state.write_to_bytes().map_err(|e| e.to_string()))?;
+        let since_bytes = encode(
+            KEY_VOTERS_SINCE,
+            postcard::to_allocvec(&BTreeMap::<u64, u64>::new()).map_err(|e| e.to_string()),
+        )?;
+        let index_bytes = encode(
+            KEY_CONF_INDEX,
+            postcard::to_allocvec(&conf_index).map_err(|e| e.to_string()),
+        )?;
+        self.meta.update(|entries| {
+            entries.insert(KEY_SNAPSHOT.to_string(), point_bytes);
+            entries.insert(KEY_HARD_STATE.to_string(), hard_bytes);
+            entries.insert(KEY_CONF_STATE.to_string(), conf_bytes);
+            entries.insert(KEY_VOTERS_SINCE.to_string(), since_bytes);
+            entries.insert(KEY_CONF_INDEX.to_string(), index_bytes);
+            entries.insert(KEY_INSTALLING.to_string(), vec![1]);
+        })?;
         self.log.reset(start_offset)?;
+        self.meta.remove(KEY_INSTALLING)?;
         self.slots.clear();
         self.producers.clear();
         self.recent.clear();
         self.recent_bytes = 0;
         self.snapshot = point;
-        self.hard_state.commit = self.hard_state.commit.max(metadata.index);
-        self.hard_state.term = self.hard_state.term.max(metadata.term);
-        let conf_index = data.conf_index.max(metadata.index);
-        self.set_conf_state(metadata.get_conf_state().clone(), conf_index)?;
-        self.persist_hard_state()
+        self.hard_state.term = stored.term;
+        self.hard_state.commit = stored.commit;
+        self.persisted = stored;
+        self.conf_state = conf_state;
+        self.voters_since = BTreeMap::new();
+        self.conf_index = conf_index;
+        Ok(())
     }
 
     /// Lets retention delete the log's oldest closed segments whose newest
@@ -527,6 +570,10 @@ impl PartitionStore {
     /// the next open. A follower that needs a deleted entry gets a snapshot
     /// instead ([`raft::Storage::snapshot`]). `None` when nothing expired.
     pub fn compact_for_retention(&mut self, now_ms: i64, retention_ms: u64, applied: u64) -> Result<Option<Compacted>> {
+        if self.log.start_offset() < self.snapshot.start_offset {
+            // An earlier pass failed part-way through deleting its files.
+            self.log.delete_before(self.snapshot.start_offset)?;
+        }
         let point = self.log.retention_point(now_ms, retention_ms);
         if point <= self.snapshot.start_offset {
             return Ok(None);
@@ -554,13 +601,16 @@ impl PartitionStore {
             start_offset: point,
         };
         write_meta(&mut self.meta, KEY_SNAPSHOT, &compacted)?;
-        let deleted = self.log.delete_before(point)?;
+        // Memory follows the written point before any file goes, so that a
+        // deletion failing part-way leaves a store that agrees with its
+        // metadata (the next pass, or the next open, deletes the rest).
         self.slots.drain(..=position);
         self.snapshot = compacted;
         while self.recent.front().is_some_and(|entry| entry.index <= index) {
             let entry = self.recent.pop_front().expect("a front entry");
             self.recent_bytes -= remembered_bytes(&entry);
         }
+        let deleted = self.log.delete_before(point)?;
         Ok(Some(Compacted {
             index,
             start_offset: point,
@@ -601,7 +651,9 @@ impl StoredMeta {
             None => ConfState::default(),
         };
         let voters_since = read_meta(meta, KEY_VOTERS_SINCE)?.unwrap_or_default();
-        let conf_index = read_meta(meta, KEY_CONF_INDEX)?.unwrap_or(0);
+        // A store from before the key: its configuration reflects at least
+        // every change up to its commit index (applied before it was written).
+        let conf_index = read_meta(meta, KEY_CONF_INDEX)?.unwrap_or(stored.commit);
         Ok(StoredMeta {
             snapshot,
             stored,
@@ -981,6 +1033,41 @@ mod tests {
                 conf_index: index
             }
         );
+    }
+
+    /// A snapshot's install writes its metadata marked as an install, then
+    /// resets the log; a crash in between resets the log on open, even
+    /// where the snapshot's offset is also a segment start of the old log
+    /// (whose entries may differ from the leader's and must not be kept).
+    #[test]
+    fn an_interrupted_snapshot_install_restarts_the_log_at_the_snapshot() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut store, config) = small_segment_store(dir.path());
+        let entries: Vec<Entry> = (1..=40).map(|i| normal_entry(i, 1, &format!("e{i}"))).collect();
+        store.append(&entries).expect("append");
+        store.sync().expect("sync");
+        let boundary = store.log().segment_bases()[1];
+        let point = SnapshotPoint {
+            index: 70,
+            term: 3,
+            start_offset: boundary,
+        };
+        let point_bytes = postcard::to_allocvec(&point).expect("point");
+        store
+            .meta
+            .update(|entries| {
+                entries.insert(KEY_SNAPSHOT.to_string(), point_bytes);
+                entries.insert(KEY_INSTALLING.to_string(), vec![1]);
+            })
+            .expect("metadata");
+        drop(store);
+
+        let reopened = PartitionStore::open(dir.path(), config, true).expect("reopen");
+        assert_eq!(reopened.log().start_offset(), boundary);
+        assert_eq!(reopened.log().end_offset(), boundary, "nothing of the old log is kept");
+        assert_eq!((reopened.first_index_value(), reopened.last_index_value()), (71, 70));
+        assert_eq!(reopened.term(70).expect("the point's term"), 3);
+        assert!(reopened.meta.get(KEY_INSTALLING).is_none(), "the install is finished");
     }
 
     #[test]

@@ -395,8 +395,11 @@ impl ReplicaCore {
                 MessageType::MsgRequestVote | MessageType::MsgRequestPreVote | MessageType::MsgTimeoutNow => {
                     return Ok(());
                 }
-                MessageType::MsgAppend | MessageType::MsgSnapshot if self.contact_commit.is_none() => {
-                    let commit = message.commit.max(message.get_snapshot().get_metadata().index);
+                // An append names the leader's commit point; a snapshot does
+                // not (its index may be far below it, and a promotion between
+                // the two would be taken for one of this incarnation's).
+                MessageType::MsgAppend if self.contact_commit.is_none() => {
+                    let commit = message.commit;
                     std::fs::write(marker, commit.to_string()).map_err(|e| ActorError::io(marker, e))?;
                     self.contact_commit = Some(commit);
                 }

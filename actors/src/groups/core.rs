@@ -208,6 +208,8 @@ impl GroupsCore {
             }
         }
         admit(group, &join, &member_id)?;
+        // A member names one instance at most: the one it joins with now.
+        group.instances.retain(|_, member| *member != member_id);
         if let Some(instance) = &join.instance_id {
             group.instances.insert(instance.clone(), member_id.clone());
         }
@@ -640,24 +642,35 @@ fn remove_done(group: &mut Group, gone: &[String]) -> Vec<Answer> {
 }
 
 /// Completes the join phase once every member rejoined or time is up:
-/// members that did not rejoin are dropped, the generation advances, a
-/// protocol every member offers is chosen, and every parked join answered.
+/// dynamic members that did not rejoin are dropped (static ones stay), the
+/// generation advances, a protocol every member offers is chosen, a member
+/// that rejoined leads, and every parked join answered.
 fn try_complete_join(group: &mut Group, now_ms: u64) -> Vec<Answer> {
     let all_joined = group.members.keys().all(|id| group.joins.contains_key(id));
     if !all_joined && now_ms < group.rebalance_deadline_ms {
         return Vec::new();
     }
     let joined: Vec<String> = group.joins.keys().cloned().collect();
-    group.members.retain(|id, _| group.joins.contains_key(id));
+    // A static member that did not rejoin keeps its place (as in Kafka): it
+    // may be restarting, and goes only when its session times out.
+    group
+        .members
+        .retain(|id, m| group.joins.contains_key(id) || m.instance_id.is_some());
     forget_instances(group);
     if group.members.is_empty() {
         group.state = GroupState::Empty;
         return Vec::new();
     }
+    let Some(first_joined) = joined.first() else {
+        // Only static members that have not rejoined: wait for one, or for
+        // their sessions to time out (`GroupsCore::tick`).
+        return Vec::new();
+    };
     group.generation += 1;
     group.protocol = choose_protocol(group);
-    if !group.members.contains_key(&group.leader) {
-        group.leader = joined[0].clone();
+    if !group.joins.contains_key(&group.leader) {
+        // The leader computes the assignment: one that rejoined.
+        group.leader = first_joined.clone();
     }
     group.state = GroupState::CompletingRebalance;
     let members = leader_view(group);

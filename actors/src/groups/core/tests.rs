@@ -280,3 +280,27 @@ fn static_members_rebalance_when_they_must_and_leave_by_instance_id() {
     assert_ne!(fresh.member_id, a);
     assert_eq!((fresh.generation, fresh.leader), (1, fresh.member_id.clone()));
 }
+
+/// A rebalance that completes while a static member has not rejoined (it
+/// may be restarting) keeps it, with its metadata for the leader; when that
+/// member led, a member that rejoined leads instead.
+#[test]
+fn a_static_member_that_misses_a_rebalance_keeps_its_place() {
+    let mut core = GroupsCore::new(9);
+    let (a, b) = stable_static_pair(&mut core);
+    let answers = core.join(join("", &["range"]), 7, 100).expect("c joins");
+    assert!(answers.is_empty(), "c waits for the others");
+    let answers = core.join(static_join(&b, "i-b"), 8, 110).expect("b rejoins");
+    assert!(answers.is_empty(), "a has not rejoined yet");
+    // a (the leader) does not rejoin within the rebalance timeout (5 s).
+    let answers = core.tick(100 + 5_001);
+    let b_joined = joined(&answers, 8).expect("b");
+    let c_joined = joined(&answers, 7).expect("c");
+    assert_eq!(b_joined.generation, 3);
+    assert_ne!(b_joined.leader, a, "a member that rejoined leads");
+    let leader = if b_joined.leader == b { &b_joined } else { &c_joined };
+    let listed: Vec<&String> = leader.members.iter().map(|(id, _)| id).collect();
+    assert!(listed.contains(&&a), "the leader assigns a share to a too: {listed:?}");
+    assert_eq!(core.group("g").map(|g| g.members.len()), Some(3));
+    assert_eq!(core.check_instance("g", Some("i-a"), &a), Ok(()));
+}
