@@ -510,7 +510,12 @@ impl<R: ProduceReply> PartitionCore<R> {
             // Retention deleted the start of the log, and with it maybe the
             // producer's batches: it goes on as a new one (a retry of a
             // batch older than the retention cannot be recognized anyway).
-            SequenceCheck::UnknownProducer if store.first_index_value() > 1 => return SequenceVerdict::Propose,
+            // Not when the table forgot producers to make room: this one's
+            // batches may still be in the log, and a retry would be written
+            // twice.
+            SequenceCheck::UnknownProducer if store.first_index_value() > 1 && !store.producers().evicted() => {
+                return SequenceVerdict::Propose
+            }
             SequenceCheck::Duplicate(original) => {
                 // A retry: answer with the original's fate, never write twice.
                 return if original.index <= commit {

@@ -56,6 +56,10 @@ pub enum SequenceCheck {
 #[derive(Clone, Debug, Default)]
 pub struct ProducerTable {
     producers: HashMap<i64, ProducerEntry>,
+    /// Whether a producer was ever forgotten to make room
+    /// ([`PRODUCERS_MAX`]): then an unknown producer may be one whose
+    /// batches are still in the log.
+    evicted: bool,
 }
 
 impl ProducerTable {
@@ -93,7 +97,13 @@ impl ProducerTable {
             .map(|(&id, _)| id);
         if let Some(id) = oldest {
             self.producers.remove(&id);
+            self.evicted = true;
         }
+    }
+
+    /// Whether this table forgot a producer to make room (see `evicted`).
+    pub fn evicted(&self) -> bool {
+        self.evicted
     }
 
     /// Classifies a batch about to be proposed.
@@ -143,8 +153,11 @@ impl ProducerTable {
         }
     }
 
+    /// Forgets every producer (a snapshot replaced the log): the table
+    /// describes the new, empty log.
     pub fn clear(&mut self) {
         self.producers.clear();
+        self.evicted = false;
     }
 }
 
@@ -217,5 +230,27 @@ mod tests {
             "another producer is independent"
         );
         assert_eq!(table.check(&info(9, 30), 1), SequenceCheck::UnknownProducer);
+    }
+
+    /// A full table forgets its least recently written producer, and says
+    /// so from then on (until it is cleared for a new log).
+    #[test]
+    fn a_full_table_forgets_the_oldest_producer_and_remembers_that_it_did() {
+        let mut table = ProducerTable::default();
+        for id in 0..PRODUCERS_MAX as i64 {
+            table.record(&header(id, 0, 1, id as u64), id as u64 + 1);
+        }
+        assert!(!table.evicted());
+        let newcomer = PRODUCERS_MAX as i64;
+        table.record(&header(newcomer, 0, 1, 0), newcomer as u64 + 1);
+        assert!(table.evicted());
+        assert_eq!(
+            table.check(&info(0, 1), 1),
+            SequenceCheck::UnknownProducer,
+            "0 was forgotten"
+        );
+        assert_eq!(table.check(&info(1, 1), 1), SequenceCheck::New, "1 is remembered");
+        table.clear();
+        assert!(!table.evicted());
     }
 }
