@@ -510,13 +510,19 @@ impl Log {
     /// `retention_ms` at `now_ms` is gone: the base of the oldest segment to
     /// keep (the start offset itself when none has expired). Segments
     /// expire in order, oldest first, as Kafka's do: by their newest
-    /// record's timestamp. The active segment always stays.
+    /// record's timestamp, or, when none of its records carries one (all
+    /// stamped 0 or before, as by a producer that leaves timestamps unset),
+    /// by when its file was last written. The active segment always stays.
     pub fn retention_point(&self, now_ms: i64, retention_ms: u64) -> u64 {
         let horizon_ms = now_ms.saturating_sub(i64::try_from(retention_ms).unwrap_or(i64::MAX));
         let closed = self.segments.len().saturating_sub(1);
         let mut point = self.start_offset();
         for segment in self.segments.values().take(closed) {
-            if segment.max_timestamp_ms() >= horizon_ms {
+            let newest_ms = match segment.max_timestamp_ms() {
+                stamped if stamped > 0 => stamped,
+                _ => segment.modified_ms().unwrap_or(i64::MAX),
+            };
+            if newest_ms >= horizon_ms {
                 break;
             }
             point = segment.next_offset();

@@ -282,6 +282,14 @@ impl Segment {
         self.state.max_timestamp_ms
     }
 
+    /// When the segment's file was last written, in ms since the epoch
+    /// (none if the file system cannot say).
+    pub fn modified_ms(&self) -> Option<i64> {
+        let modified = std::fs::metadata(&self.paths.log).and_then(|m| m.modified()).ok()?;
+        let since_epoch = modified.duration_since(std::time::UNIX_EPOCH).ok()?;
+        i64::try_from(since_epoch.as_millis()).ok()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.state.size_bytes == 0
     }

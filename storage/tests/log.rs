@@ -374,6 +374,28 @@ fn the_retention_point_stops_at_the_first_segment_to_keep_and_deletion_at_segmen
     assert_eq!(values_from(&log, point).first().map(|(offset, _)| *offset), Some(point));
 }
 
+/// Records a producer left without a time (stamped 0) do not make their
+/// segments ancient: such a segment is judged by when it was last written,
+/// as Kafka judges segments without timestamps.
+#[test]
+fn segments_without_record_times_expire_by_when_they_were_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), config()).expect("open");
+    for tag in 0..80 {
+        log.append(&mut batch(tag, 1, 0)).expect("append");
+    }
+    assert!(log.segment_count() > 2);
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let hour_ms = 3_600_000;
+    assert_eq!(log.retention_point(now_ms, hour_ms as u64), 0, "written just now: kept");
+    let later = log.retention_point(now_ms + 2 * hour_ms, hour_ms as u64);
+    assert_eq!(
+        later,
+        *log.segment_bases().last().expect("active"),
+        "written long before: gone"
+    );
+}
+
 #[test]
 fn lookup_by_timestamp() {
     let dir = tempfile::tempdir().expect("tempdir");
