@@ -28,6 +28,13 @@
 //! records again. Version 1 (the CRC over bytes 25..end only) is still read;
 //! setting its term rewrites it as version 2.
 //!
+//! Version 3 is a batch that log compaction rewrote: `record_count` is then
+//! the span of offsets the batch covers (its next offset is still
+//! `base_offset + record_count`), and the records present are the ones
+//! compaction kept, possibly none, each with its original offset delta
+//! (strictly increasing, below the span). The header and CRC are as in
+//! version 2. Producers never send version 3; only the log writes it.
+//!
 //! # Record format
 //!
 //! ```text
@@ -52,6 +59,8 @@ use crate::varint::{self, Reader};
 pub const MAGIC_V1: u8 = 1;
 /// The version written now: the CRC covers the Raft term.
 pub const MAGIC_V2: u8 = 2;
+/// A batch compaction rewrote: records may be missing (see the module doc).
+pub const MAGIC_V3: u8 = 3;
 /// Bytes before the records.
 pub const BATCH_HEADER_BYTES: usize = 61;
 /// Bytes before `batch_length`'s counted region: base offset and the length.
@@ -168,8 +177,8 @@ impl BatchHeader {
     }
 
     fn check(&self) -> std::result::Result<(), String> {
-        if self.magic != MAGIC_V1 && self.magic != MAGIC_V2 {
-            return Err(format!("unknown batch magic {} (this build reads 1 and 2)", self.magic));
+        if !(MAGIC_V1..=MAGIC_V3).contains(&self.magic) {
+            return Err(format!("unknown batch magic {} (this build reads 1 to 3)", self.magic));
         }
         let size = self.size_bytes();
         if !(BATCH_HEADER_BYTES..=BATCH_BYTES_HARD_LIMIT).contains(&size) {
@@ -178,7 +187,9 @@ impl BatchHeader {
             ));
         }
         let records_bytes = size - BATCH_HEADER_BYTES;
-        if self.record_count == 0 || self.record_count as usize > records_bytes / RECORD_BYTES_MIN {
+        // A compacted batch's count is its offset span, whatever it holds.
+        let holds_count = self.magic != MAGIC_V3;
+        if self.record_count == 0 || holds_count && self.record_count as usize > records_bytes / RECORD_BYTES_MIN {
             return Err(format!(
                 "record count {} does not fit {records_bytes} bytes of records",
                 self.record_count
@@ -327,19 +338,20 @@ impl RecordBatch {
     /// extended over the term).
     pub fn set_raft_term(&mut self, raft_term: u64) {
         let header = self.header;
-        if header.magic == MAGIC_V2 && header.raft_term == raft_term {
+        if header.magic != MAGIC_V1 && header.raft_term == raft_term {
             return;
         }
+        let magic = header.magic.max(MAGIC_V2);
         let body_len = self.bytes.len() - CRC_START;
         let crc = match header.magic {
             MAGIC_V1 => crc32c::crc32c_combine(crc32c::crc32c(&raft_term.to_le_bytes()), header.crc, body_len),
             _ => retermed_crc(header.crc, header.raft_term, raft_term, body_len),
         };
         self.overwrite(OFFSET_TERM, &raft_term.to_le_bytes());
-        self.overwrite(OFFSET_MAGIC, &[MAGIC_V2]);
+        self.overwrite(OFFSET_MAGIC, &[magic]);
         self.overwrite(OFFSET_CRC, &crc.to_le_bytes());
         self.header.raft_term = raft_term;
-        self.header.magic = MAGIC_V2;
+        self.header.magic = magic;
         self.header.crc = crc;
         debug_assert_eq!(
             verify_batch(&self.bytes).map(|h| h.crc),
@@ -375,7 +387,47 @@ impl RecordBatch {
             reader: Reader::new(&self.bytes[BATCH_HEADER_BYTES..]),
             header: self.header,
             index: 0,
+            done: false,
         }
+    }
+
+    /// Whether compaction rewrote this batch (some of its offsets may hold
+    /// no record).
+    pub fn is_compacted(&self) -> bool {
+        self.header.magic == MAGIC_V3
+    }
+
+    /// This batch with only the records `keep` accepts, as compaction
+    /// writes it (version 3: same offsets, term, producer and timestamps in
+    /// the header; the kept records byte for byte). `None` when every
+    /// record is kept, so the batch stays as it is; a control batch is
+    /// always kept whole.
+    pub fn retain_records(&self, mut keep: impl FnMut(&RecordView<'_>) -> bool) -> Result<Option<RecordBatch>> {
+        if self.is_control() {
+            return Ok(None);
+        }
+        let mut bytes = Vec::with_capacity(self.bytes.len());
+        bytes.extend_from_slice(&self.bytes[..BATCH_HEADER_BYTES]);
+        let mut dropped = false;
+        for view in self.views() {
+            let view = view?;
+            if keep(&view) {
+                bytes.extend_from_slice(view.encoded);
+            } else {
+                dropped = true;
+            }
+        }
+        if !dropped {
+            return Ok(None);
+        }
+        let batch_length = (bytes.len() - LOG_OVERHEAD_BYTES) as u32;
+        bytes[OFFSET_LENGTH..OFFSET_LENGTH + 4].copy_from_slice(&batch_length.to_le_bytes());
+        bytes[OFFSET_MAGIC] = MAGIC_V3;
+        let crc = batch_crc(MAGIC_V3, self.header.raft_term, &bytes[CRC_START..]);
+        bytes[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        let compacted = RecordBatch::from_bytes(bytes)?;
+        debug_assert_eq!(compacted.next_offset(), self.next_offset(), "compaction keeps offsets");
+        Ok(Some(compacted))
     }
 }
 
@@ -389,6 +441,8 @@ pub struct RecordView<'a> {
     /// The encoded headers (already checked), `header_count` of them.
     headers: &'a [u8],
     header_count: u64,
+    /// The whole encoded record, as compaction copies it.
+    encoded: &'a [u8],
 }
 
 impl<'a> RecordView<'a> {
@@ -419,37 +473,42 @@ impl<'a> RecordView<'a> {
 pub struct RecordViews<'a> {
     reader: Reader<'a>,
     header: BatchHeader,
+    /// The offset delta the next record has (at least, in a compacted batch).
     index: u32,
+    /// Set by a decoding error: iteration stops there.
+    done: bool,
 }
 
 impl<'a> Iterator for RecordViews<'a> {
     type Item = Result<RecordView<'a>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.index >= self.header.record_count {
+        let compacted = self.header.magic == MAGIC_V3;
+        if self.done || (compacted && self.reader.is_empty()) || (!compacted && self.index >= self.header.record_count)
+        {
             return None;
         }
         let index = self.index;
         let result = self.decode_one();
-        self.index = match result {
-            Ok(_) => index + 1,
-            Err(_) => self.header.record_count,
-        };
+        match &result {
+            Ok(view) => self.index = (view.offset - self.header.base_offset) as u32 + 1,
+            Err(_) => self.done = true,
+        }
         Some(result.map_err(|reason| StorageError::InvalidBatch(format!("record {index}: {reason}"))))
     }
 }
 
 impl<'a> RecordViews<'a> {
     fn decode_one(&mut self) -> std::result::Result<RecordView<'a>, String> {
+        let record_start = self.reader.position();
         let body_len = usize::try_from(self.reader.u64()?).map_err(|_| "record length overflows")?;
         let body = self.reader.take(body_len)?;
+        let encoded = self.reader.consumed_since(record_start);
         let mut body = Reader::new(body);
         let _attributes = body.u8()?;
         let timestamp_delta = body.i64()?;
         let offset_delta = body.u64()?;
-        if offset_delta != u64::from(self.index) {
-            return Err(format!("offset delta {offset_delta} where {} was expected", self.index));
-        }
+        self.check_offset_delta(offset_delta)?;
         let timestamp_ms = self
             .header
             .first_timestamp_ms
@@ -470,13 +529,29 @@ impl<'a> RecordViews<'a> {
             return Err(format!("{} unread bytes after the record", body_len - body.position()));
         }
         Ok(RecordView {
-            offset: self.header.base_offset + u64::from(self.index),
+            offset: self.header.base_offset + offset_delta,
             timestamp_ms,
             key,
             value,
             headers,
             header_count,
+            encoded,
         })
+    }
+
+    /// A record's offset delta is its index; in a compacted batch, any
+    /// later delta within the batch's span.
+    fn check_offset_delta(&self, offset_delta: u64) -> std::result::Result<(), String> {
+        let expected = u64::from(self.index);
+        let in_place = if self.header.magic == MAGIC_V3 {
+            (expected..u64::from(self.header.record_count)).contains(&offset_delta)
+        } else {
+            offset_delta == expected
+        };
+        if !in_place {
+            return Err(format!("offset delta {offset_delta} where {expected} was expected"));
+        }
+        Ok(())
     }
 }
 
@@ -783,6 +858,84 @@ impl HeaderList for &[(&str, Option<&[u8]>)] {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn keyed(count: u32) -> RecordBatch {
+        let mut builder = BatchBuilder::new();
+        for i in 0..count {
+            builder
+                .push(&Record {
+                    timestamp_ms: 100 + i64::from(i),
+                    key: Some(Bytes::from(format!("k{}", i % 2))),
+                    value: Some(Bytes::from(format!("v{i}"))),
+                    headers: vec![],
+                })
+                .expect("push");
+        }
+        let mut batch = builder.build().expect("build");
+        batch.set_base_offset(40);
+        batch.set_raft_term(3);
+        batch
+    }
+
+    #[test]
+    fn a_compacted_batch_keeps_its_offsets_term_and_the_records_kept() {
+        let batch = keyed(5);
+        assert_eq!(
+            batch.retain_records(|_| true).expect("retain"),
+            None,
+            "all kept: no rewrite"
+        );
+        let mut compacted = batch
+            .retain_records(|v| v.offset == 41 || v.offset == 44)
+            .expect("retain")
+            .expect("some dropped");
+        assert!(compacted.is_compacted());
+        assert_eq!((compacted.base_offset(), compacted.next_offset()), (40, 45));
+        let offsets: Vec<u64> = compacted.records().map(|r| r.expect("record").offset).collect();
+        assert_eq!(offsets, vec![41, 44]);
+        assert_eq!(compacted.header().producer, batch.header().producer);
+        compacted.set_raft_term(9);
+        assert!(compacted.is_compacted(), "a new term keeps version 3");
+        let decoded = RecordBatch::from_bytes(compacted.as_bytes().to_vec()).expect("verifies");
+        let values: Vec<_> = decoded.records().map(|r| r.expect("record").record.value).collect();
+        assert_eq!(values, vec![Some(Bytes::from("v1")), Some(Bytes::from("v4"))]);
+
+        let empty = batch.retain_records(|_| false).expect("retain").expect("all dropped");
+        assert_eq!(
+            (empty.next_offset(), empty.records().count()),
+            (45, 0),
+            "an emptied batch keeps its span"
+        );
+    }
+
+    #[test]
+    fn a_compacted_batch_with_records_out_of_order_or_past_its_span_is_refused() {
+        let compacted = keyed(3)
+            .retain_records(|v| v.offset != 41)
+            .expect("retain")
+            .expect("dropped");
+        // Only version 3 may skip offsets: as version 2 the same bytes fail.
+        let mut as_v2 = compacted.as_bytes().to_vec();
+        as_v2[OFFSET_MAGIC] = MAGIC_V2;
+        let crc = batch_crc(MAGIC_V2, 3, &as_v2[CRC_START..]);
+        as_v2[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        let batch = RecordBatch::from_bytes(as_v2).expect("the header is valid");
+        assert!(
+            batch.records().any(|r| r.is_err()),
+            "a skipped offset in version 2 is an error"
+        );
+        // A span that does not cover the records kept.
+        let mut short = compacted.as_bytes().to_vec();
+        short[OFFSET_COUNT..OFFSET_COUNT + 4].copy_from_slice(&2u32.to_le_bytes());
+        let crc = batch_crc(MAGIC_V3, 3, &short[CRC_START..]);
+        short[OFFSET_CRC..OFFSET_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+        let batch = RecordBatch::from_bytes(short).expect("the header is valid");
+        assert!(batch.records().any(|r| r.is_err()), "offset 42 lies past a span of 2");
+        let mut future = compacted.as_bytes().to_vec();
+        future[OFFSET_MAGIC] = 4;
+        let error = RecordBatch::from_bytes(future).expect_err("magic 4");
+        assert!(error.to_string().contains("unknown batch magic 4"), "{error}");
+    }
 
     fn arb_bytes() -> impl Strategy<Value = Option<Bytes>> {
         proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from))

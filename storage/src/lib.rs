@@ -4,7 +4,8 @@
 //!   send, Raft replicates and the log stores. The byte format is documented
 //!   there.
 //! - [`Log`]: a partition's segmented log: append, read by offset or timestamp,
-//!   truncate, retention, fsync policy, and recovery of a torn tail on open.
+//!   truncate, retention, compaction (latest record per key), fsync policy,
+//!   and recovery of a torn tail on open.
 //! - [`DurableKv`]: a small atomically-replaced file for Raft hard state and
 //!   other metadata.
 //!
@@ -22,4 +23,6 @@ mod varint;
 pub use batch::{BatchBuilder, BatchHeader, Header, ProducerInfo, Record, RecordBatch, RecordView, StoredRecord};
 pub use error::{Result, StorageError};
 pub use kv::DurableKv;
-pub use log::{FsyncPolicy, Log, LogConfig, RetentionOutcome};
+pub use log::{
+    CompactionOutcome, CompactionSettings, CompactionStep, Compactor, FsyncPolicy, Log, LogConfig, RetentionOutcome,
+};

@@ -25,9 +25,14 @@ use crate::error::{IoContext, Result, StorageError};
 use crate::kv::{sync_parent_dir, DurableKv};
 use crate::segment::{parse_segment_name, ScanMode, Segment};
 
+mod compact;
+pub use compact::{CompactionOutcome, CompactionSettings, CompactionStep, Compactor};
+
 const META_FILE: &str = "log.meta";
 const KEY_RECOVERY_POINT: &str = "recovery_point";
 const KEY_CLEAN_SHUTDOWN: &str = "clean_shutdown";
+/// Where the next compaction pass starts scanning (see [`compact`]).
+const KEY_CLEANED_TO: &str = "cleaned_to";
 /// Positions in the offset index are u32.
 const SEGMENT_BYTES_LIMIT: u64 = u32::MAX as u64;
 
@@ -120,6 +125,9 @@ pub struct Log {
     failed: Option<String>,
     /// The end offset when there is no segment (only after a failed reset).
     empty_start: u64,
+    /// Counts resets, truncations and deletions: a compaction pass begun
+    /// under another generation starts over.
+    generation: u64,
 }
 
 impl Log {
@@ -144,6 +152,7 @@ impl Log {
             synced_bytes: 0,
             failed: None,
             empty_start: recovery_point,
+            generation: 0,
         };
         log.check_contiguous()?;
         // Only now, with everything checked: from here on a crash must not be
@@ -461,6 +470,7 @@ impl Log {
                 });
             }
         }
+        self.generation += 1;
         self.guarded(|log| log.truncate_checked(offset, start))?;
         tracing::info!(dir = %self.dir.display(), offset, dropped_from = end, "log truncated");
         Ok(())
@@ -492,6 +502,7 @@ impl Log {
     /// Deletes every segment and starts empty at `start_offset`, as a replica
     /// does before installing a snapshot.
     pub fn reset(&mut self, start_offset: u64) -> Result<()> {
+        self.generation += 1;
         self.guarded(|log| {
             // Persisted first: an empty directory after a crash resumes here.
             log.meta.set_u64(KEY_RECOVERY_POINT, start_offset)?;
@@ -542,6 +553,7 @@ impl Log {
             });
         }
         let mut outcome = RetentionOutcome::default();
+        self.generation += 1;
         while self.segments.len() > 1 && self.start_offset() < offset {
             let base = self.start_offset();
             let segment = self.segments.remove(&base).expect("the first segment exists");
@@ -631,7 +643,8 @@ impl Log {
 }
 
 /// Base offsets of the `.log` files in `dir`, ascending. Index files without a
-/// log (left by a crash during a delete) are removed.
+/// log (left by a crash during a delete) and unfinished compaction output
+/// (`.cleaned`, left by a crash before its rename) are removed.
 fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     let mut bases = Vec::new();
     let mut orphans = Vec::new();
@@ -643,6 +656,9 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
             bases.push(base);
         } else if name.ends_with(".index") || name.ends_with(".timeindex") {
             orphans.push(entry.path());
+        } else if name.ends_with(".log.cleaned") {
+            let path = entry.path();
+            std::fs::remove_file(&path).at(&path)?;
         }
     }
     bases.sort_unstable();

@@ -17,6 +17,8 @@ pub(crate) struct SegmentPaths {
     pub log: PathBuf,
     pub index: PathBuf,
     pub time_index: PathBuf,
+    /// Where compaction writes the segment's new contents before the rename.
+    pub cleaned: PathBuf,
 }
 
 impl SegmentPaths {
@@ -26,6 +28,7 @@ impl SegmentPaths {
             log: dir.join(format!("{stem}.log")),
             index: dir.join(format!("{stem}.index")),
             time_index: dir.join(format!("{stem}.timeindex")),
+            cleaned: dir.join(format!("{stem}.log.cleaned")),
         }
     }
 }
@@ -260,7 +263,7 @@ impl Segment {
         self.file.sync_all().at(&self.paths.log)
     }
 
-    fn delete_index_files(&self) -> Result<()> {
+    pub(crate) fn delete_index_files(&self) -> Result<()> {
         for path in [&self.paths.index, &self.paths.time_index] {
             match std::fs::remove_file(path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(path),

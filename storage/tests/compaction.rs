@@ -1,0 +1,303 @@
+//! Log compaction as a reader sees it: the latest record of every key stays
+//! at its offset, tombstones go after their retention, and a crash at any
+//! step leaves a log that still answers the latest value of every key.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bytes::Bytes;
+use runnel_storage::{
+    BatchBuilder, CompactionOutcome, CompactionSettings, CompactionStep, Compactor, FsyncPolicy, Log, LogConfig, Record,
+};
+
+const KEYS: u64 = 12;
+/// Records are stamped from 500,000 ms on; tombstones live 60,000 ms.
+const NOW_MS: i64 = 510_000;
+
+fn config() -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 1024,
+        index_interval_bytes: 128,
+        fsync: FsyncPolicy::EveryBatch,
+        retention_age: None,
+        ..LogConfig::default()
+    }
+}
+
+/// Record `i` of the test's history: mostly keyed updates, every 7th a
+/// tombstone, every 11th without a key.
+fn record(i: u64) -> Record {
+    let key = (i % 11 != 5).then(|| Bytes::from(format!("key-{}", (i * 7) % KEYS)));
+    let value = (i % 7 != 3).then(|| Bytes::from(format!("value-{i}")));
+    Record {
+        timestamp_ms: 500_000 + i as i64,
+        key,
+        value,
+        headers: Vec::new(),
+    }
+}
+
+/// Appends records `from..to`, three to a batch; every record by offset.
+fn append(log: &mut Log, from: u64, to: u64, history: &mut BTreeMap<u64, Record>) {
+    let mut i = from;
+    while i < to {
+        let mut builder = BatchBuilder::new();
+        let first = i;
+        while i < to && i < first + 3 {
+            builder.push(&record(i)).expect("push");
+            i += 1;
+        }
+        let mut batch = builder.build().expect("build");
+        let base = log.append(&mut batch).expect("append");
+        for (n, offset) in (first..i).zip(base..) {
+            history.insert(offset, record(n));
+        }
+    }
+}
+
+/// Every record in the log, by offset.
+fn read_all(log: &Log) -> BTreeMap<u64, Record> {
+    let mut out = BTreeMap::new();
+    let mut next = log.start_offset();
+    while next < log.end_offset() {
+        let batches = log.read(next, 4096).expect("read");
+        for batch in &batches {
+            for stored in batch.records() {
+                let stored = stored.expect("record");
+                if stored.offset >= next {
+                    out.insert(stored.offset, stored.record);
+                }
+            }
+            next = batch.next_offset();
+        }
+    }
+    out
+}
+
+/// Each key's latest record (a tombstone included) and every keyless one.
+fn latest(history: &BTreeMap<u64, Record>, below: u64) -> BTreeMap<u64, Record> {
+    let mut by_key = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (&offset, record) in history.range(..below) {
+        match &record.key {
+            Some(key) => {
+                by_key.insert(key.clone(), offset);
+            }
+            None => {
+                out.insert(offset, record.clone());
+            }
+        }
+    }
+    for offset in by_key.into_values() {
+        out.insert(offset, history[&offset].clone());
+    }
+    out
+}
+
+fn settings(now_ms: i64) -> CompactionSettings {
+    CompactionSettings {
+        step_bytes_max: 300,
+        dirty_ratio_min: 0.0,
+        delete_retention_ms: 60_000,
+        ..CompactionSettings::new(u64::MAX, now_ms)
+    }
+}
+
+/// Steps until the pass ends; its outcome and the steps it took.
+fn compact(log: &mut Log, compactor: &mut Compactor, settings: &CompactionSettings) -> (CompactionOutcome, usize) {
+    for steps in 1..10_000 {
+        match log.compact_step(compactor, settings).expect("step") {
+            CompactionStep::More => {}
+            CompactionStep::Idle => return (CompactionOutcome::default(), steps),
+            CompactionStep::Finished(outcome) => return (outcome, steps),
+        }
+    }
+    panic!("compaction did not finish in 10,000 steps");
+}
+
+/// The log's records below the active segment are the latest of their key
+/// (and tombstones among them), above it everything; every record is the
+/// one written at its offset.
+fn check_compacted(log: &Log, history: &BTreeMap<u64, Record>, active_base: u64) {
+    let read = read_all(log);
+    for (offset, record) in &read {
+        assert_eq!(
+            Some(record),
+            history.get(offset),
+            "offset {offset} holds what was written there"
+        );
+    }
+    let wanted = latest(history, active_base);
+    let closed: BTreeMap<_, _> = read.range(..active_base).map(|(o, r)| (*o, r.clone())).collect();
+    assert_eq!(closed, wanted, "closed segments hold the latest record of each key");
+    let active: Vec<_> = read.range(active_base..).map(|(o, _)| *o).collect();
+    let written: Vec<_> = history.range(active_base..).map(|(o, _)| *o).collect();
+    assert_eq!(active, written, "the active segment is untouched");
+}
+
+fn active_base(log: &Log) -> u64 {
+    *log.segment_bases().last().expect("a segment")
+}
+
+#[test]
+fn compaction_keeps_the_latest_record_of_each_key_at_its_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), config()).expect("open");
+    let mut history = BTreeMap::new();
+    append(&mut log, 0, 300, &mut history);
+    let (end, size) = (log.end_offset(), log.size_bytes());
+    assert!(log.segment_count() > 5, "{} segments", log.segment_count());
+
+    let (outcome, _) = compact(&mut log, &mut Compactor::default(), &settings(NOW_MS));
+    assert!(outcome.segments_rewritten > 0, "{outcome:?}");
+    assert!(outcome.records_removed > 200, "{outcome:?}");
+    assert_eq!(outcome.tombstones_removed, 0, "young tombstones stay: {outcome:?}");
+    assert_eq!(log.end_offset(), end, "offsets do not move");
+    // Every batch keeps its 61-byte header, emptied or not.
+    assert!(
+        log.size_bytes() < size * 2 / 3,
+        "{} of {size} bytes left",
+        log.size_bytes()
+    );
+    check_compacted(&log, &history, active_base(&log));
+
+    // The same after a reopen, with the indexes the swap saved.
+    let base = active_base(&log);
+    log.close().expect("close");
+    let log = Log::open(dir.path(), config()).expect("reopen");
+    check_compacted(&log, &history, base);
+    let header_count = {
+        let mut n = 0;
+        log.visit_headers(|_| n += 1).expect("headers");
+        n
+    };
+    assert_eq!(header_count, 100, "every batch stays, even an emptied one");
+}
+
+#[test]
+fn tombstones_stay_for_their_retention_then_go() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), config()).expect("open");
+    let mut history = BTreeMap::new();
+    append(&mut log, 0, 150, &mut history);
+    let mut compactor = Compactor::default();
+    compact(&mut log, &mut compactor, &settings(NOW_MS));
+    let first_base = active_base(&log);
+    let tombstones = |log: &Log| {
+        read_all(log)
+            .range(..first_base)
+            .filter(|(_, r)| r.key.is_some() && r.value.is_none())
+            .count()
+    };
+    let kept = tombstones(&log);
+    assert!(kept > 0, "the latest record of some keys is a tombstone");
+
+    // Later records, and a clock past the tombstones' retention.
+    append(&mut log, 150, 180, &mut history);
+    let (outcome, _) = compact(&mut log, &mut compactor, &settings(NOW_MS * 10));
+    assert!(outcome.tombstones_removed >= kept as u64, "{outcome:?}");
+    let read = read_all(&log);
+    let base = active_base(&log);
+    for (offset, record) in read.range(..base) {
+        assert!(
+            record.value.is_some() || record.key.is_none(),
+            "tombstone at {offset} outlived its retention"
+        );
+    }
+    let mut expected = latest(&history, base);
+    expected.retain(|_, r| r.value.is_some() || r.key.is_none());
+    let closed: BTreeMap<_, _> = read.range(..base).map(|(o, r)| (*o, r.clone())).collect();
+    assert_eq!(closed, expected);
+}
+
+#[test]
+fn a_small_key_memory_compacts_in_several_passes_to_the_same_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), config()).expect("open");
+    let mut history = BTreeMap::new();
+    append(&mut log, 0, 300, &mut history);
+    let small = CompactionSettings {
+        key_map_bytes_max: 300,
+        ..settings(NOW_MS)
+    };
+    let mut compactor = Compactor::default();
+    let mut passes = 0;
+    while compact(&mut log, &mut compactor, &small).0 != CompactionOutcome::default() {
+        passes += 1;
+        assert!(passes < 100, "passes do not converge");
+    }
+    assert!(passes > 1, "{passes} passes");
+    check_compacted(&log, &history, active_base(&log));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_compaction_leaves_every_key_readable() {
+    let original = tempfile::tempdir().expect("tempdir");
+    let mut history = BTreeMap::new();
+    let mut log = Log::open(original.path(), config()).expect("open");
+    append(&mut log, 0, 200, &mut history);
+    let base = active_base(&log);
+    log.close().expect("close");
+    let (_, total_steps) = {
+        let copy = tempfile::tempdir().expect("tempdir");
+        copy_dir(original.path(), copy.path());
+        let mut log = Log::open(copy.path(), config()).expect("open");
+        compact(&mut log, &mut Compactor::default(), &settings(NOW_MS))
+    };
+    assert!(total_steps > 10, "{total_steps} steps");
+
+    for crash_after in 0..total_steps {
+        let copy = tempfile::tempdir().expect("tempdir");
+        copy_dir(original.path(), copy.path());
+        let mut log = Log::open(copy.path(), config()).expect("open");
+        let mut compactor = Compactor::default();
+        for _ in 0..crash_after {
+            log.compact_step(&mut compactor, &settings(NOW_MS)).expect("step");
+        }
+        log.crash(0).expect("crash");
+        drop(log);
+        drop(compactor);
+
+        let mut log =
+            Log::open(copy.path(), config()).unwrap_or_else(|e| panic!("reopen after step {crash_after}: {e}"));
+        let read = read_all(&log);
+        for (offset, record) in &read {
+            assert_eq!(
+                Some(record),
+                history.get(offset),
+                "after step {crash_after}: offset {offset}"
+            );
+        }
+        for (offset, record) in latest(&history, base) {
+            assert_eq!(
+                read.get(&offset),
+                Some(&record),
+                "after step {crash_after}: latest at {offset} lost"
+            );
+        }
+        let leftovers = std::fs::read_dir(copy.path())
+            .expect("dir")
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".cleaned")
+            })
+            .count();
+        assert_eq!(
+            leftovers, 0,
+            "after step {crash_after}: unfinished output removed on open"
+        );
+        compact(&mut log, &mut Compactor::default(), &settings(NOW_MS));
+        check_compacted(&log, &history, base);
+    }
+}
