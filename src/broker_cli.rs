@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use runnel::client::protocol::{FailedReplica, NodeId, PartitionInfo, TopicConfig, TopicInfo, TopicSetting};
+use runnel::client::protocol::{
+    CleanupPolicy, FailedReplica, NodeId, PartitionInfo, TopicConfig, TopicInfo, TopicSetting,
+};
 use runnel::client::{Acks, Client, Consumer, Producer};
 use runnel::storage::Record;
 
@@ -136,8 +138,13 @@ pub enum TopicCommand {
         /// Delete closed log segments older than this (milliseconds).
         #[arg(long)]
         retention_ms: Option<u64>,
+        /// What happens to old records: delete (by retention.ms), compact
+        /// (the latest record of each key stays), or compact,delete.
+        #[arg(long, value_name = "POLICY")]
+        cleanup: Option<String>,
         /// A topic setting as Kafka names it (repeatable):
-        /// `retention.ms=N`, `min.insync.replicas=N`.
+        /// `retention.ms=N`, `min.insync.replicas=N`,
+        /// `cleanup.policy=compact`, `delete.retention.ms=N`.
         #[arg(short = 'c', long = "config", value_name = "KEY=VALUE")]
         configs: Vec<String>,
         #[command(flatten)]
@@ -203,8 +210,11 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         match command {
-            TopicCommand::Create { name, partitions, replication, min_insync, retention_ms, configs, connect } => {
+            TopicCommand::Create { name, partitions, replication, min_insync, retention_ms, cleanup, configs, connect } => {
                 let mut config = TopicConfig::new(partitions, replication);
+                if let Some(cleanup) = cleanup {
+                    apply_setting(&mut config, &format!("cleanup.policy={cleanup}"))?;
+                }
                 if let Some(min_insync) = min_insync {
                     config.min_insync = min_insync;
                 }
@@ -247,10 +257,7 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
                 let settings: Vec<TopicSetting> = configs
                     .iter()
                     .map(|c| parse_setting(c))
-                    .collect::<anyhow::Result<Vec<_>>>()?
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 connect.connect().await?.alter_topic(&name, settings).await?;
                 println!("altered topic {name}: {}", configs.join(", "));
             }
@@ -274,17 +281,14 @@ pub fn is_internal(topic: &str) -> bool {
 
 /// One `-c KEY=VALUE` topic setting, by its Kafka name (or Runnel's).
 fn apply_setting(config: &mut TopicConfig, setting: &str) -> anyhow::Result<()> {
-    if let Some(setting) = parse_setting(setting)? {
-        setting.apply_to(config);
-    }
+    parse_setting(setting)?.apply_to(config);
     Ok(())
 }
 
-/// A `-c KEY=VALUE` topic setting: `retention.ms=N` (-1 keeps records
-/// forever) or `min.insync.replicas=N`.
-/// `None` for `cleanup.policy=delete`, the only policy there is (and so no
-/// change), accepted as Kafka tools write it.
-fn parse_setting(setting: &str) -> anyhow::Result<Option<TopicSetting>> {
+/// A `-c KEY=VALUE` topic setting as Kafka names it: `retention.ms=N` (-1
+/// keeps records forever), `min.insync.replicas=N`,
+/// `cleanup.policy=delete|compact|compact,delete`, `delete.retention.ms=N`.
+fn parse_setting(setting: &str) -> anyhow::Result<TopicSetting> {
     let (key, value) = setting
         .split_once('=')
         .with_context(|| format!("-c {setting:?}: write a setting as KEY=VALUE, such as retention.ms=86400000"))?;
@@ -294,20 +298,20 @@ fn parse_setting(setting: &str) -> anyhow::Result<Option<TopicSetting>> {
             .parse()
             .with_context(|| format!("-c {key}={value}: {what} must be a whole number"))
     };
-    Ok(Some(match key.trim() {
-        "cleanup.policy" if value.trim() == "delete" => return Ok(None),
-        "cleanup.policy" => bail!(
-            "-c cleanup.policy={value}: only delete is supported (records go by retention.ms; log compaction is not built yet)"
-        ),
+    Ok(match key.trim() {
+        "cleanup.policy" => {
+            TopicSetting::Cleanup(CleanupPolicy::parse(value).map_err(|e| anyhow::anyhow!("-c {key}={value}: {e}"))?)
+        }
+        "delete.retention.ms" => TopicSetting::DeleteRetentionMs(number("delete.retention.ms")?),
         "retention.ms" | "retention_ms" if value.trim() == "-1" => TopicSetting::RetentionMs(None),
         "retention.ms" | "retention_ms" => TopicSetting::RetentionMs(Some(number("retention.ms (or -1, forever)")?)),
         "min.insync.replicas" | "min_insync" => TopicSetting::MinInsync(
             u16::try_from(number("min.insync.replicas")?).context("min.insync.replicas is too large")?,
         ),
         other => bail!(
-            "-c {other}: not a topic setting Runnel has; it knows retention.ms, min.insync.replicas and cleanup.policy"
+            "-c {other}: not a topic setting Runnel has; it knows retention.ms, min.insync.replicas, cleanup.policy and delete.retention.ms"
         ),
-    }))
+    })
 }
 
 /// Why a partition is under-replicated or not settled, if it is: no leader,
@@ -375,7 +379,8 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedRepl
             .collect();
         let c = &topic.config;
         let settings = serde_json::json!({"partitions": c.partitions, "replication": c.replication,
-            "min_insync": c.min_insync, "retention_ms": c.retention_ms});
+            "min_insync": c.min_insync, "retention_ms": c.retention_ms, "cleanup_policy": c.cleanup.as_str(),
+            "delete_retention_ms": c.delete_retention_ms});
         println!(
             "{}",
             serde_json::json!({"name": topic.name, "config": settings, "partitions": partitions})
@@ -385,8 +390,12 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedRepl
     let c = &topic.config;
     let retention = c.retention_ms.map_or("forever".to_string(), |ms| format!("{ms} ms"));
     println!(
-        "topic {}: {} partitions, replication {}, min.insync.replicas {}, retention.ms {retention}",
-        topic.name, c.partitions, c.replication, c.min_insync
+        "topic {}: {} partitions, replication {}, min.insync.replicas {}, retention.ms {retention}, cleanup.policy {}",
+        topic.name,
+        c.partitions,
+        c.replication,
+        c.min_insync,
+        c.cleanup.as_str()
     );
     for p in &topic.partitions {
         let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
@@ -885,14 +894,19 @@ mod tests {
         apply_setting(&mut config, "retention.ms=60000").expect("retention");
         apply_setting(&mut config, "min.insync.replicas=3").expect("min insync");
         assert_eq!((config.retention_ms, config.min_insync), (Some(60_000), 3));
-        apply_setting(&mut config, "cleanup.policy=delete").expect("the only policy");
-        let compact = apply_setting(&mut config, "cleanup.policy=compact").expect_err("not built");
-        assert!(compact.to_string().contains("only delete is supported"), "{compact}");
+        apply_setting(&mut config, "cleanup.policy=compact").expect("compact");
+        assert_eq!(config.cleanup, CleanupPolicy::Compact);
+        apply_setting(&mut config, "cleanup.policy=delete, compact").expect("both");
+        assert_eq!(config.cleanup, CleanupPolicy::CompactDelete);
+        apply_setting(&mut config, "delete.retention.ms=5").expect("tombstones");
+        assert_eq!(config.delete_retention_ms, 5);
+        let wrong = apply_setting(&mut config, "cleanup.policy=shred").expect_err("no such policy");
+        assert!(wrong.to_string().contains("not one of delete, compact"), "{wrong}");
         let unknown = apply_setting(&mut config, "segment.bytes=1024").expect_err("unknown");
         assert!(
             unknown
                 .to_string()
-                .contains("knows retention.ms, min.insync.replicas and cleanup.policy"),
+                .contains("knows retention.ms, min.insync.replicas, cleanup.policy and delete.retention.ms"),
             "{unknown}"
         );
         assert!(apply_setting(&mut config, "retention.ms").is_err(), "no value");

@@ -331,6 +331,21 @@ fn admin_alters_settings_and_grows_the_topic(bootstrap: &str) {
         "DELETE: back to the default"
     );
     assert_eq!(topic_setting(bootstrap, "orders", "min.insync.replicas"), "2");
+    assert_eq!(
+        alter("incremental", &["cleanup.policy=compact", "delete.retention.ms=1000"]),
+        "OK"
+    );
+    assert_eq!(topic_setting(bootstrap, "orders", "cleanup.policy"), "compact");
+    assert_eq!(topic_setting(bootstrap, "orders", "delete.retention.ms"), "1000");
+    let refused = alter("incremental", &["cleanup.policy=shred"]);
+    assert!(
+        refused
+            .as_str()
+            .is_some_and(|r| r.contains("not one of delete, compact")),
+        "{refused}"
+    );
+    assert_eq!(alter("incremental", &["cleanup.policy="]), "OK", "back to delete");
+    assert_eq!(topic_setting(bootstrap, "orders", "cleanup.policy"), "delete");
     let refused = alter("incremental", &["segment.bytes=1024"]);
     assert!(
         refused.as_str().is_some_and(|r| r.contains("segment.bytes")),

@@ -1897,3 +1897,146 @@ async fn identical_replicas_from(client: &Client, topic: &str, start: u64, nodes
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `cleanup.policy=compact`: on every replica the closed segments keep
+/// only the latest record of each key (a tombstone too, within
+/// `delete.retention.ms`), at its offset; replicas compact on their own
+/// and agree on every offset they both hold; a consumer reads the latest
+/// values across the gaps; a record without a key is refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_topic_keeps_the_latest_record_of_each_key_on_every_replica() {
+    let (cluster, _nodes, _) = start_nodes(3, 3, 170, &[("RUNNEL_SEGMENT_BYTES", "4096")]);
+    let seeds = cluster.addrs[0].to_string();
+    wait_for("the compacted topic to be created", TIMEOUT, || {
+        topic_cli(
+            &cluster,
+            &["create", "users", "-p", "1", "-r", "3", "--cleanup", "compact"],
+        )
+        .status
+        .success()
+    });
+    assert_eq!(topic_json(&cluster, "users")["config"]["cleanup_policy"], "compact");
+    let client = connect(&cluster).await;
+    let keyed = |key: &str, value: Option<String>| Record {
+        key: Some(Bytes::from(key.to_string())),
+        value: value.map(Bytes::from),
+        ..Record::default()
+    };
+    // Batch 0: keys written once, and one deleted in batch 1; then 30
+    // batches that each update the same 20 keys.
+    let mut batches = vec![
+        (0..10)
+            .map(|i| keyed(&format!("once-{i}"), Some(format!("first-{i}"))))
+            .chain([keyed("gone", Some("soon deleted".into()))])
+            .collect::<Vec<_>>(),
+        vec![keyed("gone", None)],
+    ];
+    for round in 0..30 {
+        batches.push(
+            (0..20)
+                .map(|k| keyed(&format!("k{k}"), Some(format!("round-{round}-{:<60}", k))))
+                .collect(),
+        );
+    }
+    for records in &batches {
+        let mut builder = BatchBuilder::new();
+        for record in records {
+            builder.push(record).expect("push");
+        }
+        let batch = builder.build().expect("build");
+        let deadline = Instant::now() + TIMEOUT;
+        while let Err(e) = client.produce("users", 0, batch.clone(), Acks::All).await {
+            assert!(Instant::now() < deadline, "produce: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let written: Vec<Record> = batches.concat();
+
+    // Every replica compacts its closed segments (the controller asks
+    // every 5 s; a segment holds about 40 records).
+    let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+    let deadline = Instant::now() + TIMEOUT;
+    let copies = loop {
+        let mut copies = Vec::new();
+        for &node in &nodes {
+            copies.extend(replica_records(&client, node, "users", 0).await.ok());
+        }
+        let sizes: Vec<usize> = copies.iter().map(Vec::len).collect();
+        if copies.len() == nodes.len() && sizes.iter().all(|&n| n < 120) {
+            break copies;
+        }
+        assert!(Instant::now() < deadline, "replicas never compacted: {sizes:?} records");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut latest = BTreeMap::new();
+    for record in &written {
+        latest.insert(record.key.clone(), record.value.clone());
+    }
+    for (node, records) in nodes.iter().zip(&copies) {
+        for stored in records {
+            let at = usize::try_from(stored.offset)
+                .ok()
+                .and_then(|o| written.get(o.saturating_sub(1)));
+            assert!(
+                written.contains(&stored.record),
+                "node {node}: offset {} holds a record never written (near {at:?})",
+                stored.offset
+            );
+        }
+        for (key, value) in &latest {
+            let last = records.iter().rev().find(|r| &r.record.key == key);
+            assert_eq!(
+                last.map(|r| &r.record.value),
+                Some(value),
+                "node {node}: latest of {key:?}"
+            );
+        }
+        let once: Vec<_> = records
+            .iter()
+            .filter(|r| r.record.key.as_deref().is_some_and(|k| k.starts_with(b"once-")))
+            .collect();
+        assert_eq!(once.len(), 10, "node {node}: keys written once stay");
+        let gone: Vec<_> = records
+            .iter()
+            .filter(|r| r.record.key.as_deref() == Some(b"gone".as_slice()))
+            .collect();
+        assert_eq!(gone.len(), 1, "node {node}: only the tombstone of a deleted key stays");
+        assert_eq!(gone[0].record.value, None);
+    }
+    let by_offset: Vec<BTreeMap<u64, &Record>> = copies
+        .iter()
+        .map(|records| records.iter().map(|r| (r.offset, &r.record)).collect())
+        .collect();
+    for (offset, record) in &by_offset[0] {
+        for other in &by_offset[1..] {
+            if let Some(theirs) = other.get(offset) {
+                assert_eq!(theirs, record, "replicas disagree at offset {offset}");
+            }
+        }
+    }
+
+    let consumed = runnel()
+        .args(["consume", "users", "-o", "beginning", "-e", "--seeds", &seeds])
+        .arg("--certs")
+        .arg(&cluster.certs)
+        .output()
+        .expect("consume");
+    assert!(consumed.status.success(), "{consumed:?}");
+    let printed = String::from_utf8_lossy(&consumed.stdout);
+    // Lines are `key<TAB>value`.
+    for k in 0..20 {
+        let key = format!("k{k}\t");
+        let last = printed.lines().rev().find(|l| l.starts_with(&key));
+        let expected = format!("{key}round-29-{k:<60}");
+        assert_eq!(
+            last,
+            Some(expected.as_str()),
+            "k{k}'s latest value is read in {printed}"
+        );
+    }
+
+    let keyless = produce_one_to(&client, "users", 0, "no key", Acks::All)
+        .await
+        .expect_err("a compacted topic needs keys");
+    assert!(keyless.to_string().contains("every record needs a key"), "{keyless}");
+}

@@ -330,6 +330,16 @@ impl Broker {
         }
     }
 
+    /// Asks the local replica of `group` to compact its log.
+    pub fn compact(&self, group: GroupId, delete_retention_ms: u64) {
+        if let Some(replica) = self.replica(group) {
+            let _ = replica.cast(ReplicaMsg::Compact {
+                delete_retention_ms,
+                continued: false,
+            });
+        }
+    }
+
     /// What the local replica of `group` knows of `node`'s passive replica
     /// (see [`crate::ReplicaCore::judge_passive`]).
     pub async fn judge_passive(

@@ -14,8 +14,8 @@ use bytes::Bytes;
 // they live in the client protocol.
 pub use runnel_client::plan::{Plan, SqlObject};
 pub use runnel_client::protocol::{
-    DataflowMeta, GroupId, MetadataError, NodeId, TopicConfig, TopicSetting, PARTITIONS_MAX, REPLICATION_MAX,
-    TOPIC_SETTINGS_MAX,
+    CleanupPolicy, DataflowMeta, GroupId, MetadataError, NodeId, TopicConfig, TopicSetting, PARTITIONS_MAX,
+    REPLICATION_MAX, TOPIC_SETTINGS_MAX,
 };
 use runnel_storage::{BatchBuilder, Record, RecordBatch, StorageError};
 use serde::{Deserialize, Serialize};
@@ -874,10 +874,14 @@ pub(crate) mod tests {
     fn metadata_command_tags_are_pinned_and_versioned() {
         for (tag, command) in every_command().into_iter().enumerate() {
             let value = encode_command(&command).expect("encodes");
-            assert_eq!(&value[..3], &[COMMAND_MAGIC, 5, tag as u8], "{command:?}");
+            assert_eq!(&value[..3], &[COMMAND_MAGIC, 6, tag as u8], "{command:?}");
             assert_eq!(decode_command(&value), Ok(command.clone()));
+            if matches!(command, MetadataCommand::CreateTopic { .. }) {
+                continue; // its config changed in format 6: see the next test
+            }
             let mut earlier = value;
             for version in [
+                COMMAND_FORMAT_V5,
                 COMMAND_FORMAT_V4,
                 COMMAND_FORMAT_V3,
                 COMMAND_FORMAT_V2,
@@ -887,6 +891,52 @@ pub(crate) mod tests {
                 assert_eq!(decode_command(&earlier), Ok(command.clone()), "version {version}");
             }
         }
+    }
+
+    #[test]
+    fn a_create_topic_of_format_5_reads_with_the_default_cleanup_policy() {
+        let old = CommandV5::CreateTopic {
+            name: "t".into(),
+            config: TopicConfigV5 {
+                partitions: 3,
+                replication: 2,
+                min_insync: 1,
+                retention_ms: Some(9),
+            },
+            assignment: vec![vec![NodeId(1), NodeId(2)]; 3],
+        };
+        let mut value = vec![COMMAND_MAGIC, COMMAND_FORMAT_V5];
+        value.extend(postcard::to_allocvec(&old).expect("encodes"));
+        let MetadataCommand::CreateTopic {
+            name,
+            config,
+            assignment,
+        } = decode_command(&value).expect("reads")
+        else {
+            panic!("not a CreateTopic");
+        };
+        assert_eq!((name.as_str(), assignment.len()), ("t", 3));
+        assert_eq!(
+            (
+                config.partitions,
+                config.replication,
+                config.min_insync,
+                config.retention_ms
+            ),
+            (3, 2, 1, Some(9))
+        );
+        assert_eq!(config.cleanup, runnel_client::protocol::CleanupPolicy::Delete);
+        // Unversioned (format 0) too.
+        assert_eq!(decode_command(&value[2..]), decode_command(&value));
+        // A format-6 CreateTopic keeps its policy.
+        let mut compacted = TopicConfig::new(1, 1);
+        compacted.cleanup = runnel_client::protocol::CleanupPolicy::Compact;
+        let command = MetadataCommand::CreateTopic {
+            name: "c".into(),
+            config: compacted,
+            assignment: vec![vec![NodeId(1)]],
+        };
+        assert_eq!(decode_command(&encode_command(&command).expect("encodes")), Ok(command));
     }
 
     #[test]
@@ -984,7 +1034,7 @@ pub(crate) mod tests {
 /// the same postcard encoding. Any other version is refused by name: a node
 /// must not skip a command it cannot read, or its metadata would diverge.
 pub const COMMAND_MAGIC: u8 = 0xC5;
-pub const COMMAND_FORMAT_VERSION: u8 = 5;
+pub const COMMAND_FORMAT_VERSION: u8 = 6;
 /// Version 1 wrote the same encoding, before the SQL commands existed.
 const COMMAND_FORMAT_V1: u8 = 1;
 /// Version 2 wrote the same encoding, before `KafkaListener` existed.
@@ -995,6 +1045,9 @@ const COMMAND_FORMAT_V3: u8 = 3;
 /// Version 4 wrote the same encoding, before `AlterTopic`,
 /// `AddPartitions` and `ResetDataflow` existed.
 const COMMAND_FORMAT_V4: u8 = 4;
+/// Version 5 wrote `TopicConfig` without `cleanup` and
+/// `delete_retention_ms` (see [`legacy_create_topic`]).
+const COMMAND_FORMAT_V5: u8 = 5;
 
 /// Why a controller-log record could not be read as a command.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -1047,14 +1100,58 @@ pub fn encode_command(command: &MetadataCommand) -> Result<Vec<u8>, StorageError
 /// A command from its record value (see [`COMMAND_MAGIC`]).
 pub fn decode_command(value: &[u8]) -> Result<MetadataCommand, CommandFormatError> {
     let body = match value {
-        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION | COMMAND_FORMAT_V4 | COMMAND_FORMAT_V3 | COMMAND_FORMAT_V2 | COMMAND_FORMAT_V1, body @ ..] => {
+        [COMMAND_MAGIC, COMMAND_FORMAT_VERSION, body @ ..] => {
+            return postcard::from_bytes(body).map_err(|e| CommandFormatError::Malformed(e.to_string()))
+        }
+        [COMMAND_MAGIC, COMMAND_FORMAT_V5 | COMMAND_FORMAT_V4 | COMMAND_FORMAT_V3 | COMMAND_FORMAT_V2 | COMMAND_FORMAT_V1, body @ ..] => {
             body
         }
         [COMMAND_MAGIC, version, ..] => return Err(CommandFormatError::UnknownVersion(*version)),
         [COMMAND_MAGIC] => return Err(CommandFormatError::Malformed("a magic byte and no version".to_string())),
         legacy => legacy,
     };
+    if let Some(command) = legacy_create_topic(body) {
+        return Ok(command);
+    }
     postcard::from_bytes(body).map_err(|e| CommandFormatError::Malformed(e.to_string()))
+}
+
+/// `TopicConfig` as formats 0 to 5 wrote it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct TopicConfigV5 {
+    partitions: u32,
+    replication: u16,
+    min_insync: u16,
+    retention_ms: Option<u64>,
+}
+
+/// The one command of formats 0 to 5 whose encoding changed: `CreateTopic`
+/// (tag 0), read with its old config. Any other tag is not this one.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+enum CommandV5 {
+    CreateTopic {
+        name: String,
+        config: TopicConfigV5,
+        assignment: Vec<Vec<NodeId>>,
+    },
+}
+
+fn legacy_create_topic(body: &[u8]) -> Option<MetadataCommand> {
+    let CommandV5::CreateTopic {
+        name,
+        config,
+        assignment,
+    } = postcard::from_bytes(body).ok()?;
+    let mut current = TopicConfig::new(config.partitions, config.replication);
+    current.min_insync = config.min_insync;
+    current.retention_ms = config.retention_ms;
+    Some(MetadataCommand::CreateTopic {
+        name,
+        config: current,
+        assignment,
+    })
 }
 
 /// A command as the controller log holds it: one record of its own.

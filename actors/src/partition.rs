@@ -20,6 +20,9 @@ use crate::replica::{ReplicaConfig, ReplicaCore};
 
 /// Produce requests waiting on one replica at most; more are refused as busy.
 pub const WAITERS_MAX: usize = 8192;
+/// Compaction steps (each reads at most 4 MiB) one message runs: the
+/// replica answers its other messages between them.
+pub const COMPACTION_STEPS_PER_MESSAGE: usize = 4;
 
 /// Where a replica's outgoing Raft messages go.
 pub trait RaftRouter: Send + Sync + 'static {
@@ -112,6 +115,14 @@ pub enum ReplicaMsg {
     /// (the topic's `retention.ms`).
     Retain {
         retention_ms: u64,
+    },
+    /// Compact the log (the topic's `cleanup.policy` compacts) a few
+    /// bounded steps at a time; `continued` is the replica's own reminder
+    /// that a pass is under way (the controller's periodic ones are then
+    /// left to it).
+    Compact {
+        delete_retention_ms: u64,
+        continued: bool,
     },
     /// Test-only fault hook: the replica's handler panics, as a bug would.
     InjectPanic,
@@ -218,6 +229,9 @@ pub struct PartitionCore<R> {
 pub struct ReplicaState {
     part: PartitionCore<RpcReplyPort<Result<u64, BrokerError>>>,
     args: ReplicaArgs,
+    /// A compaction pass is under way, driven by the replica's own
+    /// `Compact { continued: true }` messages.
+    compacting: bool,
 }
 
 pub struct PartitionReplica;
@@ -250,12 +264,16 @@ impl Actor for PartitionReplica {
         );
         args.passive
             .store(part.core().is_passive(), std::sync::atomic::Ordering::Relaxed);
-        Ok(ReplicaState { part, args })
+        Ok(ReplicaState {
+            part,
+            args,
+            compacting: false,
+        })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<ReplicaMsg>,
+        myself: ActorRef<ReplicaMsg>,
         message: ReplicaMsg,
         state: &mut ReplicaState,
     ) -> Result<(), ActorProcessingErr> {
@@ -308,6 +326,20 @@ impl Actor for PartitionReplica {
             }
             ReplicaMsg::Promoted => state.part.core_mut().promoted()?,
             ReplicaMsg::Retain { retention_ms } => state.part.retain(runnel_client::unix_now_ms(), retention_ms),
+            ReplicaMsg::Compact {
+                delete_retention_ms,
+                continued,
+            } => {
+                if continued || !state.compacting {
+                    state.compacting = state.part.compact(runnel_client::unix_now_ms(), delete_retention_ms);
+                    if state.compacting {
+                        let _ = myself.cast(ReplicaMsg::Compact {
+                            delete_retention_ms,
+                            continued: true,
+                        });
+                    }
+                }
+            }
             ReplicaMsg::InjectPanic => panic!("injected fault in the replica of group {}", state.args.group),
         }
         let (router, group) = (&state.args.router, state.args.group);
@@ -451,6 +483,35 @@ impl<R: ProduceReply> PartitionCore<R> {
         }
     }
 
+    /// Log compaction: a few bounded steps (see
+    /// [`ReplicaCore::compact_log`]); whether a pass is still under way. A
+    /// failure is logged, not fatal: the records stay as they are.
+    pub fn compact(&mut self, now_ms: i64, delete_retention_ms: u64) -> bool {
+        match self
+            .core
+            .compact_log(now_ms, delete_retention_ms, COMPACTION_STEPS_PER_MESSAGE)
+        {
+            Ok(done) => {
+                if let Some(outcome) = done.finished.filter(|o| o.segments_rewritten > 0) {
+                    tracing::info!(
+                        partition = %self.group.named(),
+                        segments = outcome.segments_rewritten,
+                        bytes_before = outcome.bytes_before,
+                        bytes_after = outcome.bytes_after,
+                        records_removed = outcome.records_removed,
+                        tombstones_removed = outcome.tombstones_removed,
+                        "compaction rewrote segments"
+                    );
+                }
+                done.more
+            }
+            Err(e) => {
+                tracing::warn!(partition = %self.group.named(), error = %e, "compaction failed; the records stay");
+                false
+            }
+        }
+    }
+
     /// Advances the replica's clock and its view of which voters are in sync.
     pub fn tick(&mut self) -> bool {
         let work = self.core.tick();
@@ -489,6 +550,10 @@ impl<R: ProduceReply> PartitionCore<R> {
         // be read back as a Raft configuration change).
         if batch.header().attributes != 0 {
             let reason = format!("batch attributes must be 0, not {:#06x}", batch.header().attributes);
+            return Some(BrokerError::InvalidRequest(reason));
+        }
+        if batch.is_compacted() {
+            let reason = "batch format 3 is written by log compaction only; producers send format 2".to_string();
             return Some(BrokerError::InvalidRequest(reason));
         }
         None

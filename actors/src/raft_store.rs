@@ -23,7 +23,10 @@ use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, EntryType, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use runnel_storage::batch::ATTRIBUTE_CONTROL;
-use runnel_storage::{BatchBuilder, DurableKv, FsyncPolicy, Log, LogConfig, Record, RecordBatch};
+use runnel_storage::{
+    BatchBuilder, CompactionOutcome, CompactionSettings, CompactionStep, Compactor, DurableKv, FsyncPolicy, Log,
+    LogConfig, Record, RecordBatch,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ActorError, Result};
@@ -80,6 +83,15 @@ struct ControlEntry {
     context: Vec<u8>,
 }
 
+/// Where log compaction stands after [`PartitionStore::compact_log`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogCompaction {
+    /// A pass is under way: call again.
+    pub more: bool,
+    /// The pass that ended in these steps.
+    pub finished: Option<CompactionOutcome>,
+}
+
 /// What one retention pass deleted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Compacted {
@@ -129,6 +141,9 @@ pub struct PartitionStore {
     /// only learns that the entries are unavailable, so the replica's
     /// owner checks this after driving it ([`PartitionStore::read_damage`]).
     read_damage: std::sync::OnceLock<String>,
+    /// Log compaction's pass under way (topics with `cleanup.policy`
+    /// compact); in memory only, as a new pass starts over safely.
+    compactor: Compactor,
 }
 
 /// Data bytes of recently appended entries kept in memory per replica.
@@ -216,6 +231,7 @@ impl PartitionStore {
             recent: VecDeque::new(),
             recent_bytes: 0,
             read_damage: std::sync::OnceLock::new(),
+            compactor: Compactor::default(),
         })
     }
 
@@ -619,6 +635,44 @@ impl PartitionStore {
         }))
     }
 
+    /// Runs up to `steps_max` bounded steps of log compaction over the
+    /// entries up to `applied` (see [`Log::compact_step`]). Compaction keeps
+    /// every batch and its offsets, so the entry index is unchanged; a
+    /// follower sent a compacted entry stores it as it is. Each replica
+    /// compacts its own files; what a reader can see agrees across them.
+    pub fn compact_log(
+        &mut self,
+        now_ms: i64,
+        delete_retention_ms: u64,
+        applied: u64,
+        steps_max: usize,
+    ) -> Result<LogCompaction> {
+        let end_offset = match self.slot(applied) {
+            Some(slot) => slot.next_offset,
+            None => self.snapshot.start_offset,
+        };
+        let settings = CompactionSettings {
+            delete_retention_ms,
+            ..CompactionSettings::new(end_offset, now_ms)
+        };
+        for _ in 0..steps_max {
+            match self.log.compact_step(&mut self.compactor, &settings)? {
+                CompactionStep::More => {}
+                CompactionStep::Idle => return Ok(LogCompaction::default()),
+                CompactionStep::Finished(outcome) => {
+                    return Ok(LogCompaction {
+                        more: false,
+                        finished: Some(outcome),
+                    })
+                }
+            }
+        }
+        Ok(LogCompaction {
+            more: true,
+            finished: None,
+        })
+    }
+
     /// Reads entry `index` back from the log.
     fn read_entry(&self, index: u64, slot: EntrySlot) -> Result<Entry> {
         let batches = self.log.read(slot.base_offset, 1)?;
@@ -980,6 +1034,86 @@ mod tests {
         let reopened = PartitionStore::open(dir.path(), config, true).expect("reopen");
         assert!(reopened.recent.is_empty());
         assert_eq!(values(&reopened, 1, 5), remembered);
+    }
+
+    fn keyed_entry(index: u64, term: u64, round: u64) -> Entry {
+        let mut builder = BatchBuilder::new();
+        for key in 0..3 {
+            builder
+                .push(&Record {
+                    timestamp_ms: 1,
+                    key: Some(format!("k{key}").into_bytes().into()),
+                    value: Some(format!("r{round}/k{key}").into_bytes().into()),
+                    ..Record::default()
+                })
+                .expect("push");
+        }
+        Entry {
+            index,
+            term,
+            data: builder.build().expect("build").into_shared(),
+            ..Entry::default()
+        }
+    }
+
+    /// Compaction goes no further than the applied entries, keeps every
+    /// entry's index, term and offsets, and a follower sent the compacted
+    /// entries stores them as they are: both agree on every record.
+    #[test]
+    fn compaction_keeps_entries_in_place_and_a_follower_stores_compacted_entries() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut leader, config) = small_segment_store(dir.path());
+        let entries: Vec<Entry> = (1..=40).map(|i| keyed_entry(i, 1, i)).collect();
+        leader.append(&entries).expect("append");
+        leader.sync().expect("sync");
+        let terms: Vec<u64> = (1..=40).map(|i| leader.term(i).expect("term")).collect();
+        let offsets: Vec<_> = (1..=40).map(|i| leader.entry_offsets(i)).collect();
+        let nothing_applied = leader.compact_log(1_000, 60_000, 0, 1_000).expect("compact");
+        assert_eq!(nothing_applied.finished, None, "nothing applied, nothing compacted");
+        let done = leader.compact_log(1_000, 60_000, 40, 1_000).expect("compact");
+        let outcome = done.finished.expect("a pass ended");
+        assert!(outcome.records_removed > 50, "{outcome:?}");
+        assert_eq!(
+            (1..=40).map(|i| leader.term(i).expect("term")).collect::<Vec<_>>(),
+            terms
+        );
+        assert_eq!((1..=40).map(|i| leader.entry_offsets(i)).collect::<Vec<_>>(), offsets);
+
+        // Reopened, the leader reads entries from its (compacted) log rather
+        // than from memory.
+        drop(leader);
+        let leader = PartitionStore::open(dir.path(), config.clone(), true).expect("reopen");
+        let follower_dir = tempfile::tempdir().expect("temp dir");
+        let mut follower = PartitionStore::open(follower_dir.path(), config, true).expect("open");
+        follower.bootstrap(&[1]).expect("bootstrap");
+        let context = GetEntriesContext::empty(false);
+        let sent = leader.entries(1, 41, None, context).expect("entries");
+        follower.append(&sent).expect("append");
+        follower.sync().expect("sync");
+        let read = |store: &PartitionStore| -> Vec<_> {
+            store
+                .log()
+                .read(0, 1 << 20)
+                .expect("read")
+                .iter()
+                .flat_map(|b| b.records().map(|r| r.expect("record")).collect::<Vec<_>>())
+                .collect()
+        };
+        let records = read(&leader);
+        assert!(records.len() < 40, "{} records left", records.len());
+        assert_eq!(read(&follower), records);
+        assert_eq!(follower.entry_offsets(40), offsets[39]);
+        // The latest round of every key is there.
+        for key in 0..3 {
+            let latest = records
+                .iter()
+                .rev()
+                .find(|r| r.record.key.as_deref() == Some(format!("k{key}").as_bytes()));
+            assert_eq!(
+                latest.and_then(|r| r.record.value.clone()),
+                Some(format!("r40/k{key}").into_bytes().into())
+            );
+        }
     }
 
     /// Retention moves the snapshot point before it deletes files; a crash

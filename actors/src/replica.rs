@@ -16,7 +16,7 @@ use runnel_storage::{BatchHeader, LogConfig, RecordBatch};
 
 use crate::error::{ActorError, Result};
 use crate::protocol::PassiveAnswer;
-use crate::raft_store::{Compacted, PartitionStore};
+use crate::raft_store::{Compacted, LogCompaction, PartitionStore};
 
 /// Ticks a replica just opened counts as already elapsed towards its first
 /// election timeout: with the default timing, its first election comes after
@@ -708,6 +708,16 @@ impl ReplicaCore {
         self.raw
             .mut_store()
             .compact_for_retention(now_ms, retention_ms, applied)
+    }
+
+    /// Log compaction (`cleanup.policy` compact): up to `steps_max`
+    /// bounded steps over what this replica has applied (see
+    /// [`PartitionStore::compact_log`]).
+    pub fn compact_log(&mut self, now_ms: i64, delete_retention_ms: u64, steps_max: usize) -> Result<LogCompaction> {
+        let applied = self.raw.raft.raft_log.applied;
+        self.raw
+            .mut_store()
+            .compact_log(now_ms, delete_retention_ms, applied, steps_max)
     }
 
     /// Committed batches from `offset` (control batches included; a consumer

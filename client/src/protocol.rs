@@ -88,7 +88,8 @@ pub const CLIENT_ACTOR: &str = "client.broker";
 /// byte can never start an unversioned payload (a postcard enum tag below
 /// 0x80).
 pub const PAYLOAD_MAGIC: u8 = 0xB5;
-pub const PAYLOAD_VERSION: u8 = 1;
+/// Version 2: `TopicConfig` gained `cleanup` and `delete_retention_ms`.
+pub const PAYLOAD_VERSION: u8 = 2;
 
 /// Why a payload could not be encoded or read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -248,7 +249,61 @@ pub struct TopicConfig {
     /// Replicas that must hold a record before `acks=all` answers; Raft's
     /// majority is the floor.
     pub min_insync: u16,
+    /// Closed segments older than this go (when `cleanup` deletes).
     pub retention_ms: Option<u64>,
+    /// `cleanup.policy` (controller-log format 6 and payload version 2 on).
+    pub cleanup: CleanupPolicy,
+    /// `delete.retention.ms`: how long compaction keeps a key's tombstone.
+    pub delete_retention_ms: u64,
+}
+
+/// `delete.retention.ms`'s default, as Kafka's: a day.
+pub const DELETE_RETENTION_MS_DEFAULT: u64 = 24 * 3600 * 1000;
+
+/// What happens to a topic's old records (Kafka's `cleanup.policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CleanupPolicy {
+    /// Closed segments past `retention.ms` are deleted.
+    #[default]
+    Delete,
+    /// Closed segments keep only the latest record of each key.
+    Compact,
+    /// Both.
+    CompactDelete,
+}
+
+impl CleanupPolicy {
+    /// From Kafka's spelling: `delete`, `compact`, or both joined by a comma.
+    pub fn parse(value: &str) -> Result<CleanupPolicy, String> {
+        let mut parts: Vec<&str> = value.split(',').map(str::trim).collect();
+        parts.sort_unstable();
+        parts.dedup();
+        match parts.as_slice() {
+            ["delete"] => Ok(CleanupPolicy::Delete),
+            ["compact"] => Ok(CleanupPolicy::Compact),
+            ["compact", "delete"] => Ok(CleanupPolicy::CompactDelete),
+            _ => Err(format!(
+                "cleanup.policy {value:?} is not one of delete, compact, compact,delete"
+            )),
+        }
+    }
+
+    /// Kafka's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleanupPolicy::Delete => "delete",
+            CleanupPolicy::Compact => "compact",
+            CleanupPolicy::CompactDelete => "compact,delete",
+        }
+    }
+
+    pub fn compacts(self) -> bool {
+        self != CleanupPolicy::Delete
+    }
+
+    pub fn deletes(self) -> bool {
+        self != CleanupPolicy::Compact
+    }
 }
 
 impl TopicConfig {
@@ -258,6 +313,8 @@ impl TopicConfig {
             replication,
             min_insync: replication / 2 + 1,
             retention_ms: Some(7 * 24 * 3600 * 1000),
+            cleanup: CleanupPolicy::Delete,
+            delete_retention_ms: DELETE_RETENTION_MS_DEFAULT,
         }
     }
 
@@ -406,6 +463,10 @@ pub enum TopicSetting {
     MinInsync(u16),
     /// `retention.ms`; none keeps records forever.
     RetentionMs(Option<u64>),
+    /// `cleanup.policy` (controller-log format 6 on).
+    Cleanup(CleanupPolicy),
+    /// `delete.retention.ms` (controller-log format 6 on).
+    DeleteRetentionMs(u64),
 }
 
 impl TopicSetting {
@@ -414,6 +475,8 @@ impl TopicSetting {
         match self {
             TopicSetting::MinInsync(n) => config.min_insync = *n,
             TopicSetting::RetentionMs(ms) => config.retention_ms = *ms,
+            TopicSetting::Cleanup(policy) => config.cleanup = *policy,
+            TopicSetting::DeleteRetentionMs(ms) => config.delete_retention_ms = *ms,
         }
     }
 }
@@ -711,7 +774,17 @@ mod tests {
             ClientRequest::ResetDataflow { name: "d".into() },
         ];
         assert_tags(&requests);
-        assert_tags(&[TopicSetting::MinInsync(1), TopicSetting::RetentionMs(None)]);
+        assert_tags(&[
+            TopicSetting::MinInsync(1),
+            TopicSetting::RetentionMs(None),
+            TopicSetting::Cleanup(CleanupPolicy::Compact),
+            TopicSetting::DeleteRetentionMs(0),
+        ]);
+        assert_tags(&[
+            CleanupPolicy::Delete,
+            CleanupPolicy::Compact,
+            CleanupPolicy::CompactDelete,
+        ]);
         assert_tags(&group_requests());
         assert_tags(&group_responses());
         use GroupErrorKind::*;

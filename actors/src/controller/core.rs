@@ -131,6 +131,10 @@ pub enum Command {
     /// Ask the local replica of `group` to delete its closed segments whose
     /// newest record is older than `retention_ms` (the topic's setting).
     Retain { group: GroupId, retention_ms: u64 },
+    /// Ask the local replica of `group` to compact its log (the topic's
+    /// `cleanup.policy` compacts), keeping a key's tombstone for
+    /// `delete_retention_ms`.
+    Compact { group: GroupId, delete_retention_ms: u64 },
 }
 
 /// What a node does next about its damaged replica of a group (see
@@ -300,20 +304,33 @@ impl ControllerCore {
         commands
     }
 
-    /// Retention for every partition hosted here whose topic sets
-    /// `retention.ms`. Every replica applies it to its own files. Runnel's
-    /// internal topics that hold state or unread input keep every record
-    /// (see `holds_state`).
+    /// Retention and compaction for every partition hosted here: retention
+    /// where the topic's `cleanup.policy` deletes and it sets
+    /// `retention.ms`, compaction where the policy compacts. Every replica
+    /// applies them to its own files. Runnel's internal topics that hold
+    /// state or unread input are never cut by retention (see
+    /// `holds_state`); one created compacted is compacted.
     pub fn retention(&self) -> Vec<Command> {
         let mut commands = Vec::new();
-        for topic in self.meta.metadata.topics.values().filter(|t| !holds_state(&t.name)) {
-            let Some(retention_ms) = topic.config.retention_ms else {
-                continue;
-            };
+        for topic in self.meta.metadata.topics.values() {
+            let config = &topic.config;
+            let retention_ms = config
+                .retention_ms
+                .filter(|_| config.cleanup.deletes() && !holds_state(&topic.name));
             for partition in 0..topic.assignment.len() as u32 {
                 let group = topic.group_id(partition);
-                if self.hosted.contains(&group) {
+                if !self.hosted.contains(&group) {
+                    continue;
+                }
+                if let Some(retention_ms) = retention_ms {
                     commands.push(Command::Retain { group, retention_ms });
+                }
+                if config.cleanup.compacts() {
+                    let delete_retention_ms = config.delete_retention_ms;
+                    commands.push(Command::Compact {
+                        group,
+                        delete_retention_ms,
+                    });
                 }
             }
         }

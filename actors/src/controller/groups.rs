@@ -12,7 +12,7 @@ use super::service::{BrokerService, ServiceError};
 use super::Shared;
 use crate::groups::core::{Answer, GroupError, GroupState, GroupsCore, Join, Joined, Synced, Ticket};
 use crate::groups::{offset_key, parse_offset, OffsetCache, CACHED_OFFSETS_MAX};
-use crate::metadata::{GroupId, MetadataError, NodeId, TopicConfig};
+use crate::metadata::{CleanupPolicy, GroupId, MetadataError, NodeId, TopicConfig};
 use crate::protocol::{Acks, BrokerError};
 use runnel_client::protocol::{GroupErrorKind, GroupInfo, GroupListing, GroupMemberInfo, GroupRequest, GroupResponse};
 
@@ -60,7 +60,9 @@ impl BrokerService {
             return Ok(());
         }
         let replication = self.alive_nodes().len().clamp(1, 3) as u16;
-        let config = TopicConfig::new(OFFSETS_PARTITIONS, replication);
+        let mut config = TopicConfig::new(OFFSETS_PARTITIONS, replication);
+        // A group's latest commit per partition is what counts, as Kafka's.
+        config.cleanup = CleanupPolicy::Compact;
         match self.create_topic(OFFSETS_TOPIC.to_string(), config).await {
             Ok(()) | Err(ServiceError::Refused(MetadataError::TopicExists(_))) => Ok(()),
             Err(e) => Err(e),

@@ -240,7 +240,7 @@ impl BrokerService {
     ) -> Result<u64, ServiceError> {
         let group = self.locate(topic, partition).await?;
         let batch = RecordBatch::from_bytes(batch).map_err(|e| BrokerError::InvalidRequest(e.to_string()))?;
-        let min_insync = self.min_insync(topic);
+        let min_insync = self.admit(topic, &batch)?;
         Ok(self.shared.broker.produce(group, batch, acks, min_insync).await?)
     }
 
@@ -253,18 +253,27 @@ impl BrokerService {
         batch: RecordBatch,
     ) -> Result<u64, ServiceError> {
         let group = self.locate(topic, partition).await?;
-        let min_insync = self.min_insync(topic);
+        let min_insync = self.admit(topic, &batch)?;
         Ok(self.shared.broker.produce(group, batch, acks, min_insync).await?)
     }
 
-    /// The topic's `min.insync.replicas` (0 if it is not known here).
-    fn min_insync(&self, topic: &str) -> u16 {
+    /// The topic's `min.insync.replicas` (0 if it is not known here), once
+    /// the batch suits the topic: a compacted topic takes only records with
+    /// a key, as Kafka's (compaction keeps the latest record of each key).
+    fn admit(&self, topic: &str, batch: &RecordBatch) -> Result<u16, BrokerError> {
         let core = self.shared.core();
-        core.meta()
-            .metadata
-            .topics
-            .get(topic)
-            .map_or(0, |t| t.config.min_insync)
+        let Some(info) = core.meta().metadata.topics.get(topic) else {
+            return Ok(0);
+        };
+        if info.config.cleanup.compacts() {
+            if let Some(index) = batch.views().position(|v| v.is_ok_and(|v| v.key.is_none())) {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "topic {topic:?} is compacted (cleanup.policy={}): every record needs a key, and record {index} of the batch has none",
+                    info.config.cleanup.as_str()
+                )));
+            }
+        }
+        Ok(info.config.min_insync)
     }
 
     /// Committed batches of a partition from `offset`.

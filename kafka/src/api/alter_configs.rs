@@ -19,7 +19,12 @@ const TOPIC: i8 = 2;
 /// Resources one request may change at most.
 const RESOURCES_MAX: usize = 1000;
 /// The topic settings Runnel keeps, by their Kafka names.
-const SETTINGS: [&str; 3] = ["cleanup.policy", "min.insync.replicas", "retention.ms"];
+const SETTINGS: [&str; 4] = [
+    "cleanup.policy",
+    "delete.retention.ms",
+    "min.insync.replicas",
+    "retention.ms",
+];
 
 pub async fn handle(context: &Context, request: AlterConfigsRequest, _version: i16) -> AlterConfigsResponse {
     let mut responses = Vec::with_capacity(request.resources.len().min(RESOURCES_MAX));
@@ -86,12 +91,12 @@ async fn settings(context: &Context, resource: &AlterConfigsResource) -> Result<
     Ok(settings)
 }
 
-/// The default of a setting for a topic like `config` (none for
-/// `cleanup.policy`, whose only value is its default).
+/// The default of a setting for a topic like `config`.
 pub(crate) fn default_setting(name: &str, config: &TopicConfig) -> Result<Option<TopicSetting>, KafkaError> {
     let defaults = TopicConfig::new(config.partitions, config.replication);
     Ok(match name {
-        "cleanup.policy" => None,
+        "cleanup.policy" => Some(TopicSetting::Cleanup(defaults.cleanup)),
+        "delete.retention.ms" => Some(TopicSetting::DeleteRetentionMs(defaults.delete_retention_ms)),
         "min.insync.replicas" => Some(TopicSetting::MinInsync(defaults.min_insync)),
         "retention.ms" => Some(TopicSetting::RetentionMs(defaults.retention_ms)),
         other => {

@@ -2,7 +2,7 @@
 //! placement. `num_partitions` and `replication_factor` of -1 take the
 //! defaults (1 partition; 3 replicas, or fewer on a smaller cluster).
 //! Settings Runnel has are taken from `configs` (`retention.ms`,
-//! `min.insync.replicas`, `cleanup.policy=delete`); any other is refused by
+//! `min.insync.replicas`, `cleanup.policy`, `delete.retention.ms`); any other is refused by
 //! name rather than silently ignored. Manual replica assignments are
 //! refused: Runnel places replicas itself.
 
@@ -10,7 +10,7 @@ use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::{CreateTopicsRequest, CreateTopicsResponse};
 use kafka_protocol::ResponseError;
-use runnel_actors::metadata::{TopicConfig, TopicSetting};
+use runnel_actors::metadata::{CleanupPolicy, TopicConfig, TopicSetting};
 
 use super::{str_bytes, Context};
 use crate::errors::KafkaError;
@@ -97,8 +97,8 @@ fn apply_setting(config: &mut TopicConfig, name: &str, value: Option<&str>) -> R
     Ok(())
 }
 
-/// A Kafka topic setting as Runnel's (none for `cleanup.policy=delete`,
-/// which is what Runnel does); any setting Runnel lacks is refused by name.
+/// A Kafka topic setting as Runnel's; any setting Runnel lacks is refused
+/// by name.
 pub(crate) fn topic_setting(name: &str, value: Option<&str>) -> Result<Option<TopicSetting>, KafkaError> {
     let invalid = |why: &str| KafkaError::new(ResponseError::InvalidConfig, format!("{name}={value:?}: {why}"));
     let value = value.ok_or_else(|| invalid("no value"))?;
@@ -110,12 +110,14 @@ pub(crate) fn topic_setting(name: &str, value: Option<&str>) -> Result<Option<To
         "min.insync.replicas" => Some(TopicSetting::MinInsync(
             value.parse().map_err(|_| invalid("not a number"))?,
         )),
-        "cleanup.policy" if value == "delete" => None,
-        "cleanup.policy" => return Err(invalid("only `delete` is supported (log compaction is not built yet)")),
-        _ => {
-            return Err(invalid(
-                "not a setting Runnel has (it has retention.ms, min.insync.replicas, cleanup.policy)",
-            ))
-        }
+        "cleanup.policy" => Some(TopicSetting::Cleanup(
+            CleanupPolicy::parse(value).map_err(|e| invalid(e.as_str()))?,
+        )),
+        "delete.retention.ms" => Some(TopicSetting::DeleteRetentionMs(
+            value.parse().map_err(|_| invalid("not a whole number of ms"))?,
+        )),
+        _ => return Err(invalid(
+            "not a setting Runnel has (it has retention.ms, min.insync.replicas, cleanup.policy, delete.retention.ms)",
+        )),
     })
 }

@@ -58,8 +58,7 @@ async fn topic_configs(context: &Context, topic: &str) -> Result<Vec<DescribeCon
             DescribeConfigsResourceResult::default()
                 .with_name(str_bytes(name))
                 .with_value(Some(str_bytes(&value)))
-                // Only `delete` is built (no log compaction yet).
-                .with_read_only(name == "cleanup.policy")
+                .with_read_only(false)
                 .with_config_source(SOURCE_TOPIC)
                 .with_config_type(kind)
         })
@@ -69,7 +68,8 @@ async fn topic_configs(context: &Context, topic: &str) -> Result<Vec<DescribeCon
 /// A topic's settings under Kafka's names: (name, value, Kafka type).
 pub(crate) fn settings(config: &TopicConfig) -> Vec<(&'static str, String, i8)> {
     vec![
-        ("cleanup.policy", "delete".to_string(), TYPE_STRING),
+        ("cleanup.policy", config.cleanup.as_str().to_string(), TYPE_STRING),
+        ("delete.retention.ms", config.delete_retention_ms.to_string(), TYPE_LONG),
         ("min.insync.replicas", config.min_insync.to_string(), TYPE_INT),
         (
             "retention.ms",

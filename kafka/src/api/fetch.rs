@@ -28,6 +28,9 @@ const POLL: Duration = Duration::from_millis(5);
 /// Partitions one fetch may read at most.
 const PARTITIONS_MAX: usize = 10_000;
 
+/// Reads one fetch makes past batches compaction emptied, at most.
+const EMPTIED_READS_MAX: usize = 64;
+
 pub async fn handle(context: &Context, request: FetchRequest, _version: i16) -> FetchResponse {
     let wait = Duration::from_millis(request.max_wait_ms.max(0) as u64).min(WAIT_MAX);
     let deadline = Instant::now() + wait;
@@ -126,12 +129,29 @@ async fn read(
         }
         Err(e) => return Err(e.into()),
     };
-    let records = match limit {
-        0 => bytes::Bytes::new(),
-        _ => fetched_batches(&fetched.batches, offset, limit)
-            .map_err(|e| KafkaError::new(ResponseError::KafkaStorageError, format!("{e:#}")))?,
-    };
-    Ok((records, fetched.start_offset, fetched.committed_offset))
+    if limit == 0 {
+        return Ok((bytes::Bytes::new(), fetched.start_offset, fetched.committed_offset));
+    }
+    let (start, committed) = (fetched.start_offset, fetched.committed_offset);
+    let mut batches = fetched.batches;
+    let mut from = offset;
+    for _ in 0..EMPTIED_READS_MAX {
+        let records = fetched_batches(&batches, from, limit)
+            .map_err(|e| KafkaError::new(ResponseError::KafkaStorageError, format!("{e:#}")))?;
+        let read_to = batches.last().map_or(from, |b| b.next_offset());
+        if !records.is_empty() || read_to <= from || read_to >= committed {
+            return Ok((records, start, committed));
+        }
+        // Every batch read was emptied by compaction: a Kafka client would
+        // ask for the same offset again, so read on past them.
+        from = read_to;
+        batches = context
+            .service
+            .fetch(topic, partition, from, limit as u32, false)
+            .await?
+            .batches;
+    }
+    Ok((bytes::Bytes::new(), start, committed))
 }
 
 fn out_of_range(offset: u64, start: u64, end: u64) -> KafkaError {

@@ -1672,6 +1672,10 @@ impl World {
                 Command::DeleteFiles { group } => self.delete_files(id, group)?,
                 Command::PreferLeader { group, node } => self.prefer_leader(id, group, node)?,
                 Command::Retain { group, retention_ms } => self.retain(id, group, retention_ms)?,
+                Command::Compact {
+                    group,
+                    delete_retention_ms,
+                } => self.compact(id, group, delete_retention_ms)?,
             }
         }
         Ok(())
@@ -1746,6 +1750,34 @@ impl World {
             self.note(format!(
                 "group {group}: node {id} retention deleted {} segments, log starts at {}",
                 done.segments, done.start_offset
+            ));
+        }
+        self.drive(id, group)
+    }
+
+    /// As `ReplicaMsg::Compact` and the replica's own reminders: the local
+    /// replica compacts its log by the simulated clock until the pass ends.
+    fn compact(&mut self, id: NodeId, group: GroupId, delete_retention_ms: u64) -> Result<(), String> {
+        const STEPS_MAX: usize = 100_000;
+        let now_ms = self.now() as i64;
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some(part) = node.groups.get_mut(&group) else {
+            return Ok(());
+        };
+        let done = part
+            .core_mut()
+            .compact_log(now_ms, delete_retention_ms, STEPS_MAX)
+            .map_err(|e| format!("node {id} group {group} compaction: {e}"))?;
+        if done.more {
+            return Err(format!(
+                "node {id} group {group}: compaction did not end in {STEPS_MAX} steps"
+            ));
+        }
+        if let Some(outcome) = done.finished.filter(|o| o.segments_rewritten > 0) {
+            *self.report.faults.entry("log_compactions".to_string()).or_default() += 1;
+            self.note(format!(
+                "group {group}: node {id} compaction rewrote {} segments, removed {} records",
+                outcome.segments_rewritten, outcome.records_removed
             ));
         }
         self.drive(id, group)

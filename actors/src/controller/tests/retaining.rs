@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::controller::core::Command;
+use crate::metadata::TopicSetting;
 
 /// A core on node 2 hosting partition 0 of each topic (assigned to 1, 2, 3).
 fn hosting(topics: &[(&str, Option<u64>)]) -> ControllerCore {
@@ -52,4 +53,41 @@ fn every_hosted_stream_with_a_retention_is_asked_to_apply_it_but_internal_state_
     expected.sort_by_key(|command| format!("{command:?}"));
     assert_eq!(asked, expected);
     assert!(core_of(2).retention().is_empty(), "nothing hosted here");
+}
+
+#[test]
+fn compacted_topics_are_asked_to_compact_and_only_deleting_policies_expire() {
+    use runnel_client::protocol::CleanupPolicy;
+    let mut core = hosting(&[("compact", Some(60_000)), ("both", Some(60_000))]);
+    for (name, policy) in [
+        ("compact", CleanupPolicy::Compact),
+        ("both", CleanupPolicy::CompactDelete),
+    ] {
+        apply(
+            &mut core,
+            MetadataCommand::AlterTopic {
+                name: name.to_string(),
+                settings: vec![TopicSetting::Cleanup(policy), TopicSetting::DeleteRetentionMs(1_000)],
+            },
+        );
+    }
+    let group_of = |name: &str| core.meta().metadata.topics[name].group_id(0);
+    let mut asked = core.retention();
+    asked.sort_by_key(|command| format!("{command:?}"));
+    let mut expected = vec![
+        Command::Compact {
+            group: group_of("compact"),
+            delete_retention_ms: 1_000,
+        },
+        Command::Compact {
+            group: group_of("both"),
+            delete_retention_ms: 1_000,
+        },
+        Command::Retain {
+            group: group_of("both"),
+            retention_ms: 60_000,
+        },
+    ];
+    expected.sort_by_key(|command| format!("{command:?}"));
+    assert_eq!(asked, expected, "retention.ms does not apply under compact alone");
 }
