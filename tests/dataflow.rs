@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -155,6 +155,25 @@ async fn reference(client: &Arc<Client>) -> BTreeMap<(String, i64), u64> {
         .filter_map(|r| serde_json::from_slice(r.value.as_deref()?).ok())
         .collect();
     fraud::reference(&attempts)
+}
+
+/// The SQL query's state over what the source topic holds: every window
+/// above the threshold, closed or not (its 24-hour grace keeps them all).
+async fn open_reference(client: &Arc<Client>) -> BTreeMap<(String, i64), u64> {
+    let mut counts: BTreeMap<(String, i64), u64> = BTreeMap::new();
+    for record in read_all(client, fraud::SOURCE).await {
+        let Some(attempt) = record
+            .value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Attempt>(v).ok())
+        else {
+            continue;
+        };
+        let start = attempt.at_ms - attempt.at_ms.rem_euclid(fraud::WINDOW_MS);
+        *counts.entry((attempt.card_number, start)).or_default() += 1;
+    }
+    counts.retain(|_, count| *count > fraud::THRESHOLD);
+    counts
 }
 
 /// The sink's results, and how many (card, window) keys came more than once.
@@ -412,6 +431,10 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
             "WINDOW needs a GROUP BY",
         ),
         ("SELECT card_number FROM\n  authorization_attempts WHERE = 3;", "line 2"),
+        (
+            "SELECT * FROM authorization_attempts WHERE card_number = 'card-1';",
+            "AUTHORIZATION_ATTEMPTS holds no state to look up",
+        ),
     ] {
         let output = sql(&cluster, statement);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -465,10 +488,18 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         "the seed statement: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let output = sql(&cluster, "SELECT * FROM possible_fraud WHERE KSQL_COL_0 > 3;");
+    let refused = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && refused.contains("looks rows up by its key CARD_NUMBER"),
+        "a pull query on a column without an index: {refused}"
+    );
     start_dataflow(&cluster);
     let client = connect(&cluster.addrs, &cluster.certs).await;
     let mut generator = Generator::new(4, 2_000, START_MS, 10);
     produce(&client, generator.by_ref().take(20_000)).await;
+    tracing::info!("phase: pull queries answer from the tasks' state");
+    expect_pulled(&cluster, &open_reference(&client).await);
     // A record that does not match the declared schema (amount_cents is a BIGINT).
     let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
         .await
@@ -496,6 +527,8 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     tracing::info!("node 3 killed");
     let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
     produce(&survivors, generator.by_ref().take(20_000)).await;
+    tracing::info!("phase: pull queries answer from the state restored on the survivors");
+    expect_pulled(&cluster, &open_reference(&survivors).await);
     close_windows(&survivors, &generator).await;
     let expected = reference(&survivors).await;
     assert!(expected.len() > 20, "the generator makes fraud: {}", expected.len());
@@ -614,6 +647,69 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     let topics = String::from_utf8_lossy(&cli(&cluster, &["topic", "list", "--all"]).stdout).to_string();
     assert!(topics.contains("possible_fraud.checkpoints"), "{topics}");
     drop(cluster);
+}
+
+/// A pull query's rows (`--format json`) as (card, window start) -> count,
+/// or its error.
+fn pull(cluster: &Cluster, statement: &str) -> Result<BTreeMap<(String, i64), u64>, String> {
+    let output = cli(cluster, &["sql", "--format", "json", "-e", statement]);
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let mut rows = BTreeMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let row: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{e}: {line}"))?;
+        let field = |name: &str| {
+            row[name]
+                .as_str()
+                .map(str::to_string)
+                .ok_or(format!("no {name} in {line}"))
+        };
+        let start = field("WINDOWSTART")?.parse().map_err(|e| format!("{e}: {line}"))?;
+        let count = field("KSQL_COL_0")?.parse().map_err(|e| format!("{e}: {line}"))?;
+        rows.insert((field("CARD_NUMBER")?, start), count);
+    }
+    Ok(rows)
+}
+
+/// Waits until pull queries answer what `expected` (the reference over
+/// the input so far, every window still open) says: by key for a few
+/// cards, and by a range scan over every task's state.
+fn expect_pulled(cluster: &Cluster, expected: &BTreeMap<(String, i64), u64>) {
+    let cards: BTreeSet<&String> = expected.keys().map(|(card, _)| card).take(3).collect();
+    assert!(!cards.is_empty(), "the input holds fraud");
+    for card in cards {
+        let wanted: BTreeMap<(String, i64), u64> = expected
+            .iter()
+            .filter(|((c, _), _)| c == card)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        wait_pulled(
+            cluster,
+            &format!("SELECT * FROM possible_fraud WHERE card_number = '{card}';"),
+            &wanted,
+        );
+    }
+    wait_pulled(
+        cluster,
+        "SELECT * FROM possible_fraud WHERE card_number >= '';",
+        expected,
+    );
+}
+
+fn wait_pulled(cluster: &Cluster, statement: &str, wanted: &BTreeMap<(String, i64), u64>) {
+    let started = Instant::now();
+    loop {
+        let pulled = pull(cluster, statement);
+        if pulled.as_ref() == Ok(wanted) {
+            return;
+        }
+        assert!(
+            started.elapsed() < RESULTS_TIMEOUT,
+            "{statement} answered {pulled:?}, not {wanted:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// Polls the SQL sink until each (card, window) reached its expected

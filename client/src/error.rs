@@ -12,6 +12,9 @@ pub enum ClientError {
     Refused(#[from] MetadataError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// A dataflow task's state could not be read (a pull query).
+    #[error(transparent)]
+    State(#[from] crate::tasks::StateError),
     #[error("topic {0:?} does not exist")]
     UnknownTopic(String),
     #[error("partition {partition} of topic {topic:?} does not exist (it has {partitions})")]

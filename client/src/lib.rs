@@ -30,6 +30,8 @@
 //!   share a group.
 //! - [`plan`]: dataflows as data: the versioned logical plan SQL statements
 //!   compile to, committed with the query, and the SQL catalog's objects.
+//! - [`state`]: reading dataflow tasks' state (pull queries), from the
+//!   node that runs the task owning a key.
 //! - [`tasks`]: the seam between the controller and a node's dataflow
 //!   runtime (`TaskHost`, task assignments and figures, internal topic
 //!   names) and the supervisors' `RestartPolicy`, here so that the dataflow
@@ -48,6 +50,7 @@ pub mod policy;
 pub mod producer;
 pub mod protocol;
 pub mod routing;
+pub mod state;
 pub mod tasks;
 
 pub use consumer::{Consumer, FetchedBatches, FetchedRecords};

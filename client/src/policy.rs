@@ -69,7 +69,10 @@ pub fn classify_client(error: &ClientError) -> Outcome {
         // Routing gave up; one of its attempts may have been applied (its
         // text says), so a caller must not assume otherwise.
         ClientError::Unavailable { .. } => Outcome::Unknown,
-        ClientError::Storage(_)
+        // A read: asking again changes nothing.
+        ClientError::State(e) if e.is_retryable() => Outcome::Retry,
+        ClientError::State(_)
+        | ClientError::Storage(_)
         | ClientError::Refused(_)
         | ClientError::UnknownTopic(_)
         | ClientError::PartitionOutOfRange { .. }

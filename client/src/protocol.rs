@@ -450,6 +450,14 @@ pub enum ClientRequest {
     ResetDataflow {
         name: String,
     },
+    /// Reads a dataflow task's state on the node running it (answered
+    /// `State`): the rows of `key` (the postcard key its stage groups by),
+    /// or every row without one. What a pull query sends.
+    ReadState {
+        dataflow: String,
+        task: u32,
+        key: Option<serde_bytes::ByteBuf>,
+    },
 }
 
 /// Settings one `AlterTopic` changes at most.
@@ -678,6 +686,7 @@ pub enum ClientResponse {
     Catalog(Catalog),
     FailedReplicas(Vec<FailedReplica>),
     Group(GroupResponse),
+    State(Result<Vec<crate::tasks::StateRow>, crate::tasks::StateError>),
 }
 
 /// A replica its node no longer runs, and why.
@@ -772,6 +781,11 @@ mod tests {
                 partitions: 1,
             },
             ClientRequest::ResetDataflow { name: "d".into() },
+            ClientRequest::ReadState {
+                dataflow: "d".into(),
+                task: 0,
+                key: None,
+            },
         ];
         assert_tags(&requests);
         assert_tags(&[

@@ -15,6 +15,8 @@
 //! supervisor back off restarts alike.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use runnel_cluster::NodeId;
@@ -81,6 +83,53 @@ pub struct TaskStatus {
     pub checkpoints: u64,
 }
 
+/// One row of a task's state, as its sink gets it: the record's key and
+/// value, JSON (a windowed key carries the window's bounds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateRow {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+/// Rows one state read returns at most.
+pub const STATE_ROWS_MAX: usize = 10_000;
+
+/// Why a task's state cannot be read (a pull query).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum StateError {
+    #[error("task {task} of {dataflow} does not run on this node (it may be moving)")]
+    NotHere { dataflow: String, task: u32 },
+    #[error("task {task} of {dataflow} is restoring its state from its checkpoint; retry shortly")]
+    Restoring { dataflow: String, task: u32 },
+    #[error("task {task} of {dataflow} keeps no state to read (a stage without an aggregate)")]
+    Stateless { dataflow: String, task: u32 },
+    #[error("task {task} of {dataflow} did not answer in time (restoring or busy); retry shortly")]
+    Busy { dataflow: String, task: u32 },
+    #[error("more than {STATE_ROWS_MAX} rows match in task {task} of {dataflow}; narrow the key range")]
+    TooManyRows { dataflow: String, task: u32 },
+    #[error("reading the state of task {task} of {dataflow}: {reason}")]
+    Failed {
+        dataflow: String,
+        task: u32,
+        reason: String,
+    },
+}
+
+impl StateError {
+    /// Whether asking again (after the task settles) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StateError::NotHere { .. } | StateError::Restoring { .. } | StateError::Busy { .. }
+        )
+    }
+}
+
+/// A state read under way.
+pub type StateRead = Pin<Box<dyn Future<Output = Result<Vec<StateRow>, StateError>> + Send>>;
+
 /// A node's dataflow runtime, as the controller drives it.
 pub trait TaskHost: Send + Sync {
     /// The plan of registered steps of a dataflow this node's binary
@@ -93,6 +142,10 @@ pub trait TaskHost: Send + Sync {
     fn assign(&self, tasks: Vec<TaskAssignment>, plans: BTreeMap<String, Plan>);
     /// Figures of the tasks running here.
     fn status(&self) -> Vec<TaskStatus>;
+    /// The current rows of task `task`'s state for `key` (the postcard
+    /// encoding its stage groups by), or every row without one: what a
+    /// pull query reads.
+    fn read_state(&self, dataflow: &str, task: u32, key: Option<Vec<u8>>) -> StateRead;
 }
 
 /// The topics a dataflow writes, with their partition counts, for a source

@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use runnel_client::plan::{Operator, Plan, Sink, Source, PLAN_FORMAT_VERSION, STEP_CHARS_MAX};
+use runnel_client::tasks::StateRow;
 
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 
@@ -136,6 +137,22 @@ pub trait WindowStage: Send + Sync {
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError>;
     fn late_records(&self) -> u64;
     fn watermark_ms(&self) -> i64;
+    /// The current rows of the open windows of `key` (postcard, as `add`
+    /// takes it), or of every key, as the sink would get them; `None` when
+    /// more than `limit` windows match.
+    fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError>;
+}
+
+/// What `Emitted` holds, as state rows.
+pub fn state_rows(out: &Emitted) -> Vec<StateRow> {
+    out.iter()
+        .filter_map(|record| {
+            Some(StateRow {
+                key: record.key.unwrap_or_default().to_vec(),
+                value: record.value?.to_vec(),
+            })
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -710,9 +727,18 @@ where
     A: Serialize + Clone,
 {
     fn drain(&mut self, out: &mut Emitted) -> Result<(), StageError> {
+        let mut results = std::mem::take(&mut self.results);
+        let encoded = self.encode(&results, out);
+        results.clear();
+        self.results = results;
+        encoded
+    }
+
+    /// Results as the sink's records (after `HAVING`).
+    fn encode(&self, results: &[WindowResult<EncodedKey, A>], out: &mut Emitted) -> Result<(), StageError> {
         let unencodable = |e: serde_json::Error| StageError::Unencodable(e.to_string());
-        for result in self.results.drain(..) {
-            let (key, window, value, retract) = match &result {
+        for result in results {
+            let (key, window, value, retract) = match result {
                 WindowResult::Update { key, window, value } => (key, window, value, false),
                 WindowResult::Retract { key, window, value } => (key, window, value, true),
             };
@@ -800,6 +826,16 @@ where
 
     fn watermark_ms(&self) -> i64 {
         self.operator.watermark_ms()
+    }
+
+    fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
+        let key = key.map(EncodedKey::new);
+        let Some(current) = self.operator.current(key.as_ref(), limit) else {
+            return Ok(None);
+        };
+        let mut out = Emitted::default();
+        self.encode(&current, &mut out)?;
+        Ok(Some(state_rows(&out)))
     }
 }
 

@@ -21,9 +21,12 @@ use std::time::Duration;
 use runnel_client::plan::{AggregateCall, AggregateFunction, Column, EmitMode, Operator, Plan, PlanError, WindowSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{DataflowDef, Emitted, EncodedKey, SourceStage, StageError, WindowStage, WindowStageFactory};
+use crate::builder::{
+    state_rows, DataflowDef, Emitted, EncodedKey, SourceStage, StageError, WindowStage, WindowStageFactory,
+};
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
+use runnel_client::tasks::StateRow;
 
 /// The span of the one window of an unwindowed aggregate.
 const ALL_TIME_MS: i64 = 1 << 62;
@@ -246,6 +249,13 @@ impl SqlSource {
     }
 }
 
+/// The key an aggregate stage groups by, encoded as its source stage
+/// encodes it for the repartition topic: what a pull query looks a key's
+/// rows up by (and routes by, with `partition_for_key`).
+pub fn group_key(values: &[Value]) -> Result<Vec<u8>, String> {
+    postcard::to_allocvec(values).map_err(|e| e.to_string())
+}
+
 fn to_postcard<T: Serialize>(value: &T) -> impl FnOnce(&mut Vec<u8>) -> Result<(), postcard::Error> + '_ {
     move |bytes| postcard::to_io(value, bytes).map(drop)
 }
@@ -444,8 +454,21 @@ struct SqlWindowStage {
 
 impl SqlWindowStage {
     fn drain(&mut self, out: &mut Emitted) -> Result<(), StageError> {
-        for result in self.results.drain(..) {
-            let (key, window, state, retract) = match &result {
+        let mut results = std::mem::take(&mut self.results);
+        let encoded = self.encode(&results, out);
+        results.clear();
+        self.results = results;
+        encoded
+    }
+
+    /// Results as the sink's records (after `HAVING` and the projection).
+    fn encode(
+        &self,
+        results: &[WindowResult<EncodedKey, Vec<Accumulator>>],
+        out: &mut Emitted,
+    ) -> Result<(), StageError> {
+        for result in results {
+            let (key, window, state, retract) = match result {
                 WindowResult::Update { key, window, value } => (key, window, value, false),
                 WindowResult::Retract { key, window, value } => (key, window, value, true),
             };
@@ -525,5 +548,15 @@ impl WindowStage for SqlWindowStage {
 
     fn watermark_ms(&self) -> i64 {
         self.operator.watermark_ms()
+    }
+
+    fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
+        let key = key.map(EncodedKey::new);
+        let Some(current) = self.operator.current(key.as_ref(), limit) else {
+            return Ok(None);
+        };
+        let mut out = Emitted::default();
+        self.encode(&current, &mut out)?;
+        Ok(Some(state_rows(&out)))
     }
 }

@@ -13,9 +13,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use runnel_client::protocol::NodeId;
-use runnel_client::tasks::{RestartPolicy, TaskAssignment, TaskHost, TaskStatus};
+use runnel_client::tasks::{RestartPolicy, StateError, StateRead, StateRow, TaskAssignment, TaskHost, TaskStatus};
 use runnel_client::{Client, LocalNode};
 
 use runnel_client::plan::{Plan, PlanError};
@@ -161,7 +162,44 @@ impl TaskHost for DataflowHost {
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
             .collect()
     }
+
+    fn read_state(&self, dataflow: &str, task: u32, key: Option<Vec<u8>>) -> StateRead {
+        let supervisor = self.supervisor.clone();
+        let key_of_task = (dataflow.to_string(), task);
+        Box::pin(async move {
+            let failed = |reason: String| StateError::Failed {
+                dataflow: key_of_task.0.clone(),
+                task,
+                reason,
+            };
+            let asked = supervisor
+                .call(
+                    |reply| SupervisorMsg::ReadState {
+                        task: key_of_task.clone(),
+                        key,
+                        reply,
+                    },
+                    Some(STATE_READ_TIMEOUT),
+                )
+                .await
+                .map_err(|e| failed(format!("the task supervisor did not answer: {e}")))?;
+            match asked {
+                CallResult::Success(answer) => answer,
+                CallResult::Timeout => Err(StateError::Busy {
+                    dataflow: key_of_task.0.clone(),
+                    task,
+                }),
+                CallResult::SenderError => Err(failed("the task stopped before answering".to_string())),
+            }
+        })
+    }
 }
+
+/// How long a state read waits for its task.
+const STATE_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a state read's answer goes.
+type StateReply = RpcReplyPort<Result<Vec<StateRow>, StateError>>;
 
 pub enum SupervisorMsg {
     /// Every task placed on this node now, and the plans of those a SQL
@@ -169,6 +207,12 @@ pub enum SupervisorMsg {
     Assign(Vec<TaskAssignment>, BTreeMap<String, Plan>),
     /// Start a task that is wanted but not running (after a back-off).
     Restart(TaskKey),
+    /// Read a task's state (a pull query); its task answers.
+    ReadState {
+        task: TaskKey,
+        key: Option<Vec<u8>>,
+        reply: StateReply,
+    },
 }
 
 pub struct SupervisorArgs {
@@ -260,6 +304,22 @@ impl Actor for TaskSupervisor {
                     state.start(&myself, key).await;
                 }
             }
+            SupervisorMsg::ReadState { task, key, reply } => match state.running.get(&task) {
+                Some(actor) => {
+                    let message = TaskMsg::ReadState {
+                        task: task.clone(),
+                        key,
+                        reply,
+                    };
+                    if let Err(e) = actor.cast(message) {
+                        tracing::debug!(dataflow = %task.0, task = task.1, error = %e, "a state read found its task stopping");
+                    }
+                }
+                None => {
+                    let (dataflow, task) = task;
+                    let _ = reply.send(Err(StateError::NotHere { dataflow, task }));
+                }
+            },
         }
         Ok(())
     }
@@ -421,6 +481,13 @@ pub enum TaskMsg {
     Restore,
     /// Run one step.
     Step,
+    /// Read the task's state (a pull query): answered between steps, and
+    /// refused as retryable until the state is restored.
+    ReadState {
+        task: TaskKey,
+        key: Option<Vec<u8>>,
+        reply: StateReply,
+    },
 }
 
 pub struct TaskArgs {
@@ -464,6 +531,13 @@ impl Actor for TaskActor {
                 let runner = TaskRunner::restore(args.def, args.assignment, args.client, args.status).await?;
                 *state = TaskState::Running(Box::new(runner), BUSY_POLL);
                 myself.cast(TaskMsg::Step)?;
+            }
+            (TaskMsg::ReadState { key, reply, .. }, TaskState::Running(runner, _)) => {
+                let _ = reply.send(runner.read_state(key.as_deref()));
+            }
+            (TaskMsg::ReadState { task, reply, .. }, TaskState::Restoring(_)) => {
+                let (dataflow, task) = task;
+                let _ = reply.send(Err(StateError::Restoring { dataflow, task }));
             }
             (TaskMsg::Step, TaskState::Running(runner, wait)) => {
                 if runner.step().await? {

@@ -29,7 +29,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use runnel_client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic, TaskAssignment, TaskStatus};
+use runnel_client::tasks::{
+    checkpoint_topic, dead_letter_topic, repartition_topic, StateError, StateRow, TaskAssignment, TaskStatus,
+    STATE_ROWS_MAX,
+};
 use runnel_client::{partition_for_key, Acks, BrokerError, Client, ClientError, ClientResult, FetchedBatches};
 use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, RecordView};
 use serde::{Deserialize, Serialize};
@@ -548,6 +551,25 @@ impl<C: TaskIo> TaskRunner<C> {
             "task restored from its checkpoint"
         );
         Ok(())
+    }
+
+    /// The current rows of this task's state for `key` (or every key): a
+    /// pull query's answer, from the state restored and kept up to date
+    /// by this task.
+    pub fn read_state(&self, key: Option<&[u8]>) -> Result<Vec<StateRow>, StateError> {
+        let (dataflow, task) = (self.def.name.clone(), self.assignment.task);
+        let Some(window) = &self.window else {
+            return Err(StateError::Stateless { dataflow, task });
+        };
+        match window.read(key, STATE_ROWS_MAX) {
+            Ok(Some(rows)) => Ok(rows),
+            Ok(None) => Err(StateError::TooManyRows { dataflow, task }),
+            Err(e) => Err(StateError::Failed {
+                dataflow,
+                task,
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// One round: read, process, send. Returns whether there was input.

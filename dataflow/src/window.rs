@@ -194,6 +194,25 @@ impl<A> Session<A> {
     }
 }
 
+/// Adds one window's current value to `out`; `None` past `limit`.
+fn push_bounded<K: Clone, A: Clone>(
+    out: &mut Vec<WindowResult<K, A>>,
+    limit: usize,
+    key: &K,
+    window: WindowBounds,
+    value: &A,
+) -> Option<()> {
+    if out.len() >= limit {
+        return None;
+    }
+    out.push(WindowResult::Update {
+        key: key.clone(),
+        window,
+        value: value.clone(),
+    });
+    Some(())
+}
+
 /// Why a window operator refused to go on.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WindowError {
@@ -268,6 +287,39 @@ where
     /// Windows (fixed) or sessions open now.
     pub fn open_windows(&self) -> usize {
         self.fixed.values().map(|keys| keys.len()).sum::<usize>() + self.session_closing.len()
+    }
+
+    /// Each open window's current aggregate for `key` (or, without one,
+    /// for every key), oldest first: what a pull query reads. At most
+    /// `limit` of them; `None` when there are more.
+    pub fn current(&self, key: Option<&K>, limit: usize) -> Option<Vec<WindowResult<K, A>>> {
+        let size = self.window.size_ms();
+        let mut out = Vec::new();
+        for (&start_ms, keys) in &self.fixed {
+            let window = WindowBounds {
+                start_ms,
+                end_ms: start_ms + size,
+            };
+            let mut found: Vec<(&K, &A)> = match key {
+                Some(key) => keys.get_key_value(key).into_iter().collect(),
+                None => keys.iter().collect(),
+            };
+            found.sort_by(|a, b| a.0.cmp(b.0));
+            for (key, value) in found {
+                push_bounded(&mut out, limit, key, window, value)?;
+            }
+        }
+        let mut sessions: Vec<(&K, &Vec<Session<A>>)> = match key {
+            Some(key) => self.sessions.get_key_value(key).into_iter().collect(),
+            None => self.sessions.iter().collect(),
+        };
+        sessions.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, sessions) in sessions {
+            for session in sessions {
+                push_bounded(&mut out, limit, key, session.bounds(), &session.value)?;
+            }
+        }
+        Some(out)
     }
 
     fn closes_at(&self, end_ms: i64) -> i64 {

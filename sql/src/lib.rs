@@ -9,11 +9,14 @@
 //!   the controller's metadata, so every node runs them and they outlive
 //!   the session.
 //! - [`push`]: push queries, run in the client over live records.
+//! - [`pull`]: pull queries, answered from the state of the task that owns
+//!   the key, on the node that runs it.
 //! - [`error`]: errors that name the line and column they are about.
 
 pub mod error;
 pub mod parse;
 pub mod planner;
+pub mod pull;
 pub mod push;
 pub mod session;
 #[cfg(test)]

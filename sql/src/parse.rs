@@ -61,7 +61,8 @@ pub enum Statement {
         target: ast::Ident,
         query: Query,
     },
-    /// A push query (`SELECT … EMIT CHANGES [LIMIT n]`).
+    /// A push query (`SELECT … EMIT CHANGES [LIMIT n]`), or without `EMIT`
+    /// a pull query (`SELECT … FROM table WHERE key = …`).
     Select(Query),
     Show(Listing),
     Describe {

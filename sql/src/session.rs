@@ -20,6 +20,7 @@ use sqlparser::ast;
 use crate::error::{SqlError, SqlResult};
 use crate::parse::{self, Listing, Parsed, Query, Statement, With};
 use crate::planner::{ident, literal, plan_query, sql_type};
+use crate::pull::PullQuery;
 
 /// What a statement produced.
 #[derive(Clone, Debug, PartialEq)]
@@ -105,6 +106,11 @@ impl Session {
             } => self.create_as(text, *kind, name, with, query).await,
             Statement::InsertValues { target, columns, rows } => self.insert_values(target, columns, rows).await,
             Statement::InsertSelect { target, query } => self.insert_select(text, target, query).await,
+            Statement::Select(query) if query.emit.is_none() => {
+                let catalog = self.catalog().await?;
+                let source = source_of(&catalog, query)?;
+                PullQuery::plan(&catalog, source, query)?.run(&self.client).await
+            }
             Statement::Select(query) => {
                 let catalog = self.catalog().await?;
                 let source = source_of(&catalog, query)?;

@@ -18,7 +18,7 @@ use crate::protocol::{
     Acks, BrokerError, ClientRequest, ClientResponse, ControllerRequest, ControllerResponse, PartitionInfo,
     ReplicaHealthInfo, TopicInfo,
 };
-use crate::tasks::{DataflowShape, TaskStatus};
+use crate::tasks::{DataflowShape, StateError, StateRow, TaskStatus};
 use runnel_client::protocol::{Catalog, FailedReplica};
 
 /// How long `start_dataflow` looks for a source topic this node has not
@@ -107,6 +107,9 @@ impl BrokerService {
             ClientRequest::AlterTopic { name, settings } => done(self.alter_topic(name, settings).await),
             ClientRequest::AddPartitions { name, partitions } => done(self.add_partitions(name, partitions).await),
             ClientRequest::ResetDataflow { name } => done(self.admin(ControllerRequest::ResetDataflow { name }).await),
+            ClientRequest::ReadState { dataflow, task, key } => {
+                ClientResponse::State(self.read_state(dataflow, task, key.map(|k| k.into_vec())).await)
+            }
             ClientRequest::Produce {
                 topic,
                 partition,
@@ -496,6 +499,19 @@ impl BrokerService {
     /// Figures of the dataflow tasks running on this node.
     pub fn dataflow_tasks(&self) -> Vec<TaskStatus> {
         self.shared.tasks.as_ref().map(|host| host.status()).unwrap_or_default()
+    }
+
+    /// A dataflow task's state rows, from the task on this node.
+    pub async fn read_state(
+        &self,
+        dataflow: String,
+        task: u32,
+        key: Option<Vec<u8>>,
+    ) -> Result<Vec<StateRow>, StateError> {
+        match &self.shared.tasks {
+            Some(host) => host.read_state(&dataflow, task, key).await,
+            None => Err(StateError::NotHere { dataflow, task }),
+        }
     }
 
     /// A controller request sent to the controller leader.
