@@ -93,8 +93,19 @@ impl PullQuery {
             .read_dataflow_state(&self.dataflow, self.key.as_deref(), STATE_WAIT)
             .await
             .map_err(|e| SqlError::new(e.to_string()))?;
+        self.rows(&read)
+    }
+
+    /// The key the state is read by (every key when `None`).
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    /// The answer from the state rows read: filtered, ordered by key and
+    /// window, limited and projected.
+    pub fn rows(&self, read: &[StateRow]) -> SqlResult<Outcome> {
         let mut rows = Vec::with_capacity(read.len());
-        for state in &read {
+        for state in read {
             let row = row_of(state)?;
             if self.filters.iter().all(|f| f.holds(&row)) {
                 rows.push((String::from_utf8_lossy(&state.key).into_owned(), row));

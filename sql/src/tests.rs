@@ -430,3 +430,120 @@ fn an_unwindowed_aggregate_is_a_table_of_each_keys_latest_values() {
         .collect();
     assert_eq!(table, reference);
 }
+
+/// A pull query's key is the one the aggregate's tasks group by: the rows
+/// read from a stage fed the input are the reference's, filtered and
+/// projected; shapes a pull query cannot take are refused by name.
+#[test]
+fn pull_queries_read_the_aggregate_state_by_its_key() {
+    use runnel_client::protocol::{Catalog, DataflowMeta, NodeId};
+
+    use crate::pull::PullQuery;
+    use crate::session::Outcome;
+
+    let statement = "CREATE TABLE counts AS SELECT card, COUNT(*) AS n FROM attempts \
+        WINDOW TUMBLING (SIZE 1 MINUTE) GROUP BY card HAVING COUNT(*) > 1;";
+    let plan = plan(statement).expect("plans");
+    let meta = DataflowMeta {
+        name: "CTAS_COUNTS_0".into(),
+        source: "attempts".into(),
+        sink: "out".into(),
+        stages: 2,
+        partitions: 1,
+        placement: vec![NodeId(1), NodeId(1)],
+    };
+    let counts = SqlObject {
+        name: "COUNTS".into(),
+        kind: ObjectKind::Table,
+        topic: "out".into(),
+        columns: plan.sink.columns.clone(),
+        timestamp: None,
+        key: plan.sink.key.clone(),
+        windowed: true,
+        query: Some(meta.name.clone()),
+        statement: statement.into(),
+    };
+    let catalog = Catalog {
+        objects: vec![attempts(), counts.clone()],
+        queries: vec![(meta, plan.clone())],
+    };
+    // Card a: 3 in the first minute, 1 in the second; card b: 2, 2.
+    let def = compile("q", &plan).expect("compiles");
+    let mut window = def.window_stage.as_ref().expect("an aggregate")();
+    let (mut staged, mut out) = (Emitted::default(), Emitted::default());
+    for (card, at_ms) in [
+        ("a", 1_000),
+        ("a", 2_000),
+        ("b", 3_000),
+        ("a", 4_000),
+        ("b", 5_000),
+        ("a", 61_000),
+        ("b", 62_000),
+        ("b", 63_000),
+    ] {
+        let value = json!({"card": card, "amount": 1, "at_ms": at_ms}).to_string();
+        def.source_stage
+            .process(value.as_bytes(), 0, &mut staged)
+            .expect("decodes");
+    }
+    for record in staged.iter() {
+        window
+            .add(
+                record.key.unwrap_or_default(),
+                record.value.unwrap_or_default(),
+                record.timestamp_ms,
+                &mut out,
+            )
+            .expect("adds");
+    }
+    let pull = |select: &str| -> Result<Vec<Vec<String>>, String> {
+        let parsed = parse_statement(select).map_err(|e| e.to_string())?;
+        let Statement::Select(query) = parsed.statement else {
+            panic!("a select")
+        };
+        let object = if select.contains("attempts") {
+            attempts()
+        } else {
+            counts.clone()
+        };
+        let pulled = PullQuery::plan(&catalog, &object, &query).map_err(|e| e.to_string())?;
+        let read = window
+            .read(pulled.key(), 100)
+            .expect("reads")
+            .expect("within the limit");
+        match pulled.rows(&read).map_err(|e| e.to_string())? {
+            Outcome::Table { rows, .. } => Ok(rows),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        pull("SELECT * FROM counts WHERE card = 'a';"),
+        Ok(vec![vec!["a".into(), "3".into(), "0".into(), "60000".into()]]),
+        "HAVING drops a's second minute"
+    );
+    assert_eq!(
+        pull("SELECT n AS total, WINDOWSTART FROM counts WHERE card = 'b' AND WINDOWSTART >= 60000;"),
+        Ok(vec![vec!["2".into(), "60000".into()]])
+    );
+    assert_eq!(
+        pull("SELECT card FROM counts WHERE card >= 'a' LIMIT 2;").map(|r| r.len()),
+        Ok(2),
+        "a range scan"
+    );
+    assert_eq!(pull("SELECT * FROM counts WHERE card = 'zzz';"), Ok(vec![]));
+    for (select, error) in [
+        ("SELECT * FROM counts WHERE n > 1;", "looks rows up by its key CARD"),
+        ("SELECT * FROM counts WHERE card = 3;", "CARD is STRING"),
+        ("SELECT n + 1 FROM counts WHERE card = 'a';", "selects columns"),
+        (
+            "SELECT card, COUNT(*) FROM counts GROUP BY card;",
+            "no WINDOW, GROUP BY",
+        ),
+        ("SELECT * FROM counts WHERE card = 'a' OR card = 'b';", "joined by AND"),
+        ("SELECT nope FROM counts WHERE card = 'a';", "unknown column NOPE"),
+        ("SELECT * FROM attempts WHERE card = 'a';", "ATTEMPTS holds no state"),
+    ] {
+        let refused = pull(select).expect_err(select);
+        assert!(refused.contains(error), "{select}: {refused}");
+    }
+}
