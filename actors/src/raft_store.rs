@@ -656,7 +656,16 @@ impl PartitionStore {
             ..CompactionSettings::new(end_offset, now_ms)
         };
         for _ in 0..steps_max {
-            match self.log.compact_step(&mut self.compactor, &settings)? {
+            let step = self.log.compact_step(&mut self.compactor, &settings).map_err(|e| {
+                let e = ActorError::from(e);
+                // Damage a pass reads fails the replica for repair, as
+                // damage met by any other read does.
+                if e.is_damage() {
+                    let _ = self.read_damage.set(format!("compacting the log: {e}"));
+                }
+                e
+            })?;
+            match step {
                 CompactionStep::More => {}
                 CompactionStep::Idle => return Ok(LogCompaction::default()),
                 CompactionStep::Finished(outcome) => {
@@ -1114,6 +1123,25 @@ mod tests {
                 Some(format!("r40/k{key}").into_bytes().into())
             );
         }
+    }
+
+    /// A pass that reads a damaged segment records the damage, so the
+    /// replica's owner fails it for repair, as for any other read.
+    #[test]
+    fn damage_met_by_compaction_is_recorded_for_repair() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (mut store, _) = small_segment_store(dir.path());
+        let entries: Vec<Entry> = (1..=40).map(|i| keyed_entry(i, 1, i)).collect();
+        store.append(&entries).expect("append");
+        store.sync().expect("sync");
+        let first = dir.path().join("log").join("00000000000000000000.log");
+        let file = std::fs::OpenOptions::new().write(true).open(&first).expect("open");
+        file.write_all_at(b"\xff", 100).expect("flip a byte");
+        let failed = store.compact_log(1_000, 60_000, 40, 1_000).expect_err("damage");
+        assert!(failed.is_damage(), "{failed}");
+        let recorded = store.read_damage().expect("damage recorded");
+        assert!(recorded.to_string().contains("compacting the log"), "{recorded}");
     }
 
     /// Retention moves the snapshot point before it deletes files; a crash

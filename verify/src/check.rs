@@ -60,6 +60,21 @@ pub struct History {
     /// records below it (absent: it starts at 0). Whether a deletion was
     /// due is the harness's check, when it happens.
     pub log_starts: BTreeMap<PartitionKey, u64>,
+    /// The topic is compacted, its records keyed by [`compaction_key`]: an
+    /// acknowledged record may be gone when a later record of its key is
+    /// in the log.
+    pub compacted: bool,
+}
+
+/// Keys a compacted topic's writes share: the key of write `id`.
+pub fn compaction_key(id: &str) -> String {
+    const KEYS: u64 = 16;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("k{}", hash % KEYS)
 }
 
 impl History {
@@ -210,6 +225,9 @@ pub struct Verdict {
     /// Acknowledged writes below the final read's start: deleted by
     /// retention, not lost.
     pub expired: u64,
+    /// Acknowledged writes of a compacted topic absent because a later
+    /// record of their key is in the log: compacted away, not lost.
+    pub compacted: u64,
     /// Why writes failed or were left unknown: error text → records.
     pub failure_reasons: BTreeMap<String, u64>,
     /// Anomalies per kind (exact counts).
@@ -344,8 +362,34 @@ pub fn check(history: &History) -> Verdict {
     verdict
 }
 
+/// Per partition and compaction key, the greatest offset in the final read.
+fn latest_by_key(history: &History) -> BTreeMap<(&PartitionKey, String), u64> {
+    let mut latest = BTreeMap::new();
+    if !history.compacted {
+        return latest;
+    }
+    for (key, records) in &history.final_read {
+        for seen in records {
+            if let Some(id) = &seen.id {
+                let offset = latest.entry((key, compaction_key(id))).or_insert(seen.offset);
+                *offset = (*offset).max(seen.offset);
+            }
+        }
+    }
+    latest
+}
+
+/// Whether compaction explains why the record written as `id` at `offset`
+/// is not in the final read: a later one of its key is.
+fn compacted_away(latest: &BTreeMap<(&PartitionKey, String), u64>, key: &PartitionKey, id: &str, offset: u64) -> bool {
+    latest
+        .get(&(key, compaction_key(id)))
+        .is_some_and(|&latest| latest > offset)
+}
+
 fn check_writes(history: &History, found: &BTreeMap<&str, (&PartitionKey, Vec<u64>)>, verdict: &mut Verdict) {
     let attempted: BTreeSet<&str> = history.writes.iter().map(|w| w.id.as_str()).collect();
+    let latest = latest_by_key(history);
     for write in &history.writes {
         verdict.attempted += 1;
         let here = found.get(write.id.as_str());
@@ -355,6 +399,7 @@ fn check_writes(history: &History, found: &BTreeMap<&str, (&PartitionKey, Vec<u6
                 let key = (write.topic.clone(), write.partition);
                 match here {
                     None if *offset < history.log_start(&key) => verdict.expired += 1,
+                    None if compacted_away(&latest, &key, &write.id, *offset) => verdict.compacted += 1,
                     None => verdict.add(Anomaly::Lost {
                         id: write.id.clone(),
                         topic: write.topic.clone(),
@@ -437,6 +482,7 @@ fn check_replicas(history: &History, verdict: &mut Verdict) {
 /// Each consumer's offsets per partition only go up, and what it read is
 /// what the log holds at that offset.
 fn check_consumers(history: &History, verdict: &mut Verdict) {
+    let latest = latest_by_key(history);
     for (consumer, partitions) in &history.consumer_reads {
         for (key, reads) in partitions {
             verdict.consumer_reads += reads.len() as u64;
@@ -462,7 +508,12 @@ fn check_consumers(history: &History, verdict: &mut Verdict) {
                     continue;
                 }
                 let in_log = log.get(&seen.offset).copied();
-                if in_log != Some(&seen.id) {
+                let compacted = in_log.is_none()
+                    && seen
+                        .id
+                        .as_deref()
+                        .is_some_and(|id| compacted_away(&latest, key, id, seen.offset));
+                if in_log != Some(&seen.id) && !compacted {
                     verdict.add(Anomaly::ReadNotInLog {
                         consumer: consumer.clone(),
                         topic: key.0.clone(),

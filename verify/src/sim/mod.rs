@@ -47,7 +47,9 @@ use runnel_storage::batch::{BATCH_HEADER_BYTES, CRC_START, LOG_OVERHEAD_BYTES, O
 use runnel_storage::{BatchBuilder, FsyncPolicy, Header, LogConfig, ProducerInfo, Record, RecordBatch, StoredRecord};
 use serde::Serialize;
 
-use crate::check::{self, Anomaly, History, Outcome, PartitionKey, Seen, Verdict, Write, WRITE_ID_HEADER};
+use crate::check::{
+    self, compaction_key, Anomaly, History, Outcome, PartitionKey, Seen, Verdict, Write, WRITE_ID_HEADER,
+};
 
 mod dataflow;
 
@@ -140,6 +142,11 @@ pub struct SimConfig {
     /// deleted entries get snapshots, and each deletion is checked to take
     /// only records older than the retention.
     pub retention_ms: Option<u64>,
+    /// The topic is compacted (`cleanup.policy=compact`) and its records
+    /// share a few keys: segments are small, every replica compacts its
+    /// closed segments during the run, and the checker takes a record as
+    /// compacted away only when a later record of its key is in the log.
+    pub compact: bool,
 }
 
 impl Default for SimConfig {
@@ -167,6 +174,7 @@ impl Default for SimConfig {
             disk_damage: false,
             min_insync: None,
             retention_ms: None,
+            compact: false,
         }
     }
 }
@@ -230,6 +238,7 @@ impl SimReport {
         self.verdict.acknowledged += other.verdict.acknowledged;
         self.verdict.unknown += other.verdict.unknown;
         self.verdict.expired += other.verdict.expired;
+        self.verdict.compacted += other.verdict.compacted;
         for (kind, count) in other.faults {
             *self.faults.entry(kind).or_default() += count;
         }
@@ -241,7 +250,7 @@ impl SimReport {
         format!(
             "{:.0} simulated s; faults {:?}; {} unsynced bytes lost ({} torn writes); {} leader changes; \
              {} replica moves; messages: {} sent, {} dropped, {} duplicated, {} cut; writes: {} attempted, \
-             {} acknowledged ({} since expired by retention), {} unknown; {} committed records checked; \
+             {} acknowledged ({} since expired by retention, {} compacted away), {} unknown; {} committed records checked; \
              dataflow: {} task starts, {} task failures, {} results checked",
             self.sim_ms as f64 / 1000.0,
             self.faults,
@@ -256,6 +265,7 @@ impl SimReport {
             self.verdict.attempted,
             self.verdict.acknowledged,
             self.verdict.expired,
+            self.verdict.compacted,
             self.verdict.unknown,
             self.records_checked,
             self.task_starts,
@@ -802,7 +812,7 @@ impl World {
     }
 
     fn small_segments(&self) -> bool {
-        self.config.disk_damage || self.config.retention_ms.is_some()
+        self.config.disk_damage || self.config.retention_ms.is_some() || self.config.compact
     }
 
     fn controllers(&self) -> Vec<NodeId> {
@@ -2009,6 +2019,9 @@ impl World {
             if self.config.retention_ms.is_some() {
                 config.retention_ms = self.config.retention_ms;
             }
+            if self.config.compact {
+                config.cleanup = runnel_actors::metadata::CleanupPolicy::Compact;
+            }
             let command = node
                 .core
                 .create_topic(TOPIC.to_string(), config, &all)
@@ -2359,9 +2372,11 @@ impl World {
                 Some(_) => dataflow::attempt_value(self.rng.between(0, u64::MAX - 1), now),
                 None => id.clone().into_bytes(),
             };
-            builder
-                .push(&written_record(&id, value, now))
-                .expect("a small record encodes");
+            let mut record = written_record(&id, value, now);
+            if self.config.compact {
+                record.key = Some(Bytes::from(compaction_key(&id)));
+            }
+            builder.push(&record).expect("a small record encodes");
             ids.push(id);
         }
         (builder.build().expect("a small batch builds"), ids)
@@ -2613,6 +2628,7 @@ impl World {
         let mut history = History {
             writes: std::mem::take(&mut self.writes),
             consumer_reads: std::mem::take(&mut self.consumer_reads),
+            compacted: self.config.compact,
             ..History::default()
         };
         let topic = self
