@@ -60,6 +60,11 @@ fn start_cluster(first_host: u8) -> KafkaCluster {
 /// [`start_cluster`], serving Kafka over TLS when `tls`: each node's
 /// certificate is issued again to name its IP address, which clients check.
 fn start_cluster_with(first_host: u8, tls: bool) -> KafkaCluster {
+    start_cluster_env(first_host, tls, &[])
+}
+
+/// [`start_cluster_with`], the nodes run with `env` set.
+fn start_cluster_env(first_host: u8, tls: bool, env: &[(&str, &str)]) -> KafkaCluster {
     let scratch = tempfile::tempdir().expect("tempdir");
     let certs = scratch.path().join("certs");
     certs_init(&certs, 3);
@@ -83,8 +88,12 @@ fn start_cluster_with(first_host: u8, tls: bool) -> KafkaCluster {
                 run(issue.arg("--dir").arg(&certs), "runnel certs issue --host", None);
                 flags.push("--kafka-tls".to_string());
             }
-            NodeCommand::for_tests(env!("CARGO_BIN_EXE_runnel"), scratch.path(), &certs, &addrs)
-                .flags(flags)
+            let mut command =
+                NodeCommand::for_tests(env!("CARGO_BIN_EXE_runnel"), scratch.path(), &certs, &addrs).flags(flags);
+            for (name, value) in env {
+                command = command.env(name, value);
+            }
+            command
                 .spawn(NodeId(i as u32 + 1), addrs[i])
                 .expect("spawn runnel node")
         })
@@ -1149,4 +1158,89 @@ fn kafkajs_creates_a_topic_produces_idempotently_and_reads_in_a_group() {
     let ours: BTreeSet<_> = ours.iter().map(at).collect();
     let theirs: BTreeSet<_> = records.iter().map(|r| at(r)).collect();
     assert_eq!(ours, theirs, "both protocols read the same records at the same offsets");
+}
+
+/// A topic created compacted through Kafka's CreateTopics: once replicas
+/// compact, kcat and kafka-python read from the beginning across the gaps
+/// and get every key's latest value at the offset it was written at.
+#[test]
+fn kafka_clients_read_a_compacted_topic_across_its_gaps() {
+    let cluster = start_cluster_env(220, false, &[("RUNNEL_SEGMENT_BYTES", "4096")]);
+    let bootstrap = cluster.bootstrap(&[]);
+    wait_for("every node to be in Kafka metadata", TIMEOUT, || {
+        metadata(&bootstrap).is_some_and(|m| m["brokers"].as_array().is_some_and(|b| b.len() == 3))
+    });
+    run(
+        python().args(["create", &bootstrap, "prices", "1", "3", "cleanup.policy=compact"]),
+        "kafka-python create compacted",
+        None,
+    );
+    wait_for("the topic's leader", TIMEOUT, || {
+        leaders(&bootstrap, "prices").is_some()
+    });
+    assert_eq!(topic_setting(&bootstrap, "prices", "cleanup.policy"), "compact");
+    // Keys written once stay in closed segments; ten keys written 60 times
+    // each leave only their latest.
+    let mut lines: Vec<String> = (0..5).map(|j| format!("early-{j}:once-{j}")).collect();
+    lines.extend((0..600).map(|i| format!("item-{}:price-{i}-{:<40}", i % 10, "")));
+    let mut command = kcat();
+    // Batches of 10, so that segments roll between them.
+    command.args(["-b", &bootstrap, "-P", "-t", "prices", "-K:", "-X", "acks=all"]);
+    command.args(["-X", "batch.num.messages=10", "-X", "linger.ms=0"]);
+    run(&mut command, "kcat -P keyed", Some(lines.join("\n").as_bytes()));
+
+    // Segments of 4 KiB hold about 50 records: compaction leaves each
+    // closed segment's keys' latest and the active segment as it is.
+    let mut records = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        records = kcat_records(&bootstrap, "prices");
+        if records.len() < 200 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(records.len() < 200, "never compacted: {} records", records.len());
+    let offsets: Vec<i64> = records.iter().map(|r| r["offset"].as_i64().expect("offset")).collect();
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "offsets rise: {offsets:?}");
+    assert!(
+        offsets.windows(2).any(|w| w[1] > w[0] + 1),
+        "compaction leaves gaps: {offsets:?}"
+    );
+    let latest = |records: &[(String, String)]| -> BTreeMap<String, String> { records.iter().cloned().collect() };
+    let kcat_pairs: Vec<(String, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().unwrap_or_default().to_string(),
+                r["payload"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let mut expected: BTreeMap<String, String> = (590..600)
+        .map(|i| (format!("item-{}", i % 10), format!("price-{i}-{:<40}", "")))
+        .collect();
+    expected.extend((0..5).map(|j| (format!("early-{j}"), format!("once-{j}"))));
+    assert_eq!(latest(&kcat_pairs), expected, "every key's latest value, read by kcat");
+
+    let consumed = run(
+        python().args(["consume", &bootstrap, "prices"]),
+        "kafka-python consume",
+        None,
+    );
+    let python: Vec<(i64, String, String)> = json_lines(&consumed)
+        .iter()
+        .filter(|l| l.get("value").is_some())
+        .map(|l| {
+            let field = |name: &str| l[name].as_str().unwrap_or_default().to_string();
+            (l["offset"].as_i64().expect("offset"), field("key"), field("value"))
+        })
+        .collect();
+    let kcat_read: Vec<(i64, String, String)> = offsets
+        .iter()
+        .zip(kcat_pairs)
+        .map(|(offset, (key, value))| (*offset, key, value))
+        .collect();
+    assert_eq!(python, kcat_read, "kafka-python reads what kcat reads, offsets and all");
+    drop(cluster.scratch);
 }

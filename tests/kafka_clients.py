@@ -1,7 +1,7 @@
 """kafka-python against a Runnel cluster's Kafka listeners (tests/kafka.rs).
 
 Each command prints JSON lines the Rust test reads:
-  create BOOTSTRAP TOPIC PARTITIONS REPLICATION
+  create BOOTSTRAP TOPIC PARTITIONS REPLICATION [KEY=VALUE...] (topic settings)
   produce BOOTSTRAP TOPIC COUNT TAG     (idempotent, acks=all, gzip)
   consume BOOTSTRAP TOPIC               (every record up to the end offsets)
   group BOOTSTRAP TOPIC GROUP MAX IDLE_MS (a group member: reads until MAX
@@ -42,9 +42,11 @@ def emit(**fields):
     print(json.dumps(fields), flush=True)
 
 
-def create(bootstrap, topic, partitions, replication):
+def create(bootstrap, topic, partitions, replication, *settings):
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls(), request_timeout_ms=30000)
-    admin.create_topics([NewTopic(topic, num_partitions=int(partitions), replication_factor=int(replication))])
+    configs = dict(setting.split("=", 1) for setting in settings)
+    admin.create_topics([NewTopic(topic, num_partitions=int(partitions), replication_factor=int(replication),
+                                  topic_configs=configs)])
     emit(created=topic, topics=sorted(admin.list_topics()))
     admin.close()
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use runnel_client::plan::{Column, ObjectKind, Plan, SqlObject, SqlType};
-use runnel_client::protocol::{Catalog, TopicConfig};
+use runnel_client::protocol::{Catalog, CleanupPolicy, TopicConfig};
 use runnel_client::tasks::{checkpoint_topic, repartition_topic};
 use runnel_client::{Acks, Client, ClientError, Producer};
 use runnel_storage::Record;
@@ -262,7 +262,7 @@ impl Session {
         if catalog.objects.iter().any(|o| o.name == name) {
             return Err(SqlError::new(format!("a stream or table named {name} already exists")));
         }
-        self.ensure_topic(&topic, with).await?;
+        self.ensure_topic(&topic, kind, with).await?;
         let object = SqlObject {
             name: name.clone(),
             kind,
@@ -281,8 +281,10 @@ impl Session {
         )))
     }
 
-    /// Makes `topic` when PARTITIONS says so; else it must exist.
-    async fn ensure_topic(&self, topic: &str, with: &With) -> SqlResult<()> {
+    /// Makes `topic` when PARTITIONS says so (compacted for a table, whose
+    /// records are the latest row of each key, as ksqlDB makes it); else it
+    /// must exist.
+    async fn ensure_topic(&self, topic: &str, kind: ObjectKind, with: &With) -> SqlResult<()> {
         let exists = self
             .client
             .topics()
@@ -298,10 +300,13 @@ impl Session {
             (false, Some(partitions)) => {
                 let nodes = self.client.alive_nodes().len().max(1);
                 let replicas = with.number("REPLICAS")?.unwrap_or(nodes.min(3) as u64);
-                let config = TopicConfig::new(
+                let mut config = TopicConfig::new(
                     u32::try_from(partitions).map_err(|_| SqlError::new("PARTITIONS is too large"))?,
                     u16::try_from(replicas).map_err(|_| SqlError::new("REPLICAS is too large"))?,
                 );
+                if kind == ObjectKind::Table {
+                    config.cleanup = CleanupPolicy::Compact;
+                }
                 match self.client.create_topic(topic, config).await {
                     Ok(()) | Err(ClientError::Refused(runnel_client::protocol::MetadataError::TopicExists(_))) => {
                         Ok(())
