@@ -83,6 +83,18 @@ struct ControlEntry {
     context: Vec<u8>,
 }
 
+/// What one call of [`PartitionStore::compact_log`] may do.
+#[derive(Clone, Copy, Debug)]
+pub struct CompactLimits {
+    pub now_ms: i64,
+    pub delete_retention_ms: u64,
+    /// Compaction looks at entries up to this one (applied, so committed).
+    pub applied: u64,
+    /// Entries up to this one are on every replica (0: unknown here).
+    pub all_hold: u64,
+    pub steps_max: usize,
+}
+
 /// Where log compaction stands after [`PartitionStore::compact_log`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LogCompaction {
@@ -640,21 +652,26 @@ impl PartitionStore {
     /// every batch and its offsets, so the entry index is unchanged; a
     /// follower sent a compacted entry stores it as it is. Each replica
     /// compacts its own files; what a reader can see agrees across them.
-    pub fn compact_log(
-        &mut self,
-        now_ms: i64,
-        delete_retention_ms: u64,
-        applied: u64,
-        steps_max: usize,
-    ) -> Result<LogCompaction> {
-        let end_offset = match self.slot(applied) {
+    /// A key's expired tombstone goes only below entry `all_hold` (the
+    /// entries every replica holds, as the leader knows; 0 elsewhere): a
+    /// replica behind would otherwise be sent the emptied batch and keep
+    /// its older record of the key.
+    pub fn compact_log(&mut self, limits: CompactLimits) -> Result<LogCompaction> {
+        let offset_after = |index: u64| match self.slot(index) {
             Some(slot) => slot.next_offset,
             None => self.snapshot.start_offset,
         };
-        let settings = CompactionSettings {
-            delete_retention_ms,
-            ..CompactionSettings::new(end_offset, now_ms)
+        let end_offset = offset_after(limits.applied);
+        let tombstone_horizon_offset = match limits.all_hold {
+            0 => 0,
+            index => offset_after(index.min(limits.applied)),
         };
+        let settings = CompactionSettings {
+            delete_retention_ms: limits.delete_retention_ms,
+            tombstone_horizon_offset,
+            ..CompactionSettings::new(end_offset, limits.now_ms)
+        };
+        let steps_max = limits.steps_max;
         for _ in 0..steps_max {
             let step = self.log.compact_step(&mut self.compactor, &settings).map_err(|e| {
                 let e = ActorError::from(e);
@@ -1077,9 +1094,16 @@ mod tests {
         leader.sync().expect("sync");
         let terms: Vec<u64> = (1..=40).map(|i| leader.term(i).expect("term")).collect();
         let offsets: Vec<_> = (1..=40).map(|i| leader.entry_offsets(i)).collect();
-        let nothing_applied = leader.compact_log(1_000, 60_000, 0, 1_000).expect("compact");
+        let limits = |applied| CompactLimits {
+            now_ms: 1_000,
+            delete_retention_ms: 60_000,
+            applied,
+            all_hold: applied,
+            steps_max: 1_000,
+        };
+        let nothing_applied = leader.compact_log(limits(0)).expect("compact");
         assert_eq!(nothing_applied.finished, None, "nothing applied, nothing compacted");
-        let done = leader.compact_log(1_000, 60_000, 40, 1_000).expect("compact");
+        let done = leader.compact_log(limits(40)).expect("compact");
         let outcome = done.finished.expect("a pass ended");
         assert!(outcome.records_removed > 50, "{outcome:?}");
         assert_eq!(
@@ -1138,7 +1162,14 @@ mod tests {
         let first = dir.path().join("log").join("00000000000000000000.log");
         let file = std::fs::OpenOptions::new().write(true).open(&first).expect("open");
         file.write_all_at(b"\xff", 100).expect("flip a byte");
-        let failed = store.compact_log(1_000, 60_000, 40, 1_000).expect_err("damage");
+        let limits = CompactLimits {
+            now_ms: 1_000,
+            delete_retention_ms: 60_000,
+            applied: 40,
+            all_hold: 40,
+            steps_max: 1_000,
+        };
+        let failed = store.compact_log(limits).expect_err("damage");
         assert!(failed.is_damage(), "{failed}");
         let recorded = store.read_damage().expect("damage recorded");
         assert!(recorded.to_string().contains("compacting the log"), "{recorded}");

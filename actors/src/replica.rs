@@ -16,7 +16,7 @@ use runnel_storage::{BatchHeader, LogConfig, RecordBatch};
 
 use crate::error::{ActorError, Result};
 use crate::protocol::PassiveAnswer;
-use crate::raft_store::{Compacted, LogCompaction, PartitionStore};
+use crate::raft_store::{CompactLimits, Compacted, LogCompaction, PartitionStore};
 
 /// Ticks a replica just opened counts as already elapsed towards its first
 /// election timeout: with the default timing, its first election comes after
@@ -713,11 +713,21 @@ impl ReplicaCore {
     /// Log compaction (`cleanup.policy` compact): up to `steps_max`
     /// bounded steps over what this replica has applied (see
     /// [`PartitionStore::compact_log`]).
+    /// Only the leader lets expired tombstones go, below the entries every
+    /// replica (learners too) holds.
     pub fn compact_log(&mut self, now_ms: i64, delete_retention_ms: u64, steps_max: usize) -> Result<LogCompaction> {
-        let applied = self.raw.raft.raft_log.applied;
-        self.raw
-            .mut_store()
-            .compact_log(now_ms, delete_retention_ms, applied, steps_max)
+        let all_hold = match self.is_leader() {
+            true => self.raw.raft.prs().iter().map(|(_, p)| p.matched).min().unwrap_or(0),
+            false => 0,
+        };
+        let limits = CompactLimits {
+            now_ms,
+            delete_retention_ms,
+            applied: self.raw.raft.raft_log.applied,
+            all_hold,
+            steps_max,
+        };
+        self.raw.mut_store().compact_log(limits)
     }
 
     /// Committed batches from `offset` (control batches included; a consumer

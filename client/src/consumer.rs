@@ -43,11 +43,14 @@ impl FetchedBatches {
         }
     }
 
-    /// The batches holding user records at or after `offset`.
+    /// The batches holding user records at or after `offset` (a batch
+    /// log compaction emptied holds none).
     pub fn user_batches(&self) -> impl Iterator<Item = &RecordBatch> {
-        self.batches
-            .iter()
-            .filter(|b| !b.is_control() && b.record_count() > 0 && b.next_offset() > self.offset)
+        self.batches.iter().filter(|b| {
+            !b.is_control()
+                && b.next_offset() > self.offset
+                && b.size_bytes() > runnel_storage::batch::BATCH_HEADER_BYTES
+        })
     }
 
     /// Whether there is any user record at or after `offset`.
@@ -76,7 +79,10 @@ impl FetchedBatches {
     /// The user records at or after `offset`, as owned records (their keys
     /// and values still share the batches' bytes).
     pub fn into_records(self) -> Result<FetchedRecords, runnel_storage::StorageError> {
-        let mut records = Vec::with_capacity(self.user_batches().map(|b| b.record_count() as usize).sum());
+        // A compacted batch's count is the span of its offsets, not the
+        // records it still holds: reserve by what its bytes can hold.
+        let bound = |b: &RecordBatch| (b.record_count() as usize).min(b.size_bytes() / 8);
+        let mut records = Vec::with_capacity(self.user_batches().map(bound).sum());
         for batch in self.user_batches() {
             for record in batch.records() {
                 let record = record?;

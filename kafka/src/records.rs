@@ -223,6 +223,35 @@ pub fn fetched_batches(batches: &[RecordBatch], from_offset: u64, max_bytes: usi
     Ok(out.freeze())
 }
 
+/// A Kafka record batch (v2) holding no record and spanning offsets
+/// `[base_offset, next_offset)`: what a fetch answers when everything it
+/// read there was emptied by log compaction. Clients move their position
+/// past a batch's last offset (KAFKA-5443), so they do not ask for the same
+/// offset again. Written by hand: the encoder makes no empty batch.
+pub fn emptied_span(base_offset: u64, next_offset: u64) -> Bytes {
+    const HEADER_BYTES: usize = 61;
+    const CRC_FROM: usize = 21;
+    let span = next_offset.saturating_sub(base_offset).clamp(1, i32::MAX as u64);
+    let mut out = BytesMut::with_capacity(HEADER_BYTES);
+    out.extend_from_slice(&(base_offset as i64).to_be_bytes());
+    out.extend_from_slice(&((HEADER_BYTES - 12) as i32).to_be_bytes());
+    out.extend_from_slice(&(-1i32).to_be_bytes()); // partition leader epoch
+    out.extend_from_slice(&[2]); // magic
+    out.extend_from_slice(&[0; 4]); // CRC, below
+    out.extend_from_slice(&0i16.to_be_bytes()); // attributes
+    out.extend_from_slice(&((span - 1) as i32).to_be_bytes()); // last offset delta
+    out.extend_from_slice(&(-1i64).to_be_bytes()); // first timestamp
+    out.extend_from_slice(&(-1i64).to_be_bytes()); // max timestamp
+    out.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
+    out.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
+    out.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
+    out.extend_from_slice(&0i32.to_be_bytes()); // records
+    debug_assert_eq!(out.len(), HEADER_BYTES);
+    let crc = crc32c::crc32c(&out[CRC_FROM..]);
+    out[17..CRC_FROM].copy_from_slice(&crc.to_be_bytes());
+    out.freeze()
+}
+
 /// The records of one Runnel batch from `from_offset` on, as Kafka records.
 /// Sequences keep `offset - sequence` constant, so the encoder writes them
 /// as one Kafka batch whose base sequence is the producer's (or -1).

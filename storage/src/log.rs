@@ -125,8 +125,9 @@ pub struct Log {
     failed: Option<String>,
     /// The end offset when there is no segment (only after a failed reset).
     empty_start: u64,
-    /// Counts resets, truncations and deletions: a compaction pass begun
-    /// under another generation starts over.
+    /// Counts resets and truncations: a compaction pass begun under
+    /// another generation starts over (retention deleting the oldest
+    /// segments does not disturb one).
     generation: u64,
 }
 
@@ -553,7 +554,6 @@ impl Log {
             });
         }
         let mut outcome = RetentionOutcome::default();
-        self.generation += 1;
         while self.segments.len() > 1 && self.start_offset() < offset {
             let base = self.start_offset();
             let segment = self.segments.remove(&base).expect("the first segment exists");

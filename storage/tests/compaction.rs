@@ -301,3 +301,96 @@ fn a_crash_at_any_step_of_a_compaction_leaves_every_key_readable() {
         check_compacted(&log, &history, base);
     }
 }
+
+fn keyed(key: &str, value: Option<&str>, timestamp_ms: i64) -> Record {
+    Record {
+        timestamp_ms,
+        key: Some(Bytes::from(key.to_string())),
+        value: value.map(|v| Bytes::from(v.to_string())),
+        headers: Vec::new(),
+    }
+}
+
+/// Appends one record per batch.
+fn append_records(log: &mut Log, records: &[Record]) {
+    for record in records {
+        let mut builder = BatchBuilder::new();
+        builder.push(record).expect("push");
+        log.append(&mut builder.build().expect("build")).expect("append");
+    }
+}
+
+fn keys_of(log: &Log) -> Vec<(String, bool)> {
+    read_all(log)
+        .values()
+        .filter_map(|r| Some((String::from_utf8_lossy(r.key.as_ref()?).into_owned(), r.value.is_some())))
+        .collect()
+}
+
+/// A tombstone a pass kept while it was young goes in a later pass once it
+/// has expired, though its key is never written again; and a tombstone at
+/// or above the horizon (what every replica holds) stays however old.
+#[test]
+fn an_old_tombstone_goes_in_a_later_pass_but_never_above_the_horizon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(dir.path(), config()).expect("open");
+    let padding = "x".repeat(200);
+    append_records(
+        &mut log,
+        &[keyed("gone", Some(&padding), 1_000), keyed("gone", None, 2_000)],
+    );
+    let filler: Vec<Record> = (0..12)
+        .map(|i| keyed(&format!("f{i}"), Some(&padding), 3_000))
+        .collect();
+    append_records(&mut log, &filler);
+    let mut compactor = Compactor::default();
+    let young = CompactionSettings {
+        delete_retention_ms: 10_000,
+        ..settings(5_000)
+    };
+    compact(&mut log, &mut compactor, &young);
+    assert!(
+        keys_of(&log).contains(&("gone".to_string(), false)),
+        "the young tombstone stays"
+    );
+    assert!(
+        !keys_of(&log).contains(&("gone".to_string(), true)),
+        "the value it deletes goes"
+    );
+
+    // More records (other keys), a clock past the retention, but the
+    // horizon below the tombstone: it stays.
+    let more: Vec<Record> = (12..24)
+        .map(|i| keyed(&format!("f{i}"), Some(&padding), 3_000))
+        .collect();
+    append_records(&mut log, &more);
+    let held_back = CompactionSettings {
+        delete_retention_ms: 10_000,
+        tombstone_horizon_offset: 1,
+        ..settings(100_000)
+    };
+    compact(&mut log, &mut compactor, &held_back);
+    assert!(
+        keys_of(&log).contains(&("gone".to_string(), false)),
+        "above the horizon it stays"
+    );
+
+    let later: Vec<Record> = (24..36)
+        .map(|i| keyed(&format!("f{i}"), Some(&padding), 3_000))
+        .collect();
+    append_records(&mut log, &later);
+    let (outcome, _) = compact(
+        &mut log,
+        &mut compactor,
+        &CompactionSettings {
+            delete_retention_ms: 10_000,
+            ..settings(100_000)
+        },
+    );
+    assert_eq!(outcome.tombstones_removed, 1, "{outcome:?}");
+    assert!(
+        keys_of(&log).iter().all(|(key, _)| key != "gone"),
+        "{:?}",
+        keys_of(&log)
+    );
+}

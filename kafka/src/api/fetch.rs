@@ -17,7 +17,7 @@ use runnel_actors::controller::ServiceError;
 use runnel_actors::BrokerError;
 
 use crate::errors::KafkaError;
-use crate::records::fetched_batches;
+use crate::records::{emptied_span, fetched_batches};
 
 /// The longest a fetch waits for data, whatever the client asks.
 pub const WAIT_MAX: Duration = Duration::from_secs(30);
@@ -138,9 +138,14 @@ async fn read(
     for _ in 0..EMPTIED_READS_MAX {
         let records = fetched_batches(&batches, from, limit)
             .map_err(|e| KafkaError::new(ResponseError::KafkaStorageError, format!("{e:#}")))?;
-        let read_to = batches.last().map_or(from, |b| b.next_offset());
-        if !records.is_empty() || read_to <= from || read_to >= committed {
+        let read_to = batches.last().map_or(from, |b| b.next_offset()).min(committed);
+        if !records.is_empty() || read_to <= from {
             return Ok((records, start, committed));
+        }
+        if read_to >= committed {
+            // Emptied up to the high watermark: a batch of no record
+            // moves the client past them.
+            return Ok((emptied_span(offset, read_to), start, committed));
         }
         // Every batch read was emptied by compaction: a Kafka client would
         // ask for the same offset again, so read on past them.
@@ -151,7 +156,7 @@ async fn read(
             .await?
             .batches;
     }
-    Ok((bytes::Bytes::new(), start, committed))
+    Ok((emptied_span(offset, from), start, committed))
 }
 
 fn out_of_range(offset: u64, start: u64, end: u64) -> KafkaError {

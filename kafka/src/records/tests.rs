@@ -281,3 +281,23 @@ proptest! {
         let _ = produced_batch(bytes.freeze(), 0);
     }
 }
+
+/// An emptied span decodes as a Kafka batch of no record whose last offset
+/// is the span's, with a valid CRC.
+#[test]
+fn an_emptied_span_is_a_valid_batch_of_no_record() {
+    let mut span = emptied_span(1000, 1250);
+    let infos = RecordBatchDecoder::decode_batch_info(&mut span.clone()).expect("a batch header");
+    assert_eq!(infos.len(), 1);
+    assert_eq!(span.len(), 61);
+    assert_eq!(i64::from_be_bytes(span[0..8].try_into().expect("8")), 1000);
+    assert_eq!(
+        i32::from_be_bytes(span[23..27].try_into().expect("4")),
+        249,
+        "last offset delta"
+    );
+    let crc = u32::from_be_bytes(span[17..21].try_into().expect("4"));
+    assert_eq!(crc, crc32c::crc32c(&span[21..]));
+    let decoded = RecordBatchDecoder::decode_all(&mut span).expect("decodes");
+    assert!(decoded.iter().all(|set| set.records.is_empty()));
+}

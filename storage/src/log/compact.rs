@@ -17,7 +17,8 @@
 //!    over the segment, sync the directory, reopen the segment.
 //!
 //! Crash safety: until the rename the old segment is whole; after it, the
-//! new one is. A `.cleaned` file left by a crash is deleted on open, and a
+//! new one is (each step syncs what it wrote; the new segment opens from
+//! the state built as it was written, so no step reads a whole segment). A `.cleaned` file left by a crash is deleted on open, and a
 //! segment without index files is rebuilt by a strict scan. `cleaned_to`
 //! is written only when a pass ends, so a crash repeats the pass, which
 //! finds what is already done and drops nothing more than it would have.
@@ -35,7 +36,7 @@ use super::{Log, KEY_CLEANED_TO};
 use crate::batch::{RecordBatch, RecordView};
 use crate::error::{IoContext, Result};
 use crate::kv::sync_parent_dir;
-use crate::segment::{ScanMode, Segment, SegmentPaths};
+use crate::segment::{BuiltState, Segment, SegmentPaths};
 
 /// Memory a key's entry takes beyond its bytes (map slot, allocation).
 const KEY_ENTRY_OVERHEAD_BYTES: usize = 64;
@@ -50,6 +51,11 @@ pub struct CompactionSettings {
     /// How long a tombstone that is the latest record of its key stays,
     /// from its record time (or, unstamped, its segment's write time).
     pub delete_retention_ms: u64,
+    /// Tombstones at or above this offset stay whatever their age: a
+    /// replicated log passes the offset every replica holds, so that no
+    /// replica behind misses a deletion (its older record of the key would
+    /// outlive it there).
+    pub tombstone_horizon_offset: u64,
     /// Bytes one step reads at most (one batch whatever its size).
     pub step_bytes_max: usize,
     /// Memory for the latest offset of each key in one pass.
@@ -67,6 +73,7 @@ impl CompactionSettings {
             end_offset,
             now_ms,
             delete_retention_ms: 24 * 3600 * 1000,
+            tombstone_horizon_offset: end_offset,
             step_bytes_max: 4 << 20,
             key_map_bytes_max: 16 << 20,
             dirty_ratio_min: 0.5,
@@ -105,9 +112,12 @@ pub struct Compactor {
 }
 
 struct Pass {
-    /// The log's generation when the pass began: a reset, truncation or
-    /// retention since then ends the pass.
+    /// The log's generation when the pass began: a reset or truncation
+    /// since then ends the pass.
     generation: u64,
+    /// `cleaned_to` when the pass began: an earlier pass scanned every
+    /// record below it and dropped the older records of their keys.
+    clean_start: u64,
     keys: KeyMap,
     phase: Phase,
     outcome: CompactionOutcome,
@@ -133,6 +143,8 @@ struct Rewrite {
     next: u64,
     out: BufWriter<File>,
     path: PathBuf,
+    /// The new file's state, batch by batch: it opens without a scan.
+    built: BuiltState,
     dropped: u64,
     /// Set once the new file is synced and the old indexes are gone.
     indexes_dropped: bool,
@@ -174,9 +186,16 @@ impl Log {
             pass.abandon();
             return Ok(CompactionStep::More);
         }
-        let finished = match pass.phase {
-            Phase::Scan { .. } => self.scan_step(&mut pass, settings)?,
-            Phase::Rewrite { .. } => self.rewrite_step(&mut pass, settings)?,
+        let stepped = match pass.phase {
+            Phase::Scan { .. } => self.scan_step(&mut pass, settings),
+            Phase::Rewrite { .. } => self.rewrite_step(&mut pass, settings),
+        };
+        let finished = match stepped {
+            Ok(finished) => finished,
+            Err(e) => {
+                pass.abandon();
+                return Err(e);
+            }
         };
         if finished {
             let outcome = std::mem::take(&mut pass.outcome);
@@ -216,6 +235,7 @@ impl Log {
         }
         Ok(Some(Pass {
             generation: self.generation,
+            clean_start: cleaned_to,
             keys: KeyMap::default(),
             phase: Phase::Scan {
                 next: cleaned_to,
@@ -231,9 +251,16 @@ impl Log {
         let Phase::Scan { next, until } = pass.phase else {
             unreachable!("a scan step runs in the scan phase")
         };
+        // Retention may have deleted the oldest segments meanwhile.
+        let next = next.max(self.start_offset());
         let mut scanned_to = next;
         let mut full = false;
-        'batches: for batch in self.read_until(next, settings.step_bytes_max, until)? {
+        let batches = if next < until {
+            self.read_until(next, settings.step_bytes_max, until)?
+        } else {
+            Vec::new()
+        };
+        'batches: for batch in batches {
             if !batch.is_control() {
                 for view in batch.views() {
                     let view = view?;
@@ -282,7 +309,7 @@ impl Log {
                     s.base_offset >= *from && s.base_offset < map_end && s.next_offset() <= settings.end_offset
                 });
             let Some(next) = next else { return Ok(true) };
-            *segment = Some(Rewrite::start(next)?);
+            *segment = Some(Rewrite::start(next, self.config.index_interval_bytes)?);
             return Ok(false);
         };
         let Some(source) = self.segments.get(&rewrite.base) else {
@@ -296,11 +323,17 @@ impl Log {
             let modified_ms = source.modified_ms().unwrap_or(settings.now_ms);
             let batches = self.read_until(rewrite.next, settings.step_bytes_max, segment_end)?;
             let mut removed = Removed::default();
+            let scanned = Scanned {
+                keys: &pass.keys,
+                map_end,
+                clean_start: pass.clean_start,
+            };
             for batch in batches {
-                let kept = batch
-                    .retain_records(|view| removed.count(verdict(&pass.keys, map_end, settings, modified_ms, view)))?;
+                let kept =
+                    batch.retain_records(|view| removed.count(verdict(&scanned, settings, modified_ms, view)))?;
                 rewrite.copy(&batch, kept.as_ref())?;
             }
+            rewrite.sync_step()?;
             rewrite.dropped += removed.records;
             pass.outcome.records_removed += removed.records;
             pass.outcome.tombstones_removed += removed.tombstones;
@@ -321,20 +354,15 @@ impl Log {
         Ok(false)
     }
 
-    /// Renames the rewritten file over its segment and reopens it.
+    /// Renames the rewritten file over its segment and opens it from the
+    /// state built while it was written (no scan).
     fn swap_in(&mut self, rewrite: Rewrite, outcome: &mut CompactionOutcome) -> Result<()> {
         let before = self.segments.get(&rewrite.base).map_or(0, Segment::size_bytes);
         let paths = SegmentPaths::new(&self.dir, rewrite.base);
         drop(rewrite.out);
         std::fs::rename(&rewrite.path, &paths.log).at(&paths.log)?;
         sync_parent_dir(&paths.log)?;
-        let reopened = Segment::open_checked(
-            &self.dir,
-            rewrite.base,
-            self.config.index_interval_bytes,
-            ScanMode::Strict,
-            0,
-        )?;
+        let reopened = Segment::open_built(&self.dir, rewrite.built)?;
         reopened.save_index()?;
         outcome.segments_rewritten += 1;
         outcome.bytes_before += before;
@@ -342,6 +370,14 @@ impl Log {
         self.segments.insert(rewrite.base, reopened);
         Ok(())
     }
+}
+
+/// What a pass knows when it judges a record.
+struct Scanned<'a> {
+    keys: &'a KeyMap,
+    /// Records at or above this were not scanned.
+    map_end: u64,
+    clean_start: u64,
 }
 
 /// What compaction does with a record.
@@ -355,35 +391,35 @@ enum Verdict {
 }
 
 /// Below `map_end`, a record is dropped when its key has a later record,
-/// or when it is the key's latest and an expired tombstone.
-fn verdict(
-    keys: &KeyMap,
-    map_end: u64,
-    settings: &CompactionSettings,
-    modified_ms: i64,
-    view: &RecordView<'_>,
-) -> Verdict {
+/// or when it is the key's latest and an expired tombstone: one this pass
+/// scanned, or one an earlier pass scanned (below `clean_start`: that pass
+/// dropped the key's older records, and no later one has come since).
+fn verdict(scanned: &Scanned<'_>, settings: &CompactionSettings, modified_ms: i64, view: &RecordView<'_>) -> Verdict {
     let Some(key) = view.key else { return Verdict::Keep };
-    if view.offset >= map_end {
+    if view.offset >= scanned.map_end {
         return Verdict::Keep;
     }
-    match keys.latest.get(key) {
-        Some(&latest) if latest > view.offset => Verdict::Superseded,
-        Some(&latest) if latest == view.offset && view.value.is_none() => {
-            let written_ms = if view.timestamp_ms > 0 {
-                view.timestamp_ms
-            } else {
-                modified_ms
-            };
-            let delete_retention_ms = i64::try_from(settings.delete_retention_ms).unwrap_or(i64::MAX);
-            if written_ms.saturating_add(delete_retention_ms) < settings.now_ms {
-                Verdict::Expired
-            } else {
-                Verdict::Keep
-            }
-        }
-        _ => Verdict::Keep,
+    let latest_tombstone = match scanned.keys.latest.get(key) {
+        Some(&latest) if latest > view.offset => return Verdict::Superseded,
+        Some(&latest) => latest == view.offset && view.value.is_none(),
+        None => view.value.is_none() && view.offset < scanned.clean_start,
+    };
+    if latest_tombstone && view.offset < settings.tombstone_horizon_offset && expired(settings, modified_ms, view) {
+        Verdict::Expired
+    } else {
+        Verdict::Keep
     }
+}
+
+/// Whether a tombstone's retention has passed.
+fn expired(settings: &CompactionSettings, modified_ms: i64, view: &RecordView<'_>) -> bool {
+    let written_ms = if view.timestamp_ms > 0 {
+        view.timestamp_ms
+    } else {
+        modified_ms
+    };
+    let delete_retention_ms = i64::try_from(settings.delete_retention_ms).unwrap_or(i64::MAX);
+    written_ms.saturating_add(delete_retention_ms) < settings.now_ms
 }
 
 /// Records one step of a rewrite left out.
@@ -414,7 +450,7 @@ impl Pass {
 }
 
 impl Rewrite {
-    fn start(source: &Segment) -> Result<Rewrite> {
+    fn start(source: &Segment, index_interval_bytes: u64) -> Result<Rewrite> {
         let path = source.paths.cleaned.clone();
         let file = File::create(&path).at(&path)?;
         Ok(Rewrite {
@@ -422,6 +458,7 @@ impl Rewrite {
             next: source.base_offset,
             out: BufWriter::with_capacity(1 << 20, file),
             path,
+            built: BuiltState::new(source.base_offset, index_interval_bytes),
             dropped: 0,
             indexes_dropped: false,
         })
@@ -432,8 +469,15 @@ impl Rewrite {
         debug_assert_eq!(batch.base_offset(), self.next, "batches are copied in order");
         let written = kept.unwrap_or(batch);
         self.out.write_all(written.as_bytes()).at(&self.path)?;
+        self.built.add(written.header());
         self.next = batch.next_offset();
         Ok(())
+    }
+
+    /// Makes what a step wrote durable, so that sealing syncs little.
+    fn sync_step(&mut self) -> Result<()> {
+        self.out.flush().at(&self.path)?;
+        self.out.get_ref().sync_data().at(&self.path)
     }
 
     /// Makes the new file durable (with the old one's write time, which
