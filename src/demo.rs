@@ -20,6 +20,9 @@
 //! query's output (every change of a count above 3) is then read and
 //! compared with a reference computed directly from the input topic: every
 //! (card, window) must end at its exact count, each change written once.
+//! Before the last windows close, a pull query (`SELECT * FROM
+//! possible_fraud WHERE card_number = …`) reads the busiest card's counts
+//! from the state of the task that owns it, after the kill.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -126,10 +129,13 @@ async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
         .unwrap_or(half);
     fraud::produce(&client, attempts[half..=first_on_0].iter().cloned(), None).await?;
     let acked_after = failover.killed_at.elapsed();
+    fraud::produce(&client, attempts[first_on_0 + 1..].iter().cloned(), None).await?;
+    tracing::info!("phase 4: a pull query reads the busiest card's counts from the state of the task owning it");
+    let pulled = pull_busiest_card(&client, &attempts).await?;
     let closing = generator.closing_attempt();
-    fraud::produce(&client, attempts[first_on_0 + 1..].iter().cloned(), Some(&closing)).await?;
+    fraud::produce(&client, std::iter::empty(), Some(&closing)).await?;
 
-    tracing::info!("phase 4: wait for the sink to hold every window result; compare with the reference");
+    tracing::info!("phase 5: wait for the sink to hold every window result; compare with the reference");
     let input = fraud::read_attempts(&client).await.map_err(anyhow::Error::msg)?;
     let reference = fraud::reference(&input);
     let (results, irregular) = wait_for_results(&client, &reference).await?;
@@ -185,7 +191,16 @@ async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
         flagged.len(),
         cards.len()
     );
-    let matches = print_results(&results, irregular, &reference);
+    println!("  pull query, after the kill: {}", pulled.statement);
+    for line in &pulled.rows {
+        println!("    {line}");
+    }
+    println!(
+        "    answered from the state of the window task owning the card (restored on a survivor if it moved), \
+         equal to the counts computed from the input: {}",
+        if pulled.exact { "yes" } else { "NO" }
+    );
+    let matches = print_results(&results, irregular, &reference) && pulled.exact;
     drop(cluster);
     ensure!(matches, "the dataflow's results differ from the reference");
     Ok(())
@@ -268,6 +283,56 @@ async fn create_and_start(client: &Arc<Client>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A pull query's statement, its rows as printed, and whether they equal
+/// the counts computed from the input.
+struct Pulled {
+    statement: String,
+    rows: Vec<String>,
+    exact: bool,
+}
+
+/// `SELECT * FROM possible_fraud WHERE card_number = …` for the card with
+/// the most attempts, asked until its rows equal the counts above the
+/// threshold computed from `attempts` (the tasks may still be catching up)
+/// or the time is up. Every window is still open (SQL's 24-hour grace).
+async fn pull_busiest_card(client: &Arc<Client>, attempts: &[Attempt]) -> anyhow::Result<Pulled> {
+    let mut counts: Counts = BTreeMap::new();
+    for attempt in attempts {
+        let start = attempt.at_ms - attempt.at_ms.rem_euclid(fraud::WINDOW_MS);
+        *counts.entry((attempt.card_number.clone(), start)).or_default() += 1;
+    }
+    counts.retain(|_, count| *count > fraud::THRESHOLD);
+    let mut per_card: BTreeMap<&str, u64> = BTreeMap::new();
+    for ((card, _), count) in &counts {
+        *per_card.entry(card.as_str()).or_default() += count;
+    }
+    let card = per_card
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(c, _)| c.to_string())
+        .context("no fraud generated")?;
+    let expected: Vec<String> = counts
+        .iter()
+        .filter(|((c, _), _)| *c == card)
+        .map(|((c, start), n)| format!("{c} | {n} | {start} | {}", start + fraud::WINDOW_MS))
+        .collect();
+    let statement = format!("SELECT * FROM possible_fraud WHERE card_number = '{card}';");
+    let session = Session::new(client.clone());
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let rows = match session.execute_script(&statement).await.pop() {
+            Some((_, Ok(runnel_sql::Outcome::Table { rows, .. }))) => rows.iter().map(|r| r.join(" | ")).collect(),
+            Some((_, Err(e))) => vec![format!("error: {}", e.message)],
+            _ => Vec::new(),
+        };
+        if rows == expected || Instant::now() > deadline {
+            let exact = rows == expected;
+            return Ok(Pulled { statement, rows, exact });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// SIGKILLs the node leading partition 0; returns its id and a client of

@@ -1774,10 +1774,15 @@ impl World {
         let Some(part) = node.groups.get_mut(&group) else {
             return Ok(());
         };
-        let done = part
-            .core_mut()
-            .compact_log(now_ms, delete_retention_ms, STEPS_MAX)
-            .map_err(|e| format!("node {id} group {group} compaction: {e}"))?;
+        let done = match part.core_mut().compact_log(now_ms, delete_retention_ms, STEPS_MAX) {
+            Ok(done) => done,
+            // As the replica actor: logged; damage it met is recorded in
+            // the store, and driving the replica fails it for repair.
+            Err(e) => {
+                self.note(format!("group {group}: node {id} compaction failed: {e}"));
+                return self.drive(id, group);
+            }
+        };
         if done.more {
             return Err(format!(
                 "node {id} group {group}: compaction did not end in {STEPS_MAX} steps"
