@@ -1,10 +1,17 @@
-//! `runnel bench storage`: how fast the log appends compared with the disk.
+//! `runnel bench storage`: how fast the log appends compared with the disk,
+//! and how fast it compacts.
 //!
 //! Writes `--bytes` (1 GiB by default) of 100-byte records in batches of 1 MiB
 //! and 16 KiB, with fsync never and on every batch. Every log run is paired
 //! with a plain `write` loop (with `fdatasync` after each write in the fsync
 //! cases) of the same size and write size: the disk's limit. Each case runs
 //! `--repeat` times; medians are reported.
+//!
+//! Then compaction: `--compact-bytes` (256 MiB) of 100-byte records over
+//! 10,000 keys in 64 KiB batches and 16 MiB segments, compacted to the end
+//! in the bounded steps a replica runs (`Log::compact_step`): MB/s of
+//! closed segments compacted, the bytes left, and the longest step (what a
+//! replica's other messages may wait).
 
 use std::fs::File;
 use std::io::Write;
@@ -13,7 +20,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use bytes::Bytes;
-use runnel_storage::{BatchBuilder, FsyncPolicy, Log, LogConfig, Record, RecordBatch};
+use runnel_storage::{
+    BatchBuilder, CompactionSettings, CompactionStep, Compactor, FsyncPolicy, Log, LogConfig, Record, RecordBatch,
+};
 use serde_json::json;
 
 use super::median;
@@ -33,7 +42,13 @@ pub struct Args {
     /// Directory to write in (a temporary one under it is used and removed).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Bytes of keyed records written, then compacted, per compaction run.
+    #[arg(long, default_value_t = 256 << 20)]
+    compact_bytes: u64,
 }
+
+/// Distinct keys of the compaction case's records.
+const COMPACT_KEYS: u64 = 10_000;
 
 const RECORD_VALUE_BYTES: usize = 100;
 
@@ -124,6 +139,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ratio * 100.0
         ));
     }
+    summary.push(compaction_case(scratch.path(), args.compact_bytes, args.repeat)?);
     println!(
         "\nstorage benchmark: {} MiB per case ({} MiB with fsync), {} paired runs each, medians",
         args.bytes >> 20,
@@ -135,6 +151,91 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// What one compaction run measured.
+struct Compaction {
+    mb_per_s: f64,
+    bytes_before: u64,
+    bytes_after: u64,
+    steps: usize,
+    longest_step_ms: f64,
+}
+
+/// The compaction case: `--repeat` runs, medians; its summary line.
+fn compaction_case(scratch: &Path, bytes: u64, repeat: usize) -> anyhow::Result<String> {
+    let mut runs = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        runs.push(compact_run(scratch, bytes)?);
+    }
+    let mb = median(&mut runs.iter().map(|r| r.mb_per_s).collect::<Vec<_>>());
+    let longest = median(&mut runs.iter().map(|r| r.longest_step_ms).collect::<Vec<_>>());
+    let last = runs.last().context("at least one run")?;
+    println!(
+        "{}",
+        json!({"bench": "storage", "case": "compaction", "bytes": bytes, "keys": COMPACT_KEYS,
+            "compacted_mb_per_s": mb, "longest_step_ms": longest, "bytes_before": last.bytes_before,
+            "bytes_after": last.bytes_after, "steps": last.steps,
+            "runs_compacted_mb_per_s": runs.iter().map(|r| r.mb_per_s).collect::<Vec<_>>()})
+    );
+    Ok(format!(
+        "  compaction, {} keys: {mb:>7.1} MB/s of closed segments, {} MiB left of {} MiB, longest step {longest:.1} ms",
+        COMPACT_KEYS,
+        last.bytes_after >> 20,
+        last.bytes_before >> 20
+    ))
+}
+
+/// Writes `bytes` of keyed records, then compacts them to the end.
+fn compact_run(scratch: &Path, bytes: u64) -> anyhow::Result<Compaction> {
+    let dir = scratch.join("compacted");
+    let config = LogConfig {
+        segment_bytes_max: 16 << 20,
+        fsync: FsyncPolicy::Never,
+        retention_age: None,
+        ..LogConfig::default()
+    };
+    let mut log = Log::open(&dir, config)?;
+    let value = Bytes::from(vec![b'v'; RECORD_VALUE_BYTES]);
+    let mut record_number = 0u64;
+    while log.size_bytes() < bytes {
+        let mut builder = BatchBuilder::with_capacity(64 << 10);
+        while builder.size_bytes() < 63 << 10 {
+            let key = format!("key-{}", (record_number * 7919) % COMPACT_KEYS);
+            builder.push_parts(1_700_000_000_000, Some(key.as_bytes()), Some(&value), &[])?;
+            record_number += 1;
+        }
+        log.append(&mut builder.build()?)?;
+    }
+    log.flush()?;
+    let settings = CompactionSettings {
+        dirty_ratio_min: 0.0,
+        ..CompactionSettings::new(log.end_offset(), 1_700_000_000_000)
+    };
+    let mut compactor = Compactor::default();
+    let (mut steps, mut longest) = (0, std::time::Duration::ZERO);
+    let started = Instant::now();
+    let outcome = loop {
+        let step_started = Instant::now();
+        let step = log.compact_step(&mut compactor, &settings)?;
+        longest = longest.max(step_started.elapsed());
+        steps += 1;
+        match step {
+            CompactionStep::More => {}
+            CompactionStep::Finished(outcome) => break outcome,
+            CompactionStep::Idle => anyhow::bail!("nothing to compact after {steps} steps"),
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    log.close()?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(Compaction {
+        mb_per_s: outcome.bytes_before as f64 / 1e6 / seconds,
+        bytes_before: outcome.bytes_before,
+        bytes_after: outcome.bytes_after,
+        steps,
+        longest_step_ms: longest.as_secs_f64() * 1e3,
+    })
 }
 
 /// A batch of 100-byte records filling about `batch_bytes`.
