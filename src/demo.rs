@@ -200,6 +200,10 @@ async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
          equal to the counts computed from the input: {}",
         if pulled.exact { "yes" } else { "NO" }
     );
+    println!(
+        "    the same pull query {PULLS_TIMED} times in a row: p50 {:.1} ms, p99 {:.1} ms",
+        pulled.latency_ms.0, pulled.latency_ms.1
+    );
     let matches = print_results(&results, irregular, &reference) && pulled.exact;
     drop(cluster);
     ensure!(matches, "the dataflow's results differ from the reference");
@@ -291,6 +295,25 @@ struct Pulled {
     statement: String,
     rows: Vec<String>,
     exact: bool,
+    /// p50 and p99 of the statement run again and again, in ms.
+    latency_ms: (f64, f64),
+}
+
+/// Queries timed for the pull query's latency.
+const PULLS_TIMED: usize = 100;
+
+/// p50 and p99 (ms) of `statement` run [`PULLS_TIMED`] times in a row
+/// through the SQL session: parse, catalog, routing and the state read.
+async fn pull_latency(session: &Session, statement: &str) -> (f64, f64) {
+    let mut took: Vec<f64> = Vec::with_capacity(PULLS_TIMED);
+    for _ in 0..PULLS_TIMED {
+        let started = Instant::now();
+        let _ = session.execute_script(statement).await;
+        took.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    took.sort_by(f64::total_cmp);
+    let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
 }
 
 /// `SELECT * FROM possible_fraud WHERE card_number = …` for the card with
@@ -329,7 +352,13 @@ async fn pull_busiest_card(client: &Arc<Client>, attempts: &[Attempt]) -> anyhow
         };
         if rows == expected || Instant::now() > deadline {
             let exact = rows == expected;
-            return Ok(Pulled { statement, rows, exact });
+            let latency_ms = pull_latency(&session, &statement).await;
+            return Ok(Pulled {
+                statement,
+                rows,
+                exact,
+                latency_ms,
+            });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
