@@ -996,16 +996,11 @@ mod tests {
     use super::*;
     use raft::Storage as _;
 
-    fn normal_entry(index: u64, term: u64, tag: &str) -> Entry {
+    /// A normal entry of three records.
+    fn entry_of(index: u64, term: u64, record: impl Fn(u64) -> Record) -> Entry {
         let mut builder = BatchBuilder::new();
         for i in 0..3 {
-            builder
-                .push(&Record {
-                    timestamp_ms: 1,
-                    value: Some(format!("{tag}/{i}").into_bytes().into()),
-                    ..Record::default()
-                })
-                .expect("push");
+            builder.push(&record(i)).expect("push");
         }
         Entry {
             index,
@@ -1013,6 +1008,14 @@ mod tests {
             data: builder.build().expect("build").into_shared(),
             ..Entry::default()
         }
+    }
+
+    fn normal_entry(index: u64, term: u64, tag: &str) -> Entry {
+        entry_of(index, term, |i| Record {
+            timestamp_ms: 1,
+            value: Some(format!("{tag}/{i}").into_bytes().into()),
+            ..Record::default()
+        })
     }
 
     fn values(store: &PartitionStore, low: u64, high: u64) -> Vec<Vec<String>> {
@@ -1062,24 +1065,14 @@ mod tests {
         assert_eq!(values(&reopened, 1, 5), remembered);
     }
 
+    /// Round `round` of keys k0..k2.
     fn keyed_entry(index: u64, term: u64, round: u64) -> Entry {
-        let mut builder = BatchBuilder::new();
-        for key in 0..3 {
-            builder
-                .push(&Record {
-                    timestamp_ms: 1,
-                    key: Some(format!("k{key}").into_bytes().into()),
-                    value: Some(format!("r{round}/k{key}").into_bytes().into()),
-                    ..Record::default()
-                })
-                .expect("push");
-        }
-        Entry {
-            index,
-            term,
-            data: builder.build().expect("build").into_shared(),
-            ..Entry::default()
-        }
+        entry_of(index, term, |key| Record {
+            timestamp_ms: 1,
+            key: Some(format!("k{key}").into_bytes().into()),
+            value: Some(format!("r{round}/k{key}").into_bytes().into()),
+            ..Record::default()
+        })
     }
 
     /// Compaction goes no further than the applied entries, keeps every

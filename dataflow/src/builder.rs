@@ -143,8 +143,25 @@ pub trait WindowStage: Send + Sync {
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError>;
 }
 
+/// A window stage's current rows for `key` (or every key), encoded by
+/// `encode` as the stage sends results; `None` past `limit` windows.
+pub(crate) fn read_state<A: Clone>(
+    operator: &WindowOperator<EncodedKey, A>,
+    key: Option<&[u8]>,
+    limit: usize,
+    encode: impl FnOnce(&[WindowResult<EncodedKey, A>], &mut Emitted) -> Result<(), StageError>,
+) -> Result<Option<Vec<StateRow>>, StageError> {
+    let key = key.map(EncodedKey::new);
+    let Some(current) = operator.current(key.as_ref(), limit) else {
+        return Ok(None);
+    };
+    let mut out = Emitted::default();
+    encode(&current, &mut out)?;
+    Ok(Some(state_rows(&out)))
+}
+
 /// What `Emitted` holds, as state rows.
-pub fn state_rows(out: &Emitted) -> Vec<StateRow> {
+fn state_rows(out: &Emitted) -> Vec<StateRow> {
     out.iter()
         .filter_map(|record| {
             Some(StateRow {
@@ -829,13 +846,7 @@ where
     }
 
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
-        let key = key.map(EncodedKey::new);
-        let Some(current) = self.operator.current(key.as_ref(), limit) else {
-            return Ok(None);
-        };
-        let mut out = Emitted::default();
-        self.encode(&current, &mut out)?;
-        Ok(Some(state_rows(&out)))
+        read_state(&self.operator, key, limit, |current, out| self.encode(current, out))
     }
 }
 

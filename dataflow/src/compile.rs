@@ -22,7 +22,7 @@ use runnel_client::plan::{AggregateCall, AggregateFunction, Column, EmitMode, Op
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{
-    state_rows, DataflowDef, Emitted, EncodedKey, SourceStage, StageError, WindowStage, WindowStageFactory,
+    read_state, DataflowDef, Emitted, EncodedKey, SourceStage, StageError, WindowStage, WindowStageFactory,
 };
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
@@ -551,12 +551,6 @@ impl WindowStage for SqlWindowStage {
     }
 
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
-        let key = key.map(EncodedKey::new);
-        let Some(current) = self.operator.current(key.as_ref(), limit) else {
-            return Ok(None);
-        };
-        let mut out = Emitted::default();
-        self.encode(&current, &mut out)?;
-        Ok(Some(state_rows(&out)))
+        read_state(&self.operator, key, limit, |current, out| self.encode(current, out))
     }
 }
