@@ -61,7 +61,8 @@ pub struct Args {
     /// A compacted topic (cleanup.policy=compact) whose records share 16
     /// keys, with small segments: every replica compacts during the run,
     /// and a record may be missing only when a later one of its key is in
-    /// the log. Runs without the dataflow (whose check needs all of its
+    /// the log. With --retention-ms too, the topic is compact,delete and
+    /// both run. Runs without the dataflow (whose check needs all of its
     /// input).
     #[arg(long)]
     compact: bool,

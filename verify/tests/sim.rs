@@ -303,3 +303,32 @@ fn compaction_keeps_the_latest_record_of_every_key_through_faults() {
         assert!(totals.verdict.compacted > 0, "no acknowledged write was compacted away");
     }
 }
+
+/// `compact,delete`: compaction and retention on the same replicas during
+/// the faults (a retention deletion no longer ends a compaction pass).
+#[test]
+fn compaction_and_retention_together_lose_nothing() {
+    let config = SimConfig {
+        compact: true,
+        retention_ms: Some(3_000),
+        dataflow: false,
+        ..SimConfig::default()
+    };
+    let seeds = seeds_from_env("RUNNEL_COMPACT_DELETE_SEED", "RUNNEL_COMPACT_DELETE_SEEDS", 5);
+    let (totals, failures) = run_seeds(&seeds, &config);
+    println!("{} seeds with compact,delete: {}", seeds.len(), totals.summary());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    if seeds.len() > 1 {
+        let count = |kind: &str| totals.faults.get(kind).copied().unwrap_or(0);
+        assert!(
+            count("log_compactions") > 0 && count("retention_compactions") > 0,
+            "{:?}",
+            totals.faults
+        );
+        assert!(
+            totals.verdict.expired > 0 && totals.verdict.compacted > 0,
+            "{}",
+            totals.summary()
+        );
+    }
+}

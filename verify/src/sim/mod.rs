@@ -2025,7 +2025,12 @@ impl World {
                 config.retention_ms = self.config.retention_ms;
             }
             if self.config.compact {
-                config.cleanup = runnel_actors::metadata::CleanupPolicy::Compact;
+                use runnel_actors::metadata::CleanupPolicy;
+                // With a retention too, both run: compact,delete.
+                config.cleanup = match self.config.retention_ms {
+                    Some(_) => CleanupPolicy::CompactDelete,
+                    None => CleanupPolicy::Compact,
+                };
             }
             let command = node
                 .core
