@@ -191,19 +191,7 @@ async fn run_cluster(dir: PathBuf, kept: bool) -> anyhow::Result<()> {
         flagged.len(),
         cards.len()
     );
-    println!("  pull query, after the kill: {}", pulled.statement);
-    for line in &pulled.rows {
-        println!("    {line}");
-    }
-    println!(
-        "    answered from the state of the window task owning the card (restored on a survivor if it moved), \
-         equal to the counts computed from the input: {}",
-        if pulled.exact { "yes" } else { "NO" }
-    );
-    println!(
-        "    the same pull query {PULLS_TIMED} times in a row: p50 {:.1} ms, p99 {:.1} ms",
-        pulled.latency_ms.0, pulled.latency_ms.1
-    );
+    pulled.print();
     let matches = print_results(&results, irregular, &reference) && pulled.exact;
     drop(cluster);
     ensure!(matches, "the dataflow's results differ from the reference");
@@ -299,6 +287,24 @@ struct Pulled {
     latency_ms: (f64, f64),
 }
 
+impl Pulled {
+    fn print(&self) {
+        println!("  pull query, after the kill: {}", self.statement);
+        for line in &self.rows {
+            println!("    {line}");
+        }
+        println!(
+            "    answered from the state of the window task owning the card (restored on a survivor if it moved), \
+             equal to the counts computed from the input: {}",
+            if self.exact { "yes" } else { "NO" }
+        );
+        println!(
+            "    the same pull query {PULLS_TIMED} times in a row: p50 {:.1} ms, p99 {:.1} ms",
+            self.latency_ms.0, self.latency_ms.1
+        );
+    }
+}
+
 /// Queries timed for the pull query's latency.
 const PULLS_TIMED: usize = 100;
 
@@ -321,12 +327,7 @@ async fn pull_latency(session: &Session, statement: &str) -> (f64, f64) {
 /// threshold computed from `attempts` (the tasks may still be catching up)
 /// or the time is up. Every window is still open (SQL's 24-hour grace).
 async fn pull_busiest_card(client: &Arc<Client>, attempts: &[Attempt]) -> anyhow::Result<Pulled> {
-    let mut counts: Counts = BTreeMap::new();
-    for attempt in attempts {
-        let start = attempt.at_ms - attempt.at_ms.rem_euclid(fraud::WINDOW_MS);
-        *counts.entry((attempt.card_number.clone(), start)).or_default() += 1;
-    }
-    counts.retain(|_, count| *count > fraud::THRESHOLD);
+    let counts = fraud::open_reference(attempts);
     let mut per_card: BTreeMap<&str, u64> = BTreeMap::new();
     for ((card, _), count) in &counts {
         *per_card.entry(card.as_str()).or_default() += count;

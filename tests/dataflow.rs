@@ -160,20 +160,12 @@ async fn reference(client: &Arc<Client>) -> BTreeMap<(String, i64), u64> {
 /// The SQL query's state over what the source topic holds: every window
 /// above the threshold, closed or not (its 24-hour grace keeps them all).
 async fn open_reference(client: &Arc<Client>) -> BTreeMap<(String, i64), u64> {
-    let mut counts: BTreeMap<(String, i64), u64> = BTreeMap::new();
-    for record in read_all(client, fraud::SOURCE).await {
-        let Some(attempt) = record
-            .value
-            .as_deref()
-            .and_then(|v| serde_json::from_slice::<Attempt>(v).ok())
-        else {
-            continue;
-        };
-        let start = attempt.at_ms - attempt.at_ms.rem_euclid(fraud::WINDOW_MS);
-        *counts.entry((attempt.card_number, start)).or_default() += 1;
-    }
-    counts.retain(|_, count| *count > fraud::THRESHOLD);
-    counts
+    let records = read_all(client, fraud::SOURCE).await;
+    let attempts: Vec<Attempt> = records
+        .iter()
+        .filter_map(|r| serde_json::from_slice(r.value.as_deref()?).ok())
+        .collect();
+    fraud::open_reference(&attempts)
 }
 
 /// The sink's results, and how many (card, window) keys came more than once.

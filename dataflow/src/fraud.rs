@@ -121,14 +121,23 @@ impl Iterator for Generator {
 /// attempt's time (minus the grace) has not closed are left out, as the
 /// dataflow with `Emit::Final` leaves them open.
 pub fn reference<'a>(attempts: impl IntoIterator<Item = &'a Attempt>) -> BTreeMap<(String, i64), u64> {
+    let attempts: Vec<&Attempt> = attempts.into_iter().collect();
+    let max_ms = attempts.iter().map(|a| a.at_ms).max().unwrap_or(i64::MIN);
+    let mut counts = open_reference(attempts);
+    counts.retain(|(_, start), _| start + WINDOW_MS + GRACE_MS <= max_ms);
+    counts
+}
+
+/// As [`reference`], open windows too: what the SQL query's tasks hold
+/// (their 24-hour grace keeps every window of a run open), and so what a
+/// pull query answers.
+pub fn open_reference<'a>(attempts: impl IntoIterator<Item = &'a Attempt>) -> BTreeMap<(String, i64), u64> {
     let mut counts: BTreeMap<(String, i64), u64> = BTreeMap::new();
-    let mut max_ms = i64::MIN;
     for attempt in attempts {
-        max_ms = max_ms.max(attempt.at_ms);
         let start = attempt.at_ms - attempt.at_ms.rem_euclid(WINDOW_MS);
         *counts.entry((attempt.card_number.clone(), start)).or_default() += 1;
     }
-    counts.retain(|(_, start), count| *count > THRESHOLD && start + WINDOW_MS + GRACE_MS <= max_ms);
+    counts.retain(|_, count| *count > THRESHOLD);
     counts
 }
 

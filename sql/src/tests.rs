@@ -431,72 +431,78 @@ fn an_unwindowed_aggregate_is_a_table_of_each_keys_latest_values() {
     assert_eq!(table, reference);
 }
 
-/// A pull query's key is the one the aggregate's tasks group by: the rows
-/// read from a stage fed the input are the reference's, filtered and
-/// projected; shapes a pull query cannot take are refused by name.
-#[test]
-fn pull_queries_read_the_aggregate_state_by_its_key() {
-    use runnel_client::protocol::{Catalog, DataflowMeta, NodeId};
+/// `COUNTS`, a windowed count per card with HAVING, in a catalog, and its
+/// window stage fed: card a 3 attempts in the first minute and 1 in the
+/// second, card b 2 and 2.
+struct PullFixture {
+    catalog: runnel_client::protocol::Catalog,
+    counts: SqlObject,
+    window: Box<dyn runnel_dataflow::builder::WindowStage>,
+}
 
-    use crate::pull::PullQuery;
-    use crate::session::Outcome;
+impl PullFixture {
+    fn new() -> PullFixture {
+        use runnel_client::protocol::{Catalog, DataflowMeta, NodeId};
+        let statement = "CREATE TABLE counts AS SELECT card, COUNT(*) AS n FROM attempts \
+            WINDOW TUMBLING (SIZE 1 MINUTE) GROUP BY card HAVING COUNT(*) > 1;";
+        let plan = plan(statement).expect("plans");
+        let meta = DataflowMeta {
+            name: "CTAS_COUNTS_0".into(),
+            source: "attempts".into(),
+            sink: "out".into(),
+            stages: 2,
+            partitions: 1,
+            placement: vec![NodeId(1), NodeId(1)],
+        };
+        let counts = SqlObject {
+            name: "COUNTS".into(),
+            kind: ObjectKind::Table,
+            topic: "out".into(),
+            columns: plan.sink.columns.clone(),
+            timestamp: None,
+            key: plan.sink.key.clone(),
+            windowed: true,
+            query: Some(meta.name.clone()),
+            statement: statement.into(),
+        };
+        let def = compile("q", &plan).expect("compiles");
+        let mut window = def.window_stage.as_ref().expect("an aggregate")();
+        let (mut staged, mut out) = (Emitted::default(), Emitted::default());
+        let input = [
+            ("a", 1_000),
+            ("a", 2_000),
+            ("b", 3_000),
+            ("a", 4_000),
+            ("b", 5_000),
+            ("a", 61_000),
+            ("b", 62_000),
+            ("b", 63_000),
+        ];
+        for (card, at_ms) in input {
+            let value = json!({"card": card, "amount": 1, "at_ms": at_ms}).to_string();
+            def.source_stage
+                .process(value.as_bytes(), 0, &mut staged)
+                .expect("decodes");
+        }
+        for r in staged.iter() {
+            let (key, value) = (r.key.unwrap_or_default(), r.value.unwrap_or_default());
+            window.add(key, value, r.timestamp_ms, &mut out).expect("adds");
+        }
+        let catalog = Catalog {
+            objects: vec![attempts(), counts.clone()],
+            queries: vec![(meta, plan)],
+        };
+        PullFixture {
+            catalog,
+            counts,
+            window,
+        }
+    }
 
-    let statement = "CREATE TABLE counts AS SELECT card, COUNT(*) AS n FROM attempts \
-        WINDOW TUMBLING (SIZE 1 MINUTE) GROUP BY card HAVING COUNT(*) > 1;";
-    let plan = plan(statement).expect("plans");
-    let meta = DataflowMeta {
-        name: "CTAS_COUNTS_0".into(),
-        source: "attempts".into(),
-        sink: "out".into(),
-        stages: 2,
-        partitions: 1,
-        placement: vec![NodeId(1), NodeId(1)],
-    };
-    let counts = SqlObject {
-        name: "COUNTS".into(),
-        kind: ObjectKind::Table,
-        topic: "out".into(),
-        columns: plan.sink.columns.clone(),
-        timestamp: None,
-        key: plan.sink.key.clone(),
-        windowed: true,
-        query: Some(meta.name.clone()),
-        statement: statement.into(),
-    };
-    let catalog = Catalog {
-        objects: vec![attempts(), counts.clone()],
-        queries: vec![(meta, plan.clone())],
-    };
-    // Card a: 3 in the first minute, 1 in the second; card b: 2, 2.
-    let def = compile("q", &plan).expect("compiles");
-    let mut window = def.window_stage.as_ref().expect("an aggregate")();
-    let (mut staged, mut out) = (Emitted::default(), Emitted::default());
-    for (card, at_ms) in [
-        ("a", 1_000),
-        ("a", 2_000),
-        ("b", 3_000),
-        ("a", 4_000),
-        ("b", 5_000),
-        ("a", 61_000),
-        ("b", 62_000),
-        ("b", 63_000),
-    ] {
-        let value = json!({"card": card, "amount": 1, "at_ms": at_ms}).to_string();
-        def.source_stage
-            .process(value.as_bytes(), 0, &mut staged)
-            .expect("decodes");
-    }
-    for record in staged.iter() {
-        window
-            .add(
-                record.key.unwrap_or_default(),
-                record.value.unwrap_or_default(),
-                record.timestamp_ms,
-                &mut out,
-            )
-            .expect("adds");
-    }
-    let pull = |select: &str| -> Result<Vec<Vec<String>>, String> {
+    /// `select` planned as a pull query and answered from the stage.
+    fn pull(&self, select: &str) -> Result<Vec<Vec<String>>, String> {
+        use crate::pull::PullQuery;
+        use crate::session::Outcome;
         let parsed = parse_statement(select).map_err(|e| e.to_string())?;
         let Statement::Select(query) = parsed.statement else {
             panic!("a select")
@@ -504,10 +510,11 @@ fn pull_queries_read_the_aggregate_state_by_its_key() {
         let object = if select.contains("attempts") {
             attempts()
         } else {
-            counts.clone()
+            self.counts.clone()
         };
-        let pulled = PullQuery::plan(&catalog, &object, &query).map_err(|e| e.to_string())?;
-        let read = window
+        let pulled = PullQuery::plan(&self.catalog, &object, &query).map_err(|e| e.to_string())?;
+        let read = self
+            .window
             .read(pulled.key(), 100)
             .expect("reads")
             .expect("within the limit");
@@ -515,7 +522,16 @@ fn pull_queries_read_the_aggregate_state_by_its_key() {
             Outcome::Table { rows, .. } => Ok(rows),
             other => panic!("{other:?}"),
         }
-    };
+    }
+}
+
+/// A pull query's key is the one the aggregate's tasks group by: the rows
+/// read from a stage fed the input are the reference's, filtered and
+/// projected; shapes a pull query cannot take are refused by name.
+#[test]
+fn pull_queries_read_the_aggregate_state_by_its_key() {
+    let fixture = PullFixture::new();
+    let pull = |select: &str| fixture.pull(select);
     assert_eq!(
         pull("SELECT * FROM counts WHERE card = 'a';"),
         Ok(vec![vec!["a".into(), "3".into(), "0".into(), "60000".into()]]),

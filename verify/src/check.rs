@@ -69,12 +69,14 @@ pub struct History {
 /// Keys a compacted topic's writes share: the key of write `id`.
 pub fn compaction_key(id: &str) -> String {
     const KEYS: u64 = 16;
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in id.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("k{}", hash % KEYS)
+    format!("k{}", fnv1a64(id.bytes()) % KEYS)
+}
+
+/// FNV-1a, 64 bits: a stable digest for the checks' labels and keys.
+pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl History {

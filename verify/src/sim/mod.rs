@@ -683,20 +683,14 @@ fn seen_of(offset: u64, record: &Record) -> Seen {
         .and_then(|h| h.value.as_ref())
         .map(|v| String::from_utf8_lossy(v).into_owned());
     let id = id.or_else(|| {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         let parts = [record.key.as_deref(), record.value.as_deref()].into_iter().chain(
             record
                 .headers
                 .iter()
                 .flat_map(|h| [Some(h.key.as_bytes()), h.value.as_deref()]),
         );
-        for part in parts {
-            for byte in part.unwrap_or(b"-").iter().chain(b"|") {
-                hash ^= u64::from(*byte);
-                hash = hash.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        Some(format!("#{hash:016x}"))
+        let bytes = parts.flat_map(|part| part.unwrap_or(b"-").iter().chain(b"|").copied());
+        Some(format!("#{:016x}", check::fnv1a64(bytes)))
     });
     Seen { offset, id }
 }
