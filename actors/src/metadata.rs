@@ -316,7 +316,7 @@ impl Metadata {
     pub fn dataflows_using(&self, topic: &str) -> Vec<String> {
         self.dataflows
             .values()
-            .filter(|d| dataflow_uses(d, topic))
+            .filter(|d| dataflow_uses(d, topic) || self.plans.get(&d.name).is_some_and(|p| joins(p, topic)))
             .map(|d| d.name.clone())
             .collect()
     }
@@ -448,7 +448,7 @@ impl Metadata {
         users.extend(
             self.plans
                 .iter()
-                .filter(|(_, plan)| plan.source.topic == object.topic)
+                .filter(|(_, plan)| plan.source.topic == object.topic || joins(plan, &object.topic))
                 .map(|(query, _)| query.clone()),
         );
         users.dedup();
@@ -578,6 +578,12 @@ impl Metadata {
 
 /// Whether a running dataflow reads `topic`, writes it, or keeps its
 /// repartitioned records, checkpoints or dead letters there.
+/// Whether `plan` joins with the table over `topic` (which must then keep
+/// its partitions, and not be deleted, while the query runs).
+fn joins(plan: &Plan, topic: &str) -> bool {
+    plan.joins().any(|join| join.topic == topic)
+}
+
 fn dataflow_uses(dataflow: &DataflowMeta, topic: &str) -> bool {
     use runnel_client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic};
     let name = dataflow.name.as_str();

@@ -21,8 +21,9 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 /// The plan format this build writes (and the newest it reads).
-pub const PLAN_FORMAT_VERSION: u16 = 2;
-/// Version 1, before [`Operator::Registered`], reads unchanged.
+pub const PLAN_FORMAT_VERSION: u16 = 3;
+/// Version 1, before [`Operator::Registered`], and version 2, before
+/// [`Operator::JoinTable`], read unchanged.
 pub const PLAN_FORMAT_V1: u16 = 1;
 /// Characters of a registered step's description at most.
 pub const STEP_CHARS_MAX: usize = 256;
@@ -298,6 +299,38 @@ pub enum Operator {
     /// only on nodes whose binary registered `dataflow` with the same steps;
     /// it cannot be mixed with the operators above.
     Registered { dataflow: String, step: String },
+    /// Joins each row with the row of a table whose key equals `on` (format
+    /// version 3 on). The rows that follow are the row, then the table's
+    /// columns (NULLs for a left join without a match).
+    JoinTable(TableJoin),
+}
+
+/// A stream–table join: every task reading the stream holds the whole
+/// table, read from its topic (Kafka Streams' global table), so neither
+/// side needs to be partitioned by the join key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableJoin {
+    /// The table's name, for errors and `EXPLAIN`.
+    pub table: String,
+    pub topic: String,
+    /// The topic's partitions when the query was planned: those are read.
+    pub partitions: u32,
+    /// The JSON fields of each value.
+    pub columns: Vec<Column>,
+    /// The primary key column: its value is the record key, as text.
+    pub key: usize,
+    /// The stream's side of the join condition, compared with the key.
+    pub on: Expr,
+    pub kind: JoinKind,
+}
+
+/// Which rows a join keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinKind {
+    /// Rows with a match.
+    Inner,
+    /// Every row, with NULLs where nothing matches.
+    Left,
 }
 
 /// Where a plan reads.
@@ -371,12 +404,31 @@ impl Plan {
         if self.source.columns.len() > COLUMNS_MAX || self.sink.columns.len() > COLUMNS_MAX {
             return invalid(format!("more than {COLUMNS_MAX} columns"));
         }
+        for join in self.joins() {
+            if join.columns.len() > COLUMNS_MAX || join.key >= join.columns.len() || join.partitions == 0 {
+                return invalid(format!(
+                    "the join with {} names {} columns, key column {} and {} partitions",
+                    join.table,
+                    join.columns.len(),
+                    join.key,
+                    join.partitions
+                ));
+            }
+        }
         for expr in self.expressions() {
             if expr.depth() > EXPRESSION_DEPTH_MAX {
                 return invalid(format!("an expression nests deeper than {EXPRESSION_DEPTH_MAX}"));
             }
         }
         Ok(())
+    }
+
+    /// The tables its operators join with, in order.
+    pub fn joins(&self) -> impl Iterator<Item = &TableJoin> {
+        self.operators.iter().filter_map(|op| match op {
+            Operator::JoinTable(join) => Some(join),
+            _ => None,
+        })
     }
 
     /// The Rust dataflow whose registered steps this plan runs, if any.
@@ -422,6 +474,7 @@ impl Plan {
                 Operator::Filter(e) => Box::new(std::iter::once(e)),
                 Operator::Project(columns) => Box::new(columns.iter().map(|(_, e)| e)),
                 Operator::Repartition { key, carry } => Box::new(key.iter().chain(carry)),
+                Operator::JoinTable(join) => Box::new(std::iter::once(&join.on)),
                 Operator::Aggregate { .. } | Operator::Registered { .. } => Box::new(std::iter::empty()),
             }
         })
@@ -491,6 +544,20 @@ impl Plan {
                     format!("AGGREGATE {} per key, window {window}, emit {emit:?}", shown.join(", "))
                 }
                 Operator::Registered { step, .. } => format!("RUST {step}"),
+                Operator::JoinTable(join) => {
+                    let on = render(&join.on, &names);
+                    names.extend(join.columns.iter().map(|c| format!("{}.{}", join.table, c.name)));
+                    format!(
+                        "{:?} JOIN TABLE {} ({}) read whole by every task from {} ({} partitions) ON {on} = {}.{}",
+                        join.kind,
+                        join.table,
+                        column_list(&join.columns),
+                        join.topic,
+                        join.partitions,
+                        join.table,
+                        join.columns.get(join.key).map_or("?", |c| c.name.as_str())
+                    )
+                }
             });
         }
         lines.push(match self.registered() {
@@ -767,8 +834,48 @@ pub(crate) mod tests {
             dataflow: "d".into(),
             step: "MAP".into(),
         });
+        operators.push(Operator::JoinTable(sample_join()));
         assert_tags(&operators);
         assert_tags(&[ObjectKind::Stream, ObjectKind::Table]);
+        assert_tags(&[JoinKind::Inner, JoinKind::Left]);
+    }
+
+    fn sample_join() -> TableJoin {
+        TableJoin {
+            table: "CARDS".into(),
+            topic: "cards".into(),
+            partitions: 2,
+            columns: vec![
+                Column {
+                    name: "CARD_NUMBER".into(),
+                    ty: SqlType::String,
+                },
+                Column {
+                    name: "COUNTRY".into(),
+                    ty: SqlType::String,
+                },
+            ],
+            key: 0,
+            on: Expr::Column(0),
+            kind: JoinKind::Left,
+        }
+    }
+
+    #[test]
+    fn a_join_explains_its_table_and_refuses_a_key_outside_its_columns() {
+        let mut plan = sample_plan();
+        plan.operators.insert(0, Operator::JoinTable(sample_join()));
+        assert_eq!(plan.validate(), Ok(()));
+        let explained = plan.explain("Q");
+        assert!(
+            explained.contains("Left JOIN TABLE CARDS (CARD_NUMBER STRING, COUNTRY STRING) read whole by every task from cards (2 partitions) ON CARD_NUMBER = CARDS.CARD_NUMBER"),
+            "{explained}"
+        );
+        let mut outside = sample_join();
+        outside.key = 2;
+        plan.operators[0] = Operator::JoinTable(outside);
+        let refused = plan.validate().expect_err("key outside the columns");
+        assert!(refused.to_string().contains("join with CARDS"), "{refused}");
     }
 
     #[test]

@@ -125,6 +125,25 @@ pub trait SourceStage: Send + Sync {
     /// Runs one source record through the stateless operators. An error is
     /// a record that does not decode as the source type (for the DLQ).
     fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String>;
+
+    /// The tables its operators join with (SQL's stream–table joins), in
+    /// order: each task running the stage holds them, and passes them to
+    /// [`SourceStage::process_joined`].
+    fn tables(&self) -> Vec<runnel_client::plan::TableJoin> {
+        Vec::new()
+    }
+
+    /// [`SourceStage::process`] with the tables of [`SourceStage::tables`].
+    fn process_joined(
+        &self,
+        value: &[u8],
+        timestamp_ms: i64,
+        tables: &[crate::table::TableState],
+        out: &mut Emitted,
+    ) -> Result<(), String> {
+        debug_assert!(tables.is_empty(), "a stage without joins");
+        self.process(value, timestamp_ms, out)
+    }
 }
 
 /// One window task's state, erased of its types.

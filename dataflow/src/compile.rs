@@ -18,13 +18,16 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use runnel_client::plan::{AggregateCall, AggregateFunction, Column, EmitMode, Operator, Plan, PlanError, WindowSpec};
+use runnel_client::plan::{
+    AggregateCall, AggregateFunction, Column, EmitMode, JoinKind, Operator, Plan, PlanError, TableJoin, WindowSpec,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{
     read_state, DataflowDef, Emitted, EncodedKey, SourceStage, StageError, WindowStage, WindowStageFactory,
 };
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
+use crate::table::TableState;
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 use runnel_client::tasks::StateRow;
 
@@ -44,13 +47,14 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
         .iter()
         .position(|op| matches!(op, Operator::Repartition { .. }));
     let (before, after) = plan.operators.split_at(split.unwrap_or(plan.operators.len()));
-    let stateless = stateless_ops(before)?;
+    let stateless = source_ops(before)?;
     let mut def = DataflowDef {
         name: name.to_string(),
         source: plan.source.topic.clone(),
         sink: plan.sink.topic.clone(),
         source_stage: Arc::new(SqlSource {
             columns: plan.source.columns.clone(),
+            joins: plan.joins().count(),
             timestamp: plan.source.timestamp,
             ops: stateless,
             output: Output::Sink(plan.sink.clone()),
@@ -78,8 +82,9 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
     }
     let source = SqlSource {
         columns: plan.source.columns.clone(),
+        joins: plan.joins().count(),
         timestamp: plan.source.timestamp,
-        ops: stateless_ops(before)?,
+        ops: source_ops(before)?,
         output: Output::Repartition {
             key: key.clone(),
             carry: carry.clone(),
@@ -113,8 +118,21 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
 
 fn invalid(why: &str) -> PlanError {
     PlanError::Invalid(format!(
-        "{why} (this node runs stateless operators, then at most one repartition and aggregate)"
+        "{why} (this node runs stateless operators and table joins, then at most one repartition and aggregate)"
     ))
+}
+
+/// The operators of a source stage: stateless ones and table joins.
+fn source_ops(ops: &[Operator]) -> Result<Vec<Operator>, PlanError> {
+    match ops
+        .iter()
+        .find(|op| !matches!(op, Operator::Filter(_) | Operator::Project(_) | Operator::JoinTable(_)))
+    {
+        Some(op) => Err(invalid(&format!(
+            "{op:?} where a filter, projection or join was expected"
+        ))),
+        None => Ok(ops.to_vec()),
+    }
 }
 
 /// The operators of a stage that keeps no state.
@@ -142,8 +160,10 @@ fn to_window(spec: Option<WindowSpec>) -> Window {
     }
 }
 
-/// Runs stateless operators over `row`; false when a filter drops it.
-fn run_ops(ops: &[Operator], row: &mut Vec<Value>, scratch: &mut Vec<Value>) -> bool {
+/// Runs a stage's operators over `row`, the `i`th join with `tables[i]`;
+/// false when a filter or an inner join drops it.
+fn run_ops(ops: &[Operator], tables: &[TableState], row: &mut Vec<Value>, scratch: &mut Vec<Value>) -> bool {
+    let mut joined = 0;
     for op in ops {
         match op {
             Operator::Filter(condition) if !holds(condition, row) => return false,
@@ -151,6 +171,15 @@ fn run_ops(ops: &[Operator], row: &mut Vec<Value>, scratch: &mut Vec<Value>) -> 
                 scratch.clear();
                 scratch.extend(columns.iter().map(|(_, e)| eval(e, row)));
                 std::mem::swap(row, scratch);
+            }
+            Operator::JoinTable(join) => {
+                let table = &tables[joined];
+                joined += 1;
+                match (table.lookup(&eval(&join.on, row)), join.kind) {
+                    (Some(found), _) => row.extend_from_slice(found),
+                    (None, JoinKind::Left) => row.resize(row.len() + join.columns.len(), Value::Null),
+                    (None, JoinKind::Inner) => return false,
+                }
             }
             _ => {}
         }
@@ -170,6 +199,8 @@ enum Output {
 
 struct SqlSource {
     columns: Vec<Column>,
+    /// The table joins among `ops`.
+    joins: usize,
     timestamp: Option<usize>,
     ops: Vec<Operator>,
     output: Output,
@@ -177,9 +208,30 @@ struct SqlSource {
 
 impl SourceStage for SqlSource {
     fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
+        self.process_joined(value, timestamp_ms, &[], out)
+    }
+
+    fn tables(&self) -> Vec<TableJoin> {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                Operator::JoinTable(join) => Some(join.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn process_joined(
+        &self,
+        value: &[u8],
+        timestamp_ms: i64,
+        tables: &[TableState],
+        out: &mut Emitted,
+    ) -> Result<(), String> {
+        assert_eq!(tables.len(), self.joins, "one table per join");
         // One row buffer per thread, reused: no allocation per record but
         // the values' own (strings).
-        ROW.with_borrow_mut(|row| self.process_into(row, value, timestamp_ms, out))
+        ROW.with_borrow_mut(|row| self.process_into(row, value, timestamp_ms, tables, out))
     }
 }
 
@@ -216,6 +268,7 @@ impl SqlSource {
         row: &mut Vec<Value>,
         value: &[u8],
         timestamp_ms: i64,
+        tables: &[TableState],
         out: &mut Emitted,
     ) -> Result<(), String> {
         decode_row(&self.columns, value, row)?;
@@ -225,7 +278,7 @@ impl SqlSource {
             Some(Value::Int(t)) => *t,
             Some(other) => return Err(format!("timestamp column is {other}, not a BIGINT time in ms")),
         };
-        if !self.ops.is_empty() && !run_ops(&self.ops, row, &mut Vec::new()) {
+        if !self.ops.is_empty() && !run_ops(&self.ops, tables, row, &mut Vec::new()) {
             return Ok(());
         }
         match &self.output {
@@ -440,7 +493,7 @@ impl AggregateStage {
             row.push(Value::Int(window.start_ms));
             row.push(Value::Int(window.end_ms));
         }
-        Ok(run_ops(&self.ops, &mut row, &mut Vec::new()).then_some(row))
+        Ok(run_ops(&self.ops, &[], &mut row, &mut Vec::new()).then_some(row))
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`compile`][compile]: plans (dataflows as data, what SQL statements become)
 //!   compiled into the same stages, on every node that runs their tasks.
 //! - [`row`]: SQL rows: values, JSON decoding by schema, expressions.
+//! - [`table`]: the tables a stage joins with, each task holding the whole
+//!   table at read positions its checkpoints record.
 //! - [`task`]: one task (a stage over one input partition): read, process,
 //!   send with deterministic sequence numbers, checkpoint, restore.
 //! - [`host`]: a node's runtime: the registry of known dataflows and the
@@ -23,6 +25,7 @@ pub mod compile;
 pub mod fraud;
 pub mod host;
 pub mod row;
+pub mod table;
 pub mod task;
 pub mod window;
 

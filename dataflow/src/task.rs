@@ -38,6 +38,7 @@ use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, Re
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{DataflowDef, Emitted, WindowStage};
+use crate::table::TableState;
 
 /// How often a task checkpoints (when it has made progress).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
@@ -50,7 +51,10 @@ const BATCH_BYTES_MAX: usize = 1 << 20;
 pub const CHECKPOINT_BYTES_MAX: usize = 7 << 20;
 const CHECKPOINT_CHUNK_BYTES: usize = 512 << 10;
 /// 2: window state keeps keys encoded (version 1 kept them decoded).
-const CHECKPOINT_VERSION: u8 = 2;
+/// 3: followed by the read positions of the tables the stage joins with.
+const CHECKPOINT_VERSION: u8 = 3;
+/// Version 2 reads as version 3 without tables.
+const CHECKPOINT_V2: u8 = 2;
 /// How long an output batch is retried through unavailability before the
 /// task fails (and is restarted from its checkpoint).
 const SEND_RETRY_FOR: Duration = Duration::from_secs(60);
@@ -137,6 +141,8 @@ pub enum TaskError {
     },
     #[error(transparent)]
     Stage(#[from] crate::builder::StageError),
+    #[error(transparent)]
+    Table(#[from] crate::table::TableError),
 }
 
 /// Who a task writes as: its producer id, fixed across restarts and nodes,
@@ -169,7 +175,7 @@ pub fn task_producer_id(dataflow: &str, task: u32) -> i64 {
     (hash >> 1) as i64
 }
 
-fn retryable(error: &ClientError) -> bool {
+pub(crate) fn retryable(error: &ClientError) -> bool {
     matches!(
         error,
         ClientError::Unavailable { .. }
@@ -392,6 +398,7 @@ async fn send_batch<C: TaskIo>(
 }
 
 /// What a checkpoint holds (postcard; chunked into one batch of records).
+/// From version 3 it is followed by [`TablePositions`].
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Checkpoint {
     version: u8,
@@ -406,6 +413,21 @@ struct Checkpoint {
     records_in: u64,
     records_out: u64,
     dead_letters: u64,
+}
+
+/// Per table the stage joins with (in plan order), the offset read up to
+/// in each of its partitions: the rows the task joined with since.
+type TablePositions = Vec<Vec<u64>>;
+
+/// A checkpoint and the table positions that follow it (none before
+/// version 3).
+fn decode_checkpoint(bytes: &[u8]) -> Result<(Checkpoint, TablePositions), postcard::Error> {
+    let (checkpoint, rest): (Checkpoint, _) = postcard::take_from_bytes(bytes)?;
+    let positions = match checkpoint.version {
+        CHECKPOINT_V2 => Vec::new(),
+        _ => postcard::from_bytes(rest)?,
+    };
+    Ok((checkpoint, positions))
 }
 
 /// What a window task knows of one upstream source task.
@@ -450,6 +472,9 @@ pub struct TaskRunner<C: TaskIo = Client> {
     /// Window stage: its upstreams and its windows.
     upstreams: BTreeMap<u32, Upstream>,
     window: Option<Box<dyn WindowStage>>,
+    /// Source stage: the tables it joins with, at the positions the newest
+    /// checkpoint records.
+    tables: Vec<TableState>,
     counters: Counters,
     last_checkpoint: Duration,
     dirty: bool,
@@ -484,6 +509,11 @@ impl<C: TaskIo> TaskRunner<C> {
         } else {
             None
         };
+        let tables = if stage == 0 {
+            def.source_stage.tables().into_iter().map(TableState::new).collect()
+        } else {
+            Vec::new()
+        };
         let started = client.now();
         let mut runner = TaskRunner {
             sender: ExactlyOnceSender::new(TaskProducer::of(&def.name, &assignment)),
@@ -507,21 +537,61 @@ impl<C: TaskIo> TaskRunner<C> {
             max_event_ms: i64::MIN,
             upstreams: BTreeMap::new(),
             window,
+            tables,
             counters: Counters::default(),
             last_checkpoint: started,
             dirty: false,
             emitted: Emitted::default(),
         };
-        if let Some(checkpoint) = runner.read_checkpoint().await? {
-            runner.apply_checkpoint(checkpoint)?;
+        match runner.read_checkpoint().await? {
+            Some((checkpoint, positions)) => {
+                runner.apply_checkpoint(checkpoint)?;
+                runner.rebuild_tables(positions).await?;
+            }
+            None if !runner.tables.is_empty() => runner.load_tables().await?,
+            None => {}
         }
         runner.publish("running");
         Ok(runner)
     }
 
+    /// Rebuilds the tables up to the positions the checkpoint records.
+    async fn rebuild_tables(&mut self, positions: TablePositions) -> Result<(), TaskError> {
+        let task = self.assignment.task;
+        let fits = positions.len() == self.tables.len()
+            && positions
+                .iter()
+                .zip(&self.tables)
+                .all(|(p, t)| p.len() == t.positions().len());
+        if !fits {
+            return Err(TaskError::Checkpoint {
+                task,
+                reason: format!(
+                    "it records positions of {} table(s), and the stage joins with {}",
+                    positions.len(),
+                    self.tables.len()
+                ),
+            });
+        }
+        for (table, positions) in self.tables.iter_mut().zip(&positions) {
+            table.rebuild(&*self.client, positions).await?;
+            tracing::info!(dataflow = %self.def.name, task, table = %table.join().table, rows = table.len(), "table rebuilt");
+        }
+        Ok(())
+    }
+
+    /// A new task reads its tables to their ends, and checkpoints where it
+    /// read to before it joins anything.
+    async fn load_tables(&mut self) -> Result<(), TaskError> {
+        for table in &mut self.tables {
+            table.load(&*self.client).await?;
+        }
+        self.write_checkpoint().await
+    }
+
     fn apply_checkpoint(&mut self, checkpoint: Checkpoint) -> Result<(), TaskError> {
         let task = self.assignment.task;
-        if checkpoint.version != CHECKPOINT_VERSION || checkpoint.task != task {
+        if !(CHECKPOINT_V2..=CHECKPOINT_VERSION).contains(&checkpoint.version) || checkpoint.task != task {
             return Err(TaskError::Checkpoint {
                 task,
                 reason: format!(
@@ -615,8 +685,9 @@ impl<C: TaskIo> TaskRunner<C> {
             let idle = self.caught_up_since.is_some_and(|since| now >= since + IDLE_AFTER);
             self.send_markers(idle).await?;
         }
-        if self.dirty && self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL {
-            self.write_checkpoint().await?;
+        let due = self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL;
+        if due && (self.dirty || !self.tables.is_empty()) {
+            self.checkpoint().await?;
         }
         {
             let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -647,7 +718,11 @@ impl<C: TaskIo> TaskRunner<C> {
             self.counters.records_in += 1;
             let value = view.value.unwrap_or_default();
             emitted.clear();
-            if let Err(reason) = self.def.source_stage.process(value, view.timestamp_ms, &mut emitted) {
+            if let Err(reason) =
+                self.def
+                    .source_stage
+                    .process_joined(value, view.timestamp_ms, &self.tables, &mut emitted)
+            {
                 dead_letters.push_record(&self.dead_letter(&view, &reason))?;
                 continue;
             }
@@ -859,6 +934,21 @@ impl<C: TaskIo> TaskRunner<C> {
         Ok(())
     }
 
+    /// Moves the tables on to their ends (their positions move only here,
+    /// just before a checkpoint records them), then checkpoints if the
+    /// input or a table moved.
+    async fn checkpoint(&mut self) -> Result<(), TaskError> {
+        let mut moved = false;
+        for table in &mut self.tables {
+            moved |= table.refresh(&*self.client).await?;
+        }
+        if self.dirty || moved {
+            return self.write_checkpoint().await;
+        }
+        self.last_checkpoint = self.client.now();
+        Ok(())
+    }
+
     /// Writes the task's state as one batch of chunk records keyed `i/n`.
     async fn write_checkpoint(&mut self) -> Result<(), TaskError> {
         let task = self.assignment.task;
@@ -882,7 +972,8 @@ impl<C: TaskIo> TaskRunner<C> {
             records_out: self.counters.records_out,
             dead_letters: self.counters.dead_letters,
         };
-        let bytes = postcard::to_allocvec(&checkpoint).map_err(|e| TaskError::Checkpoint {
+        let positions: TablePositions = self.tables.iter().map(|t| t.positions().to_vec()).collect();
+        let bytes = postcard::to_allocvec(&(checkpoint, positions)).map_err(|e| TaskError::Checkpoint {
             task,
             reason: e.to_string(),
         })?;
@@ -891,7 +982,10 @@ impl<C: TaskIo> TaskRunner<C> {
             // the others (the watermark waits for it). The last checkpoint
             // stays a valid place to restart from (replay is deterministic),
             // so the task goes on and tries again after the interval rather
-            // than failing and restarting into the same state.
+            // than failing and restarting into the same state. (A source
+            // stage keeps no window state: the table positions it joined
+            // with are always recorded.)
+            debug_assert!(self.tables.is_empty(), "a joining stage's checkpoint is small");
             tracing::warn!(
                 dataflow = %self.def.name,
                 task,
@@ -923,7 +1017,7 @@ impl<C: TaskIo> TaskRunner<C> {
 
     /// The newest checkpoint: the last record is chunk `n-1/n`, and the
     /// whole checkpoint is the `n` records ending there (one batch).
-    async fn read_checkpoint(&self) -> Result<Option<Checkpoint>, TaskError> {
+    async fn read_checkpoint(&self) -> Result<Option<(Checkpoint, TablePositions)>, TaskError> {
         let task = self.assignment.task;
         let topic = checkpoint_topic(&self.def.name);
         let end = self.client.fetch(&topic, task, 0, 1).await?.committed_offset;
@@ -971,8 +1065,8 @@ impl<C: TaskIo> TaskRunner<C> {
             }
             offset = fetched.next_offset;
         }
-        let checkpoint = postcard::from_bytes(&bytes).map_err(|e| corrupt(format!("does not decode: {e}")))?;
-        Ok(Some(checkpoint))
+        let decoded = decode_checkpoint(&bytes).map_err(|e| corrupt(format!("does not decode: {e}")))?;
+        Ok(Some(decoded))
     }
 
     /// Publishes the task's figures for `runnel dataflow describe`.
@@ -997,6 +1091,24 @@ impl<C: TaskIo> TaskRunner<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checkpoints_of_version_2_read_without_tables_and_version_3_with_them() {
+        let checkpoint = |version| Checkpoint {
+            version,
+            task: 4,
+            input_offset: 17,
+            ..Checkpoint::default()
+        };
+        let old = postcard::to_allocvec(&checkpoint(CHECKPOINT_V2)).expect("encodes");
+        let (read, positions) = decode_checkpoint(&old).expect("version 2 decodes");
+        assert_eq!((read.task, read.input_offset, positions.len()), (4, 17, 0));
+        let tables: TablePositions = vec![vec![3, 0, 9]];
+        let new = postcard::to_allocvec(&(checkpoint(CHECKPOINT_VERSION), &tables)).expect("encodes");
+        let (read, positions) = decode_checkpoint(&new).expect("version 3 decodes");
+        assert_eq!((read.input_offset, positions), (17, tables));
+        assert!(decode_checkpoint(&new[..new.len() - 1]).is_err(), "cut short");
+    }
 
     #[test]
     fn watermark_waits_for_every_upstream_and_ignores_idle_ones() {

@@ -2,6 +2,7 @@
 //!
 //! - [`parse`]: statements from text (sqlparser, plus KSQL's clauses and
 //!   ksqlDB's commands read from sqlparser's tokens).
+//! - [`from`]: the FROM clause: a stream and the tables it joins with.
 //! - [`planner`]: SELECTs into dataflow plans (`runnel_client::plan`),
 //!   names resolved against the catalog and types checked.
 //! - [`session`]: statements executed against a cluster through a
@@ -14,6 +15,7 @@
 //! - [`error`]: errors that name the line and column they are about.
 
 pub mod error;
+pub mod from;
 pub mod parse;
 pub mod planner;
 pub mod pull;

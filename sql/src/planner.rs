@@ -9,11 +9,12 @@
 
 use runnel_client::plan::{
     AggregateCall, AggregateFunction, BinaryOp, Column, EmitMode, Expr, Function, Literal, ObjectKind, Operator, Plan,
-    Sink, Source, SqlObject, SqlType, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
+    Sink, Source, SqlType, TableJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
 };
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
+use crate::from::{Input, JoinInput};
 use crate::parse::Query;
 
 /// A planned SELECT and what its output looks like.
@@ -25,13 +26,23 @@ pub struct Planned {
     pub windowed: bool,
 }
 
-/// One column in scope: its name, type and index in the row.
+/// The columns in scope, each at its index in the row.
 #[derive(Clone, Debug)]
 struct Scope {
     columns: Vec<Column>,
+    /// In a join, what qualifies each column (its relation's alias), in
+    /// step with `columns`; empty otherwise.
+    qualifiers: Vec<String>,
 }
 
 impl Scope {
+    fn of(columns: Vec<Column>) -> Scope {
+        Scope {
+            columns,
+            qualifiers: Vec::new(),
+        }
+    }
+
     fn find(&self, name: &str) -> Option<(usize, SqlType)> {
         self.columns
             .iter()
@@ -39,12 +50,41 @@ impl Scope {
             .map(|i| (i, self.columns[i].ty))
     }
 
+    /// The column `name` (of the relation `qualifier`, in a join): exactly one.
+    fn resolve(&self, qualifier: Option<&str>, name: &str) -> Result<(usize, SqlType), String> {
+        let qualified = |i: usize| match (qualifier, self.qualifiers.get(i)) {
+            (Some(q), Some(has)) => q == has,
+            _ => true,
+        };
+        let mut found = (0..self.columns.len()).filter(|&i| self.columns[i].name == name && qualified(i));
+        match (found.next(), found.next()) {
+            (Some(i), None) => Ok((i, self.columns[i].ty)),
+            (Some(_), Some(_)) => Err(format!(
+                "column {name} is ambiguous: qualify it with its stream or table ({})",
+                self.names()
+            )),
+            (None, _) => Err(format!("unknown column {name}; known: {}", self.names())),
+        }
+    }
+
+    fn name_of(&self, i: usize) -> String {
+        match self.qualifiers.get(i) {
+            Some(q) => format!("{q}.{}", self.columns[i].name),
+            None => self.columns[i].name.clone(),
+        }
+    }
+
     fn names(&self) -> String {
-        self.columns
-            .iter()
-            .map(|c| c.name.as_str())
+        (0..self.columns.len())
+            .map(|i| self.name_of(i))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Adds `columns`, qualified by `qualifier` in a join.
+    fn extend(&mut self, columns: &[Column], qualifier: &str) {
+        self.columns.extend_from_slice(columns);
+        self.qualifiers.resize(self.columns.len(), qualifier.to_string());
     }
 }
 
@@ -60,20 +100,26 @@ fn at(message: String, span: sqlparser::tokenizer::Span) -> SqlError {
     SqlError::at(message, span.start.line, span.start.column)
 }
 
-/// Plans `query` reading `source` and writing `sink_topic`.
-pub fn plan_query(statement: &str, query: &Query, source: &SqlObject, sink_topic: &str) -> SqlResult<Planned> {
+/// Plans `query` reading `from` and writing `sink_topic`.
+pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: &str) -> SqlResult<Planned> {
     let select = &query.select;
     if select.distinct.is_some() || !select.named_window.is_empty() || select.qualify.is_some() {
         return Err(SqlError::new("DISTINCT, named windows and QUALIFY are not supported"));
     }
-    let mut input = Scope {
-        columns: source.columns.clone(),
-    };
+    let source = from.source;
+    let mut input = Scope::of(source.columns.clone());
     input.columns.push(Column {
         name: "ROWTIME".to_string(),
         ty: SqlType::BigInt,
     });
     let mut operators = Vec::new();
+    if !from.joins.is_empty() {
+        input.qualifiers = vec![from.alias.clone(); input.columns.len()];
+    }
+    for join in &from.joins {
+        operators.push(Operator::JoinTable(join_table(join, &input)?));
+        input.extend(&join.table.columns, &join.alias);
+    }
     if let Some(condition) = &select.selection {
         let (condition, ty) = Converter::plain(&input).convert(condition)?;
         expect_boolean(ty, "WHERE")?;
@@ -158,11 +204,12 @@ fn aggregate(
     }
     let plain = Converter::plain(input);
     let mut keys = Vec::new();
-    let mut output = Scope { columns: Vec::new() };
+    let mut output = Scope::of(Vec::new());
     for (i, expr) in group_by.iter().enumerate() {
         let (planned, ty) = plain.convert(expr)?;
         let name = match expr {
             ast::Expr::Identifier(id) => ident(id),
+            ast::Expr::CompoundIdentifier(ids) if !ids.is_empty() => ident(&ids[ids.len() - 1]),
             _ => format!("KSQL_GROUP_{i}"),
         };
         output.columns.push(Column { name, ty });
@@ -242,12 +289,13 @@ fn project(select: &ast::Select, scope: &Scope, converter: &Converter<'_>) -> Sq
     let mut generated = 0;
     for item in &select.projection {
         match item {
-            ast::SelectItem::Wildcard(_) => {
-                for (i, column) in scope.columns.iter().enumerate() {
-                    if column.name != "ROWTIME" && !column.name.starts_with("KSQL_AGG_") {
-                        projection.push((column.clone(), Expr::Column(i)));
-                    }
-                }
+            ast::SelectItem::Wildcard(_) => wildcard(scope, None, &mut projection)?,
+            ast::SelectItem::QualifiedWildcard(ast::SelectItemQualifiedWildcardKind::ObjectName(name), _) => {
+                let qualifier = match name.0.last() {
+                    Some(ast::ObjectNamePart::Identifier(id)) => ident(id),
+                    _ => return Err(SqlError::new(format!("{name}.* names no stream or table"))),
+                };
+                wildcard(scope, Some(&qualifier), &mut projection)?
             }
             ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } => {
                 let (planned, ty) = converter.convert(e)?;
@@ -271,6 +319,118 @@ fn project(select: &ast::Select, scope: &Scope, converter: &Converter<'_>) -> Sq
         }
     }
     Ok(projection)
+}
+
+/// `*` (or `q.*`): the scope's columns (of `q`) but ROWTIME and the
+/// aggregates'; in a join named `Q_NAME`, as ksqlDB names them.
+fn wildcard(scope: &Scope, qualifier: Option<&str>, projection: &mut Vec<(Column, Expr)>) -> SqlResult<()> {
+    let before = projection.len();
+    for (i, column) in scope.columns.iter().enumerate() {
+        let of = scope.qualifiers.get(i);
+        if column.name == "ROWTIME" || column.name.starts_with("KSQL_AGG_") {
+            continue;
+        }
+        if qualifier.is_some_and(|q| of.is_some_and(|of| of != q)) {
+            continue;
+        }
+        let name = match of {
+            Some(of) => format!("{of}_{}", column.name),
+            None => column.name.clone(),
+        };
+        if projection.iter().any(|(c, _)| c.name == name) {
+            return Err(SqlError::new(format!(
+                "two columns named {name}; give one an alias with AS"
+            )));
+        }
+        projection.push((Column { name, ty: column.ty }, Expr::Column(i)));
+    }
+    if projection.len() == before && qualifier.is_some() && !scope.qualifiers.is_empty() {
+        return Err(SqlError::new(format!(
+            "{}.* names no stream or table of the FROM clause",
+            qualifier.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// A join's ON clause: `stream_expression = table.primary_key` (either way
+/// round), over `scope` (the stream and the tables joined before).
+fn join_table(join: &JoinInput<'_>, scope: &Scope) -> SqlResult<TableJoin> {
+    let table = join.table;
+    let key = table.key[0];
+    let ast::Expr::BinaryOp {
+        left,
+        op: ast::BinaryOperator::Eq,
+        right,
+    } = join.on
+    else {
+        return Err(SqlError::new(format!(
+            "a join's ON must be stream_expression = {}.{} (the table's PRIMARY KEY), not {}",
+            join.alias, table.columns[key].name, join.on
+        )));
+    };
+    let side = |e: &ast::Expr| table_column(e, join, scope);
+    let (named, other) = match (side(left)?, side(right)?) {
+        (Some(named), None) => (named, &**right),
+        (None, Some(named)) => (named, &**left),
+        _ => {
+            return Err(SqlError::new(format!(
+                "a join's ON compares one expression of the stream with one column of {}: {}",
+                join.alias, join.on
+            )))
+        }
+    };
+    if named != key {
+        return Err(SqlError::new(format!(
+            "{} joins on its PRIMARY KEY {}, not on {}",
+            table.name, table.columns[key].name, table.columns[named].name
+        )));
+    }
+    let (on, ty) = Converter::plain(scope).convert(other)?;
+    let key_ty = table.columns[key].ty;
+    let integers = |t: SqlType| matches!(t, SqlType::Int | SqlType::BigInt);
+    if ty != key_ty && !(integers(ty) && integers(key_ty)) {
+        return Err(SqlError::new(format!(
+            "a join on values of different types: {other} is {ty}, {}.{} is {key_ty}",
+            join.alias, table.columns[key].name
+        )));
+    }
+    Ok(TableJoin {
+        table: table.name.clone(),
+        topic: table.topic.clone(),
+        partitions: join.partitions,
+        columns: table.columns.clone(),
+        key,
+        on,
+        kind: join.kind,
+    })
+}
+
+/// The column of the joined table `expr` names, if it names one.
+fn table_column(expr: &ast::Expr, join: &JoinInput<'_>, scope: &Scope) -> SqlResult<Option<usize>> {
+    let find = |name: &str| join.table.columns.iter().position(|c| c.name == name);
+    match expr {
+        ast::Expr::CompoundIdentifier(ids) if ids.len() == 2 => {
+            if ident(&ids[0]) != join.alias {
+                return Ok(None);
+            }
+            let name = ident(&ids[1]);
+            find(&name)
+                .map(Some)
+                .ok_or_else(|| at(format!("{} has no column {name}", join.table.name), ids[1].span))
+        }
+        ast::Expr::Identifier(id) => {
+            let name = ident(id);
+            match (find(&name), scope.find(&name)) {
+                (Some(_), Some(_)) => Err(at(
+                    format!("column {name} is ambiguous: qualify it ({}.{name})", join.alias),
+                    id.span,
+                )),
+                (found, _) => Ok(found),
+            }
+        }
+        _ => Ok(None),
+    }
 }
 
 /// The aggregate calls of a grouped SELECT and the values they need.
@@ -479,10 +639,11 @@ impl<'a> Converter<'a> {
         }
         let next = |e: &ast::Expr| self.convert_at(e, depth + 1);
         match expr {
-            ast::Expr::Identifier(id) => self.column(id),
-            ast::Expr::CompoundIdentifier(ids) => match ids.last() {
-                Some(id) => self.column(id),
-                None => Err(SqlError::new("empty name")),
+            ast::Expr::Identifier(id) => self.column(None, id),
+            ast::Expr::CompoundIdentifier(ids) => match &ids[..] {
+                [.., qualifier, id] => self.column(Some(qualifier), id),
+                [id] => self.column(None, id),
+                [] => Err(SqlError::new("empty name")),
             },
             ast::Expr::Value(v) => literal(&v.value).map_err(|m| at(m, v.span)),
             ast::Expr::Nested(e) => next(e),
@@ -575,14 +736,11 @@ impl<'a> Converter<'a> {
         Ok(None)
     }
 
-    fn column(&self, id: &ast::Ident) -> SqlResult<(Expr, SqlType)> {
-        let name = ident(id);
-        match self.scope.find(&name) {
-            Some((i, ty)) => Ok((Expr::Column(i), ty)),
-            None => Err(at(
-                format!("unknown column {name}; known: {}", self.scope.names()),
-                id.span,
-            )),
+    fn column(&self, qualifier: Option<&ast::Ident>, id: &ast::Ident) -> SqlResult<(Expr, SqlType)> {
+        let qualifier = qualifier.map(ident);
+        match self.scope.resolve(qualifier.as_deref(), &ident(id)) {
+            Ok((i, ty)) => Ok((Expr::Column(i), ty)),
+            Err(message) => Err(at(message, id.span)),
         }
     }
 

@@ -18,6 +18,7 @@ use runnel_storage::Record;
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
+use crate::from::{input_of, object_named, unknown_object, Input};
 use crate::parse::{self, Listing, Parsed, Query, Statement, With};
 use crate::planner::{ident, literal, plan_query, sql_type};
 use crate::pull::PullQuery;
@@ -108,13 +109,18 @@ impl Session {
             Statement::InsertSelect { target, query } => self.insert_select(text, target, query).await,
             Statement::Select(query) if query.emit.is_none() => {
                 let catalog = self.catalog().await?;
-                let source = source_of(&catalog, query)?;
-                PullQuery::plan(&catalog, source, query)?.run(&self.client).await
+                let input = input_of(&catalog, query)?;
+                if !input.joins.is_empty() {
+                    return Err(SqlError::new(
+                        "a pull query reads one table's state; a join needs EMIT CHANGES (a push query) or CREATE STREAM … AS",
+                    ));
+                }
+                PullQuery::plan(&catalog, input.source, query)?.run(&self.client).await
             }
             Statement::Select(query) => {
                 let catalog = self.catalog().await?;
-                let source = source_of(&catalog, query)?;
-                let planned = plan_query(text, query, source, "")?;
+                let input = self.input_of(&catalog, query).await?;
+                let planned = plan_query(text, query, &input, "")?;
                 Ok(Outcome::Push {
                     plan: planned.plan,
                     limit: query.limit,
@@ -125,7 +131,8 @@ impl Session {
             Statement::Explain(id) => self.explain(id).await,
             Statement::ExplainQuery(query) => {
                 let catalog = self.catalog().await?;
-                let planned = plan_query(text, query, source_of(&catalog, query)?, "(push query)")?;
+                let input = self.input_of(&catalog, query).await?;
+                let planned = plan_query(text, query, &input, "(push query)")?;
                 Ok(Outcome::Message(planned.plan.explain("(push query)")))
             }
             Statement::Drop {
@@ -158,6 +165,25 @@ impl Session {
     /// `{prefix}_{n}` for the least `n` no query ever used: neither a
     /// running query nor the checkpoints a terminated one may have left
     /// (a new query must never restore another's state).
+    /// The FROM clause of `query`, with the partitions of the tables it joins.
+    async fn input_of<'a>(&self, catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'a>> {
+        let mut input = input_of(catalog, query)?;
+        if input.joins.is_empty() {
+            return Ok(input);
+        }
+        let topics = self.client.topics().await.map_err(cluster)?;
+        for join in &mut input.joins {
+            let topic = topics.iter().find(|t| t.name == join.table.topic).ok_or_else(|| {
+                SqlError::new(format!(
+                    "table {}'s topic {} does not exist",
+                    join.table.name, join.table.topic
+                ))
+            })?;
+            join.partitions = topic.config.partitions;
+        }
+        Ok(input)
+    }
+
     async fn fresh_query_id(&self, catalog: &Catalog, prefix: &str) -> SqlResult<String> {
         let topics = self.client.topics().await.map_err(cluster)?;
         let used = |id: &str| {
@@ -333,8 +359,8 @@ impl Session {
         if catalog.objects.iter().any(|o| o.name == name) {
             return Err(SqlError::new(format!("a stream or table named {name} already exists")));
         }
-        let source = source_of(&catalog, query)?;
-        let planned = plan_query(text, query, source, &topic)?;
+        let input = self.input_of(&catalog, query).await?;
+        let planned = plan_query(text, query, &input, &topic)?;
         if kind == ObjectKind::Table && planned.kind == ObjectKind::Stream {
             return Err(SqlError::new(
                 "CREATE TABLE … AS SELECT needs a GROUP BY; use CREATE STREAM",
@@ -366,8 +392,8 @@ impl Session {
     async fn insert_select(&self, text: &str, target: &ast::Ident, query: &Query) -> SqlResult<Outcome> {
         let catalog = self.catalog().await?;
         let target = object_named(&catalog, &ident(target))?;
-        let source = source_of(&catalog, query)?;
-        let planned = plan_query(text, query, source, &target.topic)?;
+        let input = self.input_of(&catalog, query).await?;
+        let planned = plan_query(text, query, &input, &target.topic)?;
         if planned.plan.sink.columns != target.columns {
             return Err(SqlError::new(format!(
                 "the SELECT's columns ({}) are not {}'s ({})",
@@ -646,45 +672,6 @@ fn timestamp_column(columns: &[Column], named: &str) -> SqlResult<usize> {
             "TIMESTAMP column {named} is {other}; it must be a BIGINT of ms since the epoch"
         ))),
     }
-}
-
-fn source_of<'a>(catalog: &'a Catalog, query: &Query) -> SqlResult<&'a SqlObject> {
-    let from = &query.select.from;
-    let [table] = &from[..] else {
-        return Err(SqlError::new(
-            "FROM takes exactly one stream or table (joins come later)",
-        ));
-    };
-    if !table.joins.is_empty() {
-        return Err(SqlError::new("joins are not supported yet"));
-    }
-    let ast::TableFactor::Table { name, .. } = &table.relation else {
-        return Err(SqlError::new("FROM takes a stream or table name"));
-    };
-    let [ast::ObjectNamePart::Identifier(id)] = &name.0[..] else {
-        return Err(SqlError::new(format!("{name} is not a plain name")));
-    };
-    object_named(catalog, &ident(id)).map_err(|e| SqlError::at(e.message, id.span.start.line, id.span.start.column))
-}
-
-fn object_named<'a>(catalog: &'a Catalog, name: &str) -> SqlResult<&'a SqlObject> {
-    catalog
-        .objects
-        .iter()
-        .find(|o| o.name == name)
-        .ok_or_else(|| unknown_object(catalog, name))
-}
-
-fn unknown_object(catalog: &Catalog, name: &str) -> SqlError {
-    let known: Vec<&str> = catalog.objects.iter().map(|o| o.name.as_str()).collect();
-    SqlError::new(format!(
-        "unknown stream or table {name}; known: {}",
-        if known.is_empty() {
-            "none (CREATE STREAM declares one)".to_string()
-        } else {
-            known.join(", ")
-        }
-    ))
 }
 
 fn unknown_query(catalog: &Catalog, id: &str) -> SqlError {

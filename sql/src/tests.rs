@@ -5,10 +5,14 @@
 use std::collections::BTreeMap;
 
 use runnel_client::plan::{Column, ObjectKind, SqlObject, SqlType};
+use runnel_client::protocol::Catalog;
 use runnel_dataflow::builder::Emitted;
 use runnel_dataflow::compile::compile;
+use runnel_dataflow::table::TableState;
+use runnel_storage::{BatchBuilder, Record};
 use serde_json::{json, Value};
 
+use crate::from::input_of;
 use crate::parse::{parse_statement, Statement};
 use crate::planner::plan_query;
 
@@ -34,15 +38,81 @@ fn attempts() -> SqlObject {
     }
 }
 
+/// `CARDS (CARD STRING PRIMARY KEY, COUNTRY STRING, CARD_LIMIT BIGINT)`,
+/// a declared table over topic `cards` (2 partitions).
+fn cards() -> SqlObject {
+    let column = |name: &str, ty| Column { name: name.into(), ty };
+    SqlObject {
+        name: "CARDS".into(),
+        kind: ObjectKind::Table,
+        topic: "cards".into(),
+        columns: vec![
+            column("CARD", SqlType::String),
+            column("COUNTRY", SqlType::String),
+            column("CARD_LIMIT", SqlType::BigInt),
+        ],
+        timestamp: None,
+        key: vec![0],
+        windowed: false,
+        query: None,
+        statement: String::new(),
+    }
+}
+
 fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
     let parsed = parse_statement(statement).map_err(|e| e.to_string())?;
     let query = match parsed.statement {
         Statement::Select(query) | Statement::CreateAs { query, .. } => query,
         other => return Err(format!("not a query: {other:?}")),
     };
-    plan_query(statement, &query, &attempts(), "out")
+    let catalog = Catalog {
+        objects: vec![attempts(), cards()],
+        queries: Vec::new(),
+    };
+    let mut input = input_of(&catalog, &query).map_err(|e| e.to_string())?;
+    for join in &mut input.joins {
+        join.partitions = 2;
+    }
+    plan_query(statement, &query, &input, "out")
         .map(|planned| planned.plan)
         .map_err(|e| e.to_string())
+}
+
+/// The rows of CARDS the join tests hold, as (partition, key, value)
+/// records in order: c3 has no row, c9's is deleted, c1's updated.
+fn card_records() -> Vec<(u32, &'static str, Option<Value>)> {
+    vec![
+        (0, "c0", Some(json!({"card": "c0", "country": "NL", "card_limit": 100}))),
+        (1, "c1", Some(json!({"card": "c1", "country": "DE", "card_limit": 50}))),
+        (0, "c2", Some(json!({"country": "FR", "card_limit": 10}))),
+        (1, "c9", Some(json!({"card": "c9", "country": "BE", "card_limit": 1}))),
+        (1, "c1", Some(json!({"card": "c1", "country": "US", "card_limit": 500}))),
+        (1, "c9", None),
+    ]
+}
+
+/// `plan`'s tables, holding `card_records`.
+fn tables_of(def: &runnel_dataflow::DataflowDef) -> Vec<TableState> {
+    let mut tables: Vec<TableState> = def.source_stage.tables().into_iter().map(TableState::new).collect();
+    for table in &mut tables {
+        let mut builders = [BatchBuilder::new(), BatchBuilder::new()];
+        for (partition, key, value) in card_records() {
+            let record = Record {
+                timestamp_ms: 0,
+                key: Some(key.as_bytes().to_vec().into()),
+                value: value.map(|v| v.to_string().into_bytes().into()),
+                headers: Vec::new(),
+            };
+            builders[partition as usize].push(&record).expect("pushes");
+        }
+        for (partition, builder) in builders.into_iter().enumerate() {
+            let batch = builder.build().expect("builds");
+            for view in batch.views() {
+                table.apply(partition as u32, &view.expect("view")).expect("applies");
+            }
+        }
+    }
+    tables
 }
 
 /// One output record: its key and value as JSON (`None` for a tombstone).
@@ -54,6 +124,7 @@ type Out = (Option<Value>, Option<Value>);
 fn run(statement: &str, records: &[Value]) -> (Vec<Out>, usize, u64) {
     let plan = plan(statement).unwrap_or_else(|e| panic!("{statement}: {e}"));
     let def = compile("q", &plan).expect("compiles");
+    let tables = tables_of(&def);
     let mut window = def.window_stage.as_ref().map(|factory| factory());
     let (mut staged, mut out) = (Emitted::default(), Emitted::default());
     let (mut dead_letters, mut watermark_ms) = (0, i64::MIN);
@@ -61,7 +132,7 @@ fn run(statement: &str, records: &[Value]) -> (Vec<Out>, usize, u64) {
         staged.clear();
         if def
             .source_stage
-            .process(record.to_string().as_bytes(), 0, &mut staged)
+            .process_joined(record.to_string().as_bytes(), 0, &tables, &mut staged)
             .is_err()
         {
             dead_letters += 1;
@@ -324,6 +395,129 @@ fn event_times_no_window_holds_are_dead_letters() {
         .map(|(_, v)| v.as_ref().expect("value")["N"].as_u64().expect("n"))
         .collect();
     assert_eq!(counts, vec![3]);
+}
+
+#[test]
+fn a_stream_joins_a_table_inner_and_left_as_the_table_stands() {
+    let records = traffic();
+    let countries = BTreeMap::from([("c0", "NL"), ("c1", "US"), ("c2", "FR")]);
+    let statement = "SELECT a.card, c.country, a.amount FROM attempts a JOIN cards c ON a.card = c.card EMIT CHANGES";
+    let (out, dead_letters, _) = run(statement, &records);
+    assert_eq!(dead_letters, 0);
+    let expected: Vec<Value> = records
+        .iter()
+        .filter_map(|r| {
+            let card = r["card"].as_str().expect("card");
+            let country = countries.get(card)?;
+            Some(json!({"CARD": card, "COUNTRY": country, "AMOUNT": r["amount"]}))
+        })
+        .collect();
+    assert!(
+        expected.len() < records.len(),
+        "c3 has no row: the inner join drops its attempts"
+    );
+    let found: Vec<Value> = out.into_iter().map(|(_, v)| v.expect("value")).collect();
+    assert_eq!(found, expected);
+
+    let statement = "SELECT * FROM attempts LEFT JOIN cards ON card_limit > 0 AND attempts.card = cards.card";
+    assert!(plan(statement)
+        .expect_err("not an equality")
+        .contains("ON must be stream_expression = CARDS.CARD"));
+    let statement = "SELECT * FROM attempts a LEFT OUTER JOIN cards c ON c.card = UPPER(a.card) || ''";
+    let (out, _, _) = run(statement, &records[..3]);
+    for (_, value) in &out {
+        let value = value.as_ref().expect("value");
+        assert_eq!(
+            value["C_COUNTRY"],
+            Value::Null,
+            "no card is upper case: every row is kept, with NULLs"
+        );
+        assert!(
+            value["A_CARD"].is_string() && value.get("C_CARD_LIMIT").is_some(),
+            "{value}"
+        );
+    }
+    assert_eq!(out.len(), 3);
+}
+
+/// The process query in miniature: attempts enriched with their
+/// card's country, counted per country in 5-minute windows.
+#[test]
+fn counts_per_country_of_a_joined_stream_equal_a_reference() {
+    let records = traffic();
+    let countries = BTreeMap::from([("c0", "NL"), ("c1", "US"), ("c2", "FR")]);
+    let statement = "SELECT c.country, COUNT(*) AS n, WINDOWSTART AS ws FROM attempts a LEFT JOIN cards c         ON a.card = c.card WINDOW TUMBLING (SIZE 5 MINUTES, GRACE PERIOD 5 SECONDS) GROUP BY c.country EMIT FINAL";
+    let (out, _, late) = run(statement, &records);
+    assert_eq!(late, 0);
+    let mut reference: BTreeMap<(Option<String>, i64), u64> = BTreeMap::new();
+    for r in &records {
+        let country = countries.get(r["card"].as_str().expect("card")).map(|c| c.to_string());
+        let start = r["at_ms"].as_i64().expect("time") / 300_000 * 300_000;
+        *reference.entry((country, start)).or_default() += 1;
+    }
+    let found: BTreeMap<(Option<String>, i64), u64> = out
+        .iter()
+        .map(|(_, v)| {
+            let v = v.as_ref().expect("value");
+            let country = v["COUNTRY"].as_str().map(str::to_string);
+            ((country, v["WS"].as_i64().expect("ws")), v["N"].as_u64().expect("n"))
+        })
+        .collect();
+    assert_eq!(found, reference);
+}
+
+#[test]
+fn refused_joins_name_the_problem() {
+    for (statement, expected) in [
+        (
+            "SELECT * FROM attempts JOIN cards ON card = card",
+            "column CARD is ambiguous: qualify it (CARDS.CARD)",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN cards c ON a.card = c.country",
+            "CARDS joins on its PRIMARY KEY CARD, not on COUNTRY",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN cards c ON a.amount = c.card",
+            "a join on values of different types: a.amount is BIGINT, C.CARD is STRING",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN attempts b ON a.card = b.card",
+            "ATTEMPTS is a stream: stream–stream joins",
+        ),
+        (
+            "SELECT * FROM cards a JOIN cards b ON a.card = b.card",
+            "CARDS is a table: table–table joins",
+        ),
+        (
+            "SELECT * FROM attempts a RIGHT JOIN cards c ON a.card = c.card",
+            "only [INNER] JOIN and LEFT [OUTER] JOIN",
+        ),
+        (
+            "SELECT * FROM attempts a FULL OUTER JOIN cards c ON a.card = c.card",
+            "only [INNER] JOIN and LEFT [OUTER] JOIN",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN cards c ON a.card = c.nope",
+            "CARDS has no column NOPE",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN cards a ON a.card = a.card",
+            "A names two relations",
+        ),
+        (
+            "SELECT x.* FROM attempts a JOIN cards c ON a.card = c.card",
+            "X.* names no stream or table",
+        ),
+        (
+            "SELECT country FROM attempts a JOIN cards c ON a.card = c.card JOIN cards d ON a.card = d.card",
+            "column COUNTRY is ambiguous",
+        ),
+        ("SELECT * FROM attempts, cards", "FROM takes one stream"),
+    ] {
+        let refused = plan(statement).expect_err(statement);
+        assert!(refused.contains(expected), "{statement}: {refused}");
+    }
 }
 
 #[test]

@@ -1,0 +1,162 @@
+//! The FROM clause: the stream a query reads and the tables it joins with,
+//! resolved against the catalog.
+//!
+//! A join is a stream–table join (`FROM s [AS a] [LEFT] JOIN t [AS b] ON
+//! a.x = b.id`), inner or left, on the table's PRIMARY KEY: every task that
+//! reads the stream holds the whole table (see `runnel_dataflow::table`),
+//! so neither side is repartitioned and partition counts need not match.
+//! Stream–stream and table–table joins are refused by name.
+
+use runnel_client::plan::{JoinKind, ObjectKind, SqlObject};
+use runnel_client::protocol::Catalog;
+use sqlparser::ast;
+
+use crate::error::{SqlError, SqlResult};
+use crate::parse::Query;
+use crate::planner::ident;
+
+/// Tables one query joins with, at most.
+pub const JOINS_MAX: usize = 4;
+
+/// What a query reads.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    pub source: &'a SqlObject,
+    /// What its columns are qualified by: the alias, else the name.
+    pub alias: String,
+    pub joins: Vec<JoinInput<'a>>,
+}
+
+/// One table joined with the stream.
+#[derive(Clone, Debug)]
+pub struct JoinInput<'a> {
+    pub table: &'a SqlObject,
+    pub alias: String,
+    pub kind: JoinKind,
+    pub on: &'a ast::Expr,
+    /// The table topic's partitions (filled in by the session, which asks
+    /// the cluster).
+    pub partitions: u32,
+}
+
+impl<'a> Input<'a> {
+    /// A query of `source` alone.
+    pub fn stream(source: &'a SqlObject) -> Input<'a> {
+        Input {
+            source,
+            alias: source.name.clone(),
+            joins: Vec::new(),
+        }
+    }
+}
+
+/// The FROM clause of `query`, resolved in `catalog`.
+pub fn input_of<'a>(catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'a>> {
+    let [from] = &query.select.from[..] else {
+        return Err(SqlError::new(
+            "FROM takes one stream, optionally joined with tables (FROM s JOIN t ON …), not a list",
+        ));
+    };
+    let (source, alias) = relation(catalog, &from.relation)?;
+    if from.joins.len() > JOINS_MAX {
+        return Err(SqlError::new(format!("at most {JOINS_MAX} joins in one query")));
+    }
+    let mut input = Input {
+        source,
+        alias,
+        joins: Vec::new(),
+    };
+    for join in &from.joins {
+        let (table, alias) = relation(catalog, &join.relation)?;
+        let (kind, on) = join_kind(&join.join_operator)?;
+        check_sides(source, table)?;
+        if input.alias == alias || input.joins.iter().any(|j| j.alias == alias) {
+            return Err(SqlError::new(format!(
+                "{alias} names two relations of the FROM clause; give one an alias (FROM s a JOIN t b …)"
+            )));
+        }
+        input.joins.push(JoinInput {
+            table,
+            alias,
+            kind,
+            on,
+            partitions: 0,
+        });
+    }
+    Ok(input)
+}
+
+/// A named stream or table and what qualifies its columns.
+fn relation<'a>(catalog: &'a Catalog, factor: &ast::TableFactor) -> SqlResult<(&'a SqlObject, String)> {
+    let ast::TableFactor::Table { name, alias, .. } = factor else {
+        return Err(SqlError::new("FROM takes stream and table names"));
+    };
+    let [ast::ObjectNamePart::Identifier(id)] = &name.0[..] else {
+        return Err(SqlError::new(format!("{name} is not a plain name")));
+    };
+    let object = object_named(catalog, &ident(id))
+        .map_err(|e| SqlError::at(e.message, id.span.start.line, id.span.start.column))?;
+    let alias = alias.as_ref().map_or_else(|| object.name.clone(), |a| ident(&a.name));
+    Ok((object, alias))
+}
+
+fn join_kind(operator: &ast::JoinOperator) -> SqlResult<(JoinKind, &ast::Expr)> {
+    use ast::JoinOperator as J;
+    let (kind, constraint) = match operator {
+        J::Join(c) | J::Inner(c) => (JoinKind::Inner, c),
+        J::Left(c) | J::LeftOuter(c) => (JoinKind::Left, c),
+        other => {
+            return Err(SqlError::new(format!(
+                "only [INNER] JOIN and LEFT [OUTER] JOIN of a stream with a table are supported, not {other:?}"
+            )))
+        }
+    };
+    match constraint {
+        ast::JoinConstraint::On(on) => Ok((kind, on)),
+        _ => Err(SqlError::new("a join needs ON stream_expression = table.primary_key")),
+    }
+}
+
+/// The left side reads as a stream; the right side must be a table with
+/// one PRIMARY KEY column whose records are keyed by it as text.
+fn check_sides(source: &SqlObject, table: &SqlObject) -> SqlResult<()> {
+    if table.kind == ObjectKind::Stream {
+        return Err(SqlError::new(format!(
+            "{} is a stream: stream–stream joins (WITHIN …) are not supported yet; join a stream with a table",
+            table.name
+        )));
+    }
+    if source.kind == ObjectKind::Table {
+        return Err(SqlError::new(format!(
+            "{} is a table: table–table joins are not supported yet; the left side of a join must be a stream",
+            source.name
+        )));
+    }
+    if table.key.len() != 1 || table.windowed || table.query.is_some() {
+        return Err(SqlError::new(format!(
+            "{} cannot be joined with: join a table declared with one PRIMARY KEY column (CREATE TABLE t (id STRING PRIMARY KEY, …) WITH (…)), not an aggregate's table",
+            table.name
+        )));
+    }
+    Ok(())
+}
+
+pub fn object_named<'a>(catalog: &'a Catalog, name: &str) -> SqlResult<&'a SqlObject> {
+    catalog
+        .objects
+        .iter()
+        .find(|o| o.name == name)
+        .ok_or_else(|| unknown_object(catalog, name))
+}
+
+pub fn unknown_object(catalog: &Catalog, name: &str) -> SqlError {
+    let known: Vec<&str> = catalog.objects.iter().map(|o| o.name.as_str()).collect();
+    SqlError::new(format!(
+        "unknown stream or table {name}; known: {}",
+        if known.is_empty() {
+            "none (CREATE STREAM declares one)".to_string()
+        } else {
+            known.join(", ")
+        }
+    ))
+}
