@@ -641,9 +641,13 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     drop(cluster);
 }
 
-/// A pull query's rows (`--format json`) as (card, window start) -> count,
-/// or its error.
-fn pull(cluster: &Cluster, statement: &str) -> Result<BTreeMap<(String, i64), u64>, String> {
+/// A pull query's rows (`--format json`) as (key, window start) -> count,
+/// from the columns `(key, count)` named, or its error.
+fn pull_rows(
+    cluster: &Cluster,
+    statement: &str,
+    (key, count): (&str, &str),
+) -> Result<BTreeMap<(String, i64), u64>, String> {
     let output = cli(cluster, &["sql", "--format", "json", "-e", statement]);
     if !output.status.success() {
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
@@ -658,8 +662,8 @@ fn pull(cluster: &Cluster, statement: &str) -> Result<BTreeMap<(String, i64), u6
                 .ok_or(format!("no {name} in {line}"))
         };
         let start = field("WINDOWSTART")?.parse().map_err(|e| format!("{e}: {line}"))?;
-        let count = field("KSQL_COL_0")?.parse().map_err(|e| format!("{e}: {line}"))?;
-        rows.insert((field("CARD_NUMBER")?, start), count);
+        let n = field(count)?.parse().map_err(|e| format!("{e}: {line}"))?;
+        rows.insert((field(key)?, start), n);
     }
     Ok(rows)
 }
@@ -690,9 +694,13 @@ fn expect_pulled(cluster: &Cluster, expected: &BTreeMap<(String, i64), u64>) {
 }
 
 fn wait_pulled(cluster: &Cluster, statement: &str, wanted: &BTreeMap<(String, i64), u64>) {
+    wait_pulled_rows(cluster, statement, ("CARD_NUMBER", "KSQL_COL_0"), wanted)
+}
+
+fn wait_pulled_rows(cluster: &Cluster, statement: &str, columns: (&str, &str), wanted: &BTreeMap<(String, i64), u64>) {
     let started = Instant::now();
     loop {
-        let pulled = pull(cluster, statement);
+        let pulled = pull_rows(cluster, statement, columns);
         if pulled.as_ref() == Ok(wanted) {
             return;
         }
@@ -843,5 +851,175 @@ async fn wait_for_sql_changes(
             return changes;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The cards table of the join test: a country and a limit per card, and
+/// no row for every tenth card (an inner join drops their attempts).
+fn card_row(card: u64) -> Option<(String, serde_json::Value)> {
+    const COUNTRIES: [&str; 5] = ["NL", "DE", "FR", "US", "BR"];
+    let number = format!("card-{card:06}");
+    let row = serde_json::json!({
+        "card_number": number,
+        "country": COUNTRIES[(card % 5) as usize],
+        "card_limit": 100 * (card % 7 + 1),
+    });
+    (card % 10 != 9).then_some((number, row))
+}
+
+/// (country, window start) -> attempts, over what the source topic holds,
+/// each attempt joined with its card's row.
+async fn per_country_reference(
+    client: &Arc<Client>,
+    countries: &BTreeMap<String, String>,
+) -> BTreeMap<(String, i64), u64> {
+    let mut counts = BTreeMap::new();
+    for record in read_all(client, fraud::SOURCE).await {
+        let Some(attempt) = record
+            .value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Attempt>(v).ok())
+        else {
+            continue;
+        };
+        if let Some(country) = countries.get(&attempt.card_number) {
+            let start = attempt.at_ms - attempt.at_ms.rem_euclid(fraud::WINDOW_MS);
+            *counts.entry((country.clone(), start)).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// The join's sink: per (country, window), its changes in order, which must
+/// be 1, 2, … n (none lost, none repeated); the final counts.
+async fn per_country_results(client: &Arc<Client>) -> BTreeMap<(String, i64), Vec<u64>> {
+    let mut changes: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
+    for record in read_all(client, "PER_COUNTRY").await {
+        let key: serde_json::Value = serde_json::from_slice(record.key.as_deref().expect("key")).expect("JSON key");
+        let value: serde_json::Value = serde_json::from_slice(record.value.as_deref().expect("value")).expect("JSON");
+        let country = key["COUNTRY"].as_str().expect("country").to_string();
+        let start = key["WINDOWSTART"].as_i64().expect("window start");
+        changes
+            .entry((country, start))
+            .or_default()
+            .push(value["ATTEMPTS"].as_u64().expect("count"));
+    }
+    changes
+}
+
+/// The issue's join process test: attempts enriched with a cards table,
+/// counted per country in 5-minute windows, a node killed mid-stream; the
+/// sink equals the reference exactly once, and pull queries answer the
+/// right counts before and after the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_kill() {
+    let mut cluster = start(140);
+    let declare = "CREATE TABLE cards (card_number STRING PRIMARY KEY, country STRING, card_limit BIGINT) \
+        WITH (KAFKA_TOPIC='cards', VALUE_FORMAT='JSON', PARTITIONS=2, REPLICAS=3);
+        CREATE STREAM authorization_attempts (card_number STRING, amount_cents BIGINT, at_ms BIGINT) \
+        WITH (KAFKA_TOPIC='authorization_attempts', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3);";
+    wait_for("the table and stream to be declared", TIMEOUT, || {
+        let output = sql(&cluster, declare);
+        output.status.success() || String::from_utf8_lossy(&output.stderr).contains("already exists")
+    });
+    let client = connect(&cluster.addrs, &cluster.certs).await;
+    let cards = 500;
+    let rows: Vec<(String, serde_json::Value)> = (0..cards).filter_map(card_row).collect();
+    let mut producer = Producer::new(client.clone(), "cards", Acks::All)
+        .await
+        .expect("producer");
+    for (number, row) in &rows {
+        let record = Record {
+            timestamp_ms: START_MS,
+            key: Some(Bytes::from(number.clone())),
+            value: Some(Bytes::from(row.to_string())),
+            headers: Vec::new(),
+        };
+        producer.send(None, record).await.expect("a card row");
+    }
+    producer.flush().await.expect("flush");
+    let countries: BTreeMap<String, String> = rows
+        .iter()
+        .map(|(number, row)| (number.clone(), row["country"].as_str().expect("country").to_string()))
+        .collect();
+
+    let output = sql(
+        &cluster,
+        "CREATE TABLE per_country AS SELECT c.country, COUNT(*) AS attempts \
+         FROM authorization_attempts a JOIN cards c ON a.card_number = c.card_number \
+         WINDOW TUMBLING (SIZE 5 MINUTES) GROUP BY c.country EMIT CHANGES;",
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = sql(&cluster, "EXPLAIN CTAS_PER_COUNTRY_0; DROP TABLE cards;");
+    let (explained, refused) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(explained.contains("Inner JOIN TABLE CARDS"), "{explained}");
+    assert!(
+        refused.contains("TERMINATE them first"),
+        "a joined table is not dropped: {refused}"
+    );
+
+    let mut generator = Generator::new(6, cards, START_MS, 20);
+    produce(&client, generator.by_ref().take(10_000)).await;
+    let expected = per_country_reference(&client, &countries).await;
+    expect_pulled_countries(&cluster, &expected);
+    wait_for("the join's tasks on node 3 to checkpoint", RESULTS_TIMEOUT, || {
+        let output = cli(&cluster, &["dataflow", "describe", "CTAS_PER_COUNTRY_0", "--json"]);
+        let tasks: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        let on_victim: Vec<&serde_json::Value> = tasks.iter().filter(|t| t["node"] == 3u64).collect();
+        !on_victim.is_empty() && on_victim.iter().all(|t| t["checkpoints"].as_u64().unwrap_or(0) > 0)
+    });
+    cluster.nodes[2].kill();
+    tracing::info!("node 3 killed");
+    let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
+    produce(&survivors, generator.by_ref().take(10_000)).await;
+    let expected = per_country_reference(&survivors, &countries).await;
+    expect_pulled_countries(&cluster, &expected);
+    let started = Instant::now();
+    let changes = loop {
+        let changes = per_country_results(&survivors).await;
+        let done = changes.len() >= expected.len()
+            && changes
+                .iter()
+                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
+        if done || started.elapsed() > RESULTS_TIMEOUT {
+            break changes;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for (key, counts) in &changes {
+        let once: Vec<u64> = (1..=counts.len() as u64).collect();
+        assert_eq!(counts, &once, "changes of {key:?}: none lost, none repeated");
+    }
+    let found: BTreeMap<(String, i64), u64> = changes.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+    let joined: u64 = expected.values().sum();
+    assert!(
+        joined > 15_000 && expected.len() >= 5,
+        "most of the 20,000 attempts join: {joined} in {expected:?}"
+    );
+    eprintln!(
+        "DEBUG joined {joined} keys {} changes {}",
+        expected.len(),
+        changes.values().map(Vec::len).sum::<usize>()
+    );
+    assert_eq!(found, expected, "the sink holds exactly the reference's counts");
+    drop(cluster);
+}
+
+/// Pull queries by country answer the reference's counts.
+fn expect_pulled_countries(cluster: &Cluster, expected: &BTreeMap<(String, i64), u64>) {
+    for country in ["NL", "US"] {
+        let wanted = expected
+            .iter()
+            .filter(|((c, _), _)| c == country)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let statement = format!("SELECT * FROM per_country WHERE country = '{country}';");
+        wait_pulled_rows(cluster, &statement, ("COUNTRY", "ATTEMPTS"), &wanted);
     }
 }
