@@ -318,8 +318,7 @@ async fn pull_latency(session: &Session, statement: &str) -> (f64, f64) {
         took.push(started.elapsed().as_secs_f64() * 1e3);
     }
     took.sort_by(f64::total_cmp);
-    let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.99))
+    (runnel_bench::quantile(&took, 0.5), runnel_bench::quantile(&took, 0.99))
 }
 
 /// `SELECT * FROM possible_fraud WHERE card_number = …` for the card with

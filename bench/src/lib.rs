@@ -13,12 +13,15 @@
 //!   on the same clusters.
 //! - [`window`]: the fraud query — the window operator alone, then end to end
 //!   on embedded clusters.
+//! - [`join`]: the fraud query with a stream–table join against the same
+//!   query without it, and pull queries while they run.
 //!
 //! Node processes and embedded clusters come from
 //! [`runnel_verify::fixtures`].
 
 pub mod cluster;
 pub mod failover;
+pub mod join;
 pub mod kafka;
 pub mod storage;
 pub mod transport;
@@ -46,6 +49,8 @@ pub enum Target {
     Window(window::Args),
     /// Kafka clients (librdkafka) against Runnel's own client, same clusters.
     Kafka(kafka::Args),
+    /// A stream–table join (100,000 keys) against the windowed count alone.
+    Join(join::Args),
 }
 
 /// Runs one benchmark; those with node processes run the `runnel` binary `exe`.
@@ -59,6 +64,15 @@ pub fn run(target: Target, exe: &Path) -> anyhow::Result<()> {
         Target::Idle(args) => cluster::idle(args, exe),
         Target::Window(args) => window::run(args),
         Target::Kafka(args) => kafka::run(args, exe),
+        Target::Join(args) => join::run(args),
+    }
+}
+
+/// The `q` quantile (0 to 1) of measurements sorted ascending.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n => sorted[((n - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize],
     }
 }
 

@@ -51,7 +51,7 @@ pub struct Args {
 /// The fraud query as SQL with the builder dataflow's exact semantics (its
 /// 30 s grace, one result per window when it closes), so both write the
 /// same results.
-const SQL_STATEMENT: &str = "CREATE STREAM possible_fraud AS
+pub(crate) const SQL_STATEMENT: &str = "CREATE STREAM possible_fraud AS
   SELECT card_number, count(*) FROM authorization_attempts
   WINDOW TUMBLING (SIZE 5 MINUTE, GRACE PERIOD 30 SECONDS)
   GROUP BY card_number HAVING count(*) > 3 EMIT FINAL;";
@@ -66,8 +66,8 @@ enum Variant {
 }
 
 /// Event times 30 ms apart: 10 M events span about 3.5 days of 5-minute windows.
-const STEP_MS: i64 = 30;
-const START_MS: i64 = 1_767_225_600_000;
+pub(crate) const STEP_MS: i64 = 30;
+pub(crate) const START_MS: i64 = 1_767_225_600_000;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let events: Vec<(String, i64)> = Generator::new(7, args.cards, START_MS, STEP_MS)
@@ -202,6 +202,32 @@ async fn start_query(client: &Arc<Client>, variant: Variant) -> anyhow::Result<(
     }
 }
 
+/// Waits until a two-stage dataflow's tasks on `nodes` nodes read `inputs`
+/// records in each stage and wrote `results`.
+pub(crate) async fn wait_finished(client: &Client, nodes: u32, inputs: u64, results: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    loop {
+        let mut read = [0u64; 2];
+        let mut written = 0u64;
+        for node in 1..=nodes {
+            for task in client.dataflow_tasks(NodeId(node)).await.unwrap_or_default() {
+                read[(task.stage as usize).min(1)] += task.records_in;
+                if task.stage == 1 {
+                    written += task.records_out;
+                }
+            }
+        }
+        if read[0] >= inputs && read[1] >= inputs && written >= results {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the dataflow did not finish: read {read:?} of {inputs}, wrote {written} of {results}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The fraud query through [`WindowOperator`]: (time, fraud windows).
 fn operator_pass(events: &[(String, i64)]) -> anyhow::Result<(Duration, usize)> {
     let window = Window::tumbling(Duration::from_millis(fraud::WINDOW_MS as u64))
@@ -311,27 +337,7 @@ async fn end_to_end(args: &Args, nodes: u32, variant: Variant) -> anyhow::Result
     let started = Instant::now();
     let cpu_before = super::cluster::process_usage(std::process::id())?.0;
     start_query(&client, variant).await?;
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    loop {
-        let mut read = [0u64; 2];
-        let mut written = 0u64;
-        for node in 1..=nodes {
-            for task in client.dataflow_tasks(NodeId(node)).await.unwrap_or_default() {
-                read[(task.stage as usize).min(1)] += task.records_in;
-                if task.stage == 1 {
-                    written += task.records_out;
-                }
-            }
-        }
-        if read[0] >= inputs && read[1] >= inputs && written >= expected as u64 {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the dataflow did not finish: read {read:?} of {inputs}, wrote {written} of {expected}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_finished(&client, nodes, inputs, expected as u64).await?;
     let elapsed = started.elapsed();
     let cores_busy = (super::cluster::process_usage(std::process::id())?.0 - cpu_before) / elapsed.as_secs_f64();
     for member in members.into_values() {

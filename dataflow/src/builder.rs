@@ -3,7 +3,7 @@
 //!
 //! A dataflow has one or two stages. The *source stage* decodes each source
 //! record (JSON into the source type), runs the stateless operators (`map`,
-//! `filter`, `flat_map`, `event_time`) and, for a keyed dataflow, encodes
+//! `filter`, `flat_map`, `event_time`, `join_table`) and, for a keyed dataflow, encodes
 //! key and value (postcard) for the repartition topic. The *window stage*
 //! reads a repartition partition, so every key lives in exactly one task, and
 //! runs the window, the aggregate and the having-filter; its results go to
@@ -21,15 +21,17 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use runnel_client::plan::{Operator, Plan, Sink, Source, PLAN_FORMAT_VERSION, STEP_CHARS_MAX};
+use runnel_client::plan::{Operator, Plan, Sink, Source, TableJoin, PLAN_FORMAT_VERSION, STEP_CHARS_MAX};
 use runnel_client::tasks::StateRow;
 
+use crate::table::TableState;
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 
 /// Hands one (value, event time) on to the next operator.
 type Out<'a, T> = &'a mut dyn FnMut(T, i64);
-/// Decodes a source record and runs every operator so far.
-type Chain<T> = Arc<dyn Fn(&[u8], i64, Out<'_, T>) -> Result<(), String> + Send + Sync>;
+/// Decodes a source record and runs every operator so far, joins with the
+/// task's tables (in the order of [`Stream::join_table`] calls).
+type Chain<T> = Arc<dyn Fn(&[u8], i64, &[TableState], Out<'_, T>) -> Result<(), String> + Send + Sync>;
 
 /// Records leaving a stage, for the repartition topic or the sink, encoded
 /// into one reusable buffer: a record's key and value are [`Span`]s of it,
@@ -289,7 +291,7 @@ impl Dataflow {
     /// Reads `topic`, decoding each record's value as JSON into `T`; the
     /// record's timestamp is the event time unless `event_time` says otherwise.
     pub fn source<T: DeserializeOwned + 'static>(self, topic: &str) -> Stream<T> {
-        let chain: Chain<T> = Arc::new(|bytes, timestamp_ms, out| {
+        let chain: Chain<T> = Arc::new(|bytes, timestamp_ms, _, out| {
             let value: T = serde_json::from_slice(bytes)
                 .map_err(|e| format!("record does not decode as {}: {e}", std::any::type_name::<T>()))?;
             out(value, timestamp_ms);
@@ -300,6 +302,7 @@ impl Dataflow {
             source: topic.to_string(),
             chain,
             steps: vec![step(format!("DECODE JSON as {}", type_name::<T>()))],
+            joins: Vec::new(),
         }
     }
 }
@@ -319,6 +322,8 @@ pub struct Stream<T> {
     source: String,
     chain: Chain<T>,
     steps: Vec<String>,
+    /// The tables its records are joined with.
+    joins: Vec<TableJoin>,
 }
 
 impl<T: 'static> Stream<T> {
@@ -333,10 +338,79 @@ impl<T: 'static> Stream<T> {
         Stream {
             name: self.name,
             source: self.source,
-            chain: Arc::new(move |bytes, timestamp_ms, out| {
-                previous(bytes, timestamp_ms, &mut |value, t| next(value, t, &mut *out))
+            chain: Arc::new(move |bytes, timestamp_ms, tables, out| {
+                previous(bytes, timestamp_ms, tables, &mut |value, t| next(value, t, &mut *out))
             }),
             steps,
+            joins: self.joins,
+        }
+    }
+
+    /// Joins each record with the row of the table over `topic` (its
+    /// `partitions` partitions) whose key is `key(&record)`: `join` gets
+    /// the row (JSON decoded into `V`; `None` when no row has the key) and
+    /// says what goes on, if anything (`None` drops the record, as an inner
+    /// join does). A table's records are keyed by the key as text; a null
+    /// value deletes the key. Every task holds the whole table, at read
+    /// positions its checkpoints record (see [`crate::table`]); a row that
+    /// does not decode into `V` makes the record a dead letter, with the
+    /// table and key in the reason.
+    pub fn join_table<V: DeserializeOwned + 'static, U: 'static>(
+        self,
+        topic: &str,
+        partitions: u32,
+        key: impl Fn(&T) -> String + Send + Sync + 'static,
+        join: impl Fn(T, Option<V>) -> Option<U> + Send + Sync + 'static,
+    ) -> Stream<U> {
+        let index = self.joins.len();
+        let mut joins = self.joins;
+        joins.push(TableJoin {
+            table: topic.to_string(),
+            topic: topic.to_string(),
+            partitions,
+            columns: Vec::new(),
+            key: 0,
+            on: runnel_client::plan::Expr::Literal(runnel_client::plan::Literal::Null),
+            kind: runnel_client::plan::JoinKind::Left,
+        });
+        let mut steps = self.steps;
+        steps.push(step(format!(
+            "JOIN TABLE {topic} ({partitions} partitions) as {}",
+            type_name::<V>()
+        )));
+        let previous = self.chain;
+        let table = topic.to_string();
+        Stream {
+            name: self.name,
+            source: self.source,
+            chain: Arc::new(move |bytes, timestamp_ms, tables, out| {
+                let Some(rows) = tables.get(index) else {
+                    return Err(format!("table {table} is not held by this task"));
+                };
+                let mut failed = None;
+                previous(bytes, timestamp_ms, tables, &mut |value, t| {
+                    let key = key(&value);
+                    let row = match rows.get(&key).map(|row| row[0].to_text().unwrap_or_default()) {
+                        None => None,
+                        Some(text) => match serde_json::from_str::<V>(&text) {
+                            Ok(row) => Some(row),
+                            Err(e) => {
+                                failed = Some(format!(
+                                    "table {table}: the row of key {key:?} does not decode as {}: {e}",
+                                    type_name::<V>()
+                                ));
+                                return;
+                            }
+                        },
+                    };
+                    if let Some(joined) = join(value, row) {
+                        out(joined, t)
+                    }
+                })?;
+                failed.map_or(Ok(()), Err)
+            }),
+            steps,
+            joins,
         }
     }
 
@@ -390,13 +464,29 @@ impl<T: Serialize + 'static> Stream<T> {
     pub fn sink(self, topic: &str) -> DataflowDef {
         struct Stateless<T> {
             chain: Chain<T>,
+            joins: Vec<TableJoin>,
         }
         impl<T: Serialize> SourceStage for Stateless<T> {
             fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
+                self.process_joined(value, timestamp_ms, &[], out)
+            }
+
+            fn tables(&self) -> Vec<TableJoin> {
+                self.joins.clone()
+            }
+
+            fn process_joined(
+                &self,
+                value: &[u8],
+                timestamp_ms: i64,
+                tables: &[TableState],
+                out: &mut Emitted,
+            ) -> Result<(), String> {
                 let mut failed = None;
                 (self.chain)(
                     value,
                     timestamp_ms,
+                    tables,
                     &mut |record, t| match out.encode(to_json(&record)) {
                         Ok(value) => out.push(t, None, Some(value)),
                         Err(e) => failed = Some(e.to_string()),
@@ -409,7 +499,10 @@ impl<T: Serialize + 'static> Stream<T> {
             name: self.name,
             source: self.source,
             sink: topic.to_string(),
-            source_stage: Arc::new(Stateless { chain: self.chain }),
+            source_stage: Arc::new(Stateless {
+                chain: self.chain,
+                joins: self.joins,
+            }),
             window_stage: None,
             steps: vec![self.steps],
         }
@@ -593,6 +686,7 @@ where
         let keyed = self.windowed.keyed;
         let source_stage = Arc::new(KeyedSource {
             chain: keyed.stream.chain,
+            joins: keyed.stream.joins,
             key: keyed.key,
             carry_values: matches!(self.fold, Folding::Values(_)),
         });
@@ -622,6 +716,7 @@ where
 
 struct KeyedSource<K, T> {
     chain: Chain<T>,
+    joins: Vec<TableJoin>,
     key: Arc<dyn Fn(&T) -> K + Send + Sync>,
     /// Whether the window stage folds values (else records go without).
     carry_values: bool,
@@ -629,8 +724,22 @@ struct KeyedSource<K, T> {
 
 impl<K: Serialize, T: Serialize> SourceStage for KeyedSource<K, T> {
     fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
+        self.process_joined(value, timestamp_ms, &[], out)
+    }
+
+    fn tables(&self) -> Vec<TableJoin> {
+        self.joins.clone()
+    }
+
+    fn process_joined(
+        &self,
+        value: &[u8],
+        timestamp_ms: i64,
+        tables: &[TableState],
+        out: &mut Emitted,
+    ) -> Result<(), String> {
         let mut failed = None;
-        (self.chain)(value, timestamp_ms, &mut |record, t| {
+        (self.chain)(value, timestamp_ms, tables, &mut |record, t| {
             // A window cannot hold every i64 event time: refused by name
             // here (a dead letter), before it reaches one.
             if !event_time_in_range(t) {
@@ -907,6 +1016,84 @@ mod tests {
         out.iter()
             .map(|r| (text(r.key.expect("sink key")), r.value.map(text)))
             .collect()
+    }
+
+    /// A table over `topic` holding `rows` (key, JSON value), each in
+    /// partition 0.
+    fn table_of(join: runnel_client::plan::TableJoin, rows: &[(&str, Option<&str>)]) -> TableState {
+        let mut builder = runnel_storage::BatchBuilder::new();
+        for (key, value) in rows {
+            builder
+                .push(&runnel_storage::Record {
+                    timestamp_ms: 0,
+                    key: Some(key.to_string().into()),
+                    value: value.map(|v| v.to_string().into()),
+                    headers: Vec::new(),
+                })
+                .expect("pushes");
+        }
+        let batch = builder.build().expect("builds");
+        let mut table = TableState::new(join);
+        for view in batch.views() {
+            table.apply(0, &view.expect("view")).expect("applies");
+        }
+        table
+    }
+
+    #[test]
+    fn a_stream_joins_a_table_row_decoded_into_its_type() {
+        #[derive(serde::Deserialize)]
+        struct Card {
+            country: String,
+        }
+        let enriched = Dataflow::new("enrich")
+            .source::<(String, u32)>("in")
+            .join_table(
+                "cards",
+                1,
+                |(card, _)| card.clone(),
+                |(card, n), row: Option<Card>| row.map(|c| (card, n, c.country)),
+            )
+            .key_by(|(_, _, country)| country.clone())
+            .window(Window::tumbling(Duration::from_secs(60)))
+            .count()
+            .sink("out");
+        let joins = enriched.source_stage.tables();
+        assert_eq!(joins.len(), 1);
+        assert!(enriched.steps[0]
+            .iter()
+            .any(|s| s.starts_with("JOIN TABLE cards (1 partitions) as")));
+        let rows = [
+            ("a", Some(r#"{"country":"NL"}"#)),
+            ("b", Some(r#"{"country":"DE"}"#)),
+            ("c", Some(r#"{"country":"FR"}"#)),
+            ("c", None),
+            ("d", Some(r#"{"land":"BE"}"#)),
+        ];
+        let tables = [table_of(joins[0].clone(), &rows)];
+        let mut repartitioned = Emitted::default();
+        for input in [r#"["a",1]"#, r#"["b",2]"#, r#"["a",3]"#, r#"["c",4]"#, r#"["x",5]"#] {
+            enriched
+                .source_stage
+                .process_joined(input.as_bytes(), 1_000, &tables, &mut repartitioned)
+                .expect("joins");
+        }
+        let keys: Vec<&[u8]> = repartitioned.iter().filter_map(|r| r.key).collect();
+        assert_eq!(
+            keys,
+            vec![&b"\x02NL"[..], b"\x02DE", b"\x02NL"],
+            "c was deleted, x has no row"
+        );
+        let refused = enriched
+            .source_stage
+            .process_joined(br#"["d",6]"#, 1_000, &tables, &mut repartitioned)
+            .expect_err("the row has no country");
+        assert!(
+            refused.contains(r#"table cards: the row of key "d" does not decode as"#),
+            "{refused}"
+        );
+        let unheld = enriched.source_stage.process(br#"["a",1]"#, 1_000, &mut repartitioned);
+        assert!(unheld.expect_err("no table").contains("table cards is not held"));
     }
 
     /// Counts `[key, n]` records per key in minute windows.

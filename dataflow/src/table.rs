@@ -69,8 +69,14 @@ pub struct TableState {
 }
 
 impl TableState {
+    /// A table of `join`'s columns; without columns (a Rust dataflow's
+    /// table), each row is the whole value, as one JSON column.
     pub fn new(join: TableJoin) -> TableState {
-        assert!(join.partitions > 0 && join.key < join.columns.len(), "a validated join");
+        assert!(join.partitions > 0, "a validated join");
+        assert!(
+            join.columns.is_empty() || join.key < join.columns.len(),
+            "a validated join"
+        );
         TableState {
             positions: vec![0; join.partitions as usize],
             join,
@@ -93,6 +99,11 @@ impl TableState {
 
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// The row of the key `text`.
+    pub fn get(&self, text: &str) -> Option<&[Value]> {
+        self.rows.get(text).map(Vec::as_slice)
     }
 
     /// The row whose key equals `key` (compared as text, as keys are written).
@@ -126,6 +137,12 @@ impl TableState {
             }
             return Ok(());
         };
+        if self.join.columns.is_empty() {
+            let key = key.ok_or_else(|| fail("a row without a key".into()))?;
+            let text = std::str::from_utf8(value).map_err(|_| fail("its value is not UTF-8 JSON".into()))?;
+            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| fail(format!("not JSON: {e}")))?;
+            return self.insert(key.to_string(), vec![Value::Json(text.to_string())]);
+        }
         let mut row = Vec::with_capacity(self.join.columns.len());
         decode_row(&self.join.columns, value, &mut row).map_err(fail)?;
         let key = match key {
