@@ -996,6 +996,19 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
         let once: Vec<u64> = (1..=counts.len() as u64).collect();
         assert_eq!(counts, &once, "changes of {key:?}: none lost, none repeated");
     }
+    // A push query over the join, from the earliest attempt.
+    let output = sql(
+        &cluster,
+        "SET 'auto.offset.reset' = 'earliest';
+         SELECT a.card_number, c.country FROM authorization_attempts a LEFT JOIN cards c
+           ON a.card_number = c.card_number WHERE a.card_number = 'card-000009' EMIT CHANGES LIMIT 1;",
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        printed.contains("card-000009 | null"),
+        "card 9 has no row: a left join keeps it with NULLs: {printed}"
+    );
     let found: BTreeMap<(String, i64), u64> = changes.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
     let joined: u64 = expected.values().sum();
     assert!(

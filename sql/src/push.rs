@@ -3,7 +3,9 @@
 //! compiled stages a node would run. Nothing is left in the cluster.
 //!
 //! Like ksqlDB, a push query starts at the end of its source unless
-//! `SET 'auto.offset.reset' = 'earliest';` was given in the session.
+//! `SET 'auto.offset.reset' = 'earliest';` was given in the session. The
+//! tables it joins are read whole first, then moved on at every poll (a
+//! push query replays nothing, so it joins with the freshest rows).
 
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use runnel_client::plan::Plan;
 use runnel_client::{Client, Consumer};
 use runnel_dataflow::builder::{DataflowDef, Emitted, WindowStage};
 use runnel_dataflow::compile::compile;
+use runnel_dataflow::table::TableState;
 
 use crate::error::{SqlError, SqlResult};
 
@@ -21,6 +24,8 @@ const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 pub struct PushQuery {
     def: DataflowDef,
     window: Option<Box<dyn WindowStage>>,
+    tables: Vec<TableState>,
+    client: Arc<Client>,
     consumer: Consumer,
     /// The output's column names, in order.
     pub columns: Vec<String>,
@@ -38,7 +43,11 @@ impl PushQuery {
             .map_err(|e| SqlError::new(e.to_string()))?
             .config
             .partitions;
-        let mut consumer = Consumer::new(client, &plan.source.topic);
+        let mut tables: Vec<TableState> = def.source_stage.tables().into_iter().map(TableState::new).collect();
+        for table in &mut tables {
+            table.load(&*client).await.map_err(|e| SqlError::new(e.to_string()))?;
+        }
+        let mut consumer = Consumer::new(client.clone(), &plan.source.topic);
         for partition in 0..partitions {
             consumer.assign(partition, 0);
         }
@@ -51,6 +60,8 @@ impl PushQuery {
         Ok(PushQuery {
             window: def.window_stage.as_ref().map(|factory| factory()),
             def,
+            tables,
+            client,
             consumer,
             columns: plan.sink.columns.iter().map(|c| c.name.clone()).collect(),
             limit,
@@ -72,6 +83,12 @@ impl PushQuery {
             // Nothing new: wait before asking again rather than spin.
             tokio::time::sleep(IDLE_POLL).await;
         }
+        for table in &mut self.tables {
+            table
+                .refresh(&*self.client)
+                .await
+                .map_err(|e| SqlError::new(e.to_string()))?;
+        }
         let mut staged = Emitted::default();
         let mut out = Emitted::default();
         for (_, stored) in &records {
@@ -79,7 +96,10 @@ impl PushQuery {
             let value = record.value.as_deref().unwrap_or_default();
             // A record that does not match the schema is skipped, as a
             // persistent query sends it to its dead-letter topic.
-            let _ = self.def.source_stage.process(value, record.timestamp_ms, &mut staged);
+            let _ = self
+                .def
+                .source_stage
+                .process_joined(value, record.timestamp_ms, &self.tables, &mut staged);
         }
         match &mut self.window {
             None => std::mem::swap(&mut staged, &mut out),
