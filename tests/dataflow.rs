@@ -505,16 +505,7 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     };
     producer.send(Some(0), record).await.expect("mismatch");
     producer.flush().await.expect("flush");
-    let victim = 3u64;
-    wait_for("the SQL query's tasks on node 3 to checkpoint", RESULTS_TIMEOUT, || {
-        let output = cli(&cluster, &["dataflow", "describe", SQL_QUERY, "--json"]);
-        let tasks: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(&output.stdout)
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default();
-        let on_victim: Vec<&serde_json::Value> = tasks.iter().filter(|t| t["node"] == victim).collect();
-        !on_victim.is_empty() && on_victim.iter().all(|t| t["checkpoints"].as_u64().unwrap_or(0) > 0)
-    });
+    wait_for_checkpoints_on(&cluster, SQL_QUERY, 3);
     cluster.nodes[2].kill();
     tracing::info!("node 3 killed");
     let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
@@ -914,35 +905,9 @@ async fn per_country_results(client: &Arc<Client>) -> BTreeMap<(String, i64), Ve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_kill() {
     let mut cluster = start(140);
-    let declare = "CREATE TABLE cards (card_number STRING PRIMARY KEY, country STRING, card_limit BIGINT) \
-        WITH (KAFKA_TOPIC='cards', VALUE_FORMAT='JSON', PARTITIONS=2, REPLICAS=3);
-        CREATE STREAM authorization_attempts (card_number STRING, amount_cents BIGINT, at_ms BIGINT) \
-        WITH (KAFKA_TOPIC='authorization_attempts', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3);";
-    wait_for("the table and stream to be declared", TIMEOUT, || {
-        let output = sql(&cluster, declare);
-        output.status.success() || String::from_utf8_lossy(&output.stderr).contains("already exists")
-    });
     let client = connect(&cluster.addrs, &cluster.certs).await;
     let cards = 500;
-    let rows: Vec<(String, serde_json::Value)> = (0..cards).filter_map(card_row).collect();
-    let mut producer = Producer::new(client.clone(), "cards", Acks::All)
-        .await
-        .expect("producer");
-    for (number, row) in &rows {
-        let record = Record {
-            timestamp_ms: START_MS,
-            key: Some(Bytes::from(number.clone())),
-            value: Some(Bytes::from(row.to_string())),
-            headers: Vec::new(),
-        };
-        producer.send(None, record).await.expect("a card row");
-    }
-    producer.flush().await.expect("flush");
-    let countries: BTreeMap<String, String> = rows
-        .iter()
-        .map(|(number, row)| (number.clone(), row["country"].as_str().expect("country").to_string()))
-        .collect();
-
+    let countries = declare_and_load_cards(&cluster, &client, cards).await;
     let output = sql(
         &cluster,
         "CREATE TABLE per_country AS SELECT c.country, COUNT(*) AS attempts \
@@ -965,37 +930,20 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
     produce(&client, generator.by_ref().take(10_000)).await;
     let expected = per_country_reference(&client, &countries).await;
     expect_pulled_countries(&cluster, &expected);
-    wait_for("the join's tasks on node 3 to checkpoint", RESULTS_TIMEOUT, || {
-        let output = cli(&cluster, &["dataflow", "describe", "CTAS_PER_COUNTRY_0", "--json"]);
-        let tasks: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(&output.stdout)
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default();
-        let on_victim: Vec<&serde_json::Value> = tasks.iter().filter(|t| t["node"] == 3u64).collect();
-        !on_victim.is_empty() && on_victim.iter().all(|t| t["checkpoints"].as_u64().unwrap_or(0) > 0)
-    });
+    wait_for_checkpoints_on(&cluster, "CTAS_PER_COUNTRY_0", 3);
     cluster.nodes[2].kill();
     tracing::info!("node 3 killed");
     let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
     produce(&survivors, generator.by_ref().take(10_000)).await;
     let expected = per_country_reference(&survivors, &countries).await;
+    let joined: u64 = expected.values().sum();
+    assert!(
+        joined > 15_000 && expected.len() >= 5,
+        "most of the 20,000 attempts join: {joined} in {expected:?}"
+    );
     expect_pulled_countries(&cluster, &expected);
-    let started = Instant::now();
-    let changes = loop {
-        let changes = per_country_results(&survivors).await;
-        let done = changes.len() >= expected.len()
-            && changes
-                .iter()
-                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
-        if done || started.elapsed() > RESULTS_TIMEOUT {
-            break changes;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    for (key, counts) in &changes {
-        let once: Vec<u64> = (1..=counts.len() as u64).collect();
-        assert_eq!(counts, &once, "changes of {key:?}: none lost, none repeated");
-    }
+    expect_per_country(&survivors, &expected).await;
+
     // A push query over the join, from the earliest attempt.
     let output = sql(
         &cluster,
@@ -1009,19 +957,77 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
         printed.contains("card-000009 | null"),
         "card 9 has no row: a left join keeps it with NULLs: {printed}"
     );
-    let found: BTreeMap<(String, i64), u64> = changes.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
-    let joined: u64 = expected.values().sum();
-    assert!(
-        joined > 15_000 && expected.len() >= 5,
-        "most of the 20,000 attempts join: {joined} in {expected:?}"
-    );
-    eprintln!(
-        "DEBUG joined {joined} keys {} changes {}",
-        expected.len(),
-        changes.values().map(Vec::len).sum::<usize>()
-    );
-    assert_eq!(found, expected, "the sink holds exactly the reference's counts");
     drop(cluster);
+}
+
+/// Declares `cards` and `authorization_attempts`, and writes a row per card
+/// (`card_row`); each card's country.
+async fn declare_and_load_cards(cluster: &Cluster, client: &Arc<Client>, cards: u64) -> BTreeMap<String, String> {
+    let declare = "CREATE TABLE cards (card_number STRING PRIMARY KEY, country STRING, card_limit BIGINT) \
+        WITH (KAFKA_TOPIC='cards', VALUE_FORMAT='JSON', PARTITIONS=2, REPLICAS=3);
+        CREATE STREAM authorization_attempts (card_number STRING, amount_cents BIGINT, at_ms BIGINT) \
+        WITH (KAFKA_TOPIC='authorization_attempts', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3);";
+    wait_for("the table and stream to be declared", TIMEOUT, || {
+        let output = sql(cluster, declare);
+        output.status.success() || String::from_utf8_lossy(&output.stderr).contains("already exists")
+    });
+    let rows: Vec<(String, serde_json::Value)> = (0..cards).filter_map(card_row).collect();
+    let mut producer = Producer::new(client.clone(), "cards", Acks::All)
+        .await
+        .expect("producer");
+    for (number, row) in &rows {
+        let record = Record {
+            timestamp_ms: START_MS,
+            key: Some(Bytes::from(number.clone())),
+            value: Some(Bytes::from(row.to_string())),
+            headers: Vec::new(),
+        };
+        producer.send(None, record).await.expect("a card row");
+    }
+    producer.flush().await.expect("flush");
+    rows.iter()
+        .map(|(number, row)| (number.clone(), row["country"].as_str().expect("country").to_string()))
+        .collect()
+}
+
+/// Waits until every task of `query` on `node` has checkpointed.
+fn wait_for_checkpoints_on(cluster: &Cluster, query: &str, node: u64) {
+    wait_for(
+        &format!("{query}'s tasks on node {node} to checkpoint"),
+        RESULTS_TIMEOUT,
+        || {
+            let output = cli(cluster, &["dataflow", "describe", query, "--json"]);
+            let tasks: Vec<serde_json::Value> = serde_json::from_slice::<serde_json::Value>(&output.stdout)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .unwrap_or_default();
+            let on_node: Vec<&serde_json::Value> = tasks.iter().filter(|t| t["node"] == node).collect();
+            !on_node.is_empty() && on_node.iter().all(|t| t["checkpoints"].as_u64().unwrap_or(0) > 0)
+        },
+    );
+}
+
+/// Polls the join's sink until each (country, window) reached its expected
+/// count, then checks every change came once and the counts are exact.
+async fn expect_per_country(client: &Arc<Client>, expected: &BTreeMap<(String, i64), u64>) {
+    let started = Instant::now();
+    let changes = loop {
+        let changes = per_country_results(client).await;
+        let done = changes.len() >= expected.len()
+            && changes
+                .iter()
+                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
+        if done || started.elapsed() > RESULTS_TIMEOUT {
+            break changes;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for (key, counts) in &changes {
+        let once: Vec<u64> = (1..=counts.len() as u64).collect();
+        assert_eq!(counts, &once, "changes of {key:?}: none lost, none repeated");
+    }
+    let found: BTreeMap<(String, i64), u64> = changes.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+    assert_eq!(&found, expected, "the sink holds exactly the reference's counts");
 }
 
 /// Pull queries by country answer the reference's counts.

@@ -660,7 +660,10 @@ impl<R: ProduceReply> PartitionCore<R> {
         any_replica: bool,
     ) -> crate::Result<Result<Fetched, BrokerError>> {
         let group = self.group;
-        if !any_replica && !self.core.is_leader() {
+        // A leader new to its term answers once its commit point is its
+        // own (a moment after election); until then it names itself, and
+        // the reader asks again.
+        if !any_replica && !self.core.serves_reads() {
             return Ok(Err(BrokerError::NotLeader {
                 group,
                 leader: self.leader(),

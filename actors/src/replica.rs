@@ -208,6 +208,17 @@ impl ReplicaCore {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// Whether this replica leads and the commit point it has stored is
+    /// of its own term: only then is that point the partition's. A new
+    /// leader may hold a commit point behind the one its predecessor
+    /// reached until an entry of its own term commits (a read of "all
+    /// committed records" must not stop short there).
+    pub fn serves_reads(&self) -> bool {
+        let raft = &self.raw.raft;
+        let commit = self.raw.store().hard_state().commit;
+        self.is_leader() && raft.raft_log.term(commit).is_ok_and(|term| term == raft.term)
+    }
+
     /// The leader this replica knows of, if any.
     pub fn leader_id(&self) -> Option<u64> {
         let leader = self.raw.raft.leader_id;

@@ -498,67 +498,7 @@ impl Plan {
         }];
         let mut stage = 0;
         for op in &self.operators {
-            lines.push(match op {
-                Operator::Filter(e) => format!("FILTER {}", render(e, &names)),
-                Operator::Project(columns) => {
-                    let shown: Vec<String> = columns
-                        .iter()
-                        .map(|(c, e)| format!("{} AS {}", render(e, &names), c.name))
-                        .collect();
-                    names = columns.iter().map(|(c, _)| c.name.clone()).collect();
-                    format!("PROJECT {}", shown.join(", "))
-                }
-                Operator::Repartition { key, .. } if key.is_empty() => {
-                    stage += 1;
-                    format!("REPARTITION BY the key above through {name}.repartition: stage {stage} starts")
-                }
-                Operator::Repartition { key, carry } => {
-                    stage += 1;
-                    let keys: Vec<String> = key.iter().map(|e| render(e, &names)).collect();
-                    let carried: Vec<String> = carry.iter().map(|e| render(e, &names)).collect();
-                    names = keys.iter().chain(&carried).cloned().collect();
-                    format!(
-                        "REPARTITION BY {} (carrying [{}]) through {name}.repartition: stage {stage} starts",
-                        keys.join(", "),
-                        carried.join(", ")
-                    )
-                }
-                Operator::Aggregate {
-                    keys,
-                    calls,
-                    window,
-                    emit,
-                } => {
-                    let keys = *keys as usize;
-                    let carried = names.split_off(keys.min(names.len()));
-                    let mut shown = Vec::new();
-                    for (i, call) in calls.iter().enumerate() {
-                        let argument = call.argument.and_then(|a| carried.get(a)).map_or("*", String::as_str);
-                        shown.push(format!("{:?}({argument}) AS KSQL_AGG_{i}", call.function));
-                        names.push(format!("KSQL_AGG_{i}"));
-                    }
-                    if window.is_some() {
-                        names.extend(["WINDOWSTART".to_string(), "WINDOWEND".to_string()]);
-                    }
-                    let window = window.map_or("none".to_string(), |w| format!("{w:?}"));
-                    format!("AGGREGATE {} per key, window {window}, emit {emit:?}", shown.join(", "))
-                }
-                Operator::Registered { step, .. } => format!("RUST {step}"),
-                Operator::JoinTable(join) => {
-                    let on = render(&join.on, &names);
-                    names.extend(join.columns.iter().map(|c| format!("{}.{}", join.table, c.name)));
-                    format!(
-                        "{:?} JOIN TABLE {} ({}) read whole by every task from {} ({} partitions) ON {on} = {}.{}",
-                        join.kind,
-                        join.table,
-                        column_list(&join.columns),
-                        join.topic,
-                        join.partitions,
-                        join.table,
-                        join.columns.get(join.key).map_or("?", |c| c.name.as_str())
-                    )
-                }
-            });
+            lines.push(explain_op(op, name, &mut names, &mut stage));
         }
         lines.push(match self.registered() {
             Some(_) => format!("SINK {} (JSON from the Rust dataflow)", self.sink.topic),
@@ -569,6 +509,72 @@ impl Plan {
             let _ = writeln!(text, "{}{}", "  ".repeat(depth), line);
         }
         text
+    }
+}
+
+/// One operator's line of [`Plan::explain`]; `names` (the row's column
+/// names) and `stage` move on past it.
+fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u32) -> String {
+    match op {
+        Operator::Filter(e) => format!("FILTER {}", render(e, names)),
+        Operator::Project(columns) => {
+            let shown: Vec<String> = columns
+                .iter()
+                .map(|(c, e)| format!("{} AS {}", render(e, names), c.name))
+                .collect();
+            *names = columns.iter().map(|(c, _)| c.name.clone()).collect();
+            format!("PROJECT {}", shown.join(", "))
+        }
+        Operator::Repartition { key, .. } if key.is_empty() => {
+            *stage += 1;
+            format!("REPARTITION BY the key above through {name}.repartition: stage {stage} starts")
+        }
+        Operator::Repartition { key, carry } => {
+            *stage += 1;
+            let keys: Vec<String> = key.iter().map(|e| render(e, names)).collect();
+            let carried: Vec<String> = carry.iter().map(|e| render(e, names)).collect();
+            *names = keys.iter().chain(&carried).cloned().collect();
+            format!(
+                "REPARTITION BY {} (carrying [{}]) through {name}.repartition: stage {stage} starts",
+                keys.join(", "),
+                carried.join(", ")
+            )
+        }
+        Operator::Aggregate {
+            keys,
+            calls,
+            window,
+            emit,
+        } => {
+            let keys = *keys as usize;
+            let carried = names.split_off(keys.min(names.len()));
+            let mut shown = Vec::new();
+            for (i, call) in calls.iter().enumerate() {
+                let argument = call.argument.and_then(|a| carried.get(a)).map_or("*", String::as_str);
+                shown.push(format!("{:?}({argument}) AS KSQL_AGG_{i}", call.function));
+                names.push(format!("KSQL_AGG_{i}"));
+            }
+            if window.is_some() {
+                names.extend(["WINDOWSTART".to_string(), "WINDOWEND".to_string()]);
+            }
+            let window = window.map_or("none".to_string(), |w| format!("{w:?}"));
+            format!("AGGREGATE {} per key, window {window}, emit {emit:?}", shown.join(", "))
+        }
+        Operator::Registered { step, .. } => format!("RUST {step}"),
+        Operator::JoinTable(join) => {
+            let on = render(&join.on, names);
+            names.extend(join.columns.iter().map(|c| format!("{}.{}", join.table, c.name)));
+            format!(
+                "{:?} JOIN TABLE {} ({}) read whole by every task from {} ({} partitions) ON {on} = {}.{}",
+                join.kind,
+                join.table,
+                column_list(&join.columns),
+                join.topic,
+                join.partitions,
+                join.table,
+                join.columns.get(join.key).map_or("?", |c| c.name.as_str())
+            )
+        }
     }
 }
 

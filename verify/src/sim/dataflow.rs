@@ -7,11 +7,14 @@
 //! placed elsewhere, restarts failed ones after the supervisor's back-off,
 //! and a crash kills a node's tasks mid-step.
 //!
-//! The dataflow counts the simulation's records (authorization attempts) per
-//! card in tumbling windows and emits every change, so the sink must hold,
-//! per window, each count from the filter's threshold up to the window's
-//! total exactly once — any output lost or written twice across crashes,
-//! restarts and moves shows.
+//! The dataflow joins the simulation's records (authorization attempts)
+//! with a table of cards ([`TABLE`], written before the dataflow starts),
+//! keeping the attempts of cards with a row, then counts them per card in
+//! tumbling windows and emits every change, so the sink must hold, per
+//! window, each count from the filter's threshold up to the window's total
+//! exactly once — any output lost or written twice across crashes,
+//! restarts and moves shows, and so does a task restored without its table
+//! (the join would drop its attempts).
 
 use std::collections::BTreeMap;
 use std::future::{poll_fn, Future};
@@ -26,12 +29,13 @@ use runnel_actors::metadata::{AppliedMetadata, DataflowMeta, GroupId, MetadataCo
 use runnel_actors::supervisor::RestartPolicy;
 use runnel_actors::tasks::{repartition_topic, DataflowShape, TaskAssignment, TaskStatus};
 use runnel_actors::{Acks, BrokerError};
+use runnel_client::partition_for_key;
 use runnel_cluster::NodeId;
 use runnel_dataflow::fraud::{decode_result, Attempt};
 use runnel_dataflow::host::IDLE_POLL;
 use runnel_dataflow::task::{TaskError, TaskIo, TaskRunner};
 use runnel_dataflow::{Dataflow, DataflowDef, Emit, Window};
-use runnel_storage::{BatchBuilder, RecordBatch, StoredRecord};
+use runnel_storage::{BatchBuilder, Record, RecordBatch, StoredRecord};
 
 use super::{Msg, World, REQUEST_TIMEOUT_MS, TOPIC};
 use crate::check::{self, Anomaly, Verdict, WindowKey};
@@ -48,10 +52,62 @@ const THRESHOLD: u64 = 1;
 /// Cards the attempts are spread over.
 const CARDS: u64 = 5;
 
-/// Counts attempts per card in tumbling windows, emitting every change.
+/// The table the dataflow joins with, and its partitions.
+pub const TABLE: &str = "sim_cards";
+pub const TABLE_PARTITIONS: u32 = 2;
+
+/// A row of [`TABLE`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CardRow {
+    region: String,
+}
+
+/// Whether `card` has a row: every card but the last.
+fn has_row(card: &str) -> bool {
+    card != format!("card-{}", CARDS - 1)
+}
+
+/// The rows of [`TABLE`] that hash to `partition`, as one batch (`None`
+/// when none does).
+pub fn table_batch(partition: u32) -> Result<Option<RecordBatch>, runnel_storage::StorageError> {
+    let mut builder = BatchBuilder::new();
+    let cards = (0..CARDS).map(|c| format!("card-{c}")).filter(|c| has_row(c));
+    let mut any = false;
+    for card in cards.filter(|c| partition_for_key(c.as_bytes(), TABLE_PARTITIONS) == partition) {
+        let row = CardRow {
+            region: format!("region-{}", card.len() % 2),
+        };
+        builder.push(&Record {
+            timestamp_ms: 0,
+            key: Some(card.clone().into()),
+            value: Some(serde_json::to_vec(&row).unwrap_or_default().into()),
+            headers: Vec::new(),
+        })?;
+        any = true;
+    }
+    if !any {
+        return Ok(None);
+    }
+    builder.build().map(Some)
+}
+
+/// How many rows [`TABLE`] holds.
+pub fn table_rows() -> usize {
+    (0..CARDS).filter(|c| has_row(&format!("card-{c}"))).count()
+}
+
+/// Joins attempts with their card's row (dropping those of cards without
+/// one), then counts them per card in tumbling windows, emitting every
+/// change.
 pub fn dataflow() -> DataflowDef {
     Dataflow::new(DATAFLOW)
         .source::<Attempt>(TOPIC)
+        .join_table(
+            TABLE,
+            TABLE_PARTITIONS,
+            |a| a.card_number.clone(),
+            |a, row: Option<CardRow>| row.map(|_| a),
+        )
         .event_time(|a| a.at_ms)
         .key_by(|a| a.card_number.clone())
         .window(Window::tumbling(Duration::from_millis(WINDOW_MS as u64)).grace(Duration::from_millis(GRACE_MS as u64)))
@@ -76,7 +132,7 @@ pub fn attempt_value(card: u64, at_ms: u64) -> Vec<u8> {
 /// the threshold up to the window's total.
 pub fn reference(attempts: &[Attempt]) -> BTreeMap<WindowKey, Vec<u64>> {
     let mut totals: BTreeMap<WindowKey, u64> = BTreeMap::new();
-    for attempt in attempts {
+    for attempt in attempts.iter().filter(|a| has_row(&a.card_number)) {
         let start = attempt.at_ms - attempt.at_ms.rem_euclid(WINDOW_MS);
         *totals.entry((attempt.card_number.clone(), start)).or_default() += 1;
     }

@@ -2032,10 +2032,55 @@ impl World {
                 .map_err(|e| format!("placing the topic: {e}"))?;
             return Ok(vec![command]);
         }
-        match self.tasks.def.as_deref() {
-            Some(def) => dataflow::start_commands(&node.core, def, &all),
-            None => Ok(Vec::new()),
+        let Some(def) = self.tasks.def.clone() else {
+            return Ok(Vec::new());
+        };
+        if !self.table_written()? {
+            return self.setup_table(id);
         }
+        let node = self.nodes.get_mut(&id).expect("known node");
+        dataflow::start_commands(&node.core, &def, &all)
+    }
+
+    /// The dataflow's table: its topic, then its rows proposed on each
+    /// partition's leader, again each time until all are committed (a row
+    /// written twice is still one row).
+    fn setup_table(&mut self, id: NodeId) -> Result<Vec<MetadataCommand>, String> {
+        let all: Vec<NodeId> = (1..=self.config.nodes).map(NodeId).collect();
+        let node = self.nodes.get(&id).expect("known node");
+        let Some(meta) = node.meta().metadata.topics.get(dataflow::TABLE).cloned() else {
+            let mut config = TopicConfig::new(dataflow::TABLE_PARTITIONS, self.config.replication);
+            config.cleanup = runnel_actors::metadata::CleanupPolicy::Compact;
+            let command = node
+                .core
+                .create_topic(dataflow::TABLE.to_string(), config, &all)
+                .map_err(|e| format!("placing the table: {e}"))?;
+            return Ok(vec![command]);
+        };
+        for partition in 0..dataflow::TABLE_PARTITIONS {
+            let group = meta.group_id(partition);
+            let leader = self
+                .nodes
+                .iter()
+                .find(|(_, n)| n.up && n.groups.get(&group).is_some_and(|p| p.core().is_leader()))
+                .map(|(&leader, _)| leader);
+            let batch = dataflow::table_batch(partition).map_err(|e| format!("the table's rows: {e}"))?;
+            let (Some(leader), Some(batch)) = (leader, batch) else {
+                continue;
+            };
+            if let Some(part) = self.nodes.get_mut(&leader).and_then(|n| n.groups.get_mut(&group)) {
+                part.produce(batch, Acks::All, 0, SimReply::Nobody);
+            }
+            self.drive(leader, group)?;
+        }
+        Ok(Vec::new())
+    }
+
+    /// Whether every row of the dataflow's table is committed.
+    fn table_written(&self) -> Result<bool, String> {
+        let records = self.leader_records(dataflow::TABLE)?;
+        let keys: BTreeSet<&[u8]> = records.iter().filter_map(|r| r.record.key.as_deref()).collect();
+        Ok(keys.len() == dataflow::table_rows())
     }
 
     /// The core's moves off the nodes silent for `DEAD_MS` (a leader new to
