@@ -124,27 +124,27 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> impl FnOnce(&mut Vec<u8>) -> Res
 
 /// The source stage of a dataflow, erased of its types.
 pub trait SourceStage: Send + Sync {
-    /// Runs one source record through the stateless operators. An error is
-    /// a record that does not decode as the source type (for the DLQ).
-    fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String>;
-
-    /// The tables its operators join with (SQL's stream–table joins), in
-    /// order: each task running the stage holds them, and passes them to
-    /// [`SourceStage::process_joined`].
-    fn tables(&self) -> Vec<runnel_client::plan::TableJoin> {
-        Vec::new()
-    }
-
-    /// [`SourceStage::process`] with the tables of [`SourceStage::tables`].
+    /// Runs one source record through the stateless operators, joining
+    /// with `tables` (those of [`SourceStage::tables`], in order). An error
+    /// is a record that does not decode as the source type (for the DLQ).
     fn process_joined(
         &self,
         value: &[u8],
         timestamp_ms: i64,
         tables: &[crate::table::TableState],
         out: &mut Emitted,
-    ) -> Result<(), String> {
-        debug_assert!(tables.is_empty(), "a stage without joins");
-        self.process(value, timestamp_ms, out)
+    ) -> Result<(), String>;
+
+    /// The tables its operators join with (SQL's stream–table joins and
+    /// [`Stream::join_table`]), in order: each task running the stage
+    /// holds them.
+    fn tables(&self) -> Vec<runnel_client::plan::TableJoin> {
+        Vec::new()
+    }
+
+    /// [`SourceStage::process_joined`] for a stage that joins nothing.
+    fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
+        self.process_joined(value, timestamp_ms, &[], out)
     }
 }
 
@@ -467,10 +467,6 @@ impl<T: Serialize + 'static> Stream<T> {
             joins: Vec<TableJoin>,
         }
         impl<T: Serialize> SourceStage for Stateless<T> {
-            fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
-                self.process_joined(value, timestamp_ms, &[], out)
-            }
-
             fn tables(&self) -> Vec<TableJoin> {
                 self.joins.clone()
             }
@@ -723,10 +719,6 @@ struct KeyedSource<K, T> {
 }
 
 impl<K: Serialize, T: Serialize> SourceStage for KeyedSource<K, T> {
-    fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
-        self.process_joined(value, timestamp_ms, &[], out)
-    }
-
     fn tables(&self) -> Vec<TableJoin> {
         self.joins.clone()
     }

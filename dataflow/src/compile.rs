@@ -207,10 +207,6 @@ struct SqlSource {
 }
 
 impl SourceStage for SqlSource {
-    fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
-        self.process_joined(value, timestamp_ms, &[], out)
-    }
-
     fn tables(&self) -> Vec<TableJoin> {
         self.ops
             .iter()
