@@ -1,12 +1,15 @@
 //! The SQL front end (sql/src/parse.rs, planner.rs): any text a user types
 //! into `runnel sql`, split into statements, parsed, planned against a
-//! stream, and the plan validated, explained and compiled as a node would
+//! stream and a table it may join, and the plan validated, explained and compiled as a node would
 //! (dataflow/src/compile.rs). A statement is refused with an error or
 //! planned; a plan the planner made always validates and compiles.
 
 use runnel_client::plan::{Column, ObjectKind, Plan, SqlObject, SqlType};
+use runnel_client::protocol::Catalog;
 use runnel_dataflow::builder::Emitted;
+use runnel_dataflow::table::TableState;
 use runnel_dataflow::DataflowDef;
+use runnel_sql::from::input_of;
 use runnel_sql::parse::{parse_script, Statement};
 use runnel_sql::planner::plan_query;
 
@@ -53,7 +56,23 @@ pub fn attempts() -> SqlObject {
     }
 }
 
-/// The plan of a query statement over [`attempts`], if it plans.
+/// `CARDS (CARD STRING PRIMARY KEY, COUNTRY STRING)` over topic `cards`.
+fn cards() -> SqlObject {
+    let column = |name: &str, ty| Column { name: name.into(), ty };
+    SqlObject {
+        name: "CARDS".into(),
+        kind: ObjectKind::Table,
+        topic: "cards".into(),
+        columns: vec![column("CARD", SqlType::String), column("COUNTRY", SqlType::String)],
+        timestamp: None,
+        key: vec![0],
+        windowed: false,
+        query: None,
+        statement: String::new(),
+    }
+}
+
+/// The plan of a query statement over [`attempts`] (and [`cards`]), if it plans.
 fn plan(text: &str, statement: Statement) -> Option<Plan> {
     let query = match statement {
         Statement::Select(query)
@@ -62,7 +81,21 @@ fn plan(text: &str, statement: Statement) -> Option<Plan> {
         | Statement::ExplainQuery(query) => query,
         _ => return None,
     };
-    match plan_query(text, &query, &attempts(), "out") {
+    let catalog = Catalog {
+        objects: vec![attempts(), cards()],
+        queries: Vec::new(),
+    };
+    let mut input = match input_of(&catalog, &query) {
+        Ok(input) => input,
+        Err(e) => {
+            assert!(!e.to_string().is_empty(), "an error says something");
+            return None;
+        }
+    };
+    for join in &mut input.joins {
+        join.partitions = 2;
+    }
+    match plan_query(text, &query, &input, "out") {
         Ok(planned) => Some(planned.plan),
         Err(e) => {
             assert!(!e.to_string().is_empty(), "an error says something");
@@ -87,7 +120,8 @@ fn check_plan(plan: &Plan) {
     };
     let record = br#"{"card":"c-1","amount":5,"at_ms":1700000000000,"note":"x","meta":{"a":{"b":1}}}"#;
     let mut out = Emitted::default();
-    let _ = def.source_stage.process(record, 0, &mut out);
+    let tables: Vec<TableState> = def.source_stage.tables().into_iter().map(TableState::new).collect();
+    let _ = def.source_stage.process_joined(record, 0, &tables, &mut out);
     if let Some(make) = &def.window_stage {
         let mut window = make();
         for r in out.iter() {
