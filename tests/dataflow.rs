@@ -411,7 +411,18 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         sql(&cluster, declare).status.success()
     });
 
-    // Refused statements name the problem and change nothing.
+    expect_refused_statements(&cluster);
+    expect_the_shell(&cluster);
+    submit_the_seed_statement(&cluster);
+    let generator = run_through_a_kill(&mut cluster).await;
+    tracing::info!("phase: restart the whole cluster; the query is the cluster's and carries on");
+    restart_the_whole_cluster(&mut cluster, &generator).await;
+    type_rows_then_terminate_and_drop(&cluster);
+    drop(cluster);
+}
+
+/// Refused statements name the problem and change nothing.
+fn expect_refused_statements(cluster: &Cluster) {
     for (statement, error) in [
         ("SELECT * FROM nowhere EMIT CHANGES;", "unknown stream or table NOWHERE"),
         (
@@ -428,14 +439,17 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
             "AUTHORIZATION_ATTEMPTS holds no state to look up",
         ),
     ] {
-        let output = sql(&cluster, statement);
+        let output = sql(cluster, statement);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
             !output.status.success() && stderr.contains(error),
             "{statement}: {stderr}"
         );
     }
-    // The shell, fed by a pipe: a statement over two lines, ended by ';'.
+}
+
+/// The shell, fed by a pipe: a statement over two lines, ended by ';'.
+fn expect_the_shell(cluster: &Cluster) {
     let seeds: Vec<String> = cluster.addrs.iter().map(SocketAddr::to_string).collect();
     let mut shell = runnel()
         .args(["sql", "--seeds", &seeds.join(","), "--certs"])
@@ -467,31 +481,39 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         errors.contains("unknown stream or table NOWHERE"),
         "the shell reports and goes on: {errors}"
     );
-    let output = sql(&cluster, "SHOW STREAMS;");
+    let output = sql(cluster, "SHOW STREAMS;");
     let listed = String::from_utf8_lossy(&output.stdout);
     assert!(
         listed.contains("AUTHORIZATION_ATTEMPTS") && listed.contains("(1 row)"),
         "{listed}"
     );
+}
 
-    let output = sql(&cluster, SEED_STATEMENT);
+/// The seed's statement, verbatim, and a pull query it refuses by name.
+fn submit_the_seed_statement(cluster: &Cluster) {
+    let output = sql(cluster, SEED_STATEMENT);
     assert!(
         output.status.success(),
         "the seed statement: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let output = sql(&cluster, "SELECT * FROM possible_fraud WHERE KSQL_COL_0 > 3;");
+    let output = sql(cluster, "SELECT * FROM possible_fraud WHERE KSQL_COL_0 > 3;");
     let refused = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success() && refused.contains("looks rows up by its key CARD_NUMBER"),
         "a pull query on a column without an index: {refused}"
     );
-    start_dataflow(&cluster);
+}
+
+/// Starts the builder dataflow too, feeds both, kills node 3 mid-stream;
+/// both sinks and pull queries equal the reference. The generator, to go on.
+async fn run_through_a_kill(cluster: &mut Cluster) -> Generator {
+    start_dataflow(cluster);
     let client = connect(&cluster.addrs, &cluster.certs).await;
     let mut generator = Generator::new(4, 2_000, START_MS, 10);
     produce(&client, generator.by_ref().take(20_000)).await;
     tracing::info!("phase: pull queries answer from the tasks' state");
-    expect_pulled(&cluster, &open_reference(&client).await);
+    expect_pulled(cluster, &open_reference(&client).await);
     // A record that does not match the declared schema (amount_cents is a BIGINT).
     let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
         .await
@@ -505,20 +527,26 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     };
     producer.send(Some(0), record).await.expect("mismatch");
     producer.flush().await.expect("flush");
-    wait_for_checkpoints_on(&cluster, SQL_QUERY, 3);
+    wait_for_checkpoints_on(cluster, SQL_QUERY, 3);
     cluster.nodes[2].kill();
     tracing::info!("node 3 killed");
     let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
     produce(&survivors, generator.by_ref().take(20_000)).await;
     tracing::info!("phase: pull queries answer from the state restored on the survivors");
-    expect_pulled(&cluster, &open_reference(&survivors).await);
+    expect_pulled(cluster, &open_reference(&survivors).await);
     close_windows(&survivors, &generator).await;
     let expected = reference(&survivors).await;
     assert!(expected.len() > 20, "the generator makes fraud: {}", expected.len());
-    expect_reference(&survivors, &cluster, &expected).await;
+    expect_reference(&survivors, cluster, &expected).await;
     expect_sql_results(&survivors, &expected).await;
+    expect_explained_and_dead_letters(cluster, &survivors).await;
+    generator
+}
+
+/// EXPLAIN, `dataflow describe` of both dataflows, and the dead letter.
+async fn expect_explained_and_dead_letters(cluster: &Cluster, survivors: &Arc<Client>) {
     let output = sql(
-        &cluster,
+        cluster,
         &format!("EXPLAIN {SQL_QUERY}; DESCRIBE possible_fraud EXTENDED;"),
     );
     let explained = String::from_utf8_lossy(&output.stdout);
@@ -526,14 +554,14 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         explained.contains("AGGREGATE") && explained.contains("KSQL_COL_0"),
         "{explained}"
     );
-    let output = cli(&cluster, &["dataflow", "describe", SQL_QUERY]);
+    let output = cli(cluster, &["dataflow", "describe", SQL_QUERY]);
     let described = String::from_utf8_lossy(&output.stdout);
     assert!(
         described.contains("REPARTITION BY CARD_NUMBER"),
         "the plan as a tree: {described}"
     );
     // The Rust-builder dataflow runs as a plan of its registered steps.
-    let output = cli(&cluster, &["dataflow", "describe", fraud::NAME]);
+    let output = cli(cluster, &["dataflow", "describe", fraud::NAME]);
     let described = String::from_utf8_lossy(&output.stdout);
     assert!(
         [
@@ -547,7 +575,7 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         .all(|step| described.contains(step)),
         "the builder dataflow's steps as a tree: {described}"
     );
-    let letters = read_all(&survivors, &format!("{SQL_QUERY}.dlq")).await;
+    let letters = read_all(survivors, &format!("{SQL_QUERY}.dlq")).await;
     let reasons: Vec<String> = letters
         .iter()
         .filter_map(|l| l.headers.iter().find(|h| h.key == "error"))
@@ -557,10 +585,10 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         reasons.len() == 1 && reasons[0].contains("column AMOUNT_CENTS") && reasons[0].contains("BIGINT"),
         "the mismatch is a dead letter with its reason: {reasons:?}"
     );
+}
 
-    tracing::info!("phase: restart the whole cluster; the query is the cluster's and carries on");
-    drop(survivors);
-    drop(client);
+/// Restarts every node; the query carries on over new input.
+async fn restart_the_whole_cluster(cluster: &mut Cluster, generator: &Generator) {
     cluster.nodes[0].kill();
     cluster.nodes[1].kill();
     let scratch = cluster._scratch.path().to_path_buf();
@@ -576,7 +604,7 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         );
     }
     wait_for("the restarted cluster to serve the source topic", TIMEOUT, || {
-        cli(&cluster, &["topic", "describe", fraud::SOURCE]).status.success()
+        cli(cluster, &["topic", "describe", fraud::SOURCE]).status.success()
     });
     let client = connect(&cluster.addrs, &cluster.certs).await;
     let after_closing = generator.closing_attempt().at_ms + fraud::WINDOW_MS;
@@ -585,10 +613,12 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
     close_windows(&client, &later).await;
     let expected = reference(&client).await;
     expect_sql_results(&client, &expected).await;
+}
 
-    tracing::info!("phase: rows typed in, a push query, then TERMINATE and DROP");
+/// Rows typed in, a push query, then TERMINATE and DROP.
+fn type_rows_then_terminate_and_drop(cluster: &Cluster) {
     let output = sql(
-        &cluster,
+        cluster,
         "INSERT INTO authorization_attempts (card_number, amount_cents, at_ms) VALUES ('typed-1', 5, 0), ('typed-2', 7, 0);
          SET 'auto.offset.reset' = 'earliest';
          SELECT card_number, amount_cents * 2 AS doubled FROM authorization_attempts WHERE card_number LIKE 'typed-%' EMIT CHANGES LIMIT 2;",
@@ -599,14 +629,14 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         printed.contains("typed-1 | 10") && printed.contains("typed-2 | 14"),
         "{printed}"
     );
-    let output = sql(&cluster, "DROP STREAM possible_fraud;");
+    let output = sql(cluster, "DROP STREAM possible_fraud;");
     let refused = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success() && refused.contains("TERMINATE them first"),
         "{refused}"
     );
     let output = sql(
-        &cluster,
+        cluster,
         &format!("TERMINATE {SQL_QUERY}; DROP STREAM possible_fraud DELETE TOPIC; SHOW QUERIES;"),
     );
     let shown = String::from_utf8_lossy(&output.stdout);
@@ -618,7 +648,7 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
         "only the builder dataflow runs: {shown}"
     );
     // TERMINATE ALL stops the Rust dataflow too, keeping its checkpoints.
-    let output = sql(&cluster, "SHOW PROPERTIES; TERMINATE ALL; SHOW QUERIES;");
+    let output = sql(cluster, "SHOW PROPERTIES; TERMINATE ALL; SHOW QUERIES;");
     let shown = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(
@@ -627,9 +657,8 @@ async fn the_seed_statement_typed_on_three_nodes_equals_the_builder_dataflow_thr
             && shown.contains("(0 rows)"),
         "{shown}"
     );
-    let topics = String::from_utf8_lossy(&cli(&cluster, &["topic", "list", "--all"]).stdout).to_string();
+    let topics = String::from_utf8_lossy(&cli(cluster, &["topic", "list", "--all"]).stdout).to_string();
     assert!(topics.contains("possible_fraud.checkpoints"), "{topics}");
-    drop(cluster);
 }
 
 /// A pull query's rows (`--format json`) as (key, window start) -> count,

@@ -272,12 +272,19 @@ fn retention_deletes_only_expired_records_and_followers_catch_up_from_snapshots(
     }
 }
 
-/// Seed 86 with retention and disk damage: a candidate whose unapplied
-/// entries held a flipped byte heard a commit point in a vote answer, and
-/// raft-rs's commit by vote, reading them, stopped the process. The
-/// replica now reads them first and fails as damaged, and is repaired.
+/// Seed 86 with retention and disk damage found (session 19) a candidate
+/// whose unapplied entries held a flipped byte hearing a commit point in a
+/// vote answer: raft-rs's commit by vote, reading them, stopped the
+/// process, and `ReplicaCore::check_commit_by_vote` now reads them first so
+/// the damage fails the replica and it is repaired. Since leaders serve
+/// reads only from a commit point of their own term (session 21) the
+/// schedules differ, and no seed reaches that path any more: with the
+/// guard removed, retention-and-damage seeds 1–700 and damage seeds
+/// 1401–1500 all pass. The seed stays as a run whose damage must be found
+/// and repaired with nothing lost; the guard has no test of its own (a
+/// replica-harness test that builds the vote is the next step).
 #[test]
-fn a_candidate_with_damaged_unapplied_entries_is_repaired_not_a_crash() {
+fn seed_86_with_retention_and_disk_damage_is_repaired() {
     let config = SimConfig {
         retention_ms: Some(3_000),
         disk_damage: true,
@@ -287,7 +294,7 @@ fn a_candidate_with_damaged_unapplied_entries_is_repaired_not_a_crash() {
     let (totals, failures) = run_seeds(&[86], &config);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     let count = |kind: &str| totals.faults.get(kind).copied().unwrap_or(0);
-    assert!(count("damage_detected_running") > 0, "{:?}", totals.faults);
+    assert!(count("damage_detected") > 0, "{:?}", totals.faults);
     assert!(count("repair_quarantined") > 0, "{:?}", totals.faults);
 }
 
