@@ -419,3 +419,88 @@ fn retention_deletes_old_segments_and_a_cut_off_follower_catches_up_from_a_snaps
         h.check_acknowledged(id);
     }
 }
+
+/// The last segment file under `dir` (the replica's log).
+fn last_segment(dir: &std::path::Path) -> PathBuf {
+    let mut segments = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "log") {
+                segments.push(path);
+            }
+        }
+    }
+    segments.sort();
+    segments.pop().expect("a segment")
+}
+
+/// Flips a byte inside the records of the segment's last batch.
+fn flip_last_batch(segment: &std::path::Path) {
+    use runnel_storage::batch::{BATCH_HEADER_BYTES, LOG_OVERHEAD_BYTES, OFFSET_LENGTH};
+    let mut bytes = std::fs::read(segment).expect("segment");
+    let (mut at, mut last) = (0, None);
+    while at + LOG_OVERHEAD_BYTES <= bytes.len() {
+        let word: [u8; 4] = bytes[at + OFFSET_LENGTH..at + OFFSET_LENGTH + 4]
+            .try_into()
+            .expect("4 bytes");
+        let size = u32::from_le_bytes(word) as usize;
+        if size == 0 {
+            break;
+        }
+        last = Some(at);
+        at += LOG_OVERHEAD_BYTES + size;
+    }
+    let last = last.expect("a batch");
+    bytes[last + BATCH_HEADER_BYTES + 3] ^= 0x40;
+    std::fs::write(segment, &bytes).expect("write");
+}
+
+/// Session 19's finding (simulation seed 86 then): a candidate whose
+/// unapplied entries are damaged hears a commit point beyond them in a vote
+/// message; raft-rs's commit by vote would read them and stop the process.
+/// The replica reads them first and fails as damaged (to be repaired).
+#[test]
+fn a_candidate_with_damaged_unapplied_entries_fails_as_damaged_not_a_crash() {
+    let mut h = Harness::new();
+    let leader = h.elect(&IDS);
+    let others: Vec<u64> = IDS.into_iter().filter(|&id| id != leader).collect();
+    let (behind, other) = (others[0], others[1]);
+    h.propose(leader, "a");
+    h.settle();
+    h.propose(leader, "b");
+    // Both followers hold b and the leader commits it; `behind` never hears so.
+    h.pump();
+    h.pump();
+    h.isolated.insert(behind);
+    h.settle();
+    assert!(
+        h.replica(behind).commit_index() < h.replica(other).commit_index(),
+        "one follower is behind on the commit point"
+    );
+    h.replica_mut(behind).close().expect("clean close");
+    h.kill(behind);
+    flip_last_batch(&last_segment(&h.dirs[&behind]));
+    h.start(behind);
+    h.kill(leader);
+    h.isolated.remove(&behind);
+    h.replica_mut(behind).campaign().expect("it campaigns");
+    h.replica_mut(other).campaign().expect("the other campaigns");
+    let messages = h.replica_mut(other).handle_ready().expect("ready").messages;
+    let vote = messages
+        .into_iter()
+        .find(|m| m.to == behind)
+        .expect("a vote request to the one behind");
+    assert!(
+        vote.commit > h.replica(behind).commit_index(),
+        "the request names the commit point"
+    );
+    let failed = h
+        .replica_mut(behind)
+        .step(vote)
+        .expect_err("damage among the entries to commit");
+    assert!(failed.is_damage(), "{failed}");
+}

@@ -281,8 +281,9 @@ fn retention_deletes_only_expired_records_and_followers_catch_up_from_snapshots(
 /// schedules differ, and no seed reaches that path any more: with the
 /// guard removed, retention-and-damage seeds 1–700 and damage seeds
 /// 1401–1500 all pass. The seed stays as a run whose damage must be found
-/// and repaired with nothing lost; the guard has no test of its own (a
-/// replica-harness test that builds the vote is the next step).
+/// and repaired with nothing lost; the guard's own test builds the vote in
+/// the replica harness (actors/tests/replica.rs,
+/// `a_candidate_with_damaged_unapplied_entries_fails_as_damaged_not_a_crash`).
 #[test]
 fn seed_86_with_retention_and_disk_damage_is_repaired() {
     let config = SimConfig {
