@@ -468,7 +468,9 @@ fn killing_a_partition_leader_under_a_kafka_producer_loses_and_duplicates_nothin
     );
 
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    for record in kcat_records(&survivors, "payments") {
+    let records = kcat_records(&survivors, "payments");
+    expect_contiguous_offsets_from_zero(&records);
+    for record in records {
         *seen
             .entry(record["payload"].as_str().unwrap_or_default().to_string())
             .or_default() += 1;
@@ -483,6 +485,25 @@ fn killing_a_partition_leader_under_a_kafka_producer_loses_and_duplicates_nothin
          {:.1} s later; new leaders {new_leaders:?}; none lost, none duplicated",
         failover.as_secs_f64()
     );
+}
+
+/// Offsets as Kafka users know them: each partition's records are at
+/// 0, 1, 2, … with no gap, also where a new leader took over (its Raft
+/// entry takes no offset).
+fn expect_contiguous_offsets_from_zero(records: &[serde_json::Value]) {
+    let mut by_partition: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for record in records {
+        let partition = record["partition"].as_i64().expect("partition");
+        by_partition
+            .entry(partition)
+            .or_default()
+            .push(record["offset"].as_i64().expect("offset"));
+    }
+    for (partition, mut offsets) in by_partition {
+        offsets.sort_unstable();
+        let expected: Vec<i64> = (0..offsets.len() as i64).collect();
+        assert_eq!(offsets, expected, "partition {partition}'s offsets");
+    }
 }
 
 fn acked_values(output: &Output) -> BTreeSet<String> {

@@ -1,16 +1,19 @@
 //! The Raft log of a partition *is* its record log.
 //!
-//! Every Raft entry is exactly one record batch in the partition's [`Log`]:
-//! a normal entry's data is an encoded batch of user records; any other entry
-//! (the empty entry a new leader appends, a configuration change) becomes a
-//! *control batch* of one record that consumers skip. A batch's base offset is
+//! A normal Raft entry's data is an encoded batch of user records, stored as
+//! one batch in the partition's [`Log`]. Any other entry (the empty entry a
+//! new leader appends, a configuration change) is a *control entry*, held in
+//! the metadata file beside the log so that it takes no offset (see
+//! [`controls`]); past that file's bound one goes into the log as a *control
+//! batch* of one record that consumers skip. A batch's base offset is
 //! assigned when it is appended, as the log's end offset; since every replica
 //! appends the same entries in the same order, every replica assigns the same
 //! offsets, and one offset names one record everywhere.
 //!
-//! The Raft index of the log's first batch is kept in the replica's metadata
-//! file, so batch number *k* is entry `first_index + k`; the map from index to
-//! (base offset, term) is rebuilt on open from batch headers alone.
+//! The Raft index of the log's first entry is kept in the replica's metadata
+//! file; walking the log's batches and the held control entries in index
+//! order rebuilds the map from index to (offsets, term) on open, from batch
+//! headers alone.
 //!
 //! Metadata (`raft.meta`, a [`DurableKv`]): hard state (term, vote, commit),
 //! configuration, and the snapshot point (index, term and the log offset where
@@ -31,6 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ActorError, Result};
 use crate::producers::ProducerTable;
+
+mod controls;
+use controls::{ControlEntry, HeldControls, KEY_CONTROL_ENTRIES};
 
 const META_FILE: &str = "raft.meta";
 const KEY_HARD_STATE: &str = "hard_state";
@@ -73,16 +79,6 @@ struct StoredHardState {
     commit: u64,
 }
 
-/// A control batch's single record: the Raft entry it stands for.
-#[derive(Debug, Serialize, Deserialize)]
-struct ControlEntry {
-    entry_type: i32,
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
-    #[serde(with = "serde_bytes")]
-    context: Vec<u8>,
-}
-
 /// What one call of [`PartitionStore::compact_log`] may do.
 #[derive(Clone, Copy, Debug)]
 pub struct CompactLimits {
@@ -123,6 +119,8 @@ pub struct PartitionStore {
     snapshot: SnapshotPoint,
     /// One slot per entry, from index `snapshot.index + 1`.
     slots: VecDeque<EntrySlot>,
+    /// Control entries held beside the log (a slot of no width each).
+    controls: HeldControls,
     hard_state: HardState,
     /// Term and vote as last written to disk; commit is written lazily.
     persisted: StoredHardState,
@@ -217,8 +215,14 @@ impl PartitionStore {
             );
             return Err(ActorError::corrupt(dir, reason));
         }
-        let (slots, producers) = index_log(&log, snapshot.index)?;
+        let mut controls = HeldControls::decode(meta.get(KEY_CONTROL_ENTRIES), meta.path())?;
+        let (slots, producers) = index_log(&log, snapshot.index, &controls)?;
         let last_index = snapshot.index + slots.len() as u64;
+        // Held past the log's end: the log lost an unsynced tail before them.
+        let beyond = controls.remove_from(last_index + 1);
+        if controls.remove_through(snapshot.index) || beyond {
+            meta.set(KEY_CONTROL_ENTRIES, controls.encode()?)?;
+        }
         check_commit(dir, &mut stored, last_index, sync_log)?;
         let hard_state = HardState {
             term: stored.term,
@@ -232,6 +236,7 @@ impl PartitionStore {
             meta,
             snapshot,
             slots,
+            controls,
             hard_state,
             persisted: stored,
             conf_state,
@@ -302,13 +307,8 @@ impl PartitionStore {
 
     /// Rebuilds the producer table from the log (after its tail changed).
     fn rebuild_producers(&mut self) -> Result<()> {
-        let mut producers = ProducerTable::default();
-        let first_index = self.snapshot.index + 1;
-        let mut index = first_index;
-        self.log.visit_headers(|header| {
-            producers.record(header, index);
-            index += 1;
-        })?;
+        let (slots, producers) = index_log(&self.log, self.snapshot.index, &self.controls)?;
+        debug_assert_eq!(slots, self.slots);
         self.producers = producers;
         Ok(())
     }
@@ -349,24 +349,52 @@ impl PartitionStore {
             )));
         }
         if let Some(slot) = self.slot(first.index) {
+            // The log first (synced): see the order in [`controls`].
             self.log.truncate(slot.base_offset)?;
             self.slots.truncate((first.index - self.snapshot.index - 1) as usize);
+            if self.controls.remove_from(first.index) {
+                self.write_controls()?;
+            }
             self.rebuild_producers()?;
             self.forget_recent_from(first.index);
         }
+        let mut unwritten_controls = false;
         for entry in entries {
             debug_assert_eq!(entry.index, self.last_index_value() + 1);
+            if ControlEntry::is_control(entry) && self.controls.hold(entry) {
+                let at = self.log.end_offset();
+                self.push_slot(at, at, entry);
+                unwritten_controls = true;
+                continue;
+            }
+            if std::mem::take(&mut unwritten_controls) {
+                // Before the log holds anything after them.
+                self.write_controls()?;
+            }
             let mut batch = entry_to_batch(entry)?;
             let base_offset = self.log.append(&mut batch)?;
-            self.slots.push_back(EntrySlot {
-                base_offset,
-                next_offset: batch.next_offset(),
-                term: entry.term,
-            });
+            self.push_slot(base_offset, batch.next_offset(), entry);
             self.producers.record(batch.header(), entry.index);
-            self.remember(entry);
+        }
+        if unwritten_controls {
+            self.write_controls()?;
         }
         self.unsynced = true;
+        Ok(())
+    }
+
+    fn push_slot(&mut self, base_offset: u64, next_offset: u64, entry: &Entry) {
+        self.slots.push_back(EntrySlot {
+            base_offset,
+            next_offset,
+            term: entry.term,
+        });
+        self.remember(entry);
+    }
+
+    fn write_controls(&mut self) -> Result<()> {
+        let bytes = self.controls.encode()?;
+        self.meta.set(KEY_CONTROL_ENTRIES, bytes)?;
         Ok(())
     }
 
@@ -573,11 +601,13 @@ impl PartitionStore {
             entries.insert(KEY_CONF_STATE.to_string(), conf_bytes);
             entries.insert(KEY_VOTERS_SINCE.to_string(), since_bytes);
             entries.insert(KEY_CONF_INDEX.to_string(), index_bytes);
+            entries.remove(KEY_CONTROL_ENTRIES);
             entries.insert(KEY_INSTALLING.to_string(), vec![1]);
         })?;
         self.log.reset(start_offset)?;
         self.meta.remove(KEY_INSTALLING)?;
         self.slots.clear();
+        self.controls.clear();
         self.producers.clear();
         self.recent.clear();
         self.recent_bytes = 0;
@@ -628,7 +658,18 @@ impl PartitionStore {
             term: slot.term,
             start_offset: point,
         };
-        write_meta(&mut self.meta, KEY_SNAPSHOT, &compacted)?;
+        let point_bytes = postcard::to_allocvec(&compacted)
+            .map_err(|e| ActorError::InvalidState(format!("encoding {KEY_SNAPSHOT}: {e}")))?;
+        let mut kept_controls = std::mem::take(&mut self.controls);
+        kept_controls.remove_through(index);
+        let controls_bytes = kept_controls.encode()?;
+        // One atomic write: the held control entries below the point go with it.
+        let written = self.meta.update(|entries| {
+            entries.insert(KEY_SNAPSHOT.to_string(), point_bytes);
+            entries.insert(KEY_CONTROL_ENTRIES.to_string(), controls_bytes);
+        });
+        self.controls = kept_controls;
+        written?;
         // Memory follows the written point before any file goes, so that a
         // deletion failing part-way leaves a store that agrees with its
         // metadata (the next pass, or the next open, deletes the rest).
@@ -699,8 +740,11 @@ impl PartitionStore {
         })
     }
 
-    /// Reads entry `index` back from the log.
+    /// Reads entry `index` back from the held control entries or the log.
     fn read_entry(&self, index: u64, slot: EntrySlot) -> Result<Entry> {
+        if let Some(entry) = self.controls.entry(index) {
+            return entry;
+        }
         let batches = self.log.read(slot.base_offset, 1)?;
         let batch = batches
             .into_iter()
@@ -744,12 +788,24 @@ impl StoredMeta {
     }
 }
 
-/// The slot of every entry in `log` (the first is `snapshot_index + 1`) and
-/// the producer table, from batch headers alone.
-fn index_log(log: &Log, snapshot_index: u64) -> Result<(VecDeque<EntrySlot>, ProducerTable)> {
+/// The slot of every entry from `snapshot_index + 1` on, walking `log`'s
+/// batches and the `held` control entries in index order, and the producer
+/// table, from batch headers alone. A held entry takes the offset of the
+/// batch after it, or the log's end; ones past the last entry are ignored.
+fn index_log(log: &Log, snapshot_index: u64, held: &HeldControls) -> Result<(VecDeque<EntrySlot>, ProducerTable)> {
     let mut slots = VecDeque::new();
     let mut producers = ProducerTable::default();
+    let push_held = |slots: &mut VecDeque<EntrySlot>, at: u64| {
+        while let Some(term) = held.term(snapshot_index + slots.len() as u64 + 1) {
+            slots.push_back(EntrySlot {
+                base_offset: at,
+                next_offset: at,
+                term,
+            });
+        }
+    };
     log.visit_headers(|header| {
+        push_held(&mut slots, header.base_offset);
         slots.push_back(EntrySlot {
             base_offset: header.base_offset,
             next_offset: header.next_offset(),
@@ -757,6 +813,7 @@ fn index_log(log: &Log, snapshot_index: u64) -> Result<(VecDeque<EntrySlot>, Pro
         });
         producers.record(header, snapshot_index + slots.len() as u64);
     })?;
+    push_held(&mut slots, log.end_offset());
     Ok((slots, producers))
 }
 
@@ -839,25 +896,21 @@ impl SnapshotData {
     }
 }
 
-/// The batch that stores a Raft entry.
+/// The batch that stores a Raft entry: its records, or for a control entry
+/// the log does not hold beside it, a control batch of one record.
 fn entry_to_batch(entry: &Entry) -> Result<RecordBatch> {
-    let mut batch = if entry.get_entry_type() == EntryType::EntryNormal && !entry.data.is_empty() {
-        RecordBatch::from_bytes(entry.data.clone())
-            .map_err(|e| ActorError::InvalidState(format!("entry {} does not hold a valid batch: {e}", entry.index)))?
-    } else {
-        let control = ControlEntry {
-            entry_type: entry.get_entry_type() as i32,
-            data: entry.data.to_vec(),
-            context: entry.context.to_vec(),
-        };
-        let value =
-            postcard::to_allocvec(&control).map_err(|e| ActorError::InvalidState(format!("control entry: {e}")))?;
+    let mut batch = if ControlEntry::is_control(entry) {
+        let value = postcard::to_allocvec(&ControlEntry::of(entry))
+            .map_err(|e| ActorError::InvalidState(format!("control entry: {e}")))?;
         let mut builder = BatchBuilder::new().attributes(ATTRIBUTE_CONTROL);
         builder.push(&Record {
             value: Some(value.into()),
             ..Record::default()
         })?;
         builder.build()?
+    } else {
+        RecordBatch::from_bytes(entry.data.clone())
+            .map_err(|e| ActorError::InvalidState(format!("entry {} does not hold a valid batch: {e}", entry.index)))?
     };
     batch.set_raft_term(entry.term);
     Ok(batch)
@@ -865,11 +918,6 @@ fn entry_to_batch(entry: &Entry) -> Result<RecordBatch> {
 
 /// The Raft entry a stored batch stands for.
 fn batch_to_entry(index: u64, batch: RecordBatch) -> Result<Entry> {
-    let mut entry = Entry {
-        index,
-        term: batch.raft_term(),
-        ..Entry::default()
-    };
     if batch.is_control() {
         let record = batch
             .records()
@@ -878,23 +926,15 @@ fn batch_to_entry(index: u64, batch: RecordBatch) -> Result<Entry> {
         let value = record.record.value.unwrap_or_default();
         let control: ControlEntry = postcard::from_bytes(&value)
             .map_err(|e| ActorError::InvalidState(format!("control entry {index}: {e}")))?;
-        let entry_type = match control.entry_type {
-            0 => EntryType::EntryNormal,
-            1 => EntryType::EntryConfChange,
-            2 => EntryType::EntryConfChangeV2,
-            other => {
-                return Err(ActorError::InvalidState(format!(
-                    "control entry {index} has unknown type {other}"
-                )))
-            }
-        };
-        entry.set_entry_type(entry_type);
-        entry.data = control.data.into();
-        entry.context = control.context.into();
-    } else {
-        entry.set_entry_type(EntryType::EntryNormal);
-        entry.data = batch.into_shared();
+        return control.to_entry(index, batch.raft_term());
     }
+    let mut entry = Entry {
+        index,
+        term: batch.raft_term(),
+        ..Entry::default()
+    };
+    entry.set_entry_type(EntryType::EntryNormal);
+    entry.data = batch.into_shared();
     Ok(entry)
 }
 
@@ -992,6 +1032,8 @@ impl raft::Storage for PartitionStore {
 }
 
 #[cfg(test)]
+mod control_tests;
+#[cfg(test)]
 mod tests {
     use super::*;
     use raft::Storage as _;
@@ -1010,7 +1052,7 @@ mod tests {
         }
     }
 
-    fn normal_entry(index: u64, term: u64, tag: &str) -> Entry {
+    pub(super) fn normal_entry(index: u64, term: u64, tag: &str) -> Entry {
         entry_of(index, term, |i| Record {
             timestamp_ms: 1,
             value: Some(format!("{tag}/{i}").into_bytes().into()),
@@ -1018,7 +1060,7 @@ mod tests {
         })
     }
 
-    fn values(store: &PartitionStore, low: u64, high: u64) -> Vec<Vec<String>> {
+    pub(super) fn values(store: &PartitionStore, low: u64, high: u64) -> Vec<Vec<String>> {
         let context = GetEntriesContext::empty(false);
         let entries = store.entries(low, high, None, context).expect("entries");
         entries
@@ -1034,7 +1076,7 @@ mod tests {
     }
 
     /// A one-voter store in `dir` with 1 KiB segments, and their config.
-    fn small_segment_store(dir: &Path) -> (PartitionStore, LogConfig) {
+    pub(super) fn small_segment_store(dir: &Path) -> (PartitionStore, LogConfig) {
         let config = LogConfig {
             segment_bytes_max: 1024,
             ..LogConfig::default()
