@@ -216,7 +216,7 @@ impl PartitionStore {
             return Err(ActorError::corrupt(dir, reason));
         }
         let mut controls = HeldControls::decode(meta.get(KEY_CONTROL_ENTRIES), meta.path())?;
-        let (slots, producers) = index_log(&log, snapshot.index, &controls)?;
+        let (slots, producers) = index_log(&log, snapshot.index, &controls, meta.path())?;
         let last_index = snapshot.index + slots.len() as u64;
         // Held past the log's end: the log lost an unsynced tail before them.
         let beyond = controls.remove_from(last_index + 1);
@@ -307,7 +307,7 @@ impl PartitionStore {
 
     /// Rebuilds the producer table from the log (after its tail changed).
     fn rebuild_producers(&mut self) -> Result<()> {
-        let (slots, producers) = index_log(&self.log, self.snapshot.index, &self.controls)?;
+        let (slots, producers) = index_log(&self.log, self.snapshot.index, &self.controls, self.meta.path())?;
         debug_assert_eq!(slots, self.slots);
         self.producers = producers;
         Ok(())
@@ -361,8 +361,8 @@ impl PartitionStore {
         let mut unwritten_controls = false;
         for entry in entries {
             debug_assert_eq!(entry.index, self.last_index_value() + 1);
-            if ControlEntry::is_control(entry) && self.controls.hold(entry) {
-                let at = self.log.end_offset();
+            let at = self.log.end_offset();
+            if ControlEntry::is_control(entry) && self.controls.hold(entry, at) {
                 self.push_slot(at, at, entry);
                 unwritten_controls = true;
                 continue;
@@ -791,17 +791,30 @@ impl StoredMeta {
 /// The slot of every entry from `snapshot_index + 1` on, walking `log`'s
 /// batches and the `held` control entries in index order, and the producer
 /// table, from batch headers alone. A held entry takes the offset of the
-/// batch after it, or the log's end; ones past the last entry are ignored.
-fn index_log(log: &Log, snapshot_index: u64, held: &HeldControls) -> Result<(VecDeque<EntrySlot>, ProducerTable)> {
+/// batch after it, or the log's end, and must have been held there; ones
+/// past the last entry must lie at or past the log's end (a tail the log
+/// lost), else the metadata file (`meta_path`) is damaged.
+fn index_log(
+    log: &Log,
+    snapshot_index: u64,
+    held: &HeldControls,
+    meta_path: &Path,
+) -> Result<(VecDeque<EntrySlot>, ProducerTable)> {
     let mut slots = VecDeque::new();
     let mut producers = ProducerTable::default();
-    let push_held = |slots: &mut VecDeque<EntrySlot>, at: u64| {
-        while let Some(term) = held.term(snapshot_index + slots.len() as u64 + 1) {
+    let mut misplaced = None;
+    let mut push_held = |slots: &mut VecDeque<EntrySlot>, at: u64| {
+        let mut index = snapshot_index + slots.len() as u64 + 1;
+        while let Some((term, offset)) = held.term_and_offset(index) {
+            if offset != at {
+                misplaced.get_or_insert((index, offset, at));
+            }
             slots.push_back(EntrySlot {
                 base_offset: at,
                 next_offset: at,
                 term,
             });
+            index += 1;
         }
     };
     log.visit_headers(|header| {
@@ -814,6 +827,17 @@ fn index_log(log: &Log, snapshot_index: u64, held: &HeldControls) -> Result<(Vec
         producers.record(header, snapshot_index + slots.len() as u64);
     })?;
     push_held(&mut slots, log.end_offset());
+    if let Some((index, offset, at)) = misplaced {
+        let reason = format!("control entry {index} was held at offset {offset}, but the log places it at {at}");
+        return Err(ActorError::corrupt(meta_path, reason));
+    }
+    let end = log.end_offset();
+    let after_last = snapshot_index + slots.len() as u64 + 1;
+    if let Some((index, offset)) = held.offsets_from(after_last).find(|&(_, offset)| offset < end) {
+        let reason =
+            format!("control entry {index} is held past the log's last entry, at offset {offset} below its end {end}");
+        return Err(ActorError::corrupt(meta_path, reason));
+    }
     Ok((slots, producers))
 }
 

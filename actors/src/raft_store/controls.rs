@@ -25,8 +25,11 @@
 //! before them), which the open drops.
 //!
 //! # Format (metadata key `control_entries`, postcard)
-//! `Stored { version: 1, entries: [HeldEntry { index, term, control }] }` in
-//! index order.
+//! `Stored { version: 1, entries: [HeldEntry { index, term, offset, control }] }`
+//! in index order; `offset` is where the entry sits (the log's end when it
+//! was appended), which the open checks: a held entry that the log's batches
+//! would place elsewhere, or that lies past the log's end at an offset below
+//! it, is damage, not a tail the log lost.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -101,6 +104,15 @@ impl ControlEntry {
 struct HeldEntry {
     index: u64,
     term: u64,
+    offset: u64,
+    control: ControlEntry,
+}
+
+/// A held entry's term, offset and content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Held {
+    term: u64,
+    offset: u64,
     control: ControlEntry,
 }
 
@@ -113,7 +125,7 @@ struct Stored {
 /// The control entries held beside the log, by index.
 #[derive(Debug, Default)]
 pub(super) struct HeldControls {
-    entries: BTreeMap<u64, (u64, ControlEntry)>,
+    entries: BTreeMap<u64, Held>,
     bytes: usize,
 }
 
@@ -135,7 +147,12 @@ impl HeldControls {
         let mut held = HeldControls::default();
         for entry in stored.entries {
             held.bytes += entry.control.bytes();
-            if held.entries.insert(entry.index, (entry.term, entry.control)).is_some() {
+            let value = Held {
+                term: entry.term,
+                offset: entry.offset,
+                control: entry.control,
+            };
+            if held.entries.insert(entry.index, value).is_some() {
                 return Err(corrupt(format!("entry {} is held twice", entry.index)));
             }
         }
@@ -148,10 +165,11 @@ impl HeldControls {
             entries: self
                 .entries
                 .iter()
-                .map(|(&index, (term, control))| HeldEntry {
+                .map(|(&index, held)| HeldEntry {
                     index,
-                    term: *term,
-                    control: control.clone(),
+                    term: held.term,
+                    offset: held.offset,
+                    control: held.control.clone(),
                 })
                 .collect(),
         };
@@ -159,8 +177,9 @@ impl HeldControls {
             .map_err(|e| ActorError::InvalidState(format!("encoding {KEY_CONTROL_ENTRIES}: {e}")))
     }
 
-    /// Holds a control entry if it fits the bounds; `false` sends it to the log.
-    pub fn hold(&mut self, entry: &Entry) -> bool {
+    /// Holds a control entry at `offset` if it fits the bounds; `false`
+    /// sends it to the log.
+    pub fn hold(&mut self, entry: &Entry, offset: u64) -> bool {
         debug_assert!(ControlEntry::is_control(entry));
         let control = ControlEntry::of(entry);
         let full = self.entries.len() >= CONTROLS_MAX || self.bytes + control.bytes() > CONTROL_BYTES_MAX;
@@ -168,26 +187,36 @@ impl HeldControls {
             return false;
         }
         self.bytes += control.bytes();
-        let replaced = self.entries.insert(entry.index, (entry.term, control));
+        let held = Held {
+            term: entry.term,
+            offset,
+            control,
+        };
+        let replaced = self.entries.insert(entry.index, held);
         debug_assert!(replaced.is_none(), "entry {} held twice", entry.index);
         true
     }
 
     /// The held entry at `index`, as Raft gave it.
     pub fn entry(&self, index: u64) -> Option<Result<Entry>> {
-        let (term, control) = self.entries.get(&index)?;
-        Some(control.to_entry(index, *term))
+        let held = self.entries.get(&index)?;
+        Some(held.control.to_entry(index, held.term))
     }
 
-    /// The term of the held entry at `index`.
-    pub fn term(&self, index: u64) -> Option<u64> {
-        self.entries.get(&index).map(|(term, _)| *term)
+    /// The term and offset of the held entry at `index`.
+    pub fn term_and_offset(&self, index: u64) -> Option<(u64, u64)> {
+        self.entries.get(&index).map(|held| (held.term, held.offset))
+    }
+
+    /// The held entries from `index` on: (index, offset).
+    pub fn offsets_from(&self, index: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.entries.range(index..).map(|(&i, held)| (i, held.offset))
     }
 
     /// Drops the entries from `index` on; whether any went.
     pub fn remove_from(&mut self, index: u64) -> bool {
         let gone = self.entries.split_off(&index);
-        self.bytes -= gone.values().map(|(_, c)| c.bytes()).sum::<usize>();
+        self.bytes -= gone.values().map(|h| h.control.bytes()).sum::<usize>();
         !gone.is_empty()
     }
 
@@ -195,7 +224,7 @@ impl HeldControls {
     pub fn remove_through(&mut self, index: u64) -> bool {
         let kept = self.entries.split_off(&index.saturating_add(1));
         let gone = std::mem::replace(&mut self.entries, kept);
-        self.bytes -= gone.values().map(|(_, c)| c.bytes()).sum::<usize>();
+        self.bytes -= gone.values().map(|h| h.control.bytes()).sum::<usize>();
         !gone.is_empty()
     }
 
@@ -227,11 +256,17 @@ mod tests {
         entry
     }
 
+    impl HeldControls {
+        fn hold_at0(&mut self, entry: &Entry) -> bool {
+            self.hold(entry, 0)
+        }
+    }
+
     #[test]
     fn held_entries_round_trip_and_a_later_format_is_refused_by_name() {
         let mut held = HeldControls::default();
-        assert!(held.hold(&control(3, 2, b"")));
-        assert!(held.hold(&control(7, 2, b"change")));
+        assert!(held.hold_at0(&control(3, 2, b"")));
+        assert!(held.hold_at0(&control(7, 2, b"change")));
         let bytes = held.encode().expect("encode");
         let read = HeldControls::decode(Some(&bytes), Path::new("/m")).expect("decode");
         assert_eq!(read.entries, held.entries);
@@ -252,18 +287,21 @@ mod tests {
     fn holding_stops_at_the_bounds_and_removal_frees_them() {
         let mut held = HeldControls::default();
         for index in 1..=CONTROLS_MAX as u64 {
-            assert!(held.hold(&control(index, 1, b"")));
+            assert!(held.hold_at0(&control(index, 1, b"")));
         }
-        assert!(!held.hold(&control(CONTROLS_MAX as u64 + 1, 1, b"")), "past the count");
+        assert!(
+            !held.hold_at0(&control(CONTROLS_MAX as u64 + 1, 1, b"")),
+            "past the count"
+        );
         assert!(held.remove_through(10));
         assert_eq!(held.len(), CONTROLS_MAX - 10);
         assert!(held.remove_from(100));
         assert_eq!(held.len(), 89);
         assert!(!held.remove_from(100), "nothing left there");
         let big = vec![0u8; CONTROL_BYTES_MAX];
-        assert!(held.hold(&control(100, 1, &big)), "up to the bytes");
-        assert!(!held.hold(&control(101, 1, b"x")), "past the bytes");
+        assert!(held.hold_at0(&control(100, 1, &big)), "up to the bytes");
+        assert!(!held.hold_at0(&control(101, 1, b"x")), "past the bytes");
         assert!(held.remove_from(100));
-        assert!(held.hold(&control(100, 1, b"x")));
+        assert!(held.hold_at0(&control(100, 1, b"x")));
     }
 }
