@@ -183,9 +183,13 @@ pub(crate) fn idempotent_batch(
         base_sequence,
     };
     let mut builder = BatchBuilder::with_capacity(records * (value.len() + 16) + 1024).producer(producer);
+    // Stamped now: a record of 1970 would make every closed segment older
+    // than the topic's retention, and retention would delete what the
+    // bench is about to read back (a gigabyte a partition rolls a segment).
+    let now_ms = runnel_actors::client::unix_now_ms();
     for _ in 0..records {
         builder.push(&Record {
-            timestamp_ms: 1,
+            timestamp_ms: now_ms,
             value: Some(value.clone()),
             ..Record::default()
         })?;
