@@ -297,7 +297,99 @@ fn kafka_clients_produce_consume_and_create_topics_with_every_codec_and_a_garbag
     assert_eq!(header["headers"]["tag"], "py", "headers survive");
 
     garbage_frames_close_only_their_connection(cluster.kafka[0], &bootstrap);
+    let leader = leaders(&bootstrap, "orders").expect("leaders")[0] as usize;
+    pipelined_produce_requests_append_and_are_answered_in_order(cluster.kafka[leader - 1]);
     drop(cluster.scratch);
+}
+
+/// Five produce requests for one partition written back to back on one
+/// connection (as librdkafka pipelines them): the listener hands each
+/// request's batch on before it reads the next, so they append in request
+/// order, three offsets each, and their answers come in request order.
+fn pipelined_produce_requests_append_and_are_answered_in_order(listener: SocketAddr) {
+    use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, RequestHeader, ResponseHeader};
+    use kafka_protocol::protocol::{Decodable, Encodable};
+    use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType};
+    const VERSION: i16 = 7;
+    let request = |k: i32| {
+        let records: Vec<Record> = (0..3)
+            .map(|i| Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: i,
+                // The encoder keeps `offset - sequence` constant; a batch
+                // without a producer has base sequence -1.
+                sequence: i as i32 - 1,
+                timestamp: 1_700_000_000_000,
+                key: None,
+                value: Some(format!("pipelined-{k}-{i}").into_bytes().into()),
+                headers: Default::default(),
+            })
+            .collect();
+        let mut batch = bytes::BytesMut::new();
+        let options = RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        };
+        RecordBatchEncoder::encode(&mut batch, &records, &options).expect("batch");
+        let partition = kafka_protocol::messages::produce_request::PartitionProduceData::default()
+            .with_index(0)
+            .with_records(Some(batch.freeze()));
+        let topic = kafka_protocol::messages::produce_request::TopicProduceData::default()
+            .with_name(kafka_protocol::messages::TopicName(
+                kafka_protocol::protocol::StrBytes::from_static_str("orders"),
+            ))
+            .with_partition_data(vec![partition]);
+        let produce = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![topic]);
+        let mut body = bytes::BytesMut::new();
+        RequestHeader::default()
+            .with_request_api_key(ApiKey::Produce as i16)
+            .with_request_api_version(VERSION)
+            .with_correlation_id(100 + k)
+            .encode(&mut body, ApiKey::Produce.request_header_version(VERSION))
+            .expect("header");
+        produce.encode(&mut body, VERSION).expect("request");
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    };
+    let mut stream = TcpStream::connect(listener).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let frames: Vec<u8> = (0..5).flat_map(request).collect();
+    stream.write_all(&frames).expect("five requests at once");
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let mut size = [0u8; 4];
+        stream.read_exact(&mut size).expect("an answer");
+        let mut body = bytes::Bytes::from({
+            let mut body = vec![0u8; u32::from_be_bytes(size) as usize];
+            stream.read_exact(&mut body).expect("the answer's body");
+            body
+        });
+        let header =
+            ResponseHeader::decode(&mut body, ApiKey::Produce.response_header_version(VERSION)).expect("header");
+        let response = ProduceResponse::decode(&mut body, VERSION).expect("response");
+        let partition = &response.responses[0].partition_responses[0];
+        assert_eq!(partition.error_code, 0, "{partition:?}");
+        answers.push((header.correlation_id, partition.base_offset));
+    }
+    let correlations: Vec<i32> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(correlations, vec![100, 101, 102, 103, 104], "answers in request order");
+    let first = answers[0].1;
+    let offsets: Vec<i64> = answers.iter().map(|a| a.1).collect();
+    assert_eq!(
+        offsets,
+        (0..5).map(|k| first + 3 * k).collect::<Vec<_>>(),
+        "appended in request order"
+    );
 }
 
 /// A topic's setting of `topic`, as DescribeConfigs answers it.

@@ -268,6 +268,45 @@ impl Broker {
         flatten(group, answer)
     }
 
+    /// As [`Broker::produce`], but the batch is handed to the replica now,
+    /// before this returns: batches submitted one after another reach the
+    /// replica in that order (a Kafka connection's pipelined produce
+    /// requests keep each partition's order so). The answer is awaited
+    /// from the returned future.
+    pub fn submit_produce(
+        &self,
+        group: GroupId,
+        batch: RecordBatch,
+        acks: Acks,
+        min_insync: u16,
+    ) -> impl std::future::Future<Output = std::result::Result<u64, BrokerError>> + Send + 'static {
+        let (reply, answer) = ractor::concurrency::oneshot();
+        let sent = self.replica_or_error(group).and_then(|replica| {
+            let message = ReplicaMsg::Produce {
+                batch,
+                acks,
+                min_insync,
+                reply: reply.into(),
+            };
+            replica.cast(message).map_err(|_| BrokerError::ReplicaFailed {
+                group,
+                reason: "the replica stopped before taking the batch".to_string(),
+            })
+        });
+        let timeout = self.config.request_timeout;
+        async move {
+            sent?;
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(BrokerError::ReplicaFailed {
+                    group,
+                    reason: "the replica stopped before answering".to_string(),
+                }),
+                Err(_) => Err(BrokerError::Timeout(group)),
+            }
+        }
+    }
+
     /// Reads committed batches of `group` from `offset`.
     pub async fn fetch(
         &self,

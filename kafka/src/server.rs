@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::stream::FuturesOrdered;
+use futures_util::StreamExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -32,6 +34,14 @@ pub const IDLE_CONNECTION: Duration = Duration::from_secs(600);
 /// Bytes asked of the socket at least per read (small requests arrive
 /// several to a read).
 const READ_BYTES_MIN: usize = 64 << 10;
+/// Produce requests of one connection whose batches are with the replicas
+/// at once, at most (librdkafka's `max.in.flight` for an idempotent
+/// producer, and Java's `max.in.flight.requests.per.connection`, are 5).
+pub const IN_FLIGHT_MAX: usize = 5;
+/// A connection's produce answers to come, in request order.
+type Pending = FuturesOrdered<
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<BytesMut>, api::RequestError>> + Send>>,
+>;
 /// A TLS handshake that takes longer than this is abandoned.
 pub const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// How often a node retries recording its advertised address while the
@@ -168,17 +178,50 @@ async fn serve_stream(
     serve_connection(context, stream).await
 }
 
-/// Answers one connection's requests in order until it closes.
-async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(context: &Context, mut stream: S) -> anyhow::Result<()> {
+/// Answers one connection's requests, in order, until it closes. Produce
+/// requests are pipelined: up to [`IN_FLIGHT_MAX`] have their batches with
+/// the replicas at once (handed over in request order, so each partition
+/// keeps its order), while the next frames are read; their answers leave in
+/// request order. Any other request waits until those are answered, then is
+/// answered on its own, as before.
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(context: &Context, stream: S) -> anyhow::Result<()> {
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buffer = BytesMut::new();
+    let mut pending = FuturesOrdered::new();
     loop {
-        let Some(frame) = read_frame(&mut stream, &mut buffer).await? else {
-            return Ok(());
+        let frame = tokio::select! {
+            // Biased: answers go out before more requests are read.
+            biased;
+            Some(answer) = pending.next(), if !pending.is_empty() => {
+                if let Some(response) = answer? {
+                    write_frame(&mut writer, response).await?;
+                }
+                continue;
+            }
+            frame = read_frame(&mut reader, &mut buffer), if pending.len() < IN_FLIGHT_MAX => frame?,
         };
-        if let Some(response) = api::respond(context, frame).await? {
-            write_frame(&mut stream, response).await?;
+        let Some(frame) = frame else {
+            return drain(&mut pending, &mut writer).await;
+        };
+        if !api::is_produce(&frame) {
+            drain(&mut pending, &mut writer).await?;
+        }
+        match api::accept(context, frame).await? {
+            api::Accepted::Answered(Some(response)) => write_frame(&mut writer, response).await?,
+            api::Accepted::Answered(None) => {}
+            api::Accepted::Pending(answer) => pending.push_back(answer),
         }
     }
+}
+
+/// Writes every pending answer, in order.
+async fn drain<W: AsyncWrite + Unpin>(pending: &mut Pending, writer: &mut W) -> anyhow::Result<()> {
+    while let Some(answer) = pending.next().await {
+        if let Some(response) = answer? {
+            write_frame(writer, response).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The next request frame, or none at a clean end of stream. Frames are cut

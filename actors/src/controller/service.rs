@@ -260,6 +260,22 @@ impl BrokerService {
         Ok(self.shared.broker.produce(group, batch, acks, min_insync).await?)
     }
 
+    /// As [`BrokerService::produce`], handing the batch to the partition's
+    /// replica before the returned future is awaited (see
+    /// [`crate::Broker::submit_produce`]); locating the partition may wait.
+    pub async fn submit_produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        acks: Acks,
+        batch: RecordBatch,
+    ) -> Result<impl std::future::Future<Output = Result<u64, ServiceError>> + Send + 'static, ServiceError> {
+        let group = self.locate(topic, partition).await?;
+        let min_insync = self.admit(topic, &batch)?;
+        let answer = self.shared.broker.submit_produce(group, batch, acks, min_insync);
+        Ok(async move { Ok(answer.await?) })
+    }
+
     /// The topic's `min.insync.replicas` (0 if it is not known here), once
     /// the batch suits the topic: a compacted topic takes only records with
     /// a key, as Kafka's (compaction keeps the latest record of each key).

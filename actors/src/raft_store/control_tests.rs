@@ -255,7 +255,9 @@ fn a_held_entry_moved_to_another_index_is_damage_named_on_open() {
             .meta
             .set(KEY_CONTROL_ENTRIES, moved.encode().expect("encode"))
             .expect("write");
-        let refused = PartitionStore::open(dir.path(), config.clone(), true).err().expect("damage");
+        let refused = PartitionStore::open(dir.path(), config.clone(), true)
+            .err()
+            .expect("damage");
         assert!(refused.is_damage(), "{refused}");
         assert!(refused.to_string().contains(says), "{refused}");
     }

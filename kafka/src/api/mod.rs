@@ -12,6 +12,9 @@
 //! cannot encode, a header that does not decode) closes the connection, with
 //! a log line naming the problem.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable};
@@ -116,20 +119,57 @@ pub fn served(api: ApiKey) -> Option<(i16, i16)> {
 /// Answers one request frame: the response frame's body, or none when the
 /// request wants no answer (a produce with `acks=0`).
 pub async fn respond(context: &Context, frame: Bytes) -> Result<Option<BytesMut>, RequestError> {
+    match accept(context, frame).await? {
+        Accepted::Answered(response) => Ok(response),
+        Accepted::Pending(answer) => answer.await,
+    }
+}
+
+/// A request taken in the order it came.
+pub enum Accepted {
+    /// Answered (or, for `acks=0`, nothing to answer).
+    Answered(Option<BytesMut>),
+    /// A produce whose batches are with their partitions' replicas: its
+    /// answer once they are acknowledged.
+    Pending(Pin<Box<dyn Future<Output = Result<Option<BytesMut>, RequestError>> + Send>>),
+}
+
+/// Whether a frame is a produce request (which [`accept`] answers later).
+pub fn is_produce(frame: &[u8]) -> bool {
+    frame.len() >= 2 && i16::from_be_bytes([frame[0], frame[1]]) == ApiKey::Produce as i16
+}
+
+/// Takes one request frame: a produce's batches go to their replicas now
+/// and its answer comes later; any other request is answered now.
+pub async fn accept(context: &Context, frame: Bytes) -> Result<Accepted, RequestError> {
     match route(frame)? {
-        Route::Answer(response) => Ok(Some(response)),
+        Route::Answer(response) => Ok(Accepted::Answered(Some(response))),
         Route::Serve {
             api,
             version,
             correlation_id,
             client_id,
-            body,
+            mut body,
         } => {
             let context = Context {
                 client_id,
                 ..context.clone()
             };
-            dispatch(&context, api, version, correlation_id, body).await
+            if api != ApiKey::Produce {
+                return Ok(Accepted::Answered(
+                    dispatch(&context, api, version, correlation_id, body).await?,
+                ));
+            }
+            let request: kafka_protocol::messages::ProduceRequest = decode(api, version, &mut body)?;
+            let wants_answer = request.acks != 0;
+            let answer = produce::submit(&context, request).await;
+            Ok(Accepted::Pending(Box::pin(async move {
+                let response = answer.await;
+                match wants_answer {
+                    true => encode(api, version, correlation_id, &response).map(Some),
+                    false => Ok(None),
+                }
+            })))
         }
     }
 }
@@ -229,15 +269,7 @@ async fn dispatch(
         ApiKey::AlterConfigs => serve!(alter_configs),
         ApiKey::CreatePartitions => serve!(create_partitions),
         ApiKey::IncrementalAlterConfigs => serve!(incremental_alter_configs),
-        ApiKey::Produce => {
-            let request: kafka_protocol::messages::ProduceRequest = decode(api, version, &mut body)?;
-            let wants_answer = request.acks != 0;
-            let response = produce::handle(context, request, version).await;
-            match wants_answer {
-                true => encode(api, version, correlation_id, &response).map(Some),
-                false => Ok(None),
-            }
-        }
+        // Produce goes through `accept`, which answers it later.
         _ => unreachable!("{api:?} is in SUPPORTED without a handler"),
     }
 }
