@@ -1203,9 +1203,13 @@ fn damage(dir: &std::path::Path, kind: Damage) -> &'static str {
             "log.meta"
         }
         Damage::FlippedByteMidSegment => {
+            // Inside the first batch's records, with the next round's batch
+            // after it: damage in the middle of the data. (A flip in the
+            // last batch reads as a torn write, which recovery cuts off.)
             let mut bytes = std::fs::read(&segment).expect("segment");
-            let middle = bytes.len() / 2;
-            bytes[middle] ^= 0xFF;
+            let inside_first_batch = runnel::storage::batch::BATCH_HEADER_BYTES + 10;
+            assert!(bytes.len() > 2 * inside_first_batch, "two batches");
+            bytes[inside_first_batch] ^= 0xFF;
             std::fs::write(&segment, bytes).expect("flip");
             "00000000000000000000.log"
         }

@@ -216,7 +216,7 @@ impl PartitionStore {
             return Err(ActorError::corrupt(dir, reason));
         }
         let mut controls = HeldControls::decode(meta.get(KEY_CONTROL_ENTRIES), meta.path())?;
-        let (slots, producers) = index_log(&log, snapshot.index, &controls, meta.path())?;
+        let (slots, producers) = index_log(&log, &snapshot, &controls, meta.path())?;
         let last_index = snapshot.index + slots.len() as u64;
         // Held past the log's end: the log lost an unsynced tail before them.
         let beyond = controls.remove_from(last_index + 1);
@@ -307,7 +307,7 @@ impl PartitionStore {
 
     /// Rebuilds the producer table from the log (after its tail changed).
     fn rebuild_producers(&mut self) -> Result<()> {
-        let (slots, producers) = index_log(&self.log, self.snapshot.index, &self.controls, self.meta.path())?;
+        let (slots, producers) = index_log(&self.log, &self.snapshot, &self.controls, self.meta.path())?;
         debug_assert_eq!(slots, self.slots);
         self.producers = producers;
         Ok(())
@@ -362,7 +362,8 @@ impl PartitionStore {
         for entry in entries {
             debug_assert_eq!(entry.index, self.last_index_value() + 1);
             let at = self.log.end_offset();
-            if ControlEntry::is_control(entry) && self.controls.hold(entry, at) {
+            if ControlEntry::is_held(entry) {
+                self.controls.hold(entry, at, self.meta.path())?;
                 self.push_slot(at, at, entry);
                 unwritten_controls = true;
                 continue;
@@ -660,16 +661,16 @@ impl PartitionStore {
         };
         let point_bytes = postcard::to_allocvec(&compacted)
             .map_err(|e| ActorError::InvalidState(format!("encoding {KEY_SNAPSHOT}: {e}")))?;
-        let mut kept_controls = std::mem::take(&mut self.controls);
+        let mut kept_controls = self.controls.clone();
         kept_controls.remove_through(index);
         let controls_bytes = kept_controls.encode()?;
-        // One atomic write: the held control entries below the point go with it.
-        let written = self.meta.update(|entries| {
+        // One atomic write: the held control entries below the point go
+        // with it (and from memory only once it is written).
+        self.meta.update(|entries| {
             entries.insert(KEY_SNAPSHOT.to_string(), point_bytes);
             entries.insert(KEY_CONTROL_ENTRIES.to_string(), controls_bytes);
-        });
+        })?;
         self.controls = kept_controls;
-        written?;
         // Memory follows the written point before any file goes, so that a
         // deletion failing part-way leaves a store that agrees with its
         // metadata (the next pass, or the next open, deletes the rest).
@@ -796,10 +797,11 @@ impl StoredMeta {
 /// lost), else the metadata file (`meta_path`) is damaged.
 fn index_log(
     log: &Log,
-    snapshot_index: u64,
+    snapshot: &SnapshotPoint,
     held: &HeldControls,
     meta_path: &Path,
 ) -> Result<(VecDeque<EntrySlot>, ProducerTable)> {
+    let snapshot_index = snapshot.index;
     let mut slots = VecDeque::new();
     let mut producers = ProducerTable::default();
     let mut misplaced = None;
@@ -818,6 +820,11 @@ fn index_log(
         }
     };
     log.visit_headers(|header| {
+        if header.base_offset < snapshot.start_offset {
+            // Below the snapshot point: a retention pass whose deletion
+            // stopped part-way left it (the next pass or open deletes it).
+            return;
+        }
         push_held(&mut slots, header.base_offset);
         slots.push_back(EntrySlot {
             base_offset: header.base_offset,
@@ -921,7 +928,8 @@ impl SnapshotData {
 }
 
 /// The batch that stores a Raft entry: its records, or for a control entry
-/// the log does not hold beside it, a control batch of one record.
+/// marked as in the log ([`ControlEntry::in_log`]), a control batch of one
+/// record.
 fn entry_to_batch(entry: &Entry) -> Result<RecordBatch> {
     let mut batch = if ControlEntry::is_control(entry) {
         let value = postcard::to_allocvec(&ControlEntry::of(entry))
@@ -950,7 +958,10 @@ fn batch_to_entry(index: u64, batch: RecordBatch) -> Result<Entry> {
         let value = record.record.value.unwrap_or_default();
         let control: ControlEntry = postcard::from_bytes(&value)
             .map_err(|e| ActorError::InvalidState(format!("control entry {index}: {e}")))?;
-        return control.to_entry(index, batch.raft_term());
+        let mut entry = control.to_entry(index, batch.raft_term())?;
+        // In the log it stays, on every replica it is sent to.
+        entry.sync_log = true;
+        return Ok(entry);
     }
     let mut entry = Entry {
         index,

@@ -6,7 +6,7 @@ use raft::eraftpb::{ConfChangeV2, Entry, EntryType};
 use raft::{GetEntriesContext, Storage as _};
 use runnel_storage::LogConfig;
 
-use super::controls::{CONTROL_BYTES_MAX, KEY_CONTROL_ENTRIES};
+use super::controls::KEY_CONTROL_ENTRIES;
 use super::tests::{normal_entry, small_segment_store, values};
 use super::{HeldControls, PartitionStore};
 
@@ -179,25 +179,37 @@ fn held_entries_past_a_log_tail_lost_in_a_crash_are_dropped_on_open() {
     assert_eq!(held(&store).len(), 1, "entry 4 was dropped from the file");
 }
 
-/// Past the file's bound a control entry goes into the log as a control
-/// batch (one offset), as in stores written before entries were held:
-/// both kinds read back as the entries they were.
+/// A control entry marked as in the log (as one read back from a store
+/// written before control entries were held) is stored as a control batch
+/// of one offset, and read back so marked: a follower sent it stores it
+/// the same way, so both give every record the same offset.
 #[test]
-fn past_the_bound_a_control_entry_goes_into_the_log_and_reads_back() {
+fn a_control_entry_in_the_log_takes_an_offset_on_every_replica_it_is_sent_to() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (mut store, config) = small_segment_store(dir.path());
-    let written = vec![
-        conf_entry(1, 1, vec![7; CONTROL_BYTES_MAX]),
-        conf_entry(2, 1, b"in the log".to_vec()),
-        normal_entry(3, 1, "a"),
-    ];
-    store.append(&written).expect("append");
-    store.sync().expect("sync");
-    assert_eq!(offsets(&store, 3), vec![(0, 0), (0, 1), (1, 4)]);
-    assert_eq!(held(&store).len(), 1);
-    let store = reopen(store, dir.path(), &config);
-    assert_eq!(offsets(&store, 3), vec![(0, 0), (0, 1), (1, 4)]);
-    assert_eq!(entries(&store, 1, 4), said(&written));
+    let (mut leader, config) = small_segment_store(dir.path());
+    let mut in_log = conf_entry(1, 1, b"in the log".to_vec());
+    in_log.sync_log = true;
+    let written = vec![in_log, leader_entry(2, 1), normal_entry(3, 1, "a")];
+    leader.append(&written).expect("append");
+    leader.sync().expect("sync");
+    let expected = vec![(0, 1), (1, 1), (1, 4)];
+    assert_eq!(offsets(&leader, 3), expected);
+    assert_eq!(held(&leader).len(), 1, "only the unmarked one is held");
+
+    let leader = reopen(leader, dir.path(), &config);
+    let sent = leader
+        .entries(1, 4, None, GetEntriesContext::empty(false))
+        .expect("entries");
+    assert!(
+        sent[0].sync_log && !sent[1].sync_log,
+        "the log's control batch reads back marked"
+    );
+    assert_eq!(said(&sent), said(&written));
+    let follower_dir = tempfile::tempdir().expect("temp dir");
+    let (mut follower, _) = small_segment_store(follower_dir.path());
+    follower.append(&sent).expect("append");
+    assert_eq!(offsets(&follower, 3), expected, "the follower places them alike");
+    assert_eq!(record_offsets(&follower), record_offsets(&leader));
 }
 
 /// Retention moves the snapshot point past held entries: they leave the
@@ -249,8 +261,9 @@ fn a_held_entry_moved_to_another_index_is_damage_named_on_open() {
     store.sync().expect("sync");
     for (moved_to, says) in [(3, "but the log places it at 3"), (9, "past the log's last entry")] {
         let mut moved = HeldControls::default();
-        assert!(moved.hold(&leader_entry(1, 1), 0));
-        assert!(moved.hold(&leader_entry(moved_to, 2), 6));
+        let path = store.meta.path().to_path_buf();
+        moved.hold(&leader_entry(1, 1), 0, &path).expect("hold");
+        moved.hold(&leader_entry(moved_to, 2), 6, &path).expect("hold");
         store
             .meta
             .set(KEY_CONTROL_ENTRIES, moved.encode().expect("encode"))

@@ -9,12 +9,23 @@
 //! batches, at the offset of the batch after it, and occupies none: record
 //! offsets run 0, 1, 2, … without a gap, as Kafka users know them.
 //!
-//! Bounded: at most [`CONTROLS_MAX`] entries and [`CONTROL_BYTES_MAX`] bytes
-//! are held. Past either bound a control entry goes into the log as a
-//! one-record control batch, as every entry did before this file existed,
-//! and readers skip it as they always have; stores written then open as
-//! they are. Retention and snapshot installs drop the held entries at or
-//! below the snapshot point.
+//! Every replica must place an entry alike, or they would give one record
+//! different offsets, so the placement is the entry's own: a control entry
+//! is held unless it is *marked as in the log* ([`ControlEntry::in_log`]).
+//! Stores written before control entries were held keep theirs in the log
+//! as one-record control batches (one offset each), and readers skip them;
+//! such a batch read back for Raft becomes an entry so marked, and a
+//! follower sent it stores it in the log too, at the same offset. (The mark
+//! is raft-rs's `Entry::sync_log`, a field raft-rs keeps for wire
+//! compatibility and never reads.) Every node of a cluster must run a build
+//! that holds control entries: an older one puts them in the log.
+//!
+//! Bounded: retention and snapshot installs drop the held entries at or
+//! below the snapshot point, so a topic with retention holds a few; one
+//! without it holds one small entry per leader change and configuration
+//! change. Past [`CONTROLS_MAX`] entries or [`CONTROL_BYTES_MAX`] bytes an
+//! append fails with an error that says so (the replica stops rather than
+//! place an entry unlike its peers).
 //!
 //! Crash safety rests on one order: the held entries are written (the
 //! metadata file is replaced atomically and synced) before any later entry
@@ -43,10 +54,10 @@ use crate::error::{ActorError, Result};
 pub(super) const KEY_CONTROL_ENTRIES: &str = "control_entries";
 /// The format written (and the only one read).
 const FORMAT_VERSION: u8 = 1;
-/// Control entries held at most; past this they go into the log.
-pub(super) const CONTROLS_MAX: usize = 4096;
+/// Control entries held at most (a few MiB of metadata file).
+pub(super) const CONTROLS_MAX: usize = 65_536;
 /// Bytes of held control entries' data and context at most.
-pub(super) const CONTROL_BYTES_MAX: usize = 1 << 20;
+pub(super) const CONTROL_BYTES_MAX: usize = 4 << 20;
 
 /// A control entry's content: its type, data and context.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +73,17 @@ impl ControlEntry {
     /// Whether a Raft entry is a control entry rather than a batch of records.
     pub fn is_control(entry: &Entry) -> bool {
         entry.get_entry_type() != EntryType::EntryNormal || entry.data.is_empty()
+    }
+
+    /// Whether a control entry is stored in the log (one offset) rather than
+    /// held: the mark a control batch read back from the log gives it.
+    pub fn in_log(entry: &Entry) -> bool {
+        entry.sync_log
+    }
+
+    /// Whether the store holds `entry` beside the log.
+    pub fn is_held(entry: &Entry) -> bool {
+        Self::is_control(entry) && !Self::in_log(entry)
     }
 
     pub fn of(entry: &Entry) -> ControlEntry {
@@ -123,7 +145,7 @@ struct Stored {
 }
 
 /// The control entries held beside the log, by index.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct HeldControls {
     entries: BTreeMap<u64, Held>,
     bytes: usize,
@@ -177,14 +199,20 @@ impl HeldControls {
             .map_err(|e| ActorError::InvalidState(format!("encoding {KEY_CONTROL_ENTRIES}: {e}")))
     }
 
-    /// Holds a control entry at `offset` if it fits the bounds; `false`
-    /// sends it to the log.
-    pub fn hold(&mut self, entry: &Entry, offset: u64) -> bool {
-        debug_assert!(ControlEntry::is_control(entry));
+    /// Holds a control entry at `offset`; past the bounds, an error that
+    /// names them (`path`: the metadata file).
+    pub fn hold(&mut self, entry: &Entry, offset: u64, path: &Path) -> Result<()> {
+        debug_assert!(ControlEntry::is_held(entry));
         let control = ControlEntry::of(entry);
-        let full = self.entries.len() >= CONTROLS_MAX || self.bytes + control.bytes() > CONTROL_BYTES_MAX;
-        if full {
-            return false;
+        if self.entries.len() >= CONTROLS_MAX || self.bytes + control.bytes() > CONTROL_BYTES_MAX {
+            let reason = format!(
+                "{} control entries of {} bytes are held, the most a replica holds ({CONTROLS_MAX} entries, \
+                 {CONTROL_BYTES_MAX} bytes): one per leader change and configuration change since the \
+                 snapshot point; set retention.ms on the topic so that retention moves it",
+                self.entries.len(),
+                self.bytes
+            );
+            return Err(ActorError::InvalidState(format!("{}: {reason}", path.display())));
         }
         self.bytes += control.bytes();
         let held = Held {
@@ -194,7 +222,7 @@ impl HeldControls {
         };
         let replaced = self.entries.insert(entry.index, held);
         debug_assert!(replaced.is_none(), "entry {} held twice", entry.index);
-        true
+        Ok(())
     }
 
     /// The held entry at `index`, as Raft gave it.
@@ -258,7 +286,7 @@ mod tests {
 
     impl HeldControls {
         fn hold_at0(&mut self, entry: &Entry) -> bool {
-            self.hold(entry, 0)
+            self.hold(entry, 0, Path::new("/m")).is_ok()
         }
     }
 
@@ -289,10 +317,10 @@ mod tests {
         for index in 1..=CONTROLS_MAX as u64 {
             assert!(held.hold_at0(&control(index, 1, b"")));
         }
-        assert!(
-            !held.hold_at0(&control(CONTROLS_MAX as u64 + 1, 1, b"")),
-            "past the count"
-        );
+        let refused = held
+            .hold(&control(CONTROLS_MAX as u64 + 1, 1, b""), 0, Path::new("/m"))
+            .expect_err("past the count");
+        assert!(refused.to_string().contains("the most a replica holds"), "{refused}");
         assert!(held.remove_through(10));
         assert_eq!(held.len(), CONTROLS_MAX - 10);
         assert!(held.remove_from(100));
