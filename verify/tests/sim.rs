@@ -292,11 +292,18 @@ fn seed_86_with_retention_and_disk_damage_is_repaired() {
         dataflow: false,
         ..SimConfig::default()
     };
-    let (totals, failures) = run_seeds(&[86], &config);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    let count = |kind: &str| totals.faults.get(kind).copied().unwrap_or(0);
-    assert!(count("damage_detected") > 0, "{:?}", totals.faults);
-    assert!(count("repair_quarantined") > 0, "{:?}", totals.faults);
+    // Schedules move with the store's writes (control entries held beside
+    // the log shifted seed 86's off damage): seeds from 86 on run until one
+    // has damage found and repaired, at most ten, and none may fail.
+    for seed in 86..96 {
+        let (totals, failures) = run_seeds(&[seed], &config);
+        assert!(failures.is_empty(), "seed {seed}: {}", failures.join("\n"));
+        let count = |kind: &str| totals.faults.get(kind).copied().unwrap_or(0);
+        if count("damage_detected") > 0 && count("repair_quarantined") > 0 {
+            return;
+        }
+    }
+    panic!("no seed of 86..96 had damage found and repaired");
 }
 
 /// Seeds run with a compacted topic.
