@@ -448,7 +448,7 @@ impl Metadata {
         users.extend(
             self.plans
                 .iter()
-                .filter(|(_, plan)| plan.source.topic == object.topic || joins(plan, &object.topic))
+                .filter(|(_, plan)| plan.reads(&object.topic))
                 .map(|(query, _)| query.clone()),
         );
         users.dedup();
@@ -576,14 +576,15 @@ impl Metadata {
     }
 }
 
-/// Whether a running dataflow reads `topic`, writes it, or keeps its
-/// repartitioned records, checkpoints or dead letters there.
-/// Whether `plan` joins with the table over `topic` (which must then keep
-/// its partitions, and not be deleted, while the query runs).
+/// Whether `plan` reads `topic` beyond its first source: a stream it
+/// joins with, or a table's (which must then keep its partitions, and not
+/// be deleted, while the query runs).
 fn joins(plan: &Plan, topic: &str) -> bool {
-    plan.joins().any(|join| join.topic == topic)
+    plan.reads(topic)
 }
 
+/// Whether a running dataflow reads `topic`, writes it, or keeps its
+/// repartitioned records, checkpoints or dead letters there.
 fn dataflow_uses(dataflow: &DataflowMeta, topic: &str) -> bool {
     use runnel_client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic};
     let name = dataflow.name.as_str();

@@ -21,9 +21,10 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 /// The plan format this build writes (and the newest it reads).
-pub const PLAN_FORMAT_VERSION: u16 = 3;
-/// Version 1, before [`Operator::Registered`], and version 2, before
-/// [`Operator::JoinTable`], read unchanged.
+pub const PLAN_FORMAT_VERSION: u16 = 4;
+/// Version 1, before [`Operator::Registered`], version 2, before
+/// [`Operator::JoinTable`], and version 3, before [`Operator::JoinStream`],
+/// read unchanged.
 pub const PLAN_FORMAT_V1: u16 = 1;
 /// Characters of a registered step's description at most.
 pub const STEP_CHARS_MAX: usize = 256;
@@ -33,6 +34,9 @@ pub const OPERATORS_MAX: usize = 64;
 pub const EXPRESSION_DEPTH_MAX: usize = 64;
 /// Columns of a schema or a projection.
 pub const COLUMNS_MAX: usize = 256;
+/// A stream–stream join's window and grace, each at most (a year, as a
+/// window's duration in SQL).
+pub const JOIN_WINDOW_MS_MAX: i64 = 365 * 86_400_000;
 
 /// A column type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -303,6 +307,34 @@ pub enum Operator {
     /// version 3 on). The rows that follow are the row, then the table's
     /// columns (NULLs for a left join without a match).
     JoinTable(TableJoin),
+    /// Joins the rows with those of another stream within a time window
+    /// (format version 4 on): a stage boundary, as both sides travel
+    /// through the repartition topic keyed by their side of the join
+    /// condition. The rows that follow are the row, then the other
+    /// stream's row (NULLs for an unmatched row of a left or outer join).
+    JoinStream(StreamJoin),
+}
+
+/// A stream–stream join, as Kafka Streams' `KStream#join` with a
+/// `JoinWindows`: a record of one side joins each record of the other side
+/// with the same key whose time is at most `before_ms` earlier and
+/// `after_ms` later (from the left side's view), and a left (or outer)
+/// join's unmatched record leaves with NULLs once its window has closed
+/// (past `grace_ms`). The right side has its own source stage: a plan with
+/// one runs a stage per source, then the join stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamJoin {
+    /// The right stream's name, for errors and `EXPLAIN`.
+    pub stream: String,
+    pub source: Source,
+    /// The left side of the condition, over the row before the join.
+    pub left_key: Expr,
+    /// The right side, over the right stream's row (its columns, then ROWTIME).
+    pub right_key: Expr,
+    pub before_ms: i64,
+    pub after_ms: i64,
+    pub grace_ms: i64,
+    pub kind: JoinKind,
 }
 
 /// A stream–table join: every task reading the stream holds the whole
@@ -331,6 +363,8 @@ pub enum JoinKind {
     Inner,
     /// Every row, with NULLs where nothing matches.
     Left,
+    /// Every row of either side (stream–stream joins only).
+    Outer,
 }
 
 /// Where a plan reads.
@@ -382,13 +416,36 @@ pub enum PlanError {
 }
 
 impl Plan {
-    /// Stages, and so tasks per source partition: one, plus one per repartition.
+    /// Stages, and so tasks per source partition: one per source (the
+    /// plan's and each stream join's), then one per repartition or stream
+    /// join.
     pub fn stages(&self) -> u32 {
-        1 + self
+        let boundaries = self
             .operators
             .iter()
-            .filter(|op| matches!(op, Operator::Repartition { .. }))
-            .count() as u32
+            .filter(|op| matches!(op, Operator::Repartition { .. } | Operator::JoinStream(_)))
+            .count();
+        (self.sources().count() + boundaries) as u32
+    }
+
+    /// The sources, in stage order: the plan's, then each stream join's.
+    pub fn sources(&self) -> impl Iterator<Item = &Source> {
+        std::iter::once(&self.source).chain(self.stream_joins().map(|join| &join.source))
+    }
+
+    /// The stream–stream joins, in order.
+    pub fn stream_joins(&self) -> impl Iterator<Item = &StreamJoin> {
+        self.operators.iter().filter_map(|op| match op {
+            Operator::JoinStream(join) => Some(join),
+            _ => None,
+        })
+    }
+
+    /// Whether the plan reads `topic`: a source, or a table it joins with
+    /// (which must then keep its partitions, and not be deleted, while the
+    /// query runs).
+    pub fn reads(&self, topic: &str) -> bool {
+        self.sources().any(|s| s.topic == topic) || self.joins().any(|join| join.topic == topic)
     }
 
     /// Checks the limits; the dataflow runtime checks the shape it can run.
@@ -404,7 +461,14 @@ impl Plan {
         if self.source.columns.len() > COLUMNS_MAX || self.sink.columns.len() > COLUMNS_MAX {
             return invalid(format!("more than {COLUMNS_MAX} columns"));
         }
+        self.validate_stream_joins()?;
         for join in self.joins() {
+            if join.kind == JoinKind::Outer {
+                return invalid(format!(
+                    "an outer join with the table {} (a stream–table join is inner or left)",
+                    join.table
+                ));
+            }
             if join.columns.len() > COLUMNS_MAX || join.key >= join.columns.len() || join.partitions == 0 {
                 return invalid(format!(
                     "the join with {} names {} columns, key column {} and {} partitions",
@@ -418,6 +482,25 @@ impl Plan {
         for expr in self.expressions() {
             if expr.depth() > EXPRESSION_DEPTH_MAX {
                 return invalid(format!("an expression nests deeper than {EXPRESSION_DEPTH_MAX}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_stream_joins(&self) -> Result<(), PlanError> {
+        for join in self.stream_joins() {
+            let spans = [join.before_ms, join.after_ms, join.grace_ms];
+            if spans.iter().any(|ms| !(0..=JOIN_WINDOW_MS_MAX).contains(ms)) {
+                return Err(PlanError::Invalid(format!(
+                    "the join with {} spans {spans:?} ms (each of before, after and grace within 0..={JOIN_WINDOW_MS_MAX})",
+                    join.stream
+                )));
+            }
+            if join.source.columns.len() > COLUMNS_MAX {
+                return Err(PlanError::Invalid(format!(
+                    "{} has more than {COLUMNS_MAX} columns",
+                    join.stream
+                )));
             }
         }
         Ok(())
@@ -475,6 +558,7 @@ impl Plan {
                 Operator::Project(columns) => Box::new(columns.iter().map(|(_, e)| e)),
                 Operator::Repartition { key, carry } => Box::new(key.iter().chain(carry)),
                 Operator::JoinTable(join) => Box::new(std::iter::once(&join.on)),
+                Operator::JoinStream(join) => Box::new([&join.left_key, &join.right_key].into_iter()),
                 Operator::Aggregate { .. } | Operator::Registered { .. } => Box::new(std::iter::empty()),
             }
         })
@@ -575,7 +659,34 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
                 join.columns.get(join.key).map_or("?", |c| c.name.as_str())
             )
         }
+        Operator::JoinStream(join) => explain_stream_join(join, name, names, stage),
     }
+}
+
+/// [`explain_op`] of a stream–stream join: its source stage and the join stage.
+fn explain_stream_join(join: &StreamJoin, name: &str, names: &mut Vec<String>, stage: &mut u32) -> String {
+    let mut right: Vec<String> = join
+        .source
+        .columns
+        .iter()
+        .map(|c| format!("{}.{}", join.stream, c.name))
+        .collect();
+    right.push(format!("{}.ROWTIME", join.stream));
+    let (left_key, right_key) = (render(&join.left_key, names), render(&join.right_key, &right));
+    // The right source's stage comes before the join's.
+    *stage += 2;
+    names.extend(right);
+    format!(
+        "{:?} JOIN STREAM {} ({}, ROWTIME) from {} (stage {}) WITHIN {} ms before, {} ms after, GRACE {} ms ON {left_key} = {right_key}, both sides through {name}.repartition: stage {stage} starts",
+        join.kind,
+        join.stream,
+        column_list(&join.source.columns),
+        join.source.topic,
+        *stage - 1,
+        join.before_ms,
+        join.after_ms,
+        join.grace_ms,
+    )
 }
 
 /// An expression as SQL, over the names of the row it reads.
@@ -841,9 +952,51 @@ pub(crate) mod tests {
             step: "MAP".into(),
         });
         operators.push(Operator::JoinTable(sample_join()));
+        operators.push(Operator::JoinStream(sample_stream_join()));
         assert_tags(&operators);
         assert_tags(&[ObjectKind::Stream, ObjectKind::Table]);
-        assert_tags(&[JoinKind::Inner, JoinKind::Left]);
+        assert_tags(&[JoinKind::Inner, JoinKind::Left, JoinKind::Outer]);
+    }
+
+    fn sample_stream_join() -> StreamJoin {
+        StreamJoin {
+            stream: "PAYMENTS".into(),
+            source: Source {
+                topic: "payments".into(),
+                columns: vec![Column {
+                    name: "CARD_NUMBER".into(),
+                    ty: SqlType::String,
+                }],
+                timestamp: None,
+            },
+            left_key: Expr::Column(0),
+            right_key: Expr::Column(0),
+            before_ms: 1_000,
+            after_ms: 2_000,
+            grace_ms: 0,
+            kind: JoinKind::Outer,
+        }
+    }
+
+    #[test]
+    fn a_stream_join_adds_a_source_and_a_stage_and_refuses_what_it_cannot_be() {
+        let mut plan = sample_plan();
+        plan.operators = vec![Operator::JoinStream(sample_stream_join())];
+        assert_eq!((plan.stages(), plan.validate()), (3, Ok(())));
+        assert!(plan.reads("payments") && plan.reads("authorization_attempts") && !plan.reads("cards"));
+        let mut negative = sample_stream_join();
+        negative.before_ms = -1;
+        plan.operators = vec![Operator::JoinStream(negative)];
+        let refused = plan.validate().expect_err("a negative span");
+        assert!(
+            refused.to_string().contains("the join with PAYMENTS spans"),
+            "{refused}"
+        );
+        let mut outer = sample_join();
+        outer.kind = JoinKind::Outer;
+        plan.operators = vec![Operator::JoinTable(outer)];
+        let refused = plan.validate().expect_err("an outer table join");
+        assert!(refused.to_string().contains("inner or left"), "{refused}");
     }
 
     fn sample_join() -> TableJoin {

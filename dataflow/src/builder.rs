@@ -203,6 +203,10 @@ pub enum StageError {
     /// non-string keys): the task stops rather than drop or blank it.
     #[error("window result does not encode as JSON: {0}")]
     Unencodable(String),
+    #[error("a join task holds {0} records, its bound; shorten the join's WITHIN or GRACE PERIOD, or add partitions")]
+    JoinFull(usize),
+    #[error("{0}")]
+    NoTable(&'static str),
 }
 
 /// Makes a fresh window stage for each task.
@@ -215,6 +219,11 @@ pub struct DataflowDef {
     pub source: String,
     pub sink: String,
     pub source_stage: Arc<dyn SourceStage>,
+    /// More sources, each read by a stage of its own after the first
+    /// (stage `1 + i` reads `joined_sources[i]`): the other side of a
+    /// stream–stream join. They need a window stage, which reads what
+    /// every source stage repartitions.
+    pub joined_sources: Vec<JoinedSource>,
     /// `None` for a dataflow without `key_by` (one stage).
     pub window_stage: Option<WindowStageFactory>,
     /// What each builder call did, per stage (`[0]` the source stage, `[1]`
@@ -222,7 +231,30 @@ pub struct DataflowDef {
     pub steps: Vec<Vec<String>>,
 }
 
+/// A source read by a stage after the first (see [`DataflowDef::joined_sources`]).
+#[derive(Clone)]
+pub struct JoinedSource {
+    pub topic: String,
+    pub stage: Arc<dyn SourceStage>,
+}
+
 impl DataflowDef {
+    /// Source stages: the first, then one per joined source.
+    pub fn source_count(&self) -> u32 {
+        1 + self.joined_sources.len() as u32
+    }
+
+    /// The topic and stage source stage `stage` reads, if it is one.
+    pub fn source_of(&self, stage: u32) -> Option<(&str, &Arc<dyn SourceStage>)> {
+        match stage {
+            0 => Some((&self.source, &self.source_stage)),
+            _ => self
+                .joined_sources
+                .get(stage as usize - 1)
+                .map(|joined| (joined.topic.as_str(), &joined.stage)),
+        }
+    }
+
     /// The dataflow as a plan of registered steps: what the controller
     /// commits, `describe` shows, and each node resolves to this
     /// definition in its own registry (by name, steps compared).
@@ -259,11 +291,7 @@ impl DataflowDef {
 
     /// Stages, and so tasks per source partition.
     pub fn stages(&self) -> u32 {
-        if self.window_stage.is_some() {
-            2
-        } else {
-            1
-        }
+        self.source_count() + u32::from(self.window_stage.is_some())
     }
 }
 
@@ -499,6 +527,7 @@ impl<T: Serialize + 'static> Stream<T> {
                 chain: self.chain,
                 joins: self.joins,
             }),
+            joined_sources: Vec::new(),
             window_stage: None,
             steps: vec![self.steps],
         }
@@ -704,6 +733,7 @@ where
             source: keyed.stream.source,
             sink: topic.to_string(),
             source_stage,
+            joined_sources: Vec::new(),
             window_stage: Some(factory),
             steps: vec![keyed.stream.steps, window_steps],
         }

@@ -4,6 +4,9 @@
 //! A plan runs as one stage (stateless operators straight to the sink) or
 //! two: stateless operators and a repartition by the grouping key, then an
 //! aggregate followed by stateless operators (`HAVING`, the projection).
+//! A stream–stream join runs as three: a source stage per side, each
+//! repartitioning by its side of the join condition, then the join stage
+//! ([`crate::join`]) followed by stateless operators.
 //! These stages are the same [`SourceStage`] and [`WindowStage`] the Rust
 //! builders compile to, so SQL dataflows are placed, checkpointed and
 //! restored exactly as builder dataflows are. A plan of another shape (an
@@ -19,13 +22,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use runnel_client::plan::{
-    AggregateCall, AggregateFunction, Column, EmitMode, JoinKind, Operator, Plan, PlanError, TableJoin, WindowSpec,
+    AggregateCall, AggregateFunction, Column, EmitMode, Expr, JoinKind, Literal, Operator, Plan, PlanError, StreamJoin,
+    TableJoin, WindowSpec,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{
-    read_state, DataflowDef, Emitted, EncodedKey, SourceStage, StageError, WindowStage, WindowStageFactory,
+    read_state, DataflowDef, Emitted, EncodedKey, JoinedSource, SourceStage, StageError, WindowStage,
+    WindowStageFactory,
 };
+use crate::join::{JoinSpec, StreamJoinStage, LEFT, RIGHT};
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
 use crate::table::TableState;
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
@@ -45,9 +51,12 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
     let split = plan
         .operators
         .iter()
-        .position(|op| matches!(op, Operator::Repartition { .. }));
+        .position(|op| matches!(op, Operator::Repartition { .. } | Operator::JoinStream(_)));
     let (before, after) = plan.operators.split_at(split.unwrap_or(plan.operators.len()));
     let stateless = source_ops(before)?;
+    if let Some((Operator::JoinStream(join), rest)) = after.split_first() {
+        return compile_stream_join(name, plan, before, join, rest);
+    }
     let mut def = DataflowDef {
         name: name.to_string(),
         source: plan.source.topic.clone(),
@@ -59,6 +68,7 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
             ops: stateless,
             output: Output::Sink(plan.sink.clone()),
         }),
+        joined_sources: Vec::new(),
         window_stage: None,
         steps: Vec::new(),
     };
@@ -118,8 +128,80 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
 
 fn invalid(why: &str) -> PlanError {
     PlanError::Invalid(format!(
-        "{why} (this node runs stateless operators and table joins, then at most one repartition and aggregate)"
+        "{why} (this node runs stateless operators and table joins, then at most one repartition and aggregate or one stream–stream join followed by stateless operators)"
     ))
+}
+
+/// A plan joining two streams: a source stage per side, each repartitioning
+/// its rows by its side of the condition (the side first among the values
+/// carried), then the join stage and the stateless operators after it.
+fn compile_stream_join(
+    name: &str,
+    plan: &Plan,
+    before: &[Operator],
+    join: &StreamJoin,
+    after: &[Operator],
+) -> Result<DataflowDef, PlanError> {
+    let ops = stateless_ops(after).map_err(|_| invalid("an aggregate or a second join after a stream–stream join"))?;
+    let left_width = row_width(plan.source.columns.len() + 1, before);
+    let right_width = join.source.columns.len() + 1;
+    let carry = |side: i64, width: usize| {
+        std::iter::once(Expr::Literal(Literal::Int(side)))
+            .chain((0..width).map(Expr::Column))
+            .collect()
+    };
+    let left = SqlSource {
+        columns: plan.source.columns.clone(),
+        joins: plan.joins().count(),
+        timestamp: plan.source.timestamp,
+        ops: before.to_vec(),
+        output: Output::Repartition {
+            key: vec![join.left_key.clone()],
+            carry: carry(LEFT, left_width),
+        },
+    };
+    let right = SqlSource {
+        columns: join.source.columns.clone(),
+        joins: 0,
+        timestamp: join.source.timestamp,
+        ops: Vec::new(),
+        output: Output::Repartition {
+            key: vec![join.right_key.clone()],
+            carry: carry(RIGHT, right_width),
+        },
+    };
+    let spec = Arc::new(JoinSpec {
+        kind: join.kind,
+        before_ms: join.before_ms,
+        after_ms: join.after_ms,
+        grace_ms: join.grace_ms,
+        left_width,
+        right_width,
+        ops,
+        sink: plan.sink.clone(),
+    });
+    let factory: WindowStageFactory = Arc::new(move || Box::new(StreamJoinStage::new(spec.clone())));
+    Ok(DataflowDef {
+        name: name.to_string(),
+        source: plan.source.topic.clone(),
+        sink: plan.sink.topic.clone(),
+        source_stage: Arc::new(left),
+        joined_sources: vec![JoinedSource {
+            topic: join.source.topic.clone(),
+            stage: Arc::new(right),
+        }],
+        window_stage: Some(factory),
+        steps: Vec::new(),
+    })
+}
+
+/// Values in a row of `width` after `ops` (a source stage's).
+fn row_width(width: usize, ops: &[Operator]) -> usize {
+    ops.iter().fold(width, |width, op| match op {
+        Operator::Project(columns) => columns.len(),
+        Operator::JoinTable(join) => width + join.columns.len(),
+        _ => width,
+    })
 }
 
 /// The operators of a source stage: stateless ones and table joins.
@@ -162,7 +244,7 @@ fn to_window(spec: Option<WindowSpec>) -> Window {
 
 /// Runs a stage's operators over `row`, the `i`th join with `tables[i]`;
 /// false when a filter or an inner join drops it.
-fn run_ops(ops: &[Operator], tables: &[TableState], row: &mut Vec<Value>, scratch: &mut Vec<Value>) -> bool {
+pub(crate) fn run_ops(ops: &[Operator], tables: &[TableState], row: &mut Vec<Value>, scratch: &mut Vec<Value>) -> bool {
     let mut joined = 0;
     for op in ops {
         match op {
@@ -177,7 +259,7 @@ fn run_ops(ops: &[Operator], tables: &[TableState], row: &mut Vec<Value>, scratc
                 joined += 1;
                 match (table.lookup(&eval(&join.on, row)), join.kind) {
                     (Some(found), _) => row.extend_from_slice(found),
-                    (None, JoinKind::Left) => row.resize(row.len() + join.columns.len(), Value::Null),
+                    (None, JoinKind::Left | JoinKind::Outer) => row.resize(row.len() + join.columns.len(), Value::Null),
                     (None, JoinKind::Inner) => return false,
                 }
             }
@@ -311,7 +393,7 @@ fn to_postcard<T: Serialize>(value: &T) -> impl FnOnce(&mut Vec<u8>) -> Result<(
 
 /// Writes `row` to the sink: a JSON object of its columns, keyed by the
 /// JSON object of the key columns and `window` bounds (no key when neither).
-fn emit_row(
+pub(crate) fn emit_row(
     out: &mut Emitted,
     sink: &runnel_client::plan::Sink,
     row: &[Value],

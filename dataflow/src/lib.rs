@@ -10,6 +10,8 @@
 //!   snapshots.
 //! - [`compile`][compile]: plans (dataflows as data, what SQL statements become)
 //!   compiled into the same stages, on every node that runs their tasks.
+//! - [`join`]: the join stage of a stream–stream join: both sides' records
+//!   held for the join window, pairs and unmatched rows out.
 //! - [`row`]: SQL rows: values, JSON decoding by schema, expressions.
 //! - [`table`]: the tables a stage joins with, each task holding the whole
 //!   table at read positions its checkpoints record.
@@ -24,6 +26,7 @@ pub mod builder;
 pub mod compile;
 pub mod fraud;
 pub mod host;
+pub mod join;
 pub mod row;
 pub mod table;
 pub mod task;

@@ -499,20 +499,18 @@ impl<C: TaskIo> TaskRunner<C> {
         status: Arc<Mutex<TaskStatus>>,
     ) -> Result<TaskRunner<C>, TaskError> {
         let stage = assignment.stage();
-        let input_topic = if stage == 0 {
-            def.source.clone()
-        } else {
-            repartition_topic(&def.name)
+        let input_topic = match def.source_of(stage) {
+            Some((topic, _)) => topic.to_string(),
+            None => repartition_topic(&def.name),
         };
-        let window = if stage == 1 {
+        let window = if stage == def.source_count() {
             def.window_stage.as_ref().map(|make| make())
         } else {
             None
         };
-        let tables = if stage == 0 {
-            def.source_stage.tables().into_iter().map(TableState::new).collect()
-        } else {
-            Vec::new()
+        let tables = match def.source_of(stage) {
+            Some((_, source)) => source.tables().into_iter().map(TableState::new).collect(),
+            None => Vec::new(),
         };
         let started = client.now();
         let mut runner = TaskRunner {
@@ -667,7 +665,7 @@ impl<C: TaskIo> TaskRunner<C> {
         let caught_up = fetched.next_offset >= fetched.committed_offset;
         let progressed = fetched.has_records();
         if progressed {
-            if self.assignment.stage() == 0 {
+            if self.is_source() {
                 self.run_source(&fetched).await?;
             } else {
                 self.run_window(&fetched).await?;
@@ -680,7 +678,7 @@ impl<C: TaskIo> TaskRunner<C> {
         } else if self.caught_up_since.is_none() {
             self.caught_up_since = Some(self.client.now());
         }
-        if self.assignment.stage() == 0 && self.def.window_stage.is_some() {
+        if self.is_source() && self.def.window_stage.is_some() {
             let now = self.client.now();
             let idle = self.caught_up_since.is_some_and(|since| now >= since + IDLE_AFTER);
             self.send_markers(idle).await?;
@@ -697,8 +695,22 @@ impl<C: TaskIo> TaskRunner<C> {
         Ok(progressed)
     }
 
+    /// Whether this task runs a source stage (else the window stage).
+    fn is_source(&self) -> bool {
+        self.assignment.stage() < self.def.source_count()
+    }
+
+    /// The stages a window task's watermark waits for: every source task.
+    fn upstream_count(&self) -> u32 {
+        self.assignment.partitions * self.def.source_count()
+    }
+
     async fn run_source(&mut self, input: &FetchedBatches) -> Result<(), TaskError> {
         let keyed = self.def.window_stage.is_some();
+        let Some((_, source)) = self.def.source_of(self.assignment.stage()) else {
+            return Err(TaskError::Unregistered(self.def.name.clone()));
+        };
+        let source = source.clone();
         let (out_topic, out_partitions) = if keyed {
             (repartition_topic(&self.def.name), self.assignment.partitions)
         } else {
@@ -718,11 +730,7 @@ impl<C: TaskIo> TaskRunner<C> {
             self.counters.records_in += 1;
             let value = view.value.unwrap_or_default();
             emitted.clear();
-            if let Err(reason) =
-                self.def
-                    .source_stage
-                    .process_joined(value, view.timestamp_ms, &self.tables, &mut emitted)
-            {
+            if let Err(reason) = source.process_joined(value, view.timestamp_ms, &self.tables, &mut emitted) {
                 dead_letters.push_record(&self.dead_letter(&view, &reason))?;
                 continue;
             }
@@ -792,7 +800,8 @@ impl<C: TaskIo> TaskRunner<C> {
             idle,
         };
         let topic = repartition_topic(&self.def.name);
-        let partition_bytes = Bytes::copy_from_slice(&self.assignment.partition().to_le_bytes());
+        // The upstream is the task (which is its partition in stage 0).
+        let upstream_bytes = Bytes::copy_from_slice(&self.assignment.task.to_le_bytes());
         for q in 0..self.markers.len() {
             let marker = self.markers[q];
             let due = marker
@@ -808,7 +817,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 headers: vec![
                     Header {
                         key: HEADER_UPSTREAM.to_string(),
-                        value: Some(partition_bytes.clone()),
+                        value: Some(upstream_bytes.clone()),
                     },
                     Header {
                         key: HEADER_WATERMARK.to_string(),
@@ -850,11 +859,15 @@ impl<C: TaskIo> TaskRunner<C> {
         let sink_partitions = self.assignment.partitions;
         let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
         for e in emitted.iter() {
-            let key = e.key.unwrap_or_default();
+            // A join's rows may have no key: they stay in this task's partition.
+            let partition = match e.key {
+                Some(key) => partition_for_key(key, sink_partitions),
+                None => self.assignment.partition() % sink_partitions,
+            };
             outputs
-                .entry(partition_for_key(key, sink_partitions))
+                .entry(partition)
                 .or_insert_with(|| PartitionOutput::new(0))
-                .push(e.timestamp_ms, Some(key), e.value, &[])?;
+                .push(e.timestamp_ms, e.key, e.value, &[])?;
         }
         emitted.clear();
         self.emitted = emitted;
@@ -873,11 +886,11 @@ impl<C: TaskIo> TaskRunner<C> {
         input: &FetchedBatches,
         out: &mut Emitted,
     ) -> Result<(), TaskError> {
-        let upstream_count = self.assignment.partitions;
+        let upstream_count = self.upstream_count();
         for batch in input.user_batches() {
             // Data batches come from the source tasks' fixed producer ids.
             let producer = batch.header().producer.producer_id;
-            let writer = (0..upstream_count).find(|&p| task_producer_id(&self.def.name, p) == producer);
+            let writer = (0..upstream_count).find(|&t| task_producer_id(&self.def.name, t) == producer);
             self.fold_batch(window, input.views_of(batch), writer, out)?;
         }
         Ok(())
@@ -892,7 +905,7 @@ impl<C: TaskIo> TaskRunner<C> {
         writer: Option<u32>,
         out: &mut Emitted,
     ) -> Result<(), TaskError> {
-        let upstream_count = self.assignment.partitions;
+        let upstream_count = self.upstream_count();
         for view in views {
             let view = view?;
             let bad = |reason: &str| TaskError::BadInput {

@@ -5,14 +5,18 @@
 //! a.x = b.id`), inner or left, on the table's PRIMARY KEY: every task that
 //! reads the stream holds the whole table (see `runnel_dataflow::table`),
 //! so neither side is repartitioned and partition counts need not match.
-//! Stream–stream and table–table joins are refused by name.
+//! Or it is a stream–stream join (`FROM s [AS a] [LEFT|FULL OUTER] JOIN r
+//! [AS b] WITHIN 10 MINUTES ON a.x = b.y`), alone in its query: both sides
+//! are repartitioned by their side of the condition (see
+//! `runnel_dataflow::join`), and must have as many partitions (the cluster
+//! refuses the query otherwise). Table–table joins are refused by name.
 
 use runnel_client::plan::{JoinKind, ObjectKind, SqlObject};
 use runnel_client::protocol::Catalog;
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
-use crate::parse::Query;
+use crate::parse::{Query, Within};
 use crate::planner::ident;
 
 /// Tables one query joins with, at most.
@@ -25,6 +29,18 @@ pub struct Input<'a> {
     /// What its columns are qualified by: the alias, else the name.
     pub alias: String,
     pub joins: Vec<JoinInput<'a>>,
+    /// A stream–stream join (the query's only join).
+    pub stream_join: Option<StreamJoinInput<'a>>,
+}
+
+/// The stream joined with the source within a time window.
+#[derive(Clone, Debug)]
+pub struct StreamJoinInput<'a> {
+    pub stream: &'a SqlObject,
+    pub alias: String,
+    pub kind: JoinKind,
+    pub on: &'a ast::Expr,
+    pub within: Within,
 }
 
 /// One table joined with the stream.
@@ -46,6 +62,7 @@ impl<'a> Input<'a> {
             source,
             alias: source.name.clone(),
             joins: Vec::new(),
+            stream_join: None,
         }
     }
 }
@@ -65,14 +82,25 @@ pub fn input_of<'a>(catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'
         source,
         alias,
         joins: Vec::new(),
+        stream_join: None,
     };
     for join in &from.joins {
         let (table, alias) = relation(catalog, &join.relation)?;
         let (kind, on) = join_kind(&join.join_operator)?;
-        check_sides(source, table)?;
         if input.alias == alias || input.joins.iter().any(|j| j.alias == alias) {
             return Err(SqlError::new(format!(
                 "{alias} names two relations of the FROM clause; give one an alias (FROM s a JOIN t b …)"
+            )));
+        }
+        if source.kind == ObjectKind::Stream && table.kind == ObjectKind::Stream {
+            input.stream_join = Some(stream_join(query, from.joins.len(), table, alias, kind, on)?);
+            continue;
+        }
+        check_sides(source, table)?;
+        if kind == JoinKind::Outer {
+            return Err(SqlError::new(format!(
+                "a stream–table join is [INNER] JOIN or LEFT JOIN, not FULL OUTER JOIN ({} is a table)",
+                table.name
             )));
         }
         input.joins.push(JoinInput {
@@ -83,7 +111,43 @@ pub fn input_of<'a>(catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'
             partitions: 0,
         });
     }
+    if query.within.is_some() && input.stream_join.is_none() {
+        return Err(SqlError::new(
+            "WITHIN belongs to a join of two streams; a stream–table join joins the table's current row",
+        ));
+    }
     Ok(input)
+}
+
+/// A join of the source stream with `stream`, which must be the query's
+/// only join and say WITHIN how much time its sides' records meet.
+fn stream_join<'a>(
+    query: &Query,
+    joins: usize,
+    stream: &'a SqlObject,
+    alias: String,
+    kind: JoinKind,
+    on: &'a ast::Expr,
+) -> SqlResult<StreamJoinInput<'a>> {
+    if joins != 1 {
+        return Err(SqlError::new(format!(
+            "a stream–stream join (with {}) is the only join of its query; join its result with more in a second query",
+            stream.name
+        )));
+    }
+    let within = query.within.ok_or_else(|| {
+        SqlError::new(format!(
+            "a join of two streams needs WITHIN, the time their records may be apart: … JOIN {} WITHIN 10 MINUTES ON …",
+            stream.name
+        ))
+    })?;
+    Ok(StreamJoinInput {
+        stream,
+        alias,
+        kind,
+        on,
+        within,
+    })
 }
 
 /// A named stream or table and what qualifies its columns.
@@ -105,30 +169,25 @@ fn join_kind(operator: &ast::JoinOperator) -> SqlResult<(JoinKind, &ast::Expr)> 
     let (kind, constraint) = match operator {
         J::Join(c) | J::Inner(c) => (JoinKind::Inner, c),
         J::Left(c) | J::LeftOuter(c) => (JoinKind::Left, c),
+        J::FullOuter(c) => (JoinKind::Outer, c),
         other => {
             return Err(SqlError::new(format!(
-                "only [INNER] JOIN and LEFT [OUTER] JOIN of a stream with a table are supported, not {other:?}"
+                "only [INNER] JOIN, LEFT [OUTER] JOIN and (of two streams) FULL OUTER JOIN are supported, not {other:?}"
             )))
         }
     };
     match constraint {
         ast::JoinConstraint::On(on) => Ok((kind, on)),
-        _ => Err(SqlError::new("a join needs ON stream_expression = table.primary_key")),
+        _ => Err(SqlError::new("a join needs ON left_expression = right_expression")),
     }
 }
 
 /// The left side reads as a stream; the right side must be a table with
 /// one PRIMARY KEY column whose records are keyed by it as text.
 fn check_sides(source: &SqlObject, table: &SqlObject) -> SqlResult<()> {
-    if table.kind == ObjectKind::Stream {
-        return Err(SqlError::new(format!(
-            "{} is a stream: stream–stream joins (WITHIN …) are not supported yet; join a stream with a table",
-            table.name
-        )));
-    }
     if source.kind == ObjectKind::Table {
         return Err(SqlError::new(format!(
-            "{} is a table: table–table joins are not supported yet; the left side of a join must be a stream",
+            "{} is a table: the left side of a join must be a stream (table–table joins are not supported yet)",
             source.name
         )));
     }

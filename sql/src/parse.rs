@@ -106,6 +106,17 @@ pub struct Query {
     pub emit: Option<EmitMode>,
     pub partition_by: Vec<ast::Expr>,
     pub limit: Option<u64>,
+    /// A stream–stream join's `WITHIN …` (one per query).
+    pub within: Option<Within>,
+}
+
+/// `WITHIN n unit` or `WITHIN (before unit, after unit)`, then optionally
+/// `GRACE PERIOD n unit`: how far apart the two sides' times may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Within {
+    pub before_ms: i64,
+    pub after_ms: i64,
+    pub grace_ms: i64,
 }
 
 /// `WITH (KEY=value, …)` options, keys upper case.
@@ -360,6 +371,7 @@ struct Clauses {
     window: Option<WindowSpec>,
     emit: Option<EmitMode>,
     partition_by: Vec<ast::Expr>,
+    within: Option<Within>,
 }
 
 /// A statement sqlparser reads once the KSQL clauses are out of the text.
@@ -410,6 +422,7 @@ fn extract_clauses(text: &str, tokens: &[TokenWithSpan], index: &LineIndex, char
         }
         let end = match w[i].as_str() {
             "WINDOW" => window_clause(tokens, i, &mut clauses)?,
+            "WITHIN" => within_clause(tokens, &w, i, &mut clauses)?,
             "EMIT" => emit_clause(tokens, &w, i, &mut clauses)?,
             "PARTITION" if w.get(i + 1).map(String::as_str) == Some("BY") => {
                 partition_clause(text, tokens, &w, i, index, &mut clauses)?
@@ -502,6 +515,47 @@ fn window_clause(tokens: &[TokenWithSpan], at: usize, clauses: &mut Clauses) -> 
         return Err(unexpected(tokens.get(at), "one WINDOW clause"));
     }
     Ok(close)
+}
+
+/// `WITHIN n unit | (n unit, n unit) [GRACE PERIOD n unit]`; the index of
+/// its last token (the clause sits between a join's relation and its ON,
+/// which sqlparser then reads as if it were not there).
+fn within_clause(tokens: &[TokenWithSpan], w: &[String], at: usize, clauses: &mut Clauses) -> SqlResult<usize> {
+    let (before_ms, after_ms, mut end) = if tokens.get(at + 1).map(|t| &t.token) == Some(&Token::LParen) {
+        let close = tokens[at + 1..]
+            .iter()
+            .position(|t| t.token == Token::RParen)
+            .map(|p| at + 1 + p)
+            .ok_or_else(|| unexpected(None, "')' closing WITHIN (before, after)"))?;
+        let parts: Vec<&[TokenWithSpan]> = tokens[at + 2..close].split(|t| t.token == Token::Comma).collect();
+        let [before, after] = parts[..] else {
+            return Err(unexpected(tokens.get(at + 2), "WITHIN (before unit, after unit)"));
+        };
+        (duration_ms(before)?, duration_ms(after)?, close)
+    } else {
+        let ms = duration_ms(tokens.get(at + 1..(at + 3).min(tokens.len())).unwrap_or_default())?;
+        (ms, ms, at + 2)
+    };
+    let mut grace_ms = DEFAULT_GRACE_MS;
+    if w.get(end + 1).map(String::as_str) == Some("GRACE") {
+        if w.get(end + 2).map(String::as_str) != Some("PERIOD") {
+            return Err(unexpected(tokens.get(end + 2), "PERIOD after GRACE"));
+        }
+        grace_ms = duration_ms(tokens.get(end + 3..(end + 5).min(tokens.len())).unwrap_or_default())?;
+        end += 4;
+    }
+    let within = Within {
+        before_ms,
+        after_ms,
+        grace_ms,
+    };
+    if clauses.within.replace(within).is_some() {
+        return Err(unexpected(
+            tokens.get(at),
+            "one WITHIN clause (one stream–stream join per query)",
+        ));
+    }
+    Ok(end)
 }
 
 /// `SIZE n unit`, `ADVANCE BY n unit`, `GRACE PERIOD n unit`, or a session's
@@ -698,8 +752,8 @@ fn create_statement(create: ast::CreateTable, clauses: Clauses) -> SqlResult<Sta
             })
         }
         None => {
-            if clauses.window.is_some() || clauses.emit.is_some() {
-                return Err(SqlError::new("WINDOW and EMIT belong to a SELECT"));
+            if clauses.window.is_some() || clauses.emit.is_some() || clauses.within.is_some() {
+                return Err(SqlError::new("WINDOW, WITHIN and EMIT belong to a SELECT"));
             }
             Ok(Statement::CreateSource {
                 kind,
@@ -762,6 +816,7 @@ fn query_of(query: ast::Query, clauses: Clauses) -> SqlResult<Query> {
         emit: clauses.emit,
         partition_by: clauses.partition_by,
         limit,
+        within: clauses.within,
     })
 }
 

@@ -9,12 +9,12 @@
 
 use runnel_client::plan::{
     AggregateCall, AggregateFunction, BinaryOp, Column, EmitMode, Expr, Function, Literal, ObjectKind, Operator, Plan,
-    Sink, Source, SqlType, TableJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
+    Sink, Source, SqlType, StreamJoin, TableJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
 };
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
-use crate::from::{Input, JoinInput};
+use crate::from::{Input, JoinInput, StreamJoinInput};
 use crate::parse::Query;
 
 /// A planned SELECT and what its output looks like.
@@ -120,6 +120,17 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
         operators.push(Operator::JoinTable(join_table(join, &input)?));
         input.extend(&join.table.columns, &join.alias);
     }
+    if let Some(join) = &from.stream_join {
+        input.qualifiers = vec![from.alias.clone(); input.columns.len()];
+        let planned = join_stream(join, &input)?;
+        let mut right = join.stream.columns.clone();
+        right.push(Column {
+            name: "ROWTIME".to_string(),
+            ty: SqlType::BigInt,
+        });
+        input.extend(&right, &join.alias);
+        operators.push(Operator::JoinStream(planned));
+    }
     if let Some(condition) = &select.selection {
         let (condition, ty) = Converter::plain(&input).convert(condition)?;
         expect_boolean(ty, "WHERE")?;
@@ -138,10 +149,18 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
     }
     let planned = if group_by.is_empty() && !aggregates {
         stateless(select, query, &input, &mut operators)?
+    } else if let Some(join) = &from.stream_join {
+        return Err(SqlError::new(format!(
+            "an aggregate over a join of two streams is not supported yet: write the join to a stream (CREATE STREAM j AS SELECT … FROM {} JOIN {} …) and aggregate that",
+            from.alias, join.alias
+        )));
     } else {
         aggregate(select, query, &input, &group_by, &mut operators)?
     };
-    let (columns, key, kind) = planned;
+    let (columns, mut key, kind) = planned;
+    if key.is_empty() {
+        key = join_key_columns(&operators, source.columns.len() + 1);
+    }
     let plan = Plan {
         version: PLAN_FORMAT_VERSION,
         statement: statement.to_string(),
@@ -404,6 +423,85 @@ fn join_table(join: &JoinInput<'_>, scope: &Scope) -> SqlResult<TableJoin> {
         on,
         kind: join.kind,
     })
+}
+
+/// A stream–stream join's ON clause: an expression of the left stream
+/// (`left`: its columns and ROWTIME) equal to one of the right stream,
+/// either way round, of the same type.
+fn join_stream(join: &StreamJoinInput<'_>, left: &Scope) -> SqlResult<StreamJoin> {
+    let ast::Expr::BinaryOp {
+        left: a,
+        op: ast::BinaryOperator::Eq,
+        right: b,
+    } = join.on
+    else {
+        return Err(SqlError::new(format!(
+            "a join of two streams needs ON left_expression = {}.column, not {}",
+            join.alias, join.on
+        )));
+    };
+    let mut right = Scope::of(join.stream.columns.clone());
+    right.columns.push(Column {
+        name: "ROWTIME".to_string(),
+        ty: SqlType::BigInt,
+    });
+    right.qualifiers = vec![join.alias.clone(); right.columns.len()];
+    let sides = |l: &ast::Expr, r: &ast::Expr| -> SqlResult<((Expr, SqlType), (Expr, SqlType))> {
+        Ok((Converter::plain(left).convert(l)?, Converter::plain(&right).convert(r)?))
+    };
+    let ((left_key, left_ty), (right_key, right_ty)) = sides(a, b).or_else(|first| {
+        sides(b, a).map_err(|_| {
+            SqlError::new(format!(
+                "a join's ON compares an expression of one stream with one of the other: {} ({})",
+                join.on, first.message
+            ))
+        })
+    })?;
+    let integers = |t: SqlType| matches!(t, SqlType::Int | SqlType::BigInt);
+    if left_ty != right_ty && !(integers(left_ty) && integers(right_ty)) {
+        return Err(SqlError::new(format!(
+            "a join on values of different types: {} is {left_ty}, {} is {right_ty}",
+            a, b
+        )));
+    }
+    Ok(StreamJoin {
+        stream: join.stream.name.clone(),
+        source: Source {
+            topic: join.stream.topic.clone(),
+            columns: join.stream.columns.clone(),
+            timestamp: join.stream.timestamp,
+        },
+        left_key,
+        right_key,
+        before_ms: join.within.before_ms,
+        after_ms: join.within.after_ms,
+        grace_ms: join.within.grace_ms,
+        kind: join.kind,
+    })
+}
+
+/// After a stream–stream join, the projected columns that are its key (a
+/// column of either side's condition), which key the sink's records as
+/// ksqlDB keys a join's result; none when neither is projected.
+fn join_key_columns(operators: &[Operator], left_width: usize) -> Vec<usize> {
+    let Some(join) = operators.iter().find_map(|op| match op {
+        Operator::JoinStream(join) => Some(join),
+        _ => None,
+    }) else {
+        return Vec::new();
+    };
+    let right_key = match join.right_key {
+        Expr::Column(i) => Some(Expr::Column(left_width + i)),
+        _ => None,
+    };
+    let Some(Operator::Project(projection)) = operators.last() else {
+        return Vec::new();
+    };
+    projection
+        .iter()
+        .position(|(_, e)| *e == join.left_key || Some(e) == right_key.as_ref())
+        .into_iter()
+        .collect()
 }
 
 /// The column of the joined table `expr` names, if it names one.

@@ -5,7 +5,9 @@
 //! Like ksqlDB, a push query starts at the end of its source unless
 //! `SET 'auto.offset.reset' = 'earliest';` was given in the session. The
 //! tables it joins are read whole first, then moved on at every poll (a
-//! push query replays nothing, so it joins with the freshest rows).
+//! push query replays nothing, so it joins with the freshest rows). A join
+//! of two streams reads both, each through its own source stage; the
+//! watermark follows the greatest event time read from either.
 
 use std::sync::Arc;
 
@@ -26,7 +28,8 @@ pub struct PushQuery {
     window: Option<Box<dyn WindowStage>>,
     tables: Vec<TableState>,
     client: Arc<Client>,
-    consumer: Consumer,
+    /// A consumer per source, in stage order.
+    consumers: Vec<Consumer>,
     /// The output's column names, in order.
     pub columns: Vec<String>,
     limit: Option<u64>,
@@ -37,32 +40,20 @@ pub struct PushQuery {
 impl PushQuery {
     pub async fn start(client: Arc<Client>, plan: &Plan, limit: Option<u64>, earliest: bool) -> SqlResult<PushQuery> {
         let def = compile("push-query", plan).map_err(|e| SqlError::new(e.to_string()))?;
-        let partitions = client
-            .describe_topic(&plan.source.topic)
-            .await
-            .map_err(|e| SqlError::new(e.to_string()))?
-            .config
-            .partitions;
         let mut tables: Vec<TableState> = def.source_stage.tables().into_iter().map(TableState::new).collect();
         for table in &mut tables {
             table.load(&*client).await.map_err(|e| SqlError::new(e.to_string()))?;
         }
-        let mut consumer = Consumer::new(client.clone(), &plan.source.topic);
-        for partition in 0..partitions {
-            consumer.assign(partition, 0);
-        }
-        if !earliest {
-            let ends = consumer.end_offsets().await.map_err(|e| SqlError::new(e.to_string()))?;
-            for (partition, end) in ends {
-                consumer.assign(partition, end);
-            }
+        let mut consumers = Vec::new();
+        for source in plan.sources() {
+            consumers.push(consumer_of(&client, &source.topic, earliest).await?);
         }
         Ok(PushQuery {
             window: def.window_stage.as_ref().map(|factory| factory()),
             def,
             tables,
             client,
-            consumer,
+            consumers,
             columns: plan.sink.columns.iter().map(|c| c.name.clone()).collect(),
             limit,
             emitted: 0,
@@ -78,7 +69,11 @@ impl PushQuery {
     /// The next rows (JSON objects), waiting for records to arrive; empty
     /// when none came in one poll.
     pub async fn poll(&mut self) -> SqlResult<Vec<serde_json::Value>> {
-        let records = self.consumer.poll().await.map_err(|e| SqlError::new(e.to_string()))?;
+        let mut records = Vec::new();
+        for (stage, consumer) in self.consumers.iter_mut().enumerate() {
+            let polled = consumer.poll().await.map_err(|e| SqlError::new(e.to_string()))?;
+            records.extend(polled.into_iter().map(|(_, stored)| (stage as u32, stored)));
+        }
         if records.is_empty() {
             // Nothing new: wait before asking again rather than spin.
             tokio::time::sleep(IDLE_POLL).await;
@@ -91,15 +86,16 @@ impl PushQuery {
         }
         let mut staged = Emitted::default();
         let mut out = Emitted::default();
-        for (_, stored) in &records {
+        for (stage, stored) in &records {
             let record = &stored.record;
             let value = record.value.as_deref().unwrap_or_default();
+            let Some((_, source)) = self.def.source_of(*stage) else {
+                continue;
+            };
+            let tables: &[TableState] = if *stage == 0 { &self.tables } else { &[] };
             // A record that does not match the schema is skipped, as a
             // persistent query sends it to its dead-letter topic.
-            let _ = self
-                .def
-                .source_stage
-                .process_joined(value, record.timestamp_ms, &self.tables, &mut staged);
+            let _ = source.process_joined(value, record.timestamp_ms, tables, &mut staged);
         }
         match &mut self.window {
             None => std::mem::swap(&mut staged, &mut out),
@@ -128,4 +124,25 @@ impl PushQuery {
         }
         Ok(rows)
     }
+}
+
+/// A consumer of every partition of `topic`, from its start or its end.
+async fn consumer_of(client: &Arc<Client>, topic: &str, earliest: bool) -> SqlResult<Consumer> {
+    let partitions = client
+        .describe_topic(topic)
+        .await
+        .map_err(|e| SqlError::new(e.to_string()))?
+        .config
+        .partitions;
+    let mut consumer = Consumer::new(client.clone(), topic);
+    for partition in 0..partitions {
+        consumer.assign(partition, 0);
+    }
+    if !earliest {
+        let ends = consumer.end_offsets().await.map_err(|e| SqlError::new(e.to_string()))?;
+        for (partition, end) in ends {
+            consumer.assign(partition, end);
+        }
+    }
+    Ok(consumer)
 }

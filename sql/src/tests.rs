@@ -16,6 +16,8 @@ use crate::from::input_of;
 use crate::parse::{parse_statement, Statement};
 use crate::planner::plan_query;
 
+mod stream_join;
+
 /// `ATTEMPTS (CARD STRING, AMOUNT BIGINT, AT_MS BIGINT, NOTE STRING, META STRUCT)`, event time AT_MS.
 fn attempts() -> SqlObject {
     let column = |name: &str, ty| Column { name: name.into(), ty };
@@ -483,19 +485,19 @@ fn refused_joins_name_the_problem() {
         ),
         (
             "SELECT * FROM attempts a JOIN attempts b ON a.card = b.card",
-            "ATTEMPTS is a stream: stream–stream joins",
+            "a join of two streams needs WITHIN",
         ),
         (
             "SELECT * FROM cards a JOIN cards b ON a.card = b.card",
-            "CARDS is a table: table–table joins",
+            "CARDS is a table: the left side of a join must be a stream (table–table joins are not supported yet)",
         ),
         (
             "SELECT * FROM attempts a RIGHT JOIN cards c ON a.card = c.card",
-            "only [INNER] JOIN and LEFT [OUTER] JOIN",
+            "only [INNER] JOIN, LEFT [OUTER] JOIN",
         ),
         (
             "SELECT * FROM attempts a FULL OUTER JOIN cards c ON a.card = c.card",
-            "only [INNER] JOIN and LEFT [OUTER] JOIN",
+            "a stream–table join is [INNER] JOIN or LEFT JOIN, not FULL OUTER JOIN",
         ),
         (
             "SELECT * FROM attempts a JOIN cards c ON a.card = c.nope",

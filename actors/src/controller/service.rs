@@ -410,6 +410,7 @@ impl BrokerService {
     pub async fn start_query(&self, name: String, plan: Plan, object: Option<SqlObject>) -> Result<(), ServiceError> {
         plan.validate()
             .map_err(|e| MetadataError::InvalidConfig(e.to_string()))?;
+        self.check_co_partitioned(&name, &plan).await?;
         let shape = DataflowShape {
             source: plan.source.topic.clone(),
             sink: plan.sink.topic.clone(),
@@ -419,6 +420,30 @@ impl BrokerService {
         let (plan, object) = (Box::new(plan), object.map(Box::new));
         self.admin(ControllerRequest::StartQuery { dataflow, plan, object })
             .await
+    }
+
+    /// A plan of more than one source (a stream–stream join) runs a task
+    /// per partition of each source stage: the sources must have as many
+    /// partitions as the first (ksqlDB refuses such a join too).
+    async fn check_co_partitioned(&self, name: &str, plan: &Plan) -> Result<(), ServiceError> {
+        let mut sources = plan.sources();
+        let Some(first) = sources.next() else { return Ok(()) };
+        let mut expected = None;
+        for source in sources {
+            let first_partitions = match expected {
+                Some(partitions) => partitions,
+                None => *expected.insert(self.source_partitions(name, &first.topic).await?),
+            };
+            let partitions = self.source_partitions(name, &source.topic).await?;
+            if partitions != first_partitions {
+                return Err(MetadataError::InvalidConfig(format!(
+                    "cannot join {} ({first_partitions} partitions) with {} ({partitions} partitions): a stream–stream join needs the same number of partitions on both sides; give both topics the same count",
+                    first.topic, source.topic
+                ))
+                .into());
+            }
+        }
+        Ok(())
     }
 
     /// Makes the topics a dataflow of `shape` writes that are missing; its

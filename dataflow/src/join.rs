@@ -1,0 +1,372 @@
+//! The join stage of a stream–stream join, as a pure state machine: records
+//! of both sides in, joined rows out, moved on by the watermark.
+//!
+//! Both sides reach the stage through the repartition topic keyed by their
+//! side of the join condition, each record's first carried value naming its
+//! side ([`LEFT`] or [`RIGHT`]). The stage holds every record of a key until
+//! its window has closed: a left record at `t` joins right records at
+//! `[t - before, t + after]`, so it is held until the watermark passes
+//! `t + after + grace` (a right one until `t + before + grace`). Kafka
+//! Streams' semantics (3.1 on):
+//! - a pair is emitted as soon as its second record arrives, at the later
+//!   of the two times;
+//! - a left (or outer) join's record that matched nothing leaves with NULLs
+//!   for the other side once its window has closed, never before (so a
+//!   match that arrives late in the window is not preceded by a NULL row);
+//! - a record older than the watermark by more than the grace is late:
+//!   counted and dropped;
+//! - a record whose join key is NULL matches nothing; a side whose unmatched
+//!   rows leave with NULLs emits it at once (KIP-962), else it is dropped.
+//!
+//! Everything here is a function of the records and watermarks in order,
+//! so a task replaying its input from a checkpoint emits the same rows.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use runnel_client::plan::{JoinKind, Operator, Sink};
+use runnel_client::tasks::StateRow;
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{Emitted, StageError, WindowStage};
+use crate::compile::{emit_row, run_ops};
+use crate::row::Value;
+
+/// The first carried value of a repartitioned left record.
+pub const LEFT: i64 = 0;
+/// The first carried value of a repartitioned right record.
+pub const RIGHT: i64 = 1;
+/// Records one join task holds at most, both sides together.
+pub const JOIN_HELD_RECORDS_MAX: usize = 200_000;
+/// The format of [`JoinSnapshot`].
+const JOIN_STATE_VERSION: u8 = 1;
+
+/// What every task of a join stage shares.
+#[derive(Clone, Debug)]
+pub struct JoinSpec {
+    pub kind: JoinKind,
+    pub before_ms: i64,
+    pub after_ms: i64,
+    pub grace_ms: i64,
+    /// Values in a left row (its columns, then ROWTIME).
+    pub left_width: usize,
+    pub right_width: usize,
+    /// The stateless operators after the join.
+    pub ops: Vec<Operator>,
+    pub sink: Sink,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Side {
+    Left,
+    Right,
+}
+
+impl Side {
+    fn index(self) -> usize {
+        match self {
+            Side::Left => 0,
+            Side::Right => 1,
+        }
+    }
+
+    fn other(self) -> Side {
+        match self {
+            Side::Left => Side::Right,
+            Side::Right => Side::Left,
+        }
+    }
+}
+
+impl JoinSpec {
+    /// Whether `side`'s records that matched nothing leave with NULLs.
+    fn keeps_unmatched(&self, side: Side) -> bool {
+        matches!((self.kind, side), (JoinKind::Outer, _) | (JoinKind::Left, Side::Left))
+    }
+
+    /// When a record of `side` at `t_ms` can no longer be joined.
+    fn closes_at(&self, side: Side, t_ms: i64) -> i64 {
+        let reach = match side {
+            Side::Left => self.after_ms,
+            Side::Right => self.before_ms,
+        };
+        t_ms.saturating_add(reach).saturating_add(self.grace_ms)
+    }
+
+    /// The times of the other side's records a record of `side` at `t_ms`
+    /// joins (a left record at `l` joins right ones at `[l - before, l + after]`).
+    fn partners(&self, side: Side, t_ms: i64) -> std::ops::RangeInclusive<i64> {
+        match side {
+            Side::Left => t_ms.saturating_sub(self.before_ms)..=t_ms.saturating_add(self.after_ms),
+            Side::Right => t_ms.saturating_sub(self.after_ms)..=t_ms.saturating_add(self.before_ms),
+        }
+    }
+}
+
+/// One held record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Held {
+    side: Side,
+    t_ms: i64,
+    row: Vec<Value>,
+    matched: bool,
+}
+
+/// A join task's state as its checkpoint holds it.
+#[derive(Serialize, Deserialize)]
+struct JoinSnapshot {
+    version: u8,
+    watermark_ms: i64,
+    next_seq: u64,
+    late: u64,
+    /// Each held record with its key and arrival sequence.
+    held: Vec<(Vec<u8>, u64, Held)>,
+}
+
+/// One key's held records, per side by (time, arrival sequence).
+type KeyHeld = [BTreeMap<(i64, u64), Held>; 2];
+
+/// One task's join state.
+pub struct StreamJoinStage {
+    spec: Arc<JoinSpec>,
+    held: BTreeMap<Vec<u8>, KeyHeld>,
+    /// When each held record's window closes, by (time, sequence): its key,
+    /// side and time.
+    closing: BTreeMap<(i64, u64), (Vec<u8>, Side, i64)>,
+    next_seq: u64,
+    watermark_ms: i64,
+    late: u64,
+    /// The repartitioned form of a NULL join key.
+    null_key: Vec<u8>,
+    scratch: Vec<Value>,
+}
+
+impl StreamJoinStage {
+    pub fn new(spec: Arc<JoinSpec>) -> StreamJoinStage {
+        StreamJoinStage {
+            spec,
+            held: BTreeMap::new(),
+            closing: BTreeMap::new(),
+            next_seq: 0,
+            watermark_ms: i64::MIN,
+            late: 0,
+            // As the source stage encodes a key: a sequence of values.
+            null_key: postcard::to_allocvec(&vec![Value::Null]).unwrap_or_default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Records held now.
+    pub fn held(&self) -> usize {
+        self.closing.len()
+    }
+
+    /// A repartitioned value: its side, then the side's row.
+    fn decode(&self, value: &[u8]) -> Result<(Side, Vec<Value>), StageError> {
+        let mut row: Vec<Value> =
+            postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("join value: {e}")))?;
+        let (side, width) = match row.first() {
+            Some(Value::Int(LEFT)) => (Side::Left, self.spec.left_width),
+            Some(Value::Int(RIGHT)) => (Side::Right, self.spec.right_width),
+            other => return Err(StageError::Corrupt(format!("join value names no side: {other:?}"))),
+        };
+        row.remove(0);
+        if row.len() != width {
+            return Err(StageError::Corrupt(format!(
+                "a {side:?} row of {} values, not {width}",
+                row.len()
+            )));
+        }
+        Ok((side, row))
+    }
+
+    /// Emits the joined row of `left` and `right` (either NULLs) at `t_ms`,
+    /// after the stage's operators.
+    fn emit(
+        &mut self,
+        left: Option<&[Value]>,
+        right: Option<&[Value]>,
+        t_ms: i64,
+        out: &mut Emitted,
+    ) -> Result<(), StageError> {
+        let spec = &self.spec;
+        let mut row = Vec::with_capacity(spec.left_width + spec.right_width);
+        match left {
+            Some(values) => row.extend_from_slice(values),
+            None => row.resize(spec.left_width, Value::Null),
+        }
+        match right {
+            Some(values) => row.extend_from_slice(values),
+            None => row.resize(spec.left_width + spec.right_width, Value::Null),
+        }
+        if !run_ops(&spec.ops, &[], &mut row, &mut self.scratch) {
+            return Ok(());
+        }
+        emit_row(out, &spec.sink, &row, t_ms, &[]).map_err(StageError::Unencodable)
+    }
+
+    /// Emits `row` of `side` with NULLs for the other side.
+    fn emit_unmatched(&mut self, side: Side, row: &[Value], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        match side {
+            Side::Left => self.emit(Some(row), None, t_ms, out),
+            Side::Right => self.emit(None, Some(row), t_ms, out),
+        }
+    }
+
+    /// Joins a new record with the other side's held records of `key`;
+    /// whether it matched any.
+    fn join_held(
+        &mut self,
+        key: &[u8],
+        side: Side,
+        row: &[Value],
+        t_ms: i64,
+        out: &mut Emitted,
+    ) -> Result<bool, StageError> {
+        let Some(held) = self.held.get_mut(key) else {
+            return Ok(false);
+        };
+        let times = self.spec.partners(side, t_ms);
+        let range = (*times.start(), 0)..=(*times.end(), u64::MAX);
+        let mut pairs = Vec::new();
+        for other in held[side.other().index()].range_mut(range).map(|(_, h)| h) {
+            other.matched = true;
+            pairs.push((other.row.clone(), other.t_ms));
+        }
+        let matched = !pairs.is_empty();
+        for (other, other_ms) in pairs {
+            let (left, right) = match side {
+                Side::Left => (row, &other[..]),
+                Side::Right => (&other[..], row),
+            };
+            self.emit(Some(left), Some(right), t_ms.max(other_ms), out)?;
+        }
+        Ok(matched)
+    }
+
+    fn hold(&mut self, key: &[u8], held: Held) -> Result<(), StageError> {
+        if self.held() >= JOIN_HELD_RECORDS_MAX {
+            return Err(StageError::JoinFull(JOIN_HELD_RECORDS_MAX));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.insert(key.to_vec(), seq, held);
+        Ok(())
+    }
+
+    fn insert(&mut self, key: Vec<u8>, seq: u64, held: Held) {
+        let closes_ms = self.spec.closes_at(held.side, held.t_ms);
+        self.closing
+            .insert((closes_ms, seq), (key.clone(), held.side, held.t_ms));
+        self.held.entry(key).or_default()[held.side.index()].insert((held.t_ms, seq), held);
+    }
+}
+
+impl WindowStage for StreamJoinStage {
+    fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let (side, row) = self.decode(value)?;
+        if t_ms.saturating_add(self.spec.grace_ms) < self.watermark_ms {
+            self.late += 1;
+            return Ok(());
+        }
+        if key == self.null_key {
+            if self.spec.keeps_unmatched(side) {
+                self.emit_unmatched(side, &row, t_ms, out)?;
+            }
+            return Ok(());
+        }
+        let matched = self.join_held(key, side, &row, t_ms, out)?;
+        self.hold(
+            key,
+            Held {
+                side,
+                t_ms,
+                row,
+                matched,
+            },
+        )
+    }
+
+    fn advance(&mut self, watermark_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        if watermark_ms <= self.watermark_ms {
+            return Ok(());
+        }
+        self.watermark_ms = watermark_ms;
+        while let Some(entry) = self.closing.first_entry() {
+            let (closes_ms, seq) = *entry.key();
+            if closes_ms >= watermark_ms {
+                break;
+            }
+            let (key, side, t_ms) = entry.remove();
+            let Some(of_key) = self.held.get_mut(&key) else {
+                continue;
+            };
+            let held = of_key[side.index()].remove(&(t_ms, seq));
+            if of_key.iter().all(BTreeMap::is_empty) {
+                self.held.remove(&key);
+            }
+            if let Some(held) = held.filter(|h| !h.matched && self.spec.keeps_unmatched(h.side)) {
+                self.emit_unmatched(held.side, &held.row, held.t_ms, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        let held = self
+            .held
+            .iter()
+            .flat_map(|(key, of_key)| {
+                of_key
+                    .iter()
+                    .flatten()
+                    .map(move |(&(_, seq), h)| (key.clone(), seq, h.clone()))
+            })
+            .collect();
+        let snapshot = JoinSnapshot {
+            version: JOIN_STATE_VERSION,
+            watermark_ms: self.watermark_ms,
+            next_seq: self.next_seq,
+            late: self.late,
+            held,
+        };
+        postcard::to_allocvec(&snapshot).map_err(|e| StageError::Unencodable(e.to_string()))
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        let snapshot: JoinSnapshot =
+            postcard::from_bytes(bytes).map_err(|e| StageError::Corrupt(format!("join state: {e}")))?;
+        if snapshot.version != JOIN_STATE_VERSION {
+            return Err(StageError::Corrupt(format!(
+                "join state of format {} (this node reads {JOIN_STATE_VERSION})",
+                snapshot.version
+            )));
+        }
+        *self = StreamJoinStage::new(self.spec.clone());
+        for (key, seq, held) in snapshot.held {
+            if seq >= snapshot.next_seq {
+                return Err(StageError::Corrupt(format!(
+                    "join state holds sequence {seq} past {}",
+                    snapshot.next_seq
+                )));
+            }
+            self.insert(key, seq, held);
+        }
+        (self.watermark_ms, self.next_seq, self.late) = (snapshot.watermark_ms, snapshot.next_seq, snapshot.late);
+        Ok(())
+    }
+
+    fn late_records(&self) -> u64 {
+        self.late
+    }
+
+    fn watermark_ms(&self) -> i64 {
+        self.watermark_ms
+    }
+
+    fn read(&self, _key: Option<&[u8]>, _limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
+        Err(StageError::NoTable(
+            "a stream–stream join holds records, not a table's rows",
+        ))
+    }
+}

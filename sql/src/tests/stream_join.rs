@@ -1,0 +1,343 @@
+//! Stream–stream joins end to end without a cluster: statements planned
+//! and compiled, both sides' records run through their source stages into
+//! the join stage as a node's tasks would, and the output checked against
+//! a reference computed here from the join's definition.
+
+use runnel_client::plan::{Column, ObjectKind, SqlObject, SqlType};
+use runnel_client::protocol::Catalog;
+use runnel_dataflow::builder::{Emitted, WindowStage};
+use runnel_dataflow::compile::compile;
+use serde_json::{json, Value};
+
+use super::{attempts, cards};
+use crate::from::input_of;
+use crate::parse::{parse_statement, Statement};
+use crate::planner::plan_query;
+
+/// `PAYMENTS (CARD STRING, PAID BIGINT, AT_MS BIGINT)`, event time AT_MS.
+fn payments() -> SqlObject {
+    let column = |name: &str, ty| Column { name: name.into(), ty };
+    SqlObject {
+        name: "PAYMENTS".into(),
+        kind: ObjectKind::Stream,
+        topic: "payments".into(),
+        columns: vec![
+            column("CARD", SqlType::String),
+            column("PAID", SqlType::BigInt),
+            column("AT_MS", SqlType::BigInt),
+        ],
+        timestamp: Some(2),
+        key: Vec::new(),
+        windowed: false,
+        query: None,
+        statement: String::new(),
+    }
+}
+
+fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
+    let parsed = parse_statement(statement).map_err(|e| e.to_string())?;
+    let query = match parsed.statement {
+        Statement::Select(query) | Statement::CreateAs { query, .. } => query,
+        other => return Err(format!("not a query: {other:?}")),
+    };
+    let catalog = Catalog {
+        objects: vec![attempts(), cards(), payments()],
+        queries: Vec::new(),
+    };
+    let input = input_of(&catalog, &query).map_err(|e| e.to_string())?;
+    plan_query(statement, &query, &input, "out")
+        .map(|planned| planned.plan)
+        .map_err(|e| e.to_string())
+}
+
+/// One input record: its side (0 left, 1 right), card (`None`: a NULL key)
+/// and event time.
+#[derive(Clone, Copy, Debug)]
+struct Event {
+    side: u8,
+    card: Option<u8>,
+    at_ms: i64,
+    /// Distinguishes records (AMOUNT on the left, PAID on the right).
+    id: i64,
+}
+
+impl Event {
+    fn json(&self) -> Value {
+        let card = self.card.map(|c| format!("c{c}"));
+        match self.side {
+            0 => json!({"card": card, "amount": self.id, "at_ms": self.at_ms, "note": "n", "meta": {}}),
+            _ => json!({"card": card, "paid": self.id, "at_ms": self.at_ms}),
+        }
+    }
+}
+
+/// Out of order (up to 6 s back), with a few records a minute late and a
+/// few NULL cards, over five cards.
+fn events() -> Vec<Event> {
+    let mut state = 11u64;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    (0..600)
+        .map(|i| {
+            let roll = next();
+            let late = if roll % 37 == 0 { 60_000 } else { 0 };
+            Event {
+                side: (roll % 2) as u8,
+                card: (roll % 23 != 0).then_some(((roll >> 3) % 5) as u8),
+                at_ms: 1_000_000 + i * 700 - ((roll >> 8) % 6_000) as i64 - late,
+                id: i,
+            }
+        })
+        .collect()
+}
+
+/// A joined row as the test compares them: (time, left id, right id).
+type Joined = (i64, Option<i64>, Option<i64>);
+
+/// Runs `events` through `statement`'s stages, the watermark following the
+/// greatest event time read (as a join task's upstreams announce it), and
+/// closes every window at the end. Optionally snapshots the join state
+/// after `restart_at` records and goes on in a fresh stage restored from it.
+fn run(statement: &str, events: &[Event], restart_at: Option<usize>) -> (Vec<Joined>, u64) {
+    let plan = plan(statement).unwrap_or_else(|e| panic!("{statement}: {e}"));
+    let def = compile("q", &plan).expect("compiles");
+    assert_eq!((plan.stages(), def.stages(), def.source_count()), (3, 3, 2));
+    let factory = def.window_stage.as_ref().expect("a join stage");
+    let mut join: Box<dyn WindowStage> = factory();
+    let (mut staged, mut out) = (Emitted::default(), Emitted::default());
+    let mut watermark_ms = i64::MIN;
+    for (i, event) in events.iter().enumerate() {
+        if restart_at == Some(i) {
+            let snapshot = join.snapshot().expect("snapshots");
+            join = factory();
+            join.restore(&snapshot).expect("restores");
+        }
+        staged.clear();
+        let (_, source) = def.source_of(u32::from(event.side)).expect("a source stage");
+        source
+            .process(event.json().to_string().as_bytes(), 0, &mut staged)
+            .expect("decodes");
+        for r in staged.iter() {
+            join.add(
+                r.key.expect("keyed"),
+                r.value.expect("carried"),
+                r.timestamp_ms,
+                &mut out,
+            )
+            .expect("adds");
+            watermark_ms = watermark_ms.max(r.timestamp_ms);
+        }
+        join.advance(watermark_ms, &mut out).expect("advances");
+    }
+    join.advance(i64::MAX, &mut out).expect("closes");
+    let mut joined: Vec<Joined> = out
+        .iter()
+        .map(|r| {
+            let value: Value = serde_json::from_slice(r.value.expect("value")).expect("JSON");
+            (r.timestamp_ms, value["AMOUNT"].as_i64(), value["PAID"].as_i64())
+        })
+        .collect();
+    joined.sort();
+    (joined, join.late_records())
+}
+
+/// What a join of `events` emits by definition: every pair of on-time
+/// records of one card whose times are within (before, after), at the later
+/// time; each on-time record of a kept side that pairs with nothing, NULL
+/// cards included; late ones (older than grace behind the greatest time
+/// read before them) nowhere.
+fn reference(events: &[Event], before_ms: i64, after_ms: i64, grace_ms: i64, keeps: [bool; 2]) -> (Vec<Joined>, u64) {
+    let mut max_ms = i64::MIN;
+    let mut on_time = Vec::new();
+    let mut late = 0;
+    for event in events {
+        if event.at_ms.saturating_add(grace_ms) < max_ms {
+            late += 1;
+        } else {
+            on_time.push(*event);
+        }
+        max_ms = max_ms.max(event.at_ms);
+    }
+    let mut joined = Vec::new();
+    let mut matched = vec![false; on_time.len()];
+    for (i, l) in on_time.iter().enumerate().filter(|(_, e)| e.side == 0) {
+        for (j, r) in on_time.iter().enumerate().filter(|(_, e)| e.side == 1) {
+            let within = r.at_ms >= l.at_ms - before_ms && r.at_ms <= l.at_ms + after_ms;
+            if l.card.is_some() && l.card == r.card && within {
+                joined.push((l.at_ms.max(r.at_ms), Some(l.id), Some(r.id)));
+                (matched[i], matched[j]) = (true, true);
+            }
+        }
+    }
+    for (event, _) in on_time
+        .iter()
+        .zip(&matched)
+        .filter(|(e, m)| !**m && keeps[e.side as usize])
+    {
+        joined.push(match event.side {
+            0 => (event.at_ms, Some(event.id), None),
+            _ => (event.at_ms, None, Some(event.id)),
+        });
+    }
+    joined.sort();
+    (joined, late)
+}
+
+fn statement(kind: &str) -> String {
+    format!(
+        "SELECT a.card, a.amount, p.paid FROM attempts a {kind} payments p \
+         WITHIN (3 SECONDS, 5 SECONDS) GRACE PERIOD 10 SECONDS ON a.card = p.card EMIT CHANGES"
+    )
+}
+
+#[test]
+fn inner_left_and_outer_joins_of_two_streams_equal_a_reference() {
+    let events = events();
+    for (kind, keeps) in [
+        ("JOIN", [false, false]),
+        ("LEFT JOIN", [true, false]),
+        ("FULL OUTER JOIN", [true, true]),
+    ] {
+        let (found, late) = run(&statement(kind), &events, None);
+        let (expected, expected_late) = reference(&events, 3_000, 5_000, 10_000, keeps);
+        assert!(
+            expected_late > 0 && expected.len() > 100,
+            "the data has late records and matches"
+        );
+        assert_eq!(late, expected_late, "{kind}: late records");
+        assert_eq!(found.len(), expected.len(), "{kind}: rows");
+        assert_eq!(found, expected, "{kind}");
+        let unmatched = found.iter().filter(|(_, l, r)| l.is_none() || r.is_none()).count();
+        assert_eq!(unmatched > 0, kind != "JOIN", "{kind}: unmatched rows only where kept");
+    }
+}
+
+#[test]
+fn a_join_restored_from_its_snapshot_emits_what_an_uninterrupted_one_does() {
+    let events = events();
+    let statement = statement("FULL OUTER JOIN");
+    let (whole, late) = run(&statement, &events, None);
+    for restart_at in [1, 137, 300, 599] {
+        assert_eq!(
+            run(&statement, &events, Some(restart_at)),
+            (whole.clone(), late),
+            "restart at {restart_at}"
+        );
+    }
+}
+
+#[test]
+fn a_symmetric_within_and_the_default_grace_hold_every_record_to_the_end() {
+    let events = events();
+    let statement = "SELECT a.amount, p.paid FROM attempts a LEFT JOIN payments p WITHIN 2 SECONDS ON p.card = a.card";
+    let (found, late) = run(statement, &events, None);
+    let (expected, _) = reference(&events, 2_000, 2_000, 24 * 3_600_000, [true, false]);
+    assert_eq!((found, late), (expected, 0), "a day's grace: nothing is late");
+}
+
+#[test]
+fn a_join_of_two_streams_plans_three_stages_and_explains_them() {
+    let plan = plan(&statement("LEFT JOIN")).expect("plans");
+    assert_eq!(
+        plan.sources().map(|s| s.topic.as_str()).collect::<Vec<_>>(),
+        ["attempts", "payments"]
+    );
+    assert_eq!(plan.sink.key, [0], "keyed by the join key, as ksqlDB keys a join");
+    let explained = plan.explain("Q");
+    assert!(
+        explained.contains("Left JOIN STREAM PAYMENTS (CARD STRING, PAID BIGINT, AT_MS BIGINT, ROWTIME) from payments (stage 1) WITHIN 3000 ms before, 5000 ms after, GRACE 10000 ms ON CARD = PAYMENTS.CARD"),
+        "{explained}"
+    );
+    assert!(explained.contains("stage 2 starts"), "{explained}");
+    let everything =
+        super::stream_join::plan("SELECT * FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.card = p.card")
+            .expect("plans");
+    let names: Vec<&str> = everything.sink.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["A_CARD", "A_AMOUNT", "A_AT_MS", "A_NOTE", "A_META", "P_CARD", "P_PAID", "P_AT_MS"],
+        "both sides' columns, named as ksqlDB names them"
+    );
+}
+
+#[test]
+fn refused_stream_joins_name_the_problem() {
+    for (statement, expected) in [
+        ("SELECT * FROM attempts a JOIN payments p ON a.card = p.card", "needs WITHIN"),
+        (
+            "SELECT * FROM attempts a JOIN cards c WITHIN 1 SECOND ON a.card = c.card",
+            "WITHIN belongs to a join of two streams",
+        ),
+        (
+            "SELECT a.card, COUNT(*) FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.card = p.card GROUP BY a.card",
+            "an aggregate over a join of two streams is not supported yet",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.amount = p.card",
+            "a join on values of different types",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.card = p.card JOIN cards c ON a.card = c.card",
+            "is the only join of its query",
+        ),
+        (
+            "SELECT * FROM attempts a FULL OUTER JOIN cards c ON a.card = c.card",
+            "not FULL OUTER JOIN",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.card = a.note",
+            "compares an expression of one stream with one of the other",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN payments p WITHIN 1 FORTNIGHT ON a.card = p.card",
+            "a unit",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN payments p WITHIN (1 SECOND) ON a.card = p.card",
+            "WITHIN (before unit, after unit)",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN payments p WITHIN 1 SECOND GRACE 2 SECONDS ON a.card = p.card",
+            "PERIOD after GRACE",
+        ),
+        (
+            "SELECT rowtime FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.card = p.card",
+            "column ROWTIME is ambiguous",
+        ),
+    ] {
+        let refused = plan(statement).expect_err(statement);
+        assert!(refused.contains(expected), "{statement}: {refused}");
+    }
+}
+
+#[test]
+fn a_join_stage_holds_a_bounded_number_of_records_and_refuses_a_foreign_snapshot() {
+    let plan = plan(&statement("JOIN")).expect("plans");
+    let def = compile("q", &plan).expect("compiles");
+    let mut join = (def.window_stage.as_ref().expect("join"))();
+    let refused = join.restore(b"\x07garbage").expect_err("not a join state");
+    assert!(refused.to_string().contains("join state"), "{refused}");
+    let refused = join.read(None, 10).expect_err("no table");
+    assert!(refused.to_string().contains("stream–stream join"), "{refused}");
+    let (mut staged, mut out) = (Emitted::default(), Emitted::default());
+    let (_, left) = def.source_of(0).expect("left");
+    let mut held = 0;
+    let outcome = loop {
+        staged.clear();
+        let record = json!({"card": "c1", "amount": held, "at_ms": 5_000, "note": "n", "meta": {}});
+        left.process(record.to_string().as_bytes(), 0, &mut staged)
+            .expect("decodes");
+        let r = staged.iter().next().expect("one record");
+        match join.add(r.key.expect("key"), r.value.expect("value"), r.timestamp_ms, &mut out) {
+            Ok(()) => held += 1,
+            Err(e) => break e,
+        }
+        assert!(held <= runnel_dataflow::join::JOIN_HELD_RECORDS_MAX, "bounded");
+    };
+    assert_eq!(held, runnel_dataflow::join::JOIN_HELD_RECORDS_MAX);
+    assert!(outcome.to_string().contains("shorten the join's WITHIN"), "{outcome}");
+}
