@@ -107,17 +107,17 @@ async fn connect(addrs: &[SocketAddr], certs: &Path) -> Arc<Client> {
 /// with a fresh producer (the reference is read back from the topic, so a
 /// retried record that landed twice is part of the input either way).
 async fn produce(client: &Arc<Client>, attempts: impl Iterator<Item = Attempt>) {
-    let mut producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
-        .await
-        .expect("producer");
-    for attempt in attempts {
-        let record = fraud::record(&attempt);
+    produce_to(client, fraud::SOURCE, attempts.map(|a| fraud::record(&a))).await
+}
+
+/// Sends `records` to `topic` as [`produce`] sends attempts.
+async fn produce_to(client: &Arc<Client>, topic: &str, records: impl Iterator<Item = Record>) {
+    let mut producer = Producer::new(client.clone(), topic, Acks::All).await.expect("producer");
+    for record in records {
         let deadline = Instant::now() + TIMEOUT;
         while let Err(e) = producer.send(None, record.clone()).await {
             assert!(Instant::now() < deadline, "produce kept failing: {e}");
-            producer = Producer::new(client.clone(), fraud::SOURCE, Acks::All)
-                .await
-                .expect("producer");
+            producer = Producer::new(client.clone(), topic, Acks::All).await.expect("producer");
         }
     }
     let deadline = Instant::now() + TIMEOUT;
@@ -1070,4 +1070,148 @@ fn expect_pulled_countries(cluster: &Cluster, expected: &BTreeMap<(String, i64),
         let statement = format!("SELECT * FROM per_country WHERE country = '{country}';");
         wait_pulled_rows(cluster, &statement, ("COUNTRY", "ATTEMPTS"), &wanted);
     }
+}
+
+/// A payment of `attempt`'s card, `delay_ms` after it, keyed by card.
+fn payment(attempt: &Attempt, delay_ms: i64) -> Record {
+    let at_ms = attempt.at_ms + delay_ms;
+    let value =
+        serde_json::json!({"card_number": attempt.card_number, "paid_cents": attempt.amount_cents, "at_ms": at_ms});
+    Record {
+        timestamp_ms: at_ms,
+        key: Some(Bytes::from(attempt.card_number.clone())),
+        value: Some(Bytes::from(value.to_string())),
+        headers: Vec::new(),
+    }
+}
+
+/// One joined row as the test compares them: card, attempt time, amount,
+/// payment time.
+type Paid = (String, i64, u64, i64);
+
+/// The inner join of what the two topics hold: each attempt with each
+/// payment of its card at most `within_ms` away.
+async fn paid_reference(client: &Arc<Client>, within_ms: i64) -> Vec<Paid> {
+    let rows = |records: Vec<Record>| -> Vec<serde_json::Value> {
+        records
+            .iter()
+            .map(|r| serde_json::from_slice(r.value.as_deref().expect("value")).expect("JSON"))
+            .collect()
+    };
+    let attempts = rows(read_all(client, "attempts").await);
+    let payments = rows(read_all(client, "payments").await);
+    let mut by_card: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for p in &payments {
+        by_card
+            .entry(p["card_number"].as_str().expect("card"))
+            .or_default()
+            .push(p["at_ms"].as_i64().expect("at"));
+    }
+    let mut expected = Vec::new();
+    for a in &attempts {
+        let (card, at_ms) = (
+            a["card_number"].as_str().expect("card"),
+            a["at_ms"].as_i64().expect("at"),
+        );
+        for paid_ms in by_card.get(card).into_iter().flatten() {
+            if (paid_ms - at_ms).abs() <= within_ms {
+                expected.push((
+                    card.to_string(),
+                    at_ms,
+                    a["amount_cents"].as_u64().expect("amount"),
+                    *paid_ms,
+                ));
+            }
+        }
+    }
+    expected.sort();
+    expected
+}
+
+async fn paid_results(client: &Arc<Client>) -> Vec<Paid> {
+    let mut found: Vec<Paid> = read_all(client, "PAID")
+        .await
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(r.value.as_deref().expect("value")).expect("JSON");
+            (
+                v["CARD_NUMBER"].as_str().expect("card").to_string(),
+                v["ATTEMPT_MS"].as_i64().expect("attempt time"),
+                v["AMOUNT_CENTS"].as_u64().expect("amount"),
+                v["PAID_MS"].as_i64().expect("payment time"),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// A stream–stream join on three nodes: attempts joined with the payments
+/// of their card within 10 seconds, a node killed mid-stream; the sink
+/// holds every pair of the two topics exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_streams_joined_within_a_window_equal_the_reference_exactly_once_through_a_kill() {
+    let mut cluster = start(150);
+    let client = connect(&cluster.addrs, &cluster.certs).await;
+    let declare = "CREATE STREAM attempts (card_number STRING, amount_cents BIGINT, at_ms BIGINT) \
+        WITH (KAFKA_TOPIC='attempts', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3, TIMESTAMP='at_ms');
+        CREATE STREAM payments (card_number STRING, paid_cents BIGINT, at_ms BIGINT) \
+        WITH (KAFKA_TOPIC='payments', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3, TIMESTAMP='at_ms');
+        CREATE STREAM refunds (card_number STRING) WITH (KAFKA_TOPIC='refunds', VALUE_FORMAT='JSON', PARTITIONS=2, REPLICAS=3);";
+    wait_for("the streams to be declared", TIMEOUT, || {
+        let output = sql(&cluster, declare);
+        output.status.success() || String::from_utf8_lossy(&output.stderr).contains("already exists")
+    });
+    let output = sql(
+        &cluster,
+        "CREATE STREAM odd AS SELECT a.card_number FROM attempts a JOIN refunds r WITHIN 1 SECOND ON a.card_number = r.card_number;",
+    );
+    let refused = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && refused.contains("cannot join attempts (3 partitions) with refunds (2 partitions)"),
+        "{refused}"
+    );
+    let output = sql(
+        &cluster,
+        "CREATE STREAM paid AS SELECT a.card_number, a.at_ms AS attempt_ms, a.amount_cents, p.at_ms AS paid_ms \
+         FROM attempts a JOIN payments p WITHIN 10 SECONDS ON a.card_number = p.card_number;",
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let explained = String::from_utf8_lossy(&sql(&cluster, "EXPLAIN CSAS_PAID_0;").stdout).to_string();
+    assert!(explained.contains("Inner JOIN STREAM PAYMENTS"), "{explained}");
+
+    let mut generator = Generator::new(9, 300, START_MS, 20).bursting_one_in(1_000);
+    let send = |client: Arc<Client>, attempts: Vec<Attempt>| async move {
+        let payments: Vec<Record> = attempts.iter().step_by(3).map(|a| payment(a, 4_000)).collect();
+        produce_to(&client, "attempts", attempts.iter().map(fraud::record)).await;
+        produce_to(&client, "payments", payments.into_iter()).await;
+    };
+    for _ in 0..3 {
+        send(client.clone(), generator.by_ref().take(1_000).collect()).await;
+    }
+    wait_for_checkpoints_on(&cluster, "CSAS_PAID_0", 3);
+    cluster.nodes[2].kill();
+    tracing::info!("node 3 killed");
+    let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
+    for _ in 0..3 {
+        send(survivors.clone(), generator.by_ref().take(1_000).collect()).await;
+    }
+    let expected = paid_reference(&survivors, 10_000).await;
+    assert!(
+        expected.len() > 2_000,
+        "most payments meet attempts: {} pairs",
+        expected.len()
+    );
+    let started = Instant::now();
+    let found = loop {
+        let found = paid_results(&survivors).await;
+        if found.len() >= expected.len() || started.elapsed() > RESULTS_TIMEOUT {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    tracing::info!(expected = expected.len(), found = found.len(), "joined pairs");
+    assert_eq!(found.len(), expected.len(), "pairs: none lost, none repeated");
+    assert!(found == expected, "the sink holds exactly the reference's pairs");
+    drop(cluster);
 }
