@@ -313,6 +313,27 @@ pub enum Operator {
     /// condition. The rows that follow are the row, then the other
     /// stream's row (NULLs for an unmatched row of a left or outer join).
     JoinStream(StreamJoin),
+    /// Joins two tables on their primary keys (format version 4 on): the
+    /// plan's source is the left table, read as a table (the record key is
+    /// the primary key, a null value deletes). A stage boundary like
+    /// [`Operator::JoinStream`]; the join stage holds both tables' latest
+    /// rows and emits the joined row's upserts and deletions. The rows that
+    /// follow are the left row, then the right row.
+    JoinTables(TablesJoin),
+}
+
+/// A table–table join on both primary keys, as ksqlDB's: inner, left or
+/// outer, its result a table keyed by the key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablesJoin {
+    /// The left table (the plan's source) and its primary key column.
+    pub left_table: String,
+    pub left_key: usize,
+    /// The right table, its topic and schema, and its primary key column.
+    pub right_table: String,
+    pub source: Source,
+    pub right_key: usize,
+    pub kind: JoinKind,
 }
 
 /// A stream–stream join, as Kafka Streams' `KStream#join` with a
@@ -423,14 +444,33 @@ impl Plan {
         let boundaries = self
             .operators
             .iter()
-            .filter(|op| matches!(op, Operator::Repartition { .. } | Operator::JoinStream(_)))
+            .filter(|op| {
+                matches!(
+                    op,
+                    Operator::Repartition { .. } | Operator::JoinStream(_) | Operator::JoinTables(_)
+                )
+            })
             .count();
         (self.sources().count() + boundaries) as u32
     }
 
-    /// The sources, in stage order: the plan's, then each stream join's.
+    /// The sources, in stage order: the plan's, then each stream join's
+    /// and table–table join's.
     pub fn sources(&self) -> impl Iterator<Item = &Source> {
-        std::iter::once(&self.source).chain(self.stream_joins().map(|join| &join.source))
+        let joined = self.operators.iter().filter_map(|op| match op {
+            Operator::JoinStream(join) => Some(&join.source),
+            Operator::JoinTables(join) => Some(&join.source),
+            _ => None,
+        });
+        std::iter::once(&self.source).chain(joined)
+    }
+
+    /// The table–table join, if the plan is one.
+    pub fn tables_join(&self) -> Option<&TablesJoin> {
+        self.operators.iter().find_map(|op| match op {
+            Operator::JoinTables(join) => Some(join),
+            _ => None,
+        })
     }
 
     /// The stream–stream joins, in order.
@@ -503,6 +543,22 @@ impl Plan {
                 )));
             }
         }
+        if let Some(join) = self.tables_join() {
+            let fits = join.left_key < self.source.columns.len()
+                && join.right_key < join.source.columns.len()
+                && join.source.columns.len() <= COLUMNS_MAX;
+            if !fits {
+                return Err(PlanError::Invalid(format!(
+                    "the join of {} and {} names key columns {} and {} of {} and {} columns",
+                    join.left_table,
+                    join.right_table,
+                    join.left_key,
+                    join.right_key,
+                    self.source.columns.len(),
+                    join.source.columns.len()
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -559,6 +615,7 @@ impl Plan {
                 Operator::Repartition { key, carry } => Box::new(key.iter().chain(carry)),
                 Operator::JoinTable(join) => Box::new(std::iter::once(&join.on)),
                 Operator::JoinStream(join) => Box::new([&join.left_key, &join.right_key].into_iter()),
+                Operator::JoinTables(_) => Box::new(std::iter::empty()),
                 Operator::Aggregate { .. } | Operator::Registered { .. } => Box::new(std::iter::empty()),
             }
         })
@@ -660,6 +717,30 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
             )
         }
         Operator::JoinStream(join) => explain_stream_join(join, name, names, stage),
+        Operator::JoinTables(join) => {
+            let right: Vec<String> = join
+                .source
+                .columns
+                .iter()
+                .map(|c| format!("{}.{}", join.right_table, c.name))
+                .collect();
+            let on = format!(
+                "{} = {}",
+                names.get(join.left_key).map_or("?", String::as_str),
+                right.get(join.right_key).map_or("?", String::as_str)
+            );
+            names.extend(right);
+            names.push(format!("{}.ROWTIME", join.right_table));
+            *stage += 2;
+            format!(
+                "{:?} JOIN TABLE {} ({}, ROWTIME) from {} (stage {}) ON {on}, both tables by key through {name}.repartition: stage {stage} starts, holding both tables' latest rows",
+                join.kind,
+                join.right_table,
+                column_list(&join.source.columns),
+                join.source.topic,
+                *stage - 1,
+            )
+        }
     }
 }
 

@@ -14,8 +14,6 @@ use crate::{partition_for_key, Client};
 
 /// Pause between two attempts while a task moves or restores.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
-/// The stage holding an aggregate's state.
-const AGGREGATE_STAGE: u32 = 1;
 
 impl Client {
     /// The rows of task `task`'s state on `node`, which must run it.
@@ -53,7 +51,7 @@ impl Client {
         let tasks: Vec<u32> = match key {
             Some(key) => vec![owning_task(&meta, key)?],
             None => (0..meta.partitions)
-                .map(|p| AGGREGATE_STAGE * meta.partitions + p)
+                .map(|p| state_stage(&meta) * meta.partitions + p)
                 .collect(),
         };
         let mut rows = Vec::new();
@@ -113,13 +111,19 @@ impl Client {
 
 /// The aggregate-stage task that owns `key`: the one reading the key's
 /// repartition partition.
+/// The stage holding a dataflow's state: its last (an aggregate's or a
+/// join's), which reads what every source stage repartitions.
+fn state_stage(meta: &DataflowMeta) -> u32 {
+    meta.stages.saturating_sub(1)
+}
+
 fn owning_task(meta: &DataflowMeta, key: &[u8]) -> ClientResult<u32> {
-    if meta.stages <= AGGREGATE_STAGE {
+    if meta.stages <= 1 {
         return Err(StateError::Stateless {
             dataflow: meta.name.clone(),
             task: 0,
         }
         .into());
     }
-    Ok(AGGREGATE_STAGE * meta.partitions + partition_for_key(key, meta.partitions))
+    Ok(state_stage(meta) * meta.partitions + partition_for_key(key, meta.partitions))
 }

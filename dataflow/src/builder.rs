@@ -142,6 +142,20 @@ pub trait SourceStage: Send + Sync {
         Vec::new()
     }
 
+    /// Runs one record given its key too: a table's source stage reads its
+    /// primary key there, and a null value as a deletion. Others read the
+    /// value alone ([`SourceStage::process_joined`]).
+    fn process_record(
+        &self,
+        _key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        timestamp_ms: i64,
+        tables: &[crate::table::TableState],
+        out: &mut Emitted,
+    ) -> Result<(), String> {
+        self.process_joined(value.unwrap_or_default(), timestamp_ms, tables, out)
+    }
+
     /// [`SourceStage::process_joined`] for a stage that joins nothing.
     fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
         self.process_joined(value, timestamp_ms, &[], out)
@@ -182,7 +196,7 @@ pub(crate) fn read_state<A: Clone>(
 }
 
 /// What `Emitted` holds, as state rows.
-fn state_rows(out: &Emitted) -> Vec<StateRow> {
+pub(crate) fn state_rows(out: &Emitted) -> Vec<StateRow> {
     out.iter()
         .filter_map(|record| {
             Some(StateRow {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use runnel_client::plan::{
     AggregateCall, AggregateFunction, Column, EmitMode, Expr, JoinKind, Literal, Operator, Plan, PlanError, StreamJoin,
-    TableJoin, WindowSpec,
+    TableJoin, TablesJoin, WindowSpec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +34,7 @@ use crate::builder::{
 use crate::join::{JoinSpec, StreamJoinStage, LEFT, RIGHT};
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
 use crate::table::TableState;
+use crate::table_join::{TableJoinStage, TableSource, TablesSpec};
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 use runnel_client::tasks::StateRow;
 
@@ -48,14 +49,21 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
             "the plan runs the Rust dataflow {dataflow:?}: it resolves in a node's registry (Registry::resolve), not by compiling"
         )));
     }
-    let split = plan
-        .operators
-        .iter()
-        .position(|op| matches!(op, Operator::Repartition { .. } | Operator::JoinStream(_)));
+    let split = plan.operators.iter().position(|op| {
+        matches!(
+            op,
+            Operator::Repartition { .. } | Operator::JoinStream(_) | Operator::JoinTables(_)
+        )
+    });
     let (before, after) = plan.operators.split_at(split.unwrap_or(plan.operators.len()));
     let stateless = source_ops(before)?;
-    if let Some((Operator::JoinStream(join), rest)) = after.split_first() {
-        return compile_stream_join(name, plan, before, join, rest);
+    match after.split_first() {
+        Some((Operator::JoinStream(join), rest)) => return compile_stream_join(name, plan, before, join, rest),
+        Some((Operator::JoinTables(join), rest)) if before.is_empty() => {
+            return compile_tables_join(name, plan, join, rest)
+        }
+        Some((Operator::JoinTables(_), _)) => return Err(invalid("operators before a table–table join")),
+        _ => {}
     }
     let mut def = DataflowDef {
         name: name.to_string(),
@@ -189,6 +197,46 @@ fn compile_stream_join(
         joined_sources: vec![JoinedSource {
             topic: join.source.topic.clone(),
             stage: Arc::new(right),
+        }],
+        window_stage: Some(factory),
+        steps: Vec::new(),
+    })
+}
+
+/// A plan joining two tables: a source stage per table, each keyed by its
+/// primary key, then the join stage ([`crate::table_join`]) and the
+/// stateless operators after it.
+fn compile_tables_join(
+    name: &str,
+    plan: &Plan,
+    join: &TablesJoin,
+    after: &[Operator],
+) -> Result<DataflowDef, PlanError> {
+    let ops = stateless_ops(after).map_err(|_| invalid("an aggregate or a second join after a table–table join"))?;
+    let spec = Arc::new(TablesSpec {
+        kind: join.kind,
+        left_width: plan.source.columns.len() + 1,
+        right_width: join.source.columns.len() + 1,
+        ops,
+        sink: plan.sink.clone(),
+    });
+    let factory: WindowStageFactory = Arc::new(move || Box::new(TableJoinStage::new(spec.clone())));
+    Ok(DataflowDef {
+        name: name.to_string(),
+        source: plan.source.topic.clone(),
+        sink: plan.sink.topic.clone(),
+        source_stage: Arc::new(TableSource {
+            columns: plan.source.columns.clone(),
+            key: join.left_key,
+            side: LEFT,
+        }),
+        joined_sources: vec![JoinedSource {
+            topic: join.source.topic.clone(),
+            stage: Arc::new(TableSource {
+                columns: join.source.columns.clone(),
+                key: join.right_key,
+                side: RIGHT,
+            }),
         }],
         window_stage: Some(factory),
         steps: Vec::new(),

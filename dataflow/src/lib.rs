@@ -15,6 +15,8 @@
 //! - [`row`]: SQL rows: values, JSON decoding by schema, expressions.
 //! - [`table`]: the tables a stage joins with, each task holding the whole
 //!   table at read positions its checkpoints record.
+//! - [`table_join`]: table–table joins: each table read by key, the join
+//!   stage holding both tables' latest rows.
 //! - [`task`]: one task (a stage over one input partition): read, process,
 //!   send with deterministic sequence numbers, checkpoint, restore.
 //! - [`host`]: a node's runtime: the registry of known dataflows and the
@@ -29,6 +31,7 @@ pub mod host;
 pub mod join;
 pub mod row;
 pub mod table;
+pub mod table_join;
 pub mod task;
 pub mod window;
 

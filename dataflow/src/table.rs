@@ -312,8 +312,9 @@ fn row_bytes(key: &str, row: &[Value]) -> usize {
     key.len() + values + ROW_OVERHEAD_BYTES + std::mem::size_of_val(row)
 }
 
-/// The key column's value when the record's value leaves it out.
-fn key_value(key: &str, ty: SqlType) -> Value {
+/// The key column's value when the record's value leaves it out: a
+/// primary key's value from its text (the record key), by its column's type.
+pub(crate) fn key_value(key: &str, ty: SqlType) -> Value {
     match ty {
         SqlType::Int | SqlType::BigInt => key.parse().map_or(Value::Null, Value::Int),
         SqlType::Double => key.parse().map_or(Value::Null, Value::Double),

@@ -728,9 +728,10 @@ impl<C: TaskIo> TaskRunner<C> {
         for view in input.views() {
             let view = view?;
             self.counters.records_in += 1;
-            let value = view.value.unwrap_or_default();
             emitted.clear();
-            if let Err(reason) = source.process_joined(value, view.timestamp_ms, &self.tables, &mut emitted) {
+            if let Err(reason) =
+                source.process_record(view.key, view.value, view.timestamp_ms, &self.tables, &mut emitted)
+            {
                 dead_letters.push_record(&self.dead_letter(&view, &reason))?;
                 continue;
             }

@@ -9,7 +9,9 @@
 //! [AS b] WITHIN 10 MINUTES ON a.x = b.y`), alone in its query: both sides
 //! are repartitioned by their side of the condition (see
 //! `runnel_dataflow::join`), and must have as many partitions (the cluster
-//! refuses the query otherwise). Table–table joins are refused by name.
+//! refuses the query otherwise). Or it is a table–table join (`FROM t
+//! [LEFT|FULL OUTER] JOIN u ON t.id = u.id`) on both primary keys, alone in
+//! its query (see `runnel_dataflow::table_join`).
 
 use runnel_client::plan::{JoinKind, ObjectKind, SqlObject};
 use runnel_client::protocol::Catalog;
@@ -31,6 +33,17 @@ pub struct Input<'a> {
     pub joins: Vec<JoinInput<'a>>,
     /// A stream–stream join (the query's only join).
     pub stream_join: Option<StreamJoinInput<'a>>,
+    /// A table–table join (the query's only join).
+    pub tables_join: Option<TablesJoinInput<'a>>,
+}
+
+/// The table joined with the source table on both primary keys.
+#[derive(Clone, Debug)]
+pub struct TablesJoinInput<'a> {
+    pub table: &'a SqlObject,
+    pub alias: String,
+    pub kind: JoinKind,
+    pub on: &'a ast::Expr,
 }
 
 /// The stream joined with the source within a time window.
@@ -63,6 +76,7 @@ impl<'a> Input<'a> {
             alias: source.name.clone(),
             joins: Vec::new(),
             stream_join: None,
+            tables_join: None,
         }
     }
 }
@@ -83,6 +97,7 @@ pub fn input_of<'a>(catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'
         alias,
         joins: Vec::new(),
         stream_join: None,
+        tables_join: None,
     };
     for join in &from.joins {
         let (table, alias) = relation(catalog, &join.relation)?;
@@ -94,6 +109,10 @@ pub fn input_of<'a>(catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'
         }
         if source.kind == ObjectKind::Stream && table.kind == ObjectKind::Stream {
             input.stream_join = Some(stream_join(query, from.joins.len(), table, alias, kind, on)?);
+            continue;
+        }
+        if source.kind == ObjectKind::Table && table.kind == ObjectKind::Table {
+            input.tables_join = Some(tables_join(query, from.joins.len(), source, table, alias, kind, on)?);
             continue;
         }
         check_sides(source, table)?;
@@ -117,6 +136,41 @@ pub fn input_of<'a>(catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'
         ));
     }
     Ok(input)
+}
+
+/// A join of the source table with `table` on both primary keys, the
+/// query's only join.
+fn tables_join<'a>(
+    query: &Query,
+    joins: usize,
+    source: &SqlObject,
+    table: &'a SqlObject,
+    alias: String,
+    kind: JoinKind,
+    on: &'a ast::Expr,
+) -> SqlResult<TablesJoinInput<'a>> {
+    if joins != 1 || query.within.is_some() {
+        return Err(SqlError::new(format!(
+            "a table–table join (of {} with {}) is the only join of its query, without WITHIN",
+            source.name, table.name
+        )));
+    }
+    for t in [source, table] {
+        joinable_table(t)?;
+    }
+    Ok(TablesJoinInput { table, alias, kind, on })
+}
+
+/// A table a join can read: declared with one PRIMARY KEY column, its
+/// records keyed by it as text.
+fn joinable_table(table: &SqlObject) -> SqlResult<()> {
+    if table.key.len() != 1 || table.windowed || table.query.is_some() {
+        return Err(SqlError::new(format!(
+            "{} cannot be joined with: join a table declared with one PRIMARY KEY column (CREATE TABLE t (id STRING PRIMARY KEY, …) WITH (…)), not an aggregate's table",
+            table.name
+        )));
+    }
+    Ok(())
 }
 
 /// A join of the source stream with `stream`, which must be the query's
@@ -187,17 +241,11 @@ fn join_kind(operator: &ast::JoinOperator) -> SqlResult<(JoinKind, &ast::Expr)> 
 fn check_sides(source: &SqlObject, table: &SqlObject) -> SqlResult<()> {
     if source.kind == ObjectKind::Table {
         return Err(SqlError::new(format!(
-            "{} is a table: the left side of a join must be a stream (table–table joins are not supported yet)",
-            source.name
+            "{} is a table and {} a stream: put the stream on the left (FROM stream JOIN table)",
+            source.name, table.name
         )));
     }
-    if table.key.len() != 1 || table.windowed || table.query.is_some() {
-        return Err(SqlError::new(format!(
-            "{} cannot be joined with: join a table declared with one PRIMARY KEY column (CREATE TABLE t (id STRING PRIMARY KEY, …) WITH (…)), not an aggregate's table",
-            table.name
-        )));
-    }
-    Ok(())
+    joinable_table(table)
 }
 
 pub fn object_named<'a>(catalog: &'a Catalog, name: &str) -> SqlResult<&'a SqlObject> {

@@ -9,12 +9,12 @@
 
 use runnel_client::plan::{
     AggregateCall, AggregateFunction, BinaryOp, Column, EmitMode, Expr, Function, Literal, ObjectKind, Operator, Plan,
-    Sink, Source, SqlType, StreamJoin, TableJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
+    Sink, Source, SqlType, StreamJoin, TableJoin, TablesJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
 };
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
-use crate::from::{Input, JoinInput, StreamJoinInput};
+use crate::from::{Input, JoinInput, StreamJoinInput, TablesJoinInput};
 use crate::parse::Query;
 
 /// A planned SELECT and what its output looks like.
@@ -131,6 +131,12 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
         input.extend(&right, &join.alias);
         operators.push(Operator::JoinStream(planned));
     }
+    if let Some(join) = &from.tables_join {
+        input.qualifiers = vec![from.alias.clone(); input.columns.len()];
+        let planned = join_tables(join, from, &input)?;
+        input.extend(&with_rowtime(&join.table.columns), &join.alias);
+        operators.push(Operator::JoinTables(planned));
+    }
     if let Some(condition) = &select.selection {
         let (condition, ty) = Converter::plain(&input).convert(condition)?;
         expect_boolean(ty, "WHERE")?;
@@ -154,12 +160,25 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
             "an aggregate over a join of two streams is not supported yet: write the join to a stream (CREATE STREAM j AS SELECT … FROM {} JOIN {} …) and aggregate that",
             from.alias, join.alias
         )));
+    } else if from.tables_join.is_some() {
+        return Err(SqlError::new(
+            "an aggregate over a join of two tables is not supported yet: write the join to a table (CREATE TABLE j AS SELECT …) first",
+        ));
     } else {
         aggregate(select, query, &input, &group_by, &mut operators)?
     };
-    let (columns, mut key, kind) = planned;
+    let (columns, mut key, mut kind) = planned;
     if key.is_empty() {
         key = join_key_columns(&operators, source.columns.len() + 1);
+    }
+    if let Some(join) = &from.tables_join {
+        if key.is_empty() {
+            return Err(SqlError::new(format!(
+                "the SELECT of a join of two tables must include the key ({}.{} or {}.{}): it keys the result",
+                from.alias, source.columns[source.key[0]].name, join.alias, join.table.columns[join.table.key[0]].name
+            )));
+        }
+        kind = ObjectKind::Table;
     }
     let plan = Plan {
         version: PLAN_FORMAT_VERSION,
@@ -480,17 +499,79 @@ fn join_stream(join: &StreamJoinInput<'_>, left: &Scope) -> SqlResult<StreamJoin
     })
 }
 
-/// After a stream–stream join, the projected columns that are its key (a
-/// column of either side's condition), which key the sink's records as
-/// ksqlDB keys a join's result; none when neither is projected.
-fn join_key_columns(operators: &[Operator], left_width: usize) -> Vec<usize> {
-    let Some(join) = operators.iter().find_map(|op| match op {
-        Operator::JoinStream(join) => Some(join),
+/// A table–table join's ON clause: the left table's PRIMARY KEY equal to
+/// the right one's.
+fn join_tables(join: &TablesJoinInput<'_>, from: &Input<'_>, left: &Scope) -> SqlResult<TablesJoin> {
+    let right = {
+        let mut scope = Scope::of(with_rowtime(&join.table.columns));
+        scope.qualifiers = vec![join.alias.clone(); scope.columns.len()];
+        scope
+    };
+    let (left_key, right_key) = (from.source.key[0], join.table.key[0]);
+    let column = |scope: &Scope, e: &ast::Expr| match Converter::plain(scope).convert(e) {
+        Ok((Expr::Column(i), _)) => Some(i),
         _ => None,
-    }) else {
+    };
+    let on_keys =
+        |a: &ast::Expr, b: &ast::Expr| column(left, a) == Some(left_key) && column(&right, b) == Some(right_key);
+    let keyed = match join.on {
+        ast::Expr::BinaryOp {
+            left: a,
+            op: ast::BinaryOperator::Eq,
+            right: b,
+        } => on_keys(a, b) || on_keys(b, a),
+        _ => false,
+    };
+    let (left_column, right_column) = (&from.source.columns[left_key], &join.table.columns[right_key]);
+    if !keyed {
+        return Err(SqlError::new(format!(
+            "a join of two tables is on both PRIMARY KEYs: ON {}.{} = {}.{}, not {} (foreign-key joins are not supported)",
+            from.alias, left_column.name, join.alias, right_column.name, join.on
+        )));
+    }
+    let integers = |t: SqlType| matches!(t, SqlType::Int | SqlType::BigInt);
+    if left_column.ty != right_column.ty && !(integers(left_column.ty) && integers(right_column.ty)) {
+        return Err(SqlError::new(format!(
+            "a join on values of different types: {}.{} is {}, {}.{} is {}",
+            from.alias, left_column.name, left_column.ty, join.alias, right_column.name, right_column.ty
+        )));
+    }
+    Ok(TablesJoin {
+        left_table: from.source.name.clone(),
+        left_key,
+        right_table: join.table.name.clone(),
+        source: Source {
+            topic: join.table.topic.clone(),
+            columns: join.table.columns.clone(),
+            timestamp: None,
+        },
+        right_key,
+        kind: join.kind,
+    })
+}
+
+fn with_rowtime(columns: &[Column]) -> Vec<Column> {
+    let mut columns = columns.to_vec();
+    columns.push(Column {
+        name: "ROWTIME".to_string(),
+        ty: SqlType::BigInt,
+    });
+    columns
+}
+
+/// After a join of two streams or two tables, the projected columns that
+/// are its key (a column of either side's condition), which key the sink's
+/// records as ksqlDB keys a join's result; none when neither is projected.
+fn join_key_columns(operators: &[Operator], left_width: usize) -> Vec<usize> {
+    let keys = operators.iter().find_map(|op| match op {
+        Operator::JoinStream(join) => Some((join.left_key.clone(), join.right_key.clone())),
+        Operator::JoinTables(join) => Some((Expr::Column(join.left_key), Expr::Column(join.right_key))),
+        _ => None,
+    });
+    let Some((left_key, right_key)) = keys else {
         return Vec::new();
     };
-    let right_key = match join.right_key {
+    let right_key = match right_key {
         Expr::Column(i) => Some(Expr::Column(left_width + i)),
         _ => None,
     };
@@ -499,7 +580,7 @@ fn join_key_columns(operators: &[Operator], left_width: usize) -> Vec<usize> {
     };
     projection
         .iter()
-        .position(|(_, e)| *e == join.left_key || Some(e) == right_key.as_ref())
+        .position(|(_, e)| *e == left_key || Some(e) == right_key.as_ref())
         .into_iter()
         .collect()
 }

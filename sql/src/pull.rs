@@ -145,7 +145,7 @@ fn check_shape(query: &Query) -> SqlResult<()> {
 fn state_query<'a>(catalog: &'a Catalog, object: &SqlObject) -> SqlResult<(&'a str, &'a Plan)> {
     let no_state = || {
         SqlError::new(format!(
-            "{} holds no state to look up: a pull query reads rows an aggregate keeps (CREATE TABLE … AS SELECT … GROUP BY …); read {} with SELECT … EMIT CHANGES",
+            "{} holds no state to look up: a pull query reads rows an aggregate or a join of two tables keeps (CREATE TABLE … AS SELECT …); read {} with SELECT … EMIT CHANGES",
             object.name, object.name
         ))
     };
@@ -155,7 +155,8 @@ fn state_query<'a>(catalog: &'a Catalog, object: &SqlObject) -> SqlResult<(&'a s
         .iter()
         .find(|(meta, _)| meta.name == id)
         .ok_or_else(|| SqlError::new(format!("the query {id} writing {} is not running", object.name)))?;
-    if !plan.operators.iter().any(|op| matches!(op, Operator::Aggregate { .. })) {
+    let stateful = |op: &Operator| matches!(op, Operator::Aggregate { .. } | Operator::JoinTables(_));
+    if !plan.operators.iter().any(stateful) {
         return Err(no_state());
     }
     Ok((meta.name.as_str(), plan))
@@ -169,6 +170,15 @@ fn is_windowed(plan: &Plan) -> bool {
 
 /// The sink column holding each GROUP BY key, in GROUP BY order.
 fn group_key_columns(plan: &Plan, object: &SqlObject) -> SqlResult<Vec<String>> {
+    if plan.tables_join().is_some() {
+        // A join of two tables is keyed by the key column it projects.
+        return Ok(plan
+            .sink
+            .key
+            .iter()
+            .map(|&k| plan.sink.columns[k].name.clone())
+            .collect());
+    }
     let keys = plan
         .operators
         .iter()

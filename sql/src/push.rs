@@ -88,14 +88,19 @@ impl PushQuery {
         let mut out = Emitted::default();
         for (stage, stored) in &records {
             let record = &stored.record;
-            let value = record.value.as_deref().unwrap_or_default();
             let Some((_, source)) = self.def.source_of(*stage) else {
                 continue;
             };
             let tables: &[TableState] = if *stage == 0 { &self.tables } else { &[] };
             // A record that does not match the schema is skipped, as a
             // persistent query sends it to its dead-letter topic.
-            let _ = source.process_joined(value, record.timestamp_ms, tables, &mut staged);
+            let _ = source.process_record(
+                record.key.as_deref(),
+                record.value.as_deref(),
+                record.timestamp_ms,
+                tables,
+                &mut staged,
+            );
         }
         match &mut self.window {
             None => std::mem::swap(&mut staged, &mut out),

@@ -17,6 +17,7 @@ use crate::parse::{parse_statement, Statement};
 use crate::planner::plan_query;
 
 mod stream_join;
+mod table_join;
 
 /// `ATTEMPTS (CARD STRING, AMOUNT BIGINT, AT_MS BIGINT, NOTE STRING, META STRUCT)`, event time AT_MS.
 fn attempts() -> SqlObject {
@@ -488,8 +489,8 @@ fn refused_joins_name_the_problem() {
             "a join of two streams needs WITHIN",
         ),
         (
-            "SELECT * FROM cards a JOIN cards b ON a.card = b.card",
-            "CARDS is a table: the left side of a join must be a stream (table–table joins are not supported yet)",
+            "SELECT * FROM cards c JOIN attempts a ON a.card = c.card",
+            "CARDS is a table and ATTEMPTS a stream: put the stream on the left",
         ),
         (
             "SELECT * FROM attempts a RIGHT JOIN cards c ON a.card = c.card",

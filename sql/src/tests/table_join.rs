@@ -1,0 +1,255 @@
+//! Table–table joins end to end without a cluster: both tables' changes
+//! (upserts and tombstones, keyed by primary key) run through their source
+//! stages into the join stage, and after every change the table the output
+//! materializes must equal the join of the two tables as they stand then,
+//! computed here.
+
+use std::collections::BTreeMap;
+
+use runnel_client::plan::{Column, ObjectKind, SqlObject, SqlType};
+use runnel_client::protocol::Catalog;
+use runnel_dataflow::builder::{Emitted, WindowStage};
+use runnel_dataflow::compile::compile;
+use serde_json::{json, Value};
+
+use crate::from::input_of;
+use crate::parse::{parse_statement, Statement};
+use crate::planner::plan_query;
+
+fn table(name: &str, columns: &[(&str, SqlType)]) -> SqlObject {
+    SqlObject {
+        name: name.to_uppercase(),
+        kind: ObjectKind::Table,
+        topic: name.into(),
+        columns: columns
+            .iter()
+            .map(|(name, ty)| Column {
+                name: name.to_string(),
+                ty: *ty,
+            })
+            .collect(),
+        timestamp: None,
+        key: vec![0],
+        windowed: false,
+        query: None,
+        statement: String::new(),
+    }
+}
+
+fn catalog() -> Catalog {
+    let users = table("users", &[("ID", SqlType::String), ("NAME", SqlType::String)]);
+    let accounts = table("accounts", &[("ID", SqlType::String), ("BALANCE", SqlType::BigInt)]);
+    let numbered = table("numbered", &[("ID", SqlType::BigInt), ("X", SqlType::String)]);
+    let mut stream = table("clicks", &[("ID", SqlType::String)]);
+    stream.kind = ObjectKind::Stream;
+    Catalog {
+        objects: vec![users, accounts, numbered, stream],
+        queries: Vec::new(),
+    }
+}
+
+fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
+    let parsed = parse_statement(statement).map_err(|e| e.to_string())?;
+    let query = match parsed.statement {
+        Statement::Select(query) | Statement::CreateAs { query, .. } => query,
+        other => return Err(format!("not a query: {other:?}")),
+    };
+    let catalog = catalog();
+    let input = input_of(&catalog, &query).map_err(|e| e.to_string())?;
+    plan_query(statement, &query, &input, "out")
+        .map(|planned| planned.plan)
+        .map_err(|e| e.to_string())
+}
+
+/// One change: side (0 users, 1 accounts), key, and the new value or a
+/// deletion.
+type Change = (usize, String, Option<Value>);
+
+/// Changes to both tables over eight keys: inserts, updates, deletions,
+/// deletions of keys never written.
+fn changes() -> Vec<Change> {
+    let mut state = 5u64;
+    (0..400)
+        .map(|i| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let roll = state >> 33;
+            let side = (roll % 2) as usize;
+            let key = format!("k{}", (roll >> 2) % 8);
+            let value = match ((roll >> 6) % 4, side) {
+                (0, _) => None,
+                (_, 0) => Some(json!({"name": format!("n{i}")})),
+                _ => Some(json!({"balance": i})),
+            };
+            (side, key, value)
+        })
+        .collect()
+}
+
+/// The join of the tables as they stand, as the statement's output shows it.
+fn reference(tables: &[BTreeMap<String, Value>; 2], kind: &str) -> BTreeMap<String, Value> {
+    let keys: std::collections::BTreeSet<&String> = tables[0].keys().chain(tables[1].keys()).collect();
+    keys.into_iter()
+        .filter_map(|key| {
+            let (user, account) = (tables[0].get(key), tables[1].get(key));
+            let kept = match kind {
+                "JOIN" => user.is_some() && account.is_some(),
+                "LEFT JOIN" => user.is_some(),
+                _ => true,
+            };
+            let id = user.map(|_| json!(key)).unwrap_or(Value::Null);
+            let row = json!({
+                "ID": id,
+                "NAME": user.map_or(Value::Null, |u| u["name"].clone()),
+                "BALANCE": account.map_or(Value::Null, |a| a["balance"].clone()),
+            });
+            kept.then(|| (key.clone(), row))
+        })
+        .collect()
+}
+
+fn statement(kind: &str) -> String {
+    format!("CREATE TABLE joined AS SELECT u.id, u.name, a.balance FROM users u {kind} accounts a ON u.id = a.id;")
+}
+
+/// Runs `changes` through the join, checking after each that the output
+/// materializes the reference; restarts from a snapshot after `restart_at`.
+fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec<(Option<Value>, Option<Value>)> {
+    let plan = plan(&statement(kind)).unwrap_or_else(|e| panic!("{kind}: {e}"));
+    let def = compile("q", &plan).expect("compiles");
+    let factory = def.window_stage.as_ref().expect("a join stage");
+    let mut join: Box<dyn WindowStage> = factory();
+    let mut tables: [BTreeMap<String, Value>; 2] = Default::default();
+    let mut materialized: BTreeMap<String, Value> = BTreeMap::new();
+    let mut log = Vec::new();
+    for (i, (side, key, value)) in changes.iter().enumerate() {
+        if restart_at == Some(i) {
+            let snapshot = join.snapshot().expect("snapshots");
+            join = factory();
+            join.restore(&snapshot).expect("restores");
+        }
+        let (_, source) = def.source_of(*side as u32).expect("a source stage");
+        let (mut staged, mut out) = (Emitted::default(), Emitted::default());
+        let bytes = value.as_ref().map(|v| v.to_string().into_bytes());
+        source
+            .process_record(Some(key.as_bytes()), bytes.as_deref(), i as i64, &[], &mut staged)
+            .expect("decodes");
+        for r in staged.iter() {
+            join.add(r.key.expect("key"), r.value.expect("carried"), r.timestamp_ms, &mut out)
+                .expect("adds");
+        }
+        match value {
+            Some(v) => tables[*side].insert(key.clone(), v.clone()),
+            None => tables[*side].remove(key),
+        };
+        for r in out.iter() {
+            let out_key: Value = serde_json::from_slice(r.key.expect("keyed")).expect("JSON key");
+            let key = out_key["ID"].as_str().unwrap_or(key).to_string();
+            let value: Option<Value> = r.value.map(|v| serde_json::from_slice(v).expect("JSON"));
+            match &value {
+                Some(v) => materialized.insert(key, v.clone()),
+                None => materialized.remove(&key),
+            };
+            log.push((Some(out_key), value));
+        }
+        assert_eq!(materialized, reference(&tables, kind), "{kind}: after change {i}");
+    }
+    let read = join.read(None, 1_000).expect("reads").expect("under the limit");
+    assert_eq!(
+        read.len(),
+        materialized.len(),
+        "{kind}: a pull query reads every joined row"
+    );
+    log
+}
+
+#[test]
+fn inner_left_and_outer_joins_of_two_tables_materialize_the_join_after_every_change() {
+    let changes = changes();
+    for kind in ["JOIN", "LEFT JOIN", "FULL OUTER JOIN"] {
+        let log = run_checked(kind, &changes, None);
+        let deletions = log.iter().filter(|(_, v)| v.is_none()).count();
+        assert!(deletions > 0 && log.len() > 100, "{kind}: upserts and deletions");
+    }
+}
+
+#[test]
+fn a_table_join_restored_from_its_snapshot_emits_what_an_uninterrupted_one_does() {
+    let changes = changes();
+    let whole = run_checked("FULL OUTER JOIN", &changes, None);
+    for restart_at in [1, 150, 399] {
+        assert_eq!(run_checked("FULL OUTER JOIN", &changes, Some(restart_at)), whole);
+    }
+}
+
+#[test]
+fn a_join_of_two_tables_plans_a_table_keyed_by_the_key_and_explains_itself() {
+    let plan = plan(&statement("LEFT JOIN")).expect("plans");
+    assert_eq!(plan.stages(), 3);
+    assert_eq!(plan.sink.key, [0]);
+    let explained = plan.explain("CTAS_JOINED_0");
+    assert!(
+        explained.contains(
+            "Left JOIN TABLE ACCOUNTS (ID STRING, BALANCE BIGINT, ROWTIME) from accounts (stage 1) ON ID = ACCOUNTS.ID"
+        ),
+        "{explained}"
+    );
+    let plan = super::table_join::plan(
+        "SELECT a.id AS account, u.name FROM users u FULL OUTER JOIN accounts a ON a.id = u.id EMIT CHANGES",
+    )
+    .expect("the right key keys it too");
+    assert_eq!(plan.sink.key, [0]);
+}
+
+#[test]
+fn refused_table_joins_name_the_problem() {
+    for (statement, expected) in [
+        (
+            "SELECT u.id FROM users u JOIN accounts a ON u.name = a.id",
+            "on both PRIMARY KEYs: ON U.ID = A.ID",
+        ),
+        (
+            "SELECT u.id, COUNT(*) FROM users u JOIN accounts a ON u.id = a.id GROUP BY u.id",
+            "an aggregate over a join of two tables",
+        ),
+        (
+            "SELECT u.name FROM users u JOIN accounts a ON u.id = a.id",
+            "must include the key",
+        ),
+        (
+            "SELECT u.id FROM users u JOIN numbered n ON u.id = n.id",
+            "a join on values of different types: U.ID is STRING, N.ID is BIGINT",
+        ),
+        (
+            "SELECT u.id FROM users u JOIN accounts a WITHIN 1 SECOND ON u.id = a.id",
+            "without WITHIN",
+        ),
+        (
+            "SELECT u.id FROM users u JOIN clicks c ON u.id = c.id",
+            "put the stream on the left",
+        ),
+    ] {
+        let refused = plan(statement).expect_err(statement);
+        assert!(refused.contains(expected), "{statement}: {refused}");
+    }
+}
+
+#[test]
+fn a_table_record_without_a_usable_key_is_a_dead_letter() {
+    let plan = plan(&statement("JOIN")).expect("plans");
+    let def = compile("q", &plan).expect("compiles");
+    let mut out = Emitted::default();
+    let value = br#"{"name": "x"}"#;
+    let refused = def.source_stage.process_record(None, Some(value), 0, &[], &mut out);
+    assert!(refused.expect_err("no key").contains("without a key"));
+    let numbered =
+        super::table_join::plan("CREATE TABLE j AS SELECT n.id, n.x FROM numbered n JOIN numbered m ON n.id = m.id;")
+            .expect("plans");
+    let def = compile("q", &numbered).expect("compiles");
+    let refused = def
+        .source_stage
+        .process_record(Some(b"seven"), Some(b"{}"), 0, &[], &mut out);
+    assert!(refused.expect_err("not a number").contains("is not a BIGINT"));
+    assert!(out.is_empty());
+}
