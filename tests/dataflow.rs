@@ -1146,18 +1146,24 @@ async fn paid_results(client: &Arc<Client>) -> Vec<Paid> {
     found
 }
 
-/// A stream–stream join on three nodes: attempts joined with the payments
-/// of their card within 10 seconds, a node killed mid-stream; the sink
-/// holds every pair of the two topics exactly once.
+/// Joins on three nodes, a node killed mid-stream: attempts joined with
+/// the payments of their card within 10 seconds (the sink holds every pair
+/// of the two topics exactly once), and card holders left-joined with card
+/// limits (the sink materializes the join of the tables' final rows, and a
+/// pull query reads it by key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_streams_joined_within_a_window_equal_the_reference_exactly_once_through_a_kill() {
+async fn streams_and_tables_joined_equal_their_references_exactly_once_through_a_kill() {
     let mut cluster = start(150);
     let client = connect(&cluster.addrs, &cluster.certs).await;
     let declare = "CREATE STREAM attempts (card_number STRING, amount_cents BIGINT, at_ms BIGINT) \
         WITH (KAFKA_TOPIC='attempts', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3, TIMESTAMP='at_ms');
         CREATE STREAM payments (card_number STRING, paid_cents BIGINT, at_ms BIGINT) \
         WITH (KAFKA_TOPIC='payments', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3, TIMESTAMP='at_ms');
-        CREATE STREAM refunds (card_number STRING) WITH (KAFKA_TOPIC='refunds', VALUE_FORMAT='JSON', PARTITIONS=2, REPLICAS=3);";
+        CREATE STREAM refunds (card_number STRING) WITH (KAFKA_TOPIC='refunds', VALUE_FORMAT='JSON', PARTITIONS=2, REPLICAS=3);
+        CREATE TABLE holders (card_number STRING PRIMARY KEY, name STRING) \
+        WITH (KAFKA_TOPIC='holders', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3);
+        CREATE TABLE limits (card_number STRING PRIMARY KEY, card_limit BIGINT) \
+        WITH (KAFKA_TOPIC='limits', VALUE_FORMAT='JSON', PARTITIONS=3, REPLICAS=3);";
     wait_for("the streams to be declared", TIMEOUT, || {
         let output = sql(&cluster, declare);
         output.status.success() || String::from_utf8_lossy(&output.stderr).contains("already exists")
@@ -1179,6 +1185,13 @@ async fn two_streams_joined_within_a_window_equal_the_reference_exactly_once_thr
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let explained = String::from_utf8_lossy(&sql(&cluster, "EXPLAIN CSAS_PAID_0;").stdout).to_string();
     assert!(explained.contains("Inner JOIN STREAM PAYMENTS"), "{explained}");
+    let output = sql(
+        &cluster,
+        "CREATE TABLE holder_limits AS SELECT h.card_number, h.name, l.card_limit \
+         FROM holders h LEFT JOIN limits l ON h.card_number = l.card_number;",
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let table_changes = table_changes();
 
     let mut generator = Generator::new(9, 300, START_MS, 20).bursting_one_in(1_000);
     let send = |client: Arc<Client>, attempts: Vec<Attempt>| async move {
@@ -1189,13 +1202,16 @@ async fn two_streams_joined_within_a_window_equal_the_reference_exactly_once_thr
     for _ in 0..3 {
         send(client.clone(), generator.by_ref().take(1_000).collect()).await;
     }
+    produce_table_changes(&client, &table_changes[..300]).await;
     wait_for_checkpoints_on(&cluster, "CSAS_PAID_0", 3);
+    wait_for_checkpoints_on(&cluster, "CTAS_HOLDER_LIMITS_0", 3);
     cluster.nodes[2].kill();
     tracing::info!("node 3 killed");
     let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
     for _ in 0..3 {
         send(survivors.clone(), generator.by_ref().take(1_000).collect()).await;
     }
+    produce_table_changes(&survivors, &table_changes[300..]).await;
     let expected = paid_reference(&survivors, 10_000).await;
     assert!(
         expected.len() > 2_000,
@@ -1213,5 +1229,112 @@ async fn two_streams_joined_within_a_window_equal_the_reference_exactly_once_thr
     tracing::info!(expected = expected.len(), found = found.len(), "joined pairs");
     assert_eq!(found.len(), expected.len(), "pairs: none lost, none repeated");
     assert!(found == expected, "the sink holds exactly the reference's pairs");
+    expect_holder_limits(&cluster, &survivors, &table_changes).await;
     drop(cluster);
+}
+
+/// A change to `holders` (side 0) or `limits` (side 1): a card's new row,
+/// or its deletion.
+type TableChange = (usize, String, Option<serde_json::Value>);
+
+/// 600 changes over 40 cards: rows written, rewritten and deleted.
+fn table_changes() -> Vec<TableChange> {
+    let mut state = 3u64;
+    (0..600)
+        .map(|i| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let roll = state >> 33;
+            let side = (roll % 2) as usize;
+            let card = format!("card-{:06}", (roll >> 2) % 40);
+            let row = match ((roll >> 8) % 5, side) {
+                (0, _) => None,
+                (_, 0) => Some(serde_json::json!({"name": format!("holder {i}")})),
+                _ => Some(serde_json::json!({"card_limit": i * 100})),
+            };
+            (side, card, row)
+        })
+        .collect()
+}
+
+async fn produce_table_changes(client: &Arc<Client>, changes: &[TableChange]) {
+    for (side, topic) in [(0, "holders"), (1, "limits")] {
+        let records = changes
+            .iter()
+            .filter(|(s, _, _)| *s == side)
+            .map(|(_, card, row)| Record {
+                timestamp_ms: START_MS,
+                key: Some(Bytes::from(card.clone())),
+                value: row.as_ref().map(|r| Bytes::from(r.to_string())),
+                headers: Vec::new(),
+            });
+        produce_to(client, topic, records).await;
+    }
+}
+
+/// The table the join's sink materializes equals the left join of the
+/// tables' final rows, and pull queries answer it by key.
+async fn expect_holder_limits(cluster: &Cluster, client: &Arc<Client>, changes: &[TableChange]) {
+    let mut tables: [BTreeMap<String, serde_json::Value>; 2] = Default::default();
+    for (side, card, row) in changes {
+        match row {
+            Some(row) => tables[*side].insert(card.clone(), row.clone()),
+            None => tables[*side].remove(card),
+        };
+    }
+    let expected: BTreeMap<String, serde_json::Value> = tables[0]
+        .iter()
+        .map(|(card, holder)| {
+            let limit = tables[1]
+                .get(card)
+                .map_or(serde_json::Value::Null, |l| l["card_limit"].clone());
+            let row = serde_json::json!({"CARD_NUMBER": card, "NAME": holder["name"], "CARD_LIMIT": limit});
+            (card.clone(), row)
+        })
+        .collect();
+    assert!(expected.len() > 10, "most cards have a holder: {expected:?}");
+    let started = Instant::now();
+    let materialized = loop {
+        let mut materialized = BTreeMap::new();
+        for record in read_all(client, "HOLDER_LIMITS").await {
+            let key: serde_json::Value = serde_json::from_slice(record.key.as_deref().expect("key")).expect("JSON");
+            let card = key["CARD_NUMBER"].as_str().expect("card").to_string();
+            match record.value.as_deref() {
+                Some(value) => materialized.insert(card, serde_json::from_slice(value).expect("JSON")),
+                None => materialized.remove(&card),
+            };
+        }
+        if materialized == expected || started.elapsed() > RESULTS_TIMEOUT {
+            break materialized;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        materialized, expected,
+        "the join's table: every change applied once, in order"
+    );
+    let (card, row) = expected.iter().next().expect("a row");
+    let output = cli(
+        cluster,
+        &[
+            "sql",
+            "--format",
+            "json",
+            "-e",
+            &format!("SELECT * FROM holder_limits WHERE card_number = '{card}';"),
+        ],
+    );
+    let pulled: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} {}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(
+        pulled["NAME"].as_str(),
+        row["NAME"].as_str(),
+        "pulled {pulled}, expected {row}"
+    );
 }
