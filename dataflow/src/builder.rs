@@ -27,6 +27,9 @@ use runnel_client::tasks::StateRow;
 use crate::table::TableState;
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 
+mod stream_join;
+pub use stream_join::JoinedStream;
+
 /// Hands one (value, event time) on to the next operator.
 type Out<'a, T> = &'a mut dyn FnMut(T, i64);
 /// Decodes a source record and runs every operator so far, joins with the

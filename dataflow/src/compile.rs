@@ -31,7 +31,7 @@ use crate::builder::{
     read_state, DataflowDef, Emitted, EncodedKey, JoinedSource, SourceStage, StageError, WindowStage,
     WindowStageFactory,
 };
-use crate::join::{JoinSpec, StreamJoinStage, LEFT, RIGHT};
+use crate::join::{JoinSpec, JoinWindow, StreamJoinStage, LEFT, RIGHT};
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
 use crate::table::TableState;
 use crate::table_join::{TableJoinStage, TableSource, TablesSpec};
@@ -180,9 +180,11 @@ fn compile_stream_join(
     };
     let spec = Arc::new(JoinSpec {
         kind: join.kind,
-        before_ms: join.before_ms,
-        after_ms: join.after_ms,
-        grace_ms: join.grace_ms,
+        window: JoinWindow {
+            before_ms: join.before_ms,
+            after_ms: join.after_ms,
+            grace_ms: join.grace_ms,
+        },
         left_width,
         right_width,
         ops,

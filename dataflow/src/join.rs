@@ -20,12 +20,17 @@
 //!
 //! Everything here is a function of the records and watermarks in order,
 //! so a task replaying its input from a checkpoint emits the same rows.
+//!
+//! [`JoinBuffers`] is that state machine over any payload; SQL's join stage
+//! ([`StreamJoinStage`]) holds rows of values, the Rust builders' join
+//! ([`crate::builder::KeyedStream::join`]) each side's encoded records.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use runnel_client::plan::{JoinKind, Operator, Sink};
 use runnel_client::tasks::StateRow;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{Emitted, StageError, WindowStage};
@@ -41,23 +46,19 @@ pub const JOIN_HELD_RECORDS_MAX: usize = 200_000;
 /// The format of [`JoinSnapshot`].
 const JOIN_STATE_VERSION: u8 = 1;
 
-/// What every task of a join stage shares.
-#[derive(Clone, Debug)]
-pub struct JoinSpec {
-    pub kind: JoinKind,
+/// A join's window, in milliseconds: a left record at `l` joins right
+/// records at `[l - before, l + after]`; records older than the watermark
+/// by more than `grace` are late.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JoinWindow {
     pub before_ms: i64,
     pub after_ms: i64,
     pub grace_ms: i64,
-    /// Values in a left row (its columns, then ROWTIME).
-    pub left_width: usize,
-    pub right_width: usize,
-    /// The stateless operators after the join.
-    pub ops: Vec<Operator>,
-    pub sink: Sink,
 }
 
+/// Which side of the join a record comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum Side {
+pub enum Side {
     Left,
     Right,
 }
@@ -78,10 +79,23 @@ impl Side {
     }
 }
 
-impl JoinSpec {
-    /// Whether `side`'s records that matched nothing leave with NULLs.
-    fn keeps_unmatched(&self, side: Side) -> bool {
-        matches!((self.kind, side), (JoinKind::Outer, _) | (JoinKind::Left, Side::Left))
+impl JoinWindow {
+    /// Records at most `span` apart join, either way round; no grace.
+    pub fn within(span: std::time::Duration) -> JoinWindow {
+        let ms = i64::try_from(span.as_millis()).unwrap_or(i64::MAX);
+        JoinWindow {
+            before_ms: ms,
+            after_ms: ms,
+            grace_ms: 0,
+        }
+    }
+
+    /// How long after its window a record may still arrive.
+    pub fn grace(self, grace: std::time::Duration) -> JoinWindow {
+        JoinWindow {
+            grace_ms: i64::try_from(grace.as_millis()).unwrap_or(i64::MAX),
+            ..self
+        }
     }
 
     /// When a record of `side` at `t_ms` can no longer be joined.
@@ -94,7 +108,7 @@ impl JoinSpec {
     }
 
     /// The times of the other side's records a record of `side` at `t_ms`
-    /// joins (a left record at `l` joins right ones at `[l - before, l + after]`).
+    /// joins.
     fn partners(&self, side: Side, t_ms: i64) -> std::ops::RangeInclusive<i64> {
         match side {
             Side::Left => t_ms.saturating_sub(self.before_ms)..=t_ms.saturating_add(self.after_ms),
@@ -103,56 +117,75 @@ impl JoinSpec {
     }
 }
 
+/// Whether a join of `kind` emits `side`'s records that matched nothing.
+pub fn keeps_unmatched(kind: JoinKind, side: Side) -> bool {
+    matches!((kind, side), (JoinKind::Outer, _) | (JoinKind::Left, Side::Left))
+}
+
+/// What a join emits: a pair, or a record of one side that matched nothing.
+/// `key` is the join key as repartitioned (empty for a NULL key).
+pub enum Joined<'a, P> {
+    Pair {
+        key: &'a [u8],
+        left: &'a P,
+        right: &'a P,
+        t_ms: i64,
+    },
+    Alone {
+        key: &'a [u8],
+        side: Side,
+        payload: &'a P,
+        t_ms: i64,
+    },
+}
+
 /// One held record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-struct Held {
+struct Held<P> {
     side: Side,
     t_ms: i64,
-    row: Vec<Value>,
+    payload: P,
     matched: bool,
 }
 
-/// A join task's state as its checkpoint holds it.
+/// A join's state as a checkpoint holds it.
 #[derive(Serialize, Deserialize)]
-struct JoinSnapshot {
+struct JoinSnapshot<P> {
     version: u8,
     watermark_ms: i64,
     next_seq: u64,
     late: u64,
     /// Each held record with its key and arrival sequence.
-    held: Vec<(Vec<u8>, u64, Held)>,
+    held: Vec<(Vec<u8>, u64, Held<P>)>,
 }
 
 /// One key's held records, per side by (time, arrival sequence).
-type KeyHeld = [BTreeMap<(i64, u64), Held>; 2];
+type KeyHeld<P> = [BTreeMap<(i64, u64), Held<P>>; 2];
 
-/// One task's join state.
-pub struct StreamJoinStage {
-    spec: Arc<JoinSpec>,
-    held: BTreeMap<Vec<u8>, KeyHeld>,
+/// The records of both sides a join task holds, by key and time, until
+/// their windows close.
+pub struct JoinBuffers<P> {
+    window: JoinWindow,
+    kind: JoinKind,
+    held: BTreeMap<Vec<u8>, KeyHeld<P>>,
     /// When each held record's window closes, by (time, sequence): its key,
     /// side and time.
     closing: BTreeMap<(i64, u64), (Vec<u8>, Side, i64)>,
     next_seq: u64,
     watermark_ms: i64,
     late: u64,
-    /// The repartitioned form of a NULL join key.
-    null_key: Vec<u8>,
-    scratch: Vec<Value>,
 }
 
-impl StreamJoinStage {
-    pub fn new(spec: Arc<JoinSpec>) -> StreamJoinStage {
-        StreamJoinStage {
-            spec,
+impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
+    pub fn new(window: JoinWindow, kind: JoinKind) -> JoinBuffers<P> {
+        JoinBuffers {
+            window,
+            kind,
             held: BTreeMap::new(),
             closing: BTreeMap::new(),
             next_seq: 0,
             watermark_ms: i64::MIN,
             late: 0,
-            // As the source stage encodes a key: a sequence of values.
-            null_key: postcard::to_allocvec(&vec![Value::Null]).unwrap_or_default(),
-            scratch: Vec::new(),
         }
     }
 
@@ -161,133 +194,87 @@ impl StreamJoinStage {
         self.closing.len()
     }
 
-    /// A repartitioned value: its side, then the side's row.
-    fn decode(&self, value: &[u8]) -> Result<(Side, Vec<Value>), StageError> {
-        let mut row: Vec<Value> =
-            postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("join value: {e}")))?;
-        let (side, width) = match row.first() {
-            Some(Value::Int(LEFT)) => (Side::Left, self.spec.left_width),
-            Some(Value::Int(RIGHT)) => (Side::Right, self.spec.right_width),
-            other => return Err(StageError::Corrupt(format!("join value names no side: {other:?}"))),
-        };
-        row.remove(0);
-        if row.len() != width {
-            return Err(StageError::Corrupt(format!(
-                "a {side:?} row of {} values, not {width}",
-                row.len()
-            )));
-        }
-        Ok((side, row))
+    pub fn late_records(&self) -> u64 {
+        self.late
     }
 
-    /// Emits the joined row of `left` and `right` (either NULLs) at `t_ms`,
-    /// after the stage's operators.
-    fn emit(
+    pub fn watermark_ms(&self) -> i64 {
+        self.watermark_ms
+    }
+
+    /// Adds a record of `side` at `t_ms` under `key` (`None`: a NULL key,
+    /// which matches nothing), emitting the pairs it makes.
+    pub fn add(
         &mut self,
-        left: Option<&[Value]>,
-        right: Option<&[Value]>,
+        key: Option<&[u8]>,
+        side: Side,
         t_ms: i64,
-        out: &mut Emitted,
+        payload: P,
+        emit: &mut dyn FnMut(Joined<'_, P>) -> Result<(), StageError>,
     ) -> Result<(), StageError> {
-        let spec = &self.spec;
-        let mut row = Vec::with_capacity(spec.left_width + spec.right_width);
-        match left {
-            Some(values) => row.extend_from_slice(values),
-            None => row.resize(spec.left_width, Value::Null),
-        }
-        match right {
-            Some(values) => row.extend_from_slice(values),
-            None => row.resize(spec.left_width + spec.right_width, Value::Null),
-        }
-        if !run_ops(&spec.ops, &[], &mut row, &mut self.scratch) {
+        if t_ms.saturating_add(self.window.grace_ms) < self.watermark_ms {
+            self.late += 1;
             return Ok(());
         }
-        emit_row(out, &spec.sink, &row, t_ms, &[]).map_err(StageError::Unencodable)
-    }
-
-    /// Emits `row` of `side` with NULLs for the other side.
-    fn emit_unmatched(&mut self, side: Side, row: &[Value], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
-        match side {
-            Side::Left => self.emit(Some(row), None, t_ms, out),
-            Side::Right => self.emit(None, Some(row), t_ms, out),
-        }
-    }
-
-    /// Joins a new record with the other side's held records of `key`;
-    /// whether it matched any.
-    fn join_held(
-        &mut self,
-        key: &[u8],
-        side: Side,
-        row: &[Value],
-        t_ms: i64,
-        out: &mut Emitted,
-    ) -> Result<bool, StageError> {
-        let Some(held) = self.held.get_mut(key) else {
-            return Ok(false);
+        let Some(key) = key else {
+            if keeps_unmatched(self.kind, side) {
+                emit(Joined::Alone {
+                    key: &[],
+                    side,
+                    payload: &payload,
+                    t_ms,
+                })?;
+            }
+            return Ok(());
         };
-        let times = self.spec.partners(side, t_ms);
-        let range = (*times.start(), 0)..=(*times.end(), u64::MAX);
-        let mut pairs = Vec::new();
-        for other in held[side.other().index()].range_mut(range).map(|(_, h)| h) {
-            other.matched = true;
-            pairs.push((other.row.clone(), other.t_ms));
-        }
-        let matched = !pairs.is_empty();
-        for (other, other_ms) in pairs {
-            let (left, right) = match side {
-                Side::Left => (row, &other[..]),
-                Side::Right => (&other[..], row),
-            };
-            self.emit(Some(left), Some(right), t_ms.max(other_ms), out)?;
-        }
-        Ok(matched)
-    }
-
-    fn hold(&mut self, key: &[u8], held: Held) -> Result<(), StageError> {
         if self.held() >= JOIN_HELD_RECORDS_MAX {
             return Err(StageError::JoinFull(JOIN_HELD_RECORDS_MAX));
         }
+        let mut matched = false;
+        if let Some(held) = self.held.get_mut(key) {
+            let times = self.window.partners(side, t_ms);
+            let range = (*times.start(), 0)..=(*times.end(), u64::MAX);
+            for other in held[side.other().index()].range_mut(range).map(|(_, h)| h) {
+                other.matched = true;
+                matched = true;
+                let (left, right) = match side {
+                    Side::Left => (&payload, &other.payload),
+                    Side::Right => (&other.payload, &payload),
+                };
+                emit(Joined::Pair {
+                    key,
+                    left,
+                    right,
+                    t_ms: t_ms.max(other.t_ms),
+                })?;
+            }
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
+        let held = Held {
+            side,
+            t_ms,
+            payload,
+            matched,
+        };
         self.insert(key.to_vec(), seq, held);
         Ok(())
     }
 
-    fn insert(&mut self, key: Vec<u8>, seq: u64, held: Held) {
-        let closes_ms = self.spec.closes_at(held.side, held.t_ms);
+    fn insert(&mut self, key: Vec<u8>, seq: u64, held: Held<P>) {
+        let closes_ms = self.window.closes_at(held.side, held.t_ms);
         self.closing
             .insert((closes_ms, seq), (key.clone(), held.side, held.t_ms));
         self.held.entry(key).or_default()[held.side.index()].insert((held.t_ms, seq), held);
     }
-}
 
-impl WindowStage for StreamJoinStage {
-    fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
-        let (side, row) = self.decode(value)?;
-        if t_ms.saturating_add(self.spec.grace_ms) < self.watermark_ms {
-            self.late += 1;
-            return Ok(());
-        }
-        if key == self.null_key {
-            if self.spec.keeps_unmatched(side) {
-                self.emit_unmatched(side, &row, t_ms, out)?;
-            }
-            return Ok(());
-        }
-        let matched = self.join_held(key, side, &row, t_ms, out)?;
-        self.hold(
-            key,
-            Held {
-                side,
-                t_ms,
-                row,
-                matched,
-            },
-        )
-    }
-
-    fn advance(&mut self, watermark_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+    /// Moves the watermark on: records whose windows closed leave, those
+    /// that matched nothing emitted if the join keeps them.
+    pub fn advance(
+        &mut self,
+        watermark_ms: i64,
+        emit: &mut dyn FnMut(Joined<'_, P>) -> Result<(), StageError>,
+    ) -> Result<(), StageError> {
         if watermark_ms <= self.watermark_ms {
             return Ok(());
         }
@@ -305,14 +292,19 @@ impl WindowStage for StreamJoinStage {
             if of_key.iter().all(BTreeMap::is_empty) {
                 self.held.remove(&key);
             }
-            if let Some(held) = held.filter(|h| !h.matched && self.spec.keeps_unmatched(h.side)) {
-                self.emit_unmatched(held.side, &held.row, held.t_ms, out)?;
+            if let Some(held) = held.filter(|h| !h.matched && keeps_unmatched(self.kind, h.side)) {
+                emit(Joined::Alone {
+                    key: &key,
+                    side: held.side,
+                    payload: &held.payload,
+                    t_ms: held.t_ms,
+                })?;
             }
         }
         Ok(())
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+    pub fn snapshot(&self) -> Result<Vec<u8>, StageError> {
         let held = self
             .held
             .iter()
@@ -333,8 +325,8 @@ impl WindowStage for StreamJoinStage {
         postcard::to_allocvec(&snapshot).map_err(|e| StageError::Unencodable(e.to_string()))
     }
 
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
-        let snapshot: JoinSnapshot =
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        let snapshot: JoinSnapshot<P> =
             postcard::from_bytes(bytes).map_err(|e| StageError::Corrupt(format!("join state: {e}")))?;
         if snapshot.version != JOIN_STATE_VERSION {
             return Err(StageError::Corrupt(format!(
@@ -342,7 +334,7 @@ impl WindowStage for StreamJoinStage {
                 snapshot.version
             )));
         }
-        *self = StreamJoinStage::new(self.spec.clone());
+        *self = JoinBuffers::new(self.window, self.kind);
         for (key, seq, held) in snapshot.held {
             if seq >= snapshot.next_seq {
                 return Err(StageError::Corrupt(format!(
@@ -355,13 +347,129 @@ impl WindowStage for StreamJoinStage {
         (self.watermark_ms, self.next_seq, self.late) = (snapshot.watermark_ms, snapshot.next_seq, snapshot.late);
         Ok(())
     }
+}
+
+/// What every task of a SQL join stage shares.
+#[derive(Clone, Debug)]
+pub struct JoinSpec {
+    pub kind: JoinKind,
+    pub window: JoinWindow,
+    /// Values in a left row (its columns, then ROWTIME).
+    pub left_width: usize,
+    pub right_width: usize,
+    /// The stateless operators after the join.
+    pub ops: Vec<Operator>,
+    pub sink: Sink,
+}
+
+/// One task's SQL join stage: rows of values held in [`JoinBuffers`].
+pub struct StreamJoinStage {
+    spec: Arc<JoinSpec>,
+    buffers: JoinBuffers<Vec<Value>>,
+    /// The repartitioned form of a NULL join key.
+    null_key: Vec<u8>,
+    scratch: Vec<Value>,
+}
+
+impl StreamJoinStage {
+    pub fn new(spec: Arc<JoinSpec>) -> StreamJoinStage {
+        StreamJoinStage {
+            buffers: JoinBuffers::new(spec.window, spec.kind),
+            spec,
+            // As the source stage encodes a key: a sequence of values.
+            null_key: postcard::to_allocvec(&vec![Value::Null]).unwrap_or_default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Records held now.
+    pub fn held(&self) -> usize {
+        self.buffers.held()
+    }
+
+    /// A repartitioned value: its side, then the side's row.
+    fn decode(&self, value: &[u8]) -> Result<(Side, Vec<Value>), StageError> {
+        let mut row: Vec<Value> =
+            postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("join value: {e}")))?;
+        let (side, width) = match row.first() {
+            Some(Value::Int(LEFT)) => (Side::Left, self.spec.left_width),
+            Some(Value::Int(RIGHT)) => (Side::Right, self.spec.right_width),
+            other => return Err(StageError::Corrupt(format!("join value names no side: {other:?}"))),
+        };
+        row.remove(0);
+        if row.len() != width {
+            return Err(StageError::Corrupt(format!(
+                "a {side:?} row of {} values, not {width}",
+                row.len()
+            )));
+        }
+        Ok((side, row))
+    }
+}
+
+/// Emits the joined row of a pair or of an unmatched row (NULLs for the
+/// missing side), after the stage's operators.
+fn emit_joined(
+    spec: &JoinSpec,
+    scratch: &mut Vec<Value>,
+    joined: Joined<'_, Vec<Value>>,
+    out: &mut Emitted,
+) -> Result<(), StageError> {
+    let (left, right, t_ms) = match joined {
+        Joined::Pair { left, right, t_ms, .. } => (Some(left), Some(right), t_ms),
+        Joined::Alone {
+            side: Side::Left,
+            payload,
+            t_ms,
+            ..
+        } => (Some(payload), None, t_ms),
+        Joined::Alone { payload, t_ms, .. } => (None, Some(payload), t_ms),
+    };
+    let mut row = Vec::with_capacity(spec.left_width + spec.right_width);
+    match left {
+        Some(values) => row.extend_from_slice(values),
+        None => row.resize(spec.left_width, Value::Null),
+    }
+    match right {
+        Some(values) => row.extend_from_slice(values),
+        None => row.resize(spec.left_width + spec.right_width, Value::Null),
+    }
+    if !run_ops(&spec.ops, &[], &mut row, scratch) {
+        return Ok(());
+    }
+    emit_row(out, &spec.sink, &row, t_ms, &[]).map_err(StageError::Unencodable)
+}
+
+impl WindowStage for StreamJoinStage {
+    fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let (side, row) = self.decode(value)?;
+        let key = (key != self.null_key).then_some(key);
+        let (spec, scratch) = (&self.spec, &mut self.scratch);
+        self.buffers.add(key, side, t_ms, row, &mut |joined| {
+            emit_joined(spec, scratch, joined, out)
+        })
+    }
+
+    fn advance(&mut self, watermark_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let (spec, scratch) = (&self.spec, &mut self.scratch);
+        self.buffers
+            .advance(watermark_ms, &mut |joined| emit_joined(spec, scratch, joined, out))
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        self.buffers.snapshot()
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        self.buffers.restore(bytes)
+    }
 
     fn late_records(&self) -> u64 {
-        self.late
+        self.buffers.late_records()
     }
 
     fn watermark_ms(&self) -> i64 {
-        self.watermark_ms
+        self.buffers.watermark_ms()
     }
 
     fn read(&self, _key: Option<&[u8]>, _limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
