@@ -135,6 +135,11 @@ pub trait TaskHost: Send + Sync {
     /// The plan of registered steps of a dataflow this node's binary
     /// registered (see `Operator::Registered`).
     fn plan(&self, dataflow: &str) -> Option<Plan>;
+    /// The topics a registered dataflow reads beyond its first source (a
+    /// stream–stream join's other side), which must have as many partitions.
+    fn joined_sources(&self, _dataflow: &str) -> Vec<String> {
+        Vec::new()
+    }
     /// Every task metadata places on this node now: start the missing ones,
     /// stop the rest. `plans` holds the plan of each of their dataflows
     /// that a SQL statement started (the rest are registered by name); a

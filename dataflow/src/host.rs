@@ -151,6 +151,13 @@ impl TaskHost for DataflowHost {
         self.registry.get(dataflow).map(|def| def.plan())
     }
 
+    fn joined_sources(&self, dataflow: &str) -> Vec<String> {
+        self.registry
+            .get(dataflow)
+            .map(|def| def.joined_sources.iter().map(|s| s.topic.clone()).collect())
+            .unwrap_or_default()
+    }
+
     fn assign(&self, tasks: Vec<TaskAssignment>, plans: BTreeMap<String, Plan>) {
         let _ = self.supervisor.cast(SupervisorMsg::Assign(tasks, plans));
     }

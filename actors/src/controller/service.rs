@@ -401,6 +401,14 @@ impl BrokerService {
     pub async fn start_dataflow(&self, name: String) -> Result<(), ServiceError> {
         let plan = self.shared.tasks.as_ref().and_then(|host| host.plan(&name));
         let plan = plan.ok_or_else(|| MetadataError::UnregisteredDataflow(name.clone()))?;
+        let joined = self
+            .shared
+            .tasks
+            .as_ref()
+            .map(|host| host.joined_sources(&name))
+            .unwrap_or_default();
+        self.check_partitions_match(&name, &plan.source.topic, joined.iter().map(String::as_str))
+            .await?;
         self.start_query(name, plan, None).await
     }
 
@@ -426,19 +434,27 @@ impl BrokerService {
     /// per partition of each source stage: the sources must have as many
     /// partitions as the first (ksqlDB refuses such a join too).
     async fn check_co_partitioned(&self, name: &str, plan: &Plan) -> Result<(), ServiceError> {
-        let mut sources = plan.sources();
-        let Some(first) = sources.next() else { return Ok(()) };
+        let others = plan.sources().skip(1).map(|s| s.topic.as_str());
+        self.check_partitions_match(name, &plan.source.topic, others).await
+    }
+
+    /// Each of `others` has as many partitions as `first`.
+    async fn check_partitions_match<'a>(
+        &self,
+        name: &str,
+        first: &str,
+        others: impl Iterator<Item = &'a str>,
+    ) -> Result<(), ServiceError> {
         let mut expected = None;
-        for source in sources {
+        for other in others {
             let first_partitions = match expected {
                 Some(partitions) => partitions,
-                None => *expected.insert(self.source_partitions(name, &first.topic).await?),
+                None => *expected.insert(self.source_partitions(name, first).await?),
             };
-            let partitions = self.source_partitions(name, &source.topic).await?;
+            let partitions = self.source_partitions(name, other).await?;
             if partitions != first_partitions {
                 return Err(MetadataError::InvalidConfig(format!(
-                    "cannot join {} ({first_partitions} partitions) with {} ({partitions} partitions): a stream–stream join needs the same number of partitions on both sides; give both topics the same count",
-                    first.topic, source.topic
+                    "cannot join {first} ({first_partitions} partitions) with {other} ({partitions} partitions): a join of two streams or two tables needs the same number of partitions on both sides; give both topics the same count"
                 ))
                 .into());
             }
