@@ -1086,12 +1086,13 @@ fn payment(attempt: &Attempt, delay_ms: i64) -> Record {
 }
 
 /// One joined row as the test compares them: card, attempt time, amount,
-/// payment time.
-type Paid = (String, i64, u64, i64);
+/// payment time (none for a left join's attempt without a payment).
+type Paid = (String, i64, u64, Option<i64>);
 
-/// The inner join of what the two topics hold: each attempt with each
-/// payment of its card at most `within_ms` away.
-async fn paid_reference(client: &Arc<Client>, within_ms: i64) -> Vec<Paid> {
+/// The join of what the two topics hold: each attempt with each payment of
+/// its card at most `within_ms` away; for a `left` join, each attempt
+/// without one too. The closing records are left out.
+async fn paid_reference(client: &Arc<Client>, within_ms: i64, left: bool) -> Vec<Paid> {
     let rows = |records: Vec<Record>| -> Vec<serde_json::Value> {
         records
             .iter()
@@ -1108,28 +1109,31 @@ async fn paid_reference(client: &Arc<Client>, within_ms: i64) -> Vec<Paid> {
             .push(p["at_ms"].as_i64().expect("at"));
     }
     let mut expected = Vec::new();
-    for a in &attempts {
+    for a in attempts.iter().filter(|a| a["card_number"] != CLOSING_CARD) {
         let (card, at_ms) = (
             a["card_number"].as_str().expect("card"),
             a["at_ms"].as_i64().expect("at"),
         );
-        for paid_ms in by_card.get(card).into_iter().flatten() {
-            if (paid_ms - at_ms).abs() <= within_ms {
-                expected.push((
-                    card.to_string(),
-                    at_ms,
-                    a["amount_cents"].as_u64().expect("amount"),
-                    *paid_ms,
-                ));
-            }
+        let amount = a["amount_cents"].as_u64().expect("amount");
+        let paid: Vec<i64> = by_card
+            .get(card)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|paid_ms| (paid_ms - at_ms).abs() <= within_ms)
+            .collect();
+        if paid.is_empty() && left {
+            expected.push((card.to_string(), at_ms, amount, None));
         }
+        expected.extend(paid.into_iter().map(|p| (card.to_string(), at_ms, amount, Some(p))));
     }
     expected.sort();
     expected
 }
 
-async fn paid_results(client: &Arc<Client>) -> Vec<Paid> {
-    let mut found: Vec<Paid> = read_all(client, "PAID")
+/// What `topic` (a join's sink) holds, the closing records left out.
+async fn paid_results(client: &Arc<Client>, topic: &str) -> Vec<Paid> {
+    let mut found: Vec<Paid> = read_all(client, topic)
         .await
         .iter()
         .map(|r| {
@@ -1138,12 +1142,57 @@ async fn paid_results(client: &Arc<Client>) -> Vec<Paid> {
                 v["CARD_NUMBER"].as_str().expect("card").to_string(),
                 v["ATTEMPT_MS"].as_i64().expect("attempt time"),
                 v["AMOUNT_CENTS"].as_u64().expect("amount"),
-                v["PAID_MS"].as_i64().expect("payment time"),
+                v["PAID_MS"].as_i64(),
             )
         })
+        .filter(|row| row.0 != CLOSING_CARD)
         .collect();
     found.sort();
     found
+}
+
+/// The card of the records that close every join window.
+const CLOSING_CARD: &str = "closing";
+
+/// An attempt and a payment three days on in every partition of both
+/// topics: every source task's event time passes every window and its
+/// grace, so the left join lets every attempt go.
+async fn close_join_windows(client: &Arc<Client>) {
+    let at_ms = START_MS + 3 * 86_400_000;
+    let closing = Attempt {
+        card_number: CLOSING_CARD.to_string(),
+        amount_cents: 0,
+        at_ms,
+    };
+    for (topic, record) in [
+        ("attempts", fraud::record(&closing)),
+        ("payments", payment(&closing, 0)),
+    ] {
+        let mut producer = Producer::new(client.clone(), topic, Acks::All).await.expect("producer");
+        for partition in 0..PARTITIONS {
+            producer
+                .send(Some(partition), record.clone())
+                .await
+                .expect("a closing record");
+        }
+        producer.flush().await.expect("flush");
+    }
+}
+
+/// Polls `topic` until it holds as many rows as `expected`, then checks
+/// it holds exactly those.
+async fn expect_joined(client: &Arc<Client>, topic: &str, expected: &[Paid]) {
+    let started = Instant::now();
+    let found = loop {
+        let found = paid_results(client, topic).await;
+        if found.len() >= expected.len() || started.elapsed() > RESULTS_TIMEOUT {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    tracing::info!(topic, expected = expected.len(), found = found.len(), "joined rows");
+    assert_eq!(found.len(), expected.len(), "{topic}: none lost, none repeated");
+    assert!(found == expected, "{topic} holds exactly the reference's rows");
 }
 
 /// Joins on three nodes, a node killed mid-stream: attempts joined with
@@ -1187,6 +1236,12 @@ async fn streams_and_tables_joined_equal_their_references_exactly_once_through_a
     assert!(explained.contains("Inner JOIN STREAM PAYMENTS"), "{explained}");
     let output = sql(
         &cluster,
+        "CREATE STREAM unpaid AS SELECT a.card_number, a.at_ms AS attempt_ms, a.amount_cents, p.at_ms AS paid_ms \
+         FROM attempts a LEFT JOIN payments p WITHIN 10 SECONDS ON a.card_number = p.card_number;",
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = sql(
+        &cluster,
         "CREATE TABLE holder_limits AS SELECT h.card_number, h.name, l.card_limit \
          FROM holders h LEFT JOIN limits l ON h.card_number = l.card_number;",
     );
@@ -1204,6 +1259,7 @@ async fn streams_and_tables_joined_equal_their_references_exactly_once_through_a
     }
     produce_table_changes(&client, &table_changes[..300]).await;
     wait_for_checkpoints_on(&cluster, "CSAS_PAID_0", 3);
+    wait_for_checkpoints_on(&cluster, "CSAS_UNPAID_0", 3);
     wait_for_checkpoints_on(&cluster, "CTAS_HOLDER_LIMITS_0", 3);
     cluster.nodes[2].kill();
     tracing::info!("node 3 killed");
@@ -1212,23 +1268,20 @@ async fn streams_and_tables_joined_equal_their_references_exactly_once_through_a
         send(survivors.clone(), generator.by_ref().take(1_000).collect()).await;
     }
     produce_table_changes(&survivors, &table_changes[300..]).await;
-    let expected = paid_reference(&survivors, 10_000).await;
+    let expected = paid_reference(&survivors, 10_000, false).await;
     assert!(
         expected.len() > 2_000,
         "most payments meet attempts: {} pairs",
         expected.len()
     );
-    let started = Instant::now();
-    let found = loop {
-        let found = paid_results(&survivors).await;
-        if found.len() >= expected.len() || started.elapsed() > RESULTS_TIMEOUT {
-            break found;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    tracing::info!(expected = expected.len(), found = found.len(), "joined pairs");
-    assert_eq!(found.len(), expected.len(), "pairs: none lost, none repeated");
-    assert!(found == expected, "the sink holds exactly the reference's pairs");
+    expect_joined(&survivors, "PAID", &expected).await;
+    // The left join's attempts without a payment leave once every source
+    // task (of both streams) has passed their windows and grace.
+    close_join_windows(&survivors).await;
+    let expected = paid_reference(&survivors, 10_000, true).await;
+    let unpaid = expected.iter().filter(|row| row.3.is_none()).count();
+    assert!(unpaid > 1_000, "most attempts have no payment: {unpaid}");
+    expect_joined(&survivors, "UNPAID", &expected).await;
     expect_holder_limits(&cluster, &survivors, &table_changes).await;
     drop(cluster);
 }

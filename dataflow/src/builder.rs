@@ -222,6 +222,8 @@ pub enum StageError {
     Unencodable(String),
     #[error("a join task holds {0} records, its bound; shorten the join's WITHIN or GRACE PERIOD, or add partitions")]
     JoinFull(usize),
+    #[error("a join of two tables holds {0} keys in one task, its bound; add partitions to both tables")]
+    TableJoinFull(usize),
     #[error("{0}")]
     NoTable(&'static str),
 }

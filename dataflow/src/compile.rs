@@ -187,6 +187,7 @@ fn compile_stream_join(
         },
         left_width,
         right_width,
+        key_name: join_key_name(plan, join, left_width, &ops),
         ops,
         sink: plan.sink.clone(),
     });
@@ -243,6 +244,28 @@ fn compile_tables_join(
         window_stage: Some(factory),
         steps: Vec::new(),
     })
+}
+
+/// How a stream–stream join's output is keyed: by the join key, named as
+/// the key column the SELECT shows (either side's column of the condition)
+/// or `ROWKEY` when it shows none; `None` when the sink is keyed by other
+/// columns (a `PARTITION BY`).
+fn join_key_name(plan: &Plan, join: &StreamJoin, left_width: usize, ops: &[Operator]) -> Option<String> {
+    let right_key = match join.right_key {
+        Expr::Column(i) => Some(Expr::Column(left_width + i)),
+        _ => None,
+    };
+    let projected = |column: usize| match ops.last() {
+        Some(Operator::Project(projection)) => projection
+            .get(column)
+            .is_some_and(|(_, e)| *e == join.left_key || Some(e) == right_key.as_ref()),
+        _ => false,
+    };
+    match plan.sink.key[..] {
+        [] => Some("ROWKEY".to_string()),
+        [column] if projected(column) => plan.sink.columns.get(column).map(|c| c.name.clone()),
+        _ => None,
+    }
 }
 
 /// Values in a row of `width` after `ops` (a source stage's).

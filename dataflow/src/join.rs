@@ -3,18 +3,20 @@
 //!
 //! Both sides reach the stage through the repartition topic keyed by their
 //! side of the join condition, each record's first carried value naming its
-//! side ([`LEFT`] or [`RIGHT`]). The stage holds every record of a key until
-//! its window has closed: a left record at `t` joins right records at
-//! `[t - before, t + after]`, so it is held until the watermark passes
-//! `t + after + grace` (a right one until `t + before + grace`). Kafka
-//! Streams' semantics (3.1 on):
+//! side ([`LEFT`] or [`RIGHT`]). A left record at `t` joins right records
+//! at `[t - before, t + after]`. As in Kafka Streams' `JoinWindows` (3.1 on):
+//! - a record is late, counted and dropped, once its own window has closed:
+//!   the watermark has passed `t + after + grace` (a right record's:
+//!   `t + before + grace`);
 //! - a pair is emitted as soon as its second record arrives, at the later
 //!   of the two times;
+//! - every record is held until no record of the other side can still join
+//!   it without being late: the watermark has passed
+//!   `t + before + after + grace` (as Kafka Streams' window store retains
+//!   `before + after + grace`);
 //! - a left (or outer) join's record that matched nothing leaves with NULLs
-//!   for the other side once its window has closed, never before (so a
-//!   match that arrives late in the window is not preceded by a NULL row);
-//! - a record older than the watermark by more than the grace is late:
-//!   counted and dropped;
+//!   for the other side when it is let go, never before, so a NULL row is
+//!   never followed by a pair of the same record;
 //! - a record whose join key is NULL matches nothing; a side whose unmatched
 //!   rows leave with NULLs emits it at once (KIP-962), else it is dropped.
 //!
@@ -28,14 +30,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use runnel_client::plan::{JoinKind, Operator, Sink};
+use runnel_client::plan::{Column, JoinKind, Operator, Sink, SqlType};
 use runnel_client::tasks::StateRow;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{Emitted, StageError, WindowStage};
 use crate::compile::{emit_row, run_ops};
-use crate::row::Value;
+use crate::row::{JsonRow, Value};
 
 /// The first carried value of a repartitioned left record.
 pub const LEFT: i64 = 0;
@@ -98,13 +100,22 @@ impl JoinWindow {
         }
     }
 
-    /// When a record of `side` at `t_ms` can no longer be joined.
-    fn closes_at(&self, side: Side, t_ms: i64) -> i64 {
+    /// Whether a record of `side` at `t_ms` is late under `watermark_ms`:
+    /// its window (and the grace after it) closed.
+    fn late(&self, side: Side, t_ms: i64, watermark_ms: i64) -> bool {
         let reach = match side {
             Side::Left => self.after_ms,
             Side::Right => self.before_ms,
         };
-        t_ms.saturating_add(reach).saturating_add(self.grace_ms)
+        t_ms.saturating_add(reach).saturating_add(self.grace_ms) < watermark_ms
+    }
+
+    /// When a held record at `t_ms` is let go: no record of the other side
+    /// that is not late can join it any more.
+    fn released_at(&self, t_ms: i64) -> i64 {
+        t_ms.saturating_add(self.before_ms)
+            .saturating_add(self.after_ms)
+            .saturating_add(self.grace_ms)
     }
 
     /// The times of the other side's records a record of `side` at `t_ms`
@@ -212,7 +223,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
         payload: P,
         emit: &mut dyn FnMut(Joined<'_, P>) -> Result<(), StageError>,
     ) -> Result<(), StageError> {
-        if t_ms.saturating_add(self.window.grace_ms) < self.watermark_ms {
+        if self.window.late(side, t_ms, self.watermark_ms) {
             self.late += 1;
             return Ok(());
         }
@@ -262,7 +273,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
     }
 
     fn insert(&mut self, key: Vec<u8>, seq: u64, held: Held<P>) {
-        let closes_ms = self.window.closes_at(held.side, held.t_ms);
+        let closes_ms = self.window.released_at(held.t_ms);
         self.closing
             .insert((closes_ms, seq), (key.clone(), held.side, held.t_ms));
         self.held.entry(key).or_default()[held.side.index()].insert((held.t_ms, seq), held);
@@ -360,6 +371,10 @@ pub struct JoinSpec {
     /// The stateless operators after the join.
     pub ops: Vec<Operator>,
     pub sink: Sink,
+    /// The name the output's key gives the join key (as ksqlDB keys a
+    /// join's result by it): the key column the SELECT shows, or `ROWKEY`;
+    /// `None` when a `PARTITION BY` keys the output by other columns.
+    pub key_name: Option<String>,
 }
 
 /// One task's SQL join stage: rows of values held in [`JoinBuffers`].
@@ -415,15 +430,15 @@ fn emit_joined(
     joined: Joined<'_, Vec<Value>>,
     out: &mut Emitted,
 ) -> Result<(), StageError> {
-    let (left, right, t_ms) = match joined {
-        Joined::Pair { left, right, t_ms, .. } => (Some(left), Some(right), t_ms),
+    let (key, left, right, t_ms) = match joined {
+        Joined::Pair { key, left, right, t_ms } => (key, Some(left), Some(right), t_ms),
         Joined::Alone {
+            key,
             side: Side::Left,
             payload,
             t_ms,
-            ..
-        } => (Some(payload), None, t_ms),
-        Joined::Alone { payload, t_ms, .. } => (None, Some(payload), t_ms),
+        } => (key, Some(payload), None, t_ms),
+        Joined::Alone { key, payload, t_ms, .. } => (key, None, Some(payload), t_ms),
     };
     let mut row = Vec::with_capacity(spec.left_width + spec.right_width);
     match left {
@@ -437,7 +452,33 @@ fn emit_joined(
     if !run_ops(&spec.ops, &[], &mut row, scratch) {
         return Ok(());
     }
-    emit_row(out, &spec.sink, &row, t_ms, &[]).map_err(StageError::Unencodable)
+    let Some(name) = spec.key_name.as_deref().filter(|_| !key.is_empty()) else {
+        return emit_row(out, &spec.sink, &row, t_ms, &[]).map_err(StageError::Unencodable);
+    };
+    let unencodable = |e: serde_json::Error| StageError::Unencodable(e.to_string());
+    let keys: Vec<Value> = postcard::from_bytes(key).map_err(|e| StageError::Corrupt(format!("join key: {e}")))?;
+    let columns = [Column {
+        name: name.to_string(),
+        ty: SqlType::String,
+    }];
+    let json_key = JsonRow {
+        columns: &columns,
+        values: &keys,
+        picked: None,
+        extra: &[],
+    };
+    let json_key = out
+        .encode(|b| serde_json::to_writer(b, &json_key))
+        .map_err(unencodable)?;
+    let value = JsonRow {
+        columns: &spec.sink.columns,
+        values: &row,
+        picked: None,
+        extra: &[],
+    };
+    let value = out.encode(|b| serde_json::to_writer(b, &value)).map_err(unencodable)?;
+    out.push(t_ms, Some(json_key), Some(value));
+    Ok(())
 }
 
 impl WindowStage for StreamJoinStage {

@@ -53,19 +53,32 @@ impl SourceStage for TableSource {
         _: &[TableState],
         out: &mut Emitted,
     ) -> Result<(), String> {
-        let key = key.ok_or("a table's record without a key (its primary key)")?;
-        let text = std::str::from_utf8(key).map_err(|_| "a table's record key is not UTF-8 text".to_string())?;
-        let pk = key_value(text, self.columns[self.key].ty);
-        if pk == Value::Null {
-            return Err(format!(
-                "the record key {text:?} is not a {}",
-                self.columns[self.key].ty
-            ));
-        }
-        let mut carried = vec![Value::Int(self.side)];
+        let mut row = Vec::with_capacity(self.columns.len() + 1);
         if let Some(value) = value {
-            let mut row = Vec::with_capacity(self.columns.len() + 1);
             decode_row(&self.columns, value, &mut row)?;
+        }
+        // The record key is the primary key; without one, the value's key
+        // column (as a stream–table join reads a table).
+        let pk = match key {
+            Some(key) => {
+                let text =
+                    std::str::from_utf8(key).map_err(|_| "a table's record key is not UTF-8 text".to_string())?;
+                let pk = key_value(text, self.columns[self.key].ty);
+                if pk == Value::Null {
+                    return Err(format!(
+                        "the record key {text:?} is not a {}",
+                        self.columns[self.key].ty
+                    ));
+                }
+                pk
+            }
+            None if value.is_some() && row[self.key] != Value::Null => row[self.key].clone(),
+            None => {
+                return Err("a table's record without a key (its primary key) in the record key or the value".into())
+            }
+        };
+        let mut carried = vec![Value::Int(self.side)];
+        if value.is_some() {
             row[self.key] = pk.clone();
             row.push(Value::Int(timestamp_ms));
             carried.extend(row);
@@ -211,7 +224,7 @@ impl WindowStage for TableJoinStage {
         let (side, row) = self.decode(value)?;
         self.max_event_ms = self.max_event_ms.max(t_ms);
         if !self.rows.contains_key(key) && self.rows.len() >= TABLE_JOIN_KEYS_MAX {
-            return Err(StageError::JoinFull(TABLE_JOIN_KEYS_MAX));
+            return Err(StageError::TableJoinFull(TABLE_JOIN_KEYS_MAX));
         }
         let mut rows = self.rows.remove(key).unwrap_or_default();
         let before = self.joined(&rows);

@@ -860,15 +860,11 @@ impl<C: TaskIo> TaskRunner<C> {
         let sink_partitions = self.assignment.partitions;
         let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
         for e in emitted.iter() {
-            // A join's rows may have no key: they stay in this task's partition.
-            let partition = match e.key {
-                Some(key) => partition_for_key(key, sink_partitions),
-                None => self.assignment.partition() % sink_partitions,
-            };
+            let key = e.key.unwrap_or_default();
             outputs
-                .entry(partition)
+                .entry(partition_for_key(key, sink_partitions))
                 .or_insert_with(|| PartitionOutput::new(0))
-                .push(e.timestamp_ms, e.key, e.value, &[])?;
+                .push(e.timestamp_ms, Some(key), e.value, &[])?;
         }
         emitted.clear();
         self.emitted = emitted;

@@ -7,7 +7,7 @@
 //! tables it joins are read whole first, then moved on at every poll (a
 //! push query replays nothing, so it joins with the freshest rows). A join
 //! of two streams reads both, each through its own source stage; the
-//! watermark follows the greatest event time read from either.
+//! watermark is the least of the greatest event times read from each.
 
 use std::sync::Arc;
 
@@ -34,7 +34,8 @@ pub struct PushQuery {
     pub columns: Vec<String>,
     limit: Option<u64>,
     emitted: u64,
-    watermark_ms: i64,
+    /// Per source, the greatest event time read.
+    max_event_ms: Vec<i64>,
 }
 
 impl PushQuery {
@@ -57,7 +58,7 @@ impl PushQuery {
             columns: plan.sink.columns.iter().map(|c| c.name.clone()).collect(),
             limit,
             emitted: 0,
-            watermark_ms: i64::MIN,
+            max_event_ms: vec![i64::MIN; plan.sources().count()],
         })
     }
 
@@ -92,8 +93,19 @@ impl PushQuery {
                 continue;
             };
             let tables: &[TableState] = if *stage == 0 { &self.tables } else { &[] };
-            // A record that does not match the schema is skipped, as a
-            // persistent query sends it to its dead-letter topic.
+            let Some(window) = &mut self.window else {
+                // A record that does not match the schema is skipped, as a
+                // persistent query sends it to its dead-letter topic.
+                let _ = source.process_record(
+                    record.key.as_deref(),
+                    record.value.as_deref(),
+                    record.timestamp_ms,
+                    tables,
+                    &mut out,
+                );
+                continue;
+            };
+            staged.clear();
             let _ = source.process_record(
                 record.key.as_deref(),
                 record.value.as_deref(),
@@ -101,21 +113,19 @@ impl PushQuery {
                 tables,
                 &mut staged,
             );
-        }
-        match &mut self.window {
-            None => std::mem::swap(&mut staged, &mut out),
-            Some(window) => {
-                for record in staged.iter() {
-                    let key = record.key.unwrap_or_default();
-                    window
-                        .add(key, record.value.unwrap_or_default(), record.timestamp_ms, &mut out)
-                        .map_err(|e| SqlError::new(e.to_string()))?;
-                    self.watermark_ms = self.watermark_ms.max(record.timestamp_ms);
-                }
+            for r in staged.iter() {
+                let key = r.key.unwrap_or_default();
                 window
-                    .advance(self.watermark_ms, &mut out)
+                    .add(key, r.value.unwrap_or_default(), r.timestamp_ms, &mut out)
                     .map_err(|e| SqlError::new(e.to_string()))?;
+                let max = &mut self.max_event_ms[*stage as usize];
+                *max = (*max).max(r.timestamp_ms);
             }
+            // Each source's progress holds the windows: the least of them.
+            let watermark_ms = self.max_event_ms.iter().copied().min().unwrap_or(i64::MIN);
+            window
+                .advance(watermark_ms, &mut out)
+                .map_err(|e| SqlError::new(e.to_string()))?;
         }
         let mut rows = Vec::new();
         for record in out.iter() {

@@ -110,7 +110,7 @@ impl Session {
             Statement::Select(query) if query.emit.is_none() => {
                 let catalog = self.catalog().await?;
                 let input = input_of(&catalog, query)?;
-                if !input.joins.is_empty() || input.stream_join.is_some() {
+                if !input.joins.is_empty() || input.stream_join.is_some() || input.tables_join.is_some() {
                     return Err(SqlError::new(
                         "a pull query reads one table's state; a join needs EMIT CHANGES (a push query) or CREATE STREAM … AS",
                     ));

@@ -368,7 +368,8 @@ mod tests {
         let mut max_ms = i64::MIN;
         let mut on_time = Vec::new();
         for event in events() {
-            if event.2 + 2_000 >= max_ms {
+            // Within 5 s either way, grace 2 s: late once 7 s behind.
+            if event.2 + 5_000 + 2_000 >= max_ms {
                 on_time.push(event);
             }
             max_ms = max_ms.max(event.2);

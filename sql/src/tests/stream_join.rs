@@ -134,6 +134,19 @@ fn run(statement: &str, events: &[Event], restart_at: Option<usize>) -> (Vec<Joi
         join.advance(watermark_ms, &mut out).expect("advances");
     }
     join.advance(i64::MAX, &mut out).expect("closes");
+    // Keyed by the join key, also where the SELECT's a.card is NULL (a
+    // right row alone): only a NULL join key leaves a NULL key.
+    let null_cards = events.iter().filter(|e| e.card.is_none()).count();
+    let null_keyed = out
+        .iter()
+        .filter(|r| {
+            let key: Value = r
+                .key
+                .map_or(Value::Null, |k| serde_json::from_slice(k).expect("JSON key"));
+            !(key["CARD"].is_string() || key["ROWKEY"].is_string())
+        })
+        .count();
+    assert!(null_keyed <= null_cards, "{null_keyed} rows keyed by NULL");
     let mut joined: Vec<Joined> = out
         .iter()
         .map(|r| {
@@ -148,14 +161,16 @@ fn run(statement: &str, events: &[Event], restart_at: Option<usize>) -> (Vec<Joi
 /// What a join of `events` emits by definition: every pair of on-time
 /// records of one card whose times are within (before, after), at the later
 /// time; each on-time record of a kept side that pairs with nothing, NULL
-/// cards included; late ones (older than grace behind the greatest time
-/// read before them) nowhere.
+/// cards included; late ones (whose window and grace had passed the
+/// greatest time read before them) nowhere.
 fn reference(events: &[Event], before_ms: i64, after_ms: i64, grace_ms: i64, keeps: [bool; 2]) -> (Vec<Joined>, u64) {
     let mut max_ms = i64::MIN;
     let mut on_time = Vec::new();
     let mut late = 0;
     for event in events {
-        if event.at_ms.saturating_add(grace_ms) < max_ms {
+        // Late: its own window closed (a left record's reaches `after` on, a right one's `before`).
+        let reach_ms = if event.side == 0 { after_ms } else { before_ms };
+        if event.at_ms + reach_ms + grace_ms < max_ms {
             late += 1;
         } else {
             on_time.push(*event);

@@ -145,7 +145,7 @@ fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec
         };
         for r in out.iter() {
             let out_key: Value = serde_json::from_slice(r.key.expect("keyed")).expect("JSON key");
-            let key = out_key["ID"].as_str().unwrap_or(key).to_string();
+            let key = out_key["ID"].as_str().expect("keyed by the join key").to_string();
             let value: Option<Value> = r.value.map(|v| serde_json::from_slice(v).expect("JSON"));
             match &value {
                 Some(v) => materialized.insert(key, v.clone()),
@@ -243,6 +243,12 @@ fn a_table_record_without_a_usable_key_is_a_dead_letter() {
     let value = br#"{"name": "x"}"#;
     let refused = def.source_stage.process_record(None, Some(value), 0, &[], &mut out);
     assert!(refused.expect_err("no key").contains("without a key"));
+    let keyed_by_value = br#"{"id": "k1", "name": "x"}"#;
+    def.source_stage
+        .process_record(None, Some(keyed_by_value), 0, &[], &mut out)
+        .expect("the value's key column keys a record without a record key");
+    assert_eq!(out.len(), 1);
+    out.clear();
     let numbered =
         super::table_join::plan("CREATE TABLE j AS SELECT n.id, n.x FROM numbered n JOIN numbered m ON n.id = m.id;")
             .expect("plans");
