@@ -1151,6 +1151,50 @@ async fn paid_results(client: &Arc<Client>, topic: &str) -> Vec<Paid> {
     found
 }
 
+/// The aggregate over the join (four stages: two sources, the join, the
+/// count) counted each pair once per (card, minute of the pair's time):
+/// each window's changes are 1, 2, … n, none lost or repeated.
+async fn expect_pairs_per_card(client: &Arc<Client>, pairs: &[Paid]) {
+    let mut expected: BTreeMap<(String, i64), u64> = BTreeMap::new();
+    for (card, attempt_ms, _, paid_ms) in pairs {
+        let t_ms = (*attempt_ms).max(paid_ms.expect("a pair"));
+        *expected
+            .entry((card.clone(), t_ms - t_ms.rem_euclid(60_000)))
+            .or_default() += 1;
+    }
+    let started = Instant::now();
+    let changes = loop {
+        let mut changes: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
+        for record in read_all(client, "PAID_PER_CARD").await {
+            let key: serde_json::Value = serde_json::from_slice(record.key.as_deref().expect("key")).expect("JSON");
+            let value: serde_json::Value =
+                serde_json::from_slice(record.value.as_deref().expect("value")).expect("JSON");
+            let window = (
+                key["CARD_NUMBER"].as_str().expect("card").to_string(),
+                key["WINDOWSTART"].as_i64().expect("start"),
+            );
+            changes
+                .entry(window)
+                .or_default()
+                .push(value["PAIRS"].as_u64().expect("count"));
+        }
+        let done = changes.len() >= expected.len()
+            && changes
+                .iter()
+                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
+        if done || started.elapsed() > RESULTS_TIMEOUT {
+            break changes;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for (window, counts) in &changes {
+        let once: Vec<u64> = (1..=counts.len() as u64).collect();
+        assert_eq!(counts, &once, "changes of {window:?}: none lost, none repeated");
+    }
+    let found: BTreeMap<(String, i64), u64> = changes.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+    assert_eq!(found, expected, "pairs per card and minute");
+}
+
 /// The card of the records that close every join window.
 const CLOSING_CARD: &str = "closing";
 
@@ -1236,6 +1280,13 @@ async fn streams_and_tables_joined_equal_their_references_exactly_once_through_a
     assert!(explained.contains("Inner JOIN STREAM PAYMENTS"), "{explained}");
     let output = sql(
         &cluster,
+        "CREATE TABLE paid_per_card AS SELECT a.card_number, COUNT(*) AS pairs \
+         FROM attempts a JOIN payments p WITHIN 10 SECONDS ON a.card_number = p.card_number \
+         WINDOW TUMBLING (SIZE 1 MINUTE) GROUP BY a.card_number;",
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = sql(
+        &cluster,
         "CREATE STREAM unpaid AS SELECT a.card_number, a.at_ms AS attempt_ms, a.amount_cents, p.at_ms AS paid_ms \
          FROM attempts a LEFT JOIN payments p WITHIN 10 SECONDS ON a.card_number = p.card_number;",
     );
@@ -1260,6 +1311,7 @@ async fn streams_and_tables_joined_equal_their_references_exactly_once_through_a
     produce_table_changes(&client, &table_changes[..300]).await;
     wait_for_checkpoints_on(&cluster, "CSAS_PAID_0", 3);
     wait_for_checkpoints_on(&cluster, "CSAS_UNPAID_0", 3);
+    wait_for_checkpoints_on(&cluster, "CTAS_PAID_PER_CARD_0", 3);
     wait_for_checkpoints_on(&cluster, "CTAS_HOLDER_LIMITS_0", 3);
     cluster.nodes[2].kill();
     tracing::info!("node 3 killed");
@@ -1275,6 +1327,7 @@ async fn streams_and_tables_joined_equal_their_references_exactly_once_through_a
         expected.len()
     );
     expect_joined(&survivors, "PAID", &expected).await;
+    expect_pairs_per_card(&survivors, &expected).await;
     // The left join's attempts without a payment leave once every source
     // task (of both streams) has passed their windows and grace.
     close_join_windows(&survivors).await;

@@ -175,6 +175,12 @@ pub trait WindowStage: Send + Sync {
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError>;
     fn late_records(&self) -> u64;
     fn watermark_ms(&self) -> i64;
+    /// The event time below which this stage emits nothing more, for a
+    /// stage whose output feeds another stateful stage (which takes it as
+    /// this upstream's progress); `i64::MIN` when it cannot say.
+    fn output_watermark_ms(&self) -> i64 {
+        i64::MIN
+    }
     /// The current rows of the open windows of `key` (postcard, as `add`
     /// takes it), or of every key, as the sink would get them; `None` when
     /// more than `limit` windows match.
@@ -245,6 +251,9 @@ pub struct DataflowDef {
     pub joined_sources: Vec<JoinedSource>,
     /// `None` for a dataflow without `key_by` (one stage).
     pub window_stage: Option<WindowStageFactory>,
+    /// Stateful stages after the window stage, each reading what the one
+    /// before it repartitions (an aggregate over a stream–stream join).
+    pub next_stages: Vec<WindowStageFactory>,
     /// What each builder call did, per stage (`[0]` the source stage, `[1]`
     /// the window stage): the plan's registered steps ([`DataflowDef::plan`]).
     pub steps: Vec<Vec<String>>,
@@ -310,7 +319,7 @@ impl DataflowDef {
 
     /// Stages, and so tasks per source partition.
     pub fn stages(&self) -> u32 {
-        self.source_count() + u32::from(self.window_stage.is_some())
+        self.source_count() + u32::from(self.window_stage.is_some()) + self.next_stages.len() as u32
     }
 }
 
@@ -548,6 +557,7 @@ impl<T: Serialize + 'static> Stream<T> {
             }),
             joined_sources: Vec::new(),
             window_stage: None,
+            next_stages: Vec::new(),
             steps: vec![self.steps],
         }
     }
@@ -754,6 +764,7 @@ where
             source_stage,
             joined_sources: Vec::new(),
             window_stage: Some(factory),
+            next_stages: Vec::new(),
             steps: vec![keyed.stream.steps, window_steps],
         }
     }

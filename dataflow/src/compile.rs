@@ -78,26 +78,12 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
         }),
         joined_sources: Vec::new(),
         window_stage: None,
+        next_stages: Vec::new(),
         steps: Vec::new(),
     };
     let Some((Operator::Repartition { key, carry }, rest)) = after.split_first() else {
         return Ok(def);
     };
-    let Some((
-        Operator::Aggregate {
-            keys,
-            calls,
-            window,
-            emit,
-        },
-        rest,
-    )) = rest.split_first()
-    else {
-        return Err(invalid("a repartition must be followed by an aggregate"));
-    };
-    if *keys as usize != key.len() {
-        return Err(invalid("the aggregate's keys are not the repartition's"));
-    }
     let source = SqlSource {
         columns: plan.source.columns.clone(),
         joins: plan.joins().count(),
@@ -108,12 +94,39 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
             carry: carry.clone(),
         },
     };
+    def.source_stage = Arc::new(source);
+    def.window_stage = Some(aggregate_stage(key, rest, &plan.sink)?);
+    Ok(def)
+}
+
+/// The aggregate stage that `ops` (an aggregate, then stateless operators)
+/// make of what a repartition by `key` carries.
+fn aggregate_stage(
+    key: &[Expr],
+    ops: &[Operator],
+    sink: &runnel_client::plan::Sink,
+) -> Result<WindowStageFactory, PlanError> {
+    let Some((
+        Operator::Aggregate {
+            keys,
+            calls,
+            window,
+            emit,
+        },
+        rest,
+    )) = ops.split_first()
+    else {
+        return Err(invalid("a repartition must be followed by an aggregate"));
+    };
+    if *keys as usize != key.len() {
+        return Err(invalid("the aggregate's keys are not the repartition's"));
+    }
     let aggregate = Arc::new(AggregateStage {
         keys: key.len(),
         calls: calls.clone(),
         windowed: window.is_some(),
         ops: stateless_ops(rest)?,
-        sink: plan.sink.clone(),
+        sink: sink.clone(),
     });
     let window = to_window(*window);
     window.validate().map_err(|e| invalid(&e.to_string()))?;
@@ -121,17 +134,14 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
         EmitMode::Changes => Emit::Changes,
         EmitMode::Final => Emit::Final,
     };
-    let factory: WindowStageFactory = Arc::new(move || {
+    Ok(Arc::new(move || {
         Box::new(SqlWindowStage {
             operator: WindowOperator::new(window, emit),
             stage: aggregate.clone(),
             results: Vec::new(),
             row: Vec::new(),
         })
-    });
-    def.source_stage = Arc::new(source);
-    def.window_stage = Some(factory);
-    Ok(def)
+    }))
 }
 
 fn invalid(why: &str) -> PlanError {
@@ -150,7 +160,20 @@ fn compile_stream_join(
     join: &StreamJoin,
     after: &[Operator],
 ) -> Result<DataflowDef, PlanError> {
-    let ops = stateless_ops(after).map_err(|_| invalid("an aggregate or a second join after a stream–stream join"))?;
+    let split = after
+        .iter()
+        .position(|op| !matches!(op, Operator::Filter(_) | Operator::Project(_)))
+        .unwrap_or(after.len());
+    let (ops, rest) = after.split_at(split);
+    let (output, next_stages) = match rest.split_first() {
+        None => (None, Vec::new()),
+        Some((Operator::Repartition { key, carry }, aggregate)) => (
+            Some((key.clone(), carry.clone())),
+            vec![aggregate_stage(key, aggregate, &plan.sink)?],
+        ),
+        Some(_) => return Err(invalid("a second join after a stream–stream join")),
+    };
+    let ops = ops.to_vec();
     let left_width = row_width(plan.source.columns.len() + 1, before);
     let right_width = join.source.columns.len() + 1;
     let carry = |side: i64, width: usize| {
@@ -190,6 +213,7 @@ fn compile_stream_join(
         key_name: join_key_name(plan, join, left_width, &ops),
         ops,
         sink: plan.sink.clone(),
+        repartition: output,
     });
     let factory: WindowStageFactory = Arc::new(move || Box::new(StreamJoinStage::new(spec.clone())));
     Ok(DataflowDef {
@@ -202,6 +226,7 @@ fn compile_stream_join(
             stage: Arc::new(right),
         }],
         window_stage: Some(factory),
+        next_stages,
         steps: Vec::new(),
     })
 }
@@ -242,6 +267,7 @@ fn compile_tables_join(
             }),
         }],
         window_stage: Some(factory),
+        next_stages: Vec::new(),
         steps: Vec::new(),
     })
 }
@@ -434,23 +460,33 @@ impl SqlSource {
         }
         match &self.output {
             Output::Sink(sink) => emit_row(out, sink, row, t_ms, &[]),
-            Output::Repartition { key, carry } => {
-                if !event_time_in_range(t_ms) {
-                    return Err(WindowError::EventTimeOutOfRange(t_ms).to_string());
-                }
-                let key = Evaluated { exprs: key, row };
-                let key = out.encode(to_postcard(&key)).map_err(|e| e.to_string())?;
-                let value = if carry.is_empty() {
-                    None
-                } else {
-                    let carried = Evaluated { exprs: carry, row };
-                    Some(out.encode(to_postcard(&carried)).map_err(|e| e.to_string())?)
-                };
-                out.push(t_ms, Some(key), value);
-                Ok(())
-            }
+            Output::Repartition { key, carry } => emit_repartitioned(out, key, carry, row, t_ms),
         }
     }
+}
+
+/// Emits `row` for the repartition topic: the postcard encodings of `key`
+/// and of `carry` (no value when nothing is carried) over it.
+pub(crate) fn emit_repartitioned(
+    out: &mut Emitted,
+    key: &[Expr],
+    carry: &[Expr],
+    row: &[Value],
+    t_ms: i64,
+) -> Result<(), String> {
+    if !event_time_in_range(t_ms) {
+        return Err(WindowError::EventTimeOutOfRange(t_ms).to_string());
+    }
+    let key = Evaluated { exprs: key, row };
+    let key = out.encode(to_postcard(&key)).map_err(|e| e.to_string())?;
+    let value = if carry.is_empty() {
+        None
+    } else {
+        let carried = Evaluated { exprs: carry, row };
+        Some(out.encode(to_postcard(&carried)).map_err(|e| e.to_string())?)
+    };
+    out.push(t_ms, Some(key), value);
+    Ok(())
 }
 
 /// The key an aggregate stage groups by, encoded as its source stage

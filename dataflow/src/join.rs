@@ -30,13 +30,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use runnel_client::plan::{Column, JoinKind, Operator, Sink, SqlType};
+use runnel_client::plan::{Column, Expr, JoinKind, Operator, Sink, SqlType};
 use runnel_client::tasks::StateRow;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{Emitted, StageError, WindowStage};
-use crate::compile::{emit_row, run_ops};
+use crate::compile::{emit_repartitioned, emit_row, run_ops};
 use crate::row::{JsonRow, Value};
 
 /// The first carried value of a repartitioned left record.
@@ -213,6 +213,18 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
         self.watermark_ms
     }
 
+    /// The event time below which the join emits nothing more: a pair is
+    /// at least as new as a record that is not late, an unmatched record
+    /// is let go only past `t + before + after + grace`.
+    pub fn output_watermark_ms(&self) -> i64 {
+        if self.watermark_ms == i64::MIN {
+            return i64::MIN;
+        }
+        let w = self.window;
+        self.watermark_ms
+            .saturating_sub(w.before_ms.saturating_add(w.after_ms).saturating_add(w.grace_ms))
+    }
+
     /// Adds a record of `side` at `t_ms` under `key` (`None`: a NULL key,
     /// which matches nothing), emitting the pairs it makes.
     pub fn add(
@@ -375,6 +387,9 @@ pub struct JoinSpec {
     /// join's result by it): the key column the SELECT shows, or `ROWKEY`;
     /// `None` when a `PARTITION BY` keys the output by other columns.
     pub key_name: Option<String>,
+    /// Where the joined rows go instead of the sink: the repartition topic,
+    /// keyed by these expressions and carrying those, for an aggregate.
+    pub repartition: Option<(Vec<Expr>, Vec<Expr>)>,
 }
 
 /// One task's SQL join stage: rows of values held in [`JoinBuffers`].
@@ -452,6 +467,9 @@ fn emit_joined(
     if !run_ops(&spec.ops, &[], &mut row, scratch) {
         return Ok(());
     }
+    if let Some((key, carry)) = &spec.repartition {
+        return emit_repartitioned(out, key, carry, &row, t_ms).map_err(StageError::Unencodable);
+    }
     let Some(name) = spec.key_name.as_deref().filter(|_| !key.is_empty()) else {
         return emit_row(out, &spec.sink, &row, t_ms, &[]).map_err(StageError::Unencodable);
     };
@@ -511,6 +529,10 @@ impl WindowStage for StreamJoinStage {
 
     fn watermark_ms(&self) -> i64 {
         self.buffers.watermark_ms()
+    }
+
+    fn output_watermark_ms(&self) -> i64 {
+        self.buffers.output_watermark_ms()
     }
 
     fn read(&self, _key: Option<&[u8]>, _limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {

@@ -503,10 +503,10 @@ impl<C: TaskIo> TaskRunner<C> {
             Some((topic, _)) => topic.to_string(),
             None => repartition_topic(&def.name),
         };
-        let window = if stage == def.source_count() {
-            def.window_stage.as_ref().map(|make| make())
-        } else {
-            None
+        let window = match stage.checked_sub(def.source_count()) {
+            Some(0) => def.window_stage.as_ref().map(|make| make()),
+            Some(j) => def.next_stages.get(j as usize - 1).map(|make| make()),
+            None => None,
         };
         let tables = match def.source_of(stage) {
             Some((_, source)) => source.tables().into_iter().map(TableState::new).collect(),
@@ -678,7 +678,13 @@ impl<C: TaskIo> TaskRunner<C> {
         } else if self.caught_up_since.is_none() {
             self.caught_up_since = Some(self.client.now());
         }
-        if self.is_source() && self.def.window_stage.is_some() {
+        if self.feeds_next_stage() {
+            // Its progress for the stage after it: what it can still emit.
+            if let Some(window) = &self.window {
+                self.max_event_ms = window.output_watermark_ms();
+            }
+        }
+        if (self.is_source() && self.def.window_stage.is_some()) || self.feeds_next_stage() {
             let now = self.client.now();
             let idle = self.caught_up_since.is_some_and(|since| now >= since + IDLE_AFTER);
             self.send_markers(idle).await?;
@@ -700,9 +706,22 @@ impl<C: TaskIo> TaskRunner<C> {
         self.assignment.stage() < self.def.source_count()
     }
 
-    /// The stages a window task's watermark waits for: every source task.
-    fn upstream_count(&self) -> u32 {
-        self.assignment.partitions * self.def.source_count()
+    /// The tasks a stateful task reads from the repartition topic (which
+    /// every stateful stage shares) and whose progress its watermark waits
+    /// for: every source task for the first, the tasks of the stage before
+    /// for a later one.
+    fn upstream_tasks(&self) -> std::ops::Range<u32> {
+        let (partitions, sources) = (self.assignment.partitions, self.def.source_count());
+        match self.assignment.stage().saturating_sub(sources) {
+            0 => 0..sources * partitions,
+            j => (sources + j - 1) * partitions..(sources + j) * partitions,
+        }
+    }
+
+    /// Whether this is a stateful stage that feeds another (through the
+    /// repartition topic) rather than the sink.
+    fn feeds_next_stage(&self) -> bool {
+        !self.is_source() && self.assignment.stage() + 1 < self.def.stages()
     }
 
     async fn run_source(&mut self, input: &FetchedBatches) -> Result<(), TaskError> {
@@ -869,7 +888,11 @@ impl<C: TaskIo> TaskRunner<C> {
         emitted.clear();
         self.emitted = emitted;
         let records_out: usize = outputs.values().map(PartitionOutput::len).sum();
-        let sink = self.def.sink.clone();
+        let sink = if self.feeds_next_stage() {
+            repartition_topic(&self.def.name)
+        } else {
+            self.def.sink.clone()
+        };
         self.sender.send_all(&*self.client, &sink, outputs).await?;
         self.counters.records_out += records_out as u64;
         Ok(())
@@ -883,11 +906,15 @@ impl<C: TaskIo> TaskRunner<C> {
         input: &FetchedBatches,
         out: &mut Emitted,
     ) -> Result<(), TaskError> {
-        let upstream_count = self.upstream_count();
+        let all_tasks = self.def.stages() * self.assignment.partitions;
         for batch in input.user_batches() {
-            // Data batches come from the source tasks' fixed producer ids.
+            // Data batches come from the tasks' fixed producer ids; those of
+            // another stateful stage's upstreams are not this stage's input.
             let producer = batch.header().producer.producer_id;
-            let writer = (0..upstream_count).find(|&t| task_producer_id(&self.def.name, t) == producer);
+            let writer = (0..all_tasks).find(|&t| task_producer_id(&self.def.name, t) == producer);
+            if writer.is_some_and(|t| !self.upstream_tasks().contains(&t)) {
+                continue;
+            }
             self.fold_batch(window, input.views_of(batch), writer, out)?;
         }
         Ok(())
@@ -902,7 +929,11 @@ impl<C: TaskIo> TaskRunner<C> {
         writer: Option<u32>,
         out: &mut Emitted,
     ) -> Result<(), TaskError> {
-        let upstream_count = self.upstream_count();
+        let upstreams = self.upstream_tasks();
+        let upstream_count = upstreams.len() as u32;
+        // A source's data is its progress; a stateful stage's output is not
+        // in time order, so only its markers say how far it has come.
+        let data_moves_watermark = upstreams.start == 0;
         for view in views {
             let view = view?;
             let bad = |reason: &str| TaskError::BadInput {
@@ -917,8 +948,12 @@ impl<C: TaskIo> TaskRunner<C> {
                 Some(v) => <[u8; 4]>::try_from(v)
                     .map(u32::from_le_bytes)
                     .map_err(|_| bad("upstream header is not 4 bytes"))?,
-                None => writer.ok_or_else(|| bad("neither an upstream header nor a source task's producer id"))?,
+                None => writer.ok_or_else(|| bad("neither an upstream header nor a task's producer id"))?,
             };
+            if !upstreams.contains(&upstream) {
+                // Another stateful stage's upstream (they share the topic).
+                continue;
+            }
             let entry = self.upstreams.entry(upstream).or_insert(Upstream {
                 max_event_ms: i64::MIN,
                 idle: false,
@@ -931,7 +966,9 @@ impl<C: TaskIo> TaskRunner<C> {
                 entry.idle = header(HEADER_IDLE).is_some_and(|v| v == [1]);
             } else {
                 self.counters.records_in += 1;
-                entry.max_event_ms = entry.max_event_ms.max(view.timestamp_ms);
+                if data_moves_watermark {
+                    entry.max_event_ms = entry.max_event_ms.max(view.timestamp_ms);
+                }
                 entry.idle = false;
                 let key = view.key.unwrap_or_default();
                 let value = view.value.unwrap_or_default();

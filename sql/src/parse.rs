@@ -531,9 +531,9 @@ fn within_clause(tokens: &[TokenWithSpan], w: &[String], at: usize, clauses: &mu
         let [before, after] = parts[..] else {
             return Err(unexpected(tokens.get(at + 2), "WITHIN (before unit, after unit)"));
         };
-        (duration_ms(before)?, duration_ms(after)?, close)
+        (span_ms(before)?, span_ms(after)?, close)
     } else {
-        let ms = duration_ms(tokens.get(at + 1..(at + 3).min(tokens.len())).unwrap_or_default())?;
+        let ms = span_ms(tokens.get(at + 1..(at + 3).min(tokens.len())).unwrap_or_default())?;
         (ms, ms, at + 2)
     };
     let mut grace_ms = DEFAULT_GRACE_MS;
@@ -541,7 +541,7 @@ fn within_clause(tokens: &[TokenWithSpan], w: &[String], at: usize, clauses: &mu
         if w.get(end + 2).map(String::as_str) != Some("PERIOD") {
             return Err(unexpected(tokens.get(end + 2), "PERIOD after GRACE"));
         }
-        grace_ms = duration_ms(tokens.get(end + 3..(end + 5).min(tokens.len())).unwrap_or_default())?;
+        grace_ms = span_ms(tokens.get(end + 3..(end + 5).min(tokens.len())).unwrap_or_default())?;
         end += 4;
     }
     let within = Within {
@@ -571,7 +571,12 @@ fn window_settings(inner: &[TokenWithSpan]) -> SqlResult<BTreeMap<&'static str, 
             Some("") => ("GAP", 0),
             _ => return Err(unexpected(part.first(), "SIZE, ADVANCE BY or GRACE PERIOD")),
         };
-        let ms = duration_ms(&part[skip..])?;
+        // A grace may be zero (as in ksqlDB); sizes, advances and gaps not.
+        let ms = if key == "GRACE" {
+            span_ms(&part[skip..])?
+        } else {
+            duration_ms(&part[skip..])?
+        };
         if settings.insert(key, ms).is_some() {
             return Err(unexpected(part.first(), &format!("{key} once")));
         }
@@ -579,14 +584,22 @@ fn window_settings(inner: &[TokenWithSpan]) -> SqlResult<BTreeMap<&'static str, 
     Ok(settings)
 }
 
-/// `n unit` in milliseconds.
+/// `n unit` in milliseconds, `n` at least 1.
 fn duration_ms(tokens: &[TokenWithSpan]) -> SqlResult<i64> {
+    match span_ms(tokens)? {
+        0 => Err(unexpected(tokens.first(), "a positive whole number")),
+        ms => Ok(ms),
+    }
+}
+
+/// `n unit` in milliseconds, `n` at least 0 (a grace, a join window's side).
+fn span_ms(tokens: &[TokenWithSpan]) -> SqlResult<i64> {
     let n: i64 = match tokens.first().map(|t| &t.token) {
         Some(Token::Number(n, _)) => n
             .parse()
             .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| unexpected(tokens.first(), "a positive whole number"))?,
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| unexpected(tokens.first(), "a whole number"))?,
         _ => return Err(unexpected(tokens.first(), "a number")),
     };
     let unit_ms: i64 = match tokens.get(1).map(|t| word(&t.token)).as_deref() {

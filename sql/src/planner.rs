@@ -155,11 +155,6 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
     }
     let planned = if group_by.is_empty() && !aggregates {
         stateless(select, query, &input, &mut operators)?
-    } else if let Some(join) = &from.stream_join {
-        return Err(SqlError::new(format!(
-            "an aggregate over a join of two streams is not supported yet: write the join to a stream (CREATE STREAM j AS SELECT … FROM {} JOIN {} …) and aggregate that",
-            from.alias, join.alias
-        )));
     } else if from.tables_join.is_some() {
         return Err(SqlError::new(
             "an aggregate over a join of two tables is not supported yet: write the join to a table (CREATE TABLE j AS SELECT …) first",

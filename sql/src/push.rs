@@ -26,6 +26,8 @@ const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 pub struct PushQuery {
     def: DataflowDef,
     window: Option<Box<dyn WindowStage>>,
+    /// The stateful stages after it (an aggregate over a join).
+    next: Vec<Box<dyn WindowStage>>,
     tables: Vec<TableState>,
     client: Arc<Client>,
     /// A consumer per source, in stage order.
@@ -51,6 +53,7 @@ impl PushQuery {
         }
         Ok(PushQuery {
             window: def.window_stage.as_ref().map(|factory| factory()),
+            next: def.next_stages.iter().map(|factory| factory()).collect(),
             def,
             tables,
             client,
@@ -113,10 +116,13 @@ impl PushQuery {
                 tables,
                 &mut staged,
             );
+            // The window stage writes the output, or the first next stage's input.
+            let mut first = Emitted::default();
+            let target = if self.next.is_empty() { &mut out } else { &mut first };
             for r in staged.iter() {
                 let key = r.key.unwrap_or_default();
                 window
-                    .add(key, r.value.unwrap_or_default(), r.timestamp_ms, &mut out)
+                    .add(key, r.value.unwrap_or_default(), r.timestamp_ms, target)
                     .map_err(|e| SqlError::new(e.to_string()))?;
                 let max = &mut self.max_event_ms[*stage as usize];
                 *max = (*max).max(r.timestamp_ms);
@@ -124,8 +130,26 @@ impl PushQuery {
             // Each source's progress holds the windows: the least of them.
             let watermark_ms = self.max_event_ms.iter().copied().min().unwrap_or(i64::MIN);
             window
-                .advance(watermark_ms, &mut out)
+                .advance(watermark_ms, target)
                 .map_err(|e| SqlError::new(e.to_string()))?;
+            let (mut input, mut progress_ms) = (first, window.output_watermark_ms());
+            let last = self.next.len().saturating_sub(1);
+            for (i, next) in self.next.iter_mut().enumerate() {
+                let mut produced = Emitted::default();
+                let target = if i == last { &mut out } else { &mut produced };
+                for r in input.iter() {
+                    next.add(
+                        r.key.unwrap_or_default(),
+                        r.value.unwrap_or_default(),
+                        r.timestamp_ms,
+                        target,
+                    )
+                    .map_err(|e| SqlError::new(e.to_string()))?;
+                }
+                next.advance(progress_ms, target)
+                    .map_err(|e| SqlError::new(e.to_string()))?;
+                (input, progress_ms) = (produced, next.output_watermark_ms());
+            }
         }
         let mut rows = Vec::new();
         for record in out.iter() {

@@ -103,6 +103,7 @@ where
                 }),
             }],
             window_stage: Some(factory),
+            next_stages: Vec::new(),
             steps: vec![left.stream.steps, right.stream.steps, join_steps],
         }
     }

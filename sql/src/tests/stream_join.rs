@@ -3,6 +3,8 @@
 //! the join stage as a node's tasks would, and the output checked against
 //! a reference computed here from the join's definition.
 
+use std::collections::BTreeMap;
+
 use runnel_client::plan::{Column, ObjectKind, SqlObject, SqlType};
 use runnel_client::protocol::Catalog;
 use runnel_dataflow::builder::{Emitted, WindowStage};
@@ -288,10 +290,6 @@ fn refused_stream_joins_name_the_problem() {
             "WITHIN belongs to a join of two streams",
         ),
         (
-            "SELECT a.card, COUNT(*) FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.card = p.card GROUP BY a.card",
-            "an aggregate over a join of two streams is not supported yet",
-        ),
-        (
             "SELECT * FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.amount = p.card",
             "a join on values of different types",
         ),
@@ -355,4 +353,90 @@ fn a_join_stage_holds_a_bounded_number_of_records_and_refuses_a_foreign_snapshot
     };
     assert_eq!(held, runnel_dataflow::join::JOIN_HELD_RECORDS_MAX);
     assert!(outcome.to_string().contains("shorten the join's WITHIN"), "{outcome}");
+}
+
+/// The join's pairs counted per card in one-minute windows (EMIT FINAL):
+/// four stages, the aggregate's watermark the join's output watermark.
+#[test]
+fn an_aggregate_over_a_join_of_two_streams_counts_every_pair_once_per_window() {
+    let statement = "SELECT a.card, COUNT(*) AS pairs FROM attempts a JOIN payments p \
+        WITHIN (3 SECONDS, 5 SECONDS) GRACE PERIOD 10 SECONDS ON a.card = p.card \
+        WINDOW TUMBLING (SIZE 60 SECONDS, GRACE PERIOD 0 SECONDS) GROUP BY a.card EMIT FINAL";
+    let plan = plan(statement).expect("plans");
+    assert_eq!(plan.stages(), 4);
+    let def = compile("q", &plan).expect("compiles");
+    assert_eq!((def.stages(), def.next_stages.len()), (4, 1));
+    let mut join = (def.window_stage.as_ref().expect("join"))();
+    let mut count = (def.next_stages[0])();
+    let (mut staged, mut joined, mut out) = (Emitted::default(), Emitted::default(), Emitted::default());
+    let mut watermark_ms = i64::MIN;
+    let events = events();
+    for event in &events {
+        staged.clear();
+        joined.clear();
+        let (_, source) = def.source_of(u32::from(event.side)).expect("a source stage");
+        source
+            .process(event.json().to_string().as_bytes(), 0, &mut staged)
+            .expect("decodes");
+        for r in staged.iter() {
+            join.add(
+                r.key.expect("key"),
+                r.value.expect("carried"),
+                r.timestamp_ms,
+                &mut joined,
+            )
+            .expect("joins");
+            watermark_ms = watermark_ms.max(r.timestamp_ms);
+        }
+        join.advance(watermark_ms, &mut joined).expect("advances");
+        for r in joined.iter() {
+            count
+                .add(
+                    r.key.expect("grouped"),
+                    r.value.unwrap_or_default(),
+                    r.timestamp_ms,
+                    &mut out,
+                )
+                .expect("counts");
+        }
+        count
+            .advance(join.output_watermark_ms(), &mut out)
+            .expect("closes windows");
+    }
+    assert!(
+        out.len() > 3,
+        "windows close as the join's output watermark moves: {}",
+        out.len()
+    );
+    join.advance(i64::MAX, &mut joined).expect("lets every record go");
+    count.advance(i64::MAX, &mut out).expect("closes every window");
+    assert_eq!(
+        count.late_records(),
+        0,
+        "nothing the join emits is late for the aggregate"
+    );
+    let mut found: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for r in out.iter() {
+        let key: Value = serde_json::from_slice(r.key.expect("key")).expect("JSON");
+        let value: Value = serde_json::from_slice(r.value.expect("value")).expect("JSON");
+        let window = (
+            key["CARD"].as_str().expect("card").to_string(),
+            key["WINDOWSTART"].as_i64().expect("start"),
+        );
+        assert!(
+            found.insert(window, value["PAIRS"].as_i64().expect("count")).is_none(),
+            "one final row per window"
+        );
+    }
+    let (pairs, _) = reference(&events, 3_000, 5_000, 10_000, [false, false]);
+    let card_of: BTreeMap<i64, String> = events
+        .iter()
+        .filter_map(|e| Some((e.id, format!("c{}", e.card?))))
+        .collect();
+    let mut expected: BTreeMap<(String, i64), i64> = BTreeMap::new();
+    for (t_ms, left, _) in pairs {
+        let card = card_of[&left.expect("a pair")].clone();
+        *expected.entry((card, t_ms - t_ms.rem_euclid(60_000))).or_default() += 1;
+    }
+    assert_eq!(found, expected);
 }
