@@ -320,6 +320,10 @@ pub enum Operator {
     /// rows and emits the joined row's upserts and deletions. The rows that
     /// follow are the left row, then the right row.
     JoinTables(TablesJoin),
+    /// A flat-map (format version 4 on; ksqlDB's `EXPLODE`): one row per
+    /// element of the JSON array the expression yields, the element
+    /// appended to the row (none for NULL, an empty array or a non-array).
+    Explode(Expr),
 }
 
 /// A table–table join on both primary keys, as ksqlDB's: inner, left or
@@ -616,6 +620,7 @@ impl Plan {
                 Operator::JoinTable(join) => Box::new(std::iter::once(&join.on)),
                 Operator::JoinStream(join) => Box::new([&join.left_key, &join.right_key].into_iter()),
                 Operator::JoinTables(_) => Box::new(std::iter::empty()),
+                Operator::Explode(e) => Box::new(std::iter::once(e)),
                 Operator::Aggregate { .. } | Operator::Registered { .. } => Box::new(std::iter::empty()),
             }
         })
@@ -717,6 +722,11 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
             )
         }
         Operator::JoinStream(join) => explain_stream_join(join, name, names, stage),
+        Operator::Explode(e) => {
+            let shown = format!("EXPLODE {} (a row per element, appended)", render(e, names));
+            names.push(format!("EXPLODE({})", render(e, names)));
+            shown
+        }
         Operator::JoinTables(join) => {
             let right: Vec<String> = join
                 .source
@@ -1034,6 +1044,15 @@ pub(crate) mod tests {
         });
         operators.push(Operator::JoinTable(sample_join()));
         operators.push(Operator::JoinStream(sample_stream_join()));
+        operators.push(Operator::JoinTables(TablesJoin {
+            left_table: "A".into(),
+            left_key: 0,
+            right_table: "B".into(),
+            source: sample_stream_join().source,
+            right_key: 0,
+            kind: JoinKind::Inner,
+        }));
+        operators.push(Operator::Explode(Expr::Column(0)));
         assert_tags(&operators);
         assert_tags(&[ObjectKind::Stream, ObjectKind::Table]);
         assert_tags(&[JoinKind::Inner, JoinKind::Left, JoinKind::Outer]);

@@ -299,20 +299,61 @@ fn row_width(width: usize, ops: &[Operator]) -> usize {
     ops.iter().fold(width, |width, op| match op {
         Operator::Project(columns) => columns.len(),
         Operator::JoinTable(join) => width + join.columns.len(),
+        Operator::Explode(_) => width + 1,
         _ => width,
     })
 }
 
 /// The operators of a source stage: stateless ones and table joins.
 fn source_ops(ops: &[Operator]) -> Result<Vec<Operator>, PlanError> {
-    match ops
-        .iter()
-        .find(|op| !matches!(op, Operator::Filter(_) | Operator::Project(_) | Operator::JoinTable(_)))
-    {
+    let explodes = ops.iter().filter(|op| matches!(op, Operator::Explode(_))).count();
+    if explodes > 1 {
+        return Err(invalid("more than one EXPLODE"));
+    }
+    let source_op = |op: &&Operator| {
+        matches!(
+            op,
+            Operator::Filter(_) | Operator::Project(_) | Operator::JoinTable(_) | Operator::Explode(_)
+        )
+    };
+    match ops.iter().find(|op| !source_op(op)) {
         Some(op) => Err(invalid(&format!(
-            "{op:?} where a filter, projection or join was expected"
+            "{op:?} where a filter, projection, join or EXPLODE was expected"
         ))),
         None => Ok(ops.to_vec()),
+    }
+}
+
+/// Elements an EXPLODE turns one row into, at most.
+pub const EXPLODE_ELEMENTS_MAX: usize = 10_000;
+
+/// The elements of the JSON array `value` holds, as values (none for NULL
+/// or anything but an array).
+fn elements_of(value: &Value) -> Result<Vec<Value>, String> {
+    let Value::Json(text) = value else {
+        return Ok(Vec::new());
+    };
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(text) else {
+        return Ok(Vec::new());
+    };
+    if items.len() > EXPLODE_ELEMENTS_MAX {
+        return Err(format!(
+            "EXPLODE of an array of {} elements (at most {EXPLODE_ELEMENTS_MAX})",
+            items.len()
+        ));
+    }
+    Ok(items.into_iter().map(element_value).collect())
+}
+
+fn element_value(item: serde_json::Value) -> Value {
+    match item {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Boolean(b),
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .map_or_else(|| Value::Double(n.as_f64().unwrap_or(f64::NAN)), Value::Int),
+        serde_json::Value::String(s) => Value::String(s),
+        other => Value::Json(other.to_string()),
     }
 }
 
@@ -455,9 +496,33 @@ impl SqlSource {
             Some(Value::Int(t)) => *t,
             Some(other) => return Err(format!("timestamp column is {other}, not a BIGINT time in ms")),
         };
-        if !self.ops.is_empty() && !run_ops(&self.ops, tables, row, &mut Vec::new()) {
+        let explode = self.ops.iter().position(|op| matches!(op, Operator::Explode(_)));
+        let Some(at) = explode else {
+            if !self.ops.is_empty() && !run_ops(&self.ops, tables, row, &mut Vec::new()) {
+                return Ok(());
+            }
+            return self.output(out, row, t_ms);
+        };
+        let (before, after) = (&self.ops[..at], &self.ops[at + 1..]);
+        if !run_ops(before, tables, row, &mut Vec::new()) {
             return Ok(());
         }
+        let Operator::Explode(expr) = &self.ops[at] else {
+            return Ok(());
+        };
+        // The tables joined after the EXPLODE are those not joined before it.
+        let joined = before.iter().filter(|op| matches!(op, Operator::JoinTable(_))).count();
+        for element in elements_of(&eval(expr, row))? {
+            let mut exploded = row.clone();
+            exploded.push(element);
+            if run_ops(after, &tables[joined..], &mut exploded, &mut Vec::new()) {
+                self.output(out, &exploded, t_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn output(&self, out: &mut Emitted, row: &[Value], t_ms: i64) -> Result<(), String> {
         match &self.output {
             Output::Sink(sink) => emit_row(out, sink, row, t_ms, &[]),
             Output::Repartition { key, carry } => emit_repartitioned(out, key, carry, row, t_ms),

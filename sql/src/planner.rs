@@ -153,6 +153,12 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
     if query.emit == Some(EmitMode::Final) && query.window.is_none() {
         return Err(SqlError::new("EMIT FINAL needs a windowed aggregate"));
     }
+    let several_stages = !group_by.is_empty() || aggregates || from.stream_join.is_some() || from.tables_join.is_some();
+    if several_stages && explode_item(select)?.is_some() {
+        return Err(SqlError::new(
+            "EXPLODE works in a query without GROUP BY and without a join of two streams or two tables",
+        ));
+    }
     let planned = if group_by.is_empty() && !aggregates {
         stateless(select, query, &input, &mut operators)?
     } else if from.tables_join.is_some() {
@@ -204,8 +210,30 @@ fn stateless(select: &ast::Select, query: &Query, input: &Scope, operators: &mut
     if select.having.is_some() {
         return Err(SqlError::new("HAVING needs a GROUP BY"));
     }
-    let converter = Converter::plain(input);
-    let projection = project(select, input, &converter)?;
+    let mut scope = input.clone();
+    let exploded = match explode_item(select)? {
+        None => None,
+        Some((item, argument)) => {
+            let (argument, ty) = Converter::plain(input).convert(argument)?;
+            if ty != SqlType::Json {
+                return Err(SqlError::new(format!(
+                    "EXPLODE takes an array (a column declared ARRAY, MAP or STRUCT, held as JSON), not {ty}"
+                )));
+            }
+            operators.push(Operator::Explode(argument));
+            scope.columns.push(Column {
+                name: EXPLODED.to_string(),
+                ty: SqlType::Json,
+            });
+            if !scope.qualifiers.is_empty() {
+                // In a join, the element belongs to no relation.
+                scope.qualifiers.push(String::new());
+            }
+            Some((item, scope.columns.len() - 1))
+        }
+    };
+    let converter = Converter::plain(&scope);
+    let projection = project(select, &scope, &converter, exploded)?;
     let mut key = Vec::new();
     for expr in &query.partition_by {
         let (planned, _) = converter.convert(expr)?;
@@ -294,7 +322,7 @@ fn aggregate(
         expect_boolean(ty, "HAVING")?;
         operators.push(Operator::Filter(condition));
     }
-    let projection = project(select, &output, &converter)?;
+    let projection = project(select, &output, &converter, None)?;
     let key = projection
         .iter()
         .enumerate()
@@ -317,7 +345,38 @@ fn expect_boolean(ty: SqlType, clause: &str) -> SqlResult<()> {
 
 /// The projection's columns: `*` expands to the scope's (without ROWTIME
 /// and the aggregate's internals), unnamed expressions are `KSQL_COL_n`.
-fn project(select: &ast::Select, scope: &Scope, converter: &Converter<'_>) -> SqlResult<Vec<(Column, Expr)>> {
+/// The column an EXPLODE appends to the row (never shown by `*`).
+const EXPLODED: &str = "KSQL_EXPLODED";
+
+/// The SELECT's `EXPLODE(x)` item, if any, and its argument `x`.
+fn explode_item(select: &ast::Select) -> SqlResult<Option<(&ast::Expr, &ast::Expr)>> {
+    let mut found = None;
+    for item in &select.projection {
+        let (ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. }) = item else {
+            continue;
+        };
+        let ast::Expr::Function(f) = e else { continue };
+        if !f.name.to_string().eq_ignore_ascii_case("EXPLODE") {
+            continue;
+        }
+        let [Some(argument)] = function_args(f)?[..] else {
+            return Err(SqlError::new(format!("EXPLODE takes one array, not {e}")));
+        };
+        if found.replace((e, argument)).is_some() {
+            return Err(SqlError::new("one EXPLODE per query"));
+        }
+    }
+    Ok(found)
+}
+
+/// `exploded`: the EXPLODE item (by identity) and the column holding its
+/// element.
+fn project(
+    select: &ast::Select,
+    scope: &Scope,
+    converter: &Converter<'_>,
+    exploded: Option<(&ast::Expr, usize)>,
+) -> SqlResult<Vec<(Column, Expr)>> {
     let mut projection: Vec<(Column, Expr)> = Vec::new();
     let mut generated = 0;
     for item in &select.projection {
@@ -331,7 +390,10 @@ fn project(select: &ast::Select, scope: &Scope, converter: &Converter<'_>) -> Sq
                 wildcard(scope, Some(&qualifier), &mut projection)?
             }
             ast::SelectItem::UnnamedExpr(e) | ast::SelectItem::ExprWithAlias { expr: e, .. } => {
-                let (planned, ty) = converter.convert(e)?;
+                let (planned, ty) = match exploded {
+                    Some((item, column)) if std::ptr::eq(item, e) => (Expr::Column(column), SqlType::Json),
+                    _ => converter.convert(e)?,
+                };
                 let name = match (item, e) {
                     (ast::SelectItem::ExprWithAlias { alias, .. }, _) => ident(alias),
                     (_, ast::Expr::Identifier(id)) => ident(id),
@@ -360,7 +422,7 @@ fn wildcard(scope: &Scope, qualifier: Option<&str>, projection: &mut Vec<(Column
     let before = projection.len();
     for (i, column) in scope.columns.iter().enumerate() {
         let of = scope.qualifiers.get(i);
-        if column.name == "ROWTIME" || column.name.starts_with("KSQL_AGG_") {
+        if column.name == "ROWTIME" || column.name == EXPLODED || column.name.starts_with("KSQL_AGG_") {
             continue;
         }
         if qualifier.is_some_and(|q| of.is_some_and(|of| of != q)) {

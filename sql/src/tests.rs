@@ -760,3 +760,58 @@ fn pull_queries_read_the_aggregate_state_by_its_key() {
         assert!(refused.contains(error), "{select}: {refused}");
     }
 }
+
+/// ksqlDB's EXPLODE: a row per element of an array, the other columns
+/// repeated; none for NULL, an empty array or an object.
+#[test]
+fn explode_makes_a_row_per_array_element() {
+    let records = [
+        json!({"card": "c1", "amount": 5, "at_ms": 1, "meta": {"tags": ["a", 2, {"x": true}]}}),
+        json!({"card": "c2", "amount": 6, "at_ms": 2, "meta": {"tags": []}}),
+        json!({"card": "c3", "amount": 7, "at_ms": 3, "meta": {"tags": {"not": "an array"}}}),
+        json!({"card": "c4", "amount": 8, "at_ms": 4}),
+        json!({"card": "c5", "amount": 9, "at_ms": 5, "meta": {"tags": [null, 1.5]}}),
+    ];
+    let statement =
+        "SELECT card, EXPLODE(meta->tags) AS tag, amount * 2 AS doubled FROM attempts WHERE amount > 0 EMIT CHANGES";
+    let (out, dead_letters, _) = run(statement, &records);
+    assert_eq!(dead_letters, 0);
+    let rows: Vec<Value> = out.into_iter().map(|(_, v)| v.expect("a row")).collect();
+    assert_eq!(
+        rows,
+        [
+            json!({"CARD": "c1", "TAG": "a", "DOUBLED": 10}),
+            json!({"CARD": "c1", "TAG": 2, "DOUBLED": 10}),
+            json!({"CARD": "c1", "TAG": {"x": true}, "DOUBLED": 10}),
+            json!({"CARD": "c5", "TAG": null, "DOUBLED": 18}),
+            json!({"CARD": "c5", "TAG": 1.5, "DOUBLED": 18}),
+        ]
+    );
+    let planned = plan("SELECT *, EXPLODE(meta) FROM attempts").expect("plans");
+    let names: Vec<&str> = planned.sink.columns.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["CARD", "AMOUNT", "AT_MS", "NOTE", "META", "KSQL_COL_0"],
+        "* shows no exploded column"
+    );
+    assert!(
+        planned.explain("q").contains("EXPLODE META"),
+        "{}",
+        planned.explain("q")
+    );
+    for (statement, expected) in [
+        ("SELECT EXPLODE(amount) FROM attempts", "EXPLODE takes an array"),
+        (
+            "SELECT card, EXPLODE(meta), COUNT(*) FROM attempts GROUP BY card",
+            "EXPLODE works in a query without GROUP BY",
+        ),
+        (
+            "SELECT EXPLODE(meta), EXPLODE(meta) AS b FROM attempts",
+            "one EXPLODE per query",
+        ),
+        ("SELECT EXPLODE(meta, meta) FROM attempts", "EXPLODE takes one array"),
+    ] {
+        let refused = plan(statement).expect_err(statement);
+        assert!(refused.contains(expected), "{statement}: {refused}");
+    }
+}
