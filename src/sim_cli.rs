@@ -32,6 +32,11 @@ pub struct Args {
     /// Without the dataflow (its tasks, topics and result check).
     #[arg(long)]
     no_dataflow: bool,
+    /// Run the dataflow as a stream–stream join (the records joined with
+    /// themselves within 150 ms: two source stages and a join stage), every
+    /// pair checked exactly once, instead of the windowed count.
+    #[arg(long)]
+    join: bool,
     /// Where replicas keep their files (a fresh temporary directory by
     /// default; tmpfs such as /dev/shm is fastest).
     #[arg(long)]
@@ -136,6 +141,7 @@ fn sim_config(args: &Args) -> SimConfig {
         duration_ms: args.duration.as_millis() as u64,
         nemesis: !args.no_nemesis,
         dataflow: !args.no_dataflow && args.retention_ms.is_none() && !args.compact,
+        join_dataflow: args.join,
         bug_ack_before_commit: args.test_ack_before_commit,
         bug_unsequenced_task_output: args.test_unsequenced_task_output,
         disk_damage: args.disk_damage,

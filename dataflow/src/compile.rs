@@ -171,7 +171,7 @@ fn compile_stream_join(
             Some((key.clone(), carry.clone())),
             vec![aggregate_stage(key, aggregate, &plan.sink)?],
         ),
-        Some(_) => return Err(invalid("a second join after a stream–stream join")),
+        Some((op, _)) => return Err(invalid(&format!("{op:?} after a stream–stream join"))),
     };
     let ops = ops.to_vec();
     let left_width = row_width(plan.source.columns.len() + 1, before);
@@ -326,6 +326,9 @@ fn source_ops(ops: &[Operator]) -> Result<Vec<Operator>, PlanError> {
 
 /// Elements an EXPLODE turns one row into, at most.
 pub const EXPLODE_ELEMENTS_MAX: usize = 10_000;
+/// Bytes an EXPLODE may copy for one record (each element's row holds a
+/// copy of the record's values), estimated as elements × record bytes.
+pub const EXPLODE_BYTES_MAX: usize = 16 << 20;
 
 /// The elements of the JSON array `value` holds, as values (none for NULL
 /// or anything but an array).
@@ -512,7 +515,15 @@ impl SqlSource {
         };
         // The tables joined after the EXPLODE are those not joined before it.
         let joined = before.iter().filter(|op| matches!(op, Operator::JoinTable(_))).count();
-        for element in elements_of(&eval(expr, row))? {
+        let elements = elements_of(&eval(expr, row))?;
+        if elements.len().saturating_mul(value.len()) > EXPLODE_BYTES_MAX {
+            return Err(format!(
+                "EXPLODE of {} elements would copy a record of {} bytes past {EXPLODE_BYTES_MAX} bytes",
+                elements.len(),
+                value.len()
+            ));
+        }
+        for element in elements {
             let mut exploded = row.clone();
             exploded.push(element);
             if run_ops(after, &tables[joined..], &mut exploded, &mut Vec::new()) {

@@ -663,14 +663,17 @@ impl<C: TaskIo> TaskRunner<C> {
         };
         let Some(fetched) = fetched else { return Ok(false) };
         let caught_up = fetched.next_offset >= fetched.committed_offset;
-        let progressed = fetched.has_records();
+        let mut progressed = fetched.has_records();
         if progressed {
             if self.is_source() {
                 self.run_source(&fetched).await?;
             } else {
-                self.run_window(&fetched).await?;
+                // Records of another stateful stage's upstreams (the topic
+                // is shared) are no progress: a stage feeding another must
+                // not be woken by its own output.
+                progressed = self.run_window(&fetched).await?;
             }
-            self.dirty = true;
+            self.dirty |= progressed;
         }
         self.input_offset = self.input_offset.max(fetched.next_offset);
         if !caught_up || progressed {
@@ -867,7 +870,8 @@ impl<C: TaskIo> TaskRunner<C> {
         Ok(())
     }
 
-    async fn run_window(&mut self, input: &FetchedBatches) -> Result<(), TaskError> {
+    /// Whether any record was this stage's input.
+    async fn run_window(&mut self, input: &FetchedBatches) -> Result<bool, TaskError> {
         let Some(mut window) = self.window.take() else {
             return Err(TaskError::Unregistered(self.def.name.clone()));
         };
@@ -875,7 +879,7 @@ impl<C: TaskIo> TaskRunner<C> {
         emitted.clear();
         let outcome = self.fold_window(&mut *window, input, &mut emitted);
         self.window = Some(window);
-        outcome?;
+        let consumed = outcome?;
         let sink_partitions = self.assignment.partitions;
         let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
         for e in emitted.iter() {
@@ -895,7 +899,7 @@ impl<C: TaskIo> TaskRunner<C> {
         };
         self.sender.send_all(&*self.client, &sink, outputs).await?;
         self.counters.records_out += records_out as u64;
-        Ok(())
+        Ok(consumed)
     }
 
     /// Runs repartitioned records through the windows, moving the watermark
@@ -905,8 +909,9 @@ impl<C: TaskIo> TaskRunner<C> {
         window: &mut dyn WindowStage,
         input: &FetchedBatches,
         out: &mut Emitted,
-    ) -> Result<(), TaskError> {
+    ) -> Result<bool, TaskError> {
         let all_tasks = self.def.stages() * self.assignment.partitions;
+        let mut consumed = false;
         for batch in input.user_batches() {
             // Data batches come from the tasks' fixed producer ids; those of
             // another stateful stage's upstreams are not this stage's input.
@@ -915,9 +920,9 @@ impl<C: TaskIo> TaskRunner<C> {
             if writer.is_some_and(|t| !self.upstream_tasks().contains(&t)) {
                 continue;
             }
-            self.fold_batch(window, input.views_of(batch), writer, out)?;
+            consumed |= self.fold_batch(window, input.views_of(batch), writer, out)?;
         }
-        Ok(())
+        Ok(consumed)
     }
 
     /// Folds one batch's records; `writer` is the upstream whose producer
@@ -928,7 +933,8 @@ impl<C: TaskIo> TaskRunner<C> {
         views: impl Iterator<Item = Result<RecordView<'a>, runnel_storage::StorageError>>,
         writer: Option<u32>,
         out: &mut Emitted,
-    ) -> Result<(), TaskError> {
+    ) -> Result<bool, TaskError> {
+        let mut consumed = false;
         let upstreams = self.upstream_tasks();
         let upstream_count = upstreams.len() as u32;
         // A source's data is its progress; a stateful stage's output is not
@@ -954,6 +960,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 // Another stateful stage's upstream (they share the topic).
                 continue;
             }
+            consumed = true;
             let entry = self.upstreams.entry(upstream).or_insert(Upstream {
                 max_event_ms: i64::MIN,
                 idle: false,
@@ -978,7 +985,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 window.advance(wm, out)?;
             }
         }
-        Ok(())
+        Ok(consumed)
     }
 
     /// Moves the tables on to their ends (their positions move only here,

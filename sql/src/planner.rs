@@ -76,6 +76,7 @@ impl Scope {
 
     fn names(&self) -> String {
         (0..self.columns.len())
+            .filter(|&i| self.columns[i].name != EXPLODED)
             .map(|i| self.name_of(i))
             .collect::<Vec<_>>()
             .join(", ")
@@ -169,7 +170,8 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
         aggregate(select, query, &input, &group_by, &mut operators)?
     };
     let (columns, mut key, mut kind) = planned;
-    if key.is_empty() {
+    // A join's rows, not an aggregate's (whose columns count otherwise).
+    if key.is_empty() && kind == ObjectKind::Stream {
         key = join_key_columns(&operators, source.columns.len() + 1);
     }
     if let Some(join) = &from.tables_join {
@@ -217,7 +219,7 @@ fn stateless(select: &ast::Select, query: &Query, input: &Scope, operators: &mut
             let (argument, ty) = Converter::plain(input).convert(argument)?;
             if ty != SqlType::Json {
                 return Err(SqlError::new(format!(
-                    "EXPLODE takes an array (a column declared ARRAY, MAP or STRUCT, held as JSON), not {ty}"
+                    "EXPLODE takes an array (a column declared ARRAY, held as JSON), not {ty}"
                 )));
             }
             operators.push(Operator::Explode(argument));
@@ -1079,6 +1081,11 @@ impl<'a> Converter<'a> {
         let name = f.name.to_string().to_ascii_uppercase();
         if aggregate_function(f)?.is_some() {
             return Err(SqlError::new(format!("{name} is an aggregate: it needs a GROUP BY")));
+        }
+        if name == "EXPLODE" {
+            return Err(SqlError::new(
+                "EXPLODE is a table function: use it as a SELECT item of its own (SELECT EXPLODE(x) AS e …), not inside an expression or another clause",
+            ));
         }
         let function = Function::ALL
             .iter()

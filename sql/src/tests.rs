@@ -787,6 +787,16 @@ fn explode_makes_a_row_per_array_element() {
             json!({"CARD": "c5", "TAG": 1.5, "DOUBLED": 18}),
         ]
     );
+    // Bounded: at most 10,000 elements, and 16 MiB of copied rows; past
+    // either the record is a dead letter, naming the bound.
+    let many: Vec<i64> = (0..9_000).collect();
+    let too_many: Vec<i64> = (0..10_001).collect();
+    let huge = [
+        json!({"card": "c6", "amount": 1, "at_ms": 6, "meta": {"tags": many}}),
+        json!({"card": "c7", "amount": 1, "at_ms": 7, "meta": {"tags": too_many}}),
+    ];
+    let (out, dead_letters, _) = run(statement, &huge);
+    assert_eq!((out.len(), dead_letters), (0, 2));
     let planned = plan("SELECT *, EXPLODE(meta) FROM attempts").expect("plans");
     let names: Vec<&str> = planned.sink.columns.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(
@@ -810,6 +820,10 @@ fn explode_makes_a_row_per_array_element() {
             "one EXPLODE per query",
         ),
         ("SELECT EXPLODE(meta, meta) FROM attempts", "EXPLODE takes one array"),
+        (
+            "SELECT UPPER(EXPLODE(meta)) FROM attempts",
+            "EXPLODE is a table function",
+        ),
     ] {
         let refused = plan(statement).expect_err(statement);
         assert!(refused.contains(expected), "{statement}: {refused}");

@@ -322,6 +322,49 @@ pub fn check_results(
     }
 }
 
+/// A dataflow whose results are counted, not changes (a join's pairs):
+/// each key must be in the sink exactly as many times as the reference says.
+pub fn check_result_counts(
+    dataflow: &str,
+    reference: &BTreeMap<WindowKey, u64>,
+    found: &BTreeMap<WindowKey, u64>,
+    verdict: &mut Verdict,
+) {
+    for (key, &count) in found {
+        let (name, start) = (key.0.clone(), key.1);
+        match reference.get(key).copied() {
+            None => verdict.add(Anomaly::DataflowExtra {
+                dataflow: dataflow.to_string(),
+                key: name,
+                window_start_ms: start,
+                found: count,
+            }),
+            Some(expected) if count > expected => verdict.add(Anomaly::DataflowDuplicated {
+                dataflow: dataflow.to_string(),
+                key: name,
+                window_start_ms: start,
+                copies: count - expected,
+            }),
+            Some(expected) if count < expected => verdict.add(Anomaly::DataflowWrongCount {
+                dataflow: dataflow.to_string(),
+                key: name,
+                window_start_ms: start,
+                expected,
+                found: count,
+            }),
+            Some(_) => {}
+        }
+    }
+    for (key, &expected) in reference.iter().filter(|(k, _)| !found.contains_key(k)) {
+        verdict.add(Anomaly::DataflowMissing {
+            dataflow: dataflow.to_string(),
+            key: key.0.clone(),
+            window_start_ms: key.1,
+            expected,
+        });
+    }
+}
+
 fn label(id: &Option<String>) -> String {
     id.clone().unwrap_or_else(|| "<no write id>".to_string())
 }

@@ -360,3 +360,52 @@ fn compaction_and_retention_together_lose_nothing() {
         );
     }
 }
+
+/// Seeds run with the dataflow as a stream–stream join.
+const JOIN_SEEDS: u64 = 30;
+
+/// The dataflow as a stream–stream self-join (two source stages over the
+/// topic, a join stage): through crashes, restarts, partitions and task
+/// moves, the sink holds every pair within the window exactly once.
+#[test]
+fn a_stream_join_emits_every_pair_exactly_once_through_faults() {
+    let config = SimConfig {
+        join_dataflow: true,
+        ..SimConfig::default()
+    };
+    let seeds = seeds_from_env("RUNNEL_JOIN_SEED", "RUNNEL_JOIN_SEEDS", JOIN_SEEDS);
+    let (totals, failures) = run_seeds(&seeds, &config);
+    println!("{} seeds with a join: {}", seeds.len(), totals.summary());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    if seeds.len() > 1 {
+        assert!(
+            totals.dataflow_results > 10_000 && totals.task_failures > 0,
+            "the join's tasks failed and restarted, and many pairs were checked: {}",
+            totals.summary()
+        );
+    }
+}
+
+#[test]
+fn an_injected_dataflow_bug_is_caught_in_a_join() {
+    let dir = scratch();
+    let config = SimConfig {
+        join_dataflow: true,
+        bug_unsequenced_task_output: true,
+        ..SimConfig::default()
+    };
+    let caught = (1..=5).find(|&seed| {
+        let report = run_seed(seed, &config, dir.path());
+        report
+            .verdict
+            .anomaly_counts
+            .get("dataflow_duplicated")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    });
+    assert!(
+        caught.is_some(),
+        "unsequenced join output duplicated nothing in 5 seeds"
+    );
+}

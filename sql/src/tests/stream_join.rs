@@ -355,11 +355,13 @@ fn a_join_stage_holds_a_bounded_number_of_records_and_refuses_a_foreign_snapshot
     assert!(outcome.to_string().contains("shorten the join's WITHIN"), "{outcome}");
 }
 
-/// The join's pairs counted per card in one-minute windows (EMIT FINAL):
-/// four stages, the aggregate's watermark the join's output watermark.
+/// A left join's rows (pairs, and attempts without a payment once let go)
+/// counted per card in one-minute windows, EMIT FINAL with no grace: four
+/// stages, the aggregate's watermark the join's output watermark, so a
+/// watermark that ran ahead of what the join still emits would drop rows.
 #[test]
-fn an_aggregate_over_a_join_of_two_streams_counts_every_pair_once_per_window() {
-    let statement = "SELECT a.card, COUNT(*) AS pairs FROM attempts a JOIN payments p \
+fn an_aggregate_over_a_join_of_two_streams_counts_every_row_once_per_window() {
+    let statement = "SELECT a.card, COUNT(*) AS pairs FROM attempts a LEFT JOIN payments p \
         WITHIN (3 SECONDS, 5 SECONDS) GRACE PERIOD 10 SECONDS ON a.card = p.card \
         WINDOW TUMBLING (SIZE 60 SECONDS, GRACE PERIOD 0 SECONDS) GROUP BY a.card EMIT FINAL";
     let plan = plan(statement).expect("plans");
@@ -408,7 +410,18 @@ fn an_aggregate_over_a_join_of_two_streams_counts_every_pair_once_per_window() {
         "windows close as the join's output watermark moves: {}",
         out.len()
     );
+    joined.clear();
     join.advance(i64::MAX, &mut joined).expect("lets every record go");
+    for r in joined.iter() {
+        count
+            .add(
+                r.key.expect("grouped"),
+                r.value.unwrap_or_default(),
+                r.timestamp_ms,
+                &mut out,
+            )
+            .expect("counts");
+    }
     count.advance(i64::MAX, &mut out).expect("closes every window");
     assert_eq!(
         count.late_records(),
@@ -420,7 +433,7 @@ fn an_aggregate_over_a_join_of_two_streams_counts_every_pair_once_per_window() {
         let key: Value = serde_json::from_slice(r.key.expect("key")).expect("JSON");
         let value: Value = serde_json::from_slice(r.value.expect("value")).expect("JSON");
         let window = (
-            key["CARD"].as_str().expect("card").to_string(),
+            key["CARD"].as_str().unwrap_or("NULL").to_string(),
             key["WINDOWSTART"].as_i64().expect("start"),
         );
         assert!(
@@ -428,15 +441,32 @@ fn an_aggregate_over_a_join_of_two_streams_counts_every_pair_once_per_window() {
             "one final row per window"
         );
     }
-    let (pairs, _) = reference(&events, 3_000, 5_000, 10_000, [false, false]);
+    let (rows, _) = reference(&events, 3_000, 5_000, 10_000, [true, false]);
+    // The count groups by a.card: attempts without a card form a NULL group.
     let card_of: BTreeMap<i64, String> = events
         .iter()
         .filter_map(|e| Some((e.id, format!("c{}", e.card?))))
         .collect();
     let mut expected: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for (t_ms, left, _) in pairs {
-        let card = card_of[&left.expect("a pair")].clone();
-        *expected.entry((card, t_ms - t_ms.rem_euclid(60_000))).or_default() += 1;
+    let mut unmatched = 0;
+    for (t_ms, left, right) in rows {
+        let card = card_of
+            .get(&left.expect("a left join's row"))
+            .map_or("NULL", String::as_str);
+        unmatched += usize::from(right.is_none());
+        *expected
+            .entry((card.to_string(), t_ms - t_ms.rem_euclid(60_000)))
+            .or_default() += 1;
     }
+    assert!(unmatched > 10, "attempts without a payment are counted too");
     assert_eq!(found, expected);
+    let ungrouped = super::stream_join::plan(
+        "SELECT COUNT(*) AS n FROM attempts a JOIN payments p WITHIN 1 SECOND ON a.amount = p.paid GROUP BY a.card",
+    )
+    .expect("plans");
+    assert!(
+        ungrouped.sink.key.is_empty(),
+        "not keyed by a join column's number: {:?}",
+        ungrouped.sink.key
+    );
 }

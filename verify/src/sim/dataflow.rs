@@ -30,9 +30,11 @@ use runnel_actors::supervisor::RestartPolicy;
 use runnel_actors::tasks::{repartition_topic, DataflowShape, TaskAssignment, TaskStatus};
 use runnel_actors::{Acks, BrokerError};
 use runnel_client::partition_for_key;
+use runnel_client::plan::JoinKind;
 use runnel_cluster::NodeId;
 use runnel_dataflow::fraud::{decode_result, Attempt};
 use runnel_dataflow::host::IDLE_POLL;
+use runnel_dataflow::join::JoinWindow;
 use runnel_dataflow::task::{TaskError, TaskIo, TaskRunner};
 use runnel_dataflow::{Dataflow, DataflowDef, Emit, Window};
 use runnel_storage::{BatchBuilder, Record, RecordBatch, StoredRecord};
@@ -115,6 +117,70 @@ pub fn dataflow() -> DataflowDef {
         .filter(|_card, _window, count| *count > THRESHOLD)
         .emit(Emit::Changes)
         .sink(DATAFLOW)
+}
+
+/// How far apart (ms) two attempts of a card may be to pair in [`join_dataflow`].
+pub const JOIN_WITHIN_MS: i64 = 150;
+
+/// One result of [`join_dataflow`]: two attempts of a card, `left_ms` and
+/// `right_ms` their times.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Pair {
+    card: String,
+    left_ms: i64,
+    right_ms: i64,
+}
+
+/// The records joined with themselves: each attempt with every attempt of
+/// its card (itself included) at most [`JOIN_WITHIN_MS`] away, through two
+/// source stages over the same topic and a join stage, so the sink must
+/// hold every such pair exactly once across crashes, restarts and moves.
+/// The grace is [`GRACE_MS`], so no record is late and nothing depends on
+/// when watermarks move.
+pub fn join_dataflow() -> DataflowDef {
+    let right = Dataflow::new(DATAFLOW)
+        .source::<Attempt>(TOPIC)
+        .event_time(|a| a.at_ms)
+        .key_by(|a| a.card_number.clone());
+    let within =
+        JoinWindow::within(Duration::from_millis(JOIN_WITHIN_MS as u64)).grace(Duration::from_millis(GRACE_MS as u64));
+    Dataflow::new(DATAFLOW)
+        .source::<Attempt>(TOPIC)
+        .event_time(|a| a.at_ms)
+        .key_by(|a| a.card_number.clone())
+        .join(
+            right,
+            within,
+            JoinKind::Inner,
+            |card: &String, l: Option<&Attempt>, r: Option<&Attempt>| {
+                Some(Pair {
+                    card: card.clone(),
+                    left_ms: l?.at_ms,
+                    right_ms: r?.at_ms,
+                })
+            },
+        )
+        .sink(DATAFLOW)
+}
+
+/// Per pair of times (keyed `card@right_ms`, `left_ms`), how many times
+/// [`join_dataflow`] must emit it.
+pub fn join_reference(attempts: &[Attempt]) -> BTreeMap<WindowKey, u64> {
+    let mut by_card: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
+    for attempt in attempts {
+        by_card.entry(&attempt.card_number).or_default().push(attempt.at_ms);
+    }
+    let mut pairs = BTreeMap::new();
+    for (card, times) in &mut by_card {
+        times.sort_unstable();
+        for (i, &left_ms) in times.iter().enumerate() {
+            let from = times[..i].partition_point(|&t| t < left_ms - JOIN_WITHIN_MS);
+            for &right_ms in times[from..].iter().take_while(|&&t| t <= left_ms + JOIN_WITHIN_MS) {
+                *pairs.entry((format!("{card}@{right_ms}"), left_ms)).or_default() += 1;
+            }
+        }
+    }
+    pairs
 }
 
 /// The value of a simulated record: an attempt of card `card % CARDS` at
@@ -403,6 +469,8 @@ const RETRY_PAUSE_MS: u64 = 20;
 #[derive(Default)]
 pub struct Tasks {
     pub def: Option<Arc<DataflowDef>>,
+    /// The dataflow is [`join_dataflow`].
+    join: bool,
     /// (node, task) → the incarnation running there.
     running: BTreeMap<(NodeId, u32), SimTask>,
     /// Request id → the call it is an attempt of.
@@ -416,9 +484,12 @@ pub struct Tasks {
 }
 
 impl Tasks {
-    pub fn new(enabled: bool) -> Tasks {
+    /// The simulated dataflow's tasks (none unless `enabled`): the windowed
+    /// count, or with `join` the stream–stream self-join.
+    pub fn new(enabled: bool, join: bool) -> Tasks {
         Tasks {
-            def: enabled.then(|| Arc::new(dataflow())),
+            def: enabled.then(|| Arc::new(if join { join_dataflow() } else { dataflow() })),
+            join,
             ..Tasks::default()
         }
     }
@@ -771,9 +842,9 @@ impl World {
                 stages: dataflow.stages,
                 generation: leader_meta.metadata.generations.get(DATAFLOW).copied().unwrap_or(0),
             };
-            let input = match assignment.stage() {
-                0 => def.source.clone(),
-                _ => repartition_topic(DATAFLOW),
+            let input = match def.source_of(assignment.stage()) {
+                Some((topic, _)) => topic.to_string(),
+                None => repartition_topic(DATAFLOW),
             };
             let Some(group) = topics.get(&input).map(|t| t.group_id(assignment.partition())) else {
                 return false;
@@ -801,6 +872,18 @@ impl World {
             .iter()
             .filter_map(|r| serde_json::from_slice(r.record.value.as_deref()?).ok())
             .collect();
+        if self.tasks.join {
+            let mut found: BTreeMap<WindowKey, u64> = BTreeMap::new();
+            for record in sink {
+                let value = record.record.value.as_deref().unwrap_or_default();
+                let pair: Pair = serde_json::from_slice(value).map_err(|e| format!("sink value: {e}"))?;
+                *found
+                    .entry((format!("{}@{}", pair.card, pair.right_ms), pair.left_ms))
+                    .or_default() += 1;
+            }
+            check::check_result_counts(DATAFLOW, &join_reference(&attempts), &found, verdict);
+            return Ok(sink.len() as u64);
+        }
         let results = sink
             .iter()
             .map(|r| decode_result(&r.record))

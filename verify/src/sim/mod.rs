@@ -121,6 +121,11 @@ pub struct SimConfig {
     /// Run a dataflow over the producers' records (counts per card in
     /// tumbling windows) and check its sink against a reference.
     pub dataflow: bool,
+    /// Run the dataflow as a stream–stream join instead: the records joined
+    /// with themselves (two source stages over the topic) within
+    /// [`dataflow::JOIN_WITHIN_MS`], every pair checked once against a
+    /// reference.
+    pub join_dataflow: bool,
     /// The deliberately injected bug (acks before commit), for proving the
     /// checks can fail.
     pub bug_ack_before_commit: bool,
@@ -169,6 +174,7 @@ impl Default for SimConfig {
             produce_every_ms: 40,
             consumers: 2,
             dataflow: true,
+            join_dataflow: false,
             bug_ack_before_commit: false,
             bug_unsequenced_task_output: false,
             disk_damage: false,
@@ -760,7 +766,7 @@ impl World {
             .chain(consumers.iter().map(|c| c.node))
             .map(|n| (n, ClientView::default()))
             .collect();
-        let tasks = Tasks::new(config.dataflow);
+        let tasks = Tasks::new(config.dataflow, config.join_dataflow);
         let mut world = World {
             seed,
             tasks,
