@@ -910,21 +910,53 @@ async fn per_country_reference(
     counts
 }
 
-/// The join's sink: per (country, window), its changes in order, which must
-/// be 1, 2, … n (none lost, none repeated); the final counts.
-async fn per_country_results(client: &Arc<Client>) -> BTreeMap<(String, i64), Vec<u64>> {
+/// A windowed aggregate's sink: per (key, window), the counts its changes
+/// carried, in order (which must be 1, 2, … n: none lost, none repeated).
+async fn windowed_changes(
+    client: &Arc<Client>,
+    topic: &str,
+    (key_column, count_column): (&str, &str),
+) -> BTreeMap<(String, i64), Vec<u64>> {
     let mut changes: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
-    for record in read_all(client, "PER_COUNTRY").await {
+    for record in read_all(client, topic).await {
         let key: serde_json::Value = serde_json::from_slice(record.key.as_deref().expect("key")).expect("JSON key");
         let value: serde_json::Value = serde_json::from_slice(record.value.as_deref().expect("value")).expect("JSON");
-        let country = key["COUNTRY"].as_str().expect("country").to_string();
+        let name = key[key_column].as_str().expect("key column").to_string();
         let start = key["WINDOWSTART"].as_i64().expect("window start");
         changes
-            .entry((country, start))
+            .entry((name, start))
             .or_default()
-            .push(value["ATTEMPTS"].as_u64().expect("count"));
+            .push(value[count_column].as_u64().expect("count"));
     }
     changes
+}
+
+/// Polls `topic` until each (key, window) reached its expected count, then
+/// checks every change came once and the counts are exact.
+async fn expect_changes_once(
+    client: &Arc<Client>,
+    topic: &str,
+    columns: (&str, &str),
+    expected: &BTreeMap<(String, i64), u64>,
+) {
+    let started = Instant::now();
+    let changes = loop {
+        let changes = windowed_changes(client, topic, columns).await;
+        let done = changes.len() >= expected.len()
+            && changes
+                .iter()
+                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
+        if done || started.elapsed() > RESULTS_TIMEOUT {
+            break changes;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    for (key, counts) in &changes {
+        let once: Vec<u64> = (1..=counts.len() as u64).collect();
+        assert_eq!(counts, &once, "{topic}: changes of {key:?}: none lost, none repeated");
+    }
+    let found: BTreeMap<(String, i64), u64> = changes.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
+    assert_eq!(&found, expected, "{topic} holds exactly the reference's counts");
 }
 
 /// The join process test: attempts enriched with a cards table,
@@ -971,7 +1003,7 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
         "most of the 20,000 attempts join: {joined} in {expected:?}"
     );
     expect_pulled_countries(&cluster, &expected);
-    expect_per_country(&survivors, &expected).await;
+    expect_changes_once(&survivors, "PER_COUNTRY", ("COUNTRY", "ATTEMPTS"), &expected).await;
 
     // A push query over the join, from the earliest attempt.
     let output = sql(
@@ -1034,29 +1066,6 @@ fn wait_for_checkpoints_on(cluster: &Cluster, query: &str, node: u64) {
             !on_node.is_empty() && on_node.iter().all(|t| t["checkpoints"].as_u64().unwrap_or(0) > 0)
         },
     );
-}
-
-/// Polls the join's sink until each (country, window) reached its expected
-/// count, then checks every change came once and the counts are exact.
-async fn expect_per_country(client: &Arc<Client>, expected: &BTreeMap<(String, i64), u64>) {
-    let started = Instant::now();
-    let changes = loop {
-        let changes = per_country_results(client).await;
-        let done = changes.len() >= expected.len()
-            && changes
-                .iter()
-                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
-        if done || started.elapsed() > RESULTS_TIMEOUT {
-            break changes;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    for (key, counts) in &changes {
-        let once: Vec<u64> = (1..=counts.len() as u64).collect();
-        assert_eq!(counts, &once, "changes of {key:?}: none lost, none repeated");
-    }
-    let found: BTreeMap<(String, i64), u64> = changes.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
-    assert_eq!(&found, expected, "the sink holds exactly the reference's counts");
 }
 
 /// Pull queries by country answer the reference's counts.
@@ -1162,37 +1171,7 @@ async fn expect_pairs_per_card(client: &Arc<Client>, pairs: &[Paid]) {
             .entry((card.clone(), t_ms - t_ms.rem_euclid(60_000)))
             .or_default() += 1;
     }
-    let started = Instant::now();
-    let changes = loop {
-        let mut changes: BTreeMap<(String, i64), Vec<u64>> = BTreeMap::new();
-        for record in read_all(client, "PAID_PER_CARD").await {
-            let key: serde_json::Value = serde_json::from_slice(record.key.as_deref().expect("key")).expect("JSON");
-            let value: serde_json::Value =
-                serde_json::from_slice(record.value.as_deref().expect("value")).expect("JSON");
-            let window = (
-                key["CARD_NUMBER"].as_str().expect("card").to_string(),
-                key["WINDOWSTART"].as_i64().expect("start"),
-            );
-            changes
-                .entry(window)
-                .or_default()
-                .push(value["PAIRS"].as_u64().expect("count"));
-        }
-        let done = changes.len() >= expected.len()
-            && changes
-                .iter()
-                .all(|(k, v)| expected.get(k).is_some_and(|n| v.last() == Some(n)));
-        if done || started.elapsed() > RESULTS_TIMEOUT {
-            break changes;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    for (window, counts) in &changes {
-        let once: Vec<u64> = (1..=counts.len() as u64).collect();
-        assert_eq!(counts, &once, "changes of {window:?}: none lost, none repeated");
-    }
-    let found: BTreeMap<(String, i64), u64> = changes.iter().map(|(k, v)| (k.clone(), v.len() as u64)).collect();
-    assert_eq!(found, expected, "pairs per card and minute");
+    expect_changes_once(client, "PAID_PER_CARD", ("CARD_NUMBER", "PAIRS"), &expected).await;
 }
 
 /// The card of the records that close every join window.

@@ -743,6 +743,7 @@ where
             joins: keyed.stream.joins,
             key: keyed.key,
             carry_values: matches!(self.fold, Folding::Values(_)),
+            side: None,
         });
         let (init, fold, having, emit) = (self.init, self.fold, self.having, self.emit);
         let mut window_steps = self.steps;
@@ -776,6 +777,9 @@ struct KeyedSource<K, T> {
     key: Arc<dyn Fn(&T) -> K + Send + Sync>,
     /// Whether the window stage folds values (else records go without).
     carry_values: bool,
+    /// A join side's byte (0 left, 1 right), written before each carried
+    /// value so the join stage knows where a record comes from.
+    side: Option<u8>,
 }
 
 impl<K: Serialize, T: Serialize> SourceStage for KeyedSource<K, T> {
@@ -800,7 +804,10 @@ impl<K: Serialize, T: Serialize> SourceStage for KeyedSource<K, T> {
             }
             let encoded = out.encode(to_postcard(&(self.key)(&record))).and_then(|key| {
                 let value = if self.carry_values {
-                    Some(out.encode(to_postcard(&record))?)
+                    Some(out.encode(|b| {
+                        b.extend(self.side);
+                        postcard::to_io(&record, b).map(drop)
+                    })?)
                 } else {
                     None
                 };

@@ -150,6 +150,23 @@ pub enum Joined<'a, P> {
     },
 }
 
+impl<'a, P> Joined<'a, P> {
+    /// The key, the left and right records (a lone record's other side
+    /// missing), and the time the joined row is stamped with.
+    pub fn parts(self) -> (&'a [u8], Option<&'a P>, Option<&'a P>, i64) {
+        match self {
+            Joined::Pair { key, left, right, t_ms } => (key, Some(left), Some(right), t_ms),
+            Joined::Alone {
+                key,
+                side: Side::Left,
+                payload,
+                t_ms,
+            } => (key, Some(payload), None, t_ms),
+            Joined::Alone { key, payload, t_ms, .. } => (key, None, Some(payload), t_ms),
+        }
+    }
+}
+
 /// One held record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Held<P> {
@@ -445,16 +462,7 @@ fn emit_joined(
     joined: Joined<'_, Vec<Value>>,
     out: &mut Emitted,
 ) -> Result<(), StageError> {
-    let (key, left, right, t_ms) = match joined {
-        Joined::Pair { key, left, right, t_ms } => (key, Some(left), Some(right), t_ms),
-        Joined::Alone {
-            key,
-            side: Side::Left,
-            payload,
-            t_ms,
-        } => (key, Some(payload), None, t_ms),
-        Joined::Alone { key, payload, t_ms, .. } => (key, None, Some(payload), t_ms),
-    };
+    let (key, left, right, t_ms) = joined.parts();
     let mut row = Vec::with_capacity(spec.left_width + spec.right_width);
     match left {
         Some(values) => row.extend_from_slice(values),

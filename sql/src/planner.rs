@@ -108,36 +108,7 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
         return Err(SqlError::new("DISTINCT, named windows and QUALIFY are not supported"));
     }
     let source = from.source;
-    let mut input = Scope::of(source.columns.clone());
-    input.columns.push(Column {
-        name: "ROWTIME".to_string(),
-        ty: SqlType::BigInt,
-    });
-    let mut operators = Vec::new();
-    if !from.joins.is_empty() {
-        input.qualifiers = vec![from.alias.clone(); input.columns.len()];
-    }
-    for join in &from.joins {
-        operators.push(Operator::JoinTable(join_table(join, &input)?));
-        input.extend(&join.table.columns, &join.alias);
-    }
-    if let Some(join) = &from.stream_join {
-        input.qualifiers = vec![from.alias.clone(); input.columns.len()];
-        let planned = join_stream(join, &input)?;
-        let mut right = join.stream.columns.clone();
-        right.push(Column {
-            name: "ROWTIME".to_string(),
-            ty: SqlType::BigInt,
-        });
-        input.extend(&right, &join.alias);
-        operators.push(Operator::JoinStream(planned));
-    }
-    if let Some(join) = &from.tables_join {
-        input.qualifiers = vec![from.alias.clone(); input.columns.len()];
-        let planned = join_tables(join, from, &input)?;
-        input.extend(&with_rowtime(&join.table.columns), &join.alias);
-        operators.push(Operator::JoinTables(planned));
-    }
+    let (input, mut operators) = plan_from(from)?;
     if let Some(condition) = &select.selection {
         let (condition, ty) = Converter::plain(&input).convert(condition)?;
         expect_boolean(ty, "WHERE")?;
@@ -169,20 +140,7 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
     } else {
         aggregate(select, query, &input, &group_by, &mut operators)?
     };
-    let (columns, mut key, mut kind) = planned;
-    // A join's rows, not an aggregate's (whose columns count otherwise).
-    if key.is_empty() && kind == ObjectKind::Stream {
-        key = join_key_columns(&operators, source.columns.len() + 1);
-    }
-    if let Some(join) = &from.tables_join {
-        if key.is_empty() {
-            return Err(SqlError::new(format!(
-                "the SELECT of a join of two tables must include the key ({}.{} or {}.{}): it keys the result",
-                from.alias, source.columns[source.key[0]].name, join.alias, join.table.columns[join.table.key[0]].name
-            )));
-        }
-        kind = ObjectKind::Table;
-    }
+    let (columns, key, kind) = join_keyed(planned, from, &operators)?;
     let plan = Plan {
         version: PLAN_FORMAT_VERSION,
         statement: statement.to_string(),
@@ -207,6 +165,52 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
 }
 
 type Shape = (Vec<Column>, Vec<usize>, ObjectKind);
+
+/// The FROM clause: the scope of the rows it yields (the source's columns
+/// and ROWTIME, then each joined relation's, qualified in a join) and the
+/// join operators that make them.
+fn plan_from(from: &Input<'_>) -> SqlResult<(Scope, Vec<Operator>)> {
+    let mut input = Scope::of(with_rowtime(&from.source.columns));
+    let mut operators = Vec::new();
+    let joined = !from.joins.is_empty() || from.stream_join.is_some() || from.tables_join.is_some();
+    if joined {
+        input.qualifiers = vec![from.alias.clone(); input.columns.len()];
+    }
+    for join in &from.joins {
+        operators.push(Operator::JoinTable(join_table(join, &input)?));
+        input.extend(&join.table.columns, &join.alias);
+    }
+    if let Some(join) = &from.stream_join {
+        operators.push(Operator::JoinStream(join_stream(join, &input)?));
+        input.extend(&with_rowtime(&join.stream.columns), &join.alias);
+    }
+    if let Some(join) = &from.tables_join {
+        operators.push(Operator::JoinTables(join_tables(join, from, &input)?));
+        input.extend(&with_rowtime(&join.table.columns), &join.alias);
+    }
+    Ok((input, operators))
+}
+
+/// A join's output keyed as ksqlDB keys it: a stream's rows by the join
+/// key column the SELECT shows (not an aggregate's, whose columns count
+/// otherwise); a join of two tables is a table and must show its key.
+fn join_keyed(planned: Shape, from: &Input<'_>, operators: &[Operator]) -> SqlResult<Shape> {
+    let (columns, mut key, mut kind) = planned;
+    if key.is_empty() && kind == ObjectKind::Stream {
+        key = join_key_columns(operators, from.source.columns.len() + 1);
+    }
+    if let Some(join) = &from.tables_join {
+        if key.is_empty() {
+            let source = from.source;
+            return Err(SqlError::new(format!(
+                "the SELECT of a join of two tables must include the key ({}.{} or {}.{}): it keys the result",
+                from.alias, source.columns[source.key[0]].name, join.alias, join.table.columns[join.table.key[0]].name
+            )));
+        }
+        kind = ObjectKind::Table;
+    }
+    Ok((columns, key, kind))
+}
 
 fn stateless(select: &ast::Select, query: &Query, input: &Scope, operators: &mut Vec<Operator>) -> SqlResult<Shape> {
     if select.having.is_some() {
@@ -518,11 +522,7 @@ fn join_stream(join: &StreamJoinInput<'_>, left: &Scope) -> SqlResult<StreamJoin
             join.alias, join.on
         )));
     };
-    let mut right = Scope::of(join.stream.columns.clone());
-    right.columns.push(Column {
-        name: "ROWTIME".to_string(),
-        ty: SqlType::BigInt,
-    });
+    let mut right = Scope::of(with_rowtime(&join.stream.columns));
     right.qualifiers = vec![join.alias.clone(); right.columns.len()];
     let sides = |l: &ast::Expr, r: &ast::Expr| -> SqlResult<((Expr, SqlType), (Expr, SqlType))> {
         Ok((Converter::plain(left).convert(l)?, Converter::plain(&right).convert(r)?))

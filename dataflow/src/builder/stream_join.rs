@@ -5,18 +5,16 @@
 
 use std::sync::Arc;
 
-use runnel_client::plan::{JoinKind, TableJoin};
+use runnel_client::plan::JoinKind;
 use runnel_client::tasks::StateRow;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    step, to_json, to_postcard, type_name, Chain, DataflowDef, Emitted, JoinedSource, KeyedStream, SourceStage,
-    StageError, WindowStage, WindowStageFactory,
+    step, to_json, type_name, DataflowDef, Emitted, JoinedSource, KeyedSource, KeyedStream, StageError, WindowStage,
+    WindowStageFactory,
 };
 use crate::join::{JoinBuffers, JoinWindow, Joined, Side};
-use crate::table::TableState;
-use crate::window::{event_time_in_range, WindowError};
 
 /// What a join makes of a key and its pair (or of one side alone, for a
 /// left or outer join's record that matched nothing).
@@ -87,70 +85,27 @@ where
             name: left.stream.name,
             source: left.stream.source,
             sink: topic.to_string(),
-            source_stage: Arc::new(SideSource {
+            source_stage: Arc::new(KeyedSource {
                 chain: left.stream.chain,
                 joins: left.stream.joins,
                 key: left.key,
-                side: Side::Left,
+                carry_values: true,
+                side: Some(0),
             }),
             joined_sources: vec![JoinedSource {
                 topic: right_topic,
-                stage: Arc::new(SideSource {
+                stage: Arc::new(KeyedSource {
                     chain: right.stream.chain,
                     joins: right.stream.joins,
                     key: right.key,
-                    side: Side::Right,
+                    carry_values: true,
+                    side: Some(1),
                 }),
             }],
             window_stage: Some(factory),
             next_stages: Vec::new(),
             steps: vec![left.stream.steps, right.stream.steps, join_steps],
         }
-    }
-}
-
-/// One side's source stage: records keyed by the join key, each value its
-/// side's byte (0 left, 1 right) and then the record.
-struct SideSource<K, T> {
-    chain: Chain<T>,
-    joins: Vec<TableJoin>,
-    key: Arc<dyn Fn(&T) -> K + Send + Sync>,
-    side: Side,
-}
-
-impl<K: Serialize, T: Serialize> SourceStage for SideSource<K, T> {
-    fn tables(&self) -> Vec<TableJoin> {
-        self.joins.clone()
-    }
-
-    fn process_joined(
-        &self,
-        value: &[u8],
-        timestamp_ms: i64,
-        tables: &[TableState],
-        out: &mut Emitted,
-    ) -> Result<(), String> {
-        let side_byte = match self.side {
-            Side::Left => 0u8,
-            Side::Right => 1,
-        };
-        let mut failed = None;
-        (self.chain)(value, timestamp_ms, tables, &mut |record, t| {
-            if !event_time_in_range(t) {
-                failed = Some(WindowError::EventTimeOutOfRange(t).to_string());
-                return;
-            }
-            let key = out.encode(to_postcard(&(self.key)(&record)));
-            let value = out.encode(|b| {
-                b.push(side_byte);
-                postcard::to_io(&record, b).map(drop)
-            });
-            match (key, value) {
-                (Ok(key), Ok(value)) => out.push(t, Some(key), Some(value)),
-                (Err(e), _) | (_, Err(e)) => failed = Some(e.to_string()),
-            }
-        })?;
-        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -174,16 +129,7 @@ where
     R: Serialize,
 {
     let decode = |what: &str, bytes: &[u8]| StageError::Corrupt(format!("{what} of {} bytes", bytes.len()));
-    let (key, left, right, t_ms) = match joined {
-        Joined::Pair { key, left, right, t_ms } => (key, Some(left), Some(right), t_ms),
-        Joined::Alone {
-            key,
-            side: Side::Left,
-            payload,
-            t_ms,
-        } => (key, Some(payload), None, t_ms),
-        Joined::Alone { key, payload, t_ms, .. } => (key, None, Some(payload), t_ms),
-    };
+    let (key, left, right, t_ms) = joined.parts();
     let k: K = postcard::from_bytes(key).map_err(|_| decode("a join key", key))?;
     let t: Option<T> = match left {
         Some(bytes) => Some(postcard::from_bytes(bytes).map_err(|_| decode("a left record", bytes))?),
