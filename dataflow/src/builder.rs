@@ -230,6 +230,8 @@ pub enum StageError {
     JoinFull(usize),
     #[error("a join of two tables holds {0} keys in one task, its bound; add partitions to both tables")]
     TableJoinFull(usize),
+    #[error("a join's record pairs with {0} records of the other side (at most {1}): shorten the join's WITHIN, or join on a more selective key")]
+    JoinFanOut(usize, usize),
     #[error("{0}")]
     NoTable(&'static str),
 }

@@ -45,6 +45,9 @@ pub const LEFT: i64 = 0;
 pub const RIGHT: i64 = 1;
 /// Records one join task holds at most, both sides together.
 pub const JOIN_HELD_RECORDS_MAX: usize = 200_000;
+/// Records of the other side one record may pair with, at most: what one
+/// record adds to a step's output stays bounded.
+pub const JOIN_PAIRS_PER_RECORD_MAX: usize = 10_000;
 /// The format of [`JoinSnapshot`].
 const JOIN_STATE_VERSION: u8 = 1;
 
@@ -274,6 +277,10 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
         if let Some(held) = self.held.get_mut(key) {
             let times = self.window.partners(side, t_ms);
             let range = (*times.start(), 0)..=(*times.end(), u64::MAX);
+            let partners = held[side.other().index()].range(range.clone()).count();
+            if partners > JOIN_PAIRS_PER_RECORD_MAX {
+                return Err(StageError::JoinFanOut(partners, JOIN_PAIRS_PER_RECORD_MAX));
+            }
             for other in held[side.other().index()].range_mut(range).map(|(_, h)| h) {
                 other.matched = true;
                 matched = true;

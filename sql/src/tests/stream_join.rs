@@ -353,6 +353,34 @@ fn a_join_stage_holds_a_bounded_number_of_records_and_refuses_a_foreign_snapshot
     };
     assert_eq!(held, runnel_dataflow::join::JOIN_HELD_RECORDS_MAX);
     assert!(outcome.to_string().contains("shorten the join's WITHIN"), "{outcome}");
+    // A right record within the window of more than 10,000 left ones pairs
+    // with too many: refused before it emits anything.
+    let mut join = (def.window_stage.as_ref().expect("join"))();
+    let fan_out = runnel_dataflow::join::JOIN_PAIRS_PER_RECORD_MAX + 1;
+    for amount in 0..fan_out {
+        staged.clear();
+        let record = json!({"card": "c1", "amount": amount, "at_ms": 5_000, "note": "n", "meta": {}});
+        left.process(record.to_string().as_bytes(), 0, &mut staged)
+            .expect("decodes");
+        let r = staged.iter().next().expect("one record");
+        join.add(r.key.expect("key"), r.value.expect("value"), r.timestamp_ms, &mut out)
+            .expect("held");
+    }
+    let (_, right) = def.source_of(1).expect("right");
+    let (mut staged, mut out) = (Emitted::default(), Emitted::default());
+    let record = json!({"card": "c1", "paid": 1, "at_ms": 5_000});
+    right
+        .process(record.to_string().as_bytes(), 0, &mut staged)
+        .expect("decodes");
+    let r = staged.iter().next().expect("one record");
+    let refused = join
+        .add(r.key.expect("key"), r.value.expect("value"), r.timestamp_ms, &mut out)
+        .expect_err("fan-out past the bound");
+    assert!(
+        refused.to_string().contains(&format!("pairs with {fan_out} records")),
+        "{refused}"
+    );
+    assert!(out.is_empty(), "nothing emitted before the refusal");
 }
 
 /// A left join's rows (pairs, and attempts without a payment once let go)
