@@ -425,7 +425,12 @@ impl Metadata {
         Ok(())
     }
 
+    /// A request retried after its answer was lost (a timeout, a leader
+    /// change) finds its object already made: done, not refused.
     fn create_object(&mut self, object: &SqlObject) -> Result<(), MetadataError> {
+        if self.objects.get(&object.name) == Some(object) {
+            return Ok(());
+        }
         if self.objects.contains_key(&object.name) {
             return Err(MetadataError::ObjectExists(object.name.clone()));
         }
@@ -462,6 +467,16 @@ impl Metadata {
         Ok(())
     }
 
+    /// Whether query `name` runs `plan` and made `object`: a start of it
+    /// retried after its answer was lost (a timeout, a leader change) is
+    /// done already, not refused. Only the placement may differ, and the
+    /// first one stands.
+    pub fn holds_query(&self, name: &str, plan: &Plan, object: Option<&SqlObject>) -> bool {
+        self.plans.get(name) == Some(plan)
+            && self.dataflows.contains_key(name)
+            && object.is_none_or(|o| self.objects.get(&o.name) == Some(o))
+    }
+
     /// Starts a query's dataflow with its plan and, when it writes a new
     /// stream or table, names it; refused whole when any part is.
     fn start_query(
@@ -470,6 +485,9 @@ impl Metadata {
         plan: &Plan,
         object: Option<&SqlObject>,
     ) -> Result<(), MetadataError> {
+        if self.holds_query(&dataflow.name, plan, object) {
+            return Ok(());
+        }
         if self.plans.len() >= QUERIES_MAX {
             return Err(MetadataError::InvalidConfig(format!(
                 "{QUERIES_MAX} persistent queries run, the limit; terminate one first"
@@ -850,14 +868,42 @@ pub(crate) mod tests {
             _ => unreachable!(),
         };
         metadata.apply(&source).expect("declares S");
-        assert_eq!(metadata.apply(&source), Err(MetadataError::ObjectExists("S".into())));
+        let declared = metadata.clone();
+        metadata.apply(&source).expect("the same declaration retried is done");
+        assert_eq!(metadata, declared, "a retried declaration changes nothing");
+        let MetadataCommand::CreateObject { object } = &source else {
+            unreachable!()
+        };
+        let mut other = object.clone();
+        other.topic = "elsewhere".into();
+        let other = MetadataCommand::CreateObject { object: other };
+        assert_eq!(metadata.apply(&other), Err(MetadataError::ObjectExists("S".into())));
         metadata.apply(&query).expect("starts the query and names K");
         assert!(metadata.plans.contains_key("d") && metadata.objects.contains_key("K"));
         let before = metadata.clone();
+        metadata.apply(&query).expect("the same start retried is done");
+        assert_eq!(metadata, before, "a retried start changes nothing");
+        let MetadataCommand::StartQuery {
+            dataflow: first,
+            plan,
+            object,
+        } = query.clone()
+        else {
+            unreachable!()
+        };
+        let renamed = DataflowMeta {
+            name: "d2".into(),
+            ..first
+        };
+        let other = MetadataCommand::StartQuery {
+            dataflow: renamed,
+            plan,
+            object,
+        };
         assert_eq!(
-            metadata.apply(&query),
+            metadata.apply(&other),
             Err(MetadataError::ObjectExists("K".into())),
-            "K exists"
+            "another query naming K is refused"
         );
         assert_eq!(metadata, before, "a refused start changes nothing");
         for name in ["S", "K"] {

@@ -418,6 +418,18 @@ impl BrokerService {
     pub async fn start_query(&self, name: String, plan: Plan, object: Option<SqlObject>) -> Result<(), ServiceError> {
         plan.validate()
             .map_err(|e| MetadataError::InvalidConfig(e.to_string()))?;
+        if let Err(reason) = self.shared.pull_and_apply().await {
+            tracing::debug!(reason, "controller log not reachable; answering from what is applied");
+        }
+        if self
+            .shared
+            .core()
+            .meta()
+            .metadata
+            .holds_query(&name, &plan, object.as_ref())
+        {
+            return Ok(());
+        }
         self.check_co_partitioned(&name, &plan).await?;
         let shape = DataflowShape {
             source: plan.source.topic.clone(),
