@@ -887,6 +887,15 @@ fn card_row(card: u64) -> Option<(String, serde_json::Value)> {
     (card % 10 != 9).then_some((number, row))
 }
 
+/// The attempts the source topic holds.
+async fn source_attempts(client: &Arc<Client>) -> Vec<Attempt> {
+    read_all(client, fraud::SOURCE)
+        .await
+        .iter()
+        .filter_map(|record| serde_json::from_slice::<Attempt>(record.value.as_deref()?).ok())
+        .collect()
+}
+
 /// (country, window start) -> attempts, over what the source topic holds,
 /// each attempt joined with its card's row.
 async fn per_country_reference(
@@ -894,14 +903,7 @@ async fn per_country_reference(
     countries: &BTreeMap<String, String>,
 ) -> BTreeMap<(String, i64), u64> {
     let mut counts = BTreeMap::new();
-    for record in read_all(client, fraud::SOURCE).await {
-        let Some(attempt) = record
-            .value
-            .as_deref()
-            .and_then(|v| serde_json::from_slice::<Attempt>(v).ok())
-        else {
-            continue;
-        };
+    for attempt in source_attempts(client).await {
         if let Some(country) = countries.get(&attempt.card_number) {
             let start = attempt.at_ms - attempt.at_ms.rem_euclid(fraud::WINDOW_MS);
             *counts.entry((country.clone(), start)).or_default() += 1;
@@ -968,12 +970,18 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
     let mut cluster = start(140);
     let client = connect(&cluster.addrs, &cluster.certs).await;
     let cards = 500;
-    let countries = declare_and_load_cards(&cluster, &client, cards).await;
+    let dated = declare_and_load_cards(&cluster, &client, cards).await;
+    // Rows for two cards that had none, dated 100 days on: the join of the
+    // latest rows counts their attempts, the join by event time does not.
+    let countries = add_future_rows(&client, &dated, &["card-000019", "card-000029"]).await;
     let output = sql(
         &cluster,
         "CREATE TABLE per_country AS SELECT c.country, COUNT(*) AS attempts \
          FROM authorization_attempts a JOIN cards c ON a.card_number = c.card_number \
-         WINDOW TUMBLING (SIZE 5 MINUTES) GROUP BY c.country EMIT CHANGES;",
+         WINDOW TUMBLING (SIZE 5 MINUTES) GROUP BY c.country EMIT CHANGES;
+         CREATE STREAM dated_countries AS SELECT a.card_number, a.at_ms, c.country \
+         FROM authorization_attempts a JOIN cards FOR SYSTEM_TIME AS OF a.at_ms HISTORY 365 DAYS c \
+         ON a.card_number = c.card_number;",
     );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let output = sql(&cluster, "EXPLAIN CTAS_PER_COUNTRY_0; DROP TABLE cards;");
@@ -1004,6 +1012,7 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
     );
     expect_pulled_countries(&cluster, &expected);
     expect_changes_once(&survivors, "PER_COUNTRY", ("COUNTRY", "ATTEMPTS"), &expected).await;
+    expect_dated_countries(&survivors, &dated).await;
 
     // A push query over the join, from the earliest attempt.
     let output = sql(
@@ -1019,6 +1028,75 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
         "card 9 has no row: a left join keeps it with NULLs: {printed}"
     );
     drop(cluster);
+}
+
+/// Writes a row for each of `numbers` dated 100 days after the attempts
+/// begin; `countries` with those rows.
+async fn add_future_rows(
+    client: &Arc<Client>,
+    countries: &BTreeMap<String, String>,
+    numbers: &[&str],
+) -> BTreeMap<String, String> {
+    let mut producer = Producer::new(client.clone(), "cards", Acks::All)
+        .await
+        .expect("producer");
+    let mut with_future = countries.clone();
+    for number in numbers {
+        assert!(!countries.contains_key(*number), "{number} had no row");
+        let row = serde_json::json!({"card_number": number, "country": "XX", "card_limit": 1});
+        let record = Record {
+            timestamp_ms: START_MS + 100 * 86_400_000,
+            key: Some(Bytes::from(number.to_string())),
+            value: Some(Bytes::from(row.to_string())),
+            headers: Vec::new(),
+        };
+        producer.send(None, record).await.expect("a card row");
+        with_future.insert(number.to_string(), "XX".to_string());
+    }
+    producer.flush().await.expect("flush");
+    with_future
+}
+
+/// The join by event time holds each attempt once with the country of
+/// its card's row dated at or before it (none for cards whose only row
+/// is dated later).
+async fn expect_dated_countries(client: &Arc<Client>, dated: &BTreeMap<String, String>) {
+    let mut expected: Vec<(String, i64, String)> = Vec::new();
+    for attempt in source_attempts(client).await {
+        if let Some(country) = dated.get(&attempt.card_number).filter(|_| attempt.at_ms >= START_MS) {
+            expected.push((attempt.card_number, attempt.at_ms, country.clone()));
+        }
+    }
+    expected.sort();
+    assert!(
+        expected.len() > 15_000,
+        "most of the 20,000 attempts join: {}",
+        expected.len()
+    );
+    let started = Instant::now();
+    let found = loop {
+        let mut found: Vec<(String, i64, String)> = read_all(client, "DATED_COUNTRIES")
+            .await
+            .iter()
+            .map(|record| {
+                let value: serde_json::Value =
+                    serde_json::from_slice(record.value.as_deref().expect("value")).expect("JSON");
+                let text = |column: &str| value[column].as_str().expect("text").to_string();
+                (
+                    text("CARD_NUMBER"),
+                    value["AT_MS"].as_i64().expect("time"),
+                    text("COUNTRY"),
+                )
+            })
+            .collect();
+        if found.len() >= expected.len() || started.elapsed() > RESULTS_TIMEOUT {
+            found.sort();
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(found.len(), expected.len(), "none lost, none repeated");
+    assert!(found == expected, "each attempt with its card's row as of its time");
 }
 
 /// Declares `cards` and `authorization_attempts`, and writes a row per card

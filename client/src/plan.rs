@@ -21,10 +21,10 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 /// The plan format this build writes (and the newest it reads).
-pub const PLAN_FORMAT_VERSION: u16 = 4;
+pub const PLAN_FORMAT_VERSION: u16 = 5;
 /// Version 1, before [`Operator::Registered`], version 2, before
-/// [`Operator::JoinTable`], and version 3, before [`Operator::JoinStream`],
-/// read unchanged.
+/// [`Operator::JoinTable`], version 3, before [`Operator::JoinStream`], and
+/// version 4, before [`Operator::JoinTableAsOf`], read unchanged.
 pub const PLAN_FORMAT_V1: u16 = 1;
 /// Characters of a registered step's description at most.
 pub const STEP_CHARS_MAX: usize = 256;
@@ -37,6 +37,9 @@ pub const COLUMNS_MAX: usize = 256;
 /// A stream–stream join's window and grace, each at most (a year, as a
 /// window's duration in SQL).
 pub const JOIN_WINDOW_MS_MAX: i64 = 365 * 86_400_000;
+/// How far back an event-time table join looks up a table's past rows
+/// ([`AsOf::history_ms`]) by default: a day.
+pub const TABLE_HISTORY_MS_DEFAULT: i64 = 86_400_000;
 
 /// A column type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -324,6 +327,27 @@ pub enum Operator {
     /// element of the JSON array the expression yields, the element
     /// appended to the row (none for NULL, an empty array or a non-array).
     Explode(Expr),
+    /// [`Operator::JoinTable`] by event time (format version 5 on; SQL's
+    /// `FOR SYSTEM_TIME AS OF`): each row joins the table's row as it was
+    /// at the row's time, not its latest row.
+    JoinTableAsOf(TableJoin, AsOf),
+}
+
+/// When an event-time table join looks a key up, and how the table keeps
+/// its past: Kafka Streams' versioned table (KIP-914). Each key keeps its
+/// rows (and deletions) of the last `history_ms` of table time, plus the
+/// one in force before them; a row is looked up as of `at`, evaluated
+/// over the stream's row (ms since the epoch). A lookup older than the
+/// history (before the table's newest time less `history_ms`) finds
+/// nothing, as does one before the key's first row; a table record older
+/// than the history is dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AsOf {
+    pub at: Expr,
+    /// The table's column holding its rows' times (BIGINT ms), if not the
+    /// records' timestamps.
+    pub table_time: Option<usize>,
+    pub history_ms: i64,
 }
 
 /// A table–table join on both primary keys, as ksqlDB's: inner, left or
@@ -506,6 +530,7 @@ impl Plan {
             return invalid(format!("more than {COLUMNS_MAX} columns"));
         }
         self.validate_stream_joins()?;
+        self.validate_as_of()?;
         for join in self.joins() {
             if join.kind == JoinKind::Outer {
                 return invalid(format!(
@@ -526,6 +551,25 @@ impl Plan {
         for expr in self.expressions() {
             if expr.depth() > EXPRESSION_DEPTH_MAX {
                 return invalid(format!("an expression nests deeper than {EXPRESSION_DEPTH_MAX}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_as_of(&self) -> Result<(), PlanError> {
+        for op in &self.operators {
+            let Operator::JoinTableAsOf(join, as_of) = op else {
+                continue;
+            };
+            let time_fits = as_of.table_time.is_none_or(|i| i < join.columns.len());
+            if !(0..=JOIN_WINDOW_MS_MAX).contains(&as_of.history_ms) || !time_fits {
+                return Err(PlanError::Invalid(format!(
+                    "the join with {} keeps {} ms of history (within 0..={JOIN_WINDOW_MS_MAX}) with time column {:?} of {} columns",
+                    join.table,
+                    as_of.history_ms,
+                    as_of.table_time,
+                    join.columns.len()
+                )));
             }
         }
         Ok(())
@@ -569,7 +613,7 @@ impl Plan {
     /// The tables its operators join with, in order.
     pub fn joins(&self) -> impl Iterator<Item = &TableJoin> {
         self.operators.iter().filter_map(|op| match op {
-            Operator::JoinTable(join) => Some(join),
+            Operator::JoinTable(join) | Operator::JoinTableAsOf(join, _) => Some(join),
             _ => None,
         })
     }
@@ -618,6 +662,7 @@ impl Plan {
                 Operator::Project(columns) => Box::new(columns.iter().map(|(_, e)| e)),
                 Operator::Repartition { key, carry } => Box::new(key.iter().chain(carry)),
                 Operator::JoinTable(join) => Box::new(std::iter::once(&join.on)),
+                Operator::JoinTableAsOf(join, as_of) => Box::new([&join.on, &as_of.at].into_iter()),
                 Operator::JoinStream(join) => Box::new([&join.left_key, &join.right_key].into_iter()),
                 Operator::JoinTables(_) => Box::new(std::iter::empty()),
                 Operator::Explode(e) => Box::new(std::iter::once(e)),
@@ -707,18 +752,19 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
             format!("AGGREGATE {} per key, window {window}, emit {emit:?}", shown.join(", "))
         }
         Operator::Registered { step, .. } => format!("RUST {step}"),
-        Operator::JoinTable(join) => {
-            let on = render(&join.on, names);
-            names.extend(join.columns.iter().map(|c| format!("{}.{}", join.table, c.name)));
+        Operator::JoinTable(join) => explain_table_join(join, names),
+        Operator::JoinTableAsOf(join, as_of) => {
+            let at = render(&as_of.at, names);
+            let time = as_of
+                .table_time
+                .and_then(|i| join.columns.get(i))
+                .map_or("its records' timestamps".to_string(), |c| {
+                    format!("{}.{}", join.table, c.name)
+                });
             format!(
-                "{:?} JOIN TABLE {} ({}) read whole by every task from {} ({} partitions) ON {on} = {}.{}",
-                join.kind,
-                join.table,
-                column_list(&join.columns),
-                join.topic,
-                join.partitions,
-                join.table,
-                join.columns.get(join.key).map_or("?", |c| c.name.as_str())
+                "{} AS OF {at} (the table's rows by {time}, {} ms of history kept)",
+                explain_table_join(join, names),
+                as_of.history_ms
             )
         }
         Operator::JoinStream(join) => explain_stream_join(join, name, names, stage),
@@ -755,6 +801,21 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
 }
 
 /// [`explain_op`] of a stream–stream join: its source stage and the join stage.
+fn explain_table_join(join: &TableJoin, names: &mut Vec<String>) -> String {
+    let on = render(&join.on, names);
+    names.extend(join.columns.iter().map(|c| format!("{}.{}", join.table, c.name)));
+    format!(
+        "{:?} JOIN TABLE {} ({}) read whole by every task from {} ({} partitions) ON {on} = {}.{}",
+        join.kind,
+        join.table,
+        column_list(&join.columns),
+        join.topic,
+        join.partitions,
+        join.table,
+        join.columns.get(join.key).map_or("?", |c| c.name.as_str())
+    )
+}
+
 fn explain_stream_join(join: &StreamJoin, name: &str, names: &mut Vec<String>, stage: &mut u32) -> String {
     let mut right: Vec<String> = join
         .source
@@ -1053,9 +1114,18 @@ pub(crate) mod tests {
             kind: JoinKind::Inner,
         }));
         operators.push(Operator::Explode(Expr::Column(0)));
+        operators.push(Operator::JoinTableAsOf(sample_join(), sample_as_of()));
         assert_tags(&operators);
         assert_tags(&[ObjectKind::Stream, ObjectKind::Table]);
         assert_tags(&[JoinKind::Inner, JoinKind::Left, JoinKind::Outer]);
+    }
+
+    fn sample_as_of() -> AsOf {
+        AsOf {
+            at: Expr::Column(1),
+            table_time: None,
+            history_ms: TABLE_HISTORY_MS_DEFAULT,
+        }
     }
 
     fn sample_stream_join() -> StreamJoin {
@@ -1135,6 +1205,34 @@ pub(crate) mod tests {
         plan.operators[0] = Operator::JoinTable(outside);
         let refused = plan.validate().expect_err("key outside the columns");
         assert!(refused.to_string().contains("join with CARDS"), "{refused}");
+    }
+
+    #[test]
+    fn an_event_time_join_explains_its_lookup_time_and_refuses_bad_history() {
+        let mut plan = sample_plan();
+        plan.operators
+            .insert(0, Operator::JoinTableAsOf(sample_join(), sample_as_of()));
+        assert_eq!((plan.validate(), plan.stages()), (Ok(()), 2));
+        assert!(plan.reads("cards"));
+        let explained = plan.explain("Q");
+        assert!(
+            explained.contains("ON CARD_NUMBER = CARDS.CARD_NUMBER AS OF ROWTIME (the table's rows by its records' timestamps, 86400000 ms of history kept)"),
+            "{explained}"
+        );
+        for as_of in [
+            AsOf {
+                history_ms: -1,
+                ..sample_as_of()
+            },
+            AsOf {
+                table_time: Some(2),
+                ..sample_as_of()
+            },
+        ] {
+            plan.operators[0] = Operator::JoinTableAsOf(sample_join(), as_of);
+            let refused = plan.validate().expect_err("out of bounds");
+            assert!(refused.to_string().contains("the join with CARDS keeps"), "{refused}");
+        }
     }
 
     #[test]

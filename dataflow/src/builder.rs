@@ -145,6 +145,12 @@ pub trait SourceStage: Send + Sync {
         Vec::new()
     }
 
+    /// The tables as a task holds them, empty: by key, or by key and time
+    /// for a join by event time.
+    fn table_states(&self) -> Vec<crate::table::TableState> {
+        self.tables().into_iter().map(crate::table::TableState::new).collect()
+    }
+
     /// Runs one record given its key too: a table's source stage reads its
     /// primary key there, and a null value as a deletion. Others read the
     /// value alone ([`SourceStage::process_joined`]).
@@ -381,7 +387,48 @@ pub struct Stream<T> {
     chain: Chain<T>,
     steps: Vec<String>,
     /// The tables its records are joined with.
-    joins: Vec<TableJoin>,
+    joins: Vec<HeldTable>,
+}
+
+/// A table a stream's records are joined with: by its latest rows, or by
+/// event time (`as_of`).
+#[derive(Clone)]
+struct HeldTable {
+    join: TableJoin,
+    as_of: Option<runnel_client::plan::AsOf>,
+}
+
+impl HeldTable {
+    fn state(&self) -> TableState {
+        match &self.as_of {
+            None => TableState::new(self.join.clone()),
+            Some(as_of) => TableState::versioned(self.join.clone(), as_of),
+        }
+    }
+}
+
+/// A Rust dataflow's table: each row the whole JSON value.
+fn held_table(topic: &str, partitions: u32, as_of: Option<runnel_client::plan::AsOf>) -> HeldTable {
+    HeldTable {
+        join: TableJoin {
+            table: topic.to_string(),
+            topic: topic.to_string(),
+            partitions,
+            columns: Vec::new(),
+            key: 0,
+            on: runnel_client::plan::Expr::Literal(runnel_client::plan::Literal::Null),
+            kind: runnel_client::plan::JoinKind::Left,
+        },
+        as_of,
+    }
+}
+
+fn tables_of(held: &[HeldTable]) -> Vec<TableJoin> {
+    held.iter().map(|h| h.join.clone()).collect()
+}
+
+fn states_of(held: &[HeldTable]) -> Vec<TableState> {
+    held.iter().map(HeldTable::state).collect()
 }
 
 impl<T: 'static> Stream<T> {
@@ -420,24 +467,49 @@ impl<T: 'static> Stream<T> {
         key: impl Fn(&T) -> String + Send + Sync + 'static,
         join: impl Fn(T, Option<V>) -> Option<U> + Send + Sync + 'static,
     ) -> Stream<U> {
+        self.join_held(held_table(topic, partitions, None), key, join)
+    }
+
+    /// As [`Stream::join_table`], by event time (Kafka Streams' versioned
+    /// table, SQL's `FOR SYSTEM_TIME AS OF`): each record joins the row
+    /// its key had at the record's event time, the table's rows timed by
+    /// their records' timestamps and kept `history` back (see
+    /// [`crate::versioned`]).
+    pub fn join_table_as_of<V: DeserializeOwned + 'static, U: 'static>(
+        self,
+        topic: &str,
+        partitions: u32,
+        history: std::time::Duration,
+        key: impl Fn(&T) -> String + Send + Sync + 'static,
+        join: impl Fn(T, Option<V>) -> Option<U> + Send + Sync + 'static,
+    ) -> Stream<U> {
+        let history_ms = i64::try_from(history.as_millis()).unwrap_or(i64::MAX);
+        let as_of = runnel_client::plan::AsOf {
+            at: runnel_client::plan::Expr::Literal(runnel_client::plan::Literal::Null),
+            table_time: None,
+            history_ms: history_ms.min(runnel_client::plan::JOIN_WINDOW_MS_MAX),
+        };
+        self.join_held(held_table(topic, partitions, Some(as_of)), key, join)
+    }
+
+    fn join_held<V: DeserializeOwned + 'static, U: 'static>(
+        self,
+        held: HeldTable,
+        key: impl Fn(&T) -> String + Send + Sync + 'static,
+        join: impl Fn(T, Option<V>) -> Option<U> + Send + Sync + 'static,
+    ) -> Stream<U> {
         let index = self.joins.len();
+        let (topic, partitions, by_time) = (held.join.topic.clone(), held.join.partitions, held.as_of.is_some());
         let mut joins = self.joins;
-        joins.push(TableJoin {
-            table: topic.to_string(),
-            topic: topic.to_string(),
-            partitions,
-            columns: Vec::new(),
-            key: 0,
-            on: runnel_client::plan::Expr::Literal(runnel_client::plan::Literal::Null),
-            kind: runnel_client::plan::JoinKind::Left,
-        });
+        joins.push(held);
         let mut steps = self.steps;
+        let as_of = if by_time { " AS OF the record's time" } else { "" };
         steps.push(step(format!(
-            "JOIN TABLE {topic} ({partitions} partitions) as {}",
+            "JOIN TABLE {topic} ({partitions} partitions){as_of} as {}",
             type_name::<V>()
         )));
         let previous = self.chain;
-        let table = topic.to_string();
+        let table = topic;
         Stream {
             name: self.name,
             source: self.source,
@@ -448,7 +520,8 @@ impl<T: 'static> Stream<T> {
                 let mut failed = None;
                 previous(bytes, timestamp_ms, tables, &mut |value, t| {
                     let key = key(&value);
-                    let row = match rows.get(&key).map(|row| row[0].to_text().unwrap_or_default()) {
+                    let found = if by_time { rows.get_at(&key, t) } else { rows.get(&key) };
+                    let row = match found.map(|row| row[0].to_text().unwrap_or_default()) {
                         None => None,
                         Some(text) => match serde_json::from_str::<V>(&text) {
                             Ok(row) => Some(row),
@@ -522,11 +595,15 @@ impl<T: Serialize + 'static> Stream<T> {
     pub fn sink(self, topic: &str) -> DataflowDef {
         struct Stateless<T> {
             chain: Chain<T>,
-            joins: Vec<TableJoin>,
+            joins: Vec<HeldTable>,
         }
         impl<T: Serialize> SourceStage for Stateless<T> {
             fn tables(&self) -> Vec<TableJoin> {
-                self.joins.clone()
+                tables_of(&self.joins)
+            }
+
+            fn table_states(&self) -> Vec<TableState> {
+                states_of(&self.joins)
             }
 
             fn process_joined(
@@ -775,7 +852,7 @@ where
 
 struct KeyedSource<K, T> {
     chain: Chain<T>,
-    joins: Vec<TableJoin>,
+    joins: Vec<HeldTable>,
     key: Arc<dyn Fn(&T) -> K + Send + Sync>,
     /// Whether the window stage folds values (else records go without).
     carry_values: bool,
@@ -786,7 +863,11 @@ struct KeyedSource<K, T> {
 
 impl<K: Serialize, T: Serialize> SourceStage for KeyedSource<K, T> {
     fn tables(&self) -> Vec<TableJoin> {
-        self.joins.clone()
+        tables_of(&self.joins)
+    }
+
+    fn table_states(&self) -> Vec<TableState> {
+        states_of(&self.joins)
     }
 
     fn process_joined(
@@ -1082,11 +1163,19 @@ mod tests {
     /// A table over `topic` holding `rows` (key, JSON value), each in
     /// partition 0.
     fn table_of(join: runnel_client::plan::TableJoin, rows: &[(&str, Option<&str>)]) -> TableState {
+        let mut table = TableState::new(join);
+        let timed: Vec<(&str, i64, Option<&str>)> = rows.iter().map(|(k, v)| (*k, 0, *v)).collect();
+        fill(&mut table, &timed);
+        table
+    }
+
+    /// Applies `rows` (key, time, JSON value or a deletion) to `table`.
+    fn fill(table: &mut TableState, rows: &[(&str, i64, Option<&str>)]) {
         let mut builder = runnel_storage::BatchBuilder::new();
-        for (key, value) in rows {
+        for (key, timestamp_ms, value) in rows {
             builder
                 .push(&runnel_storage::Record {
-                    timestamp_ms: 0,
+                    timestamp_ms: *timestamp_ms,
                     key: Some(key.to_string().into()),
                     value: value.map(|v| v.to_string().into()),
                     headers: Vec::new(),
@@ -1094,11 +1183,64 @@ mod tests {
                 .expect("pushes");
         }
         let batch = builder.build().expect("builds");
-        let mut table = TableState::new(join);
         for view in batch.views() {
             table.apply(0, &view.expect("view")).expect("applies");
         }
-        table
+    }
+
+    #[test]
+    fn a_stream_joins_the_row_a_table_had_at_each_records_time() {
+        #[derive(serde::Deserialize)]
+        struct Card {
+            country: String,
+        }
+        let dated = Dataflow::new("dated")
+            .source::<(String, u32)>("in")
+            .join_table_as_of(
+                "cards",
+                1,
+                Duration::from_secs(3_600),
+                |(card, _)| card.clone(),
+                |(card, _), row: Option<Card>| Some((card, row.map(|c| c.country))),
+            )
+            .sink("out");
+        assert!(dated.steps[0]
+            .iter()
+            .any(|s| s.starts_with("JOIN TABLE cards (1 partitions) AS OF the record's time as")));
+        let mut tables = dated.source_stage.table_states();
+        let (nl, de, be, fr) = (
+            Some(r#"{"country":"NL"}"#),
+            Some(r#"{"country":"DE"}"#),
+            Some(r#"{"country":"BE"}"#),
+            Some(r#"{"country":"FR"}"#),
+        );
+        let rows = [
+            ("a", 1_000, nl),
+            ("a", 5_000, de),
+            ("a", 3_000, be),
+            ("b", 2_000, fr),
+            ("b", 4_000, None),
+        ];
+        fill(&mut tables[0], &rows);
+        let cases = [
+            ("a", 999, None),
+            ("a", 1_000, Some("NL")),
+            ("a", 3_500, Some("BE")),
+            ("a", 6_000, Some("DE")),
+            ("b", 2_500, Some("FR")),
+            ("b", 4_000, None),
+        ];
+        for (card, at_ms, expected) in cases {
+            let mut out = Emitted::default();
+            let input = format!(r#"["{card}",1]"#);
+            dated
+                .source_stage
+                .process_joined(input.as_bytes(), at_ms, &tables, &mut out)
+                .expect("joins");
+            let value: (String, Option<String>) =
+                serde_json::from_slice(out.iter().next().expect("one record").value.expect("value")).expect("JSON");
+            assert_eq!(value.1.as_deref(), expected, "{card} at {at_ms}");
+        }
     }
 
     #[test]

@@ -298,7 +298,7 @@ fn join_key_name(plan: &Plan, join: &StreamJoin, left_width: usize, ops: &[Opera
 fn row_width(width: usize, ops: &[Operator]) -> usize {
     ops.iter().fold(width, |width, op| match op {
         Operator::Project(columns) => columns.len(),
-        Operator::JoinTable(join) => width + join.columns.len(),
+        Operator::JoinTable(join) | Operator::JoinTableAsOf(join, _) => width + join.columns.len(),
         Operator::Explode(_) => width + 1,
         _ => width,
     })
@@ -313,7 +313,11 @@ fn source_ops(ops: &[Operator]) -> Result<Vec<Operator>, PlanError> {
     let source_op = |op: &&Operator| {
         matches!(
             op,
-            Operator::Filter(_) | Operator::Project(_) | Operator::JoinTable(_) | Operator::Explode(_)
+            Operator::Filter(_)
+                | Operator::Project(_)
+                | Operator::JoinTable(_)
+                | Operator::JoinTableAsOf(..)
+                | Operator::Explode(_)
         )
     };
     match ops.iter().find(|op| !source_op(op)) {
@@ -398,16 +402,36 @@ pub(crate) fn run_ops(ops: &[Operator], tables: &[TableState], row: &mut Vec<Val
                 std::mem::swap(row, scratch);
             }
             Operator::JoinTable(join) => {
-                let table = &tables[joined];
+                let found = tables[joined].lookup(&eval(&join.on, row));
                 joined += 1;
-                match (table.lookup(&eval(&join.on, row)), join.kind) {
-                    (Some(found), _) => row.extend_from_slice(found),
-                    (None, JoinKind::Left | JoinKind::Outer) => row.resize(row.len() + join.columns.len(), Value::Null),
-                    (None, JoinKind::Inner) => return false,
+                if !join_found(row, found, join) {
+                    return false;
+                }
+            }
+            Operator::JoinTableAsOf(join, as_of) => {
+                // A NULL (or non-BIGINT) time finds no row, as a NULL key does.
+                let found = match eval(&as_of.at, row) {
+                    Value::Int(at_ms) => tables[joined].lookup_at(&eval(&join.on, row), at_ms),
+                    _ => None,
+                };
+                joined += 1;
+                if !join_found(row, found, join) {
+                    return false;
                 }
             }
             _ => {}
         }
+    }
+    true
+}
+
+/// Appends a table's row found for `row` (NULLs for a left join's
+/// miss); false when an inner join found none.
+fn join_found(row: &mut Vec<Value>, found: Option<&[Value]>, join: &TableJoin) -> bool {
+    match (found, join.kind) {
+        (Some(found), _) => row.extend_from_slice(found),
+        (None, JoinKind::Left | JoinKind::Outer) => row.resize(row.len() + join.columns.len(), Value::Null),
+        (None, JoinKind::Inner) => return false,
     }
     true
 }
@@ -436,7 +460,18 @@ impl SourceStage for SqlSource {
         self.ops
             .iter()
             .filter_map(|op| match op {
-                Operator::JoinTable(join) => Some(join.clone()),
+                Operator::JoinTable(join) | Operator::JoinTableAsOf(join, _) => Some(join.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn table_states(&self) -> Vec<TableState> {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                Operator::JoinTable(join) => Some(TableState::new(join.clone())),
+                Operator::JoinTableAsOf(join, as_of) => Some(TableState::versioned(join.clone(), as_of)),
                 _ => None,
             })
             .collect()
@@ -514,7 +549,10 @@ impl SqlSource {
             return Ok(());
         };
         // The tables joined after the EXPLODE are those not joined before it.
-        let joined = before.iter().filter(|op| matches!(op, Operator::JoinTable(_))).count();
+        let joined = before
+            .iter()
+            .filter(|op| matches!(op, Operator::JoinTable(_) | Operator::JoinTableAsOf(..)))
+            .count();
         let elements = elements_of(&eval(expr, row))?;
         if elements.len().saturating_mul(value.len()) > EXPLODE_BYTES_MAX {
             return Err(format!(

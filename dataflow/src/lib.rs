@@ -15,6 +15,8 @@
 //! - [`row`]: SQL rows: values, JSON decoding by schema, expressions.
 //! - [`table`]: the tables a stage joins with, each task holding the whole
 //!   table at read positions its checkpoints record.
+//! - [`versioned`]: a table's rows by time, for joins by event time
+//!   (`FOR SYSTEM_TIME AS OF`).
 //! - [`table_join`]: table–table joins: each table read by key, the join
 //!   stage holding both tables' latest rows.
 //! - [`task`]: one task (a stage over one input partition): read, process,
@@ -33,6 +35,7 @@ pub mod row;
 pub mod table;
 pub mod table_join;
 pub mod task;
+pub mod versioned;
 pub mod window;
 
 pub use builder::{Dataflow, DataflowDef};

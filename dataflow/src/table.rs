@@ -16,12 +16,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use runnel_client::plan::{SqlType, TableJoin};
+use runnel_client::plan::{AsOf, SqlType, TableJoin};
 use runnel_client::{BrokerError, ClientError};
 use runnel_storage::RecordView;
 
 use crate::row::{decode_row, Value};
 use crate::task::{retryable, TaskError, TaskIo};
+use crate::versioned::VersionedRows;
 
 /// Rows one task holds of one table.
 pub const TABLE_ROWS_MAX: usize = 1_000_000;
@@ -66,6 +67,16 @@ pub struct TableState {
     bytes: usize,
     /// Per partition, the offset read up to (exclusive).
     positions: Vec<u64>,
+    /// For a join by event time, the rows by time instead of `rows`.
+    history: Option<History>,
+}
+
+/// A table joined by event time: its versions, and where its rows' times
+/// are.
+struct History {
+    rows: VersionedRows,
+    /// The column of the rows' times, if not the records' timestamps.
+    time_column: Option<usize>,
 }
 
 impl TableState {
@@ -82,7 +93,23 @@ impl TableState {
             join,
             rows: HashMap::new(),
             bytes: 0,
+            history: None,
         }
+    }
+
+    /// A table joined by event time: it keeps each key's rows by time,
+    /// `as_of.history_ms` back.
+    pub fn versioned(join: TableJoin, as_of: &AsOf) -> TableState {
+        assert!(
+            as_of.table_time.is_none_or(|i| i < join.columns.len()),
+            "a validated join"
+        );
+        let mut table = TableState::new(join);
+        table.history = Some(History {
+            rows: VersionedRows::new(as_of.history_ms),
+            time_column: as_of.table_time,
+        });
+        table
     }
 
     pub fn join(&self) -> &TableJoin {
@@ -93,12 +120,16 @@ impl TableState {
         &self.positions
     }
 
+    /// Rows held: of a table joined by event time, every version.
     pub fn len(&self) -> usize {
-        self.rows.len()
+        match &self.history {
+            Some(history) => history.rows.versions(),
+            None => self.rows.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
     }
 
     /// The row of the key `text`.
@@ -116,6 +147,23 @@ impl TableState {
         .map(Vec::as_slice)
     }
 
+    /// The row of the key `text` as it was at `at_ms`, in a table joined
+    /// by event time.
+    pub fn get_at(&self, text: &str, at_ms: i64) -> Option<&[Value]> {
+        let history = self.history.as_ref().expect("a table joined by event time");
+        history.rows.get(text, at_ms)
+    }
+
+    /// The row whose key equals `key` as it was at `at_ms`, in a table
+    /// joined by event time.
+    pub fn lookup_at(&self, key: &Value, at_ms: i64) -> Option<&[Value]> {
+        match key {
+            Value::Null => None,
+            Value::String(text) => self.get_at(text, at_ms),
+            other => self.get_at(&other.to_text()?, at_ms),
+        }
+    }
+
     /// Applies one record of `partition`: an upsert, or a delete when its
     /// value is null (a tombstone).
     pub fn apply(&mut self, partition: u32, view: &RecordView<'_>) -> Result<(), TableError> {
@@ -126,35 +174,64 @@ impl TableState {
             offset: view.offset,
             reason,
         };
+        let (key, row) = self.decode(view).map_err(fail)?;
+        let Some(history) = &mut self.history else {
+            return match row {
+                Some(row) => self.insert(key, row),
+                None => {
+                    if let Some(row) = self.rows.remove(&key) {
+                        self.bytes = self.bytes.saturating_sub(row_bytes(&key, &row));
+                    }
+                    Ok(())
+                }
+            };
+        };
+        let at_ms = match (history.time_column, &row) {
+            (Some(column), Some(row)) => match row[column] {
+                Value::Int(ms) => ms,
+                ref other => return Err(fail(format!("its time column is {other}, not a BIGINT time in ms"))),
+            },
+            _ => view.timestamp_ms,
+        };
+        let added = row.as_ref().map_or(0, |row| row_bytes(&key, row));
+        let mut released = 0;
+        let written = history
+            .rows
+            .put(&key, at_ms, row, |key, old| released += row_bytes(key, old));
+        if !written.dropped {
+            self.bytes = (self.bytes + added).saturating_sub(released);
+        }
+        self.check_bounds()
+    }
+
+    /// A record's key (as text) and row, `None` for a tombstone.
+    fn decode(&self, view: &RecordView<'_>) -> Result<(String, Option<Vec<Value>>), String> {
         let key = match view.key {
-            Some(key) => Some(std::str::from_utf8(key).map_err(|_| fail("its key is not UTF-8 text".into()))?),
+            Some(key) => Some(std::str::from_utf8(key).map_err(|_| "its key is not UTF-8 text".to_string())?),
             None => None,
         };
         let Some(value) = view.value else {
-            let key = key.ok_or_else(|| fail("a tombstone without a key".into()))?;
-            if let Some(row) = self.rows.remove(key) {
-                self.bytes = self.bytes.saturating_sub(row_bytes(key, &row));
-            }
-            return Ok(());
+            let key = key.ok_or("a tombstone without a key")?;
+            return Ok((key.to_string(), None));
         };
         if self.join.columns.is_empty() {
-            let key = key.ok_or_else(|| fail("a row without a key".into()))?;
-            let text = std::str::from_utf8(value).map_err(|_| fail("its value is not UTF-8 JSON".into()))?;
-            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| fail(format!("not JSON: {e}")))?;
-            return self.insert(key.to_string(), vec![Value::Json(text.to_string())]);
+            let key = key.ok_or("a row without a key")?;
+            let text = std::str::from_utf8(value).map_err(|_| "its value is not UTF-8 JSON".to_string())?;
+            serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| format!("not JSON: {e}"))?;
+            return Ok((key.to_string(), Some(vec![Value::Json(text.to_string())])));
         }
         let mut row = Vec::with_capacity(self.join.columns.len());
-        decode_row(&self.join.columns, value, &mut row).map_err(fail)?;
+        decode_row(&self.join.columns, value, &mut row)?;
         let key = match key {
             Some(key) => key.to_string(),
             None => row[self.join.key]
                 .to_text()
-                .ok_or_else(|| fail("neither a record key nor a value in the key column".into()))?,
+                .ok_or("neither a record key nor a value in the key column")?,
         };
         if matches!(row[self.join.key], Value::Null) {
             row[self.join.key] = key_value(&key, self.join.columns[self.join.key].ty);
         }
-        self.insert(key, row)
+        Ok((key, Some(row)))
     }
 
     fn insert(&mut self, key: String, row: Vec<Value>) -> Result<(), TableError> {
@@ -162,10 +239,14 @@ impl TableState {
         if let Some(old) = self.rows.insert(key.clone(), row) {
             self.bytes = self.bytes.saturating_sub(row_bytes(&key, &old));
         }
-        if self.rows.len() > TABLE_ROWS_MAX || self.bytes > TABLE_BYTES_MAX {
+        self.check_bounds()
+    }
+
+    fn check_bounds(&self) -> Result<(), TableError> {
+        if self.len() > TABLE_ROWS_MAX || self.bytes > TABLE_BYTES_MAX {
             return Err(TableError::Full {
                 table: self.join.table.clone(),
-                rows: self.rows.len(),
+                rows: self.len(),
                 bytes: self.bytes,
             });
         }
@@ -431,6 +512,47 @@ mod tests {
         assert!(table.refresh(&io).await.expect("refreshes"), "the update moves it");
         assert_eq!(country(&table, 2).as_deref(), Some("US"));
         assert!(!table.refresh(&io).await.expect("refreshes"), "nothing new");
+    }
+
+    #[tokio::test]
+    async fn a_table_joined_by_event_time_keeps_each_keys_rows_by_its_time_column() {
+        let io = Memory::default();
+        io.append(0, "1", Some(r#"{"ID": 1, "COUNTRY": "NL", "AT": 100}"#));
+        io.append(0, "1", Some(r#"{"ID": 1, "COUNTRY": "DE", "AT": 300}"#));
+        io.append(0, "1", Some(r#"{"ID": 1, "COUNTRY": "BE", "AT": 200}"#));
+        io.append(1, "3", Some(r#"{"ID": 3, "COUNTRY": "FR", "AT": 50}"#));
+        let mut join = cards();
+        join.columns.push(Column {
+            name: "AT".into(),
+            ty: SqlType::BigInt,
+        });
+        let as_of = AsOf {
+            at: Expr::Column(0),
+            table_time: Some(2),
+            history_ms: 1_000,
+        };
+        let mut table = TableState::versioned(join.clone(), &as_of);
+        table.load(&io).await.expect("loads");
+        assert_eq!(table.len(), 4, "every version");
+        let country_at = |table: &TableState, id: i64, at_ms: i64| {
+            table.lookup_at(&Value::Int(id), at_ms).map(|row| row[1].to_string())
+        };
+        assert_eq!(country_at(&table, 1, 99), None, "before the key's first row");
+        assert_eq!(country_at(&table, 1, 250).as_deref(), Some("BE"));
+        assert_eq!(country_at(&table, 1, 350).as_deref(), Some("DE"));
+        assert_eq!(country_at(&table, 3, 60).as_deref(), Some("FR"));
+        let mut restored = TableState::versioned(join, &as_of);
+        restored.rebuild(&io, table.positions()).await.expect("rebuilds");
+        assert_eq!(country_at(&restored, 1, 250).as_deref(), Some("BE"));
+
+        io.append(1, "3", Some(r#"{"ID": 3, "COUNTRY": "FR"}"#));
+        let failed = table.refresh(&io).await.expect_err("not a time");
+        assert!(
+            failed
+                .to_string()
+                .contains("cards/1@1 does not decode (its time column is"),
+            "{failed}"
+        );
     }
 
     #[tokio::test]

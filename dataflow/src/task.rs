@@ -509,7 +509,7 @@ impl<C: TaskIo> TaskRunner<C> {
             None => None,
         };
         let tables = match def.source_of(stage) {
-            Some((_, source)) => source.tables().into_iter().map(TableState::new).collect(),
+            Some((_, source)) => source.table_states(),
             None => Vec::new(),
         };
         let started = client.now();

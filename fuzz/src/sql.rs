@@ -120,7 +120,7 @@ fn check_plan(plan: &Plan) {
     };
     let record = br#"{"card":"c-1","amount":5,"at_ms":1700000000000,"note":"x","meta":{"a":{"b":1}}}"#;
     let mut out = Emitted::default();
-    let tables: Vec<TableState> = def.source_stage.tables().into_iter().map(TableState::new).collect();
+    let tables: Vec<TableState> = def.source_stage.table_states();
     let _ = def.source_stage.process_joined(record, 0, &tables, &mut out);
     if let Some(make) = &def.window_stage {
         let mut window = make();

@@ -18,7 +18,7 @@ use runnel_client::protocol::Catalog;
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
-use crate::parse::{Query, Within};
+use crate::parse::{AsOfClause, Query, Within};
 use crate::planner::ident;
 
 /// Tables one query joins with, at most.
@@ -66,6 +66,9 @@ pub struct JoinInput<'a> {
     /// The table topic's partitions (filled in by the session, which asks
     /// the cluster).
     pub partitions: u32,
+    /// A join by event time: the table's row as it was at the stream
+    /// row's time.
+    pub as_of: Option<&'a AsOfClause>,
 }
 
 impl<'a> Input<'a> {
@@ -128,14 +131,39 @@ pub fn input_of<'a>(catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'
             kind,
             on,
             partitions: 0,
+            as_of: query.as_of.iter().find(|clause| clause.table == table.name),
         });
     }
+    check_as_of(query, &input)?;
     if query.within.is_some() && input.stream_join.is_none() {
         return Err(SqlError::new(
-            "WITHIN belongs to a join of two streams; a stream–table join joins the table's current row",
+            "WITHIN belongs to a join of two streams; a stream–table join joins the table's current row, or its row at a time given by FOR SYSTEM_TIME AS OF",
         ));
     }
     Ok(input)
+}
+
+/// Each `FOR SYSTEM_TIME AS OF` follows a table a stream joins with,
+/// once.
+fn check_as_of(query: &Query, input: &Input<'_>) -> SqlResult<()> {
+    for clause in &query.as_of {
+        let uses = input
+            .joins
+            .iter()
+            .filter(|join| join.as_of.is_some_and(|c| std::ptr::eq(c, clause)))
+            .count();
+        if uses != 1 {
+            return Err(SqlError::at(
+                format!(
+                    "FOR SYSTEM_TIME AS OF follows a table a stream joins with, once per table; {} is not one",
+                    clause.table
+                ),
+                clause.line,
+                clause.column,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A join of the source table with `table` on both primary keys, the

@@ -108,6 +108,24 @@ pub struct Query {
     pub limit: Option<u64>,
     /// A stream–stream join's `WITHIN …` (one per query).
     pub within: Option<Within>,
+    /// Stream–table joins by event time (`FOR SYSTEM_TIME AS OF …`).
+    pub as_of: Vec<AsOfClause>,
+}
+
+/// `t FOR SYSTEM_TIME AS OF a.col [HISTORY n unit]` after a joined
+/// table's name: the table's row as it was at the stream row's `a.col`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AsOfClause {
+    /// The table's name as written before the clause (upper case unless
+    /// quoted).
+    pub table: String,
+    /// The stream's column, as `[qualifier.]column`.
+    pub at: Vec<ast::Ident>,
+    /// How far back the table's rows are kept, if given.
+    pub history_ms: Option<i64>,
+    /// Where the clause is, for errors.
+    pub line: u64,
+    pub column: u64,
 }
 
 /// `WITHIN n unit` or `WITHIN (before unit, after unit)`, then optionally
@@ -372,6 +390,7 @@ struct Clauses {
     emit: Option<EmitMode>,
     partition_by: Vec<ast::Expr>,
     within: Option<Within>,
+    as_of: Vec<AsOfClause>,
 }
 
 /// A statement sqlparser reads once the KSQL clauses are out of the text.
@@ -423,6 +442,9 @@ fn extract_clauses(text: &str, tokens: &[TokenWithSpan], index: &LineIndex, char
         let end = match w[i].as_str() {
             "WINDOW" => window_clause(tokens, i, &mut clauses)?,
             "WITHIN" => within_clause(tokens, &w, i, &mut clauses)?,
+            "FOR" if w.get(i + 1).map(String::as_str) == Some("SYSTEM_TIME") => {
+                as_of_clause(tokens, &w, i, &mut clauses)?
+            }
             "EMIT" => emit_clause(tokens, &w, i, &mut clauses)?,
             "PARTITION" if w.get(i + 1).map(String::as_str) == Some("BY") => {
                 partition_clause(text, tokens, &w, i, index, &mut clauses)?
@@ -515,6 +537,53 @@ fn window_clause(tokens: &[TokenWithSpan], at: usize, clauses: &mut Clauses) -> 
         return Err(unexpected(tokens.get(at), "one WINDOW clause"));
     }
     Ok(close)
+}
+
+/// `FOR SYSTEM_TIME AS OF [a.]col [HISTORY n unit]` after a table's name
+/// (sqlparser reads it only in some dialects, and then as any expression;
+/// here it names the stream's time column); the index of its last token.
+fn as_of_clause(tokens: &[TokenWithSpan], w: &[String], at: usize, clauses: &mut Clauses) -> SqlResult<usize> {
+    let table = at
+        .checked_sub(1)
+        .and_then(|i| name_of(&tokens[i].token))
+        .ok_or_else(|| unexpected(tokens.get(at), "a table's name before FOR SYSTEM_TIME AS OF"))?;
+    for (i, expected) in [(2, "AS"), (3, "OF")] {
+        if w.get(at + i).map(String::as_str) != Some(expected) {
+            return Err(unexpected(
+                tokens.get(at + i),
+                &format!("{expected} in FOR SYSTEM_TIME AS OF"),
+            ));
+        }
+    }
+    let ident = |i: usize| match tokens.get(i).map(|t| &t.token) {
+        Some(Token::Word(w)) => Ok(ast::Ident {
+            value: w.value.clone(),
+            quote_style: w.quote_style,
+            span: tokens[i].span,
+        }),
+        _ => Err(unexpected(tokens.get(i), "the stream's time column after AS OF")),
+    };
+    let mut column = vec![ident(at + 4)?];
+    let mut end = at + 4;
+    if tokens.get(end + 1).map(|t| &t.token) == Some(&Token::Period) {
+        column.push(ident(end + 2)?);
+        end += 2;
+    }
+    let mut history_ms = None;
+    if w.get(end + 1).map(String::as_str) == Some("HISTORY") {
+        history_ms = Some(span_ms(
+            tokens.get(end + 2..(end + 4).min(tokens.len())).unwrap_or_default(),
+        )?);
+        end += 3;
+    }
+    clauses.as_of.push(AsOfClause {
+        table,
+        at: column,
+        history_ms,
+        line: tokens[at].span.start.line,
+        column: tokens[at].span.start.column,
+    });
+    Ok(end)
 }
 
 /// `WITHIN n unit | (n unit, n unit) [GRACE PERIOD n unit]`; the index of
@@ -765,8 +834,14 @@ fn create_statement(create: ast::CreateTable, clauses: Clauses) -> SqlResult<Sta
             })
         }
         None => {
-            if clauses.window.is_some() || clauses.emit.is_some() || clauses.within.is_some() {
-                return Err(SqlError::new("WINDOW, WITHIN and EMIT belong to a SELECT"));
+            if clauses.window.is_some()
+                || clauses.emit.is_some()
+                || clauses.within.is_some()
+                || !clauses.as_of.is_empty()
+            {
+                return Err(SqlError::new(
+                    "WINDOW, WITHIN, FOR SYSTEM_TIME AS OF and EMIT belong to a SELECT",
+                ));
             }
             Ok(Statement::CreateSource {
                 kind,
@@ -830,6 +905,7 @@ fn query_of(query: ast::Query, clauses: Clauses) -> SqlResult<Query> {
         partition_by: clauses.partition_by,
         limit,
         within: clauses.within,
+        as_of: clauses.as_of,
     })
 }
 

@@ -8,14 +8,15 @@
 //! projection over the aggregate's row.
 
 use runnel_client::plan::{
-    AggregateCall, AggregateFunction, BinaryOp, Column, EmitMode, Expr, Function, Literal, ObjectKind, Operator, Plan,
-    Sink, Source, SqlType, StreamJoin, TableJoin, TablesJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
+    AggregateCall, AggregateFunction, AsOf, BinaryOp, Column, EmitMode, Expr, Function, Literal, ObjectKind, Operator,
+    Plan, Sink, Source, SqlType, StreamJoin, TableJoin, TablesJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
+    TABLE_HISTORY_MS_DEFAULT,
 };
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
 use crate::from::{Input, JoinInput, StreamJoinInput, TablesJoinInput};
-use crate::parse::Query;
+use crate::parse::{AsOfClause, Query};
 
 /// A planned SELECT and what its output looks like.
 #[derive(Clone, Debug)]
@@ -177,7 +178,11 @@ fn plan_from(from: &Input<'_>) -> SqlResult<(Scope, Vec<Operator>)> {
         input.qualifiers = vec![from.alias.clone(); input.columns.len()];
     }
     for join in &from.joins {
-        operators.push(Operator::JoinTable(join_table(join, &input)?));
+        let table_join = join_table(join, &input)?;
+        operators.push(match join.as_of {
+            None => Operator::JoinTable(table_join),
+            Some(clause) => Operator::JoinTableAsOf(table_join, as_of(clause, join.table, &input)?),
+        });
         input.extend(&join.table.columns, &join.alias);
     }
     if let Some(join) = &from.stream_join {
@@ -504,6 +509,31 @@ fn join_table(join: &JoinInput<'_>, scope: &Scope) -> SqlResult<TableJoin> {
         key,
         on,
         kind: join.kind,
+    })
+}
+
+/// A join by event time: the stream's time column the clause names (a
+/// BIGINT of ms), the table's time column (its TIMESTAMP, else its
+/// records' timestamps) and the history it keeps.
+fn as_of(clause: &AsOfClause, table: &runnel_client::plan::SqlObject, stream: &Scope) -> SqlResult<AsOf> {
+    let named = match &clause.at[..] {
+        [column] => ast::Expr::Identifier(column.clone()),
+        parts => ast::Expr::CompoundIdentifier(parts.to_vec()),
+    };
+    let (at, ty) = Converter::plain(stream).convert(&named)?;
+    if !matches!(ty, SqlType::BigInt | SqlType::Int) {
+        return Err(SqlError::at(
+            format!(
+                "FOR SYSTEM_TIME AS OF {named}: {named} is {ty}; it must be a BIGINT time in ms of the stream's row"
+            ),
+            clause.line,
+            clause.column,
+        ));
+    }
+    Ok(AsOf {
+        at,
+        table_time: table.timestamp,
+        history_ms: clause.history_ms.unwrap_or(TABLE_HISTORY_MS_DEFAULT),
     })
 }
 

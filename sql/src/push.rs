@@ -43,7 +43,7 @@ pub struct PushQuery {
 impl PushQuery {
     pub async fn start(client: Arc<Client>, plan: &Plan, limit: Option<u64>, earliest: bool) -> SqlResult<PushQuery> {
         let def = compile("push-query", plan).map_err(|e| SqlError::new(e.to_string()))?;
-        let mut tables: Vec<TableState> = def.source_stage.tables().into_iter().map(TableState::new).collect();
+        let mut tables: Vec<TableState> = def.source_stage.table_states();
         for table in &mut tables {
             table.load(&*client).await.map_err(|e| SqlError::new(e.to_string()))?;
         }

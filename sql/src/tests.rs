@@ -16,6 +16,7 @@ use crate::from::input_of;
 use crate::parse::{parse_statement, Statement};
 use crate::planner::plan_query;
 
+mod as_of;
 mod stream_join;
 mod table_join;
 
@@ -96,7 +97,7 @@ fn card_records() -> Vec<(u32, &'static str, Option<Value>)> {
 
 /// `plan`'s tables, holding `card_records`.
 fn tables_of(def: &runnel_dataflow::DataflowDef) -> Vec<TableState> {
-    let mut tables: Vec<TableState> = def.source_stage.tables().into_iter().map(TableState::new).collect();
+    let mut tables: Vec<TableState> = def.source_stage.table_states();
     for table in &mut tables {
         let mut builders = [BatchBuilder::new(), BatchBuilder::new()];
         for (partition, key, value) in card_records() {
