@@ -821,6 +821,12 @@ impl ControllerCore {
                     // As Kafka Streams' internal topics: never expired.
                     config.retention_ms = None;
                 }
+                if topic.ends_with(&runnel_client::tasks::checkpoint_topic("")) {
+                    // Each checkpoint's chunks are keyed by their place in
+                    // it, so compaction keeps the newest checkpoint whole
+                    // and the topic no longer grows with every checkpoint.
+                    config.cleanup = crate::metadata::CleanupPolicy::Compact;
+                }
                 (topic, config)
             })
             .collect()

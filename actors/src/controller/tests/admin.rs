@@ -221,3 +221,28 @@ fn a_reset_starts_a_stopped_dataflows_next_generation_which_its_tasks_write_as()
     apply(&mut core, start);
     assert_eq!(generations(&core), [2, 2], "the producer epoch of every task");
 }
+
+#[test]
+fn a_dataflows_checkpoints_are_compacted_and_its_state_topics_never_expire() {
+    use crate::metadata::CleanupPolicy;
+    let core = core_of(1);
+    let shape = runnel_client::tasks::DataflowShape {
+        source: "in".to_string(),
+        sink: "out".to_string(),
+        stages: 2,
+    };
+    let missing: std::collections::BTreeMap<String, TopicConfig> =
+        core.dataflow_topics_missing("d", &shape, 3, 2).into_iter().collect();
+    let checkpoints = &missing["d.checkpoints"];
+    assert_eq!(
+        (checkpoints.partitions, checkpoints.cleanup),
+        (6, CleanupPolicy::Compact)
+    );
+    assert_eq!(checkpoints.retention_ms, None);
+    let repartition = &missing["d.repartition"];
+    assert_eq!(
+        (repartition.cleanup, repartition.retention_ms),
+        (CleanupPolicy::Delete, None)
+    );
+    assert_eq!(missing["out"].cleanup, CleanupPolicy::Delete);
+}
