@@ -281,15 +281,20 @@ fn names_or_none(names: &[&str]) -> String {
 /// Deletes a dataflow's checkpoint, repartition and dead-letter topics;
 /// the names of those that existed.
 pub(crate) async fn delete_internal_topics(client: &Client, name: &str) -> anyhow::Result<Vec<String>> {
+    use runnel::client::protocol::MetadataError;
     use runnel::client::tasks::{checkpoint_topic, dead_letter_topic, repartition_topic};
+    use runnel::client::ClientError;
     let topics = [checkpoint_topic(name), repartition_topic(name), dead_letter_topic(name)];
     let existing: BTreeSet<String> = client.topics().await?.into_iter().map(|t| t.name).collect();
     let mut deleted = Vec::new();
     for topic in topics.into_iter().filter(|t| existing.contains(t)) {
-        client
-            .delete_topic(&topic)
-            .await
-            .with_context(|| format!("deleting {topic}"))?;
+        // Unknown now, there a moment ago: deleted (a request sent again
+        // after its first answer was lost finds it gone).
+        match client.delete_topic(&topic).await {
+            Ok(()) | Err(ClientError::UnknownTopic(_)) => {}
+            Err(ClientError::Refused(MetadataError::UnknownTopic(_))) => {}
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("deleting {topic}"))),
+        }
         deleted.push(topic);
     }
     Ok(deleted)

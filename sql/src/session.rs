@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use runnel_client::plan::{Column, ObjectKind, Plan, SqlObject, SqlType};
-use runnel_client::protocol::{Catalog, CleanupPolicy, TopicConfig};
+use runnel_client::protocol::{Catalog, CleanupPolicy, MetadataError, TopicConfig};
 use runnel_client::tasks::{checkpoint_topic, repartition_topic};
 use runnel_client::{Acks, Client, ClientError, Producer};
 use runnel_storage::Record;
@@ -239,7 +239,12 @@ impl Session {
         let Some((_, plan)) = catalog.queries.iter().find(|(d, _)| d.name == id) else {
             return Err(unknown_query(&catalog, id));
         };
-        self.client.stop_dataflow(id).await.map_err(cluster)?;
+        // Unknown now, running a moment ago: stopped, by this request
+        // (its first answer lost and the request sent again) or another.
+        match self.client.stop_dataflow(id).await {
+            Ok(()) | Err(ClientError::Refused(MetadataError::UnknownDataflow(_))) => {}
+            Err(e) => return Err(cluster(e)),
+        }
         self.await_stopped(id).await?;
         if plan.registered().is_some() {
             return Ok(Outcome::Message(format!(
@@ -249,7 +254,7 @@ impl Session {
         for topic in [checkpoint_topic(id), repartition_topic(id)] {
             match self.client.delete_topic(&topic).await {
                 Ok(()) | Err(ClientError::UnknownTopic(_)) => {}
-                Err(ClientError::Refused(runnel_client::protocol::MetadataError::UnknownTopic(_))) => {}
+                Err(ClientError::Refused(MetadataError::UnknownTopic(_))) => {}
                 Err(e) => {
                     return Err(SqlError::new(format!(
                         "query {id} terminated, but deleting {topic}: {e}"
@@ -334,9 +339,7 @@ impl Session {
                     config.cleanup = CleanupPolicy::Compact;
                 }
                 match self.client.create_topic(topic, config).await {
-                    Ok(()) | Err(ClientError::Refused(runnel_client::protocol::MetadataError::TopicExists(_))) => {
-                        Ok(())
-                    }
+                    Ok(()) | Err(ClientError::Refused(MetadataError::TopicExists(_))) => Ok(()),
                     Err(e) => Err(cluster(e)),
                 }
             }
@@ -578,9 +581,17 @@ impl Session {
         if object.kind != kind {
             return Err(SqlError::new(format!("{name} is a {}, not a {kind}", object.kind)));
         }
-        self.client.drop_object(name).await.map_err(cluster)?;
+        // As TERMINATE: gone now, there a moment ago, is dropped.
+        match self.client.drop_object(name).await {
+            Ok(()) | Err(ClientError::Refused(MetadataError::UnknownObject(_))) => {}
+            Err(e) => return Err(cluster(e)),
+        }
         if delete_topic {
-            self.client.delete_topic(&object.topic).await.map_err(cluster)?;
+            match self.client.delete_topic(&object.topic).await {
+                Ok(()) | Err(ClientError::UnknownTopic(_)) => {}
+                Err(ClientError::Refused(MetadataError::UnknownTopic(_))) => {}
+                Err(e) => return Err(cluster(e)),
+            }
         }
         Ok(Outcome::Message(format!(
             "{} {name} dropped{}",
