@@ -348,6 +348,11 @@ pub struct AsOf {
     /// records' timestamps.
     pub table_time: Option<usize>,
     pub history_ms: i64,
+    /// How long the stream's rows wait, in stream time, before they are
+    /// joined (Kafka Streams' stream–table join grace, KIP-923): a table
+    /// row dated before a stream row but read after it is still joined if
+    /// it comes within the grace. 0 joins each row when it is read.
+    pub grace_ms: i64,
 }
 
 /// A table–table join on both primary keys, as ksqlDB's: inner, left or
@@ -562,11 +567,15 @@ impl Plan {
                 continue;
             };
             let time_fits = as_of.table_time.is_none_or(|i| i < join.columns.len());
-            if !(0..=JOIN_WINDOW_MS_MAX).contains(&as_of.history_ms) || !time_fits {
+            let spans_fit = [as_of.history_ms, as_of.grace_ms]
+                .iter()
+                .all(|ms| (0..=JOIN_WINDOW_MS_MAX).contains(ms));
+            if !spans_fit || !time_fits {
                 return Err(PlanError::Invalid(format!(
-                    "the join with {} keeps {} ms of history (within 0..={JOIN_WINDOW_MS_MAX}) with time column {:?} of {} columns",
+                    "the join with {} keeps {} ms of history and {} ms of grace (each within 0..={JOIN_WINDOW_MS_MAX}) with time column {:?} of {} columns",
                     join.table,
                     as_of.history_ms,
+                    as_of.grace_ms,
                     as_of.table_time,
                     join.columns.len()
                 )));
@@ -762,9 +771,10 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
                     format!("{}.{}", join.table, c.name)
                 });
             format!(
-                "{} AS OF {at} (the table's rows by {time}, {} ms of history kept)",
+                "{} AS OF {at} (the table's rows by {time}, {} ms of history kept, {} ms of grace)",
                 explain_table_join(join, names),
-                as_of.history_ms
+                as_of.history_ms,
+                as_of.grace_ms
             )
         }
         Operator::JoinStream(join) => explain_stream_join(join, name, names, stage),
@@ -1125,6 +1135,7 @@ pub(crate) mod tests {
             at: Expr::Column(1),
             table_time: None,
             history_ms: TABLE_HISTORY_MS_DEFAULT,
+            grace_ms: 0,
         }
     }
 
@@ -1216,7 +1227,7 @@ pub(crate) mod tests {
         assert!(plan.reads("cards"));
         let explained = plan.explain("Q");
         assert!(
-            explained.contains("ON CARD_NUMBER = CARDS.CARD_NUMBER AS OF ROWTIME (the table's rows by its records' timestamps, 86400000 ms of history kept)"),
+            explained.contains("ON CARD_NUMBER = CARDS.CARD_NUMBER AS OF ROWTIME (the table's rows by its records' timestamps, 86400000 ms of history kept, 0 ms of grace)"),
             "{explained}"
         );
         for as_of in [
@@ -1226,6 +1237,10 @@ pub(crate) mod tests {
             },
             AsOf {
                 table_time: Some(2),
+                ..sample_as_of()
+            },
+            AsOf {
+                grace_ms: -1,
                 ..sample_as_of()
             },
         ] {

@@ -165,6 +165,19 @@ pub trait SourceStage: Send + Sync {
         self.process_joined(value.unwrap_or_default(), timestamp_ms, tables, out)
     }
 
+    /// How long its input records wait, in stream time, before they run:
+    /// the grace period of a join by event time (see [`crate::grace`]).
+    /// `None` runs each record as it is read.
+    fn grace_ms(&self) -> Option<i64> {
+        None
+    }
+
+    /// A record's event time, as running it stamps its output; an error
+    /// is a record that does not decode (for the DLQ).
+    fn event_time(&self, _value: Option<&[u8]>, timestamp_ms: i64) -> Result<i64, String> {
+        Ok(timestamp_ms)
+    }
+
     /// [`SourceStage::process_joined`] for a stage that joins nothing.
     fn process(&self, value: &[u8], timestamp_ms: i64, out: &mut Emitted) -> Result<(), String> {
         self.process_joined(value, timestamp_ms, &[], out)
@@ -423,6 +436,14 @@ fn held_table(topic: &str, partitions: u32, as_of: Option<runnel_client::plan::A
     }
 }
 
+/// The longest grace of the tables joined by event time, if any.
+fn grace_of(held: &[HeldTable]) -> Option<i64> {
+    held.iter()
+        .filter_map(|h| Some(h.as_of.as_ref()?.grace_ms))
+        .max()
+        .filter(|&grace_ms| grace_ms > 0)
+}
+
 fn tables_of(held: &[HeldTable]) -> Vec<TableJoin> {
     held.iter().map(|h| h.join.clone()).collect()
 }
@@ -474,20 +495,28 @@ impl<T: 'static> Stream<T> {
     /// table, SQL's `FOR SYSTEM_TIME AS OF`): each record joins the row
     /// its key had at the record's event time, the table's rows timed by
     /// their records' timestamps and kept `history` back (see
-    /// [`crate::versioned`]).
+    /// [`crate::versioned`]). With a `grace`, the stream's records wait
+    /// that long in stream time (their records' timestamps) before they
+    /// run, so table rows read a little later still join them (see
+    /// [`crate::grace`]).
     pub fn join_table_as_of<V: DeserializeOwned + 'static, U: 'static>(
         self,
         topic: &str,
         partitions: u32,
-        history: std::time::Duration,
+        (history, grace): (std::time::Duration, std::time::Duration),
         key: impl Fn(&T) -> String + Send + Sync + 'static,
         join: impl Fn(T, Option<V>) -> Option<U> + Send + Sync + 'static,
     ) -> Stream<U> {
-        let history_ms = i64::try_from(history.as_millis()).unwrap_or(i64::MAX);
+        let ms = |d: std::time::Duration| {
+            i64::try_from(d.as_millis()).map_or(runnel_client::plan::JOIN_WINDOW_MS_MAX, |ms| {
+                ms.min(runnel_client::plan::JOIN_WINDOW_MS_MAX)
+            })
+        };
         let as_of = runnel_client::plan::AsOf {
             at: runnel_client::plan::Expr::Literal(runnel_client::plan::Literal::Null),
             table_time: None,
-            history_ms: history_ms.min(runnel_client::plan::JOIN_WINDOW_MS_MAX),
+            history_ms: ms(history),
+            grace_ms: ms(grace),
         };
         self.join_held(held_table(topic, partitions, Some(as_of)), key, join)
     }
@@ -604,6 +633,10 @@ impl<T: Serialize + 'static> Stream<T> {
 
             fn table_states(&self) -> Vec<TableState> {
                 states_of(&self.joins)
+            }
+
+            fn grace_ms(&self) -> Option<i64> {
+                grace_of(&self.joins)
             }
 
             fn process_joined(
@@ -868,6 +901,10 @@ impl<K: Serialize, T: Serialize> SourceStage for KeyedSource<K, T> {
 
     fn table_states(&self) -> Vec<TableState> {
         states_of(&self.joins)
+    }
+
+    fn grace_ms(&self) -> Option<i64> {
+        grace_of(&self.joins)
     }
 
     fn process_joined(
@@ -1199,7 +1236,7 @@ mod tests {
             .join_table_as_of(
                 "cards",
                 1,
-                Duration::from_secs(3_600),
+                (Duration::from_secs(3_600), Duration::ZERO),
                 |(card, _)| card.clone(),
                 |(card, _), row: Option<Card>| Some((card, row.map(|c| c.country))),
             )

@@ -425,6 +425,14 @@ pub(crate) fn run_ops(ops: &[Operator], tables: &[TableState], row: &mut Vec<Val
     true
 }
 
+/// The event time in `row`'s timestamp column.
+fn time_in(row: &[Value], column: usize) -> Result<i64, String> {
+    match &row[column] {
+        Value::Int(t) => Ok(*t),
+        other => Err(format!("timestamp column is {other}, not a BIGINT time in ms")),
+    }
+}
+
 /// Appends a table's row found for `row` (NULLs for a left join's
 /// miss); false when an inner join found none.
 fn join_found(row: &mut Vec<Value>, found: Option<&[Value]>, join: &TableJoin) -> bool {
@@ -464,6 +472,28 @@ impl SourceStage for SqlSource {
                 _ => None,
             })
             .collect()
+    }
+
+    fn grace_ms(&self) -> Option<i64> {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                Operator::JoinTableAsOf(_, as_of) => Some(as_of.grace_ms),
+                _ => None,
+            })
+            .max()
+            .filter(|&grace_ms| grace_ms > 0)
+    }
+
+    fn event_time(&self, value: Option<&[u8]>, timestamp_ms: i64) -> Result<i64, String> {
+        let Some(column) = self.timestamp else {
+            return Ok(timestamp_ms);
+        };
+        ROW.with_borrow_mut(|row| {
+            decode_row(&self.columns, value.unwrap_or_default(), row)?;
+            row.push(Value::Int(timestamp_ms));
+            time_in(row, column)
+        })
     }
 
     fn table_states(&self) -> Vec<TableState> {
@@ -529,10 +559,9 @@ impl SqlSource {
     ) -> Result<(), String> {
         decode_row(&self.columns, value, row)?;
         row.push(Value::Int(timestamp_ms));
-        let t_ms = match self.timestamp.map(|i| &row[i]) {
+        let t_ms = match self.timestamp {
             None => timestamp_ms,
-            Some(Value::Int(t)) => *t,
-            Some(other) => return Err(format!("timestamp column is {other}, not a BIGINT time in ms")),
+            Some(column) => time_in(row, column)?,
         };
         let explode = self.ops.iter().position(|op| matches!(op, Operator::Explode(_)));
         let Some(at) = explode else {

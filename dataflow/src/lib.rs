@@ -16,7 +16,7 @@
 //! - [`table`]: the tables a stage joins with, each task holding the whole
 //!   table at read positions its checkpoints record.
 //! - [`versioned`]: a table's rows by time, for joins by event time
-//!   (`FOR SYSTEM_TIME AS OF`).
+//!   (`FOR SYSTEM_TIME AS OF`); [`grace`]: their stream side's buffer.
 //! - [`table_join`]: table–table joins: each table read by key, the join
 //!   stage holding both tables' latest rows.
 //! - [`task`]: one task (a stage over one input partition): read, process,
@@ -29,6 +29,7 @@
 pub mod builder;
 pub mod compile;
 pub mod fraud;
+pub mod grace;
 pub mod host;
 pub mod join;
 pub mod row;

@@ -530,6 +530,7 @@ mod tests {
             at: Expr::Column(0),
             table_time: Some(2),
             history_ms: 1_000,
+            grace_ms: 0,
         };
         let mut table = TableState::versioned(join.clone(), &as_of);
         table.load(&io).await.expect("loads");

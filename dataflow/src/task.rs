@@ -37,7 +37,8 @@ use runnel_client::{partition_for_key, Acks, BrokerError, Client, ClientError, C
 use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, RecordView};
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{DataflowDef, Emitted, WindowStage};
+use crate::builder::{DataflowDef, Emitted, SourceStage, WindowStage};
+use crate::grace::{GraceBuffer, Held};
 use crate::table::TableState;
 
 /// How often a task checkpoints (when it has made progress).
@@ -52,9 +53,12 @@ pub const CHECKPOINT_BYTES_MAX: usize = 7 << 20;
 const CHECKPOINT_CHUNK_BYTES: usize = 512 << 10;
 /// 2: window state keeps keys encoded (version 1 kept them decoded).
 /// 3: followed by the read positions of the tables the stage joins with.
-const CHECKPOINT_VERSION: u8 = 3;
-/// Version 2 reads as version 3 without tables.
+/// 4: then by the records a join by event time holds for its grace.
+const CHECKPOINT_VERSION: u8 = 4;
+/// Version 2 reads as version 3 without tables, 3 as 4 without held
+/// records.
 const CHECKPOINT_V2: u8 = 2;
+const CHECKPOINT_V3: u8 = 3;
 /// How long an output batch is retried through unavailability before the
 /// task fails (and is restarted from its checkpoint).
 const SEND_RETRY_FOR: Duration = Duration::from_secs(60);
@@ -419,15 +423,71 @@ struct Checkpoint {
 /// in each of its partitions: the rows the task joined with since.
 type TablePositions = Vec<Vec<u64>>;
 
-/// A checkpoint and the table positions that follow it (none before
-/// version 3).
-fn decode_checkpoint(bytes: &[u8]) -> Result<(Checkpoint, TablePositions), postcard::Error> {
+/// A checkpoint, the table positions that follow it (none before version
+/// 3) and the records it holds for a grace (none before version 4).
+fn decode_checkpoint(bytes: &[u8]) -> Result<Restored, postcard::Error> {
     let (checkpoint, rest): (Checkpoint, _) = postcard::take_from_bytes(bytes)?;
-    let positions = match checkpoint.version {
-        CHECKPOINT_V2 => Vec::new(),
+    let (positions, held) = match checkpoint.version {
+        CHECKPOINT_V2 => (Vec::new(), None),
+        CHECKPOINT_V3 => (postcard::from_bytes(rest)?, None),
         _ => postcard::from_bytes(rest)?,
     };
-    Ok((checkpoint, positions))
+    Ok((checkpoint, positions, held))
+}
+
+/// What a checkpoint restores.
+type Restored = (Checkpoint, TablePositions, Option<GraceBuffer>);
+
+/// One input record of a source task, read now or held for a grace.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    key: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
+    timestamp_ms: i64,
+    offset: u64,
+}
+
+impl<'a> Input<'a> {
+    fn of(held: &'a Held) -> Input<'a> {
+        Input {
+            key: held.key.as_deref().map(|k| &k[..]),
+            value: held.value.as_deref().map(|v| &v[..]),
+            timestamp_ms: held.timestamp_ms,
+            offset: held.offset,
+        }
+    }
+
+    fn held(self, event_ms: i64) -> Held {
+        Held {
+            event_ms,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.map(|k| serde_bytes::ByteBuf::from(k.to_vec())),
+            value: self.value.map(|v| serde_bytes::ByteBuf::from(v.to_vec())),
+        }
+    }
+}
+
+/// What one step of a source task sends: per output partition (indexed
+/// by it) the records and the greatest event time it receives (what it
+/// learns of this task's progress from the data alone), and dead letters.
+struct SourceOutput {
+    outputs: Vec<Option<PartitionOutput>>,
+    partition_max: Vec<i64>,
+    dead_letters: PartitionOutput,
+    /// Bytes to reserve per output partition.
+    per_partition: usize,
+}
+
+impl SourceOutput {
+    fn new(partitions: u32, per_partition: usize) -> SourceOutput {
+        SourceOutput {
+            outputs: (0..partitions).map(|_| None).collect(),
+            partition_max: vec![i64::MIN; partitions as usize],
+            dead_letters: PartitionOutput::new(0),
+            per_partition,
+        }
+    }
 }
 
 /// What a window task knows of one upstream source task.
@@ -475,6 +535,9 @@ pub struct TaskRunner<C: TaskIo = Client> {
     /// Source stage: the tables it joins with, at the positions the newest
     /// checkpoint records.
     tables: Vec<TableState>,
+    /// Source stage of a join by event time with a grace: the records it
+    /// holds until their time is the grace past.
+    grace: Option<GraceBuffer>,
     counters: Counters,
     last_checkpoint: Duration,
     dirty: bool,
@@ -508,9 +571,9 @@ impl<C: TaskIo> TaskRunner<C> {
             Some(j) => def.next_stages.get(j as usize - 1).map(|make| make()),
             None => None,
         };
-        let tables = match def.source_of(stage) {
-            Some((_, source)) => source.table_states(),
-            None => Vec::new(),
+        let (tables, grace) = match def.source_of(stage) {
+            Some((_, source)) => (source.table_states(), source.grace_ms().map(GraceBuffer::new)),
+            None => (Vec::new(), None),
         };
         let started = client.now();
         let mut runner = TaskRunner {
@@ -536,15 +599,19 @@ impl<C: TaskIo> TaskRunner<C> {
             upstreams: BTreeMap::new(),
             window,
             tables,
+            grace,
             counters: Counters::default(),
             last_checkpoint: started,
             dirty: false,
             emitted: Emitted::default(),
         };
         match runner.read_checkpoint().await? {
-            Some((checkpoint, positions)) => {
+            Some((checkpoint, positions, held)) => {
                 runner.apply_checkpoint(checkpoint)?;
                 runner.rebuild_tables(positions).await?;
+                if let (Some(held), Some(grace)) = (held, runner.grace.as_mut()) {
+                    *grace = held;
+                }
             }
             None if !runner.tables.is_empty() => runner.load_tables().await?,
             None => {}
@@ -738,40 +805,37 @@ impl<C: TaskIo> TaskRunner<C> {
         } else {
             (self.def.sink.clone(), self.assignment.partitions)
         };
-        // Per output partition, indexed by it: the records to send, and the
-        // greatest event time it receives (what it learns of this task's
-        // progress from the data alone).
-        let mut outputs: Vec<Option<PartitionOutput>> = (0..out_partitions).map(|_| None).collect();
-        let mut partition_max: Vec<i64> = vec![i64::MIN; out_partitions as usize];
-        let mut dead_letters = PartitionOutput::new(0);
-        let mut emitted = std::mem::take(&mut self.emitted);
         let input_bytes: usize = input.batches.iter().map(RecordBatch::size_bytes).sum();
-        let per_partition = input_bytes / out_partitions.max(1) as usize;
+        let mut batch = SourceOutput::new(out_partitions, input_bytes / out_partitions.max(1) as usize);
+        let mut emitted = std::mem::take(&mut self.emitted);
         for view in input.views() {
             let view = view?;
             self.counters.records_in += 1;
-            emitted.clear();
-            if let Err(reason) =
-                source.process_record(view.key, view.value, view.timestamp_ms, &self.tables, &mut emitted)
-            {
-                dead_letters.push_record(&self.dead_letter(&view, &reason))?;
+            let record = Input {
+                key: view.key,
+                value: view.value,
+                timestamp_ms: view.timestamp_ms,
+                offset: view.offset,
+            };
+            let Some(grace) = self.grace.as_mut() else {
+                self.run_record(&*source, record, &mut emitted, &mut batch)?;
                 continue;
-            }
-            for e in emitted.iter() {
-                let partition = match e.key {
-                    // A keyed record goes where its key hashes: the
-                    // repartition topic's, or a SQL PARTITION BY's sink.
-                    Some(key) => partition_for_key(key, out_partitions),
-                    None => self.assignment.partition() % out_partitions,
-                };
-                self.max_event_ms = self.max_event_ms.max(e.timestamp_ms);
-                let sent_max = &mut partition_max[partition as usize];
-                *sent_max = (*sent_max).max(e.timestamp_ms);
-                outputs[partition as usize]
-                    .get_or_insert_with(|| PartitionOutput::new(per_partition))
-                    .push(e.timestamp_ms, e.key, e.value, &[])?;
+            };
+            match source.event_time(view.value, view.timestamp_ms) {
+                Ok(event_ms) => grace.push(record.held(event_ms)),
+                Err(reason) => batch.dead_letters.push_record(&self.dead_letter(record, &reason))?,
             }
         }
+        let released = self.grace.as_mut().map(GraceBuffer::release).unwrap_or_default();
+        for held in &released {
+            self.run_record(&*source, Input::of(held), &mut emitted, &mut batch)?;
+        }
+        let SourceOutput {
+            outputs,
+            partition_max,
+            dead_letters,
+            ..
+        } = batch;
         self.emitted = emitted;
         let outputs: BTreeMap<u32, PartitionOutput> = (0..out_partitions)
             .zip(outputs)
@@ -802,12 +866,45 @@ impl<C: TaskIo> TaskRunner<C> {
         Ok(())
     }
 
-    fn dead_letter(&self, view: &RecordView<'_>, reason: &str) -> Record {
-        let origin = format!("{}/{}@{}", self.input_topic, self.assignment.partition(), view.offset);
+    /// Runs one input record through the source stage into `batch`: its
+    /// output by partition, or a dead letter.
+    fn run_record(
+        &mut self,
+        source: &dyn SourceStage,
+        record: Input<'_>,
+        emitted: &mut Emitted,
+        batch: &mut SourceOutput,
+    ) -> Result<(), TaskError> {
+        emitted.clear();
+        let (key, value) = (record.key, record.value);
+        if let Err(reason) = source.process_record(key, value, record.timestamp_ms, &self.tables, emitted) {
+            batch.dead_letters.push_record(&self.dead_letter(record, &reason))?;
+            return Ok(());
+        }
+        let out_partitions = batch.partition_max.len() as u32;
+        for e in emitted.iter() {
+            let partition = match e.key {
+                // A keyed record goes where its key hashes: the
+                // repartition topic's, or a SQL PARTITION BY's sink.
+                Some(key) => partition_for_key(key, out_partitions),
+                None => self.assignment.partition() % out_partitions,
+            };
+            self.max_event_ms = self.max_event_ms.max(e.timestamp_ms);
+            let sent_max = &mut batch.partition_max[partition as usize];
+            *sent_max = (*sent_max).max(e.timestamp_ms);
+            batch.outputs[partition as usize]
+                .get_or_insert_with(|| PartitionOutput::new(batch.per_partition))
+                .push(e.timestamp_ms, e.key, e.value, &[])?;
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, record: Input<'_>, reason: &str) -> Record {
+        let origin = format!("{}/{}@{}", self.input_topic, self.assignment.partition(), record.offset);
         Record {
-            timestamp_ms: view.timestamp_ms,
+            timestamp_ms: record.timestamp_ms,
             key: Some(Bytes::from(origin)),
-            value: view.value.map(Bytes::copy_from_slice),
+            value: record.value.map(Bytes::copy_from_slice),
             headers: vec![Header {
                 key: HEADER_ERROR.to_string(),
                 value: Some(Bytes::from(reason.to_string())),
@@ -1027,10 +1124,11 @@ impl<C: TaskIo> TaskRunner<C> {
             dead_letters: self.counters.dead_letters,
         };
         let positions: TablePositions = self.tables.iter().map(|t| t.positions().to_vec()).collect();
-        let bytes = postcard::to_allocvec(&(checkpoint, positions)).map_err(|e| TaskError::Checkpoint {
-            task,
-            reason: e.to_string(),
-        })?;
+        let bytes =
+            postcard::to_allocvec(&(checkpoint, (positions, &self.grace))).map_err(|e| TaskError::Checkpoint {
+                task,
+                reason: e.to_string(),
+            })?;
         if bytes.len() > CHECKPOINT_BYTES_MAX {
             // The windows are held open, typically by an upstream that lags
             // the others (the watermark waits for it). The last checkpoint
@@ -1071,7 +1169,7 @@ impl<C: TaskIo> TaskRunner<C> {
 
     /// The newest checkpoint: the last record is chunk `n-1/n`, and the
     /// whole checkpoint is the `n` records ending there (one batch).
-    async fn read_checkpoint(&self) -> Result<Option<(Checkpoint, TablePositions)>, TaskError> {
+    async fn read_checkpoint(&self) -> Result<Option<Restored>, TaskError> {
         let task = self.assignment.task;
         let topic = checkpoint_topic(&self.def.name);
         let end = self.client.fetch(&topic, task, 0, 1).await?.committed_offset;
@@ -1147,7 +1245,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checkpoints_of_version_2_read_without_tables_and_version_3_with_them() {
+    fn checkpoints_of_version_2_read_without_tables_3_without_held_records_and_4_with_them() {
         let checkpoint = |version| Checkpoint {
             version,
             task: 4,
@@ -1155,13 +1253,26 @@ mod tests {
             ..Checkpoint::default()
         };
         let old = postcard::to_allocvec(&checkpoint(CHECKPOINT_V2)).expect("encodes");
-        let (read, positions) = decode_checkpoint(&old).expect("version 2 decodes");
-        assert_eq!((read.task, read.input_offset, positions.len()), (4, 17, 0));
+        let (read, positions, held) = decode_checkpoint(&old).expect("version 2 decodes");
+        assert_eq!((read.task, read.input_offset, positions.len(), held), (4, 17, 0, None));
         let tables: TablePositions = vec![vec![3, 0, 9]];
-        let new = postcard::to_allocvec(&(checkpoint(CHECKPOINT_VERSION), &tables)).expect("encodes");
-        let (read, positions) = decode_checkpoint(&new).expect("version 3 decodes");
-        assert_eq!((read.input_offset, positions), (17, tables));
-        assert!(decode_checkpoint(&new[..new.len() - 1]).is_err(), "cut short");
+        let v3 = postcard::to_allocvec(&(checkpoint(CHECKPOINT_V3), &tables)).expect("encodes");
+        let (read, positions, held) = decode_checkpoint(&v3).expect("version 3 decodes");
+        assert_eq!((read.input_offset, &positions, held), (17, &tables, None));
+        let mut grace = GraceBuffer::new(1_000);
+        grace.push(
+            Input {
+                key: None,
+                value: Some(b"{}"),
+                timestamp_ms: 5,
+                offset: 16,
+            }
+            .held(5),
+        );
+        let v4 = postcard::to_allocvec(&(checkpoint(CHECKPOINT_VERSION), (&tables, Some(&grace)))).expect("encodes");
+        let (read, positions, held) = decode_checkpoint(&v4).expect("version 4 decodes");
+        assert_eq!((read.input_offset, positions, held), (17, tables, Some(grace)));
+        assert!(decode_checkpoint(&v4[..v4.len() - 1]).is_err(), "cut short");
     }
 
     #[test]

@@ -112,8 +112,9 @@ pub struct Query {
     pub as_of: Vec<AsOfClause>,
 }
 
-/// `t FOR SYSTEM_TIME AS OF a.col [HISTORY n unit]` after a joined
-/// table's name: the table's row as it was at the stream row's `a.col`.
+/// `t FOR SYSTEM_TIME AS OF a.col [HISTORY n unit] [GRACE PERIOD n unit]`
+/// after a joined table's name: the table's row as it was at the stream
+/// row's `a.col`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AsOfClause {
     /// The table's name as written before the clause (upper case unless
@@ -123,6 +124,8 @@ pub struct AsOfClause {
     pub at: Vec<ast::Ident>,
     /// How far back the table's rows are kept, if given.
     pub history_ms: Option<i64>,
+    /// How long stream rows wait for the table (0 unless given).
+    pub grace_ms: i64,
     /// Where the clause is, for errors.
     pub line: u64,
     pub column: u64,
@@ -539,7 +542,8 @@ fn window_clause(tokens: &[TokenWithSpan], at: usize, clauses: &mut Clauses) -> 
     Ok(close)
 }
 
-/// `FOR SYSTEM_TIME AS OF [a.]col [HISTORY n unit]` after a table's name
+/// `FOR SYSTEM_TIME AS OF [a.]col [HISTORY n unit] [GRACE PERIOD n unit]`
+/// after a table's name
 /// (sqlparser reads it only in some dialects, and then as any expression;
 /// here it names the stream's time column); the index of its last token.
 fn as_of_clause(tokens: &[TokenWithSpan], w: &[String], at: usize, clauses: &mut Clauses) -> SqlResult<usize> {
@@ -570,20 +574,41 @@ fn as_of_clause(tokens: &[TokenWithSpan], w: &[String], at: usize, clauses: &mut
         end += 2;
     }
     let mut history_ms = None;
-    if w.get(end + 1).map(String::as_str) == Some("HISTORY") {
-        history_ms = Some(span_ms(
-            tokens.get(end + 2..(end + 4).min(tokens.len())).unwrap_or_default(),
-        )?);
-        end += 3;
+    if let Some((ms, last)) = span_after(tokens, w, end, &["HISTORY"])? {
+        (history_ms, end) = (Some(ms), last);
+    }
+    let mut grace_ms = 0;
+    if let Some((ms, last)) = span_after(tokens, w, end, &["GRACE", "PERIOD"])? {
+        (grace_ms, end) = (ms, last);
     }
     clauses.as_of.push(AsOfClause {
         table,
         at: column,
         history_ms,
+        grace_ms,
         line: tokens[at].span.start.line,
         column: tokens[at].span.start.column,
     });
     Ok(end)
+}
+
+/// `words n unit` right after token `end`, if the first word is there: the
+/// span and the index of its last token.
+fn span_after(tokens: &[TokenWithSpan], w: &[String], end: usize, words: &[&str]) -> SqlResult<Option<(i64, usize)>> {
+    if w.get(end + 1).map(String::as_str) != Some(words[0]) {
+        return Ok(None);
+    }
+    for (i, word) in words.iter().enumerate().skip(1) {
+        if w.get(end + 1 + i).map(String::as_str) != Some(*word) {
+            return Err(unexpected(
+                tokens.get(end + 1 + i),
+                &format!("{word} after {}", words[i - 1]),
+            ));
+        }
+    }
+    let first = end + 1 + words.len();
+    let ms = span_ms(tokens.get(first..(first + 2).min(tokens.len())).unwrap_or_default())?;
+    Ok(Some((ms, first + 1)))
 }
 
 /// `WITHIN n unit | (n unit, n unit) [GRACE PERIOD n unit]`; the index of
@@ -606,12 +631,8 @@ fn within_clause(tokens: &[TokenWithSpan], w: &[String], at: usize, clauses: &mu
         (ms, ms, at + 2)
     };
     let mut grace_ms = DEFAULT_GRACE_MS;
-    if w.get(end + 1).map(String::as_str) == Some("GRACE") {
-        if w.get(end + 2).map(String::as_str) != Some("PERIOD") {
-            return Err(unexpected(tokens.get(end + 2), "PERIOD after GRACE"));
-        }
-        grace_ms = span_ms(tokens.get(end + 3..(end + 5).min(tokens.len())).unwrap_or_default())?;
-        end += 4;
+    if let Some((ms, last)) = span_after(tokens, w, end, &["GRACE", "PERIOD"])? {
+        (grace_ms, end) = (ms, last);
     }
     let within = Within {
         before_ms,

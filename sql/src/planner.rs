@@ -534,6 +534,7 @@ fn as_of(clause: &AsOfClause, table: &runnel_client::plan::SqlObject, stream: &S
         at,
         table_time: table.timestamp,
         history_ms: clause.history_ms.unwrap_or(TABLE_HISTORY_MS_DEFAULT),
+        grace_ms: clause.grace_ms,
     })
 }
 

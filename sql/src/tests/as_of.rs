@@ -185,7 +185,19 @@ fn a_join_by_event_time_explains_itself_and_refuses_what_it_cannot_be() {
         plan("SELECT * FROM attempts a JOIN cards FOR SYSTEM_TIME AS OF a.at_ms c ON a.card = c.card").expect("plans");
     let explained = planned.explain("Q");
     assert!(
-        explained.contains("AS OF AT_MS (the table's rows by its records' timestamps, 86400000 ms of history kept)"),
+        explained.contains(
+            "AS OF AT_MS (the table's rows by its records' timestamps, 86400000 ms of history kept, 0 ms of grace)"
+        ),
+        "{explained}"
+    );
+    let graced = plan(
+        "SELECT * FROM attempts a JOIN cards FOR SYSTEM_TIME AS OF a.at_ms HISTORY 1 HOUR GRACE PERIOD 5 SECONDS c \
+         ON a.card = c.card",
+    )
+    .expect("plans");
+    let explained = graced.explain("Q");
+    assert!(
+        explained.contains("3600000 ms of history kept, 5000 ms of grace"),
         "{explained}"
     );
     for (statement, expected) in [
@@ -208,6 +220,10 @@ fn a_join_by_event_time_explains_itself_and_refuses_what_it_cannot_be() {
         (
             "SELECT * FROM attempts a JOIN cards FOR SYSTEM_TIME AS OF a.at_ms HISTORY 2 c ON a.card = c.card",
             "expected a unit",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN cards FOR SYSTEM_TIME AS OF a.at_ms GRACE 2 SECONDS c ON a.card = c.card",
+            "expected PERIOD after GRACE",
         ),
     ] {
         let refused = plan(statement).expect_err(statement);

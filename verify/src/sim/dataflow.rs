@@ -8,7 +8,8 @@
 //! and a crash kills a node's tasks mid-step.
 //!
 //! The dataflow joins the simulation's records (authorization attempts)
-//! with a table of cards ([`TABLE`], written before the dataflow starts),
+//! by event time with a table of cards ([`TABLE`], written before the
+//! dataflow starts; a versioned table, see `runnel_dataflow::versioned`),
 //! keeping the attempts of cards with a row, then counts them per card in
 //! tumbling windows and emits every change, so the sink must hold, per
 //! window, each count from the filter's threshold up to the window's total
@@ -53,6 +54,10 @@ const GRACE_MS: i64 = 30_000;
 const THRESHOLD: u64 = 1;
 /// Cards the attempts are spread over.
 const CARDS: u64 = 5;
+
+/// How far back the table keeps its rows: the dataflow joins each attempt
+/// with its card's row as of the attempt's time (the rows are dated 0).
+const TABLE_HISTORY: Duration = Duration::from_secs(3_600);
 
 /// The table the dataflow joins with, and its partitions.
 pub const TABLE: &str = "sim_cards";
@@ -104,9 +109,10 @@ pub fn table_rows() -> usize {
 pub fn dataflow() -> DataflowDef {
     Dataflow::new(DATAFLOW)
         .source::<Attempt>(TOPIC)
-        .join_table(
+        .join_table_as_of(
             TABLE,
             TABLE_PARTITIONS,
+            (TABLE_HISTORY, Duration::ZERO),
             |a| a.card_number.clone(),
             |a, row: Option<CardRow>| row.map(|_| a),
         )
