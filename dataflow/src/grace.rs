@@ -75,6 +75,16 @@ impl GraceBuffer {
         self.held.is_empty()
     }
 
+    pub fn grace_ms(&self) -> i64 {
+        self.grace_ms
+    }
+
+    /// The same records, held for `grace_ms` from now on.
+    pub fn with_grace_ms(self, grace_ms: i64) -> GraceBuffer {
+        assert!(grace_ms >= 0, "a validated grace");
+        GraceBuffer { grace_ms, ..self }
+    }
+
     /// The greatest event time read.
     pub fn stream_time_ms(&self) -> i64 {
         self.stream_time_ms

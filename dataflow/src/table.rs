@@ -22,7 +22,7 @@ use runnel_storage::RecordView;
 
 use crate::row::{decode_row, Value};
 use crate::task::{retryable, TaskError, TaskIo};
-use crate::versioned::VersionedRows;
+use crate::versioned::{Version, VersionedRows};
 
 /// Rows one task holds of one table.
 pub const TABLE_ROWS_MAX: usize = 1_000_000;
@@ -186,18 +186,25 @@ impl TableState {
                 }
             };
         };
-        let at_ms = match (history.time_column, &row) {
+        // A row's time is its time column's (the record's timestamp when
+        // NULL); a deletion has no columns: its record's timestamp dates it,
+        // and, when the rows are timed by a column (whose times the
+        // records' timestamps need not follow), it does not move the
+        // table's time on.
+        let (at_ms, moves_time) = match (history.time_column, &row) {
             (Some(column), Some(row)) => match row[column] {
-                Value::Int(ms) => ms,
+                Value::Int(ms) => (ms, true),
+                Value::Null => (view.timestamp_ms, true),
                 ref other => return Err(fail(format!("its time column is {other}, not a BIGINT time in ms"))),
             },
-            _ => view.timestamp_ms,
+            (time_column, _) => (view.timestamp_ms, time_column.is_none()),
         };
         let added = row.as_ref().map_or(0, |row| row_bytes(&key, row));
         let mut released = 0;
+        let version = Version { at_ms, row, moves_time };
         let written = history
             .rows
-            .put(&key, at_ms, row, |key, old| released += row_bytes(key, old));
+            .put(&key, version, |key, old| released += row_bytes(key, old));
         if !written.dropped {
             self.bytes = (self.bytes + added).saturating_sub(released);
         }
@@ -546,14 +553,14 @@ mod tests {
         restored.rebuild(&io, table.positions()).await.expect("rebuilds");
         assert_eq!(country_at(&restored, 1, 250).as_deref(), Some("BE"));
 
-        io.append(1, "3", Some(r#"{"ID": 3, "COUNTRY": "FR"}"#));
-        let failed = table.refresh(&io).await.expect_err("not a time");
-        assert!(
-            failed
-                .to_string()
-                .contains("cards/1@1 does not decode (its time column is"),
-            "{failed}"
+        io.append(1, "3", Some(r#"{"ID": 3, "COUNTRY": "BE"}"#));
+        table.refresh(&io).await.expect("refreshes");
+        assert_eq!(
+            country_at(&table, 3, 10).as_deref(),
+            Some("BE"),
+            "without a time, the record's timestamp (0) dates the row"
         );
+        assert_eq!(country_at(&table, 3, 60).as_deref(), Some("FR"));
     }
 
     #[tokio::test]

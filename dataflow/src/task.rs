@@ -609,9 +609,14 @@ impl<C: TaskIo> TaskRunner<C> {
             Some((checkpoint, positions, held)) => {
                 runner.apply_checkpoint(checkpoint)?;
                 runner.rebuild_tables(positions).await?;
-                if let (Some(held), Some(grace)) = (held, runner.grace.as_mut()) {
-                    *grace = held;
-                }
+                runner.grace = match (held, runner.grace.take()) {
+                    // The definition's grace applies; records held under
+                    // another (or none now) leave by it.
+                    (Some(held), grace) if !held.is_empty() => {
+                        Some(held.with_grace_ms(grace.map_or(0, |g| g.grace_ms())))
+                    }
+                    (_, grace) => grace,
+                };
             }
             None if !runner.tables.is_empty() => runner.load_tables().await?,
             None => {}
@@ -756,7 +761,10 @@ impl<C: TaskIo> TaskRunner<C> {
         }
         if (self.is_source() && self.def.window_stage.is_some()) || self.feeds_next_stage() {
             let now = self.client.now();
-            let idle = self.caught_up_since.is_some_and(|since| now >= since + IDLE_AFTER);
+            // Records held for a grace leave only when more input comes:
+            // a task holding some is not idle (they would be late).
+            let idle = self.caught_up_since.is_some_and(|since| now >= since + IDLE_AFTER)
+                && self.grace.as_ref().is_none_or(GraceBuffer::is_empty);
             self.send_markers(idle).await?;
         }
         let due = self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL;
@@ -821,14 +829,24 @@ impl<C: TaskIo> TaskRunner<C> {
                 self.run_record(&*source, record, &mut emitted, &mut batch)?;
                 continue;
             };
-            match source.event_time(view.value, view.timestamp_ms) {
-                Ok(event_ms) => grace.push(record.held(event_ms)),
-                Err(reason) => batch.dead_letters.push_record(&self.dead_letter(record, &reason))?,
+            let event_ms = source.event_time(view.value, view.timestamp_ms);
+            // Released after every record, not every fetch: what leaves
+            // when, and in which order, must follow from the input alone (a
+            // replay reads it in other fetches), or output sequences would
+            // not match.
+            let released = match event_ms {
+                Ok(event_ms) => {
+                    grace.push(record.held(event_ms));
+                    grace.release()
+                }
+                Err(reason) => {
+                    batch.dead_letters.push_record(&self.dead_letter(record, &reason))?;
+                    continue;
+                }
+            };
+            for held in released {
+                self.run_record(&*source, Input::of(&held), &mut emitted, &mut batch)?;
             }
-        }
-        let released = self.grace.as_mut().map(GraceBuffer::release).unwrap_or_default();
-        for held in &released {
-            self.run_record(&*source, Input::of(held), &mut emitted, &mut batch)?;
         }
         let SourceOutput {
             outputs,

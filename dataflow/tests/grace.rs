@@ -19,6 +19,8 @@ use runnel_storage::{BatchBuilder, Record, RecordBatch};
 struct Memory {
     logs: Mutex<BTreeMap<(String, u32), Vec<Record>>>,
     now: Mutex<Duration>,
+    /// Records one fetch answers at most (all when 0).
+    fetch_records_max: usize,
 }
 
 impl Memory {
@@ -53,14 +55,19 @@ impl TaskIo for Memory {
         let mut batches = Vec::new();
         if (offset as usize) < log.len() {
             let mut builder = BatchBuilder::new();
-            for record in &log[offset as usize..] {
+            let end = match self.fetch_records_max {
+                0 => log.len(),
+                max => log.len().min(offset as usize + max),
+            };
+            for record in &log[offset as usize..end] {
                 builder.push(record).expect("pushes");
             }
             let mut batch = builder.build().expect("builds");
             batch.set_base_offset(offset);
             batches.push(batch);
         }
-        Ok(FetchedBatches::new(offset, batches, log.len() as u64))
+        let committed = log.len() as u64;
+        Ok(FetchedBatches::new(offset, batches, committed))
     }
 
     async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, _: Acks) -> ClientResult<u64> {
@@ -173,5 +180,40 @@ async fn a_row_read_late_but_dated_within_the_grace_still_joins_and_held_records
             r#"["a",5000,"DE"]"#
         ],
         "without a grace each attempt joins what was read when it came"
+    );
+}
+
+/// The attempts at `times`, read `fetch_records_max` at a time (all at
+/// once when 0), through a grace of 1 s; what the sink holds.
+async fn read_in_fetches_of(fetch_records_max: usize, times: &[i64]) -> Vec<String> {
+    let io = Arc::new(Memory {
+        fetch_records_max,
+        ..Memory::default()
+    });
+    io.append("cards", "a", 0, r#"{"country":"NL"}"#);
+    let def = dated(1_000);
+    let mut task = start(&def, &io).await;
+    for &at_ms in times {
+        attempt(&io, at_ms);
+    }
+    for _ in 0..times.len() {
+        task.step().await.expect("steps");
+    }
+    io.values("out")
+}
+
+#[tokio::test]
+async fn what_leaves_the_grace_and_in_which_order_does_not_depend_on_how_the_input_was_fetched() {
+    // 5,000 leaves when 7,000 is read; 3,000 (older than the grace) at once.
+    let times = [5_000, 7_000, 3_000, 9_000];
+    let one_by_one = read_in_fetches_of(1, &times).await;
+    assert_eq!(
+        one_by_one,
+        [r#"["a",5000,"NL"]"#, r#"["a",3000,"NL"]"#, r#"["a",7000,"NL"]"#]
+    );
+    assert_eq!(
+        read_in_fetches_of(0, &times).await,
+        one_by_one,
+        "a replay reads in other fetches"
     );
 }

@@ -125,13 +125,18 @@ pub fn input_of<'a>(catalog: &'a Catalog, query: &'a Query) -> SqlResult<Input<'
                 table.name
             )));
         }
+        // After the table's name, or its alias (`JOIN t a FOR …`).
+        let as_of = query
+            .as_of
+            .iter()
+            .find(|clause| clause.table == table.name || clause.table == alias);
         input.joins.push(JoinInput {
             table,
             alias,
             kind,
             on,
             partitions: 0,
-            as_of: query.as_of.iter().find(|clause| clause.table == table.name),
+            as_of,
         });
     }
     check_as_of(query, &input)?;

@@ -181,7 +181,7 @@ fn plan_from(from: &Input<'_>) -> SqlResult<(Scope, Vec<Operator>)> {
         let table_join = join_table(join, &input)?;
         operators.push(match join.as_of {
             None => Operator::JoinTable(table_join),
-            Some(clause) => Operator::JoinTableAsOf(table_join, as_of(clause, join.table, &input)?),
+            Some(clause) => Operator::JoinTableAsOf(table_join, as_of(clause, join.table, from.source, &input)?),
         });
         input.extend(&join.table.columns, &join.alias);
     }
@@ -515,7 +515,12 @@ fn join_table(join: &JoinInput<'_>, scope: &Scope) -> SqlResult<TableJoin> {
 /// A join by event time: the stream's time column the clause names (a
 /// BIGINT of ms), the table's time column (its TIMESTAMP, else its
 /// records' timestamps) and the history it keeps.
-fn as_of(clause: &AsOfClause, table: &runnel_client::plan::SqlObject, stream: &Scope) -> SqlResult<AsOf> {
+fn as_of(
+    clause: &AsOfClause,
+    table: &runnel_client::plan::SqlObject,
+    source: &runnel_client::plan::SqlObject,
+    stream: &Scope,
+) -> SqlResult<AsOf> {
     let named = match &clause.at[..] {
         [column] => ast::Expr::Identifier(column.clone()),
         parts => ast::Expr::CompoundIdentifier(parts.to_vec()),
@@ -525,6 +530,20 @@ fn as_of(clause: &AsOfClause, table: &runnel_client::plan::SqlObject, stream: &S
         return Err(SqlError::at(
             format!(
                 "FOR SYSTEM_TIME AS OF {named}: {named} is {ty}; it must be a BIGINT time in ms of the stream's row"
+            ),
+            clause.line,
+            clause.column,
+        ));
+    }
+    // The grace holds rows by the stream's event time: it protects a
+    // lookup at that time only.
+    let event_time = source.timestamp.unwrap_or(source.columns.len());
+    if clause.grace_ms > 0 && at != Expr::Column(event_time) {
+        let name = source.columns.get(event_time).map_or("ROWTIME", |c| c.name.as_str());
+        return Err(SqlError::at(
+            format!(
+                "a GRACE PERIOD holds rows by {}'s event time, {name}: FOR SYSTEM_TIME AS OF must name it, not {named}",
+                source.name
             ),
             clause.line,
             clause.column,

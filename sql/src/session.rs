@@ -581,12 +581,16 @@ impl Session {
         if object.kind != kind {
             return Err(SqlError::new(format!("{name} is a {}, not a {kind}", object.kind)));
         }
-        // As TERMINATE: gone now, there a moment ago, is dropped.
-        match self.client.drop_object(name).await {
-            Ok(()) | Err(ClientError::Refused(MetadataError::UnknownObject(_))) => {}
+        // As TERMINATE: gone now, there a moment ago, is dropped (by this
+        // request sent again, or by another whose topic may since back a
+        // new object: then the topic stays).
+        let gone_before = match self.client.drop_object(name).await {
+            Ok(()) => false,
+            Err(ClientError::Refused(MetadataError::UnknownObject(_))) => true,
             Err(e) => return Err(cluster(e)),
-        }
-        if delete_topic {
+        };
+        let topic_in_use = gone_before && self.catalog().await?.objects.iter().any(|o| o.topic == object.topic);
+        if delete_topic && !topic_in_use {
             match self.client.delete_topic(&object.topic).await {
                 Ok(()) | Err(ClientError::UnknownTopic(_)) => {}
                 Err(ClientError::Refused(MetadataError::UnknownTopic(_))) => {}
@@ -596,10 +600,10 @@ impl Session {
         Ok(Outcome::Message(format!(
             "{} {name} dropped{}",
             title(kind),
-            if delete_topic {
-                format!(" and topic {} deleted", object.topic)
-            } else {
-                String::new()
+            match (delete_topic, topic_in_use) {
+                (true, false) => format!(" and topic {} deleted", object.topic),
+                (true, true) => format!(" (topic {} kept: a stream or table uses it now)", object.topic),
+                (false, _) => String::new(),
             }
         )))
     }

@@ -195,6 +195,9 @@ fn a_join_by_event_time_explains_itself_and_refuses_what_it_cannot_be() {
          ON a.card = c.card",
     )
     .expect("plans");
+    let aliased = plan("SELECT * FROM attempts a JOIN cards c FOR SYSTEM_TIME AS OF a.at_ms ON a.card = c.card")
+        .expect("the alias may come before FOR");
+    assert_eq!(aliased.joins().count(), 1);
     let explained = graced.explain("Q");
     assert!(
         explained.contains("3600000 ms of history kept, 5000 ms of grace"),
@@ -224,6 +227,10 @@ fn a_join_by_event_time_explains_itself_and_refuses_what_it_cannot_be() {
         (
             "SELECT * FROM attempts a JOIN cards FOR SYSTEM_TIME AS OF a.at_ms GRACE 2 SECONDS c ON a.card = c.card",
             "expected PERIOD after GRACE",
+        ),
+        (
+            "SELECT * FROM attempts a JOIN cards FOR SYSTEM_TIME AS OF a.amount GRACE PERIOD 2 SECONDS c ON a.card = c.card",
+            "a GRACE PERIOD holds rows by ATTEMPTS's event time, AT_MS: FOR SYSTEM_TIME AS OF must name it, not a.amount",
         ),
     ] {
         let refused = plan(statement).expect_err(statement);
