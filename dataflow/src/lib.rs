@@ -19,14 +19,18 @@
 //!   (`FOR SYSTEM_TIME AS OF`); [`grace`]: their stream side's buffer.
 //! - [`table_join`]: table–table joins: each table read by key, the join
 //!   stage holding both tables' latest rows.
+//! - [`changelog`]: a stage's state as entries in its task's compacted
+//!   checkpoint partition, written with each checkpoint.
 //! - [`task`]: one task (a stage over one input partition): read, process,
 //!   send with deterministic sequence numbers, checkpoint, restore.
+//! - [`testing`]: an in-memory cluster for tests of task code.
 //! - [`host`]: a node's runtime: the registry of known dataflows and the
 //!   supervisor actor that runs the tasks the controller places here.
 //! - [`fraud`]: the motivating query, a generator of card authorization
 //!   attempts, and the reference its results must equal.
 
 pub mod builder;
+pub mod changelog;
 pub mod compile;
 pub mod fraud;
 pub mod grace;
@@ -36,6 +40,7 @@ pub mod row;
 pub mod table;
 pub mod table_join;
 pub mod task;
+pub mod testing;
 pub mod versioned;
 pub mod window;
 

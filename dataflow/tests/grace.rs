@@ -4,95 +4,31 @@
 //! it; the records held survive a restart in the checkpoint, and nothing
 //! is emitted twice.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runnel_client::tasks::{TaskAssignment, TaskStatus};
-use runnel_client::{Acks, ClientResult, FetchedBatches};
-use runnel_dataflow::task::{TaskIo, TaskRunner, CHECKPOINT_INTERVAL};
+use runnel_dataflow::task::{TaskRunner, CHECKPOINT_INTERVAL};
+use runnel_dataflow::testing::MemoryIo;
 use runnel_dataflow::{Dataflow, DataflowDef};
-use runnel_storage::{BatchBuilder, Record, RecordBatch};
+use runnel_storage::Record;
 
-/// Topics as lists of records per partition, and a clock moved by hand.
-#[derive(Default)]
-struct Memory {
-    logs: Mutex<BTreeMap<(String, u32), Vec<Record>>>,
-    now: Mutex<Duration>,
-    /// Records one fetch answers at most (all when 0).
-    fetch_records_max: usize,
+/// A record of `topic`'s partition 0.
+fn append(io: &MemoryIo, topic: &str, key: &str, timestamp_ms: i64, value: &str) {
+    let record = Record {
+        timestamp_ms,
+        key: Some(key.to_string().into()),
+        value: Some(value.to_string().into()),
+        headers: Vec::new(),
+    };
+    io.append(topic, 0, record);
 }
 
-impl Memory {
-    fn append(&self, topic: &str, key: &str, timestamp_ms: i64, value: &str) {
-        let record = Record {
-            timestamp_ms,
-            key: Some(key.to_string().into()),
-            value: Some(value.to_string().into()),
-            headers: Vec::new(),
-        };
-        let mut logs = self.logs.lock().expect("lock");
-        logs.entry((topic.to_string(), 0)).or_default().push(record);
-    }
-
-    fn values(&self, topic: &str) -> Vec<String> {
-        let logs = self.logs.lock().expect("lock");
-        let log = logs.get(&(topic.to_string(), 0)).cloned().unwrap_or_default();
-        log.iter()
-            .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
-            .collect()
-    }
-
-    fn pass(&self, time: Duration) {
-        *self.now.lock().expect("lock") += time;
-    }
-}
-
-impl TaskIo for Memory {
-    async fn fetch(&self, topic: &str, partition: u32, offset: u64, _: u32) -> ClientResult<FetchedBatches> {
-        let logs = self.logs.lock().expect("lock");
-        let log = logs.get(&(topic.to_string(), partition)).cloned().unwrap_or_default();
-        let mut batches = Vec::new();
-        if (offset as usize) < log.len() {
-            let mut builder = BatchBuilder::new();
-            let end = match self.fetch_records_max {
-                0 => log.len(),
-                max => log.len().min(offset as usize + max),
-            };
-            for record in &log[offset as usize..end] {
-                builder.push(record).expect("pushes");
-            }
-            let mut batch = builder.build().expect("builds");
-            batch.set_base_offset(offset);
-            batches.push(batch);
-        }
-        let committed = log.len() as u64;
-        Ok(FetchedBatches::new(offset, batches, committed))
-    }
-
-    async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, _: Acks) -> ClientResult<u64> {
-        let mut logs = self.logs.lock().expect("lock");
-        let log = logs.entry((topic.to_string(), partition)).or_default();
-        let base = log.len() as u64;
-        for view in batch.views() {
-            let view = view.expect("a record");
-            log.push(Record {
-                timestamp_ms: view.timestamp_ms,
-                key: view.key.map(bytes::Bytes::copy_from_slice),
-                value: view.value.map(bytes::Bytes::copy_from_slice),
-                headers: Vec::new(),
-            });
-        }
-        Ok(base)
-    }
-
-    fn now(&self) -> Duration {
-        *self.now.lock().expect("lock")
-    }
-
-    async fn sleep(&self, pause: Duration) {
-        self.pass(pause);
-    }
+fn values(io: &MemoryIo, topic: &str) -> Vec<String> {
+    io.records(topic, 0)
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned())
+        .collect()
 }
 
 #[derive(serde::Deserialize)]
@@ -116,7 +52,7 @@ fn dated(grace_ms: u64) -> Arc<DataflowDef> {
     Arc::new(def)
 }
 
-async fn start(def: &Arc<DataflowDef>, io: &Arc<Memory>) -> TaskRunner<Memory> {
+async fn start(def: &Arc<DataflowDef>, io: &Arc<MemoryIo>) -> TaskRunner<MemoryIo> {
     let assignment = TaskAssignment {
         dataflow: def.name.clone(),
         task: 0,
@@ -131,12 +67,12 @@ async fn start(def: &Arc<DataflowDef>, io: &Arc<Memory>) -> TaskRunner<Memory> {
 }
 
 /// An attempt of card `a` at `at_ms`.
-fn attempt(io: &Memory, at_ms: i64) {
-    io.append("attempts", "", at_ms, &format!(r#"["a",{at_ms}]"#));
+fn attempt(io: &MemoryIo, at_ms: i64) {
+    append(io, "attempts", "", at_ms, &format!(r#"["a",{at_ms}]"#));
 }
 
 /// A step, and time for a checkpoint (which reads the table on).
-async fn step(task: &mut TaskRunner<Memory>, io: &Memory) {
+async fn step(task: &mut TaskRunner<MemoryIo>, io: &MemoryIo) {
     task.step().await.expect("steps");
     io.pass(CHECKPOINT_INTERVAL + Duration::from_millis(1));
     task.step().await.expect("steps");
@@ -146,14 +82,14 @@ async fn step(task: &mut TaskRunner<Memory>, io: &Memory) {
 /// row dated 1,500 read only after them, then attempts at 3,000 and (after
 /// a restart) 5,000.
 async fn run(grace_ms: u64) -> Vec<String> {
-    let io = Arc::new(Memory::default());
-    io.append("cards", "a", 0, r#"{"country":"NL"}"#);
+    let io = Arc::new(MemoryIo::default());
+    append(&io, "cards", "a", 0, r#"{"country":"NL"}"#);
     let def = dated(grace_ms);
     let mut task = start(&def, &io).await;
     attempt(&io, 1_000);
     attempt(&io, 2_000);
     step(&mut task, &io).await;
-    io.append("cards", "a", 1_500, r#"{"country":"DE"}"#);
+    append(&io, "cards", "a", 1_500, r#"{"country":"DE"}"#);
     step(&mut task, &io).await;
     attempt(&io, 3_000);
     step(&mut task, &io).await;
@@ -161,7 +97,7 @@ async fn run(grace_ms: u64) -> Vec<String> {
     let mut task = start(&def, &io).await;
     attempt(&io, 5_000);
     step(&mut task, &io).await;
-    io.values("out")
+    values(&io, "out")
 }
 
 #[tokio::test]
@@ -186,11 +122,8 @@ async fn a_row_read_late_but_dated_within_the_grace_still_joins_and_held_records
 /// The attempts at `times`, read `fetch_records_max` at a time (all at
 /// once when 0), through a grace of 1 s; what the sink holds.
 async fn read_in_fetches_of(fetch_records_max: usize, times: &[i64]) -> Vec<String> {
-    let io = Arc::new(Memory {
-        fetch_records_max,
-        ..Memory::default()
-    });
-    io.append("cards", "a", 0, r#"{"country":"NL"}"#);
+    let io = Arc::new(MemoryIo::fetching(fetch_records_max));
+    append(&io, "cards", "a", 0, r#"{"country":"NL"}"#);
     let def = dated(1_000);
     let mut task = start(&def, &io).await;
     for &at_ms in times {
@@ -199,7 +132,7 @@ async fn read_in_fetches_of(fetch_records_max: usize, times: &[i64]) -> Vec<Stri
     for _ in 0..times.len() {
         task.step().await.expect("steps");
     }
-    io.values("out")
+    values(&io, "out")
 }
 
 #[tokio::test]
