@@ -13,14 +13,14 @@
 //! Everything here is a function of the records in order, so a task
 //! replaying its input from a checkpoint emits the same changes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use runnel_client::plan::{Column, JoinKind, Operator, Sink};
 use runnel_client::tasks::StateRow;
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{state_rows, Change, Emitted, SourceStage, StageError, WindowStage};
+use crate::builder::{state_rows, Emitted, SourceStage, StageError, WindowStage};
 use crate::compile::{group_key, run_ops};
 use crate::join::{LEFT, RIGHT};
 use crate::row::{decode_row, JsonRow, Value};
@@ -29,12 +29,7 @@ use crate::table::{key_value, TableState};
 /// Keys one table–table join task holds at most.
 pub const TABLE_JOIN_KEYS_MAX: usize = 500_000;
 /// The format of [`TablesSnapshot`].
-/// 2: the rows are in the changelog, the snapshot holds none (version 1
-/// held them all, and still reads).
-const TABLES_STATE_VERSION: u8 = 2;
-const TABLES_STATE_V1: u8 = 1;
-/// What a changed key costs beyond its row in the pending changes.
-const CHANGE_OVERHEAD_BYTES: usize = 64;
+const TABLES_STATE_VERSION: u8 = 1;
 
 /// The source stage of one side of a table–table join.
 pub struct TableSource {
@@ -124,10 +119,6 @@ struct TablesSnapshot {
 pub struct TableJoinStage {
     spec: Arc<TablesSpec>,
     rows: BTreeMap<Vec<u8>, Rows>,
-    /// Keys changed since the last checkpoint, and about what their
-    /// entries will take.
-    changed: BTreeSet<Vec<u8>>,
-    changed_bytes: usize,
     max_event_ms: i64,
     scratch: Vec<Value>,
 }
@@ -137,18 +128,9 @@ impl TableJoinStage {
         TableJoinStage {
             spec,
             rows: BTreeMap::new(),
-            changed: BTreeSet::new(),
-            changed_bytes: 0,
             max_event_ms: i64::MIN,
             scratch: Vec::new(),
         }
-    }
-
-    fn mark_changed(&mut self, key: &[u8], value_bytes: usize) {
-        if self.changed.insert(key.to_vec()) {
-            self.changed_bytes += key.len() + CHANGE_OVERHEAD_BYTES;
-        }
-        self.changed_bytes += value_bytes;
     }
 
     /// The key's joined row after the stage's operators, if the join keeps it.
@@ -246,13 +228,11 @@ impl WindowStage for TableJoinStage {
         }
         let mut rows = self.rows.remove(key).unwrap_or_default();
         let before = self.joined(&rows);
-        let row_bytes = value.len();
         rows[side] = row;
         let after = self.joined(&rows);
         if rows.iter().any(Option::is_some) {
             self.rows.insert(key.to_vec(), rows);
         }
-        self.mark_changed(key, row_bytes);
         match (before, after) {
             (_, Some(row)) => self.emit(key, Some(&row), t_ms, out),
             (Some(_), None) => self.emit(key, None, t_ms, out),
@@ -267,68 +247,21 @@ impl WindowStage for TableJoinStage {
     fn snapshot(&self) -> Result<Vec<u8>, StageError> {
         let snapshot = TablesSnapshot {
             version: TABLES_STATE_VERSION,
-            rows: Vec::new(),
+            rows: self.rows.iter().map(|(k, r)| (k.clone(), r.clone())).collect(),
         };
         postcard::to_allocvec(&snapshot).map_err(|e| StageError::Unencodable(e.to_string()))
     }
 
-    /// A snapshot of version 1 holds every row: they are all changes to
-    /// write to the changelog with the next checkpoint.
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
         let snapshot: TablesSnapshot =
             postcard::from_bytes(bytes).map_err(|e| StageError::Corrupt(format!("table join state: {e}")))?;
-        if !(TABLES_STATE_V1..=TABLES_STATE_VERSION).contains(&snapshot.version) {
+        if snapshot.version != TABLES_STATE_VERSION {
             return Err(StageError::Corrupt(format!(
-                "table join state of format {} (this node reads {TABLES_STATE_V1} to {TABLES_STATE_VERSION})",
+                "table join state of format {} (this node reads {TABLES_STATE_VERSION})",
                 snapshot.version
             )));
         }
-        for (key, rows) in snapshot.rows {
-            let bytes = postcard::experimental::serialized_size(&rows).unwrap_or(0);
-            self.mark_changed(&key, bytes);
-            self.rows.insert(key, rows);
-        }
-        Ok(())
-    }
-
-    fn logs_changes(&self) -> bool {
-        true
-    }
-
-    fn changes(&self) -> Result<Vec<Change>, StageError> {
-        let entry = |key: &Vec<u8>| -> Result<_, StageError> {
-            let value = match self.rows.get(key) {
-                Some(rows) => Some(postcard::to_allocvec(rows).map_err(|e| StageError::Unencodable(e.to_string()))?),
-                None => None,
-            };
-            Ok((key.clone(), value))
-        };
-        self.changed.iter().map(entry).collect()
-    }
-
-    fn changes_written(&mut self) {
-        self.changed.clear();
-        self.changed_bytes = 0;
-    }
-
-    fn changes_bytes(&self) -> usize {
-        self.changed_bytes
-    }
-
-    fn apply_change(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StageError> {
-        match value {
-            None => {
-                self.rows.remove(key);
-            }
-            Some(value) => {
-                let rows: Rows = postcard::from_bytes(value)
-                    .map_err(|e| StageError::Corrupt(format!("table join changelog entry: {e}")))?;
-                if !self.rows.contains_key(key) && self.rows.len() >= TABLE_JOIN_KEYS_MAX {
-                    return Err(StageError::TableJoinFull(TABLE_JOIN_KEYS_MAX));
-                }
-                self.rows.insert(key.to_vec(), rows);
-            }
-        }
+        self.rows = snapshot.rows.into_iter().collect();
         Ok(())
     }
 

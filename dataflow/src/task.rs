@@ -605,19 +605,9 @@ impl<C: TaskIo> TaskRunner<C> {
             dirty: false,
             emitted: Emitted::default(),
         };
-        let topic = checkpoint_topic(&runner.def.name);
-        let logs_changes = runner.window.as_ref().is_some_and(|w| w.logs_changes());
-        if logs_changes {
-            crate::changelog::barrier(&*runner.client, &topic, runner.assignment.task).await?;
-        }
         match runner.read_checkpoint().await? {
-            Some(((checkpoint, positions, held), end)) => {
+            Some((checkpoint, positions, held)) => {
                 runner.apply_checkpoint(checkpoint)?;
-                if let Some(window) = runner.window.as_mut().filter(|_| logs_changes) {
-                    let task = runner.assignment.task;
-                    let entries = crate::changelog::replay(&*runner.client, &topic, task, end, window.as_mut()).await?;
-                    tracing::info!(dataflow = %runner.def.name, task, entries, "state restored from the changelog");
-                }
                 runner.rebuild_tables(positions).await?;
                 runner.grace = match (held, runner.grace.take()) {
                     // The definition's grace applies; records held under
@@ -777,10 +767,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 && self.grace.as_ref().is_none_or(GraceBuffer::is_empty);
             self.send_markers(idle).await?;
         }
-        // Changes kept for a changelog must fit one checkpoint's batch.
-        let changes_bytes = self.window.as_ref().map_or(0, |w| w.changes_bytes());
-        let due = self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL
-            || changes_bytes >= crate::changelog::CHANGES_EARLY_BYTES;
+        let due = self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL;
         if due && (self.dirty || !self.tables.is_empty()) {
             self.checkpoint().await?;
         }
@@ -1160,13 +1147,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 task,
                 reason: e.to_string(),
             })?;
-        // A stage keeping a changelog writes its changed entries in the
-        // same batch, before the chunks (see `changelog`).
-        let changes = match &self.window {
-            Some(window) if window.logs_changes() => window.changes()?,
-            _ => Vec::new(),
-        };
-        if bytes.len() + crate::changelog::entries_bytes(&changes) > CHECKPOINT_BYTES_MAX {
+        if bytes.len() > CHECKPOINT_BYTES_MAX {
             // The windows are held open, typically by an upstream that lags
             // the others (the watermark waits for it). The last checkpoint
             // stays a valid place to restart from (replay is deterministic),
@@ -1187,7 +1168,6 @@ impl<C: TaskIo> TaskRunner<C> {
         }
         let chunks: Vec<&[u8]> = bytes.chunks(CHECKPOINT_CHUNK_BYTES).collect();
         let mut builder = BatchBuilder::new();
-        crate::changelog::push_entries(&mut builder, changes)?;
         for (i, chunk) in chunks.iter().enumerate() {
             builder.push(&Record {
                 timestamp_ms: 0,
@@ -1199,9 +1179,6 @@ impl<C: TaskIo> TaskRunner<C> {
         let topic = checkpoint_topic(&self.def.name);
         // Unsequenced: a checkpoint written twice is harmless.
         self.client.produce(&topic, task, builder.build()?, Acks::All).await?;
-        if let Some(window) = self.window.as_mut() {
-            window.changes_written();
-        }
         self.last_checkpoint = self.client.now();
         self.dirty = false;
         self.counters.checkpoints += 1;
@@ -1210,8 +1187,7 @@ impl<C: TaskIo> TaskRunner<C> {
 
     /// The newest checkpoint: the last record is chunk `n-1/n`, and the
     /// whole checkpoint is the `n` records ending there (one batch).
-    /// The newest checkpoint, and the offset after it.
-    async fn read_checkpoint(&self) -> Result<Option<(Restored, u64)>, TaskError> {
+    async fn read_checkpoint(&self) -> Result<Option<Restored>, TaskError> {
         let task = self.assignment.task;
         let topic = checkpoint_topic(&self.def.name);
         let end = self.client.fetch(&topic, task, 0, 1).await?.committed_offset;
@@ -1227,10 +1203,7 @@ impl<C: TaskIo> TaskRunner<C> {
         while last.is_none() && probe > 0 {
             probe -= 1;
             let fetched = self.client.fetch(&topic, task, probe, 1).await?.into_records()?;
-            let barrier = |r: &runnel_storage::StoredRecord| {
-                r.record.key.as_deref() == Some(crate::changelog::BARRIER_KEY.as_bytes())
-            };
-            last = fetched.records.into_iter().rfind(|r| r.offset < end && !barrier(r));
+            last = fetched.records.into_iter().rfind(|r| r.offset < end);
         }
         let Some(last) = last else { return Ok(None) };
         let key = last
@@ -1263,7 +1236,7 @@ impl<C: TaskIo> TaskRunner<C> {
             offset = fetched.next_offset;
         }
         let decoded = decode_checkpoint(&bytes).map_err(|e| corrupt(format!("does not decode: {e}")))?;
-        Ok(Some((decoded, end)))
+        Ok(Some(decoded))
     }
 
     /// Publishes the task's figures for `runnel dataflow describe`.

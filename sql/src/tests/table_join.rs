@@ -5,16 +5,11 @@
 //! computed here.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use runnel_client::plan::{Column, ObjectKind, SqlObject, SqlType};
 use runnel_client::protocol::Catalog;
-use runnel_client::tasks::{TaskAssignment, TaskStatus};
 use runnel_dataflow::builder::{Emitted, WindowStage};
 use runnel_dataflow::compile::compile;
-use runnel_dataflow::task::{TaskRunner, CHECKPOINT_INTERVAL};
-use runnel_dataflow::testing::MemoryIo;
-use runnel_storage::Record;
 use serde_json::{json, Value};
 
 use crate::from::input_of;
@@ -119,8 +114,7 @@ fn statement(kind: &str) -> String {
 }
 
 /// Runs `changes` through the join, checking after each that the output
-/// materializes the reference; restarts from a checkpoint (its snapshot
-/// and the changelog's entries) after `restart_at`.
+/// materializes the reference; restarts from a snapshot after `restart_at`.
 fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec<(Option<Value>, Option<Value>)> {
     let plan = plan(&statement(kind)).unwrap_or_else(|e| panic!("{kind}: {e}"));
     let def = compile("q", &plan).expect("compiles");
@@ -129,21 +123,11 @@ fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec
     let mut tables: [BTreeMap<String, Value>; 2] = Default::default();
     let mut materialized: BTreeMap<String, Value> = BTreeMap::new();
     let mut log = Vec::new();
-    // The changelog, as checkpoints write it: every 37 changes, and at the
-    // restart, the entries changed since the last.
-    let mut changelog: Vec<runnel_dataflow::builder::Change> = Vec::new();
     for (i, (side, key, value)) in changes.iter().enumerate() {
-        if i % 37 == 0 || restart_at == Some(i) {
-            changelog.extend(join.changes().expect("changes"));
-            join.changes_written();
-        }
         if restart_at == Some(i) {
             let snapshot = join.snapshot().expect("snapshots");
             join = factory();
             join.restore(&snapshot).expect("restores");
-            for (key, value) in &changelog {
-                join.apply_change(key, value.as_deref()).expect("applies");
-            }
         }
         let (_, source) = def.source_of(*side as u32).expect("a source stage");
         let (mut staged, mut out) = (Emitted::default(), Emitted::default());
@@ -191,7 +175,7 @@ fn inner_left_and_outer_joins_of_two_tables_materialize_the_join_after_every_cha
 }
 
 #[test]
-fn a_table_join_restored_from_its_checkpoint_and_changelog_emits_what_an_uninterrupted_one_does() {
+fn a_table_join_restored_from_its_snapshot_emits_what_an_uninterrupted_one_does() {
     let changes = changes();
     let whole = run_checked("FULL OUTER JOIN", &changes, None);
     for restart_at in [1, 150, 399] {
@@ -274,83 +258,4 @@ fn a_table_record_without_a_usable_key_is_a_dead_letter() {
         .process_record(Some(b"seven"), Some(b"{}"), 0, &[], &mut out);
     assert!(refused.expect_err("not a number").contains("is not a BIGINT"));
     assert!(out.is_empty());
-}
-
-/// The sink's rows, folded by key (a tombstone deletes).
-fn materialized(io: &MemoryIo) -> BTreeMap<String, Value> {
-    let mut rows = BTreeMap::new();
-    for record in io.records("out", 0) {
-        let key: Value = serde_json::from_slice(record.key.as_deref().expect("keyed")).expect("JSON key");
-        let key = key["ID"].as_str().expect("the join key").to_string();
-        match record.value.as_deref() {
-            Some(value) => rows.insert(key, serde_json::from_slice(value).expect("JSON")),
-            None => rows.remove(&key),
-        };
-    }
-    rows
-}
-
-/// The join's three tasks (a source per table, the join) run by the real
-/// task code over an in-memory cluster; the join task is dropped twice and
-/// restored from its checkpoint partition: its rows come back from the
-/// changelog entries its checkpoints wrote, and the sink still
-/// materializes the join exactly.
-#[tokio::test]
-async fn a_join_task_restores_its_rows_from_its_changelog() {
-    let plan = plan(&statement("JOIN")).expect("plans");
-    let def = Arc::new(compile("q", &plan).expect("compiles"));
-    let io = Arc::new(MemoryIo::default());
-    let start = |task: u32| {
-        let assignment = TaskAssignment {
-            dataflow: "q".into(),
-            task,
-            partitions: 1,
-            stages: def.stages(),
-            generation: 0,
-        };
-        let status = Arc::new(Mutex::new(TaskStatus::default()));
-        TaskRunner::restore(def.clone(), assignment, io.clone(), status)
-    };
-    let mut tasks = vec![
-        start(0).await.expect("users"),
-        start(1).await.expect("accounts"),
-        start(2).await.expect("join"),
-    ];
-    let mut tables: [BTreeMap<String, Value>; 2] = Default::default();
-    for (i, (side, key, value)) in changes().into_iter().enumerate() {
-        let record = Record {
-            timestamp_ms: i as i64,
-            key: Some(key.clone().into()),
-            value: value.as_ref().map(|v| v.to_string().into()),
-            headers: Vec::new(),
-        };
-        io.append(["users", "accounts"][side], 0, record);
-        match value {
-            Some(v) => tables[side].insert(key, v),
-            None => tables[side].remove(&key),
-        };
-        if i % 40 == 39 {
-            for task in &mut tasks {
-                task.step().await.expect("steps");
-            }
-            io.pass(CHECKPOINT_INTERVAL);
-            tasks[2].step().await.expect("checkpoints");
-        }
-        if i == 161 || i == 323 {
-            tasks[2] = start(2).await.expect("restores");
-        }
-    }
-    for _ in 0..3 {
-        for task in &mut tasks {
-            task.step().await.expect("steps");
-        }
-    }
-    assert_eq!(materialized(&io), reference(&tables, "JOIN"));
-    let log = io.records("q.checkpoints", 2);
-    let key = |r: &Record| r.key.as_deref().unwrap_or_default().to_vec();
-    assert!(
-        log.iter().any(|r| key(r).starts_with(b"s/")),
-        "entries in the changelog"
-    );
-    assert_eq!(log.iter().filter(|r| key(r) == b"barrier").count(), 3, "one per start");
 }
