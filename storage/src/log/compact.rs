@@ -391,9 +391,13 @@ enum Verdict {
 }
 
 /// Below `map_end`, a record is dropped when its key has a later record,
-/// or when it is the key's latest and an expired tombstone: one this pass
-/// scanned, or one an earlier pass scanned (below `clean_start`: that pass
-/// dropped the key's older records, and no later one has come since).
+/// or when it is the key's latest and an expired tombstone that an earlier
+/// pass scanned (below `clean_start`: that pass dropped the key's older
+/// records, and no later one has come since). A tombstone this pass
+/// scanned stays until a later pass, whatever its age: a reader that read
+/// the key's older record before this pass swapped its segment must still
+/// find the tombstone after it (as Kafka keeps a tombstone for
+/// `delete.retention.ms` after the pass that cleaned it).
 fn verdict(scanned: &Scanned<'_>, settings: &CompactionSettings, modified_ms: i64, view: &RecordView<'_>) -> Verdict {
     let Some(key) = view.key else { return Verdict::Keep };
     if view.offset >= scanned.map_end {
@@ -401,7 +405,7 @@ fn verdict(scanned: &Scanned<'_>, settings: &CompactionSettings, modified_ms: i6
     }
     let latest_tombstone = match scanned.keys.latest.get(key) {
         Some(&latest) if latest > view.offset => return Verdict::Superseded,
-        Some(&latest) => latest == view.offset && view.value.is_none(),
+        Some(_) => false,
         None => view.value.is_none() && view.offset < scanned.clean_start,
     };
     if latest_tombstone && view.offset < settings.tombstone_horizon_offset && expired(settings, modified_ms, view) {
