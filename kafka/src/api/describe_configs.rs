@@ -21,6 +21,12 @@ const TYPE_LONG: i8 = 5;
 const RESOURCES_MAX: usize = 1000;
 
 pub async fn handle(context: &Context, request: DescribeConfigsRequest, _version: i16) -> DescribeConfigsResponse {
+    // Read your writes: a client that altered a topic through another
+    // node sees the change here too (else this node's metadata may lag the
+    // controller's by a moment). Unreachable, it answers from what it has.
+    if let Err(e) = context.service.catch_up().await {
+        tracing::debug!(error = %e, "describing configs from this node's metadata as it is");
+    }
     let mut results = Vec::new();
     for resource in request.resources.iter().take(RESOURCES_MAX) {
         let result = DescribeConfigsResult::default()
