@@ -202,10 +202,10 @@ impl TableState {
         let added = row.as_ref().map_or(0, |row| row_bytes(&key, row));
         let mut released = 0;
         let version = Version { at_ms, row, moves_time };
-        let written = history
+        let kept = history
             .rows
             .put(&key, version, |key, old| released += row_bytes(key, old));
-        if !written.dropped {
+        if kept {
             self.bytes = (self.bytes + added).saturating_sub(released);
         }
         self.check_bounds()

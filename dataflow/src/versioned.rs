@@ -32,17 +32,6 @@ pub struct Version {
     pub moves_time: bool,
 }
 
-/// What a write did to the versions kept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Written {
-    /// Versions added: 1, or 0 when the write replaced a version of the
-    /// same time or was `dropped` as older than the history.
-    pub added: usize,
-    /// Versions pruned as older than the history.
-    pub pruned: usize,
-    pub dropped: bool,
-}
-
 /// Every key's versions within the history.
 #[derive(Debug, Default)]
 pub struct VersionedRows {
@@ -75,15 +64,12 @@ impl VersionedRows {
     /// Writes `key`'s version, and prunes the key's versions the history
     /// no longer needs; the rows it dropped or replaced are given to
     /// `released` (for byte accounting). A deletion is kept even when the
-    /// key had no row then: a row dated before it may still come.
-    pub fn put(&mut self, key: &str, version: Version, mut released: impl FnMut(&str, &[Value])) -> Written {
+    /// key had no row then: a row dated before it may still come. False
+    /// when the write is older than the history, and dropped.
+    pub fn put(&mut self, key: &str, version: Version, mut released: impl FnMut(&str, &[Value])) -> bool {
         let Version { at_ms, row, moves_time } = version;
         if self.horizon_ms().is_some_and(|horizon| at_ms < horizon) {
-            return Written {
-                added: 0,
-                pruned: 0,
-                dropped: true,
-            };
+            return false;
         }
         if moves_time || self.newest_ms.is_none() {
             self.newest_ms = Some(self.newest_ms.map_or(at_ms, |newest| newest.max(at_ms)));
@@ -108,11 +94,7 @@ impl VersionedRows {
             self.keys.remove(key);
         }
         self.versions = (self.versions + added) - pruned;
-        Written {
-            added,
-            pruned,
-            dropped: false,
-        }
+        true
     }
 
     /// `key`'s row as it was at `at_ms`: `None` when deleted then, before
@@ -205,8 +187,8 @@ mod tests {
         assert_eq!(released, ["v0", "v1"]);
         assert_eq!(country(&rows, "c1", 1_500).as_deref(), Some("v2"));
         assert_eq!(country(&rows, "c1", 1_499), None, "before the history: not known");
-        let written = rows.put("c1", at(1_200, row("late")), |_, _| {});
-        assert!(written.dropped, "a write older than the history is dropped");
+        let kept = rows.put("c1", at(1_200, row("late")), |_, _| {});
+        assert!(!kept, "a write older than the history is dropped");
         assert_eq!(country(&rows, "c1", 1_700).as_deref(), Some("v3"));
         rows.put("c2", at(2_600, None), |_, _| {});
         assert_eq!(rows.versions(), 4, "a deletion is kept: a row dated before it may come");

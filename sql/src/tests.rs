@@ -20,57 +20,63 @@ mod as_of;
 mod stream_join;
 mod table_join;
 
-/// `ATTEMPTS (CARD STRING, AMOUNT BIGINT, AT_MS BIGINT, NOTE STRING, META STRUCT)`, event time AT_MS.
-fn attempts() -> SqlObject {
-    let column = |name: &str, ty| Column { name: name.into(), ty };
+/// A declared stream or table of `columns` over the topic named `name`
+/// in lower case.
+fn object(name: &str, kind: ObjectKind, columns: &[(&str, SqlType)], timestamp: Option<usize>) -> SqlObject {
     SqlObject {
-        name: "ATTEMPTS".into(),
-        kind: ObjectKind::Stream,
-        topic: "attempts".into(),
-        columns: vec![
-            column("CARD", SqlType::String),
-            column("AMOUNT", SqlType::BigInt),
-            column("AT_MS", SqlType::BigInt),
-            column("NOTE", SqlType::String),
-            column("META", SqlType::Json),
-        ],
-        timestamp: Some(2),
-        key: Vec::new(),
+        name: name.to_uppercase(),
+        kind,
+        topic: name.to_lowercase(),
+        columns: columns
+            .iter()
+            .map(|(name, ty)| Column {
+                name: name.to_string(),
+                ty: *ty,
+            })
+            .collect(),
+        timestamp,
+        key: if kind == ObjectKind::Table { vec![0] } else { Vec::new() },
         windowed: false,
         query: None,
         statement: String::new(),
     }
+}
+
+/// `ATTEMPTS (CARD STRING, AMOUNT BIGINT, AT_MS BIGINT, NOTE STRING, META STRUCT)`, event time AT_MS.
+fn attempts() -> SqlObject {
+    use SqlType::*;
+    let columns = [
+        ("CARD", String),
+        ("AMOUNT", BigInt),
+        ("AT_MS", BigInt),
+        ("NOTE", String),
+        ("META", Json),
+    ];
+    object("attempts", ObjectKind::Stream, &columns, Some(2))
 }
 
 /// `CARDS (CARD STRING PRIMARY KEY, COUNTRY STRING, CARD_LIMIT BIGINT)`,
 /// a declared table over topic `cards` (2 partitions).
 fn cards() -> SqlObject {
-    let column = |name: &str, ty| Column { name: name.into(), ty };
-    SqlObject {
-        name: "CARDS".into(),
-        kind: ObjectKind::Table,
-        topic: "cards".into(),
-        columns: vec![
-            column("CARD", SqlType::String),
-            column("COUNTRY", SqlType::String),
-            column("CARD_LIMIT", SqlType::BigInt),
-        ],
-        timestamp: None,
-        key: vec![0],
-        windowed: false,
-        query: None,
-        statement: String::new(),
-    }
+    use SqlType::*;
+    let columns = [("CARD", String), ("COUNTRY", String), ("CARD_LIMIT", BigInt)];
+    object("cards", ObjectKind::Table, &columns, None)
 }
 
 fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
+    plan_in(vec![attempts(), cards()], statement)
+}
+
+/// `statement`'s plan in a catalog of `objects`, writing topic `out`; the
+/// tables a stream joins have 2 partitions.
+fn plan_in(objects: Vec<SqlObject>, statement: &str) -> Result<runnel_client::plan::Plan, String> {
     let parsed = parse_statement(statement).map_err(|e| e.to_string())?;
     let query = match parsed.statement {
         Statement::Select(query) | Statement::CreateAs { query, .. } => query,
         other => return Err(format!("not a query: {other:?}")),
     };
     let catalog = Catalog {
-        objects: vec![attempts(), cards()],
+        objects,
         queries: Vec::new(),
     };
     let mut input = input_of(&catalog, &query).map_err(|e| e.to_string())?;

@@ -5,51 +5,47 @@
 
 use std::collections::BTreeMap;
 
-use runnel_client::plan::{Column, ObjectKind, SqlObject, SqlType};
-use runnel_client::protocol::Catalog;
+use runnel_client::plan::{ObjectKind, SqlObject, SqlType};
 use runnel_dataflow::builder::{Emitted, WindowStage};
 use runnel_dataflow::compile::compile;
 use serde_json::{json, Value};
 
-use super::{attempts, cards};
-use crate::from::input_of;
-use crate::parse::{parse_statement, Statement};
-use crate::planner::plan_query;
+use super::{attempts, cards, object, plan_in};
 
 /// `PAYMENTS (CARD STRING, PAID BIGINT, AT_MS BIGINT)`, event time AT_MS.
 fn payments() -> SqlObject {
-    let column = |name: &str, ty| Column { name: name.into(), ty };
-    SqlObject {
-        name: "PAYMENTS".into(),
-        kind: ObjectKind::Stream,
-        topic: "payments".into(),
-        columns: vec![
-            column("CARD", SqlType::String),
-            column("PAID", SqlType::BigInt),
-            column("AT_MS", SqlType::BigInt),
-        ],
-        timestamp: Some(2),
-        key: Vec::new(),
-        windowed: false,
-        query: None,
-        statement: String::new(),
-    }
+    let columns = [
+        ("CARD", SqlType::String),
+        ("PAID", SqlType::BigInt),
+        ("AT_MS", SqlType::BigInt),
+    ];
+    object("payments", ObjectKind::Stream, &columns, Some(2))
 }
 
 fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
-    let parsed = parse_statement(statement).map_err(|e| e.to_string())?;
-    let query = match parsed.statement {
-        Statement::Select(query) | Statement::CreateAs { query, .. } => query,
-        other => return Err(format!("not a query: {other:?}")),
-    };
-    let catalog = Catalog {
-        objects: vec![attempts(), cards(), payments()],
-        queries: Vec::new(),
-    };
-    let input = input_of(&catalog, &query).map_err(|e| e.to_string())?;
-    plan_query(statement, &query, &input, "out")
-        .map(|planned| planned.plan)
-        .map_err(|e| e.to_string())
+    plan_in(vec![attempts(), cards(), payments()], statement)
+}
+
+/// Runs `event` through its side's source stage into `join`, then moves
+/// the join's watermark to the greatest event time fed (`watermark_ms`).
+fn feed(
+    def: &runnel_dataflow::DataflowDef,
+    join: &mut dyn WindowStage,
+    event: &Event,
+    watermark_ms: &mut i64,
+    out: &mut Emitted,
+) {
+    let mut staged = Emitted::default();
+    let (_, source) = def.source_of(u32::from(event.side)).expect("a source stage");
+    source
+        .process(event.json().to_string().as_bytes(), 0, &mut staged)
+        .expect("decodes");
+    for r in staged.iter() {
+        join.add(r.key.expect("keyed"), r.value.expect("carried"), r.timestamp_ms, out)
+            .expect("adds");
+        *watermark_ms = (*watermark_ms).max(r.timestamp_ms);
+    }
+    join.advance(*watermark_ms, out).expect("advances");
 }
 
 /// One input record: its side (0 left, 1 right), card (`None`: a NULL key)
@@ -110,7 +106,7 @@ fn run(statement: &str, events: &[Event], restart_at: Option<usize>) -> (Vec<Joi
     assert_eq!((plan.stages(), def.stages(), def.source_count()), (3, 3, 2));
     let factory = def.window_stage.as_ref().expect("a join stage");
     let mut join: Box<dyn WindowStage> = factory();
-    let (mut staged, mut out) = (Emitted::default(), Emitted::default());
+    let mut out = Emitted::default();
     let mut watermark_ms = i64::MIN;
     for (i, event) in events.iter().enumerate() {
         if restart_at == Some(i) {
@@ -118,22 +114,7 @@ fn run(statement: &str, events: &[Event], restart_at: Option<usize>) -> (Vec<Joi
             join = factory();
             join.restore(&snapshot).expect("restores");
         }
-        staged.clear();
-        let (_, source) = def.source_of(u32::from(event.side)).expect("a source stage");
-        source
-            .process(event.json().to_string().as_bytes(), 0, &mut staged)
-            .expect("decodes");
-        for r in staged.iter() {
-            join.add(
-                r.key.expect("keyed"),
-                r.value.expect("carried"),
-                r.timestamp_ms,
-                &mut out,
-            )
-            .expect("adds");
-            watermark_ms = watermark_ms.max(r.timestamp_ms);
-        }
-        join.advance(watermark_ms, &mut out).expect("advances");
+        feed(&def, join.as_mut(), event, &mut watermark_ms, &mut out);
     }
     join.advance(i64::MAX, &mut out).expect("closes");
     // Keyed by the join key, also where the SELECT's a.card is NULL (a
@@ -398,27 +379,12 @@ fn an_aggregate_over_a_join_of_two_streams_counts_every_row_once_per_window() {
     assert_eq!((def.stages(), def.next_stages.len()), (4, 1));
     let mut join = (def.window_stage.as_ref().expect("join"))();
     let mut count = (def.next_stages[0])();
-    let (mut staged, mut joined, mut out) = (Emitted::default(), Emitted::default(), Emitted::default());
+    let (mut joined, mut out) = (Emitted::default(), Emitted::default());
     let mut watermark_ms = i64::MIN;
     let events = events();
     for event in &events {
-        staged.clear();
         joined.clear();
-        let (_, source) = def.source_of(u32::from(event.side)).expect("a source stage");
-        source
-            .process(event.json().to_string().as_bytes(), 0, &mut staged)
-            .expect("decodes");
-        for r in staged.iter() {
-            join.add(
-                r.key.expect("key"),
-                r.value.expect("carried"),
-                r.timestamp_ms,
-                &mut joined,
-            )
-            .expect("joins");
-            watermark_ms = watermark_ms.max(r.timestamp_ms);
-        }
-        join.advance(watermark_ms, &mut joined).expect("advances");
+        feed(&def, join.as_mut(), event, &mut watermark_ms, &mut joined);
         for r in joined.iter() {
             count
                 .add(

@@ -6,59 +6,27 @@
 
 use std::collections::BTreeMap;
 
-use runnel_client::plan::{Column, ObjectKind, SqlObject, SqlType};
-use runnel_client::protocol::Catalog;
+use runnel_client::plan::{ObjectKind, SqlObject, SqlType};
 use runnel_dataflow::builder::{Emitted, WindowStage};
 use runnel_dataflow::compile::compile;
 use serde_json::{json, Value};
 
-use crate::from::input_of;
-use crate::parse::{parse_statement, Statement};
-use crate::planner::plan_query;
+use super::{object, plan_in};
 
 fn table(name: &str, columns: &[(&str, SqlType)]) -> SqlObject {
-    SqlObject {
-        name: name.to_uppercase(),
-        kind: ObjectKind::Table,
-        topic: name.into(),
-        columns: columns
-            .iter()
-            .map(|(name, ty)| Column {
-                name: name.to_string(),
-                ty: *ty,
-            })
-            .collect(),
-        timestamp: None,
-        key: vec![0],
-        windowed: false,
-        query: None,
-        statement: String::new(),
-    }
+    object(name, ObjectKind::Table, columns, None)
 }
 
-fn catalog() -> Catalog {
+fn catalog() -> Vec<SqlObject> {
     let users = table("users", &[("ID", SqlType::String), ("NAME", SqlType::String)]);
     let accounts = table("accounts", &[("ID", SqlType::String), ("BALANCE", SqlType::BigInt)]);
     let numbered = table("numbered", &[("ID", SqlType::BigInt), ("X", SqlType::String)]);
-    let mut stream = table("clicks", &[("ID", SqlType::String)]);
-    stream.kind = ObjectKind::Stream;
-    Catalog {
-        objects: vec![users, accounts, numbered, stream],
-        queries: Vec::new(),
-    }
+    let stream = object("clicks", ObjectKind::Stream, &[("ID", SqlType::String)], None);
+    vec![users, accounts, numbered, stream]
 }
 
 fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
-    let parsed = parse_statement(statement).map_err(|e| e.to_string())?;
-    let query = match parsed.statement {
-        Statement::Select(query) | Statement::CreateAs { query, .. } => query,
-        other => return Err(format!("not a query: {other:?}")),
-    };
-    let catalog = catalog();
-    let input = input_of(&catalog, &query).map_err(|e| e.to_string())?;
-    plan_query(statement, &query, &input, "out")
-        .map(|planned| planned.plan)
-        .map_err(|e| e.to_string())
+    plan_in(catalog(), statement)
 }
 
 /// One change: side (0 users, 1 accounts), key, and the new value or a
