@@ -684,6 +684,9 @@ impl<C: TaskIo> TaskRunner<C> {
         self.counters.records_in = checkpoint.records_in;
         self.counters.records_out = checkpoint.records_out;
         self.counters.dead_letters = checkpoint.dead_letters;
+        // The checkpoint restored from counts: the task has one to resume
+        // from, though it writes none until it makes progress.
+        self.counters.checkpoints = 1;
         tracing::info!(
             dataflow = %self.def.name,
             task,
