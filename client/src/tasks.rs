@@ -79,6 +79,7 @@ pub struct TaskStatus {
     pub late_records: u64,
     /// Source records that did not decode, sent to the dead-letter topic.
     pub dead_letters: u64,
+    pub restarts: u32,
     /// Checkpoints written by this incarnation of the task, the one it
     /// restored from included.
     pub checkpoints: u64,
