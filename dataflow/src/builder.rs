@@ -184,6 +184,9 @@ pub trait SourceStage: Send + Sync {
     }
 }
 
+/// A changed store entry: its key and value (`None`: removed).
+pub type Change = (Vec<u8>, Option<Vec<u8>>);
+
 /// One window task's state, erased of its types.
 pub trait WindowStage: Send + Sync {
     /// Adds a repartitioned record (postcard key and value) at event time `t_ms`.
@@ -204,6 +207,34 @@ pub trait WindowStage: Send + Sync {
     /// takes it), or of every key, as the sink would get them; `None` when
     /// more than `limit` windows match.
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError>;
+
+    /// Whether the stage keeps its state as entries of its changelog (its
+    /// task's checkpoint partition, compacted) rather than in each
+    /// checkpoint's snapshot: each checkpoint then writes the entries
+    /// changed since the last one, in the same batch (see `task`).
+    fn logs_changes(&self) -> bool {
+        false
+    }
+
+    /// The entries changed since the last [`WindowStage::changes_written`]:
+    /// key and value (`None`: removed).
+    fn changes(&self) -> Result<Vec<Change>, StageError> {
+        Ok(Vec::new())
+    }
+
+    /// The changes are in a committed checkpoint: start anew.
+    fn changes_written(&mut self) {}
+
+    /// Bytes the pending changes hold (a checkpoint comes early past a
+    /// bound, so that they fit in its batch).
+    fn changes_bytes(&self) -> usize {
+        0
+    }
+
+    /// Applies one entry read back from the changelog on restore.
+    fn apply_change(&mut self, _key: &[u8], _value: Option<&[u8]>) -> Result<(), StageError> {
+        Err(StageError::Corrupt("this stage keeps no changelog".to_string()))
+    }
 }
 
 /// A window stage's current rows for `key` (or every key), encoded by

@@ -19,6 +19,8 @@
 //!   (`FOR SYSTEM_TIME AS OF`); [`grace`]: their stream side's buffer.
 //! - [`table_join`]: table–table joins: each table read by key, the join
 //!   stage holding both tables' latest rows.
+//! - [`changelog`]: a stage's state as entries in its task's compacted
+//!   checkpoint partition, written with each checkpoint.
 //! - [`task`]: one task (a stage over one input partition): read, process,
 //!   send with deterministic sequence numbers, checkpoint, restore.
 //! - [`testing`]: an in-memory cluster for tests of task code.
@@ -28,6 +30,7 @@
 //!   attempts, and the reference its results must equal.
 
 pub mod builder;
+pub mod changelog;
 pub mod compile;
 pub mod fraud;
 pub mod grace;

@@ -20,7 +20,7 @@ use runnel_client::plan::{Column, JoinKind, Operator, Sink};
 use runnel_client::tasks::StateRow;
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{state_rows, Emitted, SourceStage, StageError, WindowStage};
+use crate::builder::{state_rows, Change, Emitted, SourceStage, StageError, WindowStage};
 use crate::compile::{group_key, run_ops};
 use crate::join::{LEFT, RIGHT};
 use crate::row::{decode_row, JsonRow, Value};
@@ -29,7 +29,12 @@ use crate::table::{key_value, TableState};
 /// Keys one table–table join task holds at most.
 pub const TABLE_JOIN_KEYS_MAX: usize = 500_000;
 /// The format of [`TablesSnapshot`].
-const TABLES_STATE_VERSION: u8 = 1;
+/// 2: the rows are in the changelog, the snapshot holds none (version 1
+/// held them all, and still reads).
+const TABLES_STATE_VERSION: u8 = 2;
+const TABLES_STATE_V1: u8 = 1;
+/// What a changed key costs beyond its row in the pending changes.
+const CHANGE_OVERHEAD_BYTES: usize = 64;
 
 /// The source stage of one side of a table–table join.
 pub struct TableSource {
@@ -119,6 +124,10 @@ struct TablesSnapshot {
 pub struct TableJoinStage {
     spec: Arc<TablesSpec>,
     rows: BTreeMap<Vec<u8>, Rows>,
+    /// Keys changed since the last checkpoint, each with what its entry
+    /// takes now, and their sum.
+    changed: BTreeMap<Vec<u8>, usize>,
+    changed_bytes: usize,
     max_event_ms: i64,
     scratch: Vec<Value>,
 }
@@ -128,9 +137,20 @@ impl TableJoinStage {
         TableJoinStage {
             spec,
             rows: BTreeMap::new(),
+            changed: BTreeMap::new(),
+            changed_bytes: 0,
             max_event_ms: i64::MIN,
             scratch: Vec::new(),
         }
+    }
+
+    /// Notes that `key` changed to `rows` (`None`: gone): its entry's
+    /// size replaces what it took before.
+    fn mark_changed(&mut self, key: &[u8], rows: Option<&Rows>) {
+        let value_bytes = rows.map_or(0, |r| postcard::experimental::serialized_size(r).unwrap_or(0));
+        let bytes = key.len() + value_bytes + CHANGE_OVERHEAD_BYTES;
+        let before = self.changed.insert(key.to_vec(), bytes).unwrap_or(0);
+        self.changed_bytes = self.changed_bytes - before + bytes;
     }
 
     /// The key's joined row after the stage's operators, if the join keeps it.
@@ -230,7 +250,9 @@ impl WindowStage for TableJoinStage {
         let before = self.joined(&rows);
         rows[side] = row;
         let after = self.joined(&rows);
-        if rows.iter().any(Option::is_some) {
+        let kept = rows.iter().any(Option::is_some).then_some(rows);
+        self.mark_changed(key, kept.as_ref());
+        if let Some(rows) = kept {
             self.rows.insert(key.to_vec(), rows);
         }
         match (before, after) {
@@ -247,21 +269,67 @@ impl WindowStage for TableJoinStage {
     fn snapshot(&self) -> Result<Vec<u8>, StageError> {
         let snapshot = TablesSnapshot {
             version: TABLES_STATE_VERSION,
-            rows: self.rows.iter().map(|(k, r)| (k.clone(), r.clone())).collect(),
+            rows: Vec::new(),
         };
         postcard::to_allocvec(&snapshot).map_err(|e| StageError::Unencodable(e.to_string()))
     }
 
+    /// A snapshot of version 1 holds every row: they are all changes to
+    /// write to the changelog with the next checkpoint.
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
         let snapshot: TablesSnapshot =
             postcard::from_bytes(bytes).map_err(|e| StageError::Corrupt(format!("table join state: {e}")))?;
-        if snapshot.version != TABLES_STATE_VERSION {
+        if !(TABLES_STATE_V1..=TABLES_STATE_VERSION).contains(&snapshot.version) {
             return Err(StageError::Corrupt(format!(
-                "table join state of format {} (this node reads {TABLES_STATE_VERSION})",
+                "table join state of format {} (this node reads {TABLES_STATE_V1} to {TABLES_STATE_VERSION})",
                 snapshot.version
             )));
         }
-        self.rows = snapshot.rows.into_iter().collect();
+        for (key, rows) in snapshot.rows {
+            self.mark_changed(&key, Some(&rows));
+            self.rows.insert(key, rows);
+        }
+        Ok(())
+    }
+
+    fn logs_changes(&self) -> bool {
+        true
+    }
+
+    fn changes(&self) -> Result<Vec<Change>, StageError> {
+        let entry = |key: &Vec<u8>| -> Result<_, StageError> {
+            let value = match self.rows.get(key) {
+                Some(rows) => Some(postcard::to_allocvec(rows).map_err(|e| StageError::Unencodable(e.to_string()))?),
+                None => None,
+            };
+            Ok((key.clone(), value))
+        };
+        self.changed.keys().map(entry).collect()
+    }
+
+    fn changes_written(&mut self) {
+        self.changed.clear();
+        self.changed_bytes = 0;
+    }
+
+    fn changes_bytes(&self) -> usize {
+        self.changed_bytes
+    }
+
+    fn apply_change(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StageError> {
+        match value {
+            None => {
+                self.rows.remove(key);
+            }
+            Some(value) => {
+                let rows: Rows = postcard::from_bytes(value)
+                    .map_err(|e| StageError::Corrupt(format!("table join changelog entry: {e}")))?;
+                if !self.rows.contains_key(key) && self.rows.len() >= TABLE_JOIN_KEYS_MAX {
+                    return Err(StageError::TableJoinFull(TABLE_JOIN_KEYS_MAX));
+                }
+                self.rows.insert(key.to_vec(), rows);
+            }
+        }
         Ok(())
     }
 

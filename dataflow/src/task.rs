@@ -38,6 +38,7 @@ use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, Re
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{DataflowDef, Emitted, SourceStage, WindowStage};
+use crate::changelog::{self, CheckpointWriter, CHANGES_EARLY_BYTES};
 use crate::grace::{GraceBuffer, Held};
 use crate::table::TableState;
 
@@ -541,8 +542,20 @@ pub struct TaskRunner<C: TaskIo = Client> {
     counters: Counters,
     last_checkpoint: Duration,
     dirty: bool,
+    /// Who writes the checkpoints of a stage keeping a changelog (fenced;
+    /// see [`changelog`]); others write them unsequenced.
+    writer: Option<CheckpointWriter>,
     /// Scratch space, reused between records.
     emitted: Emitted,
+}
+
+/// What a window stage's fold of one fetch did: whether any record was
+/// its input, and where it stopped when the changes pending for its
+/// changelog filled a checkpoint (the next step reads on from there).
+#[derive(Clone, Copy, Debug, Default)]
+struct Folded {
+    consumed: bool,
+    stopped_at: Option<u64>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -603,11 +616,24 @@ impl<C: TaskIo> TaskRunner<C> {
             counters: Counters::default(),
             last_checkpoint: started,
             dirty: false,
+            writer: None,
             emitted: Emitted::default(),
         };
+        let topic = checkpoint_topic(&runner.def.name);
+        let logs_changes = runner.window.as_ref().is_some_and(|w| w.logs_changes());
+        if logs_changes {
+            let id = changelog::checkpoint_producer_id(&runner.def.name, runner.assignment.task);
+            let writer = changelog::claim(&*runner.client, &topic, runner.assignment.task, id).await?;
+            runner.writer = Some(writer);
+        }
         match runner.read_checkpoint().await? {
-            Some((checkpoint, positions, held)) => {
+            Some(((checkpoint, positions, held), end)) => {
                 runner.apply_checkpoint(checkpoint)?;
+                if let Some(window) = runner.window.as_mut().filter(|_| logs_changes) {
+                    let task = runner.assignment.task;
+                    let entries = changelog::replay(&*runner.client, &topic, task, end, window.as_mut()).await?;
+                    tracing::info!(dataflow = %runner.def.name, task, entries, "state restored from the changelog");
+                }
                 runner.rebuild_tables(positions).await?;
                 runner.grace = match (held, runner.grace.take()) {
                     // The definition's grace applies; records held under
@@ -739,6 +765,7 @@ impl<C: TaskIo> TaskRunner<C> {
         let Some(fetched) = fetched else { return Ok(false) };
         let caught_up = fetched.next_offset >= fetched.committed_offset;
         let mut progressed = fetched.has_records();
+        let mut read_to = fetched.next_offset;
         if progressed {
             if self.is_source() {
                 self.run_source(&fetched).await?;
@@ -746,11 +773,13 @@ impl<C: TaskIo> TaskRunner<C> {
                 // Records of another stateful stage's upstreams (the topic
                 // is shared) are no progress: a stage feeding another must
                 // not be woken by its own output.
-                progressed = self.run_window(&fetched).await?;
+                let folded = self.run_window(&fetched).await?;
+                progressed = folded.consumed;
+                read_to = folded.stopped_at.unwrap_or(read_to);
             }
             self.dirty |= progressed;
         }
-        self.input_offset = self.input_offset.max(fetched.next_offset);
+        self.input_offset = self.input_offset.max(read_to);
         if !caught_up || progressed {
             self.caught_up_since = None;
         } else if self.caught_up_since.is_none() {
@@ -770,7 +799,10 @@ impl<C: TaskIo> TaskRunner<C> {
                 && self.grace.as_ref().is_none_or(GraceBuffer::is_empty);
             self.send_markers(idle).await?;
         }
-        let due = self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL;
+        // Changes kept for a changelog must fit one checkpoint's batch.
+        let changes_bytes = self.window.as_ref().map_or(0, |w| w.changes_bytes());
+        let due =
+            self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL || changes_bytes >= CHANGES_EARLY_BYTES;
         if due && (self.dirty || !self.tables.is_empty()) {
             self.checkpoint().await?;
         }
@@ -988,8 +1020,9 @@ impl<C: TaskIo> TaskRunner<C> {
         Ok(())
     }
 
-    /// Whether any record was this stage's input.
-    async fn run_window(&mut self, input: &FetchedBatches) -> Result<bool, TaskError> {
+    /// Whether any record was this stage's input, and where the fold
+    /// stopped if it stopped early (see [`Folded`]).
+    async fn run_window(&mut self, input: &FetchedBatches) -> Result<Folded, TaskError> {
         let Some(mut window) = self.window.take() else {
             return Err(TaskError::Unregistered(self.def.name.clone()));
         };
@@ -997,7 +1030,7 @@ impl<C: TaskIo> TaskRunner<C> {
         emitted.clear();
         let outcome = self.fold_window(&mut *window, input, &mut emitted);
         self.window = Some(window);
-        let consumed = outcome?;
+        let folded = outcome?;
         let sink_partitions = self.assignment.partitions;
         let mut outputs: BTreeMap<u32, PartitionOutput> = BTreeMap::new();
         for e in emitted.iter() {
@@ -1017,7 +1050,7 @@ impl<C: TaskIo> TaskRunner<C> {
         };
         self.sender.send_all(&*self.client, &sink, outputs).await?;
         self.counters.records_out += records_out as u64;
-        Ok(consumed)
+        Ok(folded)
     }
 
     /// Runs repartitioned records through the windows, moving the watermark
@@ -1027,9 +1060,9 @@ impl<C: TaskIo> TaskRunner<C> {
         window: &mut dyn WindowStage,
         input: &FetchedBatches,
         out: &mut Emitted,
-    ) -> Result<bool, TaskError> {
+    ) -> Result<Folded, TaskError> {
         let all_tasks = self.def.stages() * self.assignment.partitions;
-        let mut consumed = false;
+        let mut folded = Folded::default();
         for batch in input.user_batches() {
             // Data batches come from the tasks' fixed producer ids; those of
             // another stateful stage's upstreams are not this stage's input.
@@ -1038,9 +1071,14 @@ impl<C: TaskIo> TaskRunner<C> {
             if writer.is_some_and(|t| !self.upstream_tasks().contains(&t)) {
                 continue;
             }
-            consumed |= self.fold_batch(window, input.views_of(batch), writer, out)?;
+            let batch_folded = self.fold_batch(window, input.views_of(batch), writer, out)?;
+            folded.consumed |= batch_folded.consumed;
+            if batch_folded.stopped_at.is_some() {
+                folded.stopped_at = batch_folded.stopped_at;
+                break;
+            }
         }
-        Ok(consumed)
+        Ok(folded)
     }
 
     /// Folds one batch's records; `writer` is the upstream whose producer
@@ -1051,8 +1089,8 @@ impl<C: TaskIo> TaskRunner<C> {
         views: impl Iterator<Item = Result<RecordView<'a>, runnel_storage::StorageError>>,
         writer: Option<u32>,
         out: &mut Emitted,
-    ) -> Result<bool, TaskError> {
-        let mut consumed = false;
+    ) -> Result<Folded, TaskError> {
+        let mut folded = Folded::default();
         let upstreams = self.upstream_tasks();
         let upstream_count = upstreams.len() as u32;
         // A source's data is its progress; a stateful stage's output is not
@@ -1078,7 +1116,7 @@ impl<C: TaskIo> TaskRunner<C> {
                 // Another stateful stage's upstream (they share the topic).
                 continue;
             }
-            consumed = true;
+            folded.consumed = true;
             let entry = self.upstreams.entry(upstream).or_insert(Upstream {
                 max_event_ms: i64::MIN,
                 idle: false,
@@ -1102,8 +1140,12 @@ impl<C: TaskIo> TaskRunner<C> {
             if let Some(wm) = watermark(&self.upstreams, upstream_count) {
                 window.advance(wm, out)?;
             }
+            if window.changes_bytes() >= CHANGES_EARLY_BYTES {
+                folded.stopped_at = Some(view.offset + 1);
+                break;
+            }
         }
-        Ok(consumed)
+        Ok(folded)
     }
 
     /// Moves the tables on to their ends (their positions move only here,
@@ -1150,7 +1192,13 @@ impl<C: TaskIo> TaskRunner<C> {
                 task,
                 reason: e.to_string(),
             })?;
-        if bytes.len() > CHECKPOINT_BYTES_MAX {
+        // A stage keeping a changelog writes its changed entries in the
+        // same batch, before the chunks (see `changelog`).
+        let changes = match &self.window {
+            Some(window) if window.logs_changes() => window.changes()?,
+            _ => Vec::new(),
+        };
+        if bytes.len() + changelog::entries_bytes(&changes) > CHECKPOINT_BYTES_MAX {
             // The windows are held open, typically by an upstream that lags
             // the others (the watermark waits for it). The last checkpoint
             // stays a valid place to restart from (replay is deterministic),
@@ -1171,6 +1219,7 @@ impl<C: TaskIo> TaskRunner<C> {
         }
         let chunks: Vec<&[u8]> = bytes.chunks(CHECKPOINT_CHUNK_BYTES).collect();
         let mut builder = BatchBuilder::new();
+        changelog::push_entries(&mut builder, changes)?;
         for (i, chunk) in chunks.iter().enumerate() {
             builder.push(&Record {
                 timestamp_ms: 0,
@@ -1179,18 +1228,56 @@ impl<C: TaskIo> TaskRunner<C> {
                 headers: Vec::new(),
             })?;
         }
-        let topic = checkpoint_topic(&self.def.name);
-        // Unsequenced: a checkpoint written twice is harmless.
-        self.client.produce(&topic, task, builder.build()?, Acks::All).await?;
+        self.send_checkpoint(builder).await?;
+        if let Some(window) = self.window.as_mut() {
+            window.changes_written();
+        }
         self.last_checkpoint = self.client.now();
         self.dirty = false;
         self.counters.checkpoints += 1;
         Ok(())
     }
 
-    /// The newest checkpoint: the last record is chunk `n-1/n`, and the
-    /// whole checkpoint is the `n` records ending there (one batch).
-    async fn read_checkpoint(&self) -> Result<Option<Restored>, TaskError> {
+    /// Writes a checkpoint's batch: unsequenced (a checkpoint written twice
+    /// is harmless), or as the claimed writer of a changelog, whose write
+    /// an incarnation restored since refuses.
+    async fn send_checkpoint(&mut self, mut builder: BatchBuilder) -> Result<(), TaskError> {
+        let (task, topic) = (self.assignment.task, checkpoint_topic(&self.def.name));
+        if !self.window.as_ref().is_some_and(|w| w.logs_changes()) {
+            self.client.produce(&topic, task, builder.build()?, Acks::All).await?;
+            return Ok(());
+        }
+        let Some(mut writer) = self.writer.take() else {
+            let reason = "its last checkpoint write failed: it must be restored".to_string();
+            return Err(TaskError::Checkpoint { task, reason });
+        };
+        let records = builder.record_count() as usize;
+        if writer.worn_out(records) {
+            writer = changelog::claim(&*self.client, &topic, task, writer.producer_id).await?;
+        }
+        writer.stamp(&mut builder, records);
+        // A failed write's fate is unknown and the sequence moved on: the
+        // task fails, and its next incarnation claims the partition anew.
+        match self.client.produce(&topic, task, builder.build()?, Acks::All).await {
+            Ok(_) => {
+                self.writer = Some(writer);
+                Ok(())
+            }
+            Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => Err(TaskError::Checkpoint {
+                task,
+                reason: format!(
+                    "{topic}/{task} was claimed by an incarnation of this task restored since this one (epoch {} is fenced); this one stops",
+                    writer.epoch
+                ),
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The newest checkpoint, and the offset after it: the last record
+    /// (barriers aside) is chunk `n-1/n`, and the whole checkpoint is the
+    /// `n` records ending there (one batch).
+    async fn read_checkpoint(&self) -> Result<Option<(Restored, u64)>, TaskError> {
         let task = self.assignment.task;
         let topic = checkpoint_topic(&self.def.name);
         let end = self.client.fetch(&topic, task, 0, 1).await?.committed_offset;
@@ -1206,7 +1293,8 @@ impl<C: TaskIo> TaskRunner<C> {
         while last.is_none() && probe > 0 {
             probe -= 1;
             let fetched = self.client.fetch(&topic, task, probe, 1).await?.into_records()?;
-            last = fetched.records.into_iter().rfind(|r| r.offset < end);
+            let barrier = |r: &runnel_storage::StoredRecord| r.record.key.as_deref() == Some(changelog::BARRIER_KEY);
+            last = fetched.records.into_iter().rfind(|r| r.offset < end && !barrier(r));
         }
         let Some(last) = last else { return Ok(None) };
         let key = last
@@ -1239,7 +1327,7 @@ impl<C: TaskIo> TaskRunner<C> {
             offset = fetched.next_offset;
         }
         let decoded = decode_checkpoint(&bytes).map_err(|e| corrupt(format!("does not decode: {e}")))?;
-        Ok(Some(decoded))
+        Ok(Some((decoded, end)))
     }
 
     /// Publishes the task's figures for `runnel dataflow describe`.

@@ -3,6 +3,13 @@
 //! clock moves only when told, so a test can run the real [`TaskRunner`]
 //! (restore, steps, checkpoints) deterministically without nodes.
 //!
+//! Writes of an idempotent producer are checked as a partition's leader
+//! checks them, in brief: a batch of an epoch older than the producer's
+//! newest is refused (`StaleSequence`), a batch starting below the next
+//! sequence is a retry (answered with where its original is, not written
+//! again; `SequenceMismatch` when the original is of another length), and
+//! one starting beyond it is refused (`OutOfOrderSequence`).
+//!
 //! [`TaskRunner`]: crate::task::TaskRunner
 
 use std::collections::BTreeMap;
@@ -10,10 +17,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use runnel_client::{Acks, ClientResult, FetchedBatches};
+use runnel_client::{Acks, BrokerError, ClientError, ClientResult, FetchedBatches};
 use runnel_storage::{BatchBuilder, Record, RecordBatch};
 
 use crate::task::TaskIo;
+
+/// A partition (topic, partition) and a producer id on it.
+type ProducerKey = (String, u32, i64);
 
 /// Topics in memory, and a clock moved by hand.
 #[derive(Default)]
@@ -21,6 +31,8 @@ pub struct MemoryIo {
     /// Per partition, its batches as produced (producer ids kept), with
     /// their offsets.
     logs: Mutex<BTreeMap<(String, u32), Vec<RecordBatch>>>,
+    /// Per partition and producer id: its newest epoch and next sequence.
+    producers: Mutex<BTreeMap<ProducerKey, (i16, i32)>>,
     now: Mutex<Duration>,
     /// Batches one fetch answers at most (all when 0).
     fetch_batches_max: usize,
@@ -45,6 +57,66 @@ impl MemoryIo {
         self.write(topic, partition, batch);
     }
 
+    /// Checks a producer's batch (see the module doc): `Some` offset of the
+    /// original for a retry, `None` to write it.
+    fn check(&self, topic: &str, partition: u32, batch: &RecordBatch) -> ClientResult<Option<u64>> {
+        let producer = batch.header().producer;
+        if producer.producer_id < 0 || producer.base_sequence < 0 {
+            return Ok(None);
+        }
+        let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        let (epoch, next) = producers
+            .entry((topic.to_string(), partition, producer.producer_id))
+            .or_insert((producer.producer_epoch, 0));
+        let stale = BrokerError::StaleSequence {
+            producer_id: producer.producer_id,
+            last_sequence: *next - 1,
+            got: producer.base_sequence,
+        };
+        if producer.producer_epoch < *epoch {
+            return Err(ClientError::Broker(stale));
+        }
+        if producer.producer_epoch > *epoch {
+            (*epoch, *next) = (producer.producer_epoch, 0);
+        }
+        if producer.base_sequence > *next {
+            return Err(ClientError::Broker(BrokerError::OutOfOrderSequence {
+                producer_id: producer.producer_id,
+                expected: *next,
+                got: producer.base_sequence,
+            }));
+        }
+        if producer.base_sequence < *next {
+            let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+            let log = logs.get(&(topic.to_string(), partition)).map_or(&[][..], Vec::as_slice);
+            let original = log.iter().rev().find(|b| {
+                let p = b.header().producer;
+                (p.producer_id, p.producer_epoch, p.base_sequence)
+                    == (producer.producer_id, *epoch, producer.base_sequence)
+            });
+            let Some(original) = original else {
+                return Err(ClientError::Broker(stale));
+            };
+            let stored = original.header().record_count as i32;
+            if stored != batch.header().record_count as i32 {
+                return Err(ClientError::Broker(BrokerError::SequenceMismatch {
+                    producer_id: producer.producer_id,
+                    base_sequence: producer.base_sequence,
+                    stored_last_sequence: producer.base_sequence + stored - 1,
+                }));
+            }
+            return Ok(Some(original.base_offset()));
+        }
+        *next += batch.header().record_count as i32;
+        Ok(None)
+    }
+
+    /// The batches of partition `partition` of `topic`, as written.
+    pub fn batches(&self, topic: &str, partition: u32) -> Vec<RecordBatch> {
+        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        logs.get(&(topic.to_string(), partition)).cloned().unwrap_or_default()
+    }
+
     fn write(&self, topic: &str, partition: u32, mut batch: RecordBatch) -> u64 {
         let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
         let log = logs.entry((topic.to_string(), partition)).or_default();
@@ -56,10 +128,8 @@ impl MemoryIo {
 
     /// The records of partition `partition` of `topic`, in order.
     pub fn records(&self, topic: &str, partition: u32) -> Vec<Record> {
-        let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
-        let batches = logs.get(&(topic.to_string(), partition)).cloned().unwrap_or_default();
         let mut records = Vec::new();
-        for batch in &batches {
+        for batch in &self.batches(topic, partition) {
             for view in batch.views().flatten() {
                 records.push(Record {
                     timestamp_ms: view.timestamp_ms,
@@ -92,7 +162,10 @@ impl TaskIo for MemoryIo {
     }
 
     async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, _: Acks) -> ClientResult<u64> {
-        Ok(self.write(topic, partition, batch))
+        match self.check(topic, partition, &batch)? {
+            Some(original) => Ok(original),
+            None => Ok(self.write(topic, partition, batch)),
+        }
     }
 
     fn now(&self) -> Duration {

@@ -5,10 +5,15 @@
 //! computed here.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use runnel_client::plan::{ObjectKind, SqlObject, SqlType};
+use runnel_client::tasks::{TaskAssignment, TaskStatus};
 use runnel_dataflow::builder::{Emitted, WindowStage};
 use runnel_dataflow::compile::compile;
+use runnel_dataflow::task::{TaskRunner, CHECKPOINT_BYTES_MAX, CHECKPOINT_INTERVAL};
+use runnel_dataflow::testing::MemoryIo;
+use runnel_storage::Record;
 use serde_json::{json, Value};
 
 use super::{object, plan_in};
@@ -82,7 +87,8 @@ fn statement(kind: &str) -> String {
 }
 
 /// Runs `changes` through the join, checking after each that the output
-/// materializes the reference; restarts from a snapshot after `restart_at`.
+/// materializes the reference; restarts from a checkpoint (its snapshot
+/// and the changelog's entries) after `restart_at`.
 fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec<(Option<Value>, Option<Value>)> {
     let plan = plan(&statement(kind)).unwrap_or_else(|e| panic!("{kind}: {e}"));
     let def = compile("q", &plan).expect("compiles");
@@ -91,11 +97,21 @@ fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec
     let mut tables: [BTreeMap<String, Value>; 2] = Default::default();
     let mut materialized: BTreeMap<String, Value> = BTreeMap::new();
     let mut log = Vec::new();
+    // The changelog, as checkpoints write it: every 37 changes, and at the
+    // restart, the entries changed since the last.
+    let mut changelog: Vec<runnel_dataflow::builder::Change> = Vec::new();
     for (i, (side, key, value)) in changes.iter().enumerate() {
+        if i % 37 == 0 || restart_at == Some(i) {
+            changelog.extend(join.changes().expect("changes"));
+            join.changes_written();
+        }
         if restart_at == Some(i) {
             let snapshot = join.snapshot().expect("snapshots");
             join = factory();
             join.restore(&snapshot).expect("restores");
+            for (key, value) in &changelog {
+                join.apply_change(key, value.as_deref()).expect("applies");
+            }
         }
         let (_, source) = def.source_of(*side as u32).expect("a source stage");
         let (mut staged, mut out) = (Emitted::default(), Emitted::default());
@@ -143,7 +159,7 @@ fn inner_left_and_outer_joins_of_two_tables_materialize_the_join_after_every_cha
 }
 
 #[test]
-fn a_table_join_restored_from_its_snapshot_emits_what_an_uninterrupted_one_does() {
+fn a_table_join_restored_from_its_checkpoint_and_changelog_emits_what_an_uninterrupted_one_does() {
     let changes = changes();
     let whole = run_checked("FULL OUTER JOIN", &changes, None);
     for restart_at in [1, 150, 399] {
@@ -226,4 +242,202 @@ fn a_table_record_without_a_usable_key_is_a_dead_letter() {
         .process_record(Some(b"seven"), Some(b"{}"), 0, &[], &mut out);
     assert!(refused.expect_err("not a number").contains("is not a BIGINT"));
     assert!(out.is_empty());
+}
+
+/// The sink's rows, folded by key (a tombstone deletes).
+fn materialized(io: &MemoryIo) -> BTreeMap<String, Value> {
+    let mut rows = BTreeMap::new();
+    for record in io.records("out", 0) {
+        let key: Value = serde_json::from_slice(record.key.as_deref().expect("keyed")).expect("JSON key");
+        let key = key["ID"].as_str().expect("the join key").to_string();
+        match record.value.as_deref() {
+            Some(value) => rows.insert(key, serde_json::from_slice(value).expect("JSON")),
+            None => rows.remove(&key),
+        };
+    }
+    rows
+}
+
+/// The join of `kind` as its three tasks (a source per table, the join),
+/// run by the real task code over an in-memory cluster.
+struct Tasks {
+    def: Arc<runnel_dataflow::builder::DataflowDef>,
+    io: Arc<MemoryIo>,
+    tasks: Vec<TaskRunner<MemoryIo>>,
+}
+
+impl Tasks {
+    async fn new(kind: &str, io: MemoryIo) -> Tasks {
+        let plan = plan(&statement(kind)).expect("plans");
+        let def = Arc::new(compile("q", &plan).expect("compiles"));
+        let mut tasks = Tasks {
+            def,
+            io: Arc::new(io),
+            tasks: Vec::new(),
+        };
+        for task in 0..3 {
+            let runner = tasks.start(task).await.expect("starts");
+            tasks.tasks.push(runner);
+        }
+        tasks
+    }
+
+    async fn start(&self, task: u32) -> Result<TaskRunner<MemoryIo>, runnel_dataflow::task::TaskError> {
+        let assignment = TaskAssignment {
+            dataflow: "q".into(),
+            task,
+            partitions: 1,
+            stages: self.def.stages(),
+            generation: 0,
+        };
+        let status = Arc::new(Mutex::new(TaskStatus::default()));
+        TaskRunner::restore(self.def.clone(), assignment, self.io.clone(), status).await
+    }
+
+    fn append(&self, index: usize, (side, key, value): &Change) {
+        let record = Record {
+            timestamp_ms: index as i64,
+            key: Some(key.clone().into()),
+            value: value.as_ref().map(|v| v.to_string().into()),
+            headers: Vec::new(),
+        };
+        self.io.append(["users", "accounts"][*side], 0, record);
+    }
+
+    /// Steps every task until none reads anything.
+    async fn drain(&mut self) {
+        for _ in 0..1000 {
+            let mut read = false;
+            for task in &mut self.tasks {
+                read |= task.step().await.expect("steps");
+            }
+            if !read {
+                return;
+            }
+        }
+        panic!("the tasks still read after 1,000 rounds");
+    }
+
+    /// The join task's checkpoint partition, record by record.
+    fn changelog(&self) -> Vec<Record> {
+        self.io.records("q.checkpoints", 2)
+    }
+}
+
+fn key_of(record: &Record) -> &[u8] {
+    record.key.as_deref().unwrap_or_default()
+}
+
+fn fold(tables: &mut [BTreeMap<String, Value>; 2], (side, key, value): Change) {
+    match value {
+        Some(v) => tables[side].insert(key, v),
+        None => tables[side].remove(&key),
+    };
+}
+
+/// The join task is restored twice from its checkpoint partition: its rows
+/// come back from the changelog entries its checkpoints wrote, and the sink
+/// still materializes the join exactly. The incarnation replaced the first
+/// time lingers and reads on: its checkpoint is refused (fenced), so it
+/// cannot add entries the restored one knows nothing of.
+#[tokio::test]
+async fn a_join_task_restores_its_rows_from_its_changelog_and_a_stale_incarnation_is_fenced() {
+    let mut tasks = Tasks::new("JOIN", MemoryIo::default()).await;
+    let mut tables: [BTreeMap<String, Value>; 2] = Default::default();
+    let mut stale = None;
+    for (i, change) in changes().into_iter().enumerate() {
+        tasks.append(i, &change);
+        fold(&mut tables, change);
+        if i % 40 == 39 {
+            for task in &mut tasks.tasks {
+                task.step().await.expect("steps");
+            }
+            tasks.io.pass(CHECKPOINT_INTERVAL);
+            tasks.tasks[2].step().await.expect("checkpoints");
+        }
+        if i == 161 || i == 323 {
+            let restored = tasks.start(2).await.expect("restores");
+            let replaced = std::mem::replace(&mut tasks.tasks[2], restored);
+            stale = stale.or(Some(replaced));
+        }
+    }
+    let mut stale = stale.expect("replaced at 161");
+    tasks.io.pass(CHECKPOINT_INTERVAL);
+    let refused = async {
+        for _ in 0..100 {
+            stale.step().await?;
+        }
+        Ok(())
+    };
+    let refused: Result<(), runnel_dataflow::task::TaskError> = refused.await;
+    let refused = refused
+        .expect_err("the stale incarnation's checkpoint is refused")
+        .to_string();
+    assert!(refused.contains("fenced"), "{refused}");
+    tasks.drain().await;
+    assert_eq!(materialized(&tasks.io), reference(&tables, "JOIN"));
+    let log = tasks.changelog();
+    assert!(
+        log.iter().any(|r| key_of(r).starts_with(b"s/")),
+        "entries in the changelog"
+    );
+    assert_eq!(
+        log.iter().filter(|r| key_of(r) == b"barrier").count(),
+        3,
+        "one per start"
+    );
+}
+
+/// Rows far larger than the records that change them (each account change
+/// writes its user's 4 KiB row again): a step stops folding once its
+/// changes fill a checkpoint, so every checkpoint's batch stays within the
+/// limit however much one fetch holds, and a restore reads them all back.
+#[tokio::test]
+async fn a_join_task_checkpoints_early_when_its_changes_fill_a_checkpoint() {
+    let mut tasks = Tasks::new("LEFT JOIN", MemoryIo::default()).await;
+    let mut tables: [BTreeMap<String, Value>; 2] = Default::default();
+    let name = "n".repeat(4096);
+    let keys = 1500;
+    let users = (0..keys).map(|k| (0, format!("k{k}"), Some(json!({"name": name}))));
+    let accounts = (0..keys).map(|k| (1, format!("k{k}"), Some(json!({"balance": k}))));
+    for (i, change) in users.chain(accounts).enumerate() {
+        tasks.append(i, &change);
+        fold(&mut tables, change);
+    }
+    tasks.drain().await;
+    let batches = tasks.io.batches("q.checkpoints", 2);
+    let largest = batches.iter().map(|b| b.size_bytes()).max().unwrap_or(0);
+    assert!(largest <= CHECKPOINT_BYTES_MAX, "a checkpoint of {largest} bytes");
+    assert!(
+        batches.len() >= 6,
+        "{} checkpoint writes for 12 MB of changes",
+        batches.len()
+    );
+    tasks.tasks[2] = tasks.start(2).await.expect("restores");
+    let change = (1, "k7".to_string(), None);
+    tasks.append(2 * keys, &change);
+    fold(&mut tables, change);
+    tasks.drain().await;
+    assert_same(&materialized(&tasks.io), &reference(&tables, "LEFT JOIN"));
+}
+
+/// Compares two materialized tables, naming the first keys that differ
+/// (rows here are too large to print whole).
+fn assert_same(got: &BTreeMap<String, Value>, want: &BTreeMap<String, Value>) {
+    let keys: std::collections::BTreeSet<&String> = got.keys().chain(want.keys()).collect();
+    let differ: Vec<String> = keys
+        .into_iter()
+        .filter(|k| got.get(*k) != want.get(*k))
+        .map(|k| {
+            let short = |v: Option<&Value>| v.map(|v| v.to_string().chars().take(60).collect::<String>());
+            format!("{k}: {:?} != {:?}", short(got.get(k)), short(want.get(k)))
+        })
+        .take(5)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} of {} keys; first: {differ:#?}",
+        got.len(),
+        want.len()
+    );
 }
