@@ -208,38 +208,40 @@ pub trait WindowStage: Send + Sync {
     /// more than `limit` windows match.
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError>;
 
-    /// Whether the stage keeps its state as entries of its changelog (its
-    /// task's checkpoint partition, compacted) rather than in each
-    /// checkpoint's snapshot: each checkpoint then writes the entries
-    /// changed since the last one, in the same batch (see `task`).
-    fn logs_changes(&self) -> bool {
-        false
+    /// The stage's state store, when it keeps its state as entries of a
+    /// changelog (its task's checkpoint partition, compacted) rather than
+    /// in each checkpoint's snapshot: each checkpoint then writes the
+    /// entries changed since the last one, in the same batch (see
+    /// [`crate::changelog`]).
+    fn store(&self) -> Option<&dyn StateStore> {
+        None
     }
 
-    /// The entries changed since the last [`WindowStage::changes_written`]:
-    /// key and value (`None`: removed).
-    fn changes(&self) -> Result<Vec<Change>, StageError> {
-        Ok(Vec::new())
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        None
     }
+}
+
+/// A stage's state as the entries of a changelog.
+pub trait StateStore: Send + Sync {
+    /// The entries changed since the last [`StateStore::changes_written`]:
+    /// key and value (`None`: removed).
+    fn changes(&self) -> Result<Vec<Change>, StageError>;
 
     /// The changes are in a committed checkpoint: start anew.
-    fn changes_written(&mut self) {}
+    fn changes_written(&mut self);
 
-    /// Bytes the pending changes hold (a checkpoint comes early past a
-    /// bound, so that they fit in its batch).
-    fn changes_bytes(&self) -> usize {
-        0
-    }
+    /// About what the pending changes take as records (a task stops
+    /// reading past a bound, so that they fit in a checkpoint's batch).
+    fn changes_bytes(&self) -> usize;
 
     /// Applies one entry read back from the changelog on restore.
-    fn apply_change(&mut self, _key: &[u8], _value: Option<&[u8]>) -> Result<(), StageError> {
-        Err(StageError::Corrupt("this stage keeps no changelog".to_string()))
-    }
+    fn apply_change(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StageError>;
 }
 
 /// A window stage's current rows for `key` (or every key), encoded by
 /// `encode` as the stage sends results; `None` past `limit` windows.
-pub(crate) fn read_state<A: Clone>(
+pub(crate) fn read_state<A: Clone + Serialize>(
     operator: &WindowOperator<EncodedKey, A>,
     key: Option<&[u8]>,
     limit: usize,
@@ -893,7 +895,7 @@ where
         window_steps.push(format!("EMIT {emit:?}"));
         let factory: WindowStageFactory = Arc::new(move || {
             Box::new(TypedWindowStage::<K, T, A> {
-                operator: WindowOperator::new(window, emit),
+                operator: WindowOperator::logged(window, emit),
                 init: init.clone(),
                 fold: fold.clone(),
                 merge: merge.clone(),
@@ -1186,6 +1188,14 @@ where
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
         read_state(&self.operator, key, limit, |current, out| self.encode(current, out))
     }
+
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(&self.operator)
+    }
+
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.operator)
+    }
 }
 
 #[cfg(test)]
@@ -1461,8 +1471,7 @@ mod tests {
                     .expect("adds");
             }
         }
-        let mut resumed = factory();
-        resumed.restore(&first.snapshot().expect("snapshot")).expect("restores");
+        let mut resumed = crate::testing::restored(factory, &*first).expect("restores");
         for record in &records[5..] {
             resumed
                 .add(record.key.expect("key"), &[], record.timestamp_ms, &mut out_resumed)

@@ -36,7 +36,7 @@ use bytes::Bytes;
 use runnel_client::{Acks, BrokerError, ClientError};
 use runnel_storage::{BatchBuilder, ProducerInfo, Record};
 
-use crate::builder::{Change, WindowStage};
+use crate::builder::{Change, StateStore};
 use crate::task::{task_producer_id, TaskError, TaskIo};
 
 /// Key prefix of a store entry in the checkpoint partition.
@@ -215,7 +215,7 @@ pub fn entries_bytes(changes: &[Change]) -> usize {
 }
 
 /// Applies every entry of the partition below `end` (the end of the
-/// checkpoint restored) to `stage`, in order. An entry that does not apply,
+/// checkpoint restored) to `store`, in order. An entry that does not apply,
 /// or a partition that no longer starts at 0, fails the task naming where:
 /// state is never silently skipped.
 pub async fn replay<C: TaskIo>(
@@ -223,7 +223,7 @@ pub async fn replay<C: TaskIo>(
     topic: &str,
     partition: u32,
     end: u64,
-    stage: &mut dyn WindowStage,
+    store: &mut dyn StateStore,
 ) -> Result<u64, TaskError> {
     let failed = |reason: String| TaskError::Checkpoint {
         task: partition,
@@ -248,7 +248,7 @@ pub async fn replay<C: TaskIo>(
             if view.offset >= end {
                 break;
             }
-            stage
+            store
                 .apply_change(key, view.value)
                 .map_err(|e| failed(format!("changelog entry at {topic}/{partition}@{}: {e}", view.offset)))?;
             applied += 1;

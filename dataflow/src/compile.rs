@@ -28,7 +28,7 @@ use runnel_client::plan::{
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{
-    read_state, DataflowDef, Emitted, EncodedKey, JoinedSource, SourceStage, StageError, WindowStage,
+    read_state, DataflowDef, Emitted, EncodedKey, JoinedSource, SourceStage, StageError, StateStore, WindowStage,
     WindowStageFactory,
 };
 use crate::join::{JoinSpec, JoinWindow, StreamJoinStage, LEFT, RIGHT};
@@ -136,7 +136,7 @@ fn aggregate_stage(
     };
     Ok(Arc::new(move || {
         Box::new(SqlWindowStage {
-            operator: WindowOperator::new(window, emit),
+            operator: WindowOperator::logged(window, emit),
             stage: aggregate.clone(),
             results: Vec::new(),
             row: Vec::new(),
@@ -935,5 +935,13 @@ impl WindowStage for SqlWindowStage {
 
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
         read_state(&self.operator, key, limit, |current, out| self.encode(current, out))
+    }
+
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(&self.operator)
+    }
+
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.operator)
     }
 }

@@ -20,7 +20,7 @@ use runnel_client::plan::{Column, JoinKind, Operator, Sink};
 use runnel_client::tasks::StateRow;
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{state_rows, Change, Emitted, SourceStage, StageError, WindowStage};
+use crate::builder::{state_rows, Change, Emitted, SourceStage, StageError, StateStore, WindowStage};
 use crate::compile::{group_key, run_ops};
 use crate::join::{LEFT, RIGHT};
 use crate::row::{decode_row, JsonRow, Value};
@@ -292,10 +292,43 @@ impl WindowStage for TableJoinStage {
         Ok(())
     }
 
-    fn logs_changes(&self) -> bool {
-        true
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(self)
     }
 
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(self)
+    }
+
+    fn late_records(&self) -> u64 {
+        0
+    }
+
+    fn watermark_ms(&self) -> i64 {
+        self.max_event_ms
+    }
+
+    fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
+        let mut this = TableJoinStage::new(self.spec.clone());
+        let mut out = Emitted::default();
+        let keys: Box<dyn Iterator<Item = (&Vec<u8>, &Rows)>> = match key {
+            Some(key) => Box::new(self.rows.get_key_value(key).into_iter()),
+            None => Box::new(self.rows.iter()),
+        };
+        for (key, rows) in keys {
+            if out.len() >= limit {
+                return Ok(None);
+            }
+            if let Some(row) = this.joined(rows) {
+                this.emit(key, Some(&row), 0, &mut out)?;
+            }
+        }
+        Ok(Some(state_rows(&out)))
+    }
+}
+
+/// The store's entries: a key's two rows.
+impl StateStore for TableJoinStage {
     fn changes(&self) -> Result<Vec<Change>, StageError> {
         let entry = |key: &Vec<u8>| -> Result<_, StageError> {
             let value = match self.rows.get(key) {
@@ -331,31 +364,5 @@ impl WindowStage for TableJoinStage {
             }
         }
         Ok(())
-    }
-
-    fn late_records(&self) -> u64 {
-        0
-    }
-
-    fn watermark_ms(&self) -> i64 {
-        self.max_event_ms
-    }
-
-    fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
-        let mut this = TableJoinStage::new(self.spec.clone());
-        let mut out = Emitted::default();
-        let keys: Box<dyn Iterator<Item = (&Vec<u8>, &Rows)>> = match key {
-            Some(key) => Box::new(self.rows.get_key_value(key).into_iter()),
-            None => Box::new(self.rows.iter()),
-        };
-        for (key, rows) in keys {
-            if out.len() >= limit {
-                return Ok(None);
-            }
-            if let Some(row) = this.joined(rows) {
-                this.emit(key, Some(&row), 0, &mut out)?;
-            }
-        }
-        Ok(Some(state_rows(&out)))
     }
 }

@@ -55,7 +55,9 @@ const CHECKPOINT_CHUNK_BYTES: usize = 512 << 10;
 /// 2: window state keeps keys encoded (version 1 kept them decoded).
 /// 3: followed by the read positions of the tables the stage joins with.
 /// 4: then by the records a join by event time holds for its grace.
-const CHECKPOINT_VERSION: u8 = 4;
+/// 5: a stage with a state store keeps its state in the changelog, not
+/// in the checkpoint (a node that reads only 4 would find it empty).
+const CHECKPOINT_VERSION: u8 = 5;
 /// Version 2 reads as version 3 without tables, 3 as 4 without held
 /// records.
 const CHECKPOINT_V2: u8 = 2;
@@ -620,7 +622,7 @@ impl<C: TaskIo> TaskRunner<C> {
             emitted: Emitted::default(),
         };
         let topic = checkpoint_topic(&runner.def.name);
-        let logs_changes = runner.window.as_ref().is_some_and(|w| w.logs_changes());
+        let logs_changes = runner.logs_changes();
         if logs_changes {
             let id = changelog::checkpoint_producer_id(&runner.def.name, runner.assignment.task);
             let writer = changelog::claim(&*runner.client, &topic, runner.assignment.task, id).await?;
@@ -629,9 +631,9 @@ impl<C: TaskIo> TaskRunner<C> {
         match runner.read_checkpoint().await? {
             Some(((checkpoint, positions, held), end)) => {
                 runner.apply_checkpoint(checkpoint)?;
-                if let Some(window) = runner.window.as_mut().filter(|_| logs_changes) {
+                if let Some(store) = runner.window.as_mut().and_then(|w| w.store_mut()) {
                     let task = runner.assignment.task;
-                    let entries = changelog::replay(&*runner.client, &topic, task, end, window.as_mut()).await?;
+                    let entries = changelog::replay(&*runner.client, &topic, task, end, store).await?;
                     tracing::info!(dataflow = %runner.def.name, task, entries, "state restored from the changelog");
                 }
                 runner.rebuild_tables(positions).await?;
@@ -800,7 +802,7 @@ impl<C: TaskIo> TaskRunner<C> {
             self.send_markers(idle).await?;
         }
         // Changes kept for a changelog must fit one checkpoint's batch.
-        let changes_bytes = self.window.as_ref().map_or(0, |w| w.changes_bytes());
+        let changes_bytes = self.changes_bytes();
         let due =
             self.client.now() >= self.last_checkpoint + CHECKPOINT_INTERVAL || changes_bytes >= CHANGES_EARLY_BYTES;
         if due && (self.dirty || !self.tables.is_empty()) {
@@ -812,6 +814,19 @@ impl<C: TaskIo> TaskRunner<C> {
         }
         self.publish("running");
         Ok(progressed)
+    }
+
+    /// Whether the stage keeps its state in a changelog ([`changelog`]).
+    fn logs_changes(&self) -> bool {
+        self.window.as_ref().is_some_and(|w| w.store().is_some())
+    }
+
+    /// About what the changes pending for the changelog take.
+    fn changes_bytes(&self) -> usize {
+        self.window
+            .as_ref()
+            .and_then(|w| w.store())
+            .map_or(0, |s| s.changes_bytes())
     }
 
     /// Whether this task runs a source stage (else the window stage).
@@ -1140,7 +1155,7 @@ impl<C: TaskIo> TaskRunner<C> {
             if let Some(wm) = watermark(&self.upstreams, upstream_count) {
                 window.advance(wm, out)?;
             }
-            if window.changes_bytes() >= CHANGES_EARLY_BYTES {
+            if window.store().is_some_and(|s| s.changes_bytes() >= CHANGES_EARLY_BYTES) {
                 folded.stopped_at = Some(view.offset + 1);
                 break;
             }
@@ -1194,11 +1209,21 @@ impl<C: TaskIo> TaskRunner<C> {
             })?;
         // A stage keeping a changelog writes its changed entries in the
         // same batch, before the chunks (see `changelog`).
-        let changes = match &self.window {
-            Some(window) if window.logs_changes() => window.changes()?,
-            _ => Vec::new(),
+        let changes = match self.window.as_ref().and_then(|w| w.store()) {
+            Some(store) => store.changes()?,
+            None => Vec::new(),
         };
-        if bytes.len() + changelog::entries_bytes(&changes) > CHECKPOINT_BYTES_MAX {
+        let batch_bytes = bytes.len() + changelog::entries_bytes(&changes);
+        if batch_bytes > CHECKPOINT_BYTES_MAX && self.logs_changes() {
+            // Its changes only grow until written: deferring cannot help.
+            // (The task stops reading at CHANGES_EARLY_BYTES; an estimate
+            // that far off means entries far larger than the records.)
+            let reason = format!(
+                "its changes since the last checkpoint take {batch_bytes} bytes, over the {CHECKPOINT_BYTES_MAX} a checkpoint holds"
+            );
+            return Err(TaskError::Checkpoint { task, reason });
+        }
+        if batch_bytes > CHECKPOINT_BYTES_MAX {
             // The windows are held open, typically by an upstream that lags
             // the others (the watermark waits for it). The last checkpoint
             // stays a valid place to restart from (replay is deterministic),
@@ -1229,8 +1254,8 @@ impl<C: TaskIo> TaskRunner<C> {
             })?;
         }
         self.send_checkpoint(builder).await?;
-        if let Some(window) = self.window.as_mut() {
-            window.changes_written();
+        if let Some(store) = self.window.as_mut().and_then(|w| w.store_mut()) {
+            store.changes_written();
         }
         self.last_checkpoint = self.client.now();
         self.dirty = false;
@@ -1243,7 +1268,7 @@ impl<C: TaskIo> TaskRunner<C> {
     /// an incarnation restored since refuses.
     async fn send_checkpoint(&mut self, mut builder: BatchBuilder) -> Result<(), TaskError> {
         let (task, topic) = (self.assignment.task, checkpoint_topic(&self.def.name));
-        if !self.window.as_ref().is_some_and(|w| w.logs_changes()) {
+        if !self.logs_changes() {
             self.client.produce(&topic, task, builder.build()?, Acks::All).await?;
             return Ok(());
         }
@@ -1354,7 +1379,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checkpoints_of_version_2_read_without_tables_3_without_held_records_and_4_with_them() {
+    fn checkpoints_of_version_2_read_without_tables_3_without_held_records_and_4_and_5_with_them() {
         let checkpoint = |version| Checkpoint {
             version,
             task: 4,
@@ -1378,10 +1403,16 @@ mod tests {
             }
             .held(5),
         );
-        let v4 = postcard::to_allocvec(&(checkpoint(CHECKPOINT_VERSION), (&tables, Some(&grace)))).expect("encodes");
-        let (read, positions, held) = decode_checkpoint(&v4).expect("version 4 decodes");
-        assert_eq!((read.input_offset, positions, held), (17, tables, Some(grace)));
-        assert!(decode_checkpoint(&v4[..v4.len() - 1]).is_err(), "cut short");
+        // Version 5 is encoded as 4 (its window state may be empty).
+        for version in [4, CHECKPOINT_VERSION] {
+            let v4 = postcard::to_allocvec(&(checkpoint(version), (&tables, Some(&grace)))).expect("encodes");
+            let (read, positions, held) = decode_checkpoint(&v4).expect("version 4 decodes");
+            assert_eq!(
+                (read.input_offset, &positions, held.as_ref()),
+                (17, &tables, Some(&grace))
+            );
+            assert!(decode_checkpoint(&v4[..v4.len() - 1]).is_err(), "cut short");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use runnel_client::{Acks, BrokerError, ClientError, ClientResult, FetchedBatches};
 use runnel_storage::{BatchBuilder, Record, RecordBatch};
 
+use crate::builder::{StageError, WindowStage, WindowStageFactory};
 use crate::task::TaskIo;
 
 /// A partition (topic, partition) and a producer id on it.
@@ -175,4 +176,18 @@ impl TaskIo for MemoryIo {
     async fn sleep(&self, pause: Duration) {
         self.pass(pause);
     }
+}
+
+/// A new stage from `factory`, restored as a task restores one from a
+/// checkpoint taken now: `from`'s snapshot, then the entries its state
+/// store has not yet had written (all of them, when it never had).
+pub fn restored(factory: &WindowStageFactory, from: &dyn WindowStage) -> Result<Box<dyn WindowStage>, StageError> {
+    let mut stage = factory();
+    stage.restore(&from.snapshot()?)?;
+    if let (Some(source), Some(store)) = (from.store(), stage.store_mut()) {
+        for (key, value) in source.changes()? {
+            store.apply_change(&key, value.as_deref())?;
+        }
+    }
+    Ok(stage)
 }

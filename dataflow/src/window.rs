@@ -15,6 +15,8 @@
 //! - Results leave in a deterministic order (closed windows by end, keys in
 //!   key order), so the output sequence of a replay matches the original's.
 
+mod log;
+
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
@@ -31,6 +33,9 @@ type Map<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 /// Open windows of one kind kept at most per task; beyond it a task fails
 /// with a clear error instead of growing without bound.
 pub const OPEN_WINDOWS_MAX: usize = 100_000;
+/// Aggregates (a key's in one window) held at most per task, across its
+/// windows; beyond it a task fails with a clear error.
+pub const AGGREGATES_MAX: usize = 1_000_000;
 /// Event times a window holds: within ±2^53 ms of the epoch (about
 /// ±285,000 years; also the integers JSON numbers hold exactly). A record
 /// outside goes to the dead letters before it reaches a window, so window
@@ -220,6 +225,8 @@ pub enum WindowError {
     TooManyWindows,
     #[error("event time {0} ms is outside the range a window holds (±{EVENT_TIME_LIMIT_MS} ms of the epoch)")]
     EventTimeOutOfRange(i64),
+    #[error("more than {AGGREGATES_MAX} aggregates (keys times windows) held at once; add partitions, or shorten the window or grace")]
+    TooManyAggregates,
     #[error("window state does not decode: {0}")]
     CorruptState(String),
     #[error("a key does not decode: {0}")]
@@ -243,6 +250,11 @@ pub struct WindowOperator<K, A> {
     /// Keys the last closed window held: a new window starts with room for
     /// as many, rather than growing (and rehashing) record by record.
     keys_hint: usize,
+    /// Aggregates in `fixed` ([`AGGREGATES_MAX`]).
+    aggregates: usize,
+    /// What changed since the last checkpoint, when the state is kept as
+    /// changelog entries (see [`log`]).
+    changes: Option<log::Changes<K>>,
 }
 
 /// The most keys a new window is sized for in advance.
@@ -259,8 +271,8 @@ struct Snapshot<K, A> {
 
 impl<K, A> WindowOperator<K, A>
 where
-    K: Clone + Eq + Hash + Ord,
-    A: Clone,
+    K: Clone + Eq + Hash + Ord + Serialize,
+    A: Clone + Serialize,
 {
     pub fn new(window: Window, emit: Emit) -> WindowOperator<K, A> {
         WindowOperator {
@@ -272,7 +284,16 @@ where
             watermark_ms: i64::MIN,
             late_records: 0,
             keys_hint: 0,
+            aggregates: 0,
+            changes: None,
         }
+    }
+
+    fn check_aggregates(&self) -> Result<(), WindowError> {
+        if self.aggregates > AGGREGATES_MAX {
+            return Err(WindowError::TooManyAggregates);
+        }
+        Ok(())
     }
 
     pub fn watermark_ms(&self) -> i64 {
@@ -407,16 +428,26 @@ where
             .or_insert_with(|| Map::with_capacity_and_hasher(keys_hint, Default::default()));
         let changed = match keys.entry(key) {
             Entry::Occupied(entry) => {
+                if let Some(changes) = &mut self.changes {
+                    changes.fixed(start, entry.key(), Some(entry.get()));
+                }
                 let aggregate = entry.into_mut();
                 fold(aggregate, value);
                 changed_key.is_some().then(|| aggregate.clone())
             }
             Entry::Vacant(entry) => {
                 admit(entry.key()).map_err(WindowError::BadKey)?;
+                if self.aggregates >= AGGREGATES_MAX {
+                    return Err(WindowError::TooManyAggregates);
+                }
+                self.aggregates += 1;
                 // Folded before it is stored: the store into a table
                 // slot that is rarely in cache need not be waited for.
                 let mut aggregate = init();
                 fold(&mut aggregate, value);
+                if let Some(changes) = &mut self.changes {
+                    changes.fixed(start, entry.key(), Some(&aggregate));
+                }
                 let changed = changed_key.is_some().then(|| aggregate.clone());
                 entry.insert(aggregate);
                 changed
@@ -505,6 +536,9 @@ where
         }
         let position = sessions.partition_point(|s| s.first_ms < merged.first_ms);
         sessions.insert(position, merged);
+        if let Some(changes) = &mut self.changes {
+            changes.sessions(key, sessions);
+        }
         Ok(())
     }
 
@@ -530,6 +564,12 @@ where
             }
             let Some((_, keys)) = self.fixed.pop_first() else { break };
             self.keys_hint = keys.len().min(KEYS_HINT_MAX);
+            self.aggregates -= keys.len();
+            if let Some(changes) = &mut self.changes {
+                for key in keys.keys() {
+                    changes.fixed::<A>(start, key, None);
+                }
+            }
             if self.emit == Emit::Final {
                 let window = WindowBounds {
                     start_ms: start,
@@ -560,6 +600,9 @@ where
                 continue;
             };
             let session = sessions.remove(i);
+            if let Some(changes) = &mut self.changes {
+                changes.sessions(&key, sessions);
+            }
             if sessions.is_empty() {
                 self.sessions.remove(&key);
             }
@@ -579,19 +622,27 @@ where
     K: Clone + Eq + Hash + Ord + Serialize + for<'de> Deserialize<'de>,
     A: Clone + Serialize + for<'de> Deserialize<'de>,
 {
-    /// The state as bytes (postcard), keys sorted so equal states encode equally.
+    /// The state as bytes (postcard), keys sorted so equal states encode
+    /// equally. Without the windows' contents when they are kept as
+    /// changelog entries.
     pub fn snapshot(&self) -> Result<Vec<u8>, WindowError> {
+        let logged = self.changes.is_some();
         let fixed = self
             .fixed
             .iter()
+            .filter(|_| !logged)
             .map(|(&start, keys)| {
                 let mut keys: Vec<(K, A)> = keys.iter().map(|(k, a)| (k.clone(), a.clone())).collect();
                 keys.sort_by(|a, b| a.0.cmp(&b.0));
                 (start, keys)
             })
             .collect();
-        let mut sessions: Vec<(K, Vec<Session<A>>)> =
-            self.sessions.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        let mut sessions: Vec<(K, Vec<Session<A>>)> = self
+            .sessions
+            .iter()
+            .filter(|_| !logged)
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
         sessions.sort_by(|a, b| a.0.cmp(&b.0));
         let snapshot = Snapshot {
             fixed,
@@ -602,7 +653,9 @@ where
         postcard::to_allocvec(&snapshot).map_err(|e| WindowError::Unencodable(e.to_string()))
     }
 
-    /// Replaces the state with a snapshot's.
+    /// Replaces the state with a snapshot's. When the state is kept as
+    /// changelog entries, what the snapshot holds (one written before it
+    /// was) is all changes to write.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), WindowError> {
         let snapshot: Snapshot<K, A> =
             postcard::from_bytes(bytes).map_err(|e| WindowError::CorruptState(e.to_string()))?;
@@ -626,7 +679,18 @@ where
         self.sessions = snapshot.sessions.into_iter().collect();
         self.watermark_ms = snapshot.watermark_ms;
         self.late_records = snapshot.late_records;
-        Ok(())
+        self.aggregates = self.fixed.values().map(Map::len).sum();
+        if let Some(changes) = &mut self.changes {
+            for (&start, keys) in &self.fixed {
+                for (key, value) in keys {
+                    changes.fixed(start, key, Some(value));
+                }
+            }
+            for (key, sessions) in &self.sessions {
+                changes.sessions(key, sessions);
+            }
+        }
+        self.check_aggregates()
     }
 }
 
@@ -648,13 +712,20 @@ fn check_snapshot<K, A>(snapshot: &Snapshot<K, A>) -> Result<(), WindowError> {
         return corrupt(format!("a window starts at {start} ms, outside the range windows hold"));
     }
     for (_, sessions) in &snapshot.sessions {
-        let ordered = sessions.windows(2).all(|w| w[0].last_ms < w[1].first_ms);
-        let in_range = sessions
-            .iter()
-            .all(|s| event_time_in_range(s.first_ms) && event_time_in_range(s.last_ms) && s.first_ms <= s.last_ms);
-        if !ordered || !in_range {
-            return corrupt("a key's sessions are out of order or outside the range windows hold".to_string());
-        }
+        check_sessions(sessions)?;
+    }
+    Ok(())
+}
+
+/// Checks one key's sessions: in order, and at times a window holds.
+fn check_sessions<A>(sessions: &[Session<A>]) -> Result<(), WindowError> {
+    let ordered = sessions.windows(2).all(|w| w[0].last_ms < w[1].first_ms);
+    let in_range = sessions
+        .iter()
+        .all(|s| event_time_in_range(s.first_ms) && event_time_in_range(s.last_ms) && s.first_ms <= s.last_ms);
+    if !ordered || !in_range {
+        let why = "a key's sessions are out of order or outside the range windows hold";
+        return Err(WindowError::CorruptState(why.to_string()));
     }
     Ok(())
 }

@@ -102,15 +102,17 @@ fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec
     let mut changelog: Vec<runnel_dataflow::builder::Change> = Vec::new();
     for (i, (side, key, value)) in changes.iter().enumerate() {
         if i % 37 == 0 || restart_at == Some(i) {
-            changelog.extend(join.changes().expect("changes"));
-            join.changes_written();
+            let store = join.store_mut().expect("a state store");
+            changelog.extend(store.changes().expect("changes"));
+            store.changes_written();
         }
         if restart_at == Some(i) {
             let snapshot = join.snapshot().expect("snapshots");
             join = factory();
             join.restore(&snapshot).expect("restores");
             for (key, value) in &changelog {
-                join.apply_change(key, value.as_deref()).expect("applies");
+                let store = join.store_mut().expect("a state store");
+                store.apply_change(key, value.as_deref()).expect("applies");
             }
         }
         let (_, source) = def.source_of(*side as u32).expect("a source stage");

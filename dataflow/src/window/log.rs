@@ -1,0 +1,343 @@
+//! A window operator's state as changelog entries (see
+//! [`crate::changelog`]): each open window's aggregate of a key is one
+//! entry, keyed `f` + the window's start + the key, and each key's open
+//! sessions are one entry, keyed `s` + the key. The operator notes which
+//! entries changed since the last checkpoint; the keys of a window that
+//! closes become tombstones, so the changelog holds about the open state.
+//!
+//! Entry keys and values are postcard; a start is 8 bytes, big-endian.
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::Hash;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::OPEN_WINDOWS_MAX;
+use super::{check_sessions, event_time_in_range, Emit, Session, Window, WindowError, WindowKind, WindowOperator};
+use super::{EVENT_TIME_LIMIT_MS, WINDOW_SPAN_MAX_MS};
+use crate::builder::{Change, StageError, StateStore};
+
+type Set<K> = HashSet<K, rustc_hash::FxBuildHasher>;
+
+const FIXED_TAG: u8 = b'f';
+const SESSION_TAG: u8 = b's';
+/// What an entry costs beyond its key and value, about (the record's
+/// framing and the entry prefix).
+const ENTRY_OVERHEAD_BYTES: usize = 32;
+
+/// The entries changed since the last checkpoint, and about what they
+/// take as records.
+pub(super) struct Changes<K> {
+    fixed: BTreeMap<i64, Set<K>>,
+    sessions: Set<K>,
+    bytes: usize,
+}
+
+impl<K> Default for Changes<K> {
+    fn default() -> Changes<K> {
+        Changes {
+            fixed: BTreeMap::new(),
+            sessions: Set::default(),
+            bytes: 0,
+        }
+    }
+}
+
+fn size_of<T: Serialize>(value: &T) -> usize {
+    postcard::experimental::serialized_size(value).unwrap_or(0)
+}
+
+impl<K: Clone + Eq + Hash + Serialize> Changes<K> {
+    /// Notes that `key`'s aggregate in the window starting at `start`
+    /// changed (to `value`; `None`: closed). A key counts once per
+    /// checkpoint, at its size when first noted.
+    pub(super) fn fixed<A: Serialize>(&mut self, start: i64, key: &K, value: Option<&A>) {
+        let keys = self.fixed.entry(start).or_default();
+        if !keys.contains(key) {
+            keys.insert(key.clone());
+            self.bytes += 9 + size_of(key) + value.map_or(0, size_of) + ENTRY_OVERHEAD_BYTES;
+        }
+    }
+
+    /// Notes that `key`'s sessions changed (to `sessions`).
+    pub(super) fn sessions<A: Serialize>(&mut self, key: &K, sessions: &[Session<A>]) {
+        if !self.sessions.contains(key) {
+            self.sessions.insert(key.clone());
+            self.bytes += 1 + size_of(key) + size_of(&sessions) + ENTRY_OVERHEAD_BYTES;
+        }
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+fn fixed_key<K: Serialize>(start: i64, key: &K) -> Result<Vec<u8>, WindowError> {
+    let mut entry = vec![FIXED_TAG];
+    entry.extend_from_slice(&start.to_be_bytes());
+    postcard::to_extend(key, entry).map_err(|e| WindowError::Unencodable(e.to_string()))
+}
+
+fn session_key<K: Serialize>(key: &K) -> Result<Vec<u8>, WindowError> {
+    postcard::to_extend(key, vec![SESSION_TAG]).map_err(|e| WindowError::Unencodable(e.to_string()))
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WindowError> {
+    postcard::to_allocvec(value).map_err(|e| WindowError::Unencodable(e.to_string()))
+}
+
+fn corrupt(why: String) -> WindowError {
+    WindowError::CorruptState(format!("changelog entry: {why}"))
+}
+
+impl<K, A> WindowOperator<K, A>
+where
+    K: Clone + Eq + Hash + Ord + Serialize + DeserializeOwned,
+    A: Clone + Serialize + DeserializeOwned,
+{
+    /// An operator keeping its state as changelog entries: its snapshots
+    /// hold none of it, and its [`StateStore`] says what changed.
+    pub fn logged(window: Window, emit: Emit) -> WindowOperator<K, A> {
+        let mut operator = WindowOperator::new(window, emit);
+        operator.changes = Some(Changes::default());
+        operator
+    }
+
+    pub fn logs_changes(&self) -> bool {
+        self.changes.is_some()
+    }
+
+    /// The entries changed since the last checkpoint, each with its
+    /// current value (`None`: gone).
+    fn changed_entries(&self) -> Result<Vec<Change>, WindowError> {
+        let Some(changes) = &self.changes else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (&start, keys) in &changes.fixed {
+            let open = self.fixed.get(&start);
+            for key in keys {
+                let value = open.and_then(|window| window.get(key)).map(encode).transpose()?;
+                out.push((fixed_key(start, key)?, value));
+            }
+        }
+        for key in &changes.sessions {
+            let sessions = self.sessions.get(key).filter(|s| !s.is_empty());
+            out.push((session_key(key)?, sessions.map(encode).transpose()?));
+        }
+        Ok(out)
+    }
+
+    /// Applies one entry read back from the changelog, checking what a
+    /// window can hold.
+    fn apply_entry(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), WindowError> {
+        match key.split_first() {
+            Some((&FIXED_TAG, rest)) if rest.len() > 8 => {
+                let (start, key) = rest.split_at(8);
+                let start = i64::from_be_bytes(start.try_into().map_err(|_| corrupt("a short key".into()))?);
+                let key: K = postcard::from_bytes(key).map_err(|e| corrupt(format!("key: {e}")))?;
+                self.apply_fixed(start, key, value)
+            }
+            Some((&SESSION_TAG, rest)) => {
+                let key: K = postcard::from_bytes(rest).map_err(|e| corrupt(format!("key: {e}")))?;
+                self.apply_sessions(key, value)
+            }
+            _ => Err(corrupt(format!("key {key:?} is neither a window's nor a session's"))),
+        }
+    }
+
+    fn apply_fixed(&mut self, start: i64, key: K, value: Option<&[u8]>) -> Result<(), WindowError> {
+        let starts = -EVENT_TIME_LIMIT_MS - WINDOW_SPAN_MAX_MS..=EVENT_TIME_LIMIT_MS;
+        if !starts.contains(&start) {
+            return Err(corrupt(format!(
+                "a window starts at {start} ms, outside the range windows hold"
+            )));
+        }
+        let Some(value) = value else {
+            if let Some(keys) = self.fixed.get_mut(&start) {
+                self.aggregates -= usize::from(keys.remove(&key).is_some());
+                if keys.is_empty() {
+                    self.fixed.remove(&start);
+                }
+            }
+            return Ok(());
+        };
+        let value: A = postcard::from_bytes(value).map_err(|e| corrupt(format!("aggregate: {e}")))?;
+        if !self.fixed.contains_key(&start) && self.fixed.len() >= OPEN_WINDOWS_MAX {
+            return Err(WindowError::TooManyWindows);
+        }
+        let keys = self.fixed.entry(start).or_default();
+        if keys.insert(key, value).is_none() {
+            self.aggregates += 1;
+        }
+        self.check_aggregates()
+    }
+
+    fn apply_sessions(&mut self, key: K, value: Option<&[u8]>) -> Result<(), WindowError> {
+        let gap_ms = match self.window.kind {
+            WindowKind::Session { gap_ms } => gap_ms,
+            _ => return Err(corrupt("a session of a window that is not a session window".into())),
+        };
+        for old in self.sessions.remove(&key).unwrap_or_default() {
+            let close = old.last_ms.saturating_add(gap_ms).saturating_add(self.window.grace_ms);
+            self.session_closing.remove(&(close, key.clone(), old.first_ms));
+        }
+        let Some(value) = value else {
+            return Ok(());
+        };
+        let sessions: Vec<Session<A>> = postcard::from_bytes(value).map_err(|e| corrupt(format!("sessions: {e}")))?;
+        check_sessions(&sessions)?;
+        if self.session_closing.len() + sessions.len() > OPEN_WINDOWS_MAX {
+            return Err(WindowError::TooManyWindows);
+        }
+        for s in &sessions {
+            debug_assert!(event_time_in_range(s.last_ms));
+            let close = s.last_ms.saturating_add(gap_ms).saturating_add(self.window.grace_ms);
+            self.session_closing.insert((close, key.clone(), s.first_ms));
+        }
+        self.sessions.insert(key, sessions);
+        Ok(())
+    }
+}
+
+impl<K, A> StateStore for WindowOperator<K, A>
+where
+    K: Clone + Eq + Hash + Ord + Serialize + DeserializeOwned + Send + Sync,
+    A: Clone + Serialize + DeserializeOwned + Send + Sync,
+{
+    fn changes(&self) -> Result<Vec<Change>, StageError> {
+        Ok(self.changed_entries()?)
+    }
+
+    fn changes_written(&mut self) {
+        if let Some(changes) = &mut self.changes {
+            *changes = Changes::default();
+        }
+    }
+
+    fn changes_bytes(&self) -> usize {
+        self.changes.as_ref().map_or(0, Changes::bytes)
+    }
+
+    fn apply_change(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StageError> {
+        Ok(self.apply_entry(key, value)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::window::WindowResult;
+
+    type Counts = WindowOperator<String, u64>;
+
+    /// Counts one record and moves the watermark to `watermark_ms`.
+    fn step(op: &mut Counts, key: &str, t_ms: i64, watermark_ms: i64, out: &mut Vec<WindowResult<String, u64>>) {
+        let admit = |_: &String| Ok(());
+        op.add(
+            key.to_string(),
+            t_ms,
+            &(),
+            &|| 0,
+            &|a, _: &()| *a += 1,
+            &|a, b| *a += b,
+            &admit,
+            out,
+        )
+        .expect("adds");
+        op.advance(watermark_ms, &|_, _, _| true, out);
+    }
+
+    /// Out-of-order records over 9 keys; the watermark trails the
+    /// maximum event time by 40 s, so some records are late.
+    fn records() -> Vec<(String, i64)> {
+        let mut state = 11u64;
+        (0..600)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let jitter = ((state >> 33) % 90_000) as i64;
+                (format!("k{}", (state >> 20) % 9), i * 1_000 + jitter)
+            })
+            .collect()
+    }
+
+    /// A logged operator checkpointing every `every` records (its changes
+    /// folded by key, as compaction keeps them) and restored from each
+    /// checkpoint (snapshot then entries) emits what one never restored
+    /// does; once every window has closed the changelog holds nothing.
+    fn restores_exactly(window: Window, emit: Emit, every: usize) {
+        let records = records();
+        let mut whole = Counts::logged(window, emit);
+        let mut expected = Vec::new();
+        let watermark = |i: usize| records[..=i].iter().map(|r| r.1).max().unwrap_or(0) - 40_000;
+        for (i, (key, t)) in records.iter().enumerate() {
+            step(&mut whole, key, *t, watermark(i), &mut expected);
+        }
+        let mut op = Counts::logged(window, emit);
+        let mut log: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let mut out = Vec::new();
+        for (i, (key, t)) in records.iter().enumerate() {
+            if i % every == 0 {
+                log.extend(op.changes().expect("changes"));
+                op.changes_written();
+                let snapshot = op.snapshot().expect("snapshot");
+                op = Counts::logged(window, emit);
+                op.restore(&snapshot).expect("restores");
+                for (key, value) in &log {
+                    op.apply_change(key, value.as_deref()).expect("applies");
+                }
+            }
+            step(&mut op, key, *t, watermark(i), &mut out);
+        }
+        assert_eq!(out, expected, "{window:?} {emit:?}");
+        op.advance(i64::MAX / 4, &|_, _, _| true, &mut out);
+        assert!(op.changes_bytes() > 0, "closed windows leave tombstones to write");
+        log.extend(op.changes().expect("changes"));
+        op.changes_written();
+        assert_eq!(op.changes_bytes(), 0);
+        assert!(log.values().all(Option::is_none), "only tombstones left");
+    }
+
+    #[test]
+    fn a_logged_operator_restored_from_its_entries_emits_what_an_unrestored_one_does() {
+        let windows = [
+            Window::tumbling(Duration::from_secs(30)),
+            Window::hopping(Duration::from_secs(60), Duration::from_secs(20)).grace(Duration::from_secs(10)),
+            Window::session(Duration::from_secs(5)).grace(Duration::from_secs(3)),
+        ];
+        for window in windows {
+            for emit in [Emit::Final, Emit::Changes] {
+                for every in [1, 7, 250] {
+                    restores_exactly(window, emit, every);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn entries_that_do_not_decode_or_cannot_be_held_are_refused_by_what_is_wrong() {
+        let mut op = Counts::logged(Window::tumbling(Duration::from_secs(30)), Emit::Final);
+        let refused = |op: &mut Counts, key: &[u8], value: Option<&[u8]>| {
+            op.apply_change(key, value).expect_err("refused").to_string()
+        };
+        assert!(refused(&mut op, b"x", None).contains("neither a window's nor a session's"));
+        let mut far = vec![FIXED_TAG];
+        far.extend_from_slice(&i64::MAX.to_be_bytes());
+        far.extend_from_slice(&postcard::to_allocvec("k").expect("encodes"));
+        assert!(refused(&mut op, &far, Some(&[1])).contains("outside the range"));
+        let mut key = vec![FIXED_TAG];
+        key.extend_from_slice(&0i64.to_be_bytes());
+        key.extend_from_slice(&postcard::to_allocvec("k").expect("encodes"));
+        assert!(refused(&mut op, &key, Some(&[])).contains("aggregate"));
+        let session = postcard::to_extend("k", vec![SESSION_TAG]).expect("encodes");
+        assert!(refused(&mut op, &session, Some(&[1])).contains("not a session window"));
+        op.apply_change(&key, Some(&[3])).expect("a count of 3");
+        assert_eq!(op.current(None, 10).expect("few").len(), 1);
+    }
+}
