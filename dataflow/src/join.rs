@@ -27,6 +27,8 @@
 //! ([`StreamJoinStage`]) holds rows of values, the Rust builders' join
 //! ([`crate::builder::KeyedStream::join`]) each side's encoded records.
 
+mod log;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -35,7 +37,7 @@ use runnel_client::tasks::StateRow;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{Emitted, StageError, WindowStage};
+use crate::builder::{Emitted, StageError, StateStore, WindowStage};
 use crate::compile::{emit_repartitioned, emit_row, run_ops};
 use crate::row::{JsonRow, Value};
 
@@ -205,6 +207,9 @@ pub struct JoinBuffers<P> {
     next_seq: u64,
     watermark_ms: i64,
     late: u64,
+    /// What changed since the last checkpoint, when the records are kept
+    /// as changelog entries (see [`log`]).
+    changes: Option<log::Changes>,
 }
 
 impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
@@ -217,6 +222,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
             next_seq: 0,
             watermark_ms: i64::MIN,
             late: 0,
+            changes: None,
         }
     }
 
@@ -281,7 +287,12 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
             if partners > JOIN_PAIRS_PER_RECORD_MAX {
                 return Err(StageError::JoinFanOut(partners, JOIN_PAIRS_PER_RECORD_MAX));
             }
-            for other in held[side.other().index()].range_mut(range).map(|(_, h)| h) {
+            for (&(other_ms, other_seq), other) in held[side.other().index()].range_mut(range) {
+                if !other.matched {
+                    if let Some(changes) = &mut self.changes {
+                        changes.note(other_seq, key, side.other(), other_ms, 0);
+                    }
+                }
                 other.matched = true;
                 matched = true;
                 let (left, right) = match side {
@@ -298,6 +309,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.note_change(seq, key, side, t_ms, Some(&payload));
         let held = Held {
             side,
             t_ms,
@@ -306,6 +318,17 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
         };
         self.insert(key.to_vec(), seq, held);
         Ok(())
+    }
+
+    /// Lets the record `seq` go (a changelog's tombstone).
+    fn remove(&mut self, key: &[u8], side: Side, t_ms: i64, seq: u64) {
+        self.closing.remove(&(self.window.released_at(t_ms), seq));
+        if let Some(of_key) = self.held.get_mut(key) {
+            of_key[side.index()].remove(&(t_ms, seq));
+            if of_key.iter().all(BTreeMap::is_empty) {
+                self.held.remove(key);
+            }
+        }
     }
 
     fn insert(&mut self, key: Vec<u8>, seq: u64, held: Held<P>) {
@@ -332,6 +355,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
                 break;
             }
             let (key, side, t_ms) = entry.remove();
+            self.note_change(seq, &key, side, t_ms, None);
             let Some(of_key) = self.held.get_mut(&key) else {
                 continue;
             };
@@ -351,10 +375,14 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
         Ok(())
     }
 
+    /// The state as a checkpoint holds it: without the held records when
+    /// they are kept as changelog entries.
     pub fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        let logged = self.changes.is_some();
         let held = self
             .held
             .iter()
+            .filter(|_| !logged)
             .flat_map(|(key, of_key)| {
                 of_key
                     .iter()
@@ -381,7 +409,11 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
                 snapshot.version
             )));
         }
+        let logged = self.changes.is_some();
         *self = JoinBuffers::new(self.window, self.kind);
+        if logged {
+            self.changes = Some(log::Changes::default());
+        }
         for (key, seq, held) in snapshot.held {
             if seq >= snapshot.next_seq {
                 return Err(StageError::Corrupt(format!(
@@ -389,6 +421,8 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
                     snapshot.next_seq
                 )));
             }
+            // Held in a snapshot written before the log was: a change.
+            self.note_change(seq, &key, held.side, held.t_ms, Some(&held.payload));
             self.insert(key, seq, held);
         }
         (self.watermark_ms, self.next_seq, self.late) = (snapshot.watermark_ms, snapshot.next_seq, snapshot.late);
@@ -428,7 +462,7 @@ pub struct StreamJoinStage {
 impl StreamJoinStage {
     pub fn new(spec: Arc<JoinSpec>) -> StreamJoinStage {
         StreamJoinStage {
-            buffers: JoinBuffers::new(spec.window, spec.kind),
+            buffers: JoinBuffers::logged(spec.window, spec.kind),
             spec,
             // As the source stage encodes a key: a sequence of values.
             null_key: postcard::to_allocvec(&vec![Value::Null]).unwrap_or_default(),
@@ -554,5 +588,13 @@ impl WindowStage for StreamJoinStage {
         Err(StageError::NoTable(
             "a stream–stream join holds records, not a table's rows",
         ))
+    }
+
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(&self.buffers)
+    }
+
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.buffers)
     }
 }

@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    step, to_json, type_name, DataflowDef, Emitted, JoinedSource, KeyedSource, KeyedStream, StageError, WindowStage,
-    WindowStageFactory,
+    step, to_json, type_name, DataflowDef, Emitted, JoinedSource, KeyedSource, KeyedStream, StageError, StateStore,
+    WindowStage, WindowStageFactory,
 };
 use crate::join::{JoinBuffers, JoinWindow, Joined, Side};
 
@@ -76,7 +76,7 @@ where
         let (window, kind, joiner) = (self.window, self.kind, self.joiner);
         let factory: WindowStageFactory = Arc::new(move || {
             Box::new(TypedJoinStage::<K, T, U, R> {
-                buffers: JoinBuffers::new(window, kind),
+                buffers: JoinBuffers::logged(window, kind),
                 joiner: joiner.clone(),
                 _types: std::marker::PhantomData,
             })
@@ -196,6 +196,14 @@ where
             "a stream–stream join holds records, not a table's rows",
         ))
     }
+
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(&self.buffers)
+    }
+
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.buffers)
+    }
 }
 
 #[cfg(test)]
@@ -272,9 +280,7 @@ mod tests {
         let mut watermark_ms = i64::MIN;
         for (i, &(side, card, at_ms, id)) in events().iter().enumerate() {
             if restart_at == Some(i) {
-                let snapshot = join.snapshot().expect("snapshots");
-                join = factory();
-                join.restore(&snapshot).expect("restores");
+                join = crate::testing::restored(&factory, &*join).expect("restores");
             }
             let card = format!("c{card}");
             let json = match side {

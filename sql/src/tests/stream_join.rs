@@ -110,9 +110,7 @@ fn run(statement: &str, events: &[Event], restart_at: Option<usize>) -> (Vec<Joi
     let mut watermark_ms = i64::MIN;
     for (i, event) in events.iter().enumerate() {
         if restart_at == Some(i) {
-            let snapshot = join.snapshot().expect("snapshots");
-            join = factory();
-            join.restore(&snapshot).expect("restores");
+            join = runnel_dataflow::testing::restored(factory, &*join).expect("restores");
         }
         feed(&def, join.as_mut(), event, &mut watermark_ms, &mut out);
     }
