@@ -427,13 +427,12 @@ where
             .entry(start)
             .or_insert_with(|| Map::with_capacity_and_hasher(keys_hint, Default::default()));
         let changed = match keys.entry(key) {
-            Entry::Occupied(entry) => {
+            Entry::Occupied(mut entry) => {
+                fold(entry.get_mut(), value);
                 if let Some(changes) = &mut self.changes {
                     changes.fixed(start, entry.key(), Some(entry.get()));
                 }
-                let aggregate = entry.into_mut();
-                fold(aggregate, value);
-                changed_key.is_some().then(|| aggregate.clone())
+                changed_key.is_some().then(|| entry.get().clone())
             }
             Entry::Vacant(entry) => {
                 admit(entry.key()).map_err(WindowError::BadKey)?;

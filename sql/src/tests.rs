@@ -17,6 +17,7 @@ use crate::parse::{parse_statement, Statement};
 use crate::planner::plan_query;
 
 mod as_of;
+mod state_store;
 mod stream_join;
 mod table_join;
 
@@ -834,5 +835,60 @@ fn explode_makes_a_row_per_array_element() {
     ] {
         let refused = plan(statement).expect_err(statement);
         assert!(refused.contains(expected), "{statement}: {refused}");
+    }
+}
+
+/// A query's tasks (one per stage, one partition each), run by the real
+/// task code over an in-memory cluster.
+struct Tasks {
+    def: std::sync::Arc<runnel_dataflow::builder::DataflowDef>,
+    io: std::sync::Arc<runnel_dataflow::testing::MemoryIo>,
+    tasks: Vec<runnel_dataflow::task::TaskRunner<runnel_dataflow::testing::MemoryIo>>,
+}
+
+impl Tasks {
+    async fn new(plan: &runnel_client::plan::Plan, io: runnel_dataflow::testing::MemoryIo) -> Tasks {
+        let def = std::sync::Arc::new(compile("q", plan).expect("compiles"));
+        let mut tasks = Tasks {
+            def,
+            io: std::sync::Arc::new(io),
+            tasks: Vec::new(),
+        };
+        for task in 0..tasks.def.stages() {
+            let runner = tasks.start(task).await.expect("starts");
+            tasks.tasks.push(runner);
+        }
+        tasks
+    }
+
+    /// Task `task` as it starts or restores from its checkpoint partition.
+    async fn start(
+        &self,
+        task: u32,
+    ) -> Result<runnel_dataflow::task::TaskRunner<runnel_dataflow::testing::MemoryIo>, runnel_dataflow::task::TaskError>
+    {
+        let assignment = runnel_client::tasks::TaskAssignment {
+            dataflow: "q".into(),
+            task,
+            partitions: 1,
+            stages: self.def.stages(),
+            generation: 0,
+        };
+        let status = std::sync::Arc::new(std::sync::Mutex::new(runnel_client::tasks::TaskStatus::default()));
+        runnel_dataflow::task::TaskRunner::restore(self.def.clone(), assignment, self.io.clone(), status).await
+    }
+
+    /// Steps every task until none reads anything.
+    async fn drain(&mut self) {
+        for _ in 0..1000 {
+            let mut read = false;
+            for task in &mut self.tasks {
+                read |= task.step().await.expect("steps");
+            }
+            if !read {
+                return;
+            }
+        }
+        panic!("the tasks still read after 1,000 rounds");
     }
 }

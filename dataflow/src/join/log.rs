@@ -197,7 +197,11 @@ mod tests {
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
                 let roll = state >> 33;
-                let side = if roll.is_multiple_of(2) { Side::Left } else { Side::Right };
+                let side = if roll.is_multiple_of(2) {
+                    Side::Left
+                } else {
+                    Side::Right
+                };
                 (
                     side,
                     (roll >> 3) as u8 % 5,

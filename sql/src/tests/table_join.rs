@@ -5,18 +5,16 @@
 //! computed here.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use runnel_client::plan::{ObjectKind, SqlObject, SqlType};
-use runnel_client::tasks::{TaskAssignment, TaskStatus};
 use runnel_dataflow::builder::{Emitted, WindowStage};
 use runnel_dataflow::compile::compile;
-use runnel_dataflow::task::{TaskRunner, CHECKPOINT_BYTES_MAX, CHECKPOINT_INTERVAL};
+use runnel_dataflow::task::{CHECKPOINT_BYTES_MAX, CHECKPOINT_INTERVAL};
 use runnel_dataflow::testing::MemoryIo;
 use runnel_storage::Record;
 use serde_json::{json, Value};
 
-use super::{object, plan_in};
+use super::{object, plan_in, Tasks};
 
 fn table(name: &str, columns: &[(&str, SqlType)]) -> SqlObject {
     object(name, ObjectKind::Table, columns, None)
@@ -260,70 +258,19 @@ fn materialized(io: &MemoryIo) -> BTreeMap<String, Value> {
     rows
 }
 
-/// The join of `kind` as its three tasks (a source per table, the join),
-/// run by the real task code over an in-memory cluster.
-struct Tasks {
-    def: Arc<runnel_dataflow::builder::DataflowDef>,
-    io: Arc<MemoryIo>,
-    tasks: Vec<TaskRunner<MemoryIo>>,
+/// The join of `kind` as its three tasks (a source per table, the join).
+async fn join_tasks(kind: &str) -> Tasks {
+    Tasks::new(&plan(&statement(kind)).expect("plans"), MemoryIo::default()).await
 }
 
-impl Tasks {
-    async fn new(kind: &str, io: MemoryIo) -> Tasks {
-        let plan = plan(&statement(kind)).expect("plans");
-        let def = Arc::new(compile("q", &plan).expect("compiles"));
-        let mut tasks = Tasks {
-            def,
-            io: Arc::new(io),
-            tasks: Vec::new(),
-        };
-        for task in 0..3 {
-            let runner = tasks.start(task).await.expect("starts");
-            tasks.tasks.push(runner);
-        }
-        tasks
-    }
-
-    async fn start(&self, task: u32) -> Result<TaskRunner<MemoryIo>, runnel_dataflow::task::TaskError> {
-        let assignment = TaskAssignment {
-            dataflow: "q".into(),
-            task,
-            partitions: 1,
-            stages: self.def.stages(),
-            generation: 0,
-        };
-        let status = Arc::new(Mutex::new(TaskStatus::default()));
-        TaskRunner::restore(self.def.clone(), assignment, self.io.clone(), status).await
-    }
-
-    fn append(&self, index: usize, (side, key, value): &Change) {
-        let record = Record {
-            timestamp_ms: index as i64,
-            key: Some(key.clone().into()),
-            value: value.as_ref().map(|v| v.to_string().into()),
-            headers: Vec::new(),
-        };
-        self.io.append(["users", "accounts"][*side], 0, record);
-    }
-
-    /// Steps every task until none reads anything.
-    async fn drain(&mut self) {
-        for _ in 0..1000 {
-            let mut read = false;
-            for task in &mut self.tasks {
-                read |= task.step().await.expect("steps");
-            }
-            if !read {
-                return;
-            }
-        }
-        panic!("the tasks still read after 1,000 rounds");
-    }
-
-    /// The join task's checkpoint partition, record by record.
-    fn changelog(&self) -> Vec<Record> {
-        self.io.records("q.checkpoints", 2)
-    }
+fn append(tasks: &Tasks, index: usize, (side, key, value): &Change) {
+    let record = Record {
+        timestamp_ms: index as i64,
+        key: Some(key.clone().into()),
+        value: value.as_ref().map(|v| v.to_string().into()),
+        headers: Vec::new(),
+    };
+    tasks.io.append(["users", "accounts"][*side], 0, record);
 }
 
 fn key_of(record: &Record) -> &[u8] {
@@ -344,11 +291,11 @@ fn fold(tables: &mut [BTreeMap<String, Value>; 2], (side, key, value): Change) {
 /// cannot add entries the restored one knows nothing of.
 #[tokio::test]
 async fn a_join_task_restores_its_rows_from_its_changelog_and_a_stale_incarnation_is_fenced() {
-    let mut tasks = Tasks::new("JOIN", MemoryIo::default()).await;
+    let mut tasks = join_tasks("JOIN").await;
     let mut tables: [BTreeMap<String, Value>; 2] = Default::default();
     let mut stale = None;
     for (i, change) in changes().into_iter().enumerate() {
-        tasks.append(i, &change);
+        append(&tasks, i, &change);
         fold(&mut tables, change);
         if i % 40 == 39 {
             for task in &mut tasks.tasks {
@@ -378,7 +325,7 @@ async fn a_join_task_restores_its_rows_from_its_changelog_and_a_stale_incarnatio
     assert!(refused.contains("fenced"), "{refused}");
     tasks.drain().await;
     assert_eq!(materialized(&tasks.io), reference(&tables, "JOIN"));
-    let log = tasks.changelog();
+    let log = tasks.io.records("q.checkpoints", 2);
     assert!(
         log.iter().any(|r| key_of(r).starts_with(b"s/")),
         "entries in the changelog"
@@ -396,14 +343,14 @@ async fn a_join_task_restores_its_rows_from_its_changelog_and_a_stale_incarnatio
 /// limit however much one fetch holds, and a restore reads them all back.
 #[tokio::test]
 async fn a_join_task_checkpoints_early_when_its_changes_fill_a_checkpoint() {
-    let mut tasks = Tasks::new("LEFT JOIN", MemoryIo::default()).await;
+    let mut tasks = join_tasks("LEFT JOIN").await;
     let mut tables: [BTreeMap<String, Value>; 2] = Default::default();
     let name = "n".repeat(4096);
     let keys = 1500;
     let users = (0..keys).map(|k| (0, format!("k{k}"), Some(json!({"name": name}))));
     let accounts = (0..keys).map(|k| (1, format!("k{k}"), Some(json!({"balance": k}))));
     for (i, change) in users.chain(accounts).enumerate() {
-        tasks.append(i, &change);
+        append(&tasks, i, &change);
         fold(&mut tables, change);
     }
     tasks.drain().await;
@@ -417,7 +364,7 @@ async fn a_join_task_checkpoints_early_when_its_changes_fill_a_checkpoint() {
     );
     tasks.tasks[2] = tasks.start(2).await.expect("restores");
     let change = (1, "k7".to_string(), None);
-    tasks.append(2 * keys, &change);
+    append(&tasks, 2 * keys, &change);
     fold(&mut tables, change);
     tasks.drain().await;
     assert_same(&materialized(&tasks.io), &reference(&tables, "LEFT JOIN"));

@@ -1,0 +1,93 @@
+//! An aggregate whose state is larger than a checkpoint holds (7 MiB), run
+//! by the real task code over an in-memory cluster: its state lives in its
+//! changelog, written with checkpoints that each stay within the limit, and
+//! a restored task reads it back and goes on to the exact results.
+
+use std::collections::BTreeMap;
+
+use runnel_dataflow::task::{CHECKPOINT_BYTES_MAX, CHECKPOINT_INTERVAL};
+use runnel_dataflow::testing::MemoryIo;
+use runnel_storage::Record;
+use serde_json::{json, Value};
+
+use super::{attempts, plan_in, Tasks};
+
+const CARDS: usize = 30_000;
+/// Each card's note: its attempt's number and 294 more characters.
+const NOTE_PAD: usize = 294;
+
+fn append(tasks: &Tasks, i: usize) {
+    let note = format!("{i:06}{}", "x".repeat(NOTE_PAD));
+    let value = json!({"card": format!("card-{:05}", i % CARDS), "amount": 1, "at_ms": i, "note": note});
+    let record = Record {
+        timestamp_ms: i as i64,
+        key: None,
+        value: Some(value.to_string().into()),
+        headers: Vec::new(),
+    };
+    tasks.io.append("attempts", 0, record);
+}
+
+/// The sink's rows by card (each change replaces the card's row).
+fn materialized(io: &MemoryIo, sink: &str) -> BTreeMap<String, (i64, String)> {
+    let mut rows = BTreeMap::new();
+    for record in io.records(sink, 0) {
+        let row: Value = serde_json::from_slice(record.value.as_deref().expect("an upsert")).expect("JSON");
+        let card = row["CARD"].as_str().expect("a card").to_string();
+        let note = row["NOTE"].as_str().expect("a note").to_string();
+        rows.insert(card, (row["N"].as_i64().expect("a count"), note));
+    }
+    rows
+}
+
+/// 30,000 cards each keep the longest of their 300-character notes: about
+/// 10 MB of state in one task, more than one checkpoint holds. The
+/// aggregate task is restored half-way from its checkpoint partition, and
+/// the results equal the reference.
+#[tokio::test]
+async fn an_aggregate_larger_than_a_checkpoint_restores_from_its_changelog() {
+    let statement = "CREATE TABLE noted AS SELECT card, COUNT(*) AS n, MAX(note) AS note FROM attempts GROUP BY card;";
+    let plan = plan_in(vec![attempts()], statement).expect("plans");
+    let mut tasks = Tasks::new(&plan, MemoryIo::default()).await;
+    let sink = tasks.def.sink.clone();
+    for i in 0..CARDS {
+        append(&tasks, i);
+    }
+    tasks.drain().await;
+    tasks.io.pass(CHECKPOINT_INTERVAL);
+    tasks.drain().await;
+    let batches = tasks.io.batches("q.checkpoints", 1);
+    let written: usize = batches.iter().map(|b| b.size_bytes()).sum();
+    let largest = batches.iter().map(|b| b.size_bytes()).max().unwrap_or(0);
+    assert!(
+        written > CHECKPOINT_BYTES_MAX,
+        "{written} bytes of state and checkpoints"
+    );
+    assert!(largest <= CHECKPOINT_BYTES_MAX, "a checkpoint of {largest} bytes");
+
+    tasks.tasks[1] = tasks.start(1).await.expect("restores from the changelog");
+    for i in CARDS..2 * CARDS {
+        append(&tasks, i);
+    }
+    tasks.drain().await;
+    let expected: BTreeMap<String, (i64, String)> = (CARDS..2 * CARDS)
+        .map(|i| {
+            (
+                format!("card-{:05}", i % CARDS),
+                (2, format!("{i:06}{}", "x".repeat(NOTE_PAD))),
+            )
+        })
+        .collect();
+    let got = materialized(&tasks.io, &sink);
+    assert_eq!(got.len(), expected.len());
+    let wrong: Vec<_> = got
+        .iter()
+        .filter(|(card, row)| expected.get(*card) != Some(*row))
+        .take(3)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "cards whose row is not the reference's: {:?}",
+        wrong.iter().map(|w| w.0).collect::<Vec<_>>()
+    );
+}
