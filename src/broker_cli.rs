@@ -144,7 +144,8 @@ pub enum TopicCommand {
         cleanup: Option<String>,
         /// A topic setting as Kafka names it (repeatable):
         /// `retention.ms=N`, `min.insync.replicas=N`,
-        /// `cleanup.policy=compact`, `delete.retention.ms=N`.
+        /// `cleanup.policy=compact`, `delete.retention.ms=N`,
+        /// `min.compaction.lag.ms=N`.
         #[arg(short = 'c', long = "config", value_name = "KEY=VALUE")]
         configs: Vec<String>,
         #[command(flatten)]
@@ -287,7 +288,8 @@ fn apply_setting(config: &mut TopicConfig, setting: &str) -> anyhow::Result<()> 
 
 /// A `-c KEY=VALUE` topic setting as Kafka names it: `retention.ms=N` (-1
 /// keeps records forever), `min.insync.replicas=N`,
-/// `cleanup.policy=delete|compact|compact,delete`, `delete.retention.ms=N`.
+/// `cleanup.policy=delete|compact|compact,delete`, `delete.retention.ms=N`,
+/// `min.compaction.lag.ms=N`.
 fn parse_setting(setting: &str) -> anyhow::Result<TopicSetting> {
     let (key, value) = setting
         .split_once('=')
@@ -303,13 +305,14 @@ fn parse_setting(setting: &str) -> anyhow::Result<TopicSetting> {
             TopicSetting::Cleanup(CleanupPolicy::parse(value).map_err(|e| anyhow::anyhow!("-c {key}={value}: {e}"))?)
         }
         "delete.retention.ms" => TopicSetting::DeleteRetentionMs(number("delete.retention.ms")?),
+        "min.compaction.lag.ms" => TopicSetting::MinCompactionLagMs(number("min.compaction.lag.ms")?),
         "retention.ms" | "retention_ms" if value.trim() == "-1" => TopicSetting::RetentionMs(None),
         "retention.ms" | "retention_ms" => TopicSetting::RetentionMs(Some(number("retention.ms (or -1, forever)")?)),
         "min.insync.replicas" | "min_insync" => TopicSetting::MinInsync(
             u16::try_from(number("min.insync.replicas")?).context("min.insync.replicas is too large")?,
         ),
         other => bail!(
-            "-c {other}: not a topic setting Runnel has; it knows retention.ms, min.insync.replicas, cleanup.policy and delete.retention.ms"
+            "-c {other}: not a topic setting Runnel has; it knows retention.ms, min.insync.replicas, cleanup.policy, delete.retention.ms and min.compaction.lag.ms"
         ),
     })
 }
@@ -380,7 +383,7 @@ fn print_topic(topic: &TopicInfo, alive: &BTreeSet<NodeId>, failed: &[FailedRepl
         let c = &topic.config;
         let settings = serde_json::json!({"partitions": c.partitions, "replication": c.replication,
             "min_insync": c.min_insync, "retention_ms": c.retention_ms, "cleanup_policy": c.cleanup.as_str(),
-            "delete_retention_ms": c.delete_retention_ms});
+            "delete_retention_ms": c.delete_retention_ms, "min_compaction_lag_ms": c.min_compaction_lag_ms});
         println!(
             "{}",
             serde_json::json!({"name": topic.name, "config": settings, "partitions": partitions})
@@ -900,13 +903,15 @@ mod tests {
         assert_eq!(config.cleanup, CleanupPolicy::CompactDelete);
         apply_setting(&mut config, "delete.retention.ms=5").expect("tombstones");
         assert_eq!(config.delete_retention_ms, 5);
+        apply_setting(&mut config, "min.compaction.lag.ms=86400000").expect("a lag");
+        assert_eq!(config.min_compaction_lag_ms, 86_400_000);
         let wrong = apply_setting(&mut config, "cleanup.policy=shred").expect_err("no such policy");
         assert!(wrong.to_string().contains("not one of delete, compact"), "{wrong}");
         let unknown = apply_setting(&mut config, "segment.bytes=1024").expect_err("unknown");
         assert!(
             unknown
                 .to_string()
-                .contains("knows retention.ms, min.insync.replicas, cleanup.policy and delete.retention.ms"),
+                .contains("knows retention.ms, min.insync.replicas, cleanup.policy, delete.retention.ms and min.compaction.lag.ms"),
             "{unknown}"
         );
         assert!(apply_setting(&mut config, "retention.ms").is_err(), "no value");

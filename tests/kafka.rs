@@ -433,11 +433,19 @@ fn admin_alters_settings_and_grows_the_topic(bootstrap: &str) {
     );
     assert_eq!(topic_setting(bootstrap, "orders", "min.insync.replicas"), "2");
     assert_eq!(
-        alter("incremental", &["cleanup.policy=compact", "delete.retention.ms=1000"]),
+        alter(
+            "incremental",
+            &[
+                "cleanup.policy=compact",
+                "delete.retention.ms=1000",
+                "min.compaction.lag.ms=60000"
+            ]
+        ),
         "OK"
     );
     assert_eq!(topic_setting(bootstrap, "orders", "cleanup.policy"), "compact");
     assert_eq!(topic_setting(bootstrap, "orders", "delete.retention.ms"), "1000");
+    assert_eq!(topic_setting(bootstrap, "orders", "min.compaction.lag.ms"), "60000");
     let refused = alter("incremental", &["cleanup.policy=shred"]);
     assert!(
         refused

@@ -370,10 +370,10 @@ impl Broker {
     }
 
     /// Asks the local replica of `group` to compact its log.
-    pub fn compact(&self, group: GroupId, delete_retention_ms: u64) {
+    pub fn compact(&self, group: GroupId, policy: runnel_storage::CompactionPolicy) {
         if let Some(replica) = self.replica(group) {
             let _ = replica.cast(ReplicaMsg::Compact {
-                delete_retention_ms,
+                policy,
                 continued: false,
             });
         }

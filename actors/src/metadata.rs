@@ -935,13 +935,14 @@ pub(crate) mod tests {
     fn metadata_command_tags_are_pinned_and_versioned() {
         for (tag, command) in every_command().into_iter().enumerate() {
             let value = encode_command(&command).expect("encodes");
-            assert_eq!(&value[..3], &[COMMAND_MAGIC, 6, tag as u8], "{command:?}");
+            assert_eq!(&value[..3], &[COMMAND_MAGIC, 7, tag as u8], "{command:?}");
             assert_eq!(decode_command(&value), Ok(command.clone()));
             if matches!(command, MetadataCommand::CreateTopic { .. }) {
-                continue; // its config changed in format 6: see the next test
+                continue; // its config changed in formats 6 and 7: see the next tests
             }
             let mut earlier = value;
             for version in [
+                COMMAND_FORMAT_V6,
                 COMMAND_FORMAT_V5,
                 COMMAND_FORMAT_V4,
                 COMMAND_FORMAT_V3,
@@ -989,15 +990,45 @@ pub(crate) mod tests {
         assert_eq!(config.cleanup, runnel_client::protocol::CleanupPolicy::Delete);
         // Unversioned (format 0) too.
         assert_eq!(decode_command(&value[2..]), decode_command(&value));
-        // A format-6 CreateTopic keeps its policy.
+        // A format-7 CreateTopic keeps its policy and lag.
         let mut compacted = TopicConfig::new(1, 1);
         compacted.cleanup = runnel_client::protocol::CleanupPolicy::Compact;
+        compacted.min_compaction_lag_ms = 60_000;
         let command = MetadataCommand::CreateTopic {
             name: "c".into(),
             config: compacted,
             assignment: vec![vec![NodeId(1)]],
         };
         assert_eq!(decode_command(&encode_command(&command).expect("encodes")), Ok(command));
+    }
+
+    #[test]
+    fn a_create_topic_of_format_6_reads_with_no_compaction_lag() {
+        let old = CommandV6::CreateTopic {
+            name: "t".into(),
+            config: TopicConfigV6 {
+                partitions: 2,
+                replication: 3,
+                min_insync: 2,
+                retention_ms: None,
+                cleanup: CleanupPolicy::Compact,
+                delete_retention_ms: 77,
+            },
+            assignment: vec![vec![NodeId(1), NodeId(2), NodeId(3)]; 2],
+        };
+        let mut value = vec![COMMAND_MAGIC, COMMAND_FORMAT_V6];
+        value.extend(postcard::to_allocvec(&old).expect("encodes"));
+        let Ok(MetadataCommand::CreateTopic { name, config, .. }) = decode_command(&value) else {
+            panic!("not a CreateTopic");
+        };
+        let read = (
+            config.partitions,
+            config.min_insync,
+            config.cleanup,
+            config.delete_retention_ms,
+        );
+        assert_eq!((name.as_str(), read), ("t", (2, 2, CleanupPolicy::Compact, 77)));
+        assert_eq!((config.retention_ms, config.min_compaction_lag_ms), (None, 0));
     }
 
     #[test]
@@ -1095,7 +1126,7 @@ pub(crate) mod tests {
 /// the same postcard encoding. Any other version is refused by name: a node
 /// must not skip a command it cannot read, or its metadata would diverge.
 pub const COMMAND_MAGIC: u8 = 0xC5;
-pub const COMMAND_FORMAT_VERSION: u8 = 6;
+pub const COMMAND_FORMAT_VERSION: u8 = 7;
 /// Version 1 wrote the same encoding, before the SQL commands existed.
 const COMMAND_FORMAT_V1: u8 = 1;
 /// Version 2 wrote the same encoding, before `KafkaListener` existed.
@@ -1109,6 +1140,9 @@ const COMMAND_FORMAT_V4: u8 = 4;
 /// Version 5 wrote `TopicConfig` without `cleanup` and
 /// `delete_retention_ms` (see [`legacy_create_topic`]).
 const COMMAND_FORMAT_V5: u8 = 5;
+/// Version 6 wrote `TopicConfig` without `min_compaction_lag_ms` (see
+/// [`create_topic_v6`]).
+const COMMAND_FORMAT_V6: u8 = 6;
 
 /// Why a controller-log record could not be read as a command.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -1164,6 +1198,12 @@ pub fn decode_command(value: &[u8]) -> Result<MetadataCommand, CommandFormatErro
         [COMMAND_MAGIC, COMMAND_FORMAT_VERSION, body @ ..] => {
             return postcard::from_bytes(body).map_err(|e| CommandFormatError::Malformed(e.to_string()))
         }
+        [COMMAND_MAGIC, COMMAND_FORMAT_V6, body @ ..] => {
+            if let Some(command) = create_topic_v6(body) {
+                return Ok(command);
+            }
+            return postcard::from_bytes(body).map_err(|e| CommandFormatError::Malformed(e.to_string()));
+        }
         [COMMAND_MAGIC, COMMAND_FORMAT_V5 | COMMAND_FORMAT_V4 | COMMAND_FORMAT_V3 | COMMAND_FORMAT_V2 | COMMAND_FORMAT_V1, body @ ..] => {
             body
         }
@@ -1197,6 +1237,48 @@ enum CommandV5 {
         config: TopicConfigV5,
         assignment: Vec<Vec<NodeId>>,
     },
+}
+
+/// `TopicConfig` as format 6 wrote it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct TopicConfigV6 {
+    partitions: u32,
+    replication: u16,
+    min_insync: u16,
+    retention_ms: Option<u64>,
+    cleanup: CleanupPolicy,
+    delete_retention_ms: u64,
+}
+
+/// `CreateTopic` as format 6 wrote it (see [`CommandV5`]).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+enum CommandV6 {
+    CreateTopic {
+        name: String,
+        config: TopicConfigV6,
+        assignment: Vec<Vec<NodeId>>,
+    },
+}
+
+/// A format-6 `CreateTopic`, its config with no compaction lag.
+fn create_topic_v6(body: &[u8]) -> Option<MetadataCommand> {
+    let CommandV6::CreateTopic {
+        name,
+        config,
+        assignment,
+    } = postcard::from_bytes(body).ok()?;
+    let mut current = TopicConfig::new(config.partitions, config.replication);
+    current.min_insync = config.min_insync;
+    current.retention_ms = config.retention_ms;
+    current.cleanup = config.cleanup;
+    current.delete_retention_ms = config.delete_retention_ms;
+    Some(MetadataCommand::CreateTopic {
+        name,
+        config: current,
+        assignment,
+    })
 }
 
 fn legacy_create_topic(body: &[u8]) -> Option<MetadataCommand> {

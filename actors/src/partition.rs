@@ -121,7 +121,7 @@ pub enum ReplicaMsg {
     /// that a pass is under way (the controller's periodic ones are then
     /// left to it).
     Compact {
-        delete_retention_ms: u64,
+        policy: runnel_storage::CompactionPolicy,
         continued: bool,
     },
     /// Test-only fault hook: the replica's handler panics, as a bug would.
@@ -326,15 +326,12 @@ impl Actor for PartitionReplica {
             }
             ReplicaMsg::Promoted => state.part.core_mut().promoted()?,
             ReplicaMsg::Retain { retention_ms } => state.part.retain(runnel_client::unix_now_ms(), retention_ms),
-            ReplicaMsg::Compact {
-                delete_retention_ms,
-                continued,
-            } => {
+            ReplicaMsg::Compact { policy, continued } => {
                 if continued || !state.compacting {
-                    state.compacting = state.part.compact(runnel_client::unix_now_ms(), delete_retention_ms);
+                    state.compacting = state.part.compact(runnel_client::unix_now_ms(), policy);
                     if state.compacting {
                         let _ = myself.cast(ReplicaMsg::Compact {
-                            delete_retention_ms,
+                            policy,
                             continued: true,
                         });
                     }
@@ -486,11 +483,8 @@ impl<R: ProduceReply> PartitionCore<R> {
     /// Log compaction: a few bounded steps (see
     /// [`ReplicaCore::compact_log`]); whether a pass is still under way. A
     /// failure is logged, not fatal: the records stay as they are.
-    pub fn compact(&mut self, now_ms: i64, delete_retention_ms: u64) -> bool {
-        match self
-            .core
-            .compact_log(now_ms, delete_retention_ms, COMPACTION_STEPS_PER_MESSAGE)
-        {
+    pub fn compact(&mut self, now_ms: i64, policy: runnel_storage::CompactionPolicy) -> bool {
+        match self.core.compact_log(now_ms, policy, COMPACTION_STEPS_PER_MESSAGE) {
             Ok(done) => {
                 if let Some(outcome) = done.finished.filter(|o| o.segments_rewritten > 0) {
                     tracing::info!(

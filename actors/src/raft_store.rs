@@ -83,7 +83,7 @@ struct StoredHardState {
 #[derive(Clone, Copy, Debug)]
 pub struct CompactLimits {
     pub now_ms: i64,
-    pub delete_retention_ms: u64,
+    pub policy: runnel_storage::CompactionPolicy,
     /// Compaction looks at entries up to this one (applied, so committed).
     pub applied: u64,
     /// Entries up to this one are on every replica (0: unknown here).
@@ -709,7 +709,8 @@ impl PartitionStore {
             index => offset_after(index.min(limits.applied)),
         };
         let settings = CompactionSettings {
-            delete_retention_ms: limits.delete_retention_ms,
+            delete_retention_ms: limits.policy.delete_retention_ms,
+            min_lag_ms: limits.policy.min_lag_ms,
             tombstone_horizon_offset,
             ..CompactionSettings::new(end_offset, limits.now_ms)
         };
@@ -1166,7 +1167,10 @@ mod tests {
         let offsets: Vec<_> = (1..=40).map(|i| leader.entry_offsets(i)).collect();
         let limits = |applied| CompactLimits {
             now_ms: 1_000,
-            delete_retention_ms: 60_000,
+            policy: runnel_storage::CompactionPolicy {
+                delete_retention_ms: 60_000,
+                min_lag_ms: 0,
+            },
             applied,
             all_hold: applied,
             steps_max: 1_000,
@@ -1234,7 +1238,10 @@ mod tests {
         file.write_all_at(b"\xff", 100).expect("flip a byte");
         let limits = CompactLimits {
             now_ms: 1_000,
-            delete_retention_ms: 60_000,
+            policy: runnel_storage::CompactionPolicy {
+                delete_retention_ms: 60_000,
+                min_lag_ms: 0,
+            },
             applied: 40,
             all_hold: 40,
             steps_max: 1_000,

@@ -726,14 +726,19 @@ impl ReplicaCore {
     /// [`PartitionStore::compact_log`]).
     /// Only the leader lets expired tombstones go, below the entries every
     /// replica (learners too) holds.
-    pub fn compact_log(&mut self, now_ms: i64, delete_retention_ms: u64, steps_max: usize) -> Result<LogCompaction> {
+    pub fn compact_log(
+        &mut self,
+        now_ms: i64,
+        policy: runnel_storage::CompactionPolicy,
+        steps_max: usize,
+    ) -> Result<LogCompaction> {
         let all_hold = match self.is_leader() {
             true => self.raw.raft.prs().iter().map(|(_, p)| p.matched).min().unwrap_or(0),
             false => 0,
         };
         let limits = CompactLimits {
             now_ms,
-            delete_retention_ms,
+            policy,
             applied: self.raw.raft.raft_log.applied,
             all_hold,
             steps_max,

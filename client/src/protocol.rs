@@ -89,7 +89,8 @@ pub const CLIENT_ACTOR: &str = "client.broker";
 /// 0x80).
 pub const PAYLOAD_MAGIC: u8 = 0xB5;
 /// Version 2: `TopicConfig` gained `cleanup` and `delete_retention_ms`.
-pub const PAYLOAD_VERSION: u8 = 2;
+/// Version 3: and `min_compaction_lag_ms`.
+pub const PAYLOAD_VERSION: u8 = 3;
 
 /// Why a payload could not be encoded or read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -255,6 +256,9 @@ pub struct TopicConfig {
     pub cleanup: CleanupPolicy,
     /// `delete.retention.ms`: how long compaction keeps a key's tombstone.
     pub delete_retention_ms: u64,
+    /// `min.compaction.lag.ms`: records stay uncompacted at least this long
+    /// (controller-log format 7 and payload version 3 on).
+    pub min_compaction_lag_ms: u64,
 }
 
 /// `delete.retention.ms`'s default, as Kafka's: a day.
@@ -315,6 +319,7 @@ impl TopicConfig {
             retention_ms: Some(7 * 24 * 3600 * 1000),
             cleanup: CleanupPolicy::Delete,
             delete_retention_ms: DELETE_RETENTION_MS_DEFAULT,
+            min_compaction_lag_ms: 0,
         }
     }
 
@@ -475,6 +480,8 @@ pub enum TopicSetting {
     Cleanup(CleanupPolicy),
     /// `delete.retention.ms` (controller-log format 6 on).
     DeleteRetentionMs(u64),
+    /// `min.compaction.lag.ms` (controller-log format 7 on).
+    MinCompactionLagMs(u64),
 }
 
 impl TopicSetting {
@@ -485,6 +492,7 @@ impl TopicSetting {
             TopicSetting::RetentionMs(ms) => config.retention_ms = *ms,
             TopicSetting::Cleanup(policy) => config.cleanup = *policy,
             TopicSetting::DeleteRetentionMs(ms) => config.delete_retention_ms = *ms,
+            TopicSetting::MinCompactionLagMs(ms) => config.min_compaction_lag_ms = *ms,
         }
     }
 }
@@ -793,6 +801,7 @@ mod tests {
             TopicSetting::RetentionMs(None),
             TopicSetting::Cleanup(CleanupPolicy::Compact),
             TopicSetting::DeleteRetentionMs(0),
+            TopicSetting::MinCompactionLagMs(0),
         ]);
         assert_tags(&[
             CleanupPolicy::Delete,

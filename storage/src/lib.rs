@@ -24,5 +24,6 @@ pub use batch::{BatchBuilder, BatchHeader, Header, ProducerInfo, Record, RecordB
 pub use error::{Result, StorageError};
 pub use kv::DurableKv;
 pub use log::{
-    CompactionOutcome, CompactionSettings, CompactionStep, Compactor, FsyncPolicy, Log, LogConfig, RetentionOutcome,
+    CompactionOutcome, CompactionPolicy, CompactionSettings, CompactionStep, Compactor, FsyncPolicy, Log, LogConfig,
+    RetentionOutcome,
 };

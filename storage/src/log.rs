@@ -26,7 +26,7 @@ use crate::kv::{sync_parent_dir, DurableKv};
 use crate::segment::{parse_segment_name, ScanMode, Segment};
 
 mod compact;
-pub use compact::{CompactionOutcome, CompactionSettings, CompactionStep, Compactor};
+pub use compact::{CompactionOutcome, CompactionPolicy, CompactionSettings, CompactionStep, Compactor};
 
 const META_FILE: &str = "log.meta";
 const KEY_RECOVERY_POINT: &str = "recovery_point";

@@ -33,7 +33,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use runnel_storage::RecordBatch;
+use runnel_storage::{CompactionPolicy, RecordBatch};
 
 use crate::metadata::{
     pick_replacement, place, place_tasks, validate_topic_name, AppliedMetadata, DataflowMeta, GroupId, MetadataCommand,
@@ -132,9 +132,8 @@ pub enum Command {
     /// newest record is older than `retention_ms` (the topic's setting).
     Retain { group: GroupId, retention_ms: u64 },
     /// Ask the local replica of `group` to compact its log (the topic's
-    /// `cleanup.policy` compacts), keeping a key's tombstone for
-    /// `delete_retention_ms`.
-    Compact { group: GroupId, delete_retention_ms: u64 },
+    /// `cleanup.policy` compacts) by the topic's `policy`.
+    Compact { group: GroupId, policy: CompactionPolicy },
 }
 
 /// What a node does next about its damaged replica of a group (see
@@ -326,11 +325,11 @@ impl ControllerCore {
                     commands.push(Command::Retain { group, retention_ms });
                 }
                 if config.cleanup.compacts() {
-                    let delete_retention_ms = config.delete_retention_ms;
-                    commands.push(Command::Compact {
-                        group,
-                        delete_retention_ms,
-                    });
+                    let policy = CompactionPolicy {
+                        delete_retention_ms: config.delete_retention_ms,
+                        min_lag_ms: config.min_compaction_lag_ms,
+                    };
+                    commands.push(Command::Compact { group, policy });
                 }
             }
         }

@@ -334,10 +334,7 @@ impl Shared {
                 Command::Reconfigure { group, voters } => self.broker.reconfigure(group, voters),
                 Command::PreferLeader { group, node } => self.broker.prefer_leader(group, node),
                 Command::Retain { group, retention_ms } => self.broker.retain(group, retention_ms),
-                Command::Compact {
-                    group,
-                    delete_retention_ms,
-                } => self.broker.compact(group, delete_retention_ms),
+                Command::Compact { group, policy } => self.broker.compact(group, policy),
                 Command::DeleteFiles { group } => match self.broker.delete_replica_files(group) {
                     Ok(()) => tracing::info!(partition = %group.named(), "deleted the files of a stale replica"),
                     Err(e) => {

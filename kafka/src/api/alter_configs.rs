@@ -19,9 +19,10 @@ const TOPIC: i8 = 2;
 /// Resources one request may change at most.
 const RESOURCES_MAX: usize = 1000;
 /// The topic settings Runnel keeps, by their Kafka names.
-const SETTINGS: [&str; 4] = [
+const SETTINGS: [&str; 5] = [
     "cleanup.policy",
     "delete.retention.ms",
+    "min.compaction.lag.ms",
     "min.insync.replicas",
     "retention.ms",
 ];
@@ -97,6 +98,7 @@ pub(crate) fn default_setting(name: &str, config: &TopicConfig) -> Result<Option
     Ok(match name {
         "cleanup.policy" => Some(TopicSetting::Cleanup(defaults.cleanup)),
         "delete.retention.ms" => Some(TopicSetting::DeleteRetentionMs(defaults.delete_retention_ms)),
+        "min.compaction.lag.ms" => Some(TopicSetting::MinCompactionLagMs(defaults.min_compaction_lag_ms)),
         "min.insync.replicas" => Some(TopicSetting::MinInsync(defaults.min_insync)),
         "retention.ms" => Some(TopicSetting::RetentionMs(defaults.retention_ms)),
         other => {

@@ -2,7 +2,8 @@
 //! placement. `num_partitions` and `replication_factor` of -1 take the
 //! defaults (1 partition; 3 replicas, or fewer on a smaller cluster).
 //! Settings Runnel has are taken from `configs` (`retention.ms`,
-//! `min.insync.replicas`, `cleanup.policy`, `delete.retention.ms`); any other is refused by
+//! `min.insync.replicas`, `cleanup.policy`, `delete.retention.ms`,
+//! `min.compaction.lag.ms`); any other is refused by
 //! name rather than silently ignored. Manual replica assignments are
 //! refused: Runnel places replicas itself.
 
@@ -116,8 +117,11 @@ pub(crate) fn topic_setting(name: &str, value: Option<&str>) -> Result<Option<To
         "delete.retention.ms" => Some(TopicSetting::DeleteRetentionMs(
             value.parse().map_err(|_| invalid("not a whole number of ms"))?,
         )),
+        "min.compaction.lag.ms" => Some(TopicSetting::MinCompactionLagMs(
+            value.parse().map_err(|_| invalid("not a whole number of ms"))?,
+        )),
         _ => return Err(invalid(
-            "not a setting Runnel has (it has retention.ms, min.insync.replicas, cleanup.policy, delete.retention.ms)",
+            "not a setting Runnel has (it has retention.ms, min.insync.replicas, cleanup.policy, delete.retention.ms, min.compaction.lag.ms)",
         )),
     })
 }

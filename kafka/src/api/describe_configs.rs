@@ -76,6 +76,11 @@ pub(crate) fn settings(config: &TopicConfig) -> Vec<(&'static str, String, i8)> 
     vec![
         ("cleanup.policy", config.cleanup.as_str().to_string(), TYPE_STRING),
         ("delete.retention.ms", config.delete_retention_ms.to_string(), TYPE_LONG),
+        (
+            "min.compaction.lag.ms",
+            config.min_compaction_lag_ms.to_string(),
+            TYPE_LONG,
+        ),
         ("min.insync.replicas", config.min_insync.to_string(), TYPE_INT),
         (
             "retention.ms",

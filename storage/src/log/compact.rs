@@ -25,7 +25,10 @@
 //!
 //! Only records below [`CompactionSettings::end_offset`] (a replica passes
 //! the end of its applied entries) are looked at, and the active segment is
-//! never rewritten. Records without a key are kept.
+//! never rewritten. Records without a key are kept. A segment whose newest
+//! record is younger than [`CompactionSettings::min_lag_ms`] ends what a
+//! pass takes (Kafka's `min.compaction.lag.ms`): records written within the
+//! lag are neither removed nor count as a later record of their key.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -41,6 +44,16 @@ use crate::segment::{BuiltState, Segment, SegmentPaths};
 /// Memory a key's entry takes beyond its bytes (map slot, allocation).
 const KEY_ENTRY_OVERHEAD_BYTES: usize = 64;
 
+/// A topic's compaction settings: how long a tombstone that is the latest
+/// record of its key stays (`delete.retention.ms`), and how long any record
+/// stays uncompacted (`min.compaction.lag.ms`: a segment is compacted only
+/// once its newest record is that old).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    pub delete_retention_ms: u64,
+    pub min_lag_ms: u64,
+}
+
 /// How one compaction pass runs.
 #[derive(Clone, Copy, Debug)]
 pub struct CompactionSettings {
@@ -51,6 +64,9 @@ pub struct CompactionSettings {
     /// How long a tombstone that is the latest record of its key stays,
     /// from its record time (or, unstamped, its segment's write time).
     pub delete_retention_ms: u64,
+    /// Segments whose newest record is younger than this are not compacted
+    /// (nor those after them): `min.compaction.lag.ms`.
+    pub min_lag_ms: u64,
     /// Tombstones at or above this offset stay whatever their age: a
     /// replicated log passes the offset every replica holds, so that no
     /// replica behind misses a deletion (its older record of the key would
@@ -73,6 +89,7 @@ impl CompactionSettings {
             end_offset,
             now_ms,
             delete_retention_ms: 24 * 3600 * 1000,
+            min_lag_ms: 0,
             tombstone_horizon_offset: end_offset,
             step_bytes_max: 4 << 20,
             key_map_bytes_max: 16 << 20,
@@ -215,11 +232,13 @@ impl Log {
     fn begin_pass(&self, settings: &CompactionSettings) -> Result<Option<Pass>> {
         let cleaned_to = self.cleaned_to()?;
         let closed = self.segments.len() - 1;
+        let lag_ms = i64::try_from(settings.min_lag_ms).unwrap_or(i64::MAX);
+        let old_enough = |s: &Segment| s.max_timestamp_ms() <= settings.now_ms.saturating_sub(lag_ms);
         let cleanable: Vec<&Segment> = self
             .segments
             .values()
             .take(closed)
-            .take_while(|s| s.next_offset() <= settings.end_offset)
+            .take_while(|s| s.next_offset() <= settings.end_offset && old_enough(s))
             .collect();
         let Some(until) = cleanable.last().map(|s| s.next_offset()) else {
             return Ok(None);

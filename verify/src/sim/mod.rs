@@ -1682,10 +1682,7 @@ impl World {
                 Command::DeleteFiles { group } => self.delete_files(id, group)?,
                 Command::PreferLeader { group, node } => self.prefer_leader(id, group, node)?,
                 Command::Retain { group, retention_ms } => self.retain(id, group, retention_ms)?,
-                Command::Compact {
-                    group,
-                    delete_retention_ms,
-                } => self.compact(id, group, delete_retention_ms)?,
+                Command::Compact { group, policy } => self.compact(id, group, policy)?,
             }
         }
         Ok(())
@@ -1767,14 +1764,14 @@ impl World {
 
     /// As `ReplicaMsg::Compact` and the replica's own reminders: the local
     /// replica compacts its log by the simulated clock until the pass ends.
-    fn compact(&mut self, id: NodeId, group: GroupId, delete_retention_ms: u64) -> Result<(), String> {
+    fn compact(&mut self, id: NodeId, group: GroupId, policy: runnel_storage::CompactionPolicy) -> Result<(), String> {
         const STEPS_MAX: usize = 100_000;
         let now_ms = self.now() as i64;
         let node = self.nodes.get_mut(&id).expect("known node");
         let Some(part) = node.groups.get_mut(&group) else {
             return Ok(());
         };
-        let done = match part.core_mut().compact_log(now_ms, delete_retention_ms, STEPS_MAX) {
+        let done = match part.core_mut().compact_log(now_ms, policy, STEPS_MAX) {
             Ok(done) => done,
             // As the replica actor: logged; damage it met is recorded in
             // the store, and driving the replica fails it for repair.

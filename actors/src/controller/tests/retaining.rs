@@ -67,7 +67,11 @@ fn compacted_topics_are_asked_to_compact_and_only_deleting_policies_expire() {
             &mut core,
             MetadataCommand::AlterTopic {
                 name: name.to_string(),
-                settings: vec![TopicSetting::Cleanup(policy), TopicSetting::DeleteRetentionMs(1_000)],
+                settings: vec![
+                    TopicSetting::Cleanup(policy),
+                    TopicSetting::DeleteRetentionMs(1_000),
+                    TopicSetting::MinCompactionLagMs(5_000),
+                ],
             },
         );
     }
@@ -77,11 +81,17 @@ fn compacted_topics_are_asked_to_compact_and_only_deleting_policies_expire() {
     let mut expected = vec![
         Command::Compact {
             group: group_of("compact"),
-            delete_retention_ms: 1_000,
+            policy: runnel_storage::CompactionPolicy {
+                delete_retention_ms: 1_000,
+                min_lag_ms: 5_000,
+            },
         },
         Command::Compact {
             group: group_of("both"),
-            delete_retention_ms: 1_000,
+            policy: runnel_storage::CompactionPolicy {
+                delete_retention_ms: 1_000,
+                min_lag_ms: 5_000,
+            },
         },
         Command::Retain {
             group: group_of("both"),
