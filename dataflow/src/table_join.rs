@@ -13,14 +13,16 @@
 //! Everything here is a function of the records in order, so a task
 //! replaying its input from a checkpoint emits the same changes.
 
-use std::collections::BTreeMap;
+mod rows;
+
 use std::sync::Arc;
 
 use runnel_client::plan::{Column, JoinKind, Operator, Sink};
 use runnel_client::tasks::StateRow;
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{state_rows, Change, Emitted, SourceStage, StageError, StateStore, WindowStage};
+pub use self::rows::{KeyRows, Rows};
+use crate::builder::{state_rows, Emitted, SourceStage, StageError, StateStore, WindowStage};
 use crate::compile::{group_key, run_ops};
 use crate::join::{LEFT, RIGHT};
 use crate::row::{decode_row, JsonRow, Value};
@@ -33,8 +35,6 @@ pub const TABLE_JOIN_KEYS_MAX: usize = 500_000;
 /// held them all, and still reads).
 const TABLES_STATE_VERSION: u8 = 2;
 const TABLES_STATE_V1: u8 = 1;
-/// What a changed key costs beyond its row in the pending changes.
-const CHANGE_OVERHEAD_BYTES: usize = 64;
 
 /// The source stage of one side of a table–table join.
 pub struct TableSource {
@@ -111,69 +111,54 @@ pub struct TablesSpec {
     pub sink: Sink,
 }
 
-/// A key's latest rows: left, right.
-type Rows = [Option<Vec<Value>>; 2];
-
 #[derive(Serialize, Deserialize)]
 struct TablesSnapshot {
     version: u8,
-    rows: Vec<(Vec<u8>, Rows)>,
+    rows: Vec<(Vec<u8>, Rows<Vec<Value>>)>,
+}
+
+/// Whether a join of `kind` keeps a key with `rows`.
+pub fn keeps<R>(kind: JoinKind, rows: &Rows<R>) -> bool {
+    match kind {
+        JoinKind::Inner => rows[0].is_some() && rows[1].is_some(),
+        JoinKind::Left => rows[0].is_some(),
+        JoinKind::Outer => rows[0].is_some() || rows[1].is_some(),
+    }
 }
 
 /// One task's table–table join state.
 pub struct TableJoinStage {
     spec: Arc<TablesSpec>,
-    rows: BTreeMap<Vec<u8>, Rows>,
-    /// Keys changed since the last checkpoint, each with what its entry
-    /// takes now, and their sum.
-    changed: BTreeMap<Vec<u8>, usize>,
-    changed_bytes: usize,
+    rows: KeyRows<Vec<Value>>,
     max_event_ms: i64,
     scratch: Vec<Value>,
+}
+
+/// The key's joined row after the stage's operators, if the join keeps it.
+fn joined(spec: &TablesSpec, scratch: &mut Vec<Value>, rows: &Rows<Vec<Value>>) -> Option<Vec<Value>> {
+    if !keeps(spec.kind, rows) {
+        return None;
+    }
+    let mut row = Vec::with_capacity(spec.left_width + spec.right_width);
+    match &rows[0] {
+        Some(left) => row.extend_from_slice(left),
+        None => row.resize(spec.left_width, Value::Null),
+    }
+    match &rows[1] {
+        Some(right) => row.extend_from_slice(right),
+        None => row.resize(spec.left_width + spec.right_width, Value::Null),
+    }
+    run_ops(&spec.ops, &[], &mut row, scratch).then_some(row)
 }
 
 impl TableJoinStage {
     pub fn new(spec: Arc<TablesSpec>) -> TableJoinStage {
         TableJoinStage {
             spec,
-            rows: BTreeMap::new(),
-            changed: BTreeMap::new(),
-            changed_bytes: 0,
+            rows: KeyRows::default(),
             max_event_ms: i64::MIN,
             scratch: Vec::new(),
         }
-    }
-
-    /// Notes that `key` changed to `rows` (`None`: gone): its entry's
-    /// size replaces what it took before.
-    fn mark_changed(&mut self, key: &[u8], rows: Option<&Rows>) {
-        let value_bytes = rows.map_or(0, |r| postcard::experimental::serialized_size(r).unwrap_or(0));
-        let bytes = key.len() + value_bytes + CHANGE_OVERHEAD_BYTES;
-        let before = self.changed.insert(key.to_vec(), bytes).unwrap_or(0);
-        self.changed_bytes = self.changed_bytes - before + bytes;
-    }
-
-    /// The key's joined row after the stage's operators, if the join keeps it.
-    fn joined(&mut self, rows: &Rows) -> Option<Vec<Value>> {
-        let spec = &self.spec;
-        let kept = match spec.kind {
-            JoinKind::Inner => rows[0].is_some() && rows[1].is_some(),
-            JoinKind::Left => rows[0].is_some(),
-            JoinKind::Outer => rows[0].is_some() || rows[1].is_some(),
-        };
-        if !kept {
-            return None;
-        }
-        let mut row = Vec::with_capacity(spec.left_width + spec.right_width);
-        match &rows[0] {
-            Some(left) => row.extend_from_slice(left),
-            None => row.resize(spec.left_width, Value::Null),
-        }
-        match &rows[1] {
-            Some(right) => row.extend_from_slice(right),
-            None => row.resize(spec.left_width + spec.right_width, Value::Null),
-        }
-        run_ops(&spec.ops, &[], &mut row, &mut self.scratch).then_some(row)
     }
 
     /// A repartitioned value: its side, then the row (none: a deletion).
@@ -243,18 +228,10 @@ impl WindowStage for TableJoinStage {
     fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
         let (side, row) = self.decode(value)?;
         self.max_event_ms = self.max_event_ms.max(t_ms);
-        if !self.rows.contains_key(key) && self.rows.len() >= TABLE_JOIN_KEYS_MAX {
-            return Err(StageError::TableJoinFull(TABLE_JOIN_KEYS_MAX));
-        }
-        let mut rows = self.rows.remove(key).unwrap_or_default();
-        let before = self.joined(&rows);
-        rows[side] = row;
-        let after = self.joined(&rows);
-        let kept = rows.iter().any(Option::is_some).then_some(rows);
-        self.mark_changed(key, kept.as_ref());
-        if let Some(rows) = kept {
-            self.rows.insert(key.to_vec(), rows);
-        }
+        let (spec, scratch) = (&self.spec, &mut self.scratch);
+        let (before, after) = self
+            .rows
+            .update(key, side, row, |rows| Ok(joined(spec, scratch, rows)))?;
         match (before, after) {
             (_, Some(row)) => self.emit(key, Some(&row), t_ms, out),
             (Some(_), None) => self.emit(key, None, t_ms, out),
@@ -285,19 +262,16 @@ impl WindowStage for TableJoinStage {
                 snapshot.version
             )));
         }
-        for (key, rows) in snapshot.rows {
-            self.mark_changed(&key, Some(&rows));
-            self.rows.insert(key, rows);
-        }
+        self.rows.restore_rows(snapshot.rows);
         Ok(())
     }
 
     fn store(&self) -> Option<&dyn StateStore> {
-        Some(self)
+        Some(&self.rows)
     }
 
     fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
-        Some(self)
+        Some(&mut self.rows)
     }
 
     fn late_records(&self) -> u64 {
@@ -309,60 +283,15 @@ impl WindowStage for TableJoinStage {
     }
 
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
-        let mut this = TableJoinStage::new(self.spec.clone());
-        let mut out = Emitted::default();
-        let keys: Box<dyn Iterator<Item = (&Vec<u8>, &Rows)>> = match key {
-            Some(key) => Box::new(self.rows.get_key_value(key).into_iter()),
-            None => Box::new(self.rows.iter()),
-        };
-        for (key, rows) in keys {
+        let (mut out, mut scratch) = (Emitted::default(), Vec::new());
+        for (key, rows) in self.rows.iter(key) {
             if out.len() >= limit {
                 return Ok(None);
             }
-            if let Some(row) = this.joined(rows) {
-                this.emit(key, Some(&row), 0, &mut out)?;
+            if let Some(row) = joined(&self.spec, &mut scratch, rows) {
+                self.emit(key, Some(&row), 0, &mut out)?;
             }
         }
         Ok(Some(state_rows(&out)))
-    }
-}
-
-/// The store's entries: a key's two rows.
-impl StateStore for TableJoinStage {
-    fn changes(&self) -> Result<Vec<Change>, StageError> {
-        let entry = |key: &Vec<u8>| -> Result<_, StageError> {
-            let value = match self.rows.get(key) {
-                Some(rows) => Some(postcard::to_allocvec(rows).map_err(|e| StageError::Unencodable(e.to_string()))?),
-                None => None,
-            };
-            Ok((key.clone(), value))
-        };
-        self.changed.keys().map(entry).collect()
-    }
-
-    fn changes_written(&mut self) {
-        self.changed.clear();
-        self.changed_bytes = 0;
-    }
-
-    fn changes_bytes(&self) -> usize {
-        self.changed_bytes
-    }
-
-    fn apply_change(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StageError> {
-        match value {
-            None => {
-                self.rows.remove(key);
-            }
-            Some(value) => {
-                let rows: Rows = postcard::from_bytes(value)
-                    .map_err(|e| StageError::Corrupt(format!("table join changelog entry: {e}")))?;
-                if !self.rows.contains_key(key) && self.rows.len() >= TABLE_JOIN_KEYS_MAX {
-                    return Err(StageError::TableJoinFull(TABLE_JOIN_KEYS_MAX));
-                }
-                self.rows.insert(key.to_vec(), rows);
-            }
-        }
-        Ok(())
     }
 }
