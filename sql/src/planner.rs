@@ -138,6 +138,13 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
         return Err(SqlError::new(
             "an aggregate over a join of two tables is not supported yet: write the join to a table (CREATE TABLE j AS SELECT …) first",
         ));
+    } else if from.source.kind == ObjectKind::Table && from.stream_join.is_none() {
+        // Counting a table's changes as events would count a row again at
+        // each update and never take a deleted one back out.
+        return Err(SqlError::new(format!(
+            "an aggregate over a table ({}) must take a changed or deleted row's old values back out, which Runnel does not do yet; to count its changes as events, declare a stream over its topic (CREATE STREAM … WITH (KAFKA_TOPIC='{}', …)) and aggregate that",
+            from.source.name, from.source.topic
+        )));
     } else {
         aggregate(select, query, &input, &group_by, &mut operators)?
     };

@@ -501,6 +501,10 @@ fn refused_joins_name_the_problem() {
             "CARDS is a table and ATTEMPTS a stream: put the stream on the left",
         ),
         (
+            "SELECT country, COUNT(*) FROM cards GROUP BY country",
+            "an aggregate over a table (CARDS) must take a changed or deleted row's old values back out",
+        ),
+        (
             "SELECT * FROM attempts a RIGHT JOIN cards c ON a.card = c.card",
             "only [INNER] JOIN, LEFT [OUTER] JOIN",
         ),
