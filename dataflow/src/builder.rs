@@ -237,8 +237,19 @@ pub trait StateStore: Send + Sync {
     /// reading past a bound, so that they fit in a checkpoint's batch).
     fn changes_bytes(&self) -> usize;
 
-    /// Applies one entry read back from the changelog on restore.
+    /// Applies one entry read back from the changelog on restore. An entry
+    /// the restored state has no use for (a window its watermark closed, a
+    /// record it released) is skipped and becomes obsolete.
     fn apply_change(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StageError>;
+
+    /// Up to `max` keys of entries a written checkpoint made obsolete (a
+    /// closed window's aggregates, a released record): their tombstones go
+    /// after that checkpoint, in batches of their own, so that however
+    /// many close at once no checkpoint's batch holds them. A restore
+    /// ignores such entries, so a lost tombstone changes nothing.
+    fn take_obsolete(&mut self, _max: usize) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
 }
 
 /// A window stage's current rows for `key` (or every key), encoded by

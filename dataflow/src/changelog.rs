@@ -90,55 +90,102 @@ impl CheckpointWriter {
 
 /// Claims `topic`/`partition` for this incarnation of a task (see the
 /// module doc): commits a barrier under the epoch after the newest one
-/// written, and checks the committed barrier is its own.
+/// written, and checks the committed barrier is its own. Answers the
+/// writer and the barrier's offset (the checkpoint to restore is below it).
 pub async fn claim<C: TaskIo>(
     client: &C,
     topic: &str,
     partition: u32,
     producer_id: i64,
-) -> Result<CheckpointWriter, TaskError> {
-    let failed = |reason: String| TaskError::Checkpoint {
-        task: partition,
-        reason,
-    };
+) -> Result<(CheckpointWriter, u64), TaskError> {
     for _ in 0..CLAIM_ATTEMPTS_MAX {
         let epoch = match newest_epoch(client, topic, partition, producer_id).await? {
             None => 0,
-            Some(i16::MAX) => {
-                return Err(failed(format!(
-                    "{topic}/{partition} was claimed {} times; reset the dataflow to write it anew",
-                    i16::MAX
-                )))
-            }
-            Some(epoch) => epoch + 1,
+            Some(epoch) => next_epoch(topic, partition, epoch)?,
         };
-        let mut writer = CheckpointWriter {
-            producer_id,
-            epoch,
-            next_sequence: 0,
-        };
-        let nonce = std::collections::hash_map::RandomState::new().build_hasher().finish();
-        let mut builder = BatchBuilder::new();
-        builder.push(&Record {
-            timestamp_ms: 0,
-            key: Some(Bytes::from_static(BARRIER_KEY)),
-            value: Some(Bytes::copy_from_slice(&nonce.to_le_bytes())),
-            headers: Vec::new(),
-        })?;
-        writer.stamp(&mut builder, 1);
-        let offset = match client.produce(topic, partition, builder.build()?, Acks::All).await {
-            Ok(offset) => offset,
-            // Another incarnation claimed a later epoch meanwhile.
-            Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if barrier_at(client, topic, partition, offset).await? == Some(nonce) {
-            return Ok(writer);
+        if let Some(claimed) = try_claim(client, topic, partition, producer_id, epoch).await? {
+            return Ok(claimed);
         }
     }
-    Err(failed(format!(
-        "{topic}/{partition} could not be claimed in {CLAIM_ATTEMPTS_MAX} attempts: other incarnations of the task claim it too"
-    )))
+    Err(TaskError::Checkpoint {
+        task: partition,
+        reason: format!(
+            "{topic}/{partition} could not be claimed in {CLAIM_ATTEMPTS_MAX} attempts: other incarnations of the task claim it too"
+        ),
+    })
+}
+
+/// A running writer's claim renewed under the next epoch (its sequence
+/// is worn out). Only while its own epoch is still the newest: a writer
+/// fenced meanwhile must never claim past the incarnation that fenced it.
+pub async fn renew<C: TaskIo>(
+    client: &C,
+    topic: &str,
+    partition: u32,
+    writer: CheckpointWriter,
+) -> Result<CheckpointWriter, TaskError> {
+    let fenced = || fenced(topic, partition, writer.epoch);
+    if newest_epoch(client, topic, partition, writer.producer_id).await? != Some(writer.epoch) {
+        return Err(fenced());
+    }
+    let epoch = next_epoch(topic, partition, writer.epoch)?;
+    match try_claim(client, topic, partition, writer.producer_id, epoch).await? {
+        Some((renewed, _)) => Ok(renewed),
+        None => Err(fenced()),
+    }
+}
+
+/// The error of a writer whose epoch a newer incarnation fenced.
+pub fn fenced(topic: &str, partition: u32, epoch: i16) -> TaskError {
+    TaskError::Checkpoint {
+        task: partition,
+        reason: format!(
+            "{topic}/{partition} was claimed by an incarnation of this task restored since this one (epoch {epoch} is fenced); this one stops"
+        ),
+    }
+}
+
+fn next_epoch(topic: &str, partition: u32, epoch: i16) -> Result<i16, TaskError> {
+    epoch.checked_add(1).ok_or_else(|| TaskError::Checkpoint {
+        task: partition,
+        reason: format!(
+            "{topic}/{partition} was claimed {} times; reset the dataflow to write it anew",
+            i16::MAX
+        ),
+    })
+}
+
+/// Commits a barrier under `epoch`: the writer and the barrier's offset,
+/// or `None` when another incarnation's claim won.
+async fn try_claim<C: TaskIo>(
+    client: &C,
+    topic: &str,
+    partition: u32,
+    producer_id: i64,
+    epoch: i16,
+) -> Result<Option<(CheckpointWriter, u64)>, TaskError> {
+    let mut writer = CheckpointWriter {
+        producer_id,
+        epoch,
+        next_sequence: 0,
+    };
+    let nonce = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let mut builder = BatchBuilder::new();
+    builder.push(&Record {
+        timestamp_ms: 0,
+        key: Some(Bytes::from_static(BARRIER_KEY)),
+        value: Some(Bytes::copy_from_slice(&nonce.to_le_bytes())),
+        headers: Vec::new(),
+    })?;
+    writer.stamp(&mut builder, 1);
+    let offset = match client.produce(topic, partition, builder.build()?, Acks::All).await {
+        Ok(offset) => offset,
+        // Another incarnation claimed a later epoch meanwhile.
+        Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let own = barrier_at(client, topic, partition, offset).await? == Some(nonce);
+    Ok(own.then_some((writer, offset)))
 }
 
 /// The epoch of the newest batch `producer_id` wrote to the partition

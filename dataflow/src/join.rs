@@ -290,7 +290,8 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
             for (&(other_ms, other_seq), other) in held[side.other().index()].range_mut(range) {
                 if !other.matched {
                     if let Some(changes) = &mut self.changes {
-                        changes.note(other_seq, key, side.other(), other_ms, 0);
+                        let bytes = postcard::experimental::serialized_size(&other.payload).unwrap_or(0);
+                        changes.note(other_seq, key, side.other(), other_ms, bytes);
                     }
                 }
                 other.matched = true;
@@ -355,7 +356,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
                 break;
             }
             let (key, side, t_ms) = entry.remove();
-            self.note_change(seq, &key, side, t_ms, None);
+            self.note_released(seq, &key, side, t_ms);
             let Some(of_key) = self.held.get_mut(&key) else {
                 continue;
             };

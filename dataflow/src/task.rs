@@ -37,7 +37,7 @@ use runnel_client::{partition_for_key, Acks, BrokerError, Client, ClientError, C
 use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, RecordView};
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{DataflowDef, Emitted, SourceStage, WindowStage};
+use crate::builder::{Change, DataflowDef, Emitted, SourceStage, WindowStage};
 use crate::changelog::{self, CheckpointWriter, CHANGES_EARLY_BYTES};
 use crate::grace::{GraceBuffer, Held};
 use crate::table::TableState;
@@ -58,6 +58,17 @@ const CHECKPOINT_CHUNK_BYTES: usize = 512 << 10;
 /// 5: a stage with a state store keeps its state in the changelog, not
 /// in the checkpoint (a node that reads only 4 would find it empty).
 const CHECKPOINT_VERSION: u8 = 5;
+/// Batches stepped back over looking for the newest checkpoint (barriers,
+/// entry-only batches, Raft's control entries).
+const CHUNK_PROBES_MAX: usize = 4096;
+/// Changelog entries written outside a checkpoint go in batches of about
+/// this many bytes at most, obsolete entries' tombstones this many keys.
+const ENTRY_BATCH_BYTES: usize = 1 << 20;
+const OBSOLETE_KEYS_PER_BATCH: usize = 65_536;
+/// How often, and how long apart, a restoring task asks whether its
+/// barrier is committed before it gives up.
+const COMMIT_WAITS_MAX: usize = 200;
+const COMMIT_WAIT: Duration = Duration::from_millis(50);
 /// Version 2 reads as version 3 without tables, 3 as 4 without held
 /// records.
 const CHECKPOINT_V2: u8 = 2;
@@ -622,20 +633,18 @@ impl<C: TaskIo> TaskRunner<C> {
             emitted: Emitted::default(),
         };
         let topic = checkpoint_topic(&runner.def.name);
-        let logs_changes = runner.logs_changes();
-        if logs_changes {
+        let mut barrier_end = 0;
+        if runner.logs_changes() {
             let id = changelog::checkpoint_producer_id(&runner.def.name, runner.assignment.task);
-            let writer = changelog::claim(&*runner.client, &topic, runner.assignment.task, id).await?;
+            let (writer, barrier) = changelog::claim(&*runner.client, &topic, runner.assignment.task, id).await?;
             runner.writer = Some(writer);
+            barrier_end = barrier + 1;
         }
-        match runner.read_checkpoint().await? {
+        match runner.read_checkpoint(barrier_end).await? {
             Some(((checkpoint, positions, held), end)) => {
+                let version = checkpoint.version;
                 runner.apply_checkpoint(checkpoint)?;
-                if let Some(store) = runner.window.as_mut().and_then(|w| w.store_mut()) {
-                    let task = runner.assignment.task;
-                    let entries = changelog::replay(&*runner.client, &topic, task, end, store).await?;
-                    tracing::info!(dataflow = %runner.def.name, task, entries, "state restored from the changelog");
-                }
+                runner.restore_store(version, end).await?;
                 runner.rebuild_tables(positions).await?;
                 runner.grace = match (held, runner.grace.take()) {
                     // The definition's grace applies; records held under
@@ -651,6 +660,27 @@ impl<C: TaskIo> TaskRunner<C> {
         }
         runner.publish("running");
         Ok(runner)
+    }
+
+    /// Reads the stage's state store back from its changelog, up to the
+    /// checkpoint (ending at `end`) restored. A checkpoint of a format
+    /// before 5 held the state itself: the store then has it all as
+    /// changes, written at once as entries (in batches of their own, ahead
+    /// of the next checkpoint, which then needs only what changes next).
+    async fn restore_store(&mut self, version: u8, end: u64) -> Result<(), TaskError> {
+        let task = self.assignment.task;
+        let topic = checkpoint_topic(&self.def.name);
+        let Some(store) = self.window.as_mut().and_then(|w| w.store_mut()) else {
+            return Ok(());
+        };
+        if version < CHECKPOINT_VERSION {
+            let changes = store.changes()?;
+            store.changes_written();
+            return self.send_entries(changes).await;
+        }
+        let entries = changelog::replay(&*self.client, &topic, task, end, store).await?;
+        tracing::info!(dataflow = %self.def.name, task, entries, "state restored from the changelog");
+        Ok(())
     }
 
     /// Rebuilds the tables up to the positions the checkpoint records.
@@ -1257,15 +1287,54 @@ impl<C: TaskIo> TaskRunner<C> {
         if let Some(store) = self.window.as_mut().and_then(|w| w.store_mut()) {
             store.changes_written();
         }
+        self.send_obsolete().await?;
         self.last_checkpoint = self.client.now();
         self.dirty = false;
         self.counters.checkpoints += 1;
         Ok(())
     }
 
-    /// Writes a checkpoint's batch: unsequenced (a checkpoint written twice
-    /// is harmless), or as the claimed writer of a changelog, whose write
-    /// an incarnation restored since refuses.
+    /// Writes changelog entries outside a checkpoint (a restored format-4
+    /// state, tombstones of entries a checkpoint made obsolete) as the
+    /// claimed writer, in batches of at most [`ENTRY_BATCH_BYTES`].
+    async fn send_entries(&mut self, entries: Vec<Change>) -> Result<(), TaskError> {
+        let (mut builder, mut bytes) = (BatchBuilder::new(), 0);
+        for entry in entries {
+            let size = changelog::entries_bytes(std::slice::from_ref(&entry));
+            if bytes > 0 && bytes + size > ENTRY_BATCH_BYTES {
+                let full = std::mem::replace(&mut builder, BatchBuilder::new());
+                self.send_checkpoint(full).await?;
+                bytes = 0;
+            }
+            changelog::push_entries(&mut builder, vec![entry])?;
+            bytes += size;
+        }
+        if bytes > 0 {
+            self.send_checkpoint(builder).await?;
+        }
+        Ok(())
+    }
+
+    /// Tombstones for the entries the checkpoint just written made
+    /// obsolete (a restore ignores them; these let compaction drop them).
+    async fn send_obsolete(&mut self) -> Result<(), TaskError> {
+        loop {
+            let Some(store) = self.window.as_mut().and_then(|w| w.store_mut()) else {
+                return Ok(());
+            };
+            let keys = store.take_obsolete(OBSOLETE_KEYS_PER_BATCH);
+            if keys.is_empty() {
+                return Ok(());
+            }
+            self.send_entries(keys.into_iter().map(|key| (key, None)).collect())
+                .await?;
+        }
+    }
+
+    /// Writes a batch to the checkpoint partition (a checkpoint, entries):
+    /// unsequenced (a checkpoint written twice is harmless), or as the
+    /// claimed writer of a changelog, whose write an incarnation restored
+    /// since refuses.
     async fn send_checkpoint(&mut self, mut builder: BatchBuilder) -> Result<(), TaskError> {
         let (task, topic) = (self.assignment.task, checkpoint_topic(&self.def.name));
         if !self.logs_changes() {
@@ -1278,7 +1347,7 @@ impl<C: TaskIo> TaskRunner<C> {
         };
         let records = builder.record_count() as usize;
         if writer.worn_out(records) {
-            writer = changelog::claim(&*self.client, &topic, task, writer.producer_id).await?;
+            writer = changelog::renew(&*self.client, &topic, task, writer).await?;
         }
         writer.stamp(&mut builder, records);
         // A failed write's fate is unknown and the sequence moved on: the
@@ -1288,13 +1357,9 @@ impl<C: TaskIo> TaskRunner<C> {
                 self.writer = Some(writer);
                 Ok(())
             }
-            Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => Err(TaskError::Checkpoint {
-                task,
-                reason: format!(
-                    "{topic}/{task} was claimed by an incarnation of this task restored since this one (epoch {} is fenced); this one stops",
-                    writer.epoch
-                ),
-            }),
+            Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => {
+                Err(changelog::fenced(&topic, task, writer.epoch))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -1302,37 +1367,22 @@ impl<C: TaskIo> TaskRunner<C> {
     /// The newest checkpoint, and the offset after it: the last record
     /// (barriers aside) is chunk `n-1/n`, and the whole checkpoint is the
     /// `n` records ending there (one batch).
-    async fn read_checkpoint(&self) -> Result<Option<(Restored, u64)>, TaskError> {
+    async fn read_checkpoint(&self, after: u64) -> Result<Option<(Restored, u64)>, TaskError> {
         let task = self.assignment.task;
         let topic = checkpoint_topic(&self.def.name);
-        let end = self.client.fetch(&topic, task, 0, 1).await?.committed_offset;
-        if end == 0 {
-            return Ok(None);
-        }
+        let end = self.committed_past(&topic, after).await?;
         let corrupt = |reason: String| TaskError::Checkpoint { task, reason };
-        // The newest record: Raft's own entries (a new leader's empty entry,
-        // configuration changes) are control batches that hold an offset
-        // but no record, so step back over them.
-        let mut last = None;
-        let mut probe = end;
-        while last.is_none() && probe > 0 {
-            probe -= 1;
-            let fetched = self.client.fetch(&topic, task, probe, 1).await?.into_records()?;
-            let barrier = |r: &runnel_storage::StoredRecord| r.record.key.as_deref() == Some(changelog::BARRIER_KEY);
-            last = fetched.records.into_iter().rfind(|r| r.offset < end && !barrier(r));
-        }
-        let Some(last) = last else { return Ok(None) };
-        let key = last
-            .record
-            .key
-            .ok_or_else(|| corrupt(format!("record at offset {} has no key", last.offset)))?;
+        let Some((last, key)) = self.last_chunk(&topic, end).await? else {
+            return Ok(None);
+        };
+        let key = key.ok_or_else(|| corrupt(format!("record at offset {last} has no key")))?;
         let count: u64 = std::str::from_utf8(&key)
             .ok()
             .and_then(|k| k.split_once('/'))
             .and_then(|(_, n)| n.parse().ok())
-            .filter(|&n| n >= 1 && n <= last.offset + 1)
+            .filter(|&n| n >= 1 && n <= last + 1)
             .ok_or_else(|| corrupt(format!("last record's key {key:?} is not a chunk key")))?;
-        let end = last.offset + 1;
+        let end = last + 1;
         let mut bytes = Vec::new();
         let mut offset = end - count;
         let mut expected = 0;
@@ -1353,6 +1403,58 @@ impl<C: TaskIo> TaskRunner<C> {
         }
         let decoded = decode_checkpoint(&bytes).map_err(|e| corrupt(format!("does not decode: {e}")))?;
         Ok(Some((decoded, end)))
+    }
+
+    /// The partition's commit point once it is past `after` (a barrier
+    /// this incarnation committed: a new leader may report an older commit
+    /// point for a moment, and a checkpoint below the barrier must not be
+    /// missed).
+    async fn committed_past(&self, topic: &str, after: u64) -> Result<u64, TaskError> {
+        let task = self.assignment.task;
+        for _ in 0..COMMIT_WAITS_MAX {
+            let end = self.client.fetch(topic, task, 0, 1).await?.committed_offset;
+            if end >= after {
+                return Ok(end);
+            }
+            self.client.sleep(COMMIT_WAIT).await;
+        }
+        let reason = format!("{topic}/{task} did not commit past offset {after} in {COMMIT_WAITS_MAX} tries");
+        Err(TaskError::Checkpoint { task, reason })
+    }
+
+    /// The newest record below `end` that is neither a barrier nor a
+    /// changelog entry (a checkpoint's last chunk, if the partition is
+    /// sound): its offset and key. Steps back a batch at a time; Raft's
+    /// own entries (a new leader's empty entry, configuration changes) are
+    /// control batches that hold an offset but no record.
+    async fn last_chunk(&self, topic: &str, end: u64) -> Result<Option<(u64, Option<Bytes>)>, TaskError> {
+        let task = self.assignment.task;
+        let mut probe = end;
+        for _ in 0..CHUNK_PROBES_MAX {
+            let Some(at) = probe.checked_sub(1) else {
+                return Ok(None);
+            };
+            let fetched = self.client.fetch(topic, task, at, 1).await?;
+            let Some(batch) = fetched.batches.first() else {
+                return Ok(None);
+            };
+            let mut found = None;
+            for view in batch.views() {
+                let view = view?;
+                let skipped = view
+                    .key
+                    .is_some_and(|k| k == changelog::BARRIER_KEY || k.starts_with(changelog::ENTRY_PREFIX));
+                if view.offset < end && !skipped {
+                    found = Some((view.offset, view.key.map(Bytes::copy_from_slice)));
+                }
+            }
+            if found.is_some() {
+                return Ok(found);
+            }
+            probe = batch.base_offset().min(at);
+        }
+        let reason = format!("{topic}/{task}: no checkpoint in the last {CHUNK_PROBES_MAX} batches below {end}");
+        Err(TaskError::Checkpoint { task, reason })
     }
 
     /// Publishes the task's figures for `runnel dataflow describe`.

@@ -566,7 +566,7 @@ where
             self.aggregates -= keys.len();
             if let Some(changes) = &mut self.changes {
                 for key in keys.keys() {
-                    changes.fixed::<A>(start, key, None);
+                    changes.closed_fixed(start, key);
                 }
             }
             if self.emit == Emit::Final {
@@ -599,8 +599,10 @@ where
                 continue;
             };
             let session = sessions.remove(i);
-            if let Some(changes) = &mut self.changes {
-                changes.sessions(&key, sessions);
+            match &mut self.changes {
+                Some(changes) if sessions.is_empty() => changes.closed_sessions(&key),
+                Some(changes) => changes.sessions(&key, sessions),
+                None => {}
             }
             if sessions.is_empty() {
                 self.sessions.remove(&key);
