@@ -20,7 +20,7 @@ use bytes::Bytes;
 use runnel_client::{Acks, BrokerError, ClientError, ClientResult, FetchedBatches};
 use runnel_storage::{BatchBuilder, Record, RecordBatch};
 
-use crate::builder::{StageError, WindowStage, WindowStageFactory};
+use crate::builder::{StageError, StateStore, WindowStage, WindowStageFactory};
 use crate::task::TaskIo;
 
 /// A partition (topic, partition) and a producer id on it.
@@ -190,4 +190,26 @@ pub fn restored(factory: &WindowStageFactory, from: &dyn WindowStage) -> Result<
         }
     }
     Ok(stage)
+}
+
+/// A partition's changelog entries by key, as compaction keeps them.
+pub type Compacted = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// What a task's checkpoint writes of `store` into `log`: its changes,
+/// then (when `tombstones`, else as if the task crashed first) the
+/// tombstones of the entries that checkpoint made obsolete.
+pub fn checkpoint_into(store: &mut dyn StateStore, log: &mut Compacted, tombstones: bool) {
+    log.extend(store.changes().expect("changes encode"));
+    store.changes_written();
+    let obsolete = store.take_obsolete(usize::MAX);
+    if tombstones {
+        log.extend(obsolete.into_iter().map(|key| (key, None)));
+    }
+}
+
+/// Applies every entry of `log` to `store`, as a restore replays them.
+pub fn replay_into(store: &mut dyn StateStore, log: &Compacted) {
+    for (key, value) in log {
+        store.apply_change(key, value.as_deref()).expect("an entry applies");
+    }
 }

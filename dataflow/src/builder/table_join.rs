@@ -378,21 +378,16 @@ mod tests {
         let mut join = factory();
         let mut tables: [BTreeMap<String, serde_json::Value>; 2] = Default::default();
         let mut materialized: BTreeMap<String, Joined> = BTreeMap::new();
-        let mut log: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let mut log = crate::testing::Compacted::new();
         for (i, (side, key, row)) in changes().into_iter().enumerate() {
             if i % 37 == 0 || restarts.contains(&i) {
-                let store = join.store_mut().expect("a store");
-                log.extend(store.changes().expect("changes"));
-                store.changes_written();
+                crate::testing::checkpoint_into(join.store_mut().expect("a store"), &mut log, true);
             }
             if restarts.contains(&i) {
                 let snapshot = join.snapshot().expect("snapshots");
                 join = factory();
                 join.restore(&snapshot).expect("restores");
-                let store = join.store_mut().expect("a store");
-                for (entry, value) in &log {
-                    store.apply_change(entry, value.as_deref()).expect("applies");
-                }
+                crate::testing::replay_into(join.store_mut().expect("a store"), &log);
             }
             let (_, source) = def.source_of(side as u32).expect("a source stage");
             let (mut staged, mut out) = (Emitted::default(), Emitted::default());

@@ -206,6 +206,7 @@ mod tests {
 
     use super::*;
     use crate::join::{JoinWindow, Joined};
+    use crate::testing::{checkpoint_into, replay_into, Compacted};
 
     type Out = Vec<(Vec<u8>, Option<u32>, Option<u32>, i64)>;
 
@@ -258,32 +259,23 @@ mod tests {
             step(&mut whole, record, watermark(i), &mut expected);
         }
         let (mut buffers, mut out) = (JoinBuffers::<u32>::logged(window, kind), Out::new());
-        let mut log: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let mut log = Compacted::new();
         for (i, &record) in records.iter().enumerate() {
             if i % every == 0 {
-                log.extend(buffers.changes().expect("changes"));
-                buffers.changes_written();
-                // Tombstones of released records go after the checkpoint;
-                // some are lost (a crash), and a restore ignores them.
-                let obsolete = buffers.take_obsolete(usize::MAX);
-                if i % (2 * every) == 0 {
-                    log.extend(obsolete.into_iter().map(|k| (k, None)));
-                }
+                // Some tombstones are lost (a crash): a restore ignores
+                // the records they delete.
+                checkpoint_into(&mut buffers, &mut log, i % (2 * every) == 0);
                 let snapshot = buffers.snapshot().expect("snapshot");
                 buffers = JoinBuffers::logged(window, kind);
                 buffers.restore(&snapshot).expect("restores");
-                for (key, value) in &log {
-                    buffers.apply_change(key, value.as_deref()).expect("applies");
-                }
+                replay_into(&mut buffers, &log);
             }
             step(&mut buffers, record, watermark(i), &mut out);
         }
         assert_eq!(out, expected, "{kind:?} every {every}");
         let mut emit = |_: Joined<'_, u32>| Ok(());
         buffers.advance(i64::MAX, &mut emit).expect("closes");
-        log.extend(buffers.changes().expect("changes"));
-        buffers.changes_written();
-        log.extend(buffers.take_obsolete(usize::MAX).into_iter().map(|k| (k, None)));
+        checkpoint_into(&mut buffers, &mut log, true);
         assert!(log.values().all(Option::is_none), "only tombstones left");
     }
 

@@ -332,10 +332,10 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use super::*;
+    use crate::testing::{checkpoint_into, replay_into, Compacted};
     use crate::window::WindowResult;
 
     type Counts = WindowOperator<String, u64>;
@@ -385,24 +385,17 @@ mod tests {
             step(&mut whole, key, *t, watermark(i), &mut expected);
         }
         let mut op = Counts::logged(window, emit);
-        let mut log: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let mut log = Compacted::new();
         let mut out = Vec::new();
         for (i, (key, t)) in records.iter().enumerate() {
             if i % every == 0 {
-                log.extend(op.changes().expect("changes"));
-                op.changes_written();
-                // Tombstones of obsolete entries go after the checkpoint;
-                // some are lost (a crash), and a restore ignores them.
-                let obsolete = op.take_obsolete(usize::MAX);
-                if i % (2 * every) == 0 {
-                    log.extend(obsolete.into_iter().map(|k| (k, None)));
-                }
+                // Some tombstones are lost (a crash): a restore ignores
+                // the entries of windows closed by then.
+                checkpoint_into(&mut op, &mut log, i % (2 * every) == 0);
                 let snapshot = op.snapshot().expect("snapshot");
                 op = Counts::logged(window, emit);
                 op.restore(&snapshot).expect("restores");
-                for (key, value) in &log {
-                    op.apply_change(key, value.as_deref()).expect("applies");
-                }
+                replay_into(&mut op, &log);
             }
             step(&mut op, key, *t, watermark(i), &mut out);
         }

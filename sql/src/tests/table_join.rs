@@ -10,7 +10,7 @@ use runnel_client::plan::{ObjectKind, SqlObject, SqlType};
 use runnel_dataflow::builder::{Emitted, WindowStage};
 use runnel_dataflow::compile::compile;
 use runnel_dataflow::task::{CHECKPOINT_BYTES_MAX, CHECKPOINT_INTERVAL};
-use runnel_dataflow::testing::MemoryIo;
+use runnel_dataflow::testing::{self, MemoryIo};
 use runnel_storage::Record;
 use serde_json::{json, Value};
 
@@ -97,21 +97,16 @@ fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec
     let mut log = Vec::new();
     // The changelog, as checkpoints write it: every 37 changes, and at the
     // restart, the entries changed since the last.
-    let mut changelog: Vec<runnel_dataflow::builder::Change> = Vec::new();
+    let mut changelog = testing::Compacted::new();
     for (i, (side, key, value)) in changes.iter().enumerate() {
         if i % 37 == 0 || restart_at == Some(i) {
-            let store = join.store_mut().expect("a state store");
-            changelog.extend(store.changes().expect("changes"));
-            store.changes_written();
+            testing::checkpoint_into(join.store_mut().expect("a state store"), &mut changelog, true);
         }
         if restart_at == Some(i) {
             let snapshot = join.snapshot().expect("snapshots");
             join = factory();
             join.restore(&snapshot).expect("restores");
-            for (key, value) in &changelog {
-                let store = join.store_mut().expect("a state store");
-                store.apply_change(key, value.as_deref()).expect("applies");
-            }
+            testing::replay_into(join.store_mut().expect("a state store"), &changelog);
         }
         let (_, source) = def.source_of(*side as u32).expect("a source stage");
         let (mut staged, mut out) = (Emitted::default(), Emitted::default());
