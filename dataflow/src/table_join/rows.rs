@@ -116,6 +116,12 @@ impl<R: Serialize + DeserializeOwned + Send + Sync> StateStore for KeyRows<R> {
         };
         let rows: Rows<R> =
             postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("table join changelog entry: {e}")))?;
+        if rows.iter().all(Option::is_none) {
+            // A key with neither row is written as a tombstone.
+            return Err(StageError::Corrupt(
+                "a table join changelog entry with neither row".to_string(),
+            ));
+        }
         if !self.rows.contains_key(key) && self.rows.len() >= TABLE_JOIN_KEYS_MAX {
             return Err(StageError::TableJoinFull(TABLE_JOIN_KEYS_MAX));
         }
