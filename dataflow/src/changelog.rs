@@ -238,6 +238,16 @@ async fn barrier_at<C: TaskIo>(client: &C, topic: &str, partition: u32, offset: 
         .map(u64::from_le_bytes))
 }
 
+/// Decodes the whole of an entry's key part or value as `T` (postcard):
+/// bytes left over mean the entry is not what it claims to be.
+pub fn decode_exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} bytes left over", rest.len()));
+    }
+    Ok(value)
+}
+
 /// Pushes `changes` as entry records onto `builder`.
 pub fn push_entries(builder: &mut BatchBuilder, changes: Vec<Change>) -> Result<(), TaskError> {
     for (key, value) in changes {

@@ -178,8 +178,8 @@ where
             self.remove(&key, side, t_ms, seq);
             return Ok(());
         };
-        let Entry { payload, matched } =
-            postcard::from_bytes::<Entry<P>>(value).map_err(|e| corrupt(format!("value at sequence {seq}: {e}")))?;
+        let Entry { payload, matched } = crate::changelog::decode_exact::<Entry<P>>(value)
+            .map_err(|e| corrupt(format!("value at sequence {seq}: {e}")))?;
         let present = self
             .held
             .get(&key)

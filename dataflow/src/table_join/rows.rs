@@ -114,8 +114,8 @@ impl<R: Serialize + DeserializeOwned + Send + Sync> StateStore for KeyRows<R> {
             self.rows.remove(key);
             return Ok(());
         };
-        let rows: Rows<R> =
-            postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("table join changelog entry: {e}")))?;
+        let rows: Rows<R> = crate::changelog::decode_exact(value)
+            .map_err(|e| StageError::Corrupt(format!("table join changelog entry: {e}")))?;
         if rows.iter().all(Option::is_none) {
             // A key with neither row is written as a tombstone.
             return Err(StageError::Corrupt(

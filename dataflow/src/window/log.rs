@@ -215,11 +215,11 @@ where
             Some((&FIXED_TAG, rest)) if rest.len() > 8 => {
                 let (start, key) = rest.split_at(8);
                 let start = i64::from_be_bytes(start.try_into().map_err(|_| corrupt("a short key".into()))?);
-                let key: K = postcard::from_bytes(key).map_err(|e| corrupt(format!("key: {e}")))?;
+                let key: K = crate::changelog::decode_exact(key).map_err(|e| corrupt(format!("key: {e}")))?;
                 self.apply_fixed(start, key, value)
             }
             Some((&SESSION_TAG, rest)) => {
-                let key: K = postcard::from_bytes(rest).map_err(|e| corrupt(format!("key: {e}")))?;
+                let key: K = crate::changelog::decode_exact(rest).map_err(|e| corrupt(format!("key: {e}")))?;
                 self.apply_sessions(key, value)
             }
             _ => Err(corrupt(format!("key {key:?} is neither a window's nor a session's"))),
@@ -250,7 +250,7 @@ where
             }
             return Ok(());
         };
-        let value: A = postcard::from_bytes(value).map_err(|e| corrupt(format!("aggregate: {e}")))?;
+        let value: A = crate::changelog::decode_exact(value).map_err(|e| corrupt(format!("aggregate: {e}")))?;
         if !self.fixed.contains_key(&start) && self.fixed.len() >= OPEN_WINDOWS_MAX {
             return Err(WindowError::TooManyWindows);
         }
@@ -274,7 +274,7 @@ where
             return Ok(());
         };
         let mut sessions: Vec<Session<A>> =
-            postcard::from_bytes(value).map_err(|e| corrupt(format!("sessions: {e}")))?;
+            crate::changelog::decode_exact(value).map_err(|e| corrupt(format!("sessions: {e}")))?;
         check_sessions(&sessions)?;
         // Sessions closed before the checkpoint left the state then.
         let (grace_ms, watermark_ms) = (self.window.grace_ms, self.watermark_ms);
@@ -443,6 +443,7 @@ mod tests {
         assert!(refused(&mut op, &key, Some(&[])).contains("aggregate"));
         let session = postcard::to_extend("k", vec![SESSION_TAG]).expect("encodes");
         assert!(refused(&mut op, &session, Some(&[1])).contains("not a session window"));
+        assert!(refused(&mut op, &key, Some(&[3, 0])).contains("1 bytes left over"));
         op.apply_change(&key, Some(&[3])).expect("a count of 3");
         assert_eq!(op.current(None, 10).expect("few").len(), 1);
     }
