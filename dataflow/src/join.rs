@@ -290,8 +290,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
             for (&(other_ms, other_seq), other) in held[side.other().index()].range_mut(range) {
                 if !other.matched {
                     if let Some(changes) = &mut self.changes {
-                        let bytes = postcard::experimental::serialized_size(&other.payload).unwrap_or(0);
-                        changes.note(other_seq, key, side.other(), other_ms, bytes);
+                        changes.note_matched(other_seq, key, side.other(), other_ms);
                     }
                 }
                 other.matched = true;
@@ -356,7 +355,6 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
                 break;
             }
             let (key, side, t_ms) = entry.remove();
-            self.note_released(seq, &key, side, t_ms);
             let Some(of_key) = self.held.get_mut(&key) else {
                 continue;
             };
@@ -364,6 +362,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
             if of_key.iter().all(BTreeMap::is_empty) {
                 self.held.remove(&key);
             }
+            self.note_released(seq, &key, side, t_ms, held.as_ref().is_some_and(|h| h.matched));
             if let Some(held) = held.filter(|h| !h.matched && keeps_unmatched(self.kind, h.side)) {
                 emit(Joined::Alone {
                     key: &key,

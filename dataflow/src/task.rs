@@ -658,6 +658,12 @@ impl<C: TaskIo> TaskRunner<C> {
             None if !runner.tables.is_empty() => runner.load_tables().await?,
             None => {}
         }
+        if runner.logs_changes() {
+            // The newest checkpoint follows this incarnation's barrier, so
+            // the next restore finds it without stepping back over the
+            // barriers of restores that made no progress.
+            runner.write_checkpoint().await?;
+        }
         runner.publish("running");
         Ok(runner)
     }
@@ -1436,10 +1442,11 @@ impl<C: TaskIo> TaskRunner<C> {
             };
             let fetched = self.client.fetch(topic, task, at, 1).await?;
             let Some(batch) = fetched.batches.first() else {
-                return Ok(None);
+                let reason = format!("{topic}/{task} answered nothing at {at}, below its commit point {end}");
+                return Err(TaskError::Checkpoint { task, reason });
             };
             let mut found = None;
-            for view in batch.views() {
+            for view in batch.views().filter(|_| !batch.is_control()) {
                 let view = view?;
                 let skipped = view
                     .key

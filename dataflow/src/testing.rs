@@ -20,7 +20,7 @@ use bytes::Bytes;
 use runnel_client::{Acks, BrokerError, ClientError, ClientResult, FetchedBatches};
 use runnel_storage::{BatchBuilder, Record, RecordBatch};
 
-use crate::builder::{StageError, StateStore, WindowStage, WindowStageFactory};
+use crate::builder::{Change, StageError, StateStore, WindowStage, WindowStageFactory};
 use crate::task::TaskIo;
 
 /// A partition (topic, partition) and a producer id on it.
@@ -192,13 +192,13 @@ pub fn restored(factory: &WindowStageFactory, from: &dyn WindowStage) -> Result<
     Ok(stage)
 }
 
-/// A partition's changelog entries by key, as compaction keeps them.
-pub type Compacted = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// A partition's changelog entries, in the order written.
+pub type Changelog = Vec<Change>;
 
 /// What a task's checkpoint writes of `store` into `log`: its changes,
 /// then (when `tombstones`, else as if the task crashed first) the
 /// tombstones of the entries that checkpoint made obsolete.
-pub fn checkpoint_into(store: &mut dyn StateStore, log: &mut Compacted, tombstones: bool) {
+pub fn checkpoint_into(store: &mut dyn StateStore, log: &mut Changelog, tombstones: bool) {
     log.extend(store.changes().expect("changes encode"));
     store.changes_written();
     let obsolete = store.take_obsolete(usize::MAX);
@@ -207,9 +207,19 @@ pub fn checkpoint_into(store: &mut dyn StateStore, log: &mut Compacted, tombston
     }
 }
 
-/// Applies every entry of `log` to `store`, as a restore replays them.
-pub fn replay_into(store: &mut dyn StateStore, log: &Compacted) {
-    for (key, value) in log {
+/// `log` as compaction leaves it at most: each key's latest entry.
+pub fn compacted(log: &Changelog) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+    log.iter().cloned().collect()
+}
+
+/// Applies the entries of `log` to `store`, as a restore replays them:
+/// every version in order, or (`compacted`) each key's latest.
+pub fn replay_into(store: &mut dyn StateStore, log: &Changelog, compacted_first: bool) {
+    let entries: Changelog = match compacted_first {
+        true => compacted(log).into_iter().collect(),
+        false => log.clone(),
+    };
+    for (key, value) in &entries {
         store.apply_change(key, value.as_deref()).expect("an entry applies");
     }
 }

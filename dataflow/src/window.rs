@@ -599,10 +599,10 @@ where
                 continue;
             };
             let session = sessions.remove(i);
-            match &mut self.changes {
-                Some(changes) if sessions.is_empty() => changes.closed_sessions(&key),
-                Some(changes) => changes.sessions(&key, sessions),
-                None => {}
+            // A key with sessions left keeps its entry as it was: a
+            // restore drops the sessions its watermark closed.
+            if let Some(changes) = self.changes.as_mut().filter(|_| sessions.is_empty()) {
+                changes.closed_sessions(&key);
             }
             if sessions.is_empty() {
                 self.sessions.remove(&key);

@@ -378,7 +378,7 @@ mod tests {
         let mut join = factory();
         let mut tables: [BTreeMap<String, serde_json::Value>; 2] = Default::default();
         let mut materialized: BTreeMap<String, Joined> = BTreeMap::new();
-        let mut log = crate::testing::Compacted::new();
+        let mut log = crate::testing::Changelog::new();
         for (i, (side, key, row)) in changes().into_iter().enumerate() {
             if i % 37 == 0 || restarts.contains(&i) {
                 crate::testing::checkpoint_into(join.store_mut().expect("a store"), &mut log, true);
@@ -387,7 +387,7 @@ mod tests {
                 let snapshot = join.snapshot().expect("snapshots");
                 join = factory();
                 join.restore(&snapshot).expect("restores");
-                crate::testing::replay_into(join.store_mut().expect("a store"), &log);
+                crate::testing::replay_into(join.store_mut().expect("a store"), &log, i % 2 == 0);
             }
             let (_, source) = def.source_of(side as u32).expect("a source stage");
             let (mut staged, mut out) = (Emitted::default(), Emitted::default());

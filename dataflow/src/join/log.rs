@@ -2,12 +2,15 @@
 //! [`crate::changelog`]): each held record is one entry, keyed `j` + its
 //! arrival sequence + its time + its side + the join key (all fixed for the
 //! record's life, so a tombstone says which record leaves), valued by its
-//! payload and whether it has matched. The buffers note which records
-//! changed since the last checkpoint: added, first matched, or let go.
+//! payload and whether it had matched when written. A record that first
+//! matches after that gets a small entry of its own, keyed `m` + the same,
+//! rather than its payload written again: one record may match thousands.
+//! The buffers note which records changed since the last checkpoint:
+//! added, first matched, or let go.
 //!
 //! Numbers in entry keys are 8 bytes big-endian; values are postcard.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -16,6 +19,7 @@ use super::{Held, JoinBuffers, Side, JOIN_HELD_RECORDS_MAX};
 use crate::builder::{Change, StageError, StateStore};
 
 const HELD_TAG: u8 = b'j';
+const MATCHED_TAG: u8 = b'm';
 /// What an entry costs beyond its key and payload, about.
 const ENTRY_OVERHEAD_BYTES: usize = 48;
 
@@ -26,13 +30,16 @@ type Locator = (Vec<u8>, Side, i64);
 /// and about what their entries take.
 #[derive(Default)]
 pub(super) struct Changes {
+    /// Records added since (their entries to write whole).
     records: BTreeMap<u64, Locator>,
+    /// Records written before that first matched since.
+    matched: BTreeMap<u64, Locator>,
     bytes: usize,
     /// Entries of records released since the last checkpoint, and those a
     /// written checkpoint made obsolete: their tombstones go after it (see
     /// [`StateStore::take_obsolete`]).
     releasing: Vec<Vec<u8>>,
-    obsolete: Vec<Vec<u8>>,
+    obsolete: BTreeSet<Vec<u8>>,
 }
 
 impl Changes {
@@ -44,6 +51,18 @@ impl Changes {
             self.bytes += key.len() + payload_bytes + ENTRY_OVERHEAD_BYTES;
         }
     }
+
+    /// Notes that the record `seq` first matched: its entry says so if
+    /// it is yet to be written, else a small entry of its own does.
+    pub(super) fn note_matched(&mut self, seq: u64, key: &[u8], side: Side, t_ms: i64) {
+        if self.records.contains_key(&seq) {
+            return;
+        }
+        if let std::collections::btree_map::Entry::Vacant(entry) = self.matched.entry(seq) {
+            entry.insert((key.to_vec(), side, t_ms));
+            self.bytes += key.len() + ENTRY_OVERHEAD_BYTES;
+        }
+    }
 }
 
 /// A held record's entry value.
@@ -53,9 +72,13 @@ struct Entry<P> {
     matched: bool,
 }
 
-fn entry_key(seq: u64, (key, side, t_ms): &Locator) -> Vec<u8> {
+fn entry_key(seq: u64, locator: &Locator) -> Vec<u8> {
+    tagged_key(HELD_TAG, seq, locator)
+}
+
+fn tagged_key(tag: u8, seq: u64, (key, side, t_ms): &Locator) -> Vec<u8> {
     let mut entry = Vec::with_capacity(18 + key.len());
-    entry.push(HELD_TAG);
+    entry.push(tag);
     entry.extend_from_slice(&seq.to_be_bytes());
     entry.extend_from_slice(&t_ms.to_be_bytes());
     entry.push(side.index() as u8);
@@ -63,9 +86,10 @@ fn entry_key(seq: u64, (key, side, t_ms): &Locator) -> Vec<u8> {
     entry
 }
 
-fn parse_key(entry: &[u8]) -> Option<(u64, Locator)> {
+/// An entry key's tag, sequence and locator.
+fn parse_key(entry: &[u8]) -> Option<(u8, u64, Locator)> {
     let (&tag, rest) = entry.split_first()?;
-    if tag != HELD_TAG || rest.len() < 17 {
+    if !matches!(tag, HELD_TAG | MATCHED_TAG) || rest.len() < 17 {
         return None;
     }
     let seq = u64::from_be_bytes(rest[..8].try_into().ok()?);
@@ -75,7 +99,7 @@ fn parse_key(entry: &[u8]) -> Option<(u64, Locator)> {
         1 => Side::Right,
         _ => return None,
     };
-    Some((seq, (rest[17..].to_vec(), side, t_ms)))
+    Some((tag, seq, (rest[17..].to_vec(), side, t_ms)))
 }
 
 fn corrupt(why: String) -> StageError {
@@ -93,10 +117,15 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
 
     /// Notes that the record `seq` was released: not a change for the next
     /// checkpoint's batch, but an entry that checkpoint makes obsolete.
-    pub(super) fn note_released(&mut self, seq: u64, key: &[u8], side: Side, t_ms: i64) {
+    pub(super) fn note_released(&mut self, seq: u64, key: &[u8], side: Side, t_ms: i64, matched: bool) {
         if let Some(changes) = &mut self.changes {
             changes.records.remove(&seq);
-            changes.releasing.push(entry_key(seq, &(key.to_vec(), side, t_ms)));
+            changes.matched.remove(&seq);
+            let locator = (key.to_vec(), side, t_ms);
+            changes.releasing.push(entry_key(seq, &locator));
+            if matched {
+                changes.releasing.push(tagged_key(MATCHED_TAG, seq, &locator));
+            }
         }
     }
 
@@ -133,15 +162,18 @@ where
             };
             out.push((entry_key(seq, locator), value));
         }
+        for (&seq, locator) in &changes.matched {
+            out.push((tagged_key(MATCHED_TAG, seq, locator), Some(vec![1])));
+        }
         Ok(out)
     }
 
     fn changes_written(&mut self) {
         if let Some(changes) = &mut self.changes {
             changes.records.clear();
+            changes.matched.clear();
             changes.bytes = 0;
-            let released = std::mem::take(&mut changes.releasing);
-            changes.obsolete.extend(released);
+            changes.obsolete.extend(changes.releasing.drain(..));
         }
     }
 
@@ -149,8 +181,7 @@ where
         let Some(changes) = &mut self.changes else {
             return Vec::new();
         };
-        let keep = changes.obsolete.len().saturating_sub(max);
-        changes.obsolete.split_off(keep)
+        std::iter::from_fn(|| changes.obsolete.pop_first()).take(max).collect()
     }
 
     fn changes_bytes(&self) -> usize {
@@ -158,7 +189,7 @@ where
     }
 
     fn apply_change(&mut self, entry: &[u8], value: Option<&[u8]>) -> Result<(), StageError> {
-        let (seq, (key, side, t_ms)) =
+        let (tag, seq, (key, side, t_ms)) =
             parse_key(entry).ok_or_else(|| corrupt(format!("key {entry:?} is not a held record's")))?;
         if seq >= self.next_seq {
             return Err(corrupt(format!(
@@ -166,18 +197,34 @@ where
                 self.next_seq
             )));
         }
+        // A replay may read several versions of an entry (compaction has
+        // not met them all): the last one read decides.
+        if let Some(changes) = &mut self.changes {
+            changes.obsolete.remove(entry);
+        }
+        let Some(value) = value else {
+            if tag == HELD_TAG {
+                self.remove(&key, side, t_ms, seq);
+            }
+            return Ok(());
+        };
         if self.window.released_at(t_ms) < self.watermark_ms {
             // Released before the checkpoint: its tombstone had not been
             // written (or compaction has not met it yet).
             if let Some(changes) = &mut self.changes {
-                changes.obsolete.push(entry.to_vec());
+                changes.obsolete.insert(entry.to_vec());
             }
             return Ok(());
         }
-        let Some(value) = value else {
-            self.remove(&key, side, t_ms, seq);
+        if tag == MATCHED_TAG {
+            let held = self
+                .held
+                .get_mut(&key)
+                .and_then(|h| h[side.index()].get_mut(&(t_ms, seq)));
+            let held = held.ok_or_else(|| corrupt(format!("sequence {seq} matched but not held")))?;
+            held.matched = true;
             return Ok(());
-        };
+        }
         let Entry { payload, matched } = crate::changelog::decode_exact::<Entry<P>>(value)
             .map_err(|e| corrupt(format!("value at sequence {seq}: {e}")))?;
         let present = self
@@ -206,7 +253,7 @@ mod tests {
 
     use super::*;
     use crate::join::{JoinWindow, Joined};
-    use crate::testing::{checkpoint_into, replay_into, Compacted};
+    use crate::testing::{checkpoint_into, compacted, replay_into, Changelog};
 
     type Out = Vec<(Vec<u8>, Option<u32>, Option<u32>, i64)>;
 
@@ -259,7 +306,7 @@ mod tests {
             step(&mut whole, record, watermark(i), &mut expected);
         }
         let (mut buffers, mut out) = (JoinBuffers::<u32>::logged(window, kind), Out::new());
-        let mut log = Compacted::new();
+        let mut log = Changelog::new();
         for (i, &record) in records.iter().enumerate() {
             if i % every == 0 {
                 // Some tombstones are lost (a crash): a restore ignores
@@ -268,7 +315,7 @@ mod tests {
                 let snapshot = buffers.snapshot().expect("snapshot");
                 buffers = JoinBuffers::logged(window, kind);
                 buffers.restore(&snapshot).expect("restores");
-                replay_into(&mut buffers, &log);
+                replay_into(&mut buffers, &log, i % (3 * every) == 0);
             }
             step(&mut buffers, record, watermark(i), &mut out);
         }
@@ -276,7 +323,7 @@ mod tests {
         let mut emit = |_: Joined<'_, u32>| Ok(());
         buffers.advance(i64::MAX, &mut emit).expect("closes");
         checkpoint_into(&mut buffers, &mut log, true);
-        assert!(log.values().all(Option::is_none), "only tombstones left");
+        assert!(compacted(&log).values().all(Option::is_none), "only tombstones left");
     }
 
     #[test]

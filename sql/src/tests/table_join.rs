@@ -97,7 +97,7 @@ fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec
     let mut log = Vec::new();
     // The changelog, as checkpoints write it: every 37 changes, and at the
     // restart, the entries changed since the last.
-    let mut changelog = testing::Compacted::new();
+    let mut changelog = testing::Changelog::new();
     for (i, (side, key, value)) in changes.iter().enumerate() {
         if i % 37 == 0 || restart_at == Some(i) {
             testing::checkpoint_into(join.store_mut().expect("a state store"), &mut changelog, true);
@@ -106,7 +106,7 @@ fn run_checked(kind: &str, changes: &[Change], restart_at: Option<usize>) -> Vec
             let snapshot = join.snapshot().expect("snapshots");
             join = factory();
             join.restore(&snapshot).expect("restores");
-            testing::replay_into(join.store_mut().expect("a state store"), &changelog);
+            testing::replay_into(join.store_mut().expect("a state store"), &changelog, i % 2 == 0);
         }
         let (_, source) = def.source_of(*side as u32).expect("a source stage");
         let (mut staged, mut out) = (Emitted::default(), Emitted::default());
