@@ -309,8 +309,12 @@ impl GroupsCore {
         if generation != group.generation {
             return Err(GroupError::IllegalGeneration);
         }
+        // As Kafka's coordinator: a member of the current generation may
+        // commit while the group prepares a rebalance (an eager consumer
+        // commits what it delivered as it revokes its partitions), not
+        // while the new assignment is being handed out.
         match group.state {
-            GroupState::Stable => Ok(()),
+            GroupState::Stable | GroupState::PreparingRebalance => Ok(()),
             _ => Err(GroupError::RebalanceInProgress),
         }
     }

@@ -63,6 +63,10 @@ fn a_second_member_rebalances_the_group_and_each_gets_the_leaders_assignment() {
     let answers = core.join(join("", &["roundrobin", "range"]), 3, 100).expect("parked");
     assert!(answers.is_empty(), "waits for the known member to rejoin");
     assert_eq!(core.heartbeat("g", 1, &a, 150), Err(GroupError::RebalanceInProgress));
+    // As Kafka: a member of the current generation still commits while
+    // the group prepares a rebalance (an eager consumer commits what it
+    // delivered as it gives its partitions up).
+    assert_eq!(core.check_commit("g", 1, &a), Ok(()), "commits while preparing");
     let answers = core.join(join(&a, &["range"]), 4, 200).expect("rejoins");
     let leader = joined(&answers, 4).expect("generation 2");
     let b = joined(&answers, 3).expect("generation 2").member_id;
