@@ -44,7 +44,9 @@ pub const ENTRY_PREFIX: &[u8] = b"s/";
 /// Key of the record a restoring task commits before it reads.
 pub const BARRIER_KEY: &[u8] = b"barrier";
 /// Pending changes past this end a step's fold and make a checkpoint come
-/// at once (a step adds at most one record's entry beyond it).
+/// at once (a step stops at the record that passes it; one record changes
+/// at most one aggregate or join record's entry, plus a small entry per
+/// partner it first matches).
 pub const CHANGES_EARLY_BYTES: usize = 2 << 20;
 /// What a changelog read fetches at a time.
 const FETCH_BYTES: u32 = 4 << 20;

@@ -309,7 +309,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.note_change(seq, key, side, t_ms, Some(&payload));
+        self.note_change(seq, key, side, t_ms, &payload);
         let held = Held {
             side,
             t_ms,
@@ -422,7 +422,7 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
                 )));
             }
             // Held in a snapshot written before the log was: a change.
-            self.note_change(seq, &key, held.side, held.t_ms, Some(&held.payload));
+            self.note_change(seq, &key, held.side, held.t_ms, &held.payload);
             self.insert(key, seq, held);
         }
         (self.watermark_ms, self.next_seq, self.late) = (snapshot.watermark_ms, snapshot.next_seq, snapshot.late);

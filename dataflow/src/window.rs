@@ -430,7 +430,7 @@ where
             Entry::Occupied(mut entry) => {
                 fold(entry.get_mut(), value);
                 if let Some(changes) = &mut self.changes {
-                    changes.fixed(start, entry.key(), Some(entry.get()));
+                    changes.fixed(start, entry.key(), entry.get());
                 }
                 changed_key.is_some().then(|| entry.get().clone())
             }
@@ -445,7 +445,7 @@ where
                 let mut aggregate = init();
                 fold(&mut aggregate, value);
                 if let Some(changes) = &mut self.changes {
-                    changes.fixed(start, entry.key(), Some(&aggregate));
+                    changes.fixed(start, entry.key(), &aggregate);
                 }
                 let changed = changed_key.is_some().then(|| aggregate.clone());
                 entry.insert(aggregate);
@@ -684,7 +684,7 @@ where
         if let Some(changes) = &mut self.changes {
             for (&start, keys) in &self.fixed {
                 for (key, value) in keys {
-                    changes.fixed(start, key, Some(value));
+                    changes.fixed(start, key, value);
                 }
             }
             for (key, sessions) in &self.sessions {

@@ -130,9 +130,9 @@ impl<P: Clone + Serialize + DeserializeOwned> JoinBuffers<P> {
     }
 
     /// Notes that the record `seq` changed, if the buffers keep a log.
-    pub(super) fn note_change(&mut self, seq: u64, key: &[u8], side: Side, t_ms: i64, payload: Option<&P>) {
+    pub(super) fn note_change(&mut self, seq: u64, key: &[u8], side: Side, t_ms: i64, payload: &P) {
         if let Some(changes) = &mut self.changes {
-            let bytes = payload.map_or(0, |p| postcard::experimental::serialized_size(p).unwrap_or(0));
+            let bytes = postcard::experimental::serialized_size(payload).unwrap_or(0);
             changes.note(seq, key, side, t_ms, bytes);
         }
     }

@@ -71,19 +71,13 @@ fn size_of<T: Serialize>(value: &T) -> usize {
 }
 
 /// Notes a change of `key` in `noted`, measuring it (`measure`) when
-/// first noted, every [`MEASURE_EVERY`] changes, or when `now` says so;
+/// first noted, after 1, 2, 4, … changes and every [`MEASURE_EVERY`];
 /// keeps `total` the sum of the sizes last measured.
-fn note<K: Clone + Eq + Hash>(
-    noted: &mut Map<K, Noted>,
-    key: &K,
-    now: bool,
-    measure: impl Fn() -> usize,
-    total: &mut usize,
-) {
+fn note<K: Clone + Eq + Hash>(noted: &mut Map<K, Noted>, key: &K, measure: impl Fn() -> usize, total: &mut usize) {
     match noted.get_mut(key) {
         Some(entry) => {
             entry.changes = entry.changes.wrapping_add(1);
-            if now || entry.changes.is_power_of_two() || entry.changes.is_multiple_of(MEASURE_EVERY) {
+            if entry.changes.is_power_of_two() || entry.changes.is_multiple_of(MEASURE_EVERY) {
                 let bytes = measure();
                 *total = *total - entry.bytes + bytes;
                 entry.bytes = bytes;
@@ -99,18 +93,18 @@ fn note<K: Clone + Eq + Hash>(
 
 impl<K: Clone + Eq + Hash + Serialize> Changes<K> {
     /// Notes that `key`'s aggregate in the window starting at `start`
-    /// changed (to `value`; `None`: closed).
-    pub(super) fn fixed<A: Serialize>(&mut self, start: i64, key: &K, value: Option<&A>) {
+    /// changed (to `value`).
+    pub(super) fn fixed<A: Serialize>(&mut self, start: i64, key: &K, value: &A) {
         let keys = self.fixed.entry(start).or_default();
-        let measure = || 9 + size_of(key) + value.map_or(0, size_of) + ENTRY_OVERHEAD_BYTES;
-        note(keys, key, value.is_none(), measure, &mut self.bytes);
+        let measure = || 9 + size_of(key) + size_of(value) + ENTRY_OVERHEAD_BYTES;
+        note(keys, key, measure, &mut self.bytes);
     }
 
     /// Notes that `key`'s sessions changed (to `sessions`).
     pub(super) fn sessions<A: Serialize>(&mut self, key: &K, sessions: &[Session<A>]) {
         self.closing_sessions.remove(key);
         let measure = || 1 + size_of(key) + size_of(&sessions) + ENTRY_OVERHEAD_BYTES;
-        note(&mut self.sessions, key, sessions.is_empty(), measure, &mut self.bytes);
+        note(&mut self.sessions, key, measure, &mut self.bytes);
     }
 
     /// Notes that the window starting at `start` closed with `key`'s
