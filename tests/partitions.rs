@@ -776,7 +776,18 @@ async fn wait_healed(client: &Client, topic: &str, dead: &[NodeId]) -> runnel::c
 }
 
 async fn produce_tagged(client: &Arc<Client>, topic: &str, partitions: u32, tag: &str, count: u32) {
-    let mut producer = Producer::new(client.clone(), topic, Acks::All).await.expect("producer");
+    // The node this client asks may apply the topic's creation a moment
+    // after the controller committed it.
+    let deadline = Instant::now() + TIMEOUT;
+    let mut producer = loop {
+        match Producer::new(client.clone(), topic, Acks::All).await {
+            Ok(producer) => break producer,
+            Err(ClientError::UnknownTopic(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("producer: {e:?}"),
+        }
+    };
     for i in 0..count {
         let record = Record {
             value: Some(Bytes::from(format!("{tag}-{i}"))),
