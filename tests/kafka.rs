@@ -299,7 +299,49 @@ fn kafka_clients_produce_consume_and_create_topics_with_every_codec_and_a_garbag
     garbage_frames_close_only_their_connection(cluster.kafka[0], &bootstrap);
     let leader = leaders(&bootstrap, "orders").expect("leaders")[0] as usize;
     pipelined_produce_requests_append_and_are_answered_in_order(cluster.kafka[leader - 1]);
+    admin_deletes_records(&bootstrap);
     drop(cluster.scratch);
+}
+
+/// kafka-python's admin client deletes `orders`' records: partition 0
+/// below an offset, partition 1 below its high watermark (-1); readers
+/// then start there, and the records after stay. Past the high watermark
+/// is refused by name.
+fn admin_deletes_records(bootstrap: &str) {
+    let offsets = |records: &[serde_json::Value], partition: i64| -> Vec<i64> {
+        let of = |r: &&serde_json::Value| r["partition"].as_i64() == Some(partition);
+        records.iter().filter(of).filter_map(|r| r["offset"].as_i64()).collect()
+    };
+    let before = kcat_records(bootstrap, "orders");
+    let (zero, one) = (offsets(&before, 0), offsets(&before, 1));
+    assert!(
+        zero.len() > 20 && !one.is_empty(),
+        "{} and {} records",
+        zero.len(),
+        one.len()
+    );
+    let cut = zero[zero.len() / 2];
+    let delete = |partition: &str, offset: &str| -> Vec<serde_json::Value> {
+        let output = run(
+            python().args(["delete-records", bootstrap, "orders", partition, offset]),
+            &format!("delete_records {partition} {offset}"),
+            None,
+        );
+        json_lines(&output)
+    };
+    let answer = delete("0", &cut.to_string());
+    assert_eq!(answer[0]["low_watermark"], cut, "{answer:?}");
+    assert_eq!(answer[1]["earliest"], cut, "ListOffsets earliest: {answer:?}");
+    let answer = delete("1", "-1");
+    let high_watermark = answer[0]["low_watermark"].as_i64().expect("a low watermark");
+    assert!(high_watermark > *one.last().expect("records"), "{answer:?}");
+    let refused = delete("0", "999999");
+    assert_eq!(refused[0]["error"], "OffsetOutOfRangeError", "{refused:?}");
+    let after = kcat_records(bootstrap, "orders");
+    let kept: Vec<i64> = zero.iter().copied().filter(|&o| o >= cut).collect();
+    assert_eq!(offsets(&after, 0), kept, "partition 0 reads from the cut on");
+    assert!(offsets(&after, 1).is_empty(), "partition 1 is empty");
+    assert_eq!(offsets(&after, 2), offsets(&before, 2), "partition 2 untouched");
 }
 
 /// Five produce requests for one partition written back to back on one

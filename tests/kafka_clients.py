@@ -13,6 +13,8 @@ Each command prints JSON lines the Rust test reads:
   alter BOOTSTRAP TOPIC MODE KEY=VALUE... (MODE incremental: IncrementalAlterConfigs,
         KEY= deletes the setting; MODE replace: AlterConfigs; the outcome)
   grow BOOTSTRAP TOPIC COUNT            (CreatePartitions to COUNT in all; the outcome)
+  delete-records BOOTSTRAP TOPIC PARTITION OFFSET (DeleteRecords below OFFSET, -1: the
+        high watermark; the low watermark, or the error, then the earliest offset)
 
 With RUNNEL_KAFKA_TLS=<certificate directory> every client uses TLS with the
 cluster CA and the client certificate.
@@ -192,7 +194,21 @@ def grow(bootstrap, topic, count):
     admin.close()
 
 
+def delete_records(bootstrap, topic, partition, offset):
+    tp = TopicPartition(topic, int(partition))
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls(), request_timeout_ms=30000)
+    try:
+        result = admin.delete_records({tp: int(offset)})
+        emit(low_watermark=result[tp]["low_watermark"])
+    except Exception as error:  # the test reads which error it was
+        emit(error=type(error).__name__)
+    admin.close()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap.split(","), **tls())
+    emit(earliest=consumer.beginning_offsets([tp])[tp])
+    consumer.close()
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"create": create, "produce": produce, "consume": consume, "group": group, "describe": describe, "configs": configs,
-     "delete-groups": delete_groups, "alter": alter, "grow": grow}[command](*args)
+     "delete-groups": delete_groups, "alter": alter, "grow": grow, "delete-records": delete_records}[command](*args)

@@ -346,6 +346,23 @@ impl Broker {
         flatten(group, answer)
     }
 
+    /// Deletes `group`'s records below `before_offset` (its commit point
+    /// for `None`) on its leader here; where it starts once committed.
+    pub async fn delete_records(
+        &self,
+        group: GroupId,
+        before_offset: Option<u64>,
+    ) -> std::result::Result<u64, BrokerError> {
+        let replica = self.replica_or_error(group)?;
+        let answer = replica
+            .call(
+                |reply| ReplicaMsg::DeleteRecords { before_offset, reply },
+                Some(self.config.request_timeout),
+            )
+            .await;
+        flatten(group, answer)
+    }
+
     /// Asks the local replica of `group`, if it leads, to move the group's
     /// voters one step towards `desired`.
     pub fn reconfigure(&self, group: GroupId, desired: Vec<NodeId>) {

@@ -111,6 +111,13 @@ pub enum ReplicaMsg {
     },
     /// A peer confirmed this passive replica's promotion.
     Promoted,
+    /// Move where readers start to `before_offset` (the commit point for
+    /// `None`), deleting the records below it (Kafka's DeleteRecords;
+    /// leader only): answered with the new start once committed.
+    DeleteRecords {
+        before_offset: Option<u64>,
+        reply: RpcReplyPort<Result<u64, BrokerError>>,
+    },
     /// Delete the closed segments whose newest record is older than this
     /// (the topic's `retention.ms`).
     Retain {
@@ -158,6 +165,9 @@ struct Waiter<R> {
     acks: Acks,
     /// Replicas that must hold the entry before `acks=all` is answered.
     copies: u16,
+    /// The answer once committed, when not the entry's offset (a
+    /// log-start entry answers with the start it sets).
+    answer: Option<u64>,
     reply: R,
 }
 
@@ -325,6 +335,7 @@ impl Actor for PartitionReplica {
                 let _ = reply.send(Ok(answer));
             }
             ReplicaMsg::Promoted => state.part.core_mut().promoted()?,
+            ReplicaMsg::DeleteRecords { before_offset, reply } => state.part.delete_records(before_offset, reply),
             ReplicaMsg::Retain { retention_ms } => state.part.retain(runnel_client::unix_now_ms(), retention_ms),
             ReplicaMsg::Compact { policy, continued } => {
                 if continued || !state.compacting {
@@ -425,7 +436,10 @@ impl<R: ProduceReply> PartitionCore<R> {
         }
         let committed = self.core.committed_offset();
         let found = self.core.store().log().offset_for_timestamp(timestamp_ms)?;
-        Ok(Ok(found.filter(|&offset| offset < committed)))
+        let first = self.core.store().first_offset();
+        Ok(Ok(found
+            .map(|offset| offset.max(first))
+            .filter(|&offset| offset < committed)))
     }
 
     /// Admits a produce: refused at once, answered from the log (a retried
@@ -458,6 +472,7 @@ impl<R: ProduceReply> PartitionCore<R> {
                 term,
                 acks,
                 copies,
+                answer: None,
                 reply,
             }),
         }
@@ -506,11 +521,68 @@ impl<R: ProduceReply> PartitionCore<R> {
         }
     }
 
-    /// Advances the replica's clock and its view of which voters are in sync.
+    /// Advances the replica's clock and its view of which voters are in
+    /// sync, and deletes the segments a log-start entry left below the start.
     pub fn tick(&mut self) -> bool {
         let work = self.core.tick();
         self.in_sync.on_tick(&self.core);
+        match self.core.delete_below_log_start() {
+            Ok(None) => {}
+            Ok(Some(done)) => tracing::info!(
+                partition = %self.group.named(),
+                segments = done.segments,
+                bytes = done.bytes,
+                start_offset = done.start_offset,
+                "deleted records: the segments below the log's start went"
+            ),
+            Err(e) => {
+                tracing::warn!(partition = %self.group.named(), error = %e, "deleting records failed; the files stay until the next tick")
+            }
+        }
         work
+    }
+
+    /// Kafka's DeleteRecords: moves where readers start to `before_offset`
+    /// (the commit point for `None`), through a log-start entry every
+    /// replica applies; its whole segments below are then deleted. Answered
+    /// with the start once the entry commits on a majority, at once when
+    /// the log already starts there.
+    pub fn delete_records(&mut self, before_offset: Option<u64>, reply: R) {
+        let group = self.group;
+        if !self.core.serves_reads() {
+            let leader = self.leader();
+            return reply.answer(Err(BrokerError::NotLeader { group, leader }));
+        }
+        let (start, committed) = (self.core.store().first_offset(), self.core.committed_offset());
+        let offset = before_offset.unwrap_or(committed);
+        if offset > committed {
+            let end = committed;
+            return reply.answer(Err(BrokerError::OffsetOutOfRange { offset, start, end }));
+        }
+        if offset <= start {
+            return reply.answer(Ok(start));
+        }
+        if self.waiting() >= WAITERS_MAX {
+            return reply.answer(Err(BrokerError::Busy(group)));
+        }
+        match self.core.propose_log_start(offset) {
+            Ok(index) => {
+                let term = self.core.term();
+                let waiter = Waiter {
+                    term,
+                    acks: Acks::All,
+                    copies: 0,
+                    answer: Some(offset),
+                    reply,
+                };
+                self.waiters.entry(index).or_default().push(waiter);
+            }
+            Err(crate::ActorError::NotLeader { leader }) => {
+                let leader = leader.and_then(NodeId::from_raft);
+                reply.answer(Err(BrokerError::NotLeader { group, leader }));
+            }
+            Err(_) => reply.answer(Err(BrokerError::Busy(group))),
+        }
     }
 
     /// `NotEnoughReplicas` when this leader counts fewer than `copies`
@@ -631,6 +703,7 @@ impl<R: ProduceReply> PartitionCore<R> {
                     term,
                     acks,
                     copies,
+                    answer: None,
                     reply,
                 });
             }
@@ -663,7 +736,7 @@ impl<R: ProduceReply> PartitionCore<R> {
                 leader: self.leader(),
             }));
         }
-        let start = self.core.store().log().start_offset();
+        let start = self.core.store().first_offset();
         let committed = self.core.committed_offset();
         if offset < start || offset > committed {
             return Ok(Err(BrokerError::OffsetOutOfRange {
@@ -688,7 +761,7 @@ impl<R: ProduceReply> PartitionCore<R> {
             id: NodeId::from_raft(self.core.id()).unwrap_or_default(),
             leader: self.leader(),
             term: self.core.term(),
-            start_offset: self.core.store().log().start_offset(),
+            start_offset: self.core.store().first_offset(),
             committed_offset: self.core.committed_offset(),
             end_offset: self.core.store().log().end_offset(),
             voters: conf.voters.iter().copied().filter_map(NodeId::from_raft).collect(),
@@ -757,7 +830,7 @@ impl<R: ProduceReply> PartitionCore<R> {
                         required: waiter.copies,
                     })
                 }
-                (Some(term), Some((base_offset, _))) if term == waiter.term => Ok(base_offset),
+                (Some(term), Some((base_offset, _))) if term == waiter.term => Ok(waiter.answer.unwrap_or(base_offset)),
                 _ => Err(BrokerError::LeadershipLost),
             };
             waiter.reply.answer(result);

@@ -46,6 +46,13 @@ const KEY_VOTERS_SINCE: &str = "voters_since";
 /// The index of the last configuration change the stored conf state
 /// reflects (absent in stores written before retention existed: 0).
 const KEY_CONF_INDEX: &str = "conf_index";
+/// The first offset a reader may read, as deletions of records (Kafka's
+/// DeleteRecords) last moved it; absent: 0 (see [`PartitionStore::first_offset`]).
+const KEY_LOG_START: &str = "log_start";
+/// The context of a log-start entry: this prefix, then the offset (8 bytes,
+/// little-endian). An empty normal entry with it is a control entry stored
+/// in the log (one offset, see [`controls`]), replicated as any entry.
+const LOG_START_CONTEXT: &[u8] = b"runnel.log_start.v1:";
 /// Present while a snapshot from the leader is being installed: the
 /// metadata describes it, and the log may still hold the old entries.
 const KEY_INSTALLING: &str = "installing";
@@ -154,6 +161,22 @@ pub struct PartitionStore {
     /// Log compaction's pass under way (topics with `cleanup.policy`
     /// compact); in memory only, as a new pass starts over safely.
     compactor: Compactor,
+    /// Where the last applied log-start entry moved the readable log
+    /// ([`KEY_LOG_START`]); whole segments below it are deleted.
+    log_start: u64,
+}
+
+/// The context of a log-start entry moving the readable log to `offset`.
+pub fn log_start_context(offset: u64) -> Vec<u8> {
+    let mut context = LOG_START_CONTEXT.to_vec();
+    context.extend_from_slice(&offset.to_le_bytes());
+    context
+}
+
+/// The offset a log-start entry's context names; `None` for any other.
+pub fn decode_log_start(context: &[u8]) -> Option<u64> {
+    let word = context.strip_prefix(LOG_START_CONTEXT)?;
+    Some(u64::from_le_bytes(word.try_into().ok()?))
 }
 
 /// Data bytes of recently appended entries kept in memory per replica.
@@ -195,6 +218,7 @@ impl PartitionStore {
             conf_state,
             conf_index,
             voters_since,
+            log_start,
         } = StoredMeta::read(dir, &meta)?;
         if meta.get(KEY_INSTALLING).is_some() {
             // A snapshot's install stopped before the old log was gone:
@@ -248,6 +272,7 @@ impl PartitionStore {
             recent: VecDeque::new(),
             recent_bytes: 0,
             read_damage: std::sync::OnceLock::new(),
+            log_start,
             compactor: Compactor::default(),
         })
     }
@@ -629,11 +654,52 @@ impl PartitionStore {
     /// the next open. A follower that needs a deleted entry gets a snapshot
     /// instead ([`raft::Storage::snapshot`]). `None` when nothing expired.
     pub fn compact_for_retention(&mut self, now_ms: i64, retention_ms: u64, applied: u64) -> Result<Option<Compacted>> {
+        let point = self.log.retention_point(now_ms, retention_ms);
+        self.delete_before_point(point, applied)
+    }
+
+    /// Deletes the whole segments below the readable log's start, which a
+    /// log-start entry moved ([`PartitionStore::set_log_start`]), up to
+    /// entry `applied` at most; `None` when no segment lies wholly below it.
+    pub fn delete_below_log_start(&mut self, applied: u64) -> Result<Option<Compacted>> {
+        let point = self.log.boundary_at_or_below(self.log_start);
+        self.delete_before_point(point, applied)
+    }
+
+    /// Whether segments wait to be deleted below the readable log's start
+    /// (cheap: what [`PartitionStore::delete_below_log_start`] checks first).
+    pub fn deletion_due(&self) -> bool {
+        self.log.boundary_at_or_below(self.log_start) > self.snapshot.start_offset
+            || self.log.start_offset() < self.snapshot.start_offset
+    }
+
+    /// The first offset a reader may read: where the log starts, or where
+    /// a log-start entry moved it past that (the records between stay on
+    /// disk until their segment goes whole).
+    pub fn first_offset(&self) -> u64 {
+        self.log.start_offset().max(self.log_start)
+    }
+
+    /// Applies a committed log-start entry: readers start at `offset` from
+    /// now on (written at once; a later entry never moves it back).
+    pub fn set_log_start(&mut self, offset: u64) -> Result<()> {
+        if offset <= self.log_start {
+            return Ok(());
+        }
+        let bytes = postcard::to_allocvec(&offset)
+            .map_err(|e| ActorError::InvalidState(format!("encoding {KEY_LOG_START}: {e}")))?;
+        self.meta.set(KEY_LOG_START, bytes)?;
+        self.log_start = offset;
+        Ok(())
+    }
+
+    /// Moves the snapshot point to the entry that ends at segment boundary
+    /// `point`, if past it, then deletes the segments below.
+    fn delete_before_point(&mut self, point: u64, applied: u64) -> Result<Option<Compacted>> {
         if self.log.start_offset() < self.snapshot.start_offset {
             // An earlier pass failed part-way through deleting its files.
             self.log.delete_before(self.snapshot.start_offset)?;
         }
-        let point = self.log.retention_point(now_ms, retention_ms);
         if point <= self.snapshot.start_offset {
             return Ok(None);
         }
@@ -764,6 +830,7 @@ struct StoredMeta {
     conf_state: ConfState,
     conf_index: u64,
     voters_since: BTreeMap<u64, u64>,
+    log_start: u64,
 }
 
 impl StoredMeta {
@@ -777,6 +844,7 @@ impl StoredMeta {
             None => ConfState::default(),
         };
         let voters_since = read_meta(meta, KEY_VOTERS_SINCE)?.unwrap_or_default();
+        let log_start = read_meta(meta, KEY_LOG_START)?.unwrap_or_default();
         // A store from before the key: its configuration reflects at least
         // every change up to its commit index (applied before it was written).
         let conf_index = read_meta(meta, KEY_CONF_INDEX)?.unwrap_or(stored.commit);
@@ -786,6 +854,7 @@ impl StoredMeta {
             conf_state,
             conf_index,
             voters_since,
+            log_start,
         })
     }
 }

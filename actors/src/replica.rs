@@ -292,6 +292,45 @@ impl ReplicaCore {
         offset
     }
 
+    /// Proposes moving where readers start to `offset` (Kafka's
+    /// DeleteRecords): a control entry stored in the log, which every
+    /// replica applies; returns its Raft index. Only the leader accepts it.
+    pub fn propose_log_start(&mut self, offset: u64) -> Result<u64> {
+        if !self.is_leader() {
+            return Err(ActorError::NotLeader {
+                leader: self.leader_id(),
+            });
+        }
+        let mut entry = Entry {
+            context: crate::raft_store::log_start_context(offset).into(),
+            ..Entry::default()
+        };
+        // Stored in the log, so it goes with its segment (a held one would
+        // stay until the snapshot point passed it).
+        entry.sync_log = true;
+        let mut message = Message::default();
+        message.set_msg_type(MessageType::MsgPropose);
+        message.from = self.raw.raft.id;
+        message.set_entries(vec![entry].into());
+        match self.raw.raft.step(message) {
+            Ok(()) => Ok(self.raw.raft.raft_log.last_index()),
+            Err(raft::Error::ProposalDropped) => {
+                Err(ActorError::Backpressure(self.raw.raft.raft_log.last_index() as usize))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the whole segments below where readers start, as far as
+    /// this replica has applied (see [`PartitionStore::delete_below_log_start`]).
+    pub fn delete_below_log_start(&mut self) -> Result<Option<Compacted>> {
+        if !self.raw.store().deletion_due() {
+            return Ok(None);
+        }
+        let applied = self.raw.raft.raft_log.applied;
+        self.raw.mut_store().delete_below_log_start(applied)
+    }
+
     /// Whether this replica is passive (see [`ReplicaCore`]).
     pub fn is_passive(&self) -> bool {
         self.passive.is_some()
@@ -565,7 +604,7 @@ impl ReplicaCore {
     fn apply(&mut self, entries: Vec<Entry>, out: &mut ReadyOutput) -> Result<()> {
         for entry in entries {
             match entry.get_entry_type() {
-                EntryType::EntryNormal if entry.data.is_empty() => {}
+                EntryType::EntryNormal if entry.data.is_empty() => self.apply_control(&entry, out)?,
                 EntryType::EntryNormal => {
                     let (base_offset, next_offset) = self.raw.store().entry_offsets(entry.index).ok_or_else(|| {
                         ActorError::InvalidState(format!("committed entry {} is not in the log", entry.index))
@@ -603,6 +642,23 @@ impl ReplicaCore {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// An empty normal entry: a new leader's, or a log-start entry, which
+    /// moves where readers start (and is answered as a committed entry).
+    fn apply_control(&mut self, entry: &Entry, out: &mut ReadyOutput) -> Result<()> {
+        let Some(offset) = crate::raft_store::decode_log_start(&entry.context) else {
+            return Ok(());
+        };
+        self.raw.mut_store().set_log_start(offset)?;
+        if let Some((base_offset, next_offset)) = self.raw.store().entry_offsets(entry.index) {
+            out.committed.push(Committed {
+                index: entry.index,
+                base_offset,
+                next_offset,
+            });
         }
         Ok(())
     }

@@ -166,7 +166,8 @@ impl Harness {
     fn records(&self, id: u64) -> Vec<(u64, Bytes)> {
         let replica = self.replica(id);
         let mut out = Vec::new();
-        let mut offset = replica.store().log().start_offset();
+        let first = replica.store().first_offset();
+        let mut offset = first;
         while offset < replica.committed_offset() {
             for batch in replica.read_committed(offset, 1 << 20).expect("read") {
                 offset = batch.next_offset();
@@ -175,7 +176,9 @@ impl Harness {
                 }
                 for record in batch.records() {
                     let record = record.expect("record");
-                    out.push((record.offset, record.record.value.expect("value")));
+                    if record.offset >= first {
+                        out.push((record.offset, record.record.value.expect("value")));
+                    }
                 }
             }
         }
@@ -192,7 +195,7 @@ impl Harness {
     /// Every acknowledged batch at or after the replica's log start is
     /// present once, at its acknowledged offset.
     fn check_acknowledged(&self, id: u64) {
-        let start = self.replica(id).store().log().start_offset();
+        let start = self.replica(id).store().first_offset();
         let records = self.records(id);
         let by_value: BTreeMap<&Bytes, Vec<u64>> = records.iter().fold(BTreeMap::new(), |mut map, (offset, value)| {
             map.entry(value).or_default().push(*offset);
@@ -503,4 +506,83 @@ fn a_candidate_with_damaged_unapplied_entries_fails_as_damaged_not_a_crash() {
         .step(vote)
         .expect_err("damage among the entries to commit");
     assert!(failed.is_damage(), "{failed}");
+}
+
+/// Deleting records (Kafka's DeleteRecords) moves where every replica's
+/// readers start, through an entry each applies, and each deletes the
+/// whole segments below it on its own; a follower cut off meanwhile gets a
+/// snapshot, then the entry, and starts there too; restarts keep it.
+#[test]
+fn deleting_records_moves_every_replicas_start_and_their_segments_go() {
+    let mut h = Harness::new();
+    let leader = h.elect(&IDS);
+    let cut_off = IDS.iter().copied().find(|&id| id != leader).expect("a follower");
+    for i in 0..400 {
+        h.propose(leader, &format!("r-{i}"));
+        h.pump();
+    }
+    h.settle();
+    assert_eq!(h.acked.len(), 400);
+    let segments_before = h.replica(leader).store().log().segment_count();
+    assert!(segments_before >= 3, "{segments_before} segments");
+    // Half-way into the 300th batch: a start need not be a batch's.
+    let (_, (base, _)) = h.acked.iter().nth(300).expect("acked");
+    let before = base + 2;
+    h.isolated.insert(cut_off);
+    let index = h.replica_mut(leader).propose_log_start(before).expect("propose");
+    h.settle();
+    assert!(h.replica(leader).commit_index() >= index, "committed by two of three");
+    for id in IDS.iter().copied().filter(|&id| id != cut_off) {
+        assert_eq!(
+            h.replica(id).store().first_offset(),
+            before,
+            "replica {id} starts there"
+        );
+        let done = h
+            .replica_mut(id)
+            .delete_below_log_start()
+            .expect("delete")
+            .expect("segments went");
+        assert!(done.start_offset <= before && done.start_offset > 0, "{done:?}");
+        assert_eq!(h.replica(id).store().log().start_offset(), done.start_offset);
+        assert_eq!(h.replica_mut(id).delete_below_log_start().expect("again"), None);
+        let first = h.records(id).first().map(|(offset, _)| *offset);
+        assert_eq!(first, Some(before), "replica {id} reads from the start");
+    }
+    h.isolated.clear();
+    for i in 0..5 {
+        h.propose(leader, &format!("after-{i}"));
+        h.pump();
+    }
+    for _ in 0..ROUNDS_MAX {
+        h.tick();
+        if h.replica(cut_off).committed_offset() == h.replica(leader).committed_offset() {
+            break;
+        }
+    }
+    h.settle();
+    assert_eq!(
+        h.replica(cut_off).store().first_offset(),
+        before,
+        "the cut-off follower too"
+    );
+    h.replica_mut(cut_off).delete_below_log_start().expect("delete");
+    h.check_identical(&IDS);
+    for id in IDS {
+        h.check_acknowledged(id);
+        h.kill(id);
+        h.start(id);
+        assert_eq!(
+            h.replica(id).store().first_offset(),
+            before,
+            "replica {id} after a restart"
+        );
+    }
+    // An older start changes nothing.
+    let leader = h.elect(&IDS);
+    h.replica_mut(leader).propose_log_start(before - 10).expect("propose");
+    h.settle();
+    for id in IDS {
+        assert_eq!(h.replica(id).store().first_offset(), before);
+    }
 }

@@ -119,6 +119,23 @@ impl Client {
         }
     }
 
+    /// Deletes a partition's records below `before_offset` (below its
+    /// commit point for `None`), as Kafka's DeleteRecords: readers start
+    /// there from now on, and whole segments below go from every replica's
+    /// disk. Returns where the partition starts now (already past the
+    /// offset: unchanged). An offset past the commit point is refused.
+    pub async fn delete_records(&self, topic: &str, partition: u32, before_offset: Option<u64>) -> ClientResult<u64> {
+        let request = ClientRequest::DeleteRecords {
+            topic: topic.to_string(),
+            partition,
+            before_offset,
+        };
+        match self.route(topic, partition, &request).await? {
+            ClientResponse::Offset(Some(start)) => Ok(start),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     /// Committed records of a partition from `offset`, up to `max_bytes`.
     pub async fn fetch(
         &self,

@@ -463,6 +463,15 @@ pub enum ClientRequest {
         task: u32,
         key: Option<serde_bytes::ByteBuf>,
     },
+    /// Deletes a partition's records below `before_offset` (below the
+    /// commit point for `None`), as Kafka's DeleteRecords: readers start
+    /// there from now on (answered `Offset` with the new start). Sent to
+    /// the partition's leader.
+    DeleteRecords {
+        topic: String,
+        partition: u32,
+        before_offset: Option<u64>,
+    },
 }
 
 /// Settings one `AlterTopic` changes at most.
@@ -793,6 +802,11 @@ mod tests {
                 dataflow: "d".into(),
                 task: 0,
                 key: None,
+            },
+            ClientRequest::DeleteRecords {
+                topic: "t".into(),
+                partition: 0,
+                before_offset: None,
             },
         ];
         assert_tags(&requests);

@@ -542,6 +542,18 @@ impl Log {
         point
     }
 
+    /// The segment boundary where deleting every record below `offset` by
+    /// whole segments starts the log: the base offset of the segment that
+    /// holds `offset` (the active one's at most), or the start when no
+    /// closed segment lies wholly below it.
+    pub fn boundary_at_or_below(&self, offset: u64) -> u64 {
+        self.segments
+            .range(..=offset)
+            .next_back()
+            .map_or(self.start_offset(), |(&base, _)| base)
+            .max(self.start_offset())
+    }
+
     /// Deletes the closed segments that end at or below `offset`, which
     /// must be a segment's base offset (see [`Log::retention_point`]); the
     /// log then starts there.

@@ -137,6 +137,13 @@ impl BrokerService {
                 self.offset_for_timestamp(&topic, partition, timestamp_ms).await,
                 ClientResponse::Offset,
             ),
+            ClientRequest::DeleteRecords {
+                topic,
+                partition,
+                before_offset,
+            } => answer(self.delete_records(&topic, partition, before_offset).await, |start| {
+                ClientResponse::Offset(Some(start))
+            }),
             ClientRequest::ReplicaHealth => ClientResponse::Health(self.replica_health().await),
             ClientRequest::InjectPanic { topic, partition } => done(self.inject_panic(&topic, partition).await),
             ClientRequest::Rebalance => done(self.rebalance().await),
@@ -338,6 +345,18 @@ impl BrokerService {
     ) -> Result<Option<u64>, ServiceError> {
         let group = self.locate(topic, partition).await?;
         Ok(self.shared.broker.offset_for_timestamp(group, timestamp_ms).await?)
+    }
+
+    /// Deletes a partition's records below `before_offset` (the commit
+    /// point for `None`); where it starts now.
+    pub async fn delete_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        before_offset: Option<u64>,
+    ) -> Result<u64, ServiceError> {
+        let group = self.locate(topic, partition).await?;
+        Ok(self.shared.broker.delete_records(group, before_offset).await?)
     }
 
     /// Restarts and failures of this node's replicas.

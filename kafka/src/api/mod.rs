@@ -26,6 +26,7 @@ pub mod api_versions;
 pub mod create_partitions;
 pub mod create_topics;
 pub mod delete_groups;
+pub mod delete_records;
 pub mod delete_topics;
 pub mod describe_configs;
 pub mod describe_groups;
@@ -71,6 +72,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::AlterConfigs, 0, 2),
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::DeleteRecords, 0, 2),
 ];
 
 /// What every handler needs: the node's broker service, and who asks.
@@ -269,6 +271,7 @@ async fn dispatch(
         ApiKey::AlterConfigs => serve!(alter_configs),
         ApiKey::CreatePartitions => serve!(create_partitions),
         ApiKey::IncrementalAlterConfigs => serve!(incremental_alter_configs),
+        ApiKey::DeleteRecords => serve!(delete_records),
         // Produce goes through `accept`, which answers it later.
         _ => unreachable!("{api:?} is in SUPPORTED without a handler"),
     }

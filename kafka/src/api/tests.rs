@@ -2,15 +2,15 @@
 //! that must get a named error, never a panic.
 
 use bytes::{Bytes, BytesMut};
-use kafka_protocol::messages::delete_records_request::{DeleteRecordsPartition, DeleteRecordsTopic};
+use kafka_protocol::messages::offset_for_leader_epoch_request::{OffsetForLeaderPartition, OffsetForLeaderTopic};
 use kafka_protocol::messages::{
     AlterConfigsRequest, ApiKey, ApiVersionsRequest, ApiVersionsResponse, CreatePartitionsRequest, CreateTopicsRequest,
-    DeleteGroupsRequest, DeleteRecordsRequest, DeleteRecordsResponse, DeleteTopicsRequest, DescribeConfigsRequest,
-    DescribeGroupsRequest, EndTxnRequest, EndTxnResponse, FetchRequest, FindCoordinatorRequest, HeartbeatRequest,
+    DeleteGroupsRequest, DeleteRecordsRequest, DeleteTopicsRequest, DescribeConfigsRequest, DescribeGroupsRequest,
+    EndTxnRequest, EndTxnResponse, FetchRequest, FindCoordinatorRequest, HeartbeatRequest,
     IncrementalAlterConfigsRequest, InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest,
-    ListOffsetsRequest, MetadataRequest, MetadataResponse, OffsetCommitRequest, OffsetFetchRequest, ProduceRequest,
-    RequestHeader, ResponseHeader, SaslHandshakeRequest, SaslHandshakeResponse, SyncGroupRequest, TopicName,
-    WriteShareGroupStateRequest,
+    ListOffsetsRequest, MetadataRequest, MetadataResponse, OffsetCommitRequest, OffsetFetchRequest,
+    OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse, ProduceRequest, RequestHeader, ResponseHeader,
+    SaslHandshakeRequest, SaslHandshakeResponse, SyncGroupRequest, TopicName, WriteShareGroupStateRequest,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
 use proptest::prelude::*;
@@ -97,20 +97,20 @@ fn apis_and_versions_not_served_get_their_own_response_with_unsupported_version(
     let sasl = refusal::<SaslHandshakeResponse>(ApiKey::SaslHandshake, 1, sasl);
     assert_eq!(sasl.error_code, 33, "UNSUPPORTED_SASL_MECHANISM");
     let topic = |name: &'static str| {
-        DeleteRecordsTopic::default()
-            .with_name(TopicName(StrBytes::from_static_str(name)))
-            .with_partitions(vec![DeleteRecordsPartition::default().with_partition_index(3)])
+        OffsetForLeaderTopic::default()
+            .with_topic(TopicName(StrBytes::from_static_str(name)))
+            .with_partitions(vec![OffsetForLeaderPartition::default().with_partition(3)])
     };
-    let request = DeleteRecordsRequest::default().with_topics(vec![topic("a"), topic("b")]);
-    let answer = route(frame(ApiKey::DeleteRecords, 2, request));
-    let answer = refusal::<DeleteRecordsResponse>(ApiKey::DeleteRecords, 2, answer);
+    let request = OffsetForLeaderEpochRequest::default().with_topics(vec![topic("a"), topic("b")]);
+    let answer = route(frame(ApiKey::OffsetForLeaderEpoch, 4, request));
+    let answer = refusal::<OffsetForLeaderEpochResponse>(ApiKey::OffsetForLeaderEpoch, 4, answer);
     let results: Vec<_> = answer
         .topics
         .iter()
         .flat_map(|t| {
             t.partitions
                 .iter()
-                .map(|p| (t.name.0.as_str(), p.partition_index, p.error_code))
+                .map(|p| (t.topic.0.as_str(), p.partition, p.error_code))
         })
         .collect();
     assert_eq!(results, [("a", 3, 35), ("b", 3, 35)]);
@@ -212,6 +212,7 @@ fn decode_any(api: ApiKey, version: i16, body: &[u8]) {
         ApiKey::AlterConfigs => decode::<AlterConfigsRequest>(api, version, &mut body).map(drop),
         ApiKey::CreatePartitions => decode::<CreatePartitionsRequest>(api, version, &mut body).map(drop),
         ApiKey::IncrementalAlterConfigs => decode::<IncrementalAlterConfigsRequest>(api, version, &mut body).map(drop),
+        ApiKey::DeleteRecords => decode::<DeleteRecordsRequest>(api, version, &mut body).map(drop),
         other => panic!("{other:?} has no decoder here"),
     };
 }
