@@ -202,6 +202,22 @@ pub enum TopicCommand {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Delete a partition's records below an offset, as Kafka's
+    /// kafka-delete-records: readers start there from now on, and the
+    /// whole segments below go from every replica's disk.
+    DeleteRecords {
+        /// The topic's name.
+        name: String,
+        /// The partition.
+        #[arg(short, long)]
+        partition: u32,
+        /// Delete the records below this offset (default: every committed
+        /// record, up to the high watermark).
+        #[arg(long, value_name = "OFFSET")]
+        before: Option<u64>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -265,6 +281,10 @@ pub fn topic(command: TopicCommand) -> anyhow::Result<()> {
             TopicCommand::AddPartitions { name, partitions, connect } => {
                 connect.connect().await?.add_partitions(&name, partitions).await?;
                 println!("topic {name} now has {partitions} partitions");
+            }
+            TopicCommand::DeleteRecords { name, partition, before, connect } => {
+                let start = connect.connect().await?.delete_records(&name, partition, before).await?;
+                println!("{name}/{partition} now starts at offset {start}");
             }
         }
         Ok(())

@@ -1770,6 +1770,52 @@ async fn topic_alter_changes_settings_all_or_none_and_added_partitions_serve_at_
     );
     let members = identical_replicas(&client, "grow", 3, &[NodeId(1), NodeId(2), NodeId(3)]).await;
     assert_eq!(members.len(), 1, "all three replicas of partition 3 hold it");
+    records_are_deleted_by_hand(&cluster, &client, offset).await;
+}
+
+/// `runnel topic delete-records`: partition 3 of `grow` (one record, at
+/// `offset`) deleted up to its high watermark; every replica then starts
+/// past it. Past the high watermark and on a topic holding state, refused.
+async fn records_are_deleted_by_hand(cluster: &ProcessCluster, client: &Client, offset: u64) {
+    let deleted = topic_cli(cluster, &["delete-records", "grow", "-p", "3"]);
+    let stdout = String::from_utf8_lossy(&deleted.stdout);
+    let start = offset + 1;
+    assert!(
+        deleted.status.success() && stdout.contains(&format!("grow/3 now starts at offset {start}")),
+        "{deleted:?}"
+    );
+    match client.fetch("grow", 3, offset, 1 << 20).await {
+        Err(ClientError::Broker(runnel::client::BrokerError::OffsetOutOfRange { start: at, .. })) => {
+            assert_eq!(at, start)
+        }
+        other => panic!("the deleted record read: {other:?}"),
+    }
+    for node in [NodeId(1), NodeId(2), NodeId(3)] {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match client.fetch_from_replica(node, "grow", 3, 0, 1024).await {
+                Err(ClientError::Broker(runnel::client::BrokerError::OffsetOutOfRange { start: at, .. }))
+                    if at == start =>
+                {
+                    break
+                }
+                other => assert!(Instant::now() < deadline, "node {node}'s replica: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let past = topic_cli(cluster, &["delete-records", "grow", "-p", "3", "--before", "999"]);
+    let stderr = String::from_utf8_lossy(&past.stderr);
+    assert!(!past.status.success() && stderr.contains("999"), "{stderr}");
+    // A commit makes the offsets topic, which holds groups' state.
+    let committed = std::collections::BTreeMap::from([(3, start)]);
+    client
+        .commit_offsets("readers", "grow", &committed)
+        .await
+        .expect("commit");
+    let state = topic_cli(cluster, &["delete-records", "__consumer_offsets", "-p", "0"]);
+    let stderr = String::from_utf8_lossy(&state.stderr);
+    assert!(!state.status.success() && stderr.contains("holds state"), "{stderr}");
 }
 
 /// One record to `partition`, not idempotent, as `acks` asks.

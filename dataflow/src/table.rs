@@ -461,6 +461,10 @@ mod tests {
             unreachable!("tables are only read")
         }
 
+        async fn delete_records(&self, _: &str, _: u32, _: u64) -> ClientResult<u64> {
+            unreachable!("tables are only read")
+        }
+
         fn now(&self) -> Duration {
             Duration::ZERO
         }

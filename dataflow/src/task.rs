@@ -42,6 +42,9 @@ use crate::changelog::{self, CheckpointWriter, CHANGES_EARLY_BYTES};
 use crate::grace::{GraceBuffer, Held};
 use crate::table::TableState;
 
+mod purge;
+pub use purge::PURGE_INTERVAL;
+
 /// How often a task checkpoints (when it has made progress).
 pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 /// Input read per step.
@@ -110,6 +113,14 @@ pub trait TaskIo: Send + Sync + 'static {
         batch: RecordBatch,
         acks: Acks,
     ) -> impl Future<Output = ClientResult<u64>> + Send;
+    /// Deletes a partition's records below `before_offset` (Kafka's
+    /// DeleteRecords); where the partition starts now.
+    fn delete_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        before_offset: u64,
+    ) -> impl Future<Output = ClientResult<u64>> + Send;
     /// Monotonic time since an arbitrary start.
     fn now(&self) -> Duration;
     fn sleep(&self, pause: Duration) -> impl Future<Output = ()> + Send;
@@ -122,6 +133,10 @@ impl TaskIo for Client {
 
     async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, acks: Acks) -> ClientResult<u64> {
         Client::produce(self, topic, partition, batch, acks).await
+    }
+
+    async fn delete_records(&self, topic: &str, partition: u32, before_offset: u64) -> ClientResult<u64> {
+        Client::delete_records(self, topic, partition, Some(before_offset)).await
     }
 
     fn now(&self) -> Duration {
@@ -449,6 +464,23 @@ fn decode_checkpoint(bytes: &[u8]) -> Result<Restored, postcard::Error> {
     Ok((checkpoint, positions, held))
 }
 
+/// How many chunks the checkpoint whose last chunk is at offset `last`,
+/// keyed `key`, has (its key is `i/n`); why not, naming the record.
+fn chunk_count(last: u64, key: Option<&[u8]>) -> Result<u64, String> {
+    let key = key.ok_or_else(|| format!("record at offset {last} has no key"))?;
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(|k| k.split_once('/'))
+        .and_then(|(_, n)| n.parse().ok())
+        .filter(|&n| n >= 1 && n <= last + 1)
+        .ok_or_else(|| {
+            format!(
+                "last record's key {:?} is not a chunk key",
+                String::from_utf8_lossy(key)
+            )
+        })
+}
+
 /// What a checkpoint restores.
 type Restored = (Checkpoint, TablePositions, Option<GraceBuffer>);
 
@@ -560,6 +592,8 @@ pub struct TaskRunner<C: TaskIo = Client> {
     writer: Option<CheckpointWriter>,
     /// Scratch space, reused between records.
     emitted: Emitted,
+    /// Deleting the repartitioned records every stage has read ([`purge`]).
+    purge: purge::Purge,
 }
 
 /// What a window stage's fold of one fetch did: whether any record was
@@ -631,6 +665,7 @@ impl<C: TaskIo> TaskRunner<C> {
             dirty: false,
             writer: None,
             emitted: Emitted::default(),
+            purge: purge::Purge::default(),
         };
         let topic = checkpoint_topic(&runner.def.name);
         let mut barrier_end = 0;
@@ -735,6 +770,7 @@ impl<C: TaskIo> TaskRunner<C> {
             });
         }
         self.input_offset = checkpoint.input_offset;
+        self.purge.checkpointed = checkpoint.input_offset;
         self.sender.sequences = checkpoint
             .sequences
             .into_iter()
@@ -790,6 +826,21 @@ impl<C: TaskIo> TaskRunner<C> {
             Ok(fetched) => Some(fetched),
             // A new leader learns the commit point a moment after election.
             Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, end, .. })) if offset > end => None,
+            // Records of the repartition topic go only once every stage
+            // reading them checkpointed past them ([`purge`]): one gone
+            // from under a reader is a fault, not input to skip.
+            Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, start, .. }))
+                if offset < start && !self.is_source() =>
+            {
+                let reason = format!("deleted from under its reader (the partition starts at {start})");
+                let (topic, partition) = (self.input_topic.clone(), partition);
+                return Err(TaskError::BadInput {
+                    topic,
+                    partition,
+                    offset,
+                    reason,
+                });
+            }
             // Retention deleted the input from here: go on from the oldest
             // record left (the next checkpoint records the move).
             Err(ClientError::Broker(BrokerError::OffsetOutOfRange { offset, start, .. })) if offset < start => {
@@ -844,6 +895,7 @@ impl<C: TaskIo> TaskRunner<C> {
         if due && (self.dirty || !self.tables.is_empty()) {
             self.checkpoint().await?;
         }
+        self.purge_repartitioned().await;
         {
             let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
             status.input_end = fetched.committed_offset;
@@ -1217,6 +1269,7 @@ impl<C: TaskIo> TaskRunner<C> {
     /// Writes the task's state as one batch of chunk records keyed `i/n`.
     async fn write_checkpoint(&mut self) -> Result<(), TaskError> {
         let task = self.assignment.task;
+        let checkpoint_offset = self.input_offset;
         let checkpoint = Checkpoint {
             version: CHECKPOINT_VERSION,
             task,
@@ -1290,6 +1343,7 @@ impl<C: TaskIo> TaskRunner<C> {
             })?;
         }
         self.send_checkpoint(builder).await?;
+        self.purge.checkpointed = checkpoint_offset;
         if let Some(store) = self.window.as_mut().and_then(|w| w.store_mut()) {
             store.changes_written();
         }
@@ -1378,16 +1432,10 @@ impl<C: TaskIo> TaskRunner<C> {
         let topic = checkpoint_topic(&self.def.name);
         let end = self.committed_past(&topic, after).await?;
         let corrupt = |reason: String| TaskError::Checkpoint { task, reason };
-        let Some((last, key)) = self.last_chunk(&topic, end).await? else {
+        let Some((last, key)) = self.last_chunk(&topic, task, end).await? else {
             return Ok(None);
         };
-        let key = key.ok_or_else(|| corrupt(format!("record at offset {last} has no key")))?;
-        let count: u64 = std::str::from_utf8(&key)
-            .ok()
-            .and_then(|k| k.split_once('/'))
-            .and_then(|(_, n)| n.parse().ok())
-            .filter(|&n| n >= 1 && n <= last + 1)
-            .ok_or_else(|| corrupt(format!("last record's key {key:?} is not a chunk key")))?;
+        let count = chunk_count(last, key.as_deref()).map_err(corrupt)?;
         let end = last + 1;
         let mut bytes = Vec::new();
         let mut offset = end - count;
@@ -1433,8 +1481,7 @@ impl<C: TaskIo> TaskRunner<C> {
     /// sound): its offset and key. Steps back a batch at a time; Raft's
     /// own entries (a new leader's empty entry, configuration changes) are
     /// control batches that hold an offset but no record.
-    async fn last_chunk(&self, topic: &str, end: u64) -> Result<Option<(u64, Option<Bytes>)>, TaskError> {
-        let task = self.assignment.task;
+    async fn last_chunk(&self, topic: &str, task: u32, end: u64) -> Result<Option<(u64, Option<Bytes>)>, TaskError> {
         let mut probe = end;
         for _ in 0..CHUNK_PROBES_MAX {
             let Some(at) = probe.checked_sub(1) else {

@@ -37,6 +37,8 @@ pub struct MemoryIo {
     now: Mutex<Duration>,
     /// Batches one fetch answers at most (all when 0).
     fetch_batches_max: usize,
+    /// Per partition, where deleting records moved its start (0 if absent).
+    starts: Mutex<BTreeMap<(String, u32), u64>>,
 }
 
 impl MemoryIo {
@@ -143,6 +145,12 @@ impl MemoryIo {
         records
     }
 
+    /// Where a partition starts: what deleting records left.
+    pub fn start_of(&self, topic: &str, partition: u32) -> u64 {
+        let starts = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        starts.get(&(topic.to_string(), partition)).copied().unwrap_or(0)
+    }
+
     /// Moves the clock on.
     pub fn pass(&self, time: Duration) {
         *self.now.lock().unwrap_or_else(|p| p.into_inner()) += time;
@@ -154,6 +162,14 @@ impl TaskIo for MemoryIo {
         let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
         let log = logs.get(&(topic.to_string(), partition)).cloned().unwrap_or_default();
         let end = log.last().map_or(0, RecordBatch::next_offset);
+        let start = self.start_of(topic, partition);
+        if offset < start {
+            return Err(ClientError::Broker(BrokerError::OffsetOutOfRange {
+                offset,
+                start,
+                end,
+            }));
+        }
         let max = match self.fetch_batches_max {
             0 => usize::MAX,
             max => max,
@@ -167,6 +183,26 @@ impl TaskIo for MemoryIo {
             Some(original) => Ok(original),
             None => Ok(self.write(topic, partition, batch)),
         }
+    }
+
+    async fn delete_records(&self, topic: &str, partition: u32, before_offset: u64) -> ClientResult<u64> {
+        let end = {
+            let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+            let log = logs.get(&(topic.to_string(), partition));
+            log.and_then(|l| l.last()).map_or(0, RecordBatch::next_offset)
+        };
+        let mut starts = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        let start = starts.entry((topic.to_string(), partition)).or_default();
+        if before_offset > end {
+            let (offset, start) = (before_offset, *start);
+            return Err(ClientError::Broker(BrokerError::OffsetOutOfRange {
+                offset,
+                start,
+                end,
+            }));
+        }
+        *start = (*start).max(before_offset);
+        Ok(*start)
     }
 
     fn now(&self) -> Duration {

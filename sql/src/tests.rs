@@ -17,6 +17,7 @@ use crate::parse::{parse_statement, Statement};
 use crate::planner::plan_query;
 
 mod as_of;
+mod purge;
 mod state_store;
 mod stream_join;
 mod table_join;

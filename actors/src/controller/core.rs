@@ -942,8 +942,9 @@ pub fn alive_nodes(members: &[MemberView]) -> Vec<NodeId> {
 
 /// Whether a topic is one of Runnel's own that retention would break: the
 /// consumer-offsets topic and dataflows' checkpoints hold state, and a
-/// repartition topic holds input a task may not have read yet (Kafka
-/// Streams keeps its repartition topics forever too). See
+/// repartition topic holds input a task may not have read yet (its tasks
+/// delete what every reader has checkpointed past instead, as Kafka
+/// Streams purges its repartition topics). See
 /// [`ControllerCore::retention`].
 fn holds_state(topic: &str) -> bool {
     use runnel_client::tasks::{checkpoint_topic, repartition_topic};

@@ -355,6 +355,11 @@ impl BrokerService {
         partition: u32,
         before_offset: Option<u64>,
     ) -> Result<u64, ServiceError> {
+        use runnel_client::tasks::checkpoint_topic;
+        if topic == runnel_client::offsets::OFFSETS_TOPIC || topic.ends_with(&checkpoint_topic("")) {
+            let reason = format!("{topic} holds state (offsets or checkpoints): its records are not deleted by hand");
+            return Err(ServiceError::Failed(BrokerError::InvalidRequest(reason)));
+        }
         let group = self.locate(topic, partition).await?;
         Ok(self.shared.broker.delete_records(group, before_offset).await?)
     }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::{attempts, cards, object, plan_in};
 
 /// `PAYMENTS (CARD STRING, PAID BIGINT, AT_MS BIGINT)`, event time AT_MS.
-fn payments() -> SqlObject {
+pub(super) fn payments() -> SqlObject {
     let columns = [
         ("CARD", SqlType::String),
         ("PAID", SqlType::BigInt),

@@ -273,6 +273,11 @@ pub enum Call {
         partition: u32,
         batch: RecordBatch,
     },
+    DeleteRecords {
+        topic: String,
+        partition: u32,
+        before_offset: u64,
+    },
 }
 
 pub enum Answer {
@@ -348,6 +353,18 @@ impl TaskIo for SimIo {
         match self.call(call).await {
             Answer::Produced(result) => result,
             Answer::Fetched(_) => Err(ClientError::Protocol("a fetch answer to a produce".to_string())),
+        }
+    }
+
+    async fn delete_records(&self, topic: &str, partition: u32, before_offset: u64) -> ClientResult<u64> {
+        let call = Call::DeleteRecords {
+            topic: topic.to_string(),
+            partition,
+            before_offset,
+        };
+        match self.call(call).await {
+            Answer::Produced(result) => result,
+            Answer::Fetched(_) => Err(ClientError::Protocol("a fetch answer to a deletion".to_string())),
         }
     }
 
@@ -446,7 +463,9 @@ pub struct TaskRequest {
 impl TaskRequest {
     fn topic_partition(&self) -> (&str, u32) {
         match &self.call {
-            Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => (topic, *partition),
+            Call::Fetch { topic, partition, .. }
+            | Call::Produce { topic, partition, .. }
+            | Call::DeleteRecords { topic, partition, .. } => (topic, *partition),
         }
     }
 
@@ -658,7 +677,7 @@ impl World {
         };
         let retry_safe = match &call {
             Call::Produce { batch, .. } => batch.header().producer.producer_id >= 0,
-            Call::Fetch { .. } => true,
+            Call::Fetch { .. } | Call::DeleteRecords { .. } => true,
         };
         let now = self.now();
         self.attempt(TaskRequest {
@@ -681,9 +700,9 @@ impl World {
     /// metadata has them (the client's errors when it has not).
     fn task_call_partition(&self, node: NodeId, call: &Call) -> Result<(GroupId, Vec<NodeId>), ClientError> {
         let (topic_name, partition) = match call {
-            Call::Fetch { topic, partition, .. } | Call::Produce { topic, partition, .. } => {
-                (topic.clone(), *partition)
-            }
+            Call::Fetch { topic, partition, .. }
+            | Call::Produce { topic, partition, .. }
+            | Call::DeleteRecords { topic, partition, .. } => (topic.clone(), *partition),
         };
         let topic: Option<TopicMeta> = self.nodes[&node].meta().metadata.topics.get(&topic_name).cloned();
         match topic {
@@ -727,6 +746,11 @@ impl World {
                 group,
                 batch: batch.clone(),
             },
+            Call::DeleteRecords { before_offset, .. } => Msg::DeleteRecords {
+                request: id,
+                group,
+                before_offset: *before_offset,
+            },
         };
         self.tasks.requests.insert(id, request);
         self.net.post(node, target, msg);
@@ -761,7 +785,7 @@ impl World {
                 self.tasks.leaders.insert((node, pending.group), from);
                 let offset = match &pending.call {
                     Call::Fetch { offset, .. } => *offset,
-                    Call::Produce { .. } => 0,
+                    Call::Produce { .. } | Call::DeleteRecords { .. } => 0,
                 };
                 let fetched = Ok(FetchedBatches::new(offset, batches, committed));
                 return self.answer_task(&pending, Ok(Answer::Fetched(fetched)));
@@ -917,6 +941,6 @@ fn unsequenced(batch: &RecordBatch) -> Result<RecordBatch, runnel_storage::Stora
 fn answer_error(request: &Call, error: ClientError) -> Answer {
     match request {
         Call::Fetch { .. } => Answer::Fetched(Err(error)),
-        Call::Produce { .. } => Answer::Produced(Err(error)),
+        Call::Produce { .. } | Call::DeleteRecords { .. } => Answer::Produced(Err(error)),
     }
 }

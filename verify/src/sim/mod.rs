@@ -325,6 +325,13 @@ enum Msg {
         request: u64,
         result: Result<u64, BrokerError>,
     },
+    /// A task deletes a partition's records below an offset (answered
+    /// `Produced` with the partition's new start).
+    DeleteRecords {
+        request: u64,
+        group: GroupId,
+        before_offset: u64,
+    },
     Fetch {
         request: u64,
         group: GroupId,
@@ -1168,6 +1175,11 @@ impl World {
             Msg::MetaLog { batches } => self.on_meta_log(id, &batches)?,
             Msg::MetaQuery => self.on_meta_query(id, from),
             Msg::Produce { request, group, batch } => self.on_produce(id, from, request, group, batch)?,
+            Msg::DeleteRecords {
+                request,
+                group,
+                before_offset,
+            } => self.on_delete_records(id, from, request, group, before_offset)?,
             Msg::Fetch {
                 request,
                 group,
@@ -1311,6 +1323,35 @@ impl World {
             None => {
                 let result = Err(BrokerError::NotLeader { group, leader: None });
                 self.net.post(me, from, Msg::Produced { request, result });
+            }
+        }
+        Ok(())
+    }
+
+    /// A task's deletion of records, answered once its entry commits.
+    fn on_delete_records(
+        &mut self,
+        id: NodeId,
+        from: NodeId,
+        request: u64,
+        group: GroupId,
+        before_offset: u64,
+    ) -> Result<(), String> {
+        let outbox = self.outbox.clone();
+        match self.nodes.get_mut(&id).and_then(|n| n.groups.get_mut(&group)) {
+            Some(part) => {
+                let reply = SimReply::Client {
+                    node: id,
+                    client: from,
+                    request,
+                    outbox,
+                };
+                part.delete_records(Some(before_offset), reply);
+                self.drive(id, group)?;
+            }
+            None => {
+                let result = Err(BrokerError::NotLeader { group, leader: None });
+                self.net.post(id, from, Msg::Produced { request, result });
             }
         }
         Ok(())
