@@ -18,6 +18,9 @@ use crate::producers::SequenceCheck;
 use crate::protocol::{Acks, BrokerError, GroupId, NodeId, PassiveAnswer};
 use crate::replica::{ReplicaConfig, ReplicaCore};
 
+/// Ticks (100 ms each) before deleting segments below the log's start is
+/// tried again after it failed.
+const DELETION_PAUSE_TICKS: u32 = 50;
 /// Produce requests waiting on one replica at most; more are refused as busy.
 pub const WAITERS_MAX: usize = 8192;
 /// Compaction steps (each reads at most 4 MiB) one message runs: the
@@ -234,6 +237,12 @@ pub struct PartitionCore<R> {
     /// By Raft index.
     waiters: BTreeMap<u64, Vec<Waiter<R>>>,
     in_sync: InSync,
+    /// Ticks to wait before deleting segments below the log's start again,
+    /// after a failure.
+    deletion_pause_ticks: u32,
+    /// Damage met deleting them: the replica fails with it at its next
+    /// drive, so that it is repaired.
+    deletion_damage: Option<crate::ActorError>,
 }
 
 pub struct ReplicaState {
@@ -395,6 +404,8 @@ impl<R: ProduceReply> PartitionCore<R> {
             core,
             waiters: BTreeMap::new(),
             in_sync: InSync::default(),
+            deletion_pause_ticks: 0,
+            deletion_damage: None,
         };
         Ok((part, messages))
     }
@@ -526,6 +537,18 @@ impl<R: ProduceReply> PartitionCore<R> {
     pub fn tick(&mut self) -> bool {
         let work = self.core.tick();
         self.in_sync.on_tick(&self.core);
+        self.delete_below_log_start();
+        work
+    }
+
+    /// Deletes the segments a log-start entry left below the start; after a
+    /// failure, tries again [`DELETION_PAUSE_TICKS`] later, and damage
+    /// fails the replica (at its next drive).
+    fn delete_below_log_start(&mut self) {
+        if self.deletion_pause_ticks > 0 {
+            self.deletion_pause_ticks -= 1;
+            return;
+        }
         match self.core.delete_below_log_start() {
             Ok(None) => {}
             Ok(Some(done)) => tracing::info!(
@@ -535,11 +558,12 @@ impl<R: ProduceReply> PartitionCore<R> {
                 start_offset = done.start_offset,
                 "deleted records: the segments below the log's start went"
             ),
+            Err(e) if e.is_damage() => self.deletion_damage = Some(e),
             Err(e) => {
-                tracing::warn!(partition = %self.group.named(), error = %e, "deleting records failed; the files stay until the next tick")
+                tracing::warn!(partition = %self.group.named(), error = %e, "deleting records failed; the files stay for now");
+                self.deletion_pause_ticks = DELETION_PAUSE_TICKS;
             }
         }
-        work
     }
 
     /// Kafka's DeleteRecords: moves where readers start to `before_offset`
@@ -798,7 +822,10 @@ impl<R: ProduceReply> PartitionCore<R> {
         self.check_read_damage()
     }
 
-    fn check_read_damage(&self) -> crate::Result<()> {
+    fn check_read_damage(&mut self) -> crate::Result<()> {
+        if let Some(damage) = self.deletion_damage.take() {
+            return Err(damage);
+        }
         match self.core.store().read_damage() {
             Some(damage) => Err(damage),
             None => Ok(()),
@@ -830,7 +857,13 @@ impl<R: ProduceReply> PartitionCore<R> {
                         required: waiter.copies,
                     })
                 }
-                (Some(term), Some((base_offset, _))) if term == waiter.term => Ok(waiter.answer.unwrap_or(base_offset)),
+                (Some(term), Some((base_offset, _))) if term == waiter.term => {
+                    // A log-start entry answers with the start, which a
+                    // later one may have moved further already.
+                    Ok(waiter
+                        .answer
+                        .map_or(base_offset, |start| start.max(store.first_offset())))
+                }
                 _ => Err(BrokerError::LeadershipLost),
             };
             waiter.reply.answer(result);

@@ -164,6 +164,10 @@ pub struct PartitionStore {
     /// Where the last applied log-start entry moved the readable log
     /// ([`KEY_LOG_START`]); whole segments below it are deleted.
     log_start: u64,
+    /// The last entry the replica applied: the commit index written never
+    /// passes it, so a restart applies again every entry it had not (a
+    /// log-start entry, a configuration change) rather than skip it.
+    applied: u64,
 }
 
 /// The context of a log-start entry moving the readable log to `offset`.
@@ -248,10 +252,11 @@ impl PartitionStore {
             meta.set(KEY_CONTROL_ENTRIES, controls.encode()?)?;
         }
         check_commit(dir, &mut stored, last_index, sync_log)?;
+        let commit = stored.commit.max(snapshot.index);
         let hard_state = HardState {
             term: stored.term,
             vote: stored.vote,
-            commit: stored.commit.max(snapshot.index),
+            commit,
             ..HardState::default()
         };
         Ok(PartitionStore {
@@ -273,6 +278,7 @@ impl PartitionStore {
             recent_bytes: 0,
             read_damage: std::sync::OnceLock::new(),
             log_start,
+            applied: commit,
             compactor: Compactor::default(),
         })
     }
@@ -494,7 +500,7 @@ impl PartitionStore {
     /// Writes the commit index when it has moved far since last written, so a
     /// restart after a crash does not re-read a long committed stretch.
     pub fn persist_commit_if_far(&mut self) -> Result<()> {
-        if self.hard_state.commit >= self.persisted.commit + COMMIT_PERSIST_EVERY {
+        if self.writable_commit() >= self.persisted.commit + COMMIT_PERSIST_EVERY {
             self.persist_hard_state()?;
         }
         Ok(())
@@ -515,12 +521,22 @@ impl PartitionStore {
         self.hard_state.commit = commit;
     }
 
-    /// Writes the full hard state, commit included.
+    /// Records the last entry the replica applied (see `applied`).
+    pub fn set_applied(&mut self, applied: u64) {
+        self.applied = applied;
+    }
+
+    /// The commit index as it may be written: not past what was applied.
+    fn writable_commit(&self) -> u64 {
+        self.hard_state.commit.min(self.applied)
+    }
+
+    /// Writes the full hard state, commit included (as far as applied).
     pub fn persist_hard_state(&mut self) -> Result<()> {
         let stored = StoredHardState {
             term: self.hard_state.term,
             vote: self.hard_state.vote,
-            commit: self.hard_state.commit,
+            commit: self.writable_commit(),
         };
         write_meta(&mut self.meta, KEY_HARD_STATE, &stored)?;
         self.persisted = stored;
@@ -641,6 +657,7 @@ impl PartitionStore {
         self.hard_state.term = stored.term;
         self.hard_state.commit = stored.commit;
         self.persisted = stored;
+        self.applied = self.applied.max(point.index);
         self.conf_state = conf_state;
         self.voters_since = BTreeMap::new();
         self.conf_index = conf_index;
@@ -1445,6 +1462,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut store = store_of_three(dir.path(), false);
         store.set_commit(3);
+        store.set_applied(3);
         store.persist_hard_state().expect("hard state");
         // Nothing of the log was fsynced: a power loss now loses all of it.
         assert!(store.crash(0).expect("crash") > 0);
@@ -1458,6 +1476,26 @@ mod tests {
         let reopened = PartitionStore::open(dir.path(), LogConfig::default(), false).expect("reopen");
         assert_eq!(reopened.last_index_value(), 0);
         assert_eq!(reopened.hard_state().commit, 0);
+    }
+
+    /// The commit index written never passes what the replica applied, so
+    /// a restart applies again the entries it had not.
+    #[test]
+    fn the_commit_index_written_stops_at_the_last_entry_applied() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = store_of_three(dir.path(), true);
+        store.set_commit(3);
+        store.set_applied(1);
+        store.persist_hard_state().expect("hard state");
+        drop(store);
+        let mut reopened = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("reopen");
+        assert_eq!(reopened.hard_state().commit, 1, "applied through 1 only");
+        reopened.set_commit(3);
+        reopened.set_applied(3);
+        reopened.persist_hard_state().expect("hard state");
+        drop(reopened);
+        let reopened = PartitionStore::open(dir.path(), LogConfig::default(), true).expect("reopen");
+        assert_eq!(reopened.hard_state().commit, 3);
     }
 
     #[test]

@@ -589,6 +589,8 @@ impl ReplicaCore {
         out.messages.extend(light.take_messages());
         self.apply(light.take_committed_entries(), &mut out)?;
         self.raw.advance_apply();
+        let applied = self.raw.raft.raft_log.applied;
+        self.raw.mut_store().set_applied(applied);
         self.raw.mut_store().persist_commit_if_far()?;
         snapshots_sent.extend(snapshot_targets(&out.messages));
         for to in snapshots_sent {

@@ -86,12 +86,13 @@ pub fn new_producer_id() -> i64 {
 }
 
 impl Producer {
+    /// A producer to `topic`. A topic the answering node does not know yet
+    /// (created a moment ago) is looked up again after that node catches
+    /// up with the controller, so only a topic that does not exist is
+    /// `UnknownTopic`.
     pub async fn new(client: Arc<Client>, topic: &str, acks: Acks) -> ClientResult<Producer> {
         let topics = client.topics().await?;
-        let info = topics
-            .iter()
-            .find(|t| t.name == topic)
-            .ok_or_else(|| ClientError::UnknownTopic(topic.to_string()))?;
+        let info = client.find_topic(topics, topic).await?;
         Ok(Producer {
             partitions: info.config.partitions,
             client,

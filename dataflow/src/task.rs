@@ -42,7 +42,9 @@ use crate::changelog::{self, CheckpointWriter, CHANGES_EARLY_BYTES};
 use crate::grace::{GraceBuffer, Held};
 use crate::table::TableState;
 
+mod dedup;
 mod purge;
+use dedup::ReadSequences;
 pub use purge::PURGE_INTERVAL;
 
 /// How often a task checkpoints (when it has made progress).
@@ -60,7 +62,7 @@ const CHECKPOINT_CHUNK_BYTES: usize = 512 << 10;
 /// 4: then by the records a join by event time holds for its grace.
 /// 5: a stage with a state store keeps its state in the changelog, not
 /// in the checkpoint (a node that reads only 4 would find it empty).
-const CHECKPOINT_VERSION: u8 = 5;
+const CHECKPOINT_VERSION: u8 = 6;
 /// Batches stepped back over looking for the newest checkpoint (barriers,
 /// entry-only batches, Raft's control entries).
 const CHUNK_PROBES_MAX: usize = 4096;
@@ -76,6 +78,8 @@ const COMMIT_WAIT: Duration = Duration::from_millis(50);
 /// records.
 const CHECKPOINT_V2: u8 = 2;
 const CHECKPOINT_V3: u8 = 3;
+/// The first format whose stateful stages keep their state in a changelog.
+const CHECKPOINT_V5: u8 = 5;
 /// How long an output batch is retried through unavailability before the
 /// task fails (and is restarted from its checkpoint).
 const SEND_RETRY_FOR: Duration = Duration::from_secs(60);
@@ -456,12 +460,16 @@ type TablePositions = Vec<Vec<u64>>;
 /// 3) and the records it holds for a grace (none before version 4).
 fn decode_checkpoint(bytes: &[u8]) -> Result<Restored, postcard::Error> {
     let (checkpoint, rest): (Checkpoint, _) = postcard::take_from_bytes(bytes)?;
-    let (positions, held) = match checkpoint.version {
-        CHECKPOINT_V2 => (Vec::new(), None),
-        CHECKPOINT_V3 => (postcard::from_bytes(rest)?, None),
+    let (positions, held, read) = match checkpoint.version {
+        CHECKPOINT_V2 => (Vec::new(), None, ReadSequences::default()),
+        CHECKPOINT_V3 => (postcard::from_bytes(rest)?, None, ReadSequences::default()),
+        version if version <= CHECKPOINT_V5 => {
+            let (positions, held) = postcard::from_bytes(rest)?;
+            (positions, held, ReadSequences::default())
+        }
         _ => postcard::from_bytes(rest)?,
     };
-    Ok((checkpoint, positions, held))
+    Ok((checkpoint, positions, held, read))
 }
 
 /// How many chunks the checkpoint whose last chunk is at offset `last`,
@@ -482,7 +490,7 @@ fn chunk_count(last: u64, key: Option<&[u8]>) -> Result<u64, String> {
 }
 
 /// What a checkpoint restores.
-type Restored = (Checkpoint, TablePositions, Option<GraceBuffer>);
+type Restored = (Checkpoint, TablePositions, Option<GraceBuffer>, ReadSequences);
 
 /// One input record of a source task, read now or held for a grace.
 #[derive(Clone, Copy)]
@@ -594,6 +602,8 @@ pub struct TaskRunner<C: TaskIo = Client> {
     emitted: Emitted,
     /// Deleting the repartitioned records every stage has read ([`purge`]).
     purge: purge::Purge,
+    /// Stateful stage: the next record sequence of each upstream ([`dedup`]).
+    read_sequences: ReadSequences,
 }
 
 /// What a window stage's fold of one fetch did: whether any record was
@@ -666,6 +676,7 @@ impl<C: TaskIo> TaskRunner<C> {
             writer: None,
             emitted: Emitted::default(),
             purge: purge::Purge::default(),
+            read_sequences: ReadSequences::default(),
         };
         let topic = checkpoint_topic(&runner.def.name);
         let mut barrier_end = 0;
@@ -676,7 +687,8 @@ impl<C: TaskIo> TaskRunner<C> {
             barrier_end = barrier + 1;
         }
         match runner.read_checkpoint(barrier_end).await? {
-            Some(((checkpoint, positions, held), end)) => {
+            Some(((checkpoint, positions, held, read), end)) => {
+                runner.read_sequences = read;
                 let version = checkpoint.version;
                 runner.apply_checkpoint(checkpoint)?;
                 runner.restore_store(version, end).await?;
@@ -714,7 +726,7 @@ impl<C: TaskIo> TaskRunner<C> {
         let Some(store) = self.window.as_mut().and_then(|w| w.store_mut()) else {
             return Ok(());
         };
-        if version < CHECKPOINT_VERSION {
+        if version < CHECKPOINT_V5 {
             let changes = store.changes()?;
             store.changes_written();
             return self.send_entries(changes).await;
@@ -1174,7 +1186,10 @@ impl<C: TaskIo> TaskRunner<C> {
             if writer.is_some_and(|t| !self.upstream_tasks().contains(&t)) {
                 continue;
             }
-            let batch_folded = self.fold_batch(window, input.views_of(batch), writer, out)?;
+            let info = batch.header().producer;
+            let sequenced =
+                (info.base_sequence >= 0).then_some((info.producer_epoch, info.base_sequence, batch.base_offset()));
+            let batch_folded = self.fold_batch(window, input.views_of(batch), (writer, sequenced), out)?;
             folded.consumed |= batch_folded.consumed;
             if batch_folded.stopped_at.is_some() {
                 folded.stopped_at = batch_folded.stopped_at;
@@ -1185,12 +1200,14 @@ impl<C: TaskIo> TaskRunner<C> {
     }
 
     /// Folds one batch's records; `writer` is the upstream whose producer
-    /// id the batch carries, if any.
+    /// id the batch carries, if any, and `sequenced` the batch's producer
+    /// epoch, base sequence and base offset when it has sequences (a
+    /// record read before is skipped: [`dedup`]).
     fn fold_batch<'a>(
         &mut self,
         window: &mut dyn WindowStage,
         views: impl Iterator<Item = Result<RecordView<'a>, runnel_storage::StorageError>>,
-        writer: Option<u32>,
+        (writer, sequenced): (Option<u32>, Option<(i16, i32, u64)>),
         out: &mut Emitted,
     ) -> Result<Folded, TaskError> {
         let mut folded = Folded::default();
@@ -1218,6 +1235,12 @@ impl<C: TaskIo> TaskRunner<C> {
             if !upstreams.contains(&upstream) {
                 // Another stateful stage's upstream (they share the topic).
                 continue;
+            }
+            if let (Some(writer), Some((epoch, base_sequence, base_offset))) = (writer, sequenced) {
+                let sequence = base_sequence.saturating_add((view.offset - base_offset) as i32);
+                if !self.read_sequences.admit(writer, epoch, sequence) {
+                    continue;
+                }
             }
             folded.consumed = true;
             let entry = self.upstreams.entry(upstream).or_insert(Upstream {
@@ -1292,9 +1315,11 @@ impl<C: TaskIo> TaskRunner<C> {
         };
         let positions: TablePositions = self.tables.iter().map(|t| t.positions().to_vec()).collect();
         let bytes =
-            postcard::to_allocvec(&(checkpoint, (positions, &self.grace))).map_err(|e| TaskError::Checkpoint {
-                task,
-                reason: e.to_string(),
+            postcard::to_allocvec(&(checkpoint, (positions, &self.grace, &self.read_sequences))).map_err(|e| {
+                TaskError::Checkpoint {
+                    task,
+                    reason: e.to_string(),
+                }
             })?;
         // A stage keeping a changelog writes its changed entries in the
         // same batch, before the chunks (see `changelog`).
@@ -1535,7 +1560,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checkpoints_of_version_2_read_without_tables_3_without_held_records_and_4_and_5_with_them() {
+    fn checkpoints_of_version_2_read_without_tables_3_without_held_records_4_and_5_with_them_and_6_with_sequences() {
         let checkpoint = |version| Checkpoint {
             version,
             task: 4,
@@ -1543,11 +1568,11 @@ mod tests {
             ..Checkpoint::default()
         };
         let old = postcard::to_allocvec(&checkpoint(CHECKPOINT_V2)).expect("encodes");
-        let (read, positions, held) = decode_checkpoint(&old).expect("version 2 decodes");
+        let (read, positions, held, _) = decode_checkpoint(&old).expect("version 2 decodes");
         assert_eq!((read.task, read.input_offset, positions.len(), held), (4, 17, 0, None));
         let tables: TablePositions = vec![vec![3, 0, 9]];
         let v3 = postcard::to_allocvec(&(checkpoint(CHECKPOINT_V3), &tables)).expect("encodes");
-        let (read, positions, held) = decode_checkpoint(&v3).expect("version 3 decodes");
+        let (read, positions, held, _) = decode_checkpoint(&v3).expect("version 3 decodes");
         assert_eq!((read.input_offset, &positions, held), (17, &tables, None));
         let mut grace = GraceBuffer::new(1_000);
         grace.push(
@@ -1560,15 +1585,25 @@ mod tests {
             .held(5),
         );
         // Version 5 is encoded as 4 (its window state may be empty).
-        for version in [4, CHECKPOINT_VERSION] {
+        for version in [4, CHECKPOINT_V5] {
             let v4 = postcard::to_allocvec(&(checkpoint(version), (&tables, Some(&grace)))).expect("encodes");
-            let (read, positions, held) = decode_checkpoint(&v4).expect("version 4 decodes");
+            let (read, positions, held, sequences) = decode_checkpoint(&v4).expect("version 4 decodes");
             assert_eq!(
-                (read.input_offset, &positions, held.as_ref()),
-                (17, &tables, Some(&grace))
+                (read.input_offset, &positions, held.as_ref(), sequences),
+                (17, &tables, Some(&grace), ReadSequences::default())
             );
             assert!(decode_checkpoint(&v4[..v4.len() - 1]).is_err(), "cut short");
         }
+        let mut sequences = ReadSequences::default();
+        assert!(sequences.admit(2, 0, 40));
+        let v6 = postcard::to_allocvec(&(checkpoint(CHECKPOINT_VERSION), (&tables, Some(&grace), &sequences)))
+            .expect("encodes");
+        let (read, positions, held, read_sequences) = decode_checkpoint(&v6).expect("version 6 decodes");
+        assert_eq!(
+            (read.input_offset, &positions, held.as_ref(), read_sequences),
+            (17, &tables, Some(&grace), sequences)
+        );
+        assert!(decode_checkpoint(&v6[..v6.len() - 1]).is_err(), "cut short");
     }
 
     #[test]

@@ -120,6 +120,12 @@ impl MemoryIo {
         logs.get(&(topic.to_string(), partition)).cloned().unwrap_or_default()
     }
 
+    /// Appends `batch` as it is, its producer's sequence unchecked: a
+    /// retry as a replica that forgot its producer takes it, as new.
+    pub fn write_again(&self, topic: &str, partition: u32, batch: RecordBatch) -> u64 {
+        self.write(topic, partition, batch)
+    }
+
     fn write(&self, topic: &str, partition: u32, mut batch: RecordBatch) -> u64 {
         let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
         let log = logs.entry((topic.to_string(), partition)).or_default();

@@ -17,6 +17,7 @@
 //! fenced, so a dataflow with one keeps its repartitioned records.
 //! Deleting is housekeeping: a failure is logged, and tried again later.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use runnel_client::tasks::{checkpoint_topic, repartition_topic};
@@ -29,14 +30,20 @@ use super::{chunk_count, TaskError, TaskIo, TaskRunner};
 pub const PURGE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Where a task stands in deleting its partition of the repartition topic.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct Purge {
     /// When it last tried.
     last_ms: Option<Duration>,
+    /// Whether this task deletes (decided once, at its first try).
+    deletes: Option<bool>,
     /// The input offset of the newest checkpoint written or restored.
     pub checkpointed: u64,
     /// Where the partition started after the last deletion.
     deleted_to: u64,
+    /// Per later stage's task: its checkpoint partition's commit point and
+    /// the input offset its newest checkpoint there holds (read again only
+    /// once the commit point moves).
+    peers: BTreeMap<u32, (u64, u64)>,
 }
 
 /// The fields every checkpoint format starts with.
@@ -53,10 +60,15 @@ impl<C: TaskIo> TaskRunner<C> {
     /// [`PURGE_INTERVAL`] (see the module's text).
     pub(super) async fn purge_repartitioned(&mut self) {
         let now = self.client.now();
-        if !self.purges() || self.purge.last_ms.is_some_and(|at| now < at + PURGE_INTERVAL) {
+        if self.purge.last_ms.is_some_and(|at| now < at + PURGE_INTERVAL) {
             return;
         }
         self.purge.last_ms = Some(now);
+        let deletes = self.purge.deletes.unwrap_or_else(|| self.purges());
+        self.purge.deletes = Some(deletes);
+        if !deletes {
+            return;
+        }
         let point = match self.checkpointed_by_all().await {
             Ok(Some(point)) if point > self.purge.deleted_to => point,
             Ok(_) => return,
@@ -89,7 +101,7 @@ impl<C: TaskIo> TaskRunner<C> {
 
     /// The input offset every stateful stage's task of this partition has
     /// checkpointed past; `None` while one has no checkpoint.
-    async fn checkpointed_by_all(&self) -> Result<Option<u64>, TaskError> {
+    async fn checkpointed_by_all(&mut self) -> Result<Option<u64>, TaskError> {
         let (partitions, partition) = (self.assignment.partitions, self.assignment.partition());
         let mut point = self.purge.checkpointed;
         for stage in self.assignment.stage() + 1..self.def.stages() {
@@ -102,10 +114,21 @@ impl<C: TaskIo> TaskRunner<C> {
     }
 
     /// The input offset of task `task`'s newest checkpoint, read from its
-    /// first chunk; `None` when it has none.
-    async fn checkpointed_offset(&self, task: u32) -> Result<Option<u64>, TaskError> {
+    /// first chunk (unless its partition committed nothing since the last
+    /// read); `None` when it has none.
+    async fn checkpointed_offset(&mut self, task: u32) -> Result<Option<u64>, TaskError> {
         let topic = checkpoint_topic(&self.def.name);
-        let end = self.client.fetch(&topic, task, 0, 1).await?.committed_offset;
+        // Asked from where it was last seen, an unmoved partition answers
+        // no batch at all.
+        let seen = self.purge.peers.get(&task).copied();
+        let end = self
+            .client
+            .fetch(&topic, task, seen.map_or(0, |s| s.0), 1)
+            .await?
+            .committed_offset;
+        if let Some((_, offset)) = seen.filter(|s| s.0 == end) {
+            return Ok(Some(offset));
+        }
         let Some((last, key)) = self.last_chunk(&topic, task, end).await? else {
             return Ok(None);
         };
@@ -122,6 +145,7 @@ impl<C: TaskIo> TaskRunner<C> {
         if head.task != task {
             return Err(corrupt(format!("the checkpoint at {first} is task {}'s", head.task)));
         }
+        self.purge.peers.insert(task, (end, head.input_offset));
         Ok(Some(head.input_offset))
     }
 }

@@ -95,3 +95,32 @@ async fn repartitioned_records_go_once_every_stage_checkpointed_past_them() {
     let expected: BTreeMap<String, i64> = (0..CARDS).map(|c| (format!("c{c:02}"), 2)).collect();
     assert_eq!(counts(&tasks.io, &sink), expected, "each attempt paired once");
 }
+
+/// The repartition topic holds a retry twice, as a replica that forgot
+/// the writer (its batches deleted, the replica reopened) takes it: the
+/// aggregate, restored from its checkpoint before reading the copies,
+/// counts every record once.
+#[tokio::test]
+async fn a_retry_the_repartition_topic_holds_twice_is_read_once() {
+    let statement = "CREATE TABLE per_card AS SELECT card, COUNT(*) AS n FROM attempts GROUP BY card;";
+    let plan = plan_in(vec![attempts()], statement).expect("plans");
+    let mut tasks = Tasks::new(&plan, MemoryIo::default()).await;
+    let (sink, repartition) = (tasks.def.sink.clone(), repartition_topic("q"));
+    for card in 0..CARDS {
+        let value = json!({"card": format!("c{card:02}"), "amount": 1, "at_ms": 1000, "note": ""});
+        append(&tasks.io, "attempts", value, 1000);
+    }
+    tasks.drain().await;
+    tasks.io.pass(CHECKPOINT_INTERVAL);
+    tasks.drain().await;
+    let sent = tasks.io.batches(&repartition, 0);
+    let retried = sent.iter().filter(|b| b.header().producer.base_sequence >= 0).count();
+    assert!(retried > 0, "the source task's batches carry sequences");
+    for batch in sent {
+        tasks.io.write_again(&repartition, 0, batch);
+    }
+    tasks.tasks[1] = tasks.start(1).await.expect("the aggregate restores");
+    tasks.drain().await;
+    let expected: BTreeMap<String, i64> = (0..CARDS).map(|c| (format!("c{c:02}"), 1)).collect();
+    assert_eq!(counts(&tasks.io, &sink), expected, "each attempt counted once");
+}
