@@ -1435,17 +1435,29 @@ impl<C: TaskIo> TaskRunner<C> {
             writer = changelog::renew(&*self.client, &topic, task, writer).await?;
         }
         writer.stamp(&mut builder, records);
-        // A failed write's fate is unknown and the sequence moved on: the
-        // task fails, and its next incarnation claims the partition anew.
-        match self.client.produce(&topic, task, builder.build()?, Acks::All).await {
-            Ok(_) => {
-                self.writer = Some(writer);
-                Ok(())
+        let batch = builder.build()?;
+        // Sent again as it is while the cluster does not answer: the
+        // leader recognises its producer's sequence, so it is written at
+        // most once, and its fate becomes known. Past that, the task fails
+        // (the sequence moved on) and its next incarnation claims anew.
+        let deadline = self.client.now() + SEND_RETRY_FOR;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.client.produce(&topic, task, batch.clone(), Acks::All).await {
+                Ok(_) => {
+                    self.writer = Some(writer);
+                    return Ok(());
+                }
+                Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => {
+                    return Err(changelog::fenced(&topic, task, writer.epoch))
+                }
+                Err(e) if retryable(&e) && self.client.now() < deadline => {
+                    tracing::debug!(topic, task, error = %e, "checkpoint not acknowledged; sending it again");
+                    self.client.sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => {
-                Err(changelog::fenced(&topic, task, writer.epoch))
-            }
-            Err(e) => Err(e.into()),
         }
     }
 

@@ -39,6 +39,9 @@ pub struct MemoryIo {
     fetch_batches_max: usize,
     /// Per partition, where deleting records moved its start (0 if absent).
     starts: Mutex<BTreeMap<(String, u32), u64>>,
+    /// Per partition, how many more produces are written but answered as
+    /// if the cluster did not answer ([`MemoryIo::lose_answers`]).
+    lost_answers: Mutex<BTreeMap<(String, u32), usize>>,
 }
 
 impl MemoryIo {
@@ -151,6 +154,14 @@ impl MemoryIo {
         records
     }
 
+    /// The next `count` produces to partition `partition` of `topic` are
+    /// written (or recognised as retries) but answered `Unavailable`, as
+    /// when the answer is lost.
+    pub fn lose_answers(&self, topic: &str, partition: u32, count: usize) {
+        let mut lost = self.lost_answers.lock().unwrap_or_else(|p| p.into_inner());
+        lost.insert((topic.to_string(), partition), count);
+    }
+
     /// Where a partition starts: what deleting records left.
     pub fn start_of(&self, topic: &str, partition: u32) -> u64 {
         let starts = self.starts.lock().unwrap_or_else(|p| p.into_inner());
@@ -185,9 +196,22 @@ impl TaskIo for MemoryIo {
     }
 
     async fn produce(&self, topic: &str, partition: u32, batch: RecordBatch, _: Acks) -> ClientResult<u64> {
-        match self.check(topic, partition, &batch)? {
-            Some(original) => Ok(original),
-            None => Ok(self.write(topic, partition, batch)),
+        let offset = match self.check(topic, partition, &batch)? {
+            Some(original) => original,
+            None => self.write(topic, partition, batch),
+        };
+        let mut lost = self.lost_answers.lock().unwrap_or_else(|p| p.into_inner());
+        match lost.get_mut(&(topic.to_string(), partition)).filter(|left| **left > 0) {
+            Some(left) => {
+                *left -= 1;
+                Err(ClientError::Unavailable {
+                    topic: topic.to_string(),
+                    partition,
+                    timeout_ms: 0,
+                    last_error: "the answer was lost (MemoryIo::lose_answers)".to_string(),
+                })
+            }
+            None => Ok(offset),
         }
     }
 

@@ -143,3 +143,44 @@ async fn a_window_of_many_keys_closes_without_an_oversized_checkpoint() {
     tasks.drain().await;
     assert_eq!(tasks.io.records(&sink, 0).len(), keys, "nothing emitted again");
 }
+
+/// A checkpoint whose answers are lost (written, but the task hears
+/// nothing) is sent again as it is: the task carries on rather than fail,
+/// the partition holds that checkpoint once, and a restore finds it.
+#[tokio::test]
+async fn a_checkpoint_whose_answer_is_lost_is_sent_again_and_written_once() {
+    let statement = "CREATE TABLE per_card AS SELECT card, COUNT(*) AS n FROM attempts GROUP BY card;";
+    let plan = plan_in(vec![attempts()], statement).expect("plans");
+    let mut tasks = Tasks::new(&plan, MemoryIo::default()).await;
+    for i in 0..100 {
+        append(&tasks, i);
+    }
+    tasks.drain().await;
+    let chunks = |tasks: &Tasks| {
+        let records = tasks.io.records("q.checkpoints", 1);
+        records
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(b"0/1".as_slice()))
+            .count()
+    };
+    let before = chunks(&tasks);
+    tasks.io.lose_answers("q.checkpoints", 1, 3);
+    tasks.io.pass(CHECKPOINT_INTERVAL);
+    tasks.drain().await;
+    assert_eq!(chunks(&tasks), before + 1, "the checkpoint is written once");
+    tasks.tasks[1] = tasks.start(1).await.expect("restores from it");
+    for i in 100..200 {
+        append(&tasks, i);
+    }
+    tasks.drain().await;
+    assert_eq!(
+        tasks
+            .io
+            .records("q.checkpoints", 1)
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(b"barrier".as_slice()))
+            .count(),
+        2,
+        "one claim per incarnation: the lost answers cost no restore"
+    );
+}
