@@ -495,15 +495,22 @@ impl<R: ProduceReply> PartitionCore<R> {
     pub fn retain(&mut self, now_ms: i64, retention_ms: u64) {
         match self.core.compact_for_retention(now_ms, retention_ms) {
             Ok(None) => {}
-            Ok(Some(done)) => tracing::info!(
-                partition = %self.group.named(),
-                segments = done.segments,
-                bytes = done.bytes,
-                start_offset = done.start_offset,
-                "retention deleted the oldest segments"
-            ),
+            Ok(Some(done)) => self.log_deleted(&done, "retention"),
             Err(e) => tracing::warn!(partition = %self.group.named(), error = %e, "retention failed; the records stay"),
         }
+    }
+
+    /// Logs the segments a deletion took (`cause`: retention, or deleted
+    /// records below the log's start).
+    fn log_deleted(&self, done: &crate::raft_store::Compacted, cause: &str) {
+        tracing::info!(
+            partition = %self.group.named(),
+            cause,
+            segments = done.segments,
+            bytes = done.bytes,
+            start_offset = done.start_offset,
+            "the oldest segments were deleted"
+        );
     }
 
     /// Log compaction: a few bounded steps (see
@@ -551,13 +558,7 @@ impl<R: ProduceReply> PartitionCore<R> {
         }
         match self.core.delete_below_log_start() {
             Ok(None) => {}
-            Ok(Some(done)) => tracing::info!(
-                partition = %self.group.named(),
-                segments = done.segments,
-                bytes = done.bytes,
-                start_offset = done.start_offset,
-                "deleted records: the segments below the log's start went"
-            ),
+            Ok(Some(done)) => self.log_deleted(&done, "deleted records"),
             Err(e) if e.is_damage() => self.deletion_damage = Some(e),
             Err(e) => {
                 tracing::warn!(partition = %self.group.named(), error = %e, "deleting records failed; the files stay for now");
