@@ -1,8 +1,13 @@
 //! DeleteRecords: moves each named partition's start to the offset given
 //! (-1: its high watermark), through its leader; the records below are no
 //! longer read and their whole segments go from every replica's disk. The
-//! answer per partition is its new low watermark.
+//! answer per partition is its new low watermark. A topic's partitions are
+//! deleted at once; each is waited for up to the request's `timeout_ms`
+//! (at most 60 s), then answered REQUEST_TIMED_OUT (asking again is safe).
 
+use std::time::Duration;
+
+use futures_util::future::join_all;
 use kafka_protocol::messages::delete_records_request::DeleteRecordsPartition;
 use kafka_protocol::messages::delete_records_response::{DeleteRecordsPartitionResult, DeleteRecordsTopicResult};
 use kafka_protocol::messages::{DeleteRecordsRequest, DeleteRecordsResponse};
@@ -15,39 +20,69 @@ use crate::errors::KafkaError;
 const PARTITIONS_MAX: usize = 10_000;
 /// The offset that names a partition's high watermark.
 const HIGH_WATERMARK: i64 = -1;
+/// How long a partition's deletion is waited for when the request names no
+/// positive timeout, and the longest it may name.
+const TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+const TIMEOUT_MAX: Duration = Duration::from_secs(60);
 
 pub async fn handle(context: &Context, request: DeleteRecordsRequest, _version: i16) -> DeleteRecordsResponse {
+    let timeout = match u64::try_from(request.timeout_ms) {
+        Ok(ms) if ms > 0 => Duration::from_millis(ms).min(TIMEOUT_MAX),
+        _ => TIMEOUT_DEFAULT,
+    };
     let mut budget = PARTITIONS_MAX;
     let mut topics = Vec::with_capacity(request.topics.len());
     for topic in request.topics {
-        let mut partitions = Vec::with_capacity(topic.partitions.len());
-        for wanted in &topic.partitions {
-            let result = DeleteRecordsPartitionResult::default().with_partition_index(wanted.partition_index);
-            let moved = match budget.checked_sub(1) {
-                Some(left) => {
-                    budget = left;
-                    delete(context, topic.name.0.as_str(), wanted).await
-                }
-                None => Err(KafkaError::new(
-                    ResponseError::PolicyViolation,
-                    format!("over {PARTITIONS_MAX} partitions in one DeleteRecords"),
-                )),
-            };
-            partitions.push(match moved {
-                Ok(low_watermark) => result.with_low_watermark(low_watermark),
-                Err(e) => {
-                    tracing::debug!(topic = %topic.name.0, partition = wanted.partition_index, error = %e.message, "DeleteRecords refused");
-                    result.with_low_watermark(-1).with_error_code(e.code())
-                }
-            });
-        }
+        let name = topic.name.0.to_string();
+        // A topic's partitions are deleted at once, each on its leader.
+        let answers: Vec<_> = topic
+            .partitions
+            .iter()
+            .map(|wanted| {
+                let admitted = budget.checked_sub(1).inspect(|left| budget = *left).is_some();
+                partition_result(context, &name, wanted, admitted, timeout)
+            })
+            .collect();
         topics.push(
             DeleteRecordsTopicResult::default()
                 .with_name(topic.name)
-                .with_partitions(partitions),
+                .with_partitions(join_all(answers).await),
         );
     }
     DeleteRecordsResponse::default().with_topics(topics)
+}
+
+/// One partition's answer: its low watermark, or the error that names why
+/// not (`admitted`: within the request's bound on partitions).
+async fn partition_result(
+    context: &Context,
+    topic: &str,
+    wanted: &DeleteRecordsPartition,
+    admitted: bool,
+    timeout: Duration,
+) -> DeleteRecordsPartitionResult {
+    let result = DeleteRecordsPartitionResult::default().with_partition_index(wanted.partition_index);
+    let moved = match admitted {
+        false => Err(KafkaError::new(
+            ResponseError::PolicyViolation,
+            format!("over {PARTITIONS_MAX} partitions in one DeleteRecords"),
+        )),
+        true => match tokio::time::timeout(timeout, delete(context, topic, wanted)).await {
+            Ok(moved) => moved,
+            // The deletion may still commit; asking again is safe.
+            Err(_) => Err(KafkaError::new(
+                ResponseError::RequestTimedOut,
+                format!("not committed within {} ms", timeout.as_millis()),
+            )),
+        },
+    };
+    match moved {
+        Ok(low_watermark) => result.with_low_watermark(low_watermark),
+        Err(e) => {
+            tracing::debug!(topic, partition = wanted.partition_index, error = %e.message, "DeleteRecords refused");
+            result.with_low_watermark(-1).with_error_code(e.code())
+        }
+    }
 }
 
 async fn delete(context: &Context, topic: &str, wanted: &DeleteRecordsPartition) -> Result<i64, KafkaError> {
