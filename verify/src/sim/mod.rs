@@ -2716,6 +2716,29 @@ impl World {
         })
     }
 
+    /// The dataflow's repartition partitions whose leader starts past
+    /// offset 0: where its tasks deleted records every stage had read.
+    fn repartition_partitions_purged(&self) -> u64 {
+        let name = runnel_client::tasks::repartition_topic(dataflow::DATAFLOW);
+        let Some(topic) = self
+            .nodes
+            .values()
+            .find_map(|n| n.meta().metadata.topics.get(&name).cloned())
+        else {
+            return 0;
+        };
+        let starts = (0..topic.config.partitions).filter_map(|partition| {
+            let group = topic.group_id(partition);
+            let leader = self
+                .nodes
+                .values()
+                .filter_map(|n| n.groups.get(&group))
+                .find(|p| p.core().is_leader());
+            leader.map(|p| p.core().store().first_offset())
+        });
+        starts.filter(|&start| start > 0).count() as u64
+    }
+
     /// Final reads, the checker, and the report.
     fn finish(&mut self) -> Result<SimReport, String> {
         let mut history = History {
@@ -2752,6 +2775,10 @@ impl World {
         if self.tasks.def.is_some() {
             let sink = self.leader_records(dataflow::DATAFLOW)?;
             self.report.dataflow_results = self.check_dataflow(&source, &sink, &mut verdict)?;
+            let purged = self.repartition_partitions_purged();
+            self.report
+                .faults
+                .insert("repartition_partitions_purged".to_string(), purged);
         }
         let stats: SimStats = self.net.stats.clone();
         self.report.messages_sent = stats.sent;
