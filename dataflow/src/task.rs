@@ -176,6 +176,14 @@ pub enum TaskError {
         partition: u32,
         reason: String,
     },
+    #[error(
+        "this task has written {written} records to {topic}/{partition} in this generation of the dataflow, as many as an idempotent producer's sequence counts (2^31); nothing was lost, but it cannot write more: reset the dataflow (runnel dataflow reset) to go on under the next generation"
+    )]
+    SequencesExhausted {
+        topic: String,
+        partition: u32,
+        written: i32,
+    },
     #[error(transparent)]
     Stage(#[from] crate::builder::StageError),
     #[error(transparent)]
@@ -393,6 +401,16 @@ async fn send_batch<C: TaskIo>(
 ) -> Result<i32, TaskError> {
     if builder.is_empty() {
         return Ok(sequence);
+    }
+    // A sequence that would wrap past i32::MAX would be taken as stale,
+    // and the records skipped as written: refuse before sending instead.
+    if sequence.checked_add(builder.record_count() as i32).is_none() {
+        let (topic, written) = (topic.to_string(), sequence);
+        return Err(TaskError::SequencesExhausted {
+            topic,
+            partition,
+            written,
+        });
     }
     let deadline = client.now() + SEND_RETRY_FOR;
     let mut backoff = Duration::from_millis(20);
@@ -1616,6 +1634,33 @@ mod tests {
             (17, &tables, Some(&grace), sequences)
         );
         assert!(decode_checkpoint(&v6[..v6.len() - 1]).is_err(), "cut short");
+    }
+
+    /// Output whose sequence would pass i32::MAX is refused before it is
+    /// sent (a wrapped sequence would be taken as stale and its records
+    /// skipped as written), naming the partition.
+    #[tokio::test]
+    async fn output_past_the_last_sequence_is_refused_not_skipped() {
+        let io = crate::testing::MemoryIo::default();
+        let producer = TaskProducer::of(
+            "d",
+            &TaskAssignment {
+                dataflow: "d".into(),
+                task: 0,
+                partitions: 1,
+                stages: 2,
+                generation: 0,
+            },
+        );
+        let mut builder = BatchBuilder::new();
+        for _ in 0..3 {
+            builder.push(&Record::default()).expect("push");
+        }
+        let refused = send_batch(&io, producer, "out", 0, i32::MAX - 1, builder)
+            .await
+            .expect_err("past the last sequence");
+        assert!(refused.to_string().contains("out/0 in this generation"), "{refused}");
+        assert!(io.batches("out", 0).is_empty(), "nothing sent");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! (-1: its high watermark), through its leader; the records below are no
 //! longer read and their whole segments go from every replica's disk. The
 //! answer per partition is its new low watermark. A topic's partitions are
-//! deleted at once; each is waited for up to the request's `timeout_ms`
-//! (at most 60 s), then answered REQUEST_TIMED_OUT (asking again is safe).
+//! deleted at once; the request waits up to its `timeout_ms` (at most 60
+//! s) in all, then answers REQUEST_TIMED_OUT for what has not committed
+//! (asking again is safe).
 
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ pub async fn handle(context: &Context, request: DeleteRecordsRequest, _version: 
         Ok(ms) if ms > 0 => Duration::from_millis(ms).min(TIMEOUT_MAX),
         _ => TIMEOUT_DEFAULT,
     };
+    // One deadline for the whole request, as Kafka's timeout_ms is.
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut budget = PARTITIONS_MAX;
     let mut topics = Vec::with_capacity(request.topics.len());
     for topic in request.topics {
@@ -40,7 +43,7 @@ pub async fn handle(context: &Context, request: DeleteRecordsRequest, _version: 
             .iter()
             .map(|wanted| {
                 let admitted = budget.checked_sub(1).inspect(|left| budget = *left).is_some();
-                partition_result(context, &name, wanted, admitted, timeout)
+                partition_result(context, &name, wanted, admitted, deadline)
             })
             .collect();
         topics.push(
@@ -59,7 +62,7 @@ async fn partition_result(
     topic: &str,
     wanted: &DeleteRecordsPartition,
     admitted: bool,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> DeleteRecordsPartitionResult {
     let result = DeleteRecordsPartitionResult::default().with_partition_index(wanted.partition_index);
     let moved = match admitted {
@@ -67,12 +70,12 @@ async fn partition_result(
             ResponseError::PolicyViolation,
             format!("over {PARTITIONS_MAX} partitions in one DeleteRecords"),
         )),
-        true => match tokio::time::timeout(timeout, delete(context, topic, wanted)).await {
+        true => match tokio::time::timeout_at(deadline, delete(context, topic, wanted)).await {
             Ok(moved) => moved,
             // The deletion may still commit; asking again is safe.
             Err(_) => Err(KafkaError::new(
                 ResponseError::RequestTimedOut,
-                format!("not committed within {} ms", timeout.as_millis()),
+                "not committed within the request's timeout",
             )),
         },
     };
