@@ -1402,12 +1402,10 @@ type TableChange = (usize, String, Option<serde_json::Value>);
 
 /// 600 changes over 40 cards: rows written, rewritten and deleted.
 fn table_changes() -> Vec<TableChange> {
-    let mut state = 3u64;
+    let mut rng = runnel::dataflow::testing::Lcg::new(3);
     (0..600)
         .map(|i| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            let state = rng.next_state();
             let roll = state >> 33;
             let side = (roll % 2) as usize;
             let card = format!("card-{:06}", (roll >> 2) % 40);

@@ -244,6 +244,26 @@ impl TaskIo for MemoryIo {
     }
 }
 
+/// A seeded linear congruential generator (Knuth's MMIX constants): test
+/// inputs that are the same on every run.
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn new(seed: u64) -> Lcg {
+        Lcg(seed)
+    }
+
+    /// The next state; callers take the bits they need (`>> 33` is well
+    /// mixed).
+    pub fn next_state(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0
+    }
+}
+
 /// A new stage from `factory`, restored as a task restores one from a
 /// checkpoint taken now: `from`'s snapshot, then the entries its state
 /// store has not yet had written (all of them, when it never had).

@@ -201,12 +201,10 @@ fn attempt(card: &str, amount: i64, at_ms: i64) -> Value {
 
 /// A deterministic spread of attempts over 4 cards and 20 minutes.
 fn traffic() -> Vec<Value> {
-    let mut state = 7u64;
+    let mut rng = runnel_dataflow::testing::Lcg::new(7);
     (0..400)
         .map(|i| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            let state = rng.next_state();
             let card = format!("c{}", (state >> 33) % 4);
             let amount = ((state >> 40) % 1000) as i64;
             let at_ms = i * 3_000 - ((state >> 50) % 2_000) as i64;

@@ -251,12 +251,10 @@ mod tests {
 
     /// (side, card, time, id): out of order by up to 4 s, some 30 s late.
     fn events() -> Vec<(usize, u8, i64, i64)> {
-        let mut state = 17u64;
+        let mut rng = crate::testing::Lcg::new(17);
         (0..400)
             .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                let state = rng.next_state();
                 let roll = state >> 33;
                 let late = if roll.is_multiple_of(29) { 30_000 } else { 0 };
                 (

@@ -329,12 +329,10 @@ mod tests {
     /// One change: side (0 users, 1 accounts), key, and the new row or a
     /// deletion, over eight keys.
     fn changes() -> Vec<(usize, String, Option<serde_json::Value>)> {
-        let mut state = 29u64;
+        let mut rng = crate::testing::Lcg::new(29);
         (0..400i64)
             .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                let state = rng.next_state();
                 let roll = state >> 33;
                 let side = (roll % 2) as usize;
                 let key = format!("k{}", (roll >> 2) % 8);

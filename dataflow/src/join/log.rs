@@ -271,12 +271,10 @@ mod tests {
 
     /// Out-of-order records of both sides over 5 keys.
     fn records() -> Vec<(Side, u8, i64, u32)> {
-        let mut state = 3u64;
+        let mut rng = crate::testing::Lcg::new(3);
         (0..500u32)
             .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                let state = rng.next_state();
                 let roll = state >> 33;
                 let side = if roll.is_multiple_of(2) {
                     Side::Left

@@ -363,12 +363,10 @@ mod tests {
     /// Out-of-order records over 9 keys; the watermark trails the
     /// maximum event time by 40 s, so some records are late.
     fn records() -> Vec<(String, i64)> {
-        let mut state = 11u64;
+        let mut rng = crate::testing::Lcg::new(11);
         (0..600)
             .map(|i| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                let state = rng.next_state();
                 let jitter = ((state >> 33) % 90_000) as i64;
                 (format!("k{}", (state >> 20) % 9), i * 1_000 + jitter)
             })

@@ -18,11 +18,9 @@ type CardRecord = (u32, String, i64, Option<Value>);
 /// Rows of c0..c3 over the traffic's 20 minutes, in a log order that is
 /// not time order: each key's records are shuffled within its partition.
 fn card_history() -> Vec<CardRecord> {
-    let mut state = 11u64;
+    let mut rng = runnel_dataflow::testing::Lcg::new(11);
     let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let state = rng.next_state();
         state >> 33
     };
     let countries = ["NL", "DE", "FR", "BE", "US"];

@@ -72,11 +72,9 @@ impl Event {
 /// Out of order (up to 6 s back), with a few records a minute late and a
 /// few NULL cards, over five cards.
 fn events() -> Vec<Event> {
-    let mut state = 11u64;
+    let mut rng = runnel_dataflow::testing::Lcg::new(11);
     let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let state = rng.next_state();
         state >> 33
     };
     (0..600)

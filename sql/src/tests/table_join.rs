@@ -39,12 +39,10 @@ type Change = (usize, String, Option<Value>);
 /// Changes to both tables over eight keys: inserts, updates, deletions,
 /// deletions of keys never written.
 fn changes() -> Vec<Change> {
-    let mut state = 5u64;
+    let mut rng = runnel_dataflow::testing::Lcg::new(5);
     (0..400)
         .map(|i| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            let state = rng.next_state();
             let roll = state >> 33;
             let side = (roll % 2) as usize;
             let key = format!("k{}", (roll >> 2) % 8);
