@@ -845,8 +845,10 @@ impl<C: TaskIo> TaskRunner<C> {
         }
     }
 
-    /// One round: read, process, send. Returns whether there was input.
-    pub async fn step(&mut self) -> Result<bool, TaskError> {
+    /// The next input from the input offset: `None` when there is none to
+    /// read now (a new leader's commit point, a retryable failure, or input
+    /// that retention deleted, skipped to the oldest left).
+    async fn fetch_input(&mut self) -> Result<Option<FetchedBatches>, TaskError> {
         let partition = self.assignment.partition();
         let fetched = match self
             .client
@@ -881,7 +883,14 @@ impl<C: TaskIo> TaskRunner<C> {
             Err(e) if retryable(&e) => None,
             Err(e) => return Err(e.into()),
         };
-        let Some(fetched) = fetched else { return Ok(false) };
+        Ok(fetched)
+    }
+
+    /// One round: read, process, send. Returns whether there was input.
+    pub async fn step(&mut self) -> Result<bool, TaskError> {
+        let Some(fetched) = self.fetch_input().await? else {
+            return Ok(false);
+        };
         let caught_up = fetched.next_offset >= fetched.committed_offset;
         let mut progressed = fetched.has_records();
         let mut read_to = fetched.next_offset;
@@ -1255,7 +1264,8 @@ impl<C: TaskIo> TaskRunner<C> {
                 continue;
             }
             if let (Some(writer), Some((epoch, base_sequence, base_offset))) = (writer, sequenced) {
-                let sequence = base_sequence.saturating_add((view.offset - base_offset) as i32);
+                let delta = i32::try_from(view.offset.saturating_sub(base_offset)).unwrap_or(i32::MAX);
+                let sequence = base_sequence.saturating_add(delta);
                 if !self.read_sequences.admit(writer, epoch, sequence) {
                     continue;
                 }
