@@ -1253,9 +1253,16 @@ async fn replicas_with_damaged_files_are_reported_quarantined_and_rebuilt_from_t
             .find(|&&n| Some(n) != info.partitions[0].leader)
             .expect("a follower");
         eprintln!("phase: {kind:?} on node {victim}'s replica while it is stopped");
+        // The victim holds every record before it stops (acks=all answers
+        // once two of three do; a clean-clone CI run once stopped it before
+        // it had even made its replica's directory).
+        let nodes: Vec<NodeId> = info.partitions[0].replicas.clone();
+        let held = identical_replicas(&client, "damaged", 0, &nodes).await;
+        assert_eq!(held.len(), produced, "every replica caught up before the damage");
+        let dir = replica_dir(&cluster, victim);
         let index = victim.0 as usize - 1;
         cluster.nodes[index].kill();
-        let named = damage(&replica_dir(&cluster, victim), kind);
+        let named = damage(&dir, kind);
         cluster.nodes[index] = start_node(
             victim.0,
             cluster.addrs[index],
@@ -1275,7 +1282,6 @@ async fn replicas_with_damaged_files_are_reported_quarantined_and_rebuilt_from_t
         assert!(detected.contains(named), "names the file: {detected}");
         let settled = wait_settled(&cluster);
         eprintln!("{kind:?}: repaired {repaired:?} after the restart, settled {settled:?} later");
-        let nodes: Vec<NodeId> = info.partitions[0].replicas.clone();
         let records = identical_replicas(&client, "damaged", 0, &nodes).await;
         assert_eq!(
             records.len(),
