@@ -989,7 +989,10 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr),
     );
-    assert!(explained.contains("Inner JOIN TABLE CARDS"), "{explained}");
+    assert!(
+        explained.contains("Inner JOIN TABLE CARDS"),
+        "EXPLAIN printed {explained:?}, and on stderr {refused:?}"
+    );
     assert!(
         refused.contains("TERMINATE them first"),
         "a joined table is not dropped: {refused}"

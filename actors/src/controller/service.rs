@@ -159,7 +159,7 @@ impl BrokerService {
                 done(self.admin(ControllerRequest::CreateObject { object }).await)
             }
             ClientRequest::DropObject { name } => done(self.admin(ControllerRequest::DropObject { name }).await),
-            ClientRequest::Catalog => ClientResponse::Catalog(self.catalog()),
+            ClientRequest::Catalog => answer(self.caught_up_catalog().await, ClientResponse::Catalog),
             ClientRequest::FailedReplicas => ClientResponse::FailedReplicas(self.failed_replicas().await),
             ClientRequest::Group(request) => ClientResponse::Group(self.group(request).await),
         }
@@ -571,6 +571,15 @@ impl BrokerService {
     }
 
     /// The SQL catalog and the plans of running SQL queries.
+    /// The catalog once this node has caught up with the controller, so
+    /// a statement sees every object and query created before it asked
+    /// (whichever node it asks), as ksqlDB's servers wait for the command
+    /// topic.
+    async fn caught_up_catalog(&self) -> Result<Catalog, ServiceError> {
+        self.catch_up().await?;
+        Ok(self.catalog())
+    }
+
     pub fn catalog(&self) -> Catalog {
         let core = self.shared.core();
         let metadata = &core.meta().metadata;
