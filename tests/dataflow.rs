@@ -981,7 +981,9 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
          WINDOW TUMBLING (SIZE 5 MINUTES) GROUP BY c.country EMIT CHANGES;
          CREATE STREAM dated_countries AS SELECT a.card_number, a.at_ms, c.country \
          FROM authorization_attempts a JOIN cards FOR SYSTEM_TIME AS OF a.at_ms HISTORY 365 DAYS c \
-         ON a.card_number = c.card_number;",
+         ON a.card_number = c.card_number;
+         CREATE TABLE cards_per_country AS SELECT country, COUNT(*) AS cards, SUM(card_limit) AS limits \
+         FROM cards GROUP BY country;",
     );
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let output = sql(&cluster, "EXPLAIN CTAS_PER_COUNTRY_0; DROP TABLE cards;");
@@ -1003,6 +1005,7 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
     let expected = per_country_reference(&client, &countries).await;
     expect_pulled_countries(&cluster, &expected);
     wait_for_checkpoints_on(&cluster, "CTAS_PER_COUNTRY_0", 3);
+    wait_for_checkpoints_on(&cluster, "CTAS_CARDS_PER_COUNTRY_0", 3);
     cluster.nodes[2].kill();
     tracing::info!("node 3 killed");
     let survivors = connect(&cluster.addrs[..2], &cluster.certs).await;
@@ -1030,7 +1033,99 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
         printed.contains("card-000009 | null"),
         "card 9 has no row: a left join keeps it with NULLs: {printed}"
     );
+    move_and_delete_cards(&survivors).await;
+    expect_cards_per_country(&cluster, &survivors).await;
     drop(cluster);
+}
+
+/// Moves every fourth of the first 60 cards to another country and a
+/// higher limit, and deletes every fourth (some never had a row).
+async fn move_and_delete_cards(client: &Arc<Client>) {
+    let mut producer = Producer::new(client.clone(), "cards", Acks::All)
+        .await
+        .expect("producer");
+    for card in 0..60u64 {
+        let number = format!("card-{card:06}");
+        let value = match card % 4 {
+            0 => Some(serde_json::json!({"card_number": number, "country": "XX", "card_limit": 5_000 + card})),
+            1 => None,
+            _ => continue,
+        };
+        let record = Record {
+            timestamp_ms: START_MS + 200 * 86_400_000,
+            key: Some(Bytes::from(number)),
+            value: value.map(|v| Bytes::from(v.to_string())),
+            headers: Vec::new(),
+        };
+        producer.send(None, record).await.expect("a card change");
+    }
+    producer.flush().await.expect("flush");
+}
+
+/// The aggregate over the cards table equals, in its sink and by pull
+/// query, the count and limits per country of the rows the table holds.
+async fn expect_cards_per_country(cluster: &Cluster, client: &Arc<Client>) {
+    let mut cards: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for record in read_all(client, "cards").await {
+        let key = String::from_utf8(record.key.expect("keyed").to_vec()).expect("text");
+        match record.value.as_deref() {
+            Some(value) => cards.insert(key, serde_json::from_slice(value).expect("JSON")),
+            None => cards.remove(&key),
+        };
+    }
+    let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for row in cards.values() {
+        let group = expected
+            .entry(row["country"].as_str().expect("country").to_string())
+            .or_default();
+        *group = (group.0 + 1, group.1 + row["card_limit"].as_i64().expect("limit"));
+    }
+    // 15 moved, and card 19 (its row dated later; card 29's is deleted).
+    assert!(
+        expected.len() == 6 && expected["XX"].0 == 16,
+        "moved into XX: {expected:?}"
+    );
+    let number = |v: &serde_json::Value| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+    let row_of = |row: &serde_json::Value| {
+        let country = row["COUNTRY"].as_str().unwrap_or_default().to_string();
+        (
+            country,
+            (
+                number(&row["CARDS"]).unwrap_or(-1),
+                number(&row["LIMITS"]).unwrap_or(-1),
+            ),
+        )
+    };
+    let started = Instant::now();
+    loop {
+        let mut sunk = BTreeMap::new();
+        for record in read_all(client, "CARDS_PER_COUNTRY").await {
+            let key: serde_json::Value = serde_json::from_slice(record.key.as_deref().expect("keyed")).expect("JSON");
+            let country = key["COUNTRY"].as_str().expect("the group").to_string();
+            match record.value.as_deref() {
+                Some(value) => sunk.insert(country, row_of(&serde_json::from_slice(value).expect("JSON")).1),
+                None => sunk.remove(&country),
+            };
+        }
+        let output = cli(
+            cluster,
+            &["sql", "--format", "json", "-e", "SELECT * FROM cards_per_country;"],
+        );
+        let pulled: BTreeMap<String, (i64, i64)> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|row| row_of(&row))
+            .collect();
+        if sunk == expected && pulled == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < RESULTS_TIMEOUT,
+            "per country {expected:?}: the sink holds {sunk:?}, a pull query answers {pulled:?} ({})",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Writes a row for each of `numbers` dated 100 days after the attempts

@@ -21,10 +21,11 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 /// The plan format this build writes (and the newest it reads).
-pub const PLAN_FORMAT_VERSION: u16 = 5;
+pub const PLAN_FORMAT_VERSION: u16 = 6;
 /// Version 1, before [`Operator::Registered`], version 2, before
 /// [`Operator::JoinTable`], version 3, before [`Operator::JoinStream`], and
-/// version 4, before [`Operator::JoinTableAsOf`], read unchanged.
+/// version 4, before [`Operator::JoinTableAsOf`], and version 5, before
+/// [`Operator::TableChanges`], read unchanged.
 pub const PLAN_FORMAT_V1: u16 = 1;
 /// Characters of a registered step's description at most.
 pub const STEP_CHARS_MAX: usize = 256;
@@ -331,6 +332,15 @@ pub enum Operator {
     /// `FOR SYSTEM_TIME AS OF`): each row joins the table's row as it was
     /// at the row's time, not its latest row.
     JoinTableAsOf(TableJoin, AsOf),
+    /// Reads the plan's source as a table (format version 6 on): the
+    /// record key is the primary key (column `key`), a null value deletes
+    /// the row. A stage boundary: the rows travel by primary key to a
+    /// stage holding each key's latest row, and each change goes on as the
+    /// old row taken back out and the new row added. Only first, and only
+    /// before an aggregate's operators (a `WHERE`, the repartition by the
+    /// `GROUP BY` key, the aggregate), which then subtracts what is taken
+    /// out: Kafka Streams' `KGroupedTable.aggregate(adder, subtractor)`.
+    TableChanges { key: usize },
 }
 
 /// When an event-time table join looks a key up, and how the table keeps
@@ -480,7 +490,10 @@ impl Plan {
             .filter(|op| {
                 matches!(
                     op,
-                    Operator::Repartition { .. } | Operator::JoinStream(_) | Operator::JoinTables(_)
+                    Operator::Repartition { .. }
+                        | Operator::JoinStream(_)
+                        | Operator::JoinTables(_)
+                        | Operator::TableChanges { .. }
                 )
             })
             .count();
@@ -536,6 +549,7 @@ impl Plan {
         }
         self.validate_stream_joins()?;
         self.validate_as_of()?;
+        self.validate_table_changes()?;
         for join in self.joins() {
             if join.kind == JoinKind::Outer {
                 return invalid(format!(
@@ -559,6 +573,24 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    /// A table's changes are read first, by a primary key the source has,
+    /// and aggregated.
+    fn validate_table_changes(&self) -> Result<(), PlanError> {
+        let at = self
+            .operators
+            .iter()
+            .position(|op| matches!(op, Operator::TableChanges { .. }));
+        let Some(at) = at else { return Ok(()) };
+        let aggregated = self.operators.iter().any(|op| matches!(op, Operator::Aggregate { .. }));
+        match &self.operators[at] {
+            Operator::TableChanges { key } if at == 0 && aggregated && *key < self.source.columns.len() => Ok(()),
+            other => Err(PlanError::Invalid(format!(
+                "{other:?} at operator {at} of a plan whose source has {} columns (a table's changes are read first, by its primary key, for an aggregate)",
+                self.source.columns.len()
+            ))),
+        }
     }
 
     fn validate_as_of(&self) -> Result<(), PlanError> {
@@ -673,7 +705,7 @@ impl Plan {
                 Operator::JoinTable(join) => Box::new(std::iter::once(&join.on)),
                 Operator::JoinTableAsOf(join, as_of) => Box::new([&join.on, &as_of.at].into_iter()),
                 Operator::JoinStream(join) => Box::new([&join.left_key, &join.right_key].into_iter()),
-                Operator::JoinTables(_) => Box::new(std::iter::empty()),
+                Operator::JoinTables(_) | Operator::TableChanges { .. } => Box::new(std::iter::empty()),
                 Operator::Explode(e) => Box::new(std::iter::once(e)),
                 Operator::Aggregate { .. } | Operator::Registered { .. } => Box::new(std::iter::empty()),
             }
@@ -782,6 +814,13 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
             let shown = format!("EXPLODE {} (a row per element, appended)", render(e, names));
             names.push(format!("EXPLODE({})", render(e, names)));
             shown
+        }
+        Operator::TableChanges { key } => {
+            *stage += 1;
+            format!(
+                "TABLE CHANGES by the primary key {} through {name}.repartition: stage {stage} starts, holding each key's latest row; each change goes on as the old row taken out and the new row added",
+                names.get(*key).map_or("?", String::as_str)
+            )
         }
         Operator::JoinTables(join) => {
             let right: Vec<String> = join
@@ -1125,6 +1164,7 @@ pub(crate) mod tests {
         }));
         operators.push(Operator::Explode(Expr::Column(0)));
         operators.push(Operator::JoinTableAsOf(sample_join(), sample_as_of()));
+        operators.push(Operator::TableChanges { key: 0 });
         assert_tags(&operators);
         assert_tags(&[ObjectKind::Stream, ObjectKind::Table]);
         assert_tags(&[JoinKind::Inner, JoinKind::Left, JoinKind::Outer]);

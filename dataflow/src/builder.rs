@@ -293,7 +293,7 @@ pub enum StageError {
     Unencodable(String),
     #[error("a join task holds {0} records, its bound; shorten the join's WITHIN or GRACE PERIOD, or add partitions")]
     JoinFull(usize),
-    #[error("a join of two tables holds {0} keys in one task, its bound; add partitions to both tables")]
+    #[error("a join of two tables or an aggregate over a table holds {0} keys in one task, its bound; add partitions to the tables")]
     TableJoinFull(usize),
     #[error("a join's record pairs with {0} records of the other side (at most {1}): shorten the join's WITHIN, or join on a more selective key")]
     JoinFanOut(usize, usize),

@@ -34,6 +34,7 @@ use crate::builder::{
 use crate::join::{JoinSpec, JoinWindow, StreamJoinStage, LEFT, RIGHT};
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
 use crate::table::TableState;
+use crate::table_aggregate::{ChangesSpec, TableAggregateStage, TableChangesStage};
 use crate::table_join::{TableJoinStage, TableSource, TablesSpec};
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 use runnel_client::tasks::StateRow;
@@ -55,6 +56,9 @@ pub fn compile(name: &str, plan: &Plan) -> Result<DataflowDef, PlanError> {
             Operator::Repartition { .. } | Operator::JoinStream(_) | Operator::JoinTables(_)
         )
     });
+    if let Some((Operator::TableChanges { key }, rest)) = plan.operators.split_first() {
+        return compile_table_aggregate(name, plan, *key, rest);
+    }
     let (before, after) = plan.operators.split_at(split.unwrap_or(plan.operators.len()));
     let stateless = source_ops(before)?;
     match after.split_first() {
@@ -106,6 +110,30 @@ fn aggregate_stage(
     ops: &[Operator],
     sink: &runnel_client::plan::Sink,
 ) -> Result<WindowStageFactory, PlanError> {
+    let (aggregate, window, emit) = aggregate_of(key, ops, sink)?;
+    let window = to_window(window);
+    window.validate().map_err(|e| invalid(&e.to_string()))?;
+    let emit = match emit {
+        EmitMode::Changes => Emit::Changes,
+        EmitMode::Final => Emit::Final,
+    };
+    Ok(Arc::new(move || {
+        Box::new(SqlWindowStage {
+            operator: WindowOperator::logged(window, emit),
+            stage: aggregate.clone(),
+            results: Vec::new(),
+            row: Vec::new(),
+        })
+    }))
+}
+
+/// What `ops` (an aggregate, then stateless operators) make of what a
+/// repartition by `key` carries: the aggregate, its window and emit mode.
+fn aggregate_of(
+    key: &[Expr],
+    ops: &[Operator],
+    sink: &runnel_client::plan::Sink,
+) -> Result<(Arc<AggregateStage>, Option<WindowSpec>, EmitMode), PlanError> {
     let Some((
         Operator::Aggregate {
             keys,
@@ -128,20 +156,68 @@ fn aggregate_stage(
         ops: stateless_ops(rest)?,
         sink: sink.clone(),
     });
-    let window = to_window(*window);
-    window.validate().map_err(|e| invalid(&e.to_string()))?;
-    let emit = match emit {
-        EmitMode::Changes => Emit::Changes,
-        EmitMode::Final => Emit::Final,
+    Ok((aggregate, *window, *emit))
+}
+
+/// A plan aggregating a table: the table read by primary key
+/// ([`TableSource`]), the stage holding each key's latest row and sending
+/// its changes on ([`TableChangesStage`]), then the aggregate that adds
+/// and subtracts them ([`TableAggregateStage`]).
+fn compile_table_aggregate(
+    name: &str,
+    plan: &Plan,
+    primary_key: usize,
+    after: &[Operator],
+) -> Result<DataflowDef, PlanError> {
+    let split = after
+        .iter()
+        .position(|op| !matches!(op, Operator::Filter(_) | Operator::Project(_)))
+        .unwrap_or(after.len());
+    let (ops, rest) = after.split_at(split);
+    let Some((Operator::Repartition { key, carry }, aggregate)) = rest.split_first() else {
+        return Err(invalid("a table's changes not repartitioned for an aggregate"));
     };
-    Ok(Arc::new(move || {
-        Box::new(SqlWindowStage {
-            operator: WindowOperator::logged(window, emit),
-            stage: aggregate.clone(),
-            results: Vec::new(),
-            row: Vec::new(),
-        })
-    }))
+    let (aggregate, window, _) = aggregate_of(key, aggregate, &plan.sink)?;
+    if window.is_some() {
+        return Err(invalid("a windowed aggregate over a table"));
+    }
+    if let Some(call) = aggregate.calls.iter().find(|call| !subtracts(call.function)) {
+        return Err(invalid(&format!(
+            "{:?} over a table (it cannot take a changed row back out)",
+            call.function
+        )));
+    }
+    let changes = Arc::new(ChangesSpec {
+        width: plan.source.columns.len() + 1,
+        ops: ops.to_vec(),
+        key: key.clone(),
+        carry: carry.clone(),
+    });
+    let changes: WindowStageFactory = Arc::new(move || Box::new(TableChangesStage::new(changes.clone())));
+    let aggregate: WindowStageFactory = Arc::new(move || Box::new(TableAggregateStage::new(aggregate.clone())));
+    Ok(DataflowDef {
+        name: name.to_string(),
+        source: plan.source.topic.clone(),
+        sink: plan.sink.topic.clone(),
+        source_stage: Arc::new(TableSource {
+            columns: plan.source.columns.clone(),
+            key: primary_key,
+            side: LEFT,
+        }),
+        joined_sources: Vec::new(),
+        window_stage: Some(changes),
+        next_stages: vec![aggregate],
+        steps: Vec::new(),
+    })
+}
+
+/// Whether an aggregate function can take a value back out (so aggregate
+/// a table): COUNT, SUM and AVG can; MIN, MAX and COUNT_DISTINCT cannot.
+pub fn subtracts(function: AggregateFunction) -> bool {
+    matches!(
+        function,
+        AggregateFunction::CountRows | AggregateFunction::Count | AggregateFunction::Sum | AggregateFunction::Avg
+    )
 }
 
 fn invalid(why: &str) -> PlanError {
@@ -679,9 +755,30 @@ pub(crate) fn emit_row(
     Ok(())
 }
 
+/// Writes the deletion (a tombstone) of `row`'s key to the sink.
+pub(crate) fn emit_deletion(
+    out: &mut Emitted,
+    sink: &runnel_client::plan::Sink,
+    row: &[Value],
+    t_ms: i64,
+    window: &[(&str, i64)],
+) -> Result<(), StageError> {
+    let key = JsonRow {
+        columns: &sink.columns,
+        values: row,
+        picked: Some(&sink.key),
+        extra: window,
+    };
+    let key = out
+        .encode(|b| serde_json::to_writer(b, &key))
+        .map_err(|e| StageError::Unencodable(e.to_string()))?;
+    out.push(t_ms, Some(key), None);
+    Ok(())
+}
+
 /// One aggregate's running state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-enum Accumulator {
+pub(crate) enum Accumulator {
     Count(i64),
     Sum(Value),
     Min(Value),
@@ -692,12 +789,49 @@ enum Accumulator {
     },
     /// Distinct values, each as its postcard encoding.
     Distinct(BTreeSet<Vec<u8>>),
+    /// A SUM over a table: NULL again once every value it added is taken
+    /// back out.
+    TableSum {
+        sum: Value,
+        values: i64,
+    },
 }
 
 /// Distinct values one `COUNT_DISTINCT` keeps per key and window.
 const DISTINCT_VALUES_MAX: usize = 100_000;
 
 impl Accumulator {
+    /// A state that values can also be taken out of (an aggregate over a
+    /// table); only functions that [`subtracts`] take values out.
+    pub(crate) fn subtracting(call: &AggregateCall) -> Accumulator {
+        match call.function {
+            AggregateFunction::Sum => Accumulator::TableSum {
+                sum: Value::Null,
+                values: 0,
+            },
+            _ => Accumulator::new(call),
+        }
+    }
+
+    /// Takes one value folded in before back out (`None` for `COUNT(*)`).
+    pub(crate) fn unfold(&mut self, value: Option<&Value>) {
+        if let Some(Value::Null) = value {
+            return;
+        }
+        match (self, value) {
+            (Accumulator::Count(n), _) => *n -= 1,
+            (Accumulator::TableSum { sum, values }, Some(v)) => {
+                *values -= 1;
+                *sum = if *values == 0 { Value::Null } else { subtract(sum, v) };
+            }
+            (Accumulator::Avg { sum, count }, Some(v @ (Value::Int(_) | Value::Double(_)))) => {
+                *count -= 1;
+                *sum = if *count == 0 { 0.0 } else { *sum - as_f64(v) };
+            }
+            _ => {}
+        }
+    }
+
     fn new(call: &AggregateCall) -> Accumulator {
         match call.function {
             AggregateFunction::CountRows | AggregateFunction::Count => Accumulator::Count(0),
@@ -710,7 +844,7 @@ impl Accumulator {
     }
 
     /// Folds one value in (`None` for `COUNT(*)`).
-    fn fold(&mut self, value: Option<&Value>) {
+    pub(crate) fn fold(&mut self, value: Option<&Value>) {
         if let Some(Value::Null) = value {
             return;
         }
@@ -728,6 +862,7 @@ impl Accumulator {
             (Accumulator::Distinct(seen), Some(v)) if seen.len() < DISTINCT_VALUES_MAX => {
                 seen.insert(postcard::to_allocvec(v).unwrap_or_default());
             }
+            (Accumulator::TableSum { sum, values }, Some(v)) => (*sum, *values) = (add(sum, v), *values + 1),
             _ => {}
         }
     }
@@ -748,18 +883,40 @@ impl Accumulator {
                     a.pop_last();
                 }
             }
+            (Accumulator::TableSum { sum, values }, Accumulator::TableSum { sum: s, values: v }) => {
+                *sum = if s.is_null() { sum.clone() } else { add(sum, &s) };
+                *values += v;
+            }
             _ => {}
         }
     }
 
-    fn result(&self) -> Value {
+    pub(crate) fn result(&self) -> Value {
         match self {
             Accumulator::Count(n) => Value::Int(*n),
             Accumulator::Sum(v) | Accumulator::Min(v) | Accumulator::Max(v) => v.clone(),
+            Accumulator::TableSum { sum, .. } => sum.clone(),
             Accumulator::Avg { count: 0, .. } => Value::Null,
             Accumulator::Avg { sum, count } => Value::Double(sum / *count as f64),
             Accumulator::Distinct(seen) => Value::Int(seen.len() as i64),
         }
+    }
+}
+
+fn as_f64(v: &Value) -> f64 {
+    match v {
+        Value::Int(i) => *i as f64,
+        Value::Double(d) => *d,
+        _ => 0.0,
+    }
+}
+
+/// `sum - v`, as [`add`] adds (wrapping for integers).
+fn subtract(sum: &Value, v: &Value) -> Value {
+    match (sum, v) {
+        (Value::Int(a), Value::Int(b)) => Value::Int(a.wrapping_sub(*b)),
+        (Value::Int(_) | Value::Double(_), Value::Int(_) | Value::Double(_)) => Value::Double(as_f64(sum) - as_f64(v)),
+        _ => sum.clone(),
     }
 }
 
@@ -776,12 +933,12 @@ fn add(sum: &Value, v: &Value) -> Value {
 }
 
 /// What every task of an aggregate stage shares.
-struct AggregateStage {
-    keys: usize,
-    calls: Vec<AggregateCall>,
+pub(crate) struct AggregateStage {
+    pub(crate) keys: usize,
+    pub(crate) calls: Vec<AggregateCall>,
     windowed: bool,
     ops: Vec<Operator>,
-    sink: runnel_client::plan::Sink,
+    pub(crate) sink: runnel_client::plan::Sink,
 }
 
 impl AggregateStage {
@@ -803,14 +960,34 @@ impl AggregateStage {
 
     /// The aggregate's row for one key and window, after its operators;
     /// `None` when a filter (`HAVING`) drops it.
-    fn row(
+    pub(crate) fn row(
         &self,
-        key: &EncodedKey,
+        key: &[u8],
         window: &WindowBounds,
         state: &[Accumulator],
     ) -> Result<Option<Vec<Value>>, StageError> {
-        let mut row: Vec<Value> =
-            postcard::from_bytes(key.as_bytes()).map_err(|e| StageError::Corrupt(format!("key: {e}")))?;
+        let mut row = self.unprojected(key, window, state)?;
+        Ok(run_ops(&self.ops, &[], &mut row, &mut Vec::new()).then_some(row))
+    }
+
+    /// The key's row after the projections alone (HAVING not asked): what
+    /// the key of its deletion is taken from.
+    pub(crate) fn projected(&self, key: &[u8], state: &[Accumulator]) -> Result<Vec<Value>, StageError> {
+        let window = WindowBounds { start_ms: 0, end_ms: 0 };
+        let mut row = self.unprojected(key, &window, state)?;
+        let projections: Vec<Operator> = self
+            .ops
+            .iter()
+            .filter(|op| matches!(op, Operator::Project(_)))
+            .cloned()
+            .collect();
+        run_ops(&projections, &[], &mut row, &mut Vec::new());
+        Ok(row)
+    }
+
+    /// The key values, the aggregates' results and the window bounds.
+    fn unprojected(&self, key: &[u8], window: &WindowBounds, state: &[Accumulator]) -> Result<Vec<Value>, StageError> {
+        let mut row: Vec<Value> = postcard::from_bytes(key).map_err(|e| StageError::Corrupt(format!("key: {e}")))?;
         if row.len() != self.keys {
             return Err(StageError::Corrupt(format!(
                 "{} key values, not {}",
@@ -823,7 +1000,7 @@ impl AggregateStage {
             row.push(Value::Int(window.start_ms));
             row.push(Value::Int(window.end_ms));
         }
-        Ok(run_ops(&self.ops, &[], &mut row, &mut Vec::new()).then_some(row))
+        Ok(row)
     }
 }
 
@@ -855,22 +1032,13 @@ impl SqlWindowStage {
                 WindowResult::Update { key, window, value } => (key, window, value, false),
                 WindowResult::Retract { key, window, value } => (key, window, value, true),
             };
-            let Some(row) = self.stage.row(key, window, state)? else {
+            let Some(row) = self.stage.row(key.as_bytes(), window, state)? else {
                 continue;
             };
             let bounds = [("WINDOWSTART", window.start_ms), ("WINDOWEND", window.end_ms)];
             let bounds: &[(&str, i64)] = if self.stage.windowed { &bounds } else { &[] };
             if retract {
-                let key = JsonRow {
-                    columns: &self.stage.sink.columns,
-                    values: &row,
-                    picked: Some(&self.stage.sink.key),
-                    extra: bounds,
-                };
-                let key = out
-                    .encode(|b| serde_json::to_writer(b, &key))
-                    .map_err(|e| StageError::Unencodable(e.to_string()))?;
-                out.push(window.start_ms, Some(key), None);
+                emit_deletion(out, &self.stage.sink, &row, window.start_ms, bounds)?;
             } else {
                 emit_row(out, &self.stage.sink, &row, window.start_ms, bounds).map_err(StageError::Unencodable)?;
             }

@@ -19,6 +19,8 @@
 //!   (`FOR SYSTEM_TIME AS OF`); [`grace`]: their stream side's buffer.
 //! - [`table_join`]: table–table joins: each table read by key, the join
 //!   stage holding both tables' latest rows.
+//! - [`table_aggregate`]: aggregates over a table: each change taken out
+//!   of its old group and added to its new one.
 //! - [`changelog`]: a stage's state as entries in its task's compacted
 //!   checkpoint partition, written with each checkpoint.
 //! - [`task`]: one task (a stage over one input partition): read, process,
@@ -38,6 +40,7 @@ pub mod host;
 pub mod join;
 pub mod row;
 pub mod table;
+pub mod table_aggregate;
 pub mod table_join;
 pub mod task;
 pub mod testing;

@@ -12,6 +12,7 @@ use runnel_client::plan::{
     Plan, Sink, Source, SqlType, StreamJoin, TableJoin, TablesJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
     TABLE_HISTORY_MS_DEFAULT,
 };
+use runnel_dataflow::compile::subtracts;
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
@@ -139,12 +140,7 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
             "an aggregate over a join of two tables is not supported yet: write the join to a table (CREATE TABLE j AS SELECT …) first",
         ));
     } else if from.source.kind == ObjectKind::Table && from.stream_join.is_none() {
-        // Counting a table's changes as events would count a row again at
-        // each update and never take a deleted one back out.
-        return Err(SqlError::new(format!(
-            "an aggregate over a table ({}) must take a changed or deleted row's old values back out, which Runnel does not do yet; to count its changes as events, declare a stream over its topic (CREATE STREAM … WITH (KAFKA_TOPIC='{}', …)) and aggregate that",
-            from.source.name, from.source.topic
-        )));
+        table_aggregate(select, query, from, &input, &group_by, &mut operators)?
     } else {
         aggregate(select, query, &input, &group_by, &mut operators)?
     };
@@ -350,6 +346,66 @@ fn aggregate(
     let columns = projection.iter().map(|(c, _)| c.clone()).collect();
     operators.push(Operator::Project(projection));
     Ok((columns, key, ObjectKind::Table))
+}
+
+/// An aggregate over a table: its rows' changes, each taken out of its old
+/// group and added to its new one, so only functions that can take a
+/// value back out (COUNT, SUM, AVG), and no window (as ksqlDB).
+fn table_aggregate(
+    select: &ast::Select,
+    query: &Query,
+    from: &Input<'_>,
+    input: &Scope,
+    group_by: &[ast::Expr],
+    operators: &mut Vec<Operator>,
+) -> SqlResult<Shape> {
+    let table = from.source;
+    let as_stream = format!(
+        "to aggregate its changes as events, declare a stream over its topic (CREATE STREAM … WITH (KAFKA_TOPIC='{}', …)) and aggregate that",
+        table.topic
+    );
+    if query.window.is_some() {
+        return Err(SqlError::new(format!(
+            "a WINDOW over a table ({}): a table's rows have no windows; {as_stream}",
+            table.name
+        )));
+    }
+    if !from.joins.is_empty() {
+        return Err(SqlError::new(format!(
+            "an aggregate over a table ({}) joined with another: write the join to a table (CREATE TABLE j AS SELECT …) first",
+            table.name
+        )));
+    }
+    let Some(&key) = table.key.first() else {
+        return Err(SqlError::new(format!("table {} has no PRIMARY KEY", table.name)));
+    };
+    operators.insert(0, Operator::TableChanges { key });
+    let shape = aggregate(select, query, input, group_by, operators)?;
+    let calls = operators.iter().find_map(|op| match op {
+        Operator::Aggregate { calls, .. } => Some(calls),
+        _ => None,
+    });
+    if let Some(call) = calls.into_iter().flatten().find(|call| !subtracts(call.function)) {
+        return Err(SqlError::new(format!(
+            "{} over a table ({}) cannot take a changed or deleted row's value back out; over a table use COUNT, SUM or AVG, or {as_stream}",
+            sql_name(call.function),
+            table.name
+        )));
+    }
+    Ok(shape)
+}
+
+/// An aggregate function as SQL names it.
+fn sql_name(function: AggregateFunction) -> &'static str {
+    match function {
+        AggregateFunction::CountRows => "COUNT(*)",
+        AggregateFunction::Count => "COUNT",
+        AggregateFunction::Sum => "SUM",
+        AggregateFunction::Min => "MIN",
+        AggregateFunction::Max => "MAX",
+        AggregateFunction::Avg => "AVG",
+        AggregateFunction::CountDistinct => "COUNT_DISTINCT",
+    }
 }
 
 fn expect_boolean(ty: SqlType, clause: &str) -> SqlResult<()> {

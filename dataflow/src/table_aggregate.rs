@@ -1,0 +1,358 @@
+//! Aggregates over a table (`SELECT country, COUNT(*) FROM users GROUP BY
+//! country`), as Kafka Streams' `KGroupedTable.aggregate(adder,
+//! subtractor)`: a row that changes leaves its old group and joins its new
+//! one, and a deleted row leaves its group.
+//!
+//! Three stages: the table read by primary key ([`crate::table_join::TableSource`]);
+//! the *changes* stage ([`TableChangesStage`]), holding each key's latest
+//! row and sending every change on, repartitioned by the `GROUP BY` key,
+//! as the old row taken out (sign −1) and the new row added (+1), each
+//! after the `WHERE`; and the aggregate ([`TableAggregateStage`]), which
+//! adds and subtracts. COUNT, SUM and AVG can take a value back out; MIN,
+//! MAX and COUNT_DISTINCT cannot, and are refused. A group left with no
+//! rows is deleted (a tombstone), as is one `HAVING` no longer keeps.
+//!
+//! Both stages keep their state as changelog entries ([`KeyRows`], one row
+//! per key), so everything here is a function of the records in order: a
+//! task replaying its input from a checkpoint emits the same changes.
+
+use std::sync::Arc;
+
+use runnel_client::plan::{Expr, Operator};
+use runnel_client::tasks::StateRow;
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{state_rows, Emitted, StageError, StateStore, WindowStage};
+use crate::compile::{emit_deletion, emit_row, group_key, run_ops, Accumulator, AggregateStage};
+use crate::join::LEFT;
+use crate::row::{eval, Value};
+use crate::table_join::{KeyRows, Rows};
+use crate::window::{event_time_in_range, WindowBounds, WindowError};
+
+/// The sign of a row added to its group.
+pub const ADDED: i64 = 1;
+/// The sign of a row taken out of its group.
+pub const TAKEN_OUT: i64 = -1;
+/// The format of both stages' snapshots (their state is in the changelog).
+const TABLE_AGGREGATE_STATE_VERSION: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    version: u8,
+    max_event_ms: i64,
+}
+
+fn snapshot(max_event_ms: i64) -> Result<Vec<u8>, StageError> {
+    let snapshot = Snapshot {
+        version: TABLE_AGGREGATE_STATE_VERSION,
+        max_event_ms,
+    };
+    postcard::to_allocvec(&snapshot).map_err(|e| StageError::Unencodable(e.to_string()))
+}
+
+/// The greatest event time a snapshot holds.
+fn restored(bytes: &[u8]) -> Result<i64, StageError> {
+    let snapshot: Snapshot =
+        postcard::from_bytes(bytes).map_err(|e| StageError::Corrupt(format!("table aggregate state: {e}")))?;
+    if snapshot.version != TABLE_AGGREGATE_STATE_VERSION {
+        return Err(StageError::Corrupt(format!(
+            "table aggregate state of format {} (this node reads {TABLE_AGGREGATE_STATE_VERSION})",
+            snapshot.version
+        )));
+    }
+    Ok(snapshot.max_event_ms)
+}
+
+/// What every task of a changes stage shares.
+#[derive(Clone, Debug)]
+pub struct ChangesSpec {
+    /// Values in a table row: its columns, then ROWTIME.
+    pub width: usize,
+    /// The operators before the repartition (a `WHERE`).
+    pub ops: Vec<Operator>,
+    /// The `GROUP BY` key and the aggregates' arguments over a row.
+    pub key: Vec<Expr>,
+    pub carry: Vec<Expr>,
+}
+
+/// A row's group key and the values it carries to the aggregate, or
+/// `None` when the `WHERE` drops it.
+type Grouped = Option<(Vec<Value>, Vec<Value>)>;
+
+fn grouped(spec: &ChangesSpec, scratch: &mut Vec<Value>, rows: &Rows<Vec<Value>>) -> Grouped {
+    let mut row = rows[0].clone()?;
+    if !run_ops(&spec.ops, &[], &mut row, scratch) {
+        return None;
+    }
+    let key = spec.key.iter().map(|e| eval(e, &row)).collect();
+    let carried = spec.carry.iter().map(|e| eval(e, &row)).collect();
+    Some((key, carried))
+}
+
+/// One task's changes stage: each primary key's latest row.
+pub struct TableChangesStage {
+    spec: Arc<ChangesSpec>,
+    rows: KeyRows<Vec<Value>>,
+    max_event_ms: i64,
+    scratch: Vec<Value>,
+}
+
+impl TableChangesStage {
+    pub fn new(spec: Arc<ChangesSpec>) -> TableChangesStage {
+        TableChangesStage {
+            spec,
+            rows: KeyRows::default(),
+            max_event_ms: i64::MIN,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// A repartitioned table record: the row, or none for a deletion.
+    fn decode(&self, value: &[u8]) -> Result<Option<Vec<Value>>, StageError> {
+        let mut carried: Vec<Value> =
+            postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("table row: {e}")))?;
+        if carried.first() != Some(&Value::Int(LEFT)) {
+            return Err(StageError::Corrupt(format!(
+                "a table row that is not the aggregated table's: {:?}",
+                carried.first()
+            )));
+        }
+        carried.remove(0);
+        match carried.len() {
+            0 => Ok(None),
+            n if n == self.spec.width => Ok(Some(carried)),
+            n => Err(StageError::Corrupt(format!(
+                "a table row of {n} values, not {}",
+                self.spec.width
+            ))),
+        }
+    }
+}
+
+/// Sends one change to the aggregate: its group key, then the sign and the
+/// values carried.
+fn emit_change(out: &mut Emitted, key: &[Value], sign: i64, carried: &[Value], t_ms: i64) -> Result<(), StageError> {
+    if !event_time_in_range(t_ms) {
+        return Err(WindowError::EventTimeOutOfRange(t_ms).into());
+    }
+    let unencodable = |e: String| StageError::Unencodable(e);
+    let key = group_key(key).map_err(unencodable)?;
+    let key = out
+        .encode(|b| {
+            b.extend_from_slice(&key);
+            Ok::<_, String>(())
+        })
+        .map_err(unencodable)?;
+    let mut signed = Vec::with_capacity(carried.len() + 1);
+    signed.push(Value::Int(sign));
+    signed.extend_from_slice(carried);
+    let value = out
+        .encode(|b| postcard::to_io(&signed, b).map(drop))
+        .map_err(|e| unencodable(e.to_string()))?;
+    out.push(t_ms, Some(key), Some(value));
+    Ok(())
+}
+
+impl WindowStage for TableChangesStage {
+    fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let row = self.decode(value)?;
+        self.max_event_ms = self.max_event_ms.max(t_ms);
+        let (spec, scratch) = (&self.spec, &mut self.scratch);
+        let (before, after) = self.rows.update(key, 0, row, |rows| Ok(grouped(spec, scratch, rows)))?;
+        if before == after {
+            // Nothing the aggregate sees changed.
+            return Ok(());
+        }
+        if let Some((key, carried)) = before {
+            emit_change(out, &key, TAKEN_OUT, &carried, t_ms)?;
+        }
+        if let Some((key, carried)) = after {
+            emit_change(out, &key, ADDED, &carried, t_ms)?;
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        snapshot(self.max_event_ms)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        self.max_event_ms = restored(bytes)?;
+        Ok(())
+    }
+
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(&self.rows)
+    }
+
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.rows)
+    }
+
+    fn late_records(&self) -> u64 {
+        0
+    }
+
+    fn watermark_ms(&self) -> i64 {
+        self.max_event_ms
+    }
+
+    /// The aggregate holds the state a pull query reads, not this stage.
+    fn read(&self, _key: Option<&[u8]>, _limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
+        Err(StageError::NoTable(
+            "a table's changes stage holds rows by primary key; its aggregate holds the groups",
+        ))
+    }
+}
+
+/// One task's aggregate over a table's changes: each group's state (the
+/// aggregates', then the group's row count).
+pub struct TableAggregateStage {
+    stage: Arc<AggregateStage>,
+    groups: KeyRows<Vec<Accumulator>>,
+    max_event_ms: i64,
+}
+
+impl TableAggregateStage {
+    pub(crate) fn new(stage: Arc<AggregateStage>) -> TableAggregateStage {
+        TableAggregateStage {
+            stage,
+            groups: KeyRows::default(),
+            max_event_ms: i64::MIN,
+        }
+    }
+
+    /// A change's sign and the values it carries.
+    fn decode(value: &[u8]) -> Result<(i64, Vec<Value>), StageError> {
+        let mut carried: Vec<Value> =
+            postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("table change: {e}")))?;
+        match carried.first() {
+            Some(&Value::Int(sign @ (ADDED | TAKEN_OUT))) => {
+                carried.remove(0);
+                Ok((sign, carried))
+            }
+            other => Err(StageError::Corrupt(format!("a table change without a sign: {other:?}"))),
+        }
+    }
+
+    /// `state` with one row's values added or taken out; `None` when the
+    /// group has no rows left.
+    fn fold(
+        &self,
+        state: Option<Vec<Accumulator>>,
+        sign: i64,
+        carried: &[Value],
+    ) -> Result<Option<Vec<Accumulator>>, StageError> {
+        let calls = &self.stage.calls;
+        let mut state = match state {
+            Some(state) if state.len() == calls.len() + 1 => state,
+            Some(state) => {
+                return Err(StageError::Corrupt(format!(
+                    "a group of {} aggregates, not {}",
+                    state.len(),
+                    calls.len() + 1
+                )))
+            }
+            None if sign == TAKEN_OUT => {
+                return Err(StageError::Corrupt(
+                    "a row taken out of a group that holds none".to_string(),
+                ))
+            }
+            None => calls
+                .iter()
+                .map(Accumulator::subtracting)
+                .chain([Accumulator::Count(0)])
+                .collect(),
+        };
+        let (aggregates, count) = state.split_at_mut(calls.len());
+        for (accumulator, call) in aggregates.iter_mut().zip(calls) {
+            let value = call.argument.map(|i| carried.get(i).unwrap_or(&Value::Null));
+            if sign == ADDED {
+                accumulator.fold(value);
+            } else {
+                accumulator.unfold(value);
+            }
+        }
+        match &mut count[0] {
+            Accumulator::Count(rows) => *rows += sign,
+            other => return Err(StageError::Corrupt(format!("a group's row count is {other:?}"))),
+        }
+        let rows_left = matches!(count[0], Accumulator::Count(rows) if rows > 0);
+        Ok(rows_left.then_some(state))
+    }
+
+    /// Writes the group's row, or its deletion when it has no rows left or
+    /// `HAVING` drops it.
+    fn emit(&self, key: &[u8], state: Option<&[Accumulator]>, t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let calls = self.stage.calls.len();
+        let all_time = WindowBounds { start_ms: 0, end_ms: 0 };
+        if let Some(state) = state {
+            if let Some(row) = self.stage.row(key, &all_time, &state[..calls])? {
+                return emit_row(out, &self.stage.sink, &row, t_ms, &[]).map_err(StageError::Unencodable);
+            }
+        }
+        let empty: Vec<Accumulator> = self.stage.calls.iter().map(Accumulator::subtracting).collect();
+        let row = self.stage.projected(key, state.map_or(&empty[..], |s| &s[..calls]))?;
+        emit_deletion(out, &self.stage.sink, &row, t_ms, &[])
+    }
+}
+
+impl WindowStage for TableAggregateStage {
+    fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let (sign, carried) = Self::decode(value)?;
+        self.max_event_ms = self.max_event_ms.max(t_ms);
+        let before = self.groups.iter(Some(key)).next().and_then(|(_, rows)| rows[0].clone());
+        let after = self.fold(before, sign, &carried)?;
+        self.groups.update(key, 0, after.clone(), |_| Ok(()))?;
+        self.emit(key, after.as_deref(), t_ms, out)
+    }
+
+    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        snapshot(self.max_event_ms)
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        self.max_event_ms = restored(bytes)?;
+        Ok(())
+    }
+
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(&self.groups)
+    }
+
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.groups)
+    }
+
+    fn late_records(&self) -> u64 {
+        0
+    }
+
+    fn watermark_ms(&self) -> i64 {
+        self.max_event_ms
+    }
+
+    fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
+        let calls = self.stage.calls.len();
+        let all_time = WindowBounds { start_ms: 0, end_ms: 0 };
+        let mut out = Emitted::default();
+        for (key, rows) in self.groups.iter(key) {
+            if out.len() >= limit {
+                return Ok(None);
+            }
+            let Some(state) = &rows[0] else { continue };
+            if let Some(row) = self.stage.row(key, &all_time, &state[..calls.min(state.len())])? {
+                emit_row(&mut out, &self.stage.sink, &row, 0, &[]).map_err(StageError::Unencodable)?;
+            }
+        }
+        Ok(Some(state_rows(&out)))
+    }
+}

@@ -1,0 +1,280 @@
+//! Aggregates over a table end to end without a cluster: the table's
+//! changes (inserts, updates that move a row to another group or out of
+//! the WHERE, deletions, deletions of keys never written) run through the
+//! changes stage into the aggregate, and the table the output materializes
+//! must equal the aggregate of the table as it stands, computed here.
+
+use std::collections::BTreeMap;
+
+use runnel_client::plan::{ObjectKind, SqlObject, SqlType};
+use runnel_dataflow::builder::{Emitted, WindowStage};
+use runnel_dataflow::compile::compile;
+use runnel_dataflow::task::CHECKPOINT_INTERVAL;
+use runnel_dataflow::testing::{self, MemoryIo};
+use runnel_storage::Record;
+use serde_json::{json, Value};
+
+use super::{object, plan_in, Tasks};
+
+fn users() -> SqlObject {
+    use SqlType::*;
+    let columns = [("ID", String), ("COUNTRY", String), ("AGE", BigInt)];
+    object("users", ObjectKind::Table, &columns, None)
+}
+
+fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
+    let stream = object("clicks", ObjectKind::Stream, &[("ID", SqlType::String)], None);
+    plan_in(vec![users(), stream], statement)
+}
+
+const STATEMENT: &str = "CREATE TABLE per_country AS SELECT country, COUNT(*) AS users, COUNT(age) AS aged, \
+     SUM(age) AS ages, AVG(age) AS mean FROM users WHERE age IS NULL OR age < 90 GROUP BY country;";
+const HAVING: &str = "CREATE TABLE crowded AS SELECT country, COUNT(*) AS users FROM users \
+     GROUP BY country HAVING COUNT(*) > 2;";
+
+/// One change to the table: key, and the new row or a deletion.
+type Change = (String, Option<Value>);
+
+/// Changes over twelve keys and four countries: a row moves between
+/// countries, into and out of the WHERE (age 90 and over), loses its age,
+/// is deleted, and keys never written are deleted.
+fn changes(seed: u64, count: usize) -> Vec<Change> {
+    let mut rng = testing::Lcg::new(seed);
+    (0..count)
+        .map(|_| {
+            let roll = rng.next_state() >> 33;
+            let key = format!("u{}", roll % 12);
+            let country = ["NL", "DE", "FR", "BE"][((roll >> 4) % 4) as usize];
+            let value = match (roll >> 6) % 8 {
+                0 => None,
+                1 => Some(json!({"country": country})),
+                n => Some(json!({"country": country, "age": (roll >> 9) % 100 + n})),
+            };
+            (key, value)
+        })
+        .collect()
+}
+
+/// The statement's output for the table as it stands: per country of the
+/// rows the WHERE keeps (with `having`: of every row, and only countries
+/// of more than 2).
+fn reference(table: &BTreeMap<String, Value>, having: bool) -> BTreeMap<String, Value> {
+    let mut groups: BTreeMap<String, Vec<Option<i64>>> = BTreeMap::new();
+    for row in table.values() {
+        let age = row["age"].as_i64();
+        if !having && age.is_some_and(|a| a >= 90) {
+            continue;
+        }
+        let country = row["country"].as_str().expect("a country").to_string();
+        groups.entry(country).or_default().push(age);
+    }
+    groups
+        .into_iter()
+        .filter(|(_, ages)| !having || ages.len() > 2)
+        .map(|(country, ages)| {
+            let known: Vec<i64> = ages.iter().flatten().copied().collect();
+            let sum: i64 = known.iter().sum();
+            let row = if having {
+                json!({"COUNTRY": country, "USERS": ages.len()})
+            } else {
+                json!({
+                    "COUNTRY": country,
+                    "USERS": ages.len(),
+                    "AGED": known.len(),
+                    "AGES": if known.is_empty() { Value::Null } else { json!(sum) },
+                    "MEAN": if known.is_empty() { Value::Null } else { json!(sum as f64 / known.len() as f64) },
+                })
+            };
+            (country, row)
+        })
+        .collect()
+}
+
+/// Folds the sink's records (a tombstone deletes) into `rows`, by country.
+fn materialize<'a>(rows: &mut BTreeMap<String, Value>, records: impl Iterator<Item = (&'a [u8], Option<&'a [u8]>)>) {
+    for (key, value) in records {
+        let key: Value = serde_json::from_slice(key).expect("JSON key");
+        let country = key["COUNTRY"].as_str().expect("keyed by the group").to_string();
+        match value {
+            Some(value) => rows.insert(country, serde_json::from_slice(value).expect("JSON")),
+            None => rows.remove(&country),
+        };
+    }
+}
+
+fn fold(table: &mut BTreeMap<String, Value>, (key, value): &Change) {
+    match value {
+        Some(v) => table.insert(key.clone(), v.clone()),
+        None => table.remove(key),
+    };
+}
+
+/// Runs `changes` through the source, changes and aggregate stages,
+/// checking after each that the output materializes the reference;
+/// restarts both stateful stages from their snapshots and changelogs after
+/// `restart_at`. The sink's records, in order.
+fn run_checked(statement: &str, changes: &[Change], restart_at: Option<usize>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let having = statement.contains("HAVING");
+    let def = compile("q", &plan(statement).expect("plans")).expect("compiles");
+    let factories = [
+        def.window_stage.clone().expect("a changes stage"),
+        def.next_stages[0].clone(),
+    ];
+    let mut stages: Vec<Box<dyn WindowStage>> = factories.iter().map(|f| f()).collect();
+    let mut changelogs = [testing::Changelog::new(), testing::Changelog::new()];
+    let (mut table, mut materialized, mut log) = (BTreeMap::new(), BTreeMap::new(), Vec::new());
+    for (i, change) in changes.iter().enumerate() {
+        for (stage, changelog) in stages.iter_mut().zip(&mut changelogs) {
+            if i % 29 == 0 || restart_at == Some(i) {
+                testing::checkpoint_into(stage.store_mut().expect("a state store"), changelog, true);
+            }
+        }
+        if restart_at == Some(i) {
+            for ((stage, factory), changelog) in stages.iter_mut().zip(&factories).zip(&changelogs) {
+                let snapshot = stage.snapshot().expect("snapshots");
+                *stage = factory();
+                stage.restore(&snapshot).expect("restores");
+                testing::replay_into(stage.store_mut().expect("a state store"), changelog, i % 2 == 0);
+            }
+        }
+        let (key, value) = change;
+        let bytes = value.as_ref().map(|v| v.to_string().into_bytes());
+        let mut staged = [Emitted::default(), Emitted::default(), Emitted::default()];
+        def.source_stage
+            .process_record(Some(key.as_bytes()), bytes.as_deref(), i as i64, &[], &mut staged[0])
+            .expect("decodes");
+        for stage in 0..2 {
+            let (input, output) = staged.split_at_mut(stage + 1);
+            for r in input[stage].iter() {
+                stages[stage]
+                    .add(
+                        r.key.expect("key"),
+                        r.value.expect("carried"),
+                        r.timestamp_ms,
+                        &mut output[0],
+                    )
+                    .expect("adds");
+            }
+        }
+        let out = staged[2].iter().map(|r| (r.key.expect("keyed"), r.value));
+        materialize(&mut materialized, out);
+        log.extend(
+            staged[2]
+                .iter()
+                .map(|r| (r.key.expect("keyed").to_vec(), r.value.map(<[u8]>::to_vec))),
+        );
+        fold(&mut table, change);
+        assert_eq!(materialized, reference(&table, having), "{statement}: after change {i}");
+    }
+    let read = stages[1].read(None, 1_000).expect("reads").expect("under the limit");
+    let mut pulled = BTreeMap::new();
+    materialize(&mut pulled, read.iter().map(|row| (&row.key[..], Some(&row.value[..]))));
+    assert_eq!(pulled, materialized, "a pull query reads every group's row");
+    log
+}
+
+#[test]
+fn an_aggregate_over_a_table_takes_changed_and_deleted_rows_out_of_their_groups() {
+    let changes = changes(11, 600);
+    let log = run_checked(STATEMENT, &changes, None);
+    let deletions = log.iter().filter(|(_, v)| v.is_none()).count();
+    assert!(
+        deletions > 0 && log.len() > 300,
+        "{deletions} deletions in {}",
+        log.len()
+    );
+    let log = run_checked(HAVING, &changes, None);
+    let deletions = log.iter().filter(|(_, v)| v.is_none()).count();
+    assert!(deletions > 10, "HAVING deletes groups it drops: {deletions}");
+}
+
+#[test]
+fn a_table_aggregate_restored_from_its_checkpoints_and_changelogs_emits_what_an_uninterrupted_one_does() {
+    let changes = changes(12, 300);
+    let whole = run_checked(STATEMENT, &changes, None);
+    for restart_at in [1, 100, 299] {
+        assert_eq!(run_checked(STATEMENT, &changes, Some(restart_at)), whole);
+    }
+}
+
+#[test]
+fn an_aggregate_over_a_table_plans_three_stages_and_refuses_what_cannot_subtract() {
+    let planned = plan(STATEMENT).expect("plans");
+    assert_eq!(planned.stages(), 3);
+    assert_eq!(planned.sink.key, [0]);
+    let explained = planned.explain("CTAS_PER_COUNTRY_0");
+    assert!(
+        explained
+            .contains("TABLE CHANGES by the primary key ID through CTAS_PER_COUNTRY_0.repartition: stage 1 starts"),
+        "{explained}"
+    );
+    for (statement, expected) in [
+        (
+            "SELECT country, MIN(age) FROM users GROUP BY country",
+            "MIN over a table (USERS) cannot take a changed or deleted row's value back out",
+        ),
+        (
+            "SELECT country, COUNT_DISTINCT(age) FROM users GROUP BY country",
+            "COUNT_DISTINCT over a table",
+        ),
+        (
+            "SELECT country, COUNT(*) FROM users WINDOW TUMBLING (SIZE 1 MINUTE) GROUP BY country",
+            "a WINDOW over a table (USERS)",
+        ),
+    ] {
+        let refused = plan(statement).expect_err(statement);
+        assert!(refused.contains(expected), "{statement}: {refused}");
+    }
+}
+
+fn append(io: &MemoryIo, index: usize, (key, value): &Change) {
+    let record = Record {
+        timestamp_ms: index as i64,
+        key: Some(key.clone().into()),
+        value: value.as_ref().map(|v| v.to_string().into()),
+        headers: Vec::new(),
+    };
+    io.append("users", 0, record);
+}
+
+/// The real tasks (source, changes, aggregate) over an in-memory cluster,
+/// the two stateful ones restored from their checkpoint partitions twice
+/// mid-way: the sink still materializes the aggregate exactly, and the
+/// restored state came from the changelog entries their checkpoints wrote.
+#[tokio::test]
+async fn table_aggregate_tasks_restore_their_rows_and_groups_from_their_changelogs() {
+    let mut tasks = Tasks::new(&plan(STATEMENT).expect("plans"), MemoryIo::default()).await;
+    let mut table = BTreeMap::new();
+    for (i, change) in changes(13, 500).iter().enumerate() {
+        append(&tasks.io, i, change);
+        fold(&mut table, change);
+        if i % 50 == 49 {
+            tasks.drain().await;
+            tasks.io.pass(CHECKPOINT_INTERVAL);
+            tasks.drain().await;
+        }
+        if i == 170 || i == 340 {
+            for task in [1, 2] {
+                tasks.tasks[task as usize] = tasks.start(task).await.expect("restores");
+            }
+        }
+    }
+    tasks.drain().await;
+    let mut materialized = BTreeMap::new();
+    let records = tasks.io.records("out", 0);
+    materialize(
+        &mut materialized,
+        records
+            .iter()
+            .map(|r| (r.key.as_deref().expect("keyed"), r.value.as_deref())),
+    );
+    assert_eq!(materialized, reference(&table, false));
+    for task in [1, 2] {
+        let log = tasks.io.records("q.checkpoints", task);
+        assert!(
+            log.iter()
+                .any(|r| r.key.as_deref().unwrap_or_default().starts_with(b"s/")),
+            "task {task} wrote entries to its changelog"
+        );
+    }
+}
