@@ -28,8 +28,10 @@ use crate::table::TableState;
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 
 mod stream_join;
+mod table_aggregate;
 mod table_join;
 pub use stream_join::JoinedStream;
+pub use table_aggregate::{AggregatedTable, GroupedTable};
 pub use table_join::{JoinedTable, Table};
 
 /// Hands one (value, event time) on to the next operator.

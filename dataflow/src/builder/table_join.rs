@@ -30,8 +30,8 @@ type TableJoiner<V, W, R> = Arc<dyn Fn(&str, Option<&V>, Option<&W>) -> Option<R
 
 /// A topic read as a table of `V` rows, by key.
 pub struct Table<V> {
-    name: String,
-    topic: String,
+    pub(super) name: String,
+    pub(super) topic: String,
     _rows: PhantomData<fn() -> V>,
 }
 
@@ -122,13 +122,13 @@ where
 
 /// One side's source stage: a record becomes `[side, 1] + postcard(row)`
 /// (`[side, 0]`: deleted), keyed by the postcard of its key.
-struct TypedTableSource<V> {
+pub(super) struct TypedTableSource<V> {
     side: u8,
     _rows: PhantomData<fn() -> V>,
 }
 
 impl<V> TypedTableSource<V> {
-    fn new(side: u8) -> TypedTableSource<V> {
+    pub(super) fn new(side: u8) -> TypedTableSource<V> {
         TypedTableSource {
             side,
             _rows: PhantomData,
@@ -215,7 +215,7 @@ impl<V: DeserializeOwned, W: DeserializeOwned, R: Serialize> TypedTableJoinStage
     }
 }
 
-fn decode_key(key: &[u8]) -> Result<String, StageError> {
+pub(super) fn decode_key(key: &[u8]) -> Result<String, StageError> {
     postcard::from_bytes(key).map_err(|e| StageError::Corrupt(format!("a table join key: {e}")))
 }
 

@@ -1,0 +1,519 @@
+//! The Rust builders' aggregate over a table:
+//! `Dataflow::table(topic).group_by(key).aggregate(init, add, subtract)`
+//! (or `.count()`), as Kafka Streams' `KTable#groupBy(…).aggregate(
+//! initializer, adder, subtractor)`. It runs as SQL's aggregate over a
+//! table ([`crate::table_aggregate`]): the table read by key; a changes
+//! stage holding each key's latest row (postcard, in [`KeyRows`]) that
+//! sends every change on, repartitioned by its group, as the old row taken
+//! out and the new row added; and an aggregate stage holding each group's
+//! aggregate and row count. A group left with no rows is deleted (a
+//! tombstone); the sink's records are the JSON aggregate keyed by the JSON
+//! group key.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use runnel_client::tasks::StateRow;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::table_join::{decode_key, Table, TypedTableSource};
+use super::{
+    state_rows, step, to_json, type_name, DataflowDef, Emitted, StageError, StateStore, WindowStage, WindowStageFactory,
+};
+use crate::table_join::{KeyRows, Rows};
+
+/// A change's first byte: the row is taken out of its group.
+const TAKEN_OUT: u8 = 0;
+/// A change's first byte: the row is added to its group.
+const ADDED: u8 = 1;
+/// The format of both stages' snapshots (their state is in the changelog).
+const TYPED_TABLE_AGGREGATE_STATE_VERSION: u8 = 1;
+
+type GroupKey<V, K> = Arc<dyn Fn(&str, &V) -> Option<K> + Send + Sync>;
+type Adder<A, V> = Arc<dyn Fn(&mut A, &V) + Send + Sync>;
+
+/// A table's rows grouped by a key computed from each row.
+pub struct GroupedTable<V, K> {
+    table: Table<V>,
+    key: GroupKey<V, K>,
+}
+
+/// A grouped table's aggregate, ready for a sink.
+pub struct AggregatedTable<V, K, A> {
+    grouped: GroupedTable<V, K>,
+    init: Arc<dyn Fn() -> A + Send + Sync>,
+    add: Adder<A, V>,
+    subtract: Adder<A, V>,
+    described: String,
+}
+
+impl<V: Serialize + DeserializeOwned + 'static> Table<V> {
+    /// Groups the rows by what `key` makes of each (its primary key and
+    /// row; `None`: the row is in no group), for an aggregate that adds a
+    /// row to its group and takes it back out when the row changes or is
+    /// deleted.
+    pub fn group_by<K: Serialize + DeserializeOwned + 'static>(
+        self,
+        key: impl Fn(&str, &V) -> Option<K> + Send + Sync + 'static,
+    ) -> GroupedTable<V, K> {
+        GroupedTable {
+            table: self,
+            key: Arc::new(key),
+        }
+    }
+}
+
+impl<V, K> GroupedTable<V, K>
+where
+    V: Serialize + DeserializeOwned + 'static,
+    K: Serialize + DeserializeOwned + 'static,
+{
+    /// Each group's aggregate, from `init()`: `add` folds a row in,
+    /// `subtract` takes a row added before back out.
+    pub fn aggregate<A: Serialize + DeserializeOwned + 'static>(
+        self,
+        init: impl Fn() -> A + Send + Sync + 'static,
+        add: impl Fn(&mut A, &V) + Send + Sync + 'static,
+        subtract: impl Fn(&mut A, &V) + Send + Sync + 'static,
+    ) -> AggregatedTable<V, K, A> {
+        AggregatedTable {
+            grouped: self,
+            init: Arc::new(init),
+            add: Arc::new(add),
+            subtract: Arc::new(subtract),
+            described: format!("AGGREGATE into {} (adder, subtractor)", type_name::<A>()),
+        }
+    }
+
+    /// Each group's row count.
+    pub fn count(self) -> AggregatedTable<V, K, u64> {
+        let mut counted = self.aggregate(|| 0, |n, _| *n += 1, |n, _| *n -= 1);
+        counted.described = "COUNT".to_string();
+        counted
+    }
+}
+
+impl<V, K, A> AggregatedTable<V, K, A>
+where
+    V: Serialize + DeserializeOwned + 'static,
+    K: Serialize + DeserializeOwned + 'static,
+    A: Serialize + DeserializeOwned + 'static,
+{
+    /// Writes each group's aggregate to `topic` as JSON, keyed by the
+    /// group key (JSON); a group left with no rows gets a tombstone.
+    pub fn sink(self, topic: &str) -> DataflowDef {
+        let AggregatedTable {
+            grouped,
+            init,
+            add,
+            subtract,
+            described,
+        } = self;
+        let (table, key) = (grouped.table, grouped.key);
+        let changes: WindowStageFactory = Arc::new(move || {
+            Box::new(TypedChangesStage::<V, K> {
+                rows: KeyRows::default(),
+                key: key.clone(),
+                max_event_ms: i64::MIN,
+            })
+        });
+        let aggregate: WindowStageFactory = Arc::new(move || {
+            Box::new(TypedAggregateStage::<V, K, A> {
+                groups: KeyRows::default(),
+                init: init.clone(),
+                add: add.clone(),
+                subtract: subtract.clone(),
+                max_event_ms: i64::MIN,
+                _types: PhantomData,
+            })
+        });
+        DataflowDef {
+            name: table.name,
+            source: table.topic.clone(),
+            sink: topic.to_string(),
+            source_stage: Arc::new(TypedTableSource::<V>::new(0)),
+            joined_sources: Vec::new(),
+            window_stage: Some(changes),
+            next_stages: vec![aggregate],
+            steps: vec![
+                vec![step(format!(
+                    "TABLE {} of {} by its record key",
+                    table.topic,
+                    type_name::<V>()
+                ))],
+                vec![step(format!("GROUP_BY {}", type_name::<K>()))],
+                vec![step(described)],
+            ],
+        }
+    }
+}
+
+fn restore_version(bytes: &[u8]) -> Result<(), StageError> {
+    match bytes {
+        [TYPED_TABLE_AGGREGATE_STATE_VERSION] => Ok(()),
+        _ => Err(StageError::Corrupt(format!(
+            "typed table aggregate state {bytes:?} is not format {TYPED_TABLE_AGGREGATE_STATE_VERSION}"
+        ))),
+    }
+}
+
+/// A typed changes task: each key's latest row (postcard).
+struct TypedChangesStage<V, K> {
+    rows: KeyRows<Vec<u8>>,
+    key: GroupKey<V, K>,
+    max_event_ms: i64,
+}
+
+/// A row's group (postcard) and the row, if it is in one.
+type Grouped = Option<(Vec<u8>, Vec<u8>)>;
+
+impl<V: DeserializeOwned, K: Serialize> TypedChangesStage<V, K> {
+    fn grouped(key: &GroupKey<V, K>, primary_key: &str, rows: &Rows<Vec<u8>>) -> Result<Grouped, StageError> {
+        let Some(bytes) = &rows[0] else { return Ok(None) };
+        let row: V = postcard::from_bytes(bytes)
+            .map_err(|e| StageError::Corrupt(format!("the row of key {primary_key:?} does not decode: {e}")))?;
+        let Some(group) = key(primary_key, &row) else {
+            return Ok(None);
+        };
+        let group = postcard::to_allocvec(&group).map_err(|e| StageError::Unencodable(e.to_string()))?;
+        Ok(Some((group, bytes.clone())))
+    }
+}
+
+/// Sends a change on: keyed by its group, the sign then the row.
+fn emit_change(out: &mut Emitted, (group, row): (Vec<u8>, Vec<u8>), sign: u8, t_ms: i64) -> Result<(), StageError> {
+    let key = out
+        .encode(|b| {
+            b.extend_from_slice(&group);
+            Ok::<_, String>(())
+        })
+        .map_err(StageError::Unencodable)?;
+    let value = out
+        .encode(|b| {
+            b.push(sign);
+            b.extend_from_slice(&row);
+            Ok::<_, String>(())
+        })
+        .map_err(StageError::Unencodable)?;
+    out.push(t_ms, Some(key), Some(value));
+    Ok(())
+}
+
+impl<V, K> WindowStage for TypedChangesStage<V, K>
+where
+    V: DeserializeOwned + 'static,
+    K: Serialize + 'static,
+{
+    fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let row = match value {
+            [0, 0] => None,
+            [0, 1, row @ ..] => Some(row.to_vec()),
+            _ => {
+                return Err(StageError::Corrupt(
+                    "a table row that is not the grouped table's".to_string(),
+                ))
+            }
+        };
+        self.max_event_ms = self.max_event_ms.max(t_ms);
+        let primary_key = decode_key(key)?;
+        let group = &self.key;
+        let (before, after) = self
+            .rows
+            .update(key, 0, row, |rows| Self::grouped(group, &primary_key, rows))?;
+        if before == after {
+            return Ok(());
+        }
+        if let Some(before) = before {
+            emit_change(out, before, TAKEN_OUT, t_ms)?;
+        }
+        if let Some(after) = after {
+            emit_change(out, after, ADDED, t_ms)?;
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        Ok(vec![TYPED_TABLE_AGGREGATE_STATE_VERSION])
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        restore_version(bytes)
+    }
+
+    fn late_records(&self) -> u64 {
+        0
+    }
+
+    fn watermark_ms(&self) -> i64 {
+        self.max_event_ms
+    }
+
+    fn read(&self, _key: Option<&[u8]>, _limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
+        Err(StageError::NoTable(
+            "a table's changes stage holds rows by primary key; its aggregate holds the groups",
+        ))
+    }
+
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(&self.rows)
+    }
+
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.rows)
+    }
+}
+
+/// A typed aggregate task: each group's aggregate and row count (postcard).
+struct TypedAggregateStage<V, K, A> {
+    groups: KeyRows<Vec<u8>>,
+    init: Arc<dyn Fn() -> A + Send + Sync>,
+    add: Adder<A, V>,
+    subtract: Adder<A, V>,
+    max_event_ms: i64,
+    _types: PhantomData<fn() -> K>,
+}
+
+impl<V: DeserializeOwned, K: Serialize + DeserializeOwned, A: Serialize + DeserializeOwned>
+    TypedAggregateStage<V, K, A>
+{
+    /// The group's aggregate and row count.
+    fn state(&self, group: &[u8]) -> Result<Option<(A, u64)>, StageError> {
+        let Some((_, rows)) = self.groups.iter(Some(group)).next() else {
+            return Ok(None);
+        };
+        let Some(bytes) = &rows[0] else { return Ok(None) };
+        let state =
+            postcard::from_bytes(bytes).map_err(|e| StageError::Corrupt(format!("a group's aggregate: {e}")))?;
+        Ok(Some(state))
+    }
+
+    /// Writes the group's aggregate (a tombstone when `None`).
+    fn emit(group: &[u8], aggregate: Option<&A>, t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let group: K = postcard::from_bytes(group).map_err(|e| StageError::Corrupt(format!("a group key: {e}")))?;
+        let unencodable = |e: serde_json::Error| StageError::Unencodable(e.to_string());
+        let key = out.encode(to_json(&group)).map_err(unencodable)?;
+        let value = aggregate
+            .map(|a| out.encode(to_json(a)))
+            .transpose()
+            .map_err(unencodable)?;
+        out.push(t_ms, Some(key), value);
+        Ok(())
+    }
+}
+
+impl<V, K, A> WindowStage for TypedAggregateStage<V, K, A>
+where
+    V: DeserializeOwned + 'static,
+    K: Serialize + DeserializeOwned + 'static,
+    A: Serialize + DeserializeOwned + 'static,
+{
+    fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
+        let (sign, row) = match value {
+            [sign @ (TAKEN_OUT | ADDED), row @ ..] => (*sign, row),
+            _ => return Err(StageError::Corrupt("a table change without a sign".to_string())),
+        };
+        let row: V = postcard::from_bytes(row).map_err(|e| StageError::Corrupt(format!("a changed row: {e}")))?;
+        self.max_event_ms = self.max_event_ms.max(t_ms);
+        let (mut aggregate, rows) = match self.state(key)? {
+            Some(state) => state,
+            None if sign == TAKEN_OUT => {
+                return Err(StageError::Corrupt(
+                    "a row taken out of a group that holds none".to_string(),
+                ))
+            }
+            None => ((self.init)(), 0),
+        };
+        let rows = if sign == ADDED {
+            (self.add)(&mut aggregate, &row);
+            rows + 1
+        } else {
+            (self.subtract)(&mut aggregate, &row);
+            rows - 1
+        };
+        let kept = match rows {
+            0 => None,
+            _ => Some(postcard::to_allocvec(&(&aggregate, rows)).map_err(|e| StageError::Unencodable(e.to_string()))?),
+        };
+        self.groups.update(key, 0, kept, |_| Ok(()))?;
+        Self::emit(key, (rows > 0).then_some(&aggregate), t_ms, out)
+    }
+
+    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
+        Ok(vec![TYPED_TABLE_AGGREGATE_STATE_VERSION])
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
+        restore_version(bytes)
+    }
+
+    fn late_records(&self) -> u64 {
+        0
+    }
+
+    fn watermark_ms(&self) -> i64 {
+        self.max_event_ms
+    }
+
+    fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
+        let mut out = Emitted::default();
+        for (group, _) in self.groups.iter(key) {
+            if out.len() >= limit {
+                return Ok(None);
+            }
+            if let Some((aggregate, _)) = self.state(group)? {
+                Self::emit(group, Some(&aggregate), 0, &mut out)?;
+            }
+        }
+        Ok(Some(state_rows(&out)))
+    }
+
+    fn store(&self) -> Option<&dyn StateStore> {
+        Some(&self.groups)
+    }
+
+    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
+        Some(&mut self.groups)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::Dataflow;
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    struct User {
+        country: String,
+        age: i64,
+    }
+
+    /// Users and the sum of their ages per country; the country "none"
+    /// is in no group.
+    fn dataflow() -> DataflowDef {
+        Dataflow::new("per_country")
+            .table::<User>("users")
+            .group_by(|_id: &str, user: &User| (user.country != "none").then(|| user.country.clone()))
+            .aggregate(
+                || (0u64, 0i64),
+                |(n, ages): &mut (u64, i64), user: &User| (*n, *ages) = (*n + 1, *ages + user.age),
+                |(n, ages): &mut (u64, i64), user: &User| (*n, *ages) = (*n - 1, *ages - user.age),
+            )
+            .sink("per_country")
+    }
+
+    /// 500 changes over ten keys: rows moving between countries, into and
+    /// out of no group, deleted, and deletions of keys never written.
+    fn changes() -> Vec<(String, Option<User>)> {
+        let mut rng = crate::testing::Lcg::new(31);
+        (0..500)
+            .map(|_| {
+                let roll = rng.next_state() >> 33;
+                let key = format!("u{}", roll % 10);
+                let country = ["NL", "DE", "none"][((roll >> 4) % 3) as usize].to_string();
+                let user = (!(roll >> 6).is_multiple_of(5)).then_some(User {
+                    country,
+                    age: ((roll >> 9) % 90) as i64,
+                });
+                (key, user)
+            })
+            .collect()
+    }
+
+    fn reference(table: &BTreeMap<String, User>) -> BTreeMap<String, (u64, i64)> {
+        let mut groups: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+        for user in table.values().filter(|u| u.country != "none") {
+            let group = groups.entry(user.country.clone()).or_default();
+            *group = (group.0 + 1, group.1 + user.age);
+        }
+        groups
+    }
+
+    fn materialize(rows: &mut BTreeMap<String, (u64, i64)>, key: &[u8], value: Option<&[u8]>) {
+        let key: String = serde_json::from_slice(key).expect("a JSON key");
+        match value {
+            Some(v) => rows.insert(key, serde_json::from_slice(v).expect("JSON")),
+            None => rows.remove(&key),
+        };
+    }
+
+    /// Runs the changes through the three stages, checkpointing every 41
+    /// changes and restoring both stateful stages at each of `restarts`;
+    /// after every change the sink materializes the reference.
+    fn run_checked(restarts: &[usize]) -> usize {
+        let def = dataflow();
+        let factories = [def.window_stage.clone().expect("changes"), def.next_stages[0].clone()];
+        let mut stages: Vec<Box<dyn WindowStage>> = factories.iter().map(|f| f()).collect();
+        let mut logs = [crate::testing::Changelog::new(), crate::testing::Changelog::new()];
+        let (mut table, mut materialized, mut deletions) = (BTreeMap::new(), BTreeMap::new(), 0);
+        for (i, (key, user)) in changes().into_iter().enumerate() {
+            for s in 0..2 {
+                if i % 41 == 0 || restarts.contains(&i) {
+                    crate::testing::checkpoint_into(stages[s].store_mut().expect("a store"), &mut logs[s], true);
+                }
+                if restarts.contains(&i) {
+                    let snapshot = stages[s].snapshot().expect("snapshots");
+                    stages[s] = factories[s]();
+                    stages[s].restore(&snapshot).expect("restores");
+                    crate::testing::replay_into(stages[s].store_mut().expect("a store"), &logs[s], i % 2 == 0);
+                }
+            }
+            let mut staged = [Emitted::default(), Emitted::default(), Emitted::default()];
+            let bytes = user.as_ref().map(|u| serde_json::to_vec(u).expect("JSON"));
+            def.source_stage
+                .process_record(Some(key.as_bytes()), bytes.as_deref(), i as i64, &[], &mut staged[0])
+                .expect("decodes");
+            for stage in 0..2 {
+                let (input, output) = staged.split_at_mut(stage + 1);
+                for r in input[stage].iter() {
+                    stages[stage]
+                        .add(
+                            r.key.expect("keyed"),
+                            r.value.expect("carried"),
+                            r.timestamp_ms,
+                            &mut output[0],
+                        )
+                        .expect("adds");
+                }
+            }
+            for r in staged[2].iter() {
+                deletions += usize::from(r.value.is_none());
+                materialize(&mut materialized, r.key.expect("keyed"), r.value);
+            }
+            match user {
+                Some(user) => table.insert(key, user),
+                None => table.remove(&key),
+            };
+            assert_eq!(materialized, reference(&table), "after change {i}");
+        }
+        let mut pulled = BTreeMap::new();
+        for row in stages[1].read(None, 100).expect("reads").expect("within the limit") {
+            materialize(&mut pulled, &row.key, Some(&row.value));
+        }
+        assert_eq!(pulled, materialized, "a pull query reads every group");
+        deletions
+    }
+
+    #[test]
+    fn a_typed_table_aggregate_adds_and_subtracts_changed_rows_through_restores() {
+        let deletions = run_checked(&[]);
+        assert!(deletions > 0, "groups emptied and deleted");
+        assert_eq!(run_checked(&[1, 200, 499]), deletions);
+        let def = dataflow();
+        assert_eq!(def.stages(), 3);
+        let explained = def.plan().explain("per_country");
+        assert!(explained.contains("RUST GROUP_BY alloc::string::String"), "{explained}");
+    }
+}
