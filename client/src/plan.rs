@@ -223,6 +223,17 @@ pub enum AggregateFunction {
     CountDistinct,
 }
 
+impl AggregateFunction {
+    /// Whether the function can take a value back out, and so aggregate a
+    /// table: COUNT, SUM and AVG can; MIN, MAX and COUNT_DISTINCT cannot.
+    pub fn subtracts(self) -> bool {
+        matches!(
+            self,
+            AggregateFunction::CountRows | AggregateFunction::Count | AggregateFunction::Sum | AggregateFunction::Avg
+        )
+    }
+}
+
 /// One aggregate call: a function of one carried column (none for `COUNT(*)`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AggregateCall {
@@ -332,15 +343,17 @@ pub enum Operator {
     /// `FOR SYSTEM_TIME AS OF`): each row joins the table's row as it was
     /// at the row's time, not its latest row.
     JoinTableAsOf(TableJoin, AsOf),
-    /// Reads the plan's source as a table (format version 6 on): the
-    /// record key is the primary key (column `key`), a null value deletes
-    /// the row. A stage boundary: the rows travel by primary key to a
+    /// Reads the plan's source as a table (format version 6 on): a null
+    /// value deletes the record key's row. With `key`, the record key is
+    /// that primary key column's value as text (a declared table); without,
+    /// the record key as it is names the row and the value holds every
+    /// column (a table a query writes, keyed by a JSON object). A stage boundary: the rows travel by primary key to a
     /// stage holding each key's latest row, and each change goes on as the
     /// old row taken back out and the new row added. Only first, and only
     /// before an aggregate's operators (a `WHERE`, the repartition by the
     /// `GROUP BY` key, the aggregate), which then subtracts what is taken
     /// out: Kafka Streams' `KGroupedTable.aggregate(adder, subtractor)`.
-    TableChanges { key: usize },
+    TableChanges { key: Option<usize> },
 }
 
 /// When an event-time table join looks a key up, and how the table keeps
@@ -575,21 +588,39 @@ impl Plan {
         Ok(())
     }
 
-    /// A table's changes are read first, by a primary key the source has,
-    /// and aggregated.
+    /// A table's changes are read first (once), by a primary key the
+    /// source has, and aggregated without a window by functions that can
+    /// take a value back out.
     fn validate_table_changes(&self) -> Result<(), PlanError> {
-        let at = self
+        let changes = |op: &Operator| matches!(op, Operator::TableChanges { .. });
+        if !self.operators.iter().any(changes) {
+            return Ok(());
+        }
+        let invalid = |why: String| Err(PlanError::Invalid(format!("a table's changes {why}")));
+        match self.operators.first() {
+            Some(Operator::TableChanges { key: Some(key) }) if *key >= self.source.columns.len() => {
+                return invalid(format!("by column {key} of {}", self.source.columns.len()));
+            }
+            Some(Operator::TableChanges { .. }) => {}
+            _ => return invalid("read after another operator".to_string()),
+        }
+        if self.operators.iter().filter(|op| changes(op)).count() > 1 {
+            return invalid("read twice".to_string());
+        }
+        let aggregates: Vec<(&Vec<AggregateCall>, &Option<WindowSpec>)> = self
             .operators
             .iter()
-            .position(|op| matches!(op, Operator::TableChanges { .. }));
-        let Some(at) = at else { return Ok(()) };
-        let aggregated = self.operators.iter().any(|op| matches!(op, Operator::Aggregate { .. }));
-        match &self.operators[at] {
-            Operator::TableChanges { key } if at == 0 && aggregated && *key < self.source.columns.len() => Ok(()),
-            other => Err(PlanError::Invalid(format!(
-                "{other:?} at operator {at} of a plan whose source has {} columns (a table's changes are read first, by its primary key, for an aggregate)",
-                self.source.columns.len()
-            ))),
+            .filter_map(|op| match op {
+                Operator::Aggregate { calls, window, .. } => Some((calls, window)),
+                _ => None,
+            })
+            .collect();
+        match aggregates[..] {
+            [(calls, None)] if calls.iter().all(|call| call.function.subtracts()) => Ok(()),
+            [(calls, None)] => invalid(format!(
+                "aggregated by {calls:?}, which cannot all take a value back out"
+            )),
+            _ => invalid("not aggregated once without a window".to_string()),
         }
     }
 
@@ -817,9 +848,12 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
         }
         Operator::TableChanges { key } => {
             *stage += 1;
+            let key = match key {
+                Some(key) => format!("the primary key {}", names.get(*key).map_or("?", String::as_str)),
+                None => "the record key".to_string(),
+            };
             format!(
-                "TABLE CHANGES by the primary key {} through {name}.repartition: stage {stage} starts, holding each key's latest row; each change goes on as the old row taken out and the new row added",
-                names.get(*key).map_or("?", String::as_str)
+                "TABLE CHANGES by {key} through {name}.repartition: stage {stage} starts, holding each key's latest row; each change goes on as the old row taken out and the new row added (or as one replacement within a group)"
             )
         }
         Operator::JoinTables(join) => {
@@ -1164,7 +1198,7 @@ pub(crate) mod tests {
         }));
         operators.push(Operator::Explode(Expr::Column(0)));
         operators.push(Operator::JoinTableAsOf(sample_join(), sample_as_of()));
-        operators.push(Operator::TableChanges { key: 0 });
+        operators.push(Operator::TableChanges { key: Some(0) });
         assert_tags(&operators);
         assert_tags(&[ObjectKind::Stream, ObjectKind::Table]);
         assert_tags(&[JoinKind::Inner, JoinKind::Left, JoinKind::Outer]);
@@ -1322,5 +1356,38 @@ pub(crate) mod tests {
         }
         deep.operators.push(Operator::Filter(expr));
         assert!(matches!(deep.validate(), Err(PlanError::Invalid(why)) if why.contains("nests deeper")));
+    }
+
+    #[test]
+    fn a_tables_changes_validate_only_first_once_and_before_an_aggregate_that_subtracts() {
+        let mut plan = sample_plan();
+        if let Operator::Aggregate { window, .. } = &mut plan.operators[1] {
+            *window = None;
+        }
+        plan.operators.insert(0, Operator::TableChanges { key: Some(0) });
+        assert_eq!((plan.validate(), plan.stages()), (Ok(()), 3));
+        assert!(plan
+            .explain("Q")
+            .contains("TABLE CHANGES by the primary key CARD_NUMBER"));
+        let refused = |plan: &Plan| plan.validate().expect_err("refused").to_string();
+        let mut outside = plan.clone();
+        outside.operators[0] = Operator::TableChanges { key: Some(1) };
+        assert!(refused(&outside).contains("by column 1 of 1"));
+        let mut twice = plan.clone();
+        twice.operators.insert(1, Operator::TableChanges { key: None });
+        assert!(refused(&twice).contains("read twice"));
+        let mut later = plan.clone();
+        later.operators.swap(0, 1);
+        assert!(refused(&later).contains("read after another operator"));
+        let mut windowed = plan.clone();
+        let mut minimum = plan.clone();
+        if let Operator::Aggregate { window, .. } = &mut windowed.operators[2] {
+            *window = Some(WindowSpec::Session { gap_ms: 1, grace_ms: 0 });
+        }
+        if let Operator::Aggregate { calls, .. } = &mut minimum.operators[2] {
+            calls[0].function = AggregateFunction::Min;
+        }
+        assert!(refused(&windowed).contains("not aggregated once without a window"));
+        assert!(refused(&minimum).contains("cannot all take a value back out"));
     }
 }

@@ -34,7 +34,7 @@ use crate::builder::{
 use crate::join::{JoinSpec, JoinWindow, StreamJoinStage, LEFT, RIGHT};
 use crate::row::{decode_row, eval, holds, JsonRow, Value};
 use crate::table::TableState;
-use crate::table_aggregate::{ChangesSpec, TableAggregateStage, TableChangesStage};
+use crate::table_aggregate::{ChangesSpec, ExactSum, TableAggregateStage, TableChangesStage};
 use crate::table_join::{TableJoinStage, TableSource, TablesSpec};
 use crate::window::{event_time_in_range, Emit, Window, WindowBounds, WindowError, WindowOperator, WindowResult};
 use runnel_client::tasks::StateRow;
@@ -166,7 +166,7 @@ fn aggregate_of(
 fn compile_table_aggregate(
     name: &str,
     plan: &Plan,
-    primary_key: usize,
+    primary_key: Option<usize>,
     after: &[Operator],
 ) -> Result<DataflowDef, PlanError> {
     let split = after
@@ -181,7 +181,7 @@ fn compile_table_aggregate(
     if window.is_some() {
         return Err(invalid("a windowed aggregate over a table"));
     }
-    if let Some(call) = aggregate.calls.iter().find(|call| !subtracts(call.function)) {
+    if let Some(call) = aggregate.calls.iter().find(|call| !call.function.subtracts()) {
         return Err(invalid(&format!(
             "{:?} over a table (it cannot take a changed row back out)",
             call.function
@@ -209,15 +209,6 @@ fn compile_table_aggregate(
         next_stages: vec![aggregate],
         steps: Vec::new(),
     })
-}
-
-/// Whether an aggregate function can take a value back out (so aggregate
-/// a table): COUNT, SUM and AVG can; MIN, MAX and COUNT_DISTINCT cannot.
-pub fn subtracts(function: AggregateFunction) -> bool {
-    matches!(
-        function,
-        AggregateFunction::CountRows | AggregateFunction::Count | AggregateFunction::Sum | AggregateFunction::Avg
-    )
 }
 
 fn invalid(why: &str) -> PlanError {
@@ -331,14 +322,14 @@ fn compile_tables_join(
         sink: plan.sink.topic.clone(),
         source_stage: Arc::new(TableSource {
             columns: plan.source.columns.clone(),
-            key: join.left_key,
+            key: Some(join.left_key),
             side: LEFT,
         }),
         joined_sources: vec![JoinedSource {
             topic: join.source.topic.clone(),
             stage: Arc::new(TableSource {
                 columns: join.source.columns.clone(),
-                key: join.right_key,
+                key: Some(join.right_key),
                 side: RIGHT,
             }),
         }],
@@ -792,7 +783,12 @@ pub(crate) enum Accumulator {
     /// A SUM over a table: NULL again once every value it added is taken
     /// back out.
     TableSum {
-        sum: Value,
+        sum: ExactSum,
+        values: i64,
+    },
+    /// An AVG over a table.
+    TableAvg {
+        sum: ExactSum,
         values: i64,
     },
 }
@@ -802,31 +798,36 @@ const DISTINCT_VALUES_MAX: usize = 100_000;
 
 impl Accumulator {
     /// A state that values can also be taken out of (an aggregate over a
-    /// table); only functions that [`subtracts`] take values out.
+    /// table); only functions that [`AggregateFunction::subtracts`] take
+    /// values out.
     pub(crate) fn subtracting(call: &AggregateCall) -> Accumulator {
+        let (sum, values) = (ExactSum::default(), 0);
         match call.function {
-            AggregateFunction::Sum => Accumulator::TableSum {
-                sum: Value::Null,
-                values: 0,
-            },
+            AggregateFunction::Sum => Accumulator::TableSum { sum, values },
+            AggregateFunction::Avg => Accumulator::TableAvg { sum, values },
             _ => Accumulator::new(call),
         }
     }
 
-    /// Takes one value folded in before back out (`None` for `COUNT(*)`).
-    pub(crate) fn unfold(&mut self, value: Option<&Value>) {
+    /// Folds one value in (`sign` 1) or takes one folded in before back
+    /// out (−1), in a state made by [`Accumulator::subtracting`] (`None`
+    /// for `COUNT(*)`).
+    pub(crate) fn fold_signed(&mut self, value: Option<&Value>, sign: i64) {
         if let Some(Value::Null) = value {
             return;
         }
         match (self, value) {
-            (Accumulator::Count(n), _) => *n -= 1,
-            (Accumulator::TableSum { sum, values }, Some(v)) => {
-                *values -= 1;
-                *sum = if *values == 0 { Value::Null } else { subtract(sum, v) };
-            }
-            (Accumulator::Avg { sum, count }, Some(v @ (Value::Int(_) | Value::Double(_)))) => {
-                *count -= 1;
-                *sum = if *count == 0 { 0.0 } else { *sum - as_f64(v) };
+            (Accumulator::Count(n), _) => *n += sign,
+            (
+                Accumulator::TableSum { sum, values } | Accumulator::TableAvg { sum, values },
+                Some(v @ (Value::Int(_) | Value::Double(_))),
+            ) => {
+                sum.add(v, sign);
+                *values += sign;
+                if *values == 0 {
+                    // Nothing left: no rounding either.
+                    *sum = ExactSum::default();
+                }
             }
             _ => {}
         }
@@ -862,7 +863,6 @@ impl Accumulator {
             (Accumulator::Distinct(seen), Some(v)) if seen.len() < DISTINCT_VALUES_MAX => {
                 seen.insert(postcard::to_allocvec(v).unwrap_or_default());
             }
-            (Accumulator::TableSum { sum, values }, Some(v)) => (*sum, *values) = (add(sum, v), *values + 1),
             _ => {}
         }
     }
@@ -883,10 +883,6 @@ impl Accumulator {
                     a.pop_last();
                 }
             }
-            (Accumulator::TableSum { sum, values }, Accumulator::TableSum { sum: s, values: v }) => {
-                *sum = if s.is_null() { sum.clone() } else { add(sum, &s) };
-                *values += v;
-            }
             _ => {}
         }
     }
@@ -895,28 +891,13 @@ impl Accumulator {
         match self {
             Accumulator::Count(n) => Value::Int(*n),
             Accumulator::Sum(v) | Accumulator::Min(v) | Accumulator::Max(v) => v.clone(),
-            Accumulator::TableSum { sum, .. } => sum.clone(),
+            Accumulator::TableSum { values: 0, .. } | Accumulator::TableAvg { values: 0, .. } => Value::Null,
+            Accumulator::TableSum { sum, .. } => sum.sum(),
+            Accumulator::TableAvg { sum, values } => Value::Double(sum.double() / *values as f64),
             Accumulator::Avg { count: 0, .. } => Value::Null,
             Accumulator::Avg { sum, count } => Value::Double(sum / *count as f64),
             Accumulator::Distinct(seen) => Value::Int(seen.len() as i64),
         }
-    }
-}
-
-fn as_f64(v: &Value) -> f64 {
-    match v {
-        Value::Int(i) => *i as f64,
-        Value::Double(d) => *d,
-        _ => 0.0,
-    }
-}
-
-/// `sum - v`, as [`add`] adds (wrapping for integers).
-fn subtract(sum: &Value, v: &Value) -> Value {
-    match (sum, v) {
-        (Value::Int(a), Value::Int(b)) => Value::Int(a.wrapping_sub(*b)),
-        (Value::Int(_) | Value::Double(_), Value::Int(_) | Value::Double(_)) => Value::Double(as_f64(sum) - as_f64(v)),
-        _ => sum.clone(),
     }
 }
 

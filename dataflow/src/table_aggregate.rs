@@ -7,10 +7,13 @@
 //! the *changes* stage ([`TableChangesStage`]), holding each key's latest
 //! row and sending every change on, repartitioned by the `GROUP BY` key,
 //! as the old row taken out (sign −1) and the new row added (+1), each
-//! after the `WHERE`; and the aggregate ([`TableAggregateStage`]), which
-//! adds and subtracts. COUNT, SUM and AVG can take a value back out; MIN,
-//! MAX and COUNT_DISTINCT cannot, and are refused. A group left with no
-//! rows is deleted (a tombstone), as is one `HAVING` no longer keeps.
+//! after the `WHERE` — or, when both are in one group, as one replacement
+//! (0), so that the group never shows the row missing (Kafka Streams'
+//! KIP-904); and the aggregate ([`TableAggregateStage`]), which adds and
+//! subtracts. COUNT, SUM and AVG can take a value back out (sums exactly:
+//! [`ExactSum`]); MIN, MAX and COUNT_DISTINCT cannot, and are refused. A
+//! group left with no rows is deleted (a tombstone), as is one `HAVING` no
+//! longer keeps.
 //!
 //! Both stages keep their state as changelog entries ([`KeyRows`], one row
 //! per key), so everything here is a function of the records in order: a
@@ -27,12 +30,15 @@ use crate::compile::{emit_deletion, emit_row, group_key, run_ops, Accumulator, A
 use crate::join::LEFT;
 use crate::row::{eval, Value};
 use crate::table_join::{KeyRows, Rows};
-use crate::window::{event_time_in_range, WindowBounds, WindowError};
+use crate::window::WindowBounds;
 
 /// The sign of a row added to its group.
 pub const ADDED: i64 = 1;
 /// The sign of a row taken out of its group.
 pub const TAKEN_OUT: i64 = -1;
+/// The sign of a row replaced within its group: the old row's values,
+/// then the new row's.
+pub const REPLACED: i64 = 0;
 /// The format of both stages' snapshots (their state is in the changelog).
 const TABLE_AGGREGATE_STATE_VERSION: u8 = 1;
 
@@ -130,11 +136,9 @@ impl TableChangesStage {
 }
 
 /// Sends one change to the aggregate: its group key, then the sign and the
-/// values carried.
+/// values carried. (No window needs its time in range: it is only passed
+/// on.)
 fn emit_change(out: &mut Emitted, key: &[Value], sign: i64, carried: &[Value], t_ms: i64) -> Result<(), StageError> {
-    if !event_time_in_range(t_ms) {
-        return Err(WindowError::EventTimeOutOfRange(t_ms).into());
-    }
     let unencodable = |e: String| StageError::Unencodable(e);
     let key = group_key(key).map_err(unencodable)?;
     let key = out
@@ -159,17 +163,22 @@ impl WindowStage for TableChangesStage {
         self.max_event_ms = self.max_event_ms.max(t_ms);
         let (spec, scratch) = (&self.spec, &mut self.scratch);
         let (before, after) = self.rows.update(key, 0, row, |rows| Ok(grouped(spec, scratch, rows)))?;
-        if before == after {
+        match (before, after) {
             // Nothing the aggregate sees changed.
-            return Ok(());
+            (before, after) if before == after => Ok(()),
+            (Some((old_key, old)), Some((key, new))) if old_key == key => {
+                emit_change(out, &key, REPLACED, &[old, new].concat(), t_ms)
+            }
+            (before, after) => {
+                if let Some((key, carried)) = before {
+                    emit_change(out, &key, TAKEN_OUT, &carried, t_ms)?;
+                }
+                if let Some((key, carried)) = after {
+                    emit_change(out, &key, ADDED, &carried, t_ms)?;
+                }
+                Ok(())
+            }
         }
-        if let Some((key, carried)) = before {
-            emit_change(out, &key, TAKEN_OUT, &carried, t_ms)?;
-        }
-        if let Some((key, carried)) = after {
-            emit_change(out, &key, ADDED, &carried, t_ms)?;
-        }
-        Ok(())
     }
 
     fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
@@ -231,7 +240,7 @@ impl TableAggregateStage {
         let mut carried: Vec<Value> =
             postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("table change: {e}")))?;
         match carried.first() {
-            Some(&Value::Int(sign @ (ADDED | TAKEN_OUT))) => {
+            Some(&Value::Int(sign @ (ADDED | TAKEN_OUT | REPLACED))) => {
                 carried.remove(0);
                 Ok((sign, carried))
             }
@@ -239,8 +248,8 @@ impl TableAggregateStage {
         }
     }
 
-    /// `state` with one row's values added or taken out; `None` when the
-    /// group has no rows left.
+    /// `state` with one row's values added, taken out or replaced; `None`
+    /// when the group has no rows left.
     fn fold(
         &self,
         state: Option<Vec<Accumulator>>,
@@ -257,9 +266,9 @@ impl TableAggregateStage {
                     calls.len() + 1
                 )))
             }
-            None if sign == TAKEN_OUT => {
+            None if sign != ADDED => {
                 return Err(StageError::Corrupt(
-                    "a row taken out of a group that holds none".to_string(),
+                    "a row taken out of (or replaced in) a group that holds none".to_string(),
                 ))
             }
             None => calls
@@ -268,20 +277,29 @@ impl TableAggregateStage {
                 .chain([Accumulator::Count(0)])
                 .collect(),
         };
-        let (aggregates, count) = state.split_at_mut(calls.len());
-        for (accumulator, call) in aggregates.iter_mut().zip(calls) {
-            let value = call.argument.map(|i| carried.get(i).unwrap_or(&Value::Null));
-            if sign == ADDED {
-                accumulator.fold(value);
-            } else {
-                accumulator.unfold(value);
+        let (taken_out, added) = match sign {
+            ADDED => (None, Some(carried)),
+            TAKEN_OUT => (Some(carried), None),
+            _ if carried.len().is_multiple_of(2) => {
+                let (old, new) = carried.split_at(carried.len() / 2);
+                (Some(old), Some(new))
             }
+            _ => {
+                return Err(StageError::Corrupt(format!(
+                    "a replacement of {} values (the old row's, then the new row's)",
+                    carried.len()
+                )))
+            }
+        };
+        for (row, sign) in [(taken_out, TAKEN_OUT), (added, ADDED)] {
+            let Some(row) = row else { continue };
+            for (accumulator, call) in state.iter_mut().zip(calls) {
+                accumulator.fold_signed(call.argument.map(|i| row.get(i).unwrap_or(&Value::Null)), sign);
+            }
+            // The group's row count, last.
+            state[calls.len()].fold_signed(None, sign);
         }
-        match &mut count[0] {
-            Accumulator::Count(rows) => *rows += sign,
-            other => return Err(StageError::Corrupt(format!("a group's row count is {other:?}"))),
-        }
-        let rows_left = matches!(count[0], Accumulator::Count(rows) if rows > 0);
+        let rows_left = matches!(state[calls.len()], Accumulator::Count(rows) if rows > 0);
         Ok(rows_left.then_some(state))
     }
 
@@ -354,5 +372,149 @@ impl WindowStage for TableAggregateStage {
             }
         }
         Ok(Some(state_rows(&out)))
+    }
+}
+
+/// A sum that values can be taken back out of without leaving errors
+/// behind: integers exactly (in an `i128`), doubles with Neumaier's
+/// compensation, and infinities and NaNs counted apart, so that taking
+/// one back out leaves the finite sum as it was.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ExactSum {
+    ints: i128,
+    /// Doubles folded in (less those taken out).
+    doubles: i64,
+    sum: f64,
+    compensation: f64,
+    nans: i64,
+    /// +∞ and −∞.
+    infinities: [i64; 2],
+}
+
+impl ExactSum {
+    /// Adds `sign` × `value` (1 or −1).
+    pub(crate) fn add(&mut self, value: &Value, sign: i64) {
+        match value {
+            Value::Int(i) => self.ints += i128::from(sign) * i128::from(*i),
+            Value::Double(d) => {
+                self.doubles += sign;
+                if d.is_nan() {
+                    self.nans += sign;
+                } else if d.is_infinite() {
+                    self.infinities[usize::from(*d < 0.0)] += sign;
+                } else {
+                    self.add_finite(sign as f64 * d);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn add_finite(&mut self, x: f64) {
+        let total = self.sum + x;
+        self.compensation += if self.sum.abs() >= x.abs() {
+            (self.sum - total) + x
+        } else {
+            (x - total) + self.sum
+        };
+        self.sum = total;
+    }
+
+    /// The sum as a double.
+    pub(crate) fn double(&self) -> f64 {
+        match (self.nans, self.infinities) {
+            (0, [0, 0]) => self.ints as f64 + (self.sum + self.compensation),
+            (0, [_, 0]) => f64::INFINITY,
+            (0, [0, _]) => f64::NEG_INFINITY,
+            _ => f64::NAN,
+        }
+    }
+
+    /// As SUM shows it: a BIGINT while no double is in it (wrapping, as a
+    /// SUM over a stream wraps), else a DOUBLE.
+    pub(crate) fn sum(&self) -> Value {
+        match self.doubles {
+            0 => Value::Int(self.ints as i64),
+            _ => Value::Double(self.double()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum_of(changes: &[(Value, i64)]) -> ExactSum {
+        let mut sum = ExactSum::default();
+        for (value, sign) in changes {
+            sum.add(value, *sign);
+        }
+        sum
+    }
+
+    #[test]
+    fn a_sum_takes_values_back_out_without_leaving_rounding_or_infinities_behind() {
+        let d = Value::Double;
+        let small = sum_of(&[(d(1e16), 1), (d(1.0), 1), (d(1e16), -1)]);
+        assert_eq!(small.sum(), d(1.0), "the 1.0 survives its large neighbour");
+        let tenths: Vec<(Value, i64)> = (0..1_000).map(|_| (d(0.1), 1)).chain([(d(0.3), 1)]).collect();
+        let mut sum = sum_of(&tenths);
+        for _ in 0..1_000 {
+            sum.add(&d(0.1), -1);
+        }
+        assert_eq!(sum.sum(), d(0.3));
+        let infinite = sum_of(&[(d(2.0), 1), (d(f64::INFINITY), 1)]);
+        assert_eq!(infinite.sum(), d(f64::INFINITY));
+        let both = sum_of(&[(d(f64::INFINITY), 1), (d(f64::NEG_INFINITY), 1), (d(f64::NAN), 1)]);
+        assert!(matches!(both.sum(), Value::Double(x) if x.is_nan()));
+        let back = sum_of(&[
+            (d(2.0), 1),
+            (d(f64::NAN), 1),
+            (d(f64::INFINITY), 1),
+            (d(f64::NAN), -1),
+            (d(f64::INFINITY), -1),
+        ]);
+        assert_eq!(back.sum(), d(2.0), "taking them out leaves the finite sum");
+        let big = sum_of(&[
+            (Value::Int(i64::MAX), 1),
+            (Value::Int(i64::MAX), 1),
+            (Value::Int(i64::MAX), -1),
+        ]);
+        assert_eq!(big.sum(), Value::Int(i64::MAX), "integers exactly, past i64 on the way");
+        assert_eq!(big.double(), i64::MAX as f64);
+    }
+
+    #[test]
+    fn signed_accumulators_fold_take_out_and_empty_to_null() {
+        use runnel_client::plan::{AggregateCall, AggregateFunction};
+        let call = |function| AggregateCall {
+            function,
+            argument: Some(0),
+            argument_type: None,
+        };
+        let mut sum = Accumulator::subtracting(&call(AggregateFunction::Sum));
+        let mut avg = Accumulator::subtracting(&call(AggregateFunction::Avg));
+        let mut count = Accumulator::subtracting(&call(AggregateFunction::Count));
+        for (value, sign) in [
+            (Value::Int(4), 1),
+            (Value::Null, 1),
+            (Value::Int(8), 1),
+            (Value::Int(4), -1),
+        ] {
+            for accumulator in [&mut sum, &mut avg, &mut count] {
+                accumulator.fold_signed(Some(&value), sign);
+            }
+        }
+        assert_eq!(
+            (sum.result(), avg.result(), count.result()),
+            (Value::Int(8), Value::Double(8.0), Value::Int(1))
+        );
+        for accumulator in [&mut sum, &mut avg, &mut count] {
+            accumulator.fold_signed(Some(&Value::Int(8)), -1);
+        }
+        assert_eq!(
+            (sum.result(), avg.result(), count.result()),
+            (Value::Null, Value::Null, Value::Int(0))
+        );
     }
 }

@@ -39,8 +39,10 @@ const TABLES_STATE_V1: u8 = 1;
 /// The source stage of one side of a table–table join.
 pub struct TableSource {
     pub columns: Vec<Column>,
-    /// The primary key column, whose value the record key holds.
-    pub key: usize,
+    /// The primary key column, whose value the record key holds as text;
+    /// `None`: the record key as it is names the row, and the value holds
+    /// every column (a table a query writes, keyed by a JSON object).
+    pub key: Option<usize>,
     /// [`LEFT`] or [`RIGHT`].
     pub side: i64,
 }
@@ -62,29 +64,9 @@ impl SourceStage for TableSource {
         if let Some(value) = value {
             decode_row(&self.columns, value, &mut row)?;
         }
-        // The record key is the primary key; without one, the value's key
-        // column (as a stream–table join reads a table).
-        let pk = match key {
-            Some(key) => {
-                let text =
-                    std::str::from_utf8(key).map_err(|_| "a table's record key is not UTF-8 text".to_string())?;
-                let pk = key_value(text, self.columns[self.key].ty);
-                if pk == Value::Null {
-                    return Err(format!(
-                        "the record key {text:?} is not a {}",
-                        self.columns[self.key].ty
-                    ));
-                }
-                pk
-            }
-            None if value.is_some() && row[self.key] != Value::Null => row[self.key].clone(),
-            None => {
-                return Err("a table's record without a key (its primary key) in the record key or the value".into())
-            }
-        };
+        let pk = self.primary_key(key, value.is_some(), &mut row)?;
         let mut carried = vec![Value::Int(self.side)];
         if value.is_some() {
-            row[self.key] = pk.clone();
             row.push(Value::Int(timestamp_ms));
             carried.extend(row);
         }
@@ -98,6 +80,39 @@ impl SourceStage for TableSource {
             .map_err(|e| e.to_string())?;
         out.push(timestamp_ms, Some(key), Some(value));
         Ok(())
+    }
+}
+
+impl TableSource {
+    /// The row's primary key (set in `row`, when it has a row): the record
+    /// key, or without one, the value's key column (as a stream–table join
+    /// reads a table).
+    fn primary_key(&self, key: Option<&[u8]>, has_row: bool, row: &mut [Value]) -> Result<Value, String> {
+        let text = key
+            .map(|key| std::str::from_utf8(key).map_err(|_| "a table's record key is not UTF-8 text".to_string()))
+            .transpose()?;
+        let Some(column) = self.key else {
+            // A table a query writes: its record key (a JSON object) as is.
+            let text = text.ok_or("a table's record without a key")?;
+            return Ok(Value::String(text.to_string()));
+        };
+        let pk = match text {
+            Some(text) => {
+                let pk = key_value(text, self.columns[column].ty);
+                if pk == Value::Null {
+                    return Err(format!("the record key {text:?} is not a {}", self.columns[column].ty));
+                }
+                pk
+            }
+            None if has_row && row[column] != Value::Null => row[column].clone(),
+            None => {
+                return Err("a table's record without a key (its primary key) in the record key or the value".into())
+            }
+        };
+        if has_row {
+            row[column] = pk.clone();
+        }
+        Ok(pk)
     }
 }
 

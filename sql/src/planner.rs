@@ -12,7 +12,6 @@ use runnel_client::plan::{
     Plan, Sink, Source, SqlType, StreamJoin, TableJoin, TablesJoin, UnaryOp, EXPRESSION_DEPTH_MAX, PLAN_FORMAT_VERSION,
     TABLE_HISTORY_MS_DEFAULT,
 };
-use runnel_dataflow::compile::subtracts;
 use sqlparser::ast;
 
 use crate::error::{SqlError, SqlResult};
@@ -137,7 +136,7 @@ pub fn plan_query(statement: &str, query: &Query, from: &Input<'_>, sink_topic: 
         stateless(select, query, &input, &mut operators)?
     } else if from.tables_join.is_some() {
         return Err(SqlError::new(
-            "an aggregate over a join of two tables is not supported yet: write the join to a table (CREATE TABLE j AS SELECT …) first",
+            "an aggregate over a join of two tables in one query is not supported: write the join to a table (CREATE TABLE j AS SELECT …) first, then aggregate that table",
         ));
     } else if from.source.kind == ObjectKind::Table && from.stream_join.is_none() {
         table_aggregate(select, query, from, &input, &group_by, &mut operators)?
@@ -376,16 +375,48 @@ fn table_aggregate(
             table.name
         )));
     }
-    let Some(&key) = table.key.first() else {
-        return Err(SqlError::new(format!("table {} has no PRIMARY KEY", table.name)));
+    if table.windowed {
+        return Err(SqlError::new(format!(
+            "an aggregate over a windowed table ({}): its rows are per window; {as_stream}",
+            table.name
+        )));
+    }
+    // A table a query writes is keyed by a JSON object, its value holding
+    // every column; a declared one by its primary key as text.
+    let key = match (&table.query, &table.key[..]) {
+        (Some(_), _) => None,
+        (None, [key]) => Some(*key),
+        (None, _) => {
+            return Err(SqlError::new(format!(
+                "an aggregate over a table ({}) needs one PRIMARY KEY column",
+                table.name
+            )))
+        }
     };
     operators.insert(0, Operator::TableChanges { key });
     let shape = aggregate(select, query, input, group_by, operators)?;
+    let Some(Operator::Project(projection)) = operators.last() else {
+        return Err(SqlError::new("an aggregate's plan ends without a projection"));
+    };
+    let shown: std::collections::BTreeSet<usize> = projection
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Expr::Column(i) if *i < group_by.len() => Some(*i),
+            _ => None,
+        })
+        .collect();
+    if shown.len() < group_by.len() {
+        let keys: Vec<String> = group_by.iter().map(ToString::to_string).collect();
+        return Err(SqlError::new(format!(
+            "the SELECT of an aggregate over a table must show every GROUP BY column ({}): they key its rows",
+            keys.join(", ")
+        )));
+    }
     let calls = operators.iter().find_map(|op| match op {
         Operator::Aggregate { calls, .. } => Some(calls),
         _ => None,
     });
-    if let Some(call) = calls.into_iter().flatten().find(|call| !subtracts(call.function)) {
+    if let Some(call) = calls.into_iter().flatten().find(|call| !call.function.subtracts()) {
         return Err(SqlError::new(format!(
             "{} over a table ({}) cannot take a changed or deleted row's value back out; over a table use COUNT, SUM or AVG, or {as_stream}",
             sql_name(call.function),

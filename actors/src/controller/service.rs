@@ -159,7 +159,7 @@ impl BrokerService {
                 done(self.admin(ControllerRequest::CreateObject { object }).await)
             }
             ClientRequest::DropObject { name } => done(self.admin(ControllerRequest::DropObject { name }).await),
-            ClientRequest::Catalog => answer(self.caught_up_catalog().await, ClientResponse::Catalog),
+            ClientRequest::Catalog => ClientResponse::Catalog(self.caught_up_catalog().await),
             ClientRequest::FailedReplicas => ClientResponse::FailedReplicas(self.failed_replicas().await),
             ClientRequest::Group(request) => ClientResponse::Group(self.group(request).await),
         }
@@ -574,10 +574,17 @@ impl BrokerService {
     /// The catalog once this node has caught up with the controller, so
     /// a statement sees every object and query created before it asked
     /// (whichever node it asks), as ksqlDB's servers wait for the command
-    /// topic.
-    async fn caught_up_catalog(&self) -> Result<Catalog, ServiceError> {
-        self.catch_up().await?;
-        Ok(self.catalog())
+    /// topic. When the controller cannot say within
+    /// [`CATALOG_CATCH_UP_WAIT`] (no leader, this node replaying its log),
+    /// the catalog as this node has applied it: a statement is not
+    /// refused for want of the newest one.
+    async fn caught_up_catalog(&self) -> Catalog {
+        match tokio::time::timeout(CATALOG_CATCH_UP_WAIT, self.catch_up()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "answering the catalog as applied here"),
+            Err(_) => tracing::debug!("controller slow to answer; answering the catalog as applied here"),
+        }
+        self.catalog()
     }
 
     pub fn catalog(&self) -> Catalog {
@@ -753,6 +760,9 @@ impl BrokerService {
         Err(ServiceError::NotHere { replicas })
     }
 }
+
+/// How long a catalog request waits to catch up with the controller.
+const CATALOG_CATCH_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn answer<T>(result: Result<T, ServiceError>, ok: impl FnOnce(T) -> ClientResponse) -> ClientResponse {
     result.map_or_else(ClientResponse::from, ok)

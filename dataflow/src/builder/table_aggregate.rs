@@ -5,7 +5,8 @@
 //! table ([`crate::table_aggregate`]): the table read by key; a changes
 //! stage holding each key's latest row (postcard, in [`KeyRows`]) that
 //! sends every change on, repartitioned by its group, as the old row taken
-//! out and the new row added; and an aggregate stage holding each group's
+//! out and the new row added (as one replacement when both are in one
+//! group, so the group never shows the row missing); and an aggregate stage holding each group's
 //! aggregate and row count. A group left with no rows is deleted (a
 //! tombstone); the sink's records are the JSON aggregate keyed by the JSON
 //! group key.
@@ -27,6 +28,9 @@ use crate::table_join::{KeyRows, Rows};
 const TAKEN_OUT: u8 = 0;
 /// A change's first byte: the row is added to its group.
 const ADDED: u8 = 1;
+/// A change's first byte: the row is replaced within its group; the old
+/// and new rows follow (postcard of both).
+const REPLACED: u8 = 2;
 /// The format of both stages' snapshots (their state is in the changelog).
 const TYPED_TABLE_AGGREGATE_STATE_VERSION: u8 = 1;
 
@@ -181,7 +185,7 @@ impl<V: DeserializeOwned, K: Serialize> TypedChangesStage<V, K> {
     }
 }
 
-/// Sends a change on: keyed by its group, the sign then the row.
+/// Sends a change on: keyed by its group, the sign then the row (or both rows).
 fn emit_change(out: &mut Emitted, (group, row): (Vec<u8>, Vec<u8>), sign: u8, t_ms: i64) -> Result<(), StageError> {
     let key = out
         .encode(|b| {
@@ -221,16 +225,22 @@ where
         let (before, after) = self
             .rows
             .update(key, 0, row, |rows| Self::grouped(group, &primary_key, rows))?;
-        if before == after {
-            return Ok(());
+        match (before, after) {
+            (before, after) if before == after => Ok(()),
+            (Some((old_group, old)), Some((group, new))) if old_group == group => {
+                let both = postcard::to_allocvec(&(old, new)).map_err(|e| StageError::Unencodable(e.to_string()))?;
+                emit_change(out, (group, both), REPLACED, t_ms)
+            }
+            (before, after) => {
+                if let Some(before) = before {
+                    emit_change(out, before, TAKEN_OUT, t_ms)?;
+                }
+                if let Some(after) = after {
+                    emit_change(out, after, ADDED, t_ms)?;
+                }
+                Ok(())
+            }
         }
-        if let Some(before) = before {
-            emit_change(out, before, TAKEN_OUT, t_ms)?;
-        }
-        if let Some(after) = after {
-            emit_change(out, after, ADDED, t_ms)?;
-        }
-        Ok(())
     }
 
     fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
@@ -292,6 +302,23 @@ impl<V: DeserializeOwned, K: Serialize + DeserializeOwned, A: Serialize + Deseri
         Ok(Some(state))
     }
 
+    /// A change's row taken out and row added (both for a replacement).
+    fn decode(value: &[u8]) -> Result<(Option<V>, Option<V>), StageError> {
+        let row = |bytes: &[u8]| {
+            postcard::from_bytes::<V>(bytes).map_err(|e| StageError::Corrupt(format!("a changed row: {e}")))
+        };
+        match value {
+            [TAKEN_OUT, rest @ ..] => Ok((Some(row(rest)?), None)),
+            [ADDED, rest @ ..] => Ok((None, Some(row(rest)?))),
+            [REPLACED, rest @ ..] => {
+                let (old, new): (Vec<u8>, Vec<u8>) =
+                    postcard::from_bytes(rest).map_err(|e| StageError::Corrupt(format!("a replaced row: {e}")))?;
+                Ok((Some(row(&old)?), Some(row(&new)?)))
+            }
+            _ => Err(StageError::Corrupt("a table change without a sign".to_string())),
+        }
+    }
+
     /// Writes the group's aggregate (a tombstone when `None`).
     fn emit(group: &[u8], aggregate: Option<&A>, t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
         let group: K = postcard::from_bytes(group).map_err(|e| StageError::Corrupt(format!("a group key: {e}")))?;
@@ -313,28 +340,25 @@ where
     A: Serialize + DeserializeOwned + 'static,
 {
     fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
-        let (sign, row) = match value {
-            [sign @ (TAKEN_OUT | ADDED), row @ ..] => (*sign, row),
-            _ => return Err(StageError::Corrupt("a table change without a sign".to_string())),
-        };
-        let row: V = postcard::from_bytes(row).map_err(|e| StageError::Corrupt(format!("a changed row: {e}")))?;
+        let (taken_out, added) = Self::decode(value)?;
         self.max_event_ms = self.max_event_ms.max(t_ms);
-        let (mut aggregate, rows) = match self.state(key)? {
+        let (mut aggregate, mut rows) = match self.state(key)? {
             Some(state) => state,
-            None if sign == TAKEN_OUT => {
+            None if taken_out.is_some() => {
                 return Err(StageError::Corrupt(
-                    "a row taken out of a group that holds none".to_string(),
+                    "a row taken out of (or replaced in) a group that holds none".to_string(),
                 ))
             }
             None => ((self.init)(), 0),
         };
-        let rows = if sign == ADDED {
-            (self.add)(&mut aggregate, &row);
-            rows + 1
-        } else {
-            (self.subtract)(&mut aggregate, &row);
-            rows - 1
-        };
+        if let Some(row) = &taken_out {
+            (self.subtract)(&mut aggregate, row);
+            rows -= 1;
+        }
+        if let Some(row) = &added {
+            (self.add)(&mut aggregate, row);
+            rows += 1;
+        }
         let kept = match rows {
             0 => None,
             _ => Some(postcard::to_allocvec(&(&aggregate, rows)).map_err(|e| StageError::Unencodable(e.to_string()))?),
@@ -488,6 +512,12 @@ mod tests {
                         .expect("adds");
                 }
             }
+            let group = |user: Option<&User>| user.filter(|u| u.country != "none").map(|u| u.country.clone());
+            let stays = user.is_some() && group(table.get(&key)) == group(user.as_ref());
+            assert!(
+                !stays || staged[2].iter().all(|r| r.value.is_some()),
+                "change {i} keeps its row in its group, which never shows it missing"
+            );
             for r in staged[2].iter() {
                 deletions += usize::from(r.value.is_none());
                 materialize(&mut materialized, r.key.expect("keyed"), r.value);

@@ -46,7 +46,8 @@ impl<R: Serialize + DeserializeOwned> KeyRows<R> {
         row: Option<R>,
         mut joined: impl FnMut(&Rows<R>) -> Result<T, StageError>,
     ) -> Result<(T, T), StageError> {
-        if !self.rows.contains_key(key) && self.rows.len() >= TABLE_JOIN_KEYS_MAX {
+        // A deletion of a key not held adds none, even at the bound.
+        if row.is_some() && !self.rows.contains_key(key) && self.rows.len() >= TABLE_JOIN_KEYS_MAX {
             return Err(StageError::TableJoinFull(TABLE_JOIN_KEYS_MAX));
         }
         let mut rows = self.rows.remove(key).unwrap_or_default();

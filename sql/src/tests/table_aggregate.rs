@@ -24,7 +24,29 @@ fn users() -> SqlObject {
 
 fn plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
     let stream = object("clicks", ObjectKind::Stream, &[("ID", SqlType::String)], None);
-    plan_in(vec![users(), stream], statement)
+    let mut windowed = users();
+    (windowed.name, windowed.windowed) = ("WINDOWED".into(), true);
+    plan_in(vec![users(), stream, windowed], statement)
+}
+
+/// `plan` over USERS as a table a query writes: keyed by a JSON object,
+/// its value holding every column.
+fn derived_plan(statement: &str) -> Result<runnel_client::plan::Plan, String> {
+    let mut derived = users();
+    derived.query = Some("CTAS_USERS_0".into());
+    plan_in(vec![derived], statement)
+}
+
+/// `changes` as a query writes them to its table.
+fn derived(changes: &[Change]) -> Vec<Change> {
+    let derive = |(key, value): &Change| {
+        let value = value.clone().map(|mut v| {
+            v["ID"] = json!(key);
+            v
+        });
+        (json!({ "ID": key }).to_string(), value)
+    };
+    changes.iter().map(derive).collect()
 }
 
 const STATEMENT: &str = "CREATE TABLE per_country AS SELECT country, COUNT(*) AS users, COUNT(age) AS aged, \
@@ -114,8 +136,17 @@ fn fold(table: &mut BTreeMap<String, Value>, (key, value): &Change) {
 /// restarts both stateful stages from their snapshots and changelogs after
 /// `restart_at`. The sink's records, in order.
 fn run_checked(statement: &str, changes: &[Change], restart_at: Option<usize>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    run_plan_checked(statement, &plan(statement).expect("plans"), changes, restart_at)
+}
+
+fn run_plan_checked(
+    statement: &str,
+    plan: &runnel_client::plan::Plan,
+    changes: &[Change],
+    restart_at: Option<usize>,
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     let having = statement.contains("HAVING");
-    let def = compile("q", &plan(statement).expect("plans")).expect("compiles");
+    let def = compile("q", plan).expect("compiles");
     let factories = [
         def.window_stage.clone().expect("a changes stage"),
         def.next_stages[0].clone(),
@@ -156,6 +187,16 @@ fn run_checked(statement: &str, changes: &[Change], restart_at: Option<usize>) -
                     .expect("adds");
             }
         }
+        // The group a row is counted in: its country, if the WHERE keeps it.
+        let group = |row: Option<&Value>| {
+            row.filter(|r| having || r["age"].as_i64().is_none_or(|a| a < 90))
+                .map(|r| r["country"].clone())
+        };
+        let stays = value.is_some() && group(table.get(key)) == group(value.as_ref());
+        assert!(
+            !stays || staged[2].iter().all(|r| r.value.is_some()),
+            "{statement}: change {i} keeps its row in its group, which never shows it missing"
+        );
         let out = staged[2].iter().map(|r| (r.key.expect("keyed"), r.value));
         materialize(&mut materialized, out);
         log.extend(
@@ -186,6 +227,19 @@ fn an_aggregate_over_a_table_takes_changed_and_deleted_rows_out_of_their_groups(
     let log = run_checked(HAVING, &changes, None);
     let deletions = log.iter().filter(|(_, v)| v.is_none()).count();
     assert!(deletions > 10, "HAVING deletes groups it drops: {deletions}");
+}
+
+#[test]
+fn an_aggregate_over_a_table_a_query_writes_reads_its_json_keys() {
+    let changes = changes(14, 300);
+    let plan = derived_plan(STATEMENT).expect("plans");
+    assert!(plan.explain("Q").contains("TABLE CHANGES by the record key"));
+    let whole = run_plan_checked(STATEMENT, &plan, &derived(&changes), None);
+    assert_eq!(
+        whole,
+        run_checked(STATEMENT, &changes, None),
+        "as over the declared table"
+    );
 }
 
 #[test]
@@ -220,6 +274,14 @@ fn an_aggregate_over_a_table_plans_three_stages_and_refuses_what_cannot_subtract
         (
             "SELECT country, COUNT(*) FROM users WINDOW TUMBLING (SIZE 1 MINUTE) GROUP BY country",
             "a WINDOW over a table (USERS)",
+        ),
+        (
+            "SELECT country, COUNT(*) FROM windowed GROUP BY country",
+            "an aggregate over a windowed table (WINDOWED)",
+        ),
+        (
+            "SELECT COUNT(*) AS n FROM users GROUP BY country, age",
+            "must show every GROUP BY column (country, age)",
         ),
     ] {
         let refused = plan(statement).expect_err(statement);
