@@ -196,10 +196,18 @@ pub trait WindowStage: Send + Sync {
     /// Adds a repartitioned record (postcard key and value) at event time `t_ms`.
     fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError>;
     /// Moves the watermark; closed windows' results (if final) go to `out`.
-    fn advance(&mut self, watermark_ms: i64, out: &mut Emitted) -> Result<(), StageError>;
+    /// A stage without windows (a join of tables, an aggregate over a
+    /// table) has nothing to close.
+    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
+        Ok(())
+    }
     fn snapshot(&self) -> Result<Vec<u8>, StageError>;
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError>;
-    fn late_records(&self) -> u64;
+    /// Records dropped for coming after their window closed (none for a
+    /// stage without windows).
+    fn late_records(&self) -> u64 {
+        0
+    }
     fn watermark_ms(&self) -> i64;
     /// The event time below which this stage emits nothing more, for a
     /// stage whose output feeds another stateful stage (which takes it as

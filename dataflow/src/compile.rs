@@ -169,11 +169,7 @@ fn compile_table_aggregate(
     primary_key: Option<usize>,
     after: &[Operator],
 ) -> Result<DataflowDef, PlanError> {
-    let split = after
-        .iter()
-        .position(|op| !matches!(op, Operator::Filter(_) | Operator::Project(_)))
-        .unwrap_or(after.len());
-    let (ops, rest) = after.split_at(split);
+    let (ops, rest) = split_stateless(after);
     let Some((Operator::Repartition { key, carry }, aggregate)) = rest.split_first() else {
         return Err(invalid("a table's changes not repartitioned for an aggregate"));
     };
@@ -227,11 +223,7 @@ fn compile_stream_join(
     join: &StreamJoin,
     after: &[Operator],
 ) -> Result<DataflowDef, PlanError> {
-    let split = after
-        .iter()
-        .position(|op| !matches!(op, Operator::Filter(_) | Operator::Project(_)))
-        .unwrap_or(after.len());
-    let (ops, rest) = after.split_at(split);
+    let (ops, rest) = split_stateless(after);
     let (output, next_stages) = match rest.split_first() {
         None => (None, Vec::new()),
         Some((Operator::Repartition { key, carry }, aggregate)) => (
@@ -429,6 +421,15 @@ fn element_value(item: serde_json::Value) -> Value {
         serde_json::Value::String(s) => Value::String(s),
         other => Value::Json(other.to_string()),
     }
+}
+
+/// `ops` split before the first that is not a filter or a projection.
+fn split_stateless(ops: &[Operator]) -> (&[Operator], &[Operator]) {
+    let split = ops
+        .iter()
+        .position(|op| !matches!(op, Operator::Filter(_) | Operator::Project(_)))
+        .unwrap_or(ops.len());
+    ops.split_at(split)
 }
 
 /// The operators of a stage that keeps no state.

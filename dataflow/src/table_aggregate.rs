@@ -6,10 +6,10 @@
 //! Three stages: the table read by primary key ([`crate::table_join::TableSource`]);
 //! the *changes* stage ([`TableChangesStage`]), holding each key's latest
 //! row and sending every change on, repartitioned by the `GROUP BY` key,
-//! as the old row taken out (sign −1) and the new row added (+1), each
-//! after the `WHERE` — or, when both are in one group, as one replacement
-//! (0), so that the group never shows the row missing (Kafka Streams'
-//! KIP-904); and the aggregate ([`TableAggregateStage`]), which adds and
+//! as the old row taken out and the new row added, each after the `WHERE`
+//! — or, when both are in one group, as one replacement, so that the
+//! group never shows the row missing (Kafka Streams' KIP-904); and the
+//! aggregate ([`TableAggregateStage`]), which adds and
 //! subtracts. COUNT, SUM and AVG can take a value back out (sums exactly:
 //! [`ExactSum`]); MIN, MAX and COUNT_DISTINCT cannot, and are refused. A
 //! group left with no rows is deleted (a tombstone), as is one `HAVING` no
@@ -32,13 +32,14 @@ use crate::row::{eval, Value};
 use crate::table_join::{KeyRows, Rows};
 use crate::window::WindowBounds;
 
-/// The sign of a row added to its group.
-pub const ADDED: i64 = 1;
-/// The sign of a row taken out of its group.
-pub const TAKEN_OUT: i64 = -1;
-/// The sign of a row replaced within its group: the old row's values,
-/// then the new row's.
-pub const REPLACED: i64 = 0;
+/// A change's first byte: the row (postcard of the values it carries) is
+/// taken out of its group.
+pub(crate) const TAKEN_OUT: u8 = 0;
+/// A change's first byte: the row is added to its group.
+pub(crate) const ADDED: u8 = 1;
+/// A change's first byte: the row is replaced within its group; the old
+/// row, then the new one, follow.
+pub(crate) const REPLACED: u8 = 2;
 /// The format of both stages' snapshots (their state is in the changelog).
 const TABLE_AGGREGATE_STATE_VERSION: u8 = 1;
 
@@ -81,18 +82,24 @@ pub struct ChangesSpec {
     pub carry: Vec<Expr>,
 }
 
-/// A row's group key and the values it carries to the aggregate, or
-/// `None` when the `WHERE` drops it.
-type Grouped = Option<(Vec<Value>, Vec<Value>)>;
+/// A row's group key and the values it carries to the aggregate, each as
+/// the aggregate reads them (postcard), or `None` when the `WHERE` drops
+/// it. Compared as bytes, as the aggregate tells groups apart (`0.0` and
+/// `-0.0` are two groups, NaN one).
+type Grouped = Option<(Vec<u8>, Vec<u8>)>;
 
-fn grouped(spec: &ChangesSpec, scratch: &mut Vec<Value>, rows: &Rows<Vec<Value>>) -> Grouped {
-    let mut row = rows[0].clone()?;
+fn grouped(spec: &ChangesSpec, scratch: &mut Vec<Value>, rows: &Rows<Vec<Value>>) -> Result<Grouped, StageError> {
+    let Some(mut row) = rows[0].clone() else {
+        return Ok(None);
+    };
     if !run_ops(&spec.ops, &[], &mut row, scratch) {
-        return None;
+        return Ok(None);
     }
-    let key = spec.key.iter().map(|e| eval(e, &row)).collect();
-    let carried = spec.carry.iter().map(|e| eval(e, &row)).collect();
-    Some((key, carried))
+    let key: Vec<Value> = spec.key.iter().map(|e| eval(e, &row)).collect();
+    let carried: Vec<Value> = spec.carry.iter().map(|e| eval(e, &row)).collect();
+    let unencodable = |e: String| StageError::Unencodable(e);
+    let carried = postcard::to_allocvec(&carried).map_err(|e| unencodable(e.to_string()))?;
+    Ok(Some((group_key(&key).map_err(unencodable)?, carried)))
 }
 
 /// One task's changes stage: each primary key's latest row.
@@ -135,24 +142,23 @@ impl TableChangesStage {
     }
 }
 
-/// Sends one change to the aggregate: its group key, then the sign and the
-/// values carried. (No window needs its time in range: it is only passed
-/// on.)
-fn emit_change(out: &mut Emitted, key: &[Value], sign: i64, carried: &[Value], t_ms: i64) -> Result<(), StageError> {
-    let unencodable = |e: String| StageError::Unencodable(e);
-    let key = group_key(key).map_err(unencodable)?;
+/// Sends one change to the aggregate, keyed by its group: its first byte,
+/// then the rows' carried values. (No window needs its time in range: it
+/// is only passed on.)
+fn emit_change(out: &mut Emitted, key: &[u8], sign: u8, rows: &[&[u8]], t_ms: i64) -> Result<(), StageError> {
     let key = out
         .encode(|b| {
-            b.extend_from_slice(&key);
+            b.extend_from_slice(key);
             Ok::<_, String>(())
         })
-        .map_err(unencodable)?;
-    let mut signed = Vec::with_capacity(carried.len() + 1);
-    signed.push(Value::Int(sign));
-    signed.extend_from_slice(carried);
+        .map_err(StageError::Unencodable)?;
     let value = out
-        .encode(|b| postcard::to_io(&signed, b).map(drop))
-        .map_err(|e| unencodable(e.to_string()))?;
+        .encode(|b| {
+            b.push(sign);
+            rows.iter().for_each(|row| b.extend_from_slice(row));
+            Ok::<_, String>(())
+        })
+        .map_err(StageError::Unencodable)?;
     out.push(t_ms, Some(key), Some(value));
     Ok(())
 }
@@ -162,27 +168,23 @@ impl WindowStage for TableChangesStage {
         let row = self.decode(value)?;
         self.max_event_ms = self.max_event_ms.max(t_ms);
         let (spec, scratch) = (&self.spec, &mut self.scratch);
-        let (before, after) = self.rows.update(key, 0, row, |rows| Ok(grouped(spec, scratch, rows)))?;
+        let (before, after) = self.rows.update(key, 0, row, |rows| grouped(spec, scratch, rows))?;
         match (before, after) {
             // Nothing the aggregate sees changed.
             (before, after) if before == after => Ok(()),
             (Some((old_key, old)), Some((key, new))) if old_key == key => {
-                emit_change(out, &key, REPLACED, &[old, new].concat(), t_ms)
+                emit_change(out, &key, REPLACED, &[&old, &new], t_ms)
             }
             (before, after) => {
                 if let Some((key, carried)) = before {
-                    emit_change(out, &key, TAKEN_OUT, &carried, t_ms)?;
+                    emit_change(out, &key, TAKEN_OUT, &[&carried], t_ms)?;
                 }
                 if let Some((key, carried)) = after {
-                    emit_change(out, &key, ADDED, &carried, t_ms)?;
+                    emit_change(out, &key, ADDED, &[&carried], t_ms)?;
                 }
                 Ok(())
             }
         }
-    }
-
-    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
-        Ok(())
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, StageError> {
@@ -202,10 +204,6 @@ impl WindowStage for TableChangesStage {
         Some(&mut self.rows)
     }
 
-    fn late_records(&self) -> u64 {
-        0
-    }
-
     fn watermark_ms(&self) -> i64 {
         self.max_event_ms
     }
@@ -217,6 +215,9 @@ impl WindowStage for TableChangesStage {
         ))
     }
 }
+
+/// A change's row taken out and row added, as their carried values.
+type Change = (Option<Vec<Value>>, Option<Vec<Value>>);
 
 /// One task's aggregate over a table's changes: each group's state (the
 /// aggregates', then the group's row count).
@@ -236,62 +237,51 @@ impl TableAggregateStage {
     }
 
     /// A change's sign and the values it carries.
-    fn decode(value: &[u8]) -> Result<(i64, Vec<Value>), StageError> {
-        let mut carried: Vec<Value> =
-            postcard::from_bytes(value).map_err(|e| StageError::Corrupt(format!("table change: {e}")))?;
-        match carried.first() {
-            Some(&Value::Int(sign @ (ADDED | TAKEN_OUT | REPLACED))) => {
-                carried.remove(0);
-                Ok((sign, carried))
+    /// A change's row taken out and row added (both for a replacement).
+    fn decode(value: &[u8]) -> Result<Change, StageError> {
+        let corrupt = |e: postcard::Error| StageError::Corrupt(format!("a table change: {e}"));
+        let row = |bytes: &[u8]| postcard::from_bytes::<Vec<Value>>(bytes).map_err(corrupt);
+        match value {
+            [TAKEN_OUT, rest @ ..] => Ok((Some(row(rest)?), None)),
+            [ADDED, rest @ ..] => Ok((None, Some(row(rest)?))),
+            [REPLACED, rest @ ..] => {
+                let (old, new) = postcard::take_from_bytes::<Vec<Value>>(rest).map_err(corrupt)?;
+                Ok((Some(old), Some(row(new)?)))
             }
-            other => Err(StageError::Corrupt(format!("a table change without a sign: {other:?}"))),
+            _ => Err(StageError::Corrupt("a table change without a sign".to_string())),
         }
     }
 
-    /// `state` with one row's values added, taken out or replaced; `None`
-    /// when the group has no rows left.
-    fn fold(
-        &self,
-        state: Option<Vec<Accumulator>>,
-        sign: i64,
-        carried: &[Value],
-    ) -> Result<Option<Vec<Accumulator>>, StageError> {
+    /// `state` with one row's values taken out and another's added (either
+    /// or both); `None` when the group has no rows left.
+    fn fold(&self, state: Option<Vec<Accumulator>>, change: Change) -> Result<Option<Vec<Accumulator>>, StageError> {
         let calls = &self.stage.calls;
+        let empty = || {
+            calls
+                .iter()
+                .map(Accumulator::subtracting)
+                .chain([Accumulator::Count(0)])
+        };
         let mut state = match state {
-            Some(state) if state.len() == calls.len() + 1 => state,
-            Some(state) => {
-                return Err(StageError::Corrupt(format!(
-                    "a group of {} aggregates, not {}",
-                    state.len(),
-                    calls.len() + 1
-                )))
-            }
-            None if sign != ADDED => {
+            None if change.0.is_some() => {
                 return Err(StageError::Corrupt(
                     "a row taken out of (or replaced in) a group that holds none".to_string(),
                 ))
             }
-            None => calls
+            None => empty().collect(),
+            Some(state) => state,
+        };
+        let kinds_match = state.len() == calls.len() + 1
+            && state
                 .iter()
-                .map(Accumulator::subtracting)
-                .chain([Accumulator::Count(0)])
-                .collect(),
-        };
-        let (taken_out, added) = match sign {
-            ADDED => (None, Some(carried)),
-            TAKEN_OUT => (Some(carried), None),
-            _ if carried.len().is_multiple_of(2) => {
-                let (old, new) = carried.split_at(carried.len() / 2);
-                (Some(old), Some(new))
-            }
-            _ => {
-                return Err(StageError::Corrupt(format!(
-                    "a replacement of {} values (the old row's, then the new row's)",
-                    carried.len()
-                )))
-            }
-        };
-        for (row, sign) in [(taken_out, TAKEN_OUT), (added, ADDED)] {
+                .zip(empty())
+                .all(|(a, b)| std::mem::discriminant(a) == std::mem::discriminant(&b));
+        if !kinds_match {
+            return Err(StageError::Corrupt(format!(
+                "a group's state {state:?} is not that of {calls:?} and a row count"
+            )));
+        }
+        for (row, sign) in [(change.0, -1), (change.1, 1)] {
             let Some(row) = row else { continue };
             for (accumulator, call) in state.iter_mut().zip(calls) {
                 accumulator.fold_signed(call.argument.map(|i| row.get(i).unwrap_or(&Value::Null)), sign);
@@ -299,8 +289,11 @@ impl TableAggregateStage {
             // The group's row count, last.
             state[calls.len()].fold_signed(None, sign);
         }
-        let rows_left = matches!(state[calls.len()], Accumulator::Count(rows) if rows > 0);
-        Ok(rows_left.then_some(state))
+        match state[calls.len()] {
+            Accumulator::Count(rows) if rows > 0 => Ok(Some(state)),
+            Accumulator::Count(0) => Ok(None),
+            _ => Err(StageError::Corrupt("a group's row count fell below 0".to_string())),
+        }
     }
 
     /// Writes the group's row, or its deletion when it has no rows left or
@@ -321,16 +314,12 @@ impl TableAggregateStage {
 
 impl WindowStage for TableAggregateStage {
     fn add(&mut self, key: &[u8], value: &[u8], t_ms: i64, out: &mut Emitted) -> Result<(), StageError> {
-        let (sign, carried) = Self::decode(value)?;
+        let change = Self::decode(value)?;
         self.max_event_ms = self.max_event_ms.max(t_ms);
         let before = self.groups.iter(Some(key)).next().and_then(|(_, rows)| rows[0].clone());
-        let after = self.fold(before, sign, &carried)?;
+        let after = self.fold(before, change)?;
         self.groups.update(key, 0, after.clone(), |_| Ok(()))?;
         self.emit(key, after.as_deref(), t_ms, out)
-    }
-
-    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
-        Ok(())
     }
 
     fn snapshot(&self) -> Result<Vec<u8>, StageError> {
@@ -348,10 +337,6 @@ impl WindowStage for TableAggregateStage {
 
     fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
         Some(&mut self.groups)
-    }
-
-    fn late_records(&self) -> u64 {
-        0
     }
 
     fn watermark_ms(&self) -> i64 {
@@ -412,6 +397,11 @@ impl ExactSum {
 
     fn add_finite(&mut self, x: f64) {
         let total = self.sum + x;
+        if !total.is_finite() {
+            // Past the doubles: infinite (not NaN) until the group empties.
+            self.sum = total;
+            return;
+        }
         self.compensation += if self.sum.abs() >= x.abs() {
             (self.sum - total) + x
         } else {
@@ -475,6 +465,8 @@ mod tests {
             (d(f64::INFINITY), -1),
         ]);
         assert_eq!(back.sum(), d(2.0), "taking them out leaves the finite sum");
+        let past = sum_of(&[(d(1e308), 1), (d(1e308), 1), (d(1e308), -1)]);
+        assert_eq!(past.sum(), d(f64::INFINITY), "past the doubles: infinite, not NaN");
         let big = sum_of(&[
             (Value::Int(i64::MAX), 1),
             (Value::Int(i64::MAX), 1),

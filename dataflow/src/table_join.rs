@@ -254,10 +254,6 @@ impl WindowStage for TableJoinStage {
         }
     }
 
-    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
-        Ok(())
-    }
-
     fn snapshot(&self) -> Result<Vec<u8>, StageError> {
         let snapshot = TablesSnapshot {
             version: TABLES_STATE_VERSION,
@@ -287,10 +283,6 @@ impl WindowStage for TableJoinStage {
 
     fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
         Some(&mut self.rows)
-    }
-
-    fn late_records(&self) -> u64 {
-        0
     }
 
     fn watermark_ms(&self) -> i64 {

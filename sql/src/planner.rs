@@ -384,6 +384,12 @@ fn table_aggregate(
     // A table a query writes is keyed by a JSON object, its value holding
     // every column; a declared one by its primary key as text.
     let key = match (&table.query, &table.key[..]) {
+        (Some(_), []) => {
+            return Err(SqlError::new(format!(
+                "an aggregate over {}, a table whose rows have no key (its query shows no GROUP BY column)",
+                table.name
+            )))
+        }
         (Some(_), _) => None,
         (None, [key]) => Some(*key),
         (None, _) => {
@@ -395,6 +401,24 @@ fn table_aggregate(
     };
     operators.insert(0, Operator::TableChanges { key });
     let shape = aggregate(select, query, input, group_by, operators)?;
+    shows_every_group_key(operators, group_by)?;
+    let calls = operators.iter().find_map(|op| match op {
+        Operator::Aggregate { calls, .. } => Some(calls),
+        _ => None,
+    });
+    if let Some(call) = calls.into_iter().flatten().find(|call| !call.function.subtracts()) {
+        return Err(SqlError::new(format!(
+            "{} over a table ({}) cannot take a changed or deleted row's value back out; over a table use COUNT, SUM or AVG, or {as_stream}",
+            sql_name(call.function),
+            table.name
+        )));
+    }
+    Ok(shape)
+}
+
+/// Whether the aggregate's projection (the last operator) shows every
+/// `GROUP BY` column, as a table's rows must be keyed by them all.
+fn shows_every_group_key(operators: &[Operator], group_by: &[ast::Expr]) -> SqlResult<()> {
     let Some(Operator::Project(projection)) = operators.last() else {
         return Err(SqlError::new("an aggregate's plan ends without a projection"));
     };
@@ -412,18 +436,7 @@ fn table_aggregate(
             keys.join(", ")
         )));
     }
-    let calls = operators.iter().find_map(|op| match op {
-        Operator::Aggregate { calls, .. } => Some(calls),
-        _ => None,
-    });
-    if let Some(call) = calls.into_iter().flatten().find(|call| !call.function.subtracts()) {
-        return Err(SqlError::new(format!(
-            "{} over a table ({}) cannot take a changed or deleted row's value back out; over a table use COUNT, SUM or AVG, or {as_stream}",
-            sql_name(call.function),
-            table.name
-        )));
-    }
-    Ok(shape)
+    Ok(())
 }
 
 /// An aggregate function as SQL names it.

@@ -22,15 +22,9 @@ use super::table_join::{decode_key, Table, TypedTableSource};
 use super::{
     state_rows, step, to_json, type_name, DataflowDef, Emitted, StageError, StateStore, WindowStage, WindowStageFactory,
 };
+use crate::table_aggregate::{ADDED, REPLACED, TAKEN_OUT};
 use crate::table_join::{KeyRows, Rows};
 
-/// A change's first byte: the row is taken out of its group.
-const TAKEN_OUT: u8 = 0;
-/// A change's first byte: the row is added to its group.
-const ADDED: u8 = 1;
-/// A change's first byte: the row is replaced within its group; the old
-/// and new rows follow (postcard of both).
-const REPLACED: u8 = 2;
 /// The format of both stages' snapshots (their state is in the changelog).
 const TYPED_TABLE_AGGREGATE_STATE_VERSION: u8 = 1;
 
@@ -243,20 +237,12 @@ where
         }
     }
 
-    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
-        Ok(())
-    }
-
     fn snapshot(&self) -> Result<Vec<u8>, StageError> {
         Ok(vec![TYPED_TABLE_AGGREGATE_STATE_VERSION])
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
         restore_version(bytes)
-    }
-
-    fn late_records(&self) -> u64 {
-        0
     }
 
     fn watermark_ms(&self) -> i64 {
@@ -353,7 +339,9 @@ where
         };
         if let Some(row) = &taken_out {
             (self.subtract)(&mut aggregate, row);
-            rows -= 1;
+            rows = rows
+                .checked_sub(1)
+                .ok_or_else(|| StageError::Corrupt("a group's row count fell below 0".to_string()))?;
         }
         if let Some(row) = &added {
             (self.add)(&mut aggregate, row);
@@ -367,20 +355,12 @@ where
         Self::emit(key, (rows > 0).then_some(&aggregate), t_ms, out)
     }
 
-    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
-        Ok(())
-    }
-
     fn snapshot(&self) -> Result<Vec<u8>, StageError> {
         Ok(vec![TYPED_TABLE_AGGREGATE_STATE_VERSION])
     }
 
     fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
         restore_version(bytes)
-    }
-
-    fn late_records(&self) -> u64 {
-        0
     }
 
     fn watermark_ms(&self) -> i64 {

@@ -244,10 +244,6 @@ where
         }
     }
 
-    fn advance(&mut self, _watermark_ms: i64, _out: &mut Emitted) -> Result<(), StageError> {
-        Ok(())
-    }
-
     /// Nothing but the format: the rows are in the changelog.
     fn snapshot(&self) -> Result<Vec<u8>, StageError> {
         Ok(vec![TYPED_TABLES_STATE_VERSION])
@@ -260,10 +256,6 @@ where
                 "typed table join state {bytes:?} is not format {TYPED_TABLES_STATE_VERSION}"
             ))),
         }
-    }
-
-    fn late_records(&self) -> u64 {
-        0
     }
 
     fn watermark_ms(&self) -> i64 {
