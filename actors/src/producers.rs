@@ -1,7 +1,8 @@
 //! The idempotent-producer table of one partition replica.
 //!
 //! A producer stamps each batch with its producer id and the sequence number
-//! of its first record (sequences count records per partition from 0). The
+//! of its first record (sequences count records per partition from 0, and
+//! after `i32::MAX` from 0 again, as Kafka's: [`runnel_storage::sequence`]). The
 //! table remembers, per producer, the last few batches in this replica's log
 //! — committed or not — so a leader can tell a retry (same id and sequence)
 //! from a new batch, and a gap from a duplicate. It is rebuilt from batch
@@ -10,6 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use runnel_storage::sequence::{sequence_add, sequence_before};
 use runnel_storage::{BatchHeader, ProducerInfo};
 
 /// Batches remembered per producer (a producer may have this many in flight).
@@ -80,7 +82,7 @@ impl ProducerTable {
         entry.epoch = producer.producer_epoch.max(entry.epoch);
         entry.recent.push_back(ProducedBatch {
             base_sequence: producer.base_sequence,
-            last_sequence: producer.base_sequence.saturating_add(header.record_count as i32 - 1),
+            last_sequence: sequence_add(producer.base_sequence, i64::from(header.record_count) - 1),
             index,
             base_offset: header.base_offset,
         });
@@ -130,7 +132,7 @@ impl ProducerTable {
             return SequenceCheck::New;
         }
         if let Some(batch) = entry.recent.iter().find(|b| b.base_sequence == producer.base_sequence) {
-            let last_sequence = producer.base_sequence.saturating_add(record_count as i32 - 1);
+            let last_sequence = sequence_add(producer.base_sequence, i64::from(record_count) - 1);
             if batch.last_sequence != last_sequence {
                 return SequenceCheck::Mismatch {
                     last_sequence: batch.last_sequence,
@@ -139,17 +141,20 @@ impl ProducerTable {
             }
             return SequenceCheck::Duplicate(*batch);
         }
-        let expected = last_sequence.saturating_add(1);
-        match producer.base_sequence.cmp(&expected) {
-            std::cmp::Ordering::Equal => SequenceCheck::New,
-            std::cmp::Ordering::Greater => SequenceCheck::Gap {
+        // After none (-1) comes 0; after i32::MAX, 0 again.
+        let expected = sequence_add(last_sequence.max(0), i64::from(newest.is_some()));
+        if producer.base_sequence == expected {
+            SequenceCheck::New
+        } else if sequence_before(expected, producer.base_sequence) {
+            SequenceCheck::Gap {
                 expected,
                 got: producer.base_sequence,
-            },
-            std::cmp::Ordering::Less => SequenceCheck::Stale {
+            }
+        } else {
+            SequenceCheck::Stale {
                 last_sequence,
                 index: newest_index,
-            },
+            }
         }
     }
 
@@ -230,6 +235,31 @@ mod tests {
             "another producer is independent"
         );
         assert_eq!(table.check(&info(9, 30), 1), SequenceCheck::UnknownProducer);
+    }
+
+    /// Sequences go on from 0 after i32::MAX (as Kafka's): a batch across
+    /// the wrap ends at its wrapped sequence, the next starts after it, and
+    /// a retry, a gap and a stale batch are told apart across it.
+    #[test]
+    fn sequences_wrap_after_the_largest() {
+        let mut table = ProducerTable::default();
+        // As if it had written 2^31 − 4 records before.
+        table.record(&header(7, i32::MAX - 4, 3, 0), 2);
+        assert_eq!(table.check(&info(7, i32::MAX - 1), 3), SequenceCheck::New);
+        table.record(&header(7, i32::MAX - 1, 3, 500), 3);
+        assert_eq!(table.check(&info(7, 1), 1), SequenceCheck::New, "after the wrap");
+        match table.check(&info(7, i32::MAX - 1), 3) {
+            SequenceCheck::Duplicate(batch) => assert_eq!((batch.last_sequence, batch.base_offset), (0, 500)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(table.check(&info(7, 4), 1), SequenceCheck::Gap { expected: 1, got: 4 });
+        assert_eq!(
+            table.check(&info(7, i32::MAX - 9), 1),
+            SequenceCheck::Stale {
+                last_sequence: 0,
+                index: 3
+            }
+        );
     }
 
     /// A full table forgets its least recently written producer, and says

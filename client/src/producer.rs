@@ -181,7 +181,8 @@ impl Producer {
         let count = batch.record_count();
         match self.client.produce(&self.topic, partition, batch, self.acks).await {
             Ok(base) => {
-                *self.next_sequence.entry(partition).or_insert(0) += count as i32;
+                let next = self.next_sequence.entry(partition).or_insert(0);
+                *next = runnel_storage::sequence::sequence_add(*next, i64::from(count));
                 Ok((partition, base, count))
             }
             Err(e) => {

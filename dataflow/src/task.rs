@@ -34,6 +34,7 @@ use runnel_client::tasks::{
     STATE_ROWS_MAX,
 };
 use runnel_client::{partition_for_key, Acks, BrokerError, Client, ClientError, ClientResult, FetchedBatches};
+use runnel_storage::sequence::{sequence_add, sequence_distance, SEQUENCE_SPACE};
 use runnel_storage::{BatchBuilder, Header, ProducerInfo, Record, RecordBatch, RecordView};
 use serde::{Deserialize, Serialize};
 
@@ -175,14 +176,6 @@ pub enum TaskError {
         topic: String,
         partition: u32,
         reason: String,
-    },
-    #[error(
-        "this task has written {written} records to {topic}/{partition} in this generation of the dataflow, as many as an idempotent producer's sequence counts (2^31); nothing was lost, but it cannot write more: reset the dataflow (runnel dataflow reset) to go on under the next generation"
-    )]
-    SequencesExhausted {
-        topic: String,
-        partition: u32,
-        written: i32,
     },
     #[error(transparent)]
     Stage(#[from] crate::builder::StageError),
@@ -402,16 +395,6 @@ async fn send_batch<C: TaskIo>(
     if builder.is_empty() {
         return Ok(sequence);
     }
-    // A sequence that would wrap past i32::MAX would be taken as stale,
-    // and the records skipped as written: refuse before sending instead.
-    if sequence.checked_add(builder.record_count() as i32).is_none() {
-        let (topic, written) = (topic.to_string(), sequence);
-        return Err(TaskError::SequencesExhausted {
-            topic,
-            partition,
-            written,
-        });
-    }
     let deadline = client.now() + SEND_RETRY_FOR;
     let mut backoff = Duration::from_millis(20);
     let mut batch = stamp(builder, producer, sequence)?;
@@ -427,7 +410,12 @@ async fn send_batch<C: TaskIo>(
             })) => {
                 // An earlier incarnation wrote (and the leader committed)
                 // up to `last_sequence`: the same records, by determinism.
-                (i64::from(last_sequence) - i64::from(sequence) + 1).clamp(1, count as i64) as usize
+                // (Sequences wrap after i32::MAX: `runnel_storage::sequence`.)
+                let held = match sequence_distance(sequence, last_sequence) {
+                    ahead if ahead < SEQUENCE_SPACE / 2 => ahead + 1,
+                    _ => 1,
+                };
+                held.clamp(1, count as i64) as usize
             }
             Err(ClientError::Broker(e @ BrokerError::OutOfOrderSequence { .. })) => {
                 return Err(TaskError::OutputLost {
@@ -444,7 +432,7 @@ async fn send_batch<C: TaskIo>(
             }
             Err(e) => return Err(e.into()),
         };
-        sequence += written as i32;
+        sequence = sequence_add(sequence, written as i64);
         if written == count {
             return Ok(sequence);
         }
@@ -1264,8 +1252,8 @@ impl<C: TaskIo> TaskRunner<C> {
                 continue;
             }
             if let (Some(writer), Some((epoch, base_sequence, base_offset))) = (writer, sequenced) {
-                let delta = i32::try_from(view.offset.saturating_sub(base_offset)).unwrap_or(i32::MAX);
-                let sequence = base_sequence.saturating_add(delta);
+                let delta = i64::try_from(view.offset.saturating_sub(base_offset)).unwrap_or(i64::MAX);
+                let sequence = sequence_add(base_sequence, delta.min(SEQUENCE_SPACE));
                 if !self.read_sequences.admit(writer, epoch, sequence) {
                     continue;
                 }
@@ -1650,27 +1638,40 @@ mod tests {
     /// sent (a wrapped sequence would be taken as stale and its records
     /// skipped as written), naming the partition.
     #[tokio::test]
-    async fn output_past_the_last_sequence_is_refused_not_skipped() {
+    async fn output_past_the_largest_sequence_goes_on_from_0_and_a_retry_across_it_is_written_once() {
         let io = crate::testing::MemoryIo::default();
-        let producer = TaskProducer::of(
-            "d",
-            &TaskAssignment {
-                dataflow: "d".into(),
-                task: 0,
-                partitions: 1,
-                stages: 2,
-                generation: 0,
-            },
+        let assignment = TaskAssignment {
+            dataflow: "d".into(),
+            task: 0,
+            partitions: 1,
+            stages: 2,
+            generation: 0,
+        };
+        let producer = TaskProducer::of("d", &assignment);
+        io.seed_sequence("out", 0, producer.id, producer.epoch, i32::MAX - 1);
+        let records = |n: usize| {
+            let mut builder = BatchBuilder::new();
+            for _ in 0..n {
+                builder.push(&Record::default()).expect("push");
+            }
+            builder
+        };
+        let next = send_batch(&io, producer, "out", 0, i32::MAX - 1, records(3)).await;
+        assert_eq!(next.expect("written across the wrap"), 1);
+        let again = send_batch(&io, producer, "out", 0, i32::MAX - 1, records(3)).await;
+        assert_eq!(again.expect("a retry"), 1, "answered as written");
+        assert_eq!(
+            send_batch(&io, producer, "out", 0, 1, records(2))
+                .await
+                .expect("on from 1"),
+            3
         );
-        let mut builder = BatchBuilder::new();
-        for _ in 0..3 {
-            builder.push(&Record::default()).expect("push");
-        }
-        let refused = send_batch(&io, producer, "out", 0, i32::MAX - 1, builder)
-            .await
-            .expect_err("past the last sequence");
-        assert!(refused.to_string().contains("out/0 in this generation"), "{refused}");
-        assert!(io.batches("out", 0).is_empty(), "nothing sent");
+        let written: Vec<(i32, u32)> = io
+            .batches("out", 0)
+            .iter()
+            .map(|b| (b.header().producer.base_sequence, b.record_count()))
+            .collect();
+        assert_eq!(written, [(i32::MAX - 1, 3), (1, 2)], "each record once");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use runnel_client::{Acks, BrokerError, ClientError, ClientResult, FetchedBatches};
+use runnel_storage::sequence::{sequence_add, sequence_before};
 use runnel_storage::{BatchBuilder, Record, RecordBatch};
 
 use crate::builder::{Change, StageError, StateStore, WindowStage, WindowStageFactory};
@@ -76,7 +77,7 @@ impl MemoryIo {
             .or_insert((producer.producer_epoch, 0));
         let stale = BrokerError::StaleSequence {
             producer_id: producer.producer_id,
-            last_sequence: *next - 1,
+            last_sequence: sequence_add(*next, -1),
             got: producer.base_sequence,
         };
         if producer.producer_epoch < *epoch {
@@ -85,14 +86,14 @@ impl MemoryIo {
         if producer.producer_epoch > *epoch {
             (*epoch, *next) = (producer.producer_epoch, 0);
         }
-        if producer.base_sequence > *next {
+        if sequence_before(*next, producer.base_sequence) {
             return Err(ClientError::Broker(BrokerError::OutOfOrderSequence {
                 producer_id: producer.producer_id,
                 expected: *next,
                 got: producer.base_sequence,
             }));
         }
-        if producer.base_sequence < *next {
+        if producer.base_sequence != *next {
             let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
             let log = logs.get(&(topic.to_string(), partition)).map_or(&[][..], Vec::as_slice);
             let original = log.iter().rev().find(|b| {
@@ -108,13 +109,21 @@ impl MemoryIo {
                 return Err(ClientError::Broker(BrokerError::SequenceMismatch {
                     producer_id: producer.producer_id,
                     base_sequence: producer.base_sequence,
-                    stored_last_sequence: producer.base_sequence + stored - 1,
+                    stored_last_sequence: sequence_add(producer.base_sequence, i64::from(stored) - 1),
                 }));
             }
             return Ok(Some(original.base_offset()));
         }
-        *next += batch.header().record_count as i32;
+        *next = sequence_add(*next, i64::from(batch.header().record_count));
         Ok(None)
+    }
+
+    /// Takes producer `producer_id` (of `epoch`) to have written up to
+    /// just before `next` on partition `partition` of `topic`, as if it had
+    /// written that many records (to test what follows its 2^31st).
+    pub fn seed_sequence(&self, topic: &str, partition: u32, producer_id: i64, epoch: i16, next: i32) {
+        let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
+        producers.insert((topic.to_string(), partition, producer_id), (epoch, next));
     }
 
     /// The batches of partition `partition` of `topic`, as written.

@@ -267,9 +267,8 @@ fn kafka_records(batch: &RecordBatch, from_offset: u64, out: &mut Vec<KafkaRecor
         }
         let first = *first_offset.get_or_insert(view.offset);
         let sequence = if producer.producer_id >= 0 && !control {
-            producer
-                .base_sequence
-                .wrapping_add((view.offset - header.base_offset) as i32)
+            // After i32::MAX comes 0, as in Kafka.
+            runnel_storage::sequence::sequence_add(producer.base_sequence, (view.offset - header.base_offset) as i64)
         } else {
             (view.offset - first) as i32 - 1
         };

@@ -8,6 +8,7 @@
 //!   and recovery of a torn tail on open.
 //! - [`DurableKv`]: a small atomically-replaced file for Raft hard state and
 //!   other metadata.
+//! - [`sequence`]: producer sequence numbers, counting modulo 2^31.
 //!
 //! Nothing here knows about the network, actors or Raft; the layers above use
 //! these types as plain values.
@@ -18,6 +19,7 @@ mod index;
 pub mod kv;
 mod log;
 mod segment;
+pub mod sequence;
 mod varint;
 
 pub use batch::{BatchBuilder, BatchHeader, Header, ProducerInfo, Record, RecordBatch, RecordView, StoredRecord};

@@ -9,10 +9,13 @@
 //! batches sat in are deleted ([`super::purge`]), a replica that reopened
 //! since no longer knows that writer and takes its retry as new. The reader
 //! closes that gap: it remembers, per upstream task, the next sequence it
-//! expects (in its checkpoint, format 6), and skips records below it.
+//! expects (in its checkpoint, format 6), and skips records below it
+//! (before it, as sequences wrap after i32::MAX:
+//! [`runnel_storage::sequence`]).
 
 use std::collections::BTreeMap;
 
+use runnel_storage::sequence::{sequence_add, sequence_before};
 use serde::{Deserialize, Serialize};
 
 /// Per upstream task, the producer epoch and the next record sequence read.
@@ -26,10 +29,10 @@ impl ReadSequences {
     /// older epoch, was read already (or belongs to a replaced generation).
     pub fn admit(&mut self, task: u32, epoch: i16, sequence: i32) -> bool {
         match self.0.get(&task) {
-            Some(&(seen, next)) if seen == epoch && sequence < next => false,
+            Some(&(seen, next)) if seen == epoch && sequence_before(sequence, next) => false,
             Some(&(seen, _)) if seen > epoch => false,
             _ => {
-                self.0.insert(task, (epoch, sequence.saturating_add(1)));
+                self.0.insert(task, (epoch, sequence_add(sequence, 1)));
                 true
             }
         }
@@ -52,5 +55,16 @@ mod tests {
         assert!(!read.admit(3, 0, 4));
         assert!(read.admit(3, 1, 0), "a new epoch starts over");
         assert!(!read.admit(3, 0, 9), "an older epoch's");
+    }
+
+    #[test]
+    fn sequences_are_compared_across_their_wrap() {
+        let mut read = ReadSequences::default();
+        assert!(read.admit(1, 0, i32::MAX - 1));
+        assert!(read.admit(1, 0, i32::MAX));
+        assert!(read.admit(1, 0, 0), "after the largest comes 0");
+        assert!(!read.admit(1, 0, i32::MAX), "a retry from before the wrap");
+        assert!(!read.admit(1, 0, 0), "a retry after it");
+        assert!(read.admit(1, 0, 1));
     }
 }
