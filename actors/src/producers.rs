@@ -113,7 +113,9 @@ impl ProducerTable {
         let Some(entry) = self.producers.get(&producer.producer_id) else {
             // A producer's first batch on this partition starts at 0; a later
             // one means the table forgot it, and accepting it could write a
-            // retry twice.
+            // retry twice. (After 2^31 records a producer's sequences pass 0
+            // again: a forgotten producer's retry of exactly that batch
+            // would be taken as new, as in Kafka.)
             return if producer.base_sequence == 0 {
                 SequenceCheck::New
             } else {

@@ -4,11 +4,14 @@
 //! (restore, steps, checkpoints) deterministically without nodes.
 //!
 //! Writes of an idempotent producer are checked as a partition's leader
-//! checks them, in brief: a batch of an epoch older than the producer's
-//! newest is refused (`StaleSequence`), a batch starting below the next
-//! sequence is a retry (answered with where its original is, not written
-//! again; `SequenceMismatch` when the original is of another length), and
-//! one starting beyond it is refused (`OutOfOrderSequence`).
+//! checks them, in brief: a producer's first batch starts at sequence 0
+//! (else `InvalidRequest`, as for a producer the leader does not know), a
+//! batch of an epoch older than the producer's newest is refused
+//! (`StaleSequence`), a batch starting before the next sequence is a retry
+//! (answered with where its original is, not written again;
+//! `SequenceMismatch` when the original is of another length), and one
+//! starting after it is refused (`OutOfOrderSequence`); before and after
+//! across the wrap of sequences ([`runnel_storage::sequence`]).
 //!
 //! [`TaskRunner`]: crate::task::TaskRunner
 
@@ -72,9 +75,14 @@ impl MemoryIo {
             return Ok(None);
         }
         let mut producers = self.producers.lock().unwrap_or_else(|p| p.into_inner());
-        let (epoch, next) = producers
-            .entry((topic.to_string(), partition, producer.producer_id))
-            .or_insert((producer.producer_epoch, 0));
+        let key = (topic.to_string(), partition, producer.producer_id);
+        if !producers.contains_key(&key) && producer.base_sequence != 0 {
+            return Err(ClientError::Broker(BrokerError::InvalidRequest(format!(
+                "producer {} is not known here and its sequence {} is not 0",
+                producer.producer_id, producer.base_sequence
+            ))));
+        }
+        let (epoch, next) = producers.entry(key).or_insert((producer.producer_epoch, 0));
         let stale = BrokerError::StaleSequence {
             producer_id: producer.producer_id,
             last_sequence: sequence_add(*next, -1),

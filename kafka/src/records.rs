@@ -254,7 +254,8 @@ pub fn emptied_span(base_offset: u64, next_offset: u64) -> Bytes {
 
 /// The records of one Runnel batch from `from_offset` on, as Kafka records.
 /// Sequences keep `offset - sequence` constant, so the encoder writes them
-/// as one Kafka batch whose base sequence is the producer's (or -1).
+/// as one Kafka batch whose base sequence is the producer's (or -1) — two
+/// for a batch whose sequences wrap past i32::MAX to 0.
 fn kafka_records(batch: &RecordBatch, from_offset: u64, out: &mut Vec<KafkaRecord>) -> anyhow::Result<()> {
     let header = batch.header();
     let producer = header.producer;
@@ -266,7 +267,7 @@ fn kafka_records(batch: &RecordBatch, from_offset: u64, out: &mut Vec<KafkaRecor
             continue;
         }
         let first = *first_offset.get_or_insert(view.offset);
-        let sequence = if producer.producer_id >= 0 && !control {
+        let sequence = if producer.producer_id >= 0 && producer.base_sequence >= 0 && !control {
             // After i32::MAX comes 0, as in Kafka.
             runnel_storage::sequence::sequence_add(producer.base_sequence, (view.offset - header.base_offset) as i64)
         } else {

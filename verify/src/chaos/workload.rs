@@ -232,7 +232,8 @@ async fn send_tracked(
     recorder.record(topic, partition, ids, &outcome, maybe_written);
     match outcome {
         Ok(_) => {
-            *identity.next_sequence.entry(partition).or_insert(0) += count;
+            let next = identity.next_sequence.entry(partition).or_insert(0);
+            *next = runnel_storage::sequence::sequence_add(*next, i64::from(count));
             true
         }
         Err(_) => {

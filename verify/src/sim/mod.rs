@@ -2266,7 +2266,8 @@ impl World {
                     }
                 }
             }
-            *producer.next_sequence.entry(partition).or_insert(0) += count;
+            let next = producer.next_sequence.entry(partition).or_insert(0);
+            *next = runnel_storage::sequence::sequence_add(*next, i64::from(count));
         } else {
             producer.generation += 1;
             producer.next_sequence.clear();
