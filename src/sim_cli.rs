@@ -37,6 +37,12 @@ pub struct Args {
     /// pair checked exactly once, instead of the windowed count.
     #[arg(long)]
     join: bool,
+    /// Run the dataflow as an aggregate over a table (the records keyed by
+    /// row, a few keys per partition rewritten and deleted; each row's
+    /// latest attempt counted per card with its amounts summed), the sink
+    /// checked against the table the topic holds at the end.
+    #[arg(long, conflicts_with = "join")]
+    table: bool,
     /// Where replicas keep their files (a fresh temporary directory by
     /// default; tmpfs such as /dev/shm is fastest).
     #[arg(long)]
@@ -142,6 +148,7 @@ fn sim_config(args: &Args) -> SimConfig {
         nemesis: !args.no_nemesis,
         dataflow: !args.no_dataflow && args.retention_ms.is_none() && !args.compact,
         join_dataflow: args.join,
+        table_dataflow: args.table,
         bug_ack_before_commit: args.test_ack_before_commit,
         bug_unsequenced_task_output: args.test_unsequenced_task_output,
         disk_damage: args.disk_damage,

@@ -386,6 +386,29 @@ fn a_stream_join_emits_every_pair_exactly_once_through_faults() {
     }
 }
 
+/// The dataflow as an aggregate over a table (rows rewritten and deleted,
+/// so they move between cards and leave them): through crashes, restarts,
+/// partitions and task moves, the sink holds per card exactly the rows and
+/// cents the topic's final table holds.
+#[test]
+fn a_table_aggregate_equals_the_final_table_through_faults() {
+    let config = SimConfig {
+        table_dataflow: true,
+        ..SimConfig::default()
+    };
+    let seeds = seeds_from_env("RUNNEL_TABLE_SEED", "RUNNEL_TABLE_SEEDS", 10);
+    let (totals, failures) = run_seeds(&seeds, &config);
+    println!("{} seeds with a table aggregate: {}", seeds.len(), totals.summary());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    if seeds.len() > 1 {
+        assert!(
+            totals.dataflow_results > 1_000 && totals.task_failures > 0,
+            "the tasks failed and restarted, and many results were written: {}",
+            totals.summary()
+        );
+    }
+}
+
 /// Runs long enough for the tasks to delete what every stage read from the
 /// repartition topic (every 30 s of simulated time): the results stay
 /// exact through the faults, and the repartition partitions start past 0.

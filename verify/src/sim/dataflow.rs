@@ -200,6 +200,93 @@ pub fn attempt_value(card: u64, at_ms: u64) -> Vec<u8> {
     serde_json::to_vec(&attempt).unwrap_or_default()
 }
 
+/// Keys the table dataflow's rows take per partition.
+const TABLE_KEYS: u64 = 8;
+
+/// The simulated topic read as a table (a record's key names its row; one
+/// without a value deletes it), each row's latest attempt counted per card
+/// with its amounts summed: an aggregate over a table, whose rows move
+/// between cards as they are rewritten.
+pub fn table_dataflow() -> DataflowDef {
+    Dataflow::new(DATAFLOW)
+        .table::<Attempt>(TOPIC)
+        .group_by(|_row: &str, attempt: &Attempt| Some(attempt.card_number.clone()))
+        .aggregate(
+            || (0u64, 0u64),
+            |(rows, cents): &mut (u64, u64), a: &Attempt| (*rows, *cents) = (*rows + 1, *cents + a.amount_cents),
+            |(rows, cents): &mut (u64, u64), a: &Attempt| (*rows, *cents) = (*rows - 1, *cents - a.amount_cents),
+        )
+        .sink(DATAFLOW)
+}
+
+/// A record of the table dataflow's input, drawn from `roll`: its row's
+/// key (a few per partition, so a row's records keep their order) and its
+/// attempt, or none (one in eight) to delete the row.
+pub fn table_row(roll: u64, partition: u32, at_ms: u64) -> (String, Option<Vec<u8>>) {
+    let key = format!("row-{partition}-{}", roll % TABLE_KEYS);
+    let attempt = Attempt {
+        card_number: format!("card-{}", (roll >> 8) % CARDS),
+        amount_cents: (roll >> 16) % 1_000,
+        at_ms: at_ms as i64,
+    };
+    let value = (!(roll >> 32).is_multiple_of(8)).then(|| serde_json::to_vec(&attempt).unwrap_or_default());
+    (key, value)
+}
+
+/// What the table dataflow's sink must hold: per card of the rows the
+/// topic's final contents leave (each key's last record; a row's records
+/// are all in one partition, in offset order), the rows and their cents,
+/// as `("card-1 rows", 0)` and `("card-1 cents", 0)`.
+pub fn table_reference(source: &[StoredRecord]) -> BTreeMap<WindowKey, u64> {
+    let mut rows: BTreeMap<&[u8], Option<Attempt>> = BTreeMap::new();
+    for record in source {
+        let Some(key) = record.record.key.as_deref() else {
+            continue;
+        };
+        let row = record
+            .record
+            .value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice(v).ok());
+        rows.insert(key, row);
+    }
+    let mut expected = BTreeMap::new();
+    for attempt in rows.into_values().flatten() {
+        *expected
+            .entry((format!("{} rows", attempt.card_number), 0))
+            .or_default() += 1;
+        *expected
+            .entry((format!("{} cents", attempt.card_number), 0))
+            .or_default() += attempt.amount_cents;
+    }
+    expected
+}
+
+/// The table dataflow's sink folded as a table (a tombstone deletes the
+/// card's row), in [`table_reference`]'s form.
+fn table_found(sink: &[StoredRecord]) -> Result<BTreeMap<WindowKey, u64>, String> {
+    let mut cards: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for record in sink {
+        let key = record.record.key.as_deref().ok_or("a sink record without a key")?;
+        let card: String = serde_json::from_slice(key).map_err(|e| format!("sink key: {e}"))?;
+        match record.record.value.as_deref() {
+            Some(value) => {
+                let aggregate = serde_json::from_slice(value).map_err(|e| format!("sink value: {e}"))?;
+                cards.insert(card, aggregate);
+            }
+            None => {
+                cards.remove(&card);
+            }
+        }
+    }
+    let mut found = BTreeMap::new();
+    for (card, (rows, cents)) in cards {
+        found.insert((format!("{card} rows"), 0), rows);
+        found.insert((format!("{card} cents"), 0), cents);
+    }
+    Ok(found)
+}
+
 /// Per window, the counts the sink must hold in order: every count above
 /// the threshold up to the window's total.
 pub fn reference(attempts: &[Attempt]) -> BTreeMap<WindowKey, Vec<u64>> {
@@ -496,6 +583,8 @@ pub struct Tasks {
     pub def: Option<Arc<DataflowDef>>,
     /// The dataflow is [`join_dataflow`].
     join: bool,
+    /// The dataflow is [`table_dataflow`].
+    table: bool,
     /// (node, task) → the incarnation running there.
     running: BTreeMap<(NodeId, u32), SimTask>,
     /// Request id → the call it is an attempt of.
@@ -510,11 +599,18 @@ pub struct Tasks {
 
 impl Tasks {
     /// The simulated dataflow's tasks (none unless `enabled`): the windowed
-    /// count, or with `join` the stream–stream self-join.
-    pub fn new(enabled: bool, join: bool) -> Tasks {
+    /// count, with `join` the stream–stream self-join, with `table` the
+    /// aggregate over a table.
+    pub fn new(enabled: bool, join: bool, table: bool) -> Tasks {
+        let def = match (join, table) {
+            (true, _) => join_dataflow(),
+            (_, true) => table_dataflow(),
+            _ => dataflow(),
+        };
         Tasks {
-            def: enabled.then(|| Arc::new(if join { join_dataflow() } else { dataflow() })),
+            def: enabled.then(|| Arc::new(def)),
             join,
+            table,
             ..Tasks::default()
         }
     }
@@ -902,6 +998,11 @@ impl World {
             .iter()
             .filter_map(|r| serde_json::from_slice(r.record.value.as_deref()?).ok())
             .collect();
+        if self.tasks.table {
+            let found = table_found(sink)?;
+            check::check_result_counts(DATAFLOW, &table_reference(source), &found, verdict);
+            return Ok(sink.len() as u64);
+        }
         if self.tasks.join {
             let mut found: BTreeMap<WindowKey, u64> = BTreeMap::new();
             for record in sink {

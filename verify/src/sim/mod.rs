@@ -126,6 +126,11 @@ pub struct SimConfig {
     /// [`dataflow::JOIN_WITHIN_MS`], every pair checked once against a
     /// reference.
     pub join_dataflow: bool,
+    /// Run the dataflow as an aggregate over a table instead: the records
+    /// keyed by row (a few keys per partition, rewritten and deleted), each
+    /// row's latest attempt counted per card with its amounts summed, the
+    /// sink checked against the table the topic holds at the end.
+    pub table_dataflow: bool,
     /// The deliberately injected bug (acks before commit), for proving the
     /// checks can fail.
     pub bug_ack_before_commit: bool,
@@ -175,6 +180,7 @@ impl Default for SimConfig {
             consumers: 2,
             dataflow: true,
             join_dataflow: false,
+            table_dataflow: false,
             bug_ack_before_commit: false,
             bug_unsequenced_task_output: false,
             disk_damage: false,
@@ -773,7 +779,7 @@ impl World {
             .chain(consumers.iter().map(|c| c.node))
             .map(|n| (n, ClientView::default()))
             .collect();
-        let tasks = Tasks::new(config.dataflow, config.join_dataflow);
+        let tasks = Tasks::new(config.dataflow, config.join_dataflow, config.table_dataflow);
         let mut world = World {
             seed,
             tasks,
@@ -2462,13 +2468,18 @@ impl World {
             let id = format!("p{}-{}", producer.index, producer.written);
             producer.written += 1;
             // The dataflow's input: an attempt of a card drawn from the seed.
+            let roll = self.rng.between(0, u64::MAX - 1);
             let value = match self.tasks.def {
-                Some(_) => dataflow::attempt_value(self.rng.between(0, u64::MAX - 1), now),
+                Some(_) => dataflow::attempt_value(roll, now),
                 None => id.clone().into_bytes(),
             };
             let mut record = written_record(&id, value, now);
             if self.config.compact {
                 record.key = Some(Bytes::from(compaction_key(&id)));
+            }
+            if self.config.table_dataflow {
+                let (key, value) = dataflow::table_row(roll, partition, now);
+                (record.key, record.value) = (Some(Bytes::from(key)), value.map(Bytes::from));
             }
             builder.push(&record).expect("a small record encodes");
             ids.push(id);
