@@ -693,7 +693,11 @@ impl<R: ProduceReply> PartitionCore<R> {
             // Answered only about a committed batch: a producer that trims
             // what is stored must never trim a batch that a new leader could
             // still drop.
-            SequenceCheck::Mismatch { index, .. } | SequenceCheck::Stale { index, .. } if index > commit => {
+            SequenceCheck::Mismatch { index, .. }
+            | SequenceCheck::Stale { index, .. }
+            | SequenceCheck::Fenced { index, .. }
+                if index > commit =>
+            {
                 BrokerError::NotYetCommitted(group)
             }
             SequenceCheck::Mismatch { last_sequence, .. } => BrokerError::SequenceMismatch {
@@ -708,6 +712,11 @@ impl<R: ProduceReply> PartitionCore<R> {
                 );
                 BrokerError::InvalidRequest(reason)
             }
+            SequenceCheck::Fenced { newest_epoch, .. } => BrokerError::ProducerFenced {
+                producer_id: producer.producer_id,
+                epoch: producer.producer_epoch,
+                newest_epoch,
+            },
             SequenceCheck::Stale { last_sequence, .. } => BrokerError::StaleSequence {
                 producer_id: producer.producer_id,
                 last_sequence,

@@ -43,9 +43,12 @@ pub enum SequenceCheck {
     Duplicate(ProducedBatch),
     /// A sequence beyond the next expected one: records are missing.
     Gap { expected: i32, got: i32 },
-    /// Older than what is remembered, or from an older epoch. `index` is
-    /// where the producer's newest batch (ending at `last_sequence`) is.
+    /// Older than what is remembered. `index` is where the producer's
+    /// newest batch (ending at `last_sequence`) is.
     Stale { last_sequence: i32, index: u64 },
+    /// From an epoch older than the producer's newest (`newest_epoch`,
+    /// whose newest batch is at `index`): a fenced producer.
+    Fenced { newest_epoch: i16, index: u64 },
     /// The same first sequence as a stored batch (at `index`, ending at
     /// `last_sequence`) but a different length: the producer reused sequence
     /// numbers, or a deterministic producer batched its records differently.
@@ -125,8 +128,8 @@ impl ProducerTable {
         let newest = entry.recent.back();
         let (last_sequence, newest_index) = newest.map_or((-1, 0), |b| (b.last_sequence, b.index));
         if producer.producer_epoch < entry.epoch {
-            return SequenceCheck::Stale {
-                last_sequence,
+            return SequenceCheck::Fenced {
+                newest_epoch: entry.epoch,
                 index: newest_index,
             };
         }
@@ -237,6 +240,23 @@ mod tests {
             "another producer is independent"
         );
         assert_eq!(table.check(&info(9, 30), 1), SequenceCheck::UnknownProducer);
+    }
+
+    /// A batch of an epoch older than the producer's newest is fenced, not
+    /// stale: Kafka clients must not take it for written.
+    #[test]
+    fn an_older_epoch_is_fenced() {
+        let mut table = ProducerTable::default();
+        let mut newer = header(7, 0, 2, 0);
+        newer.producer.producer_epoch = 3;
+        table.record(&newer, 4);
+        assert_eq!(
+            table.check(&info(7, 2), 1),
+            SequenceCheck::Fenced {
+                newest_epoch: 3,
+                index: 4
+            }
+        );
     }
 
     /// Sequences go on from 0 after i32::MAX (as Kafka's): a batch across

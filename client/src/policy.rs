@@ -50,6 +50,7 @@ pub fn classify(error: &BrokerError) -> Outcome {
         | BrokerError::OutOfOrderSequence { .. }
         | BrokerError::StaleSequence { .. }
         | BrokerError::SequenceMismatch { .. }
+        | BrokerError::ProducerFenced { .. }
         // Nothing was written; replicas may return, but not within one
         // request: say so now.
         | BrokerError::NotEnoughReplicas { .. } => Outcome::Final,

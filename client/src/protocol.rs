@@ -204,6 +204,15 @@ pub enum BrokerError {
         "group {group}: the batch was written and committed, but only {copies} replicas hold it, fewer than min.insync.replicas={required}"
     )]
     NotEnoughReplicasAfterAppend { group: GroupId, copies: u16, required: u16 },
+    /// A batch of an older epoch than the producer's newest on this
+    /// partition: the producer was fenced (a newer incarnation took over).
+    /// Nothing was written by this request.
+    #[error("producer {producer_id} of epoch {epoch} is fenced: the partition has its epoch {newest_epoch}")]
+    ProducerFenced {
+        producer_id: i64,
+        epoch: i16,
+        newest_epoch: i16,
+    },
 }
 
 /// Why a metadata change was refused. The text names the problem.
@@ -1008,6 +1017,11 @@ mod tests {
                 group: GroupId(1),
                 copies: 1,
                 required: 2,
+            },
+            BrokerError::ProducerFenced {
+                producer_id: 1,
+                epoch: 0,
+                newest_epoch: 1,
             },
         ]
     }

@@ -183,7 +183,9 @@ async fn try_claim<C: TaskIo>(
     let offset = match client.produce(topic, partition, builder.build()?, Acks::All).await {
         Ok(offset) => offset,
         // Another incarnation claimed a later epoch meanwhile.
-        Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => return Ok(None),
+        Err(ClientError::Broker(BrokerError::ProducerFenced { .. } | BrokerError::StaleSequence { .. })) => {
+            return Ok(None)
+        }
         Err(e) => return Err(e.into()),
     };
     let own = barrier_at(client, topic, partition, offset).await? == Some(nonce);

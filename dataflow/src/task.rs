@@ -1464,7 +1464,7 @@ impl<C: TaskIo> TaskRunner<C> {
                     self.writer = Some(writer);
                     return Ok(());
                 }
-                Err(ClientError::Broker(BrokerError::StaleSequence { .. })) => {
+                Err(ClientError::Broker(BrokerError::ProducerFenced { .. } | BrokerError::StaleSequence { .. })) => {
                     return Err(changelog::fenced(&topic, task, writer.epoch))
                 }
                 Err(e) if retryable(&e) && self.client.now() < deadline => {

@@ -7,7 +7,7 @@
 //! checks them, in brief: a producer's first batch starts at sequence 0
 //! (else `InvalidRequest`, as for a producer the leader does not know), a
 //! batch of an epoch older than the producer's newest is refused
-//! (`StaleSequence`), a batch starting before the next sequence is a retry
+//! (`ProducerFenced`), a batch starting before the next sequence is a retry
 //! (answered with where its original is, not written again;
 //! `SequenceMismatch` when the original is of another length), and one
 //! starting after it is refused (`OutOfOrderSequence`); before and after
@@ -89,7 +89,11 @@ impl MemoryIo {
             got: producer.base_sequence,
         };
         if producer.producer_epoch < *epoch {
-            return Err(ClientError::Broker(stale));
+            return Err(ClientError::Broker(BrokerError::ProducerFenced {
+                producer_id: producer.producer_id,
+                epoch: producer.producer_epoch,
+                newest_epoch: *epoch,
+            }));
         }
         if producer.producer_epoch > *epoch {
             (*epoch, *next) = (producer.producer_epoch, 0);

@@ -92,6 +92,9 @@ fn broker_code(error: &BrokerError) -> ResponseError {
             ResponseError::OutOfOrderSequenceNumber
         }
         BrokerError::StaleSequence { .. } => ResponseError::DuplicateSequenceNumber,
+        // Not a duplicate: a Java producer takes DUPLICATE_SEQUENCE_NUMBER
+        // as written.
+        BrokerError::ProducerFenced { .. } => ResponseError::InvalidProducerEpoch,
         BrokerError::NotYetCommitted(_) | BrokerError::NotEnoughReplicas { .. } => ResponseError::NotEnoughReplicas,
         BrokerError::NotEnoughReplicasAfterAppend { .. } => ResponseError::NotEnoughReplicasAfterAppend,
         // Retriable for Kafka clients, which ask for metadata again.
@@ -138,5 +141,23 @@ mod tests {
         let unknown = KafkaError::from(ServiceError::UnknownTopic("t".into()));
         assert_eq!(unknown.code(), 3);
         assert!(unknown.message.contains("\"t\""), "{}", unknown.message);
+    }
+
+    /// A fenced producer's batch is not written: it must not be answered
+    /// as a duplicate, which a Java producer takes as written.
+    #[test]
+    fn a_fenced_producer_is_told_its_epoch_is_invalid_not_that_it_duplicated() {
+        let fenced = BrokerError::ProducerFenced {
+            producer_id: 7,
+            epoch: 0,
+            newest_epoch: 1,
+        };
+        assert_eq!(broker_code(&fenced), ResponseError::InvalidProducerEpoch);
+        let stale = BrokerError::StaleSequence {
+            producer_id: 7,
+            last_sequence: 9,
+            got: 2,
+        };
+        assert_eq!(broker_code(&stale), ResponseError::DuplicateSequenceNumber);
     }
 }

@@ -155,7 +155,11 @@ impl Identity {
 fn definitely_not_written(error: &ClientError) -> bool {
     let about_a_stored_batch = matches!(
         error,
-        ClientError::Broker(BrokerError::StaleSequence { .. } | BrokerError::SequenceMismatch { .. })
+        ClientError::Broker(
+            BrokerError::StaleSequence { .. }
+                | BrokerError::SequenceMismatch { .. }
+                | BrokerError::ProducerFenced { .. }
+        )
     );
     let not_taken = matches!(
         error,
@@ -178,6 +182,7 @@ fn permanent(error: &ClientError) -> bool {
                     | BrokerError::OutOfOrderSequence { .. }
                     | BrokerError::StaleSequence { .. }
                     | BrokerError::SequenceMismatch { .. }
+                    | BrokerError::ProducerFenced { .. }
             )
     )
 }

@@ -2857,7 +2857,9 @@ fn produce_failed(pending: &mut Pending, error: BrokerError, now: u64) -> Option
         policy::Outcome::Final => {
             let stored = matches!(
                 error,
-                BrokerError::StaleSequence { .. } | BrokerError::SequenceMismatch { .. }
+                BrokerError::StaleSequence { .. }
+                    | BrokerError::SequenceMismatch { .. }
+                    | BrokerError::ProducerFenced { .. }
             );
             if pending.maybe_written || stored {
                 Some(Outcome::Unknown(pending.last_error.clone()))
