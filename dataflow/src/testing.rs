@@ -330,3 +330,34 @@ pub fn replay_into(store: &mut dyn StateStore, log: &Changelog, compacted_first:
         store.apply_change(key, value.as_deref()).expect("an entry applies");
     }
 }
+
+/// A sink record as [`run_through`] returns it: key and value.
+pub type KeyValue = (Vec<u8>, Option<Vec<u8>>);
+
+/// Runs one source record (`key`, `value`, time `t_ms`) through `def`'s
+/// source stage and then `stages` in order (each reading what the one
+/// before emitted), as a task of each would; what the last emits.
+pub fn run_through(
+    def: &crate::DataflowDef,
+    stages: &mut [Box<dyn WindowStage>],
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    t_ms: i64,
+) -> Result<Vec<KeyValue>, String> {
+    let mut staged = crate::builder::Emitted::default();
+    def.source_stage.process_record(key, value, t_ms, &[], &mut staged)?;
+    for stage in stages.iter_mut() {
+        let mut out = crate::builder::Emitted::default();
+        for r in staged.iter() {
+            let (key, value) = (r.key.unwrap_or_default(), r.value.unwrap_or_default());
+            stage
+                .add(key, value, r.timestamp_ms, &mut out)
+                .map_err(|e| e.to_string())?;
+        }
+        staged = out;
+    }
+    Ok(staged
+        .iter()
+        .map(|r| (r.key.unwrap_or_default().to_vec(), r.value.map(<[u8]>::to_vec)))
+        .collect())
+}

@@ -474,33 +474,18 @@ mod tests {
                     crate::testing::replay_into(stages[s].store_mut().expect("a store"), &logs[s], i % 2 == 0);
                 }
             }
-            let mut staged = [Emitted::default(), Emitted::default(), Emitted::default()];
             let bytes = user.as_ref().map(|u| serde_json::to_vec(u).expect("JSON"));
-            def.source_stage
-                .process_record(Some(key.as_bytes()), bytes.as_deref(), i as i64, &[], &mut staged[0])
-                .expect("decodes");
-            for stage in 0..2 {
-                let (input, output) = staged.split_at_mut(stage + 1);
-                for r in input[stage].iter() {
-                    stages[stage]
-                        .add(
-                            r.key.expect("keyed"),
-                            r.value.expect("carried"),
-                            r.timestamp_ms,
-                            &mut output[0],
-                        )
-                        .expect("adds");
-                }
-            }
+            let out = crate::testing::run_through(&def, &mut stages, Some(key.as_bytes()), bytes.as_deref(), i as i64)
+                .unwrap_or_else(|e| panic!("change {i}: {e}"));
             let group = |user: Option<&User>| user.filter(|u| u.country != "none").map(|u| u.country.clone());
             let stays = user.is_some() && group(table.get(&key)) == group(user.as_ref());
             assert!(
-                !stays || staged[2].iter().all(|r| r.value.is_some()),
+                !stays || out.iter().all(|(_, value)| value.is_some()),
                 "change {i} keeps its row in its group, which never shows it missing"
             );
-            for r in staged[2].iter() {
-                deletions += usize::from(r.value.is_none());
-                materialize(&mut materialized, r.key.expect("keyed"), r.value);
+            for (key, value) in &out {
+                deletions += usize::from(value.is_none());
+                materialize(&mut materialized, key, value.as_deref());
             }
             match user {
                 Some(user) => table.insert(key, user),

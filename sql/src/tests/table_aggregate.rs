@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use runnel_client::plan::{ObjectKind, SqlObject, SqlType};
-use runnel_dataflow::builder::{Emitted, WindowStage};
+use runnel_dataflow::builder::WindowStage;
 use runnel_dataflow::compile::compile;
 use runnel_dataflow::task::CHECKPOINT_INTERVAL;
 use runnel_dataflow::testing::{self, MemoryIo};
@@ -170,23 +170,8 @@ fn run_plan_checked(
         }
         let (key, value) = change;
         let bytes = value.as_ref().map(|v| v.to_string().into_bytes());
-        let mut staged = [Emitted::default(), Emitted::default(), Emitted::default()];
-        def.source_stage
-            .process_record(Some(key.as_bytes()), bytes.as_deref(), i as i64, &[], &mut staged[0])
-            .expect("decodes");
-        for stage in 0..2 {
-            let (input, output) = staged.split_at_mut(stage + 1);
-            for r in input[stage].iter() {
-                stages[stage]
-                    .add(
-                        r.key.expect("key"),
-                        r.value.expect("carried"),
-                        r.timestamp_ms,
-                        &mut output[0],
-                    )
-                    .expect("adds");
-            }
-        }
+        let out = testing::run_through(&def, &mut stages, Some(key.as_bytes()), bytes.as_deref(), i as i64)
+            .unwrap_or_else(|e| panic!("{statement}: change {i}: {e}"));
         // The group a row is counted in: its country, if the WHERE keeps it.
         let group = |row: Option<&Value>| {
             row.filter(|r| having || r["age"].as_i64().is_none_or(|a| a < 90))
@@ -194,16 +179,11 @@ fn run_plan_checked(
         };
         let stays = value.is_some() && group(table.get(key)) == group(value.as_ref());
         assert!(
-            !stays || staged[2].iter().all(|r| r.value.is_some()),
+            !stays || out.iter().all(|(_, value)| value.is_some()),
             "{statement}: change {i} keeps its row in its group, which never shows it missing"
         );
-        let out = staged[2].iter().map(|r| (r.key.expect("keyed"), r.value));
-        materialize(&mut materialized, out);
-        log.extend(
-            staged[2]
-                .iter()
-                .map(|r| (r.key.expect("keyed").to_vec(), r.value.map(<[u8]>::to_vec))),
-        );
+        materialize(&mut materialized, out.iter().map(|(k, v)| (&k[..], v.as_deref())));
+        log.extend(out);
         fold(&mut table, change);
         assert_eq!(materialized, reference(&table, having), "{statement}: after change {i}");
     }
@@ -356,26 +336,11 @@ fn a_row_moving_between_groups_that_compare_equal_leaves_one_and_joins_the_other
         .iter()
         .enumerate()
     {
-        let mut staged = [Emitted::default(), Emitted::default(), Emitted::default()];
-        def.source_stage
-            .process_record(Some(b"u1"), value.map(str::as_bytes), i as i64, &[], &mut staged[0])
-            .expect("decodes");
-        for stage in 0..2 {
-            let (input, output) = staged.split_at_mut(stage + 1);
-            for r in input[stage].iter() {
-                stages[stage]
-                    .add(
-                        r.key.expect("key"),
-                        r.value.expect("carried"),
-                        r.timestamp_ms,
-                        &mut output[0],
-                    )
-                    .unwrap_or_else(|e| panic!("change {i}: {e}"));
-            }
-        }
-        sink.extend(staged[2].iter().map(|r| {
-            let key = std::string::String::from_utf8_lossy(r.key.expect("keyed")).into_owned();
-            (key, r.value.is_some())
+        let out = testing::run_through(&def, &mut stages, Some(b"u1"), value.map(str::as_bytes), i as i64)
+            .unwrap_or_else(|e| panic!("change {i}: {e}"));
+        sink.extend(out.into_iter().map(|(key, value)| {
+            let key = std::string::String::from_utf8_lossy(&key).into_owned();
+            (key, value.is_some())
         }));
     }
     let expected = [
