@@ -1035,6 +1035,16 @@ async fn a_stream_joined_with_a_table_counts_per_country_exactly_once_through_a_
     );
     move_and_delete_cards(&survivors).await;
     expect_cards_per_country(&cluster, &survivors).await;
+    // A push query aggregating the table, in the client: its first change
+    // for XX counts the first row that comes to XX.
+    let output = sql(
+        &cluster,
+        "SET 'auto.offset.reset' = 'earliest';
+         SELECT country, COUNT(*) AS cards FROM cards WHERE country = 'XX' GROUP BY country EMIT CHANGES LIMIT 1;",
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(printed.contains("XX | 1"), "{printed}");
     drop(cluster);
 }
 
