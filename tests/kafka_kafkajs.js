@@ -49,7 +49,13 @@ async function group(bootstrap, topic, groupId, expected) {
   // Distinct records: a rebalance redelivers what was not committed.
   const seen = new Set();
   await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`only ${seen.size} of ${expected} records in 60 s`)), 60000);
+    const timer = setTimeout(() => {
+      const missing = `only ${seen.size} of ${expected} records in 60 s`;
+      diagnose(kafka, groupId, topic).then(
+        (state) => reject(new Error(`${missing}; ${state}`)),
+        (e) => reject(new Error(`${missing}; no diagnosis: ${e}`)),
+      );
+    }, 60000);
     consumer
       .run({
         autoCommit: true,
@@ -77,6 +83,30 @@ async function group(bootstrap, topic, groupId, expected) {
   const offsets = await admin.fetchOffsets({ groupId, topics: [topic] });
   emit({ committed: offsets[0].partitions.map((p) => [p.partition, Number(p.offset)]) });
   await admin.disconnect();
+}
+
+// What the cluster says of the group and the topic when records are
+// missing: the committed offsets, each partition's offsets and the
+// group's state (within 15 s).
+async function diagnose(kafka, groupId, topic) {
+  const admin = kafka.admin();
+  const ask = async () => {
+    await admin.connect();
+    try {
+      const committed = await admin.fetchOffsets({ groupId, topics: [topic] });
+      const ends = await admin.fetchTopicOffsets(topic);
+      const described = await admin.describeGroups([groupId]);
+      return JSON.stringify({
+        committed: committed[0].partitions.map((p) => [p.partition, Number(p.offset)]),
+        offsets: ends.map((p) => [p.partition, Number(p.low), Number(p.high)]),
+        group: described.groups.map((g) => ({ state: g.state, members: g.members.length })),
+      });
+    } finally {
+      await admin.disconnect();
+    }
+  };
+  const late = new Promise((_, reject) => setTimeout(() => reject(new Error('no answer in 15 s')), 15000));
+  return Promise.race([ask(), late]);
 }
 
 const [command, ...args] = process.argv.slice(2);
