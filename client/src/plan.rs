@@ -808,21 +808,7 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
             calls,
             window,
             emit,
-        } => {
-            let keys = *keys as usize;
-            let carried = names.split_off(keys.min(names.len()));
-            let mut shown = Vec::new();
-            for (i, call) in calls.iter().enumerate() {
-                let argument = call.argument.and_then(|a| carried.get(a)).map_or("*", String::as_str);
-                shown.push(format!("{:?}({argument}) AS KSQL_AGG_{i}", call.function));
-                names.push(format!("KSQL_AGG_{i}"));
-            }
-            if window.is_some() {
-                names.extend(["WINDOWSTART".to_string(), "WINDOWEND".to_string()]);
-            }
-            let window = window.map_or("none".to_string(), |w| format!("{w:?}"));
-            format!("AGGREGATE {} per key, window {window}, emit {emit:?}", shown.join(", "))
-        }
+        } => explain_aggregate(*keys as usize, calls, *window, *emit, names),
         Operator::Registered { step, .. } => format!("RUST {step}"),
         Operator::JoinTable(join) => explain_table_join(join, names),
         Operator::JoinTableAsOf(join, as_of) => {
@@ -856,34 +842,61 @@ fn explain_op(op: &Operator, name: &str, names: &mut Vec<String>, stage: &mut u3
                 "TABLE CHANGES by {key} through {name}.repartition: stage {stage} starts, holding each key's latest row; each change goes on as the old row taken out and the new row added (or as one replacement within a group)"
             )
         }
-        Operator::JoinTables(join) => {
-            let right: Vec<String> = join
-                .source
-                .columns
-                .iter()
-                .map(|c| format!("{}.{}", join.right_table, c.name))
-                .collect();
-            let on = format!(
-                "{} = {}",
-                names.get(join.left_key).map_or("?", String::as_str),
-                right.get(join.right_key).map_or("?", String::as_str)
-            );
-            names.extend(right);
-            names.push(format!("{}.ROWTIME", join.right_table));
-            *stage += 2;
-            format!(
-                "{:?} JOIN TABLE {} ({}, ROWTIME) from {} (stage {}) ON {on}, both tables by key through {name}.repartition: stage {stage} starts, holding both tables' latest rows",
-                join.kind,
-                join.right_table,
-                column_list(&join.source.columns),
-                join.source.topic,
-                *stage - 1,
-            )
-        }
+        Operator::JoinTables(join) => explain_tables_join(join, name, names, stage),
     }
 }
 
-/// [`explain_op`] of a stream–stream join: its source stage and the join stage.
+/// [`explain_op`] of an aggregate over `keys` key values and the values
+/// carried after them.
+fn explain_aggregate(
+    keys: usize,
+    calls: &[AggregateCall],
+    window: Option<WindowSpec>,
+    emit: EmitMode,
+    names: &mut Vec<String>,
+) -> String {
+    let carried = names.split_off(keys.min(names.len()));
+    let mut shown = Vec::new();
+    for (i, call) in calls.iter().enumerate() {
+        let argument = call.argument.and_then(|a| carried.get(a)).map_or("*", String::as_str);
+        shown.push(format!("{:?}({argument}) AS KSQL_AGG_{i}", call.function));
+        names.push(format!("KSQL_AGG_{i}"));
+    }
+    if window.is_some() {
+        names.extend(["WINDOWSTART".to_string(), "WINDOWEND".to_string()]);
+    }
+    let window = window.map_or("none".to_string(), |w| format!("{w:?}"));
+    format!("AGGREGATE {} per key, window {window}, emit {emit:?}", shown.join(", "))
+}
+
+/// [`explain_op`] of a table–table join: the right table's source stage
+/// and the join stage.
+fn explain_tables_join(join: &TablesJoin, name: &str, names: &mut Vec<String>, stage: &mut u32) -> String {
+    let right: Vec<String> = join
+        .source
+        .columns
+        .iter()
+        .map(|c| format!("{}.{}", join.right_table, c.name))
+        .collect();
+    let on = format!(
+        "{} = {}",
+        names.get(join.left_key).map_or("?", String::as_str),
+        right.get(join.right_key).map_or("?", String::as_str)
+    );
+    names.extend(right);
+    names.push(format!("{}.ROWTIME", join.right_table));
+    *stage += 2;
+    format!(
+        "{:?} JOIN TABLE {} ({}, ROWTIME) from {} (stage {}) ON {on}, both tables by key through {name}.repartition: stage {stage} starts, holding both tables' latest rows",
+        join.kind,
+        join.right_table,
+        column_list(&join.source.columns),
+        join.source.topic,
+        *stage - 1,
+    )
+}
+
+/// [`explain_op`] of a stream–table join: the table, read whole by every task.
 fn explain_table_join(join: &TableJoin, names: &mut Vec<String>) -> String {
     let on = render(&join.on, names);
     names.extend(join.columns.iter().map(|c| format!("{}.{}", join.table, c.name)));
