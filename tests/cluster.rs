@@ -62,6 +62,48 @@ fn five_node_processes_form_a_cluster_and_see_a_kill_and_a_restart() {
             all_alive(&s, 5) && s.is_some_and(|s| s.iter().any(|(id, _, incarnation)| *id == 5 && *incarnation == 2))
         });
     }
+
+    a_client_waits_for_seeds_too_busy_to_answer(&nodes, seeds, &certs, scratch.path());
+}
+
+/// A command started while no seed can answer (every node SIGSTOPped, as a
+/// machine too loaded to finish a handshake) keeps asking, says so, and
+/// answers once the nodes run again, as a Kafka client waits for its
+/// bootstrap servers.
+fn a_client_waits_for_seeds_too_busy_to_answer(
+    nodes: &[NodeProcess],
+    seeds: &[std::net::SocketAddr],
+    certs: &std::path::Path,
+    scratch: &std::path::Path,
+) {
+    eprintln!("phase: a command started while every node is paused answers once they resume");
+    for node in nodes {
+        node.signal("-STOP").expect("SIGSTOP a node");
+    }
+    let stderr_path = scratch.join("waiting-client.stderr");
+    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+    let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+    let child = runnel()
+        .args(["topic", "list", "--seeds", &seeds.join(","), "--certs"])
+        .arg(certs)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn runnel topic list");
+    let mut child = KilledOnDrop(Some(child));
+    wait_for("the command to say it asks again", FORM_TIMEOUT, || {
+        log_from(&stderr_path, 0).contains("no seed answered yet; asking again")
+    });
+    for node in nodes {
+        node.signal("-CONT").expect("SIGCONT a node");
+    }
+    let mut status = None;
+    wait_for("the command to finish", FORM_TIMEOUT, || {
+        status = child.0.as_mut().and_then(|c| c.try_wait().expect("poll the command"));
+        status.is_some()
+    });
+    let said = log_from(&stderr_path, 0);
+    assert!(status.is_some_and(|s| s.success()), "topic list failed: {said}");
 }
 
 #[test]

@@ -94,6 +94,21 @@ pub fn classify_response(response: &ClientResponse) -> Option<Outcome> {
     }
 }
 
+/// Whether connecting (the first metadata request) tries the seeds again
+/// after `error`: a node still starting, or too busy to finish a handshake
+/// in time, is waited for, as a Kafka client keeps trying its bootstrap
+/// servers. A certificate either side refuses, a certificate directory that
+/// cannot be read, or a bad configuration is final.
+pub fn retry_bootstrap(error: &ClientError) -> bool {
+    match error {
+        ClientError::Cluster(ClusterError::Unreachable { last_error, .. }) => {
+            !runnel_cluster::quic::is_certificate_refusal(last_error)
+        }
+        ClientError::Cluster(ClusterError::NoAnswer { .. }) => true,
+        _ => false,
+    }
+}
+
 /// Whether a failed request with this outcome may be sent again.
 pub fn may_retry(outcome: Outcome, retry_safe: bool) -> bool {
     match outcome {
@@ -236,6 +251,24 @@ mod tests {
         ] {
             assert!(!is_unknown_outcome(&known), "{known:?}");
         }
+    }
+
+    #[test]
+    fn connecting_waits_for_slow_nodes_but_not_for_a_refused_certificate() {
+        let unreachable = |last_error: &str| {
+            ClientError::Cluster(ClusterError::Unreachable {
+                addrs: Vec::new(),
+                last_error: last_error.into(),
+            })
+        };
+        assert!(retry_bootstrap(&unreachable("127.0.0.1:9: timed out")));
+        assert!(retry_bootstrap(&no_answer()));
+        let foreign = "127.0.0.1:9: invalid peer certificate: UnknownIssuer";
+        assert!(!retry_bootstrap(&unreachable(foreign)));
+        assert!(!retry_bootstrap(&unreachable("the peer sent alert UnknownCA")));
+        let tls = ClientError::Cluster(ClusterError::Tls("no client.pem".into()));
+        assert!(!retry_bootstrap(&tls));
+        assert!(!retry_bootstrap(&ClientError::UnknownTopic("t".into())));
     }
 
     #[test]

@@ -91,6 +91,12 @@ enum Step {
 const NOT_READY: &str = "no actor named";
 const NOT_READY_WAIT: Duration = Duration::from_secs(5);
 
+/// How long [`Client::connect`] keeps asking the seeds while none answers
+/// (nodes starting, or too busy to finish a handshake within a second),
+/// and the longest pause between two rounds over them.
+const CONNECT_WAIT: Duration = Duration::from_secs(15);
+const CONNECT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 impl Client {
     /// Connects through any of `seeds` with the client certificate in `certs`.
     pub async fn connect(seeds: Vec<SocketAddr>, certs: &Path) -> ClientResult<Client> {
@@ -111,8 +117,27 @@ impl Client {
             local,
             timeout: Duration::from_secs(15),
         };
-        client.topics().await?;
+        client.bootstrap().await?;
         Ok(client)
+    }
+
+    /// The first metadata, asked of the seeds in rounds for up to
+    /// [`CONNECT_WAIT`] while [`policy::retry_bootstrap`] says to wait.
+    async fn bootstrap(&self) -> ClientResult<()> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.topics().await {
+                Ok(_) => return Ok(()),
+                Err(e) if policy::retry_bootstrap(&e) && started.elapsed() + pause < CONNECT_WAIT => {
+                    let waiting_s = CONNECT_WAIT.as_secs();
+                    tracing::info!(error = %e, "no seed answered yet; asking again for up to {waiting_s} s");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(CONNECT_PAUSE_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// One request to node `addr` (any node when `None`). A node still

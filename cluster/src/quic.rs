@@ -496,13 +496,27 @@ impl PeerWriter {
 
 /// A TLS failure with what to do about it: the two sides hold certificates
 /// of different clusters (a CA that did not sign the other's certificate).
+/// Whether a failure to connect is a certificate one side refused: trying
+/// again cannot help.
+pub fn is_certificate_refusal(error: &str) -> bool {
+    refused_node_certificate(error) || refused_client_certificate(error)
+}
+
+fn refused_node_certificate(error: &str) -> bool {
+    error.contains("UnknownIssuer") || error.contains("invalid peer certificate")
+}
+
+fn refused_client_certificate(error: &str) -> bool {
+    error.contains("UnknownCA") || error.contains("BadCertificate") || error.contains("CertificateRequired")
+}
+
 fn with_tls_hint(error: String) -> String {
-    if error.contains("UnknownIssuer") || error.contains("invalid peer certificate") {
+    if refused_node_certificate(&error) {
         format!(
             "{error}: the node's certificate is not signed by the cluster CA in this --certs directory \
              (ca.pem); use the certificate directory the cluster was made with"
         )
-    } else if error.contains("UnknownCA") || error.contains("BadCertificate") || error.contains("CertificateRequired") {
+    } else if refused_client_certificate(&error) {
         format!(
             "{error}: the node refused this certificate (client.pem), which the cluster's CA did not sign; \
              use the certificate directory the cluster was made with"
