@@ -1331,6 +1331,41 @@ fn kafkajs_creates_a_topic_produces_idempotently_and_reads_in_a_group() {
     let ours: BTreeSet<_> = ours.iter().map(at).collect();
     let theirs: BTreeSet<_> = records.iter().map(|r| at(r)).collect();
     assert_eq!(ours, theirs, "both protocols read the same records at the same offsets");
+    kafkajs_resets_a_group_to_the_earliest(&bootstrap);
+}
+
+/// `admin.resetOffsets` commits -2 (earliest) for each partition: the
+/// group keeps it as it came (as Kafka does), and a member of the group
+/// (KafkaJS resolves any negative committed offset with its own
+/// `fromBeginning`) reads all 60 again.
+fn kafkajs_resets_a_group_to_the_earliest(bootstrap: &str) {
+    let reset = run(
+        &mut kafkajs(&["reset", bootstrap, "js", "js-group"]),
+        "kafkajs reset",
+        None,
+    );
+    let held: BTreeMap<u64, i64> = json_lines(&reset)
+        .iter()
+        .find_map(|l| l["reset"].as_array().cloned())
+        .expect("the reset offsets")
+        .iter()
+        .filter_map(|pair| Some((pair[0].as_u64()?, pair[1].as_i64()?)))
+        .collect();
+    assert_eq!(
+        held,
+        BTreeMap::from([(0, -2), (1, -2), (2, -2)]),
+        "-2 kept for each partition"
+    );
+    let again = run(
+        &mut kafkajs(&["group", bootstrap, "js", "js-group", "60"]),
+        "kafkajs group after the reset",
+        None,
+    );
+    let read: BTreeSet<String> = json_lines(&again)
+        .iter()
+        .filter_map(|l| l["value"].as_str().map(String::from))
+        .collect();
+    assert_eq!(read.len(), 60, "every record read again from the earliest");
 }
 
 /// A topic created compacted through Kafka's CreateTopics: once replicas

@@ -85,6 +85,17 @@ async function group(bootstrap, topic, groupId, expected) {
   await admin.disconnect();
 }
 
+// Resets the group's offsets to the earliest (`admin.resetOffsets`, which
+// commits -2 for each partition) and prints what the group holds then.
+async function reset(bootstrap, topic, groupId) {
+  const admin = client(bootstrap).admin();
+  await admin.connect();
+  await admin.resetOffsets({ groupId, topic, earliest: true });
+  const offsets = await admin.fetchOffsets({ groupId, topics: [topic] });
+  emit({ reset: offsets[0].partitions.map((p) => [p.partition, Number(p.offset)]) });
+  await admin.disconnect();
+}
+
 // What the cluster says of the group and the topic when records are
 // missing: the committed offsets, each partition's offsets and the
 // group's state (within 15 s).
@@ -110,7 +121,7 @@ async function diagnose(kafka, groupId, topic) {
 }
 
 const [command, ...args] = process.argv.slice(2);
-({ produce, group })[command](...args).catch((e) => {
+({ produce, group, reset })[command](...args).catch((e) => {
   console.error(`kafkajs ${command} failed: ${e.stack || e}`);
   process.exit(1);
 });

@@ -219,7 +219,8 @@ impl BrokerService {
         })
     }
 
-    /// Commits `offsets` (topic, partition, next offset) for a member of
+    /// Commits `offsets` (topic, partition, next offset; negative as a
+    /// Kafka client may commit it, see [`crate::groups`]) for a member of
     /// `generation` (negative: a consumer outside group management), once
     /// written on a majority of the offsets partition's replicas.
     pub async fn commit_group_offsets(
@@ -227,7 +228,7 @@ impl BrokerService {
         group: &str,
         generation: i32,
         member_id: &str,
-        offsets: &[(String, u32, u64)],
+        offsets: &[(String, u32, i64)],
     ) -> Result<(), GroupFailure> {
         let (gid, partition, term) = self.coordinating(group).await?;
         self.shared.groups.core().check_commit(group, generation, member_id)?;
@@ -239,29 +240,53 @@ impl BrokerService {
         }
         let mut caches = self.shared.groups.offsets.lock().await;
         self.load_offsets(&mut caches, gid, partition, term).await?;
+        let cache = caches.entry(partition).or_default();
+        let added = offsets
+            .iter()
+            .filter(|(topic, p, _)| !cache.offsets.contains_key(&(group.to_string(), topic.clone(), *p)))
+            .count();
+        if cache.offsets.len() + added > CACHED_OFFSETS_MAX {
+            return Err(GroupError::Invalid("the coordinator holds 1,000,000 committed offsets already").into());
+        }
+        let entries: Vec<_> = offsets.iter().map(|(t, p, o)| (t.clone(), *p, Some(*o))).collect();
+        self.write_offsets(gid, group, &entries, cache).await?;
+        Ok(())
+    }
+
+    /// Writes `entries` (topic, partition, next offset, or `None` for a
+    /// tombstone) of `group` to its offsets partition on a majority, then
+    /// into `cache`.
+    async fn write_offsets(
+        &self,
+        gid: GroupId,
+        group: &str,
+        entries: &[(String, u32, Option<i64>)],
+        cache: &mut OffsetCache,
+    ) -> Result<(), ServiceError> {
+        let invalid = |e: runnel_storage::StorageError| ServiceError::from(BrokerError::InvalidRequest(e.to_string()));
         let mut builder = BatchBuilder::new();
-        for (topic, p, offset) in offsets {
+        for (topic, p, offset) in entries {
             builder
                 .push(&Record {
                     timestamp_ms: now_ms() as i64,
                     key: Some(offset_key(group, topic, *p)),
-                    value: Some(Bytes::copy_from_slice(&offset.to_le_bytes())),
+                    value: offset.map(|o| Bytes::copy_from_slice(&o.to_le_bytes())),
                     headers: Vec::new(),
                 })
-                .map_err(|e| BrokerError::InvalidRequest(e.to_string()))
-                .map_err(ServiceError::from)?;
+                .map_err(invalid)?;
         }
-        let batch = builder
-            .build()
-            .map_err(|e| ServiceError::from(BrokerError::InvalidRequest(e.to_string())))?;
+        let batch = builder.build().map_err(invalid)?;
         self.shared
             .broker
             .produce(gid, batch, Acks::All, 0)
             .await
             .map_err(ServiceError::from)?;
-        let cache = caches.entry(partition).or_default();
-        for (topic, p, offset) in offsets {
-            cache.offsets.insert((group.to_string(), topic.clone(), *p), *offset);
+        for (topic, p, offset) in entries {
+            let key = (group.to_string(), topic.clone(), *p);
+            match offset {
+                Some(offset) => cache.offsets.insert(key, *offset),
+                None => cache.offsets.remove(&key),
+            };
         }
         Ok(())
     }
@@ -272,7 +297,7 @@ impl BrokerService {
         &self,
         group: &str,
         wanted: Option<&[(String, u32)]>,
-    ) -> Result<Vec<(String, u32, Option<u64>)>, GroupFailure> {
+    ) -> Result<Vec<(String, u32, Option<i64>)>, GroupFailure> {
         let (gid, partition, term) = self.coordinating(group).await?;
         let mut caches = self.shared.groups.offsets.lock().await;
         self.load_offsets(&mut caches, gid, partition, term).await?;
@@ -444,14 +469,22 @@ impl BrokerService {
                 member_id,
                 offsets,
             } => {
+                let offsets = offsets
+                    .into_iter()
+                    .map(|(t, p, o)| Ok((t, p, i64::try_from(o)?)))
+                    .collect::<Result<Vec<_>, std::num::TryFromIntError>>()
+                    .map_err(|_| GroupError::Invalid("an offset past the largest a log can have"))?;
                 self.commit_group_offsets(&group, generation, &member_id, &offsets)
                     .await?;
                 GroupResponse::Done
             }
             GroupRequest::Offsets { group, topic } => {
                 let offsets = self.group_offsets(&group, None).await?;
-                let of_topic = |(t, ..): &(String, u32, Option<u64>)| topic.as_ref().is_none_or(|w| w == t);
-                GroupResponse::Offsets(offsets.into_iter().filter(of_topic).collect())
+                let of_topic = |(t, ..): &(String, u32, Option<i64>)| topic.as_ref().is_none_or(|w| w == t);
+                // A negative offset a Kafka client committed is none to
+                // Runnel's consumers: their reset policy applies.
+                let runnel = |(t, p, o): (String, u32, Option<i64>)| (t, p, o.and_then(|o| u64::try_from(o).ok()));
+                GroupResponse::Offsets(offsets.into_iter().filter(of_topic).map(runnel).collect())
             }
             GroupRequest::List => GroupResponse::Groups(self.listings()),
             GroupRequest::Describe { group } => {
@@ -528,33 +561,16 @@ impl BrokerService {
         let mut caches = self.shared.groups.offsets.lock().await;
         self.load_offsets(&mut caches, gid, partition, term).await?;
         let cache = caches.entry(partition).or_default();
-        let keys: Vec<_> = cache.offsets.keys().filter(|(g, ..)| g == group).cloned().collect();
-        if keys.is_empty() {
+        let forgotten: Vec<(String, u32, Option<i64>)> = cache
+            .offsets
+            .keys()
+            .filter(|(g, ..)| g == group)
+            .map(|(_, topic, p)| (topic.clone(), *p, None))
+            .collect();
+        if forgotten.is_empty() {
             return Ok(());
         }
-        let mut builder = BatchBuilder::new();
-        for (g, topic, p) in &keys {
-            let record = Record {
-                timestamp_ms: now_ms() as i64,
-                key: Some(offset_key(g, topic, *p)),
-                value: None,
-                headers: Vec::new(),
-            };
-            builder
-                .push(&record)
-                .map_err(|e| ServiceError::from(BrokerError::InvalidRequest(e.to_string())))?;
-        }
-        let batch = builder
-            .build()
-            .map_err(|e| ServiceError::from(BrokerError::InvalidRequest(e.to_string())))?;
-        self.shared
-            .broker
-            .produce(gid, batch, Acks::All, 0)
-            .await
-            .map_err(ServiceError::from)?;
-        for key in keys {
-            cache.offsets.remove(&key);
-        }
+        self.write_offsets(gid, group, &forgotten, cache).await?;
         Ok(())
     }
 }

@@ -10,8 +10,13 @@
 //!   partition when it becomes leader and kept current by each commit.
 //!
 //! Offsets are records of the offsets partition (key `group\0topic\0partition`,
-//! value the next offset, u64 little-endian), the format `Client::commit_offsets`
-//! writes, so Kafka consumer groups and Runnel's consumers share them.
+//! value the next offset, i64 little-endian; a tombstone deletes it), so
+//! Kafka consumer groups and Runnel's consumers share them. A Kafka client
+//! may commit a negative offset (KafkaJS commits -2 or -1, its reset to the
+//! earliest or latest offset); it is kept as it came and read back the
+//! same, as Kafka keeps it, and Runnel's consumers take it for none. (The
+//! value was described as u64 before: the bytes of every offset a log can
+//! have are the same either way.)
 //! Membership is not persisted: when a coordinator moves, members find the
 //! new one, are unknown there, and rejoin (a rebalance).
 
@@ -37,7 +42,7 @@ pub type OffsetKey = (String, String, u32);
 #[derive(Debug, Default)]
 pub struct OffsetCache {
     pub term: u64,
-    pub offsets: BTreeMap<OffsetKey, u64>,
+    pub offsets: BTreeMap<OffsetKey, i64>,
 }
 
 /// The group coordinator's state on one node.
@@ -99,7 +104,7 @@ pub fn offset_key(group: &str, topic: &str, partition: u32) -> Bytes {
 }
 
 /// A committed offset from its record, if the record is one.
-pub fn parse_offset(key: &[u8], value: Option<&[u8]>) -> Option<(OffsetKey, Option<u64>)> {
+pub fn parse_offset(key: &[u8], value: Option<&[u8]>) -> Option<(OffsetKey, Option<i64>)> {
     let key = std::str::from_utf8(key).ok()?;
     let mut parts = key.split('\u{0}');
     let (group, topic, partition) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
@@ -108,7 +113,7 @@ pub fn parse_offset(key: &[u8], value: Option<&[u8]>) -> Option<(OffsetKey, Opti
     }
     let offset = match value {
         None => None,
-        Some(v) => Some(u64::from_le_bytes(<[u8; 8]>::try_from(v).ok()?)),
+        Some(v) => Some(i64::from_le_bytes(<[u8; 8]>::try_from(v).ok()?)),
     };
     Some(((group.to_string(), topic.to_string(), partition), offset))
 }
@@ -124,6 +129,9 @@ mod tests {
         let parsed = parse_offset(&key, Some(&value)).expect("an offset");
         assert_eq!(parsed, (("g".into(), "orders".into(), 7), Some(42)));
         assert_eq!(parse_offset(&key, None).expect("a deletion").1, None);
+        // A Kafka client's reset to the earliest, kept as it came.
+        let earliest = (-2i64).to_le_bytes();
+        assert_eq!(parse_offset(&key, Some(&earliest)).expect("an offset").1, Some(-2));
         assert!(parse_offset(b"g\0orders", Some(&value)).is_none());
         assert!(parse_offset(&key, Some(b"short")).is_none());
     }

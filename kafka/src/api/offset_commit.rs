@@ -3,9 +3,16 @@
 //! group's current generation; generation -1 commits from outside group
 //! management (allowed while the group has no members). Commit metadata
 //! strings are not kept.
+//!
+//! A negative offset is kept as it came, as Kafka keeps it: KafkaJS
+//! commits -2 or -1 (earliest or latest) to reset a group after
+//! OFFSET_OUT_OF_RANGE or from `admin.resetOffsets`, and resolves it when
+//! it reads it back. A negative partition is answered
+//! UNKNOWN_TOPIC_OR_PARTITION.
 
 use kafka_protocol::messages::offset_commit_response::{OffsetCommitResponsePartition, OffsetCommitResponseTopic};
 use kafka_protocol::messages::{OffsetCommitRequest, OffsetCommitResponse};
+use kafka_protocol::ResponseError;
 
 use super::Context;
 use crate::errors::group_result_code;
@@ -14,8 +21,8 @@ pub async fn handle(context: &Context, request: OffsetCommitRequest, _version: i
     let mut offsets = Vec::new();
     for topic in &request.topics {
         for p in &topic.partitions {
-            if let (Ok(partition), Ok(offset)) = (u32::try_from(p.partition_index), u64::try_from(p.committed_offset)) {
-                offsets.push((topic.name.0.to_string(), partition, offset));
+            if let Ok(partition) = u32::try_from(p.partition_index) {
+                offsets.push((topic.name.0.to_string(), partition, p.committed_offset));
             }
         }
     }
@@ -48,6 +55,10 @@ pub async fn handle(context: &Context, request: OffsetCommitRequest, _version: i
                 .partitions
                 .iter()
                 .map(|p| {
+                    let code = match p.partition_index < 0 {
+                        true => ResponseError::UnknownTopicOrPartition.code(),
+                        false => code,
+                    };
                     OffsetCommitResponsePartition::default()
                         .with_partition_index(p.partition_index)
                         .with_error_code(code)

@@ -35,7 +35,7 @@ pub async fn handle(context: &Context, request: OffsetFetchRequest, version: i16
     for (topic, partition, offset) in found {
         let entry = OffsetFetchResponsePartition::default()
             .with_partition_index(partition as i32)
-            .with_committed_offset(offset.map_or(-1, |o| o as i64))
+            .with_committed_offset(offset.unwrap_or(-1))
             .with_committed_leader_epoch(-1)
             .with_metadata(Some(Default::default()));
         match topics.iter_mut().find(|t| t.name.0.as_str() == topic) {
