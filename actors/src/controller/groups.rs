@@ -88,6 +88,13 @@ impl BrokerService {
         }
     }
 
+    /// A member id for a Kafka JoinGroup (v4+) that came without one and
+    /// names no static instance: the member joins again with it (KIP-394).
+    pub async fn member_id_for(&self, join: &Join) -> Result<String, GroupFailure> {
+        self.coordinating(&join.group).await?;
+        Ok(self.shared.groups.core().member_id_for(join, now_ms())?)
+    }
+
     pub async fn sync_group(
         &self,
         group: &str,
@@ -387,7 +394,8 @@ fn state_name(state: GroupState) -> &'static str {
 
 impl Shared {
     /// Expires silent members, completes rebalances whose time is up, and
-    /// drops the groups whose offsets partition this node no longer leads.
+    /// drops the groups whose offsets partition this node no longer leads
+    /// (not those whose replica is only slow to say).
     pub(super) async fn tick_groups(&self) {
         let answers = self.groups.core().tick(now_ms());
         self.groups.deliver(answers);
@@ -400,12 +408,9 @@ impl Shared {
             }
         };
         for (partition, gid) in gids {
-            if self
-                .broker
-                .status(gid)
-                .await
-                .is_some_and(|s| s.leader == Some(self.me()))
-            {
+            // A replica too busy to answer in time keeps its groups: the
+            // next tick asks again.
+            if self.broker.leads(gid).await != Some(false) {
                 led.push(partition);
             }
         }

@@ -29,6 +29,9 @@ pub type Ticket = u64;
 pub const GROUPS_MAX: usize = 10_000;
 /// Members one group holds at most.
 pub const MEMBERS_MAX: usize = 1_000;
+/// Member ids handed out and not yet joined with (KIP-394), over every
+/// group, at most.
+pub const PENDING_MEMBERS_MAX: usize = 10_000;
 /// Session timeouts accepted, in milliseconds (Kafka's
 /// `group.min/max.session.timeout.ms` are 6 s and 30 min).
 pub const SESSION_TIMEOUT_MIN_MS: u64 = 1_000;
@@ -166,6 +169,12 @@ pub struct GroupsCore {
     /// coordinator that moved are unknown here and rejoin.
     nonce: u64,
     next_member: u64,
+    /// Member ids handed out to joins without one (KIP-394: a Kafka
+    /// JoinGroup v4+ is answered MEMBER_ID_REQUIRED with an id), by group
+    /// and id, with when each expires (its session timeout): the member
+    /// is admitted only when it joins again with the id, so a join whose
+    /// client gave up leaves no member behind to be assigned partitions.
+    pending: BTreeMap<(String, String), u64>,
 }
 
 impl GroupsCore {
@@ -174,7 +183,24 @@ impl GroupsCore {
             groups: BTreeMap::new(),
             nonce,
             next_member: 0,
+            pending: BTreeMap::new(),
         }
+    }
+
+    /// A member id for a join that came without one (KIP-394), kept until
+    /// the member joins with it or its session timeout passes.
+    pub fn member_id_for(&mut self, join: &Join, now_ms: u64) -> Result<String, GroupError> {
+        check_join(join)?;
+        self.pending.retain(|_, expires_ms| *expires_ms >= now_ms);
+        if self.pending.len() >= PENDING_MEMBERS_MAX {
+            return Err(GroupError::Invalid(
+                "too many member ids handed out and not yet joined with",
+            ));
+        }
+        let member_id = self.new_member_id(&join.client_id);
+        let expires_ms = now_ms.saturating_add(join.session_timeout_ms);
+        self.pending.insert((join.group.clone(), member_id.clone()), expires_ms);
+        Ok(member_id)
     }
 
     pub fn group(&self, name: &str) -> Option<&Group> {
@@ -200,14 +226,20 @@ impl GroupsCore {
         let current = join.instance_id.as_ref().and_then(|i| group.instances.get(i)).cloned();
         if let Some(current) = current {
             if join.member_id.is_empty() {
-                admit(group, &join, &current)?;
+                admit(group, &join, &current, false)?;
                 return Ok(rejoin_static(group, join, &current, member_id, ticket, now_ms));
             }
             if current != join.member_id {
                 return Err(GroupError::FencedInstanceId);
             }
         }
-        admit(group, &join, &member_id)?;
+        let pending = (join.group.clone(), member_id.clone());
+        let handed_out = self
+            .pending
+            .get(&pending)
+            .is_some_and(|expires_ms| *expires_ms >= now_ms);
+        admit(group, &join, &member_id, handed_out)?;
+        self.pending.remove(&pending);
         // A member names one instance at most: the one it joins with now.
         group.instances.retain(|_, member| *member != member_id);
         if let Some(instance) = &join.instance_id {
@@ -366,6 +398,7 @@ impl GroupsCore {
 
     /// Expires silent members and completes rebalances whose time is up.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Answer> {
+        self.pending.retain(|_, expires_ms| *expires_ms >= now_ms);
         let mut answers = Vec::new();
         for group in self.groups.values_mut() {
             let expired: Vec<String> = group
@@ -448,10 +481,12 @@ fn check_join(join: &Join) -> Result<(), GroupError> {
     Ok(())
 }
 
-/// Whether `member_id` may join `group` with these protocols.
-fn admit(group: &Group, join: &Join, member_id: &str) -> Result<(), GroupError> {
+/// Whether `join` may enter `group` as `member_id`: a member it has, a new
+/// one (no id given, or an id `handed_out` by [`GroupsCore::member_id_for`])
+/// while there is room, of a protocol every other member shares.
+fn admit(group: &Group, join: &Join, member_id: &str, handed_out: bool) -> Result<(), GroupError> {
     let known = group.members.contains_key(member_id);
-    if !join.member_id.is_empty() && !known {
+    if !join.member_id.is_empty() && !known && !handed_out {
         return Err(GroupError::UnknownMemberId);
     }
     if !known && group.members.len() >= MEMBERS_MAX {

@@ -14,6 +14,7 @@ use kafka_protocol::ResponseError;
 
 use super::Context;
 use runnel_actors::controller::ServiceError;
+use runnel_actors::metadata::NodeId;
 use runnel_actors::BrokerError;
 
 use crate::errors::KafkaError;
@@ -127,6 +128,9 @@ async fn read(
             }
             return Ok((bytes::Bytes::new(), start, end));
         }
+        Err(e) if leads_but_serves_no_reads_yet(&e, context.service.node_id()) => {
+            return Ok((bytes::Bytes::new(), offset, offset));
+        }
         Err(e) => return Err(e.into()),
     };
     if limit == 0 {
@@ -159,9 +163,41 @@ async fn read(
     Ok((emptied_span(offset, from), start, committed))
 }
 
+/// Whether a refusal names this node itself as the leader: elected here,
+/// its commit point not yet of its own term (a moment). Nothing is there to
+/// read yet, as a Kafka leader whose high watermark lags answers;
+/// NOT_LEADER_OR_FOLLOWER would send KafkaJS to rejoin its group, where
+/// the long poll asks again instead.
+fn leads_but_serves_no_reads_yet(error: &ServiceError, me: NodeId) -> bool {
+    matches!(error, ServiceError::Failed(BrokerError::NotLeader { leader: Some(leader), .. }) if *leader == me)
+}
+
 fn out_of_range(offset: u64, start: u64, end: u64) -> KafkaError {
     KafkaError::new(
         ResponseError::OffsetOutOfRange,
         format!("offset {offset} is out of range [{start}, {end}]"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runnel_actors::metadata::GroupId;
+
+    #[test]
+    fn only_a_refusal_naming_this_node_as_leader_is_nothing_to_read_yet() {
+        let not_leader = |leader| {
+            ServiceError::Failed(BrokerError::NotLeader {
+                group: GroupId(4),
+                leader,
+            })
+        };
+        assert!(leads_but_serves_no_reads_yet(&not_leader(Some(NodeId(2))), NodeId(2)));
+        assert!(!leads_but_serves_no_reads_yet(&not_leader(Some(NodeId(3))), NodeId(2)));
+        assert!(!leads_but_serves_no_reads_yet(&not_leader(None), NodeId(2)));
+        let moved = ServiceError::NotHere {
+            replicas: vec![NodeId(2)],
+        };
+        assert!(!leads_but_serves_no_reads_yet(&moved, NodeId(2)));
+    }
 }

@@ -3,9 +3,14 @@
 //! the leader (which alone gets every member's metadata). A static member
 //! (`group.instance.id`, v5+) that restarts takes its place back without a
 //! rebalance while the group is stable (see `GroupsCore`).
+//!
+//! From version 4 a new member without a static instance is first answered
+//! MEMBER_ID_REQUIRED with its member id, and admitted when it joins again
+//! with it (KIP-394): a join its client gave up on leaves no member behind.
 
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::{JoinGroupRequest, JoinGroupResponse};
+use kafka_protocol::ResponseError;
 use runnel_actors::groups::core::Join;
 
 use super::{str_bytes, Context};
@@ -32,6 +37,9 @@ pub async fn handle(context: &Context, request: JoinGroupRequest, version: i16) 
         rebalance_timeout_ms: rebalance_timeout_ms.max(0) as u64,
         instance_id: request.group_instance_id.as_ref().map(|i| i.to_string()),
     };
+    if version >= 4 && join.member_id.is_empty() && join.instance_id.is_none() {
+        return member_id_required(context, &join).await;
+    }
     let result = context.service.join_group(join).await;
     let code = group_result_code(&result);
     match result {
@@ -57,4 +65,18 @@ pub async fn handle(context: &Context, request: JoinGroupRequest, version: i16) 
             .with_generation_id(-1)
             .with_member_id(request.member_id),
     }
+}
+
+/// The answer to a new member's first JoinGroup (v4+): its member id, with
+/// MEMBER_ID_REQUIRED, or why none is given.
+async fn member_id_required(context: &Context, join: &Join) -> JoinGroupResponse {
+    let result = context.service.member_id_for(join).await;
+    let (code, member_id) = match &result {
+        Ok(member_id) => (ResponseError::MemberIdRequired.code(), member_id.as_str()),
+        Err(_) => (group_result_code(&result), ""),
+    };
+    JoinGroupResponse::default()
+        .with_error_code(code)
+        .with_generation_id(-1)
+        .with_member_id(str_bytes(member_id))
 }

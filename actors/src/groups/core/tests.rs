@@ -308,3 +308,51 @@ fn a_static_member_that_misses_a_rebalance_keeps_its_place() {
     assert_eq!(core.group("g").map(|g| g.members.len()), Some(3));
     assert_eq!(core.check_instance("g", Some("i-a"), &a), Ok(()));
 }
+
+/// KIP-394: a join without a member id gets one and no place; the member
+/// is admitted when it joins with the id. An id not handed out, or handed
+/// out longer ago than the session timeout, is unknown; a client that gave
+/// up after the first step leaves no member behind.
+#[test]
+fn a_member_id_handed_out_admits_its_member_only_when_it_joins_with_it() {
+    let mut core = GroupsCore::new(7);
+    let given = core.member_id_for(&join("", &["range"]), 0).expect("an id");
+    assert!(core.group("g").is_none(), "no member before it joins with the id");
+    assert_eq!(
+        core.join(join("made-up", &["range"]), 1, 0).map(|_| ()),
+        Err(GroupError::UnknownMemberId)
+    );
+    let answers = core.join(join(&given, &["range"]), 2, 10).expect("joins");
+    let first = joined(&answers, 2).expect("generation 1");
+    assert_eq!((first.member_id.as_str(), first.members.len()), (given.as_str(), 1));
+
+    let abandoned = core.member_id_for(&join("", &["range"]), 20).expect("an id");
+    core.tick(10_021);
+    assert_eq!(
+        core.join(join(&abandoned, &["range"]), 3, 10_021).map(|_| ()),
+        Err(GroupError::UnknownMemberId),
+        "expired with its session timeout"
+    );
+    assert!(!core.group("g").is_some_and(|g| g.members.contains_key(&abandoned)));
+    let bad = Join {
+        session_timeout_ms: 1,
+        ..join("", &["range"])
+    };
+    assert_eq!(core.member_id_for(&bad, 0), Err(GroupError::InvalidSessionTimeout));
+}
+
+#[test]
+fn member_ids_handed_out_and_not_joined_with_are_bounded() {
+    let mut core = GroupsCore::new(7);
+    for _ in 0..PENDING_MEMBERS_MAX {
+        core.member_id_for(&join("", &["range"]), 0).expect("an id");
+    }
+    assert!(matches!(
+        core.member_id_for(&join("", &["range"]), 0),
+        Err(GroupError::Invalid(_))
+    ));
+    assert!(
+        core.member_id_for(&join("", &["range"]), 10_001).is_ok(),
+        "the expired ones make room"
+    );
+}
