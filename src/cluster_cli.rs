@@ -269,9 +269,13 @@ async fn serve_node(
         runnel_bench::transport::spawn_actors(&node.handle())?;
     }
     let handle = node.handle();
+    // One listener from here on: a signal while the broker or controller
+    // starts is kept for the wait below, not lost between two listeners.
+    let stop = wait_for_shutdown_signal();
+    tokio::pin!(stop);
     let controllers = tokio::select! {
         found = controller_voters(&handle, &setup.data, &setup.seeds, args.controllers.clone()) => found?,
-        signal = wait_for_shutdown_signal() => {
+        signal = &mut stop => {
             signal?;
             node.shutdown();
             return Ok(());
@@ -294,7 +298,7 @@ async fn serve_node(
         }
         None => None,
     };
-    wait_for_shutdown_signal().await?;
+    stop.await?;
     if let Some(kafka) = kafka {
         kafka.shutdown();
     }

@@ -86,6 +86,7 @@ fn a_client_waits_for_seeds_too_busy_to_answer(
     let child = runnel()
         .args(["topic", "list", "--seeds", &seeds.join(","), "--certs"])
         .arg(certs)
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
         .stderr(stderr)
         .spawn()

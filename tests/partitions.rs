@@ -1422,6 +1422,19 @@ async fn a_clean_stop_saves_indexes_and_log_metadata_so_a_restart_skips_recovery
     produce_tagged(&client, "tidy", 1, "before", 200).await;
     let victim = NodeId(3);
     let log_dir = replica_dir(&cluster, victim).join("log");
+    // Acknowledged on a majority: under load node 3's replica may not hold
+    // them yet, or not exist yet.
+    let started = Instant::now();
+    while !replica_records(&client, victim, "tidy", 0)
+        .await
+        .is_ok_and(|r| r.len() == 200)
+    {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "node {victim}'s replica never held the 200 records"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     eprintln!("phase: SIGTERM node {victim}: a clean stop");
     cluster.nodes[2].signal("-TERM").expect("SIGTERM");
@@ -1431,7 +1444,11 @@ async fn a_clean_stop_saves_indexes_and_log_metadata_so_a_restart_skips_recovery
         "00000000000000000000.timeindex",
         "log.meta",
     ] {
-        assert!(log_dir.join(file).exists(), "{file} is saved at a clean stop");
+        let log = cluster.nodes[2].log_text();
+        assert!(
+            log_dir.join(file).exists(),
+            "{file} is saved at a clean stop; node 3 logged:\n{log}"
+        );
     }
     let meta = std::fs::read(log_dir.join("log.meta")).expect("log.meta");
     assert!(

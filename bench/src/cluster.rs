@@ -10,6 +10,7 @@ use bytes::Bytes;
 use runnel_actors::client::Client;
 use runnel_actors::metadata::{NodeId, TopicConfig};
 use runnel_actors::Acks;
+use runnel_storage::sequence::sequence_add;
 use runnel_storage::{BatchBuilder, ProducerInfo, Record, RecordBatch};
 use serde_json::json;
 
@@ -165,7 +166,7 @@ pub(crate) async fn produce_for(
         client.produce("bench", partition, batch, Acks::All).await?;
         run.latencies_ms.push(started.elapsed().as_secs_f64() * 1e3);
         run.records += u64::from(count);
-        sequence += count as i32;
+        sequence = sequence_add(sequence, i64::from(count));
     }
     Ok(run)
 }
@@ -370,7 +371,7 @@ pub(crate) async fn failover_gap(client: &Arc<Client>, nodes: &mut Nodes, batch_
         if client.produce("bench", 0, batch, Acks::All).await.is_ok() {
             longest = longest.max(last_ack.elapsed().as_secs_f64() * 1e3);
             last_ack = Instant::now();
-            sequence += count;
+            sequence = sequence_add(sequence, i64::from(count));
         }
     }
     if !killed {
@@ -533,7 +534,7 @@ pub fn consume(args: ConsumeArgs, exe: &Path) -> anyhow::Result<()> {
                 let batch = idempotent_batch(9_000 + partition as i64, sequence[partition], &value, per_batch)?;
                 let count = batch.record_count();
                 client.produce(&topic, partition as u32, batch, Acks::All).await?;
-                sequence[partition] += count as i32;
+                sequence[partition] = sequence_add(sequence[partition], i64::from(count));
                 produced += u64::from(count);
                 partition = (partition + 1) % 4;
             }

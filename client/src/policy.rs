@@ -97,12 +97,13 @@ pub fn classify_response(response: &ClientResponse) -> Option<Outcome> {
 /// Whether connecting (the first metadata request) tries the seeds again
 /// after `error`: a node still starting, or too busy to finish a handshake
 /// in time, is waited for, as a Kafka client keeps trying its bootstrap
-/// servers. A certificate either side refuses, a certificate directory that
-/// cannot be read, or a bad configuration is final.
+/// servers. A handshake either side refuses (a certificate of another
+/// cluster), a certificate directory that cannot be read, or a bad
+/// configuration is final.
 pub fn retry_bootstrap(error: &ClientError) -> bool {
     match error {
         ClientError::Cluster(ClusterError::Unreachable { last_error, .. }) => {
-            !runnel_cluster::quic::is_certificate_refusal(last_error)
+            !runnel_cluster::quic::is_handshake_refusal(last_error)
         }
         ClientError::Cluster(ClusterError::NoAnswer { .. }) => true,
         _ => false,
@@ -266,6 +267,8 @@ mod tests {
         let foreign = "127.0.0.1:9: invalid peer certificate: UnknownIssuer";
         assert!(!retry_bootstrap(&unreachable(foreign)));
         assert!(!retry_bootstrap(&unreachable("the peer sent alert UnknownCA")));
+        let expired = "closed by peer: the cryptographic handshake failed: error 45";
+        assert!(!retry_bootstrap(&unreachable(expired)));
         let tls = ClientError::Cluster(ClusterError::Tls("no client.pem".into()));
         assert!(!retry_bootstrap(&tls));
         assert!(!retry_bootstrap(&ClientError::UnknownTopic("t".into())));

@@ -494,12 +494,14 @@ impl PeerWriter {
     }
 }
 
-/// A TLS failure with what to do about it: the two sides hold certificates
-/// of different clusters (a CA that did not sign the other's certificate).
-/// Whether a failure to connect is a certificate one side refused: trying
-/// again cannot help.
-pub fn is_certificate_refusal(error: &str) -> bool {
-    refused_node_certificate(error) || refused_client_certificate(error)
+/// Whether a failure to connect is a handshake one side refused (a
+/// certificate, TLS or QUIC version, or protocol the other does not take):
+/// trying again cannot help, unlike a handshake that timed out.
+pub fn is_handshake_refusal(error: &str) -> bool {
+    refused_node_certificate(error)
+        || refused_client_certificate(error)
+        || error.contains("the cryptographic handshake failed")
+        || error.contains("doesn't implement any supported version")
 }
 
 fn refused_node_certificate(error: &str) -> bool {
@@ -510,6 +512,8 @@ fn refused_client_certificate(error: &str) -> bool {
     error.contains("UnknownCA") || error.contains("BadCertificate") || error.contains("CertificateRequired")
 }
 
+/// A TLS failure with what to do about it: the two sides hold certificates
+/// of different clusters (a CA that did not sign the other's certificate).
 fn with_tls_hint(error: String) -> String {
     if refused_node_certificate(&error) {
         format!(
@@ -605,6 +609,9 @@ impl ClusterClient {
                     return Ok(response);
                 }
                 // One node's `Unreachable` names it already: only its cause.
+                // A refused handshake is kept over what later seeds say:
+                // it is what the user must fix.
+                Err(_) if is_handshake_refusal(&last_error) => {}
                 Err(ClusterError::Unreachable { last_error: cause, .. }) => last_error = format!("{seed}: {cause}"),
                 Err(e) => last_error = format!("{seed}: {e}"),
             }

@@ -21,6 +21,8 @@ use runnel_client::protocol::{GroupErrorKind, GroupInfo, GroupListing, GroupMemb
 const PARKED_MAX: Duration = Duration::from_secs(1_800 + 30);
 /// Offsets one commit may carry at most.
 pub const COMMIT_OFFSETS_MAX: usize = 10_000;
+// The refusal at the bound names it.
+const _: () = assert!(CACHED_OFFSETS_MAX == 1_000_000);
 /// Bytes read per fetch while loading an offsets partition.
 const LOAD_FETCH_BYTES: usize = 1 << 20;
 
@@ -75,7 +77,11 @@ impl BrokerService {
         let not_here = || GroupFailure::NotCoordinator(group.to_string());
         let gid = self.locate(OFFSETS_TOPIC, partition).await.map_err(|_| not_here())?;
         match self.shared.broker.status(gid).await {
-            Some(s) if s.leader == Some(self.node_id()) && s.commit_known => Ok((gid, partition, s.term)),
+            Some(s) if s.leader == Some(self.node_id()) && s.commit_known => {
+                let of_partition = |g: &str| partition_for_key(g.as_bytes(), OFFSETS_PARTITIONS) == partition;
+                self.shared.groups.coordinates(partition, s.term, of_partition);
+                Ok((gid, partition, s.term))
+            }
             _ => Err(not_here()),
         }
     }
@@ -253,7 +259,10 @@ impl BrokerService {
             .filter(|(topic, p, _)| !cache.offsets.contains_key(&(group.to_string(), topic.clone(), *p)))
             .count();
         if cache.offsets.len() + added > CACHED_OFFSETS_MAX {
-            return Err(GroupError::Invalid("the coordinator holds 1,000,000 committed offsets already").into());
+            return Err(GroupError::Invalid(
+                "this group's partition of the offsets topic holds 1,000,000 committed offsets, the most kept",
+            )
+            .into());
         }
         let entries: Vec<_> = offsets.iter().map(|(t, p, o)| (t.clone(), *p, Some(*o))).collect();
         self.write_offsets(gid, group, &entries, cache).await?;

@@ -189,13 +189,30 @@ impl GroupsCore {
 
     /// A member id for a join that came without one (KIP-394), kept until
     /// the member joins with it or its session timeout passes.
+    ///
+    /// Ids handed out count with the group's members against
+    /// [`MEMBERS_MAX`]. Past [`PENDING_MEMBERS_MAX`] over every group, the
+    /// id soonest to expire is forgotten (its member, if it comes back, is
+    /// unknown and asks again), so a client looping on joins cannot keep
+    /// other groups' members out.
     pub fn member_id_for(&mut self, join: &Join, now_ms: u64) -> Result<String, GroupError> {
         check_join(join)?;
         self.pending.retain(|_, expires_ms| *expires_ms >= now_ms);
+        let members = self.groups.get(&join.group).map_or(0, |g| g.members.len());
+        let first = (join.group.clone(), String::new());
+        let pending = self
+            .pending
+            .range(first..)
+            .take_while(|((g, _), _)| *g == join.group)
+            .count();
+        if members + pending >= MEMBERS_MAX {
+            return Err(GroupError::GroupMaxSizeReached);
+        }
         if self.pending.len() >= PENDING_MEMBERS_MAX {
-            return Err(GroupError::Invalid(
-                "too many member ids handed out and not yet joined with",
-            ));
+            let soonest = self.pending.iter().min_by_key(|(_, expires_ms)| **expires_ms);
+            if let Some(key) = soonest.map(|(key, _)| key.clone()) {
+                self.pending.remove(&key);
+            }
         }
         let member_id = self.new_member_id(&join.client_id);
         let expires_ms = now_ms.saturating_add(join.session_timeout_ms);
@@ -432,6 +449,7 @@ impl GroupsCore {
     /// parked requests are answered `UnknownMemberId`, so their members find
     /// the new coordinator and rejoin there.
     pub fn drop_groups(&mut self, moved: impl Fn(&str) -> bool) -> Vec<Answer> {
+        self.pending.retain(|(group, _), _| !moved(group));
         let names: Vec<String> = self.groups.keys().filter(|g| moved(g)).cloned().collect();
         let mut answers = Vec::new();
         for group in names.iter().filter_map(|n| self.groups.remove(n)) {

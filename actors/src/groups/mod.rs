@@ -52,6 +52,9 @@ pub struct Coordinator {
     next_ticket: AtomicU64,
     /// By offsets partition.
     pub offsets: tokio::sync::Mutex<BTreeMap<u32, OffsetCache>>,
+    /// The Raft term in which this node last coordinated each offsets
+    /// partition's groups.
+    terms: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl Coordinator {
@@ -61,6 +64,25 @@ impl Coordinator {
             waiters: Mutex::new(BTreeMap::new()),
             next_ticket: AtomicU64::new(1),
             offsets: tokio::sync::Mutex::new(BTreeMap::new()),
+            terms: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Notes that this node coordinates offsets partition `partition` in
+    /// Raft term `term`. The groups `of_partition` names, kept from an
+    /// earlier term, are dropped first: another node may have coordinated
+    /// them in between (a leadership that went and came back while this
+    /// node's replica was too slow to say), so their members rejoin, as
+    /// after a move, rather than meet a stale generation or instance.
+    pub fn coordinates(&self, partition: u32, term: u64, of_partition: impl Fn(&str) -> bool) {
+        let earlier = self
+            .terms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(partition, term);
+        if earlier.is_some_and(|earlier| earlier != term) {
+            let answers = self.core().drop_groups(of_partition);
+            self.deliver(answers);
         }
     }
 

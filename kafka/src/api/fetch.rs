@@ -15,6 +15,7 @@ use kafka_protocol::ResponseError;
 use super::Context;
 use runnel_actors::controller::ServiceError;
 use runnel_actors::metadata::NodeId;
+use runnel_actors::partition::Fetched;
 use runnel_actors::BrokerError;
 
 use crate::errors::KafkaError;
@@ -112,24 +113,22 @@ async fn read(
     let offset = u64::try_from(wanted.fetch_offset)
         .map_err(|_| KafkaError::new(ResponseError::OffsetOutOfRange, "negative fetch offset"))?;
     let limit = room.min(wanted.partition_max_bytes.max(0) as usize);
-    let fetched = match context
-        .service
-        .fetch(topic, partition, offset, limit.max(1) as u32, false)
-        .await
-    {
+    let (first, any_replica) = first_fetch(context, topic, partition, offset, limit.max(1) as u32).await;
+    let fetched = match first {
         Ok(fetched) => fetched,
         Err(ServiceError::Failed(BrokerError::OffsetOutOfRange { start, end, .. })) if offset > end => {
-            // Past the high watermark but within the log (a new leader whose
-            // commit point has not caught up yet): nothing to read yet, as
+            // Past the high watermark: nothing to read yet when within the
+            // log (a new leader whose commit point has not caught up), as
             // Kafka answers, rather than an error that resets the consumer.
-            let (_, _, log_end) = context.service.offset_range(topic, partition).await?;
-            if offset > log_end {
-                return Err(out_of_range(offset, start, end));
+            // A leader not serving reads yet cannot tell where the log's
+            // committed end is: nothing to read yet, too.
+            if !any_replica {
+                let (_, _, log_end) = context.service.offset_range(topic, partition).await?;
+                if offset > log_end {
+                    return Err(out_of_range(offset, start, end));
+                }
             }
             return Ok((bytes::Bytes::new(), start, end));
-        }
-        Err(e) if leads_but_serves_no_reads_yet(&e, context.service.node_id()) => {
-            return Ok((bytes::Bytes::new(), offset, offset));
         }
         Err(e) => return Err(e.into()),
     };
@@ -156,18 +155,38 @@ async fn read(
         from = read_to;
         batches = context
             .service
-            .fetch(topic, partition, from, limit as u32, false)
+            .fetch(topic, partition, from, limit as u32, any_replica)
             .await?
             .batches;
     }
     Ok((emptied_span(offset, from), start, committed))
 }
 
+/// The partition's committed records from `offset`, and whether they were
+/// read as any replica's. A leader just elected (its commit point not yet
+/// of its own term, a moment) refuses reads as a leader; what it knows to
+/// be committed is answered instead, up to its commit point, with that
+/// point as the high watermark, as a Kafka leader whose high watermark
+/// lags answers. NOT_LEADER_OR_FOLLOWER would send KafkaJS to rejoin its
+/// group.
+async fn first_fetch(
+    context: &Context,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    max_bytes: u32,
+) -> (Result<Fetched, ServiceError>, bool) {
+    let service = &context.service;
+    match service.fetch(topic, partition, offset, max_bytes, false).await {
+        Err(e) if leads_but_serves_no_reads_yet(&e, service.node_id()) => {
+            (service.fetch(topic, partition, offset, max_bytes, true).await, true)
+        }
+        answer => (answer, false),
+    }
+}
+
 /// Whether a refusal names this node itself as the leader: elected here,
-/// its commit point not yet of its own term (a moment). Nothing is there to
-/// read yet, as a Kafka leader whose high watermark lags answers;
-/// NOT_LEADER_OR_FOLLOWER would send KafkaJS to rejoin its group, where
-/// the long poll asks again instead.
+/// not serving reads as the leader yet.
 fn leads_but_serves_no_reads_yet(error: &ServiceError, me: NodeId) -> bool {
     matches!(error, ServiceError::Failed(BrokerError::NotLeader { leader: Some(leader), .. }) if *leader == me)
 }

@@ -341,18 +341,38 @@ fn a_member_id_handed_out_admits_its_member_only_when_it_joins_with_it() {
     assert_eq!(core.member_id_for(&bad, 0), Err(GroupError::InvalidSessionTimeout));
 }
 
+/// Ids handed out count against a group's size; over every group they are
+/// bounded by forgetting the one soonest to expire, and dropped with the
+/// groups a coordinator gives up.
 #[test]
 fn member_ids_handed_out_and_not_joined_with_are_bounded() {
     let mut core = GroupsCore::new(7);
-    for _ in 0..PENDING_MEMBERS_MAX {
-        core.member_id_for(&join("", &["range"]), 0).expect("an id");
+    let in_group = |g: usize| Join {
+        group: format!("g{g}"),
+        ..join("", &["range"])
+    };
+    let oldest = core.member_id_for(&in_group(0), 0).expect("an id");
+    for _ in 0..MEMBERS_MAX {
+        core.member_id_for(&join("", &["range"]), 1).expect("an id");
     }
-    assert!(matches!(
-        core.member_id_for(&join("", &["range"]), 0),
-        Err(GroupError::Invalid(_))
-    ));
-    assert!(
-        core.member_id_for(&join("", &["range"]), 10_001).is_ok(),
-        "the expired ones make room"
+    assert_eq!(
+        core.member_id_for(&join("", &["range"]), 1),
+        Err(GroupError::GroupMaxSizeReached)
     );
+    for i in 1..=PENDING_MEMBERS_MAX - MEMBERS_MAX {
+        core.member_id_for(&in_group(i), 2).expect("another group has room");
+    }
+    assert_eq!(core.pending.len(), PENDING_MEMBERS_MAX);
+    let rejoin = Join {
+        group: "g0".into(),
+        ..join(&oldest, &["range"])
+    };
+    let answers = core.join(rejoin, 1, 3);
+    assert_eq!(
+        answers.map(|_| ()),
+        Err(GroupError::UnknownMemberId),
+        "the soonest to expire went"
+    );
+    core.drop_groups(|g| g == "g");
+    assert_eq!(core.pending.len(), PENDING_MEMBERS_MAX - MEMBERS_MAX);
 }
