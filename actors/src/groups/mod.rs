@@ -157,4 +157,32 @@ mod tests {
         assert!(parse_offset(b"g\0orders", Some(&value)).is_none());
         assert!(parse_offset(&key, Some(b"short")).is_none());
     }
+
+    /// A coordinator that leads an offsets partition again in a later term
+    /// drops the groups it kept from the earlier one, and only those.
+    #[test]
+    fn groups_kept_from_an_earlier_term_of_their_partition_are_dropped() {
+        let coordinator = Coordinator::new(1);
+        let join = |group: &str| core::Join {
+            group: group.into(),
+            member_id: String::new(),
+            client_id: "c".into(),
+            client_host: String::new(),
+            protocol_type: "consumer".into(),
+            protocols: vec![("range".into(), Bytes::new())],
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 5_000,
+            instance_id: None,
+        };
+        let of_partition_0 = |g: &str| g.starts_with("p0-");
+        coordinator.coordinates(0, 3, of_partition_0);
+        for group in ["p0-a", "p1-b"] {
+            coordinator.core().join(join(group), 1, 0).expect("joins");
+        }
+        coordinator.coordinates(0, 3, of_partition_0);
+        assert!(coordinator.core().group("p0-a").is_some(), "the same term keeps them");
+        coordinator.coordinates(0, 5, of_partition_0);
+        assert!(coordinator.core().group("p0-a").is_none(), "a later term drops them");
+        assert!(coordinator.core().group("p1-b").is_some(), "another partition's stay");
+    }
 }
