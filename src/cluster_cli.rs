@@ -271,12 +271,11 @@ async fn serve_node(
     let handle = node.handle();
     // One listener from here on: a signal while the broker or controller
     // starts is kept for the wait below, not lost between two listeners.
-    let stop = wait_for_shutdown_signal();
+    let stop = shutdown_signal()?;
     tokio::pin!(stop);
     let controllers = tokio::select! {
         found = controller_voters(&handle, &setup.data, &setup.seeds, args.controllers.clone()) => found?,
-        signal = &mut stop => {
-            signal?;
+        () = &mut stop => {
             node.shutdown();
             return Ok(());
         }
@@ -298,7 +297,7 @@ async fn serve_node(
         }
         None => None,
     };
-    stop.await?;
+    stop.await;
     if let Some(kafka) = kafka {
         kafka.shutdown();
     }
@@ -412,12 +411,23 @@ fn next_incarnation(data: &Path, id: NodeId) -> anyhow::Result<u64> {
 }
 
 pub async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result?,
-        _ = terminate.recv() => {}
-    }
+    shutdown_signal()?.await;
     Ok(())
+}
+
+/// Listens for SIGTERM and SIGINT from this call on (not from the first
+/// poll, as an `async fn` would): the future ends at the first of them.
+/// Must be called inside the runtime.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
 
 #[derive(clap::Args)]

@@ -79,8 +79,10 @@ impl BrokerService {
         match self.shared.broker.status(gid).await {
             Some(s) if s.leader == Some(self.node_id()) && s.commit_known => {
                 let of_partition = |g: &str| partition_for_key(g.as_bytes(), OFFSETS_PARTITIONS) == partition;
-                self.shared.groups.coordinates(partition, s.term, of_partition);
-                Ok((gid, partition, s.term))
+                match self.shared.groups.coordinates(partition, s.term, of_partition) {
+                    true => Ok((gid, partition, s.term)),
+                    false => Err(not_here()),
+                }
             }
             _ => Err(not_here()),
         }

@@ -171,10 +171,22 @@ pub struct GroupsCore {
     next_member: u64,
     /// Member ids handed out to joins without one (KIP-394: a Kafka
     /// JoinGroup v4+ is answered MEMBER_ID_REQUIRED with an id), by group
-    /// and id, with when each expires (its session timeout): the member
-    /// is admitted only when it joins again with the id, so a join whose
-    /// client gave up leaves no member behind to be assigned partitions.
-    pending: BTreeMap<(String, String), u64>,
+    /// and id, with when each expires (its session timeout) and the
+    /// order it was handed out in: the member is admitted only when it
+    /// joins again with the id, so a join whose client gave up leaves no
+    /// member behind to be assigned partitions.
+    pending: BTreeMap<(String, String), Pending>,
+    /// The Raft term in which each offsets partition's groups were last
+    /// coordinated here.
+    terms: BTreeMap<u32, u64>,
+}
+
+/// A member id handed out and not yet joined with.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    expires_ms: u64,
+    /// Larger for a later id.
+    order: u64,
 }
 
 impl GroupsCore {
@@ -184,7 +196,35 @@ impl GroupsCore {
             nonce,
             next_member: 0,
             pending: BTreeMap::new(),
+            terms: BTreeMap::new(),
         }
+    }
+
+    /// Notes that this node coordinates offsets partition `partition` in
+    /// Raft term `term`; `false` for a term older than one already seen (a
+    /// late answer: not the coordinator as far as it knows). The groups
+    /// `of_partition` names, kept from an earlier term, are dropped first:
+    /// another node may have coordinated them in between (a leadership
+    /// that went and came back while this node was too slow to say), so
+    /// their members rejoin, as after a move, rather than meet a stale
+    /// generation or instance. Answers to their parked requests go in
+    /// `answers`.
+    pub fn coordinates(
+        &mut self,
+        partition: u32,
+        term: u64,
+        of_partition: impl Fn(&str) -> bool,
+        answers: &mut Vec<Answer>,
+    ) -> bool {
+        let known = self.terms.get(&partition).copied();
+        if known.is_some_and(|known| term < known) {
+            return false;
+        }
+        self.terms.insert(partition, term);
+        if known.is_some_and(|known| term > known) {
+            answers.extend(self.drop_groups(of_partition));
+        }
+        true
     }
 
     /// A member id for a join that came without one (KIP-394), kept until
@@ -192,12 +232,12 @@ impl GroupsCore {
     ///
     /// Ids handed out count with the group's members against
     /// [`MEMBERS_MAX`]. Past [`PENDING_MEMBERS_MAX`] over every group, the
-    /// id soonest to expire is forgotten (its member, if it comes back, is
-    /// unknown and asks again), so a client looping on joins cannot keep
-    /// other groups' members out.
+    /// oldest id is forgotten (its member, if it comes back, is unknown and
+    /// asks again), so a client looping on joins, whatever its session
+    /// timeout, pushes out its own ids before a member's that just asked.
     pub fn member_id_for(&mut self, join: &Join, now_ms: u64) -> Result<String, GroupError> {
         check_join(join)?;
-        self.pending.retain(|_, expires_ms| *expires_ms >= now_ms);
+        self.pending.retain(|_, p| p.expires_ms >= now_ms);
         let members = self.groups.get(&join.group).map_or(0, |g| g.members.len());
         let first = (join.group.clone(), String::new());
         let pending = self
@@ -209,14 +249,17 @@ impl GroupsCore {
             return Err(GroupError::GroupMaxSizeReached);
         }
         if self.pending.len() >= PENDING_MEMBERS_MAX {
-            let soonest = self.pending.iter().min_by_key(|(_, expires_ms)| **expires_ms);
-            if let Some(key) = soonest.map(|(key, _)| key.clone()) {
+            let oldest = self.pending.iter().min_by_key(|(_, p)| p.order);
+            if let Some(key) = oldest.map(|(key, _)| key.clone()) {
                 self.pending.remove(&key);
             }
         }
         let member_id = self.new_member_id(&join.client_id);
-        let expires_ms = now_ms.saturating_add(join.session_timeout_ms);
-        self.pending.insert((join.group.clone(), member_id.clone()), expires_ms);
+        let pending = Pending {
+            expires_ms: now_ms.saturating_add(join.session_timeout_ms),
+            order: self.next_member,
+        };
+        self.pending.insert((join.group.clone(), member_id.clone()), pending);
         Ok(member_id)
     }
 
@@ -251,10 +294,7 @@ impl GroupsCore {
             }
         }
         let pending = (join.group.clone(), member_id.clone());
-        let handed_out = self
-            .pending
-            .get(&pending)
-            .is_some_and(|expires_ms| *expires_ms >= now_ms);
+        let handed_out = self.pending.get(&pending).is_some_and(|p| p.expires_ms >= now_ms);
         admit(group, &join, &member_id, handed_out)?;
         self.pending.remove(&pending);
         // A member names one instance at most: the one it joins with now.
@@ -415,7 +455,7 @@ impl GroupsCore {
 
     /// Expires silent members and completes rebalances whose time is up.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Answer> {
-        self.pending.retain(|_, expires_ms| *expires_ms >= now_ms);
+        self.pending.retain(|_, p| p.expires_ms >= now_ms);
         let mut answers = Vec::new();
         for group in self.groups.values_mut() {
             let expired: Vec<String> = group

@@ -52,9 +52,6 @@ pub struct Coordinator {
     next_ticket: AtomicU64,
     /// By offsets partition.
     pub offsets: tokio::sync::Mutex<BTreeMap<u32, OffsetCache>>,
-    /// The Raft term in which this node last coordinated each offsets
-    /// partition's groups.
-    terms: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl Coordinator {
@@ -64,26 +61,16 @@ impl Coordinator {
             waiters: Mutex::new(BTreeMap::new()),
             next_ticket: AtomicU64::new(1),
             offsets: tokio::sync::Mutex::new(BTreeMap::new()),
-            terms: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Notes that this node coordinates offsets partition `partition` in
-    /// Raft term `term`. The groups `of_partition` names, kept from an
-    /// earlier term, are dropped first: another node may have coordinated
-    /// them in between (a leadership that went and came back while this
-    /// node's replica was too slow to say), so their members rejoin, as
-    /// after a move, rather than meet a stale generation or instance.
-    pub fn coordinates(&self, partition: u32, term: u64, of_partition: impl Fn(&str) -> bool) {
-        let earlier = self
-            .terms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(partition, term);
-        if earlier.is_some_and(|earlier| earlier != term) {
-            let answers = self.core().drop_groups(of_partition);
-            self.deliver(answers);
-        }
+    /// [`GroupsCore::coordinates`], with the answers to the requests of
+    /// dropped groups delivered.
+    pub fn coordinates(&self, partition: u32, term: u64, of_partition: impl Fn(&str) -> bool) -> bool {
+        let mut answers = Vec::new();
+        let current = self.core().coordinates(partition, term, of_partition, &mut answers);
+        self.deliver(answers);
+        current
     }
 
     pub fn core(&self) -> std::sync::MutexGuard<'_, GroupsCore> {
@@ -175,14 +162,18 @@ mod tests {
             instance_id: None,
         };
         let of_partition_0 = |g: &str| g.starts_with("p0-");
-        coordinator.coordinates(0, 3, of_partition_0);
+        assert!(coordinator.coordinates(0, 3, of_partition_0));
         for group in ["p0-a", "p1-b"] {
             coordinator.core().join(join(group), 1, 0).expect("joins");
         }
         coordinator.coordinates(0, 3, of_partition_0);
         assert!(coordinator.core().group("p0-a").is_some(), "the same term keeps them");
-        coordinator.coordinates(0, 5, of_partition_0);
+        assert!(coordinator.coordinates(0, 5, of_partition_0));
         assert!(coordinator.core().group("p0-a").is_none(), "a later term drops them");
+        assert!(
+            !coordinator.coordinates(0, 4, of_partition_0),
+            "a late answer of an older term"
+        );
         assert!(coordinator.core().group("p1-b").is_some(), "another partition's stay");
     }
 }

@@ -204,7 +204,7 @@ mod tests {
     use runnel_actors::metadata::GroupId;
 
     #[test]
-    fn only_a_refusal_naming_this_node_as_leader_is_nothing_to_read_yet() {
+    fn only_a_refusal_naming_this_node_as_leader_is_read_as_what_it_knows_committed() {
         let not_leader = |leader| {
             ServiceError::Failed(BrokerError::NotLeader {
                 group: GroupId(4),

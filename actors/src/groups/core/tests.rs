@@ -376,3 +376,24 @@ fn member_ids_handed_out_and_not_joined_with_are_bounded() {
     core.drop_groups(|g| g == "g");
     assert_eq!(core.pending.len(), PENDING_MEMBERS_MAX - MEMBERS_MAX);
 }
+
+/// A client looping on joins with the longest session timeout cannot push
+/// out a member that just got its id with a short one.
+#[test]
+fn a_looping_client_pushes_out_its_own_ids_first() {
+    let mut core = GroupsCore::new(7);
+    let looping = |i: usize| Join {
+        group: format!("flood-{}", i % 20),
+        session_timeout_ms: SESSION_TIMEOUT_MAX_MS,
+        ..join("", &["range"])
+    };
+    for i in 0..PENDING_MEMBERS_MAX {
+        core.member_id_for(&looping(i), 0).expect("an id");
+    }
+    let member = core.member_id_for(&join("", &["range"]), 1).expect("an id");
+    for i in 0..100 {
+        core.member_id_for(&looping(i), 2).expect("an id");
+    }
+    let answers = core.join(join(&member, &["range"]), 1, 3).expect("admitted");
+    assert_eq!(joined(&answers, 1).expect("generation 1").member_id, member);
+}
