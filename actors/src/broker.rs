@@ -444,21 +444,24 @@ impl Broker {
         }
     }
 
-    /// Whether this node's replica of `group` leads it: `None` when the
-    /// replica did not answer within the request timeout (busy, as under
-    /// load), so that a caller keeps what it last knew rather than take a
-    /// slow replica for a lost leadership.
-    pub async fn leads(&self, group: GroupId) -> Option<bool> {
+    /// The Raft term in which this node's replica of `group` leads it, or
+    /// `Some(None)` when it does not lead; `None` when the replica did not
+    /// answer within the request timeout (busy, as under load), so that a
+    /// caller keeps what it last knew rather than take a slow replica for a
+    /// lost leadership.
+    pub async fn leading_term(&self, group: GroupId) -> Option<Option<u64>> {
         let Some(replica) = self.replica(group) else {
-            return Some(false);
+            return Some(None);
         };
         match replica
             .call(ReplicaMsg::Status, Some(self.config.request_timeout))
             .await
         {
-            Ok(ractor::rpc::CallResult::Success(status)) => Some(status.leader == Some(self.node.id())),
+            Ok(ractor::rpc::CallResult::Success(status)) => {
+                Some((status.leader == Some(self.node.id())).then_some(status.term))
+            }
             Ok(ractor::rpc::CallResult::Timeout) => None,
-            Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Some(false),
+            Ok(ractor::rpc::CallResult::SenderError) | Err(_) => Some(None),
         }
     }
 

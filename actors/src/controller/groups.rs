@@ -78,8 +78,11 @@ impl BrokerService {
         let gid = self.locate(OFFSETS_TOPIC, partition).await.map_err(|_| not_here())?;
         match self.shared.broker.status(gid).await {
             Some(s) if s.leader == Some(self.node_id()) && s.commit_known => {
-                let of_partition = |g: &str| partition_for_key(g.as_bytes(), OFFSETS_PARTITIONS) == partition;
-                match self.shared.groups.coordinates(partition, s.term, of_partition) {
+                match self
+                    .shared
+                    .groups
+                    .coordinates(partition, s.term, of_offsets_partition(partition))
+                {
                     true => Ok((gid, partition, s.term)),
                     false => Err(not_here()),
                 }
@@ -419,16 +422,30 @@ impl Shared {
             }
         };
         for (partition, gid) in gids {
-            // A replica too busy to answer in time keeps its groups: the
-            // next tick asks again.
-            if self.broker.leads(gid).await != Some(false) {
-                led.push(partition);
+            match self.broker.leading_term(gid).await {
+                // Groups kept from an earlier term go now, not at the
+                // partition's next request.
+                Some(Some(term)) => {
+                    self.groups
+                        .coordinates(partition, term, of_offsets_partition(partition));
+                    led.push(partition);
+                }
+                Some(None) => {}
+                // A replica too busy to answer in time keeps its groups:
+                // the next tick asks again.
+                None => led.push(partition),
             }
         }
         let moved = |group: &str| !led.contains(&partition_for_key(group.as_bytes(), OFFSETS_PARTITIONS));
         let answers = self.groups.core().drop_groups(moved);
         self.groups.deliver(answers);
     }
+}
+
+/// Whether a group's coordinator is the leader of offsets partition
+/// `partition`.
+fn of_offsets_partition(partition: u32) -> impl Fn(&str) -> bool {
+    move |group| partition_for_key(group.as_bytes(), OFFSETS_PARTITIONS) == partition
 }
 
 fn now_ms() -> u64 {
