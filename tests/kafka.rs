@@ -761,6 +761,7 @@ fn kafka_consumer_groups_share_partitions_commit_only_what_they_delivered_and_re
     let deleted = run(python().args(["delete-groups", &bootstrap, "k"]), "delete k", None);
     assert_eq!(json_lines(&deleted)[0]["error"], "OK", "{deleted:?}");
     assert_eq!(kcat_group("kcat -G after DeleteGroups"), 300);
+    offset_delete_forgets_what_no_member_reads(&bootstrap);
 
     // Two live members share the partitions; when one dies without
     // leaving, its session times out and the other takes them all.
@@ -789,6 +790,41 @@ fn kafka_consumer_groups_share_partitions_commit_only_what_they_delivered_and_re
         killed.elapsed().as_secs_f64()
     );
     drop(cluster.scratch);
+}
+
+/// OffsetDelete (kafka-python's `delete_group_offsets`): an empty group's
+/// offset of one partition is forgotten and the others stay; a group
+/// with a member reading the topic keeps it (GROUP_SUBSCRIBED_TO_TOPIC);
+/// an unknown group is GROUP_ID_NOT_FOUND; an unknown partition is named.
+fn offset_delete_forgets_what_no_member_reads(bootstrap: &str) {
+    let delete = |group: &str, partitions: &[&str]| {
+        let mut args = vec!["delete-offsets", bootstrap, group, "events"];
+        args.extend(partitions);
+        json_lines(&run(python().args(&args), "delete-offsets", None))
+    };
+    let lines = delete("g", &["0", "7"]);
+    let outcome = |p: u64| lines.iter().find(|l| l["partition"] == p).map(|l| l["error"].clone());
+    assert_eq!(outcome(0), Some("NoError".into()), "{lines:?}");
+    assert_eq!(outcome(7), Some("UnknownTopicOrPartitionError".into()), "{lines:?}");
+    let committed = lines
+        .iter()
+        .find_map(|l| l["committed"].as_array().cloned())
+        .expect("committed");
+    let partitions: Vec<u64> = committed.iter().filter_map(|pair| pair[0].as_u64()).collect();
+    assert_eq!(
+        partitions,
+        vec![1, 2],
+        "partition 0's offset is forgotten, the others stay"
+    );
+
+    let _reader = member(bootstrap, "events", "held");
+    wait_for("the member to be given the partitions", TIMEOUT, || {
+        shared_by(bootstrap, "held", 1, 3)
+    });
+    let lines = delete("held", &["1"]);
+    assert_eq!(lines[0]["error"], "GroupSubscribedToTopicError", "{lines:?}");
+    let lines = delete("nobody", &["0"]);
+    assert_eq!(lines[0]["error"], "GroupIdNotFoundError", "{lines:?}");
 }
 
 /// A background `runnel consume --group` member, SIGKILLed when dropped.

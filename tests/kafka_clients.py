@@ -10,6 +10,8 @@ Each command prints JSON lines the Rust test reads:
   describe BOOTSTRAP GROUP              (state and each member's partitions)
   configs BOOTSTRAP TOPIC               (the topic's settings, DescribeConfigs)
   delete-groups BOOTSTRAP GROUP...      (DeleteGroups; each group's outcome)
+  delete-offsets BOOTSTRAP GROUP TOPIC PARTITION... (OffsetDelete; each partition's
+        outcome or the request's error, then the group's committed offsets of TOPIC)
   alter BOOTSTRAP TOPIC MODE KEY=VALUE... (MODE incremental: IncrementalAlterConfigs,
         KEY= deletes the setting; MODE replace: AlterConfigs; the outcome)
   grow BOOTSTRAP TOPIC COUNT            (CreatePartitions to COUNT in all; the outcome)
@@ -27,7 +29,7 @@ import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, KafkaError
 
 
 def tls():
@@ -166,6 +168,19 @@ def delete_groups(bootstrap, *group_ids):
     admin.close()
 
 
+def delete_offsets(bootstrap, group_id, topic, *partitions):
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls())
+    try:
+        wanted = [TopicPartition(topic, int(p)) for p in partitions]
+        for tp, error in admin.delete_group_offsets(group_id, wanted).items():
+            emit(partition=tp.partition, error=error.__name__)
+    except KafkaError as e:
+        emit(error=type(e).__name__)
+    committed = admin.list_group_offsets(group_id).get(group_id, {})
+    emit(committed=sorted([tp.partition, o.offset] for tp, o in committed.items() if tp.topic == topic))
+    admin.close()
+
+
 def configs(bootstrap, topic):
     from kafka.admin import ConfigResource, ConfigResourceType
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), **tls())
@@ -211,4 +226,4 @@ def delete_records(bootstrap, topic, partition, offset):
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"create": create, "produce": produce, "consume": consume, "group": group, "describe": describe, "configs": configs,
-     "delete-groups": delete_groups, "alter": alter, "grow": grow, "delete-records": delete_records}[command](*args)
+     "delete-groups": delete_groups, "delete-offsets": delete_offsets, "alter": alter, "grow": grow, "delete-records": delete_records}[command](*args)

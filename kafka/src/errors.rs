@@ -64,6 +64,7 @@ fn group_code(error: GroupError) -> ResponseError {
         GroupError::GroupMaxSizeReached => ResponseError::GroupMaxSizeReached,
         GroupError::NonEmptyGroup => ResponseError::NonEmptyGroup,
         GroupError::FencedInstanceId => ResponseError::FencedInstanceId,
+        GroupError::GroupIdNotFound => ResponseError::GroupIdNotFound,
         GroupError::TooManyGroups | GroupError::Invalid(_) => ResponseError::InvalidRequest,
     }
 }

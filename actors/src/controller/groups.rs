@@ -2,6 +2,7 @@
 //! shell over [`crate::groups::core`], with committed offsets kept as
 //! records of the offsets topic (see [`crate::groups`]).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use runnel_storage::{BatchBuilder, Record};
 
 use super::service::{BrokerService, ServiceError};
 use super::Shared;
-use crate::groups::core::{Answer, GroupError, GroupState, GroupsCore, Join, Joined, Synced, Ticket};
+use crate::groups::core::{Answer, Group, GroupError, GroupState, GroupsCore, Join, Joined, Synced, Ticket};
 use crate::groups::{offset_key, parse_offset, OffsetCache, CACHED_OFFSETS_MAX};
 use crate::metadata::{CleanupPolicy, GroupId, MetadataError, NodeId, TopicConfig};
 use crate::protocol::{Acks, BrokerError};
@@ -272,6 +273,47 @@ impl BrokerService {
         let entries: Vec<_> = offsets.iter().map(|(t, p, o)| (t.clone(), *p, Some(*o))).collect();
         self.write_offsets(gid, group, &entries, cache).await?;
         Ok(())
+    }
+
+    /// Kafka's OffsetDelete: forgets `group`'s committed offsets of
+    /// `wanted`, except of the topics its members read. `subscribed` names
+    /// those topics, or `None` when it cannot tell (not a consumer group),
+    /// which refuses the request while the group has members. Each
+    /// partition's outcome: `true` forgotten (or had none), `false` kept
+    /// because a member reads its topic.
+    pub async fn delete_group_offsets(
+        &self,
+        group: &str,
+        wanted: &[(String, u32)],
+        subscribed: impl Fn(&Group) -> Option<BTreeSet<String>>,
+    ) -> Result<Vec<bool>, GroupFailure> {
+        let (gid, partition, term) = self.coordinating(group).await?;
+        if wanted.len() > COMMIT_OFFSETS_MAX {
+            return Err(GroupError::Invalid("more offsets in one request than allowed").into());
+        }
+        let (known, read) = match self.shared.groups.core().group(group) {
+            Some(g) if !g.members.is_empty() => (true, subscribed(g).ok_or(GroupError::NonEmptyGroup)?),
+            found => (found.is_some(), BTreeSet::new()),
+        };
+        let mut caches = self.shared.groups.offsets.lock().await;
+        self.load_offsets(&mut caches, gid, partition, term).await?;
+        let cache = caches.entry(partition).or_default();
+        if !known && !cache.offsets.keys().any(|(g, ..)| g == group) {
+            return Err(GroupError::GroupIdNotFound.into());
+        }
+        let outcomes: Vec<bool> = wanted.iter().map(|(topic, _)| !read.contains(topic)).collect();
+        let forgotten: Vec<(String, u32, Option<i64>)> = wanted
+            .iter()
+            .zip(&outcomes)
+            .filter(|((topic, p), forget)| {
+                **forget && cache.offsets.contains_key(&(group.to_string(), topic.clone(), *p))
+            })
+            .map(|((topic, p), _)| (topic.clone(), *p, None))
+            .collect();
+        if !forgotten.is_empty() {
+            self.write_offsets(gid, group, &forgotten, cache).await?;
+        }
+        Ok(outcomes)
     }
 
     /// Writes `entries` (topic, partition, next offset, or `None` for a

@@ -63,6 +63,8 @@ pub enum GroupError {
     Invalid(&'static str),
     #[error("another member took over this group.instance.id: this one is fenced")]
     FencedInstanceId,
+    #[error("no such group: it has no members and no committed offsets")]
+    GroupIdNotFound,
 }
 
 /// A member's JoinGroup.

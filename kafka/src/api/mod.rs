@@ -41,6 +41,7 @@ pub mod list_groups;
 pub mod list_offsets;
 pub mod metadata;
 pub mod offset_commit;
+pub mod offset_delete;
 pub mod offset_fetch;
 pub mod produce;
 pub mod sync_group;
@@ -73,6 +74,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DeleteRecords, 0, 2),
+    (ApiKey::OffsetDelete, 0, 0),
 ];
 
 /// What every handler needs: the node's broker service, and who asks.
@@ -272,6 +274,7 @@ async fn dispatch(
         ApiKey::CreatePartitions => serve!(create_partitions),
         ApiKey::IncrementalAlterConfigs => serve!(incremental_alter_configs),
         ApiKey::DeleteRecords => serve!(delete_records),
+        ApiKey::OffsetDelete => serve!(offset_delete),
         // Produce goes through `accept`, which answers it later.
         _ => unreachable!("{api:?} is in SUPPORTED without a handler"),
     }

@@ -61,7 +61,7 @@ fn top_level(api: ApiKey, version: i16, correlation_id: i32) -> Option<Result<By
         ExpireDelegationToken => ExpireDelegationTokenResponse,
         DescribeDelegationToken => DescribeDelegationTokenResponse, ElectLeaders => ElectLeadersResponse,
         AlterPartitionReassignments => AlterPartitionReassignmentsResponse,
-        ListPartitionReassignments => ListPartitionReassignmentsResponse, OffsetDelete => OffsetDeleteResponse,
+        ListPartitionReassignments => ListPartitionReassignmentsResponse,
         DescribeClientQuotas => DescribeClientQuotasResponse,
         DescribeUserScramCredentials => DescribeUserScramCredentialsResponse, UpdateFeatures => UpdateFeaturesResponse,
         DescribeCluster => DescribeClusterResponse, ListTransactions => ListTransactionsResponse,
