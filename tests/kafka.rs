@@ -665,9 +665,11 @@ impl Drop for Member {
     }
 }
 
+/// A background kafka-python member of `group` (it waits up to 10 minutes
+/// for records; killed when dropped).
 fn member(bootstrap: &str, topic: &str, group: &str) -> Member {
     let mut command = python();
-    command.args(["group", bootstrap, topic, group, "1000000", "60000"]);
+    command.args(["group", bootstrap, topic, group, "1000000", "600000"]);
     command.stdout(Stdio::null()).stderr(Stdio::null());
     Member(command.spawn().expect("spawn a group member"))
 }

@@ -276,32 +276,41 @@ impl BrokerService {
     }
 
     /// Kafka's OffsetDelete: forgets `group`'s committed offsets of
-    /// `wanted`, except of the topics its members read. `subscribed` names
-    /// those topics, or `None` when it cannot tell (not a consumer group),
-    /// which refuses the request while the group has members. Each
-    /// partition's outcome: `true` forgotten (or had none), `false` kept
-    /// because a member reads its topic.
+    /// `wanted`, except of the topics its members read. `subscribed` reads
+    /// them from the group's protocol type and each member's protocol
+    /// metadata (read with no lock held); `None`, a group of another kind,
+    /// refuses the request while the group has members. Each partition's
+    /// outcome: `true` forgotten (or had none), `false` kept because a
+    /// member reads its topic.
     pub async fn delete_group_offsets(
         &self,
         group: &str,
         wanted: &[(String, u32)],
-        subscribed: impl Fn(&Group) -> Option<BTreeSet<String>>,
+        subscribed: impl Fn(&str, &[Vec<Bytes>]) -> Option<Subscribed>,
     ) -> Result<Vec<bool>, GroupFailure> {
         let (gid, partition, term) = self.coordinating(group).await?;
         if wanted.len() > COMMIT_OFFSETS_MAX {
             return Err(GroupError::Invalid("more offsets in one request than allowed").into());
         }
-        let (known, read) = match self.shared.groups.core().group(group) {
-            Some(g) if !g.members.is_empty() => (true, subscribed(g).ok_or(GroupError::NonEmptyGroup)?),
-            found => (found.is_some(), BTreeSet::new()),
-        };
+        // Under the offsets lock, a member's commit waits for the delete.
         let mut caches = self.shared.groups.offsets.lock().await;
         self.load_offsets(&mut caches, gid, partition, term).await?;
         let cache = caches.entry(partition).or_default();
-        if !known && !cache.offsets.keys().any(|(g, ..)| g == group) {
-            return Err(GroupError::GroupIdNotFound.into());
-        }
-        let outcomes: Vec<bool> = wanted.iter().map(|(topic, _)| !read.contains(topic)).collect();
+        let members = self.shared.groups.core().group(group).map(member_protocols);
+        let first = (group.to_string(), String::new(), 0);
+        let has_offsets = cache
+            .offsets
+            .range(first..)
+            .next()
+            .is_some_and(|((g, ..), _)| g == group);
+        let read = match members {
+            None if !has_offsets => return Err(GroupError::GroupIdNotFound.into()),
+            Some((kind, metadata)) if !metadata.is_empty() => {
+                subscribed(&kind, &metadata).ok_or(GroupError::NonEmptyGroup)?
+            }
+            _ => Subscribed::Topics(BTreeSet::new()),
+        };
+        let outcomes: Vec<bool> = wanted.iter().map(|(topic, _)| !read.includes(topic)).collect();
         let forgotten: Vec<(String, u32, Option<i64>)> = wanted
             .iter()
             .zip(&outcomes)
@@ -482,6 +491,34 @@ impl Shared {
         let answers = self.groups.core().drop_groups(moved);
         self.groups.deliver(answers);
     }
+}
+
+/// The topics a group's members read, as OffsetDelete asks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subscribed {
+    Topics(BTreeSet<String>),
+    /// A subscription that cannot be read: taken to include every topic.
+    Every,
+}
+
+impl Subscribed {
+    fn includes(&self, topic: &str) -> bool {
+        match self {
+            Subscribed::Topics(topics) => topics.contains(topic),
+            Subscribed::Every => true,
+        }
+    }
+}
+
+/// A group's protocol type and each member's protocol metadata (cheap
+/// copies: read after the core's lock is let go).
+fn member_protocols(group: &Group) -> (String, Vec<Vec<Bytes>>) {
+    let metadata = group
+        .members
+        .values()
+        .map(|m| m.protocols.iter().map(|(_, bytes)| bytes.clone()).collect())
+        .collect();
+    (group.protocol_type.clone(), metadata)
 }
 
 /// Whether a group's coordinator is the leader of offsets partition

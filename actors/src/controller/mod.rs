@@ -37,7 +37,7 @@ use crate::protocol::{
 use crate::tasks::TaskHost;
 
 pub use self::core::{Command, ControllerCore, CoreConfig, GroupView, Liveness, MemberView, RepairStep};
-pub use groups::{GroupDescription, GroupFailure};
+pub use groups::{GroupDescription, GroupFailure, Subscribed};
 pub use service::{BrokerService, ServiceError};
 
 /// How often the controller leader looks for dead nodes' replicas to move,

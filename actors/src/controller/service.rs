@@ -190,6 +190,14 @@ impl BrokerService {
         }
     }
 
+    /// How many partitions `topic` has, as this node's metadata says (no
+    /// catching up with the controller, no replica asked): `None` when it
+    /// knows no such topic.
+    pub fn partition_count(&self, topic: &str) -> Option<u32> {
+        let core = self.shared.core();
+        core.meta().metadata.topics.get(topic).map(|t| t.config.partitions)
+    }
+
     /// A topic's configuration and, per partition, what this node knows of
     /// its replicas.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ServiceError> {
