@@ -98,7 +98,10 @@ const CONNECT_WAIT: Duration = Duration::from_secs(15);
 const CONNECT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 impl Client {
-    /// Connects through any of `seeds` with the client certificate in `certs`.
+    /// Connects through any of `seeds` with the client certificate in
+    /// `certs`. While no seed answers (nodes starting, or too loaded to
+    /// finish a handshake), it asks again for up to 15 s; a handshake a
+    /// node refuses (a certificate of another cluster) fails at once.
     pub async fn connect(seeds: Vec<SocketAddr>, certs: &Path) -> ClientResult<Client> {
         Client::connect_from(seeds, certs, None).await
     }
