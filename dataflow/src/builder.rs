@@ -234,6 +234,35 @@ pub trait WindowStage: Send + Sync {
     }
 }
 
+/// The [`WindowStage`] methods of a stage whose state is one store (the
+/// field `$store`) and whose clock is its field `max_event_ms`: `snapshot`
+/// is `$snapshot(max_event_ms)`, `restore` is
+/// `$restore(&mut max_event_ms, bytes)`.
+macro_rules! one_store_stage {
+    ($store:ident, $snapshot:expr, $restore:expr) => {
+        fn snapshot(&self) -> Result<Vec<u8>, $crate::builder::StageError> {
+            ($snapshot)(self.max_event_ms)
+        }
+
+        fn restore(&mut self, bytes: &[u8]) -> Result<(), $crate::builder::StageError> {
+            ($restore)(&mut self.max_event_ms, bytes)
+        }
+
+        fn watermark_ms(&self) -> i64 {
+            self.max_event_ms
+        }
+
+        fn store(&self) -> Option<&dyn $crate::builder::StateStore> {
+            Some(&self.$store)
+        }
+
+        fn store_mut(&mut self) -> Option<&mut dyn $crate::builder::StateStore> {
+            Some(&mut self.$store)
+        }
+    };
+}
+pub(crate) use one_store_stage;
+
 /// A stage's state as the entries of a changelog.
 pub trait StateStore: Send + Sync {
     /// The entries changed since the last [`StateStore::changes_written`]:

@@ -192,19 +192,29 @@ fn compile_table_aggregate(
     let changes: WindowStageFactory = Arc::new(move || Box::new(TableChangesStage::new(changes.clone())));
     let aggregate: WindowStageFactory = Arc::new(move || Box::new(TableAggregateStage::new(aggregate.clone())));
     Ok(DataflowDef {
+        next_stages: vec![aggregate],
+        ..table_dataflow(name, plan, primary_key, changes)
+    })
+}
+
+/// A dataflow that reads `plan`'s source as a table keyed by column `key`
+/// (`None`: by the JSON object of a query-written table's key columns)
+/// into `window_stage`; nothing more.
+fn table_dataflow(name: &str, plan: &Plan, key: Option<usize>, window_stage: WindowStageFactory) -> DataflowDef {
+    DataflowDef {
         name: name.to_string(),
         source: plan.source.topic.clone(),
         sink: plan.sink.topic.clone(),
         source_stage: Arc::new(TableSource {
             columns: plan.source.columns.clone(),
-            key: primary_key,
+            key,
             side: LEFT,
         }),
         joined_sources: Vec::new(),
-        window_stage: Some(changes),
-        next_stages: vec![aggregate],
+        window_stage: Some(window_stage),
+        next_stages: Vec::new(),
         steps: Vec::new(),
-    })
+    }
 }
 
 fn invalid(why: &str) -> PlanError {
@@ -309,14 +319,6 @@ fn compile_tables_join(
     });
     let factory: WindowStageFactory = Arc::new(move || Box::new(TableJoinStage::new(spec.clone())));
     Ok(DataflowDef {
-        name: name.to_string(),
-        source: plan.source.topic.clone(),
-        sink: plan.sink.topic.clone(),
-        source_stage: Arc::new(TableSource {
-            columns: plan.source.columns.clone(),
-            key: Some(join.left_key),
-            side: LEFT,
-        }),
         joined_sources: vec![JoinedSource {
             topic: join.source.topic.clone(),
             stage: Arc::new(TableSource {
@@ -325,9 +327,7 @@ fn compile_tables_join(
                 side: RIGHT,
             }),
         }],
-        window_stage: Some(factory),
-        next_stages: Vec::new(),
-        steps: Vec::new(),
+        ..table_dataflow(name, plan, Some(join.left_key), factory)
     })
 }
 

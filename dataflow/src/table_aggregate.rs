@@ -25,7 +25,7 @@ use runnel_client::plan::{Expr, Operator};
 use runnel_client::tasks::StateRow;
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{state_rows, Emitted, StageError, StateStore, WindowStage};
+use crate::builder::{one_store_stage, state_rows, Emitted, StageError, WindowStage};
 use crate::compile::{emit_deletion, emit_row, group_key, run_ops, Accumulator, AggregateStage};
 use crate::join::LEFT;
 use crate::row::{eval, Value};
@@ -55,6 +55,12 @@ fn snapshot(max_event_ms: i64) -> Result<Vec<u8>, StageError> {
         max_event_ms,
     };
     postcard::to_allocvec(&snapshot).map_err(|e| StageError::Unencodable(e.to_string()))
+}
+
+/// Sets `max_event_ms` to the greatest event time a snapshot holds.
+fn restore_clock(max_event_ms: &mut i64, bytes: &[u8]) -> Result<(), StageError> {
+    *max_event_ms = restored(bytes)?;
+    Ok(())
 }
 
 /// The greatest event time a snapshot holds.
@@ -187,26 +193,7 @@ impl WindowStage for TableChangesStage {
         }
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
-        snapshot(self.max_event_ms)
-    }
-
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
-        self.max_event_ms = restored(bytes)?;
-        Ok(())
-    }
-
-    fn store(&self) -> Option<&dyn StateStore> {
-        Some(&self.rows)
-    }
-
-    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
-        Some(&mut self.rows)
-    }
-
-    fn watermark_ms(&self) -> i64 {
-        self.max_event_ms
-    }
+    one_store_stage!(rows, snapshot, restore_clock);
 
     /// The aggregate holds the state a pull query reads, not this stage.
     fn read(&self, _key: Option<&[u8]>, _limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
@@ -322,26 +309,7 @@ impl WindowStage for TableAggregateStage {
         self.emit(key, after.as_deref(), t_ms, out)
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
-        snapshot(self.max_event_ms)
-    }
-
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
-        self.max_event_ms = restored(bytes)?;
-        Ok(())
-    }
-
-    fn store(&self) -> Option<&dyn StateStore> {
-        Some(&self.groups)
-    }
-
-    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
-        Some(&mut self.groups)
-    }
-
-    fn watermark_ms(&self) -> i64 {
-        self.max_event_ms
-    }
+    one_store_stage!(groups, snapshot, restore_clock);
 
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
         let calls = self.stage.calls.len();

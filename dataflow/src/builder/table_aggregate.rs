@@ -20,7 +20,8 @@ use serde::Serialize;
 
 use super::table_join::{decode_key, Table, TypedTableSource};
 use super::{
-    state_rows, step, to_json, type_name, DataflowDef, Emitted, StageError, StateStore, WindowStage, WindowStageFactory,
+    one_store_stage, state_rows, step, to_json, type_name, DataflowDef, Emitted, StageError, WindowStage,
+    WindowStageFactory,
 };
 use crate::table_aggregate::{ADDED, REPLACED, TAKEN_OUT};
 use crate::table_join::{KeyRows, Rows};
@@ -147,7 +148,13 @@ where
     }
 }
 
-fn restore_version(bytes: &[u8]) -> Result<(), StageError> {
+/// A typed table aggregate's snapshot: its format only (its state is in
+/// its store; its clock is not kept).
+fn snapshot_version(_max_event_ms: i64) -> Result<Vec<u8>, StageError> {
+    Ok(vec![TYPED_TABLE_AGGREGATE_STATE_VERSION])
+}
+
+fn restore_version(_max_event_ms: &mut i64, bytes: &[u8]) -> Result<(), StageError> {
     match bytes {
         [TYPED_TABLE_AGGREGATE_STATE_VERSION] => Ok(()),
         _ => Err(StageError::Corrupt(format!(
@@ -237,30 +244,12 @@ where
         }
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
-        Ok(vec![TYPED_TABLE_AGGREGATE_STATE_VERSION])
-    }
-
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
-        restore_version(bytes)
-    }
-
-    fn watermark_ms(&self) -> i64 {
-        self.max_event_ms
-    }
+    one_store_stage!(rows, snapshot_version, restore_version);
 
     fn read(&self, _key: Option<&[u8]>, _limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
         Err(StageError::NoTable(
             "a table's changes stage holds rows by primary key; its aggregate holds the groups",
         ))
-    }
-
-    fn store(&self) -> Option<&dyn StateStore> {
-        Some(&self.rows)
-    }
-
-    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
-        Some(&mut self.rows)
     }
 }
 
@@ -355,17 +344,7 @@ where
         Self::emit(key, (rows > 0).then_some(&aggregate), t_ms, out)
     }
 
-    fn snapshot(&self) -> Result<Vec<u8>, StageError> {
-        Ok(vec![TYPED_TABLE_AGGREGATE_STATE_VERSION])
-    }
-
-    fn restore(&mut self, bytes: &[u8]) -> Result<(), StageError> {
-        restore_version(bytes)
-    }
-
-    fn watermark_ms(&self) -> i64 {
-        self.max_event_ms
-    }
+    one_store_stage!(groups, snapshot_version, restore_version);
 
     fn read(&self, key: Option<&[u8]>, limit: usize) -> Result<Option<Vec<StateRow>>, StageError> {
         let mut out = Emitted::default();
@@ -378,14 +357,6 @@ where
             }
         }
         Ok(Some(state_rows(&out)))
-    }
-
-    fn store(&self) -> Option<&dyn StateStore> {
-        Some(&self.groups)
-    }
-
-    fn store_mut(&mut self) -> Option<&mut dyn StateStore> {
-        Some(&mut self.groups)
     }
 }
 
