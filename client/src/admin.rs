@@ -130,7 +130,7 @@ impl Client {
 
     /// The SQL catalog and the running queries' plans.
     pub async fn catalog(&self) -> ClientResult<Catalog> {
-        match self.call(None, &ClientRequest::Catalog).await? {
+        match self.read_any(&ClientRequest::Catalog).await? {
             ClientResponse::Catalog(catalog) => Ok(catalog),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
@@ -138,7 +138,7 @@ impl Client {
 
     /// Running dataflows and the node of each task.
     pub async fn dataflows(&self) -> ClientResult<Vec<DataflowMeta>> {
-        match self.call(None, &ClientRequest::Dataflows).await? {
+        match self.read_any(&ClientRequest::Dataflows).await? {
             ClientResponse::Dataflows(dataflows) => Ok(dataflows),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }

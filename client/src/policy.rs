@@ -94,7 +94,8 @@ pub fn classify_response(response: &ClientResponse) -> Option<Outcome> {
     }
 }
 
-/// Whether connecting (the first metadata request) tries the seeds again
+/// Whether connecting (the first metadata request), or a read any node
+/// may answer (the SQL catalog, the dataflows), tries the seeds again
 /// after `error`: a node still starting, or too busy to finish a handshake
 /// in time, is waited for, as a Kafka client keeps trying its bootstrap
 /// servers. A handshake either side refuses (a certificate of another

@@ -127,18 +127,34 @@ impl Client {
     /// The first metadata, asked of the seeds in rounds for up to
     /// [`CONNECT_WAIT`] while [`policy::retry_bootstrap`] says to wait.
     async fn bootstrap(&self) -> ClientResult<()> {
+        self.asking_again(CONNECT_WAIT, || self.topics()).await.map(drop)
+    }
+
+    /// A read any node may answer (the SQL catalog, the dataflows), asked
+    /// again while no node answers (as at connecting), for up to the
+    /// client's timeout: asking twice changes nothing.
+    pub(crate) async fn read_any(&self, request: &ClientRequest) -> ClientResult<ClientResponse> {
+        self.asking_again(self.timeout, || self.call(None, request)).await
+    }
+
+    /// Runs `attempt` until it succeeds, fails in a way waiting cannot
+    /// cure ([`policy::retry_bootstrap`]), or `wait` has passed; pauses
+    /// from 100 ms doubling to [`CONNECT_PAUSE_MAX`].
+    async fn asking_again<T, F>(&self, wait: Duration, mut attempt: impl FnMut() -> F) -> ClientResult<T>
+    where
+        F: std::future::Future<Output = ClientResult<T>>,
+    {
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
-            match self.topics().await {
-                Ok(_) => return Ok(()),
-                Err(e) if policy::retry_bootstrap(&e) && started.elapsed() + pause < CONNECT_WAIT => {
-                    let waiting_s = CONNECT_WAIT.as_secs();
+            match attempt().await {
+                Err(e) if policy::retry_bootstrap(&e) && started.elapsed() + pause < wait => {
+                    let waiting_s = wait.as_secs();
                     tracing::info!(error = %e, "no seed answered yet; asking again for up to {waiting_s} s");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(CONNECT_PAUSE_MAX);
                 }
-                Err(e) => return Err(e),
+                answer => return answer,
             }
         }
     }
