@@ -91,10 +91,8 @@ enum Step {
 const NOT_READY: &str = "no actor named";
 const NOT_READY_WAIT: Duration = Duration::from_secs(5);
 
-/// How long [`Client::connect`] keeps asking the seeds while none answers
-/// (nodes starting, or too busy to finish a handshake within a second),
-/// and the longest pause between two rounds over them.
-const CONNECT_WAIT: Duration = Duration::from_secs(15);
+/// The longest pause between two rounds over the seeds while none answers
+/// (nodes starting, or too busy to finish a handshake or an answer).
 const CONNECT_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 impl Client {
@@ -124,13 +122,13 @@ impl Client {
         Ok(client)
     }
 
-    /// The first metadata, asked of the seeds in rounds for up to
-    /// [`CONNECT_WAIT`] while [`policy::retry_bootstrap`] says to wait.
+    /// The first metadata, asked of the seeds in rounds while no seed
+    /// answers (see [`Client::read_any`]).
     async fn bootstrap(&self) -> ClientResult<()> {
-        self.asking_again(CONNECT_WAIT, || self.topics()).await.map(drop)
+        self.topics().await.map(drop)
     }
 
-    /// A read any node may answer (the SQL catalog, the dataflows), asked
+    /// A read any node may answer (metadata, the SQL catalog, the dataflows), asked
     /// again while no node answers (as at connecting), for up to the
     /// client's timeout: asking twice changes nothing.
     pub(crate) async fn read_any(&self, request: &ClientRequest) -> ClientResult<ClientResponse> {
@@ -212,7 +210,7 @@ impl Client {
 
     /// All topics, refreshing what the client knows of nodes and leaders.
     pub async fn topics(&self) -> ClientResult<Vec<TopicInfo>> {
-        let mut answer = self.call(None, &ClientRequest::Metadata).await?;
+        let mut answer = self.read_any(&ClientRequest::Metadata).await?;
         if matches!(
             answer,
             ClientResponse::Metadata {
